@@ -1,0 +1,658 @@
+//! Both header copies together: loading (the valid copy with the higher
+//! seqid wins, damage is reported), encoding, and the pure keyslot and
+//! format operations on a header.
+
+use crate::binary::{self, BinaryHeader, Copy, VALID_HDR_SIZES};
+use crate::digest::Pbkdf2Digest;
+use crate::hash::HashAlg;
+use crate::kdf::KdfParams;
+use crate::keyslot;
+use crate::metadata::{
+    AREA_ALIGN, AfEntry, Area, Config, DigestEntry, Id, Keyslot, Layout, Metadata, Segment,
+    SegmentSize, U64s,
+};
+use crate::{BINARY_HEADER_SIZE, Error, MAX_KEYSLOTS, Passphrase, Result, SecretBytes, VolumeKey};
+use serde_json::Map;
+use std::collections::BTreeMap;
+
+/// What was found at one copy's place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyState {
+    /// Valid and current.
+    Valid {
+        /// Its seqid.
+        seqid: u64,
+    },
+    /// Valid but older than the other copy (an interrupted write).
+    Stale {
+        /// Its seqid.
+        seqid: u64,
+    },
+    /// Unusable, with the reason.
+    Damaged(String),
+}
+
+impl CopyState {
+    /// Whether this copy is valid and current.
+    pub fn is_valid(&self) -> bool {
+        matches!(self, CopyState::Valid { .. })
+    }
+}
+
+/// A complete, validated LUKS2 header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Header {
+    /// Binary fields (of the winning copy).
+    pub binary: BinaryHeader,
+    /// The salt of the other copy, kept so rewrites change only what they
+    /// mean to.
+    pub secondary_salt: [u8; 64],
+    /// JSON metadata.
+    pub metadata: Metadata,
+}
+
+/// A header as loaded, with the state of each copy.
+#[derive(Clone, Debug)]
+pub struct LoadedHeader {
+    /// The header to use.
+    pub header: Header,
+    /// State of the primary copy.
+    pub primary: CopyState,
+    /// State of the secondary copy.
+    pub secondary: CopyState,
+}
+
+impl LoadedHeader {
+    /// Whether both copies are valid and current (safe to write).
+    pub fn is_consistent(&self) -> bool {
+        self.primary.is_valid() && self.secondary.is_valid()
+    }
+}
+
+/// Parses one copy, `area` being exactly `hdr_size` bytes read at `at`.
+pub fn parse_copy(area: &[u8], copy: Copy, at: u64) -> Result<(BinaryHeader, Metadata)> {
+    let bin = binary::parse(area, copy, at)?;
+    let size = usize::try_from(bin.hdr_size).map_err(|_| Error::corrupt("header too large"))?;
+    if area.len() < size {
+        return Err(Error::corrupt(format!(
+            "truncated: {} of {size} header bytes",
+            area.len()
+        )));
+    }
+    let area = &area[..size];
+    binary::verify_checksum(area, &bin.checksum_alg)?;
+    let json = &area[BINARY_HEADER_SIZE..];
+    let end = json
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| Error::corrupt("JSON area is not NUL-terminated"))?;
+    let meta = Metadata::from_json(&json[..end], bin.hdr_size)?;
+    Ok((bin, meta))
+}
+
+/// Reads `len` bytes at `offset`; `Ok(None)` when the device is too short.
+pub type ReadFn<'a, E> = dyn FnMut(u64, usize) -> std::result::Result<Option<Vec<u8>>, E> + 'a;
+
+fn read_copy<E>(
+    read: &mut ReadFn<'_, E>,
+    copy: Copy,
+    at: u64,
+) -> std::result::Result<Result<(BinaryHeader, Metadata)>, E> {
+    let Some(first) = read(at, BINARY_HEADER_SIZE)? else {
+        return Ok(Err(Error::corrupt("device too short for a header")));
+    };
+    let bin = match binary::parse(&first, copy, at) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    let size = usize::try_from(bin.hdr_size).unwrap_or(usize::MAX);
+    let Some(area) = read(at, size)? else {
+        return Ok(Err(Error::corrupt("device too short for its header")));
+    };
+    Ok(parse_copy(&area, copy, at))
+}
+
+/// Loads a header through `read`, trying both copies.
+///
+/// I/O errors from `read` come back in the outer `Err`; format problems in
+/// the inner one.
+pub fn load<E>(read: &mut ReadFn<'_, E>) -> std::result::Result<Result<LoadedHeader>, E> {
+    let primary = read_copy(read, Copy::Primary, 0)?;
+    // The secondary sits at hdr_size; if the primary cannot tell us its
+    // size, try every size the specification allows (as cryptsetup does).
+    let mut secondary = Err(Error::corrupt("no secondary header found"));
+    let candidates: Vec<u64> = match &primary {
+        Ok((b, _)) => std::iter::once(b.hdr_size)
+            .chain(VALID_HDR_SIZES.iter().copied().filter(|&s| s != b.hdr_size))
+            .collect(),
+        Err(_) => VALID_HDR_SIZES.to_vec(),
+    };
+    for at in candidates {
+        let r = read_copy(read, Copy::Secondary, at)?;
+        let found_magic = !matches!(r, Err(Error::NotLuks2(_)));
+        if r.is_ok() || found_magic {
+            secondary = r;
+            if secondary.is_ok() {
+                break;
+            }
+        }
+    }
+    // Never go near a volume we only half understand.
+    for r in [&primary, &secondary] {
+        if let Err(Error::Unsupported(m)) = r {
+            return Ok(Err(Error::Unsupported(m.clone())));
+        }
+    }
+    Ok(choose(primary, secondary))
+}
+
+fn choose(
+    primary: Result<(BinaryHeader, Metadata)>,
+    secondary: Result<(BinaryHeader, Metadata)>,
+) -> Result<LoadedHeader> {
+    match (primary, secondary) {
+        (Err(p), Err(s)) => Err(
+            if matches!(p, Error::NotLuks2(_))
+                && matches!(s, Error::NotLuks2(_) | Error::Corrupt(_))
+                && !matches!(s, Error::Corrupt(ref m) if m != "no secondary header found")
+            {
+                p
+            } else {
+                Error::NoValidHeader {
+                    primary: p.to_string(),
+                    secondary: s.to_string(),
+                }
+            },
+        ),
+        (Ok((pb, pm)), Err(s)) => Ok(LoadedHeader {
+            primary: CopyState::Valid { seqid: pb.seqid },
+            secondary: CopyState::Damaged(s.to_string()),
+            header: Header {
+                secondary_salt: fresh_salt(),
+                binary: pb,
+                metadata: pm,
+            },
+        }),
+        (Err(p), Ok((sb, sm))) => Ok(LoadedHeader {
+            primary: CopyState::Damaged(p.to_string()),
+            secondary: CopyState::Valid { seqid: sb.seqid },
+            header: Header {
+                secondary_salt: sb.salt,
+                binary: BinaryHeader {
+                    salt: fresh_salt(),
+                    ..sb
+                },
+                metadata: sm,
+            },
+        }),
+        (Ok((pb, pm)), Ok((sb, sm))) => {
+            let (ps, ss) = (pb.seqid, sb.seqid);
+            if ss > ps {
+                Ok(LoadedHeader {
+                    primary: CopyState::Stale { seqid: ps },
+                    secondary: CopyState::Valid { seqid: ss },
+                    header: Header {
+                        secondary_salt: sb.salt,
+                        binary: BinaryHeader {
+                            salt: pb.salt,
+                            ..sb
+                        },
+                        metadata: sm,
+                    },
+                })
+            } else {
+                let secondary = if ss < ps {
+                    CopyState::Stale { seqid: ss }
+                } else if pm != sm || pb.hdr_size != sb.hdr_size || pb.uuid != sb.uuid {
+                    CopyState::Damaged("differs from the primary copy with the same seqid".into())
+                } else {
+                    CopyState::Valid { seqid: ss }
+                };
+                Ok(LoadedHeader {
+                    primary: CopyState::Valid { seqid: ps },
+                    secondary,
+                    header: Header {
+                        secondary_salt: sb.salt,
+                        binary: pb,
+                        metadata: pm,
+                    },
+                })
+            }
+        }
+    }
+}
+
+fn fresh_salt() -> [u8; 64] {
+    let mut s = [0u8; 64];
+    crate::secret::fill_random(&mut s);
+    s
+}
+
+/// Options for a new volume.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    /// Volume key size in bytes (32 or 64).
+    pub key_size: usize,
+    /// Data sector size.
+    pub sector_size: u32,
+    /// KDF costs for keyslot 0.
+    pub kdf: KdfParams,
+    /// pbkdf2 iterations for the volume-key digest.
+    pub digest_iterations: u32,
+    /// Label.
+    pub label: String,
+    /// Subsystem.
+    pub subsystem: String,
+    /// Size of one header copy (16 KiB by default).
+    pub hdr_size: u64,
+    /// Size of the keyslots area.
+    pub keyslots_size: u64,
+    /// Data offset on the data device (0 for a detached header).
+    pub data_offset: u64,
+    /// Fixed segment size, or dynamic.
+    pub segment_size: Option<u64>,
+}
+
+/// cryptsetup's default: 16 KiB header copies, 16 MiB of metadata.
+pub const DEFAULT_HDR_SIZE: u64 = 16 * 1024;
+/// Total metadata cryptsetup reserves by default (header copies and keyslots).
+pub const DEFAULT_METADATA_SIZE: u64 = 16 * 1024 * 1024;
+/// Stripes of the AF splitter.
+pub const AF_STRIPES: u32 = 4000;
+
+impl Header {
+    /// Geometry of the metadata.
+    pub fn layout(&self) -> Layout {
+        self.metadata.layout(self.binary.hdr_size)
+    }
+
+    /// Data segment parameters: (offset, size, sector size, first IV).
+    pub fn segment(&self) -> Result<&Segment> {
+        Ok(self.metadata.segment()?.1)
+    }
+
+    /// Volume key size in bytes.
+    pub fn key_size(&self) -> Result<usize> {
+        let (_, d) = self.metadata.segment_digest()?;
+        let slot = d
+            .keyslots
+            .first()
+            .ok_or_else(|| Error::corrupt("the data segment has no keyslot"))?;
+        Ok(self.metadata.keyslots[slot].key_size as usize)
+    }
+
+    /// Keyslots to try for a passphrase, best first: `prefer`, then
+    /// `normal`; `ignore` only when asked for by number.
+    pub fn keyslots_to_try(&self, only: Option<u32>) -> Result<Vec<u32>> {
+        let (_, d) = self.metadata.segment_digest()?;
+        if let Some(n) = only {
+            if !d.keyslots.contains(&Id(n)) {
+                return Err(Error::KeyslotNotFound(n));
+            }
+            return Ok(vec![n]);
+        }
+        let mut ids: Vec<(u32, u32)> = d
+            .keyslots
+            .iter()
+            .map(|id| (self.metadata.keyslots[id].priority(), id.0))
+            .filter(|(p, _)| *p > 0)
+            .collect();
+        ids.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
+        Ok(ids.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Where keyslot `n`'s material lives on the header device (offset,
+    /// length to read).
+    pub fn keyslot_material_range(&self, n: u32) -> Result<(u64, usize)> {
+        let k = self
+            .metadata
+            .keyslots
+            .get(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?;
+        let len = usize::try_from(k.material_len()?)
+            .map_err(|_| Error::corrupt("keyslot material too large"))?;
+        Ok((k.area.offset.0, len))
+    }
+
+    /// Opens keyslot `n` with `passphrase`, given its material bytes, and
+    /// checks the result against the segment digest.
+    pub fn unlock_keyslot(
+        &self,
+        n: u32,
+        passphrase: &Passphrase,
+        material: &[u8],
+    ) -> Result<VolumeKey> {
+        let k = self
+            .metadata
+            .keyslots
+            .get(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?;
+        let candidate = keyslot::open(k, passphrase, material)?;
+        let (_, d) = self
+            .metadata
+            .digest_of_keyslot(Id(n))
+            .ok_or_else(|| Error::corrupt(format!("keyslot {n} has no digest")))?;
+        if d.to_pbkdf2()?.verify(&candidate)? {
+            Ok(candidate)
+        } else {
+            Err(Error::WrongPassphrase)
+        }
+    }
+
+    /// Checks that `key` is this volume's key.
+    pub fn verify_volume_key(&self, key: &VolumeKey) -> Result<()> {
+        let (_, d) = self.metadata.segment_digest()?;
+        if key.len() != self.key_size()? || !d.to_pbkdf2()?.verify(key)? {
+            return Err(Error::WrongVolumeKey);
+        }
+        Ok(())
+    }
+
+    /// The lowest free keyslot number.
+    pub fn free_keyslot(&self) -> Result<u32> {
+        (0..MAX_KEYSLOTS)
+            .find(|n| !self.metadata.keyslots.contains_key(&Id(*n)))
+            .ok_or_else(|| Error::NoRoom("all 32 keyslots are in use".into()))
+    }
+
+    /// Finds a free, 4096-aligned stretch of the keyslots area of `len`
+    /// bytes, avoiding every existing area and `also_avoid`.
+    fn allocate_area(&self, len: u64, also_avoid: Option<(u64, u64)>) -> Result<u64> {
+        let layout = self.layout();
+        let mut used: Vec<(u64, u64)> = self
+            .metadata
+            .keyslots
+            .values()
+            .map(|k| (k.area.offset.0, k.area.offset.0 + k.area.size.0))
+            .chain(also_avoid)
+            .collect();
+        used.sort();
+        let mut at = layout.keyslots_start();
+        for (s, e) in used {
+            if at + len <= s {
+                return Ok(at);
+            }
+            at = at.max(e.div_ceil(AREA_ALIGN) * AREA_ALIGN);
+        }
+        if at + len <= layout.metadata_end() {
+            Ok(at)
+        } else {
+            Err(Error::NoRoom("the keyslots area is full".into()))
+        }
+    }
+
+    fn build_keyslot(
+        &self,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        priority: Option<u32>,
+        avoid: Option<(u64, u64)>,
+    ) -> Result<(Keyslot, SecretBytes)> {
+        kdf.validate()?;
+        let encryption = self.segment()?.encryption.clone();
+        let key_size = u32::try_from(key.len()).map_err(|_| Error::invalid("key too large"))?;
+        let mut ks = Keyslot {
+            kind: "luks2".into(),
+            key_size,
+            af: AfEntry {
+                kind: "luks1".into(),
+                stripes: AF_STRIPES,
+                hash: HashAlg::Sha256.name().into(),
+                extra: Map::new(),
+            },
+            area: Area {
+                kind: "raw".into(),
+                offset: U64s(0),
+                size: U64s(0),
+                encryption,
+                key_size,
+                extra: Map::new(),
+            },
+            kdf: Keyslot::kdf_entry(&kdf.with_fresh_salt()),
+            priority,
+            extra: Map::new(),
+        };
+        let size = ks.material_len()?.div_ceil(AREA_ALIGN) * AREA_ALIGN;
+        ks.area.offset = U64s(self.allocate_area(size, avoid)?);
+        ks.area.size = U64s(size);
+        let material = keyslot::seal(&ks, key, passphrase)?;
+        Ok((ks, material))
+    }
+
+    /// Adds a keyslot holding `key` (which must be this volume's key) for
+    /// `passphrase`. Returns the slot number, the area offset and the
+    /// encrypted material to write there *before* writing the header.
+    pub fn add_keyslot(
+        &mut self,
+        slot: Option<u32>,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        priority: Option<u32>,
+    ) -> Result<(u32, u64, SecretBytes)> {
+        self.verify_volume_key(key)?;
+        let n = match slot {
+            Some(n) if n >= MAX_KEYSLOTS => {
+                return Err(Error::invalid(format!(
+                    "keyslot numbers go from 0 to {}",
+                    MAX_KEYSLOTS - 1
+                )));
+            }
+            Some(n) if self.metadata.keyslots.contains_key(&Id(n)) => {
+                return Err(Error::KeyslotInUse(n));
+            }
+            Some(n) => n,
+            None => self.free_keyslot()?,
+        };
+        let (ks, material) = self.build_keyslot(key, passphrase, kdf, priority, None)?;
+        let offset = ks.area.offset.0;
+        self.metadata.keyslots.insert(Id(n), ks);
+        let (did, _) = self.metadata.segment_digest()?;
+        let d = self.metadata.digests.get_mut(&did).expect("digest exists");
+        d.keyslots.push(Id(n));
+        d.keyslots.sort();
+        self.metadata.validate(self.binary.hdr_size)?;
+        Ok((n, offset, material))
+    }
+
+    /// Replaces keyslot `n` with a new one for `passphrase` in a different
+    /// area (so the old material stays intact until the new header is
+    /// written). Returns (new offset, material, old area to wipe).
+    pub fn replace_keyslot(
+        &mut self,
+        n: u32,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+    ) -> Result<(u64, SecretBytes, (u64, u64))> {
+        self.verify_volume_key(key)?;
+        let old = self
+            .metadata
+            .keyslots
+            .get(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?
+            .clone();
+        let old_area = (old.area.offset.0, old.area.size.0);
+        let (mut ks, material) = self.build_keyslot(
+            key,
+            passphrase,
+            kdf,
+            old.priority,
+            Some((old_area.0, old_area.0 + old_area.1)),
+        )?;
+        ks.extra = old.extra;
+        let offset = ks.area.offset.0;
+        self.metadata.keyslots.insert(Id(n), ks);
+        self.metadata.validate(self.binary.hdr_size)?;
+        Ok((offset, material, old_area))
+    }
+
+    /// Removes keyslot `n` from the metadata (and from digests and tokens
+    /// that name it). Returns its area (offset, size), to be wiped after the
+    /// new header is written. Refuses to remove the last keyslot of the data
+    /// segment unless `allow_last`.
+    pub fn remove_keyslot(&mut self, n: u32, allow_last: bool) -> Result<(u64, u64)> {
+        let k = self
+            .metadata
+            .keyslots
+            .get(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?;
+        let area = (k.area.offset.0, k.area.size.0);
+        let (_, d) = self.metadata.segment_digest()?;
+        if !allow_last && d.keyslots == [Id(n)] {
+            return Err(Error::invalid(format!(
+                "keyslot {n} is the last one that opens the data; removing it would lose the data for good"
+            )));
+        }
+        self.metadata.keyslots.remove(&Id(n));
+        for d in self.metadata.digests.values_mut() {
+            d.keyslots.retain(|s| *s != Id(n));
+        }
+        let name = n.to_string();
+        for t in self.metadata.tokens.values_mut() {
+            if let Some(list) = t.get_mut("keyslots").and_then(|l| l.as_array_mut()) {
+                list.retain(|v| v.as_str() != Some(name.as_str()));
+            }
+        }
+        self.metadata.validate(self.binary.hdr_size)?;
+        Ok(area)
+    }
+
+    /// Sets keyslot `n`'s priority (0 ignore, 1 normal, 2 prefer).
+    pub fn set_priority(&mut self, n: u32, priority: u32) -> Result<()> {
+        if priority > 2 {
+            return Err(Error::invalid(
+                "priority is 0 (ignore), 1 (normal) or 2 (prefer)",
+            ));
+        }
+        let k = self
+            .metadata
+            .keyslots
+            .get_mut(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?;
+        // cryptsetup leaves "normal" implicit.
+        k.priority = if priority == 1 { None } else { Some(priority) };
+        Ok(())
+    }
+
+    /// Encodes both copies (primary, secondary), each `hdr_size` bytes, and
+    /// parses them back: a header we could not read again is never
+    /// returned for writing.
+    pub fn encode(&self) -> Result<[Vec<u8>; 2]> {
+        let size = usize::try_from(self.binary.hdr_size)
+            .map_err(|_| Error::invalid("header size does not fit in memory"))?;
+        let json = self.metadata.to_json()?;
+        if json.len() >= size - BINARY_HEADER_SIZE {
+            return Err(Error::NoRoom(format!(
+                "the JSON metadata ({} bytes) does not fit the {}-byte JSON area",
+                json.len(),
+                size - BINARY_HEADER_SIZE
+            )));
+        }
+        let mut out = [vec![0u8; size], vec![0u8; size]];
+        for (i, copy) in [Copy::Primary, Copy::Secondary].into_iter().enumerate() {
+            let area = &mut out[i];
+            area[BINARY_HEADER_SIZE..BINARY_HEADER_SIZE + json.len()].copy_from_slice(&json);
+            let bin = match copy {
+                Copy::Primary => self.binary.clone(),
+                Copy::Secondary => BinaryHeader {
+                    salt: self.secondary_salt,
+                    ..self.binary.clone()
+                },
+            };
+            bin.encode_into(copy, area)?;
+            let at = if i == 0 { 0 } else { self.binary.hdr_size };
+            let (b2, m2) = parse_copy(area, copy, at).map_err(|e| {
+                Error::invalid(format!(
+                    "refusing to write a header that does not read back: {e}"
+                ))
+            })?;
+            if m2 != self.metadata || b2.seqid != self.binary.seqid {
+                return Err(Error::invalid(
+                    "refusing to write a header that does not read back identically",
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds a new header and keyslot 0. Returns the header and the
+    /// keyslot material to write at its area offset.
+    pub fn format(
+        opts: &FormatOptions,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+    ) -> Result<(Header, u64, SecretBytes)> {
+        crate::cipher::check_spec(crate::cipher::SUPPORTED_ENCRYPTION, opts.key_size)?;
+        if key.len() != opts.key_size {
+            return Err(Error::invalid("volume key size does not match"));
+        }
+        if !VALID_HDR_SIZES.contains(&opts.hdr_size) {
+            return Err(Error::invalid("invalid header size"));
+        }
+        if opts.data_offset != 0 && opts.data_offset < 2 * opts.hdr_size + opts.keyslots_size {
+            return Err(Error::invalid("the data offset overlaps the metadata"));
+        }
+        let digest = Pbkdf2Digest::create(key, HashAlg::Sha256, opts.digest_iterations);
+        let segment = Segment {
+            kind: "crypt".into(),
+            offset: U64s(opts.data_offset),
+            size: opts
+                .segment_size
+                .map_or(SegmentSize::Dynamic, SegmentSize::Bytes),
+            iv_tweak: U64s(0),
+            encryption: crate::cipher::SUPPORTED_ENCRYPTION.into(),
+            sector_size: opts.sector_size,
+            integrity: None,
+            flags: None,
+            extra: Map::new(),
+        };
+        let mut segments = BTreeMap::new();
+        segments.insert(Id(0), segment);
+        let mut digests = BTreeMap::new();
+        digests.insert(
+            Id(0),
+            DigestEntry::from_pbkdf2(&digest, vec![], vec![Id(0)]),
+        );
+        let mut header = Header {
+            binary: BinaryHeader {
+                hdr_size: opts.hdr_size,
+                seqid: 1,
+                label: opts.label.clone(),
+                checksum_alg: "sha256".into(),
+                salt: fresh_salt(),
+                uuid: binary::new_uuid(),
+                subsystem: opts.subsystem.clone(),
+            },
+            secondary_salt: fresh_salt(),
+            metadata: Metadata {
+                keyslots: BTreeMap::new(),
+                tokens: BTreeMap::new(),
+                segments,
+                digests,
+                config: Config {
+                    json_size: U64s(opts.hdr_size - BINARY_HEADER_SIZE as u64),
+                    keyslots_size: U64s(opts.keyslots_size),
+                    flags: None,
+                    requirements: None,
+                    extra: Map::new(),
+                },
+                extra: Map::new(),
+            },
+        };
+        let (ks, material) = header.build_keyslot(key, passphrase, opts.kdf, None, None)?;
+        let offset = ks.area.offset.0;
+        header.metadata.keyslots.insert(Id(0), ks);
+        header
+            .metadata
+            .digests
+            .get_mut(&Id(0))
+            .expect("just inserted")
+            .keyslots
+            .push(Id(0));
+        header.metadata.validate(opts.hdr_size)?;
+        header.encode()?;
+        Ok((header, offset, material))
+    }
+}

@@ -1,0 +1,40 @@
+//! Exit codes, stable for scripts (documented in `coffre --help`).
+
+/// Success.
+pub const OK: u8 = 0;
+/// Any failure without a more specific code.
+pub const FAILURE: u8 = 1;
+/// The passphrase opens no keyslot (cryptsetup uses 2 as well).
+pub const WRONG_PASSPHRASE: u8 = 2;
+/// The volume is held by another process.
+pub const BUSY: u8 = 3;
+/// The header is damaged, missing, or not LUKS2.
+pub const BAD_HEADER: u8 = 4;
+/// The volume uses a LUKS2 feature coffre does not implement.
+pub const UNSUPPORTED: u8 = 5;
+/// The command line is wrong (EX_USAGE).
+pub const USAGE: u8 = 64;
+
+/// Maps an error chain to an exit code.
+pub fn code_for(err: &anyhow::Error) -> u8 {
+    use coffre_luks2::Error as L;
+    use coffre_storage::Error as S;
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<S>() {
+            match e {
+                S::Busy(_) => return BUSY,
+                S::NeedsRepair { .. } => return BAD_HEADER,
+                _ => {}
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<L>() {
+            return match e {
+                L::WrongPassphrase | L::WrongVolumeKey => WRONG_PASSPHRASE,
+                L::NotLuks2(_) | L::Corrupt(_) | L::NoValidHeader { .. } => BAD_HEADER,
+                L::Unsupported(_) => UNSUPPORTED,
+                _ => FAILURE,
+            };
+        }
+    }
+    FAILURE
+}

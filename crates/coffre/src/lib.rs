@@ -1,0 +1,7 @@
+//! Library side of the `coffre` binary: shared helpers its subcommands use
+//! and its integration tests reach.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod exit;
+pub mod size;
