@@ -19,21 +19,25 @@ pub const USAGE: u8 = 64;
 pub fn code_for(err: &anyhow::Error) -> u8 {
     use coffre_luks2::Error as L;
     use coffre_storage::Error as S;
+    fn luks2(e: &L) -> u8 {
+        match e {
+            L::WrongPassphrase | L::WrongVolumeKey => WRONG_PASSPHRASE,
+            L::NotLuks2(_) | L::Corrupt(_) | L::NoValidHeader { .. } => BAD_HEADER,
+            L::Unsupported(_) => UNSUPPORTED,
+            _ => FAILURE,
+        }
+    }
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<S>() {
             match e {
                 S::Busy(_) => return BUSY,
                 S::NeedsRepair { .. } => return BAD_HEADER,
+                S::Luks2(l) => return luks2(l),
                 _ => {}
             }
         }
         if let Some(e) = cause.downcast_ref::<L>() {
-            return match e {
-                L::WrongPassphrase | L::WrongVolumeKey => WRONG_PASSPHRASE,
-                L::NotLuks2(_) | L::Corrupt(_) | L::NoValidHeader { .. } => BAD_HEADER,
-                L::Unsupported(_) => UNSUPPORTED,
-                _ => FAILURE,
-            };
+            return luks2(e);
         }
     }
     FAILURE
