@@ -59,7 +59,10 @@ fn iv_step(sector_size: usize) -> u64 {
 }
 
 fn check_layout(sector_size: usize, data: &[u8]) -> Result<()> {
-    if sector_size < 512 || !sector_size.is_multiple_of(512) || !data.len().is_multiple_of(sector_size) {
+    if sector_size < 512
+        || !sector_size.is_multiple_of(512)
+        || !data.len().is_multiple_of(sector_size)
+    {
         return Err(Error::invalid(format!(
             "XTS needs whole sectors: {} bytes is not a multiple of {sector_size}",
             data.len()
@@ -291,9 +294,10 @@ pub fn select(encryption: &str, key: &[u8], provider: Provider) -> Result<Box<dy
         Provider::AwsLc => Ok(Box::new(AwsLcXts::new(key)?)),
         Provider::Auto => {
             if key.len() == 64
-                && let Ok(c) = AwsLcXts::new(key) {
-                    return Ok(Box::new(c));
-                }
+                && let Ok(c) = AwsLcXts::new(key)
+            {
+                return Ok(Box::new(c));
+            }
             Ok(Box::new(RustXts::new(key)?))
         }
     }

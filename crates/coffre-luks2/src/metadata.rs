@@ -298,19 +298,20 @@ fn refuse_unsupported(v: &Value) -> Result<()> {
         .and_then(|c| c.get("requirements"))
         .and_then(|r| r.get("mandatory"))
         .and_then(Value::as_array)
-        && !req.is_empty() {
-            let names: Vec<String> = req.iter().map(|r| r.to_string()).collect();
-            let reenc = names.iter().any(|n| n.contains("reencrypt"));
-            return Err(Error::unsupported(format!(
-                "mandatory requirement {}{}",
-                names.join(", "),
-                if reenc {
-                    " (a reencryption is in progress)"
-                } else {
-                    ""
-                }
-            )));
-        }
+        && !req.is_empty()
+    {
+        let names: Vec<String> = req.iter().map(|r| r.to_string()).collect();
+        let reenc = names.iter().any(|n| n.contains("reencrypt"));
+        return Err(Error::unsupported(format!(
+            "mandatory requirement {}{}",
+            names.join(", "),
+            if reenc {
+                " (a reencryption is in progress)"
+            } else {
+                ""
+            }
+        )));
+    }
     if let Some(ks) = obj.get("keyslots").and_then(Value::as_object) {
         for (id, k) in ks {
             match k.get("type").and_then(Value::as_str) {
@@ -354,9 +355,10 @@ fn refuse_unsupported(v: &Value) -> Result<()> {
                 )));
             }
             if let Some(enc) = s.get("encryption").and_then(Value::as_str)
-                && enc != crate::cipher::SUPPORTED_ENCRYPTION {
-                    return Err(Error::unsupported(format!("segment cipher {enc:?}")));
-                }
+                && enc != crate::cipher::SUPPORTED_ENCRYPTION
+            {
+                return Err(Error::unsupported(format!("segment cipher {enc:?}")));
+            }
         }
     }
     if let Some(ds) = obj.get("digests").and_then(Value::as_object) {

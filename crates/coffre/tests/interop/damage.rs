@@ -7,18 +7,33 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const HDR: u64 = 16384;
+const HDR_LEN: usize = 16384;
+
+type Damage = Box<dyn Fn(&Path)>;
 
 fn make(d: &Dir) -> (PathBuf, PathBuf) {
     let vol = d.path("vol");
     let pw = d.pass("pw", "pass");
-    let mut a = vec!["volume", "format", s(&vol), "--size", "4M", "--key-file", s(&pw)];
+    let mut a = vec![
+        "volume",
+        "format",
+        s(&vol),
+        "--size",
+        "4M",
+        "--key-file",
+        s(&pw),
+    ];
     a.extend(COFFRE_FAST);
     ok(coffre(&a));
     (vol, pw)
 }
 
 fn flip(path: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x40;
@@ -53,7 +68,12 @@ fn one_damaged_copy_is_recovered_and_repaired() {
         let (vol, pw) = make(&d);
         flip(&vol, at);
         let out = coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]);
-        assert_eq!(code(&out), 0, "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            code(&out),
+            0,
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dump = String::from_utf8(ok(coffre(&["volume", "dump", s(&vol)]))).unwrap();
         assert!(dump.contains("DAMAGED"), "{what}: {dump}");
         let json: serde_json::Value =
@@ -63,24 +83,64 @@ fn one_damaged_copy_is_recovered_and_repaired() {
 
         let before = digest(&vol);
         let p2 = d.pass("p2", "new");
-        let out = coffre(&["volume", "add-key", s(&vol), "--key-file", s(&pw), "--new-keyfile", s(&p2), "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
-        assert_eq!(code(&out), 4, "{what}: add-key must refuse: {}", String::from_utf8_lossy(&out.stderr));
+        let out = coffre(&[
+            "volume",
+            "add-key",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--new-keyfile",
+            s(&p2),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ]);
+        assert_eq!(
+            code(&out),
+            4,
+            "{what}: add-key must refuse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("repair"));
-        assert!(digest(&vol) == before, "{what}: add-key wrote to a damaged header");
+        assert!(
+            digest(&vol) == before,
+            "{what}: add-key wrote to a damaged header"
+        );
 
         // repair needs confirmation when not on a terminal.
         let out = coffre(&["volume", "repair", s(&vol)]);
         assert_ne!(code(&out), 0);
-        assert!(digest(&vol) == before, "{what}: repair wrote without confirmation");
+        assert!(
+            digest(&vol) == before,
+            "{what}: repair wrote without confirmation"
+        );
         let out = coffre(&["volume", "repair", s(&vol), "--batch-mode"]);
-        assert_eq!(code(&out), 0, "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            code(&out),
+            0,
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let json: serde_json::Value =
             serde_json::from_slice(&ok(coffre(&["volume", "dump", s(&vol), "--json"]))).unwrap();
         assert_eq!(json["copies"]["primary"]["state"], "valid", "{what}");
         assert_eq!(json["copies"]["secondary"]["state"], "valid", "{what}");
         cryptsetup(&["luksDump", s(&vol)]);
         cryptsetup(&["open", "--test-passphrase", "--key-file", s(&pw), s(&vol)]);
-        ok(coffre(&["volume", "add-key", s(&vol), "--key-file", s(&pw), "--new-keyfile", s(&p2), "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]));
+        ok(coffre(&[
+            "volume",
+            "add-key",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--new-keyfile",
+            s(&p2),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ]));
     }
 }
 
@@ -91,16 +151,35 @@ fn stale_copy_after_interrupted_write() {
     let d = Dir::new();
     let (vol, pw) = make(&d);
     let f = std::fs::File::open(&vol).unwrap();
-    let mut old_primary = vec![0u8; HDR as usize];
+    let mut old_primary = vec![0u8; HDR_LEN];
     f.read_exact_at(&mut old_primary, 0).unwrap();
     drop(f);
     let p2 = d.pass("p2", "second");
-    let mut a = vec!["volume", "add-key", s(&vol), "--key-file", s(&pw), "--new-keyfile", s(&p2)];
+    let mut a = vec![
+        "volume",
+        "add-key",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+        "--new-keyfile",
+        s(&p2),
+    ];
     a.extend(COFFRE_FAST);
     ok(coffre(&a));
     // As if we crashed after writing the secondary copy only.
-    std::fs::OpenOptions::new().write(true).open(&vol).unwrap().write_all_at(&old_primary, 0).unwrap();
-    ok(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&p2)]));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vol)
+        .unwrap()
+        .write_all_at(&old_primary, 0)
+        .unwrap();
+    ok(coffre(&[
+        "volume",
+        "check-key",
+        s(&vol),
+        "--key-file",
+        s(&p2),
+    ]));
     let json: serde_json::Value =
         serde_json::from_slice(&ok(coffre(&["volume", "dump", s(&vol), "--json"]))).unwrap();
     assert_eq!(json["copies"]["primary"]["state"], "stale");
@@ -113,12 +192,55 @@ fn stale_copy_after_interrupted_write() {
 /// nothing written.
 #[test]
 fn unusable_headers_are_refused_cleanly() {
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-        ("both copies flipped", Box::new(|p: &Path| { flip(p, 4096 + 20); flip(p, HDR + 4096 + 20); })),
-        ("wrong magic", Box::new(|p: &Path| { flip(p, 0); flip(p, HDR); })),
-        ("truncated to 10000 bytes", Box::new(|p: &Path| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(10000).unwrap())),
-        ("truncated inside the secondary", Box::new(|p: &Path| { flip(p, 20); std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(HDR + 5000).unwrap() })),
-        ("empty file", Box::new(|p: &Path| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(0).unwrap())),
+    let cases: Vec<(&str, Damage)> = vec![
+        (
+            "both copies flipped",
+            Box::new(|p: &Path| {
+                flip(p, 4096 + 20);
+                flip(p, HDR + 4096 + 20);
+            }),
+        ),
+        (
+            "wrong magic",
+            Box::new(|p: &Path| {
+                flip(p, 0);
+                flip(p, HDR);
+            }),
+        ),
+        (
+            "truncated to 10000 bytes",
+            Box::new(|p: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(10000)
+                    .unwrap()
+            }),
+        ),
+        (
+            "truncated inside the secondary",
+            Box::new(|p: &Path| {
+                flip(p, 20);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(HDR + 5000)
+                    .unwrap()
+            }),
+        ),
+        (
+            "empty file",
+            Box::new(|p: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap()
+            }),
+        ),
     ];
     for (what, damage) in cases {
         let d = Dir::new();
@@ -129,11 +251,27 @@ fn unusable_headers_are_refused_cleanly() {
             vec!["volume", "check-key", s(&vol), "--key-file", s(&pw)],
             vec!["volume", "dump", s(&vol)],
             vec!["volume", "repair", s(&vol), "-q"],
-            vec!["volume", "read", s(&vol), "--key-file", s(&pw), "--length", "4096"],
+            vec![
+                "volume",
+                "read",
+                s(&vol),
+                "--key-file",
+                s(&pw),
+                "--length",
+                "4096",
+            ],
         ] {
             let out = coffre(&args);
-            assert_eq!(code(&out), 4, "{what} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            assert!(String::from_utf8_lossy(&out.stderr).contains("LUKS2"), "{what}");
+            assert_eq!(
+                code(&out),
+                4,
+                "{what} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("LUKS2"),
+                "{what}"
+            );
             assert!(digest(&vol) == before, "{what} {args:?} wrote");
         }
     }
@@ -142,9 +280,13 @@ fn unusable_headers_are_refused_cleanly() {
 /// Rewrites both copies' JSON with `edit` applied and valid checksums, as a
 /// hostile or buggy writer could.
 fn rewrite_json(vol: &Path, edit: &dyn Fn(&mut serde_json::Value)) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(vol).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vol)
+        .unwrap();
     for (copy, at) in [(Copy::Primary, 0u64), (Copy::Secondary, HDR)] {
-        let mut area = vec![0u8; HDR as usize];
+        let mut area = vec![0u8; HDR_LEN];
         f.read_exact_at(&mut area, at).unwrap();
         let bin: BinaryHeader = coffre_luks2::binary::parse(&area, copy, at).unwrap();
         let end = area[4096..].iter().position(|&b| b == 0).unwrap();
@@ -165,23 +307,101 @@ fn rewrite_json(vol: &Path, edit: &dyn Fn(&mut serde_json::Value)) {
 fn lying_json_is_refused() {
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(&str, i32, Edit)> = vec![
-        ("json_size lies", 4, Box::new(|v| v["config"]["json_size"] = "4096".into())),
-        ("area past keyslots area", 4, Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = "16773120".into())),
-        ("area offset overflows", 4, Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = "18446744073709551615".into())),
-        ("area size overflows", 4, Box::new(|v| v["keyslots"]["0"]["area"]["size"] = "18446744073709551615".into())),
-        ("segment offset overflows", 4, Box::new(|v| { v["segments"]["0"]["offset"] = "18446744073709547520".into(); v["segments"]["0"]["size"] = "8192".into(); })),
-        ("keyslots_size huge", 4, Box::new(|v| v["config"]["keyslots_size"] = "18446744073709551615".into())),
-        ("stripes zero", 4, Box::new(|v| v["keyslots"]["0"]["af"]["stripes"] = 0.into())),
-        ("key_size huge", 4, Box::new(|v| v["keyslots"]["0"]["key_size"] = 4_000_000_000u32.into())),
-        ("argon2 memory absurd", 4, Box::new(|v| v["keyslots"]["0"]["kdf"]["memory"] = 4_000_000_000u32.into())),
-        ("negative number", 4, Box::new(|v| v["segments"]["0"]["offset"] = "-1".into())),
-        ("digest missing", 4, Box::new(|v| v["digests"] = serde_json::json!({}))),
-        ("digest names ghost keyslot", 4, Box::new(|v| v["digests"]["0"]["keyslots"] = serde_json::json!(["0", "7"]))),
-        ("not an object", 4, Box::new(|v| *v = serde_json::json!([1, 2]))),
-        ("integrity", 5, Box::new(|v| v["segments"]["0"]["integrity"] = serde_json::json!({"type": "hmac(sha256)"}))),
-        ("reencryption", 5, Box::new(|v| v["config"]["requirements"] = serde_json::json!({"mandatory": ["online-reencrypt-v2"]}))),
-        ("other cipher", 5, Box::new(|v| v["segments"]["0"]["encryption"] = "serpent-xts-plain64".into())),
-        ("unknown requirement", 5, Box::new(|v| v["config"]["requirements"] = serde_json::json!({"mandatory": ["from-the-future"]}))),
+        (
+            "json_size lies",
+            4,
+            Box::new(|v| v["config"]["json_size"] = "4096".into()),
+        ),
+        (
+            "area past keyslots area",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = "16773120".into()),
+        ),
+        (
+            "area offset overflows",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["area"]["offset"] = "18446744073709551615".into()),
+        ),
+        (
+            "area size overflows",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["area"]["size"] = "18446744073709551615".into()),
+        ),
+        (
+            "segment offset overflows",
+            4,
+            Box::new(|v| {
+                v["segments"]["0"]["offset"] = "18446744073709547520".into();
+                v["segments"]["0"]["size"] = "8192".into();
+            }),
+        ),
+        (
+            "keyslots_size huge",
+            4,
+            Box::new(|v| v["config"]["keyslots_size"] = "18446744073709551615".into()),
+        ),
+        (
+            "stripes zero",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["af"]["stripes"] = 0.into()),
+        ),
+        (
+            "key_size huge",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["key_size"] = 4_000_000_000u32.into()),
+        ),
+        (
+            "argon2 memory absurd",
+            4,
+            Box::new(|v| v["keyslots"]["0"]["kdf"]["memory"] = 4_000_000_000u32.into()),
+        ),
+        (
+            "negative number",
+            4,
+            Box::new(|v| v["segments"]["0"]["offset"] = "-1".into()),
+        ),
+        (
+            "digest missing",
+            4,
+            Box::new(|v| v["digests"] = serde_json::json!({})),
+        ),
+        (
+            "digest names ghost keyslot",
+            4,
+            Box::new(|v| v["digests"]["0"]["keyslots"] = serde_json::json!(["0", "7"])),
+        ),
+        (
+            "not an object",
+            4,
+            Box::new(|v| *v = serde_json::json!([1, 2])),
+        ),
+        (
+            "integrity",
+            5,
+            Box::new(|v| {
+                v["segments"]["0"]["integrity"] = serde_json::json!({"type": "hmac(sha256)"})
+            }),
+        ),
+        (
+            "reencryption",
+            5,
+            Box::new(|v| {
+                v["config"]["requirements"] =
+                    serde_json::json!({"mandatory": ["online-reencrypt-v2"]})
+            }),
+        ),
+        (
+            "other cipher",
+            5,
+            Box::new(|v| v["segments"]["0"]["encryption"] = "serpent-xts-plain64".into()),
+        ),
+        (
+            "unknown requirement",
+            5,
+            Box::new(|v| {
+                v["config"]["requirements"] = serde_json::json!({"mandatory": ["from-the-future"]})
+            }),
+        ),
     ];
     for (what, want, edit) in cases {
         let d = Dir::new();
@@ -194,7 +414,12 @@ fn lying_json_is_refused() {
             vec!["volume", "repair", s(&vol), "-q"],
         ] {
             let out = coffre(&args);
-            assert_eq!(code(&out), want, "{what} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(
+                code(&out),
+                want,
+                "{what} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert!(digest(&vol) == before, "{what}: {args:?} wrote");
         }
     }

@@ -13,12 +13,22 @@ fn luksformat_matrix_opens_with_right_passphrases_only() {
             for key_bits in ["256", "512"] {
                 let d = Dir::new();
                 let vol = d.path("vol");
-                std::fs::File::create(&vol).unwrap().set_len(20 << 20).unwrap();
+                std::fs::File::create(&vol)
+                    .unwrap()
+                    .set_len(20 << 20)
+                    .unwrap();
                 let p0 = d.pass("p0", &format!("first {kdf}"));
                 let p1 = d.pass("p1", "second passphrase\n");
                 let mut args = vec![
-                    "luksFormat", "--type", "luks2", "--sector-size", sector, "--key-size",
-                    key_bits, "--key-file", s(&p0),
+                    "luksFormat",
+                    "--type",
+                    "luks2",
+                    "--sector-size",
+                    sector,
+                    "--key-size",
+                    key_bits,
+                    "--key-file",
+                    s(&p0),
                 ];
                 args.extend(fast_kdf(kdf));
                 args.push(s(&vol));
@@ -37,7 +47,10 @@ fn luksformat_matrix_opens_with_right_passphrases_only() {
                 assert_eq!(key.expose(), &expected[..], "{ctx}");
                 let err = coffre_unlock(&vol, None, "second passphrase").unwrap_err();
                 assert!(
-                    matches!(err, coffre_storage::Error::Luks2(coffre_luks2::Error::WrongPassphrase)),
+                    matches!(
+                        err,
+                        coffre_storage::Error::Luks2(coffre_luks2::Error::WrongPassphrase)
+                    ),
                     "{ctx}: {err}"
                 );
             }
@@ -45,7 +58,16 @@ fn luksformat_matrix_opens_with_right_passphrases_only() {
     }
 }
 
-fn encrypt_in_place(d: &Dir, plain: &[u8], sector: &str, detached: bool) -> (std::path::PathBuf, Option<std::path::PathBuf>, std::path::PathBuf) {
+fn encrypt_in_place(
+    d: &Dir,
+    plain: &[u8],
+    sector: &str,
+    detached: bool,
+) -> (
+    std::path::PathBuf,
+    Option<std::path::PathBuf>,
+    std::path::PathBuf,
+) {
     let vol = d.path("vol");
     let pw = d.pass("pw", "reencrypt me");
     let mut content = plain.to_vec();
@@ -55,7 +77,16 @@ fn encrypt_in_place(d: &Dir, plain: &[u8], sector: &str, detached: bool) -> (std
     }
     std::fs::write(&vol, &content).unwrap();
     let hdr = d.path("hdr");
-    let mut args = vec!["reencrypt", "--encrypt", "--type", "luks2", "--sector-size", sector, "--key-file", s(&pw)];
+    let mut args = vec![
+        "reencrypt",
+        "--encrypt",
+        "--type",
+        "luks2",
+        "--sector-size",
+        sector,
+        "--key-file",
+        s(&pw),
+    ];
     args.extend(fast_kdf("pbkdf2"));
     if detached {
         args.extend(["--header", s(&hdr)]);
@@ -75,16 +106,32 @@ fn data_encrypted_by_cryptsetup_decrypts() {
         for detached in [false, true] {
             let d = Dir::new();
             let (vol, hdr, pw) = encrypt_in_place(&d, &plain, sector, detached);
-            let mut args = vec!["volume", "read", s(&vol), "--key-file", s(&pw), "--length", "24M"];
+            let mut args = vec![
+                "volume",
+                "read",
+                s(&vol),
+                "--key-file",
+                s(&pw),
+                "--length",
+                "24M",
+            ];
             if let Some(h) = &hdr {
                 args.extend(["--header", s(h)]);
             }
             let out = ok(coffre(&args));
-            assert!(out == plain, "sector {sector} detached {detached}: plaintext differs");
+            assert!(
+                out == plain,
+                "sector {sector} detached {detached}: plaintext differs"
+            );
             // And through the library with both cipher providers.
             let c = Luks2Container::open(&vol, hdr.as_deref()).unwrap();
-            let (_, key) = c.unlock(&coffre_luks2::Passphrase::from_slice(b"reencrypt me"), None).unwrap();
-            for p in [coffre_luks2::cipher::Provider::Rust, coffre_luks2::cipher::Provider::AwsLc] {
+            let (_, key) = c
+                .unlock(&coffre_luks2::Passphrase::from_slice(b"reencrypt me"), None)
+                .unwrap();
+            for p in [
+                coffre_luks2::cipher::Provider::Rust,
+                coffre_luks2::cipher::Provider::AwsLc,
+            ] {
                 let v = c.open_volume_with(&key, p).unwrap();
                 let mut buf = vec![0u8; 1 << 20];
                 v.read_at(3 << 20, &mut buf).unwrap();
@@ -100,7 +147,10 @@ fn data_encrypted_by_cryptsetup_decrypts() {
 fn priorities_from_cryptsetup() {
     let d = Dir::new();
     let vol = d.path("vol");
-    std::fs::File::create(&vol).unwrap().set_len(20 << 20).unwrap();
+    std::fs::File::create(&vol)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
     let p0 = d.pass("p0", "zero");
     let p1 = d.pass("p1", "one");
     let mut args = vec!["luksFormat", "--type", "luks2", "--key-file", s(&p0)];
@@ -114,7 +164,8 @@ fn priorities_from_cryptsetup() {
     cryptsetup(&["config", "--priority", "ignore", "--key-slot", "1", s(&vol)]);
     assert!(coffre_unlock(&vol, None, "one").is_err());
     let c = Luks2Container::open(&vol, None).unwrap();
-    c.unlock(&coffre_luks2::Passphrase::from_slice(b"one"), Some(1)).unwrap();
+    c.unlock(&coffre_luks2::Passphrase::from_slice(b"one"), Some(1))
+        .unwrap();
     drop(c);
     cryptsetup(&["config", "--priority", "prefer", "--key-slot", "1", s(&vol)]);
     let c = Luks2Container::open(&vol, None).unwrap();

@@ -18,8 +18,17 @@ impl Vol {
         let hdr = detached.then(|| d.path("vol.hdr"));
         let pw = d.pass("pw", "coffre made this");
         let mut args = vec![
-            "volume", "format", s(&vol), "--size", size, "--key-file", s(&pw), "--sector-size",
-            sector, "--key-size", key_bits,
+            "volume",
+            "format",
+            s(&vol),
+            "--size",
+            size,
+            "--key-file",
+            s(&pw),
+            "--sector-size",
+            sector,
+            "--key-size",
+            key_bits,
         ];
         args.extend(kdf);
         if let Some(h) = &hdr {
@@ -76,15 +85,23 @@ fn coffre_volumes_pass_cryptsetup() {
                     let v = Vol::format(detached, sector, key_bits, kdf, "8M");
                     let ctx = format!("detached {detached} sector {sector} key {key_bits} {kdf:?}");
                     let dump = v.cs(&["luksDump"]);
-                    assert!(dump.status.success(), "{ctx}: {}", String::from_utf8_lossy(&dump.stderr));
+                    assert!(
+                        dump.status.success(),
+                        "{ctx}: {}",
+                        String::from_utf8_lossy(&dump.stderr)
+                    );
                     let text = String::from_utf8_lossy(&dump.stdout);
-                    assert!(text.contains(&format!("sector: {sector} [bytes]")), "{ctx}: {text}");
+                    assert!(
+                        text.contains(&format!("sector: {sector} [bytes]")),
+                        "{ctx}: {text}"
+                    );
                     assert!(v.test_pass(&v.pw), "{ctx}");
                     let wrong = v.d.pass("wrong", "not it");
                     assert!(!v.test_pass(&wrong), "{ctx}");
                     // The volume key coffre made is the one cryptsetup finds.
                     let expected = cryptsetup_volume_key(&v.d, &v.vol, v.hdr.as_deref(), &v.pw);
-                    let (_, key) = coffre_unlock(&v.vol, v.hdr.as_deref(), "coffre made this").unwrap();
+                    let (_, key) =
+                        coffre_unlock(&v.vol, v.hdr.as_deref(), "coffre made this").unwrap();
                     assert_eq!(key.expose(), &expected[..], "{ctx}");
                     assert_eq!(key.len() * 8, key_bits.parse::<usize>().unwrap(), "{ctx}");
                 }
@@ -110,7 +127,17 @@ fn keyslot_changes_are_seen_by_both_tools() {
 
     // coffre adds slot 5 with pbkdf2 and "prefer"; cryptsetup opens it.
     let p_cf = v.d.pass("p_cf", "added by coffre");
-    let mut a = vec!["add-key", "--key-file", s(&v.pw), "--new-keyfile", s(&p_cf), "--key-slot", "5", "--priority", "prefer"];
+    let mut a = vec![
+        "add-key",
+        "--key-file",
+        s(&v.pw),
+        "--new-keyfile",
+        s(&p_cf),
+        "--key-slot",
+        "5",
+        "--priority",
+        "prefer",
+    ];
     a.extend(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
     ok(v.cf(&a));
     assert!(v.test_pass(&p_cf));
@@ -120,12 +147,29 @@ fn keyslot_changes_are_seen_by_both_tools() {
 
     // coffre changes slot 1's passphrase: old refused, new opens, in both.
     let p_new = v.d.pass("p_new", "changed by coffre");
-    let mut c = vec!["change-key", "--key-file", s(&p_cs), "--new-keyfile", s(&p_new)];
+    let mut c = vec![
+        "change-key",
+        "--key-file",
+        s(&p_cs),
+        "--new-keyfile",
+        s(&p_new),
+    ];
     c.extend(COFFRE_FAST);
     ok(v.cf(&c));
     assert!(!v.test_pass(&p_cs));
     assert!(v.test_pass(&p_new));
-    assert!(v.cs(&["open", "--test-passphrase", "--key-slot", "1", "--key-file", s(&p_new)]).status.success());
+    assert!(
+        v.cs(&[
+            "open",
+            "--test-passphrase",
+            "--key-slot",
+            "1",
+            "--key-file",
+            s(&p_new)
+        ])
+        .status
+        .success()
+    );
 
     // cryptsetup kills slot 0: coffre refuses its passphrase.
     let mut kill = vec!["luksKillSlot", "--key-file", s(&p_new)];
@@ -150,12 +194,21 @@ fn cryptsetup_decrypts_what_coffre_wrote() {
             let data = pattern(16 << 20, 99);
             ok(v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
             let h = v.hargs();
-            let mut args = vec!["reencrypt", "--decrypt", "--force-offline-reencrypt", "--key-file", s(&v.pw)];
+            let mut args = vec![
+                "reencrypt",
+                "--decrypt",
+                "--force-offline-reencrypt",
+                "--key-file",
+                s(&v.pw),
+            ];
             args.extend(h.iter().map(String::as_str));
             args.push(s(&v.vol));
             cryptsetup(&args);
             let plain = std::fs::read(&v.vol).unwrap();
-            assert!(plain == data, "sector {sector} key {key_bits}: cryptsetup's plaintext differs");
+            assert!(
+                plain == data,
+                "sector {sector} key {key_bits}: cryptsetup's plaintext differs"
+            );
         }
     }
 }
@@ -169,7 +222,12 @@ fn cryptsetup_rekeys_what_coffre_wrote() {
     let data = pattern(16 << 20, 5);
     ok(v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
     let before = coffre_unlock(&v.vol, None, "coffre made this").unwrap().1;
-    let mut args = vec!["reencrypt", "--force-offline-reencrypt", "--key-file", s(&v.pw)];
+    let mut args = vec![
+        "reencrypt",
+        "--force-offline-reencrypt",
+        "--key-file",
+        s(&v.pw),
+    ];
     args.extend(fast_kdf("argon2id"));
     args.push(s(&v.vol));
     cryptsetup(&args);
@@ -184,9 +242,24 @@ fn cryptsetup_rekeys_what_coffre_wrote() {
 fn tokens_and_unknown_fields_survive() {
     let v = Vol::format(false, "4096", "512", &COFFRE_FAST, "8M");
     let token = v.d.path("token.json");
-    std::fs::write(&token, r#"{"type":"coffre-test","keyslots":["0"],"member":"alice","nested":{"a":[1,2,3]}}"#).unwrap();
-    let out = v.cs(&["token", "import", "--json-file", s(&token), "--token-id", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &token,
+        r#"{"type":"coffre-test","keyslots":["0"],"member":"alice","nested":{"a":[1,2,3]}}"#,
+    )
+    .unwrap();
+    let out = v.cs(&[
+        "token",
+        "import",
+        "--json-file",
+        s(&token),
+        "--token-id",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let export = |v: &Vol| -> serde_json::Value {
         let o = v.cs(&["token", "export", "--token-id", "3"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -200,7 +273,10 @@ fn tokens_and_unknown_fields_survive() {
     drop(c);
     let extra = serde_json::json!({"x-future": {"k": "v"}});
     h.metadata.extra.insert("x-top".into(), extra.clone());
-    h.metadata.config.extra.insert("x-config".into(), extra.clone());
+    h.metadata
+        .config
+        .extra
+        .insert("x-config".into(), extra.clone());
     for k in h.metadata.keyslots.values_mut() {
         k.extra.insert("x-keyslot".into(), extra.clone());
         k.area.extra.insert("x-area".into(), extra.clone());
@@ -212,7 +288,10 @@ fn tokens_and_unknown_fields_survive() {
     let [p, sc] = h.encode().unwrap();
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&v.vol).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.vol)
+            .unwrap();
         f.write_all_at(&sc, h.binary.hdr_size).unwrap();
         f.write_all_at(&p, 0).unwrap();
     }
@@ -230,8 +309,14 @@ fn tokens_and_unknown_fields_survive() {
     let m = &c.header().metadata;
     assert_eq!(m.extra["x-top"], extra);
     assert_eq!(m.config.extra["x-config"], extra);
-    assert_eq!(m.keyslots[&coffre_luks2::metadata::Id(0)].extra["x-keyslot"], extra);
-    assert_eq!(m.keyslots[&coffre_luks2::metadata::Id(0)].area.extra["x-area"], extra);
+    assert_eq!(
+        m.keyslots[&coffre_luks2::metadata::Id(0)].extra["x-keyslot"],
+        extra
+    );
+    assert_eq!(
+        m.keyslots[&coffre_luks2::metadata::Id(0)].area.extra["x-area"],
+        extra
+    );
     drop(c);
     // Removing keyslot 0 also unbinds the token from it, as cryptsetup does.
     ok(v.cf(&["remove-key", "--key-slot", "0", "--key-file", s(&p3)]));

@@ -65,19 +65,36 @@ pub fn fast_kdf(kdf: &str) -> Vec<&'static str> {
     match kdf {
         "pbkdf2" => vec!["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
         "argon2i" => vec![
-            "--pbkdf", "argon2i", "--pbkdf-memory", "8192", "--pbkdf-parallel", "2",
-            "--pbkdf-force-iterations", "4",
+            "--pbkdf",
+            "argon2i",
+            "--pbkdf-memory",
+            "8192",
+            "--pbkdf-parallel",
+            "2",
+            "--pbkdf-force-iterations",
+            "4",
         ],
         "argon2id" => vec![
-            "--pbkdf", "argon2id", "--pbkdf-memory", "8192", "--pbkdf-parallel", "2",
-            "--pbkdf-force-iterations", "4",
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-memory",
+            "8192",
+            "--pbkdf-parallel",
+            "2",
+            "--pbkdf-force-iterations",
+            "4",
         ],
         other => panic!("unknown kdf {other}"),
     }
 }
 
 /// The volume key according to cryptsetup.
-pub fn cryptsetup_volume_key(dir: &Dir, vol: &Path, header: Option<&Path>, key_file: &Path) -> Vec<u8> {
+pub fn cryptsetup_volume_key(
+    dir: &Dir,
+    vol: &Path,
+    header: Option<&Path>,
+    key_file: &Path,
+) -> Vec<u8> {
     let vk = dir.path(&format!("vk-{}", rand_suffix()));
     let mut args = vec!["luksDump", "--dump-volume-key", "--volume-key-file"];
     let vks = vk.to_str().unwrap().to_string();
@@ -102,7 +119,11 @@ fn rand_suffix() -> String {
 }
 
 /// Unlocks through the library; returns (slot, key).
-pub fn coffre_unlock(vol: &Path, header: Option<&Path>, pass: &str) -> Result<(u32, VolumeKey), coffre_storage::Error> {
+pub fn coffre_unlock(
+    vol: &Path,
+    header: Option<&Path>,
+    pass: &str,
+) -> Result<(u32, VolumeKey), coffre_storage::Error> {
     let c = Luks2Container::open(vol, header)?;
     c.unlock(&Passphrase::from_slice(pass.as_bytes()), None)
 }
@@ -163,6 +184,12 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Fast coffre KDF flags.
 pub const COFFRE_FAST: [&str; 8] = [
-    "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "8192",
-    "--pbkdf-parallel", "2",
+    "--pbkdf",
+    "argon2id",
+    "--pbkdf-force-iterations",
+    "4",
+    "--pbkdf-memory",
+    "8192",
+    "--pbkdf-parallel",
+    "2",
 ];

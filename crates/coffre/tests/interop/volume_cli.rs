@@ -4,12 +4,27 @@
 use crate::util::*;
 use coffre_storage::Luks2Container;
 
-fn fresh(detached: bool) -> (Dir, std::path::PathBuf, Option<std::path::PathBuf>, std::path::PathBuf) {
+fn fresh(
+    detached: bool,
+) -> (
+    Dir,
+    std::path::PathBuf,
+    Option<std::path::PathBuf>,
+    std::path::PathBuf,
+) {
     let d = Dir::new();
     let vol = d.path("vol");
     let hdr = detached.then(|| d.path("hdr"));
     let pw = d.pass("pw", "pass");
-    let mut a = vec!["volume", "format", s(&vol), "--size", "8M", "--key-file", s(&pw)];
+    let mut a = vec![
+        "volume",
+        "format",
+        s(&vol),
+        "--size",
+        "8M",
+        "--key-file",
+        s(&pw),
+    ];
     a.extend(COFFRE_FAST);
     if let Some(h) = &hdr {
         a.extend(["--header", s(h)]);
@@ -37,7 +52,15 @@ fn no_plaintext_reaches_the_backing_file() {
                 file.display()
             );
         }
-        let mut r = vec!["volume", "read", s(&vol), "--key-file", s(&pw), "--length", "4M"];
+        let mut r = vec![
+            "volume",
+            "read",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--length",
+            "4M",
+        ];
         if let Some(h) = &hdr {
             r.extend(["--header", s(h)]);
         }
@@ -49,16 +72,68 @@ fn no_plaintext_reaches_the_backing_file() {
 fn unaligned_reads_and_writes() {
     let (_d, vol, _, pw) = fresh(false);
     let data = pattern(10_000, 3);
-    ok(coffre_stdin(&["volume", "write", s(&vol), "--key-file", s(&pw), "--offset", "4000"], &data));
-    let out = ok(coffre(&["volume", "read", s(&vol), "--key-file", s(&pw), "--offset", "4000", "--length", "10000"]));
+    ok(coffre_stdin(
+        &[
+            "volume",
+            "write",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--offset",
+            "4000",
+        ],
+        &data,
+    ));
+    let out = ok(coffre(&[
+        "volume",
+        "read",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+        "--offset",
+        "4000",
+        "--length",
+        "10000",
+    ]));
     assert_eq!(out, data);
-    let around = ok(coffre(&["volume", "read", s(&vol), "--key-file", s(&pw), "--offset", "0", "--length", "20000"]));
+    let around = ok(coffre(&[
+        "volume",
+        "read",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+        "--offset",
+        "0",
+        "--length",
+        "20000",
+    ]));
     assert!(around[..4000].iter().all(|&b| b == 0) || around[..4000] != data[..]);
     assert_eq!(&around[4000..14000], &data[..]);
     // Past the end: refused, with a message.
-    let out = coffre(&["volume", "read", s(&vol), "--key-file", s(&pw), "--offset", "8M", "--length", "1"]);
+    let out = coffre(&[
+        "volume",
+        "read",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+        "--offset",
+        "8M",
+        "--length",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    let out = coffre_stdin(&["volume", "write", s(&vol), "--key-file", s(&pw), "--offset", "8388000"], &data);
+    let out = coffre_stdin(
+        &[
+            "volume",
+            "write",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--offset",
+            "8388000",
+        ],
+        &data,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("past the end"));
 }
@@ -67,20 +142,56 @@ fn unaligned_reads_and_writes() {
 fn exit_codes_and_locking() {
     let (d, vol, _, pw) = fresh(false);
     let wrong = d.pass("wrong", "nope");
-    assert_eq!(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&wrong)]).status.code(), Some(2));
-    assert_eq!(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]).status.code(), Some(0));
-    assert_eq!(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw), "--key-slot", "3"]).status.code(), Some(1));
+    assert_eq!(
+        coffre(&["volume", "check-key", s(&vol), "--key-file", s(&wrong)])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        coffre(&[
+            "volume",
+            "check-key",
+            s(&vol),
+            "--key-file",
+            s(&pw),
+            "--key-slot",
+            "3"
+        ])
+        .status
+        .code(),
+        Some(1)
+    );
     assert_eq!(coffre(&["volume", "frobnicate"]).status.code(), Some(64));
-    assert_eq!(coffre(&["volume", "dump", s(&d.path("missing"))]).status.code(), Some(1));
+    assert_eq!(
+        coffre(&["volume", "dump", s(&d.path("missing"))])
+            .status
+            .code(),
+        Some(1)
+    );
 
     // While another opener holds the volume, every command is refused.
     let held = Luks2Container::open(&vol, None).unwrap();
     let out = coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
-    assert!(matches!(Luks2Container::open(&vol, None), Err(coffre_storage::Error::Busy(_))));
+    assert!(matches!(
+        Luks2Container::open(&vol, None),
+        Err(coffre_storage::Error::Busy(_))
+    ));
     drop(held);
-    assert_eq!(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]).status.code(), Some(0));
+    assert_eq!(
+        coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)])
+            .status
+            .code(),
+        Some(0)
+    );
 }
 
 #[test]
@@ -91,23 +202,54 @@ fn detached_header_is_locked_too() {
     // Another data file with the same header: the header lock refuses it.
     let other = d.path("other");
     std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
-    assert!(matches!(Luks2Container::open(&other, Some(&hdr)), Err(coffre_storage::Error::Busy(_))));
+    assert!(matches!(
+        Luks2Container::open(&other, Some(&hdr)),
+        Err(coffre_storage::Error::Busy(_))
+    ));
     drop(held);
 }
 
 #[test]
 fn format_protects_existing_volumes_and_last_keyslot() {
     let (d, vol, _, pw) = fresh(false);
-    let mut a = vec!["volume", "format", s(&vol), "--size", "8M", "--key-file", s(&pw)];
+    let mut a = vec![
+        "volume",
+        "format",
+        s(&vol),
+        "--size",
+        "8M",
+        "--key-file",
+        s(&pw),
+    ];
     a.extend(COFFRE_FAST);
     let out = coffre(&a);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
-    ok(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]));
-    let out = coffre(&["volume", "remove-key", s(&vol), "--key-slot", "0", "--key-file", s(&pw)]);
+    ok(coffre(&[
+        "volume",
+        "check-key",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+    ]));
+    let out = coffre(&[
+        "volume",
+        "remove-key",
+        s(&vol),
+        "--key-slot",
+        "0",
+        "--key-file",
+        s(&pw),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("last"));
-    ok(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]));
+    ok(coffre(&[
+        "volume",
+        "check-key",
+        s(&vol),
+        "--key-file",
+        s(&pw),
+    ]));
     let _ = d;
 }
 
@@ -132,12 +274,34 @@ fn add_key_from_volume_key_file() {
     let vkf = d.path("vk");
     std::fs::write(&vkf, &vk).unwrap();
     let p2 = d.pass("p2", "from the volume key");
-    let mut a = vec!["volume", "add-key", s(&vol), "--volume-key-file", s(&vkf), "--new-keyfile", s(&p2)];
+    let mut a = vec![
+        "volume",
+        "add-key",
+        s(&vol),
+        "--volume-key-file",
+        s(&vkf),
+        "--new-keyfile",
+        s(&p2),
+    ];
     a.extend(COFFRE_FAST);
     ok(coffre(&a));
-    ok(coffre(&["volume", "check-key", s(&vol), "--key-file", s(&p2)]));
+    ok(coffre(&[
+        "volume",
+        "check-key",
+        s(&vol),
+        "--key-file",
+        s(&p2),
+    ]));
     // A wrong volume key is refused with exit 2.
     std::fs::write(&vkf, vec![0u8; 64]).unwrap();
-    let out = coffre(&["volume", "add-key", s(&vol), "--volume-key-file", s(&vkf), "--new-keyfile", s(&p2)]);
+    let out = coffre(&[
+        "volume",
+        "add-key",
+        s(&vol),
+        "--volume-key-file",
+        s(&vkf),
+        "--new-keyfile",
+        s(&p2),
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
