@@ -1,0 +1,525 @@
+//! The vocabulary of the vault: events in, effects out, and the state they
+//! act on.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Milliseconds since the Unix epoch. The core never reads a clock.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// `self + ms`, saturating.
+    pub fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// Identifies a request while its password is being checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReqId(pub u64);
+
+/// A member's presence inside the vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub u64);
+
+/// A scheduled task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskId(pub u64);
+
+/// What a member may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Enters, schedules tasks.
+    Member,
+    /// Also locks, unlocks, switches modes, manages members.
+    Superuser,
+}
+
+/// What happens to workloads at close (applied by later layers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Workloads paused in memory.
+    Fast,
+    /// Workloads suspended into the encrypted volume.
+    Safe,
+}
+
+/// How a member came in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// `"cli"` or `"vpn"`.
+    pub door: String,
+    /// Remote address, as the transport saw it.
+    pub addr: String,
+}
+
+/// A member of the vault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Unique name (also the certificate's common name).
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Their LUKS2 keyslot.
+    pub keyslot: u32,
+    /// Last TOTP time step accepted (replay protection, kept across
+    /// restarts).
+    #[serde(default)]
+    pub last_totp_step: Option<u64>,
+}
+
+/// Why and by whom the vault is locked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Who locked it (`"coffre"` for an automatic lock).
+    pub by: String,
+    /// Their reason.
+    pub reason: String,
+    /// When.
+    pub since: Millis,
+}
+
+/// Tunable rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Policy {
+    /// A session without heartbeat for this long is dropped.
+    pub grace_ms: u64,
+    /// Longest task duration.
+    pub task_max_ms: u64,
+    /// Distinct superusers needed to unlock.
+    pub unlock_quorum: u32,
+    /// How long an unlock approval counts.
+    pub approval_window_ms: u64,
+    /// Failed attempts within `failure_window_ms` that lock the vault.
+    pub auto_lock_failures: u32,
+    /// Window for counting failures.
+    pub failure_window_ms: u64,
+    /// Delay after the first failure of a member or source; doubles each
+    /// time, up to `throttle_max_ms`.
+    pub throttle_base_ms: u64,
+    /// Longest throttle delay.
+    pub throttle_max_ms: u64,
+    /// Delay before retrying a close that failed.
+    pub close_retry_ms: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            grace_ms: 30_000,
+            task_max_ms: 7 * 24 * 3600 * 1000,
+            unlock_quorum: 1,
+            approval_window_ms: 15 * 60 * 1000,
+            auto_lock_failures: 20,
+            failure_window_ms: 10 * 60 * 1000,
+            throttle_base_ms: 1_000,
+            throttle_max_ms: 60_000,
+            close_retry_ms: 2_000,
+        }
+    }
+}
+
+/// What the shell found when checking the TOTP code (it holds the secret;
+/// the core holds the replay rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Totp {
+    /// No code came with the request.
+    Missing,
+    /// The code is wrong for every accepted time step.
+    Invalid,
+    /// The code matches this time step.
+    Valid {
+        /// RFC 6238 time step.
+        step: u64,
+    },
+}
+
+/// A command from an authenticated certificate holder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Become present (password and TOTP).
+    Enter,
+    /// End a session.
+    Leave {
+        /// The session.
+        session: SessionId,
+    },
+    /// Keep a session alive.
+    Heartbeat {
+        /// The session.
+        session: SessionId,
+    },
+    /// Keep the vault open for a while (needs a live session).
+    TaskAdd {
+        /// The requester's session.
+        session: SessionId,
+        /// Free text.
+        name: String,
+        /// Name the client claims; must be the authenticated member.
+        claimed_owner: Option<String>,
+        /// How long, in milliseconds.
+        duration_ms: u64,
+    },
+    /// Cancel a task (its owner or a superuser; needs a live session).
+    TaskCancel {
+        /// The requester's session.
+        session: SessionId,
+        /// The task.
+        task: TaskId,
+    },
+    /// Lock (superuser, password and TOTP).
+    Lock {
+        /// Why.
+        reason: String,
+    },
+    /// Approve an unlock (superuser, password and TOTP).
+    Unlock,
+    /// Switch mode (superuser, password and TOTP).
+    SetMode {
+        /// The new mode.
+        mode: Mode,
+    },
+    /// Change the unlock quorum (superuser, password and TOTP).
+    SetQuorum {
+        /// Distinct superusers needed.
+        quorum: u32,
+    },
+    /// Remove a member (superuser, password and TOTP).
+    MemberRemove {
+        /// Who.
+        name: String,
+    },
+}
+
+impl Command {
+    /// The name used in audit records and the JSON command model.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Enter => "enter",
+            Command::Leave { .. } => "leave",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::TaskAdd { .. } => "task_add",
+            Command::TaskCancel { .. } => "task_cancel",
+            Command::Lock { .. } => "lock",
+            Command::Unlock => "unlock",
+            Command::SetMode { .. } => "mode",
+            Command::SetQuorum { .. } => "quorum",
+            Command::MemberRemove { .. } => "member_remove",
+        }
+    }
+
+    /// Whether the command needs the member's password and a TOTP code.
+    pub fn needs_password(&self) -> bool {
+        matches!(
+            self,
+            Command::Enter
+                | Command::Lock { .. }
+                | Command::Unlock
+                | Command::SetMode { .. }
+                | Command::SetQuorum { .. }
+                | Command::MemberRemove { .. }
+        )
+    }
+
+    /// Whether only superusers may run it.
+    pub fn superuser_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Lock { .. }
+                | Command::Unlock
+                | Command::SetMode { .. }
+                | Command::SetQuorum { .. }
+                | Command::MemberRemove { .. }
+        )
+    }
+}
+
+/// A request: who (from the certificate), from where, with what proofs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Correlates the reply.
+    pub req: ReqId,
+    /// The certificate's member name.
+    pub member: String,
+    /// Where it came from.
+    pub source: Source,
+    /// Whether a password came with it (the shell holds it).
+    pub password: bool,
+    /// TOTP verdict.
+    pub totp: Totp,
+    /// What is asked.
+    pub command: Command,
+}
+
+/// Everything that can happen to a vault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The daemon started; `unclean` if the previous run did not stop
+    /// cleanly.
+    Boot {
+        /// Previous run crashed.
+        unclean: bool,
+    },
+    /// A request arrived.
+    Request(Request),
+    /// Result of [`Effect::CheckPassword`].
+    PasswordChecked {
+        /// Which request.
+        req: ReqId,
+        /// Whether the member's keyslot opened with it.
+        ok: bool,
+    },
+    /// Result of [`Effect::Open`].
+    Opened {
+        /// Success.
+        ok: bool,
+        /// What failed, if anything.
+        detail: String,
+    },
+    /// Result of [`Effect::Close`]. After a forced close the key is gone
+    /// even when `ok` is false.
+    Closed {
+        /// Every step succeeded.
+        ok: bool,
+        /// What failed, if anything.
+        detail: String,
+    },
+    /// A member finished joining (the shell made the keyslot and
+    /// certificate).
+    MemberJoined {
+        /// The new member.
+        member: Member,
+    },
+    /// Time passes (expiries, grace periods, retries).
+    Tick,
+}
+
+/// Why a request was refused. Clients see the code and message; the audit
+/// log gets the full story.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The vault is locked.
+    Locked,
+    /// Unknown or removed member.
+    UnknownMember,
+    /// Wrong password.
+    WrongPassword,
+    /// Wrong or missing TOTP code.
+    WrongTotp,
+    /// A TOTP code already used.
+    TotpReplayed,
+    /// Too many failures; try later.
+    Throttled,
+    /// Not a superuser, or not the task's owner.
+    NotPermitted,
+    /// No such live session for this member.
+    NoSession,
+    /// No such task.
+    NoTask,
+    /// Bad arguments.
+    Invalid,
+    /// Cannot be done right now (e.g. still closing).
+    Busy,
+}
+
+/// Reply to a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done.
+    Ok(Reply),
+    /// Refused.
+    Refused {
+        /// Code.
+        code: Refusal,
+        /// A sentence for the person.
+        message: String,
+    },
+}
+
+/// Successful replies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Entered; the session to heartbeat and leave with.
+    Entered {
+        /// Session id.
+        session: SessionId,
+    },
+    /// Task scheduled.
+    TaskAdded {
+        /// Task id.
+        task: TaskId,
+        /// When it ends.
+        expires: Millis,
+    },
+    /// Unlock approval recorded; `remaining` more are needed (0: unlocked).
+    UnlockApproved {
+        /// Approvals still missing.
+        remaining: u32,
+    },
+    /// Anything else that just succeeded.
+    Done,
+}
+
+/// An append-only audit record (never a secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When.
+    pub at: Millis,
+    /// Who (member name, or `"coffre"` for the vault itself).
+    pub actor: String,
+    /// From where, if from outside.
+    pub source: Option<Source>,
+    /// What (`"enter"`, `"state"`, `"lock"`...).
+    pub action: String,
+    /// `"ok"`, `"refused:<code>"`, `"failed"`, or a state name.
+    pub result: String,
+    /// Human detail.
+    pub detail: String,
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Derive from the request's password with `member`'s keyslot and
+    /// report [`Event::PasswordChecked`]. If `keep_key` and it opens, keep
+    /// the key under `req` until [`Effect::Open`] or
+    /// [`Effect::DiscardKey`] names it; otherwise wipe it before
+    /// reporting.
+    CheckPassword {
+        /// The request.
+        req: ReqId,
+        /// Whose keyslot.
+        member: String,
+        /// Which keyslot.
+        keyslot: u32,
+        /// Keep the derived key for an open.
+        keep_key: bool,
+    },
+    /// Open the volume with the key kept under `req`, then report
+    /// [`Event::Opened`].
+    Open {
+        /// The request whose key opens the vault.
+        req: ReqId,
+    },
+    /// Wipe the key kept under `req`; it will not be used.
+    DiscardKey {
+        /// The request.
+        req: ReqId,
+    },
+    /// Close: workloads, exposure, key wipe; then report
+    /// [`Event::Closed`]. `force`: wipe the key even if a step fails.
+    Close {
+        /// Wipe regardless of failures (lock).
+        force: bool,
+    },
+    /// Answer a request.
+    Reply {
+        /// The request.
+        req: ReqId,
+        /// The answer.
+        outcome: Outcome,
+    },
+    /// Disconnect a session's transport (lock, removal, expiry).
+    DropSession {
+        /// The session.
+        session: SessionId,
+        /// Its member.
+        member: String,
+    },
+    /// Remove a member's keyslot and revoke their certificate.
+    RemoveMember {
+        /// The member.
+        name: String,
+        /// Their keyslot.
+        keyslot: u32,
+    },
+    /// Append to the audit log.
+    Audit(AuditRecord),
+    /// Control data changed: write it (crash-safely).
+    Persist,
+}
+
+/// The vault's phase. LOCKED is `Closed` (or `Closing`) with a lock set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No key anywhere.
+    Closed,
+    /// Effects of an open are running.
+    Opening,
+    /// Key held, data available.
+    Open,
+    /// Effects of a close are running.
+    Closing,
+}
+
+/// A member's presence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Id.
+    pub id: SessionId,
+    /// Who.
+    pub member: String,
+    /// From where.
+    pub source: Source,
+    /// Since when.
+    pub since: Millis,
+    /// Last heartbeat.
+    pub last_seen: Millis,
+}
+
+/// A scheduled task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Id.
+    pub id: TaskId,
+    /// Free text.
+    pub name: String,
+    /// The authenticated member who created it.
+    pub owner: String,
+    /// When it was created.
+    pub created: Millis,
+    /// When it ends.
+    pub expires: Millis,
+}
+
+/// What survives a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persistent {
+    /// Members by name.
+    pub members: BTreeMap<String, Member>,
+    /// Lock, if locked.
+    pub lock: Option<LockInfo>,
+    /// Mode.
+    pub mode: Option<Mode>,
+    /// Rules.
+    pub policy: Policy,
+}
+
+/// A read-only view for `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// `"closed"`, `"opening"`, `"open"`, `"closing"` or `"locked"`.
+    pub state: String,
+    /// Lock details.
+    pub lock: Option<LockInfo>,
+    /// Mode.
+    pub mode: Mode,
+    /// Sessions inside.
+    pub sessions: Vec<Session>,
+    /// Tasks alive.
+    pub tasks: Vec<Task>,
+    /// Unlock approvals collected (names).
+    pub unlock_approvals: Vec<String>,
+    /// Unlock quorum.
+    pub unlock_quorum: u32,
+    /// Member count.
+    pub members: usize,
+}

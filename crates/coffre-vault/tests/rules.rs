@@ -1,0 +1,463 @@
+//! The vault rules, scenario by scenario and as properties over random
+//! histories.
+
+mod sim;
+
+use coffre_vault::*;
+use proptest::prelude::*;
+use sim::*;
+
+#[test]
+fn first_opens_last_closes() {
+    let mut s = Sim::new(members(2, 1));
+    let a = s.enter("m0");
+    assert_eq!(s.vault.phase(), Phase::Open);
+    assert!(s.key_held);
+    let b = s.enter("m1");
+    assert_eq!(
+        s.session_cmd("m0", Command::Leave { session: a }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.phase(), Phase::Open);
+    // m0 cannot end m1's session.
+    assert_eq!(
+        refused(&s.session_cmd("m0", Command::Leave { session: b })),
+        Some(Refusal::NoSession)
+    );
+    s.session_cmd("m1", Command::Leave { session: b });
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+}
+
+#[test]
+fn every_member_proves_their_keyslot() {
+    let mut s = Sim::new(members(2, 0));
+    s.enter("m0");
+    let t = s.fresh();
+    let req = s.request("m1", Command::Enter, false, t);
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::WrongPassword));
+    assert_eq!(s.vault.sessions().count(), 1);
+}
+
+#[test]
+fn task_keeps_open_until_expiry_and_owner_is_authenticated() {
+    let mut s = Sim::new(members(2, 0));
+    let a = s.enter("m0");
+    let o = s.session_cmd(
+        "m0",
+        Command::TaskAdd {
+            session: a,
+            name: "backup".into(),
+            claimed_owner: Some("m1".into()),
+            duration_ms: 60_000,
+        },
+    );
+    assert_eq!(refused(&o), Some(Refusal::NotPermitted));
+    let o = s.session_cmd(
+        "m0",
+        Command::TaskAdd {
+            session: a,
+            name: "backup".into(),
+            claimed_owner: Some("m0".into()),
+            duration_ms: 60_000,
+        },
+    );
+    assert!(matches!(o, Outcome::Ok(Reply::TaskAdded { .. })));
+    let too_long = s.session_cmd(
+        "m0",
+        Command::TaskAdd {
+            session: a,
+            name: "x".into(),
+            claimed_owner: None,
+            duration_ms: u64::MAX,
+        },
+    );
+    assert_eq!(refused(&too_long), Some(Refusal::Invalid));
+    s.session_cmd("m0", Command::Leave { session: a });
+    assert_eq!(s.vault.phase(), Phase::Open, "the task keeps it open");
+    s.advance(10_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open);
+    s.advance(51_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(s.audit.iter().any(|r| r.action == "task_expire"));
+}
+
+#[test]
+fn vanished_client_is_dropped_after_grace() {
+    let mut p = members(1, 0);
+    p.policy.grace_ms = 5_000;
+    let mut s = Sim::new(p);
+    let a = s.enter("m0");
+    s.advance(4_000);
+    s.session_cmd("m0", Command::Heartbeat { session: a });
+    s.advance(4_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open);
+    s.advance(2_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert_eq!(s.dropped, vec![a]);
+}
+
+#[test]
+fn lock_drops_everyone_and_refuses_right_passwords() {
+    let mut s = Sim::new(members(1, 1));
+    s.enter("m0");
+    let su = s.enter("su0");
+    let sess = s.vault.sessions().count();
+    assert_eq!(sess, 2);
+    let o = s.run(
+        "su0",
+        Command::Lock {
+            reason: "laptop stolen".into(),
+        },
+    );
+    assert_eq!(o, Outcome::Ok(Reply::Done));
+    assert_eq!(s.vault.status().state, "locked");
+    assert!(!s.key_held);
+    assert_eq!(s.dropped.len(), 2);
+    let t = s.fresh();
+    let req = s.request("m0", Command::Enter, true, t);
+    // Refused before any key derivation: no check is pending.
+    assert_eq!(s.vault.pending_checks(), 0);
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::Locked));
+    assert_eq!(
+        refused(&s.run("su0", Command::Enter)),
+        Some(Refusal::Locked)
+    );
+    let _ = su;
+    assert_eq!(
+        s.run("su0", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 0 })
+    );
+    assert_eq!(s.vault.status().state, "closed");
+    s.enter("m0");
+    assert_eq!(s.vault.phase(), Phase::Open);
+}
+
+#[test]
+fn lock_wipes_the_key_even_when_closing_fails() {
+    let mut s = Sim::new(members(1, 1));
+    s.enter("m0");
+    s.close_fails = true;
+    s.run(
+        "su0",
+        Command::Lock {
+            reason: "now".into(),
+        },
+    );
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+    assert!(
+        s.audit.iter().any(|r| r.action == "state"
+            && r.result == "locked"
+            && r.detail.contains("not flushed"))
+    );
+}
+
+#[test]
+fn failed_close_is_retried_and_not_reported_closed() {
+    let mut s = Sim::new(members(1, 0));
+    let a = s.enter("m0");
+    s.close_fails = true;
+    s.session_cmd("m0", Command::Leave { session: a });
+    assert_eq!(s.vault.phase(), Phase::Closing);
+    assert!(s.key_held);
+    s.advance(1_000);
+    assert_eq!(s.vault.phase(), Phase::Closing);
+    s.close_fails = false;
+    s.advance(2_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+}
+
+#[test]
+fn two_person_unlock_within_window() {
+    let mut p = members(0, 3);
+    p.policy.unlock_quorum = 2;
+    p.policy.approval_window_ms = 60_000;
+    let mut s = Sim::new(p);
+    s.run(
+        "su0",
+        Command::Lock {
+            reason: "drill".into(),
+        },
+    );
+    assert_eq!(
+        s.run("su1", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
+    );
+    // The same superuser twice does not count twice.
+    assert_eq!(
+        s.run("su1", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
+    );
+    s.advance(61_000);
+    assert_eq!(
+        s.run("su2", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 }),
+        "su1's approval expired"
+    );
+    assert_eq!(
+        s.run("su0", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 0 })
+    );
+    assert!(!s.vault.is_locked());
+}
+
+#[test]
+fn quorum_never_exceeds_superusers() {
+    let mut s = Sim::new(members(1, 2));
+    assert_eq!(
+        refused(&s.run("su0", Command::SetQuorum { quorum: 3 })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 2 }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        refused(&s.run("su0", Command::MemberRemove { name: "su1".into() })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(
+        refused(&s.run("m0", Command::SetQuorum { quorum: 1 })),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 1 }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        s.run("su0", Command::MemberRemove { name: "su1".into() }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.removed, vec!["su1".to_string()]);
+}
+
+#[test]
+fn removed_member_is_dropped_and_refused() {
+    let mut s = Sim::new(members(1, 1));
+    s.enter("m0");
+    s.run("su0", Command::MemberRemove { name: "m0".into() });
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert_eq!(
+        refused(&s.run("m0", Command::Enter)),
+        Some(Refusal::UnknownMember)
+    );
+}
+
+#[test]
+fn totp_step_never_accepted_twice() {
+    let mut s = Sim::new(members(1, 0));
+    let t = s.fresh();
+    let r1 = s.request("m0", Command::Enter, true, t);
+    s.settle();
+    assert!(matches!(s.replies[&r1], Outcome::Ok(Reply::Entered { .. })));
+    let r2 = s.request("m0", Command::Enter, true, t);
+    s.settle();
+    assert_eq!(refused(&s.replies[&r2]), Some(Refusal::TotpReplayed));
+    // An older step is refused too (after the throttle delay).
+    s.advance(70_000);
+    let Totp::Valid { step } = t else {
+        unreachable!()
+    };
+    let r3 = s.request("m0", Command::Enter, true, Totp::Valid { step: step - 1 });
+    s.settle();
+    assert_eq!(refused(&s.replies[&r3]), Some(Refusal::TotpReplayed));
+    // Replay protection survives a restart.
+    let mut s2 = Sim::new(s.vault.persistent().clone());
+    let r4 = s2.request("m0", Command::Enter, true, t);
+    s2.settle();
+    assert_eq!(refused(&s2.replies[&r4]), Some(Refusal::TotpReplayed));
+}
+
+#[test]
+fn failures_are_throttled_then_auto_lock() {
+    let mut p = members(2, 1);
+    p.policy.auto_lock_failures = 5;
+    p.policy.throttle_base_ms = 1_000;
+    let mut s = Sim::new(p);
+    let t = s.fresh();
+    let r = s.request("m0", Command::Enter, false, t);
+    s.settle();
+    assert_eq!(refused(&s.replies[&r]), Some(Refusal::WrongPassword));
+    // Immediately again: throttled, and no key derivation happens.
+    let t = s.fresh();
+    let r = s.request("m0", Command::Enter, true, t);
+    assert_eq!(s.vault.pending_checks(), 0);
+    s.settle();
+    assert_eq!(refused(&s.replies[&r]), Some(Refusal::Throttled));
+    for _ in 0..4 {
+        s.advance(61_000);
+        let t = s.fresh();
+        s.request("m1", Command::Enter, false, t);
+        s.settle();
+    }
+    assert!(s.vault.is_locked(), "auto-lock after 5 failures");
+    assert_eq!(s.vault.persistent().lock.as_ref().unwrap().by, "coffre");
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "lock" && a.detail.contains("auto-lock"))
+    );
+}
+
+#[test]
+fn enter_during_closing_reopens_after_close() {
+    let mut s = Sim::new(members(2, 0));
+    let a = s.enter("m0");
+    let req = s.request("m0", Command::Leave { session: a }, false, Totp::Missing);
+    let _ = req;
+    assert_eq!(s.vault.phase(), Phase::Closing);
+    // m1 enters while the close runs: the close result is still in the inbox.
+    let t = s.fresh();
+    let r = s.request("m1", Command::Enter, true, t);
+    // The password check finishes before the close does.
+    let checked = s.inbox.pop_back().unwrap();
+    assert!(matches!(checked, Event::PasswordChecked { .. }));
+    s.inbox.push_front(checked);
+    s.deliver();
+    assert!(matches!(s.replies[&r], Outcome::Ok(Reply::Entered { .. })));
+    assert_eq!(s.vault.phase(), Phase::Closing);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open);
+    assert!(s.audit.iter().any(|a| a.detail.contains("reopened")));
+    s.check_open_rule();
+}
+
+#[test]
+fn leave_during_opening_closes_after_open() {
+    let mut s = Sim::new(members(1, 0));
+    let t = s.fresh();
+    let r = s.request("m0", Command::Enter, true, t);
+    s.deliver(); // password checked: Opening, open result pending
+    assert_eq!(s.vault.phase(), Phase::Opening);
+    let Outcome::Ok(Reply::Entered { session }) = s.replies[&r].clone() else {
+        panic!()
+    };
+    s.request("m0", Command::Leave { session }, false, Totp::Missing);
+    assert_eq!(s.vault.phase(), Phase::Opening);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+}
+
+#[test]
+fn restart_is_closed_or_still_locked() {
+    let mut s = Sim::new(members(1, 1));
+    s.enter("m0");
+    let mut after = Vault::new(s.vault.persistent().clone());
+    let fx = after.handle(Millis(2), Event::Boot { unclean: true });
+    assert_eq!(after.phase(), Phase::Closed);
+    assert!(
+        fx.iter()
+            .any(|f| matches!(f, Effect::Audit(a) if a.detail.contains("unclean")))
+    );
+    s.run("su0", Command::Lock { reason: "x".into() });
+    let mut after = Vault::new(s.vault.persistent().clone());
+    after.handle(Millis(3), Event::Boot { unclean: true });
+    assert_eq!(after.status().state, "locked");
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Enter(usize, bool, u8),
+    Leave(usize),
+    Heartbeat(usize),
+    TaskAdd(usize, u64),
+    TaskCancel(usize),
+    Lock(usize),
+    Unlock(usize),
+    Deliver,
+    Advance(u64),
+    CloseFails(bool),
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..4usize, prop::bool::weighted(0.8), 0..10u8).prop_map(|(m, ok, t)| Op::Enter(m, ok, t)),
+        3 => (0..4usize).prop_map(Op::Leave),
+        1 => (0..4usize).prop_map(Op::Heartbeat),
+        1 => (0..4usize, 1..120_000u64).prop_map(|(m, d)| Op::TaskAdd(m, d)),
+        1 => (0..4usize).prop_map(Op::TaskCancel),
+        1 => (0..2usize).prop_map(Op::Lock),
+        2 => (0..2usize).prop_map(Op::Unlock),
+        6 => Just(Op::Deliver),
+        2 => (0..40_000u64).prop_map(Op::Advance),
+        1 => any::<bool>().prop_map(Op::CloseFails),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn name(i: usize) -> String {
+    if i < 2 {
+        format!("su{i}")
+    } else {
+        format!("m{}", i - 2)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Over random histories: no key outside OPEN/OPENING/CLOSING, never
+    /// OPEN while locked, LOCKED left only by an unlock, the OPEN rule at
+    /// every quiescent point, every transition audited (checked in Sim).
+    #[test]
+    fn vault_rules_hold(ops in prop::collection::vec(op(), 1..120)) {
+        let mut p = members(2, 2);
+        p.policy.grace_ms = 20_000;
+        p.policy.auto_lock_failures = 6;
+        let mut s = Sim::new(p);
+        for op in ops {
+            let was_locked = s.vault.is_locked();
+            let audited = s.audit.len();
+            match op {
+                Op::Enter(m, ok, t) => {
+                    let totp = match t { 0 => Totp::Invalid, 1 => Totp::Valid { step: 0 }, _ => s.fresh() };
+                    s.request(&name(m), Command::Enter, ok, totp);
+                }
+                Op::Leave(m) | Op::Heartbeat(m) | Op::TaskAdd(m, _) | Op::TaskCancel(m) => {
+                    let who = name(m);
+                    let session = s.vault.sessions().find(|x| x.member == who).map(|x| x.id).unwrap_or(SessionId(999));
+                    let cmd = match op {
+                        Op::Leave(_) => Command::Leave { session },
+                        Op::Heartbeat(_) => Command::Heartbeat { session },
+                        Op::TaskAdd(_, d) => Command::TaskAdd { session, name: "t".into(), claimed_owner: None, duration_ms: d },
+                        _ => Command::TaskCancel { session, task: TaskId(1) },
+                    };
+                    s.request(&who, cmd, false, Totp::Missing);
+                }
+                Op::Lock(m) => { let t = s.fresh(); s.request(&name(m), Command::Lock { reason: "prop".into() }, true, t); }
+                Op::Unlock(m) => { let t = s.fresh(); s.request(&name(m), Command::Unlock, true, t); }
+                Op::Deliver => { s.deliver(); }
+                Op::Advance(ms) => s.advance(ms),
+                Op::CloseFails(f) => s.close_fails = f,
+                Op::Restart => {
+                    let p = s.vault.persistent().clone();
+                    let close_fails = s.close_fails;
+                    s = Sim::new(p);
+                    s.close_fails = close_fails;
+                    s.handle(Event::Boot { unclean: true });
+                }
+            }
+            if was_locked && !s.vault.is_locked() {
+                prop_assert!(
+                    s.audit[audited.min(s.audit.len())..].iter().any(|a| a.action == "unlock" && a.result == "ok"),
+                    "LOCKED left without an unlock"
+                );
+            }
+            s.check();
+        }
+        s.close_fails = false;
+        s.settle();
+        s.check_open_rule();
+    }
+}
