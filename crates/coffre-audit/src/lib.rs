@@ -1,0 +1,473 @@
+//! The audit log: one JSON record per line in `audit.log`, each carrying
+//! the SHA-256 of the previous one, and `audit.head`, the last record's
+//! sequence number and hash signed with the host's Ed25519 key.
+//!
+//! Editing a record breaks its hash; removing or reordering records breaks
+//! the sequence and the chain; cutting the tail or appending forged records
+//! disagrees with the signed head. [`verify`] names the first bad record.
+//! Records never contain secrets (the vault core writes them).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use coffre_vault::AuditRecord;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Audit log errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// File trouble.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we did.
+        what: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log does not verify.
+    #[error("audit log does not verify: {0}")]
+    Tampered(String),
+    /// A key problem.
+    #[error("audit key: {0}")]
+    Key(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One line of `audit.log`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// 1, 2, 3...
+    pub seq: u64,
+    /// Hash of the previous entry (hex), zeros for the first.
+    pub prev: String,
+    /// The record.
+    pub record: AuditRecord,
+    /// This entry's hash (hex).
+    pub hash: String,
+}
+
+/// The signed head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// Last sequence number covered.
+    pub seq: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// Ed25519 signature (hex) over `head_message(seq, hash)`.
+    pub signature: String,
+}
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The hash of an entry: SHA-256 over a domain tag, the sequence number,
+/// the previous hash and the canonical JSON of the record.
+pub fn entry_hash(seq: u64, prev: &str, record: &AuditRecord) -> String {
+    let mut h = Sha256::new();
+    h.update(b"coffre-audit-v1\n");
+    h.update(seq.to_be_bytes());
+    h.update(prev.as_bytes());
+    h.update(serde_json::to_vec(record).expect("records serialise"));
+    hex(&h.finalize())
+}
+
+fn head_message(seq: u64, hash: &str) -> Vec<u8> {
+    let mut m = b"coffre-audit-head-v1\n".to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(hash.as_bytes());
+    m
+}
+
+/// The host's audit signing key (Ed25519, PKCS#8 in `host.key`, 0600).
+pub struct HostKey {
+    pair: Ed25519KeyPair,
+}
+
+impl HostKey {
+    /// Loads `path`, or creates it if missing.
+    pub fn load_or_create(path: &Path) -> Result<Self, Error> {
+        if !path.exists() {
+            let doc = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+                .map_err(|e| Error::Key(e.to_string()))?;
+            write_atomic(path, doc.as_ref(), 0o600)?;
+        }
+        let bytes = std::fs::read(path).map_err(io("read", path))?;
+        let pair = Ed25519KeyPair::from_pkcs8(&bytes).map_err(|e| Error::Key(e.to_string()))?;
+        Ok(Self { pair })
+    }
+
+    /// The public key, hex.
+    pub fn public_hex(&self) -> String {
+        hex(self.pair.public_key().as_ref())
+    }
+
+    fn sign(&self, msg: &[u8]) -> String {
+        hex(self.pair.sign(msg).as_ref())
+    }
+}
+
+/// Writes a file crash-safely: temporary file, fsync, rename, fsync of the
+/// directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync", dir))?;
+    Ok(())
+}
+
+/// An open audit log for appending.
+pub struct AuditLog {
+    log_path: PathBuf,
+    head_path: PathBuf,
+    file: File,
+    key: HostKey,
+    seq: u64,
+    last: String,
+}
+
+/// File names inside the control directory.
+pub const LOG_FILE: &str = "audit.log";
+/// The signed head.
+pub const HEAD_FILE: &str = "audit.head";
+
+impl AuditLog {
+    /// Opens (creating if needed) the log in `dir`, after verifying what
+    /// is there. A log that does not verify is refused: the operator must
+    /// look at it (`coffre audit verify`) before the vault runs again.
+    pub fn open(dir: &Path, key: HostKey) -> Result<Self, Error> {
+        let log_path = dir.join(LOG_FILE);
+        let head_path = dir.join(HEAD_FILE);
+        let (seq, last) = if log_path.exists() {
+            let report = verify(dir, &key.public_hex())?;
+            (report.records, report.last_hash)
+        } else {
+            (0, GENESIS.to_string())
+        };
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io("open", &log_path))?;
+        Ok(Self {
+            log_path,
+            head_path,
+            file,
+            key,
+            seq,
+            last,
+        })
+    }
+
+    /// Appends a record, syncs it, and signs the new head.
+    pub fn append(&mut self, record: AuditRecord) -> Result<Entry, Error> {
+        let seq = self.seq + 1;
+        let hash = entry_hash(seq, &self.last, &record);
+        let entry = Entry {
+            seq,
+            prev: self.last.clone(),
+            record,
+            hash: hash.clone(),
+        };
+        let mut line = serde_json::to_vec(&entry).expect("entries serialise");
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .map_err(io("append to", &self.log_path))?;
+        self.file.sync_data().map_err(io("sync", &self.log_path))?;
+        let head = Head {
+            seq,
+            hash: hash.clone(),
+            signature: self.key.sign(&head_message(seq, &hash)),
+        };
+        write_atomic(
+            &self.head_path,
+            &serde_json::to_vec(&head).expect("head serialises"),
+            0o644,
+        )?;
+        self.seq = seq;
+        self.last = hash;
+        Ok(entry)
+    }
+
+    /// Records so far.
+    pub fn len(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0
+    }
+
+    /// The public key that verifies the head.
+    pub fn public_hex(&self) -> String {
+        self.key.public_hex()
+    }
+}
+
+/// What a successful verification found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Records in the log.
+    pub records: u64,
+    /// Hash of the last one.
+    pub last_hash: String,
+}
+
+/// Reads every entry of the log in `dir` (without verifying).
+pub fn read_entries(dir: &Path) -> Result<Vec<Entry>, Error> {
+    let path = dir.join(LOG_FILE);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("open", &path)(e)),
+    };
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io("read", &path))?;
+        let e: Entry = serde_json::from_str(&line)
+            .map_err(|e| Error::Tampered(format!("line {}: not an audit entry ({e})", i + 1)))?;
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Verifies the chain and the signed head in `dir` with the host's public
+/// key (hex). The error names the first record that fails.
+pub fn verify(dir: &Path, public_hex: &str) -> Result<Report, Error> {
+    let entries = read_entries(dir)?;
+    let mut prev = GENESIS.to_string();
+    for (i, e) in entries.iter().enumerate() {
+        let want = i as u64 + 1;
+        let line = i + 1;
+        if e.seq != want {
+            return Err(Error::Tampered(format!(
+                "line {line}: record {} where record {want} should be (records removed or reordered)",
+                e.seq
+            )));
+        }
+        if e.prev != prev {
+            return Err(Error::Tampered(format!(
+                "record {want} (line {line}): does not follow record {} (chain broken)",
+                want - 1
+            )));
+        }
+        if entry_hash(e.seq, &e.prev, &e.record) != e.hash {
+            return Err(Error::Tampered(format!(
+                "record {want} (line {line}) was edited: its hash does not match its content"
+            )));
+        }
+        prev = e.hash.clone();
+    }
+    let records = entries.len() as u64;
+    let head_path = dir.join(HEAD_FILE);
+    let head: Head = match std::fs::read(&head_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| Error::Tampered(format!("{HEAD_FILE} unreadable: {e}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && records == 0 => {
+            return Ok(Report {
+                records,
+                last_hash: prev,
+            });
+        }
+        Err(e) => return Err(io("read", &head_path)(e)),
+    };
+    let pk = unhex(public_hex).ok_or_else(|| Error::Key("public key is not hex".into()))?;
+    let sig = unhex(&head.signature)
+        .ok_or_else(|| Error::Tampered("head signature is not hex".into()))?;
+    UnparsedPublicKey::new(&signature::ED25519, &pk)
+        .verify(&head_message(head.seq, &head.hash), &sig)
+        .map_err(|_| {
+            Error::Tampered(format!(
+                "{HEAD_FILE}: signature does not verify with the host key"
+            ))
+        })?;
+    if head.seq > records {
+        return Err(Error::Tampered(format!(
+            "the signed head covers {} records but the log has {records}: records {}..{} were removed",
+            head.seq,
+            records + 1,
+            head.seq
+        )));
+    }
+    let at_head = entries
+        .get(
+            usize::try_from(head.seq)
+                .unwrap_or(usize::MAX)
+                .wrapping_sub(1),
+        )
+        .map_or(GENESIS, |e| e.hash.as_str());
+    if at_head != head.hash {
+        return Err(Error::Tampered(format!(
+            "record {} does not match the signed head",
+            head.seq
+        )));
+    }
+    if head.seq < records {
+        return Err(Error::Tampered(format!(
+            "records {}..{records} are not covered by the signed head (appended by someone without the host key, or a crash during an append)",
+            head.seq + 1
+        )));
+    }
+    Ok(Report {
+        records,
+        last_hash: prev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coffre_vault::Millis;
+
+    fn rec(i: u64) -> AuditRecord {
+        AuditRecord {
+            at: Millis(i),
+            actor: "alice".into(),
+            source: None,
+            action: "enter".into(),
+            result: "ok".into(),
+            detail: format!("n{i}"),
+        }
+    }
+
+    fn setup(n: u64) -> (tempfile::TempDir, String) {
+        let d = tempfile::tempdir().unwrap();
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let pk = key.public_hex();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        for i in 1..=n {
+            log.append(rec(i)).unwrap();
+        }
+        (d, pk)
+    }
+
+    fn lines(d: &Path) -> Vec<String> {
+        std::fs::read_to_string(d.join(LOG_FILE))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn put(d: &Path, l: &[String]) {
+        std::fs::write(d.join(LOG_FILE), l.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn intact_log_verifies_and_reopens() {
+        let (d, pk) = setup(5);
+        assert_eq!(verify(d.path(), &pk).unwrap().records, 5);
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        log.append(rec(6)).unwrap();
+        assert_eq!(verify(d.path(), &pk).unwrap().records, 6);
+    }
+
+    #[test]
+    fn edited_record_is_named() {
+        let (d, pk) = setup(5);
+        let mut l = lines(d.path());
+        l[2] = l[2].replace("\"alice\"", "\"mallory\"");
+        put(d.path(), &l);
+        let e = verify(d.path(), &pk).unwrap_err().to_string();
+        assert!(e.contains("record 3") && e.contains("edited"), "{e}");
+    }
+
+    #[test]
+    fn removed_and_reordered_records_are_named() {
+        let (d, pk) = setup(5);
+        let mut l = lines(d.path());
+        l.remove(1);
+        put(d.path(), &l);
+        let e = verify(d.path(), &pk).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("record 3"), "{e}");
+        let (d, pk) = setup(5);
+        let mut l = lines(d.path());
+        l.swap(3, 4);
+        put(d.path(), &l);
+        let e = verify(d.path(), &pk).unwrap_err().to_string();
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn truncation_and_forged_tail_are_caught() {
+        let (d, pk) = setup(5);
+        let mut l = lines(d.path());
+        l.truncate(3);
+        put(d.path(), &l);
+        let e = verify(d.path(), &pk).unwrap_err().to_string();
+        assert!(e.contains("removed"), "{e}");
+        // A forged, correctly chained record appended without the key.
+        let (d, pk) = setup(2);
+        let entries = read_entries(d.path()).unwrap();
+        let last = entries.last().unwrap();
+        let r = rec(99);
+        let forged = Entry {
+            seq: 3,
+            prev: last.hash.clone(),
+            hash: entry_hash(3, &last.hash, &r),
+            record: r,
+        };
+        let mut l = lines(d.path());
+        l.push(serde_json::to_string(&forged).unwrap());
+        put(d.path(), &l);
+        let e = verify(d.path(), &pk).unwrap_err().to_string();
+        assert!(e.contains("not covered by the signed head"), "{e}");
+        // And a log that does not verify is not reopened for appending.
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        assert!(AuditLog::open(d.path(), key).is_err());
+    }
+
+    #[test]
+    fn another_hosts_key_does_not_verify() {
+        let (d, _) = setup(2);
+        let other = tempfile::tempdir().unwrap();
+        let k = HostKey::load_or_create(&other.path().join("k")).unwrap();
+        assert!(verify(d.path(), &k.public_hex()).is_err());
+    }
+}
