@@ -138,7 +138,10 @@ impl HostKey {
 /// Writes a file crash-safely: temporary file, fsync, rename, fsync of the
 /// directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
         let mut f = OpenOptions::new()

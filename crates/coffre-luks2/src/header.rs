@@ -536,6 +536,28 @@ impl Header {
         Ok(())
     }
 
+    /// Sets (or replaces) token `id`; the token must name existing
+    /// keyslots and have a `type`, as LUKS2 requires.
+    pub fn set_token(&mut self, id: u32, token: serde_json::Value) -> Result<()> {
+        if id >= MAX_KEYSLOTS {
+            return Err(Error::invalid(format!("token ids go from 0 to {}", MAX_KEYSLOTS - 1)));
+        }
+        let before = self.metadata.tokens.insert(Id(id), token);
+        if let Err(e) = self.metadata.validate(self.binary.hdr_size) {
+            match before {
+                Some(t) => self.metadata.tokens.insert(Id(id), t),
+                None => self.metadata.tokens.remove(&Id(id)),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes token `id` (no error if absent).
+    pub fn remove_token(&mut self, id: u32) {
+        self.metadata.tokens.remove(&Id(id));
+    }
+
     /// Encodes both copies (primary, secondary), each `hdr_size` bytes, and
     /// parses them back: a header we could not read again is never
     /// returned for writing.

@@ -274,6 +274,22 @@ impl Luks2Container {
         self.commit(h)
     }
 
+    /// Sets (or replaces) LUKS2 token `id`.
+    pub fn set_token(&mut self, id: u32, token: serde_json::Value) -> Result<()> {
+        self.ensure_writable()?;
+        let mut h = self.header().clone();
+        h.set_token(id, token)?;
+        self.commit(h)
+    }
+
+    /// Removes LUKS2 token `id`.
+    pub fn remove_token(&mut self, id: u32) -> Result<()> {
+        self.ensure_writable()?;
+        let mut h = self.header().clone();
+        h.remove_token(id);
+        self.commit(h)
+    }
+
     /// What `repair` would do, without doing it.
     pub fn repair_plan(&self) -> RepairAction {
         match (&self.loaded.primary, &self.loaded.secondary) {

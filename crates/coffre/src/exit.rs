@@ -42,3 +42,32 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
     }
     FAILURE
 }
+
+/// The vault is locked.
+pub const LOCKED: u8 = 6;
+/// Wrong, missing or replayed TOTP code.
+pub const WRONG_TOTP: u8 = 7;
+/// This identity is not (or no longer) a member of the vault.
+pub const NOT_A_MEMBER: u8 = 8;
+/// Too many failed attempts; wait.
+pub const THROTTLED: u8 = 9;
+/// Not allowed (needs a superuser, not your task...).
+pub const NOT_PERMITTED: u8 = 10;
+/// The daemon cannot be reached.
+pub const UNREACHABLE: u8 = 11;
+/// The session is gone (lock, removal, grace period).
+pub const NO_SESSION: u8 = 12;
+
+/// Maps a daemon error name (`"wrong_password"`...) to an exit code.
+pub fn code_for_refusal(error: &str) -> u8 {
+    match error {
+        "wrong_password" => WRONG_PASSPHRASE,
+        "locked" => LOCKED,
+        "wrong_totp" | "totp_replayed" => WRONG_TOTP,
+        "unknown_certificate" | "unknown_member" => NOT_A_MEMBER,
+        "throttled" => THROTTLED,
+        "not_permitted" => NOT_PERMITTED,
+        "no_session" => NO_SESSION,
+        _ => FAILURE,
+    }
+}

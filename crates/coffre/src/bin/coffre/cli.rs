@@ -7,10 +7,17 @@ const EXIT_CODES: &str = "\
 EXIT CODES:
     0   success
     1   failure (the message says why)
-    2   the passphrase opens no keyslot
+    2   wrong password: the passphrase opens no keyslot
     3   the volume is in use by another coffre process
     4   the LUKS2 header is damaged, missing or not LUKS2
     5   the volume uses a LUKS2 feature coffre does not implement
+    6   the vault is locked
+    7   wrong, missing or already used TOTP code
+    8   this identity is not a member of the vault (unknown or revoked)
+    9   too many failed attempts: wait and retry
+    10  not permitted (needs a superuser, or not your task)
+    11  the vault daemon cannot be reached
+    12  the session is gone (lock, removal, or no heartbeat)
     64  the command line is wrong
 
 SECRETS:
@@ -32,9 +39,241 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a vault: configuration, CA, detached header, volume, and its
+    /// first superuser.
+    Init(InitArgs),
+    /// Run the vault daemon (mutual-TLS JSON API) until SIGTERM or SIGINT;
+    /// a clean stop closes the vault first.
+    Serve {
+        /// The vault directory.
+        dir: PathBuf,
+        /// Listen address (default: from config.toml).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Enter the vault (password and TOTP code) and stay inside, sending
+    /// heartbeats, until Ctrl-C or `coffre leave`.
+    Enter {
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = 5)]
+        heartbeat: u64,
+    },
+    /// End the session that `coffre enter` holds for this identity.
+    Leave {
+        #[command(flatten)]
+        id: IdentityArg,
+    },
+    /// The vault's state, who is inside, tasks, lock.
+    Status {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scheduled tasks that keep the vault open (need a live session).
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Lock the vault at once: everyone out, nobody in until unlocked
+    /// (superuser).
+    Lock {
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Approve unlocking a locked vault (superuser; the quorum may need
+    /// several distinct superusers).
+    Unlock {
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Switch what closing does to workloads: fast (pause in memory) or
+    /// safe (suspend into the volume) (superuser).
+    Mode {
+        /// fast or safe.
+        #[arg(value_enum)]
+        mode: ModeChoice,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Set how many distinct superusers must approve an unlock (superuser).
+    Quorum {
+        /// Number of superusers.
+        quorum: u32,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Members of the vault.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Work on a LUKS2 volume directly (format, keyslots, data, recovery).
     #[command(subcommand)]
     Volume(VolumeCommand),
+}
+
+/// Which identity file to use.
+#[derive(Debug, Args)]
+pub struct IdentityArg {
+    /// Identity file (member certificate, key, daemon address, vault CA).
+    #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Daemon address, overriding the identity file's.
+    #[arg(long, env = "COFFRE_SERVER", value_name = "ADDR")]
+    pub server: Option<String>,
+}
+
+/// Password and TOTP code.
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// File holding your password (- for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: PathBuf,
+    /// The current code of your authenticator app (single use).
+    #[arg(long, value_name = "CODE")]
+    pub totp: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The vault directory to create.
+    pub dir: PathBuf,
+    /// Name of the first superuser.
+    #[arg(long)]
+    pub admin: String,
+    /// File holding the first superuser's password.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: PathBuf,
+    /// Size of the encrypted data volume.
+    #[arg(long, default_value = "1G", value_parser = coffre::size::parse_size)]
+    pub size: u64,
+    /// Where to write the first superuser's identity file (move it off the
+    /// host); default ./NAME.identity.
+    #[arg(long, value_name = "FILE")]
+    pub identity_out: Option<PathBuf>,
+    /// Address the daemon will listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: String,
+    /// TOTP time step in seconds (authenticator apps use 30).
+    #[arg(long, default_value_t = 30)]
+    pub totp_period: u64,
+    /// Seconds without heartbeat after which a session is dropped.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+    #[command(flatten)]
+    pub pbkdf: PbkdfArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeChoice {
+    Fast,
+    Safe,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Keep the vault open for DURATION after everyone leaves.
+    Add {
+        /// A name for the task.
+        name: String,
+        /// How long (seconds, or with a unit: 90s, 30m, 2h).
+        #[arg(long, value_parser = parse_duration)]
+        duration: u64,
+        #[command(flatten)]
+        id: IdentityArg,
+    },
+    /// Tasks alive.
+    List {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task (its owner or a superuser).
+    Cancel {
+        /// Task id.
+        task_id: u64,
+        #[command(flatten)]
+        id: IdentityArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Members and their roles.
+    List {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member: sessions dropped, keyslot wiped, certificate
+    /// revoked (superuser).
+    Remove {
+        /// Who.
+        name: String,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the audit records.
+    Show {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Read the log from a vault directory instead of the daemon.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain and the signed head; names the first bad record.
+    Verify {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Verify offline, in a vault directory, instead of asking the daemon.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('h') => (&t[..t.len() - 1], 3600),
+        Some('d') => (&t[..t.len() - 1], 86400),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a duration (examples: 90, 30m, 2h)"))
 }
 
 /// Where a volume is.

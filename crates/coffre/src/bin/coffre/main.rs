@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod secrets;
+mod vault;
 mod volume;
 
 use clap::Parser;
@@ -26,13 +27,37 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    use cli::Command as C;
     let result = match cli.command {
-        cli::Command::Volume(v) => volume::run(v),
+        C::Init(a) => vault::init(a),
+        C::Serve { dir, listen } => vault::serve(dir, listen),
+        C::Enter { id, auth, heartbeat } => vault::enter(id, auth, heartbeat),
+        C::Leave { id } => vault::leave(id),
+        C::Status { id, json } => vault::status(id, json),
+        C::Task(t) => vault::task(t),
+        C::Lock { id, auth, reason } => vault::lock(id, auth, reason),
+        C::Unlock { id, auth } => vault::unlock(id, auth),
+        C::Mode { mode, id, auth } => vault::mode(id, auth, mode),
+        C::Quorum { quorum, id, auth } => vault::quorum(id, auth, quorum),
+        C::Member(m) => vault::member(m),
+        C::Audit(a) => vault::audit(a),
+        C::Volume(v) => volume::run(v),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("coffre: error: {e:#}");
+            // Causes often repeat their source's text: print each once.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("coffre: error: {msg}");
             ExitCode::from(coffre::exit::code_for(&e))
         }
     }

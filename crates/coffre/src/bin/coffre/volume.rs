@@ -14,7 +14,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 /// Chooses KDF costs for a new keyslot from the flags.
-fn kdf_params(a: &PbkdfArgs, key_len: usize) -> Result<KdfParams> {
+pub fn kdf_params(a: &PbkdfArgs, key_len: usize) -> Result<KdfParams> {
     let p = match (a.pbkdf, a.pbkdf_force_iterations) {
         (PbkdfChoice::Pbkdf2, Some(iterations)) => KdfParams::Pbkdf2 {
             hash: HashAlg::Sha256,

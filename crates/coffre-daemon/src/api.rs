@@ -1,0 +1,151 @@
+//! The JSON command model, shared by every transport (HTTPS now, a message
+//! bus later). Field names follow the original design where it had them
+//! (`command`, `task_name`, `task_user`, `task_expire`).
+
+use coffre_vault::Mode;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use zeroize::Zeroize;
+
+/// A password inside a command: wiped on drop, never printed.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct ApiSecret(pub String);
+
+impl fmt::Debug for ApiSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiSecret([REDACTED])")
+    }
+}
+
+impl Drop for ApiSecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// A command, as sent by clients.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiCommand {
+    /// State, sessions, tasks (certificate only).
+    Status,
+    /// Enter the vault.
+    Enter {
+        /// The member's password (opens their keyslot).
+        password: ApiSecret,
+        /// Current TOTP code.
+        totp: String,
+    },
+    /// End a session.
+    Leave {
+        /// Session id from `enter`.
+        session: u64,
+    },
+    /// Keep a session alive.
+    Heartbeat {
+        /// Session id.
+        session: u64,
+    },
+    /// Schedule a task that keeps the vault open.
+    TaskAdd {
+        /// The requester's session.
+        session: u64,
+        /// Free text.
+        task_name: String,
+        /// Must be the authenticated member if given.
+        #[serde(default)]
+        task_user: Option<String>,
+        /// Duration in seconds from now.
+        task_expire: u64,
+    },
+    /// Tasks alive.
+    TaskList,
+    /// Cancel a task.
+    TaskCancel {
+        /// The requester's session.
+        session: u64,
+        /// Task id.
+        task_id: u64,
+    },
+    /// Lock the vault (superuser).
+    Lock {
+        /// Why.
+        reason: String,
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Approve an unlock (superuser).
+    Unlock {
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Switch mode (superuser).
+    Mode {
+        /// fast or safe.
+        mode: Mode,
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Set the unlock quorum (superuser).
+    Quorum {
+        /// Distinct superusers needed.
+        quorum: u32,
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Members (certificate only).
+    MemberList,
+    /// Remove a member (superuser).
+    MemberRemove {
+        /// Who.
+        name: String,
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Audit records (certificate only).
+    AuditShow {
+        /// Only records after this sequence number.
+        #[serde(default)]
+        since: Option<u64>,
+    },
+    /// Verify the audit log (certificate only).
+    AuditVerify,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_task_add_shape() {
+        let c: ApiCommand = serde_json::from_str(
+            r#"{"command": "task_add", "session": 3, "task_name": "nightly build", "task_user": "alice", "task_expire": 3600}"#,
+        )
+        .unwrap();
+        assert!(matches!(c, ApiCommand::TaskAdd { task_expire: 3600, .. }));
+    }
+
+    #[test]
+    fn passwords_never_debug_print() {
+        let c: ApiCommand = serde_json::from_str(r#"{"command":"enter","password":"hunter2","totp":"123456"}"#).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unknown_commands_and_fields_are_refused() {
+        assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":1,"x":1}"#).is_err());
+        assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":"1"}"#).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! The client side of the JSON API: one HTTPS request per command, over
+//! mutual TLS with the member's identity.
+
+use crate::api::ApiCommand;
+use crate::pki::SERVER_NAME;
+use crate::tls::client_config;
+use crate::vaultdir::Identity;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Could not reach or talk to the daemon.
+    #[error("cannot reach the vault daemon at {addr}: {msg}")]
+    Unreachable {
+        /// Where.
+        addr: String,
+        /// Why.
+        msg: String,
+    },
+    /// TLS refused (wrong CA, unknown or revoked certificate).
+    #[error("the vault refused the connection at {addr}: {msg} (is this identity a member of this vault?)")]
+    Tls {
+        /// Where.
+        addr: String,
+        /// Why.
+        msg: String,
+    },
+    /// Bad reply.
+    #[error("unexpected reply from the daemon: {0}")]
+    Protocol(String),
+}
+
+/// Sends one command; returns the JSON reply (`{"ok": ...}`).
+pub async fn call(id: &Identity, cmd: &ApiCommand) -> Result<serde_json::Value, ClientError> {
+    let addr = id.server.clone();
+    let unreachable = |m: String| ClientError::Unreachable { addr: addr.clone(), msg: m };
+    let config = Arc::new(client_config(id).map_err(|e| unreachable(e.to_string()))?);
+    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&addr))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(SERVER_NAME).expect("static name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::Tls { addr: addr.clone(), msg: e.to_string() })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let body = serde_json::to_vec(cmd).expect("commands serialise");
+    let req = hyper::Request::post("/v1/command")
+        .header("host", SERVER_NAME)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid request");
+    let resp = sender.send_request(req).await.map_err(|e| {
+        // A revoked or unknown certificate is refused after the handshake
+        // (TLS 1.3 sends the alert with the first application data).
+        ClientError::Tls { addr: addr.clone(), msg: e.to_string() }
+    })?;
+    let bytes = Limited::new(resp.into_body(), 16 << 20)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+}

@@ -1,0 +1,207 @@
+//! `coffre init`: a new vault directory with its CA, server certificate,
+//! audit key, detached header and volume, and its first superuser.
+
+use crate::pki;
+use crate::totp;
+use crate::vaultdir::{Config, Control, DirError, Identity, VaultDir};
+use coffre_audit::{AuditLog, HostKey, write_atomic};
+use coffre_luks2::header::{DEFAULT_HDR_SIZE, DEFAULT_METADATA_SIZE, FormatOptions};
+use coffre_luks2::kdf::KdfParams;
+use coffre_luks2::Passphrase;
+use coffre_storage::{FormatRequest, Luks2Container};
+use coffre_vault::{AuditRecord, Member, Millis, Persistent, Policy, Role};
+use std::path::PathBuf;
+
+/// The LUKS2 token type that binds a member to their keyslot.
+pub const MEMBER_TOKEN: &str = "coffre-member";
+
+/// Errors of `init`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// The directory already holds a vault.
+    #[error("{0} already holds a vault (config.toml exists); choose another directory")]
+    Exists(PathBuf),
+    /// Bad name.
+    #[error("{0}")]
+    Invalid(String),
+    /// Files.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// Volume.
+    #[error(transparent)]
+    Storage(#[from] coffre_storage::Error),
+    /// Audit.
+    #[error(transparent)]
+    Audit(#[from] coffre_audit::Error),
+    /// Certificates.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+/// What `init` needs.
+pub struct InitOptions {
+    /// The vault directory (created).
+    pub dir: PathBuf,
+    /// First superuser's name.
+    pub admin: String,
+    /// Their password (opens keyslot 0).
+    pub password: Passphrase,
+    /// Data size in bytes.
+    pub size: u64,
+    /// Listen address.
+    pub listen: String,
+    /// Where the admin's identity file goes.
+    pub identity_out: PathBuf,
+    /// KDF costs of the admin's keyslot.
+    pub kdf: KdfParams,
+    /// pbkdf2 iterations of the volume-key digest.
+    pub digest_iterations: u32,
+    /// TOTP time step.
+    pub totp_period_s: u64,
+    /// Vault rules.
+    pub policy: Policy,
+}
+
+/// What `init` made.
+pub struct InitReport {
+    /// otpauth URI for the admin's authenticator (shown once).
+    pub otpauth: String,
+    /// Identity file written.
+    pub identity: PathBuf,
+    /// CA fingerprint (to pin when joining).
+    pub ca_fingerprint: String,
+}
+
+/// Member names: what certificates, tokens and audit records can carry.
+pub fn check_member_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("member name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"))
+    }
+}
+
+fn now_ms() -> Millis {
+    Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// Creates a vault.
+pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
+    check_member_name(&o.admin).map_err(InitError::Invalid)?;
+    let vd = VaultDir::new(&o.dir);
+    if vd.config().exists() {
+        return Err(InitError::Exists(o.dir.clone()));
+    }
+    std::fs::create_dir_all(&o.dir).map_err(|source| DirError::Io { what: "create", path: o.dir.clone(), source })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&o.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|source| DirError::Io { what: "chmod", path: o.dir.clone(), source })?;
+    }
+    let name = o.dir.file_name().and_then(|n| n.to_str()).unwrap_or("vault").to_string();
+
+    let ca = pki::new_ca(&name)?;
+    write_atomic(&vd.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&vd.ca_key(), ca.key_pem.as_bytes(), 0o600)?;
+    let server = pki::new_server_cert(&name, &ca.key_pem)?;
+    write_atomic(&vd.server_cert(), server.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&vd.server_key(), server.key_pem.as_bytes(), 0o600)?;
+    let admin_cert = pki::new_member_cert(&name, &ca.key_pem, &o.admin)?;
+
+    let volume = o.dir.join("volume.img");
+    let header = o.dir.join("volume.hdr");
+    let req = FormatRequest {
+        options: FormatOptions {
+            key_size: 64,
+            sector_size: 4096,
+            kdf: o.kdf,
+            digest_iterations: o.digest_iterations,
+            label: format!("coffre:{name}"),
+            subsystem: String::new(),
+            hdr_size: DEFAULT_HDR_SIZE,
+            keyslots_size: DEFAULT_METADATA_SIZE - 2 * DEFAULT_HDR_SIZE,
+            data_offset: 0,
+            segment_size: None,
+        },
+        data_size: Some(o.size),
+        force: false,
+    };
+    let (mut container, key) = Luks2Container::format(&volume, Some(&header), &req, &o.password)?;
+    drop(key);
+    container.set_token(
+        0,
+        serde_json::json!({"type": MEMBER_TOKEN, "keyslots": ["0"], "member": o.admin}),
+    )?;
+    drop(container);
+
+    let host_key = HostKey::load_or_create(&vd.host_key())?;
+    let audit_public_key = host_key.public_hex();
+    let mut audit = AuditLog::open(&o.dir, host_key)?;
+    audit.append(AuditRecord {
+        at: now_ms(),
+        actor: o.admin.clone(),
+        source: None,
+        action: "init".into(),
+        result: "ok".into(),
+        detail: format!("vault {name} created; {} is the first superuser (keyslot 0)", o.admin),
+    })?;
+
+    let mut secret = [0u8; totp::SECRET_LEN];
+    coffre_luks2::secret::fill_random(&mut secret);
+    let mut persistent = Persistent { policy: o.policy.clone(), ..Persistent::default() };
+    persistent.members.insert(
+        o.admin.clone(),
+        Member { name: o.admin.clone(), role: Role::Superuser, keyslot: 0, last_totp_step: None },
+    );
+    let mut control = Control { version: 1, vault: persistent, audit_public_key, ..Control::default() };
+    control.totp.insert(o.admin.clone(), totp::base32(&secret));
+    control.certs.insert(admin_cert.fingerprint.clone(), o.admin.clone());
+    vd.save_control(&control)?;
+
+    let config = Config {
+        name: name.clone(),
+        listen: o.listen.clone(),
+        volume: PathBuf::from("volume.img"),
+        header: PathBuf::from("volume.hdr"),
+        totp_period_s: o.totp_period_s,
+        kdf_memory_cap_kib: 2 * 1024 * 1024,
+        policy: o.policy,
+    };
+    let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
+    write_atomic(&vd.config(), text.as_bytes(), 0o600)?;
+
+    let identity = Identity {
+        member: o.admin.clone(),
+        server: o.listen.clone(),
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem: admin_cert.cert_pem,
+        key_pem: admin_cert.key_pem,
+    };
+    identity.save(&o.identity_out)?;
+    Ok(InitReport {
+        otpauth: totp::otpauth_uri(&format!("coffre {name}"), &o.admin, &secret, o.totp_period_s),
+        identity: o.identity_out,
+        ca_fingerprint: ca.fingerprint,
+    })
+}
+
+/// Whether `token` binds `member` to `keyslot`.
+pub fn token_binds(token: &serde_json::Value, member: &str, keyslot: u32) -> bool {
+    token.get("type").and_then(|t| t.as_str()) == Some(MEMBER_TOKEN)
+        && token.get("member").and_then(|m| m.as_str()) == Some(member)
+        && token
+            .get("keyslots")
+            .and_then(|k| k.as_array())
+            .is_some_and(|k| k.len() == 1 && k[0].as_str() == Some(keyslot.to_string().as_str()))
+}
+

@@ -1,0 +1,14 @@
+//! The vault daemon (`coffre serve`) and its adapters: the mutual-TLS JSON
+//! API and its client, the vault's PKI, TOTP, the vault directory and its
+//! crash-safe control data, and `coffre init`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod init;
+pub mod pki;
+pub mod server;
+pub mod tls;
+pub mod totp;
+pub mod vaultdir;

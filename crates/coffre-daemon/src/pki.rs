@@ -1,0 +1,88 @@
+//! The vault's own PKI: a CA that signs the server's certificate and each
+//! member's. Members are recognised by their certificate's SHA-256
+//! fingerprint, bound to their name in the control data.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use sha2::{Digest, Sha256};
+
+/// PKI errors.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate: {0}")]
+pub struct PkiError(String);
+
+fn e(x: impl std::fmt::Display) -> PkiError {
+    PkiError(x.to_string())
+}
+
+/// A certificate and its private key, in PEM.
+pub struct Issued {
+    /// Certificate.
+    pub cert_pem: String,
+    /// Private key (PKCS#8). Secret.
+    pub key_pem: String,
+    /// SHA-256 of the certificate's DER, hex.
+    pub fingerprint: String,
+}
+
+/// The name the server certificate carries and clients check.
+pub const SERVER_NAME: &str = "coffre";
+
+/// SHA-256 of DER bytes, hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name.push(DnType::CommonName, format!("coffre CA {vault}"));
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(p)
+}
+
+/// Creates a CA for vault `vault`.
+pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let cert = ca_params(vault)?.self_signed(&key).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn issuer(vault: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(ca_key_pem).map_err(e)?;
+    Ok(Issuer::new(ca_params(vault)?, key))
+}
+
+/// Issues the server certificate (DNS name [`SERVER_NAME`] and `localhost`).
+pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()]).map_err(e)?;
+    p.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
+    p.distinguished_name.push(DnType::CommonName, format!("coffre server {vault}"));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Issues a member's client certificate. (Joining members make their key
+/// on their own machine; `coffre init` makes the first superuser's for a
+/// quick start, to be moved off the host.)
+pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name.push(DnType::CommonName, member.to_string());
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}

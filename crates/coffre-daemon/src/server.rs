@@ -1,0 +1,542 @@
+//! `coffre serve`: the shell around the vault core. It turns connections
+//! and timers into events, performs the core's effects in order (key
+//! derivation in a memory-bounded pool, open, close, audit, persistence),
+//! and answers over the mutual-TLS JSON API.
+
+use crate::api::ApiCommand;
+use crate::init::token_binds;
+use crate::pki::fingerprint;
+use crate::tls::server_config;
+use crate::totp;
+use crate::vaultdir::{Config, Control, DirError, VaultDir};
+use coffre_audit::{AuditLog, HostKey};
+use coffre_luks2::{Passphrase, VolumeKey};
+use coffre_storage::Luks2Container;
+use coffre_vault::*;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Vault directory.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The volume (busy, damaged...).
+    #[error("the vault's volume: {0}")]
+    Storage(#[from] coffre_storage::Error),
+    /// The audit log does not verify or cannot be written.
+    #[error("the audit log: {0} (run `coffre audit verify --dir DIR` to see what is wrong)")]
+    Audit(#[from] coffre_audit::Error),
+    /// TLS set-up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// Listening socket.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Answer = (u16, Value);
+
+enum Msg {
+    Api {
+        fingerprint: String,
+        addr: SocketAddr,
+        cmd: ApiCommand,
+        reply: oneshot::Sender<Answer>,
+    },
+    KeyChecked {
+        req: ReqId,
+        key: Option<VolumeKey>,
+        keep: bool,
+    },
+    Tick,
+    Shutdown(oneshot::Sender<()>),
+}
+
+fn now_ms() -> Millis {
+    Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+struct Shell {
+    dir: VaultDir,
+    config: Config,
+    control: Control,
+    vault: Vault,
+    audit: AuditLog,
+    container: Arc<RwLock<Luks2Container>>,
+    passwords: HashMap<ReqId, Passphrase>,
+    replies: HashMap<ReqId, oneshot::Sender<Answer>>,
+    kept: HashMap<ReqId, VolumeKey>,
+    open_key: Option<VolumeKey>,
+    kdf_pool: Arc<Semaphore>,
+    kdf_cap: u32,
+    tx: mpsc::UnboundedSender<Msg>,
+    next_req: u64,
+}
+
+fn refusal_status(code: Refusal) -> u16 {
+    match code {
+        Refusal::Locked | Refusal::Busy => 409,
+        Refusal::Throttled => 429,
+        Refusal::Invalid | Refusal::NoTask => 400,
+        Refusal::NoSession => 404,
+        _ => 403,
+    }
+}
+
+fn code_name(code: Refusal) -> String {
+    serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+impl Shell {
+    fn system_audit(&mut self, action: &str, result: &str, detail: String) {
+        let rec = AuditRecord { at: now_ms(), actor: "coffre".into(), source: None, action: action.into(), result: result.into(), detail };
+        if let Err(e) = self.audit.append(rec) {
+            eprintln!("coffre: cannot append to the audit log: {e}");
+        }
+    }
+
+    fn member_of(&self, fp: &str) -> Option<String> {
+        if self.control.revoked.iter().any(|r| r == fp) {
+            return None;
+        }
+        let name = self.control.certs.get(fp)?;
+        self.vault.members().contains_key(name).then(|| name.clone())
+    }
+
+    fn status_json(&self, member: &str) -> Value {
+        let s = self.vault.status();
+        json!({
+            "ok": true,
+            "you": member,
+            "state": s.state,
+            "lock": s.lock,
+            "mode": s.mode,
+            "sessions": s.sessions.iter().map(|x| json!({
+                "session": x.id.0, "member": x.member, "door": x.source.door, "from": x.source.addr,
+                "since_ms": x.since.0, "last_seen_ms": x.last_seen.0,
+            })).collect::<Vec<_>>(),
+            "tasks": s.tasks.iter().map(|t| json!({
+                "task_id": t.id.0, "task_name": t.name, "task_user": t.owner,
+                "created_ms": t.created.0, "expires_ms": t.expires.0,
+            })).collect::<Vec<_>>(),
+            "unlock_approvals": s.unlock_approvals,
+            "unlock_quorum": s.unlock_quorum,
+            "members": s.members,
+            "key_held": self.open_key.is_some(),
+        })
+    }
+
+    fn api(&mut self, fp: String, addr: SocketAddr, cmd: ApiCommand, reply: oneshot::Sender<Answer>) {
+        let Some(member) = self.member_of(&fp) else {
+            self.system_audit("connect", "refused:unknown_certificate", format!("certificate {} from {addr} is not a member's (unknown, removed or revoked)", &fp[..16]));
+            let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "this certificate belongs to no member of the vault"})));
+            return;
+        };
+        // The IP only: throttling is per source host, not per connection.
+        let source = Source { door: "cli".into(), addr: addr.ip().to_string() };
+        let mut password = None;
+        let mut totp_code = None;
+        let command = match cmd {
+            ApiCommand::Status => {
+                let _ = reply.send((200, self.status_json(&member)));
+                return;
+            }
+            ApiCommand::TaskList => {
+                let s = self.status_json(&member);
+                let _ = reply.send((200, json!({"ok": true, "tasks": s["tasks"]})));
+                return;
+            }
+            ApiCommand::MemberList => {
+                let list: Vec<Value> = self.vault.members().values().map(|m| json!({"name": m.name, "role": m.role, "keyslot": m.keyslot})).collect();
+                let _ = reply.send((200, json!({"ok": true, "members": list})));
+                return;
+            }
+            ApiCommand::AuditShow { since } => {
+                let answer = match coffre_audit::read_entries(&self.dir.root) {
+                    Ok(entries) => (200, json!({"ok": true, "entries": entries.into_iter().filter(|e| e.seq > since.unwrap_or(0)).collect::<Vec<_>>()})),
+                    Err(e) => (500, json!({"ok": false, "error": "audit", "message": e.to_string()})),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            ApiCommand::AuditVerify => {
+                let answer = match coffre_audit::verify(&self.dir.root, &self.control.audit_public_key) {
+                    Ok(r) => (200, json!({"ok": true, "records": r.records, "last_hash": r.last_hash})),
+                    Err(e) => (200, json!({"ok": false, "error": "audit_tampered", "message": e.to_string()})),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            ApiCommand::Enter { password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::Enter
+            }
+            ApiCommand::Leave { session } => Command::Leave { session: SessionId(session) },
+            ApiCommand::Heartbeat { session } => Command::Heartbeat { session: SessionId(session) },
+            ApiCommand::TaskAdd { session, task_name, task_user, task_expire } => Command::TaskAdd {
+                session: SessionId(session),
+                name: task_name,
+                claimed_owner: task_user,
+                duration_ms: task_expire.saturating_mul(1000),
+            },
+            ApiCommand::TaskCancel { session, task_id } => Command::TaskCancel { session: SessionId(session), task: TaskId(task_id) },
+            ApiCommand::Lock { reason, password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::Lock { reason }
+            }
+            ApiCommand::Unlock { password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::Unlock
+            }
+            ApiCommand::Mode { mode, password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::SetMode { mode }
+            }
+            ApiCommand::Quorum { quorum, password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::SetQuorum { quorum }
+            }
+            ApiCommand::MemberRemove { name, password: p, totp } => {
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::MemberRemove { name }
+            }
+        };
+        let totp = match totp_code {
+            None => Totp::Missing,
+            Some(code) => {
+                let secret = self.control.totp.get(&member).and_then(|s| totp::unbase32(s));
+                let now_s = now_ms().0 / 1000;
+                match secret.and_then(|s| totp::verify(&s, &code, now_s, self.config.totp_period_s)) {
+                    Some(step) => Totp::Valid { step },
+                    None => Totp::Invalid,
+                }
+            }
+        };
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let has_password = password.as_ref().is_some_and(|p| !p.0.is_empty());
+        if let Some(p) = password {
+            if has_password {
+                self.passwords.insert(req, Passphrase::from_slice(p.0.as_bytes()));
+            }
+        }
+        self.replies.insert(req, reply);
+        self.run(Event::Request(Request { req, member, source, password: has_password, totp, command }));
+        // A request the core answered without a password check leaves no
+        // password behind.
+        if !self.vault_waits_for(req) {
+            self.passwords.remove(&req);
+        }
+    }
+
+    fn vault_waits_for(&self, req: ReqId) -> bool {
+        self.replies.contains_key(&req)
+    }
+
+    fn run(&mut self, first: Event) {
+        let mut queue = VecDeque::from([first]);
+        while let Some(event) = queue.pop_front() {
+            let effects = self.vault.handle(now_ms(), event);
+            for effect in effects {
+                self.perform(effect, &mut queue);
+            }
+        }
+    }
+
+    fn keyslot_memory_kib(&self, keyslot: u32) -> u32 {
+        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+        c.header()
+            .metadata
+            .keyslots
+            .get(&coffre_luks2::metadata::Id(keyslot))
+            .and_then(|k| k.kdf().ok())
+            .map_or(1, |k| k.memory_kib().max(1))
+    }
+
+    fn perform(&mut self, effect: Effect, queue: &mut VecDeque<Event>) {
+        match effect {
+            Effect::CheckPassword { req, member, keyslot, keep_key } => {
+                let bound = {
+                    let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+                    c.header().metadata.tokens.values().any(|t| token_binds(t, &member, keyslot))
+                };
+                let Some(pass) = self.passwords.remove(&req) else {
+                    queue.push_back(Event::PasswordChecked { req, ok: false });
+                    return;
+                };
+                if !bound {
+                    self.system_audit("keyslot", "refused", format!("no LUKS2 token binds {member} to keyslot {keyslot}"));
+                    queue.push_back(Event::PasswordChecked { req, ok: false });
+                    return;
+                }
+                let permits = self.keyslot_memory_kib(keyslot).min(self.kdf_cap);
+                let pool = self.kdf_pool.clone();
+                let container = self.container.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    // Bounded memory: a burst of attempts waits here instead
+                    // of allocating argon2 memory all at once.
+                    let permit = pool.acquire_many_owned(permits).await;
+                    let result = tokio::task::spawn_blocking(move || {
+                        let c = container.read().unwrap_or_else(|p| p.into_inner());
+                        c.unlock(&pass, Some(keyslot)).map(|(_, k)| k)
+                    })
+                    .await;
+                    drop(permit);
+                    let key = match result {
+                        Ok(Ok(k)) => Some(k),
+                        _ => None,
+                    };
+                    let _ = tx.send(Msg::KeyChecked { req, key, keep: keep_key });
+                });
+            }
+            Effect::Open { req } => match self.kept.remove(&req) {
+                Some(k) => {
+                    self.open_key = Some(k);
+                    queue.push_back(Event::Opened { ok: true, detail: "volume key unlocked and held".into() });
+                }
+                None => queue.push_back(Event::Opened { ok: false, detail: "no key was kept for this open".into() }),
+            },
+            Effect::DiscardKey { req } => {
+                self.kept.remove(&req);
+            }
+            Effect::Close { force: _ } => {
+                // Nothing is exposed yet (no mount, no workloads): closing
+                // is wiping the key. Dropping a VolumeKey zeroizes it.
+                self.open_key = None;
+                queue.push_back(Event::Closed { ok: true, detail: String::new() });
+            }
+            Effect::Reply { req, outcome } => {
+                if let Some(tx) = self.replies.remove(&req) {
+                    let answer = match outcome {
+                        Outcome::Ok(Reply::Entered { session }) => (200, json!({"ok": true, "session": session.0})),
+                        Outcome::Ok(Reply::TaskAdded { task, expires }) => (200, json!({"ok": true, "task_id": task.0, "expires_ms": expires.0})),
+                        Outcome::Ok(Reply::UnlockApproved { remaining }) => (200, json!({"ok": true, "remaining": remaining})),
+                        Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
+                        Outcome::Refused { code, message } => (refusal_status(code), json!({"ok": false, "error": code_name(code), "message": message})),
+                    };
+                    let _ = tx.send(answer);
+                }
+            }
+            Effect::DropSession { .. } => {
+                // CLI sessions learn it at their next heartbeat.
+            }
+            Effect::RemoveMember { name, keyslot } => {
+                let result = {
+                    let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+                    let tokens: Vec<u32> = c
+                        .header()
+                        .metadata
+                        .tokens
+                        .iter()
+                        .filter(|(_, t)| token_binds(t, &name, keyslot))
+                        .map(|(id, _)| id.0)
+                        .collect();
+                    let mut r = c.remove_keyslot(keyslot, false);
+                    for id in tokens {
+                        if r.is_ok() {
+                            r = c.remove_token(id);
+                        }
+                    }
+                    r
+                };
+                let fps: Vec<String> = self.control.certs.iter().filter(|(_, m)| **m == name).map(|(f, _)| f.clone()).collect();
+                for fp in fps {
+                    self.control.certs.remove(&fp);
+                    self.control.revoked.push(fp);
+                }
+                self.control.totp.remove(&name);
+                match result {
+                    Ok(()) => self.system_audit("member_remove", "ok", format!("keyslot {keyslot} of {name} wiped; certificate revoked")),
+                    Err(e) => self.system_audit("member_remove", "failed", format!("keyslot {keyslot} of {name}: {e}; certificate revoked")),
+                }
+                self.persist();
+            }
+            Effect::Audit(rec) => {
+                if let Err(e) = self.audit.append(rec) {
+                    eprintln!("coffre: cannot append to the audit log: {e}");
+                }
+            }
+            Effect::Persist => self.persist(),
+        }
+    }
+
+    fn persist(&mut self) {
+        self.control.vault = self.vault.persistent().clone();
+        if let Err(e) = self.dir.save_control(&self.control) {
+            eprintln!("coffre: cannot save control data: {e}");
+        }
+    }
+
+    fn key_checked(&mut self, req: ReqId, key: Option<VolumeKey>, keep: bool) {
+        let ok = key.is_some();
+        if let (Some(k), true) = (key, keep) {
+            self.kept.insert(req, k);
+        }
+        self.run(Event::PasswordChecked { req, ok });
+    }
+
+    fn shutdown(&mut self) {
+        let was = self.vault.status().state;
+        self.open_key = None;
+        self.kept.clear();
+        self.passwords.clear();
+        self.system_audit("stop", "closed", format!("daemon stopped cleanly (was {was}); key wiped"));
+        let _ = std::fs::remove_file(self.dir.running_marker());
+    }
+}
+
+async fn handle_http(req: hyper::Request<Incoming>, tx: mpsc::UnboundedSender<Msg>, fp: String, addr: SocketAddr) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    let respond = |status: u16, v: Value| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(&v).expect("json"))))
+            .expect("valid response")
+    };
+    if req.method() != hyper::Method::POST || req.uri().path() != "/v1/command" {
+        return Ok(respond(404, json!({"ok": false, "error": "not_found", "message": "POST /v1/command"})));
+    }
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(respond(413, json!({"ok": false, "error": "invalid", "message": "request too large"}))),
+    };
+    let mut raw = body.to_vec();
+    let parsed = serde_json::from_slice::<ApiCommand>(&raw);
+    zeroize::Zeroize::zeroize(&mut raw);
+    let cmd = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            // serde's message never echoes field values.
+            return Ok(respond(400, json!({"ok": false, "error": "invalid", "message": format!("bad command: {e}")})));
+        }
+    };
+    let (rtx, rrx) = oneshot::channel();
+    if tx.send(Msg::Api { fingerprint: fp, addr, cmd, reply: rtx }).is_err() {
+        return Ok(respond(503, json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"})));
+    }
+    let (status, v) = rrx.await.unwrap_or((503, json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"})));
+    Ok(respond(status, v))
+}
+
+/// Runs the daemon for the vault in `dir` until SIGTERM or SIGINT.
+/// `on_ready` gets the bound address once the daemon accepts connections.
+pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config()?;
+    let control = vd.load_control()?;
+    // Exclusive locks on the volume and its header for the daemon's life.
+    let container = Luks2Container::open(&config.volume, Some(&config.header))?;
+    let host_key = HostKey::load_or_create(&vd.host_key())?;
+    let audit = AuditLog::open(dir, host_key)?;
+    let unclean = vd.running_marker().exists();
+    coffre_audit::write_atomic(&vd.running_marker(), std::process::id().to_string().as_bytes(), 0o600)?;
+
+    let tls = server_config(&vd.read(&vd.ca_cert())?, &vd.read(&vd.server_cert())?, &vd.read(&vd.server_key())?)?;
+    let addr = listen.unwrap_or_else(|| config.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cap = u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
+    let mut shell = Shell {
+        dir: vd,
+        vault: Vault::new(control.vault.clone()),
+        control,
+        config,
+        audit,
+        container: Arc::new(RwLock::new(container)),
+        passwords: HashMap::new(),
+        replies: HashMap::new(),
+        kept: HashMap::new(),
+        open_key: None,
+        kdf_pool: Arc::new(Semaphore::new(cap as usize)),
+        kdf_cap: cap,
+        tx: tx.clone(),
+        next_req: 1,
+    };
+    shell.run(Event::Boot { unclean });
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let accept_tx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            let tx = accept_tx.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+                let Some(fp) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c.as_ref())) else { return };
+                let svc = service_fn(move |req| handle_http(req, tx.clone(), fp.clone(), peer));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let tick_tx = tx.clone();
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            iv.tick().await;
+            if tick_tx.send(Msg::Tick).is_err() {
+                break;
+            }
+        }
+    });
+    let sig_tx = tx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let (done, _wait) = oneshot::channel();
+        let _ = sig_tx.send(Msg::Shutdown(done));
+    });
+    on_ready(local);
+
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Api { fingerprint, addr, cmd, reply } => shell.api(fingerprint, addr, cmd, reply),
+            Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
+            Msg::Tick => shell.run(Event::Tick),
+            Msg::Shutdown(done) => {
+                shell.shutdown();
+                let _ = done.send(());
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The vault directory: configuration, control data, PKI files, the
+//! detached header and (by default) the volume.
+
+use coffre_audit::write_atomic;
+use coffre_vault::{Persistent, Policy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Errors about the vault directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirError {
+    /// File trouble.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad content.
+    #[error("{path}: {msg}")]
+    Bad {
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Crash-safe write failed.
+    #[error(transparent)]
+    Audit(#[from] coffre_audit::Error),
+}
+
+/// `config.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Vault name (shown in the CA and TOTP issuer).
+    pub name: String,
+    /// Address the daemon listens on.
+    pub listen: String,
+    /// Data file or device (ciphertext only).
+    pub volume: PathBuf,
+    /// Detached LUKS2 header.
+    pub header: PathBuf,
+    /// TOTP time step in seconds (30 for authenticator apps).
+    #[serde(default = "default_period")]
+    pub totp_period_s: u64,
+    /// Memory all concurrent keyslot derivations may use together, KiB.
+    #[serde(default = "default_kdf_cap")]
+    pub kdf_memory_cap_kib: u64,
+    /// Vault rules.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn default_period() -> u64 {
+    30
+}
+
+fn default_kdf_cap() -> u64 {
+    2 * 1024 * 1024
+}
+
+/// `control.json` (mode 0600): what survives restarts besides the audit log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Control {
+    /// Format version.
+    pub version: u32,
+    /// The core's persistent state (members, lock, mode, policy).
+    pub vault: Persistent,
+    /// TOTP secrets by member, base32. Secret.
+    pub totp: BTreeMap<String, String>,
+    /// Certificate fingerprint (hex SHA-256) to member name.
+    pub certs: BTreeMap<String, String>,
+    /// Revoked certificate fingerprints.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+    /// The audit host key's public half, hex (also in the head's checks).
+    pub audit_public_key: String,
+}
+
+/// Paths inside a vault directory.
+#[derive(Clone, Debug)]
+pub struct VaultDir {
+    /// The directory.
+    pub root: PathBuf,
+}
+
+impl VaultDir {
+    /// Wraps a path.
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf() }
+    }
+    /// `config.toml`.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// `control.json`.
+    pub fn control(&self) -> PathBuf {
+        self.root.join("control.json")
+    }
+    /// CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    /// CA key.
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca.key")
+    }
+    /// Server certificate.
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("server.pem")
+    }
+    /// Server key.
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("server.key")
+    }
+    /// Audit signing key.
+    pub fn host_key(&self) -> PathBuf {
+        self.root.join("host.key")
+    }
+    /// Present while a daemon runs; found at start, it means an unclean stop.
+    pub fn running_marker(&self) -> PathBuf {
+        self.root.join("daemon.running")
+    }
+
+    /// Reads `config.toml`, resolving relative paths against the directory.
+    pub fn load_config(&self) -> Result<Config, DirError> {
+        let path = self.config();
+        let text = std::fs::read_to_string(&path).map_err(|source| DirError::Io { what: "read", path: path.clone(), source })?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| DirError::Bad { path: path.clone(), msg: e.to_string() })?;
+        if c.volume.is_relative() {
+            c.volume = self.root.join(&c.volume);
+        }
+        if c.header.is_relative() {
+            c.header = self.root.join(&c.header);
+        }
+        if c.totp_period_s == 0 {
+            return Err(DirError::Bad { path, msg: "totp_period_s must be at least 1".into() });
+        }
+        Ok(c)
+    }
+
+    /// Reads `control.json`.
+    pub fn load_control(&self) -> Result<Control, DirError> {
+        let path = self.control();
+        let bytes = std::fs::read(&path).map_err(|source| DirError::Io { what: "read", path: path.clone(), source })?;
+        let c: Control = serde_json::from_slice(&bytes).map_err(|e| DirError::Bad { path: path.clone(), msg: e.to_string() })?;
+        if c.version != 1 {
+            return Err(DirError::Bad { path, msg: format!("control data version {} (this coffre reads 1)", c.version) });
+        }
+        Ok(c)
+    }
+
+    /// Writes `control.json` crash-safely, mode 0600.
+    pub fn save_control(&self, c: &Control) -> Result<(), DirError> {
+        let bytes = serde_json::to_vec_pretty(c).expect("control data serialises");
+        write_atomic(&self.control(), &bytes, 0o600)?;
+        Ok(())
+    }
+
+    /// Reads a file as text.
+    pub fn read(&self, path: &Path) -> Result<String, DirError> {
+        std::fs::read_to_string(path).map_err(|source| DirError::Io { what: "read", path: path.to_path_buf(), source })
+    }
+}
+
+/// A member's identity file: how a client finds and proves itself to the
+/// daemon. Mode 0600; holds the member's private key.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Identity {
+    /// Member name.
+    pub member: String,
+    /// Daemon address.
+    pub server: String,
+    /// The vault CA (pinned).
+    pub ca_pem: String,
+    /// The member's certificate.
+    pub cert_pem: String,
+    /// The member's private key. Secret.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("member", &self.member).field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Reads an identity file.
+    pub fn load(path: &Path) -> Result<Self, DirError> {
+        let bytes = std::fs::read(path).map_err(|source| DirError::Io { what: "read identity", path: path.to_path_buf(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| DirError::Bad { path: path.to_path_buf(), msg: e.to_string() })
+    }
+
+    /// Writes it with mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), DirError> {
+        write_atomic(path, &serde_json::to_vec_pretty(self).expect("serialises"), 0o600)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,417 @@
+//! The vault commands: `init`, `serve`, and the client commands that talk
+//! to the daemon over mutual TLS.
+
+use crate::cli::{AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, TaskCommand};
+use crate::secrets;
+use anyhow::{Context, Result, bail};
+use coffre::exit;
+use coffre_daemon::api::{ApiCommand, ApiSecret};
+use coffre_daemon::client;
+use coffre_daemon::vaultdir::{Identity, VaultDir};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn identity_path(a: &IdentityArg) -> Result<PathBuf> {
+    if let Some(p) = &a.identity {
+        return Ok(p.clone());
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir(".")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "identity"))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no identity: give --identity FILE or set COFFRE_IDENTITY"),
+        _ => bail!("several *.identity files here: choose one with --identity FILE"),
+    }
+}
+
+fn load_identity(a: &IdentityArg) -> Result<(PathBuf, Identity)> {
+    let p = identity_path(a)?;
+    let mut id = Identity::load(&p).with_context(|| format!("reading identity {}", p.display()))?;
+    if let Some(s) = &a.server {
+        id.server = s.clone();
+    }
+    Ok((p, id))
+}
+
+fn session_file(identity: &Path) -> PathBuf {
+    let mut s = identity.as_os_str().to_owned();
+    s.push(".session");
+    PathBuf::from(s)
+}
+
+fn read_password(path: &Path) -> Result<ApiSecret> {
+    let p = secrets::passphrase(path)?;
+    let s = String::from_utf8(p.expose().to_vec()).context("passwords must be UTF-8 text")?;
+    Ok(ApiSecret(s))
+}
+
+/// Sends a command; maps refusals to exit codes with the daemon's message.
+async fn call(id: &Identity, cmd: &ApiCommand) -> Result<std::result::Result<Value, (u8, String)>> {
+    match client::call(id, cmd).await {
+        Ok(v) if v["ok"] == true => Ok(Ok(v)),
+        Ok(v) => {
+            let err = v["error"].as_str().unwrap_or("failure").to_string();
+            let msg = v["message"].as_str().unwrap_or("refused").to_string();
+            Ok(Err((exit::code_for_refusal(&err), msg)))
+        }
+        Err(client::ClientError::Tls { msg, .. }) => Ok(Err((exit::NOT_A_MEMBER, format!("the vault refused this identity ({msg})")))),
+        Err(e @ client::ClientError::Unreachable { .. }) => Ok(Err((exit::UNREACHABLE, e.to_string()))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> u8 {
+    eprintln!("coffre: {msg}");
+    code
+}
+
+pub fn init(a: InitArgs) -> Result<u8> {
+    let password = secrets::passphrase(&a.password_file)?;
+    let key_len = 64;
+    let kdf = crate::volume::kdf_params(&a.pbkdf, key_len)?;
+    let policy = coffre_vault::Policy { grace_ms: a.grace.saturating_mul(1000), ..coffre_vault::Policy::default() };
+    let identity_out = a.identity_out.unwrap_or_else(|| PathBuf::from(format!("{}.identity", a.admin)));
+    if identity_out.exists() {
+        bail!("{} exists; choose another --identity-out", identity_out.display());
+    }
+    let report = coffre_daemon::init::init(coffre_daemon::init::InitOptions {
+        dir: a.dir.clone(),
+        admin: a.admin.clone(),
+        password,
+        size: a.size,
+        listen: a.listen.clone(),
+        identity_out,
+        kdf,
+        digest_iterations: coffre_luks2::digest::benchmark_iterations(coffre_luks2::hash::HashAlg::Sha256)?,
+        totp_period_s: a.totp_period,
+        policy,
+    })?;
+    println!("vault created in {}", a.dir.display());
+    println!("first superuser: {} (keyslot 0)", a.admin);
+    println!("identity file: {} (mode 0600; move it to {}'s own machine)", report.identity.display(), a.admin);
+    println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+    println!("TOTP enrollment, shown once; add it to an authenticator app now:");
+    println!("  {}", report.otpauth);
+    println!("next: coffre serve {}   then: coffre enter --identity {} --password-file F --totp CODE", a.dir.display(), report.identity.display());
+    Ok(exit::OK)
+}
+
+pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
+    let rt = runtime()?;
+    rt.block_on(coffre_daemon::server::serve(&dir, listen, |addr| {
+        println!("coffre: vault {} listening on {addr}", dir.display());
+        let _ = std::io::stdout().flush();
+    }))
+    .with_context(|| format!("serving {}", dir.display()))?;
+    eprintln!("coffre: stopped; the vault is closed");
+    Ok(exit::OK)
+}
+
+pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
+    let (path, id) = load_identity(&ida)?;
+    let password = read_password(&auth.password_file)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let r = call(&id, &ApiCommand::Enter { password, totp: auth.totp }).await?;
+        let v = match r {
+            Ok(v) => v,
+            Err((code, msg)) => return Ok(fail(code, &msg)),
+        };
+        let session = v["session"].as_u64().context("no session in the reply")?;
+        let sfile = session_file(&path);
+        coffre_audit::write_atomic(&sfile, serde_json::json!({"session": session, "pid": std::process::id()}).to_string().as_bytes(), 0o600)?;
+        let st = call(&id, &ApiCommand::Status).await?.ok();
+        let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("?").to_string();
+        eprintln!("coffre: {} entered (session {session}); the vault is {state}. Ctrl-C or `coffre leave` to leave.", id.member);
+        let tty = std::io::stderr().is_terminal();
+        let mut iv = tokio::time::interval(std::time::Duration::from_secs(heartbeat.max(1)));
+        iv.tick().await;
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("signal handler");
+            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        };
+        tokio::pin!(stop);
+        let code = loop {
+            tokio::select! {
+                _ = &mut stop => {
+                    let _ = call(&id, &ApiCommand::Leave { session }).await;
+                    eprintln!("\ncoffre: left the vault");
+                    break exit::OK;
+                }
+                _ = iv.tick() => {
+                    if !sfile.exists() {
+                        // `coffre leave` from another shell ended it.
+                        eprintln!("coffre: left the vault");
+                        break exit::OK;
+                    }
+                    match call(&id, &ApiCommand::Heartbeat { session }).await? {
+                        Ok(_) => {
+                            if tty {
+                                if let Ok(Ok(s)) = call(&id, &ApiCommand::Status).await {
+                                    eprint!("\r[coffre] {} inside; vault {}, {} session(s), {} task(s)   ", id.member, s["state"].as_str().unwrap_or("?"), s["sessions"].as_array().map_or(0, Vec::len), s["tasks"].as_array().map_or(0, Vec::len));
+                                }
+                            }
+                        }
+                        Err((exit::UNREACHABLE, msg)) => eprintln!("coffre: heartbeat failed: {msg}; retrying"),
+                        Err((code, msg)) => {
+                            eprintln!("\ncoffre: the vault ended this session: {msg}");
+                            break code;
+                        }
+                    }
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&sfile);
+        Ok(code)
+    })
+}
+
+fn current_session(path: &Path) -> Result<u64> {
+    let sfile = session_file(path);
+    let text = std::fs::read_to_string(&sfile).with_context(|| format!("no session for this identity ({} missing): run `coffre enter` first", sfile.display()))?;
+    let v: Value = serde_json::from_str(&text)?;
+    v["session"].as_u64().context("bad session file")
+}
+
+pub fn leave(ida: IdentityArg) -> Result<u8> {
+    let (path, id) = load_identity(&ida)?;
+    let session = current_session(&path)?;
+    let rt = runtime()?;
+    let r = rt.block_on(call(&id, &ApiCommand::Leave { session }))?;
+    let _ = std::fs::remove_file(session_file(&path));
+    match r {
+        Ok(_) => {
+            eprintln!("coffre: left the vault (session {session})");
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn simple(ida: &IdentityArg, cmd: ApiCommand) -> Result<std::result::Result<Value, (u8, String)>> {
+    let (_, id) = load_identity(ida)?;
+    runtime()?.block_on(call(&id, &cmd))
+}
+
+pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
+    match simple(&ida, ApiCommand::Status)? {
+        Ok(v) => {
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("state:   {}", v["state"].as_str().unwrap_or("?"));
+                if let Some(l) = v["lock"].as_object() {
+                    println!("locked by {} : {}", l["by"].as_str().unwrap_or("?"), l["reason"].as_str().unwrap_or(""));
+                    println!("unlock:  {} of {} approval(s)", v["unlock_approvals"].as_array().map_or(0, Vec::len), v["unlock_quorum"]);
+                }
+                println!("mode:    {}", v["mode"].as_str().unwrap_or("?"));
+                println!("members: {}", v["members"]);
+                for s in v["sessions"].as_array().into_iter().flatten() {
+                    println!("inside:  {} via {} from {} (session {})", s["member"].as_str().unwrap_or("?"), s["door"].as_str().unwrap_or("?"), s["from"].as_str().unwrap_or("?"), s["session"]);
+                }
+                for t in v["tasks"].as_array().into_iter().flatten() {
+                    println!("task:    {} {:?} by {} until {} ms", t["task_id"], t["task_name"].as_str().unwrap_or(""), t["task_user"].as_str().unwrap_or("?"), t["expires_ms"]);
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn task(cmd: TaskCommand) -> Result<u8> {
+    match cmd {
+        TaskCommand::Add { name, duration, id } => {
+            let (path, ident) = load_identity(&id)?;
+            let session = current_session(&path)?;
+            let cmd = ApiCommand::TaskAdd { session, task_name: name, task_user: Some(ident.member.clone()), task_expire: duration };
+            match runtime()?.block_on(call(&ident, &cmd))? {
+                Ok(v) => {
+                    println!("{}", v["task_id"]);
+                    eprintln!("coffre: task {} keeps the vault open for {duration} s", v["task_id"]);
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        TaskCommand::List { id, json } => match simple(&id, ApiCommand::TaskList)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["tasks"])?;
+                } else {
+                    for t in v["tasks"].as_array().into_iter().flatten() {
+                        println!("{}\t{}\t{}\t{}", t["task_id"], t["task_user"].as_str().unwrap_or(""), t["expires_ms"], t["task_name"].as_str().unwrap_or(""));
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        TaskCommand::Cancel { task_id, id } => {
+            let (path, ident) = load_identity(&id)?;
+            let session = current_session(&path)?;
+            match runtime()?.block_on(call(&ident, &ApiCommand::TaskCancel { session, task_id }))? {
+                Ok(_) => Ok(exit::OK),
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+    }
+}
+
+fn authed(ida: &IdentityArg, auth: &AuthArgs, make: impl FnOnce(ApiSecret, String) -> ApiCommand) -> Result<std::result::Result<Value, (u8, String)>> {
+    let password = read_password(&auth.password_file)?;
+    simple(ida, make(password, auth.totp.clone()))
+}
+
+pub fn lock(ida: IdentityArg, auth: AuthArgs, reason: String) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Lock { reason, password, totp })? {
+        Ok(_) => {
+            eprintln!("coffre: the vault is locked");
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn unlock(ida: IdentityArg, auth: AuthArgs) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Unlock { password, totp })? {
+        Ok(v) => {
+            match v["remaining"].as_u64() {
+                Some(0) | None => eprintln!("coffre: unlocked; the vault is closed and can be entered"),
+                Some(n) => eprintln!("coffre: approval recorded; {n} more superuser approval(s) needed"),
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn mode(ida: IdentityArg, auth: AuthArgs, mode: ModeChoice) -> Result<u8> {
+    let m = match mode {
+        ModeChoice::Fast => coffre_vault::Mode::Fast,
+        ModeChoice::Safe => coffre_vault::Mode::Safe,
+    };
+    match authed(&ida, &auth, |password, totp| ApiCommand::Mode { mode: m, password, totp })? {
+        Ok(_) => Ok(exit::OK),
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn quorum(ida: IdentityArg, auth: AuthArgs, quorum: u32) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Quorum { quorum, password, totp })? {
+        Ok(_) => Ok(exit::OK),
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn member(cmd: MemberCommand) -> Result<u8> {
+    match cmd {
+        MemberCommand::List { id, json } => match simple(&id, ApiCommand::MemberList)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["members"])?;
+                } else {
+                    for m in v["members"].as_array().into_iter().flatten() {
+                        println!("{}\t{}\tkeyslot {}", m["name"].as_str().unwrap_or(""), m["role"].as_str().unwrap_or(""), m["keyslot"]);
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        MemberCommand::Remove { name, id, auth } => match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove { name, password, totp })? {
+            Ok(_) => Ok(exit::OK),
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+    }
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn iso(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86400).unwrap_or(0);
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem / 60 % 60, rem % 60, ms % 1000)
+}
+
+fn print_entries(entries: &[Value]) {
+    for e in entries {
+        let r = &e["record"];
+        println!(
+            "{:>5} {} {:<8} {:<14} {:<24} {}{}",
+            e["seq"],
+            iso(r["at"].as_u64().unwrap_or(0)),
+            r["actor"].as_str().unwrap_or(""),
+            r["action"].as_str().unwrap_or(""),
+            r["result"].as_str().unwrap_or(""),
+            r["detail"].as_str().unwrap_or(""),
+            r["source"]["addr"].as_str().map(|a| format!(" [{a}]")).unwrap_or_default()
+        );
+    }
+}
+
+pub fn audit(cmd: AuditCommand) -> Result<u8> {
+    match cmd {
+        AuditCommand::Show { id, dir, json } => {
+            let entries: Vec<Value> = match dir {
+                Some(d) => coffre_audit::read_entries(&d)?.into_iter().map(|e| serde_json::to_value(e).expect("json")).collect(),
+                None => match simple(&id, ApiCommand::AuditShow { since: None })? {
+                    Ok(v) => v["entries"].as_array().cloned().unwrap_or_default(),
+                    Err((code, msg)) => return Ok(fail(code, &msg)),
+                },
+            };
+            if json {
+                print_json(&Value::Array(entries))?;
+            } else {
+                print_entries(&entries);
+            }
+            Ok(exit::OK)
+        }
+        AuditCommand::Verify { id, dir } => {
+            let result = match dir {
+                Some(d) => {
+                    let control = VaultDir::new(&d).load_control()?;
+                    coffre_audit::verify(&d, &control.audit_public_key).map(|r| r.records).map_err(|e| e.to_string())
+                }
+                None => match simple(&id, ApiCommand::AuditVerify)? {
+                    Ok(v) => Ok(v["records"].as_u64().unwrap_or(0)),
+                    Err((exit::FAILURE, msg)) => Err(msg),
+                    Err((code, msg)) => return Ok(fail(code, &msg)),
+                },
+            };
+            match result {
+                Ok(n) => {
+                    println!("audit log verified: {n} records, chain intact, head signed by the host key");
+                    Ok(exit::OK)
+                }
+                Err(msg) => {
+                    println!("AUDIT LOG TAMPERED: {msg}");
+                    Ok(exit::FAILURE)
+                }
+            }
+        }
+    }
+}
