@@ -133,19 +133,31 @@ mod tests {
             r#"{"command": "task_add", "session": 3, "task_name": "nightly build", "task_user": "alice", "task_expire": 3600}"#,
         )
         .unwrap();
-        assert!(matches!(c, ApiCommand::TaskAdd { task_expire: 3600, .. }));
+        assert!(matches!(
+            c,
+            ApiCommand::TaskAdd {
+                task_expire: 3600,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn passwords_never_debug_print() {
-        let c: ApiCommand = serde_json::from_str(r#"{"command":"enter","password":"hunter2","totp":"123456"}"#).unwrap();
+        let c: ApiCommand =
+            serde_json::from_str(r#"{"command":"enter","password":"hunter2","totp":"123456"}"#)
+                .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
     fn unknown_commands_and_fields_are_refused() {
         assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"format_disk"}"#).is_err());
-        assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":1,"x":1}"#).is_err());
-        assert!(serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":"1"}"#).is_err());
+        assert!(
+            serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":1,"x":1}"#).is_err()
+        );
+        assert!(
+            serde_json::from_str::<ApiCommand>(r#"{"command":"leave","session":"1"}"#).is_err()
+        );
     }
 }

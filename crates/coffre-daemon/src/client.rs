@@ -25,7 +25,9 @@ pub enum ClientError {
         msg: String,
     },
     /// TLS refused (wrong CA, unknown or revoked certificate).
-    #[error("the vault refused the connection at {addr}: {msg} (is this identity a member of this vault?)")]
+    #[error(
+        "the vault refused the connection at {addr}: {msg} (is this identity a member of this vault?)"
+    )]
     Tls {
         /// Where.
         addr: String,
@@ -40,18 +42,27 @@ pub enum ClientError {
 /// Sends one command; returns the JSON reply (`{"ok": ...}`).
 pub async fn call(id: &Identity, cmd: &ApiCommand) -> Result<serde_json::Value, ClientError> {
     let addr = id.server.clone();
-    let unreachable = |m: String| ClientError::Unreachable { addr: addr.clone(), msg: m };
+    let unreachable = |m: String| ClientError::Unreachable {
+        addr: addr.clone(),
+        msg: m,
+    };
     let config = Arc::new(client_config(id).map_err(|e| unreachable(e.to_string()))?);
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&addr))
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(SERVER_NAME).expect("static name");
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| ClientError::Tls { addr: addr.clone(), msg: e.to_string() })?;
+        .map_err(|e| ClientError::Tls {
+            addr: addr.clone(),
+            msg: e.to_string(),
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
@@ -67,7 +78,10 @@ pub async fn call(id: &Identity, cmd: &ApiCommand) -> Result<serde_json::Value, 
     let resp = sender.send_request(req).await.map_err(|e| {
         // A revoked or unknown certificate is refused after the handshake
         // (TLS 1.3 sends the alert with the first application data).
-        ClientError::Tls { addr: addr.clone(), msg: e.to_string() }
+        ClientError::Tls {
+            addr: addr.clone(),
+            msg: e.to_string(),
+        }
     })?;
     let bytes = Limited::new(resp.into_body(), 16 << 20)
         .collect()

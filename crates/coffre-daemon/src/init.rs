@@ -5,9 +5,9 @@ use crate::pki;
 use crate::totp;
 use crate::vaultdir::{Config, Control, DirError, Identity, VaultDir};
 use coffre_audit::{AuditLog, HostKey, write_atomic};
+use coffre_luks2::Passphrase;
 use coffre_luks2::header::{DEFAULT_HDR_SIZE, DEFAULT_METADATA_SIZE, FormatOptions};
 use coffre_luks2::kdf::KdfParams;
-use coffre_luks2::Passphrase;
 use coffre_storage::{FormatRequest, Luks2Container};
 use coffre_vault::{AuditRecord, Member, Millis, Persistent, Policy, Role};
 use std::path::PathBuf;
@@ -77,12 +77,16 @@ pub struct InitReport {
 pub fn check_member_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 32
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(format!("member name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"))
+        Err(format!(
+            "member name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"
+        ))
     }
 }
 
@@ -102,13 +106,27 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     if vd.config().exists() {
         return Err(InitError::Exists(o.dir.clone()));
     }
-    std::fs::create_dir_all(&o.dir).map_err(|source| DirError::Io { what: "create", path: o.dir.clone(), source })?;
+    std::fs::create_dir_all(&o.dir).map_err(|source| DirError::Io {
+        what: "create",
+        path: o.dir.clone(),
+        source,
+    })?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&o.dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|source| DirError::Io { what: "chmod", path: o.dir.clone(), source })?;
+        std::fs::set_permissions(&o.dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| DirError::Io {
+                what: "chmod",
+                path: o.dir.clone(),
+                source,
+            },
+        )?;
     }
-    let name = o.dir.file_name().and_then(|n| n.to_str()).unwrap_or("vault").to_string();
+    let name = o
+        .dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("vault")
+        .to_string();
 
     let ca = pki::new_ca(&name)?;
     write_atomic(&vd.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
@@ -153,19 +171,37 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         source: None,
         action: "init".into(),
         result: "ok".into(),
-        detail: format!("vault {name} created; {} is the first superuser (keyslot 0)", o.admin),
+        detail: format!(
+            "vault {name} created; {} is the first superuser (keyslot 0)",
+            o.admin
+        ),
     })?;
 
     let mut secret = [0u8; totp::SECRET_LEN];
     coffre_luks2::secret::fill_random(&mut secret);
-    let mut persistent = Persistent { policy: o.policy.clone(), ..Persistent::default() };
+    let mut persistent = Persistent {
+        policy: o.policy.clone(),
+        ..Persistent::default()
+    };
     persistent.members.insert(
         o.admin.clone(),
-        Member { name: o.admin.clone(), role: Role::Superuser, keyslot: 0, last_totp_step: None },
+        Member {
+            name: o.admin.clone(),
+            role: Role::Superuser,
+            keyslot: 0,
+            last_totp_step: None,
+        },
     );
-    let mut control = Control { version: 1, vault: persistent, audit_public_key, ..Control::default() };
+    let mut control = Control {
+        version: 1,
+        vault: persistent,
+        audit_public_key,
+        ..Control::default()
+    };
     control.totp.insert(o.admin.clone(), totp::base32(&secret));
-    control.certs.insert(admin_cert.fingerprint.clone(), o.admin.clone());
+    control
+        .certs
+        .insert(admin_cert.fingerprint.clone(), o.admin.clone());
     vd.save_control(&control)?;
 
     let config = Config {
@@ -189,7 +225,12 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     };
     identity.save(&o.identity_out)?;
     Ok(InitReport {
-        otpauth: totp::otpauth_uri(&format!("coffre {name}"), &o.admin, &secret, o.totp_period_s),
+        otpauth: totp::otpauth_uri(
+            &format!("coffre {name}"),
+            &o.admin,
+            &secret,
+            o.totp_period_s,
+        ),
         identity: o.identity_out,
         ca_fingerprint: ca.fingerprint,
     })
@@ -204,4 +245,3 @@ pub fn token_binds(token: &serde_json::Value, member: &str, keyslot: u32) -> boo
             .and_then(|k| k.as_array())
             .is_some_and(|k| k.len() == 1 && k[0].as_str() == Some(keyslot.to_string().as_str()))
 }
-

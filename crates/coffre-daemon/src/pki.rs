@@ -2,7 +2,10 @@
 //! member's. Members are recognised by their certificate's SHA-256
 //! fingerprint, bound to their name in the control data.
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 use sha2::{Digest, Sha256};
 
 /// PKI errors.
@@ -29,14 +32,22 @@ pub const SERVER_NAME: &str = "coffre";
 
 /// SHA-256 of DER bytes, hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    p.distinguished_name.push(DnType::CommonName, format!("coffre CA {vault}"));
+    p.distinguished_name
+        .push(DnType::CommonName, format!("coffre CA {vault}"));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(p)
 }
 
@@ -59,9 +70,14 @@ fn issuer(vault: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, Pki
 /// Issues the server certificate (DNS name [`SERVER_NAME`] and `localhost`).
 pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
-    let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()]).map_err(e)?;
-    p.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
-    p.distinguished_name.push(DnType::CommonName, format!("coffre server {vault}"));
+    let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()])
+        .map_err(e)?;
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::V4(
+            std::net::Ipv4Addr::LOCALHOST,
+        )));
+    p.distinguished_name
+        .push(DnType::CommonName, format!("coffre server {vault}"));
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
     Ok(Issued {
@@ -77,7 +93,8 @@ pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError
 pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    p.distinguished_name.push(DnType::CommonName, member.to_string());
+    p.distinguished_name
+        .push(DnType::CommonName, member.to_string());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
     Ok(Issued {

@@ -107,12 +107,22 @@ fn refusal_status(code: Refusal) -> u16 {
 }
 
 fn code_name(code: Refusal) -> String {
-    serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 impl Shell {
     fn system_audit(&mut self, action: &str, result: &str, detail: String) {
-        let rec = AuditRecord { at: now_ms(), actor: "coffre".into(), source: None, action: action.into(), result: result.into(), detail };
+        let rec = AuditRecord {
+            at: now_ms(),
+            actor: "coffre".into(),
+            source: None,
+            action: action.into(),
+            result: result.into(),
+            detail,
+        };
         if let Err(e) = self.audit.append(rec) {
             eprintln!("coffre: cannot append to the audit log: {e}");
         }
@@ -123,7 +133,10 @@ impl Shell {
             return None;
         }
         let name = self.control.certs.get(fp)?;
-        self.vault.members().contains_key(name).then(|| name.clone())
+        self.vault
+            .members()
+            .contains_key(name)
+            .then(|| name.clone())
     }
 
     fn status_json(&self, member: &str) -> Value {
@@ -149,14 +162,30 @@ impl Shell {
         })
     }
 
-    fn api(&mut self, fp: String, addr: SocketAddr, cmd: ApiCommand, reply: oneshot::Sender<Answer>) {
+    fn api(
+        &mut self,
+        fp: String,
+        addr: SocketAddr,
+        cmd: ApiCommand,
+        reply: oneshot::Sender<Answer>,
+    ) {
         let Some(member) = self.member_of(&fp) else {
-            self.system_audit("connect", "refused:unknown_certificate", format!("certificate {} from {addr} is not a member's (unknown, removed or revoked)", &fp[..16]));
+            self.system_audit(
+                "connect",
+                "refused:unknown_certificate",
+                format!(
+                    "certificate {} from {addr} is not a member's (unknown, removed or revoked)",
+                    &fp[..16]
+                ),
+            );
             let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "this certificate belongs to no member of the vault"})));
             return;
         };
         // The IP only: throttling is per source host, not per connection.
-        let source = Source { door: "cli".into(), addr: addr.ip().to_string() };
+        let source = Source {
+            door: "cli".into(),
+            addr: addr.ip().to_string(),
+        };
         let mut password = None;
         let mut totp_code = None;
         let command = match cmd {
@@ -170,22 +199,42 @@ impl Shell {
                 return;
             }
             ApiCommand::MemberList => {
-                let list: Vec<Value> = self.vault.members().values().map(|m| json!({"name": m.name, "role": m.role, "keyslot": m.keyslot})).collect();
+                let list: Vec<Value> = self
+                    .vault
+                    .members()
+                    .values()
+                    .map(|m| json!({"name": m.name, "role": m.role, "keyslot": m.keyslot}))
+                    .collect();
                 let _ = reply.send((200, json!({"ok": true, "members": list})));
                 return;
             }
             ApiCommand::AuditShow { since } => {
                 let answer = match coffre_audit::read_entries(&self.dir.root) {
-                    Ok(entries) => (200, json!({"ok": true, "entries": entries.into_iter().filter(|e| e.seq > since.unwrap_or(0)).collect::<Vec<_>>()})),
-                    Err(e) => (500, json!({"ok": false, "error": "audit", "message": e.to_string()})),
+                    Ok(entries) => (
+                        200,
+                        json!({"ok": true, "entries": entries.into_iter().filter(|e| e.seq > since.unwrap_or(0)).collect::<Vec<_>>()}),
+                    ),
+                    Err(e) => (
+                        500,
+                        json!({"ok": false, "error": "audit", "message": e.to_string()}),
+                    ),
                 };
                 let _ = reply.send(answer);
                 return;
             }
             ApiCommand::AuditVerify => {
-                let answer = match coffre_audit::verify(&self.dir.root, &self.control.audit_public_key) {
-                    Ok(r) => (200, json!({"ok": true, "records": r.records, "last_hash": r.last_hash})),
-                    Err(e) => (200, json!({"ok": false, "error": "audit_tampered", "message": e.to_string()})),
+                let answer = match coffre_audit::verify(
+                    &self.dir.root,
+                    &self.control.audit_public_key,
+                ) {
+                    Ok(r) => (
+                        200,
+                        json!({"ok": true, "records": r.records, "last_hash": r.last_hash}),
+                    ),
+                    Err(e) => (
+                        200,
+                        json!({"ok": false, "error": "audit_tampered", "message": e.to_string()}),
+                    ),
                 };
                 let _ = reply.send(answer);
                 return;
@@ -195,16 +244,32 @@ impl Shell {
                 totp_code = Some(totp);
                 Command::Enter
             }
-            ApiCommand::Leave { session } => Command::Leave { session: SessionId(session) },
-            ApiCommand::Heartbeat { session } => Command::Heartbeat { session: SessionId(session) },
-            ApiCommand::TaskAdd { session, task_name, task_user, task_expire } => Command::TaskAdd {
+            ApiCommand::Leave { session } => Command::Leave {
+                session: SessionId(session),
+            },
+            ApiCommand::Heartbeat { session } => Command::Heartbeat {
+                session: SessionId(session),
+            },
+            ApiCommand::TaskAdd {
+                session,
+                task_name,
+                task_user,
+                task_expire,
+            } => Command::TaskAdd {
                 session: SessionId(session),
                 name: task_name,
                 claimed_owner: task_user,
                 duration_ms: task_expire.saturating_mul(1000),
             },
-            ApiCommand::TaskCancel { session, task_id } => Command::TaskCancel { session: SessionId(session), task: TaskId(task_id) },
-            ApiCommand::Lock { reason, password: p, totp } => {
+            ApiCommand::TaskCancel { session, task_id } => Command::TaskCancel {
+                session: SessionId(session),
+                task: TaskId(task_id),
+            },
+            ApiCommand::Lock {
+                reason,
+                password: p,
+                totp,
+            } => {
                 password = Some(p);
                 totp_code = Some(totp);
                 Command::Lock { reason }
@@ -214,17 +279,29 @@ impl Shell {
                 totp_code = Some(totp);
                 Command::Unlock
             }
-            ApiCommand::Mode { mode, password: p, totp } => {
+            ApiCommand::Mode {
+                mode,
+                password: p,
+                totp,
+            } => {
                 password = Some(p);
                 totp_code = Some(totp);
                 Command::SetMode { mode }
             }
-            ApiCommand::Quorum { quorum, password: p, totp } => {
+            ApiCommand::Quorum {
+                quorum,
+                password: p,
+                totp,
+            } => {
                 password = Some(p);
                 totp_code = Some(totp);
                 Command::SetQuorum { quorum }
             }
-            ApiCommand::MemberRemove { name, password: p, totp } => {
+            ApiCommand::MemberRemove {
+                name,
+                password: p,
+                totp,
+            } => {
                 password = Some(p);
                 totp_code = Some(totp);
                 Command::MemberRemove { name }
@@ -233,9 +310,14 @@ impl Shell {
         let totp = match totp_code {
             None => Totp::Missing,
             Some(code) => {
-                let secret = self.control.totp.get(&member).and_then(|s| totp::unbase32(s));
+                let secret = self
+                    .control
+                    .totp
+                    .get(&member)
+                    .and_then(|s| totp::unbase32(s));
                 let now_s = now_ms().0 / 1000;
-                match secret.and_then(|s| totp::verify(&s, &code, now_s, self.config.totp_period_s)) {
+                match secret.and_then(|s| totp::verify(&s, &code, now_s, self.config.totp_period_s))
+                {
                     Some(step) => Totp::Valid { step },
                     None => Totp::Invalid,
                 }
@@ -244,13 +326,21 @@ impl Shell {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let has_password = password.as_ref().is_some_and(|p| !p.0.is_empty());
-        if let Some(p) = password {
-            if has_password {
-                self.passwords.insert(req, Passphrase::from_slice(p.0.as_bytes()));
-            }
+        if let Some(p) = password
+            && has_password
+        {
+            self.passwords
+                .insert(req, Passphrase::from_slice(p.0.as_bytes()));
         }
         self.replies.insert(req, reply);
-        self.run(Event::Request(Request { req, member, source, password: has_password, totp, command }));
+        self.run(Event::Request(Request {
+            req,
+            member,
+            source,
+            password: has_password,
+            totp,
+            command,
+        }));
         // A request the core answered without a password check leaves no
         // password behind.
         if !self.vault_waits_for(req) {
@@ -284,17 +374,30 @@ impl Shell {
 
     fn perform(&mut self, effect: Effect, queue: &mut VecDeque<Event>) {
         match effect {
-            Effect::CheckPassword { req, member, keyslot, keep_key } => {
+            Effect::CheckPassword {
+                req,
+                member,
+                keyslot,
+                keep_key,
+            } => {
                 let bound = {
                     let c = self.container.read().unwrap_or_else(|p| p.into_inner());
-                    c.header().metadata.tokens.values().any(|t| token_binds(t, &member, keyslot))
+                    c.header()
+                        .metadata
+                        .tokens
+                        .values()
+                        .any(|t| token_binds(t, &member, keyslot))
                 };
                 let Some(pass) = self.passwords.remove(&req) else {
                     queue.push_back(Event::PasswordChecked { req, ok: false });
                     return;
                 };
                 if !bound {
-                    self.system_audit("keyslot", "refused", format!("no LUKS2 token binds {member} to keyslot {keyslot}"));
+                    self.system_audit(
+                        "keyslot",
+                        "refused",
+                        format!("no LUKS2 token binds {member} to keyslot {keyslot}"),
+                    );
                     queue.push_back(Event::PasswordChecked { req, ok: false });
                     return;
                 }
@@ -308,7 +411,9 @@ impl Shell {
                     let permit = pool.acquire_many_owned(permits).await;
                     let result = tokio::task::spawn_blocking(move || {
                         let c = container.read().unwrap_or_else(|p| p.into_inner());
-                        c.unlock(&pass, Some(keyslot)).map(|(_, k)| k)
+                        let r = c.unlock(&pass, Some(keyslot)).map(|(_, k)| k);
+                        coffre_luks2::secret::scrub_stack();
+                        r
                     })
                     .await;
                     drop(permit);
@@ -316,15 +421,25 @@ impl Shell {
                         Ok(Ok(k)) => Some(k),
                         _ => None,
                     };
-                    let _ = tx.send(Msg::KeyChecked { req, key, keep: keep_key });
+                    let _ = tx.send(Msg::KeyChecked {
+                        req,
+                        key,
+                        keep: keep_key,
+                    });
                 });
             }
             Effect::Open { req } => match self.kept.remove(&req) {
                 Some(k) => {
                     self.open_key = Some(k);
-                    queue.push_back(Event::Opened { ok: true, detail: "volume key unlocked and held".into() });
+                    queue.push_back(Event::Opened {
+                        ok: true,
+                        detail: "volume key unlocked and held".into(),
+                    });
                 }
-                None => queue.push_back(Event::Opened { ok: false, detail: "no key was kept for this open".into() }),
+                None => queue.push_back(Event::Opened {
+                    ok: false,
+                    detail: "no key was kept for this open".into(),
+                }),
             },
             Effect::DiscardKey { req } => {
                 self.kept.remove(&req);
@@ -333,16 +448,29 @@ impl Shell {
                 // Nothing is exposed yet (no mount, no workloads): closing
                 // is wiping the key. Dropping a VolumeKey zeroizes it.
                 self.open_key = None;
-                queue.push_back(Event::Closed { ok: true, detail: String::new() });
+                queue.push_back(Event::Closed {
+                    ok: true,
+                    detail: String::new(),
+                });
             }
             Effect::Reply { req, outcome } => {
                 if let Some(tx) = self.replies.remove(&req) {
                     let answer = match outcome {
-                        Outcome::Ok(Reply::Entered { session }) => (200, json!({"ok": true, "session": session.0})),
-                        Outcome::Ok(Reply::TaskAdded { task, expires }) => (200, json!({"ok": true, "task_id": task.0, "expires_ms": expires.0})),
-                        Outcome::Ok(Reply::UnlockApproved { remaining }) => (200, json!({"ok": true, "remaining": remaining})),
+                        Outcome::Ok(Reply::Entered { session }) => {
+                            (200, json!({"ok": true, "session": session.0}))
+                        }
+                        Outcome::Ok(Reply::TaskAdded { task, expires }) => (
+                            200,
+                            json!({"ok": true, "task_id": task.0, "expires_ms": expires.0}),
+                        ),
+                        Outcome::Ok(Reply::UnlockApproved { remaining }) => {
+                            (200, json!({"ok": true, "remaining": remaining}))
+                        }
                         Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
-                        Outcome::Refused { code, message } => (refusal_status(code), json!({"ok": false, "error": code_name(code), "message": message})),
+                        Outcome::Refused { code, message } => (
+                            refusal_status(code),
+                            json!({"ok": false, "error": code_name(code), "message": message}),
+                        ),
                     };
                     let _ = tx.send(answer);
                 }
@@ -369,15 +497,29 @@ impl Shell {
                     }
                     r
                 };
-                let fps: Vec<String> = self.control.certs.iter().filter(|(_, m)| **m == name).map(|(f, _)| f.clone()).collect();
+                let fps: Vec<String> = self
+                    .control
+                    .certs
+                    .iter()
+                    .filter(|(_, m)| **m == name)
+                    .map(|(f, _)| f.clone())
+                    .collect();
                 for fp in fps {
                     self.control.certs.remove(&fp);
                     self.control.revoked.push(fp);
                 }
                 self.control.totp.remove(&name);
                 match result {
-                    Ok(()) => self.system_audit("member_remove", "ok", format!("keyslot {keyslot} of {name} wiped; certificate revoked")),
-                    Err(e) => self.system_audit("member_remove", "failed", format!("keyslot {keyslot} of {name}: {e}; certificate revoked")),
+                    Ok(()) => self.system_audit(
+                        "member_remove",
+                        "ok",
+                        format!("keyslot {keyslot} of {name} wiped; certificate revoked"),
+                    ),
+                    Err(e) => self.system_audit(
+                        "member_remove",
+                        "failed",
+                        format!("keyslot {keyslot} of {name}: {e}; certificate revoked"),
+                    ),
                 }
                 self.persist();
             }
@@ -410,25 +552,44 @@ impl Shell {
         self.open_key = None;
         self.kept.clear();
         self.passwords.clear();
-        self.system_audit("stop", "closed", format!("daemon stopped cleanly (was {was}); key wiped"));
+        self.system_audit(
+            "stop",
+            "closed",
+            format!("daemon stopped cleanly (was {was}); key wiped"),
+        );
         let _ = std::fs::remove_file(self.dir.running_marker());
     }
 }
 
-async fn handle_http(req: hyper::Request<Incoming>, tx: mpsc::UnboundedSender<Msg>, fp: String, addr: SocketAddr) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+async fn handle_http(
+    req: hyper::Request<Incoming>,
+    tx: mpsc::UnboundedSender<Msg>,
+    fp: String,
+    addr: SocketAddr,
+) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
     let respond = |status: u16, v: Value| {
         hyper::Response::builder()
             .status(status)
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(serde_json::to_vec(&v).expect("json"))))
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(&v).expect("json"),
+            )))
             .expect("valid response")
     };
     if req.method() != hyper::Method::POST || req.uri().path() != "/v1/command" {
-        return Ok(respond(404, json!({"ok": false, "error": "not_found", "message": "POST /v1/command"})));
+        return Ok(respond(
+            404,
+            json!({"ok": false, "error": "not_found", "message": "POST /v1/command"}),
+        ));
     }
     let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return Ok(respond(413, json!({"ok": false, "error": "invalid", "message": "request too large"}))),
+        Err(_) => {
+            return Ok(respond(
+                413,
+                json!({"ok": false, "error": "invalid", "message": "request too large"}),
+            ));
+        }
     };
     let mut raw = body.to_vec();
     let parsed = serde_json::from_slice::<ApiCommand>(&raw);
@@ -437,20 +598,41 @@ async fn handle_http(req: hyper::Request<Incoming>, tx: mpsc::UnboundedSender<Ms
         Ok(c) => c,
         Err(e) => {
             // serde's message never echoes field values.
-            return Ok(respond(400, json!({"ok": false, "error": "invalid", "message": format!("bad command: {e}")})));
+            return Ok(respond(
+                400,
+                json!({"ok": false, "error": "invalid", "message": format!("bad command: {e}")}),
+            ));
         }
     };
     let (rtx, rrx) = oneshot::channel();
-    if tx.send(Msg::Api { fingerprint: fp, addr, cmd, reply: rtx }).is_err() {
-        return Ok(respond(503, json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"})));
+    if tx
+        .send(Msg::Api {
+            fingerprint: fp,
+            addr,
+            cmd,
+            reply: rtx,
+        })
+        .is_err()
+    {
+        return Ok(respond(
+            503,
+            json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
+        ));
     }
-    let (status, v) = rrx.await.unwrap_or((503, json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"})));
+    let (status, v) = rrx.await.unwrap_or((
+        503,
+        json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
+    ));
     Ok(respond(status, v))
 }
 
 /// Runs the daemon for the vault in `dir` until SIGTERM or SIGINT.
 /// `on_ready` gets the bound address once the daemon accepts connections.
-pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+pub async fn serve(
+    dir: &Path,
+    listen: Option<String>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
     let vd = VaultDir::new(dir);
     let config = vd.load_config()?;
     let control = vd.load_control()?;
@@ -459,18 +641,42 @@ pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(Soc
     let host_key = HostKey::load_or_create(&vd.host_key())?;
     let audit = AuditLog::open(dir, host_key)?;
     let unclean = vd.running_marker().exists();
-    coffre_audit::write_atomic(&vd.running_marker(), std::process::id().to_string().as_bytes(), 0o600)?;
+    coffre_audit::write_atomic(
+        &vd.running_marker(),
+        std::process::id().to_string().as_bytes(),
+        0o600,
+    )?;
 
-    let tls = server_config(&vd.read(&vd.ca_cert())?, &vd.read(&vd.server_cert())?, &vd.read(&vd.server_key())?)?;
+    let tls = server_config(
+        &vd.read(&vd.ca_cert())?,
+        &vd.read(&vd.server_cert())?,
+        &vd.read(&vd.server_key())?,
+    )?;
     let addr = listen.unwrap_or_else(|| config.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Listen { addr: addr.clone(), source })?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: addr.clone(),
+        source,
+    })?;
 
+    // The rules come from config.toml (the operator's file); the unlock
+    // quorum is changed through `coffre quorum` (audited) and lives in the
+    // control data.
+    let mut persistent = control.vault.clone();
+    let quorum = persistent.policy.unlock_quorum;
+    persistent.policy = config.policy.clone();
+    persistent.policy.unlock_quorum = quorum;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cap = u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
+    let cap =
+        u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
     let mut shell = Shell {
         dir: vd,
-        vault: Vault::new(control.vault.clone()),
+        vault: Vault::new(persistent),
         control,
         config,
         audit,
@@ -490,13 +696,27 @@ pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(Soc
     let accept_tx = tx.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = accept_tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
-                let Some(fp) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| fingerprint(c.as_ref())) else { return };
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let Some(fp) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| fingerprint(c.as_ref()))
+                else {
+                    return;
+                };
                 let svc = service_fn(move |req| handle_http(req, tx.clone(), fp.clone(), peer));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -519,7 +739,12 @@ pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(Soc
     let sig_tx = tx.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         let (done, _wait) = oneshot::channel();
         let _ = sig_tx.send(Msg::Shutdown(done));
@@ -528,7 +753,12 @@ pub async fn serve(dir: &Path, listen: Option<String>, on_ready: impl FnOnce(Soc
 
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::Api { fingerprint, addr, cmd, reply } => shell.api(fingerprint, addr, cmd, reply),
+            Msg::Api {
+                fingerprint,
+                addr,
+                cmd,
+                reply,
+            } => shell.api(fingerprint, addr, cmd, reply),
             Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
             Msg::Tick => shell.run(Event::Tick),
             Msg::Shutdown(done) => {

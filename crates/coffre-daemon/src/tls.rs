@@ -40,10 +40,15 @@ fn chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The daemon's configuration: its certificate, and client certificates
 /// that chain to the vault CA required.
-pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
-        .build()
-        .map_err(e)?;
+pub fn server_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ServerConfig, TlsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .build()
+            .map_err(e)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(e)?;
     ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

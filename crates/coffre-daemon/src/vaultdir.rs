@@ -94,7 +94,9 @@ pub struct VaultDir {
 impl VaultDir {
     /// Wraps a path.
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
     /// `config.toml`.
     pub fn config(&self) -> PathBuf {
@@ -132,8 +134,15 @@ impl VaultDir {
     /// Reads `config.toml`, resolving relative paths against the directory.
     pub fn load_config(&self) -> Result<Config, DirError> {
         let path = self.config();
-        let text = std::fs::read_to_string(&path).map_err(|source| DirError::Io { what: "read", path: path.clone(), source })?;
-        let mut c: Config = toml::from_str(&text).map_err(|e| DirError::Bad { path: path.clone(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| DirError::Io {
+            what: "read",
+            path: path.clone(),
+            source,
+        })?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| DirError::Bad {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         if c.volume.is_relative() {
             c.volume = self.root.join(&c.volume);
         }
@@ -141,7 +150,10 @@ impl VaultDir {
             c.header = self.root.join(&c.header);
         }
         if c.totp_period_s == 0 {
-            return Err(DirError::Bad { path, msg: "totp_period_s must be at least 1".into() });
+            return Err(DirError::Bad {
+                path,
+                msg: "totp_period_s must be at least 1".into(),
+            });
         }
         Ok(c)
     }
@@ -149,10 +161,20 @@ impl VaultDir {
     /// Reads `control.json`.
     pub fn load_control(&self) -> Result<Control, DirError> {
         let path = self.control();
-        let bytes = std::fs::read(&path).map_err(|source| DirError::Io { what: "read", path: path.clone(), source })?;
-        let c: Control = serde_json::from_slice(&bytes).map_err(|e| DirError::Bad { path: path.clone(), msg: e.to_string() })?;
+        let bytes = std::fs::read(&path).map_err(|source| DirError::Io {
+            what: "read",
+            path: path.clone(),
+            source,
+        })?;
+        let c: Control = serde_json::from_slice(&bytes).map_err(|e| DirError::Bad {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         if c.version != 1 {
-            return Err(DirError::Bad { path, msg: format!("control data version {} (this coffre reads 1)", c.version) });
+            return Err(DirError::Bad {
+                path,
+                msg: format!("control data version {} (this coffre reads 1)", c.version),
+            });
         }
         Ok(c)
     }
@@ -166,7 +188,11 @@ impl VaultDir {
 
     /// Reads a file as text.
     pub fn read(&self, path: &Path) -> Result<String, DirError> {
-        std::fs::read_to_string(path).map_err(|source| DirError::Io { what: "read", path: path.to_path_buf(), source })
+        std::fs::read_to_string(path).map_err(|source| DirError::Io {
+            what: "read",
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -188,20 +214,34 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("member", &self.member).field("server", &self.server).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("member", &self.member)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     /// Reads an identity file.
     pub fn load(path: &Path) -> Result<Self, DirError> {
-        let bytes = std::fs::read(path).map_err(|source| DirError::Io { what: "read identity", path: path.to_path_buf(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| DirError::Bad { path: path.to_path_buf(), msg: e.to_string() })
+        let bytes = std::fs::read(path).map_err(|source| DirError::Io {
+            what: "read identity",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| DirError::Bad {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
     }
 
     /// Writes it with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), DirError> {
-        write_atomic(path, &serde_json::to_vec_pretty(self).expect("serialises"), 0o600)?;
+        write_atomic(
+            path,
+            &serde_json::to_vec_pretty(self).expect("serialises"),
+            0o600,
+        )?;
         Ok(())
     }
 }

@@ -332,7 +332,9 @@ impl Header {
             .metadata
             .digest_of_keyslot(Id(n))
             .ok_or_else(|| Error::corrupt(format!("keyslot {n} has no digest")))?;
-        if d.to_pbkdf2()?.verify(&candidate)? {
+        let matches = d.to_pbkdf2()?.verify(&candidate);
+        crate::secret::scrub_stack();
+        if matches? {
             Ok(candidate)
         } else {
             Err(Error::WrongPassphrase)
@@ -342,7 +344,12 @@ impl Header {
     /// Checks that `key` is this volume's key.
     pub fn verify_volume_key(&self, key: &VolumeKey) -> Result<()> {
         let (_, d) = self.metadata.segment_digest()?;
-        if key.len() != self.key_size()? || !d.to_pbkdf2()?.verify(key)? {
+        if key.len() != self.key_size()? {
+            return Err(Error::WrongVolumeKey);
+        }
+        let matches = d.to_pbkdf2()?.verify(key);
+        crate::secret::scrub_stack();
+        if !matches? {
             return Err(Error::WrongVolumeKey);
         }
         Ok(())
@@ -540,7 +547,10 @@ impl Header {
     /// keyslots and have a `type`, as LUKS2 requires.
     pub fn set_token(&mut self, id: u32, token: serde_json::Value) -> Result<()> {
         if id >= MAX_KEYSLOTS {
-            return Err(Error::invalid(format!("token ids go from 0 to {}", MAX_KEYSLOTS - 1)));
+            return Err(Error::invalid(format!(
+                "token ids go from 0 to {}",
+                MAX_KEYSLOTS - 1
+            )));
         }
         let before = self.metadata.tokens.insert(Id(id), token);
         if let Err(e) = self.metadata.validate(self.binary.hdr_size) {

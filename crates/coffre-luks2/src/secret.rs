@@ -85,6 +85,20 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
+/// Overwrites the 64 KiB of stack below the caller's frame with zeros.
+///
+/// Crypto libraries copy keys into stack buffers we cannot reach (HMAC
+/// copies a 64-byte key into its block as it is, and the volume-key digest
+/// is an HMAC keyed with the volume key). Calling this right after such
+/// work, from the frame that started it, wipes what the finished calls
+/// left below it.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; 64 * 1024];
+    area.zeroize();
+    std::hint::black_box(&area);
+}
+
 /// Fills `buf` from the OS CSPRNG. Panics only if the kernel has no
 /// entropy source at all, in which case nothing safe can be done.
 pub fn fill_random(buf: &mut [u8]) {

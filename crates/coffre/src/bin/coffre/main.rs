@@ -31,7 +31,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         C::Init(a) => vault::init(a),
         C::Serve { dir, listen } => vault::serve(dir, listen),
-        C::Enter { id, auth, heartbeat } => vault::enter(id, auth, heartbeat),
+        C::Enter {
+            id,
+            auth,
+            heartbeat,
+        } => vault::enter(id, auth, heartbeat),
         C::Leave { id } => vault::leave(id),
         C::Status { id, json } => vault::status(id, json),
         C::Task(t) => vault::task(t),

@@ -1,7 +1,9 @@
 //! The vault commands: `init`, `serve`, and the client commands that talk
 //! to the daemon over mutual TLS.
 
-use crate::cli::{AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, TaskCommand};
+use crate::cli::{
+    AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, TaskCommand,
+};
 use crate::secrets;
 use anyhow::{Context, Result, bail};
 use coffre::exit;
@@ -13,7 +15,9 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn identity_path(a: &IdentityArg) -> Result<PathBuf> {
@@ -61,8 +65,13 @@ async fn call(id: &Identity, cmd: &ApiCommand) -> Result<std::result::Result<Val
             let msg = v["message"].as_str().unwrap_or("refused").to_string();
             Ok(Err((exit::code_for_refusal(&err), msg)))
         }
-        Err(client::ClientError::Tls { msg, .. }) => Ok(Err((exit::NOT_A_MEMBER, format!("the vault refused this identity ({msg})")))),
-        Err(e @ client::ClientError::Unreachable { .. }) => Ok(Err((exit::UNREACHABLE, e.to_string()))),
+        Err(client::ClientError::Tls { msg, .. }) => Ok(Err((
+            exit::NOT_A_MEMBER,
+            format!("the vault refused this identity ({msg})"),
+        ))),
+        Err(e @ client::ClientError::Unreachable { .. }) => {
+            Ok(Err((exit::UNREACHABLE, e.to_string())))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -76,10 +85,18 @@ pub fn init(a: InitArgs) -> Result<u8> {
     let password = secrets::passphrase(&a.password_file)?;
     let key_len = 64;
     let kdf = crate::volume::kdf_params(&a.pbkdf, key_len)?;
-    let policy = coffre_vault::Policy { grace_ms: a.grace.saturating_mul(1000), ..coffre_vault::Policy::default() };
-    let identity_out = a.identity_out.unwrap_or_else(|| PathBuf::from(format!("{}.identity", a.admin)));
+    let policy = coffre_vault::Policy {
+        grace_ms: a.grace.saturating_mul(1000),
+        ..coffre_vault::Policy::default()
+    };
+    let identity_out = a
+        .identity_out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.identity", a.admin)));
     if identity_out.exists() {
-        bail!("{} exists; choose another --identity-out", identity_out.display());
+        bail!(
+            "{} exists; choose another --identity-out",
+            identity_out.display()
+        );
     }
     let report = coffre_daemon::init::init(coffre_daemon::init::InitOptions {
         dir: a.dir.clone(),
@@ -89,17 +106,27 @@ pub fn init(a: InitArgs) -> Result<u8> {
         listen: a.listen.clone(),
         identity_out,
         kdf,
-        digest_iterations: coffre_luks2::digest::benchmark_iterations(coffre_luks2::hash::HashAlg::Sha256)?,
+        digest_iterations: coffre_luks2::digest::benchmark_iterations(
+            coffre_luks2::hash::HashAlg::Sha256,
+        )?,
         totp_period_s: a.totp_period,
         policy,
     })?;
     println!("vault created in {}", a.dir.display());
     println!("first superuser: {} (keyslot 0)", a.admin);
-    println!("identity file: {} (mode 0600; move it to {}'s own machine)", report.identity.display(), a.admin);
+    println!(
+        "identity file: {} (mode 0600; move it to {}'s own machine)",
+        report.identity.display(),
+        a.admin
+    );
     println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
     println!("TOTP enrollment, shown once; add it to an authenticator app now:");
     println!("  {}", report.otpauth);
-    println!("next: coffre serve {}   then: coffre enter --identity {} --password-file F --totp CODE", a.dir.display(), report.identity.display());
+    println!(
+        "next: coffre serve {}   then: coffre enter --identity {} --password-file F --totp CODE",
+        a.dir.display(),
+        report.identity.display()
+    );
     Ok(exit::OK)
 }
 
@@ -154,11 +181,10 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                     }
                     match call(&id, &ApiCommand::Heartbeat { session }).await? {
                         Ok(_) => {
-                            if tty {
-                                if let Ok(Ok(s)) = call(&id, &ApiCommand::Status).await {
+                            if tty
+                                && let Ok(Ok(s)) = call(&id, &ApiCommand::Status).await {
                                     eprint!("\r[coffre] {} inside; vault {}, {} session(s), {} task(s)   ", id.member, s["state"].as_str().unwrap_or("?"), s["sessions"].as_array().map_or(0, Vec::len), s["tasks"].as_array().map_or(0, Vec::len));
                                 }
-                            }
                         }
                         Err((exit::UNREACHABLE, msg)) => eprintln!("coffre: heartbeat failed: {msg}; retrying"),
                         Err((code, msg)) => {
@@ -176,7 +202,12 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
 
 fn current_session(path: &Path) -> Result<u64> {
     let sfile = session_file(path);
-    let text = std::fs::read_to_string(&sfile).with_context(|| format!("no session for this identity ({} missing): run `coffre enter` first", sfile.display()))?;
+    let text = std::fs::read_to_string(&sfile).with_context(|| {
+        format!(
+            "no session for this identity ({} missing): run `coffre enter` first",
+            sfile.display()
+        )
+    })?;
     let v: Value = serde_json::from_str(&text)?;
     v["session"].as_u64().context("bad session file")
 }
@@ -214,16 +245,36 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
             } else {
                 println!("state:   {}", v["state"].as_str().unwrap_or("?"));
                 if let Some(l) = v["lock"].as_object() {
-                    println!("locked by {} : {}", l["by"].as_str().unwrap_or("?"), l["reason"].as_str().unwrap_or(""));
-                    println!("unlock:  {} of {} approval(s)", v["unlock_approvals"].as_array().map_or(0, Vec::len), v["unlock_quorum"]);
+                    println!(
+                        "locked by {} : {}",
+                        l["by"].as_str().unwrap_or("?"),
+                        l["reason"].as_str().unwrap_or("")
+                    );
+                    println!(
+                        "unlock:  {} of {} approval(s)",
+                        v["unlock_approvals"].as_array().map_or(0, Vec::len),
+                        v["unlock_quorum"]
+                    );
                 }
                 println!("mode:    {}", v["mode"].as_str().unwrap_or("?"));
                 println!("members: {}", v["members"]);
                 for s in v["sessions"].as_array().into_iter().flatten() {
-                    println!("inside:  {} via {} from {} (session {})", s["member"].as_str().unwrap_or("?"), s["door"].as_str().unwrap_or("?"), s["from"].as_str().unwrap_or("?"), s["session"]);
+                    println!(
+                        "inside:  {} via {} from {} (session {})",
+                        s["member"].as_str().unwrap_or("?"),
+                        s["door"].as_str().unwrap_or("?"),
+                        s["from"].as_str().unwrap_or("?"),
+                        s["session"]
+                    );
                 }
                 for t in v["tasks"].as_array().into_iter().flatten() {
-                    println!("task:    {} {:?} by {} until {} ms", t["task_id"], t["task_name"].as_str().unwrap_or(""), t["task_user"].as_str().unwrap_or("?"), t["expires_ms"]);
+                    println!(
+                        "task:    {} {:?} by {} until {} ms",
+                        t["task_id"],
+                        t["task_name"].as_str().unwrap_or(""),
+                        t["task_user"].as_str().unwrap_or("?"),
+                        t["expires_ms"]
+                    );
                 }
             }
             Ok(exit::OK)
@@ -237,11 +288,19 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
         TaskCommand::Add { name, duration, id } => {
             let (path, ident) = load_identity(&id)?;
             let session = current_session(&path)?;
-            let cmd = ApiCommand::TaskAdd { session, task_name: name, task_user: Some(ident.member.clone()), task_expire: duration };
+            let cmd = ApiCommand::TaskAdd {
+                session,
+                task_name: name,
+                task_user: Some(ident.member.clone()),
+                task_expire: duration,
+            };
             match runtime()?.block_on(call(&ident, &cmd))? {
                 Ok(v) => {
                     println!("{}", v["task_id"]);
-                    eprintln!("coffre: task {} keeps the vault open for {duration} s", v["task_id"]);
+                    eprintln!(
+                        "coffre: task {} keeps the vault open for {duration} s",
+                        v["task_id"]
+                    );
                     Ok(exit::OK)
                 }
                 Err((code, msg)) => Ok(fail(code, &msg)),
@@ -253,7 +312,13 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
                     print_json(&v["tasks"])?;
                 } else {
                     for t in v["tasks"].as_array().into_iter().flatten() {
-                        println!("{}\t{}\t{}\t{}", t["task_id"], t["task_user"].as_str().unwrap_or(""), t["expires_ms"], t["task_name"].as_str().unwrap_or(""));
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            t["task_id"],
+                            t["task_user"].as_str().unwrap_or(""),
+                            t["expires_ms"],
+                            t["task_name"].as_str().unwrap_or("")
+                        );
                     }
                 }
                 Ok(exit::OK)
@@ -271,13 +336,21 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
     }
 }
 
-fn authed(ida: &IdentityArg, auth: &AuthArgs, make: impl FnOnce(ApiSecret, String) -> ApiCommand) -> Result<std::result::Result<Value, (u8, String)>> {
+fn authed(
+    ida: &IdentityArg,
+    auth: &AuthArgs,
+    make: impl FnOnce(ApiSecret, String) -> ApiCommand,
+) -> Result<std::result::Result<Value, (u8, String)>> {
     let password = read_password(&auth.password_file)?;
     simple(ida, make(password, auth.totp.clone()))
 }
 
 pub fn lock(ida: IdentityArg, auth: AuthArgs, reason: String) -> Result<u8> {
-    match authed(&ida, &auth, |password, totp| ApiCommand::Lock { reason, password, totp })? {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Lock {
+        reason,
+        password,
+        totp,
+    })? {
         Ok(_) => {
             eprintln!("coffre: the vault is locked");
             Ok(exit::OK)
@@ -287,11 +360,18 @@ pub fn lock(ida: IdentityArg, auth: AuthArgs, reason: String) -> Result<u8> {
 }
 
 pub fn unlock(ida: IdentityArg, auth: AuthArgs) -> Result<u8> {
-    match authed(&ida, &auth, |password, totp| ApiCommand::Unlock { password, totp })? {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Unlock {
+        password,
+        totp,
+    })? {
         Ok(v) => {
             match v["remaining"].as_u64() {
-                Some(0) | None => eprintln!("coffre: unlocked; the vault is closed and can be entered"),
-                Some(n) => eprintln!("coffre: approval recorded; {n} more superuser approval(s) needed"),
+                Some(0) | None => {
+                    eprintln!("coffre: unlocked; the vault is closed and can be entered")
+                }
+                Some(n) => {
+                    eprintln!("coffre: approval recorded; {n} more superuser approval(s) needed")
+                }
             }
             Ok(exit::OK)
         }
@@ -304,14 +384,22 @@ pub fn mode(ida: IdentityArg, auth: AuthArgs, mode: ModeChoice) -> Result<u8> {
         ModeChoice::Fast => coffre_vault::Mode::Fast,
         ModeChoice::Safe => coffre_vault::Mode::Safe,
     };
-    match authed(&ida, &auth, |password, totp| ApiCommand::Mode { mode: m, password, totp })? {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Mode {
+        mode: m,
+        password,
+        totp,
+    })? {
         Ok(_) => Ok(exit::OK),
         Err((code, msg)) => Ok(fail(code, &msg)),
     }
 }
 
 pub fn quorum(ida: IdentityArg, auth: AuthArgs, quorum: u32) -> Result<u8> {
-    match authed(&ida, &auth, |password, totp| ApiCommand::Quorum { quorum, password, totp })? {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Quorum {
+        quorum,
+        password,
+        totp,
+    })? {
         Ok(_) => Ok(exit::OK),
         Err((code, msg)) => Ok(fail(code, &msg)),
     }
@@ -325,17 +413,28 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                     print_json(&v["members"])?;
                 } else {
                     for m in v["members"].as_array().into_iter().flatten() {
-                        println!("{}\t{}\tkeyslot {}", m["name"].as_str().unwrap_or(""), m["role"].as_str().unwrap_or(""), m["keyslot"]);
+                        println!(
+                            "{}\t{}\tkeyslot {}",
+                            m["name"].as_str().unwrap_or(""),
+                            m["role"].as_str().unwrap_or(""),
+                            m["keyslot"]
+                        );
                     }
                 }
                 Ok(exit::OK)
             }
             Err((code, msg)) => Ok(fail(code, &msg)),
         },
-        MemberCommand::Remove { name, id, auth } => match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove { name, password, totp })? {
-            Ok(_) => Ok(exit::OK),
-            Err((code, msg)) => Ok(fail(code, &msg)),
-        },
+        MemberCommand::Remove { name, id, auth } => {
+            match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove {
+                name,
+                password,
+                totp,
+            })? {
+                Ok(_) => Ok(exit::OK),
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
     }
 }
 
@@ -354,7 +453,13 @@ fn iso(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem / 60 % 60, rem % 60, ms % 1000)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 fn print_entries(entries: &[Value]) {
@@ -368,7 +473,10 @@ fn print_entries(entries: &[Value]) {
             r["action"].as_str().unwrap_or(""),
             r["result"].as_str().unwrap_or(""),
             r["detail"].as_str().unwrap_or(""),
-            r["source"]["addr"].as_str().map(|a| format!(" [{a}]")).unwrap_or_default()
+            r["source"]["addr"]
+                .as_str()
+                .map(|a| format!(" [{a}]"))
+                .unwrap_or_default()
         );
     }
 }
@@ -377,7 +485,10 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
     match cmd {
         AuditCommand::Show { id, dir, json } => {
             let entries: Vec<Value> = match dir {
-                Some(d) => coffre_audit::read_entries(&d)?.into_iter().map(|e| serde_json::to_value(e).expect("json")).collect(),
+                Some(d) => coffre_audit::read_entries(&d)?
+                    .into_iter()
+                    .map(|e| serde_json::to_value(e).expect("json"))
+                    .collect(),
                 None => match simple(&id, ApiCommand::AuditShow { since: None })? {
                     Ok(v) => v["entries"].as_array().cloned().unwrap_or_default(),
                     Err((code, msg)) => return Ok(fail(code, &msg)),
@@ -394,7 +505,9 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             let result = match dir {
                 Some(d) => {
                     let control = VaultDir::new(&d).load_control()?;
-                    coffre_audit::verify(&d, &control.audit_public_key).map(|r| r.records).map_err(|e| e.to_string())
+                    coffre_audit::verify(&d, &control.audit_public_key)
+                        .map(|r| r.records)
+                        .map_err(|e| e.to_string())
                 }
                 None => match simple(&id, ApiCommand::AuditVerify)? {
                     Ok(v) => Ok(v["records"].as_u64().unwrap_or(0)),
@@ -404,7 +517,9 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             };
             match result {
                 Ok(n) => {
-                    println!("audit log verified: {n} records, chain intact, head signed by the host key");
+                    println!(
+                        "audit log verified: {n} records, chain intact, head signed by the host key"
+                    );
                     Ok(exit::OK)
                 }
                 Err(msg) => {

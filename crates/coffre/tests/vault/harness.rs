@@ -1,0 +1,335 @@
+//! A real vault: `coffre init` in a temporary directory, the real daemon
+//! binary on a loopback port, the real CLI over mutual TLS.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coffre");
+
+pub struct Member {
+    pub name: String,
+    pub identity: PathBuf,
+    pub password: PathBuf,
+    pub secret: Vec<u8>,
+    pub last_step: u64,
+}
+
+pub struct Vault {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub daemon: Option<Child>,
+    pub members: Vec<Member>,
+    pub period: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Vault {
+    /// `coffre init` with cheap KDF costs; `extra` goes to init.
+    pub fn init(extra: &[&str]) -> Vault {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("vault");
+        let password = tmp.path().join("alice.pw");
+        std::fs::write(&password, "alice's password").unwrap();
+        let identity = tmp.path().join("alice.identity");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "init",
+            dir.to_str().unwrap(),
+            "--admin",
+            "alice",
+            "--password-file",
+            password.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--identity-out",
+            identity.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--totp-period",
+            "1",
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "8192",
+            "--pbkdf-parallel",
+            "2",
+        ];
+        args.extend(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let secret = secret_from(&text);
+        Vault {
+            tmp,
+            dir,
+            port,
+            daemon: None,
+            members: vec![Member {
+                name: "alice".into(),
+                identity,
+                password,
+                secret,
+                last_step: 0,
+            }],
+            period: 1,
+        }
+    }
+
+    /// Edits config.toml's [policy] before `start`.
+    pub fn set_policy(&self, key: &str, value: u64) {
+        let cfg = self.dir.join("config.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let out: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{key} = ")) {
+                    format!("{key} = {value}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&cfg, out.join("\n")).unwrap();
+    }
+
+    pub fn start(&mut self) {
+        let mut child = Command::new(BIN)
+            .args(["serve", self.dir.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines.next().expect("daemon printed nothing").unwrap();
+        assert!(line.contains("listening on"), "{line}");
+        std::thread::spawn(move || for _ in lines {});
+        self.daemon = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            unsafe_kill(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("daemon did not stop on SIGTERM");
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn member(&mut self, name: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+
+    /// A TOTP code for a step never used before by this member (waits for
+    /// the next step if needed).
+    pub fn totp(&mut self, name: &str) -> String {
+        let period = self.period;
+        let m = self.member(name);
+        loop {
+            let step = unix_secs() / period;
+            if step > m.last_step {
+                m.last_step = step;
+                return format!("{:06}", coffre_daemon::totp::hotp(&m.secret, step));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs the CLI as `name`.
+    pub fn cli(&self, name: &str, args: &[&str]) -> Output {
+        let m = self
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .expect("member");
+        Command::new(BIN)
+            .args(args)
+            .env("COFFRE_IDENTITY", &m.identity)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// A password-and-TOTP command as `name`.
+    pub fn authed(&mut self, name: &str, args: &[&str]) -> Output {
+        let code = self.totp(name);
+        let pw = self.member(name).password.clone();
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["--password-file", pw.to_str().unwrap(), "--totp", &code]);
+        self.cli(name, &a)
+    }
+
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        let out = self.cli(name, &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn state(&self) -> String {
+        self.status("alice")["state"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the vault reaches `state`.
+    pub fn wait_state(&self, state: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.state();
+            if s == state {
+                return;
+            }
+            assert!(Instant::now() < deadline, "vault is {s}, expected {state}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `coffre enter` in the background, held until `leave` or a signal.
+    pub fn enter_bg(&mut self, name: &str, extra: &[&str]) -> Child {
+        let code = self.totp(name);
+        let m = self.members.iter().find(|m| m.name == name).unwrap();
+        let mut args = vec![
+            "enter",
+            "--password-file",
+            m.password.to_str().unwrap(),
+            "--totp",
+            &code,
+            "--heartbeat",
+            "1",
+        ];
+        args.extend(extra);
+        let child = Command::new(BIN)
+            .args(&args)
+            .env("COFFRE_IDENTITY", &m.identity)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Entered once the session file appears.
+        let sfile = session_file(&m.identity);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sfile.exists() {
+            assert!(Instant::now() < deadline, "enter did not complete");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(
+            "alice",
+            &[
+                "audit",
+                "show",
+                "--json",
+                "--dir",
+                self.dir.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success());
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+pub fn session_file(identity: &Path) -> PathBuf {
+    let mut s = identity.as_os_str().to_owned();
+    s.push(".session");
+    PathBuf::from(s)
+}
+
+pub fn secret_from(init_stdout: &str) -> Vec<u8> {
+    let uri = init_stdout
+        .lines()
+        .find(|l| l.contains("otpauth://"))
+        .expect("otpauth URI printed");
+    let s = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    coffre_daemon::totp::unbase32(s).unwrap()
+}
+
+pub fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// Waits for a child to exit; returns its code.
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}

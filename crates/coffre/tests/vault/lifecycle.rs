@@ -1,0 +1,309 @@
+use crate::harness::*;
+use std::time::Duration;
+
+#[test]
+fn enter_opens_leave_closes_and_audit_says_so() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    assert_eq!(v.state(), "closed");
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let st = v.status("alice");
+    assert_eq!(st["sessions"][0]["member"], "alice");
+    assert_eq!(st["sessions"][0]["door"], "cli");
+    let out = v.cli("alice", &["leave"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(wait_exit(&mut enter, Duration::from_secs(10)), Some(0));
+    assert_eq!(v.state(), "closed");
+    let audit = v.audit();
+    let actions: Vec<String> = audit
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["record"]["action"].as_str().unwrap(),
+                e["record"]["result"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "init:ok",
+        "boot:closed",
+        "enter:ok",
+        "state:opening",
+        "state:open",
+        "leave:ok",
+        "state:closing",
+        "state:closed",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == want),
+            "{want} missing from {actions:?}"
+        );
+    }
+    // Never a secret in the audit log.
+    let raw = std::fs::read_to_string(v.dir.join("audit.log")).unwrap();
+    assert!(!raw.contains("alice's password"));
+}
+
+#[test]
+fn task_keeps_the_vault_open_past_the_last_leave() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let out = v.cli("alice", &["task", "add", "nightly", "--duration", "3s"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    v.cli("alice", &["leave"]);
+    wait_exit(&mut enter, Duration::from_secs(10));
+    assert_eq!(v.state(), "open", "the task keeps it open");
+    let tasks = v.status("alice")["tasks"].clone();
+    assert_eq!(tasks[0]["task_user"], "alice");
+    v.wait_state("closed", Duration::from_secs(10));
+}
+
+#[test]
+fn lock_kicks_everyone_out_and_refuses_right_passwords_until_unlock() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let out = v.authed("alice", &["lock", "--reason", "suspicious login"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "locked");
+    assert_eq!(v.status("alice")["key_held"], false);
+    // The held session learns it at its next heartbeat.
+    assert_eq!(wait_exit(&mut enter, Duration::from_secs(10)), Some(12));
+    let out = v.authed("alice", &["enter"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"));
+    // Still locked across a restart.
+    v.stop();
+    v.start();
+    assert_eq!(v.state(), "locked");
+    let out = v.authed("alice", &["unlock"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "closed");
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    v.cli("alice", &["leave"]);
+    wait_exit(&mut enter, Duration::from_secs(10));
+}
+
+#[test]
+fn wrong_password_wrong_and_replayed_totp() {
+    let mut v = Vault::init(&[]);
+    v.set_policy("throttle_base_ms", 1);
+    v.set_policy("throttle_max_ms", 1);
+    v.start();
+    let bad = v.tmp.path().join("bad.pw");
+    std::fs::write(&bad, "not alice's password").unwrap();
+    let code_now = v.totp("alice");
+    let out = v.cli(
+        "alice",
+        &[
+            "enter",
+            "--password-file",
+            bad.to_str().unwrap(),
+            "--totp",
+            &code_now,
+        ],
+    );
+    assert_eq!(code(&out), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong password"));
+    // The code used with the wrong password was consumed: replay refused,
+    // even with the right password.
+    let pw = v.member("alice").password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "enter",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            &code_now,
+        ],
+    );
+    assert_eq!(code(&out), 7, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already used"));
+    let out = v.cli(
+        "alice",
+        &[
+            "enter",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            "000000",
+        ],
+    );
+    assert_eq!(code(&out), 7, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "closed");
+    let audit = v.audit();
+    for want in [
+        "refused:wrong_password",
+        "refused:wrong_totp",
+        "refused:totp_replayed",
+    ] {
+        assert!(
+            audit.iter().any(|e| e["record"]["result"] == want),
+            "{want} not audited"
+        );
+    }
+}
+
+#[test]
+fn vanished_client_is_dropped_after_the_grace_period() {
+    let mut v = Vault::init(&["--grace", "2"]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let _ = enter.kill(); // no leave, no more heartbeats
+    let _ = enter.wait();
+    v.wait_state("closed", Duration::from_secs(10));
+    assert!(v.audit().iter().any(|e| e["record"]["result"] == "dropped"));
+}
+
+#[test]
+fn certificate_of_another_vault_gets_nowhere() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let other = Vault::init(&[]);
+    let mut stranger = other.members[0].identity.clone();
+    let copy = v.tmp.path().join("stranger.identity");
+    std::fs::copy(&stranger, &copy).unwrap();
+    stranger = copy;
+    let server = format!("127.0.0.1:{}", v.port);
+    let out = std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--identity",
+            stranger.to_str().unwrap(),
+            "--server",
+            &server,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 8, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "closed");
+}
+
+#[test]
+fn sigkill_while_open_then_restart_is_closed_and_recorded() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    v.crash();
+    let _ = enter.kill();
+    let _ = enter.wait();
+    v.start();
+    assert_eq!(v.state(), "closed");
+    let audit = v.audit();
+    let boot = audit
+        .iter()
+        .rev()
+        .find(|e| e["record"]["action"] == "boot")
+        .unwrap();
+    assert!(
+        boot["record"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unclean"),
+        "{boot}"
+    );
+}
+
+#[test]
+fn clean_stop_closes_the_vault_first() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    v.stop();
+    let _ = enter.kill();
+    let _ = enter.wait();
+    let audit = v.audit();
+    let last = &audit.last().unwrap()["record"];
+    assert_eq!(last["action"], "stop");
+    assert!(last["detail"].as_str().unwrap().contains("was open"));
+    assert!(!v.dir.join("daemon.running").exists());
+    v.start();
+    let boot = v
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e["record"]["action"] == "boot")
+        .unwrap();
+    assert!(
+        !boot["record"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unclean")
+    );
+}
+
+#[test]
+fn audit_log_edited_by_hand_is_caught() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    v.cli("alice", &["leave"]);
+    wait_exit(&mut enter, Duration::from_secs(10));
+    let out = v.cli("alice", &["audit", "verify"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    let path = v.dir.join("audit.log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen(
+            "\"actor\":\"alice\",\"source\":{",
+            "\"actor\":\"mallory\",\"source\":{",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = v.cli("alice", &["audit", "verify"]);
+    assert_eq!(code(&out), 1);
+    let msg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        msg.contains("TAMPERED") && msg.contains("edited") && msg.contains("record "),
+        "{msg}"
+    );
+    let out = v.cli(
+        "alice",
+        &["audit", "verify", "--dir", v.dir.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 1);
+    // A daemon will not start on a tampered log.
+    v.stop();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", v.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("audit"));
+}
+
+#[test]
+fn burst_of_bad_attempts_locks_the_vault() {
+    let mut v = Vault::init(&[]);
+    v.set_policy("auto_lock_failures", 4);
+    v.set_policy("throttle_base_ms", 1);
+    v.set_policy("throttle_max_ms", 1);
+    v.start();
+    for _ in 0..4 {
+        let out = v.cli(
+            "alice",
+            &[
+                "enter",
+                "--password-file",
+                v.members[0].password.to_str().unwrap(),
+                "--totp",
+                "000000",
+            ],
+        );
+        assert_eq!(code(&out), 7);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(v.state(), "locked");
+    let lock = v.status("alice")["lock"].clone();
+    assert_eq!(lock["by"], "coffre");
+    assert!(lock["reason"].as_str().unwrap().contains("auto-lock"));
+}

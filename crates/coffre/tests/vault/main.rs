@@ -1,0 +1,6 @@
+//! End-to-end tests of the vault: the real daemon binary on loopback,
+//! driven by the real CLI over mutual TLS.
+
+mod harness;
+mod key_gone;
+mod lifecycle;
