@@ -113,6 +113,38 @@ pub enum ApiCommand {
         /// TOTP code.
         totp: String,
     },
+    /// Invite a member (superuser).
+    Invite {
+        /// New member's name.
+        name: String,
+        /// Their role.
+        role: coffre_vault::Role,
+        /// Password.
+        password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
+    /// Join with an invitation (the only command accepted without a client
+    /// certificate).
+    Join {
+        /// The invited name.
+        name: String,
+        /// The invitation's one-time code.
+        code: ApiSecret,
+        /// Certificate request (PEM) for the key made on the joiner's machine.
+        csr: String,
+        /// The new member's password.
+        password: ApiSecret,
+    },
+    /// Change one's own password.
+    Passwd {
+        /// Current password.
+        password: ApiSecret,
+        /// New password.
+        new_password: ApiSecret,
+        /// TOTP code.
+        totp: String,
+    },
     /// Audit records (certificate only).
     AuditShow {
         /// Only records after this sequence number.

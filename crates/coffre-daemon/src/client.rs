@@ -41,12 +41,36 @@ pub enum ClientError {
 
 /// Sends one command; returns the JSON reply (`{"ok": ...}`).
 pub async fn call(id: &Identity, cmd: &ApiCommand) -> Result<serde_json::Value, ClientError> {
-    let addr = id.server.clone();
+    let config = client_config(id).map_err(|e| ClientError::Unreachable {
+        addr: id.server.clone(),
+        msg: e.to_string(),
+    })?;
+    call_with(Arc::new(config), &id.server, cmd).await
+}
+
+/// Sends `join` without a client certificate, trusting only `ca_pem`.
+pub async fn call_join(
+    ca_pem: &str,
+    server: &str,
+    cmd: &ApiCommand,
+) -> Result<serde_json::Value, ClientError> {
+    let config = crate::tls::join_config(ca_pem).map_err(|e| ClientError::Unreachable {
+        addr: server.to_string(),
+        msg: e.to_string(),
+    })?;
+    call_with(Arc::new(config), server, cmd).await
+}
+
+async fn call_with(
+    config: Arc<rustls::ClientConfig>,
+    server: &str,
+    cmd: &ApiCommand,
+) -> Result<serde_json::Value, ClientError> {
+    let addr = server.to_string();
     let unreachable = |m: String| ClientError::Unreachable {
         addr: addr.clone(),
         msg: m,
     };
-    let config = Arc::new(client_config(id).map_err(|e| unreachable(e.to_string()))?);
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect(&addr),

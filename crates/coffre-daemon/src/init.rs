@@ -14,6 +14,8 @@ use std::path::PathBuf;
 
 /// The LUKS2 token type that binds a member to their keyslot.
 pub const MEMBER_TOKEN: &str = "coffre-member";
+/// The LUKS2 token type that marks an invitation's temporary keyslot.
+pub const INVITE_TOKEN: &str = "coffre-invite";
 
 /// Errors of `init`.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +213,8 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         header: PathBuf::from("volume.hdr"),
         totp_period_s: o.totp_period_s,
         kdf_memory_cap_kib: 2 * 1024 * 1024,
+        keyslot_kdf: crate::vaultdir::KeyslotKdf::from_params(o.kdf),
+        invitation_ttl_s: 72 * 3600,
         policy: o.policy,
     };
     let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;

@@ -87,6 +87,40 @@ pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError
     })
 }
 
+/// Signs a joining member's certificate request: their key pair was made
+/// on their machine and never leaves it. The subject is set to `member`
+/// whatever the request says.
+pub fn sign_csr(
+    vault: &str,
+    ca_key_pem: &str,
+    csr_pem: &str,
+    member: &str,
+) -> Result<Issued, PkiError> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name
+        .push(DnType::CommonName, member.to_string());
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    csr.params = p;
+    let cert = csr.signed_by(&issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: String::new(),
+    })
+}
+
+/// A key pair and a certificate request for `member`, made on the
+/// joining machine. Returns (request PEM, private key PEM).
+pub fn new_request(member: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name
+        .push(DnType::CommonName, member.to_string());
+    let csr = p.serialize_request(&key).map_err(e)?;
+    Ok((csr.pem().map_err(e)?, key.serialize_pem()))
+}
+
 /// Issues a member's client certificate. (Joining members make their key
 /// on their own machine; `coffre init` makes the first superuser's for a
 /// quick start, to be moved off the host.)
@@ -102,4 +136,13 @@ pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Is
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// The SHA-256 fingerprint of the first certificate in `pem`.
+pub fn pem_fingerprint(pem: &str) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|d| fingerprint(d.as_ref()))
 }

@@ -56,7 +56,7 @@ type Answer = (u16, Value);
 
 enum Msg {
     Api {
-        fingerprint: String,
+        fingerprint: Option<String>,
         addr: SocketAddr,
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
@@ -87,6 +87,7 @@ struct Shell {
     audit: AuditLog,
     container: Arc<RwLock<Luks2Container>>,
     passwords: HashMap<ReqId, Passphrase>,
+    new_passwords: HashMap<ReqId, Passphrase>,
     replies: HashMap<ReqId, oneshot::Sender<Answer>>,
     kept: HashMap<ReqId, VolumeKey>,
     open_key: Option<VolumeKey>,
@@ -164,11 +165,29 @@ impl Shell {
 
     fn api(
         &mut self,
-        fp: String,
+        fp: Option<String>,
         addr: SocketAddr,
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
     ) {
+        let Some(fp) = fp else {
+            // Without a client certificate, joining is the only thing to do.
+            match cmd {
+                ApiCommand::Join {
+                    name,
+                    code,
+                    csr,
+                    password,
+                } => {
+                    let answer = self.join(&name, &code.0, &csr, &password.0, addr);
+                    let _ = reply.send(answer);
+                }
+                _ => {
+                    let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "a member certificate is required"})));
+                }
+            }
+            return;
+        };
         let Some(member) = self.member_of(&fp) else {
             self.system_audit(
                 "connect",
@@ -306,6 +325,48 @@ impl Shell {
                 totp_code = Some(totp);
                 Command::MemberRemove { name }
             }
+            ApiCommand::Invite {
+                name,
+                role,
+                password: p,
+                totp,
+            } => {
+                if let Err(msg) = crate::init::check_member_name(&name) {
+                    let _ = reply.send((
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": msg}),
+                    ));
+                    return;
+                }
+                if self.control.invitations.contains_key(&name) {
+                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": format!("{name} already has a pending invitation")})));
+                    return;
+                }
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::Invite { name, role }
+            }
+            ApiCommand::Passwd {
+                password: p,
+                new_password,
+                totp,
+            } => {
+                if new_password.0.is_empty() {
+                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "the new password is empty"})));
+                    return;
+                }
+                self.new_passwords.insert(
+                    ReqId(self.next_req),
+                    Passphrase::from_slice(new_password.0.as_bytes()),
+                );
+                password = Some(p);
+                totp_code = Some(totp);
+                Command::Passwd
+            }
+            ApiCommand::Join { .. } => {
+                let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "this identity is already a member"})));
+                return;
+            }
         };
         let totp = match totp_code {
             None => Totp::Missing,
@@ -345,6 +406,7 @@ impl Shell {
         // password behind.
         if !self.vault_waits_for(req) {
             self.passwords.remove(&req);
+            self.new_passwords.remove(&req);
         }
     }
 
@@ -529,7 +591,331 @@ impl Shell {
                 }
             }
             Effect::Persist => self.persist(),
+            Effect::Invite { req, name, role } => {
+                let key = self.kept.remove(&req);
+                let answer = match key {
+                    Some(k) => self.create_invitation(&k, &name, role),
+                    None => (
+                        500,
+                        json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
+                    ),
+                };
+                if let Some(tx) = self.replies.remove(&req) {
+                    let _ = tx.send(answer);
+                }
+            }
+            Effect::ChangePassword {
+                req,
+                member,
+                keyslot,
+            } => {
+                let key = self.kept.remove(&req);
+                let new = self.new_passwords.remove(&req);
+                let answer = match (key, new) {
+                    (Some(k), Some(new)) => {
+                        let kdf = self.config.keyslot_kdf.params();
+                        let r = self
+                            .container
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .change_passphrase(keyslot, &k, &new, kdf);
+                        match r {
+                            Ok(()) => (200, json!({"ok": true})),
+                            Err(e) => {
+                                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                                (
+                                    500,
+                                    json!({"ok": false, "error": "failure", "message": format!("password not changed: {e}")}),
+                                )
+                            }
+                        }
+                    }
+                    _ => (
+                        500,
+                        json!({"ok": false, "error": "failure", "message": "password not changed"}),
+                    ),
+                };
+                if let Some(tx) = self.replies.remove(&req) {
+                    let _ = tx.send(answer);
+                }
+            }
         }
+    }
+
+    fn free_token_id(&self) -> Option<u32> {
+        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+        (0..coffre_luks2::MAX_KEYSLOTS).find(|i| {
+            !c.header()
+                .metadata
+                .tokens
+                .contains_key(&coffre_luks2::metadata::Id(*i))
+        })
+    }
+
+    fn invite_passphrase(&self, code: &[u8]) -> Option<Passphrase> {
+        use hmac::{Hmac, KeyInit, Mac};
+        let secret = crate::totp::unhex(&self.control.invite_secret)?;
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&secret).ok()?;
+        mac.update(b"coffre-invitation-v1\n");
+        mac.update(code);
+        let out: Vec<u8> = mac.finalize().into_bytes().to_vec();
+        let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+        Some(Passphrase::from_slice(hex.as_bytes()))
+    }
+
+    /// A temporary keyslot opened by the invitation code mixed with a
+    /// secret only this host holds: a stolen invitation plus a stolen
+    /// header is not enough.
+    fn create_invitation(&mut self, key: &VolumeKey, name: &str, role: Role) -> Answer {
+        let fail = |m: String| (500, json!({"ok": false, "error": "failure", "message": m}));
+        let mut code = [0u8; 16];
+        coffre_luks2::secret::fill_random(&mut code);
+        let Some(pass) = self.invite_passphrase(&code) else {
+            return fail("no invitation secret in control data".into());
+        };
+        let Some(token_id) = self.free_token_id() else {
+            return fail("no free LUKS2 token".into());
+        };
+        // The code carries 128 random bits, so a cheap KDF is enough.
+        let kdf = coffre_luks2::kdf::KdfParams::Pbkdf2 {
+            hash: coffre_luks2::hash::HashAlg::Sha256,
+            iterations: 1000,
+        };
+        let slot = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            let slot = match c.add_keyslot(key, &pass, None, kdf, Some(0)) {
+                Ok(n) => n,
+                Err(e) => return fail(format!("cannot add the invitation keyslot: {e}")),
+            };
+            if let Err(e) = c.set_token(token_id, json!({"type": crate::init::INVITE_TOKEN, "keyslots": [slot.to_string()], "member": name})) {
+                let _ = c.remove_keyslot(slot, false);
+                return fail(format!("cannot bind the invitation keyslot: {e}"));
+            }
+            slot
+        };
+        let expires_ms = now_ms().0 + self.config.invitation_ttl_s * 1000;
+        let code_hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        self.control.invitations.insert(
+            name.to_string(),
+            crate::vaultdir::Invitation {
+                keyslot: slot,
+                role,
+                expires_ms,
+                code_sha256: crate::pki::fingerprint(&code),
+                by: String::new(),
+            },
+        );
+        self.persist();
+        self.system_audit(
+            "member_invite",
+            "ok",
+            format!("invitation for {name}: temporary keyslot {slot}, expires at {expires_ms} ms"),
+        );
+        let ca_pem = self.dir.read(&self.dir.ca_cert()).unwrap_or_default();
+        (
+            200,
+            json!({"ok": true, "invitation": {
+                "name": name, "role": role, "code": code_hex, "expires_ms": expires_ms,
+                "server": self.config.listen, "ca_pem": ca_pem,
+                "ca_fingerprint": ca_fingerprint(&ca_pem),
+            }}),
+        )
+    }
+
+    fn drop_invitation(&mut self, name: &str, why: &str) {
+        let Some(inv) = self.control.invitations.remove(name) else {
+            return;
+        };
+        let r = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            let tokens: Vec<u32> = c
+                .header()
+                .metadata
+                .tokens
+                .iter()
+                .filter(|(_, t)| {
+                    t.get("type").and_then(|x| x.as_str()) == Some(crate::init::INVITE_TOKEN)
+                        && t.get("member").and_then(|x| x.as_str()) == Some(name)
+                })
+                .map(|(id, _)| id.0)
+                .collect();
+            let mut r = c.remove_keyslot(inv.keyslot, false);
+            for id in tokens {
+                let _ = c.remove_token(id);
+            }
+            if matches!(
+                r,
+                Err(coffre_storage::Error::Luks2(
+                    coffre_luks2::Error::KeyslotNotFound(_)
+                ))
+            ) {
+                r = Ok(());
+            }
+            r
+        };
+        self.persist();
+        match r {
+            Ok(()) => self.system_audit(
+                "member_invite",
+                why,
+                format!(
+                    "invitation for {name} ended; temporary keyslot {} wiped",
+                    inv.keyslot
+                ),
+            ),
+            Err(e) => self.system_audit(
+                "member_invite",
+                "failed",
+                format!("invitation for {name}: keyslot {}: {e}", inv.keyslot),
+            ),
+        }
+    }
+
+    fn expire_invitations(&mut self) {
+        let now = now_ms().0;
+        let expired: Vec<String> = self
+            .control
+            .invitations
+            .iter()
+            .filter(|(_, i)| i.expires_ms <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            self.drop_invitation(&name, "expired");
+        }
+    }
+
+    fn join(
+        &mut self,
+        name: &str,
+        code_hex: &str,
+        csr: &str,
+        password: &str,
+        addr: SocketAddr,
+    ) -> Answer {
+        let source = Some(Source {
+            door: "join".into(),
+            addr: addr.ip().to_string(),
+        });
+        let refuse = |this: &mut Self, why: &str| {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: source.clone(),
+                action: "member_join".into(),
+                result: "refused".into(),
+                detail: why.to_string(),
+            };
+            let _ = this.audit.append(rec);
+            (
+                403,
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used or expired)"}),
+            )
+        };
+        let Some(inv) = self.control.invitations.get(name).cloned() else {
+            return refuse(self, "no pending invitation");
+        };
+        if inv.expires_ms <= now_ms().0 {
+            self.drop_invitation(name, "expired");
+            return refuse(self, "invitation expired");
+        }
+        let Some(code) = crate::totp::unhex(code_hex) else {
+            return refuse(self, "malformed code");
+        };
+        if !coffre_luks2::hash::ct_eq(
+            crate::pki::fingerprint(&code).as_bytes(),
+            inv.code_sha256.as_bytes(),
+        ) {
+            return refuse(self, "wrong invitation code");
+        }
+        if password.is_empty() {
+            return (
+                400,
+                json!({"ok": false, "error": "invalid", "message": "the password is empty"}),
+            );
+        }
+        let Some(temp) = self.invite_passphrase(&code) else {
+            return refuse(self, "no invitation secret");
+        };
+        let ca_key = match self.dir.read(&self.dir.ca_key()) {
+            Ok(k) => k,
+            Err(e) => {
+                return (
+                    500,
+                    json!({"ok": false, "error": "failure", "message": e.to_string()}),
+                );
+            }
+        };
+        let issued = match crate::pki::sign_csr(&self.config.name, &ca_key, csr, name) {
+            Ok(i) => i,
+            Err(e) => {
+                return (
+                    400,
+                    json!({"ok": false, "error": "invalid", "message": format!("bad certificate request: {e}")}),
+                );
+            }
+        };
+        let kdf = self.config.keyslot_kdf.params();
+        let member_pass = Passphrase::from_slice(password.as_bytes());
+        let slot = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            let key = match c.unlock(&temp, Some(inv.keyslot)) {
+                Ok((_, k)) => k,
+                Err(e) => {
+                    drop(c);
+                    return refuse(self, &format!("temporary keyslot did not open: {e}"));
+                }
+            };
+            let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
+            drop(key);
+            coffre_luks2::secret::scrub_stack();
+            match slot {
+                Ok(s) => s,
+                Err(e) => {
+                    return (
+                        500,
+                        json!({"ok": false, "error": "failure", "message": format!("cannot add your keyslot: {e}")}),
+                    );
+                }
+            }
+        };
+        self.drop_invitation(name, "used");
+        let bound = self.free_token_id().map(|id| {
+            self.container.write().unwrap_or_else(|p| p.into_inner()).set_token(id, json!({"type": crate::init::MEMBER_TOKEN, "keyslots": [slot.to_string()], "member": name}))
+        });
+        if !matches!(bound, Some(Ok(()))) {
+            let _ = self
+                .container
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove_keyslot(slot, false);
+            return (
+                500,
+                json!({"ok": false, "error": "failure", "message": "cannot bind your keyslot"}),
+            );
+        }
+        let mut secret = [0u8; totp::SECRET_LEN];
+        coffre_luks2::secret::fill_random(&mut secret);
+        self.control
+            .totp
+            .insert(name.to_string(), totp::base32(&secret));
+        self.control
+            .certs
+            .insert(issued.fingerprint.clone(), name.to_string());
+        self.run(Event::MemberJoined {
+            member: Member {
+                name: name.to_string(),
+                role: inv.role,
+                keyslot: slot,
+                last_totp_step: None,
+            },
+        });
+        self.persist();
+        (
+            200,
+            json!({"ok": true, "cert_pem": issued.cert_pem, "keyslot": slot,
+            "otpauth": totp::otpauth_uri(&format!("coffre {}", self.config.name), name, &secret, self.config.totp_period_s)}),
+        )
     }
 
     fn persist(&mut self) {
@@ -561,10 +947,17 @@ impl Shell {
     }
 }
 
+fn ca_fingerprint(ca_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map(|d| fingerprint(d.as_ref()))
+        .unwrap_or_default()
+}
+
 async fn handle_http(
     req: hyper::Request<Incoming>,
     tx: mpsc::UnboundedSender<Msg>,
-    fp: String,
+    fp: Option<String>,
     addr: SocketAddr,
 ) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
     let respond = |status: u16, v: Value| {
@@ -633,6 +1026,7 @@ pub async fn serve(
     listen: Option<String>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    coffre_sys::return_large_allocations();
     let vd = VaultDir::new(dir);
     let config = vd.load_config()?;
     let control = vd.load_control()?;
@@ -682,6 +1076,7 @@ pub async fn serve(
         audit,
         container: Arc::new(RwLock::new(container)),
         passwords: HashMap::new(),
+        new_passwords: HashMap::new(),
         replies: HashMap::new(),
         kept: HashMap::new(),
         open_key: None,
@@ -708,15 +1103,12 @@ pub async fn serve(
                 else {
                     return;
                 };
-                let Some(fp) = tls
+                let fp = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| fingerprint(c.as_ref()))
-                else {
-                    return;
-                };
+                    .map(|c| fingerprint(c.as_ref()));
                 let svc = service_fn(move |req| handle_http(req, tx.clone(), fp.clone(), peer));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -760,7 +1152,10 @@ pub async fn serve(
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
             Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
-            Msg::Tick => shell.run(Event::Tick),
+            Msg::Tick => {
+                shell.expire_invitations();
+                shell.run(Event::Tick);
+            }
             Msg::Shutdown(done) => {
                 shell.shutdown();
                 let _ = done.send(());

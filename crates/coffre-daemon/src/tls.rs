@@ -46,7 +46,10 @@ pub fn server_config(
     key_pem: &str,
 ) -> Result<ServerConfig, TlsError> {
     let verifier =
+        // Clients without a certificate get through TLS so that invited
+        // people can join; every other command needs a member's certificate.
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .allow_unauthenticated()
             .build()
             .map_err(e)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(e)?;
@@ -56,6 +59,16 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain(cert_pem)?, key)
         .map_err(e)
+}
+
+/// A joining client's configuration: the CA pinned from the invitation, no
+/// client certificate yet.
+pub fn join_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(e)?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_no_client_auth())
 }
 
 /// A client's configuration from its identity file: the vault CA pinned,

@@ -91,6 +91,17 @@ pub fn unbase32(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Decodes lowercase or uppercase hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// The `otpauth://` URI an authenticator app enrolls from.
 pub fn otpauth_uri(issuer: &str, member: &str, secret: &[u8], period: u64) -> String {
     let enc = |s: &str| -> String {

@@ -53,9 +53,89 @@ pub struct Config {
     /// Memory all concurrent keyslot derivations may use together, KiB.
     #[serde(default = "default_kdf_cap")]
     pub kdf_memory_cap_kib: u64,
+    /// KDF costs of members' keyslots.
+    pub keyslot_kdf: KeyslotKdf,
+    /// How long an invitation stays valid, seconds.
+    #[serde(default = "default_invite_ttl")]
+    pub invitation_ttl_s: u64,
     /// Vault rules.
     #[serde(default)]
     pub policy: Policy,
+}
+
+fn default_invite_ttl() -> u64 {
+    72 * 3600
+}
+
+/// KDF costs for new keyslots, as written in config.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyslotKdf {
+    /// `"argon2id"` or `"pbkdf2"`.
+    pub pbkdf: String,
+    /// argon2 passes or pbkdf2 iterations.
+    pub iterations: u32,
+    /// argon2 memory, KiB.
+    #[serde(default)]
+    pub memory_kib: u32,
+    /// argon2 lanes.
+    #[serde(default)]
+    pub lanes: u32,
+}
+
+impl KeyslotKdf {
+    /// From LUKS2 parameters.
+    pub fn from_params(p: coffre_luks2::kdf::KdfParams) -> Self {
+        match p {
+            coffre_luks2::kdf::KdfParams::Pbkdf2 { iterations, .. } => Self {
+                pbkdf: "pbkdf2".into(),
+                iterations,
+                memory_kib: 0,
+                lanes: 0,
+            },
+            coffre_luks2::kdf::KdfParams::Argon2id {
+                time,
+                memory_kib,
+                lanes,
+            } => Self {
+                pbkdf: "argon2id".into(),
+                iterations: time,
+                memory_kib,
+                lanes,
+            },
+        }
+    }
+
+    /// To LUKS2 parameters.
+    pub fn params(&self) -> coffre_luks2::kdf::KdfParams {
+        if self.pbkdf == "pbkdf2" {
+            coffre_luks2::kdf::KdfParams::Pbkdf2 {
+                hash: coffre_luks2::hash::HashAlg::Sha256,
+                iterations: self.iterations,
+            }
+        } else {
+            coffre_luks2::kdf::KdfParams::Argon2id {
+                time: self.iterations,
+                memory_kib: self.memory_kib,
+                lanes: self.lanes,
+            }
+        }
+    }
+}
+
+/// A pending invitation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Invitation {
+    /// The temporary keyslot.
+    pub keyslot: u32,
+    /// Role the member will have.
+    pub role: coffre_vault::Role,
+    /// Expiry, ms since the epoch.
+    pub expires_ms: u64,
+    /// SHA-256 of the one-time code, hex.
+    pub code_sha256: String,
+    /// Who invited.
+    pub by: String,
 }
 
 fn default_period() -> u64 {
@@ -82,6 +162,13 @@ pub struct Control {
     pub revoked: Vec<String>,
     /// The audit host key's public half, hex (also in the head's checks).
     pub audit_public_key: String,
+    /// Server-side secret mixed into invitation codes (hex). Secret: with
+    /// it, an invitation file plus a header copy would open the volume.
+    #[serde(default)]
+    pub invite_secret: String,
+    /// Pending invitations by member name.
+    #[serde(default)]
+    pub invitations: BTreeMap<String, Invitation>,
 }
 
 /// Paths inside a vault directory.

@@ -60,6 +60,28 @@ pub fn disable_core_dumps() -> io::Result<()> {
     Ok(())
 }
 
+/// Makes glibc serve every allocation of 1 MiB or more with its own
+/// mapping, returned to the kernel on free.
+///
+/// glibc otherwise raises its mmap threshold after the first large free,
+/// and each thread's arena then keeps freed KDF buffers (argon2 needs tens
+/// to hundreds of MiB per derivation) resident: memory would grow with the
+/// number of threads that ever derived a key, not with the derivations
+/// running now, and the daemon's KDF memory cap would mean nothing.
+/// Fixing the threshold also turns off that dynamic adjustment.
+pub fn return_large_allocations() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator tunables; M_MMAP_THRESHOLD
+        // takes a plain integer.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Whether core dumps are disabled for this process (`RLIMIT_CORE` is 0 and
 /// the process is not dumpable).
 pub fn core_dumps_disabled() -> bool {

@@ -360,8 +360,29 @@ impl Vault {
             self.fail(out, &r);
             return;
         }
-        let keep_key =
-            r.command == Command::Enter && matches!(self.phase, Phase::Closed | Phase::Closing);
+        if r.command.uses_key() && self.is_locked() {
+            out.refuse(
+                &r,
+                Refusal::Locked,
+                "the vault is locked",
+                "refused: vault locked",
+            );
+            return;
+        }
+        if let Command::Invite { name, .. } = &r.command
+            && self.p.members.contains_key(name)
+        {
+            out.refuse(
+                &r,
+                Refusal::Invalid,
+                &format!("{name} is already a member"),
+                format!("invite {name}"),
+            );
+            return;
+        }
+        let keep_key = r.command.uses_key()
+            || (r.command == Command::Enter
+                && matches!(self.phase, Phase::Closed | Phase::Closing));
         out.effects.push(Effect::CheckPassword {
             req: r.req,
             member: member.name.clone(),
@@ -583,6 +604,40 @@ impl Vault {
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
             Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
+            Command::Invite { name, role } => {
+                if self.is_locked() || self.p.members.contains_key(&name) {
+                    out.effects.push(Effect::DiscardKey { req });
+                    out.refuse(
+                        &r,
+                        Refusal::Invalid,
+                        "cannot invite now (locked, or the name is taken)",
+                        format!("invite {name}"),
+                    );
+                    return;
+                }
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "member_invite",
+                    "ok",
+                    format!("{name} as {role:?}").to_lowercase(),
+                );
+                out.effects.push(Effect::Invite { req, name, role });
+            }
+            Command::Passwd => {
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "passwd",
+                    "ok",
+                    format!("keyslot {}", member.keyslot),
+                );
+                out.effects.push(Effect::ChangePassword {
+                    req,
+                    member: member.name.clone(),
+                    keyslot: member.keyslot,
+                });
+            }
             Command::Leave { .. }
             | Command::Heartbeat { .. }
             | Command::TaskAdd { .. }

@@ -195,6 +195,17 @@ pub enum Command {
         /// Who.
         name: String,
     },
+    /// Invite a new member (superuser, password and TOTP). The superuser's
+    /// keyslot check provides the volume key for the temporary keyslot.
+    Invite {
+        /// The new member's name.
+        name: String,
+        /// Their role.
+        role: Role,
+    },
+    /// Change one's own password (password and TOTP); the keyslot is
+    /// replaced atomically.
+    Passwd,
 }
 
 impl Command {
@@ -211,6 +222,8 @@ impl Command {
             Command::SetMode { .. } => "mode",
             Command::SetQuorum { .. } => "quorum",
             Command::MemberRemove { .. } => "member_remove",
+            Command::Invite { .. } => "member_invite",
+            Command::Passwd => "passwd",
         }
     }
 
@@ -224,7 +237,15 @@ impl Command {
                 | Command::SetMode { .. }
                 | Command::SetQuorum { .. }
                 | Command::MemberRemove { .. }
+                | Command::Invite { .. }
+                | Command::Passwd
         )
+    }
+
+    /// Whether the shell must keep the key the password check derives, for
+    /// a keyslot change (always wiped right after it).
+    pub fn uses_key(&self) -> bool {
+        matches!(self, Command::Invite { .. } | Command::Passwd)
     }
 
     /// Whether only superusers may run it.
@@ -236,6 +257,7 @@ impl Command {
                 | Command::SetMode { .. }
                 | Command::SetQuorum { .. }
                 | Command::MemberRemove { .. }
+                | Command::Invite { .. }
         )
     }
 }
@@ -438,6 +460,26 @@ pub enum Effect {
         /// The member.
         name: String,
         /// Their keyslot.
+        keyslot: u32,
+    },
+    /// Create an invitation (temporary keyslot) with the key kept under
+    /// `req`, reply to `req` with it, then wipe the key.
+    Invite {
+        /// The request (its key and its reply).
+        req: ReqId,
+        /// New member's name.
+        name: String,
+        /// Their role.
+        role: Role,
+    },
+    /// Replace `member`'s keyslot with one for the new password the shell
+    /// holds for `req`, with the key kept under `req`; reply; wipe the key.
+    ChangePassword {
+        /// The request.
+        req: ReqId,
+        /// Whose keyslot.
+        member: String,
+        /// Which keyslot.
         keyslot: u32,
     },
     /// Append to the audit log.

@@ -349,6 +349,56 @@ fn leave_during_opening_closes_after_open() {
 }
 
 #[test]
+fn invite_and_passwd_get_a_scoped_key_and_never_open() {
+    let mut s = Sim::new(members(1, 1));
+    // The sim asserts the shell had a kept key for each keyslot change.
+    assert_eq!(
+        s.run(
+            "su0",
+            Command::Invite {
+                name: "new".into(),
+                role: Role::Member
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.run("m0", Command::Passwd), Outcome::Ok(Reply::Done));
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held && s.kept.is_empty());
+    assert_eq!(
+        refused(&s.run(
+            "m0",
+            Command::Invite {
+                name: "x".into(),
+                role: Role::Member
+            }
+        )),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(
+        refused(&s.run(
+            "su0",
+            Command::Invite {
+                name: "m0".into(),
+                role: Role::Member
+            }
+        )),
+        Some(Refusal::Invalid)
+    );
+    s.run("su0", Command::Lock { reason: "x".into() });
+    assert_eq!(
+        refused(&s.run(
+            "su0",
+            Command::Invite {
+                name: "y".into(),
+                role: Role::Member
+            }
+        )),
+        Some(Refusal::Locked)
+    );
+}
+
+#[test]
 fn restart_is_closed_or_still_locked() {
     let mut s = Sim::new(members(1, 1));
     s.enter("m0");

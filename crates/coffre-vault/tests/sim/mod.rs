@@ -134,6 +134,10 @@ impl Sim {
                 }
                 Effect::DropSession { session, .. } => self.dropped.push(session),
                 Effect::RemoveMember { name, .. } => self.removed.push(name),
+                Effect::Invite { req, .. } | Effect::ChangePassword { req, .. } => {
+                    assert!(self.kept.remove(&req), "keyslot change without a kept key");
+                    self.replies.insert(req, Outcome::Ok(Reply::Done));
+                }
                 Effect::Audit(a) => self.audit.push(a),
                 Effect::Persist => {}
             }

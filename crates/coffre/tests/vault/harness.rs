@@ -131,6 +131,59 @@ impl Vault {
         self.daemon = Some(child);
     }
 
+    /// `member invite` by `by`, then `join` by the new member.
+    pub fn add_member(&mut self, by: &str, name: &str, superuser: bool) {
+        let inv = self.tmp.path().join(format!("{name}.invitation"));
+        let mut args = vec!["member", "invite", name, "--out", inv.to_str().unwrap()];
+        if superuser {
+            args.extend(["--role", "superuser"]);
+        }
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.authed(by, &argv);
+        assert!(
+            out.status.success(),
+            "invite: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta = std::fs::metadata(&inv).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let out = self.join(name, &inv);
+        assert!(
+            out.status.success(),
+            "join: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let secret = secret_from(&String::from_utf8(out.stdout).unwrap());
+        let identity = self.tmp.path().join(format!("{name}.identity"));
+        let password = self.tmp.path().join(format!("{name}.pw"));
+        self.members.push(Member {
+            name: name.into(),
+            identity,
+            password,
+            secret,
+            last_step: 0,
+        });
+    }
+
+    /// `coffre join` with the invitation file; the password is NAME's.
+    pub fn join(&self, name: &str, inv: &Path) -> Output {
+        let password = self.tmp.path().join(format!("{name}.pw"));
+        std::fs::write(&password, format!("{name}'s password")).unwrap();
+        let identity = self.tmp.path().join(format!("{name}.identity"));
+        Command::new(BIN)
+            .args([
+                "join",
+                inv.to_str().unwrap(),
+                "--password-file",
+                password.to_str().unwrap(),
+            ])
+            .args(["--identity-out", identity.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.daemon.as_ref().unwrap().id()
     }

@@ -4,3 +4,4 @@
 mod harness;
 mod key_gone;
 mod lifecycle;
+mod members;

@@ -120,6 +120,31 @@ pub enum Command {
     /// Members of the vault.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Join a vault with an invitation: your key pair is made here and
+    /// never leaves this machine; you choose your password and enroll TOTP.
+    Join {
+        /// The invitation file a superuser gave you.
+        invitation: PathBuf,
+        /// File holding the password you choose (- for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+        /// Where to write your identity file (default ./NAME.identity).
+        #[arg(long, value_name = "FILE")]
+        identity_out: Option<PathBuf>,
+        /// Daemon address, overriding the invitation's.
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+    },
+    /// Change your password (your keyslot is replaced atomically).
+    Passwd {
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+        /// File holding the new password.
+        #[arg(long, value_name = "FILE")]
+        new_password_file: PathBuf,
+    },
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -181,6 +206,12 @@ pub struct InitArgs {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleChoice {
+    Member,
+    Superuser,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeChoice {
     Fast,
     Safe,
@@ -224,6 +255,23 @@ pub enum MemberCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Invite a member: writes an invitation file (one-time code, vault
+    /// address, CA fingerprint) to hand over; it expires (default 72 h)
+    /// (superuser).
+    Invite {
+        /// The new member's name.
+        name: String,
+        /// Make them a superuser.
+        #[arg(long, value_enum, default_value = "member")]
+        role: RoleChoice,
+        /// Where to write the invitation (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).

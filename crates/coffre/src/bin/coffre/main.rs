@@ -44,6 +44,17 @@ fn main() -> ExitCode {
         C::Mode { mode, id, auth } => vault::mode(id, auth, mode),
         C::Quorum { quorum, id, auth } => vault::quorum(id, auth, quorum),
         C::Member(m) => vault::member(m),
+        C::Join {
+            invitation,
+            password_file,
+            identity_out,
+            server,
+        } => vault::join(&invitation, &password_file, identity_out, server),
+        C::Passwd {
+            id,
+            auth,
+            new_password_file,
+        } => vault::passwd(id, auth, &new_password_file),
         C::Audit(a) => vault::audit(a),
         C::Volume(v) => volume::run(v),
     };

@@ -2,7 +2,8 @@
 //! to the daemon over mutual TLS.
 
 use crate::cli::{
-    AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, TaskCommand,
+    AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, RoleChoice,
+    TaskCommand,
 };
 use crate::secrets;
 use anyhow::{Context, Result, bail};
@@ -425,6 +426,44 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
             }
             Err((code, msg)) => Ok(fail(code, &msg)),
         },
+        MemberCommand::Invite {
+            name,
+            role,
+            out,
+            id,
+            auth,
+        } => {
+            let role = match role {
+                RoleChoice::Member => coffre_vault::Role::Member,
+                RoleChoice::Superuser => coffre_vault::Role::Superuser,
+            };
+            if out.exists() {
+                bail!("{} exists; choose another --out", out.display());
+            }
+            match authed(&id, &auth, |password, totp| ApiCommand::Invite {
+                name: name.clone(),
+                role,
+                password,
+                totp,
+            })? {
+                Ok(v) => {
+                    let inv = &v["invitation"];
+                    coffre_audit::write_atomic(
+                        &out,
+                        serde_json::to_string_pretty(inv)?.as_bytes(),
+                        0o600,
+                    )?;
+                    eprintln!(
+                        "coffre: invitation for {name} written to {} (expires at {}); hand it over privately; `coffre join {}` on their machine",
+                        out.display(),
+                        iso(inv["expires_ms"].as_u64().unwrap_or(0)),
+                        out.display()
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
         MemberCommand::Remove { name, id, auth } => {
             match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove {
                 name,
@@ -528,5 +567,92 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
                 }
             }
         }
+    }
+}
+
+pub fn join(
+    invitation: &Path,
+    password_file: &Path,
+    identity_out: Option<PathBuf>,
+    server: Option<String>,
+) -> Result<u8> {
+    let inv: Value = serde_json::from_slice(
+        &std::fs::read(invitation).with_context(|| format!("reading {}", invitation.display()))?,
+    )
+    .context("this is not an invitation file")?;
+    let name = inv["name"]
+        .as_str()
+        .context("invitation without a name")?
+        .to_string();
+    let ca_pem = inv["ca_pem"]
+        .as_str()
+        .context("invitation without a CA")?
+        .to_string();
+    let pinned = inv["ca_fingerprint"]
+        .as_str()
+        .context("invitation without a CA fingerprint")?;
+    // Pin the CA the invitation names: a substituted CA is refused here.
+    let found = coffre_daemon::pki::pem_fingerprint(&ca_pem).context("invitation CA is not PEM")?;
+    if found != pinned {
+        bail!(
+            "the invitation's CA does not match its pinned fingerprint; do not use this invitation"
+        );
+    }
+    let server = server
+        .or_else(|| inv["server"].as_str().map(str::to_string))
+        .context("invitation without a server")?;
+    let out = identity_out.unwrap_or_else(|| PathBuf::from(format!("{name}.identity")));
+    if out.exists() {
+        bail!("{} exists; choose another --identity-out", out.display());
+    }
+    let password = read_password(password_file)?;
+    let (csr, key_pem) = coffre_daemon::pki::new_request(&name)?;
+    let cmd = ApiCommand::Join {
+        name: name.clone(),
+        code: ApiSecret(inv["code"].as_str().unwrap_or_default().to_string()),
+        csr,
+        password,
+    };
+    let v = runtime()?.block_on(client::call_join(&ca_pem, &server, &cmd))?;
+    if v["ok"] != true {
+        return Ok(fail(
+            exit::code_for_refusal(v["error"].as_str().unwrap_or("")),
+            v["message"].as_str().unwrap_or("refused"),
+        ));
+    }
+    let identity = Identity {
+        member: name.clone(),
+        server,
+        ca_pem,
+        cert_pem: v["cert_pem"]
+            .as_str()
+            .context("no certificate in the reply")?
+            .to_string(),
+        key_pem,
+    };
+    identity.save(&out)?;
+    println!("joined as {name} (keyslot {})", v["keyslot"]);
+    println!(
+        "identity file: {} (mode 0600; your private key never left this machine)",
+        out.display()
+    );
+    println!("TOTP enrollment, shown once; add it to an authenticator app now:");
+    println!("  {}", v["otpauth"].as_str().unwrap_or(""));
+    Ok(exit::OK)
+}
+
+pub fn passwd(ida: IdentityArg, auth: AuthArgs, new_password_file: &Path) -> Result<u8> {
+    secrets::one_stdin(&[&auth.password_file, new_password_file])?;
+    let new_password = read_password(new_password_file)?;
+    match authed(&ida, &auth, |password, totp| ApiCommand::Passwd {
+        password,
+        new_password,
+        totp,
+    })? {
+        Ok(_) => {
+            eprintln!("coffre: password changed");
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
     }
 }

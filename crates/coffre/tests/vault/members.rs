@@ -1,0 +1,310 @@
+//! Several members: invitations, overlapping presence, two-person unlock,
+//! removal, password change, a burst of concurrent enters.
+
+use crate::harness::*;
+use std::time::Duration;
+
+#[test]
+fn two_members_first_opens_last_closes() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let members = v.cli("bob", &["member", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&members.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(v.state(), "closed");
+    let mut a = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let mut b = v.enter_bg("bob", &[]);
+    assert_eq!(v.status("bob")["sessions"].as_array().unwrap().len(), 2);
+    v.cli("alice", &["leave"]);
+    wait_exit(&mut a, Duration::from_secs(10));
+    assert_eq!(v.state(), "open", "bob is still inside");
+    v.cli("bob", &["leave"]);
+    wait_exit(&mut b, Duration::from_secs(10));
+    assert_eq!(v.state(), "closed");
+    // bob's keyslot is bound to bob by a LUKS2 token that cryptsetup sees.
+    v.stop();
+    let out = std::process::Command::new("cryptsetup")
+        .args([
+            "token",
+            "export",
+            "--token-id",
+            "1",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let token: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(token["type"], "coffre-member");
+    assert_eq!(token["member"], "bob");
+    let bob_pw = v.member("bob").password.clone();
+    let out = std::process::Command::new("cryptsetup")
+        .args([
+            "open",
+            "--test-passphrase",
+            "--header",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .args([
+            "--key-file",
+            bob_pw.to_str().unwrap(),
+            v.dir.join("volume.img").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bob's password opens his keyslot in cryptsetup too"
+    );
+}
+
+#[test]
+fn invitation_is_single_use_and_needs_its_code() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let inv = v.tmp.path().join("carol.invitation");
+    let out = v.authed(
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A forged code is refused.
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&inv).unwrap()).unwrap();
+    forged["code"] = "00112233445566778899aabbccddeeff".into();
+    let fpath = v.tmp.path().join("forged.invitation");
+    std::fs::write(&fpath, forged.to_string()).unwrap();
+    let out = v.join("carol", &fpath);
+    assert!(!out.status.success());
+    let _ = std::fs::remove_file(v.tmp.path().join("carol.identity"));
+    // The real one works once.
+    let out = v.join("carol", &inv);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(v.tmp.path().join("carol.identity"));
+    let out = v.join("carol", &inv);
+    assert!(!out.status.success(), "an invitation works once");
+    // The temporary keyslot is gone: the header holds alice's and carol's only.
+    let audit = v.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "member_join" && e["record"]["result"] == "refused")
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "member_invite" && e["record"]["result"] == "used")
+    );
+    v.stop();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "volume",
+            "dump",
+            "--json",
+            v.dir.join("volume.img").to_str().unwrap(),
+            "--header",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dump["keyslots"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn unused_invitation_expires_and_its_keyslot_is_wiped() {
+    let mut v = Vault::init(&[]);
+    v.set_policy("grace_ms", 30000);
+    let cfg = v.dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("invitation_ttl_s = 259200", "invitation_ttl_s = 1");
+    std::fs::write(&cfg, text).unwrap();
+    v.start();
+    let inv = v.tmp.path().join("dave.invitation");
+    let out = v.authed(
+        "alice",
+        &["member", "invite", "dave", "--out", inv.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = v.join("dave", &inv);
+    assert!(!out.status.success(), "expired invitation accepted");
+    assert!(v.audit().iter().any(|e| e["record"]["action"] == "member_invite" && e["record"]["result"] == "expired"));
+}
+
+#[test]
+fn two_person_unlock() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    let out = v.authed("alice", &["quorum", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The quorum can never exceed the superusers.
+    let out = v.authed("alice", &["quorum", "3"]);
+    assert_eq!(code(&out), 1);
+    // Removing a superuser below the quorum is refused.
+    let out = v.authed("alice", &["member", "remove", "bob"]);
+    assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    v.authed("bob", &["lock", "--reason", "two-person drill"]);
+    assert_eq!(v.state(), "locked");
+    let out = v.authed("alice", &["unlock"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 more"));
+    assert_eq!(v.state(), "locked", "one approval is not enough");
+    let out = v.authed("alice", &["unlock"]);
+    assert!(out.status.success());
+    assert_eq!(v.state(), "locked", "the same superuser twice is still one");
+    v.authed("bob", &["unlock"]);
+    assert_eq!(v.state(), "closed");
+}
+
+#[test]
+fn removed_member_is_kicked_and_refused() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let mut b = v.enter_bg("bob", &[]);
+    assert_eq!(v.state(), "open");
+    let out = v.authed("alice", &["member", "remove", "bob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v.state(), "closed");
+    assert!(wait_exit(&mut b, Duration::from_secs(10)).is_some_and(|c| c != 0));
+    // His certificate is refused from now on, and his password opens nothing.
+    let out = v.authed("bob", &["enter"]);
+    assert_eq!(code(&out), 8, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = v.cli("bob", &["status"]);
+    assert_eq!(code(&out), 8);
+    v.stop();
+    let bob_pw = v.member("bob").password.clone();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "volume",
+            "check-key",
+            v.dir.join("volume.img").to_str().unwrap(),
+            "--header",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .args(["--key-file", bob_pw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "bob's keyslot was wiped");
+}
+
+#[test]
+fn passwd_replaces_the_keyslot() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let newpw = v.tmp.path().join("alice.new");
+    std::fs::write(&newpw, "alice's new password").unwrap();
+    let out = v.authed(
+        "alice",
+        &["passwd", "--new-password-file", newpw.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = v.authed("alice", &["enter"]);
+    assert_eq!(code(&out), 2, "the old password no longer opens");
+    std::fs::copy(&newpw, v.member("alice").password.clone()).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut a = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    v.cli("alice", &["leave"]);
+    wait_exit(&mut a, Duration::from_secs(10));
+}
+
+/// Many members entering at once: every enter completes, and the daemon's
+/// memory stays under its baseline plus the configured KDF cap.
+#[test]
+fn concurrent_enters_stay_within_the_kdf_memory_cap() {
+    let mut v = Vault::init(&[]);
+    // 8 MiB keyslots, 16 MiB cap: at most two derivations at a time.
+    let cfg = v.dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("kdf_memory_cap_kib = 2097152", "kdf_memory_cap_kib = 16384");
+    std::fs::write(&cfg, text).unwrap();
+    v.start();
+    let names: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    for n in &names {
+        v.add_member("alice", n, false);
+    }
+    let baseline = vm_hwm(v.pid());
+    let mut handles = Vec::new();
+    for n in &names {
+        let code = v.totp(n);
+        let m = v.members.iter().find(|m| &m.name == n).unwrap();
+        let child = std::process::Command::new(BIN)
+            .args([
+                "enter",
+                "--password-file",
+                m.password.to_str().unwrap(),
+                "--totp",
+                &code,
+                "--heartbeat",
+                "1",
+            ])
+            .env("COFFRE_IDENTITY", &m.identity)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        handles.push((m.identity.clone(), child));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while v.status("alice")["sessions"].as_array().unwrap().len() < names.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every enter completed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peak = vm_hwm(v.pid());
+    eprintln!(
+        "concurrent enters: daemon peak RSS {peak} KiB, before {baseline} KiB, KDF cap 16384 KiB"
+    );
+    assert!(
+        peak <= baseline + 16 * 1024 + 24 * 1024,
+        "daemon peak {peak} KiB, baseline {baseline} KiB, cap 16384 KiB"
+    );
+    for (_, mut c) in handles {
+        unsafe_kill(c.id(), "TERM");
+        wait_exit(&mut c, Duration::from_secs(10));
+    }
+    v.wait_state("closed", Duration::from_secs(10));
+}
+
+/// Peak resident memory of a process, KiB.
+fn vm_hwm(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
