@@ -307,3 +307,16 @@ fn burst_of_bad_attempts_locks_the_vault() {
     assert_eq!(lock["by"], "coffre");
     assert!(lock["reason"].as_str().unwrap().contains("auto-lock"));
 }
+
+#[test]
+fn enter_detach_hands_the_session_to_an_agent() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let out = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "open");
+    // The agent keeps heartbeating past the grace period of the client.
+    let out = v.cli("alice", &["leave"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.state(), "closed");
+}

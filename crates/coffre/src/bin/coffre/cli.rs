@@ -61,6 +61,10 @@ pub enum Command {
         /// Seconds between heartbeats.
         #[arg(long, default_value_t = 5)]
         heartbeat: u64,
+        /// Hand the session to a background agent and return at once
+        /// (`coffre leave` ends it).
+        #[arg(long)]
+        detach: bool,
     },
     /// End the session that `coffre enter` holds for this identity.
     Leave {

@@ -35,6 +35,13 @@ fn main() -> ExitCode {
             id,
             auth,
             heartbeat,
+            detach: true,
+        } => vault::enter_detached(id, auth, heartbeat),
+        C::Enter {
+            id,
+            auth,
+            heartbeat,
+            detach: false,
         } => vault::enter(id, auth, heartbeat),
         C::Leave { id } => vault::leave(id),
         C::Status { id, json } => vault::status(id, json),

@@ -123,6 +123,9 @@ pub fn init(a: InitArgs) -> Result<u8> {
     println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
     println!("TOTP enrollment, shown once; add it to an authenticator app now:");
     println!("  {}", report.otpauth);
+    if std::io::stdout().is_terminal() {
+        print_qr(&report.otpauth);
+    }
     println!(
         "next: coffre serve {}   then: coffre enter --identity {} --password-file F --totp CODE",
         a.dir.display(),
@@ -140,6 +143,90 @@ pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
     .with_context(|| format!("serving {}", dir.display()))?;
     eprintln!("coffre: stopped; the vault is closed");
     Ok(exit::OK)
+}
+
+/// Prints an otpauth URI as a QR code an authenticator app can scan.
+fn print_qr(uri: &str) {
+    if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
+        let w = code.width();
+        let dark = |x: usize, y: usize| x < w && y < w && code[(x, y)] == qrcode::Color::Dark;
+        // Two modules per character cell, with a quiet zone of 2.
+        for y in (0..w + 4).step_by(2) {
+            let mut line = String::new();
+            for x in 0..w + 4 {
+                let top = x >= 2 && y >= 2 && dark(x - 2, y - 2);
+                let bottom = x >= 2 && y + 1 >= 2 && dark(x - 2, y - 1);
+                line.push(match (top, bottom) {
+                    (true, true) => ' ',
+                    (true, false) => '\u{2584}',
+                    (false, true) => '\u{2580}',
+                    (false, false) => '\u{2588}',
+                });
+            }
+            println!("  {line}");
+        }
+    }
+}
+
+/// `enter --detach`: a child `coffre enter` holds the session in the
+/// background; this returns once it is inside.
+pub fn enter_detached(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let (path, _) = load_identity(&ida)?;
+    let password = secrets::passphrase(&auth.password_file)?;
+    let sfile = session_file(&path);
+    let _ = std::fs::remove_file(&sfile);
+    let log = {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".agent.log");
+        PathBuf::from(s)
+    };
+    let logf = std::fs::File::create(&log)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args([
+        "enter",
+        "--password-file",
+        "-",
+        "--totp",
+        &auth.totp,
+        "--heartbeat",
+        &heartbeat.to_string(),
+    ])
+    .arg("--identity")
+    .arg(&path)
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(logf)
+    .process_group(0);
+    if let Some(s) = &ida.server {
+        cmd.args(["--server", s]);
+    }
+    let mut child = cmd.spawn()?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(password.expose())?;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if sfile.exists() {
+            eprintln!(
+                "coffre: entered; agent pid {} holds the session (log: {}). `coffre leave` to leave.",
+                child.id(),
+                log.display()
+            );
+            return Ok(exit::OK);
+        }
+        if let Some(status) = child.try_wait()? {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            eprint!("{msg}");
+            return Ok(u8::try_from(status.code().unwrap_or(1)).unwrap_or(exit::FAILURE));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the background agent did not enter within 2 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
@@ -175,7 +262,7 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                     break exit::OK;
                 }
                 _ = iv.tick() => {
-                    if !sfile.exists() {
+                    if !session_is(&sfile, session) {
                         // `coffre leave` from another shell ended it.
                         eprintln!("coffre: left the vault");
                         break exit::OK;
@@ -196,9 +283,21 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                 }
             }
         };
-        let _ = std::fs::remove_file(&sfile);
+        // Only our own session file: a newer `enter` may have replaced it.
+        if session_is(&sfile, session) {
+            let _ = std::fs::remove_file(&sfile);
+        }
         Ok(code)
     })
+}
+
+/// Whether the session file names `session`.
+fn session_is(sfile: &Path, session: u64) -> bool {
+    std::fs::read_to_string(sfile)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["session"].as_u64())
+        == Some(session)
 }
 
 fn current_session(path: &Path) -> Result<u64> {
@@ -638,6 +737,9 @@ pub fn join(
     );
     println!("TOTP enrollment, shown once; add it to an authenticator app now:");
     println!("  {}", v["otpauth"].as_str().unwrap_or(""));
+    if std::io::stdout().is_terminal() {
+        print_qr(v["otpauth"].as_str().unwrap_or(""));
+    }
     Ok(exit::OK)
 }
 
