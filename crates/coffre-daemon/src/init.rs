@@ -47,8 +47,12 @@ pub struct InitOptions {
     pub dir: PathBuf,
     /// First superuser's name.
     pub admin: String,
-    /// Their password (opens keyslot 0).
-    pub password: Passphrase,
+    /// Their password (opens keyslot 0), or `None` to write an invitation
+    /// instead (see `invite_out`).
+    pub password: Option<Passphrase>,
+    /// With no password: where to write the first superuser's invitation,
+    /// so they join from their own machine like everyone else.
+    pub invite_out: Option<PathBuf>,
     /// Data size in bytes.
     pub size: u64,
     /// Listen address.
@@ -67,9 +71,10 @@ pub struct InitOptions {
 
 /// What `init` made.
 pub struct InitReport {
-    /// otpauth URI for the admin's authenticator (shown once).
+    /// otpauth URI for the admin's authenticator (shown once); empty when
+    /// an invitation was written instead.
     pub otpauth: String,
-    /// Identity file written.
+    /// Identity file (or invitation) written.
     pub identity: PathBuf,
     /// CA fingerprint (to pin when joining).
     pub ca_fingerprint: String,
@@ -156,11 +161,26 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         data_size: Some(o.size),
         force: false,
     };
-    let (mut container, key) = Luks2Container::format(&volume, Some(&header), &req, &o.password)?;
+    let mut invite_secret = [0u8; 32];
+    coffre_luks2::secret::fill_random(&mut invite_secret);
+    let invite_secret: String = invite_secret.iter().map(|b| format!("{b:02x}")).collect();
+    let mut code = [0u8; 16];
+    coffre_luks2::secret::fill_random(&mut code);
+    let (first_pass, first_req, token_type) = match &o.password {
+        Some(p) => (Passphrase::from_slice(p.expose()), req, MEMBER_TOKEN),
+        None => {
+            let p = invitation_passphrase(&invite_secret, &code).expect("fresh secret is hex");
+            let mut r = req;
+            r.options.kdf = invitation_kdf();
+            (p, r, INVITE_TOKEN)
+        }
+    };
+    let (mut container, key) =
+        Luks2Container::format(&volume, Some(&header), &first_req, &first_pass)?;
     drop(key);
     container.set_token(
         0,
-        serde_json::json!({"type": MEMBER_TOKEN, "keyslots": ["0"], "member": o.admin}),
+        serde_json::json!({"type": token_type, "keyslots": ["0"], "member": o.admin}),
     )?;
     drop(container);
 
@@ -185,25 +205,40 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         policy: o.policy.clone(),
         ..Persistent::default()
     };
-    persistent.members.insert(
-        o.admin.clone(),
-        Member {
-            name: o.admin.clone(),
-            role: Role::Superuser,
-            keyslot: 0,
-            last_totp_step: None,
-        },
-    );
     let mut control = Control {
         version: 1,
-        vault: persistent,
         audit_public_key,
+        invite_secret,
         ..Control::default()
     };
-    control.totp.insert(o.admin.clone(), totp::base32(&secret));
-    control
-        .certs
-        .insert(admin_cert.fingerprint.clone(), o.admin.clone());
+    let expires_ms = now_ms().0 + 72 * 3600 * 1000;
+    if o.password.is_some() {
+        persistent.members.insert(
+            o.admin.clone(),
+            Member {
+                name: o.admin.clone(),
+                role: Role::Superuser,
+                keyslot: 0,
+                last_totp_step: None,
+            },
+        );
+        control.totp.insert(o.admin.clone(), totp::base32(&secret));
+        control
+            .certs
+            .insert(admin_cert.fingerprint.clone(), o.admin.clone());
+    } else {
+        control.invitations.insert(
+            o.admin.clone(),
+            crate::vaultdir::Invitation {
+                keyslot: 0,
+                role: Role::Superuser,
+                expires_ms,
+                code_sha256: pki::fingerprint(&code),
+                by: "init".into(),
+            },
+        );
+    }
+    control.vault = persistent;
     vd.save_control(&control)?;
 
     let config = Config {
@@ -220,6 +255,23 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
     write_atomic(&vd.config(), text.as_bytes(), 0o600)?;
 
+    if let (None, Some(out)) = (&o.password, &o.invite_out) {
+        let code_hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        let inv = serde_json::json!({
+            "name": o.admin, "role": Role::Superuser, "code": code_hex, "expires_ms": expires_ms,
+            "server": o.listen, "ca_pem": ca.cert_pem, "ca_fingerprint": ca.fingerprint,
+        });
+        write_atomic(
+            out,
+            serde_json::to_string_pretty(&inv).expect("json").as_bytes(),
+            0o600,
+        )?;
+        return Ok(InitReport {
+            otpauth: String::new(),
+            identity: out.clone(),
+            ca_fingerprint: ca.fingerprint,
+        });
+    }
     let identity = Identity {
         member: o.admin.clone(),
         server: o.listen.clone(),
@@ -240,6 +292,37 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     })
 }
 
+/// The passphrase of an invitation's temporary keyslot: HMAC-SHA256 of the
+/// one-time code under the host's invitation secret, so the invitation file
+/// alone (even with a copy of the header) opens nothing.
+pub fn invitation_passphrase(secret_hex: &str, code: &[u8]) -> Option<Passphrase> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let secret = crate::totp::unhex(secret_hex)?;
+    if secret.len() < 16 {
+        // Without the host secret an invitation would be the code alone.
+        return None;
+    }
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&secret).ok()?;
+    mac.update(b"coffre-invitation-v1\n");
+    mac.update(code);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Some(Passphrase::from_slice(hex.as_bytes()))
+}
+
+/// KDF of invitation keyslots: the passphrase carries 256 bits from a
+/// 128-bit code, so a cheap KDF is enough.
+pub fn invitation_kdf() -> KdfParams {
+    KdfParams::Pbkdf2 {
+        hash: coffre_luks2::hash::HashAlg::Sha256,
+        iterations: 1000,
+    }
+}
+
 /// Whether `token` binds `member` to `keyslot`.
 pub fn token_binds(token: &serde_json::Value, member: &str, keyslot: u32) -> bool {
     token.get("type").and_then(|t| t.as_str()) == Some(MEMBER_TOKEN)
@@ -248,4 +331,36 @@ pub fn token_binds(token: &serde_json::Value, member: &str, keyslot: u32) -> boo
             .get("keyslots")
             .and_then(|k| k.as_array())
             .is_some_and(|k| k.len() == 1 && k[0].as_str() == Some(keyslot.to_string().as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invitation_passphrase_needs_the_host_secret() {
+        let code = [7u8; 16];
+        assert!(invitation_passphrase("", &code).is_none());
+        assert!(invitation_passphrase("00ff", &code).is_none());
+        let a = invitation_passphrase(&"11".repeat(32), &code).unwrap();
+        let b = invitation_passphrase(&"22".repeat(32), &code).unwrap();
+        assert_ne!(a.expose(), b.expose());
+        let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        assert_ne!(
+            a.expose(),
+            hex.as_bytes(),
+            "the code alone is not the passphrase"
+        );
+    }
+
+    #[test]
+    fn member_names() {
+        assert!(check_member_name("alice").is_ok());
+        assert!(check_member_name("a.b-c_9").is_ok());
+        assert!(check_member_name("").is_err());
+        assert!(check_member_name("-x").is_err());
+        assert!(check_member_name("Alice").is_err());
+        assert!(check_member_name("a b").is_err());
+        assert!(check_member_name(&"a".repeat(33)).is_err());
+    }
 }

@@ -653,14 +653,7 @@ impl Shell {
     }
 
     fn invite_passphrase(&self, code: &[u8]) -> Option<Passphrase> {
-        use hmac::{Hmac, KeyInit, Mac};
-        let secret = crate::totp::unhex(&self.control.invite_secret)?;
-        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&secret).ok()?;
-        mac.update(b"coffre-invitation-v1\n");
-        mac.update(code);
-        let out: Vec<u8> = mac.finalize().into_bytes().to_vec();
-        let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
-        Some(Passphrase::from_slice(hex.as_bytes()))
+        crate::init::invitation_passphrase(&self.control.invite_secret, code)
     }
 
     /// A temporary keyslot opened by the invitation code mixed with a

@@ -308,3 +308,80 @@ fn vm_hwm(pid: u32) -> u64 {
         .parse()
         .unwrap()
 }
+
+#[test]
+fn first_superuser_can_join_from_their_own_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vault");
+    let inv = tmp.path().join("root.invitation");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "init",
+            dir.to_str().unwrap(),
+            "--admin",
+            "root",
+            "--invite",
+            inv.to_str().unwrap(),
+            "--size",
+            "16M",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--totp-period",
+            "1",
+        ])
+        .args([
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "8192",
+            "--pbkdf-parallel",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut v = Vault {
+        tmp,
+        dir,
+        port,
+        daemon: None,
+        members: vec![],
+        period: 1,
+    };
+    v.start();
+    let out = v.join("root", &inv);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = secret_from(&String::from_utf8(out.stdout).unwrap());
+    let identity = v.tmp.path().join("root.identity");
+    let password = v.tmp.path().join("root.pw");
+    v.members.push(Member {
+        name: "root".into(),
+        identity,
+        password,
+        secret,
+        last_step: 0,
+    });
+    let mut e = v.enter_bg("root", &[]);
+    assert_eq!(v.status("root")["state"], "open");
+    v.cli("root", &["leave"]);
+    wait_exit(&mut e, Duration::from_secs(10));
+    // The root can invite: they are a superuser.
+    v.add_member("root", "eve", false);
+}

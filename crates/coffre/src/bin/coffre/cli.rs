@@ -187,8 +187,13 @@ pub struct InitArgs {
     #[arg(long)]
     pub admin: String,
     /// File holding the first superuser's password.
-    #[arg(long, value_name = "FILE")]
-    pub password_file: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "invite")]
+    pub password_file: Option<PathBuf>,
+    /// Instead of a password and an identity made on this host, write an
+    /// invitation for the first superuser, who then runs `coffre join` on
+    /// their own machine like everyone else.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["password_file", "identity_out"])]
+    pub invite: Option<PathBuf>,
     /// Size of the encrypted data volume.
     #[arg(long, default_value = "1G", value_parser = coffre::size::parse_size)]
     pub size: u64,

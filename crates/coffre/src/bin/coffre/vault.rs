@@ -83,7 +83,10 @@ fn fail(code: u8, msg: &str) -> u8 {
 }
 
 pub fn init(a: InitArgs) -> Result<u8> {
-    let password = secrets::passphrase(&a.password_file)?;
+    let password = match &a.password_file {
+        Some(p) => Some(secrets::passphrase(p)?),
+        None => None,
+    };
     let key_len = 64;
     let kdf = crate::volume::kdf_params(&a.pbkdf, key_len)?;
     let policy = coffre_vault::Policy {
@@ -103,6 +106,7 @@ pub fn init(a: InitArgs) -> Result<u8> {
         dir: a.dir.clone(),
         admin: a.admin.clone(),
         password,
+        invite_out: a.invite.clone(),
         size: a.size,
         listen: a.listen.clone(),
         identity_out,
@@ -114,6 +118,21 @@ pub fn init(a: InitArgs) -> Result<u8> {
         policy,
     })?;
     println!("vault created in {}", a.dir.display());
+    if a.invite.is_some() {
+        println!(
+            "invitation for the first superuser {}: {} (mode 0600; expires in 72 h)",
+            a.admin,
+            report.identity.display()
+        );
+        println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+        println!(
+            "next: coffre serve {}   then, on {}'s machine: coffre join {} --password-file F",
+            a.dir.display(),
+            a.admin,
+            report.identity.display()
+        );
+        return Ok(exit::OK);
+    }
     println!("first superuser: {} (keyslot 0)", a.admin);
     println!(
         "identity file: {} (mode 0600; move it to {}'s own machine)",
