@@ -27,9 +27,12 @@ SECRETS:
 
 /// coffre: a team strongroom for sensitive data.
 ///
-/// The vault's data lives in one LUKS2 volume, readable by cryptsetup on any
-/// Linux host; `coffre volume` works on that volume directly, without a
-/// daemon, and is also the recovery path.
+/// A vault's data lives in one LUKS2 volume on storage nobody trusts; each
+/// member has their own keyslot. `coffre serve` runs the vault: the first
+/// member who enters (certificate, password, TOTP code) opens it, the last
+/// one out closes it and the key is wiped; a superuser can lock it at once.
+/// `coffre volume` works on the volume directly, without a daemon: it is
+/// also the recovery path, and cryptsetup opens the same volume.
 #[derive(Debug, Parser)]
 #[command(name = "coffre", version, after_long_help = EXIT_CODES)]
 pub struct Cli {
