@@ -273,6 +273,7 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
             tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
         };
         tokio::pin!(stop);
+        let mut unreachable_since: Option<std::time::Instant> = None;
         let code = loop {
             tokio::select! {
                 _ = &mut stop => {
@@ -288,12 +289,20 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                     }
                     match call(&id, &ApiCommand::Heartbeat { session }).await? {
                         Ok(_) => {
+                            unreachable_since = None;
                             if tty
                                 && let Ok(Ok(s)) = call(&id, &ApiCommand::Status).await {
                                     eprint!("\r[coffre] {} inside; vault {}, {} session(s), {} task(s)   ", id.member, s["state"].as_str().unwrap_or("?"), s["sessions"].as_array().map_or(0, Vec::len), s["tasks"].as_array().map_or(0, Vec::len));
                                 }
                         }
-                        Err((exit::UNREACHABLE, msg)) => eprintln!("coffre: heartbeat failed: {msg}; retrying"),
+                        Err((exit::UNREACHABLE, msg)) => {
+                            unreachable_since.get_or_insert_with(std::time::Instant::now);
+                            if unreachable_since.is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(120)) {
+                                eprintln!("\ncoffre: the vault has been unreachable for 2 minutes; giving up the session");
+                                break exit::UNREACHABLE;
+                            }
+                            eprintln!("coffre: heartbeat failed: {msg}; retrying");
+                        }
                         Err((code, msg)) => {
                             eprintln!("\ncoffre: the vault ended this session: {msg}");
                             break code;
