@@ -66,8 +66,21 @@ enum Msg {
         key: Option<VolumeKey>,
         keep: bool,
     },
+    Joined {
+        joined: Joined,
+        result: Result<u32, String>,
+    },
     Tick,
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A join whose keyslot is being made in the KDF pool.
+struct Joined {
+    name: String,
+    role: Role,
+    cert_pem: String,
+    fingerprint: String,
+    source: Option<Source>,
 }
 
 fn now_ms() -> Millis {
@@ -88,6 +101,8 @@ struct Shell {
     container: Arc<RwLock<Luks2Container>>,
     passwords: HashMap<ReqId, Passphrase>,
     new_passwords: HashMap<ReqId, Passphrase>,
+    joining: std::collections::HashSet<String>,
+    join_replies: HashMap<String, oneshot::Sender<Answer>>,
     replies: HashMap<ReqId, oneshot::Sender<Answer>>,
     kept: HashMap<ReqId, VolumeKey>,
     open_key: Option<VolumeKey>,
@@ -178,10 +193,14 @@ impl Shell {
                     code,
                     csr,
                     password,
-                } => {
-                    let answer = self.join(&name, &code.0, &csr, &password.0, addr);
-                    let _ = reply.send(answer);
-                }
+                } => match self.join(&name, &code.0, &csr, &password.0, addr) {
+                    Some(answer) => {
+                        let _ = reply.send(answer);
+                    }
+                    None => {
+                        self.join_replies.insert(name, reply);
+                    }
+                },
                 _ => {
                     let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "a member certificate is required"})));
                 }
@@ -785,7 +804,7 @@ impl Shell {
         csr: &str,
         password: &str,
         addr: SocketAddr,
-    ) -> Answer {
+    ) -> Option<Answer> {
         let source = Some(Source {
             door: "join".into(),
             addr: addr.ip().to_string(),
@@ -806,70 +825,115 @@ impl Shell {
             )
         };
         let Some(inv) = self.control.invitations.get(name).cloned() else {
-            return refuse(self, "no pending invitation");
+            return Some(refuse(self, "no pending invitation"));
         };
         if inv.expires_ms <= now_ms().0 {
             self.drop_invitation(name, "expired");
-            return refuse(self, "invitation expired");
+            return Some(refuse(self, "invitation expired"));
         }
         let Some(code) = crate::totp::unhex(code_hex) else {
-            return refuse(self, "malformed code");
+            return Some(refuse(self, "malformed code"));
         };
         if !coffre_luks2::hash::ct_eq(
             crate::pki::fingerprint(&code).as_bytes(),
             inv.code_sha256.as_bytes(),
         ) {
-            return refuse(self, "wrong invitation code");
+            return Some(refuse(self, "wrong invitation code"));
         }
         if password.is_empty() {
-            return (
+            return Some((
                 400,
                 json!({"ok": false, "error": "invalid", "message": "the password is empty"}),
-            );
+            ));
         }
         let Some(temp) = self.invite_passphrase(&code) else {
-            return refuse(self, "no invitation secret");
+            return Some(refuse(self, "no invitation secret"));
         };
         let ca_key = match self.dir.read(&self.dir.ca_key()) {
             Ok(k) => k,
             Err(e) => {
-                return (
+                return Some((
                     500,
                     json!({"ok": false, "error": "failure", "message": e.to_string()}),
-                );
+                ));
             }
         };
         let issued = match crate::pki::sign_csr(&self.config.name, &ca_key, csr, name) {
             Ok(i) => i,
             Err(e) => {
-                return (
+                return Some((
                     400,
                     json!({"ok": false, "error": "invalid", "message": format!("bad certificate request: {e}")}),
-                );
+                ));
             }
         };
+        if !self.joining.insert(name.to_string()) {
+            return Some((
+                409,
+                json!({"ok": false, "error": "busy", "message": "this invitation is being used right now"}),
+            ));
+        }
+        // The new keyslot's derivation runs in the KDF pool, off the actor,
+        // so the daemon keeps answering while it takes its seconds.
         let kdf = self.config.keyslot_kdf.params();
+        let permits = match kdf {
+            coffre_luks2::kdf::KdfParams::Argon2id { memory_kib, .. } => {
+                memory_kib.clamp(1, self.kdf_cap)
+            }
+            coffre_luks2::kdf::KdfParams::Pbkdf2 { .. } => 1,
+        };
         let member_pass = Passphrase::from_slice(password.as_bytes());
-        let slot = {
-            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
-            let key = match c.unlock(&temp, Some(inv.keyslot)) {
-                Ok((_, k)) => k,
-                Err(e) => {
-                    drop(c);
-                    return refuse(self, &format!("temporary keyslot did not open: {e}"));
-                }
-            };
-            let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
-            drop(key);
-            coffre_luks2::secret::scrub_stack();
-            match slot {
-                Ok(s) => s,
-                Err(e) => {
-                    return (
-                        500,
-                        json!({"ok": false, "error": "failure", "message": format!("cannot add your keyslot: {e}")}),
-                    );
-                }
+        let container = self.container.clone();
+        let pool = self.kdf_pool.clone();
+        let tx = self.tx.clone();
+        let temp_slot = inv.keyslot;
+        let joined = Joined {
+            name: name.to_string(),
+            role: inv.role,
+            cert_pem: issued.cert_pem,
+            fingerprint: issued.fingerprint,
+            source,
+        };
+        tokio::spawn(async move {
+            let permit = pool.acquire_many_owned(permits).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let mut c = container.write().unwrap_or_else(|p| p.into_inner());
+                let key = match c.unlock(&temp, Some(temp_slot)) {
+                    Ok((_, k)) => k,
+                    Err(e) => return Err(format!("temporary keyslot did not open: {e}")),
+                };
+                let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
+                drop(key);
+                coffre_luks2::secret::scrub_stack();
+                slot.map_err(|e| format!("cannot add the keyslot: {e}"))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            drop(permit);
+            let _ = tx.send(Msg::Joined { joined, result });
+        });
+        None
+    }
+
+    fn join_finish(&mut self, j: Joined, result: Result<u32, String>) -> Answer {
+        self.joining.remove(&j.name);
+        let name = j.name.as_str();
+        let slot = match result {
+            Ok(s) => s,
+            Err(why) => {
+                let rec = AuditRecord {
+                    at: now_ms(),
+                    actor: name.to_string(),
+                    source: j.source.clone(),
+                    action: "member_join".into(),
+                    result: "failed".into(),
+                    detail: why.clone(),
+                };
+                let _ = self.audit.append(rec);
+                return (
+                    500,
+                    json!({"ok": false, "error": "failure", "message": format!("joining failed: {why}")}),
+                );
             }
         };
         self.drop_invitation(name, "used");
@@ -894,11 +958,11 @@ impl Shell {
             .insert(name.to_string(), totp::base32(&secret));
         self.control
             .certs
-            .insert(issued.fingerprint.clone(), name.to_string());
+            .insert(j.fingerprint.clone(), name.to_string());
         self.run(Event::MemberJoined {
             member: Member {
                 name: name.to_string(),
-                role: inv.role,
+                role: j.role,
                 keyslot: slot,
                 last_totp_step: None,
             },
@@ -906,7 +970,7 @@ impl Shell {
         self.persist();
         (
             200,
-            json!({"ok": true, "cert_pem": issued.cert_pem, "keyslot": slot,
+            json!({"ok": true, "cert_pem": j.cert_pem, "keyslot": slot,
             "otpauth": totp::otpauth_uri(&format!("coffre {}", self.config.name), name, &secret, self.config.totp_period_s)}),
         )
     }
@@ -1070,6 +1134,8 @@ pub async fn serve(
         container: Arc::new(RwLock::new(container)),
         passwords: HashMap::new(),
         new_passwords: HashMap::new(),
+        joining: std::collections::HashSet::new(),
+        join_replies: HashMap::new(),
         replies: HashMap::new(),
         kept: HashMap::new(),
         open_key: None,
@@ -1145,6 +1211,13 @@ pub async fn serve(
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
             Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
+            Msg::Joined { joined, result } => {
+                let name = joined.name.clone();
+                let answer = shell.join_finish(joined, result);
+                if let Some(tx) = shell.join_replies.remove(&name) {
+                    let _ = tx.send(answer);
+                }
+            }
             Msg::Tick => {
                 shell.expire_invitations();
                 shell.run(Event::Tick);
