@@ -7,10 +7,14 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut read = |off: u64, len: usize| -> Result<Option<Vec<u8>>, ()> {
-        let Ok(off) = usize::try_from(off) else { return Ok(None) };
+        let Ok(off) = usize::try_from(off) else {
+            return Ok(None);
+        };
         Ok(data.get(off..off.saturating_add(len)).map(<[u8]>::to_vec))
     };
-    let Ok(Ok(loaded)) = header::load(&mut read) else { return };
+    let Ok(Ok(loaded)) = header::load(&mut read) else {
+        return;
+    };
     let h = loaded.header;
     let [p, s] = h.encode().expect("a header we loaded must encode");
     let mut both = p.clone();
@@ -19,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
         let off = usize::try_from(off).unwrap();
         Ok(both.get(off..off.saturating_add(len)).map(<[u8]>::to_vec))
     };
-    let again = header::load(&mut read2).unwrap().expect("our encoding must load");
+    let again = header::load(&mut read2)
+        .unwrap()
+        .expect("our encoding must load");
     assert!(again.is_consistent());
     assert_eq!(again.header.metadata, h.metadata);
     assert_eq!(again.header.binary.seqid, h.binary.seqid);

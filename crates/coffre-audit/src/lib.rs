@@ -14,7 +14,7 @@ use coffre_vault::AuditRecord;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -264,15 +264,26 @@ pub struct Report {
 /// Reads every entry of the log in `dir` (without verifying).
 pub fn read_entries(dir: &Path) -> Result<Vec<Entry>, Error> {
     let path = dir.join(LOG_FILE);
-    let f = match File::open(&path) {
-        Ok(f) => f,
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io("open", &path)(e)),
+        Err(e) => return Err(io("read", &path)(e)),
     };
+    parse_entries(&bytes)
+}
+
+/// Parses the lines of an `audit.log` (outside bytes: every malformed line
+/// is an error naming it).
+pub fn parse_entries(bytes: &[u8]) -> Result<Vec<Entry>, Error> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Error::Tampered(format!(
+            "the log is not UTF-8 text (byte {})",
+            e.valid_up_to()
+        ))
+    })?;
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(io("read", &path))?;
-        let e: Entry = serde_json::from_str(&line)
+    for (i, line) in text.lines().enumerate() {
+        let e: Entry = serde_json::from_str(line)
             .map_err(|e| Error::Tampered(format!("line {}: not an audit entry ({e})", i + 1)))?;
         out.push(e);
     }
@@ -283,6 +294,22 @@ pub fn read_entries(dir: &Path) -> Result<Vec<Entry>, Error> {
 /// key (hex). The error names the first record that fails.
 pub fn verify(dir: &Path, public_hex: &str) -> Result<Report, Error> {
     let entries = read_entries(dir)?;
+    let head_path = dir.join(HEAD_FILE);
+    let head = match std::fs::read(&head_path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io("read", &head_path)(e)),
+    };
+    verify_entries(&entries, head.as_deref(), public_hex)
+}
+
+/// Verifies parsed entries against the bytes of `audit.head` (`None` if it
+/// is missing) and the host's public key (hex).
+pub fn verify_entries(
+    entries: &[Entry],
+    head: Option<&[u8]>,
+    public_hex: &str,
+) -> Result<Report, Error> {
     let mut prev = GENESIS.to_string();
     for (i, e) in entries.iter().enumerate() {
         let want = i as u64 + 1;
@@ -307,17 +334,20 @@ pub fn verify(dir: &Path, public_hex: &str) -> Result<Report, Error> {
         prev = e.hash.clone();
     }
     let records = entries.len() as u64;
-    let head_path = dir.join(HEAD_FILE);
-    let head: Head = match std::fs::read(&head_path) {
-        Ok(b) => serde_json::from_slice(&b)
+    let head: Head = match head {
+        Some(b) => serde_json::from_slice(b)
             .map_err(|e| Error::Tampered(format!("{HEAD_FILE} unreadable: {e}")))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && records == 0 => {
+        None if records == 0 => {
             return Ok(Report {
                 records,
                 last_hash: prev,
             });
         }
-        Err(e) => return Err(io("read", &head_path)(e)),
+        None => {
+            return Err(Error::Tampered(format!(
+                "{HEAD_FILE} is missing: nothing vouches for these {records} records"
+            )));
+        }
     };
     let pk = unhex(public_hex).ok_or_else(|| Error::Key("public key is not hex".into()))?;
     let sig = unhex(&head.signature)
