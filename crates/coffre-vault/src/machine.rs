@@ -730,6 +730,53 @@ impl Vault {
         }
     }
 
+    /// Ends every session `pick` selects: audited as dropped, and the
+    /// transport told to disconnect it.
+    fn drop_sessions(&mut self, out: &mut Out, why: &str, pick: impl Fn(&Session) -> bool) {
+        let ids: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| pick(s))
+            .map(|s| s.id)
+            .collect();
+        for id in ids {
+            if let Some(s) = self.sessions.remove(&id) {
+                out.audit(
+                    &s.member,
+                    Some(&s.source),
+                    "leave",
+                    "dropped",
+                    format!("session {}: {why}", id.0),
+                );
+                out.effects.push(Effect::DropSession {
+                    session: id,
+                    member: s.member,
+                });
+            }
+        }
+    }
+
+    /// Cancels every task `pick` selects, audited.
+    fn cancel_tasks(&mut self, out: &mut Out, why: &str, pick: impl Fn(&Task) -> bool) {
+        let ids: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| pick(t))
+            .map(|t| t.id)
+            .collect();
+        for id in ids {
+            if let Some(t) = self.tasks.remove(&id) {
+                out.audit(
+                    &t.owner,
+                    None,
+                    "task_cancel",
+                    "ok",
+                    format!("task {}: {why}", id.0),
+                );
+            }
+        }
+    }
+
     fn lock(&mut self, out: &mut Out, by: &str, reason: &str) {
         self.p.lock = Some(LockInfo {
             by: by.to_string(),
@@ -739,28 +786,8 @@ impl Vault {
         self.approvals.clear();
         out.effects.push(Effect::Persist);
         out.audit(by, None, "lock", "ok", reason);
-        for (id, s) in std::mem::take(&mut self.sessions) {
-            out.audit(
-                &s.member,
-                Some(&s.source),
-                "leave",
-                "dropped",
-                format!("session {} ended by the lock", id.0),
-            );
-            out.effects.push(Effect::DropSession {
-                session: id,
-                member: s.member,
-            });
-        }
-        for (id, t) in std::mem::take(&mut self.tasks) {
-            out.audit(
-                &t.owner,
-                None,
-                "task_cancel",
-                "ok",
-                format!("task {} cancelled by the lock", id.0),
-            );
-        }
+        self.drop_sessions(out, "ended by the lock", |_| true);
+        self.cancel_tasks(out, "cancelled by the lock", |_| true);
         if let Some(req) = self.reopen_key.take() {
             out.effects.push(Effect::DiscardKey { req });
         }
@@ -865,42 +892,8 @@ impl Vault {
             "ok",
             name.to_string(),
         );
-        let gone: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| s.member == name)
-            .map(|s| s.id)
-            .collect();
-        for id in gone {
-            self.sessions.remove(&id);
-            out.audit(
-                name,
-                None,
-                "leave",
-                "dropped",
-                format!("session {} ended: member removed", id.0),
-            );
-            out.effects.push(Effect::DropSession {
-                session: id,
-                member: name.to_string(),
-            });
-        }
-        let tasks: Vec<TaskId> = self
-            .tasks
-            .values()
-            .filter(|t| t.owner == name)
-            .map(|t| t.id)
-            .collect();
-        for id in tasks {
-            self.tasks.remove(&id);
-            out.audit(
-                name,
-                None,
-                "task_cancel",
-                "ok",
-                format!("task {} cancelled: owner removed", id.0),
-            );
-        }
+        self.drop_sessions(out, "ended: member removed", |s| s.member == name);
+        self.cancel_tasks(out, "cancelled: owner removed", |t| t.owner == name);
         out.reply(r.req, Outcome::Ok(Reply::Done));
     }
 
@@ -956,13 +949,8 @@ impl Vault {
                 "failed",
                 format!("open failed: {detail}"),
             );
-            for (id, s) in std::mem::take(&mut self.sessions) {
-                out.effects.push(Effect::DropSession {
-                    session: id,
-                    member: s.member,
-                });
-            }
-            self.tasks.clear();
+            self.drop_sessions(out, "ended: the vault failed to open", |_| true);
+            self.cancel_tasks(out, "cancelled: the vault failed to open", |_| true);
             self.phase = Phase::Closing;
             self.close_forced = true;
             out.effects.push(Effect::Close { force: true });
@@ -1021,27 +1009,9 @@ impl Vault {
     fn tick(&mut self, out: &mut Out) {
         let now = out.now;
         let grace = self.p.policy.grace_ms;
-        let stale: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| now.0.saturating_sub(s.last_seen.0) > grace)
-            .map(|s| s.id)
-            .collect();
-        for id in stale {
-            if let Some(s) = self.sessions.remove(&id) {
-                out.audit(
-                    &s.member,
-                    Some(&s.source),
-                    "leave",
-                    "dropped",
-                    format!("session {}: no heartbeat for {} s", id.0, grace / 1000),
-                );
-                out.effects.push(Effect::DropSession {
-                    session: id,
-                    member: s.member,
-                });
-            }
-        }
+        self.drop_sessions(out, &format!("no heartbeat for {} s", grace / 1000), |s| {
+            now.0.saturating_sub(s.last_seen.0) > grace
+        });
         let expired: Vec<TaskId> = self
             .tasks
             .values()
