@@ -224,9 +224,8 @@ impl Shell {
             door: "cli".into(),
             addr: addr.ip().to_string(),
         };
-        let mut password = None;
-        let mut totp_code = None;
-        let command = match cmd {
+        // Commands that need them carry the password and the TOTP code.
+        let (command, auth) = match cmd {
             ApiCommand::Status => {
                 let _ = reply.send((200, self.status_json(&member)));
                 return;
@@ -277,73 +276,61 @@ impl Shell {
                 let _ = reply.send(answer);
                 return;
             }
-            ApiCommand::Enter { password: p, totp } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::Enter
-            }
-            ApiCommand::Leave { session } => Command::Leave {
-                session: SessionId(session),
-            },
-            ApiCommand::Heartbeat { session } => Command::Heartbeat {
-                session: SessionId(session),
-            },
+            ApiCommand::Enter { password: p, totp } => (Command::Enter, Some((p, totp))),
+            ApiCommand::Leave { session } => (
+                Command::Leave {
+                    session: SessionId(session),
+                },
+                None,
+            ),
+            ApiCommand::Heartbeat { session } => (
+                Command::Heartbeat {
+                    session: SessionId(session),
+                },
+                None,
+            ),
             ApiCommand::TaskAdd {
                 session,
                 task_name,
                 task_user,
                 task_expire,
-            } => Command::TaskAdd {
-                session: SessionId(session),
-                name: task_name,
-                claimed_owner: task_user,
-                duration_ms: task_expire.saturating_mul(1000),
-            },
-            ApiCommand::TaskCancel { session, task_id } => Command::TaskCancel {
-                session: SessionId(session),
-                task: TaskId(task_id),
-            },
+            } => (
+                Command::TaskAdd {
+                    session: SessionId(session),
+                    name: task_name,
+                    claimed_owner: task_user,
+                    duration_ms: task_expire.saturating_mul(1000),
+                },
+                None,
+            ),
+            ApiCommand::TaskCancel { session, task_id } => (
+                Command::TaskCancel {
+                    session: SessionId(session),
+                    task: TaskId(task_id),
+                },
+                None,
+            ),
             ApiCommand::Lock {
                 reason,
                 password: p,
                 totp,
-            } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::Lock { reason }
-            }
-            ApiCommand::Unlock { password: p, totp } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::Unlock
-            }
+            } => (Command::Lock { reason }, Some((p, totp))),
+            ApiCommand::Unlock { password: p, totp } => (Command::Unlock, Some((p, totp))),
             ApiCommand::Mode {
                 mode,
                 password: p,
                 totp,
-            } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::SetMode { mode }
-            }
+            } => (Command::SetMode { mode }, Some((p, totp))),
             ApiCommand::Quorum {
                 quorum,
                 password: p,
                 totp,
-            } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::SetQuorum { quorum }
-            }
+            } => (Command::SetQuorum { quorum }, Some((p, totp))),
             ApiCommand::MemberRemove {
                 name,
                 password: p,
                 totp,
-            } => {
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::MemberRemove { name }
-            }
+            } => (Command::MemberRemove { name }, Some((p, totp))),
             ApiCommand::Invite {
                 name,
                 role,
@@ -361,9 +348,7 @@ impl Shell {
                     let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": format!("{name} already has a pending invitation")})));
                     return;
                 }
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::Invite { name, role }
+                (Command::Invite { name, role }, Some((p, totp)))
             }
             ApiCommand::Passwd {
                 password: p,
@@ -378,14 +363,16 @@ impl Shell {
                     ReqId(self.next_req),
                     Passphrase::from_slice(new_password.0.as_bytes()),
                 );
-                password = Some(p);
-                totp_code = Some(totp);
-                Command::Passwd
+                (Command::Passwd, Some((p, totp)))
             }
             ApiCommand::Join { .. } => {
                 let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "this identity is already a member"})));
                 return;
             }
+        };
+        let (password, totp_code) = match auth {
+            Some((p, code)) => (Some(p), Some(code)),
+            None => (None, None),
         };
         let totp = match totp_code {
             None => Totp::Missing,
