@@ -1,0 +1,68 @@
+//! Benchmark helper: formats a throw-away LUKS2 volume in DIR, exposes it
+//! (FUSE file, loop, ext4 mount at DIR/data), prints the times, waits for a
+//! line on stdin, then closes it and prints the close time.
+//!
+//! `cargo run --release -p coffre-data --example expose -- DIR SIZE_MIB`
+
+use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4};
+use coffre_luks2::Passphrase;
+use coffre_luks2::hash::HashAlg;
+use coffre_luks2::header::FormatOptions;
+use coffre_luks2::kdf::KdfParams;
+use coffre_storage::{FormatRequest, Luks2Container};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(&args[1]);
+    let size: u64 = args[2].parse::<u64>().expect("size in MiB") << 20;
+    std::fs::create_dir_all(&dir).unwrap();
+    let req = FormatRequest {
+        options: FormatOptions {
+            key_size: 64,
+            sector_size: 4096,
+            kdf: KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 1000,
+            },
+            digest_iterations: 1000,
+            label: "bench".into(),
+            subsystem: String::new(),
+            hdr_size: 16384,
+            keyslots_size: 4 << 20,
+            data_offset: 0,
+            segment_size: None,
+        },
+        data_size: Some(size),
+        force: true,
+    };
+    let (c, key) = Luks2Container::format(
+        &dir.join("volume.img"),
+        Some(&dir.join("volume.hdr")),
+        &req,
+        &Passphrase::from_slice(b"bench"),
+    )
+    .unwrap();
+    let l = Layout {
+        volume_file: dir.join("run/volume"),
+        mountpoint: dir.join("data"),
+        nbd_socket: dir.join("run/nbd/nbd.sock"),
+    };
+    let t = Instant::now();
+    format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
+    eprintln!("format_ms {}", t.elapsed().as_millis());
+    let t = Instant::now();
+    let mut e = expose(c.open_volume(&key).unwrap(), &l, &Ownership::default()).unwrap();
+    println!("open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    println!("ready {}", l.mountpoint.display());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    let t = Instant::now();
+    e.close(&ClosePolicy {
+        grace: Duration::from_secs(1),
+        force: false,
+    })
+    .unwrap();
+    println!("close_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+}

@@ -1,0 +1,534 @@
+//! What an open vault shows: its decrypted volume as a FUSE file, a loop
+//! device on that file, the ext4 filesystem on the loop device mounted for
+//! the team, and the disk images inside it served over NBD on a unix
+//! socket. [`expose`] builds the stack bottom-up; [`Exposure::close`] takes
+//! it down top-down, in an order that leaves nothing acknowledged unwritten
+//! and nothing holding the key; [`cleanup_stale`] removes what a daemon
+//! killed while open left behind.
+//!
+//! The kernel never sees a key: decryption stays in our userspace engine
+//! (`coffre-storage`), so this works on hosts without device-mapper.
+
+mod fusefile;
+pub mod nbd;
+pub mod system;
+
+use coffre_storage::EncryptedVolume;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use system::{Holder, LoopDevice};
+
+/// Something in the stack failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A step failed; `step` says which.
+    #[error("{step}: {source}")]
+    Step {
+        /// The step (`mount the volume file`, `unmount the data`...).
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data stays mounted because processes hold it.
+    #[error("{} is busy: {}", mountpoint.display(), holders.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Busy {
+        /// The mount.
+        mountpoint: PathBuf,
+        /// Who holds it.
+        holders: Vec<Holder>,
+    },
+}
+
+fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Step { step, source }
+}
+
+/// Where things go.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The regular file the decrypted volume is mounted over (FUSE).
+    pub volume_file: PathBuf,
+    /// Where the team's ext4 filesystem is mounted.
+    pub mountpoint: PathBuf,
+    /// The NBD unix socket (its directory is made 0700).
+    pub nbd_socket: PathBuf,
+}
+
+impl Layout {
+    /// The directory of disk images served over NBD.
+    pub fn disks(&self) -> PathBuf {
+        self.mountpoint.join("disks")
+    }
+}
+
+/// Owners and modes given to the team on every mount.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    /// The team's group: owns the top directory and `shared/`.
+    pub team_gid: u32,
+    /// Each member with a uid and gid gets `home/NAME` (0700).
+    pub members: Vec<(String, u32, u32)>,
+}
+
+/// What a close does with processes that keep the data busy.
+#[derive(Debug, Clone, Copy)]
+pub struct ClosePolicy {
+    /// Time between SIGTERM and SIGKILL for processes holding the mount.
+    pub grace: Duration,
+    /// A forced close (lock, failed open) wipes the key even if the
+    /// filesystem cannot be unmounted cleanly: the FUSE connection is cut
+    /// so nothing can use the key again.
+    pub force: bool,
+}
+
+/// What a close did, for the audit log.
+#[derive(Debug, Default, Clone)]
+pub struct CloseReport {
+    /// NBD clients that were connected and dropped.
+    pub nbd_clients: usize,
+    /// Processes that held the data and were signalled.
+    pub killed: Vec<Holder>,
+    /// Anything unusual (a cut FUSE connection...).
+    pub notes: Vec<String>,
+    /// How long the close took.
+    pub elapsed: Duration,
+}
+
+/// The exposed stack. Dropping it without [`Exposure::close`] tears it
+/// down as a forced close would.
+pub struct Exposure {
+    layout: Layout,
+    volume: Option<Arc<EncryptedVolume>>,
+    fuse: Option<fusefile::FuseFile>,
+    fuse_conn: Option<u32>,
+    loopdev: Option<LoopDevice>,
+    mounted: Option<(u32, u32)>,
+    nbd: Option<nbd::NbdServer>,
+}
+
+impl std::fmt::Debug for Exposure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exposure")
+            .field("layout", &self.layout)
+            .field("loop", &self.loopdev)
+            .field("mounted", &self.mounted.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Exposure::status`] reports.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The team's mount.
+    pub mountpoint: PathBuf,
+    /// The loop device under it.
+    pub loop_device: Option<PathBuf>,
+    /// The NBD socket.
+    pub nbd_socket: Option<PathBuf>,
+    /// NBD exports (disk images in `disks/`).
+    pub exports: Vec<String>,
+    /// NBD clients connected now.
+    pub nbd_clients: usize,
+}
+
+fn mkfs_ext4(file: &Path) -> std::io::Result<()> {
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "-q".as_ref(),
+        "-F".as_ref(),
+        // Never smaller than the volume's sectors (the loop device's
+        // logical blocks are the volume's sectors).
+        "-b".as_ref(),
+        "4096".as_ref(),
+        "-L".as_ref(),
+        "coffre".as_ref(),
+        "-m".as_ref(),
+        "0".as_ref(),
+        "-E".as_ref(),
+        "lazy_itable_init=0,lazy_journal_init=0,nodiscard".as_ref(),
+        file.as_os_str(),
+    ];
+    system::run("mkfs.ext4", &args).map(|_| ())
+}
+
+/// Formats the decrypted volume with ext4, through the same FUSE path the
+/// vault uses when open (nothing is written around the engine).
+pub fn format_ext4(volume: EncryptedVolume, volume_file: &Path) -> Result<(), Error> {
+    if let Some(dir) = volume_file.parent() {
+        std::fs::create_dir_all(dir).map_err(step("create the run directory"))?;
+    }
+    let volume = Arc::new(volume);
+    let mut fuse = fusefile::FuseFile::mount(volume.clone(), volume_file)
+        .map_err(step("mount the volume file"))?;
+    let made = mkfs_ext4(volume_file).map_err(step("mkfs.ext4"));
+    let unmounted = fuse.unmount().map_err(step("unmount the volume file"));
+    let flushed = volume.flush().map_err(|e| Error::Step {
+        step: "flush the volume",
+        source: std::io::Error::other(e.to_string()),
+    });
+    made.and(unmounted).and(flushed)
+}
+
+/// Builds the stack: FUSE file, loop device, ext4 mount with the team's
+/// owners and modes, NBD server. On failure, what was built is taken down
+/// again.
+pub fn expose(
+    volume: EncryptedVolume,
+    layout: &Layout,
+    own: &Ownership,
+) -> Result<Exposure, Error> {
+    let mut e = Exposure {
+        layout: layout.clone(),
+        volume: Some(Arc::new(volume)),
+        fuse: None,
+        fuse_conn: None,
+        loopdev: None,
+        mounted: None,
+        nbd: None,
+    };
+    match e.build(own) {
+        Ok(()) => Ok(e),
+        Err(err) => {
+            let _ = e.close(&ClosePolicy {
+                grace: Duration::from_secs(1),
+                force: true,
+            });
+            Err(err)
+        }
+    }
+}
+
+impl Exposure {
+    fn build(&mut self, own: &Ownership) -> Result<(), Error> {
+        let l = self.layout.clone();
+        if let Some(dir) = l.volume_file.parent() {
+            std::fs::create_dir_all(dir).map_err(step("create the run directory"))?;
+        }
+        let volume = self.volume.clone().expect("volume present while building");
+        let ss = volume.sector_size();
+        self.fuse = Some(
+            fusefile::FuseFile::mount(volume, &l.volume_file)
+                .map_err(step("mount the volume file"))?,
+        );
+        self.fuse_conn = system::device_of(&l.volume_file).ok().map(|d| d.1);
+        self.loopdev =
+            Some(LoopDevice::attach(&l.volume_file, ss).map_err(step("attach a loop device"))?);
+        std::fs::create_dir_all(&l.mountpoint).map_err(step("create the mount point"))?;
+        let dev = self
+            .loopdev
+            .as_ref()
+            .map(|d| d.path.clone())
+            .unwrap_or_default();
+        use rustix::mount::MountFlags;
+        rustix::mount::mount(
+            &dev,
+            &l.mountpoint,
+            "ext4",
+            MountFlags::NODEV | MountFlags::NOSUID,
+            Some(c"errors=remount-ro"),
+        )
+        .map_err(|e| Error::Step {
+            step: "mount the data",
+            source: e.into(),
+        })?;
+        self.mounted = Some(system::device_of(&l.mountpoint).map_err(step("stat the data"))?);
+        apply_ownership(&l, own).map_err(step("set owners and modes"))?;
+        self.nbd = Some(
+            nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
+                .map_err(step("start the NBD server"))?,
+        );
+        Ok(())
+    }
+
+    /// The layout in use.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// What is exposed now.
+    pub fn status(&self) -> Status {
+        use nbd::Catalog;
+        Status {
+            mountpoint: self.layout.mountpoint.clone(),
+            loop_device: self.loopdev.as_ref().map(|d| d.path.clone()),
+            nbd_socket: self.nbd.as_ref().map(|n| n.socket().to_path_buf()),
+            exports: if self.mounted.is_some() {
+                nbd::ImageDir::new(self.layout.disks()).list()
+            } else {
+                Vec::new()
+            },
+            nbd_clients: self.nbd.as_ref().map_or(0, nbd::NbdServer::connections),
+        }
+    }
+
+    /// Whether everything has been taken down (and the key dropped).
+    pub fn is_closed(&self) -> bool {
+        self.volume.is_none()
+    }
+
+    /// Takes the stack down: NBD clients dropped, filesystem synced and
+    /// unmounted (processes holding it are named, sent SIGTERM, and after
+    /// `policy.grace` SIGKILL), loop device detached, FUSE session ended,
+    /// backend flushed, key dropped. Each step that succeeded is not
+    /// repeated, so a failed close can be called again.
+    pub fn close(&mut self, policy: &ClosePolicy) -> Result<CloseReport, (Error, CloseReport)> {
+        let started = Instant::now();
+        let mut report = CloseReport::default();
+        let r = self.close_steps(policy, &mut report);
+        report.elapsed = started.elapsed();
+        match r {
+            Ok(()) => Ok(report),
+            Err(e) => Err((e, report)),
+        }
+    }
+
+    fn close_steps(&mut self, policy: &ClosePolicy, report: &mut CloseReport) -> Result<(), Error> {
+        if let Some(mut n) = self.nbd.take() {
+            report.nbd_clients = n.stop();
+        }
+        if let Some(dev) = self.mounted {
+            let mp = self.layout.mountpoint.clone();
+            if let Ok(d) = std::fs::File::open(&mp) {
+                let _ = rustix::fs::syncfs(&d);
+            }
+            let unmounted = unmount_busy(&mp, dev, policy.grace, report);
+            match unmounted {
+                Ok(()) => self.mounted = None,
+                Err(e) if !policy.force => return Err(e),
+                Err(e) => {
+                    // Forced: cut the engine off so the key goes now; the
+                    // filesystem above sees I/O errors until it can go.
+                    report.notes.push(format!("forced past: {e}"));
+                    self.abort_fuse(report);
+                    if unmount_busy(&mp, dev, Duration::from_millis(200), report).is_err() {
+                        let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+                        report.notes.push(format!(
+                            "{} detached lazily after the engine was cut: it holds no key",
+                            mp.display()
+                        ));
+                    }
+                    self.mounted = None;
+                }
+            }
+        }
+        if let Some(l) = &self.loopdev {
+            match l.detach(Duration::from_secs(10)) {
+                Ok(()) => self.loopdev = None,
+                Err(e) if !policy.force => return Err(step("detach the loop device")(e)),
+                Err(e) => {
+                    report.notes.push(format!("loop device: {e}"));
+                    self.abort_fuse(report);
+                    self.loopdev = None;
+                }
+            }
+        }
+        if let Some(f) = &mut self.fuse {
+            match f.unmount() {
+                Ok(()) => self.fuse = None,
+                Err(e) if !policy.force => return Err(step("unmount the volume file")(e)),
+                Err(e) => {
+                    report.notes.push(format!("volume file: {e}"));
+                    self.abort_fuse(report);
+                    let _ = rustix::mount::unmount(
+                        &self.layout.volume_file,
+                        rustix::mount::UnmountFlags::DETACH,
+                    );
+                    self.fuse = None;
+                }
+            }
+        }
+        if let Some(v) = self.volume.take() {
+            if let Err(e) = v.flush() {
+                if !policy.force {
+                    self.volume = Some(v);
+                    return Err(Error::Step {
+                        step: "flush the volume",
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+                report.notes.push(format!("flush: {e}"));
+            }
+            // The last reference: the cipher's key schedule is wiped here.
+            drop(v);
+        }
+        Ok(())
+    }
+
+    fn abort_fuse(&mut self, report: &mut CloseReport) {
+        if let Some(c) = self.fuse_conn.take() {
+            let p = format!("/sys/fs/fuse/connections/{c}/abort");
+            if std::fs::write(&p, "1").is_ok() {
+                report
+                    .notes
+                    .push("FUSE connection aborted: the engine no longer serves the volume".into());
+            }
+        }
+    }
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        if !self.is_closed() {
+            let _ = self.close(&ClosePolicy {
+                grace: Duration::from_secs(1),
+                force: true,
+            });
+        }
+    }
+}
+
+/// Unmounts `mp`; if busy, names the holders, sends SIGTERM, waits up to
+/// `grace`, sends SIGKILL, and tries again.
+fn unmount_busy(
+    mp: &Path,
+    dev: (u32, u32),
+    grace: Duration,
+    report: &mut CloseReport,
+) -> Result<(), Error> {
+    use rustix::mount::{UnmountFlags, unmount};
+    use rustix::process::Signal;
+    let try_unmount = || match unmount(mp, UnmountFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(true),
+        Err(rustix::io::Errno::BUSY) => Ok(false),
+        Err(e) => Err(Error::Step {
+            step: "unmount the data",
+            source: e.into(),
+        }),
+    };
+    if try_unmount()? {
+        return Ok(());
+    }
+    let mut held = system::holders(dev, mp);
+    for h in &held {
+        system::signal(h.pid, Signal::TERM);
+    }
+    report.killed.extend(held.iter().cloned());
+    let until = Instant::now() + grace;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if try_unmount()? {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    held = system::holders(dev, mp);
+    for h in &held {
+        system::signal(h.pid, Signal::KILL);
+        if !report.killed.iter().any(|k| k.pid == h.pid) {
+            report.killed.push(h.clone());
+        }
+    }
+    // SIGKILL takes effect at once, but the kernel releases files as the
+    // process exits: give it a moment.
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        if try_unmount()? {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::Busy {
+        mountpoint: mp.to_path_buf(),
+        holders: system::holders(dev, mp),
+    })
+}
+
+fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
+    use rustix::fs::{Gid, Mode, Uid, chmod, chown};
+    let root = &l.mountpoint;
+    let gid = Gid::from_raw(own.team_gid);
+    let set = |p: &Path, uid: u32, gid: Gid, mode: u32| -> std::io::Result<()> {
+        chown(p, Some(Uid::from_raw(uid)), Some(gid))?;
+        chmod(p, Mode::from_raw_mode(mode))?;
+        Ok(())
+    };
+    set(root, 0, gid, 0o2770)?;
+    let shared = root.join("shared");
+    std::fs::create_dir_all(&shared)?;
+    set(&shared, 0, gid, 0o2770)?;
+    let disks = l.disks();
+    std::fs::create_dir_all(&disks)?;
+    set(&disks, 0, Gid::ROOT, 0o700)?;
+    let home = root.join("home");
+    std::fs::create_dir_all(&home)?;
+    set(&home, 0, gid, 0o2750)?;
+    for (name, uid, mgid) in &own.members {
+        if !nbd::valid_export_name(name) {
+            continue;
+        }
+        let h = home.join(name);
+        std::fs::create_dir_all(&h)?;
+        set(&h, *uid, Gid::from_raw(*mgid), 0o700)?;
+    }
+    Ok(())
+}
+
+/// Removes what a daemon killed while open left behind: the team's mount
+/// (after naming and stopping the processes holding it), loop devices on
+/// the volume file, the dead FUSE mount, the NBD socket. Returns what was
+/// done, one line each, for the audit log.
+pub fn cleanup_stale(layout: &Layout, grace: Duration) -> Vec<String> {
+    use rustix::mount::{UnmountFlags, unmount};
+    let mut done = Vec::new();
+    if let Some(m) = system::mount_at(&layout.mountpoint)
+        && m.source.starts_with("/dev/loop")
+    {
+        let mut report = CloseReport::default();
+        let dev = system::device_of(&layout.mountpoint).unwrap_or((0, 0));
+        match unmount_busy(&layout.mountpoint, dev, grace, &mut report) {
+            Ok(()) => done.push(format!(
+                "unmounted {} left by a previous daemon",
+                layout.mountpoint.display()
+            )),
+            Err(e) => {
+                let _ = unmount(&layout.mountpoint, UnmountFlags::DETACH);
+                done.push(format!(
+                    "{e}; detached lazily (the key died with the previous daemon)"
+                ));
+            }
+        }
+        for h in report.killed {
+            done.push(format!("stopped {h}"));
+        }
+    }
+    for l in LoopDevice::backed_by(&layout.volume_file) {
+        match l.detach(Duration::from_secs(5)) {
+            Ok(()) => done.push(format!("detached {}", l.path.display())),
+            Err(e) => done.push(format!("could not detach {}: {e}", l.path.display())),
+        }
+    }
+    if let Some(m) = system::mount_at(&layout.volume_file)
+        && m.fstype.starts_with("fuse")
+    {
+        if let Some((_, minor)) = m.dev.split_once(':') {
+            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+        }
+        match unmount(&layout.volume_file, UnmountFlags::empty()) {
+            Ok(()) => done.push(format!(
+                "unmounted the dead volume file {}",
+                layout.volume_file.display()
+            )),
+            Err(e) => {
+                let _ = unmount(&layout.volume_file, UnmountFlags::DETACH);
+                done.push(format!(
+                    "volume file {}: {e}; detached lazily",
+                    layout.volume_file.display()
+                ));
+            }
+        }
+    }
+    if layout.nbd_socket.exists() && std::fs::remove_file(&layout.nbd_socket).is_ok() {
+        done.push(format!(
+            "removed the stale socket {}",
+            layout.nbd_socket.display()
+        ));
+    }
+    done
+}

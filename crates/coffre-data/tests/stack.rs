@@ -1,0 +1,129 @@
+//! The exposure stack on a real LUKS2 volume, with the real kernel parts
+//! (FUSE, loop, ext4). Needs root, /dev/fuse and loop devices.
+
+use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4, system};
+use coffre_luks2::Passphrase;
+use coffre_luks2::hash::HashAlg;
+use coffre_luks2::header::FormatOptions;
+use coffre_luks2::kdf::KdfParams;
+use coffre_storage::{FormatRequest, Luks2Container};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+fn volume(dir: &Path, size: u64) -> Luks2Container {
+    let req = FormatRequest {
+        options: FormatOptions {
+            key_size: 64,
+            sector_size: 4096,
+            kdf: KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 1000,
+            },
+            digest_iterations: 1000,
+            label: "t".into(),
+            subsystem: String::new(),
+            hdr_size: 16384,
+            keyslots_size: 4 << 20,
+            data_offset: 0,
+            segment_size: None,
+        },
+        data_size: Some(size),
+        force: false,
+    };
+    let (c, _) = Luks2Container::format(
+        &dir.join("v.img"),
+        Some(&dir.join("v.hdr")),
+        &req,
+        &Passphrase::from_slice(b"pw"),
+    )
+    .unwrap();
+    c
+}
+
+fn layout(dir: &Path) -> Layout {
+    Layout {
+        volume_file: dir.join("run/volume"),
+        mountpoint: dir.join("data"),
+        nbd_socket: dir.join("run/nbd/nbd.sock"),
+    }
+}
+
+#[test]
+fn format_mount_write_close_reopen() {
+    let t = tempfile::tempdir().unwrap();
+    let c = volume(t.path(), 64 << 20);
+    let (_, key) = c.unlock(&Passphrase::from_slice(b"pw"), None).unwrap();
+    let l = layout(t.path());
+    format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
+    let own = Ownership {
+        team_gid: 4242,
+        members: vec![("alice".into(), 5001, 5001)],
+    };
+    let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
+    let home = l.mountpoint.join("home/alice");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&home).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (5001, 5001, 0o700));
+        let m = std::fs::metadata(l.mountpoint.join("shared")).unwrap();
+        assert_eq!((m.gid(), m.mode() & 0o7777), (4242, 0o2770));
+    }
+    let secret = b"the partner's drawings, revision C\n".repeat(1000);
+    std::fs::write(home.join("notes.txt"), &secret).unwrap();
+    let st = e.status();
+    assert!(st.loop_device.is_some());
+    let report = e
+        .close(&ClosePolicy {
+            grace: Duration::from_secs(1),
+            force: false,
+        })
+        .unwrap();
+    assert!(report.killed.is_empty());
+    assert!(system::mount_at(&l.mountpoint).is_none());
+    assert!(system::mount_at(&l.volume_file).is_none());
+    assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
+    assert!(!l.nbd_socket.exists());
+    let raw = std::fs::read(t.path().join("v.img")).unwrap();
+    assert!(
+        !raw.windows(24).any(|w| w == &secret[..24]),
+        "plaintext on the backing storage"
+    );
+    let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
+    assert_eq!(std::fs::read(home.join("notes.txt")).unwrap(), secret);
+    // A process holding a file: named, signalled, and the close goes on.
+    let mut child = std::process::Command::new("sleep")
+        .arg("1000")
+        .current_dir(&home)
+        .spawn()
+        .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(home.join("notes.txt"))
+        .unwrap();
+    f.write_all(b"acknowledged line\n").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let report = e
+        .close(&ClosePolicy {
+            grace: Duration::from_millis(300),
+            force: false,
+        })
+        .unwrap();
+    assert!(
+        report
+            .killed
+            .iter()
+            .any(|h| h.pid == child.id().cast_signed() && h.comm == "sleep"),
+        "{report:?}"
+    );
+    assert!(!child.wait().unwrap().success());
+    let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
+    assert!(
+        std::fs::read(home.join("notes.txt"))
+            .unwrap()
+            .ends_with(b"acknowledged line\n")
+    );
+    drop(e);
+    assert!(system::mount_at(&l.mountpoint).is_none());
+}
