@@ -39,6 +39,9 @@ pub enum InitError {
     /// Certificates.
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    /// The team's filesystem could not be made (FUSE, mkfs.ext4).
+    #[error("formatting the team's filesystem: {0}")]
+    Data(String),
 }
 
 /// What `init` needs.
@@ -177,6 +180,11 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     };
     let (mut container, key) =
         Luks2Container::format(&volume, Some(&header), &first_req, &first_pass)?;
+    // The team's filesystem, written through the same engine the daemon
+    // serves it with.
+    let volume_file = o.dir.join("run").join("volume");
+    coffre_data::format_ext4(container.open_volume(&key)?, &volume_file)
+        .map_err(|e| InitError::Data(e.to_string()))?;
     drop(key);
     container.set_token(
         0,
@@ -249,6 +257,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         totp_period_s: o.totp_period_s,
         kdf_memory_cap_kib: 2 * 1024 * 1024,
         keyslot_kdf: crate::vaultdir::KeyslotKdf::from_params(o.kdf),
+        data: crate::vaultdir::DataConfig::default(),
         invitation_ttl_s: 72 * 3600,
         policy: o.policy,
     };

@@ -70,6 +70,12 @@ enum Msg {
         joined: Joined,
         result: Result<u32, String>,
     },
+    /// The data stack is up (or failed to come up).
+    Exposed(Result<String, String>),
+    /// A close of the data stack finished.
+    Unexposed {
+        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+    },
     Tick,
     Shutdown(oneshot::Sender<()>),
 }
@@ -106,6 +112,14 @@ struct Shell {
     replies: HashMap<ReqId, oneshot::Sender<Answer>>,
     kept: HashMap<ReqId, VolumeKey>,
     open_key: Option<VolumeKey>,
+    /// The mounted data while open. Behind a mutex because bringing it
+    /// up and down runs off the actor (mounts and unmounts block).
+    exposure: Arc<std::sync::Mutex<Option<coffre_data::Exposure>>>,
+    layout: coffre_data::Layout,
+    closes_in_flight: u32,
+    /// `enter` replies held until the vault has finished opening.
+    parked: Vec<(oneshot::Sender<Answer>, Value)>,
+    last_open_error: Option<String>,
     kdf_pool: Arc<Semaphore>,
     kdf_cap: u32,
     tx: mpsc::UnboundedSender<Msg>,
@@ -175,7 +189,72 @@ impl Shell {
             "unlock_quorum": s.unlock_quorum,
             "members": s.members,
             "key_held": self.open_key.is_some(),
+            "data": self.data_json(),
         })
+    }
+
+    fn data_json(&self) -> Value {
+        let mut v = json!({
+            "mountpoint": self.layout.mountpoint,
+            "mounted": false,
+        });
+        match self.exposure.try_lock() {
+            Ok(g) => {
+                if let Some(e) = g.as_ref().filter(|e| !e.is_closed()) {
+                    let st = e.status();
+                    v["mounted"] = json!(true);
+                    v["loop_device"] = json!(st.loop_device);
+                    v["nbd_socket"] = json!(st.nbd_socket);
+                    v["exports"] = json!(st.exports);
+                    v["nbd_clients"] = json!(st.nbd_clients);
+                }
+            }
+            Err(_) => v["changing"] = json!(true),
+        }
+        v
+    }
+
+    fn ownership(&self) -> coffre_data::Ownership {
+        coffre_data::Ownership {
+            team_gid: self.config.data.team_gid,
+            members: self
+                .config
+                .data
+                .members
+                .iter()
+                .filter(|(n, _)| self.vault.members().contains_key(*n))
+                .map(|(n, ids)| (n.clone(), ids.uid, ids.gid))
+                .collect(),
+        }
+    }
+
+    /// Sends the `enter` replies that waited for the open, once it is
+    /// decided.
+    fn flush_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let state = self.vault.status().state;
+        if state == "opening" || state == "closing" {
+            return;
+        }
+        let mountpoint = self.layout.mountpoint.clone();
+        let err = self.last_open_error.clone();
+        for (tx, mut v) in self.parked.drain(..) {
+            let answer = if state == "open" {
+                v["data"] = json!(mountpoint);
+                (200, v)
+            } else {
+                (
+                    503,
+                    json!({"ok": false, "error": "open_failed", "message": format!(
+                        "the vault could not open: {}",
+                        err.as_deref().unwrap_or("it closed again")
+                    )}),
+                )
+            };
+            let _ = tx.send(answer);
+        }
     }
 
     fn api(
@@ -428,6 +507,7 @@ impl Shell {
                 self.perform(effect, &mut queue);
             }
         }
+        self.flush_parked();
     }
 
     fn keyslot_memory_kib(&self, keyslot: u32) -> u32 {
@@ -498,11 +578,40 @@ impl Shell {
             }
             Effect::Open { req } => match self.kept.remove(&req) {
                 Some(k) => {
-                    self.open_key = Some(k);
-                    queue.push_back(Event::Opened {
-                        ok: true,
-                        detail: "volume key unlocked and held".into(),
-                    });
+                    let volume = {
+                        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+                        c.open_volume(&k)
+                    };
+                    match volume {
+                        Ok(volume) => {
+                            self.open_key = Some(k);
+                            self.last_open_error = None;
+                            let slot = self.exposure.clone();
+                            let layout = self.layout.clone();
+                            let own = self.ownership();
+                            let tx = self.tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let t = std::time::Instant::now();
+                                let r = coffre_data::expose(volume, &layout, &own);
+                                let msg = match r {
+                                    Ok(e) => {
+                                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                        Ok(format!(
+                                            "data mounted at {} in {} ms",
+                                            layout.mountpoint.display(),
+                                            t.elapsed().as_millis()
+                                        ))
+                                    }
+                                    Err(e) => Err(e.to_string()),
+                                };
+                                let _ = tx.send(Msg::Exposed(msg));
+                            });
+                        }
+                        Err(e) => queue.push_back(Event::Opened {
+                            ok: false,
+                            detail: format!("the volume: {e}"),
+                        }),
+                    }
                 }
                 None => queue.push_back(Event::Opened {
                     ok: false,
@@ -512,20 +621,54 @@ impl Shell {
             Effect::DiscardKey { req } => {
                 self.kept.remove(&req);
             }
-            Effect::Close { force: _ } => {
-                // Nothing is exposed yet (no mount, no workloads): closing
-                // is wiping the key. Dropping a VolumeKey zeroizes it.
-                self.open_key = None;
-                queue.push_back(Event::Closed {
-                    ok: true,
-                    detail: String::new(),
+            Effect::Close { force } => {
+                let nothing_up = self
+                    .exposure
+                    .try_lock()
+                    .is_ok_and(|g| g.as_ref().is_none_or(coffre_data::Exposure::is_closed));
+                if nothing_up && self.closes_in_flight == 0 {
+                    // Dropping a VolumeKey zeroizes it.
+                    self.open_key = None;
+                    queue.push_back(Event::Closed {
+                        ok: true,
+                        detail: String::new(),
+                    });
+                    return;
+                }
+                self.closes_in_flight += 1;
+                let slot = self.exposure.clone();
+                let policy = coffre_data::ClosePolicy {
+                    grace: Duration::from_secs(self.config.data.close_grace_s),
+                    force,
+                };
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    let result = match g.as_mut() {
+                        Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
+                        None => Ok(coffre_data::CloseReport::default()),
+                    };
+                    if result.is_ok() {
+                        *g = None;
+                    }
+                    drop(g);
+                    let _ = tx.send(Msg::Unexposed { result });
                 });
             }
             Effect::Reply { req, outcome } => {
                 if let Some(tx) = self.replies.remove(&req) {
                     let answer = match outcome {
                         Outcome::Ok(Reply::Entered { session }) => {
-                            (200, json!({"ok": true, "session": session.0}))
+                            let v = json!({"ok": true, "session": session.0});
+                            let state = self.vault.status().state;
+                            if state == "opening" || state == "closing" {
+                                // Answered once the data is there.
+                                self.parked.push((tx, v));
+                                return;
+                            }
+                            let mut v = v;
+                            v["data"] = json!(self.layout.mountpoint);
+                            (200, v)
                         }
                         Outcome::Ok(Reply::TaskAdded { task, expires }) => (
                             200,
@@ -977,8 +1120,94 @@ impl Shell {
         self.run(Event::PasswordChecked { req, ok });
     }
 
+    fn exposed(&mut self, r: Result<String, String>) {
+        match r {
+            Ok(detail) => self.run(Event::Opened { ok: true, detail }),
+            Err(detail) => {
+                self.open_key = None;
+                self.last_open_error = Some(detail.clone());
+                self.run(Event::Opened { ok: false, detail });
+            }
+        }
+    }
+
+    fn unexposed(
+        &mut self,
+        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+    ) {
+        self.closes_in_flight = self.closes_in_flight.saturating_sub(1);
+        let report = match &result {
+            Ok(r) | Err((_, r)) => r.clone(),
+        };
+        for h in &report.killed {
+            self.system_audit(
+                "close",
+                "killed",
+                format!(
+                    "{h}: it kept the data busy (SIGTERM, then SIGKILL after {} s)",
+                    self.config.data.close_grace_s
+                ),
+            );
+        }
+        for n in &report.notes {
+            self.system_audit("close", "note", n.clone());
+        }
+        if self.closes_in_flight > 0 {
+            // A forced close queued behind this one decides.
+            return;
+        }
+        match result {
+            Ok(r) => {
+                self.open_key = None;
+                self.system_audit(
+                    "data",
+                    "unmounted",
+                    format!(
+                        "{} unmounted in {} ms; {} NBD client(s) dropped",
+                        self.layout.mountpoint.display(),
+                        r.elapsed.as_millis(),
+                        r.nbd_clients
+                    ),
+                );
+                self.run(Event::Closed {
+                    ok: true,
+                    detail: String::new(),
+                });
+            }
+            Err((e, _)) => self.run(Event::Closed {
+                ok: false,
+                detail: e,
+            }),
+        }
+    }
+
     fn shutdown(&mut self) {
         let was = self.vault.status().state;
+        {
+            let mut g = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mut e) = g.take() {
+                let policy = coffre_data::ClosePolicy {
+                    grace: Duration::from_secs(self.config.data.close_grace_s),
+                    force: true,
+                };
+                match e.close(&policy) {
+                    Ok(r) | Err((_, r)) => {
+                        for h in &r.killed {
+                            let line = format!("{h}: it kept the data busy at shutdown");
+                            let rec = AuditRecord {
+                                at: now_ms(),
+                                actor: "coffre".into(),
+                                source: None,
+                                action: "close".into(),
+                                result: "killed".into(),
+                                detail: line,
+                            };
+                            let _ = self.audit.append(rec);
+                        }
+                    }
+                }
+            }
+        }
         self.open_key = None;
         self.kept.clear();
         self.passwords.clear();
@@ -1112,6 +1341,16 @@ pub async fn serve(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cap =
         u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
+    // A daemon killed while open leaves its mount, loop device, FUSE
+    // file and socket behind: take them down before anything else.
+    let layout = vd.data_layout(&config);
+    let cleaned = tokio::task::spawn_blocking({
+        let layout = layout.clone();
+        let grace = Duration::from_secs(config.data.close_grace_s);
+        move || coffre_data::cleanup_stale(&layout, grace)
+    })
+    .await
+    .unwrap_or_default();
     let mut shell = Shell {
         dir: vd,
         vault: Vault::new(persistent),
@@ -1126,11 +1365,19 @@ pub async fn serve(
         replies: HashMap::new(),
         kept: HashMap::new(),
         open_key: None,
+        exposure: Arc::default(),
+        layout,
+        closes_in_flight: 0,
+        parked: Vec::new(),
+        last_open_error: None,
         kdf_pool: Arc::new(Semaphore::new(cap as usize)),
         kdf_cap: cap,
         tx: tx.clone(),
         next_req: 1,
     };
+    for line in cleaned {
+        shell.system_audit("cleanup", "ok", line);
+    }
     shell.run(Event::Boot { unclean });
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -1205,6 +1452,8 @@ pub async fn serve(
                     let _ = tx.send(answer);
                 }
             }
+            Msg::Exposed(r) => shell.exposed(r),
+            Msg::Unexposed { result } => shell.unexposed(result),
             Msg::Tick => {
                 shell.expire_invitations();
                 shell.run(Event::Tick);

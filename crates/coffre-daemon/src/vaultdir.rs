@@ -61,6 +61,58 @@ pub struct Config {
     /// Vault rules.
     #[serde(default)]
     pub policy: Policy,
+    /// Where and how the data is shown while the vault is open.
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+/// `[data]` in config.toml: the team's mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Mount point of the team's filesystem (relative to the vault
+    /// directory unless absolute).
+    #[serde(default = "default_mountpoint")]
+    pub mountpoint: PathBuf,
+    /// Group that owns the top directory and `shared/`.
+    #[serde(default)]
+    pub team_gid: u32,
+    /// Seconds between SIGTERM and SIGKILL for processes that keep the
+    /// data busy when the vault closes.
+    #[serde(default = "default_close_grace")]
+    pub close_grace_s: u64,
+    /// Each member's uid and gid on the host: they own `home/NAME`.
+    #[serde(default)]
+    pub members: BTreeMap<String, MemberIds>,
+}
+
+/// A member's ids on the host.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberIds {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+fn default_mountpoint() -> PathBuf {
+    PathBuf::from("data")
+}
+
+fn default_close_grace() -> u64 {
+    10
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            mountpoint: default_mountpoint(),
+            team_gid: 0,
+            close_grace_s: default_close_grace(),
+            members: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_invite_ttl() -> u64 {
@@ -212,6 +264,16 @@ impl VaultDir {
     /// Audit signing key.
     pub fn host_key(&self) -> PathBuf {
         self.root.join("host.key")
+    }
+    /// Where the open vault's data goes: the FUSE volume file, the team's
+    /// mount and the NBD socket.
+    pub fn data_layout(&self, config: &Config) -> coffre_data::Layout {
+        let run = self.root.join("run");
+        coffre_data::Layout {
+            volume_file: run.join("volume"),
+            mountpoint: self.root.join(&config.data.mountpoint),
+            nbd_socket: run.join("nbd").join("nbd.sock"),
+        }
     }
     /// Present while a daemon runs; found at start, it means an unclean stop.
     pub fn running_marker(&self) -> PathBuf {

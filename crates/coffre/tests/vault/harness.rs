@@ -57,8 +57,6 @@ impl Vault {
             "alice",
             "--password-file",
             password.to_str().unwrap(),
-            "--size",
-            "16M",
             "--identity-out",
             identity.to_str().unwrap(),
             "--listen",
@@ -74,6 +72,9 @@ impl Vault {
             "--pbkdf-parallel",
             "2",
         ];
+        if !extra.contains(&"--size") {
+            args.extend(["--size", "16M"]);
+        }
         args.extend(extra);
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert!(
@@ -97,6 +98,81 @@ impl Vault {
             }],
             period: 1,
         }
+    }
+
+    /// Where the daemon puts the data (as `VaultDir::data_layout` says).
+    pub fn layout(&self) -> coffre_data::Layout {
+        coffre_data::Layout {
+            volume_file: self.dir.join("run/volume"),
+            mountpoint: self.dir.join("data"),
+            nbd_socket: self.dir.join("run/nbd/nbd.sock"),
+        }
+    }
+
+    /// Sets `[data]` keys in config.toml before `start` (`members` is a
+    /// list of (name, uid, gid)).
+    pub fn set_data(&self, team_gid: u32, grace_s: u64, members: &[(&str, u32, u32)]) {
+        let cfg = self.dir.join("config.toml");
+        let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+        let data = t
+            .entry("data")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap();
+        data.insert("team_gid".into(), toml::Value::Integer(team_gid.into()));
+        data.insert(
+            "close_grace_s".into(),
+            toml::Value::Integer(grace_s.cast_signed()),
+        );
+        let mut m = toml::Table::new();
+        for (name, uid, gid) in members {
+            let mut ids = toml::Table::new();
+            ids.insert("uid".into(), toml::Value::Integer((*uid).into()));
+            ids.insert("gid".into(), toml::Value::Integer((*gid).into()));
+            m.insert((*name).into(), toml::Value::Table(ids));
+        }
+        data.insert("members".into(), toml::Value::Table(m));
+        std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    }
+
+    /// Whether anything of the data stack is up: the team's mount, the
+    /// FUSE volume file, a loop device on it, the NBD socket.
+    pub fn leftovers(&self) -> Vec<String> {
+        let l = self.layout();
+        let mut v = Vec::new();
+        if coffre_data::system::mount_at(&l.mountpoint).is_some() {
+            v.push(format!("mount at {}", l.mountpoint.display()));
+        }
+        if coffre_data::system::mount_at(&l.volume_file).is_some() {
+            v.push("FUSE volume file".into());
+        }
+        for d in coffre_data::system::LoopDevice::backed_by(&l.volume_file) {
+            v.push(format!("loop device {}", d.path.display()));
+        }
+        if l.nbd_socket.exists() {
+            v.push("NBD socket".into());
+        }
+        v
+    }
+
+    /// Decrypts the whole volume with alice's password (for fsck and
+    /// plaintext searches; test only).
+    pub fn decrypt_volume(&self, to: &Path) {
+        let pw = self.members[0].password.clone();
+        let out = Command::new(BIN)
+            .args(["volume", "read", "--key-file"])
+            .arg(&pw)
+            .arg("--header")
+            .arg(self.dir.join("volume.hdr"))
+            .arg(self.dir.join("volume.img"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(to, out.stdout).unwrap();
     }
 
     /// Edits config.toml's [policy] before `start`.
@@ -336,8 +412,28 @@ impl Vault {
 
 impl Drop for Vault {
     fn drop(&mut self) {
-        self.crash();
+        // A clean stop takes the mount down; after a crash, the same
+        // clean-up a restarted daemon does.
+        if let Some(mut c) = self.daemon.take() {
+            unsafe_kill(c.id(), "TERM");
+            if wait_child(&mut c, Duration::from_secs(20)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        coffre_data::cleanup_stale(&self.layout(), Duration::from_secs(1));
     }
+}
+
+fn wait_child(c: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(s) = c.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 pub fn session_file(identity: &Path) -> PathBuf {

@@ -264,6 +264,9 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
         let st = call(&id, &ApiCommand::Status).await?.ok();
         let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("?").to_string();
         eprintln!("coffre: {} entered (session {session}); the vault is {state}. Ctrl-C or `coffre leave` to leave.", id.member);
+        if let Some(data) = v["data"].as_str() {
+            eprintln!("coffre: the data is at {data} on the vault's host");
+        }
         let tty = std::io::stderr().is_terminal();
         let mut iv = tokio::time::interval(std::time::Duration::from_secs(heartbeat.max(1)));
         iv.tick().await;
@@ -385,6 +388,30 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     );
                 }
                 println!("mode:    {}", v["mode"].as_str().unwrap_or("?"));
+                let d = &v["data"];
+                if d["mounted"].as_bool() == Some(true) {
+                    println!(
+                        "data:    {} (mounted from {})",
+                        d["mountpoint"].as_str().unwrap_or("?"),
+                        d["loop_device"].as_str().unwrap_or("?")
+                    );
+                    println!(
+                        "nbd:     {} ({} client(s)); exports: {}",
+                        d["nbd_socket"].as_str().unwrap_or("?"),
+                        d["nbd_clients"],
+                        d["exports"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or_else(|| "none".into())
+                    );
+                } else if let Some(mp) = d["mountpoint"].as_str() {
+                    println!("data:    {mp} (not mounted)");
+                }
                 println!("members: {}", v["members"]);
                 for s in v["sessions"].as_array().into_iter().flatten() {
                     println!(

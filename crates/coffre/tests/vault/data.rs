@@ -1,0 +1,465 @@
+//! Open means usable: the team's mount (FUSE file, loop, ext4), NBD
+//! exports of disk images, the close order, busy mounts, crashes. Real
+//! kernel parts; needs root, /dev/fuse, loop devices, and libnbd-bin.
+
+use crate::harness::*;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn leave(v: &Vault, name: &str, enter: &mut std::process::Child) {
+    ok(&v.cli(name, &["leave"]));
+    assert_eq!(wait_exit(enter, Duration::from_secs(30)), Some(0));
+}
+
+fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_be_bytes()[4]
+        })
+        .collect()
+}
+
+#[test]
+fn members_share_files_with_owners_and_modes_and_nothing_stays_in_clear() {
+    let mut v = Vault::init(&[]);
+    v.set_data(4242, 2, &[("alice", 5001, 5001), ("bob", 5002, 5002)]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let mut enter = v.enter_bg("alice", &[]);
+    let st = v.status("alice");
+    assert_eq!(st["state"], "open");
+    assert_eq!(st["data"]["mounted"], true, "{st}");
+    let mp = v.layout().mountpoint;
+    assert_eq!(st["data"]["mountpoint"], mp.to_str().unwrap());
+    assert!(coffre_data::system::mount_at(&mp).is_some());
+    assert_eq!(owner_mode(&mp.join("home/alice")), (5001, 5001, 0o700));
+    assert_eq!(owner_mode(&mp.join("home/bob")), (5002, 5002, 0o700));
+    assert_eq!(owner_mode(&mp.join("shared")), (0, 4242, 0o2770));
+
+    // Files with their owners and modes, and content we can search for.
+    let marker = b"PARTNER-CONFIDENTIAL-7f3a9c";
+    let mut report = marker.repeat(100);
+    report.extend_from_slice(b"\nend of report\n");
+    let big = pseudo_random(3 << 20, 42);
+    let files: Vec<(String, Vec<u8>, u32, u32, u32)> = vec![
+        (
+            "shared/report.txt".into(),
+            report.clone(),
+            5001,
+            4242,
+            0o640,
+        ),
+        ("home/alice/big.bin".into(), big.clone(), 5001, 5001, 0o600),
+        (
+            "home/bob/todo".into(),
+            b"read alice's report\n".to_vec(),
+            5002,
+            5002,
+            0o604,
+        ),
+    ];
+    for (rel, bytes, uid, gid, mode) in &files {
+        let p = mp.join(rel);
+        std::fs::write(&p, bytes).unwrap();
+        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+    }
+    std::os::unix::fs::symlink("../shared/report.txt", mp.join("home/alice/link")).unwrap();
+    leave(&v, "alice", &mut enter);
+    assert_eq!(v.state(), "closed");
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    assert!(
+        std::fs::read_dir(&mp).unwrap().next().is_none(),
+        "the mount point is empty once closed"
+    );
+    let st = v.status("alice");
+    assert_eq!(st["data"]["mounted"], false);
+    let audit = v.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "data" && e["record"]["result"] == "unmounted")
+    );
+
+    // Bob comes in later and finds everything.
+    let mut enter = v.enter_bg("bob", &[]);
+    for (rel, bytes, uid, gid, mode) in &files {
+        let p = mp.join(rel);
+        assert_eq!(&std::fs::read(&p).unwrap(), bytes, "{rel}");
+        assert_eq!(owner_mode(&p), (*uid, *gid, *mode), "{rel}");
+    }
+    assert_eq!(
+        std::fs::read_link(mp.join("home/alice/link")).unwrap(),
+        Path::new("../shared/report.txt")
+    );
+    leave(&v, "bob", &mut enter);
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+
+    // The storage holds ciphertext only.
+    let raw = std::fs::read(v.dir.join("volume.img")).unwrap();
+    assert!(!raw.windows(marker.len()).any(|w| w == marker));
+    assert!(!raw.windows(64).any(|w| w == &big[1 << 20..(1 << 20) + 64]));
+    // And the filesystem is clean.
+    let img = v.tmp.path().join("clear.img");
+    v.decrypt_volume(&img);
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    ok(&fsck);
+}
+
+/// A raw NBD client for the malformed cases.
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(sock: &Path) -> Raw {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = Raw(s);
+        let mut hello = [0u8; 18];
+        r.0.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        assert_eq!(&hello[8..16], b"IHAVEOPT");
+        r.0.write_all(&3u32.to_be_bytes()).unwrap();
+        r
+    }
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+    /// Reads option replies until an ACK or an error; returns the types.
+    fn replies(&mut self) -> Vec<u32> {
+        let mut kinds = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0; len as usize];
+            self.0.read_exact(&mut d).unwrap();
+            kinds.push(kind);
+            if kind == 1 || kind & 0x8000_0000 != 0 {
+                return kinds;
+            }
+        }
+    }
+    fn go(&mut self, name: &str) -> Vec<u32> {
+        let mut d = u32::try_from(name.len()).unwrap().to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(7, &d);
+        self.replies()
+    }
+    fn request(&mut self, magic: u32, kind: u16, offset: u64, len: u32, payload: &[u8]) {
+        let mut m = magic.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&kind.to_be_bytes());
+        m.extend_from_slice(&0x1234u64.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(payload);
+        self.0.write_all(&m).unwrap();
+    }
+    /// The error of a simple reply (no payload expected).
+    fn error(&mut self) -> u32 {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(&h[8..16], &0x1234u64.to_be_bytes());
+        u32::from_be_bytes(h[4..8].try_into().unwrap())
+    }
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn nbd_uri(sock: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+#[test]
+fn disk_images_are_served_over_nbd_and_bad_clients_get_errors() {
+    let mut v = Vault::init(&["--size", "48M"]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let l = v.layout();
+    let disks = l.disks();
+    let image = pseudo_random(4 << 20, 7);
+    std::fs::write(disks.join("vm1.img"), &image).unwrap();
+    std::fs::write(disks.join("scratch.img"), vec![0u8; 1 << 20]).unwrap();
+    let st = v.status("alice");
+    assert_eq!(st["data"]["nbd_socket"], l.nbd_socket.to_str().unwrap());
+    assert_eq!(st["data"]["exports"], serde_json::json!(["scratch", "vm1"]));
+    let mode = std::fs::metadata(l.nbd_socket.parent().unwrap())
+        .unwrap()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // Real clients: listing, reading, writing.
+    let out = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbd+unix://?socket={}", l.nbd_socket.display()))
+        .output()
+        .unwrap();
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vm1") && text.contains("scratch"), "{text}");
+    let copy = v.tmp.path().join("vm1.copy");
+    ok(&Command::new("nbdcopy")
+        .arg(nbd_uri(&l.nbd_socket, "vm1"))
+        .arg(&copy)
+        .output()
+        .unwrap());
+    assert!(std::fs::read(&copy).unwrap() == image, "read through NBD");
+    let new = pseudo_random(1 << 20, 99);
+    let src = v.tmp.path().join("new.bin");
+    std::fs::write(&src, &new).unwrap();
+    ok(&Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&src)
+        .arg(nbd_uri(&l.nbd_socket, "scratch"))
+        .output()
+        .unwrap());
+    assert!(
+        std::fs::read(disks.join("scratch.img")).unwrap() == new,
+        "written through NBD, seen on the mount"
+    );
+
+    // Malformed requests: errors, never a dead daemon.
+    let mut r = Raw::connect(&l.nbd_socket);
+    assert_eq!(r.go("no-such-disk"), vec![0x8000_0006]);
+    assert_eq!(r.go("../vault/volume"), vec![0x8000_0006]);
+    assert_eq!(r.go("vm1"), vec![3, 1]);
+    r.request(0x2560_9513, 0, (4 << 20) - 512, 4096, &[]);
+    assert_eq!(r.error(), 22, "read past the end: EINVAL");
+    r.request(0x2560_9513, 0, u64::MAX - 10, 4096, &[]);
+    assert_eq!(r.error(), 22, "offset overflow: EINVAL");
+    r.request(0x2560_9513, 0, 0, u32::MAX, &[]);
+    assert_eq!(r.error(), 75, "oversized read: EOVERFLOW");
+    r.request(0x2560_9513, 1, 8 << 20, 512, &[0xAA; 512]);
+    assert_eq!(r.error(), 28, "write past the end: ENOSPC");
+    r.request(0x2560_9513, 99, 0, 0, &[]);
+    assert_eq!(r.error(), 22, "unknown command: EINVAL");
+    r.request(0xdead_beef, 0, 0, 512, &[]);
+    assert!(r.closed(), "a bad magic ends the connection");
+    // A client that disconnects in the middle of a write.
+    let mut r = Raw::connect(&l.nbd_socket);
+    assert_eq!(r.go("vm1"), vec![3, 1]);
+    r.request(0x2560_9513, 1, 0, 65536, &[0x55; 1000]);
+    drop(r);
+    // Garbage instead of a handshake.
+    let mut s = UnixStream::connect(&l.nbd_socket).unwrap();
+    let _ = s.write_all(&[0xff; 64]);
+    drop(s);
+    // Still serving, and the image was not touched by the torn write.
+    ok(&Command::new("nbdcopy")
+        .arg(nbd_uri(&l.nbd_socket, "vm1"))
+        .arg(&copy)
+        .output()
+        .unwrap());
+    assert!(std::fs::read(&copy).unwrap() == image);
+
+    // A client still connected at close is dropped; the vault closes.
+    let mut idle = Raw::connect(&l.nbd_socket);
+    assert_eq!(idle.go("vm1"), vec![3, 1]);
+    leave(&v, "alice", &mut enter);
+    assert_eq!(v.state(), "closed");
+    assert!(idle.closed(), "the close drops NBD clients");
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    assert!(!l.nbd_socket.exists());
+}
+
+/// A writer that appends numbered records, fsyncs each, and only then
+/// records it as acknowledged in a file outside the vault.
+fn writer(target: &Path, acks: &Path) -> std::process::Child {
+    let script = r#"
+import os, sys
+f = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+a = open(sys.argv[2], "w")
+i = 0
+while True:
+    os.write(f, (b"record %08d " % i) + b"x" * 4000 + b"\n")
+    os.fsync(f)
+    a.write("%d\n" % i); a.flush()
+    i += 1
+"#;
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(target)
+        .arg(acks)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn last_ack(acks: &Path) -> u64 {
+    std::fs::read_to_string(acks)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .max()
+        .expect("the writer acknowledged something")
+}
+
+fn records_present(file: &Path, upto: u64) {
+    let text = std::fs::read(file).unwrap();
+    let text = String::from_utf8_lossy(&text);
+    let mut next = 0u64;
+    for line in text.lines() {
+        if let Some(n) = line
+            .strip_prefix("record ")
+            .and_then(|r| r.get(..8))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            assert_eq!(n, next, "records in order, none missing");
+            next += 1;
+        }
+    }
+    assert!(
+        next > upto,
+        "acknowledged up to {upto}, found {next} records"
+    );
+}
+
+#[test]
+fn a_busy_close_names_and_stops_the_holders_and_loses_nothing_acknowledged() {
+    let mut v = Vault::init(&["--size", "48M"]);
+    v.set_data(0, 1, &[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let mp = v.layout().mountpoint;
+    let mut sleeper = Command::new("sleep")
+        .arg("1000")
+        .current_dir(mp.join("shared"))
+        .spawn()
+        .unwrap();
+    let acks = v.tmp.path().join("acks");
+    let mut w = writer(&mp.join("shared/journal"), &acks);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&acks)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 20
+    {
+        assert!(Instant::now() < deadline, "the writer makes no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    leave(&v, "alice", &mut enter);
+    assert_eq!(v.state(), "closed");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert!(
+        sleeper.wait().unwrap().code().is_none(),
+        "killed by a signal"
+    );
+    assert!(w.wait().unwrap().code().is_none(), "killed by a signal");
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    let killed: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "killed")
+        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        killed.iter().any(|d| d.starts_with("sleep (pid")),
+        "{killed:?}"
+    );
+    assert!(
+        killed.iter().any(|d| d.starts_with("python3 (pid")),
+        "{killed:?}"
+    );
+    let acked = last_ack(&acks);
+    let mut enter = v.enter_bg("alice", &[]);
+    records_present(&mp.join("shared/journal"), acked);
+    leave(&v, "alice", &mut enter);
+}
+
+#[test]
+fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
+    let mut v = Vault::init(&["--size", "48M"]);
+    v.set_data(0, 1, &[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let l = v.layout();
+    let acks = v.tmp.path().join("acks");
+    let mut w = writer(&l.mountpoint.join("shared/journal"), &acks);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&acks)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 50
+    {
+        assert!(Instant::now() < deadline, "the writer makes no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    v.crash();
+    // The writer fails or blocks; whatever it acknowledged must survive.
+    std::thread::sleep(Duration::from_millis(300));
+    let acked = last_ack(&acks);
+    assert!(!v.leftovers().is_empty(), "the crash left the mount");
+    v.start();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    let _ = w.kill();
+    let _ = w.wait();
+    let cleanup: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|e| e["record"]["action"] == "cleanup")
+        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        cleanup.iter().any(|d| d.contains("unmounted")),
+        "{cleanup:?}"
+    );
+    // The client from before the crash holds a session the new daemon
+    // does not know.
+    let _ = enter.kill();
+    let _ = enter.wait();
+    let _ = std::fs::remove_file(session_file(&v.members[0].identity));
+    let mut enter = v.enter_bg("alice", &[]);
+    records_present(&l.mountpoint.join("shared/journal"), acked);
+    leave(&v, "alice", &mut enter);
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    let img = v.tmp.path().join("clear.img");
+    v.decrypt_volume(&img);
+    ok(&Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap());
+}
