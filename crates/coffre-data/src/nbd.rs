@@ -533,12 +533,14 @@ fn transmission(
                 if len > MAX_REQUEST {
                     discard(r, u64::from(len))?;
                     EOVERFLOW
+                } else if !in_range {
+                    // Never buffered: a lie about the length costs no memory.
+                    discard(r, u64::from(len))?;
+                    ENOSPC
                 } else {
                     buf.resize(len as usize, 0);
                     r.read_exact(&mut buf)?;
-                    if !in_range {
-                        ENOSPC
-                    } else {
+                    {
                         match disk.write_at(offset, &buf).and_then(|()| {
                             if flags & CMD_FLAG_FUA != 0 {
                                 disk.flush()
