@@ -591,11 +591,14 @@ impl Shell {
                             let own = self.ownership();
                             let tx = self.tx.clone();
                             tokio::task::spawn_blocking(move || {
+                                // Held for the whole open: a shutdown or a
+                                // close waits for it instead of missing it.
+                                let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
                                 let t = std::time::Instant::now();
                                 let r = coffre_data::expose(volume, &layout, &own);
                                 let msg = match r {
                                     Ok(e) => {
-                                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                        *g = Some(e);
                                         Ok(format!(
                                             "data mounted at {} in {} ms",
                                             layout.mountpoint.display(),
@@ -604,6 +607,7 @@ impl Shell {
                                     }
                                     Err(e) => Err(e.to_string()),
                                 };
+                                drop(g);
                                 let _ = tx.send(Msg::Exposed(msg));
                             });
                         }
@@ -648,7 +652,9 @@ impl Shell {
                         Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
                         None => Ok(coffre_data::CloseReport::default()),
                     };
-                    if result.is_ok() {
+                    // A forced close never leaves a stack behind for a later
+                    // open to trip over (dropping it finishes the job).
+                    if result.is_ok() || policy.force {
                         *g = None;
                     }
                     drop(g);
@@ -1300,6 +1306,13 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     coffre_sys::return_large_allocations();
+    // Absolute and resolved: the mount table and sysfs speak in such paths,
+    // and finding our own mounts after a crash depends on it.
+    let dir = &dir.canonicalize().map_err(|source| DirError::Io {
+        what: "resolve",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let vd = VaultDir::new(dir);
     let config = vd.load_config()?;
     let control = vd.load_control()?;

@@ -12,8 +12,8 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, SessionACL, WriteFlags,
 };
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Largest request we accept from the kernel (the kernel's own FUSE limit
 /// is 256 pages; it negotiates down).
@@ -22,9 +22,9 @@ const MAX_REQUEST: u32 = 1 << 20;
 /// The filesystem: one inode, the volume.
 pub(crate) struct VolumeFile {
     volume: Arc<EncryptedVolume>,
-    /// Serialises read-modify-write of partial sectors against each other
-    /// (aligned requests, the common case, never take it).
-    rmw: Mutex<()>,
+    /// Read-modify-write of partial sectors takes it exclusively; aligned
+    /// writes (the loop device only sends those) take it shared.
+    rmw: RwLock<()>,
     /// Owner of the file (root: only the daemon's loop device uses it).
     started: SystemTime,
 }
@@ -33,7 +33,7 @@ impl VolumeFile {
     pub(crate) fn new(volume: Arc<EncryptedVolume>) -> Self {
         Self {
             volume,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
             started: SystemTime::now(),
         }
     }
@@ -86,11 +86,14 @@ impl VolumeFile {
         }
         let ss = self.volume.sector_size() as u64;
         if offset.is_multiple_of(ss) && (data.len() as u64).is_multiple_of(ss) {
+            // Shared: aligned writes run in parallel, but never in the
+            // middle of a read-modify-write.
+            let _g = self.rmw.read().unwrap_or_else(|p| p.into_inner());
             self.volume.write_at(offset, data).map_err(io_errno)?;
             return Ok(data.len());
         }
-        // Partial sectors: read, patch, write back, under the lock.
-        let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        // Partial sectors: read, patch, write back, alone.
+        let _g = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let start = offset / ss * ss;
         let stop = end.div_ceil(ss) * ss;
         let mut buf = vec![0u8; usize::try_from(stop - start).map_err(|_| Errno::EINVAL)?];
@@ -217,6 +220,9 @@ impl Filesystem for VolumeFile {
 pub(crate) struct FuseFile {
     session: Option<fuser::BackgroundSession>,
     at: std::path::PathBuf,
+    /// The kernel's id for this FUSE connection
+    /// (`/sys/fs/fuse/connections/ID`).
+    conn: Option<u32>,
 }
 
 /// FUSE worker threads (each one decrypts or encrypts a request; large
@@ -244,31 +250,107 @@ impl FuseFile {
         config.acl = SessionACL::Owner;
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
+        let at = &at.canonicalize()?;
         let session = fuser::Session::new(VolumeFile::new(volume), at, &config)?;
+        // From the mount table: a stat of the file would wait for a worker
+        // that is not running yet.
+        let conn = crate::system::device_of(at)
+            .and_then(|d| d.split_once(':').and_then(|(_, m)| m.parse().ok()));
         Ok(Self {
             session: Some(session.spawn()?),
             at: at.to_path_buf(),
+            conn,
         })
     }
 
-    /// Unmounts (not lazily: fails if something still uses the file) and
-    /// waits for the session's threads.
+    /// Unmounts (not lazily: fails if something still uses the file),
+    /// makes sure the connection has ended, and waits for the workers.
     pub(crate) fn unmount(&mut self) -> std::io::Result<()> {
+        use rustix::mount::{UnmountFlags, unmount};
         if self.session.is_none() {
             return Ok(());
         }
-        // Our own plain umount(2): EBUSY if the loop device still holds
-        // the file, and then the session stays as it was.
-        match rustix::mount::unmount(&self.at, rustix::mount::UnmountFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
-            Err(e) => return Err(e.into()),
+        // The loop device lets go of the file a moment after it reports
+        // detached: a short EBUSY is not a holder.
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            match unmount(&self.at, UnmountFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) => break,
+                Err(rustix::io::Errno::BUSY) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        if let Some(s) = self.session.take() {
-            // The kernel ends the connection at unmount; the workers see
-            // it and stop.
-            s.join()?;
+        // Unmounting ends the connection, unless a copy of the mount in
+        // another namespace keeps it: then end it ourselves (the id is
+        // still ours while our workers run).
+        let until = Instant::now() + Duration::from_millis(500);
+        while self
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+        {
+            if Instant::now() > until {
+                if !self.abort_by_id() {
+                    return Err(std::io::Error::other(
+                        "the FUSE connection outlives its mount (a copy in another mount namespace?) and /sys/fs/fuse/connections is not available to end it",
+                    ));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(())
+        self.join()
+    }
+
+    /// Waits (boundedly) for the workers to stop.
+    fn join(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !s.guard.is_finished() {
+            if Instant::now() > until {
+                self.session = Some(s);
+                return Err(std::io::Error::other("the FUSE workers did not stop"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s.join()
+    }
+
+    fn abort_by_id(&mut self) -> bool {
+        self.conn.take().is_some_and(|c| {
+            std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
+        })
+    }
+
+    /// Ends the FUSE connection while the file is still mounted (forced
+    /// close): every request fails from now on and the workers stop,
+    /// dropping the volume and its key. Returns whether the workers are
+    /// gone.
+    pub(crate) fn abort(&mut self) -> bool {
+        use rustix::mount::{UnmountFlags, unmount};
+        if self.session.is_none() {
+            return true;
+        }
+        // MNT_FORCE makes FUSE abort the connection even when the unmount
+        // itself fails as busy; no need for fusectl.
+        let _ = unmount(&self.at, UnmountFlags::FORCE);
+        let until = Instant::now() + Duration::from_millis(500);
+        while self
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+        {
+            if Instant::now() > until {
+                self.abort_by_id();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.join().is_ok()
     }
 }
 

@@ -103,9 +103,11 @@ pub struct Exposure {
     layout: Layout,
     volume: Option<Arc<EncryptedVolume>>,
     fuse: Option<fusefile::FuseFile>,
-    fuse_conn: Option<u32>,
     loopdev: Option<LoopDevice>,
-    mounted: Option<(u32, u32)>,
+    mounted: Option<String>,
+    /// The ext4's device, kept after our unmount: a copy of the mount in
+    /// another namespace keeps it (and the loop device) alive.
+    ext4_dev: Option<String>,
     nbd: Option<nbd::NbdServer>,
 }
 
@@ -183,9 +185,9 @@ pub fn expose(
         layout: layout.clone(),
         volume: Some(Arc::new(volume)),
         fuse: None,
-        fuse_conn: None,
         loopdev: None,
         mounted: None,
+        ext4_dev: None,
         nbd: None,
     };
     match e.build(own) {
@@ -212,7 +214,6 @@ impl Exposure {
             fusefile::FuseFile::mount(volume, &l.volume_file)
                 .map_err(step("mount the volume file"))?,
         );
-        self.fuse_conn = system::device_of(&l.volume_file).ok().map(|d| d.1);
         self.loopdev =
             Some(LoopDevice::attach(&l.volume_file, ss).map_err(step("attach a loop device"))?);
         std::fs::create_dir_all(&l.mountpoint).map_err(step("create the mount point"))?;
@@ -233,7 +234,14 @@ impl Exposure {
             step: "mount the data",
             source: e.into(),
         })?;
-        self.mounted = Some(system::device_of(&l.mountpoint).map_err(step("stat the data"))?);
+        self.mounted = Some(system::device_of(&l.mountpoint).ok_or_else(|| Error::Step {
+            step: "find the data in the mount table",
+            source: std::io::Error::other(format!(
+                "{} is not in /proc/self/mountinfo (give the vault an absolute, canonical path)",
+                l.mountpoint.display()
+            )),
+        })?);
+        self.ext4_dev = self.mounted.clone();
         apply_ownership(&l, own).map_err(step("set owners and modes"))?;
         self.nbd = Some(
             nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
@@ -288,12 +296,12 @@ impl Exposure {
         if let Some(mut n) = self.nbd.take() {
             report.nbd_clients = n.stop();
         }
-        if let Some(dev) = self.mounted {
+        if let Some(dev) = self.mounted.clone() {
             let mp = self.layout.mountpoint.clone();
             if let Ok(d) = std::fs::File::open(&mp) {
                 let _ = rustix::fs::syncfs(&d);
             }
-            let unmounted = unmount_busy(&mp, dev, policy.grace, report);
+            let unmounted = unmount_busy(&mp, &dev, policy.grace, report);
             match unmounted {
                 Ok(()) => self.mounted = None,
                 Err(e) if !policy.force => return Err(e),
@@ -302,10 +310,10 @@ impl Exposure {
                     // filesystem above sees I/O errors until it can go.
                     report.notes.push(format!("forced past: {e}"));
                     self.abort_fuse(report);
-                    if unmount_busy(&mp, dev, Duration::from_millis(200), report).is_err() {
+                    if unmount_busy(&mp, &dev, Duration::from_millis(200), report).is_err() {
                         let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
                         report.notes.push(format!(
-                            "{} detached lazily after the engine was cut: it holds no key",
+                            "{} detached lazily after the engine was cut",
                             mp.display()
                         ));
                     }
@@ -313,8 +321,37 @@ impl Exposure {
                 }
             }
         }
-        if let Some(l) = &self.loopdev {
-            match l.detach(Duration::from_secs(10)) {
+        if let Some(l) = self.loopdev.clone() {
+            let mut detached = l.detach(Duration::from_secs(1));
+            if detached.is_err()
+                && let Some(dev) = self.ext4_dev.clone()
+            {
+                // Our mount is gone but the filesystem lives on: another
+                // mount of it here (a bind mount), or a private copy in
+                // another mount namespace. Bind mounts go; processes get
+                // the same policy as on a busy mount.
+                for m in system::mounts().into_iter().rev().filter(|m| m.dev == dev) {
+                    let r =
+                        rustix::mount::unmount(&m.mountpoint, rustix::mount::UnmountFlags::empty());
+                    report.notes.push(format!(
+                        "another mount of the data at {}: {}",
+                        m.mountpoint.display(),
+                        match r {
+                            Ok(()) => "unmounted".to_string(),
+                            Err(e) => format!("could not unmount it: {e}"),
+                        }
+                    ));
+                }
+                let mp = self.layout.mountpoint.clone();
+                let gone = stop_holders(&dev, &mp, true, policy.grace, report, || {
+                    Ok(!l.is_attached())
+                });
+                detached = match gone {
+                    Ok(true) => Ok(()),
+                    _ => l.detach(Duration::from_millis(100)),
+                };
+            }
+            match detached {
                 Ok(()) => self.loopdev = None,
                 Err(e) if !policy.force => return Err(step("detach the loop device")(e)),
                 Err(e) => {
@@ -351,18 +388,26 @@ impl Exposure {
                 report.notes.push(format!("flush: {e}"));
             }
             // The last reference: the cipher's key schedule is wiped here.
-            drop(v);
+            if Arc::into_inner(v).is_none() {
+                report
+                    .notes
+                    .push("the volume key is still held by FUSE workers that did not stop".into());
+            }
         }
         Ok(())
     }
 
     fn abort_fuse(&mut self, report: &mut CloseReport) {
-        if let Some(c) = self.fuse_conn.take() {
-            let p = format!("/sys/fs/fuse/connections/{c}/abort");
-            if std::fs::write(&p, "1").is_ok() {
-                report
-                    .notes
-                    .push("FUSE connection aborted: the engine no longer serves the volume".into());
+        if let Some(f) = self.fuse.as_mut() {
+            if f.abort() {
+                report.notes.push(
+                    "FUSE connection aborted: the engine stopped serving the volume and dropped its key".into(),
+                );
+            } else {
+                report.notes.push(
+                    "FUSE connection could not be aborted: the engine's workers are still alive"
+                        .into(),
+                );
             }
         }
     }
@@ -379,16 +424,63 @@ impl Drop for Exposure {
     }
 }
 
-/// Unmounts `mp`; if busy, names the holders, sends SIGTERM, waits up to
-/// `grace`, sends SIGKILL, and tries again.
+/// Names the processes holding the filesystem `dev` (mounted at `mp`, or
+/// formerly), sends them SIGTERM, waits up to `grace` for `done`, sends
+/// SIGKILL to those left, and waits a little more. Returns whether `done`
+/// became true.
+fn stop_holders(
+    dev: &str,
+    mp: &Path,
+    namespaces: bool,
+    grace: Duration,
+    report: &mut CloseReport,
+    mut done: impl FnMut() -> Result<bool, Error>,
+) -> Result<bool, Error> {
+    use rustix::process::Signal;
+    let held = system::holders(dev, mp, namespaces);
+    for h in &held {
+        system::signal(h.pid, Signal::TERM);
+    }
+    report.killed.extend(held.iter().cloned());
+    let until = Instant::now() + grace;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    for h in system::holders(dev, mp, namespaces) {
+        system::signal(h.pid, Signal::KILL);
+        if !report.killed.iter().any(|k| k.pid == h.pid) {
+            report.killed.push(h);
+        }
+    }
+    // SIGKILL takes effect at once, but the kernel releases files as the
+    // process exits: give it a moment.
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts `mp`; if busy, stops the holders (see [`stop_holders`]) and
+/// tries again.
 fn unmount_busy(
     mp: &Path,
-    dev: (u32, u32),
+    dev: &str,
     grace: Duration,
     report: &mut CloseReport,
 ) -> Result<(), Error> {
     use rustix::mount::{UnmountFlags, unmount};
-    use rustix::process::Signal;
     let try_unmount = || match unmount(mp, UnmountFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Ok(false),
@@ -397,75 +489,50 @@ fn unmount_busy(
             source: e.into(),
         }),
     };
-    if try_unmount()? {
+    if try_unmount()? || stop_holders(dev, mp, false, grace, report, try_unmount)? {
         return Ok(());
-    }
-    let mut held = system::holders(dev, mp);
-    for h in &held {
-        system::signal(h.pid, Signal::TERM);
-    }
-    report.killed.extend(held.iter().cloned());
-    let until = Instant::now() + grace;
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        if try_unmount()? {
-            return Ok(());
-        }
-        if Instant::now() >= until {
-            break;
-        }
-    }
-    held = system::holders(dev, mp);
-    for h in &held {
-        system::signal(h.pid, Signal::KILL);
-        if !report.killed.iter().any(|k| k.pid == h.pid) {
-            report.killed.push(h.clone());
-        }
-    }
-    // SIGKILL takes effect at once, but the kernel releases files as the
-    // process exits: give it a moment.
-    let until = Instant::now() + Duration::from_secs(2);
-    loop {
-        if try_unmount()? {
-            return Ok(());
-        }
-        if Instant::now() >= until {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
     Err(Error::Busy {
         mountpoint: mp.to_path_buf(),
-        holders: system::holders(dev, mp),
+        holders: system::holders(dev, mp, false),
     })
 }
 
+/// Owners and modes, set through directory descriptors opened without
+/// following symlinks: a member who replaced `shared` with a link to
+/// `/etc` gets an error at the next open, not root.
 fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
-    use rustix::fs::{Gid, Mode, Uid, chmod, chown};
-    let root = &l.mountpoint;
-    let gid = Gid::from_raw(own.team_gid);
-    let set = |p: &Path, uid: u32, gid: Gid, mode: u32| -> std::io::Result<()> {
-        chown(p, Some(Uid::from_raw(uid)), Some(gid))?;
-        chmod(p, Mode::from_raw_mode(mode))?;
+    use rustix::fs::{CWD, Gid, Mode, OFlags, Uid, fchmod, fchown, mkdirat, openat};
+    use std::os::fd::OwnedFd;
+    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
+    let set = |fd: &OwnedFd, uid: u32, gid: u32, mode: u32| -> std::io::Result<()> {
+        fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+        fchmod(fd, Mode::from_raw_mode(mode))?;
         Ok(())
     };
-    set(root, 0, gid, 0o2770)?;
-    let shared = root.join("shared");
-    std::fs::create_dir_all(&shared)?;
-    set(&shared, 0, gid, 0o2770)?;
-    let disks = l.disks();
-    std::fs::create_dir_all(&disks)?;
-    set(&disks, 0, Gid::ROOT, 0o700)?;
-    let home = root.join("home");
-    std::fs::create_dir_all(&home)?;
-    set(&home, 0, gid, 0o2750)?;
-    for (name, uid, mgid) in &own.members {
+    let sub = |parent: &OwnedFd, name: &str| -> std::io::Result<OwnedFd> {
+        match mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        openat(parent, name, flags, Mode::empty()).map_err(|e| {
+            std::io::Error::other(format!(
+                "{name} in the data is not a plain directory ({e}); refusing to follow it"
+            ))
+        })
+    };
+    let root = openat(CWD, &l.mountpoint, flags, Mode::empty())?;
+    // Sticky: members cannot rename or delete what root made here.
+    set(&root, 0, own.team_gid, 0o3770)?;
+    set(&sub(&root, "shared")?, 0, own.team_gid, 0o2770)?;
+    set(&sub(&root, "disks")?, 0, 0, 0o700)?;
+    let home = sub(&root, "home")?;
+    set(&home, 0, own.team_gid, 0o2750)?;
+    for (name, uid, gid) in &own.members {
         if !nbd::valid_export_name(name) {
             continue;
         }
-        let h = home.join(name);
-        std::fs::create_dir_all(&h)?;
-        set(&h, *uid, Gid::from_raw(*mgid), 0o700)?;
+        set(&sub(&home, name)?, *uid, *gid, 0o700)?;
     }
     Ok(())
 }
@@ -481,8 +548,7 @@ pub fn cleanup_stale(layout: &Layout, grace: Duration) -> Vec<String> {
         && m.source.starts_with("/dev/loop")
     {
         let mut report = CloseReport::default();
-        let dev = system::device_of(&layout.mountpoint).unwrap_or((0, 0));
-        match unmount_busy(&layout.mountpoint, dev, grace, &mut report) {
+        match unmount_busy(&layout.mountpoint, &m.dev, grace, &mut report) {
             Ok(()) => done.push(format!(
                 "unmounted {} left by a previous daemon",
                 layout.mountpoint.display()
@@ -507,10 +573,8 @@ pub fn cleanup_stale(layout: &Layout, grace: Duration) -> Vec<String> {
     if let Some(m) = system::mount_at(&layout.volume_file)
         && m.fstype.starts_with("fuse")
     {
-        if let Some((_, minor)) = m.dev.split_once(':') {
-            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
-        }
-        match unmount(&layout.volume_file, UnmountFlags::empty()) {
+        // The connection died with the daemon; FORCE makes sure of it.
+        match unmount(&layout.volume_file, UnmountFlags::FORCE) {
             Ok(()) => done.push(format!(
                 "unmounted the dead volume file {}",
                 layout.volume_file.display()

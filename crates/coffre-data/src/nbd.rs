@@ -69,6 +69,11 @@ const EOVERFLOW: u32 = 75;
 /// The largest read or write payload we serve (clients learn it from
 /// `NBD_INFO_BLOCK_SIZE`).
 pub const MAX_REQUEST: u32 = 32 << 20;
+/// Clients served at once (each has a thread and up to [`MAX_REQUEST`]
+/// bytes of buffer).
+const MAX_CONNECTIONS: usize = 64;
+/// A connection silent for this long is dropped (QEMU reconnects).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The largest option payload we read during the handshake.
 const MAX_OPTION: u32 = 16 << 10;
 /// Export names are at most this long (the protocol's own limit).
@@ -104,14 +109,19 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
-    /// Opens `path` read-write without following a symlink.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed())
-            .open(path)?;
+    /// Opens `name` in the directory `dir` read-write, following a
+    /// symlink neither for the directory nor for the file.
+    pub fn open_in(dir: &Path, name: &str) -> io::Result<Self> {
+        use rustix::fs::{CWD, Mode, OFlags, openat};
+        let nofollow = OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let d = openat(
+            CWD,
+            dir,
+            OFlags::DIRECTORY | OFlags::RDONLY | nofollow,
+            Mode::empty(),
+        )?;
+        let fd = openat(&d, name, OFlags::RDWR | nofollow, Mode::empty())?;
+        let file = std::fs::File::from(fd);
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
@@ -278,7 +288,7 @@ impl Catalog for ImageDir {
         if !valid_export_name(name) {
             return None;
         }
-        FileDisk::open(&self.dir.join(format!("{name}.img")))
+        FileDisk::open_in(&self.dir, &format!("{name}.img"))
             .ok()
             .map(|d| Box::new(d) as Box<dyn Disk>)
     }
@@ -562,7 +572,9 @@ fn transmission(
                 if !in_range {
                     if kind == CMD_TRIM { EINVAL } else { ENOSPC }
                 } else {
-                    let done = if kind == CMD_TRIM {
+                    let done = if len == 0 {
+                        Ok(())
+                    } else if kind == CMD_TRIM {
                         disk.trim(offset, u64::from(len))
                     } else {
                         // Zeroes, written for real (a hole is zeroes too,
@@ -655,7 +667,18 @@ impl NbdServer {
                         if stopping.load(Ordering::SeqCst) {
                             break;
                         }
-                        let Ok(stream) = stream else { continue };
+                        let Ok(stream) = stream else {
+                            // Out of descriptors or the like: do not spin.
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            continue;
+                        };
+                        if conns.lock().map(|t| t.len()).unwrap_or(0) >= MAX_CONNECTIONS {
+                            // Hang up at once: the client sees no greeting.
+                            continue;
+                        }
+                        // A client gets this long for its handshake and
+                        // each request header; a paused VM reconnects.
+                        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
                         let Ok(writer) = stream.try_clone() else {
                             continue;
                         };

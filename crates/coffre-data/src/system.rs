@@ -1,7 +1,7 @@
 //! The kernel objects we stack: loop devices, mounts, and the processes
 //! that hold files on a mount.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -192,22 +192,53 @@ impl std::fmt::Display for Holder {
     }
 }
 
-fn dev_of(meta: &std::fs::Metadata) -> (u32, u32) {
-    use std::os::unix::fs::MetadataExt;
-    let d = meta.dev();
-    (rustix::fs::major(d), rustix::fs::minor(d))
+/// The mounts of one filesystem as one mount namespace sees them.
+#[derive(Default)]
+struct NsView {
+    /// Mount ids (the first field of mountinfo, what `fdinfo` calls
+    /// `mnt_id`).
+    ids: HashSet<u64>,
+    /// Where it is mounted there.
+    points: Vec<PathBuf>,
+}
+
+fn ns_view(mountinfo: &str, dev: &str) -> NsView {
+    let mut v = NsView::default();
+    for line in mountinfo.lines() {
+        let mut f = line.split(' ');
+        let id = f.next().and_then(|x| x.parse::<u64>().ok());
+        let d = f.nth(1);
+        let point = f.nth(1);
+        if let (Some(id), Some(d), Some(p)) = (id, d, point)
+            && d == dev
+        {
+            v.ids.insert(id);
+            v.points.push(PathBuf::from(unescape(p)));
+        }
+    }
+    v
 }
 
 /// Every process (other than us) holding something on the filesystem
-/// whose device is `major:minor`, mounted at `mountpoint`.
-pub fn holders(dev: (u32, u32), mountpoint: &Path) -> Vec<Holder> {
+/// `dev` (`major:minor`, as in mountinfo) known here as `mountpoint`: an
+/// open file, its working directory, root or executable, or a mapping.
+/// With `namespaces`, also every process whose mount namespace has its own
+/// copy of the mount (after our unmount, only private copies remain, and
+/// each keeps the filesystem, and so the key, alive).
+///
+/// Nothing here stats a file: a hung network or FUSE mount elsewhere on
+/// the host cannot block it.
+pub fn holders(dev: &str, mountpoint: &Path, namespaces: bool) -> Vec<Holder> {
     let me = std::process::id();
-    let dev_s = format!("{}:{}", dev.0, dev.1);
     let our_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut views: HashMap<PathBuf, NsView> = HashMap::new();
     let mut found = BTreeSet::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let maps_dev = dev
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -216,6 +247,18 @@ pub fn holders(dev: (u32, u32), mountpoint: &Path) -> Vec<Holder> {
             continue;
         }
         let base = p.path();
+        let Ok(ns) = std::fs::read_link(base.join("ns/mnt")) else {
+            continue;
+        };
+        let view = views.entry(ns.clone()).or_insert_with(|| {
+            std::fs::read_to_string(base.join("mountinfo"))
+                .map(|mi| ns_view(&mi, dev))
+                .unwrap_or_default()
+        });
+        if view.ids.is_empty() {
+            // This namespace does not have the filesystem at all.
+            continue;
+        }
         let comm = std::fs::read_to_string(base.join("comm"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -226,22 +269,34 @@ pub fn holders(dev: (u32, u32), mountpoint: &Path) -> Vec<Holder> {
                 what,
             });
         };
+        if namespaces && Some(&ns) != our_ns.as_ref() {
+            hold(format!(
+                "a copy of {} in its mount namespace",
+                mountpoint.display()
+            ));
+            continue;
+        }
+        let inside = |t: &Path| view.points.iter().any(|mp| t.starts_with(mp));
         for link in ["cwd", "root", "exe"] {
-            let l = base.join(link);
-            if std::fs::metadata(&l).is_ok_and(|m| dev_of(&m) == dev) {
-                let target = std::fs::read_link(&l).unwrap_or_default();
-                hold(format!("{link} {}", target.display()));
+            if let Ok(t) = std::fs::read_link(base.join(link))
+                && inside(&t)
+            {
+                hold(format!("{link} {}", t.display()));
             }
         }
-        if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+        if let Ok(fds) = std::fs::read_dir(base.join("fdinfo")) {
             for fd in fds.flatten() {
-                let target = std::fs::read_link(fd.path()).unwrap_or_default();
-                // Only stat what looks like a path (not sockets, pipes...).
-                if !target.is_absolute() {
+                let Ok(info) = std::fs::read_to_string(fd.path()) else {
                     continue;
-                }
-                if std::fs::metadata(fd.path()).is_ok_and(|m| dev_of(&m) == dev) {
-                    hold(format!("open file {}", target.display()));
+                };
+                let mnt = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("mnt_id:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if mnt.is_some_and(|m| view.ids.contains(&m)) {
+                    let t = std::fs::read_link(base.join("fd").join(fd.file_name()))
+                        .unwrap_or_default();
+                    hold(format!("open file {}", t.display()));
                 }
             }
         }
@@ -249,25 +304,13 @@ pub fn holders(dev: (u32, u32), mountpoint: &Path) -> Vec<Holder> {
             for line in maps.lines() {
                 let mut f = line.split_whitespace();
                 let dev_field = f.nth(3).unwrap_or_default();
-                if parse_maps_dev(dev_field) == Some(dev) {
-                    let path = f.nth(1).unwrap_or("(anonymous)");
+                let inode = f.next().unwrap_or("0");
+                if inode != "0" && parse_maps_dev(dev_field) == maps_dev {
+                    let path = f.next().unwrap_or("(unnamed)");
                     hold(format!("mapping {path}"));
                     break;
                 }
             }
-        }
-        // Another mount namespace with a copy of the mount keeps the
-        // filesystem (and so the key) alive even after we unmount ours.
-        let ns = std::fs::read_link(base.join("ns/mnt")).ok();
-        if ns.is_some()
-            && ns != our_ns
-            && let Ok(mi) = std::fs::read_to_string(base.join("mountinfo"))
-            && parse_mountinfo(&mi).iter().any(|m| m.dev == dev_s)
-        {
-            hold(format!(
-                "a copy of {} in its mount namespace",
-                mountpoint.display()
-            ));
         }
     }
     found.into_iter().collect()
@@ -282,9 +325,10 @@ fn parse_maps_dev(s: &str) -> Option<(u32, u32)> {
     ))
 }
 
-/// The device (`major`, `minor`) of the filesystem at `path`.
-pub fn device_of(path: &Path) -> io::Result<(u32, u32)> {
-    Ok(dev_of(&std::fs::metadata(path)?))
+/// The device (`major:minor`, as mountinfo writes it) of the mount at
+/// exactly `path`, from our mount table (no stat).
+pub fn device_of(path: &Path) -> Option<String> {
+    mount_at(path).map(|m| m.dev)
 }
 
 /// Sends `sig` to `pid`, ignoring a process that is already gone.

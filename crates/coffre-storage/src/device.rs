@@ -28,8 +28,9 @@ pub struct FileDevice {
 }
 
 impl FileDevice {
-    /// Opens `path` read-write and takes an exclusive lock on it, failing at
-    /// once with [`Error::Busy`] if another process holds it.
+    /// Opens `path` read-write and takes an exclusive lock on it, failing
+    /// with [`Error::Busy`] if another process holds it (for more than a
+    /// quarter of a second).
     pub fn open_locked(path: &Path, create: bool) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -39,10 +40,20 @@ impl FileDevice {
             .mode(0o600)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(Error::Busy(path.to_path_buf())),
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+        // A lock we dropped a moment ago can still be held by a child that
+        // another thread of ours forked and has not yet exec'd (it shares
+        // the open file description until then): a holder that lets go
+        // within a quarter second is not "busy".
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(250);
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => return Err(Error::Busy(path.to_path_buf())),
+                Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+            }
         }
         Ok(Self {
             file,

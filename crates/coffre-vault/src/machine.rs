@@ -25,6 +25,8 @@ pub struct Vault {
     close_forced: bool,
     /// When the last close failed, for the retry.
     close_failed_at: Option<Millis>,
+    /// When the current close first failed, to force it in the end.
+    close_first_failed: Option<Millis>,
     /// Recent failed attempts (auto-lock).
     failures: Vec<Millis>,
     /// Per member (`m:NAME`) and per source (`s:ADDR`): failures in a row
@@ -102,6 +104,7 @@ impl Vault {
             reopen_key: None,
             close_forced: false,
             close_failed_at: None,
+            close_first_failed: None,
             failures: Vec::new(),
             throttle: BTreeMap::new(),
             next_session: 1,
@@ -208,6 +211,7 @@ impl Vault {
         self.reopen_key = None;
         self.close_forced = false;
         self.close_failed_at = None;
+        self.close_first_failed = None;
         let state = if self.is_locked() { "locked" } else { "closed" };
         out.audit(
             SYSTEM,
@@ -970,6 +974,7 @@ impl Vault {
         }
         if !ok && !self.close_forced {
             self.close_failed_at = Some(out.now);
+            self.close_first_failed.get_or_insert(out.now);
             out.audit(
                 SYSTEM,
                 None,
@@ -982,6 +987,7 @@ impl Vault {
         self.phase = Phase::Closed;
         self.close_forced = false;
         self.close_failed_at = None;
+        self.close_first_failed = None;
         let state = if self.is_locked() { "locked" } else { "closed" };
         let detail = if ok {
             "key wiped".to_string()
@@ -1037,6 +1043,23 @@ impl Vault {
             && now.0.saturating_sub(at.0) >= self.p.policy.close_retry_ms
         {
             self.close_failed_at = None;
+            if !self.close_forced
+                && self.close_first_failed.is_some_and(|f| {
+                    now.0.saturating_sub(f.0) >= self.p.policy.close_force_after_ms
+                })
+            {
+                self.close_forced = true;
+                out.audit(
+                    SYSTEM,
+                    None,
+                    "state",
+                    "close_forced",
+                    format!(
+                        "the close kept failing for {} s: forcing it",
+                        self.p.policy.close_force_after_ms / 1000
+                    ),
+                );
+            }
             out.effects.push(Effect::Close {
                 force: self.close_forced,
             });

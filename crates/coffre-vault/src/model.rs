@@ -107,6 +107,10 @@ pub struct Policy {
     pub throttle_max_ms: u64,
     /// Delay before retrying a close that failed.
     pub close_retry_ms: u64,
+    /// A close that has kept failing this long (since its first failure)
+    /// is forced: nobody is inside, so the key must go even if something
+    /// still holds the data.
+    pub close_force_after_ms: u64,
 }
 
 impl Default for Policy {
@@ -121,6 +125,7 @@ impl Default for Policy {
             throttle_base_ms: 1_000,
             throttle_max_ms: 60_000,
             close_retry_ms: 2_000,
+            close_force_after_ms: 5 * 60 * 1000,
         }
     }
 }

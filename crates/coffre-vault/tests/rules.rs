@@ -177,6 +177,33 @@ fn failed_close_is_retried_and_not_reported_closed() {
 }
 
 #[test]
+fn a_close_that_keeps_failing_is_forced_in_the_end() {
+    let mut s = Sim::new(members(1, 0));
+    let a = s.enter("m0");
+    s.close_fails = true;
+    s.session_cmd("m0", Command::Leave { session: a });
+    let limit = s.vault.persistent().policy.close_force_after_ms;
+    let mut waited = 0;
+    while s.vault.phase() == Phase::Closing && waited <= limit + 10_000 {
+        assert!(s.key_held, "the key stays while the close is retried");
+        s.advance(2_000);
+        s.settle();
+        waited += 2_000;
+    }
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+    assert!(
+        waited >= limit,
+        "forced only after {limit} ms, not {waited}"
+    );
+    assert!(
+        s.audit
+            .iter()
+            .any(|r| r.action == "state" && r.result == "close_forced")
+    );
+}
+
+#[test]
 fn two_person_unlock_within_window() {
     let mut p = members(0, 3);
     p.policy.unlock_quorum = 2;

@@ -57,6 +57,21 @@ fn members_share_files_with_owners_and_modes_and_nothing_stays_in_clear() {
     assert_eq!(owner_mode(&mp.join("home/alice")), (5001, 5001, 0o700));
     assert_eq!(owner_mode(&mp.join("home/bob")), (5002, 5002, 0o700));
     assert_eq!(owner_mode(&mp.join("shared")), (0, 4242, 0o2770));
+    assert_eq!(owner_mode(&mp), (0, 4242, 0o3770));
+    // A member (in the team's group) can write in shared/ but cannot move
+    // what the vault made (the sticky bit): no symlink games.
+    let as_alice = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=5001", "--regid=5001", "--groups=4242", "--"])
+            .args(args)
+            .current_dir(&mp)
+            .output()
+            .unwrap()
+    };
+    ok(&as_alice(&["touch", "shared/by-alice"]));
+    assert_eq!(owner_mode(&mp.join("shared/by-alice")).0, 5001);
+    assert!(!as_alice(&["mv", "shared", "elsewhere"]).status.success());
+    assert!(!as_alice(&["ls", "home/bob"]).status.success());
 
     // Files with their owners and modes, and content we can search for.
     let marker = b"PARTNER-CONFIDENTIAL-7f3a9c";
@@ -88,7 +103,7 @@ fn members_share_files_with_owners_and_modes_and_nothing_stays_in_clear() {
     }
     std::os::unix::fs::symlink("../shared/report.txt", mp.join("home/alice/link")).unwrap();
     leave(&v, "alice", &mut enter);
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
     assert!(
         std::fs::read_dir(&mp).unwrap().next().is_none(),
@@ -293,7 +308,7 @@ fn disk_images_are_served_over_nbd_and_bad_clients_get_errors() {
     let mut idle = Raw::connect(&l.nbd_socket);
     assert_eq!(idle.go("vm1"), vec![3, 1]);
     leave(&v, "alice", &mut enter);
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     assert!(idle.closed(), "the close drops NBD clients");
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
     assert!(!l.nbd_socket.exists());
@@ -379,7 +394,7 @@ fn a_busy_close_names_and_stops_the_holders_and_loses_nothing_acknowledged() {
     }
     let t = Instant::now();
     leave(&v, "alice", &mut enter);
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     assert!(t.elapsed() < Duration::from_secs(15));
     assert!(
         sleeper.wait().unwrap().code().is_none(),
@@ -462,4 +477,119 @@ fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
         .arg(&img)
         .output()
         .unwrap());
+}
+
+#[test]
+fn a_copy_of_the_mount_in_another_namespace_does_not_keep_the_vault_open() {
+    let mut v = Vault::init(&[]);
+    v.set_data(0, 1, &[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    // A process in its own mount namespace, made while the vault is open:
+    // it has its own copy of the mount, which our unmount does not touch.
+    let mut ns = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "1000"])
+        .spawn()
+        .unwrap();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", ns.id())).unwrap_or_default();
+        let theirs = std::fs::read_link(format!("/proc/{}/ns/mnt", ns.id())).ok();
+        if comm.trim() == "sleep" && theirs.is_some_and(|t| t != ours) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "unshare did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    leave(&v, "alice", &mut enter);
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    assert!(ns.wait().unwrap().code().is_none(), "stopped by a signal");
+    let killed: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "killed")
+        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        killed
+            .iter()
+            .any(|d| d.starts_with("sleep (pid") && d.contains("mount namespace")),
+        "{killed:?}"
+    );
+}
+
+#[test]
+fn a_failed_open_says_why_and_leaves_nothing_behind() {
+    let mut v = Vault::init(&[]);
+    // The mount point is taken by a file: the open cannot complete.
+    std::fs::write(v.dir.join("data"), b"not a directory").unwrap();
+    v.start();
+    let code = v.totp("alice");
+    let pw = v.members[0].password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "enter",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            &code,
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not open") && err.contains("mount point"),
+        "{err}"
+    );
+    v.wait_state("closed", Duration::from_secs(30));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    // Fixed, it opens.
+    std::fs::remove_file(v.dir.join("data")).unwrap();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.status("alice")["data"]["mounted"], true);
+    leave(&v, "alice", &mut enter);
+}
+
+#[test]
+fn a_symlink_planted_in_the_data_is_refused_not_followed() {
+    let mut v = Vault::init(&[]);
+    v.set_data(4242, 1, &[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let mp = v.layout().mountpoint;
+    // What a member with root somewhere would try: shared/ pointing out
+    // of the vault, so the next open chowns and chmods the target.
+    let target = v.tmp.path().join("outside");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(mp.join("shared"), mp.join("shared.old")).unwrap();
+    std::os::unix::fs::symlink(&target, mp.join("shared")).unwrap();
+    leave(&v, "alice", &mut enter);
+    v.wait_state("closed", Duration::from_secs(30));
+    let code = v.totp("alice");
+    let pw = v.members[0].password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "enter",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            &code,
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a plain directory"), "{err}");
+    assert_eq!(
+        owner_mode(&target),
+        (0, 0, 0o755),
+        "the target was not touched"
+    );
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }

@@ -74,7 +74,7 @@ fn no_copy_of_the_volume_key_after_close() {
     );
     v.cli("alice", &["leave"]);
     wait_exit(&mut enter, Duration::from_secs(10));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     assert!(
         !memory_contains(pid, &key),
         "a copy of the volume key survived the close"

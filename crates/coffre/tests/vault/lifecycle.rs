@@ -5,7 +5,7 @@ use std::time::Duration;
 fn enter_opens_leave_closes_and_audit_says_so() {
     let mut v = Vault::init(&[]);
     v.start();
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let mut enter = v.enter_bg("alice", &[]);
     assert_eq!(v.state(), "open");
     let st = v.status("alice");
@@ -14,7 +14,7 @@ fn enter_opens_leave_closes_and_audit_says_so() {
     let out = v.cli("alice", &["leave"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(wait_exit(&mut enter, Duration::from_secs(10)), Some(0));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let audit = v.audit();
     let actions: Vec<String> = audit
         .iter()
@@ -81,7 +81,7 @@ fn lock_kicks_everyone_out_and_refuses_right_passwords_until_unlock() {
     assert_eq!(v.state(), "locked");
     let out = v.authed("alice", &["unlock"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let mut enter = v.enter_bg("alice", &[]);
     assert_eq!(v.state(), "open");
     v.cli("alice", &["leave"]);
@@ -135,7 +135,7 @@ fn wrong_password_wrong_and_replayed_totp() {
         ],
     );
     assert_eq!(code(&out), 7, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let audit = v.audit();
     for want in [
         "refused:wrong_password",
@@ -182,7 +182,7 @@ fn certificate_of_another_vault_gets_nowhere() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 8, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn sigkill_while_open_then_restart_is_closed_and_recorded() {
     let _ = enter.kill();
     let _ = enter.wait();
     v.start();
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let audit = v.audit();
     let boot = audit
         .iter()
@@ -318,5 +318,5 @@ fn enter_detach_hands_the_session_to_an_agent() {
     // The agent keeps heartbeating past the grace period of the client.
     let out = v.cli("alice", &["leave"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
 }

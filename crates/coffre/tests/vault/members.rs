@@ -12,7 +12,7 @@ fn two_members_first_opens_last_closes() {
     let members = v.cli("bob", &["member", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&members.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2);
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     let mut a = v.enter_bg("alice", &[]);
     assert_eq!(v.state(), "open");
     let mut b = v.enter_bg("bob", &[]);
@@ -22,7 +22,7 @@ fn two_members_first_opens_last_closes() {
     assert_eq!(v.state(), "open", "bob is still inside");
     v.cli("bob", &["leave"]);
     wait_exit(&mut b, Duration::from_secs(10));
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     // bob's keyslot is bound to bob by a LUKS2 token that cryptsetup sees.
     v.stop();
     let out = std::process::Command::new("cryptsetup")
@@ -173,7 +173,7 @@ fn two_person_unlock() {
     assert!(out.status.success());
     assert_eq!(v.state(), "locked", "the same superuser twice is still one");
     v.authed("bob", &["unlock"]);
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn removed_member_is_kicked_and_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(v.state(), "closed");
+    v.wait_state("closed", Duration::from_secs(30));
     assert!(wait_exit(&mut b, Duration::from_secs(10)).is_some_and(|c| c != 0));
     // His certificate is refused from now on, and his password opens nothing.
     let out = v.authed("bob", &["enter"]);
