@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn main() {
+    // As the daemon does: allocations of 1 MiB and more are never kept in
+    // the heap.
+    coffre_sys::return_large_allocations();
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(&args[1]);
     let size: u64 = args[2].parse::<u64>().expect("size in MiB") << 20;

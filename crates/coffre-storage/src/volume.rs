@@ -6,6 +6,12 @@ use coffre_luks2::metadata::{Segment, SegmentSize};
 use rayon::prelude::*;
 use std::sync::Arc;
 
+thread_local! {
+    /// Each thread's staging buffer for encryption.
+    static SCRATCH: std::cell::RefCell<zeroize::Zeroizing<Vec<u8>>> =
+        std::cell::RefCell::new(zeroize::Zeroizing::new(Vec::new()));
+}
+
 /// Requests larger than this are split across all cores.
 const PARALLEL_THRESHOLD: usize = 256 * 1024;
 /// Size of each parallel piece.
@@ -148,14 +154,21 @@ impl EncryptedVolume {
     /// Encrypts and writes `buf` at `offset`.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let iv = self.check(offset, buf.len())?;
-        let mut tmp = buf.to_vec();
-        self.crypt(iv, &mut tmp, true)?;
-        self.device
-            .write_at(self.offset + offset, &tmp)
-            .map_err(|source| Error::Device {
-                op: "writing",
-                source,
-            })
+        // One buffer per thread, reused: a fresh allocation per request
+        // costs page faults and zeroing for large writes (the daemon keeps
+        // allocations of 1 MiB and more out of its heap). Wiped when the
+        // thread ends.
+        SCRATCH.with_borrow_mut(|tmp| {
+            tmp.clear();
+            tmp.extend_from_slice(buf);
+            self.crypt(iv, tmp, true)?;
+            self.device
+                .write_at(self.offset + offset, tmp)
+                .map_err(|source| Error::Device {
+                    op: "writing",
+                    source,
+                })
+        })
     }
 
     /// Makes every write so far durable.
