@@ -241,6 +241,8 @@ pub(crate) struct FuseFile {
     /// The kernel's id for this FUSE connection
     /// (`/sys/fs/fuse/connections/ID`).
     conn: Option<u32>,
+    /// Whether the file is still mounted at `at` (by us).
+    mounted: bool,
 }
 
 /// FUSE worker threads (each one decrypts or encrypts a request; large
@@ -278,6 +280,7 @@ impl FuseFile {
             session: Some(session.spawn()?),
             at: at.to_path_buf(),
             conn,
+            mounted: true,
         })
     }
 
@@ -285,15 +288,18 @@ impl FuseFile {
     /// makes sure the connection has ended, and waits for the workers.
     pub(crate) fn unmount(&mut self) -> std::io::Result<()> {
         use rustix::mount::{UnmountFlags, unmount};
-        if self.session.is_none() {
-            return Ok(());
+        if !self.mounted {
+            return self.join();
         }
         // The loop device lets go of the file a moment after it reports
         // detached: a short EBUSY is not a holder.
         let until = Instant::now() + Duration::from_secs(1);
         loop {
             match unmount(&self.at, UnmountFlags::empty()) {
-                Ok(()) | Err(rustix::io::Errno::INVAL) => break,
+                Ok(()) | Err(rustix::io::Errno::INVAL) => {
+                    self.mounted = false;
+                    break;
+                }
                 Err(rustix::io::Errno::BUSY) if Instant::now() < until => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -344,6 +350,20 @@ impl FuseFile {
         })
     }
 
+    /// Whether the workers are gone (after an abort).
+    pub(crate) fn aborted(&self) -> bool {
+        self.session.is_none()
+    }
+
+    /// Detaches the mount lazily (forced close, after [`FuseFile::abort`]:
+    /// nothing can be served through it any more).
+    pub(crate) fn detach(&mut self) {
+        use rustix::mount::{UnmountFlags, unmount};
+        if self.mounted && unmount(&self.at, UnmountFlags::DETACH).is_ok() {
+            self.mounted = false;
+        }
+    }
+
     /// Ends the FUSE connection while the file is still mounted (forced
     /// close): every request fails from now on and the workers stop,
     /// dropping the volume and its key. Returns whether the workers are
@@ -355,7 +375,9 @@ impl FuseFile {
         }
         // MNT_FORCE makes FUSE abort the connection even when the unmount
         // itself fails as busy; no need for fusectl.
-        let _ = unmount(&self.at, UnmountFlags::FORCE);
+        if self.mounted && unmount(&self.at, UnmountFlags::FORCE).is_ok() {
+            self.mounted = false;
+        }
         let until = Instant::now() + Duration::from_millis(500);
         while self
             .session

@@ -368,10 +368,11 @@ impl Exposure {
                 Err(e) => {
                     report.notes.push(format!("volume file: {e}"));
                     self.abort_fuse(report);
-                    let _ = rustix::mount::unmount(
-                        &self.layout.volume_file,
-                        rustix::mount::UnmountFlags::DETACH,
-                    );
+                    f_detach(self.fuse.as_mut());
+                    report.notes.push(format!(
+                        "{} detached lazily: its connection is cut",
+                        self.layout.volume_file.display()
+                    ));
                     self.fuse = None;
                 }
             }
@@ -398,6 +399,9 @@ impl Exposure {
     }
 
     fn abort_fuse(&mut self, report: &mut CloseReport) {
+        if self.fuse.as_ref().is_some_and(fusefile::FuseFile::aborted) {
+            return;
+        }
         if let Some(f) = self.fuse.as_mut() {
             if f.abort() {
                 report.notes.push(
@@ -421,6 +425,12 @@ impl Drop for Exposure {
                 force: true,
             });
         }
+    }
+}
+
+fn f_detach(f: Option<&mut fusefile::FuseFile>) {
+    if let Some(f) = f {
+        f.detach();
     }
 }
 

@@ -593,3 +593,86 @@ fn a_symlink_planted_in_the_data_is_refused_not_followed() {
     v.wait_state("closed", Duration::from_secs(30));
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
+
+#[test]
+fn a_lock_wipes_the_key_even_when_the_data_cannot_be_unmounted() {
+    let mut v = Vault::init(&["--size", "48M"]);
+    v.set_data(0, 1, &[]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let mp = v.layout().mountpoint;
+    std::fs::write(
+        mp.join("shared/kept.txt"),
+        b"written and synced before the lock\n",
+    )
+    .unwrap();
+    std::fs::File::open(mp.join("shared/kept.txt"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    // A holder no signal can stop: a loop device on a file in the mount.
+    let inner = mp.join("shared/inner.img");
+    std::fs::write(&inner, vec![0u8; 4 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&inner)
+        .output()
+        .unwrap();
+    ok(&out);
+    let inner_dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = v.authed("alice", &["lock", "--reason", "drill"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    v.wait_state("locked", Duration::from_secs(60));
+    let _ = wait_exit(&mut enter, Duration::from_secs(10));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert_eq!(v.status("alice")["data"]["mounted"], false);
+    assert!(
+        coffre_data::system::mount_at(&mp).is_none(),
+        "nothing at the mount point"
+    );
+    let notes: Vec<String> = v
+        .audit()
+        .iter()
+        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "note")
+        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("FUSE connection aborted") && n.contains("dropped its key")),
+        "{notes:?}"
+    );
+    assert!(!notes.iter().any(|n| n.contains("still held")), "{notes:?}");
+    // Once the holder goes, nothing of the stack is left.
+    ok(&Command::new("losetup")
+        .args(["-d", &inner_dev])
+        .output()
+        .unwrap());
+    // (The volume's loop device, on the lazily detached FUSE file, shows
+    // "/" as its backing file in sysfs; it clears itself.)
+    let detached_loops = || {
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("loop/backing_file"))
+                    .is_ok_and(|b| b.trim() == "/")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !v.leftovers().is_empty() || detached_loops() > 0 {
+        assert!(Instant::now() < deadline, "{:?}", v.leftovers());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Unlocked, the vault opens again with what was synced.
+    let out = v.authed("alice", &["unlock"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    v.wait_state("closed", Duration::from_secs(30));
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(
+        std::fs::read(mp.join("shared/kept.txt")).unwrap(),
+        b"written and synced before the lock\n"
+    );
+    leave(&v, "alice", &mut enter);
+}

@@ -83,7 +83,7 @@ fn no_copy_of_the_volume_key_after_close() {
     let mut enter = v.enter_bg("alice", &[]);
     assert!(memory_contains(pid, &key));
     v.authed("alice", &["lock", "--reason", "memory test"]);
-    assert_eq!(v.state(), "locked");
+    v.wait_state("locked", Duration::from_secs(30));
     wait_exit(&mut enter, Duration::from_secs(10));
     assert!(
         !memory_contains(pid, &key),

@@ -68,7 +68,7 @@ fn lock_kicks_everyone_out_and_refuses_right_passwords_until_unlock() {
     let mut enter = v.enter_bg("alice", &[]);
     let out = v.authed("alice", &["lock", "--reason", "suspicious login"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(v.state(), "locked");
+    v.wait_state("locked", Duration::from_secs(30));
     assert_eq!(v.status("alice")["key_held"], false);
     // The held session learns it at its next heartbeat.
     assert_eq!(wait_exit(&mut enter, Duration::from_secs(10)), Some(12));
@@ -302,7 +302,7 @@ fn burst_of_bad_attempts_locks_the_vault() {
         assert_eq!(code(&out), 7);
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(v.state(), "locked");
+    v.wait_state("locked", Duration::from_secs(30));
     let lock = v.status("alice")["lock"].clone();
     assert_eq!(lock["by"], "coffre");
     assert!(lock["reason"].as_str().unwrap().contains("auto-lock"));

@@ -164,7 +164,7 @@ fn two_person_unlock() {
     let out = v.authed("alice", &["member", "remove", "bob"]);
     assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stderr));
     v.authed("bob", &["lock", "--reason", "two-person drill"]);
-    assert_eq!(v.state(), "locked");
+    v.wait_state("locked", Duration::from_secs(30));
     let out = v.authed("alice", &["unlock"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 more"));
