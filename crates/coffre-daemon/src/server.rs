@@ -117,6 +117,8 @@ struct Shell {
     exposure: Arc<std::sync::Mutex<Option<coffre_data::Exposure>>>,
     layout: coffre_data::Layout,
     closes_in_flight: u32,
+    /// Set while an open runs off the actor (a shutdown waits for it).
+    opening: Arc<std::sync::atomic::AtomicBool>,
     /// `enter` replies held until the vault has finished opening.
     parked: Vec<(oneshot::Sender<Answer>, Value)>,
     last_open_error: Option<String>,
@@ -590,6 +592,8 @@ impl Shell {
                             let layout = self.layout.clone();
                             let own = self.ownership();
                             let tx = self.tx.clone();
+                            let opening = self.opening.clone();
+                            opening.store(true, std::sync::atomic::Ordering::SeqCst);
                             tokio::task::spawn_blocking(move || {
                                 // Held for the whole open: a shutdown or a
                                 // close waits for it instead of missing it.
@@ -608,6 +612,7 @@ impl Shell {
                                     Err(e) => Err(e.to_string()),
                                 };
                                 drop(g);
+                                opening.store(false, std::sync::atomic::Ordering::SeqCst);
                                 let _ = tx.send(Msg::Exposed(msg));
                             });
                         }
@@ -1189,6 +1194,13 @@ impl Shell {
 
     fn shutdown(&mut self) {
         let was = self.vault.status().state;
+        // An open still on its way would mount after we looked: wait for it.
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        while self.opening.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         {
             let mut g = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(mut e) = g.take() {
@@ -1381,6 +1393,7 @@ pub async fn serve(
         exposure: Arc::default(),
         layout,
         closes_in_flight: 0,
+        opening: Arc::default(),
         parked: Vec::new(),
         last_open_error: None,
         kdf_pool: Arc::new(Semaphore::new(cap as usize)),

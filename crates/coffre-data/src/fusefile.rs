@@ -19,9 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 /// is 256 pages; it negotiates down).
 const MAX_REQUEST: u32 = 1 << 20;
 
+/// Where the workers find the volume. Closing empties it: from then on
+/// every request fails and the key is gone, whatever became of the workers.
+pub(crate) type Slot = Arc<RwLock<Option<Arc<EncryptedVolume>>>>;
+
 /// The filesystem: one inode, the volume.
 pub(crate) struct VolumeFile {
-    volume: Arc<EncryptedVolume>,
+    slot: Slot,
+    size: u64,
+    sector_size: usize,
     /// Read-modify-write of partial sectors takes it exclusively; aligned
     /// writes (the loop device only sends those) take it shared.
     rmw: RwLock<()>,
@@ -30,16 +36,32 @@ pub(crate) struct VolumeFile {
 }
 
 impl VolumeFile {
-    pub(crate) fn new(volume: Arc<EncryptedVolume>) -> Self {
+    pub(crate) fn new(slot: Slot) -> Self {
+        let (size, sector_size) = slot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or((0, 4096), |v| (v.size(), v.sector_size()));
         Self {
-            volume,
+            slot,
+            size,
+            sector_size,
             rmw: RwLock::new(()),
             started: SystemTime::now(),
         }
     }
 
+    /// The volume, unless the close has taken it away.
+    fn volume(&self) -> Result<Arc<EncryptedVolume>, Errno> {
+        self.slot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Errno::EIO)
+    }
+
     fn attr(&self) -> FileAttr {
-        let size = self.volume.size();
+        let size = self.size;
         FileAttr {
             ino: INodeNo::ROOT,
             size,
@@ -54,7 +76,7 @@ impl VolumeFile {
             uid: 0,
             gid: 0,
             rdev: 0,
-            blksize: u32::try_from(self.volume.sector_size()).unwrap_or(4096),
+            blksize: u32::try_from(self.sector_size).unwrap_or(4096),
             flags: 0,
         }
     }
@@ -63,51 +85,53 @@ impl VolumeFile {
     /// volume) and hands them to `reply`, through a buffer reused by the
     /// thread (wiped when the thread ends).
     fn read_range(&self, offset: u64, len: usize, reply: impl FnOnce(&[u8])) -> Result<(), Errno> {
-        let size = self.volume.size();
+        let volume = self.volume()?;
+        let size = self.size;
         if offset >= size {
             reply(&[]);
             return Ok(());
         }
         let len = usize::try_from((size - offset).min(len as u64)).map_err(|_| Errno::EINVAL)?;
-        let ss = self.volume.sector_size() as u64;
+        let ss = self.sector_size as u64;
         let start = offset / ss * ss;
         let end = (offset + len as u64).div_ceil(ss) * ss;
         let n = usize::try_from(end - start).map_err(|_| Errno::EINVAL)?;
         let skip = usize::try_from(offset - start).map_err(|_| Errno::EINVAL)?;
         READ_BUF.with_borrow_mut(|buf| {
+            fit(buf, n);
             buf.resize(n, 0);
-            self.volume
-                .read_at(start, &mut buf[..n])
-                .map_err(io_errno)?;
+            volume.read_at(start, &mut buf[..n]).map_err(io_errno)?;
             reply(&buf[skip..skip + len]);
             Ok(())
         })
     }
 
     fn write_range(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
-        let size = self.volume.size();
+        let volume = self.volume()?;
+        let size = self.size;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > size {
             // The volume cannot grow.
             return Err(Errno::ENOSPC);
         }
-        let ss = self.volume.sector_size() as u64;
+        let ss = self.sector_size as u64;
         if offset.is_multiple_of(ss) && (data.len() as u64).is_multiple_of(ss) {
             // Shared: aligned writes run in parallel, but never in the
             // middle of a read-modify-write.
             let _g = self.rmw.read().unwrap_or_else(|p| p.into_inner());
-            self.volume.write_at(offset, data).map_err(io_errno)?;
+            volume.write_at(offset, data).map_err(io_errno)?;
             return Ok(data.len());
         }
         // Partial sectors: read, patch, write back, alone.
         let _g = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let start = offset / ss * ss;
         let stop = end.div_ceil(ss) * ss;
-        let mut buf = vec![0u8; usize::try_from(stop - start).map_err(|_| Errno::EINVAL)?];
-        self.volume.read_at(start, &mut buf).map_err(io_errno)?;
+        let n = usize::try_from(stop - start).map_err(|_| Errno::EINVAL)?;
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; n]);
+        volume.read_at(start, &mut buf).map_err(io_errno)?;
         let skip = usize::try_from(offset - start).map_err(|_| Errno::EINVAL)?;
         buf[skip..skip + data.len()].copy_from_slice(data);
-        self.volume.write_at(start, &buf).map_err(io_errno)?;
+        volume.write_at(start, &buf).map_err(io_errno)?;
         Ok(data.len())
     }
 }
@@ -120,6 +144,15 @@ fn io_errno(e: coffre_storage::Error) -> Errno {
 }
 
 const TTL: Duration = Duration::from_secs(3600);
+
+/// Makes room for `n` bytes without a reallocation that would leave a
+/// copy of the old content in freed memory: a new buffer replaces the old
+/// one, which is wiped as it drops.
+pub(crate) fn fit(buf: &mut zeroize::Zeroizing<Vec<u8>>, n: usize) {
+    if buf.capacity() < n {
+        *buf = zeroize::Zeroizing::new(Vec::with_capacity(n));
+    }
+}
 
 thread_local! {
     /// Each FUSE worker's buffer for decrypted reads.
@@ -217,26 +250,32 @@ impl Filesystem for VolumeFile {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.volume.flush() {
+        match self
+            .volume()
+            .and_then(|v| v.flush().map_err(|_| Errno::EIO))
+        {
             Ok(()) => reply.ok(),
-            Err(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
         }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bsize = u32::try_from(self.volume.sector_size()).unwrap_or(4096);
-        let blocks = self.volume.size() / u64::from(bsize);
+        let bsize = u32::try_from(self.sector_size).unwrap_or(4096);
+        let blocks = self.size / u64::from(bsize);
         reply.statfs(blocks, 0, 0, 1, 0, bsize, 255, bsize);
     }
 
     fn destroy(&mut self) {
-        let _ = self.volume.flush();
+        if let Ok(v) = self.volume() {
+            let _ = v.flush();
+        }
     }
 }
 
 /// A mounted volume file; unmounting ends the session.
 pub(crate) struct FuseFile {
     session: Option<fuser::BackgroundSession>,
+    slot: Slot,
     at: std::path::PathBuf,
     /// The kernel's id for this FUSE connection
     /// (`/sys/fs/fuse/connections/ID`).
@@ -252,6 +291,7 @@ const FUSE_THREADS: usize = 4;
 impl FuseFile {
     /// Mounts `volume` over the regular file `at` (created if missing).
     pub(crate) fn mount(volume: Arc<EncryptedVolume>, at: &Path) -> std::io::Result<Self> {
+        let slot: Slot = Arc::new(RwLock::new(Some(volume)));
         if !at.exists() {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -271,13 +311,14 @@ impl FuseFile {
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
         let at = &at.canonicalize()?;
-        let session = fuser::Session::new(VolumeFile::new(volume), at, &config)?;
+        let session = fuser::Session::new(VolumeFile::new(slot.clone()), at, &config)?;
         // From the mount table: a stat of the file would wait for a worker
         // that is not running yet.
         let conn = crate::system::device_of(at)
             .and_then(|d| d.split_once(':').and_then(|(_, m)| m.parse().ok()));
         Ok(Self {
             session: Some(session.spawn()?),
+            slot,
             at: at.to_path_buf(),
             conn,
             mounted: true,
@@ -306,26 +347,35 @@ impl FuseFile {
                 Err(e) => return Err(e.into()),
             }
         }
-        // Unmounting ends the connection, unless a copy of the mount in
-        // another namespace keeps it: then end it ourselves (the id is
-        // still ours while our workers run).
-        let until = Instant::now() + Duration::from_millis(500);
+        // Unmounting ends the connection, unless a copy of the mount
+        // elsewhere keeps it. Then the workers linger: take the volume away
+        // from them (every request fails, the key goes) and let them be.
+        let until = Instant::now() + Duration::from_secs(2);
         while self
             .session
             .as_ref()
             .is_some_and(|s| !s.guard.is_finished())
         {
             if Instant::now() > until {
-                if !self.abort_by_id() {
-                    return Err(std::io::Error::other(
-                        "the FUSE connection outlives its mount (a copy in another mount namespace?) and /sys/fs/fuse/connections is not available to end it",
-                    ));
-                }
-                break;
+                self.revoke();
+                self.session = None;
+                return Err(std::io::Error::other(
+                    "the FUSE connection outlives its mount (a copy elsewhere?): the volume was taken away from its workers",
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         self.join()
+    }
+
+    /// The workers' handle on the volume.
+    pub(crate) fn slot(&self) -> Slot {
+        self.slot.clone()
+    }
+
+    /// Takes the volume (and its key) away from the workers.
+    pub(crate) fn revoke(&self) {
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Waits (boundedly) for the workers to stop.

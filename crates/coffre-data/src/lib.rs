@@ -103,6 +103,8 @@ pub struct Exposure {
     layout: Layout,
     volume: Option<Arc<EncryptedVolume>>,
     fuse: Option<fusefile::FuseFile>,
+    /// The FUSE workers' handle on the volume, emptied at close.
+    fuse_slot: Option<fusefile::Slot>,
     loopdev: Option<LoopDevice>,
     mounted: Option<String>,
     /// The ext4's device, kept after our unmount: a copy of the mount in
@@ -185,6 +187,7 @@ pub fn expose(
         layout: layout.clone(),
         volume: Some(Arc::new(volume)),
         fuse: None,
+        fuse_slot: None,
         loopdev: None,
         mounted: None,
         ext4_dev: None,
@@ -214,6 +217,7 @@ impl Exposure {
             fusefile::FuseFile::mount(volume, &l.volume_file)
                 .map_err(step("mount the volume file"))?,
         );
+        self.fuse_slot = self.fuse.as_ref().map(fusefile::FuseFile::slot);
         self.loopdev =
             Some(LoopDevice::attach(&l.volume_file, ss).map_err(step("attach a loop device"))?);
         std::fs::create_dir_all(&l.mountpoint).map_err(step("create the mount point"))?;
@@ -377,6 +381,10 @@ impl Exposure {
                 }
             }
         }
+        // Whatever became of the FUSE workers, they lose the volume now.
+        if let Some(slot) = self.fuse_slot.take() {
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         if let Some(v) = self.volume.take() {
             if let Err(e) = v.flush() {
                 if !policy.force {
@@ -389,10 +397,27 @@ impl Exposure {
                 report.notes.push(format!("flush: {e}"));
             }
             // The last reference: the cipher's key schedule is wiped here.
-            if Arc::into_inner(v).is_none() {
-                report
-                    .notes
-                    .push("the volume key is still held by FUSE workers that did not stop".into());
+            // A request still in flight holds one for a moment.
+            let mut v = v;
+            let until = Instant::now() + Duration::from_secs(2);
+            loop {
+                match Arc::try_unwrap(v) {
+                    Ok(last) => {
+                        drop(last);
+                        break;
+                    }
+                    Err(again) if Instant::now() < until => {
+                        v = again;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(again) => {
+                        report.notes.push(
+                            "a FUSE request still holds the volume after 2 s; its key goes when it ends".into(),
+                        );
+                        drop(again);
+                        break;
+                    }
+                }
             }
         }
         Ok(())

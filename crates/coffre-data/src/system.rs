@@ -29,12 +29,17 @@ pub(crate) fn run(tool: &str, args: &[&std::ffi::OsStr]) -> io::Result<String> {
 pub struct LoopDevice {
     /// `/dev/loopN`.
     pub path: PathBuf,
+    /// The file it was attached to: a device number taken over by someone
+    /// else after ours was released is not ours.
+    pub backing: PathBuf,
 }
 
 impl LoopDevice {
     /// Attaches `file` to a free loop device with `sector_size` logical
     /// blocks and direct I/O (the backing file has no page cache of its own).
     pub fn attach(file: &Path, sector_size: usize) -> io::Result<Self> {
+        // Sysfs reports the backing file resolved.
+        let file = &file.canonicalize()?;
         let ss = sector_size.to_string();
         let args: Vec<&std::ffi::OsStr> = vec![
             "--find".as_ref(),
@@ -50,6 +55,7 @@ impl LoopDevice {
         }
         Ok(Self {
             path: PathBuf::from(dev),
+            backing: file.to_path_buf(),
         })
     }
 
@@ -60,12 +66,14 @@ impl LoopDevice {
             .unwrap_or_default()
     }
 
-    /// Whether the device still has a backing file.
+    /// Whether the device is still attached to our file.
     pub fn is_attached(&self) -> bool {
-        Path::new("/sys/block")
-            .join(self.name())
-            .join("loop/backing_file")
-            .exists()
+        std::fs::read_to_string(
+            Path::new("/sys/block")
+                .join(self.name())
+                .join("loop/backing_file"),
+        )
+        .is_ok_and(|b| Path::new(b.trim_end_matches('\n')) == self.backing)
     }
 
     /// Detaches the device and waits (up to `wait`) until the kernel has
@@ -107,6 +115,7 @@ impl LoopDevice {
             if Path::new(back) == file {
                 found.push(LoopDevice {
                     path: Path::new("/dev").join(name),
+                    backing: file.to_path_buf(),
                 });
             }
         }
@@ -243,18 +252,24 @@ pub fn holders(dev: &str, mountpoint: &Path, namespaces: bool) -> Vec<Holder> {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if u32::try_from(pid).ok() == Some(me) {
+        if u32::try_from(pid).ok() == Some(me) || pid == 1 {
             continue;
         }
         let base = p.path();
         let Ok(ns) = std::fs::read_link(base.join("ns/mnt")) else {
             continue;
         };
-        let view = views.entry(ns.clone()).or_insert_with(|| {
-            std::fs::read_to_string(base.join("mountinfo"))
-                .map(|mi| ns_view(&mi, dev))
-                .unwrap_or_default()
-        });
+        if !views.contains_key(&ns) {
+            // Read from this process; if it just exited, the next process
+            // of the namespace will tell.
+            let Ok(mi) = std::fs::read_to_string(base.join("mountinfo")) else {
+                continue;
+            };
+            views.insert(ns.clone(), ns_view(&mi, dev));
+        }
+        let Some(view) = views.get(&ns) else {
+            continue;
+        };
         if view.ids.is_empty() {
             // This namespace does not have the filesystem at all.
             continue;

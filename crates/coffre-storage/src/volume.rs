@@ -159,6 +159,11 @@ impl EncryptedVolume {
         // allocations of 1 MiB and more out of its heap). Wiped when the
         // thread ends.
         SCRATCH.with_borrow_mut(|tmp| {
+            if tmp.capacity() < buf.len() {
+                // A fresh buffer rather than a reallocation: the old one is
+                // wiped as it drops instead of lingering in freed memory.
+                *tmp = zeroize::Zeroizing::new(Vec::with_capacity(buf.len()));
+            }
             tmp.clear();
             tmp.extend_from_slice(buf);
             self.crypt(iv, tmp, true)?;
