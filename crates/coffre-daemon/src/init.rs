@@ -182,7 +182,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         Luks2Container::format(&volume, Some(&header), &first_req, &first_pass)?;
     // The team's filesystem, written through the same engine the daemon
     // serves it with.
-    let volume_file = o.dir.join("run").join("volume");
+    let volume_file = coffre_data::Layout::under(&o.dir).volume_file;
     coffre_data::format_ext4(container.open_volume(&key)?, &volume_file)
         .map_err(|e| InitError::Data(e.to_string()))?;
     drop(key);

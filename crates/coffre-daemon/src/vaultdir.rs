@@ -268,11 +268,9 @@ impl VaultDir {
     /// Where the open vault's data goes: the FUSE volume file, the team's
     /// mount and the NBD socket.
     pub fn data_layout(&self, config: &Config) -> coffre_data::Layout {
-        let run = self.root.join("run");
         coffre_data::Layout {
-            volume_file: run.join("volume"),
             mountpoint: self.root.join(&config.data.mountpoint),
-            nbd_socket: run.join("nbd").join("nbd.sock"),
+            ..coffre_data::Layout::under(&self.root)
         }
     }
     /// Present while a daemon runs; found at start, it means an unclean stop.

@@ -4,12 +4,10 @@
 //!
 //! `cargo run --release -p coffre-data --example expose -- DIR SIZE_MIB`
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4};
-use coffre_luks2::Passphrase;
-use coffre_luks2::hash::HashAlg;
-use coffre_luks2::header::FormatOptions;
-use coffre_luks2::kdf::KdfParams;
-use coffre_storage::{FormatRequest, Luks2Container};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,37 +19,8 @@ fn main() {
     let dir = PathBuf::from(&args[1]);
     let size: u64 = args[2].parse::<u64>().expect("size in MiB") << 20;
     std::fs::create_dir_all(&dir).unwrap();
-    let req = FormatRequest {
-        options: FormatOptions {
-            key_size: 64,
-            sector_size: 4096,
-            kdf: KdfParams::Pbkdf2 {
-                hash: HashAlg::Sha256,
-                iterations: 1000,
-            },
-            digest_iterations: 1000,
-            label: "bench".into(),
-            subsystem: String::new(),
-            hdr_size: 16384,
-            keyslots_size: 4 << 20,
-            data_offset: 0,
-            segment_size: None,
-        },
-        data_size: Some(size),
-        force: true,
-    };
-    let (c, key) = Luks2Container::format(
-        &dir.join("volume.img"),
-        Some(&dir.join("volume.hdr")),
-        &req,
-        &Passphrase::from_slice(b"bench"),
-    )
-    .unwrap();
-    let l = Layout {
-        volume_file: dir.join("run/volume"),
-        mountpoint: dir.join("data"),
-        nbd_socket: dir.join("run/nbd/nbd.sock"),
-    };
+    let (c, key) = support::scratch_volume(&dir, size);
+    let l = Layout::under(&dir);
     let t = Instant::now();
     format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
     eprintln!("format_ms {}", t.elapsed().as_millis());

@@ -453,11 +453,7 @@ impl Drop for FuseFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use coffre_luks2::Passphrase;
-    use coffre_luks2::hash::HashAlg;
-    use coffre_luks2::header::FormatOptions;
-    use coffre_luks2::kdf::KdfParams;
-    use coffre_storage::{FormatRequest, Luks2Container};
+    use crate::test_support as support;
     use std::os::unix::fs::FileExt;
 
     /// Unaligned reads and writes through the kernel's FUSE (what mkfs
@@ -465,32 +461,7 @@ mod tests {
     #[test]
     fn unaligned_io_through_fuse_matches_a_model() {
         let t = tempfile::tempdir().unwrap();
-        let req = FormatRequest {
-            options: FormatOptions {
-                key_size: 64,
-                sector_size: 4096,
-                kdf: KdfParams::Pbkdf2 {
-                    hash: HashAlg::Sha256,
-                    iterations: 1000,
-                },
-                digest_iterations: 1000,
-                label: "t".into(),
-                subsystem: String::new(),
-                hdr_size: 16384,
-                keyslots_size: 1 << 20,
-                data_offset: 0,
-                segment_size: None,
-            },
-            data_size: Some(1 << 20),
-            force: false,
-        };
-        let (c, key) = Luks2Container::format(
-            &t.path().join("v.img"),
-            Some(&t.path().join("v.hdr")),
-            &req,
-            &Passphrase::from_slice(b"pw"),
-        )
-        .unwrap();
+        let (c, key) = support::scratch_volume(t.path(), 1 << 20);
         let volume = Arc::new(c.open_volume(&key).unwrap());
         let size = usize::try_from(volume.size()).unwrap();
         // Start from known content.

@@ -12,6 +12,9 @@
 mod fusefile;
 pub mod nbd;
 pub mod system;
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod test_support;
 
 use coffre_storage::EncryptedVolume;
 use std::path::{Path, PathBuf};
@@ -58,6 +61,17 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The default layout under a vault directory: `DIR/run/volume`,
+    /// `DIR/data`, `DIR/run/nbd/nbd.sock`.
+    pub fn under(dir: &Path) -> Self {
+        let run = dir.join("run");
+        Self {
+            volume_file: run.join("volume"),
+            mountpoint: dir.join("data"),
+            nbd_socket: run.join("nbd").join("nbd.sock"),
+        }
+    }
+
     /// The directory of disk images served over NBD.
     pub fn disks(&self) -> PathBuf {
         self.mountpoint.join("disks")
@@ -372,7 +386,9 @@ impl Exposure {
                 Err(e) => {
                     report.notes.push(format!("volume file: {e}"));
                     self.abort_fuse(report);
-                    f_detach(self.fuse.as_mut());
+                    if let Some(f) = self.fuse.as_mut() {
+                        f.detach();
+                    }
                     report.notes.push(format!(
                         "{} detached lazily: its connection is cut",
                         self.layout.volume_file.display()
@@ -450,12 +466,6 @@ impl Drop for Exposure {
                 force: true,
             });
         }
-    }
-}
-
-fn f_detach(f: Option<&mut fusefile::FuseFile>) {
-    if let Some(f) = f {
-        f.detach();
     }
 }
 

@@ -1,60 +1,17 @@
 //! The exposure stack on a real LUKS2 volume, with the real kernel parts
 //! (FUSE, loop, ext4). Needs root, /dev/fuse and loop devices.
 
+mod support;
+
 use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4, system};
-use coffre_luks2::Passphrase;
-use coffre_luks2::hash::HashAlg;
-use coffre_luks2::header::FormatOptions;
-use coffre_luks2::kdf::KdfParams;
-use coffre_storage::{FormatRequest, Luks2Container};
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
-
-fn volume(dir: &Path, size: u64) -> Luks2Container {
-    let req = FormatRequest {
-        options: FormatOptions {
-            key_size: 64,
-            sector_size: 4096,
-            kdf: KdfParams::Pbkdf2 {
-                hash: HashAlg::Sha256,
-                iterations: 1000,
-            },
-            digest_iterations: 1000,
-            label: "t".into(),
-            subsystem: String::new(),
-            hdr_size: 16384,
-            keyslots_size: 4 << 20,
-            data_offset: 0,
-            segment_size: None,
-        },
-        data_size: Some(size),
-        force: false,
-    };
-    let (c, _) = Luks2Container::format(
-        &dir.join("v.img"),
-        Some(&dir.join("v.hdr")),
-        &req,
-        &Passphrase::from_slice(b"pw"),
-    )
-    .unwrap();
-    c
-}
-
-fn layout(dir: &Path) -> Layout {
-    Layout {
-        volume_file: dir.join("run/volume"),
-        mountpoint: dir.join("data"),
-        nbd_socket: dir.join("run/nbd/nbd.sock"),
-    }
-}
 
 #[test]
 fn format_mount_write_close_reopen() {
     let t = tempfile::tempdir().unwrap();
-    let c = volume(t.path(), 64 << 20);
-    let (_, key) = c.unlock(&Passphrase::from_slice(b"pw"), None).unwrap();
-    let l = layout(t.path());
+    let (c, key) = support::scratch_volume(t.path(), 64 << 20);
+    let l = Layout::under(t.path());
     format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
     let own = Ownership {
         team_gid: 4242,
@@ -84,7 +41,7 @@ fn format_mount_write_close_reopen() {
     assert!(system::mount_at(&l.volume_file).is_none());
     assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
     assert!(!l.nbd_socket.exists());
-    let raw = std::fs::read(t.path().join("v.img")).unwrap();
+    let raw = std::fs::read(t.path().join("volume.img")).unwrap();
     assert!(
         !raw.windows(24).any(|w| w == &secret[..24]),
         "plaintext on the backing storage"

@@ -402,12 +402,7 @@ fn a_busy_close_names_and_stops_the_holders_and_loses_nothing_acknowledged() {
     );
     assert!(w.wait().unwrap().code().is_none(), "killed by a signal");
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
-    let killed: Vec<String> = v
-        .audit()
-        .iter()
-        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "killed")
-        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
-        .collect();
+    let killed = v.audit_details("close", "killed");
     assert!(
         killed.iter().any(|d| d.starts_with("sleep (pid")),
         "{killed:?}"
@@ -450,12 +445,7 @@ fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
     let _ = w.kill();
     let _ = w.wait();
-    let cleanup: Vec<String> = v
-        .audit()
-        .iter()
-        .filter(|e| e["record"]["action"] == "cleanup")
-        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
-        .collect();
+    let cleanup = v.audit_details("cleanup", "ok");
     assert!(
         cleanup.iter().any(|d| d.contains("unmounted")),
         "{cleanup:?}"
@@ -506,12 +496,7 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_keep_the_vault_open() {
     v.wait_state("closed", Duration::from_secs(30));
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
     assert!(ns.wait().unwrap().code().is_none(), "stopped by a signal");
-    let killed: Vec<String> = v
-        .audit()
-        .iter()
-        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "killed")
-        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
-        .collect();
+    let killed = v.audit_details("close", "killed");
     assert!(
         killed
             .iter()
@@ -526,18 +511,7 @@ fn a_failed_open_says_why_and_leaves_nothing_behind() {
     // The mount point is taken by a file: the open cannot complete.
     std::fs::write(v.dir.join("data"), b"not a directory").unwrap();
     v.start();
-    let code = v.totp("alice");
-    let pw = v.members[0].password.clone();
-    let out = v.cli(
-        "alice",
-        &[
-            "enter",
-            "--password-file",
-            pw.to_str().unwrap(),
-            "--totp",
-            &code,
-        ],
-    );
+    let out = v.authed("alice", &["enter"]);
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -570,18 +544,7 @@ fn a_symlink_planted_in_the_data_is_refused_not_followed() {
     std::os::unix::fs::symlink(&target, mp.join("shared")).unwrap();
     leave(&v, "alice", &mut enter);
     v.wait_state("closed", Duration::from_secs(30));
-    let code = v.totp("alice");
-    let pw = v.members[0].password.clone();
-    let out = v.cli(
-        "alice",
-        &[
-            "enter",
-            "--password-file",
-            pw.to_str().unwrap(),
-            "--totp",
-            &code,
-        ],
-    );
+    let out = v.authed("alice", &["enter"]);
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a plain directory"), "{err}");
@@ -630,12 +593,7 @@ fn a_lock_wipes_the_key_even_when_the_data_cannot_be_unmounted() {
         coffre_data::system::mount_at(&mp).is_none(),
         "nothing at the mount point"
     );
-    let notes: Vec<String> = v
-        .audit()
-        .iter()
-        .filter(|e| e["record"]["action"] == "close" && e["record"]["result"] == "note")
-        .map(|e| e["record"]["detail"].as_str().unwrap().to_string())
-        .collect();
+    let notes = v.audit_details("close", "note");
     assert!(
         notes
             .iter()

@@ -102,11 +102,7 @@ impl Vault {
 
     /// Where the daemon puts the data (as `VaultDir::data_layout` says).
     pub fn layout(&self) -> coffre_data::Layout {
-        coffre_data::Layout {
-            volume_file: self.dir.join("run/volume"),
-            mountpoint: self.dir.join("data"),
-            nbd_socket: self.dir.join("run/nbd/nbd.sock"),
-        }
+        coffre_data::Layout::under(&self.dir)
     }
 
     /// Sets `[data]` keys in config.toml before `start` (`members` is a
@@ -392,6 +388,20 @@ impl Vault {
             std::thread::sleep(Duration::from_millis(50));
         }
         child
+    }
+
+    /// The details of the audit records with this action and result.
+    pub fn audit_details(&self, action: &str, result: &str) -> Vec<String> {
+        self.audit()
+            .iter()
+            .filter(|e| e["record"]["action"] == action && e["record"]["result"] == result)
+            .map(|e| {
+                e["record"]["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
     }
 
     pub fn audit(&self) -> Vec<serde_json::Value> {
