@@ -153,6 +153,10 @@ pub enum ApiCommand {
     },
     /// Verify the audit log (certificate only).
     AuditVerify,
+    /// The public parts of a VPN profile: CA, tls-crypt key, where to
+    /// connect (certificate only; the member's own key never leaves their
+    /// machine).
+    GatewayProfile,
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod client;
+pub mod gateway;
 pub mod init;
+pub mod openvpn;
 pub mod pki;
 pub mod server;
 pub mod tls;

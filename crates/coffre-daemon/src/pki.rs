@@ -87,6 +87,27 @@ pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError
     })
 }
 
+/// Issues the VPN gateway's certificate (OpenVPN server): common name
+/// `cn`, which members' profiles pin, and the key usages OpenVPN's
+/// `remote-cert-tls server` checks.
+pub fn new_gateway_cert(vault: &str, ca_key_pem: &str, cn: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name
+        .push(DnType::CommonName, cn.to_string());
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// Signs a joining member's certificate request: their key pair was made
 /// on their machine and never leaves it. The subject is set to `member`
 /// whatever the request says.

@@ -54,6 +54,9 @@ pub enum ServeError {
 
 type Answer = (u16, Value);
 
+#[path = "gateway_shell.rs"]
+mod gateway_shell;
+
 enum Msg {
     Api {
         fingerprint: Option<String>,
@@ -76,6 +79,10 @@ enum Msg {
     Unexposed {
         result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
     },
+    /// From OpenVPN's management link.
+    Link(crate::gateway::LinkEvent),
+    /// The core's answer to a VPN client's `enter`.
+    VpnAnswer(gateway_shell::VpnAnswer),
     Tick,
     Shutdown(oneshot::Sender<()>),
 }
@@ -126,6 +133,10 @@ struct Shell {
     kdf_cap: u32,
     tx: mpsc::UnboundedSender<Msg>,
     next_req: u64,
+    /// OpenVPN's clients and the sessions they hold.
+    vpn: gateway_shell::VpnState,
+    /// Commands to OpenVPN's management link (if the vault has a gateway).
+    gw_tx: Option<mpsc::UnboundedSender<String>>,
 }
 
 fn refusal_status(code: Refusal) -> u16 {
@@ -192,6 +203,7 @@ impl Shell {
             "members": s.members,
             "key_held": self.open_key.is_some(),
             "data": self.data_json(),
+            "gateway": self.gateway_json(),
         })
     }
 
@@ -357,6 +369,22 @@ impl Shell {
                 let _ = reply.send(answer);
                 return;
             }
+            ApiCommand::GatewayProfile => {
+                let answer = match crate::gateway::profile_settings(&self.dir, &self.config) {
+                    Ok(p) => (
+                        200,
+                        json!({"ok": true, "vault": p.vault, "remote": p.remote, "port": p.port,
+                               "proto": p.proto, "static_challenge": p.static_challenge,
+                               "ca_pem": p.ca_pem, "tls_crypt": p.tls_crypt}),
+                    ),
+                    Err(msg) => (
+                        404,
+                        json!({"ok": false, "error": "no_gateway", "message": msg}),
+                    ),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
             ApiCommand::Enter { password: p, totp } => (Command::Enter, Some((p, totp))),
             ApiCommand::Leave { session } => (
                 Command::Leave {
@@ -455,6 +483,28 @@ impl Shell {
             Some((p, code)) => (Some(p), Some(code)),
             None => (None, None),
         };
+        self.submit(
+            member,
+            source,
+            command,
+            password.as_ref().map(|p| p.0.as_str()),
+            totp_code.as_deref(),
+            reply,
+        );
+    }
+
+    /// Hands an authenticated member's command to the core (from either
+    /// door). `password` and `totp_code` come with the commands that need
+    /// them; the password is kept only while the core waits for its check.
+    fn submit(
+        &mut self,
+        member: String,
+        source: Source,
+        command: Command,
+        password: Option<&str>,
+        totp_code: Option<&str>,
+        reply: oneshot::Sender<Answer>,
+    ) {
         let totp = match totp_code {
             None => Totp::Missing,
             Some(code) => {
@@ -464,7 +514,7 @@ impl Shell {
                     .get(&member)
                     .and_then(|s| totp::unbase32(s));
                 let now_s = now_ms().0 / 1000;
-                match secret.and_then(|s| totp::verify(&s, &code, now_s, self.config.totp_period_s))
+                match secret.and_then(|s| totp::verify(&s, code, now_s, self.config.totp_period_s))
                 {
                     Some(step) => Totp::Valid { step },
                     None => Totp::Invalid,
@@ -473,12 +523,12 @@ impl Shell {
         };
         let req = ReqId(self.next_req);
         self.next_req += 1;
-        let has_password = password.as_ref().is_some_and(|p| !p.0.is_empty());
+        let has_password = password.is_some_and(|p| !p.is_empty());
         if let Some(p) = password
             && has_password
         {
             self.passwords
-                .insert(req, Passphrase::from_slice(p.0.as_bytes()));
+                .insert(req, Passphrase::from_slice(p.as_bytes()));
         }
         self.replies.insert(req, reply);
         self.run(Event::Request(Request {
@@ -697,8 +747,10 @@ impl Shell {
                     let _ = tx.send(answer);
                 }
             }
-            Effect::DropSession { .. } => {
-                // CLI sessions learn it at their next heartbeat.
+            Effect::DropSession { session, .. } => {
+                // CLI sessions learn it at their next heartbeat; VPN
+                // clients are disconnected.
+                self.vpn_drop_session(session);
             }
             Effect::RemoveMember { name, keyslot } => {
                 let result = {
@@ -1400,7 +1452,29 @@ pub async fn serve(
         kdf_cap: cap,
         tx: tx.clone(),
         next_req: 1,
+        vpn: gateway_shell::VpnState::default(),
+        gw_tx: None,
     };
+    if let Some(sock) = shell.dir.management_socket(&shell.config) {
+        // The socket's directory protects the passwords it carries.
+        if let Some(parent) = sock.parent() {
+            let _ = std::fs::create_dir_all(parent);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        shell.gw_tx = Some(cmd_tx);
+        tokio::spawn(crate::gateway::run(sock, ev_tx, cmd_rx));
+        let link_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                if link_tx.send(Msg::Link(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     for line in cleaned {
         shell.system_audit("cleanup", "ok", line);
     }
@@ -1480,8 +1554,11 @@ pub async fn serve(
             }
             Msg::Exposed(r) => shell.exposed(r),
             Msg::Unexposed { result } => shell.unexposed(result),
+            Msg::Link(ev) => shell.link_event(ev),
+            Msg::VpnAnswer(a) => shell.vpn_answer(a),
             Msg::Tick => {
                 shell.expire_invitations();
+                shell.vpn_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {

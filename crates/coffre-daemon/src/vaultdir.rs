@@ -64,6 +64,123 @@ pub struct Config {
     /// Where and how the data is shown while the vault is open.
     #[serde(default)]
     pub data: DataConfig,
+    /// The OpenVPN gateway, if the vault has one (`coffre gateway
+    /// openvpn-config` writes this section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// `[gateway]` in config.toml: OpenVPN in front of the vault.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// OpenVPN's management socket (relative to the vault directory unless
+    /// absolute); its directory must be reachable by root only.
+    #[serde(default = "default_management")]
+    pub management: PathBuf,
+    /// Host name or address members' profiles connect to.
+    pub remote: String,
+    /// Port.
+    #[serde(default = "default_vpn_port")]
+    pub port: u16,
+    /// `udp` or `tcp`.
+    #[serde(default = "default_vpn_proto")]
+    pub proto: String,
+    /// The VPN's address space.
+    #[serde(default = "default_vpn_network")]
+    pub network: String,
+    /// `keepalive` interval and timeout, seconds: a client that vanishes
+    /// without notice is dropped after the timeout.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: [u32; 2],
+    /// TLS renegotiation period, seconds.
+    #[serde(default = "default_reneg")]
+    pub reneg_s: u32,
+    /// How long OpenVPN's auth token may carry a session before the
+    /// password and a TOTP code are asked again, seconds.
+    #[serde(default = "default_token_lifetime")]
+    pub token_lifetime_s: u32,
+    /// Profiles ask for the TOTP code separately (OpenVPN's static
+    /// challenge); `false`: it is typed after the password.
+    #[serde(default = "default_true")]
+    pub static_challenge: bool,
+    /// OpenVPN drops to nobody/nogroup once started.
+    #[serde(default = "default_true")]
+    pub drop_privileges: bool,
+    /// Fixed VPN addresses, by member.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, std::net::Ipv4Addr>,
+}
+
+fn default_management() -> PathBuf {
+    PathBuf::from("run/gateway/management.sock")
+}
+fn default_vpn_port() -> u16 {
+    1194
+}
+fn default_vpn_proto() -> String {
+    "udp".into()
+}
+fn default_vpn_network() -> String {
+    "10.8.0.0/24".into()
+}
+fn default_keepalive() -> [u32; 2] {
+    [10, 60]
+}
+fn default_reneg() -> u32 {
+    3600
+}
+fn default_token_lifetime() -> u32 {
+    12 * 3600
+}
+fn default_true() -> bool {
+    true
+}
+
+impl GatewayConfig {
+    /// Defaults, connecting to `remote`.
+    pub fn new(remote: String) -> Self {
+        Self {
+            management: default_management(),
+            remote,
+            port: default_vpn_port(),
+            proto: default_vpn_proto(),
+            network: default_vpn_network(),
+            keepalive: default_keepalive(),
+            reneg_s: default_reneg(),
+            token_lifetime_s: default_token_lifetime(),
+            static_challenge: true,
+            drop_privileges: true,
+            addresses: BTreeMap::new(),
+        }
+    }
+
+    /// Checks what OpenVPN would otherwise refuse later, or worse, accept.
+    pub fn check(&self) -> Result<crate::openvpn::Network, String> {
+        let net = crate::openvpn::Network::parse(&self.network)?;
+        if self.proto != "udp" && self.proto != "tcp" {
+            return Err(format!("proto {:?}: udp or tcp", self.proto));
+        }
+        if self.remote.is_empty() || self.remote.contains(char::is_whitespace) {
+            return Err(format!("remote {:?}: a host name or address", self.remote));
+        }
+        let [every, timeout] = self.keepalive;
+        if every == 0 || timeout < 2 * every {
+            return Err("keepalive: the timeout must be at least twice the interval".into());
+        }
+        if self.reneg_s < 10 {
+            return Err("reneg_s: at least 10 seconds".into());
+        }
+        for (name, ip) in &self.addresses {
+            if !net.holds_client(*ip) {
+                return Err(format!(
+                    "{name}'s address {ip} is not a client address of {}",
+                    self.network
+                ));
+            }
+        }
+        Ok(net)
+    }
 }
 
 /// `[data]` in config.toml: the team's mount.
@@ -273,6 +390,21 @@ impl VaultDir {
             ..coffre_data::Layout::under(&self.root)
         }
     }
+
+    /// The gateway's files: certificate, keys, OpenVPN configuration
+    /// (root only).
+    pub fn gateway_dir(&self) -> PathBuf {
+        self.root.join("gateway")
+    }
+
+    /// OpenVPN's management socket, if the vault has a gateway.
+    pub fn management_socket(&self, config: &Config) -> Option<PathBuf> {
+        config
+            .gateway
+            .as_ref()
+            .map(|g| self.root.join(&g.management))
+    }
+
     /// Present while a daemon runs; found at start, it means an unclean stop.
     pub fn running_marker(&self) -> PathBuf {
         self.root.join("daemon.running")

@@ -155,6 +155,9 @@ pub enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The OpenVPN gateway in front of the vault (on the vault's host).
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
     /// Work on a LUKS2 volume directly (format, keyslots, data, recovery).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -259,6 +262,71 @@ pub enum TaskCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Write a hardened OpenVPN 2.6 server configuration for the vault, run
+    /// as root on its host: a gateway certificate from the vault's CA, a
+    /// tls-crypt key and an auth-token secret (kept if they exist, so
+    /// profiles stay valid), and `DIR/gateway/server.conf`. It also writes
+    /// `[gateway]` in config.toml: restart `coffre serve` to use it.
+    ///
+    /// Then run `openvpn --config DIR/gateway/server.conf`. The daemon
+    /// connects to its management socket (in a directory only root can
+    /// reach: it carries passwords in clear) and decides every connection:
+    /// the certificate must be a member's, the password must open their
+    /// keyslot, the TOTP code must be fresh. The first connection opens the
+    /// vault, the last departure closes it.
+    OpenvpnConfig(OpenvpnConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OpenvpnConfigArgs {
+    /// The vault directory.
+    pub dir: PathBuf,
+    /// Host name or address members connect to (written into profiles).
+    #[arg(long)]
+    pub remote: String,
+    /// Port OpenVPN listens on.
+    #[arg(long, default_value_t = 1194)]
+    pub port: u16,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "udp")]
+    pub proto: ProtoChoice,
+    /// The VPN's address space (the server takes .1).
+    #[arg(long, default_value = "10.8.0.0/24")]
+    pub network: String,
+    /// Seconds between keepalive pings.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub keepalive_interval: u32,
+    /// Seconds without a sign of life before a client is dropped (and its
+    /// session ends).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub keepalive_timeout: u32,
+    /// TLS renegotiation period; the auth token is renewed with it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub reneg_sec: u32,
+    /// How long a connection may live on its auth token before the
+    /// password and a TOTP code are asked again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 43200)]
+    pub token_lifetime: u32,
+    /// A fixed VPN address for a member, as NAME=ADDRESS (repeatable).
+    #[arg(long = "address", value_name = "NAME=ADDRESS")]
+    pub addresses: Vec<String>,
+    /// Profiles take the TOTP code typed after the password, instead of
+    /// asking it separately (OpenVPN's static challenge).
+    #[arg(long)]
+    pub totp_suffix: bool,
+    /// Keep OpenVPN running as root (default: it drops to nobody/nogroup).
+    #[arg(long)]
+    pub keep_root: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProtoChoice {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum MemberCommand {
     /// Members and their roles.
     List {
@@ -284,6 +352,24 @@ pub enum MemberCommand {
         id: IdentityArg,
         #[command(flatten)]
         auth: AuthArgs,
+    },
+    /// Write your OpenVPN profile (.ovpn, mode 0600) for the vault's VPN
+    /// gateway: the vault's CA, its tls-crypt key and address come from the
+    /// vault; your certificate and private key come from your identity file
+    /// on this machine and are never sent anywhere. Connect with the user
+    /// name NAME and your vault password (and TOTP code).
+    Profile {
+        /// Your member name (the identity's).
+        name: String,
+        /// Where to write it (default ./NAME.ovpn).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Type the TOTP code after the password instead of answering a
+        /// separate prompt (for clients without static-challenge support).
+        #[arg(long)]
+        totp_suffix: bool,
+        #[command(flatten)]
+        id: IdentityArg,
     },
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             new_password_file,
         } => vault::passwd(id, auth, &new_password_file),
         C::Audit(a) => vault::audit(a),
+        C::Gateway(g) => vault::gateway(g),
         C::Volume(v) => volume::run(v),
     };
     match result {

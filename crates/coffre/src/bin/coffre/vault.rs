@@ -2,8 +2,8 @@
 //! to the daemon over mutual TLS.
 
 use crate::cli::{
-    AuditCommand, AuthArgs, IdentityArg, InitArgs, MemberCommand, ModeChoice, RoleChoice,
-    TaskCommand,
+    AuditCommand, AuthArgs, GatewayCommand, IdentityArg, InitArgs, MemberCommand, ModeChoice,
+    ProtoChoice, RoleChoice, TaskCommand,
 };
 use crate::secrets;
 use anyhow::{Context, Result, bail};
@@ -415,12 +415,28 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                 println!("members: {}", v["members"]);
                 for s in v["sessions"].as_array().into_iter().flatten() {
                     println!(
-                        "inside:  {} via {} from {} (session {})",
+                        "inside:  {} via {} from {} since {} (session {})",
                         s["member"].as_str().unwrap_or("?"),
                         s["door"].as_str().unwrap_or("?"),
                         s["from"].as_str().unwrap_or("?"),
+                        iso(s["since_ms"].as_u64().unwrap_or(0)),
                         s["session"]
                     );
+                }
+                let g = &v["gateway"];
+                if g["configured"].as_bool() == Some(true) {
+                    if g["openvpn_connected"].as_bool() == Some(true) {
+                        println!(
+                            "vpn:     OpenVPN (pid {}) connected, {} client(s)",
+                            g["openvpn_pid"],
+                            g["clients"].as_array().map_or(0, Vec::len)
+                        );
+                    } else {
+                        println!(
+                            "vpn:     OpenVPN not reachable: {}",
+                            g["down_reason"].as_str().unwrap_or("not connected yet")
+                        );
+                    }
                 }
                 for t in v["tasks"].as_array().into_iter().flatten() {
                     println!(
@@ -560,8 +576,108 @@ pub fn quorum(ida: IdentityArg, auth: AuthArgs, quorum: u32) -> Result<u8> {
     }
 }
 
+/// `coffre gateway …`
+pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
+    match cmd {
+        GatewayCommand::OpenvpnConfig(a) => {
+            let mut g = coffre_daemon::vaultdir::GatewayConfig::new(a.remote);
+            g.port = a.port;
+            g.proto = match a.proto {
+                ProtoChoice::Udp => "udp".into(),
+                ProtoChoice::Tcp => "tcp".into(),
+            };
+            g.network = a.network;
+            g.keepalive = [a.keepalive_interval, a.keepalive_timeout];
+            g.reneg_s = a.reneg_sec;
+            g.token_lifetime_s = a.token_lifetime;
+            g.static_challenge = !a.totp_suffix;
+            g.drop_privileges = !a.keep_root;
+            for pair in &a.addresses {
+                let (name, ip) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--address {pair}: expected NAME=ADDRESS"))?;
+                let ip = ip
+                    .parse()
+                    .with_context(|| format!("--address {pair}: {ip:?} is not an IPv4 address"))?;
+                g.addresses.insert(name.to_string(), ip);
+            }
+            let vd = VaultDir::new(&a.dir);
+            let r = coffre_daemon::gateway::write_openvpn_config(&vd, g)?;
+            println!("wrote {}", r.server_conf.display());
+            if r.new_tls_crypt {
+                println!(
+                    "made a new tls-crypt key: members need their profile (`coffre member profile NAME`)"
+                );
+            } else {
+                println!("kept the existing tls-crypt key: members' profiles stay valid");
+            }
+            println!(
+                "next: restart `coffre serve {}`, then run: openvpn --config {}",
+                a.dir.display(),
+                r.server_conf.display()
+            );
+            println!(
+                "the daemon talks to OpenVPN through {} (root only)",
+                r.management.display()
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
 pub fn member(cmd: MemberCommand) -> Result<u8> {
     match cmd {
+        MemberCommand::Profile {
+            name,
+            out,
+            totp_suffix,
+            id,
+        } => {
+            let (_, ident) = load_identity(&id)?;
+            if ident.member != name {
+                bail!(
+                    "this identity is {}'s: a profile holds its member's private key, so {name} writes theirs on their own machine",
+                    ident.member
+                );
+            }
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.ovpn")));
+            match runtime()?.block_on(call(&ident, &ApiCommand::GatewayProfile))? {
+                Ok(v) => {
+                    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                    let p = coffre_daemon::openvpn::ProfileSettings {
+                        vault: s("vault"),
+                        remote: s("remote"),
+                        port: v["port"]
+                            .as_u64()
+                            .and_then(|p| u16::try_from(p).ok())
+                            .unwrap_or(1194),
+                        proto: s("proto"),
+                        static_challenge: v["static_challenge"].as_bool().unwrap_or(true)
+                            && !totp_suffix,
+                        ca_pem: s("ca_pem"),
+                        tls_crypt: s("tls_crypt"),
+                    };
+                    let text = zeroize::Zeroizing::new(coffre_daemon::openvpn::profile(
+                        &p,
+                        &name,
+                        &ident.cert_pem,
+                        &ident.key_pem,
+                    ));
+                    coffre_audit::write_atomic(&out, text.as_bytes(), 0o600)?;
+                    eprintln!(
+                        "coffre: profile written to {} (mode 0600: it holds your private key); user name {name}, password {}",
+                        out.display(),
+                        if p.static_challenge {
+                            "your vault password, then the TOTP code when asked"
+                        } else {
+                            "your vault password followed by the 6-digit TOTP code"
+                        }
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
         MemberCommand::List { id, json } => match simple(&id, ApiCommand::MemberList)? {
             Ok(v) => {
                 if json {

@@ -1,0 +1,367 @@
+//! The OpenVPN gateway: the daemon's link to OpenVPN's management socket,
+//! and the files `coffre gateway openvpn-config` writes.
+//!
+//! OpenVPN runs on its own (`openvpn --config DIR/gateway/server.conf`);
+//! the daemon connects to its management socket, and reconnects whenever
+//! that link or OpenVPN itself restarts. Every connection is authorised
+//! by the vault (see `server.rs`): OpenVPN checks the certificate chain,
+//! the vault checks the rest. The socket carries passwords in clear, so
+//! the daemon only talks to it when its directory is reachable by root
+//! alone and the peer at the other end runs as root.
+
+use crate::openvpn::{self, ClientEnv, ClientEvent, Listed, Notice, Reader};
+use crate::vaultdir::{Config, DirError, GatewayConfig, VaultDir};
+use std::collections::VecDeque;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+/// What the management link reports to the vault.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Connected: OpenVPN's pid and the clients it has now.
+    Up {
+        /// OpenVPN's process id (a different one means it restarted).
+        pid: u32,
+        /// Its clients (`status 3`).
+        clients: Vec<Listed>,
+    },
+    /// A client notification.
+    Client {
+        /// Which.
+        event: ClientEvent,
+        /// Client id.
+        cid: u64,
+        /// Key id.
+        kid: Option<u64>,
+        /// Its variables.
+        env: ClientEnv,
+    },
+    /// The link is gone (OpenVPN stopped, or a protocol error).
+    Down {
+        /// Why, for the audit log.
+        why: String,
+    },
+}
+
+/// Whether the management socket's directory is root's alone: the socket
+/// carries passwords in clear.
+pub fn check_socket_dir(sock: &Path) -> Result<(), String> {
+    let dir = sock
+        .parent()
+        .ok_or_else(|| format!("{}: no directory", sock.display()))?;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if m.uid() != 0 || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} must be owned by root with mode 0700 (it is {}:{:o}): OpenVPN's management socket carries passwords",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+enum Expect {
+    Pid,
+    Status(Vec<String>),
+    Ack,
+}
+
+/// Runs the management link forever: connects (retrying every second),
+/// reports [`LinkEvent`]s, and writes the commands it receives.
+pub async fn run(
+    sock: PathBuf,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    mut commands: mpsc::UnboundedReceiver<String>,
+) {
+    let mut last_err = String::new();
+    loop {
+        let why = match link(&sock, &events, &mut commands).await {
+            Ok(why) | Err(why) => why,
+        };
+        if events.is_closed() {
+            return;
+        }
+        if why != last_err {
+            // Reported once per distinct reason, not every second.
+            let _ = events.send(LinkEvent::Down { why: why.clone() });
+            last_err = why;
+        }
+        // Commands for a link that is gone are void (OpenVPN forgets its
+        // clients' pending authorisations too).
+        while commands.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn link(
+    sock: &Path,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+    commands: &mut mpsc::UnboundedReceiver<String>,
+) -> Result<String, String> {
+    check_socket_dir(sock)?;
+    let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
+        format!(
+            "cannot reach OpenVPN's management socket {}: {e}",
+            sock.display()
+        )
+    })?;
+    let cred = stream.peer_cred().map_err(|e| e.to_string())?;
+    if cred.uid() != 0 {
+        return Err(format!(
+            "the process behind {} runs as uid {}, not root: not talking to it",
+            sock.display(),
+            cred.uid()
+        ));
+    }
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut reader = Reader::new();
+    let mut expect: VecDeque<Expect> = VecDeque::from([Expect::Pid, Expect::Status(Vec::new())]);
+    wr.write_all(b"pid\nstatus 3\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pid: Option<u32> = None;
+    let mut up = false;
+    // Client notices that come before our view is rebuilt wait for it.
+    let mut early: Vec<LinkEvent> = Vec::new();
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { return Ok("the daemon stops".into()) };
+                wr.write_all(cmd.as_bytes()).await.map_err(|e| format!("writing to OpenVPN: {e}"))?;
+                expect.push_back(Expect::Ack);
+            }
+            n = read_line(&mut rd, &mut buf) => {
+                let line = n?;
+                let Some(notice) = reader.line(&line).map_err(|e| e.to_string())? else { continue };
+                match notice {
+                    Notice::Client { event, cid, kid, env } => {
+                        let ev = LinkEvent::Client { event, cid, kid, env };
+                        if up { let _ = events.send(ev); } else { early.push(ev); }
+                    }
+                    Notice::Success(text) | Notice::Error(text) if matches!(expect.front(), Some(Expect::Pid)) => {
+                        expect.pop_front();
+                        pid = text.strip_prefix("pid=").and_then(|p| p.trim().parse().ok());
+                        if pid.is_none() {
+                            return Err(format!("OpenVPN did not give its pid ({text:.60})"));
+                        }
+                    }
+                    Notice::Success(_) | Notice::Error(_) => {
+                        if let Some(Expect::Ack) = expect.front() {
+                            expect.pop_front();
+                        }
+                    }
+                    Notice::Output(l) => {
+                        if let Some(Expect::Status(lines)) = expect.front_mut()
+                            && lines.len() < 10_000
+                        {
+                            lines.push(l);
+                        }
+                    }
+                    Notice::End => {
+                        if let Some(Expect::Status(lines)) = expect.front() {
+                            let clients = openvpn::parse_status3(lines).map_err(|e| e.to_string())?;
+                            expect.pop_front();
+                            let Some(pid) = pid else {
+                                return Err("status before pid".into());
+                            };
+                            let _ = events.send(LinkEvent::Up { pid, clients });
+                            up = true;
+                            for ev in early.drain(..) { let _ = events.send(ev); }
+                        }
+                    }
+                    Notice::Other(l) => {
+                        if l.starts_with(">FATAL:") {
+                            return Err(format!("OpenVPN: {l:.200}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads one line of at most [`openvpn::MAX_LINE`] bytes (`\r\n` removed).
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<String, String> {
+    buf.clear();
+    let limit = u64::try_from(openvpn::MAX_LINE + 2).unwrap_or(u64::MAX);
+    let n = rd
+        .take(limit)
+        .read_until(b'\n', buf)
+        .await
+        .map_err(|e| format!("reading from OpenVPN: {e}"))?;
+    if n == 0 {
+        return Err("OpenVPN closed its management socket".into());
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err("OpenVPN sent an overlong line".into());
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    // The protocol is text; anything else is replaced, not trusted.
+    Ok(String::from_utf8_lossy(buf).into_owned())
+}
+
+/// What `coffre gateway openvpn-config` did.
+#[derive(Debug)]
+pub struct ConfigReport {
+    /// The OpenVPN configuration written.
+    pub server_conf: PathBuf,
+    /// The management socket it will create.
+    pub management: PathBuf,
+    /// Whether the tls-crypt key was made now (false: the existing one was
+    /// kept, so members' profiles stay valid).
+    pub new_tls_crypt: bool,
+}
+
+/// Errors of `coffre gateway openvpn-config`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The vault directory.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// A setting.
+    #[error("[gateway] {0}")]
+    Invalid(String),
+    /// Certificates.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// Files.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> GatewayError + '_ {
+    move |source| GatewayError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn private_dir(path: &Path) -> Result<(), GatewayError> {
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), GatewayError> {
+    coffre_audit::write_atomic(path, text.as_bytes(), mode)
+        .map_err(|e| GatewayError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Writes the gateway's certificate, keys and OpenVPN configuration under
+/// `DIR/gateway/`, and the `[gateway]` section of config.toml. Existing
+/// `tls-crypt` and token keys are kept; the certificate is issued anew.
+pub fn write_openvpn_config(
+    dir: &VaultDir,
+    settings: GatewayConfig,
+) -> Result<ConfigReport, GatewayError> {
+    let config = dir.load_config()?;
+    let net = settings.check().map_err(GatewayError::Invalid)?;
+    let gw = dir.gateway_dir();
+    private_dir(&gw)?;
+    let mgmt = dir.root.join(&settings.management);
+    if let Some(parent) = mgmt.parent() {
+        private_dir(parent)?;
+    }
+    let ca_key = dir.read(&dir.ca_key())?;
+    let cert =
+        crate::pki::new_gateway_cert(&config.name, &ca_key, &openvpn::gateway_cn(&config.name))?;
+    let (ca, crt, key, tc, tok) = (
+        gw.join("ca.pem"),
+        gw.join("server.pem"),
+        gw.join("server.key"),
+        gw.join("tls-crypt.key"),
+        gw.join("auth-token.key"),
+    );
+    write_file(&ca, &dir.read(&dir.ca_cert())?, 0o644)?;
+    write_file(&crt, &cert.cert_pem, 0o644)?;
+    write_file(&key, &cert.key_pem, 0o600)?;
+    let new_tls_crypt = !tc.exists();
+    if new_tls_crypt {
+        write_file(&tc, &openvpn::new_static_key(), 0o600)?;
+    }
+    if !tok.exists() {
+        write_file(&tok, &openvpn::new_auth_token_key(), 0o600)?;
+    }
+    let s = openvpn::ServerSettings {
+        vault: config.name.clone(),
+        port: settings.port,
+        proto: settings.proto.clone(),
+        network: net,
+        keepalive: (settings.keepalive[0], settings.keepalive[1]),
+        reneg_s: settings.reneg_s,
+        token_lifetime_s: settings.token_lifetime_s,
+        ca: ca.display().to_string(),
+        cert: crt.display().to_string(),
+        key: key.display().to_string(),
+        tls_crypt: tc.display().to_string(),
+        token_secret: tok.display().to_string(),
+        management: mgmt.display().to_string(),
+        drop_privileges: settings.drop_privileges,
+    };
+    let conf = gw.join("server.conf");
+    write_file(&conf, &openvpn::server_config(&s), 0o600)?;
+    set_gateway_section(dir, &settings)?;
+    Ok(ConfigReport {
+        server_conf: conf,
+        management: mgmt,
+        new_tls_crypt,
+    })
+}
+
+/// Replaces `[gateway]` in config.toml, leaving the rest as written.
+fn set_gateway_section(dir: &VaultDir, settings: &GatewayConfig) -> Result<(), GatewayError> {
+    let path = dir.config();
+    let text = dir.read(&path)?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| GatewayError::Invalid(e.to_string()))?;
+    let value =
+        toml::Value::try_from(settings).map_err(|e| GatewayError::Invalid(e.to_string()))?;
+    table.insert("gateway".into(), value);
+    let out = toml::to_string_pretty(&table).map_err(|e| GatewayError::Invalid(e.to_string()))?;
+    write_file(&path, &out, 0o600)?;
+    // What the daemon will read must still be a valid configuration.
+    dir.load_config()?;
+    Ok(())
+}
+
+/// The public part of a member's profile, as the daemon serves it.
+pub fn profile_settings(
+    dir: &VaultDir,
+    config: &Config,
+) -> Result<openvpn::ProfileSettings, String> {
+    let g = config
+        .gateway
+        .as_ref()
+        .ok_or("this vault has no VPN gateway (a superuser runs `coffre gateway openvpn-config` on its host)")?;
+    let read =
+        |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()));
+    Ok(openvpn::ProfileSettings {
+        vault: config.name.clone(),
+        remote: g.remote.clone(),
+        port: g.port,
+        proto: g.proto.clone(),
+        static_challenge: g.static_challenge,
+        ca_pem: read(dir.ca_cert())?,
+        tls_crypt: read(dir.gateway_dir().join("tls-crypt.key"))?,
+    })
+}

@@ -1,0 +1,854 @@
+//! OpenVPN 2.6 as the vault's gateway: its management protocol (what the
+//! server tells us about clients, and how we answer), the credentials its
+//! clients send, and the configuration files we write for the server and
+//! for members.
+//!
+//! Everything here is pure (no I/O) so that the bytes OpenVPN sends can be
+//! fuzzed; `gateway.rs` drives the socket. The protocol is described in
+//! OpenVPN's `management-notes.txt`: lines, real-time notifications start
+//! with `>`, a `>CLIENT:` notification is followed by `>CLIENT:ENV,` lines
+//! up to `>CLIENT:ENV,END`, and every command is answered by `SUCCESS:`,
+//! `ERROR:` or, for multi-line output, lines ending with `END`.
+
+use base64::Engine as _;
+use std::fmt;
+use std::net::Ipv4Addr;
+use zeroize::Zeroizing;
+
+/// Longest management line we accept (OpenVPN's own password buffer is 4 KiB,
+/// tokens and certificate subjects are shorter).
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Most `>CLIENT:ENV,` lines in one notification (OpenVPN sends about 50).
+pub const MAX_ENV: usize = 512;
+
+/// A protocol violation: the daemon drops the management connection and
+/// connects again.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("OpenVPN management protocol: {0}")]
+pub struct ProtocolError(pub String);
+
+fn bad(msg: impl Into<String>) -> ProtocolError {
+    ProtocolError(msg.into())
+}
+
+/// What OpenVPN tells us about one client: only the variables we use are
+/// kept; the password (or auth token) is a secret and never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientEnv {
+    /// The certificate's common name.
+    pub common_name: String,
+    /// The user name the client sent.
+    pub username: String,
+    /// The password the client sent (or its auth token on reconnection).
+    pub password: Zeroizing<String>,
+    /// `auth-gen-token` session id (stable across renegotiations,
+    /// reconnections and server restarts).
+    pub session_id: String,
+    /// `Initial`, `Authenticated`, `Expired`, `Invalid`,
+    /// `AuthenticatedEmptyUser`, `ExpiredEmptyUser`.
+    pub session_state: String,
+    /// Where the client connects from.
+    pub untrusted_ip: String,
+    /// Its source port.
+    pub untrusted_port: String,
+    /// SHA-256 of the client certificate, lowercase hex without colons.
+    pub fingerprint: String,
+}
+
+impl fmt::Debug for ClientEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientEnv")
+            .field("common_name", &self.common_name)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("session_id", &self.session_id)
+            .field("session_state", &self.session_state)
+            .field("untrusted_ip", &self.untrusted_ip)
+            .field("untrusted_port", &self.untrusted_port)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl ClientEnv {
+    fn set(&mut self, name: &str, value: &str) {
+        match name {
+            "common_name" => self.common_name = value.to_string(),
+            "username" => self.username = value.to_string(),
+            "password" => self.password = Zeroizing::new(value.to_string()),
+            "session_id" => self.session_id = value.to_string(),
+            "session_state" => self.session_state = value.to_string(),
+            "untrusted_ip" => self.untrusted_ip = value.to_string(),
+            "untrusted_port" => self.untrusted_port = value.to_string(),
+            "tls_digest_sha256_0" => self.fingerprint = normalize_fingerprint(value),
+            _ => {}
+        }
+    }
+
+    /// Whether OpenVPN found a valid, unexpired auth token for this user.
+    pub fn token_valid(&self) -> bool {
+        self.session_state == "Authenticated"
+    }
+
+    /// Whether the client presented a token at all (valid or not).
+    pub fn has_token(&self) -> bool {
+        !self.session_state.is_empty() && self.session_state != "Initial"
+    }
+}
+
+/// `fe:62:0f:…` → `fe620f…` (how the vault stores fingerprints).
+pub fn normalize_fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Which kind of `>CLIENT:` notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A new connection asks to be authorised.
+    Connect,
+    /// A TLS renegotiation asks to be authorised.
+    Reauth,
+    /// An authorised client is up.
+    Established,
+    /// A client is gone.
+    Disconnect,
+}
+
+/// One thing the management interface said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A client notification with its environment (complete).
+    Client {
+        /// Which.
+        event: ClientEvent,
+        /// Client id.
+        cid: u64,
+        /// Key id (CONNECT and REAUTH only).
+        kid: Option<u64>,
+        /// Its variables.
+        env: ClientEnv,
+    },
+    /// A command succeeded.
+    Success(String),
+    /// A command failed.
+    Error(String),
+    /// A line of a multi-line command output (`END` excluded).
+    Output(String),
+    /// The end of a multi-line command output.
+    End,
+    /// Another real-time notification (`>INFO:`, `>LOG:`, `>CLIENT:ADDRESS`…).
+    Other(String),
+}
+
+/// Turns management lines into [`Notice`]s, gathering `>CLIENT:` blocks.
+#[derive(Debug, Default)]
+pub struct Reader {
+    open: Option<(ClientEvent, u64, Option<u64>, ClientEnv, usize)>,
+}
+
+fn number(s: &str) -> Result<u64, ProtocolError> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(format!("not a client or key id: {s:.32}")));
+    }
+    s.parse().map_err(|_| bad("id out of range"))
+}
+
+impl Reader {
+    /// A new reader.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a `>CLIENT:` block is open (more `ENV` lines expected).
+    pub fn in_block(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Feeds one line (without its line ending). Returns a notice when one
+    /// is complete.
+    pub fn line(&mut self, line: &str) -> Result<Option<Notice>, ProtocolError> {
+        if line.len() > MAX_LINE {
+            return Err(bad(format!("line of {} bytes", line.len())));
+        }
+        if let Some((event, cid, kid, env, count)) = &mut self.open {
+            // The block is atomic: nothing else can come in between.
+            let Some(var) = line.strip_prefix(">CLIENT:ENV,") else {
+                return Err(bad("a CLIENT notification ended without ENV,END"));
+            };
+            if var == "END" {
+                let (event, cid, kid, env) = (*event, *cid, *kid, std::mem::take(env));
+                self.open = None;
+                return Ok(Some(Notice::Client {
+                    event,
+                    cid,
+                    kid,
+                    env,
+                }));
+            }
+            *count += 1;
+            if *count > MAX_ENV {
+                return Err(bad("too many ENV lines"));
+            }
+            if let Some((name, value)) = var.split_once('=') {
+                env.set(name, value);
+            }
+            return Ok(None);
+        }
+        if let Some(rest) = line.strip_prefix(">CLIENT:") {
+            let (kind, args) = rest.split_once(',').unwrap_or((rest, ""));
+            let event = match kind {
+                "CONNECT" => ClientEvent::Connect,
+                "REAUTH" => ClientEvent::Reauth,
+                "ESTABLISHED" => ClientEvent::Established,
+                "DISCONNECT" => ClientEvent::Disconnect,
+                "ENV" => return Err(bad("an ENV line outside a CLIENT notification")),
+                // ADDRESS, CR_RESPONSE: single lines (CR_RESPONSE has ENV
+                // lines too, but we never ask for one; treat it as an error).
+                "ADDRESS" => return Ok(Some(Notice::Other(line.to_string()))),
+                other => return Err(bad(format!("unknown CLIENT notification {other:.32}"))),
+            };
+            let mut ids = args.split(',');
+            let cid = number(ids.next().unwrap_or(""))?;
+            let kid = match event {
+                ClientEvent::Connect | ClientEvent::Reauth => {
+                    Some(number(ids.next().unwrap_or(""))?)
+                }
+                _ => None,
+            };
+            if ids.next().is_some() {
+                return Err(bad("extra fields in a CLIENT notification"));
+            }
+            self.open = Some((event, cid, kid, ClientEnv::default(), 0));
+            return Ok(None);
+        }
+        if line.starts_with('>') {
+            return Ok(Some(Notice::Other(line.to_string())));
+        }
+        if let Some(t) = line.strip_prefix("SUCCESS:") {
+            return Ok(Some(Notice::Success(t.trim().to_string())));
+        }
+        if let Some(t) = line.strip_prefix("ERROR:") {
+            return Ok(Some(Notice::Error(t.trim().to_string())));
+        }
+        if line == "END" {
+            return Ok(Some(Notice::End));
+        }
+        Ok(Some(Notice::Output(line.to_string())))
+    }
+}
+
+/// A client as `status 3` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Client id.
+    pub cid: u64,
+    /// Certificate common name.
+    pub common_name: String,
+    /// `IP:port` it connects from.
+    pub real_address: String,
+    /// Connected since (Unix seconds).
+    pub since: u64,
+}
+
+/// The `CLIENT_LIST` rows of a `status 3` output, read by the column names
+/// its `HEADER` line gives (so a version that adds columns still parses).
+pub fn parse_status3(lines: &[String]) -> Result<Vec<Listed>, ProtocolError> {
+    let mut cols: Option<Vec<&str>> = None;
+    let mut out = Vec::new();
+    for l in lines {
+        let f: Vec<&str> = l.split('\t').collect();
+        match f.first().copied() {
+            Some("HEADER") if f.get(1) == Some(&"CLIENT_LIST") => cols = Some(f[1..].to_vec()),
+            Some("CLIENT_LIST") => {
+                let Some(cols) = &cols else {
+                    return Err(bad("CLIENT_LIST before its HEADER"));
+                };
+                let get = |name: &str| {
+                    cols.iter()
+                        .position(|c| *c == name)
+                        .and_then(|i| f.get(i).copied())
+                };
+                let cid = number(get("Client ID").unwrap_or(""))?;
+                out.push(Listed {
+                    cid,
+                    common_name: get("Common Name").unwrap_or("").to_string(),
+                    real_address: get("Real Address").unwrap_or("").to_string(),
+                    since: get("Connected Since (time_t)")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// What a client's password field carried: the member's password and,
+/// separately, their TOTP code.
+pub struct Credentials {
+    /// The password (secret).
+    pub password: Zeroizing<String>,
+    /// The TOTP code, if there was one.
+    pub totp: Option<String>,
+}
+
+/// Splits what a client sent as its password.
+///
+/// - OpenVPN's static challenge (`static-challenge` in the profile):
+///   `SCRV1:base64(password):base64(response)`.
+/// - Otherwise the code is typed after the password: its last six
+///   characters, if they are digits.
+pub fn split_credentials(sent: &str) -> Result<Credentials, &'static str> {
+    if let Some(rest) = sent.strip_prefix("SCRV1:") {
+        let (p, r) = rest
+            .split_once(':')
+            .ok_or("a static-challenge answer without its response")?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let p = Zeroizing::new(
+            b64.decode(p)
+                .map_err(|_| "a static-challenge password that is not base64")?,
+        );
+        let r = b64
+            .decode(r)
+            .map_err(|_| "a static-challenge response that is not base64")?;
+        let p = String::from_utf8(p.to_vec()).map_err(|_| "a password that is not UTF-8")?;
+        let r = String::from_utf8(r).map_err(|_| "a TOTP code that is not UTF-8")?;
+        let code: String = r.chars().filter(|c| !c.is_whitespace()).collect();
+        return Ok(Credentials {
+            password: Zeroizing::new(p),
+            totp: (!code.is_empty()).then_some(code),
+        });
+    }
+    let n = sent.len();
+    if n > 6 && sent.is_char_boundary(n - 6) && sent[n - 6..].bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(Credentials {
+            password: Zeroizing::new(sent[..n - 6].to_string()),
+            totp: Some(sent[n - 6..].to_string()),
+        });
+    }
+    Ok(Credentials {
+        password: Zeroizing::new(sent.to_string()),
+        totp: None,
+    })
+}
+
+/// A reason as one quoted management-command argument: OpenVPN's lexer
+/// takes `\` and `"` as escapes, so they are dropped with control
+/// characters; the length is bounded.
+pub fn quote(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .take(200)
+        .collect();
+    format!("\"{clean}\"")
+}
+
+/// The command that authorises a connection, with its client-connect
+/// directives (e.g. `ifconfig-push`).
+pub fn client_auth(cid: u64, kid: u64, directives: &[String]) -> String {
+    let mut s = format!("client-auth {cid} {kid}\n");
+    for d in directives {
+        // One directive a line; a directive cannot smuggle a line break.
+        if !d.contains(['\n', '\r']) {
+            s.push_str(d);
+            s.push('\n');
+        }
+    }
+    s.push_str("END\n");
+    s
+}
+
+/// The command that refuses a connection: `log` goes to OpenVPN's log,
+/// `client` to the client (it shows it after `AUTH_FAILED`).
+pub fn client_deny(cid: u64, kid: u64, log: &str, client: &str) -> String {
+    format!("client-deny {cid} {kid} {} {}\n", quote(log), quote(client))
+}
+
+/// The command that ends a client: `HALT` tells it not to come back.
+pub fn client_kill(cid: u64, halt: bool) -> String {
+    if halt {
+        format!("client-kill {cid} HALT\n")
+    } else {
+        format!("client-kill {cid}\n")
+    }
+}
+
+/// An IPv4 network for the VPN (`10.8.0.0/24`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length (16 to 29).
+    pub prefix: u8,
+}
+
+impl Network {
+    /// Parses `A.B.C.D/N`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX, e.g. 10.8.0.0/24"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| format!("{p:?} is not a prefix length"))?;
+        if !(16..=29).contains(&prefix) {
+            return Err(format!("prefix /{prefix}: use /16 to /29"));
+        }
+        let n = Self { addr, prefix };
+        if u32::from(addr) & !n.mask_bits() != 0 {
+            return Err(format!(
+                "{s}: host bits are set (did you mean {}?)",
+                n.base()
+            ));
+        }
+        Ok(n)
+    }
+
+    fn mask_bits(&self) -> u32 {
+        u32::MAX << (32 - u32::from(self.prefix))
+    }
+
+    /// The netmask.
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.mask_bits())
+    }
+
+    fn base(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask_bits())
+    }
+
+    /// Whether `ip` is a usable client address: inside, not the network,
+    /// broadcast or server (`.1`) address.
+    pub fn holds_client(&self, ip: Ipv4Addr) -> bool {
+        let (a, base) = (u32::from(ip), u32::from(self.base()));
+        let last = base | !self.mask_bits();
+        a & self.mask_bits() == base && a > base + 1 && a < last
+    }
+}
+
+/// A new `tls-crypt` key (OpenVPN static key V1 format, 2048 bits).
+pub fn new_static_key() -> Zeroizing<String> {
+    let mut k = Zeroizing::new([0u8; 256]);
+    coffre_luks2::secret::fill_random(&mut k[..]);
+    let mut s = Zeroizing::new(String::from(
+        "#\n# 2048 bit OpenVPN static key (tls-crypt), written by coffre\n#\n\
+         -----BEGIN OpenVPN Static key V1-----\n",
+    ));
+    for row in k.chunks(16) {
+        for b in row {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s.push('\n');
+    }
+    s.push_str("-----END OpenVPN Static key V1-----\n");
+    s
+}
+
+/// A new `auth-gen-token-secret` (OpenVPN's PEM-like format, as
+/// `openvpn --genkey auth-token` writes it).
+pub fn new_auth_token_key() -> Zeroizing<String> {
+    let mut k = Zeroizing::new([0u8; 128]);
+    coffre_luks2::secret::fill_random(&mut k[..]);
+    let b = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&k[..]));
+    let mut s = Zeroizing::new(String::from(
+        "-----BEGIN OpenVPN auth-token server key-----\n",
+    ));
+    for row in b.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(row).unwrap_or(""));
+        s.push('\n');
+    }
+    s.push_str("-----END OpenVPN auth-token server key-----\n");
+    s
+}
+
+/// What the server configuration needs.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Vault name (comments, certificate names).
+    pub vault: String,
+    /// UDP or TCP port.
+    pub port: u16,
+    /// `udp` or `tcp`.
+    pub proto: String,
+    /// The VPN's address space.
+    pub network: Network,
+    /// `keepalive` interval and timeout, seconds.
+    pub keepalive: (u32, u32),
+    /// TLS renegotiation period, seconds (also the token renewal period).
+    pub reneg_s: u32,
+    /// How long a token may carry a session without a password, seconds.
+    pub token_lifetime_s: u32,
+    /// Files, absolute.
+    pub ca: String,
+    /// The gateway's certificate.
+    pub cert: String,
+    /// Its key.
+    pub key: String,
+    /// `tls-crypt` key.
+    pub tls_crypt: String,
+    /// `auth-gen-token-secret`.
+    pub token_secret: String,
+    /// The management socket.
+    pub management: String,
+    /// Drop privileges to nobody/nogroup after start.
+    pub drop_privileges: bool,
+}
+
+/// Modern AEAD data-channel ciphers only.
+pub const DATA_CIPHERS: &str = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305";
+
+/// The common name of the gateway's certificate (profiles pin it).
+pub fn gateway_cn(vault: &str) -> String {
+    format!("coffre gateway {vault}")
+}
+
+/// The OpenVPN server configuration.
+pub fn server_config(s: &ServerSettings) -> String {
+    let udp = s.proto == "udp";
+    let mut c = format!(
+        "# The OpenVPN gateway of vault {vault}, written by `coffre gateway openvpn-config`.\n\
+         # Run it with: openvpn --config THIS_FILE\n\
+         # Every connection is authorised by the vault daemon through the\n\
+         # management socket: member certificate (fingerprint), password\n\
+         # (it must open the member's keyslot) and TOTP code.\n\
+         port {port}\n\
+         proto {proto}\n\
+         dev tun\n\
+         topology subnet\n\
+         server {net} {mask}\n\
+         # No client-to-client: members reach the vault, not each other.\n\
+         max-clients 64\n\
+         ca {ca}\n\
+         cert {cert}\n\
+         key {key}\n\
+         dh none\n\
+         tls-version-min 1.2\n\
+         tls-cert-profile preferred\n\
+         tls-crypt {tls_crypt}\n\
+         remote-cert-eku \"TLS Web Client Authentication\"\n\
+         verify-client-cert require\n\
+         data-ciphers {DATA_CIPHERS}\n\
+         keepalive {ka} {kt}\n\
+         reneg-sec {reneg}\n\
+         auth-gen-token {life} {reneg} external-auth\n\
+         auth-gen-token-secret {token}\n\
+         management {mgmt} unix\n\
+         management-client-user root\n\
+         management-client-auth\n\
+         persist-key\n\
+         persist-tun\n\
+         verb 3\n",
+        vault = s.vault,
+        port = s.port,
+        proto = s.proto,
+        net = s.network.base(),
+        mask = s.network.mask(),
+        ca = s.ca,
+        cert = s.cert,
+        key = s.key,
+        tls_crypt = s.tls_crypt,
+        ka = s.keepalive.0,
+        kt = s.keepalive.1,
+        reneg = s.reneg_s,
+        life = s.token_lifetime_s,
+        token = s.token_secret,
+        mgmt = s.management,
+    );
+    if udp {
+        // Tell clients to reconnect at once when the server restarts.
+        c.push_str("explicit-exit-notify 1\n");
+    }
+    if s.drop_privileges {
+        c.push_str("user nobody\ngroup nogroup\n");
+    }
+    c
+}
+
+/// What a member's profile needs (all public except the member's own key,
+/// which only their machine has).
+#[derive(Clone, Debug)]
+pub struct ProfileSettings {
+    /// Vault name.
+    pub vault: String,
+    /// Host name or address clients connect to.
+    pub remote: String,
+    /// Port.
+    pub port: u16,
+    /// `udp` or `tcp`.
+    pub proto: String,
+    /// Ask the TOTP code with OpenVPN's static challenge (otherwise it is
+    /// typed after the password).
+    pub static_challenge: bool,
+    /// The vault CA (PEM).
+    pub ca_pem: String,
+    /// The `tls-crypt` key.
+    pub tls_crypt: String,
+}
+
+/// A member's `.ovpn` profile with their certificate and key inline.
+pub fn profile(p: &ProfileSettings, member: &str, cert_pem: &str, key_pem: &str) -> String {
+    let proto = if p.proto == "tcp" {
+        "tcp-client"
+    } else {
+        "udp"
+    };
+    let mut c = format!(
+        "# coffre: {member}'s profile for the VPN of vault {vault}.\n\
+         # The user name is {member}; the password is your vault password{how}.\n\
+         client\n\
+         dev tun\n\
+         proto {proto}\n\
+         remote {remote} {port}\n\
+         nobind\n\
+         persist-key\n\
+         persist-tun\n\
+         remote-cert-tls server\n\
+         verify-x509-name {cn} name\n\
+         tls-version-min 1.2\n\
+         data-ciphers {DATA_CIPHERS}\n\
+         auth-user-pass\n\
+         auth-nocache\n\
+         auth-retry none\n",
+        vault = p.vault,
+        remote = p.remote,
+        port = p.port,
+        cn = quote(&gateway_cn(&p.vault)),
+        how = if p.static_challenge {
+            "; the TOTP code is asked separately"
+        } else {
+            ", followed by the 6-digit TOTP code"
+        },
+    );
+    if p.static_challenge {
+        c.push_str("static-challenge \"TOTP code\" 1\n");
+    }
+    if p.proto != "tcp" {
+        c.push_str("explicit-exit-notify 2\n");
+    }
+    for (tag, body) in [
+        ("ca", p.ca_pem.as_str()),
+        ("cert", cert_pem),
+        ("key", key_pem),
+        ("tls-crypt", p.tls_crypt.as_str()),
+    ] {
+        c.push_str(&format!("<{tag}>\n{}\n</{tag}>\n", body.trim_end()));
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(r: &mut Reader, lines: &[&str]) -> Vec<Notice> {
+        lines
+            .iter()
+            .filter_map(|l| r.line(l).expect("valid line"))
+            .collect()
+    }
+
+    #[test]
+    fn a_connect_block_is_gathered_with_its_secret_kept_out_of_debug() {
+        let mut r = Reader::new();
+        let n = feed(
+            &mut r,
+            &[
+                ">CLIENT:CONNECT,3,1",
+                ">CLIENT:ENV,password=SCRV1:cGFzcw==:MTIzNDU2",
+                ">CLIENT:ENV,session_id=iVtYFIOBqSqhfnza",
+                ">CLIENT:ENV,session_state=Initial",
+                ">CLIENT:ENV,untrusted_ip=192.0.2.2",
+                ">CLIENT:ENV,common_name=alice",
+                ">CLIENT:ENV,username=alice",
+                ">CLIENT:ENV,tls_digest_sha256_0=FE:62:0f",
+                ">CLIENT:ENV,tls_digest_sha256_1=99:99",
+                ">CLIENT:ENV,junk-without-equals",
+                ">CLIENT:ENV,END",
+            ],
+        );
+        let [
+            Notice::Client {
+                event,
+                cid,
+                kid,
+                env,
+            },
+        ] = &n[..]
+        else {
+            panic!("{n:?}")
+        };
+        assert_eq!((*event, *cid, *kid), (ClientEvent::Connect, 3, Some(1)));
+        assert_eq!(env.common_name, "alice");
+        assert_eq!(env.fingerprint, "fe620f");
+        assert_eq!(env.session_id, "iVtYFIOBqSqhfnza");
+        assert!(!env.has_token());
+        assert_eq!(&*env.password, "SCRV1:cGFzcw==:MTIzNDU2");
+        let dbg = format!("{env:?}");
+        assert!(
+            !dbg.contains("SCRV1") && dbg.contains("<redacted>"),
+            "{dbg}"
+        );
+        assert!(!r.in_block());
+    }
+
+    #[test]
+    fn disconnect_success_output_and_end() {
+        let mut r = Reader::new();
+        let n = feed(
+            &mut r,
+            &[
+                ">CLIENT:DISCONNECT,7",
+                ">CLIENT:ENV,common_name=bob",
+                ">CLIENT:ENV,END",
+                "SUCCESS: pid=42",
+                "ERROR: unknown command",
+                "TITLE\tOpenVPN",
+                "END",
+                ">INFO:OpenVPN Management Interface Version 5",
+                ">CLIENT:ADDRESS,0,10.8.0.2,1",
+            ],
+        );
+        assert!(matches!(
+            &n[0],
+            Notice::Client { event: ClientEvent::Disconnect, cid: 7, kid: None, env } if env.common_name == "bob"
+        ));
+        assert_eq!(n[1], Notice::Success("pid=42".into()));
+        assert_eq!(n[2], Notice::Error("unknown command".into()));
+        assert_eq!(n[3], Notice::Output("TITLE\tOpenVPN".into()));
+        assert_eq!(n[4], Notice::End);
+        assert!(matches!(&n[5], Notice::Other(_)));
+        assert!(matches!(&n[6], Notice::Other(_)));
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        for bad_lines in [
+            &[">CLIENT:ENV,a=b"][..],
+            &[">CLIENT:CONNECT,1"],
+            &[">CLIENT:CONNECT,x,1"],
+            &[">CLIENT:CONNECT,1,2,3"],
+            &[">CLIENT:REAUTH,99999999999999999999999,1"],
+            &[">CLIENT:WHAT,1"],
+            &[">CLIENT:CONNECT,1,1", "SUCCESS: interleaved"],
+        ] {
+            let mut r = Reader::new();
+            let res: Result<Vec<_>, _> = bad_lines.iter().map(|l| r.line(l)).collect();
+            assert!(res.is_err(), "{bad_lines:?}");
+        }
+        let mut r = Reader::new();
+        assert!(r.line(&"x".repeat(MAX_LINE + 1)).is_err());
+        r.line(">CLIENT:CONNECT,1,1").unwrap();
+        let mut failed = false;
+        for _ in 0..=MAX_ENV {
+            if r.line(">CLIENT:ENV,a=b").is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "ENV lines must be bounded");
+    }
+
+    #[test]
+    fn status3_rows_are_read_by_column_name() {
+        let lines: Vec<String> = [
+            "TITLE\tOpenVPN 2.6.14",
+            "HEADER\tCLIENT_LIST\tCommon Name\tReal Address\tVirtual Address\tVirtual IPv6 Address\tBytes Received\tBytes Sent\tConnected Since\tConnected Since (time_t)\tUsername\tClient ID\tPeer ID\tData Channel Cipher",
+            "CLIENT_LIST\talice\t192.0.2.2:39307\t10.8.0.2\t\t3000\t2000\t2026-11-29 08:01:19\t1795939279\talice\t4\t0\tAES-256-GCM",
+            "HEADER\tROUTING_TABLE\tVirtual Address\tCommon Name",
+            "ROUTING_TABLE\t10.8.0.2\talice",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let l = parse_status3(&lines).unwrap();
+        assert_eq!(
+            l,
+            vec![Listed {
+                cid: 4,
+                common_name: "alice".into(),
+                real_address: "192.0.2.2:39307".into(),
+                since: 1795939279
+            }]
+        );
+        assert!(parse_status3(&lines[2..3]).is_err());
+    }
+
+    #[test]
+    fn credentials_static_challenge_and_suffix() {
+        let c = split_credentials("SCRV1:cGFzcw==:MTIzNDU2").unwrap();
+        assert_eq!(
+            (c.password.as_str(), c.totp.as_deref()),
+            ("pass", Some("123456"))
+        );
+        let c = split_credentials("correct horse123456").unwrap();
+        assert_eq!(
+            (c.password.as_str(), c.totp.as_deref()),
+            ("correct horse", Some("123456"))
+        );
+        let c = split_credentials("no code here").unwrap();
+        assert_eq!((c.password.as_str(), c.totp), ("no code here", None));
+        assert!(split_credentials("SCRV1:!!!:MTIz").is_err());
+        assert!(split_credentials("SCRV1:cGFzcw==").is_err());
+        // Multi-byte characters before the code do not split inside them.
+        let c = split_credentials("é123456").unwrap();
+        assert_eq!(
+            (c.password.as_str(), c.totp.as_deref()),
+            ("é", Some("123456"))
+        );
+    }
+
+    #[test]
+    fn commands_cannot_be_smuggled() {
+        assert_eq!(
+            client_deny(1, 2, "x\"\nclient-kill 0", "a\\b"),
+            "client-deny 1 2 \"xclient-kill 0\" \"ab\"\n"
+        );
+        assert_eq!(
+            client_auth(
+                1,
+                0,
+                &["ifconfig-push 10.8.0.9 255.255.255.0".into(), "a\nb".into()]
+            ),
+            "client-auth 1 0\nifconfig-push 10.8.0.9 255.255.255.0\nEND\n"
+        );
+        assert_eq!(client_kill(4, true), "client-kill 4 HALT\n");
+    }
+
+    #[test]
+    fn networks() {
+        let n = Network::parse("10.8.0.0/24").unwrap();
+        assert_eq!(n.mask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert!(n.holds_client("10.8.0.10".parse().unwrap()));
+        assert!(!n.holds_client("10.8.0.1".parse().unwrap()));
+        assert!(!n.holds_client("10.8.0.255".parse().unwrap()));
+        assert!(!n.holds_client("10.9.0.10".parse().unwrap()));
+        assert!(Network::parse("10.8.0.1/24").is_err());
+        assert!(Network::parse("10.8.0.0/8").is_err());
+        assert!(Network::parse("10.8.0.0").is_err());
+    }
+
+    #[test]
+    fn key_files_have_openvpn_shapes() {
+        let k = new_static_key();
+        let hex: Vec<&str> = k
+            .lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        assert_eq!(hex.len(), 16);
+        assert!(hex.iter().all(|l| l.len() == 32));
+        let t = new_auth_token_key();
+        assert!(t.starts_with("-----BEGIN OpenVPN auth-token server key-----\n"));
+        assert_ne!(*new_static_key(), *k);
+    }
+}
