@@ -539,7 +539,7 @@ pub fn server_config(s: &ServerSettings) -> String {
          data-ciphers {DATA_CIPHERS}\n\
          keepalive {ka} {kt}\n\
          reneg-sec {reneg}\n\
-         auth-gen-token {life} {reneg} external-auth\n\
+         auth-gen-token {life} {renew} external-auth\n\
          auth-gen-token-secret {token}\n\
          management {mgmt} unix\n\
          management-client-user root\n\
@@ -559,6 +559,8 @@ pub fn server_config(s: &ServerSettings) -> String {
         ka = s.keepalive.0,
         kt = s.keepalive.1,
         reneg = s.reneg_s,
+        // OpenVPN wants at least twice its 60 s hand-window here.
+        renew = s.reneg_s.max(120),
         life = s.token_lifetime_s,
         token = s.token_secret,
         mgmt = s.management,

@@ -61,8 +61,6 @@ impl Vault {
             identity.to_str().unwrap(),
             "--listen",
             &listen,
-            "--totp-period",
-            "1",
             "--pbkdf",
             "argon2id",
             "--pbkdf-force-iterations",
@@ -75,6 +73,13 @@ impl Vault {
         if !extra.contains(&"--size") {
             args.extend(["--size", "16M"]);
         }
+        let period = match extra.iter().position(|a| *a == "--totp-period") {
+            Some(i) => extra[i + 1].parse().unwrap(),
+            None => {
+                args.extend(["--totp-period", "1"]);
+                1
+            }
+        };
         args.extend(extra);
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert!(
@@ -96,7 +101,7 @@ impl Vault {
                 secret,
                 last_step: 0,
             }],
-            period: 1,
+            period,
         }
     }
 

@@ -2,6 +2,7 @@
 //! driven by the real CLI over mutual TLS.
 
 mod data;
+mod gateway;
 mod harness;
 mod key_gone;
 mod lifecycle;
