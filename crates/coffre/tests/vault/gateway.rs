@@ -729,3 +729,37 @@ fn the_daemon_talks_only_to_a_management_socket_that_root_alone_can_reach() {
         }
     }
 }
+
+#[test]
+fn a_daemon_crash_neither_lets_old_clients_in_nor_opens_the_vault() {
+    let mut gw = Gw::new(&[], 1, &[]);
+    let mut alice = gw.connect("alice", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    // OpenVPN keeps alice connected while the daemon dies.
+    gw.vault.crash();
+    gw.vault.start();
+    gw.wait_gateway(true);
+    // The new daemon finds a client it never let in: it is disconnected,
+    // its token names no live session, and the vault stays closed.
+    assert!(
+        alice.exited_within(Duration::from_secs(30)),
+        "{}",
+        alice.text()
+    );
+    assert!(
+        auth_failed_line(&alice).contains("session has ended"),
+        "{}",
+        alice.text()
+    );
+    assert_eq!(gw.vault.state(), "closed");
+    let up = gw.vault.audit_details("gateway", "up");
+    assert!(
+        up.iter().any(|d| d.contains("holds no vault session")),
+        "{up:?}"
+    );
+    // With the password and a fresh code, alice comes in again.
+    let mut alice = gw.connect("alice", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    alice.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+}
