@@ -352,6 +352,11 @@ pub fn quote(s: &str) -> String {
 /// The command that authorises a connection, with its client-connect
 /// directives (e.g. `ifconfig-push`).
 pub fn client_auth(cid: u64, kid: u64, directives: &[String]) -> String {
+    // Without directives, the one-line form: OpenVPN acts on it at once,
+    // while a block is sometimes only seen at its next timer tick.
+    if directives.iter().all(|d| d.contains(['\n', '\r'])) {
+        return format!("client-auth-nt {cid} {kid}\n");
+    }
     let mut s = format!("client-auth {cid} {kid}\n");
     for d in directives {
         // One directive a line; a directive cannot smuggle a line break.
@@ -823,6 +828,7 @@ mod tests {
             "client-auth 1 0\nifconfig-push 10.8.0.9 255.255.255.0\nEND\n"
         );
         assert_eq!(client_kill(4, true), "client-kill 4 HALT\n");
+        assert_eq!(client_auth(3, 1, &[]), "client-auth-nt 3 1\n");
     }
 
     #[test]
