@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+use zeroize::{Zeroize, Zeroizing};
 
 /// What the management link reports to the vault.
 #[derive(Debug)]
@@ -27,6 +28,10 @@ pub enum LinkEvent {
         pid: u32,
         /// Its clients (`status 3`).
         clients: Vec<Listed>,
+        /// This connection's number: commands must carry it (a command
+        /// meant for an earlier connection is dropped, never sent to a
+        /// new OpenVPN whose client ids mean other clients).
+        generation: u64,
     },
     /// A client notification.
     Client {
@@ -39,12 +44,21 @@ pub enum LinkEvent {
         /// Its variables.
         env: ClientEnv,
     },
+    /// OpenVPN restarts in place (SIGHUP, SIGUSR1) or exits: its clients
+    /// are all going, and their ids will mean other clients.
+    Restarting {
+        /// OpenVPN's state line.
+        state: String,
+    },
     /// The link is gone (OpenVPN stopped, or a protocol error).
     Down {
         /// Why, for the audit log.
         why: String,
     },
 }
+
+/// A command for OpenVPN, for the connection of that generation.
+pub type LinkCommand = (u64, String);
 
 /// Whether the management socket's directory is root's alone: the socket
 /// carries passwords in clear.
@@ -73,29 +87,33 @@ enum Expect {
     Ack,
 }
 
+/// Client notices held until the view is rebuilt, at most.
+const MAX_EARLY: usize = 1024;
+
 /// Runs the management link forever: connects (retrying every second),
 /// reports [`LinkEvent`]s, and writes the commands it receives.
 pub async fn run(
     sock: PathBuf,
     events: mpsc::UnboundedSender<LinkEvent>,
-    mut commands: mpsc::UnboundedReceiver<String>,
+    mut commands: mpsc::UnboundedReceiver<LinkCommand>,
 ) {
     let mut last_err = String::new();
+    let mut generation = 0u64;
     loop {
-        let why = match link(&sock, &events, &mut commands).await {
+        generation += 1;
+        let mut was_up = false;
+        let why = match link(&sock, &events, &mut commands, generation, &mut was_up).await {
             Ok(why) | Err(why) => why,
         };
         if events.is_closed() {
             return;
         }
-        if why != last_err {
-            // Reported once per distinct reason, not every second.
+        if was_up || why != last_err {
+            // Reported once per distinct reason while OpenVPN is away,
+            // not every second; always after a connection.
             let _ = events.send(LinkEvent::Down { why: why.clone() });
             last_err = why;
         }
-        // Commands for a link that is gone are void (OpenVPN forgets its
-        // clients' pending authorisations too).
-        while commands.try_recv().is_ok() {}
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -103,7 +121,9 @@ pub async fn run(
 async fn link(
     sock: &Path,
     events: &mpsc::UnboundedSender<LinkEvent>,
-    commands: &mut mpsc::UnboundedReceiver<String>,
+    commands: &mut mpsc::UnboundedReceiver<LinkCommand>,
+    generation: u64,
+    up: &mut bool,
 ) -> Result<String, String> {
     check_socket_dir(sock)?;
     let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
@@ -123,19 +143,23 @@ async fn link(
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut reader = Reader::new();
-    let mut expect: VecDeque<Expect> = VecDeque::from([Expect::Pid, Expect::Status(Vec::new())]);
-    wr.write_all(b"pid\nstatus 3\n")
+    // `state on`: OpenVPN says when it restarts in place or exits.
+    let mut expect: VecDeque<Expect> =
+        VecDeque::from([Expect::Ack, Expect::Pid, Expect::Status(Vec::new())]);
+    wr.write_all(b"state on\npid\nstatus 3\n")
         .await
         .map_err(|e| e.to_string())?;
     let mut pid: Option<u32> = None;
-    let mut up = false;
     // Client notices that come before our view is rebuilt wait for it.
     let mut early: Vec<LinkEvent> = Vec::new();
-    let mut buf = Vec::with_capacity(512);
+    let mut buf = Zeroizing::new(Vec::with_capacity(512));
     loop {
         tokio::select! {
             cmd = commands.recv() => {
-                let Some(cmd) = cmd else { return Ok("the daemon stops".into()) };
+                let Some((gen_of, cmd)) = cmd else { return Ok("the daemon stops".into()) };
+                if gen_of != generation || !*up {
+                    continue;
+                }
                 wr.write_all(cmd.as_bytes()).await.map_err(|e| format!("writing to OpenVPN: {e}"))?;
                 expect.push_back(Expect::Ack);
             }
@@ -145,20 +169,26 @@ async fn link(
                 match notice {
                     Notice::Client { event, cid, kid, env } => {
                         let ev = LinkEvent::Client { event, cid, kid, env };
-                        if up { let _ = events.send(ev); } else { early.push(ev); }
-                    }
-                    Notice::Success(text) | Notice::Error(text) if matches!(expect.front(), Some(Expect::Pid)) => {
-                        expect.pop_front();
-                        pid = text.strip_prefix("pid=").and_then(|p| p.trim().parse().ok());
-                        if pid.is_none() {
-                            return Err(format!("OpenVPN did not give its pid ({text:.60})"));
+                        if *up {
+                            let _ = events.send(ev);
+                        } else if early.len() < MAX_EARLY {
+                            early.push(ev);
+                        } else {
+                            return Err("too many client notices before OpenVPN listed its clients".into());
                         }
                     }
-                    Notice::Success(_) | Notice::Error(_) => {
-                        if let Some(Expect::Ack) = expect.front() {
-                            expect.pop_front();
+                    Notice::Success(text) | Notice::Error(text) => match expect.pop_front() {
+                        Some(Expect::Pid) => {
+                            pid = text.strip_prefix("pid=").and_then(|p| p.trim().parse().ok());
+                            if pid.is_none() {
+                                return Err(format!("OpenVPN did not give its pid ({text:.60})"));
+                            }
                         }
-                    }
+                        Some(Expect::Status(_)) => {
+                            return Err(format!("OpenVPN refused `status 3` ({text:.60})"));
+                        }
+                        Some(Expect::Ack) | None => {}
+                    },
                     Notice::Output(l) => {
                         if let Some(Expect::Status(lines)) = expect.front_mut()
                             && lines.len() < 10_000
@@ -173,14 +203,21 @@ async fn link(
                             let Some(pid) = pid else {
                                 return Err("status before pid".into());
                             };
-                            let _ = events.send(LinkEvent::Up { pid, clients });
-                            up = true;
+                            let _ = events.send(LinkEvent::Up { pid, clients, generation });
+                            *up = true;
                             for ev in early.drain(..) { let _ = events.send(ev); }
                         }
                     }
                     Notice::Other(l) => {
                         if l.starts_with(">FATAL:") {
                             return Err(format!("OpenVPN: {l:.200}"));
+                        }
+                        // >STATE:time,NAME,...
+                        if let Some(state) = l.strip_prefix(">STATE:")
+                            && let Some(name) = state.split(',').nth(1)
+                            && matches!(name, "RECONNECTING" | "EXITING")
+                        {
+                            let _ = events.send(LinkEvent::Restarting { state: state.chars().take(120).collect() });
                         }
                     }
                 }
@@ -192,8 +229,10 @@ async fn link(
 /// Reads one line of at most [`openvpn::MAX_LINE`] bytes (`\r\n` removed).
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     rd: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<String, String> {
+    buf: &mut Zeroizing<Vec<u8>>,
+) -> Result<Zeroizing<String>, String> {
+    // Lines carry passwords: the buffer and the copy are wiped.
+    buf.zeroize();
     buf.clear();
     let limit = u64::try_from(openvpn::MAX_LINE + 2).unwrap_or(u64::MAX);
     let n = rd
@@ -211,7 +250,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
         buf.pop();
     }
     // The protocol is text; anything else is replaced, not trusted.
-    Ok(String::from_utf8_lossy(buf).into_owned())
+    Ok(Zeroizing::new(String::from_utf8_lossy(buf).into_owned()))
 }
 
 /// What `coffre gateway openvpn-config` did.
@@ -301,6 +340,9 @@ pub fn write_openvpn_config(
     }
     if !tok.exists() {
         write_file(&tok, &openvpn::new_auth_token_key(), 0o600)?;
+    }
+    for p in [&ca, &crt, &key, &tc, &tok, &mgmt] {
+        openvpn::config_path(p).map_err(GatewayError::Invalid)?;
     }
     let s = openvpn::ServerSettings {
         vault: config.name.clone(),

@@ -45,8 +45,14 @@ pub(super) struct VpnState {
     pid: Option<u32>,
     /// Clients let in, by client id.
     clients: HashMap<u64, VpnClient>,
-    /// Connections waiting for the vault's answer: client id → key id.
-    pending: HashMap<u64, u64>,
+    /// Connections waiting for the vault's answer: client id → (key id,
+    /// ticket). The ticket is unique to one CONNECT: an answer for a
+    /// client that left never authorises another that got its ids.
+    pending: HashMap<u64, (u64, u64)>,
+    /// Next ticket.
+    next_ticket: u64,
+    /// The management connection commands are for.
+    generation: u64,
     /// Clients OpenVPN said are gone, and when their sessions end.
     departing: Vec<(VpnClient, Millis)>,
     /// `auth-gen-token` session ids → the vault session they carry.
@@ -55,12 +61,17 @@ pub(super) struct VpnState {
     last_beat: Millis,
     /// Why the link is down, if it is.
     down_why: Option<String>,
+    /// Clients OpenVPN listed that the vault did not let in, with how
+    /// they were listed: disconnected at the next tick unless their own
+    /// CONNECT (held until the list came) makes them ours meanwhile.
+    suspects: Vec<(u64, String)>,
 }
 
 /// What comes back from the core for a VPN `enter`.
 pub(super) struct VpnAnswer {
     pub cid: u64,
     pub kid: u64,
+    pub ticket: u64,
     pub member: String,
     pub token: String,
     pub addr: String,
@@ -85,7 +96,7 @@ fn client_reason(answer: &Answer) -> String {
 impl Shell {
     fn vpn_send(&self, cmd: String) {
         if let Some(tx) = &self.gw_tx {
-            let _ = tx.send(cmd);
+            let _ = tx.send((self.vpn.generation, cmd));
         }
     }
 
@@ -106,7 +117,15 @@ impl Shell {
 
     pub(super) fn link_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Up { pid, clients } => self.vpn_up(pid, &clients),
+            LinkEvent::Up {
+                pid,
+                clients,
+                generation,
+            } => {
+                self.vpn.generation = generation;
+                self.vpn_up(pid, &clients);
+            }
+            LinkEvent::Restarting { state } => self.vpn_restarting(&state),
             LinkEvent::Down { why } => {
                 if self.vpn.up {
                     let kept = self.vpn.departing.len();
@@ -123,6 +142,7 @@ impl Shell {
                 self.vpn.up = false;
                 self.vpn.down_why = Some(why);
                 self.vpn.pending.clear();
+                self.vpn.suspects.clear();
             }
             LinkEvent::Client {
                 event,
@@ -139,6 +159,21 @@ impl Shell {
                 ClientEvent::Disconnect => self.vpn_disconnect(cid),
             },
         }
+    }
+
+    /// OpenVPN restarts in place or exits: its clients will come back with
+    /// new ids (and their tokens); their sessions live for the grace
+    /// period.
+    fn vpn_restarting(&mut self, state: &str) {
+        let n = self.vpn.clients.len() + self.vpn.departing.len();
+        self.vpn.clients.clear();
+        self.vpn.departing.clear();
+        self.vpn.pending.clear();
+        self.system_audit(
+            "gateway",
+            "restarting",
+            format!("OpenVPN says {state}: {n} client(s) must reconnect within the grace period"),
+        );
     }
 
     /// The link is (back) up: rebuild our view from OpenVPN's own list.
@@ -168,17 +203,11 @@ impl Shell {
                 self.vpn_end(cid);
             }
         }
-        for l in listed {
-            if !self.vpn.clients.contains_key(&l.cid) {
-                // Let in by someone else (a previous daemon): it holds no
-                // session here. It may come back through us.
-                notes.push(format!(
-                    "client {} ({} from {}) holds no vault session: disconnected",
-                    l.cid, l.common_name, l.real_address
-                ));
-                self.vpn_send(openvpn::client_kill(l.cid, false));
-            }
-        }
+        self.vpn.suspects = listed
+            .iter()
+            .filter(|l| !self.vpn.clients.contains_key(&l.cid))
+            .map(|l| (l.cid, format!("{} from {}", l.common_name, l.real_address)))
+            .collect();
         self.vpn.up = true;
         self.vpn.pid = Some(pid);
         self.vpn.down_why = None;
@@ -214,7 +243,10 @@ impl Shell {
             );
             return;
         };
-        if env.common_name != member || env.username != member {
+        // OpenVPN 3 clients send their token with an empty user name;
+        // OpenVPN flags that as `…EmptyUser`.
+        let empty_user_token = env.session_state.ends_with("EmptyUser") && env.username.is_empty();
+        if env.common_name != member || (env.username != member && !empty_user_token) {
             self.vpn_deny(
                 cid,
                 kid,
@@ -239,7 +271,9 @@ impl Shell {
             }
         };
         let (tx, rx) = oneshot::channel();
-        self.vpn.pending.insert(cid, kid);
+        let ticket = self.vpn.next_ticket;
+        self.vpn.next_ticket += 1;
+        self.vpn.pending.insert(cid, (kid, ticket));
         self.submit(
             member.clone(),
             source(env),
@@ -258,6 +292,7 @@ impl Shell {
             let _ = back.send(Msg::VpnAnswer(VpnAnswer {
                 cid,
                 kid,
+                ticket,
                 member,
                 token,
                 addr,
@@ -277,7 +312,8 @@ impl Shell {
         let locked = self.vault.status().lock.is_some();
         // Which session: the token's, or for a renegotiation without a
         // token, the one this client already holds.
-        let session = if env.token_valid() {
+        let token_valid = env.token_valid() || env.session_state == "AuthenticatedEmptyUser";
+        let session = if token_valid {
             self.vpn
                 .tokens
                 .get(&env.session_id)
@@ -304,7 +340,7 @@ impl Shell {
         let Some(session) = alive else {
             let why = if locked {
                 "the vault is locked (locked)"
-            } else if env.has_token() && !env.token_valid() {
+            } else if env.has_token() && !token_valid {
                 "your VPN token has expired: connect again with your password and TOTP code (no_session)"
             } else {
                 "your vault session has ended: connect again with your password and TOTP code (no_session)"
@@ -349,7 +385,7 @@ impl Shell {
     }
 
     pub(super) fn vpn_answer(&mut self, a: VpnAnswer) {
-        let still_waiting = self.vpn.pending.get(&a.cid) == Some(&a.kid);
+        let still_waiting = self.vpn.pending.get(&a.cid) == Some(&(a.kid, a.ticket));
         let session = a.answer.1["session"].as_u64().map(SessionId);
         if !still_waiting {
             // The client left (or the link went down) while we checked.
@@ -400,6 +436,11 @@ impl Shell {
 
     fn vpn_release(&mut self, c: VpnClient) {
         if self.vpn.clients.values().any(|o| o.session == c.session) {
+            return;
+        }
+        if !self.session_alive(c.session) {
+            // Already ended (lock, removal, expiry, a leave).
+            self.vpn.tokens.retain(|_, (_, s)| *s != c.session);
             return;
         }
         self.vpn.tokens.retain(|_, (_, s)| *s != c.session);
@@ -460,10 +501,28 @@ impl Shell {
         self.vpn.tokens.retain(|_, (_, s)| *s != session);
     }
 
+    fn session_alive(&self, session: SessionId) -> bool {
+        self.vault.status().sessions.iter().any(|s| s.id == session)
+    }
+
     /// Connected clients keep their sessions alive (only while OpenVPN is
-    /// there to say they are connected).
+    /// there to say they are connected); clients whose session ended some
+    /// other way (a `leave` through the API) are disconnected.
     pub(super) fn vpn_tick(&mut self) {
         let now = now_ms();
+        for (cid, who) in std::mem::take(&mut self.vpn.suspects) {
+            if self.vpn.clients.contains_key(&cid) || self.vpn.pending.contains_key(&cid) {
+                continue;
+            }
+            // Let in by someone else (a daemon before a crash): it holds
+            // no session here. It may come back through us.
+            self.system_audit(
+                "gateway",
+                "disconnected",
+                format!("client {cid} ({who}) holds no vault session: disconnected"),
+            );
+            self.vpn_send(openvpn::client_kill(cid, false));
+        }
         if self.vpn.departing.iter().any(|(_, at)| *at <= now) {
             let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.vpn.departing)
                 .into_iter()
@@ -477,6 +536,16 @@ impl Shell {
             return;
         }
         self.vpn.last_beat = now;
+        let ended: Vec<SessionId> = self
+            .vpn
+            .clients
+            .values()
+            .map(|c| c.session)
+            .filter(|s| !self.session_alive(*s))
+            .collect();
+        for s in ended {
+            self.vpn_drop_session(s);
+        }
         let mut live: Vec<(String, SessionId)> = self
             .vpn
             .clients

@@ -508,6 +508,19 @@ pub struct ServerSettings {
     pub drop_privileges: bool,
 }
 
+/// A path as one quoted OpenVPN configuration argument. Paths with
+/// quotes, backslashes or control characters are refused: a line break
+/// would add a directive to a configuration root runs.
+pub fn config_path(p: &std::path::Path) -> Result<String, String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", p.display()))?;
+    if s.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        return Err(format!("{s:?}: a path OpenVPN's configuration cannot hold"));
+    }
+    Ok(format!("\"{s}\""))
+}
+
 /// Modern AEAD data-channel ciphers only.
 pub const DATA_CIPHERS: &str = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305";
 
@@ -519,6 +532,7 @@ pub fn gateway_cn(vault: &str) -> String {
 /// The OpenVPN server configuration.
 pub fn server_config(s: &ServerSettings) -> String {
     let udp = s.proto == "udp";
+    let q = |p: &str| config_path(std::path::Path::new(p)).unwrap_or_else(|_| "\"\"".into());
     let mut c = format!(
         "# The OpenVPN gateway of vault {vault}, written by `coffre gateway openvpn-config`.\n\
          # Run it with: openvpn --config THIS_FILE\n\
@@ -557,18 +571,18 @@ pub fn server_config(s: &ServerSettings) -> String {
         proto = s.proto,
         net = s.network.base(),
         mask = s.network.mask(),
-        ca = s.ca,
-        cert = s.cert,
-        key = s.key,
-        tls_crypt = s.tls_crypt,
+        ca = q(&s.ca),
+        cert = q(&s.cert),
+        key = q(&s.key),
+        tls_crypt = q(&s.tls_crypt),
         ka = s.keepalive.0,
         kt = s.keepalive.1,
         reneg = s.reneg_s,
         // OpenVPN wants at least twice its 60 s hand-window here.
         renew = s.reneg_s.max(120),
         life = s.token_lifetime_s,
-        token = s.token_secret,
-        mgmt = s.management,
+        token = q(&s.token_secret),
+        mgmt = q(&s.management),
     );
     if udp {
         // Tell clients to reconnect at once when the server restarts.

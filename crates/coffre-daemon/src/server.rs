@@ -136,7 +136,7 @@ struct Shell {
     /// OpenVPN's clients and the sessions they hold.
     vpn: gateway_shell::VpnState,
     /// Commands to OpenVPN's management link (if the vault has a gateway).
-    gw_tx: Option<mpsc::UnboundedSender<String>>,
+    gw_tx: Option<mpsc::UnboundedSender<crate::gateway::LinkCommand>>,
 }
 
 fn refusal_status(code: Refusal) -> u16 {

@@ -171,6 +171,10 @@ impl GatewayConfig {
         if self.reneg_s < 10 {
             return Err("reneg_s: at least 10 seconds".into());
         }
+        if self.token_lifetime_s == 0 {
+            // OpenVPN reads 0 as "never expires".
+            return Err("token_lifetime_s: at least 1 second (0 would mean forever)".into());
+        }
         for (name, ip) in &self.addresses {
             if !net.holds_client(*ip) {
                 return Err(format!(
