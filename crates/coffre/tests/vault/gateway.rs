@@ -622,23 +622,27 @@ fn openvpn_restarting_does_not_close_the_vault() {
     server.stop();
     gw.wait_gateway(false);
     gw.start_server();
-    // The client reconnects by itself with its token.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alice.text().matches(UP).count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no reconnection:\n{}",
-            alice.text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let s = gw.sessions();
-    assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!(s[0]["session"], session);
-    assert_eq!(gw.vault.state(), "open");
-    // The vault never closed, and no new password check happened.
-    assert_eq!(gw.audit_count("state", "closing"), 0);
-    assert_eq!(gw.audit_count("enter", "ok"), 1);
+    // The client reconnects by itself with its token, into the same
+    // session; the vault never closed, no new password check happened.
+    let back_in_the_same_session = |gw: &Gw, alice: &Ovpn, connections: usize| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while alice.text().matches(UP).count() < connections {
+            assert!(
+                Instant::now() < deadline,
+                "no reconnection:\n{}\nserver:\n{}",
+                alice.text(),
+                gw.server.as_ref().unwrap().text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let s = gw.sessions();
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0]["session"], session);
+        assert_eq!(gw.vault.state(), "open");
+        assert_eq!(gw.audit_count("state", "closing"), 0);
+        assert_eq!(gw.audit_count("enter", "ok"), 1);
+    };
+    back_in_the_same_session(&gw, &alice, 2);
     assert_eq!(gw.audit_count("vpn_resume", "ok"), 1);
 
     // A soft restart (SIGUSR1) restarts OpenVPN in place: same pid, same
@@ -646,24 +650,10 @@ fn openvpn_restarting_does_not_close_the_vault() {
     // OpenVPN runs as nobody: it re-reads a configuration only root reads.)
     let pid = gw.server.as_ref().unwrap().child.id();
     unsafe_kill(pid, "USR1");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while alice.text().matches(UP).count() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "no reconnection after SIGUSR1:\n{}\nserver:\n{}",
-            alice.text(),
-            gw.server.as_ref().unwrap().text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // Its clients keep being counted as present (heartbeats resume).
+    back_in_the_same_session(&gw, &alice, 3);
+    // Its client keeps being counted as present (heartbeats resume).
     std::thread::sleep(Duration::from_secs(3));
-    let s = gw.sessions();
-    assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!(s[0]["session"], session);
-    assert_eq!(gw.vault.state(), "open");
-    assert_eq!(gw.audit_count("state", "closing"), 0);
-    assert_eq!(gw.audit_count("enter", "ok"), 1);
+    back_in_the_same_session(&gw, &alice, 3);
     assert!(gw.audit_count("gateway", "restarting") >= 1);
     assert_eq!(
         gw.vault.status("alice")["gateway"]["clients"]
