@@ -296,7 +296,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> GatewayError + '_ {
     }
 }
 
-fn private_dir(path: &Path) -> Result<(), GatewayError> {
+/// Creates `path` if needed, root's alone (0700): the gateway's files, and
+/// the management socket's directory.
+pub fn private_dir(path: &Path) -> Result<(), GatewayError> {
     std::fs::create_dir_all(path).map_err(io(path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))
 }

@@ -309,7 +309,7 @@ impl Shell {
         member: &str,
         env: &ClientEnv,
     ) {
-        let locked = self.vault.status().lock.is_some();
+        let locked = self.vault.is_locked();
         // Which session: the token's, or for a renegotiation without a
         // token, the one this client already holds.
         let token_valid = env.token_valid() || env.session_state == "AuthenticatedEmptyUser";
@@ -328,15 +328,7 @@ impl Shell {
                 .filter(|c| c.member == member)
                 .map(|c| c.session)
         };
-        let alive = session.filter(|s| {
-            !locked
-                && self
-                    .vault
-                    .status()
-                    .sessions
-                    .iter()
-                    .any(|x| x.id == *s && x.member == member)
-        });
+        let alive = session.filter(|s| !locked && self.vault.session_member(*s) == Some(member));
         let Some(session) = alive else {
             let why = if locked {
                 "the vault is locked (locked)"
@@ -447,19 +439,19 @@ impl Shell {
         self.vpn_leave(&c.member, c.session, &c.addr);
     }
 
-    fn vpn_leave(&mut self, member: &str, session: SessionId, addr: &str) {
+    /// A session command on the member's behalf; nobody waits for the
+    /// answer (the core audits what it must).
+    fn vpn_session_command(&mut self, member: &str, addr: String, command: Command) {
         let (tx, _rx) = oneshot::channel();
-        self.submit(
-            member.to_string(),
-            Source {
-                door: "vpn".into(),
-                addr: addr.to_string(),
-            },
-            Command::Leave { session },
-            None,
-            None,
-            tx,
-        );
+        let source = Source {
+            door: "vpn".into(),
+            addr,
+        };
+        self.submit(member.to_string(), source, command, None, None, tx);
+    }
+
+    fn vpn_leave(&mut self, member: &str, session: SessionId, addr: &str) {
+        self.vpn_session_command(member, addr.to_string(), Command::Leave { session });
     }
 
     fn vpn_heartbeat(&mut self, member: &str, session: SessionId) {
@@ -470,18 +462,7 @@ impl Shell {
             .find(|c| c.session == session)
             .map(|c| c.addr.clone())
             .unwrap_or_default();
-        let (tx, _rx) = oneshot::channel();
-        self.submit(
-            member.to_string(),
-            Source {
-                door: "vpn".into(),
-                addr,
-            },
-            Command::Heartbeat { session },
-            None,
-            None,
-            tx,
-        );
+        self.vpn_session_command(member, addr, Command::Heartbeat { session });
     }
 
     /// The core dropped a session (lock, removal, expiry): its VPN clients
@@ -502,7 +483,7 @@ impl Shell {
     }
 
     fn session_alive(&self, session: SessionId) -> bool {
-        self.vault.status().sessions.iter().any(|s| s.id == session)
+        self.vault.session_member(session).is_some()
     }
 
     /// Connected clients keep their sessions alive (only while OpenVPN is

@@ -1456,11 +1456,10 @@ pub async fn serve(
         gw_tx: None,
     };
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
-        // The socket's directory protects the passwords it carries.
+        // The socket's directory protects the passwords it carries (the
+        // link refuses a socket others could reach, and says why).
         if let Some(parent) = sock.parent() {
-            let _ = std::fs::create_dir_all(parent);
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
+            let _ = crate::gateway::private_dir(parent);
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();

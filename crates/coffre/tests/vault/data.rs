@@ -10,15 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 fn leave(v: &Vault, name: &str, enter: &mut std::process::Child) {
     ok(&v.cli(name, &["leave"]));
     assert_eq!(wait_exit(enter, Duration::from_secs(30)), Some(0));

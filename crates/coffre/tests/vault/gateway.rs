@@ -3,7 +3,7 @@
 //! one veth pair per client, 192.0.2.0/24 inside the namespaces only),
 //! driven by the real daemon through OpenVPN's management socket.
 
-use crate::harness::{Vault, code, unsafe_kill, wait_exit};
+use crate::harness::{Vault, code, ok, unsafe_kill, wait_exit};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -449,11 +449,7 @@ fn wrong_password_wrong_code_removed_member_and_foreign_certificate_are_refused(
 
     // A removed member: their certificate no longer opens anything.
     let out = gw.vault.authed("alice", &["member", "remove", "carol"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let auth = gw.auth_file("carol", None, false);
     let mut c = gw.client("carol", 0, &auth, &[]);
     assert!(c.exited_within(Duration::from_secs(30)));
@@ -559,11 +555,7 @@ fn a_lock_disconnects_every_client_and_refuses_them_until_unlock() {
     let mut bob = gw.connect("bob", 1);
     gw.vault.wait_state("open", Duration::from_secs(10));
     let out = gw.vault.authed("alice", &["lock", "--reason", "incident"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     gw.vault.wait_state("locked", Duration::from_secs(20));
     // Told to go and not come back on their own (client-kill HALT).
     assert!(
@@ -585,11 +577,7 @@ fn a_lock_disconnects_every_client_and_refuses_them_until_unlock() {
     assert_eq!(gw.vault.state(), "locked");
     // Unlocked: bob comes in again.
     let out = gw.vault.authed("alice", &["unlock"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     gw.vault.wait_state("closed", Duration::from_secs(10));
     let mut bob = gw.connect("bob", 1);
     gw.vault.wait_state("open", Duration::from_secs(10));
@@ -603,11 +591,7 @@ fn removing_a_member_disconnects_them() {
     let mut bob = gw.connect("bob", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));
     let out = gw.vault.authed("alice", &["member", "remove", "bob"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(bob.exited_within(Duration::from_secs(20)), "{}", bob.text());
     gw.vault.wait_state("closed", Duration::from_secs(20));
 }

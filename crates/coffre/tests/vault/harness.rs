@@ -497,3 +497,13 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
 pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
+
+/// Asserts a CLI run succeeded, showing what it printed if not.
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
