@@ -261,6 +261,8 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         invitation_ttl_s: 72 * 3600,
         policy: o.policy,
         gateway: None,
+        workloads: Default::default(),
+        workload: Vec::new(),
     };
     let text = toml::to_string_pretty(&config).map_err(|e| InitError::Invalid(e.to_string()))?;
     write_atomic(&vd.config(), text.as_bytes(), 0o600)?;

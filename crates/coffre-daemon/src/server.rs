@@ -73,11 +73,13 @@ enum Msg {
         joined: Joined,
         result: Result<u32, String>,
     },
-    /// The data stack is up (or failed to come up).
-    Exposed(Result<String, String>),
+    /// The data stack is up (or failed to come up), and what the
+    /// workloads did.
+    Exposed(Result<String, String>, Vec<coffre_workload::Line>),
     /// A close of the data stack finished.
     Unexposed {
         result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        lines: Vec<coffre_workload::Line>,
     },
     /// From OpenVPN's management link.
     Link(crate::gateway::LinkEvent),
@@ -137,6 +139,13 @@ struct Shell {
     vpn: gateway_shell::VpnState,
     /// Commands to OpenVPN's management link (if the vault has a gateway).
     gw_tx: Option<mpsc::UnboundedSender<crate::gateway::LinkCommand>>,
+    /// The team's workloads. Their operations block (freezes, stops), so
+    /// they run off the actor, in the open and close tasks.
+    workloads: Arc<std::sync::Mutex<coffre_workload::Workloads>>,
+    /// What status shows of them, readable at any time.
+    workload_rows: Arc<RwLock<Vec<coffre_workload::Row>>>,
+    /// The data as project workloads see it (if any is declared).
+    cut: Option<Arc<coffre_data::cut::CutLayer>>,
 }
 
 fn refusal_status(code: Refusal) -> u16 {
@@ -190,6 +199,8 @@ impl Shell {
             "state": s.state,
             "lock": s.lock,
             "mode": s.mode,
+            "mode_pending": s.mode_pending,
+            "workloads": self.workloads_json(),
             "sessions": s.sessions.iter().map(|x| json!({
                 "session": x.id.0, "member": x.member, "door": x.source.door, "from": x.source.addr,
                 "since_ms": x.since.0, "last_seen_ms": x.last_seen.0,
@@ -205,6 +216,26 @@ impl Shell {
             "data": self.data_json(),
             "gateway": self.gateway_json(),
         })
+    }
+
+    fn workloads_json(&self) -> Value {
+        let rows = self
+            .workload_rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        json!(rows)
+    }
+
+    /// Notices workloads that ended by themselves (skipped while an open or
+    /// a close is working on them).
+    fn reap_workloads(&mut self) {
+        let Ok(mut w) = self.workloads.try_lock() else {
+            return;
+        };
+        let (lines, _ended) = w.reap();
+        drop(w);
+        self.workload_audit(lines);
     }
 
     fn data_json(&self) -> Value {
@@ -643,6 +674,8 @@ impl Shell {
                             let own = self.ownership();
                             let tx = self.tx.clone();
                             let opening = self.opening.clone();
+                            let workloads = self.workloads.clone();
+                            let cut = self.cut.clone();
                             opening.store(true, std::sync::atomic::Ordering::SeqCst);
                             tokio::task::spawn_blocking(move || {
                                 // Held for the whole open: a shutdown or a
@@ -650,20 +683,25 @@ impl Shell {
                                 let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
                                 let t = std::time::Instant::now();
                                 let r = coffre_data::expose(volume, &layout, &own);
+                                let mut lines = Vec::new();
                                 let msg = match r {
                                     Ok(e) => {
                                         *g = Some(e);
-                                        Ok(format!(
+                                        let detail = format!(
                                             "data mounted at {} in {} ms",
                                             layout.mountpoint.display(),
                                             t.elapsed().as_millis()
-                                        ))
+                                        );
+                                        // Key, data, then workloads.
+                                        lines =
+                                            resume_workloads(&workloads, cut.as_deref(), &layout);
+                                        Ok(detail)
                                     }
                                     Err(e) => Err(e.to_string()),
                                 };
                                 drop(g);
                                 opening.store(false, std::sync::atomic::Ordering::SeqCst);
-                                let _ = tx.send(Msg::Exposed(msg));
+                                let _ = tx.send(Msg::Exposed(msg, lines));
                             });
                         }
                         Err(e) => queue.push_back(Event::Opened {
@@ -680,7 +718,7 @@ impl Shell {
             Effect::DiscardKey { req } => {
                 self.kept.remove(&req);
             }
-            Effect::Close { force } => {
+            Effect::Close { force, mode } => {
                 let nothing_up = self
                     .exposure
                     .try_lock()
@@ -701,8 +739,12 @@ impl Shell {
                     force,
                 };
                 let tx = self.tx.clone();
+                let workloads = self.workloads.clone();
+                let cut = self.cut.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    // Workloads, then data, then key.
+                    let lines = pause_workloads(&workloads, cut.as_deref(), mode);
                     let result = match g.as_mut() {
                         Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
                         None => Ok(coffre_data::CloseReport::default()),
@@ -713,7 +755,7 @@ impl Shell {
                         *g = None;
                     }
                     drop(g);
-                    let _ = tx.send(Msg::Unexposed { result });
+                    let _ = tx.send(Msg::Unexposed { result, lines });
                 });
             }
             Effect::Reply { req, outcome } => {
@@ -1183,7 +1225,14 @@ impl Shell {
         self.run(Event::PasswordChecked { req, ok });
     }
 
-    fn exposed(&mut self, r: Result<String, String>) {
+    fn workload_audit(&mut self, lines: Vec<coffre_workload::Line>) {
+        for (action, result, detail) in lines {
+            self.system_audit(&action, &result, detail);
+        }
+    }
+
+    fn exposed(&mut self, r: Result<String, String>, lines: Vec<coffre_workload::Line>) {
+        self.workload_audit(lines);
         match r {
             Ok(detail) => self.run(Event::Opened { ok: true, detail }),
             Err(detail) => {
@@ -1197,7 +1246,9 @@ impl Shell {
     fn unexposed(
         &mut self,
         result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        lines: Vec<coffre_workload::Line>,
     ) {
+        self.workload_audit(lines);
         self.closes_in_flight = self.closes_in_flight.saturating_sub(1);
         let report = match &result {
             Ok(r) | Err((_, r)) => r.clone(),
@@ -1253,6 +1304,15 @@ impl Shell {
         {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let lines = self
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+        self.workload_audit(lines);
+        if let Some(cut) = &self.cut {
+            cut.cut();
+        }
         {
             let mut g = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(mut e) = g.take() {
@@ -1281,6 +1341,7 @@ impl Shell {
         self.open_key = None;
         self.kept.clear();
         self.passwords.clear();
+        self.cut = None;
         self.system_audit(
             "stop",
             "closed",
@@ -1288,6 +1349,57 @@ impl Shell {
         );
         let _ = std::fs::remove_file(self.dir.running_marker());
     }
+}
+
+/// After the data is exposed: the workloads' view passes through to it
+/// again, then the workloads start or thaw.
+fn resume_workloads(
+    workloads: &std::sync::Mutex<coffre_workload::Workloads>,
+    cut: Option<&coffre_data::cut::CutLayer>,
+    layout: &coffre_data::Layout,
+) -> Vec<coffre_workload::Line> {
+    let mut lines = Vec::new();
+    if let Some(cut) = cut {
+        match cut.restore(&layout.mountpoint) {
+            Ok(r) if r.lost > 0 => lines.push((
+                "workload".to_string(),
+                "note".to_string(),
+                format!(
+                    "{} file(s) workloads kept open were reopened; {} no longer exist (their descriptors fail)",
+                    r.reopened, r.lost
+                ),
+            )),
+            Ok(_) => {}
+            Err(e) => lines.push((
+                "workload".to_string(),
+                "failed".to_string(),
+                format!("the workloads' view of the data: {e}"),
+            )),
+        }
+    }
+    lines.extend(workloads.lock().unwrap_or_else(|p| p.into_inner()).resume());
+    lines
+}
+
+/// Before the data goes: workloads frozen or stopped, then the
+/// workloads' view lets go of every file it holds on the data.
+fn pause_workloads(
+    workloads: &std::sync::Mutex<coffre_workload::Workloads>,
+    cut: Option<&coffre_data::cut::CutLayer>,
+    mode: Mode,
+) -> Vec<coffre_workload::Line> {
+    let how = match mode {
+        Mode::Fast => coffre_workload::Pause::Fast,
+        Mode::Safe => coffre_workload::Pause::Safe,
+    };
+    let lines = workloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pause(how);
+    if let Some(cut) = cut {
+        cut.cut();
+    }
+    lines
 }
 
 fn ca_fingerprint(ca_pem: &str) -> String {
@@ -1428,6 +1540,18 @@ pub async fn serve(
     })
     .await
     .unwrap_or_default();
+    let workloads = coffre_workload::Workloads::new(
+        &config.workloads,
+        &config.workload,
+        coffre_workload::Paths {
+            scope: coffre_workload::scope_of(dir),
+            run: dir.join("run").join("workloads"),
+            data: layout.mountpoint.clone(),
+            view: dir.join("run").join("view"),
+            hide: coffre_data::system::vault_mounts,
+            nbd_socket: layout.nbd_socket.clone(),
+        },
+    );
     let mut shell = Shell {
         dir: vd,
         vault: Vault::new(persistent),
@@ -1454,6 +1578,9 @@ pub async fn serve(
         next_req: 1,
         vpn: gateway_shell::VpnState::default(),
         gw_tx: None,
+        workload_rows: workloads.view(),
+        workloads: Arc::new(std::sync::Mutex::new(workloads)),
+        cut: None,
     };
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the
@@ -1477,6 +1604,34 @@ pub async fn serve(
     for line in cleaned {
         shell.system_audit("cleanup", "ok", line);
     }
+    let lines = shell
+        .workloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .cleanup_stale();
+    shell.workload_audit(lines);
+    if shell
+        .config
+        .workload
+        .iter()
+        .any(|w| w.role == coffre_workload::config::Role::Project)
+    {
+        let at = shell.dir.root.join("run").join("view");
+        match coffre_data::cut::CutLayer::mount(&at) {
+            Ok(c) => shell.cut = Some(Arc::new(c)),
+            Err(e) => shell.system_audit(
+                "workload",
+                "failed",
+                format!("the workloads' view of the data at {}: {e}", at.display()),
+            ),
+        }
+    }
+    let lines = shell
+        .workloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .start_services();
+    shell.workload_audit(lines);
     shell.run(Event::Boot { unclean });
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -1551,11 +1706,12 @@ pub async fn serve(
                     let _ = tx.send(answer);
                 }
             }
-            Msg::Exposed(r) => shell.exposed(r),
-            Msg::Unexposed { result } => shell.unexposed(result),
+            Msg::Exposed(r, lines) => shell.exposed(r, lines),
+            Msg::Unexposed { result, lines } => shell.unexposed(result, lines),
             Msg::Link(ev) => shell.link_event(ev),
             Msg::VpnAnswer(a) => shell.vpn_answer(a),
             Msg::Tick => {
+                shell.reap_workloads();
                 shell.expire_invitations();
                 shell.vpn_tick();
                 shell.run(Event::Tick);

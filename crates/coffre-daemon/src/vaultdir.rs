@@ -68,6 +68,12 @@ pub struct Config {
     /// openvpn-config` writes this section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
+    /// `[workloads]`: settings for the team's workloads.
+    #[serde(default)]
+    pub workloads: coffre_workload::config::Settings,
+    /// `[[workload]]`: the team's workloads.
+    #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
+    pub workload: Vec<coffre_workload::config::WorkloadConfig>,
 }
 
 /// `[gateway]` in config.toml: OpenVPN in front of the vault.
@@ -437,6 +443,9 @@ impl VaultDir {
                 path,
                 msg: "totp_period_s must be at least 1".into(),
             });
+        }
+        if let Err(msg) = coffre_workload::config::check_all(&c.workload) {
+            return Err(DirError::Bad { path, msg });
         }
         Ok(c)
     }

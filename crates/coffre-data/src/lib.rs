@@ -9,6 +9,7 @@
 //! The kernel never sees a key: decryption stays in our userspace engine
 //! (`coffre-storage`), so this works on hosts without device-mapper.
 
+pub mod cut;
 mod fusefile;
 pub mod nbd;
 pub mod system;

@@ -178,6 +178,30 @@ pub fn mounts() -> Vec<MountEntry> {
         .unwrap_or_default()
 }
 
+/// Every mount of every coffre vault on this host, as seen from here:
+/// volume files (FUSE `coffre`), workloads' views (FUSE `coffre-view`),
+/// and the filesystems on loop devices backed by a volume file. A
+/// workload's private mount namespace drops them all: a copy there would
+/// keep that vault's data, and so its key, alive after its close.
+pub fn vault_mounts() -> Vec<PathBuf> {
+    let all = mounts();
+    let is_fuse = |m: &MountEntry, src: &str| m.fstype.starts_with("fuse") && m.source == src;
+    let files: Vec<&Path> = all
+        .iter()
+        .filter(|m| is_fuse(m, "coffre"))
+        .map(|m| m.mountpoint.as_path())
+        .collect();
+    let loops: Vec<String> = files
+        .iter()
+        .flat_map(|f| LoopDevice::backed_by(f))
+        .map(|l| l.path.to_string_lossy().into_owned())
+        .collect();
+    all.iter()
+        .filter(|m| is_fuse(m, "coffre") || is_fuse(m, "coffre-view") || loops.contains(&m.source))
+        .map(|m| m.mountpoint.clone())
+        .collect()
+}
+
 /// The mount at exactly `path`, if any (the last one wins, as in the kernel).
 pub fn mount_at(path: &Path) -> Option<MountEntry> {
     mounts().into_iter().rev().find(|m| m.mountpoint == path)

@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod aws_lc;
+pub mod child;
+pub mod handle;
 
 use std::io;
 

@@ -164,7 +164,8 @@ impl Vault {
         Status {
             state: state.into(),
             lock: self.p.lock.clone(),
-            mode: self.mode(),
+            mode: self.mode_in_force(),
+            mode_pending: Some(self.mode()).filter(|m| *m != self.mode_in_force()),
             sessions: self.sessions.values().cloned().collect(),
             tasks: self.tasks.values().cloned().collect(),
             unlock_approvals: self.approvals.keys().cloned().collect(),
@@ -173,9 +174,25 @@ impl Vault {
         }
     }
 
-    /// The workload mode in force.
+    /// The workload mode requested: the next close uses it.
     pub fn mode(&self) -> Mode {
         self.p.mode.unwrap_or(Mode::Fast)
+    }
+
+    /// The workload mode in force: the one the last close used.
+    pub fn mode_in_force(&self) -> Mode {
+        self.p.mode_in_force.unwrap_or_else(|| self.mode())
+    }
+
+    /// Starts a close of workloads, data and key; the close puts workloads
+    /// away in the mode requested now, which is in force from then on.
+    fn close(&mut self, out: &mut Out, force: bool) {
+        let mode = self.mode();
+        if self.p.mode_in_force != Some(mode) {
+            self.p.mode_in_force = Some(mode);
+            out.effects.push(Effect::Persist);
+        }
+        out.effects.push(Effect::Close { force, mode });
     }
 
     /// Handles one event at time `now`; returns the effects to perform, in
@@ -579,15 +596,17 @@ impl Vault {
             }
             Command::Unlock => self.unlock(out, &r),
             Command::SetMode { mode } => {
+                // What holds now stays in force until the next close.
+                self.p.mode_in_force = Some(self.mode_in_force());
                 self.p.mode = Some(mode);
                 out.effects.push(Effect::Persist);
-                out.audit(
-                    &r.member,
-                    Some(&r.source),
-                    "mode",
-                    "ok",
-                    format!("{mode:?}").to_lowercase(),
-                );
+                let word = format!("{mode:?}").to_lowercase();
+                let detail = if mode == self.mode_in_force() {
+                    format!("{word} (in force)")
+                } else {
+                    format!("{word} (takes effect at the next close)")
+                };
+                out.audit(&r.member, Some(&r.source), "mode", "ok", detail);
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
             Command::SetQuorum { quorum } => {
@@ -800,11 +819,11 @@ impl Vault {
                 self.phase = Phase::Closing;
                 self.close_forced = true;
                 out.audit(SYSTEM, None, "state", "closing", "locked");
-                out.effects.push(Effect::Close { force: true });
+                self.close(out, true);
             }
             Phase::Closing if !self.close_forced => {
                 self.close_forced = true;
-                out.effects.push(Effect::Close { force: true });
+                self.close(out, true);
             }
             // Opening: the close follows the open's completion.
             _ => {}
@@ -957,7 +976,7 @@ impl Vault {
             self.cancel_tasks(out, "cancelled: the vault failed to open", |_| true);
             self.phase = Phase::Closing;
             self.close_forced = true;
-            out.effects.push(Effect::Close { force: true });
+            self.close(out, true);
         }
     }
 
@@ -1060,9 +1079,8 @@ impl Vault {
                     ),
                 );
             }
-            out.effects.push(Effect::Close {
-                force: self.close_forced,
-            });
+            let force = self.close_forced;
+            self.close(out, force);
         }
     }
 
@@ -1083,9 +1101,8 @@ impl Vault {
                     "nobody inside"
                 },
             );
-            out.effects.push(Effect::Close {
-                force: self.close_forced,
-            });
+            let force = self.close_forced;
+            self.close(out, force);
         }
     }
 }

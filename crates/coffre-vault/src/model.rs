@@ -445,6 +445,9 @@ pub enum Effect {
     Close {
         /// Wipe regardless of failures (lock).
         force: bool,
+        /// How workloads are put away (the mode requested now: a switch
+        /// takes effect at the next close).
+        mode: Mode,
     },
     /// Answer a request.
     Reply {
@@ -544,8 +547,11 @@ pub struct Persistent {
     pub members: BTreeMap<String, Member>,
     /// Lock, if locked.
     pub lock: Option<LockInfo>,
-    /// Mode.
+    /// Mode requested (takes effect at the next close).
     pub mode: Option<Mode>,
+    /// Mode of the last close: how workloads are held now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_in_force: Option<Mode>,
     /// Rules.
     pub policy: Policy,
 }
@@ -557,8 +563,12 @@ pub struct Status {
     pub state: String,
     /// Lock details.
     pub lock: Option<LockInfo>,
-    /// Mode.
+    /// Mode in force: how workloads are held now (while closed), or were
+    /// held before this open.
     pub mode: Mode,
+    /// Mode requested but not yet in force (it takes effect at the next
+    /// close).
+    pub mode_pending: Option<Mode>,
     /// Sessions inside.
     pub sessions: Vec<Session>,
     /// Tasks alive.

@@ -30,6 +30,44 @@ fn first_opens_last_closes() {
 }
 
 #[test]
+fn a_mode_switch_takes_effect_at_the_next_close() {
+    let mut s = Sim::new(members(1, 1));
+    let su = "su0";
+    assert_eq!(
+        (s.vault.status().mode, s.vault.status().mode_pending),
+        (Mode::Fast, None)
+    );
+    // While closed: pending until a close happens.
+    assert_eq!(
+        s.run(su, Command::SetMode { mode: Mode::Safe }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.status().mode, Mode::Fast);
+    assert_eq!(s.vault.status().mode_pending, Some(Mode::Safe));
+    let a = s.enter(su);
+    assert_eq!(s.vault.status().mode, Mode::Fast, "an open changes nothing");
+    s.session_cmd(su, Command::Leave { session: a });
+    assert_eq!(s.close_modes, vec![Mode::Safe]);
+    assert_eq!(
+        (s.vault.status().mode, s.vault.status().mode_pending),
+        (Mode::Safe, None)
+    );
+    // While open: this very close uses it.
+    let a = s.enter(su);
+    s.run(su, Command::SetMode { mode: Mode::Fast });
+    assert_eq!(s.vault.status().mode_pending, Some(Mode::Fast));
+    s.session_cmd(su, Command::Leave { session: a });
+    assert_eq!(s.close_modes, vec![Mode::Safe, Mode::Fast]);
+    // It survives a restart.
+    let p = s.vault.persistent().clone();
+    let s2 = Sim::new(p);
+    assert_eq!(
+        (s2.vault.status().mode, s2.vault.status().mode_pending),
+        (Mode::Fast, None)
+    );
+}
+
+#[test]
 fn every_member_proves_their_keyslot() {
     let mut s = Sim::new(members(2, 0));
     s.enter("m0");

@@ -18,6 +18,8 @@ pub struct Sim {
     pub dropped: Vec<SessionId>,
     pub removed: Vec<String>,
     pub close_fails: bool,
+    /// The mode of each close, in order.
+    pub close_modes: Vec<Mode>,
     next_req: u64,
     /// Password verdicts of requests in flight.
     passwords: BTreeMap<ReqId, bool>,
@@ -74,6 +76,7 @@ impl Sim {
             dropped: Vec::new(),
             removed: Vec::new(),
             close_fails: false,
+            close_modes: Vec::new(),
             next_req: 1,
             passwords: BTreeMap::new(),
             step: 1,
@@ -115,7 +118,8 @@ impl Sim {
                 Effect::DiscardKey { req } => {
                     self.kept.remove(&req);
                 }
-                Effect::Close { force } => {
+                Effect::Close { force, mode } => {
+                    self.close_modes.push(mode);
                     if self.close_fails && !force {
                         self.inbox.push_back(Event::Closed {
                             ok: false,

@@ -507,3 +507,21 @@ pub fn ok(o: &Output) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+impl Vault {
+    /// Sets `[workloads] freezer` and appends `[[workload]]` tables to
+    /// config.toml before `start`.
+    pub fn set_workloads(&self, freezer: &str, tables: &str) {
+        let cfg = self.dir.join("config.toml");
+        let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+        t.remove("workload");
+        let w = t
+            .entry("workloads")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap();
+        w.insert("freezer".into(), toml::Value::String(freezer.into()));
+        let text = format!("{}\n{tables}\n", toml::to_string(&t).unwrap());
+        std::fs::write(&cfg, text).unwrap();
+    }
+}

@@ -7,3 +7,4 @@ mod harness;
 mod key_gone;
 mod lifecycle;
 mod members;
+mod workloads;

@@ -387,7 +387,13 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         v["unlock_quorum"]
                     );
                 }
-                println!("mode:    {}", v["mode"].as_str().unwrap_or("?"));
+                match v["mode_pending"].as_str() {
+                    Some(p) => println!(
+                        "mode:    {} in force; {p} from the next close",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                    None => println!("mode:    {}", v["mode"].as_str().unwrap_or("?")),
+                }
                 let d = &v["data"];
                 if d["mounted"].as_bool() == Some(true) {
                     println!(
@@ -438,6 +444,22 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         );
                     }
                 }
+                for w in v["workloads"].as_array().into_iter().flatten() {
+                    let pid = w["pid"]
+                        .as_i64()
+                        .map(|p| format!(" (pid {p})"))
+                        .unwrap_or_default();
+                    let note = w["note"].as_str().filter(|n| !n.is_empty());
+                    println!(
+                        "workload: {} [{} {}] {}{pid} since {}{}",
+                        w["name"].as_str().unwrap_or("?"),
+                        w["role"].as_str().unwrap_or("?"),
+                        w["kind"].as_str().unwrap_or("?"),
+                        w["state"].as_str().unwrap_or("?"),
+                        iso(w["since_ms"].as_u64().unwrap_or(0)),
+                        note.map(|n| format!(": {n}")).unwrap_or_default()
+                    );
+                }
                 for t in v["tasks"].as_array().into_iter().flatten() {
                     println!(
                         "task:    {} {:?} by {} until {} ms",
@@ -482,6 +504,22 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
                 if json {
                     print_json(&v["tasks"])?;
                 } else {
+                    for w in v["workloads"].as_array().into_iter().flatten() {
+                        let pid = w["pid"]
+                            .as_i64()
+                            .map(|p| format!(" (pid {p})"))
+                            .unwrap_or_default();
+                        let note = w["note"].as_str().filter(|n| !n.is_empty());
+                        println!(
+                            "workload: {} [{} {}] {}{pid} since {}{}",
+                            w["name"].as_str().unwrap_or("?"),
+                            w["role"].as_str().unwrap_or("?"),
+                            w["kind"].as_str().unwrap_or("?"),
+                            w["state"].as_str().unwrap_or("?"),
+                            iso(w["since_ms"].as_u64().unwrap_or(0)),
+                            note.map(|n| format!(": {n}")).unwrap_or_default()
+                        );
+                    }
                     for t in v["tasks"].as_array().into_iter().flatten() {
                         println!(
                             "{}\t{}\t{}\t{}",
@@ -560,7 +598,21 @@ pub fn mode(ida: IdentityArg, auth: AuthArgs, mode: ModeChoice) -> Result<u8> {
         password,
         totp,
     })? {
-        Ok(_) => Ok(exit::OK),
+        Ok(_) => {
+            if let Ok(Ok(v)) = simple(&ida, ApiCommand::Status) {
+                match v["mode_pending"].as_str() {
+                    Some(p) => println!(
+                        "coffre: {p} mode takes effect at the next close ({} is in force until then)",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                    None => println!(
+                        "coffre: {} mode in force",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                }
+            }
+            Ok(exit::OK)
+        }
         Err((code, msg)) => Ok(fail(code, &msg)),
     }
 }

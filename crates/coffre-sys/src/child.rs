@@ -1,0 +1,188 @@
+//! What a workload's process does between `fork` and `exec`: join its
+//! cgroup (before it can fork anything that would escape it), start its
+//! own session, optionally leave the host's view of the vault's mounts,
+//! and drop to its user. Only async-signal-safe system calls run in the
+//! child: everything that allocates or reads files (user and group
+//! lookups, path conversions) is done beforehand in the parent.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A mount the child's private mount namespace gets instead of the host's.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    /// What to bind (a path in the host's namespace).
+    pub from: PathBuf,
+    /// Where (replacing whatever is mounted there).
+    pub to: PathBuf,
+}
+
+/// How the child is set up before it runs the command.
+#[derive(Debug, Default)]
+pub struct ChildSetup {
+    /// `cgroup.procs` of the group to join, opened for writing.
+    pub cgroup_procs: Vec<OwnedFd>,
+    /// User, primary group and supplementary groups to run as.
+    pub credentials: Option<(u32, u32, Vec<u32>)>,
+    /// Give the child a private mount namespace with these mounts
+    /// detached (lazily, in its namespace only)...
+    pub detach: Vec<PathBuf>,
+    /// ...and these bind mounts made afterwards.
+    pub binds: Vec<Bind>,
+    /// Whether to make a private mount namespace at all.
+    pub private_mounts: bool,
+    /// Working directory, entered last (after the mounts, so it is the
+    /// namespace's view of that path).
+    pub cwd: Option<PathBuf>,
+}
+
+fn cstring(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Arranges for `cmd`'s child to be set up as `setup` says. Errors in the
+/// child make `spawn` fail with that error.
+pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
+    let detach: Vec<CString> = setup
+        .detach
+        .iter()
+        .map(|p| cstring(p))
+        .collect::<io::Result<_>>()?;
+    let binds: Vec<(CString, CString)> = setup
+        .binds
+        .iter()
+        .map(|b| Ok((cstring(&b.from)?, cstring(&b.to)?)))
+        .collect::<io::Result<_>>()?;
+    let root = cstring(Path::new("/"))?;
+    let cwd = setup.cwd.as_deref().map(cstring).transpose()?;
+    let procs = setup.cgroup_procs;
+    let creds = setup.credentials;
+    let private = setup.private_mounts;
+    let job = move || -> io::Result<()> {
+        for fd in &procs {
+            // "0" moves the writing process (this child) into the group.
+            // SAFETY: write(2) on a valid open descriptor from a buffer of
+            // the given length; async-signal-safe.
+            let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            if n != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: setsid takes no arguments; async-signal-safe.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if private {
+            // SAFETY: unshare takes a flag word.
+            check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+            // Nothing we do here may propagate back to the host.
+            // SAFETY: all pointers are NUL-terminated strings that live in
+            // this closure, or null where mount(2) allows it.
+            check(unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            })?;
+            for p in &detach {
+                // Not mounted (EINVAL) or absent (ENOENT) is fine.
+                // SAFETY: a valid NUL-terminated path.
+                let _ = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+            }
+            for (from, to) in &binds {
+                // SAFETY: valid NUL-terminated paths, null type and data.
+                check(unsafe {
+                    libc::mount(
+                        from.as_ptr(),
+                        to.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                })?;
+            }
+        }
+        if let Some((uid, gid, groups)) = &creds {
+            // SAFETY: the slice is valid for its length.
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: plain integers.
+            check(unsafe { libc::setgid(*gid) })?;
+            // SAFETY: plain integer.
+            check(unsafe { libc::setuid(*uid) })?;
+        }
+        if let Some(dir) = &cwd {
+            // As the target user: a directory they cannot enter fails here.
+            // SAFETY: a valid NUL-terminated path.
+            check(unsafe { libc::chdir(dir.as_ptr()) })?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes async-signal-safe system calls on
+    // data prepared before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(job);
+    }
+    Ok(())
+}
+
+/// A user's uid, primary gid and supplementary groups (`getpwnam_r`,
+/// `getgrouplist`); `None` if there is no such user.
+pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
+    let c = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name with a NUL byte"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: passwd is plain old data; all-zero is a valid value.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given; `out` is set to
+    // `&mut pw` or null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if out.is_null() {
+        return Ok(None);
+    }
+    let (uid, gid) = (pw.pw_uid, pw.pw_gid);
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(64)];
+        let mut count = n;
+        // SAFETY: `groups` holds `count` entries; getgrouplist writes at
+        // most that many and sets `count` to the number it needs.
+        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        if rc >= 0 {
+            groups.truncate(usize::try_from(count).unwrap_or(0));
+            return Ok(Some((uid, gid, groups)));
+        }
+        if count <= n || count > 65536 {
+            return Err(io::Error::other("getgrouplist failed"));
+        }
+        n = count;
+    }
+}

@@ -1,0 +1,286 @@
+//! One cgroup per workload, used to freeze it, count it and kill all of
+//! it (children included: membership is inherited, so nothing forked
+//! escapes). Works with the v2 freezer (`cgroup.freeze`, wherever the
+//! unified hierarchy is mounted, hybrid hosts included) and the v1
+//! freezer controller (`freezer.state`).
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which freezer a host offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreezerKind {
+    /// cgroup v2: `cgroup.freeze` and `cgroup.events`.
+    V2,
+    /// cgroup v1 freezer controller: `freezer.state`.
+    V1,
+}
+
+/// Which freezer to use (`[workloads] freezer` in config.toml).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreezerChoice {
+    /// v2 if the host has it, else v1.
+    #[default]
+    Auto,
+    /// Only cgroup v2.
+    V2,
+    /// Only the v1 freezer controller.
+    V1,
+}
+
+/// The cgroup mounts of this host.
+#[derive(Clone, Debug)]
+pub struct Hierarchy {
+    /// The freezer in use.
+    pub kind: FreezerKind,
+    /// The root of the hierarchy holding the freezer.
+    pub root: PathBuf,
+    /// A v1 memory controller root, for memory limits on v1 hosts.
+    pub memory_v1: Option<PathBuf>,
+}
+
+fn mounts() -> Vec<(String, PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let _src = f.next()?;
+            let at = f.next()?.replace("\\040", " ");
+            let fstype = f.next()?.to_string();
+            let opts = f.next()?.to_string();
+            Some((fstype, PathBuf::from(at), opts))
+        })
+        .collect()
+}
+
+impl Hierarchy {
+    /// Finds the freezer `choice` asks for, or says why there is none.
+    pub fn detect(choice: FreezerChoice) -> Result<Self, String> {
+        let all = mounts();
+        let v2 = all
+            .iter()
+            .find(|(t, at, _)| t == "cgroup2" && at.join("cgroup.procs").exists())
+            .map(|(_, at, _)| at.clone());
+        let v1 = |ctrl: &str| {
+            all.iter()
+                .find(|(t, _, o)| t == "cgroup" && o.split(',').any(|x| x == ctrl))
+                .map(|(_, at, _)| at.clone())
+        };
+        let memory_v1 = v1("memory");
+        // The root cgroup has no cgroup.freeze; a child would (kernel
+        // 5.2+): probe by making one.
+        let v2_freezes = |root: &Path| {
+            let probe = root.join(format!("coffre-probe-{}", std::process::id()));
+            let ok = fs::create_dir(&probe).is_ok() && probe.join("cgroup.freeze").exists();
+            let _ = fs::remove_dir(&probe);
+            ok
+        };
+        match choice {
+            FreezerChoice::V2 | FreezerChoice::Auto if v2.as_deref().is_some_and(v2_freezes) => {
+                Ok(Self {
+                    kind: FreezerKind::V2,
+                    root: v2.unwrap_or_default(),
+                    memory_v1,
+                })
+            }
+            FreezerChoice::V1 | FreezerChoice::Auto if v1("freezer").is_some() => Ok(Self {
+                kind: FreezerKind::V1,
+                root: v1("freezer").unwrap_or_default(),
+                memory_v1,
+            }),
+            FreezerChoice::V2 => Err("this host has no cgroup v2 freezer (cgroup.freeze)".into()),
+            FreezerChoice::V1 => Err("this host has no cgroup v1 freezer controller".into()),
+            FreezerChoice::Auto => {
+                Err("this host has no cgroup freezer (neither v2 nor v1)".into())
+            }
+        }
+    }
+
+    /// The group of workload `name` of vault `scope`.
+    pub fn group(&self, scope: &str, name: &str) -> Group {
+        Group {
+            kind: self.kind,
+            path: self.root.join(scope).join(name),
+            memory: self.memory_v1.as_ref().map(|m| m.join(scope).join(name)),
+        }
+    }
+
+    /// Every workload group a vault's daemon left (for the crash clean-up).
+    pub fn groups(&self, scope: &str) -> Vec<Group> {
+        let Ok(rd) = fs::read_dir(self.root.join(scope)) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| self.group(scope, &e.file_name().to_string_lossy()))
+            .collect()
+    }
+}
+
+/// One workload's cgroup.
+#[derive(Clone, Debug)]
+pub struct Group {
+    kind: FreezerKind,
+    path: PathBuf,
+    memory: Option<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl Group {
+    /// Its directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates it (and its memory group when a limit is asked on a v1
+    /// host); returns the `cgroup.procs` files a new process must join.
+    pub fn create(&self, memory_mb: Option<u64>) -> io::Result<Vec<OwnedFd>> {
+        fs::create_dir_all(&self.path)?;
+        let mut procs = vec![open_procs(&self.path)?];
+        if let Some(mb) = memory_mb {
+            let bytes = (mb * 1024 * 1024).to_string();
+            match (self.kind, &self.memory) {
+                (FreezerKind::V2, _) if self.path.join("memory.max").exists() => {
+                    write(&self.path.join("memory.max"), &bytes)?;
+                }
+                (_, Some(m)) => {
+                    fs::create_dir_all(m)?;
+                    write(&m.join("memory.limit_in_bytes"), &bytes)?;
+                    procs.push(open_procs(m)?);
+                }
+                _ => {
+                    return Err(io::Error::other(
+                        "memory_mb is set but this host has no memory controller to enforce it",
+                    ));
+                }
+            }
+        }
+        Ok(procs)
+    }
+
+    /// The processes in it.
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Whether it exists.
+    pub fn exists(&self) -> bool {
+        self.path.is_dir()
+    }
+
+    /// Freezes it and waits until every task is frozen.
+    pub fn freeze(&self, within: Duration) -> io::Result<()> {
+        match self.kind {
+            FreezerKind::V2 => write(&self.path.join("cgroup.freeze"), "1")?,
+            FreezerKind::V1 => write(&self.path.join("freezer.state"), "FROZEN")?,
+        }
+        let until = Instant::now() + within;
+        loop {
+            if self.is_frozen() {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("not frozen after {} ms", within.as_millis()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Whether every task in it is frozen.
+    pub fn is_frozen(&self) -> bool {
+        match self.kind {
+            FreezerKind::V2 => fs::read_to_string(self.path.join("cgroup.events"))
+                .is_ok_and(|s| s.lines().any(|l| l == "frozen 1")),
+            // Reading freezer.state also moves a FREEZING group along.
+            FreezerKind::V1 => fs::read_to_string(self.path.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN"),
+        }
+    }
+
+    /// Thaws it.
+    pub fn thaw(&self) -> io::Result<()> {
+        match self.kind {
+            FreezerKind::V2 => write(&self.path.join("cgroup.freeze"), "0"),
+            FreezerKind::V1 => write(&self.path.join("freezer.state"), "THAWED"),
+        }
+    }
+
+    /// Sends `sig` to every process in it.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        for pid in self.pids() {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, sig);
+            }
+        }
+    }
+
+    /// Kills everything in it (thawing first: a v1-frozen task does not
+    /// die until thawed) and waits until it is empty, then removes it.
+    /// Returns how many processes were killed.
+    pub fn kill_all(&self, within: Duration) -> io::Result<usize> {
+        if !self.exists() {
+            return Ok(0);
+        }
+        let n = self.pids().len();
+        if self.kind == FreezerKind::V2 && self.path.join("cgroup.kill").exists() {
+            write(&self.path.join("cgroup.kill"), "1")?;
+        }
+        let until = Instant::now() + within;
+        loop {
+            self.signal(rustix::process::Signal::KILL);
+            let _ = self.thaw();
+            if self.pids().is_empty() {
+                break;
+            }
+            if Instant::now() >= until {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{}: processes left after SIGKILL", self.path.display()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.remove();
+        Ok(n)
+    }
+
+    /// Removes the (empty) group directories.
+    pub fn remove(&self) {
+        let _ = fs::remove_dir(&self.path);
+        if let Some(m) = &self.memory {
+            let _ = fs::remove_dir(m);
+        }
+    }
+}
+
+fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields count
+    // from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}

@@ -1,0 +1,197 @@
+//! The workloads a vault declares in `config.toml`:
+//!
+//! ```toml
+//! [workloads]
+//! freezer = "auto"          # auto | v2 | v1
+//!
+//! [[workload]]
+//! name = "build"
+//! kind = "process"          # process | qemu
+//! role = "project"          # project (follows the vault) | service (always on, never sees the data)
+//! order = 10                # started in ascending order, paused in descending order
+//! members = ["alice"]       # who may see its logs and bind tasks to it (superusers always may)
+//! command = ["/usr/bin/make", "-C", "shared/src"]
+//! user = "alice"
+//! cwd = "shared/src"        # project: relative to the data; service: absolute
+//! env = { LANG = "C.UTF-8" }
+//! stop_timeout_s = 10       # SIGTERM, then SIGKILL after this long
+//! memory_mb = 2048
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `[workloads]`: settings for all of them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Which cgroup freezer to use.
+    #[serde(default)]
+    pub freezer: crate::cgroup::FreezerChoice,
+    /// The QEMU binary (default `qemu-system-x86_64` on `PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<PathBuf>,
+}
+
+/// What a workload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A command in its own cgroup.
+    Process,
+    /// A QEMU virtual machine whose disks are images in the vault.
+    Qemu,
+}
+
+/// Whether it follows the vault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs while the vault is open; paused or suspended while closed.
+    #[default]
+    Project,
+    /// Always running, in a mount namespace where the data does not exist.
+    Service,
+}
+
+/// `[[workload]]`: one workload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Unique name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Process or QEMU.
+    pub kind: Kind,
+    /// Project or service.
+    #[serde(default)]
+    pub role: Role,
+    /// Start order (ascending); pauses go in reverse.
+    #[serde(default)]
+    pub order: i32,
+    /// Members who may use it (see its logs, bind tasks to it). Empty:
+    /// every member. Superusers always may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// Process: the program and its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Process: the user to run as (default root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Process: working directory (project: relative to the data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// Process: environment (nothing else is inherited but `PATH`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Process: seconds between SIGTERM and SIGKILL when it is stopped.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u64,
+    /// Memory limit (process: cgroup; QEMU: guest RAM, default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// QEMU: virtual CPUs (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// QEMU: kernel to boot directly (host path, or relative to the data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// QEMU: its initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// QEMU: kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+    /// QEMU: disks, by export name (`disks/NAME.img` in the data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    /// QEMU: extra arguments (devices, network...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu_args: Vec<String>,
+}
+
+fn default_stop_timeout() -> u64 {
+    10
+}
+
+impl WorkloadConfig {
+    /// Checks one declaration; says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "workload name {n:?}: use 1 to 64 letters, digits, '-' or '_'"
+            ));
+        }
+        match self.kind {
+            Kind::Process => {
+                if self.command.is_empty() {
+                    return Err(format!("workload {n}: `command` is required for a process"));
+                }
+                if self.disks.len() + self.qemu_args.len() > 0 || self.kernel.is_some() {
+                    return Err(format!(
+                        "workload {n}: disks, kernel and qemu_args are for kind = \"qemu\""
+                    ));
+                }
+                if let Some(cwd) = &self.cwd
+                    && self.role == Role::Project
+                    && (cwd.is_absolute()
+                        || cwd
+                            .components()
+                            .any(|c| c == std::path::Component::ParentDir))
+                {
+                    return Err(format!(
+                        "workload {n}: a project workload's cwd is relative to the data, without '..'"
+                    ));
+                }
+                if self.role == Role::Service && self.cwd.as_ref().is_some_and(|c| !c.is_absolute())
+                {
+                    return Err(format!(
+                        "workload {n}: a service workload's cwd must be absolute"
+                    ));
+                }
+            }
+            Kind::Qemu => {
+                if !self.command.is_empty() || self.user.is_some() {
+                    return Err(format!(
+                        "workload {n}: command and user are for kind = \"process\""
+                    ));
+                }
+                if self.role == Role::Service && !self.disks.is_empty() {
+                    return Err(format!(
+                        "workload {n}: a service VM cannot have disks in the vault"
+                    ));
+                }
+                for d in &self.disks {
+                    if d.is_empty()
+                        || !d
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                        || d.starts_with('.')
+                    {
+                        return Err(format!("workload {n}: disk name {d:?} is not a plain name"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole list (each entry, and names unique).
+pub fn check_all(list: &[WorkloadConfig]) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for w in list {
+        w.check()?;
+        if !seen.insert(&w.name) {
+            return Err(format!("workload {} is declared twice", w.name));
+        }
+    }
+    Ok(())
+}

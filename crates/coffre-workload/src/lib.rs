@@ -1,0 +1,643 @@
+//! The team's workloads: processes in their own cgroups and QEMU virtual
+//! machines, declared in `config.toml` (see [`config`]).
+//!
+//! Project workloads follow the vault: [`Workloads::resume`] starts or
+//! thaws them once the data is exposed, [`Workloads::pause`] freezes them
+//! (fast mode) or stops them (safe mode) before it goes. Service workloads
+//! run all the time in a mount namespace where the data does not exist.
+//!
+//! Project processes never see the ext4 mount itself: in their own mount
+//! namespace, the data's path is a FUSE layer the daemon cuts at close
+//! (every file it holds on the volume closed) and restores at open, so a
+//! frozen process keeps its open files without keeping the volume busy.
+#![warn(missing_docs)]
+
+pub mod cgroup;
+pub mod config;
+pub mod log;
+
+use cgroup::{Group, Hierarchy};
+use config::{Kind, Role, Settings, WorkloadConfig};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long a freeze may take before the workload is killed instead.
+const FREEZE_WITHIN: Duration = Duration::from_secs(2);
+/// How long a kill may take.
+const KILL_WITHIN: Duration = Duration::from_secs(5);
+
+/// How the vault closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pause {
+    /// Freeze in memory.
+    Fast,
+    /// Suspend into the volume (processes: stop).
+    Safe,
+}
+
+/// Where things are.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// Names this vault's cgroups (`coffre-XXXX`).
+    pub scope: String,
+    /// Host-side run directory (service logs, pid files): `DIR/run/workloads`.
+    pub run: PathBuf,
+    /// The data's mountpoint.
+    pub data: PathBuf,
+    /// The cut layer's mountpoint (project processes see it at `data`).
+    pub view: PathBuf,
+    /// Mounts a workload's namespace must not keep a copy of (asked
+    /// afresh at each start: other vaults on the host come and go).
+    pub hide: fn() -> Vec<PathBuf>,
+    /// The NBD socket VMs attach their disks through.
+    pub nbd_socket: PathBuf,
+}
+
+impl Paths {
+    /// Log file of a project workload (inside the volume).
+    pub fn project_log(&self, name: &str) -> PathBuf {
+        self.data
+            .join(".coffre")
+            .join("logs")
+            .join(format!("{name}.log"))
+    }
+
+    /// Log file of a service workload (on the host).
+    pub fn service_log(&self, name: &str) -> PathBuf {
+        self.run.join(format!("{name}.log"))
+    }
+}
+
+/// A workload's state, as `coffre status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Not started (or stopped at a close in safe mode).
+    Stopped,
+    /// Running.
+    Running,
+    /// Frozen in memory (fast mode).
+    Frozen,
+    /// Its state is saved inside the volume (safe mode).
+    SuspendedToVault,
+    /// It ended by itself.
+    Exited,
+    /// Something went wrong; `note` says what.
+    Failed,
+}
+
+impl State {
+    /// The word status shows.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Running => "running",
+            Self::Frozen => "frozen",
+            Self::SuspendedToVault => "suspended-to-vault",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One row of `coffre status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Name.
+    pub name: String,
+    /// `process` or `qemu`.
+    pub kind: &'static str,
+    /// `project` or `service`.
+    pub role: &'static str,
+    /// State.
+    pub state: State,
+    /// Main process id while it has one.
+    pub pid: Option<i32>,
+    /// Since when (ms since the epoch).
+    pub since_ms: u64,
+    /// What happened last, in words.
+    pub note: String,
+    /// Members who may use it (empty: everyone).
+    pub members: Vec<String>,
+}
+
+/// Something worth an audit record: (action, result, detail).
+pub type Line = (String, String, String);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+struct Running {
+    child: Child,
+    group: Group,
+}
+
+struct Entry {
+    cfg: WorkloadConfig,
+    state: State,
+    since: u64,
+    note: String,
+    proc: Option<Running>,
+    sink: log::Sink,
+}
+
+impl Entry {
+    fn set(&mut self, state: State, note: impl Into<String>) {
+        self.state = state;
+        self.since = now_ms();
+        self.note = note.into();
+    }
+
+    fn row(&self) -> Row {
+        Row {
+            name: self.cfg.name.clone(),
+            kind: match self.cfg.kind {
+                Kind::Process => "process",
+                Kind::Qemu => "qemu",
+            },
+            role: match self.cfg.role {
+                Role::Project => "project",
+                Role::Service => "service",
+            },
+            state: self.state.clone(),
+            pid: self
+                .proc
+                .as_ref()
+                .and_then(|p| i32::try_from(p.child.id()).ok()),
+            since_ms: self.since,
+            note: self.note.clone(),
+            members: self.cfg.members.clone(),
+        }
+    }
+}
+
+/// All of a vault's workloads.
+pub struct Workloads {
+    paths: Paths,
+    hierarchy: Result<Hierarchy, String>,
+    entries: Vec<Entry>,
+    published: Arc<RwLock<Vec<Row>>>,
+}
+
+fn line(action: &str, result: &str, detail: String) -> Line {
+    (action.to_string(), result.to_string(), detail)
+}
+
+impl Workloads {
+    /// Sets them up (nothing starts yet). `list` must have passed
+    /// [`config::check_all`].
+    pub fn new(settings: &Settings, list: &[WorkloadConfig], paths: Paths) -> Self {
+        let mut entries: Vec<Entry> = list
+            .iter()
+            .map(|cfg| Entry {
+                cfg: cfg.clone(),
+                state: State::Stopped,
+                since: now_ms(),
+                note: String::new(),
+                proc: None,
+                sink: log::Sink::default(),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.cfg.order);
+        let hierarchy = if list.is_empty() {
+            Err("no workloads".into())
+        } else {
+            Hierarchy::detect(settings.freezer)
+        };
+        let w = Self {
+            paths,
+            hierarchy,
+            entries,
+            published: Arc::default(),
+        };
+        w.publish();
+        w
+    }
+
+    /// What status shows, readable without waiting for an operation.
+    pub fn view(&self) -> Arc<RwLock<Vec<Row>>> {
+        self.published.clone()
+    }
+
+    /// The freezer in use, or why there is none.
+    pub fn freezer(&self) -> Result<cgroup::FreezerKind, String> {
+        self.hierarchy
+            .as_ref()
+            .map(|h| h.kind)
+            .map_err(Clone::clone)
+    }
+
+    /// The declaration of `name`.
+    pub fn config(&self, name: &str) -> Option<&WorkloadConfig> {
+        self.entries.iter().map(|e| &e.cfg).find(|c| c.name == name)
+    }
+
+    /// The log file of `name`.
+    pub fn log_path(&self, name: &str) -> Option<PathBuf> {
+        let cfg = self.config(name)?;
+        Some(match cfg.role {
+            Role::Project => self.paths.project_log(name),
+            Role::Service => self.paths.service_log(name),
+        })
+    }
+
+    fn publish(&self) {
+        let rows = self.entries.iter().map(Entry::row).collect();
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+
+    /// Kills what a previous daemon of this vault left running (its
+    /// workloads' cgroups). Returns what it did, for the audit log.
+    pub fn cleanup_stale(&self) -> Vec<Line> {
+        let mut out = Vec::new();
+        let Ok(h) = &self.hierarchy else {
+            return out;
+        };
+        for g in h.groups(&self.paths.scope) {
+            let name = g
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let frozen = g.is_frozen();
+            match g.kill_all(KILL_WITHIN) {
+                Ok(0) => g.remove(),
+                Ok(n) => out.push(line(
+                    "workload",
+                    "killed",
+                    format!(
+                        "{name}: {n} process(es) left by a previous daemon{} killed",
+                        if frozen { " (frozen)" } else { "" }
+                    ),
+                )),
+                Err(e) => out.push(line("workload", "failed", format!("{name}: {e}"))),
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(h.root.join(&self.paths.scope))
+            && rd.count() == 0
+        {
+            let _ = std::fs::remove_dir(h.root.join(&self.paths.scope));
+        }
+        out
+    }
+
+    /// Starts the service workloads (at daemon start).
+    pub fn start_services(&mut self) -> Vec<Line> {
+        let mut out = Vec::new();
+        for i in 0..self.entries.len() {
+            if self.entries[i].cfg.role == Role::Service {
+                self.start(i, &mut out);
+            }
+        }
+        self.publish();
+        out
+    }
+
+    /// The vault is open and its data exposed: project workloads start or
+    /// thaw, in order.
+    pub fn resume(&mut self) -> Vec<Line> {
+        let mut out = Vec::new();
+        for i in 0..self.entries.len() {
+            if self.entries[i].cfg.role != Role::Project {
+                continue;
+            }
+            let name = self.entries[i].cfg.name.clone();
+            if let Err(e) = self.entries[i].sink.attach(&self.paths.project_log(&name)) {
+                out.push(line("workload", "note", format!("{name}: log file: {e}")));
+            }
+            match self.entries[i].state {
+                State::Frozen => {
+                    let t = Instant::now();
+                    let r = self.entries[i]
+                        .proc
+                        .as_ref()
+                        .map(|p| p.group.thaw())
+                        .unwrap_or(Ok(()));
+                    match r {
+                        Ok(()) => {
+                            self.entries[i].set(State::Running, "thawed");
+                            out.push(line(
+                                "workload",
+                                "thawed",
+                                format!("{name} in {} ms", t.elapsed().as_millis()),
+                            ));
+                        }
+                        Err(e) => {
+                            self.kill(i, &format!("could not be thawed ({e})"), &mut out);
+                        }
+                    }
+                }
+                State::Running => {}
+                _ => self.start(i, &mut out),
+            }
+        }
+        self.publish();
+        out
+    }
+
+    /// The vault is closing: project workloads are frozen (fast) or
+    /// stopped (safe), in reverse order; one that fails is killed. Their
+    /// log files are closed. Afterwards no workload of ours uses the data.
+    pub fn pause(&mut self, mode: Pause) -> Vec<Line> {
+        let mut out = Vec::new();
+        for i in (0..self.entries.len()).rev() {
+            if self.entries[i].cfg.role != Role::Project {
+                continue;
+            }
+            self.reap_one(i, &mut out);
+            if self.entries[i].state == State::Running {
+                match mode {
+                    Pause::Fast => self.freeze(i, &mut out),
+                    Pause::Safe => self.stop(i, "stopped at close (safe mode)", &mut out),
+                }
+            }
+            self.entries[i].sink.detach();
+        }
+        self.publish();
+        out
+    }
+
+    /// Notices workloads that ended by themselves; returns those lines
+    /// (`workload`/`exited`), with the names of those that ended.
+    pub fn reap(&mut self) -> (Vec<Line>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut ended = Vec::new();
+        for i in 0..self.entries.len() {
+            if self.reap_one(i, &mut out) {
+                ended.push(self.entries[i].cfg.name.clone());
+            }
+        }
+        if !out.is_empty() {
+            self.publish();
+        }
+        (out, ended)
+    }
+
+    /// Whether `name` is a running project workload (a task can wait for
+    /// it).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.cfg.name == name && e.state == State::Running)
+    }
+
+    /// Stops everything (daemon shutdown): frozen workloads are killed
+    /// (their memory would not survive anyway), running ones are stopped.
+    pub fn shutdown(&mut self) -> Vec<Line> {
+        let mut out = Vec::new();
+        for i in (0..self.entries.len()).rev() {
+            match self.entries[i].state {
+                State::Running => self.stop(i, "stopped: the daemon stopped", &mut out),
+                State::Frozen => self.kill(
+                    i,
+                    "killed: the daemon stopped while it was frozen",
+                    &mut out,
+                ),
+                _ => {}
+            }
+            self.entries[i].sink.detach();
+        }
+        self.publish();
+        out
+    }
+
+    fn reap_one(&mut self, i: usize, out: &mut Vec<Line>) -> bool {
+        let e = &mut self.entries[i];
+        let Some(p) = e.proc.as_mut() else {
+            return false;
+        };
+        let Ok(Some(status)) = p.child.try_wait() else {
+            return false;
+        };
+        // The main process is gone; whatever it left in its group goes too.
+        let _ = p.group.kill_all(KILL_WITHIN);
+        e.proc = None;
+        let name = e.cfg.name.clone();
+        let how = describe(status);
+        if status.success() {
+            e.set(State::Exited, how.clone());
+        } else {
+            e.set(State::Failed, how.clone());
+        }
+        out.push(line("workload", "exited", format!("{name}: {how}")));
+        true
+    }
+
+    fn start(&mut self, i: usize, out: &mut Vec<Line>) {
+        let name = self.entries[i].cfg.name.clone();
+        let r = match self.entries[i].cfg.kind {
+            Kind::Process => self.spawn_process(i),
+            Kind::Qemu => Err("QEMU workloads are not supported yet".to_string()),
+        };
+        match r {
+            Ok(pid) => {
+                self.entries[i].set(State::Running, "started");
+                out.push(line("workload", "started", format!("{name} (pid {pid})")));
+            }
+            Err(e) => {
+                self.entries[i].set(State::Failed, format!("could not start: {e}"));
+                out.push(line(
+                    "workload",
+                    "failed",
+                    format!("{name}: could not start: {e}"),
+                ));
+            }
+        }
+    }
+
+    fn spawn_process(&mut self, i: usize) -> Result<u32, String> {
+        let h = self.hierarchy.as_ref().map_err(Clone::clone)?;
+        let cfg = self.entries[i].cfg.clone();
+        let group = h.group(&self.paths.scope, &cfg.name);
+        // A group left from an earlier run of this workload goes first.
+        group
+            .kill_all(KILL_WITHIN)
+            .map_err(|e| format!("clearing its old cgroup: {e}"))?;
+        let procs = group
+            .create(cfg.memory_mb)
+            .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
+        let creds = match &cfg.user {
+            None => None,
+            Some(u) => Some(
+                coffre_sys::child::user(u)
+                    .map_err(|e| format!("user {u}: {e}"))?
+                    .ok_or_else(|| format!("no such user: {u}"))?,
+            ),
+        };
+        let (cwd, binds) = match cfg.role {
+            Role::Project => (
+                Some(match &cfg.cwd {
+                    Some(c) => self.paths.data.join(c),
+                    None => self.paths.data.clone(),
+                }),
+                vec![coffre_sys::child::Bind {
+                    from: self.paths.view.clone(),
+                    to: self.paths.data.clone(),
+                }],
+            ),
+            Role::Service => (cfg.cwd.clone().or_else(|| Some("/".into())), Vec::new()),
+        };
+        let cwd_shown = cwd.clone().unwrap_or_default();
+        let mut hide = (self.paths.hide)();
+        hide.push(self.paths.data.clone());
+        if cfg.role == Role::Project {
+            // Bound at the data's path below.
+            hide.retain(|p| *p != self.paths.view);
+        } else {
+            hide.push(self.paths.view.clone());
+        }
+        let mut cmd = Command::new(&cfg.command[0]);
+        cmd.args(&cfg.command[1..]);
+        cmd.env_clear();
+        cmd.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+        cmd.env("COFFRE_WORKLOAD", &cfg.name);
+        if cfg.role == Role::Project {
+            cmd.env("COFFRE_DATA", &self.paths.data);
+        }
+        if let Some(u) = &cfg.user {
+            cmd.env("USER", u).env("LOGNAME", u);
+        }
+        cmd.envs(&cfg.env);
+        let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let writer2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::from(writer2));
+        coffre_sys::child::prepare(
+            &mut cmd,
+            coffre_sys::child::ChildSetup {
+                cgroup_procs: procs,
+                credentials: creds,
+                detach: hide,
+                binds,
+                private_mounts: true,
+                cwd,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                group.remove();
+                return Err(format!(
+                    "{}: {e} (as {} in {})",
+                    cfg.command[0],
+                    cfg.user.as_deref().unwrap_or("root"),
+                    cwd_shown.display()
+                ));
+            }
+        };
+        drop(cmd);
+        let log = match cfg.role {
+            Role::Project => self.paths.project_log(&cfg.name),
+            Role::Service => self.paths.service_log(&cfg.name),
+        };
+        let e = &mut self.entries[i];
+        if cfg.role == Role::Service {
+            let _ = e.sink.attach(&log);
+        }
+        e.sink.pump(reader);
+        let pid = child.id();
+        e.proc = Some(Running { child, group });
+        Ok(pid)
+    }
+
+    fn freeze(&mut self, i: usize, out: &mut Vec<Line>) {
+        let name = self.entries[i].cfg.name.clone();
+        let Some(p) = self.entries[i].proc.as_ref() else {
+            return;
+        };
+        let t = Instant::now();
+        match p.group.freeze(FREEZE_WITHIN) {
+            Ok(()) => {
+                self.entries[i].set(State::Frozen, "frozen at close (fast mode)");
+                out.push(line(
+                    "workload",
+                    "frozen",
+                    format!("{name} in {} ms", t.elapsed().as_millis()),
+                ));
+            }
+            Err(e) => self.kill(i, &format!("did not freeze ({e}): killed at close"), out),
+        }
+    }
+
+    /// SIGTERM to the whole group, SIGKILL after its timeout.
+    fn stop(&mut self, i: usize, why: &str, out: &mut Vec<Line>) {
+        let name = self.entries[i].cfg.name.clone();
+        let timeout = Duration::from_secs(self.entries[i].cfg.stop_timeout_s);
+        let Some(mut p) = self.entries[i].proc.take() else {
+            return;
+        };
+        let t = Instant::now();
+        p.group.signal(rustix::process::Signal::TERM);
+        let _ = p.group.thaw();
+        let mut forced = false;
+        loop {
+            let _ = p.child.try_wait();
+            if p.group.pids().is_empty() {
+                break;
+            }
+            if t.elapsed() >= timeout {
+                forced = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let killed = p.group.kill_all(KILL_WITHIN);
+        let _ = p.child.wait();
+        let detail = match (forced, killed) {
+            (_, Err(e)) => format!("{name}: {e}"),
+            (true, _) => format!(
+                "{name}: SIGKILL after {} s without exiting on SIGTERM",
+                timeout.as_secs()
+            ),
+            (false, _) => format!("{name} in {} ms", t.elapsed().as_millis()),
+        };
+        self.entries[i].set(State::Stopped, why);
+        out.push(line("workload", "stopped", detail));
+    }
+
+    fn kill(&mut self, i: usize, why: &str, out: &mut Vec<Line>) {
+        let name = self.entries[i].cfg.name.clone();
+        if let Some(mut p) = self.entries[i].proc.take() {
+            let r = p.group.kill_all(KILL_WITHIN);
+            let _ = p.child.wait();
+            if let Err(e) = r {
+                out.push(line("workload", "failed", format!("{name}: {e}")));
+            }
+        }
+        self.entries[i].set(State::Failed, why);
+        out.push(line("workload", "killed", format!("{name}: {why}")));
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+/// The cgroup scope name of the vault in `dir` (stable, short, distinct
+/// per vault directory).
+pub fn scope_of(dir: &Path) -> String {
+    // FNV-1a: a name, not a secret.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("coffre-{:012x}", h & 0xffff_ffff_ffff)
+}

@@ -1,0 +1,248 @@
+//! Workloads follow the vault: processes in their own cgroups, started at
+//! the first open, frozen (fast mode) or stopped (safe mode) at close,
+//! thawed or restarted at open; and a daemon crash leaves nothing running.
+//! Real cgroups (v2 and v1 freezers), real FUSE, real ext4.
+
+use crate::harness::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A project workload that appends a counter to a file it keeps open on
+/// the data (fd 3), and prints it; and one that only burns CPU.
+const COUNTER: &str = r#"
+[[workload]]
+name = "counter"
+kind = "process"
+order = 1
+command = ["/bin/sh", "-c", "exec 3>>shared/counter.txt; i=0; while :; do i=$((i+1)); echo $i >&3; echo tick $i; sleep 0.1; done"]
+
+[[workload]]
+name = "spinner"
+kind = "process"
+order = 2
+command = ["/bin/sh", "-c", "while :; do :; done"]
+
+[[workload]]
+name = "watcher"
+kind = "process"
+role = "service"
+user = "nobody"
+command = ["/bin/sleep", "1000"]
+"#;
+
+fn workload(st: &serde_json::Value, name: &str) -> serde_json::Value {
+    st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("no workload {name} in {st}"))
+        .clone()
+}
+
+fn pid_of(st: &serde_json::Value, name: &str) -> u32 {
+    u32::try_from(workload(st, name)["pid"].as_i64().expect("a pid")).unwrap()
+}
+
+/// Whether a process exists and is not a zombie (a crashed daemon's
+/// children are reparented to an init that may not reap them).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split(' ').collect();
+    Some(f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap())
+}
+
+fn counted(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+fn wait_count(path: &Path, at_least: usize) -> Vec<u64> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = counted(path);
+        if c.len() >= at_least {
+            return c;
+        }
+        assert!(
+            Instant::now() < until,
+            "the counter did not reach {at_least}: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn leave(v: &Vault, enter: &mut std::process::Child) {
+    ok(&v.cli("alice", &["leave"]));
+    assert_eq!(wait_exit(enter, Duration::from_secs(30)), Some(0));
+}
+
+fn frozen_across_a_close(freezer: &str) {
+    let mut v = Vault::init(&[]);
+    v.set_data(4242, 2, &[]);
+    v.set_workloads(freezer, COUNTER);
+    v.start();
+    let st = v.status("alice");
+    assert_eq!(workload(&st, "counter")["state"], "stopped");
+    assert_eq!(
+        (st["mode"].as_str(), st["mode_pending"].as_str()),
+        (Some("fast"), None)
+    );
+
+    let mut enter = v.enter_bg("alice", &[]);
+    let file = v.layout().mountpoint.join("shared/counter.txt");
+    wait_count(&file, 5);
+    let st = v.status("alice");
+    assert_eq!(workload(&st, "counter")["state"], "running", "{st}");
+    assert_eq!(workload(&st, "spinner")["state"], "running", "{st}");
+    let counter = pid_of(&st, "counter");
+    let spinner = pid_of(&st, "spinner");
+    // The workload sees the data through the cut layer, not the ext4 mount.
+    let ns_mounts = std::fs::read_to_string(format!("/proc/{counter}/mountinfo")).unwrap();
+    let mp = v.layout().mountpoint;
+    let line = ns_mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+        .expect("the data's path in the workload's namespace");
+    assert!(line.contains("coffre-view"), "{line}");
+    let vault_dir = v.dir.to_str().unwrap();
+    for l in ns_mounts.lines() {
+        let at = l.split(' ').nth(4).unwrap_or_default();
+        assert!(
+            !at.starts_with(vault_dir) || l.contains("coffre-view"),
+            "{l}"
+        );
+    }
+    // The service workload runs as its user, all the time, in a namespace
+    // where the data does not exist at all.
+    let watcher = pid_of(&st, "watcher");
+    let status = std::fs::read_to_string(format!("/proc/{watcher}/status")).unwrap();
+    assert!(status.contains("Uid:\t65534\t"), "{status}");
+    let ns_mounts = std::fs::read_to_string(format!("/proc/{watcher}/mountinfo")).unwrap();
+    let seen: Vec<&str> = ns_mounts
+        .lines()
+        .filter(|l| l.contains(vault_dir))
+        .collect();
+    assert!(seen.is_empty(), "{seen:?}");
+
+    leave(&v, &mut enter);
+    v.wait_state("closed", Duration::from_secs(30));
+    let st = v.status("alice");
+    assert_eq!(st["key_held"], false);
+    assert_eq!(st["data"]["mounted"], false);
+    assert_eq!(workload(&st, "counter")["state"], "frozen", "{st}");
+    assert_eq!(workload(&st, "spinner")["state"], "frozen", "{st}");
+    assert_eq!(workload(&st, "watcher")["state"], "running", "{st}");
+    assert!(alive(counter), "still alive");
+    // Frozen means no instruction runs: the spinner's CPU time stands still.
+    let t0 = cpu_ticks(spinner).unwrap_or_else(|| panic!("{:#?}", v.audit()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(cpu_ticks(spinner), Some(t0), "a frozen workload used CPU");
+    assert!(!file.exists(), "the data is gone while closed");
+    // Nobody had to be killed to unmount: the frozen process does not pin it.
+    let killed = v.audit_details("close", "killed");
+    assert!(killed.is_empty(), "{killed:?}");
+    assert_eq!(v.audit_details("workload", "frozen").len(), 2);
+
+    let mut enter = v.enter_bg("alice", &[]);
+    let before = counted(&file).len();
+    let c = wait_count(&file, before + 5);
+    // The same process carried on where it stopped, through the same
+    // descriptor: 1, 2, 3... with no gap and no restart.
+    let expect: Vec<u64> = (1..=c.len() as u64).collect();
+    assert_eq!(c, expect);
+    let st = v.status("alice");
+    assert_eq!(workload(&st, "counter")["state"], "running");
+    assert_eq!(pid_of(&st, "counter"), counter, "not restarted");
+    let t1 = cpu_ticks(spinner).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        cpu_ticks(spinner).unwrap() > t1,
+        "thawed workloads run again"
+    );
+    assert_eq!(v.audit_details("workload", "thawed").len(), 2);
+    // Its output went to its log, inside the volume.
+    let log = std::fs::read_to_string(mp.join(".coffre/logs/counter.log")).unwrap();
+    assert!(log.contains("tick 1\n") && log.contains(&format!("tick {}\n", c.len())));
+    leave(&v, &mut enter);
+    v.stop();
+    assert!(!alive(counter));
+}
+
+#[test]
+fn process_workloads_are_frozen_across_a_close_v2() {
+    frozen_across_a_close("v2");
+}
+
+#[test]
+fn process_workloads_are_frozen_across_a_close_v1() {
+    frozen_across_a_close("v1");
+}
+
+#[test]
+fn safe_mode_stops_and_restarts_and_a_crash_leaves_nothing_running() {
+    let mut v = Vault::init(&[]);
+    v.set_data(4242, 2, &[]);
+    v.set_workloads("auto", COUNTER);
+    v.start();
+    ok(&v.authed("alice", &["mode", "safe"]));
+    let st = v.status("alice");
+    assert_eq!(
+        (st["mode"].as_str(), st["mode_pending"].as_str()),
+        (Some("fast"), Some("safe"))
+    );
+
+    let mut enter = v.enter_bg("alice", &[]);
+    let file = v.layout().mountpoint.join("shared/counter.txt");
+    wait_count(&file, 3);
+    let first = pid_of(&v.status("alice"), "counter");
+    leave(&v, &mut enter);
+    v.wait_state("closed", Duration::from_secs(30));
+    let st = v.status("alice");
+    assert_eq!(
+        (st["mode"].as_str(), st["mode_pending"].as_str()),
+        (Some("safe"), None)
+    );
+    assert_eq!(workload(&st, "counter")["state"], "stopped", "{st}");
+    assert!(workload(&st, "counter")["pid"].is_null());
+    assert!(!alive(first), "stopped at close");
+    assert_eq!(v.audit_details("workload", "stopped").len(), 2);
+
+    // A clean daemon restart, then an open: started again, from scratch.
+    v.stop();
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let c = wait_count(&file, 2);
+    let restart = c.iter().rposition(|&x| x == 1).unwrap();
+    assert!(restart > 0, "a new process counts from 1 again: {c:?}");
+    let second = pid_of(&v.status("alice"), "counter");
+    assert_ne!(second, first);
+
+    // Back to fast mode, closed: frozen. Then the daemon crashes.
+    ok(&v.authed("alice", &["mode", "fast"]));
+    leave(&v, &mut enter);
+    v.wait_state("closed", Duration::from_secs(30));
+    assert_eq!(workload(&v.status("alice"), "counter")["state"], "frozen");
+    v.crash();
+    assert!(alive(second));
+    v.start();
+    // The new daemon killed what its predecessor left, and said so.
+    assert!(!alive(second), "left running");
+    let killed = v.audit_details("workload", "killed");
+    assert!(
+        killed
+            .iter()
+            .any(|d| d.contains("counter") && d.contains("previous daemon")),
+        "{killed:?}"
+    );
+    assert_eq!(workload(&v.status("alice"), "counter")["state"], "stopped");
+}
