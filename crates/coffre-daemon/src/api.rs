@@ -58,6 +58,9 @@ pub enum ApiCommand {
         task_user: Option<String>,
         /// Duration in seconds from now.
         task_expire: u64,
+        /// Wait for this workload's job (the task ends when it does).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<String>,
     },
     /// Tasks alive.
     TaskList,
@@ -157,6 +160,14 @@ pub enum ApiCommand {
     /// connect (certificate only; the member's own key never leaves their
     /// machine).
     GatewayProfile,
+    /// The end of a workload's log.
+    WorkloadLogs {
+        /// The workload.
+        name: String,
+        /// How many bytes of the end of the log (default 64 KiB).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+    },
 }
 
 #[cfg(test)]

@@ -228,14 +228,128 @@ impl Shell {
     }
 
     /// Notices workloads that ended by themselves (skipped while an open or
-    /// a close is working on them).
+    /// a close is working on them), and ends the tasks that waited for
+    /// them.
     fn reap_workloads(&mut self) {
         let Ok(mut w) = self.workloads.try_lock() else {
             return;
         };
-        let (lines, _ended) = w.reap();
+        let (lines, _) = w.reap();
+        let bound: std::collections::BTreeSet<String> = self
+            .vault
+            .status()
+            .tasks
+            .into_iter()
+            .filter_map(|t| t.workload)
+            .collect();
+        let ended: Vec<String> = bound.into_iter().filter(|n| !w.is_running(n)).collect();
         drop(w);
         self.workload_audit(lines);
+        for name in ended {
+            self.run(Event::WorkloadEnded { name });
+        }
+    }
+
+    /// Whether `member` may use workload `name` (its members, or any
+    /// superuser).
+    fn may_use(
+        &self,
+        member: &str,
+        name: &str,
+    ) -> Result<&coffre_workload::config::WorkloadConfig, Answer> {
+        let Some(cfg) = self.config.workload.iter().find(|w| w.name == name) else {
+            return Err((
+                404,
+                json!({"ok": false, "error": "no_workload", "message": format!("no workload is called {name}")}),
+            ));
+        };
+        let superuser = self
+            .vault
+            .members()
+            .get(member)
+            .is_some_and(|m| m.role == Role::Superuser);
+        if cfg.members.is_empty() || superuser || cfg.members.iter().any(|m| m == member) {
+            Ok(cfg)
+        } else {
+            Err((
+                403,
+                json!({"ok": false, "error": "not_permitted", "message": format!("you are not one of workload {name}'s members")}),
+            ))
+        }
+    }
+
+    /// A task may wait for a running project workload its owner may use.
+    fn may_wait_for(&self, member: &str, name: &str) -> Result<(), Answer> {
+        let cfg = self.may_use(member, name)?;
+        let running = self
+            .workload_rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|r| r.name == name && r.state == coffre_workload::State::Running);
+        if cfg.role != coffre_workload::config::Role::Project || !running {
+            return Err((
+                409,
+                json!({"ok": false, "error": "invalid", "message": format!("workload {name} is not a running project workload")}),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The end of a workload's log, read off the actor (a project log is
+    /// on the data).
+    fn workload_logs(
+        &self,
+        member: &str,
+        name: &str,
+        bytes: Option<u64>,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        let cfg = match self.may_use(member, name) {
+            Ok(c) => c,
+            Err(answer) => {
+                let _ = reply.send(answer);
+                return;
+            }
+        };
+        if cfg.role == coffre_workload::config::Role::Project && self.vault.status().state != "open"
+        {
+            let _ = reply.send((
+                409,
+                json!({"ok": false, "error": "closed", "message": "a project workload's log is inside the volume: it can be read while the vault is open"}),
+            ));
+            return;
+        }
+        let path = self
+            .workloads
+            .try_lock()
+            .ok()
+            .and_then(|w| w.log_path(name));
+        let Some(path) = path else {
+            let _ = reply.send((
+                503,
+                json!({"ok": false, "error": "busy", "message": "the workloads are being paused or resumed; try again"}),
+            ));
+            return;
+        };
+        let max = bytes.unwrap_or(64 * 1024).clamp(1, 4 << 20);
+        tokio::task::spawn_blocking(move || {
+            use base64::Engine;
+            let answer = match coffre_workload::log::tail(&path, max) {
+                Ok(b) => (
+                    200,
+                    json!({"ok": true, "log_b64": base64::engine::general_purpose::STANDARD.encode(b)}),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (200, json!({"ok": true, "log_b64": ""}))
+                }
+                Err(e) => (
+                    500,
+                    json!({"ok": false, "error": "failure", "message": format!("reading the log: {e}")}),
+                ),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     fn data_json(&self) -> Value {
@@ -400,6 +514,10 @@ impl Shell {
                 let _ = reply.send(answer);
                 return;
             }
+            ApiCommand::WorkloadLogs { name, bytes } => {
+                self.workload_logs(&member, &name, bytes, reply);
+                return;
+            }
             ApiCommand::GatewayProfile => {
                 let answer = match crate::gateway::profile_settings(&self.dir, &self.config) {
                     Ok(p) => (
@@ -434,15 +552,25 @@ impl Shell {
                 task_name,
                 task_user,
                 task_expire,
-            } => (
-                Command::TaskAdd {
-                    session: SessionId(session),
-                    name: task_name,
-                    claimed_owner: task_user,
-                    duration_ms: task_expire.saturating_mul(1000),
-                },
-                None,
-            ),
+                workload,
+            } => {
+                if let Some(name) = &workload
+                    && let Err(answer) = self.may_wait_for(&member, name)
+                {
+                    let _ = reply.send(answer);
+                    return;
+                }
+                (
+                    Command::TaskAdd {
+                        session: SessionId(session),
+                        name: task_name,
+                        claimed_owner: task_user,
+                        duration_ms: task_expire.saturating_mul(1000),
+                        workload,
+                    },
+                    None,
+                )
+            }
             ApiCommand::TaskCancel { session, task_id } => (
                 Command::TaskCancel {
                     session: SessionId(session),

@@ -210,6 +210,7 @@ impl Vault {
             Event::Closed { ok, detail } => self.closed(&mut out, ok, &detail),
             Event::MemberJoined { member } => self.member_joined(&mut out, member),
             Event::Tick => self.tick(&mut out),
+            Event::WorkloadEnded { name } => self.workload_ended(&mut out, &name),
         }
         self.reevaluate(&mut out);
         out.effects
@@ -462,6 +463,7 @@ impl Vault {
                 name,
                 claimed_owner,
                 duration_ms,
+                workload,
                 ..
             } => {
                 if claimed_owner.as_ref().is_some_and(|c| c != &r.member) {
@@ -503,14 +505,19 @@ impl Vault {
                         owner: member.name.clone(),
                         created: out.now,
                         expires,
+                        workload: workload.clone(),
                     },
                 );
+                let bound = workload
+                    .as_ref()
+                    .map(|w| format!(" or until workload {w} ends"))
+                    .unwrap_or_default();
                 out.audit(
                     &r.member,
                     Some(&r.source),
                     "task_add",
                     "ok",
-                    format!("task {} {name:?} until {}", id.0, expires.0),
+                    format!("task {} {name:?} until {}{bound}", id.0, expires.0),
                 );
                 out.reply(r.req, Outcome::Ok(Reply::TaskAdded { task: id, expires }));
             }
@@ -1027,6 +1034,26 @@ impl Vault {
                 out.effects.push(Effect::Open { req });
             } else {
                 out.effects.push(Effect::DiscardKey { req });
+            }
+        }
+    }
+
+    fn workload_ended(&mut self, out: &mut Out, name: &str) {
+        let ended: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.workload.as_deref() == Some(name))
+            .map(|t| t.id)
+            .collect();
+        for id in ended {
+            if let Some(t) = self.tasks.remove(&id) {
+                out.audit(
+                    &t.owner,
+                    None,
+                    "task_end",
+                    "ok",
+                    format!("task {} {:?}: workload {name} ended", id.0, t.name),
+                );
             }
         }
     }

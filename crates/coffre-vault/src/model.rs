@@ -168,8 +168,11 @@ pub enum Command {
         name: String,
         /// Name the client claims; must be the authenticated member.
         claimed_owner: Option<String>,
-        /// How long, in milliseconds.
+        /// How long, in milliseconds (with a workload: at most this long).
         duration_ms: u64,
+        /// A workload whose job the task waits for: it ends when the
+        /// workload does (the shell checks the workload exists and runs).
+        workload: Option<String>,
     },
     /// Cancel a task (its owner or a superuser; needs a live session).
     TaskCancel {
@@ -325,6 +328,11 @@ pub enum Event {
     },
     /// Time passes (expiries, grace periods, retries).
     Tick,
+    /// A workload is not running (any more): tasks bound to it end.
+    WorkloadEnded {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Why a request was refused. Clients see the code and message; the audit
@@ -536,8 +544,11 @@ pub struct Task {
     pub owner: String,
     /// When it was created.
     pub created: Millis,
-    /// When it ends.
+    /// When it ends at the latest.
     pub expires: Millis,
+    /// The workload whose job it waits for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// What survives a restart.

@@ -68,6 +68,45 @@ fn a_mode_switch_takes_effect_at_the_next_close() {
 }
 
 #[test]
+fn a_task_bound_to_a_workload_keeps_the_vault_open_until_it_ends() {
+    let mut s = Sim::new(members(1, 0));
+    let a = s.enter("m0");
+    let add = |s: &mut Sim, workload: &str| {
+        s.session_cmd(
+            "m0",
+            Command::TaskAdd {
+                session: a,
+                name: "build".into(),
+                claimed_owner: None,
+                duration_ms: 3_600_000,
+                workload: Some(workload.into()),
+            },
+        )
+    };
+    assert!(matches!(
+        add(&mut s, "build"),
+        Outcome::Ok(Reply::TaskAdded { .. })
+    ));
+    assert!(matches!(
+        add(&mut s, "other"),
+        Outcome::Ok(Reply::TaskAdded { .. })
+    ));
+    s.session_cmd("m0", Command::Leave { session: a });
+    assert_eq!(s.vault.phase(), Phase::Open, "the tasks keep it open");
+    s.handle(Event::WorkloadEnded {
+        name: "build".into(),
+    });
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open, "another task still runs");
+    s.handle(Event::WorkloadEnded {
+        name: "other".into(),
+    });
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+}
+
+#[test]
 fn every_member_proves_their_keyslot() {
     let mut s = Sim::new(members(2, 0));
     s.enter("m0");
@@ -89,6 +128,7 @@ fn task_keeps_open_until_expiry_and_owner_is_authenticated() {
             name: "backup".into(),
             claimed_owner: Some("m1".into()),
             duration_ms: 60_000,
+            workload: None,
         },
     );
     assert_eq!(refused(&o), Some(Refusal::NotPermitted));
@@ -99,6 +139,7 @@ fn task_keeps_open_until_expiry_and_owner_is_authenticated() {
             name: "backup".into(),
             claimed_owner: Some("m0".into()),
             duration_ms: 60_000,
+            workload: None,
         },
     );
     assert!(matches!(o, Outcome::Ok(Reply::TaskAdded { .. })));
@@ -109,6 +150,7 @@ fn task_keeps_open_until_expiry_and_owner_is_authenticated() {
             name: "x".into(),
             claimed_owner: None,
             duration_ms: u64::MAX,
+            workload: None,
         },
     );
     assert_eq!(refused(&too_long), Some(Refusal::Invalid));
@@ -545,7 +587,7 @@ proptest! {
                     let cmd = match op {
                         Op::Leave(_) => Command::Leave { session },
                         Op::Heartbeat(_) => Command::Heartbeat { session },
-                        Op::TaskAdd(_, d) => Command::TaskAdd { session, name: "t".into(), claimed_owner: None, duration_ms: d },
+                        Op::TaskAdd(_, d) => Command::TaskAdd { session, name: "t".into(), claimed_owner: None, duration_ms: d, workload: None },
                         _ => Command::TaskCancel { session, task: TaskId(1) },
                     };
                     s.request(&who, cmd, false, Totp::Missing);

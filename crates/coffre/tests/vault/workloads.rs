@@ -246,3 +246,71 @@ fn safe_mode_stops_and_restarts_and_a_crash_leaves_nothing_running() {
     );
     assert_eq!(workload(&v.status("alice"), "counter")["state"], "stopped");
 }
+
+#[test]
+fn a_task_waits_for_a_job_and_its_log_is_read_while_open() {
+    let mut v = Vault::init(&[]);
+    v.set_data(4242, 2, &[]);
+    v.set_workloads(
+        "auto",
+        r#"
+[[workload]]
+name = "job"
+kind = "process"
+members = ["alice"]
+command = ["/bin/sh", "-c", "echo job started; while [ ! -e shared/go ]; do sleep 0.1; done; echo job done"]
+"#,
+    );
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    let out = v.cli(
+        "alice",
+        &[
+            "task",
+            "add",
+            "nightly",
+            "--duration",
+            "1h",
+            "--workload",
+            "nope",
+        ],
+    );
+    assert_ne!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workload is called nope"));
+    ok(&v.cli(
+        "alice",
+        &[
+            "task",
+            "add",
+            "nightly",
+            "--duration",
+            "1h",
+            "--workload",
+            "job",
+        ],
+    ));
+    leave(&v, &mut enter);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(v.state(), "open", "the task waits for the job");
+    let out = v.cli("alice", &["workload", "logs", "job"]);
+    ok(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "job started\n");
+    // The job ends; so does the task, and the vault closes.
+    std::fs::write(v.layout().mountpoint.join("shared/go"), b"").unwrap();
+    v.wait_state("closed", Duration::from_secs(30));
+    let ended = v.audit_details("task_end", "ok");
+    assert!(
+        ended.iter().any(|d| d.contains("workload job ended")),
+        "{ended:?}"
+    );
+    let st = v.status("alice");
+    assert_eq!(workload(&st, "job")["state"], "exited", "{st}");
+    // Its log is inside the volume: not readable while closed.
+    let out = v.cli("alice", &["workload", "logs", "job"]);
+    assert_ne!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inside the volume"));
+    let out = v.cli("alice", &["workload", "list", "--json"]);
+    ok(&out);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["note"], "exited with status 0");
+}

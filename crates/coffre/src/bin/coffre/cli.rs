@@ -85,6 +85,10 @@ pub enum Command {
     /// Scheduled tasks that keep the vault open (need a live session).
     #[command(subcommand)]
     Task(TaskCommand),
+    /// The team's workloads (processes, virtual machines): their state and
+    /// their logs.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
     /// Lock the vault at once: everyone out, nobody in until unlocked
     /// (superuser).
     Lock {
@@ -238,9 +242,14 @@ pub enum TaskCommand {
     Add {
         /// A name for the task.
         name: String,
-        /// How long (seconds, or with a unit: 90s, 30m, 2h).
+        /// How long (seconds, or with a unit: 90s, 30m, 2h). With
+        /// `--workload`, the longest it may wait.
         #[arg(long, value_parser = parse_duration)]
         duration: u64,
+        /// Keep the vault open until this workload's job ends (it must be
+        /// running; you must be one of its members, or a superuser).
+        #[arg(long, value_name = "NAME")]
+        workload: Option<String>,
         #[command(flatten)]
         id: IdentityArg,
     },
@@ -256,6 +265,32 @@ pub enum TaskCommand {
     Cancel {
         /// Task id.
         task_id: u64,
+        #[command(flatten)]
+        id: IdentityArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCommand {
+    /// The workloads declared in the vault's config.toml, with their state
+    /// (running, frozen, suspended-to-vault, stopped, exited, failed) and
+    /// the mode in force.
+    List {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A workload's output (stdout and stderr), the last BYTES of it. A
+    /// project workload's log lives inside the volume: it can be read only
+    /// while the vault is open. Its members and superusers may read it.
+    Logs {
+        /// The workload.
+        name: String,
+        /// How much of the end of the log (default 64 KiB, at most 4 MiB).
+        #[arg(long)]
+        bytes: Option<u64>,
         #[command(flatten)]
         id: IdentityArg,
     },

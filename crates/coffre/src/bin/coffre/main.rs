@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         C::Leave { id } => vault::leave(id),
         C::Status { id, json } => vault::status(id, json),
         C::Task(t) => vault::task(t),
+        C::Workload(w) => vault::workload(w),
         C::Lock { id, auth, reason } => vault::lock(id, auth, reason),
         C::Unlock { id, auth } => vault::unlock(id, auth),
         C::Mode { mode, id, auth } => vault::mode(id, auth, mode),

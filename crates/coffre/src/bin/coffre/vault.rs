@@ -3,7 +3,7 @@
 
 use crate::cli::{
     AuditCommand, AuthArgs, GatewayCommand, IdentityArg, InitArgs, MemberCommand, ModeChoice,
-    ProtoChoice, RoleChoice, TaskCommand,
+    ProtoChoice, RoleChoice, TaskCommand, WorkloadCommand,
 };
 use crate::secrets;
 use anyhow::{Context, Result, bail};
@@ -445,20 +445,7 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     }
                 }
                 for w in v["workloads"].as_array().into_iter().flatten() {
-                    let pid = w["pid"]
-                        .as_i64()
-                        .map(|p| format!(" (pid {p})"))
-                        .unwrap_or_default();
-                    let note = w["note"].as_str().filter(|n| !n.is_empty());
-                    println!(
-                        "workload: {} [{} {}] {}{pid} since {}{}",
-                        w["name"].as_str().unwrap_or("?"),
-                        w["role"].as_str().unwrap_or("?"),
-                        w["kind"].as_str().unwrap_or("?"),
-                        w["state"].as_str().unwrap_or("?"),
-                        iso(w["since_ms"].as_u64().unwrap_or(0)),
-                        note.map(|n| format!(": {n}")).unwrap_or_default()
-                    );
+                    println!("workload: {}", workload_line(w));
                 }
                 for t in v["tasks"].as_array().into_iter().flatten() {
                     println!(
@@ -476,9 +463,71 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
     }
 }
 
+/// One workload as status and `workload list` show it.
+fn workload_line(w: &serde_json::Value) -> String {
+    let pid = w["pid"]
+        .as_i64()
+        .map(|p| format!(" (pid {p})"))
+        .unwrap_or_default();
+    let note = w["note"].as_str().filter(|n| !n.is_empty());
+    format!(
+        "{} [{} {}] {}{pid} since {}{}",
+        w["name"].as_str().unwrap_or("?"),
+        w["role"].as_str().unwrap_or("?"),
+        w["kind"].as_str().unwrap_or("?"),
+        w["state"].as_str().unwrap_or("?"),
+        iso(w["since_ms"].as_u64().unwrap_or(0)),
+        note.map(|n| format!(": {n}")).unwrap_or_default()
+    )
+}
+
+pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
+    match cmd {
+        WorkloadCommand::List { id, json } => match simple(&id, ApiCommand::Status)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["workloads"])?;
+                } else {
+                    match v["mode_pending"].as_str() {
+                        Some(p) => println!(
+                            "mode: {} in force; {p} from the next close",
+                            v["mode"].as_str().unwrap_or("?")
+                        ),
+                        None => println!("mode: {}", v["mode"].as_str().unwrap_or("?")),
+                    }
+                    for w in v["workloads"].as_array().into_iter().flatten() {
+                        println!("{}", workload_line(w));
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        WorkloadCommand::Logs { name, bytes, id } => {
+            match simple(&id, ApiCommand::WorkloadLogs { name, bytes })? {
+                Ok(v) => {
+                    use base64::Engine;
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(v["log_b64"].as_str().unwrap_or_default())
+                        .unwrap_or_default();
+                    use std::io::Write;
+                    std::io::stdout().write_all(&raw)?;
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+    }
+}
+
 pub fn task(cmd: TaskCommand) -> Result<u8> {
     match cmd {
-        TaskCommand::Add { name, duration, id } => {
+        TaskCommand::Add {
+            name,
+            duration,
+            workload,
+            id,
+        } => {
             let (path, ident) = load_identity(&id)?;
             let session = current_session(&path)?;
             let cmd = ApiCommand::TaskAdd {
@@ -486,14 +535,21 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
                 task_name: name,
                 task_user: Some(ident.member.clone()),
                 task_expire: duration,
+                workload: workload.clone(),
             };
             match runtime()?.block_on(call(&ident, &cmd))? {
                 Ok(v) => {
                     println!("{}", v["task_id"]);
-                    eprintln!(
-                        "coffre: task {} keeps the vault open for {duration} s",
-                        v["task_id"]
-                    );
+                    match workload {
+                        Some(w) => eprintln!(
+                            "coffre: task {} keeps the vault open until workload {w} ends (at most {duration} s)",
+                            v["task_id"]
+                        ),
+                        None => eprintln!(
+                            "coffre: task {} keeps the vault open for {duration} s",
+                            v["task_id"]
+                        ),
+                    }
                     Ok(exit::OK)
                 }
                 Err((code, msg)) => Ok(fail(code, &msg)),
@@ -504,22 +560,6 @@ pub fn task(cmd: TaskCommand) -> Result<u8> {
                 if json {
                     print_json(&v["tasks"])?;
                 } else {
-                    for w in v["workloads"].as_array().into_iter().flatten() {
-                        let pid = w["pid"]
-                            .as_i64()
-                            .map(|p| format!(" (pid {p})"))
-                            .unwrap_or_default();
-                        let note = w["note"].as_str().filter(|n| !n.is_empty());
-                        println!(
-                            "workload: {} [{} {}] {}{pid} since {}{}",
-                            w["name"].as_str().unwrap_or("?"),
-                            w["role"].as_str().unwrap_or("?"),
-                            w["kind"].as_str().unwrap_or("?"),
-                            w["state"].as_str().unwrap_or("?"),
-                            iso(w["since_ms"].as_u64().unwrap_or(0)),
-                            note.map(|n| format!(": {n}")).unwrap_or_default()
-                        );
-                    }
                     for t in v["tasks"].as_array().into_iter().flatten() {
                         println!(
                             "{}\t{}\t{}\t{}",
