@@ -1432,11 +1432,15 @@ impl Shell {
         {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let how = match self.vault.mode() {
+            Mode::Fast => coffre_workload::Pause::Fast,
+            Mode::Safe => coffre_workload::Pause::Safe,
+        };
         let lines = self
             .workloads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .shutdown();
+            .shutdown(how);
         self.workload_audit(lines);
         if let Some(cut) = &self.cut {
             cut.cut();

@@ -106,6 +106,14 @@ pub struct WorkloadConfig {
     /// QEMU: disks, by export name (`disks/NAME.img` in the data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<String>,
+    /// QEMU: accelerators to try, in order (`-machine accel=`; default
+    /// `kvm:tcg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// QEMU: size of a disk image created when one is missing (sparse);
+    /// without it a missing image is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_mb: Option<u64>,
     /// QEMU: extra arguments (devices, network...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_args: Vec<String>,

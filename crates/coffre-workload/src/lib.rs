@@ -15,6 +15,8 @@
 pub mod cgroup;
 pub mod config;
 pub mod log;
+pub mod qmp;
+mod vm;
 
 use cgroup::{Group, Hierarchy};
 use config::{Kind, Role, Settings, WorkloadConfig};
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 /// How long a freeze may take before the workload is killed instead.
 const FREEZE_WITHIN: Duration = Duration::from_secs(2);
 /// How long a kill may take.
-const KILL_WITHIN: Duration = Duration::from_secs(5);
+pub(crate) const KILL_WITHIN: Duration = Duration::from_secs(5);
 
 /// How the vault closes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +139,8 @@ fn now_ms() -> u64 {
 struct Running {
     child: Child,
     group: Group,
+    /// QEMU's control connection.
+    qmp: Option<qmp::Qmp>,
 }
 
 struct Entry {
@@ -180,13 +184,14 @@ impl Entry {
 
 /// All of a vault's workloads.
 pub struct Workloads {
+    settings: Settings,
     paths: Paths,
     hierarchy: Result<Hierarchy, String>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
 }
 
-fn line(action: &str, result: &str, detail: String) -> Line {
+pub(crate) fn line(action: &str, result: &str, detail: String) -> Line {
     (action.to_string(), result.to_string(), detail)
 }
 
@@ -211,7 +216,16 @@ impl Workloads {
         } else {
             Hierarchy::detect(settings.freezer)
         };
+        for e in &mut entries {
+            if e.cfg.kind == Kind::Qemu
+                && paths.run.join(format!("{}.suspended", e.cfg.name)).exists()
+            {
+                e.state = State::SuspendedToVault;
+                e.note = "its state is in the vault; it resumes when the vault opens".into();
+            }
+        }
         let w = Self {
+            settings: settings.clone(),
             paths,
             hierarchy,
             entries,
@@ -315,11 +329,15 @@ impl Workloads {
             match self.entries[i].state {
                 State::Frozen => {
                     let t = Instant::now();
-                    let r = self.entries[i]
-                        .proc
-                        .as_ref()
-                        .map(|p| p.group.thaw())
-                        .unwrap_or(Ok(()));
+                    let r = match self.entries[i].cfg.kind {
+                        Kind::Process => self.entries[i]
+                            .proc
+                            .as_ref()
+                            .map(|p| p.group.thaw())
+                            .unwrap_or(Ok(()))
+                            .map_err(|e| e.to_string()),
+                        Kind::Qemu => self.continue_vm(i),
+                    };
                     match r {
                         Ok(()) => {
                             self.entries[i].set(State::Running, "thawed");
@@ -353,9 +371,13 @@ impl Workloads {
             }
             self.reap_one(i, &mut out);
             if self.entries[i].state == State::Running {
-                match mode {
-                    Pause::Fast => self.freeze(i, &mut out),
-                    Pause::Safe => self.stop(i, "stopped at close (safe mode)", &mut out),
+                match (mode, self.entries[i].cfg.kind) {
+                    (Pause::Fast, Kind::Process) => self.freeze(i, &mut out),
+                    (Pause::Fast, Kind::Qemu) => self.pause_vm(i, &mut out),
+                    (Pause::Safe, Kind::Process) => {
+                        self.stop(i, "stopped at close (safe mode)", &mut out);
+                    }
+                    (Pause::Safe, Kind::Qemu) => self.suspend_vm(i, &mut out),
                 }
             }
             self.entries[i].sink.detach();
@@ -388,16 +410,23 @@ impl Workloads {
             .any(|e| e.cfg.name == name && e.state == State::Running)
     }
 
-    /// Stops everything (daemon shutdown): frozen workloads are killed
-    /// (their memory would not survive anyway), running ones are stopped.
-    pub fn shutdown(&mut self) -> Vec<Line> {
+    /// Stops everything (daemon shutdown, data still exposed). In safe
+    /// mode running VMs are suspended into the vault first, as at a close.
+    /// Frozen workloads are killed: their memory would not survive the
+    /// daemon anyway. Running processes are stopped.
+    pub fn shutdown(&mut self, mode: Pause) -> Vec<Line> {
         let mut out = Vec::new();
         for i in (0..self.entries.len()).rev() {
+            let vm = self.entries[i].cfg.kind == Kind::Qemu;
+            let project = self.entries[i].cfg.role == Role::Project;
             match self.entries[i].state {
+                State::Running if vm && project && mode == Pause::Safe => {
+                    self.suspend_vm(i, &mut out);
+                }
                 State::Running => self.stop(i, "stopped: the daemon stopped", &mut out),
                 State::Frozen => self.kill(
                     i,
-                    "killed: the daemon stopped while it was frozen",
+                    "killed: the daemon stopped while it was frozen (its memory is lost)",
                     &mut out,
                 ),
                 _ => {}
@@ -433,13 +462,22 @@ impl Workloads {
     fn start(&mut self, i: usize, out: &mut Vec<Line>) {
         let name = self.entries[i].cfg.name.clone();
         let r = match self.entries[i].cfg.kind {
-            Kind::Process => self.spawn_process(i),
-            Kind::Qemu => Err("QEMU workloads are not supported yet".to_string()),
+            Kind::Process => self.spawn_process(i).map(|p| (p, false)),
+            Kind::Qemu => self.spawn_vm(i),
         };
         match r {
-            Ok(pid) => {
+            Ok((pid, false)) => {
                 self.entries[i].set(State::Running, "started");
                 out.push(line("workload", "started", format!("{name} (pid {pid})")));
+            }
+            Ok((pid, true)) => {
+                let note = std::mem::take(&mut self.entries[i].note);
+                out.push(line(
+                    "workload",
+                    "resumed",
+                    format!("{name} (pid {pid}): {note}"),
+                ));
+                self.entries[i].set(State::Running, note);
             }
             Err(e) => {
                 self.entries[i].set(State::Failed, format!("could not start: {e}"));
@@ -548,7 +586,11 @@ impl Workloads {
         }
         e.sink.pump(reader);
         let pid = child.id();
-        e.proc = Some(Running { child, group });
+        e.proc = Some(Running {
+            child,
+            group,
+            qmp: None,
+        });
         Ok(pid)
     }
 
@@ -621,7 +663,7 @@ impl Workloads {
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with status {c}"),

@@ -7,4 +7,5 @@ mod harness;
 mod key_gone;
 mod lifecycle;
 mod members;
+mod vms;
 mod workloads;

@@ -1,0 +1,235 @@
+//! QEMU workloads: a real guest under TCG (a Debian cloud kernel and a
+//! busybox initramfs that `scripts/guest-image` builds) counting on its
+//! serial console and writing the count to a disk served over our NBD
+//! socket. Fast mode pauses it across a close; safe mode suspends it into
+//! the volume, across a daemon restart too.
+
+use crate::harness::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Builds (once; later calls are a stamp check) the guest kernel and
+/// initramfs.
+fn guest() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/guest");
+    let st = Command::new(root.join("scripts/guest-image"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/guest-image failed");
+    (out.join("vmlinuz"), out.join("initrd.gz"))
+}
+
+fn vm_config(memory_mb: u32) -> String {
+    let (kernel, initrd) = guest();
+    format!(
+        r#"
+[[workload]]
+name = "counter"
+kind = "qemu"
+memory_mb = {memory_mb}
+accel = "tcg"
+kernel = "{}"
+initrd = "{}"
+append = "console=ttyS0 quiet"
+disks = ["counter"]
+disk_size_mb = 4
+"#,
+        kernel.display(),
+        initrd.display()
+    )
+}
+
+/// The ticks the guest printed so far (from its log, inside the volume).
+fn ticks(v: &Vault) -> Vec<u64> {
+    let log = v.layout().mountpoint.join(".coffre/logs/counter.log");
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+fn last_disk_write(v: &Vault) -> Option<u64> {
+    let log = v.layout().mountpoint.join(".coffre/logs/counter.log");
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("disk ")?.trim().parse().ok())
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vm_state(v: &Vault) -> (String, Option<u32>) {
+    let st = v.status("alice");
+    let w = &st["workloads"][0];
+    (
+        w["state"].as_str().unwrap_or_default().to_string(),
+        w["pid"].as_u64().map(|p| u32::try_from(p).unwrap()),
+    )
+}
+
+/// The disk's first sector, as the guest wrote it (`tick N`).
+fn disk_tick(v: &Vault) -> u64 {
+    let img = std::fs::read(v.layout().mountpoint.join("disks/counter.img")).unwrap();
+    let text = String::from_utf8_lossy(&img[..32]).to_string();
+    text.trim_end_matches('\0')
+        .trim()
+        .strip_prefix("tick ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("sector 0: {text:?}"))
+}
+
+fn leave(v: &Vault, enter: &mut std::process::Child) {
+    ok(&v.cli("alice", &["leave"]));
+    assert_eq!(wait_exit(enter, Duration::from_secs(60)), Some(0));
+    v.wait_state("closed", Duration::from_secs(120));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
+    let mut v = Vault::init(&["--size", "256M"]);
+    v.set_data(4242, 2, &[]);
+    v.set_workloads("auto", &vm_config(128));
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    // Booted, counting, and writing to its NBD disk.
+    wait_for("the guest's disk writes", Duration::from_secs(90), || {
+        last_disk_write(&v).is_some_and(|n| n >= 20)
+    });
+    let (state, qemu) = vm_state(&v);
+    assert_eq!(state, "running");
+    let qemu = qemu.unwrap();
+    assert!(disk_tick(&v) >= 20);
+    let ns = std::fs::read_to_string(format!("/proc/{qemu}/mountinfo")).unwrap();
+    assert!(
+        !ns.contains(v.dir.to_str().unwrap()),
+        "QEMU sees no vault mount"
+    );
+
+    // Fast mode: paused across the close.
+    let before = *ticks(&v).last().unwrap();
+    let t0 = Instant::now();
+    leave(&v, &mut enter);
+    let st = v.status("alice");
+    assert_eq!(st["key_held"], false);
+    assert_eq!(st["data"]["mounted"], false);
+    assert_eq!(vm_state(&v), ("frozen".to_string(), Some(qemu)));
+    std::thread::sleep(Duration::from_secs(4));
+    let mut enter = v.enter_bg("alice", &[]);
+    let after_open = ticks(&v);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let progress = after_open.last().unwrap() - before;
+    // Running all along it would have counted about 10 per second.
+    assert!(
+        (progress as f64) < elapsed * 10.0 - 30.0,
+        "{progress} ticks in {elapsed:.1} s: it ran while closed"
+    );
+    // The same guest carries on, and its disk works again.
+    wait_for(
+        "disk writes after the open",
+        Duration::from_secs(30),
+        || last_disk_write(&v).is_some_and(|n| n > before + 10),
+    );
+    let all = ticks(&v);
+    assert_eq!(
+        all,
+        (1..=all.len() as u64).collect::<Vec<_>>(),
+        "no restart, no gap"
+    );
+    assert!(disk_tick(&v) > before);
+    assert_eq!(vm_state(&v), ("running".to_string(), Some(qemu)));
+
+    // Safe mode: suspended into the volume; QEMU exits.
+    ok(&v.authed("alice", &["mode", "safe"]));
+    let before = *ticks(&v).last().unwrap();
+    leave(&v, &mut enter);
+    assert_eq!(vm_state(&v), ("suspended-to-vault".to_string(), None));
+    assert!(
+        !Path::new(&format!("/proc/{qemu}")).exists() || {
+            let s = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap_or_default();
+            s.contains(") Z ")
+        }
+    );
+    let done = v.audit_details("workload", "suspended");
+    assert_eq!(done.len(), 1, "{done:?}");
+    // The state is only in the encrypted volume: the guest's memory (the
+    // kernel's banner is in it) appears nowhere in the vault directory.
+    for e in walk(&v.dir) {
+        let bytes = std::fs::read(&e).unwrap();
+        assert!(
+            !contains(&bytes, b"Linux version 6."),
+            "{} holds guest memory",
+            e.display()
+        );
+    }
+
+    // Even a daemon restart: the next open resumes it from the vault.
+    v.stop();
+    v.start();
+    assert_eq!(vm_state(&v).0, "suspended-to-vault");
+    let mut enter = v.enter_bg("alice", &[]);
+    wait_for("ticks after the resume", Duration::from_secs(60), || {
+        ticks(&v).last().is_some_and(|&n| n > before + 5)
+    });
+    let all = ticks(&v);
+    assert_eq!(
+        all,
+        (1..=all.len() as u64).collect::<Vec<_>>(),
+        "it continued its count"
+    );
+    let (state, new) = vm_state(&v);
+    assert_eq!(state, "running");
+    assert_ne!(new, Some(qemu));
+    assert!(
+        !v.layout()
+            .mountpoint
+            .join(".coffre/vm/counter.state")
+            .exists()
+    );
+    wait_for(
+        "disk writes after the resume",
+        Duration::from_secs(30),
+        || last_disk_write(&v).is_some_and(|n| n > before + 10),
+    );
+    ok(&v.authed("alice", &["mode", "fast"]));
+    leave(&v, &mut enter);
+    v.stop();
+}
+
+/// Every regular file under `dir`, not crossing into mounts.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).unwrap().dev();
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.dev() != dev {
+                continue;
+            }
+            if m.is_dir() {
+                todo.push(e.path());
+            } else if m.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
