@@ -233,3 +233,54 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A VM that cannot be suspended (its state does not fit in the volume)
+/// does not keep the data exposed: it is killed, the vault closes, and
+/// status and the audit log say why. The next open boots it afresh.
+#[test]
+fn a_vm_that_cannot_be_suspended_is_killed_and_the_vault_still_closes() {
+    let mut v = Vault::init(&["--size", "32M"]);
+    v.set_data(4242, 2, &[]);
+    v.set_workloads("auto", &vm_config(128));
+    v.start();
+    ok(&v.authed("alice", &["mode", "safe"]));
+    let mut enter = v.enter_bg("alice", &[]);
+    wait_for("the guest's ticks", Duration::from_secs(90), || {
+        ticks(&v).len() >= 10
+    });
+    let qemu = vm_state(&v).1.unwrap();
+    leave(&v, &mut enter);
+    let st = v.status("alice");
+    assert_eq!(st["key_held"], false);
+    assert_eq!(st["data"]["mounted"], false);
+    let w = &st["workloads"][0];
+    assert_eq!(w["state"], "failed", "{st}");
+    assert!(
+        w["note"]
+            .as_str()
+            .unwrap()
+            .contains("could not be suspended into the vault"),
+        "{w}"
+    );
+    let killed = v.audit_details("workload", "killed");
+    assert!(killed.iter().any(|d| d.contains("counter")), "{killed:?}");
+    let s = std::fs::read_to_string(format!("/proc/{qemu}/stat")).unwrap_or_default();
+    assert!(s.is_empty() || s.contains(") Z "), "QEMU still runs");
+    // Nothing half-written is left to resume from; it boots again.
+    let mut enter = v.enter_bg("alice", &[]);
+    let vm_dir = v.layout().mountpoint.join(".coffre/vm");
+    let left: Vec<_> = std::fs::read_dir(&vm_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    wait_for("a fresh boot", Duration::from_secs(90), || {
+        std::fs::read_to_string(v.layout().mountpoint.join(".coffre/logs/counter.log"))
+            .unwrap_or_default()
+            .matches("guest up")
+            .count()
+            == 2
+    });
+    ok(&v.authed("alice", &["mode", "fast"]));
+    leave(&v, &mut enter);
+    v.stop();
+}
