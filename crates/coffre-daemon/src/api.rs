@@ -162,6 +162,8 @@ pub enum ApiCommand {
     GatewayProfile,
     /// The end of a workload's log.
     WorkloadLogs {
+        /// The reader's live session (logs may hold the team's data).
+        session: u64,
         /// The workload.
         name: String,
         /// How many bytes of the end of the log (default 64 KiB).

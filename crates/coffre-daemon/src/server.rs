@@ -85,6 +85,12 @@ enum Msg {
     Link(crate::gateway::LinkEvent),
     /// The core's answer to a VPN client's `enter`.
     VpnAnswer(gateway_shell::VpnAnswer),
+    /// Workloads that ended by themselves, and the bound tasks' workloads
+    /// that are not running.
+    Reaped {
+        lines: Vec<coffre_workload::Line>,
+        ended: Vec<String>,
+    },
     Tick,
     Shutdown(oneshot::Sender<()>),
 }
@@ -146,6 +152,8 @@ struct Shell {
     workload_rows: Arc<RwLock<Vec<coffre_workload::Row>>>,
     /// The data as project workloads see it (if any is declared).
     cut: Option<Arc<coffre_data::cut::CutLayer>>,
+    /// Set while a reap runs off the actor.
+    reaping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn refusal_status(code: Refusal) -> u16 {
@@ -227,14 +235,14 @@ impl Shell {
         json!(rows)
     }
 
-    /// Notices workloads that ended by themselves (skipped while an open or
-    /// a close is working on them), and ends the tasks that waited for
-    /// them.
+    /// Notices workloads that ended by themselves, off the actor (what
+    /// they left in their cgroup is killed, which may take a moment), and
+    /// finds the tasks that waited for them. Skipped while an open or a
+    /// close is working on the workloads, or a reap is still running.
     fn reap_workloads(&mut self) {
-        let Ok(mut w) = self.workloads.try_lock() else {
+        if self.reaping.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
-        };
-        let (lines, _) = w.reap();
+        }
         let bound: std::collections::BTreeSet<String> = self
             .vault
             .status()
@@ -242,8 +250,23 @@ impl Shell {
             .into_iter()
             .filter_map(|t| t.workload)
             .collect();
-        let ended: Vec<String> = bound.into_iter().filter(|n| !w.is_running(n)).collect();
-        drop(w);
+        let workloads = self.workloads.clone();
+        let reaping = self.reaping.clone();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let found = workloads.try_lock().ok().map(|mut w| {
+                let (lines, _) = w.reap();
+                let ended: Vec<String> = bound.into_iter().filter(|n| !w.is_running(n)).collect();
+                (lines, ended)
+            });
+            reaping.store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Some((lines, ended)) = found {
+                let _ = tx.send(Msg::Reaped { lines, ended });
+            }
+        });
+    }
+
+    fn reaped(&mut self, lines: Vec<coffre_workload::Line>, ended: Vec<String>) {
         self.workload_audit(lines);
         for name in ended {
             self.run(Event::WorkloadEnded { name });
@@ -299,21 +322,20 @@ impl Shell {
     /// The end of a workload's log, read off the actor (a project log is
     /// on the data).
     fn workload_logs(
-        &self,
+        &mut self,
         member: &str,
         name: &str,
         bytes: Option<u64>,
         reply: oneshot::Sender<Answer>,
     ) {
-        let cfg = match self.may_use(member, name) {
-            Ok(c) => c,
+        let project = match self.may_use(member, name) {
+            Ok(c) => c.role == coffre_workload::config::Role::Project,
             Err(answer) => {
                 let _ = reply.send(answer);
                 return;
             }
         };
-        if cfg.role == coffre_workload::config::Role::Project && self.vault.status().state != "open"
-        {
+        if project && self.vault.status().state != "open" {
             let _ = reply.send((
                 409,
                 json!({"ok": false, "error": "closed", "message": "a project workload's log is inside the volume: it can be read while the vault is open"}),
@@ -333,8 +355,25 @@ impl Shell {
             return;
         };
         let max = bytes.unwrap_or(64 * 1024).clamp(1, 4 << 20);
+        self.system_audit(
+            "workload_logs",
+            "ok",
+            format!("{member} read the last {max} bytes of {name}'s log"),
+        );
+        let exposure = self.exposure.clone();
         tokio::task::spawn_blocking(move || {
             use base64::Engine;
+            // Under the exposure's lock: a close waits for the read (an
+            // open descriptor on the data would make its unmount fail),
+            // and a read never lands on the bare mountpoint after one.
+            let g = exposure.lock().unwrap_or_else(|p| p.into_inner());
+            if project && g.as_ref().is_none_or(coffre_data::Exposure::is_closed) {
+                let _ = reply.send((
+                    409,
+                    json!({"ok": false, "error": "closed", "message": "a project workload's log is inside the volume: it can be read while the vault is open"}),
+                ));
+                return;
+            }
             let answer = match coffre_workload::log::tail(&path, max) {
                 Ok(b) => (
                     200,
@@ -348,6 +387,7 @@ impl Shell {
                     json!({"ok": false, "error": "failure", "message": format!("reading the log: {e}")}),
                 ),
             };
+            drop(g);
             let _ = reply.send(answer);
         });
     }
@@ -514,7 +554,18 @@ impl Shell {
                 let _ = reply.send(answer);
                 return;
             }
-            ApiCommand::WorkloadLogs { name, bytes } => {
+            ApiCommand::WorkloadLogs {
+                session,
+                name,
+                bytes,
+            } => {
+                if self.vault.session_member(SessionId(session)) != Some(member.as_str()) {
+                    let _ = reply.send((
+                        409,
+                        json!({"ok": false, "error": "no_session", "message": "reading a workload's log needs your live session: run `coffre enter` first"}),
+                    ));
+                    return;
+                }
                 self.workload_logs(&member, &name, bytes, reply);
                 return;
             }
@@ -1665,13 +1716,6 @@ pub async fn serve(
     // A daemon killed while open leaves its mount, loop device, FUSE
     // file and socket behind: take them down before anything else.
     let layout = vd.data_layout(&config);
-    let cleaned = tokio::task::spawn_blocking({
-        let layout = layout.clone();
-        let grace = Duration::from_secs(config.data.close_grace_s);
-        move || coffre_data::cleanup_stale(&layout, grace)
-    })
-    .await
-    .unwrap_or_default();
     let workloads = coffre_workload::Workloads::new(
         &config.workloads,
         &config.workload,
@@ -1680,10 +1724,21 @@ pub async fn serve(
             run: dir.join("run").join("workloads"),
             data: layout.mountpoint.clone(),
             view: dir.join("run").join("view"),
+            cover: (layout.mountpoint.parent() == Some(dir.as_path())).then(|| dir.clone()),
             hide: coffre_data::system::vault_mounts,
             nbd_socket: layout.nbd_socket.clone(),
         },
     );
+    // What a crashed daemon left running goes first (it may still be
+    // using the data), then the data stack it left.
+    let stale_workloads = workloads.cleanup_stale();
+    let cleaned = tokio::task::spawn_blocking({
+        let layout = layout.clone();
+        let grace = Duration::from_secs(config.data.close_grace_s);
+        move || coffre_data::cleanup_stale(&layout, grace)
+    })
+    .await
+    .unwrap_or_default();
     let mut shell = Shell {
         dir: vd,
         vault: Vault::new(persistent),
@@ -1713,6 +1768,7 @@ pub async fn serve(
         workload_rows: workloads.view(),
         workloads: Arc::new(std::sync::Mutex::new(workloads)),
         cut: None,
+        reaping: Arc::default(),
     };
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the
@@ -1736,12 +1792,7 @@ pub async fn serve(
     for line in cleaned {
         shell.system_audit("cleanup", "ok", line);
     }
-    let lines = shell
-        .workloads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .cleanup_stale();
-    shell.workload_audit(lines);
+    shell.workload_audit(stale_workloads);
     if shell
         .config
         .workload
@@ -1842,6 +1893,7 @@ pub async fn serve(
             Msg::Unexposed { result, lines } => shell.unexposed(result, lines),
             Msg::Link(ev) => shell.link_event(ev),
             Msg::VpnAnswer(a) => shell.vpn_answer(a),
+            Msg::Reaped { lines, ended } => shell.reaped(lines, ended),
             Msg::Tick => {
                 shell.reap_workloads();
                 shell.expire_invitations();

@@ -159,25 +159,44 @@ impl Layer {
     }
 
     /// Looks `name` up in `parent` and counts one kernel reference to it.
-    fn entry(&self, live: &Live, parent: &OwnedFd, name: &OsStr) -> Result<FileAttr, Errno> {
-        let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(rerr)?;
+    /// The name is resolved once: the attributes and the handle both come
+    /// from the descriptor that resolution gave, so a rename between the
+    /// two can never pair one file's attributes with another's handle.
+    fn entry(&self, live: &Live, parent: &OwnedFd, name: &OsStr) -> Result<(FileAttr, u64), Errno> {
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(rerr)?;
+        self.node(live, fd)
+    }
+
+    /// Counts one kernel reference to the file `fd` refers to; returns its
+    /// attributes and generation.
+    fn node(&self, live: &Live, fd: OwnedFd) -> Result<(FileAttr, u64), Errno> {
+        let st = rustix::fs::fstat(&fd).map_err(rerr)?;
         let attr = self.attr(live, &st);
-        if attr.ino.0 != 1 {
-            let handle = FileHandle::of(parent.as_fd(), Path::new(name)).map_err(errno)?;
-            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            let node = maps.nodes.entry(attr.ino.0).or_insert(Node {
-                handle: handle.clone(),
-                lookups: 0,
-                fd: None,
-            });
-            if node.handle != handle {
-                // The inode number was reused by a new file.
-                node.handle = handle;
-                node.fd = None;
-            }
-            node.lookups += 1;
+        if attr.ino.0 == 1 {
+            return Ok((attr, 0));
         }
-        Ok(attr)
+        let handle = FileHandle::of(fd.as_fd(), Path::new("")).map_err(errno)?;
+        let generation = handle.fingerprint();
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let node = maps.nodes.entry(attr.ino.0).or_insert(Node {
+            handle: handle.clone(),
+            lookups: 0,
+            fd: None,
+        });
+        if node.handle != handle {
+            // The inode number was reused by a new file.
+            node.handle = handle;
+            node.lookups = 0;
+        }
+        node.fd = Some(Arc::new(fd));
+        node.lookups += 1;
+        Ok((attr, generation))
     }
 
     fn with_live<T>(&self, f: impl FnOnce(&Live) -> Result<T, Errno>) -> Result<T, Errno> {
@@ -194,28 +213,19 @@ impl Layer {
         open.file.clone().ok_or(Errno::EIO)
     }
 
-    /// Gives a new file to the caller (`req`): the owner is the caller; the
-    /// group is the caller's, or the directory's if it is setgid (ext4 did
-    /// that already).
-    fn give(&self, parent: &OwnedFd, name: &OsStr, req: &Request) -> Result<(), Errno> {
-        let pst = rustix::fs::fstat(parent).map_err(rerr)?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            None
-        } else {
-            Some(rustix::fs::Gid::from_raw(req.gid()))
-        };
-        rustix::fs::chownat(
-            parent,
-            name,
-            Some(rustix::fs::Uid::from_raw(req.uid())),
-            gid,
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(rerr)
+    /// This thread acts as the requesting process on the filesystem until
+    /// the guard drops: the kernel checks its rights and makes new files
+    /// its own (the directory's group when setgid), atomically.
+    fn as_caller(req: &Request) -> Result<coffre_sys::caller::AsCaller, Errno> {
+        coffre_sys::caller::AsCaller::new(req.uid(), req.gid(), &caller_groups(req.pid()))
+            .map_err(errno)
     }
 
     fn proc_path(fd: &OwnedFd) -> PathBuf {
-        use std::os::fd::AsRawFd;
+        Layer::proc_path_of(fd)
+    }
+
+    fn proc_path_of(fd: &impl std::os::fd::AsRawFd) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
     }
 }
@@ -226,7 +236,7 @@ impl Filesystem for Layer {
             let p = self.fd(live, parent.0)?;
             self.entry(live, &p, name)
         }) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
             Err(e) => reply.error(e),
         }
     }
@@ -361,19 +371,36 @@ impl Filesystem for Layer {
     ) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
-            rustix::fs::mkdirat(&*p, name, Mode::from_raw_mode(mode & !umask & 0o7777))
-                .map_err(rerr)?;
-            self.give(&p, name, req)?;
+            let want = mode & !umask & 0o7777;
+            {
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::mkdirat(&*p, name, Mode::from_raw_mode(want)).map_err(rerr)?;
+                // The daemon's own umask applied too; setgid comes from the
+                // parent. As the caller, a renamed name can only lead to
+                // the caller's own files.
+                let st = rustix::fs::statat(&*p, name, AtFlags::SYMLINK_NOFOLLOW).map_err(rerr)?;
+                let keep = st.st_mode & libc::S_ISGID;
+                if st.st_mode & 0o7777 != want | keep {
+                    rustix::fs::chmodat(
+                        &*p,
+                        name,
+                        Mode::from_raw_mode(want | keep),
+                        AtFlags::empty(),
+                    )
+                    .map_err(rerr)?;
+                }
+            }
             self.entry(live, &p, name)
         }) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
             Err(e) => reply.error(e),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
+            let _me = Layer::as_caller(req)?;
             rustix::fs::unlinkat(&*p, name, AtFlags::empty()).map_err(rerr)
         }) {
             Ok(()) => reply.ok(),
@@ -381,9 +408,10 @@ impl Filesystem for Layer {
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
+            let _me = Layer::as_caller(req)?;
             rustix::fs::unlinkat(&*p, name, AtFlags::REMOVEDIR).map_err(rerr)
         }) {
             Ok(()) => reply.ok(),
@@ -401,18 +429,20 @@ impl Filesystem for Layer {
     ) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
-            rustix::fs::symlinkat(target, &*p, link_name).map_err(rerr)?;
-            self.give(&p, link_name, req)?;
+            {
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::symlinkat(target, &*p, link_name).map_err(rerr)?;
+            }
             self.entry(live, &p, link_name)
         }) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
             Err(e) => reply.error(e),
         }
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -424,6 +454,7 @@ impl Filesystem for Layer {
             let p = self.fd(live, parent.0)?;
             let np = self.fd(live, newparent.0)?;
             let f = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+            let _me = Layer::as_caller(req)?;
             rustix::fs::renameat_with(&*p, name, &*np, newname, f).map_err(rerr)
         }) {
             Ok(()) => reply.ok(),
@@ -433,7 +464,7 @@ impl Filesystem for Layer {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -442,10 +473,22 @@ impl Filesystem for Layer {
         match self.with_live(|live| {
             let fd = self.fd(live, ino.0)?;
             let np = self.fd(live, newparent.0)?;
-            rustix::fs::linkat(&*fd, "", &*np, newname, AtFlags::EMPTY_PATH).map_err(rerr)?;
+            {
+                // Through /proc (no capability needed), as the caller: the
+                // kernel's hard-link protections apply to them.
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    Layer::proc_path(&fd),
+                    &*np,
+                    newname,
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(rerr)?;
+            }
             self.entry(live, &np, newname)
         }) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
             Err(e) => reply.error(e),
         }
     }
@@ -680,28 +723,44 @@ impl Filesystem for Layer {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let keep = libc::O_ACCMODE
-            | libc::O_APPEND
-            | libc::O_SYNC
-            | libc::O_DSYNC
-            | libc::O_EXCL
-            | libc::O_TRUNC;
+        let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_TRUNC;
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
-            let oflags = OFlags::from_bits_retain(
-                u32::try_from((flags & keep) | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                    .unwrap_or(0),
-            );
-            let fd = rustix::fs::openat(
-                &*p,
-                name,
-                oflags,
-                Mode::from_raw_mode(mode & !umask & 0o7777),
+            let want = mode & !umask & 0o7777;
+            let base = (flags & keep) | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+            let oflags =
+                |extra: i32| OFlags::from_bits_retain(u32::try_from(base | extra).unwrap_or(0));
+            let fd = {
+                let _me = Layer::as_caller(req)?;
+                // Always exclusive: the file we hand back is the one this
+                // call made. If the name appeared since the kernel's
+                // lookup, open it as the caller (unless they asked O_EXCL).
+                match rustix::fs::openat(
+                    &*p,
+                    name,
+                    oflags(libc::O_CREAT | libc::O_EXCL),
+                    Mode::from_raw_mode(want),
+                ) {
+                    Ok(fd) => {
+                        // The daemon's umask applied too.
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(want)).map_err(rerr)?;
+                        fd
+                    }
+                    Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
+                        rustix::fs::openat(&*p, name, oflags(0), Mode::empty()).map_err(rerr)?
+                    }
+                    Err(e) => return Err(rerr(e)),
+                }
+            };
+            let handle = FileHandle::of(fd.as_fd(), Path::new("")).map_err(errno)?;
+            let path = rustix::fs::openat(
+                rustix::fs::CWD,
+                Layer::proc_path_of(&fd),
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
             )
             .map_err(rerr)?;
-            self.give(&p, name, req)?;
-            let attr = self.entry(live, &p, name)?;
-            let handle = FileHandle::of(fd.as_fd(), Path::new("")).map_err(errno)?;
+            let (attr, generation) = self.node(live, path)?;
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             maps.next_fh += 1;
             let fh = maps.next_fh;
@@ -716,18 +775,35 @@ impl Filesystem for Layer {
                     lost: false,
                 },
             );
-            Ok((attr, fh))
+            Ok((attr, generation, fh))
         }) {
-            Ok((a, fh)) => reply.created(
+            Ok((a, g, fh)) => reply.created(
                 &TTL,
                 &a,
-                Generation(0),
+                Generation(g),
                 fuser::FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO,
             ),
             Err(e) => reply.error(e),
         }
     }
+}
+
+/// The supplementary groups of process `pid` (from `/proc/PID/status`);
+/// none if it is gone.
+fn caller_groups(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// What a restore found.
@@ -744,6 +820,7 @@ pub struct Restored {
 pub struct CutLayer {
     layer: Arc<Layer>,
     session: Option<fuser::BackgroundSession>,
+    notifier: fuser::Notifier,
     at: PathBuf,
 }
 
@@ -769,10 +846,11 @@ impl CutLayer {
         config.acl = SessionACL::All;
         config.n_threads = Some(2);
         let at = at.canonicalize()?;
-        let session = fuser::Session::new(Shared(layer.clone()), &at, &config)?;
+        let session = fuser::Session::new(Shared(layer.clone()), &at, &config)?.spawn()?;
         Ok(Self {
             layer,
-            session: Some(session.spawn()?),
+            notifier: session.notifier(),
+            session: Some(session),
             at,
         })
     }
@@ -819,6 +897,17 @@ impl CutLayer {
     /// Closes everything the layer holds on the data (after requests in
     /// flight finish). Returns how many open files it let go of.
     pub fn cut(&self) -> usize {
+        // Direct I/O keeps reads and writes out of the page cache, but not
+        // executables and private mappings: drop whatever the kernel
+        // cached of every file we know (dirty shared pages are written
+        // back first, so this runs while we still pass through).
+        let inos: Vec<u64> = {
+            let maps = self.layer.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.nodes.keys().copied().collect()
+        };
+        for ino in inos {
+            let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
         let mut live = self.layer.live.write().unwrap_or_else(|p| p.into_inner());
         let mut maps = self.layer.maps.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
@@ -980,6 +1069,74 @@ mod tests {
             "a file deleted while cut stays lost"
         );
         drop((f, g));
+
+        // A member (uid 5001, in the team's group 4242) works through the
+        // layer as themselves: the kernel checks their rights, new files
+        // are theirs, the setgid directory's group is kept, their umask is
+        // honoured and the daemon's is not added.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let shared = mnt.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::os::unix::fs::chown(&shared, Some(0), Some(4242)).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        std::fs::write(shared.join("root-only"), b"secret").unwrap();
+        std::fs::set_permissions(
+            shared.join("root-only"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let member = |script: &str| {
+            Command::new("setpriv")
+                .args([
+                    "--reuid=5001",
+                    "--regid=5001",
+                    "--groups=4242",
+                    "--",
+                    "sh",
+                    "-c",
+                ])
+                .arg(format!(
+                    "umask 002; cd {} && {script}",
+                    view.join("shared").display()
+                ))
+                .output()
+                .unwrap()
+        };
+        let out = member("mkdir d && echo hi > d/f && ln -s f d/l && ln d/f d/hard && mv d/f d/g");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta = |p: &str| std::fs::symlink_metadata(shared.join(p)).unwrap();
+        assert_eq!(
+            (meta("d").uid(), meta("d").gid(), meta("d").mode() & 0o7777),
+            (5001, 4242, 0o2775)
+        );
+        assert_eq!(
+            (
+                meta("d/g").uid(),
+                meta("d/g").gid(),
+                meta("d/g").mode() & 0o7777
+            ),
+            (5001, 4242, 0o664)
+        );
+        assert_eq!((meta("d/l").uid(), meta("d/l").gid()), (5001, 4242));
+        assert_eq!(meta("d/hard").ino(), meta("d/g").ino());
+        // What they may not do, they cannot do through the layer either.
+        let out = member("cat root-only");
+        assert!(!out.status.success());
+        let out = member("chmod 644 root-only || chown 5001 root-only");
+        assert!(!out.status.success());
+        assert_eq!(meta("root-only").mode() & 0o777, 0o600);
+        let out = member("rm -r d");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!shared.join("d").exists());
+
         drop(layer);
         run(Command::new("umount").arg(&mnt));
     }

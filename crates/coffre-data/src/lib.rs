@@ -572,6 +572,13 @@ fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
     set(&root, 0, own.team_gid, 0o3770)?;
     set(&sub(&root, "shared")?, 0, own.team_gid, 0o2770)?;
     set(&sub(&root, "disks")?, 0, 0, 0o700)?;
+    // The daemon's own corner (workloads' logs and VM states): root's
+    // alone, so nothing under it can be swapped for a symlink.
+    let own_dir = sub(&root, ".coffre")?;
+    set(&own_dir, 0, 0, 0o700)?;
+    for name in ["logs", "vm"] {
+        set(&sub(&own_dir, name)?, 0, 0, 0o700)?;
+    }
     let home = sub(&root, "home")?;
     set(&home, 0, own.team_gid, 0o2750)?;
     for (name, uid, gid) in &own.members {

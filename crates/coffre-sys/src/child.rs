@@ -34,12 +34,21 @@ pub struct ChildSetup {
     pub detach: Vec<PathBuf>,
     /// ...and these bind mounts made afterwards.
     pub binds: Vec<Bind>,
+    /// A fresh tmpfs mounted here (after the detaches, before the binds),
+    /// hiding what the host has below it: a vault directory is root's
+    /// alone, and a workload running as a member must still reach the
+    /// data's path inside it. Bind targets under it are created.
+    pub cover: Option<PathBuf>,
     /// Whether to make a private mount namespace at all.
     pub private_mounts: bool,
     /// Working directory, entered last (after the mounts, so it is the
     /// namespace's view of that path).
     pub cwd: Option<PathBuf>,
 }
+
+/// Where bind sources are opened in the child (far above what a fresh
+/// child uses; close-on-exec, so the command never sees them).
+const SOURCE_FD: libc::c_int = 900;
 
 fn cstring(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes())
@@ -62,11 +71,23 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
         .iter()
         .map(|p| cstring(p))
         .collect::<io::Result<_>>()?;
-    let binds: Vec<(CString, CString)> = setup
-        .binds
-        .iter()
-        .map(|b| Ok((cstring(&b.from)?, cstring(&b.to)?)))
-        .collect::<io::Result<_>>()?;
+    // Bind sources are opened in the child's namespace (a descriptor from
+    // the parent's would name a mount of another namespace), before a
+    // cover hides their paths, at fixed descriptor numbers whose /proc
+    // paths are prepared here.
+    let mut binds: Vec<(CString, libc::c_int, CString, CString)> = Vec::new();
+    for (i, b) in setup.binds.iter().enumerate() {
+        let slot = SOURCE_FD + libc::c_int::try_from(i).unwrap_or(0);
+        binds.push((
+            cstring(&b.from)?,
+            slot,
+            cstring(Path::new(&format!("/proc/self/fd/{slot}")))?,
+            cstring(&b.to)?,
+        ));
+    }
+    let cover = setup.cover.as_deref().map(cstring).transpose()?;
+    let tmpfs = cstring(Path::new("tmpfs"))?;
+    let tmpfs_opts = cstring(Path::new("mode=0755,size=64k"))?;
     let root = cstring(Path::new("/"))?;
     let cwd = setup.cwd.as_deref().map(cstring).transpose()?;
     let procs = setup.cgroup_procs;
@@ -106,7 +127,46 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                 // SAFETY: a valid NUL-terminated path.
                 let _ = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
             }
-            for (from, to) in &binds {
+            for (from, slot, _, _) in &binds {
+                // SAFETY: a valid NUL-terminated path; plain flags.
+                let fd = unsafe {
+                    libc::open(
+                        from.as_ptr(),
+                        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                    )
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: two descriptor numbers; the new one is
+                // close-on-exec like the first.
+                let rc = unsafe { libc::dup3(fd, *slot, libc::O_CLOEXEC) };
+                // SAFETY: `fd` is ours.
+                unsafe { libc::close(fd) };
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(c) = &cover {
+                // SAFETY: valid NUL-terminated strings that live in this
+                // closure.
+                check(unsafe {
+                    libc::mount(
+                        tmpfs.as_ptr(),
+                        c.as_ptr(),
+                        tmpfs.as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        tmpfs_opts.as_ptr().cast(),
+                    )
+                })?;
+            }
+            for (_, _, from, to) in &binds {
+                if cover.is_some() {
+                    // Under the cover the target does not exist yet (one
+                    // level: the data's mountpoint is a direct child).
+                    // SAFETY: a valid NUL-terminated path.
+                    let _ = unsafe { libc::mkdir(to.as_ptr(), 0o755) };
+                }
                 // SAFETY: valid NUL-terminated paths, null type and data.
                 check(unsafe {
                     libc::mount(
@@ -119,6 +179,10 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                 })?;
             }
         }
+        // Nothing it runs can gain privileges (setuid files, file
+        // capabilities).
+        // SAFETY: prctl with plain integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
         if let Some((uid, gid, groups)) = &creds {
             // SAFETY: the slice is valid for its length.
             check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod aws_lc;
+pub mod caller;
 pub mod child;
 pub mod handle;
 

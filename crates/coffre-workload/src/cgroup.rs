@@ -110,6 +110,17 @@ impl Hierarchy {
         }
     }
 
+    /// Removes a vault's (empty) groups and its scope directory.
+    pub fn remove_scope(&self, scope: &str) {
+        for g in self.groups(scope) {
+            g.remove();
+        }
+        let _ = fs::remove_dir(self.root.join(scope));
+        if let Some(m) = &self.memory_v1 {
+            let _ = fs::remove_dir(m.join(scope));
+        }
+    }
+
     /// Every workload group a vault's daemon left (for the crash clean-up).
     pub fn groups(&self, scope: &str) -> Vec<Group> {
         let Ok(rd) = fs::read_dir(self.root.join(scope)) else {
@@ -180,12 +191,17 @@ impl Group {
         self.path.is_dir()
     }
 
+    /// Asks the kernel to freeze it (without waiting).
+    pub fn request_freeze(&self) -> io::Result<()> {
+        match self.kind {
+            FreezerKind::V2 => write(&self.path.join("cgroup.freeze"), "1"),
+            FreezerKind::V1 => write(&self.path.join("freezer.state"), "FROZEN"),
+        }
+    }
+
     /// Freezes it and waits until every task is frozen.
     pub fn freeze(&self, within: Duration) -> io::Result<()> {
-        match self.kind {
-            FreezerKind::V2 => write(&self.path.join("cgroup.freeze"), "1")?,
-            FreezerKind::V1 => write(&self.path.join("freezer.state"), "FROZEN")?,
-        }
+        self.request_freeze()?;
         let until = Instant::now() + within;
         loop {
             if self.is_frozen() {
@@ -197,7 +213,7 @@ impl Group {
                     format!("not frozen after {} ms", within.as_millis()),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -222,28 +238,39 @@ impl Group {
 
     /// Sends `sig` to every process in it.
     pub fn signal(&self, sig: rustix::process::Signal) {
+        // Frozen, no process of the group can exit, so no pid read from
+        // cgroup.procs can be reused by someone else before the signal.
+        let was_frozen = self.is_frozen();
+        let _ = self.freeze(Duration::from_millis(500));
         for pid in self.pids() {
             if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(p, sig);
             }
         }
+        if !was_frozen {
+            let _ = self.thaw();
+        }
     }
 
-    /// Kills everything in it (thawing first: a v1-frozen task does not
-    /// die until thawed) and waits until it is empty, then removes it.
-    /// Returns how many processes were killed.
+    /// Kills everything in it and waits until it is empty, then removes
+    /// it. Returns how many processes were killed. v2: `cgroup.kill` (the
+    /// kernel kills the group, frozen or not, with no pid race); v1:
+    /// signals while frozen, then a thaw (a v1-frozen task only dies once
+    /// thawed).
     pub fn kill_all(&self, within: Duration) -> io::Result<usize> {
         if !self.exists() {
             return Ok(0);
         }
         let n = self.pids().len();
-        if self.kind == FreezerKind::V2 && self.path.join("cgroup.kill").exists() {
-            write(&self.path.join("cgroup.kill"), "1")?;
-        }
+        let has_kill = self.kind == FreezerKind::V2 && self.path.join("cgroup.kill").exists();
         let until = Instant::now() + within;
         loop {
-            self.signal(rustix::process::Signal::KILL);
-            let _ = self.thaw();
+            if has_kill {
+                write(&self.path.join("cgroup.kill"), "1")?;
+            } else {
+                self.signal(rustix::process::Signal::KILL);
+                let _ = self.thaw();
+            }
             if self.pids().is_empty() {
                 break;
             }

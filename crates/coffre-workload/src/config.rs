@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// `[workloads]`: settings for all of them.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Which cgroup freezer to use.
@@ -32,6 +32,24 @@ pub struct Settings {
     /// The QEMU binary (default `qemu-system-x86_64` on `PATH`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<PathBuf>,
+    /// How long a process workload may take to freeze at a fast close
+    /// before it is killed instead, ms.
+    #[serde(default = "default_freeze_timeout")]
+    pub freeze_timeout_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            freezer: crate::cgroup::FreezerChoice::default(),
+            qemu: None,
+            freeze_timeout_ms: default_freeze_timeout(),
+        }
+    }
+}
+
+fn default_freeze_timeout() -> u64 {
+    5000
 }
 
 /// What a workload is.
@@ -76,9 +94,17 @@ pub struct WorkloadConfig {
     /// Process: the program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
-    /// Process: the user to run as (default root).
+    /// Process: the user to run as, by name or numeric uid. Required:
+    /// `"root"` must be asked for on purpose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Process: primary group id (default: the user's, or the uid for a
+    /// numeric user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Process: more supplementary group ids (e.g. the team's group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
     /// Process: working directory (project: relative to the data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<PathBuf>,
@@ -94,7 +120,7 @@ pub struct WorkloadConfig {
     /// QEMU: virtual CPUs (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
-    /// QEMU: kernel to boot directly (host path, or relative to the data).
+    /// QEMU: kernel to boot directly (absolute path on the host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     /// QEMU: its initramfs.
@@ -142,6 +168,11 @@ impl WorkloadConfig {
                 if self.command.is_empty() {
                     return Err(format!("workload {n}: `command` is required for a process"));
                 }
+                if self.user.as_deref().is_none_or(str::is_empty) {
+                    return Err(format!(
+                        "workload {n}: set `user` (a user name or a numeric uid; \"root\" only on purpose: a root workload is root on the host)"
+                    ));
+                }
                 if self.disks.len() + self.qemu_args.len() > 0 || self.kernel.is_some() {
                     return Err(format!(
                         "workload {n}: disks, kernel and qemu_args are for kind = \"qemu\""
@@ -166,6 +197,13 @@ impl WorkloadConfig {
                 }
             }
             Kind::Qemu => {
+                for (what, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+                    if p.as_ref().is_some_and(|p| !p.is_absolute()) {
+                        return Err(format!(
+                            "workload {n}: `{what}` must be an absolute path on the host"
+                        ));
+                    }
+                }
                 if !self.command.is_empty() || self.user.is_some() {
                     return Err(format!(
                         "workload {n}: command and user are for kind = \"process\""

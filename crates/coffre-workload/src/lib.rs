@@ -26,8 +26,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// How long a freeze may take before the workload is killed instead.
-const FREEZE_WITHIN: Duration = Duration::from_secs(2);
 /// How long a kill may take.
 pub(crate) const KILL_WITHIN: Duration = Duration::from_secs(5);
 
@@ -51,6 +49,11 @@ pub struct Paths {
     pub data: PathBuf,
     /// The cut layer's mountpoint (project processes see it at `data`).
     pub view: PathBuf,
+    /// Hidden under an empty tmpfs in workloads' namespaces (the vault
+    /// directory, when the data's mountpoint is directly in it): its
+    /// files are none of theirs, and a member's workload must reach the
+    /// data's path.
+    pub cover: Option<PathBuf>,
     /// Mounts a workload's namespace must not keep a copy of (asked
     /// afresh at each start: other vaults on the host come and go).
     pub hide: fn() -> Vec<PathBuf>,
@@ -139,6 +142,8 @@ fn now_ms() -> u64 {
 struct Running {
     child: Child,
     group: Group,
+    /// The thread pumping its output into its log.
+    pump: Option<std::thread::JoinHandle<()>>,
     /// QEMU's control connection.
     qmp: Option<qmp::Qmp>,
 }
@@ -189,6 +194,11 @@ pub struct Workloads {
     hierarchy: Result<Hierarchy, String>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
+}
+
+/// Milliseconds since `t`, to a tenth (pauses take well under one).
+pub(crate) fn ms(t: Instant) -> String {
+    format!("{:.1}", t.elapsed().as_secs_f64() * 1000.0)
 }
 
 pub(crate) fn line(action: &str, result: &str, detail: String) -> Line {
@@ -318,10 +328,13 @@ impl Workloads {
     /// thaw, in order.
     pub fn resume(&mut self) -> Vec<Line> {
         let mut out = Vec::new();
+        let t = Instant::now();
+        let mut n = 0;
         for i in 0..self.entries.len() {
             if self.entries[i].cfg.role != Role::Project {
                 continue;
             }
+            n += usize::from(self.entries[i].state != State::Running);
             let name = self.entries[i].cfg.name.clone();
             if let Err(e) = self.entries[i].sink.attach(&self.paths.project_log(&name)) {
                 out.push(line("workload", "note", format!("{name}: log file: {e}")));
@@ -344,7 +357,7 @@ impl Workloads {
                             out.push(line(
                                 "workload",
                                 "thawed",
-                                format!("{name} in {} ms", t.elapsed().as_millis()),
+                                format!("{name} in {} ms", crate::ms(t)),
                             ));
                         }
                         Err(e) => {
@@ -356,6 +369,13 @@ impl Workloads {
                 _ => self.start(i, &mut out),
             }
         }
+        if n > 0 {
+            out.push(line(
+                "workloads",
+                "resumed",
+                format!("{n} workload(s) in {} ms", crate::ms(t)),
+            ));
+        }
         self.publish();
         out
     }
@@ -365,12 +385,32 @@ impl Workloads {
     /// log files are closed. Afterwards no workload of ours uses the data.
     pub fn pause(&mut self, mode: Pause) -> Vec<Line> {
         let mut out = Vec::new();
+        let t = Instant::now();
+        let mut n = 0;
+        if mode == Pause::Fast {
+            // Ask every group at once: the kernel freezes them in
+            // parallel, and each wait below is then short.
+            for e in self.entries.iter().rev() {
+                if e.cfg.role == Role::Project
+                    && e.state == State::Running
+                    && e.cfg.kind == Kind::Process
+                    && let Some(p) = e.proc.as_ref()
+                {
+                    let _ = p.group.request_freeze();
+                }
+            }
+        }
         for i in (0..self.entries.len()).rev() {
             if self.entries[i].cfg.role != Role::Project {
                 continue;
             }
             self.reap_one(i, &mut out);
-            if self.entries[i].state == State::Running {
+            let state = self.entries[i].state.clone();
+            // A close that failed before may have frozen some already; if
+            // the mode became safe meanwhile, they are stopped or
+            // suspended now, as the mode in force says.
+            if state == State::Running || (state == State::Frozen && mode == Pause::Safe) {
+                n += 1;
                 match (mode, self.entries[i].cfg.kind) {
                     (Pause::Fast, Kind::Process) => self.freeze(i, &mut out),
                     (Pause::Fast, Kind::Qemu) => self.pause_vm(i, &mut out),
@@ -381,6 +421,17 @@ impl Workloads {
                 }
             }
             self.entries[i].sink.detach();
+        }
+        if n > 0 {
+            let how = match mode {
+                Pause::Fast => "fast",
+                Pause::Safe => "safe",
+            };
+            out.push(line(
+                "workloads",
+                "paused",
+                format!("{n} workload(s) in {} ms ({how} mode)", crate::ms(t)),
+            ));
         }
         self.publish();
         out
@@ -432,6 +483,9 @@ impl Workloads {
                 _ => {}
             }
             self.entries[i].sink.detach();
+        }
+        if let Ok(h) = &self.hierarchy {
+            h.remove_scope(&self.paths.scope);
         }
         self.publish();
         out
@@ -501,14 +555,7 @@ impl Workloads {
         let procs = group
             .create(cfg.memory_mb)
             .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
-        let creds = match &cfg.user {
-            None => None,
-            Some(u) => Some(
-                coffre_sys::child::user(u)
-                    .map_err(|e| format!("user {u}: {e}"))?
-                    .ok_or_else(|| format!("no such user: {u}"))?,
-            ),
-        };
+        let creds = credentials(&cfg)?;
         let (cwd, binds) = match cfg.role {
             Role::Project => (
                 Some(match &cfg.cwd {
@@ -555,9 +602,10 @@ impl Workloads {
             &mut cmd,
             coffre_sys::child::ChildSetup {
                 cgroup_procs: procs,
-                credentials: creds,
+                credentials: Some(creds),
                 detach: hide,
                 binds,
+                cover: self.paths.cover.clone(),
                 private_mounts: true,
                 cwd,
             },
@@ -584,11 +632,12 @@ impl Workloads {
         if cfg.role == Role::Service {
             let _ = e.sink.attach(&log);
         }
-        e.sink.pump(reader);
+        let pump = Some(e.sink.pump(reader));
         let pid = child.id();
         e.proc = Some(Running {
             child,
             group,
+            pump,
             qmp: None,
         });
         Ok(pid)
@@ -600,13 +649,16 @@ impl Workloads {
             return;
         };
         let t = Instant::now();
-        match p.group.freeze(FREEZE_WITHIN) {
+        match p
+            .group
+            .freeze(Duration::from_millis(self.settings.freeze_timeout_ms))
+        {
             Ok(()) => {
                 self.entries[i].set(State::Frozen, "frozen at close (fast mode)");
                 out.push(line(
                     "workload",
                     "frozen",
-                    format!("{name} in {} ms", t.elapsed().as_millis()),
+                    format!("{name} in {} ms", crate::ms(t)),
                 ));
             }
             Err(e) => self.kill(i, &format!("did not freeze ({e}): killed at close"), out),
@@ -637,13 +689,19 @@ impl Workloads {
         }
         let killed = p.group.kill_all(KILL_WITHIN);
         let _ = p.child.wait();
+        // Only now is it reaped: an unreaped zombie keeps the group busy.
+        p.group.remove();
+        // Everything it wrote reaches its log before the log closes.
+        if let Some(h) = p.pump.take() {
+            let _ = h.join();
+        }
         let detail = match (forced, killed) {
             (_, Err(e)) => format!("{name}: {e}"),
             (true, _) => format!(
                 "{name}: SIGKILL after {} s without exiting on SIGTERM",
                 timeout.as_secs()
             ),
-            (false, _) => format!("{name} in {} ms", t.elapsed().as_millis()),
+            (false, _) => format!("{name} in {} ms", crate::ms(t)),
         };
         self.entries[i].set(State::Stopped, why);
         out.push(line("workload", "stopped", detail));
@@ -654,6 +712,7 @@ impl Workloads {
         if let Some(mut p) = self.entries[i].proc.take() {
             let r = p.group.kill_all(KILL_WITHIN);
             let _ = p.child.wait();
+            p.group.remove();
             if let Err(e) = r {
                 out.push(line("workload", "failed", format!("{name}: {e}")));
             }
@@ -670,6 +729,23 @@ pub(crate) fn describe(status: std::process::ExitStatus) -> String {
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "ended".into(),
     }
+}
+
+/// Who a process workload runs as: (uid, primary gid, groups).
+fn credentials(cfg: &WorkloadConfig) -> Result<(u32, u32, Vec<u32>), String> {
+    let u = cfg.user.as_deref().unwrap_or("root");
+    let (uid, gid, mut groups) = match u.parse::<u32>() {
+        Ok(uid) => (uid, uid, Vec::new()),
+        Err(_) => coffre_sys::child::user(u)
+            .map_err(|e| format!("user {u}: {e}"))?
+            .ok_or_else(|| format!("no such user: {u}"))?,
+    };
+    let gid = cfg.gid.unwrap_or(gid);
+    groups.extend(&cfg.groups);
+    if !groups.contains(&gid) {
+        groups.push(gid);
+    }
+    Ok((uid, gid, groups))
 }
 
 /// The cgroup scope name of the vault in `dir` (stable, short, distinct

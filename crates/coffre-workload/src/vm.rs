@@ -79,6 +79,12 @@ impl Workloads {
         let incoming = cfg.role == crate::Role::Project && state.exists();
         std::fs::create_dir_all(&self.paths.run).map_err(|e| e.to_string())?;
         let sock = self.qmp_socket(&cfg.name);
+        if sock.as_os_str().len() > 107 {
+            return Err(format!(
+                "its QMP socket path {} is longer than a unix socket allows (107 bytes): use a shorter vault directory or name",
+                sock.display()
+            ));
+        }
         let _ = std::fs::remove_file(&sock);
         let procs = group
             .create(None)
@@ -147,6 +153,7 @@ impl Workloads {
                 credentials: None,
                 detach: hide,
                 binds: Vec::new(),
+                cover: None,
                 private_mounts: true,
                 cwd: Some("/".into()),
             },
@@ -161,7 +168,7 @@ impl Workloads {
         if cfg.role == crate::Role::Service {
             let _ = e.sink.attach(&self.paths.service_log(&cfg.name));
         }
-        e.sink.pump(reader);
+        let pump = Some(e.sink.pump(reader));
         let pid = child.id();
         let until = Instant::now() + QMP_WITHIN;
         let mut qmp = loop {
@@ -190,17 +197,16 @@ impl Workloads {
                 let _ = group.kill_all(KILL_WITHIN);
                 let _ = child.wait();
                 return Err(format!(
-                    "resuming from its saved state in the vault: {err} (the state file is kept)"
+                    "resuming from its saved state in the vault: {err} (the state file stays in the vault unless the migration had completed)"
                 ));
             }
-            let _ = std::fs::remove_file(&state);
             let _ = std::fs::remove_file(self.suspended_mark(&cfg.name));
-            self.entries[i].note =
-                format!("resumed from the vault in {} ms", t.elapsed().as_millis());
+            self.entries[i].note = format!("resumed from the vault in {} ms", crate::ms(t));
         }
         self.entries[i].proc = Some(Running {
             child,
             group,
+            pump,
             qmp: Some(qmp),
         });
         Ok((pid, incoming))
@@ -220,7 +226,7 @@ impl Workloads {
                 out.push(line(
                     "workload",
                     "frozen",
-                    format!("{name} (VM paused) in {} ms", t.elapsed().as_millis()),
+                    format!("{name} (VM paused) in {} ms", crate::ms(t)),
                 ));
             }
             Err(e) => self.kill(
@@ -266,6 +272,10 @@ impl Workloads {
                 }
                 let _ = p.group.kill_all(KILL_WITHIN);
                 let _ = p.child.wait();
+                p.group.remove();
+                if let Some(h) = p.pump.take() {
+                    let _ = h.join();
+                }
                 let _ = std::fs::write(self.suspended_mark(&name), b"");
                 self.entries[i].set(
                     State::SuspendedToVault,
@@ -341,6 +351,9 @@ fn resume_from(q: &mut Qmp, state: &std::path::Path) -> Result<(), QmpError> {
     q.execute("migrate-incoming", Some(json!({"uri": "fd:coffre-state"})))?;
     q.wait_migration(MIGRATE_WITHIN)?;
     drop(f);
+    // The state is in QEMU now: the file goes before the guest runs, so a
+    // crash can never resume this old memory over a newer disk.
+    std::fs::remove_file(state)?;
     q.execute("cont", None)?;
     Ok(())
 }

@@ -22,6 +22,21 @@ fn guest() -> (PathBuf, PathBuf) {
     (out.join("vmlinuz"), out.join("initrd.gz"))
 }
 
+/// The guest kernel's release, from what `scripts/guest-image` recorded
+/// (`... (6.1.0-56-cloud-amd64), modules: ...`).
+fn guest_release() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let stamp = std::fs::read_to_string(root.join("target/guest/stamp")).unwrap();
+    let line = stamp.lines().nth(1).unwrap_or_default();
+    let release = line
+        .split_once(" (")
+        .and_then(|(_, r)| r.split_once(')'))
+        .map(|(r, _)| r.to_string())
+        .unwrap_or_default();
+    assert!(release.len() > 3, "no kernel release in {stamp:?}");
+    release
+}
+
 fn vm_config(memory_mb: u32) -> String {
     let (kernel, initrd) = guest();
     format!(
@@ -107,7 +122,7 @@ fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
     // Booted, counting, and writing to its NBD disk.
-    wait_for("the guest's disk writes", Duration::from_secs(90), || {
+    wait_for("the guest's disk writes", Duration::from_secs(180), || {
         last_disk_write(&v).is_some_and(|n| n >= 20)
     });
     let (state, qemu) = vm_state(&v);
@@ -120,7 +135,12 @@ fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
         "QEMU sees no vault mount"
     );
 
-    // Fast mode: paused across the close.
+    // Fast mode: paused across the close. The guest's own pace (TCG on a
+    // shared machine) is measured first.
+    let (r0, t) = (*ticks(&v).last().unwrap(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let rate = (*ticks(&v).last().unwrap() - r0) as f64 / t.elapsed().as_secs_f64();
+    assert!(rate > 2.0, "the guest counts {rate:.1} per second");
     let before = *ticks(&v).last().unwrap();
     let t0 = Instant::now();
     leave(&v, &mut enter);
@@ -128,15 +148,19 @@ fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
     assert_eq!(st["key_held"], false);
     assert_eq!(st["data"]["mounted"], false);
     assert_eq!(vm_state(&v), ("frozen".to_string(), Some(qemu)));
-    std::thread::sleep(Duration::from_secs(4));
+    let closed_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let closed_for = closed_at.elapsed().as_secs_f64();
     let mut enter = v.enter_bg("alice", &[]);
     let after_open = ticks(&v);
     let elapsed = t0.elapsed().as_secs_f64();
     let progress = after_open.last().unwrap() - before;
-    // Running all along it would have counted about 10 per second.
+    // Running all along it would have counted `rate` per second; paused
+    // while closed, at least half the closed time's worth is missing (a
+    // margin for a pace that varies).
     assert!(
-        (progress as f64) < elapsed * 10.0 - 30.0,
-        "{progress} ticks in {elapsed:.1} s: it ran while closed"
+        (progress as f64) < rate * (elapsed - closed_for / 2.0),
+        "{progress} ticks in {elapsed:.1} s at {rate:.1}/s, {closed_for:.1} s closed: it ran while closed"
     );
     // The same guest carries on, and its disk works again.
     wait_for(
@@ -168,10 +192,11 @@ fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
     assert_eq!(done.len(), 1, "{done:?}");
     // The state is only in the encrypted volume: the guest's memory (the
     // kernel's banner is in it) appears nowhere in the vault directory.
+    let banner = format!("Linux version {}", guest_release());
     for e in walk(&v.dir) {
         let bytes = std::fs::read(&e).unwrap();
         assert!(
-            !contains(&bytes, b"Linux version 6."),
+            !contains(&bytes, banner.as_bytes()),
             "{} holds guest memory",
             e.display()
         );
@@ -245,7 +270,7 @@ fn a_vm_that_cannot_be_suspended_is_killed_and_the_vault_still_closes() {
     v.start();
     ok(&v.authed("alice", &["mode", "safe"]));
     let mut enter = v.enter_bg("alice", &[]);
-    wait_for("the guest's ticks", Duration::from_secs(90), || {
+    wait_for("the guest's ticks", Duration::from_secs(180), || {
         ticks(&v).len() >= 10
     });
     let qemu = vm_state(&v).1.unwrap();
@@ -273,7 +298,7 @@ fn a_vm_that_cannot_be_suspended_is_killed_and_the_vault_still_closes() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
-    wait_for("a fresh boot", Duration::from_secs(90), || {
+    wait_for("a fresh boot", Duration::from_secs(180), || {
         std::fs::read_to_string(v.layout().mountpoint.join(".coffre/logs/counter.log"))
             .unwrap_or_default()
             .matches("guest up")

@@ -108,8 +108,12 @@ pub enum Command {
         #[command(flatten)]
         auth: AuthArgs,
     },
-    /// Switch what closing does to workloads: fast (pause in memory) or
-    /// safe (suspend into the volume) (superuser).
+    /// Switch what closing does to workloads: fast (frozen in memory:
+    /// instant, but their memory stays in the host's RAM, and is lost if
+    /// the host reboots) or safe (processes stopped, VMs suspended into the
+    /// encrypted volume) (superuser). It takes effect at the next close: a
+    /// closed vault has no key to write frozen state with. `coffre status`
+    /// shows the mode in force and the one pending.
     Mode {
         /// fast or safe.
         #[arg(value_enum)]
@@ -284,7 +288,8 @@ pub enum WorkloadCommand {
     },
     /// A workload's output (stdout and stderr), the last BYTES of it. A
     /// project workload's log lives inside the volume: it can be read only
-    /// while the vault is open. Its members and superusers may read it.
+    /// while the vault is open. Its members and superusers may read it,
+    /// from inside (after `coffre enter`); each read is audited.
     Logs {
         /// The workload.
         name: String,

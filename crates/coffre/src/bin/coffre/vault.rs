@@ -504,7 +504,14 @@ pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
             Err((code, msg)) => Ok(fail(code, &msg)),
         },
         WorkloadCommand::Logs { name, bytes, id } => {
-            match simple(&id, ApiCommand::WorkloadLogs { name, bytes })? {
+            let (path, ident) = load_identity(&id)?;
+            let session = current_session(&path)?;
+            let cmd = ApiCommand::WorkloadLogs {
+                session,
+                name,
+                bytes,
+            };
+            match runtime()?.block_on(call(&ident, &cmd))? {
                 Ok(v) => {
                     use base64::Engine;
                     let raw = base64::engine::general_purpose::STANDARD
