@@ -946,6 +946,14 @@ macro_rules! forward {
 }
 
 impl Filesystem for Shared {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Shared mappings of direct-I/O files (kernel 6.6+): programs that
+        // mmap their files work; those pages are dropped at every cut.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     forward! {
         lookup(req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry);
         forget(req: &Request, ino: INodeNo, nlookup: u64);
@@ -1069,6 +1077,22 @@ mod tests {
             "a file deleted while cut stays lost"
         );
         drop((f, g));
+
+        // Programs that map their files work (shared, writable mappings).
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import mmap; f = open('{}', 'w+b'); f.write(b'0' * 4096); f.flush(); m = mmap.mmap(f.fileno(), 4096); m[0:5] = b'mmap!'; m.flush(); m.close(); f.close()",
+                view.join("mapped").display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&std::fs::read(mnt.join("mapped")).unwrap()[..5], b"mmap!");
 
         // A member (uid 5001, in the team's group 4242) works through the
         // layer as themselves: the kernel checks their rights, new files

@@ -154,6 +154,17 @@ impl Group {
     /// Creates it (and its memory group when a limit is asked on a v1
     /// host); returns the `cgroup.procs` files a new process must join.
     pub fn create(&self, memory_mb: Option<u64>) -> io::Result<Vec<OwnedFd>> {
+        if memory_mb.is_some() && self.kind == FreezerKind::V2 {
+            // The memory controller must be handed down from the root to
+            // the vault's scope for the group to have memory.max.
+            if let Some(scope) = self.path.parent() {
+                fs::create_dir_all(scope)?;
+                if let Some(root) = scope.parent() {
+                    let _ = fs::write(root.join("cgroup.subtree_control"), "+memory");
+                }
+                let _ = fs::write(scope.join("cgroup.subtree_control"), "+memory");
+            }
+        }
         fs::create_dir_all(&self.path)?;
         let mut procs = vec![open_procs(&self.path)?];
         if let Some(mb) = memory_mb {
@@ -168,6 +179,7 @@ impl Group {
                     procs.push(open_procs(m)?);
                 }
                 _ => {
+                    self.remove();
                     return Err(io::Error::other(
                         "memory_mb is set but this host has no memory controller to enforce it",
                     ));

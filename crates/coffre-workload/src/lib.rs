@@ -552,9 +552,6 @@ impl Workloads {
         group
             .kill_all(KILL_WITHIN)
             .map_err(|e| format!("clearing its old cgroup: {e}"))?;
-        let procs = group
-            .create(cfg.memory_mb)
-            .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
         let creds = credentials(&cfg)?;
         let (cwd, binds) = match cfg.role {
             Role::Project => (
@@ -598,6 +595,9 @@ impl Workloads {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2));
+        let procs = group
+            .create(cfg.memory_mb)
+            .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
         coffre_sys::child::prepare(
             &mut cmd,
             coffre_sys::child::ChildSetup {
@@ -610,7 +610,10 @@ impl Workloads {
                 cwd,
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            group.remove();
+            e.to_string()
+        })?;
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

@@ -24,6 +24,7 @@ name = "spinner"
 kind = "process"
 order = 2
 user = "root"
+memory_mb = 64
 command = ["/bin/sh", "-c", "while :; do :; done"]
 
 [[workload]]
@@ -33,6 +34,35 @@ role = "service"
 user = "nobody"
 command = ["/bin/sleep", "1000"]
 "#;
+
+/// The memory limit of the cgroup `pid` is in, in bytes.
+fn memory_limit(pid: u32) -> Option<u64> {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for l in cg.lines() {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+        let file = if ctrl.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        return std::fs::read_to_string(file).ok()?.trim().parse().ok();
+    }
+    // A host with only cgroup v2.
+    let path = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find(|l| l.split(' ').nth(2) == Some("cgroup2"))?
+        .split(' ')
+        .nth(1)?
+        .to_string();
+    std::fs::read_to_string(format!("{root}{path}/memory.max"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
 
 /// The mount lines at or under `dir` in a mountinfo table.
 fn vault_mounts<'a>(mountinfo: &'a str, dir: &str) -> Vec<&'a str> {
@@ -121,6 +151,8 @@ fn frozen_across_a_close(freezer: &str) {
     assert_eq!(workload(&st, "spinner")["state"], "running", "{st}");
     let counter = pid_of(&st, "counter");
     let spinner = pid_of(&st, "spinner");
+    // Its memory limit is the cgroup's (v1 memory controller or v2).
+    assert_eq!(memory_limit(spinner), Some(64 << 20));
     // Created through the cut layer as the workload's own user.
     let meta = std::fs::metadata(&file).unwrap();
     use std::os::unix::fs::MetadataExt;
