@@ -254,12 +254,19 @@ impl Shell {
         let reaping = self.reaping.clone();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
+            // Cleared however this ends (a panic included).
+            struct Done(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(reaping);
             let found = workloads.try_lock().ok().map(|mut w| {
                 let (lines, _) = w.reap();
                 let ended: Vec<String> = bound.into_iter().filter(|n| !w.is_running(n)).collect();
                 (lines, ended)
             });
-            reaping.store(false, std::sync::atomic::Ordering::SeqCst);
             if let Some((lines, ended)) = found {
                 let _ = tx.send(Msg::Reaped { lines, ended });
             }
@@ -1665,6 +1672,7 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     coffre_sys::return_large_allocations();
+    coffre_sys::raise_open_files_limit();
     // Absolute and resolved: the mount table and sysfs speak in such paths,
     // and finding our own mounts after a crash depends on it.
     let dir = &dir.canonicalize().map_err(|source| DirError::Io {
@@ -1821,8 +1829,13 @@ pub async fn serve(
     let accept_tx = tx.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let acceptor = acceptor.clone();
             let tx = accept_tx.clone();

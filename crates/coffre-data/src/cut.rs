@@ -37,8 +37,6 @@ const TTL: Duration = Duration::ZERO;
 struct Node {
     handle: FileHandle,
     lookups: u64,
-    /// `O_PATH` descriptor, kept while live.
-    fd: Option<Arc<OwnedFd>>,
 }
 
 struct Open {
@@ -144,18 +142,18 @@ impl Layer {
         if ino == 1 {
             return Ok(live.root.clone());
         }
-        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let node = maps.nodes.get_mut(&ino).ok_or(Errno::ESTALE)?;
-        if let Some(fd) = &node.fd {
-            return Ok(fd.clone());
-        }
-        let fd = Arc::new(
-            node.handle
+        // Opened for each request, not kept: the kernel forgets inodes
+        // late, and a descriptor per file a workload ever looked at would
+        // run the daemon out of descriptors.
+        let handle = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.nodes.get(&ino).ok_or(Errno::ESTALE)?.handle.clone()
+        };
+        Ok(Arc::new(
+            handle
                 .open(live.root.as_fd(), libc::O_PATH | libc::O_NOFOLLOW)
                 .map_err(errno)?,
-        );
-        node.fd = Some(fd.clone());
-        Ok(fd)
+        ))
     }
 
     /// Looks `name` up in `parent` and counts one kernel reference to it.
@@ -187,14 +185,13 @@ impl Layer {
         let node = maps.nodes.entry(attr.ino.0).or_insert(Node {
             handle: handle.clone(),
             lookups: 0,
-            fd: None,
         });
         if node.handle != handle {
-            // The inode number was reused by a new file.
+            // The inode number was reused by a new file. The count goes on:
+            // the kernel will still forget the old inode's lookups under
+            // this number.
             node.handle = handle;
-            node.lookups = 0;
         }
-        node.fd = Some(Arc::new(fd));
         node.lookups += 1;
         Ok((attr, generation))
     }
@@ -217,8 +214,12 @@ impl Layer {
     /// the guard drops: the kernel checks its rights and makes new files
     /// its own (the directory's group when setgid), atomically.
     fn as_caller(req: &Request) -> Result<coffre_sys::caller::AsCaller, Errno> {
-        coffre_sys::caller::AsCaller::new(req.uid(), req.gid(), &caller_groups(req.pid()))
-            .map_err(errno)
+        coffre_sys::caller::AsCaller::new(
+            req.uid(),
+            req.gid(),
+            &caller_groups(req.pid(), req.uid(), req.gid()),
+        )
+        .map_err(errno)
     }
 
     fn proc_path(fd: &OwnedFd) -> PathBuf {
@@ -376,18 +377,20 @@ impl Filesystem for Layer {
                 let _me = Layer::as_caller(req)?;
                 rustix::fs::mkdirat(&*p, name, Mode::from_raw_mode(want)).map_err(rerr)?;
                 // The daemon's own umask applied too; setgid comes from the
-                // parent. As the caller, a renamed name can only lead to
-                // the caller's own files.
-                let st = rustix::fs::statat(&*p, name, AtFlags::SYMLINK_NOFOLLOW).map_err(rerr)?;
+                // parent. The directory is reached without following a
+                // symlink (someone may swap the name), and as the caller.
+                let d = rustix::fs::openat(
+                    &*p,
+                    name,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(rerr)?;
+                let st = rustix::fs::fstat(&d).map_err(rerr)?;
                 let keep = st.st_mode & libc::S_ISGID;
                 if st.st_mode & 0o7777 != want | keep {
-                    rustix::fs::chmodat(
-                        &*p,
-                        name,
-                        Mode::from_raw_mode(want | keep),
-                        AtFlags::empty(),
-                    )
-                    .map_err(rerr)?;
+                    rustix::fs::chmod(Layer::proc_path(&d), Mode::from_raw_mode(want | keep))
+                        .map_err(rerr)?;
                 }
             }
             self.entry(live, &p, name)
@@ -747,7 +750,18 @@ impl Filesystem for Layer {
                         fd
                     }
                     Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
-                        rustix::fs::openat(&*p, name, oflags(0), Mode::empty()).map_err(rerr)?
+                        // Never block on a FIFO swapped in, never hand back
+                        // anything but a regular file.
+                        let fd =
+                            rustix::fs::openat(&*p, name, oflags(libc::O_NONBLOCK), Mode::empty())
+                                .map_err(rerr)?;
+                        let st = rustix::fs::fstat(&fd).map_err(rerr)?;
+                        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                            return Err(Errno::EEXIST);
+                        }
+                        let fl = rustix::fs::fcntl_getfl(&fd).map_err(rerr)?;
+                        rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(rerr)?;
+                        fd
                     }
                     Err(e) => return Err(rerr(e)),
                 }
@@ -791,16 +805,28 @@ impl Filesystem for Layer {
 
 /// The supplementary groups of process `pid` (from `/proc/PID/status`);
 /// none if it is gone.
-fn caller_groups(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Groups:").map(|g| {
-                    g.split_whitespace()
-                        .filter_map(|x| x.parse().ok())
-                        .collect()
-                })
+fn caller_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |key: &str, n: usize| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().nth(n)?.parse().ok())
+    };
+    // The file-system ids (4th column) must be the request's: otherwise
+    // the pid was reused, and its groups are someone else's.
+    if field("Uid:", 3) != Some(uid) || field("Gid:", 3) != Some(gid) {
+        return Vec::new();
+    }
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Groups:").map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
             })
         })
         .unwrap_or_default()
@@ -916,9 +942,6 @@ impl CutLayer {
                 n += 1;
             }
             let _ = open.ino;
-        }
-        for node in maps.nodes.values_mut() {
-            node.fd = None;
         }
         *live = None;
         n

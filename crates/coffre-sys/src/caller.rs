@@ -8,11 +8,16 @@
 //! exists under a name someone else can swap.
 
 use std::io;
+use std::marker::PhantomData;
 
-/// The thread's file-system identity, restored on drop.
-#[must_use = "the identity goes back to root when this is dropped"]
+/// The thread's file-system identity, restored on drop. Not `Send`: it
+/// must be dropped on the thread that made it.
+#[must_use = "the identity goes back when this is dropped"]
 pub struct AsCaller {
     groups: Vec<libc::gid_t>,
+    fsuid: u32,
+    fsgid: u32,
+    _thread: PhantomData<*const ()>,
 }
 
 fn set_groups(groups: &[libc::gid_t]) -> io::Result<()> {
@@ -26,26 +31,66 @@ fn set_groups(groups: &[libc::gid_t]) -> io::Result<()> {
     }
 }
 
-fn set_fs(uid: u32, gid: u32) -> io::Result<()> {
+/// Sets the thread's fsuid and fsgid; returns the previous ones.
+fn set_fs(uid: u32, gid: u32) -> io::Result<(u32, u32)> {
     // SAFETY: setfsgid/setfsuid take plain integers and act on this thread.
     // They report nothing on failure, so each is called twice: the second
     // call returns the value now in force.
     unsafe {
-        libc::setfsgid(gid);
-        libc::setfsuid(uid);
+        let old_g = libc::setfsgid(gid);
+        let old_u = libc::setfsuid(uid);
         let (g, u) = (libc::setfsgid(gid), libc::setfsuid(uid));
         if u32::try_from(g).ok() != Some(gid) || u32::try_from(u).ok() != Some(uid) {
             return Err(io::Error::other("setfsuid/setfsgid did not take"));
         }
+        Ok((
+            u32::try_from(old_u).unwrap_or(0),
+            u32::try_from(old_g).unwrap_or(0),
+        ))
     }
-    Ok(())
 }
+
+/// The calling thread's effective capabilities (low 64 bits).
+fn effective_caps() -> io::Result<u64> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` records (version 3) for the calling
+    // thread (pid 0) into memory we own.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
+}
+
+/// The capabilities that would let the thread skip the caller's checks:
+/// CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID.
+const FS_CAPS: u64 = 0b1_1111;
 
 impl AsCaller {
     /// From now on this thread's file operations are checked and owned as
-    /// `uid`, `gid` with `groups`.
+    /// `uid`, `gid` with `groups`. Fails (and changes nothing) if the
+    /// kernel would still let the thread bypass those checks.
     pub fn new(uid: u32, gid: u32, groups: &[u32]) -> io::Result<Self> {
-        let mut saved = vec![0 as libc::gid_t; 256];
+        // SAFETY: with a zero size getgroups only returns the count.
+        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        let mut saved = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(0)];
         // SAFETY: getgroups writes at most `saved.len()` gids into the
         // buffer and returns how many.
         let n = unsafe {
@@ -58,19 +103,74 @@ impl AsCaller {
             return Err(io::Error::last_os_error());
         }
         saved.truncate(usize::try_from(n).unwrap_or(0));
-        let guard = Self { groups: saved };
+        let mut guard = Self {
+            groups: saved,
+            fsuid: 0,
+            fsgid: 0,
+            _thread: PhantomData,
+        };
         set_groups(groups)?;
-        set_fs(uid, gid)?;
+        let (fsuid, fsgid) = set_fs(uid, gid)?;
+        (guard.fsuid, guard.fsgid) = (fsuid, fsgid);
+        // Leaving fsuid 0 drops those capabilities from the effective set,
+        // unless securebits say otherwise: then acting "as the caller"
+        // would check nothing.
+        if uid != 0 && effective_caps()? & FS_CAPS != 0 {
+            return Err(io::Error::other(
+                "file-system capabilities stay in force after setfsuid; refusing to act as the caller",
+            ));
+        }
         Ok(guard)
     }
 }
 
 impl Drop for AsCaller {
     fn drop(&mut self) {
-        // Back to root; if that failed the thread would be unusable for
-        // the server, and that must not go unnoticed.
-        if set_fs(0, 0).is_err() || set_groups(&self.groups).is_err() {
+        // Back to what it was; if that failed the thread would serve the
+        // next request with someone else's identity: that must not happen.
+        if set_fs(self.fsuid, self.fsgid).is_err() || set_groups(&self.groups).is_err() {
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As root: a thread acting as uid 5001 cannot read a root-only file,
+    /// and is root again afterwards; other threads never change.
+    #[test]
+    fn acts_as_the_caller_on_this_thread_only() {
+        // SAFETY: geteuid has no arguments.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("coffre-caller-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        // A thread that exists before the switch (a new one would inherit
+        // the creator's credentials).
+        let (ask, asked) = std::sync::mpsc::channel::<()>();
+        let (tell, told) = std::sync::mpsc::channel();
+        let other = std::thread::spawn({
+            let s = secret.clone();
+            move || {
+                asked.recv().unwrap();
+                tell.send(std::fs::read(s).is_ok()).unwrap();
+            }
+        });
+        {
+            let _me = AsCaller::new(5001, 5001, &[5001]).unwrap();
+            assert!(std::fs::read(&secret).is_err());
+            ask.send(()).unwrap();
+            assert!(told.recv().unwrap(), "another thread stays root");
+        }
+        other.join().unwrap();
+        assert!(std::fs::read(&secret).is_ok(), "root again");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -46,9 +46,26 @@ pub struct ChildSetup {
     pub cwd: Option<PathBuf>,
 }
 
-/// Where bind sources are opened in the child (far above what a fresh
-/// child uses; close-on-exec, so the command never sees them).
-const SOURCE_FD: libc::c_int = 900;
+/// Writes `/proc/self/fd/FD` and a NUL into `buf`, without allocating.
+fn proc_fd_path(buf: &mut [u8; 32], fd: libc::c_int) {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+}
 
 fn cstring(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes())
@@ -73,17 +90,11 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
         .collect::<io::Result<_>>()?;
     // Bind sources are opened in the child's namespace (a descriptor from
     // the parent's would name a mount of another namespace), before a
-    // cover hides their paths, at fixed descriptor numbers whose /proc
-    // paths are prepared here.
-    let mut binds: Vec<(CString, libc::c_int, CString, CString)> = Vec::new();
-    for (i, b) in setup.binds.iter().enumerate() {
-        let slot = SOURCE_FD + libc::c_int::try_from(i).unwrap_or(0);
-        binds.push((
-            cstring(&b.from)?,
-            slot,
-            cstring(Path::new(&format!("/proc/self/fd/{slot}")))?,
-            cstring(&b.to)?,
-        ));
+    // cover hides their paths; their /proc paths are written into buffers
+    // allocated here.
+    let mut binds: Vec<(CString, [u8; 32], CString)> = Vec::new();
+    for b in &setup.binds {
+        binds.push((cstring(&b.from)?, [0u8; 32], cstring(&b.to)?));
     }
     let cover = setup.cover.as_deref().map(cstring).transpose()?;
     let tmpfs = cstring(Path::new("tmpfs"))?;
@@ -127,7 +138,8 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                 // SAFETY: a valid NUL-terminated path.
                 let _ = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
             }
-            for (from, slot, _, _) in &binds {
+            for (from, path, _) in &mut binds {
+                // Kept open (close-on-exec) until the exec.
                 // SAFETY: a valid NUL-terminated path; plain flags.
                 let fd = unsafe {
                     libc::open(
@@ -138,14 +150,7 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                // SAFETY: two descriptor numbers; the new one is
-                // close-on-exec like the first.
-                let rc = unsafe { libc::dup3(fd, *slot, libc::O_CLOEXEC) };
-                // SAFETY: `fd` is ours.
-                unsafe { libc::close(fd) };
-                if rc < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                proc_fd_path(path, fd);
             }
             if let Some(c) = &cover {
                 // SAFETY: valid NUL-terminated strings that live in this
@@ -160,7 +165,7 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                     )
                 })?;
             }
-            for (_, _, from, to) in &binds {
+            for (_, from, to) in &binds {
                 if cover.is_some() {
                     // Under the cover the target does not exist yet (one
                     // level: the data's mountpoint is a direct child).
@@ -170,7 +175,7 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
                 // SAFETY: valid NUL-terminated paths, null type and data.
                 check(unsafe {
                     libc::mount(
-                        from.as_ptr(),
+                        from.as_ptr().cast(),
                         to.as_ptr(),
                         std::ptr::null(),
                         libc::MS_BIND,
@@ -248,5 +253,22 @@ pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
             return Err(io::Error::other("getgrouplist failed"));
         }
         n = count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_paths_are_written_without_allocating() {
+        for (fd, want) in [
+            (0, "/proc/self/fd/0"),
+            (7, "/proc/self/fd/7"),
+            (1048575, "/proc/self/fd/1048575"),
+        ] {
+            let mut buf = [0xffu8; 32];
+            super::proc_fd_path(&mut buf, fd);
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            assert_eq!(&buf[..end], want.as_bytes());
+        }
     }
 }

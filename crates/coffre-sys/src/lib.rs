@@ -85,6 +85,23 @@ pub fn return_large_allocations() -> bool {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (a daemon serving
+/// FUSE, NBD and TLS clients needs more than the usual 1024). Best effort.
+pub fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit struct we own; setrlimit
+    // reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Whether core dumps are disabled for this process (`RLIMIT_CORE` is 0 and
 /// the process is not dumpable).
 pub fn core_dumps_disabled() -> bool {

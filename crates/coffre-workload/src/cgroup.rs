@@ -166,6 +166,10 @@ impl Group {
             }
         }
         fs::create_dir_all(&self.path)?;
+        self.with_limits(memory_mb).inspect_err(|_| self.remove())
+    }
+
+    fn with_limits(&self, memory_mb: Option<u64>) -> io::Result<Vec<OwnedFd>> {
         let mut procs = vec![open_procs(&self.path)?];
         if let Some(mb) = memory_mb {
             let bytes = (mb * 1024 * 1024).to_string();
@@ -179,7 +183,6 @@ impl Group {
                     procs.push(open_procs(m)?);
                 }
                 _ => {
-                    self.remove();
                     return Err(io::Error::other(
                         "memory_mb is set but this host has no memory controller to enforce it",
                     ));

@@ -605,7 +605,9 @@ impl Workloads {
                 credentials: Some(creds),
                 detach: hide,
                 binds,
-                cover: self.paths.cover.clone(),
+                cover: (cfg.role == Role::Project)
+                    .then(|| self.paths.cover.clone())
+                    .flatten(),
                 private_mounts: true,
                 cwd,
             },
@@ -695,9 +697,7 @@ impl Workloads {
         // Only now is it reaped: an unreaped zombie keeps the group busy.
         p.group.remove();
         // Everything it wrote reaches its log before the log closes.
-        if let Some(h) = p.pump.take() {
-            let _ = h.join();
-        }
+        join_pump(p.pump.take());
         let detail = match (forced, killed) {
             (_, Err(e)) => format!("{name}: {e}"),
             (true, _) => format!(
@@ -722,6 +722,23 @@ impl Workloads {
         }
         self.entries[i].set(State::Failed, why);
         out.push(line("workload", "killed", format!("{name}: {why}")));
+    }
+}
+
+/// Waits for a log pump to reach the end of its pipe, a little: a
+/// process outside the group (a descriptor passed away) may hold the pipe
+/// open, and a close must not wait for it. An abandoned pump ends when the
+/// pipe does.
+pub(crate) fn join_pump(pump: Option<std::thread::JoinHandle<()>>) {
+    let Some(h) = pump else {
+        return;
+    };
+    let until = Instant::now() + Duration::from_secs(2);
+    while !h.is_finished() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if h.is_finished() {
+        let _ = h.join();
     }
 }
 

@@ -158,7 +158,10 @@ impl Workloads {
                 cwd: Some("/".into()),
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            group.remove();
+            e.to_string()
+        })?;
         let mut child = cmd.spawn().map_err(|e| {
             group.remove();
             format!("{}: {e}", qemu.display())
@@ -177,6 +180,7 @@ impl Workloads {
                 Err(err) => {
                     if let Ok(Some(st)) = child.try_wait() {
                         let _ = group.kill_all(KILL_WITHIN);
+                        group.remove();
                         return Err(format!(
                             "QEMU {} before its QMP socket was up (its log says why)",
                             crate::describe(st)
@@ -185,6 +189,7 @@ impl Workloads {
                     if Instant::now() >= until {
                         let _ = group.kill_all(KILL_WITHIN);
                         let _ = child.wait();
+                        group.remove();
                         return Err(format!("QEMU's QMP socket: {err}"));
                     }
                 }
@@ -196,6 +201,7 @@ impl Workloads {
             if let Err(err) = r {
                 let _ = group.kill_all(KILL_WITHIN);
                 let _ = child.wait();
+                group.remove();
                 return Err(format!(
                     "resuming from its saved state in the vault: {err} (the state file stays in the vault unless the migration had completed)"
                 ));
@@ -273,9 +279,7 @@ impl Workloads {
                 let _ = p.group.kill_all(KILL_WITHIN);
                 let _ = p.child.wait();
                 p.group.remove();
-                if let Some(h) = p.pump.take() {
-                    let _ = h.join();
-                }
+                crate::join_pump(p.pump.take());
                 let _ = std::fs::write(self.suspended_mark(&name), b"");
                 self.entries[i].set(
                     State::SuspendedToVault,

@@ -185,17 +185,7 @@ fn frozen_across_a_close(freezer: &str) {
     assert!(status.contains("Uid:\t65534\t"), "{status}");
     let ns_mounts = std::fs::read_to_string(format!("/proc/{watcher}/mountinfo")).unwrap();
     let under = vault_mounts(&ns_mounts, vault_dir);
-    let at: Vec<&str> = under
-        .iter()
-        .map(|l| l.split(' ').nth(4).unwrap_or_default())
-        .collect();
-    assert!(
-        under
-            .iter()
-            .all(|l| !l.contains("coffre") && !l.contains("ext4")),
-        "{under:?}"
-    );
-    assert_eq!(at, [vault_dir], "only the empty cover: {under:?}");
+    assert!(under.is_empty(), "{under:?}");
 
     leave(&v, &mut enter);
     v.wait_state("closed", Duration::from_secs(30));
