@@ -364,8 +364,8 @@ impl Shell {
         let max = bytes.unwrap_or(64 * 1024).clamp(1, 4 << 20);
         self.system_audit(
             "workload_logs",
-            "ok",
-            format!("{member} read the last {max} bytes of {name}'s log"),
+            "requested",
+            format!("{member} asked for the last {max} bytes of {name}'s log"),
         );
         let exposure = self.exposure.clone();
         tokio::task::spawn_blocking(move || {

@@ -395,7 +395,7 @@ command = ["/bin/sh", "-c", "echo job started; while [ ! -e shared/go ]; do slee
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!v.audit_details("workload_logs", "ok").is_empty());
+    assert!(!v.audit_details("workload_logs", "requested").is_empty());
     leave(&v, &mut enter);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(v.state(), "open", "the task waits for the job");
