@@ -40,7 +40,6 @@ struct Node {
 }
 
 struct Open {
-    ino: u64,
     handle: FileHandle,
     flags: i32,
     /// `None` while cut, or when it could not be reopened (`lost`).
@@ -514,7 +513,6 @@ impl Filesystem for Layer {
             maps.files.insert(
                 fh,
                 Open {
-                    ino: ino.0,
                     handle,
                     flags,
                     file: Some(Arc::new(file)),
@@ -781,7 +779,6 @@ impl Filesystem for Layer {
             maps.files.insert(
                 fh,
                 Open {
-                    ino: attr.ino.0,
                     handle,
                     flags: flags
                         & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC),
@@ -941,7 +938,6 @@ impl CutLayer {
             if open.file.take().is_some() {
                 n += 1;
             }
-            let _ = open.ino;
         }
         *live = None;
         n
