@@ -63,11 +63,21 @@ struct Live {
     root_ino: u64,
 }
 
-struct Layer {
+struct State {
     /// Requests hold it shared; cut and restore take it exclusively, so
     /// they wait for requests in flight.
     live: RwLock<Option<Live>>,
     maps: Mutex<Maps>,
+}
+
+/// The filesystem fuser owns; the daemon keeps the same state to cut it.
+struct Layer(Arc<State>);
+
+impl std::ops::Deref for Layer {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
 }
 
 fn errno(e: impl Into<std::io::Error>) -> Errno {
@@ -231,6 +241,14 @@ impl Layer {
 }
 
 impl Filesystem for Layer {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Shared mappings of direct-I/O files (kernel 6.6+): programs that
+        // mmap their files work; those pages are dropped at every cut.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
@@ -841,7 +859,7 @@ pub struct Restored {
 
 /// The layer, mounted.
 pub struct CutLayer {
-    layer: Arc<Layer>,
+    layer: Arc<State>,
     session: Option<fuser::BackgroundSession>,
     notifier: fuser::Notifier,
     at: PathBuf,
@@ -854,7 +872,7 @@ impl CutLayer {
         // A crashed daemon's layer is still mounted there, dead.
         let _ = rustix::mount::unmount(at, rustix::mount::UnmountFlags::DETACH);
         std::fs::create_dir_all(at)?;
-        let layer = Arc::new(Layer {
+        let layer = Arc::new(State {
             live: RwLock::new(None),
             maps: Mutex::default(),
         });
@@ -869,7 +887,7 @@ impl CutLayer {
         config.acl = SessionACL::All;
         config.n_threads = Some(2);
         let at = at.canonicalize()?;
-        let session = fuser::Session::new(Shared(layer.clone()), &at, &config)?.spawn()?;
+        let session = fuser::Session::new(Layer(layer.clone()), &at, &config)?.spawn()?;
         Ok(Self {
             layer,
             notifier: session.notifier(),
@@ -952,74 +970,6 @@ impl Drop for CutLayer {
             let _ = rustix::mount::unmount(&self.at, rustix::mount::UnmountFlags::DETACH);
             drop(s);
         }
-    }
-}
-
-/// fuser wants to own the filesystem; the daemon keeps a handle to cut it.
-struct Shared(Arc<Layer>);
-
-macro_rules! forward {
-    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
-        $(fn $name(&self, $($arg: $ty),*) { self.0.$name($($arg),*) })*
-    };
-}
-
-impl Filesystem for Shared {
-    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
-        // Shared mappings of direct-I/O files (kernel 6.6+): programs that
-        // mmap their files work; those pages are dropped at every cut.
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
-        let _ = config.set_max_write(1 << 20);
-        Ok(())
-    }
-
-    forward! {
-        lookup(req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry);
-        forget(req: &Request, ino: INodeNo, nlookup: u64);
-        getattr(req: &Request, ino: INodeNo, fh: Option<fuser::FileHandle>, reply: ReplyAttr);
-        readlink(req: &Request, ino: INodeNo, reply: ReplyData);
-        mkdir(req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry);
-        unlink(req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty);
-        rmdir(req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty);
-        symlink(req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry);
-        rename(req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: fuser::RenameFlags, reply: ReplyEmpty);
-        link(req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry);
-        open(req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen);
-        read(req: &Request, ino: INodeNo, fh: fuser::FileHandle, offset: u64, size: u32, flags: OpenFlags, lock_owner: Option<fuser::LockOwner>, reply: ReplyData);
-        write(req: &Request, ino: INodeNo, fh: fuser::FileHandle, offset: u64, data: &[u8], write_flags: fuser::WriteFlags, flags: OpenFlags, lock_owner: Option<fuser::LockOwner>, reply: ReplyWrite);
-        flush(req: &Request, ino: INodeNo, fh: fuser::FileHandle, lock_owner: fuser::LockOwner, reply: ReplyEmpty);
-        release(req: &Request, ino: INodeNo, fh: fuser::FileHandle, flags: OpenFlags, lock_owner: Option<fuser::LockOwner>, flush: bool, reply: ReplyEmpty);
-        fsync(req: &Request, ino: INodeNo, fh: fuser::FileHandle, datasync: bool, reply: ReplyEmpty);
-        opendir(req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen);
-        readdir(req: &Request, ino: INodeNo, fh: fuser::FileHandle, offset: u64, reply: ReplyDirectory);
-        releasedir(req: &Request, ino: INodeNo, fh: fuser::FileHandle, flags: OpenFlags, reply: ReplyEmpty);
-        statfs(req: &Request, ino: INodeNo, reply: ReplyStatfs);
-        create(req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<fuser::TimeOrNow>,
-        mtime: Option<fuser::TimeOrNow>,
-        ctime: Option<SystemTime>,
-        fh: Option<fuser::FileHandle>,
-        crtime: Option<SystemTime>,
-        chgtime: Option<SystemTime>,
-        bkuptime: Option<SystemTime>,
-        flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        self.0.setattr(
-            req, ino, mode, uid, gid, size, atime, mtime, ctime, fh, crtime, chgtime, bkuptime,
-            flags, reply,
-        );
     }
 }
 
