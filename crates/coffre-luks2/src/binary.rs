@@ -77,13 +77,14 @@ fn be_u64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// A text field as cryptsetup reads it: up to the first NUL, and never its
+/// last byte (cryptsetup forces that one to NUL in memory, so a field with
+/// no NUL is read cut short, not refused).
 fn c_string(field: &[u8], what: &str) -> Result<String> {
-    let end = field
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or_else(|| Error::corrupt(format!("{what} field is not NUL-terminated")))?;
+    let field = &field[..field.len() - 1];
+    let end = field.iter().position(|&c| c == 0).unwrap_or(field.len());
     String::from_utf8(field[..end].to_vec())
-        .map_err(|_| Error::corrupt(format!("{what} field is not UTF-8")))
+        .map_err(|_| Error::unsupported(format!("a {what} that is not UTF-8 text")))
 }
 
 fn put_c_string(field: &mut [u8], s: &str, what: &str) -> Result<()> {
@@ -128,7 +129,9 @@ pub fn parse(bytes: &[u8], expect: Copy, at_offset: u64) -> Result<BinaryHeader>
         )));
     }
     let hdr_size = be_u64(bytes, OFF_HDR_SIZE);
-    if !VALID_HDR_SIZES.contains(&hdr_size) {
+    // B4: the binary check is a range; the exact sizes are checked with
+    // the JSON area's config.json_size (G4, G9).
+    if !(VALID_HDR_SIZES[0]..=VALID_HDR_SIZES[VALID_HDR_SIZES.len() - 1]).contains(&hdr_size) {
         return Err(Error::corrupt(format!("invalid header size {hdr_size}")));
     }
     let hdr_offset = be_u64(bytes, OFF_HDR_OFFSET);
@@ -161,8 +164,10 @@ pub fn verify_checksum(area: &[u8], alg: &str) -> Result<()> {
     let mut stored = [0u8; CSUM_LEN];
     stored.copy_from_slice(&area[OFF_CSUM..OFF_CSUM + CSUM_LEN]);
     let computed = compute_checksum(area, hash);
+    // B8: only the digest's own bytes count; cryptsetup ignores the rest
+    // of the field.
     let n = hash.output_len();
-    if stored[..n] != computed[..n] || stored[n..].iter().any(|&b| b != 0) {
+    if stored[..n] != computed[..n] {
         return Err(Error::corrupt("checksum mismatch"));
     }
     Ok(())

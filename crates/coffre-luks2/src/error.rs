@@ -20,8 +20,11 @@ pub enum Error {
         /// Why the secondary copy was rejected.
         secondary: String,
     },
-    /// A feature coffre does not implement; the volume is left untouched.
-    #[error("unsupported LUKS2 feature: {0} (coffre refuses to touch this volume; use cryptsetup)")]
+    /// A feature or a value coffre does not implement, in a header
+    /// cryptsetup may well read; the volume is left untouched.
+    #[error(
+        "unsupported LUKS2 header: {0} (coffre leaves this volume untouched; cryptsetup may read it)"
+    )]
     Unsupported(String),
     /// No keyslot opened with the given passphrase.
     #[error("no keyslot opens with this passphrase")]

@@ -69,81 +69,155 @@ impl LoadedHeader {
     }
 }
 
-/// Parses one copy, `area` being exactly `hdr_size` bytes read at `at`.
-pub fn parse_copy(area: &[u8], copy: Copy, at: u64) -> Result<(BinaryHeader, Metadata)> {
-    let bin = binary::parse(area, copy, at)?;
-    let size = usize::try_from(bin.hdr_size).map_err(|_| Error::corrupt("header too large"))?;
+/// How one copy reads, in the terms cryptsetup decides by (rules C1-C8).
+enum CopyRead {
+    /// Binary header, checksum and JSON area valid.
+    Good(BinaryHeader, Box<Metadata>),
+    /// Binary header and checksum valid, JSON area not: the copy names its
+    /// size (the first field), so no other place is searched for the
+    /// secondary.
+    BadJson(u64, Error),
+    /// Binary header or checksum invalid, or the copy could not be read.
+    Bad(Error),
+}
+
+impl CopyRead {
+    fn into_result(self) -> Result<(BinaryHeader, Metadata)> {
+        match self {
+            CopyRead::Good(b, m) => Ok((b, *m)),
+            CopyRead::BadJson(_, e) | CopyRead::Bad(e) => Err(e),
+        }
+    }
+    fn unsupported(&self) -> Option<&Error> {
+        match self {
+            CopyRead::BadJson(_, e @ Error::Unsupported(_))
+            | CopyRead::Bad(e @ Error::Unsupported(_)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn classify(area: &[u8], copy: Copy, at: u64) -> CopyRead {
+    let bin = match binary::parse(area, copy, at) {
+        Ok(b) => b,
+        Err(e) => return CopyRead::Bad(e),
+    };
+    let size = usize::try_from(bin.hdr_size).unwrap_or(usize::MAX);
     if area.len() < size {
-        return Err(Error::corrupt(format!(
+        return CopyRead::Bad(Error::corrupt(format!(
             "truncated: {} of {size} header bytes",
             area.len()
         )));
     }
     let area = &area[..size];
-    binary::verify_checksum(area, &bin.checksum_alg)?;
-    let json = &area[BINARY_HEADER_SIZE..];
-    let end = json
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| Error::corrupt("JSON area is not NUL-terminated"))?;
-    let meta = Metadata::from_json(&json[..end], bin.hdr_size)?;
-    Ok((bin, meta))
+    if let Err(e) = binary::verify_checksum(area, &bin.checksum_alg) {
+        return CopyRead::Bad(e);
+    }
+    let hdr_size = bin.hdr_size;
+    match Metadata::from_area(&area[BINARY_HEADER_SIZE..], hdr_size) {
+        Ok(meta) => CopyRead::Good(bin, Box::new(meta)),
+        Err(e) => CopyRead::BadJson(hdr_size, e),
+    }
+}
+
+/// Parses one copy, `area` being exactly `hdr_size` bytes read at `at`.
+pub fn parse_copy(area: &[u8], copy: Copy, at: u64) -> Result<(BinaryHeader, Metadata)> {
+    classify(area, copy, at).into_result()
 }
 
 /// Reads `len` bytes at `offset`; `Ok(None)` when the device is too short.
 pub type ReadFn<'a, E> = dyn FnMut(u64, usize) -> std::result::Result<Option<Vec<u8>>, E> + 'a;
 
-fn read_copy<E>(
-    read: &mut ReadFn<'_, E>,
-    copy: Copy,
-    at: u64,
-) -> std::result::Result<Result<(BinaryHeader, Metadata)>, E> {
+fn read_copy<E>(read: &mut ReadFn<'_, E>, copy: Copy, at: u64) -> std::result::Result<CopyRead, E> {
     let Some(first) = read(at, BINARY_HEADER_SIZE)? else {
-        return Ok(Err(Error::corrupt("device too short for a header")));
+        return Ok(CopyRead::Bad(Error::corrupt(
+            "device too short for a header",
+        )));
     };
     let bin = match binary::parse(&first, copy, at) {
         Ok(b) => b,
-        Err(e) => return Ok(Err(e)),
+        Err(e) => return Ok(CopyRead::Bad(e)),
     };
     let size = usize::try_from(bin.hdr_size).unwrap_or(usize::MAX);
     let Some(area) = read(at, size)? else {
-        return Ok(Err(Error::corrupt("device too short for its header")));
+        return Ok(CopyRead::Bad(Error::corrupt(
+            "device too short for its header",
+        )));
     };
-    Ok(parse_copy(&area, copy, at))
+    Ok(classify(&area, copy, at))
 }
 
-/// Loads a header through `read`, trying both copies.
+/// Loads a header through `read`, trying both copies as cryptsetup does.
 ///
 /// I/O errors from `read` come back in the outer `Err`; format problems in
 /// the inner one.
 pub fn load<E>(read: &mut ReadFn<'_, E>) -> std::result::Result<Result<LoadedHeader>, E> {
-    let primary = read_copy(read, Copy::Primary, 0)?;
-    // The secondary sits at hdr_size; if the primary cannot tell us its
-    // size, try every size the specification allows (as cryptsetup does).
-    let mut secondary = Err(Error::corrupt("no secondary header found"));
-    let candidates: Vec<u64> = match &primary {
-        Ok((b, _)) => std::iter::once(b.hdr_size)
-            .chain(VALID_HDR_SIZES.iter().copied().filter(|&s| s != b.hdr_size))
-            .collect(),
-        Err(_) => VALID_HDR_SIZES.to_vec(),
-    };
-    for at in candidates {
-        let r = read_copy(read, Copy::Secondary, at)?;
-        let found_magic = !matches!(r, Err(Error::NotLuks2(_)));
-        if r.is_ok() || found_magic {
-            secondary = r;
-            if secondary.is_ok() {
-                break;
+    // A1-A4: cryptsetup's type detection reads the primary's version
+    // before anything else: LUKS1, or a version above 2, ends the load
+    // there whatever the secondary holds.
+    if let Some(first) = read(0, 8)?
+        && first[..6] == binary::MAGIC_PRIMARY
+    {
+        match u16::from_be_bytes([first[6], first[7]]) {
+            1 => {
+                return Ok(Err(Error::NotLuks2(
+                    "a LUKS1 header (coffre reads LUKS2 only)".into(),
+                )));
             }
+            v if v > 2 => return Ok(Err(Error::NotLuks2(format!("LUKS version {v}")))),
+            _ => {}
         }
     }
+    let primary = read_copy(read, Copy::Primary, 0)?;
+    let secondary = match &primary {
+        // C2: a primary whose binary header holds names the secondary's
+        // place; nothing else is searched.
+        CopyRead::Good(b, _) => read_copy(read, Copy::Secondary, b.hdr_size)?,
+        CopyRead::BadJson(at, _) => read_copy(read, Copy::Secondary, *at)?,
+        // C3: otherwise every size the format allows, and the first place
+        // whose binary header and checksum hold is the secondary, even if
+        // its JSON area then fails.
+        CopyRead::Bad(_) => {
+            let mut found = CopyRead::Bad(Error::corrupt("no secondary header found"));
+            let mut telling = false;
+            for at in VALID_HDR_SIZES {
+                let r = read_copy(read, Copy::Secondary, at)?;
+                match r {
+                    CopyRead::Bad(Error::NotLuks2(_)) => {}
+                    CopyRead::Bad(_) => {
+                        if !telling {
+                            found = r;
+                            telling = true;
+                        }
+                    }
+                    _ => {
+                        found = r;
+                        break;
+                    }
+                }
+            }
+            found
+        }
+    };
     // Never go near a volume we only half understand.
     for r in [&primary, &secondary] {
-        if let Err(Error::Unsupported(m)) = r {
+        if let Some(Error::Unsupported(m)) = r.unsupported() {
             return Ok(Err(Error::Unsupported(m.clone())));
         }
     }
-    Ok(choose(primary, secondary))
+    let loaded = match choose(primary.into_result(), secondary.into_result()) {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e)),
+    };
+    // P1: the device must hold all the metadata the header describes.
+    let end = loaded.header.layout().metadata_end();
+    let last = end.saturating_sub(1);
+    if read(last, 1)?.is_none() {
+        return Ok(Err(Error::corrupt(format!(
+            "the device is too small for its metadata, which ends at {end} bytes"
+        ))));
+    }
+    Ok(Ok(loaded))
 }
 
 fn choose(

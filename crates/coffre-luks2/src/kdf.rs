@@ -170,8 +170,20 @@ impl Kdf {
                 salt,
                 ..
             } => {
-                check_argon2(*time, *memory_kib, *lanes)
-                    .map_err(|e| Error::corrupt(e.to_string()))?;
+                // What argon2 itself allows (8 KiB per lane), not the
+                // 32 KiB floor cryptsetup and coffre set for new keyslots:
+                // cryptsetup opens such keyslots. The upper bounds are
+                // coffre's, against a header that asks for all the memory.
+                if *time == 0
+                    || !(1..=ARGON2_MAX_LANES).contains(lanes)
+                    || *memory_kib < 8 * *lanes
+                    || *memory_kib > ARGON2_MAX_MEMORY_KIB
+                {
+                    return Err(Error::corrupt(format!(
+                        "argon2 costs coffre does not use (time {time}, memory {memory_kib} KiB, \
+                         {lanes} lanes)"
+                    )));
+                }
                 if salt.len() < 8 {
                     return Err(Error::corrupt("argon2 salt shorter than 8 bytes"));
                 }

@@ -24,6 +24,7 @@ pub mod header;
 pub mod kdf;
 pub mod keyslot;
 pub mod metadata;
+pub mod rules;
 pub mod secret;
 
 pub use error::Error;

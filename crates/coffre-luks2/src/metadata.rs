@@ -314,6 +314,13 @@ fn refuse_unsupported(v: &Value) -> Result<()> {
     }
     if let Some(ks) = obj.get("keyslots").and_then(Value::as_object) {
         for (id, k) in ks {
+            // cryptsetup takes any value here and treats what it does not
+            // know as "normal"; coffre reads only what it writes.
+            if let Some(p) = k.get("priority")
+                && p.as_u64().is_none_or(|p| p > 2)
+            {
+                return Err(Error::unsupported(format!("keyslot {id} priority {p}")));
+            }
             match k.get("type").and_then(Value::as_str) {
                 Some("luks2") => {}
                 Some("reencrypt") => {
@@ -516,10 +523,41 @@ impl Layout {
 
 impl Metadata {
     /// Parses and fully validates the JSON text of a header whose copy size
-    /// is `hdr_size`.
+    /// is `hdr_size`, as if it were followed by NUL padding to the end of
+    /// the JSON area.
     pub fn from_json(text: &[u8], hdr_size: u64) -> Result<Self> {
-        let v: Value = serde_json::from_slice(text)
-            .map_err(|e| Error::corrupt(format!("JSON metadata: {e}")))?;
+        let len = usize::try_from(hdr_size)
+            .ok()
+            .and_then(|h| h.checked_sub(BINARY_HEADER_SIZE))
+            .ok_or_else(|| Error::corrupt("header size below 4096"))?;
+        if text.len() >= len {
+            return Err(Error::corrupt(format!(
+                "the JSON metadata ({} bytes) does not fit a {len}-byte JSON area",
+                text.len()
+            )));
+        }
+        let mut area = text.to_vec();
+        area.resize(len, 0);
+        Self::from_area(&area, hdr_size)
+    }
+
+    /// Parses and validates a whole JSON area (JSON text and NUL padding).
+    ///
+    /// Two steps: cryptsetup's load rules on the raw text and tree
+    /// ([`crate::rules`]: what fails there is damage, or unsupported where
+    /// cryptsetup's reading cannot be told), then coffre's own model. A
+    /// header that passed the first step is one cryptsetup loads, so
+    /// whatever coffre's model refuses after it is unsupported, never
+    /// damaged.
+    pub fn from_area(area: &[u8], hdr_size: u64) -> Result<Self> {
+        let v = crate::rules::check_area(area, hdr_size)?;
+        Self::interpret(v, hdr_size).map_err(|e| match e {
+            Error::Corrupt(m) | Error::Invalid(m) => Error::Unsupported(m),
+            other => other,
+        })
+    }
+
+    fn interpret(v: Value, hdr_size: u64) -> Result<Self> {
         refuse_unsupported(&v)?;
         let m: Metadata =
             serde_json::from_value(v).map_err(|e| Error::corrupt(format!("JSON metadata: {e}")))?;
@@ -656,16 +694,15 @@ impl Metadata {
         if seg.offset.0 % ss != 0 {
             return Err(Error::corrupt("segment offset is not sector-aligned"));
         }
-        if let SegmentSize::Bytes(n) = seg.size {
-            if n % ss != 0 {
-                return Err(Error::corrupt(
-                    "segment size is not a whole number of sectors",
-                ));
-            }
-            seg.offset
-                .0
-                .checked_add(n)
-                .ok_or_else(|| Error::corrupt("segment end overflows"))?;
+        // The end may lie past u64 (cryptsetup allows the largest size
+        // the format can say); the volume checks it against the device
+        // when it opens.
+        if let SegmentSize::Bytes(n) = seg.size
+            && n % ss != 0
+        {
+            return Err(Error::corrupt(
+                "segment size is not a whole number of sectors",
+            ));
         }
         // Digests.
         let mut seen_slots = std::collections::BTreeSet::new();

@@ -2,6 +2,7 @@
 //! loading, keyslot changes in a crash-safe order, repair, and format.
 
 use crate::{BlockDevice, EncryptedVolume, Error, FileDevice, Result};
+use coffre_luks2::binary::Copy;
 use coffre_luks2::cipher::{Provider, select};
 use coffre_luks2::header::{self, FormatOptions};
 use coffre_luks2::kdf::KdfParams;
@@ -303,7 +304,28 @@ impl Luks2Container {
     /// content), leaving the good copy untouched.
     pub fn repair(&mut self) -> Result<RepairAction> {
         let plan = self.repair_plan();
+        if plan == RepairAction::NothingToDo {
+            return Ok(plan);
+        }
+        // Read the copy we repair from again, as it is on the disk, and
+        // hold it to cryptsetup's rules once more: never copy a header
+        // cryptsetup would refuse over the other copy.
         let h = self.header().clone();
+        let (from, copy) = match &plan {
+            RepairAction::RewroteSecondary(_) => (0, Copy::Primary),
+            _ => (h.binary.hdr_size, Copy::Secondary),
+        };
+        let size = usize::try_from(h.binary.hdr_size)
+            .map_err(|_| coffre_luks2::Error::Corrupt("header too large".into()))?;
+        let raw = self
+            .header_dev
+            .read_exact_or_short(from, size)?
+            .ok_or_else(|| coffre_luks2::Error::Corrupt("the device is too short".into()))?;
+        if let Err(e) = header::parse_copy(&raw, copy, from) {
+            return Err(Error::Refused(format!(
+                "refusing to repair from a copy that does not validate: {e}"
+            )));
+        }
         let [primary, secondary] = h.encode()?;
         match &plan {
             RepairAction::NothingToDo => return Ok(plan),

@@ -5,4 +5,5 @@ mod damage;
 mod from_cryptsetup;
 mod to_cryptsetup;
 mod util;
+mod validation;
 mod volume_cli;
