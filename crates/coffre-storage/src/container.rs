@@ -17,6 +17,9 @@ pub struct Luks2Container {
     /// The header device: the data device itself, or a detached file.
     header_dev: Arc<FileDevice>,
     detached: bool,
+    /// A detached header given alone: its data segment starts at 0 on the
+    /// device that holds it, so the data is elsewhere.
+    header_only: bool,
     loaded: LoadedHeader,
 }
 
@@ -68,43 +71,38 @@ impl Luks2Container {
             _ => (data.clone(), false),
         };
         let loaded = load_from(&header_dev)?;
-        let c = Self {
+        let mut c = Self {
             data,
             header_dev,
             detached,
+            header_only: false,
             loaded,
         };
         c.check_geometry()?;
         Ok(c)
     }
 
-    fn check_geometry(&self) -> Result<()> {
+    fn check_geometry(&mut self) -> Result<()> {
         let h = self.header();
         let seg = h.segment()?;
         let end = h.layout().metadata_end();
-        if !self.detached && seg.offset.0 < end {
-            return Err(coffre_luks2::Error::Corrupt(format!(
-                "the data segment starts at {} inside the metadata (which ends at {end})",
-                seg.offset.0
-            ))
-            .into());
-        }
+        // A segment at 0 on the header's own device is a detached header
+        // given alone (cryptsetup reads it so too): its header can be read
+        // and changed, its data is elsewhere. A segment inside the
+        // metadata at any other offset fails cryptsetup's rules already.
+        self.header_only = !self.detached && seg.offset.0 < end;
         let hsize = self
             .header_dev
             .size()
             .map_err(|e| Error::io("size of", self.header_dev.path(), e))?;
         if hsize < end {
-            // cryptsetup writes detached headers at their full size; a
-            // shorter file cannot hold the keyslots the JSON describes.
-            for (id, k) in &h.metadata.keyslots {
-                if k.area.offset.0 + k.area.size.0 > hsize {
-                    return Err(coffre_luks2::Error::Corrupt(format!(
-                        "keyslot {} lies beyond the end of the header file",
-                        id.0
-                    ))
-                    .into());
-                }
-            }
+            // As cryptsetup: the device holds all the metadata the header
+            // describes, keyslots area included, or the header is not used.
+            return Err(coffre_luks2::Error::Corrupt(format!(
+                "{} holds {hsize} bytes, less than the {end} bytes of metadata its header describes",
+                self.header_dev.path().display()
+            ))
+            .into());
         }
         Ok(())
     }
@@ -167,6 +165,13 @@ impl Luks2Container {
 
     /// As [`Luks2Container::open_volume`], with a chosen cipher provider.
     pub fn open_volume_with(&self, key: &VolumeKey, provider: Provider) -> Result<EncryptedVolume> {
+        if self.header_only {
+            return Err(Error::Refused(format!(
+                "{} is a detached LUKS2 header (its data segment starts at 0): \
+                 give the data device and this file with --header",
+                self.header_dev.path().display()
+            )));
+        }
         let h = self.header();
         h.verify_volume_key(key)?;
         let seg = h.segment()?;
@@ -413,6 +418,7 @@ impl Luks2Container {
             data,
             header_dev,
             detached,
+            header_only: false,
             loaded: LoadedHeader {
                 primary: CopyState::Valid {
                     seqid: h.binary.seqid,

@@ -10,7 +10,8 @@ pub const WRONG_PASSPHRASE: u8 = 2;
 pub const BUSY: u8 = 3;
 /// The header is damaged, missing, or not LUKS2.
 pub const BAD_HEADER: u8 = 4;
-/// The volume uses a LUKS2 feature coffre does not implement.
+/// The header uses a LUKS2 feature or value coffre does not implement
+/// (cryptsetup may read it; coffre leaves it untouched).
 pub const UNSUPPORTED: u8 = 5;
 /// The command line is wrong (EX_USAGE).
 pub const USAGE: u8 = 64;

@@ -1104,3 +1104,72 @@ fn the_largest_segment_size_is_read_as_cryptsetup_reads_it() {
     assert_ne!(exit(&out), 0);
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
 }
+
+/// A detached header given alone (segment at 0 on its own device): like
+/// cryptsetup, coffre reads it and works on its keyslots; reading the
+/// data through it is refused with a message that says what to do.
+#[test]
+fn a_detached_header_given_alone_is_read_and_its_data_is_refused() {
+    let d = Dir::new();
+    let pw = d.pass("pw", "pass");
+    let vol = d.path("vol");
+    let hdr = d.path("hdr");
+    std::fs::write(&vol, vec![0u8; 1 << 20]).unwrap();
+    let mut a = vec![
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--header",
+        s(&hdr),
+        s(&vol),
+        "--key-file",
+        s(&pw),
+    ];
+    a.extend(fast_kdf("pbkdf2"));
+    cryptsetup(&a);
+    ok(coffre(&["volume", "dump", s(&hdr)]));
+    ok(coffre(&[
+        "volume",
+        "check-key",
+        s(&hdr),
+        "--key-file",
+        s(&pw),
+    ]));
+    let out = coffre(&[
+        "volume",
+        "read",
+        s(&hdr),
+        "--key-file",
+        s(&pw),
+        "--length",
+        "512",
+    ]);
+    assert_eq!(exit(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--header"));
+    let data = ok(coffre(&[
+        "volume",
+        "read",
+        s(&vol),
+        "--header",
+        s(&hdr),
+        "--key-file",
+        s(&pw),
+        "--length",
+        "512",
+    ]));
+    assert_eq!(data.len(), 512);
+}
+
+/// P1: a device too short for the metadata its header describes is
+/// refused, as cryptsetup refuses it.
+#[test]
+fn a_device_shorter_than_its_metadata_is_refused_like_cryptsetup() {
+    let d = Dir::new();
+    let (vol, pw) = volume(&d);
+    let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+    f.set_len(100_000).unwrap();
+    assert!(!cryptsetup_loads(&vol));
+    let out = coffre(&["volume", "check-key", s(&vol), "--key-file", s(&pw)]);
+    assert_eq!(exit(&out), 4);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("less than"));
+}

@@ -9,8 +9,9 @@ EXIT CODES:
     1   failure (the message says why)
     2   wrong password: the passphrase opens no keyslot
     3   the volume is in use by another coffre process
-    4   the LUKS2 header is damaged, missing or not LUKS2
-    5   the volume uses a LUKS2 feature coffre does not implement
+    4   the LUKS2 header is damaged (cryptsetup refuses it too), missing or not LUKS2
+    5   the header uses a LUKS2 feature or value coffre does not implement
+        (cryptsetup may read it; coffre writes nothing to it)
     6   the vault is locked
     7   wrong, missing or already used TOTP code
     8   this identity is not a member of the vault (unknown or revoked)
