@@ -81,6 +81,50 @@ pub struct InitReport {
     pub identity: PathBuf,
     /// CA fingerprint (to pin when joining).
     pub ca_fingerprint: String,
+    /// What became of the user VMs run as (created, already there, or why
+    /// it could not be made).
+    pub vm_user: String,
+}
+
+/// Makes the unprivileged system user VMs run as, if missing (no home, no
+/// login shell; in the kvm group when there is one). Returns what it did.
+pub fn ensure_vm_user(name: &str) -> Result<String, String> {
+    match coffre_sys::child::user(name) {
+        Ok(Some((0, _, _))) => return Err(format!("{name} has uid 0: VMs will not run as it")),
+        Ok(Some(_)) => return Ok(format!("VMs run as the existing user {name}")),
+        Ok(None) => {}
+        Err(e) => return Err(format!("looking up {name}: {e}")),
+    }
+    let kvm = std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("kvm:"));
+    let mut cmd = std::process::Command::new("useradd");
+    cmd.args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--comment",
+        "coffre virtual machines",
+    ]);
+    if kvm {
+        cmd.args(["--groups", "kvm"]);
+    }
+    let out = cmd
+        .arg(name)
+        .output()
+        .map_err(|e| format!("useradd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "useradd {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(format!("created the system user {name} that VMs run as"))
 }
 
 /// Member names: what certificates, tokens and audit records can carry.
@@ -111,6 +155,11 @@ fn now_ms() -> Millis {
 
 /// Creates a vault.
 pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
+    let vm_user = ensure_vm_user(coffre_workload::config::DEFAULT_VM_USER).unwrap_or_else(|e| {
+        format!(
+            "VMs will not start until their user exists: {e} (or name another with [workloads] vm_user)"
+        )
+    });
     check_member_name(&o.admin).map_err(InitError::Invalid)?;
     let vd = VaultDir::new(&o.dir);
     if vd.config().exists() {
@@ -282,6 +331,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
             otpauth: String::new(),
             identity: out.clone(),
             ca_fingerprint: ca.fingerprint,
+            vm_user,
         });
     }
     let identity = Identity {
@@ -301,6 +351,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         ),
         identity: o.identity_out,
         ca_fingerprint: ca.fingerprint,
+        vm_user,
     })
 }
 

@@ -1735,6 +1735,7 @@ pub async fn serve(
             cover: (layout.mountpoint.parent() == Some(dir.as_path())).then(|| dir.clone()),
             hide: coffre_data::system::vault_mounts,
             nbd_socket: layout.nbd_socket.clone(),
+            vms: dir.join("run").join("vm"),
         },
     );
     // What a crashed daemon left running goes first (it may still be

@@ -395,10 +395,34 @@ impl VaultDir {
     /// Where the open vault's data goes: the FUSE volume file, the team's
     /// mount and the NBD socket.
     pub fn data_layout(&self, config: &Config) -> coffre_data::Layout {
+        // Each VM with disks gets its own NBD socket for them, owned by
+        // the user VMs run as (none while that user is missing: the VM
+        // then does not start, and says why).
+        let vms = self.vm_run();
+        let vm_exports = match coffre_workload::vm_credentials(&config.workloads) {
+            Ok((uid, gid, _)) => config
+                .workload
+                .iter()
+                .filter(|w| w.kind == coffre_workload::config::Kind::Qemu && !w.disks.is_empty())
+                .map(|w| coffre_data::VmExport {
+                    socket: coffre_workload::vm_nbd_socket(&vms, &w.name),
+                    disks: w.disks.clone(),
+                    uid,
+                    gid,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         coffre_data::Layout {
             mountpoint: self.root.join(&config.data.mountpoint),
+            vm_exports,
             ..coffre_data::Layout::under(&self.root)
         }
+    }
+
+    /// Where each VM's run directory goes (root's alone).
+    pub fn vm_run(&self) -> PathBuf {
+        self.root.join("run").join("vm")
     }
 
     /// The gateway's files: certificate, keys, OpenVPN configuration

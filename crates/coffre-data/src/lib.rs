@@ -59,6 +59,22 @@ pub struct Layout {
     pub mountpoint: PathBuf,
     /// The NBD unix socket (its directory is made 0700).
     pub nbd_socket: PathBuf,
+    /// One NBD socket per VM, serving its own disks only, owned by the
+    /// user it runs as.
+    pub vm_exports: Vec<VmExport>,
+}
+
+/// A VM's own NBD socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExport {
+    /// Where the socket goes (in the VM's run directory).
+    pub socket: PathBuf,
+    /// The exports (`disks/NAME.img`) it serves; no other.
+    pub disks: Vec<String>,
+    /// Who may connect: the socket's owner.
+    pub uid: u32,
+    /// The socket's group.
+    pub gid: u32,
 }
 
 impl Layout {
@@ -70,6 +86,7 @@ impl Layout {
             volume_file: run.join("volume"),
             mountpoint: dir.join("data"),
             nbd_socket: run.join("nbd").join("nbd.sock"),
+            vm_exports: Vec::new(),
         }
     }
 
@@ -126,6 +143,8 @@ pub struct Exposure {
     /// another namespace keeps it (and the loop device) alive.
     ext4_dev: Option<String>,
     nbd: Option<nbd::NbdServer>,
+    /// The VMs' own NBD servers.
+    vm_nbd: Vec<nbd::NbdServer>,
 }
 
 impl std::fmt::Debug for Exposure {
@@ -207,6 +226,7 @@ pub fn expose(
         mounted: None,
         ext4_dev: None,
         nbd: None,
+        vm_nbd: Vec::new(),
     };
     match e.build(own) {
         Ok(()) => Ok(e),
@@ -266,6 +286,20 @@ impl Exposure {
             nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
                 .map_err(step("start the NBD server"))?,
         );
+        for (i, v) in l.vm_exports.iter().enumerate() {
+            // Started in the main socket's directory (root's alone), then
+            // handed over.
+            let staging = l.nbd_socket.with_file_name(format!("vm-{i}.sock"));
+            let mut server = nbd::NbdServer::start(
+                &staging,
+                Arc::new(nbd::Only::new(l.disks(), v.disks.clone())),
+            )
+            .map_err(step("start a VM's NBD server"))?;
+            let r = server.publish(&v.socket, v.uid, v.gid);
+            // Kept even when publishing failed, so the close stops it.
+            self.vm_nbd.push(server);
+            r.map_err(step("hand a VM its NBD socket"))?;
+        }
         Ok(())
     }
 
@@ -286,7 +320,12 @@ impl Exposure {
             } else {
                 Vec::new()
             },
-            nbd_clients: self.nbd.as_ref().map_or(0, nbd::NbdServer::connections),
+            nbd_clients: self.nbd.as_ref().map_or(0, nbd::NbdServer::connections)
+                + self
+                    .vm_nbd
+                    .iter()
+                    .map(nbd::NbdServer::connections)
+                    .sum::<usize>(),
         }
     }
 
@@ -314,6 +353,9 @@ impl Exposure {
     fn close_steps(&mut self, policy: &ClosePolicy, report: &mut CloseReport) -> Result<(), Error> {
         if let Some(mut n) = self.nbd.take() {
             report.nbd_clients = n.stop();
+        }
+        for mut n in self.vm_nbd.drain(..) {
+            report.nbd_clients += n.stop();
         }
         if let Some(dev) = self.mounted.clone() {
             let mp = self.layout.mountpoint.clone();

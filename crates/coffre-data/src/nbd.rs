@@ -294,6 +294,37 @@ impl Catalog for ImageDir {
     }
 }
 
+/// Some of the images in a directory: a VM's own disks, and no other's.
+#[derive(Debug, Clone)]
+pub struct Only {
+    images: ImageDir,
+    names: Vec<String>,
+}
+
+impl Only {
+    /// The images `names` in `dir`.
+    pub fn new(dir: impl Into<PathBuf>, names: Vec<String>) -> Self {
+        Self {
+            images: ImageDir::new(dir),
+            names,
+        }
+    }
+}
+
+impl Catalog for Only {
+    fn list(&self) -> Vec<String> {
+        let mut v = self.images.list();
+        v.retain(|n| self.names.contains(n));
+        v
+    }
+    fn open(&self, name: &str) -> Option<Box<dyn Disk>> {
+        if !self.names.iter().any(|n| n == name) {
+            return None;
+        }
+        self.images.open(name)
+    }
+}
+
 /// What one connection did, for tests and the audit log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnStats {
@@ -719,6 +750,33 @@ impl NbdServer {
     /// The socket's path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Hands the socket to one unprivileged user: owned by them, mode
+    /// 0600, moved to `to` (in a directory of theirs, made 0700 if
+    /// missing). The socket must have been started in a directory only
+    /// root can enter, so that nobody can swap it while its owner
+    /// changes; the rename replaces whatever is at `to` without following
+    /// it.
+    pub fn publish(&mut self, to: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = to
+            .parent()
+            .ok_or_else(|| io::Error::other("a socket path without a directory"))?;
+        if let Some(up) = dir.parent() {
+            std::fs::create_dir_all(up)?;
+        }
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::lchown(&self.socket, Some(uid), Some(gid))?;
+        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&self.socket, to)?;
+        self.socket = to.to_path_buf();
+        Ok(())
     }
 
     /// Connections currently open.

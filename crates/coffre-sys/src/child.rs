@@ -44,6 +44,11 @@ pub struct ChildSetup {
     /// Working directory, entered last (after the mounts, so it is the
     /// namespace's view of that path).
     pub cwd: Option<PathBuf>,
+    /// Descriptors the command inherits, each at the number given (after
+    /// everything else, so they never land on a descriptor the set-up
+    /// still needs). The command can open them as `/proc/self/fd/N`, which
+    /// needs no search right on the directories of the file's path.
+    pub pass_fds: Vec<(OwnedFd, libc::c_int)>,
 }
 
 /// Writes `/proc/self/fd/FD` and a NUL into `buf`, without allocating.
@@ -104,7 +109,15 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
     let procs = setup.cgroup_procs;
     let creds = setup.credentials;
     let private = setup.private_mounts;
+    let pass: Vec<(libc::c_int, libc::c_int)> = setup
+        .pass_fds
+        .iter()
+        .map(|(fd, to)| (fd.as_raw_fd(), *to))
+        .collect();
+    // Kept open in the parent until the command is spawned.
+    let keep = setup.pass_fds;
     let job = move || -> io::Result<()> {
+        let _ = &keep;
         for fd in &procs {
             // "0" moves the writing process (this child) into the group.
             // SAFETY: write(2) on a valid open descriptor from a buffer of
@@ -200,6 +213,19 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
             // As the target user: a directory they cannot enter fails here.
             // SAFETY: a valid NUL-terminated path.
             check(unsafe { libc::chdir(dir.as_ptr()) })?;
+        }
+        for &(from, to) in &pass {
+            if from == to {
+                // Already there: only the close-on-exec flag goes.
+                // SAFETY: fcntl on a descriptor this process holds.
+                check(unsafe { libc::fcntl(from, libc::F_SETFD, 0) })?;
+            } else {
+                // dup2 leaves the new descriptor without close-on-exec.
+                // SAFETY: dup2 on descriptors this process holds.
+                if unsafe { libc::dup2(from, to) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
         }
         Ok(())
     };

@@ -36,6 +36,10 @@ pub struct Settings {
     /// before it is killed instead, ms.
     #[serde(default = "default_freeze_timeout")]
     pub freeze_timeout_ms: u64,
+    /// The unprivileged user QEMU runs as (`coffre init` creates
+    /// `coffre-vm`; a VM does not start while it is missing).
+    #[serde(default = "default_vm_user")]
+    pub vm_user: String,
 }
 
 impl Default for Settings {
@@ -44,8 +48,16 @@ impl Default for Settings {
             freezer: crate::cgroup::FreezerChoice::default(),
             qemu: None,
             freeze_timeout_ms: default_freeze_timeout(),
+            vm_user: default_vm_user(),
         }
     }
+}
+
+/// The user VMs run as unless `[workloads] vm_user` says otherwise.
+pub const DEFAULT_VM_USER: &str = "coffre-vm";
+
+fn default_vm_user() -> String {
+    DEFAULT_VM_USER.into()
 }
 
 fn default_freeze_timeout() -> u64 {

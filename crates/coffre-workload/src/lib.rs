@@ -59,6 +59,38 @@ pub struct Paths {
     pub hide: fn() -> Vec<PathBuf>,
     /// The NBD socket VMs attach their disks through.
     pub nbd_socket: PathBuf,
+    /// Where each VM's own run directory goes (`DIR/run/vm`, root's
+    /// alone): `NAME/` holds its QMP socket and the NBD socket that serves
+    /// its disks and no other's.
+    pub vms: PathBuf,
+}
+
+/// A VM's run directory under `vms` (owned by the VM user, 0700).
+pub fn vm_dir(vms: &Path, name: &str) -> PathBuf {
+    vms.join(name)
+}
+
+/// The NBD socket serving a VM's own disks, in its run directory.
+pub fn vm_nbd_socket(vms: &Path, name: &str) -> PathBuf {
+    vm_dir(vms, name).join("nbd.sock")
+}
+
+/// The user VMs run as: (uid, gid, groups), or why not.
+pub fn vm_credentials(settings: &Settings) -> Result<(u32, u32, Vec<u32>), String> {
+    let u = &settings.vm_user;
+    let creds = coffre_sys::child::user(u)
+        .map_err(|e| format!("user {u}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "the user {u} that VMs run as does not exist: `coffre init` creates it, or run \
+                 `useradd --system --no-create-home --shell /usr/sbin/nologin {u}` (and add it \
+                 to the kvm group for KVM), or name another with [workloads] vm_user"
+            )
+        })?;
+    if creds.0 == 0 {
+        return Err(format!("VMs do not run as root: {u} has uid 0"));
+    }
+    Ok(creds)
 }
 
 impl Paths {
@@ -610,6 +642,7 @@ impl Workloads {
                     .flatten(),
                 private_mounts: true,
                 cwd,
+                pass_fds: Vec::new(),
             },
         )
         .map_err(|e| {

@@ -40,7 +40,28 @@ impl Workloads {
     }
 
     fn qmp_socket(&self, name: &str) -> PathBuf {
-        self.paths.run.join(format!("{name}.qmp"))
+        crate::vm_dir(&self.paths.vms, name).join("qmp.sock")
+    }
+
+    /// Makes the VM's run directory, owned by the VM user and theirs alone,
+    /// under `DIR/run/vm` (root's alone, so nobody can swap what is there).
+    fn make_vm_dir(&self, name: &str, uid: u32, gid: u32) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let vms = &self.paths.vms;
+        std::fs::create_dir_all(vms).map_err(|e| format!("{}: {e}", vms.display()))?;
+        std::fs::set_permissions(vms, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", vms.display()))?;
+        let dir = crate::vm_dir(vms, name);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("{}: {e}", dir.display()));
+            }
+            _ => {}
+        }
+        std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(dir)
     }
 
     /// A host-side mark (no data in it) that a VM's state is in the vault,
@@ -78,6 +99,31 @@ impl Workloads {
         let state = self.state_file(&cfg.name);
         let incoming = cfg.role == crate::Role::Project && state.exists();
         std::fs::create_dir_all(&self.paths.run).map_err(|e| e.to_string())?;
+        // QEMU runs as an unprivileged user, in a namespace where the
+        // vault directory is an empty tmpfs with only its own run
+        // directory bound into it.
+        let (uid, gid, groups) = crate::vm_credentials(&self.settings)?;
+        let cover = self.paths.cover.clone().ok_or_else(|| {
+            "VMs need the data's mountpoint directly in the vault directory (the default)"
+                .to_string()
+        })?;
+        let vm_dir = self.make_vm_dir(&cfg.name, uid, gid)?;
+        let seen = cover.join("vm");
+        // The kernel and initrd go in as descriptors (the VM user needs no
+        // way through the directories above them), if the files
+        // themselves are readable by that user.
+        let mut pass_fds = Vec::new();
+        let mut boot_files = Vec::new();
+        for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
+            let Some(path) = path else { continue };
+            let f = std::fs::File::open(path)
+                .map_err(|e| format!("its {what} {}: {e}", path.display()))?;
+            readable_by(&f, uid, &groups)
+                .map_err(|e| format!("its {what} {}: {e}", path.display()))?;
+            let n = 200 + libc::c_int::try_from(pass_fds.len()).unwrap_or(0);
+            pass_fds.push((std::os::fd::OwnedFd::from(f), n));
+            boot_files.push((what, format!("/proc/self/fd/{n}")));
+        }
         let sock = self.qmp_socket(&cfg.name);
         if sock.as_os_str().len() > 107 {
             return Err(format!(
@@ -104,15 +150,24 @@ impl Workloads {
             .args(["-m", &cfg.memory_mb.unwrap_or(256).to_string()])
             .args(["-smp", &cfg.cpus.unwrap_or(1).to_string()])
             .args(["-display", "none", "-nodefaults", "-no-user-config"])
+            // No privileges to win back, no process to start, no old
+            // system calls, no scheduling or affinity changes.
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ])
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            // The serial console is its log (through our pipe).
-            .args(["-serial", "file:/proc/self/fd/1"]);
-        if let Some(k) = &cfg.kernel {
-            cmd.arg("-kernel").arg(k);
-        }
-        if let Some(r) = &cfg.initrd {
-            cmd.arg("-initrd").arg(r);
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                seen.join("qmp.sock").display()
+            ))
+            // The serial console is its log, through our pipe as QEMU's
+            // own stdout (opening /proc/self/fd/1 again would be refused:
+            // the pipe is root's).
+            .args(["-chardev", "stdio,id=console,signal=off"])
+            .args(["-serial", "chardev:console"]);
+        for (what, path) in &boot_files {
+            cmd.arg(format!("-{what}")).arg(path);
         }
         if let Some(a) = &cfg.append {
             cmd.args(["-append", a]);
@@ -121,7 +176,8 @@ impl Workloads {
             let node = json!({
                 "driver": "nbd",
                 "node-name": format!("disk-{d}"),
-                "server": {"type": "unix", "path": self.paths.nbd_socket},
+                // Its own socket, which serves its own disks only.
+                "server": {"type": "unix", "path": seen.join("nbd.sock")},
                 "export": d,
                 "reconnect-delay": NBD_RECONNECT_S,
             });
@@ -150,12 +206,16 @@ impl Workloads {
             &mut cmd,
             coffre_sys::child::ChildSetup {
                 cgroup_procs: procs,
-                credentials: None,
+                credentials: Some((uid, gid, groups)),
                 detach: hide,
-                binds: Vec::new(),
-                cover: None,
+                binds: vec![coffre_sys::child::Bind {
+                    from: vm_dir,
+                    to: seen,
+                }],
+                cover: Some(cover),
                 private_mounts: true,
                 cwd: Some("/".into()),
+                pass_fds,
             },
         )
         .map_err(|e| {
@@ -307,6 +367,30 @@ impl Workloads {
                 );
             }
         }
+    }
+}
+
+/// Whether the file's own mode lets `uid` (with `groups`) read it.
+fn readable_by(f: &std::fs::File, uid: u32, groups: &[u32]) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    let mode = m.mode();
+    let ok = if m.uid() == uid {
+        mode & 0o400 != 0
+    } else if groups.contains(&m.gid()) {
+        mode & 0o040 != 0
+    } else {
+        mode & 0o004 != 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "not readable by the VM user (uid {uid}): mode {:o}, owner {}:{}",
+            mode & 0o7777,
+            m.uid(),
+            m.gid()
+        ))
     }
 }
 

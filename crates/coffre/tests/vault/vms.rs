@@ -37,6 +37,16 @@ fn guest_release() -> String {
     release
 }
 
+/// The uid of the user VMs run as (`coffre init` made it).
+fn vm_user_uid() -> u32 {
+    let out = Command::new("id")
+        .args(["-u", "coffre-vm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "no coffre-vm user");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 fn vm_config(memory_mb: u32) -> String {
     let (kernel, initrd) = guest();
     format!(
@@ -129,11 +139,81 @@ fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
     assert_eq!(state, "running");
     let qemu = qemu.unwrap();
     assert!(disk_tick(&v) >= 20);
+    // In its namespace the vault directory is an empty tmpfs with only
+    // the VM's own run directory in it: no data, no view, no volume.
     let ns = std::fs::read_to_string(format!("/proc/{qemu}/mountinfo")).unwrap();
-    assert!(
-        !ns.contains(v.dir.to_str().unwrap()),
-        "QEMU sees no vault mount"
+    let dir = v.dir.to_str().unwrap();
+    let mut seen: Vec<(String, String)> = ns
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
+            f.get(4)
+                .filter(|m| m.starts_with(dir))
+                .map(|m| (m.to_string(), fstype.to_string()))
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(),
+        vec![dir.to_string(), format!("{dir}/vm")],
+        "QEMU's view of the vault directory: {ns}"
     );
+    assert_eq!(seen[0].1, "tmpfs");
+
+    // QEMU runs as the VM user, with no capability, no way to gain
+    // privileges, and seccomp filtering (-sandbox).
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let vm_uid = vm_user_uid();
+    assert_eq!(field("Uid"), vec![vm_uid.to_string(); 4]);
+    assert!(field("Gid").iter().all(|g| g != "0"), "no root group");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(caps), vec!["0000000000000000"], "{caps}");
+    }
+    assert_eq!(field("NoNewPrivs"), vec!["1"]);
+    assert_eq!(field("Seccomp"), vec!["2"]);
+
+    // Its own NBD socket, in its own directory, serves its disk and no
+    // other image in the data.
+    let vm_dir = v.dir.join("run/vm/counter");
+    let meta = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), vm_uid);
+    assert_eq!(std::os::unix::fs::MetadataExt::mode(&meta) & 0o777, 0o700);
+    let sock = vm_dir.join("nbd.sock");
+    let other = v.layout().mountpoint.join("disks/other.img");
+    std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
+    let list = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbd+unix://?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(list.contains("export=\"counter\""), "{list}");
+    assert!(!list.contains("other"), "{list}");
+    let st = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///other?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(!st.status.success(), "the VM's socket served another disk");
+    // The vault's own socket (root's alone) still serves both.
+    let st = Command::new("nbdinfo")
+        .arg(format!(
+            "nbd+unix:///other?socket={}",
+            v.layout().nbd_socket.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    std::fs::remove_file(&other).unwrap();
 
     // Fast mode: paused across the close. The guest's own pace (TCG on a
     // shared machine) is measured first.

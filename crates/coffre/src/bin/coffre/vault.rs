@@ -125,6 +125,7 @@ pub fn init(a: InitArgs) -> Result<u8> {
             report.identity.display()
         );
         println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+        println!("{}", report.vm_user);
         println!(
             "next: coffre serve {}   then, on {}'s machine: coffre join {} --password-file F",
             a.dir.display(),
@@ -140,6 +141,7 @@ pub fn init(a: InitArgs) -> Result<u8> {
         a.admin
     );
     println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+    println!("{}", report.vm_user);
     println!("TOTP enrollment, shown once; add it to an authenticator app now:");
     println!("  {}", report.otpauth);
     if std::io::stdout().is_terminal() {
