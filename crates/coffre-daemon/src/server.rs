@@ -154,7 +154,13 @@ struct Shell {
     cut: Option<Arc<coffre_data::cut::CutLayer>>,
     /// Set while a reap runs off the actor.
     reaping: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the vault is locked, for work that runs off the actor (a
+    /// join between its temporary keyslot and its new keyslot).
+    locked_flag: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Why a join stopped: the vault was locked while it ran.
+const JOIN_LOCKED: &str = "the vault was locked";
 
 fn refusal_status(code: Refusal) -> u16 {
     match code {
@@ -509,6 +515,25 @@ impl Shell {
             door: "cli".into(),
             addr: addr.ip().to_string(),
         };
+        // While locked only superusers read (docs/security.md, "What each
+        // state protects"); the core says who may.
+        let is_read = matches!(
+            cmd,
+            ApiCommand::Status
+                | ApiCommand::TaskList
+                | ApiCommand::MemberList
+                | ApiCommand::AuditShow { .. }
+                | ApiCommand::AuditVerify
+                | ApiCommand::WorkloadLogs { .. }
+                | ApiCommand::GatewayProfile
+        );
+        if is_read && let Err(code) = self.vault.may_read(&member) {
+            let _ = reply.send((
+                refusal_status(code),
+                json!({"ok": false, "error": code_name(code), "message": "the vault is locked: only superusers can read its status and audit log until the quorum unlocks it"}),
+            ));
+            return;
+        }
         // Commands that need them carry the password and the TOTP code.
         let (command, auth) = match cmd {
             ApiCommand::Status => {
@@ -772,6 +797,8 @@ impl Shell {
         let mut queue = VecDeque::from([first]);
         while let Some(event) = queue.pop_front() {
             let effects = self.vault.handle(now_ms(), event);
+            self.locked_flag
+                .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);
             for effect in effects {
                 self.perform(effect, &mut queue);
             }
@@ -1031,6 +1058,12 @@ impl Shell {
                 }
             }
             Effect::Persist => self.persist(),
+            Effect::CancelInvitations => {
+                let names: Vec<String> = self.control.invitations.keys().cloned().collect();
+                for name in names {
+                    self.drop_invitation(&name, "cancelled");
+                }
+            }
             Effect::Invite { req, name, role } => {
                 let key = self.kept.remove(&req);
                 let answer = match key {
@@ -1245,6 +1278,23 @@ impl Shell {
                 json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used or expired)"}),
             )
         };
+        // Before the temporary keyslot is opened: while locked the volume
+        // key must not come into memory, nor may anyone join.
+        if self.vault.may_join().is_err() {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail: "the vault is locked".into(),
+            };
+            let _ = self.audit.append(rec);
+            return Some((
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
+            ));
+        }
         let Some(inv) = self.control.invitations.get(name).cloned() else {
             return Some(refuse(self, "no pending invitation"));
         };
@@ -1308,6 +1358,7 @@ impl Shell {
         let pool = self.kdf_pool.clone();
         let tx = self.tx.clone();
         let temp_slot = inv.keyslot;
+        let locked = self.locked_flag.clone();
         let joined = Joined {
             name: name.to_string(),
             role: inv.role,
@@ -1323,6 +1374,13 @@ impl Shell {
                     Ok((_, k)) => k,
                     Err(e) => return Err(format!("temporary keyslot did not open: {e}")),
                 };
+                // A lock that landed while the temporary keyslot opened:
+                // the key goes at once and no keyslot is added.
+                if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(key);
+                    coffre_luks2::secret::scrub_stack();
+                    return Err(JOIN_LOCKED.into());
+                }
                 let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
                 drop(key);
                 coffre_luks2::secret::scrub_stack();
@@ -1339,6 +1397,41 @@ impl Shell {
     fn join_finish(&mut self, j: Joined, result: Result<u32, String>) -> Answer {
         self.joining.remove(&j.name);
         let name = j.name.as_str();
+        // Locked while the keyslot was made: it is wiped, nobody joins.
+        if self.vault.may_join().is_err() {
+            let detail = match &result {
+                Ok(slot) => {
+                    let r = self
+                        .container
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove_keyslot(*slot, false);
+                    match r {
+                        Ok(()) => {
+                            format!("the vault was locked while joining; new keyslot {slot} wiped")
+                        }
+                        Err(e) => {
+                            format!("the vault was locked while joining; new keyslot {slot}: {e}")
+                        }
+                    }
+                }
+                Err(why) => format!("the vault was locked while joining: {why}"),
+            };
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: j.source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail,
+            };
+            let _ = self.audit.append(rec);
+            self.drop_invitation(name, "cancelled");
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked while you were joining: ask for a new invitation once it is unlocked"}),
+            );
+        }
         let slot = match result {
             Ok(s) => s,
             Err(why) => {
@@ -1777,6 +1870,7 @@ pub async fn serve(
         workloads: Arc::new(std::sync::Mutex::new(workloads)),
         cut: None,
         reaping: Arc::default(),
+        locked_flag: Arc::default(),
     };
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the

@@ -147,6 +147,66 @@ impl Vault {
         &self.p.members
     }
 
+    /// Why `command` is refused while the vault is locked, if it is.
+    ///
+    /// LOCKED is a state where nothing grows but an unlock: no quorum or
+    /// role change, no invitation, no keyslot change, no enter. What
+    /// reduces exposure stays allowed: another lock, an unlock approval
+    /// (its keyslot check keeps no key), removing a member who is not a
+    /// superuser (the stolen-laptop flow: lock, then remove), and a switch
+    /// to safe mode (the next close suspends workloads into the volume
+    /// instead of keeping them in memory). Removing a superuser would let
+    /// fewer people reach the quorum: refused.
+    pub fn refused_while_locked(&self, command: &Command) -> Option<&'static str> {
+        match command {
+            Command::Enter => Some("the vault is locked"),
+            Command::SetQuorum { .. } => {
+                Some("the vault is locked: the quorum cannot change until it is unlocked")
+            }
+            Command::SetMode { mode: Mode::Fast } => Some(
+                "the vault is locked: only a switch to safe mode is allowed until it is unlocked",
+            ),
+            Command::Invite { .. } => {
+                Some("the vault is locked: no invitation until it is unlocked")
+            }
+            Command::Passwd => {
+                Some("the vault is locked: passwords cannot change until it is unlocked")
+            }
+            Command::MemberRemove { name }
+                if self
+                    .p
+                    .members
+                    .get(name)
+                    .is_some_and(|m| m.role == Role::Superuser) =>
+            {
+                Some("the vault is locked: a superuser cannot be removed until it is unlocked")
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `member` may read status, the member list, the audit log
+    /// and their VPN profile now: any member while unlocked, superusers
+    /// only while locked (a lock often means a member's machine is in the
+    /// wrong hands; it learns nothing more until the quorum unlocks).
+    pub fn may_read(&self, member: &str) -> Result<(), Refusal> {
+        match self.p.members.get(member) {
+            None => Err(Refusal::UnknownMember),
+            Some(m) if self.is_locked() && m.role != Role::Superuser => Err(Refusal::Locked),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether an invitation may be redeemed now (the shell asks before it
+    /// opens the temporary keyslot, and again before it adds the member).
+    pub fn may_join(&self) -> Result<(), Refusal> {
+        if self.is_locked() {
+            Err(Refusal::Locked)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Requests waiting for a password check.
     pub fn pending_checks(&self) -> usize {
         self.pending.len()
@@ -231,6 +291,11 @@ impl Vault {
         self.close_failed_at = None;
         self.close_first_failed = None;
         let state = if self.is_locked() { "locked" } else { "closed" };
+        if self.is_locked() {
+            // A crash between the lock and its cancellation must not leave
+            // an invitation behind.
+            out.effects.push(Effect::CancelInvitations);
+        }
         out.audit(
             SYSTEM,
             None,
@@ -315,12 +380,14 @@ impl Vault {
             return;
         }
         // Checks that come before any key derivation.
-        if r.command == Command::Enter && self.is_locked() {
+        if self.is_locked()
+            && let Some(why) = self.refused_while_locked(&r.command)
+        {
             out.refuse(
                 &r,
                 Refusal::Locked,
-                "the vault is locked",
-                "enter refused: vault locked",
+                why,
+                format!("{} refused: vault locked", r.command.name()),
             );
             return;
         }
@@ -380,15 +447,6 @@ impl Vault {
                 "no password given",
             );
             self.fail(out, &r);
-            return;
-        }
-        if r.command.uses_key() && self.is_locked() {
-            out.refuse(
-                &r,
-                Refusal::Locked,
-                "the vault is locked",
-                "refused: vault locked",
-            );
             return;
         }
         if let Command::Invite { name, .. } = &r.command
@@ -591,6 +649,22 @@ impl Vault {
             );
             return;
         };
+        // A lock may have landed while the key was derived: the check
+        // ends in a refusal and its key is wiped at once.
+        if self.is_locked()
+            && let Some(why) = self.refused_while_locked(&r.command)
+        {
+            if keep_key {
+                out.effects.push(Effect::DiscardKey { req });
+            }
+            out.refuse(
+                &r,
+                Refusal::Locked,
+                why,
+                "locked while the password was checked",
+            );
+            return;
+        }
         match r.command.clone() {
             Command::Enter => self.enter(out, &r, keep_key),
             Command::Lock { reason } => {
@@ -635,12 +709,12 @@ impl Vault {
             }
             Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
             Command::Invite { name, role } => {
-                if self.is_locked() || self.p.members.contains_key(&name) {
+                if self.p.members.contains_key(&name) {
                     out.effects.push(Effect::DiscardKey { req });
                     out.refuse(
                         &r,
                         Refusal::Invalid,
-                        "cannot invite now (locked, or the name is taken)",
+                        &format!("{name} is already a member"),
                         format!("invite {name}"),
                     );
                     return;
@@ -816,6 +890,7 @@ impl Vault {
         self.approvals.clear();
         out.effects.push(Effect::Persist);
         out.audit(by, None, "lock", "ok", reason);
+        out.effects.push(Effect::CancelInvitations);
         self.drop_sessions(out, "ended by the lock", |_| true);
         self.cancel_tasks(out, "cancelled by the lock", |_| true);
         if let Some(req) = self.reopen_key.take() {
@@ -928,6 +1003,19 @@ impl Vault {
     }
 
     fn member_joined(&mut self, out: &mut Out, member: Member) {
+        if self.is_locked() {
+            out.audit(
+                &member.name,
+                None,
+                "member_join",
+                "refused:locked",
+                format!(
+                    "{}: the vault is locked; keyslot {} must be wiped",
+                    member.name, member.keyslot
+                ),
+            );
+            return;
+        }
         let clash = self
             .p
             .members

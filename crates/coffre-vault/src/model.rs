@@ -498,6 +498,10 @@ pub enum Effect {
         /// Which keyslot.
         keyslot: u32,
     },
+    /// Cancel every pending invitation: wipe its temporary keyslot and
+    /// forget its code (a lock; a boot while locked). An invitation is a
+    /// way into the keyslots, so none survives a lock.
+    CancelInvitations,
     /// Append to the audit log.
     Audit(AuditRecord),
     /// Control data changed: write it (crash-safely).

@@ -385,3 +385,106 @@ fn first_superuser_can_join_from_their_own_machine() {
     // The root can invite: they are a superuser.
     v.add_member("root", "eve", false);
 }
+
+/// Keyslots in the vault's header (the daemon must be stopped).
+fn keyslot_count(v: &Vault) -> usize {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "volume",
+            "dump",
+            "--json",
+            v.dir.join("volume.img").to_str().unwrap(),
+            "--header",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    dump["keyslots"].as_array().unwrap().len()
+}
+
+/// Finding 1: with quorum 2, one superuser could lock, lower the quorum or
+/// remove the other superuser, and unlock alone. While locked the quorum,
+/// superusers and members' reads do not move; removing a plain member
+/// (the stolen-laptop flow) still works.
+#[test]
+fn locked_vault_keeps_its_quorum() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    v.add_member("alice", "carol", false);
+    v.add_member("alice", "dan", false);
+    ok(&v.authed("alice", &["quorum", "2"]));
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    let out = v.authed("alice", &["quorum", "1"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = v.authed("alice", &["member", "remove", "bob"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+    // Members read nothing while locked; superusers do.
+    let out = v.cli("carol", &["status"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = v.cli("carol", &["member", "list"]);
+    assert_eq!(code(&out), 6);
+    // Lock, then remove the member whose laptop was stolen.
+    ok(&v.authed("alice", &["member", "remove", "dan"]));
+    ok(&v.authed("alice", &["unlock"]));
+    assert_eq!(v.state(), "locked", "one superuser never unlocks alone");
+    ok(&v.authed("bob", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+    ok(&v.cli("carol", &["status"]));
+    assert_eq!(v.status("alice")["members"], 3);
+}
+
+/// Finding 2: an invitation issued before a lock was redeemed after it
+/// (the temporary keyslot unlocked while LOCKED, and the new superuser's
+/// approval counted). The lock now cancels invitations and wipes their
+/// keyslots; join and passwd are refused while locked.
+#[test]
+fn lock_cancels_invitations_and_refuses_join_and_passwd() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let inv = v.tmp.path().join("mallory.invitation");
+    ok(&v.authed(
+        "alice",
+        &[
+            "member",
+            "invite",
+            "mallory",
+            "--role",
+            "superuser",
+            "--out",
+            inv.to_str().unwrap(),
+        ],
+    ));
+    ok(&v.authed("alice", &["lock", "--reason", "suspicion"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    let out = v.join("mallory", &inv);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"));
+    let newpw = v.tmp.path().join("alice.new");
+    std::fs::write(&newpw, "alice's new password").unwrap();
+    let out = v.authed(
+        "alice",
+        &["passwd", "--new-password-file", newpw.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let inv2 = v.tmp.path().join("other.invitation");
+    let out = v.authed(
+        "alice",
+        &["member", "invite", "other", "--out", inv2.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!v.audit_details("member_invite", "cancelled").is_empty());
+    assert!(!v.audit_details("member_join", "refused:locked").is_empty());
+    ok(&v.authed("alice", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+    // The invitation stays dead after the unlock.
+    let _ = std::fs::remove_file(v.tmp.path().join("mallory.identity"));
+    let out = v.join("mallory", &inv);
+    assert!(!out.status.success());
+    assert_eq!(v.status("alice")["members"], 1);
+    v.stop();
+    assert_eq!(keyslot_count(&v), 1, "the temporary keyslot was wiped");
+}
