@@ -695,8 +695,8 @@ impl Shell {
                     ));
                     return;
                 }
-                if self.control.invitations.contains_key(&name) {
-                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": format!("{name} already has a pending invitation")})));
+                if let Some(answer) = self.invitation_pending(&name) {
+                    let _ = reply.send(answer);
                     return;
                 }
                 (Command::Invite { name, role }, Some((p, totp)))
@@ -1066,12 +1066,25 @@ impl Shell {
             }
             Effect::Invite { req, name, role } => {
                 let key = self.kept.remove(&req);
-                let answer = match key {
-                    Some(k) => self.create_invitation(&k, &name, role),
-                    None => (
-                        500,
-                        json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
-                    ),
+                // Checked again where the keyslot is made: a second
+                // invitation would orphan the first one's keyslot.
+                let answer = match self.invitation_pending(&name) {
+                    Some(refusal) => {
+                        drop(key);
+                        self.system_audit(
+                            "member_invite",
+                            "refused",
+                            format!("{name} already has a pending invitation"),
+                        );
+                        refusal
+                    }
+                    None => match key {
+                        Some(k) => self.create_invitation(&k, &name, role),
+                        None => (
+                            500,
+                            json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
+                        ),
+                    },
                 };
                 if let Some(tx) = self.replies.remove(&req) {
                     let _ = tx.send(answer);
@@ -1113,6 +1126,18 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// The refusal for a second invitation while `name` has one pending.
+    fn invitation_pending(&self, name: &str) -> Option<Answer> {
+        let inv = self.control.invitations.get(name)?;
+        Some((
+            400,
+            json!({"ok": false, "error": "invalid", "message": format!(
+                "{name} already has a pending invitation (expires at {} ms): it must be used or expire first, or be cancelled (a lock cancels every invitation)",
+                inv.expires_ms
+            )}),
+        ))
     }
 
     fn free_token_id(&self) -> Option<u32> {

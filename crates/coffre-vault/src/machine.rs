@@ -460,6 +460,22 @@ impl Vault {
             );
             return;
         }
+        // Two invitations for one name would leave the first temporary
+        // keyslot behind, unknown to anyone: one at a time.
+        if let Command::Invite { name, .. } = &r.command
+            && self
+                .pending
+                .values()
+                .any(|p| matches!(&p.request.command, Command::Invite { name: n, .. } if n == name))
+        {
+            out.refuse(
+                &r,
+                Refusal::Invalid,
+                &format!("an invitation for {name} is being made right now: wait for it, then cancel it (a lock cancels every invitation) or let it be used or expire"),
+                format!("invite {name}: another one in progress"),
+            );
+            return;
+        }
         let keep_key = r.command.uses_key()
             || (r.command == Command::Enter
                 && matches!(self.phase, Phase::Closed | Phase::Closing));

@@ -663,6 +663,30 @@ fn member_joined_while_locked_is_refused() {
     );
 }
 
+/// Finding 6: two invitations for one name made at the same time both
+/// succeeded and the first temporary keyslot was never wiped.
+#[test]
+fn one_invitation_per_name_at_a_time() {
+    let mut s = Sim::new(members(0, 2));
+    let invite = Command::Invite {
+        name: "carol".into(),
+        role: Role::Member,
+    };
+    let t = s.fresh();
+    let first = s.request("su0", invite.clone(), true, t);
+    let t = s.fresh();
+    let second = s.request("su1", invite.clone(), true, t);
+    assert_eq!(
+        s.vault.pending_checks(),
+        1,
+        "the second is refused before its check"
+    );
+    s.settle();
+    assert_eq!(s.replies[&first], Outcome::Ok(Reply::Done));
+    assert_eq!(refused(&s.replies[&second]), Some(Refusal::Invalid));
+    assert!(s.kept.is_empty());
+}
+
 #[test]
 fn restart_is_closed_or_still_locked() {
     let mut s = Sim::new(members(1, 1));

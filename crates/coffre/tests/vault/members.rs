@@ -488,3 +488,61 @@ fn lock_cancels_invitations_and_refuses_join_and_passwd() {
     v.stop();
     assert_eq!(keyslot_count(&v), 1, "the temporary keyslot was wiped");
 }
+
+/// Finding 6: two invitations for one name, sent at the same moment by two
+/// superusers, both succeeded and the first temporary keyslot stayed in
+/// the header, known to nobody. Now the second is refused with a message
+/// that says what to do, and the header holds exactly one temporary
+/// keyslot per name.
+#[test]
+fn two_invitations_for_one_name_leave_one_keyslot() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    let rounds = 4;
+    for i in 0..rounds {
+        let name = format!("new{i}");
+        let mut children = Vec::new();
+        for by in ["alice", "bob"] {
+            let code = v.totp(by);
+            let m = v.members.iter().find(|m| m.name == by).unwrap();
+            let out = v.tmp.path().join(format!("{name}.{by}.invitation"));
+            children.push(
+                std::process::Command::new(BIN)
+                    .args(["member", "invite", &name, "--out", out.to_str().unwrap()])
+                    .args([
+                        "--password-file",
+                        m.password.to_str().unwrap(),
+                        "--totp",
+                        &code,
+                    ])
+                    .env("COFFRE_IDENTITY", &m.identity)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let outs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let succeeded = outs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            succeeded, 1,
+            "round {i}: {succeeded} invitations for {name}"
+        );
+        let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+        let msg = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            msg.contains("pending invitation") || msg.contains("being made"),
+            "{msg}"
+        );
+    }
+    v.stop();
+    assert_eq!(
+        keyslot_count(&v),
+        2 + rounds,
+        "alice, bob and one temporary keyslot per name"
+    );
+}
