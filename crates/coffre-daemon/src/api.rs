@@ -148,6 +148,17 @@ pub enum ApiCommand {
         /// TOTP code.
         totp: String,
     },
+    /// Approve a pending proposal (superuser, password and TOTP).
+    Approve {
+        /// The proposal's id.
+        id: String,
+        /// The superuser's password.
+        password: ApiSecret,
+        /// A fresh TOTP code.
+        totp: String,
+    },
+    /// Pending proposals.
+    ProposalList,
     /// Audit records (certificate only).
     AuditShow {
         /// Only records after this sequence number.

@@ -162,6 +162,18 @@ struct Shell {
 /// Why a join stopped: the vault was locked while it ran.
 const JOIN_LOCKED: &str = "the vault was locked";
 
+fn proposals_json(list: &[Proposal]) -> Value {
+    json!(
+        list.iter()
+            .map(|p| json!({
+                "id": p.id, "kind": p.change.kind(), "change": p.change,
+                "description": p.description, "by": p.by, "created_ms": p.created.0,
+                "expires_ms": p.expires.0, "approvals": p.approvals, "needed": p.needed,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
 fn refusal_status(code: Refusal) -> u16 {
     match code {
         Refusal::Locked | Refusal::Busy => 409,
@@ -225,6 +237,7 @@ impl Shell {
             })).collect::<Vec<_>>(),
             "unlock_approvals": s.unlock_approvals,
             "unlock_quorum": s.unlock_quorum,
+            "proposals": proposals_json(&s.proposals),
             "members": s.members,
             "key_held": self.open_key.is_some(),
             "data": self.data_json(),
@@ -526,6 +539,7 @@ impl Shell {
                 | ApiCommand::AuditVerify
                 | ApiCommand::WorkloadLogs { .. }
                 | ApiCommand::GatewayProfile
+                | ApiCommand::ProposalList
         );
         if is_read && let Err(code) = self.vault.may_read(&member) {
             let _ = reply.send((
@@ -545,6 +559,16 @@ impl Shell {
                 let _ = reply.send((200, json!({"ok": true, "tasks": s["tasks"]})));
                 return;
             }
+            ApiCommand::ProposalList => {
+                let p = proposals_json(&self.vault.status().proposals);
+                let _ = reply.send((200, json!({"ok": true, "proposals": p})));
+                return;
+            }
+            ApiCommand::Approve {
+                id,
+                password: p,
+                totp,
+            } => (Command::Approve { id }, Some((p, totp))),
             ApiCommand::MemberList => {
                 let list: Vec<Value> = self
                     .vault
@@ -993,6 +1017,14 @@ impl Shell {
                         Outcome::Ok(Reply::UnlockApproved { remaining }) => {
                             (200, json!({"ok": true, "remaining": remaining}))
                         }
+                        Outcome::Ok(Reply::Proposal {
+                            id,
+                            description,
+                            remaining,
+                        }) => (
+                            200,
+                            json!({"ok": true, "proposal": {"id": id, "description": description, "remaining": remaining}}),
+                        ),
                         Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
                         Outcome::Refused { code, message } => (
                             refusal_status(code),

@@ -10,6 +10,25 @@ struct Pending {
     keep_key: bool,
 }
 
+/// A proposal waiting for the quorum.
+#[derive(Clone, Debug)]
+struct PendingProposal {
+    id: String,
+    change: Change,
+    by: String,
+    created: Millis,
+    /// Superusers who approved, and when.
+    approvals: BTreeMap<String, Millis>,
+}
+
+/// FNV-1a, 64 bits: proposal ids (not a security boundary: an id only
+/// has to name one proposal and its exact arguments, never another's).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// One vault's state. Feed it events with [`Vault::handle`].
 #[derive(Clone, Debug)]
 pub struct Vault {
@@ -34,6 +53,9 @@ pub struct Vault {
     throttle: BTreeMap<String, (u32, Millis)>,
     next_session: u64,
     next_task: u64,
+    /// Pending proposals, one per kind.
+    proposals: BTreeMap<&'static str, PendingProposal>,
+    next_proposal: u64,
 }
 
 const SYSTEM: &str = "coffre";
@@ -109,6 +131,8 @@ impl Vault {
             throttle: BTreeMap::new(),
             next_session: 1,
             next_task: 1,
+            proposals: BTreeMap::new(),
+            next_proposal: 1,
         }
     }
 
@@ -172,6 +196,9 @@ impl Vault {
             Command::Passwd => {
                 Some("the vault is locked: passwords cannot change until it is unlocked")
             }
+            Command::Approve { .. } => Some(
+                "the vault is locked: proposals were cancelled by the lock; propose again once it is unlocked",
+            ),
             Command::MemberRemove { name }
                 if self
                     .p
@@ -230,6 +257,20 @@ impl Vault {
             tasks: self.tasks.values().cloned().collect(),
             unlock_approvals: self.approvals.keys().cloned().collect(),
             unlock_quorum: self.p.policy.unlock_quorum,
+            proposals: self
+                .proposals
+                .values()
+                .map(|p| Proposal {
+                    id: p.id.clone(),
+                    change: p.change.clone(),
+                    description: p.change.describe(),
+                    by: p.by.clone(),
+                    created: p.created,
+                    expires: p.created.plus(self.p.policy.approval_window_ms),
+                    approvals: p.approvals.keys().cloned().collect(),
+                    needed: self.quorum(),
+                })
+                .collect(),
             members: self.p.members.len(),
         }
     }
@@ -286,6 +327,7 @@ impl Vault {
         self.sessions.clear();
         self.tasks.clear();
         self.approvals.clear();
+        self.proposals.clear();
         self.reopen_key = None;
         self.close_forced = false;
         self.close_failed_at = None;
@@ -476,9 +518,25 @@ impl Vault {
             );
             return;
         }
-        let keep_key = r.command.uses_key()
+        let mut keep_key = r.command.uses_key()
             || (r.command == Command::Enter
                 && matches!(self.phase, Phase::Closed | Phase::Closing));
+        if let Command::Approve { id } = &r.command {
+            match self.proposal_by_id(id) {
+                None => {
+                    out.refuse(
+                        &r,
+                        Refusal::Invalid,
+                        &format!("no pending proposal {id} (carried out, expired, superseded or cancelled: see `coffre proposal list`)"),
+                        format!("approve {id}: no such proposal"),
+                    );
+                    return;
+                }
+                // The approval that reaches the quorum makes the
+                // invitation's keyslot with its own key; wiped otherwise.
+                Some(p) => keep_key = matches!(p.change, Change::InviteSuperuser { .. }),
+            }
+        }
         out.effects.push(Effect::CheckPassword {
             req: r.req,
             member: member.name.clone(),
@@ -707,23 +765,48 @@ impl Vault {
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
             Command::SetQuorum { quorum } => {
-                let supers = self.superusers();
-                if quorum == 0 || quorum as usize > supers {
-                    out.refuse(&r, Refusal::Invalid, &format!("the unlock quorum must be between 1 and the number of superusers ({supers})"), format!("quorum {quorum}"));
+                if let Err(why) = self.check_quorum(quorum) {
+                    out.refuse(&r, Refusal::Invalid, &why, format!("quorum {quorum}"));
                     return;
                 }
-                self.p.policy.unlock_quorum = quorum;
-                out.effects.push(Effect::Persist);
-                out.audit(
-                    &r.member,
-                    Some(&r.source),
-                    "quorum",
-                    "ok",
-                    format!("unlock needs {quorum} superusers"),
-                );
-                out.reply(r.req, Outcome::Ok(Reply::Done));
+                if self.quorum() > 1 {
+                    self.propose(out, &r, Change::Quorum { quorum });
+                } else {
+                    self.apply_quorum(out, &r, quorum);
+                }
+            }
+            Command::MemberRemove { name }
+                if self.quorum() > 1
+                    && self
+                        .p
+                        .members
+                        .get(&name)
+                        .is_some_and(|m| m.role == Role::Superuser) =>
+            {
+                if let Err(why) = self.check_remove(&name) {
+                    out.refuse(&r, Refusal::Invalid, &why, format!("remove {name}"));
+                    return;
+                }
+                self.propose(out, &r, Change::RemoveSuperuser { name });
             }
             Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
+            Command::Invite {
+                name,
+                role: Role::Superuser,
+            } if self.quorum() > 1 => {
+                out.effects.push(Effect::DiscardKey { req });
+                if self.p.members.contains_key(&name) {
+                    out.refuse(
+                        &r,
+                        Refusal::Invalid,
+                        &format!("{name} is already a member"),
+                        format!("invite {name}"),
+                    );
+                    return;
+                }
+                self.propose(out, &r, Change::InviteSuperuser { name });
+            }
+            Command::Approve { id } => self.approve(out, &r, &id, keep_key),
             Command::Invite { name, role } => {
                 if self.p.members.contains_key(&name) {
                     out.effects.push(Effect::DiscardKey { req });
@@ -907,6 +990,15 @@ impl Vault {
         out.effects.push(Effect::Persist);
         out.audit(by, None, "lock", "ok", reason);
         out.effects.push(Effect::CancelInvitations);
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            out.audit(
+                by,
+                None,
+                "proposal",
+                "cancelled",
+                format!("{}: {}: cancelled by the lock", p.id, p.change.describe()),
+            );
+        }
         self.drop_sessions(out, "ended by the lock", |_| true);
         self.cancel_tasks(out, "cancelled by the lock", |_| true);
         if let Some(req) = self.reopen_key.take() {
@@ -977,6 +1069,218 @@ impl Vault {
         }
     }
 
+    /// Approvals a proposal or an unlock needs.
+    fn quorum(&self) -> u32 {
+        self.p.policy.unlock_quorum.max(1)
+    }
+
+    fn proposal_by_id(&self, id: &str) -> Option<&PendingProposal> {
+        self.proposals.values().find(|p| p.id == id)
+    }
+
+    fn check_quorum(&self, quorum: u32) -> Result<(), String> {
+        let supers = self.superusers();
+        if quorum == 0 || quorum as usize > supers {
+            return Err(format!(
+                "the unlock quorum must be between 1 and the number of superusers ({supers})"
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_remove(&self, name: &str) -> Result<(), String> {
+        let Some(target) = self.p.members.get(name) else {
+            return Err("no such member".into());
+        };
+        if target.role == Role::Superuser {
+            let after = self.superusers() - 1;
+            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
+                return Err(format!(
+                    "removing {name} would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first",
+                    self.p.policy.unlock_quorum
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_quorum(&mut self, out: &mut Out, r: &Request, quorum: u32) {
+        if let Err(why) = self.check_quorum(quorum) {
+            out.refuse(r, Refusal::Invalid, &why, format!("quorum {quorum}"));
+            return;
+        }
+        self.p.policy.unlock_quorum = quorum;
+        out.effects.push(Effect::Persist);
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "quorum",
+            "ok",
+            format!("unlock needs {quorum} superusers"),
+        );
+        out.reply(r.req, Outcome::Ok(Reply::Done));
+    }
+
+    /// The first superuser's command: a proposal with their approval.
+    fn propose(&mut self, out: &mut Out, r: &Request, change: Change) {
+        let n = self.next_proposal;
+        self.next_proposal += 1;
+        let id = format!(
+            "{:012x}",
+            fnv1a(&format!("{}|{n}|{}|{change:?}", out.now.0, r.member)) >> 16
+        );
+        let kind = change.kind();
+        if let Some(old) = self.proposals.remove(kind) {
+            out.audit(
+                &r.member,
+                Some(&r.source),
+                "proposal",
+                "superseded",
+                format!(
+                    "{}: {} (by {}), superseded by {id}",
+                    old.id,
+                    old.change.describe(),
+                    old.by
+                ),
+            );
+        }
+        let description = change.describe();
+        let remaining = self.quorum() - 1;
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "proposal",
+            "created",
+            format!("{id}: {description}; {remaining} more approval(s) needed"),
+        );
+        self.proposals.insert(
+            kind,
+            PendingProposal {
+                id: id.clone(),
+                change,
+                by: r.member.clone(),
+                created: out.now,
+                approvals: BTreeMap::from([(r.member.clone(), out.now)]),
+            },
+        );
+        out.reply(
+            r.req,
+            Outcome::Ok(Reply::Proposal {
+                id,
+                description,
+                remaining,
+            }),
+        );
+    }
+
+    /// An approval; the one that reaches the quorum carries the change out.
+    fn approve(&mut self, out: &mut Out, r: &Request, id: &str, keep_key: bool) {
+        let discard = |out: &mut Out| {
+            if keep_key {
+                out.effects.push(Effect::DiscardKey { req: r.req });
+            }
+        };
+        let Some(kind) = self
+            .proposals
+            .iter()
+            .find(|(_, p)| p.id == id)
+            .map(|(k, _)| *k)
+        else {
+            discard(out);
+            out.refuse(
+                r,
+                Refusal::Invalid,
+                &format!("no pending proposal {id} (carried out, expired, superseded or cancelled: see `coffre proposal list`)"),
+                format!("approve {id}: no such proposal"),
+            );
+            return;
+        };
+        let need = self.quorum();
+        let supers: Vec<String> = self
+            .p
+            .members
+            .values()
+            .filter(|m| m.role == Role::Superuser)
+            .map(|m| m.name.clone())
+            .collect();
+        let Some(p) = self.proposals.get_mut(kind) else {
+            return;
+        };
+        p.approvals.insert(r.member.clone(), out.now);
+        // Only superusers still in office count.
+        p.approvals.retain(|name, _| supers.contains(name));
+        let have = u32::try_from(p.approvals.len()).unwrap_or(u32::MAX);
+        let description = p.change.describe();
+        if have < need {
+            discard(out);
+            let remaining = need - have;
+            out.audit(
+                &r.member,
+                Some(&r.source),
+                "approve",
+                "approved",
+                format!("{id}: {description}; {remaining} more approval(s) needed"),
+            );
+            out.reply(
+                r.req,
+                Outcome::Ok(Reply::Proposal {
+                    id: id.to_string(),
+                    description,
+                    remaining,
+                }),
+            );
+            return;
+        }
+        let Some(p) = self.proposals.remove(kind) else {
+            return;
+        };
+        let approvers: Vec<String> = p.approvals.keys().cloned().collect();
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "proposal",
+            "approved",
+            format!("{id}: {description}; approved by {}", approvers.join(", ")),
+        );
+        match p.change {
+            Change::Quorum { quorum } => {
+                discard(out);
+                self.apply_quorum(out, r, quorum);
+            }
+            Change::RemoveSuperuser { name } => {
+                discard(out);
+                let by = self.p.members.get(&r.member).cloned();
+                if let Some(by) = by {
+                    self.remove_member(out, r, &by, &name);
+                }
+            }
+            Change::InviteSuperuser { name } => {
+                if !keep_key || self.p.members.contains_key(&name) {
+                    discard(out);
+                    out.refuse(
+                        r,
+                        Refusal::Invalid,
+                        &format!("cannot invite {name} now (already a member?)"),
+                        format!("invite {name}"),
+                    );
+                    return;
+                }
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "member_invite",
+                    "ok",
+                    format!("{name} as superuser (proposal {id})"),
+                );
+                out.effects.push(Effect::Invite {
+                    req: r.req,
+                    name,
+                    role: Role::Superuser,
+                });
+            }
+        }
+    }
+
     fn remove_member(&mut self, out: &mut Out, r: &Request, _by: &Member, name: &str) {
         let Some(target) = self.p.members.get(name).cloned() else {
             out.refuse(
@@ -987,17 +1291,9 @@ impl Vault {
             );
             return;
         };
-        if target.role == Role::Superuser {
-            let after = self.superusers() - 1;
-            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
-                out.refuse(
-                    r,
-                    Refusal::Invalid,
-                    &format!("removing {name} would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first", self.p.policy.unlock_quorum),
-                    format!("remove {name}"),
-                );
-                return;
-            }
+        if let Err(why) = self.check_remove(name) {
+            out.refuse(r, Refusal::Invalid, &why, format!("remove {name}"));
+            return;
         }
         self.p.members.remove(name);
         self.approvals.remove(name);
@@ -1188,6 +1484,30 @@ impl Vault {
         let window = self.p.policy.approval_window_ms;
         self.approvals
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
+        let expired: Vec<&'static str> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| now.0.saturating_sub(p.created.0) >= window)
+            .map(|(k, _)| *k)
+            .collect();
+        for kind in expired {
+            if let Some(p) = self.proposals.remove(kind) {
+                out.audit(
+                    SYSTEM,
+                    None,
+                    "proposal",
+                    "expired",
+                    format!(
+                        "{}: {} (approved by {} of {} within {} s)",
+                        p.id,
+                        p.change.describe(),
+                        p.approvals.len(),
+                        self.quorum(),
+                        window / 1000
+                    ),
+                );
+            }
+        }
         if self.phase == Phase::Closing
             && let Some(at) = self.close_failed_at
             && now.0.saturating_sub(at.0) >= self.p.policy.close_retry_ms

@@ -214,6 +214,11 @@ pub enum Command {
     /// Change one's own password (password and TOTP); the keyslot is
     /// replaced atomically.
     Passwd,
+    /// Approve a pending proposal (superuser, password and TOTP).
+    Approve {
+        /// The proposal's id, as status shows it.
+        id: String,
+    },
 }
 
 impl Command {
@@ -232,6 +237,7 @@ impl Command {
             Command::MemberRemove { .. } => "member_remove",
             Command::Invite { .. } => "member_invite",
             Command::Passwd => "passwd",
+            Command::Approve { .. } => "approve",
         }
     }
 
@@ -247,6 +253,7 @@ impl Command {
                 | Command::MemberRemove { .. }
                 | Command::Invite { .. }
                 | Command::Passwd
+                | Command::Approve { .. }
         )
     }
 
@@ -266,8 +273,74 @@ impl Command {
                 | Command::SetQuorum { .. }
                 | Command::MemberRemove { .. }
                 | Command::Invite { .. }
+                | Command::Approve { .. }
         )
     }
+}
+
+/// A change that only the quorum may make: with an unlock quorum above 1
+/// the first superuser's command proposes it, and it is carried out when
+/// enough distinct superusers approved it within the approval window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// Set the unlock quorum.
+    Quorum {
+        /// The new quorum.
+        quorum: u32,
+    },
+    /// Invite a new superuser (the only promotion).
+    InviteSuperuser {
+        /// Their name.
+        name: String,
+    },
+    /// Remove a superuser.
+    RemoveSuperuser {
+        /// Their name.
+        name: String,
+    },
+}
+
+impl Change {
+    /// One pending proposal per kind: a new one supersedes the old.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Quorum { .. } => "quorum",
+            Change::InviteSuperuser { .. } => "invite_superuser",
+            Change::RemoveSuperuser { .. } => "remove_superuser",
+        }
+    }
+
+    /// The change in words, exact arguments included.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::Quorum { quorum } => format!("set the unlock quorum to {quorum}"),
+            Change::InviteSuperuser { name } => format!("invite {name} as a superuser"),
+            Change::RemoveSuperuser { name } => format!("remove superuser {name}"),
+        }
+    }
+}
+
+/// A pending proposal, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Names this proposal and no other: derived from its exact change,
+    /// its author and its creation time, never reused.
+    pub id: String,
+    /// What it would do.
+    pub change: Change,
+    /// In words.
+    pub description: String,
+    /// Who proposed it (their approval counts).
+    pub by: String,
+    /// When.
+    pub created: Millis,
+    /// When it expires unless the quorum is reached.
+    pub expires: Millis,
+    /// Superusers who approved it so far.
+    pub approvals: Vec<String>,
+    /// Approvals needed in all (the unlock quorum).
+    pub needed: u32,
 }
 
 /// A request: who (from the certificate), from where, with what proofs.
@@ -395,6 +468,16 @@ pub enum Reply {
     },
     /// Unlock approval recorded; `remaining` more are needed (0: unlocked).
     UnlockApproved {
+        /// Approvals still missing.
+        remaining: u32,
+    },
+    /// A proposal was made or approved; `remaining` more approvals are
+    /// needed (0: carried out).
+    Proposal {
+        /// Its id.
+        id: String,
+        /// What it does.
+        description: String,
         /// Approvals still missing.
         remaining: u32,
     },
@@ -592,6 +675,8 @@ pub struct Status {
     pub unlock_approvals: Vec<String>,
     /// Unlock quorum.
     pub unlock_quorum: u32,
+    /// Proposals waiting for the quorum.
+    pub proposals: Vec<Proposal>,
     /// Member count.
     pub members: usize,
 }

@@ -336,8 +336,16 @@ fn quorum_never_exceeds_superusers() {
         refused(&s.run("m0", Command::SetQuorum { quorum: 1 })),
         Some(Refusal::NotPermitted)
     );
+    // Lowering it takes the quorum in force: a proposal, then su1's
+    // approval.
+    let Outcome::Ok(Reply::Proposal {
+        id, remaining: 1, ..
+    }) = s.run("su0", Command::SetQuorum { quorum: 1 })
+    else {
+        panic!("a proposal")
+    };
     assert_eq!(
-        s.run("su0", Command::SetQuorum { quorum: 1 }),
+        s.run("su1", Command::Approve { id }),
         Outcome::Ok(Reply::Done)
     );
     assert_eq!(
@@ -345,6 +353,165 @@ fn quorum_never_exceeds_superusers() {
         Outcome::Ok(Reply::Done)
     );
     assert_eq!(s.removed, vec!["su1".to_string()]);
+}
+
+fn proposal(o: Outcome) -> (String, u32) {
+    match o {
+        Outcome::Ok(Reply::Proposal { id, remaining, .. }) => (id, remaining),
+        other => panic!("expected a proposal, got {other:?}"),
+    }
+}
+
+/// The quorum protects itself: with quorum 2 one superuser's `quorum`,
+/// `invite --role superuser` or removal of a superuser is only a proposal,
+/// carried out when a second superuser approves it by id.
+#[test]
+fn quorum_changes_promotions_and_superuser_removals_need_the_quorum() {
+    let mut p = members(1, 3);
+    p.policy.unlock_quorum = 2;
+    let mut s = Sim::new(p);
+    let (id, remaining) = proposal(s.run("su0", Command::SetQuorum { quorum: 1 }));
+    assert_eq!(remaining, 1);
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    assert_eq!(s.vault.status().proposals.len(), 1);
+    assert_eq!(s.vault.status().proposals[0].id, id);
+    // The author again counts once; a plain member cannot approve.
+    assert_eq!(
+        proposal(s.run("su0", Command::Approve { id: id.clone() })),
+        (id.clone(), 1)
+    );
+    assert_eq!(
+        refused(&s.run("m0", Command::Approve { id: id.clone() })),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    assert_eq!(
+        s.run("su1", Command::Approve { id: id.clone() }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 1);
+    assert!(s.vault.status().proposals.is_empty());
+    assert!(s.audit.iter().any(|a| a.action == "proposal"
+        && a.result == "approved"
+        && a.detail.contains("su0, su1")));
+    // Done once: the id is spent.
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id })),
+        Some(Refusal::Invalid)
+    );
+    // Back to 2 (quorum 1: at once), then a removal and a promotion.
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 2 }),
+        Outcome::Ok(Reply::Done)
+    );
+    let (rm, _) = proposal(s.run("su0", Command::MemberRemove { name: "su2".into() }));
+    assert!(s.vault.members().contains_key("su2"));
+    let (inv, _) = proposal(s.run(
+        "su0",
+        Command::Invite {
+            name: "eve".into(),
+            role: Role::Superuser,
+        },
+    ));
+    assert_eq!(s.vault.status().proposals.len(), 2, "one per kind");
+    // A plain member's invitation is no promotion: at once.
+    assert_eq!(
+        s.run(
+            "su0",
+            Command::Invite {
+                name: "frank".into(),
+                role: Role::Member,
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        s.run("su1", Command::Approve { id: rm }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.removed, vec!["su2".to_string()]);
+    // The approval that reaches the quorum makes the invitation with its
+    // own key (the sim checks a key was kept for it).
+    assert_eq!(
+        s.run("su1", Command::Approve { id: inv }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert!(s.kept.is_empty());
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "member_invite" && a.detail.contains("eve as superuser"))
+    );
+}
+
+#[test]
+fn proposals_are_superseded_expire_and_die_with_a_lock() {
+    let mut p = members(0, 3);
+    p.policy.unlock_quorum = 2;
+    p.policy.approval_window_ms = 60_000;
+    let mut s = Sim::new(p);
+    let (first, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    let (second, _) = proposal(s.run("su1", Command::SetQuorum { quorum: 1 }));
+    assert_ne!(first, second);
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "superseded" && a.detail.contains(&first))
+    );
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id: first })),
+        Some(Refusal::Invalid)
+    );
+    s.advance(61_000);
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "expired" && a.detail.contains(&second))
+    );
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id: second })),
+        Some(Refusal::Invalid)
+    );
+    let (third, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    s.run("su0", Command::Lock { reason: "x".into() });
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "cancelled" && a.detail.contains(&third))
+    );
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: third.clone() })),
+        Some(Refusal::Locked)
+    );
+    s.run("su0", Command::Unlock);
+    s.run("su1", Command::Unlock);
+    assert!(!s.vault.is_locked());
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: third })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+}
+
+/// With quorum 1 a lone admin's commands take effect at once.
+#[test]
+fn a_lone_admin_needs_no_proposal() {
+    let mut s = Sim::new(members(0, 1));
+    assert_eq!(
+        s.run(
+            "su0",
+            Command::Invite {
+                name: "bob".into(),
+                role: Role::Superuser,
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 1 }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert!(s.vault.status().proposals.is_empty());
 }
 
 #[test]
@@ -723,6 +890,7 @@ enum Op {
     Passwd(usize),
     Mode(usize, bool),
     Join(bool),
+    Approve(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -744,6 +912,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize).prop_map(Op::Passwd),
         1 => (0..4usize, any::<bool>()).prop_map(|(m, f)| Op::Mode(m, f)),
         1 => any::<bool>().prop_map(Op::Join),
+        2 => (0..4usize, 0..3usize).prop_map(|(m, which)| Op::Approve(m, which)),
     ]
 }
 
@@ -818,6 +987,12 @@ proptest! {
                     let role = if su { Role::Superuser } else { Role::Member };
                     s.handle(Event::MemberJoined { member: Member { name: format!("j{joined}"), role, keyslot: 20 + joined, last_totp_step: None } });
                 }
+                Op::Approve(m, which) => {
+                    let ids: Vec<String> = s.vault.status().proposals.iter().map(|p| p.id.clone()).collect();
+                    let id = ids.get(which).cloned().unwrap_or_else(|| "0".into());
+                    let t = s.fresh();
+                    s.request(&name(m), Command::Approve { id }, true, t);
+                }
                 Op::Restart => {
                     let p = s.vault.persistent().clone();
                     let close_fails = s.close_fails;
@@ -836,6 +1011,18 @@ proptest! {
                 prop_assert!(approvers.len() >= lock_quorum as usize, "unlocked by {approvers:?}, quorum at the lock {lock_quorum}");
                 for a in &approvers {
                     prop_assert!(supers_before.iter().any(|x| x == a), "{a} approved but is not a superuser");
+                }
+            }
+            // Outside a lock too, with a quorum above 1 the quorum and the
+            // superusers (but for joins) change only by the quorum's approval.
+            if quorum_before > 1 {
+                let supers_after: Vec<String> = s.vault.members().values().filter(|m| m.role == Role::Superuser).map(|m| m.name.clone()).collect();
+                let lost = supers_before.iter().any(|x| !supers_after.contains(x));
+                if lost || s.vault.persistent().policy.unlock_quorum != quorum_before {
+                    let approved = s.audit[audited.min(s.audit.len())..].iter().find(|a| a.action == "proposal" && a.result == "approved");
+                    prop_assert!(approved.is_some(), "quorum or superusers changed without a proposal");
+                    let names: std::collections::BTreeSet<&str> = approved.unwrap().detail.rsplit("approved by ").next().unwrap().split(", ").collect();
+                    prop_assert!(names.len() >= quorum_before as usize, "approved by {names:?}, quorum {quorum_before}");
                 }
             }
             if was_locked {

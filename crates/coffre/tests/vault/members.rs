@@ -546,3 +546,104 @@ fn two_invitations_for_one_name_leave_one_keyslot() {
         "alice, bob and one temporary keyslot per name"
     );
 }
+
+/// The single pending proposal's id, from `coffre proposal list --json`.
+fn only_proposal(v: &Vault, who: &str) -> serde_json::Value {
+    let out = v.cli(who, &["proposal", "list", "--json"]);
+    ok(&out);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].clone()
+}
+
+/// The quorum protects itself: with two superusers and quorum 2, one
+/// superuser's `quorum 1`, `invite --role superuser` and removal of a
+/// superuser are proposals that change nothing until the other approves
+/// them by id.
+#[test]
+fn quorum_changes_need_the_quorum() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    // Quorum 1: a lone admin's command takes effect at once.
+    ok(&v.authed("alice", &["quorum", "2"]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+
+    let out = v.authed("alice", &["quorum", "1"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coffre approve"));
+    assert_eq!(
+        v.status("alice")["unlock_quorum"],
+        2,
+        "one superuser is not the quorum"
+    );
+    let p = only_proposal(&v, "bob");
+    assert_eq!(p["kind"], "quorum");
+    assert_eq!(p["approvals"], serde_json::json!(["alice"]));
+    let id = p["id"].as_str().unwrap().to_string();
+    assert_eq!(v.status("bob")["proposals"][0]["id"], id.as_str());
+    // The author approving again is still one approval.
+    ok(&v.authed("alice", &["approve", &id]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+    ok(&v.authed("bob", &["approve", &id]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 1);
+    let out = v.authed("bob", &["approve", &id]);
+    assert_eq!(code(&out), 1, "a proposal is carried out once");
+    ok(&v.authed("alice", &["quorum", "2"]));
+
+    // Promotion: the invitation is made by the approval that completes it.
+    let by_alice = v.tmp.path().join("carol.by-alice.invitation");
+    let out = v.authed(
+        "alice",
+        &[
+            "member",
+            "invite",
+            "carol",
+            "--role",
+            "superuser",
+            "--out",
+            by_alice.to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    assert!(!by_alice.exists(), "no invitation before the quorum");
+    let id = only_proposal(&v, "alice")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed("bob", &["approve", &id, "--out", inv.to_str().unwrap()]));
+    let out = v.join("carol", &inv);
+    ok(&out);
+    assert_eq!(v.status("alice")["members"], 3);
+
+    // Removing a superuser.
+    let out = v.authed("alice", &["member", "remove", "carol"]);
+    ok(&out);
+    assert_eq!(
+        v.status("alice")["members"],
+        3,
+        "one superuser cannot remove another"
+    );
+    let id = only_proposal(&v, "alice")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&v.authed("bob", &["approve", &id]));
+    assert_eq!(v.status("alice")["members"], 2);
+    let details = v.audit_details("proposal", "approved");
+    assert_eq!(details.len(), 3, "{details:?}");
+    assert!(
+        details.iter().all(|d| d.contains("alice, bob")),
+        "{details:?}"
+    );
+
+    // Unlock works as before.
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    ok(&v.authed("alice", &["unlock"]));
+    assert_eq!(v.state(), "locked");
+    ok(&v.authed("bob", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+}

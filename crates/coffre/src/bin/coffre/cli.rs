@@ -124,6 +124,8 @@ pub enum Command {
         auth: AuthArgs,
     },
     /// Set how many distinct superusers must approve an unlock (superuser).
+    /// With a quorum above 1 this makes a proposal the quorum must approve
+    /// (`coffre approve ID`).
     Quorum {
         /// Number of superusers.
         quorum: u32,
@@ -132,6 +134,25 @@ pub enum Command {
         #[command(flatten)]
         auth: AuthArgs,
     },
+    /// Approve a pending proposal by its id (superuser). The approval that
+    /// reaches the quorum carries it out; for a superuser's invitation it
+    /// writes the invitation file.
+    Approve {
+        /// The proposal's id (`coffre proposal list`).
+        proposal: String,
+        /// Where to write the invitation if this approval completes an
+        /// invitation of a superuser (default NAME.invitation).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Changes waiting for the quorum: quorum changes, superusers'
+    /// invitations and removals.
+    #[command(subcommand)]
+    Proposal(ProposalCommand),
     /// Members of the vault.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -238,6 +259,18 @@ pub enum RoleChoice {
 pub enum ModeChoice {
     Fast,
     Safe,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProposalCommand {
+    /// Pending proposals: id, change, author, approvals, expiry.
+    List {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
