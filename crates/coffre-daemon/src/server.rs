@@ -1332,26 +1332,9 @@ impl Shell {
             let _ = this.audit.append(rec);
             (
                 403,
-                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used or expired)"}),
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
             )
         };
-        // Before the temporary keyslot is opened: while locked the volume
-        // key must not come into memory, nor may anyone join.
-        if self.vault.may_join().is_err() {
-            let rec = AuditRecord {
-                at: now_ms(),
-                actor: name.to_string(),
-                source: source.clone(),
-                action: "member_join".into(),
-                result: "refused:locked".into(),
-                detail: "the vault is locked".into(),
-            };
-            let _ = self.audit.append(rec);
-            return Some((
-                409,
-                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
-            ));
-        }
         let Some(inv) = self.control.invitations.get(name).cloned() else {
             return Some(refuse(self, "no pending invitation"));
         };
@@ -1367,6 +1350,26 @@ impl Shell {
             inv.code_sha256.as_bytes(),
         ) {
             return Some(refuse(self, "wrong invitation code"));
+        }
+        // Before the temporary keyslot is opened: while locked the volume
+        // key must not come into memory, nor may anyone join. After the
+        // code check, so that only the holder of a valid invitation learns
+        // that the vault is locked (a lock cancels invitations, so this
+        // answers a join that raced the lock).
+        if self.vault.may_join().is_err() {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail: "the vault is locked".into(),
+            };
+            let _ = self.audit.append(rec);
+            return Some((
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
+            ));
         }
         if password.is_empty() {
             return Some((
