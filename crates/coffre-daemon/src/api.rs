@@ -159,6 +159,15 @@ pub enum ApiCommand {
     },
     /// Pending proposals.
     ProposalList,
+    /// Cancel a pending invitation (superuser).
+    InviteCancel {
+        /// The invited name.
+        name: String,
+        /// The superuser's password.
+        password: ApiSecret,
+        /// A fresh TOTP code.
+        totp: String,
+    },
     /// Audit records (certificate only).
     AuditShow {
         /// Only records after this sequence number.

@@ -64,10 +64,11 @@ enum Msg {
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
     },
+    /// A keyslot check ended; `key` only when the core asked to keep it.
     KeyChecked {
         req: ReqId,
+        ok: bool,
         key: Option<VolumeKey>,
-        keep: bool,
     },
     Joined {
         joined: Joined,
@@ -569,6 +570,20 @@ impl Shell {
                 password: p,
                 totp,
             } => (Command::Approve { id }, Some((p, totp))),
+            ApiCommand::InviteCancel {
+                name,
+                password: p,
+                totp,
+            } => {
+                if !self.control.invitations.contains_key(&name) {
+                    let _ = reply.send((
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation")}),
+                    ));
+                    return;
+                }
+                (Command::InviteCancel { name }, Some((p, totp)))
+            }
             ApiCommand::MemberList => {
                 let list: Vec<Value> = self
                     .vault
@@ -889,11 +904,12 @@ impl Shell {
                         Ok(Ok(k)) => Some(k),
                         _ => None,
                     };
-                    let _ = tx.send(Msg::KeyChecked {
-                        req,
-                        key,
-                        keep: keep_key,
-                    });
+                    let ok = key.is_some();
+                    // A key nobody keeps (an unlock approval, a lock, a
+                    // mode switch) is wiped here, before the result
+                    // travels anywhere.
+                    let key = key.filter(|_| keep_key);
+                    let _ = tx.send(Msg::KeyChecked { req, ok, key });
                 });
             }
             Effect::Open { req } => match self.kept.remove(&req) {
@@ -1096,6 +1112,21 @@ impl Shell {
                     self.drop_invitation(&name, "cancelled");
                 }
             }
+            Effect::CancelInvitation { req, name } => {
+                let had = self.control.invitations.contains_key(&name);
+                self.drop_invitation(&name, "cancelled");
+                let answer = if had {
+                    (200, json!({"ok": true}))
+                } else {
+                    (
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation (used or expired meanwhile)")}),
+                    )
+                };
+                if let Some(tx) = self.replies.remove(&req) {
+                    let _ = tx.send(answer);
+                }
+            }
             Effect::Invite { req, name, role } => {
                 let key = self.kept.remove(&req);
                 // Checked again where the keyslot is made: a second
@@ -1166,7 +1197,7 @@ impl Shell {
         Some((
             400,
             json!({"ok": false, "error": "invalid", "message": format!(
-                "{name} already has a pending invitation (expires at {} ms): it must be used or expire first, or be cancelled (a lock cancels every invitation)",
+                "{name} already has a pending invitation (expires at {} ms): cancel it first (`coffre member cancel-invitation {name}`), or wait until it is used or expires",
                 inv.expires_ms
             )}),
         ))
@@ -1556,9 +1587,8 @@ impl Shell {
         }
     }
 
-    fn key_checked(&mut self, req: ReqId, key: Option<VolumeKey>, keep: bool) {
-        let ok = key.is_some();
-        if let (Some(k), true) = (key, keep) {
+    fn key_checked(&mut self, req: ReqId, ok: bool, key: Option<VolumeKey>) {
+        if let Some(k) = key {
             self.kept.insert(req, k);
         }
         self.run(Event::PasswordChecked { req, ok });
@@ -2048,7 +2078,7 @@ pub async fn serve(
                 cmd,
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
-            Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
+            Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
             Msg::Joined { joined, result } => {
                 let name = joined.name.clone();
                 let answer = shell.join_finish(joined, result);

@@ -513,7 +513,7 @@ impl Vault {
             out.refuse(
                 &r,
                 Refusal::Invalid,
-                &format!("an invitation for {name} is being made right now: wait for it, then cancel it (a lock cancels every invitation) or let it be used or expire"),
+                &format!("an invitation for {name} is being made right now: once it is made, cancel it (`coffre member cancel-invitation {name}`) or wait until it is used or expires"),
                 format!("invite {name}: another one in progress"),
             );
             return;
@@ -807,6 +807,16 @@ impl Vault {
                 self.propose(out, &r, Change::InviteSuperuser { name });
             }
             Command::Approve { id } => self.approve(out, &r, &id, keep_key),
+            Command::InviteCancel { name } => {
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "member_invite_cancel",
+                    "ok",
+                    name.clone(),
+                );
+                out.effects.push(Effect::CancelInvitation { req, name });
+            }
             Command::Invite { name, role } => {
                 if self.p.members.contains_key(&name) {
                     out.effects.push(Effect::DiscardKey { req });

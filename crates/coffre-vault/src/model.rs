@@ -219,6 +219,12 @@ pub enum Command {
         /// The proposal's id, as status shows it.
         id: String,
     },
+    /// Cancel a pending invitation and wipe its temporary keyslot
+    /// (superuser, password and TOTP; allowed while locked).
+    InviteCancel {
+        /// The invited name.
+        name: String,
+    },
 }
 
 impl Command {
@@ -238,6 +244,7 @@ impl Command {
             Command::Invite { .. } => "member_invite",
             Command::Passwd => "passwd",
             Command::Approve { .. } => "approve",
+            Command::InviteCancel { .. } => "member_invite_cancel",
         }
     }
 
@@ -254,6 +261,7 @@ impl Command {
                 | Command::Invite { .. }
                 | Command::Passwd
                 | Command::Approve { .. }
+                | Command::InviteCancel { .. }
         )
     }
 
@@ -274,6 +282,7 @@ impl Command {
                 | Command::MemberRemove { .. }
                 | Command::Invite { .. }
                 | Command::Approve { .. }
+                | Command::InviteCancel { .. }
         )
     }
 }
@@ -585,6 +594,14 @@ pub enum Effect {
     /// forget its code (a lock; a boot while locked). An invitation is a
     /// way into the keyslots, so none survives a lock.
     CancelInvitations,
+    /// Cancel the pending invitation for `name` (wipe its temporary
+    /// keyslot), then reply to `req`.
+    CancelInvitation {
+        /// The request.
+        req: ReqId,
+        /// The invited name.
+        name: String,
+    },
     /// Append to the audit log.
     Audit(AuditRecord),
     /// Control data changed: write it (crash-safely).

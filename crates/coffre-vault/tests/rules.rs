@@ -852,6 +852,53 @@ fn one_invitation_per_name_at_a_time() {
     assert_eq!(s.replies[&first], Outcome::Ok(Reply::Done));
     assert_eq!(refused(&s.replies[&second]), Some(Refusal::Invalid));
     assert!(s.kept.is_empty());
+    // Cancelling one reduces exposure: allowed, even while locked, and
+    // its keyslot check keeps no key.
+    s.run("su0", Command::Lock { reason: "x".into() });
+    let before = s.invitations_cancelled;
+    let t = s.fresh();
+    let fx = s.vault.handle(
+        s.now,
+        Event::Request(Request {
+            req: ReqId(9_001),
+            member: "su1".into(),
+            source: source("192.0.2.1"),
+            password: true,
+            totp: t,
+            command: Command::InviteCancel {
+                name: "carol".into(),
+            },
+        }),
+    );
+    assert!(
+        fx.iter().any(|f| matches!(
+            f,
+            Effect::CheckPassword {
+                keep_key: false,
+                ..
+            }
+        )),
+        "{fx:?}"
+    );
+    assert_eq!(
+        s.run(
+            "su1",
+            Command::InviteCancel {
+                name: "carol".into()
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.invitations_cancelled, before + 1);
+    assert_eq!(
+        refused(&s.run(
+            "m0",
+            Command::InviteCancel {
+                name: "carol".into()
+            }
+        )),
+        Some(Refusal::UnknownMember)
+    );
 }
 
 #[test]

@@ -160,6 +160,10 @@ impl Sim {
                     self.replies.insert(req, Outcome::Ok(Reply::Done));
                 }
                 Effect::CancelInvitations => self.invitations_cancelled += 1,
+                Effect::CancelInvitation { req, .. } => {
+                    self.invitations_cancelled += 1;
+                    self.replies.insert(req, Outcome::Ok(Reply::Done));
+                }
                 Effect::Audit(a) => self.audit.push(a),
                 Effect::Persist => {}
             }

@@ -543,7 +543,18 @@ fn two_invitations_for_one_name_leave_one_keyslot() {
             msg.contains("pending invitation") || msg.contains("being made"),
             "{msg}"
         );
+        assert!(msg.contains("cancel-invitation"), "{msg}");
     }
+    // What the message says works: cancel the first, invite again.
+    ok(&v.authed("alice", &["member", "cancel-invitation", "new0"]));
+    assert!(!v.audit_details("member_invite", "cancelled").is_empty());
+    let again = v.tmp.path().join("new0.again.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "new0", "--out", again.to_str().unwrap()],
+    ));
+    let out = v.authed("alice", &["member", "cancel-invitation", "nobody"]);
+    assert_eq!(code(&out), 1);
     v.stop();
     assert_eq!(
         keyslot_count(&v),

@@ -444,6 +444,16 @@ pub enum MemberCommand {
         #[command(flatten)]
         id: IdentityArg,
     },
+    /// Cancel a pending invitation: its temporary keyslot is wiped
+    /// (superuser; allowed while locked).
+    CancelInvitation {
+        /// The invited name.
+        name: String,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).
     Remove {

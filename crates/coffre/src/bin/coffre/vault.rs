@@ -419,6 +419,17 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     println!("data:    {mp} (not mounted)");
                 }
                 println!("members: {}", v["members"]);
+                for p in v["proposals"].as_array().into_iter().flatten() {
+                    println!(
+                        "proposal: {} {} by {} ({}/{} approvals; `coffre approve {}`)",
+                        p["id"].as_str().unwrap_or("?"),
+                        p["description"].as_str().unwrap_or("?"),
+                        p["by"].as_str().unwrap_or("?"),
+                        p["approvals"].as_array().map_or(0, Vec::len),
+                        p["needed"],
+                        p["id"].as_str().unwrap_or("?"),
+                    );
+                }
                 for s in v["sessions"].as_array().into_iter().flatten() {
                     println!(
                         "inside:  {} via {} from {} since {} (session {})",
@@ -934,6 +945,21 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                         out.display(),
                         iso(inv["expires_ms"].as_u64().unwrap_or(0)),
                         out.display()
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        MemberCommand::CancelInvitation { name, id, auth } => {
+            match authed(&id, &auth, |password, totp| ApiCommand::InviteCancel {
+                name: name.clone(),
+                password,
+                totp,
+            })? {
+                Ok(_) => {
+                    eprintln!(
+                        "coffre: the invitation for {name} is cancelled; its keyslot is wiped"
                     );
                     Ok(exit::OK)
                 }
