@@ -522,6 +522,7 @@ impl Vault {
             || (r.command == Command::Enter
                 && matches!(self.phase, Phase::Closed | Phase::Closing));
         if let Command::Approve { id } = &r.command {
+            self.expire_proposals(out);
             match self.proposal_by_id(id) {
                 None => {
                     out.refuse(
@@ -1079,6 +1080,37 @@ impl Vault {
         }
     }
 
+    /// Proposals older than the approval window expire, audited (at every
+    /// tick, and before an approval is looked up).
+    fn expire_proposals(&mut self, out: &mut Out) {
+        let now = out.now;
+        let window = self.p.policy.approval_window_ms;
+        let expired: Vec<&'static str> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| now.0.saturating_sub(p.created.0) >= window)
+            .map(|(k, _)| *k)
+            .collect();
+        for kind in expired {
+            if let Some(p) = self.proposals.remove(kind) {
+                out.audit(
+                    SYSTEM,
+                    None,
+                    "proposal",
+                    "expired",
+                    format!(
+                        "{}: {} (approved by {} of {} within {} s)",
+                        p.id,
+                        p.change.describe(),
+                        p.approvals.len(),
+                        self.quorum(),
+                        window / 1000
+                    ),
+                );
+            }
+        }
+    }
+
     /// Approvals a proposal or an unlock needs.
     fn quorum(&self) -> u32 {
         self.p.policy.unlock_quorum.max(1)
@@ -1190,6 +1222,7 @@ impl Vault {
                 out.effects.push(Effect::DiscardKey { req: r.req });
             }
         };
+        self.expire_proposals(out);
         let Some(kind) = self
             .proposals
             .iter()
@@ -1494,30 +1527,7 @@ impl Vault {
         let window = self.p.policy.approval_window_ms;
         self.approvals
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
-        let expired: Vec<&'static str> = self
-            .proposals
-            .iter()
-            .filter(|(_, p)| now.0.saturating_sub(p.created.0) >= window)
-            .map(|(k, _)| *k)
-            .collect();
-        for kind in expired {
-            if let Some(p) = self.proposals.remove(kind) {
-                out.audit(
-                    SYSTEM,
-                    None,
-                    "proposal",
-                    "expired",
-                    format!(
-                        "{}: {} (approved by {} of {} within {} s)",
-                        p.id,
-                        p.change.describe(),
-                        p.approvals.len(),
-                        self.quorum(),
-                        window / 1000
-                    ),
-                );
-            }
-        }
+        self.expire_proposals(out);
         if self.phase == Phase::Closing
             && let Some(at) = self.close_failed_at
             && now.0.saturating_sub(at.0) >= self.p.policy.close_retry_ms

@@ -472,6 +472,19 @@ fn proposals_are_superseded_expire_and_die_with_a_lock() {
         refused(&s.run("su2", Command::Approve { id: second })),
         Some(Refusal::Invalid)
     );
+    // An approval after the window finds it expired, tick or not.
+    let (late, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    s.now = s.now.plus(60_000);
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: late.clone() })),
+        Some(Refusal::Invalid)
+    );
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "expired" && a.detail.contains(&late))
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
     let (third, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
     s.run("su0", Command::Lock { reason: "x".into() });
     assert!(
