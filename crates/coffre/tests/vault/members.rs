@@ -663,3 +663,62 @@ fn quorum_changes_need_the_quorum() {
     ok(&v.authed("bob", &["unlock"]));
     v.wait_state("closed", Duration::from_secs(30));
 }
+
+/// A lock that lands while a join makes its keyslot (here an auto-lock,
+/// which needs no keyslot check of its own): the new keyslot is wiped and
+/// nobody joins.
+#[test]
+fn a_lock_during_a_join_wipes_the_new_keyslot() {
+    let mut v = Vault::init(&[]);
+    v.set_policy("auto_lock_failures", 1);
+    // New members' keyslots cost about a second to make.
+    let cfg = v.dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "iterations = 4\nmemory_kib = 8192",
+        "iterations = 40\nmemory_kib = 65536",
+    );
+    assert!(text.contains("iterations = 40"), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    v.start();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    ));
+    let password = v.tmp.path().join("carol.pw");
+    std::fs::write(&password, "carol's password").unwrap();
+    let join = std::process::Command::new(BIN)
+        .args(["join", inv.to_str().unwrap(), "--password-file"])
+        .arg(&password)
+        .arg("--identity-out")
+        .arg(v.tmp.path().join("carol.identity"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    // One wrong code: the auto-lock.
+    let pw = v.member("alice").password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "lock",
+            "--reason",
+            "x",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            "000000",
+        ],
+    );
+    assert_eq!(code(&out), 7);
+    let out = join.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{msg}");
+    assert!(msg.contains("locked"), "{msg}");
+    assert_eq!(v.state(), "locked");
+    assert_eq!(v.status("alice")["members"], 1);
+    assert!(!v.audit_details("member_join", "refused:locked").is_empty());
+    v.stop();
+    assert_eq!(keyslot_count(&v), 1, "carol's new keyslot was wiped");
+}
