@@ -60,6 +60,11 @@ pub struct Entry {
     pub record: AuditRecord,
     /// This entry's hash (hex).
     pub hash: String,
+    /// The host key's signature over `(seq, hash)`, the same message the
+    /// head signs: after a crash between this line and the head, the head
+    /// is recovered from it. Absent in entries written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// The signed head.
@@ -169,6 +174,102 @@ pub struct AuditLog {
     key: HostKey,
     seq: u64,
     last: String,
+    /// Length of the log up to its last complete line.
+    complete_len: u64,
+    /// A failed write may have left part of a line past `len`.
+    torn: bool,
+}
+
+/// Re-reads the log in `dir` for appending after a crash: drops an
+/// incomplete last line, and rebuilds the head when the records after it
+/// carry their own valid signatures. Anything else that does not verify
+/// is refused. Returns the records, the last hash, the log's length and
+/// what was repaired.
+fn recover(dir: &Path, key: &HostKey) -> Result<(u64, String, u64, Vec<String>), Error> {
+    let log_path = dir.join(LOG_FILE);
+    let head_path = dir.join(HEAD_FILE);
+    let pk = key.public_hex();
+    let mut bytes = std::fs::read(&log_path).map_err(io("read", &log_path))?;
+    let mut notes = Vec::new();
+    // An append is one write of a whole line: a line without its end was
+    // torn by a crash and never acknowledged. It is cut off once the rest
+    // is known to verify.
+    let mut torn = false;
+    if bytes.last().is_some_and(|b| *b != b'\n') {
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let dropped = bytes.len() - keep;
+        bytes.truncate(keep);
+        torn = true;
+        notes.push(format!(
+            "an incomplete last line ({dropped} bytes) left by an interrupted append was dropped"
+        ));
+    }
+    let cut = |len: u64| -> Result<(), Error> {
+        if torn {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&log_path)
+                .map_err(io("open", &log_path))?;
+            f.set_len(len).map_err(io("truncate", &log_path))?;
+            f.sync_all().map_err(io("sync", &log_path))?;
+        }
+        Ok(())
+    };
+    let entries = parse_entries(&bytes)?;
+    let head = match std::fs::read(&head_path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io("read", &head_path)(e)),
+    };
+    let len = bytes.len() as u64;
+    let err = match verify_entries(&entries, head.as_deref(), &pk) {
+        Ok(r) => {
+            cut(len)?;
+            return Ok((r.records, r.last_hash, len, notes));
+        }
+        Err(e) => e,
+    };
+    // Records after the head: recovered only if the head covers what it
+    // claims and the last record's own signature vouches for the chain up
+    // to it (a record appended without the host key has none that
+    // verifies).
+    let covered = head
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<Head>(b).ok())
+        .map_or(0, |h| h.seq);
+    let Some(last) = entries.last() else {
+        return Err(err);
+    };
+    let Some(sig) = last.sig.clone() else {
+        return Err(err);
+    };
+    if covered >= last.seq
+        || usize::try_from(covered).map_or(true, |c| c > entries.len())
+        || verify_entries(
+            &entries[..usize::try_from(covered).unwrap_or(0)],
+            head.as_deref(),
+            &pk,
+        )
+        .is_err()
+    {
+        return Err(err);
+    }
+    let rebuilt = Head {
+        seq: last.seq,
+        hash: last.hash.clone(),
+        signature: sig,
+    };
+    let rebuilt = serde_json::to_vec(&rebuilt).expect("head serialises");
+    let report = verify_entries(&entries, Some(&rebuilt), &pk).map_err(|_| err)?;
+    cut(len)?;
+    write_atomic(&head_path, &rebuilt, 0o644)?;
+    let first = covered + 1;
+    notes.push(if first == last.seq {
+        format!("record {first} was written but its head was not (a crash or a failed write in between); its own signature vouches for it: head restored")
+    } else {
+        format!("records {first}..{} were written but not covered by the head (a crash or failed writes in between); the last one's signature vouches for them: head restored", last.seq)
+    });
+    Ok((report.records, report.last_hash, len, notes))
 }
 
 /// File names inside the control directory.
@@ -183,11 +284,10 @@ impl AuditLog {
     pub fn open(dir: &Path, key: HostKey) -> Result<Self, Error> {
         let log_path = dir.join(LOG_FILE);
         let head_path = dir.join(HEAD_FILE);
-        let (seq, last) = if log_path.exists() {
-            let report = verify(dir, &key.public_hex())?;
-            (report.records, report.last_hash)
+        let (seq, last, len, notes) = if log_path.exists() {
+            recover(dir, &key)?
         } else {
-            (0, GENESIS.to_string())
+            (0, GENESIS.to_string(), 0, Vec::new())
         };
         let file = OpenOptions::new()
             .append(true)
@@ -195,44 +295,77 @@ impl AuditLog {
             .mode(0o600)
             .open(&log_path)
             .map_err(io("open", &log_path))?;
-        Ok(Self {
+        let mut log = Self {
             log_path,
             head_path,
             file,
             key,
             seq,
             last,
-        })
+            complete_len: len,
+            torn: false,
+        };
+        if !notes.is_empty() {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            log.append(AuditRecord {
+                at: coffre_vault::Millis(at),
+                actor: "coffre".into(),
+                source: None,
+                action: "audit".into(),
+                result: "recovered".into(),
+                detail: notes.join("; "),
+            })?;
+        }
+        Ok(log)
     }
 
     /// Appends a record, syncs it, and signs the new head.
+    ///
+    /// A record whose line is in the log keeps its sequence number even
+    /// if syncing it or writing the head fails (the error says so; the
+    /// next append's head covers it). A line that could not be written
+    /// whole is cut off before anything else is appended.
     pub fn append(&mut self, record: AuditRecord) -> Result<Entry, Error> {
+        if self.torn {
+            self.file
+                .set_len(self.complete_len)
+                .map_err(io("cut a torn line from", &self.log_path))?;
+            self.torn = false;
+        }
         let seq = self.seq + 1;
         let hash = entry_hash(seq, &self.last, &record);
+        let signature = self.key.sign(&head_message(seq, &hash));
         let entry = Entry {
             seq,
             prev: self.last.clone(),
             record,
             hash: hash.clone(),
+            sig: Some(signature.clone()),
         };
         let mut line = serde_json::to_vec(&entry).expect("entries serialise");
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .map_err(io("append to", &self.log_path))?;
+        if let Err(e) = self.file.write_all(&line) {
+            self.torn = self.file.set_len(self.complete_len).is_err();
+            return Err(io("append to", &self.log_path)(e));
+        }
+        // The line is in the log from here on: its number is spent.
+        self.seq = seq;
+        self.last = hash.clone();
+        self.complete_len += line.len() as u64;
         self.file.sync_data().map_err(io("sync", &self.log_path))?;
         let head = Head {
             seq,
-            hash: hash.clone(),
-            signature: self.key.sign(&head_message(seq, &hash)),
+            hash,
+            signature,
         };
         write_atomic(
             &self.head_path,
             &serde_json::to_vec(&head).expect("head serialises"),
             0o644,
         )?;
-        self.seq = seq;
-        self.last = hash;
         Ok(entry)
     }
 
@@ -485,6 +618,7 @@ mod tests {
             prev: last.hash.clone(),
             hash: entry_hash(3, &last.hash, &r),
             record: r,
+            sig: None,
         };
         let mut l = lines(d.path());
         l.push(serde_json::to_string(&forged).unwrap());
@@ -494,6 +628,94 @@ mod tests {
         // And a log that does not verify is not reopened for appending.
         let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
         assert!(AuditLog::open(d.path(), key).is_err());
+        // Nor with a signature borrowed from a genuine record: it signs
+        // another (seq, hash), so the head is not rebuilt from it.
+        let mut forged = forged;
+        forged.sig = last.sig.clone();
+        let mut l = lines(d.path());
+        l.pop();
+        l.push(serde_json::to_string(&forged).unwrap());
+        put(d.path(), &l);
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        assert!(AuditLog::open(d.path(), key).is_err());
+        assert_eq!(
+            read_entries(d.path()).unwrap().len(),
+            3,
+            "nothing rewritten"
+        );
+    }
+
+    /// Finding 4: a head write that failed after the line was written left
+    /// the next record with the same sequence number; the log no longer
+    /// verified and the daemon refused to start.
+    #[test]
+    fn failed_head_write_never_reuses_a_sequence_number() {
+        let d = tempfile::tempdir().unwrap();
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let pk = key.public_hex();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        log.append(rec(1)).unwrap();
+        // The head cannot be replaced (a directory where the file goes).
+        let head = d.path().join(HEAD_FILE);
+        std::fs::remove_file(&head).unwrap();
+        std::fs::create_dir(&head).unwrap();
+        assert!(log.append(rec(2)).is_err());
+        std::fs::remove_dir(&head).unwrap();
+        log.append(rec(3)).unwrap();
+        let seqs: Vec<u64> = read_entries(d.path())
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(verify(d.path(), &pk).unwrap().records, 3);
+    }
+
+    /// A crash between a record's line and its head: the restart recovers
+    /// the head from the log (the line carries its own signature) and says
+    /// so in the log.
+    #[test]
+    fn restart_after_a_crash_between_line_and_head_recovers_the_head() {
+        let (d, pk) = setup(2);
+        let old_head = std::fs::read(d.path().join(HEAD_FILE)).unwrap();
+        {
+            let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+            let mut log = AuditLog::open(d.path(), key).unwrap();
+            log.append(rec(3)).unwrap();
+        }
+        // As if the daemon died before the head was written.
+        std::fs::write(d.path().join(HEAD_FILE), &old_head).unwrap();
+        assert!(verify(d.path(), &pk).is_err());
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        log.append(rec(5)).unwrap();
+        let entries = read_entries(d.path()).unwrap();
+        assert_eq!(verify(d.path(), &pk).unwrap().records, 5);
+        assert_eq!(entries[2].record, rec(3), "the record is kept");
+        assert_eq!(entries[3].record.result, "recovered");
+        assert!(
+            entries[3].record.detail.contains("record 3"),
+            "{}",
+            entries[3].record.detail
+        );
+    }
+
+    /// A crash in the middle of a line: the incomplete line (never
+    /// acknowledged) is dropped at the restart, and the log says so.
+    #[test]
+    fn restart_after_a_torn_line_drops_it() {
+        let (d, pk) = setup(2);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join(LOG_FILE))
+            .unwrap();
+        f.write_all(br#"{"seq":3,"prev":"ab"#).unwrap();
+        drop(f);
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        AuditLog::open(d.path(), key).unwrap();
+        let entries = read_entries(d.path()).unwrap();
+        assert_eq!(verify(d.path(), &pk).unwrap().records, 3);
+        assert!(entries[2].record.detail.contains("incomplete"));
     }
 
     #[test]

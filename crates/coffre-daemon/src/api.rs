@@ -148,6 +148,26 @@ pub enum ApiCommand {
         /// TOTP code.
         totp: String,
     },
+    /// Approve a pending proposal (superuser, password and TOTP).
+    Approve {
+        /// The proposal's id.
+        id: String,
+        /// The superuser's password.
+        password: ApiSecret,
+        /// A fresh TOTP code.
+        totp: String,
+    },
+    /// Pending proposals.
+    ProposalList,
+    /// Cancel a pending invitation (superuser).
+    InviteCancel {
+        /// The invited name.
+        name: String,
+        /// The superuser's password.
+        password: ApiSecret,
+        /// A fresh TOTP code.
+        totp: String,
+    },
     /// Audit records (certificate only).
     AuditShow {
         /// Only records after this sequence number.

@@ -64,10 +64,11 @@ enum Msg {
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
     },
+    /// A keyslot check ended; `key` only when the core asked to keep it.
     KeyChecked {
         req: ReqId,
+        ok: bool,
         key: Option<VolumeKey>,
-        keep: bool,
     },
     Joined {
         joined: Joined,
@@ -154,6 +155,24 @@ struct Shell {
     cut: Option<Arc<coffre_data::cut::CutLayer>>,
     /// Set while a reap runs off the actor.
     reaping: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the vault is locked, for work that runs off the actor (a
+    /// join between its temporary keyslot and its new keyslot).
+    locked_flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why a join stopped: the vault was locked while it ran.
+const JOIN_LOCKED: &str = "the vault was locked";
+
+fn proposals_json(list: &[Proposal]) -> Value {
+    json!(
+        list.iter()
+            .map(|p| json!({
+                "id": p.id, "kind": p.change.kind(), "change": p.change,
+                "description": p.description, "by": p.by, "created_ms": p.created.0,
+                "expires_ms": p.expires.0, "approvals": p.approvals, "needed": p.needed,
+            }))
+            .collect::<Vec<_>>()
+    )
 }
 
 fn refusal_status(code: Refusal) -> u16 {
@@ -219,6 +238,7 @@ impl Shell {
             })).collect::<Vec<_>>(),
             "unlock_approvals": s.unlock_approvals,
             "unlock_quorum": s.unlock_quorum,
+            "proposals": proposals_json(&s.proposals),
             "members": s.members,
             "key_held": self.open_key.is_some(),
             "data": self.data_json(),
@@ -509,6 +529,26 @@ impl Shell {
             door: "cli".into(),
             addr: addr.ip().to_string(),
         };
+        // While locked only superusers read (docs/security.md, "What each
+        // state protects"); the core says who may.
+        let is_read = matches!(
+            cmd,
+            ApiCommand::Status
+                | ApiCommand::TaskList
+                | ApiCommand::MemberList
+                | ApiCommand::AuditShow { .. }
+                | ApiCommand::AuditVerify
+                | ApiCommand::WorkloadLogs { .. }
+                | ApiCommand::GatewayProfile
+                | ApiCommand::ProposalList
+        );
+        if is_read && let Err(code) = self.vault.may_read(&member) {
+            let _ = reply.send((
+                refusal_status(code),
+                json!({"ok": false, "error": code_name(code), "message": "the vault is locked: only superusers can read its status and audit log until the quorum unlocks it"}),
+            ));
+            return;
+        }
         // Commands that need them carry the password and the TOTP code.
         let (command, auth) = match cmd {
             ApiCommand::Status => {
@@ -519,6 +559,30 @@ impl Shell {
                 let s = self.status_json(&member);
                 let _ = reply.send((200, json!({"ok": true, "tasks": s["tasks"]})));
                 return;
+            }
+            ApiCommand::ProposalList => {
+                let p = proposals_json(&self.vault.status().proposals);
+                let _ = reply.send((200, json!({"ok": true, "proposals": p})));
+                return;
+            }
+            ApiCommand::Approve {
+                id,
+                password: p,
+                totp,
+            } => (Command::Approve { id }, Some((p, totp))),
+            ApiCommand::InviteCancel {
+                name,
+                password: p,
+                totp,
+            } => {
+                if !self.control.invitations.contains_key(&name) {
+                    let _ = reply.send((
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation")}),
+                    ));
+                    return;
+                }
+                (Command::InviteCancel { name }, Some((p, totp)))
             }
             ApiCommand::MemberList => {
                 let list: Vec<Value> = self
@@ -670,8 +734,8 @@ impl Shell {
                     ));
                     return;
                 }
-                if self.control.invitations.contains_key(&name) {
-                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": format!("{name} already has a pending invitation")})));
+                if let Some(answer) = self.invitation_pending(&name) {
+                    let _ = reply.send(answer);
                     return;
                 }
                 (Command::Invite { name, role }, Some((p, totp)))
@@ -772,6 +836,8 @@ impl Shell {
         let mut queue = VecDeque::from([first]);
         while let Some(event) = queue.pop_front() {
             let effects = self.vault.handle(now_ms(), event);
+            self.locked_flag
+                .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);
             for effect in effects {
                 self.perform(effect, &mut queue);
             }
@@ -838,11 +904,12 @@ impl Shell {
                         Ok(Ok(k)) => Some(k),
                         _ => None,
                     };
-                    let _ = tx.send(Msg::KeyChecked {
-                        req,
-                        key,
-                        keep: keep_key,
-                    });
+                    let ok = key.is_some();
+                    // A key nobody keeps (an unlock approval, a lock, a
+                    // mode switch) is wiped here, before the result
+                    // travels anywhere.
+                    let key = key.filter(|_| keep_key);
+                    let _ = tx.send(Msg::KeyChecked { req, ok, key });
                 });
             }
             Effect::Open { req } => match self.kept.remove(&req) {
@@ -966,6 +1033,14 @@ impl Shell {
                         Outcome::Ok(Reply::UnlockApproved { remaining }) => {
                             (200, json!({"ok": true, "remaining": remaining}))
                         }
+                        Outcome::Ok(Reply::Proposal {
+                            id,
+                            description,
+                            remaining,
+                        }) => (
+                            200,
+                            json!({"ok": true, "proposal": {"id": id, "description": description, "remaining": remaining}}),
+                        ),
                         Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
                         Outcome::Refused { code, message } => (
                             refusal_status(code),
@@ -1031,14 +1106,48 @@ impl Shell {
                 }
             }
             Effect::Persist => self.persist(),
+            Effect::CancelInvitations => {
+                let names: Vec<String> = self.control.invitations.keys().cloned().collect();
+                for name in names {
+                    self.drop_invitation(&name, "cancelled");
+                }
+            }
+            Effect::CancelInvitation { req, name } => {
+                let had = self.control.invitations.contains_key(&name);
+                self.drop_invitation(&name, "cancelled");
+                let answer = if had {
+                    (200, json!({"ok": true}))
+                } else {
+                    (
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation (used or expired meanwhile)")}),
+                    )
+                };
+                if let Some(tx) = self.replies.remove(&req) {
+                    let _ = tx.send(answer);
+                }
+            }
             Effect::Invite { req, name, role } => {
                 let key = self.kept.remove(&req);
-                let answer = match key {
-                    Some(k) => self.create_invitation(&k, &name, role),
-                    None => (
-                        500,
-                        json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
-                    ),
+                // Checked again where the keyslot is made: a second
+                // invitation would orphan the first one's keyslot.
+                let answer = match self.invitation_pending(&name) {
+                    Some(refusal) => {
+                        drop(key);
+                        self.system_audit(
+                            "member_invite",
+                            "refused",
+                            format!("{name} already has a pending invitation"),
+                        );
+                        refusal
+                    }
+                    None => match key {
+                        Some(k) => self.create_invitation(&k, &name, role),
+                        None => (
+                            500,
+                            json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
+                        ),
+                    },
                 };
                 if let Some(tx) = self.replies.remove(&req) {
                     let _ = tx.send(answer);
@@ -1080,6 +1189,18 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// The refusal for a second invitation while `name` has one pending.
+    fn invitation_pending(&self, name: &str) -> Option<Answer> {
+        let inv = self.control.invitations.get(name)?;
+        Some((
+            400,
+            json!({"ok": false, "error": "invalid", "message": format!(
+                "{name} already has a pending invitation (expires at {} ms): cancel it first (`coffre member cancel-invitation {name}`), or wait until it is used or expires",
+                inv.expires_ms
+            )}),
+        ))
     }
 
     fn free_token_id(&self) -> Option<u32> {
@@ -1242,7 +1363,7 @@ impl Shell {
             let _ = this.audit.append(rec);
             (
                 403,
-                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used or expired)"}),
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
             )
         };
         let Some(inv) = self.control.invitations.get(name).cloned() else {
@@ -1260,6 +1381,26 @@ impl Shell {
             inv.code_sha256.as_bytes(),
         ) {
             return Some(refuse(self, "wrong invitation code"));
+        }
+        // Before the temporary keyslot is opened: while locked the volume
+        // key must not come into memory, nor may anyone join. After the
+        // code check, so that only the holder of a valid invitation learns
+        // that the vault is locked (a lock cancels invitations, so this
+        // answers a join that raced the lock).
+        if self.vault.may_join().is_err() {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail: "the vault is locked".into(),
+            };
+            let _ = self.audit.append(rec);
+            return Some((
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
+            ));
         }
         if password.is_empty() {
             return Some((
@@ -1308,6 +1449,7 @@ impl Shell {
         let pool = self.kdf_pool.clone();
         let tx = self.tx.clone();
         let temp_slot = inv.keyslot;
+        let locked = self.locked_flag.clone();
         let joined = Joined {
             name: name.to_string(),
             role: inv.role,
@@ -1323,6 +1465,13 @@ impl Shell {
                     Ok((_, k)) => k,
                     Err(e) => return Err(format!("temporary keyslot did not open: {e}")),
                 };
+                // A lock that landed while the temporary keyslot opened:
+                // the key goes at once and no keyslot is added.
+                if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(key);
+                    coffre_luks2::secret::scrub_stack();
+                    return Err(JOIN_LOCKED.into());
+                }
                 let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
                 drop(key);
                 coffre_luks2::secret::scrub_stack();
@@ -1339,6 +1488,41 @@ impl Shell {
     fn join_finish(&mut self, j: Joined, result: Result<u32, String>) -> Answer {
         self.joining.remove(&j.name);
         let name = j.name.as_str();
+        // Locked while the keyslot was made: it is wiped, nobody joins.
+        if self.vault.may_join().is_err() {
+            let detail = match &result {
+                Ok(slot) => {
+                    let r = self
+                        .container
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove_keyslot(*slot, false);
+                    match r {
+                        Ok(()) => {
+                            format!("the vault was locked while joining; new keyslot {slot} wiped")
+                        }
+                        Err(e) => {
+                            format!("the vault was locked while joining; new keyslot {slot}: {e}")
+                        }
+                    }
+                }
+                Err(why) => format!("the vault was locked while joining: {why}"),
+            };
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: j.source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail,
+            };
+            let _ = self.audit.append(rec);
+            self.drop_invitation(name, "cancelled");
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked while you were joining: ask for a new invitation once it is unlocked"}),
+            );
+        }
         let slot = match result {
             Ok(s) => s,
             Err(why) => {
@@ -1403,9 +1587,8 @@ impl Shell {
         }
     }
 
-    fn key_checked(&mut self, req: ReqId, key: Option<VolumeKey>, keep: bool) {
-        let ok = key.is_some();
-        if let (Some(k), true) = (key, keep) {
+    fn key_checked(&mut self, req: ReqId, ok: bool, key: Option<VolumeKey>) {
+        if let Some(k) = key {
             self.kept.insert(req, k);
         }
         self.run(Event::PasswordChecked { req, ok });
@@ -1778,6 +1961,7 @@ pub async fn serve(
         workloads: Arc::new(std::sync::Mutex::new(workloads)),
         cut: None,
         reaping: Arc::default(),
+        locked_flag: Arc::default(),
     };
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the
@@ -1895,7 +2079,7 @@ pub async fn serve(
                 cmd,
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
-            Msg::KeyChecked { req, key, keep } => shell.key_checked(req, key, keep),
+            Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
             Msg::Joined { joined, result } => {
                 let name = joined.name.clone();
                 let answer = shell.join_finish(joined, result);

@@ -10,6 +10,25 @@ struct Pending {
     keep_key: bool,
 }
 
+/// A proposal waiting for the quorum.
+#[derive(Clone, Debug)]
+struct PendingProposal {
+    id: String,
+    change: Change,
+    by: String,
+    created: Millis,
+    /// Superusers who approved, and when.
+    approvals: BTreeMap<String, Millis>,
+}
+
+/// FNV-1a, 64 bits: proposal ids (not a security boundary: an id only
+/// has to name one proposal and its exact arguments, never another's).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// One vault's state. Feed it events with [`Vault::handle`].
 #[derive(Clone, Debug)]
 pub struct Vault {
@@ -34,6 +53,9 @@ pub struct Vault {
     throttle: BTreeMap<String, (u32, Millis)>,
     next_session: u64,
     next_task: u64,
+    /// Pending proposals, one per kind.
+    proposals: BTreeMap<&'static str, PendingProposal>,
+    next_proposal: u64,
 }
 
 const SYSTEM: &str = "coffre";
@@ -109,6 +131,8 @@ impl Vault {
             throttle: BTreeMap::new(),
             next_session: 1,
             next_task: 1,
+            proposals: BTreeMap::new(),
+            next_proposal: 1,
         }
     }
 
@@ -147,6 +171,69 @@ impl Vault {
         &self.p.members
     }
 
+    /// Why `command` is refused while the vault is locked, if it is.
+    ///
+    /// LOCKED is a state where nothing grows but an unlock: no quorum or
+    /// role change, no invitation, no keyslot change, no enter. What
+    /// reduces exposure stays allowed: another lock, an unlock approval
+    /// (its keyslot check keeps no key), removing a member who is not a
+    /// superuser (the stolen-laptop flow: lock, then remove), and a switch
+    /// to safe mode (the next close suspends workloads into the volume
+    /// instead of keeping them in memory). Removing a superuser would let
+    /// fewer people reach the quorum: refused.
+    pub fn refused_while_locked(&self, command: &Command) -> Option<&'static str> {
+        match command {
+            Command::Enter => Some("the vault is locked"),
+            Command::SetQuorum { .. } => {
+                Some("the vault is locked: the quorum cannot change until it is unlocked")
+            }
+            Command::SetMode { mode: Mode::Fast } => Some(
+                "the vault is locked: only a switch to safe mode is allowed until it is unlocked",
+            ),
+            Command::Invite { .. } => {
+                Some("the vault is locked: no invitation until it is unlocked")
+            }
+            Command::Passwd => {
+                Some("the vault is locked: passwords cannot change until it is unlocked")
+            }
+            Command::Approve { .. } => Some(
+                "the vault is locked: proposals were cancelled by the lock; propose again once it is unlocked",
+            ),
+            Command::MemberRemove { name }
+                if self
+                    .p
+                    .members
+                    .get(name)
+                    .is_some_and(|m| m.role == Role::Superuser) =>
+            {
+                Some("the vault is locked: a superuser cannot be removed until it is unlocked")
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `member` may read status, the member list, the audit log
+    /// and their VPN profile now: any member while unlocked, superusers
+    /// only while locked (a lock often means a member's machine is in the
+    /// wrong hands; it learns nothing more until the quorum unlocks).
+    pub fn may_read(&self, member: &str) -> Result<(), Refusal> {
+        match self.p.members.get(member) {
+            None => Err(Refusal::UnknownMember),
+            Some(m) if self.is_locked() && m.role != Role::Superuser => Err(Refusal::Locked),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether an invitation may be redeemed now (the shell asks before it
+    /// opens the temporary keyslot, and again before it adds the member).
+    pub fn may_join(&self) -> Result<(), Refusal> {
+        if self.is_locked() {
+            Err(Refusal::Locked)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Requests waiting for a password check.
     pub fn pending_checks(&self) -> usize {
         self.pending.len()
@@ -170,6 +257,20 @@ impl Vault {
             tasks: self.tasks.values().cloned().collect(),
             unlock_approvals: self.approvals.keys().cloned().collect(),
             unlock_quorum: self.p.policy.unlock_quorum,
+            proposals: self
+                .proposals
+                .values()
+                .map(|p| Proposal {
+                    id: p.id.clone(),
+                    change: p.change.clone(),
+                    description: p.change.describe(),
+                    by: p.by.clone(),
+                    created: p.created,
+                    expires: p.created.plus(self.p.policy.approval_window_ms),
+                    approvals: p.approvals.keys().cloned().collect(),
+                    needed: self.quorum(),
+                })
+                .collect(),
             members: self.p.members.len(),
         }
     }
@@ -226,11 +327,17 @@ impl Vault {
         self.sessions.clear();
         self.tasks.clear();
         self.approvals.clear();
+        self.proposals.clear();
         self.reopen_key = None;
         self.close_forced = false;
         self.close_failed_at = None;
         self.close_first_failed = None;
         let state = if self.is_locked() { "locked" } else { "closed" };
+        if self.is_locked() {
+            // A crash between the lock and its cancellation must not leave
+            // an invitation behind.
+            out.effects.push(Effect::CancelInvitations);
+        }
         out.audit(
             SYSTEM,
             None,
@@ -315,12 +422,14 @@ impl Vault {
             return;
         }
         // Checks that come before any key derivation.
-        if r.command == Command::Enter && self.is_locked() {
+        if self.is_locked()
+            && let Some(why) = self.refused_while_locked(&r.command)
+        {
             out.refuse(
                 &r,
                 Refusal::Locked,
-                "the vault is locked",
-                "enter refused: vault locked",
+                why,
+                format!("{} refused: vault locked", r.command.name()),
             );
             return;
         }
@@ -382,15 +491,6 @@ impl Vault {
             self.fail(out, &r);
             return;
         }
-        if r.command.uses_key() && self.is_locked() {
-            out.refuse(
-                &r,
-                Refusal::Locked,
-                "the vault is locked",
-                "refused: vault locked",
-            );
-            return;
-        }
         if let Command::Invite { name, .. } = &r.command
             && self.p.members.contains_key(name)
         {
@@ -402,9 +502,42 @@ impl Vault {
             );
             return;
         }
-        let keep_key = r.command.uses_key()
+        // Two invitations for one name would leave the first temporary
+        // keyslot behind, unknown to anyone: one at a time.
+        if let Command::Invite { name, .. } = &r.command
+            && self
+                .pending
+                .values()
+                .any(|p| matches!(&p.request.command, Command::Invite { name: n, .. } if n == name))
+        {
+            out.refuse(
+                &r,
+                Refusal::Invalid,
+                &format!("an invitation for {name} is being made right now: once it is made, cancel it (`coffre member cancel-invitation {name}`) or wait until it is used or expires"),
+                format!("invite {name}: another one in progress"),
+            );
+            return;
+        }
+        let mut keep_key = r.command.uses_key()
             || (r.command == Command::Enter
                 && matches!(self.phase, Phase::Closed | Phase::Closing));
+        if let Command::Approve { id } = &r.command {
+            self.expire_proposals(out);
+            match self.proposal_by_id(id) {
+                None => {
+                    out.refuse(
+                        &r,
+                        Refusal::Invalid,
+                        &format!("no pending proposal {id} (carried out, expired, superseded or cancelled: see `coffre proposal list`)"),
+                        format!("approve {id}: no such proposal"),
+                    );
+                    return;
+                }
+                // The approval that reaches the quorum makes the
+                // invitation's keyslot with its own key; wiped otherwise.
+                Some(p) => keep_key = matches!(p.change, Change::InviteSuperuser { .. }),
+            }
+        }
         out.effects.push(Effect::CheckPassword {
             req: r.req,
             member: member.name.clone(),
@@ -591,6 +724,22 @@ impl Vault {
             );
             return;
         };
+        // A lock may have landed while the key was derived: the check
+        // ends in a refusal and its key is wiped at once.
+        if self.is_locked()
+            && let Some(why) = self.refused_while_locked(&r.command)
+        {
+            if keep_key {
+                out.effects.push(Effect::DiscardKey { req });
+            }
+            out.refuse(
+                &r,
+                Refusal::Locked,
+                why,
+                "locked while the password was checked",
+            );
+            return;
+        }
         match r.command.clone() {
             Command::Enter => self.enter(out, &r, keep_key),
             Command::Lock { reason } => {
@@ -617,30 +766,65 @@ impl Vault {
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
             Command::SetQuorum { quorum } => {
-                let supers = self.superusers();
-                if quorum == 0 || quorum as usize > supers {
-                    out.refuse(&r, Refusal::Invalid, &format!("the unlock quorum must be between 1 and the number of superusers ({supers})"), format!("quorum {quorum}"));
+                if let Err(why) = self.check_quorum(quorum) {
+                    out.refuse(&r, Refusal::Invalid, &why, format!("quorum {quorum}"));
                     return;
                 }
-                self.p.policy.unlock_quorum = quorum;
-                out.effects.push(Effect::Persist);
+                if self.quorum() > 1 {
+                    self.propose(out, &r, Change::Quorum { quorum });
+                } else {
+                    self.apply_quorum(out, &r, quorum);
+                }
+            }
+            Command::MemberRemove { name }
+                if self.quorum() > 1
+                    && self
+                        .p
+                        .members
+                        .get(&name)
+                        .is_some_and(|m| m.role == Role::Superuser) =>
+            {
+                if let Err(why) = self.check_remove(&name) {
+                    out.refuse(&r, Refusal::Invalid, &why, format!("remove {name}"));
+                    return;
+                }
+                self.propose(out, &r, Change::RemoveSuperuser { name });
+            }
+            Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
+            Command::Invite {
+                name,
+                role: Role::Superuser,
+            } if self.quorum() > 1 => {
+                out.effects.push(Effect::DiscardKey { req });
+                if self.p.members.contains_key(&name) {
+                    out.refuse(
+                        &r,
+                        Refusal::Invalid,
+                        &format!("{name} is already a member"),
+                        format!("invite {name}"),
+                    );
+                    return;
+                }
+                self.propose(out, &r, Change::InviteSuperuser { name });
+            }
+            Command::Approve { id } => self.approve(out, &r, &id, keep_key),
+            Command::InviteCancel { name } => {
                 out.audit(
                     &r.member,
                     Some(&r.source),
-                    "quorum",
+                    "member_invite_cancel",
                     "ok",
-                    format!("unlock needs {quorum} superusers"),
+                    name.clone(),
                 );
-                out.reply(r.req, Outcome::Ok(Reply::Done));
+                out.effects.push(Effect::CancelInvitation { req, name });
             }
-            Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
             Command::Invite { name, role } => {
-                if self.is_locked() || self.p.members.contains_key(&name) {
+                if self.p.members.contains_key(&name) {
                     out.effects.push(Effect::DiscardKey { req });
                     out.refuse(
                         &r,
                         Refusal::Invalid,
-                        "cannot invite now (locked, or the name is taken)",
+                        &format!("{name} is already a member"),
                         format!("invite {name}"),
                     );
                     return;
@@ -816,6 +1000,16 @@ impl Vault {
         self.approvals.clear();
         out.effects.push(Effect::Persist);
         out.audit(by, None, "lock", "ok", reason);
+        out.effects.push(Effect::CancelInvitations);
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            out.audit(
+                by,
+                None,
+                "proposal",
+                "cancelled",
+                format!("{}: {}: cancelled by the lock", p.id, p.change.describe()),
+            );
+        }
         self.drop_sessions(out, "ended by the lock", |_| true);
         self.cancel_tasks(out, "cancelled by the lock", |_| true);
         if let Some(req) = self.reopen_key.take() {
@@ -886,6 +1080,250 @@ impl Vault {
         }
     }
 
+    /// Proposals older than the approval window expire, audited (at every
+    /// tick, and before an approval is looked up).
+    fn expire_proposals(&mut self, out: &mut Out) {
+        let now = out.now;
+        let window = self.p.policy.approval_window_ms;
+        let expired: Vec<&'static str> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| now.0.saturating_sub(p.created.0) >= window)
+            .map(|(k, _)| *k)
+            .collect();
+        for kind in expired {
+            if let Some(p) = self.proposals.remove(kind) {
+                out.audit(
+                    SYSTEM,
+                    None,
+                    "proposal",
+                    "expired",
+                    format!(
+                        "{}: {} (approved by {} of {} within {} s)",
+                        p.id,
+                        p.change.describe(),
+                        p.approvals.len(),
+                        self.quorum(),
+                        window / 1000
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Approvals a proposal or an unlock needs.
+    fn quorum(&self) -> u32 {
+        self.p.policy.unlock_quorum.max(1)
+    }
+
+    fn proposal_by_id(&self, id: &str) -> Option<&PendingProposal> {
+        self.proposals.values().find(|p| p.id == id)
+    }
+
+    fn check_quorum(&self, quorum: u32) -> Result<(), String> {
+        let supers = self.superusers();
+        if quorum == 0 || quorum as usize > supers {
+            return Err(format!(
+                "the unlock quorum must be between 1 and the number of superusers ({supers})"
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_remove(&self, name: &str) -> Result<(), String> {
+        let Some(target) = self.p.members.get(name) else {
+            return Err("no such member".into());
+        };
+        if target.role == Role::Superuser {
+            let after = self.superusers() - 1;
+            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
+                return Err(format!(
+                    "removing {name} would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first",
+                    self.p.policy.unlock_quorum
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_quorum(&mut self, out: &mut Out, r: &Request, quorum: u32) {
+        if let Err(why) = self.check_quorum(quorum) {
+            out.refuse(r, Refusal::Invalid, &why, format!("quorum {quorum}"));
+            return;
+        }
+        self.p.policy.unlock_quorum = quorum;
+        out.effects.push(Effect::Persist);
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "quorum",
+            "ok",
+            format!("unlock needs {quorum} superusers"),
+        );
+        out.reply(r.req, Outcome::Ok(Reply::Done));
+    }
+
+    /// The first superuser's command: a proposal with their approval.
+    fn propose(&mut self, out: &mut Out, r: &Request, change: Change) {
+        let n = self.next_proposal;
+        self.next_proposal += 1;
+        let id = format!(
+            "{:012x}",
+            fnv1a(&format!("{}|{n}|{}|{change:?}", out.now.0, r.member)) >> 16
+        );
+        let kind = change.kind();
+        if let Some(old) = self.proposals.remove(kind) {
+            out.audit(
+                &r.member,
+                Some(&r.source),
+                "proposal",
+                "superseded",
+                format!(
+                    "{}: {} (by {}), superseded by {id}",
+                    old.id,
+                    old.change.describe(),
+                    old.by
+                ),
+            );
+        }
+        let description = change.describe();
+        let remaining = self.quorum() - 1;
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "proposal",
+            "created",
+            format!("{id}: {description}; {remaining} more approval(s) needed"),
+        );
+        self.proposals.insert(
+            kind,
+            PendingProposal {
+                id: id.clone(),
+                change,
+                by: r.member.clone(),
+                created: out.now,
+                approvals: BTreeMap::from([(r.member.clone(), out.now)]),
+            },
+        );
+        out.reply(
+            r.req,
+            Outcome::Ok(Reply::Proposal {
+                id,
+                description,
+                remaining,
+            }),
+        );
+    }
+
+    /// An approval; the one that reaches the quorum carries the change out.
+    fn approve(&mut self, out: &mut Out, r: &Request, id: &str, keep_key: bool) {
+        let discard = |out: &mut Out| {
+            if keep_key {
+                out.effects.push(Effect::DiscardKey { req: r.req });
+            }
+        };
+        self.expire_proposals(out);
+        let Some(kind) = self
+            .proposals
+            .iter()
+            .find(|(_, p)| p.id == id)
+            .map(|(k, _)| *k)
+        else {
+            discard(out);
+            out.refuse(
+                r,
+                Refusal::Invalid,
+                &format!("no pending proposal {id} (carried out, expired, superseded or cancelled: see `coffre proposal list`)"),
+                format!("approve {id}: no such proposal"),
+            );
+            return;
+        };
+        let need = self.quorum();
+        let supers: Vec<String> = self
+            .p
+            .members
+            .values()
+            .filter(|m| m.role == Role::Superuser)
+            .map(|m| m.name.clone())
+            .collect();
+        let Some(p) = self.proposals.get_mut(kind) else {
+            return;
+        };
+        p.approvals.insert(r.member.clone(), out.now);
+        // Only superusers still in office count.
+        p.approvals.retain(|name, _| supers.contains(name));
+        let have = u32::try_from(p.approvals.len()).unwrap_or(u32::MAX);
+        let description = p.change.describe();
+        if have < need {
+            discard(out);
+            let remaining = need - have;
+            out.audit(
+                &r.member,
+                Some(&r.source),
+                "approve",
+                "approved",
+                format!("{id}: {description}; {remaining} more approval(s) needed"),
+            );
+            out.reply(
+                r.req,
+                Outcome::Ok(Reply::Proposal {
+                    id: id.to_string(),
+                    description,
+                    remaining,
+                }),
+            );
+            return;
+        }
+        let Some(p) = self.proposals.remove(kind) else {
+            return;
+        };
+        let approvers: Vec<String> = p.approvals.keys().cloned().collect();
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "proposal",
+            "approved",
+            format!("{id}: {description}; approved by {}", approvers.join(", ")),
+        );
+        match p.change {
+            Change::Quorum { quorum } => {
+                discard(out);
+                self.apply_quorum(out, r, quorum);
+            }
+            Change::RemoveSuperuser { name } => {
+                discard(out);
+                let by = self.p.members.get(&r.member).cloned();
+                if let Some(by) = by {
+                    self.remove_member(out, r, &by, &name);
+                }
+            }
+            Change::InviteSuperuser { name } => {
+                if !keep_key || self.p.members.contains_key(&name) {
+                    discard(out);
+                    out.refuse(
+                        r,
+                        Refusal::Invalid,
+                        &format!("cannot invite {name} now (already a member?)"),
+                        format!("invite {name}"),
+                    );
+                    return;
+                }
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "member_invite",
+                    "ok",
+                    format!("{name} as superuser (proposal {id})"),
+                );
+                out.effects.push(Effect::Invite {
+                    req: r.req,
+                    name,
+                    role: Role::Superuser,
+                });
+            }
+        }
+    }
+
     fn remove_member(&mut self, out: &mut Out, r: &Request, _by: &Member, name: &str) {
         let Some(target) = self.p.members.get(name).cloned() else {
             out.refuse(
@@ -896,17 +1334,9 @@ impl Vault {
             );
             return;
         };
-        if target.role == Role::Superuser {
-            let after = self.superusers() - 1;
-            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
-                out.refuse(
-                    r,
-                    Refusal::Invalid,
-                    &format!("removing {name} would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first", self.p.policy.unlock_quorum),
-                    format!("remove {name}"),
-                );
-                return;
-            }
+        if let Err(why) = self.check_remove(name) {
+            out.refuse(r, Refusal::Invalid, &why, format!("remove {name}"));
+            return;
         }
         self.p.members.remove(name);
         self.approvals.remove(name);
@@ -928,6 +1358,19 @@ impl Vault {
     }
 
     fn member_joined(&mut self, out: &mut Out, member: Member) {
+        if self.is_locked() {
+            out.audit(
+                &member.name,
+                None,
+                "member_join",
+                "refused:locked",
+                format!(
+                    "{}: the vault is locked; keyslot {} must be wiped",
+                    member.name, member.keyslot
+                ),
+            );
+            return;
+        }
         let clash = self
             .p
             .members
@@ -1084,6 +1527,7 @@ impl Vault {
         let window = self.p.policy.approval_window_ms;
         self.approvals
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
+        self.expire_proposals(out);
         if self.phase == Phase::Closing
             && let Some(at) = self.close_failed_at
             && now.0.saturating_sub(at.0) >= self.p.policy.close_retry_ms

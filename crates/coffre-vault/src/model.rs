@@ -214,6 +214,17 @@ pub enum Command {
     /// Change one's own password (password and TOTP); the keyslot is
     /// replaced atomically.
     Passwd,
+    /// Approve a pending proposal (superuser, password and TOTP).
+    Approve {
+        /// The proposal's id, as status shows it.
+        id: String,
+    },
+    /// Cancel a pending invitation and wipe its temporary keyslot
+    /// (superuser, password and TOTP; allowed while locked).
+    InviteCancel {
+        /// The invited name.
+        name: String,
+    },
 }
 
 impl Command {
@@ -232,6 +243,8 @@ impl Command {
             Command::MemberRemove { .. } => "member_remove",
             Command::Invite { .. } => "member_invite",
             Command::Passwd => "passwd",
+            Command::Approve { .. } => "approve",
+            Command::InviteCancel { .. } => "member_invite_cancel",
         }
     }
 
@@ -247,6 +260,8 @@ impl Command {
                 | Command::MemberRemove { .. }
                 | Command::Invite { .. }
                 | Command::Passwd
+                | Command::Approve { .. }
+                | Command::InviteCancel { .. }
         )
     }
 
@@ -266,8 +281,75 @@ impl Command {
                 | Command::SetQuorum { .. }
                 | Command::MemberRemove { .. }
                 | Command::Invite { .. }
+                | Command::Approve { .. }
+                | Command::InviteCancel { .. }
         )
     }
+}
+
+/// A change that only the quorum may make: with an unlock quorum above 1
+/// the first superuser's command proposes it, and it is carried out when
+/// enough distinct superusers approved it within the approval window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// Set the unlock quorum.
+    Quorum {
+        /// The new quorum.
+        quorum: u32,
+    },
+    /// Invite a new superuser (the only promotion).
+    InviteSuperuser {
+        /// Their name.
+        name: String,
+    },
+    /// Remove a superuser.
+    RemoveSuperuser {
+        /// Their name.
+        name: String,
+    },
+}
+
+impl Change {
+    /// One pending proposal per kind: a new one supersedes the old.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Quorum { .. } => "quorum",
+            Change::InviteSuperuser { .. } => "invite_superuser",
+            Change::RemoveSuperuser { .. } => "remove_superuser",
+        }
+    }
+
+    /// The change in words, exact arguments included.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::Quorum { quorum } => format!("set the unlock quorum to {quorum}"),
+            Change::InviteSuperuser { name } => format!("invite {name} as a superuser"),
+            Change::RemoveSuperuser { name } => format!("remove superuser {name}"),
+        }
+    }
+}
+
+/// A pending proposal, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Names this proposal and no other: derived from its exact change,
+    /// its author and its creation time, never reused.
+    pub id: String,
+    /// What it would do.
+    pub change: Change,
+    /// In words.
+    pub description: String,
+    /// Who proposed it (their approval counts).
+    pub by: String,
+    /// When.
+    pub created: Millis,
+    /// When it expires unless the quorum is reached.
+    pub expires: Millis,
+    /// Superusers who approved it so far.
+    pub approvals: Vec<String>,
+    /// Approvals needed in all (the unlock quorum).
+    pub needed: u32,
 }
 
 /// A request: who (from the certificate), from where, with what proofs.
@@ -398,6 +480,16 @@ pub enum Reply {
         /// Approvals still missing.
         remaining: u32,
     },
+    /// A proposal was made or approved; `remaining` more approvals are
+    /// needed (0: carried out).
+    Proposal {
+        /// Its id.
+        id: String,
+        /// What it does.
+        description: String,
+        /// Approvals still missing.
+        remaining: u32,
+    },
     /// Anything else that just succeeded.
     Done,
 }
@@ -498,6 +590,18 @@ pub enum Effect {
         /// Which keyslot.
         keyslot: u32,
     },
+    /// Cancel every pending invitation: wipe its temporary keyslot and
+    /// forget its code (a lock; a boot while locked). An invitation is a
+    /// way into the keyslots, so none survives a lock.
+    CancelInvitations,
+    /// Cancel the pending invitation for `name` (wipe its temporary
+    /// keyslot), then reply to `req`.
+    CancelInvitation {
+        /// The request.
+        req: ReqId,
+        /// The invited name.
+        name: String,
+    },
     /// Append to the audit log.
     Audit(AuditRecord),
     /// Control data changed: write it (crash-safely).
@@ -588,6 +692,8 @@ pub struct Status {
     pub unlock_approvals: Vec<String>,
     /// Unlock quorum.
     pub unlock_quorum: u32,
+    /// Proposals waiting for the quorum.
+    pub proposals: Vec<Proposal>,
     /// Member count.
     pub members: usize,
 }

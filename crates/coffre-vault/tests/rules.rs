@@ -336,8 +336,16 @@ fn quorum_never_exceeds_superusers() {
         refused(&s.run("m0", Command::SetQuorum { quorum: 1 })),
         Some(Refusal::NotPermitted)
     );
+    // Lowering it takes the quorum in force: a proposal, then su1's
+    // approval.
+    let Outcome::Ok(Reply::Proposal {
+        id, remaining: 1, ..
+    }) = s.run("su0", Command::SetQuorum { quorum: 1 })
+    else {
+        panic!("a proposal")
+    };
     assert_eq!(
-        s.run("su0", Command::SetQuorum { quorum: 1 }),
+        s.run("su1", Command::Approve { id }),
         Outcome::Ok(Reply::Done)
     );
     assert_eq!(
@@ -345,6 +353,178 @@ fn quorum_never_exceeds_superusers() {
         Outcome::Ok(Reply::Done)
     );
     assert_eq!(s.removed, vec!["su1".to_string()]);
+}
+
+fn proposal(o: Outcome) -> (String, u32) {
+    match o {
+        Outcome::Ok(Reply::Proposal { id, remaining, .. }) => (id, remaining),
+        other => panic!("expected a proposal, got {other:?}"),
+    }
+}
+
+/// The quorum protects itself: with quorum 2 one superuser's `quorum`,
+/// `invite --role superuser` or removal of a superuser is only a proposal,
+/// carried out when a second superuser approves it by id.
+#[test]
+fn quorum_changes_promotions_and_superuser_removals_need_the_quorum() {
+    let mut p = members(1, 3);
+    p.policy.unlock_quorum = 2;
+    let mut s = Sim::new(p);
+    let (id, remaining) = proposal(s.run("su0", Command::SetQuorum { quorum: 1 }));
+    assert_eq!(remaining, 1);
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    assert_eq!(s.vault.status().proposals.len(), 1);
+    assert_eq!(s.vault.status().proposals[0].id, id);
+    // The author again counts once; a plain member cannot approve.
+    assert_eq!(
+        proposal(s.run("su0", Command::Approve { id: id.clone() })),
+        (id.clone(), 1)
+    );
+    assert_eq!(
+        refused(&s.run("m0", Command::Approve { id: id.clone() })),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    assert_eq!(
+        s.run("su1", Command::Approve { id: id.clone() }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 1);
+    assert!(s.vault.status().proposals.is_empty());
+    assert!(s.audit.iter().any(|a| a.action == "proposal"
+        && a.result == "approved"
+        && a.detail.contains("su0, su1")));
+    // Done once: the id is spent.
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id })),
+        Some(Refusal::Invalid)
+    );
+    // Back to 2 (quorum 1: at once), then a removal and a promotion.
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 2 }),
+        Outcome::Ok(Reply::Done)
+    );
+    let (rm, _) = proposal(s.run("su0", Command::MemberRemove { name: "su2".into() }));
+    assert!(s.vault.members().contains_key("su2"));
+    let (inv, _) = proposal(s.run(
+        "su0",
+        Command::Invite {
+            name: "eve".into(),
+            role: Role::Superuser,
+        },
+    ));
+    assert_eq!(s.vault.status().proposals.len(), 2, "one per kind");
+    // A plain member's invitation is no promotion: at once.
+    assert_eq!(
+        s.run(
+            "su0",
+            Command::Invite {
+                name: "frank".into(),
+                role: Role::Member,
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        s.run("su1", Command::Approve { id: rm }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.removed, vec!["su2".to_string()]);
+    // The approval that reaches the quorum makes the invitation with its
+    // own key (the sim checks a key was kept for it).
+    assert_eq!(
+        s.run("su1", Command::Approve { id: inv }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert!(s.kept.is_empty());
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "member_invite" && a.detail.contains("eve as superuser"))
+    );
+}
+
+#[test]
+fn proposals_are_superseded_expire_and_die_with_a_lock() {
+    let mut p = members(0, 3);
+    p.policy.unlock_quorum = 2;
+    p.policy.approval_window_ms = 60_000;
+    let mut s = Sim::new(p);
+    let (first, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    let (second, _) = proposal(s.run("su1", Command::SetQuorum { quorum: 1 }));
+    assert_ne!(first, second);
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "superseded" && a.detail.contains(&first))
+    );
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id: first })),
+        Some(Refusal::Invalid)
+    );
+    s.advance(61_000);
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "expired" && a.detail.contains(&second))
+    );
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id: second })),
+        Some(Refusal::Invalid)
+    );
+    // An approval after the window finds it expired, tick or not.
+    let (late, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    s.now = s.now.plus(60_000);
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: late.clone() })),
+        Some(Refusal::Invalid)
+    );
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "expired" && a.detail.contains(&late))
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    let (third, _) = proposal(s.run("su0", Command::SetQuorum { quorum: 3 }));
+    s.run("su0", Command::Lock { reason: "x".into() });
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.result == "cancelled" && a.detail.contains(&third))
+    );
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: third.clone() })),
+        Some(Refusal::Locked)
+    );
+    s.run("su0", Command::Unlock);
+    s.run("su1", Command::Unlock);
+    assert!(!s.vault.is_locked());
+    assert_eq!(
+        refused(&s.run("su1", Command::Approve { id: third })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+}
+
+/// With quorum 1 a lone admin's commands take effect at once.
+#[test]
+fn a_lone_admin_needs_no_proposal() {
+    let mut s = Sim::new(members(0, 1));
+    assert_eq!(
+        s.run(
+            "su0",
+            Command::Invite {
+                name: "bob".into(),
+                role: Role::Superuser,
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        s.run("su0", Command::SetQuorum { quorum: 1 }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert!(s.vault.status().proposals.is_empty());
 }
 
 #[test]
@@ -505,6 +685,235 @@ fn invite_and_passwd_get_a_scoped_key_and_never_open() {
     );
 }
 
+/// Finding 1: with quorum 2, one superuser could lock, lower the quorum
+/// (or remove the other superuser) and unlock alone.
+#[test]
+fn locked_vault_refuses_quorum_change_and_superuser_removal() {
+    let mut p = members(1, 2);
+    p.policy.unlock_quorum = 2;
+    let mut s = Sim::new(p);
+    s.run(
+        "su0",
+        Command::Lock {
+            reason: "drill".into(),
+        },
+    );
+    assert_eq!(s.invitations_cancelled, 1, "the lock cancels invitations");
+    // And so does a boot while locked (a crash between lock and wipe).
+    let mut after = Vault::new(s.vault.persistent().clone());
+    let fx = after.handle(s.now, Event::Boot { unclean: true });
+    assert!(fx.iter().any(|f| matches!(f, Effect::CancelInvitations)));
+    let t = s.fresh();
+    let req = s.request("su0", Command::SetQuorum { quorum: 1 }, true, t);
+    // Refused before any key derivation.
+    assert_eq!(s.vault.pending_checks(), 0);
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::Locked));
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 2);
+    assert_eq!(
+        refused(&s.run("su0", Command::MemberRemove { name: "su1".into() })),
+        Some(Refusal::Locked)
+    );
+    assert!(s.vault.members().contains_key("su1"));
+    assert_eq!(
+        s.run("su0", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
+    );
+    assert!(s.vault.is_locked(), "one superuser never unlocks alone");
+    // Switching to fast mode would keep plaintext in memory at the next
+    // close: refused. Safe mode only reduces exposure: allowed.
+    assert_eq!(
+        refused(&s.run("su0", Command::SetMode { mode: Mode::Fast })),
+        Some(Refusal::Locked)
+    );
+    assert_eq!(
+        s.run("su0", Command::SetMode { mode: Mode::Safe }),
+        Outcome::Ok(Reply::Done)
+    );
+    // The stolen-laptop flow: lock, then remove the member.
+    assert_eq!(
+        s.run("su0", Command::MemberRemove { name: "m0".into() }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.removed, vec!["m0".to_string()]);
+    assert_eq!(
+        s.run("su1", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 0 })
+    );
+}
+
+/// Finding 2: while locked nothing that uses the key is accepted, and a
+/// check that started before the lock is refused when it ends, its key
+/// wiped at once.
+#[test]
+fn locked_vault_refuses_invite_and_passwd_even_when_the_check_ends_after_the_lock() {
+    let mut s = Sim::new(members(1, 2));
+    for cmd in [
+        Command::Passwd,
+        Command::Invite {
+            name: "new".into(),
+            role: Role::Superuser,
+        },
+        Command::SetQuorum { quorum: 2 },
+    ] {
+        let who = if cmd == Command::Passwd { "m0" } else { "su1" };
+        let t = s.fresh();
+        let req = s.request(who, cmd.clone(), true, t);
+        assert_eq!(s.vault.pending_checks(), 1);
+        // The lock lands while the password is being checked.
+        let checked = s.inbox.pop_front().unwrap();
+        assert!(matches!(checked, Event::PasswordChecked { ok: true, .. }));
+        s.run(
+            "su0",
+            Command::Lock {
+                reason: "race".into(),
+            },
+        );
+        s.inbox.push_back(checked);
+        s.settle();
+        assert_eq!(refused(&s.replies[&req]), Some(Refusal::Locked), "{cmd:?}");
+        assert!(s.kept.is_empty(), "{cmd:?}: a key outlived the refusal");
+        let t = s.fresh();
+        let req = s.request(who, cmd.clone(), true, t);
+        assert_eq!(
+            s.vault.pending_checks(),
+            0,
+            "{cmd:?}: no derivation while locked"
+        );
+        s.settle();
+        assert_eq!(refused(&s.replies[&req]), Some(Refusal::Locked), "{cmd:?}");
+        s.run("su0", Command::Unlock);
+        assert!(!s.vault.is_locked());
+    }
+    assert_eq!(s.vault.persistent().policy.unlock_quorum, 1);
+}
+
+/// An unlock approval checks the keyslot but never keeps its key.
+#[test]
+fn unlock_approval_never_keeps_a_key() {
+    let mut s = Sim::new(members(0, 1));
+    s.run("su0", Command::Lock { reason: "x".into() });
+    let t = s.fresh();
+    let fx = s.vault.handle(
+        s.now,
+        Event::Request(Request {
+            req: ReqId(9_000),
+            member: "su0".into(),
+            source: source("192.0.2.1"),
+            password: true,
+            totp: t,
+            command: Command::Unlock,
+        }),
+    );
+    assert!(
+        fx.iter().any(|f| matches!(
+            f,
+            Effect::CheckPassword {
+                keep_key: false,
+                ..
+            }
+        )),
+        "{fx:?}"
+    );
+    assert!(
+        !fx.iter()
+            .any(|f| matches!(f, Effect::CheckPassword { keep_key: true, .. }))
+    );
+}
+
+/// A member who joins while locked (an invitation issued before the lock)
+/// is not added.
+#[test]
+fn member_joined_while_locked_is_refused() {
+    let mut s = Sim::new(members(0, 1));
+    s.run("su0", Command::Lock { reason: "x".into() });
+    s.handle(Event::MemberJoined {
+        member: Member {
+            name: "late".into(),
+            role: Role::Superuser,
+            keyslot: 7,
+            last_totp_step: None,
+        },
+    });
+    assert!(!s.vault.members().contains_key("late"));
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "member_join" && a.result == "refused:locked")
+    );
+}
+
+/// Finding 6: two invitations for one name made at the same time both
+/// succeeded and the first temporary keyslot was never wiped.
+#[test]
+fn one_invitation_per_name_at_a_time() {
+    let mut s = Sim::new(members(0, 2));
+    let invite = Command::Invite {
+        name: "carol".into(),
+        role: Role::Member,
+    };
+    let t = s.fresh();
+    let first = s.request("su0", invite.clone(), true, t);
+    let t = s.fresh();
+    let second = s.request("su1", invite.clone(), true, t);
+    assert_eq!(
+        s.vault.pending_checks(),
+        1,
+        "the second is refused before its check"
+    );
+    s.settle();
+    assert_eq!(s.replies[&first], Outcome::Ok(Reply::Done));
+    assert_eq!(refused(&s.replies[&second]), Some(Refusal::Invalid));
+    assert!(s.kept.is_empty());
+    // Cancelling one reduces exposure: allowed, even while locked, and
+    // its keyslot check keeps no key.
+    s.run("su0", Command::Lock { reason: "x".into() });
+    let before = s.invitations_cancelled;
+    let t = s.fresh();
+    let fx = s.vault.handle(
+        s.now,
+        Event::Request(Request {
+            req: ReqId(9_001),
+            member: "su1".into(),
+            source: source("192.0.2.1"),
+            password: true,
+            totp: t,
+            command: Command::InviteCancel {
+                name: "carol".into(),
+            },
+        }),
+    );
+    assert!(
+        fx.iter().any(|f| matches!(
+            f,
+            Effect::CheckPassword {
+                keep_key: false,
+                ..
+            }
+        )),
+        "{fx:?}"
+    );
+    assert_eq!(
+        s.run(
+            "su1",
+            Command::InviteCancel {
+                name: "carol".into()
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.invitations_cancelled, before + 1);
+    assert_eq!(
+        refused(&s.run(
+            "m0",
+            Command::InviteCancel {
+                name: "carol".into()
+            }
+        )),
+        Some(Refusal::UnknownMember)
+    );
+}
+
 #[test]
 fn restart_is_closed_or_still_locked() {
     let mut s = Sim::new(members(1, 1));
@@ -535,6 +944,13 @@ enum Op {
     Advance(u64),
     CloseFails(bool),
     Restart,
+    Quorum(usize, u32),
+    Remove(usize, usize),
+    Invite(usize, bool),
+    Passwd(usize),
+    Mode(usize, bool),
+    Join(bool),
+    Approve(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -550,6 +966,13 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..40_000u64).prop_map(Op::Advance),
         1 => any::<bool>().prop_map(Op::CloseFails),
         1 => Just(Op::Restart),
+        1 => (0..4usize, 0..4u32).prop_map(|(m, q)| Op::Quorum(m, q)),
+        1 => (0..4usize, 0..4usize).prop_map(|(m, t)| Op::Remove(m, t)),
+        1 => (0..4usize, any::<bool>()).prop_map(|(m, su)| Op::Invite(m, su)),
+        1 => (0..4usize).prop_map(Op::Passwd),
+        1 => (0..4usize, any::<bool>()).prop_map(|(m, f)| Op::Mode(m, f)),
+        1 => any::<bool>().prop_map(Op::Join),
+        2 => (0..4usize, 0..3usize).prop_map(|(m, which)| Op::Approve(m, which)),
     ]
 }
 
@@ -565,17 +988,26 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     /// Over random histories: no key outside OPEN/OPENING/CLOSING, never
-    /// OPEN while locked, LOCKED left only by an unlock, the OPEN rule at
-    /// every quiescent point, every transition audited (checked in Sim).
+    /// OPEN while locked, the OPEN rule at every quiescent point, every
+    /// transition audited, no effect keeps a key while locked (checked in
+    /// Sim). LOCKED is left only by an unlock that the quorum in force at
+    /// the lock reached, and while locked nothing grows: no member, no
+    /// superuser lost or gained, no quorum change.
     #[test]
     fn vault_rules_hold(ops in prop::collection::vec(op(), 1..120)) {
         let mut p = members(2, 2);
+        p.policy.unlock_quorum = 2;
         p.policy.grace_ms = 20_000;
         p.policy.auto_lock_failures = 6;
         let mut s = Sim::new(p);
+        let mut joined = 0u32;
+        let mut lock_quorum = 0u32;
         for op in ops {
             let was_locked = s.vault.is_locked();
             let audited = s.audit.len();
+            let members_before: std::collections::BTreeSet<String> = s.vault.members().keys().cloned().collect();
+            let supers_before: Vec<String> = s.vault.members().values().filter(|m| m.role == Role::Superuser).map(|m| m.name.clone()).collect();
+            let quorum_before = s.vault.persistent().policy.unlock_quorum;
             match op {
                 Op::Enter(m, ok, t) => {
                     let totp = match t { 0 => Totp::Invalid, 1 => Totp::Valid { step: 0 }, _ => s.fresh() };
@@ -597,6 +1029,30 @@ proptest! {
                 Op::Deliver => { s.deliver(); }
                 Op::Advance(ms) => s.advance(ms),
                 Op::CloseFails(f) => s.close_fails = f,
+                Op::Quorum(m, q) => { let t = s.fresh(); s.request(&name(m), Command::SetQuorum { quorum: q }, true, t); }
+                Op::Remove(m, target) => { let t = s.fresh(); s.request(&name(m), Command::MemberRemove { name: name(target) }, true, t); }
+                Op::Invite(m, su) => {
+                    let t = s.fresh();
+                    let role = if su { Role::Superuser } else { Role::Member };
+                    s.request(&name(m), Command::Invite { name: "new".into(), role }, true, t);
+                }
+                Op::Passwd(m) => { let t = s.fresh(); s.request(&name(m), Command::Passwd, true, t); }
+                Op::Mode(m, fast) => {
+                    let t = s.fresh();
+                    let mode = if fast { Mode::Fast } else { Mode::Safe };
+                    s.request(&name(m), Command::SetMode { mode }, true, t);
+                }
+                Op::Join(su) => {
+                    joined += 1;
+                    let role = if su { Role::Superuser } else { Role::Member };
+                    s.handle(Event::MemberJoined { member: Member { name: format!("j{joined}"), role, keyslot: 20 + joined, last_totp_step: None } });
+                }
+                Op::Approve(m, which) => {
+                    let ids: Vec<String> = s.vault.status().proposals.iter().map(|p| p.id.clone()).collect();
+                    let id = ids.get(which).cloned().unwrap_or_else(|| "0".into());
+                    let t = s.fresh();
+                    s.request(&name(m), Command::Approve { id }, true, t);
+                }
                 Op::Restart => {
                     let p = s.vault.persistent().clone();
                     let close_fails = s.close_fails;
@@ -605,11 +1061,36 @@ proptest! {
                     s.handle(Event::Boot { unclean: true });
                 }
             }
+            if !was_locked && s.vault.is_locked() {
+                lock_quorum = s.vault.persistent().policy.unlock_quorum;
+            }
             if was_locked && !s.vault.is_locked() {
-                prop_assert!(
-                    s.audit[audited.min(s.audit.len())..].iter().any(|a| a.action == "unlock" && a.result == "ok"),
-                    "LOCKED left without an unlock"
-                );
+                let unlock = s.audit[audited.min(s.audit.len())..].iter().find(|a| a.action == "unlock" && a.result == "ok");
+                prop_assert!(unlock.is_some(), "LOCKED left without an unlock");
+                let approvers: std::collections::BTreeSet<&str> = unlock.unwrap().detail.trim_start_matches("unlocked by ").split(", ").collect();
+                prop_assert!(approvers.len() >= lock_quorum as usize, "unlocked by {approvers:?}, quorum at the lock {lock_quorum}");
+                for a in &approvers {
+                    prop_assert!(supers_before.iter().any(|x| x == a), "{a} approved but is not a superuser");
+                }
+            }
+            // Outside a lock too, with a quorum above 1 the quorum and the
+            // superusers (but for joins) change only by the quorum's approval.
+            if quorum_before > 1 {
+                let supers_after: Vec<String> = s.vault.members().values().filter(|m| m.role == Role::Superuser).map(|m| m.name.clone()).collect();
+                let lost = supers_before.iter().any(|x| !supers_after.contains(x));
+                if lost || s.vault.persistent().policy.unlock_quorum != quorum_before {
+                    let approved = s.audit[audited.min(s.audit.len())..].iter().find(|a| a.action == "proposal" && a.result == "approved");
+                    prop_assert!(approved.is_some(), "quorum or superusers changed without a proposal");
+                    let names: std::collections::BTreeSet<&str> = approved.unwrap().detail.rsplit("approved by ").next().unwrap().split(", ").collect();
+                    prop_assert!(names.len() >= quorum_before as usize, "approved by {names:?}, quorum {quorum_before}");
+                }
+            }
+            if was_locked {
+                let members_after: std::collections::BTreeSet<String> = s.vault.members().keys().cloned().collect();
+                prop_assert!(members_after.is_subset(&members_before), "a member was added while locked");
+                let supers_after: Vec<String> = s.vault.members().values().filter(|m| m.role == Role::Superuser).map(|m| m.name.clone()).collect();
+                prop_assert_eq!(&supers_after, &supers_before, "superusers changed while locked");
+                prop_assert_eq!(s.vault.persistent().policy.unlock_quorum, quorum_before, "quorum changed while locked");
             }
             s.check();
         }

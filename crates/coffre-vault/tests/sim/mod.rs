@@ -20,6 +20,8 @@ pub struct Sim {
     pub close_fails: bool,
     /// The mode of each close, in order.
     pub close_modes: Vec<Mode>,
+    /// How many times pending invitations were cancelled.
+    pub invitations_cancelled: u32,
     next_req: u64,
     /// Password verdicts of requests in flight.
     passwords: BTreeMap<ReqId, bool>,
@@ -77,6 +79,7 @@ impl Sim {
             removed: Vec::new(),
             close_fails: false,
             close_modes: Vec::new(),
+            invitations_cancelled: 0,
             next_req: 1,
             passwords: BTreeMap::new(),
             step: 1,
@@ -96,6 +99,20 @@ impl Sim {
                 effects.iter().any(|f| matches!(f, Effect::Audit(a) if a.action == "state" || a.action == "lock" || a.action == "unlock")),
                 "transition {phase_before:?} -> {phase_after:?} not audited: {effects:?}"
             );
+        }
+        if locked_before || self.vault.is_locked() {
+            for f in &effects {
+                assert!(
+                    !matches!(
+                        f,
+                        Effect::CheckPassword { keep_key: true, .. }
+                            | Effect::Open { .. }
+                            | Effect::Invite { .. }
+                            | Effect::ChangePassword { .. }
+                    ),
+                    "an effect keeps or uses a key while locked: {f:?}"
+                );
+            }
         }
         for f in effects {
             match f {
@@ -140,6 +157,11 @@ impl Sim {
                 Effect::RemoveMember { name, .. } => self.removed.push(name),
                 Effect::Invite { req, .. } | Effect::ChangePassword { req, .. } => {
                     assert!(self.kept.remove(&req), "keyslot change without a kept key");
+                    self.replies.insert(req, Outcome::Ok(Reply::Done));
+                }
+                Effect::CancelInvitations => self.invitations_cancelled += 1,
+                Effect::CancelInvitation { req, .. } => {
+                    self.invitations_cancelled += 1;
                     self.replies.insert(req, Outcome::Ok(Reply::Done));
                 }
                 Effect::Audit(a) => self.audit.push(a),

@@ -281,6 +281,33 @@ fn audit_log_edited_by_hand_is_caught() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("audit"));
 }
 
+/// Finding 4: a daemon that died between a record and its signed head
+/// left a log that no longer verified, and the next daemon refused to
+/// start. Now the head is restored from the records' own signatures and
+/// the restart says so in the log.
+#[test]
+fn restart_after_a_crash_between_record_and_head_recovers() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.stop();
+    let head = v.dir.join("audit.head");
+    let old_head = std::fs::read(&head).unwrap();
+    v.start();
+    v.stop();
+    // As if the heads of the second run's records were never written.
+    std::fs::write(&head, &old_head).unwrap();
+    let dir = v.dir.to_str().unwrap().to_string();
+    let out = v.cli("alice", &["audit", "verify", "--dir", &dir]);
+    assert_eq!(code(&out), 1, "not covered before the restart");
+    v.start();
+    assert_eq!(v.state(), "closed");
+    let out = v.cli("alice", &["audit", "verify"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    let recovered = v.audit_details("audit", "recovered");
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert!(recovered[0].contains("head restored"), "{recovered:?}");
+}
+
 #[test]
 fn burst_of_bad_attempts_locks_the_vault() {
     let mut v = Vault::init(&[]);

@@ -385,3 +385,340 @@ fn first_superuser_can_join_from_their_own_machine() {
     // The root can invite: they are a superuser.
     v.add_member("root", "eve", false);
 }
+
+/// Keyslots in the vault's header (the daemon must be stopped).
+fn keyslot_count(v: &Vault) -> usize {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "volume",
+            "dump",
+            "--json",
+            v.dir.join("volume.img").to_str().unwrap(),
+            "--header",
+            v.dir.join("volume.hdr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    dump["keyslots"].as_array().unwrap().len()
+}
+
+/// Finding 1: with quorum 2, one superuser could lock, lower the quorum or
+/// remove the other superuser, and unlock alone. While locked the quorum,
+/// superusers and members' reads do not move; removing a plain member
+/// (the stolen-laptop flow) still works.
+#[test]
+fn locked_vault_keeps_its_quorum() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    v.add_member("alice", "carol", false);
+    v.add_member("alice", "dan", false);
+    ok(&v.authed("alice", &["quorum", "2"]));
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    let out = v.authed("alice", &["quorum", "1"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = v.authed("alice", &["member", "remove", "bob"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+    // Members read nothing while locked; superusers do.
+    let out = v.cli("carol", &["status"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = v.cli("carol", &["member", "list"]);
+    assert_eq!(code(&out), 6);
+    // Lock, then remove the member whose laptop was stolen.
+    ok(&v.authed("alice", &["member", "remove", "dan"]));
+    ok(&v.authed("alice", &["unlock"]));
+    assert_eq!(v.state(), "locked", "one superuser never unlocks alone");
+    ok(&v.authed("bob", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+    ok(&v.cli("carol", &["status"]));
+    assert_eq!(v.status("alice")["members"], 3);
+}
+
+/// Finding 2: an invitation issued before a lock was redeemed after it
+/// (the temporary keyslot unlocked while LOCKED, and the new superuser's
+/// approval counted). The lock now cancels invitations and wipes their
+/// keyslots; join and passwd are refused while locked.
+#[test]
+fn lock_cancels_invitations_and_refuses_join_and_passwd() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let inv = v.tmp.path().join("mallory.invitation");
+    ok(&v.authed(
+        "alice",
+        &[
+            "member",
+            "invite",
+            "mallory",
+            "--role",
+            "superuser",
+            "--out",
+            inv.to_str().unwrap(),
+        ],
+    ));
+    ok(&v.authed("alice", &["lock", "--reason", "suspicion"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    // The lock cancelled the invitation: it is refused like any invalid
+    // one (a client without a certificate learns nothing more).
+    let out = v.join("mallory", &inv);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cancelled by a lock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let newpw = v.tmp.path().join("alice.new");
+    std::fs::write(&newpw, "alice's new password").unwrap();
+    let out = v.authed(
+        "alice",
+        &["passwd", "--new-password-file", newpw.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    let inv2 = v.tmp.path().join("other.invitation");
+    let out = v.authed(
+        "alice",
+        &["member", "invite", "other", "--out", inv2.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!v.audit_details("member_invite", "cancelled").is_empty());
+    ok(&v.authed("alice", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+    // The invitation stays dead after the unlock.
+    let _ = std::fs::remove_file(v.tmp.path().join("mallory.identity"));
+    let out = v.join("mallory", &inv);
+    assert!(!out.status.success());
+    assert_eq!(v.status("alice")["members"], 1);
+    v.stop();
+    assert_eq!(keyslot_count(&v), 1, "the temporary keyslot was wiped");
+}
+
+/// Finding 6: two invitations for one name, sent at the same moment by two
+/// superusers, both succeeded and the first temporary keyslot stayed in
+/// the header, known to nobody. Now the second is refused with a message
+/// that says what to do, and the header holds exactly one temporary
+/// keyslot per name.
+#[test]
+fn two_invitations_for_one_name_leave_one_keyslot() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    let rounds = 4;
+    for i in 0..rounds {
+        let name = format!("new{i}");
+        let mut children = Vec::new();
+        for by in ["alice", "bob"] {
+            let code = v.totp(by);
+            let m = v.members.iter().find(|m| m.name == by).unwrap();
+            let out = v.tmp.path().join(format!("{name}.{by}.invitation"));
+            children.push(
+                std::process::Command::new(BIN)
+                    .args(["member", "invite", &name, "--out", out.to_str().unwrap()])
+                    .args([
+                        "--password-file",
+                        m.password.to_str().unwrap(),
+                        "--totp",
+                        &code,
+                    ])
+                    .env("COFFRE_IDENTITY", &m.identity)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let outs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let succeeded = outs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            succeeded, 1,
+            "round {i}: {succeeded} invitations for {name}"
+        );
+        let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+        let msg = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            msg.contains("pending invitation") || msg.contains("being made"),
+            "{msg}"
+        );
+        assert!(msg.contains("cancel-invitation"), "{msg}");
+    }
+    // What the message says works: cancel the first, invite again.
+    ok(&v.authed("alice", &["member", "cancel-invitation", "new0"]));
+    assert!(!v.audit_details("member_invite", "cancelled").is_empty());
+    let again = v.tmp.path().join("new0.again.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "new0", "--out", again.to_str().unwrap()],
+    ));
+    let out = v.authed("alice", &["member", "cancel-invitation", "nobody"]);
+    assert_eq!(code(&out), 1);
+    v.stop();
+    assert_eq!(
+        keyslot_count(&v),
+        2 + rounds,
+        "alice, bob and one temporary keyslot per name"
+    );
+}
+
+/// The single pending proposal's id, from `coffre proposal list --json`.
+fn only_proposal(v: &Vault, who: &str) -> serde_json::Value {
+    let out = v.cli(who, &["proposal", "list", "--json"]);
+    ok(&out);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].clone()
+}
+
+/// The quorum protects itself: with two superusers and quorum 2, one
+/// superuser's `quorum 1`, `invite --role superuser` and removal of a
+/// superuser are proposals that change nothing until the other approves
+/// them by id.
+#[test]
+fn quorum_changes_need_the_quorum() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", true);
+    // Quorum 1: a lone admin's command takes effect at once.
+    ok(&v.authed("alice", &["quorum", "2"]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+
+    let out = v.authed("alice", &["quorum", "1"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coffre approve"));
+    assert_eq!(
+        v.status("alice")["unlock_quorum"],
+        2,
+        "one superuser is not the quorum"
+    );
+    let p = only_proposal(&v, "bob");
+    assert_eq!(p["kind"], "quorum");
+    assert_eq!(p["approvals"], serde_json::json!(["alice"]));
+    let id = p["id"].as_str().unwrap().to_string();
+    assert_eq!(v.status("bob")["proposals"][0]["id"], id.as_str());
+    // The author approving again is still one approval.
+    ok(&v.authed("alice", &["approve", &id]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 2);
+    ok(&v.authed("bob", &["approve", &id]));
+    assert_eq!(v.status("alice")["unlock_quorum"], 1);
+    let out = v.authed("bob", &["approve", &id]);
+    assert_eq!(code(&out), 1, "a proposal is carried out once");
+    ok(&v.authed("alice", &["quorum", "2"]));
+
+    // Promotion: the invitation is made by the approval that completes it.
+    let by_alice = v.tmp.path().join("carol.by-alice.invitation");
+    let out = v.authed(
+        "alice",
+        &[
+            "member",
+            "invite",
+            "carol",
+            "--role",
+            "superuser",
+            "--out",
+            by_alice.to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    assert!(!by_alice.exists(), "no invitation before the quorum");
+    let id = only_proposal(&v, "alice")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed("bob", &["approve", &id, "--out", inv.to_str().unwrap()]));
+    let out = v.join("carol", &inv);
+    ok(&out);
+    assert_eq!(v.status("alice")["members"], 3);
+
+    // Removing a superuser.
+    let out = v.authed("alice", &["member", "remove", "carol"]);
+    ok(&out);
+    assert_eq!(
+        v.status("alice")["members"],
+        3,
+        "one superuser cannot remove another"
+    );
+    let id = only_proposal(&v, "alice")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&v.authed("bob", &["approve", &id]));
+    assert_eq!(v.status("alice")["members"], 2);
+    let details = v.audit_details("proposal", "approved");
+    assert_eq!(details.len(), 3, "{details:?}");
+    assert!(
+        details.iter().all(|d| d.contains("alice, bob")),
+        "{details:?}"
+    );
+
+    // Unlock works as before.
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    ok(&v.authed("alice", &["unlock"]));
+    assert_eq!(v.state(), "locked");
+    ok(&v.authed("bob", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+}
+
+/// A lock that lands while a join makes its keyslot (here an auto-lock,
+/// which needs no keyslot check of its own): the new keyslot is wiped and
+/// nobody joins.
+#[test]
+fn a_lock_during_a_join_wipes_the_new_keyslot() {
+    let mut v = Vault::init(&[]);
+    v.set_policy("auto_lock_failures", 1);
+    // New members' keyslots cost about a second to make.
+    let cfg = v.dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "iterations = 4\nmemory_kib = 8192",
+        "iterations = 40\nmemory_kib = 65536",
+    );
+    assert!(text.contains("iterations = 40"), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    v.start();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    ));
+    let password = v.tmp.path().join("carol.pw");
+    std::fs::write(&password, "carol's password").unwrap();
+    let join = std::process::Command::new(BIN)
+        .args(["join", inv.to_str().unwrap(), "--password-file"])
+        .arg(&password)
+        .arg("--identity-out")
+        .arg(v.tmp.path().join("carol.identity"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    // One wrong code: the auto-lock.
+    let pw = v.member("alice").password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "lock",
+            "--reason",
+            "x",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            "000000",
+        ],
+    );
+    assert_eq!(code(&out), 7);
+    let out = join.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{msg}");
+    assert!(msg.contains("locked"), "{msg}");
+    assert_eq!(v.state(), "locked");
+    assert_eq!(v.status("alice")["members"], 1);
+    assert!(!v.audit_details("member_join", "refused:locked").is_empty());
+    v.stop();
+    assert_eq!(keyslot_count(&v), 1, "carol's new keyslot was wiped");
+}

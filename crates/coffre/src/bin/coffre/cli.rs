@@ -125,6 +125,8 @@ pub enum Command {
         auth: AuthArgs,
     },
     /// Set how many distinct superusers must approve an unlock (superuser).
+    /// With a quorum above 1 this makes a proposal the quorum must approve
+    /// (`coffre approve ID`).
     Quorum {
         /// Number of superusers.
         quorum: u32,
@@ -133,6 +135,25 @@ pub enum Command {
         #[command(flatten)]
         auth: AuthArgs,
     },
+    /// Approve a pending proposal by its id (superuser). The approval that
+    /// reaches the quorum carries it out; for a superuser's invitation it
+    /// writes the invitation file.
+    Approve {
+        /// The proposal's id (`coffre proposal list`).
+        proposal: String,
+        /// Where to write the invitation if this approval completes an
+        /// invitation of a superuser (default NAME.invitation).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Changes waiting for the quorum: quorum changes, superusers'
+    /// invitations and removals.
+    #[command(subcommand)]
+    Proposal(ProposalCommand),
     /// Members of the vault.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -239,6 +260,18 @@ pub enum RoleChoice {
 pub enum ModeChoice {
     Fast,
     Safe,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProposalCommand {
+    /// Pending proposals: id, change, author, approvals, expiry.
+    List {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -411,6 +444,16 @@ pub enum MemberCommand {
         totp_suffix: bool,
         #[command(flatten)]
         id: IdentityArg,
+    },
+    /// Cancel a pending invitation: its temporary keyslot is wiped
+    /// (superuser; allowed while locked).
+    CancelInvitation {
+        /// The invited name.
+        name: String,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).

@@ -51,6 +51,13 @@ fn main() -> ExitCode {
         C::Unlock { id, auth } => vault::unlock(id, auth),
         C::Mode { mode, id, auth } => vault::mode(id, auth, mode),
         C::Quorum { quorum, id, auth } => vault::quorum(id, auth, quorum),
+        C::Approve {
+            proposal,
+            out,
+            id,
+            auth,
+        } => vault::approve(id, auth, proposal, out),
+        C::Proposal(p) => vault::proposal(p),
         C::Member(m) => vault::member(m),
         C::Join {
             invitation,

@@ -3,7 +3,7 @@
 
 use crate::cli::{
     AuditCommand, AuthArgs, GatewayCommand, IdentityArg, InitArgs, MemberCommand, ModeChoice,
-    ProtoChoice, RoleChoice, TaskCommand, WorkloadCommand,
+    ProposalCommand, ProtoChoice, RoleChoice, TaskCommand, WorkloadCommand,
 };
 use crate::secrets;
 use anyhow::{Context, Result, bail};
@@ -421,6 +421,17 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     println!("data:    {mp} (not mounted)");
                 }
                 println!("members: {}", v["members"]);
+                for p in v["proposals"].as_array().into_iter().flatten() {
+                    println!(
+                        "proposal: {} {} by {} ({}/{} approvals; `coffre approve {}`)",
+                        p["id"].as_str().unwrap_or("?"),
+                        p["description"].as_str().unwrap_or("?"),
+                        p["by"].as_str().unwrap_or("?"),
+                        p["approvals"].as_array().map_or(0, Vec::len),
+                        p["needed"],
+                        p["id"].as_str().unwrap_or("?"),
+                    );
+                }
                 for s in v["sessions"].as_array().into_iter().flatten() {
                     println!(
                         "inside:  {} via {} from {} since {} (session {})",
@@ -672,8 +683,111 @@ pub fn quorum(ida: IdentityArg, auth: AuthArgs, quorum: u32) -> Result<u8> {
         password,
         totp,
     })? {
-        Ok(_) => Ok(exit::OK),
+        Ok(v) => {
+            say_proposal(&v);
+            Ok(exit::OK)
+        }
         Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+/// A command that made or approved a proposal says where it stands.
+fn say_proposal(v: &Value) {
+    let p = &v["proposal"];
+    if p.is_null() {
+        return;
+    }
+    let id = p["id"].as_str().unwrap_or("?");
+    let what = p["description"].as_str().unwrap_or("?");
+    match p["remaining"].as_u64() {
+        Some(0) | None => eprintln!("coffre: proposal {id} carried out: {what}"),
+        Some(n) => eprintln!(
+            "coffre: proposal {id} ({what}) needs {n} more superuser approval(s): `coffre approve {id}` within the approval window"
+        ),
+    }
+}
+
+/// `coffre approve ID`
+pub fn approve(
+    ida: IdentityArg,
+    auth: AuthArgs,
+    proposal: String,
+    out: Option<PathBuf>,
+) -> Result<u8> {
+    if let Some(o) = &out
+        && o.exists()
+    {
+        bail!("{} exists; choose another --out", o.display());
+    }
+    match authed(&ida, &auth, |password, totp| ApiCommand::Approve {
+        id: proposal.clone(),
+        password,
+        totp,
+    })? {
+        Ok(v) => {
+            if v["invitation"].is_object() {
+                let inv = &v["invitation"];
+                let name = inv["name"].as_str().unwrap_or("member");
+                let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.invitation")));
+                if out.exists() {
+                    bail!(
+                        "{} exists: the invitation was made but cannot be written; it expires by itself (or lock to cancel it)",
+                        out.display()
+                    );
+                }
+                coffre_audit::write_atomic(
+                    &out,
+                    serde_json::to_string_pretty(inv)?.as_bytes(),
+                    0o600,
+                )?;
+                eprintln!(
+                    "coffre: proposal {proposal} carried out: invitation for {name} written to {} (expires at {}); hand it over privately",
+                    out.display(),
+                    iso(inv["expires_ms"].as_u64().unwrap_or(0)),
+                );
+            } else if v["proposal"].is_object() {
+                say_proposal(&v);
+            } else {
+                eprintln!("coffre: proposal {proposal} carried out");
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+/// `coffre proposal list`
+pub fn proposal(cmd: ProposalCommand) -> Result<u8> {
+    match cmd {
+        ProposalCommand::List { id, json } => match simple(&id, ApiCommand::ProposalList)? {
+            Ok(v) => {
+                let list = v["proposals"].as_array().cloned().unwrap_or_default();
+                if json {
+                    print_json(&Value::Array(list))?;
+                } else if list.is_empty() {
+                    println!("no pending proposal");
+                } else {
+                    for p in &list {
+                        let approvals: Vec<&str> = p["approvals"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        println!(
+                            "{}  {}  by {}  approved by {} ({}/{})  expires {}",
+                            p["id"].as_str().unwrap_or("?"),
+                            p["description"].as_str().unwrap_or("?"),
+                            p["by"].as_str().unwrap_or("?"),
+                            approvals.join(", "),
+                            approvals.len(),
+                            p["needed"],
+                            iso(p["expires_ms"].as_u64().unwrap_or(0)),
+                        );
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
     }
 }
 
@@ -817,6 +931,10 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 password,
                 totp,
             })? {
+                Ok(v) if v["proposal"].is_object() => {
+                    say_proposal(&v);
+                    Ok(exit::OK)
+                }
                 Ok(v) => {
                     let inv = &v["invitation"];
                     coffre_audit::write_atomic(
@@ -835,13 +953,31 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 Err((code, msg)) => Ok(fail(code, &msg)),
             }
         }
+        MemberCommand::CancelInvitation { name, id, auth } => {
+            match authed(&id, &auth, |password, totp| ApiCommand::InviteCancel {
+                name: name.clone(),
+                password,
+                totp,
+            })? {
+                Ok(_) => {
+                    eprintln!(
+                        "coffre: the invitation for {name} is cancelled; its keyslot is wiped"
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
         MemberCommand::Remove { name, id, auth } => {
             match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove {
                 name,
                 password,
                 totp,
             })? {
-                Ok(_) => Ok(exit::OK),
+                Ok(v) => {
+                    say_proposal(&v);
+                    Ok(exit::OK)
+                }
                 Err((code, msg)) => Ok(fail(code, &msg)),
             }
         }
