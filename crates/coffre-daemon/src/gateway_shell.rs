@@ -85,6 +85,19 @@ fn source(env: &ClientEnv) -> Source {
     }
 }
 
+/// Test hook: how long to hold the core's answer to a VPN login before
+/// acting on it (`COFFRE_TEST_VPN_ANSWER_DELAY_MS`), so a test can land a
+/// lock in that window. It only delays; unset in production.
+fn test_answer_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("COFFRE_TEST_VPN_ANSWER_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 /// The sentence a denied client shows, from the core's answer.
 fn client_reason(answer: &Answer) -> String {
     let v = &answer.1;
@@ -289,6 +302,9 @@ impl Shell {
                 503,
                 json!({"ok": false, "error": "busy", "message": "the vault stopped"}),
             ));
+            if let Some(d) = test_answer_delay() {
+                tokio::time::sleep(d).await;
+            }
             let _ = back.send(Msg::VpnAnswer(VpnAnswer {
                 cid,
                 kid,
@@ -387,6 +403,27 @@ impl Shell {
             return;
         }
         self.vpn.pending.remove(&a.cid);
+        // The core said yes, but a lock (or a removal) may have come in
+        // since: the session must still be alive when OpenVPN is told.
+        if let Some(s) = session.filter(|_| a.answer.0 == 200)
+            && (self.vault.is_locked() || self.vault.session_member(s) != Some(a.member.as_str()))
+        {
+            let why = if self.vault.is_locked() {
+                "the vault is locked (locked)"
+            } else {
+                "your vault session has ended: connect again with your password and TOTP code (no_session)"
+            };
+            self.system_audit(
+                "vpn_enter",
+                "refused",
+                format!(
+                    "{} from {}: {why}, after the password check",
+                    a.member, a.addr
+                ),
+            );
+            self.vpn_deny(a.cid, a.kid, why, &format!("coffre: {why}"));
+            return;
+        }
         match session.filter(|_| a.answer.0 == 200) {
             Some(session) => {
                 self.vpn.clients.insert(

@@ -92,6 +92,12 @@ enum Msg {
         lines: Vec<coffre_workload::Line>,
         ended: Vec<String>,
     },
+    /// A record from work done off the actor.
+    SystemAudit {
+        action: &'static str,
+        outcome: &'static str,
+        detail: String,
+    },
     Tick,
     Shutdown(oneshot::Sender<()>),
 }
@@ -120,6 +126,11 @@ struct Shell {
     control: Control,
     vault: Vault,
     audit: AuditLog,
+    /// Records that could not be written yet (in order), and why the log
+    /// fails: while it does, nothing that changes the vault is accepted
+    /// but what reduces exposure, whose records wait here.
+    audit_backlog: std::collections::VecDeque<AuditRecord>,
+    audit_error: Option<String>,
     container: Arc<RwLock<Luks2Container>>,
     passwords: HashMap<ReqId, Passphrase>,
     new_passwords: HashMap<ReqId, Passphrase>,
@@ -193,6 +204,58 @@ fn code_name(code: Refusal) -> String {
 }
 
 impl Shell {
+    /// Appends a record, after any that wait. A failure keeps it (and the
+    /// ones after it) for the next try, at every tick.
+    fn record(&mut self, rec: AuditRecord) {
+        self.audit_backlog.push_back(rec);
+        self.flush_audit();
+    }
+
+    fn flush_audit(&mut self) {
+        while let Some(rec) = self.audit_backlog.front().cloned() {
+            let before = self.audit.len();
+            match self.audit.append(rec) {
+                Ok(_) => {
+                    self.audit_backlog.pop_front();
+                }
+                Err(e) => {
+                    // Its line may be in the log already (the sync or the
+                    // head failed after it): never written twice.
+                    if self.audit.len() > before {
+                        self.audit_backlog.pop_front();
+                    }
+                    if self.audit_error.is_none() {
+                        eprintln!("coffre: cannot append to the audit log: {e}");
+                    }
+                    self.audit_error = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+        if self.audit_error.take().is_some() {
+            eprintln!("coffre: the audit log can be written again");
+        }
+    }
+
+    /// "No audit, no action": while the log cannot be written, only what
+    /// reduces exposure (lock, leave, heartbeats, ending a task) goes on.
+    fn refused_for_audit(&self, command: &Command) -> Option<Answer> {
+        let why = self.audit_error.as_ref()?;
+        if matches!(
+            command,
+            Command::Lock { .. }
+                | Command::Leave { .. }
+                | Command::Heartbeat { .. }
+                | Command::TaskCancel { .. }
+        ) {
+            return None;
+        }
+        Some((
+            503,
+            json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): nothing that changes the vault is done until it can; lock and leave still work")}),
+        ))
+    }
+
     fn system_audit(&mut self, action: &str, result: &str, detail: String) {
         let rec = AuditRecord {
             at: now_ms(),
@@ -202,9 +265,7 @@ impl Shell {
             result: result.into(),
             detail,
         };
-        if let Err(e) = self.audit.append(rec) {
-            eprintln!("coffre: cannot append to the audit log: {e}");
-        }
+        self.record(rec);
     }
 
     fn member_of(&self, fp: &str) -> Option<String> {
@@ -241,6 +302,11 @@ impl Shell {
             "proposals": proposals_json(&s.proposals),
             "members": s.members,
             "key_held": self.open_key.is_some(),
+            "audit": {
+                "writable": self.audit_error.is_none(),
+                "error": self.audit_error,
+                "waiting": self.audit_backlog.len(),
+            },
             "data": self.data_json(),
             "gateway": self.gateway_json(),
         })
@@ -362,6 +428,14 @@ impl Shell {
                 return;
             }
         };
+        // Each read of a log is audited: none while that cannot be.
+        if let Some(why) = &self.audit_error {
+            let _ = reply.send((
+                503,
+                json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): logs are not read until it can")}),
+            ));
+            return;
+        }
         if project && self.vault.status().state != "open" {
             let _ = reply.send((
                 409,
@@ -451,7 +525,46 @@ impl Shell {
                 .filter(|(n, _)| self.vault.members().contains_key(*n))
                 .map(|(n, ids)| (n.clone(), ids.uid, ids.gid))
                 .collect(),
+            current: self.vault.members().keys().cloned().collect(),
         }
+    }
+
+    /// A removed member's home becomes root's at once if the data is
+    /// mounted (else at the next open), off the actor: the exposure's
+    /// lock may be held by a read.
+    fn lock_removed_home(&self, name: &str) {
+        let exposure = self.exposure.clone();
+        let own = self.ownership();
+        let tx = self.tx.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let g = exposure.lock().unwrap_or_else(|p| p.into_inner());
+            let r = match g.as_ref() {
+                Some(e) => e.reapply_ownership(&own),
+                None => Ok(false),
+            };
+            drop(g);
+            let (outcome, detail) = match r {
+                Ok(true) => (
+                    "locked",
+                    format!(
+                        "home/{name} is root's now (0700), kept; {name} has no access to the data"
+                    ),
+                ),
+                Ok(false) => return,
+                Err(e) => (
+                    "failed",
+                    format!(
+                        "home/{name} could not be made root's now: {e} (the next open retries)"
+                    ),
+                ),
+            };
+            let _ = tx.send(Msg::SystemAudit {
+                action: "member_home",
+                outcome,
+                detail,
+            });
+        });
     }
 
     /// Sends the `enter` replies that waited for the open, once it is
@@ -491,6 +604,13 @@ impl Shell {
         reply: oneshot::Sender<Answer>,
     ) {
         let Some(fp) = fp else {
+            if let Some(why) = &self.audit_error {
+                let _ = reply.send((
+                    503,
+                    json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): try again later")}),
+                ));
+                return;
+            }
             // Without a client certificate, joining is the only thing to do.
             match cmd {
                 ApiCommand::Join {
@@ -786,6 +906,10 @@ impl Shell {
         totp_code: Option<&str>,
         reply: oneshot::Sender<Answer>,
     ) {
+        if let Some(answer) = self.refused_for_audit(&command) {
+            let _ = reply.send(answer);
+            return;
+        }
         let totp = match totp_code {
             None => Totp::Missing,
             Some(code) => {
@@ -1086,6 +1210,7 @@ impl Shell {
                     self.control.revoked.push(fp);
                 }
                 self.control.totp.remove(&name);
+                self.lock_removed_home(&name);
                 match result {
                     Ok(()) => self.system_audit(
                         "member_remove",
@@ -1100,11 +1225,7 @@ impl Shell {
                 }
                 self.persist();
             }
-            Effect::Audit(rec) => {
-                if let Err(e) = self.audit.append(rec) {
-                    eprintln!("coffre: cannot append to the audit log: {e}");
-                }
-            }
+            Effect::Audit(rec) => self.record(rec),
             Effect::Persist => self.persist(),
             Effect::CancelInvitations => {
                 let names: Vec<String> = self.control.invitations.keys().cloned().collect();
@@ -1396,7 +1517,7 @@ impl Shell {
                 result: "refused:locked".into(),
                 detail: "the vault is locked".into(),
             };
-            let _ = self.audit.append(rec);
+            self.record(rec);
             return Some((
                 409,
                 json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
@@ -1516,7 +1637,7 @@ impl Shell {
                 result: "refused:locked".into(),
                 detail,
             };
-            let _ = self.audit.append(rec);
+            self.record(rec);
             self.drop_invitation(name, "cancelled");
             return (
                 409,
@@ -1534,7 +1655,7 @@ impl Shell {
                     result: "failed".into(),
                     detail: why.clone(),
                 };
-                let _ = self.audit.append(rec);
+                self.record(rec);
                 return (
                     500,
                     json!({"ok": false, "error": "failure", "message": format!("joining failed: {why}")}),
@@ -1686,27 +1807,29 @@ impl Shell {
         if let Some(cut) = &self.cut {
             cut.cut();
         }
-        {
-            let mut g = self.exposure.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(mut e) = g.take() {
-                let policy = coffre_data::ClosePolicy {
-                    grace: Duration::from_secs(self.config.data.close_grace_s),
-                    force: true,
-                };
-                match e.close(&policy) {
-                    Ok(r) | Err((_, r)) => {
-                        for h in &r.killed {
-                            let line = format!("{h}: it kept the data busy at shutdown");
-                            let rec = AuditRecord {
-                                at: now_ms(),
-                                actor: "coffre".into(),
-                                source: None,
-                                action: "close".into(),
-                                result: "killed".into(),
-                                detail: line,
-                            };
-                            let _ = self.audit.append(rec);
-                        }
+        let exposure = self
+            .exposure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut e) = exposure {
+            let policy = coffre_data::ClosePolicy {
+                grace: Duration::from_secs(self.config.data.close_grace_s),
+                force: true,
+            };
+            match e.close(&policy) {
+                Ok(r) | Err((_, r)) => {
+                    for h in &r.killed {
+                        let line = format!("{h}: it kept the data busy at shutdown");
+                        let rec = AuditRecord {
+                            at: now_ms(),
+                            actor: "coffre".into(),
+                            source: None,
+                            action: "close".into(),
+                            result: "killed".into(),
+                            detail: line,
+                        };
+                        self.record(rec);
                     }
                 }
             }
@@ -1937,6 +2060,8 @@ pub async fn serve(
         control,
         config,
         audit,
+        audit_backlog: std::collections::VecDeque::new(),
+        audit_error: None,
         container: Arc::new(RwLock::new(container)),
         passwords: HashMap::new(),
         new_passwords: HashMap::new(),
@@ -2092,7 +2217,13 @@ pub async fn serve(
             Msg::Link(ev) => shell.link_event(ev),
             Msg::VpnAnswer(a) => shell.vpn_answer(a),
             Msg::Reaped { lines, ended } => shell.reaped(lines, ended),
+            Msg::SystemAudit {
+                action,
+                outcome,
+                detail,
+            } => shell.system_audit(action, outcome, detail),
             Msg::Tick => {
+                shell.flush_audit();
                 shell.reap_workloads();
                 shell.expire_invitations();
                 shell.vpn_tick();

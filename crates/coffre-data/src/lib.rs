@@ -103,6 +103,10 @@ pub struct Ownership {
     pub team_gid: u32,
     /// Each member with a uid and gid gets `home/NAME` (0700).
     pub members: Vec<(String, u32, u32)>,
+    /// Every current member of the vault. Any other `home/NAME` (a
+    /// removed member's) becomes root's, 0700: kept, and out of reach of
+    /// the host account that owned it.
+    pub current: Vec<String>,
 }
 
 /// What a close does with processes that keep the data busy.
@@ -327,6 +331,17 @@ impl Exposure {
                     .map(nbd::NbdServer::connections)
                     .sum::<usize>(),
         }
+    }
+
+    /// Applies owners and modes again while mounted (a member removed
+    /// while the vault is open loses their home at once). Returns false
+    /// when the data is not mounted: the next open applies them.
+    pub fn reapply_ownership(&self, own: &Ownership) -> std::io::Result<bool> {
+        if self.mounted.is_none() {
+            return Ok(false);
+        }
+        apply_ownership(&self.layout, own)?;
+        Ok(true)
     }
 
     /// Whether everything has been taken down (and the key dropped).
@@ -628,6 +643,22 @@ fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
             continue;
         }
         set(&sub(&home, name)?, *uid, *gid, 0o700)?;
+    }
+    // Homes of people who are no longer members: root's alone. Only
+    // directories, opened without following a link.
+    let mut gone = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&home)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "." || name == ".." || own.current.contains(&name) {
+            continue;
+        }
+        gone.push(name);
+    }
+    for name in gone {
+        if let Ok(fd) = openat(&home, name.as_str(), flags, Mode::empty()) {
+            set(&fd, 0, 0, 0o700)?;
+        }
     }
     Ok(())
 }

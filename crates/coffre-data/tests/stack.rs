@@ -16,6 +16,7 @@ fn format_mount_write_close_reopen() {
     let own = Ownership {
         team_gid: 4242,
         members: vec![("alice".into(), 5001, 5001)],
+        current: vec!["alice".into()],
     };
     let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     let home = l.mountpoint.join("home/alice");

@@ -585,6 +585,37 @@ fn a_lock_disconnects_every_client_and_refuses_them_until_unlock() {
     gw.vault.wait_state("closed", Duration::from_secs(20));
 }
 
+/// Finding 5 of issue 12: a VPN login whose password check ends just
+/// before a lock is refused, never let in (the daemon holds the core's
+/// answer for a while through a test hook, and the lock lands then).
+#[test]
+fn a_vpn_login_racing_a_lock_is_refused() {
+    let mut gw = Gw::new(&["bob"], 1, &[]);
+    gw.vault.stop();
+    gw.vault.daemon_env = vec![("COFFRE_TEST_VPN_ANSWER_DELAY_MS".into(), "8000".into())];
+    gw.vault.start();
+    let auth = gw.auth_file("bob", None, false);
+    let mut bob = gw.client("bob", 0, &auth, &[]);
+    // The check passed (the vault opened for bob); the answer is held.
+    gw.vault.wait_state("open", Duration::from_secs(30));
+    ok(&gw.vault.authed("alice", &["lock", "--reason", "race"]));
+    gw.vault.wait_state("locked", Duration::from_secs(20));
+    assert!(bob.exited_within(Duration::from_secs(30)), "{}", bob.text());
+    assert!(auth_failed_line(&bob).contains("locked"), "{}", bob.text());
+    assert!(
+        !bob.text().contains("Initialization Sequence Completed"),
+        "bob was let in after the lock: {}",
+        bob.text()
+    );
+    assert!(
+        gw.vault
+            .audit()
+            .iter()
+            .any(|e| e["record"]["action"] == "vpn_enter" && e["record"]["result"] == "refused"),
+        "the refusal is audited"
+    );
+}
+
 #[test]
 fn removing_a_member_disconnects_them() {
     let mut gw = Gw::new(&["bob"], 1, &[]);

@@ -23,6 +23,8 @@ pub struct Vault {
     pub daemon: Option<Child>,
     pub members: Vec<Member>,
     pub period: u64,
+    /// Extra environment for the daemon (test hooks).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -102,6 +104,7 @@ impl Vault {
                 last_step: 0,
             }],
             period,
+            daemon_env: Vec::new(),
         }
     }
 
@@ -196,6 +199,7 @@ impl Vault {
     pub fn start(&mut self) {
         let mut child = Command::new(BIN)
             .args(["serve", self.dir.to_str().unwrap()])
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -347,3 +347,88 @@ fn enter_detach_hands_the_session_to_an_agent() {
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
     v.wait_state("closed", Duration::from_secs(30));
 }
+
+fn chattr(flag: &str, path: &std::path::Path) {
+    let st = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "chattr {flag} {}", path.display());
+}
+
+/// Finding 4 of issue 12, "no audit, no action": while the audit log
+/// cannot be written, a command that changes the vault is refused, status
+/// says why, a lock still goes through (its key wiped), and its record is
+/// written, in order, as soon as the log can be written again.
+#[test]
+fn no_audit_no_action_but_a_lock_goes_through_and_is_recorded_later() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut a = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    let log = v.dir.join("audit.log");
+    chattr("+i", &log);
+    struct Undo(std::path::PathBuf);
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let undo = Undo(log.clone());
+    // The first change goes through the core; its record cannot be
+    // written and waits.
+    ok(&v.cli("alice", &["task", "add", "first", "--duration", "1h"]));
+    let st = v.status("alice");
+    assert_eq!(st["audit"]["writable"], false, "{st}");
+    assert!(st["audit"]["waiting"].as_u64().unwrap() >= 1, "{st}");
+    // From then on, nothing that changes the vault.
+    let out = v.cli("alice", &["task", "add", "second", "--duration", "1h"]);
+    assert_ne!(code(&out), 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("audit log cannot be written"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A lock reduces exposure: it goes through, and the key goes.
+    ok(&v.authed("alice", &["lock", "--reason", "audit down"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert!(wait_exit(&mut a, Duration::from_secs(30)).is_some());
+    // The log comes back: what waited is written, in order.
+    drop(undo);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while v.status("alice")["audit"]["writable"] != true {
+        assert!(
+            std::time::Instant::now() < until,
+            "the log stays unwritable"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let actions: Vec<String> = v
+        .audit()
+        .iter()
+        .map(|e| {
+            e["record"]["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let task = actions
+        .iter()
+        .position(|a| a == "task_add")
+        .expect("task_add recorded");
+    let lock = actions
+        .iter()
+        .rposition(|a| a == "lock")
+        .expect("lock recorded");
+    assert!(task < lock, "{actions:?}");
+    ok(&v.cli(
+        "alice",
+        &["audit", "verify", "--dir", v.dir.to_str().unwrap()],
+    ));
+}

@@ -360,6 +360,7 @@ fn first_superuser_can_join_from_their_own_machine() {
         daemon: None,
         members: vec![],
         period: 1,
+        daemon_env: Vec::new(),
     };
     v.start();
     let out = v.join("root", &inv);
@@ -721,4 +722,72 @@ fn a_lock_during_a_join_wipes_the_new_keyslot() {
     assert!(!v.audit_details("member_join", "refused:locked").is_empty());
     v.stop();
     assert_eq!(keyslot_count(&v), 1, "carol's new keyslot was wiped");
+}
+
+fn owner_and_mode(p: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.mode() & 0o7777)
+}
+
+/// Finding 10 of issue 12: a removed member's home/NAME becomes root's,
+/// 0700, kept: at once when the vault is open, at the next open when it
+/// is closed; the host account that owned it reaches nothing any more.
+#[test]
+fn a_removed_members_home_becomes_roots_and_is_kept() {
+    let mut v = Vault::init(&[]);
+    v.set_data(
+        4242,
+        2,
+        &[
+            ("alice", 5001, 4242),
+            ("bob", 5002, 4242),
+            ("carol", 5003, 4242),
+        ],
+    );
+    v.start();
+    v.add_member("alice", "bob", false);
+    v.add_member("alice", "carol", false);
+    let mut a = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    let home = v.layout().mountpoint.join("home");
+    assert_eq!(owner_and_mode(&home.join("bob")), (5002, 0o700));
+    std::fs::write(home.join("bob/notes.txt"), b"bob's work").unwrap();
+
+    // Removed while open: at once.
+    ok(&v.authed("alice", &["member", "remove", "bob"]));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while owner_and_mode(&home.join("bob")) != (0, 0o700) {
+        assert!(
+            std::time::Instant::now() < until,
+            "home/bob is still {:?}",
+            owner_and_mode(&home.join("bob"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read(home.join("bob/notes.txt")).unwrap(),
+        b"bob's work"
+    );
+    assert_eq!(owner_and_mode(&home.join("alice")), (5001, 0o700));
+    assert_eq!(owner_and_mode(&home.join("carol")), (5003, 0o700));
+
+    // Removed while closed: at the next open.
+    ok(&v.cli("alice", &["leave"]));
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).is_some());
+    v.wait_state("closed", Duration::from_secs(60));
+    ok(&v.authed("alice", &["member", "remove", "carol"]));
+    let mut a = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    assert_eq!(owner_and_mode(&home.join("carol")), (0, 0o700));
+    assert_eq!(owner_and_mode(&home.join("bob")), (0, 0o700));
+    assert_eq!(owner_and_mode(&home.join("alice")), (5001, 0o700));
+    assert!(
+        v.audit()
+            .iter()
+            .any(|e| e["record"]["action"] == "member_home" && e["record"]["result"] == "locked"),
+        "a member_home record for bob"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    assert!(wait_exit(&mut a, Duration::from_secs(60)).is_some());
 }

@@ -377,6 +377,13 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                 print_json(&v)?;
             } else {
                 println!("state:   {}", v["state"].as_str().unwrap_or("?"));
+                if v["audit"]["writable"] == false {
+                    println!(
+                        "audit:   CANNOT BE WRITTEN ({}); {} record(s) waiting; only lock and leave are accepted",
+                        v["audit"]["error"].as_str().unwrap_or("?"),
+                        v["audit"]["waiting"]
+                    );
+                }
                 if let Some(l) = v["lock"].as_object() {
                     println!(
                         "locked by {} : {}",
