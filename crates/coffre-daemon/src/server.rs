@@ -102,6 +102,19 @@ enum Msg {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// Failed joins from one address (clients without a certificate).
+#[derive(Default)]
+struct JoinThrottle {
+    failures: u32,
+    until: Millis,
+    /// Refusals since the last record that were counted, not logged.
+    unlogged: u64,
+}
+
+/// Refused joins from one address logged one by one before they are
+/// only counted (a summary record at each tick).
+const JOIN_REFUSALS_LOGGED: u32 = 5;
+
 /// A join whose keyslot is being made in the KDF pool.
 struct Joined {
     name: String,
@@ -131,6 +144,8 @@ struct Shell {
     /// but what reduces exposure, whose records wait here.
     audit_backlog: std::collections::VecDeque<AuditRecord>,
     audit_error: Option<String>,
+    /// Joins without a certificate, per source address.
+    join_throttle: HashMap<String, JoinThrottle>,
     container: Arc<RwLock<Luks2Container>>,
     passwords: HashMap<ReqId, Passphrase>,
     new_passwords: HashMap<ReqId, Passphrase>,
@@ -254,6 +269,36 @@ impl Shell {
             503,
             json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): nothing that changes the vault is done until it can; lock and leave still work")}),
         ))
+    }
+
+    /// One record per address for the refused joins that were only
+    /// counted since the last tick; quiet addresses are forgotten.
+    fn count_join_refusals(&mut self) {
+        let now = now_ms();
+        let mut counted = Vec::new();
+        for (ip, t) in &mut self.join_throttle {
+            if t.unlogged > 0 {
+                counted.push((ip.clone(), t.unlogged));
+                t.unlogged = 0;
+            }
+        }
+        self.join_throttle
+            .retain(|_, t| t.until.plus(600_000) > now || t.unlogged > 0);
+        for (ip, n) in counted {
+            self.record(AuditRecord {
+                at: now,
+                actor: "coffre".into(),
+                source: Some(Source {
+                    door: "join".into(),
+                    addr: ip.clone(),
+                }),
+                action: "member_join".into(),
+                result: "refused:counted".into(),
+                detail: format!(
+                    "{n} more join attempt(s) from {ip} refused or throttled, counted rather than logged one by one"
+                ),
+            });
+        }
     }
 
     fn system_audit(&mut self, action: &str, result: &str, detail: String) {
@@ -1468,20 +1513,46 @@ impl Shell {
         password: &str,
         addr: SocketAddr,
     ) -> Option<Answer> {
+        let ip = addr.ip().to_string();
         let source = Some(Source {
             door: "join".into(),
-            addr: addr.ip().to_string(),
+            addr: ip.clone(),
         });
+        // Anyone can send a join: throttled per address like other
+        // failures (never counted towards the auto-lock, which would hand
+        // a lock to anyone on the network), and past a few refusals only
+        // counted, so a flood neither fills the log nor keeps it busy.
+        // A valid code is never throttled (codes are 128 random bits: the
+        // throttle is against floods, not guesses).
+        let now = now_ms();
         let refuse = |this: &mut Self, why: &str| {
-            let rec = AuditRecord {
-                at: now_ms(),
-                actor: name.to_string(),
-                source: source.clone(),
-                action: "member_join".into(),
-                result: "refused".into(),
-                detail: why.to_string(),
-            };
-            let _ = this.audit.append(rec);
+            let pol = &this.vault.persistent().policy;
+            let (base, max) = (pol.throttle_base_ms, pol.throttle_max_ms);
+            let t = this.join_throttle.entry(ip.clone()).or_default();
+            if t.until > now {
+                t.unlogged += 1;
+                let secs = (t.until.0 - now.0).div_ceil(1000);
+                return (
+                    429,
+                    json!({"ok": false, "error": "throttled", "message": format!("too many failed attempts; try again in {secs} s")}),
+                );
+            }
+            t.failures = t.failures.saturating_add(1);
+            let shift = t.failures.saturating_sub(1).min(20);
+            t.until = now.plus(base.saturating_mul(1u64 << shift).min(max));
+            if t.failures <= JOIN_REFUSALS_LOGGED {
+                let rec = AuditRecord {
+                    at: now_ms(),
+                    actor: name.to_string(),
+                    source: source.clone(),
+                    action: "member_join".into(),
+                    result: "refused".into(),
+                    detail: why.to_string(),
+                };
+                this.record(rec);
+            } else {
+                t.unlogged += 1;
+            }
             (
                 403,
                 json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
@@ -1503,6 +1574,8 @@ impl Shell {
         ) {
             return Some(refuse(self, "wrong invitation code"));
         }
+        // A right code: whoever holds it is no flooder.
+        self.join_throttle.remove(&ip);
         // Before the temporary keyslot is opened: while locked the volume
         // key must not come into memory, nor may anyone join. After the
         // code check, so that only the holder of a valid invitation learns
@@ -2062,6 +2135,7 @@ pub async fn serve(
         audit,
         audit_backlog: std::collections::VecDeque::new(),
         audit_error: None,
+        join_throttle: HashMap::new(),
         container: Arc::new(RwLock::new(container)),
         passwords: HashMap::new(),
         new_passwords: HashMap::new(),
@@ -2224,6 +2298,7 @@ pub async fn serve(
             } => shell.system_audit(action, outcome, detail),
             Msg::Tick => {
                 shell.flush_audit();
+                shell.count_join_refusals();
                 shell.reap_workloads();
                 shell.expire_invitations();
                 shell.vpn_tick();

@@ -791,3 +791,73 @@ fn a_removed_members_home_becomes_roots_and_is_kept() {
     ok(&v.cli("alice", &["leave"]));
     assert!(wait_exit(&mut a, Duration::from_secs(60)).is_some());
 }
+
+/// Finding 4 of issue 12: joins without a certificate are throttled per
+/// source, and past a few refusals counted rather than logged one by
+/// one; a valid invitation still works at once after a typo.
+#[test]
+fn a_flood_of_bad_joins_is_throttled_and_counted_not_logged() {
+    let mut v = Vault::init(&[]);
+    v.start();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    ));
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&inv).unwrap()).unwrap();
+    forged["code"] = "00112233445566778899aabbccddeeff".into();
+    let fpath = v.tmp.path().join("forged.invitation");
+    std::fs::write(&fpath, forged.to_string()).unwrap();
+    let refused_records = |v: &Vault| {
+        v.audit()
+            .iter()
+            .filter(|e| {
+                e["record"]["action"] == "member_join" && e["record"]["result"] == "refused"
+            })
+            .count()
+    };
+    let before = refused_records(&v);
+    let mut throttled = 0;
+    for _ in 0..40 {
+        let out = v.join("carol", &fpath);
+        assert!(!out.status.success());
+        if code(&out) == 9 {
+            throttled += 1;
+        }
+        let _ = std::fs::remove_file(v.tmp.path().join("carol.identity"));
+    }
+    assert!(throttled > 0, "no attempt was throttled");
+    let logged = refused_records(&v) - before;
+    assert!(
+        (1..=5).contains(&logged),
+        "{logged} refusals logged one by one"
+    );
+    // The rest is counted, in a summary record at the next tick.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counted: u64 = v
+            .audit()
+            .iter()
+            .filter(|e| e["record"]["result"] == "refused:counted")
+            .filter_map(|e| {
+                e["record"]["detail"]
+                    .as_str()?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        if counted + logged as u64 == 40 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{counted} counted + {logged} logged of 40"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The real invitation is not held back by the flood.
+    ok(&v.join("carol", &inv));
+}
