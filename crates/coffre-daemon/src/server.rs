@@ -77,11 +77,15 @@ enum Msg {
     /// The data stack is up (or failed to come up), and what the
     /// workloads did.
     Exposed(Result<String, String>, Vec<coffre_workload::Line>),
-    /// A close of the data stack finished.
+    /// A close of the data stack finished (`close`: which one).
     Unexposed {
+        close: u64,
         result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
         lines: Vec<coffre_workload::Line>,
     },
+    /// A forced close's deadline: if close `close` still runs, the engine
+    /// is cut off and the key wiped.
+    CloseDeadline(u64),
     /// From OpenVPN's management link.
     Link(crate::gateway::LinkEvent),
     /// The core's answer to a VPN client's `enter`.
@@ -144,6 +148,13 @@ struct Shell {
     /// but what reduces exposure, whose records wait here.
     audit_backlog: std::collections::VecDeque<AuditRecord>,
     audit_error: Option<String>,
+    /// The open volume's cipher, revocable while its close hangs.
+    cipher_slot: Option<Arc<coffre_storage::CipherSlot>>,
+    /// Closes started so far (each one's number), and those abandoned at
+    /// their deadline (their late report is ignored).
+    closes_started: u64,
+    closes_running: std::collections::HashSet<u64>,
+    closes_abandoned: std::collections::HashSet<u64>,
     /// Joins without a certificate, per source address.
     join_throttle: HashMap<String, JoinThrottle>,
     container: Arc<RwLock<Luks2Container>>,
@@ -1090,6 +1101,7 @@ impl Shell {
                     match volume {
                         Ok(volume) => {
                             self.open_key = Some(k);
+                            self.cipher_slot = Some(volume.cipher_slot());
                             self.last_open_error = None;
                             let slot = self.exposure.clone();
                             let layout = self.layout.clone();
@@ -1155,12 +1167,25 @@ impl Shell {
                     return;
                 }
                 self.closes_in_flight += 1;
+                self.closes_started += 1;
+                let close = self.closes_started;
+                self.closes_running.insert(close);
                 let slot = self.exposure.clone();
                 let policy = coffre_data::ClosePolicy {
                     grace: Duration::from_secs(self.config.data.close_grace_s),
                     force,
                 };
                 let tx = self.tx.clone();
+                if force {
+                    // A lock finishes in bounded time, even on storage
+                    // that stopped answering.
+                    let tx = tx.clone();
+                    let deadline = Duration::from_secs(self.config.data.close_deadline_s);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(deadline).await;
+                        let _ = tx.send(Msg::CloseDeadline(close));
+                    });
+                }
                 let workloads = self.workloads.clone();
                 let cut = self.cut.clone();
                 tokio::task::spawn_blocking(move || {
@@ -1177,7 +1202,11 @@ impl Shell {
                         *g = None;
                     }
                     drop(g);
-                    let _ = tx.send(Msg::Unexposed { result, lines });
+                    let _ = tx.send(Msg::Unexposed {
+                        close,
+                        result,
+                        lines,
+                    });
                 });
             }
             Effect::Reply { req, outcome } => {
@@ -1806,6 +1835,43 @@ impl Shell {
         }
     }
 
+    /// A forced close still running at its deadline: the engine's cipher
+    /// is revoked (no thread holds it across I/O, so this does not wait
+    /// for the hung I/O), the key is wiped, and the core learns the vault
+    /// is closed. The hung close is left behind, and its late report
+    /// ignored.
+    fn close_deadline(&mut self, close: u64) {
+        if self.closes_started != close || self.closes_in_flight == 0 {
+            return;
+        }
+        let revoked = self.cipher_slot.take().is_some_and(|s| s.revoke());
+        self.open_key = None;
+        self.kept.clear();
+        // Every close still running is left behind (an earlier one may
+        // be the one that hangs, holding the data stack).
+        self.closes_abandoned.extend(self.closes_running.drain());
+        self.closes_in_flight = 0;
+        self.system_audit(
+            "close",
+            "deadline",
+            format!(
+                "the close did not finish within {} s (storage not answering?): {}the key wiped; \
+                 left behind: the data stack and its hung I/O (the next daemon start cleans it; \
+                 restart once the storage answers)",
+                self.config.data.close_deadline_s,
+                if revoked {
+                    "the engine's cipher revoked, "
+                } else {
+                    ""
+                }
+            ),
+        );
+        self.run(Event::Closed {
+            ok: true,
+            detail: "past the close deadline".into(),
+        });
+    }
+
     fn unexposed(
         &mut self,
         result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
@@ -1836,6 +1902,7 @@ impl Shell {
         match result {
             Ok(r) => {
                 self.open_key = None;
+                self.cipher_slot = None;
                 self.system_audit(
                     "data",
                     "unmounted",
@@ -2135,6 +2202,10 @@ pub async fn serve(
         audit,
         audit_backlog: std::collections::VecDeque::new(),
         audit_error: None,
+        cipher_slot: None,
+        closes_started: 0,
+        closes_running: std::collections::HashSet::new(),
+        closes_abandoned: std::collections::HashSet::new(),
         join_throttle: HashMap::new(),
         container: Arc::new(RwLock::new(container)),
         passwords: HashMap::new(),
@@ -2287,7 +2358,17 @@ pub async fn serve(
                 }
             }
             Msg::Exposed(r, lines) => shell.exposed(r, lines),
-            Msg::Unexposed { result, lines } => shell.unexposed(result, lines),
+            Msg::Unexposed {
+                close,
+                result,
+                lines,
+            } => {
+                shell.closes_running.remove(&close);
+                if !shell.closes_abandoned.remove(&close) {
+                    shell.unexposed(result, lines);
+                }
+            }
+            Msg::CloseDeadline(close) => shell.close_deadline(close),
             Msg::Link(ev) => shell.link_event(ev),
             Msg::VpnAnswer(a) => shell.vpn_answer(a),
             Msg::Reaped { lines, ended } => shell.reaped(lines, ended),

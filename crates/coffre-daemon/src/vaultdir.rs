@@ -208,6 +208,11 @@ pub struct DataConfig {
     /// data busy when the vault closes.
     #[serde(default = "default_close_grace")]
     pub close_grace_s: u64,
+    /// A forced close (lock, failed open) that has not finished after this
+    /// many seconds (storage that stopped answering) is abandoned: the
+    /// engine's cipher is revoked and the key wiped, whatever still hangs.
+    #[serde(default = "default_close_deadline")]
+    pub close_deadline_s: u64,
     /// Each member's uid and gid on the host: they own `home/NAME`.
     #[serde(default)]
     pub members: BTreeMap<String, MemberIds>,
@@ -221,6 +226,10 @@ pub struct MemberIds {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+}
+
+fn default_close_deadline() -> u64 {
+    30
 }
 
 fn default_mountpoint() -> PathBuf {
@@ -237,6 +246,7 @@ impl Default for DataConfig {
             mountpoint: default_mountpoint(),
             team_gid: 0,
             close_grace_s: default_close_grace(),
+            close_deadline_s: default_close_deadline(),
             members: BTreeMap::new(),
         }
     }

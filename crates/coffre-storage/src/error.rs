@@ -49,6 +49,10 @@ pub enum Error {
     /// Refusal to overwrite something that looks valuable.
     #[error("{0}")]
     Refused(String),
+    /// The volume's key was wiped (a close past its deadline): no more
+    /// I/O through it.
+    #[error("the volume's key was wiped: no more I/O through it")]
+    Revoked,
 }
 
 impl Error {

@@ -17,7 +17,7 @@ mod volume;
 pub use container::{FormatRequest, Luks2Container, RepairAction};
 pub use device::{BlockDevice, FileDevice};
 pub use error::Error;
-pub use volume::EncryptedVolume;
+pub use volume::{CipherSlot, EncryptedVolume};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

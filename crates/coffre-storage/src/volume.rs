@@ -17,11 +17,45 @@ const PARALLEL_THRESHOLD: usize = 256 * 1024;
 /// Size of each parallel piece.
 const PARALLEL_CHUNK: usize = 64 * 1024;
 
+/// The volume's cipher (its key schedule), behind a handle that can be
+/// revoked from outside while I/O hangs.
+///
+/// Threads hold it only while they encrypt or decrypt a buffer in memory,
+/// never across device I/O (a request encrypts into a buffer, lets go,
+/// then writes; reads, then takes it to decrypt). So [`CipherSlot::revoke`]
+/// waits at most for one buffer's worth of CPU work, even while a write to
+/// storage that stopped answering blocks forever: the key schedule is
+/// dropped (wiped) then, and every request after fails.
+pub struct CipherSlot(std::sync::RwLock<Option<Box<dyn SectorCipher>>>);
+
+impl CipherSlot {
+    /// Drops the cipher and its key schedule now. Returns whether it was
+    /// still there.
+    pub fn revoke(&self) -> bool {
+        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        g.take().is_some()
+    }
+
+    /// Whether the cipher was revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+}
+
+impl std::fmt::Debug for CipherSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CipherSlot")
+            .field("revoked", &self.is_revoked())
+            .finish()
+    }
+}
+
 /// A LUKS2 data segment opened with its volume key: reads decrypt, writes
 /// encrypt, all in whole sectors at sector-aligned offsets.
 pub struct EncryptedVolume {
     device: Arc<dyn BlockDevice>,
-    cipher: Box<dyn SectorCipher>,
+    cipher: Arc<CipherSlot>,
+    cipher_name: String,
     /// Byte offset of the segment on the device.
     offset: u64,
     /// Segment size in bytes.
@@ -35,7 +69,7 @@ pub struct EncryptedVolume {
 impl std::fmt::Debug for EncryptedVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EncryptedVolume")
-            .field("cipher", &self.cipher.name())
+            .field("cipher", &self.cipher_name)
             .field("offset", &self.offset)
             .field("size", &self.size)
             .field("sector_size", &self.sector_size)
@@ -77,7 +111,8 @@ impl EncryptedVolume {
         let iv_base = segment.iv_tweak.0;
         Ok(Self {
             device,
-            cipher,
+            cipher_name: cipher.name(),
+            cipher: Arc::new(CipherSlot(std::sync::RwLock::new(Some(cipher)))),
             offset,
             size,
             sector_size: usize::try_from(segment.sector_size).expect("sector size fits"),
@@ -97,7 +132,13 @@ impl EncryptedVolume {
 
     /// Which cipher implementation serves this volume.
     pub fn cipher_name(&self) -> String {
-        self.cipher.name()
+        self.cipher_name.clone()
+    }
+
+    /// The handle that revokes this volume's cipher (for a close that
+    /// must wipe the key while I/O still hangs).
+    pub fn cipher_slot(&self) -> Arc<CipherSlot> {
+        self.cipher.clone()
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<u64> {
@@ -119,13 +160,17 @@ impl EncryptedVolume {
         Ok(self.iv_base.wrapping_add(offset / 512))
     }
 
+    /// Encrypts or decrypts a buffer in memory, holding the cipher only
+    /// for that.
     fn crypt(&self, first_iv: u64, buf: &mut [u8], encrypt: bool) -> Result<()> {
         let ss = self.sector_size;
+        let guard = self.cipher.0.read().unwrap_or_else(|p| p.into_inner());
+        let cipher = guard.as_ref().ok_or(Error::Revoked)?;
         let run = |iv: u64, b: &mut [u8]| {
             if encrypt {
-                self.cipher.encrypt(iv, ss, b)
+                cipher.encrypt(iv, ss, b)
             } else {
-                self.cipher.decrypt(iv, ss, b)
+                cipher.decrypt(iv, ss, b)
             }
         };
         if buf.len() < PARALLEL_THRESHOLD {
@@ -182,5 +227,82 @@ impl EncryptedVolume {
             op: "flushing",
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A device whose writes block until released.
+    struct Stuck {
+        data: std::sync::Mutex<Vec<u8>>,
+        hang: Arc<AtomicBool>,
+    }
+
+    impl BlockDevice for Stuck {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let d = self.data.lock().unwrap();
+            let o = usize::try_from(offset).unwrap();
+            buf.copy_from_slice(&d[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+            while self.hang.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let mut d = self.data.lock().unwrap();
+            let o = usize::try_from(offset).unwrap();
+            d[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.data.lock().unwrap().len() as u64)
+        }
+    }
+
+    /// The cipher can be revoked while a write hangs on the device: the
+    /// revocation does not wait for the write, and every request after it
+    /// fails without the key.
+    #[test]
+    fn the_cipher_is_revoked_while_a_write_hangs() {
+        let hang = Arc::new(AtomicBool::new(true));
+        let dev = Arc::new(Stuck {
+            data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
+            hang: hang.clone(),
+        });
+        let seg: Segment = serde_json::from_value(serde_json::json!({
+            "type": "crypt", "offset": "0", "size": "dynamic", "iv_tweak": "0",
+            "encryption": "aes-xts-plain64", "sector_size": 512
+        }))
+        .unwrap();
+        let key = [7u8; 64];
+        let cipher = coffre_luks2::cipher::select(
+            "aes-xts-plain64",
+            &key,
+            coffre_luks2::cipher::Provider::Auto,
+        )
+        .unwrap();
+        let vol = Arc::new(EncryptedVolume::new(dev, &seg, cipher).unwrap());
+        let slot = vol.cipher_slot();
+        let writer = {
+            let vol = vol.clone();
+            std::thread::spawn(move || vol.write_at(0, &[1u8; 4096]))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        assert!(slot.revoke(), "the cipher was there");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(slot.is_revoked());
+        let mut buf = [0u8; 512];
+        assert!(matches!(vol.read_at(0, &mut buf), Err(Error::Revoked)));
+        hang.store(false, Ordering::SeqCst);
+        // The hung write had encrypted before it blocked: it completes.
+        writer.join().unwrap().unwrap();
+        assert!(matches!(vol.write_at(0, &[1u8; 512]), Err(Error::Revoked)));
     }
 }

@@ -90,3 +90,236 @@ fn no_copy_of_the_volume_key_after_close() {
         "a copy of the volume key survived the lock"
     );
 }
+
+/// A file served over FUSE from a backing file, whose writes and syncs
+/// block while `hang` is set: storage that stops answering.
+mod hangfs {
+    use fuser::{
+        Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner,
+        MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite, Request,
+        WriteFlags,
+    };
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, SystemTime};
+
+    pub struct HangFile {
+        pub backing: std::fs::File,
+        pub hang: Arc<AtomicBool>,
+    }
+
+    impl HangFile {
+        fn wait(&self) {
+            while self.hang.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    impl Filesystem for HangFile {
+        fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+            if ino != INodeNo::ROOT {
+                reply.error(Errno::ENOENT);
+                return;
+            }
+            let size = self.backing.metadata().map(|m| m.len()).unwrap_or(0);
+            let t = SystemTime::UNIX_EPOCH;
+            reply.attr(
+                &Duration::ZERO,
+                &FileAttr {
+                    ino: INodeNo::ROOT,
+                    size,
+                    blocks: size.div_ceil(512),
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                    crtime: t,
+                    kind: FileType::RegularFile,
+                    perm: 0o600,
+                    nlink: 1,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 4096,
+                    flags: 0,
+                },
+            );
+        }
+
+        fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+
+        fn read(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            offset: u64,
+            size: u32,
+            _flags: OpenFlags,
+            _lock_owner: Option<LockOwner>,
+            reply: ReplyData,
+        ) {
+            let mut buf = vec![0u8; size as usize];
+            match self.backing.read_at(&mut buf, offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(_) => reply.error(Errno::EIO),
+            }
+        }
+
+        fn write(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            offset: u64,
+            data: &[u8],
+            _write_flags: WriteFlags,
+            _flags: OpenFlags,
+            _lock_owner: Option<LockOwner>,
+            reply: ReplyWrite,
+        ) {
+            self.wait();
+            match self.backing.write_all_at(data, offset) {
+                Ok(()) => reply.written(u32::try_from(data.len()).unwrap()),
+                Err(_) => reply.error(Errno::EIO),
+            }
+        }
+
+        fn flush(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            _lock_owner: LockOwner,
+            reply: ReplyEmpty,
+        ) {
+            reply.ok();
+        }
+
+        fn fsync(
+            &self,
+            _req: &Request,
+            _ino: INodeNo,
+            _fh: FileHandle,
+            _datasync: bool,
+            reply: ReplyEmpty,
+        ) {
+            self.wait();
+            match self.backing.sync_data() {
+                Ok(()) => reply.ok(),
+                Err(_) => reply.error(Errno::EIO),
+            }
+        }
+    }
+
+    /// Mounts it over the regular file `at`.
+    pub fn mount(
+        at: &std::path::Path,
+        backing: std::fs::File,
+        hang: Arc<AtomicBool>,
+    ) -> fuser::BackgroundSession {
+        let mut config = Config::default();
+        config.mount_options = vec![MountOption::FSName("hangfs".into())];
+        config.n_threads = Some(4);
+        fuser::Session::new(HangFile { backing, hang }, at, &config)
+            .unwrap()
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Finding 8 of issue 12: a lock finishes in bounded time even when the
+/// storage stops answering writes. Past `[data] close_deadline_s` the
+/// engine's cipher is revoked and the key wiped: `key_held` is false and
+/// no copy of the key (nor of either half) is in the daemon's memory,
+/// while the close still hangs; the audit log says what was left behind.
+#[test]
+fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Declared before the vault, so dropped after it (once the daemon is
+    // gone, the FUSE file can be unmounted).
+    let _session;
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    let cfg = v.dir.join("config.toml");
+    let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+    t.entry("data")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert("close_deadline_s".into(), toml::Value::Integer(3));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    // The ciphertext moves behind a FUSE file whose writes can hang.
+    let img = v.dir.join("volume.img");
+    let backing = v.tmp.path().join("backing.img");
+    std::fs::rename(&img, &backing).unwrap();
+    std::fs::write(&img, b"").unwrap();
+    let hang = Arc::new(AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    _session = hangfs::mount(&img, file, hang.clone());
+    // Dropped first, even when the test fails: the FUSE workers stop
+    // hanging, so the session can end.
+    struct Unhang(Arc<AtomicBool>);
+    impl Drop for Unhang {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _unhang = Unhang(hang.clone());
+    v.start();
+    let pid = v.pid();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    assert!(
+        memory_contains(pid, &key),
+        "the scan cannot see the held key"
+    );
+    // The storage stops answering; the team's data has unwritten changes.
+    hang.store(true, Ordering::SeqCst);
+    let data = v.layout().mountpoint.join("shared");
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
+    let t0 = std::time::Instant::now();
+    ok(&v.authed("alice", &["lock", "--reason", "storage gone"]));
+    let until = t0 + Duration::from_secs(30);
+    while v.status("alice")["key_held"] != false {
+        assert!(std::time::Instant::now() < until, "the key is still held");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(v.state(), "locked");
+    for (what, needle) in [
+        ("key", &key[..]),
+        ("first half", &key[..32]),
+        ("second half", &key[32..]),
+    ] {
+        assert!(
+            !memory_contains(pid, needle),
+            "the volume key's {what} is in the daemon's memory after the deadline"
+        );
+    }
+    assert!(
+        v.audit()
+            .iter()
+            .any(|e| e["record"]["action"] == "close" && e["record"]["result"] == "deadline"),
+        "the audit log says the close was abandoned"
+    );
+    // The storage answers again: what hung finishes and goes away.
+    hang.store(false, Ordering::SeqCst);
+    wait_exit(&mut enter, Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !v.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the abandoned close never finished"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    v.stop();
+}

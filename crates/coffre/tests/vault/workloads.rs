@@ -112,7 +112,8 @@ fn counted(path: &Path) -> Vec<u64> {
 }
 
 fn wait_count(path: &Path, at_least: usize) -> Vec<u64> {
-    let until = Instant::now() + Duration::from_secs(20);
+    // A bound, not a measure: generous, for a machine busy with builds.
+    let until = Instant::now() + Duration::from_secs(60);
     loop {
         let c = counted(path);
         if c.len() >= at_least {

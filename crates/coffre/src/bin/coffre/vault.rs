@@ -309,6 +309,11 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                             eprintln!("coffre: heartbeat failed: {msg}; retrying");
                         }
                         Err((code, msg)) => {
+                            if !session_is(&sfile, session) {
+                                // `coffre leave` ended it meanwhile.
+                                eprintln!("coffre: left the vault");
+                                break exit::OK;
+                            }
                             eprintln!("\ncoffre: the vault ended this session: {msg}");
                             break code;
                         }
@@ -349,8 +354,10 @@ pub fn leave(ida: IdentityArg) -> Result<u8> {
     let (path, id) = load_identity(&ida)?;
     let session = current_session(&path)?;
     let rt = runtime()?;
-    let r = rt.block_on(call(&id, &ApiCommand::Leave { session }))?;
+    // The file goes first: an `enter` holding this session then knows the
+    // end is ours (not the vault's) whenever its next heartbeat lands.
     let _ = std::fs::remove_file(session_file(&path));
+    let r = rt.block_on(call(&id, &ApiCommand::Leave { session }))?;
     match r {
         Ok(_) => {
             eprintln!("coffre: left the vault (session {session})");
