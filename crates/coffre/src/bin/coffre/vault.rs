@@ -66,9 +66,12 @@ async fn call(id: &Identity, cmd: &ApiCommand) -> Result<std::result::Result<Val
         Ok(v) => {
             if let Err(refusal) = check_audit_head(id, &v).await {
                 // Do not stay inside a vault whose log was cut back.
-                if matches!(cmd, ApiCommand::Enter { .. })
-                    && let Some(session) = v["session"].as_u64()
-                {
+                let session = match cmd {
+                    ApiCommand::Enter { .. } => v["session"].as_u64(),
+                    ApiCommand::Heartbeat { session } => Some(*session),
+                    _ => None,
+                };
+                if let Some(session) = session {
                     let _ = client::call(id, &ApiCommand::Leave { session }).await;
                 }
                 return Ok(Err(refusal));
@@ -423,6 +426,10 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                                 break exit::UNREACHABLE;
                             }
                             eprintln!("coffre: heartbeat failed: {msg}; retrying");
+                        }
+                        Err((exit::AUDIT_ROLLED_BACK, msg)) => {
+                            eprintln!("\ncoffre: left the vault: {msg}");
+                            break exit::AUDIT_ROLLED_BACK;
                         }
                         Err((code, msg)) => {
                             eprintln!("\ncoffre: the vault ended this session: {msg}");
