@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Audit log errors.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +179,25 @@ pub struct AuditLog {
     complete_len: u64,
     /// A failed write may have left part of a line past `len`.
     torn: bool,
+    /// The last head written, shared with whoever answers clients.
+    published: HeadWatch,
+}
+
+/// The log's current signed head, readable from other threads (the
+/// daemon puts it in every reply to a member, so that members notice a
+/// log that was cut back; see docs/security.md, "Audit").
+#[derive(Clone, Debug, Default)]
+pub struct HeadWatch(Arc<Mutex<Option<Head>>>);
+
+impl HeadWatch {
+    /// The head as last written (`None` while the log is empty).
+    pub fn current(&self) -> Option<Head> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, head: Head) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(head);
+    }
 }
 
 /// Re-reads the log in `dir` for appending after a crash: drops an
@@ -295,6 +315,15 @@ impl AuditLog {
             .mode(0o600)
             .open(&log_path)
             .map_err(io("open", &log_path))?;
+        let published = HeadWatch::default();
+        if seq > 0 {
+            // Ed25519 is deterministic: the same signature as on disk.
+            published.set(Head {
+                seq,
+                hash: last.clone(),
+                signature: key.sign(&head_message(seq, &last)),
+            });
+        }
         let mut log = Self {
             log_path,
             head_path,
@@ -304,6 +333,7 @@ impl AuditLog {
             last,
             complete_len: len,
             torn: false,
+            published,
         };
         if !notes.is_empty() {
             let at = std::time::SystemTime::now()
@@ -366,7 +396,15 @@ impl AuditLog {
             &serde_json::to_vec(&head).expect("head serialises"),
             0o644,
         )?;
+        // Published only once it is on disk: a client never learns a head
+        // that a crash could take back.
+        self.published.set(head);
         Ok(entry)
+    }
+
+    /// A view of the current signed head for other threads.
+    pub fn head_watch(&self) -> HeadWatch {
+        self.published.clone()
     }
 
     /// Records so far.
@@ -523,6 +561,92 @@ pub fn verify_entries(
         records,
         last_hash: prev,
     })
+}
+
+/// Checks that `head` is signed by the key `public_hex` (hex).
+pub fn verify_head(head: &Head, public_hex: &str) -> Result<(), Error> {
+    let pk = unhex(public_hex).ok_or_else(|| Error::Key("public key is not hex".into()))?;
+    let sig = unhex(&head.signature)
+        .ok_or_else(|| Error::Tampered("head signature is not hex".into()))?;
+    UnparsedPublicKey::new(&signature::ED25519, &pk)
+        .verify(&head_message(head.seq, &head.hash), &sig)
+        .map_err(|_| {
+            Error::Tampered(format!(
+                "the head of record {} is not signed by the audit key",
+                head.seq
+            ))
+        })
+}
+
+/// Checks that the records after `(from_seq, from_hash)` lead to `to`:
+/// `entries` start with record `from_seq + 1` (more after `to.seq` are
+/// ignored), each links to the one before and hashes to what it says, and
+/// record `to.seq` is the one `to` signs. This is how a client tells a log
+/// that grew from the head it saw from one that was rewritten (a fork).
+/// The signature of `to` is checked separately ([`verify_head`]).
+pub fn verify_extension(
+    from_seq: u64,
+    from_hash: &str,
+    entries: &[Entry],
+    to: &Head,
+) -> Result<(), Error> {
+    if to.seq < from_seq {
+        return Err(Error::Tampered(format!(
+            "record {} comes before record {from_seq}",
+            to.seq
+        )));
+    }
+    let mut prev = from_hash.to_string();
+    let mut seq = from_seq;
+    for e in entries {
+        if seq == to.seq {
+            break;
+        }
+        let want = seq + 1;
+        if e.seq != want {
+            return Err(Error::Tampered(format!(
+                "record {} where record {want} should be",
+                e.seq
+            )));
+        }
+        if e.prev != prev {
+            return Err(Error::Tampered(format!(
+                "record {want} does not follow record {seq} as it was seen before (a different history)"
+            )));
+        }
+        if entry_hash(e.seq, &e.prev, &e.record) != e.hash {
+            return Err(Error::Tampered(format!(
+                "record {want} was edited: its hash does not match its content"
+            )));
+        }
+        prev = e.hash.clone();
+        seq = want;
+    }
+    if seq != to.seq {
+        return Err(Error::Tampered(format!(
+            "records {}..{} are missing",
+            seq + 1,
+            to.seq
+        )));
+    }
+    if prev != to.hash {
+        return Err(Error::Tampered(format!(
+            "record {seq} is not the one the signed head names (a different history)"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the signed head in `dir` (`None` if there is none).
+pub fn read_head(dir: &Path) -> Result<Option<Head>, Error> {
+    let path = dir.join(HEAD_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Tampered(format!("{HEAD_FILE} unreadable: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", &path)(e)),
+    }
 }
 
 #[cfg(test)]
@@ -716,6 +840,67 @@ mod tests {
         let entries = read_entries(d.path()).unwrap();
         assert_eq!(verify(d.path(), &pk).unwrap().records, 3);
         assert!(entries[2].record.detail.contains("incomplete"));
+    }
+
+    #[test]
+    fn head_watch_follows_appends_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let pk = key.public_hex();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        let watch = log.head_watch();
+        assert_eq!(watch.current(), None);
+        log.append(rec(1)).unwrap();
+        log.append(rec(2)).unwrap();
+        let h = watch.current().unwrap();
+        assert_eq!(h.seq, 2);
+        assert_eq!(read_head(d.path()).unwrap().unwrap(), h);
+        verify_head(&h, &pk).unwrap();
+        drop(log);
+        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let log = AuditLog::open(d.path(), key).unwrap();
+        assert_eq!(
+            log.head_watch().current().unwrap(),
+            h,
+            "same head after a restart"
+        );
+    }
+
+    #[test]
+    fn extensions_link_and_forks_do_not() {
+        let (d, pk) = setup(5);
+        let entries = read_entries(d.path()).unwrap();
+        let head = read_head(d.path()).unwrap().unwrap();
+        let h2 = entries[1].hash.clone();
+        verify_extension(2, &h2, &entries[2..], &head).unwrap();
+        verify_extension(0, GENESIS, &entries, &head).unwrap();
+        verify_extension(5, &head.hash, &[], &head).unwrap();
+        // Later records than the head are ignored.
+        let h3 = Head {
+            seq: 3,
+            hash: entries[2].hash.clone(),
+            signature: String::new(),
+        };
+        verify_extension(2, &h2, &entries[2..], &h3).unwrap();
+        // Missing records.
+        let e = verify_extension(2, &h2, &entries[3..], &head).unwrap_err();
+        assert!(e.to_string().contains("record 4 where record 3"), "{e}");
+        let e = verify_extension(2, &h2, &entries[2..4], &head).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        // Another log (other records, another key), same length: a fork.
+        let other = tempfile::tempdir().unwrap();
+        let key = HostKey::load_or_create(&other.path().join("host.key")).unwrap();
+        let other_pk = key.public_hex();
+        let mut log = AuditLog::open(other.path(), key).unwrap();
+        for i in 1..=5 {
+            log.append(rec(i + 100)).unwrap();
+        }
+        let theirs = read_entries(other.path()).unwrap();
+        let their_head = read_head(other.path()).unwrap().unwrap();
+        let e = verify_extension(2, &h2, &theirs[2..], &their_head).unwrap_err();
+        assert!(e.to_string().contains("different history"), "{e}");
+        assert!(verify_head(&their_head, &pk).is_err());
+        verify_head(&their_head, &other_pk).unwrap();
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod server;
 pub mod tls;
 pub mod totp;
 pub mod vaultdir;
+pub mod witness;

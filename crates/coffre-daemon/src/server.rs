@@ -2045,11 +2045,33 @@ fn ca_fingerprint(ca_pem: &str) -> String {
         .unwrap_or_default()
 }
 
+/// What every reply to a member carries: the audit log's current signed
+/// head and the key that verifies it. Members remember the highest head
+/// they saw and refuse a vault that shows them an older one (finding 3:
+/// the log and its head can be put back together without any key).
+#[derive(Clone)]
+struct HeadForReplies {
+    watch: coffre_audit::HeadWatch,
+    key: String,
+}
+
+impl HeadForReplies {
+    fn json(&self) -> Value {
+        match self.watch.current() {
+            Some(h) => {
+                json!({"seq": h.seq, "hash": h.hash, "signature": h.signature, "key": self.key})
+            }
+            None => json!({"seq": 0, "hash": null, "signature": null, "key": self.key}),
+        }
+    }
+}
+
 async fn handle_http(
     req: hyper::Request<Incoming>,
     tx: mpsc::UnboundedSender<Msg>,
     fp: Option<String>,
     addr: SocketAddr,
+    head: HeadForReplies,
 ) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
     let respond = |status: u16, v: Value| {
         hyper::Response::builder()
@@ -2088,6 +2110,8 @@ async fn handle_http(
             ));
         }
     };
+    let is_join = matches!(cmd, ApiCommand::Join { .. });
+    let has_certificate = fp.is_some();
     let (rtx, rrx) = oneshot::channel();
     if tx
         .send(Msg::Api {
@@ -2103,10 +2127,20 @@ async fn handle_http(
             json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
         ));
     }
-    let (status, v) = rrx.await.unwrap_or((
+    let (status, mut v) = rrx.await.unwrap_or((
         503,
         json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
     ));
+    // Read after the answer, so it covers what the command recorded.
+    // Members get it with every reply (refusals too); a joiner with the
+    // reply that made them a member; strangers never.
+    let member = has_certificate && v["error"] != "unknown_certificate";
+    let joined = is_join && v["ok"] == true;
+    if (member || joined)
+        && let Some(o) = v.as_object_mut()
+    {
+        o.insert("audit_head".into(), head.json());
+    }
     Ok(respond(status, v))
 }
 
@@ -2133,6 +2167,10 @@ pub async fn serve(
     let container = Luks2Container::open(&config.volume, Some(&config.header))?;
     let host_key = HostKey::load_or_create(&vd.host_key())?;
     let audit = AuditLog::open(dir, host_key)?;
+    let head_for_replies = HeadForReplies {
+        watch: audit.head_watch(),
+        key: audit.public_hex(),
+    };
     let unclean = vd.running_marker().exists();
     coffre_audit::write_atomic(
         &vd.running_marker(),
@@ -2294,6 +2332,7 @@ pub async fn serve(
             };
             let acceptor = acceptor.clone();
             let tx = accept_tx.clone();
+            let head = head_for_replies.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let Ok(Ok(tls)) =
@@ -2307,7 +2346,9 @@ pub async fn serve(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|c| fingerprint(c.as_ref()));
-                let svc = service_fn(move |req| handle_http(req, tx.clone(), fp.clone(), peer));
+                let svc = service_fn(move |req| {
+                    handle_http(req, tx.clone(), fp.clone(), peer, head.clone())
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))

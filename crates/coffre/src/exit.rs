@@ -58,6 +58,10 @@ pub const NOT_PERMITTED: u8 = 10;
 pub const UNREACHABLE: u8 = 11;
 /// The session is gone (lock, removal, grace period).
 pub const NO_SESSION: u8 = 12;
+/// The vault's audit log was rolled back or rewritten: it shows an older
+/// signed head than this machine saw, a history that does not contain
+/// it, or a head signed by another key.
+pub const AUDIT_ROLLED_BACK: u8 = 13;
 
 /// Maps a daemon error name (`"wrong_password"`...) to an exit code.
 pub fn code_for_refusal(error: &str) -> u8 {

@@ -261,6 +261,8 @@ impl Vault {
                 password.to_str().unwrap(),
             ])
             .args(["--identity-out", identity.to_str().unwrap()])
+            .env("HOME", self.home(name))
+            .env_remove("XDG_STATE_HOME")
             .output()
             .unwrap()
     }
@@ -316,8 +318,19 @@ impl Vault {
         }
     }
 
+    /// The home directory of `name`'s machine (where the client remembers
+    /// the vault's audit head).
+    pub fn home(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(format!("home-{name}"))
+    }
+
     /// Runs the CLI as `name`.
     pub fn cli(&self, name: &str, args: &[&str]) -> Output {
+        self.cli_at(name, &self.home(name), args)
+    }
+
+    /// Runs the CLI as `name` on a machine whose home is `home`.
+    pub fn cli_at(&self, name: &str, home: &Path, args: &[&str]) -> Output {
         let m = self
             .members
             .iter()
@@ -326,6 +339,8 @@ impl Vault {
         Command::new(BIN)
             .args(args)
             .env("COFFRE_IDENTITY", &m.identity)
+            .env("HOME", home)
+            .env_remove("XDG_STATE_HOME")
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -384,6 +399,8 @@ impl Vault {
         let child = Command::new(BIN)
             .args(&args)
             .env("COFFRE_IDENTITY", &m.identity)
+            .env("HOME", self.home(name))
+            .env_remove("XDG_STATE_HOME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,6 +1,7 @@
 //! End-to-end tests of the vault: the real daemon binary on loopback,
 //! driven by the real CLI over mutual TLS.
 
+mod audit_rollback;
 mod data;
 mod gateway;
 mod harness;

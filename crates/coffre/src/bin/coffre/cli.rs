@@ -19,6 +19,8 @@ EXIT CODES:
     10  not permitted (needs a superuser, or not your task)
     11  the vault daemon cannot be reached
     12  the session is gone (lock, removal, or no heartbeat)
+    13  the vault's audit log was rolled back or rewritten: it shows an older
+        head than this machine saw, another history, or another signing key
     64  the command line is wrong
 
 SECRETS:
@@ -487,6 +489,18 @@ pub enum AuditCommand {
         /// Verify offline, in a vault directory, instead of asking the daemon.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+    /// Write the records after SEQ and the signed head, for an off-host
+    /// archive (the head and key let a later export be checked against it).
+    Export {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Only the records after this one (0: all).
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        since: u64,
+        /// One JSON document (vault, key, head, records) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -11,6 +11,7 @@ use coffre::exit;
 use coffre_daemon::api::{ApiCommand, ApiSecret};
 use coffre_daemon::client;
 use coffre_daemon::vaultdir::{Identity, VaultDir};
+use coffre_daemon::witness::{self, Assessment, HeadStore, SeenHead, ShownHead, WitnessError};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -58,10 +59,26 @@ fn read_password(path: &Path) -> Result<ApiSecret> {
 }
 
 /// Sends a command; maps refusals to exit codes with the daemon's message.
+/// Every reply carries the vault's signed audit head, checked against the
+/// highest one this machine has seen (`check_audit_head`).
 async fn call(id: &Identity, cmd: &ApiCommand) -> Result<std::result::Result<Value, (u8, String)>> {
     match client::call(id, cmd).await {
-        Ok(v) if v["ok"] == true => Ok(Ok(v)),
         Ok(v) => {
+            if let Err(refusal) = check_audit_head(id, &v).await {
+                // Do not stay inside a vault whose log was cut back.
+                let session = match cmd {
+                    ApiCommand::Enter { .. } => v["session"].as_u64(),
+                    ApiCommand::Heartbeat { session } => Some(*session),
+                    _ => None,
+                };
+                if let Some(session) = session {
+                    let _ = client::call(id, &ApiCommand::Leave { session }).await;
+                }
+                return Ok(Err(refusal));
+            }
+            if v["ok"] == true {
+                return Ok(Ok(v));
+            }
             let err = v["error"].as_str().unwrap_or("failure").to_string();
             let msg = v["message"].as_str().unwrap_or("refused").to_string();
             Ok(Err((exit::code_for_refusal(&err), msg)))
@@ -75,6 +92,108 @@ async fn call(id: &Identity, cmd: &ApiCommand) -> Result<std::result::Result<Val
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// This vault's name on this machine: its CA's fingerprint.
+fn vault_key(ca_pem: &str) -> std::result::Result<String, (u8, String)> {
+    coffre_daemon::pki::pem_fingerprint(ca_pem)
+        .ok_or_else(|| (exit::FAILURE, "the vault's CA is not PEM".to_string()))
+}
+
+fn witness_refusal(e: WitnessError) -> (u8, String) {
+    match e {
+        WitnessError::State(m) => (exit::FAILURE, m),
+        e => (exit::AUDIT_ROLLED_BACK, e.to_string()),
+    }
+}
+
+/// Finding 3: checks the signed audit head a reply carries against the
+/// highest one this machine remembers for the vault (same key, not older,
+/// and, when further on, linked to it by the records in between), then
+/// remembers it.
+async fn check_audit_head(id: &Identity, reply: &Value) -> std::result::Result<(), (u8, String)> {
+    let vault = vault_key(&id.ca_pem)?;
+    let store = HeadStore::from_env().map_err(witness_refusal)?;
+    let seen = store.load(&vault).map_err(witness_refusal)?;
+    let Some(shown) = ShownHead::from_reply(reply) else {
+        // Only a daemon from before this check answers a member without
+        // its head; once one was seen, a success without it is refused.
+        if seen.is_some() && reply["ok"] == true {
+            return Err((
+                exit::AUDIT_ROLLED_BACK,
+                "the vault's reply carries no audit head although this machine saw one: the daemon was replaced by an older one, or the reply was not the vault's".into(),
+            ));
+        }
+        return Ok(());
+    };
+    match witness::assess(seen.as_ref(), &shown).map_err(witness_refusal)? {
+        Assessment::Same => Ok(()),
+        Assessment::FirstUse => {
+            eprintln!(
+                "coffre: first contact with this vault's audit log from this machine: trusting its head (record {}) and key {}… and remembering them in {}",
+                shown.seq,
+                shown.key.chars().take(16).collect::<String>(),
+                store.dir().display()
+            );
+            store
+                .remember(&SeenHead::from_shown(&vault, &shown))
+                .map_err(witness_refusal)
+        }
+        Assessment::Ahead { since } => {
+            let seen = seen.expect("ahead of a seen head");
+            let cmd = ApiCommand::AuditShow { since: Some(since) };
+            match client::call(id, &cmd).await {
+                Ok(r) if r["ok"] == true => {
+                    let entries: Vec<coffre_audit::Entry> =
+                        serde_json::from_value(r["entries"].clone()).map_err(|e| {
+                            (exit::FAILURE, format!("unreadable audit records: {e}"))
+                        })?;
+                    witness::check_chain(&seen, &shown, &entries).map_err(witness_refusal)?;
+                    store
+                        .remember(&SeenHead::from_shown(&vault, &shown))
+                        .map_err(witness_refusal)
+                }
+                // A member who may not read the log (while locked only
+                // superusers do) cannot tell progress from a fork: the head
+                // is not older, and it is not remembered either.
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Checks the vault directory's own head against what this machine
+/// remembers (`coffre audit verify --dir`); remembers nothing.
+fn check_dir_against_seen(dir: &Path, entries_ok: bool) -> Result<std::result::Result<(), String>> {
+    let vd = VaultDir::new(dir);
+    let vault = match vault_key(&vd.read(&vd.ca_cert())?) {
+        Ok(v) => v,
+        Err((_, m)) => bail!(m),
+    };
+    let store = HeadStore::from_env()?;
+    let Some(seen) = store.load(&vault)? else {
+        return Ok(Ok(()));
+    };
+    let control = vd.load_control()?;
+    let head = coffre_audit::read_head(dir)?;
+    let shown = ShownHead {
+        seq: head.as_ref().map_or(0, |h| h.seq),
+        hash: head.as_ref().map(|h| h.hash.clone()),
+        signature: head.as_ref().map(|h| h.signature.clone()),
+        key: control.audit_public_key,
+    };
+    let checked = witness::assess(Some(&seen), &shown).and_then(|a| match a {
+        Assessment::Ahead { since } if entries_ok => {
+            let entries: Vec<_> = coffre_audit::read_entries(dir)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.seq > since)
+                .collect();
+            witness::check_chain(&seen, &shown, &entries)
+        }
+        _ => Ok(()),
+    });
+    Ok(checked.map_err(|e| e.to_string()))
 }
 
 fn fail(code: u8, msg: &str) -> u8 {
@@ -307,6 +426,10 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
                                 break exit::UNREACHABLE;
                             }
                             eprintln!("coffre: heartbeat failed: {msg}; retrying");
+                        }
+                        Err((exit::AUDIT_ROLLED_BACK, msg)) => {
+                            eprintln!("\ncoffre: left the vault: {msg}");
+                            break exit::AUDIT_ROLLED_BACK;
                         }
                         Err((code, msg)) => {
                             if !session_is(&sfile, session) {
@@ -1065,28 +1188,65 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             let result = match dir {
                 Some(d) => {
                     let control = VaultDir::new(&d).load_control()?;
-                    coffre_audit::verify(&d, &control.audit_public_key)
+                    let local = coffre_audit::verify(&d, &control.audit_public_key)
                         .map(|r| r.records)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| (exit::FAILURE, e.to_string()));
+                    // Intact on its own, but is it what members saw?
+                    match check_dir_against_seen(&d, local.is_ok())? {
+                        Ok(()) => local,
+                        Err(m) => Err((exit::AUDIT_ROLLED_BACK, m)),
+                    }
                 }
                 None => match simple(&id, ApiCommand::AuditVerify)? {
                     Ok(v) => Ok(v["records"].as_u64().unwrap_or(0)),
-                    Err((exit::FAILURE, msg)) => Err(msg),
+                    Err((code @ (exit::FAILURE | exit::AUDIT_ROLLED_BACK), msg)) => {
+                        Err((code, msg))
+                    }
                     Err((code, msg)) => return Ok(fail(code, &msg)),
                 },
             };
             match result {
                 Ok(n) => {
                     println!(
-                        "audit log verified: {n} records, chain intact, head signed by the host key"
+                        "audit log verified: {n} records, chain intact, head signed by the host key and not behind what this machine saw"
                     );
                     Ok(exit::OK)
                 }
-                Err(msg) => {
+                Err((code, msg)) => {
                     println!("AUDIT LOG TAMPERED: {msg}");
-                    Ok(exit::FAILURE)
+                    Ok(code)
                 }
             }
+        }
+        AuditCommand::Export { id, since, json } => {
+            let (_, ident) = load_identity(&id)?;
+            let v = match runtime()?
+                .block_on(call(&ident, &ApiCommand::AuditShow { since: Some(since) }))?
+            {
+                Ok(v) => v,
+                Err((code, msg)) => return Ok(fail(code, &msg)),
+            };
+            let vault = vault_key(&ident.ca_pem).map_err(|(_, m)| anyhow::anyhow!(m))?;
+            let entries = v["entries"].as_array().cloned().unwrap_or_default();
+            let head = v["audit_head"].clone();
+            let mut out = std::io::stdout().lock();
+            if json {
+                let doc = serde_json::json!({
+                    "vault": vault, "since": since, "head": head, "entries": entries,
+                });
+                writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+            } else {
+                // audit.log's own lines, then the signed head.
+                for e in &entries {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"vault": vault, "audit_head": head})
+                )?;
+            }
+            Ok(exit::OK)
         }
     }
 }
@@ -1140,6 +1300,14 @@ pub fn join(
             exit::code_for_refusal(v["error"].as_str().unwrap_or("")),
             v["message"].as_str().unwrap_or("refused"),
         ));
+    }
+    // The audit key and head are learned here, from the reply that made
+    // this machine a member, over TLS to the CA the invitation pins.
+    if let Some(shown) = ShownHead::from_reply(&v) {
+        let store = HeadStore::from_env()?;
+        let vault = vault_key(&ca_pem).map_err(|(_, m)| anyhow::anyhow!(m))?;
+        witness::assess(store.load(&vault)?.as_ref(), &shown)?;
+        store.remember(&SeenHead::from_shown(&vault, &shown))?;
     }
     let identity = Identity {
         member: name.clone(),
