@@ -10,6 +10,7 @@ pub mod aws_lc;
 pub mod caller;
 pub mod child;
 pub mod handle;
+pub mod locked;
 
 use std::io;
 
@@ -32,7 +33,9 @@ pub fn mlock(buf: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Undoes [`mlock`] for the same range.
+/// Undoes [`mlock`] for the same range: every page it touches, including
+/// parts other buffers use. Secrets should use [`locked::lock_shared`] and
+/// [`locked::unlock_shared`], which count users per page.
 pub fn munlock(buf: &[u8]) {
     if buf.is_empty() {
         return;
@@ -40,6 +43,36 @@ pub fn munlock(buf: &[u8]) {
     // SAFETY: as for mlock; munlock on a range that was never locked is
     // harmless (it returns an error we deliberately ignore).
     let _ = unsafe { libc::munlock(buf.as_ptr().cast(), buf.len()) };
+}
+
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf takes a plain integer and reads no memory.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    })
+}
+
+/// `mlock` on whole pages by address, for [`locked`].
+fn mlock_raw(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: mlock does not access the memory; it only changes the
+    // residency of the pages in the range, which `locked` computes from
+    // live buffers (the pages are mapped while those buffers are alive).
+    let rc = unsafe { libc::mlock(addr as *const libc::c_void, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `munlock` on whole pages by address, for [`locked`].
+fn munlock_raw(addr: usize, len: usize) {
+    // SAFETY: as for mlock_raw; an error (a range never locked) is harmless
+    // and ignored.
+    let _ = unsafe { libc::munlock(addr as *const libc::c_void, len) };
 }
 
 /// Stops this process from ever writing a core dump, and makes its memory
