@@ -89,11 +89,24 @@ pub fn disable_core_dumps() -> io::Result<()> {
     if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    forbid_dumps()
+}
+
+/// Sets `PR_SET_DUMPABLE` 0 again: after any change of the process's
+/// (or a thread's file-system) identity the kernel resets the flag to
+/// `fs.suid_dumpable`.
+pub fn forbid_dumps() -> io::Result<()> {
     // SAFETY: PR_SET_DUMPABLE takes a plain integer argument; no pointers.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether this process is dumpable (`PR_GET_DUMPABLE` is not 0).
+pub fn is_dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
 
 /// Makes glibc serve every allocation of 1 MiB or more with its own
