@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod aws_lc;
 pub mod caller;
 pub mod child;
