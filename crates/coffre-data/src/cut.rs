@@ -1195,10 +1195,10 @@ mod tests {
             assert_eq!(std::fs::metadata(dir.join("mine")).unwrap().uid(), 5002);
         }
         let dumpable = coffre_sys::is_dumpable();
+        // Put everything back before any assertion can fail.
         drop(sysctl);
-        assert!(!dumpable, "the identity switch left the process dumpable");
-
         drop(layer);
         run(Command::new("umount").arg(&mnt));
+        assert!(!dumpable, "the identity switch left the process dumpable");
     }
 }
