@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -141,7 +141,7 @@ async fn link(
         ));
     }
     let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
+    let mut rd = LineReader::new(rd);
     let mut reader = Reader::new();
     // `state on`: OpenVPN says when it restarts in place or exits.
     let mut expect: VecDeque<Expect> =
@@ -152,7 +152,6 @@ async fn link(
     let mut pid: Option<u32> = None;
     // Client notices that come before our view is rebuilt wait for it.
     let mut early: Vec<LinkEvent> = Vec::new();
-    let mut buf = Zeroizing::new(Vec::with_capacity(512));
     loop {
         tokio::select! {
             cmd = commands.recv() => {
@@ -163,7 +162,7 @@ async fn link(
                 wr.write_all(cmd.as_bytes()).await.map_err(|e| format!("writing to OpenVPN: {e}"))?;
                 expect.push_back(Expect::Ack);
             }
-            n = read_line(&mut rd, &mut buf) => {
+            n = rd.line() => {
                 let line = n?;
                 let Some(notice) = reader.line(&line).map_err(|e| e.to_string())? else { continue };
                 match notice {
@@ -226,31 +225,61 @@ async fn link(
     }
 }
 
-/// Reads one line of at most [`openvpn::MAX_LINE`] bytes (`\r\n` removed).
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
-    rd: &mut R,
-    buf: &mut Zeroizing<Vec<u8>>,
-) -> Result<Zeroizing<String>, String> {
-    // Lines carry passwords: the buffer and the copy are wiped.
-    buf.zeroize();
-    buf.clear();
-    let limit = u64::try_from(openvpn::MAX_LINE + 2).unwrap_or(u64::MAX);
-    let n = rd
-        .take(limit)
-        .read_until(b'\n', buf)
-        .await
-        .map_err(|e| format!("reading from OpenVPN: {e}"))?;
-    if n == 0 {
-        return Err("OpenVPN closed its management socket".into());
+/// Reads management lines into one fixed buffer, wiping each line's bytes
+/// as it is taken out: lines carry passwords, and the link lives as long
+/// as the daemon (a `BufReader` would keep them in its own buffer until
+/// later lines happen to overwrite them, and a growing line buffer leaves
+/// copies at each reallocation).
+///
+/// Cancel-safe: [`LineReader::line`] runs inside `select!`; a line that
+/// arrived in part stays here until the rest comes.
+struct LineReader<R> {
+    rd: R,
+    buf: Zeroizing<Vec<u8>>,
+    end: usize,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> LineReader<R> {
+    fn new(rd: R) -> Self {
+        Self {
+            rd,
+            // At most MAX_LINE bytes, then `\r\n`.
+            buf: Zeroizing::new(vec![0; openvpn::MAX_LINE + 2]),
+            end: 0,
+        }
     }
-    if buf.last() != Some(&b'\n') {
-        return Err("OpenVPN sent an overlong line".into());
+
+    /// The next line, `\r\n` removed.
+    async fn line(&mut self) -> Result<Zeroizing<String>, String> {
+        loop {
+            if let Some(nl) = self.buf[..self.end].iter().position(|&b| b == b'\n') {
+                let mut raw = &self.buf[..nl];
+                while let [rest @ .., b'\r'] = raw {
+                    raw = rest;
+                }
+                // The protocol is text; anything else is replaced, not
+                // trusted.
+                let line = Zeroizing::new(String::from_utf8_lossy(raw).into_owned());
+                let left = self.end - (nl + 1);
+                self.buf.copy_within(nl + 1..self.end, 0);
+                self.buf[left..self.end].zeroize();
+                self.end = left;
+                return Ok(line);
+            }
+            if self.end == self.buf.len() {
+                return Err("OpenVPN sent an overlong line".into());
+            }
+            let n = self
+                .rd
+                .read(&mut self.buf[self.end..])
+                .await
+                .map_err(|e| format!("reading from OpenVPN: {e}"))?;
+            if n == 0 {
+                return Err("OpenVPN closed its management socket".into());
+            }
+            self.end += n;
+        }
     }
-    while matches!(buf.last(), Some(b'\n' | b'\r')) {
-        buf.pop();
-    }
-    // The protocol is text; anything else is replaced, not trusted.
-    Ok(Zeroizing::new(String::from_utf8_lossy(buf).into_owned()))
 }
 
 /// What `coffre gateway openvpn-config` did.
@@ -408,4 +437,46 @@ pub fn profile_settings(
         ca_pem: read(dir.ca_cert())?,
         tls_crypt: read(dir.gateway_dir().join("tls-crypt.key"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn management_lines_are_wiped_once_taken_out() {
+        block_on(async {
+            let input: &[u8] = b">CLIENT:ENV,password=hunter2\r\nEND\nSUCC";
+            let mut r = LineReader::new(input);
+            assert_eq!(&*r.line().await.unwrap(), ">CLIENT:ENV,password=hunter2");
+            assert!(
+                !r.buf.windows(7).any(|w| w == b"hunter2"),
+                "the line is still in the buffer"
+            );
+            assert_eq!(&*r.line().await.unwrap(), "END");
+            // A line in part is kept until the rest comes (here: never).
+            assert_eq!(
+                r.line().await.unwrap_err(),
+                "OpenVPN closed its management socket"
+            );
+            assert_eq!(&r.buf[..r.end], b"SUCC");
+            assert!(r.buf[r.end..].iter().all(|&b| b == 0));
+        });
+    }
+
+    #[test]
+    fn overlong_management_lines_are_refused() {
+        block_on(async {
+            let input = vec![b'x'; openvpn::MAX_LINE + 10];
+            let mut r = LineReader::new(&input[..]);
+            assert_eq!(r.line().await.unwrap_err(), "OpenVPN sent an overlong line");
+        });
+    }
 }

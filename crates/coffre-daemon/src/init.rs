@@ -5,9 +5,9 @@ use crate::pki;
 use crate::totp;
 use crate::vaultdir::{Config, Control, DirError, Identity, VaultDir};
 use coffre_audit::{AuditLog, HostKey, write_atomic};
-use coffre_luks2::Passphrase;
 use coffre_luks2::header::{DEFAULT_HDR_SIZE, DEFAULT_METADATA_SIZE, FormatOptions};
 use coffre_luks2::kdf::KdfParams;
+use coffre_luks2::{Passphrase, SecretBytes};
 use coffre_storage::{FormatRequest, Luks2Container};
 use coffre_vault::{AuditRecord, Member, Millis, Persistent, Policy, Role};
 use std::path::PathBuf;
@@ -213,15 +213,18 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         data_size: Some(o.size),
         force: false,
     };
-    let mut invite_secret = [0u8; 32];
-    coffre_luks2::secret::fill_random(&mut invite_secret);
-    let invite_secret: String = invite_secret.iter().map(|b| format!("{b:02x}")).collect();
-    let mut code = [0u8; 16];
-    coffre_luks2::secret::fill_random(&mut code);
+    let invite_secret = {
+        let raw = SecretBytes::random(32);
+        let hex = hex_secret(raw.expose());
+        // Stored in the control data as a string.
+        String::from_utf8_lossy(hex.expose()).into_owned()
+    };
+    let code = invitation_code();
     let (first_pass, first_req, token_type) = match &o.password {
         Some(p) => (Passphrase::from_slice(p.expose()), req, MEMBER_TOKEN),
         None => {
-            let p = invitation_passphrase(&invite_secret, &code).expect("fresh secret is hex");
+            let p =
+                invitation_passphrase(&invite_secret, code.as_ref()).expect("fresh secret is hex");
             let mut r = req;
             r.options.kdf = invitation_kdf();
             (p, r, INVITE_TOKEN)
@@ -290,7 +293,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
                 keyslot: 0,
                 role: Role::Superuser,
                 expires_ms,
-                code_sha256: pki::fingerprint(&code),
+                code_sha256: pki::fingerprint(code.as_ref()),
                 by: "init".into(),
             },
         );
@@ -317,16 +320,17 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     write_atomic(&vd.config(), text.as_bytes(), 0o600)?;
 
     if let (None, Some(out)) = (&o.password, &o.invite_out) {
-        let code_hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        let code_hex = hex_secret(code.as_ref());
+        // The JSON value keeps its own copy of the code, which is not
+        // wiped; this process (`coffre init`) exits right after.
         let inv = serde_json::json!({
-            "name": o.admin, "role": Role::Superuser, "code": code_hex, "expires_ms": expires_ms,
+            "name": o.admin, "role": Role::Superuser,
+            "code": std::str::from_utf8(code_hex.expose()).unwrap_or_default(),
+            "expires_ms": expires_ms,
             "server": o.listen, "ca_pem": ca.cert_pem, "ca_fingerprint": ca.fingerprint,
         });
-        write_atomic(
-            out,
-            serde_json::to_string_pretty(&inv).expect("json").as_bytes(),
-            0o600,
-        )?;
+        let text = zeroize::Zeroizing::new(serde_json::to_string_pretty(&inv).expect("json"));
+        write_atomic(out, text.as_bytes(), 0o600)?;
         return Ok(InitReport {
             otpauth: String::new(),
             identity: out.clone(),
@@ -359,8 +363,17 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
 /// one-time code under the host's invitation secret, so the invitation file
 /// alone (even with a copy of the header) opens nothing.
 pub fn invitation_passphrase(secret_hex: &str, code: &[u8]) -> Option<Passphrase> {
+    let p = invitation_hmac_hex(secret_hex, code);
+    // HMAC copies its key into stack blocks we cannot reach; the finished
+    // call left them below this frame.
+    coffre_luks2::secret::scrub_stack();
+    p
+}
+
+#[inline(never)]
+fn invitation_hmac_hex(secret_hex: &str, code: &[u8]) -> Option<Passphrase> {
     use hmac::{Hmac, KeyInit, Mac};
-    let secret = crate::totp::unhex(secret_hex)?;
+    let secret = zeroize::Zeroizing::new(crate::totp::unhex(secret_hex)?);
     if secret.len() < 16 {
         // Without the host secret an invitation would be the code alone.
         return None;
@@ -368,13 +381,29 @@ pub fn invitation_passphrase(secret_hex: &str, code: &[u8]) -> Option<Passphrase
     let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&secret).ok()?;
     mac.update(b"coffre-invitation-v1\n");
     mac.update(code);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Some(Passphrase::from_slice(hex.as_bytes()))
+    let mut tag: [u8; 32] = mac.finalize().into_bytes().into();
+    let hex = hex_secret(&tag);
+    zeroize::Zeroize::zeroize(&mut tag);
+    Some(Passphrase::new(hex))
+}
+
+/// Lower-case hex of `bytes`, written straight into a secret buffer (no
+/// intermediate strings).
+pub fn hex_secret(bytes: &[u8]) -> SecretBytes {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = SecretBytes::zeroed(bytes.len() * 2);
+    for (pair, b) in out.expose_mut().chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
+    out
+}
+
+/// A fresh invitation code: 128 random bits, wiped when dropped.
+pub fn invitation_code() -> zeroize::Zeroizing<[u8; 16]> {
+    let mut code = zeroize::Zeroizing::new([0u8; 16]);
+    coffre_luks2::secret::fill_random(code.as_mut());
+    code
 }
 
 /// KDF of invitation keyslots: the passphrase carries 256 bits from a
@@ -407,6 +436,8 @@ mod tests {
         assert!(invitation_passphrase("00ff", &code).is_none());
         let a = invitation_passphrase(&"11".repeat(32), &code).unwrap();
         let b = invitation_passphrase(&"22".repeat(32), &code).unwrap();
+        assert_eq!(a.expose().len(), 64);
+        assert_eq!(hex_secret(&[0x0f, 0xa0]).expose(), b"0fa0");
         assert_ne!(a.expose(), b.expose());
         let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
         assert_ne!(

@@ -13,7 +13,7 @@ use coffre_audit::{AuditLog, HostKey};
 use coffre_luks2::{Passphrase, VolumeKey};
 use coffre_storage::Luks2Container;
 use coffre_vault::*;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -1417,9 +1417,8 @@ impl Shell {
     /// header is not enough.
     fn create_invitation(&mut self, key: &VolumeKey, name: &str, role: Role) -> Answer {
         let fail = |m: String| (500, json!({"ok": false, "error": "failure", "message": m}));
-        let mut code = [0u8; 16];
-        coffre_luks2::secret::fill_random(&mut code);
-        let Some(pass) = self.invite_passphrase(&code) else {
+        let code = crate::init::invitation_code();
+        let Some(pass) = self.invite_passphrase(code.as_ref()) else {
             return fail("no invitation secret in control data".into());
         };
         let Some(token_id) = self.free_token_id() else {
@@ -1443,14 +1442,14 @@ impl Shell {
             slot
         };
         let expires_ms = now_ms().0 + self.config.invitation_ttl_s * 1000;
-        let code_hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        let code_hex = crate::init::hex_secret(code.as_ref());
         self.control.invitations.insert(
             name.to_string(),
             crate::vaultdir::Invitation {
                 keyslot: slot,
                 role,
                 expires_ms,
-                code_sha256: crate::pki::fingerprint(&code),
+                code_sha256: crate::pki::fingerprint(code.as_ref()),
                 by: String::new(),
             },
         );
@@ -1464,7 +1463,11 @@ impl Shell {
         (
             200,
             json!({"ok": true, "invitation": {
-                "name": name, "role": role, "code": code_hex, "expires_ms": expires_ms,
+                // The reply's JSON and HTTP buffers keep copies we cannot
+                // wipe; the code opens nothing without the host's secret.
+                "name": name, "role": role,
+                "code": std::str::from_utf8(code_hex.expose()).unwrap_or_default(),
+                "expires_ms": expires_ms,
                 "server": self.config.listen, "ca_pem": ca_pem,
                 "ca_fingerprint": ca_fingerprint(&ca_pem),
             }}),
@@ -1594,7 +1597,7 @@ impl Shell {
             self.drop_invitation(name, "expired");
             return Some(refuse(self, "invitation expired"));
         }
-        let Some(code) = crate::totp::unhex(code_hex) else {
+        let Some(code) = crate::totp::unhex(code_hex).map(zeroize::Zeroizing::new) else {
             return Some(refuse(self, "malformed code"));
         };
         if !coffre_luks2::hash::ct_eq(
@@ -2066,6 +2069,50 @@ impl HeadForReplies {
     }
 }
 
+/// The largest command body accepted. Commands are small JSON objects;
+/// a bound keeps one client from making the daemon hold much memory, and
+/// lets the buffer be allocated once (a growing buffer would leave
+/// unwiped copies behind at each reallocation).
+const MAX_REQUEST_BODY: usize = 64 * 1024;
+
+enum BodyError {
+    TooLarge,
+    Transport(hyper::Error),
+}
+
+/// Reads a request body into one buffer of `limit` bytes that is wiped
+/// when dropped: bodies carry passwords and invitation codes.
+///
+/// Each chunk hyper hands over is copied in and then wiped too when no
+/// one else holds it. hyper's chunks usually share storage with its
+/// connection read buffer, which we cannot wipe from here: what that
+/// buffer (and rustls's plaintext buffers) keep is measured by the vault
+/// test `scan::password_not_in_daemon_memory_after_leave` and written in
+/// docs/security.md.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, BodyError> {
+    let mut raw = zeroize::Zeroizing::new(Vec::with_capacity(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Transport)?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        let fits = raw.len() + chunk.len() <= limit;
+        if fits {
+            raw.extend_from_slice(&chunk);
+        }
+        if let Ok(mut own) = chunk.try_into_mut() {
+            zeroize::Zeroize::zeroize(own.as_mut());
+        }
+        if !fits {
+            return Err(BodyError::TooLarge);
+        }
+    }
+    Ok(raw)
+}
+
 async fn handle_http(
     req: hyper::Request<Incoming>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -2088,18 +2135,18 @@ async fn handle_http(
             json!({"ok": false, "error": "not_found", "message": "POST /v1/command"}),
         ));
     }
-    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let raw = match read_body(req.into_body(), MAX_REQUEST_BODY).await {
+        Ok(raw) => raw,
+        Err(BodyError::TooLarge) => {
             return Ok(respond(
                 413,
                 json!({"ok": false, "error": "invalid", "message": "request too large"}),
             ));
         }
+        Err(BodyError::Transport(e)) => return Err(e),
     };
-    let mut raw = body.to_vec();
     let parsed = serde_json::from_slice::<ApiCommand>(&raw);
-    zeroize::Zeroize::zeroize(&mut raw);
+    drop(raw);
     let cmd = match parsed {
         Ok(c) => c,
         Err(e) => {

@@ -1133,4 +1133,72 @@ mod tests {
         drop(layer);
         run(Command::new("umount").arg(&mnt));
     }
+
+    /// `fs.suid_dumpable` set to a value for the life of the guard, then put
+    /// back.
+    struct SuidDumpable(String);
+
+    impl SuidDumpable {
+        const PATH: &str = "/proc/sys/fs/suid_dumpable";
+        fn set(value: &str) -> Self {
+            let old = std::fs::read_to_string(Self::PATH).unwrap();
+            std::fs::write(Self::PATH, value).unwrap();
+            Self(old.trim().to_owned())
+        }
+    }
+
+    impl Drop for SuidDumpable {
+        fn drop(&mut self) {
+            let _ = std::fs::write(Self::PATH, &self.0);
+        }
+    }
+
+    /// With `fs.suid_dumpable` 2, every fsuid switch would make the process
+    /// dumpable again (mode 2, "root only"): a member's file operation
+    /// through the layer leaves it undumpable, as the daemon set it at start.
+    #[test]
+    fn a_member_operation_leaves_the_process_undumpable() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("fs.img");
+        let mnt = t.path().join("mnt");
+        let view = t.path().join("view");
+        std::fs::create_dir(&mnt).unwrap();
+        File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        let dir = mnt.join("home");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(5002), Some(5002)).unwrap();
+        let layer = CutLayer::mount(&view).unwrap();
+        layer.restore(&mnt).unwrap();
+
+        let sysctl = SuidDumpable::set("2");
+        coffre_sys::forbid_dumps().unwrap();
+        assert!(!coffre_sys::is_dumpable());
+        let out = Command::new("setpriv")
+            .args(["--reuid=5002", "--regid=5002", "--clear-groups", "--"])
+            .arg("sh")
+            .arg("-c")
+            .arg(format!("echo x > {}/mine", view.join("home").display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(dir.join("mine")).unwrap().uid(), 5002);
+        }
+        let dumpable = coffre_sys::is_dumpable();
+        // Put everything back before any assertion can fail.
+        drop(sysctl);
+        drop(layer);
+        run(Command::new("umount").arg(&mnt));
+        assert!(!dumpable, "the identity switch left the process dumpable");
+    }
 }

@@ -6,7 +6,8 @@ use zeroize::Zeroize;
 
 /// A heap buffer of secret bytes.
 ///
-/// - its pages are `mlock`ed (best effort) so they never reach swap;
+/// - its pages are `mlock`ed (best effort) so they never reach swap, and
+///   unlocked only when no other live secret uses them;
 /// - it is overwritten with zeros when dropped;
 /// - `Debug` shows only its length; there is no `Display` and no `Clone`.
 pub struct SecretBytes {
@@ -18,8 +19,9 @@ impl SecretBytes {
     pub fn zeroed(len: usize) -> Self {
         let buf = vec![0u8; len].into_boxed_slice();
         // Best effort: without CAP_IPC_LOCK the limit may be small. The
-        // buffer is still zeroized on drop.
-        let _ = coffre_sys::mlock(&buf);
+        // buffer is still zeroized on drop. Counted per page: small secrets
+        // share pages, and dropping one must not unlock its neighbours.
+        let _ = coffre_sys::locked::lock_shared(&buf);
         Self { buf }
     }
 
@@ -75,7 +77,7 @@ impl SecretBytes {
 impl Drop for SecretBytes {
     fn drop(&mut self) {
         self.buf.zeroize();
-        coffre_sys::munlock(&self.buf);
+        coffre_sys::locked::unlock_shared(&self.buf);
     }
 }
 

@@ -6,6 +6,11 @@
 //! the kernel checks that process's rights and sets ownership as it would
 //! for that process, atomically, with no window where a root-owned object
 //! exists under a name someone else can swap.
+//!
+//! Every switch, there and back, re-asserts `PR_SET_DUMPABLE` 0: the kernel
+//! resets that flag (process-wide) to `fs.suid_dumpable` at each fsuid
+//! change. Between the switch and the re-assertion (two system calls) the
+//! flag is briefly what the sysctl says.
 
 use std::io;
 use std::marker::PhantomData;
@@ -41,8 +46,16 @@ fn set_fs(uid: u32, gid: u32) -> io::Result<(u32, u32)> {
         let old_u = libc::setfsuid(uid);
         let (g, u) = (libc::setfsgid(gid), libc::setfsuid(uid));
         if u32::try_from(g).ok() != Some(gid) || u32::try_from(u).ok() != Some(uid) {
+            // The identity may have moved anyway: the dumpable flag too.
+            let _ = crate::forbid_dumps();
             return Err(io::Error::other("setfsuid/setfsgid did not take"));
         }
+        // Any change of fsuid or fsgid makes the kernel reset the whole
+        // process's dumpable flag to `fs.suid_dumpable` (commit_creds): with
+        // 1 or 2 there, a core dump of the daemon, or ptrace and
+        // /proc/PID/mem for root's other processes, would work again. This
+        // process holds keys; it stays undumpable, whatever it was before.
+        crate::forbid_dumps()?;
         Ok((
             u32::try_from(old_u).unwrap_or(0),
             u32::try_from(old_g).unwrap_or(0),
@@ -171,6 +184,7 @@ mod tests {
         }
         other.join().unwrap();
         assert!(std::fs::read(&secret).is_ok(), "root again");
+        assert!(!crate::is_dumpable(), "undumpable after the switch back");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

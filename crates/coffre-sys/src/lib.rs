@@ -6,10 +6,12 @@
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod aws_lc;
 pub mod caller;
 pub mod child;
 pub mod handle;
+pub mod locked;
 
 use std::io;
 
@@ -32,7 +34,9 @@ pub fn mlock(buf: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Undoes [`mlock`] for the same range.
+/// Undoes [`mlock`] for the same range: every page it touches, including
+/// parts other buffers use. Secrets should use [`locked::lock_shared`] and
+/// [`locked::unlock_shared`], which count users per page.
 pub fn munlock(buf: &[u8]) {
     if buf.is_empty() {
         return;
@@ -40,6 +44,36 @@ pub fn munlock(buf: &[u8]) {
     // SAFETY: as for mlock; munlock on a range that was never locked is
     // harmless (it returns an error we deliberately ignore).
     let _ = unsafe { libc::munlock(buf.as_ptr().cast(), buf.len()) };
+}
+
+/// The size of a memory page.
+pub fn page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf takes a plain integer and reads no memory.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    })
+}
+
+/// `mlock` on whole pages by address, for [`locked`].
+fn mlock_raw(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: mlock does not access the memory; it only changes the
+    // residency of the pages in the range, which `locked` computes from
+    // live buffers (the pages are mapped while those buffers are alive).
+    let rc = unsafe { libc::mlock(addr as *const libc::c_void, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `munlock` on whole pages by address, for [`locked`].
+fn munlock_raw(addr: usize, len: usize) {
+    // SAFETY: as for mlock_raw; an error (a range never locked) is harmless
+    // and ignored.
+    let _ = unsafe { libc::munlock(addr as *const libc::c_void, len) };
 }
 
 /// Stops this process from ever writing a core dump, and makes its memory
@@ -56,11 +90,24 @@ pub fn disable_core_dumps() -> io::Result<()> {
     if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    forbid_dumps()
+}
+
+/// Sets `PR_SET_DUMPABLE` 0 again: after any change of the process's
+/// (or a thread's file-system) identity the kernel resets the flag to
+/// `fs.suid_dumpable`.
+pub fn forbid_dumps() -> io::Result<()> {
     // SAFETY: PR_SET_DUMPABLE takes a plain integer argument; no pointers.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether this process is dumpable (`PR_GET_DUMPABLE` is not 0).
+pub fn is_dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
 
 /// Makes glibc serve every allocation of 1 MiB or more with its own

@@ -152,7 +152,7 @@ impl Drop for Ovpn {
     }
 }
 
-const UP: &str = "Initialization Sequence Completed";
+pub const UP: &str = "Initialization Sequence Completed";
 
 /// A vault with its gateway: the daemon, OpenVPN in its namespace, and
 /// profiles for its members.
@@ -167,7 +167,16 @@ impl Gw {
     /// `members` beyond alice are added (bob a member, others too);
     /// `gateway` are extra `openvpn-config` flags.
     pub fn new(members: &[&str], clients: usize, gateway: &[&str]) -> Gw {
-        let mut vault = Vault::init(&["--totp-period", "3"]);
+        Gw::with_vault(
+            Vault::init(&["--totp-period", "3"]),
+            members,
+            clients,
+            gateway,
+        )
+    }
+
+    /// As [`Gw::new`], around a vault made by the caller (not started).
+    pub fn with_vault(mut vault: Vault, members: &[&str], clients: usize, gateway: &[&str]) -> Gw {
         // Refusals are part of the tests: keep the throttle short.
         vault.set_policy("throttle_base_ms", 10);
         let dir = vault.tmp.path().to_path_buf();

@@ -45,10 +45,15 @@ pub fn unix_secs() -> u64 {
 impl Vault {
     /// `coffre init` with cheap KDF costs; `extra` goes to init.
     pub fn init(extra: &[&str]) -> Vault {
+        Vault::init_as(extra, "alice's password")
+    }
+
+    /// `coffre init` with `admin_password` as alice's password.
+    pub fn init_as(extra: &[&str], admin_password: &str) -> Vault {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("vault");
         let password = tmp.path().join("alice.pw");
-        std::fs::write(&password, "alice's password").unwrap();
+        std::fs::write(&password, admin_password).unwrap();
         let identity = tmp.path().join("alice.identity");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -65,13 +70,14 @@ impl Vault {
             &listen,
             "--pbkdf",
             "argon2id",
-            "--pbkdf-force-iterations",
-            "4",
             "--pbkdf-memory",
             "8192",
             "--pbkdf-parallel",
             "2",
         ];
+        if !extra.contains(&"--pbkdf-force-iterations") {
+            args.extend(["--pbkdf-force-iterations", "4"]);
+        }
         if !extra.contains(&"--size") {
             args.extend(["--size", "16M"]);
         }
@@ -384,6 +390,20 @@ impl Vault {
 
     /// `coffre enter` in the background, held until `leave` or a signal.
     pub fn enter_bg(&mut self, name: &str, extra: &[&str]) -> Child {
+        let child = self.enter_start(name, extra);
+        // Entered once the session file appears.
+        let sfile = session_file(&self.member(name).identity);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sfile.exists() {
+            assert!(Instant::now() < deadline, "enter did not complete");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// `coffre enter` started in the background; it has entered once
+    /// `session_file` of the member's identity exists.
+    pub fn enter_start(&mut self, name: &str, extra: &[&str]) -> Child {
         let code = self.totp(name);
         let m = self.members.iter().find(|m| m.name == name).unwrap();
         let mut args = vec![
@@ -396,7 +416,7 @@ impl Vault {
             "1",
         ];
         args.extend(extra);
-        let child = Command::new(BIN)
+        Command::new(BIN)
             .args(&args)
             .env("COFFRE_IDENTITY", &m.identity)
             .env("HOME", self.home(name))
@@ -405,15 +425,7 @@ impl Vault {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        // Entered once the session file appears.
-        let sfile = session_file(&m.identity);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sfile.exists() {
-            assert!(Instant::now() < deadline, "enter did not complete");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
+            .unwrap()
     }
 
     /// The details of the audit records with this action and result.
@@ -470,6 +482,58 @@ fn wait_child(c: &mut Child, within: Duration) -> Option<std::process::ExitStatu
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// Where `needle` appears in the readable mappings of process `pid`: one
+/// line per hit, with the mapping (as /proc/PID/maps shows it) and the
+/// offset in it.
+pub fn memory_hits(pid: u32, needle: &[u8]) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut hits = Vec::new();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let range = parts.next().unwrap();
+        let perms = parts.next().unwrap();
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (start, end) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap()];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        for (at, _) in buf
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+        {
+            // What surrounds it tells which buffer holds it.
+            let around = &buf[at.saturating_sub(96)..(at + needle.len() + 96).min(buf.len())];
+            let text: String = around
+                .iter()
+                .map(|&b| {
+                    if b.is_ascii_graphic() || b == b' ' {
+                        char::from(b)
+                    } else {
+                        '.'
+                    }
+                })
+                .collect();
+            hits.push(format!("{line} +{at:#x}: {text}"));
+        }
+    }
+    hits
+}
+
+/// Whether `needle` appears in any readable mapping of process `pid`.
+pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    !memory_hits(pid, needle).is_empty()
 }
 
 pub fn session_file(identity: &Path) -> PathBuf {

@@ -1,36 +1,7 @@
 //! The volume key is gone from the daemon's memory once the vault closes.
 
 use crate::harness::*;
-use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::time::Duration;
-
-/// Whether `needle` appears in any readable mapping of process `pid`.
-fn memory_contains(pid: u32, needle: &[u8]) -> bool {
-    let maps = std::fs::File::open(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    for line in std::io::BufReader::new(maps).lines() {
-        let line = line.unwrap();
-        let mut parts = line.split_whitespace();
-        let range = parts.next().unwrap();
-        let perms = parts.next().unwrap();
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (start, end) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; usize::try_from(end - start).unwrap()];
-        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        if buf.windows(needle.len()).any(|w| w == needle) {
-            return true;
-        }
-    }
-    false
-}
 
 fn volume_key(v: &Vault) -> Vec<u8> {
     let out_file = v.tmp.path().join("vk");

@@ -8,5 +8,6 @@ mod harness;
 mod key_gone;
 mod lifecycle;
 mod members;
+mod scan;
 mod vms;
 mod workloads;

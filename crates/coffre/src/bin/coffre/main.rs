@@ -9,6 +9,12 @@ mod volume;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Every freed block is wiped: the TLS, HTTP and JSON libraries drop
+/// buffers that held passwords without wiping them (docs/security.md,
+/// "Secrets in memory").
+#[global_allocator]
+static ALLOCATOR: coffre_sys::alloc::WipeOnFree = coffre_sys::alloc::WipeOnFree;
+
 fn main() -> ExitCode {
     // Before anything can hold a secret: no core dumps, not ptrace-able.
     if let Err(e) = coffre_sys::disable_core_dumps() {

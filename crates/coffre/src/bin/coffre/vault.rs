@@ -52,10 +52,23 @@ fn session_file(identity: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The fields of an invitation file `join` uses; the code is wiped when
+/// dropped.
+#[derive(serde::Deserialize)]
+struct InvitationFile {
+    name: String,
+    code: ApiSecret,
+    ca_pem: String,
+    ca_fingerprint: String,
+    server: Option<String>,
+}
+
 fn read_password(path: &Path) -> Result<ApiSecret> {
     let p = secrets::passphrase(path)?;
-    let s = String::from_utf8(p.expose().to_vec()).context("passwords must be UTF-8 text")?;
-    Ok(ApiSecret(s))
+    // Checked before the copy: a failed `String::from_utf8` would carry the
+    // bytes away in its error.
+    let s = std::str::from_utf8(p.expose()).context("passwords must be UTF-8 text")?;
+    Ok(ApiSecret(s.to_owned()))
 }
 
 /// Sends a command; maps refusals to exit codes with the daemon's message.
@@ -874,7 +887,7 @@ pub fn approve(
                 }
                 coffre_audit::write_atomic(
                     &out,
-                    serde_json::to_string_pretty(inv)?.as_bytes(),
+                    zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                     0o600,
                 )?;
                 eprintln!(
@@ -1076,7 +1089,7 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                     let inv = &v["invitation"];
                     coffre_audit::write_atomic(
                         &out,
-                        serde_json::to_string_pretty(inv)?.as_bytes(),
+                        zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                         0o600,
                     )?;
                     eprintln!(
@@ -1257,21 +1270,19 @@ pub fn join(
     identity_out: Option<PathBuf>,
     server: Option<String>,
 ) -> Result<u8> {
-    let inv: Value = serde_json::from_slice(
-        &std::fs::read(invitation).with_context(|| format!("reading {}", invitation.display()))?,
-    )
-    .context("this is not an invitation file")?;
-    let name = inv["name"]
-        .as_str()
-        .context("invitation without a name")?
-        .to_string();
-    let ca_pem = inv["ca_pem"]
-        .as_str()
-        .context("invitation without a CA")?
-        .to_string();
-    let pinned = inv["ca_fingerprint"]
-        .as_str()
-        .context("invitation without a CA fingerprint")?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read(invitation).with_context(|| format!("reading {}", invitation.display()))?,
+    );
+    let inv: InvitationFile =
+        serde_json::from_slice(&text).context("this is not an invitation file")?;
+    drop(text);
+    let InvitationFile {
+        name,
+        code,
+        ca_pem,
+        ca_fingerprint: pinned,
+        server: named_server,
+    } = inv;
     // Pin the CA the invitation names: a substituted CA is refused here.
     let found = coffre_daemon::pki::pem_fingerprint(&ca_pem).context("invitation CA is not PEM")?;
     if found != pinned {
@@ -1280,7 +1291,7 @@ pub fn join(
         );
     }
     let server = server
-        .or_else(|| inv["server"].as_str().map(str::to_string))
+        .or(named_server)
         .context("invitation without a server")?;
     let out = identity_out.unwrap_or_else(|| PathBuf::from(format!("{name}.identity")));
     if out.exists() {
@@ -1290,7 +1301,7 @@ pub fn join(
     let (csr, key_pem) = coffre_daemon::pki::new_request(&name)?;
     let cmd = ApiCommand::Join {
         name: name.clone(),
-        code: ApiSecret(inv["code"].as_str().unwrap_or_default().to_string()),
+        code,
         csr,
         password,
     };

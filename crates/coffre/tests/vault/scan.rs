@@ -1,0 +1,135 @@
+//! Passwords do not outlive their use in the daemon's memory: a unique
+//! password given at `enter` is found nowhere in the daemon's readable
+//! mappings (/proc/PID/maps and /proc/PID/mem) once the member has left.
+
+use crate::harness::*;
+use std::time::{Duration, Instant};
+
+/// A password no other part of the system could contain.
+fn unique_password() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("scan-{}-{nanos:09}-never-elsewhere", std::process::id())
+}
+
+#[test]
+fn password_not_in_daemon_memory_after_leave() {
+    let password = unique_password();
+    // A costly keyslot: the daemon holds the password for the seconds its
+    // check takes, which gives the positive control time to see it.
+    let mut v = Vault::init_as(&["--pbkdf-force-iterations", "300"], &password);
+    v.start();
+    let pid = v.pid();
+    let needle = password.as_bytes();
+    assert!(
+        !memory_contains(pid, needle),
+        "the daemon has the password before anyone sent it"
+    );
+
+    // Positive control: while `enter` is being checked, the scan sees the
+    // password (in the request and in the passphrase waiting for the KDF).
+    // If the scan could not read the daemon's memory, this fails.
+    let mut enter = v.enter_start("alice", &[]);
+    let sfile = session_file(&v.member("alice").identity);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = false;
+    while !sfile.exists() {
+        assert!(Instant::now() < deadline, "enter did not complete");
+        if memory_contains(pid, needle) {
+            seen = true;
+            break;
+        }
+    }
+    assert!(
+        seen,
+        "positive control: the scan never saw the password while enter was checked"
+    );
+    while !sfile.exists() {
+        assert!(Instant::now() < deadline, "enter did not complete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(v.state(), "open");
+    let while_open = memory_hits(pid, needle);
+    // A measurement, not a failure: what still holds it while the session
+    // is open (docs/security.md, "Secrets in memory").
+    eprintln!(
+        "while open: {} place(s)\n{}",
+        while_open.len(),
+        while_open.join("\n")
+    );
+
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut enter, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    // The client's connections are gone; give the daemon a moment to see
+    // them close and drop their buffers.
+    std::thread::sleep(Duration::from_millis(500));
+    let hits = memory_hits(pid, needle);
+    assert!(
+        hits.is_empty(),
+        "the password survived leave at {} place(s):\n{}\n(while open: {} place(s):\n{})",
+        hits.len(),
+        hits.join("\n"),
+        while_open.len(),
+        while_open.join("\n")
+    );
+}
+
+/// The same over the VPN: the password reaches the daemon through
+/// OpenVPN's management link (a long-lived connection, read line by
+/// line), and is gone once the member's client has left.
+#[test]
+fn password_over_the_vpn_not_in_daemon_memory_after_leave() {
+    use crate::gateway::{Gw, UP};
+    let password = unique_password();
+    let vault = Vault::init_as(
+        &["--totp-period", "3", "--pbkdf-force-iterations", "300"],
+        &password,
+    );
+    let mut gw = Gw::with_vault(vault, &[], 1, &[]);
+    let pid = gw.vault.pid();
+    let needle = password.as_bytes();
+    assert!(!memory_contains(pid, needle));
+
+    let auth = gw.auth_file("alice", None, false);
+    let mut alice = gw.client("alice", 0, &auth, &[]);
+    // Positive control, as for the door.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = false;
+    while !alice.text().contains(UP) {
+        assert!(Instant::now() < deadline, "alice did not get in");
+        if memory_contains(pid, needle) {
+            seen = true;
+            break;
+        }
+    }
+    assert!(
+        seen,
+        "positive control: the scan never saw the password while the VPN login was checked"
+    );
+    assert!(alice.wait_for(UP, &["AUTH_FAILED"], Duration::from_secs(60)));
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    let while_open = memory_hits(pid, needle);
+    // A measurement, not a failure: what still holds it while the session
+    // is open (docs/security.md, "Secrets in memory").
+    eprintln!(
+        "while open: {} place(s)\n{}",
+        while_open.len(),
+        while_open.join("\n")
+    );
+
+    alice.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let hits = memory_hits(pid, needle);
+    assert!(
+        hits.is_empty(),
+        "the password survived the VPN leave at {} place(s):\n{}\n(while open: {} place(s):\n{})",
+        hits.len(),
+        hits.join("\n"),
+        while_open.len(),
+        while_open.join("\n")
+    );
+}
