@@ -604,7 +604,7 @@ impl Shell {
                 Ok(true) => (
                     "locked",
                     format!(
-                        "home/{name} is root's now (0700), kept; {name} has no access to the data"
+                        "home/{name} is root's now (0700), kept; what {name}'s processes already hold open there stays open, and the host's groups (team_gid) still give what they give"
                     ),
                 ),
                 Ok(false) => return,
@@ -1158,8 +1158,7 @@ impl Shell {
                     .try_lock()
                     .is_ok_and(|g| g.as_ref().is_none_or(coffre_data::Exposure::is_closed));
                 if nothing_up && self.closes_in_flight == 0 {
-                    // Dropping a VolumeKey zeroizes it.
-                    self.open_key = None;
+                    self.wipe_key();
                     queue.push_back(Event::Closed {
                         ok: true,
                         detail: String::new(),
@@ -1831,11 +1830,21 @@ impl Shell {
         match r {
             Ok(detail) => self.run(Event::Opened { ok: true, detail }),
             Err(detail) => {
-                self.open_key = None;
+                self.wipe_key();
                 self.last_open_error = Some(detail.clone());
                 self.run(Event::Opened { ok: false, detail });
             }
         }
+    }
+
+    /// Wipes the volume key everywhere the daemon holds it: its own copy,
+    /// and the engine's key schedule (revoked, so a stack or a thread that
+    /// still holds the volume keeps no key). Returns whether the engine
+    /// still had one.
+    fn wipe_key(&mut self) -> bool {
+        // Dropping a VolumeKey zeroizes it.
+        self.open_key = None;
+        self.cipher_slot.take().is_some_and(|s| s.revoke())
     }
 
     /// A forced close still running at its deadline: the engine's cipher
@@ -1847,8 +1856,7 @@ impl Shell {
         if self.closes_started != close || self.closes_in_flight == 0 {
             return;
         }
-        let revoked = self.cipher_slot.take().is_some_and(|s| s.revoke());
-        self.open_key = None;
+        let revoked = self.wipe_key();
         self.kept.clear();
         // Every close still running is left behind (an earlier one may
         // be the one that hangs, holding the data stack).
@@ -1904,8 +1912,7 @@ impl Shell {
         }
         match result {
             Ok(r) => {
-                self.open_key = None;
-                self.cipher_slot = None;
+                self.wipe_key();
                 self.system_audit(
                     "data",
                     "unmounted",
@@ -1921,10 +1928,23 @@ impl Shell {
                     detail: String::new(),
                 });
             }
-            Err((e, _)) => self.run(Event::Closed {
-                ok: false,
-                detail: e,
-            }),
+            Err((e, _)) => {
+                // A forced close takes the stack down even when a step
+                // failed: nothing holds the volume for a retry, so the
+                // engine's key schedule goes too.
+                if self
+                    .exposure
+                    .try_lock()
+                    .is_ok_and(|g| g.as_ref().is_none_or(coffre_data::Exposure::is_closed))
+                    && let Some(s) = self.cipher_slot.take()
+                {
+                    s.revoke();
+                }
+                self.run(Event::Closed {
+                    ok: false,
+                    detail: e,
+                })
+            }
         }
     }
 
@@ -1977,7 +1997,7 @@ impl Shell {
                 }
             }
         }
-        self.open_key = None;
+        self.wipe_key();
         self.kept.clear();
         self.passwords.clear();
         self.cut = None;

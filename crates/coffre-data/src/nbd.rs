@@ -774,6 +774,12 @@ impl NbdServer {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         std::os::unix::fs::lchown(&self.socket, Some(uid), Some(gid))?;
         std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+        // The directory is its user's: whatever they left at the name goes
+        // (a directory would make the rename fail); neither removal
+        // follows a link.
+        if std::fs::symlink_metadata(to).is_ok_and(|m| m.is_dir()) {
+            std::fs::remove_dir_all(to)?;
+        }
         std::fs::rename(&self.socket, to)?;
         self.socket = to.to_path_buf();
         Ok(())

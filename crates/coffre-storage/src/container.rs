@@ -343,6 +343,7 @@ impl Luks2Container {
         }
         // Read back from disk rather than trusting what we meant to write.
         self.loaded = load_from(&self.header_dev)?;
+        self.check_geometry()?;
         if !self.loaded.is_consistent() {
             return Err(Error::Refused(format!(
                 "repair did not take: {}",

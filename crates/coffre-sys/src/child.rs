@@ -22,6 +22,12 @@ pub struct Bind {
     pub to: PathBuf,
 }
 
+/// At most this many descriptors are passed (the child allocates nothing).
+const MAX_PASS_FDS: usize = 8;
+/// Passed descriptors are first moved at or above this number, below
+/// which their targets must lie.
+const PASS_FDS_ABOVE: libc::c_int = 1024;
+
 /// How the child is set up before it runs the command.
 #[derive(Debug, Default)]
 pub struct ChildSetup {
@@ -109,6 +115,17 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
     let procs = setup.cgroup_procs;
     let creds = setup.credentials;
     let private = setup.private_mounts;
+    if setup.pass_fds.len() > MAX_PASS_FDS
+        || setup
+            .pass_fds
+            .iter()
+            .any(|(_, to)| !(3..PASS_FDS_ABOVE).contains(to))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "descriptors to pass: at most 8, at numbers from 3 to 1023",
+        ));
+    }
     let pass: Vec<(libc::c_int, libc::c_int)> = setup
         .pass_fds
         .iter()
@@ -214,17 +231,22 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
             // SAFETY: a valid NUL-terminated path.
             check(unsafe { libc::chdir(dir.as_ptr()) })?;
         }
-        for &(from, to) in &pass {
-            if from == to {
-                // Already there: only the close-on-exec flag goes.
-                // SAFETY: fcntl on a descriptor this process holds.
-                check(unsafe { libc::fcntl(from, libc::F_SETFD, 0) })?;
-            } else {
-                // dup2 leaves the new descriptor without close-on-exec.
-                // SAFETY: dup2 on descriptors this process holds.
-                if unsafe { libc::dup2(from, to) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+        // Two passes, so that a target never overwrites a source still to
+        // be moved: every source first goes above all targets.
+        let mut moved = [0 as libc::c_int; MAX_PASS_FDS];
+        for (i, &(from, _)) in pass.iter().enumerate() {
+            // SAFETY: fcntl on a descriptor this process holds.
+            let fd = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, PASS_FDS_ABOVE) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            moved[i] = fd;
+        }
+        for (i, &(_, to)) in pass.iter().enumerate() {
+            // dup2 leaves the new descriptor without close-on-exec.
+            // SAFETY: dup2 on descriptors this process holds.
+            if unsafe { libc::dup2(moved[i], to) } < 0 {
+                return Err(io::Error::last_os_error());
             }
         }
         Ok(())
