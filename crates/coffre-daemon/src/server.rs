@@ -70,10 +70,8 @@ enum Msg {
         ok: bool,
         key: Option<VolumeKey>,
     },
-    Joined {
-        joined: Joined,
-        result: Result<u32, String>,
-    },
+    /// A keyslot sealed in the KDF pool, to be committed on the actor.
+    Sealed(Box<(Sealing, Result<coffre_storage::SealedKeyslot, String>)>),
     /// The data stack is up (or failed to come up), and what the
     /// workloads did.
     Exposed(Result<String, String>, Vec<coffre_workload::Line>),
@@ -119,6 +117,28 @@ struct JoinThrottle {
 /// only counted (a summary record at each tick).
 const JOIN_REFUSALS_LOGGED: u32 = 5;
 
+/// What a keyslot sealed in the KDF pool is for. The derivation runs
+/// there, off the actor and without the header's lock; the commit (a
+/// short header write) runs on the actor, after checking again what may
+/// have changed meanwhile (a lock, a removal, another invitation).
+enum Sealing {
+    /// `member`'s new password for `keyslot`.
+    Passwd {
+        req: ReqId,
+        member: String,
+        keyslot: u32,
+    },
+    /// An invitation's temporary keyslot; `code` goes in the reply.
+    Invite {
+        req: ReqId,
+        name: String,
+        role: Role,
+        code: zeroize::Zeroizing<[u8; 16]>,
+    },
+    /// A new member's keyslot, opened by the invitation's temporary one.
+    Join(Joined),
+}
+
 /// A join whose keyslot is being made in the KDF pool.
 struct Joined {
     name: String,
@@ -126,6 +146,8 @@ struct Joined {
     cert_pem: String,
     fingerprint: String,
     source: Option<Source>,
+    /// The invitation's temporary keyslot (which invitation this is).
+    temp_slot: u32,
 }
 
 fn now_ms() -> Millis {
@@ -1025,6 +1047,44 @@ impl Shell {
         self.flush_parked();
     }
 
+    /// Runs `work` (a key derivation) in the KDF pool: on a blocking
+    /// thread, once `memory_kib` of the pool's memory budget is free (a
+    /// burst of attempts waits instead of allocating argon2 memory all at
+    /// once), never on the actor. `done` turns its result into the message
+    /// the actor gets.
+    fn kdf_job<T: Send + 'static>(
+        &self,
+        memory_kib: u32,
+        work: impl FnOnce() -> Result<T, String> + Send + 'static,
+        done: impl FnOnce(Result<T, String>) -> Msg + Send + 'static,
+    ) {
+        let permits = memory_kib.clamp(1, self.kdf_cap);
+        let pool = self.kdf_pool.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let permit = pool.acquire_many_owned(permits).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let r = work();
+                coffre_luks2::secret::scrub_stack();
+                r
+            })
+            .await
+            .unwrap_or_else(|_| Err("the key derivation failed".into()));
+            drop(permit);
+            let _ = tx.send(done(result));
+        });
+    }
+
+    /// A copy of the header, taken under its lock for an instant: what a
+    /// derivation works from, so that nobody holds the lock across it.
+    fn header_snapshot(&self) -> coffre_luks2::Header {
+        self.container
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .header()
+            .clone()
+    }
+
     fn keyslot_memory_kib(&self, keyslot: u32) -> u32 {
         let c = self.container.read().unwrap_or_else(|p| p.into_inner());
         c.header()
@@ -1064,33 +1124,32 @@ impl Shell {
                     queue.push_back(Event::PasswordChecked { req, ok: false });
                     return;
                 }
-                let permits = self.keyslot_memory_kib(keyslot).min(self.kdf_cap);
-                let pool = self.kdf_pool.clone();
+                let memory = self.keyslot_memory_kib(keyslot);
                 let container = self.container.clone();
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    // Bounded memory: a burst of attempts waits here instead
-                    // of allocating argon2 memory all at once.
-                    let permit = pool.acquire_many_owned(permits).await;
-                    let result = tokio::task::spawn_blocking(move || {
-                        let c = container.read().unwrap_or_else(|p| p.into_inner());
-                        let r = c.unlock(&pass, Some(keyslot)).map(|(_, k)| k);
-                        coffre_luks2::secret::scrub_stack();
-                        r
-                    })
-                    .await;
-                    drop(permit);
-                    let key = match result {
-                        Ok(Ok(k)) => Some(k),
-                        _ => None,
-                    };
-                    let ok = key.is_some();
-                    // A key nobody keeps (an unlock approval, a lock, a
-                    // mode switch) is wiped here, before the result
-                    // travels anywhere.
-                    let key = key.filter(|_| keep_key);
-                    let _ = tx.send(Msg::KeyChecked { req, ok, key });
-                });
+                self.kdf_job(
+                    memory,
+                    move || {
+                        // The lock is held for the reads only.
+                        let snapshot = container
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .keyslots_snapshot(Some(keyslot))
+                            .map_err(|e| e.to_string())?;
+                        snapshot
+                            .unlock(&pass)
+                            .map(|(_, k)| k)
+                            .map_err(|e| e.to_string())
+                    },
+                    move |result| {
+                        let key = result.ok();
+                        let ok = key.is_some();
+                        // A key nobody keeps (an unlock approval, a lock, a
+                        // mode switch) is wiped here, before the result
+                        // travels anywhere.
+                        let key = key.filter(|_| keep_key);
+                        Msg::KeyChecked { req, ok, key }
+                    },
+                );
             }
             Effect::Open { req } => match self.kept.remove(&req) {
                 Some(k) => {
@@ -1323,28 +1382,22 @@ impl Shell {
             }
             Effect::Invite { req, name, role } => {
                 let key = self.kept.remove(&req);
-                // Checked again where the keyslot is made: a second
+                // Checked again where the keyslot is committed: a second
                 // invitation would orphan the first one's keyslot.
-                let answer = match self.invitation_pending(&name) {
-                    Some(refusal) => {
-                        drop(key);
+                let refusal = match (self.invitation_pending(&name), key) {
+                    (Some(refusal), _) => {
                         self.system_audit(
                             "member_invite",
                             "refused",
                             format!("{name} already has a pending invitation"),
                         );
-                        refusal
+                        Some(refusal)
                     }
-                    None => match key {
-                        Some(k) => self.create_invitation(&k, &name, role),
-                        None => (
-                            500,
-                            json!({"ok": false, "error": "failure", "message": "no key for the invitation"}),
-                        ),
-                    },
+                    (None, None) => Some(failure("no key for the invitation".into())),
+                    (None, Some(k)) => self.seal_invitation(req, k, name, role).err(),
                 };
-                if let Some(tx) = self.replies.remove(&req) {
-                    let _ = tx.send(answer);
+                if let Some(answer) = refusal {
+                    self.answer(req, answer);
                 }
             }
             Effect::ChangePassword {
@@ -1354,33 +1407,129 @@ impl Shell {
             } => {
                 let key = self.kept.remove(&req);
                 let new = self.new_passwords.remove(&req);
-                let answer = match (key, new) {
-                    (Some(k), Some(new)) => {
-                        let kdf = self.config.keyslot_kdf.params();
-                        let r = self
-                            .container
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .change_passphrase(keyslot, &k, &new, kdf);
-                        match r {
-                            Ok(()) => (200, json!({"ok": true})),
-                            Err(e) => {
-                                self.system_audit("passwd", "failed", format!("{member}: {e}"));
-                                (
-                                    500,
-                                    json!({"ok": false, "error": "failure", "message": format!("password not changed: {e}")}),
-                                )
-                            }
-                        }
-                    }
-                    _ => (
-                        500,
-                        json!({"ok": false, "error": "failure", "message": "password not changed"}),
-                    ),
+                let (Some(key), Some(new)) = (key, new) else {
+                    self.answer(req, failure("password not changed".into()));
+                    return;
                 };
-                if let Some(tx) = self.replies.remove(&req) {
+                // The new keyslot is derived in the pool from a copy of the
+                // header; the commit comes back here.
+                let kdf = self.config.keyslot_kdf.params();
+                let header = self.header_snapshot();
+                self.kdf_job(
+                    kdf_memory_kib(kdf),
+                    move || {
+                        header
+                            .seal_keyslot(&key, &new, kdf, None)
+                            .map_err(|e| e.to_string())
+                    },
+                    move |result| {
+                        Msg::Sealed(Box::new((
+                            Sealing::Passwd {
+                                req,
+                                member,
+                                keyslot,
+                            },
+                            result,
+                        )))
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sends `answer` to the member waiting on `req`, if still there.
+    fn answer(&mut self, req: ReqId, answer: Answer) {
+        if let Some(tx) = self.replies.remove(&req) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// A keyslot sealed in the pool comes back: committed if what it was
+    /// for still holds.
+    fn sealed(&mut self, purpose: Sealing, result: Result<coffre_storage::SealedKeyslot, String>) {
+        match purpose {
+            Sealing::Passwd {
+                req,
+                member,
+                keyslot,
+            } => {
+                let answer = self.commit_passwd(&member, keyslot, result);
+                self.answer(req, answer);
+            }
+            Sealing::Invite {
+                req,
+                name,
+                role,
+                code,
+            } => {
+                let answer = self.commit_invitation(&name, role, &code, result);
+                self.answer(req, answer);
+            }
+            Sealing::Join(joined) => {
+                let name = joined.name.clone();
+                let answer = self.join_finish(joined, result);
+                if let Some(tx) = self.join_replies.remove(&name) {
                     let _ = tx.send(answer);
                 }
+            }
+        }
+    }
+
+    /// Puts a new password's keyslot in place of the old one, unless the
+    /// vault was locked or the member removed while it was derived (a
+    /// removed keyslot is never brought back).
+    fn commit_passwd(
+        &mut self,
+        member: &str,
+        keyslot: u32,
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                return failure(format!("password not changed: {e}"));
+            }
+        };
+        if self.vault.is_locked() {
+            drop(sealed);
+            self.system_audit(
+                "passwd",
+                "refused:locked",
+                format!("{member}: the vault was locked while the new keyslot was made; keyslot {keyslot} unchanged"),
+            );
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked while your new password was being set: it was not changed"}),
+            );
+        }
+        let still = self
+            .vault
+            .members()
+            .get(member)
+            .is_some_and(|m| m.keyslot == keyslot);
+        if !still {
+            drop(sealed);
+            self.system_audit(
+                "passwd",
+                "refused",
+                format!("{member}: removed (or given another keyslot) while the new keyslot was made; nothing written"),
+            );
+            return (
+                403,
+                json!({"ok": false, "error": "not_permitted", "message": "you are no longer a member with that keyslot: password not changed"}),
+            );
+        }
+        let r = self
+            .container
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace_sealed(keyslot, sealed);
+        match r {
+            Ok(()) => (200, json!({"ok": true})),
+            Err(e) => {
+                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                failure(format!("password not changed: {e}"))
             }
         }
     }
@@ -1413,42 +1562,106 @@ impl Shell {
 
     /// A temporary keyslot opened by the invitation code mixed with a
     /// secret only this host holds: a stolen invitation plus a stolen
-    /// header is not enough.
-    fn create_invitation(&mut self, key: &VolumeKey, name: &str, role: Role) -> Answer {
-        let fail = |m: String| (500, json!({"ok": false, "error": "failure", "message": m}));
+    /// header is not enough. Sealed in the pool (the volume key's digest
+    /// check is a derivation too), committed by
+    /// [`Shell::commit_invitation`].
+    fn seal_invitation(
+        &mut self,
+        req: ReqId,
+        key: VolumeKey,
+        name: String,
+        role: Role,
+    ) -> Result<(), Answer> {
         let code = crate::init::invitation_code();
         let Some(pass) = self.invite_passphrase(code.as_ref()) else {
-            return fail("no invitation secret in control data".into());
+            return Err(failure("no invitation secret in control data".into()));
         };
+        if self.free_token_id().is_none() {
+            return Err(failure("no free LUKS2 token".into()));
+        }
+        let kdf = crate::init::invitation_kdf();
+        let header = self.header_snapshot();
+        self.kdf_job(
+            kdf_memory_kib(kdf),
+            move || {
+                header
+                    .seal_keyslot(&key, &pass, kdf, None)
+                    .map_err(|e| format!("cannot make the invitation keyslot: {e}"))
+            },
+            move |result| {
+                Msg::Sealed(Box::new((
+                    Sealing::Invite {
+                        req,
+                        name,
+                        role,
+                        code,
+                    },
+                    result,
+                )))
+            },
+        );
+        Ok(())
+    }
+
+    /// Commits an invitation's sealed keyslot, unless a lock or another
+    /// invitation for the same name came in meanwhile.
+    fn commit_invitation(
+        &mut self,
+        name: &str,
+        role: Role,
+        code: &[u8; 16],
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => return failure(e),
+        };
+        if self.vault.is_locked() {
+            drop(sealed);
+            self.system_audit(
+                "member_invite",
+                "refused:locked",
+                format!(
+                    "the vault was locked while the invitation for {name} was made; nothing written"
+                ),
+            );
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked meanwhile: no invitation was made"}),
+            );
+        }
+        if let Some(refusal) = self.invitation_pending(name) {
+            self.system_audit(
+                "member_invite",
+                "refused",
+                format!("{name} already has a pending invitation"),
+            );
+            return refusal;
+        }
         let Some(token_id) = self.free_token_id() else {
-            return fail("no free LUKS2 token".into());
-        };
-        // The code carries 128 random bits, so a cheap KDF is enough.
-        let kdf = coffre_luks2::kdf::KdfParams::Pbkdf2 {
-            hash: coffre_luks2::hash::HashAlg::Sha256,
-            iterations: 1000,
+            return failure("no free LUKS2 token".into());
         };
         let slot = {
             let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
-            let slot = match c.add_keyslot(key, &pass, None, kdf, Some(0)) {
+            let slot = match c.add_sealed(sealed, None) {
                 Ok(n) => n,
-                Err(e) => return fail(format!("cannot add the invitation keyslot: {e}")),
+                Err(e) => return failure(format!("cannot add the invitation keyslot: {e}")),
             };
             if let Err(e) = c.set_token(token_id, json!({"type": crate::init::INVITE_TOKEN, "keyslots": [slot.to_string()], "member": name})) {
                 let _ = c.remove_keyslot(slot, false);
-                return fail(format!("cannot bind the invitation keyslot: {e}"));
+                return failure(format!("cannot bind the invitation keyslot: {e}"));
             }
             slot
         };
         let expires_ms = now_ms().0 + self.config.invitation_ttl_s * 1000;
-        let code_hex = crate::init::hex_secret(code.as_ref());
+        let code_hex = crate::init::hex_secret(code);
         self.control.invitations.insert(
             name.to_string(),
             crate::vaultdir::Invitation {
                 keyslot: slot,
                 role,
                 expires_ms,
-                code_sha256: crate::pki::fingerprint(code.as_ref()),
+                code_sha256: crate::pki::fingerprint(code),
                 by: String::new(),
             },
         );
@@ -1660,19 +1873,12 @@ impl Shell {
                 json!({"ok": false, "error": "busy", "message": "this invitation is being used right now"}),
             ));
         }
-        // The new keyslot's derivation runs in the KDF pool, off the actor,
-        // so the daemon keeps answering while it takes its seconds.
+        // The new keyslot's derivation runs in the KDF pool, off the actor
+        // and without the header's lock, so the daemon keeps answering
+        // while it takes its seconds; the commit comes back here.
         let kdf = self.config.keyslot_kdf.params();
-        let permits = match kdf {
-            coffre_luks2::kdf::KdfParams::Argon2id { memory_kib, .. } => {
-                memory_kib.clamp(1, self.kdf_cap)
-            }
-            coffre_luks2::kdf::KdfParams::Pbkdf2 { .. } => 1,
-        };
         let member_pass = Passphrase::from_slice(password.as_bytes());
         let container = self.container.clone();
-        let pool = self.kdf_pool.clone();
-        let tx = self.tx.clone();
         let temp_slot = inv.keyslot;
         let locked = self.locked_flag.clone();
         let joined = Joined {
@@ -1681,89 +1887,111 @@ impl Shell {
             cert_pem: issued.cert_pem,
             fingerprint: issued.fingerprint,
             source,
+            temp_slot,
         };
-        tokio::spawn(async move {
-            let permit = pool.acquire_many_owned(permits).await;
-            let result = tokio::task::spawn_blocking(move || {
-                let mut c = container.write().unwrap_or_else(|p| p.into_inner());
-                let key = match c.unlock(&temp, Some(temp_slot)) {
-                    Ok((_, k)) => k,
-                    Err(e) => return Err(format!("temporary keyslot did not open: {e}")),
+        self.kdf_job(
+            kdf_memory_kib(kdf),
+            move || {
+                let (header, snapshot) = {
+                    let c = container.read().unwrap_or_else(|p| p.into_inner());
+                    let snapshot = c
+                        .keyslots_snapshot(Some(temp_slot))
+                        .map_err(|e| format!("temporary keyslot: {e}"))?;
+                    (c.header().clone(), snapshot)
                 };
+                let (_, key) = snapshot
+                    .unlock(&temp)
+                    .map_err(|e| format!("temporary keyslot did not open: {e}"))?;
                 // A lock that landed while the temporary keyslot opened:
-                // the key goes at once and no keyslot is added.
+                // the key goes at once and nothing is derived.
                 if locked.load(std::sync::atomic::Ordering::SeqCst) {
-                    drop(key);
-                    coffre_luks2::secret::scrub_stack();
                     return Err(JOIN_LOCKED.into());
                 }
-                let slot = c.add_keyslot(&key, &member_pass, None, kdf, None);
-                drop(key);
-                coffre_luks2::secret::scrub_stack();
-                slot.map_err(|e| format!("cannot add the keyslot: {e}"))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            drop(permit);
-            let _ = tx.send(Msg::Joined { joined, result });
-        });
+                header
+                    .seal_keyslot(&key, &member_pass, kdf, None)
+                    .map_err(|e| format!("cannot make the keyslot: {e}"))
+            },
+            |result| Msg::Sealed(Box::new((Sealing::Join(joined), result))),
+        );
         None
     }
 
-    fn join_finish(&mut self, j: Joined, result: Result<u32, String>) -> Answer {
+    /// A join's keyslot comes back from the pool: committed unless a lock
+    /// came in meanwhile (nothing is written then), or the invitation
+    /// was cancelled or expired.
+    fn join_finish(
+        &mut self,
+        j: Joined,
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
         self.joining.remove(&j.name);
         let name = j.name.as_str();
-        // Locked while the keyslot was made: it is wiped, nobody joins.
-        if self.vault.may_join().is_err() {
-            let detail = match &result {
-                Ok(slot) => {
-                    let r = self
-                        .container
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove_keyslot(*slot, false);
-                    match r {
-                        Ok(()) => {
-                            format!("the vault was locked while joining; new keyslot {slot} wiped")
-                        }
-                        Err(e) => {
-                            format!("the vault was locked while joining; new keyslot {slot}: {e}")
-                        }
-                    }
-                }
-                Err(why) => format!("the vault was locked while joining: {why}"),
-            };
+        let record = |this: &mut Self, result: &str, detail: String| {
             let rec = AuditRecord {
                 at: now_ms(),
                 actor: name.to_string(),
                 source: j.source.clone(),
                 action: "member_join".into(),
-                result: "refused:locked".into(),
+                result: result.into(),
                 detail,
             };
-            self.record(rec);
+            this.record(rec);
+        };
+        // Locked while the keyslot was made: nobody joins, nothing is
+        // written.
+        if self.vault.may_join().is_err() {
+            let detail = match &result {
+                Ok(_) => "the vault was locked while joining; the new keyslot was never written"
+                    .to_string(),
+                Err(why) => format!("the vault was locked while joining: {why}"),
+            };
+            drop(result);
+            record(self, "refused:locked", detail);
             self.drop_invitation(name, "cancelled");
             return (
                 409,
                 json!({"ok": false, "error": "locked", "message": "the vault was locked while you were joining: ask for a new invitation once it is unlocked"}),
             );
         }
-        let slot = match result {
+        let sealed = match result {
             Ok(s) => s,
             Err(why) => {
-                let rec = AuditRecord {
-                    at: now_ms(),
-                    actor: name.to_string(),
-                    source: j.source.clone(),
-                    action: "member_join".into(),
-                    result: "failed".into(),
-                    detail: why.clone(),
-                };
-                self.record(rec);
-                return (
-                    500,
-                    json!({"ok": false, "error": "failure", "message": format!("joining failed: {why}")}),
-                );
+                record(self, "failed", why.clone());
+                return failure(format!("joining failed: {why}"));
+            }
+        };
+        // The same invitation still pending (not cancelled, expired, or
+        // replaced meanwhile).
+        let pending = self
+            .control
+            .invitations
+            .get(name)
+            .is_some_and(|i| i.keyslot == j.temp_slot && i.expires_ms > now_ms().0);
+        if !pending {
+            drop(sealed);
+            record(
+                self,
+                "refused",
+                "the invitation was cancelled or expired while joining; nothing written".into(),
+            );
+            return (
+                403,
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+            );
+        }
+        let slot = {
+            let r = self
+                .container
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_sealed(sealed, None);
+            match r {
+                Ok(s) => s,
+                Err(e) => {
+                    let why = format!("cannot add the keyslot: {e}");
+                    record(self, "failed", why.clone());
+                    return failure(format!("joining failed: {why}"));
+                }
             }
         };
         self.drop_invitation(name, "used");
@@ -1776,10 +2004,7 @@ impl Shell {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove_keyslot(slot, false);
-            return (
-                500,
-                json!({"ok": false, "error": "failure", "message": "cannot bind your keyslot"}),
-            );
+            return failure("cannot bind your keyslot".into());
         }
         let mut secret = [0u8; totp::SECRET_LEN];
         coffre_luks2::secret::fill_random(&mut secret);
@@ -2059,6 +2284,22 @@ fn pause_workloads(
         cut.cut();
     }
     lines
+}
+
+/// A failure's answer (500).
+fn failure(message: String) -> Answer {
+    (
+        500,
+        json!({"ok": false, "error": "failure", "message": message}),
+    )
+}
+
+/// The KDF pool memory a derivation with `kdf` takes (KiB; at least 1).
+fn kdf_memory_kib(kdf: coffre_luks2::kdf::KdfParams) -> u32 {
+    match kdf {
+        coffre_luks2::kdf::KdfParams::Argon2id { memory_kib, .. } => memory_kib.max(1),
+        coffre_luks2::kdf::KdfParams::Pbkdf2 { .. } => 1,
+    }
 }
 
 fn ca_fingerprint(ca_pem: &str) -> String {
@@ -2458,12 +2699,9 @@ pub async fn serve(
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
             Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
-            Msg::Joined { joined, result } => {
-                let name = joined.name.clone();
-                let answer = shell.join_finish(joined, result);
-                if let Some(tx) = shell.join_replies.remove(&name) {
-                    let _ = tx.send(answer);
-                }
+            Msg::Sealed(job) => {
+                let (purpose, result) = *job;
+                shell.sealed(purpose, result)
             }
             Msg::Exposed(r, lines) => shell.exposed(r, lines),
             Msg::Unexposed {

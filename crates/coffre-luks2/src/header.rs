@@ -11,7 +11,10 @@ use crate::metadata::{
     AREA_ALIGN, AfEntry, Area, Config, DigestEntry, Id, Keyslot, Layout, Metadata, Segment,
     SegmentSize, U64s,
 };
-use crate::{BINARY_HEADER_SIZE, Error, MAX_KEYSLOTS, Passphrase, Result, SecretBytes, VolumeKey};
+use crate::{
+    BINARY_HEADER_SIZE, Error, KEYSLOT_SECTOR_SIZE, MAX_KEYSLOTS, Passphrase, Result, SecretBytes,
+    VolumeKey,
+};
 use serde_json::Map;
 use std::collections::BTreeMap;
 
@@ -49,6 +52,35 @@ pub struct Header {
     pub secondary_salt: [u8; 64],
     /// JSON metadata.
     pub metadata: Metadata,
+}
+
+/// The area a keyslot for a `key_len`-byte key takes (4096-aligned).
+fn area_size_for(key_len: usize) -> Result<u64> {
+    let raw = u64::try_from(key_len)
+        .ok()
+        .and_then(|l| l.checked_mul(u64::from(AF_STRIPES)))
+        .ok_or_else(|| Error::invalid("key too large"))?;
+    let material = raw.div_ceil(KEYSLOT_SECTOR_SIZE as u64) * KEYSLOT_SECTOR_SIZE as u64;
+    Ok(material.div_ceil(AREA_ALIGN) * AREA_ALIGN)
+}
+
+/// A keyslot sealed for a volume key and a passphrase, not yet placed in
+/// any header (no area, no number): see [`Header::seal_keyslot`]. Its
+/// material is secret until written, and wiped when dropped.
+pub struct SealedKeyslot {
+    keyslot: Keyslot,
+    material: SecretBytes,
+    /// The segment digest (salt, digest) it was checked against: which
+    /// volume key it holds.
+    digest: (String, String),
+}
+
+impl std::fmt::Debug for SealedKeyslot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedKeyslot")
+            .field("kdf", &self.keyslot.kdf.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A header as loaded, with the state of each copy.
@@ -452,15 +484,33 @@ impl Header {
         }
     }
 
-    fn build_keyslot(
+    /// Seals `key` for `passphrase` into a keyslot that belongs to no
+    /// header yet: the slow part of adding or replacing a keyslot (the
+    /// KDF), done from a copy of the header so that nobody holds the real
+    /// one meanwhile. [`Header::add_sealed`] or
+    /// [`Header::replace_with_sealed`] then places it, after checking it
+    /// still fits the header they are given.
+    pub fn seal_keyslot(
         &self,
         key: &VolumeKey,
         passphrase: &Passphrase,
         kdf: KdfParams,
         priority: Option<u32>,
-        avoid: Option<(u64, u64)>,
-    ) -> Result<(Keyslot, SecretBytes)> {
+    ) -> Result<SealedKeyslot> {
+        self.verify_volume_key(key)?;
+        self.seal_unchecked(key, passphrase, kdf, priority)
+    }
+
+    /// [`Header::seal_keyslot`] without checking `key` against the digest.
+    fn seal_unchecked(
+        &self,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        priority: Option<u32>,
+    ) -> Result<SealedKeyslot> {
         kdf.validate()?;
+        let (_, digest) = self.metadata.segment_digest()?;
         let encryption = self.segment()?.encryption.clone();
         let key_size = u32::try_from(key.len()).map_err(|_| Error::invalid("key too large"))?;
         let mut ks = Keyslot {
@@ -484,25 +534,37 @@ impl Header {
             priority,
             extra: Map::new(),
         };
-        let size = ks.material_len()?.div_ceil(AREA_ALIGN) * AREA_ALIGN;
-        ks.area.offset = U64s(self.allocate_area(size, avoid)?);
-        ks.area.size = U64s(size);
+        ks.area.size = U64s(ks.material_len()?.div_ceil(AREA_ALIGN) * AREA_ALIGN);
+        // The material does not depend on where the area will be: its IVs
+        // count from the area's first sector.
         let material = keyslot::seal(&ks, key, passphrase)?;
-        Ok((ks, material))
+        Ok(SealedKeyslot {
+            keyslot: ks,
+            material,
+            digest: (digest.salt.clone(), digest.digest.clone()),
+        })
     }
 
-    /// Adds a keyslot holding `key` (which must be this volume's key) for
-    /// `passphrase`. Returns the slot number, the area offset and the
-    /// encrypted material to write there *before* writing the header.
-    pub fn add_keyslot(
+    /// Refuses a sealed keyslot made for another volume key (the header
+    /// was re-keyed or replaced since it was sealed).
+    fn check_sealed(&self, sealed: &SealedKeyslot) -> Result<()> {
+        let (_, d) = self.metadata.segment_digest()?;
+        let same_key = d.salt == sealed.digest.0 && d.digest == sealed.digest.1;
+        if !same_key || self.segment()?.encryption != sealed.keyslot.area.encryption {
+            return Err(Error::WrongVolumeKey);
+        }
+        Ok(())
+    }
+
+    /// Places a sealed keyslot as keyslot `slot` (the lowest free one if
+    /// `None`) in a free area. Returns the slot number, the area offset
+    /// and the material to write there *before* writing the header.
+    pub fn add_sealed(
         &mut self,
         slot: Option<u32>,
-        key: &VolumeKey,
-        passphrase: &Passphrase,
-        kdf: KdfParams,
-        priority: Option<u32>,
+        sealed: SealedKeyslot,
     ) -> Result<(u32, u64, SecretBytes)> {
-        self.verify_volume_key(key)?;
+        self.check_sealed(&sealed)?;
         let n = match slot {
             Some(n) if n >= MAX_KEYSLOTS => {
                 return Err(Error::invalid(format!(
@@ -516,7 +578,12 @@ impl Header {
             Some(n) => n,
             None => self.free_keyslot()?,
         };
-        let (ks, material) = self.build_keyslot(key, passphrase, kdf, priority, None)?;
+        let SealedKeyslot {
+            keyslot: mut ks,
+            material,
+            ..
+        } = sealed;
+        ks.area.offset = U64s(self.allocate_area(ks.area.size.0, None)?);
         let offset = ks.area.offset.0;
         self.metadata.keyslots.insert(Id(n), ks);
         let (did, _) = self.metadata.segment_digest()?;
@@ -527,9 +594,68 @@ impl Header {
         Ok((n, offset, material))
     }
 
-    /// Replaces keyslot `n` with a new one for `passphrase` in a different
-    /// area (so the old material stays intact until the new header is
-    /// written). Returns (new offset, material, old area to wipe).
+    /// Adds a keyslot holding `key` (which must be this volume's key) for
+    /// `passphrase`: [`Header::seal_keyslot`] then [`Header::add_sealed`].
+    pub fn add_keyslot(
+        &mut self,
+        slot: Option<u32>,
+        key: &VolumeKey,
+        passphrase: &Passphrase,
+        kdf: KdfParams,
+        priority: Option<u32>,
+    ) -> Result<(u32, u64, SecretBytes)> {
+        // Cheap refusals before the KDF's seconds.
+        if let Some(n) = slot
+            && self.metadata.keyslots.contains_key(&Id(n))
+        {
+            return Err(Error::KeyslotInUse(n));
+        }
+        if slot.is_none() {
+            self.free_keyslot()?;
+        }
+        self.allocate_area(area_size_for(key.len())?, None)?;
+        let sealed = self.seal_keyslot(key, passphrase, kdf, priority)?;
+        self.add_sealed(slot, sealed)
+    }
+
+    /// Puts a sealed keyslot in place of keyslot `n`, in a different area
+    /// (so the old material stays intact until the new header is
+    /// written); `n` keeps its priority and extra fields. Refuses when `n`
+    /// no longer exists: a keyslot removed meanwhile is never brought
+    /// back. Returns (new offset, material, old area to wipe).
+    pub fn replace_with_sealed(
+        &mut self,
+        n: u32,
+        sealed: SealedKeyslot,
+    ) -> Result<(u64, SecretBytes, (u64, u64))> {
+        self.check_sealed(&sealed)?;
+        let old = self
+            .metadata
+            .keyslots
+            .get(&Id(n))
+            .ok_or(Error::KeyslotNotFound(n))?
+            .clone();
+        if self.metadata.digest_of_keyslot(Id(n)).is_none() {
+            return Err(Error::KeyslotNotFound(n));
+        }
+        let old_area = (old.area.offset.0, old.area.size.0);
+        let SealedKeyslot {
+            keyslot: mut ks,
+            material,
+            ..
+        } = sealed;
+        ks.priority = old.priority;
+        ks.extra = old.extra;
+        ks.area.offset =
+            U64s(self.allocate_area(ks.area.size.0, Some((old_area.0, old_area.0 + old_area.1)))?);
+        let offset = ks.area.offset.0;
+        self.metadata.keyslots.insert(Id(n), ks);
+        self.metadata.validate(self.binary.hdr_size)?;
+        Ok((offset, material, old_area))
+    }
+
+    /// Replaces keyslot `n` with a new one for `passphrase`:
+    /// [`Header::seal_keyslot`] then [`Header::replace_with_sealed`].
     pub fn replace_keyslot(
         &mut self,
         n: u32,
@@ -537,26 +663,18 @@ impl Header {
         passphrase: &Passphrase,
         kdf: KdfParams,
     ) -> Result<(u64, SecretBytes, (u64, u64))> {
-        self.verify_volume_key(key)?;
         let old = self
             .metadata
             .keyslots
             .get(&Id(n))
-            .ok_or(Error::KeyslotNotFound(n))?
-            .clone();
-        let old_area = (old.area.offset.0, old.area.size.0);
-        let (mut ks, material) = self.build_keyslot(
-            key,
-            passphrase,
-            kdf,
-            old.priority,
-            Some((old_area.0, old_area.0 + old_area.1)),
+            .ok_or(Error::KeyslotNotFound(n))?;
+        let old_end = old.area.offset.0 + old.area.size.0;
+        self.allocate_area(
+            area_size_for(key.len())?,
+            Some((old.area.offset.0, old_end)),
         )?;
-        ks.extra = old.extra;
-        let offset = ks.area.offset.0;
-        self.metadata.keyslots.insert(Id(n), ks);
-        self.metadata.validate(self.binary.hdr_size)?;
-        Ok((offset, material, old_area))
+        let sealed = self.seal_keyslot(key, passphrase, kdf, None)?;
+        self.replace_with_sealed(n, sealed)
     }
 
     /// Removes keyslot `n` from the metadata (and from digests and tokens
@@ -737,17 +855,9 @@ impl Header {
                 extra: Map::new(),
             },
         };
-        let (ks, material) = header.build_keyslot(key, passphrase, opts.kdf, None, None)?;
-        let offset = ks.area.offset.0;
-        header.metadata.keyslots.insert(Id(0), ks);
-        header
-            .metadata
-            .digests
-            .get_mut(&Id(0))
-            .expect("just inserted")
-            .keyslots
-            .push(Id(0));
-        header.metadata.validate(opts.hdr_size)?;
+        // The digest was just made from `key`: nothing to check it against.
+        let sealed = header.seal_unchecked(key, passphrase, opts.kdf, None)?;
+        let (_, offset, material) = header.add_sealed(Some(0), sealed)?;
         header.encode()?;
         Ok((header, offset, material))
     }

@@ -4,7 +4,7 @@
 use crate::{BlockDevice, EncryptedVolume, Error, FileDevice, Result};
 use coffre_luks2::binary::Copy;
 use coffre_luks2::cipher::{Provider, select};
-use coffre_luks2::header::{self, FormatOptions};
+use coffre_luks2::header::{self, FormatOptions, SealedKeyslot};
 use coffre_luks2::kdf::KdfParams;
 use coffre_luks2::{CopyState, Header, LoadedHeader, Passphrase, SecretBytes, VolumeKey};
 use std::path::{Path, PathBuf};
@@ -144,18 +144,22 @@ impl Luks2Container {
     /// Finds the keyslot `passphrase` opens (only `slot` if given) and
     /// returns it with the volume key. Tries keyslots by priority.
     pub fn unlock(&self, passphrase: &Passphrase, slot: Option<u32>) -> Result<(u32, VolumeKey)> {
-        for n in self.header().keyslots_to_try(slot)? {
-            let material = self.read_material(n)?;
-            match self
-                .header()
-                .unlock_keyslot(n, passphrase, material.expose())
-            {
-                Ok(k) => return Ok((n, k)),
-                Err(coffre_luks2::Error::WrongPassphrase) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(coffre_luks2::Error::WrongPassphrase.into())
+        self.keyslots_snapshot(slot)?.unlock(passphrase)
+    }
+
+    /// What an unlock needs, read now: a copy of the header and the
+    /// material of the keyslots to try (only `slot` if given). Its
+    /// [`KeyslotSnapshot::unlock`] runs the KDF without the container, so
+    /// a caller that shares the container behind a lock holds it only
+    /// for these reads, never across a derivation.
+    pub fn keyslots_snapshot(&self, slot: Option<u32>) -> Result<KeyslotSnapshot> {
+        let header = self.header().clone();
+        let materials = header
+            .keyslots_to_try(slot)?
+            .into_iter()
+            .map(|n| Ok((n, self.read_material(n)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KeyslotSnapshot { header, materials })
     }
 
     /// Opens the data segment with `key` (checked against the digest).
@@ -223,6 +227,32 @@ impl Luks2Container {
         let len = usize::try_from(size).map_err(|_| Error::Refused("area too large".into()))?;
         let noise = SecretBytes::random(len);
         self.write_at_sync(offset, noise.expose(), "wipe keyslot area in")
+    }
+
+    /// Places a keyslot sealed off the header (see
+    /// [`Header::seal_keyslot`]) as keyslot `slot` (the lowest free one if
+    /// `None`): a short write, checked against the header as it is now.
+    /// The material is written and synced before the header that points
+    /// to it.
+    pub fn add_sealed(&mut self, sealed: SealedKeyslot, slot: Option<u32>) -> Result<u32> {
+        self.ensure_writable()?;
+        let mut h = self.header().clone();
+        let (n, off, material) = h.add_sealed(slot, sealed)?;
+        self.write_at_sync(off, material.expose(), "write keyslot to")?;
+        self.commit(h)?;
+        Ok(n)
+    }
+
+    /// Puts a sealed keyslot in place of keyslot `n`, atomically (as
+    /// [`Luks2Container::change_passphrase`]). Refuses if `n` is gone: a
+    /// keyslot removed since the sealing began is not brought back.
+    pub fn replace_sealed(&mut self, n: u32, sealed: SealedKeyslot) -> Result<()> {
+        self.ensure_writable()?;
+        let mut h = self.header().clone();
+        let (off, material, (old_off, old_size)) = h.replace_with_sealed(n, sealed)?;
+        self.write_at_sync(off, material.expose(), "write keyslot to")?;
+        self.commit(h)?;
+        self.wipe_area(old_off, old_size)
     }
 
     /// Adds a keyslot for `new_passphrase` holding `key`. The key material
@@ -468,4 +498,39 @@ fn describe(s: &CopyState) -> String {
 /// One line about both copies, for messages.
 pub fn describe_copies(p: &CopyState, s: &CopyState) -> String {
     format!("primary {}; secondary {}", describe(p), describe(s))
+}
+
+/// Keyslots read for an unlock: see [`Luks2Container::keyslots_snapshot`].
+pub struct KeyslotSnapshot {
+    header: Header,
+    materials: Vec<(u32, SecretBytes)>,
+}
+
+impl KeyslotSnapshot {
+    /// Finds the keyslot `passphrase` opens among those read, by
+    /// priority, and returns it with the volume key.
+    pub fn unlock(&self, passphrase: &Passphrase) -> Result<(u32, VolumeKey)> {
+        for (n, material) in &self.materials {
+            match self
+                .header
+                .unlock_keyslot(*n, passphrase, material.expose())
+            {
+                Ok(k) => return Ok((*n, k)),
+                Err(coffre_luks2::Error::WrongPassphrase) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(coffre_luks2::Error::WrongPassphrase.into())
+    }
+}
+
+impl std::fmt::Debug for KeyslotSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyslotSnapshot")
+            .field(
+                "keyslots",
+                &self.materials.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }

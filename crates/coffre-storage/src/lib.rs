@@ -14,7 +14,8 @@ mod device;
 mod error;
 mod volume;
 
-pub use container::{FormatRequest, Luks2Container, RepairAction};
+pub use coffre_luks2::header::SealedKeyslot;
+pub use container::{FormatRequest, KeyslotSnapshot, Luks2Container, RepairAction};
 pub use device::{BlockDevice, FileDevice};
 pub use error::Error;
 pub use volume::{CipherSlot, EncryptedVolume};
