@@ -74,7 +74,12 @@ enum Msg {
     Sealed(Box<(Sealing, Result<coffre_storage::SealedKeyslot, String>)>),
     /// The data stack is up (or failed to come up), and what the
     /// workloads did.
-    Exposed(Result<String, String>, Vec<coffre_workload::Line>),
+    Exposed {
+        result: Result<String, String>,
+        lines: Vec<coffre_workload::Line>,
+        /// The key and the engine's cipher, while the vault is open.
+        held: Option<Box<(VolumeKey, Arc<coffre_storage::CipherSlot>)>>,
+    },
     /// A close of the data stack finished (`close`: which one).
     Unexposed {
         close: u64,
@@ -1151,63 +1156,27 @@ impl Shell {
                     },
                 );
             }
-            Effect::Open { req } => match self.kept.remove(&req) {
-                Some(k) => {
-                    let volume = {
-                        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
-                        c.open_volume(&k)
-                    };
-                    match volume {
-                        Ok(volume) => {
-                            self.open_key = Some(k);
-                            self.cipher_slot = Some(volume.cipher_slot());
-                            self.last_open_error = None;
-                            let slot = self.exposure.clone();
-                            let layout = self.layout.clone();
-                            let own = self.ownership();
-                            let tx = self.tx.clone();
-                            let opening = self.opening.clone();
-                            let workloads = self.workloads.clone();
-                            let cut = self.cut.clone();
-                            opening.store(true, std::sync::atomic::Ordering::SeqCst);
-                            tokio::task::spawn_blocking(move || {
-                                // Held for the whole open: a shutdown or a
-                                // close waits for it instead of missing it.
-                                let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
-                                let t = std::time::Instant::now();
-                                let r = coffre_data::expose(volume, &layout, &own);
-                                let mut lines = Vec::new();
-                                let msg = match r {
-                                    Ok(e) => {
-                                        *g = Some(e);
-                                        let detail = format!(
-                                            "data mounted at {} in {} ms",
-                                            layout.mountpoint.display(),
-                                            t.elapsed().as_millis()
-                                        );
-                                        // Key, data, then workloads.
-                                        lines =
-                                            resume_workloads(&workloads, cut.as_deref(), &layout);
-                                        Ok(detail)
-                                    }
-                                    Err(e) => Err(e.to_string()),
-                                };
-                                drop(g);
-                                opening.store(false, std::sync::atomic::Ordering::SeqCst);
-                                let _ = tx.send(Msg::Exposed(msg, lines));
-                            });
-                        }
-                        Err(e) => queue.push_back(Event::Opened {
-                            ok: false,
-                            detail: format!("the volume: {e}"),
-                        }),
-                    }
+            Effect::Open { req } => {
+                let Some(k) = self.kept.remove(&req) else {
+                    queue.push_back(Event::Opened {
+                        ok: false,
+                        detail: "no key was kept for this open".into(),
+                    });
+                    return;
+                };
+                let opener = self
+                    .container
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .volume_opener();
+                match opener {
+                    Ok(opener) => self.open(opener, k),
+                    Err(e) => queue.push_back(Event::Opened {
+                        ok: false,
+                        detail: format!("the volume: {e}"),
+                    }),
                 }
-                None => queue.push_back(Event::Opened {
-                    ok: false,
-                    detail: "no key was kept for this open".into(),
-                }),
-            },
+            }
             Effect::DiscardKey { req } => {
                 self.kept.remove(&req);
             }
@@ -1435,6 +1404,62 @@ impl Shell {
                 );
             }
         }
+    }
+
+    /// Opens the data off the actor: the key's check against the digest
+    /// (a derivation), the engine, the mount, then the workloads. The key
+    /// comes back with the result, to be held while the vault is open.
+    fn open(&mut self, opener: coffre_storage::VolumeOpener, key: VolumeKey) {
+        self.last_open_error = None;
+        let slot = self.exposure.clone();
+        let layout = self.layout.clone();
+        let own = self.ownership();
+        let tx = self.tx.clone();
+        let opening = self.opening.clone();
+        let workloads = self.workloads.clone();
+        let cut = self.cut.clone();
+        opening.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            // Held for the whole open: a shutdown or a close waits for it
+            // instead of missing it.
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let t = std::time::Instant::now();
+            let mut lines = Vec::new();
+            let mut held = None;
+            let result = match opener.open(&key) {
+                Err(e) => Err(format!("the volume: {e}")),
+                Ok(volume) => {
+                    let cipher = volume.cipher_slot();
+                    match coffre_data::expose(volume, &layout, &own) {
+                        Ok(e) => {
+                            *g = Some(e);
+                            let detail = format!(
+                                "data mounted at {} in {} ms",
+                                layout.mountpoint.display(),
+                                t.elapsed().as_millis()
+                            );
+                            // Key, data, then workloads.
+                            lines = resume_workloads(&workloads, cut.as_deref(), &layout);
+                            held = Some((key, cipher));
+                            Ok(detail)
+                        }
+                        Err(e) => {
+                            // Nothing keeps the engine: its key schedule
+                            // goes with the key.
+                            cipher.revoke();
+                            Err(e.to_string())
+                        }
+                    }
+                }
+            };
+            drop(g);
+            opening.store(false, std::sync::atomic::Ordering::SeqCst);
+            let _ = tx.send(Msg::Exposed {
+                result,
+                lines,
+                held: held.map(Box::new),
+            });
+        });
     }
 
     /// Sends `answer` to the member waiting on `req`, if still there.
@@ -2050,7 +2075,16 @@ impl Shell {
         }
     }
 
-    fn exposed(&mut self, r: Result<String, String>, lines: Vec<coffre_workload::Line>) {
+    fn exposed(
+        &mut self,
+        r: Result<String, String>,
+        lines: Vec<coffre_workload::Line>,
+        held: Option<(VolumeKey, Arc<coffre_storage::CipherSlot>)>,
+    ) {
+        if let Some((key, cipher)) = held {
+            self.open_key = Some(key);
+            self.cipher_slot = Some(cipher);
+        }
         self.workload_audit(lines);
         match r {
             Ok(detail) => self.run(Event::Opened { ok: true, detail }),
@@ -2703,7 +2737,11 @@ pub async fn serve(
                 let (purpose, result) = *job;
                 shell.sealed(purpose, result)
             }
-            Msg::Exposed(r, lines) => shell.exposed(r, lines),
+            Msg::Exposed {
+                result,
+                lines,
+                held,
+            } => shell.exposed(result, lines, held.map(|h| *h)),
             Msg::Unexposed {
                 close,
                 result,

@@ -169,6 +169,15 @@ impl Luks2Container {
 
     /// As [`Luks2Container::open_volume`], with a chosen cipher provider.
     pub fn open_volume_with(&self, key: &VolumeKey, provider: Provider) -> Result<EncryptedVolume> {
+        self.volume_opener()?.open_with(key, provider)
+    }
+
+    /// What opening the data segment needs, taken now: a copy of the
+    /// header and the data device. Its [`VolumeOpener::open`] checks the
+    /// key against the digest (a derivation) without the container, so a
+    /// caller that shares the container behind a lock does not hold it
+    /// meanwhile.
+    pub fn volume_opener(&self) -> Result<VolumeOpener> {
         if self.header_only {
             return Err(Error::Refused(format!(
                 "{} is a detached LUKS2 header (its data segment starts at 0): \
@@ -176,11 +185,10 @@ impl Luks2Container {
                 self.header_dev.path().display()
             )));
         }
-        let h = self.header();
-        h.verify_volume_key(key)?;
-        let seg = h.segment()?;
-        let cipher = select(&seg.encryption, key.expose(), provider)?;
-        EncryptedVolume::new(self.data.clone() as Arc<dyn BlockDevice>, seg, cipher)
+        Ok(VolumeOpener {
+            header: self.header().clone(),
+            data: self.data.clone(),
+        })
     }
 
     fn ensure_writable(&self) -> Result<()> {
@@ -532,5 +540,27 @@ impl std::fmt::Debug for KeyslotSnapshot {
                 &self.materials.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
+    }
+}
+
+/// The data segment, ready to open: see [`Luks2Container::volume_opener`].
+#[derive(Debug)]
+pub struct VolumeOpener {
+    header: Header,
+    data: Arc<FileDevice>,
+}
+
+impl VolumeOpener {
+    /// Opens the data segment with `key` (checked against the digest).
+    pub fn open(&self, key: &VolumeKey) -> Result<EncryptedVolume> {
+        self.open_with(key, Provider::Auto)
+    }
+
+    /// As [`VolumeOpener::open`], with a chosen cipher provider.
+    pub fn open_with(&self, key: &VolumeKey, provider: Provider) -> Result<EncryptedVolume> {
+        self.header.verify_volume_key(key)?;
+        let seg = self.header.segment()?;
+        let cipher = select(&seg.encryption, key.expose(), provider)?;
+        EncryptedVolume::new(self.data.clone() as Arc<dyn BlockDevice>, seg, cipher)
     }
 }

@@ -15,7 +15,7 @@ mod error;
 mod volume;
 
 pub use coffre_luks2::header::SealedKeyslot;
-pub use container::{FormatRequest, KeyslotSnapshot, Luks2Container, RepairAction};
+pub use container::{FormatRequest, KeyslotSnapshot, Luks2Container, RepairAction, VolumeOpener};
 pub use device::{BlockDevice, FileDevice};
 pub use error::Error;
 pub use volume::{CipherSlot, EncryptedVolume};
