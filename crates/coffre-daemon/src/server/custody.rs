@@ -1,0 +1,319 @@
+//! Key custody: passwords held while the core waits for their check, keys
+//! kept for an effect, the open key, and the KDF pool where every derivation
+//! runs (never on the actor, never under the header's lock); sealed keyslots
+//! come back here to be committed.
+
+use super::*;
+
+/// Secrets in the daemon's keeping, each for as long as it is needed.
+pub(super) struct Custody {
+    /// Passwords waiting for the core to ask for their check.
+    pub(super) passwords: HashMap<ReqId, Passphrase>,
+    /// New passwords (passwd) waiting for the old one's check.
+    pub(super) new_passwords: HashMap<ReqId, Passphrase>,
+    /// Keys kept for an effect the core will ask for (open, invite,
+    /// passwd).
+    pub(super) kept: HashMap<ReqId, VolumeKey>,
+    /// The volume key, while the vault is open.
+    pub(super) open_key: Option<VolumeKey>,
+    /// The open volume's cipher, revocable while its close hangs.
+    pub(super) cipher_slot: Option<Arc<coffre_storage::CipherSlot>>,
+    /// The KDF pool's memory budget (KiB permits), and its size.
+    pub(super) pool: Arc<Semaphore>,
+    pub(super) cap: u32,
+}
+
+impl Custody {
+    pub(super) fn new(cap: u32) -> Self {
+        Self {
+            passwords: HashMap::new(),
+            new_passwords: HashMap::new(),
+            kept: HashMap::new(),
+            open_key: None,
+            cipher_slot: None,
+            pool: Arc::new(Semaphore::new(cap as usize)),
+            cap,
+        }
+    }
+}
+
+/// What a keyslot sealed in the KDF pool is for. The derivation runs
+/// there, off the actor and without the header's lock; the commit (a
+/// short header write) runs on the actor, after checking again what may
+/// have changed meanwhile (a lock, a removal, another invitation).
+pub(super) enum Sealing {
+    /// `member`'s new password for `keyslot`.
+    Passwd {
+        req: ReqId,
+        member: String,
+        keyslot: u32,
+    },
+    /// An invitation's temporary keyslot; `code` goes in the reply.
+    Invite {
+        req: ReqId,
+        name: String,
+        role: Role,
+        code: zeroize::Zeroizing<[u8; 16]>,
+    },
+    /// A new member's keyslot, opened by the invitation's temporary one.
+    Join(Joined),
+}
+
+/// The KDF pool memory a derivation with `kdf` takes (KiB; at least 1).
+pub(super) fn kdf_memory_kib(kdf: coffre_luks2::kdf::KdfParams) -> u32 {
+    match kdf {
+        coffre_luks2::kdf::KdfParams::Argon2id { memory_kib, .. } => memory_kib.max(1),
+        coffre_luks2::kdf::KdfParams::Pbkdf2 { .. } => 1,
+    }
+}
+
+impl Shell {
+    /// Runs `work` (a key derivation) in the KDF pool: on a blocking
+    /// thread, once `memory_kib` of the pool's memory budget is free (a
+    /// burst of attempts waits instead of allocating argon2 memory all at
+    /// once), never on the actor. `done` turns its result into the message
+    /// the actor gets.
+    pub(super) fn kdf_job<T: Send + 'static>(
+        &self,
+        memory_kib: u32,
+        work: impl FnOnce() -> Result<T, String> + Send + 'static,
+        done: impl FnOnce(Result<T, String>) -> Msg + Send + 'static,
+    ) {
+        let permits = memory_kib.clamp(1, self.custody.cap);
+        let pool = self.custody.pool.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let permit = pool.acquire_many_owned(permits).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let r = work();
+                coffre_luks2::secret::scrub_stack();
+                r
+            })
+            .await
+            .unwrap_or_else(|_| Err("the key derivation failed".into()));
+            drop(permit);
+            let _ = tx.send(done(result));
+        });
+    }
+
+    /// A copy of the header, taken under its lock for an instant: what a
+    /// derivation works from, so that nobody holds the lock across it.
+    pub(super) fn header_snapshot(&self) -> coffre_luks2::Header {
+        self.container
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .header()
+            .clone()
+    }
+
+    pub(super) fn keyslot_memory_kib(&self, keyslot: u32) -> u32 {
+        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+        c.header()
+            .metadata
+            .keyslots
+            .get(&coffre_luks2::metadata::Id(keyslot))
+            .and_then(|k| k.kdf().ok())
+            .map_or(1, |k| k.memory_kib().max(1))
+    }
+
+    /// Checks a password against its keyslot in the KDF pool (only a keyslot a LUKS2 token binds to the member).
+    pub(super) fn check_password(
+        &mut self,
+        req: ReqId,
+        member: String,
+        keyslot: u32,
+        keep_key: bool,
+        queue: &mut VecDeque<Event>,
+    ) {
+        let bound = {
+            let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+            c.header()
+                .metadata
+                .tokens
+                .values()
+                .any(|t| token_binds(t, &member, keyslot))
+        };
+        let Some(pass) = self.custody.passwords.remove(&req) else {
+            queue.push_back(Event::PasswordChecked { req, ok: false });
+            return;
+        };
+        if !bound {
+            self.system_audit(
+                "keyslot",
+                "refused",
+                format!("no LUKS2 token binds {member} to keyslot {keyslot}"),
+            );
+            queue.push_back(Event::PasswordChecked { req, ok: false });
+            return;
+        }
+        let memory = self.keyslot_memory_kib(keyslot);
+        let container = self.container.clone();
+        self.kdf_job(
+            memory,
+            move || {
+                // The lock is held for the reads only.
+                let snapshot = container
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keyslots_snapshot(Some(keyslot))
+                    .map_err(|e| e.to_string())?;
+                snapshot
+                    .unlock(&pass)
+                    .map(|(_, k)| k)
+                    .map_err(|e| e.to_string())
+            },
+            move |result| {
+                let key = result.ok();
+                let ok = key.is_some();
+                // A key nobody keeps (an unlock approval, a lock, a
+                // mode switch) is wiped here, before the result
+                // travels anywhere.
+                let key = key.filter(|_| keep_key);
+                Msg::KeyChecked { req, ok, key }
+            },
+        );
+    }
+
+    pub(super) fn key_checked(&mut self, req: ReqId, ok: bool, key: Option<VolumeKey>) {
+        if let Some(k) = key {
+            self.custody.kept.insert(req, k);
+        }
+        self.run(Event::PasswordChecked { req, ok });
+    }
+
+    /// Starts a password change: the new keyslot is sealed in the KDF pool.
+    pub(super) fn change_password(&mut self, req: ReqId, member: String, keyslot: u32) {
+        let key = self.custody.kept.remove(&req);
+        let new = self.custody.new_passwords.remove(&req);
+        let (Some(key), Some(new)) = (key, new) else {
+            self.answer(req, failure("password not changed".into()));
+            return;
+        };
+        // The new keyslot is derived in the pool from a copy of the
+        // header; the commit comes back here.
+        let kdf = self.config.keyslot_kdf.params();
+        let header = self.header_snapshot();
+        self.kdf_job(
+            kdf_memory_kib(kdf),
+            move || {
+                header
+                    .seal_keyslot(&key, &new, kdf, None)
+                    .map_err(|e| e.to_string())
+            },
+            move |result| {
+                Msg::Sealed(Box::new((
+                    Sealing::Passwd {
+                        req,
+                        member,
+                        keyslot,
+                    },
+                    result,
+                )))
+            },
+        );
+    }
+
+    /// A keyslot sealed in the pool comes back: committed if what it was
+    /// for still holds.
+    pub(super) fn sealed(
+        &mut self,
+        purpose: Sealing,
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) {
+        match purpose {
+            Sealing::Passwd {
+                req,
+                member,
+                keyslot,
+            } => {
+                let answer = self.commit_passwd(&member, keyslot, result);
+                self.answer(req, answer);
+            }
+            Sealing::Invite {
+                req,
+                name,
+                role,
+                code,
+            } => {
+                let answer = self.commit_invitation(&name, role, &code, result);
+                self.answer(req, answer);
+            }
+            Sealing::Join(joined) => {
+                let name = joined.name.clone();
+                let answer = self.join_finish(joined, result);
+                if let Some(tx) = self.joins.replies.remove(&name) {
+                    let _ = tx.send(answer);
+                }
+            }
+        }
+    }
+
+    /// Puts a new password's keyslot in place of the old one, unless the
+    /// vault was locked or the member removed while it was derived (a
+    /// removed keyslot is never brought back).
+    pub(super) fn commit_passwd(
+        &mut self,
+        member: &str,
+        keyslot: u32,
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                return failure(format!("password not changed: {e}"));
+            }
+        };
+        if self.vault.is_locked() {
+            drop(sealed);
+            self.system_audit(
+                "passwd",
+                "refused:locked",
+                format!("{member}: the vault was locked while the new keyslot was made; keyslot {keyslot} unchanged"),
+            );
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked while your new password was being set: it was not changed"}),
+            );
+        }
+        let still = self
+            .vault
+            .members()
+            .get(member)
+            .is_some_and(|m| m.keyslot == keyslot);
+        if !still {
+            drop(sealed);
+            self.system_audit(
+                "passwd",
+                "refused",
+                format!("{member}: removed (or given another keyslot) while the new keyslot was made; nothing written"),
+            );
+            return (
+                403,
+                json!({"ok": false, "error": "not_permitted", "message": "you are no longer a member with that keyslot: password not changed"}),
+            );
+        }
+        let r = self
+            .container
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace_sealed(keyslot, sealed);
+        match r {
+            Ok(()) => (200, json!({"ok": true})),
+            Err(e) => {
+                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                failure(format!("password not changed: {e}"))
+            }
+        }
+    }
+
+    /// Wipes the volume key everywhere the daemon holds it: its own copy,
+    /// and the engine's key schedule (revoked, so a stack or a thread that
+    /// still holds the volume keeps no key). Returns whether the engine
+    /// still had one.
+    pub(super) fn wipe_key(&mut self) -> bool {
+        // Dropping a VolumeKey zeroizes it.
+        self.custody.open_key = None;
+        self.custody.cipher_slot.take().is_some_and(|s| s.revoke())
+    }
+}

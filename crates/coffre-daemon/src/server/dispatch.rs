@@ -1,0 +1,526 @@
+//! Requests in, answers out: a member's command from either door is checked
+//! (certificate, reads while locked, audit) and handed to the vault core; the
+//! core's effects are performed in order.
+
+use super::*;
+
+pub(super) fn refusal_status(code: Refusal) -> u16 {
+    match code {
+        Refusal::Locked | Refusal::Busy => 409,
+        Refusal::Throttled => 429,
+        Refusal::Invalid | Refusal::NoTask => 400,
+        Refusal::NoSession => 404,
+        _ => 403,
+    }
+}
+
+pub(super) fn code_name(code: Refusal) -> String {
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl Shell {
+    pub(super) fn api(
+        &mut self,
+        fp: Option<String>,
+        addr: SocketAddr,
+        cmd: ApiCommand,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        let Some(fp) = fp else {
+            if let Some(why) = &self.audit.error {
+                let _ = reply.send((
+                    503,
+                    json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): try again later")}),
+                ));
+                return;
+            }
+            // Without a client certificate, joining is the only thing to do.
+            match cmd {
+                ApiCommand::Join {
+                    name,
+                    code,
+                    csr,
+                    password,
+                } => match self.join(&name, &code.0, &csr, &password.0, addr) {
+                    Some(answer) => {
+                        let _ = reply.send(answer);
+                    }
+                    None => {
+                        self.joins.replies.insert(name, reply);
+                    }
+                },
+                _ => {
+                    let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "a member certificate is required"})));
+                }
+            }
+            return;
+        };
+        let Some(member) = self.member_of(&fp) else {
+            self.system_audit(
+                "connect",
+                "refused:unknown_certificate",
+                format!(
+                    "certificate {} from {addr} is not a member's (unknown, removed or revoked)",
+                    &fp[..16]
+                ),
+            );
+            let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "this certificate belongs to no member of the vault"})));
+            return;
+        };
+        // The IP only: throttling is per source host, not per connection.
+        let source = Source {
+            door: "cli".into(),
+            addr: addr.ip().to_string(),
+        };
+        // While locked only superusers read (docs/security.md, "What each
+        // state protects"); the core says who may.
+        let is_read = matches!(
+            cmd,
+            ApiCommand::Status
+                | ApiCommand::TaskList
+                | ApiCommand::MemberList
+                | ApiCommand::AuditShow { .. }
+                | ApiCommand::AuditVerify
+                | ApiCommand::WorkloadLogs { .. }
+                | ApiCommand::GatewayProfile
+                | ApiCommand::ProposalList
+        );
+        if is_read && let Err(code) = self.vault.may_read(&member) {
+            let _ = reply.send((
+                refusal_status(code),
+                json!({"ok": false, "error": code_name(code), "message": "the vault is locked: only superusers can read its status and audit log until the quorum unlocks it"}),
+            ));
+            return;
+        }
+        // Commands that need them carry the password and the TOTP code.
+        let (command, auth) = match cmd {
+            ApiCommand::Status => {
+                let _ = reply.send((200, self.status_json(&member)));
+                return;
+            }
+            ApiCommand::TaskList => {
+                let s = self.status_json(&member);
+                let _ = reply.send((200, json!({"ok": true, "tasks": s["tasks"]})));
+                return;
+            }
+            ApiCommand::ProposalList => {
+                let p = proposals_json(&self.vault.status().proposals);
+                let _ = reply.send((200, json!({"ok": true, "proposals": p})));
+                return;
+            }
+            ApiCommand::Approve {
+                id,
+                password: p,
+                totp,
+            } => (Command::Approve { id }, Some((p, totp))),
+            ApiCommand::InviteCancel {
+                name,
+                password: p,
+                totp,
+            } => {
+                if !self.control.invitations.contains_key(&name) {
+                    let _ = reply.send((
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation")}),
+                    ));
+                    return;
+                }
+                (Command::InviteCancel { name }, Some((p, totp)))
+            }
+            ApiCommand::MemberList => {
+                let list: Vec<Value> = self
+                    .vault
+                    .members()
+                    .values()
+                    .map(|m| json!({"name": m.name, "role": m.role, "keyslot": m.keyslot}))
+                    .collect();
+                let _ = reply.send((200, json!({"ok": true, "members": list})));
+                return;
+            }
+            ApiCommand::AuditShow { since } => {
+                let answer = match coffre_audit::read_entries(&self.dir.root) {
+                    Ok(entries) => (
+                        200,
+                        json!({"ok": true, "entries": entries.into_iter().filter(|e| e.seq > since.unwrap_or(0)).collect::<Vec<_>>()}),
+                    ),
+                    Err(e) => (
+                        500,
+                        json!({"ok": false, "error": "audit", "message": e.to_string()}),
+                    ),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            ApiCommand::AuditVerify => {
+                let answer = match coffre_audit::verify(
+                    &self.dir.root,
+                    &self.control.audit_public_key,
+                ) {
+                    Ok(r) => (
+                        200,
+                        json!({"ok": true, "records": r.records, "last_hash": r.last_hash}),
+                    ),
+                    Err(e) => (
+                        200,
+                        json!({"ok": false, "error": "audit_tampered", "message": e.to_string()}),
+                    ),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            ApiCommand::WorkloadLogs {
+                session,
+                name,
+                bytes,
+            } => {
+                if self.vault.session_member(SessionId(session)) != Some(member.as_str()) {
+                    let _ = reply.send((
+                        409,
+                        json!({"ok": false, "error": "no_session", "message": "reading a workload's log needs your live session: run `coffre enter` first"}),
+                    ));
+                    return;
+                }
+                self.workload_logs(&member, &name, bytes, reply);
+                return;
+            }
+            ApiCommand::GatewayProfile => {
+                let answer = match crate::gateway::profile_settings(&self.dir, &self.config) {
+                    Ok(p) => (
+                        200,
+                        json!({"ok": true, "vault": p.vault, "remote": p.remote, "port": p.port,
+                               "proto": p.proto, "static_challenge": p.static_challenge,
+                               "ca_pem": p.ca_pem, "tls_crypt": p.tls_crypt}),
+                    ),
+                    Err(msg) => (
+                        404,
+                        json!({"ok": false, "error": "no_gateway", "message": msg}),
+                    ),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            ApiCommand::Enter { password: p, totp } => (Command::Enter, Some((p, totp))),
+            ApiCommand::Leave { session } => (
+                Command::Leave {
+                    session: SessionId(session),
+                },
+                None,
+            ),
+            ApiCommand::Heartbeat { session } => (
+                Command::Heartbeat {
+                    session: SessionId(session),
+                },
+                None,
+            ),
+            ApiCommand::TaskAdd {
+                session,
+                task_name,
+                task_user,
+                task_expire,
+                workload,
+            } => {
+                if let Some(name) = &workload
+                    && let Err(answer) = self.may_wait_for(&member, name)
+                {
+                    let _ = reply.send(answer);
+                    return;
+                }
+                (
+                    Command::TaskAdd {
+                        session: SessionId(session),
+                        name: task_name,
+                        claimed_owner: task_user,
+                        duration_ms: task_expire.saturating_mul(1000),
+                        workload,
+                    },
+                    None,
+                )
+            }
+            ApiCommand::TaskCancel { session, task_id } => (
+                Command::TaskCancel {
+                    session: SessionId(session),
+                    task: TaskId(task_id),
+                },
+                None,
+            ),
+            ApiCommand::Lock {
+                reason,
+                password: p,
+                totp,
+            } => (Command::Lock { reason }, Some((p, totp))),
+            ApiCommand::Unlock { password: p, totp } => (Command::Unlock, Some((p, totp))),
+            ApiCommand::Mode {
+                mode,
+                password: p,
+                totp,
+            } => (Command::SetMode { mode }, Some((p, totp))),
+            ApiCommand::Quorum {
+                quorum,
+                password: p,
+                totp,
+            } => (Command::SetQuorum { quorum }, Some((p, totp))),
+            ApiCommand::MemberRemove {
+                name,
+                password: p,
+                totp,
+            } => (Command::MemberRemove { name }, Some((p, totp))),
+            ApiCommand::Invite {
+                name,
+                role,
+                password: p,
+                totp,
+            } => {
+                if let Err(msg) = crate::init::check_member_name(&name) {
+                    let _ = reply.send((
+                        400,
+                        json!({"ok": false, "error": "invalid", "message": msg}),
+                    ));
+                    return;
+                }
+                if let Some(answer) = self.invitation_pending(&name) {
+                    let _ = reply.send(answer);
+                    return;
+                }
+                (Command::Invite { name, role }, Some((p, totp)))
+            }
+            ApiCommand::Passwd {
+                password: p,
+                new_password,
+                totp,
+            } => {
+                if new_password.0.is_empty() {
+                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "the new password is empty"})));
+                    return;
+                }
+                self.custody.new_passwords.insert(
+                    ReqId(self.next_req),
+                    Passphrase::from_slice(new_password.0.as_bytes()),
+                );
+                (Command::Passwd, Some((p, totp)))
+            }
+            ApiCommand::Join { .. } => {
+                let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "this identity is already a member"})));
+                return;
+            }
+        };
+        let (password, totp_code) = match auth {
+            Some((p, code)) => (Some(p), Some(code)),
+            None => (None, None),
+        };
+        self.submit(
+            member,
+            source,
+            command,
+            password.as_ref().map(|p| p.0.as_str()),
+            totp_code.as_deref(),
+            reply,
+        );
+    }
+
+    /// Hands an authenticated member's command to the core (from either
+    /// door). `password` and `totp_code` come with the commands that need
+    /// them; the password is kept only while the core waits for its check.
+    pub(super) fn submit(
+        &mut self,
+        member: String,
+        source: Source,
+        command: Command,
+        password: Option<&str>,
+        totp_code: Option<&str>,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        if let Some(answer) = self.refused_for_audit(&command) {
+            let _ = reply.send(answer);
+            return;
+        }
+        let totp = match totp_code {
+            None => Totp::Missing,
+            Some(code) => {
+                let secret = self
+                    .control
+                    .totp
+                    .get(&member)
+                    .and_then(|s| totp::unbase32(s));
+                let now_s = now_ms().0 / 1000;
+                match secret.and_then(|s| totp::verify(&s, code, now_s, self.config.totp_period_s))
+                {
+                    Some(step) => Totp::Valid { step },
+                    None => Totp::Invalid,
+                }
+            }
+        };
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let has_password = password.is_some_and(|p| !p.is_empty());
+        if let Some(p) = password
+            && has_password
+        {
+            self.custody
+                .passwords
+                .insert(req, Passphrase::from_slice(p.as_bytes()));
+        }
+        self.replies.insert(req, reply);
+        self.run(Event::Request(Request {
+            req,
+            member,
+            source,
+            password: has_password,
+            totp,
+            command,
+        }));
+        // A request the core answered without a password check leaves no
+        // password behind.
+        if !self.vault_waits_for(req) {
+            self.custody.passwords.remove(&req);
+            self.custody.new_passwords.remove(&req);
+        }
+    }
+
+    pub(super) fn vault_waits_for(&self, req: ReqId) -> bool {
+        self.replies.contains_key(&req)
+    }
+
+    pub(super) fn run(&mut self, first: Event) {
+        let mut queue = VecDeque::from([first]);
+        while let Some(event) = queue.pop_front() {
+            let effects = self.vault.handle(now_ms(), event);
+            self.locked_flag
+                .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);
+            for effect in effects {
+                self.perform(effect, &mut queue);
+            }
+        }
+        self.flush_parked();
+    }
+
+    pub(super) fn member_of(&self, fp: &str) -> Option<String> {
+        if self.control.revoked.iter().any(|r| r == fp) {
+            return None;
+        }
+        let name = self.control.certs.get(fp)?;
+        self.vault
+            .members()
+            .contains_key(name)
+            .then(|| name.clone())
+    }
+
+    pub(super) fn perform(&mut self, effect: Effect, queue: &mut VecDeque<Event>) {
+        match effect {
+            Effect::CheckPassword {
+                req,
+                member,
+                keyslot,
+                keep_key,
+            } => self.check_password(req, member, keyslot, keep_key, queue),
+            Effect::Open { req } => self.open_kept(req, queue),
+            Effect::DiscardKey { req } => {
+                self.custody.kept.remove(&req);
+            }
+            Effect::Close { force, mode } => self.close(force, mode, queue),
+            Effect::Reply { req, outcome } => self.reply(req, outcome),
+            Effect::DropSession { session, .. } => {
+                // CLI sessions learn it at their next heartbeat; VPN
+                // clients are disconnected.
+                self.vpn_drop_session(session);
+            }
+            Effect::RemoveMember { name, keyslot } => self.remove_member(name, keyslot),
+            Effect::Audit(rec) => self.record(rec),
+            Effect::Persist => self.persist(),
+            Effect::CancelInvitations => self.cancel_invitations(),
+            Effect::CancelInvitation { req, name } => self.cancel_invitation(req, name),
+            Effect::Invite { req, name, role } => self.invite(req, name, role),
+            Effect::ChangePassword {
+                req,
+                member,
+                keyslot,
+            } => self.change_password(req, member, keyslot),
+        }
+    }
+
+    /// Answers the member waiting on `req` with the core's outcome.
+    pub(super) fn reply(&mut self, req: ReqId, outcome: Outcome) {
+        if let Some(tx) = self.replies.remove(&req) {
+            let answer = match outcome {
+                Outcome::Ok(Reply::Entered { session }) => {
+                    let v = json!({"ok": true, "session": session.0});
+                    let state = self.vault.status().state;
+                    if state == "opening" || state == "closing" {
+                        // Answered once the data is there.
+                        self.data.parked.push((tx, v));
+                        return;
+                    }
+                    let mut v = v;
+                    v["data"] = json!(self.data.layout.mountpoint);
+                    (200, v)
+                }
+                Outcome::Ok(Reply::TaskAdded { task, expires }) => (
+                    200,
+                    json!({"ok": true, "task_id": task.0, "expires_ms": expires.0}),
+                ),
+                Outcome::Ok(Reply::UnlockApproved { remaining }) => {
+                    (200, json!({"ok": true, "remaining": remaining}))
+                }
+                Outcome::Ok(Reply::Proposal {
+                    id,
+                    description,
+                    remaining,
+                }) => (
+                    200,
+                    json!({"ok": true, "proposal": {"id": id, "description": description, "remaining": remaining}}),
+                ),
+                Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
+                Outcome::Refused { code, message } => (
+                    refusal_status(code),
+                    json!({"ok": false, "error": code_name(code), "message": message}),
+                ),
+            };
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Sends `answer` to the member waiting on `req`, if still there.
+    pub(super) fn answer(&mut self, req: ReqId, answer: Answer) {
+        if let Some(tx) = self.replies.remove(&req) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Sends the `enter` replies that waited for the open, once it is
+    /// decided.
+    pub(super) fn flush_parked(&mut self) {
+        if self.data.parked.is_empty() {
+            return;
+        }
+        let state = self.vault.status().state;
+        if state == "opening" || state == "closing" {
+            return;
+        }
+        let mountpoint = self.data.layout.mountpoint.clone();
+        let err = self.data.last_open_error.clone();
+        for (tx, mut v) in self.data.parked.drain(..) {
+            let answer = if state == "open" {
+                v["data"] = json!(mountpoint);
+                (200, v)
+            } else {
+                (
+                    503,
+                    json!({"ok": false, "error": "open_failed", "message": format!(
+                        "the vault could not open: {}",
+                        err.as_deref().unwrap_or("it closed again")
+                    )}),
+                )
+            };
+            let _ = tx.send(answer);
+        }
+    }
+
+    pub(super) fn persist(&mut self) {
+        self.control.vault = self.vault.persistent().clone();
+        if let Err(e) = self.dir.save_control(&self.control) {
+            eprintln!("coffre: cannot save control data: {e}");
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! Invitations and joins: a temporary keyslot per invitation, the join that
+//! turns it into a member's keyslot, and the throttle that keeps strangers'
+//! joins from flooding the daemon or the log.
+
+use super::*;
+
+/// Joins under way (by name, with the connection waiting for each), and
+/// the throttle on joins without a certificate, per source address.
+#[derive(Default)]
+pub(super) struct Joins {
+    pub(super) throttle: HashMap<String, JoinThrottle>,
+    pub(super) joining: std::collections::HashSet<String>,
+    pub(super) replies: HashMap<String, oneshot::Sender<Answer>>,
+}
+
+/// Failed joins from one address (clients without a certificate).
+#[derive(Default)]
+pub(super) struct JoinThrottle {
+    failures: u32,
+    until: Millis,
+    /// Refusals since the last record that were counted, not logged.
+    unlogged: u64,
+}
+
+/// Refused joins from one address logged one by one before they are
+/// only counted (a summary record at each tick).
+pub(super) const JOIN_REFUSALS_LOGGED: u32 = 5;
+
+/// A join whose keyslot is being made in the KDF pool.
+pub(super) struct Joined {
+    pub(super) name: String,
+    pub(super) role: Role,
+    pub(super) cert_pem: String,
+    pub(super) fingerprint: String,
+    pub(super) source: Option<Source>,
+    /// The invitation's temporary keyslot (which invitation this is).
+    pub(super) temp_slot: u32,
+}
+
+/// Why a join stopped: the vault was locked while it ran.
+pub(super) const JOIN_LOCKED: &str = "the vault was locked";
+
+pub(super) fn ca_fingerprint(ca_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map(|d| fingerprint(d.as_ref()))
+        .unwrap_or_default()
+}
+
+impl Shell {
+    /// One record per address for the refused joins that were only
+    /// counted since the last tick; quiet addresses are forgotten.
+    pub(super) fn count_join_refusals(&mut self) {
+        let now = now_ms();
+        let mut counted = Vec::new();
+        for (ip, t) in &mut self.joins.throttle {
+            if t.unlogged > 0 {
+                counted.push((ip.clone(), t.unlogged));
+                t.unlogged = 0;
+            }
+        }
+        self.joins
+            .throttle
+            .retain(|_, t| t.until.plus(600_000) > now || t.unlogged > 0);
+        for (ip, n) in counted {
+            self.record(AuditRecord {
+                at: now,
+                actor: "coffre".into(),
+                source: Some(Source {
+                    door: "join".into(),
+                    addr: ip.clone(),
+                }),
+                action: "member_join".into(),
+                result: "refused:counted".into(),
+                detail: format!(
+                    "{n} more join attempt(s) from {ip} refused or throttled, counted rather than logged one by one"
+                ),
+            });
+        }
+    }
+
+    /// The refusal for a second invitation while `name` has one pending.
+    pub(super) fn invitation_pending(&self, name: &str) -> Option<Answer> {
+        let inv = self.control.invitations.get(name)?;
+        Some((
+            400,
+            json!({"ok": false, "error": "invalid", "message": format!(
+                "{name} already has a pending invitation (expires at {} ms): cancel it first (`coffre member cancel-invitation {name}`), or wait until it is used or expires",
+                inv.expires_ms
+            )}),
+        ))
+    }
+
+    pub(super) fn free_token_id(&self) -> Option<u32> {
+        let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+        (0..coffre_luks2::MAX_KEYSLOTS).find(|i| {
+            !c.header()
+                .metadata
+                .tokens
+                .contains_key(&coffre_luks2::metadata::Id(*i))
+        })
+    }
+
+    pub(super) fn invite_passphrase(&self, code: &[u8]) -> Option<Passphrase> {
+        crate::init::invitation_passphrase(&self.control.invite_secret, code)
+    }
+
+    /// Starts an invitation with the key kept for `req`.
+    pub(super) fn invite(&mut self, req: ReqId, name: String, role: Role) {
+        let key = self.custody.kept.remove(&req);
+        // Checked again where the keyslot is committed: a second
+        // invitation would orphan the first one's keyslot.
+        let refusal = match (self.invitation_pending(&name), key) {
+            (Some(refusal), _) => {
+                self.system_audit(
+                    "member_invite",
+                    "refused",
+                    format!("{name} already has a pending invitation"),
+                );
+                Some(refusal)
+            }
+            (None, None) => Some(failure("no key for the invitation".into())),
+            (None, Some(k)) => self.seal_invitation(req, k, name, role).err(),
+        };
+        if let Some(answer) = refusal {
+            self.answer(req, answer);
+        }
+    }
+
+    /// A temporary keyslot opened by the invitation code mixed with a
+    /// secret only this host holds: a stolen invitation plus a stolen
+    /// header is not enough. Sealed in the pool (the volume key's digest
+    /// check is a derivation too), committed by
+    /// [`Shell::commit_invitation`].
+    pub(super) fn seal_invitation(
+        &mut self,
+        req: ReqId,
+        key: VolumeKey,
+        name: String,
+        role: Role,
+    ) -> Result<(), Answer> {
+        let code = crate::init::invitation_code();
+        let Some(pass) = self.invite_passphrase(code.as_ref()) else {
+            return Err(failure("no invitation secret in control data".into()));
+        };
+        if self.free_token_id().is_none() {
+            return Err(failure("no free LUKS2 token".into()));
+        }
+        let kdf = crate::init::invitation_kdf();
+        let header = self.header_snapshot();
+        self.kdf_job(
+            kdf_memory_kib(kdf),
+            move || {
+                header
+                    .seal_keyslot(&key, &pass, kdf, None)
+                    .map_err(|e| format!("cannot make the invitation keyslot: {e}"))
+            },
+            move |result| {
+                Msg::Sealed(Box::new((
+                    Sealing::Invite {
+                        req,
+                        name,
+                        role,
+                        code,
+                    },
+                    result,
+                )))
+            },
+        );
+        Ok(())
+    }
+
+    /// Commits an invitation's sealed keyslot, unless a lock or another
+    /// invitation for the same name came in meanwhile.
+    pub(super) fn commit_invitation(
+        &mut self,
+        name: &str,
+        role: Role,
+        code: &[u8; 16],
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => return failure(e),
+        };
+        if self.vault.is_locked() {
+            drop(sealed);
+            self.system_audit(
+                "member_invite",
+                "refused:locked",
+                format!(
+                    "the vault was locked while the invitation for {name} was made; nothing written"
+                ),
+            );
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked meanwhile: no invitation was made"}),
+            );
+        }
+        if let Some(refusal) = self.invitation_pending(name) {
+            self.system_audit(
+                "member_invite",
+                "refused",
+                format!("{name} already has a pending invitation"),
+            );
+            return refusal;
+        }
+        let Some(token_id) = self.free_token_id() else {
+            return failure("no free LUKS2 token".into());
+        };
+        let slot = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            let slot = match c.add_sealed(sealed, None) {
+                Ok(n) => n,
+                Err(e) => return failure(format!("cannot add the invitation keyslot: {e}")),
+            };
+            if let Err(e) = c.set_token(token_id, json!({"type": crate::init::INVITE_TOKEN, "keyslots": [slot.to_string()], "member": name})) {
+                let _ = c.remove_keyslot(slot, false);
+                return failure(format!("cannot bind the invitation keyslot: {e}"));
+            }
+            slot
+        };
+        let expires_ms = now_ms().0 + self.config.invitation_ttl_s * 1000;
+        let code_hex = crate::init::hex_secret(code);
+        self.control.invitations.insert(
+            name.to_string(),
+            crate::vaultdir::Invitation {
+                keyslot: slot,
+                role,
+                expires_ms,
+                code_sha256: crate::pki::fingerprint(code),
+                by: String::new(),
+            },
+        );
+        self.persist();
+        self.system_audit(
+            "member_invite",
+            "ok",
+            format!("invitation for {name}: temporary keyslot {slot}, expires at {expires_ms} ms"),
+        );
+        let ca_pem = self.dir.read(&self.dir.ca_cert()).unwrap_or_default();
+        (
+            200,
+            json!({"ok": true, "invitation": {
+                // The reply's JSON and HTTP buffers keep copies we cannot
+                // wipe; the code opens nothing without the host's secret.
+                "name": name, "role": role,
+                "code": std::str::from_utf8(code_hex.expose()).unwrap_or_default(),
+                "expires_ms": expires_ms,
+                "server": self.config.listen, "ca_pem": ca_pem,
+                "ca_fingerprint": ca_fingerprint(&ca_pem),
+            }}),
+        )
+    }
+
+    /// Cancels every pending invitation (a lock).
+    pub(super) fn cancel_invitations(&mut self) {
+        let names: Vec<String> = self.control.invitations.keys().cloned().collect();
+        for name in names {
+            self.drop_invitation(&name, "cancelled");
+        }
+    }
+
+    /// Cancels `name`'s invitation and answers `req`.
+    pub(super) fn cancel_invitation(&mut self, req: ReqId, name: String) {
+        let had = self.control.invitations.contains_key(&name);
+        self.drop_invitation(&name, "cancelled");
+        let answer = if had {
+            (200, json!({"ok": true}))
+        } else {
+            (
+                400,
+                json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation (used or expired meanwhile)")}),
+            )
+        };
+        if let Some(tx) = self.replies.remove(&req) {
+            let _ = tx.send(answer);
+        }
+    }
+
+    pub(super) fn drop_invitation(&mut self, name: &str, why: &str) {
+        let Some(inv) = self.control.invitations.remove(name) else {
+            return;
+        };
+        let r = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            let tokens: Vec<u32> = c
+                .header()
+                .metadata
+                .tokens
+                .iter()
+                .filter(|(_, t)| {
+                    t.get("type").and_then(|x| x.as_str()) == Some(crate::init::INVITE_TOKEN)
+                        && t.get("member").and_then(|x| x.as_str()) == Some(name)
+                })
+                .map(|(id, _)| id.0)
+                .collect();
+            let mut r = c.remove_keyslot(inv.keyslot, false);
+            for id in tokens {
+                let _ = c.remove_token(id);
+            }
+            if matches!(
+                r,
+                Err(coffre_storage::Error::Luks2(
+                    coffre_luks2::Error::KeyslotNotFound(_)
+                ))
+            ) {
+                r = Ok(());
+            }
+            r
+        };
+        self.persist();
+        match r {
+            Ok(()) => self.system_audit(
+                "member_invite",
+                why,
+                format!(
+                    "invitation for {name} ended; temporary keyslot {} wiped",
+                    inv.keyslot
+                ),
+            ),
+            Err(e) => self.system_audit(
+                "member_invite",
+                "failed",
+                format!("invitation for {name}: keyslot {}: {e}", inv.keyslot),
+            ),
+        }
+    }
+
+    pub(super) fn expire_invitations(&mut self) {
+        let now = now_ms().0;
+        let expired: Vec<String> = self
+            .control
+            .invitations
+            .iter()
+            .filter(|(_, i)| i.expires_ms <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            self.drop_invitation(&name, "expired");
+        }
+    }
+
+    pub(super) fn join(
+        &mut self,
+        name: &str,
+        code_hex: &str,
+        csr: &str,
+        password: &str,
+        addr: SocketAddr,
+    ) -> Option<Answer> {
+        let ip = addr.ip().to_string();
+        let source = Some(Source {
+            door: "join".into(),
+            addr: ip.clone(),
+        });
+        // Anyone can send a join: throttled per address like other
+        // failures (never counted towards the auto-lock, which would hand
+        // a lock to anyone on the network), and past a few refusals only
+        // counted, so a flood neither fills the log nor keeps it busy.
+        // A valid code is never throttled (codes are 128 random bits: the
+        // throttle is against floods, not guesses).
+        let now = now_ms();
+        let refuse = |this: &mut Self, why: &str| {
+            let pol = &this.vault.persistent().policy;
+            let (base, max) = (pol.throttle_base_ms, pol.throttle_max_ms);
+            let t = this.joins.throttle.entry(ip.clone()).or_default();
+            if t.until > now {
+                t.unlogged += 1;
+                let secs = (t.until.0 - now.0).div_ceil(1000);
+                return (
+                    429,
+                    json!({"ok": false, "error": "throttled", "message": format!("too many failed attempts; try again in {secs} s")}),
+                );
+            }
+            t.failures = t.failures.saturating_add(1);
+            let shift = t.failures.saturating_sub(1).min(20);
+            t.until = now.plus(base.saturating_mul(1u64 << shift).min(max));
+            if t.failures <= JOIN_REFUSALS_LOGGED {
+                let rec = AuditRecord {
+                    at: now_ms(),
+                    actor: name.to_string(),
+                    source: source.clone(),
+                    action: "member_join".into(),
+                    result: "refused".into(),
+                    detail: why.to_string(),
+                };
+                this.record(rec);
+            } else {
+                t.unlogged += 1;
+            }
+            (
+                403,
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+            )
+        };
+        let Some(inv) = self.control.invitations.get(name).cloned() else {
+            return Some(refuse(self, "no pending invitation"));
+        };
+        if inv.expires_ms <= now_ms().0 {
+            self.drop_invitation(name, "expired");
+            return Some(refuse(self, "invitation expired"));
+        }
+        let Some(code) = crate::totp::unhex(code_hex).map(zeroize::Zeroizing::new) else {
+            return Some(refuse(self, "malformed code"));
+        };
+        if !coffre_luks2::hash::ct_eq(
+            crate::pki::fingerprint(&code).as_bytes(),
+            inv.code_sha256.as_bytes(),
+        ) {
+            return Some(refuse(self, "wrong invitation code"));
+        }
+        // A right code: whoever holds it is no flooder.
+        self.joins.throttle.remove(&ip);
+        // Before the temporary keyslot is opened: while locked the volume
+        // key must not come into memory, nor may anyone join. After the
+        // code check, so that only the holder of a valid invitation learns
+        // that the vault is locked (a lock cancels invitations, so this
+        // answers a join that raced the lock).
+        if self.vault.may_join().is_err() {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: source.clone(),
+                action: "member_join".into(),
+                result: "refused:locked".into(),
+                detail: "the vault is locked".into(),
+            };
+            self.record(rec);
+            return Some((
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
+            ));
+        }
+        if password.is_empty() {
+            return Some((
+                400,
+                json!({"ok": false, "error": "invalid", "message": "the password is empty"}),
+            ));
+        }
+        let Some(temp) = self.invite_passphrase(&code) else {
+            return Some(refuse(self, "no invitation secret"));
+        };
+        let ca_key = match self.dir.read(&self.dir.ca_key()) {
+            Ok(k) => k,
+            Err(e) => {
+                return Some((
+                    500,
+                    json!({"ok": false, "error": "failure", "message": e.to_string()}),
+                ));
+            }
+        };
+        let issued = match crate::pki::sign_csr(&self.config.name, &ca_key, csr, name) {
+            Ok(i) => i,
+            Err(e) => {
+                return Some((
+                    400,
+                    json!({"ok": false, "error": "invalid", "message": format!("bad certificate request: {e}")}),
+                ));
+            }
+        };
+        if !self.joins.joining.insert(name.to_string()) {
+            return Some((
+                409,
+                json!({"ok": false, "error": "busy", "message": "this invitation is being used right now"}),
+            ));
+        }
+        // The new keyslot's derivation runs in the KDF pool, off the actor
+        // and without the header's lock, so the daemon keeps answering
+        // while it takes its seconds; the commit comes back here.
+        let kdf = self.config.keyslot_kdf.params();
+        let member_pass = Passphrase::from_slice(password.as_bytes());
+        let container = self.container.clone();
+        let temp_slot = inv.keyslot;
+        let locked = self.locked_flag.clone();
+        let joined = Joined {
+            name: name.to_string(),
+            role: inv.role,
+            cert_pem: issued.cert_pem,
+            fingerprint: issued.fingerprint,
+            source,
+            temp_slot,
+        };
+        self.kdf_job(
+            kdf_memory_kib(kdf),
+            move || {
+                let (header, snapshot) = {
+                    let c = container.read().unwrap_or_else(|p| p.into_inner());
+                    let snapshot = c
+                        .keyslots_snapshot(Some(temp_slot))
+                        .map_err(|e| format!("temporary keyslot: {e}"))?;
+                    (c.header().clone(), snapshot)
+                };
+                let (_, key) = snapshot
+                    .unlock(&temp)
+                    .map_err(|e| format!("temporary keyslot did not open: {e}"))?;
+                // A lock that landed while the temporary keyslot opened:
+                // the key goes at once and nothing is derived.
+                if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(JOIN_LOCKED.into());
+                }
+                header
+                    .seal_keyslot(&key, &member_pass, kdf, None)
+                    .map_err(|e| format!("cannot make the keyslot: {e}"))
+            },
+            |result| Msg::Sealed(Box::new((Sealing::Join(joined), result))),
+        );
+        None
+    }
+
+    /// A join's keyslot comes back from the pool: committed unless a lock
+    /// came in meanwhile (nothing is written then), or the invitation
+    /// was cancelled or expired.
+    pub(super) fn join_finish(
+        &mut self,
+        j: Joined,
+        result: Result<coffre_storage::SealedKeyslot, String>,
+    ) -> Answer {
+        self.joins.joining.remove(&j.name);
+        let name = j.name.as_str();
+        let record = |this: &mut Self, result: &str, detail: String| {
+            let rec = AuditRecord {
+                at: now_ms(),
+                actor: name.to_string(),
+                source: j.source.clone(),
+                action: "member_join".into(),
+                result: result.into(),
+                detail,
+            };
+            this.record(rec);
+        };
+        // Locked while the keyslot was made: nobody joins, nothing is
+        // written.
+        if self.vault.may_join().is_err() {
+            let detail = match &result {
+                Ok(_) => "the vault was locked while joining; the new keyslot was never written"
+                    .to_string(),
+                Err(why) => format!("the vault was locked while joining: {why}"),
+            };
+            drop(result);
+            record(self, "refused:locked", detail);
+            self.drop_invitation(name, "cancelled");
+            return (
+                409,
+                json!({"ok": false, "error": "locked", "message": "the vault was locked while you were joining: ask for a new invitation once it is unlocked"}),
+            );
+        }
+        let sealed = match result {
+            Ok(s) => s,
+            Err(why) => {
+                record(self, "failed", why.clone());
+                return failure(format!("joining failed: {why}"));
+            }
+        };
+        // The same invitation still pending (not cancelled, expired, or
+        // replaced meanwhile).
+        let pending = self
+            .control
+            .invitations
+            .get(name)
+            .is_some_and(|i| i.keyslot == j.temp_slot && i.expires_ms > now_ms().0);
+        if !pending {
+            drop(sealed);
+            record(
+                self,
+                "refused",
+                "the invitation was cancelled or expired while joining; nothing written".into(),
+            );
+            return (
+                403,
+                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+            );
+        }
+        let slot = {
+            let r = self
+                .container
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_sealed(sealed, None);
+            match r {
+                Ok(s) => s,
+                Err(e) => {
+                    let why = format!("cannot add the keyslot: {e}");
+                    record(self, "failed", why.clone());
+                    return failure(format!("joining failed: {why}"));
+                }
+            }
+        };
+        self.drop_invitation(name, "used");
+        let bound = self.free_token_id().map(|id| {
+            self.container.write().unwrap_or_else(|p| p.into_inner()).set_token(id, json!({"type": crate::init::MEMBER_TOKEN, "keyslots": [slot.to_string()], "member": name}))
+        });
+        if !matches!(bound, Some(Ok(()))) {
+            let _ = self
+                .container
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove_keyslot(slot, false);
+            return failure("cannot bind your keyslot".into());
+        }
+        let mut secret = [0u8; totp::SECRET_LEN];
+        coffre_luks2::secret::fill_random(&mut secret);
+        self.control
+            .totp
+            .insert(name.to_string(), totp::base32(&secret));
+        self.control
+            .certs
+            .insert(j.fingerprint.clone(), name.to_string());
+        self.run(Event::MemberJoined {
+            member: Member {
+                name: name.to_string(),
+                role: j.role,
+                keyslot: slot,
+                last_totp_step: None,
+            },
+        });
+        self.persist();
+        (
+            200,
+            json!({"ok": true, "cert_pem": j.cert_pem, "keyslot": slot,
+            "otpauth": totp::otpauth_uri(&format!("coffre {}", self.config.name), name, &secret, self.config.totp_period_s)}),
+        )
+    }
+}

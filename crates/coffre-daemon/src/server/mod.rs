@@ -1,0 +1,451 @@
+//! `coffre serve`: the shell around the vault core. It turns connections
+//! and timers into events, performs the core's effects in order (key
+//! derivation in a memory-bounded pool, open, close, audit, persistence),
+//! and answers over the mutual-TLS JSON API.
+
+use crate::api::ApiCommand;
+use crate::init::token_binds;
+use crate::pki::fingerprint;
+use crate::tls::server_config;
+use crate::totp;
+use crate::vaultdir::{Config, Control, DirError, VaultDir};
+use coffre_audit::{AuditLog, HostKey};
+use coffre_luks2::{Passphrase, VolumeKey};
+use coffre_storage::Luks2Container;
+use coffre_vault::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+mod audit;
+mod custody;
+mod dispatch;
+mod exposure;
+mod gateway;
+mod http;
+mod invitations;
+mod members;
+mod status;
+mod workloads;
+
+use audit::AuditSink;
+use custody::*;
+use exposure::DataState;
+use http::*;
+use invitations::*;
+use status::*;
+use workloads::WorkloadState;
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Vault directory.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The volume (busy, damaged...).
+    #[error("the vault's volume: {0}")]
+    Storage(#[from] coffre_storage::Error),
+    /// The audit log does not verify or cannot be written.
+    #[error("the audit log: {0} (run `coffre audit verify --dir DIR` to see what is wrong)")]
+    Audit(#[from] coffre_audit::Error),
+    /// TLS set-up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// Listening socket.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Answer = (u16, Value);
+
+enum Msg {
+    Api {
+        fingerprint: Option<String>,
+        addr: SocketAddr,
+        cmd: ApiCommand,
+        reply: oneshot::Sender<Answer>,
+    },
+    /// A keyslot check ended; `key` only when the core asked to keep it.
+    KeyChecked {
+        req: ReqId,
+        ok: bool,
+        key: Option<VolumeKey>,
+    },
+    /// A keyslot sealed in the KDF pool, to be committed on the actor.
+    Sealed(Box<(Sealing, Result<coffre_storage::SealedKeyslot, String>)>),
+    /// The data stack is up (or failed to come up), and what the
+    /// workloads did.
+    Exposed {
+        result: Result<String, String>,
+        lines: Vec<coffre_workload::Line>,
+        /// The key and the engine's cipher, while the vault is open.
+        held: Option<Box<(VolumeKey, Arc<coffre_storage::CipherSlot>)>>,
+    },
+    /// A close of the data stack finished (`close`: which one).
+    Unexposed {
+        close: u64,
+        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        lines: Vec<coffre_workload::Line>,
+    },
+    /// A forced close's deadline: if close `close` still runs, the engine
+    /// is cut off and the key wiped.
+    CloseDeadline(u64),
+    /// From OpenVPN's management link.
+    Link(crate::gateway::LinkEvent),
+    /// The core's answer to a VPN client's `enter`.
+    VpnAnswer(gateway::VpnAnswer),
+    /// Workloads that ended by themselves, and the bound tasks' workloads
+    /// that are not running.
+    Reaped {
+        lines: Vec<coffre_workload::Line>,
+        ended: Vec<String>,
+    },
+    /// A record from work done off the actor.
+    SystemAudit {
+        action: &'static str,
+        outcome: &'static str,
+        detail: String,
+    },
+    Tick,
+    Shutdown(oneshot::Sender<()>),
+}
+
+fn now_ms() -> Millis {
+    Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// The daemon's state, owned by its actor (one task: every change to the
+/// vault happens here, in order). Each concern keeps its own part, in
+/// its module; the work that blocks runs elsewhere and reports back by
+/// message.
+struct Shell {
+    dir: VaultDir,
+    config: Config,
+    control: Control,
+    /// The rules (sans I/O): what the shell asks, and what it must do.
+    vault: Vault,
+    /// The audit log, and what waits to be written to it.
+    audit: AuditSink,
+    /// Passwords, keys and the KDF pool.
+    custody: Custody,
+    /// Joins under way and the throttle on strangers' joins.
+    joins: Joins,
+    /// The data stack: open, close, and what waits for them.
+    data: DataState,
+    /// The team's workloads.
+    workloads: WorkloadState,
+    container: Arc<RwLock<Luks2Container>>,
+    /// Members waiting for the core's answer.
+    replies: HashMap<ReqId, oneshot::Sender<Answer>>,
+    tx: mpsc::UnboundedSender<Msg>,
+    next_req: u64,
+    /// OpenVPN's clients and the sessions they hold.
+    vpn: gateway::VpnState,
+    /// Commands to OpenVPN's management link (if the vault has a gateway).
+    gw_tx: Option<mpsc::UnboundedSender<crate::gateway::LinkCommand>>,
+    /// Whether the vault is locked, for work that runs off the actor (a
+    /// join between its temporary keyslot and its new keyslot).
+    locked_flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A failure's answer (500).
+fn failure(message: String) -> Answer {
+    (
+        500,
+        json!({"ok": false, "error": "failure", "message": message}),
+    )
+}
+
+/// Runs the daemon for the vault in `dir` until SIGTERM or SIGINT.
+/// `on_ready` gets the bound address once the daemon accepts connections.
+pub async fn serve(
+    dir: &Path,
+    listen: Option<String>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    coffre_sys::return_large_allocations();
+    coffre_sys::raise_open_files_limit();
+    // Absolute and resolved: the mount table and sysfs speak in such paths,
+    // and finding our own mounts after a crash depends on it.
+    let dir = &dir.canonicalize().map_err(|source| DirError::Io {
+        what: "resolve",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config()?;
+    let control = vd.load_control()?;
+    // Exclusive locks on the volume and its header for the daemon's life.
+    let container = Luks2Container::open(&config.volume, Some(&config.header))?;
+    let host_key = HostKey::load_or_create(&vd.host_key())?;
+    let audit = AuditLog::open(dir, host_key)?;
+    let head_for_replies = HeadForReplies {
+        watch: audit.head_watch(),
+        key: audit.public_hex(),
+    };
+    let unclean = vd.running_marker().exists();
+    coffre_audit::write_atomic(
+        &vd.running_marker(),
+        std::process::id().to_string().as_bytes(),
+        0o600,
+    )?;
+
+    let tls = server_config(
+        &vd.read(&vd.ca_cert())?,
+        &vd.read(&vd.server_cert())?,
+        &vd.read(&vd.server_key())?,
+    )?;
+    let addr = listen.unwrap_or_else(|| config.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: addr.clone(),
+        source,
+    })?;
+
+    // The rules come from config.toml (the operator's file); the unlock
+    // quorum is changed through `coffre quorum` (audited) and lives in the
+    // control data.
+    let mut persistent = control.vault.clone();
+    let quorum = persistent.policy.unlock_quorum;
+    persistent.policy = config.policy.clone();
+    persistent.policy.unlock_quorum = quorum;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cap =
+        u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
+    // A daemon killed while open leaves its mount, loop device, FUSE
+    // file and socket behind: take them down before anything else.
+    let layout = vd.data_layout(&config);
+    let workloads = coffre_workload::Workloads::new(
+        &config.workloads,
+        &config.workload,
+        coffre_workload::Paths {
+            scope: coffre_workload::scope_of(dir),
+            run: dir.join("run").join("workloads"),
+            data: layout.mountpoint.clone(),
+            view: dir.join("run").join("view"),
+            cover: (layout.mountpoint.parent() == Some(dir.as_path())).then(|| dir.clone()),
+            hide: coffre_data::system::vault_mounts,
+            nbd_socket: layout.nbd_socket.clone(),
+            vms: dir.join("run").join("vm"),
+        },
+    );
+    // What a crashed daemon left running goes first (it may still be
+    // using the data), then the data stack it left.
+    let stale_workloads = workloads.cleanup_stale();
+    let cleaned = tokio::task::spawn_blocking({
+        let layout = layout.clone();
+        let grace = Duration::from_secs(config.data.close_grace_s);
+        move || coffre_data::cleanup_stale(&layout, grace)
+    })
+    .await
+    .unwrap_or_default();
+    let mut shell = Shell {
+        dir: vd,
+        vault: Vault::new(persistent),
+        control,
+        config,
+        audit: AuditSink::new(audit),
+        custody: Custody::new(cap),
+        joins: Joins::default(),
+        data: DataState::new(layout),
+        workloads: WorkloadState::new(workloads),
+        container: Arc::new(RwLock::new(container)),
+        replies: HashMap::new(),
+        tx: tx.clone(),
+        next_req: 1,
+        vpn: gateway::VpnState::default(),
+        gw_tx: None,
+        locked_flag: Arc::default(),
+    };
+
+    if let Some(sock) = shell.dir.management_socket(&shell.config) {
+        // The socket's directory protects the passwords it carries (the
+        // link refuses a socket others could reach, and says why).
+        if let Some(parent) = sock.parent() {
+            let _ = crate::gateway::private_dir(parent);
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        shell.gw_tx = Some(cmd_tx);
+        tokio::spawn(crate::gateway::run(sock, ev_tx, cmd_rx));
+        let link_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                if link_tx.send(Msg::Link(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    for line in cleaned {
+        shell.system_audit("cleanup", "ok", line);
+    }
+    shell.workload_audit(stale_workloads);
+    if shell
+        .config
+        .workload
+        .iter()
+        .any(|w| w.role == coffre_workload::config::Role::Project)
+    {
+        let at = shell.dir.root.join("run").join("view");
+        match coffre_data::cut::CutLayer::mount(&at) {
+            Ok(c) => shell.data.cut = Some(Arc::new(c)),
+            Err(e) => shell.system_audit(
+                "workload",
+                "failed",
+                format!("the workloads' view of the data at {}: {e}", at.display()),
+            ),
+        }
+    }
+    let lines = shell
+        .workloads
+        .set
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .start_services();
+    shell.workload_audit(lines);
+    shell.run(Event::Boot { unclean });
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let accept_tx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = accept_tx.clone();
+            let head = head_for_replies.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let fp = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| fingerprint(c.as_ref()));
+                let svc = service_fn(move |req| {
+                    handle_http(req, tx.clone(), fp.clone(), peer, head.clone())
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let tick_tx = tx.clone();
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            iv.tick().await;
+            if tick_tx.send(Msg::Tick).is_err() {
+                break;
+            }
+        }
+    });
+    let sig_tx = tx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let (done, _wait) = oneshot::channel();
+        let _ = sig_tx.send(Msg::Shutdown(done));
+    });
+    on_ready(local);
+
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Api {
+                fingerprint,
+                addr,
+                cmd,
+                reply,
+            } => shell.api(fingerprint, addr, cmd, reply),
+            Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
+            Msg::Sealed(job) => {
+                let (purpose, result) = *job;
+                shell.sealed(purpose, result)
+            }
+            Msg::Exposed {
+                result,
+                lines,
+                held,
+            } => shell.exposed(result, lines, held.map(|h| *h)),
+            Msg::Unexposed {
+                close,
+                result,
+                lines,
+            } => {
+                shell.data.closes_running.remove(&close);
+                if !shell.data.closes_abandoned.remove(&close) {
+                    shell.unexposed(result, lines);
+                }
+            }
+            Msg::CloseDeadline(close) => shell.close_deadline(close),
+            Msg::Link(ev) => shell.link_event(ev),
+            Msg::VpnAnswer(a) => shell.vpn_answer(a),
+            Msg::Reaped { lines, ended } => shell.reaped(lines, ended),
+            Msg::SystemAudit {
+                action,
+                outcome,
+                detail,
+            } => shell.system_audit(action, outcome, detail),
+            Msg::Tick => {
+                shell.flush_audit();
+                shell.count_join_refusals();
+                shell.reap_workloads();
+                shell.expire_invitations();
+                shell.vpn_tick();
+                shell.run(Event::Tick);
+            }
+            Msg::Shutdown(done) => {
+                shell.shutdown();
+                let _ = done.send(());
+                break;
+            }
+        }
+    }
+    Ok(())
+}

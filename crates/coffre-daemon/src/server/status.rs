@@ -1,0 +1,82 @@
+//! What `status` and the other reads show: the core's state, the data stack,
+//! the workloads, the proposals.
+
+use super::*;
+
+pub(super) fn proposals_json(list: &[Proposal]) -> Value {
+    json!(
+        list.iter()
+            .map(|p| json!({
+                "id": p.id, "kind": p.change.kind(), "change": p.change,
+                "description": p.description, "by": p.by, "created_ms": p.created.0,
+                "expires_ms": p.expires.0, "approvals": p.approvals, "needed": p.needed,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+impl Shell {
+    pub(super) fn status_json(&self, member: &str) -> Value {
+        let s = self.vault.status();
+        json!({
+            "ok": true,
+            "you": member,
+            "state": s.state,
+            "lock": s.lock,
+            "mode": s.mode,
+            "mode_pending": s.mode_pending,
+            "workloads": self.workloads_json(),
+            "sessions": s.sessions.iter().map(|x| json!({
+                "session": x.id.0, "member": x.member, "door": x.source.door, "from": x.source.addr,
+                "since_ms": x.since.0, "last_seen_ms": x.last_seen.0,
+            })).collect::<Vec<_>>(),
+            "tasks": s.tasks.iter().map(|t| json!({
+                "task_id": t.id.0, "task_name": t.name, "task_user": t.owner,
+                "created_ms": t.created.0, "expires_ms": t.expires.0,
+            })).collect::<Vec<_>>(),
+            "unlock_approvals": s.unlock_approvals,
+            "unlock_quorum": s.unlock_quorum,
+            "proposals": proposals_json(&s.proposals),
+            "members": s.members,
+            "key_held": self.custody.open_key.is_some(),
+            "audit": {
+                "writable": self.audit.error.is_none(),
+                "error": self.audit.error,
+                "waiting": self.audit.backlog.len(),
+            },
+            "data": self.data_json(),
+            "gateway": self.gateway_json(),
+        })
+    }
+
+    pub(super) fn workloads_json(&self) -> Value {
+        let rows = self
+            .workloads
+            .rows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        json!(rows)
+    }
+
+    pub(super) fn data_json(&self) -> Value {
+        let mut v = json!({
+            "mountpoint": self.data.layout.mountpoint,
+            "mounted": false,
+        });
+        match self.data.exposure.try_lock() {
+            Ok(g) => {
+                if let Some(e) = g.as_ref().filter(|e| !e.is_closed()) {
+                    let st = e.status();
+                    v["mounted"] = json!(true);
+                    v["loop_device"] = json!(st.loop_device);
+                    v["nbd_socket"] = json!(st.nbd_socket);
+                    v["exports"] = json!(st.exports);
+                    v["nbd_clients"] = json!(st.nbd_clients);
+                }
+            }
+            Err(_) => v["changing"] = json!(true),
+        }
+        v
+    }
+}
