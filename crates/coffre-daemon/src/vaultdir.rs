@@ -312,20 +312,7 @@ impl KeyslotKdf {
     }
 }
 
-/// A pending invitation.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Invitation {
-    /// The temporary keyslot.
-    pub keyslot: u32,
-    /// Role the member will have.
-    pub role: coffre_vault::Role,
-    /// Expiry, ms since the epoch.
-    pub expires_ms: u64,
-    /// SHA-256 of the one-time code, hex.
-    pub code_sha256: String,
-    /// Who invited.
-    pub by: String,
-}
+pub use coffre_vault::invitations::Invitation;
 
 fn default_period() -> u64 {
     30

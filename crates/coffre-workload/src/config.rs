@@ -162,6 +162,13 @@ fn default_stop_timeout() -> u64 {
 }
 
 impl WorkloadConfig {
+    /// Whether `member` may use this workload (read its log, bind a task
+    /// to it): one of its `members`, any superuser, or anyone when it
+    /// names no members.
+    pub fn admits(&self, member: &str, superuser: bool) -> bool {
+        superuser || self.members.is_empty() || self.members.iter().any(|m| m == member)
+    }
+
     /// Checks one declaration; says what is wrong.
     pub fn check(&self) -> Result<(), String> {
         let n = &self.name;
@@ -252,4 +259,45 @@ pub fn check_all(list: &[WorkloadConfig]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn workload(members: Vec<String>) -> WorkloadConfig {
+        let mut w: WorkloadConfig =
+            serde_json::from_str(r#"{"name": "w", "kind": "process", "command": ["true"]}"#)
+                .unwrap();
+        w.members = members;
+        w
+    }
+
+    proptest! {
+        /// Who may use a workload: a superuser always; with a list of
+        /// members, exactly those; adding a name to the list takes
+        /// access from nobody already listed, and gives it to that name.
+        #[test]
+        fn admits_exactly_its_members_and_superusers(
+            listed in proptest::collection::btree_set("[a-e]", 0..4),
+            who in "[a-f]",
+            superuser: bool,
+            extra in "[a-f]",
+        ) {
+            let w = workload(listed.iter().cloned().collect());
+            let expected = superuser || listed.is_empty() || listed.contains(&who);
+            prop_assert_eq!(w.admits(&who, superuser), expected);
+            let mut more = listed.clone();
+            more.insert(extra.clone());
+            let w2 = workload(more.iter().cloned().collect());
+            prop_assert!(w2.admits(&extra, false));
+            for m in &listed {
+                prop_assert!(w2.admits(m, false));
+            }
+            if !listed.is_empty() && !listed.contains(&who) && who != extra {
+                prop_assert!(!w2.admits(&who, false));
+            }
+        }
+    }
 }

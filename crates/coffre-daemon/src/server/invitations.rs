@@ -3,28 +3,16 @@
 //! joins from flooding the daemon or the log.
 
 use super::*;
+use coffre_vault::invitations::{JoinEffect, JoinEvent, JoinRefusal};
 
 /// Joins under way (by name, with the connection waiting for each), and
 /// the throttle on joins without a certificate, per source address.
 #[derive(Default)]
 pub(super) struct Joins {
-    pub(super) throttle: HashMap<String, JoinThrottle>,
+    pub(super) door: coffre_vault::invitations::JoinDoor,
     pub(super) joining: std::collections::HashSet<String>,
     pub(super) replies: HashMap<String, oneshot::Sender<Answer>>,
 }
-
-/// Failed joins from one address (clients without a certificate).
-#[derive(Default)]
-pub(super) struct JoinThrottle {
-    failures: u32,
-    until: Millis,
-    /// Refusals since the last record that were counted, not logged.
-    unlogged: u64,
-}
-
-/// Refused joins from one address logged one by one before they are
-/// only counted (a summary record at each tick).
-pub(super) const JOIN_REFUSALS_LOGGED: u32 = 5;
 
 /// A join whose keyslot is being made in the KDF pool.
 pub(super) struct Joined {
@@ -48,34 +36,33 @@ pub(super) fn ca_fingerprint(ca_pem: &str) -> String {
 }
 
 impl Shell {
-    /// One record per address for the refused joins that were only
-    /// counted since the last tick; quiet addresses are forgotten.
-    pub(super) fn count_join_refusals(&mut self) {
+    /// The join door's tick: one record per address for the refused
+    /// joins that were only counted since the last tick (quiet addresses
+    /// are forgotten), and the expired invitations cancelled.
+    pub(super) fn join_door_tick(&mut self) {
         let now = now_ms();
-        let mut counted = Vec::new();
-        for (ip, t) in &mut self.joins.throttle {
-            if t.unlogged > 0 {
-                counted.push((ip.clone(), t.unlogged));
-                t.unlogged = 0;
-            }
-        }
-        self.joins
-            .throttle
-            .retain(|_, t| t.until.plus(600_000) > now || t.unlogged > 0);
-        for (ip, n) in counted {
-            self.record(AuditRecord {
-                at: now,
-                actor: "coffre".into(),
-                source: Some(Source {
-                    door: "join".into(),
-                    addr: ip.clone(),
+        let effects = self
+            .joins
+            .door
+            .handle(now, &self.control.invitations, JoinEvent::Tick);
+        for effect in effects {
+            match effect {
+                JoinEffect::Counted { addr, count } => self.record(AuditRecord {
+                    at: now,
+                    actor: "coffre".into(),
+                    source: Some(Source {
+                        door: "join".into(),
+                        addr: addr.clone(),
+                    }),
+                    action: "member_join".into(),
+                    result: "refused:counted".into(),
+                    detail: format!(
+                        "{count} more join attempt(s) from {addr} refused or throttled, counted rather than logged one by one"
+                    ),
                 }),
-                action: "member_join".into(),
-                result: "refused:counted".into(),
-                detail: format!(
-                    "{n} more join attempt(s) from {ip} refused or throttled, counted rather than logged one by one"
-                ),
-            });
+                JoinEffect::Expire { name } => self.drop_invitation(&name, "expired"),
+                JoinEffect::Admit { .. } | JoinEffect::Refuse { .. } => {}
+            }
         }
     }
 
@@ -327,20 +314,6 @@ impl Shell {
         }
     }
 
-    pub(super) fn expire_invitations(&mut self) {
-        let now = now_ms().0;
-        let expired: Vec<String> = self
-            .control
-            .invitations
-            .iter()
-            .filter(|(_, i)| i.expires_ms <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in expired {
-            self.drop_invitation(&name, "expired");
-        }
-    }
-
     pub(super) fn join(
         &mut self,
         name: &str,
@@ -354,64 +327,58 @@ impl Shell {
             door: "join".into(),
             addr: ip.clone(),
         });
-        // Anyone can send a join: throttled per address like other
-        // failures (never counted towards the auto-lock, which would hand
-        // a lock to anyone on the network), and past a few refusals only
-        // counted, so a flood neither fills the log nor keeps it busy.
-        // A valid code is never throttled (codes are 128 random bits: the
-        // throttle is against floods, not guesses).
-        let now = now_ms();
-        let refuse = |this: &mut Self, why: &str| {
-            let pol = &this.vault.persistent().policy;
-            let (base, max) = (pol.throttle_base_ms, pol.throttle_max_ms);
-            let t = this.joins.throttle.entry(ip.clone()).or_default();
-            if t.until > now {
-                t.unlogged += 1;
-                let secs = (t.until.0 - now.0).div_ceil(1000);
-                return (
-                    429,
-                    json!({"ok": false, "error": "throttled", "message": format!("too many failed attempts; try again in {secs} s")}),
-                );
+        // Anyone can send a join: the door (coffre_vault::invitations)
+        // throttles addresses that keep failing (never counted towards the
+        // auto-lock, which would hand a lock to anyone on the network) and
+        // says which refusals get a record of their own; a right code is
+        // never throttled.
+        let code = crate::totp::unhex(code_hex).map(zeroize::Zeroizing::new);
+        let code_sha256 = code.as_ref().map(|c| crate::pki::fingerprint(c));
+        let effects = self.joins.door.handle(
+            now_ms(),
+            &self.control.invitations,
+            JoinEvent::Attempt {
+                addr: &ip,
+                name,
+                code_sha256: code_sha256.as_deref(),
+            },
+        );
+        let mut admitted = None;
+        for effect in effects {
+            match effect {
+                JoinEffect::Admit { invitation, .. } => admitted = Some(invitation),
+                JoinEffect::Refuse { why, record } => {
+                    if why == JoinRefusal::Expired {
+                        self.drop_invitation(name, "expired");
+                    }
+                    if record {
+                        let rec = AuditRecord {
+                            at: now_ms(),
+                            actor: name.to_string(),
+                            source: source.clone(),
+                            action: "member_join".into(),
+                            result: "refused".into(),
+                            detail: why.as_str().to_string(),
+                        };
+                        self.record(rec);
+                    }
+                    return Some(match why {
+                        JoinRefusal::Throttled { retry_s } => (
+                            429,
+                            json!({"ok": false, "error": "throttled", "message": format!("too many failed attempts; try again in {retry_s} s")}),
+                        ),
+                        _ => (
+                            403,
+                            json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+                        ),
+                    });
+                }
+                JoinEffect::Expire { .. } | JoinEffect::Counted { .. } => {}
             }
-            t.failures = t.failures.saturating_add(1);
-            let shift = t.failures.saturating_sub(1).min(20);
-            t.until = now.plus(base.saturating_mul(1u64 << shift).min(max));
-            if t.failures <= JOIN_REFUSALS_LOGGED {
-                let rec = AuditRecord {
-                    at: now_ms(),
-                    actor: name.to_string(),
-                    source: source.clone(),
-                    action: "member_join".into(),
-                    result: "refused".into(),
-                    detail: why.to_string(),
-                };
-                this.record(rec);
-            } else {
-                t.unlogged += 1;
-            }
-            (
-                403,
-                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
-            )
-        };
-        let Some(inv) = self.control.invitations.get(name).cloned() else {
-            return Some(refuse(self, "no pending invitation"));
-        };
-        if inv.expires_ms <= now_ms().0 {
-            self.drop_invitation(name, "expired");
-            return Some(refuse(self, "invitation expired"));
         }
-        let Some(code) = crate::totp::unhex(code_hex).map(zeroize::Zeroizing::new) else {
-            return Some(refuse(self, "malformed code"));
+        let (Some(inv), Some(code)) = (admitted, code) else {
+            return Some(failure("the join door gave no verdict".into()));
         };
-        if !coffre_luks2::hash::ct_eq(
-            crate::pki::fingerprint(&code).as_bytes(),
-            inv.code_sha256.as_bytes(),
-        ) {
-            return Some(refuse(self, "wrong invitation code"));
-        }
-        // A right code: whoever holds it is no flooder.
-        self.joins.throttle.remove(&ip);
         // Before the temporary keyslot is opened: while locked the volume
         // key must not come into memory, nor may anyone join. After the
         // code check, so that only the holder of a valid invitation learns
@@ -439,7 +406,7 @@ impl Shell {
             ));
         }
         let Some(temp) = self.invite_passphrase(&code) else {
-            return Some(refuse(self, "no invitation secret"));
+            return Some(failure("no invitation secret in control data".into()));
         };
         let ca_key = match self.dir.read(&self.dir.ca_key()) {
             Ok(k) => k,

@@ -234,6 +234,11 @@ pub async fn serve(
     let quorum = persistent.policy.unlock_quorum;
     persistent.policy = config.policy.clone();
     persistent.policy.unlock_quorum = quorum;
+    let join_policy = coffre_vault::invitations::ThrottlePolicy {
+        base_ms: persistent.policy.throttle_base_ms,
+        max_ms: persistent.policy.throttle_max_ms,
+        ..Default::default()
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cap =
         u32::try_from(config.kdf_memory_cap_kib.clamp(1, u64::from(u32::MAX))).unwrap_or(u32::MAX);
@@ -271,7 +276,10 @@ pub async fn serve(
         config,
         audit: AuditSink::new(audit),
         custody: Custody::new(cap),
-        joins: Joins::default(),
+        joins: Joins {
+            door: coffre_vault::invitations::JoinDoor::new(join_policy),
+            ..Joins::default()
+        },
         data: DataState::new(layout),
         workloads: WorkloadState::new(workloads),
         container: Arc::new(RwLock::new(container)),
@@ -434,9 +442,8 @@ pub async fn serve(
             } => shell.system_audit(action, outcome, detail),
             Msg::Tick => {
                 shell.flush_audit();
-                shell.count_join_refusals();
+                shell.join_door_tick();
                 shell.reap_workloads();
-                shell.expire_invitations();
                 shell.vpn_tick();
                 shell.run(Event::Tick);
             }

@@ -91,7 +91,7 @@ impl Shell {
             .members()
             .get(member)
             .is_some_and(|m| m.role == Role::Superuser);
-        if cfg.members.is_empty() || superuser || cfg.members.iter().any(|m| m == member) {
+        if cfg.admits(member, superuser) {
             Ok(cfg)
         } else {
             Err((
