@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod api;
+pub use coffre_api::command as api;
 pub mod client;
 pub mod gateway;
 pub mod init;

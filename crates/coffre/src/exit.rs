@@ -63,16 +63,33 @@ pub const NO_SESSION: u8 = 12;
 /// it, or a head signed by another key.
 pub const AUDIT_ROLLED_BACK: u8 = 13;
 
-/// Maps a daemon error name (`"wrong_password"`...) to an exit code.
+/// Maps a daemon error name (`"wrong_password"`...) to an exit code. The
+/// match is over every [`ErrorCode`]: a code added to the API does not
+/// compile until it is given its exit code here.
 pub fn code_for_refusal(error: &str) -> u8 {
-    match error {
-        "wrong_password" => WRONG_PASSPHRASE,
-        "locked" => LOCKED,
-        "wrong_totp" | "totp_replayed" => WRONG_TOTP,
-        "unknown_certificate" | "unknown_member" => NOT_A_MEMBER,
-        "throttled" => THROTTLED,
-        "not_permitted" => NOT_PERMITTED,
-        "no_session" => NO_SESSION,
-        _ => FAILURE,
+    use coffre_api::ErrorCode as E;
+    match E::parse(error) {
+        E::WrongPassword => WRONG_PASSPHRASE,
+        E::Locked => LOCKED,
+        E::WrongTotp | E::TotpReplayed => WRONG_TOTP,
+        E::UnknownCertificate | E::UnknownMember => NOT_A_MEMBER,
+        E::Throttled => THROTTLED,
+        E::NotPermitted => NOT_PERMITTED,
+        E::NoSession => NO_SESSION,
+        E::NoTask
+        | E::Invalid
+        | E::Busy
+        | E::InvalidInvitation
+        | E::AuditUnavailable
+        | E::Audit
+        | E::AuditTampered
+        | E::Closed
+        | E::OpenFailed
+        | E::NoWorkload
+        | E::NoGateway
+        | E::NotFound
+        | E::Stopping
+        | E::Failure
+        | E::Unknown => FAILURE,
     }
 }

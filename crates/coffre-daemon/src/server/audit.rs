@@ -73,7 +73,12 @@ impl Shell {
         }
         Some((
             503,
-            json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): nothing that changes the vault is done until it can; lock and leave still work")}),
+            error_json(
+                ErrorCode::AuditUnavailable,
+                format!(
+                    "the audit log cannot be written ({why}): nothing that changes the vault is done until it can; lock and leave still work"
+                ),
+            ),
         ))
     }
 

@@ -273,7 +273,10 @@ impl Shell {
             );
             return (
                 409,
-                json!({"ok": false, "error": "locked", "message": "the vault was locked while your new password was being set: it was not changed"}),
+                error_json(
+                    ErrorCode::Locked,
+                    "the vault was locked while your new password was being set: it was not changed",
+                ),
             );
         }
         let still = self
@@ -290,7 +293,10 @@ impl Shell {
             );
             return (
                 403,
-                json!({"ok": false, "error": "not_permitted", "message": "you are no longer a member with that keyslot: password not changed"}),
+                error_json(
+                    ErrorCode::NotPermitted,
+                    "you are no longer a member with that keyslot: password not changed",
+                ),
             );
         }
         let r = self

@@ -4,23 +4,6 @@
 
 use super::*;
 
-pub(super) fn refusal_status(code: Refusal) -> u16 {
-    match code {
-        Refusal::Locked | Refusal::Busy => 409,
-        Refusal::Throttled => 429,
-        Refusal::Invalid | Refusal::NoTask => 400,
-        Refusal::NoSession => 404,
-        _ => 403,
-    }
-}
-
-pub(super) fn code_name(code: Refusal) -> String {
-    serde_json::to_value(code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl Shell {
     pub(super) fn api(
         &mut self,
@@ -33,7 +16,10 @@ impl Shell {
             if let Some(why) = &self.audit.error {
                 let _ = reply.send((
                     503,
-                    json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): try again later")}),
+                    error_json(
+                        ErrorCode::AuditUnavailable,
+                        format!("the audit log cannot be written ({why}): try again later"),
+                    ),
                 ));
                 return;
             }
@@ -53,7 +39,13 @@ impl Shell {
                     }
                 },
                 _ => {
-                    let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "a member certificate is required"})));
+                    let _ = reply.send((
+                        403,
+                        error_json(
+                            ErrorCode::UnknownCertificate,
+                            "a member certificate is required",
+                        ),
+                    ));
                 }
             }
             return;
@@ -67,7 +59,13 @@ impl Shell {
                     &fp[..16]
                 ),
             );
-            let _ = reply.send((403, json!({"ok": false, "error": "unknown_certificate", "message": "this certificate belongs to no member of the vault"})));
+            let _ = reply.send((
+                403,
+                error_json(
+                    ErrorCode::UnknownCertificate,
+                    "this certificate belongs to no member of the vault",
+                ),
+            ));
             return;
         };
         // The IP only: throttling is per source host, not per connection.
@@ -90,8 +88,8 @@ impl Shell {
         );
         if is_read && let Err(code) = self.vault.may_read(&member) {
             let _ = reply.send((
-                refusal_status(code),
-                json!({"ok": false, "error": code_name(code), "message": "the vault is locked: only superusers can read its status and audit log until the quorum unlocks it"}),
+                ErrorCode::from(code).status(),
+                error_json(ErrorCode::from(code), "the vault is locked: only superusers can read its status and audit log until the quorum unlocks it"),
             ));
             return;
         }
@@ -124,7 +122,10 @@ impl Shell {
                 if !self.control.invitations.contains_key(&name) {
                     let _ = reply.send((
                         400,
-                        json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation")}),
+                        error_json(
+                            ErrorCode::Invalid,
+                            format!("{name} has no pending invitation"),
+                        ),
                     ));
                     return;
                 }
@@ -146,28 +147,20 @@ impl Shell {
                         200,
                         json!({"ok": true, "entries": entries.into_iter().filter(|e| e.seq > since.unwrap_or(0)).collect::<Vec<_>>()}),
                     ),
-                    Err(e) => (
-                        500,
-                        json!({"ok": false, "error": "audit", "message": e.to_string()}),
-                    ),
+                    Err(e) => (500, error_json(ErrorCode::Audit, e.to_string())),
                 };
                 let _ = reply.send(answer);
                 return;
             }
             ApiCommand::AuditVerify => {
-                let answer = match coffre_audit::verify(
-                    &self.dir.root,
-                    &self.control.audit_public_key,
-                ) {
-                    Ok(r) => (
-                        200,
-                        json!({"ok": true, "records": r.records, "last_hash": r.last_hash}),
-                    ),
-                    Err(e) => (
-                        200,
-                        json!({"ok": false, "error": "audit_tampered", "message": e.to_string()}),
-                    ),
-                };
+                let answer =
+                    match coffre_audit::verify(&self.dir.root, &self.control.audit_public_key) {
+                        Ok(r) => (
+                            200,
+                            json!({"ok": true, "records": r.records, "last_hash": r.last_hash}),
+                        ),
+                        Err(e) => (200, error_json(ErrorCode::AuditTampered, e.to_string())),
+                    };
                 let _ = reply.send(answer);
                 return;
             }
@@ -179,7 +172,7 @@ impl Shell {
                 if self.vault.session_member(SessionId(session)) != Some(member.as_str()) {
                     let _ = reply.send((
                         409,
-                        json!({"ok": false, "error": "no_session", "message": "reading a workload's log needs your live session: run `coffre enter` first"}),
+                        error_json(ErrorCode::NoSession, "reading a workload's log needs your live session: run `coffre enter` first"),
                     ));
                     return;
                 }
@@ -194,10 +187,7 @@ impl Shell {
                                "proto": p.proto, "static_challenge": p.static_challenge,
                                "ca_pem": p.ca_pem, "tls_crypt": p.tls_crypt}),
                     ),
-                    Err(msg) => (
-                        404,
-                        json!({"ok": false, "error": "no_gateway", "message": msg}),
-                    ),
+                    Err(msg) => (404, error_json(ErrorCode::NoGateway, msg)),
                 };
                 let _ = reply.send(answer);
                 return;
@@ -274,10 +264,7 @@ impl Shell {
                 totp,
             } => {
                 if let Err(msg) = crate::init::check_member_name(&name) {
-                    let _ = reply.send((
-                        400,
-                        json!({"ok": false, "error": "invalid", "message": msg}),
-                    ));
+                    let _ = reply.send((400, error_json(ErrorCode::Invalid, msg)));
                     return;
                 }
                 if let Some(answer) = self.invitation_pending(&name) {
@@ -292,7 +279,10 @@ impl Shell {
                 totp,
             } => {
                 if new_password.0.is_empty() {
-                    let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "the new password is empty"})));
+                    let _ = reply.send((
+                        400,
+                        error_json(ErrorCode::Invalid, "the new password is empty"),
+                    ));
                     return;
                 }
                 self.custody.new_passwords.insert(
@@ -302,7 +292,10 @@ impl Shell {
                 (Command::Passwd, Some((p, totp)))
             }
             ApiCommand::Join { .. } => {
-                let _ = reply.send((400, json!({"ok": false, "error": "invalid", "message": "this identity is already a member"})));
+                let _ = reply.send((
+                    400,
+                    error_json(ErrorCode::Invalid, "this identity is already a member"),
+                ));
                 return;
             }
         };
@@ -473,8 +466,8 @@ impl Shell {
                 ),
                 Outcome::Ok(Reply::Done) => (200, json!({"ok": true})),
                 Outcome::Refused { code, message } => (
-                    refusal_status(code),
-                    json!({"ok": false, "error": code_name(code), "message": message}),
+                    ErrorCode::from(code).status(),
+                    error_json(ErrorCode::from(code), message),
                 ),
             };
             let _ = tx.send(answer);
@@ -507,10 +500,13 @@ impl Shell {
             } else {
                 (
                     503,
-                    json!({"ok": false, "error": "open_failed", "message": format!(
-                        "the vault could not open: {}",
-                        err.as_deref().unwrap_or("it closed again")
-                    )}),
+                    error_json(
+                        ErrorCode::OpenFailed,
+                        format!(
+                            "the vault could not open: {}",
+                            err.as_deref().unwrap_or("it closed again")
+                        ),
+                    ),
                 )
             };
             let _ = tx.send(answer);

@@ -15,7 +15,7 @@
 //! - Lock, removal and expiry drop sessions: their clients are killed
 //!   (`client-kill CID HALT`).
 
-use super::{Answer, Msg, Shell, now_ms};
+use super::{Answer, ErrorCode, Msg, Shell, error_json, now_ms};
 use crate::gateway::LinkEvent;
 use crate::openvpn::{self, ClientEnv, ClientEvent, Listed};
 use coffre_vault::{Command, Millis, SessionId, Source};
@@ -298,10 +298,9 @@ impl Shell {
         let back = self.tx.clone();
         let token = env.session_id.clone();
         tokio::spawn(async move {
-            let answer = rx.await.unwrap_or((
-                503,
-                json!({"ok": false, "error": "busy", "message": "the vault stopped"}),
-            ));
+            let answer = rx
+                .await
+                .unwrap_or((503, error_json(ErrorCode::Busy, "the vault stopped")));
             if let Some(d) = test_answer_delay() {
                 tokio::time::sleep(d).await;
             }

@@ -87,7 +87,7 @@ pub(super) async fn handle_http(
     if req.method() != hyper::Method::POST || req.uri().path() != "/v1/command" {
         return Ok(respond(
             404,
-            json!({"ok": false, "error": "not_found", "message": "POST /v1/command"}),
+            error_json(ErrorCode::NotFound, "POST /v1/command"),
         ));
     }
     let raw = match read_body(req.into_body(), MAX_REQUEST_BODY).await {
@@ -95,7 +95,7 @@ pub(super) async fn handle_http(
         Err(BodyError::TooLarge) => {
             return Ok(respond(
                 413,
-                json!({"ok": false, "error": "invalid", "message": "request too large"}),
+                error_json(ErrorCode::Invalid, "request too large"),
             ));
         }
         Err(BodyError::Transport(e)) => return Err(e),
@@ -108,7 +108,7 @@ pub(super) async fn handle_http(
             // serde's message never echoes field values.
             return Ok(respond(
                 400,
-                json!({"ok": false, "error": "invalid", "message": format!("bad command: {e}")}),
+                error_json(ErrorCode::Invalid, format!("bad command: {e}")),
             ));
         }
     };
@@ -126,12 +126,12 @@ pub(super) async fn handle_http(
     {
         return Ok(respond(
             503,
-            json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
+            error_json(ErrorCode::Stopping, "the daemon is stopping"),
         ));
     }
     let (status, mut v) = rrx.await.unwrap_or((
         503,
-        json!({"ok": false, "error": "stopping", "message": "the daemon is stopping"}),
+        error_json(ErrorCode::Stopping, "the daemon is stopping"),
     ));
     // Read after the answer, so it covers what the command recorded.
     // Members get it with every reply (refusals too); a joiner with the

@@ -71,10 +71,13 @@ impl Shell {
         let inv = self.control.invitations.get(name)?;
         Some((
             400,
-            json!({"ok": false, "error": "invalid", "message": format!(
-                "{name} already has a pending invitation (expires at {} ms): cancel it first (`coffre member cancel-invitation {name}`), or wait until it is used or expires",
-                inv.expires_ms
-            )}),
+            error_json(
+                ErrorCode::Invalid,
+                format!(
+                    "{name} already has a pending invitation (expires at {} ms): cancel it first (`coffre member cancel-invitation {name}`), or wait until it is used or expires",
+                    inv.expires_ms
+                ),
+            ),
         ))
     }
 
@@ -181,7 +184,10 @@ impl Shell {
             );
             return (
                 409,
-                json!({"ok": false, "error": "locked", "message": "the vault was locked meanwhile: no invitation was made"}),
+                error_json(
+                    ErrorCode::Locked,
+                    "the vault was locked meanwhile: no invitation was made",
+                ),
             );
         }
         if let Some(refusal) = self.invitation_pending(name) {
@@ -257,7 +263,10 @@ impl Shell {
         } else {
             (
                 400,
-                json!({"ok": false, "error": "invalid", "message": format!("{name} has no pending invitation (used or expired meanwhile)")}),
+                error_json(
+                    ErrorCode::Invalid,
+                    format!("{name} has no pending invitation (used or expired meanwhile)"),
+                ),
             )
         };
         if let Some(tx) = self.replies.remove(&req) {
@@ -365,11 +374,17 @@ impl Shell {
                     return Some(match why {
                         JoinRefusal::Throttled { retry_s } => (
                             429,
-                            json!({"ok": false, "error": "throttled", "message": format!("too many failed attempts; try again in {retry_s} s")}),
+                            error_json(
+                                ErrorCode::Throttled,
+                                format!("too many failed attempts; try again in {retry_s} s"),
+                            ),
                         ),
                         _ => (
                             403,
-                            json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+                            error_json(
+                                ErrorCode::InvalidInvitation,
+                                "this invitation is not valid (wrong, used, expired, or cancelled by a lock)",
+                            ),
                         ),
                     });
                 }
@@ -396,14 +411,14 @@ impl Shell {
             self.record(rec);
             return Some((
                 409,
-                json!({"ok": false, "error": "locked", "message": "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked"}),
+                error_json(
+                    ErrorCode::Locked,
+                    "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked",
+                ),
             ));
         }
         if password.is_empty() {
-            return Some((
-                400,
-                json!({"ok": false, "error": "invalid", "message": "the password is empty"}),
-            ));
+            return Some((400, error_json(ErrorCode::Invalid, "the password is empty")));
         }
         let Some(temp) = self.invite_passphrase(&code) else {
             return Some(failure("no invitation secret in control data".into()));
@@ -411,10 +426,7 @@ impl Shell {
         let ca_key = match self.dir.read(&self.dir.ca_key()) {
             Ok(k) => k,
             Err(e) => {
-                return Some((
-                    500,
-                    json!({"ok": false, "error": "failure", "message": e.to_string()}),
-                ));
+                return Some((500, error_json(ErrorCode::Failure, e.to_string())));
             }
         };
         let issued = match crate::pki::sign_csr(&self.config.name, &ca_key, csr, name) {
@@ -422,14 +434,14 @@ impl Shell {
             Err(e) => {
                 return Some((
                     400,
-                    json!({"ok": false, "error": "invalid", "message": format!("bad certificate request: {e}")}),
+                    error_json(ErrorCode::Invalid, format!("bad certificate request: {e}")),
                 ));
             }
         };
         if !self.joins.joining.insert(name.to_string()) {
             return Some((
                 409,
-                json!({"ok": false, "error": "busy", "message": "this invitation is being used right now"}),
+                error_json(ErrorCode::Busy, "this invitation is being used right now"),
             ));
         }
         // The new keyslot's derivation runs in the KDF pool, off the actor
@@ -509,7 +521,10 @@ impl Shell {
             self.drop_invitation(name, "cancelled");
             return (
                 409,
-                json!({"ok": false, "error": "locked", "message": "the vault was locked while you were joining: ask for a new invitation once it is unlocked"}),
+                error_json(
+                    ErrorCode::Locked,
+                    "the vault was locked while you were joining: ask for a new invitation once it is unlocked",
+                ),
             );
         }
         let sealed = match result {
@@ -535,7 +550,10 @@ impl Shell {
             );
             return (
                 403,
-                json!({"ok": false, "error": "invalid_invitation", "message": "this invitation is not valid (wrong, used, expired, or cancelled by a lock)"}),
+                error_json(
+                    ErrorCode::InvalidInvitation,
+                    "this invitation is not valid (wrong, used, expired, or cancelled by a lock)",
+                ),
             );
         }
         let slot = {

@@ -9,6 +9,7 @@ use crate::pki::fingerprint;
 use crate::tls::server_config;
 use crate::totp;
 use crate::vaultdir::{Config, Control, DirError, VaultDir};
+use coffre_api::ErrorCode;
 use coffre_audit::{AuditLog, HostKey};
 use coffre_luks2::{Passphrase, VolumeKey};
 use coffre_storage::Luks2Container;
@@ -170,10 +171,12 @@ struct Shell {
 
 /// A failure's answer (500).
 fn failure(message: String) -> Answer {
-    (
-        500,
-        json!({"ok": false, "error": "failure", "message": message}),
-    )
+    (500, error_json(ErrorCode::Failure, message))
+}
+
+/// A refusal's body: its typed code and a sentence for the member.
+fn error_json(code: ErrorCode, message: impl serde::Serialize) -> Value {
+    json!({"ok": false, "error": code.as_str(), "message": message})
 }
 
 /// Runs the daemon for the vault in `dir` until SIGTERM or SIGINT.

@@ -83,7 +83,10 @@ impl Shell {
         let Some(cfg) = self.config.workload.iter().find(|w| w.name == name) else {
             return Err((
                 404,
-                json!({"ok": false, "error": "no_workload", "message": format!("no workload is called {name}")}),
+                error_json(
+                    ErrorCode::NoWorkload,
+                    format!("no workload is called {name}"),
+                ),
             ));
         };
         let superuser = self
@@ -96,7 +99,10 @@ impl Shell {
         } else {
             Err((
                 403,
-                json!({"ok": false, "error": "not_permitted", "message": format!("you are not one of workload {name}'s members")}),
+                error_json(
+                    ErrorCode::NotPermitted,
+                    format!("you are not one of workload {name}'s members"),
+                ),
             ))
         }
     }
@@ -114,7 +120,10 @@ impl Shell {
         if cfg.role != coffre_workload::config::Role::Project || !running {
             return Err((
                 409,
-                json!({"ok": false, "error": "invalid", "message": format!("workload {name} is not a running project workload")}),
+                error_json(
+                    ErrorCode::Invalid,
+                    format!("workload {name} is not a running project workload"),
+                ),
             ));
         }
         Ok(())
@@ -140,14 +149,19 @@ impl Shell {
         if let Some(why) = &self.audit.error {
             let _ = reply.send((
                 503,
-                json!({"ok": false, "error": "audit_unavailable", "message": format!("the audit log cannot be written ({why}): logs are not read until it can")}),
+                error_json(
+                    ErrorCode::AuditUnavailable,
+                    format!(
+                        "the audit log cannot be written ({why}): logs are not read until it can"
+                    ),
+                ),
             ));
             return;
         }
         if project && self.vault.status().state != "open" {
             let _ = reply.send((
                 409,
-                json!({"ok": false, "error": "closed", "message": "a project workload's log is inside the volume: it can be read while the vault is open"}),
+                error_json(ErrorCode::Closed, "a project workload's log is inside the volume: it can be read while the vault is open"),
             ));
             return;
         }
@@ -160,7 +174,10 @@ impl Shell {
         let Some(path) = path else {
             let _ = reply.send((
                 503,
-                json!({"ok": false, "error": "busy", "message": "the workloads are being paused or resumed; try again"}),
+                error_json(
+                    ErrorCode::Busy,
+                    "the workloads are being paused or resumed; try again",
+                ),
             ));
             return;
         };
@@ -180,7 +197,7 @@ impl Shell {
             if project && g.as_ref().is_none_or(coffre_data::Exposure::is_closed) {
                 let _ = reply.send((
                     409,
-                    json!({"ok": false, "error": "closed", "message": "a project workload's log is inside the volume: it can be read while the vault is open"}),
+                    error_json(ErrorCode::Closed, "a project workload's log is inside the volume: it can be read while the vault is open"),
                 ));
                 return;
             }
@@ -194,7 +211,7 @@ impl Shell {
                 }
                 Err(e) => (
                     500,
-                    json!({"ok": false, "error": "failure", "message": format!("reading the log: {e}")}),
+                    error_json(ErrorCode::Failure, format!("reading the log: {e}")),
                 ),
             };
             drop(g);
