@@ -24,6 +24,7 @@
 pub mod invitations;
 mod machine;
 mod model;
+pub mod vpn;
 
 pub use machine::Vault;
 pub use model::*;

@@ -17,54 +17,19 @@
 
 use super::{Answer, ErrorCode, Msg, Shell, error_json, now_ms};
 use crate::gateway::LinkEvent;
-use crate::openvpn::{self, ClientEnv, ClientEvent, Listed};
-use coffre_vault::{Command, Millis, SessionId, Source};
+use crate::openvpn::{self, ClientEnv, ClientEvent};
+use coffre_vault::vpn::{Token, VpnBindings, VpnEffect, VpnEvent};
+use coffre_vault::{Command, SessionId, Source};
 use serde_json::{Value, json};
-use std::collections::HashMap;
 use tokio::sync::oneshot;
 
-/// A client OpenVPN has let in, and the session it holds.
-pub(super) struct VpnClient {
-    member: String,
-    session: SessionId,
-    addr: String,
-}
-
-/// How long a departure waits before its session ends. OpenVPN reports
-/// every client as disconnected when it shuts down, just before its
-/// management socket closes: a departure followed by the link going down
-/// within this delay is a restart, not members leaving.
-const DEPARTURE_DELAY_MS: u64 = 2_000;
-
-/// What the vault knows of OpenVPN's clients.
+/// What the vault knows of OpenVPN's clients: the bindings (the rules,
+/// in `coffre_vault::vpn`) and which management connection commands are
+/// for.
 #[derive(Default)]
 pub(super) struct VpnState {
-    /// Whether the management link is up.
-    up: bool,
-    /// OpenVPN's pid when last seen (another pid: it restarted).
-    pid: Option<u32>,
-    /// Clients let in, by client id.
-    clients: HashMap<u64, VpnClient>,
-    /// Connections waiting for the vault's answer: client id → (key id,
-    /// ticket). The ticket is unique to one CONNECT: an answer for a
-    /// client that left never authorises another that got its ids.
-    pending: HashMap<u64, (u64, u64)>,
-    /// Next ticket.
-    next_ticket: u64,
-    /// The management connection commands are for.
+    bindings: VpnBindings,
     generation: u64,
-    /// Clients OpenVPN said are gone, and when their sessions end.
-    departing: Vec<(VpnClient, Millis)>,
-    /// `auth-gen-token` session ids → the vault session they carry.
-    tokens: HashMap<String, (String, SessionId)>,
-    /// Last time the connected clients' sessions were refreshed.
-    last_beat: Millis,
-    /// Why the link is down, if it is.
-    down_why: Option<String>,
-    /// Clients OpenVPN listed that the vault did not let in, with how
-    /// they were listed: disconnected at the next tick unless their own
-    /// CONNECT (held until the list came) makes them ours meanwhile.
-    suspects: Vec<(u64, String)>,
 }
 
 /// What comes back from the core for a VPN `enter`.
@@ -128,6 +93,37 @@ impl Shell {
         }
     }
 
+    /// Hands `event` to the bindings and carries out what they say.
+    fn vpn_event(&mut self, event: VpnEvent) {
+        let effects = self.vpn.bindings.handle(now_ms(), &self.vault, event);
+        for effect in effects {
+            match effect {
+                VpnEffect::Enter { .. } => {}
+                VpnEffect::Authorize { cid, kid, member } => {
+                    let directives = self.vpn_directives(&member);
+                    self.vpn_send(openvpn::client_auth(cid, kid, &directives));
+                }
+                VpnEffect::Deny { cid, kid, why } => self.vpn_deny(cid, kid, &why, &why),
+                VpnEffect::Kill { cid, halt } => self.vpn_send(openvpn::client_kill(cid, halt)),
+                VpnEffect::Leave {
+                    member,
+                    session,
+                    addr,
+                } => self.vpn_session_command(&member, addr, Command::Leave { session }),
+                VpnEffect::Heartbeat {
+                    member,
+                    session,
+                    addr,
+                } => self.vpn_session_command(&member, addr, Command::Heartbeat { session }),
+                VpnEffect::Audit {
+                    action,
+                    result,
+                    detail,
+                } => self.system_audit(action, result, detail),
+            }
+        }
+    }
+
     pub(super) fn link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Up {
@@ -136,27 +132,14 @@ impl Shell {
                 generation,
             } => {
                 self.vpn.generation = generation;
-                self.vpn_up(pid, &clients);
+                let listed = clients
+                    .iter()
+                    .map(|l| (l.cid, format!("{} from {}", l.common_name, l.real_address)))
+                    .collect();
+                self.vpn_event(VpnEvent::LinkUp { pid, listed });
             }
-            LinkEvent::Restarting { state } => self.vpn_restarting(&state),
-            LinkEvent::Down { why } => {
-                if self.vpn.up {
-                    let kept = self.vpn.departing.len();
-                    let note = if kept > 0 {
-                        format!(
-                            "{why}; {kept} departure(s) reported as it went down: their sessions are kept for the grace period"
-                        )
-                    } else {
-                        why.clone()
-                    };
-                    self.system_audit("gateway", "down", note);
-                }
-                self.vpn.departing.clear();
-                self.vpn.up = false;
-                self.vpn.down_why = Some(why);
-                self.vpn.pending.clear();
-                self.vpn.suspects.clear();
-            }
+            LinkEvent::Restarting { state } => self.vpn_event(VpnEvent::Restarting { state }),
+            LinkEvent::Down { why } => self.vpn_event(VpnEvent::LinkDown { why }),
             LinkEvent::Client {
                 event,
                 cid,
@@ -169,71 +152,9 @@ impl Shell {
                     }
                 }
                 ClientEvent::Established => {}
-                ClientEvent::Disconnect => self.vpn_disconnect(cid),
+                ClientEvent::Disconnect => self.vpn_event(VpnEvent::Disconnect { cid }),
             },
         }
-    }
-
-    /// OpenVPN restarts in place or exits: its clients will come back with
-    /// new ids (and their tokens); their sessions live for the grace
-    /// period.
-    fn vpn_restarting(&mut self, state: &str) {
-        let n = self.vpn.clients.len() + self.vpn.departing.len();
-        self.vpn.clients.clear();
-        self.vpn.departing.clear();
-        self.vpn.pending.clear();
-        self.system_audit(
-            "gateway",
-            "restarting",
-            format!("OpenVPN says {state}: {n} client(s) must reconnect within the grace period"),
-        );
-    }
-
-    /// The link is (back) up: rebuild our view from OpenVPN's own list.
-    fn vpn_up(&mut self, pid: u32, listed: &[Listed]) {
-        let same = self.vpn.pid == Some(pid);
-        let mut notes = Vec::new();
-        if !same && !self.vpn.clients.is_empty() {
-            // A new OpenVPN: client ids start again, the old ones mean
-            // nothing. The sessions live on for the grace period, and
-            // resume when their clients come back with their tokens.
-            notes.push(format!(
-                "OpenVPN restarted (pid {pid}): {} client(s) must reconnect within the grace period",
-                self.vpn.clients.len()
-            ));
-            self.vpn.clients.clear();
-        }
-        if same {
-            // The same OpenVPN: clients that left while we were away.
-            let gone: Vec<u64> = self
-                .vpn
-                .clients
-                .keys()
-                .filter(|cid| !listed.iter().any(|l| l.cid == **cid))
-                .copied()
-                .collect();
-            for cid in gone {
-                self.vpn_end(cid);
-            }
-        }
-        self.vpn.suspects = listed
-            .iter()
-            .filter(|l| !self.vpn.clients.contains_key(&l.cid))
-            .map(|l| (l.cid, format!("{} from {}", l.common_name, l.real_address)))
-            .collect();
-        self.vpn.up = true;
-        self.vpn.pid = Some(pid);
-        self.vpn.down_why = None;
-        self.system_audit(
-            "gateway",
-            "up",
-            format!(
-                "connected to OpenVPN (pid {pid}), {} client(s) listed{}{}",
-                listed.len(),
-                if notes.is_empty() { "" } else { "; " },
-                notes.join("; ")
-            ),
-        );
     }
 
     fn vpn_authorize(&mut self, event: ClientEvent, cid: u64, kid: u64, env: &ClientEnv) {
@@ -273,7 +194,23 @@ impl Shell {
         // A renegotiation of a client already let in, or a reconnection
         // with a token: no password, no TOTP code, no keyslot.
         if env.has_token() || event == ClientEvent::Reauth {
-            self.vpn_resume(event, cid, kid, &member, env);
+            let token_valid = env.token_valid() || env.session_state == "AuthenticatedEmptyUser";
+            let token = if token_valid {
+                Token::Valid
+            } else if env.has_token() {
+                Token::Invalid
+            } else {
+                Token::None
+            };
+            self.vpn_event(VpnEvent::Resume {
+                cid,
+                kid,
+                member,
+                token,
+                session_id: env.session_id.clone(),
+                addr,
+                connect: event == ClientEvent::Connect,
+            });
             return;
         }
         let creds = match openvpn::split_credentials(&env.password) {
@@ -283,10 +220,17 @@ impl Shell {
                 return;
             }
         };
+        let effects =
+            self.vpn
+                .bindings
+                .handle(now_ms(), &self.vault, VpnEvent::Connect { cid, kid });
+        let Some(ticket) = effects.iter().find_map(|e| match e {
+            VpnEffect::Enter { ticket, .. } => Some(*ticket),
+            _ => None,
+        }) else {
+            return;
+        };
         let (tx, rx) = oneshot::channel();
-        let ticket = self.vpn.next_ticket;
-        self.vpn.next_ticket += 1;
-        self.vpn.pending.insert(cid, (kid, ticket));
         self.submit(
             member.clone(),
             source(env),
@@ -316,163 +260,21 @@ impl Shell {
         });
     }
 
-    fn vpn_resume(
-        &mut self,
-        event: ClientEvent,
-        cid: u64,
-        kid: u64,
-        member: &str,
-        env: &ClientEnv,
-    ) {
-        let locked = self.vault.is_locked();
-        // Which session: the token's, or for a renegotiation without a
-        // token, the one this client already holds.
-        let token_valid = env.token_valid() || env.session_state == "AuthenticatedEmptyUser";
-        let session = if token_valid {
-            self.vpn
-                .tokens
-                .get(&env.session_id)
-                .filter(|(m, _)| m == member)
-                .map(|(_, s)| *s)
-        } else if env.has_token() {
-            None
-        } else {
-            self.vpn
-                .clients
-                .get(&cid)
-                .filter(|c| c.member == member)
-                .map(|c| c.session)
-        };
-        let alive = session.filter(|s| !locked && self.vault.session_member(*s) == Some(member));
-        let Some(session) = alive else {
-            let why = if locked {
-                "the vault is locked (locked)"
-            } else if env.has_token() && !token_valid {
-                "your VPN token has expired: connect again with your password and TOTP code (no_session)"
-            } else {
-                "your vault session has ended: connect again with your password and TOTP code (no_session)"
-            };
-            self.system_audit(
-                "vpn_resume",
-                "refused",
-                format!("{member} from {}: {why}", env.untrusted_ip),
-            );
-            self.vpn_deny(cid, kid, why, &format!("coffre: {why}"));
-            return;
-        };
-        // Keep the session alive now: a reconnection may come late in
-        // the grace period.
-        self.vpn_heartbeat(member, session);
-        let fresh = !self.vpn.clients.contains_key(&cid);
-        self.vpn.clients.insert(
-            cid,
-            VpnClient {
-                member: member.to_string(),
-                session,
-                addr: env.untrusted_ip.clone(),
-            },
-        );
-        if !env.session_id.is_empty() {
-            self.vpn
-                .tokens
-                .insert(env.session_id.clone(), (member.to_string(), session));
-        }
-        if fresh || event == ClientEvent::Connect {
-            self.system_audit(
-                "vpn_resume",
-                "ok",
-                format!(
-                    "{member} reconnected from {} with their token: session {} goes on",
-                    env.untrusted_ip, session.0
-                ),
-            );
-        }
-        let directives = self.vpn_directives(member);
-        self.vpn_send(openvpn::client_auth(cid, kid, &directives));
-    }
-
     pub(super) fn vpn_answer(&mut self, a: VpnAnswer) {
-        let still_waiting = self.vpn.pending.get(&a.cid) == Some(&(a.kid, a.ticket));
         let session = a.answer.1["session"].as_u64().map(SessionId);
-        if !still_waiting {
-            // The client left (or the link went down) while we checked.
-            if let Some(s) = session {
-                self.vpn_leave(&a.member, s, &a.addr);
-            }
-            return;
-        }
-        self.vpn.pending.remove(&a.cid);
-        // The core said yes, but a lock (or a removal) may have come in
-        // since: the session must still be alive when OpenVPN is told.
-        if let Some(s) = session.filter(|_| a.answer.0 == 200)
-            && (self.vault.is_locked() || self.vault.session_member(s) != Some(a.member.as_str()))
-        {
-            let why = if self.vault.is_locked() {
-                "the vault is locked (locked)"
-            } else {
-                "your vault session has ended: connect again with your password and TOTP code (no_session)"
-            };
-            self.system_audit(
-                "vpn_enter",
-                "refused",
-                format!(
-                    "{} from {}: {why}, after the password check",
-                    a.member, a.addr
-                ),
-            );
-            self.vpn_deny(a.cid, a.kid, why, &format!("coffre: {why}"));
-            return;
-        }
-        match session.filter(|_| a.answer.0 == 200) {
-            Some(session) => {
-                self.vpn.clients.insert(
-                    a.cid,
-                    VpnClient {
-                        member: a.member.clone(),
-                        session,
-                        addr: a.addr.clone(),
-                    },
-                );
-                if !a.token.is_empty() {
-                    self.vpn.tokens.insert(a.token, (a.member.clone(), session));
-                }
-                let directives = self.vpn_directives(&a.member);
-                self.vpn_send(openvpn::client_auth(a.cid, a.kid, &directives));
-            }
-            None => {
-                let reason = client_reason(&a.answer);
-                self.vpn_deny(a.cid, a.kid, &reason, &reason);
-            }
-        }
-    }
-
-    fn vpn_disconnect(&mut self, cid: u64) {
-        self.vpn.pending.remove(&cid);
-        if let Some(c) = self.vpn.clients.remove(&cid) {
-            let at = now_ms().plus(DEPARTURE_DELAY_MS);
-            self.vpn.departing.push((c, at));
-        }
-    }
-
-    /// Forgets a client at once; its session ends unless another of its
-    /// connections holds it.
-    fn vpn_end(&mut self, cid: u64) {
-        if let Some(c) = self.vpn.clients.remove(&cid) {
-            self.vpn_release(c);
-        }
-    }
-
-    fn vpn_release(&mut self, c: VpnClient) {
-        if self.vpn.clients.values().any(|o| o.session == c.session) {
-            return;
-        }
-        if !self.session_alive(c.session) {
-            // Already ended (lock, removal, expiry, a leave).
-            self.vpn.tokens.retain(|_, (_, s)| *s != c.session);
-            return;
-        }
-        self.vpn.tokens.retain(|_, (_, s)| *s != c.session);
-        self.vpn_leave(&c.member, c.session, &c.addr);
+        let outcome = match session.filter(|_| a.answer.0 == 200) {
+            Some(s) => Ok(s),
+            None => Err(client_reason(&a.answer)),
+        };
+        self.vpn_event(VpnEvent::Answered {
+            cid: a.cid,
+            kid: a.kid,
+            ticket: a.ticket,
+            member: a.member,
+            token: a.token,
+            addr: a.addr,
+            outcome,
+        });
     }
 
     /// A session command on the member's behalf; nobody waits for the
@@ -486,114 +288,36 @@ impl Shell {
         self.submit(member.to_string(), source, command, None, None, tx);
     }
 
-    fn vpn_leave(&mut self, member: &str, session: SessionId, addr: &str) {
-        self.vpn_session_command(member, addr.to_string(), Command::Leave { session });
-    }
-
-    fn vpn_heartbeat(&mut self, member: &str, session: SessionId) {
-        let addr = self
-            .vpn
-            .clients
-            .values()
-            .find(|c| c.session == session)
-            .map(|c| c.addr.clone())
-            .unwrap_or_default();
-        self.vpn_session_command(member, addr, Command::Heartbeat { session });
-    }
-
     /// The core dropped a session (lock, removal, expiry): its VPN clients
     /// are told to go and not come back on their own.
     pub(super) fn vpn_drop_session(&mut self, session: SessionId) {
-        let cids: Vec<u64> = self
-            .vpn
-            .clients
-            .iter()
-            .filter(|(_, c)| c.session == session)
-            .map(|(cid, _)| *cid)
-            .collect();
-        for cid in cids {
-            self.vpn.clients.remove(&cid);
-            self.vpn_send(openvpn::client_kill(cid, true));
-        }
-        self.vpn.tokens.retain(|_, (_, s)| *s != session);
+        self.vpn_event(VpnEvent::SessionDropped { session });
     }
 
-    fn session_alive(&self, session: SessionId) -> bool {
-        self.vault.session_member(session).is_some()
-    }
-
-    /// Connected clients keep their sessions alive (only while OpenVPN is
-    /// there to say they are connected); clients whose session ended some
-    /// other way (a `leave` through the API) are disconnected.
+    /// Departures due, suspects, and the connected clients' sessions kept
+    /// alive (only while OpenVPN is there to say they are connected).
     pub(super) fn vpn_tick(&mut self) {
-        let now = now_ms();
-        for (cid, who) in std::mem::take(&mut self.vpn.suspects) {
-            if self.vpn.clients.contains_key(&cid) || self.vpn.pending.contains_key(&cid) {
-                continue;
-            }
-            // Let in by someone else (a daemon before a crash): it holds
-            // no session here. It may come back through us.
-            self.system_audit(
-                "gateway",
-                "disconnected",
-                format!("client {cid} ({who}) holds no vault session: disconnected"),
-            );
-            self.vpn_send(openvpn::client_kill(cid, false));
-        }
-        if self.vpn.departing.iter().any(|(_, at)| *at <= now) {
-            let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.vpn.departing)
-                .into_iter()
-                .partition(|(_, at)| *at <= now);
-            self.vpn.departing = wait;
-            for (c, _) in due {
-                self.vpn_release(c);
-            }
-        }
-        if !self.vpn.up || now.0 < self.vpn.last_beat.0.saturating_add(2_000) {
-            return;
-        }
-        self.vpn.last_beat = now;
-        let ended: Vec<SessionId> = self
-            .vpn
-            .clients
-            .values()
-            .map(|c| c.session)
-            .filter(|s| !self.session_alive(*s))
-            .collect();
-        for s in ended {
-            self.vpn_drop_session(s);
-        }
-        let mut live: Vec<(String, SessionId)> = self
-            .vpn
-            .clients
-            .values()
-            .map(|c| (c.member.clone(), c.session))
-            .collect();
-        live.sort();
-        live.dedup();
-        for (member, session) in live {
-            self.vpn_heartbeat(&member, session);
-        }
+        self.vpn_event(VpnEvent::Tick);
     }
 
     pub(super) fn gateway_json(&self) -> Value {
         if self.config.gateway.is_none() {
             return json!({"configured": false});
         }
-        let mut clients: Vec<Value> = self
-            .vpn
-            .clients
+        let b = &self.vpn.bindings;
+        let mut clients: Vec<Value> = b
+            .clients()
             .iter()
             .map(|(cid, c)| json!({"client_id": cid, "member": c.member, "session": c.session.0, "from": c.addr}))
             .collect();
         clients.sort_by_key(|c| c["client_id"].as_u64());
         json!({
             "configured": true,
-            "openvpn_connected": self.vpn.up,
-            "openvpn_pid": self.vpn.pid,
-            "down_reason": self.vpn.down_why,
+            "openvpn_connected": b.is_up(),
+            "openvpn_pid": b.pid(),
+            "down_reason": b.down_why(),
             "clients": clients,
-            "authorizing": self.vpn.pending.len(),
+            "authorizing": b.authorizing(),
         })
     }
 }
