@@ -236,7 +236,7 @@ impl Vault {
         }
         let mut keep_key = r.command.uses_key()
             || (r.command == Command::Enter
-                && matches!(self.phase, Phase::Closed | Phase::Closing));
+                && matches!(self.phase(), Phase::Closed | Phase::Closing));
         if let Command::Approve { id } = &r.command {
             self.expire_proposals(out);
             match self.proposal_by_id(id) {

@@ -12,6 +12,7 @@ mod transitions;
 use crate::model::*;
 use quorum::PendingProposal;
 use std::collections::BTreeMap;
+use transitions::Stage;
 
 /// A request waiting for its password check.
 #[derive(Clone, Debug)]
@@ -24,19 +25,12 @@ struct Pending {
 #[derive(Clone, Debug)]
 pub struct Vault {
     p: Persistent,
-    phase: Phase,
+    /// The phase, with what a close in progress carries.
+    phase: Stage,
     sessions: BTreeMap<SessionId, Session>,
     tasks: BTreeMap<TaskId, Task>,
     approvals: BTreeMap<String, Millis>,
     pending: BTreeMap<ReqId, Pending>,
-    /// A key kept from an enter during CLOSING, to reopen with.
-    reopen_key: Option<ReqId>,
-    /// The close in progress must wipe the key whatever fails (lock).
-    close_forced: bool,
-    /// When the last close failed, for the retry.
-    close_failed_at: Option<Millis>,
-    /// When the current close first failed, to force it in the end.
-    close_first_failed: Option<Millis>,
     /// Recent failed attempts (auto-lock).
     failures: Vec<Millis>,
     /// Per member (`m:NAME`) and per source (`s:ADDR`): failures in a row
@@ -109,15 +103,11 @@ impl Vault {
     pub fn new(p: Persistent) -> Self {
         Self {
             p,
-            phase: Phase::Closed,
+            phase: Stage::Closed,
             sessions: BTreeMap::new(),
             tasks: BTreeMap::new(),
             approvals: BTreeMap::new(),
             pending: BTreeMap::new(),
-            reopen_key: None,
-            close_forced: false,
-            close_failed_at: None,
-            close_first_failed: None,
             failures: Vec::new(),
             throttle: BTreeMap::new(),
             next_session: 1,
@@ -134,7 +124,7 @@ impl Vault {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        self.phase
+        self.phase.phase()
     }
 
     /// Whether the vault is locked.
@@ -164,7 +154,7 @@ impl Vault {
 
     /// The view `status` shows.
     pub fn status(&self) -> Status {
-        let state = match (self.phase, self.p.lock.is_some()) {
+        let state = match (self.phase(), self.p.lock.is_some()) {
             (Phase::Closed, true) => "locked",
             (Phase::Closed, false) => "closed",
             (Phase::Opening, _) => "opening",

@@ -2,7 +2,7 @@
 //! enough distinct superusers may carry out (quorum changes, superuser
 //! invitations and removals) within the approval window.
 
-use super::{Out, SYSTEM, Vault};
+use super::{Out, SYSTEM, Stage, Vault};
 use crate::model::*;
 use std::collections::BTreeMap;
 
@@ -47,18 +47,19 @@ impl Vault {
         }
         self.drop_sessions(out, "ended by the lock", |_| true);
         self.cancel_tasks(out, "cancelled by the lock", |_| true);
-        if let Some(req) = self.reopen_key.take() {
+        if let Stage::Closing { reopen, .. } = &mut self.phase
+            && let Some(req) = reopen.take()
+        {
             out.effects.push(Effect::DiscardKey { req });
         }
-        match self.phase {
-            Phase::Open => {
-                self.phase = Phase::Closing;
-                self.close_forced = true;
+        match &mut self.phase {
+            Stage::Open => {
+                self.phase = Stage::closing(true);
                 out.audit(SYSTEM, None, "state", "closing", "locked");
                 self.close(out, true);
             }
-            Phase::Closing if !self.close_forced => {
-                self.close_forced = true;
+            Stage::Closing { forced, .. } if !*forced => {
+                *forced = true;
                 self.close(out, true);
             }
             // Opening: the close follows the open's completion.
@@ -71,7 +72,7 @@ impl Vault {
             out.refuse(r, Refusal::Invalid, "the vault is not locked", "not locked");
             return;
         }
-        if self.phase != Phase::Closed {
+        if self.phase() != Phase::Closed {
             out.refuse(
                 r,
                 Refusal::Busy,

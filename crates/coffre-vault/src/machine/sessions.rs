@@ -1,7 +1,7 @@
 //! Sessions and tasks: entering (and who provides the key that opens),
 //! heartbeats, leaving, scheduled tasks, and dropping or cancelling them.
 
-use super::{Out, SYSTEM, Vault};
+use super::{Out, SYSTEM, Stage, Vault};
 use crate::model::*;
 
 impl Vault {
@@ -153,14 +153,14 @@ impl Vault {
             return;
         }
         // Who will provide the key, if the vault is not open?
-        let use_key = match self.phase {
-            Phase::Open | Phase::Opening => {
+        let use_key = match &mut self.phase {
+            Stage::Open | Stage::Opening => {
                 if keep_key {
                     out.effects.push(Effect::DiscardKey { req: r.req });
                 }
                 None
             }
-            Phase::Closed => {
+            Stage::Closed => {
                 if !keep_key {
                     out.refuse(
                         r,
@@ -172,12 +172,12 @@ impl Vault {
                 }
                 Some(r.req)
             }
-            Phase::Closing => {
-                if keep_key && self.reopen_key.is_none() {
-                    self.reopen_key = Some(r.req);
+            Stage::Closing { reopen, .. } => {
+                if keep_key && reopen.is_none() {
+                    *reopen = Some(r.req);
                 } else if keep_key {
                     out.effects.push(Effect::DiscardKey { req: r.req });
-                } else if self.reopen_key.is_none() {
+                } else if reopen.is_none() {
                     out.refuse(
                         r,
                         Refusal::Busy,
@@ -210,7 +210,7 @@ impl Vault {
         );
         out.reply(r.req, Outcome::Ok(Reply::Entered { session: id }));
         if let Some(req) = use_key {
-            self.phase = Phase::Opening;
+            self.phase = Stage::Opening;
             out.audit(
                 SYSTEM,
                 None,

@@ -5,6 +5,52 @@
 use super::{Out, SYSTEM, Vault};
 use crate::model::*;
 
+/// The phase as the machine holds it: [`Phase`] with, while closing, what
+/// the close in progress carries. [`Vault::phase`] shows the bare phase.
+#[derive(Clone, Debug)]
+pub(super) enum Stage {
+    /// No key anywhere.
+    Closed,
+    /// Effects of an open are running.
+    Opening,
+    /// Key held, data available.
+    Open,
+    /// Effects of a close are running.
+    Closing {
+        /// The key goes whatever fails (a lock, a failed open, or a close
+        /// that kept failing).
+        forced: bool,
+        /// When the last attempt failed, for the retry.
+        failed_at: Option<Millis>,
+        /// When this close first failed, to force it in the end.
+        first_failed: Option<Millis>,
+        /// A key kept from an enter during the close, to reopen with.
+        reopen: Option<ReqId>,
+    },
+}
+
+impl Stage {
+    /// A close starting now.
+    pub(super) fn closing(forced: bool) -> Self {
+        Stage::Closing {
+            forced,
+            failed_at: None,
+            first_failed: None,
+            reopen: None,
+        }
+    }
+
+    /// The bare phase.
+    pub(super) fn phase(&self) -> Phase {
+        match self {
+            Stage::Closed => Phase::Closed,
+            Stage::Opening => Phase::Opening,
+            Stage::Open => Phase::Open,
+            Stage::Closing { .. } => Phase::Closing,
+        }
+    }
+}
+
 impl Vault {
     /// Starts a close of workloads, data and key; the close puts workloads
     /// away in the mode requested now, which is in force from then on.
@@ -23,15 +69,11 @@ impl Vault {
                 out.effects.push(Effect::DiscardKey { req });
             }
         }
-        self.phase = Phase::Closed;
+        self.phase = Stage::Closed;
         self.sessions.clear();
         self.tasks.clear();
         self.approvals.clear();
         self.proposals.clear();
-        self.reopen_key = None;
-        self.close_forced = false;
-        self.close_failed_at = None;
-        self.close_first_failed = None;
         let state = if self.is_locked() { "locked" } else { "closed" };
         if self.is_locked() {
             // A crash between the lock and its cancellation must not leave
@@ -52,18 +94,18 @@ impl Vault {
     }
 
     pub(super) fn opened(&mut self, out: &mut Out, ok: bool, detail: &str) {
-        if self.phase != Phase::Opening {
+        if self.phase() != Phase::Opening {
             out.audit(
                 SYSTEM,
                 None,
                 "state",
                 "ignored",
-                format!("open result while {:?}", self.phase),
+                format!("open result while {:?}", self.phase()),
             );
             return;
         }
         if ok {
-            self.phase = Phase::Open;
+            self.phase = Stage::Open;
             out.audit(SYSTEM, None, "state", "open", detail.to_string());
         } else {
             out.audit(
@@ -75,26 +117,32 @@ impl Vault {
             );
             self.drop_sessions(out, "ended: the vault failed to open", |_| true);
             self.cancel_tasks(out, "cancelled: the vault failed to open", |_| true);
-            self.phase = Phase::Closing;
-            self.close_forced = true;
+            self.phase = Stage::closing(true);
             self.close(out, true);
         }
     }
 
     pub(super) fn closed(&mut self, out: &mut Out, ok: bool, detail: &str) {
-        if self.phase != Phase::Closing {
+        if self.phase() != Phase::Closing {
             out.audit(
                 SYSTEM,
                 None,
                 "state",
                 "ignored",
-                format!("close result while {:?}", self.phase),
+                format!("close result while {:?}", self.phase()),
             );
             return;
         }
-        if !ok && !self.close_forced {
-            self.close_failed_at = Some(out.now);
-            self.close_first_failed.get_or_insert(out.now);
+        if !ok
+            && let Stage::Closing {
+                forced: false,
+                failed_at,
+                first_failed,
+                ..
+            } = &mut self.phase
+        {
+            *failed_at = Some(out.now);
+            first_failed.get_or_insert(out.now);
             out.audit(
                 SYSTEM,
                 None,
@@ -104,10 +152,10 @@ impl Vault {
             );
             return;
         }
-        self.phase = Phase::Closed;
-        self.close_forced = false;
-        self.close_failed_at = None;
-        self.close_first_failed = None;
+        let reopen = match std::mem::replace(&mut self.phase, Stage::Closed) {
+            Stage::Closing { reopen, .. } => reopen,
+            _ => None,
+        };
         let state = if self.is_locked() { "locked" } else { "closed" };
         let detail = if ok {
             "key wiped".to_string()
@@ -115,9 +163,9 @@ impl Vault {
             format!("key wiped; not flushed: {detail}")
         };
         out.audit(SYSTEM, None, "state", state, detail);
-        if let Some(req) = self.reopen_key.take() {
+        if let Some(req) = reopen {
             if self.has_presence() && !self.is_locked() {
-                self.phase = Phase::Opening;
+                self.phase = Stage::Opening;
                 out.audit(
                     SYSTEM,
                     None,
@@ -159,17 +207,22 @@ impl Vault {
         self.approvals
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
         self.expire_proposals(out);
-        if self.phase == Phase::Closing
-            && let Some(at) = self.close_failed_at
+        if let Stage::Closing {
+            forced,
+            failed_at,
+            first_failed,
+            ..
+        } = &mut self.phase
+            && let Some(at) = *failed_at
             && now.0.saturating_sub(at.0) >= self.p.policy.close_retry_ms
         {
-            self.close_failed_at = None;
-            if !self.close_forced
-                && self.close_first_failed.is_some_and(|f| {
+            *failed_at = None;
+            if !*forced
+                && first_failed.is_some_and(|f| {
                     now.0.saturating_sub(f.0) >= self.p.policy.close_force_after_ms
                 })
             {
-                self.close_forced = true;
+                *forced = true;
                 out.audit(
                     SYSTEM,
                     None,
@@ -181,7 +234,7 @@ impl Vault {
                     ),
                 );
             }
-            let force = self.close_forced;
+            let force = *forced;
             self.close(out, force);
         }
     }
@@ -189,9 +242,9 @@ impl Vault {
     /// Applies the OPEN rule after every event.
     pub(super) fn reevaluate(&mut self, out: &mut Out) {
         let should_be_open = self.has_presence() && !self.is_locked();
-        if self.phase == Phase::Open && !should_be_open {
-            self.phase = Phase::Closing;
-            self.close_forced = self.is_locked();
+        if self.phase() == Phase::Open && !should_be_open {
+            let force = self.is_locked();
+            self.phase = Stage::closing(force);
             out.audit(
                 SYSTEM,
                 None,
@@ -203,7 +256,6 @@ impl Vault {
                     "nobody inside"
                 },
             );
-            let force = self.close_forced;
             self.close(out, force);
         }
     }
