@@ -223,10 +223,7 @@ fn refusal_status(code: Refusal) -> u16 {
 }
 
 fn code_name(code: Refusal) -> String {
-    serde_json::to_value(code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    code.as_str().to_string()
 }
 
 impl Shell {

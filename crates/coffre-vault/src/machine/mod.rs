@@ -72,13 +72,7 @@ impl Out {
         self.effects.push(Effect::Reply { req, outcome });
     }
     fn refuse(&mut self, r: &Request, code: Refusal, message: &str, detail: impl Into<String>) {
-        let result = format!(
-            "refused:{}",
-            serde_json::to_value(code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        );
+        let result = format!("refused:{}", code.as_str());
         self.audit(
             &r.member,
             Some(&r.source),
