@@ -11,20 +11,21 @@ mod session;
 mod status;
 
 pub use admin::{approve, gateway, join, lock, member, mode, passwd, proposal, quorum, unlock};
-use anyhow::Result;
 pub use audit::audit;
 pub use host::{init, serve};
-use serde_json::Value;
 pub use session::{enter, enter_detached, leave, task};
 pub use status::{status, workload};
 
-pub(super) fn fail(code: u8, msg: &str) -> u8 {
+use anyhow::Result;
+use serde_json::Value;
+
+fn fail(code: u8, msg: &str) -> u8 {
     eprintln!("coffre: {msg}");
     code
 }
 
 /// Prints an otpauth URI as a QR code an authenticator app can scan.
-pub(super) fn print_qr(uri: &str) {
+fn print_qr(uri: &str) {
     if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
         let w = code.width();
         let dark = |x: usize, y: usize| x < w && y < w && code[(x, y)] == qrcode::Color::Dark;
@@ -46,13 +47,13 @@ pub(super) fn print_qr(uri: &str) {
     }
 }
 
-pub(super) fn print_json(v: &Value) -> Result<()> {
+fn print_json(v: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub(super) fn iso(ms: u64) -> String {
+fn iso(ms: u64) -> String {
     let secs = ms / 1000;
     let days = i64::try_from(secs / 86400).unwrap_or(0);
     let rem = secs % 86400;
