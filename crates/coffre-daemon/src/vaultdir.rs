@@ -466,7 +466,10 @@ impl VaultDir {
             });
         }
         if let Err(msg) = coffre_workload::config::check_all(&c.workload) {
-            return Err(DirError::Bad { path, msg });
+            return Err(DirError::Bad {
+                path,
+                msg: msg.to_string(),
+            });
         }
         Ok(c)
     }

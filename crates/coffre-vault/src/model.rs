@@ -446,6 +446,26 @@ pub enum Refusal {
     Busy,
 }
 
+impl Refusal {
+    /// The stable snake_case name: the JSON code clients see, and the
+    /// `refused:<name>` result of audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Locked => "locked",
+            Refusal::UnknownMember => "unknown_member",
+            Refusal::WrongPassword => "wrong_password",
+            Refusal::WrongTotp => "wrong_totp",
+            Refusal::TotpReplayed => "totp_replayed",
+            Refusal::Throttled => "throttled",
+            Refusal::NotPermitted => "not_permitted",
+            Refusal::NoSession => "no_session",
+            Refusal::NoTask => "no_task",
+            Refusal::Invalid => "invalid",
+            Refusal::Busy => "busy",
+        }
+    }
+}
+
 /// Reply to a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -696,4 +716,30 @@ pub struct Status {
     pub proposals: Vec<Proposal>,
     /// Member count.
     pub members: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Refusal;
+
+    /// The names clients and audit records saw when they came from serde
+    /// stay the same.
+    #[test]
+    fn refusal_names_are_the_serde_names() {
+        for code in [
+            Refusal::Locked,
+            Refusal::UnknownMember,
+            Refusal::WrongPassword,
+            Refusal::WrongTotp,
+            Refusal::TotpReplayed,
+            Refusal::Throttled,
+            Refusal::NotPermitted,
+            Refusal::NoSession,
+            Refusal::NoTask,
+            Refusal::Invalid,
+            Refusal::Busy,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
 }

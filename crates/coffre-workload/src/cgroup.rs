@@ -4,6 +4,7 @@
 //! unified hierarchy is mounted, hybrid hosts included) and the v1
 //! freezer controller (`freezer.state`).
 
+use crate::WorkloadError;
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -60,7 +61,7 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
 
 impl Hierarchy {
     /// Finds the freezer `choice` asks for, or says why there is none.
-    pub fn detect(choice: FreezerChoice) -> Result<Self, String> {
+    pub fn detect(choice: FreezerChoice) -> Result<Self, WorkloadError> {
         let all = mounts();
         let v2 = all
             .iter()
@@ -93,11 +94,15 @@ impl Hierarchy {
                 root: v1("freezer").unwrap_or_default(),
                 memory_v1,
             }),
-            FreezerChoice::V2 => Err("this host has no cgroup v2 freezer (cgroup.freeze)".into()),
-            FreezerChoice::V1 => Err("this host has no cgroup v1 freezer controller".into()),
-            FreezerChoice::Auto => {
-                Err("this host has no cgroup freezer (neither v2 nor v1)".into())
-            }
+            FreezerChoice::V2 => Err(WorkloadError::Cgroup(
+                "this host has no cgroup v2 freezer (cgroup.freeze)".into(),
+            )),
+            FreezerChoice::V1 => Err(WorkloadError::Cgroup(
+                "this host has no cgroup v1 freezer controller".into(),
+            )),
+            FreezerChoice::Auto => Err(WorkloadError::Cgroup(
+                "this host has no cgroup freezer (neither v2 nor v1)".into(),
+            )),
         }
     }
 

@@ -18,6 +18,7 @@
 //! memory_mb = 2048
 //! ```
 
+use crate::WorkloadError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -170,7 +171,7 @@ impl WorkloadConfig {
     }
 
     /// Checks one declaration; says what is wrong.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WorkloadError> {
         let n = &self.name;
         if n.is_empty()
             || n.len() > 64
@@ -178,24 +179,26 @@ impl WorkloadConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(format!(
+            return Err(WorkloadError::Config(format!(
                 "workload name {n:?}: use 1 to 64 letters, digits, '-' or '_'"
-            ));
+            )));
         }
         match self.kind {
             Kind::Process => {
                 if self.command.is_empty() {
-                    return Err(format!("workload {n}: `command` is required for a process"));
+                    return Err(WorkloadError::Config(format!(
+                        "workload {n}: `command` is required for a process"
+                    )));
                 }
                 if self.user.as_deref().is_none_or(str::is_empty) {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: set `user` (a user name or a numeric uid; \"root\" only on purpose: a root workload is root on the host)"
-                    ));
+                    )));
                 }
                 if self.disks.len() + self.qemu_args.len() > 0 || self.kernel.is_some() {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: disks, kernel and qemu_args are for kind = \"qemu\""
-                    ));
+                    )));
                 }
                 if let Some(cwd) = &self.cwd
                     && self.role == Role::Project
@@ -204,34 +207,34 @@ impl WorkloadConfig {
                             .components()
                             .any(|c| c == std::path::Component::ParentDir))
                 {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: a project workload's cwd is relative to the data, without '..'"
-                    ));
+                    )));
                 }
                 if self.role == Role::Service && self.cwd.as_ref().is_some_and(|c| !c.is_absolute())
                 {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: a service workload's cwd must be absolute"
-                    ));
+                    )));
                 }
             }
             Kind::Qemu => {
                 for (what, p) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
                     if p.as_ref().is_some_and(|p| !p.is_absolute()) {
-                        return Err(format!(
+                        return Err(WorkloadError::Config(format!(
                             "workload {n}: `{what}` must be an absolute path on the host"
-                        ));
+                        )));
                     }
                 }
                 if !self.command.is_empty() || self.user.is_some() {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: command and user are for kind = \"process\""
-                    ));
+                    )));
                 }
                 if self.role == Role::Service && !self.disks.is_empty() {
-                    return Err(format!(
+                    return Err(WorkloadError::Config(format!(
                         "workload {n}: a service VM cannot have disks in the vault"
-                    ));
+                    )));
                 }
                 for d in &self.disks {
                     if d.is_empty()
@@ -240,7 +243,9 @@ impl WorkloadConfig {
                             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
                         || d.starts_with('.')
                     {
-                        return Err(format!("workload {n}: disk name {d:?} is not a plain name"));
+                        return Err(WorkloadError::Config(format!(
+                            "workload {n}: disk name {d:?} is not a plain name"
+                        )));
                     }
                 }
             }
@@ -250,12 +255,15 @@ impl WorkloadConfig {
 }
 
 /// Checks a whole list (each entry, and names unique).
-pub fn check_all(list: &[WorkloadConfig]) -> Result<(), String> {
+pub fn check_all(list: &[WorkloadConfig]) -> Result<(), WorkloadError> {
     let mut seen = std::collections::BTreeSet::new();
     for w in list {
         w.check()?;
         if !seen.insert(&w.name) {
-            return Err(format!("workload {} is declared twice", w.name));
+            return Err(WorkloadError::Config(format!(
+                "workload {} is declared twice",
+                w.name
+            )));
         }
     }
     Ok(())

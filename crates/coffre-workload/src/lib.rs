@@ -14,12 +14,14 @@
 
 pub mod cgroup;
 pub mod config;
+mod error;
 pub mod log;
 pub mod qmp;
 mod vm;
 
 use cgroup::{Group, Hierarchy};
 use config::{Kind, Role, Settings, WorkloadConfig};
+pub use error::WorkloadError;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -76,19 +78,21 @@ pub fn vm_nbd_socket(vms: &Path, name: &str) -> PathBuf {
 }
 
 /// The user VMs run as: (uid, gid, groups), or why not.
-pub fn vm_credentials(settings: &Settings) -> Result<(u32, u32, Vec<u32>), String> {
+pub fn vm_credentials(settings: &Settings) -> Result<(u32, u32, Vec<u32>), WorkloadError> {
     let u = &settings.vm_user;
     let creds = coffre_sys::child::user(u)
-        .map_err(|e| format!("user {u}: {e}"))?
+        .map_err(|e| WorkloadError::User(format!("user {u}: {e}")))?
         .ok_or_else(|| {
-            format!(
+            WorkloadError::User(format!(
                 "the user {u} that VMs run as does not exist: `coffre init` creates it, or run \
                  `useradd --system --no-create-home --shell /usr/sbin/nologin {u}` (and add it \
                  to the kvm group for KVM), or name another with [workloads] vm_user"
-            )
+            ))
         })?;
     if creds.0 == 0 {
-        return Err(format!("VMs do not run as root: {u} has uid 0"));
+        return Err(WorkloadError::User(format!(
+            "VMs do not run as root: {u} has uid 0"
+        )));
     }
     Ok(creds)
 }
@@ -223,7 +227,7 @@ impl Entry {
 pub struct Workloads {
     settings: Settings,
     paths: Paths,
-    hierarchy: Result<Hierarchy, String>,
+    hierarchy: Result<Hierarchy, WorkloadError>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
 }
@@ -254,7 +258,7 @@ impl Workloads {
             .collect();
         entries.sort_by_key(|e| e.cfg.order);
         let hierarchy = if list.is_empty() {
-            Err("no workloads".into())
+            Err(WorkloadError::Cgroup("no workloads".into()))
         } else {
             Hierarchy::detect(settings.freezer)
         };
@@ -283,7 +287,7 @@ impl Workloads {
     }
 
     /// The freezer in use, or why there is none.
-    pub fn freezer(&self) -> Result<cgroup::FreezerKind, String> {
+    pub fn freezer(&self) -> Result<cgroup::FreezerKind, WorkloadError> {
         self.hierarchy
             .as_ref()
             .map(|h| h.kind)
@@ -380,7 +384,7 @@ impl Workloads {
                             .as_ref()
                             .map(|p| p.group.thaw())
                             .unwrap_or(Ok(()))
-                            .map_err(|e| e.to_string()),
+                            .map_err(|e| WorkloadError::Cgroup(e.to_string())),
                         Kind::Qemu => self.continue_vm(i),
                     };
                     match r {
@@ -576,14 +580,14 @@ impl Workloads {
         }
     }
 
-    fn spawn_process(&mut self, i: usize) -> Result<u32, String> {
+    fn spawn_process(&mut self, i: usize) -> Result<u32, WorkloadError> {
         let h = self.hierarchy.as_ref().map_err(Clone::clone)?;
         let cfg = self.entries[i].cfg.clone();
         let group = h.group(&self.paths.scope, &cfg.name);
         // A group left from an earlier run of this workload goes first.
         group
             .kill_all(KILL_WITHIN)
-            .map_err(|e| format!("clearing its old cgroup: {e}"))?;
+            .map_err(|e| WorkloadError::Cgroup(format!("clearing its old cgroup: {e}")))?;
         let creds = credentials(&cfg)?;
         let (cwd, binds) = match cfg.role {
             Role::Project => (
@@ -622,14 +626,17 @@ impl Workloads {
             cmd.env("USER", u).env("LOGNAME", u);
         }
         cmd.envs(&cfg.env);
-        let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let writer2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        let (reader, writer) =
+            std::io::pipe().map_err(|e| WorkloadError::Setup(format!("pipe: {e}")))?;
+        let writer2 = writer
+            .try_clone()
+            .map_err(|e| WorkloadError::Setup(format!("pipe: {e}")))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2));
-        let procs = group
-            .create(cfg.memory_mb)
-            .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
+        let procs = group.create(cfg.memory_mb).map_err(|e| {
+            WorkloadError::Cgroup(format!("cgroup {}: {e}", group.path().display()))
+        })?;
         coffre_sys::child::prepare(
             &mut cmd,
             coffre_sys::child::ChildSetup {
@@ -647,18 +654,18 @@ impl Workloads {
         )
         .map_err(|e| {
             group.remove();
-            e.to_string()
+            WorkloadError::Spawn(e.to_string())
         })?;
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 group.remove();
-                return Err(format!(
+                return Err(WorkloadError::Spawn(format!(
                     "{}: {e} (as {} in {})",
                     cfg.command[0],
                     cfg.user.as_deref().unwrap_or("root"),
                     cwd_shown.display()
-                ));
+                )));
             }
         };
         drop(cmd);
@@ -785,13 +792,13 @@ pub(crate) fn describe(status: std::process::ExitStatus) -> String {
 }
 
 /// Who a process workload runs as: (uid, primary gid, groups).
-fn credentials(cfg: &WorkloadConfig) -> Result<(u32, u32, Vec<u32>), String> {
+fn credentials(cfg: &WorkloadConfig) -> Result<(u32, u32, Vec<u32>), WorkloadError> {
     let u = cfg.user.as_deref().unwrap_or("root");
     let (uid, gid, mut groups) = match u.parse::<u32>() {
         Ok(uid) => (uid, uid, Vec::new()),
         Err(_) => coffre_sys::child::user(u)
-            .map_err(|e| format!("user {u}: {e}"))?
-            .ok_or_else(|| format!("no such user: {u}"))?,
+            .map_err(|e| WorkloadError::User(format!("user {u}: {e}")))?
+            .ok_or_else(|| WorkloadError::User(format!("no such user: {u}")))?,
     };
     let gid = cfg.gid.unwrap_or(gid);
     groups.extend(&cfg.groups);

@@ -12,7 +12,7 @@
 //!   migration from that file, then `cont`.
 
 use crate::qmp::{Qmp, QmpError};
-use crate::{KILL_WITHIN, Line, Running, State, Workloads, line};
+use crate::{KILL_WITHIN, Line, Running, State, WorkloadError, Workloads, line};
 use serde_json::json;
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
@@ -45,22 +45,23 @@ impl Workloads {
 
     /// Makes the VM's run directory, owned by the VM user and theirs alone,
     /// under `DIR/run/vm` (root's alone, so nobody can swap what is there).
-    fn make_vm_dir(&self, name: &str, uid: u32, gid: u32) -> Result<PathBuf, String> {
+    fn make_vm_dir(&self, name: &str, uid: u32, gid: u32) -> Result<PathBuf, WorkloadError> {
         use std::os::unix::fs::PermissionsExt;
         let vms = &self.paths.vms;
-        std::fs::create_dir_all(vms).map_err(|e| format!("{}: {e}", vms.display()))?;
+        std::fs::create_dir_all(vms)
+            .map_err(|e| WorkloadError::Setup(format!("{}: {e}", vms.display())))?;
         std::fs::set_permissions(vms, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("{}: {e}", vms.display()))?;
+            .map_err(|e| WorkloadError::Setup(format!("{}: {e}", vms.display())))?;
         let dir = crate::vm_dir(vms, name);
         match std::fs::create_dir(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(format!("{}: {e}", dir.display()));
+                return Err(WorkloadError::Setup(format!("{}: {e}", dir.display())));
             }
             _ => {}
         }
         std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            .map_err(|e| WorkloadError::Setup(format!("{}: {e}", dir.display())))?;
         Ok(dir)
     }
 
@@ -71,41 +72,44 @@ impl Workloads {
     }
 
     /// Starts QEMU (resuming from its saved state when there is one).
-    pub(crate) fn spawn_vm(&mut self, i: usize) -> Result<(u32, bool), String> {
+    pub(crate) fn spawn_vm(&mut self, i: usize) -> Result<(u32, bool), WorkloadError> {
         let h = self.hierarchy.as_ref().map_err(Clone::clone)?;
         let cfg = self.entries[i].cfg.clone();
         let group = h.group(&self.paths.scope, &cfg.name);
         group
             .kill_all(KILL_WITHIN)
-            .map_err(|e| format!("clearing its old cgroup: {e}"))?;
+            .map_err(|e| WorkloadError::Cgroup(format!("clearing its old cgroup: {e}")))?;
         for d in &cfg.disks {
             let img = self.paths.data.join("disks").join(format!("{d}.img"));
             if !img.exists() {
                 let Some(mb) = cfg.disk_size_mb else {
-                    return Err(format!(
+                    return Err(WorkloadError::Setup(format!(
                         "disks/{d}.img does not exist in the data (create it, or set disk_size_mb)"
-                    ));
+                    )));
                 };
                 let f = OpenOptions::new()
                     .create_new(true)
                     .write(true)
                     .mode(0o600)
                     .open(&img)
-                    .map_err(|e| format!("creating disks/{d}.img: {e}"))?;
+                    .map_err(|e| WorkloadError::Setup(format!("creating disks/{d}.img: {e}")))?;
                 f.set_len(mb * 1024 * 1024)
-                    .map_err(|e| format!("sizing disks/{d}.img: {e}"))?;
+                    .map_err(|e| WorkloadError::Setup(format!("sizing disks/{d}.img: {e}")))?;
             }
         }
         let state = self.state_file(&cfg.name);
         let incoming = cfg.role == crate::Role::Project && state.exists();
-        std::fs::create_dir_all(&self.paths.run).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.paths.run)
+            .map_err(|e| WorkloadError::Setup(e.to_string()))?;
         // QEMU runs as an unprivileged user, in a namespace where the
         // vault directory is an empty tmpfs with only its own run
         // directory bound into it.
         let (uid, gid, groups) = crate::vm_credentials(&self.settings)?;
         let cover = self.paths.cover.clone().ok_or_else(|| {
-            "VMs need the data's mountpoint directly in the vault directory (the default)"
-                .to_string()
+            WorkloadError::Setup(
+                "VMs need the data's mountpoint directly in the vault directory (the default)"
+                    .to_string(),
+            )
         })?;
         let vm_dir = self.make_vm_dir(&cfg.name, uid, gid)?;
         let seen = cover.join("vm");
@@ -117,24 +121,24 @@ impl Workloads {
         for (what, path) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
             let Some(path) = path else { continue };
             let f = std::fs::File::open(path)
-                .map_err(|e| format!("its {what} {}: {e}", path.display()))?;
+                .map_err(|e| WorkloadError::Setup(format!("its {what} {}: {e}", path.display())))?;
             readable_by(&f, uid, &groups)
-                .map_err(|e| format!("its {what} {}: {e}", path.display()))?;
+                .map_err(|e| WorkloadError::Setup(format!("its {what} {}: {e}", path.display())))?;
             let n = 200 + libc::c_int::try_from(pass_fds.len()).unwrap_or(0);
             pass_fds.push((std::os::fd::OwnedFd::from(f), n));
             boot_files.push((what, format!("/proc/self/fd/{n}")));
         }
         let sock = self.qmp_socket(&cfg.name);
         if sock.as_os_str().len() > 107 {
-            return Err(format!(
+            return Err(WorkloadError::Setup(format!(
                 "its QMP socket path {} is longer than a unix socket allows (107 bytes): use a shorter vault directory or name",
                 sock.display()
-            ));
+            )));
         }
         let _ = std::fs::remove_file(&sock);
-        let procs = group
-            .create(None)
-            .map_err(|e| format!("cgroup {}: {e}", group.path().display()))?;
+        let procs = group.create(None).map_err(|e| {
+            WorkloadError::Cgroup(format!("cgroup {}: {e}", group.path().display()))
+        })?;
 
         let qemu = self
             .settings
@@ -194,8 +198,11 @@ impl Workloads {
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .envs(&cfg.env);
-        let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let writer2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        let (reader, writer) =
+            std::io::pipe().map_err(|e| WorkloadError::Setup(format!("pipe: {e}")))?;
+        let writer2 = writer
+            .try_clone()
+            .map_err(|e| WorkloadError::Setup(format!("pipe: {e}")))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2));
@@ -220,11 +227,11 @@ impl Workloads {
         )
         .map_err(|e| {
             group.remove();
-            e.to_string()
+            WorkloadError::Spawn(e.to_string())
         })?;
         let mut child = cmd.spawn().map_err(|e| {
             group.remove();
-            format!("{}: {e}", qemu.display())
+            WorkloadError::Spawn(format!("{}: {e}", qemu.display()))
         })?;
         drop(cmd);
         let e = &mut self.entries[i];
@@ -241,16 +248,16 @@ impl Workloads {
                     if let Ok(Some(st)) = child.try_wait() {
                         let _ = group.kill_all(KILL_WITHIN);
                         group.remove();
-                        return Err(format!(
+                        return Err(WorkloadError::Spawn(format!(
                             "QEMU {} before its QMP socket was up (its log says why)",
                             crate::describe(st)
-                        ));
+                        )));
                     }
                     if Instant::now() >= until {
                         let _ = group.kill_all(KILL_WITHIN);
                         let _ = child.wait();
                         group.remove();
-                        return Err(format!("QEMU's QMP socket: {err}"));
+                        return Err(WorkloadError::Timeout(format!("QEMU's QMP socket: {err}")));
                     }
                 }
             }
@@ -262,9 +269,9 @@ impl Workloads {
                 let _ = group.kill_all(KILL_WITHIN);
                 let _ = child.wait();
                 group.remove();
-                return Err(format!(
+                return Err(WorkloadError::Migration(format!(
                     "resuming from its saved state in the vault: {err} (the state file stays in the vault unless the migration had completed)"
-                ));
+                )));
             }
             let _ = std::fs::remove_file(self.suspended_mark(&cfg.name));
             self.entries[i].note = format!("resumed from the vault in {} ms", crate::ms(t));
@@ -304,13 +311,13 @@ impl Workloads {
     }
 
     /// Fast mode, at open: `cont`.
-    pub(crate) fn continue_vm(&mut self, i: usize) -> Result<(), String> {
+    pub(crate) fn continue_vm(&mut self, i: usize) -> Result<(), WorkloadError> {
         match self.entries[i].proc.as_mut().and_then(|p| p.qmp.as_mut()) {
             Some(q) => q
                 .execute("cont", None)
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => Err("no QMP connection".into()),
+                .map_err(|e| WorkloadError::Qmp(e.to_string())),
+            None => Err(WorkloadError::Qmp("no QMP connection".into())),
         }
     }
 

@@ -1,0 +1,597 @@
+//! The filesystem itself (fuser's `Filesystem`): every request passes
+//! through to the live mount by file handle, as the caller, or fails with
+//! `EIO` while cut.
+
+use super::state::*;
+use coffre_sys::handle::FileHandle;
+use fuser::{
+    Errno, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request,
+};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Filesystem for Layer {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Shared mappings of direct-I/O files (kernel 6.6+): programs that
+        // mmap their files work; those pages are dropped at every cut.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            self.entry(live, &p, name)
+        }) {
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = maps.nodes.get_mut(&ino.0) {
+            n.lookups = n.lookups.saturating_sub(nlookup);
+            if n.lookups == 0 {
+                maps.nodes.remove(&ino.0);
+            }
+        }
+    }
+
+    fn getattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<fuser::FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.with_live(|live| {
+            let st = match fh.map(|f| self.file(f.0)) {
+                Some(Ok(f)) => rustix::fs::fstat(&*f),
+                _ => rustix::fs::fstat(&*self.fd(live, ino.0)?),
+            }
+            .map_err(rerr)?;
+            Ok(self.attr(live, &st))
+        });
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<fuser::FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.with_live(|live| {
+            let fd = self.fd(live, ino.0)?;
+            let path = Layer::proc_path(&fd);
+            if let Some(m) = mode {
+                rustix::fs::chmod(&path, Mode::from_raw_mode(m & 0o7777)).map_err(rerr)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::chownat(
+                    &*fd,
+                    "",
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(rerr)?;
+            }
+            if let Some(n) = size {
+                match fh.map(|f| self.file(f.0)) {
+                    Some(Ok(f)) => f.set_len(n).map_err(errno)?,
+                    _ => std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(n))
+                        .map_err(errno)?,
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let ts = |t: Option<fuser::TimeOrNow>| match t {
+                    None => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rustix::fs::UTIME_OMIT,
+                    },
+                    Some(fuser::TimeOrNow::Now) => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rustix::fs::UTIME_NOW,
+                    },
+                    Some(fuser::TimeOrNow::SpecificTime(t)) => {
+                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        rustix::fs::Timespec {
+                            tv_sec: i64::try_from(d.as_secs()).unwrap_or(0),
+                            tv_nsec: i64::from(d.subsec_nanos()),
+                        }
+                    }
+                };
+                let times = rustix::fs::Timestamps {
+                    last_access: ts(atime),
+                    last_modification: ts(mtime),
+                };
+                rustix::fs::utimensat(rustix::fs::CWD, &path, &times, AtFlags::empty())
+                    .map_err(rerr)?;
+            }
+            let st = rustix::fs::fstat(&*fd).map_err(rerr)?;
+            Ok(self.attr(live, &st))
+        });
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.with_live(|live| {
+            let fd = self.fd(live, ino.0)?;
+            rustix::fs::readlinkat(&*fd, "", Vec::new()).map_err(rerr)
+        }) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let want = mode & !umask & 0o7777;
+            {
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::mkdirat(&*p, name, Mode::from_raw_mode(want)).map_err(rerr)?;
+                // The daemon's own umask applied too; setgid comes from the
+                // parent. The directory is reached without following a
+                // symlink (someone may swap the name), and as the caller.
+                let d = rustix::fs::openat(
+                    &*p,
+                    name,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(rerr)?;
+                let st = rustix::fs::fstat(&d).map_err(rerr)?;
+                let keep = st.st_mode & libc::S_ISGID;
+                if st.st_mode & 0o7777 != want | keep {
+                    rustix::fs::chmod(Layer::proc_path(&d), Mode::from_raw_mode(want | keep))
+                        .map_err(rerr)?;
+                }
+            }
+            self.entry(live, &p, name)
+        }) {
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let _me = Layer::as_caller(req)?;
+            rustix::fs::unlinkat(&*p, name, AtFlags::empty()).map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let _me = Layer::as_caller(req)?;
+            rustix::fs::unlinkat(&*p, name, AtFlags::REMOVEDIR).map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            {
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::symlinkat(target, &*p, link_name).map_err(rerr)?;
+            }
+            self.entry(live, &p, link_name)
+        }) {
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let np = self.fd(live, newparent.0)?;
+            let f = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+            let _me = Layer::as_caller(req)?;
+            rustix::fs::renameat_with(&*p, name, &*np, newname, f).map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.with_live(|live| {
+            let fd = self.fd(live, ino.0)?;
+            let np = self.fd(live, newparent.0)?;
+            {
+                // Through /proc (no capability needed), as the caller: the
+                // kernel's hard-link protections apply to them.
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    Layer::proc_path(&fd),
+                    &*np,
+                    newname,
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(rerr)?;
+            }
+            self.entry(live, &np, newname)
+        }) {
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let keep =
+            libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+        let flags = flags.0 & keep;
+        match self.with_live(|live| {
+            let handle = if ino.0 == 1 {
+                FileHandle::of(live.root.as_fd(), Path::new("")).map_err(errno)?
+            } else {
+                let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+                maps.nodes.get(&ino.0).ok_or(Errno::ESTALE)?.handle.clone()
+            };
+            let file = File::from(handle.open(live.root.as_fd(), flags).map_err(errno)?);
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.next_fh += 1;
+            let fh = maps.next_fh;
+            maps.files.insert(
+                fh,
+                Open {
+                    handle,
+                    flags,
+                    file: Some(Arc::new(file)),
+                    lost: false,
+                },
+            );
+            Ok(fh)
+        }) {
+            Ok(fh) => reply.opened(fuser::FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.with_live(|_| {
+            let f = self.file(fh.0)?;
+            let mut buf = vec![0u8; size as usize];
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read_at(&mut buf[got..], offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(errno(e)),
+                }
+            }
+            buf.truncate(got);
+            Ok(buf)
+        }) {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.with_live(|_| {
+            let f = self.file(fh.0)?;
+            f.write_all_at(data, offset).map_err(errno)?;
+            u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
+        }) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: fuser::FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .files
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.with_live(|_| {
+            let f = self.file(fh.0)?;
+            if datasync {
+                f.sync_data()
+            } else {
+                f.sync_all()
+            }
+            .map_err(errno)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The listing is read at once: no directory stays open on the
+        // mount between calls.
+        match self.with_live(|live| {
+            let fd = self.fd(live, ino.0)?;
+            let mut list = vec![
+                (ino.0, FileType::Directory, ".".into()),
+                (1, FileType::Directory, "..".into()),
+            ];
+            for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
+                let e = e.map_err(errno)?;
+                use std::os::unix::fs::DirEntryExt;
+                let kind = match e.file_type() {
+                    Ok(t) if t.is_dir() => FileType::Directory,
+                    Ok(t) if t.is_symlink() => FileType::Symlink,
+                    _ => FileType::RegularFile,
+                };
+                list.push((self.ino(live, e.ino()), kind, e.file_name()));
+            }
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.next_fh += 1;
+            let fh = maps.next_fh;
+            maps.dirs.insert(fh, list);
+            Ok(fh)
+        }) {
+            Ok(fh) => reply.opened(fuser::FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = maps.dirs.get(&fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(start) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirs
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.with_live(|live| rustix::fs::fstatvfs(&*live.root).map_err(rerr)) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                u32::try_from(s.f_bsize).unwrap_or(4096),
+                u32::try_from(s.f_namemax).unwrap_or(255),
+                u32::try_from(s.f_frsize).unwrap_or(4096),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_TRUNC;
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let want = mode & !umask & 0o7777;
+            let base = (flags & keep) | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+            let oflags =
+                |extra: i32| OFlags::from_bits_retain(u32::try_from(base | extra).unwrap_or(0));
+            let fd = {
+                let _me = Layer::as_caller(req)?;
+                // Always exclusive: the file we hand back is the one this
+                // call made. If the name appeared since the kernel's
+                // lookup, open it as the caller (unless they asked O_EXCL).
+                match rustix::fs::openat(
+                    &*p,
+                    name,
+                    oflags(libc::O_CREAT | libc::O_EXCL),
+                    Mode::from_raw_mode(want),
+                ) {
+                    Ok(fd) => {
+                        // The daemon's umask applied too.
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(want)).map_err(rerr)?;
+                        fd
+                    }
+                    Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
+                        // Never block on a FIFO swapped in, never hand back
+                        // anything but a regular file.
+                        let fd =
+                            rustix::fs::openat(&*p, name, oflags(libc::O_NONBLOCK), Mode::empty())
+                                .map_err(rerr)?;
+                        let st = rustix::fs::fstat(&fd).map_err(rerr)?;
+                        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                            return Err(Errno::EEXIST);
+                        }
+                        let fl = rustix::fs::fcntl_getfl(&fd).map_err(rerr)?;
+                        rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(rerr)?;
+                        fd
+                    }
+                    Err(e) => return Err(rerr(e)),
+                }
+            };
+            let handle = FileHandle::of(fd.as_fd(), Path::new("")).map_err(errno)?;
+            let path = rustix::fs::openat(
+                rustix::fs::CWD,
+                Layer::proc_path_of(&fd),
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(rerr)?;
+            let (attr, generation) = self.node(live, path)?;
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.next_fh += 1;
+            let fh = maps.next_fh;
+            maps.files.insert(
+                fh,
+                Open {
+                    handle,
+                    flags: flags
+                        & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC),
+                    file: Some(Arc::new(File::from(fd))),
+                    lost: false,
+                },
+            );
+            Ok((attr, generation, fh))
+        }) {
+            Ok((a, g, fh)) => reply.created(
+                &TTL,
+                &a,
+                Generation(g),
+                fuser::FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+}

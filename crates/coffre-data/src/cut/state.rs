@@ -1,0 +1,259 @@
+//! The layer's state: which inodes and open files it knows, by file handle,
+//! and the mount it passes through to while live (none while cut); with
+//! the helpers that resolve them and the caller's credentials.
+
+use coffre_sys::handle::FileHandle;
+use fuser::{Errno, FileAttr, FileType, INodeNo, Request};
+use rustix::fs::{Mode, OFlags};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub(super) const TTL: Duration = Duration::ZERO;
+
+pub(super) struct Node {
+    pub(super) handle: FileHandle,
+    pub(super) lookups: u64,
+}
+
+pub(super) struct Open {
+    pub(super) handle: FileHandle,
+    pub(super) flags: i32,
+    /// `None` while cut, or when it could not be reopened (`lost`).
+    pub(super) file: Option<Arc<File>>,
+    pub(super) lost: bool,
+}
+
+#[derive(Default)]
+pub(super) struct Maps {
+    pub(super) nodes: HashMap<u64, Node>,
+    pub(super) files: HashMap<u64, Open>,
+    pub(super) dirs: HashMap<u64, Vec<(u64, FileType, std::ffi::OsString)>>,
+    pub(super) next_fh: u64,
+}
+
+/// The mount the layer passes through to, while live.
+pub(super) struct Live {
+    /// The mount's root, opened for reading: `open_by_handle_at` refuses
+    /// an `O_PATH` descriptor as its mount.
+    pub(super) root: Arc<OwnedFd>,
+    pub(super) root_ino: u64,
+}
+
+pub(super) struct State {
+    /// Requests hold it shared; cut and restore take it exclusively, so
+    /// they wait for requests in flight.
+    pub(super) live: RwLock<Option<Live>>,
+    pub(super) maps: Mutex<Maps>,
+}
+
+/// The filesystem fuser owns; the daemon keeps the same state to cut it.
+pub(super) struct Layer(pub(super) Arc<State>);
+
+impl std::ops::Deref for Layer {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+pub(super) fn errno(e: impl Into<std::io::Error>) -> Errno {
+    Errno::from(e.into())
+}
+
+pub(super) fn rerr(e: rustix::io::Errno) -> Errno {
+    Errno::from_i32(e.raw_os_error())
+}
+
+pub(super) fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub(super) fn time(s: i64, ns: u64) -> SystemTime {
+    let ns = u32::try_from(ns.min(999_999_999)).unwrap_or(0);
+    match u64::try_from(s) {
+        Ok(s) => UNIX_EPOCH + Duration::new(s, ns),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+impl Layer {
+    pub(super) fn ino(&self, live: &Live, st_ino: u64) -> u64 {
+        if st_ino == live.root_ino { 1 } else { st_ino }
+    }
+
+    pub(super) fn attr(&self, live: &Live, st: &rustix::fs::Stat) -> FileAttr {
+        #[allow(clippy::useless_conversion)]
+        let (size, blocks, blksize) = (
+            u64::try_from(st.st_size).unwrap_or(0),
+            u64::try_from(st.st_blocks).unwrap_or(0),
+            u32::try_from(st.st_blksize).unwrap_or(4096),
+        );
+        #[allow(clippy::useless_conversion)]
+        let (a, m, c) = (
+            time(st.st_atime, u64::try_from(st.st_atime_nsec).unwrap_or(0)),
+            time(st.st_mtime, u64::try_from(st.st_mtime_nsec).unwrap_or(0)),
+            time(st.st_ctime, u64::try_from(st.st_ctime_nsec).unwrap_or(0)),
+        );
+        #[allow(clippy::useless_conversion)]
+        FileAttr {
+            ino: INodeNo(self.ino(live, st.st_ino)),
+            size,
+            blocks,
+            atime: a,
+            mtime: m,
+            ctime: c,
+            crtime: c,
+            kind: kind_of(st.st_mode),
+            perm: u16::try_from(st.st_mode & 0o7777).unwrap_or(0),
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: u32::try_from(st.st_rdev).unwrap_or(0),
+            blksize,
+            flags: 0,
+        }
+    }
+
+    /// The `O_PATH` descriptor of inode `ino`.
+    pub(super) fn fd(&self, live: &Live, ino: u64) -> Result<Arc<OwnedFd>, Errno> {
+        if ino == 1 {
+            return Ok(live.root.clone());
+        }
+        // Opened for each request, not kept: the kernel forgets inodes
+        // late, and a descriptor per file a workload ever looked at would
+        // run the daemon out of descriptors.
+        let handle = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.nodes.get(&ino).ok_or(Errno::ESTALE)?.handle.clone()
+        };
+        Ok(Arc::new(
+            handle
+                .open(live.root.as_fd(), libc::O_PATH | libc::O_NOFOLLOW)
+                .map_err(errno)?,
+        ))
+    }
+
+    /// Looks `name` up in `parent` and counts one kernel reference to it.
+    /// The name is resolved once: the attributes and the handle both come
+    /// from the descriptor that resolution gave, so a rename between the
+    /// two can never pair one file's attributes with another's handle.
+    pub(super) fn entry(
+        &self,
+        live: &Live,
+        parent: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<(FileAttr, u64), Errno> {
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(rerr)?;
+        self.node(live, fd)
+    }
+
+    /// Counts one kernel reference to the file `fd` refers to; returns its
+    /// attributes and generation.
+    pub(super) fn node(&self, live: &Live, fd: OwnedFd) -> Result<(FileAttr, u64), Errno> {
+        let st = rustix::fs::fstat(&fd).map_err(rerr)?;
+        let attr = self.attr(live, &st);
+        if attr.ino.0 == 1 {
+            return Ok((attr, 0));
+        }
+        let handle = FileHandle::of(fd.as_fd(), Path::new("")).map_err(errno)?;
+        let generation = handle.fingerprint();
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let node = maps.nodes.entry(attr.ino.0).or_insert(Node {
+            handle: handle.clone(),
+            lookups: 0,
+        });
+        if node.handle != handle {
+            // The inode number was reused by a new file. The count goes on:
+            // the kernel will still forget the old inode's lookups under
+            // this number.
+            node.handle = handle;
+        }
+        node.lookups += 1;
+        Ok((attr, generation))
+    }
+
+    pub(super) fn with_live<T>(
+        &self,
+        f: impl FnOnce(&Live) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let g = self.live.read().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(live) => f(live),
+            None => Err(Errno::EIO),
+        }
+    }
+
+    pub(super) fn file(&self, fh: u64) -> Result<Arc<File>, Errno> {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let open = maps.files.get(&fh).ok_or(Errno::EBADF)?;
+        open.file.clone().ok_or(Errno::EIO)
+    }
+
+    /// This thread acts as the requesting process on the filesystem until
+    /// the guard drops: the kernel checks its rights and makes new files
+    /// its own (the directory's group when setgid), atomically.
+    pub(super) fn as_caller(req: &Request) -> Result<coffre_sys::caller::AsCaller, Errno> {
+        coffre_sys::caller::AsCaller::new(
+            req.uid(),
+            req.gid(),
+            &caller_groups(req.pid(), req.uid(), req.gid()),
+        )
+        .map_err(errno)
+    }
+
+    pub(super) fn proc_path(fd: &OwnedFd) -> PathBuf {
+        Layer::proc_path_of(fd)
+    }
+
+    pub(super) fn proc_path_of(fd: &impl std::os::fd::AsRawFd) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    }
+}
+
+/// The supplementary groups of process `pid` (from `/proc/PID/status`);
+/// none if it is gone.
+pub(super) fn caller_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |key: &str, n: usize| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().nth(n)?.parse().ok())
+    };
+    // The file-system ids (4th column) must be the request's: otherwise
+    // the pid was reused, and its groups are someone else's.
+    if field("Uid:", 3) != Some(uid) || field("Gid:", 3) != Some(gid) {
+        return Vec::new();
+    }
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Groups:").map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}

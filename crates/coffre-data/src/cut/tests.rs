@@ -1,0 +1,230 @@
+//! System tests of the layer (they need root and FUSE): open files survive
+//! a cut and an unmount of the ext4 below, and a member operation leaves
+//! the process undumpable.
+
+use super::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::process::Command;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A file held open through the layer survives the ext4 mount going
+/// away (which it no longer keeps busy) and coming back.
+#[test]
+fn open_files_survive_a_cut_and_an_unmount() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("fs.img");
+    let mnt = t.path().join("mnt");
+    let view = t.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let layer = CutLayer::mount(&view).unwrap();
+    layer.restore(&mnt).unwrap();
+
+    std::fs::create_dir(view.join("dir")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(view.join("dir/count"))
+        .unwrap();
+    f.write_all(b"before ").unwrap();
+    std::fs::write(view.join("gone"), b"x").unwrap();
+    let mut g = File::open(view.join("gone")).unwrap();
+    assert_eq!(std::fs::read(mnt.join("dir/count")).unwrap(), b"before ");
+
+    assert_eq!(layer.cut(), 2);
+    // The layer holds nothing on the mount: it unmounts.
+    run(Command::new("umount").arg(&mnt));
+    let mut buf = Vec::new();
+    assert!(g.read_to_end(&mut buf).is_err(), "reads fail while cut");
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    std::fs::remove_file(mnt.join("gone")).unwrap();
+
+    let r = layer.restore(&mnt).unwrap();
+    assert_eq!((r.reopened, r.lost), (1, 1));
+    f.write_all(b"after").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "before after");
+    assert_eq!(
+        std::fs::read(mnt.join("dir/count")).unwrap(),
+        b"before after"
+    );
+    assert!(
+        g.read_to_end(&mut buf).is_err(),
+        "a file deleted while cut stays lost"
+    );
+    drop((f, g));
+
+    // Programs that map their files work (shared, writable mappings).
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import mmap; f = open('{}', 'w+b'); f.write(b'0' * 4096); f.flush(); m = mmap.mmap(f.fileno(), 4096); m[0:5] = b'mmap!'; m.flush(); m.close(); f.close()",
+            view.join("mapped").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&std::fs::read(mnt.join("mapped")).unwrap()[..5], b"mmap!");
+
+    // A member (uid 5001, in the team's group 4242) works through the
+    // layer as themselves: the kernel checks their rights, new files
+    // are theirs, the setgid directory's group is kept, their umask is
+    // honoured and the daemon's is not added.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let shared = mnt.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::os::unix::fs::chown(&shared, Some(0), Some(4242)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    std::fs::write(shared.join("root-only"), b"secret").unwrap();
+    std::fs::set_permissions(
+        shared.join("root-only"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let member = |script: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=5001",
+                "--regid=5001",
+                "--groups=4242",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "umask 002; cd {} && {script}",
+                view.join("shared").display()
+            ))
+            .output()
+            .unwrap()
+    };
+    let out = member("mkdir d && echo hi > d/f && ln -s f d/l && ln d/f d/hard && mv d/f d/g");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta = |p: &str| std::fs::symlink_metadata(shared.join(p)).unwrap();
+    assert_eq!(
+        (meta("d").uid(), meta("d").gid(), meta("d").mode() & 0o7777),
+        (5001, 4242, 0o2775)
+    );
+    assert_eq!(
+        (
+            meta("d/g").uid(),
+            meta("d/g").gid(),
+            meta("d/g").mode() & 0o7777
+        ),
+        (5001, 4242, 0o664)
+    );
+    assert_eq!((meta("d/l").uid(), meta("d/l").gid()), (5001, 4242));
+    assert_eq!(meta("d/hard").ino(), meta("d/g").ino());
+    // What they may not do, they cannot do through the layer either.
+    let out = member("cat root-only");
+    assert!(!out.status.success());
+    let out = member("chmod 644 root-only || chown 5001 root-only");
+    assert!(!out.status.success());
+    assert_eq!(meta("root-only").mode() & 0o777, 0o600);
+    let out = member("rm -r d");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!shared.join("d").exists());
+
+    drop(layer);
+    run(Command::new("umount").arg(&mnt));
+}
+
+/// `fs.suid_dumpable` set to a value for the life of the guard, then put
+/// back.
+struct SuidDumpable(String);
+
+impl SuidDumpable {
+    const PATH: &str = "/proc/sys/fs/suid_dumpable";
+    fn set(value: &str) -> Self {
+        let old = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, value).unwrap();
+        Self(old.trim().to_owned())
+    }
+}
+
+impl Drop for SuidDumpable {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// With `fs.suid_dumpable` 2, every fsuid switch would make the process
+/// dumpable again (mode 2, "root only"): a member's file operation
+/// through the layer leaves it undumpable, as the daemon set it at start.
+#[test]
+fn a_member_operation_leaves_the_process_undumpable() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("fs.img");
+    let mnt = t.path().join("mnt");
+    let view = t.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let dir = mnt.join("home");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(5002), Some(5002)).unwrap();
+    let layer = CutLayer::mount(&view).unwrap();
+    layer.restore(&mnt).unwrap();
+
+    let sysctl = SuidDumpable::set("2");
+    coffre_sys::forbid_dumps().unwrap();
+    assert!(!coffre_sys::is_dumpable());
+    let out = Command::new("setpriv")
+        .args(["--reuid=5002", "--regid=5002", "--clear-groups", "--"])
+        .arg("sh")
+        .arg("-c")
+        .arg(format!("echo x > {}/mine", view.join("home").display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(dir.join("mine")).unwrap().uid(), 5002);
+    }
+    let dumpable = coffre_sys::is_dumpable();
+    // Put everything back before any assertion can fail.
+    drop(sysctl);
+    drop(layer);
+    run(Command::new("umount").arg(&mnt));
+    assert!(!dumpable, "the identity switch left the process dumpable");
+}

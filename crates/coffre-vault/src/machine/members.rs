@@ -1,0 +1,107 @@
+//! Members: who counts as a superuser, removing a member (and what the
+//! quorum forbids), and a member joining after an invitation.
+
+use super::{Out, SYSTEM, Vault};
+use crate::model::*;
+
+impl Vault {
+    pub(super) fn superusers(&self) -> usize {
+        self.p
+            .members
+            .values()
+            .filter(|m| m.role == Role::Superuser)
+            .count()
+    }
+
+    pub(super) fn check_remove(&self, name: &str) -> Result<(), String> {
+        let Some(target) = self.p.members.get(name) else {
+            return Err("no such member".into());
+        };
+        if target.role == Role::Superuser {
+            let after = self.superusers() - 1;
+            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
+                return Err(format!(
+                    "removing {name} would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first",
+                    self.p.policy.unlock_quorum
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove_member(&mut self, out: &mut Out, r: &Request, _by: &Member, name: &str) {
+        let Some(target) = self.p.members.get(name).cloned() else {
+            out.refuse(
+                r,
+                Refusal::Invalid,
+                "no such member",
+                format!("remove {name}"),
+            );
+            return;
+        };
+        if let Err(why) = self.check_remove(name) {
+            out.refuse(r, Refusal::Invalid, &why, format!("remove {name}"));
+            return;
+        }
+        self.p.members.remove(name);
+        self.approvals.remove(name);
+        out.effects.push(Effect::RemoveMember {
+            name: name.to_string(),
+            keyslot: target.keyslot,
+        });
+        out.effects.push(Effect::Persist);
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "member_remove",
+            "ok",
+            name.to_string(),
+        );
+        self.drop_sessions(out, "ended: member removed", |s| s.member == name);
+        self.cancel_tasks(out, "cancelled: owner removed", |t| t.owner == name);
+        out.reply(r.req, Outcome::Ok(Reply::Done));
+    }
+
+    pub(super) fn member_joined(&mut self, out: &mut Out, member: Member) {
+        if self.is_locked() {
+            out.audit(
+                &member.name,
+                None,
+                "member_join",
+                "refused:locked",
+                format!(
+                    "{}: the vault is locked; keyslot {} must be wiped",
+                    member.name, member.keyslot
+                ),
+            );
+            return;
+        }
+        let clash = self
+            .p
+            .members
+            .values()
+            .any(|m| m.keyslot == member.keyslot && m.name != member.name);
+        if clash || self.p.members.contains_key(&member.name) {
+            out.audit(
+                SYSTEM,
+                None,
+                "member_join",
+                "failed",
+                format!(
+                    "{}: name or keyslot {} already used",
+                    member.name, member.keyslot
+                ),
+            );
+            return;
+        }
+        out.audit(
+            &member.name,
+            None,
+            "member_join",
+            "ok",
+            format!("{:?} with keyslot {}", member.role, member.keyslot).to_lowercase(),
+        );
+        self.p.members.insert(member.name.clone(), member);
+        out.effects.push(Effect::Persist);
+    }
+}

@@ -1,0 +1,497 @@
+//! Governing the vault: lock and unlock, mode and quorum, proposals and
+//! their approval, members (invitations, joining, removal, profiles,
+//! passwords) and the VPN gateway's configuration.
+
+use super::client::*;
+use super::*;
+use crate::cli::{
+    AuthArgs, GatewayCommand, IdentityArg, MemberCommand, ModeChoice, ProposalCommand, ProtoChoice,
+    RoleChoice,
+};
+use crate::secrets;
+use anyhow::{Context, Result, bail};
+use coffre::exit;
+use coffre_daemon::api::{ApiCommand, ApiSecret};
+use coffre_daemon::client;
+use coffre_daemon::vaultdir::{Identity, VaultDir};
+use coffre_daemon::witness::{self, HeadStore, SeenHead, ShownHead};
+use serde_json::Value;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+pub fn lock(ida: IdentityArg, auth: AuthArgs, reason: String) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Lock {
+        reason,
+        password,
+        totp,
+    })? {
+        Ok(_) => {
+            eprintln!("coffre: the vault is locked");
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn unlock(ida: IdentityArg, auth: AuthArgs) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Unlock {
+        password,
+        totp,
+    })? {
+        Ok(v) => {
+            match v["remaining"].as_u64() {
+                Some(0) | None => {
+                    eprintln!("coffre: unlocked; the vault is closed and can be entered")
+                }
+                Some(n) => {
+                    eprintln!("coffre: approval recorded; {n} more superuser approval(s) needed")
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn mode(ida: IdentityArg, auth: AuthArgs, mode: ModeChoice) -> Result<u8> {
+    let m = match mode {
+        ModeChoice::Fast => coffre_vault::Mode::Fast,
+        ModeChoice::Safe => coffre_vault::Mode::Safe,
+    };
+    match authed(&ida, &auth, |password, totp| ApiCommand::Mode {
+        mode: m,
+        password,
+        totp,
+    })? {
+        Ok(_) => {
+            if let Ok(Ok(v)) = simple(&ida, ApiCommand::Status) {
+                match v["mode_pending"].as_str() {
+                    Some(p) => println!(
+                        "coffre: {p} mode takes effect at the next close ({} is in force until then)",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                    None => println!(
+                        "coffre: {} mode in force",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+pub fn quorum(ida: IdentityArg, auth: AuthArgs, quorum: u32) -> Result<u8> {
+    match authed(&ida, &auth, |password, totp| ApiCommand::Quorum {
+        quorum,
+        password,
+        totp,
+    })? {
+        Ok(v) => {
+            say_proposal(&v);
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+/// A command that made or approved a proposal says where it stands.
+pub(super) fn say_proposal(v: &Value) {
+    let p = &v["proposal"];
+    if p.is_null() {
+        return;
+    }
+    let id = p["id"].as_str().unwrap_or("?");
+    let what = p["description"].as_str().unwrap_or("?");
+    match p["remaining"].as_u64() {
+        Some(0) | None => eprintln!("coffre: proposal {id} carried out: {what}"),
+        Some(n) => eprintln!(
+            "coffre: proposal {id} ({what}) needs {n} more superuser approval(s): `coffre approve {id}` within the approval window"
+        ),
+    }
+}
+
+/// `coffre approve ID`
+pub fn approve(
+    ida: IdentityArg,
+    auth: AuthArgs,
+    proposal: String,
+    out: Option<PathBuf>,
+) -> Result<u8> {
+    if let Some(o) = &out
+        && o.exists()
+    {
+        bail!("{} exists; choose another --out", o.display());
+    }
+    match authed(&ida, &auth, |password, totp| ApiCommand::Approve {
+        id: proposal.clone(),
+        password,
+        totp,
+    })? {
+        Ok(v) => {
+            if v["invitation"].is_object() {
+                let inv = &v["invitation"];
+                let name = inv["name"].as_str().unwrap_or("member");
+                let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.invitation")));
+                if out.exists() {
+                    bail!(
+                        "{} exists: the invitation was made but cannot be written; it expires by itself (or lock to cancel it)",
+                        out.display()
+                    );
+                }
+                coffre_audit::write_atomic(
+                    &out,
+                    zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
+                    0o600,
+                )?;
+                eprintln!(
+                    "coffre: proposal {proposal} carried out: invitation for {name} written to {} (expires at {}); hand it over privately",
+                    out.display(),
+                    iso(inv["expires_ms"].as_u64().unwrap_or(0)),
+                );
+            } else if v["proposal"].is_object() {
+                say_proposal(&v);
+            } else {
+                eprintln!("coffre: proposal {proposal} carried out");
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+/// `coffre proposal list`
+pub fn proposal(cmd: ProposalCommand) -> Result<u8> {
+    match cmd {
+        ProposalCommand::List { id, json } => match simple(&id, ApiCommand::ProposalList)? {
+            Ok(v) => {
+                let list = v["proposals"].as_array().cloned().unwrap_or_default();
+                if json {
+                    print_json(&Value::Array(list))?;
+                } else if list.is_empty() {
+                    println!("no pending proposal");
+                } else {
+                    for p in &list {
+                        let approvals: Vec<&str> = p["approvals"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        println!(
+                            "{}  {}  by {}  approved by {} ({}/{})  expires {}",
+                            p["id"].as_str().unwrap_or("?"),
+                            p["description"].as_str().unwrap_or("?"),
+                            p["by"].as_str().unwrap_or("?"),
+                            approvals.join(", "),
+                            approvals.len(),
+                            p["needed"],
+                            iso(p["expires_ms"].as_u64().unwrap_or(0)),
+                        );
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+    }
+}
+
+/// `coffre gateway …`
+pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
+    match cmd {
+        GatewayCommand::OpenvpnConfig(a) => {
+            let mut g = coffre_daemon::vaultdir::GatewayConfig::new(a.remote);
+            g.port = a.port;
+            g.proto = match a.proto {
+                ProtoChoice::Udp => "udp".into(),
+                ProtoChoice::Tcp => "tcp".into(),
+            };
+            g.network = a.network;
+            g.keepalive = [a.keepalive_interval, a.keepalive_timeout];
+            g.reneg_s = a.reneg_sec;
+            g.token_lifetime_s = a.token_lifetime;
+            g.static_challenge = !a.totp_suffix;
+            g.drop_privileges = !a.keep_root;
+            for pair in &a.addresses {
+                let (name, ip) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--address {pair}: expected NAME=ADDRESS"))?;
+                let ip = ip
+                    .parse()
+                    .with_context(|| format!("--address {pair}: {ip:?} is not an IPv4 address"))?;
+                g.addresses.insert(name.to_string(), ip);
+            }
+            let vd = VaultDir::new(&a.dir);
+            let r = coffre_daemon::gateway::write_openvpn_config(&vd, g)?;
+            println!("wrote {}", r.server_conf.display());
+            if r.new_tls_crypt {
+                println!(
+                    "made a new tls-crypt key: members need their profile (`coffre member profile NAME`)"
+                );
+            } else {
+                println!("kept the existing tls-crypt key: members' profiles stay valid");
+            }
+            println!(
+                "next: restart `coffre serve {}`, then run: openvpn --config {}",
+                a.dir.display(),
+                r.server_conf.display()
+            );
+            println!(
+                "the daemon talks to OpenVPN through {} (root only)",
+                r.management.display()
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
+pub fn member(cmd: MemberCommand) -> Result<u8> {
+    match cmd {
+        MemberCommand::Profile {
+            name,
+            out,
+            totp_suffix,
+            id,
+        } => {
+            let (_, ident) = load_identity(&id)?;
+            if ident.member != name {
+                bail!(
+                    "this identity is {}'s: a profile holds its member's private key, so {name} writes theirs on their own machine",
+                    ident.member
+                );
+            }
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.ovpn")));
+            match runtime()?.block_on(call(&ident, &ApiCommand::GatewayProfile))? {
+                Ok(v) => {
+                    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                    let p = coffre_daemon::openvpn::ProfileSettings {
+                        vault: s("vault"),
+                        remote: s("remote"),
+                        port: v["port"]
+                            .as_u64()
+                            .and_then(|p| u16::try_from(p).ok())
+                            .unwrap_or(1194),
+                        proto: s("proto"),
+                        static_challenge: v["static_challenge"].as_bool().unwrap_or(true)
+                            && !totp_suffix,
+                        ca_pem: s("ca_pem"),
+                        tls_crypt: s("tls_crypt"),
+                    };
+                    let text = zeroize::Zeroizing::new(coffre_daemon::openvpn::profile(
+                        &p,
+                        &name,
+                        &ident.cert_pem,
+                        &ident.key_pem,
+                    ));
+                    coffre_audit::write_atomic(&out, text.as_bytes(), 0o600)?;
+                    eprintln!(
+                        "coffre: profile written to {} (mode 0600: it holds your private key); user name {name}, password {}",
+                        out.display(),
+                        if p.static_challenge {
+                            "your vault password, then the TOTP code when asked"
+                        } else {
+                            "your vault password followed by the 6-digit TOTP code"
+                        }
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        MemberCommand::List { id, json } => match simple(&id, ApiCommand::MemberList)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["members"])?;
+                } else {
+                    for m in v["members"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}\t{}\tkeyslot {}",
+                            m["name"].as_str().unwrap_or(""),
+                            m["role"].as_str().unwrap_or(""),
+                            m["keyslot"]
+                        );
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        MemberCommand::Invite {
+            name,
+            role,
+            out,
+            id,
+            auth,
+        } => {
+            let role = match role {
+                RoleChoice::Member => coffre_vault::Role::Member,
+                RoleChoice::Superuser => coffre_vault::Role::Superuser,
+            };
+            if out.exists() {
+                bail!("{} exists; choose another --out", out.display());
+            }
+            match authed(&id, &auth, |password, totp| ApiCommand::Invite {
+                name: name.clone(),
+                role,
+                password,
+                totp,
+            })? {
+                Ok(v) if v["proposal"].is_object() => {
+                    say_proposal(&v);
+                    Ok(exit::OK)
+                }
+                Ok(v) => {
+                    let inv = &v["invitation"];
+                    coffre_audit::write_atomic(
+                        &out,
+                        zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
+                        0o600,
+                    )?;
+                    eprintln!(
+                        "coffre: invitation for {name} written to {} (expires at {}); hand it over privately; `coffre join {}` on their machine",
+                        out.display(),
+                        iso(inv["expires_ms"].as_u64().unwrap_or(0)),
+                        out.display()
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        MemberCommand::CancelInvitation { name, id, auth } => {
+            match authed(&id, &auth, |password, totp| ApiCommand::InviteCancel {
+                name: name.clone(),
+                password,
+                totp,
+            })? {
+                Ok(_) => {
+                    eprintln!(
+                        "coffre: the invitation for {name} is cancelled; its keyslot is wiped"
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        MemberCommand::Remove { name, id, auth } => {
+            match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove {
+                name,
+                password,
+                totp,
+            })? {
+                Ok(v) => {
+                    say_proposal(&v);
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+    }
+}
+
+/// The fields of an invitation file `join` uses; the code is wiped when
+/// dropped.
+#[derive(serde::Deserialize)]
+pub(super) struct InvitationFile {
+    name: String,
+    code: ApiSecret,
+    ca_pem: String,
+    ca_fingerprint: String,
+    server: Option<String>,
+}
+
+pub fn join(
+    invitation: &Path,
+    password_file: &Path,
+    identity_out: Option<PathBuf>,
+    server: Option<String>,
+) -> Result<u8> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read(invitation).with_context(|| format!("reading {}", invitation.display()))?,
+    );
+    let inv: InvitationFile =
+        serde_json::from_slice(&text).context("this is not an invitation file")?;
+    drop(text);
+    let InvitationFile {
+        name,
+        code,
+        ca_pem,
+        ca_fingerprint: pinned,
+        server: named_server,
+    } = inv;
+    // Pin the CA the invitation names: a substituted CA is refused here.
+    let found = coffre_daemon::pki::pem_fingerprint(&ca_pem).context("invitation CA is not PEM")?;
+    if found != pinned {
+        bail!(
+            "the invitation's CA does not match its pinned fingerprint; do not use this invitation"
+        );
+    }
+    let server = server
+        .or(named_server)
+        .context("invitation without a server")?;
+    let out = identity_out.unwrap_or_else(|| PathBuf::from(format!("{name}.identity")));
+    if out.exists() {
+        bail!("{} exists; choose another --identity-out", out.display());
+    }
+    let password = read_password(password_file)?;
+    let (csr, key_pem) = coffre_daemon::pki::new_request(&name)?;
+    let cmd = ApiCommand::Join {
+        name: name.clone(),
+        code,
+        csr,
+        password,
+    };
+    let v = runtime()?.block_on(client::call_join(&ca_pem, &server, &cmd))?;
+    if v["ok"] != true {
+        return Ok(fail(
+            exit::code_for_refusal(v["error"].as_str().unwrap_or("")),
+            v["message"].as_str().unwrap_or("refused"),
+        ));
+    }
+    // The audit key and head are learned here, from the reply that made
+    // this machine a member, over TLS to the CA the invitation pins.
+    if let Some(shown) = ShownHead::from_reply(&v) {
+        let store = HeadStore::from_env()?;
+        let vault = vault_key(&ca_pem).map_err(|(_, m)| anyhow::anyhow!(m))?;
+        witness::assess(store.load(&vault)?.as_ref(), &shown)?;
+        store.remember(&SeenHead::from_shown(&vault, &shown))?;
+    }
+    let identity = Identity {
+        member: name.clone(),
+        server,
+        ca_pem,
+        cert_pem: v["cert_pem"]
+            .as_str()
+            .context("no certificate in the reply")?
+            .to_string(),
+        key_pem,
+    };
+    identity.save(&out)?;
+    println!("joined as {name} (keyslot {})", v["keyslot"]);
+    println!(
+        "identity file: {} (mode 0600; your private key never left this machine)",
+        out.display()
+    );
+    println!("TOTP enrollment, shown once; add it to an authenticator app now:");
+    println!("  {}", v["otpauth"].as_str().unwrap_or(""));
+    if std::io::stdout().is_terminal() {
+        print_qr(v["otpauth"].as_str().unwrap_or(""));
+    }
+    Ok(exit::OK)
+}
+
+pub fn passwd(ida: IdentityArg, auth: AuthArgs, new_password_file: &Path) -> Result<u8> {
+    secrets::one_stdin(&[&auth.password_file, new_password_file])?;
+    let new_password = read_password(new_password_file)?;
+    match authed(&ida, &auth, |password, totp| ApiCommand::Passwd {
+        password,
+        new_password,
+        totp,
+    })? {
+        Ok(_) => {
+            eprintln!("coffre: password changed");
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}

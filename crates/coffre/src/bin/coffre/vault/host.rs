@@ -1,0 +1,95 @@
+//! Hosting a vault: `init` (a new vault directory and its first superuser)
+//! and `serve` (the daemon).
+
+use super::client::*;
+use super::*;
+use crate::cli::InitArgs;
+use crate::secrets;
+use anyhow::{Context, Result, bail};
+use coffre::exit;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+pub fn init(a: InitArgs) -> Result<u8> {
+    let password = match &a.password_file {
+        Some(p) => Some(secrets::passphrase(p)?),
+        None => None,
+    };
+    let key_len = 64;
+    let kdf = crate::volume::kdf_params(&a.pbkdf, key_len)?;
+    let policy = coffre_vault::Policy {
+        grace_ms: a.grace.saturating_mul(1000),
+        ..coffre_vault::Policy::default()
+    };
+    let identity_out = a
+        .identity_out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.identity", a.admin)));
+    if identity_out.exists() {
+        bail!(
+            "{} exists; choose another --identity-out",
+            identity_out.display()
+        );
+    }
+    let report = coffre_daemon::init::init(coffre_daemon::init::InitOptions {
+        dir: a.dir.clone(),
+        admin: a.admin.clone(),
+        password,
+        invite_out: a.invite.clone(),
+        size: a.size,
+        listen: a.listen.clone(),
+        identity_out,
+        kdf,
+        digest_iterations: coffre_luks2::digest::benchmark_iterations(
+            coffre_luks2::hash::HashAlg::Sha256,
+        )?,
+        totp_period_s: a.totp_period,
+        policy,
+    })?;
+    println!("vault created in {}", a.dir.display());
+    if a.invite.is_some() {
+        println!(
+            "invitation for the first superuser {}: {} (mode 0600; expires in 72 h)",
+            a.admin,
+            report.identity.display()
+        );
+        println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+        println!("{}", report.vm_user);
+        println!(
+            "next: coffre serve {}   then, on {}'s machine: coffre join {} --password-file F",
+            a.dir.display(),
+            a.admin,
+            report.identity.display()
+        );
+        return Ok(exit::OK);
+    }
+    println!("first superuser: {} (keyslot 0)", a.admin);
+    println!(
+        "identity file: {} (mode 0600; move it to {}'s own machine)",
+        report.identity.display(),
+        a.admin
+    );
+    println!("CA fingerprint (sha256): {}", report.ca_fingerprint);
+    println!("{}", report.vm_user);
+    println!("TOTP enrollment, shown once; add it to an authenticator app now:");
+    println!("  {}", report.otpauth);
+    if std::io::stdout().is_terminal() {
+        print_qr(&report.otpauth);
+    }
+    println!(
+        "next: coffre serve {}   then: coffre enter --identity {} --password-file F --totp CODE",
+        a.dir.display(),
+        report.identity.display()
+    );
+    Ok(exit::OK)
+}
+
+pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
+    let rt = runtime()?;
+    rt.block_on(coffre_daemon::server::serve(&dir, listen, |addr| {
+        println!("coffre: vault {} listening on {addr}", dir.display());
+        let _ = std::io::stdout().flush();
+    }))
+    .with_context(|| format!("serving {}", dir.display()))?;
+    eprintln!("coffre: stopped; the vault is closed");
+    Ok(exit::OK)
+}

@@ -1,0 +1,186 @@
+//! What the vault looks like now: `status` and `workload` (list, logs).
+
+use super::client::*;
+use super::session::current_session;
+use super::*;
+use crate::cli::{IdentityArg, WorkloadCommand};
+use anyhow::Result;
+use coffre::exit;
+use coffre_daemon::api::ApiCommand;
+
+pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
+    match simple(&ida, ApiCommand::Status)? {
+        Ok(v) => {
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("state:   {}", v["state"].as_str().unwrap_or("?"));
+                if v["audit"]["writable"] == false {
+                    println!(
+                        "audit:   CANNOT BE WRITTEN ({}); {} record(s) waiting; only lock and leave are accepted",
+                        v["audit"]["error"].as_str().unwrap_or("?"),
+                        v["audit"]["waiting"]
+                    );
+                }
+                if let Some(l) = v["lock"].as_object() {
+                    println!(
+                        "locked by {} : {}",
+                        l["by"].as_str().unwrap_or("?"),
+                        l["reason"].as_str().unwrap_or("")
+                    );
+                    println!(
+                        "unlock:  {} of {} approval(s)",
+                        v["unlock_approvals"].as_array().map_or(0, Vec::len),
+                        v["unlock_quorum"]
+                    );
+                }
+                match v["mode_pending"].as_str() {
+                    Some(p) => println!(
+                        "mode:    {} in force; {p} from the next close",
+                        v["mode"].as_str().unwrap_or("?")
+                    ),
+                    None => println!("mode:    {}", v["mode"].as_str().unwrap_or("?")),
+                }
+                let d = &v["data"];
+                if d["mounted"].as_bool() == Some(true) {
+                    println!(
+                        "data:    {} (mounted from {})",
+                        d["mountpoint"].as_str().unwrap_or("?"),
+                        d["loop_device"].as_str().unwrap_or("?")
+                    );
+                    println!(
+                        "nbd:     {} ({} client(s)); exports: {}",
+                        d["nbd_socket"].as_str().unwrap_or("?"),
+                        d["nbd_clients"],
+                        d["exports"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or_else(|| "none".into())
+                    );
+                } else if let Some(mp) = d["mountpoint"].as_str() {
+                    println!("data:    {mp} (not mounted)");
+                }
+                println!("members: {}", v["members"]);
+                for p in v["proposals"].as_array().into_iter().flatten() {
+                    println!(
+                        "proposal: {} {} by {} ({}/{} approvals; `coffre approve {}`)",
+                        p["id"].as_str().unwrap_or("?"),
+                        p["description"].as_str().unwrap_or("?"),
+                        p["by"].as_str().unwrap_or("?"),
+                        p["approvals"].as_array().map_or(0, Vec::len),
+                        p["needed"],
+                        p["id"].as_str().unwrap_or("?"),
+                    );
+                }
+                for s in v["sessions"].as_array().into_iter().flatten() {
+                    println!(
+                        "inside:  {} via {} from {} since {} (session {})",
+                        s["member"].as_str().unwrap_or("?"),
+                        s["door"].as_str().unwrap_or("?"),
+                        s["from"].as_str().unwrap_or("?"),
+                        iso(s["since_ms"].as_u64().unwrap_or(0)),
+                        s["session"]
+                    );
+                }
+                let g = &v["gateway"];
+                if g["configured"].as_bool() == Some(true) {
+                    if g["openvpn_connected"].as_bool() == Some(true) {
+                        println!(
+                            "vpn:     OpenVPN (pid {}) connected, {} client(s)",
+                            g["openvpn_pid"],
+                            g["clients"].as_array().map_or(0, Vec::len)
+                        );
+                    } else {
+                        println!(
+                            "vpn:     OpenVPN not reachable: {}",
+                            g["down_reason"].as_str().unwrap_or("not connected yet")
+                        );
+                    }
+                }
+                for w in v["workloads"].as_array().into_iter().flatten() {
+                    println!("workload: {}", workload_line(w));
+                }
+                for t in v["tasks"].as_array().into_iter().flatten() {
+                    println!(
+                        "task:    {} {:?} by {} until {} ms",
+                        t["task_id"],
+                        t["task_name"].as_str().unwrap_or(""),
+                        t["task_user"].as_str().unwrap_or("?"),
+                        t["expires_ms"]
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
+/// One workload as status and `workload list` show it.
+pub(super) fn workload_line(w: &serde_json::Value) -> String {
+    let pid = w["pid"]
+        .as_i64()
+        .map(|p| format!(" (pid {p})"))
+        .unwrap_or_default();
+    let note = w["note"].as_str().filter(|n| !n.is_empty());
+    format!(
+        "{} [{} {}] {}{pid} since {}{}",
+        w["name"].as_str().unwrap_or("?"),
+        w["role"].as_str().unwrap_or("?"),
+        w["kind"].as_str().unwrap_or("?"),
+        w["state"].as_str().unwrap_or("?"),
+        iso(w["since_ms"].as_u64().unwrap_or(0)),
+        note.map(|n| format!(": {n}")).unwrap_or_default()
+    )
+}
+
+pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
+    match cmd {
+        WorkloadCommand::List { id, json } => match simple(&id, ApiCommand::Status)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["workloads"])?;
+                } else {
+                    match v["mode_pending"].as_str() {
+                        Some(p) => println!(
+                            "mode: {} in force; {p} from the next close",
+                            v["mode"].as_str().unwrap_or("?")
+                        ),
+                        None => println!("mode: {}", v["mode"].as_str().unwrap_or("?")),
+                    }
+                    for w in v["workloads"].as_array().into_iter().flatten() {
+                        println!("{}", workload_line(w));
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        WorkloadCommand::Logs { name, bytes, id } => {
+            let (path, ident) = load_identity(&id)?;
+            let session = current_session(&path)?;
+            let cmd = ApiCommand::WorkloadLogs {
+                session,
+                name,
+                bytes,
+            };
+            match runtime()?.block_on(call(&ident, &cmd))? {
+                Ok(v) => {
+                    use base64::Engine;
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(v["log_b64"].as_str().unwrap_or_default())
+                        .unwrap_or_default();
+                    use std::io::Write;
+                    std::io::stdout().write_all(&raw)?;
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+    }
+}
