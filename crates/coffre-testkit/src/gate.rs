@@ -2,11 +2,13 @@
 //!
 //! A test that needs more than a laptop's unprivileged user has is marked
 //!
-//! ```ignore
+//! ```no_run
+//! use coffre_testkit::{Need, require};
+//!
 //! #[test]
 //! #[ignore = "system: needs root, FUSE, loop"]
 //! fn the_mount_goes_away() {
-//!     coffre_testkit::require(&[Need::Root, Need::Fuse, Need::Loop]);
+//!     require(&[Need::Root, Need::Fuse, Need::Loop]);
 //!     // ...
 //! }
 //! ```
