@@ -4,9 +4,6 @@
 //!
 //! `cargo run --release -p coffre-data --example expose -- DIR SIZE_MIB`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,7 +16,7 @@ fn main() {
     let dir = PathBuf::from(&args[1]);
     let size: u64 = args[2].parse::<u64>().expect("size in MiB") << 20;
     std::fs::create_dir_all(&dir).unwrap();
-    let (c, key) = support::scratch_volume(&dir, size);
+    let (c, key) = coffre_testkit::volume::scratch_volume(&dir, size);
     let l = Layout::under(&dir);
     let t = Instant::now();
     format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();

@@ -453,13 +453,15 @@ impl Drop for FuseFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support as support;
+    use coffre_testkit::{Need, require, volume as support};
     use std::os::unix::fs::FileExt;
 
     /// Unaligned reads and writes through the kernel's FUSE (what mkfs
     /// does), checked against a plain model of the bytes.
     #[test]
+    #[ignore = "system: needs root, FUSE"]
     fn unaligned_io_through_fuse_matches_a_model() {
+        require(&[Need::Root, Need::Fuse]);
         let t = tempfile::tempdir().unwrap();
         let (c, key) = support::scratch_volume(t.path(), 1 << 20);
         let volume = Arc::new(c.open_volume(&key).unwrap());

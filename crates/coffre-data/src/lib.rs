@@ -13,9 +13,6 @@ pub mod cut;
 mod fusefile;
 pub mod nbd;
 pub mod system;
-#[cfg(test)]
-#[path = "../tests/support/mod.rs"]
-mod test_support;
 
 use coffre_storage::EncryptedVolume;
 use std::path::{Path, PathBuf};

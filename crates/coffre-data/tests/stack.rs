@@ -1,14 +1,17 @@
 //! The exposure stack on a real LUKS2 volume, with the real kernel parts
 //! (FUSE, loop, ext4). Needs root, /dev/fuse and loop devices.
 
-mod support;
+use coffre_testkit::volume as support;
+use coffre_testkit::{Need, require};
 
 use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4, system};
 use std::io::Write;
 use std::time::Duration;
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn format_mount_write_close_reopen() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let t = tempfile::tempdir().unwrap();
     let (c, key) = support::scratch_volume(t.path(), 64 << 20);
     let l = Layout::under(t.path());

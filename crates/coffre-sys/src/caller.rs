@@ -154,11 +154,9 @@ mod tests {
     /// As root: a thread acting as uid 5001 cannot read a root-only file,
     /// and is root again afterwards; other threads never change.
     #[test]
+    #[ignore = "system: needs root"]
     fn acts_as_the_caller_on_this_thread_only() {
-        // SAFETY: geteuid has no arguments.
-        if unsafe { libc::geteuid() } != 0 {
-            return;
-        }
+        coffre_testkit::require(&[coffre_testkit::Need::Root]);
         let dir = std::env::temp_dir().join(format!("coffre-caller-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let secret = dir.join("secret");

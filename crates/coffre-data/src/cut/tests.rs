@@ -6,19 +6,20 @@ use super::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
 
+use coffre_testkit::{Need, require};
+
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    coffre_testkit::run_ok(cmd);
 }
+
+const NEEDS: &[Need] = &[Need::Root, Need::Fuse, Need::Loop, Need::Ext4];
 
 /// A file held open through the layer survives the ext4 mount going
 /// away (which it no longer keeps busy) and coming back.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn open_files_survive_a_cut_and_an_unmount() {
+    require(NEEDS);
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("fs.img");
     let mnt = t.path().join("mnt");
@@ -184,7 +185,9 @@ impl Drop for SuidDumpable {
 /// dumpable again (mode 2, "root only"): a member's file operation
 /// through the layer leaves it undumpable, as the daemon set it at start.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_member_operation_leaves_the_process_undumpable() {
+    require(NEEDS);
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("fs.img");
     let mnt = t.path().join("mnt");

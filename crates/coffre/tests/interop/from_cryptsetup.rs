@@ -7,7 +7,9 @@ use coffre_storage::Luks2Container;
 /// right passphrase opens, a wrong one is refused, and the volume key is
 /// the one cryptsetup dumps.
 #[test]
+#[ignore = "system: needs cryptsetup"]
 fn luksformat_matrix_opens_with_right_passphrases_only() {
+    require(&[Need::Cryptsetup]);
     for kdf in ["argon2id", "argon2i", "pbkdf2"] {
         for sector in ["512", "4096"] {
             for key_bits in ["256", "512"] {
@@ -100,7 +102,9 @@ fn encrypt_in_place(
 
 /// Data that cryptsetup encrypted decrypts in coffre to the original bytes.
 #[test]
+#[ignore = "system: needs root (for cryptsetup reencrypt's lock), cryptsetup"]
 fn data_encrypted_by_cryptsetup_decrypts() {
+    require(&[Need::Root, Need::Cryptsetup]);
     let plain = pattern(24 << 20, 7);
     for sector in ["512", "4096"] {
         for detached in [false, true] {
@@ -118,7 +122,7 @@ fn data_encrypted_by_cryptsetup_decrypts() {
             if let Some(h) = &hdr {
                 args.extend(["--header", s(h)]);
             }
-            let out = ok(coffre(&args));
+            let out = ok(&coffre(&args));
             assert!(
                 out == plain,
                 "sector {sector} detached {detached}: plaintext differs"
@@ -144,7 +148,9 @@ fn data_encrypted_by_cryptsetup_decrypts() {
 /// The keyslot priorities cryptsetup sets are honoured: `ignore` is skipped
 /// unless named, `prefer` is tried first.
 #[test]
+#[ignore = "system: needs cryptsetup"]
 fn priorities_from_cryptsetup() {
+    require(&[Need::Cryptsetup]);
     let d = Dir::new();
     let vol = d.path("vol");
     std::fs::File::create(&vol)

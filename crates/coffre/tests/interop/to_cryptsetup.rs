@@ -2,6 +2,7 @@
 //! the other's volume is seen by both.
 
 use crate::util::*;
+use coffre_testkit::kdf::PBKDF2_FAST;
 use std::path::{Path, PathBuf};
 
 struct Vol {
@@ -34,7 +35,7 @@ impl Vol {
         if let Some(h) = &hdr {
             args.extend(["--header", s(h)]);
         }
-        ok(coffre(&args));
+        ok(&coffre(&args));
         Vol { d, vol, hdr, pw }
     }
 
@@ -76,8 +77,10 @@ impl Vol {
 /// coffre's volumes pass luksDump and open --test-passphrase, for every
 /// layout and both KDFs; a wrong passphrase fails in cryptsetup too.
 #[test]
+#[ignore = "system: needs cryptsetup"]
 fn coffre_volumes_pass_cryptsetup() {
-    let pbkdf2 = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    require(&[Need::Cryptsetup]);
+    let pbkdf2 = PBKDF2_FAST;
     for detached in [false, true] {
         for sector in ["512", "4096"] {
             for key_bits in ["256", "512"] {
@@ -113,7 +116,9 @@ fn coffre_volumes_pass_cryptsetup() {
 /// Keyslots cryptsetup adds or kills on a coffre volume work in coffre, and
 /// the reverse.
 #[test]
+#[ignore = "system: needs cryptsetup"]
 fn keyslot_changes_are_seen_by_both_tools() {
+    require(&[Need::Cryptsetup]);
     let v = Vol::format(true, "4096", "512", &COFFRE_FAST, "8M");
     let p_cs = v.d.pass("p_cs", "added by cryptsetup");
     let mut add = vec!["luksAddKey", "--key-file", s(&v.pw)];
@@ -138,8 +143,8 @@ fn keyslot_changes_are_seen_by_both_tools() {
         "--priority",
         "prefer",
     ];
-    a.extend(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
-    ok(v.cf(&a));
+    a.extend(PBKDF2_FAST);
+    ok(&v.cf(&a));
     assert!(v.test_pass(&p_cf));
     let dump = String::from_utf8(v.cs(&["luksDump"]).stdout).unwrap();
     assert!(dump.contains("5: luks2"), "{dump}");
@@ -155,7 +160,7 @@ fn keyslot_changes_are_seen_by_both_tools() {
         s(&p_new),
     ];
     c.extend(COFFRE_FAST);
-    ok(v.cf(&c));
+    ok(&v.cf(&c));
     assert!(!v.test_pass(&p_cs));
     assert!(v.test_pass(&p_new));
     assert!(
@@ -179,7 +184,7 @@ fn keyslot_changes_are_seen_by_both_tools() {
     assert!(coffre_unlock(&v.vol, v.hdr.as_deref(), "coffre made this").is_err());
 
     // coffre removes slot 5: cryptsetup refuses it.
-    ok(v.cf(&["remove-key", "--key-slot", "5", "--key-file", s(&p_new)]));
+    ok(&v.cf(&["remove-key", "--key-slot", "5", "--key-file", s(&p_new)]));
     assert!(!v.test_pass(&p_cf));
     assert!(v.test_pass(&p_new));
 }
@@ -187,12 +192,14 @@ fn keyslot_changes_are_seen_by_both_tools() {
 /// Data coffre wrote is decrypted by cryptsetup itself (detached header:
 /// reencrypt --decrypt).
 #[test]
+#[ignore = "system: needs root (for cryptsetup reencrypt's lock), cryptsetup"]
 fn cryptsetup_decrypts_what_coffre_wrote() {
+    require(&[Need::Root, Need::Cryptsetup]);
     for sector in ["512", "4096"] {
         for key_bits in ["256", "512"] {
             let v = Vol::format(true, sector, key_bits, &COFFRE_FAST, "16M");
             let data = pattern(16 << 20, 99);
-            ok(v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
+            ok(&v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
             let h = v.hargs();
             let mut args = vec![
                 "reencrypt",
@@ -217,10 +224,12 @@ fn cryptsetup_decrypts_what_coffre_wrote() {
 /// coffre wrote with the old key, encrypting with a new one), and coffre
 /// reads the same bytes back with the new key.
 #[test]
+#[ignore = "system: needs root (for cryptsetup reencrypt's lock), cryptsetup"]
 fn cryptsetup_rekeys_what_coffre_wrote() {
+    require(&[Need::Root, Need::Cryptsetup]);
     let v = Vol::format(false, "4096", "512", &COFFRE_FAST, "16M");
     let data = pattern(16 << 20, 5);
-    ok(v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
+    ok(&v.cf_stdin(&["write", "--key-file", s(&v.pw)], &data));
     let before = coffre_unlock(&v.vol, None, "coffre made this").unwrap().1;
     let mut args = vec![
         "reencrypt",
@@ -233,13 +242,15 @@ fn cryptsetup_rekeys_what_coffre_wrote() {
     cryptsetup(&args);
     let after = coffre_unlock(&v.vol, None, "coffre made this").unwrap().1;
     assert_ne!(before.expose(), after.expose(), "re-keying changed the key");
-    let out = ok(v.cf(&["read", "--key-file", s(&v.pw)]));
+    let out = ok(&v.cf(&["read", "--key-file", s(&v.pw)]));
     assert!(out == data, "data differs after cryptsetup re-keyed it");
 }
 
 /// Tokens and JSON fields coffre does not interpret survive its writes.
 #[test]
+#[ignore = "system: needs cryptsetup"]
 fn tokens_and_unknown_fields_survive() {
+    require(&[Need::Cryptsetup]);
     let v = Vol::format(false, "4096", "512", &COFFRE_FAST, "8M");
     let token = v.d.path("token.json");
     std::fs::write(
@@ -299,11 +310,11 @@ fn tokens_and_unknown_fields_survive() {
     let p2 = v.d.pass("p2", "second");
     let mut a = vec!["add-key", "--key-file", s(&v.pw), "--new-keyfile", s(&p2)];
     a.extend(COFFRE_FAST);
-    ok(v.cf(&a));
+    ok(&v.cf(&a));
     let p3 = v.d.pass("p3", "third");
     let mut c = vec!["change-key", "--key-file", s(&p2), "--new-keyfile", s(&p3)];
     c.extend(COFFRE_FAST);
-    ok(v.cf(&c));
+    ok(&v.cf(&c));
     assert_eq!(export(&v), before, "token changed");
     let c = coffre_storage::Luks2Container::open(&v.vol, None).unwrap();
     let m = &c.header().metadata;
@@ -319,7 +330,7 @@ fn tokens_and_unknown_fields_survive() {
     );
     drop(c);
     // Removing keyslot 0 also unbinds the token from it, as cryptsetup does.
-    ok(v.cf(&["remove-key", "--key-slot", "0", "--key-file", s(&p3)]));
+    ok(&v.cf(&["remove-key", "--key-slot", "0", "--key-file", s(&p3)]));
     let after = export(&v);
     assert_eq!(after["member"], "alice");
     assert_eq!(after["nested"], before["nested"]);

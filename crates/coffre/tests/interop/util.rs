@@ -1,42 +1,13 @@
-//! Helpers: temporary volumes, running cryptsetup and coffre.
+//! Helpers: running cryptsetup and coffre; temporary directories, cheap
+//! KDF flags and the gate come from the test kit.
 
 use coffre_luks2::{Passphrase, VolumeKey};
 use coffre_storage::Luks2Container;
+pub use coffre_testkit::kdf::{ARGON2ID_FAST as COFFRE_FAST, fast_kdf};
+pub use coffre_testkit::volume::{Dir, pattern, rand_suffix, s};
+pub use coffre_testkit::{Need, ok, require};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-pub struct Dir {
-    pub tmp: tempfile::TempDir,
-}
-
-impl Dir {
-    pub fn new() -> Self {
-        Self {
-            tmp: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-    /// Writes a passphrase file (no trailing newline) and returns its path.
-    pub fn pass(&self, name: &str, pass: &str) -> PathBuf {
-        let p = self.path(name);
-        std::fs::write(&p, pass).unwrap();
-        p
-    }
-}
-
-fn check_installed() {
-    let ok = Command::new("cryptsetup")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "cryptsetup is not installed: these tests use it as the LUKS2 oracle (scripts/test installs cryptsetup-bin)"
-    );
-}
 
 /// Runs cryptsetup; panics with its output on failure.
 pub fn cryptsetup(args: &[&str]) -> Output {
@@ -51,41 +22,14 @@ pub fn cryptsetup(args: &[&str]) -> Output {
 
 /// Runs cryptsetup and returns its output whatever the status.
 pub fn cryptsetup_status(args: &[&str]) -> Output {
-    check_installed();
+    // The LUKS2 oracle (scripts/test installs cryptsetup-bin).
+    require(&[Need::Cryptsetup]);
     Command::new("cryptsetup")
         .args(["-q"])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("run cryptsetup")
-}
-
-/// The arguments for a cheap keyslot of the given KDF.
-pub fn fast_kdf(kdf: &str) -> Vec<&'static str> {
-    match kdf {
-        "pbkdf2" => vec!["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
-        "argon2i" => vec![
-            "--pbkdf",
-            "argon2i",
-            "--pbkdf-memory",
-            "8192",
-            "--pbkdf-parallel",
-            "2",
-            "--pbkdf-force-iterations",
-            "4",
-        ],
-        "argon2id" => vec![
-            "--pbkdf",
-            "argon2id",
-            "--pbkdf-memory",
-            "8192",
-            "--pbkdf-parallel",
-            "2",
-            "--pbkdf-force-iterations",
-            "4",
-        ],
-        other => panic!("unknown kdf {other}"),
-    }
 }
 
 /// The volume key according to cryptsetup.
@@ -110,12 +54,6 @@ pub fn cryptsetup_volume_key(
     args.push(&v);
     cryptsetup(&args);
     std::fs::read(&vk).unwrap()
-}
-
-fn rand_suffix() -> String {
-    let mut b = [0u8; 6];
-    coffre_luks2::secret::fill_random(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Unlocks through the library; returns (slot, key).
@@ -153,43 +91,29 @@ pub fn coffre_stdin(args: &[&str], input: &[u8]) -> Output {
     out
 }
 
-/// Asserts success and returns stdout.
-pub fn ok(out: Output) -> Vec<u8> {
-    assert!(
-        out.status.success(),
-        "command failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+/// `coffre volume format` of a SIZE volume (data and header in one file,
+/// `vol`) with a cheap argon2id keyslot for passphrase `pass` (in file
+/// `pw`); returns (volume, passphrase file).
+pub fn format_volume(d: &Dir, size: &str) -> (PathBuf, PathBuf) {
+    let vol = d.path("vol");
+    let pw = d.pass("pw", "pass");
+    let mut a = vec![
+        "volume",
+        "format",
+        s(&vol),
+        "--size",
+        size,
+        "--key-file",
+        s(&pw),
+    ];
+    a.extend(COFFRE_FAST);
+    ok(&coffre(&a));
+    (vol, pw)
 }
 
-pub fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// The exit code of a run that must not have panicked.
+pub fn exit_code(out: &Output) -> i32 {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "panic: {err}");
+    out.status.code().expect("exited, not killed by a signal")
 }
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Fast coffre KDF flags.
-pub const COFFRE_FAST: [&str; 8] = [
-    "--pbkdf",
-    "argon2id",
-    "--pbkdf-force-iterations",
-    "4",
-    "--pbkdf-memory",
-    "8192",
-    "--pbkdf-parallel",
-    "2",
-];

@@ -64,7 +64,9 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_rolled_back_log_is_refused_by_a_member_who_saw_more() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let out = v.cli("alice", &["status"]);
@@ -119,7 +121,9 @@ fn a_rolled_back_log_is_refused_by_a_member_who_saw_more() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_rewritten_log_as_long_or_longer_is_refused_as_a_fork() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     ok(&v.cli("alice", &["status"]));
@@ -169,7 +173,9 @@ fn a_rewritten_log_as_long_or_longer_is_refused_as_a_fork() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn members_follow_a_growing_log_and_export_it() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     ok(&v.cli("alice", &["status"]));

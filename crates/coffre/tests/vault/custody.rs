@@ -124,7 +124,15 @@ fn keyslots(v: &Vault) -> Vec<u32> {
 /// Now a `status` issued while a passwd with a slow keyslot runs returns
 /// before the passwd does; so does one issued during a slow join.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn status_answers_while_a_passwd_or_a_join_derives() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     let mut v = Vault::init(&[]);
     slow_new_keyslots(&v);
     v.start();
@@ -192,7 +200,15 @@ fn status_answers_while_a_passwd_or_a_join_derives() {
 /// A lock that comes in while a passwd derives cancels its commit: the
 /// keyslot keeps the old password, and the member learns why.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_during_a_passwd_cancels_it() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     let mut v = Vault::init(&[]);
     slow_new_keyslots(&v);
     v.start();
@@ -222,7 +238,15 @@ fn a_lock_during_a_passwd_cancels_it() {
 /// A member removed while their passwd derives: the keyslot the removal
 /// wiped is not brought back by the passwd's commit.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_removal_during_a_passwd_is_not_undone() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", false);

@@ -33,7 +33,9 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn members_share_files_with_owners_and_modes_and_nothing_stays_in_clear() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_data(4242, 2, &[("alice", 5001, 5001), ("bob", 5002, 5002)]);
     v.start();
@@ -213,7 +215,9 @@ fn nbd_uri(sock: &Path, export: &str) -> String {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, libnbd"]
 fn disk_images_are_served_over_nbd_and_bad_clients_get_errors() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Nbd]);
     let mut v = Vault::init(&["--size", "48M"]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -360,7 +364,9 @@ fn records_present(file: &Path, upto: u64) {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_busy_close_names_and_stops_the_holders_and_loses_nothing_acknowledged() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&["--size", "48M"]);
     v.set_data(0, 1, &[]);
     v.start();
@@ -409,7 +415,9 @@ fn a_busy_close_names_and_stops_the_holders_and_loses_nothing_acknowledged() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&["--size", "48M"]);
     v.set_data(0, 1, &[]);
     v.start();
@@ -461,7 +469,9 @@ fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, network namespaces"]
 fn a_copy_of_the_mount_in_another_namespace_does_not_keep_the_vault_open() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::NetNs]);
     let mut v = Vault::init(&[]);
     v.set_data(0, 1, &[]);
     v.start();
@@ -497,7 +507,9 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_keep_the_vault_open() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_failed_open_says_why_and_leaves_nothing_behind() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     // The mount point is taken by a file: the open cannot complete.
     std::fs::write(v.dir.join("data"), b"not a directory").unwrap();
@@ -520,7 +532,9 @@ fn a_failed_open_says_why_and_leaves_nothing_behind() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_symlink_planted_in_the_data_is_refused_not_followed() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_data(4242, 1, &[]);
     v.start();
@@ -549,7 +563,9 @@ fn a_symlink_planted_in_the_data_is_refused_not_followed() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_lock_wipes_the_key_even_when_the_data_cannot_be_unmounted() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&["--size", "48M"]);
     v.set_data(0, 1, &[]);
     v.start();

@@ -3,7 +3,7 @@
 //! one veth pair per client, 192.0.2.0/24 inside the namespaces only),
 //! driven by the real daemon through OpenVPN's management socket.
 
-use crate::harness::{Vault, code, ok, unsafe_kill, wait_exit};
+use crate::harness::{Need, Vault, code, ok, require, unsafe_kill, wait_exit};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -339,7 +339,16 @@ fn auth_failed_line(c: &Ovpn) -> String {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn first_connection_opens_the_vault_and_the_last_departure_closes_it() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&["bob"], 2, &["--address", "bob=10.8.0.50"]);
     assert_eq!(gw.vault.state(), "closed");
 
@@ -411,7 +420,16 @@ fn first_connection_opens_the_vault_and_the_last_departure_closes_it() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn wrong_password_wrong_code_removed_member_and_foreign_certificate_are_refused() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&["bob", "carol"], 1, &[]);
 
     // A wrong password: the keyslot does not open.
@@ -521,7 +539,16 @@ fn wrong_password_wrong_code_removed_member_and_foreign_certificate_are_refused(
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn renegotiation_keeps_the_session_without_a_new_code() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&[], 1, &["--reneg-sec", "10"]);
     let mut alice = gw.connect("alice", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));
@@ -558,7 +585,16 @@ fn renegotiation_keeps_the_session_without_a_new_code() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn a_lock_disconnects_every_client_and_refuses_them_until_unlock() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&["bob"], 2, &[]);
     let mut alice = gw.connect("alice", 0);
     let mut bob = gw.connect("bob", 1);
@@ -598,7 +634,16 @@ fn a_lock_disconnects_every_client_and_refuses_them_until_unlock() {
 /// before a lock is refused, never let in (the daemon holds the core's
 /// answer for a while through a test hook, and the lock lands then).
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn a_vpn_login_racing_a_lock_is_refused() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&["bob"], 1, &[]);
     gw.vault.stop();
     gw.vault.daemon_env = vec![("COFFRE_TEST_VPN_ANSWER_DELAY_MS".into(), "8000".into())];
@@ -626,7 +671,16 @@ fn a_vpn_login_racing_a_lock_is_refused() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn removing_a_member_disconnects_them() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&["bob"], 1, &[]);
     let mut bob = gw.connect("bob", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));
@@ -637,7 +691,16 @@ fn removing_a_member_disconnects_them() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn openvpn_restarting_does_not_close_the_vault() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&[], 1, &[]);
     let mut alice = gw.connect("alice", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));
@@ -691,7 +754,16 @@ fn openvpn_restarting_does_not_close_the_vault() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn a_client_killed_without_notice_is_dropped_after_the_keepalive() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&[], 1, &[]);
     let mut alice = gw.connect("alice", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));
@@ -707,7 +779,16 @@ fn a_client_killed_without_notice_is_dropped_after_the_keepalive() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn the_daemon_talks_only_to_a_management_socket_that_root_alone_can_reach() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     use std::os::unix::fs::PermissionsExt;
     let mut gw = Gw::new(&[], 1, &[]);
     let mut server = gw.server.take().unwrap();
@@ -777,7 +858,16 @@ fn the_daemon_talks_only_to_a_management_socket_that_root_alone_can_reach() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn a_daemon_crash_neither_lets_old_clients_in_nor_opens_the_vault() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     let mut gw = Gw::new(&[], 1, &[]);
     let mut alice = gw.connect("alice", 0);
     gw.vault.wait_state("open", Duration::from_secs(10));

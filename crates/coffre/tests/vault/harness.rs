@@ -1,12 +1,22 @@
 //! A real vault: `coffre init` in a temporary directory, the real daemon
 //! binary on a loopback port, the real CLI over mutual TLS.
 
+use coffre_testkit::kdf;
+use coffre_testkit::process::free_port;
+pub use coffre_testkit::process::{
+    code, memory_contains, memory_hits, ok, unix_secs, unsafe_kill, wait_child, wait_exit,
+};
+pub use coffre_testkit::{Need, require};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_coffre");
+
+/// What every vault needs: its data is an ext4 filesystem on a loop
+/// device on a FUSE file, made at init and mounted at each open.
+pub const NEEDS: &[Need] = &[Need::Root, Need::Fuse, Need::Loop, Need::Ext4];
 
 pub struct Member {
     pub name: String,
@@ -27,21 +37,6 @@ pub struct Vault {
     pub daemon_env: Vec<(String, String)>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 impl Vault {
     /// `coffre init` with cheap KDF costs; `extra` goes to init.
     pub fn init(extra: &[&str]) -> Vault {
@@ -50,6 +45,8 @@ impl Vault {
 
     /// `coffre init` with `admin_password` as alice's password.
     pub fn init_as(extra: &[&str], admin_password: &str) -> Vault {
+        // Every vault formats its filesystem through FUSE and a loop device.
+        require(NEEDS);
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("vault");
         let password = tmp.path().join("alice.pw");
@@ -71,12 +68,12 @@ impl Vault {
             "--pbkdf",
             "argon2id",
             "--pbkdf-memory",
-            "8192",
+            kdf::ARGON2_MEMORY_ARG,
             "--pbkdf-parallel",
-            "2",
+            kdf::ARGON2_PARALLEL_ARG,
         ];
         if !extra.contains(&"--pbkdf-force-iterations") {
-            args.extend(["--pbkdf-force-iterations", "4"]);
+            args.extend(["--pbkdf-force-iterations", kdf::ARGON2_ITERATIONS_ARG]);
         }
         if !extra.contains(&"--size") {
             args.extend(["--size", "16M"]);
@@ -473,69 +470,6 @@ impl Drop for Vault {
     }
 }
 
-fn wait_child(c: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(s) = c.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// Where `needle` appears in the readable mappings of process `pid`: one
-/// line per hit, with the mapping (as /proc/PID/maps shows it) and the
-/// offset in it.
-pub fn memory_hits(pid: u32, needle: &[u8]) -> Vec<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut hits = Vec::new();
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let range = parts.next().unwrap();
-        let perms = parts.next().unwrap();
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (start, end) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; usize::try_from(end - start).unwrap()];
-        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        for (at, _) in buf
-            .windows(needle.len())
-            .enumerate()
-            .filter(|(_, w)| *w == needle)
-        {
-            // What surrounds it tells which buffer holds it.
-            let around = &buf[at.saturating_sub(96)..(at + needle.len() + 96).min(buf.len())];
-            let text: String = around
-                .iter()
-                .map(|&b| {
-                    if b.is_ascii_graphic() || b == b' ' {
-                        char::from(b)
-                    } else {
-                        '.'
-                    }
-                })
-                .collect();
-            hits.push(format!("{line} +{at:#x}: {text}"));
-        }
-    }
-    hits
-}
-
-/// Whether `needle` appears in any readable mapping of process `pid`.
-pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
-    !memory_hits(pid, needle).is_empty()
-}
-
 pub fn session_file(identity: &Path) -> PathBuf {
     let mut s = identity.as_os_str().to_owned();
     s.push(".session");
@@ -555,42 +489,6 @@ pub fn secret_from(init_stdout: &str) -> Vec<u8> {
         .next()
         .unwrap();
     coffre_daemon::totp::unbase32(s).unwrap()
-}
-
-pub fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status();
-}
-
-/// Waits for a child to exit; returns its code.
-pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-/// Asserts a CLI run succeeded, showing what it printed if not.
-pub fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 impl Vault {

@@ -27,7 +27,15 @@ fn volume_key(v: &Vault) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn no_copy_of_the_volume_key_after_close() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     let mut v = Vault::init(&[]);
     // Before the daemon starts: cryptsetup honours the daemon's lock on
     // the header and would wait for it.
@@ -208,7 +216,15 @@ mod hangfs {
 /// no copy of the key (nor of either half) is in the daemon's memory,
 /// while the close still hangs; the audit log says what was left behind.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     // Declared before the vault, so dropped after it (once the daemon is

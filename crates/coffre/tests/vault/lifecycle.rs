@@ -2,7 +2,9 @@ use crate::harness::*;
 use std::time::Duration;
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn enter_opens_leave_closes_and_audit_says_so() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.wait_state("closed", Duration::from_secs(30));
@@ -47,7 +49,9 @@ fn enter_opens_leave_closes_and_audit_says_so() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn task_keeps_the_vault_open_past_the_last_leave() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -62,7 +66,9 @@ fn task_keeps_the_vault_open_past_the_last_leave() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn lock_kicks_everyone_out_and_refuses_right_passwords_until_unlock() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -89,7 +95,9 @@ fn lock_kicks_everyone_out_and_refuses_right_passwords_until_unlock() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn wrong_password_wrong_and_replayed_totp() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_policy("throttle_base_ms", 1);
     v.set_policy("throttle_max_ms", 1);
@@ -150,7 +158,9 @@ fn wrong_password_wrong_and_replayed_totp() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn vanished_client_is_dropped_after_the_grace_period() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&["--grace", "2"]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -162,7 +172,9 @@ fn vanished_client_is_dropped_after_the_grace_period() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn certificate_of_another_vault_gets_nowhere() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let other = Vault::init(&[]);
@@ -186,7 +198,9 @@ fn certificate_of_another_vault_gets_nowhere() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn sigkill_while_open_then_restart_is_closed_and_recorded() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -212,7 +226,9 @@ fn sigkill_while_open_then_restart_is_closed_and_recorded() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn clean_stop_closes_the_vault_first() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -240,7 +256,9 @@ fn clean_stop_closes_the_vault_first() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn audit_log_edited_by_hand_is_caught() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut enter = v.enter_bg("alice", &[]);
@@ -286,7 +304,9 @@ fn audit_log_edited_by_hand_is_caught() {
 /// start. Now the head is restored from the records' own signatures and
 /// the restart says so in the log.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn restart_after_a_crash_between_record_and_head_recovers() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.stop();
@@ -309,7 +329,9 @@ fn restart_after_a_crash_between_record_and_head_recovers() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn burst_of_bad_attempts_locks_the_vault() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_policy("auto_lock_failures", 4);
     v.set_policy("throttle_base_ms", 1);
@@ -336,7 +358,9 @@ fn burst_of_bad_attempts_locks_the_vault() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn enter_detach_hands_the_session_to_an_agent() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let out = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
@@ -362,7 +386,9 @@ fn chattr(flag: &str, path: &std::path::Path) {
 /// says why, a lock still goes through (its key wiped), and its record is
 /// written, in order, as soon as the log can be written again.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, chattr"]
 fn no_audit_no_action_but_a_lock_goes_through_and_is_recorded_later() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Chattr]);
     let mut v = Vault::init(&[]);
     v.start();
     let mut a = v.enter_bg("alice", &[]);

@@ -5,7 +5,15 @@ use crate::harness::*;
 use std::time::Duration;
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn two_members_first_opens_last_closes() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", false);
@@ -60,7 +68,9 @@ fn two_members_first_opens_last_closes() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn invitation_is_single_use_and_needs_its_code() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let inv = v.tmp.path().join("carol.invitation");
@@ -121,7 +131,9 @@ fn invitation_is_single_use_and_needs_its_code() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn unused_invitation_expires_and_its_keyslot_is_wiped() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_policy("grace_ms", 30000);
     let cfg = v.dir.join("config.toml");
@@ -147,7 +159,9 @@ fn unused_invitation_expires_and_its_keyslot_is_wiped() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn two_person_unlock() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", true);
@@ -177,7 +191,9 @@ fn two_person_unlock() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn removed_member_is_kicked_and_refused() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", false);
@@ -213,7 +229,9 @@ fn removed_member_is_kicked_and_refused() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn passwd_replaces_the_keyslot() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let newpw = v.tmp.path().join("alice.new");
@@ -240,7 +258,9 @@ fn passwd_replaces_the_keyslot() {
 /// Many members entering at once: every enter completes, and the daemon's
 /// memory stays under its baseline plus the configured KDF cap.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn concurrent_enters_stay_within_the_kdf_memory_cap() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     // 8 MiB keyslots, 16 MiB cap: at most two derivations at a time.
     let cfg = v.dir.join("config.toml");
@@ -310,7 +330,9 @@ fn vm_hwm(pid: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn first_superuser_can_join_from_their_own_machine() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vault");
     let inv = tmp.path().join("root.invitation");
@@ -336,16 +358,7 @@ fn first_superuser_can_join_from_their_own_machine() {
             "--totp-period",
             "1",
         ])
-        .args([
-            "--pbkdf",
-            "argon2id",
-            "--pbkdf-force-iterations",
-            "4",
-            "--pbkdf-memory",
-            "8192",
-            "--pbkdf-parallel",
-            "2",
-        ])
+        .args(coffre_testkit::kdf::ARGON2ID_FAST)
         .output()
         .unwrap();
     assert!(
@@ -409,7 +422,9 @@ fn keyslot_count(v: &Vault) -> usize {
 /// superusers and members' reads do not move; removing a plain member
 /// (the stolen-laptop flow) still works.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn locked_vault_keeps_its_quorum() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", true);
@@ -443,7 +458,9 @@ fn locked_vault_keeps_its_quorum() {
 /// approval counted). The lock now cancels invitations and wipes their
 /// keyslots; join and passwd are refused while locked.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn lock_cancels_invitations_and_refuses_join_and_passwd() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let inv = v.tmp.path().join("mallory.invitation");
@@ -501,7 +518,9 @@ fn lock_cancels_invitations_and_refuses_join_and_passwd() {
 /// that says what to do, and the header holds exactly one temporary
 /// keyslot per name.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn two_invitations_for_one_name_leave_one_keyslot() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", true);
@@ -579,7 +598,9 @@ fn only_proposal(v: &Vault, who: &str) -> serde_json::Value {
 /// superuser are proposals that change nothing until the other approves
 /// them by id.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn quorum_changes_need_the_quorum() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", true);
@@ -669,7 +690,9 @@ fn quorum_changes_need_the_quorum() {
 /// which needs no keyslot check of its own): the new keyslot is wiped and
 /// nobody joins.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_lock_during_a_join_wipes_the_new_keyslot() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_policy("auto_lock_failures", 1);
     // New members' keyslots cost about a second to make.
@@ -734,7 +757,9 @@ fn owner_and_mode(p: &std::path::Path) -> (u32, u32) {
 /// 0700, kept: at once when the vault is open, at the next open when it
 /// is closed; the host account that owned it reaches nothing any more.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_removed_members_home_becomes_roots_and_is_kept() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_data(
         4242,
@@ -796,7 +821,9 @@ fn a_removed_members_home_becomes_roots_and_is_kept() {
 /// source, and past a few refusals counted rather than logged one by
 /// one; a valid invitation still works at once after a typo.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_flood_of_bad_joins_is_throttled_and_counted_not_logged() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
     let inv = v.tmp.path().join("carol.invitation");

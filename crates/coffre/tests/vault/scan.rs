@@ -15,7 +15,9 @@ fn unique_password() -> String {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn password_not_in_daemon_memory_after_leave() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let password = unique_password();
     // A costly keyslot: the daemon holds the password for the seconds its
     // check takes, which gives the positive control time to see it.
@@ -81,7 +83,16 @@ fn password_not_in_daemon_memory_after_leave() {
 /// OpenVPN's management link (a long-lived connection, read line by
 /// line), and is gone once the member's client has left.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
 fn password_over_the_vpn_not_in_daemon_memory_after_leave() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
     use crate::gateway::{Gw, UP};
     let password = unique_password();
     let vault = Vault::init_as(

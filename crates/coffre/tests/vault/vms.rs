@@ -125,7 +125,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, libnbd, QEMU"]
 fn a_vm_pauses_across_a_close_and_suspends_into_the_vault() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Nbd,
+        Need::Qemu,
+    ]);
     let mut v = Vault::init(&["--size", "256M"]);
     v.set_data(4242, 2, &[]);
     v.set_workloads("auto", &vm_config(128));
@@ -343,7 +352,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// does not keep the data exposed: it is killed, the vault closes, and
 /// status and the audit log say why. The next open boots it afresh.
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, QEMU"]
 fn a_vm_that_cannot_be_suspended_is_killed_and_the_vault_still_closes() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Qemu]);
     let mut v = Vault::init(&["--size", "32M"]);
     v.set_data(4242, 2, &[]);
     v.set_workloads("auto", &vm_config(128));

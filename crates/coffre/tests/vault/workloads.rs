@@ -233,29 +233,29 @@ fn frozen_across_a_close(freezer: &str) {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn process_workloads_are_frozen_across_a_close_v2() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     frozen_across_a_close("v2");
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, a cgroup v1 freezer"]
 fn process_workloads_are_frozen_across_a_close_v1() {
-    if !std::fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| {
-            l.split(' ')
-                .nth(3)
-                .is_some_and(|o| o.split(',').any(|x| x == "freezer"))
-        })
-    {
-        eprintln!("SKIPPED: this host has no cgroup v1 freezer");
-        return;
-    }
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::CgroupV1Freezer,
+    ]);
     frozen_across_a_close("v1");
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn safe_mode_restarts_them_and_the_next_daemon_kills_what_a_crash_left() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_data(4242, 2, &[]);
     v.set_workloads("auto", COUNTER);
@@ -339,7 +339,9 @@ fn safe_mode_restarts_them_and_the_next_daemon_kills_what_a_crash_left() {
 }
 
 #[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn a_task_waits_for_a_job_and_its_log_is_read_while_open() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.set_data(4242, 2, &[]);
     v.set_workloads(

@@ -1,0 +1,21 @@
+//! What coffre's tests share, used only as a dev-dependency:
+//!
+//! - [`require`] and [`Need`]: the one way to gate a system test (one that
+//!   needs root, FUSE, loop devices, cryptsetup, OpenVPN, QEMU...). Such a
+//!   test is marked `#[ignore = "system: needs ..."]`, so a plain
+//!   `cargo test` lists it as ignored with the reason; run with
+//!   `--include-ignored` (as `scripts/test` does), it calls [`require`]
+//!   first, which fails the test, naming what is missing, never skips it.
+//! - [`kdf`]: the cheap KDF costs for throw-away keyslots, as numbers and
+//!   as command-line flags.
+//! - [`volume`]: scratch LUKS2 volumes and temporary directories.
+//! - [`process`]: running commands and asserting their success, waiting
+//!   for children, signals, free ports, scanning a process's memory.
+
+pub mod gate;
+pub mod kdf;
+pub mod process;
+pub mod volume;
+
+pub use gate::{Need, require};
+pub use process::{ok, run_ok};
