@@ -49,11 +49,40 @@ pub enum Mode {
     Safe,
 }
 
+/// The door a request came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Door {
+    /// The CLI's mutual-TLS API.
+    Cli,
+    /// The OpenVPN gateway.
+    Vpn,
+    /// The join door (no member certificate yet).
+    Join,
+}
+
+impl Door {
+    /// Its name in audit records and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Door::Cli => "cli",
+            Door::Vpn => "vpn",
+            Door::Join => "join",
+        }
+    }
+}
+
+impl std::fmt::Display for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a member came in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
-    /// `"cli"` or `"vpn"`.
-    pub door: String,
+    /// The door.
+    pub door: Door,
     /// Remote address, as the transport saw it.
     pub addr: String,
 }
@@ -250,19 +279,7 @@ impl Command {
 
     /// Whether the command needs the member's password and a TOTP code.
     pub fn needs_password(&self) -> bool {
-        matches!(
-            self,
-            Command::Enter
-                | Command::Lock { .. }
-                | Command::Unlock
-                | Command::SetMode { .. }
-                | Command::SetQuorum { .. }
-                | Command::MemberRemove { .. }
-                | Command::Invite { .. }
-                | Command::Passwd
-                | Command::Approve { .. }
-                | Command::InviteCancel { .. }
-        )
+        matches!(self.needs(), Needs::Password(_))
     }
 
     /// Whether the shell must keep the key the password check derives, for
@@ -284,6 +301,129 @@ impl Command {
                 | Command::Approve { .. }
                 | Command::InviteCancel { .. }
         )
+    }
+}
+
+/// A command by what it needs: a live session, or the member's password
+/// and a TOTP code. The core takes each kind down its own path, so neither
+/// path has a case it cannot handle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// A command on the member's live session `SessionId` (no password).
+    Session(SessionId, SessionOp),
+    /// A command that needs the password (its keyslot must open) and a
+    /// TOTP code.
+    Password(PasswordOp),
+}
+
+/// What a command does on a live session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionOp {
+    /// End it.
+    Leave,
+    /// Keep it alive.
+    Heartbeat,
+    /// Keep the vault open for a while.
+    TaskAdd {
+        /// Free text.
+        name: String,
+        /// Name the client claims; must be the authenticated member.
+        claimed_owner: Option<String>,
+        /// How long, in milliseconds.
+        duration_ms: u64,
+        /// A workload whose job the task waits for.
+        workload: Option<String>,
+    },
+    /// Cancel a task.
+    TaskCancel {
+        /// The task.
+        task: TaskId,
+    },
+}
+
+/// What a command that needs the password does once it has been checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordOp {
+    /// Become present.
+    Enter,
+    /// Lock.
+    Lock {
+        /// Why.
+        reason: String,
+    },
+    /// Approve an unlock.
+    Unlock,
+    /// Switch mode.
+    SetMode {
+        /// The new mode.
+        mode: Mode,
+    },
+    /// Change the unlock quorum.
+    SetQuorum {
+        /// Distinct superusers needed.
+        quorum: u32,
+    },
+    /// Remove a member.
+    MemberRemove {
+        /// Who.
+        name: String,
+    },
+    /// Invite a new member.
+    Invite {
+        /// The new member's name.
+        name: String,
+        /// Their role.
+        role: Role,
+    },
+    /// Change one's own password.
+    Passwd,
+    /// Approve a pending proposal.
+    Approve {
+        /// The proposal's id.
+        id: String,
+    },
+    /// Cancel a pending invitation.
+    InviteCancel {
+        /// The invited name.
+        name: String,
+    },
+}
+
+impl Command {
+    /// The command by what it needs.
+    pub fn needs(&self) -> Needs {
+        match self.clone() {
+            Command::Leave { session } => Needs::Session(session, SessionOp::Leave),
+            Command::Heartbeat { session } => Needs::Session(session, SessionOp::Heartbeat),
+            Command::TaskAdd {
+                session,
+                name,
+                claimed_owner,
+                duration_ms,
+                workload,
+            } => Needs::Session(
+                session,
+                SessionOp::TaskAdd {
+                    name,
+                    claimed_owner,
+                    duration_ms,
+                    workload,
+                },
+            ),
+            Command::TaskCancel { session, task } => {
+                Needs::Session(session, SessionOp::TaskCancel { task })
+            }
+            Command::Enter => Needs::Password(PasswordOp::Enter),
+            Command::Lock { reason } => Needs::Password(PasswordOp::Lock { reason }),
+            Command::Unlock => Needs::Password(PasswordOp::Unlock),
+            Command::SetMode { mode } => Needs::Password(PasswordOp::SetMode { mode }),
+            Command::SetQuorum { quorum } => Needs::Password(PasswordOp::SetQuorum { quorum }),
+            Command::MemberRemove { name } => Needs::Password(PasswordOp::MemberRemove { name }),
+            Command::Invite { name, role } => Needs::Password(PasswordOp::Invite { name, role }),
+            Command::Passwd => Needs::Password(PasswordOp::Passwd),
+            Command::Approve { id } => Needs::Password(PasswordOp::Approve { id }),
+            Command::InviteCancel { name } => Needs::Password(PasswordOp::InviteCancel { name }),
+        }
     }
 }
 

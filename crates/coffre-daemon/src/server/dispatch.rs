@@ -70,7 +70,7 @@ impl Shell {
         };
         // The IP only: throttling is per source host, not per connection.
         let source = Source {
-            door: "cli".into(),
+            door: coffre_vault::Door::Cli,
             addr: addr.ip().to_string(),
         };
         // While locked only superusers read (docs/security.md, "What each

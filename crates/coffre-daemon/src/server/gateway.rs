@@ -45,7 +45,7 @@ pub(super) struct VpnAnswer {
 
 fn source(env: &ClientEnv) -> Source {
     Source {
-        door: "vpn".into(),
+        door: coffre_vault::Door::Vpn,
         addr: env.untrusted_ip.clone(),
     }
 }
@@ -282,7 +282,7 @@ impl Shell {
     fn vpn_session_command(&mut self, member: &str, addr: String, command: Command) {
         let (tx, _rx) = oneshot::channel();
         let source = Source {
-            door: "vpn".into(),
+            door: coffre_vault::Door::Vpn,
             addr,
         };
         self.submit(member.to_string(), source, command, None, None, tx);

@@ -51,7 +51,7 @@ impl Shell {
                     at: now,
                     actor: "coffre".into(),
                     source: Some(Source {
-                        door: "join".into(),
+                        door: coffre_vault::Door::Join,
                         addr: addr.clone(),
                     }),
                     action: "member_join".into(),
@@ -333,7 +333,7 @@ impl Shell {
     ) -> Option<Answer> {
         let ip = addr.ip().to_string();
         let source = Some(Source {
-            door: "join".into(),
+            door: coffre_vault::Door::Join,
             addr: ip.clone(),
         });
         // Anyone can send a join: the door (coffre_vault::invitations)

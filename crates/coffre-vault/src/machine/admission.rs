@@ -3,7 +3,7 @@
 //! (per member and per source) and the auto-lock they lead to, the TOTP
 //! replay rule, then the password check and the dispatch of what it let in.
 
-use super::{Out, Pending, SYSTEM, Vault};
+use super::{Out, Pending, SYSTEM, ThrottleKey, Vault};
 use crate::model::*;
 
 impl Vault {
@@ -76,7 +76,7 @@ impl Vault {
     }
 
     pub(super) fn throttled_until(&self, r: &Request, now: Millis) -> Option<Millis> {
-        [format!("m:{}", r.member), format!("s:{}", r.source.addr)]
+        ThrottleKey::of(r)
             .iter()
             .filter_map(|k| self.throttle.get(k))
             .map(|(_, until)| *until)
@@ -87,7 +87,7 @@ impl Vault {
     pub(super) fn fail(&mut self, out: &mut Out, r: &Request) {
         let now = out.now;
         let pol = &self.p.policy;
-        for key in [format!("m:{}", r.member), format!("s:{}", r.source.addr)] {
+        for key in ThrottleKey::of(r) {
             let e = self.throttle.entry(key).or_insert((0, now));
             e.0 = e.0.saturating_add(1);
             let shift = e.0.saturating_sub(1).min(20);
@@ -133,10 +133,13 @@ impl Vault {
             );
             return;
         }
-        if !r.command.needs_password() {
-            self.session_command(out, &r, &member);
-            return;
-        }
+        let op = match r.command.needs() {
+            Needs::Session(session, op) => {
+                self.session_command(out, &r, &member, session, op);
+                return;
+            }
+            Needs::Password(op) => op,
+        };
         // Checks that come before any key derivation.
         if self.is_locked()
             && let Some(why) = self.refused_while_locked(&r.command)
@@ -264,6 +267,7 @@ impl Vault {
             r.req,
             Pending {
                 request: r,
+                op,
                 keep_key,
             },
         );
@@ -272,6 +276,7 @@ impl Vault {
     pub(super) fn password_checked(&mut self, out: &mut Out, req: ReqId, ok: bool) {
         let Some(Pending {
             request: r,
+            op,
             keep_key,
         }) = self.pending.remove(&req)
         else {
@@ -290,7 +295,7 @@ impl Vault {
             self.fail(out, &r);
             return;
         }
-        for key in [format!("m:{}", r.member), format!("s:{}", r.source.addr)] {
+        for key in ThrottleKey::of(&r) {
             self.throttle.remove(&key);
         }
         // The member may have been removed while their key was derived.
@@ -322,9 +327,9 @@ impl Vault {
             );
             return;
         }
-        match r.command.clone() {
-            Command::Enter => self.enter(out, &r, keep_key),
-            Command::Lock { reason } => {
+        match op {
+            PasswordOp::Enter => self.enter(out, &r, keep_key),
+            PasswordOp::Lock { reason } => {
                 if self.is_locked() {
                     out.audit(&r.member, Some(&r.source), "lock", "ok", "already locked");
                 } else {
@@ -332,8 +337,8 @@ impl Vault {
                 }
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
-            Command::Unlock => self.unlock(out, &r),
-            Command::SetMode { mode } => {
+            PasswordOp::Unlock => self.unlock(out, &r),
+            PasswordOp::SetMode { mode } => {
                 // What holds now stays in force until the next close.
                 self.p.mode_in_force = Some(self.mode_in_force());
                 self.p.mode = Some(mode);
@@ -347,7 +352,7 @@ impl Vault {
                 out.audit(&r.member, Some(&r.source), "mode", "ok", detail);
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
-            Command::SetQuorum { quorum } => {
+            PasswordOp::SetQuorum { quorum } => {
                 if let Err(why) = self.check_quorum(quorum) {
                     out.refuse(&r, Refusal::Invalid, &why, format!("quorum {quorum}"));
                     return;
@@ -358,7 +363,7 @@ impl Vault {
                     self.apply_quorum(out, &r, quorum);
                 }
             }
-            Command::MemberRemove { name }
+            PasswordOp::MemberRemove { name }
                 if self.quorum() > 1
                     && self
                         .p
@@ -372,8 +377,8 @@ impl Vault {
                 }
                 self.propose(out, &r, Change::RemoveSuperuser { name });
             }
-            Command::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
-            Command::Invite {
+            PasswordOp::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
+            PasswordOp::Invite {
                 name,
                 role: Role::Superuser,
             } if self.quorum() > 1 => {
@@ -389,8 +394,8 @@ impl Vault {
                 }
                 self.propose(out, &r, Change::InviteSuperuser { name });
             }
-            Command::Approve { id } => self.approve(out, &r, &id, keep_key),
-            Command::InviteCancel { name } => {
+            PasswordOp::Approve { id } => self.approve(out, &r, &id, keep_key),
+            PasswordOp::InviteCancel { name } => {
                 out.audit(
                     &r.member,
                     Some(&r.source),
@@ -400,7 +405,7 @@ impl Vault {
                 );
                 out.effects.push(Effect::CancelInvitation { req, name });
             }
-            Command::Invite { name, role } => {
+            PasswordOp::Invite { name, role } => {
                 if self.p.members.contains_key(&name) {
                     out.effects.push(Effect::DiscardKey { req });
                     out.refuse(
@@ -420,7 +425,7 @@ impl Vault {
                 );
                 out.effects.push(Effect::Invite { req, name, role });
             }
-            Command::Passwd => {
+            PasswordOp::Passwd => {
                 out.audit(
                     &r.member,
                     Some(&r.source),
@@ -433,12 +438,6 @@ impl Vault {
                     member: member.name.clone(),
                     keyslot: member.keyslot,
                 });
-            }
-            Command::Leave { .. }
-            | Command::Heartbeat { .. }
-            | Command::TaskAdd { .. }
-            | Command::TaskCancel { .. } => {
-                unreachable!("session commands never wait for a password")
             }
         }
     }

@@ -18,7 +18,26 @@ use transitions::Stage;
 #[derive(Clone, Debug)]
 struct Pending {
     request: Request,
+    /// What it does once the password is checked.
+    op: PasswordOp,
     keep_key: bool,
+}
+
+/// Who a failure is counted against: the member, and the address it came
+/// from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ThrottleKey {
+    Member(String),
+    Source(String),
+}
+
+impl ThrottleKey {
+    fn of(r: &Request) -> [ThrottleKey; 2] {
+        [
+            ThrottleKey::Member(r.member.clone()),
+            ThrottleKey::Source(r.source.addr.clone()),
+        ]
+    }
 }
 
 /// One vault's state. Feed it events with [`Vault::handle`].
@@ -35,7 +54,7 @@ pub struct Vault {
     failures: Vec<Millis>,
     /// Per member (`m:NAME`) and per source (`s:ADDR`): failures in a row
     /// and the time before which attempts are refused.
-    throttle: BTreeMap<String, (u32, Millis)>,
+    throttle: BTreeMap<ThrottleKey, (u32, Millis)>,
     next_session: u64,
     next_task: u64,
     /// Pending proposals, one per kind.

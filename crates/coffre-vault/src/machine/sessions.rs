@@ -5,14 +5,14 @@ use super::{Out, SYSTEM, Stage, Vault};
 use crate::model::*;
 
 impl Vault {
-    pub(super) fn session_command(&mut self, out: &mut Out, r: &Request, member: &Member) {
-        let session = match &r.command {
-            Command::Leave { session }
-            | Command::Heartbeat { session }
-            | Command::TaskAdd { session, .. }
-            | Command::TaskCancel { session, .. } => *session,
-            _ => unreachable!("password commands are handled elsewhere"),
-        };
+    pub(super) fn session_command(
+        &mut self,
+        out: &mut Out,
+        r: &Request,
+        member: &Member,
+        session: SessionId,
+        op: SessionOp,
+    ) {
         if self
             .sessions
             .get(&session)
@@ -26,8 +26,9 @@ impl Vault {
             );
             return;
         }
-        match &r.command {
-            Command::Leave { session } => {
+        let session = &session;
+        match &op {
+            SessionOp::Leave => {
                 self.sessions.remove(session);
                 out.audit(
                     &r.member,
@@ -38,13 +39,13 @@ impl Vault {
                 );
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
-            Command::Heartbeat { session } => {
+            SessionOp::Heartbeat => {
                 if let Some(s) = self.sessions.get_mut(session) {
                     s.last_seen = out.now;
                 }
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
-            Command::TaskAdd {
+            SessionOp::TaskAdd {
                 name,
                 claimed_owner,
                 duration_ms,
@@ -106,7 +107,7 @@ impl Vault {
                 );
                 out.reply(r.req, Outcome::Ok(Reply::TaskAdded { task: id, expires }));
             }
-            Command::TaskCancel { task, .. } => {
+            SessionOp::TaskCancel { task } => {
                 let Some(t) = self.tasks.get(task) else {
                     out.refuse(
                         r,
@@ -135,7 +136,6 @@ impl Vault {
                 );
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }
-            _ => unreachable!(),
         }
     }
 

@@ -31,7 +31,7 @@ pub struct Sim {
 
 pub fn source(addr: &str) -> Source {
     Source {
-        door: "cli".into(),
+        door: coffre_vault::Door::Cli,
         addr: addr.into(),
     }
 }
