@@ -333,8 +333,8 @@ pub fn private_dir(path: &Path) -> Result<(), GatewayError> {
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), GatewayError> {
-    coffre_audit::write_atomic(path, text.as_bytes(), mode)
-        .map_err(|e| GatewayError::Invalid(format!("{}: {e}", path.display())))
+    coffre_sys::fs::write_atomic(path, text.as_bytes(), mode)
+        .map_err(|e| GatewayError::Invalid(e.to_string()))
 }
 
 /// Writes the gateway's certificate, keys and OpenVPN configuration under

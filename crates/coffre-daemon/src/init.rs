@@ -3,8 +3,9 @@
 
 use crate::pki;
 use crate::totp;
+use crate::vaultdir::write_atomic;
 use crate::vaultdir::{Config, Control, DirError, Identity, VaultDir};
-use coffre_audit::{AuditLog, HostKey, write_atomic};
+use coffre_audit::{AuditLog, HostKey};
 use coffre_luks2::header::{DEFAULT_HDR_SIZE, DEFAULT_METADATA_SIZE, FormatOptions};
 use coffre_luks2::kdf::KdfParams;
 use coffre_luks2::{Passphrase, SecretBytes};
@@ -144,15 +145,6 @@ pub fn check_member_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn now_ms() -> Millis {
-    Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
-}
-
 /// Creates a vault.
 pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let vm_user = ensure_vm_user(coffre_workload::config::DEFAULT_VM_USER).unwrap_or_else(|e| {
@@ -248,7 +240,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let audit_public_key = host_key.public_hex();
     let mut audit = AuditLog::open(&o.dir, host_key)?;
     audit.append(AuditRecord {
-        at: now_ms(),
+        at: Millis(coffre_sys::time::now_ms()),
         actor: o.admin.clone(),
         source: None,
         action: "init".into(),
@@ -271,7 +263,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         invite_secret,
         ..Control::default()
     };
-    let expires_ms = now_ms().0 + 72 * 3600 * 1000;
+    let expires_ms = coffre_sys::time::now_ms() + 72 * 3600 * 1000;
     if o.password.is_some() {
         persistent.members.insert(
             o.admin.clone(),

@@ -1,7 +1,6 @@
 //! The vault directory: configuration, control data, PKI files, the
 //! detached header and (by default) the volume.
 
-use coffre_audit::write_atomic;
 use coffre_vault::{Persistent, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -33,6 +32,16 @@ pub enum DirError {
     /// Crash-safe write failed.
     #[error(transparent)]
     Audit(#[from] coffre_audit::Error),
+}
+
+/// Writes a file of the vault directory crash-safely
+/// ([`coffre_sys::fs::write_atomic`]), failures as [`DirError::Io`].
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
+    coffre_sys::fs::write_atomic(path, bytes, mode).map_err(|source| DirError::Io {
+        what: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `config.toml`.

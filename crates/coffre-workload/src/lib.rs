@@ -164,13 +164,6 @@ pub struct Row {
 /// Something worth an audit record: (action, result, detail).
 pub type Line = (String, String, String);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 struct Running {
     child: Child,
     group: Group,
@@ -192,7 +185,7 @@ struct Entry {
 impl Entry {
     fn set(&mut self, state: State, note: impl Into<String>) {
         self.state = state;
-        self.since = now_ms();
+        self.since = coffre_sys::time::now_ms();
         self.note = note.into();
     }
 
@@ -246,7 +239,7 @@ impl Workloads {
             .map(|cfg| Entry {
                 cfg: cfg.clone(),
                 state: State::Stopped,
-                since: now_ms(),
+                since: coffre_sys::time::now_ms(),
                 note: String::new(),
                 proc: None,
                 sink: log::Sink::default(),

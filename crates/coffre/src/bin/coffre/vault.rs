@@ -394,7 +394,7 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
         };
         let session = v["session"].as_u64().context("no session in the reply")?;
         let sfile = session_file(&path);
-        coffre_audit::write_atomic(&sfile, serde_json::json!({"session": session, "pid": std::process::id()}).to_string().as_bytes(), 0o600)?;
+        coffre_sys::fs::write_atomic(&sfile, serde_json::json!({"session": session, "pid": std::process::id()}).to_string().as_bytes(), 0o600)?;
         let st = call(&id, &ApiCommand::Status).await?.ok();
         let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("?").to_string();
         eprintln!("coffre: {} entered (session {session}); the vault is {state}. Ctrl-C or `coffre leave` to leave.", id.member);
@@ -885,7 +885,7 @@ pub fn approve(
                         out.display()
                     );
                 }
-                coffre_audit::write_atomic(
+                coffre_sys::fs::write_atomic(
                     &out,
                     zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                     0o600,
@@ -1028,7 +1028,7 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                         &ident.cert_pem,
                         &ident.key_pem,
                     ));
-                    coffre_audit::write_atomic(&out, text.as_bytes(), 0o600)?;
+                    coffre_sys::fs::write_atomic(&out, text.as_bytes(), 0o600)?;
                     eprintln!(
                         "coffre: profile written to {} (mode 0600: it holds your private key); user name {name}, password {}",
                         out.display(),
@@ -1087,7 +1087,7 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 }
                 Ok(v) => {
                     let inv = &v["invitation"];
-                    coffre_audit::write_atomic(
+                    coffre_sys::fs::write_atomic(
                         &out,
                         zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                         0o600,
