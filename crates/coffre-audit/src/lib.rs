@@ -82,17 +82,12 @@ pub struct Head {
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    data_encoding::HEXLOWER.encode(b)
 }
 
+/// Decodes hex in either case (what older heads or hand edits may hold).
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()
 }
 
 /// The hash of an entry: SHA-256 over a domain tag, the sequence number,

@@ -382,12 +382,8 @@ fn invitation_hmac_hex(secret_hex: &str, code: &[u8]) -> Option<Passphrase> {
 /// Lower-case hex of `bytes`, written straight into a secret buffer (no
 /// intermediate strings).
 pub fn hex_secret(bytes: &[u8]) -> SecretBytes {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = SecretBytes::zeroed(bytes.len() * 2);
-    for (pair, b) in out.expose_mut().chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0x0f)];
-    }
+    let mut out = SecretBytes::zeroed(data_encoding::HEXLOWER.encode_len(bytes.len()));
+    data_encoding::HEXLOWER.encode_mut(bytes, out.expose_mut());
     out
 }
 
@@ -431,7 +427,7 @@ mod tests {
         assert_eq!(a.expose().len(), 64);
         assert_eq!(hex_secret(&[0x0f, 0xa0]).expose(), b"0fa0");
         assert_ne!(a.expose(), b.expose());
-        let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = data_encoding::HEXLOWER.encode(&code);
         assert_ne!(
             a.expose(),
             hex.as_bytes(),
