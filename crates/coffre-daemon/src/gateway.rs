@@ -378,7 +378,7 @@ pub fn write_openvpn_config(
     let s = openvpn::ServerSettings {
         vault: config.name.clone(),
         port: settings.port,
-        proto: settings.proto.clone(),
+        proto: settings.proto,
         network: net,
         keepalive: (settings.keepalive[0], settings.keepalive[1]),
         reneg_s: settings.reneg_s,
@@ -432,7 +432,7 @@ pub fn profile_settings(
         vault: config.name.clone(),
         remote: g.remote.clone(),
         port: g.port,
-        proto: g.proto.clone(),
+        proto: g.proto,
         static_challenge: g.static_challenge,
         ca_pem: read(dir.ca_cert())?,
         tls_crypt: read(dir.gateway_dir().join("tls-crypt.key"))?,

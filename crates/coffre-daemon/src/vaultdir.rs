@@ -95,12 +95,12 @@ pub struct GatewayConfig {
     pub management: PathBuf,
     /// Host name or address members' profiles connect to.
     pub remote: String,
-    /// Port.
+    /// The port OpenVPN listens on and profiles connect to (UDP or TCP after `proto`).
     #[serde(default = "default_vpn_port")]
     pub port: u16,
-    /// `udp` or `tcp`.
-    #[serde(default = "default_vpn_proto")]
-    pub proto: String,
+    /// `udp` or `tcp`; anything else is an error at load.
+    #[serde(default)]
+    pub proto: crate::openvpn::Proto,
     /// The VPN's address space.
     #[serde(default = "default_vpn_network")]
     pub network: String,
@@ -133,9 +133,6 @@ fn default_management() -> PathBuf {
 fn default_vpn_port() -> u16 {
     1194
 }
-fn default_vpn_proto() -> String {
-    "udp".into()
-}
 fn default_vpn_network() -> String {
     "10.8.0.0/24".into()
 }
@@ -159,7 +156,7 @@ impl GatewayConfig {
             management: default_management(),
             remote,
             port: default_vpn_port(),
-            proto: default_vpn_proto(),
+            proto: crate::openvpn::Proto::default(),
             network: default_vpn_network(),
             keepalive: default_keepalive(),
             reneg_s: default_reneg(),
@@ -173,9 +170,6 @@ impl GatewayConfig {
     /// Checks what OpenVPN would otherwise refuse later, or worse, accept.
     pub fn check(&self) -> Result<crate::openvpn::Network, String> {
         let net = crate::openvpn::Network::parse(&self.network)?;
-        if self.proto != "udp" && self.proto != "tcp" {
-            return Err(format!("proto {:?}: udp or tcp", self.proto));
-        }
         if self.remote.is_empty() || self.remote.contains(char::is_whitespace) {
             return Err(format!("remote {:?}: a host name or address", self.remote));
         }
