@@ -35,7 +35,7 @@ pub enum LinkEvent {
     },
     /// A client notification.
     Client {
-        /// Which.
+        /// What kind of notification (CONNECT, REAUTH, ESTABLISHED, DISCONNECT...).
         event: ClientEvent,
         /// Client id.
         cid: u64,
@@ -304,15 +304,15 @@ pub enum GatewayError {
     /// A setting.
     #[error("[gateway] {0}")]
     Invalid(String),
-    /// Certificates.
+    /// Issuing the gateway's certificate failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
-    /// Files.
+    /// Writing or reading one of the gateway's files failed.
     #[error("{path}: {source}")]
     Io {
-        /// Where.
+        /// The file.
         path: PathBuf,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },

@@ -28,16 +28,16 @@ pub enum InitError {
     /// Bad name.
     #[error("{0}")]
     Invalid(String),
-    /// Files.
+    /// Creating or writing the vault directory failed.
     #[error(transparent)]
     Dir(#[from] DirError),
-    /// Volume.
+    /// Formatting the LUKS2 volume failed.
     #[error(transparent)]
     Storage(#[from] coffre_storage::Error),
-    /// Audit.
+    /// Starting the audit log failed.
     #[error(transparent)]
     Audit(#[from] coffre_audit::Error),
-    /// Certificates.
+    /// Issuing the CA or server certificate failed.
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     /// The team's filesystem could not be made (FUSE, mkfs.ext4).

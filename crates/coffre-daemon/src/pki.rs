@@ -19,7 +19,7 @@ fn e(x: impl std::fmt::Display) -> PkiError {
 
 /// A certificate and its private key, in PEM.
 pub struct Issued {
-    /// Certificate.
+    /// The certificate (public).
     pub cert_pem: String,
     /// Private key (PKCS#8). Secret.
     pub key_pem: String,

@@ -13,11 +13,11 @@ pub enum DirError {
     /// File trouble.
     #[error("{what} {path}: {source}")]
     Io {
-        /// What.
+        /// What was being done (`read`, `write`...).
         what: &'static str,
-        /// Where.
+        /// The file.
         path: PathBuf,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },

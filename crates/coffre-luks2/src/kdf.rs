@@ -53,7 +53,7 @@ pub enum Kdf {
     Argon2 {
         /// i or id.
         variant: Argon2Variant,
-        /// Passes.
+        /// Passes over memory (cryptsetup's `time`).
         time: u32,
         /// Memory in KiB.
         memory_kib: u32,
@@ -71,16 +71,16 @@ pub enum KdfParams {
     Pbkdf2 {
         /// Hash for HMAC.
         hash: HashAlg,
-        /// Iterations.
+        /// PBKDF2 iterations.
         iterations: u32,
     },
     /// argon2id.
     Argon2id {
-        /// Passes.
+        /// Passes over memory (cryptsetup's `time`).
         time: u32,
         /// Memory in KiB.
         memory_kib: u32,
-        /// Lanes.
+        /// Lanes, computed in parallel (cryptsetup's `cpus`).
         lanes: u32,
     },
 }

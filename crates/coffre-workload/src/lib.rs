@@ -114,7 +114,7 @@ impl Paths {
 pub enum State {
     /// Not started (or stopped at a close in safe mode).
     Stopped,
-    /// Running.
+    /// Started and not held.
     Running,
     /// Frozen in memory (fast mode).
     Frozen,
@@ -143,13 +143,13 @@ impl State {
 /// One row of `coffre status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    /// Name.
+    /// The workload's name from config.toml.
     pub name: String,
     /// `process` or `qemu`.
     pub kind: &'static str,
     /// `project` or `service`.
     pub role: &'static str,
-    /// State.
+    /// Where it is in its lifecycle.
     pub state: State,
     /// Main process id while it has one.
     pub pid: Option<i32>,
