@@ -4,7 +4,7 @@
 //! password in Debug output; credentials split back into what was sent.
 #![no_main]
 
-use coffre_daemon::openvpn::{self, Notice, Reader};
+use coffre_openvpn::{self as openvpn, Notice, Reader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

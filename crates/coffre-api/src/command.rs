@@ -73,47 +73,47 @@ pub enum ApiCommand {
     },
     /// Lock the vault (superuser).
     Lock {
-        /// Why.
+        /// The reason, kept with the lock and in the audit log.
         reason: String,
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Approve an unlock (superuser).
     Unlock {
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Switch mode (superuser).
     Mode {
         /// fast or safe.
         mode: Mode,
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Set the unlock quorum (superuser).
     Quorum {
         /// Distinct superusers needed.
         quorum: u32,
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Members (certificate only).
     MemberList,
     /// Remove a member (superuser).
     MemberRemove {
-        /// Who.
+        /// The member to remove.
         name: String,
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Invite a member (superuser).
@@ -122,9 +122,9 @@ pub enum ApiCommand {
         name: String,
         /// Their role.
         role: coffre_vault::Role,
-        /// Password.
+        /// The caller's vault password: it must open their keyslot.
         password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Join with an invitation (the only command accepted without a client
@@ -145,7 +145,7 @@ pub enum ApiCommand {
         password: ApiSecret,
         /// New password.
         new_password: ApiSecret,
-        /// TOTP code.
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
     /// Approve a pending proposal (superuser, password and TOTP).

@@ -82,17 +82,12 @@ pub struct Head {
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    data_encoding::HEXLOWER.encode(b)
 }
 
+/// Decodes hex in either case (what older heads or hand edits may hold).
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()
 }
 
 /// The hash of an entry: SHA-256 over a domain tag, the sequence number,
@@ -141,30 +136,10 @@ impl HostKey {
     }
 }
 
-/// Writes a file crash-safely: temporary file, fsync, rename, fsync of the
-/// directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", dir))?;
-    Ok(())
+/// Writes a file crash-safely: [`coffre_sys::fs::write_atomic`], with
+/// this crate's error type.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    coffre_sys::fs::write_atomic(path, bytes, mode).map_err(io("write", path))
 }
 
 /// An open audit log for appending.
@@ -336,12 +311,8 @@ impl AuditLog {
             published,
         };
         if !notes.is_empty() {
-            let at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0);
             log.append(AuditRecord {
-                at: coffre_vault::Millis(at),
+                at: coffre_vault::Millis(coffre_sys::time::now_ms()),
                 actor: "coffre".into(),
                 source: None,
                 action: "audit".into(),

@@ -19,9 +19,9 @@ pub enum ClientError {
     /// Could not reach or talk to the daemon.
     #[error("cannot reach the vault daemon at {addr}: {msg}")]
     Unreachable {
-        /// Where.
+        /// The daemon's address.
         addr: String,
-        /// Why.
+        /// What went wrong.
         msg: String,
     },
     /// TLS refused (wrong CA, unknown or revoked certificate).
@@ -29,9 +29,9 @@ pub enum ClientError {
         "the vault refused the connection at {addr}: {msg} (is this identity a member of this vault?)"
     )]
     Tls {
-        /// Where.
+        /// The daemon's address.
         addr: String,
-        /// Why.
+        /// What the TLS layer said.
         msg: String,
     },
     /// Bad reply.

@@ -35,7 +35,7 @@ pub enum LinkEvent {
     },
     /// A client notification.
     Client {
-        /// Which.
+        /// What kind of notification (CONNECT, REAUTH, ESTABLISHED, DISCONNECT...).
         event: ClientEvent,
         /// Client id.
         cid: u64,
@@ -304,15 +304,15 @@ pub enum GatewayError {
     /// A setting.
     #[error("[gateway] {0}")]
     Invalid(String),
-    /// Certificates.
+    /// Issuing the gateway's certificate failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
-    /// Files.
+    /// Writing or reading one of the gateway's files failed.
     #[error("{path}: {source}")]
     Io {
-        /// Where.
+        /// The file.
         path: PathBuf,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },
@@ -333,8 +333,8 @@ pub fn private_dir(path: &Path) -> Result<(), GatewayError> {
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), GatewayError> {
-    coffre_audit::write_atomic(path, text.as_bytes(), mode)
-        .map_err(|e| GatewayError::Invalid(format!("{}: {e}", path.display())))
+    coffre_sys::fs::write_atomic(path, text.as_bytes(), mode)
+        .map_err(|e| GatewayError::Invalid(e.to_string()))
 }
 
 /// Writes the gateway's certificate, keys and OpenVPN configuration under
@@ -378,7 +378,7 @@ pub fn write_openvpn_config(
     let s = openvpn::ServerSettings {
         vault: config.name.clone(),
         port: settings.port,
-        proto: settings.proto.clone(),
+        proto: settings.proto,
         network: net,
         keepalive: (settings.keepalive[0], settings.keepalive[1]),
         reneg_s: settings.reneg_s,
@@ -432,7 +432,7 @@ pub fn profile_settings(
         vault: config.name.clone(),
         remote: g.remote.clone(),
         port: g.port,
-        proto: g.proto.clone(),
+        proto: g.proto,
         static_challenge: g.static_challenge,
         ca_pem: read(dir.ca_cert())?,
         tls_crypt: read(dir.gateway_dir().join("tls-crypt.key"))?,

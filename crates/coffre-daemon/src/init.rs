@@ -3,8 +3,9 @@
 
 use crate::pki;
 use crate::totp;
+use crate::vaultdir::write_atomic;
 use crate::vaultdir::{Config, Control, DirError, Identity, VaultDir};
-use coffre_audit::{AuditLog, HostKey, write_atomic};
+use coffre_audit::{AuditLog, HostKey};
 use coffre_luks2::header::{DEFAULT_HDR_SIZE, DEFAULT_METADATA_SIZE, FormatOptions};
 use coffre_luks2::kdf::KdfParams;
 use coffre_luks2::{Passphrase, SecretBytes};
@@ -27,16 +28,16 @@ pub enum InitError {
     /// Bad name.
     #[error("{0}")]
     Invalid(String),
-    /// Files.
+    /// Creating or writing the vault directory failed.
     #[error(transparent)]
     Dir(#[from] DirError),
-    /// Volume.
+    /// Formatting the LUKS2 volume failed.
     #[error(transparent)]
     Storage(#[from] coffre_storage::Error),
-    /// Audit.
+    /// Starting the audit log failed.
     #[error(transparent)]
     Audit(#[from] coffre_audit::Error),
-    /// Certificates.
+    /// Issuing the CA or server certificate failed.
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     /// The team's filesystem could not be made (FUSE, mkfs.ext4).
@@ -144,15 +145,6 @@ pub fn check_member_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn now_ms() -> Millis {
-    Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
-}
-
 /// Creates a vault.
 pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let vm_user = ensure_vm_user(coffre_workload::config::DEFAULT_VM_USER).unwrap_or_else(|e| {
@@ -248,7 +240,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let audit_public_key = host_key.public_hex();
     let mut audit = AuditLog::open(&o.dir, host_key)?;
     audit.append(AuditRecord {
-        at: now_ms(),
+        at: Millis(coffre_sys::time::now_ms()),
         actor: o.admin.clone(),
         source: None,
         action: "init".into(),
@@ -271,7 +263,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         invite_secret,
         ..Control::default()
     };
-    let expires_ms = now_ms().0 + 72 * 3600 * 1000;
+    let expires_ms = coffre_sys::time::now_ms() + 72 * 3600 * 1000;
     if o.password.is_some() {
         persistent.members.insert(
             o.admin.clone(),
@@ -390,12 +382,8 @@ fn invitation_hmac_hex(secret_hex: &str, code: &[u8]) -> Option<Passphrase> {
 /// Lower-case hex of `bytes`, written straight into a secret buffer (no
 /// intermediate strings).
 pub fn hex_secret(bytes: &[u8]) -> SecretBytes {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = SecretBytes::zeroed(bytes.len() * 2);
-    for (pair, b) in out.expose_mut().chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0x0f)];
-    }
+    let mut out = SecretBytes::zeroed(data_encoding::HEXLOWER.encode_len(bytes.len()));
+    data_encoding::HEXLOWER.encode_mut(bytes, out.expose_mut());
     out
 }
 
@@ -439,7 +427,7 @@ mod tests {
         assert_eq!(a.expose().len(), 64);
         assert_eq!(hex_secret(&[0x0f, 0xa0]).expose(), b"0fa0");
         assert_ne!(a.expose(), b.expose());
-        let hex: String = code.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = data_encoding::HEXLOWER.encode(&code);
         assert_ne!(
             a.expose(),
             hex.as_bytes(),

@@ -8,10 +8,13 @@ pub use coffre_api::command as api;
 pub mod client;
 pub mod gateway;
 pub mod init;
-pub mod openvpn;
 pub mod pki;
 pub mod server;
 pub mod tls;
 pub mod totp;
 pub mod vaultdir;
 pub mod witness;
+
+/// The OpenVPN management codec, credentials and configuration files (the
+/// `coffre-openvpn` crate), kept at its old path `coffre_daemon::openvpn`.
+pub use coffre_openvpn as openvpn;

@@ -19,7 +19,7 @@ fn e(x: impl std::fmt::Display) -> PkiError {
 
 /// A certificate and its private key, in PEM.
 pub struct Issued {
-    /// Certificate.
+    /// The certificate (public).
     pub cert_pem: String,
     /// Private key (PKCS#8). Secret.
     pub key_pem: String,
@@ -32,10 +32,7 @@ pub const SERVER_NAME: &str = "coffre";
 
 /// SHA-256 of DER bytes, hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(&Sha256::digest(der))
 }
 
 fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {

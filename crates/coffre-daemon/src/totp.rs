@@ -3,6 +3,7 @@
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha1::Sha1;
+use subtle::ConstantTimeEq;
 
 /// Secret length in bytes (160 bits, RFC 4226's recommendation).
 pub const SECRET_LEN: usize = 20;
@@ -39,10 +40,10 @@ pub fn verify(secret: &[u8], code: &str, unix_secs: u64, period: u64) -> Option<
     let want: u32 = code.parse().ok()?;
     let now = step_at(unix_secs, period);
     let mut found = None;
-    // Compare every candidate to keep the timing independent of which one
-    // matches.
+    // Compare every candidate, each in constant time, to keep the timing
+    // independent of which one matches and of how close a guess was.
     for step in [now.saturating_sub(1), now, now + 1] {
-        if hotp(secret, step) == want && found.is_none() {
+        if bool::from(hotp(secret, step).ct_eq(&want)) && found.is_none() {
             found = Some(step);
         }
     }
@@ -51,55 +52,19 @@ pub fn verify(secret: &[u8], code: &str, unix_secs: u64, period: u64) -> Option<
 
 /// RFC 4648 base32 without padding, as otpauth URIs use.
 pub fn base32(data: &[u8]) -> String {
-    const A: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::new();
-    let mut buf: u32 = 0;
-    let mut bits = 0;
-    for &b in data {
-        buf = (buf << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(A[((buf >> bits) & 31) as usize]));
-        }
-    }
-    if bits > 0 {
-        out.push(char::from(A[((buf << (5 - bits)) & 31) as usize]));
-    }
-    out
+    data_encoding::BASE32_NOPAD.encode(data)
 }
 
-/// Decodes [`base32`].
+/// Decodes [`base32`]: either case, padding or not (authenticator apps
+/// and people write both); `None` for anything else.
 pub fn unbase32(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf: u32 = 0;
-    let mut bits = 0;
-    for c in s.trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => return None,
-        };
-        buf = (buf << 5) | u32::from(v);
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(((buf >> bits) & 0xff) as u8);
-        }
-    }
-    Some(out)
+    let upper = zeroize::Zeroizing::new(s.trim_end_matches('=').to_ascii_uppercase());
+    data_encoding::BASE32_NOPAD.decode(upper.as_bytes()).ok()
 }
 
 /// Decodes lowercase or uppercase hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()
 }
 
 /// The `otpauth://` URI an authenticator app enrolls from.

@@ -1,7 +1,6 @@
 //! The vault directory: configuration, control data, PKI files, the
 //! detached header and (by default) the volume.
 
-use coffre_audit::write_atomic;
 use coffre_vault::{Persistent, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,11 +13,11 @@ pub enum DirError {
     /// File trouble.
     #[error("{what} {path}: {source}")]
     Io {
-        /// What.
+        /// What was being done (`read`, `write`...).
         what: &'static str,
-        /// Where.
+        /// The file.
         path: PathBuf,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },
@@ -33,6 +32,16 @@ pub enum DirError {
     /// Crash-safe write failed.
     #[error(transparent)]
     Audit(#[from] coffre_audit::Error),
+}
+
+/// Writes a file of the vault directory crash-safely
+/// ([`coffre_sys::fs::write_atomic`]), failures as [`DirError::Io`].
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
+    coffre_sys::fs::write_atomic(path, bytes, mode).map_err(|source| DirError::Io {
+        what: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `config.toml`.
@@ -86,12 +95,12 @@ pub struct GatewayConfig {
     pub management: PathBuf,
     /// Host name or address members' profiles connect to.
     pub remote: String,
-    /// Port.
+    /// The port OpenVPN listens on and profiles connect to (UDP or TCP after `proto`).
     #[serde(default = "default_vpn_port")]
     pub port: u16,
-    /// `udp` or `tcp`.
-    #[serde(default = "default_vpn_proto")]
-    pub proto: String,
+    /// `udp` or `tcp`; anything else is an error at load.
+    #[serde(default)]
+    pub proto: crate::openvpn::Proto,
     /// The VPN's address space.
     #[serde(default = "default_vpn_network")]
     pub network: String,
@@ -124,9 +133,6 @@ fn default_management() -> PathBuf {
 fn default_vpn_port() -> u16 {
     1194
 }
-fn default_vpn_proto() -> String {
-    "udp".into()
-}
 fn default_vpn_network() -> String {
     "10.8.0.0/24".into()
 }
@@ -150,7 +156,7 @@ impl GatewayConfig {
             management: default_management(),
             remote,
             port: default_vpn_port(),
-            proto: default_vpn_proto(),
+            proto: crate::openvpn::Proto::default(),
             network: default_vpn_network(),
             keepalive: default_keepalive(),
             reneg_s: default_reneg(),
@@ -164,9 +170,6 @@ impl GatewayConfig {
     /// Checks what OpenVPN would otherwise refuse later, or worse, accept.
     pub fn check(&self) -> Result<crate::openvpn::Network, String> {
         let net = crate::openvpn::Network::parse(&self.network)?;
-        if self.proto != "udp" && self.proto != "tcp" {
-            return Err(format!("proto {:?}: udp or tcp", self.proto));
-        }
         if self.remote.is_empty() || self.remote.contains(char::is_whitespace) {
             return Err(format!("remote {:?}: a host name or address", self.remote));
         }
@@ -256,12 +259,24 @@ fn default_invite_ttl() -> u64 {
     72 * 3600
 }
 
+/// The key derivation function of new keyslots (`pbkdf` in config.toml).
+/// Any other name is an error when the configuration loads (it used to
+/// become argon2id silently).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pbkdf {
+    /// Argon2id: memory-hard, LUKS2's default.
+    Argon2id,
+    /// PBKDF2-HMAC-SHA256, for machines with little memory.
+    Pbkdf2,
+}
+
 /// KDF costs for new keyslots, as written in config.toml.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyslotKdf {
     /// `"argon2id"` or `"pbkdf2"`.
-    pub pbkdf: String,
+    pub pbkdf: Pbkdf,
     /// argon2 passes or pbkdf2 iterations.
     pub iterations: u32,
     /// argon2 memory, KiB.
@@ -277,7 +292,7 @@ impl KeyslotKdf {
     pub fn from_params(p: coffre_luks2::kdf::KdfParams) -> Self {
         match p {
             coffre_luks2::kdf::KdfParams::Pbkdf2 { iterations, .. } => Self {
-                pbkdf: "pbkdf2".into(),
+                pbkdf: Pbkdf::Pbkdf2,
                 iterations,
                 memory_kib: 0,
                 lanes: 0,
@@ -287,7 +302,7 @@ impl KeyslotKdf {
                 memory_kib,
                 lanes,
             } => Self {
-                pbkdf: "argon2id".into(),
+                pbkdf: Pbkdf::Argon2id,
                 iterations: time,
                 memory_kib,
                 lanes,
@@ -297,17 +312,16 @@ impl KeyslotKdf {
 
     /// To LUKS2 parameters.
     pub fn params(&self) -> coffre_luks2::kdf::KdfParams {
-        if self.pbkdf == "pbkdf2" {
-            coffre_luks2::kdf::KdfParams::Pbkdf2 {
+        match self.pbkdf {
+            Pbkdf::Pbkdf2 => coffre_luks2::kdf::KdfParams::Pbkdf2 {
                 hash: coffre_luks2::hash::HashAlg::Sha256,
                 iterations: self.iterations,
-            }
-        } else {
-            coffre_luks2::kdf::KdfParams::Argon2id {
+            },
+            Pbkdf::Argon2id => coffre_luks2::kdf::KdfParams::Argon2id {
                 time: self.iterations,
                 memory_kib: self.memory_kib,
                 lanes: self.lanes,
-            }
+            },
         }
     }
 }
@@ -559,5 +573,138 @@ impl Identity {
             0o600,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// config.toml exactly as `coffre init` (argon2id keyslots) and
+    /// `coffre gateway openvpn-config` wrote it before `pbkdf` and `proto`
+    /// were typed.
+    const WRITTEN_BY_INIT: &str = r#"name = "team"
+listen = "127.0.0.1:7443"
+volume = "volume.img"
+header = "volume.hdr"
+totp_period_s = 30
+kdf_memory_cap_kib = 2097152
+invitation_ttl_s = 259200
+
+[keyslot_kdf]
+pbkdf = "argon2id"
+iterations = 4
+memory_kib = 1048576
+lanes = 4
+
+[policy]
+grace_ms = 30000
+task_max_ms = 604800000
+unlock_quorum = 1
+approval_window_ms = 900000
+auto_lock_failures = 20
+failure_window_ms = 600000
+throttle_base_ms = 1000
+throttle_max_ms = 60000
+close_retry_ms = 2000
+close_force_after_ms = 300000
+
+[data]
+mountpoint = "data"
+team_gid = 0
+close_grace_s = 10
+close_deadline_s = 30
+
+[data.members]
+
+[gateway]
+management = "run/gateway/management.sock"
+remote = "vpn.example.org"
+port = 1194
+proto = "udp"
+network = "10.8.0.0/24"
+keepalive = [
+    10,
+    60,
+]
+reneg_s = 3600
+token_lifetime_s = 43200
+static_challenge = true
+drop_privileges = true
+
+[gateway.addresses]
+
+[workloads]
+freezer = "auto"
+freeze_timeout_ms = 5000
+vm_user = "coffre-vm"
+"#;
+
+    fn load(text: &str) -> Result<Config, DirError> {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.toml"), text).unwrap();
+        VaultDir::new(tmp.path()).load_config()
+    }
+
+    #[test]
+    fn a_config_written_by_init_still_loads() {
+        let c = load(WRITTEN_BY_INIT).unwrap();
+        assert_eq!(c.keyslot_kdf.pbkdf, Pbkdf::Argon2id);
+        assert_eq!(
+            c.keyslot_kdf.params(),
+            coffre_luks2::kdf::KdfParams::Argon2id {
+                time: 4,
+                memory_kib: 1_048_576,
+                lanes: 4
+            }
+        );
+        let g = c.gateway.unwrap();
+        assert_eq!(g.proto, crate::openvpn::Proto::Udp);
+        g.check().unwrap();
+        // What init writes today is that same text, byte for byte.
+        let mut again: Config = toml::from_str(WRITTEN_BY_INIT).unwrap();
+        again.gateway = Some(GatewayConfig::new("vpn.example.org".into()));
+        assert_eq!(toml::to_string_pretty(&again).unwrap(), WRITTEN_BY_INIT);
+    }
+
+    #[test]
+    fn pbkdf2_and_tcp_load_and_a_missing_proto_is_udp() {
+        let text = WRITTEN_BY_INIT
+            .replace(
+                "pbkdf = \"argon2id\"\niterations = 4\nmemory_kib = 1048576\nlanes = 4\n",
+                "pbkdf = \"pbkdf2\"\niterations = 1000\n",
+            )
+            .replace("proto = \"udp\"", "proto = \"tcp\"");
+        let c = load(&text).unwrap();
+        assert!(matches!(
+            c.keyslot_kdf.params(),
+            coffre_luks2::kdf::KdfParams::Pbkdf2 {
+                iterations: 1000,
+                ..
+            }
+        ));
+        assert_eq!(c.gateway.unwrap().proto, crate::openvpn::Proto::Tcp);
+        let c = load(&WRITTEN_BY_INIT.replace("proto = \"udp\"\n", "")).unwrap();
+        assert_eq!(c.gateway.unwrap().proto, crate::openvpn::Proto::Udp);
+    }
+
+    #[test]
+    fn a_typo_in_pbkdf_or_proto_fails_at_load_naming_the_choices() {
+        // Before: "argon2" became argon2id (and "pbkdf-2" too), with
+        // whatever memory the file said, 0 if none.
+        let e = load(&WRITTEN_BY_INIT.replace("\"argon2id\"", "\"argon2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("argon2") && e.contains("argon2id") && e.contains("pbkdf2"),
+            "{e}"
+        );
+        let e = load(&WRITTEN_BY_INIT.replace("\"udp\"", "\"UDP\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("UDP") && e.contains("`udp`") && e.contains("`tcp`"),
+            "{e}"
+        );
     }
 }

@@ -257,7 +257,7 @@ impl HeadStore {
         }
         self.make_dir()?;
         let bytes = serde_json::to_vec_pretty(head).expect("heads serialise");
-        coffre_audit::write_atomic(&self.path(&head.vault), &bytes, 0o600)
+        coffre_sys::fs::write_atomic(&self.path(&head.vault), &bytes, 0o600)
             .map_err(|e| WitnessError::State(e.to_string()))
     }
 

@@ -29,7 +29,7 @@ pub enum Error {
     Step {
         /// The step (`mount the volume file`, `unmount the data`...).
         step: &'static str,
-        /// Why.
+        /// The system call's error.
         #[source]
         source: std::io::Error,
     },

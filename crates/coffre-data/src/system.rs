@@ -123,59 +123,12 @@ impl LoopDevice {
     }
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone)]
-pub struct MountEntry {
-    /// `major:minor` of the mounted filesystem.
-    pub dev: String,
-    /// Where it is mounted.
-    pub mountpoint: PathBuf,
-    /// Filesystem type (`ext4`, `fuse.coffre`...).
-    pub fstype: String,
-    /// Mount source (`/dev/loop3`, `coffre`...).
-    pub source: String,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses a mountinfo table.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            Some(MountEntry {
-                dev: (*f.get(2)?).to_string(),
-                mountpoint: PathBuf::from(unescape(f.get(4)?)),
-                fstype: (*r.first()?).to_string(),
-                source: unescape(r.get(1)?),
-            })
-        })
-        .collect()
-}
+/// One line of a mountinfo table (parsed in [`coffre_sys::proc`]).
+pub use coffre_sys::proc::MountEntry;
 
 /// Our mount table.
 pub fn mounts() -> Vec<MountEntry> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
-        .unwrap_or_default()
+    coffre_sys::proc::mountinfo()
 }
 
 /// Every mount of every coffre vault on this host, as seen from here:
@@ -235,19 +188,11 @@ struct NsView {
     points: Vec<PathBuf>,
 }
 
-fn ns_view(mountinfo: &str, dev: &str) -> NsView {
+fn ns_view(mounts: &[MountEntry], dev: &str) -> NsView {
     let mut v = NsView::default();
-    for line in mountinfo.lines() {
-        let mut f = line.split(' ');
-        let id = f.next().and_then(|x| x.parse::<u64>().ok());
-        let d = f.nth(1);
-        let point = f.nth(1);
-        if let (Some(id), Some(d), Some(p)) = (id, d, point)
-            && d == dev
-        {
-            v.ids.insert(id);
-            v.points.push(PathBuf::from(unescape(p)));
-        }
+    for m in mounts.iter().filter(|m| m.dev == dev) {
+        v.ids.insert(m.id);
+        v.points.push(m.mountpoint.clone());
     }
     v
 }
@@ -289,7 +234,10 @@ pub fn holders(dev: &str, mountpoint: &Path, namespaces: bool) -> Vec<Holder> {
             let Ok(mi) = std::fs::read_to_string(base.join("mountinfo")) else {
                 continue;
             };
-            views.insert(ns.clone(), ns_view(&mi, dev));
+            views.insert(
+                ns.clone(),
+                ns_view(&coffre_sys::proc::parse_mountinfo(&mi), dev),
+            );
         }
         let Some(view) = views.get(&ns) else {
             continue;
@@ -379,33 +327,12 @@ pub fn signal(pid: i32, sig: rustix::process::Signal) {
 
 /// Whether `pid` still exists (a zombie counts as gone: it holds nothing).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            // The state follows the command name in parentheses.
-            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start());
-            !state.is_some_and(|r| r.starts_with('Z') || r.starts_with('X'))
-        }
-        Err(_) => false,
-    }
+    coffre_sys::proc::stat(pid).is_some_and(|s| !s.is_gone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_lines_parse_with_escapes() {
-        let t = "36 35 98:0 / /mnt/my\\040data rw,noatime master:1 - ext4 /dev/loop3 rw,errors=continue\n\
-                 37 35 0:55 / /v/run/volume rw,nosuid,nodev shared:2 - fuse.coffre coffre rw,user_id=0\n\
-                 garbage line\n";
-        let m = parse_mountinfo(t);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].mountpoint, Path::new("/mnt/my data"));
-        assert_eq!(m[0].dev, "98:0");
-        assert_eq!(m[0].fstype, "ext4");
-        assert_eq!(m[0].source, "/dev/loop3");
-        assert_eq!(m[1].fstype, "fuse.coffre");
-    }
 
     #[test]
     fn maps_devices_are_hex() {

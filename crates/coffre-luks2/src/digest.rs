@@ -10,9 +10,9 @@ use std::time::Duration;
 pub struct Pbkdf2Digest {
     /// Hash for HMAC.
     pub hash: HashAlg,
-    /// Iterations.
+    /// PBKDF2 iterations (at least 1000).
     pub iterations: u32,
-    /// Salt.
+    /// The digest's salt (32 bytes from cryptsetup and coffre).
     pub salt: Vec<u8>,
     /// Expected output (not secret: it is what the header stores).
     pub digest: Vec<u8>,

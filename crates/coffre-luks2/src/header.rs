@@ -335,9 +335,9 @@ pub struct FormatOptions {
     pub kdf: KdfParams,
     /// pbkdf2 iterations for the volume-key digest.
     pub digest_iterations: u32,
-    /// Label.
+    /// LUKS2 label (`cryptsetup --label`), at most 47 bytes.
     pub label: String,
-    /// Subsystem.
+    /// LUKS2 subsystem (`cryptsetup --subsystem`), at most 47 bytes.
     pub subsystem: String,
     /// Size of one header copy (16 KiB by default).
     pub hdr_size: u64,

@@ -53,7 +53,7 @@ pub enum Kdf {
     Argon2 {
         /// i or id.
         variant: Argon2Variant,
-        /// Passes.
+        /// Passes over memory (cryptsetup's `time`).
         time: u32,
         /// Memory in KiB.
         memory_kib: u32,
@@ -71,16 +71,16 @@ pub enum KdfParams {
     Pbkdf2 {
         /// Hash for HMAC.
         hash: HashAlg,
-        /// Iterations.
+        /// PBKDF2 iterations.
         iterations: u32,
     },
     /// argon2id.
     Argon2id {
-        /// Passes.
+        /// Passes over memory (cryptsetup's `time`).
         time: u32,
         /// Memory in KiB.
         memory_kib: u32,
-        /// Lanes.
+        /// Lanes, computed in parallel (cryptsetup's `cpus`).
         lanes: u32,
     },
 }
@@ -241,7 +241,15 @@ pub struct BenchTarget {
     pub max_memory_kib: u32,
     /// Lanes (cryptsetup's default: 4, capped by online CPUs).
     pub lanes: u32,
+    /// The machine's RAM in bytes: the memory cost never exceeds half of
+    /// it. This crate reads no `/proc`; callers pass
+    /// `coffre_sys::proc::mem_total_bytes()`. `None` (unknown) counts as
+    /// 2 GiB.
+    pub ram_bytes: Option<u64>,
 }
+
+/// What [`BenchTarget::ram_bytes`] counts as when unknown.
+const UNKNOWN_RAM_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 impl Default for BenchTarget {
     fn default() -> Self {
@@ -249,6 +257,7 @@ impl Default for BenchTarget {
             time: Duration::from_millis(2000),
             max_memory_kib: 1024 * 1024,
             lanes: default_lanes(),
+            ram_bytes: None,
         }
     }
 }
@@ -278,7 +287,7 @@ fn scale(value: u64, num: Duration, den: Duration) -> u64 {
 /// full memory already take too long.
 pub fn benchmark_argon2id(target: BenchTarget, key_len: usize) -> Result<KdfParams> {
     let lanes = target.lanes.clamp(1, ARGON2_MAX_LANES);
-    let ram_half = physical_memory_kib() / 2;
+    let ram_half = target.ram_bytes.unwrap_or(UNKNOWN_RAM_BYTES) / 1024 / 2;
     let mut memory = target
         .max_memory_kib
         .min(u32::try_from(ram_half).unwrap_or(u32::MAX))
@@ -344,18 +353,6 @@ pub fn benchmark_pbkdf2(hash: HashAlg, time: Duration, key_len: usize) -> Result
     }
 }
 
-fn physical_memory_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(2 * 1024 * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,12 +405,31 @@ mod tests {
     }
 
     #[test]
+    fn memory_stays_under_half_the_ram_given() {
+        let p = benchmark_argon2id(
+            BenchTarget {
+                time: Duration::from_millis(1),
+                max_memory_kib: 1024 * 1024,
+                lanes: 1,
+                ram_bytes: Some(8 << 20),
+            },
+            32,
+        )
+        .unwrap();
+        let KdfParams::Argon2id { memory_kib, .. } = p else {
+            panic!("{p:?}")
+        };
+        assert!(memory_kib <= 4 * 1024, "{memory_kib} KiB from 8 MiB of RAM");
+    }
+
+    #[test]
     fn benchmark_hits_minimums() {
         let p = benchmark_argon2id(
             BenchTarget {
                 time: Duration::from_millis(50),
                 max_memory_kib: 8 * 1024,
                 lanes: 2,
+                ram_bytes: Some(64 << 30),
             },
             64,
         )

@@ -221,7 +221,7 @@ pub struct Segment {
     pub size: SegmentSize,
     /// IV offset, in 512-byte sectors.
     pub iv_tweak: U64s,
-    /// Cipher.
+    /// dm-crypt cipher spec (`aes-xts-plain64`).
     pub encryption: String,
     /// Sector size in bytes.
     pub sector_size: u32,
@@ -246,9 +246,9 @@ pub struct DigestEntry {
     pub keyslots: Vec<Id>,
     /// Segments encrypted with that key.
     pub segments: Vec<Id>,
-    /// Hash.
+    /// Hash of the PBKDF2 HMAC (`sha256`...).
     pub hash: String,
-    /// Iterations.
+    /// PBKDF2 iterations.
     pub iterations: u32,
     /// Base64 salt.
     pub salt: String,

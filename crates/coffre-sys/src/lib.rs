@@ -1,8 +1,12 @@
-//! The single home of `unsafe` in coffre.
+//! The single home of `unsafe` in coffre, and of the small helpers every
+//! crate needs from the OS.
 //!
-//! Everything here is a thin, safe wrapper over one system call or one C
-//! function; every `unsafe` block carries a `// SAFETY:` comment saying why
-//! its preconditions hold. The rest of the workspace denies unsafe code.
+//! Everything unsafe here is a thin, safe wrapper over one system call or
+//! one C function; every `unsafe` block carries a `// SAFETY:` comment
+//! saying why its preconditions hold. The rest of the workspace denies
+//! unsafe code. The safe helpers have one home each: [`fs::write_atomic`]
+//! (crash-safe file writes), [`time::now_ms`] (the wall clock) and
+//! [`proc`] (the parsers of `/proc` files).
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -10,8 +14,11 @@ pub mod alloc;
 pub mod aws_lc;
 pub mod caller;
 pub mod child;
+pub mod fs;
 pub mod handle;
 pub mod locked;
+pub mod proc;
+pub mod time;
 
 use std::io;
 

@@ -92,7 +92,7 @@ pub struct Source {
 pub struct Member {
     /// Unique name (also the certificate's common name).
     pub name: String,
-    /// Role.
+    /// What the member may do (superuser or member).
     pub role: Role,
     /// Their LUKS2 keyslot.
     pub keyslot: u32,
@@ -109,7 +109,7 @@ pub struct LockInfo {
     pub by: String,
     /// Their reason.
     pub reason: String,
-    /// When.
+    /// When the lock came in.
     pub since: Millis,
 }
 
@@ -212,7 +212,7 @@ pub enum Command {
     },
     /// Lock (superuser, password and TOTP).
     Lock {
-        /// Why.
+        /// The reason given, kept in the lock and the audit log.
         reason: String,
     },
     /// Approve an unlock (superuser, password and TOTP).
@@ -229,7 +229,7 @@ pub enum Command {
     },
     /// Remove a member (superuser, password and TOTP).
     MemberRemove {
-        /// Who.
+        /// The member to remove.
         name: String,
     },
     /// Invite a new member (superuser, password and TOTP). The superuser's
@@ -482,7 +482,7 @@ pub struct Proposal {
     pub description: String,
     /// Who proposed it (their approval counts).
     pub by: String,
-    /// When.
+    /// When it was proposed.
     pub created: Millis,
     /// When it expires unless the quorum is reached.
     pub expires: Millis,
@@ -529,7 +529,7 @@ pub enum Event {
     },
     /// Result of [`Effect::Open`].
     Opened {
-        /// Success.
+        /// Whether the volume opened and the data is exposed.
         ok: bool,
         /// What failed, if anything.
         detail: String,
@@ -609,11 +609,11 @@ impl Refusal {
 /// Reply to a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Done.
+    /// The request was carried out.
     Ok(Reply),
-    /// Refused.
+    /// The request was refused; nothing changed.
     Refused {
-        /// Code.
+        /// Why, for programs (stable across versions).
         code: Refusal,
         /// A sentence for the person.
         message: String,
@@ -657,7 +657,7 @@ pub enum Reply {
 /// An append-only audit record (never a secret).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// When.
+    /// When it happened.
     pub at: Millis,
     /// Who (member name, or `"coffre"` for the vault itself).
     pub actor: String,
@@ -785,9 +785,9 @@ pub enum Phase {
 /// A member's presence.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
-    /// Id.
+    /// Its number, which the member's client sends with each heartbeat.
     pub id: SessionId,
-    /// Who.
+    /// The member it belongs to.
     pub member: String,
     /// From where.
     pub source: Source,
@@ -800,7 +800,7 @@ pub struct Session {
 /// A scheduled task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
-    /// Id.
+    /// Its number, for `task cancel`.
     pub id: TaskId,
     /// Free text.
     pub name: String,
@@ -827,7 +827,7 @@ pub struct Persistent {
     /// Mode of the last close: how workloads are held now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode_in_force: Option<Mode>,
-    /// Rules.
+    /// The vault's rules (`[policy]` in config.toml when the vault was made).
     pub policy: Policy,
 }
 

@@ -45,32 +45,18 @@ pub struct Hierarchy {
     pub memory_v1: Option<PathBuf>,
 }
 
-fn mounts() -> Vec<(String, PathBuf, String)> {
-    let text = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let _src = f.next()?;
-            let at = f.next()?.replace("\\040", " ");
-            let fstype = f.next()?.to_string();
-            let opts = f.next()?.to_string();
-            Some((fstype, PathBuf::from(at), opts))
-        })
-        .collect()
-}
-
 impl Hierarchy {
     /// Finds the freezer `choice` asks for, or says why there is none.
     pub fn detect(choice: FreezerChoice) -> Result<Self, WorkloadError> {
-        let all = mounts();
+        let all = coffre_sys::proc::mountinfo();
         let v2 = all
             .iter()
-            .find(|(t, at, _)| t == "cgroup2" && at.join("cgroup.procs").exists())
-            .map(|(_, at, _)| at.clone());
+            .find(|m| m.fstype == "cgroup2" && m.mountpoint.join("cgroup.procs").exists())
+            .map(|m| m.mountpoint.clone());
         let v1 = |ctrl: &str| {
             all.iter()
-                .find(|(t, _, o)| t == "cgroup" && o.split(',').any(|x| x == ctrl))
-                .map(|(_, at, _)| at.clone())
+                .find(|m| m.fstype == "cgroup" && m.has_option(ctrl))
+                .map(|m| m.mountpoint.clone())
         };
         let memory_v1 = v1("memory");
         // The root cgroup has no cgroup.freeze; a child would (kernel
@@ -324,10 +310,6 @@ fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
 
 /// CPU time (user + system) of a process, in clock ticks.
 pub fn cpu_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields count
-    // from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let s = coffre_sys::proc::stat(pid)?;
+    Some(s.utime + s.stime)
 }

@@ -118,7 +118,7 @@ impl Paths {
 pub enum State {
     /// Not started (or stopped at a close in safe mode).
     Stopped,
-    /// Running.
+    /// Started and not held.
     Running,
     /// Frozen in memory (fast mode).
     Frozen,
@@ -147,13 +147,13 @@ impl State {
 /// One row of `coffre status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    /// Name.
+    /// The workload's name from config.toml.
     pub name: String,
     /// `process` or `qemu`.
     pub kind: &'static str,
     /// `project` or `service`.
     pub role: &'static str,
-    /// State.
+    /// Where it is in its lifecycle.
     pub state: State,
     /// Main process id while it has one.
     pub pid: Option<i32>,
@@ -167,13 +167,6 @@ pub struct Row {
 
 /// Something worth an audit record: (action, result, detail).
 pub type Line = (String, String, String);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 struct Running {
     child: Child,
@@ -196,7 +189,7 @@ struct Entry {
 impl Entry {
     fn set(&mut self, state: State, note: impl Into<String>) {
         self.state = state;
-        self.since = now_ms();
+        self.since = coffre_sys::time::now_ms();
         self.note = note.into();
     }
 
@@ -250,7 +243,7 @@ impl Workloads {
             .map(|cfg| Entry {
                 cfg: cfg.clone(),
                 state: State::Stopped,
-                since: now_ms(),
+                since: coffre_sys::time::now_ms(),
                 note: String::new(),
                 proc: None,
                 sink: log::Sink::default(),

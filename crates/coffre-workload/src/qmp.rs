@@ -47,7 +47,7 @@ pub enum Message {
     Error {
         /// Error class.
         class: String,
-        /// Description.
+        /// QEMU's sentence for a person.
         desc: String,
     },
     /// An asynchronous event.

@@ -1,6 +1,6 @@
 //! Exit codes, stable for scripts (documented in `coffre --help`).
 
-/// Success.
+/// The command did what it was asked.
 pub const OK: u8 = 0;
 /// Any failure without a more specific code.
 pub const FAILURE: u8 = 1;

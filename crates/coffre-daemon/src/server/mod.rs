@@ -64,9 +64,9 @@ pub enum ServeError {
     /// Listening socket.
     #[error("listen on {addr}: {source}")]
     Listen {
-        /// Address.
+        /// The address it tried to listen on.
         addr: String,
-        /// Why.
+        /// Why it could not.
         #[source]
         source: std::io::Error,
     },
@@ -126,13 +126,9 @@ enum Msg {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// The wall clock, as the vault core counts time.
 fn now_ms() -> Millis {
-    Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
+    Millis(coffre_sys::time::now_ms())
 }
 
 /// The daemon's state, owned by its actor (one task: every change to the
@@ -207,7 +203,7 @@ pub async fn serve(
         key: audit.public_hex(),
     };
     let unclean = vd.running_marker().exists();
-    coffre_audit::write_atomic(
+    crate::vaultdir::write_atomic(
         &vd.running_marker(),
         std::process::id().to_string().as_bytes(),
         0o600,

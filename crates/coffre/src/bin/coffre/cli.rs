@@ -364,7 +364,7 @@ pub struct OpenvpnConfigArgs {
     /// Port OpenVPN listens on.
     #[arg(long, default_value_t = 1194)]
     pub port: u16,
-    /// Transport.
+    /// Transport OpenVPN runs over (udp unless a network only lets TCP through).
     #[arg(long, value_enum, default_value = "udp")]
     pub proto: ProtoChoice,
     /// The VPN's address space (the server takes .1).
@@ -460,7 +460,7 @@ pub enum MemberCommand {
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).
     Remove {
-        /// Who.
+        /// The member to remove.
         name: String,
         #[command(flatten)]
         id: IdentityArg,

@@ -30,7 +30,10 @@ pub fn kdf_params(a: &PbkdfArgs, key_len: usize) -> Result<KdfParams> {
             lanes: a.pbkdf_parallel.unwrap_or_else(kdf::default_lanes),
         },
         (PbkdfChoice::Argon2id, None) => {
-            let mut target = BenchTarget::default();
+            let mut target = BenchTarget {
+                ram_bytes: coffre_sys::proc::mem_total_bytes(),
+                ..BenchTarget::default()
+            };
             if let Some(ms) = a.iter_time {
                 target.time = Duration::from_millis(ms);
             }

@@ -140,7 +140,7 @@ pub fn approve(
                         out.display()
                     );
                 }
-                coffre_audit::write_atomic(
+                coffre_sys::fs::write_atomic(
                     &out,
                     zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                     0o600,
@@ -203,8 +203,8 @@ pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
             let mut g = coffre_daemon::vaultdir::GatewayConfig::new(a.remote);
             g.port = a.port;
             g.proto = match a.proto {
-                ProtoChoice::Udp => "udp".into(),
-                ProtoChoice::Tcp => "tcp".into(),
+                ProtoChoice::Udp => coffre_daemon::openvpn::Proto::Udp,
+                ProtoChoice::Tcp => coffre_daemon::openvpn::Proto::Tcp,
             };
             g.network = a.network;
             g.keepalive = [a.keepalive_interval, a.keepalive_timeout];
@@ -271,7 +271,9 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                             .as_u64()
                             .and_then(|p| u16::try_from(p).ok())
                             .unwrap_or(1194),
-                        proto: s("proto"),
+                        // What the daemon sends is `udp` or `tcp`; an
+                        // older or odd answer means OpenVPN's default.
+                        proto: s("proto").parse().unwrap_or_default(),
                         static_challenge: v["static_challenge"].as_bool().unwrap_or(true)
                             && !totp_suffix,
                         ca_pem: s("ca_pem"),
@@ -283,7 +285,7 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                         &ident.cert_pem,
                         &ident.key_pem,
                     ));
-                    coffre_audit::write_atomic(&out, text.as_bytes(), 0o600)?;
+                    coffre_sys::fs::write_atomic(&out, text.as_bytes(), 0o600)?;
                     eprintln!(
                         "coffre: profile written to {} (mode 0600: it holds your private key); user name {name}, password {}",
                         out.display(),
@@ -342,7 +344,7 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 }
                 Ok(v) => {
                     let inv = &v["invitation"];
-                    coffre_audit::write_atomic(
+                    coffre_sys::fs::write_atomic(
                         &out,
                         zeroize::Zeroizing::new(serde_json::to_string_pretty(inv)?).as_bytes(),
                         0o600,

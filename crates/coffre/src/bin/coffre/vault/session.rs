@@ -85,7 +85,7 @@ pub fn enter(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Result<u8> {
         };
         let session = v["session"].as_u64().context("no session in the reply")?;
         let sfile = session_file(&path);
-        coffre_audit::write_atomic(&sfile, serde_json::json!({"session": session, "pid": std::process::id()}).to_string().as_bytes(), 0o600)?;
+        coffre_sys::fs::write_atomic(&sfile, serde_json::json!({"session": session, "pid": std::process::id()}).to_string().as_bytes(), 0o600)?;
         let st = call(&id, &ApiCommand::Status).await?.ok();
         let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("?").to_string();
         eprintln!("coffre: {} entered (session {session}); the vault is {state}. Ctrl-C or `coffre leave` to leave.", id.member);

@@ -3,14 +3,19 @@
 //! clients send, and the configuration files we write for the server and
 //! for members.
 //!
-//! Everything here is pure (no I/O) so that the bytes OpenVPN sends can be
-//! fuzzed; `gateway.rs` drives the socket. The protocol is described in
+//! Everything here is pure (no I/O other than the OS random generator for
+//! new keys) so that the bytes OpenVPN sends can be fuzzed (fuzz target
+//! `openvpn_management`); the daemon's `gateway.rs` drives the socket. The protocol is described in
 //! OpenVPN's `management-notes.txt`: lines, real-time notifications start
 //! with `>`, a `>CLIENT:` notification is followed by `>CLIENT:ENV,` lines
 //! up to `>CLIENT:ENV,END`, and every command is answered by `SUCCESS:`,
 //! `ERROR:` or, for multi-line output, lines ending with `END`.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::Ipv4Addr;
 use zeroize::Zeroizing;
@@ -123,7 +128,7 @@ pub enum ClientEvent {
 pub enum Notice {
     /// A client notification with its environment (complete).
     Client {
-        /// Which.
+        /// What kind of notification (CONNECT, REAUTH, ESTABLISHED, DISCONNECT...).
         event: ClientEvent,
         /// Client id.
         cid: u64,
@@ -440,18 +445,64 @@ impl Network {
     }
 }
 
+/// Fills `buf` from the OS random number generator (a failing generator
+/// is not something to go on from).
+fn fill_random(buf: &mut [u8]) {
+    getrandom::fill(buf).expect("the OS random number generator failed");
+}
+
+/// The transport OpenVPN runs over (`proto` in config.toml and in the
+/// server configuration and profiles). Anything else is refused at load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// UDP, OpenVPN's default and the better choice over lossy links.
+    #[default]
+    Udp,
+    /// TCP, for networks that only let TCP through.
+    Tcp,
+}
+
+impl Proto {
+    /// The name OpenVPN and config.toml use (`udp`, `tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "udp" => Ok(Self::Udp),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!("proto {other:?}: udp or tcp")),
+        }
+    }
+}
+
 /// A new `tls-crypt` key (OpenVPN static key V1 format, 2048 bits).
 pub fn new_static_key() -> Zeroizing<String> {
     let mut k = Zeroizing::new([0u8; 256]);
-    coffre_luks2::secret::fill_random(&mut k[..]);
+    fill_random(&mut k[..]);
     let mut s = Zeroizing::new(String::from(
         "#\n# 2048 bit OpenVPN static key (tls-crypt), written by coffre\n#\n\
          -----BEGIN OpenVPN Static key V1-----\n",
     ));
+    let mut row_hex = Zeroizing::new([0u8; 32]);
     for row in k.chunks(16) {
-        for b in row {
-            s.push_str(&format!("{b:02x}"));
-        }
+        let out = &mut row_hex[..row.len() * 2];
+        data_encoding::HEXLOWER.encode_mut(row, out);
+        s.push_str(std::str::from_utf8(out).unwrap_or(""));
         s.push('\n');
     }
     s.push_str("-----END OpenVPN Static key V1-----\n");
@@ -462,7 +513,7 @@ pub fn new_static_key() -> Zeroizing<String> {
 /// `openvpn --genkey auth-token` writes it).
 pub fn new_auth_token_key() -> Zeroizing<String> {
     let mut k = Zeroizing::new([0u8; 128]);
-    coffre_luks2::secret::fill_random(&mut k[..]);
+    fill_random(&mut k[..]);
     let b = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&k[..]));
     let mut s = Zeroizing::new(String::from(
         "-----BEGIN OpenVPN auth-token server key-----\n",
@@ -482,8 +533,8 @@ pub struct ServerSettings {
     pub vault: String,
     /// UDP or TCP port.
     pub port: u16,
-    /// `udp` or `tcp`.
-    pub proto: String,
+    /// The transport.
+    pub proto: Proto,
     /// The VPN's address space.
     pub network: Network,
     /// `keepalive` interval and timeout, seconds.
@@ -531,7 +582,7 @@ pub fn gateway_cn(vault: &str) -> String {
 
 /// The OpenVPN server configuration.
 pub fn server_config(s: &ServerSettings) -> String {
-    let udp = s.proto == "udp";
+    let udp = s.proto == Proto::Udp;
     let q = |p: &str| config_path(std::path::Path::new(p)).unwrap_or_else(|_| "\"\"".into());
     let mut c = format!(
         "# The OpenVPN gateway of vault {vault}, written by `coffre gateway openvpn-config`.\n\
@@ -602,10 +653,10 @@ pub struct ProfileSettings {
     pub vault: String,
     /// Host name or address clients connect to.
     pub remote: String,
-    /// Port.
+    /// The port they connect to.
     pub port: u16,
-    /// `udp` or `tcp`.
-    pub proto: String,
+    /// The transport.
+    pub proto: Proto,
     /// Ask the TOTP code with OpenVPN's static challenge (otherwise it is
     /// typed after the password).
     pub static_challenge: bool,
@@ -617,7 +668,7 @@ pub struct ProfileSettings {
 
 /// A member's `.ovpn` profile with their certificate and key inline.
 pub fn profile(p: &ProfileSettings, member: &str, cert_pem: &str, key_pem: &str) -> String {
-    let proto = if p.proto == "tcp" {
+    let proto = if p.proto == Proto::Tcp {
         "tcp-client"
     } else {
         "udp"
@@ -652,7 +703,7 @@ pub fn profile(p: &ProfileSettings, member: &str, cert_pem: &str, key_pem: &str)
     if p.static_challenge {
         c.push_str("static-challenge \"TOTP code\" 1\n");
     }
-    if p.proto != "tcp" {
+    if p.proto != Proto::Tcp {
         c.push_str("explicit-exit-notify 2\n");
     }
     for (tag, body) in [
