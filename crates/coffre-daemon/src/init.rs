@@ -31,6 +31,9 @@ pub enum InitError {
     /// Creating or writing the vault directory failed.
     #[error(transparent)]
     Dir(#[from] DirError),
+    /// Writing the first member's identity file failed.
+    #[error(transparent)]
+    Identity(#[from] coffre_api::IdentityError),
     /// Formatting the LUKS2 volume failed.
     #[error(transparent)]
     Storage(#[from] coffre_storage::Error),

@@ -5,13 +5,11 @@
 #![warn(missing_docs)]
 
 pub use coffre_api::command as api;
-pub mod client;
+pub use coffre_api::{client, tls, totp};
 pub mod gateway;
 pub mod init;
 pub mod pki;
 pub mod server;
-pub mod tls;
-pub mod totp;
 pub mod vaultdir;
 pub mod witness;
 

@@ -28,7 +28,7 @@ pub struct Issued {
 }
 
 /// The name the server certificate carries and clients check.
-pub const SERVER_NAME: &str = "coffre";
+pub use coffre_api::tls::SERVER_NAME;
 
 /// SHA-256 of DER bytes, hex.
 pub fn fingerprint(der: &[u8]) -> String {

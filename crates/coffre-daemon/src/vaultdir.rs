@@ -526,55 +526,7 @@ impl VaultDir {
     }
 }
 
-/// A member's identity file: how a client finds and proves itself to the
-/// daemon. Mode 0600; holds the member's private key.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Identity {
-    /// Member name.
-    pub member: String,
-    /// Daemon address.
-    pub server: String,
-    /// The vault CA (pinned).
-    pub ca_pem: String,
-    /// The member's certificate.
-    pub cert_pem: String,
-    /// The member's private key. Secret.
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("member", &self.member)
-            .field("server", &self.server)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Identity {
-    /// Reads an identity file.
-    pub fn load(path: &Path) -> Result<Self, DirError> {
-        let bytes = std::fs::read(path).map_err(|source| DirError::Io {
-            what: "read identity",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| DirError::Bad {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
-    }
-
-    /// Writes it with mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), DirError> {
-        write_atomic(
-            path,
-            &serde_json::to_vec_pretty(self).expect("serialises"),
-            0o600,
-        )?;
-        Ok(())
-    }
-}
+pub use coffre_api::Identity;
 
 #[cfg(test)]
 mod tests {

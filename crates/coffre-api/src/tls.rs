@@ -1,7 +1,7 @@
 //! rustls configurations: TLS 1.3 only, the vault CA as the only root on
 //! both sides, client certificates required.
 
-use crate::vaultdir::Identity;
+use crate::identity::Identity;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -12,6 +12,9 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 #[error("TLS: {0}")]
 pub struct TlsError(String);
+
+/// The name the daemon's certificate carries and clients ask for.
+pub const SERVER_NAME: &str = "coffre";
 
 fn e(x: impl std::fmt::Display) -> TlsError {
     TlsError(x.to_string())

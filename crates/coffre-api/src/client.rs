@@ -1,10 +1,9 @@
 //! The client side of the JSON API: one HTTPS request per command, over
 //! mutual TLS with the member's identity.
 
-use crate::api::ApiCommand;
-use crate::pki::SERVER_NAME;
-use crate::tls::client_config;
-use crate::vaultdir::Identity;
+use crate::command::ApiCommand;
+use crate::identity::Identity;
+use crate::tls::{SERVER_NAME, client_config};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
