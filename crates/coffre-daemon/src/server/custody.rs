@@ -47,6 +47,13 @@ pub(super) enum Sealing {
         req: ReqId,
         member: String,
         keyslot: u32,
+        /// The keyslot being replaced, as it was when the sealing began
+        /// (its KDF salt): a keyslot removed and reused meanwhile, or
+        /// changed by another passwd, is not overwritten.
+        replaces: String,
+        /// The lock epoch when it began: a lock meanwhile cancels it,
+        /// even if an unlock followed.
+        epoch: u64,
     },
     /// An invitation's temporary keyslot; `code` goes in the reply.
     Invite {
@@ -54,9 +61,20 @@ pub(super) enum Sealing {
         name: String,
         role: Role,
         code: zeroize::Zeroizing<[u8; 16]>,
+        epoch: u64,
     },
     /// A new member's keyslot, opened by the invitation's temporary one.
     Join(Joined),
+}
+
+/// Keyslot `n`'s KDF salt: what tells this keyslot from another that
+/// took its number after it was removed, or from its own replacement.
+pub(super) fn keyslot_salt(header: &coffre_luks2::Header, n: u32) -> Option<String> {
+    header
+        .metadata
+        .keyslots
+        .get(&coffre_luks2::metadata::Id(n))
+        .map(|k| k.kdf.salt.clone())
 }
 
 /// The KDF pool memory a derivation with `kdf` takes (KiB; at least 1).
@@ -193,9 +211,19 @@ impl Shell {
         // header; the commit comes back here.
         let kdf = self.config.keyslot_kdf.params();
         let header = self.header_snapshot();
+        let Some(replaces) = keyslot_salt(&header, keyslot) else {
+            self.answer(req, failure(format!("keyslot {keyslot} is gone")));
+            return;
+        };
+        let epoch = self.lock_epoch;
+        let locked = self.locked_flag.clone();
         self.kdf_job(
             kdf_memory_kib(kdf),
             move || {
+                // A lock while this waited for the pool: no derivation.
+                if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("the vault was locked".into());
+                }
                 header
                     .seal_keyslot(&key, &new, kdf, None)
                     .map_err(|e| e.to_string())
@@ -206,6 +234,8 @@ impl Shell {
                         req,
                         member,
                         keyslot,
+                        replaces,
+                        epoch,
                     },
                     result,
                 )))
@@ -225,8 +255,10 @@ impl Shell {
                 req,
                 member,
                 keyslot,
+                replaces,
+                epoch,
             } => {
-                let answer = self.commit_passwd(&member, keyslot, result);
+                let answer = self.commit_passwd(&member, keyslot, &replaces, epoch, result);
                 self.answer(req, answer);
             }
             Sealing::Invite {
@@ -234,8 +266,9 @@ impl Shell {
                 name,
                 role,
                 code,
+                epoch,
             } => {
-                let answer = self.commit_invitation(&name, role, &code, result);
+                let answer = self.commit_invitation(&name, role, &code, epoch, result);
                 self.answer(req, answer);
             }
             Sealing::Join(joined) => {
@@ -255,6 +288,8 @@ impl Shell {
         &mut self,
         member: &str,
         keyslot: u32,
+        replaces: &str,
+        epoch: u64,
         result: Result<coffre_storage::SealedKeyslot, String>,
     ) -> Answer {
         let sealed = match result {
@@ -264,7 +299,7 @@ impl Shell {
                 return failure(format!("password not changed: {e}"));
             }
         };
-        if self.vault.is_locked() {
+        if self.vault.is_locked() || epoch != self.lock_epoch {
             drop(sealed);
             self.system_audit(
                 "passwd",
@@ -299,11 +334,25 @@ impl Shell {
                 ),
             );
         }
-        let r = self
-            .container
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace_sealed(keyslot, sealed);
+        let r = {
+            let mut c = self.container.write().unwrap_or_else(|p| p.into_inner());
+            if keyslot_salt(c.header(), keyslot).as_deref() != Some(replaces) {
+                drop(c);
+                self.system_audit(
+                    "passwd",
+                    "refused",
+                    format!("{member}: keyslot {keyslot} changed while the new one was made (another passwd?); nothing written"),
+                );
+                return (
+                    409,
+                    error_json(
+                        ErrorCode::Busy,
+                        "your keyslot changed while the new password was being set (another password change?): this one was not applied",
+                    ),
+                );
+            }
+            c.replace_sealed(keyslot, sealed)
+        };
         match r {
             Ok(()) => (200, json!({"ok": true})),
             Err(e) => {

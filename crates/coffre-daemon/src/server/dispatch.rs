@@ -379,7 +379,11 @@ impl Shell {
     pub(super) fn run(&mut self, first: Event) {
         let mut queue = VecDeque::from([first]);
         while let Some(event) = queue.pop_front() {
+            let was_locked = self.vault.is_locked();
             let effects = self.vault.handle(now_ms(), event);
+            if self.vault.is_locked() && !was_locked {
+                self.lock_epoch += 1;
+            }
             self.locked_flag
                 .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);
             for effect in effects {
@@ -435,6 +439,9 @@ impl Shell {
 
     /// Answers the member waiting on `req` with the core's outcome.
     pub(super) fn reply(&mut self, req: ReqId, outcome: Outcome) {
+        // A passwd answered now (refused after its check) leaves no new
+        // password behind.
+        self.custody.new_passwords.remove(&req);
         if let Some(tx) = self.replies.remove(&req) {
             let answer = match outcome {
                 Outcome::Ok(Reply::Entered { session }) => {

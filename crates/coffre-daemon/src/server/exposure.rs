@@ -412,6 +412,7 @@ impl Shell {
         self.wipe_key();
         self.custody.kept.clear();
         self.custody.passwords.clear();
+        self.custody.new_passwords.clear();
         self.data.cut = None;
         self.system_audit(
             "stop",

@@ -21,8 +21,12 @@ pub(super) struct Joined {
     pub(super) cert_pem: String,
     pub(super) fingerprint: String,
     pub(super) source: Option<Source>,
-    /// The invitation's temporary keyslot (which invitation this is).
+    /// The invitation's temporary keyslot and its code's SHA-256 (which
+    /// invitation this is: a slot number may be reused by a new one).
     pub(super) temp_slot: u32,
+    pub(super) code_sha256: String,
+    /// The lock epoch when it began: a lock meanwhile cancels it.
+    pub(super) epoch: u64,
 }
 
 /// Why a join stopped: the vault was locked while it ran.
@@ -138,11 +142,14 @@ impl Shell {
         }
         let kdf = crate::init::invitation_kdf();
         let header = self.header_snapshot();
+        let epoch = self.lock_epoch;
         self.kdf_job(
             kdf_memory_kib(kdf),
             move || {
                 header
-                    .seal_keyslot(&key, &pass, kdf, None)
+                    // Priority 0 ("ignore"): only asked for by number,
+                    // never tried for a member's password.
+                    .seal_keyslot(&key, &pass, kdf, Some(0))
                     .map_err(|e| format!("cannot make the invitation keyslot: {e}"))
             },
             move |result| {
@@ -152,6 +159,7 @@ impl Shell {
                         name,
                         role,
                         code,
+                        epoch,
                     },
                     result,
                 )))
@@ -167,13 +175,14 @@ impl Shell {
         name: &str,
         role: Role,
         code: &[u8; 16],
+        epoch: u64,
         result: Result<coffre_storage::SealedKeyslot, String>,
     ) -> Answer {
         let sealed = match result {
             Ok(s) => s,
             Err(e) => return failure(e),
         };
-        if self.vault.is_locked() {
+        if self.vault.is_locked() || epoch != self.lock_epoch {
             drop(sealed);
             self.system_audit(
                 "member_invite",
@@ -459,6 +468,8 @@ impl Shell {
             fingerprint: issued.fingerprint,
             source,
             temp_slot,
+            code_sha256: inv.code_sha256.clone(),
+            epoch: self.lock_epoch,
         };
         self.kdf_job(
             kdf_memory_kib(kdf),
@@ -510,7 +521,7 @@ impl Shell {
         };
         // Locked while the keyslot was made: nobody joins, nothing is
         // written.
-        if self.vault.may_join().is_err() {
+        if self.vault.may_join().is_err() || j.epoch != self.lock_epoch {
             let detail = match &result {
                 Ok(_) => "the vault was locked while joining; the new keyslot was never written"
                     .to_string(),
@@ -536,11 +547,9 @@ impl Shell {
         };
         // The same invitation still pending (not cancelled, expired, or
         // replaced meanwhile).
-        let pending = self
-            .control
-            .invitations
-            .get(name)
-            .is_some_and(|i| i.keyslot == j.temp_slot && i.expires_ms > now_ms().0);
+        let pending = self.control.invitations.get(name).is_some_and(|i| {
+            i.keyslot == j.temp_slot && i.code_sha256 == j.code_sha256 && i.expires_ms > now_ms().0
+        });
         if !pending {
             drop(sealed);
             record(

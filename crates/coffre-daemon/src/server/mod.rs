@@ -163,6 +163,10 @@ struct Shell {
     /// Whether the vault is locked, for work that runs off the actor (a
     /// join between its temporary keyslot and its new keyslot).
     locked_flag: Arc<std::sync::atomic::AtomicBool>,
+    /// How many times the vault has been locked since the daemon started:
+    /// work begun before a lock is not committed after it, even once
+    /// unlocked.
+    lock_epoch: u64,
 }
 
 /// A failure's answer (500).
@@ -288,6 +292,7 @@ pub async fn serve(
         vpn: gateway::VpnState::default(),
         gw_tx: None,
         locked_flag: Arc::default(),
+        lock_epoch: 0,
     };
 
     if let Some(sock) = shell.dir.management_socket(&shell.config) {

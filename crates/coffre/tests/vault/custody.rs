@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 /// New keyslots made by the daemon (passwd, join) take seconds: argon2id
 /// with 128 MiB and 8 passes. The keyslots made by `init` stay cheap.
 fn slow_new_keyslots(v: &Vault) {
+    slower_new_keyslots(v, 8);
+}
+
+/// As [`slow_new_keyslots`], with `passes` argon2 passes.
+fn slower_new_keyslots(v: &Vault, passes: u32) {
     let cfg = v.dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let mut section = String::new();
@@ -25,7 +30,7 @@ fn slow_new_keyslots(v: &Vault) {
             }
             match l.split(" = ").next() {
                 Some("pbkdf") => "pbkdf = \"argon2id\"".into(),
-                Some("iterations") => "iterations = 8".into(),
+                Some("iterations") => format!("iterations = {passes}"),
                 Some("memory_kib") => "memory_kib = 131072".into(),
                 Some("lanes") => "lanes = 1".into(),
                 _ => l.to_string(),
@@ -271,4 +276,150 @@ fn a_removal_during_a_passwd_is_not_undone() {
     v.stop();
     assert_eq!(keyslots(&v), vec![0], "bob's keyslot {bob_slot} came back");
     assert!(!opens(&v, bob_slot, "bob's new password"));
+}
+
+/// A lock and an unlock while a passwd derives: the passwd is still
+/// cancelled (work begun before a lock is never committed after it).
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_lock_and_unlock_during_a_passwd_still_cancel_it() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    // Long enough for a lock and an unlock to land while it derives.
+    slower_new_keyslots(&v, 32);
+    v.start();
+    let newpw = v.tmp.path().join("alice.new");
+    std::fs::write(&newpw, "alice's new password").unwrap();
+    let mut passwd = authed_child(
+        &mut v,
+        "alice",
+        &["passwd", "--new-password-file", newpw.to_str().unwrap()],
+    );
+    wait_record(&v, "passwd", "ok");
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    ok(&v.authed("alice", &["unlock"]));
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(
+        passwd.try_wait().unwrap().is_none(),
+        "the passwd ended before the unlock: this test proves nothing; make its keyslots slower"
+    );
+    let out = passwd.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the passwd went through a lock");
+    assert_eq!(v.audit_details("passwd", "refused:locked").len(), 1);
+    v.stop();
+    assert!(opens(&v, 0, "alice's password"), "the old password opens");
+    assert!(!opens(&v, 0, "alice's new password"));
+}
+
+/// Two password changes of one member at once: the first one committed
+/// wins, the other is refused (it would have replaced a keyslot that
+/// changed since it began), and the password that opens is the winner's.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn two_passwds_at_once_apply_one() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    slow_new_keyslots(&v);
+    v.start();
+    let first = v.tmp.path().join("first.new");
+    std::fs::write(&first, "first new password").unwrap();
+    let second = v.tmp.path().join("second.new");
+    std::fs::write(&second, "second new password").unwrap();
+    let a = authed_child(
+        &mut v,
+        "alice",
+        &["passwd", "--new-password-file", first.to_str().unwrap()],
+    );
+    let b = authed_child(
+        &mut v,
+        "alice",
+        &["passwd", "--new-password-file", second.to_str().unwrap()],
+    );
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() != b.status.success(),
+        "exactly one applies: {} / {}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
+    let (winner, loser) = if a.status.success() {
+        ("first new password", &b)
+    } else {
+        ("second new password", &a)
+    };
+    assert!(
+        String::from_utf8_lossy(&loser.stderr).contains("changed"),
+        "{}",
+        String::from_utf8_lossy(&loser.stderr)
+    );
+    v.stop();
+    assert_eq!(keyslots(&v), vec![0]);
+    assert!(opens(&v, 0, winner));
+    assert!(!opens(&v, 0, "alice's password"));
+}
+
+/// An invitation cancelled and made again while a join with its code
+/// derives: the join is refused, even when the new invitation got the
+/// same temporary keyslot number, and the new invitation still works.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_join_on_a_cancelled_invitation_is_refused() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    slower_new_keyslots(&v, 32);
+    v.start();
+    let old = v.tmp.path().join("bob-old.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "bob", "--out", old.to_str().unwrap()],
+    ));
+    let password = v.tmp.path().join("bob.pw");
+    std::fs::write(&password, "bob's password").unwrap();
+    let join = Command::new(BIN)
+        .args(["join", old.to_str().unwrap(), "--password-file"])
+        .arg(&password)
+        .arg("--identity-out")
+        .arg(v.tmp.path().join("bob-old.identity"))
+        .env("HOME", v.home("bob"))
+        .env_remove("XDG_STATE_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&v.authed("alice", &["member", "cancel-invitation", "bob"]));
+    let new = v.tmp.path().join("bob.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "bob", "--out", new.to_str().unwrap()],
+    ));
+    let out = join.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a join with a cancelled invitation's code went through"
+    );
+    assert_eq!(v.status("alice")["members"], 1);
+    // The new invitation is the one that works.
+    let out = v.join("bob", &new);
+    ok(&out);
+    assert_eq!(v.status("alice")["members"], 2);
 }
