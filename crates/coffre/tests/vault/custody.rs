@@ -8,6 +8,15 @@ use crate::harness::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// What every test here needs: a vault, and cryptsetup as the oracle.
+const NEEDS_CRYPTSETUP: &[Need] = &[
+    Need::Root,
+    Need::Fuse,
+    Need::Loop,
+    Need::Ext4,
+    Need::Cryptsetup,
+];
+
 /// New keyslots made by the daemon (passwd, join) take seconds: argon2id
 /// with 128 MiB and 8 passes. The keyslots made by `init` stay cheap.
 fn slow_new_keyslots(v: &Vault) {
@@ -131,13 +140,7 @@ fn keyslots(v: &Vault) -> Vec<u32> {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn status_answers_while_a_passwd_or_a_join_derives() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     slow_new_keyslots(&v);
     v.start();
@@ -207,13 +210,7 @@ fn status_answers_while_a_passwd_or_a_join_derives() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_during_a_passwd_cancels_it() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     slow_new_keyslots(&v);
     v.start();
@@ -245,13 +242,7 @@ fn a_lock_during_a_passwd_cancels_it() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_removal_during_a_passwd_is_not_undone() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     v.start();
     v.add_member("alice", "bob", false);
@@ -283,13 +274,7 @@ fn a_removal_during_a_passwd_is_not_undone() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_and_unlock_during_a_passwd_still_cancel_it() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     // Long enough for a lock and an unlock to land while it derives.
     slower_new_keyslots(&v, 32);
@@ -323,13 +308,7 @@ fn a_lock_and_unlock_during_a_passwd_still_cancel_it() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn two_passwds_at_once_apply_one() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     slow_new_keyslots(&v);
     v.start();
@@ -376,13 +355,7 @@ fn two_passwds_at_once_apply_one() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_join_on_a_cancelled_invitation_is_refused() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
+    require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     slower_new_keyslots(&v, 32);
     v.start();
