@@ -18,9 +18,21 @@ const NEEDS_CRYPTSETUP: &[Need] = &[
 ];
 
 /// New keyslots made by the daemon (passwd, join) take seconds: argon2id
-/// with 128 MiB and 8 passes. The keyslots made by `init` stay cheap.
+/// with 128 MiB and 32 passes (4 GiB to traverse; several seconds even on
+/// a fast machine, where 8 passes took less than the second a test spends
+/// waiting for the next TOTP step). The keyslots made by `init` stay cheap.
 fn slow_new_keyslots(v: &Vault) {
-    slower_new_keyslots(v, 8);
+    slower_new_keyslots(v, 32);
+}
+
+/// Fails with a clear reason when `child` has already ended: the event
+/// the test meant to land during its derivation came after it, and the
+/// test would prove nothing.
+fn still_deriving(child: &mut Child, what: &str) {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the derivation ended before {what}: this test proves nothing; make its keyslots slower"
+    );
 }
 
 /// As [`slow_new_keyslots`], with `passes` argon2 passes.
@@ -216,13 +228,14 @@ fn a_lock_during_a_passwd_cancels_it() {
     v.start();
     let newpw = v.tmp.path().join("alice.new");
     std::fs::write(&newpw, "alice's new password").unwrap();
-    let passwd = authed_child(
+    let mut passwd = authed_child(
         &mut v,
         "alice",
         &["passwd", "--new-password-file", newpw.to_str().unwrap()],
     );
     wait_record(&v, "passwd", "ok");
     ok(&v.authed("alice", &["lock", "--reason", "laptop stolen"]));
+    still_deriving(&mut passwd, "the lock");
     let out = passwd.wait_with_output().unwrap();
     assert!(!out.status.success(), "the passwd went through a lock");
     assert!(
@@ -255,13 +268,14 @@ fn a_removal_during_a_passwd_is_not_undone() {
     v.start();
     let newpw = v.tmp.path().join("bob.new");
     std::fs::write(&newpw, "bob's new password").unwrap();
-    let passwd = authed_child(
+    let mut passwd = authed_child(
         &mut v,
         "bob",
         &["passwd", "--new-password-file", newpw.to_str().unwrap()],
     );
     wait_record(&v, "passwd", "ok");
     ok(&v.authed("alice", &["member", "remove", "bob"]));
+    still_deriving(&mut passwd, "the removal");
     let out = passwd.wait_with_output().unwrap();
     assert!(!out.status.success(), "bob's passwd outlived his removal");
     v.stop();
@@ -277,7 +291,7 @@ fn a_lock_and_unlock_during_a_passwd_still_cancel_it() {
     require(NEEDS_CRYPTSETUP);
     let mut v = Vault::init(&[]);
     // Long enough for a lock and an unlock to land while it derives.
-    slower_new_keyslots(&v, 32);
+    slower_new_keyslots(&v, 64);
     v.start();
     let newpw = v.tmp.path().join("alice.new");
     std::fs::write(&newpw, "alice's new password").unwrap();
@@ -290,10 +304,7 @@ fn a_lock_and_unlock_during_a_passwd_still_cancel_it() {
     ok(&v.authed("alice", &["lock", "--reason", "drill"]));
     ok(&v.authed("alice", &["unlock"]));
     v.wait_state("closed", Duration::from_secs(30));
-    assert!(
-        passwd.try_wait().unwrap().is_none(),
-        "the passwd ended before the unlock: this test proves nothing; make its keyslots slower"
-    );
+    still_deriving(&mut passwd, "the unlock");
     let out = passwd.wait_with_output().unwrap();
     assert!(!out.status.success(), "the passwd went through a lock");
     assert_eq!(v.audit_details("passwd", "refused:locked").len(), 1);
@@ -316,16 +327,26 @@ fn two_passwds_at_once_apply_one() {
     std::fs::write(&first, "first new password").unwrap();
     let second = v.tmp.path().join("second.new");
     std::fs::write(&second, "second new password").unwrap();
-    let a = authed_child(
+    let mut a = authed_child(
         &mut v,
         "alice",
         &["passwd", "--new-password-file", first.to_str().unwrap()],
     );
+    wait_record(&v, "passwd", "ok");
+    // The second one's password check must pass too (a check that came
+    // after the first commit would rightly say "wrong password"): both
+    // are deriving at once when the second record is written.
     let b = authed_child(
         &mut v,
         "alice",
         &["passwd", "--new-password-file", second.to_str().unwrap()],
     );
+    let until = Instant::now() + Duration::from_secs(60);
+    while v.audit_details("passwd", "ok").len() < 2 {
+        assert!(Instant::now() < until, "the second passwd never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    still_deriving(&mut a, "the second passwd began");
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(
         a.status.success() != b.status.success(),
