@@ -56,6 +56,8 @@ pub enum Need {
     Mlock,
     /// `chattr` (e2fsprogs).
     Chattr,
+    /// The `nft` binary (nftables), and python3 for the network probes.
+    Nft,
 }
 
 impl Need {
@@ -73,6 +75,7 @@ impl Need {
         Need::CgroupV1Freezer,
         Need::Mlock,
         Need::Chattr,
+        Need::Nft,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -126,6 +129,7 @@ impl Need {
                 }
             }
             Need::Chattr => command("chattr", "e2fsprogs"),
+            Need::Nft => command("nft", "nftables").and_then(|()| command("python3", "python3")),
         }
     }
 }

@@ -1,0 +1,93 @@
+//! Names on the host: the firewall's table, each workload's link and MAC.
+//!
+//! Several vaults may share a host, so a link's name comes from the vault
+//! (its directory, unique on the host) and the workload: a hash, because
+//! Linux allows 15 bytes. A MAC comes from the vault's name and the
+//! workload's, so that a VM restored from its saved state (safe mode,
+//! `-incoming`) finds the same device, on this host or another one.
+
+use sha2::{Digest, Sha256};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn digest(parts: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The vault's nftables table (family `inet`): `coffre_` and 12 hex digits.
+pub fn table(vault_id: &str) -> String {
+    format!("coffre_{}", hex(&digest(&["table", vault_id])[..6]))
+}
+
+/// The host side of a workload's link (its tap or veth): `cw` and 10 hex
+/// digits, 12 bytes.
+pub fn link(vault_id: &str, workload: &str) -> String {
+    format!("cw{}", hex(&digest(&["link", vault_id, workload])[..5]))
+}
+
+/// The OpenVPN gateway's tun device: `cv` and 10 hex digits.
+pub fn vpn_link(vault_id: &str) -> String {
+    format!("cv{}", hex(&digest(&["vpn", vault_id])[..5]))
+}
+
+/// The network namespace of a process workload with `network = true`
+/// (`/run/netns/NAME`).
+pub fn netns(vault_id: &str, workload: &str) -> String {
+    format!("coffre-{}", link(vault_id, workload))
+}
+
+/// A workload's MAC: locally administered, unicast, stable for a vault
+/// name and a workload name.
+pub fn mac(vault_name: &str, workload: &str) -> [u8; 6] {
+    let d = digest(&["mac", vault_name, workload]);
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&d[..6]);
+    m[0] = (m[0] & 0xfc) | 0x02;
+    m
+}
+
+/// `02:ab:...` as `ip` and QEMU write it.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_and_differ() {
+        let a = link("/srv/vault-a", "desktop");
+        assert_eq!(a.len(), 12);
+        assert!(a.len() <= 15);
+        assert_ne!(a, link("/srv/vault-b", "desktop"));
+        assert_ne!(a, link("/srv/vault-a", "forge"));
+        assert_eq!(a, link("/srv/vault-a", "desktop"));
+        assert!(vpn_link("/srv/vault-a").len() <= 15);
+        assert_ne!(link("a", "bc"), link("ab", "c"));
+        assert!(table("/srv/vault-a").starts_with("coffre_"));
+    }
+
+    #[test]
+    fn macs_are_local_unicast_and_stable() {
+        for w in ["desktop", "forge", "x"] {
+            let m = mac("team", w);
+            assert_eq!(m[0] & 0x01, 0, "unicast");
+            assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+            assert_eq!(m, mac("team", w));
+        }
+        assert_ne!(mac("team", "desktop"), mac("other", "desktop"));
+        assert_eq!(mac_text(&[2, 0xab, 0, 1, 2, 0xff]), "02:ab:00:01:02:ff");
+    }
+}
