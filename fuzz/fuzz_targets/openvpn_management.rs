@@ -1,7 +1,8 @@
 //! OpenVPN's management socket: arbitrary lines through the reader (CLIENT
-//! blocks, command output), `status 3` tables and the password field of a
-//! client. Nothing may panic; a completed CLIENT block never prints its
-//! password in Debug output; credentials split back into what was sent.
+//! blocks, CLIENT:ADDRESS lines, command output), `status 3` tables and the
+//! password field of a client. Nothing may panic; a completed CLIENT block
+//! never prints its password in Debug output; credentials split back into
+//! what was sent; a client address prints back to the same notice.
 #![no_main]
 
 use coffre_openvpn::{self as openvpn, Notice, Reader};
@@ -26,6 +27,17 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(back, *env.password);
                     }
                 }
+            }
+            Ok(Some(Notice::ClientAddress { cid, addr, primary })) => {
+                // Bounded, one field, and printed back it reads the same.
+                let shown = addr.to_string();
+                assert!(shown.len() <= openvpn::MAX_CLIENT_ADDR);
+                assert!(!shown.contains([',', '\n', '\r']));
+                let again = format!(">CLIENT:ADDRESS,{cid},{shown},{}", u8::from(primary));
+                assert_eq!(
+                    Reader::new().line(&again),
+                    Ok(Some(Notice::ClientAddress { cid, addr, primary }))
+                );
             }
             Ok(Some(Notice::Output(l))) => output.push(l),
             Ok(Some(Notice::End)) => {

@@ -207,6 +207,8 @@ async fn link(
                             for ev in early.drain(..) { let _ = events.send(ev); }
                         }
                     }
+                    // Client addresses are not used yet.
+                    Notice::ClientAddress { .. } => {}
                     Notice::Other(l) => {
                         if l.starts_with(">FATAL:") {
                             return Err(format!("OpenVPN: {l:.200}"));
@@ -380,6 +382,7 @@ pub fn write_openvpn_config(
         port: settings.port,
         proto: settings.proto,
         network: net,
+        vault_network: None,
         keepalive: (settings.keepalive[0], settings.keepalive[1]),
         reneg_s: settings.reneg_s,
         token_lifetime_s: settings.token_lifetime_s,

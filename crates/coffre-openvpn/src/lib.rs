@@ -17,7 +17,7 @@
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use zeroize::Zeroizing;
 
 /// Longest management line we accept (OpenVPN's own password buffer is 4 KiB,
@@ -26,6 +26,10 @@ pub const MAX_LINE: usize = 16 * 1024;
 
 /// Most `>CLIENT:ENV,` lines in one notification (OpenVPN sends about 50).
 pub const MAX_ENV: usize = 512;
+
+/// Longest address a `>CLIENT:ADDRESS` notification may carry (OpenVPN
+/// prints it into a 64-byte buffer).
+pub const MAX_CLIENT_ADDR: usize = 64;
 
 /// A protocol violation: the daemon drops the management connection and
 /// connects again.
@@ -123,6 +127,88 @@ pub enum ClientEvent {
     Disconnect,
 }
 
+/// An address OpenVPN gave or learnt for a client (`>CLIENT:ADDRESS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// An IPv4 host address (`10.8.0.2`; also an IPv4-mapped IPv6 one,
+    /// which OpenVPN prints dotted).
+    V4(Ipv4Addr),
+    /// An IPv6 host address (`fd00::2`).
+    V6(Ipv6Addr),
+    /// Any other form OpenVPN prints, checked for its shape and at most
+    /// [`MAX_CLIENT_ADDR`] bytes: an `iroute` subnet (`10.0.0.0/255.255.255.0`,
+    /// `10.0.0.0/24`, `fd00:1::/64`), a MAC in TAP mode with or without
+    /// its VLAN id (`02:00:5e:10:00:01@0`), or `UNKNOWN`.
+    Other(String),
+}
+
+impl ClientAddr {
+    /// Reads the ADDR field of `>CLIENT:ADDRESS`.
+    pub fn parse(s: &str) -> Result<Self, ProtocolError> {
+        if s.len() > MAX_CLIENT_ADDR {
+            return Err(bad(format!("a client address of {} bytes", s.len())));
+        }
+        if let Ok(a) = s.parse::<Ipv4Addr>() {
+            return Ok(Self::V4(a));
+        }
+        if let Ok(a) = s.parse::<Ipv6Addr>() {
+            return Ok(Self::V6(a));
+        }
+        let prefix = |p: &str, max: u8| {
+            p.len() <= 3
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u8>().is_ok_and(|n| n <= max)
+        };
+        let ok = match s.split_once('/') {
+            Some((a, m)) if a.parse::<Ipv4Addr>().is_ok() => {
+                prefix(m, 32) || m.parse::<Ipv4Addr>().is_ok_and(is_netmask)
+            }
+            Some((a, m)) => a.parse::<Ipv6Addr>().is_ok() && prefix(m, 128),
+            None => s == "UNKNOWN" || is_mac(s),
+        };
+        if !ok {
+            return Err(bad(format!("not a client address: {s:.32}")));
+        }
+        Ok(Self::Other(s.to_string()))
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::V4(a) => a.fmt(f),
+            Self::V6(a) => a.fmt(f),
+            Self::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A contiguous netmask (`255.255.255.0`).
+fn is_netmask(m: Ipv4Addr) -> bool {
+    let m = u32::from(m);
+    m.leading_ones() + m.trailing_zeros() == 32
+}
+
+/// `02:00:5e:10:00:01`, optionally followed by `@VLAN-ID`.
+fn is_mac(s: &str) -> bool {
+    let (mac, vid) = match s.split_once('@') {
+        Some((mac, vid)) => (mac, Some(vid)),
+        None => (s, None),
+    };
+    let vid_ok = vid.is_none_or(|v| {
+        !v.is_empty()
+            && v.len() <= 5
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && v.parse::<u16>().is_ok()
+    });
+    let octets: Vec<&str> = mac.split(':').collect();
+    vid_ok
+        && octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// One thing the management interface said.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Notice {
@@ -137,6 +223,16 @@ pub enum Notice {
         /// Its variables.
         env: ClientEnv,
     },
+    /// A client got an address (`>CLIENT:ADDRESS,CID,ADDR,PRI`, one line,
+    /// sent once the client is established and for each `iroute`).
+    ClientAddress {
+        /// Client id.
+        cid: u64,
+        /// The address.
+        addr: ClientAddr,
+        /// Whether it is the client's primary (VPN) address.
+        primary: bool,
+    },
     /// A command succeeded.
     Success(String),
     /// A command failed.
@@ -145,7 +241,7 @@ pub enum Notice {
     Output(String),
     /// The end of a multi-line command output.
     End,
-    /// Another real-time notification (`>INFO:`, `>LOG:`, `>CLIENT:ADDRESS`…).
+    /// Another real-time notification (`>INFO:`, `>LOG:`, `>STATE:`…).
     Other(String),
 }
 
@@ -160,6 +256,23 @@ fn number(s: &str) -> Result<u64, ProtocolError> {
         return Err(bad(format!("not a client or key id: {s:.32}")));
     }
     s.parse().map_err(|_| bad("id out of range"))
+}
+
+/// The fields of `>CLIENT:ADDRESS,CID,ADDR,PRI`.
+fn client_address(args: &str) -> Result<Notice, ProtocolError> {
+    let mut f = args.split(',');
+    let cid = number(f.next().unwrap_or(""))?;
+    let addr = ClientAddr::parse(f.next().unwrap_or(""))?;
+    let primary = match f.next() {
+        Some("1") => true,
+        Some("0") => false,
+        Some(p) => return Err(bad(format!("CLIENT:ADDRESS primary flag {p:.32}"))),
+        None => return Err(bad("CLIENT:ADDRESS without its primary flag")),
+    };
+    if f.next().is_some() {
+        return Err(bad("extra fields in a CLIENT:ADDRESS notification"));
+    }
+    Ok(Notice::ClientAddress { cid, addr, primary })
 }
 
 impl Reader {
@@ -211,9 +324,9 @@ impl Reader {
                 "ESTABLISHED" => ClientEvent::Established,
                 "DISCONNECT" => ClientEvent::Disconnect,
                 "ENV" => return Err(bad("an ENV line outside a CLIENT notification")),
-                // ADDRESS, CR_RESPONSE: single lines (CR_RESPONSE has ENV
-                // lines too, but we never ask for one; treat it as an error).
-                "ADDRESS" => return Ok(Some(Notice::Other(line.to_string()))),
+                // ADDRESS is a single line; CR_RESPONSE has ENV lines too,
+                // but we never ask for one: treat it as an error.
+                "ADDRESS" => return client_address(args).map(Some),
                 other => return Err(bad(format!("unknown CLIENT notification {other:.32}"))),
             };
             let mut ids = args.split(',');
@@ -424,7 +537,7 @@ impl Network {
     }
 
     fn mask_bits(&self) -> u32 {
-        u32::MAX << (32 - u32::from(self.prefix))
+        prefix_mask(self.prefix)
     }
 
     /// The netmask.
@@ -443,6 +556,13 @@ impl Network {
         let last = base | !self.mask_bits();
         a & self.mask_bits() == base && a > base + 1 && a < last
     }
+}
+
+/// The netmask of a prefix length (`24` → `0xffffff00`); above 32 is 32.
+fn prefix_mask(prefix: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
 }
 
 /// Fills `buf` from the OS random number generator (a failing generator
@@ -537,6 +657,10 @@ pub struct ServerSettings {
     pub proto: Proto,
     /// The VPN's address space.
     pub network: Network,
+    /// The vault's private network clients must reach (`10.9.0.0`, 24):
+    /// pushed to clients as a route. Host bits are ignored; a prefix
+    /// longer than 32 is read as 32.
+    pub vault_network: Option<(Ipv4Addr, u8)>,
     /// `keepalive` interval and timeout, seconds.
     pub keepalive: (u32, u32),
     /// TLS renegotiation period, seconds (also the token renewal period).
@@ -635,6 +759,13 @@ pub fn server_config(s: &ServerSettings) -> String {
         token = q(&s.token_secret),
         mgmt = q(&s.management),
     );
+    if let Some((addr, prefix)) = s.vault_network {
+        // Members reach the vault's network through the gateway (and
+        // still not each other: no client-to-client, ever).
+        let mask = Ipv4Addr::from(prefix_mask(prefix));
+        let net = Ipv4Addr::from(u32::from(addr) & u32::from(mask));
+        c.push_str(&format!("push \"route {net} {mask}\"\n"));
+    }
     if udp {
         // Tell clients to reconnect at once when the server restarts.
         c.push_str("explicit-exit-notify 1\n");
@@ -798,7 +929,228 @@ mod tests {
         assert_eq!(n[3], Notice::Output("TITLE\tOpenVPN".into()));
         assert_eq!(n[4], Notice::End);
         assert!(matches!(&n[5], Notice::Other(_)));
-        assert!(matches!(&n[6], Notice::Other(_)));
+        assert_eq!(
+            n[6],
+            Notice::ClientAddress {
+                cid: 0,
+                addr: ClientAddr::V4(Ipv4Addr::new(10, 8, 0, 2)),
+                primary: true
+            }
+        );
+    }
+
+    fn address(line: &str) -> Result<Option<Notice>, ProtocolError> {
+        let mut r = Reader::new();
+        let n = r.line(line);
+        assert!(!r.in_block(), "ADDRESS is a single line: {line}");
+        n
+    }
+
+    #[test]
+    fn client_address_forms_are_typed() {
+        let other = |s: &str| ClientAddr::Other(s.into());
+        for (line, cid, addr, primary) in [
+            (
+                ">CLIENT:ADDRESS,3,10.8.0.2,1",
+                3,
+                ClientAddr::V4(Ipv4Addr::new(10, 8, 0, 2)),
+                true,
+            ),
+            (
+                ">CLIENT:ADDRESS,18446744073709551615,fd00:8::1000,0",
+                u64::MAX,
+                ClientAddr::V6("fd00:8::1000".parse().unwrap()),
+                false,
+            ),
+            // An IPv4-mapped IPv6 address is printed dotted.
+            (
+                ">CLIENT:ADDRESS,4,192.0.2.7,0",
+                4,
+                ClientAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+                false,
+            ),
+            // TAP: a MAC with its VLAN id, and without.
+            (
+                ">CLIENT:ADDRESS,5,02:00:5e:10:00:01@0,1",
+                5,
+                other("02:00:5e:10:00:01@0"),
+                true,
+            ),
+            (
+                ">CLIENT:ADDRESS,5,02:AB:5e:10:00:01,1",
+                5,
+                other("02:AB:5e:10:00:01"),
+                true,
+            ),
+            // iroutes: OpenVPN prints IPv4 subnets with a netmask, IPv6
+            // ones with a prefix length; a prefix length is taken for IPv4 too.
+            (
+                ">CLIENT:ADDRESS,6,10.0.0.0/255.255.255.0,0",
+                6,
+                other("10.0.0.0/255.255.255.0"),
+                false,
+            ),
+            (
+                ">CLIENT:ADDRESS,6,10.0.0.0/24,0",
+                6,
+                other("10.0.0.0/24"),
+                false,
+            ),
+            (
+                ">CLIENT:ADDRESS,6,fd00:1::/64,0",
+                6,
+                other("fd00:1::/64"),
+                false,
+            ),
+            (">CLIENT:ADDRESS,7,UNKNOWN,0", 7, other("UNKNOWN"), false),
+        ] {
+            let n = address(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(
+                n,
+                Some(Notice::ClientAddress {
+                    cid,
+                    addr: addr.clone(),
+                    primary
+                }),
+                "{line}"
+            );
+            // What it prints is what OpenVPN sent (canonical forms).
+            assert_eq!(
+                format!(">CLIENT:ADDRESS,{cid},{addr},{}", u8::from(primary)),
+                line
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_client_addresses_are_protocol_errors() {
+        let long = format!(">CLIENT:ADDRESS,1,{},1", "a".repeat(MAX_CLIENT_ADDR + 1));
+        let long_v6 = format!(">CLIENT:ADDRESS,1,{}::1,1", "0:".repeat(40));
+        for line in [
+            ">CLIENT:ADDRESS",
+            ">CLIENT:ADDRESS,",
+            ">CLIENT:ADDRESS,1",
+            ">CLIENT:ADDRESS,1,10.8.0.2",
+            ">CLIENT:ADDRESS,1,,1",
+            ">CLIENT:ADDRESS,,10.8.0.2,1",
+            ">CLIENT:ADDRESS,x,10.8.0.2,1",
+            ">CLIENT:ADDRESS,-1,10.8.0.2,1",
+            ">CLIENT:ADDRESS,99999999999999999999999,10.8.0.2,1",
+            ">CLIENT:ADDRESS,1,10.8.0.2,2",
+            ">CLIENT:ADDRESS,1,10.8.0.2,",
+            ">CLIENT:ADDRESS,1,10.8.0.2,true",
+            ">CLIENT:ADDRESS,1,10.8.0.2,01",
+            ">CLIENT:ADDRESS,1,10.8.0.2,1,",
+            ">CLIENT:ADDRESS,1,10.8.0.2,1,extra",
+            ">CLIENT:ADDRESS,1,10.8.0.999,1",
+            ">CLIENT:ADDRESS,1, 10.8.0.2,1",
+            ">CLIENT:ADDRESS,1,10.0.0.0/33,1",
+            ">CLIENT:ADDRESS,1,10.0.0.0/255.0.255.0,1",
+            ">CLIENT:ADDRESS,1,10.0.0.0/,1",
+            ">CLIENT:ADDRESS,1,fd00::/129,1",
+            ">CLIENT:ADDRESS,1,fd00::/255.255.0.0,1",
+            ">CLIENT:ADDRESS,1,02:00:5e:10:00,1",
+            ">CLIENT:ADDRESS,1,02:00:5e:10:00:0g,1",
+            ">CLIENT:ADDRESS,1,02:00:5e:10:00:01@,1",
+            ">CLIENT:ADDRESS,1,02:00:5e:10:00:01@65536,1",
+            ">CLIENT:ADDRESS,1,unknown,1",
+            ">CLIENT:ADDRESS,1,alice;rm -rf,1",
+            &long,
+            &long_v6,
+        ] {
+            assert!(address(line).is_err(), "{line}");
+        }
+        assert!(ClientAddr::parse(&"1".repeat(MAX_CLIENT_ADDR + 1)).is_err());
+        // Inside a CLIENT block it is an interleaving, refused as before.
+        let mut r = Reader::new();
+        r.line(">CLIENT:CONNECT,1,1").unwrap();
+        assert!(r.line(">CLIENT:ADDRESS,1,10.8.0.2,1").is_err());
+    }
+
+    fn server_settings(vault_network: Option<(Ipv4Addr, u8)>) -> ServerSettings {
+        ServerSettings {
+            vault: "acme".into(),
+            port: 1194,
+            proto: Proto::Udp,
+            network: Network::parse("10.8.0.0/24").unwrap(),
+            vault_network,
+            keepalive: (10, 60),
+            reneg_s: 3600,
+            token_lifetime_s: 43200,
+            ca: "/etc/coffre/ca.pem".into(),
+            cert: "/etc/coffre/server.pem".into(),
+            key: "/etc/coffre/server.key".into(),
+            tls_crypt: "/etc/coffre/tls-crypt.key".into(),
+            token_secret: "/etc/coffre/auth-token.key".into(),
+            management: "/run/coffre/openvpn.sock".into(),
+            drop_privileges: true,
+        }
+    }
+
+    /// The directives of a configuration (comments left out).
+    fn directives(conf: &str) -> Vec<&str> {
+        conf.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+            .collect()
+    }
+
+    #[test]
+    fn server_config_pushes_the_vault_route_only_when_set_and_never_client_to_client() {
+        for (vault_network, push) in [
+            (None, None),
+            (
+                Some((Ipv4Addr::new(10, 9, 0, 0), 24)),
+                Some("push \"route 10.9.0.0 255.255.255.0\""),
+            ),
+            // Host bits are dropped; /32 is one host; above 32 reads as 32.
+            (
+                Some((Ipv4Addr::new(10, 9, 0, 77), 16)),
+                Some("push \"route 10.9.0.0 255.255.0.0\""),
+            ),
+            (
+                Some((Ipv4Addr::new(192, 0, 2, 9), 32)),
+                Some("push \"route 192.0.2.9 255.255.255.255\""),
+            ),
+            (
+                Some((Ipv4Addr::new(192, 0, 2, 9), 200)),
+                Some("push \"route 192.0.2.9 255.255.255.255\""),
+            ),
+        ] {
+            for proto in [Proto::Udp, Proto::Tcp] {
+                let mut s = server_settings(vault_network);
+                s.proto = proto;
+                let conf = server_config(&s);
+                let d = directives(&conf);
+                assert!(!d.iter().any(|l| l.contains("client-to-client")), "{conf}");
+                let pushes: Vec<&str> = d
+                    .iter()
+                    .copied()
+                    .filter(|l| l.starts_with("push"))
+                    .collect();
+                assert_eq!(pushes, push.into_iter().collect::<Vec<_>>(), "{conf}");
+                // The rest of the configuration is unchanged by the route.
+                let without = server_config(&ServerSettings {
+                    vault_network: None,
+                    ..s.clone()
+                });
+                let rest: Vec<&str> = d
+                    .iter()
+                    .copied()
+                    .filter(|l| !l.starts_with("push"))
+                    .collect();
+                assert_eq!(rest, directives(&without));
+            }
+        }
+    }
+
+    #[test]
+    fn prefix_masks() {
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(1), 0x8000_0000);
+        assert_eq!(prefix_mask(24), 0xffff_ff00);
+        assert_eq!(prefix_mask(32), u32::MAX);
+        assert_eq!(prefix_mask(u8::MAX), u32::MAX);
     }
 
     #[test]
