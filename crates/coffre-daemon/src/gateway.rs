@@ -44,6 +44,13 @@ pub enum LinkEvent {
         /// Its variables.
         env: ClientEnv,
     },
+    /// OpenVPN gave a client its (primary, IPv4) VPN address.
+    Address {
+        /// Client id.
+        cid: u64,
+        /// The address.
+        addr: std::net::Ipv4Addr,
+    },
     /// OpenVPN restarts in place (SIGHUP, SIGUSR1) or exits: its clients
     /// are all going, and their ids will mean other clients.
     Restarting {
@@ -207,7 +214,18 @@ async fn link(
                             for ev in early.drain(..) { let _ = events.send(ev); }
                         }
                     }
-                    // Client addresses are not used yet.
+                    // The vault's firewall follows clients by address;
+                    // only a primary IPv4 address is one of ours.
+                    Notice::ClientAddress { cid, addr: openvpn::ClientAddr::V4(addr), primary: true } => {
+                        let ev = LinkEvent::Address { cid, addr };
+                        if *up {
+                            let _ = events.send(ev);
+                        } else if early.len() < MAX_EARLY {
+                            early.push(ev);
+                        } else {
+                            return Err("too many client notices before OpenVPN listed its clients".into());
+                        }
+                    }
                     Notice::ClientAddress { .. } => {}
                     Notice::Other(l) => {
                         if l.starts_with(">FATAL:") {
@@ -382,7 +400,15 @@ pub fn write_openvpn_config(
         port: settings.port,
         proto: settings.proto,
         network: net,
-        vault_network: None,
+        // The vault network's route, and a tun name the firewall knows.
+        vault_network: config
+            .network
+            .as_ref()
+            .map(|n| (n.subnet.base(), n.subnet.prefix())),
+        dev: config
+            .network
+            .as_ref()
+            .map(|_| crate::server::vpn_link(&dir.root)),
         keepalive: (settings.keepalive[0], settings.keepalive[1]),
         reneg_s: settings.reneg_s,
         token_lifetime_s: settings.token_lifetime_s,

@@ -308,6 +308,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         invitation_ttl_s: 72 * 3600,
         policy: o.policy,
         gateway: None,
+        network: None,
         workloads: Default::default(),
         workload: Vec::new(),
     };

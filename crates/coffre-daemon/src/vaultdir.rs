@@ -77,12 +77,29 @@ pub struct Config {
     /// openvpn-config` writes this section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
+    /// `[network]`: the vault's own network, where members reach their
+    /// workloads over the VPN behind the vault's firewall. Without it,
+    /// nothing on the host's network changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
     /// `[workloads]`: settings for the team's workloads.
     #[serde(default)]
     pub workloads: coffre_workload::config::Settings,
     /// `[[workload]]`: the team's workloads.
     #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
     pub workload: Vec<coffre_workload::config::WorkloadConfig>,
+}
+
+/// `[network]` in config.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The vault's private network; the host is its first address.
+    pub subnet: coffre_net::Subnet,
+    /// Destinations outside it every workload may reach (nothing else
+    /// leaves): `ADDRESS:PORT` (TCP and UDP) or `tcp/ADDRESS:PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<coffre_net::Egress>,
 }
 
 /// `[gateway]` in config.toml: OpenVPN in front of the vault.
@@ -484,6 +501,35 @@ impl VaultDir {
                 path,
                 msg: msg.to_string(),
             });
+        }
+        if let Err(msg) = coffre_workload::config::check_network(
+            &c.workload,
+            c.network.as_ref().map(|n| &n.subnet),
+        ) {
+            return Err(DirError::Bad {
+                path,
+                msg: msg.to_string(),
+            });
+        }
+        if let Some(n) = &c.network {
+            if let Some(e) = n.egress.iter().find(|e| n.subnet.contains(e.addr)) {
+                return Err(DirError::Bad {
+                    path,
+                    msg: format!("[network] egress {e} is inside the vault network"),
+                });
+            }
+            if let Some(g) = &c.gateway
+                && let Ok(vpn) = g.network.parse::<coffre_net::Subnet>()
+                && vpn.overlaps(&n.subnet)
+            {
+                return Err(DirError::Bad {
+                    path,
+                    msg: format!(
+                        "[network] subnet {} overlaps the VPN's network {vpn}: choose two separate ranges",
+                        n.subnet
+                    ),
+                });
+            }
         }
         Ok(c)
     }

@@ -370,6 +370,8 @@ pub struct Listed {
     pub real_address: String,
     /// Connected since (Unix seconds).
     pub since: u64,
+    /// Its VPN address (`Virtual Address`), when it has an IPv4 one.
+    pub virtual_address: Option<Ipv4Addr>,
 }
 
 /// The `CLIENT_LIST` rows of a `status 3` output, read by the column names
@@ -398,6 +400,7 @@ pub fn parse_status3(lines: &[String]) -> Result<Vec<Listed>, ProtocolError> {
                     since: get("Connected Since (time_t)")
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0),
+                    virtual_address: get("Virtual Address").and_then(|s| s.parse().ok()),
                 });
             }
             _ => {}
@@ -661,6 +664,10 @@ pub struct ServerSettings {
     /// pushed to clients as a route. Host bits are ignored; a prefix
     /// longer than 32 is read as 32.
     pub vault_network: Option<(Ipv4Addr, u8)>,
+    /// The tun device's name (`dev NAME`, `dev-type tun`), so the vault's
+    /// firewall knows it; `None`: OpenVPN picks `tunN`. Letters, digits,
+    /// `-` and `_`, at most 15 bytes (anything else falls back to `None`).
+    pub dev: Option<String>,
     /// `keepalive` interval and timeout, seconds.
     pub keepalive: (u32, u32),
     /// TLS renegotiation period, seconds (also the token renewal period).
@@ -716,7 +723,7 @@ pub fn server_config(s: &ServerSettings) -> String {
          # (it must open the member's keyslot) and TOTP code.\n\
          port {port}\n\
          proto {proto}\n\
-         dev tun\n\
+         {dev}\
          topology subnet\n\
          server {net} {mask}\n\
          # No client-to-client: members reach the vault, not each other.\n\
@@ -744,6 +751,15 @@ pub fn server_config(s: &ServerSettings) -> String {
         vault = s.vault,
         port = s.port,
         proto = s.proto,
+        dev = match s.dev.as_deref().filter(|d| {
+            !d.is_empty()
+                && d.len() <= 15
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        }) {
+            Some(d) => format!("dev {d}\ndev-type tun\n"),
+            None => "dev tun\n".to_string(),
+        },
         net = s.network.base(),
         mask = s.network.mask(),
         ca = q(&s.ca),
@@ -1074,6 +1090,7 @@ mod tests {
             proto: Proto::Udp,
             network: Network::parse("10.8.0.0/24").unwrap(),
             vault_network,
+            dev: None,
             keepalive: (10, 60),
             reneg_s: 3600,
             token_lifetime_s: 43200,
@@ -1093,6 +1110,25 @@ mod tests {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
             .collect()
+    }
+
+    #[test]
+    fn server_config_names_the_tun_when_asked_and_only_with_a_safe_name() {
+        let mut s = server_settings(None);
+        assert!(directives(&server_config(&s)).contains(&"dev tun"));
+        s.dev = Some("cv0123456789".into());
+        let conf = server_config(&s);
+        let d = directives(&conf);
+        assert!(
+            d.contains(&"dev cv0123456789") && d.contains(&"dev-type tun"),
+            "{conf}"
+        );
+        for bad in ["", "a\nscript-security 3", "x".repeat(16).as_str(), "a b"] {
+            s.dev = Some(bad.to_string());
+            let conf = server_config(&s);
+            assert!(directives(&conf).contains(&"dev tun"), "{bad:?}: {conf}");
+            assert!(!conf.contains("script-security"), "{conf}");
+        }
     }
 
     #[test]
@@ -1132,6 +1168,7 @@ mod tests {
                 // The rest of the configuration is unchanged by the route.
                 let without = server_config(&ServerSettings {
                     vault_network: None,
+                    dev: None,
                     ..s.clone()
                 });
                 let rest: Vec<&str> = d
@@ -1200,7 +1237,8 @@ mod tests {
                 cid: 4,
                 common_name: "alice".into(),
                 real_address: "192.0.2.2:39307".into(),
-                since: 1795939279
+                since: 1795939279,
+                virtual_address: Some(Ipv4Addr::new(10, 8, 0, 2)),
             }]
         );
         assert!(parse_status3(&lines[2..3]).is_err());

@@ -55,6 +55,23 @@ pub struct ChildSetup {
     /// still needs). The command can open them as `/proc/self/fd/N`, which
     /// needs no search right on the directories of the file's path.
     pub pass_fds: Vec<(OwnedFd, libc::c_int)>,
+    /// Its network: the host's (default), a new empty one, or the one
+    /// this descriptor (`/run/netns/NAME`, opened) names.
+    pub network: Network,
+}
+
+/// The network namespace a child runs in.
+#[derive(Debug, Default)]
+pub enum Network {
+    /// The parent's.
+    #[default]
+    Host,
+    /// A new one with nothing in it but a loopback that is down: no way
+    /// out, whatever the command's arguments ask for (a QEMU that gets its
+    /// NIC as a descriptor opened in the host's namespace).
+    Empty,
+    /// An existing one (a process workload's, with its veth).
+    Join(OwnedFd),
 }
 
 /// Writes `/proc/self/fd/FD` and a NUL into `buf`, without allocating.
@@ -113,6 +130,7 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
     let root = cstring(Path::new("/"))?;
     let cwd = setup.cwd.as_deref().map(cstring).transpose()?;
     let procs = setup.cgroup_procs;
+    let network = setup.network;
     let creds = setup.credentials;
     let private = setup.private_mounts;
     if setup.pass_fds.len() > MAX_PASS_FDS
@@ -147,6 +165,14 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
         // SAFETY: setsid takes no arguments; async-signal-safe.
         if unsafe { libc::setsid() } < 0 {
             return Err(io::Error::last_os_error());
+        }
+        match &network {
+            Network::Host => {}
+            // SAFETY: unshare takes a flag word.
+            Network::Empty => check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?,
+            // SAFETY: setns on a descriptor this process holds, with the
+            // namespace type it must be.
+            Network::Join(fd) => check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })?,
         }
         if private {
             // SAFETY: unshare takes a flag word.

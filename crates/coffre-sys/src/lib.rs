@@ -19,6 +19,7 @@ pub mod handle;
 pub mod locked;
 pub mod proc;
 pub mod time;
+pub mod tun;
 
 use std::io;
 

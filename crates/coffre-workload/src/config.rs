@@ -16,6 +16,11 @@
 //! env = { LANG = "C.UTF-8" }
 //! stop_timeout_s = 10       # SIGTERM, then SIGKILL after this long
 //! memory_mb = 2048
+//! # With a [network] section in config.toml (see docs/network.md):
+//! address = "10.9.0.20"     # its address on the vault network
+//! network = true            # process: its own network namespace on the vault network
+//! ports = ["tcp/3000"]      # reachable by its members over the VPN, and by other workloads
+//! egress = ["198.51.100.7:443"]  # where it may send outside, besides [network] egress
 //! ```
 
 use crate::WorkloadError;
@@ -153,9 +158,46 @@ pub struct WorkloadConfig {
     /// without it a missing image is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size_mb: Option<u64>,
-    /// QEMU: extra arguments (devices, network...).
+    /// QEMU: extra arguments (devices...; no network options when the
+    /// vault has a `[network]`: its NIC comes from the vault).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_args: Vec<String>,
+    /// Its address on the vault network (`[network]`): a VM gets it from
+    /// the vault's DHCP server on a NIC the vault gives it; a process
+    /// workload with `network = true` has it on its namespace's `eth0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Process: run in a network namespace of its own on the vault
+    /// network (otherwise it shares the host's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
+    /// What its members reach over the VPN (and other workloads reach):
+    /// `tcp/PORT` or `udp/PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<coffre_net::Port>,
+    /// Destinations outside the vault network it may send to, besides
+    /// the vault's own `egress`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<coffre_net::Egress>,
+}
+
+/// QEMU options that would give a VM a network of its own making.
+fn is_network_option(prev: Option<&str>, arg: &str) -> bool {
+    let flag = arg.trim_start_matches('-');
+    if arg.starts_with('-') && matches!(flag, "nic" | "net" | "netdev") {
+        return true;
+    }
+    if prev.is_some_and(|p| p.trim_start_matches('-') == "device") {
+        let driver = arg.split(',').next().unwrap_or("").to_ascii_lowercase();
+        let driver = driver.strip_prefix("driver=").unwrap_or(&driver);
+        return driver.contains("net")
+            || [
+                "e1000", "rtl8139", "ne2k", "pcnet", "i8255", "vmxnet", "usb-net",
+            ]
+            .iter()
+            .any(|d| driver.starts_with(d));
+    }
+    false
 }
 
 fn default_stop_timeout() -> u64 {
@@ -254,6 +296,72 @@ impl WorkloadConfig {
     }
 }
 
+/// Checks what the workloads say about the vault network against the
+/// vault's `[network]` subnet (`None`: the vault has no network, and no
+/// workload may ask for one).
+pub fn check_network(
+    list: &[WorkloadConfig],
+    subnet: Option<&coffre_net::Subnet>,
+) -> Result<(), WorkloadError> {
+    let mut seen = std::collections::BTreeMap::new();
+    for w in list {
+        let n = &w.name;
+        let asks = w.address.is_some() || w.network || !w.ports.is_empty() || !w.egress.is_empty();
+        let Some(subnet) = subnet else {
+            if asks {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: address, network, ports and egress need a [network] section"
+                )));
+            }
+            continue;
+        };
+        let mut prev = None;
+        for a in &w.qemu_args {
+            if is_network_option(prev, a) {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: qemu_args {a:?}: with a [network] section a VM's network comes from the vault (set `address`), not from qemu_args"
+                )));
+            }
+            prev = Some(a.as_str());
+        }
+        if w.network && w.kind != Kind::Process {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: `network = true` is for processes; a VM is on the vault network when it has an `address`"
+            )));
+        }
+        if w.kind == Kind::Process && w.address.is_some() != w.network {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: a process on the vault network needs both `network = true` and an `address`"
+            )));
+        }
+        if w.address.is_none() && (!w.ports.is_empty() || !w.egress.is_empty()) {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: ports and egress need an `address` on the vault network"
+            )));
+        }
+        if let Some(a) = w.address {
+            if !subnet.holds_workload(a) {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: address {a} is not a workload address of {subnet} (inside it, not its first, network or broadcast address)"
+                )));
+            }
+            if let Some(other) = seen.insert(a, n) {
+                return Err(WorkloadError::Config(format!(
+                    "workloads {other} and {n} both have address {a}"
+                )));
+            }
+        }
+        for e in &w.egress {
+            if subnet.contains(e.addr) {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: egress {e} is inside the vault network (use ports for that)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a whole list (each entry, and names unique).
 pub fn check_all(list: &[WorkloadConfig]) -> Result<(), WorkloadError> {
     let mut seen = std::collections::BTreeSet::new();
@@ -280,6 +388,77 @@ mod access_tests {
                 .unwrap();
         w.members = members;
         w
+    }
+
+    fn parse(toml_text: &str) -> Vec<WorkloadConfig> {
+        #[derive(Deserialize)]
+        struct F {
+            workload: Vec<WorkloadConfig>,
+        }
+        toml::from_str::<F>(toml_text).unwrap().workload
+    }
+
+    #[test]
+    fn network_declarations_are_checked_against_the_subnet() {
+        let subnet: coffre_net::Subnet = "10.9.0.0/24".parse().unwrap();
+        let good = parse(
+            r#"
+[[workload]]
+name = "desktop"
+kind = "qemu"
+address = "10.9.0.10"
+ports = ["tcp/3389", "tcp/22"]
+qemu_args = ["-device", "virtio-rng-pci"]
+[[workload]]
+name = "forge"
+kind = "process"
+command = ["forge"]
+user = "git"
+network = true
+address = "10.9.0.20"
+ports = ["tcp/3000"]
+egress = ["198.51.100.7:443"]
+"#,
+        );
+        check_network(&good, Some(&subnet)).unwrap();
+        assert!(check_network(&good, None).is_err(), "no [network] section");
+        let cases: &[(&str, &str)] = &[
+            ("address = \"10.9.1.10\"", "not a workload address"),
+            ("address = \"10.9.0.1\"", "not a workload address"),
+            ("address = \"10.9.0.20\"", "both have address"),
+            (
+                "qemu_args = [\"-nic\", \"user\"]",
+                "network comes from the vault",
+            ),
+            (
+                "qemu_args = [\"-device\", \"e1000,netdev=n\"]",
+                "network comes from the vault",
+            ),
+            (
+                "qemu_args = [\"-netdev\", \"user,id=n\"]",
+                "network comes from the vault",
+            ),
+            ("egress = [\"10.9.0.5:80\"]", "inside the vault network"),
+            ("network = true", "for processes"),
+        ];
+        for (line, want) in cases {
+            let text = format!(
+                "[[workload]]\nname = \"a\"\nkind = \"qemu\"\naddress = \"10.9.0.20\"\n[[workload]]\nname = \"b\"\nkind = \"qemu\"\n{line}\n{}",
+                if line.starts_with("address") {
+                    ""
+                } else {
+                    "address = \"10.9.0.30\""
+                }
+            );
+            let err = check_network(&parse(&text), Some(&subnet))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{line}: {err}");
+        }
+        let half = parse(
+            "[[workload]]\nname = \"p\"\nkind = \"process\"\ncommand = [\"x\"]\nuser = \"u\"\naddress = \"10.9.0.5\"\n",
+        );
+        assert!(check_network(&half, Some(&subnet)).is_err());
     }
 
     proptest! {

@@ -165,6 +165,20 @@ pub struct Row {
     pub members: Vec<String>,
 }
 
+/// A workload's link to the vault network, made by the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// A VM's tap (host side name) and the MAC of the NIC on it.
+    Tap {
+        /// The tap's name.
+        name: String,
+        /// The guest NIC's MAC.
+        mac: [u8; 6],
+    },
+    /// A process workload's network namespace (`/run/netns/NAME`).
+    Namespace(PathBuf),
+}
+
 /// Something worth an audit record: (action, result, detail).
 pub type Line = (String, String, String);
 
@@ -220,6 +234,12 @@ impl Entry {
 pub struct Workloads {
     settings: Settings,
     paths: Paths,
+    /// Each workload's link to the vault network, by name (none when the
+    /// vault has no `[network]`).
+    links: std::collections::BTreeMap<String, Link>,
+    /// Whether VMs run in an empty network namespace (the vault has a
+    /// `[network]`: a VM's only way anywhere is the NIC it is given).
+    vms_isolated: bool,
     hierarchy: Result<Hierarchy, WorkloadError>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
@@ -266,12 +286,22 @@ impl Workloads {
         let w = Self {
             settings: settings.clone(),
             paths,
+            links: Default::default(),
+            vms_isolated: false,
             hierarchy,
             entries,
             published: Arc::default(),
         };
         w.publish();
         w
+    }
+
+    /// Puts the workloads on the vault network: `links` by workload name
+    /// (the daemon has made them); every VM then runs in an empty network
+    /// namespace, its NIC (if it has a link) a tap descriptor.
+    pub fn attach_network(&mut self, links: std::collections::BTreeMap<String, Link>) {
+        self.links = links;
+        self.vms_isolated = true;
     }
 
     /// What status shows, readable without waiting for an operation.
@@ -627,6 +657,19 @@ impl Workloads {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2));
+        let network = match self.links.get(&cfg.name) {
+            Some(Link::Namespace(path)) => coffre_sys::child::Network::Join(
+                std::fs::File::open(path)
+                    .map_err(|e| {
+                        WorkloadError::Setup(format!(
+                            "its network namespace {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .into(),
+            ),
+            _ => coffre_sys::child::Network::Host,
+        };
         let procs = group.create(cfg.memory_mb).map_err(|e| {
             WorkloadError::Cgroup(format!("cgroup {}: {e}", group.path().display()))
         })?;
@@ -643,6 +686,7 @@ impl Workloads {
                 private_mounts: true,
                 cwd,
                 pass_fds: Vec::new(),
+                network,
             },
         )
         .map_err(|e| {

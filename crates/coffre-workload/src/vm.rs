@@ -191,6 +191,23 @@ impl Workloads {
                 "virtio-blk-pci,drive=disk-{d},id=vblk-{d},werror=stop,rerror=stop"
             ));
         }
+        let mut network = coffre_sys::child::Network::Host;
+        if self.vms_isolated {
+            network = coffre_sys::child::Network::Empty;
+        }
+        if let Some(crate::Link::Tap { name, mac }) = self.links.get(&cfg.name) {
+            // Opened here, in the host's namespace; QEMU only gets the
+            // descriptor (it has no right to make or open a tap itself).
+            let tap = coffre_sys::tun::open_tap(name)
+                .map_err(|e| WorkloadError::Setup(format!("its tap {name}: {e}")))?;
+            let n = 200 + libc::c_int::try_from(pass_fds.len()).unwrap_or(0);
+            pass_fds.push((tap, n));
+            cmd.arg("-netdev").arg(format!("tap,id=vnet0,fd={n}"));
+            cmd.arg("-device").arg(format!(
+                "virtio-net-pci,netdev=vnet0,mac={}",
+                coffre_net::names::mac_text(mac)
+            ));
+        }
         cmd.args(&cfg.qemu_args);
         if incoming {
             cmd.args(["-incoming", "defer", "-S"]);
@@ -223,6 +240,7 @@ impl Workloads {
                 private_mounts: true,
                 cwd: Some("/".into()),
                 pass_fds,
+                network,
             },
         )
         .map_err(|e| {

@@ -32,6 +32,13 @@ pub(super) struct VpnState {
     generation: u64,
 }
 
+impl VpnState {
+    /// The clients let in, each bound to a live session.
+    pub(super) fn clients(&self) -> &std::collections::BTreeMap<u64, coffre_vault::vpn::Client> {
+        self.bindings.clients()
+    }
+}
+
 /// What comes back from the core for a VPN `enter`.
 pub(super) struct VpnAnswer {
     pub cid: u64,
@@ -96,6 +103,9 @@ impl Shell {
     /// Hands `event` to the bindings and carries out what they say.
     fn vpn_event(&mut self, event: VpnEvent) {
         let effects = self.vpn.bindings.handle(now_ms(), &self.vault, event);
+        // The firewall first: a client whose session ended loses its
+        // access before OpenVPN is even told to drop it.
+        self.net_reconcile();
         for effect in effects {
             match effect {
                 VpnEffect::Enter { .. } => {}
@@ -132,14 +142,40 @@ impl Shell {
                 generation,
             } => {
                 self.vpn.generation = generation;
+                // Client ids of an earlier OpenVPN (or connection) may
+                // mean other clients now: their addresses are forgotten
+                // until OpenVPN reports them again.
+                if let Some(net) = self.net.as_mut() {
+                    net.vpn_addrs = clients
+                        .iter()
+                        .filter_map(|l| l.virtual_address.map(|a| (l.cid, a)))
+                        .collect();
+                }
+                self.net_vpn_up();
                 let listed = clients
                     .iter()
                     .map(|l| (l.cid, format!("{} from {}", l.common_name, l.real_address)))
                     .collect();
                 self.vpn_event(VpnEvent::LinkUp { pid, listed });
             }
-            LinkEvent::Restarting { state } => self.vpn_event(VpnEvent::Restarting { state }),
-            LinkEvent::Down { why } => self.vpn_event(VpnEvent::LinkDown { why }),
+            LinkEvent::Restarting { state } => {
+                if let Some(net) = self.net.as_mut() {
+                    net.vpn_addrs.clear();
+                }
+                self.vpn_event(VpnEvent::Restarting { state })
+            }
+            LinkEvent::Down { why } => {
+                if let Some(net) = self.net.as_mut() {
+                    net.vpn_addrs.clear();
+                }
+                self.vpn_event(VpnEvent::LinkDown { why })
+            }
+            LinkEvent::Address { cid, addr } => {
+                if let Some(net) = self.net.as_mut() {
+                    net.vpn_addrs.insert(cid, addr);
+                }
+                self.net_reconcile();
+            }
             LinkEvent::Client {
                 event,
                 cid,
@@ -152,7 +188,12 @@ impl Shell {
                     }
                 }
                 ClientEvent::Established => {}
-                ClientEvent::Disconnect => self.vpn_event(VpnEvent::Disconnect { cid }),
+                ClientEvent::Disconnect => {
+                    if let Some(net) = self.net.as_mut() {
+                        net.vpn_addrs.remove(&cid);
+                    }
+                    self.vpn_event(VpnEvent::Disconnect { cid })
+                }
             },
         }
     }

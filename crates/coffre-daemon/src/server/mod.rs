@@ -34,6 +34,7 @@ mod gateway;
 mod http;
 mod invitations;
 mod members;
+mod network;
 mod status;
 mod workloads;
 
@@ -44,6 +45,8 @@ use http::*;
 use invitations::*;
 use status::*;
 use workloads::WorkloadState;
+
+pub use network::vpn_link;
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,10 @@ pub enum ServeError {
     /// TLS set-up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The vault network could not be set up (the daemon does not run
+    /// without its firewall).
+    #[error("the vault network: {0}")]
+    Network(String),
     /// Listening socket.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -167,6 +174,8 @@ struct Shell {
     /// work begun before a lock is not committed after it, even once
     /// unlocked.
     lock_epoch: u64,
+    /// The vault network, when config.toml has a `[network]`.
+    net: Option<network::NetState>,
 }
 
 /// A failure's answer (500).
@@ -248,7 +257,7 @@ pub async fn serve(
     // A daemon killed while open leaves its mount, loop device, FUSE
     // file and socket behind: take them down before anything else.
     let layout = vd.data_layout(&config);
-    let workloads = coffre_workload::Workloads::new(
+    let mut workloads = coffre_workload::Workloads::new(
         &config.workloads,
         &config.workload,
         coffre_workload::Paths {
@@ -265,6 +274,18 @@ pub async fn serve(
     // What a crashed daemon left running goes first (it may still be
     // using the data), then the data stack it left.
     let stale_workloads = workloads.cleanup_stale();
+    // The firewall before any workload runs; no daemon without it.
+    let mut net_notes = Vec::new();
+    let net = match &config.network {
+        None => None,
+        Some(_) => {
+            // At start, before anything is served: blocking is fine.
+            let up = network::bring_up(&config, dir).map_err(ServeError::Network)?;
+            workloads.attach_network(up.links);
+            net_notes = up.notes;
+            Some(up.state)
+        }
+    };
     let cleaned = tokio::task::spawn_blocking({
         let layout = layout.clone();
         let grace = Duration::from_secs(config.data.close_grace_s);
@@ -293,7 +314,11 @@ pub async fn serve(
         gw_tx: None,
         locked_flag: Arc::default(),
         lock_epoch: 0,
+        net,
     };
+    for n in net_notes {
+        shell.system_audit("network", "up", n);
+    }
 
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the

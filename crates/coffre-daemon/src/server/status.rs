@@ -46,6 +46,7 @@ impl Shell {
             },
             "data": self.data_json(),
             "gateway": self.gateway_json(),
+            "network": self.network_json(),
         })
     }
 

@@ -35,6 +35,10 @@ pub struct Vault {
     pub period: u64,
     /// Extra environment for the daemon (test hooks).
     pub daemon_env: Vec<(String, String)>,
+    /// The network namespace (`/run/netns/NAME`) standing in for the
+    /// vault's host: the daemon and every command run in it (their
+    /// mounts stay the host's).
+    pub netns: Option<String>,
 }
 
 impl Vault {
@@ -108,6 +112,19 @@ impl Vault {
             }],
             period,
             daemon_env: Vec::new(),
+            netns: None,
+        }
+    }
+
+    /// The CLI, in the vault host's network namespace when it has one.
+    pub fn bin(&self) -> Command {
+        match &self.netns {
+            None => Command::new(BIN),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+                c
+            }
         }
     }
 
@@ -200,11 +217,20 @@ impl Vault {
     }
 
     pub fn start(&mut self) {
-        let mut child = Command::new(BIN)
+        let mut child = self
+            .bin()
             .args(["serve", self.dir.to_str().unwrap()])
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            // Kept for a failing test to show (never a pipe nobody reads:
+            // a full one would block the daemon).
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.tmp.path().join("daemon.stderr"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -213,6 +239,11 @@ impl Vault {
         assert!(line.contains("listening on"), "{line}");
         std::thread::spawn(move || for _ in lines {});
         self.daemon = Some(child);
+    }
+
+    /// What the daemons of this vault wrote on stderr.
+    pub fn daemon_stderr(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("daemon.stderr")).unwrap_or_default()
     }
 
     /// `member invite` by `by`, then `join` by the new member.
@@ -256,7 +287,7 @@ impl Vault {
         let password = self.tmp.path().join(format!("{name}.pw"));
         std::fs::write(&password, format!("{name}'s password")).unwrap();
         let identity = self.tmp.path().join(format!("{name}.identity"));
-        Command::new(BIN)
+        self.bin()
             .args([
                 "join",
                 inv.to_str().unwrap(),
@@ -339,7 +370,7 @@ impl Vault {
             .iter()
             .find(|m| m.name == name)
             .expect("member");
-        Command::new(BIN)
+        self.bin()
             .args(args)
             .env("COFFRE_IDENTITY", &m.identity)
             .env("HOME", home)
@@ -413,7 +444,7 @@ impl Vault {
             "1",
         ];
         args.extend(extra);
-        Command::new(BIN)
+        self.bin()
             .args(&args)
             .env("COFFRE_IDENTITY", &m.identity)
             .env("HOME", self.home(name))

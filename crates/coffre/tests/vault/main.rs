@@ -9,6 +9,7 @@ mod harness;
 mod key_gone;
 mod lifecycle;
 mod members;
+mod network;
 mod scan;
 mod vms;
 mod workloads;

@@ -391,6 +391,7 @@ fn first_superuser_can_join_from_their_own_machine() {
         members: vec![],
         period: 1,
         daemon_env: Vec::new(),
+        netns: None,
     };
     v.start();
     let out = v.join("root", &inv);

@@ -92,6 +92,11 @@ pub enum Command {
     /// their logs.
     #[command(subcommand)]
     Workload(WorkloadCommand),
+    /// The vault's own network (`[network]` in config.toml): its subnet,
+    /// firewall table, each workload's address and ports and who may
+    /// reach them, and the VPN clients reaching them now.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Lock the vault at once: everyone out, nobody in until unlocked
     /// (superuser).
     Lock {
@@ -307,6 +312,21 @@ pub enum TaskCommand {
         task_id: u64,
         #[command(flatten)]
         id: IdentityArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// The effective policy: who reaches what. A workload's declared ports
+    /// are reachable by its members (all members when it names none) over
+    /// the VPN, and by the other workloads; nothing else crosses the
+    /// vault's firewall, except the listed egress.
+    Show {
+        #[command(flatten)]
+        id: IdentityArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         C::Status { id, json } => vault::status(id, json),
         C::Task(t) => vault::task(t),
         C::Workload(w) => vault::workload(w),
+        C::Network(n) => vault::network(n),
         C::Lock { id, auth, reason } => vault::lock(id, auth, reason),
         C::Unlock { id, auth } => vault::unlock(id, auth),
         C::Mode { mode, id, auth } => vault::mode(id, auth, mode),

@@ -14,7 +14,7 @@ pub use admin::{approve, gateway, join, lock, member, mode, passwd, proposal, qu
 pub use audit::audit;
 pub use host::{init, serve};
 pub use session::{enter, enter_detached, leave, task};
-pub use status::{status, workload};
+pub use status::{network, status, workload};
 
 use anyhow::Result;
 use serde_json::Value;

@@ -3,7 +3,7 @@
 use super::client::*;
 use super::session::current_session;
 use super::*;
-use crate::cli::{IdentityArg, WorkloadCommand};
+use crate::cli::{IdentityArg, NetworkCommand, WorkloadCommand};
 use anyhow::Result;
 use coffre::exit;
 use coffre_daemon::api::ApiCommand;
@@ -182,5 +182,67 @@ pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
                 Err((code, msg)) => Ok(fail(code, &msg)),
             }
         }
+    }
+}
+
+pub fn network(cmd: NetworkCommand) -> Result<u8> {
+    let NetworkCommand::Show { id, json } = cmd;
+    match simple(&id, ApiCommand::Status)? {
+        Ok(v) => {
+            let n = &v["network"];
+            if json {
+                print_json(n)?;
+                return Ok(exit::OK);
+            }
+            if n["configured"] != true {
+                println!("no vault network (config.toml has no [network] section)");
+                return Ok(exit::OK);
+            }
+            let s = |x: &serde_json::Value| x.as_str().unwrap_or("?").to_string();
+            let list = |x: &serde_json::Value| {
+                let items: Vec<String> = x
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.as_str().map(str::to_string))
+                    .collect();
+                if items.is_empty() {
+                    "none".to_string()
+                } else {
+                    items.join(", ")
+                }
+            };
+            println!(
+                "network: {} (host {}), firewall table {}",
+                s(&n["subnet"]),
+                s(&n["gateway"]),
+                s(&n["table"])
+            );
+            println!("egress:  {}", list(&n["egress"]));
+            for w in n["workloads"].as_array().into_iter().flatten() {
+                let members = match &w["members"] {
+                    serde_json::Value::String(t) => t.clone(),
+                    m => list(m),
+                };
+                println!(
+                    "{} at {}: ports {} reachable by {members} over the VPN and by the other workloads; egress {}; connected now: {}",
+                    s(&w["name"]),
+                    s(&w["address"]),
+                    list(&w["ports"]),
+                    list(&w["egress"]),
+                    list(&w["vpn_addresses_now"]),
+                );
+            }
+            for c in n["clients"].as_array().into_iter().flatten() {
+                println!(
+                    "client {} at {} reaches {}",
+                    s(&c["member"]),
+                    c["vpn_address"].as_str().unwrap_or("(no address yet)"),
+                    list(&c["reaches"])
+                );
+            }
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
     }
 }

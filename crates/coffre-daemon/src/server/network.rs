@@ -1,0 +1,383 @@
+//! The vault's own network (`[network]` in config.toml): the links the
+//! workloads sit on, the firewall's table, and which VPN addresses may
+//! reach which workload.
+//!
+//! - At start, before any workload runs, the links are made (a persistent
+//!   tap per VM, a namespace and veth per process workload with
+//!   `network = true`) and the table is replaced in one transaction, its
+//!   client sets empty: whatever a daemon that died had granted is gone,
+//!   and there is no moment without the rules.
+//! - Grants follow identity: a VPN client's address (OpenVPN's
+//!   `>CLIENT:ADDRESS`) is in a workload's set while that client holds a
+//!   live vault session of a member who may use the workload. The grants
+//!   are recomputed from the gateway's bindings after every change there,
+//!   before its effects (a kill) are carried out: a session ended by a
+//!   lock, a removal or a departure loses access at once.
+//! - The table stays when the daemon stops or dies (fail closed).
+
+use super::Shell;
+use crate::vaultdir::Config;
+use coffre_net::{Endpoint, Host, Policy, Vpn, names};
+use coffre_workload::Link;
+use coffre_workload::config::Kind;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// The network as the daemon runs it.
+pub(super) struct NetState {
+    pub policy: Policy,
+    host: Host,
+    /// Who may reach endpoint `i` (empty: every member). Superusers are
+    /// not special here: reaching a desktop is not administering the
+    /// vault.
+    reach: Vec<Vec<String>>,
+    /// What the client sets hold now: VPN address → endpoint indexes.
+    granted: BTreeMap<Ipv4Addr, Vec<usize>>,
+    /// VPN addresses OpenVPN reported, by client id.
+    pub vpn_addrs: BTreeMap<u64, Ipv4Addr>,
+    /// Links whose kernel forwarding the daemon turned on.
+    pub forwarding: Vec<String>,
+}
+
+/// The vault's identity on this host (names its table and links).
+fn vault_id(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The gateway's tun, as `server.conf` names it (`dev NAME`).
+pub fn vpn_link(dir: &Path) -> String {
+    names::vpn_link(&vault_id(dir))
+}
+
+/// What [`bring_up`] made: the state, what the workloads attach to, and
+/// lines for the audit log.
+pub(super) struct Up {
+    pub state: NetState,
+    pub links: BTreeMap<String, Link>,
+    pub notes: Vec<String>,
+}
+
+/// Makes the links and replaces the table.
+pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
+    let net = config.network.as_ref().ok_or("no [network] section")?;
+    let id = vault_id(dir);
+    let host = Host::here();
+    let gw = net.subnet.gateway();
+    let mut endpoints = Vec::new();
+    let mut reach = Vec::new();
+    let mut links = BTreeMap::new();
+    let mut notes = Vec::new();
+    for w in &config.workload {
+        let Some(addr) = w.address else { continue };
+        let link = names::link(&id, &w.name);
+        let mac = names::mac(&config.name, &w.name);
+        match w.kind {
+            Kind::Qemu => {
+                // Made (persistent) now, so its address and route are in
+                // place before QEMU first opens it, and stay while closed.
+                drop(
+                    coffre_sys::tun::open_tap(&link)
+                        .map_err(|e| format!("tap {link} for {}: {e}", w.name))?,
+                );
+                host.route_link(&link, gw, addr)
+                    .map_err(|e| format!("{}: {e}", w.name))?;
+                links.insert(
+                    w.name.clone(),
+                    Link::Tap {
+                        name: link.clone(),
+                        mac,
+                    },
+                );
+            }
+            Kind::Process => {
+                let ns = names::netns(&id, &w.name);
+                host.veth_namespace(&ns, &link, &mac, addr, net.subnet.prefix(), gw)
+                    .map_err(|e| format!("{}: {e}", w.name))?;
+                links.insert(
+                    w.name.clone(),
+                    Link::Namespace(PathBuf::from("/run/netns").join(&ns)),
+                );
+            }
+        }
+        notes.push(format!(
+            "{} at {addr} on {link} (MAC {}), ports {}",
+            w.name,
+            names::mac_text(&mac),
+            if w.ports.is_empty() {
+                "none".to_string()
+            } else {
+                w.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        ));
+        endpoints.push(Endpoint {
+            name: w.name.clone(),
+            addr,
+            link,
+            mac,
+            ports: w.ports.clone(),
+            egress: w.egress.clone(),
+        });
+        reach.push(w.members.clone());
+    }
+    let vpn = config.gateway.as_ref().and_then(|g| {
+        let n: coffre_net::Subnet = g.network.parse().ok()?;
+        Some(Vpn {
+            link: names::vpn_link(&id),
+            gateway: n.gateway(),
+        })
+    });
+    let policy = Policy {
+        table: names::table(&id),
+        subnet: net.subnet,
+        vpn,
+        endpoints,
+        egress: net.egress.clone(),
+    };
+    host.nft(&policy.ruleset())
+        .map_err(|e| format!("the firewall's table {}: {e}", policy.table))?;
+    // Replies to egress come in on the uplink: forwarding must be on
+    // there too (and only there), for each route egress takes.
+    let mut forwarding = Vec::new();
+    let all_egress = policy
+        .egress
+        .iter()
+        .chain(policy.endpoints.iter().flat_map(|e| e.egress.iter()));
+    for e in all_egress {
+        let out = host
+            .ip(&["-j", "route", "get", &e.addr.to_string()])
+            .map_err(|err| format!("route to egress {e}: {err}"))?;
+        let dev = serde_json::from_str::<Value>(&out)
+            .ok()
+            .and_then(|v| v[0]["dev"].as_str().map(str::to_string));
+        if let Some(dev) = dev
+            && !forwarding.contains(&dev)
+        {
+            host.sysctl(&format!("net.ipv4.conf.{dev}.forwarding"), "1")
+                .map_err(|err| format!("forwarding on {dev} for egress {e}: {err}"))?;
+            forwarding.push(dev);
+        }
+    }
+    notes.insert(
+        0,
+        format!(
+            "table inet {} in place (default deny on the vault's links{}); forwarding on {}",
+            policy.table,
+            policy
+                .vpn
+                .as_ref()
+                .map(|v| format!(" and the VPN's {}", v.link))
+                .unwrap_or_default(),
+            if forwarding.is_empty() {
+                "the vault's links only".to_string()
+            } else {
+                format!(
+                    "the vault's links and {} (egress replies)",
+                    forwarding.join(", ")
+                )
+            }
+        ),
+    );
+    Ok(Up {
+        state: NetState {
+            policy,
+            host,
+            reach,
+            granted: BTreeMap::new(),
+            vpn_addrs: BTreeMap::new(),
+            forwarding,
+        },
+        links,
+        notes,
+    })
+}
+
+impl NetState {
+    /// The endpoints `member` may reach.
+    fn reachable(&self, member: &str) -> Vec<usize> {
+        self.reach
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_empty() || m.iter().any(|x| x == member))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Brings the sets to `want` (VPN address → endpoints) in one
+    /// transaction. On failure nothing changed in the kernel and the
+    /// record keeps what is really there.
+    fn apply(&mut self, want: BTreeMap<Ipv4Addr, Vec<usize>>) -> Result<Vec<String>, String> {
+        if want == self.granted {
+            return Ok(Vec::new());
+        }
+        let mut cmds = Vec::new();
+        let mut notes = Vec::new();
+        for (addr, had) in &self.granted {
+            let keep = want.get(addr).cloned().unwrap_or_default();
+            let gone: Vec<usize> = had.iter().copied().filter(|i| !keep.contains(i)).collect();
+            if !gone.is_empty() {
+                cmds.extend(array(self.policy.revoke(*addr, &gone)));
+                notes.push(format!("{addr} no longer reaches {}", self.names(&gone)));
+            }
+        }
+        for (addr, now) in &want {
+            let had = self.granted.get(addr).cloned().unwrap_or_default();
+            let new: Vec<usize> = now.iter().copied().filter(|i| !had.contains(i)).collect();
+            if !new.is_empty() {
+                cmds.extend(array(self.policy.grant(*addr, &new)));
+                notes.push(format!("{addr} reaches {}", self.names(&new)));
+            }
+        }
+        if !cmds.is_empty() {
+            self.host
+                .nft(&json!({ "nftables": cmds }))
+                .map_err(|e| e.to_string())?;
+        }
+        self.granted = want;
+        Ok(notes)
+    }
+
+    fn names(&self, idx: &[usize]) -> String {
+        idx.iter()
+            .map(|i| self.policy.endpoints[*i].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Object(mut o) => match o.remove("nftables") {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+impl Shell {
+    /// Recomputes the grants from the gateway's clients (each bound to a
+    /// live session) and the addresses OpenVPN gave them.
+    pub(super) fn net_reconcile(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        let mut want: BTreeMap<Ipv4Addr, Vec<usize>> = BTreeMap::new();
+        for (cid, c) in self.vpn.clients() {
+            if let Some(addr) = net.vpn_addrs.get(cid) {
+                let r = net.reachable(&c.member);
+                if !r.is_empty() {
+                    want.entry(*addr).or_default().extend(r);
+                }
+            }
+        }
+        for v in want.values_mut() {
+            v.sort_unstable();
+            v.dedup();
+        }
+        match net.apply(want) {
+            Ok(notes) => {
+                for n in notes {
+                    self.system_audit("network", "ok", n);
+                }
+            }
+            Err(e) => {
+                // The kernel refused: nobody gains access, but a grant that
+                // should have gone may still be there. Say so loudly; the
+                // next change retries from what is really there.
+                self.system_audit(
+                    "network",
+                    "failed",
+                    format!("updating the firewall's client sets: {e}"),
+                );
+            }
+        }
+    }
+
+    /// OpenVPN has (re)started its tun: forwarding on it, no IPv6.
+    pub(super) fn net_vpn_up(&mut self) {
+        let Some(net) = self.net.as_ref() else { return };
+        let Some(vpn) = net.policy.vpn.clone() else {
+            return;
+        };
+        let r = net
+            .host
+            .sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", vpn.link), "1")
+            .and_then(|()| {
+                net.host
+                    .sysctl(&format!("net.ipv4.conf.{}.forwarding", vpn.link), "1")
+            });
+        if let Err(e) = r {
+            self.system_audit(
+                "network",
+                "failed",
+                format!(
+                    "forwarding on the VPN's {} (is server.conf's `dev` {0}? run `coffre gateway openvpn-config` again): {e}",
+                    vpn.link
+                ),
+            );
+        }
+    }
+
+    /// `coffre network show`: who reaches what.
+    pub(super) fn network_json(&self) -> Value {
+        let Some(net) = self.net.as_ref() else {
+            return json!({"configured": false});
+        };
+        let p = &net.policy;
+        let workloads: Vec<Value> = p
+            .endpoints
+            .iter()
+            .zip(&net.reach)
+            .map(|(e, r)| {
+                let connected: Vec<Value> = net
+                    .granted
+                    .iter()
+                    .filter(|(_, idx)| idx.iter().any(|i| p.endpoints[*i].name == e.name))
+                    .map(|(a, _)| json!(a.to_string()))
+                    .collect();
+                json!({
+                    "name": e.name, "address": e.addr.to_string(), "link": e.link,
+                    "mac": names::mac_text(&e.mac),
+                    "ports": e.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "egress": e.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "members": if r.is_empty() { json!("every member") } else { json!(r) },
+                    "vpn_addresses_now": connected,
+                })
+            })
+            .collect();
+        let clients: Vec<Value> = self
+            .vpn
+            .clients()
+            .iter()
+            .map(|(cid, c)| {
+                let addr = net.vpn_addrs.get(cid);
+                json!({
+                    "member": c.member,
+                    "vpn_address": addr.map(ToString::to_string),
+                    "reaches": addr
+                        .and_then(|a| net.granted.get(a))
+                        .map(|idx| idx.iter().map(|i| p.endpoints[*i].name.clone()).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        json!({
+            "configured": true,
+            "subnet": p.subnet.to_string(),
+            "gateway": p.subnet.gateway().to_string(),
+            "table": format!("inet {}", p.table),
+            "vpn_link": p.vpn.as_ref().map(|v| v.link.clone()),
+            "egress": p.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "forwarding_on": net.forwarding,
+            "workloads": workloads,
+            "clients": clients,
+        })
+    }
+}
