@@ -185,20 +185,23 @@ fn serve_one(cfg: &ServerConfig, iface: &Interface, socket: &UdpSocket) -> DhcpE
         match answer(cfg, &iface.lease, packet) {
             Ok(Some(reply)) => {
                 let lease = &iface.lease;
-                match socket.send_to(&reply.bytes, reply.to) {
-                    Ok(_) => log.line(format_args!(
-                        "{} {} to {}",
-                        match reply.kind {
-                            ReplyKind::Offer => "offered",
-                            ReplyKind::Ack => "leased",
-                            ReplyKind::Nak => "refused (NAK) another address than",
-                        },
+                match (socket.send_to(&reply.bytes, reply.to), reply.kind) {
+                    // Every lease starts with an offer; the ACK that follows
+                    // is the line worth reading.
+                    (Ok(_), ReplyKind::Offer) => {}
+                    (Ok(_), ReplyKind::Ack) => log.line(format_args!(
+                        "leased {} to {}",
                         lease.addr,
                         mac_text(&lease.mac)
                     )),
+                    (Ok(_), ReplyKind::Nak) => log.line(format_args!(
+                        "refused (NAK) {} another address than {}",
+                        mac_text(&lease.mac),
+                        lease.addr
+                    )),
                     // The tap may be going away with its VM, or the
                     // queue be full: the client asks again.
-                    Err(e) => log.line(format_args!("sending to {}: {e}", reply.to)),
+                    (Err(e), _) => log.line(format_args!("sending to {}: {e}", reply.to)),
                 }
             }
             Ok(None) => log_ignored(&mut log, &iface.lease, packet),
