@@ -44,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
     let addr = |at: usize| Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3]);
     // ciaddr and yiaddr: the lease's or none; siaddr and giaddr: none.
     for at in [12, 16] {
-        assert!(addr(at).is_unspecified() || addr(at) == lease.addr, "{}", addr(at));
+        assert!(
+            addr(at).is_unspecified() || addr(at) == lease.addr,
+            "{}",
+            addr(at)
+        );
     }
     assert!(addr(20).is_unspecified() && addr(24).is_unspecified());
     assert_eq!(&b[236..240], &[99, 130, 83, 99]);
