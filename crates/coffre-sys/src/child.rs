@@ -22,8 +22,9 @@ pub struct Bind {
     pub to: PathBuf,
 }
 
-/// At most this many descriptors are passed (the child allocates nothing).
-const MAX_PASS_FDS: usize = 8;
+/// At most this many descriptors are passed (the child allocates nothing;
+/// the DHCP server gets one per VM).
+const MAX_PASS_FDS: usize = 64;
 /// Passed descriptors are first moved at or above this number, below
 /// which their targets must lie.
 const PASS_FDS_ABOVE: libc::c_int = 1024;
@@ -141,7 +142,7 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "descriptors to pass: at most 8, at numbers from 3 to 1023",
+            "descriptors to pass: at most 64, at numbers from 3 to 1023",
         ));
     }
     let pass: Vec<(libc::c_int, libc::c_int)> = setup
@@ -345,4 +346,55 @@ mod tests {
             assert_eq!(&buf[..end], want.as_bytes());
         }
     }
+}
+
+/// Takes descriptor `fd`, inherited from the parent that spawned this
+/// process (see [`ChildSetup::pass_fds`]), after checking that it is open
+/// and not one of stdin, stdout or stderr. Call it once per number.
+pub fn inherited_fd(fd: libc::c_int) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "descriptors 0 to 2 are not passed descriptors",
+        ));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (above), was passed to this process
+    // to own, and the caller takes each number once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not inherited any further.
+    // SAFETY: F_SETFD with a flag word on a descriptor we hold.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    Ok(owned)
+}
+
+/// Drops this process, started as root, to `uid`:`gid` with no
+/// supplementary groups and no way back (every capability goes with the
+/// uid; no-new-privileges stops setuid files). Fails unless the drop is
+/// complete: a later `setuid(0)` is checked to fail.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    if uid == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "dropping privileges to root",
+        ));
+    }
+    // SAFETY: an empty list, as setgroups(2) allows.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: plain integers.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integers.
+    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: prctl with plain integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // SAFETY: setuid with a plain integer; it must fail now.
+    if unsafe { libc::setuid(0) } == 0 {
+        return Err(io::Error::other("still able to become root after the drop"));
+    }
+    Ok(())
 }

@@ -474,10 +474,12 @@ pub async fn serve(
                 shell.join_door_tick();
                 shell.reap_workloads();
                 shell.vpn_tick();
+                shell.net_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {
                 shell.shutdown();
+                shell.net_stop();
                 let _ = done.send(());
                 break;
             }

@@ -23,7 +23,10 @@ use coffre_workload::config::Kind;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The network as the daemon runs it.
 pub(super) struct NetState {
@@ -39,6 +42,97 @@ pub(super) struct NetState {
     pub vpn_addrs: BTreeMap<u64, Ipv4Addr>,
     /// Links whose kernel forwarding the daemon turned on.
     pub forwarding: Vec<String>,
+    /// The DHCP server for the VMs' taps (none without VMs).
+    dhcp: Option<Dhcp>,
+}
+
+/// The DHCP server: a child process of its own that holds no key and no
+/// privilege (it parses bytes from guests). The daemon binds its sockets
+/// and keeps them, so it can start it again should it die.
+struct Dhcp {
+    spec: coffre_dhcp::Spec,
+    sockets: Vec<OwnedFd>,
+    child: Option<Child>,
+    started: Option<Instant>,
+    log: PathBuf,
+    /// The unprivileged user it runs as.
+    user: (u32, u32),
+}
+
+/// How soon a DHCP server that died is started again.
+const DHCP_RESTART_AFTER: Duration = Duration::from_secs(2);
+
+impl Dhcp {
+    fn start(&mut self) -> Result<u32, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let mut pass_fds = Vec::new();
+        for (s, i) in self.sockets.iter().zip(&self.spec.interfaces) {
+            pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, i.fd));
+        }
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "dhcp-server",
+            "--uid",
+            &self.user.0.to_string(),
+            "--gid",
+            &self.user.1.to_string(),
+        ])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log);
+        coffre_sys::child::prepare(
+            &mut cmd,
+            coffre_sys::child::ChildSetup {
+                // It drops to its user itself (its binary may be where
+                // that user cannot reach), before reading anything.
+                credentials: None,
+                private_mounts: true,
+                detach: coffre_data::system::vault_mounts(),
+                cwd: Some("/".into()),
+                pass_fds,
+                // Its sockets were made in the host's namespace; it can
+                // make no other that goes anywhere.
+                network: coffre_sys::child::Network::Empty,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let mut child = cmd.spawn().map_err(|e| format!("starting it: {e}"))?;
+        let spec = serde_json::to_vec(&self.spec).map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(&spec);
+        }
+        let pid = child.id();
+        self.child = Some(child);
+        self.started = Some(Instant::now());
+        Ok(pid)
+    }
+
+    /// Whether it died (and why), reaping it.
+    fn died(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.child = None;
+                Some(st.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// The vault's identity on this host (names its table and links).
@@ -72,6 +166,8 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     let mut reach = Vec::new();
     let mut links = BTreeMap::new();
     let mut notes = Vec::new();
+    let mut interfaces = Vec::new();
+    let mut sockets = Vec::new();
     for w in &config.workload {
         let Some(addr) = w.address else { continue };
         let link = names::link(&id, &w.name);
@@ -86,6 +182,19 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
                 );
                 host.route_link(&link, gw, addr)
                     .map_err(|e| format!("{}: {e}", w.name))?;
+                sockets.push(
+                    coffre_dhcp::bind_socket(&link)
+                        .map_err(|e| format!("DHCP socket on {link} for {}: {e}", w.name))?,
+                );
+                interfaces.push(coffre_dhcp::Interface {
+                    ifname: link.clone(),
+                    fd: 3 + i32::try_from(interfaces.len()).unwrap_or(0),
+                    lease: coffre_dhcp::Lease {
+                        mac,
+                        addr,
+                        hostname: w.name.clone(),
+                    },
+                });
                 links.insert(
                     w.name.clone(),
                     Link::Tap {
@@ -186,6 +295,37 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             }
         ),
     );
+    let mut dhcp = None;
+    if !interfaces.is_empty() {
+        let (uid, gid, _) = coffre_sys::child::user("nobody")
+            .ok()
+            .flatten()
+            .ok_or("the DHCP server runs as user nobody, who does not exist here")?;
+        let mut d = Dhcp {
+            spec: coffre_dhcp::Spec {
+                config: coffre_dhcp::ServerConfig {
+                    server: gw,
+                    prefix_len: net.subnet.prefix(),
+                    lease_secs: 3600,
+                    dns: None,
+                    domain: Some("vault".into()),
+                },
+                interfaces,
+            },
+            sockets,
+            child: None,
+            started: None,
+            log: dir.join("run").join("dhcp.log"),
+            user: (uid, gid),
+        };
+        let _ = std::fs::create_dir_all(dir.join("run"));
+        let pid = d.start().map_err(|e| format!("the DHCP server: {e}"))?;
+        notes.push(format!(
+            "DHCP server (pid {pid}, uid {uid}, no network of its own) serves {} VM link(s)",
+            d.spec.interfaces.len()
+        ));
+        dhcp = Some(d);
+    }
     Ok(Up {
         state: NetState {
             policy,
@@ -194,6 +334,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             granted: BTreeMap::new(),
             vpn_addrs: BTreeMap::new(),
             forwarding,
+            dhcp,
         },
         links,
         notes,
@@ -264,6 +405,35 @@ fn array(v: Value) -> Vec<Value> {
 }
 
 impl Shell {
+    /// The DHCP server died: say so, and start it again (not more often
+    /// than every [`DHCP_RESTART_AFTER`]).
+    pub(super) fn net_tick(&mut self) {
+        let Some(d) = self.net.as_mut().and_then(|n| n.dhcp.as_mut()) else {
+            return;
+        };
+        let mut notes = Vec::new();
+        if let Some(why) = d.died() {
+            notes.push(("failed", format!("the DHCP server ended ({why}); see {}", d.log.display())));
+        }
+        if d.child.is_none() && d.started.is_none_or(|t| t.elapsed() >= DHCP_RESTART_AFTER) {
+            match d.start() {
+                Ok(pid) => notes.push(("ok", format!("DHCP server started again (pid {pid})"))),
+                Err(e) => notes.push(("failed", format!("the DHCP server: {e}"))),
+            }
+        }
+        for (result, n) in notes {
+            self.system_audit("network", result, n);
+        }
+    }
+
+    /// At the daemon's stop: the DHCP server goes; the table and links
+    /// stay (fail closed).
+    pub(super) fn net_stop(&mut self) {
+        if let Some(d) = self.net.as_mut().and_then(|n| n.dhcp.as_mut()) {
+            d.stop();
+        }
+    }
+
     /// Recomputes the grants from the gateway's clients (each bound to a
     /// live session) and the addresses OpenVPN gave them.
     pub(super) fn net_reconcile(&mut self) {

@@ -57,6 +57,19 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// The vault network's DHCP server, as the daemon starts it: reads
+    /// its specification (JSON) on stdin and serves on the sockets it
+    /// inherited, unprivileged, in an empty network namespace. Not for
+    /// people to run.
+    #[command(hide = true)]
+    DhcpServer {
+        /// The user it drops to before reading anything.
+        #[arg(long)]
+        uid: u32,
+        /// Its group.
+        #[arg(long)]
+        gid: u32,
+    },
     /// Enter the vault (password and TOTP code) and stay inside, sending
     /// heartbeats, until Ctrl-C or `coffre leave`.
     Enter {

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         C::Init(a) => vault::init(a),
         C::Serve { dir, listen } => vault::serve(dir, listen),
+        C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
         C::Enter {
             id,
             auth,
@@ -99,4 +100,23 @@ fn main() -> ExitCode {
             ExitCode::from(coffre::exit::code_for(&e))
         }
     }
+}
+
+/// `coffre dhcp-server`: what the daemon runs for the vault network.
+/// Started as root (so its binary need not be reachable by `uid`), it
+/// drops to `uid` before it reads a byte of its specification or of a
+/// guest's packets.
+fn dhcp_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
+    coffre_sys::child::become_user(uid, gid)
+        .map_err(|e| anyhow::anyhow!("dropping to uid {uid}: {e}"))?;
+    let spec: coffre_dhcp::Spec = serde_json::from_reader(std::io::stdin().lock())
+        .map_err(|e| anyhow::anyhow!("the DHCP server's specification on stdin: {e}"))?;
+    let sockets = spec
+        .interfaces
+        .iter()
+        .map(|i| coffre_sys::child::inherited_fd(i.fd))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("the DHCP server's sockets: {e}"))?;
+    coffre_dhcp::serve(spec, sockets)?;
+    Ok(coffre::exit::OK)
 }
