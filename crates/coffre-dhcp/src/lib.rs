@@ -26,8 +26,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode};
-use dhcproto::{Encodable as _, Encoder};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -48,8 +46,8 @@ pub const CLIENT_PORT: u16 = 68;
 /// 236 bytes of fields, then the 4-byte magic cookie).
 const FIXED_LEN: usize = 240;
 
-/// RFC 2131 §3: the options field starts with 99.130.83.99. dhcproto reads
-/// it without checking, and a message without it is BOOTP or garbage.
+/// RFC 2131 §3: the options field starts with 99.130.83.99; a message
+/// without it is BOOTP or garbage.
 const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
 
 /// Longest host or domain name we send: a DHCP option's length is one
@@ -78,9 +76,6 @@ pub enum DhcpError {
     /// bug in the daemon's spawn code.
     #[error("DHCP spec: {0}")]
     Spec(String),
-    /// Encoding our own reply failed (a bug: our replies are small).
-    #[error("encoding a DHCP reply: {0}")]
-    Encode(String),
     /// A socket failed in a way that retrying will not fix; the child exits
     /// and the daemon should restart it.
     #[error("DHCP socket on {ifname}: {source}")]
@@ -281,7 +276,7 @@ pub fn answer(
         }
         _ => return Ok(None),
     };
-    build(cfg, lease, &req, kind).map(Some)
+    Ok(Some(build(cfg, lease, &req, kind)))
 }
 
 const BOOTREQUEST: u8 = 1;
@@ -390,70 +385,114 @@ fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), DhcpError> {
     Ok(())
 }
 
+const BOOTREPLY: u8 = 2;
+const OFFER: u8 = 2;
+const ACK: u8 = 5;
+const NAK: u8 = 6;
+
+/// RFC 2132 option codes we send.
+mod opt {
+    pub const SUBNET_MASK: u8 = 1;
+    pub const ROUTER: u8 = 3;
+    pub const DNS: u8 = 6;
+    pub const HOSTNAME: u8 = 12;
+    pub const DOMAIN: u8 = 15;
+    pub const LEASE_TIME: u8 = 51;
+    pub const MESSAGE_TYPE: u8 = 53;
+    pub const SERVER_ID: u8 = 54;
+    pub const MESSAGE: u8 = 56;
+    pub const END: u8 = 255;
+}
+
+/// The shortest reply we send: RFC 1542 §2.1 has relays and clients accept
+/// no BOOTP message under 300 bytes, so common servers pad to it.
+const MIN_REPLY: usize = 300;
+
+/// What a NAK says in option 56.
+const NAK_TEXT: &str = "requested address is not this client's";
+
 /// The reply to `req` (already checked to come from `lease.mac`).
-fn build(
-    cfg: &ServerConfig,
-    lease: &Lease,
-    req: &Request,
-    kind: ReplyKind,
-) -> Result<Reply, DhcpError> {
-    let mut msg = Message::default();
-    msg.set_opcode(Opcode::BootReply)
-        .set_htype(HType::Eth)
-        .set_xid(req.xid)
-        // The client's flags (RFC 2131 table 3), broadcast bit included.
-        .set_flags(Flags::new(req.flags))
-        .set_chaddr(&lease.mac);
+///
+/// Encoded here, like [`Request`] is read here: a reply is a fixed header
+/// and at most nine options, and a general DHCP library would bring a DNS
+/// stack, IDNA and an RNG into the daemon to write them. The tests decode
+/// every reply with dhcproto, independently of this code.
+fn build(cfg: &ServerConfig, lease: &Lease, req: &Request, kind: ReplyKind) -> Reply {
     let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
-    let mut to = broadcast;
-    let opts = msg.opts_mut();
-    opts.insert(DhcpOption::ServerIdentifier(cfg.server));
-    match kind {
-        ReplyKind::Nak => {
-            // RFC 2131 §4.3.2: a NAK is broadcast when giaddr is zero,
-            // since the client's address is the one being refused.
-            opts.insert(DhcpOption::MessageType(MessageType::Nak));
-            opts.insert(DhcpOption::Message(
-                "requested address is not this client's".into(),
-            ));
+    let (yiaddr, ciaddr, to) = match kind {
+        // RFC 2131 §4.3.2: a NAK is broadcast when giaddr is zero, since
+        // the client's address is the one being refused.
+        ReplyKind::Nak => (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, broadcast),
+        // A renewing client already holds the address and answers ARP for
+        // it, so its ACK goes to it directly (RFC 2131 §4.1). Every other
+        // reply is broadcast: unicasting to a client that has no address
+        // yet would need an ARP entry we cannot add without privileges,
+        // and busybox udhcpc, dhclient and systemd-networkd all accept
+        // broadcast replies. answer() only ACKs a set ciaddr when it is
+        // lease.addr, so the destination is never chosen by the guest.
+        ReplyKind::Ack if req.ciaddr == lease.addr => (
+            lease.addr,
+            lease.addr,
+            SocketAddrV4::new(lease.addr, CLIENT_PORT),
+        ),
+        ReplyKind::Offer | ReplyKind::Ack => (lease.addr, Ipv4Addr::UNSPECIFIED, broadcast),
+    };
+
+    // RFC 2131 §2, table 1: the fixed fields. siaddr, giaddr, sname and
+    // file stay zero; secs and hops are zero in a server's reply.
+    let mut b = vec![0u8; FIXED_LEN];
+    b[0] = BOOTREPLY;
+    b[1] = HTYPE_ETHERNET;
+    b[2] = 6; // hlen
+    b[4..8].copy_from_slice(&req.xid.to_be_bytes());
+    // The client's flags (RFC 2131 table 3), broadcast bit included.
+    b[10..12].copy_from_slice(&req.flags.to_be_bytes());
+    b[12..16].copy_from_slice(&ciaddr.octets());
+    b[16..20].copy_from_slice(&yiaddr.octets());
+    b[28..34].copy_from_slice(&lease.mac);
+    b[236..240].copy_from_slice(&MAGIC_COOKIE);
+
+    let msg_type = match kind {
+        ReplyKind::Offer => OFFER,
+        ReplyKind::Ack => ACK,
+        ReplyKind::Nak => NAK,
+    };
+    put(&mut b, opt::MESSAGE_TYPE, &[msg_type]);
+    put(&mut b, opt::SERVER_ID, &cfg.server.octets());
+    if kind == ReplyKind::Nak {
+        put(&mut b, opt::MESSAGE, NAK_TEXT.as_bytes());
+    } else {
+        put(&mut b, opt::LEASE_TIME, &cfg.lease_secs.to_be_bytes());
+        put(&mut b, opt::SUBNET_MASK, &cfg.mask().octets());
+        put(&mut b, opt::ROUTER, &cfg.server.octets());
+        if let Some(dns) = cfg.dns {
+            put(&mut b, opt::DNS, &dns.octets());
         }
-        ReplyKind::Offer | ReplyKind::Ack => {
-            opts.insert(DhcpOption::MessageType(if kind == ReplyKind::Ack {
-                MessageType::Ack
-            } else {
-                MessageType::Offer
-            }));
-            opts.insert(DhcpOption::AddressLeaseTime(cfg.lease_secs));
-            opts.insert(DhcpOption::SubnetMask(cfg.mask()));
-            opts.insert(DhcpOption::Router(vec![cfg.server]));
-            if let Some(dns) = cfg.dns {
-                opts.insert(DhcpOption::DomainNameServer(vec![dns]));
-            }
-            if let Some(domain) = &cfg.domain {
-                opts.insert(DhcpOption::DomainName(domain.clone()));
-            }
-            if !lease.hostname.is_empty() {
-                opts.insert(DhcpOption::Hostname(lease.hostname.clone()));
-            }
-            msg.set_yiaddr(lease.addr);
-            // A renewing client already holds the address and answers ARP
-            // for it, so its ACK goes to it directly (RFC 2131 §4.1).
-            // Every other reply is broadcast: unicasting to a client that
-            // has no address yet would need an ARP entry we cannot add
-            // without privileges, and busybox udhcpc, dhclient and
-            // systemd-networkd all accept broadcast replies. answer() only
-            // ACKs a set ciaddr when it is lease.addr, so the destination
-            // is never chosen by the guest.
-            if kind == ReplyKind::Ack && req.ciaddr == lease.addr {
-                msg.set_ciaddr(lease.addr);
-                to = SocketAddrV4::new(lease.addr, CLIENT_PORT);
-            }
+        if let Some(domain) = &cfg.domain {
+            put(&mut b, opt::DOMAIN, domain.as_bytes());
+        }
+        if !lease.hostname.is_empty() {
+            put(&mut b, opt::HOSTNAME, lease.hostname.as_bytes());
         }
     }
-    let mut bytes = Vec::with_capacity(576);
-    msg.encode(&mut Encoder::new(&mut bytes))
-        .map_err(|e| DhcpError::Encode(e.to_string()))?;
-    Ok(Reply { bytes, to, kind })
+    b.push(opt::END);
+    // Pad options (0) after End up to the BOOTP minimum.
+    if b.len() < MIN_REPLY {
+        b.resize(MIN_REPLY, 0);
+    }
+    Reply { bytes: b, to, kind }
+}
+
+/// Appends one option: code, length, value. Every value is at most 255
+/// bytes: addresses and numbers are fixed-size, and the domain and
+/// hostname are checked against [`MAX_NAME`] by [`ServerConfig::validate`]
+/// and [`Lease::validate`] before [`build`] runs. A longer one is cut
+/// rather than encoded with a wrong length byte.
+fn put(b: &mut Vec<u8>, code: u8, value: &[u8]) {
+    let len = u8::try_from(value.len()).unwrap_or(u8::MAX);
+    b.push(code);
+    b.push(len);
+    b.extend_from_slice(&value[..usize::from(len)]);
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 use super::*;
-use dhcproto::v4::OptionCode;
-use dhcproto::{Decodable as _, Decoder};
+use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable as _, Decoder, Encodable as _, Encoder};
 use proptest::prelude::*;
 
 pub(crate) fn config() -> ServerConfig {
@@ -355,6 +355,87 @@ fn truncated_and_garbage_packets_are_errors() {
 }
 
 #[test]
+fn replies_are_laid_out_like_common_servers() {
+    let mut packet = request(&lease().mac, lease().addr);
+    packet[3] = 1; // hops
+    packet[8..10].copy_from_slice(&[0, 9]); // secs
+    packet[44] = b'x'; // sname
+    packet[108] = b'y'; // file
+    for packet in [discover(&lease().mac), packet, request(&lease().mac, OTHER)] {
+        let r = reply(&packet);
+        let b = &r.bytes;
+        // At least the BOOTP minimum; these small replies are exactly it.
+        assert_eq!(b.len(), 300);
+        assert_eq!(&b[..4], &[2, 1, 6, 0]);
+        assert_eq!(&b[4..8], &packet[4..8]);
+        assert_eq!(&b[8..10], &[0, 0]);
+        assert!(b[20..28].iter().all(|&x| x == 0), "siaddr, giaddr");
+        assert!(
+            b[34..236].iter().all(|&x| x == 0),
+            "chaddr pad, sname, file"
+        );
+        assert_eq!(&b[236..240], &MAGIC_COOKIE);
+        // The message type first, then the server identifier.
+        let kind = match r.kind {
+            ReplyKind::Offer => 2,
+            ReplyKind::Ack => 5,
+            ReplyKind::Nak => 6,
+        };
+        assert_eq!(&b[240..249], &[53, 1, kind, 54, 4, 10, 9, 0, 1]);
+        let end = b.iter().rposition(|&x| x != 0).unwrap();
+        assert_eq!(b[end], 255, "End, then only Pad");
+        let m = decode(&r);
+        assert_eq!(m.hops(), 0);
+        assert_eq!(m.secs(), 0);
+        assert!(m.sname().is_none() && m.fname().is_none());
+    }
+}
+
+#[test]
+fn a_nak_says_why() {
+    let m = decode(&reply(&request(&lease().mac, OTHER)));
+    assert_eq!(
+        m.opts().get(OptionCode::Message),
+        Some(&DhcpOption::Message(
+            "requested address is not this client's".into()
+        ))
+    );
+    for code in [
+        OptionCode::SubnetMask,
+        OptionCode::DomainNameServer,
+        OptionCode::DomainName,
+        OptionCode::Hostname,
+    ] {
+        assert!(!m.opts().contains(code), "{code:?}");
+    }
+}
+
+#[test]
+fn longest_names_fit_and_decode() {
+    let cfg = ServerConfig {
+        domain: Some("d".repeat(MAX_NAME)),
+        ..config()
+    };
+    let lease = Lease {
+        hostname: "h".repeat(MAX_NAME),
+        ..lease()
+    };
+    let r = answer(&cfg, &lease, &discover(&lease.mac))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.bytes.last(), Some(&255), "no padding past 300");
+    let m = decode(&r);
+    assert_eq!(
+        m.opts().get(OptionCode::Hostname),
+        Some(&DhcpOption::Hostname(lease.hostname.clone()))
+    );
+    assert_eq!(
+        m.opts().get(OptionCode::DomainName),
+        Some(&DhcpOption::DomainName(cfg.domain.clone().unwrap()))
+    );
+}
+
+#[test]
 fn bad_leases_are_refused() {
     let bad = [
         Lease {
@@ -478,6 +559,42 @@ proptest! {
         if let Ok(Some(r)) = answer(&config(), &lease(), &packet) {
             check_reply(&config(), &lease(), &r);
         }
+    }
+
+    #[test]
+    fn every_config_decodes_to_what_was_configured(
+        server in any::<u32>().prop_map(Ipv4Addr::from),
+        prefix_len in 0u8..=32,
+        lease_secs in any::<u32>(),
+        dns in prop::option::of(any::<u32>().prop_map(Ipv4Addr::from)),
+        domain in prop::option::of("[a-z0-9.-]{1,255}"),
+        hostname in "[a-z0-9-]{0,255}",
+        xid in any::<u32>(),
+        flags in any::<u16>(),
+    ) {
+        let cfg = ServerConfig { server, prefix_len, lease_secs, dns, domain };
+        let lease = Lease { hostname, ..lease() };
+        let mut packet = discover(&lease.mac);
+        packet[4..8].copy_from_slice(&xid.to_be_bytes());
+        packet[10..12].copy_from_slice(&flags.to_be_bytes());
+        let r = answer(&cfg, &lease, &packet).unwrap().unwrap();
+        prop_assert!(r.bytes.len() >= 300);
+        let m = decode(&r);
+        prop_assert_eq!(m.xid(), xid);
+        prop_assert_eq!(u16::from(m.flags()), flags);
+        prop_assert_eq!(m.yiaddr(), lease.addr);
+        let o = m.opts();
+        prop_assert_eq!(o.msg_type(), Some(MessageType::Offer));
+        prop_assert_eq!(o.get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(server)));
+        prop_assert_eq!(o.get(OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(lease_secs)));
+        prop_assert_eq!(o.get(OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(cfg.mask())));
+        prop_assert_eq!(o.get(OptionCode::Router), Some(&DhcpOption::Router(vec![server])));
+        prop_assert_eq!(o.get(OptionCode::DomainNameServer).cloned(), dns.map(|d| DhcpOption::DomainNameServer(vec![d])));
+        prop_assert_eq!(o.get(OptionCode::DomainName).cloned(), cfg.domain.clone().map(DhcpOption::DomainName));
+        prop_assert_eq!(
+            o.get(OptionCode::Hostname).cloned(),
+            (!lease.hostname.is_empty()).then(|| DhcpOption::Hostname(lease.hostname.clone()))
+        );
     }
 
     #[test]
