@@ -413,7 +413,10 @@ impl Shell {
         };
         let mut notes = Vec::new();
         if let Some(why) = d.died() {
-            notes.push(("failed", format!("the DHCP server ended ({why}); see {}", d.log.display())));
+            notes.push((
+                "failed",
+                format!("the DHCP server ended ({why}); see {}", d.log.display()),
+            ));
         }
         if d.child.is_none() && d.started.is_none_or(|t| t.elapsed() >= DHCP_RESTART_AFTER) {
             match d.start() {

@@ -6,6 +6,7 @@
 
 use crate::gateway::{Gw, Net};
 use crate::harness::*;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -144,9 +145,15 @@ impl Lab {
     /// A vault whose config.toml gets `[network]` and `workloads`, alice
     /// and bob as members, OpenVPN up, two client namespaces.
     fn new(network: &str, workloads: &str) -> Lab {
+        Lab::with_size(network, workloads, "16M")
+    }
+
+    /// As [`Lab::new`], with a volume of `size` (VMs suspended into it in
+    /// safe mode need room).
+    fn with_size(network: &str, workloads: &str, size: &str) -> Lab {
         require(NEEDS_NETWORK);
         let net = Net::new(2);
-        let mut vault = Vault::init(&["--totp-period", "3"]);
+        let mut vault = Vault::init(&["--totp-period", "3", "--size", size]);
         vault.netns = Some(net.server.clone());
         vault.set_policy("throttle_base_ms", 10);
         vault.set_workloads("auto", &format!("[network]\n{network}\n{workloads}"));
@@ -434,4 +441,203 @@ fn members_reach_their_own_workload_over_the_vpn_and_nothing_else() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The first line of the body at `url`, fetched from namespace `ns`
+/// (`fail` if nothing comes).
+fn http(ns: &str, url: &str) -> String {
+    let out = nsenter(ns)
+        .args([
+            "python3",
+            "-c",
+            "import sys, urllib.request\ntry: print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().splitlines()[0])\nexcept Exception: print('fail')",
+            url,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn eventually_http(ns: &str, url: &str, want: &str, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let got = http(ns, url);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < until, "{ns} → {url}: {got}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A VM workload booting the test guest with `append` switches.
+fn vm(name: &str, member: &str, last: u8, append: &str, extra: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/guest");
+    let st = Command::new(root.join("scripts/guest-image"))
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/guest-image failed");
+    format!(
+        r#"
+[[workload]]
+name = "{name}"
+kind = "qemu"
+members = ["{member}"]
+accel = "tcg"
+memory_mb = 192
+kernel = "{}"
+initrd = "{}"
+append = "console=ttyS0 quiet coffre.net=dhcp coffre.name={name} {append}"
+address = "10.9.0.{last}"
+ports = ["tcp/80"]
+{extra}
+"#,
+        out.join("vmlinuz").display(),
+        out.join("initrd.gz").display()
+    )
+}
+
+impl Lab {
+    /// The console log of VM `name` (inside the data: the vault is open).
+    fn console(&self, name: &str) -> String {
+        let log = self
+            .gw
+            .vault
+            .layout()
+            .mountpoint
+            .join(format!(".coffre/logs/{name}.log"));
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+
+    fn wait_console(&self, name: &str, want: &str, within: Duration) {
+        let until = Instant::now() + within;
+        while !self.console(name).contains(want) {
+            assert!(
+                Instant::now() < until,
+                "{name} never printed {want:?}:\n{}",
+                self.console(name)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces, nft, QEMU"]
+fn vms_get_their_address_by_dhcp_and_keep_it_across_fast_and_safe_closes() {
+    require(&[Need::Qemu]);
+    // The vault's name is its directory's; vm-c takes vm-a's MAC.
+    let mac_a = coffre_net::names::mac_text(&coffre_net::names::mac("vault", "vm-a"));
+    let workloads = format!(
+        "{}{}{}",
+        vm(
+            "vm-a",
+            "alice",
+            10,
+            "coffre.probe=198.51.100.7:8088",
+            r#"egress = ["198.51.100.7:8088"]"#
+        ),
+        vm("vm-b", "bob", 20, "coffre.probe=198.51.100.7:8088", ""),
+        vm("vm-c", "bob", 30, &format!("coffre.dhcpmac={mac_a}"), ""),
+    );
+    let mut lab = Lab::with_size(r#"subnet = "10.9.0.0/24""#, &workloads, "640M");
+    let cfg = std::fs::read_to_string(lab.gw.vault.dir.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("name = \"vault\""),
+        "the vault's name changed: {cfg}"
+    );
+    // The internet serves HTTP here (the guests probe it with wget).
+    let www = lab.gw.vault.tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from the internet\n").unwrap();
+    let mut web = nsenter(&lab.internet)
+        .args([
+            "python3",
+            "-m",
+            "http.server",
+            "8088",
+            "--bind",
+            "198.51.100.7",
+        ])
+        .current_dir(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let mut alice = lab.gw.connect("alice", 0);
+    let a0 = lab.client(0).to_string();
+    lab.wait_console("vm-a", "net up 10.9.0.10", Duration::from_secs(90));
+    lab.wait_console("vm-b", "net up 10.9.0.20", Duration::from_secs(60));
+    lab.wait_console("vm-a", "httpd up", Duration::from_secs(30));
+    eventually_http(
+        &a0,
+        "http://10.9.0.10/",
+        "hello from vm-a",
+        Duration::from_secs(20),
+    );
+    assert_eq!(http(&a0, "http://10.9.0.20/"), "fail", "bob's VM");
+    assert_eq!(
+        http(&a0, "http://10.9.0.10:8080/"),
+        "fail",
+        "undeclared port"
+    );
+    // Egress only where listed.
+    lab.wait_console(
+        "vm-a",
+        "probe ok hello from the internet",
+        Duration::from_secs(30),
+    );
+    assert!(lab.console("vm-b").contains("probe fail"));
+    assert!(
+        !lab.console("vm-b").contains("probe ok"),
+        "{}",
+        lab.console("vm-b")
+    );
+    // A VM that takes another's MAC gets no lease (and its frames are
+    // dropped: they do not come from its link's MAC).
+    lab.wait_console("vm-c", "net failed", Duration::from_secs(60));
+    assert!(!lab.console("vm-c").contains("net up"));
+
+    // Fast mode: alice leaves (the vault closes, the VMs pause), comes
+    // back: her desktop answers at the same address at once.
+    alice.stop();
+    lab.gw.vault.wait_state("closed", Duration::from_secs(30));
+    let mut alice = lab.gw.connect("alice", 0);
+    eventually_http(
+        &a0,
+        "http://10.9.0.10/",
+        "hello from vm-a",
+        Duration::from_secs(20),
+    );
+
+    // Safe mode: the VMs are suspended into the vault, restored with
+    // -incoming onto the same taps.
+    ok(&lab.gw.vault.authed("alice", &["mode", "safe"]));
+    alice.stop();
+    lab.gw.vault.wait_state("closed", Duration::from_secs(60));
+    let st = lab.gw.vault.status("alice");
+    let a = st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "vm-a")
+        .cloned()
+        .unwrap();
+    assert_eq!(a["state"], "suspended-to-vault", "{a}");
+    let mut alice = lab.gw.connect("alice", 0);
+    eventually_http(
+        &a0,
+        "http://10.9.0.10/",
+        "hello from vm-a",
+        Duration::from_secs(40),
+    );
+    // It carried on: one boot, one lease.
+    assert_eq!(lab.console("vm-a").matches("net up").count(), 1);
+    alice.stop();
+    let _ = web.kill();
+    let _ = web.wait();
 }
