@@ -331,23 +331,6 @@ pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn proc_paths_are_written_without_allocating() {
-        for (fd, want) in [
-            (0, "/proc/self/fd/0"),
-            (7, "/proc/self/fd/7"),
-            (1048575, "/proc/self/fd/1048575"),
-        ] {
-            let mut buf = [0xffu8; 32];
-            super::proc_fd_path(&mut buf, fd);
-            let end = buf.iter().position(|&b| b == 0).unwrap();
-            assert_eq!(&buf[..end], want.as_bytes());
-        }
-    }
-}
-
 /// Takes descriptor `fd`, inherited from the parent that spawned this
 /// process (see [`ChildSetup::pass_fds`]), after checking that it is open
 /// and not one of stdin, stdout or stderr. Call it once per number.
@@ -397,4 +380,21 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
         return Err(io::Error::other("still able to become root after the drop"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_paths_are_written_without_allocating() {
+        for (fd, want) in [
+            (0, "/proc/self/fd/0"),
+            (7, "/proc/self/fd/7"),
+            (1048575, "/proc/self/fd/1048575"),
+        ] {
+            let mut buf = [0xffu8; 32];
+            super::proc_fd_path(&mut buf, fd);
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            assert_eq!(&buf[..end], want.as_bytes());
+        }
+    }
 }
