@@ -288,6 +288,26 @@ impl Lab {
         coffre_net::names::netns(id.to_str().unwrap(), name)
     }
 
+    /// The VPN addresses in the kernel's client set of workload `i` (the
+    /// i-th on the network in config.toml).
+    fn kernel_set(&self, i: usize) -> Vec<String> {
+        let id = std::fs::canonicalize(&self.gw.vault.dir).unwrap();
+        let table = coffre_net::names::table(id.to_str().unwrap());
+        let out = nsenter(self.host())
+            .args(["nft", "-j", "list", "set", "inet", &table, &format!("clients_{i}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|o| o["set"]["elem"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e.as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The table, as the host's nft lists it (None: absent).
     fn table(&self) -> Option<String> {
         let id = std::fs::canonicalize(&self.gw.vault.dir).unwrap();
@@ -407,11 +427,16 @@ fn members_reach_their_own_workload_over_the_vpn_and_nothing_else() {
         "{text}"
     );
 
-    // Removal cuts bob off at once.
+    // Removal cuts bob off at once: by the time the command returns, his
+    // address is out of the kernel's set (whatever OpenVPN does next).
+    assert_eq!(lab.kernel_set(0), vec![alice_vpn.clone()]);
+    assert_eq!(lab.kernel_set(1), vec![bob_vpn.clone()]);
     ok(&lab.gw.vault.authed("alice", &["member", "remove", "bob"]));
+    assert!(lab.kernel_set(1).is_empty(), "bob is still granted after his removal");
     assert_eq!(tcp(&b0, "10.9.0.20", 8000), "fail", "bob after his removal");
     // A lock cuts alice off at once (before OpenVPN drops her).
     ok(&lab.gw.vault.authed("alice", &["lock", "--reason", "drill"]));
+    assert!(lab.kernel_set(0).is_empty(), "alice is still granted after the lock");
     assert_eq!(tcp(&a0, "10.9.0.10", 8000), "fail", "alice after the lock");
     assert!(
         lab.gw
