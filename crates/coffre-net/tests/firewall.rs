@@ -115,7 +115,7 @@ impl Lab {
         };
         for n in ["host", "clients", "internet"] {
             let name = format!("{tag}-{n}");
-            let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+            let _ = Command::new("ip").args(["netns", "delete", &name]).output();
             assert!(
                 Command::new("ip")
                     .args(["netns", "add", &name])

@@ -378,9 +378,14 @@ impl NetState {
             }
         }
         if !cmds.is_empty() {
+            let t = Instant::now();
             self.host
                 .nft(&json!({ "nftables": cmds }))
                 .map_err(|e| e.to_string())?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            for n in &mut notes {
+                n.push_str(&format!(" (firewall updated in {ms:.1} ms)"));
+            }
         }
         self.granted = want;
         Ok(notes)

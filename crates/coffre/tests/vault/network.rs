@@ -666,3 +666,196 @@ fn vms_get_their_address_by_dhcp_and_keep_it_across_fast_and_safe_closes() {
     let _ = web.kill();
     let _ = web.wait();
 }
+
+/// Reads everything a client sends, answers with the byte count.
+const SINK: &str = r#"
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000)); s.listen(4)
+def talk(c):
+    n = 0
+    while True:
+        d = c.recv(1 << 16)
+        if not d: break
+        n += len(d)
+    c.sendall(f"{n}\n".encode()); c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=talk, args=(c,), daemon=True).start()
+"#;
+
+/// Sends MIB mebibytes to DST:8000, prints the seconds it took.
+const SEND: &str = r#"
+import socket, sys, time
+dst, mib = sys.argv[1], int(sys.argv[2])
+buf = b"x" * (1 << 20)
+t = time.monotonic()
+s = socket.create_connection((dst, 8000), timeout=30)
+for _ in range(mib): s.sendall(buf)
+s.shutdown(socket.SHUT_WR)
+n = int(s.makefile().readline())
+assert n == mib << 20, n
+print(time.monotonic() - t)
+"#;
+
+impl Lab {
+    fn table_name(&self) -> String {
+        let id = std::fs::canonicalize(&self.gw.vault.dir).unwrap();
+        coffre_net::names::table(id.to_str().unwrap())
+    }
+
+    /// One `nft -j -f -` batch in the host's namespace; its time, ms.
+    fn nft(&self, batch: &serde_json::Value) -> f64 {
+        let t = Instant::now();
+        let mut c = nsenter(self.host())
+            .args(["nft", "-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(batch.to_string().as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success(), "{batch}");
+        t.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn elements(&self, verb: &str, addrs: &[String]) -> serde_json::Value {
+        serde_json::json!({"nftables": [{verb: {"element": {
+            "family": "inet", "table": self.table_name(), "name": "clients_0", "elem": addrs,
+        }}}]})
+    }
+}
+
+/// Benchmark (scripts/bench-network), not a pass/fail test: throughput
+/// from a VPN client to a process workload through the vault's rules
+/// against the same OpenVPN path without the vault's table, with 10 and
+/// 500 members' addresses in the sets, and the time of a rule update.
+#[test]
+#[ignore = "benchmark: scripts/bench-network"]
+fn survey_network_throughput_and_rule_updates() {
+    let mib: u32 = std::env::var("COFFRE_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let rounds: usize = std::env::var("COFFRE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let workload = format!(
+        r#"
+[[workload]]
+name = "sink"
+kind = "process"
+members = ["alice"]
+user = "root"
+network = true
+address = "10.9.0.10"
+ports = ["tcp/8000"]
+command = ["/usr/bin/python3", "-c", '''{SINK}''']
+"#
+    );
+    let mut lab = Lab::new(r#"subnet = "10.9.0.0/24""#, &workload);
+    let _alice = lab.gw.connect("alice", 0);
+    let a0 = lab.client(0).to_string();
+    let alice_vpn = lab.vpn_address("alice");
+    let send = || -> f64 {
+        let out = nsenter(&a0)
+            .args(["python3", "-c", SEND, "10.9.0.10", &mib.to_string()])
+            .output()
+            .unwrap();
+        let secs: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("send: {}", String::from_utf8_lossy(&out.stderr)));
+        f64::from(mib) / secs
+    };
+    // Wait for the sink.
+    let until = Instant::now() + Duration::from_secs(30);
+    while nsenter(&a0)
+        .args(["python3", "-c", SEND, "10.9.0.10", "1"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < until, "the sink never answered");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let table = lab.table_name();
+    let saved = nsenter(lab.host())
+        .args(["nft", "-j", "list", "table", "inet", &table])
+        .output()
+        .unwrap();
+    assert!(saved.status.success());
+    let saved: serde_json::Value = serde_json::from_slice(&saved.stdout).unwrap();
+    let dummies = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.8.{}.{}", 100 + i / 250, 1 + i % 250))
+            .collect()
+    };
+    lab.nft(&lab.elements("add", &dummies(9)));
+    let mut with10 = Vec::new();
+    let mut without = Vec::new();
+    let mut with500 = Vec::new();
+    let mut update10 = Vec::new();
+    let mut update500 = Vec::new();
+    let probe = vec!["10.8.99.99".to_string()];
+    for _ in 0..rounds {
+        with10.push(send());
+        for _ in 0..5 {
+            update10.push(lab.nft(&lab.elements("add", &probe)));
+            update10.push(lab.nft(&lab.elements("delete", &probe)));
+        }
+        // The same path without the vault's table.
+        lab.nft(&serde_json::json!({"nftables": [
+            {"delete": {"table": {"family": "inet", "name": table}}}
+        ]}));
+        without.push(send());
+        // Back, as it was (alice's grant and the 9 others included).
+        lab.nft(&saved);
+        assert_eq!(lab.kernel_set(0).len(), 10);
+        lab.nft(&lab.elements("add", &dummies(499)[9..].to_vec()));
+        with500.push(send());
+        for _ in 0..5 {
+            update500.push(lab.nft(&lab.elements("add", &probe)));
+            update500.push(lab.nft(&lab.elements("delete", &probe)));
+        }
+        lab.nft(&lab.elements("delete", &dummies(499)[9..].to_vec()));
+        assert!(lab.kernel_set(0).contains(&alice_vpn));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (w10, wo, w500) = (
+        median(&mut with10),
+        median(&mut without),
+        median(&mut with500),
+    );
+    let (u10, u500) = (median(&mut update10), median(&mut update500));
+    let grants: Vec<String> = lab
+        .gw
+        .vault
+        .audit_details("network", "ok")
+        .into_iter()
+        .filter(|d| d.contains("firewall updated in"))
+        .collect();
+    println!("network benchmark ({rounds} rounds of {mib} MiB, medians; OpenVPN over UDP in namespaces, one TCP stream):");
+    println!("  VPN client -> workload, no vault table (baseline): {wo:.1} MiB/s");
+    println!(
+        "  through the vault's rules, 10 members in the set:  {w10:.1} MiB/s (x{:.2} of baseline)",
+        w10 / wo
+    );
+    println!(
+        "  through the vault's rules, 500 members in the set: {w500:.1} MiB/s (x{:.2} of baseline, x{:.2} of 10 members)",
+        w500 / wo,
+        w500 / w10
+    );
+    println!(
+        "  rule update (one address in or out, one nft transaction): {u10:.1} ms with 10 members, {u500:.1} ms with 500 (x{:.2})",
+        u500 / u10
+    );
+    println!("  the daemon's own grants: {grants:?}");
+}
