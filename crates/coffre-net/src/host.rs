@@ -146,6 +146,27 @@ impl Host {
         }
     }
 
+    /// Reads `/proc/sys/net/...` key `key` (dotted) in this namespace.
+    pub fn sysctl_get(&self, key: &str) -> Result<String, NetError> {
+        if key.contains("..") || key.contains('/') || !key.starts_with("net.") {
+            return Err(NetError::Config(format!("sysctl {key:?}")));
+        }
+        match &self.netns {
+            None => {
+                let path = format!("/proc/sys/{}", key.replace('.', "/"));
+                std::fs::read_to_string(&path)
+                    .map(|v| v.trim().to_string())
+                    .map_err(|e| NetError::Tool {
+                        what: format!("read {path}"),
+                        msg: e.to_string(),
+                    })
+            }
+            Some(_) => self
+                .run("sysctl", &["-n", key], None)
+                .map(|v| v.trim().to_string()),
+        }
+    }
+
     /// Whether link `name` exists here.
     pub fn link_exists(&self, name: &str) -> bool {
         self.ip(&["link", "show", "dev", name]).is_ok()

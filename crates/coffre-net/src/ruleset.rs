@@ -53,6 +53,8 @@ pub struct Vpn {
     pub link: String,
     /// The host's address on the VPN (clients may ping it).
     pub gateway: Ipv4Addr,
+    /// The VPN's address space: packets from it come only through the tun.
+    pub network: Subnet,
 }
 
 /// Everything the table is made from.
@@ -68,6 +70,10 @@ pub struct Policy {
     pub endpoints: Vec<Endpoint>,
     /// Destinations every workload may reach.
     pub egress: Vec<Egress>,
+    /// Links whose forwarding the vault turned on for egress replies
+    /// (they did not forward before): through them only those replies
+    /// are forwarded.
+    pub uplinks: Vec<String>,
 }
 
 const FAMILY: &str = "inet";
@@ -188,6 +194,13 @@ impl Policy {
             vpn_links,
             "the OpenVPN gateway's tun",
         ));
+        let uplinks: Vec<Value> = self.uplinks.iter().map(|l| json!(l)).collect();
+        cmds.push(self.set_obj(
+            "opened_uplinks",
+            json!("ifname"),
+            uplinks,
+            "links the vault turned forwarding on for, for egress replies only",
+        ));
         let sources = self
             .endpoints
             .iter()
@@ -261,6 +274,36 @@ impl Policy {
                 jump("from_workload_link"),
             ],
         ));
+        // The vault's and the VPN's addresses come only from their own
+        // links (or the host itself): from anywhere else (the uplink's
+        // LAN) they are forged, and would pass for a workload or a member.
+        let subnet = json!({"prefix": {"addr": self.subnet.base().to_string(), "len": self.subnet.prefix()}});
+        cmds.push(self.rule(
+            "prerouting",
+            vec![
+                mtch(payload("ip", "saddr"), "==", subnet.clone()),
+                mtch(meta("iifname"), "!=", set("workload_links")),
+                mtch(meta("iifname"), "!=", json!("lo")),
+                counter(),
+                drop_(),
+            ],
+        ));
+        if let Some(v) = &self.vpn {
+            cmds.push(self.rule(
+                "prerouting",
+                vec![
+                    mtch(
+                        payload("ip", "saddr"),
+                        "==",
+                        json!({"prefix": {"addr": v.network.base().to_string(), "len": v.network.prefix()}}),
+                    ),
+                    mtch(meta("iifname"), "!=", set("vpn_links")),
+                    mtch(meta("iifname"), "!=", json!("lo")),
+                    counter(),
+                    drop_(),
+                ],
+            ));
+        }
         let w = "from_workload_link";
         cmds.push(self.rule(
             w,
@@ -317,9 +360,19 @@ impl Policy {
             ],
         ));
         let gw = self.subnet.gateway().to_string();
+        let gw = json!(gw);
         cmds.push(self.rule(
             "input_from_workload",
-            vec![mtch(payload("udp", "dport"), "==", json!(67)), accept()],
+            vec![
+                mtch(
+                    payload("ip", "daddr"),
+                    "==",
+                    json!({"set": [gw.clone(), "255.255.255.255"]}),
+                ),
+                mtch(payload("udp", "sport"), "==", json!(68)),
+                mtch(payload("udp", "dport"), "==", json!(67)),
+                accept(),
+            ],
         ));
         cmds.push(self.rule(
             "input_from_workload",
@@ -386,6 +439,16 @@ impl Policy {
                 vec![mtch(meta(dir), "==", set(set_name)), jump(chain)],
             ));
         }
+        // An uplink that forwards only because of the vault forwards
+        // nothing but the vault's egress replies (handled above).
+        cmds.push(self.rule(
+            "forward",
+            vec![
+                mtch(meta("iifname"), "==", set("opened_uplinks")),
+                counter(),
+                drop_(),
+            ],
+        ));
         for (i, e) in self.endpoints.iter().enumerate() {
             let clients = clients_set(i);
             let addr = json!(e.addr.to_string());
@@ -412,6 +475,7 @@ impl Policy {
             cmds.push(self.rule(
                 "to_vpn",
                 vec![
+                    mtch(meta("iifname"), "==", set("workload_links")),
                     mtch(payload("ip", "saddr"), "==", addr.clone()),
                     mtch(payload("ip", "daddr"), "==", set(&clients)),
                     ct_state(&["established", "related"]),
@@ -464,10 +528,20 @@ impl Policy {
             ],
         ));
         cmds.push(self.rule("from_workload", vec![counter(), drop_()]));
-        // From elsewhere to a workload: only the replies to its egress.
+        // From elsewhere to a workload: only the replies to what a
+        // workload started (its egress).
         cmds.push(self.rule(
             "to_workload",
-            vec![ct_state(&["established", "related"]), accept()],
+            vec![
+                ct_state(&["established", "related"]),
+                mtch(json!({"ct": {"key": "direction"}}), "==", json!("reply")),
+                mtch(
+                    json!({"ct": {"key": "ip saddr", "dir": "original"}}),
+                    "==",
+                    subnet.clone(),
+                ),
+                accept(),
+            ],
         ));
         cmds.push(self.rule("to_workload", vec![counter(), drop_()]));
 
@@ -491,6 +565,7 @@ impl Policy {
                     "==",
                     json!({"prefix": {"addr": self.subnet.base().to_string(), "len": self.subnet.prefix()}}),
                 ),
+                mtch(meta("iifname"), "==", set("workload_links")),
                 mtch(meta("oifname"), "!=", set("workload_links")),
                 mtch(meta("oifname"), "!=", set("vpn_links")),
                 json!({"masquerade": null}),
@@ -503,6 +578,31 @@ impl Policy {
     /// `indexes` (one transaction).
     pub fn grant(&self, addr: Ipv4Addr, indexes: &[usize]) -> Value {
         self.elements("add", addr, indexes)
+    }
+
+    /// The batch that makes every client set exactly `grants` (address →
+    /// endpoint indexes), whatever it holds now: each set is flushed and
+    /// filled in the same transaction, so no packet sees it empty, and a
+    /// failed or lost update is healed by the next one.
+    pub fn grants(&self, grants: &std::collections::BTreeMap<Ipv4Addr, Vec<usize>>) -> Value {
+        let mut cmds = Vec::new();
+        for i in 0..self.endpoints.len() {
+            let name = clients_set(i);
+            cmds.push(json!({"flush": {"set": {
+                "family": FAMILY, "table": self.table, "name": name,
+            }}}));
+            let elems: Vec<Value> = grants
+                .iter()
+                .filter(|(_, idx)| idx.contains(&i))
+                .map(|(a, _)| json!(a.to_string()))
+                .collect();
+            if !elems.is_empty() {
+                cmds.push(json!({"add": {"element": {
+                    "family": FAMILY, "table": self.table, "name": name, "elem": elems,
+                }}}));
+            }
+        }
+        json!({"nftables": cmds})
     }
 
     /// The batch that takes it back. Every element must be there (nftables
@@ -543,6 +643,7 @@ mod tests {
             vpn: Some(Vpn {
                 link: "cvtest".into(),
                 gateway: Ipv4Addr::new(10, 8, 0, 1),
+                network: "10.8.0.0/24".parse().unwrap(),
             }),
             endpoints: vec![
                 Endpoint {
@@ -563,6 +664,7 @@ mod tests {
                 },
             ],
             egress: vec!["tcp/203.0.113.5:443".parse().unwrap()],
+            uplinks: vec!["eth9".into()],
         }
     }
 
@@ -647,6 +749,61 @@ mod tests {
         assert_eq!(g["nftables"][1]["add"]["element"]["name"], "clients_1");
         let r = p.revoke(Ipv4Addr::new(10, 8, 0, 6), &[1]);
         assert_eq!(r["nftables"][0]["delete"]["element"]["elem"][0], "10.8.0.6");
+    }
+
+    #[test]
+    fn grants_replace_every_set_in_one_batch() {
+        let p = sample();
+        let mut g = std::collections::BTreeMap::new();
+        g.insert(Ipv4Addr::new(10, 8, 0, 6), vec![0, 1]);
+        g.insert(Ipv4Addr::new(10, 8, 0, 7), vec![1]);
+        let v = p.grants(&g);
+        let cmds = v["nftables"].as_array().unwrap();
+        // Each set: flushed, then filled (the empty one only flushed).
+        assert_eq!(cmds[0]["flush"]["set"]["name"], "clients_0");
+        assert_eq!(cmds[1]["add"]["element"]["elem"], json!(["10.8.0.6"]));
+        assert_eq!(cmds[2]["flush"]["set"]["name"], "clients_1");
+        assert_eq!(
+            cmds[3]["add"]["element"]["elem"],
+            json!(["10.8.0.6", "10.8.0.7"])
+        );
+        let none = p.grants(&Default::default());
+        assert_eq!(none["nftables"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn forged_vault_and_vpn_sources_are_dropped_unless_on_their_own_links() {
+        let rs = rules(&sample().ruleset());
+        let pre: Vec<&String> = rs
+            .iter()
+            .filter(|r| r.starts_with("\"prerouting\""))
+            .collect();
+        for net in ["10.9.0.0", "10.8.0.0"] {
+            assert!(
+                pre.iter().any(|r| r.contains(net)
+                    && r.contains("\"!=\"")
+                    && r.ends_with(r#"{"drop":null}]"#)),
+                "{net}: {pre:?}"
+            );
+        }
+        // Masquerade only what comes from a workload's link.
+        let nat = rs
+            .iter()
+            .find(|r| r.starts_with("\"postrouting\""))
+            .unwrap();
+        assert!(
+            nat.contains(r#"{"meta":{"key":"iifname"}},"right":"@workload_links"}"#),
+            "{nat}"
+        );
+        // Into a workload from elsewhere: replies to what it started only.
+        let to_w = rs
+            .iter()
+            .find(|r| r.starts_with("\"to_workload\""))
+            .unwrap();
+        assert!(
+            to_w.contains("direction") && to_w.contains("original"),
+            "{to_w}"
+        );
     }
 
     #[test]

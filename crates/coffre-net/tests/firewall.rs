@@ -108,9 +108,11 @@ impl Lab {
                 vpn: Some(Vpn {
                     link: names::vpn_link(&tag),
                     gateway: Ipv4Addr::new(10, 8, 0, 1),
+                    network: "10.8.0.0/24".parse().unwrap(),
                 }),
                 endpoints: vec![],
                 egress: vec![],
+                uplinks: vec![],
             },
         };
         for n in ["host", "clients", "internet"] {
@@ -344,6 +346,43 @@ fn egress_spoofing_revocation_and_reapplying() {
         lab.tcp("w1", "10.9.0.10", "10.9.0.20", 80),
         "hello from w2 80"
     );
+
+    // The internet cannot pass for a member or a workload: a member's
+    // address, or a workload's, forged on the uplink, gets nowhere (not
+    // even to a port the member may reach, nor out through the NAT).
+    lab.grant([10, 8, 0, 6], &[0]);
+    let inet = lab.ns("internet");
+    ok(
+        &lab.ns("host"),
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.8.0.0/24",
+            "dev",
+            "uplink",
+            "metric",
+            "500",
+        ],
+    );
+    ok(&inet, &["ip", "addr", "add", "10.8.0.6/32", "dev", "eth0"]);
+    ok(&inet, &["ip", "addr", "add", "10.9.0.20/32", "dev", "eth0"]);
+    ok(
+        &inet,
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.9.0.0/24",
+            "via",
+            "198.51.100.1",
+            "src",
+            "10.8.0.6",
+        ],
+    );
+    assert_eq!(lab.tcp("internet", "10.8.0.6", "10.9.0.10", 80), "fail");
+    assert_eq!(lab.tcp("internet", "10.9.0.20", "10.9.0.10", 80), "fail");
+    lab.revoke([10, 8, 0, 6], &[0]);
 
     // An established connection stops carrying data in both directions
     // the moment its member's grant is revoked.

@@ -331,6 +331,21 @@ pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
     }
 }
 
+/// Asks for SIGKILL when the parent (the daemon) dies, and exits at once
+/// if it is already gone. Call it after [`become_user`]: a change of
+/// credentials clears the setting.
+pub fn die_with_parent() -> io::Result<()> {
+    // SAFETY: getppid takes no arguments.
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: prctl with plain integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })?;
+    // SAFETY: getppid takes no arguments.
+    if unsafe { libc::getppid() } != parent {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
 /// Takes descriptor `fd`, inherited from the parent that spawned this
 /// process (see [`ChildSetup::pass_fds`]), after checking that it is open
 /// and not one of stdin, stdout or stderr. Call it once per number.

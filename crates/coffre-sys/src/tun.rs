@@ -9,6 +9,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 // linux/if_tun.h: _IOW('T', 202, int) and _IOW('T', 203, int).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -23,7 +25,8 @@ struct IfReq {
 }
 
 /// Opens tap `name` (creating it if missing, persistent so that it and
-/// its addresses outlive the QEMU that uses it), with virtio-net headers.
+/// its addresses outlive the QEMU that uses it, owned by root), with
+/// virtio-net headers.
 pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(io::Error::new(
@@ -54,9 +57,14 @@ fn open_tun(path: &CStr, name: &str) -> io::Result<OwnedFd> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(io::Error::last_os_error());
+    // Root's, every time it is opened: a persistent tap with no owner can
+    // be attached by any user while its VM is down (and a QEMU holding
+    // its descriptor could have made itself the owner).
+    for (req, arg) in [(TUNSETOWNER, 0), (TUNSETGROUP, 0), (TUNSETPERSIST, 1)] {
+        // SAFETY: these ioctls take an integer argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(fd)
 }

@@ -198,6 +198,13 @@ impl Workloads {
         if let Some(crate::Link::Tap { name, mac }) = self.links.get(&cfg.name) {
             // Opened here, in the host's namespace; QEMU only gets the
             // descriptor (it has no right to make or open a tap itself).
+            // The daemon made it, with its address and route; one that
+            // vanished would come back bare: refuse rather than recreate.
+            if !coffre_net::Host::here().link_exists(name) {
+                return Err(WorkloadError::Setup(format!(
+                    "its tap {name} is gone (restart the daemon to make it again)"
+                )));
+            }
             let tap = coffre_sys::tun::open_tap(name)
                 .map_err(|e| WorkloadError::Setup(format!("its tap {name}: {e}")))?;
             let n = 200 + libc::c_int::try_from(pass_fds.len()).unwrap_or(0);

@@ -44,6 +44,10 @@ pub(super) struct NetState {
     pub forwarding: Vec<String>,
     /// The DHCP server for the VMs' taps (none without VMs).
     dhcp: Option<Dhcp>,
+    /// The kernel's sets may differ from `granted` (an update failed).
+    dirty: bool,
+    /// When the table was last checked to be there.
+    checked: Instant,
 }
 
 /// The DHCP server: a child process of its own that holds no key and no
@@ -58,6 +62,9 @@ struct Dhcp {
     /// The unprivileged user it runs as.
     user: (u32, u32),
 }
+
+/// How often the daemon checks that its table is still in the kernel.
+const TABLE_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How soon a DHCP server that died is started again.
 const DHCP_RESTART_AFTER: Duration = Duration::from_secs(2);
@@ -156,7 +163,8 @@ pub(super) struct Up {
     pub notes: Vec<String>,
 }
 
-/// Makes the links and replaces the table.
+/// Replaces the table, then makes the links (so no link forwards before
+/// the rules are there).
 pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     let net = config.network.as_ref().ok_or("no [network] section")?;
     let id = vault_id(dir);
@@ -164,102 +172,44 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     let gw = net.subnet.gateway();
     let mut endpoints = Vec::new();
     let mut reach = Vec::new();
-    let mut links = BTreeMap::new();
-    let mut notes = Vec::new();
-    let mut interfaces = Vec::new();
-    let mut sockets = Vec::new();
+    let mut kinds = Vec::new();
     for w in &config.workload {
         let Some(addr) = w.address else { continue };
-        let link = names::link(&id, &w.name);
-        let mac = names::mac(&config.name, &w.name);
-        match w.kind {
-            Kind::Qemu => {
-                // Made (persistent) now, so its address and route are in
-                // place before QEMU first opens it, and stay while closed.
-                drop(
-                    coffre_sys::tun::open_tap(&link)
-                        .map_err(|e| format!("tap {link} for {}: {e}", w.name))?,
-                );
-                host.route_link(&link, gw, addr)
-                    .map_err(|e| format!("{}: {e}", w.name))?;
-                sockets.push(
-                    coffre_dhcp::bind_socket(&link)
-                        .map_err(|e| format!("DHCP socket on {link} for {}: {e}", w.name))?,
-                );
-                interfaces.push(coffre_dhcp::Interface {
-                    ifname: link.clone(),
-                    fd: 3 + i32::try_from(interfaces.len()).unwrap_or(0),
-                    lease: coffre_dhcp::Lease {
-                        mac,
-                        addr,
-                        hostname: w.name.clone(),
-                    },
-                });
-                links.insert(
-                    w.name.clone(),
-                    Link::Tap {
-                        name: link.clone(),
-                        mac,
-                    },
-                );
-            }
-            Kind::Process => {
-                let ns = names::netns(&id, &w.name);
-                host.veth_namespace(&ns, &link, &mac, addr, net.subnet.prefix(), gw)
-                    .map_err(|e| format!("{}: {e}", w.name))?;
-                links.insert(
-                    w.name.clone(),
-                    Link::Namespace(PathBuf::from("/run/netns").join(&ns)),
-                );
-            }
-        }
-        notes.push(format!(
-            "{} at {addr} on {link} (MAC {}), ports {}",
-            w.name,
-            names::mac_text(&mac),
-            if w.ports.is_empty() {
-                "none".to_string()
-            } else {
-                w.ports
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            }
-        ));
         endpoints.push(Endpoint {
             name: w.name.clone(),
             addr,
-            link,
-            mac,
+            link: names::link(&id, &w.name),
+            mac: names::mac(&config.name, &w.name),
             ports: w.ports.clone(),
             egress: w.egress.clone(),
         });
         reach.push(w.members.clone());
+        kinds.push(w.kind);
     }
-    let vpn = config.gateway.as_ref().and_then(|g| {
-        let n: coffre_net::Subnet = g.network.parse().ok()?;
-        Some(Vpn {
-            link: names::vpn_link(&id),
-            gateway: n.gateway(),
-        })
-    });
-    let policy = Policy {
-        table: names::table(&id),
-        subnet: net.subnet,
-        vpn,
-        endpoints,
-        egress: net.egress.clone(),
+    let vpn = match &config.gateway {
+        None => None,
+        Some(g) => {
+            let n: coffre_net::Subnet = g.network.parse().map_err(|e| {
+                format!(
+                    "[gateway] network {:?} with a vault network: {e}",
+                    g.network
+                )
+            })?;
+            Some(Vpn {
+                link: names::vpn_link(&id),
+                gateway: n.gateway(),
+                network: n,
+            })
+        }
     };
-    host.nft(&policy.ruleset())
-        .map_err(|e| format!("the firewall's table {}: {e}", policy.table))?;
-    // Replies to egress come in on the uplink: forwarding must be on
-    // there too (and only there), for each route egress takes.
-    let mut forwarding = Vec::new();
-    let all_egress = policy
+    // Replies to egress come in on the uplink: it must forward too. Where
+    // it did not, the vault turns it on, and the table lets through it
+    // only those replies.
+    let mut uplinks = Vec::new();
+    let all_egress = net
         .egress
         .iter()
-        .chain(policy.endpoints.iter().flat_map(|e| e.egress.iter()));
+        .chain(endpoints.iter().flat_map(|e| e.egress.iter()));
     for e in all_egress {
         let out = host
             .ip(&["-j", "route", "get", &e.addr.to_string()])
@@ -268,13 +218,94 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             .ok()
             .and_then(|v| v[0]["dev"].as_str().map(str::to_string));
         if let Some(dev) = dev
-            && !forwarding.contains(&dev)
+            && !uplinks.contains(&dev)
+            && host
+                .sysctl_get(&format!("net.ipv4.conf.{dev}.forwarding"))
+                .map_err(|err| err.to_string())?
+                == "0"
         {
-            host.sysctl(&format!("net.ipv4.conf.{dev}.forwarding"), "1")
-                .map_err(|err| format!("forwarding on {dev} for egress {e}: {err}"))?;
-            forwarding.push(dev);
+            uplinks.push(dev);
         }
     }
+    let policy = Policy {
+        table: names::table(&id),
+        subnet: net.subnet,
+        vpn,
+        endpoints,
+        egress: net.egress.clone(),
+        uplinks,
+    };
+    host.nft(&policy.ruleset())
+        .map_err(|e| format!("the firewall's table {}: {e}", policy.table))?;
+
+    let mut links = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut interfaces = Vec::new();
+    let mut sockets = Vec::new();
+    for (e, kind) in policy.endpoints.iter().zip(&kinds) {
+        let (link, mac, addr) = (&e.link, e.mac, e.addr);
+        match kind {
+            Kind::Qemu => {
+                // Made (persistent, root's) now, so its address and route
+                // are in place before QEMU first opens it, and stay while
+                // closed.
+                drop(
+                    coffre_sys::tun::open_tap(link)
+                        .map_err(|err| format!("tap {link} for {}: {err}", e.name))?,
+                );
+                host.route_link(link, gw, addr)
+                    .map_err(|err| format!("{}: {err}", e.name))?;
+                sockets.push(
+                    coffre_dhcp::bind_socket(link)
+                        .map_err(|err| format!("DHCP socket on {link} for {}: {err}", e.name))?,
+                );
+                interfaces.push(coffre_dhcp::Interface {
+                    ifname: link.clone(),
+                    fd: 3 + i32::try_from(interfaces.len()).unwrap_or(0),
+                    lease: coffre_dhcp::Lease {
+                        mac,
+                        addr,
+                        hostname: e.name.clone(),
+                    },
+                });
+                links.insert(
+                    e.name.clone(),
+                    Link::Tap {
+                        name: link.clone(),
+                        mac,
+                    },
+                );
+            }
+            Kind::Process => {
+                let ns = names::netns(&id, &e.name);
+                host.veth_namespace(&ns, link, &mac, addr, net.subnet.prefix(), gw)
+                    .map_err(|err| format!("{}: {err}", e.name))?;
+                links.insert(
+                    e.name.clone(),
+                    Link::Namespace(PathBuf::from("/run/netns").join(&ns)),
+                );
+            }
+        }
+        notes.push(format!(
+            "{} at {addr} on {link} (MAC {}), ports {}",
+            e.name,
+            names::mac_text(&mac),
+            if e.ports.is_empty() {
+                "none".to_string()
+            } else {
+                e.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        ));
+    }
+    for dev in &policy.uplinks {
+        host.sysctl(&format!("net.ipv4.conf.{dev}.forwarding"), "1")
+            .map_err(|err| format!("forwarding on {dev} for egress: {err}"))?;
+    }
+    let forwarding = policy.uplinks.clone();
     notes.insert(
         0,
         format!(
@@ -289,7 +320,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
                 "the vault's links only".to_string()
             } else {
                 format!(
-                    "the vault's links and {} (egress replies)",
+                    "the vault's links and {} (turned on for egress replies only)",
                     forwarding.join(", ")
                 )
             }
@@ -335,6 +366,8 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             vpn_addrs: BTreeMap::new(),
             forwarding,
             dhcp,
+            dirty: false,
+            checked: Instant::now(),
         },
         links,
         notes,
@@ -356,16 +389,14 @@ impl NetState {
     /// transaction. On failure nothing changed in the kernel and the
     /// record keeps what is really there.
     fn apply(&mut self, want: BTreeMap<Ipv4Addr, Vec<usize>>) -> Result<Vec<String>, String> {
-        if want == self.granted {
+        if want == self.granted && !self.dirty {
             return Ok(Vec::new());
         }
-        let mut cmds = Vec::new();
         let mut notes = Vec::new();
         for (addr, had) in &self.granted {
             let keep = want.get(addr).cloned().unwrap_or_default();
             let gone: Vec<usize> = had.iter().copied().filter(|i| !keep.contains(i)).collect();
             if !gone.is_empty() {
-                cmds.extend(array(self.policy.revoke(*addr, &gone)));
                 notes.push(format!("{addr} no longer reaches {}", self.names(&gone)));
             }
         }
@@ -373,21 +404,23 @@ impl NetState {
             let had = self.granted.get(addr).cloned().unwrap_or_default();
             let new: Vec<usize> = now.iter().copied().filter(|i| !had.contains(i)).collect();
             if !new.is_empty() {
-                cmds.extend(array(self.policy.grant(*addr, &new)));
                 notes.push(format!("{addr} reaches {}", self.names(&new)));
             }
         }
-        if !cmds.is_empty() {
-            let t = Instant::now();
-            self.host
-                .nft(&json!({ "nftables": cmds }))
-                .map_err(|e| e.to_string())?;
-            let ms = t.elapsed().as_secs_f64() * 1000.0;
-            for n in &mut notes {
-                n.push_str(&format!(" (firewall updated in {ms:.1} ms)"));
-            }
+        // Every set rewritten whole, in one transaction: idempotent, so a
+        // failed update (the record then says "dirty") is healed by the
+        // next one, and an address the kernel still holds by mistake goes.
+        let t = Instant::now();
+        if let Err(e) = self.host.nft(&self.policy.grants(&want)) {
+            self.dirty = true;
+            return Err(e.to_string());
+        }
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        for n in &mut notes {
+            n.push_str(&format!(" (firewall updated in {ms:.1} ms)"));
         }
         self.granted = want;
+        self.dirty = false;
         Ok(notes)
     }
 
@@ -399,20 +432,11 @@ impl NetState {
     }
 }
 
-fn array(v: Value) -> Vec<Value> {
-    match v {
-        Value::Object(mut o) => match o.remove("nftables") {
-            Some(Value::Array(a)) => a,
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    }
-}
-
 impl Shell {
     /// The DHCP server died: say so, and start it again (not more often
     /// than every [`DHCP_RESTART_AFTER`]).
     pub(super) fn net_tick(&mut self) {
+        self.net_check_table();
         let Some(d) = self.net.as_mut().and_then(|n| n.dhcp.as_mut()) else {
             return;
         };
@@ -431,6 +455,53 @@ impl Shell {
         }
         for (result, n) in notes {
             self.system_audit("network", result, n);
+        }
+    }
+
+    /// Every few seconds: is the table still there? Someone may have
+    /// flushed the ruleset (a `systemctl restart nftables` does), which
+    /// would leave the vault's links forwarding with no rule at all. Put it
+    /// back with the grants, and say so loudly. A failed grant update is
+    /// retried here too.
+    fn net_check_table(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        if net.checked.elapsed() < TABLE_CHECK_EVERY {
+            return;
+        }
+        net.checked = Instant::now();
+        let mut record = None;
+        match net.host.nft_table(&net.policy.table) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                record = Some(match net.host.nft(&net.policy.ruleset()) {
+                    Ok(()) => (
+                        "failed",
+                        format!(
+                            "the firewall's table {} was gone (someone flushed the ruleset?): put back",
+                            net.policy.table
+                        ),
+                    ),
+                    Err(e) => (
+                        "failed",
+                        format!(
+                            "the firewall's table {} is gone and could not be put back: {e}",
+                            net.policy.table
+                        ),
+                    ),
+                });
+                // Its sets came back empty.
+                net.dirty = true;
+            }
+            Err(e) => {
+                record = Some(("failed", format!("checking the firewall's table: {e}")));
+            }
+        }
+        let dirty = net.dirty;
+        if let Some((result, detail)) = record {
+            self.system_audit("network", result, detail);
+        }
+        if dirty {
+            self.net_reconcile();
         }
     }
 

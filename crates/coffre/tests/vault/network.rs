@@ -294,10 +294,22 @@ impl Lab {
         let id = std::fs::canonicalize(&self.gw.vault.dir).unwrap();
         let table = coffre_net::names::table(id.to_str().unwrap());
         let out = nsenter(self.host())
-            .args(["nft", "-j", "list", "set", "inet", &table, &format!("clients_{i}")])
+            .args([
+                "nft",
+                "-j",
+                "list",
+                "set",
+                "inet",
+                &table,
+                &format!("clients_{i}"),
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["nftables"]
             .as_array()
@@ -427,16 +439,51 @@ fn members_reach_their_own_workload_over_the_vpn_and_nothing_else() {
         "{text}"
     );
 
+    // Someone flushes the host's ruleset (`systemctl restart nftables`
+    // does): the daemon notices within seconds, puts its table back with
+    // the grants, and says so.
+    sh(
+        lab.host(),
+        &["nft", "delete", "table", "inet", &lab.table_name()],
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while lab.table().is_none() || lab.kernel_set(0).is_empty() {
+        assert!(Instant::now() < until, "the table was not put back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lab.gw
+            .vault
+            .audit_details("network", "failed")
+            .iter()
+            .any(|d| d.contains("was gone")),
+        "no record of the missing table"
+    );
+    assert_eq!(tcp(&a0, "10.9.0.20", 8000), "fail");
+    eventually(
+        &a0,
+        "10.9.0.10",
+        8000,
+        "hello from desk-a 8000",
+        Duration::from_secs(5),
+    );
+
     // Removal cuts bob off at once: by the time the command returns, his
     // address is out of the kernel's set (whatever OpenVPN does next).
     assert_eq!(lab.kernel_set(0), vec![alice_vpn.clone()]);
     assert_eq!(lab.kernel_set(1), vec![bob_vpn.clone()]);
     ok(&lab.gw.vault.authed("alice", &["member", "remove", "bob"]));
-    assert!(lab.kernel_set(1).is_empty(), "bob is still granted after his removal");
+    assert!(
+        lab.kernel_set(1).is_empty(),
+        "bob is still granted after his removal"
+    );
     assert_eq!(tcp(&b0, "10.9.0.20", 8000), "fail", "bob after his removal");
     // A lock cuts alice off at once (before OpenVPN drops her).
     ok(&lab.gw.vault.authed("alice", &["lock", "--reason", "drill"]));
-    assert!(lab.kernel_set(0).is_empty(), "alice is still granted after the lock");
+    assert!(
+        lab.kernel_set(0).is_empty(),
+        "alice is still granted after the lock"
+    );
     assert_eq!(tcp(&a0, "10.9.0.10", 8000), "fail", "alice after the lock");
     assert!(
         lab.gw
@@ -842,7 +889,9 @@ command = ["/usr/bin/python3", "-c", '''{SINK}''']
         .into_iter()
         .filter(|d| d.contains("firewall updated in"))
         .collect();
-    println!("network benchmark ({rounds} rounds of {mib} MiB, medians; OpenVPN over UDP in namespaces, one TCP stream):");
+    println!(
+        "network benchmark ({rounds} rounds of {mib} MiB, medians; OpenVPN over UDP in namespaces, one TCP stream):"
+    );
     println!("  VPN client -> workload, no vault table (baseline): {wo:.1} MiB/s");
     println!(
         "  through the vault's rules, 10 members in the set:  {w10:.1} MiB/s (x{:.2} of baseline)",

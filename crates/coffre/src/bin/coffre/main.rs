@@ -109,6 +109,10 @@ fn main() -> ExitCode {
 fn dhcp_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
     coffre_sys::child::become_user(uid, gid)
         .map_err(|e| anyhow::anyhow!("dropping to uid {uid}: {e}"))?;
+    // Not debuggable by other processes of that user; gone with the
+    // daemon (an orphan would serve old leases next to a new one).
+    coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
+    coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
     let spec: coffre_dhcp::Spec = serde_json::from_reader(std::io::stdin().lock())
         .map_err(|e| anyhow::anyhow!("the DHCP server's specification on stdin: {e}"))?;
     let sockets = spec
