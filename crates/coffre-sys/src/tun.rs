@@ -60,9 +60,9 @@ fn open_tun(path: &CStr, name: &str) -> io::Result<OwnedFd> {
     // Root's, every time it is opened: a persistent tap with no owner can
     // be attached by any user while its VM is down (and a QEMU holding
     // its descriptor could have made itself the owner).
-    for (req, arg) in [(TUNSETOWNER, 0), (TUNSETGROUP, 0), (TUNSETPERSIST, 1)] {
+    for (req, arg) in [(TUNSETOWNER, 0u64), (TUNSETGROUP, 0), (TUNSETPERSIST, 1)] {
         // SAFETY: these ioctls take an integer argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
     }
