@@ -863,13 +863,13 @@ command = ["/usr/bin/python3", "-c", '''{SINK}''']
         // Back, as it was (alice's grant and the 9 others included).
         lab.nft(&saved);
         assert_eq!(lab.kernel_set(0).len(), 10);
-        lab.nft(&lab.elements("add", &dummies(499)[9..].to_vec()));
+        lab.nft(&lab.elements("add", &dummies(499)[9..]));
         with500.push(send());
         for _ in 0..5 {
             update500.push(lab.nft(&lab.elements("add", &probe)));
             update500.push(lab.nft(&lab.elements("delete", &probe)));
         }
-        lab.nft(&lab.elements("delete", &dummies(499)[9..].to_vec()));
+        lab.nft(&lab.elements("delete", &dummies(499)[9..]));
         assert!(lab.kernel_set(0).contains(&alice_vpn));
     }
     let median = |v: &mut Vec<f64>| {
