@@ -830,6 +830,12 @@ command = ["/usr/bin/python3", "-c", '''{SINK}''']
         assert!(Instant::now() < until, "the sink never answered");
         std::thread::sleep(Duration::from_millis(300));
     }
+    let dummies = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.8.{}.{}", 100 + i / 250, 1 + i % 250))
+            .collect()
+    };
+    lab.nft(&lab.elements("add", &dummies(9)));
     let table = lab.table_name();
     let saved = nsenter(lab.host())
         .args(["nft", "-j", "list", "table", "inet", &table])
@@ -837,12 +843,6 @@ command = ["/usr/bin/python3", "-c", '''{SINK}''']
         .unwrap();
     assert!(saved.status.success());
     let saved: serde_json::Value = serde_json::from_slice(&saved.stdout).unwrap();
-    let dummies = |n: usize| -> Vec<String> {
-        (0..n)
-            .map(|i| format!("10.8.{}.{}", 100 + i / 250, 1 + i % 250))
-            .collect()
-    };
-    lab.nft(&lab.elements("add", &dummies(9)));
     let mut with10 = Vec::new();
     let mut without = Vec::new();
     let mut with500 = Vec::new();
@@ -855,13 +855,17 @@ command = ["/usr/bin/python3", "-c", '''{SINK}''']
             update10.push(lab.nft(&lab.elements("add", &probe)));
             update10.push(lab.nft(&lab.elements("delete", &probe)));
         }
-        // The same path without the vault's table.
+        // The same path without the vault's table. The daemon would put
+        // it back within seconds: it is stopped (SIGSTOP) meanwhile.
+        let pid = lab.gw.vault.pid();
+        unsafe_kill(pid, "STOP");
         lab.nft(&serde_json::json!({"nftables": [
             {"delete": {"table": {"family": "inet", "name": table}}}
         ]}));
         without.push(send());
         // Back, as it was (alice's grant and the 9 others included).
         lab.nft(&saved);
+        unsafe_kill(pid, "CONT");
         assert_eq!(lab.kernel_set(0).len(), 10);
         lab.nft(&lab.elements("add", &dummies(499)[9..]));
         with500.push(send());
