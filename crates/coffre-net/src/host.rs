@@ -245,9 +245,12 @@ impl Host {
         self.route_link(link, gateway, addr)
     }
 
-    /// Removes a process workload's namespace and veth.
+    /// Removes a process workload's namespace (its veth goes with it)
+    /// and, if named, a host-side link.
     pub fn remove_namespace(&self, netns: &str, link: &str) {
-        let _ = self.ip(&["link", "delete", "dev", link]);
+        if !link.is_empty() {
+            let _ = self.ip(&["link", "delete", "dev", link]);
+        }
         let _ = self.ip(&["netns", "delete", netns]);
     }
 }

@@ -46,6 +46,8 @@ pub(super) struct NetState {
     dhcp: Option<Dhcp>,
     /// The kernel's sets may differ from `granted` (an update failed).
     dirty: bool,
+    /// The process workloads' network namespaces.
+    namespaces: Vec<String>,
     /// When the table was last checked to be there.
     checked: Instant,
 }
@@ -242,6 +244,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     let mut notes = Vec::new();
     let mut interfaces = Vec::new();
     let mut sockets = Vec::new();
+    let mut namespaces = Vec::new();
     for (e, kind) in policy.endpoints.iter().zip(&kinds) {
         let (link, mac, addr) = (&e.link, e.mac, e.addr);
         match kind {
@@ -280,6 +283,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
                 let ns = names::netns(&id, &e.name);
                 host.veth_namespace(&ns, link, &mac, addr, net.subnet.prefix(), gw)
                     .map_err(|err| format!("{}: {err}", e.name))?;
+                namespaces.push(ns.clone());
                 links.insert(
                     e.name.clone(),
                     Link::Namespace(PathBuf::from("/run/netns").join(&ns)),
@@ -368,6 +372,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             dhcp,
             dirty: false,
             checked: Instant::now(),
+            namespaces,
         },
         links,
         notes,
@@ -508,8 +513,15 @@ impl Shell {
     /// At the daemon's stop: the DHCP server goes; the table and links
     /// stay (fail closed).
     pub(super) fn net_stop(&mut self) {
-        if let Some(d) = self.net.as_mut().and_then(|n| n.dhcp.as_mut()) {
+        let Some(net) = self.net.as_mut() else { return };
+        if let Some(d) = net.dhcp.as_mut() {
             d.stop();
+        }
+        // The process workloads are stopped by now: their namespaces (and
+        // veths) go; the next start makes them again. Taps stay (a VM
+        // suspended into the vault resumes on the same one).
+        for ns in &net.namespaces {
+            net.host.remove_namespace(ns, "");
         }
     }
 
