@@ -64,6 +64,24 @@ pub enum LinkEvent {
     },
 }
 
+/// Hands a client notice to the daemon, or keeps it until OpenVPN has
+/// listed its clients (the daemon must know them first), within bounds.
+fn deliver(
+    up: bool,
+    early: &mut Vec<LinkEvent>,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+    ev: LinkEvent,
+) -> Result<(), String> {
+    if up {
+        let _ = events.send(ev);
+    } else if early.len() < MAX_EARLY {
+        early.push(ev);
+    } else {
+        return Err("too many client notices before OpenVPN listed its clients".into());
+    }
+    Ok(())
+}
+
 /// A command for OpenVPN, for the connection of that generation.
 pub type LinkCommand = (u64, String);
 
@@ -174,14 +192,7 @@ async fn link(
                 let Some(notice) = reader.line(&line).map_err(|e| e.to_string())? else { continue };
                 match notice {
                     Notice::Client { event, cid, kid, env } => {
-                        let ev = LinkEvent::Client { event, cid, kid, env };
-                        if *up {
-                            let _ = events.send(ev);
-                        } else if early.len() < MAX_EARLY {
-                            early.push(ev);
-                        } else {
-                            return Err("too many client notices before OpenVPN listed its clients".into());
-                        }
+                        deliver(*up, &mut early, events, LinkEvent::Client { event, cid, kid, env })?;
                     }
                     Notice::Success(text) | Notice::Error(text) => match expect.pop_front() {
                         Some(Expect::Pid) => {
@@ -217,14 +228,7 @@ async fn link(
                     // The vault's firewall follows clients by address;
                     // only a primary IPv4 address is one of ours.
                     Notice::ClientAddress { cid, addr: openvpn::ClientAddr::V4(addr), primary: true } => {
-                        let ev = LinkEvent::Address { cid, addr };
-                        if *up {
-                            let _ = events.send(ev);
-                        } else if early.len() < MAX_EARLY {
-                            early.push(ev);
-                        } else {
-                            return Err("too many client notices before OpenVPN listed its clients".into());
-                        }
+                        deliver(*up, &mut early, events, LinkEvent::Address { cid, addr })?;
                     }
                     Notice::ClientAddress { .. } => {}
                     Notice::Other(l) => {

@@ -176,7 +176,13 @@ impl Gw {
     }
 
     /// As [`Gw::new`], around a vault made by the caller (not started).
-    pub fn with_vault(mut vault: Vault, members: &[&str], clients: usize, gateway: &[&str]) -> Gw {
+    pub fn with_vault(vault: Vault, members: &[&str], clients: usize, gateway: &[&str]) -> Gw {
+        Gw::around(vault, Net::new(clients), members, gateway)
+    }
+
+    /// The gateway of `vault` (not started; its daemon runs wherever
+    /// `vault.netns` says) with OpenVPN in `net`'s server namespace.
+    pub fn around(mut vault: Vault, net: Net, members: &[&str], gateway: &[&str]) -> Gw {
         // Refusals are part of the tests: keep the throttle short.
         vault.set_policy("throttle_base_ms", 10);
         let dir = vault.tmp.path().to_path_buf();
@@ -194,10 +200,7 @@ impl Gw {
             "--totp-suffix",
         ];
         args.extend(gateway);
-        let out = Command::new(crate::harness::BIN)
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = vault.bin().args(&args).output().unwrap();
         assert!(
             out.status.success(),
             "openvpn-config: {}",
@@ -207,7 +210,6 @@ impl Gw {
         for m in members {
             vault.add_member("alice", m, false);
         }
-        let net = Net::new(clients);
         let mut gw = Gw {
             vault,
             net,

@@ -155,7 +155,6 @@ impl Lab {
         let net = Net::new(2);
         let mut vault = Vault::init(&["--totp-period", "3", "--size", size]);
         vault.netns = Some(net.server.clone());
-        vault.set_policy("throttle_base_ms", 10);
         vault.set_workloads("auto", &format!("[network]\n{network}\n{workloads}"));
         let host = net.server.clone();
         // A router: forwarding on for every interface. And bridged
@@ -170,7 +169,7 @@ impl Lab {
         let internet = format!("{host}i");
         let _ = Command::new("ip")
             .args(["netns", "delete", &internet])
-            .status();
+            .output();
         assert!(
             Command::new("ip")
                 .args(["netns", "add", &internet])
@@ -203,46 +202,12 @@ impl Lab {
             // And one on bob's machine, on every address (his VPN one too).
             Listener::start(&net.clients[1], "bob's machine", &["9000"]),
         ];
-        let d = vault.dir.to_str().unwrap().to_string();
-        let out = vault
-            .bin()
-            .args([
-                "gateway",
-                "openvpn-config",
-                &d,
-                "--remote",
-                "192.0.2.1",
-                "--keepalive-interval",
-                "1",
-                "--keepalive-timeout",
-                "6",
-                "--totp-suffix",
-            ])
-            .output()
-            .unwrap();
-        ok(&out);
-        let conf = std::fs::read_to_string(vault.dir.join("gateway/server.conf")).unwrap();
+        let gw = Gw::around(vault, net, &["bob"], &[]);
+        let conf = std::fs::read_to_string(gw.vault.dir.join("gateway/server.conf")).unwrap();
         assert!(
             conf.contains("push \"route 10.9.0.0 255.255.255.0\""),
             "{conf}"
         );
-        vault.start();
-        vault.add_member("alice", "bob", false);
-        let dir = vault.tmp.path().to_path_buf();
-        let mut gw = Gw {
-            vault,
-            net,
-            server: None,
-            dir,
-        };
-        gw.start_server();
-        for name in ["alice", "bob"] {
-            let p = gw.profile_path(name);
-            ok(&gw.vault.cli(
-                name,
-                &["member", "profile", name, "--out", p.to_str().unwrap()],
-            ));
-        }
         Lab {
             gw,
             internet,
