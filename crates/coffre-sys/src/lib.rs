@@ -112,6 +112,33 @@ pub fn forbid_dumps() -> io::Result<()> {
     Ok(())
 }
 
+/// Moves this process into a mount namespace of its own, where nothing it
+/// mounts propagates back to the host. Call it before any thread exists
+/// (the kernel refuses otherwise). `coffre init` formats the team's file
+/// system through a FUSE mount made there: no other process that makes a
+/// namespace of its own at that moment (a workload, a guest's QEMU) can
+/// take a copy of it that would outlive the unmount.
+pub fn private_mount_namespace() -> io::Result<()> {
+    // SAFETY: unshare takes a flag word.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a NUL-terminated path, null type and data as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether this process is dumpable (`PR_GET_DUMPABLE` is not 0).
 pub fn is_dumpable() -> bool {
     // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.

@@ -165,6 +165,35 @@ pub struct Row {
     pub members: Vec<String>,
 }
 
+/// A child that made its own mount namespace dropped the vault mounts the
+/// host had when it was prepared; one that appeared between that listing
+/// and the child's unshare (another vault opening, another vault's format)
+/// is in its copy, where it would outlive that vault's close (whose
+/// daemon would then stop this workload as a holder). Take such copies
+/// out now, lazily, in the child's namespace only: later host mounts do
+/// not propagate into it (its mounts are private).
+pub(crate) fn sweep_copies(pid: u32, hide: fn() -> Vec<PathBuf>) {
+    let hidden = hide();
+    let host: Vec<(PathBuf, String, String)> = coffre_sys::proc::mountinfo()
+        .into_iter()
+        .filter(|m| hidden.contains(&m.mountpoint))
+        .map(|m| (m.mountpoint, m.fstype, m.source))
+        .collect();
+    let mine = coffre_sys::proc::mountinfo_at(Path::new(&format!("/proc/{pid}")));
+    for m in mine.iter().rev() {
+        let key = (m.mountpoint.clone(), m.fstype.clone(), m.source.clone());
+        if host.contains(&key) {
+            let _ = Command::new("nsenter")
+                .args(["-t", &pid.to_string(), "-m", "--", "umount", "-l"])
+                .arg(&m.mountpoint)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A workload's link to the vault network, made by the daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Link {
@@ -706,6 +735,7 @@ impl Workloads {
             }
         };
         drop(cmd);
+        sweep_copies(child.id(), self.paths.hide);
         let log = match cfg.role {
             Role::Project => self.paths.project_log(&cfg.name),
             Role::Service => self.paths.service_log(&cfg.name),

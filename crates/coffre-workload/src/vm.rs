@@ -259,6 +259,7 @@ impl Workloads {
             WorkloadError::Spawn(format!("{}: {e}", qemu.display()))
         })?;
         drop(cmd);
+        crate::sweep_copies(child.id(), self.paths.hide);
         let e = &mut self.entries[i];
         if cfg.role == crate::Role::Service {
             let _ = e.sink.attach(&self.paths.service_log(&cfg.name));

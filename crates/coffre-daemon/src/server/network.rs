@@ -101,8 +101,11 @@ impl Dhcp {
                 // It drops to its user itself (its binary may be where
                 // that user cannot reach), before reading anything.
                 credentials: None,
-                private_mounts: true,
-                detach: coffre_data::system::vault_mounts(),
+                // No mount namespace of its own: a copy of the host's
+                // mounts (another vault's FUSE file being formatted, say)
+                // would outlive their unmount. It needs none: as `nobody`
+                // it cannot pass the vault directory (root's, 0700).
+                private_mounts: false,
                 cwd: Some("/".into()),
                 pass_fds,
                 // Its sockets were made in the host's namespace; it can

@@ -695,7 +695,25 @@ fn vms_get_their_address_by_dhcp_and_keep_it_across_fast_and_safe_closes() {
         .find(|w| w["name"] == "vm-a")
         .cloned()
         .unwrap();
-    assert_eq!(a["state"], "suspended-to-vault", "{a}");
+    assert_eq!(
+        a["state"],
+        "suspended-to-vault",
+        "{a}\nworkload records: {:?}\ndaemon: {}",
+        lab.gw
+            .vault
+            .audit_details("workload", "")
+            .into_iter()
+            .chain(
+                lab.gw
+                    .vault
+                    .audit()
+                    .iter()
+                    .filter(|e| e["record"]["action"] == "workload")
+                    .map(|e| e["record"].to_string())
+            )
+            .collect::<Vec<_>>(),
+        lab.gw.vault.daemon_stderr()
+    );
     let mut alice = lab.gw.connect("alice", 0);
     eventually_http(
         &a0,

@@ -35,7 +35,17 @@ fn main() -> ExitCode {
     };
     use cli::Command as C;
     let result = match cli.command {
-        C::Init(a) => vault::init(a),
+        C::Init(a) => {
+            // Before any thread: the format's FUSE mount stays in a
+            // namespace of its own (without the privilege to make one, as
+            // before: in the host's).
+            if let Err(e) = coffre_sys::private_mount_namespace()
+                && e.kind() != std::io::ErrorKind::PermissionDenied
+            {
+                eprintln!("coffre: warning: no private mount namespace for the format: {e}");
+            }
+            vault::init(a)
+        }
         C::Serve { dir, listen } => vault::serve(dir, listen),
         C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
         C::Enter {
