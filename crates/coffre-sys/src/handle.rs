@@ -78,6 +78,26 @@ impl FileHandle {
         })
     }
 
+    /// A handle from its parts, as [`FileHandle::kind`] and
+    /// [`FileHandle::bytes`] gave them (e.g. carried inside an NFS file
+    /// handle). `None` when longer than any handle the kernel makes.
+    pub fn from_parts(kind: i32, bytes: &[u8]) -> Option<Self> {
+        (bytes.len() <= MAX).then(|| Self {
+            kind,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// The filesystem's handle type (ext4: 1, inode and generation).
+    pub fn kind(&self) -> i32 {
+        self.kind
+    }
+
+    /// The handle's opaque bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// A 64-bit digest of the handle (FNV-1a; not a secret): differs
     /// between two files that had the same inode number in turn.
     pub fn fingerprint(&self) -> u64 {

@@ -58,6 +58,9 @@ pub enum Need {
     Chattr,
     /// The `nft` binary (nftables), and python3 for the network probes.
     Nft,
+    /// libnfs's userspace NFS client tools (`nfs-cp`, `nfs-cat`,
+    /// `nfs-ls`; libnfs-utils).
+    NfsClient,
 }
 
 impl Need {
@@ -76,6 +79,7 @@ impl Need {
         Need::Mlock,
         Need::Chattr,
         Need::Nft,
+        Need::NfsClient,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -130,6 +134,7 @@ impl Need {
             }
             Need::Chattr => command("chattr", "e2fsprogs"),
             Need::Nft => command("nft", "nftables").and_then(|()| command("python3", "python3")),
+            Need::NfsClient => command("nfs-cp", "libnfs-utils"),
         }
     }
 }

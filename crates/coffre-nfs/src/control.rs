@@ -1,0 +1,163 @@
+//! The server's process: what the daemon starts (`coffre nfs-server`),
+//! with the listening sockets it bound, and drives over the child's
+//! standard input, one JSON command per line, one JSON answer per line
+//! on standard output:
+//!
+//! - `{"cmd":"exports","exports":[ExportSpec...]}` → `{"ok":true,"failed":[[workload, why]...]}`
+//! - `{"cmd":"open","key":"64 hex digits"}` → the same (the key is the
+//!   handle key, derived from the volume key by the daemon)
+//! - `{"cmd":"close"}` → `{"ok":true}` once no call touches the data
+//!   and the key is gone
+//! - `{"cmd":"stats"}` → `{"ok":true,"open":..,"calls":..,...}`
+//!
+//! The end of standard input (the daemon gone) ends the process.
+//!
+//! It parses bytes from guests, so it keeps only what it needs: uid 0
+//! with `CAP_DAC_READ_SEARCH` (to open handles), `CAP_SETUID` and
+//! `CAP_SETGID` (to act as an export's user on a thread), nothing else
+//! in any set or the bounding set, `no_new_privs`, not dumpable.
+
+use crate::fs::ExportSpec;
+use crate::handle::HandleKey;
+use crate::server::{Server, Sockets};
+use serde::Deserialize;
+use serde_json::json;
+use std::io::{self, BufRead, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use zeroize::Zeroize;
+
+/// A command from the daemon.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+enum Command {
+    Exports { exports: Vec<ExportSpec> },
+    Open { key: String },
+    Close,
+    Stats,
+}
+
+/// Keeps `CAP_DAC_READ_SEARCH`, `CAP_SETUID` and `CAP_SETGID` and drops
+/// every other capability from every set, the bounding set included;
+/// sets `no_new_privs` and a zero umask (modes are exactly what clients
+/// ask).
+pub fn drop_privileges() -> io::Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let keep = CapabilitySet::DAC_READ_SEARCH | CapabilitySet::SETUID | CapabilitySet::SETGID;
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+        .min(63);
+    for cap in 0..=last {
+        let c = CapabilitySet::from_bits_retain(1 << cap);
+        if !keep.contains(c) {
+            rustix::thread::remove_capability_from_bounding_set(c)?;
+        }
+    }
+    rustix::thread::clear_ambient_capability_set()?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: keep,
+            permitted: keep,
+            inheritable: CapabilitySet::empty(),
+        },
+    )?;
+    rustix::thread::set_no_new_privs(true)?;
+    coffre_sys::forbid_dumps()?;
+    rustix::process::umask(rustix::fs::Mode::empty());
+    Ok(())
+}
+
+fn parse_key(hex: &str) -> Option<HandleKey> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    let key = HandleKey::new(k);
+    k.zeroize();
+    Some(key)
+}
+
+/// Runs the server's process: drops privileges, serves on `sockets`,
+/// obeys the daemon on standard input until it ends.
+pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
+    drop_privileges()?;
+    let server = Arc::new(Server::new());
+    {
+        let s = Arc::clone(&server);
+        std::thread::Builder::new()
+            .name("nfs-accept".into())
+            .spawn(move || {
+                if let Err(e) = s.serve(sockets, workers) {
+                    eprintln!("coffre nfs-server: {e}");
+                    std::process::exit(1);
+                }
+            })?;
+    }
+    let stdin = io::stdin();
+    let mut out = io::stdout().lock();
+    let mut line = String::new();
+    loop {
+        line.zeroize();
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let answer = match serde_json::from_str::<Command>(&line) {
+            Err(e) => json!({"ok": false, "error": format!("bad command: {e}")}),
+            Ok(Command::Exports { exports }) => {
+                json!({"ok": true, "failed": server.set_exports(exports)})
+            }
+            Ok(Command::Open { mut key }) => {
+                let k = parse_key(&key);
+                key.zeroize();
+                match k {
+                    Some(k) => json!({"ok": true, "failed": server.open(k)}),
+                    None => json!({"ok": false, "error": "the key must be 64 hex digits"}),
+                }
+            }
+            Ok(Command::Close) => {
+                server.close();
+                json!({"ok": true})
+            }
+            Ok(Command::Stats) => {
+                let s = &server.stats;
+                json!({
+                    "ok": true,
+                    "open": server.is_open(),
+                    "calls": s.calls.load(Ordering::Relaxed),
+                    "jukebox": s.jukebox.load(Ordering::Relaxed),
+                    "replayed": s.replayed.load(Ordering::Relaxed),
+                    "refused": s.refused.load(Ordering::Relaxed),
+                })
+            }
+        };
+        line.zeroize();
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_64_hex_digits() {
+        assert!(parse_key(&"ab".repeat(32)).is_some());
+        assert!(parse_key(&"ab".repeat(31)).is_none());
+        assert!(parse_key(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn commands_parse_and_unknown_ones_do_not() {
+        let c: Command = serde_json::from_str(r#"{"cmd":"close"}"#).unwrap();
+        assert!(matches!(c, Command::Close));
+        assert!(serde_json::from_str::<Command>(r#"{"cmd":"format"}"#).is_err());
+    }
+}

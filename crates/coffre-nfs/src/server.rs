@@ -1,0 +1,611 @@
+//! The serving side: listeners (NFS and MOUNT on one TCP port, the
+//! portmapper on TCP and UDP), a bounded pool of worker threads (each
+//! call runs on one, which takes the export's identity for it), the
+//! duplicate-request cache, and the open/closed state the daemon drives.
+//!
+//! While the vault is closed there is no key and no descriptor on the
+//! data: NFS calls are answered `NFS3ERR_JUKEBOX` (the Linux client
+//! waits and retries; applications see nothing) and MOUNT calls are held
+//! until the vault opens.
+
+use crate::fs::{Export, ExportSpec, failure_body};
+use crate::handle::HandleKey;
+use crate::proto::{self, Mount, Nfs, status};
+use crate::rpc::{self, Accept, PROG_MOUNT, PROG_NFS, PROG_PORTMAP};
+use crate::xdr::Writer;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+/// Where the server listens.
+#[derive(Clone, Debug)]
+pub struct Listen {
+    /// The vault network's host address.
+    pub addr: Ipv4Addr,
+    /// NFS and MOUNT (TCP), normally 2049.
+    pub nfs_port: u16,
+    /// The portmapper (TCP and UDP), normally 111; `None`: none.
+    pub portmap_port: Option<u16>,
+}
+
+/// The listening sockets, bound (before privileges are dropped).
+pub struct Sockets {
+    nfs: TcpListener,
+    portmap: Option<(TcpListener, UdpSocket)>,
+    nfs_port: u16,
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    // The address is on the workloads' links, which may come later.
+    s.set_freebind_v4(true)?;
+    s.bind(&addr.into())?;
+    s.listen(64)?;
+    Ok(s.into())
+}
+
+impl Sockets {
+    /// Binds every listener.
+    pub fn bind(l: &Listen) -> io::Result<Self> {
+        let nfs = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), l.nfs_port))?;
+        let nfs_port = nfs.local_addr()?.port();
+        let portmap = match l.portmap_port {
+            Some(p) => {
+                let t = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), p))?;
+                let u = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+                u.set_freebind_v4(true)?;
+                u.bind(&t.local_addr()?.into())?;
+                Some((t, u.into()))
+            }
+            None => None,
+        };
+        Ok(Self {
+            nfs,
+            portmap,
+            nfs_port,
+        })
+    }
+
+    /// The NFS port actually bound (for tests that ask for port 0).
+    pub fn nfs_port(&self) -> u16 {
+        self.nfs_port
+    }
+
+    /// The descriptors, to hand to the server's process: NFS, then the
+    /// portmapper's TCP and UDP sockets when there are.
+    pub fn into_fds(self) -> Vec<OwnedFd> {
+        let mut v = vec![OwnedFd::from(self.nfs)];
+        if let Some((t, u)) = self.portmap {
+            v.push(OwnedFd::from(t));
+            v.push(OwnedFd::from(u));
+        }
+        v
+    }
+
+    /// The sockets back from descriptors made by [`Sockets::into_fds`].
+    pub fn from_fds(fds: Vec<OwnedFd>) -> io::Result<Self> {
+        let mut it = fds.into_iter();
+        let nfs = TcpListener::from(it.next().ok_or_else(|| io::Error::other("no NFS socket"))?);
+        let portmap = match (it.next(), it.next()) {
+            (Some(t), Some(u)) => Some((TcpListener::from(t), UdpSocket::from(u))),
+            _ => None,
+        };
+        let nfs_port = nfs.local_addr()?.port();
+        Ok(Self {
+            nfs,
+            portmap,
+            nfs_port,
+        })
+    }
+}
+
+/// The open vault, as the server sees it.
+struct Live {
+    key: HandleKey,
+    exports: HashMap<Ipv4Addr, Export>,
+}
+
+/// Counters, for the daemon's status and the tests.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Calls answered.
+    pub calls: AtomicU64,
+    /// Calls answered JUKEBOX because the vault was closed.
+    pub jukebox: AtomicU64,
+    /// Retransmissions answered from the duplicate-request cache.
+    pub replayed: AtomicU64,
+    /// Connections refused (an address no export has).
+    pub refused: AtomicU64,
+}
+
+/// The server's shared state.
+pub struct Server {
+    specs: RwLock<HashMap<Ipv4Addr, ExportSpec>>,
+    live: RwLock<Option<Live>>,
+    opened: (Mutex<u64>, Condvar),
+    drc: Mutex<Drc>,
+    nfs_port: AtomicU64,
+    /// What it has done.
+    pub stats: Stats,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    /// A server with no export, closed.
+    pub fn new() -> Self {
+        Self {
+            specs: RwLock::new(HashMap::new()),
+            live: RwLock::new(None),
+            opened: (Mutex::new(0), Condvar::new()),
+            drc: Mutex::new(Drc::new(4096)),
+            nfs_port: AtomicU64::new(2049),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Replaces the exports. While open, their directories are opened
+    /// anew; returns the workloads whose directory could not be opened.
+    pub fn set_exports(&self, specs: Vec<ExportSpec>) -> Vec<(String, String)> {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        *self.specs.write().unwrap_or_else(|p| p.into_inner()) =
+            specs.iter().map(|s| (s.client, s.clone())).collect();
+        match live.as_mut() {
+            Some(l) => {
+                let (exports, failed) = open_all(&specs);
+                l.exports = exports;
+                failed
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The vault opened: serve with this key. Returns the exports whose
+    /// directory could not be opened (their calls get STALE).
+    pub fn open(&self, key: HandleKey) -> Vec<(String, String)> {
+        let specs: Vec<ExportSpec> = self
+            .specs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let (exports, failed) = open_all(&specs);
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Live { key, exports });
+        let (m, cv) = &self.opened;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        cv.notify_all();
+        failed
+    }
+
+    /// The vault closes: waits for the calls in flight, then drops every
+    /// descriptor on the data and the key.
+    pub fn close(&self) {
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        *live = None;
+    }
+
+    /// Whether the server holds the key and the exports' directories.
+    pub fn is_open(&self) -> bool {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Serves on `sockets` with `workers` threads, until the process
+    /// ends.
+    pub fn serve(self: &Arc<Self>, sockets: Sockets, workers: usize) -> io::Result<()> {
+        self.nfs_port
+            .store(u64::from(sockets.nfs_port), Ordering::Relaxed);
+        let (tx, rx) = sync_channel::<Job>(workers * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            let (s, rx) = (Arc::clone(self), Arc::clone(&rx));
+            std::thread::Builder::new()
+                .name("nfs-worker".into())
+                .spawn(move || s.work(&rx))?;
+        }
+        if let Some((t, u)) = sockets.portmap {
+            let (s, tx2) = (Arc::clone(self), tx.clone());
+            std::thread::Builder::new()
+                .name("portmap-tcp".into())
+                .spawn(move || s.accept(&t, &tx2))?;
+            let s = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("portmap-udp".into())
+                .spawn(move || s.portmap_udp(&u))?;
+        }
+        self.accept(&sockets.nfs, &tx);
+        Ok(())
+    }
+
+    fn accept(self: &Arc<Self>, l: &TcpListener, tx: &SyncSender<Job>) {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { continue };
+            let Ok(SocketAddr::V4(peer)) = conn.peer_addr() else {
+                continue;
+            };
+            let ip = *peer.ip();
+            let known = self
+                .specs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&ip);
+            // Only workloads with a share; the firewall says the same.
+            if !known {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
+            let _ = conn.set_nodelay(true);
+            let (s, tx) = (Arc::clone(self), tx.clone());
+            let _ = std::thread::Builder::new()
+                .name("nfs-conn".into())
+                .spawn(move || s.connection(conn, ip, &tx));
+        }
+    }
+
+    fn connection(&self, conn: TcpStream, ip: Ipv4Addr, tx: &SyncSender<Job>) {
+        let Ok(writer) = conn.try_clone() else { return };
+        let writer = Arc::new(Mutex::new(writer));
+        let mut reader = io::BufReader::with_capacity(256 * 1024, conn);
+        loop {
+            let mut rec = Vec::new();
+            match rpc::read_record(&mut reader, &mut rec, rpc::MAX_RECORD) {
+                Ok(true) => {}
+                _ => break,
+            }
+            let job = Job {
+                ip,
+                record: rec,
+                out: Arc::clone(&writer),
+            };
+            if tx.send(job).is_err() {
+                break;
+            }
+        }
+        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn work(&self, rx: &Mutex<Receiver<Job>>) {
+        loop {
+            let job = {
+                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            };
+            if let Some(reply) = self.answer(job.ip, &job.record) {
+                let mut w = job.out.lock().unwrap_or_else(|p| p.into_inner());
+                if w.write_all(&reply).is_err() {
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    /// The reply to one record from `ip`, or `None` to send nothing (not
+    /// a call, or a retransmission of a call still running).
+    pub fn answer(&self, ip: Ipv4Addr, record: &[u8]) -> Option<Vec<u8>> {
+        let (call, args) = match rpc::parse_call(record) {
+            Ok(c) => c,
+            Err(rpc::RpcError::Version(xid, _)) => return Some(rpc::frame(rpc::rpc_mismatch(xid))),
+            Err(_) => return None,
+        };
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let reply = match (call.prog, call.vers) {
+            (PROG_NFS, 3) => return self.nfs(ip, call.xid, call.proc_, args),
+            (PROG_NFS, _) => rpc::accepted(call.xid, Accept::ProgMismatch(3, 3)),
+            (PROG_MOUNT, 3) => self.mount(ip, call.xid, call.proc_, args),
+            (PROG_MOUNT, _) => rpc::accepted(call.xid, Accept::ProgMismatch(3, 3)),
+            (PROG_PORTMAP, 2) => self.portmap(call.xid, call.proc_, args),
+            (PROG_PORTMAP, _) => rpc::accepted(call.xid, Accept::ProgMismatch(2, 2)),
+            _ => rpc::accepted(call.xid, Accept::ProgUnavail),
+        };
+        Some(rpc::frame(reply))
+    }
+
+    fn nfs(&self, ip: Ipv4Addr, xid: u32, proc_: u32, args: &[u8]) -> Option<Vec<u8>> {
+        let call = match proto::decode_nfs(proc_, args) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Some(rpc::frame(rpc::accepted(xid, Accept::ProcUnavail))),
+            Err(_) => return Some(rpc::frame(rpc::accepted(xid, Accept::GarbageArgs))),
+        };
+        if matches!(call, Nfs::Null) {
+            return Some(rpc::frame(rpc::accepted(xid, Accept::Success)));
+        }
+        let cached = !call.is_idempotent();
+        let key = DrcKey {
+            ip,
+            xid,
+            digest: digest(proc_, args),
+        };
+        if cached {
+            match self.drc_lookup(&key) {
+                Some(Some(reply)) => {
+                    self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    return Some(reply);
+                }
+                Some(None) => return None, // still running: its reply will come
+                None => {}
+            }
+        }
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let mut w = rpc::accepted(xid, Accept::Success);
+        let done = match live.as_ref() {
+            None => {
+                self.stats.jukebox.fetch_add(1, Ordering::Relaxed);
+                w.u32(status::JUKEBOX);
+                failure_body(&call, &mut w);
+                false
+            }
+            Some(l) => {
+                match l.exports.get(&ip) {
+                    None => {
+                        // Its directory could not be opened (or the export
+                        // went): every handle is stale.
+                        w.u32(status::STALE);
+                        failure_body(&call, &mut w);
+                    }
+                    Some(e) => {
+                        let mark = w.len();
+                        if let Err(s) = e.call(&l.key, &call, &mut w) {
+                            w.buf.truncate(mark);
+                            w.u32(s);
+                            failure_body(&call, &mut w);
+                        }
+                    }
+                }
+                true
+            }
+        };
+        drop(live);
+        let reply = rpc::frame(w);
+        if cached {
+            let mut drc = self.drc.lock().unwrap_or_else(|p| p.into_inner());
+            if done {
+                drc.finish(key, reply.clone());
+            } else {
+                // JUKEBOX is not an answer to remember: the retry must run.
+                drc.forget(&key);
+            }
+        }
+        Some(reply)
+    }
+
+    /// `Some(Some(reply))`: answered before; `Some(None)`: running now;
+    /// `None`: new (and now marked running).
+    fn drc_lookup(&self, key: &DrcKey) -> Option<Option<Vec<u8>>> {
+        let mut drc = self.drc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = drc.map.get(key) {
+            return Some(e.clone());
+        }
+        drc.start(key.clone());
+        None
+    }
+
+    fn mount(&self, ip: Ipv4Addr, xid: u32, proc_: u32, args: &[u8]) -> Writer {
+        let call = match proto::decode_mount(proc_, args) {
+            Ok(Some(c)) => c,
+            Ok(None) => return rpc::accepted(xid, Accept::ProcUnavail),
+            Err(_) => return rpc::accepted(xid, Accept::GarbageArgs),
+        };
+        let mut w = rpc::accepted(xid, Accept::Success);
+        let spec = self
+            .specs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .cloned();
+        match call {
+            Mount::Null | Mount::Umnt(_) | Mount::Umntall => {}
+            Mount::Dump => {
+                w.bool(false);
+            }
+            Mount::Export => {
+                if let Some(s) = spec {
+                    w.bool(true).opaque(format!("/{}", s.share).as_bytes());
+                    w.bool(true)
+                        .opaque(s.client.to_string().as_bytes())
+                        .bool(false);
+                }
+                w.bool(false);
+            }
+            Mount::Mnt(path) => {
+                let Some(spec) = spec else {
+                    w.u32(13); // MNT3ERR_ACCES
+                    return w;
+                };
+                // Held while the vault is closed: a mount waits for it.
+                let live = self.wait_open(Duration::from_secs(60));
+                let root = live
+                    .as_ref()
+                    .and_then(|l| l.exports.get(&ip).map(|e| e.mount_handle(&l.key, path)));
+                match root {
+                    _ if spec.denied => {
+                        w.u32(13); // MNT3ERR_ACCES
+                    }
+                    Some(Ok(h)) => {
+                        w.u32(0).opaque(&h);
+                        w.u32(1).u32(1); // AUTH_UNIX
+                    }
+                    Some(Err(s)) => {
+                        // NOENT, ACCES, NOTDIR, NAMETOOLONG: the same
+                        // numbers in MOUNT as in NFS.
+                        w.u32(if s > 100 { 5 } else { s });
+                    }
+                    None => {
+                        w.u32(5); // MNT3ERR_IO: not open, or its directory missing
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// The live state once the vault is open (waiting up to `limit`).
+    fn wait_open(&self, limit: Duration) -> std::sync::RwLockReadGuard<'_, Option<Live>> {
+        let (m, cv) = &self.opened;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            {
+                let g = self.live.read().unwrap_or_else(|p| p.into_inner());
+                if g.is_some() {
+                    return g;
+                }
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return self.live.read().unwrap_or_else(|p| p.into_inner());
+            }
+            let g = m.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = cv.wait_timeout(g, (deadline - now).min(Duration::from_millis(500)));
+        }
+    }
+
+    fn portmap(&self, xid: u32, proc_: u32, args: &[u8]) -> Writer {
+        match proc_ {
+            0 => rpc::accepted(xid, Accept::Success),
+            3 => match proto::decode_getport(args) {
+                Ok((prog, vers, prot)) => {
+                    let mut w = rpc::accepted(xid, Accept::Success);
+                    let ours = matches!((prog, vers), (PROG_NFS, 3) | (PROG_MOUNT, 3)) && prot == 6;
+                    let port = if ours {
+                        u32::try_from(self.nfs_port.load(Ordering::Relaxed)).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    w.u32(port);
+                    w
+                }
+                Err(_) => rpc::accepted(xid, Accept::GarbageArgs),
+            },
+            _ => rpc::accepted(xid, Accept::ProcUnavail),
+        }
+    }
+
+    fn portmap_udp(&self, u: &UdpSocket) {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let Ok((n, from)) = u.recv_from(&mut buf) else {
+                continue;
+            };
+            let known = match from {
+                SocketAddr::V4(a) => self
+                    .specs
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(a.ip()),
+                SocketAddr::V6(_) => false,
+            };
+            if !known {
+                continue;
+            }
+            let Ok((call, args)) = rpc::parse_call(&buf[..n]) else {
+                continue;
+            };
+            let reply = if call.prog == PROG_PORTMAP && call.vers == 2 {
+                self.portmap(call.xid, call.proc_, args)
+            } else {
+                rpc::accepted(call.xid, Accept::ProgUnavail)
+            };
+            // UDP carries no record mark.
+            let _ = u.send_to(&reply.buf[4..], from);
+        }
+    }
+}
+
+fn open_all(specs: &[ExportSpec]) -> (HashMap<Ipv4Addr, Export>, Vec<(String, String)>) {
+    let mut exports = HashMap::new();
+    let mut failed = Vec::new();
+    for s in specs {
+        match Export::open(s.clone()) {
+            Ok(e) => {
+                exports.insert(s.client, e);
+            }
+            Err(e) => failed.push((s.workload.clone(), e.to_string())),
+        }
+    }
+    (exports, failed)
+}
+
+struct Job {
+    ip: Ipv4Addr,
+    record: Vec<u8>,
+    out: Arc<Mutex<TcpStream>>,
+}
+
+fn digest(proc_: u32, args: &[u8]) -> u64 {
+    static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = STATE.get_or_init(Default::default).build_hasher();
+    proc_.hash(&mut h);
+    args.hash(&mut h);
+    h.finish()
+}
+
+/// A call, as the duplicate-request cache knows it: the client's
+/// address (not its port: a reconnecting client comes from another),
+/// its transaction id, and a digest of the procedure and arguments (an
+/// xid reused for another call is not a retransmission).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DrcKey {
+    ip: Ipv4Addr,
+    xid: u32,
+    digest: u64,
+}
+
+/// The replies to the last non-idempotent calls (REMOVE, RENAME,
+/// CREATE...), so that a client resending one after a lost reply gets
+/// the first answer instead of running it twice. In memory: it survives
+/// closes (the server process stays), not a daemon restart.
+struct Drc {
+    map: HashMap<DrcKey, Option<Vec<u8>>>,
+    order: VecDeque<DrcKey>,
+    cap: usize,
+}
+
+impl Drc {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn start(&mut self, k: DrcKey) {
+        while self.order.len() >= self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.order.push_back(k.clone());
+        self.map.insert(k, None);
+    }
+
+    fn finish(&mut self, k: DrcKey, reply: Vec<u8>) {
+        if let Some(e) = self.map.get_mut(&k) {
+            *e = Some(reply);
+        }
+    }
+
+    fn forget(&mut self, k: &DrcKey) {
+        self.map.remove(k);
+        self.order.retain(|x| x != k);
+    }
+}

@@ -1,0 +1,462 @@
+//! The server against a real NFS client (libnfs's `nfs-cp`, `nfs-cat`,
+//! `nfs-ls`) and against raw RPC calls where a test needs to send exactly
+//! one message (a retransmission, a forged handle, a call while closed).
+//! As root, on the project's ext4 disk (file handles need a filesystem
+//! that exports them), on loopback addresses: 127.0.0.1 is the export of
+//! `shared` as alice, 127.0.0.2 the export of `home/alice`.
+
+use coffre_nfs::proto::status;
+use coffre_nfs::xdr::{Reader, Writer};
+use coffre_nfs::{ExportSpec, HandleKey, Listen, Server, Sockets};
+use coffre_testkit::Need;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+const NEEDS: &[Need] = &[Need::Root, Need::NfsClient];
+const ALICE: u32 = 5301;
+const BOB: u32 = 5302;
+const TEAM: u32 = 5300;
+
+struct Lab {
+    dir: PathBuf,
+    server: Arc<Server>,
+    port: u16,
+    key: [u8; 32],
+}
+
+fn chown(p: &Path, uid: u32, gid: u32, mode: u32) {
+    std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Lab {
+    fn new(name: &str) -> Self {
+        coffre_testkit::require(NEEDS);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nfs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("data");
+        for d in ["shared", "home/alice", "home/bob", "disks"] {
+            std::fs::create_dir_all(data.join(d)).unwrap();
+        }
+        chown(&data.join("shared"), 0, TEAM, 0o2770);
+        chown(&data.join("home"), 0, TEAM, 0o2750);
+        chown(&data.join("home/alice"), ALICE, ALICE, 0o700);
+        chown(&data.join("home/bob"), BOB, BOB, 0o700);
+        std::fs::write(data.join("home/bob/secret"), b"bob's").unwrap();
+        chown(&data.join("home/bob/secret"), BOB, BOB, 0o600);
+        std::fs::write(data.join("shared/root-only"), b"root's").unwrap();
+        chown(&data.join("shared/root-only"), 0, 0, 0o600);
+        let server = Arc::new(Server::new());
+        let sockets = Sockets::bind(&Listen {
+            addr: Ipv4Addr::LOCALHOST,
+            nfs_port: 0,
+            portmap_port: None,
+        })
+        .unwrap();
+        let port = sockets.nfs_port();
+        let s = Arc::clone(&server);
+        std::thread::spawn(move || s.serve(sockets, 4));
+        let spec =
+            |client: Ipv4Addr, share: &str, uid: u32, gid: u32, groups: Vec<u32>| ExportSpec {
+                workload: format!("vm-{client}"),
+                client,
+                share: share.into(),
+                path: data.join(share),
+                uid,
+                gid,
+                groups,
+                readonly: false,
+                denied: false,
+            };
+        server.set_exports(vec![
+            spec(
+                Ipv4Addr::new(127, 0, 0, 1),
+                "shared",
+                ALICE,
+                ALICE,
+                vec![ALICE, TEAM],
+            ),
+            spec(
+                Ipv4Addr::new(127, 0, 0, 2),
+                "home/alice",
+                ALICE,
+                ALICE,
+                vec![ALICE, TEAM],
+            ),
+        ]);
+        let key = [7u8; 32];
+        assert!(server.open(HandleKey::new(key)).is_empty());
+        Self {
+            dir,
+            server,
+            port,
+            key,
+        }
+    }
+
+    /// libnfs takes the URL's directory as the export to mount: `""`
+    /// for a file at the top, where its discovery of nested exports
+    /// gives up ("Export is empty", whatever the server answers); the
+    /// kernel client never looks for them.
+    fn url(&self, path: &str) -> String {
+        format!(
+            "nfs://127.0.0.1/{path}?version=3&nfsport={p}&mountport={p}&auto-traverse-mounts=0",
+            p = self.port
+        )
+    }
+
+    fn data(&self, rel: &str) -> PathBuf {
+        self.dir.join("data").join(rel)
+    }
+
+    fn client(&self, from: Ipv4Addr) -> Client {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(from.into(), 0).into()).unwrap();
+        s.connect(&SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.port).into())
+            .unwrap();
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        Client { s, xid: 1 }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.server.close();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One raw RPC connection.
+struct Client {
+    s: TcpStream,
+    xid: u32,
+}
+
+impl Client {
+    /// Sends a call with `xid` and returns its results (after the
+    /// accept status, which must be SUCCESS).
+    fn call_xid(&mut self, xid: u32, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(0).u32(xid).u32(0).u32(2).u32(prog).u32(3).u32(proc_);
+        w.u32(1).opaque(&{
+            let mut c = Writer::default();
+            c.u32(0).opaque(b"guest").u32(0).u32(0).u32(0);
+            c.buf
+        });
+        w.u32(0).u32(0);
+        w.buf.extend_from_slice(args);
+        let n = u32::try_from(w.buf.len() - 4).unwrap() | 0x8000_0000;
+        w.buf[..4].copy_from_slice(&n.to_be_bytes());
+        self.s.write_all(&w.buf).unwrap();
+        let mut rec = Vec::new();
+        assert!(coffre_nfs::rpc::read_record(&mut self.s, &mut rec, 4 << 20).unwrap());
+        let mut r = Reader::new(&rec);
+        assert_eq!(r.u32().unwrap(), xid);
+        assert_eq!(r.u32().unwrap(), 1, "a reply");
+        assert_eq!(r.u32().unwrap(), 0, "accepted");
+        r.u32().unwrap();
+        r.opaque(400).unwrap();
+        assert_eq!(r.u32().unwrap(), 0, "SUCCESS");
+        r.rest().to_vec()
+    }
+
+    fn call(&mut self, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        self.xid += 1;
+        self.call_xid(self.xid, prog, proc_, args)
+    }
+
+    fn mount(&mut self) -> Vec<u8> {
+        let mut a = Writer::default();
+        a.opaque(b"/");
+        let res = self.call(100_005, 1, &a.buf);
+        let mut r = Reader::new(&res);
+        assert_eq!(r.u32().unwrap(), 0, "MNT3_OK");
+        r.opaque(64).unwrap().to_vec()
+    }
+
+    fn nfs(&mut self, proc_: u32, args: &Writer) -> (u32, Vec<u8>) {
+        let res = self.call(100_003, proc_, &args.buf);
+        let mut r = Reader::new(&res);
+        (r.u32().unwrap(), r.rest().to_vec())
+    }
+
+    fn lookup(&mut self, dir: &[u8], name: &str) -> Result<Vec<u8>, u32> {
+        let mut a = Writer::default();
+        a.opaque(dir).opaque(name.as_bytes());
+        let (st, rest) = self.nfs(3, &a);
+        if st != status::OK {
+            return Err(st);
+        }
+        Ok(Reader::new(&rest).opaque(64).unwrap().to_vec())
+    }
+
+    fn getattr(&mut self, fh: &[u8]) -> u32 {
+        let mut a = Writer::default();
+        a.opaque(fh);
+        self.nfs(1, &a).0
+    }
+}
+
+fn nfs_tool(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap()
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn a_real_client_writes_reads_and_lists_as_the_share_user() {
+    let lab = Lab::new("client");
+    let src = lab.dir.join("local.txt");
+    let body: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    std::fs::write(&src, &body).unwrap();
+    let out = nfs_tool(&["nfs-cp", src.to_str().unwrap(), &lab.url("copy.bin")]);
+    assert!(
+        out.status.success(),
+        "nfs-cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made = lab.data("shared/copy.bin");
+    let md = std::fs::metadata(&made).unwrap();
+    assert_eq!(md.uid(), ALICE, "the file is the share user's, not root's");
+    assert_eq!(md.gid(), TEAM, "and has the setgid directory's group");
+    assert_eq!(std::fs::read(&made).unwrap(), body);
+    let back = lab.dir.join("back.bin");
+    let out = nfs_tool(&["nfs-cp", &lab.url("copy.bin"), back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), body);
+    // A file the share user may not read is refused, whatever uid the
+    // client claims (libnfs sends root's).
+    let out = nfs_tool(&["nfs-cat", &lab.url("root-only")]);
+    assert!(!out.status.success(), "root's file was read");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("root's"));
+    // A large directory lists every name exactly once (READDIRPLUS
+    // paging with the directory's own cookies).
+    let many = lab.data("shared/many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..2500 {
+        std::fs::write(many.join(format!("file-{i:05}-with-a-longer-name")), b"").unwrap();
+    }
+    let out = nfs_tool(&["nfs-ls", &lab.url("many")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|n| n.starts_with("file-"))
+        .collect();
+    let listed = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!((listed, names.len()), (2500, 2500), "every name once");
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn handles_stay_in_their_export_and_survive_close_and_restart() {
+    let lab = Lab::new("handles");
+    let mut home = lab.client(Ipv4Addr::new(127, 0, 0, 2));
+    let root = home.mount();
+    // `..` at the export's root is the root: bob's home is out of reach.
+    let up = home.lookup(&root, "..").unwrap();
+    assert_eq!(up, root);
+    let upup = home.lookup(&up, "..").unwrap();
+    assert_eq!(upup, root);
+    assert_eq!(home.lookup(&root, "bob"), Err(status::NOENT));
+    // A handle of one export is stale in another; a forged one is bad.
+    let mut shared = lab.client(Ipv4Addr::LOCALHOST);
+    let sroot = shared.mount();
+    assert_ne!(sroot, root);
+    assert_eq!(shared.getattr(&root), status::STALE);
+    let mut forged = root.clone();
+    forged[12] ^= 1;
+    assert_eq!(home.getattr(&forged), status::BADHANDLE);
+    assert_eq!(home.getattr(&[1, 2, 3]), status::BADHANDLE);
+    // Closed: no key, no descriptor; calls wait (JUKEBOX), nothing fails.
+    lab.server.close();
+    assert!(!lab.server.is_open());
+    assert_eq!(home.getattr(&root), status::JUKEBOX);
+    // A MOUNT is held until the vault opens.
+    let mut m = lab.client(Ipv4Addr::new(127, 0, 0, 2));
+    let held = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        let h = m.mount();
+        (h, t.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    lab.server.open(HandleKey::new(lab.key));
+    let (h, waited) = held.join().unwrap();
+    assert_eq!(h, root, "the same root handle after the open");
+    assert!(
+        waited >= std::time::Duration::from_millis(500),
+        "it was held: {waited:?}"
+    );
+    assert_eq!(home.getattr(&root), status::OK);
+    // Another server process with the same key material (a daemon
+    // restart) takes the same handles.
+    let again = Server::new();
+    again.set_exports(vec![ExportSpec {
+        workload: "vm-127.0.0.2".into(),
+        client: Ipv4Addr::new(127, 0, 0, 2),
+        share: "home/alice".into(),
+        path: lab.data("home/alice"),
+        uid: ALICE,
+        gid: ALICE,
+        groups: vec![],
+        readonly: false,
+        denied: false,
+    }]);
+    again.open(HandleKey::new(lab.key));
+    let rec = {
+        let mut w = Writer::default();
+        w.u32(99).u32(0).u32(2).u32(100_003).u32(3).u32(1);
+        w.u32(0).u32(0).u32(0).u32(0);
+        w.opaque(&root);
+        w.buf
+    };
+    let reply = again.answer(Ipv4Addr::new(127, 0, 0, 2), &rec).unwrap();
+    let st = u32::from_be_bytes(reply[28..32].try_into().unwrap());
+    assert_eq!(
+        st,
+        status::OK,
+        "a handle from before the restart still opens"
+    );
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn retransmitted_remove_and_rename_get_their_first_answer_across_a_close() {
+    let lab = Lab::new("drc");
+    std::fs::write(lab.data("shared/a"), b"a").unwrap();
+    std::fs::write(lab.data("shared/b"), b"b").unwrap();
+    chown(&lab.data("shared/a"), ALICE, TEAM, 0o660);
+    chown(&lab.data("shared/b"), ALICE, TEAM, 0o660);
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    let mut remove = Writer::default();
+    remove.opaque(&root).opaque(b"a");
+    let first = c.call_xid(5000, 100_003, 12, &remove.buf);
+    assert_eq!(Reader::new(&first).u32().unwrap(), status::OK);
+    assert!(!lab.data("shared/a").exists());
+    let mut rename = Writer::default();
+    rename.opaque(&root).opaque(b"b").opaque(&root).opaque(b"c");
+    let first_rename = c.call_xid(5001, 100_003, 14, &rename.buf);
+    assert_eq!(Reader::new(&first_rename).u32().unwrap(), status::OK);
+    // The reply was "lost": the client reconnects (another port) after a
+    // close and an open, and resends both with the same xids.
+    lab.server.close();
+    lab.server.open(HandleKey::new(lab.key));
+    let mut c2 = lab.client(Ipv4Addr::LOCALHOST);
+    let again = c2.call_xid(5000, 100_003, 12, &remove.buf);
+    assert_eq!(again, first, "the same answer, not NOENT");
+    let again = c2.call_xid(5001, 100_003, 14, &rename.buf);
+    assert_eq!(again, first_rename, "the same answer, not NOENT");
+    assert!(lab.data("shared/c").exists());
+    // A new call with another xid runs for real.
+    let fresh = c2.call_xid(5002, 100_003, 12, &remove.buf);
+    assert_eq!(Reader::new(&fresh).u32().unwrap(), status::NOENT);
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn root_in_the_guest_acts_only_as_the_share_user() {
+    let lab = Lab::new("rights");
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    // Create a file: it is alice's.
+    let mut create = Writer::default();
+    create.opaque(&root).opaque(b"mine").u32(1);
+    create
+        .bool(true)
+        .u32(0o644)
+        .bool(false)
+        .bool(false)
+        .bool(false)
+        .u32(0)
+        .u32(0);
+    let (st, rest) = c.nfs(8, &create);
+    assert_eq!(st, status::OK);
+    let mut r = Reader::new(&rest);
+    assert!(r.bool().unwrap());
+    let mine = r.opaque(64).unwrap().to_vec();
+    assert_eq!(
+        std::fs::metadata(lab.data("shared/mine")).unwrap().uid(),
+        ALICE
+    );
+    // chown to root: refused by the kernel (she is not root).
+    let mut setattr = Writer::default();
+    setattr
+        .opaque(&mine)
+        .bool(false)
+        .bool(true)
+        .u32(0)
+        .bool(false)
+        .bool(false)
+        .u32(0)
+        .u32(0)
+        .bool(false);
+    assert_eq!(c.nfs(2, &setattr).0, status::PERM);
+    // chmod root's file: refused.
+    let theirs = c.lookup(&root, "root-only").unwrap();
+    let mut chmod = Writer::default();
+    chmod
+        .opaque(&theirs)
+        .bool(true)
+        .u32(0o666)
+        .bool(false)
+        .bool(false)
+        .bool(false)
+        .u32(0)
+        .u32(0)
+        .bool(false);
+    assert_eq!(c.nfs(2, &chmod).0, status::PERM);
+    // Read root's file: refused.
+    let mut read = Writer::default();
+    read.opaque(&theirs).u64(0).u32(100);
+    assert_eq!(c.nfs(6, &read).0, status::ACCES);
+    // ACCESS says the same.
+    let mut access = Writer::default();
+    access.opaque(&theirs).u32(0x3f);
+    let (st, rest) = c.nfs(4, &access);
+    assert_eq!(st, status::OK);
+    let mut r = Reader::new(&rest);
+    if r.bool().unwrap() {
+        r.fixed(84).unwrap();
+    }
+    assert_eq!(r.u32().unwrap(), 0, "no right at all on root's 0600 file");
+    // A member removed: her export refuses everything.
+    let mut specs = vec![ExportSpec {
+        workload: "vm-127.0.0.1".into(),
+        client: Ipv4Addr::LOCALHOST,
+        share: "shared".into(),
+        path: lab.data("shared"),
+        uid: ALICE,
+        gid: ALICE,
+        groups: vec![ALICE, TEAM],
+        readonly: false,
+        denied: true,
+    }];
+    lab.server.set_exports(specs.clone());
+    assert_eq!(c.getattr(&mine), status::ACCES);
+    assert_eq!(c.nfs(6, &read).0, status::ACCES);
+    specs[0].denied = false;
+    specs[0].readonly = true;
+    lab.server.set_exports(specs);
+    assert_eq!(c.getattr(&mine), status::OK, "same handle, export reopened");
+    let mut remove = Writer::default();
+    remove.opaque(&root).opaque(b"mine");
+    assert_eq!(c.nfs(12, &remove).0, status::ROFS);
+}
