@@ -291,25 +291,37 @@ pub fn prepare(cmd: &mut Command, setup: ChildSetup) -> io::Result<()> {
 pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
     let c = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name with a NUL byte"))?;
+    account(|pw, buf, out| {
+        // SAFETY: every pointer is valid for the sizes given; `out` is set
+        // to `pw` or null.
+        unsafe { libc::getpwnam_r(c.as_ptr(), pw, buf.as_mut_ptr().cast(), buf.len(), out) }
+    })
+}
+
+/// The same for the account that has uid `uid` (`getpwuid_r`,
+/// `getgrouplist`); `None` if no account has it.
+pub fn user_by_uid(uid: u32) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
+    account(|pw, buf, out| {
+        // SAFETY: every pointer is valid for the sizes given; `out` is set
+        // to `pw` or null.
+        unsafe { libc::getpwuid_r(uid, pw, buf.as_mut_ptr().cast(), buf.len(), out) }
+    })
+}
+
+/// Runs a `getpw*_r` lookup into a buffer of its own, then asks for the
+/// account's groups by the name it found.
+fn account(
+    lookup: impl FnOnce(&mut libc::passwd, &mut [u8], &mut *mut libc::passwd) -> libc::c_int,
+) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: passwd is plain old data; all-zero is a valid value.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the sizes given; `out` is set to
-    // `&mut pw` or null.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
-    };
+    let rc = lookup(&mut pw, &mut buf, &mut out);
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
-    if out.is_null() {
+    if out.is_null() || pw.pw_name.is_null() {
         return Ok(None);
     }
     let (uid, gid) = (pw.pw_uid, pw.pw_gid);
@@ -317,9 +329,10 @@ pub fn user(name: &str) -> io::Result<Option<(u32, u32, Vec<u32>)>> {
     loop {
         let mut groups = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(64)];
         let mut count = n;
-        // SAFETY: `groups` holds `count` entries; getgrouplist writes at
-        // most that many and sets `count` to the number it needs.
-        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        // SAFETY: `pw_name` points at a NUL-terminated name in `buf`,
+        // still alive; `groups` holds `count` entries; getgrouplist writes
+        // at most that many and sets `count` to the number it needs.
+        let rc = unsafe { libc::getgrouplist(pw.pw_name, gid, groups.as_mut_ptr(), &mut count) };
         if rc >= 0 {
             groups.truncate(usize::try_from(count).unwrap_or(0));
             return Ok(Some((uid, gid, groups)));
@@ -411,5 +424,17 @@ mod tests {
             let end = buf.iter().position(|&b| b == 0).unwrap();
             assert_eq!(&buf[..end], want.as_bytes());
         }
+    }
+
+    #[test]
+    fn an_account_is_found_by_name_and_by_uid_alike() {
+        let by_name = super::user("root").unwrap().expect("a root account");
+        assert_eq!(by_name.0, 0);
+        assert!(by_name.2.contains(&by_name.1), "{by_name:?}");
+        assert_eq!(super::user_by_uid(0).unwrap(), Some(by_name));
+        assert_eq!(super::user("no-such-user-coffre").unwrap(), None);
+        // Far above any allocated range (and not -1 or -2, which some
+        // systems give names).
+        assert_eq!(super::user_by_uid(3_999_999_999).unwrap(), None);
     }
 }
