@@ -21,6 +21,15 @@
 //! network = true            # process: its own network namespace on the vault network
 //! ports = ["tcp/3000"]      # reachable by its members over the VPN, and by other workloads
 //! egress = ["198.51.100.7:443"]  # where it may send outside, besides [network] egress
+//!
+//! [[workload]]
+//! name = "desktop"
+//! kind = "qemu"
+//! address = "10.9.0.10"
+//! share = "shared"          # QEMU: mounts this directory of the data over NFS
+//! share_user = "alice"      # ...acting on its files as this host user (name or uid, never root)
+//! share_groups = [1234]     # optional: exactly these groups instead of alice's
+//! share_readonly = false
 //! ```
 
 use crate::WorkloadError;
@@ -179,6 +188,83 @@ pub struct WorkloadConfig {
     /// the vault's own `egress`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<coffre_net::Egress>,
+    /// QEMU: the part of the data this VM mounts over NFS from the vault
+    /// host (on the vault network's gateway address): a directory
+    /// relative to the data root, outside `.coffre` and `disks`. Needs an
+    /// `address` (the NFS server knows the VM by it) and `share_user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<PathBuf>,
+    /// With `share`: the host user the NFS server acts as on the shared
+    /// files, whatever user the VM's own requests claim: a user name or a
+    /// numeric uid, never root (see [`share_identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_user: Option<String>,
+    /// With `share`: exactly these supplementary group ids, instead of
+    /// `share_user`'s groups on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_groups: Option<Vec<u32>>,
+    /// With `share`: the VM may read the shared files but not change them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share_readonly: bool,
+}
+
+/// Whom the NFS server acts as on a VM's `share`, in place of the
+/// credentials the VM sends (which it could make up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareIdentity {
+    /// User id (never 0).
+    pub uid: u32,
+    /// Primary group id (never 0).
+    pub gid: u32,
+    /// Supplementary group ids (never 0).
+    pub groups: Vec<u32>,
+}
+
+/// Resolves a workload's `share_user` (and `share_groups`) on this host.
+///
+/// A numeric uid is taken as is; its gid and groups are those of the
+/// account that has it, or, when none does, the same number as gid and
+/// only that as group. A name must be a host account: its uid, primary
+/// gid and groups (`getgrouplist`). `groups` (`share_groups`), when
+/// given, replaces the supplementary groups. Root (uid 0) and root's
+/// group (gid 0) are refused: over NFS, whoever controls the VM would
+/// act with them on the data.
+pub fn share_identity(user: &str, groups: Option<&[u32]>) -> Result<ShareIdentity, WorkloadError> {
+    let lookup = |e: std::io::Error| WorkloadError::User(format!("share_user {user}: {e}"));
+    let (uid, gid, account_groups) = match user.parse::<u32>() {
+        Ok(uid) => match coffre_sys::child::user_by_uid(uid).map_err(lookup)? {
+            Some((uid, gid, g)) => (uid, gid, Some(g)),
+            None => (uid, uid, None),
+        },
+        Err(_) => {
+            let (uid, gid, g) = coffre_sys::child::user(user).map_err(lookup)?.ok_or_else(|| {
+                WorkloadError::User(format!(
+                    "share_user {user}: no such user on this host: create the account, or give a numeric uid"
+                ))
+            })?;
+            (uid, gid, Some(g))
+        }
+    };
+    if uid == 0 {
+        return Err(WorkloadError::User(format!(
+            "share_user {user} is root (uid 0): the NFS server never acts as root; name an ordinary user"
+        )));
+    }
+    if gid == 0 {
+        return Err(WorkloadError::User(format!(
+            "share_user {user} has primary group 0 (root's): the NFS server never acts with it; name another user"
+        )));
+    }
+    let groups = match groups {
+        Some(g) => g.to_vec(),
+        None => account_groups.unwrap_or_else(|| vec![gid]),
+    };
+    if groups.contains(&0) {
+        return Err(WorkloadError::User(format!(
+            "share_user {user} is in group 0 (root's): the NFS server never acts with it; set share_groups to the groups it should have"
+        )));
+    }
+    Ok(ShareIdentity { uid, gid, groups })
 }
 
 /// QEMU options that would give a VM a network of its own making.
@@ -291,6 +377,69 @@ impl WorkloadConfig {
                     }
                 }
             }
+        }
+        self.check_share()
+    }
+
+    /// `share` and its companions (see [`WorkloadConfig::share`]).
+    fn check_share(&self) -> Result<(), WorkloadError> {
+        let n = &self.name;
+        let Some(share) = &self.share else {
+            if self.share_user.is_some() || self.share_groups.is_some() || self.share_readonly {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: share_user, share_groups and share_readonly go with `share`"
+                )));
+            }
+            return Ok(());
+        };
+        if self.kind != Kind::Qemu {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: `share` is for kind = \"qemu\": a process workload already sees the data through the vault's mount (set its `cwd`)"
+            )));
+        }
+        if self.role == Role::Service {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: a service VM never sees the data: `share` is for project VMs"
+            )));
+        }
+        // Checked on the text: `Path::components` would silently drop a
+        // trailing '/' or an inner '.'.
+        let parts: Option<Vec<&str>> = share.to_str().map(|s| s.split('/').collect());
+        let Some(parts) = parts.filter(|p| {
+            p.iter()
+                .all(|c| !matches!(*c, "" | "." | "..") && !c.contains('\0'))
+        }) else {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: share {share:?}: name a directory relative to the data root, like \"shared\" or \"projects/web\" (no leading or trailing '/', no '.', '..' or empty parts)"
+            )));
+        };
+        if matches!(parts[0], ".coffre" | "disks") {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: share {share:?}: .coffre and disks hold the vault's own files and the VMs' disk images, and are never shared; share another directory"
+            )));
+        }
+        match self.share_user.as_deref() {
+            None | Some("") => {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: `share` needs `share_user`: the host user (a name or a numeric uid) the VM acts as on the shared files"
+                )));
+            }
+            Some(u) if u == "root" || u.parse::<u32>() == Ok(0) => {
+                return Err(WorkloadError::Config(format!(
+                    "workload {n}: share_user {u:?}: the NFS server never acts as root; name an ordinary user"
+                )));
+            }
+            Some(_) => {}
+        }
+        if self.share_groups.as_ref().is_some_and(|g| g.contains(&0)) {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: share_groups: 0 is root's group, which the NFS server never acts with; remove it"
+            )));
+        }
+        if self.address.is_none() {
+            return Err(WorkloadError::Config(format!(
+                "workload {n}: a VM with a `share` needs an `address` on the vault network: the NFS server knows it by that address"
+            )));
         }
         Ok(())
     }
@@ -486,5 +635,191 @@ egress = ["198.51.100.7:443"]
                 prop_assert!(!w2.admits(&who, false));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    const VM: &str = "name = \"vm\"\nkind = \"qemu\"\naddress = \"10.9.0.10\"\n";
+
+    fn parse(body: &str) -> WorkloadConfig {
+        toml::from_str(body).unwrap()
+    }
+
+    fn refusal(body: &str) -> String {
+        parse(body).check().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_vm_shares_a_directory_of_the_data_as_a_user() {
+        let w = parse(&format!(
+            "{VM}share = \"projects/web\"\nshare_user = \"alice\"\nshare_groups = [1234]\nshare_readonly = true\n"
+        ));
+        w.check().unwrap();
+        assert_eq!(
+            w.share.as_deref(),
+            Some(std::path::Path::new("projects/web"))
+        );
+        assert_eq!(w.share_groups, Some(vec![1234]));
+        assert!(w.share_readonly);
+        let w = parse(&format!("{VM}share = \"shared\"\nshare_user = \"1000\"\n"));
+        w.check().unwrap();
+        assert_eq!(w.share_groups, None, "absent: the account's groups");
+        assert!(!w.share_readonly);
+        // Nothing written back for a workload without a share.
+        let plain = serde_json::to_value(parse(VM)).unwrap();
+        assert!(
+            plain
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("share")),
+            "{plain}"
+        );
+        let empty = parse(&format!(
+            "{VM}share = \"shared\"\nshare_user = \"alice\"\nshare_groups = []\n"
+        ));
+        empty.check().unwrap();
+        assert_eq!(empty.share_groups, Some(vec![]), "present and empty: none");
+    }
+
+    #[test]
+    fn every_wrong_share_is_refused_with_the_workload_named() {
+        let process = "name = \"vm\"\nkind = \"process\"\ncommand = [\"x\"]\nuser = \"alice\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{process}share = \"shared\"\nshare_user = \"alice\"\n"),
+                "sees the data through the vault's mount",
+            ),
+            (
+                format!("{VM}role = \"service\"\nshare = \"shared\"\nshare_user = \"alice\"\n"),
+                "service VM never sees the data",
+            ),
+            (format!("{VM}share_user = \"alice\"\n"), "go with `share`"),
+            (format!("{VM}share_groups = [5]\n"), "go with `share`"),
+            (format!("{VM}share_readonly = true\n"), "go with `share`"),
+            (
+                format!("{VM}share = \"shared\"\n"),
+                "`share` needs `share_user`",
+            ),
+            (
+                format!("{VM}share = \"shared\"\nshare_user = \"\"\n"),
+                "`share` needs `share_user`",
+            ),
+            (
+                format!("{VM}share = \"shared\"\nshare_user = \"root\"\n"),
+                "never acts as root",
+            ),
+            (
+                format!("{VM}share = \"shared\"\nshare_user = \"0\"\n"),
+                "never acts as root",
+            ),
+            (
+                format!("{VM}share = \"shared\"\nshare_user = \"00\"\n"),
+                "never acts as root",
+            ),
+            (
+                format!("{VM}share = \"shared\"\nshare_user = \"alice\"\nshare_groups = [5, 0]\n"),
+                "0 is root's group",
+            ),
+            (
+                "name = \"vm\"\nkind = \"qemu\"\nshare = \"shared\"\nshare_user = \"alice\"\n"
+                    .into(),
+                "needs an `address`",
+            ),
+        ];
+        for bad in [
+            "",
+            "/",
+            "/shared",
+            "shared/",
+            "shared//web",
+            ".",
+            "./shared",
+            "shared/./web",
+            "..",
+            "../shared",
+            "shared/../..",
+            "shared/..",
+            "shared\\u0000x",
+        ] {
+            let body = format!("{VM}share = \"{bad}\"\nshare_user = \"alice\"\n");
+            assert!(
+                refusal(&body).contains("relative to the data root"),
+                "{bad:?}: {}",
+                refusal(&body)
+            );
+        }
+        for own in [".coffre", ".coffre/logs", "disks", "disks/desktop.img"] {
+            let body = format!("{VM}share = \"{own}\"\nshare_user = \"alice\"\n");
+            assert!(refusal(&body).contains("never shared"), "{own}");
+        }
+        // Only the first part is the vault's: a user's own `disks` below
+        // is theirs.
+        parse(&format!(
+            "{VM}share = \"shared/disks\"\nshare_user = \"alice\"\n"
+        ))
+        .check()
+        .unwrap();
+        parse(&format!(
+            "{VM}share = \".coffree\"\nshare_user = \"alice\"\n"
+        ))
+        .check()
+        .unwrap();
+        for (body, want) in cases {
+            let err = refusal(&body);
+            assert!(err.contains(want), "{body}: {err}");
+            assert!(err.starts_with("workload vm:"), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn root_never_stands_behind_a_share() {
+        for root in ["root", "0", "+0"] {
+            let err = share_identity(root, None).unwrap_err().to_string();
+            assert!(err.contains("never acts as root"), "{root}: {err}");
+        }
+        // Not through share_groups either.
+        let err = share_identity("3999999998", Some(&[7, 0]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("group 0"), "{err}");
+    }
+
+    #[test]
+    fn a_numeric_uid_without_an_account_is_its_own_group() {
+        let id = share_identity("3999999998", None).unwrap();
+        assert_eq!(
+            id,
+            ShareIdentity {
+                uid: 3_999_999_998,
+                gid: 3_999_999_998,
+                groups: vec![3_999_999_998],
+            }
+        );
+        let id = share_identity("3999999998", Some(&[5, 6])).unwrap();
+        assert_eq!((id.gid, id.groups), (3_999_999_998, vec![5, 6]));
+        let id = share_identity("3999999998", Some(&[])).unwrap();
+        assert!(id.groups.is_empty(), "exactly the groups given: none");
+    }
+
+    #[test]
+    fn a_host_account_is_found_by_name_or_by_uid() {
+        let err = share_identity("no-such-user-coffre", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such user"), "{err}");
+        let Some((uid, gid, groups)) = coffre_sys::child::user("nobody").unwrap() else {
+            eprintln!("no `nobody` account here: skipped");
+            return;
+        };
+        let by_name = share_identity("nobody", None).unwrap();
+        assert_eq!(by_name, ShareIdentity { uid, gid, groups });
+        // Its uid finds the same account, so the same primary group.
+        assert_eq!(share_identity(&uid.to_string(), None).unwrap(), by_name);
+        let id = share_identity("nobody", Some(&[4242])).unwrap();
+        assert_eq!((id.uid, id.gid, id.groups), (uid, gid, vec![4242]));
     }
 }
