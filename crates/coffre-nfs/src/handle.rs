@@ -52,6 +52,17 @@ impl HandleKey {
         Self(m.finalize().into_bytes().into())
     }
 
+    /// The key as 64 hex digits, for the daemon's pipe to the server
+    /// (wiped when dropped).
+    pub fn to_hex(&self) -> zeroize::Zeroizing<String> {
+        let mut s = zeroize::Zeroizing::new(String::with_capacity(64));
+        for b in self.0 {
+            s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        s
+    }
+
     fn mac(&self, bytes: &[u8]) -> [u8; MAC_LEN] {
         let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));

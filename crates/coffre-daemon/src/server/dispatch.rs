@@ -425,7 +425,11 @@ impl Shell {
             }
             Effect::RemoveMember { name, keyslot } => self.remove_member(name, keyslot),
             Effect::Audit(rec) => self.record(rec),
-            Effect::Persist => self.persist(),
+            Effect::Persist => {
+                self.persist();
+                // Membership may have changed: the shares follow at once.
+                self.nfs_update();
+            }
             Effect::CancelInvitations => self.cancel_invitations(),
             Effect::CancelInvitation { req, name } => self.cancel_invitation(req, name),
             Effect::Invite { req, name, role } => self.invite(req, name, role),

@@ -94,6 +94,46 @@ pub(super) fn pause_workloads(
     lines
 }
 
+/// The NFS server serves the shares with the handle key (derived from
+/// the volume key, one way).
+fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line {
+    let t = std::time::Instant::now();
+    let r = nfs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .open(coffre_nfs::HandleKey::derive(key.expose()));
+    let (result, detail) = match r {
+        Ok(failed) if failed.is_empty() => (
+            "ok",
+            format!("NFS shares served again in {} ms", t.elapsed().as_millis()),
+        ),
+        Ok(failed) => (
+            "failed",
+            format!("NFS shares not served: {}", failed.join("; ")),
+        ),
+        Err(e) => ("failed", format!("NFS: {e}")),
+    };
+    ("nfs".into(), result.into(), detail)
+}
+
+/// The NFS server lets go of the data and the key (calls in flight
+/// finish first; calls then wait, JUKEBOX, until the next open).
+fn nfs_close(nfs: &super::nfs::Shared) -> coffre_workload::Line {
+    let t = std::time::Instant::now();
+    let r = nfs.lock().unwrap_or_else(|p| p.into_inner()).close();
+    let (result, detail) = match r {
+        Ok(()) => (
+            "ok",
+            format!(
+                "NFS server let go of the data and its key in {} ms",
+                t.elapsed().as_millis()
+            ),
+        ),
+        Err(e) => ("failed", format!("NFS at close: {e}")),
+    };
+    ("nfs".into(), result.into(), detail)
+}
+
 impl Shell {
     /// Opens the vault with the key kept for `req`.
     pub(super) fn open_kept(&mut self, req: ReqId, queue: &mut VecDeque<Event>) {
@@ -130,6 +170,7 @@ impl Shell {
         let opening = self.data.opening.clone();
         let workloads = self.workloads.set.clone();
         let cut = self.data.cut.clone();
+        let nfs = self.nfs();
         opening.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             // Held for the whole open: a shutdown or a close waits for it
@@ -150,8 +191,11 @@ impl Shell {
                                 layout.mountpoint.display(),
                                 t.elapsed().as_millis()
                             );
-                            // Key, data, then workloads.
-                            lines = resume_workloads(&workloads, cut.as_deref(), &layout);
+                            // Key, data, the VMs' shares, then workloads.
+                            if let Some(nfs) = &nfs {
+                                lines.push(nfs_open(nfs, &key));
+                            }
+                            lines.extend(resume_workloads(&workloads, cut.as_deref(), &layout));
                             held = Some((key, cipher));
                             Ok(detail)
                         }
@@ -211,10 +255,14 @@ impl Shell {
         }
         let workloads = self.workloads.set.clone();
         let cut = self.data.cut.clone();
+        let nfs = self.nfs();
         tokio::task::spawn_blocking(move || {
             let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
-            // Workloads, then data, then key.
-            let lines = pause_workloads(&workloads, cut.as_deref(), mode);
+            // Workloads, the VMs' shares, then data, then key.
+            let mut lines = pause_workloads(&workloads, cut.as_deref(), mode);
+            if let Some(nfs) = &nfs {
+                lines.push(nfs_close(nfs));
+            }
             let result = match g.as_mut() {
                 Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
                 None => Ok(coffre_data::CloseReport::default()),

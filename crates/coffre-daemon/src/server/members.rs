@@ -38,6 +38,7 @@ impl Shell {
         }
         self.control.totp.remove(&name);
         self.lock_removed_home(&name);
+        self.nfs_update();
         match result {
             Ok(()) => self.system_audit(
                 "member_remove",

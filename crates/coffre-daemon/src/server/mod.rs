@@ -35,6 +35,7 @@ mod http;
 mod invitations;
 mod members;
 mod network;
+mod nfs;
 mod status;
 mod workloads;
 
@@ -319,6 +320,7 @@ pub async fn serve(
     for n in net_notes {
         shell.system_audit("network", "up", n);
     }
+    shell.nfs_start();
 
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the
@@ -475,6 +477,7 @@ pub async fn serve(
                 shell.reap_workloads();
                 shell.vpn_tick();
                 shell.net_tick();
+                shell.nfs_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {

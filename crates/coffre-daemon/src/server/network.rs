@@ -44,6 +44,8 @@ pub(super) struct NetState {
     pub forwarding: Vec<String>,
     /// The DHCP server for the VMs' taps (none without VMs).
     dhcp: Option<Dhcp>,
+    /// The NFS server for the VMs' shares (none without a share).
+    pub nfs: Option<super::nfs::Shared>,
     /// The kernel's sets may differ from `granted` (an update failed).
     dirty: bool,
     /// The process workloads' network namespaces.
@@ -364,8 +366,24 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         ));
         dhcp = Some(d);
     }
+    let nfs = if config
+        .workload
+        .iter()
+        .any(|w| w.share.is_some() && w.address.is_some())
+    {
+        let log = dir.join("run").join("nfs.log");
+        let _ = std::fs::create_dir_all(dir.join("run"));
+        let n = super::nfs::NfsChild::bind(gw, log)?;
+        notes.push(format!(
+            "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
+        ));
+        Some(std::sync::Arc::new(std::sync::Mutex::new(n)))
+    } else {
+        None
+    };
     Ok(Up {
         state: NetState {
+            nfs,
             policy,
             host,
             reach,
@@ -519,6 +537,9 @@ impl Shell {
         let Some(net) = self.net.as_mut() else { return };
         if let Some(d) = net.dhcp.as_mut() {
             d.stop();
+        }
+        if let Some(n) = &net.nfs {
+            n.lock().unwrap_or_else(|p| p.into_inner()).stop();
         }
         // The process workloads are stopped by now: their namespaces (and
         // veths) go; the next start makes them again. Taps stay (a VM

@@ -47,6 +47,7 @@ impl Shell {
             "data": self.data_json(),
             "gateway": self.gateway_json(),
             "network": self.network_json(),
+            "nfs": self.nfs_json(),
         })
     }
 

@@ -3,29 +3,6 @@
 use crate::harness::*;
 use std::time::Duration;
 
-fn volume_key(v: &Vault) -> Vec<u8> {
-    let out_file = v.tmp.path().join("vk");
-    let out = std::process::Command::new("cryptsetup")
-        .args([
-            "-q",
-            "luksDump",
-            "--dump-volume-key",
-            "--volume-key-file",
-            out_file.to_str().unwrap(),
-        ])
-        .args(["--header", v.dir.join("volume.hdr").to_str().unwrap()])
-        .args(["--key-file", v.members[0].password.to_str().unwrap()])
-        .arg(v.dir.join("volume.img"))
-        .output()
-        .expect("cryptsetup (scripts/test installs cryptsetup-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(out_file).unwrap()
-}
-
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn no_copy_of_the_volume_key_after_close() {

@@ -10,6 +10,7 @@ mod key_gone;
 mod lifecycle;
 mod members;
 mod network;
+mod nfs;
 mod scan;
 mod vms;
 mod workloads;

@@ -39,7 +39,7 @@ except OSError:
     print("fail")
 "#;
 
-fn nsenter(ns: &str) -> Command {
+pub(crate) fn nsenter(ns: &str) -> Command {
     let mut c = Command::new("nsenter");
     c.arg(format!("--net=/run/netns/{ns}")).arg("--");
     c
@@ -117,9 +117,9 @@ fn sh(ns: &str, args: &[&str]) {
 }
 
 /// The vault, its gateway and the namespaces around it.
-struct Lab {
-    gw: Gw,
-    internet: String,
+pub(crate) struct Lab {
+    pub(crate) gw: Gw,
+    pub(crate) internet: String,
     _listeners: Vec<Listener>,
 }
 
@@ -151,11 +151,23 @@ impl Lab {
     /// As [`Lab::new`], with a volume of `size` (VMs suspended into it in
     /// safe mode need room).
     fn with_size(network: &str, workloads: &str, size: &str) -> Lab {
+        Lab::with_setup(network, workloads, size, |_| {})
+    }
+
+    /// As [`Lab::with_size`], with `setup` run on the vault's directory
+    /// before its daemon starts (e.g. `set_data`).
+    pub(crate) fn with_setup(
+        network: &str,
+        workloads: &str,
+        size: &str,
+        setup: impl FnOnce(&Vault),
+    ) -> Lab {
         require(NEEDS_NETWORK);
         let net = Net::new(2);
         let mut vault = Vault::init(&["--totp-period", "3", "--size", size]);
         vault.netns = Some(net.server.clone());
         vault.set_workloads("auto", &format!("[network]\n{network}\n{workloads}"));
+        setup(&vault);
         let host = net.server.clone();
         // A router: forwarding on for every interface. And bridged
         // traffic kept out of the IP hooks, as on a host without
@@ -215,11 +227,11 @@ impl Lab {
         }
     }
 
-    fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         &self.gw.net.server
     }
 
-    fn client(&self, i: usize) -> &str {
+    pub(crate) fn client(&self, i: usize) -> &str {
         &self.gw.net.clients[i]
     }
 
@@ -514,7 +526,7 @@ fn eventually_http(ns: &str, url: &str, want: &str, within: Duration) {
 }
 
 /// A VM workload booting the test guest with `append` switches.
-fn vm(name: &str, member: &str, last: u8, append: &str, extra: &str) -> String {
+pub(crate) fn vm(name: &str, member: &str, last: u8, append: &str, extra: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = root.join("target/guest");
     let st = Command::new(root.join("scripts/guest-image"))
@@ -545,7 +557,7 @@ ports = ["tcp/80"]
 
 impl Lab {
     /// The console log of VM `name` (inside the data: the vault is open).
-    fn console(&self, name: &str) -> String {
+    pub(crate) fn console(&self, name: &str) -> String {
         let log = self
             .gw
             .vault
@@ -555,7 +567,7 @@ impl Lab {
         std::fs::read_to_string(log).unwrap_or_default()
     }
 
-    fn wait_console(&self, name: &str, want: &str, within: Duration) {
+    pub(crate) fn wait_console(&self, name: &str, want: &str, within: Duration) {
         let until = Instant::now() + within;
         while !self.console(name).contains(want) {
             assert!(

@@ -70,6 +70,20 @@ pub enum Command {
         #[arg(long)]
         gid: u32,
     },
+    /// The NFS server for the VMs' shares, as the daemon starts it: serves
+    /// on the sockets it inherited (NFS, then the portmapper's TCP and
+    /// UDP ones), keeps only the capabilities it needs, in an empty
+    /// network namespace, and obeys the daemon on stdin. Not for people
+    /// to run.
+    #[command(hide = true)]
+    NfsServer {
+        /// How many sockets it inherited (from descriptor 3 on).
+        #[arg(long)]
+        sockets: u32,
+        /// Worker threads.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
     /// Enter the vault (password and TOTP code) and stay inside, sending
     /// heartbeats, until Ctrl-C or `coffre leave`.
     Enter {

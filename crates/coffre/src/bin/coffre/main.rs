@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         }
         C::Serve { dir, listen } => vault::serve(dir, listen),
         C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
+        C::NfsServer { sockets, workers } => nfs_server(sockets, workers),
         C::Enter {
             id,
             auth,
@@ -110,6 +111,21 @@ fn main() -> ExitCode {
             ExitCode::from(coffre::exit::code_for(&e))
         }
     }
+}
+
+/// `coffre nfs-server`: what the daemon runs for the VMs' shares. It
+/// keeps uid 0 with only CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID
+/// (dropped in `coffre_nfs::control::run` before it serves a byte).
+fn nfs_server(sockets: u32, workers: usize) -> anyhow::Result<u8> {
+    coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
+    coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
+    let fds = (0..sockets.min(3))
+        .map(|i| coffre_sys::child::inherited_fd(3 + i32::try_from(i).unwrap_or(0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("the NFS server's sockets: {e}"))?;
+    let sockets = coffre_nfs::Sockets::from_fds(fds)?;
+    coffre_nfs::control::run(sockets, workers.clamp(1, 64))?;
+    Ok(coffre::exit::OK)
 }
 
 /// `coffre dhcp-server`: what the daemon runs for the vault network.

@@ -1,0 +1,417 @@
+//! The VMs' shares over NFS: the server's process (`coffre nfs-server`,
+//! in `coffre-nfs`), which the daemon starts when a workload has a
+//! `share`, feeds with the exports, and drives through the vault's
+//! transitions: at open, after the data is mounted and before the VMs
+//! resume, it gets the handle key (derived from the volume key: one way)
+//! and opens the shares; at close, after the VMs are paused or
+//! suspended and before the data is unmounted, it lets go of every
+//! descriptor and of the key. The daemon binds its sockets (on the vault
+//! network's host address) and keeps them, so it can start it again
+//! should it die; a restarted server is given the exports and, while the
+//! vault is open, the key again.
+
+use super::Shell;
+use coffre_nfs::{ExportSpec, HandleKey};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How soon a server that died is started again.
+pub(super) const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+/// The server's process and what it must be told.
+pub(super) struct NfsChild {
+    sockets: Vec<OwnedFd>,
+    proc_: Option<(Child, ChildStdin, BufReader<ChildStdout>)>,
+    exports: Vec<ExportSpec>,
+    /// The handle key while the vault is open (to restart a server).
+    key: Option<HandleKey>,
+    pub(super) log: PathBuf,
+    started: Option<Instant>,
+}
+
+impl NfsChild {
+    /// Binds the server's sockets on `addr` (NFS and MOUNT on 2049, the
+    /// portmapper on 111, TCP and UDP).
+    pub(super) fn bind(addr: std::net::Ipv4Addr, log: PathBuf) -> Result<Self, String> {
+        let sockets = coffre_nfs::Sockets::bind(&coffre_nfs::Listen {
+            addr,
+            nfs_port: 2049,
+            portmap_port: Some(111),
+        })
+        .map_err(|e| format!("binding NFS ({addr}:2049) and the portmapper ({addr}:111): {e}"))?;
+        Ok(Self {
+            sockets: sockets.into_fds(),
+            proc_: None,
+            exports: Vec::new(),
+            key: None,
+            log,
+            started: None,
+        })
+    }
+
+    /// Starts the process, then tells it the exports and (while open)
+    /// the key.
+    pub(super) fn start(&mut self) -> Result<u32, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let mut pass_fds = Vec::new();
+        for (i, s) in self.sockets.iter().enumerate() {
+            let n = i32::try_from(3 + i).unwrap_or(3);
+            pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, n));
+        }
+        let mut cmd = Command::new(exe);
+        cmd.args(["nfs-server", "--sockets", &self.sockets.len().to_string()])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        coffre_sys::child::prepare(
+            &mut cmd,
+            coffre_sys::child::ChildSetup {
+                // It stays uid 0 and drops every capability but the three
+                // it needs itself, before serving anything.
+                credentials: None,
+                // The host's mounts as they are: it must see the data
+                // mount, and a private copy of it would outlive the close.
+                private_mounts: false,
+                cwd: Some("/".into()),
+                pass_fds,
+                // Its sockets were bound in the host's namespace; it can
+                // make no other that goes anywhere.
+                network: coffre_sys::child::Network::Empty,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let mut child = cmd.spawn().map_err(|e| format!("starting it: {e}"))?;
+        let pid = child.id();
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("no pipes to the NFS server".into());
+        };
+        self.proc_ = Some((child, stdin, BufReader::new(stdout)));
+        self.started = Some(Instant::now());
+        let exports = self.exports.clone();
+        self.send_exports(exports)?;
+        if let Some(k) = self.key.clone() {
+            self.send_open(&k)?;
+        }
+        Ok(pid)
+    }
+
+    /// One command, one answer. A server that does not answer is killed
+    /// (it is started again by the next tick).
+    fn command(&mut self, cmd: &Value) -> Result<Value, String> {
+        let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.command_line(&line)
+    }
+
+    fn command_line(&mut self, line: &[u8]) -> Result<Value, String> {
+        let Some((_, stdin, stdout)) = self.proc_.as_mut() else {
+            return Err("the NFS server is not running".into());
+        };
+        let sent = stdin.write_all(line).and_then(|()| stdin.flush());
+        let mut answer = String::new();
+        let got = sent.and_then(|()| stdout.read_line(&mut answer));
+        match got {
+            Ok(n) if n > 0 => {
+                let v: Value = serde_json::from_str(&answer)
+                    .map_err(|e| format!("the NFS server's answer: {e}"))?;
+                if v["ok"] == true {
+                    Ok(v)
+                } else {
+                    Err(format!("the NFS server: {}", v["error"]))
+                }
+            }
+            Ok(_) | Err(_) => {
+                self.stop();
+                Err("the NFS server ended".into())
+            }
+        }
+    }
+
+    fn send_exports(&mut self, exports: Vec<ExportSpec>) -> Result<Vec<String>, String> {
+        let v = self.command(&json!({"cmd": "exports", "exports": exports}))?;
+        Ok(failures(&v))
+    }
+
+    fn send_open(&mut self, key: &HandleKey) -> Result<Vec<String>, String> {
+        let hex = key.to_hex();
+        let line = zeroize::Zeroizing::new(format!(
+            "{{\"cmd\":\"open\",\"key\":\"{}\"}}\n",
+            hex.as_str()
+        ));
+        let v = self.command_line(line.as_bytes())?;
+        Ok(failures(&v))
+    }
+
+    /// New exports (a member removed, the daemon started): the server
+    /// serves them at once. Returns the shares it could not open.
+    pub(super) fn set_exports(&mut self, exports: Vec<ExportSpec>) -> Result<Vec<String>, String> {
+        if exports == self.exports && self.proc_.is_some() {
+            return Ok(Vec::new());
+        }
+        self.exports = exports.clone();
+        if self.proc_.is_none() {
+            return Ok(Vec::new());
+        }
+        self.send_exports(exports)
+    }
+
+    /// The vault is open: serve the shares with this key.
+    pub(super) fn open(&mut self, key: HandleKey) -> Result<Vec<String>, String> {
+        self.key = Some(key.clone());
+        self.send_open(&key)
+    }
+
+    /// The vault closes: the server drops every descriptor on the data
+    /// and its key, after the calls in flight.
+    pub(super) fn close(&mut self) -> Result<(), String> {
+        self.key = None;
+        if self.proc_.is_none() {
+            return Ok(());
+        }
+        self.command(&json!({"cmd": "close"})).map(drop)
+    }
+
+    /// Whether it died (and why), reaping it.
+    pub(super) fn died(&mut self) -> Option<String> {
+        let (c, _, _) = self.proc_.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.proc_ = None;
+                Some(st.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether it should be started (again) now.
+    pub(super) fn due(&self) -> bool {
+        self.proc_.is_none() && self.started.is_none_or(|t| t.elapsed() >= RESTART_AFTER)
+    }
+
+    /// Its process id, while it runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.proc_.as_ref().map(|(c, _, _)| c.id())
+    }
+
+    /// Counters, for status.
+    pub(super) fn stats(&mut self) -> Option<Value> {
+        self.command(&json!({"cmd": "stats"})).ok()
+    }
+
+    pub(super) fn stop(&mut self) {
+        if let Some((mut c, stdin, _)) = self.proc_.take() {
+            drop(stdin);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn failures(v: &Value) -> Vec<String> {
+    v["failed"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    format!(
+                        "{}: {}",
+                        f[0].as_str().unwrap_or("?"),
+                        f[1].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The exports of `config`: one per workload with a `share` and an
+/// address. Its user is a member's numbers when `share_user` names a
+/// member in `[data.members]` (groups: theirs and the team's), else the
+/// host account's; a member no longer in the vault gets an export that
+/// refuses everything.
+pub(super) fn exports(
+    config: &crate::vaultdir::Config,
+    mountpoint: &Path,
+    is_member: impl Fn(&str) -> bool,
+) -> (Vec<ExportSpec>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for w in &config.workload {
+        let (Some(share), Some(user), Some(client)) = (&w.share, &w.share_user, w.address) else {
+            continue;
+        };
+        let (uid, gid, groups, denied) = match config.data.members.get(user) {
+            Some(ids) => {
+                let groups = w
+                    .share_groups
+                    .clone()
+                    .unwrap_or_else(|| vec![ids.gid, config.data.team_gid]);
+                (ids.uid, ids.gid, groups, !is_member(user))
+            }
+            None => {
+                match coffre_workload::config::share_identity(user, w.share_groups.as_deref()) {
+                    Ok(id) => (id.uid, id.gid, id.groups, false),
+                    Err(e) => {
+                        problems.push(format!("workload {}: {e}", w.name));
+                        continue;
+                    }
+                }
+            }
+        };
+        let share_text = share.to_string_lossy().into_owned();
+        out.push(ExportSpec {
+            workload: w.name.clone(),
+            client,
+            path: mountpoint.join(share),
+            share: share_text,
+            uid,
+            gid,
+            groups,
+            readonly: w.share_readonly,
+            denied,
+        });
+    }
+    (out, problems)
+}
+
+/// The server as the daemon's parts share it (the open and the close run
+/// off the actor).
+pub(super) type Shared = std::sync::Arc<std::sync::Mutex<NfsChild>>;
+
+impl Shell {
+    /// The NFS server, when a workload has a share.
+    pub(super) fn nfs(&self) -> Option<Shared> {
+        self.net.as_ref()?.nfs.clone()
+    }
+
+    fn nfs_exports(&self) -> (Vec<ExportSpec>, Vec<String>) {
+        exports(&self.config, &self.data.layout.mountpoint, |m| {
+            self.vault.members().contains_key(m)
+        })
+    }
+
+    /// At start: the exports, then the process.
+    pub(super) fn nfs_start(&mut self) {
+        let Some(nfs) = self.nfs() else { return };
+        let (exports, problems) = self.nfs_exports();
+        for p in problems {
+            self.system_audit("nfs", "failed", p);
+        }
+        let n = exports.len();
+        let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = g.set_exports(exports);
+        let r = g.start();
+        let log = g.log.clone();
+        drop(g);
+        match r {
+            Ok(pid) => self.system_audit(
+                "nfs",
+                "up",
+                format!(
+                    "NFS server (pid {pid}, uid 0 with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own) for {n} share(s); closed until the vault opens"
+                ),
+            ),
+            Err(e) => self.system_audit(
+                "nfs",
+                "failed",
+                format!("the NFS server: {e}; see {}", log.display()),
+            ),
+        }
+    }
+
+    /// Membership changed: the exports again (a removed member's shares
+    /// refuse everything at once).
+    pub(super) fn nfs_update(&mut self) {
+        let Some(nfs) = self.nfs() else { return };
+        let (exports, _) = self.nfs_exports();
+        if nfs.lock().unwrap_or_else(|p| p.into_inner()).exports == exports {
+            return;
+        }
+        let denied: Vec<String> = exports
+            .iter()
+            .filter(|e| e.denied)
+            .map(|e| e.workload.clone())
+            .collect();
+        let r = nfs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_exports(exports);
+        match r {
+            Ok(failed) if failed.is_empty() => {
+                if !denied.is_empty() {
+                    self.system_audit(
+                        "nfs",
+                        "ok",
+                        format!(
+                            "shares refused from now on (their user is no longer a member): {}",
+                            denied.join(", ")
+                        ),
+                    );
+                }
+            }
+            Ok(failed) => self.system_audit("nfs", "failed", failed.join("; ")),
+            Err(e) => self.system_audit("nfs", "failed", e),
+        }
+    }
+
+    /// The server died: say so, and start it again.
+    pub(super) fn nfs_tick(&mut self) {
+        let Some(nfs) = self.nfs() else { return };
+        let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut notes = Vec::new();
+        if let Some(why) = g.died() {
+            notes.push((
+                "failed",
+                format!("the NFS server ended ({why}); see {}", g.log.display()),
+            ));
+        }
+        if g.pid().is_none() && g.due() {
+            match g.start() {
+                Ok(pid) => notes.push(("ok", format!("NFS server started again (pid {pid})"))),
+                Err(e) => notes.push(("failed", format!("the NFS server: {e}"))),
+            }
+        }
+        drop(g);
+        for (result, n) in notes {
+            self.system_audit("nfs", result, n);
+        }
+    }
+
+    /// `status`'s `nfs` object.
+    pub(super) fn nfs_json(&self) -> Value {
+        let Some(nfs) = self.nfs() else {
+            return json!({"configured": false});
+        };
+        let (exports, _) = self.nfs_exports();
+        let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = g.pid();
+        let stats = g.stats();
+        json!({
+            "configured": true,
+            "pid": pid,
+            "stats": stats,
+            "exports": exports.iter().map(|e| json!({
+                "workload": e.workload,
+                "client": e.client.to_string(),
+                "share": e.share,
+                "uid": e.uid,
+                "gid": e.gid,
+                "readonly": e.readonly,
+                "refused": e.denied,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
