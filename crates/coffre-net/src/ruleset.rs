@@ -16,14 +16,15 @@
 //! - No client-to-client traffic; clients reach only ICMP echo on the
 //!   host's VPN address.
 //! - Workloads reach each other's declared ports, the host's DHCP server,
-//!   and the `egress` destinations (with source NAT on the way out);
-//!   nothing else. A workload's link accepts only its own MAC and address
-//!   (no spoofing), except a DHCP request before it has an address.
+//!   and the `egress` destinations (with source NAT on the way out); those
+//!   with a share of the data, the host's NFS server too; nothing else. A
+//!   workload's link accepts only its own MAC and address (no spoofing),
+//!   except a DHCP request before it has an address.
 //! - Routing, not bridging: each link is a point-to-point route (a /32
 //!   and proxy ARP), so every packet between workloads crosses the host's
 //!   `forward` hook whether or not `br_netfilter` is loaded.
 
-use crate::addr::{Egress, Port, Subnet};
+use crate::addr::{Egress, Port, Proto, Subnet};
 use crate::names::mac_text;
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
@@ -44,7 +45,28 @@ pub struct Endpoint {
     /// Where it may send outside the vault network, besides the vault's
     /// own `egress`.
     pub egress: Vec<Egress>,
+    /// Whether it mounts a share of the data from the host's NFS server
+    /// (a VM with `share`): it may reach [`NFS_PORTS`] on the gateway
+    /// address.
+    pub nfs: bool,
 }
+
+/// What a workload with a share reaches on the gateway address: the NFS
+/// server (2049) and the portmapper a client asks for its port (111).
+pub const NFS_PORTS: [Port; 3] = [
+    Port {
+        proto: Proto::Tcp,
+        port: 2049,
+    },
+    Port {
+        proto: Proto::Tcp,
+        port: 111,
+    },
+    Port {
+        proto: Proto::Udp,
+        port: 111,
+    },
+];
 
 /// The OpenVPN gateway as the firewall sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,6 +253,18 @@ impl Policy {
                 &format!("VPN addresses of the members who may use {}", e.name),
             ));
         }
+        let nfs_clients = self
+            .endpoints
+            .iter()
+            .filter(|e| e.nfs)
+            .map(|e| json!(e.addr.to_string()))
+            .collect();
+        cmds.push(self.set_obj(
+            "nfs_clients",
+            json!("ipv4_addr"),
+            nfs_clients,
+            "the workloads that mount a share of the data from the host",
+        ));
         let egress = self
             .egress
             .iter()
@@ -377,8 +411,20 @@ impl Policy {
         cmds.push(self.rule(
             "input_from_workload",
             vec![
-                mtch(payload("ip", "daddr"), "==", json!(gw)),
+                mtch(payload("ip", "daddr"), "==", gw.clone()),
                 icmp_echo(),
+                accept(),
+            ],
+        ));
+        // The source was checked against the link in prerouting, so it
+        // names the workload. Replies leave by `output_to_workload`'s
+        // established rule.
+        cmds.push(self.rule(
+            "input_from_workload",
+            vec![
+                mtch(payload("ip", "saddr"), "==", set("nfs_clients")),
+                mtch(payload("ip", "daddr"), "==", gw),
+                ports_match(&NFS_PORTS),
                 accept(),
             ],
         ));
@@ -653,6 +699,7 @@ mod tests {
                     mac: [2, 0, 0, 0, 0, 10],
                     ports: vec!["tcp/3389".parse().unwrap(), "tcp/22".parse().unwrap()],
                     egress: vec![],
+                    nfs: true,
                 },
                 Endpoint {
                     name: "forge".into(),
@@ -661,6 +708,7 @@ mod tests {
                     mac: [2, 0, 0, 0, 0, 20],
                     ports: vec!["tcp/3000".parse().unwrap()],
                     egress: vec!["198.51.100.7:443".parse().unwrap()],
+                    nfs: false,
                 },
             ],
             egress: vec!["tcp/203.0.113.5:443".parse().unwrap()],
@@ -818,8 +866,78 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 30],
             ports: vec![],
             egress: vec![],
+            nfs: true,
         });
-        // A workload without ports adds one reply rule, not one per member.
+        // A workload without ports adds one reply rule, not one per member
+        // (and none for its share: it is a set element).
         assert_eq!(rules(&q.ruleset()).len(), n + 1);
+    }
+
+    #[test]
+    fn only_workloads_with_a_share_reach_the_nfs_server_on_the_gateway() {
+        let v = sample().ruleset();
+        let set = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("set")))
+            .find(|s| s["name"] == "nfs_clients")
+            .expect("an nfs_clients set");
+        assert_eq!(set["type"], "ipv4_addr");
+        // desktop has a share, forge has none.
+        assert_eq!(set["elem"], json!(["10.9.0.10"]));
+
+        let input: Vec<String> = rules(&v)
+            .into_iter()
+            .filter(|r| r.starts_with("\"input_from_workload\""))
+            .collect();
+        let nfs: Vec<&String> = input.iter().filter(|r| r.contains("2049")).collect();
+        assert_eq!(nfs.len(), 1, "{input:?}");
+        let expr = json!([
+            mtch(payload("ip", "saddr"), "==", json!("@nfs_clients")),
+            mtch(payload("ip", "daddr"), "==", json!("10.9.0.1")),
+            mtch(
+                json!({"concat": [meta("l4proto"), payload("th", "dport")]}),
+                "==",
+                json!({"set": [
+                    {"concat": ["tcp", 2049]},
+                    {"concat": ["tcp", 111]},
+                    {"concat": ["udp", 111]},
+                ]}),
+            ),
+            {"accept": null},
+        ]);
+        assert_eq!(*nfs[0], format!("\"input_from_workload\": {expr}"));
+        // Nothing else on the host opens for a workload: no other accept
+        // names a TCP port, and the only UDP one is DHCP.
+        for r in input
+            .iter()
+            .filter(|r| r.contains("accept") && *r != nfs[0])
+        {
+            assert!(!r.contains("\"tcp\""), "{r}");
+            assert!(!r.contains("\"udp\"") || r.contains("67"), "{r}");
+        }
+        // The replies leave by the established rule.
+        assert!(
+            rules(&v)
+                .iter()
+                .any(|r| r.starts_with("\"output_to_workload\"")
+                    && r.contains("established")
+                    && r.ends_with(r#"{"accept":null}]"#)),
+        );
+
+        let mut none = sample();
+        for e in &mut none.endpoints {
+            e.nfs = false;
+        }
+        let v = none.ruleset();
+        let set = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("set")))
+            .find(|s| s["name"] == "nfs_clients")
+            .unwrap();
+        assert!(set.get("elem").is_none(), "{set}");
     }
 }

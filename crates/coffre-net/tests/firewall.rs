@@ -12,10 +12,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Answers every connection with `hello from NAME PORT`, then echoes.
+/// Answers every connection with `hello from NAME PORT`, then echoes; on
+/// a port written `uPORT`, every UDP datagram with `hello from NAME udp
+/// PORT`.
 const SERVER: &str = r#"
 import socket, sys, threading
 name = sys.argv[1]
+def serve_udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    while True:
+        _, a = s.recvfrom(100)
+        s.sendto(f"hello from {name} udp {port}\n".encode(), a)
 def serve(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(16)
@@ -31,7 +39,8 @@ def serve(port):
             except OSError: pass
         threading.Thread(target=talk, daemon=True).start()
 for p in sys.argv[2:]:
-    threading.Thread(target=serve, args=(int(p),), daemon=True).start()
+    f = serve_udp if p.startswith("u") else serve
+    threading.Thread(target=f, args=(int(p.lstrip("u")),), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 "#;
@@ -44,6 +53,19 @@ try:
     s = socket.create_connection((dst, port), timeout=1.5,
         source_address=(src, 0) if src != "-" else None)
     print(s.makefile().readline().strip())
+except OSError:
+    print("fail")
+"#;
+
+/// Sends one UDP datagram, prints the answer or `fail`.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+dst, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.5)
+try:
+    s.connect((dst, port)); s.send(b"?")
+    print(s.recv(100).decode().strip())
 except OSError:
     print("fail")
 "#;
@@ -176,7 +198,7 @@ impl Lab {
         ] {
             ok(&i, &a);
         }
-        // Two workloads.
+        // Two workloads; w1 mounts a share of the data from the host.
         for (name, last) in [("w1", 10u8), ("w2", 20)] {
             let netns = format!("{tag}-{name}");
             let link = names::link(&tag, name);
@@ -193,6 +215,7 @@ impl Lab {
                 mac,
                 ports: vec!["tcp/80".parse().unwrap()],
                 egress: vec![],
+                nfs: name == "w1",
             });
         }
         // A service on the host, on every address; the internet's server.
@@ -233,6 +256,15 @@ impl Lab {
         let out = sh(
             &self.ns(from),
             &["python3", "-c", CLIENT, src, dst, &port.to_string()],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// What `from` gets back for a datagram to `dst:port`.
+    fn udp(&self, from: &str, dst: &str, port: u16) -> String {
+        let out = sh(
+            &self.ns(from),
+            &["python3", "-c", UDP_CLIENT, dst, &port.to_string()],
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
@@ -445,4 +477,46 @@ for line in sys.stdin:
             .is_empty()
     );
     std::thread::sleep(Duration::from_millis(1));
+}
+
+#[test]
+#[ignore = "system: needs root, network namespaces, nft, python3"]
+fn only_a_workload_with_a_share_reaches_the_nfs_server() {
+    require(&[Need::Root, Need::NetNs, Need::Nft]);
+    let mut lab = Lab::new("c");
+    lab.serve("host", "nfs", &["2049", "111", "u111", "2050"]);
+
+    // w1 has a share: the NFS server and the portmapper on the gateway
+    // address, and the replies come back.
+    assert_eq!(lab.tcp("w1", "-", "10.9.0.1", 2049), "hello from nfs 2049");
+    assert_eq!(lab.tcp("w1", "-", "10.9.0.1", 111), "hello from nfs 111");
+    assert_eq!(lab.udp("w1", "10.9.0.1", 111), "hello from nfs udp 111");
+    // Nothing else on the host: not another port, not the same port on
+    // another of the host's addresses.
+    assert_eq!(lab.tcp("w1", "-", "10.9.0.1", 2050), "fail");
+    assert_eq!(lab.tcp("w1", "-", "10.9.0.1", 9000), "fail");
+    assert_eq!(lab.udp("w1", "10.9.0.1", 2049), "fail");
+    assert_eq!(lab.tcp("w1", "-", "198.51.100.1", 2049), "fail");
+    assert_eq!(lab.tcp("w1", "-", "10.8.0.1", 2049), "fail");
+
+    // w2 has none.
+    assert_eq!(lab.tcp("w2", "-", "10.9.0.1", 2049), "fail");
+    assert_eq!(lab.tcp("w2", "-", "10.9.0.1", 111), "fail");
+    assert_eq!(lab.udp("w2", "10.9.0.1", 111), "fail");
+    // Nor can it pass for w1: w1's address on w2's link is dropped first.
+    ok(
+        &lab.ns("w2"),
+        &["ip", "addr", "add", "10.9.0.10/32", "dev", "eth0"],
+    );
+    assert_eq!(lab.tcp("w2", "10.9.0.10", "10.9.0.1", 2049), "fail");
+    // A member over the VPN does not reach it either, even one granted w1.
+    lab.grant([10, 8, 0, 6], &[0]);
+    assert_eq!(lab.tcp("clients", ALICE, "10.9.0.1", 2049), "fail");
+    assert_eq!(lab.tcp("clients", ALICE, "10.8.0.1", 2049), "fail");
+
+    // w1's share removed (the table applied again): closed.
+    lab.policy.endpoints[0].nfs = false;
+    lab.host.nft(&lab.policy.ruleset()).unwrap();
+    assert_eq!(lab.tcp("w1", "-", "10.9.0.1", 2049), "fail");
+    assert_eq!(lab.udp("w1", "10.9.0.1", 111), "fail");
 }

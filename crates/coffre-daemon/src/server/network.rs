@@ -189,6 +189,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             mac: names::mac(&config.name, &w.name),
             ports: w.ports.clone(),
             egress: w.egress.clone(),
+            nfs: w.share.is_some(),
         });
         reach.push(w.members.clone());
         kinds.push(w.kind);
@@ -632,6 +633,7 @@ impl Shell {
                     "mac": names::mac_text(&e.mac),
                     "ports": e.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "egress": e.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "nfs": e.nfs,
                     "members": if r.is_empty() { json!("every member") } else { json!(r) },
                     "vpn_addresses_now": connected,
                 })
