@@ -189,3 +189,293 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert_contiguous(&lab.shared("nfs-b.log"), "nfs-b");
     alice.stop();
 }
+
+/// A raw NFSv3 client for the benchmark's metadata work (the host has no
+/// kernel NFS client): one TCP connection, one call at a time.
+struct Raw {
+    s: std::net::TcpStream,
+    xid: u32,
+}
+
+impl Raw {
+    fn call(&mut self, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        use coffre_nfs::xdr::{Reader, Writer};
+        use std::io::Write;
+        self.xid += 1;
+        let mut w = Writer::default();
+        w.u32(0)
+            .u32(self.xid)
+            .u32(0)
+            .u32(2)
+            .u32(prog)
+            .u32(3)
+            .u32(proc_);
+        w.u32(0).u32(0).u32(0).u32(0);
+        w.buf.extend_from_slice(args);
+        let n = u32::try_from(w.buf.len() - 4).unwrap() | 0x8000_0000;
+        w.buf[..4].copy_from_slice(&n.to_be_bytes());
+        self.s.write_all(&w.buf).unwrap();
+        let mut rec = Vec::new();
+        assert!(coffre_nfs::rpc::read_record(&mut self.s, &mut rec, 4 << 20).unwrap());
+        let mut r = Reader::new(&rec);
+        for _ in 0..3 {
+            r.u32().unwrap();
+        }
+        r.u32().unwrap();
+        r.opaque(400).unwrap();
+        assert_eq!(r.u32().unwrap(), 0);
+        r.rest().to_vec()
+    }
+
+    /// A call that must succeed; returns the new object's handle for the
+    /// creating calls.
+    fn ok(&mut self, proc_: u32, args: &coffre_nfs::xdr::Writer) -> Option<Vec<u8>> {
+        let res = self.call(100_003, proc_, &args.buf);
+        let mut r = coffre_nfs::xdr::Reader::new(&res);
+        assert_eq!(r.u32().unwrap(), 0, "NFS procedure {proc_} failed");
+        if matches!(proc_, 8 | 9) && r.bool().unwrap() {
+            return Some(r.opaque(64).unwrap().to_vec());
+        }
+        None
+    }
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// Makes the benchmark's tree (50 directories of 100 files of 1 KiB)
+/// under `root` as `top`: MKDIR, CREATE, WRITE (unstable) and, when
+/// `commit`, a COMMIT per file as the Linux client does at each close.
+fn nfs_tree(c: &mut Raw, root: &[u8], top: &str, commit: bool) -> f64 {
+    use coffre_nfs::xdr::Writer;
+    let t = Instant::now();
+    let mut mk = Writer::default();
+    mk.opaque(root).opaque(top.as_bytes()).bool(true).u32(0o755);
+    mk.bool(false).bool(false).bool(false).u32(0).u32(0);
+    let top = c.ok(9, &mk).unwrap();
+    for d in 0..50u64 {
+        let mut mk = Writer::default();
+        mk.opaque(&top)
+            .opaque(format!("src-{d:02}").as_bytes())
+            .bool(true)
+            .u32(0o755);
+        mk.bool(false).bool(false).bool(false).u32(0).u32(0);
+        let dir = c.ok(9, &mk).unwrap();
+        for f in 0..100u64 {
+            let mut cr = Writer::default();
+            cr.opaque(&dir)
+                .opaque(format!("file-{f:03}.rs").as_bytes())
+                .u32(0);
+            cr.bool(true)
+                .u32(0o644)
+                .bool(false)
+                .bool(false)
+                .bool(false)
+                .u32(0)
+                .u32(0);
+            let fh = c.ok(8, &cr).unwrap();
+            let body = coffre_testkit::volume::pattern(1024, d * 100 + f);
+            let mut wr = Writer::default();
+            wr.opaque(&fh).u64(0).u32(1024).u32(0).opaque(&body);
+            c.ok(7, &wr);
+            if commit {
+                let mut cm = Writer::default();
+                cm.opaque(&fh).u64(0).u32(0);
+                c.ok(21, &cm);
+            }
+        }
+    }
+    secs(t)
+}
+
+/// `scripts/bench-nfs`: a 512 MiB file written and read over NFS (libnfs's
+/// nfs-cp on loopback, against the vault's NFS server code serving the
+/// vault's mounted data) against `dd` and `cat` on the mount itself, same
+/// run; 5,000 small files made over NFS (MKDIR, CREATE, WRITE, COMMIT,
+/// one call at a time) against `tar -x` of the same tree onto the mount;
+/// and the server's part of a close while a client reads.
+#[test]
+#[ignore = "survey: NFS throughput against the mount (scripts/bench-nfs)"]
+fn survey_nfs_throughput_against_the_mount() {
+    use coffre_nfs::xdr::Writer;
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::NfsClient,
+    ]);
+    let mib: u64 = std::env::var("COFFRE_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let mut v = Vault::init(&["--size", &format!("{}M", mib * 3 + 256)]);
+    v.set_data(4242, 1, &[("alice", 5001, 5001)]);
+    v.start();
+    let mut enter = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(60));
+    let shared = v.layout().mountpoint.join("shared");
+    let server = std::sync::Arc::new(coffre_nfs::Server::new());
+    let sockets = coffre_nfs::Sockets::bind(&coffre_nfs::Listen {
+        addr: std::net::Ipv4Addr::LOCALHOST,
+        nfs_port: 0,
+        portmap_port: None,
+    })
+    .unwrap();
+    let port = sockets.nfs_port();
+    {
+        let s = std::sync::Arc::clone(&server);
+        std::thread::spawn(move || s.serve(sockets, 8));
+    }
+    server.set_exports(vec![coffre_nfs::ExportSpec {
+        workload: "bench".into(),
+        client: std::net::Ipv4Addr::LOCALHOST,
+        share: "shared".into(),
+        path: shared.clone(),
+        uid: 5001,
+        gid: 5001,
+        groups: vec![5001, 4242],
+        readonly: false,
+        denied: false,
+    }]);
+    assert!(server.open(coffre_nfs::HandleKey::new([1; 32])).is_empty());
+    let url = |p: &str| {
+        format!(
+            "nfs://127.0.0.1/{p}?version=3&nfsport={port}&mountport={port}&auto-traverse-mounts=0"
+        )
+    };
+    let tmp = v.tmp.path().to_path_buf();
+    let src = tmp.join("src.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).unwrap();
+        let chunk = coffre_testkit::volume::pattern(1 << 20, 7);
+        for _ in 0..mib {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let run = |c: &mut std::process::Command| {
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Writes: dd with fsync at the end, against nfs-cp (UNSTABLE writes
+    // and a COMMIT).
+    let t = Instant::now();
+    run(std::process::Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", shared.join("base.bin").display()))
+        .args(["bs=1M", "conv=fsync", "status=none"]));
+    let dd_write = secs(t);
+    let t = Instant::now();
+    run(std::process::Command::new("nfs-cp")
+        .arg(&src)
+        .arg(url("nfs.bin")));
+    let nfs_write = secs(t);
+    // Reads of the same file (warm in the mount's page cache for both).
+    let t = Instant::now();
+    run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "cat {} > /dev/null",
+        shared.join("nfs.bin").display()
+    )));
+    let cat_read = secs(t);
+    let t = Instant::now();
+    run(std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("nfs-cat '{}' > /dev/null", url("nfs.bin"))));
+    let nfs_read = secs(t);
+
+    // Metadata: a tree of 50 directories of 100 files of 1 KiB.
+    let tree = tmp.join("tree");
+    for d in 0..50 {
+        let dir = tree.join(format!("src-{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(
+                dir.join(format!("file-{f:03}.rs")),
+                coffre_testkit::volume::pattern(1024, d * 100 + f),
+            )
+            .unwrap();
+        }
+    }
+    run(std::process::Command::new("tar").args([
+        "-cf",
+        tmp.join("tree.tar").to_str().unwrap(),
+        "-C",
+        tree.to_str().unwrap(),
+        ".",
+    ]));
+    let dest = shared.join("tar-tree");
+    std::fs::create_dir(&dest).unwrap();
+    let t = Instant::now();
+    run(std::process::Command::new("tar").args([
+        "-xf",
+        tmp.join("tree.tar").to_str().unwrap(),
+        "-C",
+        dest.to_str().unwrap(),
+    ]));
+    run(std::process::Command::new("sync").arg("-f").arg(&dest));
+    let tar_local = secs(t);
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut c = Raw { s, xid: 0 };
+    let mut a = Writer::default();
+    a.opaque(b"/");
+    let res = c.call(100_005, 1, &a.buf);
+    let root = coffre_nfs::xdr::Reader::new(&res[4..])
+        .opaque(64)
+        .unwrap()
+        .to_vec();
+    let tar_nfs = nfs_tree(&mut c, &root, "nfs-tree", true);
+    let tar_nfs_nocommit = nfs_tree(&mut c, &root, "nfs-tree-2", false);
+    let t = Instant::now();
+    run(std::process::Command::new("sync").arg("-f").arg(&dest));
+    let tar_nfs_nocommit = tar_nfs_nocommit + secs(t);
+
+    // The server's part of a close while a client reads.
+    let reader = std::process::Command::new("nfs-cat")
+        .arg(url("nfs.bin"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    server.close();
+    let close_ms = secs(t) * 1000.0;
+    if let Ok(mut r) = reader {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+    let mb = mib as f64;
+    println!(
+        "nfs benchmark ({mib} MiB file, 5000 files of 1 KiB; nfs-cp and a raw client on loopback)"
+    );
+    println!(
+        "  write: dd+fsync on the mount {:.0} MiB/s, nfs-cp {:.0} MiB/s (x{:.2})",
+        mb / dd_write,
+        mb / nfs_write,
+        dd_write / nfs_write
+    );
+    println!(
+        "  read:  cat on the mount {:.0} MiB/s, nfs-cat {:.0} MiB/s (x{:.2})",
+        mb / cat_read,
+        mb / nfs_read,
+        cat_read / nfs_read
+    );
+    println!(
+        "  5000 files: tar -x + sync on the mount {tar_local:.2} s, over NFS {tar_nfs:.2} s (x{:.2} the time)",
+        tar_nfs / tar_local
+    );
+    println!(
+        "  the same without a COMMIT per file (one sync at the end): {tar_nfs_nocommit:.2} s (x{:.2})",
+        tar_nfs_nocommit / tar_local
+    );
+    println!("  close with a client reading: the server's part {close_ms:.1} ms");
+    let _ = enter.kill();
+    let _ = enter.wait();
+    v.stop();
+}
