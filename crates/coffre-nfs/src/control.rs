@@ -22,7 +22,7 @@ use crate::handle::HandleKey;
 use crate::server::{Server, Sockets};
 use serde::Deserialize;
 use serde_json::json;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroize;
@@ -99,16 +99,17 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
                 }
             })?;
     }
-    let stdin = io::stdin();
+    // Standard input read by hand, not through std's buffered Stdin: its
+    // buffer would keep the key's line after the close.
+    let mut stdin =
+        std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stdin()).try_clone_to_owned()?);
     let mut out = io::stdout().lock();
-    let mut line = String::new();
+    let mut pending = zeroize::Zeroizing::new(Vec::<u8>::new());
     loop {
-        line.zeroize();
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let Some(line) = next_line(&mut stdin, &mut pending)? else {
             return Ok(());
-        }
-        let answer = match serde_json::from_str::<Command>(&line) {
+        };
+        let answer = match serde_json::from_slice::<Command>(&line) {
             Err(e) => json!({"ok": false, "error": format!("bad command: {e}")}),
             Ok(Command::Exports { exports }) => {
                 json!({"ok": true, "failed": server.set_exports(exports)})
@@ -116,10 +117,13 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
             Ok(Command::Open { mut key }) => {
                 let k = parse_key(&key);
                 key.zeroize();
-                match k {
+                let answer = match k {
                     Some(k) => json!({"ok": true, "failed": server.open(k)}),
                     None => json!({"ok": false, "error": "the key must be 64 hex digits"}),
-                }
+                };
+                // What HMAC and the moves left of the key on this stack.
+                coffre_luks2::secret::scrub_stack();
+                answer
             }
             Ok(Command::Close) => {
                 server.close();
@@ -137,15 +141,63 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
                 })
             }
         };
-        line.zeroize();
+        drop(line);
         writeln!(out, "{answer}")?;
         out.flush()?;
+    }
+}
+
+/// The next line of `src` (without its newline), or `None` at the end.
+/// What was read past it stays in `pending`; every buffer is wiped.
+fn next_line(
+    src: &mut impl Read,
+    pending: &mut zeroize::Zeroizing<Vec<u8>>,
+) -> io::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+    loop {
+        if let Some(at) = pending.iter().position(|&b| b == b'\n') {
+            let line = zeroize::Zeroizing::new(pending[..at].to_vec());
+            let rest = pending[at + 1..].to_vec();
+            pending.zeroize();
+            pending.clear();
+            pending.extend_from_slice(&rest);
+            let mut rest = rest;
+            rest.zeroize();
+            return Ok(Some(line));
+        }
+        let mut buf = zeroize::Zeroizing::new([0u8; 4096]);
+        let n = src.read(&mut buf[..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if pending.len() + n > 1 << 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a command of over 1 MiB",
+            ));
+        }
+        // Grown by hand: a reallocation would leave the old copy behind.
+        let mut grown = zeroize::Zeroizing::new(Vec::with_capacity((pending.len() + n) * 2));
+        grown.extend_from_slice(pending);
+        grown.extend_from_slice(&buf[..n]);
+        *pending = grown;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_split_whatever_the_reads_bring() {
+        let mut src: &[u8] = b"{\"cmd\":\"close\"}\n{\"cmd\":\"st";
+        let mut pending = zeroize::Zeroizing::new(Vec::new());
+        let first = next_line(&mut src, &mut pending).unwrap().unwrap();
+        assert_eq!(&first[..], b"{\"cmd\":\"close\"}");
+        assert!(next_line(&mut src, &mut pending).unwrap().is_none());
+        let mut more: &[u8] = b"ats\"}\n";
+        let second = next_line(&mut more, &mut pending).unwrap().unwrap();
+        assert_eq!(&second[..], b"{\"cmd\":\"stats\"}");
+    }
 
     #[test]
     fn keys_are_64_hex_digits() {

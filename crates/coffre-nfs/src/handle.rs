@@ -26,9 +26,17 @@ const MAX_INNER: usize = MAX_FH - HEADER - MAC_LEN;
 
 /// The key that authenticates handles. Derived by the daemon from the
 /// volume key (one way: it reveals nothing of it), held by the server
-/// only while the vault is open.
+/// only while the vault is open. The MAC's keyed state is computed once,
+/// so the worker threads never copy the key itself onto their stacks;
+/// both are wiped when it is dropped.
+#[derive(Clone)]
+pub struct HandleKey {
+    raw: Raw,
+    keyed: Hmac<Sha256>,
+}
+
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct HandleKey([u8; 32]);
+struct Raw([u8; 32]);
 
 impl std::fmt::Debug for HandleKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -37,9 +45,16 @@ impl std::fmt::Debug for HandleKey {
 }
 
 impl HandleKey {
-    /// A key from its 32 bytes.
+    /// A key from its 32 bytes. HMAC copies the key into a block on
+    /// the stack as it keys itself: callers that care scrub their stack
+    /// afterwards (`coffre_luks2::secret::scrub_stack`).
     pub fn new(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(&bytes)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        Self {
+            raw: Raw(bytes),
+            keyed,
+        }
     }
 
     /// The handle key of a vault: HMAC-SHA-256 of a fixed label under the
@@ -49,14 +64,17 @@ impl HandleKey {
         let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(volume_key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         m.update(b"coffre nfs file handles v1");
-        Self(m.finalize().into_bytes().into())
+        let mut bytes: [u8; 32] = m.finalize().into_bytes().into();
+        let key = Self::new(bytes);
+        bytes.zeroize();
+        key
     }
 
     /// The key as 64 hex digits, for the daemon's pipe to the server
     /// (wiped when dropped).
     pub fn to_hex(&self) -> zeroize::Zeroizing<String> {
         let mut s = zeroize::Zeroizing::new(String::with_capacity(64));
-        for b in self.0 {
+        for &b in &self.raw.0 {
             s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
             s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
         }
@@ -64,8 +82,7 @@ impl HandleKey {
     }
 
     fn mac(&self, bytes: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        let mut m = self.keyed.clone();
         m.update(bytes);
         let full = m.finalize().into_bytes();
         let mut out = [0; MAC_LEN];

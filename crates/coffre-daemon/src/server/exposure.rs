@@ -98,10 +98,13 @@ pub(super) fn pause_workloads(
 /// the volume key, one way).
 fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line {
     let t = std::time::Instant::now();
+    let handle_key = coffre_nfs::HandleKey::derive(key.expose());
+    // HMAC copied the volume key into a block on this stack.
+    coffre_luks2::secret::scrub_stack();
     let r = nfs
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .open(coffre_nfs::HandleKey::derive(key.expose()));
+        .open(handle_key);
     let (result, detail) = match r {
         Ok(failed) if failed.is_empty() => (
             "ok",

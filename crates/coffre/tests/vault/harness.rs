@@ -547,6 +547,8 @@ pub fn volume_key(v: &Vault) -> Vec<u8> {
     let out = std::process::Command::new("cryptsetup")
         .args([
             "-q",
+            // The daemon holds the header's lock while it runs.
+            "--disable-locks",
             "luksDump",
             "--dump-volume-key",
             "--volume-key-file",
