@@ -438,6 +438,12 @@ impl Shell {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        // The VMs' NFS server lets go of the data before the unmount (or
+        // it would be killed as a holder).
+        if let (Some(nfs), Some(_)) = (self.nfs(), &exposure) {
+            let line = nfs_close(&nfs);
+            self.workload_audit(vec![line]);
+        }
         if let Some(mut e) = exposure {
             let policy = coffre_data::ClosePolicy {
                 grace: Duration::from_secs(self.config.data.close_grace_s),

@@ -187,6 +187,11 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(lab.wrote("nfs-b"), last, "bob's VM wrote after his removal");
     assert_contiguous(&lab.shared("nfs-b.log"), "nfs-b");
+    // A daemon stopped while open: the NFS server lets go of the data
+    // first, and is not killed as one of its holders.
+    lab.gw.vault.stop();
+    let killed = lab.gw.vault.audit_details("close", "killed");
+    assert!(killed.is_empty(), "{killed:?}");
     alice.stop();
 }
 
