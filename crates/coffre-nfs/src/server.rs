@@ -609,3 +609,64 @@ impl Drc {
         self.order.retain(|x| x != k);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(77).u32(0).u32(2).u32(prog).u32(vers).u32(proc_);
+        w.u32(0).u32(0).u32(0).u32(0);
+        w.buf.extend_from_slice(args);
+        w.buf
+    }
+
+    /// The reply's words after the record mark.
+    fn words(reply: &[u8]) -> Vec<u32> {
+        reply[4..]
+            .chunks(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn the_portmapper_points_nfs_and_mount_over_tcp_at_the_nfs_port() {
+        let s = Server::new();
+        let ip = Ipv4Addr::new(10, 9, 0, 10);
+        let ask = |prog: u32, vers: u32, prot: u32| {
+            let mut a = Writer::default();
+            a.u32(prog).u32(vers).u32(prot).u32(0);
+            let r = s.answer(ip, &call(PROG_PORTMAP, 2, 3, &a.buf)).unwrap();
+            // xid, REPLY, ACCEPTED, verifier (2), SUCCESS, port
+            words(&r)[6]
+        };
+        assert_eq!(ask(PROG_NFS, 3, 6), 2049);
+        assert_eq!(ask(PROG_MOUNT, 3, 6), 2049);
+        assert_eq!(ask(PROG_NFS, 3, 17), 0, "no NFS over UDP");
+        assert_eq!(ask(100_021, 4, 6), 0, "no lock manager");
+        assert_eq!(ask(PROG_NFS, 4, 6), 0, "no NFSv4");
+    }
+
+    #[test]
+    fn unknown_programs_and_versions_are_answered_not_dropped() {
+        let s = Server::new();
+        let ip = Ipv4Addr::new(10, 9, 0, 10);
+        // NFS_ACL, which the Linux client asks for: PROG_UNAVAIL.
+        let r = s.answer(ip, &call(100_227, 3, 0, &[])).unwrap();
+        assert_eq!(words(&r)[5], 1);
+        // NFSv4: PROG_MISMATCH 3..3.
+        let r = s.answer(ip, &call(PROG_NFS, 4, 0, &[])).unwrap();
+        assert_eq!(&words(&r)[5..8], &[2, 3, 3]);
+        // While closed, a GETATTR waits (JUKEBOX), and NULL still answers.
+        let mut a = Writer::default();
+        a.opaque(&[0; 38]);
+        let r = s.answer(ip, &call(PROG_NFS, 3, 1, &a.buf)).unwrap();
+        assert_eq!(words(&r)[6], status::JUKEBOX);
+        let r = s.answer(ip, &call(PROG_NFS, 3, 0, &[])).unwrap();
+        assert_eq!(words(&r).len(), 6);
+        // Garbage arguments: GARBAGE_ARGS, not a dropped connection.
+        let r = s.answer(ip, &call(PROG_NFS, 3, 1, &[0, 0, 1])).unwrap();
+        assert_eq!(words(&r)[5], 4);
+    }
+}

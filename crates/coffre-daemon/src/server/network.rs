@@ -374,10 +374,15 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     {
         let log = dir.join("run").join("nfs.log");
         let _ = std::fs::create_dir_all(dir.join("run"));
-        let n = super::nfs::NfsChild::bind(gw, log)?;
-        notes.push(format!(
-            "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
-        ));
+        let (n, warning) = super::nfs::NfsChild::bind(gw, log)?;
+        match warning {
+            None => notes.push(format!(
+                "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
+            )),
+            Some(w) => notes.push(format!(
+                "NFS (tcp/2049) on {gw}, for the workloads with a share only; {w}"
+            )),
+        }
         Some(std::sync::Arc::new(std::sync::Mutex::new(n)))
     } else {
         None

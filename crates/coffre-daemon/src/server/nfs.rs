@@ -36,21 +36,42 @@ pub(super) struct NfsChild {
 impl NfsChild {
     /// Binds the server's sockets on `addr` (NFS and MOUNT on 2049, the
     /// portmapper on 111, TCP and UDP).
-    pub(super) fn bind(addr: std::net::Ipv4Addr, log: PathBuf) -> Result<Self, String> {
-        let sockets = coffre_nfs::Sockets::bind(&coffre_nfs::Listen {
+    /// When port 111 is taken (the host runs its own rpcbind on every
+    /// address), NFS is served without a portmapper and the note says so:
+    /// clients then need `port=2049,mountport=2049`.
+    pub(super) fn bind(
+        addr: std::net::Ipv4Addr,
+        log: PathBuf,
+    ) -> Result<(Self, Option<String>), String> {
+        let listen = |portmap_port| coffre_nfs::Listen {
             addr,
             nfs_port: 2049,
-            portmap_port: Some(111),
-        })
-        .map_err(|e| format!("binding NFS ({addr}:2049) and the portmapper ({addr}:111): {e}"))?;
-        Ok(Self {
-            sockets: sockets.into_fds(),
-            proc_: None,
-            exports: Vec::new(),
-            key: None,
-            log,
-            started: None,
-        })
+            portmap_port,
+        };
+        let (sockets, note) = match coffre_nfs::Sockets::bind(&listen(Some(111))) {
+            Ok(s) => (s, None),
+            Err(e) => {
+                let s = coffre_nfs::Sockets::bind(&listen(None))
+                    .map_err(|e| format!("binding NFS on {addr}:2049: {e}"))?;
+                (
+                    s,
+                    Some(format!(
+                        "no portmapper on {addr}:111 ({e}: is the host's rpcbind listening on every address?); VMs must mount with port=2049,mountport=2049"
+                    )),
+                )
+            }
+        };
+        Ok((
+            Self {
+                sockets: sockets.into_fds(),
+                proc_: None,
+                exports: Vec::new(),
+                key: None,
+                log,
+                started: None,
+            },
+            note,
+        ))
     }
 
     /// Starts the process, then tells it the exports and (while open)
