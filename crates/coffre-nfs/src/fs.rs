@@ -482,10 +482,12 @@ impl Export {
             Nfs::Commit(f) => {
                 let (fd, st) = self.resolve(key, f)?;
                 if is_reg(&st) {
-                    // As root: CAP_DAC_READ_SEARCH opens any file for
-                    // reading; nothing is read, the data only made durable.
-                    let file = reopen(&fd, OFlags::RDONLY)?;
-                    rustix::fs::fdatasync(&file).map_err(errno)?;
+                    // As the user, who wrote it: for reading, or for
+                    // writing when the file is write-only to them.
+                    let _u = self.as_user()?;
+                    let file =
+                        reopen(&fd, OFlags::RDONLY).or_else(|_| reopen(&fd, OFlags::WRONLY))?;
+                    rustix::fs::fsync(&file).map_err(errno)?;
                 }
                 w.u32(status::OK);
                 proto::wcc(w, Self::attrs(&fd).as_ref());
@@ -658,18 +660,38 @@ impl Export {
         let name = new_name(n)?;
         let file = {
             let _u = self.as_user()?;
-            let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CREATE | OFlags::CLOEXEC;
-            let create = |flags: OFlags, mode: u32| {
-                rustix::fs::openat(&dir, name.as_c_str(), flags, Mode::from_raw_mode(mode))
+            // Always O_EXCL: an existing name is looked at with O_PATH,
+            // never opened (a FIFO would block the thread, a device would
+            // be touched). O_NONBLOCK for the same reason.
+            let excl = OFlags::RDONLY
+                | OFlags::NOFOLLOW
+                | OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NONBLOCK
+                | OFlags::CLOEXEC;
+            let create = |mode: u32| {
+                rustix::fs::openat(&dir, name.as_c_str(), excl, Mode::from_raw_mode(mode))
+            };
+            let existing = || -> Result<OwnedFd, u32> {
+                let f = open_path(&dir, &name)?;
+                let st = fstat(&f)?;
+                if is_dir(&st) {
+                    return Err(status::ISDIR);
+                }
+                if !is_reg(&st) {
+                    return Err(status::EXIST);
+                }
+                Ok(f)
             };
             match how {
                 CreateHow::Unchecked(s) | CreateHow::Guarded(s) => {
-                    let excl = if matches!(how, CreateHow::Guarded(_)) {
-                        OFlags::EXCL
-                    } else {
-                        OFlags::empty()
+                    let f = match create(s.mode.unwrap_or(0o600) & 0o7777) {
+                        Ok(f) => f,
+                        Err(rustix::io::Errno::EXIST) if matches!(how, CreateHow::Unchecked(_)) => {
+                            existing()?
+                        }
+                        Err(e) => return Err(errno(e)),
                     };
-                    let f = create(base | excl, s.mode.unwrap_or(0o600) & 0o7777).map_err(errno)?;
                     let rest = Sattr { mode: None, ..s };
                     if rest != Sattr::NONE {
                         apply(&f, &rest)?;
@@ -678,17 +700,16 @@ impl Export {
                 }
                 CreateHow::Exclusive(verf) => {
                     let t = verifier_time(verf);
-                    match create(base | OFlags::EXCL, 0o600) {
+                    match create(0o600) {
                         Ok(f) => {
                             set_times(&f, SetTime::To(t), SetTime::To(t))?;
                             f
                         }
                         Err(rustix::io::Errno::EXIST) => {
                             // A retransmission finds the file it made.
-                            let f = open_path(&dir, &name)?;
+                            let f = existing()?;
                             let st = fstat(&f)?;
-                            let a = attr(&st);
-                            if !is_reg(&st) || a.mtime != t {
+                            if attr(&st).mtime != t {
                                 return Err(status::EXIST);
                             }
                             f

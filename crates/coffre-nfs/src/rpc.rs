@@ -148,9 +148,17 @@ pub fn read_record(src: &mut impl Read, out: &mut Vec<u8>, max: usize) -> io::Re
                 format!("an RPC record of over {max} bytes"),
             ));
         }
+        // Grown as the bytes arrive, not as the mark announces them: a
+        // mark alone commits no memory.
         let start = out.len();
-        out.resize(start + len, 0);
-        src.read_exact(&mut out[start..])?;
+        let got = src.by_ref().take(len as u64).read_to_end(out)?;
+        if got != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended inside a record",
+            ));
+        }
+        debug_assert_eq!(out.len(), start + len);
         if mark & 0x8000_0000 != 0 {
             return Ok(true);
         }

@@ -23,6 +23,23 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+/// Connections one address may hold at once (the Linux client uses one
+/// per mount, plus one for MOUNT).
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 8;
+/// Connections in all.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Calls one address may have in the workers' hands at once: a guest
+/// cannot take every worker from the others.
+pub const MAX_IN_FLIGHT_PER_ADDRESS: usize = 6;
+/// Non-idempotent replies kept per address in the duplicate-request
+/// cache (a guest cannot flush another's).
+pub const DRC_PER_ADDRESS: usize = 1024;
+/// A reply the client does not read within this long ends its
+/// connection (a guest that stops reading must not hold a worker).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection idle this long is closed (the client reconnects).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Where the server listens.
 #[derive(Clone, Debug)]
 pub struct Listen {
@@ -132,6 +149,12 @@ pub struct Server {
     opened: (Mutex<u64>, Condvar),
     drc: Mutex<Drc>,
     nfs_port: AtomicU64,
+    /// Connections by address.
+    conns: Mutex<HashMap<Ipv4Addr, usize>>,
+    /// Calls in the workers' hands, by address.
+    in_flight: (Mutex<HashMap<Ipv4Addr, usize>>, Condvar),
+    /// Bumped at each close: workers then scrub their stacks.
+    closes: AtomicU64,
     /// What it has done.
     pub stats: Stats,
 }
@@ -149,8 +172,11 @@ impl Server {
             specs: RwLock::new(HashMap::new()),
             live: RwLock::new(None),
             opened: (Mutex::new(0), Condvar::new()),
-            drc: Mutex::new(Drc::new(4096)),
+            drc: Mutex::new(Drc::new(DRC_PER_ADDRESS)),
             nfs_port: AtomicU64::new(2049),
+            conns: Mutex::new(HashMap::new()),
+            in_flight: (Mutex::new(HashMap::new()), Condvar::new()),
+            closes: AtomicU64::new(0),
             stats: Stats::default(),
         }
     }
@@ -194,6 +220,8 @@ impl Server {
     pub fn close(&self) {
         let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
         *live = None;
+        drop(live);
+        self.closes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether the server holds the key and the exports' directories.
@@ -233,7 +261,11 @@ impl Server {
 
     fn accept(self: &Arc<Self>, l: &TcpListener, tx: &SyncSender<Job>) {
         for conn in l.incoming() {
-            let Ok(conn) = conn else { continue };
+            let Ok(conn) = conn else {
+                // Out of descriptors, say: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
             let Ok(SocketAddr::V4(peer)) = conn.peer_addr() else {
                 continue;
             };
@@ -249,51 +281,144 @@ impl Server {
                 let _ = conn.shutdown(std::net::Shutdown::Both);
                 continue;
             }
+            {
+                let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+                let total: usize = conns.values().sum();
+                let mine = conns.entry(ip).or_insert(0);
+                if *mine >= MAX_CONNECTIONS_PER_ADDRESS || total >= MAX_CONNECTIONS {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                *mine += 1;
+            }
             let _ = conn.set_nodelay(true);
+            let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+            let _ = conn.set_read_timeout(Some(IDLE_TIMEOUT));
             let (s, tx) = (Arc::clone(self), tx.clone());
-            let _ = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("nfs-conn".into())
-                .spawn(move || s.connection(conn, ip, &tx));
+                .spawn(move || {
+                    s.connection(conn, ip, &tx);
+                    s.disconnected(ip);
+                });
+            if spawned.is_err() {
+                self.disconnected(ip);
+            }
         }
     }
 
-    fn connection(&self, conn: TcpStream, ip: Ipv4Addr, tx: &SyncSender<Job>) {
+    fn disconnected(&self, ip: Ipv4Addr) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = conns.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                conns.remove(&ip);
+            }
+        }
+    }
+
+    /// Waits for a free slot among `ip`'s calls in flight.
+    fn begin_call(&self, ip: Ipv4Addr) {
+        let (m, cv) = &self.in_flight;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        while g.get(&ip).copied().unwrap_or(0) >= MAX_IN_FLIGHT_PER_ADDRESS {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        *g.entry(ip).or_insert(0) += 1;
+    }
+
+    fn end_call(&self, ip: Ipv4Addr) {
+        let (m, cv) = &self.in_flight;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.remove(&ip);
+            }
+        }
+        cv.notify_all();
+    }
+
+    fn connection(self: &Arc<Self>, conn: TcpStream, ip: Ipv4Addr, tx: &SyncSender<Job>) {
         let Ok(writer) = conn.try_clone() else { return };
-        let writer = Arc::new(Mutex::new(writer));
-        let mut reader = io::BufReader::with_capacity(256 * 1024, conn);
+        // Replies go out through a thread of their own, so a client that
+        // does not read them stalls only itself: workers hand a reply
+        // over and go on. Its calls in flight are released as their
+        // replies are written (or dropped, once the connection failed).
+        let (out, replies) = sync_channel::<Option<Vec<u8>>>(MAX_IN_FLIGHT_PER_ADDRESS + 2);
+        let s = Arc::clone(self);
+        let Ok(writer_thread) = std::thread::Builder::new()
+            .name("nfs-replies".into())
+            .spawn(move || s.write_replies(writer, ip, &replies))
+        else {
+            return;
+        };
+        let mut reader = io::BufReader::with_capacity(256 * 1024, &conn);
         loop {
             let mut rec = Vec::new();
             match rpc::read_record(&mut reader, &mut rec, rpc::MAX_RECORD) {
                 Ok(true) => {}
                 _ => break,
             }
+            // This connection stops reading while its address has its
+            // share of the workers: the client's own window then holds it.
+            self.begin_call(ip);
             let job = Job {
                 ip,
                 record: rec,
-                out: Arc::clone(&writer),
+                out: out.clone(),
             };
             if tx.send(job).is_err() {
+                self.end_call(ip);
                 break;
             }
         }
-        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = w.shutdown(std::net::Shutdown::Both);
+        drop(out);
+        let _ = conn.shutdown(std::net::Shutdown::Read);
+        let _ = writer_thread.join();
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn write_replies(&self, mut w: TcpStream, ip: Ipv4Addr, replies: &Receiver<Option<Vec<u8>>>) {
+        let mut broken = false;
+        while let Ok(reply) = replies.recv() {
+            if let (Some(r), false) = (reply, broken) {
+                // A client that does not read its replies loses its
+                // connection after WRITE_TIMEOUT.
+                if w.write_all(&r).is_err() {
+                    broken = true;
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            self.end_call(ip);
+        }
     }
 
     fn work(&self, rx: &Mutex<Receiver<Job>>) {
+        let mut scrubbed = self.closes.load(Ordering::SeqCst);
         loop {
             let job = {
                 let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-                match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                }
+                rx.recv_timeout(Duration::from_secs(1))
             };
-            if let Some(reply) = self.answer(job.ip, &job.record) {
-                let mut w = job.out.lock().unwrap_or_else(|p| p.into_inner());
-                if w.write_all(&reply).is_err() {
-                    let _ = w.shutdown(std::net::Shutdown::Both);
-                }
+            // After a close, what the last calls left on this stack (the
+            // MAC's keyed state) goes.
+            let closes = self.closes.load(Ordering::SeqCst);
+            if closes != scrubbed {
+                coffre_luks2::secret::scrub_stack();
+                scrubbed = closes;
+            }
+            let job = match job {
+                Ok(j) => j,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let reply = self.answer(job.ip, &job.record);
+            // Never blocks: the connection's queue has room for all of
+            // its address's calls in flight.
+            if job.out.send(reply).is_err() {
+                self.end_call(job.ip);
             }
         }
     }
@@ -310,7 +435,7 @@ impl Server {
         let reply = match (call.prog, call.vers) {
             (PROG_NFS, 3) => return self.nfs(ip, call.xid, call.proc_, args),
             (PROG_NFS, _) => rpc::accepted(call.xid, Accept::ProgMismatch(3, 3)),
-            (PROG_MOUNT, 3) => self.mount(ip, call.xid, call.proc_, args),
+            (PROG_MOUNT, 3) => self.mount(ip, call.xid, call.proc_, args)?,
             (PROG_MOUNT, _) => rpc::accepted(call.xid, Accept::ProgMismatch(3, 3)),
             (PROG_PORTMAP, 2) => self.portmap(call.xid, call.proc_, args),
             (PROG_PORTMAP, _) => rpc::accepted(call.xid, Accept::ProgMismatch(2, 2)),
@@ -357,20 +482,25 @@ impl Server {
                 match l.exports.get(&ip) {
                     None => {
                         // Its directory could not be opened (or the export
-                        // went): every handle is stale.
+                        // went): every handle is stale, for now.
                         w.u32(status::STALE);
                         failure_body(&call, &mut w);
+                        false
                     }
                     Some(e) => {
                         let mark = w.len();
-                        if let Err(s) = e.call(&l.key, &call, &mut w) {
-                            w.buf.truncate(mark);
-                            w.u32(s);
-                            failure_body(&call, &mut w);
+                        match e.call(&l.key, &call, &mut w) {
+                            Ok(()) => true,
+                            Err(s) => {
+                                w.buf.truncate(mark);
+                                w.u32(s);
+                                failure_body(&call, &mut w);
+                                // A fault of ours is no answer to remember.
+                                s != status::SERVERFAULT
+                            }
                         }
                     }
                 }
-                true
             }
         };
         drop(live);
@@ -398,11 +528,13 @@ impl Server {
         None
     }
 
-    fn mount(&self, ip: Ipv4Addr, xid: u32, proc_: u32, args: &[u8]) -> Writer {
+    /// `None`: no answer (a MNT held past its limit while the vault
+    /// stays closed: the client asks again).
+    fn mount(&self, ip: Ipv4Addr, xid: u32, proc_: u32, args: &[u8]) -> Option<Writer> {
         let call = match proto::decode_mount(proc_, args) {
             Ok(Some(c)) => c,
-            Ok(None) => return rpc::accepted(xid, Accept::ProcUnavail),
-            Err(_) => return rpc::accepted(xid, Accept::GarbageArgs),
+            Ok(None) => return Some(rpc::accepted(xid, Accept::ProcUnavail)),
+            Err(_) => return Some(rpc::accepted(xid, Accept::GarbageArgs)),
         };
         let mut w = rpc::accepted(xid, Accept::Success);
         let spec = self
@@ -428,10 +560,13 @@ impl Server {
             Mount::Mnt(path) => {
                 let Some(spec) = spec else {
                     w.u32(13); // MNT3ERR_ACCES
-                    return w;
+                    return Some(w);
                 };
                 // Held while the vault is closed: a mount waits for it.
                 let live = self.wait_open(Duration::from_secs(60));
+                if live.is_none() {
+                    return None;
+                }
                 let root = live
                     .as_ref()
                     .and_then(|l| l.exports.get(&ip).map(|e| e.mount_handle(&l.key, path)));
@@ -444,9 +579,16 @@ impl Server {
                         w.u32(1).u32(1); // AUTH_UNIX
                     }
                     Some(Err(s)) => {
-                        // NOENT, ACCES, NOTDIR, NAMETOOLONG: the same
-                        // numbers in MOUNT as in NFS.
-                        w.u32(if s > 100 { 5 } else { s });
+                        // mountstat3 has a few of nfsstat3's numbers.
+                        w.u32(match s {
+                            status::PERM
+                            | status::NOENT
+                            | status::ACCES
+                            | status::NOTDIR
+                            | status::INVAL
+                            | status::NAMETOOLONG => s,
+                            _ => 5, // MNT3ERR_IO
+                        });
                     }
                     None => {
                         w.u32(5); // MNT3ERR_IO: not open, or its directory missing
@@ -454,7 +596,7 @@ impl Server {
                 }
             }
         }
-        w
+        Some(w)
     }
 
     /// The live state once the vault is open (waiting up to `limit`).
@@ -546,7 +688,7 @@ fn open_all(specs: &[ExportSpec]) -> (HashMap<Ipv4Addr, Export>, Vec<(String, St
 struct Job {
     ip: Ipv4Addr,
     record: Vec<u8>,
-    out: Arc<Mutex<TcpStream>>,
+    out: SyncSender<Option<Vec<u8>>>,
 }
 
 fn digest(proc_: u32, args: &[u8]) -> u64 {
@@ -575,7 +717,7 @@ struct DrcKey {
 /// closes (the server process stays), not a daemon restart.
 struct Drc {
     map: HashMap<DrcKey, Option<Vec<u8>>>,
-    order: VecDeque<DrcKey>,
+    order: HashMap<Ipv4Addr, VecDeque<DrcKey>>,
     cap: usize,
 }
 
@@ -583,18 +725,19 @@ impl Drc {
     fn new(cap: usize) -> Self {
         Self {
             map: HashMap::new(),
-            order: VecDeque::new(),
+            order: HashMap::new(),
             cap,
         }
     }
 
     fn start(&mut self, k: DrcKey) {
-        while self.order.len() >= self.cap {
-            if let Some(old) = self.order.pop_front() {
+        let order = self.order.entry(k.ip).or_default();
+        while order.len() >= self.cap {
+            if let Some(old) = order.pop_front() {
                 self.map.remove(&old);
             }
         }
-        self.order.push_back(k.clone());
+        order.push_back(k.clone());
         self.map.insert(k, None);
     }
 
@@ -606,7 +749,9 @@ impl Drc {
 
     fn forget(&mut self, k: &DrcKey) {
         self.map.remove(k);
-        self.order.retain(|x| x != k);
+        if let Some(order) = self.order.get_mut(&k.ip) {
+            order.retain(|x| x != k);
+        }
     }
 }
 

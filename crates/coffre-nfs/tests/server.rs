@@ -460,3 +460,97 @@ fn root_in_the_guest_acts_only_as_the_share_user() {
     remove.opaque(&root).opaque(b"mine");
     assert_eq!(c.nfs(12, &remove).0, status::ROFS);
 }
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn a_fifo_in_the_share_does_not_hang_a_create() {
+    let lab = Lab::new("fifo");
+    let fifo = lab.data("shared/fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    chown(&fifo, ALICE, TEAM, 0o660);
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    // UNCHECKED create over the FIFO: refused at once (opening it would
+    // wait for a writer forever, with a worker and the close behind it).
+    let mut create = Writer::default();
+    create.opaque(&root).opaque(b"fifo").u32(0);
+    create
+        .bool(true)
+        .u32(0o644)
+        .bool(false)
+        .bool(false)
+        .bool(false)
+        .u32(0)
+        .u32(0);
+    assert_eq!(c.nfs(8, &create).0, status::EXIST);
+    // An existing regular file she may only write: UNCHECKED gives it back.
+    std::fs::write(lab.data("shared/wo"), b"x").unwrap();
+    chown(&lab.data("shared/wo"), ALICE, TEAM, 0o200);
+    let mut create = Writer::default();
+    create.opaque(&root).opaque(b"wo").u32(0);
+    create
+        .bool(false)
+        .bool(false)
+        .bool(false)
+        .bool(false)
+        .u32(0)
+        .u32(0);
+    assert_eq!(c.nfs(8, &create).0, status::OK);
+    // And the close does not wait for anything.
+    let t = std::time::Instant::now();
+    lab.server.close();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn a_guest_cannot_take_every_connection_or_worker() {
+    let lab = Lab::new("fair");
+    // A 1 MiB file in alice's home, for READs.
+    std::fs::write(lab.data("home/alice/big"), vec![7u8; 1 << 20]).unwrap();
+    chown(&lab.data("home/alice/big"), ALICE, ALICE, 0o600);
+    let mut greedy = lab.client(Ipv4Addr::new(127, 0, 0, 2));
+    let root = greedy.mount();
+    let big = greedy.lookup(&root, "big").unwrap();
+    // 60 READs of 1 MiB sent, none of their replies read.
+    for i in 0..60u32 {
+        let mut a = Writer::default();
+        a.opaque(&big).u64(0).u32(1 << 20);
+        let mut w = Writer::default();
+        w.u32(0)
+            .u32(90_000 + i)
+            .u32(0)
+            .u32(2)
+            .u32(100_003)
+            .u32(3)
+            .u32(6);
+        w.u32(0).u32(0).u32(0).u32(0);
+        w.buf.extend_from_slice(&a.buf);
+        let n = u32::try_from(w.buf.len() - 4).unwrap() | 0x8000_0000;
+        w.buf[..4].copy_from_slice(&n.to_be_bytes());
+        greedy.s.write_all(&w.buf).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Another VM is still served at once.
+    let mut other = lab.client(Ipv4Addr::LOCALHOST);
+    let t = std::time::Instant::now();
+    let sroot = other.mount();
+    assert_eq!(other.getattr(&sroot), status::OK);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    // Connections per address are bounded: with `other`'s, eight; the
+    // ninth is closed at once, and the eight still work.
+    let mut extra: Vec<Client> = (0..7).map(|_| lab.client(Ipv4Addr::LOCALHOST)).collect();
+    let mut ninth = lab.client(Ipv4Addr::LOCALHOST);
+    let mut b = [0u8; 4];
+    assert_eq!(std::io::Read::read(&mut ninth.s, &mut b).unwrap_or(0), 0);
+    assert_eq!(extra[6].getattr(&sroot), status::OK);
+    drop(extra);
+    // An address no export has is refused outright.
+    let mut stranger = lab.client(Ipv4Addr::new(127, 0, 0, 3));
+    assert_eq!(std::io::Read::read(&mut stranger.s, &mut b).unwrap_or(0), 0);
+}

@@ -316,6 +316,13 @@ impl Shell {
         }
         let revoked = self.wipe_key();
         self.custody.kept.clear();
+        // The NFS server too: killed if the hung close holds it (its
+        // descriptors on the data and its key go with it).
+        if let Some(nfs) = self.nfs()
+            && let Ok(mut g) = nfs.try_lock()
+        {
+            let _ = g.close();
+        }
         // Every close still running is left behind (an earlier one may
         // be the one that hangs, holding the data stack).
         self.data

@@ -46,6 +46,8 @@ pub(super) struct NetState {
     dhcp: Option<Dhcp>,
     /// The NFS server for the VMs' shares (none without a share).
     pub nfs: Option<super::nfs::Shared>,
+    /// Its exports could not be updated (it was busy): retried each tick.
+    pub nfs_dirty: bool,
     /// The kernel's sets may differ from `granted` (an update failed).
     dirty: bool,
     /// The process workloads' network namespaces.
@@ -390,6 +392,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     Ok(Up {
         state: NetState {
             nfs,
+            nfs_dirty: false,
             policy,
             host,
             reach,

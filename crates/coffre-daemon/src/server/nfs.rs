@@ -17,15 +17,21 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How soon a server that died is started again.
 pub(super) const RESTART_AFTER: Duration = Duration::from_secs(2);
 
+/// How long the server may take to answer a command. One that does not
+/// (a call stuck on storage that stopped answering holds the close) is
+/// killed: its descriptors on the data go with it, and the close goes on.
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The server's process and what it must be told.
 pub(super) struct NfsChild {
     sockets: Vec<OwnedFd>,
-    proc_: Option<(Child, ChildStdin, BufReader<ChildStdout>)>,
+    proc_: Option<(Child, ChildStdin, mpsc::Receiver<String>)>,
     exports: Vec<ExportSpec>,
     /// The handle key while the vault is open (to restart a server).
     key: Option<HandleKey>,
@@ -119,7 +125,14 @@ impl NfsChild {
             let _ = child.wait();
             return Err("no pipes to the NFS server".into());
         };
-        self.proc_ = Some((child, stdin, BufReader::new(stdout)));
+        // Its answers come through a thread, so that waiting for one has a
+        // deadline.
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("nfs-answers".into())
+            .spawn(move || read_answers(BufReader::new(stdout), &tx))
+            .map_err(|e| e.to_string())?;
+        self.proc_ = Some((child, stdin, rx));
         self.started = Some(Instant::now());
         let exports = self.exports.clone();
         self.send_exports(exports)?;
@@ -138,14 +151,17 @@ impl NfsChild {
     }
 
     fn command_line(&mut self, line: &[u8]) -> Result<Value, String> {
-        let Some((_, stdin, stdout)) = self.proc_.as_mut() else {
+        let Some((_, stdin, answers)) = self.proc_.as_mut() else {
             return Err("the NFS server is not running".into());
         };
-        let sent = stdin.write_all(line).and_then(|()| stdin.flush());
-        let mut answer = String::new();
-        let got = sent.and_then(|()| stdout.read_line(&mut answer));
-        match got {
-            Ok(n) if n > 0 => {
+        // An answer left over from a command that timed out is not ours.
+        while answers.try_recv().is_ok() {}
+        if stdin.write_all(line).and_then(|()| stdin.flush()).is_err() {
+            self.stop();
+            return Err("the NFS server ended".into());
+        }
+        match answers.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(answer) => {
                 let v: Value = serde_json::from_str(&answer)
                     .map_err(|e| format!("the NFS server's answer: {e}"))?;
                 if v["ok"] == true {
@@ -154,7 +170,14 @@ impl NfsChild {
                     Err(format!("the NFS server: {}", v["error"]))
                 }
             }
-            Ok(_) | Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.stop();
+                Err(format!(
+                    "the NFS server did not answer within {} s: killed",
+                    COMMAND_TIMEOUT.as_secs()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 self.stop();
                 Err("the NFS server ended".into())
             }
@@ -237,6 +260,21 @@ impl NfsChild {
             drop(stdin);
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Forwards the server's answers, one line each (at most 1 MiB).
+fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<String>) {
+    loop {
+        let mut line = String::new();
+        match std::io::Read::take(&mut out, 1 << 20).read_line(&mut line) {
+            Ok(n) if n > 0 && line.ends_with('\n') => {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+            _ => return,
         }
     }
 }
@@ -354,11 +392,18 @@ impl Shell {
     }
 
     /// Membership changed: the exports again (a removed member's shares
-    /// refuse everything at once).
+    /// refuse everything at once). On the actor: if an open or a close
+    /// holds the server just now, the next tick does it.
     pub(super) fn nfs_update(&mut self) {
         let Some(nfs) = self.nfs() else { return };
         let (exports, _) = self.nfs_exports();
-        if nfs.lock().unwrap_or_else(|p| p.into_inner()).exports == exports {
+        let Ok(mut g) = nfs.try_lock() else {
+            if let Some(n) = self.net.as_mut() {
+                n.nfs_dirty = true;
+            }
+            return;
+        };
+        if g.exports == exports {
             return;
         }
         let denied: Vec<String> = exports
@@ -366,10 +411,11 @@ impl Shell {
             .filter(|e| e.denied)
             .map(|e| e.workload.clone())
             .collect();
-        let r = nfs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_exports(exports);
+        let r = g.set_exports(exports);
+        drop(g);
+        if let Some(n) = self.net.as_mut() {
+            n.nfs_dirty = r.is_err();
+        }
         match r {
             Ok(failed) if failed.is_empty() => {
                 if !denied.is_empty() {
@@ -391,7 +437,11 @@ impl Shell {
     /// The server died: say so, and start it again.
     pub(super) fn nfs_tick(&mut self) {
         let Some(nfs) = self.nfs() else { return };
-        let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.net.as_ref().is_some_and(|n| n.nfs_dirty) {
+            self.nfs_update();
+        }
+        // An open or a close holds it: never wait for them on the actor.
+        let Ok(mut g) = nfs.try_lock() else { return };
         let mut notes = Vec::new();
         if let Some(why) = g.died() {
             notes.push((
@@ -417,9 +467,11 @@ impl Shell {
             return json!({"configured": false});
         };
         let (exports, _) = self.nfs_exports();
-        let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
-        let pid = g.pid();
-        let stats = g.stats();
+        let (pid, stats) = match nfs.try_lock() {
+            Ok(mut g) => (g.pid(), g.stats()),
+            // An open or a close is talking to it.
+            Err(_) => (None, Some(json!({"busy": true}))),
+        };
         json!({
             "configured": true,
             "pid": pid,

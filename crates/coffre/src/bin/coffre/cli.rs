@@ -81,7 +81,7 @@ pub enum Command {
         #[arg(long)]
         sockets: u32,
         /// Worker threads.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 16)]
         workers: usize,
     },
     /// Enter the vault (password and TOTP code) and stay inside, sending
