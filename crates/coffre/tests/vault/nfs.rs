@@ -58,14 +58,15 @@ impl Lab {
     }
 }
 
-/// A VM of `member` that mounts `shared` over NFS as `member` and appends
-/// numbered lines to `shared/NAME.log`.
+/// A VM of `member` that mounts `shared` over NFS as `member`, appends
+/// numbered lines to `shared/NAME.log` and reads what the process
+/// workload wrote.
 fn share_vm(name: &str, member: &str, last: u8) -> String {
     vm(
         name,
         member,
         last,
-        &format!("coffre.nfs=10.9.0.1 coffre.nfsappend={name}"),
+        &format!("coffre.nfs=10.9.0.1 coffre.nfsappend={name} coffre.nfsread=from-reader.txt"),
         &format!("share = \"shared\"\nshare_user = \"{member}\""),
     )
 }
@@ -78,7 +79,7 @@ kind = "process"
 user = "5003"
 groups = [4242]
 cwd = "shared"
-command = ["/bin/sh", "-c", "while :; do echo \"reader $(cat nfs-a.log 2>/dev/null | wc -l) $(cat nfs-b.log 2>/dev/null | wc -l)\"; sleep 1; done"]
+command = ["/bin/sh", "-c", "echo reader-was-here > from-reader.txt; while :; do echo \"reader $(cat nfs-a.log 2>/dev/null | wc -l) $(cat nfs-b.log 2>/dev/null | wc -l)\"; sleep 1; done"]
 "#;
 
 #[test]
@@ -121,6 +122,17 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         assert!(Instant::now() < until, "the reader saw nothing:\n{log}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // And the VMs read what the process workload wrote.
+    lab.wait_console(
+        "nfs-a",
+        "nfs read ok reader-was-here",
+        Duration::from_secs(30),
+    );
+    lab.wait_console(
+        "nfs-b",
+        "nfs read ok reader-was-here",
+        Duration::from_secs(30),
+    );
     let st = lab.gw.vault.status("alice");
     assert_eq!(st["nfs"]["configured"], true, "{st}");
     let server = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
