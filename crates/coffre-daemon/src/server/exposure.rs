@@ -108,7 +108,10 @@ fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line 
     let (result, detail) = match r {
         Ok(failed) if failed.is_empty() => (
             "ok",
-            format!("NFS shares served again in {} ms", t.elapsed().as_millis()),
+            format!(
+                "NFS shares served again in {:.2} ms",
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
         ),
         Ok(failed) => (
             "failed",
@@ -128,8 +131,8 @@ fn nfs_close(nfs: &super::nfs::Shared) -> coffre_workload::Line {
         Ok(()) => (
             "ok",
             format!(
-                "NFS server let go of the data and its key in {} ms",
-                t.elapsed().as_millis()
+                "NFS server let go of the data and its key in {:.2} ms",
+                t.elapsed().as_secs_f64() * 1000.0
             ),
         ),
         Err(e) => ("failed", format!("NFS at close: {e}")),

@@ -496,7 +496,7 @@ fn survey_nfs_throughput_against_the_mount() {
         "  the same without a COMMIT per file (one sync at the end): {tar_nfs_nocommit:.2} s (x{:.2})",
         tar_nfs_nocommit / tar_local
     );
-    println!("  close with a client reading: the server's part {close_ms:.1} ms");
+    println!("  close with a client reading: the server's part {close_ms:.2} ms");
     let _ = enter.kill();
     let _ = enter.wait();
     v.stop();
