@@ -127,6 +127,39 @@ pub fn frame(mut w: Writer) -> Vec<u8> {
     w.buf
 }
 
+/// A call as a client frames it: one record, an AUTH_UNIX credential of
+/// uid 0 (this server ignores it), no verifier. For tests, benchmarks and
+/// tools that speak to the server without a kernel client.
+pub fn call_record(xid: u32, prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+    let mut cred = Writer::default();
+    cred.u32(0).opaque(b"coffre").u32(0).u32(0).u32(0);
+    let mut w = Writer::with_capacity(64 + args.len());
+    w.u32(0)
+        .u32(xid)
+        .u32(0)
+        .u32(2)
+        .u32(prog)
+        .u32(vers)
+        .u32(proc_);
+    w.u32(1).opaque(&cred.buf).u32(0).u32(0);
+    w.buf.extend_from_slice(args);
+    frame(w)
+}
+
+/// The transaction id and the results of a reply to an accepted call
+/// that succeeded; `None` for any other message.
+pub fn reply_results(record: &[u8]) -> Option<(u32, &[u8])> {
+    let mut r = Reader::new(record);
+    let xid = r.u32().ok()?;
+    // REPLY, MSG_ACCEPTED, a verifier, SUCCESS.
+    if r.u32().ok()? != 1 || r.u32().ok()? != 0 {
+        return None;
+    }
+    r.u32().ok()?;
+    r.opaque(400).ok()?;
+    (r.u32().ok()? == 0).then(|| (xid, r.rest()))
+}
+
 /// Reads one record (all its fragments) into `out`. `Ok(false)` at a
 /// clean end of stream before a record starts. A record beyond `max`
 /// bytes is an error: the connection must go.
@@ -224,6 +257,22 @@ mod tests {
         // A fragment announcing more than allowed is refused unread.
         let big = (0x8000_0000u32 | 0x7fff_ffff).to_be_bytes();
         assert!(read_record(&mut &big[..], &mut out, MAX_RECORD).is_err());
+    }
+
+    #[test]
+    fn a_client_s_call_and_the_server_s_reply_read_back() {
+        let rec = call_record(5, PROG_NFS, 3, 1, &[0, 0, 0, 9]);
+        let (c, args) = parse_call(&rec[4..]).unwrap();
+        assert_eq!((c.xid, c.prog, c.vers, c.proc_), (5, PROG_NFS, 3, 1));
+        assert_eq!(args, &[0, 0, 0, 9]);
+        let mut w = accepted(5, Accept::Success);
+        w.u32(70);
+        let reply = frame(w);
+        assert_eq!(reply_results(&reply[4..]), Some((5, &[0, 0, 0, 70][..])));
+        assert_eq!(
+            reply_results(&frame(accepted(5, Accept::GarbageArgs))[4..]),
+            None
+        );
     }
 
     #[test]

@@ -143,28 +143,18 @@ impl Client {
     /// Sends a call with `xid` and returns its results (after the
     /// accept status, which must be SUCCESS).
     fn call_xid(&mut self, xid: u32, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.u32(0).u32(xid).u32(0).u32(2).u32(prog).u32(3).u32(proc_);
-        w.u32(1).opaque(&{
-            let mut c = Writer::default();
-            c.u32(0).opaque(b"guest").u32(0).u32(0).u32(0);
-            c.buf
-        });
-        w.u32(0).u32(0);
-        w.buf.extend_from_slice(args);
-        let n = u32::try_from(w.buf.len() - 4).unwrap() | 0x8000_0000;
-        w.buf[..4].copy_from_slice(&n.to_be_bytes());
-        self.s.write_all(&w.buf).unwrap();
+        self.send(xid, prog, proc_, args);
         let mut rec = Vec::new();
         assert!(coffre_nfs::rpc::read_record(&mut self.s, &mut rec, 4 << 20).unwrap());
-        let mut r = Reader::new(&rec);
-        assert_eq!(r.u32().unwrap(), xid);
-        assert_eq!(r.u32().unwrap(), 1, "a reply");
-        assert_eq!(r.u32().unwrap(), 0, "accepted");
-        r.u32().unwrap();
-        r.opaque(400).unwrap();
-        assert_eq!(r.u32().unwrap(), 0, "SUCCESS");
-        r.rest().to_vec()
+        let (got, results) = coffre_nfs::rpc::reply_results(&rec).expect("an accepted call");
+        assert_eq!(got, xid);
+        results.to_vec()
+    }
+
+    /// Sends a call without waiting for its reply.
+    fn send(&mut self, xid: u32, prog: u32, proc_: u32, args: &[u8]) {
+        let rec = coffre_nfs::rpc::call_record(xid, prog, 3, proc_, args);
+        self.s.write_all(&rec).unwrap();
     }
 
     fn call(&mut self, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {

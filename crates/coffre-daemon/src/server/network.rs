@@ -75,51 +75,64 @@ const TABLE_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// How soon a DHCP server that died is started again.
 const DHCP_RESTART_AFTER: Duration = Duration::from_secs(2);
 
+/// Starts `coffre ARGS...` as one of the daemon's helper processes (the
+/// DHCP server, the NFS server): this program again, with no
+/// environment, stdin piped, stderr appended to `log`, in `/`, holding
+/// `pass_fds`, in an empty network namespace (its sockets were bound in
+/// the host's; it can make no other that goes anywhere), and with the
+/// host's mounts as they are (a private copy would outlive the data's
+/// unmount, or another vault's). Credentials are its own business: it
+/// drops what it does not need itself, before it reads a byte from guests.
+pub(super) fn spawn_helper(
+    args: &[&str],
+    log: &Path,
+    pass_fds: Vec<(OwnedFd, i32)>,
+    stdout: Stdio,
+) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(log_file);
+    coffre_sys::child::prepare(
+        &mut cmd,
+        coffre_sys::child::ChildSetup {
+            credentials: None,
+            private_mounts: false,
+            cwd: Some("/".into()),
+            pass_fds,
+            network: coffre_sys::child::Network::Empty,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    cmd.spawn().map_err(|e| format!("starting it: {e}"))
+}
+
 impl Dhcp {
     fn start(&mut self) -> Result<u32, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
         let mut pass_fds = Vec::new();
         for (s, i) in self.sockets.iter().zip(&self.spec.interfaces) {
             pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, i.fd));
         }
-        let mut cmd = Command::new(exe);
-        cmd.args([
-            "dhcp-server",
-            "--uid",
-            &self.user.0.to_string(),
-            "--gid",
-            &self.user.1.to_string(),
-        ])
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(log);
-        coffre_sys::child::prepare(
-            &mut cmd,
-            coffre_sys::child::ChildSetup {
-                // It drops to its user itself (its binary may be where
-                // that user cannot reach), before reading anything.
-                credentials: None,
-                // No mount namespace of its own: a copy of the host's
-                // mounts (another vault's FUSE file being formatted, say)
-                // would outlive their unmount. It needs none: as `nobody`
-                // it cannot pass the vault directory (root's, 0700).
-                private_mounts: false,
-                cwd: Some("/".into()),
-                pass_fds,
-                // Its sockets were made in the host's namespace; it can
-                // make no other that goes anywhere.
-                network: coffre_sys::child::Network::Empty,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        let mut child = cmd.spawn().map_err(|e| format!("starting it: {e}"))?;
+        // It drops to `nobody` itself (its binary may be where that user
+        // cannot reach), before reading anything; as `nobody` it cannot
+        // pass the vault directory, so it needs no mount namespace.
+        let uid = self.user.0.to_string();
+        let gid = self.user.1.to_string();
+        let mut child = spawn_helper(
+            &["dhcp-server", "--uid", &uid, "--gid", &gid],
+            &self.log,
+            pass_fds,
+            Stdio::null(),
+        )?;
         let spec = serde_json::to_vec(&self.spec).map_err(|e| e.to_string())?;
         if let Some(mut stdin) = child.stdin.take() {
             use std::io::Write;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -83,42 +83,21 @@ impl NfsChild {
     /// Starts the process, then tells it the exports and (while open)
     /// the key.
     pub(super) fn start(&mut self) -> Result<u32, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
         let mut pass_fds = Vec::new();
         for (i, s) in self.sockets.iter().enumerate() {
             let n = i32::try_from(3 + i).unwrap_or(3);
             pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, n));
         }
-        let mut cmd = Command::new(exe);
-        cmd.args(["nfs-server", "--sockets", &self.sockets.len().to_string()])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        coffre_sys::child::prepare(
-            &mut cmd,
-            coffre_sys::child::ChildSetup {
-                // It stays uid 0 and drops every capability but the three
-                // it needs itself, before serving anything.
-                credentials: None,
-                // The host's mounts as they are: it must see the data
-                // mount, and a private copy of it would outlive the close.
-                private_mounts: false,
-                cwd: Some("/".into()),
-                pass_fds,
-                // Its sockets were bound in the host's namespace; it can
-                // make no other that goes anywhere.
-                network: coffre_sys::child::Network::Empty,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        let mut child = cmd.spawn().map_err(|e| format!("starting it: {e}"))?;
+        // It stays uid 0 and drops every capability but the three it
+        // needs itself, before serving anything; it must see the data
+        // mount as the host has it.
+        let n = self.sockets.len().to_string();
+        let mut child = super::network::spawn_helper(
+            &["nfs-server", "--sockets", &n],
+            &self.log,
+            pass_fds,
+            Stdio::piped(),
+        )?;
         let pid = child.id();
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();

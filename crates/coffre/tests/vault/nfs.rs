@@ -221,32 +221,16 @@ struct Raw {
 
 impl Raw {
     fn call(&mut self, prog: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
-        use coffre_nfs::xdr::{Reader, Writer};
         use std::io::Write;
         self.xid += 1;
-        let mut w = Writer::default();
-        w.u32(0)
-            .u32(self.xid)
-            .u32(0)
-            .u32(2)
-            .u32(prog)
-            .u32(3)
-            .u32(proc_);
-        w.u32(0).u32(0).u32(0).u32(0);
-        w.buf.extend_from_slice(args);
-        let n = u32::try_from(w.buf.len() - 4).unwrap() | 0x8000_0000;
-        w.buf[..4].copy_from_slice(&n.to_be_bytes());
-        self.s.write_all(&w.buf).unwrap();
+        let rec = coffre_nfs::rpc::call_record(self.xid, prog, 3, proc_, args);
+        self.s.write_all(&rec).unwrap();
         let mut rec = Vec::new();
         assert!(coffre_nfs::rpc::read_record(&mut self.s, &mut rec, 4 << 20).unwrap());
-        let mut r = Reader::new(&rec);
-        for _ in 0..3 {
-            r.u32().unwrap();
-        }
-        r.u32().unwrap();
-        r.opaque(400).unwrap();
-        assert_eq!(r.u32().unwrap(), 0);
-        r.rest().to_vec()
+        coffre_nfs::rpc::reply_results(&rec)
+            .expect("an accepted call")
+            .1
+            .to_vec()
     }
 
     /// A call that must succeed; returns the new object's handle for the
