@@ -389,16 +389,27 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     {
         let log = dir.join("run").join("nfs.log");
         let _ = std::fs::create_dir_all(dir.join("run"));
-        let (n, warning) = super::nfs::NfsChild::bind(gw, log)?;
-        match warning {
-            None => notes.push(format!(
-                "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
-            )),
-            Some(w) => notes.push(format!(
-                "NFS (tcp/2049) on {gw}, for the workloads with a share only; {w}"
-            )),
+        // Without NFS the vault still works (the VMs' mounts wait): a port
+        // taken is said loudly, not a reason to refuse to start.
+        match super::nfs::NfsChild::bind(gw, log) {
+            Ok((n, warning)) => {
+                match warning {
+                    None => notes.push(format!(
+                        "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
+                    )),
+                    Some(w) => notes.push(format!(
+                        "NFS (tcp/2049) on {gw}, for the workloads with a share only; {w}"
+                    )),
+                }
+                Some(std::sync::Arc::new(std::sync::Mutex::new(n)))
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "NFS NOT SERVED: {e}; the VMs' shares will not mount"
+                ));
+                None
+            }
         }
-        Some(std::sync::Arc::new(std::sync::Mutex::new(n)))
     } else {
         None
     };
