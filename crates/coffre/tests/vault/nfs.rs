@@ -135,6 +135,11 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     );
     let st = lab.gw.vault.status("alice");
     assert_eq!(st["nfs"]["configured"], true, "{st}");
+    let text = String::from_utf8_lossy(&ok(&lab.gw.vault.cli("alice", &["status"]))).into_owned();
+    assert!(
+        text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001"),
+        "{text}"
+    );
     let server = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
 
     // Fast close: the VMs pause, the server lets go, the key goes, from

@@ -65,6 +65,38 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                 } else if let Some(mp) = d["mountpoint"].as_str() {
                     println!("data:    {mp} (not mounted)");
                 }
+                let nfs = &v["nfs"];
+                if nfs["configured"] == true {
+                    let shares: Vec<String> = nfs["exports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| {
+                            format!(
+                                "{} ({}) mounts {} as uid {}{}{}",
+                                e["workload"].as_str().unwrap_or("?"),
+                                e["client"].as_str().unwrap_or("?"),
+                                e["share"].as_str().unwrap_or("?"),
+                                e["uid"],
+                                if e["readonly"] == true {
+                                    ", read-only"
+                                } else {
+                                    ""
+                                },
+                                if e["refused"] == true {
+                                    ", REFUSED (not a member)"
+                                } else {
+                                    ""
+                                },
+                            )
+                        })
+                        .collect();
+                    let server = match nfs["pid"].as_u64() {
+                        Some(pid) => format!("server pid {pid}"),
+                        None => "server not running".into(),
+                    };
+                    println!("nfs:     {server}; {}", shares.join("; "));
+                }
                 println!("members: {}", v["members"]);
                 for p in v["proposals"].as_array().into_iter().flatten() {
                     println!(
@@ -225,12 +257,17 @@ pub fn network(cmd: NetworkCommand) -> Result<u8> {
                     m => list(m),
                 };
                 println!(
-                    "{} at {}: ports {} reachable by {members} over the VPN and by the other workloads; egress {}; connected now: {}",
+                    "{} at {}: ports {} reachable by {members} over the VPN and by the other workloads; egress {}; connected now: {}{}",
                     s(&w["name"]),
                     s(&w["address"]),
                     list(&w["ports"]),
                     list(&w["egress"]),
                     list(&w["vpn_addresses_now"]),
+                    if w["nfs"] == true {
+                        "; reaches the vault's NFS server (its share)"
+                    } else {
+                        ""
+                    },
                 );
             }
             for c in n["clients"].as_array().into_iter().flatten() {
