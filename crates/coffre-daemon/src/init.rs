@@ -305,6 +305,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         kdf_memory_cap_kib: 2 * 1024 * 1024,
         keyslot_kdf: crate::vaultdir::KeyslotKdf::from_params(o.kdf),
         data: crate::vaultdir::DataConfig::default(),
+        accounts: Default::default(),
         invitation_ttl_s: 72 * 3600,
         policy: o.policy,
         gateway: None,

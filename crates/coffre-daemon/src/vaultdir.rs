@@ -73,6 +73,10 @@ pub struct Config {
     /// Where and how the data is shown while the vault is open.
     #[serde(default)]
     pub data: DataConfig,
+    /// `[accounts]`: the members' numbers and what the vault's directory
+    /// says of them.
+    #[serde(default)]
+    pub accounts: AccountsConfig,
     /// The OpenVPN gateway, if the vault has one (`coffre gateway
     /// openvpn-config` writes this section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,8 +225,10 @@ pub struct DataConfig {
     /// directory unless absolute).
     #[serde(default = "default_mountpoint")]
     pub mountpoint: PathBuf,
-    /// Group that owns the top directory and `shared/`.
-    #[serde(default)]
+    /// Before the vault had its own numbers: the group that owned the
+    /// top directory and `shared/`. Imported once into the vault's
+    /// accounts (`_team`), then refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub team_gid: u32,
     /// Seconds between SIGTERM and SIGKILL for processes that keep the
     /// data busy when the vault closes.
@@ -233,8 +239,10 @@ pub struct DataConfig {
     /// engine's cipher is revoked and the key wiped, whatever still hangs.
     #[serde(default = "default_close_deadline")]
     pub close_deadline_s: u64,
-    /// Each member's uid and gid on the host: they own `home/NAME`.
-    #[serde(default)]
+    /// Before the vault had its own numbers: each member's uid and gid
+    /// on the host. Imported once into the vault's accounts, then
+    /// refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub members: BTreeMap<String, MemberIds>,
 }
 
@@ -246,6 +254,64 @@ pub struct MemberIds {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// `[accounts]` in config.toml: the numbers the vault gives its members
+/// and groups, and their entries in the vault's directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// First id given (see `coffre_vault::accounts::DEFAULT_RANGE` for
+    /// why 65536 to 99999).
+    #[serde(default = "default_first_id")]
+    pub first_id: u32,
+    /// Last id given.
+    #[serde(default = "default_last_id")]
+    pub last_id: u32,
+    /// Members' home directories in workloads: `HOME/NAME`.
+    #[serde(default = "default_home")]
+    pub home: String,
+    /// Members' login shell in workloads.
+    #[serde(default = "default_shell")]
+    pub shell: String,
+}
+
+fn default_first_id() -> u32 {
+    coffre_vault::accounts::DEFAULT_RANGE.first
+}
+fn default_last_id() -> u32 {
+    coffre_vault::accounts::DEFAULT_RANGE.last
+}
+fn default_home() -> String {
+    "/home".into()
+}
+fn default_shell() -> String {
+    "/bin/sh".into()
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            first_id: default_first_id(),
+            last_id: default_last_id(),
+            home: default_home(),
+            shell: default_shell(),
+        }
+    }
+}
+
+impl AccountsConfig {
+    /// The range of ids.
+    pub fn range(&self) -> coffre_vault::accounts::Range {
+        coffre_vault::accounts::Range {
+            first: self.first_id,
+            last: self.last_id,
+        }
+    }
 }
 
 fn default_close_deadline() -> u64 {
@@ -376,6 +442,9 @@ pub struct Control {
     /// Pending invitations by member name.
     #[serde(default)]
     pub invitations: BTreeMap<String, Invitation>,
+    /// The members' numbers, SSH keys and workload password verifiers.
+    #[serde(default)]
+    pub accounts: coffre_vault::accounts::Accounts,
 }
 
 /// Paths inside a vault directory.
@@ -659,10 +728,19 @@ vm_user = "coffre-vm"
         let g = c.gateway.unwrap();
         assert_eq!(g.proto, crate::openvpn::Proto::Udp);
         g.check().unwrap();
-        // What init writes today is that same text, byte for byte.
+        // What init writes today is that same text, but for the
+        // pre-accounts keys (an empty `[data.members]`, `team_gid = 0`),
+        // no longer written, and `[accounts]` with its defaults.
         let mut again: Config = toml::from_str(WRITTEN_BY_INIT).unwrap();
         again.gateway = Some(GatewayConfig::new("vpn.example.org".into()));
-        assert_eq!(toml::to_string_pretty(&again).unwrap(), WRITTEN_BY_INIT);
+        let expected = WRITTEN_BY_INIT
+            .replace("team_gid = 0\n", "")
+            .replace("\n[data.members]\n", "")
+            .replace(
+                "\n[gateway]",
+                "\n[accounts]\nfirst_id = 65536\nlast_id = 99999\nhome = \"/home\"\nshell = \"/bin/sh\"\n\n[gateway]",
+            );
+        assert_eq!(toml::to_string_pretty(&again).unwrap(), expected);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod ruleset;
 
 pub use addr::{Egress, Port, Proto, Subnet};
 pub use host::Host;
-pub use ruleset::{Endpoint, NFS_PORTS, Policy, Vpn};
+pub use ruleset::{Endpoint, LDAP_PORTS, NFS_PORTS, Policy, Vpn};
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,19 @@ pub const NFS_PORTS: [Port; 3] = [
     },
 ];
 
+/// What every workload reaches on the gateway address: the vault's
+/// directory, LDAP (StartTLS required) and LDAPS.
+pub const LDAP_PORTS: [Port; 2] = [
+    Port {
+        proto: Proto::Tcp,
+        port: 389,
+    },
+    Port {
+        proto: Proto::Tcp,
+        port: 636,
+    },
+];
+
 /// The OpenVPN gateway as the firewall sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vpn {
@@ -423,8 +436,18 @@ impl Policy {
             "input_from_workload",
             vec![
                 mtch(payload("ip", "saddr"), "==", set("nfs_clients")),
-                mtch(payload("ip", "daddr"), "==", gw),
+                mtch(payload("ip", "daddr"), "==", gw.clone()),
                 ports_match(&NFS_PORTS),
+                accept(),
+            ],
+        ));
+        // The vault's directory (LDAP with StartTLS, LDAPS): every
+        // workload may ask it; it shows each only its own members.
+        cmds.push(self.rule(
+            "input_from_workload",
+            vec![
+                mtch(payload("ip", "daddr"), "==", gw.clone()),
+                ports_match(&LDAP_PORTS),
                 accept(),
             ],
         ));
@@ -908,11 +931,25 @@ mod tests {
             {"accept": null},
         ]);
         assert_eq!(*nfs[0], format!("\"input_from_workload\": {expr}"));
+        // The directory (LDAP, LDAPS) is open to every workload, on the
+        // gateway address only.
+        let ldap: Vec<&String> = input.iter().filter(|r| r.contains("636")).collect();
+        assert_eq!(ldap.len(), 1, "{input:?}");
+        let expr = json!([
+            mtch(payload("ip", "daddr"), "==", json!("10.9.0.1")),
+            mtch(
+                json!({"concat": [meta("l4proto"), payload("th", "dport")]}),
+                "==",
+                json!({"set": [{"concat": ["tcp", 389]}, {"concat": ["tcp", 636]}]}),
+            ),
+            {"accept": null},
+        ]);
+        assert_eq!(*ldap[0], format!("\"input_from_workload\": {expr}"));
         // Nothing else on the host opens for a workload: no other accept
         // names a TCP port, and the only UDP one is DHCP.
         for r in input
             .iter()
-            .filter(|r| r.contains("accept") && *r != nfs[0])
+            .filter(|r| r.contains("accept") && *r != nfs[0] && *r != ldap[0])
         {
             assert!(!r.contains("\"tcp\""), "{r}");
             assert!(!r.contains("\"udp\"") || r.contains("67"), "{r}");

@@ -272,6 +272,9 @@ pub struct Workloads {
     hierarchy: Result<Hierarchy, WorkloadError>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
+    /// The vault's members' numbers (uid, gid, groups) by name: a
+    /// workload's `user` that names a member runs with them.
+    members: std::collections::BTreeMap<String, (u32, u32, Vec<u32>)>,
 }
 
 /// Milliseconds since `t`, to a tenth (pauses take well under one).
@@ -320,6 +323,7 @@ impl Workloads {
             hierarchy,
             entries,
             published: Arc::default(),
+            members: Default::default(),
         };
         w.publish();
         w
@@ -331,6 +335,16 @@ impl Workloads {
     pub fn attach_network(&mut self, links: std::collections::BTreeMap<String, Link>) {
         self.links = links;
         self.vms_isolated = true;
+    }
+
+    /// The vault's members' numbers (uid, gid, groups) by name: a
+    /// process workload whose `user` names a member runs with them from
+    /// its next start.
+    pub fn set_members(
+        &mut self,
+        members: std::collections::BTreeMap<String, (u32, u32, Vec<u32>)>,
+    ) {
+        self.members = members;
     }
 
     /// What status shows, readable without waiting for an operation.
@@ -640,7 +654,7 @@ impl Workloads {
         group
             .kill_all(KILL_WITHIN)
             .map_err(|e| WorkloadError::Cgroup(format!("clearing its old cgroup: {e}")))?;
-        let creds = credentials(&cfg)?;
+        let creds = credentials(&cfg, &self.members)?;
         let (cwd, binds) = match cfg.role {
             Role::Project => (
                 Some(match &cfg.cwd {
@@ -858,11 +872,17 @@ pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Who a process workload runs as: (uid, primary gid, groups).
-fn credentials(cfg: &WorkloadConfig) -> Result<(u32, u32, Vec<u32>), WorkloadError> {
+/// Who a process workload runs as: (uid, primary gid, groups). A
+/// `user` that names a member of the vault is that member's numbers and
+/// groups; any other name is a host account.
+fn credentials(
+    cfg: &WorkloadConfig,
+    members: &std::collections::BTreeMap<String, (u32, u32, Vec<u32>)>,
+) -> Result<(u32, u32, Vec<u32>), WorkloadError> {
     let u = cfg.user.as_deref().unwrap_or("root");
     let (uid, gid, mut groups) = match u.parse::<u32>() {
         Ok(uid) => (uid, uid, Vec::new()),
+        Err(_) if members.contains_key(u) => members[u].clone(),
         Err(_) => coffre_sys::child::user(u)
             .map_err(|e| WorkloadError::User(format!("user {u}: {e}")))?
             .ok_or_else(|| WorkloadError::User(format!("no such user: {u}")))?,

@@ -525,6 +525,7 @@ impl Shell {
     }
 
     pub(super) fn persist(&mut self) {
+        self.reconcile_accounts();
         self.control.vault = self.vault.persistent().clone();
         if let Err(e) = self.dir.save_control(&self.control) {
             eprintln!("coffre: cannot save control data: {e}");

@@ -73,7 +73,7 @@ impl Shell {
                 Ok(true) => (
                     "locked",
                     format!(
-                        "home/{name} is root's now (0700), kept; what {name}'s processes already hold open there stays open, and the host's groups (team_gid) still give what they give"
+                        "home/{name} is root's now (0700), kept; what {name}'s processes already hold open there stays open, and the team's group still gives what it gives"
                     ),
                 ),
                 Ok(false) => return,
@@ -93,15 +93,14 @@ impl Shell {
     }
 
     pub(super) fn ownership(&self) -> coffre_data::Ownership {
+        let a = &self.control.accounts;
         coffre_data::Ownership {
-            team_gid: self.config.data.team_gid,
-            members: self
-                .config
-                .data
-                .members
+            team_gid: a.team_gid().unwrap_or(0),
+            members: a
+                .users
                 .iter()
                 .filter(|(n, _)| self.vault.members().contains_key(*n))
-                .map(|(n, ids)| (n.clone(), ids.uid, ids.gid))
+                .map(|(n, acc)| (n.clone(), acc.uid, acc.gid))
                 .collect(),
             current: self.vault.members().keys().cloned().collect(),
         }

@@ -26,11 +26,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+mod accounts;
 mod audit;
 mod custody;
 mod dispatch;
 mod exposure;
 mod gateway;
+mod helper;
 mod http;
 mod invitations;
 mod members;
@@ -69,6 +71,10 @@ pub enum ServeError {
     /// without its firewall).
     #[error("the vault network: {0}")]
     Network(String),
+    /// The members' numbers: a range that overlaps the host's, a
+    /// `[data.members]` already imported, an ambiguous workload user.
+    #[error("the vault's accounts: {0}")]
+    Accounts(String),
     /// Listening socket.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -207,7 +213,9 @@ pub async fn serve(
     })?;
     let vd = VaultDir::new(dir);
     let config = vd.load_config()?;
-    let control = vd.load_control()?;
+    let mut control = vd.load_control()?;
+    let account_notes = accounts::prepare(&config, &mut control, coffre_sys::time::now_ms())
+        .map_err(ServeError::Accounts)?;
     // Exclusive locks on the volume and its header for the daemon's life.
     let container = Luks2Container::open(&config.volume, Some(&config.header))?;
     let host_key = HostKey::load_or_create(&vd.host_key())?;
@@ -320,6 +328,11 @@ pub async fn serve(
     for n in net_notes {
         shell.system_audit("network", "up", n);
     }
+    for n in account_notes {
+        shell.system_audit("accounts", "ok", n);
+    }
+    shell.persist();
+    shell.accounts_changed();
     shell.nfs_start();
 
     if let Some(sock) = shell.dir.management_socket(&shell.config) {

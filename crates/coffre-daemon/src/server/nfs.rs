@@ -11,32 +11,17 @@
 //! vault is open, the key again.
 
 use super::Shell;
+use super::helper::Helper;
 use coffre_nfs::{ExportSpec, HandleKey};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-/// How soon a server that died is started again.
-pub(super) const RESTART_AFTER: Duration = Duration::from_secs(2);
-
-/// How long the server may take to answer a command. One that does not
-/// (a call stuck on storage that stopped answering holds the close) is
-/// killed: its descriptors on the data go with it, and the close goes on.
-pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The server's process and what it must be told.
 pub(super) struct NfsChild {
-    sockets: Vec<OwnedFd>,
-    proc_: Option<(Child, ChildStdin, mpsc::Receiver<String>)>,
+    helper: Helper,
     exports: Vec<ExportSpec>,
     /// The handle key while the vault is open (to restart a server).
     key: Option<HandleKey>,
-    pub(super) log: PathBuf,
-    started: Option<Instant>,
 }
 
 impl NfsChild {
@@ -67,14 +52,20 @@ impl NfsChild {
                 )
             }
         };
+        let sockets = sockets.into_fds();
+        // It stays uid 0 and drops every capability but the three it
+        // needs itself, before serving anything; it must see the data
+        // mount as the host has it.
+        let args = vec![
+            "nfs-server".to_string(),
+            "--sockets".to_string(),
+            sockets.len().to_string(),
+        ];
         Ok((
             Self {
-                sockets: sockets.into_fds(),
-                proc_: None,
+                helper: Helper::new("the NFS server", args, sockets, log),
                 exports: Vec::new(),
                 key: None,
-                log,
-                started: None,
             },
             note,
         ))
@@ -83,36 +74,7 @@ impl NfsChild {
     /// Starts the process, then tells it the exports and (while open)
     /// the key.
     pub(super) fn start(&mut self) -> Result<u32, String> {
-        let mut pass_fds = Vec::new();
-        for (i, s) in self.sockets.iter().enumerate() {
-            let n = i32::try_from(3 + i).unwrap_or(3);
-            pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, n));
-        }
-        // It stays uid 0 and drops every capability but the three it
-        // needs itself, before serving anything; it must see the data
-        // mount as the host has it.
-        let n = self.sockets.len().to_string();
-        let mut child = super::network::spawn_helper(
-            &["nfs-server", "--sockets", &n],
-            &self.log,
-            pass_fds,
-            Stdio::piped(),
-        )?;
-        let pid = child.id();
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("no pipes to the NFS server".into());
-        };
-        // Its answers come through a thread, so that waiting for one has a
-        // deadline.
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("nfs-answers".into())
-            .spawn(move || read_answers(BufReader::new(stdout), &tx))
-            .map_err(|e| e.to_string())?;
-        self.proc_ = Some((child, stdin, rx));
-        self.started = Some(Instant::now());
+        let pid = self.helper.spawn()?;
         let exports = self.exports.clone();
         self.send_exports(exports)?;
         if let Some(k) = self.key.clone() {
@@ -121,50 +83,10 @@ impl NfsChild {
         Ok(pid)
     }
 
-    /// One command, one answer. A server that does not answer is killed
-    /// (it is started again by the next tick).
-    fn command(&mut self, cmd: &Value) -> Result<Value, String> {
-        let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        self.command_line(&line)
-    }
-
-    fn command_line(&mut self, line: &[u8]) -> Result<Value, String> {
-        let Some((_, stdin, answers)) = self.proc_.as_mut() else {
-            return Err("the NFS server is not running".into());
-        };
-        // An answer left over from a command that timed out is not ours.
-        while answers.try_recv().is_ok() {}
-        if stdin.write_all(line).and_then(|()| stdin.flush()).is_err() {
-            self.stop();
-            return Err("the NFS server ended".into());
-        }
-        match answers.recv_timeout(COMMAND_TIMEOUT) {
-            Ok(answer) => {
-                let v: Value = serde_json::from_str(&answer)
-                    .map_err(|e| format!("the NFS server's answer: {e}"))?;
-                if v["ok"] == true {
-                    Ok(v)
-                } else {
-                    Err(format!("the NFS server: {}", v["error"]))
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                self.stop();
-                Err(format!(
-                    "the NFS server did not answer within {} s: killed",
-                    COMMAND_TIMEOUT.as_secs()
-                ))
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                self.stop();
-                Err("the NFS server ended".into())
-            }
-        }
-    }
-
     fn send_exports(&mut self, exports: Vec<ExportSpec>) -> Result<Vec<String>, String> {
-        let v = self.command(&json!({"cmd": "exports", "exports": exports}))?;
+        let v = self
+            .helper
+            .command(&json!({"cmd": "exports", "exports": exports}))?;
         Ok(failures(&v))
     }
 
@@ -174,18 +96,18 @@ impl NfsChild {
             "{{\"cmd\":\"open\",\"key\":\"{}\"}}\n",
             hex.as_str()
         ));
-        let v = self.command_line(line.as_bytes())?;
+        let v = self.helper.command_line(line.as_bytes())?;
         Ok(failures(&v))
     }
 
     /// New exports (a member removed, the daemon started): the server
     /// serves them at once. Returns the shares it could not open.
     pub(super) fn set_exports(&mut self, exports: Vec<ExportSpec>) -> Result<Vec<String>, String> {
-        if exports == self.exports && self.proc_.is_some() {
+        if exports == self.exports && self.helper.running() {
             return Ok(Vec::new());
         }
         self.exports = exports.clone();
-        if self.proc_.is_none() {
+        if !self.helper.running() {
             return Ok(Vec::new());
         }
         self.send_exports(exports)
@@ -201,60 +123,39 @@ impl NfsChild {
     /// and its key, after the calls in flight.
     pub(super) fn close(&mut self) -> Result<(), String> {
         self.key = None;
-        if self.proc_.is_none() {
+        if !self.helper.running() {
             return Ok(());
         }
-        self.command(&json!({"cmd": "close"})).map(drop)
+        self.helper.command(&json!({"cmd": "close"})).map(drop)
     }
 
     /// Whether it died (and why), reaping it.
     pub(super) fn died(&mut self) -> Option<String> {
-        let (c, _, _) = self.proc_.as_mut()?;
-        match c.try_wait() {
-            Ok(Some(st)) => {
-                self.proc_ = None;
-                Some(st.to_string())
-            }
-            _ => None,
-        }
+        self.helper.died()
     }
 
     /// Whether it should be started (again) now.
     pub(super) fn due(&self) -> bool {
-        self.proc_.is_none() && self.started.is_none_or(|t| t.elapsed() >= RESTART_AFTER)
+        self.helper.due()
     }
 
     /// Its process id, while it runs.
     pub(super) fn pid(&self) -> Option<u32> {
-        self.proc_.as_ref().map(|(c, _, _)| c.id())
+        self.helper.pid()
+    }
+
+    /// Its log file.
+    pub(super) fn log(&self) -> &Path {
+        &self.helper.log
     }
 
     /// Counters, for status.
     pub(super) fn stats(&mut self) -> Option<Value> {
-        self.command(&json!({"cmd": "stats"})).ok()
+        self.helper.command(&json!({"cmd": "stats"})).ok()
     }
 
     pub(super) fn stop(&mut self) {
-        if let Some((mut c, stdin, _)) = self.proc_.take() {
-            drop(stdin);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Forwards the server's answers, one line each (at most 1 MiB).
-fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<String>) {
-    loop {
-        let mut line = String::new();
-        match std::io::Read::take(&mut out, 1 << 20).read_line(&mut line) {
-            Ok(n) if n > 0 && line.ends_with('\n') => {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-            _ => return,
-        }
+        self.helper.stop();
     }
 }
 
@@ -276,14 +177,15 @@ fn failures(v: &Value) -> Vec<String> {
 }
 
 /// The exports of `config`: one per workload with a `share` and an
-/// address. Its user is a member's numbers when `share_user` names a
-/// member in `[data.members]` (groups: theirs and the team's), else the
-/// host account's; a member no longer in the vault gets an export that
-/// refuses everything.
+/// address. Its user is a member's numbers and groups when `share_user`
+/// names a current member (`members`); a removed member (`retired`)
+/// gets an export that refuses everything; any other name is a host
+/// account.
 pub(super) fn exports(
     config: &crate::vaultdir::Config,
     mountpoint: &Path,
-    is_member: impl Fn(&str) -> bool,
+    members: &std::collections::BTreeMap<String, super::accounts::Ids>,
+    retired: &dyn Fn(&str) -> bool,
 ) -> (Vec<ExportSpec>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
@@ -291,21 +193,18 @@ pub(super) fn exports(
         let (Some(share), Some(user), Some(client)) = (&w.share, &w.share_user, w.address) else {
             continue;
         };
-        let (uid, gid, groups, denied) = match config.data.members.get(user) {
-            Some(ids) => {
-                let groups = w
-                    .share_groups
-                    .clone()
-                    .unwrap_or_else(|| vec![ids.gid, config.data.team_gid]);
-                (ids.uid, ids.gid, groups, !is_member(user))
-            }
-            None => {
-                match coffre_workload::config::share_identity(user, w.share_groups.as_deref()) {
-                    Ok(id) => (id.uid, id.gid, id.groups, false),
-                    Err(e) => {
-                        problems.push(format!("workload {}: {e}", w.name));
-                        continue;
-                    }
+        let (uid, gid, groups, denied) = if let Some((uid, gid, groups)) = members.get(user) {
+            let groups = w.share_groups.clone().unwrap_or_else(|| groups.clone());
+            (*uid, *gid, groups, false)
+        } else if retired(user) {
+            // Nobody's numbers: every call is refused.
+            (u32::MAX - 1, u32::MAX - 1, Vec::new(), true)
+        } else {
+            match coffre_workload::config::share_identity(user, w.share_groups.as_deref()) {
+                Ok(id) => (id.uid, id.gid, id.groups, false),
+                Err(e) => {
+                    problems.push(format!("workload {}: {e}", w.name));
+                    continue;
                 }
             }
         };
@@ -336,9 +235,13 @@ impl Shell {
     }
 
     fn nfs_exports(&self) -> (Vec<ExportSpec>, Vec<String>) {
-        exports(&self.config, &self.data.layout.mountpoint, |m| {
-            self.vault.members().contains_key(m)
-        })
+        let retired = |n: &str| self.control.accounts.retired.iter().any(|(r, _)| r == n);
+        exports(
+            &self.config,
+            &self.data.layout.mountpoint,
+            &self.member_ids(),
+            &retired,
+        )
     }
 
     /// At start: the exports, then the process.
@@ -352,7 +255,7 @@ impl Shell {
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
         let _ = g.set_exports(exports);
         let r = g.start();
-        let log = g.log.clone();
+        let log = g.log().to_path_buf();
         drop(g);
         match r {
             Ok(pid) => self.system_audit(
@@ -425,7 +328,7 @@ impl Shell {
         if let Some(why) = g.died() {
             notes.push((
                 "failed",
-                format!("the NFS server ended ({why}); see {}", g.log.display()),
+                format!("the NFS server ended ({why}); see {}", g.log().display()),
             ));
         }
         if g.pid().is_none() && g.due() {

@@ -216,7 +216,47 @@ impl Vault {
         std::fs::write(&cfg, out.join("\n")).unwrap();
     }
 
+    /// The vault's accounts as control.json keeps them.
+    pub fn accounts(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dir.join("control.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["accounts"].clone()
+    }
+
+    /// A member's (uid, gid), given by the vault.
+    pub fn ids_of(&self, name: &str) -> (u32, u32) {
+        let a = &self.accounts()["users"][name];
+        let n = |k: &str| {
+            u32::try_from(a[k].as_u64().unwrap_or_else(|| panic!("{name}: {a}"))).unwrap()
+        };
+        (n("uid"), n("gid"))
+    }
+
+    /// The team's gid, given by the vault.
+    pub fn team_gid(&self) -> u32 {
+        u32::try_from(self.accounts()["groups"]["_team"].as_u64().unwrap()).unwrap()
+    }
+
+    /// What the operator does once a start imported `[data.members]` and
+    /// `team_gid` (the next start refuses them): takes them out of
+    /// config.toml. `start` does it before every start after the import.
+    pub fn forget_imported_data(&self) {
+        if self.accounts()["imported_at_ms"].is_null() {
+            return;
+        }
+        let cfg = self.dir.join("config.toml");
+        let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+        if let Some(d) = t.get_mut("data").and_then(|d| d.as_table_mut()) {
+            d.remove("members");
+            d.remove("team_gid");
+        }
+        std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    }
+
     pub fn start(&mut self) {
+        if self.dir.join("control.json").exists() {
+            self.forget_imported_data();
+        }
         let mut child = self
             .bin()
             .args(["serve", self.dir.to_str().unwrap()])

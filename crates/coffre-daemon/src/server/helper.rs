@@ -1,0 +1,177 @@
+//! A helper process the daemon drives over its standard input (one JSON
+//! command per line, one JSON answer per line): the NFS server and the
+//! directory's LDAP server. The daemon binds their sockets and keeps
+//! them, so a helper that dies is started again on the same ones; an
+//! answer that does not come in time gets the helper killed.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How soon a helper that died is started again.
+pub(super) const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+/// How long a helper may take to answer a command. One that does not (an
+/// NFS call stuck on storage that stopped answering holds the close) is
+/// killed: its descriptors go with it, and the daemon goes on.
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A helper's process, its sockets and its log.
+pub(super) struct Helper {
+    /// What it is, for messages ("the NFS server").
+    what: &'static str,
+    args: Vec<String>,
+    sockets: Vec<OwnedFd>,
+    proc_: Option<(Child, ChildStdin, mpsc::Receiver<String>)>,
+    pub(super) log: PathBuf,
+    started: Option<Instant>,
+}
+
+impl Helper {
+    /// A helper run as `coffre ARGS...`, given `sockets` as descriptors
+    /// 3, 4...; not started yet.
+    pub(super) fn new(
+        what: &'static str,
+        args: Vec<String>,
+        sockets: Vec<OwnedFd>,
+        log: PathBuf,
+    ) -> Self {
+        Self {
+            what,
+            args,
+            sockets,
+            proc_: None,
+            log,
+            started: None,
+        }
+    }
+
+    /// Starts the process (nothing told yet).
+    pub(super) fn spawn(&mut self) -> Result<u32, String> {
+        let mut pass_fds = Vec::new();
+        for (i, s) in self.sockets.iter().enumerate() {
+            let n = i32::try_from(3 + i).unwrap_or(3);
+            pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, n));
+        }
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut child = super::network::spawn_helper(&args, &self.log, pass_fds, Stdio::piped())?;
+        self.started = Some(Instant::now());
+        let pid = child.id();
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no pipes to {}", self.what));
+        };
+        // Its answers come through a thread, so that waiting for one has a
+        // deadline.
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("helper-answers".into())
+            .spawn(move || read_answers(BufReader::new(stdout), &tx))
+            .map_err(|e| e.to_string())?;
+        self.proc_ = Some((child, stdin, rx));
+        Ok(pid)
+    }
+
+    /// Whether it runs.
+    pub(super) fn running(&self) -> bool {
+        self.proc_.is_some()
+    }
+
+    /// One command, one answer. A helper that does not answer is killed
+    /// (it is started again by the next tick).
+    pub(super) fn command(&mut self, cmd: &Value) -> Result<Value, String> {
+        let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let answer = self.command_line(&line);
+        zeroize::Zeroize::zeroize(&mut line);
+        answer
+    }
+
+    /// One command given as its line (for lines that carry a secret,
+    /// built in a buffer the caller wipes).
+    pub(super) fn command_line(&mut self, line: &[u8]) -> Result<Value, String> {
+        let what = self.what;
+        let Some((_, stdin, answers)) = self.proc_.as_mut() else {
+            return Err(format!("{what} is not running"));
+        };
+        // An answer left over from a command that timed out is not ours.
+        while answers.try_recv().is_ok() {}
+        if stdin.write_all(line).and_then(|()| stdin.flush()).is_err() {
+            self.stop();
+            return Err(format!("{what} ended"));
+        }
+        match answers.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(answer) => {
+                let v: Value =
+                    serde_json::from_str(&answer).map_err(|e| format!("{what}'s answer: {e}"))?;
+                if v["ok"] == true {
+                    Ok(v)
+                } else {
+                    Err(format!("{what}: {}", v["error"]))
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.stop();
+                Err(format!(
+                    "{what} did not answer within {} s: killed",
+                    COMMAND_TIMEOUT.as_secs()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.stop();
+                Err(format!("{what} ended"))
+            }
+        }
+    }
+
+    /// Whether it died (and why), reaping it.
+    pub(super) fn died(&mut self) -> Option<String> {
+        let (c, _, _) = self.proc_.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => {
+                self.proc_ = None;
+                Some(st.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether it should be started (again) now.
+    pub(super) fn due(&self) -> bool {
+        self.proc_.is_none() && self.started.is_none_or(|t| t.elapsed() >= RESTART_AFTER)
+    }
+
+    /// Its process id, while it runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.proc_.as_ref().map(|(c, _, _)| c.id())
+    }
+
+    /// Kills it.
+    pub(super) fn stop(&mut self) {
+        if let Some((mut c, stdin, _)) = self.proc_.take() {
+            drop(stdin);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Forwards a helper's answers, one line each (at most 1 MiB).
+fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<String>) {
+    loop {
+        let mut line = String::new();
+        match std::io::Read::take(&mut out, 1 << 20).read_line(&mut line) {
+            Ok(n) if n > 0 && line.ends_with('\n') => {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
