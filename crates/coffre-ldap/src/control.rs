@@ -1,0 +1,200 @@
+//! The server's process: what the daemon starts (`coffre ldap-server`)
+//! with the two listening sockets it bound (plain, port 389; LDAPS, port
+//! 636), and drives over standard input, one JSON command per line, one
+//! JSON answer per line on standard output:
+//!
+//! - `{"cmd":"tls","chain_pem":"...","key_pem":"..."}` → `{"ok":true}`
+//!   (new connections use it)
+//! - `{"cmd":"directory","spec":{DirectorySpec}}` → `{"ok":true,"failed":[[name, why]...]}`
+//! - `{"cmd":"live","live":{"locked":bool,"present":[names]}}` → `{"ok":true}`
+//! - `{"cmd":"events"}` → `{"ok":true,"events":[...],"dropped":N,"stats":{...}}`
+//!   (the bind events since the last such command)
+//!
+//! A command that fails answers `{"ok":false,"error":"..."}`. The end of
+//! standard input (the daemon gone) ends the process.
+
+use crate::server::Server;
+use crate::spec::{DirectorySpec, Live};
+use serde::Deserialize;
+use serde_json::json;
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use zeroize::{Zeroize, Zeroizing};
+
+/// A command from the daemon.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+enum Command {
+    Tls { chain_pem: String, key_pem: String },
+    Directory { spec: DirectorySpec },
+    Live { live: Live },
+    Events,
+}
+
+/// Runs the server's process on `sockets` (plain, then LDAPS), obeying
+/// the daemon on standard input until it ends. The caller has already
+/// dropped to its unprivileged user.
+pub fn run(sockets: [TcpListener; 2]) -> io::Result<()> {
+    let server = Arc::new(Server::new()?);
+    {
+        let s = Arc::clone(&server);
+        let [plain, ldaps] = sockets;
+        std::thread::Builder::new()
+            .name("ldap-accept".into())
+            .spawn(move || {
+                if let Err(e) = s.serve(plain, ldaps) {
+                    eprintln!("coffre ldap-server: {e}");
+                    std::process::exit(1);
+                }
+            })?;
+    }
+    // Standard input read by hand, not through std's buffered Stdin: its
+    // buffer would keep the TLS key's line.
+    let mut stdin =
+        std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stdin()).try_clone_to_owned()?);
+    let mut out = io::stdout().lock();
+    let mut pending = Zeroizing::new(Vec::<u8>::new());
+    loop {
+        let Some(line) = next_line(&mut stdin, &mut pending)? else {
+            return Ok(());
+        };
+        let answer = obey(&server, &line);
+        drop(line);
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+}
+
+/// The answer to one command line.
+pub fn obey(server: &Server, line: &[u8]) -> serde_json::Value {
+    match serde_json::from_slice::<Command>(line) {
+        Err(e) => {
+            // serde's message may quote the line: not the key's.
+            let what = if e.is_syntax() || e.is_eof() {
+                "not JSON".to_string()
+            } else {
+                format!("line {} column {}", e.line(), e.column())
+            };
+            json!({"ok": false, "error": format!("bad command ({what}): expected tls, directory, live or events")})
+        }
+        Ok(Command::Tls {
+            chain_pem,
+            mut key_pem,
+        }) => {
+            let r = server.set_tls(&chain_pem, &key_pem);
+            key_pem.zeroize();
+            match r {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Ok(Command::Directory { spec }) => match server.set_directory(spec) {
+            Ok(failed) => json!({"ok": true, "failed": failed}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Ok(Command::Live { live }) => {
+            server.set_live(live);
+            json!({"ok": true})
+        }
+        Ok(Command::Events) => {
+            let (events, dropped) = server.drain_events();
+            let s = &server.stats;
+            json!({
+                "ok": true,
+                "events": events,
+                "dropped": dropped,
+                "stats": {
+                    "connections": s.connections.load(Ordering::Relaxed),
+                    "refused_addresses": s.refused_addresses.load(Ordering::Relaxed),
+                    "searches": s.searches.load(Ordering::Relaxed),
+                    "binds": s.binds.load(Ordering::Relaxed),
+                },
+            })
+        }
+    }
+}
+
+/// The next line of `src` (without its newline), or `None` at the end.
+/// What was read past it stays in `pending`; every buffer is wiped.
+fn next_line(
+    src: &mut impl Read,
+    pending: &mut Zeroizing<Vec<u8>>,
+) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
+    loop {
+        if let Some(at) = pending.iter().position(|&b| b == b'\n') {
+            let line = Zeroizing::new(pending[..at].to_vec());
+            let rest = Zeroizing::new(pending[at + 1..].to_vec());
+            pending.zeroize();
+            pending.clear();
+            pending.extend_from_slice(&rest);
+            return Ok(Some(line));
+        }
+        let mut buf = Zeroizing::new([0u8; 4096]);
+        let n = src.read(&mut buf[..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if pending.len() + n > 16 << 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a command of over 16 MiB",
+            ));
+        }
+        // Grown by hand: a reallocation would leave the old copy behind.
+        let mut grown = Zeroizing::new(Vec::with_capacity((pending.len() + n) * 2));
+        grown.extend_from_slice(pending);
+        grown.extend_from_slice(&buf[..n]);
+        *pending = grown;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_whatever_the_reads_bring() {
+        let mut src: &[u8] = b"{\"cmd\":\"events\"}\n{\"cmd\":\"ev";
+        let mut pending = Zeroizing::new(Vec::new());
+        let first = next_line(&mut src, &mut pending).unwrap().unwrap();
+        assert_eq!(&first[..], b"{\"cmd\":\"events\"}");
+        assert!(next_line(&mut src, &mut pending).unwrap().is_none());
+        let mut more: &[u8] = b"ents\"}\n";
+        let second = next_line(&mut more, &mut pending).unwrap().unwrap();
+        assert_eq!(&second[..], b"{\"cmd\":\"events\"}");
+    }
+
+    #[test]
+    fn commands_are_obeyed_and_bad_ones_say_so() {
+        let s = Server::new().unwrap();
+        let a = obey(
+            &s,
+            br#"{"cmd":"live","live":{"locked":false,"present":["alice"]}}"#,
+        );
+        assert_eq!(a["ok"], true);
+        let a = obey(
+            &s,
+            br#"{"cmd":"directory","spec":{"base":"dc=t","users":[{"name":"Bad","uid":1,"gid":1,"home":"/","shell":"/bin/sh"}],"groups":[],"clients":[]}}"#,
+        );
+        assert_eq!(a["ok"], true);
+        assert_eq!(a["failed"][0][0], "Bad");
+        let a = obey(
+            &s,
+            br#"{"cmd":"directory","spec":{"base":"","users":[],"groups":[],"clients":[]}}"#,
+        );
+        assert_eq!(a["ok"], false);
+        let a = obey(
+            &s,
+            br#"{"cmd":"tls","chain_pem":"","key_pem":"-----BEGIN PRIVATE KEY-----\nsecret"}"#,
+        );
+        assert_eq!(a["ok"], false);
+        assert!(!a.to_string().contains("secret"));
+        let a = obey(&s, br#"{"cmd":"format"}"#);
+        assert_eq!(a["ok"], false);
+        let a = obey(&s, br#"{"cmd":"events"}"#);
+        assert_eq!(a["events"], json!([]));
+        assert_eq!(a["stats"]["binds"], 0);
+    }
+}
