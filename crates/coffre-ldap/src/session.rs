@@ -578,3 +578,346 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Live;
+    use crate::spec::tests::verifier;
+    use ldap3_proto::parse_ldap_filter_str;
+
+    const VM1: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 10));
+    const BASE: &str = "dc=team,dc=coffre";
+
+    fn server() -> Server {
+        let s = Server::new().unwrap();
+        let mut spec = crate::tree::tests::spec();
+        spec.users[0].verifier = Some(verifier("right"));
+        spec.users[2].verifier = Some(verifier("carols"));
+        s.set_directory(spec).unwrap();
+        s.set_live(Live {
+            locked: false,
+            present: vec!["alice".into(), "bob".into(), "carol".into()],
+        });
+        s
+    }
+
+    fn search(base: &str, filter: &str, sizelimit: i32, ctrl: Vec<LdapControl>) -> LdapMsg {
+        LdapMsg {
+            msgid: 2,
+            op: LdapOp::SearchRequest(LdapSearchRequest {
+                base: base.into(),
+                scope: LdapSearchScope::Subtree,
+                aliases: ldap3_proto::proto::LdapDerefAliases::Never,
+                sizelimit,
+                timelimit: 0,
+                typesonly: false,
+                filter: parse_ldap_filter_str(filter).unwrap(),
+                attrs: vec![],
+            }),
+            ctrl,
+        }
+    }
+
+    fn bind(dn: &str, pw: &str) -> LdapMsg {
+        msg(
+            1,
+            LdapOp::BindRequest(LdapBindRequest {
+                version: 3,
+                dn: dn.into(),
+                cred: LdapBindCred::Simple(pw.into()),
+            }),
+        )
+    }
+
+    fn code(m: &LdapMsg) -> LdapResultCode {
+        match &m.op {
+            LdapOp::BindResponse(r) => r.res.code.clone(),
+            LdapOp::SearchResultDone(r) | LdapOp::CompareResult(r) | LdapOp::AddResponse(r) => {
+                r.code.clone()
+            }
+            LdapOp::ExtendedResponse(r) => r.res.code.clone(),
+            other => panic!("not a result: {other:?}"),
+        }
+    }
+
+    fn dns(out: &[LdapMsg]) -> Vec<String> {
+        out.iter()
+            .filter_map(|m| match &m.op {
+                LdapOp::SearchResultEntry(e) => Some(e.dn.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn alice() -> String {
+        format!("uid=alice,ou=people,{BASE}")
+    }
+
+    fn whoami(s: &Server, sess: &mut Session) -> Vec<u8> {
+        let req = msg(
+            3,
+            LdapOp::ExtendedRequest(LdapExtendedRequest {
+                name: OID_WHOAMI.into(),
+                value: None,
+            }),
+        );
+        let (out, _) = s.handle(sess, req, false);
+        match &out[0].op {
+            LdapOp::ExtendedResponse(r) => r.value.clone().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn in_clear_only_starttls_is_answered() {
+        let s = server();
+        let mut sess = Session::new(VM1, false);
+        let (out, after) = s.handle(&mut sess, search(BASE, "(objectClass=*)", 0, vec![]), false);
+        assert_eq!(out.len(), 1, "no entry in clear");
+        assert_eq!(code(&out[0]), LdapResultCode::ConfidentialityRequired);
+        assert_eq!(after, After::Continue);
+        let (out, _) = s.handle(&mut sess, bind(&alice(), "right"), false);
+        assert_eq!(code(&out[0]), LdapResultCode::ConfidentialityRequired);
+        assert_eq!(s.drain_events().0.len(), 0, "no bind was tried");
+        let starttls = || {
+            msg(
+                4,
+                LdapOp::ExtendedRequest(LdapExtendedRequest {
+                    name: OID_STARTTLS.into(),
+                    value: None,
+                }),
+            )
+        };
+        let (out, after) = s.handle(&mut sess, starttls(), true);
+        assert_eq!(code(&out[0]), LdapResultCode::OperationsError);
+        assert_eq!(after, After::Close, "pipelined bytes after StartTLS");
+        let (out, after) = s.handle(&mut sess, starttls(), false);
+        assert_eq!(code(&out[0]), LdapResultCode::Success);
+        assert_eq!(after, After::StartTls);
+        sess.tls = true;
+        let (out, after) = s.handle(&mut sess, starttls(), false);
+        assert_eq!(code(&out[0]), LdapResultCode::OperationsError);
+        assert_eq!(after, After::Continue);
+        let (_, after) = s.handle(&mut sess, msg(5, LdapOp::UnbindRequest), false);
+        assert_eq!(after, After::Close);
+    }
+
+    #[test]
+    fn binds_check_everything_and_say_nothing() {
+        let s = server();
+        let mut sess = Session::new(VM1, true);
+        let bind_code = |sess: &mut Session, dn: &str, pw: &str| {
+            let (out, _) = s.handle(sess, bind(dn, pw), false);
+            code(&out[0])
+        };
+        assert_eq!(
+            bind_code(&mut sess, "", ""),
+            LdapResultCode::Success,
+            "anonymous"
+        );
+        assert!(whoami(&s, &mut sess).is_empty());
+        assert_eq!(
+            bind_code(
+                &mut sess,
+                "UID=Alice, OU=People, DC=Team,DC=Coffre",
+                "right"
+            ),
+            LdapResultCode::Success
+        );
+        assert_eq!(
+            whoami(&s, &mut sess),
+            format!("dn:{}", alice()).into_bytes()
+        );
+        let refused = LdapResultCode::InvalidCredentials;
+        assert_eq!(
+            bind_code(&mut sess, &alice(), ""),
+            refused,
+            "unauthenticated bind"
+        );
+        assert!(
+            whoami(&s, &mut sess).is_empty(),
+            "a failed bind leaves it anonymous"
+        );
+        assert_eq!(bind_code(&mut sess, "", "right"), refused);
+        assert_eq!(
+            bind_code(&mut sess, &format!("uid=bob,ou=people,{BASE}"), "x"),
+            refused
+        );
+        assert_eq!(
+            bind_code(&mut sess, &format!("uid=carol,ou=people,{BASE}"), "carols"),
+            refused
+        );
+        assert_eq!(
+            bind_code(&mut sess, &format!("uid=zed,ou=people,{BASE}"), "x"),
+            refused
+        );
+        assert_eq!(bind_code(&mut sess, "not a dn", "x"), refused);
+        s.set_live(Live {
+            locked: false,
+            present: vec![],
+        });
+        assert_eq!(bind_code(&mut sess, &alice(), "right"), refused);
+        s.set_live(Live {
+            locked: true,
+            present: vec!["alice".into()],
+        });
+        assert_eq!(bind_code(&mut sess, &alice(), "right"), refused);
+        s.set_live(Live {
+            locked: false,
+            present: vec!["alice".into()],
+        });
+        assert_eq!(bind_code(&mut sess, &alice(), "wrong"), refused);
+        assert_eq!(
+            bind_code(&mut sess, &alice(), "right"),
+            refused,
+            "throttled"
+        );
+        let sasl = msg(
+            1,
+            LdapOp::BindRequest(LdapBindRequest {
+                version: 3,
+                dn: String::new(),
+                cred: LdapBindCred::SASL(ldap3_proto::proto::SaslCredentials {
+                    mechanism: "EXTERNAL".into(),
+                    credentials: vec![],
+                }),
+            }),
+        );
+        let (out, _) = s.handle(&mut sess, sasl, false);
+        assert_eq!(code(&out[0]), LdapResultCode::AuthMethodNotSupported);
+
+        // Every refusal reads the same.
+        let (events, dropped) = s.drain_events();
+        assert_eq!(dropped, 0);
+        let got: Vec<(&str, Outcome)> = events
+            .iter()
+            .map(|e| (e.user.as_str(), e.outcome))
+            .collect();
+        use Outcome::*;
+        assert_eq!(
+            got,
+            [
+                ("alice", Ok),
+                ("alice", WrongPassword),
+                ("", NotPermitted),
+                ("bob", NoPassword),
+                ("carol", NotPermitted),
+                ("", NotPermitted),
+                ("", NotPermitted),
+                ("alice", NoSession),
+                ("alice", Locked),
+                ("alice", WrongPassword),
+                ("alice", Throttled),
+            ]
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.workload == "vm1" && e.client == "10.9.0.10")
+        );
+        assert!(s.drain_events().0.is_empty(), "drained");
+    }
+
+    #[test]
+    fn searches_see_the_directory_of_the_moment() {
+        let s = server();
+        let mut sess = Session::new(VM1, true);
+        let (out, _) = s.handle(&mut sess, search(BASE, "(uid=*)", 0, vec![]), false);
+        assert_eq!(dns(&out).len(), 2);
+        let mut spec = crate::tree::tests::spec();
+        spec.clients[0].users.retain(|u| u != "bob");
+        s.set_directory(spec).unwrap();
+        let (out, _) = s.handle(&mut sess, search(BASE, "(uid=*)", 0, vec![]), false);
+        assert_eq!(dns(&out), [alice()]);
+        let (out, _) = s.handle(&mut sess, search("dc=other", "(uid=*)", 0, vec![]), false);
+        assert_eq!(code(&out[0]), LdapResultCode::NoSuchObject);
+        let (out, _) = s.handle(&mut sess, search("uid=", "(uid=*)", 0, vec![]), false);
+        assert_eq!(code(&out[0]), LdapResultCode::InvalidDNSyntax);
+    }
+
+    #[test]
+    fn size_limits_and_critical_controls() {
+        let s = server();
+        let mut sess = Session::new(VM1, true);
+        let (out, _) = s.handle(&mut sess, search(BASE, "(objectClass=*)", 2, vec![]), false);
+        assert_eq!(dns(&out).len(), 2);
+        assert_eq!(code(out.last().unwrap()), LdapResultCode::SizeLimitExceeded);
+        let critical = LdapControl::Unknown {
+            oid: "1.2.3.4".into(),
+            criticality: true,
+            value: None,
+        };
+        let (out, _) = s.handle(
+            &mut sess,
+            search(BASE, "(objectClass=*)", 0, vec![critical]),
+            false,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(code(&out[0]), LdapResultCode::UnavailableCriticalExtension);
+    }
+
+    #[test]
+    fn pages_return_everything_once_and_skip_what_went() {
+        let s = server();
+        let mut sess = Session::new(VM1, true);
+        let page = |sess: &mut Session, cookie: Vec<u8>| {
+            let ctrl = vec![LdapControl::SimplePagedResults { size: 2, cookie }];
+            let (out, _) = s.handle(sess, search(BASE, "(objectClass=*)", 0, ctrl), false);
+            let done = out.last().unwrap();
+            let next = done.ctrl.iter().find_map(|c| match c {
+                LdapControl::SimplePagedResults { cookie, .. } => Some(cookie.clone()),
+                _ => None,
+            });
+            (dns(&out), code(done), next.unwrap_or_default())
+        };
+        let mut all = Vec::new();
+        let (mut got, c, mut cookie) = page(&mut sess, vec![]);
+        assert_eq!(c, LdapResultCode::Success);
+        all.append(&mut got);
+        // bob goes between pages: not sent.
+        let mut spec = crate::tree::tests::spec();
+        spec.clients[0].users.retain(|u| u != "bob");
+        s.set_directory(spec).unwrap();
+        while !cookie.is_empty() {
+            let (mut got, _, next) = page(&mut sess, cookie);
+            all.append(&mut got);
+            cookie = next;
+        }
+        assert_eq!(all.len(), 5, "{all:?}");
+        assert!(!all.iter().any(|d| d.contains("bob")));
+        let (_, c, _) = page(&mut sess, b"forged".to_vec());
+        assert_eq!(c, LdapResultCode::UnwillingToPerform);
+        // Open paged searches per connection are bounded.
+        for _ in 0..MAX_PAGED_SEARCHES + 3 {
+            page(&mut sess, vec![]);
+        }
+        assert_eq!(sess.paged.len(), MAX_PAGED_SEARCHES);
+    }
+
+    #[test]
+    fn root_dse_and_writes() {
+        let s = server();
+        let mut sess = Session::new(VM1, true);
+        let mut req = search("", "(objectClass=*)", 0, vec![]);
+        if let LdapOp::SearchRequest(r) = &mut req.op {
+            r.scope = LdapSearchScope::Base;
+            r.attrs = vec!["+".into()];
+        }
+        let (out, _) = s.handle(&mut sess, req, false);
+        let LdapOp::SearchResultEntry(e) = &out[0].op else {
+            panic!()
+        };
+        let nc = e
+            .attributes
+            .iter()
+            .find(|a| a.atype == "namingContexts")
+            .unwrap();
+        assert_eq!(nc.vals, [BASE.as_bytes().to_vec()]);
+        let add = msg(6, LdapOp::DelRequest(alice()));
+        let (out, _) = s.handle(&mut sess, add, false);
+        assert!(
+            matches!(&out[0].op, LdapOp::DelResponse(r) if r.code == LdapResultCode::UnwillingToPerform)
+        );
+    }
+}

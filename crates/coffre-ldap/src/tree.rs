@@ -219,10 +219,15 @@ pub(crate) mod tests {
     use ldap3_proto::parse_ldap_filter_str;
 
     pub fn directory() -> Directory {
+        Directory::new(spec()).unwrap().0
+    }
+
+    /// alice and bob seen from 10.9.0.10, carol from 10.9.0.11.
+    pub fn spec() -> DirectorySpec {
         let mut alice = user("alice", 5301);
         alice.ssh_keys = vec!["ssh-ed25519 AAAA a".into(), "ssh-rsa BBBB b".into()];
         alice.gecos = "Alice".into();
-        let spec = DirectorySpec {
+        DirectorySpec {
             base: "dc=team,dc=coffre".into(),
             users: vec![alice, user("bob", 5302), user("carol", 5303)],
             groups: vec![
@@ -251,8 +256,7 @@ pub(crate) mod tests {
                     groups: vec!["team".into(), "ops".into()],
                 },
             ],
-        };
-        Directory::new(spec).unwrap().0
+        }
     }
 
     fn names(t: &Tree, base: &str, scope: LdapSearchScope, f: &str) -> Vec<String> {
