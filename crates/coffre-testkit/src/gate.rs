@@ -61,6 +61,9 @@ pub enum Need {
     /// libnfs's userspace NFS client tools (`nfs-cp`, `nfs-cat`,
     /// `nfs-ls`; libnfs-utils).
     NfsClient,
+    /// OpenLDAP's command-line clients (`ldapsearch`, `ldapwhoami`;
+    /// ldap-utils).
+    LdapClient,
 }
 
 impl Need {
@@ -80,6 +83,7 @@ impl Need {
         Need::Chattr,
         Need::Nft,
         Need::NfsClient,
+        Need::LdapClient,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -135,6 +139,8 @@ impl Need {
             Need::Chattr => command("chattr", "e2fsprogs"),
             Need::Nft => command("nft", "nftables").and_then(|()| command("python3", "python3")),
             Need::NfsClient => command("nfs-cp", "libnfs-utils"),
+            Need::LdapClient => command("ldapsearch", "ldap-utils")
+                .and_then(|()| command("ldapwhoami", "ldap-utils")),
         }
     }
 }

@@ -84,6 +84,19 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         workers: usize,
     },
+    /// The LDAP server for the VMs' directory, as the daemon starts it:
+    /// serves on the sockets it inherited (descriptor 3: plain with
+    /// StartTLS; 4: LDAPS), as `uid` with no capability, and obeys the
+    /// daemon on stdin. Not for people to run.
+    #[command(hide = true)]
+    LdapServer {
+        /// The user it drops to before reading anything.
+        #[arg(long)]
+        uid: u32,
+        /// Its group.
+        #[arg(long)]
+        gid: u32,
+    },
     /// Enter the vault (password and TOTP code) and stay inside, sending
     /// heartbeats, until Ctrl-C or `coffre leave`.
     Enter {

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         C::Serve { dir, listen } => vault::serve(dir, listen),
         C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
         C::NfsServer { sockets, workers } => nfs_server(sockets, workers),
+        C::LdapServer { uid, gid } => ldap_server(uid, gid),
         C::Enter {
             id,
             auth,
@@ -125,6 +126,29 @@ fn nfs_server(sockets: u32, workers: usize) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("the NFS server's sockets: {e}"))?;
     let sockets = coffre_nfs::Sockets::from_fds(fds)?;
     coffre_nfs::control::run(sockets, workers.clamp(1, 64))?;
+    Ok(coffre::exit::OK)
+}
+
+/// `coffre ldap-server`: what the daemon runs for the VMs' directory.
+/// Started as root, it drops to `uid` (no capability left) before it
+/// reads a byte from the daemon or a guest. It holds no volume key and
+/// no CA key: only the directory, the workload passwords' verifiers and
+/// its own TLS key.
+fn ldap_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
+    coffre_sys::child::become_user(uid, gid)
+        .map_err(|e| anyhow::anyhow!("dropping to uid {uid}: {e}"))?;
+    // Not debuggable by other processes of that user (its memory has the
+    // verifiers and the TLS key); gone with the daemon.
+    coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
+    coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
+    let plain = coffre_sys::child::inherited_fd(3)
+        .map_err(|e| anyhow::anyhow!("the LDAP server's plain socket (fd 3): {e}"))?;
+    let ldaps = coffre_sys::child::inherited_fd(4)
+        .map_err(|e| anyhow::anyhow!("the LDAP server's LDAPS socket (fd 4): {e}"))?;
+    coffre_ldap::control::run([
+        std::net::TcpListener::from(plain),
+        std::net::TcpListener::from(ldaps),
+    ])?;
     Ok(coffre::exit::OK)
 }
 
