@@ -74,6 +74,8 @@ pub mod spec;
 pub mod throttle;
 pub mod tree;
 
+/// The codec, for callers that build or read messages.
+pub use ldap3_proto;
 pub use server::{Event, Outcome, Server};
 pub use session::{After, Session};
 pub use spec::{Client, DirectorySpec, Group, Live, User};

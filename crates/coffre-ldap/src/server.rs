@@ -413,6 +413,13 @@ impl Write for Stream {
     }
 }
 
+/// `m` as sent on the wire.
+pub fn encode(m: LdapMsg) -> io::Result<Vec<u8>> {
+    let mut buf = BytesMut::new();
+    LdapCodec::default().encode(m, &mut buf)?;
+    Ok(buf.to_vec())
+}
+
 fn write_msgs(w: &mut impl Write, msgs: Vec<LdapMsg>) -> io::Result<()> {
     let mut codec = LdapCodec::default();
     let mut buf = BytesMut::new();
