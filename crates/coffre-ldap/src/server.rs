@@ -319,6 +319,22 @@ impl Server {
     }
 }
 
+/// A listening socket on `addr` for the daemon to bind before it starts
+/// the server (port 389 or 636 need privileges the server lacks). Bound
+/// even if the address is not up yet: it is on the VMs' links, which may
+/// come later.
+pub fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(64)?;
+    Ok(s.into())
+}
+
 fn tls_config(chain_pem: &str, key_pem: &str) -> Result<ServerConfig, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
