@@ -168,6 +168,16 @@ pub enum ApiCommand {
         /// A fresh TOTP code.
         totp: String,
     },
+    /// Change one's own account in the vault's directory (SSH keys, the
+    /// workload password) with password and TOTP.
+    Account {
+        /// What.
+        change: coffre_vault::AccountChange,
+        /// The caller's vault password: it must open their keyslot.
+        password: ApiSecret,
+        /// The caller's current TOTP code.
+        totp: String,
+    },
     /// Audit records (certificate only).
     AuditShow {
         /// Only records after this sequence number.

@@ -14,6 +14,7 @@ mod error;
 pub mod identity;
 pub mod tls;
 pub mod totp;
+pub mod verifier;
 
 pub use command::{ApiCommand, ApiSecret};
 pub use error::ErrorCode;

@@ -105,6 +105,31 @@ pub fn new_gateway_cert(vault: &str, ca_key_pem: &str, cn: &str) -> Result<Issue
     })
 }
 
+/// Issues the vault directory's certificate (the LDAP server for the
+/// workloads): its only name is the host's address on the vault network
+/// `addr`, never the door's name, so it cannot stand in for the door.
+pub fn new_directory_cert(
+    vault: &str,
+    ca_key_pem: &str,
+    addr: std::net::Ipv4Addr,
+) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::V4(addr)));
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("coffre directory {vault} {addr}"),
+    );
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// Signs a joining member's certificate request: their key pair was made
 /// on their machine and never leaves it. The subject is set to `member`
 /// whatever the request says.

@@ -121,16 +121,17 @@ pub enum SpecError {
     Base(String, String),
 }
 
-/// Whether `n` is a POSIX name we serve: `[a-z_][a-z0-9_.-]*`, 64 bytes
-/// at most.
+/// Whether `n` is a name we serve: `[A-Za-z0-9_][A-Za-z0-9_.-]*`, 64
+/// bytes at most (members' names are lower case and may start with a
+/// digit; workloads' groups carry the workload's name, which may have
+/// capitals).
 pub fn valid_name(n: &str) -> bool {
     let b = n.as_bytes();
     !b.is_empty()
         && b.len() <= 64
-        && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter().all(|&c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
-        })
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Values served as attribute text must not carry control characters (a
@@ -341,10 +342,17 @@ pub(crate) mod tests {
 
     #[test]
     fn names() {
-        for n in ["alice", "_svc", "a.b-c_9", &"a".repeat(64)] {
+        for n in [
+            "alice",
+            "_svc",
+            "a.b-c_9",
+            "9a",
+            "_wl-Desk",
+            &"a".repeat(64),
+        ] {
             assert!(valid_name(n), "{n}");
         }
-        for n in ["", "Alice", "9a", "-a", "a b", "a,b", "é", &"a".repeat(65)] {
+        for n in ["", "-a", ".a", "a b", "a,b", "a=b", "é", &"a".repeat(65)] {
             assert!(!valid_name(n), "{n}");
         }
     }

@@ -64,6 +64,9 @@ pub enum Need {
     /// OpenLDAP's command-line clients (`ldapsearch`, `ldapwhoami`;
     /// ldap-utils).
     LdapClient,
+    /// nslcd and its NSS module (nslcd, libnss-ldapd), to resolve names
+    /// from an LDAP server the way a workload does.
+    Nslcd,
 }
 
 impl Need {
@@ -84,6 +87,7 @@ impl Need {
         Need::Nft,
         Need::NfsClient,
         Need::LdapClient,
+        Need::Nslcd,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -141,6 +145,22 @@ impl Need {
             Need::NfsClient => command("nfs-cp", "libnfs-utils"),
             Need::LdapClient => command("ldapsearch", "ldap-utils")
                 .and_then(|()| command("ldapwhoami", "ldap-utils")),
+            Need::Nslcd => command("nslcd", "nslcd").and_then(|()| {
+                if [
+                    "/lib/x86_64-linux-gnu/libnss_ldap.so.2",
+                    "/usr/lib/x86_64-linux-gnu/libnss_ldap.so.2",
+                ]
+                .iter()
+                .any(|p| Path::new(p).exists())
+                {
+                    Ok(())
+                } else {
+                    Err(
+                        "nslcd's NSS module: no libnss_ldap.so.2 (apt-get install libnss-ldapd)"
+                            .into(),
+                    )
+                }
+            }),
         }
     }
 }

@@ -254,6 +254,63 @@ pub enum Command {
         /// The invited name.
         name: String,
     },
+    /// Change one's own account in the vault's directory: SSH keys, the
+    /// workload password (password and TOTP).
+    Account {
+        /// What.
+        change: AccountChange,
+    },
+}
+
+/// A change to one's own account in the vault's directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AccountChange {
+    /// Add an SSH public key (one `TYPE BASE64 [COMMENT]` line).
+    SshKeyAdd {
+        /// The key.
+        key: String,
+    },
+    /// Remove an SSH public key, by its line or its `SHA256:` fingerprint.
+    SshKeyRemove {
+        /// The key or its fingerprint.
+        key: String,
+    },
+    /// List one's SSH public keys.
+    SshKeyList,
+    /// Set the workload password: its argon2id verifier, made on the
+    /// member's machine (the password itself never reaches the vault).
+    WorkloadPassword {
+        /// The verifier (PHC string).
+        verifier: Verifier,
+    },
+    /// Remove the workload password (password binds then fail).
+    WorkloadPasswordClear,
+}
+
+impl AccountChange {
+    /// For the audit log: what changed, never the verifier.
+    pub fn describe(&self) -> String {
+        match self {
+            AccountChange::SshKeyAdd { .. } => "ssh key added".into(),
+            AccountChange::SshKeyRemove { .. } => "ssh key removed".into(),
+            AccountChange::SshKeyList => "ssh keys listed".into(),
+            AccountChange::WorkloadPassword { .. } => "workload password set".into(),
+            AccountChange::WorkloadPasswordClear => "workload password removed".into(),
+        }
+    }
+}
+
+/// An argon2id verifier (PHC string): not the password, but a cheap-to-
+/// test hash of it for whoever holds it; never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Verifier(pub String);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier([REDACTED])")
+    }
 }
 
 impl Command {
@@ -274,6 +331,7 @@ impl Command {
             Command::Passwd => "passwd",
             Command::Approve { .. } => "approve",
             Command::InviteCancel { .. } => "member_invite_cancel",
+            Command::Account { .. } => "account",
         }
     }
 
@@ -387,6 +445,11 @@ pub enum PasswordOp {
         /// The invited name.
         name: String,
     },
+    /// Change one's own account.
+    Account {
+        /// What.
+        change: AccountChange,
+    },
 }
 
 impl Command {
@@ -423,6 +486,7 @@ impl Command {
             Command::Passwd => Needs::Password(PasswordOp::Passwd),
             Command::Approve { id } => Needs::Password(PasswordOp::Approve { id }),
             Command::InviteCancel { name } => Needs::Password(PasswordOp::InviteCancel { name }),
+            Command::Account { change } => Needs::Password(PasswordOp::Account { change }),
         }
     }
 }
@@ -761,6 +825,16 @@ pub enum Effect {
         req: ReqId,
         /// The invited name.
         name: String,
+    },
+    /// Change `member`'s account in the vault's directory, then reply to
+    /// `req` (the shell checks and keeps the keys and the verifier).
+    ChangeAccount {
+        /// The request.
+        req: ReqId,
+        /// Whose.
+        member: String,
+        /// What.
+        change: AccountChange,
     },
     /// Append to the audit log.
     Audit(AuditRecord),

@@ -685,6 +685,35 @@ fn invite_and_passwd_get_a_scoped_key_and_never_open() {
     );
 }
 
+#[test]
+fn members_change_their_own_account_with_password_and_totp_never_while_locked() {
+    let mut s = Sim::new(members(1, 1));
+    let set = || Command::Account {
+        change: AccountChange::WorkloadPassword {
+            verifier: Verifier("$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into()),
+        },
+    };
+    assert_eq!(s.run("m0", set()), Outcome::Ok(Reply::Done));
+    assert_eq!(s.accounts_changed, vec!["m0".to_string()]);
+    // Nothing opens, no key is kept.
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held && s.kept.is_empty());
+    // A wrong password changes nothing.
+    let t = s.fresh();
+    let req = s.request("m0", set(), false, t);
+    s.settle();
+    assert_eq!(
+        refused(&s.replies.remove(&req).unwrap()),
+        Some(Refusal::WrongPassword)
+    );
+    assert_eq!(s.accounts_changed.len(), 1);
+    s.run("su0", Command::Lock { reason: "x".into() });
+    assert_eq!(refused(&s.run("m0", set())), Some(Refusal::Locked));
+    assert_eq!(s.accounts_changed.len(), 1);
+    // The verifier never reaches a Debug print.
+    assert!(!format!("{:?}", set()).contains("argon2id"));
+}
+
 /// Finding 1: with quorum 2, one superuser could lock, lower the quorum
 /// (or remove the other superuser) and unlock alone.
 #[test]

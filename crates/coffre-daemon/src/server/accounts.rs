@@ -275,6 +275,254 @@ impl Shell {
     }
 }
 
+/// SSH key types a member may add (what OpenSSH's sshd accepts today).
+const SSH_KEY_TYPES: [&str; 7] = [
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// At most this many SSH keys per member.
+const MAX_SSH_KEYS: usize = 32;
+
+/// An SSH public key line, checked: `TYPE BASE64 [COMMENT]`, a known
+/// type, a blob that names the same type, a short printable comment,
+/// nothing that could end a line (it goes into LDAP values and
+/// `authorized_keys` output). Returns the line as kept and its
+/// fingerprint (`SHA256:...`, as `ssh-keygen -l` prints it).
+pub(crate) fn check_ssh_key(line: &str) -> Result<(String, String), String> {
+    let line = line.trim();
+    if line.chars().any(|c| c.is_control()) {
+        return Err("an SSH public key is one line, without control characters".into());
+    }
+    let mut parts = line.splitn(3, ' ');
+    let (Some(kind), Some(b64)) = (parts.next(), parts.next()) else {
+        return Err("an SSH public key reads `TYPE BASE64 [COMMENT]` (the .pub file)".into());
+    };
+    let comment = parts.next().unwrap_or("").trim();
+    if !SSH_KEY_TYPES.contains(&kind) {
+        return Err(format!(
+            "SSH key type {kind:?} is not one of {} (is this the .pub file?)",
+            SSH_KEY_TYPES.join(", ")
+        ));
+    }
+    if b64.len() > 16 * 1024 {
+        return Err("this SSH key is too long".into());
+    }
+    let blob = data_encoding::BASE64
+        .decode(b64.as_bytes())
+        .map_err(|_| "the SSH key's second field is not base64".to_string())?;
+    let named = blob
+        .get(..4)
+        .and_then(|n| usize::try_from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])).ok())
+        .and_then(|n| blob.get(4..4 + n));
+    if named != Some(kind.as_bytes()) {
+        return Err(format!("the SSH key's data is not a {kind} key"));
+    }
+    if comment.len() > 256 || !comment.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err("the SSH key's comment: at most 256 printable ASCII characters".into());
+    }
+    let fp = format!(
+        "SHA256:{}",
+        data_encoding::BASE64_NOPAD.encode(&<sha2::Sha256 as sha2::Digest>::digest(&blob))
+    );
+    let kept = if comment.is_empty() {
+        format!("{kind} {b64}")
+    } else {
+        format!("{kind} {b64} {comment}")
+    };
+    Ok((kept, fp))
+}
+
+/// Bounds on a workload password verifier's costs: at least OWASP's
+/// argon2id minimum (19 MiB, 2 passes), at most what the directory's
+/// one-at-a-time pool holds (256 MiB, 16 passes, 8 lanes).
+const VERIFIER_MEMORY_KIB: (u32, u32) = (19 * 1024, 256 * 1024);
+const VERIFIER_PASSES: (u32, u32) = (2, 16);
+const VERIFIER_LANES: (u32, u32) = (1, 8);
+
+/// A workload password verifier, checked: an argon2id PHC string
+/// (`$argon2id$v=19$m=M,t=T,p=P$SALT$HASH`) with costs in bounds, a salt
+/// of 8 bytes or more and a hash of 16 or more. Returns its costs for
+/// the audit log.
+pub(crate) fn check_verifier(phc: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("the workload password's verifier: {why}"));
+    let f: Vec<&str> = phc.split('$').collect();
+    let ["", "argon2id", "v=19", params, salt, hash] = f[..] else {
+        return bad("not an argon2id (v=19) PHC string");
+    };
+    let mut m = None;
+    let mut t = None;
+    let mut p = None;
+    for kv in params.split(',') {
+        match kv.split_once('=') {
+            Some(("m", v)) => m = v.parse::<u32>().ok(),
+            Some(("t", v)) => t = v.parse::<u32>().ok(),
+            Some(("p", v)) => p = v.parse::<u32>().ok(),
+            _ => return bad("unknown parameter"),
+        }
+    }
+    let (Some(m), Some(t), Some(p)) = (m, t, p) else {
+        return bad("m, t and p are required");
+    };
+    let within = |v: u32, (lo, hi): (u32, u32)| (lo..=hi).contains(&v);
+    if !within(m, VERIFIER_MEMORY_KIB) || !within(t, VERIFIER_PASSES) || !within(p, VERIFIER_LANES)
+    {
+        return bad(&format!(
+            "costs m={m} t={t} p={p} out of bounds (m {}-{} KiB, t {}-{}, p {}-{})",
+            VERIFIER_MEMORY_KIB.0,
+            VERIFIER_MEMORY_KIB.1,
+            VERIFIER_PASSES.0,
+            VERIFIER_PASSES.1,
+            VERIFIER_LANES.0,
+            VERIFIER_LANES.1
+        ));
+    }
+    let b64 = |s: &str| data_encoding::BASE64_NOPAD.decode(s.as_bytes()).ok();
+    match (b64(salt), b64(hash)) {
+        (Some(s), Some(h)) if s.len() >= 8 && h.len() >= 16 && h.len() <= 64 => {}
+        _ => return bad("salt (8 bytes or more) and hash (16 to 64 bytes) in unpadded base64"),
+    }
+    Ok(format!("argon2id m={m} KiB t={t} p={p}"))
+}
+
+impl Shell {
+    /// A member's change to their own account, once their password and
+    /// TOTP code were checked.
+    pub(super) fn change_account(
+        &mut self,
+        req: ReqId,
+        member: String,
+        change: coffre_vault::AccountChange,
+    ) {
+        use coffre_vault::AccountChange as C;
+        // The core checked who and from where (its records say so);
+        // these say what changed.
+        let source = None;
+        let Some(acc) = self.control.accounts.users.get_mut(&member) else {
+            self.answer(
+                req,
+                (
+                    500,
+                    error_json(
+                        ErrorCode::Failure,
+                        format!("{member} has no account (no id left?): see the audit log"),
+                    ),
+                ),
+            );
+            return;
+        };
+        let result: Result<(Value, String), String> = match &change {
+            C::SshKeyList => {
+                let keys: Vec<Value> = acc
+                    .ssh_keys
+                    .iter()
+                    .filter_map(|k| {
+                        let (_, fp) = check_ssh_key(k).ok()?;
+                        let mut f = k.splitn(3, ' ');
+                        Some(json!({
+                            "fingerprint": fp, "type": f.next(),
+                            "comment": f.nth(1).unwrap_or(""), "key": k,
+                        }))
+                    })
+                    .collect();
+                let _ = self.replies_answer(req, json!({"ok": true, "keys": keys}));
+                return;
+            }
+            C::SshKeyAdd { key } => match check_ssh_key(key) {
+                Err(e) => Err(e),
+                Ok((line, fp)) => {
+                    let have = acc
+                        .ssh_keys
+                        .iter()
+                        .any(|k| check_ssh_key(k).is_ok_and(|(_, f)| f == fp));
+                    if have {
+                        Ok((
+                            json!({"ok": true, "fingerprint": fp, "added": false}),
+                            format!("ssh key {fp} already there"),
+                        ))
+                    } else if acc.ssh_keys.len() >= MAX_SSH_KEYS {
+                        Err(format!("at most {MAX_SSH_KEYS} SSH keys; remove one first"))
+                    } else {
+                        acc.ssh_keys.push(line);
+                        Ok((
+                            json!({"ok": true, "fingerprint": fp, "added": true}),
+                            format!("ssh key {fp} added"),
+                        ))
+                    }
+                }
+            },
+            C::SshKeyRemove { key } => {
+                let want = check_ssh_key(key)
+                    .map(|(_, fp)| fp)
+                    .unwrap_or_else(|_| key.trim().to_string());
+                let before = acc.ssh_keys.len();
+                acc.ssh_keys
+                    .retain(|k| check_ssh_key(k).map_or(true, |(_, fp)| fp != want));
+                if acc.ssh_keys.len() == before {
+                    Err(format!(
+                        "no SSH key {want} (see `coffre member ssh-key list`)"
+                    ))
+                } else {
+                    Ok((
+                        json!({"ok": true, "fingerprint": want}),
+                        format!("ssh key {want} removed"),
+                    ))
+                }
+            }
+            C::WorkloadPassword { verifier } => match check_verifier(&verifier.0) {
+                Err(e) => Err(e),
+                Ok(costs) => {
+                    acc.workload_password = Some(verifier.0.clone());
+                    Ok((
+                        json!({"ok": true}),
+                        format!("workload password set ({costs} verifier)"),
+                    ))
+                }
+            },
+            C::WorkloadPasswordClear => {
+                acc.workload_password = None;
+                Ok((json!({"ok": true}), "workload password removed".into()))
+            }
+        };
+        match result {
+            Ok((answer, detail)) => {
+                self.persist();
+                self.record(AuditRecord {
+                    at: now_ms(),
+                    actor: member,
+                    source,
+                    action: "account".into(),
+                    result: "ok".into(),
+                    detail,
+                });
+                let _ = self.replies_answer(req, answer);
+            }
+            Err(e) => {
+                self.record(AuditRecord {
+                    at: now_ms(),
+                    actor: member,
+                    source,
+                    action: "account".into(),
+                    result: "refused:invalid".into(),
+                    detail: format!("{}: {e}", change.describe()),
+                });
+                self.answer(req, (400, error_json(ErrorCode::Invalid, e)));
+            }
+        }
+    }
+
+    fn replies_answer(&mut self, req: ReqId, v: Value) -> bool {
+        let had = self.replies.contains_key(&req);
+        self.answer(req, (200, v));
+        had
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +550,56 @@ mod tests {
             r.iter()
                 .any(|(what, x)| x.overlaps(&d) && what.contains("UID_MIN-UID_MAX"))
         );
+    }
+
+    #[test]
+    fn ssh_keys_are_checked_and_fingerprinted_like_ssh_keygen() {
+        // `ssh-keygen -l` of this key: SHA256:lT1uZlvbHL8hjoEbNpeQw6hJ19IJb0zQTd/hWK4Bzco
+        let blob = {
+            let mut b = Vec::new();
+            b.extend(11u32.to_be_bytes());
+            b.extend(b"ssh-ed25519");
+            b.extend(32u32.to_be_bytes());
+            b.extend([7u8; 32]);
+            b
+        };
+        let b64 = data_encoding::BASE64.encode(&blob);
+        let (kept, fp) = check_ssh_key(&format!("ssh-ed25519 {b64} alice@laptop\n")).unwrap();
+        assert_eq!(kept, format!("ssh-ed25519 {b64} alice@laptop"));
+        assert!(fp.starts_with("SHA256:") && !fp.ends_with('='), "{fp}");
+        for bad in [
+            format!("ssh-rsa {b64}"),
+            format!("ssh-ed25519 {b64} x\ncommand=\"sh\" ssh-ed25519 {b64}"),
+            "ssh-ed25519 !!!".to_string(),
+            "ssh-dss AAAA".to_string(),
+            format!("ssh-ed25519 {b64} caf\u{e9}"),
+            String::new(),
+        ] {
+            assert!(check_ssh_key(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn verifiers_are_argon2id_with_bounded_costs() {
+        let salt = data_encoding::BASE64_NOPAD.encode(&[1u8; 16]);
+        let hash = data_encoding::BASE64_NOPAD.encode(&[2u8; 32]);
+        let v = |params: &str| format!("$argon2id$v=19${params}${salt}${hash}");
+        assert!(
+            check_verifier(&v("m=65536,t=3,p=1"))
+                .unwrap()
+                .contains("65536")
+        );
+        for bad in [
+            "m=1024,t=3,p=1",
+            "m=65536,t=1,p=1",
+            "m=4194304,t=3,p=1",
+            "m=65536,t=3",
+            "m=65536,t=3,p=1,x=2",
+        ] {
+            assert!(check_verifier(&v(bad)).is_err(), "{bad}");
+        }
+        assert!(check_verifier(&v("m=65536,t=3,p=1").replace("argon2id", "argon2i")).is_err());
+        assert!(check_verifier("$argon2id$v=19$m=65536,t=3,p=1$c2FsdA$aGFzaA").is_err());
     }
 
     #[test]

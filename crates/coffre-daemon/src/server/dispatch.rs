@@ -131,12 +131,42 @@ impl Shell {
                 }
                 (Command::InviteCancel { name }, Some((p, totp)))
             }
+            ApiCommand::Account {
+                change,
+                password: p,
+                totp,
+            } => {
+                // Bad input is refused before any password check.
+                let checked = match &change {
+                    coffre_vault::AccountChange::SshKeyAdd { key } => {
+                        super::accounts::check_ssh_key(key).map(drop)
+                    }
+                    coffre_vault::AccountChange::WorkloadPassword { verifier } => {
+                        super::accounts::check_verifier(&verifier.0).map(drop)
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(msg) = checked {
+                    let _ = reply.send((400, error_json(ErrorCode::Invalid, msg)));
+                    return;
+                }
+                (Command::Account { change }, Some((p, totp)))
+            }
             ApiCommand::MemberList => {
+                let a = &self.control.accounts;
                 let list: Vec<Value> = self
                     .vault
                     .members()
                     .values()
-                    .map(|m| json!({"name": m.name, "role": m.role, "keyslot": m.keyslot}))
+                    .map(|m| {
+                        let acc = a.users.get(&m.name);
+                        json!({
+                            "name": m.name, "role": m.role, "keyslot": m.keyslot,
+                            "uid": acc.map(|x| x.uid), "gid": acc.map(|x| x.gid),
+                            "ssh_keys": acc.map_or(0, |x| x.ssh_keys.len()),
+                            "workload_password": acc.is_some_and(|x| x.workload_password.is_some()),
+                        })
+                    })
                     .collect();
                 let _ = reply.send((200, json!({"ok": true, "members": list})));
                 return;
@@ -438,6 +468,11 @@ impl Shell {
                 member,
                 keyslot,
             } => self.change_password(req, member, keyslot),
+            Effect::ChangeAccount {
+                req,
+                member,
+                change,
+            } => self.change_account(req, member, change),
         }
     }
 

@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 mod accounts;
 mod audit;
 mod custody;
+mod directory;
 mod dispatch;
 mod exposure;
 mod gateway;
@@ -334,6 +335,7 @@ pub async fn serve(
     shell.persist();
     shell.accounts_changed();
     shell.nfs_start();
+    shell.directory_start();
 
     if let Some(sock) = shell.dir.management_socket(&shell.config) {
         // The socket's directory protects the passwords it carries (the
@@ -491,6 +493,7 @@ pub async fn serve(
                 shell.vpn_tick();
                 shell.net_tick();
                 shell.nfs_tick();
+                shell.directory_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {
@@ -500,6 +503,9 @@ pub async fn serve(
                 break;
             }
         }
+        // Whatever the message changed (a removal, a lock, a session
+        // ended), the directory has it before the next one.
+        shell.directory_sync();
     }
     Ok(())
 }

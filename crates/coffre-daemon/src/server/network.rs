@@ -48,6 +48,9 @@ pub(super) struct NetState {
     pub nfs: Option<super::nfs::Shared>,
     /// Its exports could not be updated (it was busy): retried each tick.
     pub nfs_dirty: bool,
+    /// The vault's directory for the workloads (none if its ports were
+    /// taken).
+    pub ldap: Option<super::directory::LdapChild>,
     /// The kernel's sets may differ from `granted` (an update failed).
     dirty: bool,
     /// The process workloads' network namespaces.
@@ -413,10 +416,41 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     } else {
         None
     };
+    let ldap = {
+        let vd = crate::vaultdir::VaultDir::new(dir);
+        let log = dir.join("run").join("ldap.log");
+        let nobody = coffre_sys::child::user("nobody")
+            .ok()
+            .flatten()
+            .map_or((65534, 65534), |(u, g, _)| (u, g));
+        let r = vd
+            .read(&vd.ca_key())
+            .map_err(|e| e.to_string())
+            .and_then(|ca_key| {
+                let ca = vd.read(&vd.ca_cert()).map_err(|e| e.to_string())?;
+                let ca_key = zeroize::Zeroizing::new(ca_key);
+                super::directory::LdapChild::bind(gw, &config.name, &ca_key, &ca, log, nobody)
+            });
+        match r {
+            Ok(l) => {
+                notes.push(format!(
+                    "the vault's directory (LDAP tcp/389 with StartTLS, LDAPS tcp/636) on {gw}, for the workloads"
+                ));
+                Some(l)
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "DIRECTORY NOT SERVED: {e}; workloads cannot look members up"
+                ));
+                None
+            }
+        }
+    };
     Ok(Up {
         state: NetState {
             nfs,
             nfs_dirty: false,
+            ldap,
             policy,
             host,
             reach,
@@ -573,6 +607,9 @@ impl Shell {
         }
         if let Some(n) = &net.nfs {
             n.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        }
+        if let Some(l) = net.ldap.as_mut() {
+            l.stop();
         }
         // The process workloads are stopped by now: their namespaces (and
         // veths) go; the next start makes them again. Taps stay (a VM

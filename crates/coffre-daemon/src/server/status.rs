@@ -48,6 +48,7 @@ impl Shell {
             "gateway": self.gateway_json(),
             "network": self.network_json(),
             "nfs": self.nfs_json(),
+            "directory": self.directory_json(),
         })
     }
 

@@ -32,6 +32,9 @@ impl Vault {
             Command::Passwd => {
                 Some("the vault is locked: passwords cannot change until it is unlocked")
             }
+            Command::Account { .. } => Some(
+                "the vault is locked: accounts (SSH keys, workload passwords) cannot change until it is unlocked",
+            ),
             Command::Approve { .. } => Some(
                 "the vault is locked: proposals were cancelled by the lock; propose again once it is unlocked",
             ),
@@ -424,6 +427,14 @@ impl Vault {
                     format!("{name} as {role:?}").to_lowercase(),
                 );
                 out.effects.push(Effect::Invite { req, name, role });
+            }
+            PasswordOp::Account { change } => {
+                // Audited by the shell, which knows whether it could.
+                out.effects.push(Effect::ChangeAccount {
+                    req,
+                    member: member.name.clone(),
+                    change,
+                });
             }
             PasswordOp::Passwd => {
                 out.audit(

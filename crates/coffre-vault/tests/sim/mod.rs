@@ -22,6 +22,8 @@ pub struct Sim {
     pub close_modes: Vec<Mode>,
     /// How many times pending invitations were cancelled.
     pub invitations_cancelled: u32,
+    /// Members whose account the shell was asked to change.
+    pub accounts_changed: Vec<String>,
     next_req: u64,
     /// Password verdicts of requests in flight.
     passwords: BTreeMap<ReqId, bool>,
@@ -80,6 +82,7 @@ impl Sim {
             close_fails: false,
             close_modes: Vec::new(),
             invitations_cancelled: 0,
+            accounts_changed: Vec::new(),
             next_req: 1,
             passwords: BTreeMap::new(),
             step: 1,
@@ -109,8 +112,9 @@ impl Sim {
                             | Effect::Open { .. }
                             | Effect::Invite { .. }
                             | Effect::ChangePassword { .. }
+                            | Effect::ChangeAccount { .. }
                     ),
-                    "an effect keeps or uses a key while locked: {f:?}"
+                    "an effect keeps, uses a key or changes an account while locked: {f:?}"
                 );
             }
         }
@@ -157,6 +161,11 @@ impl Sim {
                 Effect::RemoveMember { name, .. } => self.removed.push(name),
                 Effect::Invite { req, .. } | Effect::ChangePassword { req, .. } => {
                     assert!(self.kept.remove(&req), "keyslot change without a kept key");
+                    self.replies.insert(req, Outcome::Ok(Reply::Done));
+                }
+                Effect::ChangeAccount { req, member, .. } => {
+                    assert!(!self.kept.contains(&req), "an account change keeps no key");
+                    self.accounts_changed.push(member);
                     self.replies.insert(req, Outcome::Ok(Reply::Done));
                 }
                 Effect::CancelInvitations => self.invitations_cancelled += 1,

@@ -4,6 +4,7 @@
 mod audit_rollback;
 mod custody;
 mod data;
+mod directory;
 mod gateway;
 mod harness;
 mod key_gone;

@@ -144,7 +144,7 @@ const NEEDS_NETWORK: &[Need] = &[
 impl Lab {
     /// A vault whose config.toml gets `[network]` and `workloads`, alice
     /// and bob as members, OpenVPN up, two client namespaces.
-    fn new(network: &str, workloads: &str) -> Lab {
+    pub(crate) fn new(network: &str, workloads: &str) -> Lab {
         Lab::with_size(network, workloads, "16M")
     }
 

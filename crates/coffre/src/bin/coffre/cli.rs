@@ -527,6 +527,61 @@ pub enum MemberCommand {
         #[command(flatten)]
         auth: AuthArgs,
     },
+    /// Your SSH public keys in the vault's directory: the workloads' sshd
+    /// finds them there (`AuthorizedKeysCommand`) for your account.
+    #[command(subcommand)]
+    SshKey(SshKeyCommand),
+    /// Set your workload password: what you type to log in to a
+    /// workload that needs a password (a remote desktop, a forge's web
+    /// page). Never your vault password: a workload's administrator sees
+    /// what is typed into it. It is hashed here (argon2id, 64 MiB); only
+    /// the hash reaches the vault. It works while you are inside (a live
+    /// session), on the workloads you may use, and not while the vault is
+    /// locked.
+    WorkloadPassword {
+        /// File holding the new workload password (- for stdin).
+        #[arg(long, value_name = "FILE", required_unless_present = "clear")]
+        new_password_file: Option<PathBuf>,
+        /// Remove it instead: password logins to workloads then fail.
+        #[arg(long, conflicts_with = "new_password_file")]
+        clear: bool,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshKeyCommand {
+    /// Add a public key (the `.pub` file: `TYPE BASE64 [COMMENT]`).
+    Add {
+        /// The public key file.
+        file: PathBuf,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Your public keys, with their SHA256 fingerprints.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Remove a key, given as its `.pub` file or its `SHA256:` fingerprint.
+    Remove {
+        /// The `.pub` file or the fingerprint.
+        key: String,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

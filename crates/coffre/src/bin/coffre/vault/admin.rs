@@ -6,7 +6,7 @@ use super::client::*;
 use super::*;
 use crate::cli::{
     AuthArgs, GatewayCommand, IdentityArg, MemberCommand, ModeChoice, ProposalCommand, ProtoChoice,
-    RoleChoice,
+    RoleChoice, SshKeyCommand,
 };
 use crate::secrets;
 use anyhow::{Context, Result, bail};
@@ -307,10 +307,18 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 } else {
                     for m in v["members"].as_array().into_iter().flatten() {
                         println!(
-                            "{}\t{}\tkeyslot {}",
+                            "{}\t{}\tkeyslot {}\tuid {}\tgid {}\t{} ssh key(s)\tworkload password {}",
                             m["name"].as_str().unwrap_or(""),
                             m["role"].as_str().unwrap_or(""),
-                            m["keyslot"]
+                            m["keyslot"],
+                            m["uid"],
+                            m["gid"],
+                            m["ssh_keys"],
+                            if m["workload_password"] == true {
+                                "set"
+                            } else {
+                                "not set"
+                            },
                         );
                     }
                 }
@@ -383,6 +391,118 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
             })? {
                 Ok(v) => {
                     say_proposal(&v);
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        MemberCommand::SshKey(cmd) => ssh_key(cmd),
+        MemberCommand::WorkloadPassword {
+            new_password_file,
+            clear,
+            id,
+            auth,
+        } => {
+            let change = match new_password_file {
+                Some(f) => {
+                    secrets::one_stdin(&[&auth.password_file, &f])?;
+                    let p = secrets::passphrase(&f)?;
+                    let verifier = coffre_api::verifier::make(p.expose())?;
+                    coffre_vault::AccountChange::WorkloadPassword { verifier }
+                }
+                None if clear => coffre_vault::AccountChange::WorkloadPasswordClear,
+                None => bail!("give --new-password-file FILE, or --clear"),
+            };
+            match account(&id, &auth, change)? {
+                Ok(_) => {
+                    eprintln!(
+                        "coffre: workload password {}",
+                        if clear {
+                            "removed"
+                        } else {
+                            "set: it logs you in to the workloads you may use, while you are inside"
+                        }
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+    }
+}
+
+/// A change to one's own account (password and TOTP).
+fn account(
+    id: &IdentityArg,
+    auth: &AuthArgs,
+    change: coffre_vault::AccountChange,
+) -> Result<std::result::Result<serde_json::Value, (u8, String)>> {
+    authed(id, auth, |password, totp| ApiCommand::Account {
+        change: change.clone(),
+        password,
+        totp,
+    })
+}
+
+/// `coffre member ssh-key ...`.
+fn ssh_key(cmd: SshKeyCommand) -> Result<u8> {
+    use coffre_vault::AccountChange as C;
+    match cmd {
+        SshKeyCommand::Add { file, id, auth } => {
+            let key = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if key.contains("PRIVATE KEY") {
+                bail!(
+                    "{} is a private key: give the .pub file (the private key never leaves this machine)",
+                    file.display()
+                );
+            }
+            match account(&id, &auth, C::SshKeyAdd { key })? {
+                Ok(v) => {
+                    eprintln!(
+                        "coffre: SSH key {} {}",
+                        v["fingerprint"].as_str().unwrap_or("?"),
+                        if v["added"] == true {
+                            "added"
+                        } else {
+                            "was already there"
+                        }
+                    );
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
+        SshKeyCommand::List { json, id, auth } => match account(&id, &auth, C::SshKeyList)? {
+            Ok(v) => {
+                if json {
+                    print_json(&v["keys"])?;
+                } else {
+                    for k in v["keys"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}\t{}\t{}",
+                            k["fingerprint"].as_str().unwrap_or(""),
+                            k["type"].as_str().unwrap_or(""),
+                            k["comment"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                Ok(exit::OK)
+            }
+            Err((code, msg)) => Ok(fail(code, &msg)),
+        },
+        SshKeyCommand::Remove { key, id, auth } => {
+            // A .pub file, or a fingerprint as `list` prints it.
+            let key = match std::fs::read_to_string(&key) {
+                Ok(text) if !key.starts_with("SHA256:") => text,
+                _ => key,
+            };
+            match account(&id, &auth, C::SshKeyRemove { key })? {
+                Ok(v) => {
+                    eprintln!(
+                        "coffre: SSH key {} removed",
+                        v["fingerprint"].as_str().unwrap_or("?")
+                    );
                     Ok(exit::OK)
                 }
                 Err((code, msg)) => Ok(fail(code, &msg)),

@@ -97,6 +97,18 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     };
                     println!("nfs:     {server}; {}", shares.join("; "));
                 }
+                let dir = &v["directory"];
+                if let Some(addr) = dir["ldaps"].as_str() {
+                    let server = match dir["pid"].as_u64() {
+                        Some(pid) => format!("server pid {pid}"),
+                        None => "server not running".into(),
+                    };
+                    println!(
+                        "directory: {addr} and ldap://{}/ with StartTLS, base {}, for the workloads; {server}",
+                        dir["address"].as_str().unwrap_or("?"),
+                        dir["base"].as_str().unwrap_or("?"),
+                    );
+                }
                 println!("members: {}", v["members"]);
                 for p in v["proposals"].as_array().into_iter().flatten() {
                     println!(

@@ -1,0 +1,398 @@
+//! The vault's directory for its workloads: the LDAP server's process
+//! (`coffre ldap-server`, in `coffre-ldap`), which the daemon starts on
+//! the vault network's host address (389 with StartTLS, 636 LDAPS) and
+//! keeps current: the members' accounts and groups, which workload (by
+//! its address) sees whom, who has a live session and whether the vault
+//! is locked. It runs whether the vault is open or closed (nothing in it
+//! decrypts anything), as `nobody`, with no volume key and no CA key:
+//! only the key of its own certificate, issued by the daemon from the
+//! vault's CA for the host address (never the door's name).
+//!
+//! A workload password bind is checked there (argon2id, one at a time);
+//! the daemon drains its bind events each tick into the audit log, one
+//! record per (workload, member, outcome) a minute at most, the rest
+//! counted.
+
+use super::*;
+use coffre_vault::accounts::{SUPERUSERS_GROUP, TEAM_GROUP, workload_group};
+use helper::Helper;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// At most one audit record a minute per (workload, member, outcome):
+/// the rest are counted.
+const BIND_AUDIT_EVERY_MS: u64 = 60_000;
+
+/// The LDAP server's process and what it was last told.
+pub(super) struct LdapChild {
+    helper: Helper,
+    /// Its certificate chain and key (PEM), to give it again at a restart.
+    tls: (String, zeroize::Zeroizing<String>),
+    spec: Option<Value>,
+    live: Option<Value>,
+    /// The address it serves on.
+    pub(super) addr: Ipv4Addr,
+    /// Bind records waiting: key → (last written, counted since).
+    binds: BTreeMap<(String, String, String), (u64, u64)>,
+}
+
+impl LdapChild {
+    /// Binds 389 and 636 on `addr` and issues the server's certificate
+    /// for that address from the vault's CA.
+    pub(super) fn bind(
+        addr: Ipv4Addr,
+        vault: &str,
+        ca_key_pem: &str,
+        ca_pem: &str,
+        log: PathBuf,
+        user: (u32, u32),
+    ) -> Result<Self, String> {
+        let mut sockets = Vec::new();
+        for port in [389, 636] {
+            let l = std::net::TcpListener::bind((addr, port))
+                .map_err(|e| format!("binding LDAP on {addr}:{port}: {e}"))?;
+            sockets.push(std::os::fd::OwnedFd::from(l));
+        }
+        let issued =
+            crate::pki::new_directory_cert(vault, ca_key_pem, addr).map_err(|e| e.to_string())?;
+        let chain = format!("{}{}", issued.cert_pem, ca_pem);
+        let args = vec![
+            "ldap-server".to_string(),
+            "--uid".to_string(),
+            user.0.to_string(),
+            "--gid".to_string(),
+            user.1.to_string(),
+        ];
+        Ok(Self {
+            helper: Helper::new("the LDAP server", args, sockets, log),
+            tls: (chain, zeroize::Zeroizing::new(issued.key_pem)),
+            spec: None,
+            live: None,
+            addr,
+            binds: BTreeMap::new(),
+        })
+    }
+
+    /// Starts the process and tells it everything it was told before.
+    fn start(&mut self) -> Result<u32, String> {
+        let pid = self.helper.spawn()?;
+        let mut line = serde_json::to_vec(&json!({
+            "cmd": "tls", "chain_pem": self.tls.0, "key_pem": self.tls.1.as_str(),
+        }))
+        .map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let r = self.helper.command_line(&line);
+        zeroize::Zeroize::zeroize(&mut line);
+        r?;
+        if let Some(spec) = self.spec.clone() {
+            self.helper
+                .command(&json!({"cmd": "directory", "spec": spec}))?;
+        }
+        if let Some(live) = self.live.clone() {
+            self.helper.command(&json!({"cmd": "live", "live": live}))?;
+        }
+        Ok(pid)
+    }
+
+    /// A new directory: sent if it changed. Returns the users it refused.
+    fn set_spec(&mut self, spec: Value) -> Result<Vec<String>, String> {
+        if self.spec.as_ref() == Some(&spec) {
+            return Ok(Vec::new());
+        }
+        self.spec = Some(spec.clone());
+        if !self.helper.running() {
+            return Ok(Vec::new());
+        }
+        let v = self
+            .helper
+            .command(&json!({"cmd": "directory", "spec": spec}))?;
+        Ok(v["failed"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        format!(
+                            "{}: {}",
+                            f[0].as_str().unwrap_or("?"),
+                            f[1].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Kills the process (the daemon stops).
+    pub(super) fn stop(&mut self) {
+        self.helper.stop();
+    }
+
+    /// Who is inside and whether the vault is locked: sent if it changed.
+    fn set_live(&mut self, live: Value) -> Result<(), String> {
+        if self.live.as_ref() == Some(&live) {
+            return Ok(());
+        }
+        self.live = Some(live.clone());
+        if !self.helper.running() {
+            return Ok(());
+        }
+        self.helper
+            .command(&json!({"cmd": "live", "live": live}))
+            .map(drop)
+    }
+}
+
+/// The base DN of a vault's directory: `dc=NAME,dc=coffre`, NAME the
+/// vault's name in lower case with anything but letters, digits and `-`
+/// made a `-`.
+pub(crate) fn base_dn(vault: &str) -> String {
+    let mut n: String = vault
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    n = n.trim_matches('-').to_string();
+    if n.is_empty() {
+        n = "vault".into();
+    }
+    format!("dc={n},dc=coffre")
+}
+
+impl Shell {
+    /// The directory as the LDAP server serves it: every current
+    /// member's account and groups, and which workload (by address) sees
+    /// whom: the members it admits, their private groups, the team's,
+    /// the superusers' and its own.
+    pub(super) fn directory_spec(&self) -> Value {
+        let a = &self.control.accounts;
+        let acc = &self.config.accounts;
+        let members = self.vault.members();
+        let mut users = Vec::new();
+        let mut groups = Vec::new();
+        for (name, m) in members {
+            let Some(u) = a.users.get(name) else { continue };
+            users.push(json!({
+                "name": name, "uid": u.uid, "gid": u.gid, "gecos": name,
+                "home": format!("{}/{name}", acc.home.trim_end_matches('/')),
+                "shell": acc.shell, "ssh_keys": u.ssh_keys,
+                "verifier": u.workload_password,
+            }));
+            groups.push(json!({"name": name, "gid": u.gid, "members": [name]}));
+            let _ = m;
+        }
+        let named = |g: &str, who: Vec<&String>| {
+            a.groups
+                .get(g)
+                .map(|gid| json!({"name": g, "gid": gid, "members": who}))
+        };
+        let all: Vec<&String> = members
+            .keys()
+            .filter(|n| a.users.contains_key(*n))
+            .collect();
+        let supers: Vec<&String> = members
+            .values()
+            .filter(|m| m.role == Role::Superuser && a.users.contains_key(&m.name))
+            .map(|m| &m.name)
+            .collect();
+        groups.extend(named(TEAM_GROUP, all.clone()));
+        groups.extend(named(SUPERUSERS_GROUP, supers));
+        let mut clients = Vec::new();
+        for w in &self.config.workload {
+            let admitted: Vec<&String> = all
+                .iter()
+                .copied()
+                .filter(|n| w.admits(n, members[*n].role == Role::Superuser))
+                .collect();
+            groups.extend(named(&workload_group(&w.name), admitted.clone()));
+            let Some(addr) = w.address else { continue };
+            let mut seen: Vec<String> = admitted.iter().map(|n| (*n).clone()).collect();
+            seen.extend([
+                TEAM_GROUP.to_string(),
+                SUPERUSERS_GROUP.to_string(),
+                workload_group(&w.name),
+            ]);
+            clients.push(json!({
+                "address": addr.to_string(), "workload": w.name,
+                "users": admitted, "groups": seen,
+            }));
+        }
+        json!({
+            "base": base_dn(&self.config.name),
+            "users": users, "groups": groups, "clients": clients,
+        })
+    }
+
+    /// Who has a live session, and whether the vault is locked.
+    fn directory_live(&self) -> Value {
+        let mut present: Vec<&str> = self.vault.sessions().map(|s| s.member.as_str()).collect();
+        present.sort_unstable();
+        present.dedup();
+        json!({"locked": self.vault.is_locked(), "present": present})
+    }
+
+    fn ldap(&mut self) -> Option<&mut LdapChild> {
+        self.net.as_mut()?.ldap.as_mut()
+    }
+
+    /// At start: the directory, then the process.
+    pub(super) fn directory_start(&mut self) {
+        let spec = self.directory_spec();
+        let live = self.directory_live();
+        let Some(l) = self.ldap() else { return };
+        let _ = l.set_spec(spec);
+        let _ = l.set_live(live);
+        let addr = l.addr;
+        let r = l.start();
+        match r {
+            Ok(pid) => self.system_audit(
+                "directory",
+                "started",
+                format!(
+                    "LDAP server (pid {pid}, as nobody, no volume key, no CA key) serves the vault's directory on {addr}:389 (StartTLS) and {addr}:636 (LDAPS) to the workloads"
+                ),
+            ),
+            Err(e) => self.system_audit("directory", "failed", e),
+        }
+    }
+
+    /// After every change: the server gets what changed at once (a
+    /// removal, a lock, a session that ended).
+    pub(super) fn directory_sync(&mut self) {
+        if self.net.as_ref().is_none_or(|n| n.ldap.is_none()) {
+            return;
+        }
+        let spec = self.directory_spec();
+        let live = self.directory_live();
+        let Some(l) = self.ldap() else { return };
+        let failed = l.set_spec(spec);
+        let live = l.set_live(live);
+        match failed {
+            Ok(f) => {
+                for f in f {
+                    self.system_audit("directory", "refused", f);
+                }
+            }
+            Err(e) => self.system_audit("directory", "failed", e),
+        }
+        if let Err(e) = live {
+            self.system_audit("directory", "failed", e);
+        }
+    }
+
+    /// Each tick: a server that died is started again; its bind events
+    /// go to the audit log.
+    pub(super) fn directory_tick(&mut self) {
+        let Some(l) = self.ldap() else { return };
+        if let Some(why) = l.helper.died() {
+            let log = l.helper.log.display().to_string();
+            self.system_audit(
+                "directory",
+                "failed",
+                format!("the LDAP server ended ({why}); see {log}"),
+            );
+            return;
+        }
+        if l.helper.due() {
+            self.directory_start();
+            return;
+        }
+        let Ok(v) = l.helper.command(&json!({"cmd": "events"})) else {
+            return;
+        };
+        let now = now_ms().0;
+        let mut records = Vec::new();
+        for ev in v["events"].as_array().into_iter().flatten() {
+            let s = |k: &str| ev[k].as_str().unwrap_or("").to_string();
+            let key = (s("workload"), s("user"), s("outcome"));
+            let entry = l.binds.entry(key.clone()).or_insert((0, 0));
+            if entry.0 == 0 || now >= entry.0 + BIND_AUDIT_EVERY_MS {
+                entry.0 = now;
+                records.push((key, s("client"), 1));
+            } else {
+                entry.1 += 1;
+            }
+        }
+        let mut stale = Vec::new();
+        for (key, (last, counted)) in &mut l.binds {
+            if now >= *last + BIND_AUDIT_EVERY_MS {
+                if *counted > 0 {
+                    records.push((key.clone(), String::new(), *counted));
+                    *counted = 0;
+                    *last = now;
+                } else {
+                    stale.push(key.clone());
+                }
+            }
+        }
+        for k in stale {
+            l.binds.remove(&k);
+        }
+        let dropped = v["dropped"].as_u64().unwrap_or(0);
+        for ((workload, user, outcome), client, n) in records {
+            let who = if user.is_empty() {
+                "an unknown entry".to_string()
+            } else {
+                user.clone()
+            };
+            let detail = if n == 1 {
+                format!(
+                    "workload password bind as {who} from workload {workload} ({client}): {outcome}"
+                )
+            } else {
+                format!(
+                    "{n} more workload password bind(s) as {who} from workload {workload}: {outcome}, counted rather than logged one by one"
+                )
+            };
+            self.record(AuditRecord {
+                at: Millis(now),
+                actor: if user.is_empty() {
+                    "coffre".into()
+                } else {
+                    user
+                },
+                source: None,
+                action: "directory_bind".into(),
+                result: outcome,
+                detail,
+            });
+        }
+        if dropped > 0 {
+            self.system_audit(
+                "directory_bind",
+                "counted",
+                format!("{dropped} bind event(s) the LDAP server could not keep (a flood): not logged one by one"),
+            );
+        }
+    }
+
+    /// For status: the server's pid and address.
+    pub(super) fn directory_json(&self) -> Value {
+        let Some(l) = self.net.as_ref().and_then(|n| n.ldap.as_ref()) else {
+            return Value::Null;
+        };
+        json!({
+            "pid": l.helper.pid(),
+            "address": l.addr.to_string(),
+            "base": base_dn(&self.config.name),
+            "ldaps": format!("ldaps://{}/", l.addr),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_dn;
+
+    #[test]
+    fn base_dns_come_from_the_vault_name() {
+        assert_eq!(base_dn("team"), "dc=team,dc=coffre");
+        assert_eq!(base_dn("My Vault.2"), "dc=my-vault-2,dc=coffre");
+        assert_eq!(base_dn("+,="), "dc=vault,dc=coffre");
+    }
+}
