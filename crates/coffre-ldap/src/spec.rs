@@ -143,6 +143,13 @@ fn clean(s: &str) -> bool {
 
 /// A verifier the server accepts: argon2id within the bounds.
 pub fn check_verifier(phc: &str) -> Result<(), String> {
+    verifier_costs(phc).map(drop)
+}
+
+/// A verifier's argon2id costs (memory KiB, passes, lanes), if it is one
+/// the server accepts: a PHC string, argon2id, a salt and a hash, costs
+/// at most [`MAX_M_KIB`], [`MAX_T`], [`MAX_P`].
+pub fn verifier_costs(phc: &str) -> Result<(u32, u32, u32), String> {
     use argon2::PasswordHash;
     let h = PasswordHash::new(phc).map_err(|e| format!("not a PHC string: {e}"))?;
     if h.algorithm.as_str() != "argon2id" {
@@ -160,7 +167,7 @@ pub fn check_verifier(phc: &str) -> Result<(), String> {
     if h.salt.is_none() || h.hash.is_none() {
         return Err("no salt or no hash".into());
     }
-    Ok(())
+    Ok((p.m_cost(), p.t_cost(), p.p_cost()))
 }
 
 /// What a client sees, resolved.

@@ -14,6 +14,7 @@
 //! counted.
 
 use super::*;
+use coffre_ldap::{Client, DirectorySpec, Group, Live, User};
 use coffre_vault::accounts::{SUPERUSERS_GROUP, TEAM_GROUP, workload_group};
 use helper::Helper;
 use std::collections::BTreeMap;
@@ -29,8 +30,8 @@ pub(super) struct LdapChild {
     helper: Helper,
     /// Its certificate chain and key (PEM), to give it again at a restart.
     tls: (String, zeroize::Zeroizing<String>),
-    spec: Option<Value>,
-    live: Option<Value>,
+    spec: Option<DirectorySpec>,
+    live: Option<Live>,
     /// The address it serves on.
     pub(super) addr: Ipv4Addr,
     /// Bind records waiting: key → (last written, counted since).
@@ -50,7 +51,7 @@ impl LdapChild {
     ) -> Result<Self, String> {
         let mut sockets = Vec::new();
         for port in [389, 636] {
-            let l = std::net::TcpListener::bind((addr, port))
+            let l = coffre_ldap::server::bind_listener((addr, port).into())
                 .map_err(|e| format!("binding LDAP on {addr}:{port}: {e}"))?;
             sockets.push(std::os::fd::OwnedFd::from(l));
         }
@@ -96,7 +97,7 @@ impl LdapChild {
     }
 
     /// A new directory: sent if it changed. Returns the users it refused.
-    fn set_spec(&mut self, spec: Value) -> Result<Vec<String>, String> {
+    fn set_spec(&mut self, spec: DirectorySpec) -> Result<Vec<String>, String> {
         if self.spec.as_ref() == Some(&spec) {
             return Ok(Vec::new());
         }
@@ -129,7 +130,7 @@ impl LdapChild {
     }
 
     /// Who is inside and whether the vault is locked: sent if it changed.
-    fn set_live(&mut self, live: Value) -> Result<(), String> {
+    fn set_live(&mut self, live: Live) -> Result<(), String> {
         if self.live.as_ref() == Some(&live) {
             return Ok(());
         }
@@ -169,39 +170,48 @@ impl Shell {
     /// member's account and groups, and which workload (by address) sees
     /// whom: the members it admits, their private groups, the team's,
     /// the superusers' and its own.
-    pub(super) fn directory_spec(&self) -> Value {
+    pub(super) fn directory_spec(&self) -> DirectorySpec {
         let a = &self.control.accounts;
         let acc = &self.config.accounts;
         let members = self.vault.members();
         let mut users = Vec::new();
         let mut groups = Vec::new();
-        for (name, m) in members {
+        for name in members.keys() {
             let Some(u) = a.users.get(name) else { continue };
-            users.push(json!({
-                "name": name, "uid": u.uid, "gid": u.gid, "gecos": name,
-                "home": format!("{}/{name}", acc.home.trim_end_matches('/')),
-                "shell": acc.shell, "ssh_keys": u.ssh_keys,
-                "verifier": u.workload_password,
-            }));
-            groups.push(json!({"name": name, "gid": u.gid, "members": [name]}));
-            let _ = m;
+            users.push(User {
+                name: name.clone(),
+                uid: u.uid,
+                gid: u.gid,
+                gecos: name.clone(),
+                home: format!("{}/{name}", acc.home.trim_end_matches('/')),
+                shell: acc.shell.clone(),
+                ssh_keys: u.ssh_keys.clone(),
+                verifier: u.workload_password.clone(),
+            });
+            groups.push(Group {
+                name: name.clone(),
+                gid: u.gid,
+                members: vec![name.clone()],
+            });
         }
-        let named = |g: &str, who: Vec<&String>| {
-            a.groups
-                .get(g)
-                .map(|gid| json!({"name": g, "gid": gid, "members": who}))
+        let named = |g: &str, who: &[&String]| {
+            a.groups.get(g).map(|gid| Group {
+                name: g.to_string(),
+                gid: *gid,
+                members: who.iter().map(|n| (*n).clone()).collect(),
+            })
         };
         let all: Vec<&String> = members
             .keys()
             .filter(|n| a.users.contains_key(*n))
             .collect();
-        let supers: Vec<&String> = members
-            .values()
-            .filter(|m| m.role == Role::Superuser && a.users.contains_key(&m.name))
-            .map(|m| &m.name)
+        let supers: Vec<&String> = all
+            .iter()
+            .copied()
+            .filter(|n| members[*n].role == Role::Superuser)
             .collect();
-        groups.extend(named(TEAM_GROUP, all.clone()));
-        groups.extend(named(SUPERUSERS_GROUP, supers));
+        groups.extend(named(TEAM_GROUP, &all));
+        groups.extend(named(SUPERUSERS_GROUP, &supers));
         let mut clients = Vec::new();
         for w in &self.config.workload {
             let admitted: Vec<&String> = all
@@ -209,7 +219,7 @@ impl Shell {
                 .copied()
                 .filter(|n| w.admits(n, members[*n].role == Role::Superuser))
                 .collect();
-            groups.extend(named(&workload_group(&w.name), admitted.clone()));
+            groups.extend(named(&workload_group(&w.name), &admitted));
             let Some(addr) = w.address else { continue };
             let mut seen: Vec<String> = admitted.iter().map(|n| (*n).clone()).collect();
             seen.extend([
@@ -217,23 +227,30 @@ impl Shell {
                 SUPERUSERS_GROUP.to_string(),
                 workload_group(&w.name),
             ]);
-            clients.push(json!({
-                "address": addr.to_string(), "workload": w.name,
-                "users": admitted, "groups": seen,
-            }));
+            clients.push(Client {
+                address: addr.into(),
+                workload: w.name.clone(),
+                users: admitted.iter().map(|n| (*n).clone()).collect(),
+                groups: seen,
+            });
         }
-        json!({
-            "base": base_dn(&self.config.name),
-            "users": users, "groups": groups, "clients": clients,
-        })
+        DirectorySpec {
+            base: base_dn(&self.config.name),
+            users,
+            groups,
+            clients,
+        }
     }
 
     /// Who has a live session, and whether the vault is locked.
-    fn directory_live(&self) -> Value {
-        let mut present: Vec<&str> = self.vault.sessions().map(|s| s.member.as_str()).collect();
+    fn directory_live(&self) -> Live {
+        let mut present: Vec<String> = self.vault.sessions().map(|s| s.member.clone()).collect();
         present.sort_unstable();
         present.dedup();
-        json!({"locked": self.vault.is_locked(), "present": present})
+        Live {
+            locked: self.vault.is_locked(),
+            present,
+        }
     }
 
     fn ldap(&mut self) -> Option<&mut LdapChild> {
