@@ -176,10 +176,10 @@ mod tests {
         assert_eq!(a["ok"], true);
         let a = obey(
             &s,
-            br#"{"cmd":"directory","spec":{"base":"dc=t","users":[{"name":"Bad","uid":1,"gid":1,"home":"/","shell":"/bin/sh"}],"groups":[],"clients":[]}}"#,
+            br#"{"cmd":"directory","spec":{"base":"dc=t","users":[{"name":"-bad","uid":1,"gid":1,"home":"/","shell":"/bin/sh"}],"groups":[],"clients":[]}}"#,
         );
         assert_eq!(a["ok"], true);
-        assert_eq!(a["failed"][0][0], "Bad");
+        assert_eq!(a["failed"][0][0], "-bad");
         let a = obey(
             &s,
             br#"{"cmd":"directory","spec":{"base":"","users":[],"groups":[],"clients":[]}}"#,

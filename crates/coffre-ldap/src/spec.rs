@@ -387,7 +387,7 @@ pub(crate) mod tests {
             base: "dc=team,dc=coffre".into(),
             users: vec![
                 user("alice", 1),
-                user("Bob", 2),
+                user("bob smith", 2),
                 bad_pw,
                 newline,
                 user("alice", 5),
@@ -406,7 +406,7 @@ pub(crate) mod tests {
         };
         let (d, failed) = Directory::new(spec).unwrap();
         let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["Bob", "carol", "dave", "alice", "vm", "vm"]);
+        assert_eq!(names, ["bob smith", "carol", "dave", "alice", "vm", "vm"]);
         assert!(d.accounts["carol"].verifier.is_none());
         assert!(
             d.knows("10.9.0.10".parse().unwrap()),

@@ -5,8 +5,8 @@
 //! name, one after the other, as nslcd asks (latency-bound, like a
 //! login).
 
-use coffre_ldap::spec::{Client, DirectorySpec, Group, Live, User};
 use coffre_ldap::Server;
+use coffre_ldap::spec::{Client, DirectorySpec, Group, Live, User};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -166,7 +166,15 @@ fn run(ca: &Path, port: u16, names: &Path, filter: &str) -> Duration {
         .env("LDAPRC", "/dev/null")
         .env("LDAPTLS_CACERT", ca)
         .env("LDAPTLS_REQCERT", "demand")
-        .args(["-x", "-LLL", "-H", &format!("ldaps://127.0.0.1:{port}"), "-b", BASE, "-f"])
+        .args([
+            "-x",
+            "-LLL",
+            "-H",
+            &format!("ldaps://127.0.0.1:{port}"),
+            "-b",
+            BASE,
+            "-f",
+        ])
         .arg(names)
         .arg(filter)
         .stdout(Stdio::piped())
@@ -178,7 +186,10 @@ fn run(ca: &Path, port: u16, names: &Path, filter: &str) -> Duration {
         "ldapsearch: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let found = String::from_utf8_lossy(&out.stdout).matches("\ndn: ").count() + 1;
+    let found = String::from_utf8_lossy(&out.stdout)
+        .matches("\ndn: ")
+        .count()
+        + 1;
     assert!(found >= 100, "only {found} entries found");
     elapsed
 }
@@ -192,7 +203,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[ignore = "survey: a benchmark against slapd (scripts/bench-directory)"]
 fn survey_directory_lookups_against_slapd() {
     coffre_testkit::require(&[coffre_testkit::Need::LdapClient]);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ldap-survey-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ldap-survey-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -208,7 +220,11 @@ fn survey_directory_lookups_against_slapd() {
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
-    let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
     std::fs::write(&ca_file, ca.pem()).unwrap();
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
@@ -245,7 +261,10 @@ fn survey_directory_lookups_against_slapd() {
     );
     for (what, filter) in [
         ("passwd by name  ", "(&(objectClass=posixAccount)(uid=%s))"),
-        ("groups of a user", "(&(objectClass=posixGroup)(memberUid=%s))"),
+        (
+            "groups of a user",
+            "(&(objectClass=posixGroup)(memberUid=%s))",
+        ),
     ] {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         run(&ca_file, coffre_port, &names, filter);
@@ -256,7 +275,9 @@ fn survey_directory_lookups_against_slapd() {
         }
         let (o, t) = (median(ours.clone()), median(theirs.clone()));
         let spread = |v: &[f64]| {
-            let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, 0f64), |(a, b), x| (a.min(*x), b.max(*x)));
             format!("{lo:.0}-{hi:.0}")
         };
         println!(
