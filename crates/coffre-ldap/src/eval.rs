@@ -86,6 +86,11 @@ const SCHEMA: &[(&str, &str, Syntax)] = &[
 /// description, or `None` for one this server does not know (options
 /// such as `;binary` included: none of ours has any).
 pub fn attribute(desc: &str) -> Option<(&'static str, &'static str, Syntax)> {
+    // The common case without an allocation: a name of ours, any case.
+    let t = desc.trim();
+    if let Some(&(c, n, s)) = SCHEMA.iter().find(|(c, _, _)| c.eq_ignore_ascii_case(t)) {
+        return Some((c, n, s));
+    }
     let canon = crate::dn::canonical_attr(desc)?;
     SCHEMA
         .iter()
@@ -213,9 +218,25 @@ fn parse_int(s: &str) -> Option<i128> {
     t.parse().ok()
 }
 
+/// Whether `t` folds to itself but for ASCII case: ASCII, no space at
+/// either end, no two in a row.
+fn plain(t: &str) -> bool {
+    t.is_ascii() && !t.starts_with(' ') && !t.ends_with(' ') && !t.contains("  ")
+}
+
+/// caseIgnore equality; without an allocation in the common case (every
+/// value this server holds is plain ASCII).
+fn fold_eq(x: &str, v: &str) -> bool {
+    if plain(x) && plain(v) {
+        x.eq_ignore_ascii_case(v)
+    } else {
+        fold(x) == fold(v)
+    }
+}
+
 fn equal(s: Syntax, x: &str, v: &str) -> Option<bool> {
     match s {
-        Syntax::CaseIgnore => Some(fold(x) == fold(v)),
+        Syntax::CaseIgnore => Some(fold_eq(x, v)),
         Syntax::CaseExact => Some(x == v),
         Syntax::Integer => Some(parse_int(x)? == parse_int(v)?),
     }
@@ -473,6 +494,14 @@ mod tests {
     }
 
     proptest! {
+        /// The allocation-free equality is caseIgnore's, spaces and
+        /// non-ASCII included.
+        #[test]
+        fn fold_eq_is_folded_equality(x in "[ aAbBéÉ1]{0,8}", v in "[ aAbBéÉ1]{0,8}") {
+            prop_assert_eq!(super::fold_eq(&x, &v), fold(&x) == fold(&v));
+            prop_assert!(super::fold_eq(&x, &x.to_uppercase()) || !x.is_ascii());
+        }
+
         /// De Morgan holds in three values, and `!!f` is `f`.
         #[test]
         fn de_morgan(a in arb_filter(), b in arb_filter()) {

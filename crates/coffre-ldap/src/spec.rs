@@ -186,6 +186,9 @@ pub struct Directory {
     pub(crate) accounts: BTreeMap<String, User>,
     pub(crate) groups: BTreeMap<String, Group>,
     pub(crate) views: HashMap<IpAddr, View>,
+    /// Each client's tree, built once per directory (a search reads it,
+    /// never rebuilds it).
+    pub(crate) trees: HashMap<IpAddr, std::sync::Arc<crate::tree::Tree>>,
 }
 
 impl fmt::Debug for Directory {
@@ -212,6 +215,7 @@ impl Directory {
             accounts: BTreeMap::new(),
             groups: BTreeMap::new(),
             views: HashMap::new(),
+            trees: HashMap::new(),
         }
     }
 
@@ -295,15 +299,19 @@ impl Directory {
             }
             views.insert(ip, view);
         }
-        Ok((
-            Self {
-                base,
-                accounts,
-                groups,
-                views,
-            },
-            failed,
-        ))
+        let mut d = Self {
+            base,
+            accounts,
+            groups,
+            views,
+            trees: HashMap::new(),
+        };
+        d.trees = d
+            .views
+            .keys()
+            .filter_map(|ip| Some((*ip, std::sync::Arc::new(d.build_tree(*ip)?))))
+            .collect();
+        Ok((d, failed))
     }
 
     /// Whether a connection from `ip` is served.

@@ -57,8 +57,14 @@ pub fn root_dse(base: &Dn) -> Entry {
 }
 
 impl Directory {
-    /// The tree a connection from `ip` sees (`None`: no such client).
-    pub fn tree(&self, ip: IpAddr) -> Option<Tree> {
+    /// The tree a connection from `ip` sees (`None`: no such client),
+    /// as built when the directory came.
+    pub fn tree(&self, ip: IpAddr) -> Option<std::sync::Arc<Tree>> {
+        self.trees.get(&canonical_ip(ip)).cloned()
+    }
+
+    /// Builds the tree a connection from `ip` sees.
+    pub(crate) fn build_tree(&self, ip: IpAddr) -> Option<Tree> {
         let view = self.views.get(&canonical_ip(ip))?;
         let base = &self.base;
         let first = base.0.first().map(|r| r.value.clone()).unwrap_or_default();
