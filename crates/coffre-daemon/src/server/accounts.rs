@@ -76,9 +76,16 @@ fn group_ids(text: &str) -> std::collections::BTreeSet<u32> {
 
 /// Whether the host has a user or a group with this id (NSS for users,
 /// `/etc/group` for groups).
+/// `/etc/group` is read at the first question, not before: most
+/// reconciliations give no number and ask none.
 pub(crate) fn host_uses() -> impl Fn(u32) -> bool {
-    let groups = group_ids(&std::fs::read_to_string("/etc/group").unwrap_or_default());
-    move |id| groups.contains(&id) || matches!(coffre_sys::child::user_by_uid(id), Ok(Some(_)))
+    let groups = std::cell::OnceCell::new();
+    move |id| {
+        groups
+            .get_or_init(|| group_ids(&std::fs::read_to_string("/etc/group").unwrap_or_default()))
+            .contains(&id)
+            || matches!(coffre_sys::child::user_by_uid(id), Ok(Some(_)))
+    }
 }
 
 /// At start, before anything is served: checks the range against the

@@ -263,6 +263,10 @@ pub fn network(cmd: NetworkCommand) -> Result<u8> {
                 s(&n["table"])
             );
             println!("egress:  {}", list(&n["egress"]));
+            println!(
+                "every workload reaches the vault's directory at {} (tcp/389 with StartTLS, tcp/636 LDAPS); nothing else of the host",
+                s(&n["gateway"])
+            );
             for w in n["workloads"].as_array().into_iter().flatten() {
                 let members = match &w["members"] {
                     serde_json::Value::String(t) => t.clone(),
