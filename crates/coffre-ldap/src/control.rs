@@ -17,7 +17,7 @@ use crate::server::Server;
 use crate::spec::{DirectorySpec, Live};
 use serde::Deserialize;
 use serde_json::json;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,7 +57,8 @@ pub fn run(sockets: [TcpListener; 2]) -> io::Result<()> {
     let mut out = io::stdout().lock();
     let mut pending = Zeroizing::new(Vec::<u8>::new());
     loop {
-        let Some(line) = next_line(&mut stdin, &mut pending)? else {
+        let Some(line) = coffre_sys::lines::next_secret_line(&mut stdin, &mut pending, 16 << 20)?
+        else {
             return Ok(());
         };
         let answer = obey(&server, &line);
@@ -116,55 +117,9 @@ pub fn obey(server: &Server, line: &[u8]) -> serde_json::Value {
     }
 }
 
-/// The next line of `src` (without its newline), or `None` at the end.
-/// What was read past it stays in `pending`; every buffer is wiped.
-fn next_line(
-    src: &mut impl Read,
-    pending: &mut Zeroizing<Vec<u8>>,
-) -> io::Result<Option<Zeroizing<Vec<u8>>>> {
-    loop {
-        if let Some(at) = pending.iter().position(|&b| b == b'\n') {
-            let line = Zeroizing::new(pending[..at].to_vec());
-            let rest = Zeroizing::new(pending[at + 1..].to_vec());
-            pending.zeroize();
-            pending.clear();
-            pending.extend_from_slice(&rest);
-            return Ok(Some(line));
-        }
-        let mut buf = Zeroizing::new([0u8; 4096]);
-        let n = src.read(&mut buf[..])?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if pending.len() + n > 16 << 20 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a command of over 16 MiB",
-            ));
-        }
-        // Grown by hand: a reallocation would leave the old copy behind.
-        let mut grown = Zeroizing::new(Vec::with_capacity((pending.len() + n) * 2));
-        grown.extend_from_slice(pending);
-        grown.extend_from_slice(&buf[..n]);
-        *pending = grown;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_are_split_whatever_the_reads_bring() {
-        let mut src: &[u8] = b"{\"cmd\":\"events\"}\n{\"cmd\":\"ev";
-        let mut pending = Zeroizing::new(Vec::new());
-        let first = next_line(&mut src, &mut pending).unwrap().unwrap();
-        assert_eq!(&first[..], b"{\"cmd\":\"events\"}");
-        assert!(next_line(&mut src, &mut pending).unwrap().is_none());
-        let mut more: &[u8] = b"ents\"}\n";
-        let second = next_line(&mut more, &mut pending).unwrap().unwrap();
-        assert_eq!(&second[..], b"{\"cmd\":\"events\"}");
-    }
 
     #[test]
     fn commands_are_obeyed_and_bad_ones_say_so() {

@@ -22,7 +22,7 @@ use crate::handle::HandleKey;
 use crate::server::{Server, Sockets};
 use serde::Deserialize;
 use serde_json::json;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroize;
@@ -106,7 +106,8 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
     let mut out = io::stdout().lock();
     let mut pending = zeroize::Zeroizing::new(Vec::<u8>::new());
     loop {
-        let Some(line) = next_line(&mut stdin, &mut pending)? else {
+        let Some(line) = coffre_sys::lines::next_secret_line(&mut stdin, &mut pending, 1 << 20)?
+        else {
             return Ok(());
         };
         let answer = match serde_json::from_slice::<Command>(&line) {
@@ -147,57 +148,9 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
     }
 }
 
-/// The next line of `src` (without its newline), or `None` at the end.
-/// What was read past it stays in `pending`; every buffer is wiped.
-fn next_line(
-    src: &mut impl Read,
-    pending: &mut zeroize::Zeroizing<Vec<u8>>,
-) -> io::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
-    loop {
-        if let Some(at) = pending.iter().position(|&b| b == b'\n') {
-            let line = zeroize::Zeroizing::new(pending[..at].to_vec());
-            let rest = pending[at + 1..].to_vec();
-            pending.zeroize();
-            pending.clear();
-            pending.extend_from_slice(&rest);
-            let mut rest = rest;
-            rest.zeroize();
-            return Ok(Some(line));
-        }
-        let mut buf = zeroize::Zeroizing::new([0u8; 4096]);
-        let n = src.read(&mut buf[..])?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if pending.len() + n > 1 << 20 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a command of over 1 MiB",
-            ));
-        }
-        // Grown by hand: a reallocation would leave the old copy behind.
-        let mut grown = zeroize::Zeroizing::new(Vec::with_capacity((pending.len() + n) * 2));
-        grown.extend_from_slice(pending);
-        grown.extend_from_slice(&buf[..n]);
-        *pending = grown;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_are_split_whatever_the_reads_bring() {
-        let mut src: &[u8] = b"{\"cmd\":\"close\"}\n{\"cmd\":\"st";
-        let mut pending = zeroize::Zeroizing::new(Vec::new());
-        let first = next_line(&mut src, &mut pending).unwrap().unwrap();
-        assert_eq!(&first[..], b"{\"cmd\":\"close\"}");
-        assert!(next_line(&mut src, &mut pending).unwrap().is_none());
-        let mut more: &[u8] = b"ats\"}\n";
-        let second = next_line(&mut more, &mut pending).unwrap().unwrap();
-        assert_eq!(&second[..], b"{\"cmd\":\"stats\"}");
-    }
 
     #[test]
     fn keys_are_64_hex_digits() {

@@ -16,6 +16,7 @@ pub mod caller;
 pub mod child;
 pub mod fs;
 pub mod handle;
+pub mod lines;
 pub mod locked;
 pub mod proc;
 pub mod time;
