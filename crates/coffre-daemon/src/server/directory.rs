@@ -108,20 +108,7 @@ impl LdapChild {
         let v = self
             .helper
             .command(&json!({"cmd": "directory", "spec": spec}))?;
-        Ok(v["failed"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|f| {
-                        format!(
-                            "{}: {}",
-                            f[0].as_str().unwrap_or("?"),
-                            f[1].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(helper::failures(&v))
     }
 
     /// Kills the process (the daemon stops).

@@ -175,3 +175,21 @@ fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<String>) {
         }
     }
 }
+
+/// A helper's `"failed": [[what, why]...]`, as lines `what: why`.
+pub(super) fn failures(v: &Value) -> Vec<String> {
+    v["failed"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    format!(
+                        "{}: {}",
+                        f[0].as_str().unwrap_or("?"),
+                        f[1].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -11,7 +11,7 @@
 //! vault is open, the key again.
 
 use super::Shell;
-use super::helper::Helper;
+use super::helper::{Helper, failures};
 use coffre_nfs::{ExportSpec, HandleKey};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -157,23 +157,6 @@ impl NfsChild {
     pub(super) fn stop(&mut self) {
         self.helper.stop();
     }
-}
-
-fn failures(v: &Value) -> Vec<String> {
-    v["failed"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|f| {
-                    format!(
-                        "{}: {}",
-                        f[0].as_str().unwrap_or("?"),
-                        f[1].as_str().unwrap_or("?")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The exports of `config`: one per workload with a `share` and an
