@@ -64,6 +64,21 @@ fn issuer(vault: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, Pki
     Ok(Issuer::new(ca_params(vault)?, key))
 }
 
+/// `p` with a new key `key`, signed by the vault's CA.
+fn signed(
+    p: &CertificateParams,
+    key: KeyPair,
+    vault: &str,
+    ca_key_pem: &str,
+) -> Result<Issued, PkiError> {
+    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// Issues the server certificate (DNS name [`SERVER_NAME`] and `localhost`).
 pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
@@ -76,12 +91,7 @@ pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError
     p.distinguished_name
         .push(DnType::CommonName, format!("coffre server {vault}"));
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
-    Ok(Issued {
-        fingerprint: fingerprint(cert.der()),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    signed(&p, key, vault, ca_key_pem)
 }
 
 /// Issues the VPN gateway's certificate (OpenVPN server): common name
@@ -97,12 +107,7 @@ pub fn new_gateway_cert(vault: &str, ca_key_pem: &str, cn: &str) -> Result<Issue
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyAgreement,
     ];
-    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
-    Ok(Issued {
-        fingerprint: fingerprint(cert.der()),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    signed(&p, key, vault, ca_key_pem)
 }
 
 /// Issues the vault directory's certificate (the LDAP server for the
@@ -122,12 +127,7 @@ pub fn new_directory_cert(
         format!("coffre directory {vault} {addr}"),
     );
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
-    Ok(Issued {
-        fingerprint: fingerprint(cert.der()),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    signed(&p, key, vault, ca_key_pem)
 }
 
 /// Signs a joining member's certificate request: their key pair was made
@@ -173,12 +173,7 @@ pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Is
     p.distinguished_name
         .push(DnType::CommonName, member.to_string());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
-    Ok(Issued {
-        fingerprint: fingerprint(cert.der()),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    signed(&p, key, vault, ca_key_pem)
 }
 
 /// The SHA-256 fingerprint of the first certificate in `pem`.
