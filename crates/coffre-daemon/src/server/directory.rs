@@ -36,6 +36,8 @@ pub(super) struct LdapChild {
     pub(super) addr: Ipv4Addr,
     /// Bind records waiting: key → (last written, counted since).
     binds: BTreeMap<(String, String, String), (u64, u64)>,
+    /// Its counters, as of the last tick.
+    stats: Value,
 }
 
 impl LdapChild {
@@ -72,6 +74,7 @@ impl LdapChild {
             live: None,
             addr,
             binds: BTreeMap::new(),
+            stats: Value::Null,
         })
     }
 
@@ -309,6 +312,7 @@ impl Shell {
         let Ok(v) = l.helper.command(&json!({"cmd": "events"})) else {
             return;
         };
+        l.stats = v["stats"].clone();
         let now = now_ms().0;
         let mut records = Vec::new();
         for ev in v["events"].as_array().into_iter().flatten() {
@@ -385,6 +389,7 @@ impl Shell {
             "address": l.addr.to_string(),
             "base": base_dn(&self.config.name),
             "ldaps": format!("ldaps://{}/", l.addr),
+            "stats": l.stats,
         })
     }
 }

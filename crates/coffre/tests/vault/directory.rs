@@ -357,6 +357,21 @@ fn workloads_find_their_members_in_the_vaults_directory() {
     assert_eq!(values(team_entry, "gidNumber"), [team.to_string()]);
     assert_eq!(values(team_entry, "memberUid"), ["alice"]);
     assert!(!format!("{groups:?}").contains("bob"), "{groups:?}");
+    // `coffre status` says where it is and what it served.
+    let text = v.cli("alice", &["status"]);
+    ok(&text);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "directory: ldaps://10.9.0.1/ and ldap://10.9.0.1/ with StartTLS, base {base}, for the workloads; server pid"
+        )),
+        "{text}"
+    );
+    wait_for(
+        "the server's counters in status",
+        Duration::from_secs(5),
+        || v.status("alice")["directory"]["stats"]["searches"].as_u64() >= Some(6),
+    );
     // Without TLS: refused.
     let plain = ldap_tool(
         &na,

@@ -99,7 +99,12 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                 }
                 let dir = &v["directory"];
                 if let Some(addr) = dir["ldaps"].as_str() {
+                    let st = &dir["stats"];
                     let server = match dir["pid"].as_u64() {
+                        Some(pid) if st.is_object() => format!(
+                            "server pid {pid}: {} connection(s), {} search(es), {} bind(s), {} from unknown addresses refused",
+                            st["connections"], st["searches"], st["binds"], st["refused_addresses"]
+                        ),
                         Some(pid) => format!("server pid {pid}"),
                         None => "server not running".into(),
                     };
