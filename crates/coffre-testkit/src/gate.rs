@@ -67,6 +67,10 @@ pub enum Need {
     /// nslcd and its NSS module (nslcd, libnss-ldapd), to resolve names
     /// from an LDAP server the way a workload does.
     Nslcd,
+    /// OpenLDAP's server (`slapd`, `slapadd`; slapd) with its schemas and
+    /// the mdb and ppolicy modules, started by tests on loopback as the
+    /// organisation's directory.
+    Slapd,
 }
 
 impl Need {
@@ -88,6 +92,7 @@ impl Need {
         Need::NfsClient,
         Need::LdapClient,
         Need::Nslcd,
+        Need::Slapd,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -161,6 +166,35 @@ impl Need {
                     )
                 }
             }),
+            Need::Slapd => command("slapd", "slapd")
+                .and_then(|()| command("slapadd", "slapd"))
+                .and_then(|()| {
+                    let missing: Vec<&str> = [
+                        "/etc/ldap/schema/core.schema",
+                        "/etc/ldap/schema/cosine.schema",
+                        "/etc/ldap/schema/nis.schema",
+                        "/etc/ldap/schema/inetorgperson.schema",
+                    ]
+                    .into_iter()
+                    .filter(|p| !Path::new(p).exists())
+                    .collect();
+                    if !missing.is_empty() {
+                        return Err(format!(
+                            "slapd's schemas: missing {} (apt-get install slapd)",
+                            missing.join(", ")
+                        ));
+                    }
+                    let module = |name: &str| {
+                        ["/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/ldap"]
+                            .iter()
+                            .any(|d| Path::new(d).join(name).exists())
+                    };
+                    if module("back_mdb.so") && module("ppolicy.so") {
+                        Ok(())
+                    } else {
+                        Err("slapd's modules: no back_mdb.so and ppolicy.so in /usr/lib/ldap (apt-get install slapd)".into())
+                    }
+                }),
         }
     }
 }
