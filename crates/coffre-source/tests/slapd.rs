@@ -1,0 +1,655 @@
+//! [`LdapDirectory`] against a real OpenLDAP server.
+//!
+//! Each test starts its own slapd on loopback (back_mdb, the ppolicy
+//! overlay, the core, cosine, nis and inetorgperson schemas), with its own
+//! CA and certificate for 127.0.0.1, listening on ldap:// (for StartTLS)
+//! and ldaps://, loaded with slapadd; the guard kills it by PID. slapd
+//! runs with `-d 256` (stats), so its log lists every search it answered:
+//! the tests count searches there as well as in the client's own counters.
+
+use coffre_source::config::{Flavour, Ids, SourceConfig};
+use coffre_source::{
+    Directory, Disabled, FakeDirectory, Found, LdapDirectory, Limits, Refusal, SourceError,
+};
+use coffre_testkit::Need;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+const NEEDS: &[Need] = &[Need::Slapd];
+const BASE: &str = "dc=example,dc=org";
+const PEOPLE: &str = "ou=people,dc=example,dc=org";
+const TEAM: &str = "cn=team,ou=groups,dc=example,dc=org";
+const ADMINS: &str = "cn=admins,ou=groups,dc=example,dc=org";
+const SERVICE: &str = "cn=coffre,ou=services,dc=example,dc=org";
+const SERVICE_PW: &str = "service secret";
+/// Accounts u00..u31, all in the team, for the re-check of everyone.
+const MANY: usize = 32;
+
+fn schema_dir() -> &'static str {
+    "/etc/ldap/schema"
+}
+
+fn module_dir() -> &'static str {
+    if Path::new("/usr/lib/ldap/back_mdb.so").exists() {
+        "/usr/lib/ldap"
+    } else {
+        "/usr/lib/x86_64-linux-gnu/ldap"
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn person(name: &str, number: u32, extra: &str) -> String {
+    person_in(name, number, PEOPLE, extra)
+}
+
+fn person_in(name: &str, number: u32, parent: &str, extra: &str) -> String {
+    format!(
+        "dn: uid={name},{parent}\nobjectClass: inetOrgPerson\nobjectClass: posixAccount\nobjectClass: shadowAccount\n\
+         uid: {name}\ncn: {name}\nsn: {name}\nuidNumber: {number}\ngidNumber: {number}\n\
+         homeDirectory: /home/{name}\nuserPassword: {name} password\n{extra}\n"
+    )
+}
+
+fn ldif() -> String {
+    let mut l = format!(
+        "dn: {BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+         dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n\
+         dn: ou=groups,{BASE}\nobjectClass: organizationalUnit\nou: groups\n\n\
+         dn: ou=services,{BASE}\nobjectClass: organizationalUnit\nou: services\n\n\
+         dn: ou=policies,{BASE}\nobjectClass: organizationalUnit\nou: policies\n\n\
+         dn: {SERVICE}\nobjectClass: person\ncn: coffre\nsn: coffre\nuserPassword: {SERVICE_PW}\n\n\
+         dn: cn=default,ou=policies,{BASE}\nobjectClass: person\nobjectClass: pwdPolicy\ncn: default\nsn: default\n\
+         pwdAttribute: userPassword\npwdLockout: TRUE\npwdMaxFailure: 3\n\n"
+    );
+    l += &person("alice", 70001, "");
+    l += "\n";
+    l += &person("bob", 70002, "");
+    l += "\n";
+    l += &person("carol", 70003, "");
+    l += "\n";
+    l += &person("dave", 70004, "pwdAccountLockedTime: 000001010000Z");
+    l += "\n";
+    l += &person("erin", 70005, "shadowExpire: 1");
+    l += "\n";
+    l += &person("frank", 70006, "");
+    l += "\n";
+    for i in 0..MANY {
+        l += &person(&format!("u{i:02}"), 71000 + u32::try_from(i).unwrap(), "");
+        l += "\n";
+    }
+    // Names more than one account has, in sub-units of people.
+    for ou in ["a", "b", "c"] {
+        l += &format!("dn: ou={ou},{PEOPLE}\nobjectClass: organizationalUnit\nou: {ou}\n\n");
+    }
+    for (n, ous) in [("twin", &["a", "b"][..]), ("trip", &["a", "b", "c"][..])] {
+        for (k, ou) in ous.iter().enumerate() {
+            l += &person_in(
+                n,
+                72000 + u32::try_from(k).unwrap(),
+                &format!("ou={ou},{PEOPLE}"),
+                "",
+            );
+            l += "\n";
+        }
+    }
+    l += &format!("dn: {TEAM}\nobjectClass: groupOfNames\ncn: team\n");
+    for n in ["alice", "bob", "dave", "erin"] {
+        l += &format!("member: uid={n},{PEOPLE}\n");
+    }
+    for i in 0..MANY {
+        l += &format!("member: UID=u{i:02}, ou=People,{BASE}\n");
+    }
+    l += &format!(
+        "\ndn: {ADMINS}\nobjectClass: posixGroup\ncn: admins\ngidNumber: 70100\nmemberUid: alice\nmemberUid: frank\n\n"
+    );
+    l
+}
+
+struct Slapd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    plain: u16,
+    ldaps: u16,
+    log: PathBuf,
+}
+
+impl Slapd {
+    fn start() -> Slapd {
+        coffre_testkit::require(NEEDS);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("db")).unwrap();
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "coffre-source test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
+
+        let s = schema_dir();
+        let conf = format!(
+            "include {s}/core.schema\ninclude {s}/cosine.schema\ninclude {s}/nis.schema\ninclude {s}/inetorgperson.schema\n\
+             modulepath {m}\nmoduleload back_mdb\nmoduleload ppolicy\n\
+             pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\n\
+             TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/cert.pem\nTLSCertificateKeyFile {d}/key.pem\n\
+             database mdb\nmaxsize 16777216\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin\ndirectory {d}/db\n\
+             overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{BASE}\"\n",
+            m = module_dir(),
+            d = d.display()
+        );
+        std::fs::write(d.join("slapd.conf"), conf).unwrap();
+        std::fs::write(d.join("init.ldif"), ldif()).unwrap();
+        let out = Command::new("slapadd")
+            .args(["-q", "-f"])
+            .arg(d.join("slapd.conf"))
+            .arg("-l")
+            .arg(d.join("init.ldif"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "slapadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut s = Slapd {
+            child: None,
+            plain: free_port(),
+            ldaps: free_port(),
+            log: d.join("slapd.log"),
+            dir,
+        };
+        s.run();
+        s
+    }
+
+    fn run(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("slapd")
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .arg("-h")
+            .arg(format!(
+                "ldap://127.0.0.1:{}/ ldaps://127.0.0.1:{}/",
+                self.plain, self.ldaps
+            ))
+            // -d: stay in the foreground (killed by PID), and log stats.
+            .args(["-d", "256"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.ldaps)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.plain)).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "slapd did not start: {}",
+                self.log_text()
+            );
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("slapd exited ({status}): {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Searches slapd logged whose line contains `needle` (without regard
+    /// to case: slapd writes escapes in upper case).
+    fn searches_with(&self, needle: &str) -> usize {
+        let needle = needle.to_ascii_lowercase();
+        self.log_text()
+            .to_ascii_lowercase()
+            .lines()
+            .filter(|l| l.contains(" srch base=") && l.contains(&needle))
+            .count()
+    }
+
+    fn config(&self, url: String, starttls: bool) -> SourceConfig {
+        SourceConfig {
+            url,
+            starttls,
+            ca_file: Some(self.dir.path().join("ca.pem")),
+            bind_dn: SERVICE.into(),
+            bind_password_file: "ldap.pw".into(),
+            people: PEOPLE.into(),
+            members_group: TEAM.into(),
+            superusers_group: Some(ADMINS.into()),
+            check_password: true,
+            recheck_s: 60,
+            max_stale_s: 3600,
+            ids: Ids::Vault,
+            flavour: Flavour::OpenLdap,
+        }
+    }
+
+    fn ldaps_config(&self) -> SourceConfig {
+        self.config(format!("ldaps://127.0.0.1:{}", self.ldaps), false)
+    }
+
+    fn directory(&self, config: SourceConfig) -> LdapDirectory {
+        LdapDirectory::with_password(
+            config,
+            self.dir.path(),
+            Zeroizing::new(SERVICE_PW.to_string()),
+            Limits::default(),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn account(rt: &tokio::runtime::Runtime, d: &LdapDirectory, name: &str) -> coffre_source::Account {
+    rt.block_on(d.lookup(name))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} not found"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn a_qualified_account_and_why_others_are_not() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+
+    let alice = account(&rt, &d, "alice");
+    assert_eq!(alice.dn, format!("uid=alice,{PEOPLE}"));
+    assert!(
+        alice.in_members_group && alice.in_superusers_group,
+        "{alice:?}"
+    );
+    assert_eq!(alice.disabled, None);
+    assert_eq!(
+        (alice.uid_number, alice.gid_number),
+        (Some(70001), Some(70001))
+    );
+    assert_eq!(alice.refusal(true), None);
+
+    let bob = account(&rt, &d, "bob");
+    assert_eq!(bob.refusal(false), None);
+    assert_eq!(bob.refusal(true), Some(Refusal::NotInSuperusersGroup));
+
+    // Not in the team; frank is a superuser by posixGroup memberUid alone.
+    assert_eq!(
+        account(&rt, &d, "carol").refusal(false),
+        Some(Refusal::NotInMembersGroup)
+    );
+    let frank = account(&rt, &d, "frank");
+    assert!(!frank.in_members_group && frank.in_superusers_group);
+
+    // Unknown.
+    assert_eq!(rt.block_on(d.lookup("zed")).unwrap(), None);
+
+    // Locked by ppolicy; expired by shadowExpire.
+    let dave = account(&rt, &d, "dave");
+    assert!(dave.in_members_group);
+    assert_eq!(
+        dave.disabled,
+        Some(Disabled::Locked {
+            since: "000001010000Z".into()
+        })
+    );
+    let erin = account(&rt, &d, "erin");
+    assert_eq!(erin.disabled, Some(Disabled::Expired { shadow_expire: 1 }));
+
+    // The same connection served them all.
+    assert_eq!(d.stats().connects, 1);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn a_name_several_accounts_have_is_nobody_s() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    let e = rt.block_on(d.lookup("twin")).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Ambiguous { entries: 2, .. }),
+        "{e}"
+    );
+    // Past the size limit of a lookup (2): as ambiguous.
+    let e = rt.block_on(d.lookup("trip")).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Ambiguous { entries: 3, .. }),
+        "{e}"
+    );
+    let names: Vec<String> = ["twin", "trip", "alice"].map(String::from).to_vec();
+    let f = rt.block_on(d.lookup_many(&names)).unwrap();
+    assert_eq!(f[0].1, Found::Ambiguous { entries: 2 });
+    assert_eq!(f[1].1, Found::Ambiguous { entries: 3 });
+    assert_eq!(f[2].1.refusal(true), None);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn filter_metacharacters_find_nothing_and_break_nothing() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    for name in [
+        "*)(uid=*",
+        "*",
+        "alice)(uid=*",
+        "a*",
+        "alice\\",
+        "(|(uid=*))",
+        "alice\0",
+        "*)(|(objectClass=*",
+    ] {
+        assert_eq!(rt.block_on(d.lookup(name)).unwrap(), None, "{name:?}");
+    }
+    let names: Vec<String> = ["*)(uid=*", "*", "alice"].map(String::from).to_vec();
+    let f = rt.block_on(d.lookup_many(&names)).unwrap();
+    assert_eq!(f[0].1, Found::NoAccount);
+    assert_eq!(f[1].1, Found::NoAccount);
+    assert!(matches!(f[2].1, Found::Account(_)));
+    // What reached slapd was escaped.
+    assert!(
+        slapd.searches_with("(uid=\\2a\\29\\28uid=\\2a)") >= 1,
+        "{}",
+        slapd.log_text()
+    );
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn passwords_right_wrong_empty_and_locked() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    let alice = account(&rt, &d, "alice");
+    let binds = d.stats().binds;
+    assert!(
+        rt.block_on(d.check_password(&alice.dn, "alice password"))
+            .unwrap()
+    );
+    assert!(
+        !rt.block_on(d.check_password(&alice.dn, "alice passwor"))
+            .unwrap()
+    );
+    assert_eq!(d.stats().binds, binds + 2);
+    let before = d.stats();
+    assert!(!rt.block_on(d.check_password(&alice.dn, "")).unwrap());
+    assert!(!rt.block_on(d.check_password("", "alice password")).unwrap());
+    assert_eq!(d.stats(), before, "an empty password sends nothing");
+    // ppolicy refuses the locked account's right password.
+    let dave = account(&rt, &d, "dave");
+    assert!(
+        !rt.block_on(d.check_password(&dave.dn, "dave password"))
+            .unwrap()
+    );
+    // The shared connection is still the service account's.
+    assert!(rt.block_on(d.lookup("bob")).unwrap().is_some());
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn lookup_many_is_one_search_for_all_accounts() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    let mut names: Vec<String> = (0..MANY).map(|i| format!("u{i:02}")).collect();
+    names.push("carol".into());
+    names.push("nobody".into());
+    // Warm: the connection and bind are not what is measured.
+    rt.block_on(d.lookup("alice")).unwrap();
+    let before = d.stats();
+    let logged = slapd.searches_with("(|(uid=");
+    let f = rt.block_on(d.lookup_many(&names)).unwrap();
+    let after = d.stats();
+    assert_eq!(f.len(), MANY + 2);
+    for (i, (name, found)) in f.iter().take(MANY).enumerate() {
+        assert_eq!(name, &format!("u{i:02}"));
+        let Found::Account(a) = found else {
+            panic!("{name}: {found:?}")
+        };
+        assert_eq!(a.refusal(false), None, "{name}");
+        assert_eq!(a.uid_number, Some(71000 + u32::try_from(i).unwrap()));
+    }
+    assert_eq!(f[MANY].1.refusal(false), Some(Refusal::NotInMembersGroup));
+    assert_eq!(f[MANY + 1].1, Found::NoAccount);
+    // One search for the accounts, one read of each group entry.
+    assert_eq!(after.searches - before.searches, 3);
+    assert_eq!(after.connects, before.connects);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        slapd.searches_with("(|(uid=") - logged,
+        1,
+        "{}",
+        slapd.log_text()
+    );
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn starttls_and_an_untrusted_certificate() {
+    let slapd = Slapd::start();
+    let rt = rt();
+    let d = slapd.directory(slapd.config(format!("ldap://127.0.0.1:{}", slapd.plain), true));
+    assert!(account(&rt, &d, "alice").in_members_group);
+    assert!(
+        slapd.log_text().contains("EXT oid=1.3.6.1.4.1.1466.20037"),
+        "StartTLS was used"
+    );
+
+    // Another CA: refused as TLS, not as unreachable.
+    let other = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(
+        other.path().join("ca.pem"),
+        p.self_signed(&key).unwrap().pem(),
+    )
+    .unwrap();
+    let mut c = slapd.ldaps_config();
+    c.ca_file = Some(other.path().join("ca.pem"));
+    let d = slapd.directory(c);
+    let e = rt.block_on(d.lookup("alice")).unwrap_err();
+    assert!(matches!(e, SourceError::Tls { .. }), "{e}");
+    assert!(e.is_unreachable());
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn a_wrong_service_password_says_so_without_saying_it() {
+    let slapd = Slapd::start();
+    let d = LdapDirectory::with_password(
+        slapd.ldaps_config(),
+        slapd.dir.path(),
+        Zeroizing::new("not the service secret".into()),
+        Limits::default(),
+    )
+    .unwrap();
+    let e = rt().block_on(d.lookup("alice")).unwrap_err();
+    assert!(
+        matches!(e, SourceError::ServiceBind { code: 49, .. }),
+        "{e}"
+    );
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("not the service secret"), "{text}");
+    assert!(text.contains("bind_password_file"));
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn unreachable_quickly_and_back_after_a_restart() {
+    let mut slapd = Slapd::start();
+    let rt = rt();
+    let limits = Limits {
+        connect: Duration::from_millis(500),
+        operation: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let d = LdapDirectory::with_password(
+        slapd.ldaps_config(),
+        slapd.dir.path(),
+        Zeroizing::new(SERVICE_PW.into()),
+        limits,
+    )
+    .unwrap();
+    assert!(account(&rt, &d, "alice").in_members_group);
+
+    // The server goes away: the next lookup says unreachable, at once.
+    slapd.stop();
+    let t = Instant::now();
+    let e = rt.block_on(d.lookup("alice")).unwrap_err();
+    assert!(matches!(e, SourceError::Unreachable { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // Back on the same port: a fresh connection, no restart of ours.
+    slapd.run();
+    assert!(account(&rt, &d, "alice").in_members_group);
+    assert!(d.stats().connects >= 2);
+
+    // A port nobody listens on, and one that accepts and never answers.
+    let mut c = slapd.ldaps_config();
+    c.url = format!("ldaps://127.0.0.1:{}", free_port());
+    let closed = LdapDirectory::with_password(
+        c.clone(),
+        slapd.dir.path(),
+        Zeroizing::new("x".into()),
+        limits,
+    )
+    .unwrap();
+    let t = Instant::now();
+    assert!(
+        rt.block_on(closed.lookup("alice"))
+            .unwrap_err()
+            .is_unreachable()
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    c.url = format!("ldaps://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let mute =
+        LdapDirectory::with_password(c, slapd.dir.path(), Zeroizing::new("x".into()), limits)
+            .unwrap();
+    let t = Instant::now();
+    let e = rt
+        .block_on(mute.lookup_many(&["alice".into()]))
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Unreachable { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(silent);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn a_missing_group_is_a_configuration_error() {
+    let slapd = Slapd::start();
+    let mut c = slapd.ldaps_config();
+    c.members_group = format!("cn=nope,ou=groups,{BASE}");
+    let d = slapd.directory(c);
+    let rt = rt();
+    let e = rt.block_on(d.lookup("alice")).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Config(m) if m.contains("members_group")),
+        "{e}"
+    );
+    let e = rt.block_on(d.lookup_many(&["alice".into()])).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Config(m) if m.contains("members_group")),
+        "{e}"
+    );
+}
+
+/// Benchmark (a survey, not a test: `scripts/bench-source` runs it;
+/// `scripts/test` skips it): what a re-check of everyone costs, 32 real
+/// accounts on slapd (over LDAPS, the connection warm) against the same
+/// 32 looked up one by one, same run; and 1,000 synthetic ones on the
+/// fake (the cost of this crate's own work, without a network).
+#[test]
+#[ignore = "system: slapd (benchmark)"]
+fn survey_lookup_many() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    let names: Vec<String> = (0..MANY).map(|i| format!("u{i:02}")).collect();
+    rt.block_on(d.lookup_many(&names)).unwrap();
+    let rounds = 50;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let f = rt.block_on(d.lookup_many(&names)).unwrap();
+        assert_eq!(f.len(), MANY);
+    }
+    let many = t.elapsed() / rounds;
+    let t = Instant::now();
+    for _ in 0..5 {
+        for n in &names {
+            rt.block_on(d.lookup(n)).unwrap().unwrap();
+        }
+    }
+    let singly = t.elapsed() / 5;
+    println!(
+        "bench: slapd lookup_many({MANY}) {many:?} per re-check; {MANY} lookups one by one {singly:?} (ratio {:.1}x)",
+        singly.as_secs_f64() / many.as_secs_f64()
+    );
+
+    let fake = FakeDirectory::new();
+    let names: Vec<String> = (0..1000).map(|i| format!("m{i:04}")).collect();
+    for n in &names {
+        fake.add(n, None);
+        fake.set_member(n, true);
+    }
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let f = rt.block_on(fake.lookup_many(&names)).unwrap();
+        assert!(f.iter().all(|(_, f)| f.refusal(false).is_none()));
+    }
+    println!(
+        "bench: fake lookup_many(1000) {:?} per re-check",
+        t.elapsed() / rounds
+    );
+}
