@@ -195,8 +195,10 @@ impl Slapd {
             .arg(d.join("slapd.conf"))
             .arg("-h")
             .arg(format!(
-                "ldap://127.0.0.1:{}/ ldaps://127.0.0.1:{}/",
-                self.plain, self.ldaps
+                "ldap://127.0.0.1:{}/ ldaps://127.0.0.1:{}/ {}",
+                self.plain,
+                self.ldaps,
+                self.ldapi_url()
             ))
             // -d: stay in the foreground (killed by PID), and log stats.
             .args(["-d", "256"])
@@ -209,6 +211,7 @@ impl Slapd {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.ldaps)).is_err()
             || std::net::TcpStream::connect(("127.0.0.1", self.plain)).is_err()
+            || !d.join("ldapi").exists()
         {
             assert!(
                 Instant::now() < deadline,
@@ -220,6 +223,12 @@ impl Slapd {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The Unix socket's URL, the path percent-encoded as host.
+    fn ldapi_url(&self) -> String {
+        let path = self.dir.path().join("ldapi");
+        format!("ldapi://{}", path.display().to_string().replace('/', "%2F"))
     }
 
     fn stop(&mut self) {
@@ -467,6 +476,61 @@ fn lookup_many_is_one_search_for_all_accounts() {
     assert_eq!(
         slapd.searches_with("(|(uid=") - logged,
         1,
+        "{}",
+        slapd.log_text()
+    );
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn pages_of_five() {
+    let slapd = Slapd::start();
+    let limits = Limits {
+        page_size: 5,
+        ..Limits::default()
+    };
+    let d = LdapDirectory::with_password(
+        slapd.ldaps_config(),
+        slapd.dir.path(),
+        Zeroizing::new(SERVICE_PW.into()),
+        limits,
+    )
+    .unwrap();
+    let rt = rt();
+    let mut names: Vec<String> = (0..MANY).map(|i| format!("u{i:02}")).collect();
+    names.push("carol".into());
+    names.push("nobody".into());
+    let before = d.stats();
+    let f = rt.block_on(d.lookup_many(&names)).unwrap();
+    // 33 accounts match: 6 pages of 5 and one of 3, each a request.
+    assert_eq!(d.stats().searches - before.searches, 7 + 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(slapd.searches_with("(|(uid="), 7, "{}", slapd.log_text());
+    assert!(
+        f.iter().take(MANY).all(|(_, f)| f.refusal(false).is_none()),
+        "{f:?}"
+    );
+    assert_eq!(f[MANY].1.refusal(false), Some(Refusal::NotInMembersGroup));
+    assert_eq!(f[MANY + 1].1, Found::NoAccount);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn over_a_unix_socket() {
+    let slapd = Slapd::start();
+    let mut c = slapd.config(slapd.ldapi_url(), false);
+    c.ca_file = None;
+    let d = slapd.directory(c);
+    let rt = rt();
+    let alice = account(&rt, &d, "alice");
+    assert!(alice.in_members_group && alice.in_superusers_group);
+    assert!(
+        rt.block_on(d.check_password(&alice.dn, "alice password"))
+            .unwrap()
+    );
+    assert!(!rt.block_on(d.check_password(&alice.dn, "nope")).unwrap());
+    assert!(
+        slapd.log_text().contains("ACCEPT from PATH="),
         "{}",
         slapd.log_text()
     );
