@@ -400,6 +400,14 @@ mod tests {
         }
 
         #[test]
+        fn any_string_parses_or_not_without_panic(s in "\\PC{0,40}|[a-z=,+\\\\# \"0-9a-f]{0,40}") {
+            let _ = parse_dn(&s);
+            if let Some(n) = normalise_dn(&s) {
+                prop_assert_eq!(normalise_dn(&n), Some(n.clone()));
+            }
+        }
+
+        #[test]
         fn normalising_is_idempotent(s in "\\PC{0,12}") {
             let dn = format!("cn={},dc=x", dn_value(&s));
             let n = normalise_dn(&dn).expect("parses");

@@ -87,6 +87,12 @@ fn ldif() -> String {
         l += &person(&format!("u{i:02}"), 71000 + u32::try_from(i).unwrap(), "");
         l += "\n";
     }
+    // A continuation reference inside people: every subtree search there
+    // answers it, and it must be ignored, never chased.
+    l += &format!(
+        "dn: ou=elsewhere,{PEOPLE}\nobjectClass: referral\nobjectClass: extensibleObject\nou: elsewhere\n\
+         ref: ldap://elsewhere.invalid/ou=people,dc=example,dc=org\n\n"
+    );
     // Names more than one account has, in sub-units of people.
     for ou in ["a", "b", "c"] {
         l += &format!("dn: ou={ou},{PEOPLE}\nobjectClass: organizationalUnit\nou: {ou}\n\n");
@@ -151,7 +157,7 @@ impl Slapd {
         let conf = format!(
             "include {s}/core.schema\ninclude {s}/cosine.schema\ninclude {s}/nis.schema\ninclude {s}/inetorgperson.schema\n\
              modulepath {m}\nmoduleload back_mdb\nmoduleload ppolicy\n\
-             pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\n\
+             pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nreferral ldap://elsewhere.invalid/\n\
              TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/cert.pem\nTLSCertificateKeyFile {d}/key.pem\n\
              database mdb\nmaxsize 16777216\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin\ndirectory {d}/db\n\
              overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{BASE}\"\n",
@@ -647,6 +653,58 @@ fn unreachable_quickly_and_back_after_a_restart() {
     assert!(matches!(e, SourceError::Unreachable { .. }), "{e}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     drop(silent);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn referrals_are_never_chased() {
+    let slapd = Slapd::start();
+    let rt = rt();
+    // people holds a reference to another server: ignored.
+    let d = slapd.directory(slapd.ldaps_config());
+    assert!(account(&rt, &d, "alice").in_members_group);
+    assert_eq!(rt.block_on(d.lookup("zed")).unwrap(), None);
+    let f = rt
+        .block_on(d.lookup_many(&["alice".into(), "zed".into()]))
+        .unwrap();
+    assert!(matches!(f[0].1, Found::Account(_)) && f[1].1 == Found::NoAccount);
+    // people outside the server's naming context: its default referral
+    // is an error, not a hop.
+    let mut c = slapd.ldaps_config();
+    c.people = "ou=people,dc=elsewhere,dc=org".into();
+    let d = slapd.directory(c);
+    let e = rt.block_on(d.lookup("alice")).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Protocol(m) if m.contains("referral")),
+        "{e}"
+    );
+    assert_eq!(d.stats().connects, 1);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn many_lookups_at_once_share_one_connection() {
+    let slapd = Slapd::start();
+    let d = std::sync::Arc::new(slapd.directory(slapd.ldaps_config()));
+    let rt = rt();
+    let found = rt.block_on(async {
+        let tasks: Vec<_> = (0..MANY)
+            .map(|i| {
+                let d = d.clone();
+                tokio::spawn(async move { d.lookup(&format!("u{i:02}")).await })
+            })
+            .collect();
+        let mut found = 0;
+        for t in tasks {
+            let a = t.await.unwrap().unwrap().unwrap();
+            assert_eq!(a.refusal(false), None);
+            found += 1;
+        }
+        found
+    });
+    assert_eq!(found, MANY);
+    assert_eq!(d.stats().connects, 1);
+    assert_eq!(d.stats().binds, 1);
 }
 
 #[test]
