@@ -5,6 +5,10 @@
 //!   by every lookup (ldap3 multiplexes operations on it); when an
 //!   operation fails on the connection (closed, reset, timed out) it is
 //!   dropped and the operation tried once more on a fresh one.
+//!   A refused service bind is remembered for
+//!   [`Limits::service_bind_retry`] and answered without asking again, so
+//!   that a wrong `bind_password_file` cannot lock the service account
+//!   under the directory's lockout policy.
 //! - **Password checks on a connection of their own**, closed at once: a
 //!   member's bind never changes who the shared connection is.
 //! - **TLS verified** against `ca_file` or the system's roots, for the
@@ -55,6 +59,11 @@ pub struct Limits {
     /// The most pages of one search (a server that never ends a paged
     /// search is stopped here).
     pub max_pages: u32,
+    /// After the directory refused the service account's bind, how long
+    /// the refusal is answered without asking again: a wrong
+    /// `bind_password_file` must not become a stream of failed binds that
+    /// locks the service account under the directory's own lockout policy.
+    pub service_bind_retry: Duration,
 }
 
 impl Default for Limits {
@@ -65,6 +74,7 @@ impl Default for Limits {
             search_seconds: 10,
             page_size: 500,
             max_pages: 100,
+            service_bind_retry: Duration::from_secs(60),
         }
     }
 }
@@ -93,8 +103,16 @@ pub struct LdapDirectory {
     password: Zeroizing<String>,
     tls: Option<Arc<rustls::ClientConfig>>,
     limits: Limits,
-    shared: tokio::sync::Mutex<Option<Ldap>>,
+    shared: tokio::sync::Mutex<Shared>,
     counters: Counters,
+}
+
+/// The shared connection, or why there is none.
+#[derive(Default)]
+struct Shared {
+    ldap: Option<Ldap>,
+    /// The service bind's last refusal, and when.
+    refused: Option<(tokio::time::Instant, SourceError)>,
 }
 
 impl std::fmt::Debug for LdapDirectory {
@@ -165,7 +183,7 @@ impl LdapDirectory {
             password,
             tls,
             limits,
-            shared: tokio::sync::Mutex::new(None),
+            shared: tokio::sync::Mutex::new(Shared::default()),
             counters: Counters::default(),
         })
     }
@@ -249,12 +267,17 @@ impl LdapDirectory {
     /// opened again) when there is none or it closed.
     async fn shared(&self) -> Result<Ldap, SourceError> {
         let mut slot = self.shared.lock().await;
-        if let Some(ldap) = slot.as_mut()
+        if let Some(ldap) = slot.ldap.as_mut()
             && !ldap.is_closed()
         {
             return Ok(ldap.clone());
         }
-        *slot = None;
+        slot.ldap = None;
+        if let Some((when, why)) = &slot.refused
+            && when.elapsed() < self.limits.service_bind_retry
+        {
+            return Err(why.clone());
+        }
         let mut ldap = self.connect().await?;
         self.counters.binds.fetch_add(1, Ordering::Relaxed);
         let res = ldap
@@ -263,18 +286,21 @@ impl LdapDirectory {
             .await
             .map_err(|e| self.unreachable(format!("binding as the service account: {e}")))?;
         if res.rc != 0 {
-            return Err(SourceError::ServiceBind {
+            let e = SourceError::ServiceBind {
                 bind_dn: self.config.bind_dn.clone(),
                 code: res.rc,
                 message: short(&res.text),
-            });
+            };
+            slot.refused = Some((tokio::time::Instant::now(), e.clone()));
+            return Err(e);
         }
-        *slot = Some(ldap.clone());
+        slot.refused = None;
+        slot.ldap = Some(ldap.clone());
         Ok(ldap)
     }
 
     async fn forget_shared(&self) {
-        if let Some(mut ldap) = self.shared.lock().await.take() {
+        if let Some(mut ldap) = self.shared.lock().await.ldap.take() {
             let _ = ldap.unbind().await;
         }
     }
@@ -735,6 +761,61 @@ fn page_cookie(ctrls: &[ldap3::controls::Control]) -> Result<Vec<u8>, Failure> {
         .ok_or_else(bad)
 }
 
+/// For the fuzz target `source_answer`: `data` as what a directory
+/// could answer, through every reader of this crate that sees a server's
+/// bytes or a configured string. The first byte chooses: 0, a search
+/// entry (BER) read and judged; 1, a paged-results control value; else
+/// the rest as text through the DN parser, the generalized-time parser and
+/// both escapes. Panics only on a broken invariant.
+#[doc(hidden)]
+pub fn fuzz_answer(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode {
+        0 => {
+            if let Ok((_, tag)) = ldap3::asn1::parse_tag(rest)
+                && let Ok(entry) = read_entry(tag)
+            {
+                let _ = crate::flags::disabled(&entry.attrs, SystemTime::now());
+                let _ = query::Members::from_group(&entry);
+                let _ = query::found(
+                    Flavour::OpenLdap,
+                    &["alice".to_string()],
+                    std::slice::from_ref(&entry),
+                    &query::Members::from_accounts(std::slice::from_ref(&entry)),
+                    None,
+                    SystemTime::now(),
+                );
+            }
+        }
+        1 => {
+            let ctrl = ldap3::controls::Control(
+                None,
+                RawControl {
+                    ctype: PAGED_RESULTS_OID.into(),
+                    crit: false,
+                    val: Some(rest.to_vec()),
+                },
+            );
+            let _ = page_cookie(&[ctrl]);
+        }
+        _ => {
+            let text = String::from_utf8_lossy(rest);
+            if let Some(n) = crate::escape::normalise_dn(&text) {
+                assert_eq!(crate::escape::normalise_dn(&n).as_deref(), Some(n.as_str()));
+            }
+            let _ = crate::flags::generalized_time(&text);
+            let f = format!("(uid={})", crate::escape::filter_value(&text));
+            assert!(ldap3::parse_filter(&f).is_ok(), "{f:?}");
+            let dn = format!("uid={},dc=x", crate::escape::dn_value(&text));
+            let rdns = crate::escape::parse_dn(&dn).expect("an escaped value parses");
+            assert_eq!(rdns.len(), 2);
+            assert_eq!(rdns[0][0].value, text.as_bytes());
+        }
+    }
+}
+
 /// The rustls client configuration: aws-lc, TLS 1.2 and 1.3, the CA file's
 /// certificates or the system's as roots, no client certificate.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SourceError> {
@@ -922,6 +1003,32 @@ mod tests {
         ] {
             assert!(page_cookie(&ctrl(bad)).is_err());
         }
+    }
+
+    #[test]
+    fn the_fuzz_seeds_reach_the_readers() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/source_answer");
+        let seed = |n: &str| std::fs::read(dir.join(n)).unwrap();
+        let entry = seed("entry");
+        let (_, tag) = ldap3::asn1::parse_tag(&entry[1..]).unwrap();
+        let e = read_entry(tag).ok().unwrap();
+        assert_eq!(e.attrs["uidnumber"], ["70001"]);
+        assert!(crate::flags::disabled(&e.attrs, SystemTime::now()).is_some());
+        let cookie = seed("paged_cookie");
+        let ctrl = ldap3::controls::Control(
+            None,
+            RawControl {
+                ctype: PAGED_RESULTS_OID.into(),
+                crit: false,
+                val: Some(cookie[1..].to_vec()),
+            },
+        );
+        assert_eq!(page_cookie(&[ctrl]).ok(), Some(b"cookie".to_vec()));
+        for n in ["entry", "paged_cookie", "dn", "injection", "time"] {
+            fuzz_answer(&seed(n));
+        }
+        fuzz_answer(&[]);
+        fuzz_answer(&[0, 0x64, 0x80]);
     }
 
     #[test]

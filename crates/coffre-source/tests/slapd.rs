@@ -583,7 +583,8 @@ fn a_wrong_service_password_says_so_without_saying_it() {
         Limits::default(),
     )
     .unwrap();
-    let e = rt().block_on(d.lookup("alice")).unwrap_err();
+    let rt = rt();
+    let e = rt.block_on(d.lookup("alice")).unwrap_err();
     assert!(
         matches!(e, SourceError::ServiceBind { code: 49, .. }),
         "{e}"
@@ -591,6 +592,18 @@ fn a_wrong_service_password_says_so_without_saying_it() {
     let text = format!("{e} {e:?}");
     assert!(!text.contains("not the service secret"), "{text}");
     assert!(text.contains("bind_password_file"));
+    // Asked again at once, the refusal is remembered, not tried again: a
+    // wrong password file must not lock the service account.
+    let again = rt.block_on(d.lookup_many(&["alice".into()])).unwrap_err();
+    assert_eq!(again, e);
+    assert_eq!(d.stats().binds, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        slapd.log_text().matches("BIND dn=\"cn=coffre,").count(),
+        1,
+        "{}",
+        slapd.log_text()
+    );
 }
 
 #[test]
