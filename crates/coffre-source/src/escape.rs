@@ -116,6 +116,9 @@ pub fn parse_dn(dn: &str) -> Option<Rdns> {
                 return None;
             }
             value.extend(dn[s..i].to_ascii_lowercase().bytes());
+            while b.get(i) == Some(&b' ') {
+                i += 1;
+            }
         } else {
             // Unescaped trailing spaces are not part of the value.
             let mut kept = 0;
@@ -162,7 +165,8 @@ pub fn parse_dn(dn: &str) -> Option<Rdns> {
                 rdns.push(std::mem::take(&mut rdn));
                 i += 1;
             }
-            Some(_) => i += 1, // '+': another AVA of the same RDN
+            Some(b'+') => i += 1, // another AVA of the same RDN
+            Some(_) => return None,
         }
     }
 }
@@ -346,6 +350,11 @@ mod tests {
             assert!(parse_dn(bad).is_none(), "{bad}");
         }
         assert!(parse_dn("cn=#04024869").is_some());
+        assert!(parse_dn("cn=#0402 , dc=x").is_some());
+        // Found by the fuzzer: what follows a hex value must be a
+        // separator (it was taken for a `+`).
+        assert!(parse_dn("cn=#4000x,dc=x").is_none());
+        assert!(parse_dn("sn=#4000\u{fffd}x1").is_none());
     }
 
     #[test]
