@@ -133,6 +133,25 @@ pub(super) fn prepare(
             .iter()
             .map(|(n, ids)| (n.clone(), (ids.uid, ids.gid)))
             .collect();
+        // Served to every workload from now on: no root, no number twice.
+        let mut uids = std::collections::BTreeSet::new();
+        for (n, (uid, gid)) in &members {
+            if *uid == 0 || *gid == 0 {
+                return Err(format!(
+                    "[data.members.{n}] has uid or gid 0 (root's): it cannot be imported as a member's number; give another"
+                ));
+            }
+            if !uids.insert(*uid) {
+                return Err(format!(
+                    "[data.members] gives uid {uid} to two names ({n} is the second): each member needs a number of their own"
+                ));
+            }
+            if *uid < 1000 {
+                notes.push(format!(
+                    "warning: [data.members.{n}] uid {uid} is in the host's system range; imported as it is"
+                ));
+            }
+        }
         let current = &control.vault.members;
         a.import(&members, &|n| current.contains_key(n), old.team_gid, now_ms);
         notes.push(format!(
@@ -293,6 +312,73 @@ const SSH_KEY_TYPES: [&str; 7] = [
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// Names of accounts guest images and hosts commonly have: a member so
+/// named would be that account in a workload (sshd asks the directory
+/// for the keys of whatever local user is logging in).
+const RESERVED_NAMES: &[&str] = &[
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "gnats",
+    "nobody",
+    "nogroup",
+    "sshd",
+    "messagebus",
+    "syslog",
+    "admin",
+    "administrator",
+    "ubuntu",
+    "debian",
+    "ec2-user",
+    "cloud-user",
+    "centos",
+    "fedora",
+    "core",
+    "alpine",
+    "arch",
+    "opc",
+    "azureuser",
+    "pi",
+    "vagrant",
+    "git",
+    "postgres",
+    "mysql",
+    "redis",
+    "nslcd",
+    "openldap",
+    "coffre-vm",
+];
+
+/// Why a new member may not be called `name`: an account guests or this
+/// host have (a member is served to workloads under that name, and a
+/// workload's `user` naming them means the member).
+pub(crate) fn name_taken(name: &str) -> Option<String> {
+    if RESERVED_NAMES.contains(&name) || name.starts_with("systemd-") {
+        return Some(format!(
+            "{name:?} is an account that guest systems or hosts have: as a member name it would be that account in workloads; choose another name"
+        ));
+    }
+    if matches!(coffre_sys::child::user(name), Ok(Some(_))) {
+        return Some(format!(
+            "{name:?} is an account on the vault's host: a workload `user = \"{name}\"` could no longer be told from the member; choose another name"
+        ));
+    }
+    None
+}
+
 /// At most this many SSH keys per member.
 const MAX_SSH_KEYS: usize = 32;
 
@@ -317,8 +403,10 @@ pub(crate) fn check_ssh_key(line: &str) -> Result<(String, String), String> {
             SSH_KEY_TYPES.join(", ")
         ));
     }
-    if b64.len() > 16 * 1024 {
-        return Err("this SSH key is too long".into());
+    // The directory serves values of at most 8 KiB (a 16384-bit RSA key
+    // is under 3 KiB of base64).
+    if line.len() > 8000 {
+        return Err("this SSH key is too long (8000 bytes at most)".into());
     }
     let blob = data_encoding::BASE64
         .decode(b64.as_bytes())
@@ -346,10 +434,16 @@ pub(crate) fn check_ssh_key(line: &str) -> Result<(String, String), String> {
 }
 
 /// The least a workload password verifier must cost: OWASP's argon2id
-/// minimum (19 MiB, 2 passes). The most is what the directory's
-/// one-at-a-time pool accepts (`coffre_ldap::spec::MAX_M_KIB`...).
+/// minimum (19 MiB, 2 passes).
 const VERIFIER_MIN_MEMORY_KIB: u32 = 19 * 1024;
 const VERIFIER_MIN_PASSES: u32 = 2;
+/// The most: twice what `coffre member workload-password` makes (64 MiB,
+/// 3 passes, 1 lane), well under what the directory's pool would take,
+/// so that one member's verifier cannot make every check slow for the
+/// others (checks run one at a time).
+const VERIFIER_MAX_MEMORY_KIB: u32 = 128 * 1024;
+const VERIFIER_MAX_PASSES: u32 = 6;
+const VERIFIER_MAX_LANES: u32 = 4;
 
 /// A workload password verifier, checked: one the directory accepts
 /// (argon2id PHC string, costs at most its bounds) that costs at least
@@ -360,6 +454,11 @@ pub(crate) fn check_verifier(phc: &str) -> Result<String, String> {
     if m < VERIFIER_MIN_MEMORY_KIB || t < VERIFIER_MIN_PASSES {
         return Err(format!(
             "the workload password's verifier: costs m={m} t={t} below m={VERIFIER_MIN_MEMORY_KIB} t={VERIFIER_MIN_PASSES}"
+        ));
+    }
+    if m > VERIFIER_MAX_MEMORY_KIB || t > VERIFIER_MAX_PASSES || p > VERIFIER_MAX_LANES {
+        return Err(format!(
+            "the workload password's verifier: costs m={m} t={t} p={p} above m={VERIFIER_MAX_MEMORY_KIB} t={VERIFIER_MAX_PASSES} p={VERIFIER_MAX_LANES}"
         ));
     }
     Ok(format!("argon2id m={m} KiB t={t} p={p}"))
@@ -577,6 +676,14 @@ mod tests {
         // What a member's machine makes passes.
         let made = coffre_api::verifier::make(b"a workload password").unwrap();
         check_verifier(&made.0).unwrap();
+    }
+
+    #[test]
+    fn members_are_not_named_like_guests_or_hosts_accounts() {
+        for n in ["root", "ubuntu", "ec2-user", "systemd-network", "nobody"] {
+            assert!(name_taken(n).is_some(), "{n}");
+        }
+        assert!(name_taken("coffre-no-such-account-7").is_none());
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!
 //! A workload password bind is checked there (argon2id, one at a time);
 //! the daemon drains its bind events each tick into the audit log, one
-//! record per (workload, member, outcome) a minute at most, the rest
-//! counted.
+//! record per (workload, outcome) a minute at most, the rest counted,
+//! after checking what the server says (it parses guests' bytes: it may
+//! lie).
 
 use super::*;
 use coffre_ldap::{Client, DirectorySpec, Group, Live, User};
@@ -21,9 +22,21 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-/// At most one audit record a minute per (workload, member, outcome):
-/// the rest are counted.
+/// At most one audit record a minute per (workload, outcome): the rest
+/// are counted.
 const BIND_AUDIT_EVERY_MS: u64 = 60_000;
+
+/// What a bind event's outcome may be (`coffre_ldap::Outcome`).
+const BIND_OUTCOMES: [&str; 8] = [
+    "ok",
+    "wrong_password",
+    "not_permitted",
+    "no_session",
+    "locked",
+    "no_password",
+    "throttled",
+    "busy",
+];
 
 /// The LDAP server's process and what it was last told.
 pub(super) struct LdapChild {
@@ -34,8 +47,13 @@ pub(super) struct LdapChild {
     live: Option<Live>,
     /// The address it serves on.
     pub(super) addr: Ipv4Addr,
-    /// Bind records waiting: key → (last written, counted since).
-    binds: BTreeMap<(String, String, String), (u64, u64)>,
+    /// Bind records waiting: (workload, outcome) → (last written,
+    /// counted since).
+    binds: BTreeMap<(String, String), (u64, u64)>,
+    /// Events lost or not believed since the last record of them, and
+    /// when that record was written.
+    dropped: u64,
+    dropped_written: u64,
     /// Its counters, as of the last tick.
     stats: Value,
 }
@@ -74,6 +92,8 @@ impl LdapChild {
             live: None,
             addr,
             binds: BTreeMap::new(),
+            dropped: 0,
+            dropped_written: 0,
             stats: Value::Null,
         })
     }
@@ -309,61 +329,103 @@ impl Shell {
             self.directory_start();
             return;
         }
-        let Ok(v) = l.helper.command(&json!({"cmd": "events"})) else {
+        // On the actor each tick: a server that does not answer within
+        // 2 s is killed (and started again), never waited for longer.
+        let Ok(v) = l
+            .helper
+            .command_within(&json!({"cmd": "events"}), std::time::Duration::from_secs(2))
+        else {
             return;
         };
         l.stats = v["stats"].clone();
         let now = now_ms().0;
+        // What the server says is checked before it is written: it parses
+        // guests' bytes, so it may lie. A workload that is configured, an
+        // outcome it can have, a member that workload may see (else no
+        // name at all).
+        let members = self.vault.members().clone();
+        let config = &self.config;
+        let known = |w: &str| {
+            config
+                .workload
+                .iter()
+                .find(|c| c.name == w && c.address.is_some())
+        };
+        let Some(l) = self.net.as_mut().and_then(|n| n.ldap.as_mut()) else {
+            return;
+        };
         let mut records = Vec::new();
+        let mut ignored = 0u64;
         for ev in v["events"].as_array().into_iter().flatten() {
             let s = |k: &str| ev[k].as_str().unwrap_or("").to_string();
-            let key = (s("workload"), s("user"), s("outcome"));
-            let entry = l.binds.entry(key.clone()).or_insert((0, 0));
+            let (workload, outcome) = (s("workload"), s("outcome"));
+            let Some(w) = known(&workload) else {
+                ignored += 1;
+                continue;
+            };
+            if !BIND_OUTCOMES.contains(&outcome.as_str()) {
+                ignored += 1;
+                continue;
+            }
+            let user = s("user");
+            let seen = members
+                .get(&user)
+                .is_some_and(|m| w.admits(&user, m.role == Role::Superuser));
+            let user = if seen { user } else { String::new() };
+            if outcome == "ok" && user.is_empty() {
+                ignored += 1;
+                continue;
+            }
+            // One record a minute per (workload, outcome); the rest counted.
+            let entry = l
+                .binds
+                .entry((workload.clone(), outcome.clone()))
+                .or_insert((0, 0));
             if entry.0 == 0 || now >= entry.0 + BIND_AUDIT_EVERY_MS {
                 entry.0 = now;
-                records.push((key, s("client"), 1));
+                records.push((workload, outcome, user, 1));
             } else {
                 entry.1 += 1;
             }
         }
+        l.dropped += v["dropped"].as_u64().unwrap_or(0) + ignored;
         let mut stale = Vec::new();
-        for (key, (last, counted)) in &mut l.binds {
+        for ((workload, outcome), (last, counted)) in &mut l.binds {
             if now >= *last + BIND_AUDIT_EVERY_MS {
                 if *counted > 0 {
-                    records.push((key.clone(), String::new(), *counted));
+                    records.push((workload.clone(), outcome.clone(), String::new(), *counted));
                     *counted = 0;
                     *last = now;
                 } else {
-                    stale.push(key.clone());
+                    stale.push((workload.clone(), outcome.clone()));
                 }
             }
         }
         for k in stale {
             l.binds.remove(&k);
         }
-        let dropped = v["dropped"].as_u64().unwrap_or(0);
-        for ((workload, user, outcome), client, n) in records {
-            let who = if user.is_empty() {
-                "an unknown entry".to_string()
-            } else {
-                user.clone()
-            };
+        let dropped = if l.dropped > 0 && now >= l.dropped_written + BIND_AUDIT_EVERY_MS {
+            l.dropped_written = now;
+            std::mem::take(&mut l.dropped)
+        } else {
+            0
+        };
+        for (workload, outcome, user, n) in records {
             let detail = if n == 1 {
-                format!(
-                    "workload password bind as {who} from workload {workload} ({client}): {outcome}"
-                )
+                let who = if user.is_empty() {
+                    "an entry this workload does not see".to_string()
+                } else {
+                    user
+                };
+                format!("workload password bind as {who} from workload {workload}: {outcome}")
             } else {
                 format!(
-                    "{n} more workload password bind(s) as {who} from workload {workload}: {outcome}, counted rather than logged one by one"
+                    "{n} more workload password bind(s) from workload {workload}: {outcome}, counted rather than logged one by one"
                 )
             };
             self.record(AuditRecord {
                 at: Millis(now),
-                actor: if user.is_empty() {
-                    "coffre".into()
-                } else {
-                    user
-                },
+                actor: "coffre".into(),
                 source: None,
                 action: "directory_bind".into(),
                 result: outcome,
@@ -374,7 +436,7 @@ impl Shell {
             self.system_audit(
                 "directory_bind",
                 "counted",
-                format!("{dropped} bind event(s) the LDAP server could not keep (a flood): not logged one by one"),
+                format!("{dropped} bind event(s) lost or not believed in the last minute (a flood, or a server saying what it cannot): not logged one by one"),
             );
         }
     }

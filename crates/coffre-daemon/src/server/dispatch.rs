@@ -297,6 +297,10 @@ impl Shell {
                     let _ = reply.send((400, error_json(ErrorCode::Invalid, msg)));
                     return;
                 }
+                if let Some(msg) = super::accounts::name_taken(&name) {
+                    let _ = reply.send((400, error_json(ErrorCode::Invalid, msg)));
+                    return;
+                }
                 if let Some(answer) = self.invitation_pending(&name) {
                     let _ = reply.send(answer);
                     return;

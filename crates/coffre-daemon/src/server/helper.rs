@@ -67,8 +67,9 @@ impl Helper {
             return Err(format!("no pipes to {}", self.what));
         };
         // Its answers come through a thread, so that waiting for one has a
-        // deadline.
-        let (tx, rx) = mpsc::channel();
+        // deadline; a few at most wait (a helper that writes what nobody
+        // asked for blocks itself, not the daemon's memory).
+        let (tx, rx) = mpsc::sync_channel(4);
         std::thread::Builder::new()
             .name("helper-answers".into())
             .spawn(move || read_answers(BufReader::new(stdout), &tx))
@@ -85,9 +86,19 @@ impl Helper {
     /// One command, one answer. A helper that does not answer is killed
     /// (it is started again by the next tick).
     pub(super) fn command(&mut self, cmd: &Value) -> Result<Value, String> {
+        self.command_within(cmd, COMMAND_TIMEOUT)
+    }
+
+    /// `command`, with its own deadline (for what runs on the daemon's
+    /// actor each tick: a stopped helper must not hold it for long).
+    pub(super) fn command_within(
+        &mut self,
+        cmd: &Value,
+        within: Duration,
+    ) -> Result<Value, String> {
         let mut line = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let answer = self.command_line(&line);
+        let answer = self.line_within(&line, within);
         zeroize::Zeroize::zeroize(&mut line);
         answer
     }
@@ -95,6 +106,10 @@ impl Helper {
     /// One command given as its line (for lines that carry a secret,
     /// built in a buffer the caller wipes).
     pub(super) fn command_line(&mut self, line: &[u8]) -> Result<Value, String> {
+        self.line_within(line, COMMAND_TIMEOUT)
+    }
+
+    fn line_within(&mut self, line: &[u8], within: Duration) -> Result<Value, String> {
         let what = self.what;
         let Some((_, stdin, answers)) = self.proc_.as_mut() else {
             return Err(format!("{what} is not running"));
@@ -105,7 +120,7 @@ impl Helper {
             self.stop();
             return Err(format!("{what} ended"));
         }
-        match answers.recv_timeout(COMMAND_TIMEOUT) {
+        match answers.recv_timeout(within) {
             Ok(answer) => {
                 let v: Value =
                     serde_json::from_str(&answer).map_err(|e| format!("{what}'s answer: {e}"))?;
@@ -118,8 +133,8 @@ impl Helper {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.stop();
                 Err(format!(
-                    "{what} did not answer within {} s: killed",
-                    COMMAND_TIMEOUT.as_secs()
+                    "{what} did not answer within {} ms: killed",
+                    within.as_millis()
                 ))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -162,7 +177,7 @@ impl Helper {
 }
 
 /// Forwards a helper's answers, one line each (at most 1 MiB).
-fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::Sender<String>) {
+fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::SyncSender<String>) {
     loop {
         let mut line = String::new();
         match std::io::Read::take(&mut out, 1 << 20).read_line(&mut line) {
