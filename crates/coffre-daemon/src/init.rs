@@ -310,6 +310,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         policy: o.policy,
         gateway: None,
         network: None,
+        directory: None,
         workloads: Default::default(),
         workload: Vec::new(),
     };

@@ -86,6 +86,11 @@ pub struct Config {
     /// nothing on the host's network changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// The organisation's directory as the source of who may be a member
+    /// (`[directory]`, docs/directory.md): absent, the vault's own member
+    /// list is the only source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<coffre_source::SourceConfig>,
     /// `[workloads]`: settings for the team's workloads.
     #[serde(default)]
     pub workloads: coffre_workload::config::Settings,
@@ -597,6 +602,20 @@ impl VaultDir {
                         "[network] subnet {} overlaps the VPN's network {vpn}: choose two separate ranges",
                         n.subnet
                     ),
+                });
+            }
+        }
+        if let Some(d) = &c.directory {
+            if let Err(e) = d.check() {
+                return Err(DirError::Bad {
+                    path,
+                    msg: e.to_string(),
+                });
+            }
+            if d.ids == coffre_source::Ids::Directory {
+                return Err(DirError::Bad {
+                    path,
+                    msg: "[directory] ids = \"directory\" is not supported yet: the vault gives members their numbers (remove ids, or set ids = \"vault\")".into(),
                 });
             }
         }

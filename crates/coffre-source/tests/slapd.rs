@@ -1,11 +1,9 @@
 //! [`LdapDirectory`] against a real OpenLDAP server.
 //!
-//! Each test starts its own slapd on loopback (back_mdb, the ppolicy
-//! overlay, the core, cosine, nis and inetorgperson schemas), with its own
-//! CA and certificate for 127.0.0.1, listening on ldap:// (for StartTLS)
-//! and ldaps://, loaded with slapadd; the guard kills it by PID. slapd
-//! runs with `-d 256` (stats), so its log lists every search it answered:
-//! the tests count searches there as well as in the client's own counters.
+//! Each test starts its own slapd ([`coffre_testkit::slapd`]: loopback
+//! and a Unix socket, ppolicy, its own CA), loaded with this file's
+//! entries. slapd logs every search it answered: the tests count searches
+//! there as well as in the client's own counters.
 
 use coffre_source::config::{Flavour, Ids, SourceConfig};
 use coffre_source::{
@@ -13,8 +11,6 @@ use coffre_source::{
 };
 use coffre_testkit::Need;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
@@ -27,18 +23,6 @@ const SERVICE: &str = "cn=coffre,ou=services,dc=example,dc=org";
 const SERVICE_PW: &str = "service secret";
 /// Accounts u00..u31, all in the team, for the re-check of everyone.
 const MANY: usize = 32;
-
-fn schema_dir() -> &'static str {
-    "/etc/ldap/schema"
-}
-
-fn module_dir() -> &'static str {
-    if Path::new("/usr/lib/ldap/back_mdb.so").exists() {
-        "/usr/lib/ldap"
-    } else {
-        "/usr/lib/x86_64-linux-gnu/ldap"
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -121,149 +105,33 @@ fn ldif() -> String {
     l
 }
 
-struct Slapd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    plain: u16,
-    ldaps: u16,
-    log: PathBuf,
+/// The shared slapd guard, loaded with this file's entries.
+struct Slapd(coffre_testkit::slapd::Slapd);
+
+impl std::ops::Deref for Slapd {
+    type Target = coffre_testkit::slapd::Slapd;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Slapd {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Slapd {
     fn start() -> Slapd {
         coffre_testkit::require(NEEDS);
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir(d.join("db")).unwrap();
-
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "coffre-source test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
-
-        let s = schema_dir();
-        let conf = format!(
-            "include {s}/core.schema\ninclude {s}/cosine.schema\ninclude {s}/nis.schema\ninclude {s}/inetorgperson.schema\n\
-             modulepath {m}\nmoduleload back_mdb\nmoduleload ppolicy\n\
-             pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nreferral ldap://elsewhere.invalid/\n\
-             TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/cert.pem\nTLSCertificateKeyFile {d}/key.pem\n\
-             database mdb\nmaxsize 16777216\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin\ndirectory {d}/db\n\
-             overlay ppolicy\nppolicy_default \"cn=default,ou=policies,{BASE}\"\n",
-            m = module_dir(),
-            d = d.display()
-        );
-        std::fs::write(d.join("slapd.conf"), conf).unwrap();
-        std::fs::write(d.join("init.ldif"), ldif()).unwrap();
-        let out = Command::new("slapadd")
-            .args(["-q", "-f"])
-            .arg(d.join("slapd.conf"))
-            .arg("-l")
-            .arg(d.join("init.ldif"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "slapadd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut s = Slapd {
-            child: None,
-            plain: free_port(),
-            ldaps: free_port(),
-            log: d.join("slapd.log"),
-            dir,
-        };
-        s.run();
-        s
-    }
-
-    fn run(&mut self) {
-        let d = self.dir.path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new("slapd")
-            .arg("-f")
-            .arg(d.join("slapd.conf"))
-            .arg("-h")
-            .arg(format!(
-                "ldap://127.0.0.1:{}/ ldaps://127.0.0.1:{}/ {}",
-                self.plain,
-                self.ldaps,
-                self.ldapi_url()
-            ))
-            // -d: stay in the foreground (killed by PID), and log stats.
-            .args(["-d", "256"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.ldaps)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.plain)).is_err()
-            || !d.join("ldapi").exists()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "slapd did not start: {}",
-                self.log_text()
-            );
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("slapd exited ({status}): {}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The Unix socket's URL, the path percent-encoded as host.
-    fn ldapi_url(&self) -> String {
-        let path = self.dir.path().join("ldapi");
-        format!("ldapi://{}", path.display().to_string().replace('/', "%2F"))
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Searches slapd logged whose line contains `needle` (without regard
-    /// to case: slapd writes escapes in upper case).
-    fn searches_with(&self, needle: &str) -> usize {
-        let needle = needle.to_ascii_lowercase();
-        self.log_text()
-            .to_ascii_lowercase()
-            .lines()
-            .filter(|l| l.contains(" srch base=") && l.contains(&needle))
-            .count()
+        Slapd(coffre_testkit::slapd::Slapd::start(BASE, &ldif()))
     }
 
     fn config(&self, url: String, starttls: bool) -> SourceConfig {
         SourceConfig {
             url,
             starttls,
-            ca_file: Some(self.dir.path().join("ca.pem")),
+            ca_file: Some(self.ca_pem()),
             bind_dn: SERVICE.into(),
             bind_password_file: "ldap.pw".into(),
             people: PEOPLE.into(),
@@ -278,23 +146,17 @@ impl Slapd {
     }
 
     fn ldaps_config(&self) -> SourceConfig {
-        self.config(format!("ldaps://127.0.0.1:{}", self.ldaps), false)
+        self.config(self.ldaps_url(), false)
     }
 
     fn directory(&self, config: SourceConfig) -> LdapDirectory {
         LdapDirectory::with_password(
             config,
-            self.dir.path(),
+            self.dir(),
             Zeroizing::new(SERVICE_PW.to_string()),
             Limits::default(),
         )
         .unwrap()
-    }
-}
-
-impl Drop for Slapd {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -497,7 +359,7 @@ fn pages_of_five() {
     };
     let d = LdapDirectory::with_password(
         slapd.ldaps_config(),
-        slapd.dir.path(),
+        slapd.dir(),
         Zeroizing::new(SERVICE_PW.into()),
         limits,
     )
@@ -578,7 +440,7 @@ fn a_wrong_service_password_says_so_without_saying_it() {
     let slapd = Slapd::start();
     let d = LdapDirectory::with_password(
         slapd.ldaps_config(),
-        slapd.dir.path(),
+        slapd.dir(),
         Zeroizing::new("not the service secret".into()),
         Limits::default(),
     )
@@ -618,7 +480,7 @@ fn unreachable_quickly_and_back_after_a_restart() {
     };
     let d = LdapDirectory::with_password(
         slapd.ldaps_config(),
-        slapd.dir.path(),
+        slapd.dir(),
         Zeroizing::new(SERVICE_PW.into()),
         limits,
     )
@@ -640,13 +502,9 @@ fn unreachable_quickly_and_back_after_a_restart() {
     // A port nobody listens on, and one that accepts and never answers.
     let mut c = slapd.ldaps_config();
     c.url = format!("ldaps://127.0.0.1:{}", free_port());
-    let closed = LdapDirectory::with_password(
-        c.clone(),
-        slapd.dir.path(),
-        Zeroizing::new("x".into()),
-        limits,
-    )
-    .unwrap();
+    let closed =
+        LdapDirectory::with_password(c.clone(), slapd.dir(), Zeroizing::new("x".into()), limits)
+            .unwrap();
     let t = Instant::now();
     assert!(
         rt.block_on(closed.lookup("alice"))
@@ -657,8 +515,7 @@ fn unreachable_quickly_and_back_after_a_restart() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     c.url = format!("ldaps://127.0.0.1:{}", silent.local_addr().unwrap().port());
     let mute =
-        LdapDirectory::with_password(c, slapd.dir.path(), Zeroizing::new("x".into()), limits)
-            .unwrap();
+        LdapDirectory::with_password(c, slapd.dir(), Zeroizing::new("x".into()), limits).unwrap();
     let t = Instant::now();
     let e = rt
         .block_on(mute.lookup_many(&["alice".into()]))

@@ -11,10 +11,13 @@
 //! - [`volume`]: scratch LUKS2 volumes and temporary directories.
 //! - [`process`]: running commands and asserting their success, waiting
 //!   for children, signals, free ports, scanning a process's memory.
+//! - [`slapd`]: a real OpenLDAP server on loopback, for the organisation's
+//!   directory.
 
 pub mod gate;
 pub mod kdf;
 pub mod process;
+pub mod slapd;
 pub mod volume;
 
 pub use gate::{Need, require};

@@ -619,6 +619,32 @@ pub enum Event {
         /// Its name.
         name: String,
     },
+    /// The organisation's directory (issue 16's source) did not let a
+    /// request waiting for its password check through: before the
+    /// keyslot (the account does not qualify, or the directory cannot be
+    /// reached), or after it opened (`check_password`: the password did
+    /// not bind). Instead of [`Event::PasswordChecked`]; any key kept
+    /// for it is discarded.
+    SourceRefused {
+        /// Which request.
+        req: ReqId,
+        /// The directory could not be reached (the request is refused as
+        /// busy, and not counted as a failed attempt), as opposed to a
+        /// refusal (answered as a wrong password, and counted).
+        unreachable: bool,
+        /// What the directory said, for the audit log only.
+        detail: String,
+    },
+    /// A member no longer qualifies in the organisation's directory (or
+    /// it has been unreachable for longer than allowed): their sessions
+    /// and tasks end and their approvals are withdrawn; the vault then
+    /// closes by the usual rule.
+    Disqualified {
+        /// The member.
+        member: String,
+        /// Why, for the audit log.
+        reason: String,
+    },
 }
 
 /// Why a request was refused. Clients see the code and message; the audit

@@ -117,6 +117,130 @@ fn every_member_proves_their_keyslot() {
     assert_eq!(s.vault.sessions().count(), 1);
 }
 
+/// The organisation's directory (issue 16): the shell asks it around the
+/// keyslot check and reports a refusal instead of the check's result.
+fn enter_refused_by_the_source(s: &mut Sim, member: &str, unreachable: bool) -> Outcome {
+    let t = s.fresh();
+    let req = s.request(member, Command::Enter, true, t);
+    // The sim checked the keyslot at once; the shell would have asked the
+    // directory: its refusal replaces the check's result.
+    let checked = s.inbox.pop_back().expect("a password check");
+    assert!(matches!(checked, Event::PasswordChecked { req: r, ok: true } if r == req));
+    s.handle(Event::SourceRefused {
+        req,
+        unreachable,
+        detail: "the account is not in members_group".into(),
+    });
+    s.settle();
+    s.replies.remove(&req).expect("a reply")
+}
+
+#[test]
+fn the_organisations_directory_refuses_like_a_wrong_password_and_unreachable_is_busy() {
+    let mut s = Sim::new(members(2, 0));
+    // A refusal reads as a wrong password, is audited with the detail,
+    // wipes the key the enter kept, and counts as a failed attempt.
+    let o = enter_refused_by_the_source(&mut s, "m0", false);
+    assert_eq!(refused(&o), Some(Refusal::WrongPassword));
+    let Outcome::Refused { message, .. } = &o else {
+        unreachable!()
+    };
+    assert_eq!(
+        message, "wrong password",
+        "one message whichever check refused"
+    );
+    assert!(s.audit.iter().any(|a| a.actor == "m0"
+        && a.result == "refused:wrong_password"
+        && a.detail.contains("not in members_group")));
+    s.check_open_rule();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    let t = s.fresh();
+    let req = s.request("m0", Command::Enter, true, t);
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::Throttled));
+    // (m1 comes from the same address: past the throttle first.)
+    s.advance(600_000);
+    // Unreachable: busy, with a message that says so, and not counted.
+    let o = enter_refused_by_the_source(&mut s, "m1", true);
+    assert_eq!(refused(&o), Some(Refusal::Busy));
+    let Outcome::Refused { message, .. } = &o else {
+        unreachable!()
+    };
+    assert!(message.contains("cannot be reached"), "{message}");
+    s.check_open_rule();
+    s.enter("m1");
+    assert_eq!(s.vault.phase(), Phase::Open);
+}
+
+#[test]
+fn a_disqualified_member_is_thrown_out_and_the_last_one_out_closes() {
+    let mut s = Sim::new(members(2, 0));
+    let a = s.enter("m0");
+    s.enter("m1");
+    assert!(matches!(
+        s.session_cmd(
+            "m0",
+            Command::TaskAdd {
+                session: a,
+                name: "build".into(),
+                claimed_owner: None,
+                duration_ms: 3_600_000,
+                workload: None,
+            },
+        ),
+        Outcome::Ok(Reply::TaskAdded { .. })
+    ));
+    s.handle(Event::Disqualified {
+        member: "m0".into(),
+        reason: "the directory's account is locked".into(),
+    });
+    s.settle();
+    assert!(s.vault.sessions().all(|x| x.member == "m1"));
+    assert!(s.vault.status().tasks.is_empty(), "m0's task cancelled");
+    assert!(s.dropped.contains(&a), "m0's transport told");
+    assert_eq!(s.vault.phase(), Phase::Open, "m1 is still inside");
+    assert!(s.audit.iter().any(|r| r.action == "member_disqualified"
+        && r.detail.contains("m0")
+        && r.detail.contains("locked")));
+    s.handle(Event::Disqualified {
+        member: "m1".into(),
+        reason: "the directory cannot be reached since 3600 s".into(),
+    });
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    s.check_open_rule();
+    // Still members: the keyslots are untouched.
+    assert_eq!(s.vault.members().len(), 2);
+    assert!(s.removed.is_empty());
+}
+
+#[test]
+fn a_disqualified_superusers_approvals_no_longer_count() {
+    let mut p = members(0, 3);
+    p.policy.unlock_quorum = 2;
+    let mut s = Sim::new(p);
+    s.run(
+        "su0",
+        Command::Lock {
+            reason: "drill".into(),
+        },
+    );
+    assert_eq!(
+        s.run("su1", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
+    );
+    s.handle(Event::Disqualified {
+        member: "su1".into(),
+        reason: "not in superusers_group".into(),
+    });
+    assert!(s.vault.status().unlock_approvals.is_empty());
+    assert_eq!(
+        s.run("su2", Command::Unlock),
+        Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
+    );
+    assert!(s.vault.is_locked());
+}
+
 #[test]
 fn task_keeps_open_until_expiry_and_owner_is_authenticated() {
     let mut s = Sim::new(members(2, 0));

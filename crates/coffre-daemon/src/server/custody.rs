@@ -196,6 +196,10 @@ impl Shell {
         if let Some(k) = key {
             self.custody.kept.insert(req, k);
         }
+        // With check_password, an opened keyslot waits for the bind.
+        if self.source_after_key(req, ok) {
+            return;
+        }
         self.run(Event::PasswordChecked { req, ok });
     }
 

@@ -165,6 +165,7 @@ impl Shell {
                             "uid": acc.map(|x| x.uid), "gid": acc.map(|x| x.gid),
                             "ssh_keys": acc.map_or(0, |x| x.ssh_keys.len()),
                             "workload_password": acc.is_some_and(|x| x.workload_password.is_some()),
+                            "source": self.source.as_ref().map(|s| s.standing(&m.name)),
                         })
                     })
                     .collect();
@@ -445,7 +446,15 @@ impl Shell {
                 member,
                 keyslot,
                 keep_key,
-            } => self.check_password(req, member, keyslot, keep_key, queue),
+            } => {
+                if self.source.is_some() {
+                    // The organisation's directory first; the keyslot once
+                    // it answered (source.rs).
+                    self.source_check(req, member, keyslot, keep_key);
+                } else {
+                    self.check_password(req, member, keyslot, keep_key, queue);
+                }
+            }
             Effect::Open { req } => self.open_kept(req, queue),
             Effect::DiscardKey { req } => {
                 self.custody.kept.remove(&req);
@@ -466,12 +475,20 @@ impl Shell {
             }
             Effect::CancelInvitations => self.cancel_invitations(),
             Effect::CancelInvitation { req, name } => self.cancel_invitation(req, name),
-            Effect::Invite { req, name, role } => self.invite(req, name, role),
+            Effect::Invite { req, name, role } => {
+                if !self.source_invite(req, name.clone(), role) {
+                    self.invite(req, name, role);
+                }
+            }
             Effect::ChangePassword {
                 req,
                 member,
                 keyslot,
-            } => self.change_password(req, member, keyslot),
+            } => {
+                if !self.source_passwd(req, member.clone(), keyslot) {
+                    self.change_password(req, member, keyslot);
+                }
+            }
             Effect::ChangeAccount {
                 req,
                 member,

@@ -235,6 +235,22 @@ impl Shell {
         // A renegotiation of a client already let in, or a reconnection
         // with a token: no password, no TOTP code, no keyslot.
         if env.has_token() || event == ClientEvent::Reauth {
+            // The organisation's directory: the last check's word now, and
+            // everyone inside checked again at the next tick.
+            if let Some(why) = self.source_reauth(&member) {
+                self.system_audit(
+                    "vpn",
+                    "refused",
+                    format!("{member}: renegotiation refused: the organisation's directory: {why}"),
+                );
+                self.vpn_deny(
+                    cid,
+                    kid,
+                    "not allowed by the organisation's directory",
+                    "coffre: wrong password or not allowed (not_permitted)",
+                );
+                return;
+            }
             let token_valid = env.token_valid() || env.session_state == "AuthenticatedEmptyUser";
             let token = if token_valid {
                 Token::Valid

@@ -400,8 +400,54 @@ impl Shell {
                 JoinEffect::Expire { .. } | JoinEffect::Counted { .. } => {}
             }
         }
-        let (Some(inv), Some(code)) = (admitted, code) else {
+        if admitted.is_none() || code.is_none() {
             return Some(failure("the join door gave no verdict".into()));
+        }
+        if password.is_empty() {
+            return Some((400, error_json(ErrorCode::Invalid, "the password is empty")));
+        }
+        // With the organisation's directory as the source, the name must
+        // qualify there first (looked up off the actor).
+        let join = super::source::PendingJoin {
+            name: name.to_string(),
+            code_hex: zeroize::Zeroizing::new(code_hex.to_string()),
+            csr: csr.to_string(),
+            password: zeroize::Zeroizing::new(password.to_string()),
+            addr,
+        };
+        let join = self.source_join(join)?;
+        self.join_admitted(join)
+    }
+
+    /// A join whose code the door admitted (and, with a `[directory]`,
+    /// whose name qualifies there): the new keyslot is made in the pool.
+    /// `None`: the answer comes through `joins.replies`.
+    pub(super) fn join_admitted(&mut self, join: super::source::PendingJoin) -> Option<Answer> {
+        let name = join.name.as_str();
+        let csr = join.csr.as_str();
+        let password = join.password.as_str();
+        let source = Some(Source {
+            door: coffre_vault::Door::Join,
+            addr: join.addr.ip().to_string(),
+        });
+        // The invitation again: it may have been cancelled, or have
+        // expired, while the directory was asked.
+        let code = crate::totp::unhex(&join.code_hex).map(zeroize::Zeroizing::new);
+        let code_sha256 = code.as_ref().map(|c| crate::pki::fingerprint(c));
+        let inv = self
+            .control
+            .invitations
+            .get(name)
+            .filter(|i| Some(&i.code_sha256) == code_sha256.as_ref() && i.expires_ms > now_ms().0)
+            .cloned();
+        let (Some(inv), Some(code)) = (inv, code) else {
+            return Some((
+                403,
+                error_json(
+                    ErrorCode::InvalidInvitation,
+                    "this invitation is not valid (wrong, used, expired, or cancelled by a lock)",
+                ),
+            ));
         };
         // Before the temporary keyslot is opened: while locked the volume
         // key must not come into memory, nor may anyone join. After the
@@ -425,9 +471,6 @@ impl Shell {
                     "the vault is locked: invitations are cancelled by a lock; ask for a new one once it is unlocked",
                 ),
             ));
-        }
-        if password.is_empty() {
-            return Some((400, error_json(ErrorCode::Invalid, "the password is empty")));
         }
         let Some(temp) = self.invite_passphrase(&code) else {
             return Some(failure("no invitation secret in control data".into()));

@@ -39,6 +39,7 @@ mod invitations;
 mod members;
 mod network;
 mod nfs;
+mod source;
 mod status;
 mod workloads;
 
@@ -76,6 +77,10 @@ pub enum ServeError {
     /// `[data.members]` already imported, an ambiguous workload user.
     #[error("the vault's accounts: {0}")]
     Accounts(String),
+    /// The organisation's directory (`[directory]`) cannot be used: its
+    /// password file, its CA file.
+    #[error("the organisation's directory: {0}")]
+    Source(String),
     /// Listening socket.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -131,6 +136,8 @@ enum Msg {
         lines: Vec<coffre_workload::Line>,
         ended: Vec<String>,
     },
+    /// An answer from the organisation's directory.
+    Source(Box<source::SourceMsg>),
     /// A record from work done off the actor.
     SystemAudit {
         action: &'static str,
@@ -184,6 +191,9 @@ struct Shell {
     lock_epoch: u64,
     /// The vault network, when config.toml has a `[network]`.
     net: Option<network::NetState>,
+    /// The organisation's directory, when config.toml has a
+    /// `[directory]`.
+    source: Option<source::SourceState>,
 }
 
 /// A failure's answer (500).
@@ -325,7 +335,9 @@ pub async fn serve(
         locked_flag: Arc::default(),
         lock_epoch: 0,
         net,
+        source: None,
     };
+    shell.source_start().map_err(ServeError::Source)?;
     for n in net_notes {
         shell.system_audit("network", "up", n);
     }
@@ -481,6 +493,7 @@ pub async fn serve(
             Msg::Link(ev) => shell.link_event(ev),
             Msg::VpnAnswer(a) => shell.vpn_answer(a),
             Msg::Reaped { lines, ended } => shell.reaped(lines, ended),
+            Msg::Source(m) => shell.source_msg(*m),
             Msg::SystemAudit {
                 action,
                 outcome,
@@ -494,6 +507,7 @@ pub async fn serve(
                 shell.net_tick();
                 shell.nfs_tick();
                 shell.directory_tick();
+                shell.source_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {

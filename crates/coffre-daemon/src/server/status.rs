@@ -49,6 +49,7 @@ impl Shell {
             "network": self.network_json(),
             "nfs": self.nfs_json(),
             "directory": self.directory_json(),
+            "source": self.source.as_ref().map(|s| s.json(now_ms().0)),
         })
     }
 

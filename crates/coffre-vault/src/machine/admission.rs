@@ -78,6 +78,54 @@ impl Vault {
         self.pending.len()
     }
 
+    /// The command of a request waiting for its password check: the shell
+    /// asks the organisation's directory what it needs (superusers_group
+    /// or not, an invitee's name) before the keyslot.
+    pub fn pending_command(&self, req: ReqId) -> Option<&Command> {
+        self.pending.get(&req).map(|p| &p.request.command)
+    }
+
+    /// The organisation's directory refused a request waiting for its
+    /// check. A refusal reads as a wrong password (one message whichever
+    /// check refused: the audit log has the detail) and counts as a
+    /// failed attempt; an unreachable directory is refused as busy and
+    /// does not count (nobody guessed anything).
+    pub(super) fn source_refused(
+        &mut self,
+        out: &mut Out,
+        req: ReqId,
+        unreachable: bool,
+        detail: &str,
+    ) {
+        let Some(Pending {
+            request: r,
+            keep_key,
+            ..
+        }) = self.pending.remove(&req)
+        else {
+            return;
+        };
+        if keep_key {
+            out.effects.push(Effect::DiscardKey { req });
+        }
+        if unreachable {
+            out.refuse(
+                &r,
+                Refusal::Busy,
+                "the organisation's directory cannot be reached, so nobody can enter or change anything now (members inside stay for a while); try again later",
+                format!("the organisation's directory: {detail}"),
+            );
+            return;
+        }
+        out.refuse(
+            &r,
+            Refusal::WrongPassword,
+            "wrong password",
+            format!("the organisation's directory: {detail}"),
+        );
+        self.fail(out, &r);
+    }
+
     pub(super) fn throttled_until(&self, r: &Request, now: Millis) -> Option<Millis> {
         ThrottleKey::of(r)
             .iter()

@@ -62,6 +62,35 @@ impl Vault {
         out.reply(r.req, Outcome::Ok(Reply::Done));
     }
 
+    /// `name` no longer qualifies in the organisation's directory: their
+    /// sessions end, their tasks are cancelled, and their approvals (an
+    /// unlock's, a proposal's) no longer count. They stay a member (their
+    /// keyslot is untouched): enter refuses them until the directory
+    /// qualifies them again, and a superuser may remove them.
+    pub(super) fn disqualified(&mut self, out: &mut Out, name: &str, reason: &str) {
+        if !self.p.members.contains_key(name) {
+            return;
+        }
+        out.audit(
+            SYSTEM,
+            None,
+            "member_disqualified",
+            "ok",
+            format!("{name}: {reason}"),
+        );
+        let why = format!("ended: {name} no longer qualifies in the organisation's directory");
+        self.drop_sessions(out, &why, |s| s.member == name);
+        self.cancel_tasks(
+            out,
+            "cancelled: owner no longer qualifies in the organisation's directory",
+            |t| t.owner == name,
+        );
+        self.approvals.remove(name);
+        for p in self.proposals.values_mut() {
+            p.approvals.remove(name);
+        }
+    }
+
     pub(super) fn member_joined(&mut self, out: &mut Out, member: Member) {
         if self.is_locked() {
             out.audit(

@@ -227,6 +227,12 @@ impl Vault {
             Event::MemberJoined { member } => self.member_joined(&mut out, member),
             Event::Tick => self.tick(&mut out),
             Event::WorkloadEnded { name } => self.workload_ended(&mut out, &name),
+            Event::SourceRefused {
+                req,
+                unreachable,
+                detail,
+            } => self.source_refused(&mut out, req, unreachable, &detail),
+            Event::Disqualified { member, reason } => self.disqualified(&mut out, &member, &reason),
         }
         self.reevaluate(&mut out);
         out.effects

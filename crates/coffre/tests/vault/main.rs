@@ -13,5 +13,6 @@ mod members;
 mod network;
 mod nfs;
 mod scan;
+mod source;
 mod vms;
 mod workloads;

@@ -320,6 +320,11 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                                 "not set"
                             },
                         );
+                        // With a [directory]: whether the organisation's
+                        // directory lets this member in.
+                        if let Some(standing) = m["source"].as_str() {
+                            println!("\torganisation's directory: {standing}");
+                        }
                     }
                 }
                 Ok(exit::OK)

@@ -114,6 +114,30 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         dir["base"].as_str().unwrap_or("?"),
                     );
                 }
+                let src = &v["source"];
+                if let Some(url) = src["url"].as_str() {
+                    let health = if src["reachable"] == true {
+                        format!(
+                            "answers (last answer {} s ago; every member checked every {} s)",
+                            src["last_answer_s_ago"], src["recheck_s"]
+                        )
+                    } else {
+                        format!(
+                            "DOES NOT ANSWER for {} s ({}): nobody can enter; members inside stay up to {} s",
+                            src["last_answer_s_ago"],
+                            src["error"].as_str().unwrap_or("?"),
+                            src["max_stale_s"]
+                        )
+                    };
+                    println!("members' source: the organisation's directory {url}: {health}");
+                    for r in src["refused"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {} does not qualify: {}",
+                            r["member"].as_str().unwrap_or("?"),
+                            r["why"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
                 println!("members: {}", v["members"]);
                 for p in v["proposals"].as_array().into_iter().flatten() {
                     println!(
