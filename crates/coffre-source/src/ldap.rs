@@ -422,7 +422,27 @@ impl LdapDirectory {
             size_limit: 2,
             paged: false,
         };
-        let entries = match self.search(ldap.clone(), q).await {
+        // One round trip in the usual layout: the group checks are sent
+        // with the account search, for the DN the account most likely has
+        // (NAME directly under people). Used only if that is its DN; else
+        // asked again with the real one. (Active Directory's checks are
+        // searches based at the account's DN: not guessed.)
+        let guess = (flavour == Flavour::OpenLdap).then(|| {
+            format!(
+                "{}={},{}",
+                flavour.name_attribute(),
+                crate::escape::dn_value(&name),
+                self.config.people
+            )
+        });
+        let speculative = async {
+            match &guess {
+                Some(dn) => Some(self.groups_of(ldap.clone(), dn, &name).await),
+                None => None,
+            }
+        };
+        let (entries, speculative) = tokio::join!(self.search(ldap.clone(), q), speculative);
+        let entries = match entries {
             // Three or more: as ambiguous as two.
             Err(Failure::TooMany(_)) => {
                 return Err(Failure::Final(SourceError::Ambiguous { name, entries: 3 }));
@@ -440,43 +460,57 @@ impl LdapDirectory {
                 }));
             }
         };
+        let guessed_right = guess
+            .as_deref()
+            .and_then(crate::escape::normalise_dn)
+            .is_some_and(|g| crate::escape::normalise_dn(&entry.dn).is_some_and(|d| d == g));
+        let (members, superusers) = match speculative {
+            Some(groups) if guessed_right => groups?,
+            _ => self.groups_of(ldap.clone(), &entry.dn, &name).await?,
+        };
+        Ok(Some(query::account(
+            &name,
+            entry,
+            members,
+            superusers,
+            SystemTime::now(),
+        )))
+    }
+
+    /// Whether the account `dn` (named `name`) is in members_group and in
+    /// superusers_group, both asked at once.
+    async fn groups_of(&self, ldap: Ldap, dn: &str, name: &str) -> Result<(bool, bool), Failure> {
         let members = self.in_group(
             ldap.clone(),
-            entry,
-            &name,
+            dn,
+            name,
             "members_group",
             &self.config.members_group,
         );
         let superusers = async {
             match &self.config.superusers_group {
                 Some(g) => {
-                    self.in_group(ldap.clone(), entry, &name, "superusers_group", g)
+                    self.in_group(ldap.clone(), dn, name, "superusers_group", g)
                         .await
                 }
                 None => Ok(false),
             }
         };
         let (members, superusers) = tokio::join!(members, superusers);
-        Ok(Some(query::account(
-            &name,
-            entry,
-            members?,
-            superusers?,
-            SystemTime::now(),
-        )))
+        Ok((members?, superusers?))
     }
 
     async fn in_group(
         &self,
         ldap: Ldap,
-        entry: &Entry,
+        dn: &str,
         name: &str,
         field: &str,
         group: &str,
     ) -> Result<bool, Failure> {
         let (base, filter) = match self.config.flavour {
-            Flavour::OpenLdap => (group, query::group_has(&entry.dn, name)),
-            Flavour::ActiveDirectory => (entry.dn.as_str(), query::in_chain(group)),
+            Flavour::OpenLdap => (group, query::group_has(dn, name)),
+            Flavour::ActiveDirectory => (dn, query::in_chain(group)),
         };
         let q = Query {
             base,

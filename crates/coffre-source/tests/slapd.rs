@@ -92,10 +92,14 @@ fn ldif() -> String {
             l += "\n";
         }
     }
+    // An account one level down: its DN is not the one guessed.
+    l += &person_in("oscar", 72100, &format!("ou=c,{PEOPLE}"), "");
+    l += "\n";
     l += &format!("dn: {TEAM}\nobjectClass: groupOfNames\ncn: team\n");
     for n in ["alice", "bob", "dave", "erin"] {
         l += &format!("member: uid={n},{PEOPLE}\n");
     }
+    l += &format!("member: uid=oscar,ou=c,{PEOPLE}\n");
     for i in 0..MANY {
         l += &format!("member: UID=u{i:02}, ou=People,{BASE}\n");
     }
@@ -223,6 +227,37 @@ fn a_qualified_account_and_why_others_are_not() {
 
     // The same connection served them all.
     assert_eq!(d.stats().connects, 1);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn a_lookup_sends_its_group_checks_with_the_account_search() {
+    let slapd = Slapd::start();
+    let d = slapd.directory(slapd.ldaps_config());
+    let rt = rt();
+    account(&rt, &d, "alice");
+    // alice is directly under people: the group checks sent with the
+    // account search (for the DN she most likely has) were the right
+    // ones: three searches, one round trip.
+    let before = d.stats().searches;
+    let alice = account(&rt, &d, "alice");
+    assert!(alice.in_members_group && alice.in_superusers_group);
+    assert_eq!(d.stats().searches - before, 3);
+    // oscar is one level down: the guess was wrong, the checks are asked
+    // again with his DN, and the answer is still right.
+    let before = d.stats().searches;
+    let oscar = account(&rt, &d, "oscar");
+    assert_eq!(oscar.dn, format!("uid=oscar,ou=c,{PEOPLE}"));
+    assert!(
+        oscar.in_members_group && !oscar.in_superusers_group,
+        "{oscar:?}"
+    );
+    assert_eq!(d.stats().searches - before, 5);
+    // carol, guessed right, is outside the team: the guess answers no.
+    assert_eq!(
+        account(&rt, &d, "carol").refusal(false),
+        Some(Refusal::NotInMembersGroup)
+    );
 }
 
 #[test]
@@ -624,6 +659,20 @@ fn survey_lookup_many() {
         }
     }
     let singly = t.elapsed() / 5;
+    // One account, as at enter: guessed right (one round trip) and wrong
+    // (two), same run.
+    let time = |name: &str| {
+        let t = Instant::now();
+        for _ in 0..200 {
+            rt.block_on(d.lookup(name)).unwrap().unwrap();
+        }
+        t.elapsed() / 200
+    };
+    let (flat, deep) = (time("alice"), time("oscar"));
+    println!(
+        "bench: slapd lookup at enter {flat:?} (one round trip) vs {deep:?} for an account the guess misses (two): ratio {:.2}",
+        flat.as_secs_f64() / deep.as_secs_f64()
+    );
     println!(
         "bench: slapd lookup_many({MANY}) {many:?} per re-check; {MANY} lookups one by one {singly:?} (ratio {:.1}x)",
         singly.as_secs_f64() / many.as_secs_f64()

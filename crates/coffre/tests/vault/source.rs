@@ -459,3 +459,48 @@ fn members_inside_are_checked_again() {
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, slapd, ldap-utils, OpenVPN, network namespaces"]
+fn through_the_vpn_a_disqualified_client_is_killed() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Slapd,
+        Need::LdapClient,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
+    let slapd = coffre_testkit::slapd::Slapd::start(BASE, &ldif());
+    let v = Vault::init(&["--totp-period", "3"]);
+    configure(&v, &slapd, "");
+    let mut gw = crate::gateway::Gw::with_vault(v, &["bob"], 1, &[]);
+    // The VPN's enter asks the directory too.
+    let before = slapd.searches_with("(uid=bob)");
+    let mut bob = gw.connect("bob", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    assert!(
+        slapd.searches_with("(uid=bob)") > before,
+        "{}",
+        slapd.log_text()
+    );
+    // Out of the team while connected: killed within recheck_s.
+    set_in_team(&slapd, "bob", false);
+    assert!(bob.exited_within(Duration::from_secs(25)), "{}", bob.text());
+    wait_audit(
+        &gw.vault,
+        "member_disqualified",
+        "ok",
+        "members_group",
+        Duration::from_secs(5),
+    );
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+    // And refused at the next connection, as a wrong password.
+    let auth = gw.auth_file("bob", None, false);
+    let mut c = gw.client("bob", 0, &auth, &[]);
+    assert!(c.exited_within(Duration::from_secs(30)), "{}", c.text());
+    assert!(c.text().contains("AUTH_FAILED"), "{}", c.text());
+    assert!(!c.text().contains(crate::gateway::UP));
+}
