@@ -82,9 +82,14 @@ pub(crate) fn group_has(account_dn: &str, name: &str) -> String {
 }
 
 /// Active Directory: a base search on the account with this filter finds
-/// it if it is in `group_dn`, directly or through nested groups.
+/// it if it is in `group_dn`, directly or through nested groups. The plain
+/// `memberOf` equality beside the in-chain rule changes nothing on AD (the
+/// chain includes direct membership) and keeps direct membership working
+/// on a server that does not know the rule (Samba before 4.x, OpenLDAP
+/// with AD's schema): there the rule is Undefined and the OR falls back.
 pub(crate) fn in_chain(group_dn: &str) -> String {
-    format!("(memberOf:{IN_CHAIN}:={})", filter_value(group_dn))
+    let g = filter_value(group_dn);
+    format!("(|(memberOf={g})(memberOf:{IN_CHAIN}:={g}))")
 }
 
 /// Active Directory: which of `names` are in `group_dn`, nested included.
@@ -281,7 +286,7 @@ mod tests {
         );
         assert_eq!(
             in_chain("cn=Team (all),dc=x"),
-            "(memberOf:1.2.840.113556.1.4.1941:=cn=Team\\20\\28all\\29,dc=x)"
+            "(|(memberOf=cn=Team\\20\\28all\\29,dc=x)(memberOf:1.2.840.113556.1.4.1941:=cn=Team\\20\\28all\\29,dc=x))"
         );
         let f = parse(&group_has("uid=a*,dc=x", "a*")).unwrap();
         assert_eq!(
@@ -298,7 +303,10 @@ mod tests {
             Filter::And(vec![
                 eq("objectClass", "user"),
                 Filter::Or(vec![eq("sAMAccountName", "a"), eq("sAMAccountName", "b")]),
-                Filter::Extensible(format!("memberOf:{IN_CHAIN}"), b"cn=g,dc=x".to_vec()),
+                Filter::Or(vec![
+                    eq("memberOf", "cn=g,dc=x"),
+                    Filter::Extensible(format!("memberOf:{IN_CHAIN}"), b"cn=g,dc=x".to_vec()),
+                ]),
             ])
         );
     }
@@ -399,7 +407,10 @@ mod tests {
             );
             prop_assert_eq!(
                 parse(&in_chain(&dn)),
-                Some(Filter::Extensible(format!("memberOf:{IN_CHAIN}"), dn.as_bytes().to_vec()))
+                Some(Filter::Or(vec![
+                    eq("memberOf", &dn),
+                    Filter::Extensible(format!("memberOf:{IN_CHAIN}"), dn.as_bytes().to_vec()),
+                ]))
             );
         }
     }

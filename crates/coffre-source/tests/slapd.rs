@@ -106,6 +106,48 @@ fn ldif() -> String {
     l += &format!(
         "\ndn: {ADMINS}\nobjectClass: posixGroup\ncn: admins\ngidNumber: 70100\nmemberUid: alice\nmemberUid: frank\n\n"
     );
+    l += &ad_ldif();
+    l
+}
+
+/// Active Directory's shapes: accounts of class `user` named by
+/// `sAMAccountName` under a CN, `userAccountControl`, groups of class
+/// `group`, with AD's own OIDs and matching rules. (Debian's
+/// msuser.schema declares `sAMAccountName` without an equality rule, so no
+/// server loaded with it can find an account by name, as every AD client
+/// does; these few lines are what AD publishes for the attributes coffre
+/// reads.) slapd maintains no `memberOf` and knows no in-chain matching
+/// rule: the entries carry `memberOf` as AD shows it (direct groups).
+const AD_SCHEMA: &str = "\
+attributetype ( 1.2.840.113556.1.4.221 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SUBSTR caseIgnoreSubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.4.8 NAME 'userAccountControl' EQUALITY integerMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.2.102 NAME 'memberOf' EQUALITY distinguishedNameMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.12 )
+objectclass ( 1.2.840.113556.1.5.9 NAME 'user' SUP organizationalPerson STRUCTURAL MAY ( sAMAccountName $ userAccountControl $ memberOf $ userPassword ) )
+objectclass ( 1.2.840.113556.1.5.8 NAME 'group' SUP top STRUCTURAL MUST cn MAY ( member $ sAMAccountName $ memberOf ) )
+";
+const AD: &str = "ou=ad,dc=example,dc=org";
+const AD_TEAM: &str = "cn=AD Team,ou=ad,dc=example,dc=org";
+
+fn ad_ldif() -> String {
+    let mut l = format!("dn: {AD}\nobjectClass: organizationalUnit\nou: ad\n\n");
+    for (cn, sam, uac, member) in [
+        ("Ada Lovelace", "ada", 512, true),
+        ("Bo Disabled", "bo", 514, true),
+        ("Cy Outside", "cy", 66048, false),
+    ] {
+        l += &format!(
+            "dn: cn={cn},{AD}\nobjectClass: user\ncn: {cn}\nsn: {sam}\nsAMAccountName: {sam}\n\
+             userAccountControl: {uac}\nuserPassword: {sam} password\n"
+        );
+        if member {
+            l += &format!("memberOf: {AD_TEAM}\n");
+        }
+        l += "\n";
+    }
+    l += &format!(
+        "dn: {AD_TEAM}\nobjectClass: group\ncn: AD Team\n\
+         member: cn=Ada Lovelace,{AD}\nmember: cn=Bo Disabled,{AD}\n\n"
+    );
     l
 }
 
@@ -128,7 +170,11 @@ impl std::ops::DerefMut for Slapd {
 impl Slapd {
     fn start() -> Slapd {
         coffre_testkit::require(NEEDS);
-        Slapd(coffre_testkit::slapd::Slapd::start(BASE, &ldif()))
+        Slapd(coffre_testkit::slapd::Slapd::start_with(
+            BASE,
+            &ldif(),
+            AD_SCHEMA,
+        ))
     }
 
     fn config(&self, url: String, starttls: bool) -> SourceConfig {
@@ -227,6 +273,52 @@ fn a_qualified_account_and_why_others_are_not() {
 
     // The same connection served them all.
     assert_eq!(d.stats().connects, 1);
+}
+
+#[test]
+#[ignore = "system: slapd"]
+fn active_directory_accounts_names_and_disabled_marks() {
+    let slapd = Slapd::start();
+    let mut c = slapd.ldaps_config();
+    c.flavour = Flavour::ActiveDirectory;
+    c.people = AD.into();
+    c.members_group = AD_TEAM.into();
+    c.superusers_group = None;
+    let d = slapd.directory(c);
+    let rt = rt();
+    // Found by sAMAccountName under its CN; in the team directly (the
+    // in-chain rule, unknown to slapd, falls back to memberOf).
+    let ada = account(&rt, &d, "ada");
+    assert_eq!(ada.dn, format!("cn=Ada Lovelace,{AD}"));
+    assert_eq!(ada.refusal(false), None, "{ada:?}");
+    // userAccountControl 514 has ACCOUNTDISABLE.
+    let bo = account(&rt, &d, "bo");
+    assert!(
+        matches!(
+            bo.refusal(false),
+            Some(Refusal::Disabled(Disabled::AccountDisabled { .. }))
+        ),
+        "{bo:?}"
+    );
+    // 66048 (normal, password never expires) is not disabled; cy is
+    // outside the team.
+    let cy = account(&rt, &d, "cy");
+    assert_eq!(cy.disabled, None);
+    assert_eq!(cy.refusal(false), Some(Refusal::NotInMembersGroup));
+    // The same, in one search for all.
+    let names: Vec<String> = ["ada", "bo", "cy", "zed"].map(String::from).into();
+    let found = rt.block_on(d.lookup_many(&names)).unwrap();
+    let refusals: Vec<Option<Refusal>> = found.iter().map(|(_, f)| f.refusal(false)).collect();
+    assert_eq!(refusals[0], None);
+    assert!(matches!(refusals[1], Some(Refusal::Disabled(_))));
+    assert_eq!(refusals[2], Some(Refusal::NotInMembersGroup));
+    assert_eq!(refusals[3], Some(Refusal::NoAccount));
+    // A password binds as the account's DN.
+    assert!(
+        rt.block_on(d.check_password(&ada.dn, "ada password"))
+            .unwrap()
+    );
+    assert!(!rt.block_on(d.check_password(&ada.dn, "not ada's")).unwrap());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! A real OpenLDAP server for a test: slapd on loopback (ldap:// for
 //! StartTLS, ldaps://) and on a Unix socket (ldapi://), back_mdb with the
-//! ppolicy overlay, the core, cosine, nis, inetorgperson and msuser
-//! (Active Directory's user attributes) schemas, its own CA and a
+//! ppolicy overlay, the core, cosine, nis and inetorgperson schemas (and
+//! any the test adds), its own CA and a
 //! certificate for 127.0.0.1, loaded with slapadd. The guard kills it by
 //! PID. slapd runs with `-d 256` (stats), so its log lists every search it
 //! answered.
@@ -48,6 +48,13 @@ impl Slapd {
     /// the suffix's own entry, and `cn=default,ou=policies,SUFFIX`, the
     /// password policy applied to every account).
     pub fn start(suffix: &str, ldif: &str) -> Slapd {
+        Slapd::start_with(suffix, ldif, "")
+    }
+
+    /// As [`start`](Self::start), with `schema` (slapd.conf schema text:
+    /// `attributetype` and `objectclass` lines) loaded after the standard
+    /// ones.
+    pub fn start_with(suffix: &str, ldif: &str, schema: &str) -> Slapd {
         require(&[Need::Slapd]);
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -69,11 +76,12 @@ impl Slapd {
         std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
         std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(d.join("extra.schema"), schema).unwrap();
 
         let s = "/etc/ldap/schema";
         let conf = format!(
             "include {s}/core.schema\ninclude {s}/cosine.schema\ninclude {s}/nis.schema\n\
-             include {s}/inetorgperson.schema\ninclude {s}/msuser.schema\n\
+             include {s}/inetorgperson.schema\ninclude {d}/extra.schema\n\
              modulepath {m}\nmoduleload back_mdb\nmoduleload ppolicy\n\
              pidfile {d}/slapd.pid\nargsfile {d}/slapd.args\nreferral ldap://elsewhere.invalid/\n\
              TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/cert.pem\nTLSCertificateKeyFile {d}/key.pem\n\
