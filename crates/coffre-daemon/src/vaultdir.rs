@@ -612,12 +612,6 @@ impl VaultDir {
                     msg: e.to_string(),
                 });
             }
-            if d.ids == coffre_source::Ids::Directory {
-                return Err(DirError::Bad {
-                    path,
-                    msg: "[directory] ids = \"directory\" is not supported yet: the vault gives members their numbers (remove ids, or set ids = \"vault\")".into(),
-                });
-            }
         }
         Ok(c)
     }

@@ -105,6 +105,9 @@ pub enum Origin {
     Vault,
     /// Imported from `[data.members]` of an older vault.
     Imported,
+    /// The organisation's directory's `uidNumber` and `gidNumber`, taken
+    /// when the member joined (`[directory] ids = "directory"`).
+    Directory,
 }
 
 /// A member's account.
@@ -238,6 +241,57 @@ impl Accounts {
         Ok(&self.users[name])
     }
 
+    /// Why the organisation's directory's numbers (`uid`, `gid`) cannot be
+    /// `name`'s, if they cannot: 0 (root's), inside the vault's own
+    /// range (they would meet numbers the vault gives), a uid another
+    /// member has, or one the host uses (`host_uses`).
+    pub fn refuse_directory_ids(
+        &self,
+        name: &str,
+        uid: u32,
+        gid: u32,
+        range: Range,
+        host_uses: &dyn Fn(u32) -> bool,
+    ) -> Option<String> {
+        if uid == 0 || gid == 0 {
+            return Some("uidNumber and gidNumber must not be 0 (root's)".into());
+        }
+        if let Some(id) = [uid, gid].into_iter().find(|id| range.contains(*id)) {
+            return Some(format!(
+                "{id} is inside the vault's own range {range}: move [accounts] range away from the directory's numbers"
+            ));
+        }
+        if let Some((other, _)) = self
+            .users
+            .iter()
+            .find(|(n, a)| n.as_str() != name && a.uid == uid)
+        {
+            return Some(format!("uidNumber {uid} is already {other}'s"));
+        }
+        if host_uses(uid) {
+            return Some(format!("uidNumber {uid} is a user or group of this host"));
+        }
+        None
+    }
+
+    /// `name`'s account with the organisation's directory's numbers
+    /// (checked with [`Accounts::refuse_directory_ids`] first).
+    pub fn adopt(&mut self, name: &str, uid: u32, gid: u32) -> &Account {
+        self.used.insert(uid);
+        self.used.insert(gid);
+        self.users.insert(
+            name.to_string(),
+            Account {
+                uid,
+                gid,
+                origin: Origin::Directory,
+                ssh_keys: Vec::new(),
+                workload_password: None,
+            },
+        );
+        &self.users[name]
+    }
+
     /// Group `name`'s gid, given if it has none.
     pub fn ensure_group(
         &mut self,
@@ -333,6 +387,42 @@ mod tests {
 
     fn none(_: u32) -> bool {
         false
+    }
+
+    #[test]
+    fn the_directorys_numbers_are_checked_then_kept() {
+        let mut a = Accounts::default();
+        a.ensure_user("alice", R, &none).unwrap();
+        let host = |id: u32| id == 1000;
+        let refuse = |a: &Accounts, uid, gid| a.refuse_directory_ids("bob", uid, gid, R, &host);
+        assert!(refuse(&a, 0, 5000).unwrap().contains("root"));
+        assert!(refuse(&a, 5000, 0).unwrap().contains("root"));
+        assert!(
+            refuse(&a, 70003, 5000)
+                .unwrap()
+                .contains("vault's own range")
+        );
+        assert!(
+            refuse(&a, 5000, 70003)
+                .unwrap()
+                .contains("vault's own range")
+        );
+        assert!(refuse(&a, 1000, 5000).unwrap().contains("host"));
+        assert_eq!(
+            refuse(&a, 5000, 100),
+            None,
+            "a shared primary group is fine"
+        );
+        let acc = a.adopt("bob", 5000, 100).clone();
+        assert_eq!(
+            (acc.uid, acc.gid, acc.origin),
+            (5000, 100, Origin::Directory)
+        );
+        // Never given by the vault, and nobody else's.
+        assert!(a.used.contains(&5000));
+        let other = a.refuse_directory_ids("carol", 5000, 100, R, &none);
+        assert!(other.unwrap().contains("bob's"));
+        assert_eq!(a.refuse_directory_ids("bob", 5000, 100, R, &none), None);
     }
 
     #[test]

@@ -161,7 +161,10 @@ pub(super) fn prepare(
         ));
     }
     let uses = host_uses();
-    notes.extend(reconcile(a, &control.vault.members, config, &uses).map_err(|e| e.to_string())?);
+    notes.extend(
+        reconcile(a, &control.vault.members, config, &uses, &|_| None)
+            .map_err(|e| e.to_string())?,
+    );
     for (what, id) in a.clashes(&uses) {
         notes.push(format!(
             "warning: {what}'s id {id} is also used by the host (made after the vault gave it): files show the host's name for it"
@@ -190,6 +193,7 @@ pub(super) fn reconcile(
     members: &BTreeMap<String, Member>,
     config: &Config,
     host_uses: &dyn Fn(u32) -> bool,
+    from_directory: &dyn Fn(&str) -> Option<(u32, u32)>,
 ) -> Result<Vec<String>, coffre_vault::accounts::AccountError> {
     let range = config.accounts.range();
     let mut done = Vec::new();
@@ -197,10 +201,24 @@ pub(super) fn reconcile(
     let mut order: Vec<&Member> = members.values().collect();
     order.sort_by_key(|m| (m.role != Role::Superuser, m.keyslot));
     for m in order {
-        if !a.users.contains_key(&m.name) {
-            let uid = a.ensure_user(&m.name, range, host_uses)?.uid;
-            done.push(format!("{} gets uid {uid} (and group {uid})", m.name));
+        if a.users.contains_key(&m.name) {
+            continue;
         }
+        // With ids = "directory", a member who joined brings the numbers
+        // the directory gave them (checked at join).
+        if let Some((uid, gid)) = from_directory(&m.name)
+            && a.refuse_directory_ids(&m.name, uid, gid, range, host_uses)
+                .is_none()
+        {
+            a.adopt(&m.name, uid, gid);
+            done.push(format!(
+                "{} gets the directory's uid {uid} and gid {gid}",
+                m.name
+            ));
+            continue;
+        }
+        let uid = a.ensure_user(&m.name, range, host_uses)?.uid;
+        done.push(format!("{} gets uid {uid} (and group {uid})", m.name));
     }
     let gone: Vec<String> = a
         .users
@@ -277,7 +295,24 @@ impl Shell {
     pub(super) fn reconcile_accounts(&mut self) {
         let uses = host_uses();
         let members = self.vault.members().clone();
-        match reconcile(&mut self.control.accounts, &members, &self.config, &uses) {
+        let numbers = self
+            .source
+            .as_ref()
+            .map(|s| s.numbers.clone())
+            .unwrap_or_default();
+        let from_directory = |name: &str| numbers.get(name).copied();
+        let result = reconcile(
+            &mut self.control.accounts,
+            &members,
+            &self.config,
+            &uses,
+            &from_directory,
+        );
+        if let Some(src) = self.source.as_mut() {
+            src.numbers
+                .retain(|n, _| !self.control.accounts.users.contains_key(n));
+        }
+        match result {
             Ok(done) if done.is_empty() => {}
             Ok(done) => {
                 for d in done {

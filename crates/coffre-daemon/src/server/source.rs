@@ -64,6 +64,9 @@ pub(super) struct SourceState {
     /// Passwords to bind with once their keyslot opened
     /// (`check_password`), by request.
     binds: HashMap<ReqId, PendingBind>,
+    /// With `ids = "directory"`: the numbers of members joining, from the
+    /// directory, until their account is made.
+    pub(super) numbers: BTreeMap<String, (u32, u32)>,
 }
 
 /// A `check_password` bind waiting for its keyslot check.
@@ -191,6 +194,7 @@ impl SourceState {
             check_soon: false,
             stale_done: false,
             binds: HashMap::new(),
+            numbers: BTreeMap::new(),
         }
     }
 
@@ -733,6 +737,38 @@ impl Shell {
         None
     }
 
+    /// With `ids = "directory"`: why the directory's numbers for `name`
+    /// cannot be theirs, if they cannot; else they are kept for when their
+    /// account is made.
+    fn directory_ids(
+        &mut self,
+        name: &str,
+        found: Option<&coffre_source::Account>,
+    ) -> Option<String> {
+        let src = self.source.as_mut()?;
+        if src.config.ids != coffre_source::Ids::Directory {
+            return None;
+        }
+        let a = found?;
+        let (Some(uid), Some(gid)) = (a.uid_number, a.gid_number) else {
+            return Some(
+                "ids = \"directory\" needs the account's uidNumber and gidNumber, and it has not both"
+                    .into(),
+            );
+        };
+        let range = self.config.accounts.range();
+        let uses = super::accounts::host_uses();
+        if let Some(why) = self
+            .control
+            .accounts
+            .refuse_directory_ids(name, uid, gid, range, &uses)
+        {
+            return Some(why);
+        }
+        src.numbers.insert(name.to_string(), (uid, gid));
+        None
+    }
+
     fn source_joiner(
         &mut self,
         join: PendingJoin,
@@ -747,13 +783,15 @@ impl Shell {
             .map(|i| i.role)
             .unwrap_or(Role::Member);
         let refused = match &result {
-            Ok(found) => refusal(found.as_ref(), role == Role::Superuser).map(|why| {
-                (
-                    403,
-                    format!("{name} does not qualify in the organisation's directory"),
-                    why,
-                )
-            }),
+            Ok(found) => refusal(found.as_ref(), role == Role::Superuser)
+                .or_else(|| self.directory_ids(&name, found.as_ref()))
+                .map(|why| {
+                    (
+                        403,
+                        format!("{name} does not qualify in the organisation's directory"),
+                        why,
+                    )
+                }),
             Err(e) if !is_down(e) => Some((
                 403,
                 format!("{name} does not qualify in the organisation's directory"),

@@ -17,9 +17,10 @@ fn dn(name: &str) -> String {
     format!("uid={name},{PEOPLE}")
 }
 
-/// alice (superuser), bob, erin and frank in the team (their passwords
-/// are the vault's test passwords, "NAME's password", except frank's);
-/// carol outside it; alice alone in admins.
+/// alice (superuser), bob, erin, frank, hank and gina in the team (their
+/// passwords are the vault's test passwords, "NAME's password", except
+/// frank's); carol outside it; alice alone in admins. Numbers from 70001
+/// (inside the vault's default range), gina's from 120001 (outside).
 fn ldif() -> String {
     let mut l = format!(
         "dn: {BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
@@ -31,7 +32,7 @@ fn ldif() -> String {
          dn: cn=default,ou=policies,{BASE}\nobjectClass: person\nobjectClass: pwdPolicy\ncn: default\nsn: default\n\
          pwdAttribute: userPassword\npwdLockout: TRUE\npwdMaxFailure: 3\n\n"
     );
-    for (i, name) in ["alice", "bob", "carol", "erin", "frank"]
+    for (i, name) in ["alice", "bob", "carol", "erin", "frank", "hank", "gina"]
         .iter()
         .enumerate()
     {
@@ -45,11 +46,11 @@ fn ldif() -> String {
              uid: {name}\ncn: {name}\nsn: {name}\nuidNumber: {n}\ngidNumber: {n}\nhomeDirectory: /home/{name}\n\
              userPassword: {pw}\n\n",
             dn(name),
-            n = 70001 + i
+            n = if *name == "gina" { 120001 } else { 70001 + i }
         );
     }
     l += &format!("dn: {TEAM}\nobjectClass: groupOfNames\ncn: team\n");
-    for n in ["alice", "bob", "erin", "frank"] {
+    for n in ["alice", "bob", "erin", "frank", "hank", "gina"] {
         l += &format!("member: {}\n", dn(n));
     }
     l += &format!(
@@ -396,6 +397,34 @@ fn who_may_enter_be_invited_and_join() {
         "ok",
         "answers again",
         Duration::from_secs(10),
+    );
+
+    // ids = "directory": who joins now brings the directory's numbers;
+    // members keep theirs (no chown).
+    let bob_ids = v.ids_of("bob");
+    v.stop();
+    configure(&v, &slapd, "ids = \"directory\"\n");
+    v.start();
+    v.add_member("alice", "gina", false);
+    assert_eq!(v.ids_of("gina"), (120001, 120001));
+    assert_eq!(v.ids_of("bob"), bob_ids);
+    assert_eq!(v.accounts()["users"]["gina"]["origin"], "directory");
+    // hank's directory numbers fall inside the vault's own range: his
+    // join is refused, saying why in the audit log.
+    let inv = v.tmp.path().join("hank.invitation");
+    let out = v.authed(
+        "alice",
+        &["member", "invite", "hank", "--out", inv.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = v.join("hank", &inv);
+    assert_ne!(code(&out), 0);
+    wait_audit(
+        &v,
+        "member_join",
+        "refused",
+        "inside the vault's own range",
+        Duration::from_secs(5),
     );
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
