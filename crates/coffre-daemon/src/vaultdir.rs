@@ -605,13 +605,13 @@ impl VaultDir {
                 });
             }
         }
-        if let Some(d) = &c.directory {
-            if let Err(e) = d.check() {
-                return Err(DirError::Bad {
-                    path,
-                    msg: e.to_string(),
-                });
-            }
+        if let Some(d) = &c.directory
+            && let Err(e) = d.check()
+        {
+            return Err(DirError::Bad {
+                path,
+                msg: e.to_string(),
+            });
         }
         Ok(c)
     }
