@@ -1104,6 +1104,10 @@ enum Op {
     Mode(usize, bool),
     Join(bool),
     Approve(usize, usize),
+    /// The organisation's directory no longer lets this member in.
+    Disqualify(usize),
+    /// The directory refuses (or cannot answer) the oldest check waiting.
+    SourceRefuse(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -1126,6 +1130,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize, any::<bool>()).prop_map(|(m, f)| Op::Mode(m, f)),
         1 => any::<bool>().prop_map(Op::Join),
         2 => (0..4usize, 0..3usize).prop_map(|(m, which)| Op::Approve(m, which)),
+        1 => (0..4usize).prop_map(Op::Disqualify),
+        1 => any::<bool>().prop_map(Op::SourceRefuse),
     ]
 }
 
@@ -1180,6 +1186,13 @@ proptest! {
                 Op::Lock(m) => { let t = s.fresh(); s.request(&name(m), Command::Lock { reason: "prop".into() }, true, t); }
                 Op::Unlock(m) => { let t = s.fresh(); s.request(&name(m), Command::Unlock, true, t); }
                 Op::Deliver => { s.deliver(); }
+                Op::Disqualify(m) => s.handle(Event::Disqualified { member: name(m), reason: "prop".into() }),
+                Op::SourceRefuse(unreachable) => {
+                    let at = s.inbox.iter().position(|e| matches!(e, Event::PasswordChecked { .. }));
+                    if let Some(Event::PasswordChecked { req, .. }) = at.and_then(|i| s.inbox.remove(i)) {
+                        s.handle(Event::SourceRefused { req, unreachable, detail: "prop".into() });
+                    }
+                }
                 Op::Advance(ms) => s.advance(ms),
                 Op::CloseFails(f) => s.close_fails = f,
                 Op::Quorum(m, q) => { let t = s.fresh(); s.request(&name(m), Command::SetQuorum { quorum: q }, true, t); }
