@@ -215,13 +215,27 @@ impl LdapDirectory {
         if let Some(tls) = &self.tls {
             settings = settings.set_config(tls.clone());
         }
-        if self.config.transport()? == Transport::StartTls {
+        let transport = self.config.transport()?;
+        if transport == Transport::StartTls {
             settings = settings.set_starttls(true);
         }
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
-        // ldap3's own deadline covers TCP and TLS; this one ldapi:// too.
+        let deadline = tokio::time::Instant::now() + self.limits.connect;
+        // The TCP connection is ours, with Nagle's algorithm off: a bind
+        // sent right after the TLS handshake's last flight is a second
+        // small write before any ACK, which Nagle would hold until the
+        // server's delayed ACK (40 ms on Linux) for every password check.
+        if transport != Transport::Ldapi {
+            let stream = tokio::time::timeout_at(deadline, self.tcp())
+                .await
+                .map_err(|_| {
+                    self.unreachable(format!("no connection within {:?}", self.limits.connect))
+                })??;
+            settings = settings.set_std_stream(ldap3::StdStream::Tcp(stream));
+        }
+        // ldap3's own deadline covers TLS; this one ldapi:// too.
         let attempt = LdapConnAsync::with_settings(settings, &self.config.url);
-        let (conn, ldap) = match tokio::time::timeout(self.limits.connect, attempt).await {
+        let (conn, ldap) = match tokio::time::timeout_at(deadline, attempt).await {
             Err(_) => {
                 return Err(
                     self.unreachable(format!("no connection within {:?}", self.limits.connect))
@@ -236,6 +250,26 @@ impl LdapDirectory {
             let _ = conn.drive().await;
         });
         Ok(ldap)
+    }
+
+    /// A TCP connection to the URL's host and port (389 for ldap://, 636
+    /// for ldaps://), TCP_NODELAY set, as a blocking std stream for ldap3.
+    async fn tcp(&self) -> Result<std::net::TcpStream, SourceError> {
+        let url = url::Url::parse(&self.config.url)
+            .map_err(|e| SourceError::Config(format!("url: {e}")))?;
+        let port = url
+            .port()
+            .unwrap_or(if url.scheme() == "ldaps" { 636 } else { 389 });
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("localhost");
+        // An IPv6 literal keeps its brackets, as connect wants them.
+        let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        stream.set_nodelay(true).map_err(|e| self.unreachable(e))?;
+        stream.into_std().map_err(|e| self.unreachable(e))
     }
 
     fn connect_error(&self, e: LdapError) -> SourceError {

@@ -761,6 +761,17 @@ fn survey_lookup_many() {
         t.elapsed() / 200
     };
     let (flat, deep) = (time("alice"), time("oscar"));
+    let t = Instant::now();
+    for _ in 0..50 {
+        assert!(
+            rt.block_on(d.check_password(&format!("uid=alice,{PEOPLE}"), "alice password"))
+                .unwrap()
+        );
+    }
+    println!(
+        "bench: slapd check_password (a connection of its own: TCP, TLS, bind) {:?}",
+        t.elapsed() / 50
+    );
     println!(
         "bench: slapd lookup at enter {flat:?} (one round trip) vs {deep:?} for an account the guess misses (two): ratio {:.2}",
         flat.as_secs_f64() / deep.as_secs_f64()

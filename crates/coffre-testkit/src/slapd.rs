@@ -206,9 +206,10 @@ impl Slapd {
             .count()
     }
 
-    /// Binds it logged (each simple bind's `BIND dn=` line).
+    /// Simple binds it was asked for as `dn` (the request's `BIND dn=...
+    /// method=128` line; the result has a line of its own).
     pub fn binds_of(&self, dn: &str) -> usize {
-        let needle = format!("bind dn=\"{}\"", dn.to_ascii_lowercase());
+        let needle = format!("bind dn=\"{}\" method=", dn.to_ascii_lowercase());
         self.log_text()
             .to_ascii_lowercase()
             .lines()

@@ -533,3 +533,69 @@ fn through_the_vpn_a_disqualified_client_is_killed() {
     assert!(c.text().contains("AUTH_FAILED"), "{}", c.text());
     assert!(!c.text().contains(crate::gateway::UP));
 }
+
+/// Enter (the vault already open, so a keyslot check and a session) with
+/// and without the organisation's directory, same run: what the source
+/// adds is one search round trip, and one bind with check_password.
+#[test]
+#[ignore = "bench: needs root, FUSE, loop, mkfs.ext4, slapd, ldap-utils"]
+fn survey_enter_with_and_without_the_source() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Slapd,
+        Need::LdapClient,
+    ]);
+    let slapd = coffre_testkit::slapd::Slapd::start(BASE, &ldif());
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let rounds = 10;
+    let mut measure = |v: &mut Vault| {
+        let mut bob = v.enter_bg("bob", &[]);
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let totp = v.totp("alice");
+            let pw = v.member("alice").password.clone();
+            let t = Instant::now();
+            let out = v.cli(
+                "alice",
+                &[
+                    "enter",
+                    "--detach",
+                    "--heartbeat",
+                    "1",
+                    "--password-file",
+                    pw.to_str().unwrap(),
+                    "--totp",
+                    &totp,
+                ],
+            );
+            times.push(t.elapsed());
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            ok(&v.cli("alice", &["leave"]));
+        }
+        ok(&v.cli("bob", &["leave"]));
+        wait_child(&mut bob, Duration::from_secs(10));
+        times.sort();
+        times[times.len() / 2]
+    };
+    let without = measure(&mut v);
+    v.stop();
+    configure(&v, &slapd, "check_password = true\n");
+    v.start();
+    let searches = slapd.searches_with("filter=\"(uid=alice)\"");
+    let binds = slapd.binds_of(&dn("alice"));
+    let with = measure(&mut v);
+    let per_enter = |n: usize| n as f64 / rounds as f64;
+    println!(
+        "bench: enter (open vault, CLI, median of {rounds}) without the source {without:?}, with it and check_password {with:?}: ratio {:.2}, +{:?}; per enter the directory saw {:.1} account search(es) and {:.1} bind(s) as the member",
+        with.as_secs_f64() / without.as_secs_f64(),
+        with.saturating_sub(without),
+        per_enter(slapd.searches_with("filter=\"(uid=alice)\"") - searches),
+        per_enter(slapd.binds_of(&dn("alice")) - binds),
+    );
+    v.stop();
+}
