@@ -553,7 +553,7 @@ fn survey_enter_with_and_without_the_source() {
     v.start();
     v.add_member("alice", "bob", false);
     let rounds = 10;
-    let mut measure = |v: &mut Vault| {
+    let measure = |v: &mut Vault| {
         let mut bob = v.enter_bg("bob", &[]);
         let mut times = Vec::new();
         for _ in 0..rounds {
