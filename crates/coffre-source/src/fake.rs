@@ -221,15 +221,12 @@ impl Directory for FakeDirectory {
         })
     }
 
-    fn check_password<'a>(
+    fn bind<'a>(
         &'a self,
         dn: &'a str,
         password: &'a str,
     ) -> BoxFuture<'a, Result<bool, SourceError>> {
         Box::pin(async move {
-            if password.is_empty() || dn.trim().is_empty() {
-                return Ok(false);
-            }
             let mut s = self.state();
             Self::reach(&mut s)?;
             s.binds += 1;

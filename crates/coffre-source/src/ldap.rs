@@ -727,19 +727,12 @@ impl Directory for LdapDirectory {
         })
     }
 
-    fn check_password<'a>(
+    fn bind<'a>(
         &'a self,
         dn: &'a str,
         password: &'a str,
     ) -> BoxFuture<'a, Result<bool, SourceError>> {
-        Box::pin(async move {
-            // An empty password (or DN) is an unauthenticated bind (RFC
-            // 4513 section 5.1.2), which many servers answer "success".
-            if password.is_empty() || dn.trim().is_empty() {
-                return Ok(false);
-            }
-            self.check_password_now(dn, password).await
-        })
+        Box::pin(self.check_password_now(dn, password))
     }
 }
 

@@ -97,8 +97,25 @@ pub trait Directory: Send + Sync {
     /// Whether `password` binds as `dn`, on a connection of its own.
     /// `Ok(false)` for a refused bind (wrong password, or an account the
     /// directory locked: both answer invalidCredentials), and for an empty
-    /// password or DN, without any network traffic.
+    /// password or DN, without any network traffic: an empty simple bind
+    /// is an unauthenticated bind (RFC 4513 section 5.1.2), which many
+    /// servers answer "success". Implementations provide
+    /// [`bind`](Directory::bind), never this.
     fn check_password<'a>(
+        &'a self,
+        dn: &'a str,
+        password: &'a str,
+    ) -> BoxFuture<'a, Result<bool, SourceError>> {
+        if password.is_empty() || dn.trim().is_empty() {
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        self.bind(dn, password)
+    }
+
+    /// A simple bind as `dn` with `password` (neither empty: callers go
+    /// through [`check_password`](Directory::check_password)), on a
+    /// connection of its own; `Ok(false)` when refused.
+    fn bind<'a>(
         &'a self,
         dn: &'a str,
         password: &'a str,
