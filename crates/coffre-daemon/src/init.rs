@@ -156,6 +156,11 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         )
     });
     check_member_name(&o.admin).map_err(InitError::Invalid)?;
+    // As for an invitation: the first superuser is served to workloads
+    // under this name too.
+    if let Some(why) = crate::server::accounts::name_taken(&o.admin) {
+        return Err(InitError::Invalid(why));
+    }
     let vd = VaultDir::new(&o.dir);
     if vd.config().exists() {
         return Err(InitError::Exists(o.dir.clone()));

@@ -253,7 +253,8 @@ impl LdapDirectory {
     }
 
     /// A TCP connection to the URL's host and port (389 for ldap://, 636
-    /// for ldaps://), TCP_NODELAY set, as a blocking std stream for ldap3.
+    /// for ldaps://), TCP_NODELAY set, as a std stream for ldap3 (which
+    /// keeps it non-blocking).
     async fn tcp(&self) -> Result<std::net::TcpStream, SourceError> {
         let url = url::Url::parse(&self.config.url)
             .map_err(|e| SourceError::Config(format!("url: {e}")))?;
@@ -264,7 +265,7 @@ impl LdapDirectory {
             .host_str()
             .filter(|h| !h.is_empty())
             .unwrap_or("localhost");
-        // An IPv6 literal keeps its brackets, as connect wants them.
+        // An IPv6 literal comes with brackets, which connect does not take.
         let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
             .await
             .map_err(|e| self.unreachable(e))?;

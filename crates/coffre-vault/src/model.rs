@@ -645,6 +645,15 @@ pub enum Event {
         /// Why, for the audit log.
         reason: String,
     },
+    /// A superuser the organisation's directory no longer lets be one (or
+    /// no longer lets in): their approvals (an unlock's, a proposal's) no
+    /// longer count. Their sessions, if any, are not touched.
+    ApprovalsWithdrawn {
+        /// The superuser.
+        member: String,
+        /// Why, for the audit log.
+        reason: String,
+    },
 }
 
 /// Why a request was refused. Clients see the code and message; the audit

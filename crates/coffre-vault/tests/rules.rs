@@ -229,11 +229,20 @@ fn a_disqualified_superusers_approvals_no_longer_count() {
         s.run("su1", Command::Unlock),
         Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
     );
-    s.handle(Event::Disqualified {
+    // Out of superusers_group (still a member): the approval goes, and it
+    // is audited.
+    assert!(s.vault.has_approvals("su1"));
+    s.handle(Event::ApprovalsWithdrawn {
         member: "su1".into(),
         reason: "not in superusers_group".into(),
     });
     assert!(s.vault.status().unlock_approvals.is_empty());
+    assert!(!s.vault.has_approvals("su1"));
+    assert!(
+        s.audit
+            .iter()
+            .any(|r| r.action == "approvals_withdrawn" && r.detail.contains("su1"))
+    );
     assert_eq!(
         s.run("su2", Command::Unlock),
         Outcome::Ok(Reply::UnlockApproved { remaining: 1 })
@@ -1106,6 +1115,8 @@ enum Op {
     Approve(usize, usize),
     /// The organisation's directory no longer lets this member in.
     Disqualify(usize),
+    /// ... or no longer lets this superuser be one.
+    Withdraw(usize),
     /// The directory refuses (or cannot answer) the oldest check waiting.
     SourceRefuse(bool),
 }
@@ -1131,6 +1142,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::Join),
         2 => (0..4usize, 0..3usize).prop_map(|(m, which)| Op::Approve(m, which)),
         1 => (0..4usize).prop_map(Op::Disqualify),
+        1 => (0..4usize).prop_map(Op::Withdraw),
         1 => any::<bool>().prop_map(Op::SourceRefuse),
     ]
 }
@@ -1187,6 +1199,7 @@ proptest! {
                 Op::Unlock(m) => { let t = s.fresh(); s.request(&name(m), Command::Unlock, true, t); }
                 Op::Deliver => { s.deliver(); }
                 Op::Disqualify(m) => s.handle(Event::Disqualified { member: name(m), reason: "prop".into() }),
+                Op::Withdraw(m) => s.handle(Event::ApprovalsWithdrawn { member: name(m), reason: "prop".into() }),
                 Op::SourceRefuse(unreachable) => {
                     let at = s.inbox.iter().position(|e| matches!(e, Event::PasswordChecked { .. }));
                     if let Some(Event::PasswordChecked { req, .. }) = at.and_then(|i| s.inbox.remove(i)) {

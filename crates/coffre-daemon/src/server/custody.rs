@@ -278,6 +278,11 @@ impl Shell {
             Sealing::Join(joined) => {
                 let name = joined.name.clone();
                 let answer = self.join_finish(joined, result);
+                // With ids = "directory", the numbers were used (the
+                // member joined) or the join failed: either way they go.
+                if let Some(src) = self.source.as_mut() {
+                    src.numbers.remove(&name);
+                }
                 if let Some(tx) = self.joins.replies.remove(&name) {
                     let _ = tx.send(answer);
                 }

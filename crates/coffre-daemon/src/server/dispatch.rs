@@ -418,6 +418,11 @@ impl Shell {
             let effects = self.vault.handle(now_ms(), event);
             if self.vault.is_locked() && !was_locked {
                 self.lock_epoch += 1;
+                // Keys kept for an effect still to come (an open, an
+                // invitation, a password change waiting for the
+                // organisation's directory) go now: nothing uses a key
+                // while locked.
+                self.custody.kept.clear();
             }
             self.locked_flag
                 .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);

@@ -406,6 +406,14 @@ impl Shell {
         if password.is_empty() {
             return Some((400, error_json(ErrorCode::Invalid, "the password is empty")));
         }
+        // One join per invitation at a time, from here (the directory's
+        // lookup included) until the keyslot is committed or refused.
+        if !self.joins.joining.insert(name.to_string()) {
+            return Some((
+                409,
+                error_json(ErrorCode::Busy, "this invitation is being used right now"),
+            ));
+        }
         // With the organisation's directory as the source, the name must
         // qualify there first (looked up off the actor).
         let join = super::source::PendingJoin {
@@ -421,8 +429,21 @@ impl Shell {
 
     /// A join whose code the door admitted (and, with a `[directory]`,
     /// whose name qualifies there): the new keyslot is made in the pool.
-    /// `None`: the answer comes through `joins.replies`.
+    /// `None`: the answer comes through `joins.replies`; `Some`: the join
+    /// is over (refused), and the invitation free to be used again.
     pub(super) fn join_admitted(&mut self, join: super::source::PendingJoin) -> Option<Answer> {
+        let name = join.name.clone();
+        let answer = self.join_start(join);
+        if answer.is_some() {
+            self.joins.joining.remove(&name);
+            if let Some(src) = self.source.as_mut() {
+                src.numbers.remove(&name);
+            }
+        }
+        answer
+    }
+
+    fn join_start(&mut self, join: super::source::PendingJoin) -> Option<Answer> {
         let name = join.name.as_str();
         let csr = join.csr.as_str();
         let password = join.password.as_str();
@@ -490,12 +511,6 @@ impl Shell {
                 ));
             }
         };
-        if !self.joins.joining.insert(name.to_string()) {
-            return Some((
-                409,
-                error_json(ErrorCode::Busy, "this invitation is being used right now"),
-            ));
-        }
         // The new keyslot's derivation runs in the KDF pool, off the actor
         // and without the header's lock, so the daemon keeps answering
         // while it takes its seconds; the commit comes back here.

@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-mod accounts;
+pub(crate) mod accounts;
 mod audit;
 mod custody;
 mod directory;

@@ -102,6 +102,7 @@ pub(super) enum SourceMsg {
     /// An invitee's lookup.
     Invitee {
         req: ReqId,
+        epoch: u64,
         name: String,
         role: Role,
         result: Result<Option<coffre_source::Account>, SourceError>,
@@ -109,6 +110,7 @@ pub(super) enum SourceMsg {
     /// A new password's bind (passwd with `check_password`).
     NewPassword {
         req: ReqId,
+        epoch: u64,
         member: String,
         keyslot: u32,
         result: Result<bool, SourceError>,
@@ -263,7 +265,20 @@ impl Shell {
         let command = self.vault.pending_command(req);
         let safety = is_safety(command);
         let as_superuser = command.is_some_and(Command::superuser_only);
-        let password = src.config.check_password.then(|| {
+        // What never waits does not wait for a directory already known not
+        // to answer: straight to the keyslot.
+        if safety && src.failing.is_some() {
+            let mut queue = VecDeque::new();
+            self.check_password(req, member, keyslot, keep_key, &mut queue);
+            for e in queue {
+                self.run(e);
+            }
+            return;
+        }
+        // passwd binds its new password, not the old one (which the
+        // directory may already have replaced): source_passwd.
+        let binds_old = !matches!(command, Some(Command::Passwd));
+        let password = (src.config.check_password && binds_old).then(|| {
             let p = self.custody.passwords.get(&req);
             Zeroizing::new(
                 p.map(|p| String::from_utf8_lossy(p.expose()).into_owned())
@@ -312,18 +327,57 @@ impl Shell {
             SourceMsg::Checked { result } => self.source_checked(result),
             SourceMsg::Invitee {
                 req,
+                epoch,
                 name,
                 role,
                 result,
-            } => self.source_invitee(req, name, role, result),
+            } => {
+                if !self.source_locked_meanwhile(req, epoch, "member_invite") {
+                    self.source_invitee(req, name, role, result)
+                }
+            }
             SourceMsg::NewPassword {
                 req,
+                epoch,
                 member,
                 keyslot,
                 result,
-            } => self.source_new_password(req, member, keyslot, result),
+            } => {
+                if !self.source_locked_meanwhile(req, epoch, "passwd") {
+                    self.source_new_password(req, member, keyslot, result)
+                }
+            }
             SourceMsg::Joiner { join, result } => self.source_joiner(*join, result),
         }
+    }
+
+    /// An invitation or a password change whose key waited for the
+    /// directory while the vault was locked (even if unlocked since): the
+    /// key goes (a lock already wiped it), nothing is made, and the member
+    /// is told. Returns whether it was so.
+    fn source_locked_meanwhile(&mut self, req: ReqId, epoch: u64, action: &'static str) -> bool {
+        if !self.vault.is_locked() && epoch == self.lock_epoch {
+            return false;
+        }
+        self.custody.kept.remove(&req);
+        self.custody.new_passwords.remove(&req);
+        self.system_audit(
+            action,
+            "refused:locked",
+            "the vault was locked while the organisation's directory was asked; nothing made"
+                .into(),
+        );
+        self.answer(
+            req,
+            (
+                409,
+                error_json(
+                    ErrorCode::Locked,
+                    "the vault was locked meanwhile: nothing was changed",
+                ),
+            ),
+        );
+        true
     }
 
     /// Notes an answer, or a failure to answer, for the status and the
@@ -374,12 +428,22 @@ impl Shell {
         result: Result<Option<coffre_source::Account>, SourceError>,
     ) {
         self.source_health(result.as_ref().err());
+        // Locked while the directory answered: the keyslot is still checked
+        // (an unlock approval needs it), but no key is kept.
+        let keep_key = keep_key && !self.vault.is_locked();
         let go_on = |this: &mut Self, bind: Option<PendingBind>| {
             if let (Some(b), Some(src)) = (bind, this.source.as_mut()) {
                 src.binds.insert(req, b);
             }
             let mut queue = VecDeque::new();
             this.check_password(req, member.clone(), keyslot, keep_key, &mut queue);
+            // Refused before any derivation (no token binds the member any
+            // more): no bind will follow.
+            if !queue.is_empty()
+                && let Some(src) = this.source.as_mut()
+            {
+                src.binds.remove(&req);
+            }
             for e in queue {
                 this.run(e);
             }
@@ -549,10 +613,24 @@ impl Shell {
                     ),
                 });
             }
-            if let Verdict::Refused(why) = &verdict
-                && inside.contains(&name)
-            {
-                out.push((name.clone(), why.clone()));
+            match &verdict {
+                Verdict::Refused(why) if inside.contains(&name) => {
+                    out.push((name.clone(), why.clone(), true));
+                }
+                // Not inside, or no longer a superuser: an approval they
+                // gave (perhaps while the directory did not answer) stops
+                // counting toward the quorum.
+                Verdict::Refused(why) if self.vault.has_approvals(&name) => {
+                    out.push((name.clone(), why.clone(), false));
+                }
+                Verdict::Qualifies { superuser: false } if self.vault.has_approvals(&name) => {
+                    out.push((
+                        name.clone(),
+                        "the account is not in superusers_group".into(),
+                        false,
+                    ));
+                }
+                _ => {}
             }
             src.verdicts.insert(name, verdict);
         }
@@ -561,10 +639,12 @@ impl Shell {
         if !changes.is_empty() {
             self.system_audit("directory_source", "ok", changes.join("; "));
         }
-        for (member, why) in out {
-            self.run(Event::Disqualified {
-                member,
-                reason: format!("the organisation's directory: {why}"),
+        for (member, why, inside) in out {
+            let reason = format!("the organisation's directory: {why}");
+            self.run(if inside {
+                Event::Disqualified { member, reason }
+            } else {
+                Event::ApprovalsWithdrawn { member, reason }
             });
         }
     }
@@ -577,10 +657,12 @@ impl Shell {
         let directory = src.directory.clone();
         let url = src.config.url.clone();
         let tx = self.tx.clone();
+        let epoch = self.lock_epoch;
         tokio::spawn(async move {
             let result = ask(directory.lookup(&name), &url).await;
             let _ = tx.send(Msg::Source(Box::new(SourceMsg::Invitee {
                 req,
+                epoch,
                 name,
                 role,
                 result,
@@ -661,6 +743,7 @@ impl Shell {
         let directory = src.directory.clone();
         let url = src.config.url.clone();
         let tx = self.tx.clone();
+        let epoch = self.lock_epoch;
         tokio::spawn(async move {
             let result = match ask(directory.lookup(&member), &url).await {
                 Ok(Some(a)) => ask(directory.check_password(&a.dn, &new), &url).await,
@@ -670,6 +753,7 @@ impl Shell {
             drop(new);
             let _ = tx.send(Msg::Source(Box::new(SourceMsg::NewPassword {
                 req,
+                epoch,
                 member,
                 keyslot,
                 result,
@@ -765,6 +849,13 @@ impl Shell {
         {
             return Some(why);
         }
+        if let Some((other, _)) = src
+            .numbers
+            .iter()
+            .find(|(n, (u, _))| n.as_str() != name && *u == uid)
+        {
+            return Some(format!("uidNumber {uid} is also {other}'s, who is joining"));
+        }
         src.numbers.insert(name.to_string(), (uid, gid));
         None
     }
@@ -826,10 +917,16 @@ impl Shell {
                 Some((status, error_json(code, message)))
             }
         };
-        if let Some(answer) = answer
-            && let Some(tx) = self.joins.replies.remove(&name)
-        {
-            let _ = tx.send(answer);
+        if let Some(answer) = answer {
+            // Over: the invitation may be used again (join_admitted
+            // released it already when it refused).
+            self.joins.joining.remove(&name);
+            if let Some(src) = self.source.as_mut() {
+                src.numbers.remove(&name);
+            }
+            if let Some(tx) = self.joins.replies.remove(&name) {
+                let _ = tx.send(answer);
+            }
         }
     }
 }

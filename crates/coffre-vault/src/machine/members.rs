@@ -85,10 +85,25 @@ impl Vault {
             "cancelled: owner no longer qualifies in the organisation's directory",
             |t| t.owner == name,
         );
+        self.withdraw_approvals(out, name, reason);
+    }
+
+    /// `name`'s approvals no longer count (audited when there were some).
+    pub(super) fn withdraw_approvals(&mut self, out: &mut Out, name: &str, reason: &str) {
+        if !self.has_approvals(name) {
+            return;
+        }
         self.approvals.remove(name);
         for p in self.proposals.values_mut() {
             p.approvals.remove(name);
         }
+        out.audit(
+            SYSTEM,
+            None,
+            "approvals_withdrawn",
+            "ok",
+            format!("{name}: {reason}"),
+        );
     }
 
     pub(super) fn member_joined(&mut self, out: &mut Out, member: Member) {

@@ -160,6 +160,16 @@ impl Vault {
         self.sessions.get(&id).map(|s| s.member.as_str())
     }
 
+    /// Whether `member` has an approval that counts (an unlock's, a
+    /// proposal's).
+    pub fn has_approvals(&self, member: &str) -> bool {
+        self.approvals.contains_key(member)
+            || self
+                .proposals
+                .values()
+                .any(|p| p.approvals.contains_key(member))
+    }
+
     /// Members by name.
     pub fn members(&self) -> &BTreeMap<String, Member> {
         &self.p.members
@@ -233,6 +243,9 @@ impl Vault {
                 detail,
             } => self.source_refused(&mut out, req, unreachable, &detail),
             Event::Disqualified { member, reason } => self.disqualified(&mut out, &member, &reason),
+            Event::ApprovalsWithdrawn { member, reason } => {
+                self.withdraw_approvals(&mut out, &member, &reason)
+            }
         }
         self.reevaluate(&mut out);
         out.effects

@@ -352,18 +352,32 @@ fn first_superuser_can_join_from_their_own_machine() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vault");
-    let inv = tmp.path().join("root.invitation");
+    let inv = tmp.path().join("ruth.invitation");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    // A name guests' systems have is refused (the first superuser is
+    // served to workloads under it, like any member).
+    let out = std::process::Command::new(BIN)
+        .args(["init", dir.to_str().unwrap(), "--admin", "root", "--invite"])
+        .arg(&inv)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("guest systems or hosts have"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("config.toml").exists());
     let out = std::process::Command::new(BIN)
         .args([
             "init",
             dir.to_str().unwrap(),
             "--admin",
-            "root",
+            "ruth",
             "--invite",
             inv.to_str().unwrap(),
             "--size",
@@ -394,28 +408,28 @@ fn first_superuser_can_join_from_their_own_machine() {
         netns: None,
     };
     v.start();
-    let out = v.join("root", &inv);
+    let out = v.join("ruth", &inv);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let secret = secret_from(&String::from_utf8(out.stdout).unwrap());
-    let identity = v.tmp.path().join("root.identity");
-    let password = v.tmp.path().join("root.pw");
+    let identity = v.tmp.path().join("ruth.identity");
+    let password = v.tmp.path().join("ruth.pw");
     v.members.push(Member {
-        name: "root".into(),
+        name: "ruth".into(),
         identity,
         password,
         secret,
         last_step: 0,
     });
-    let mut e = v.enter_bg("root", &[]);
-    assert_eq!(v.status("root")["state"], "open");
-    v.cli("root", &["leave"]);
+    let mut e = v.enter_bg("ruth", &[]);
+    assert_eq!(v.status("ruth")["state"], "open");
+    v.cli("ruth", &["leave"]);
     wait_exit(&mut e, Duration::from_secs(10));
-    // The root can invite: they are a superuser.
-    v.add_member("root", "eve", false);
+    // The first superuser can invite.
+    v.add_member("ruth", "eve", false);
 }
 
 /// Keyslots in the vault's header (the daemon must be stopped).

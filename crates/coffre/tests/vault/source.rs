@@ -373,6 +373,23 @@ fn who_may_enter_be_invited_and_join() {
         0,
         "the old password still opens"
     );
+    // The right order: the directory's password first, then the vault's.
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: userPassword\nuserPassword: bob's new password\n",
+        dn("bob")
+    ));
+    let out = v.authed(
+        "bob",
+        &["passwd", "--new-password-file", new.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let pw = v.member("bob").password.clone();
+    std::fs::write(&pw, "bob's new password").unwrap();
+    assert_eq!(
+        enter_once(&mut v, "bob").0,
+        0,
+        "the new password opens and binds"
+    );
 
     // Unreachable: nobody enters, with a message that says why; a lock
     // and the unlock go on.
