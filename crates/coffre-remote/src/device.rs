@@ -1,0 +1,277 @@
+//! [`RemoteDevice`]: a block device on a [`ChunkStore`], for the data
+//! path (the LUKS2 engine reads and writes sectors; this turns them into
+//! chunks).
+//!
+//! Writes go to a buffer of chunks in memory (ciphertext only) and are
+//! uploaded when it fills or at [`flush`](BlockDevice::flush), which then
+//! writes the manifest and keeps its root (through `on_root`) before it
+//! returns: a flush that returned is durable on the store and recorded
+//! locally. What was written and not flushed is lost if the process dies,
+//! as a disk's cache is (ext4 flushes at each journal commit and fsync).
+//! A write-back cache on local disk that survives a crash is the next
+//! step (issue 17).
+//!
+//! Every method blocks on the device's own runtime: call it from a
+//! thread, never from inside an async task.
+
+use crate::RemoteError;
+use crate::layout::Root;
+use crate::store::ChunkStore;
+use coffre_storage::BlockDevice;
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Mutex;
+
+/// Called with each new root, before a flush returns: keep it in the
+/// control directory.
+pub type OnRoot = Box<dyn Fn(Root) -> io::Result<()> + Send + Sync>;
+
+/// A block device on an object store.
+pub struct RemoteDevice {
+    rt: tokio::runtime::Runtime,
+    state: Mutex<State>,
+    on_root: OnRoot,
+    size: u64,
+    chunk: u64,
+}
+
+struct Cached {
+    data: Vec<u8>,
+    dirty: bool,
+    used: u64,
+}
+
+struct State {
+    store: ChunkStore,
+    cache: BTreeMap<u64, Cached>,
+    bytes: usize,
+    limit: usize,
+    clock: u64,
+}
+
+impl std::fmt::Debug for RemoteDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteDevice")
+            .field("size", &self.size)
+            .field("chunk", &self.chunk)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RemoteDevice {
+    /// A device on `store`, keeping at most `cache_limit` bytes of chunks
+    /// in memory (at least two chunks).
+    pub fn new(store: ChunkStore, cache_limit: usize, on_root: OnRoot) -> io::Result<Self> {
+        let g = store.geometry();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coffre-remote")
+            .enable_all()
+            .build()?;
+        let chunk = u64::from(g.chunk_size);
+        let floor = usize::try_from(2 * chunk).unwrap_or(usize::MAX);
+        Ok(RemoteDevice {
+            rt,
+            state: Mutex::new(State {
+                store,
+                cache: BTreeMap::new(),
+                bytes: 0,
+                limit: cache_limit.max(floor),
+                clock: 0,
+            }),
+            on_root,
+            size: g.size,
+            chunk,
+        })
+    }
+
+    /// The durable root.
+    pub fn root(&self) -> Root {
+        lock(&self.state).store.root()
+    }
+
+    fn range_check(&self, offset: u64, len: usize) -> io::Result<()> {
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{len} bytes at {offset} are past the volume's end ({})",
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands a root the store settled as durable to `on_root`.
+    fn keep_new_root(&self, s: &mut State) -> io::Result<()> {
+        match s.store.take_new_root() {
+            Some(root) => (self.on_root)(root),
+            None => Ok(()),
+        }
+    }
+
+    /// Uploads every dirty chunk (not yet durable: see `flush`).
+    fn upload(&self, s: &mut State) -> io::Result<()> {
+        let dirty: Vec<(u64, Vec<u8>)> = s
+            .cache
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(i, c)| (*i, c.data.clone()))
+            .collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let indices: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
+        let r = self.rt.block_on(s.store.write_chunks(dirty));
+        self.keep_new_root(s)?;
+        r.map_err(RemoteError::into_io)?;
+        for i in indices {
+            if let Some(c) = s.cache.get_mut(&i) {
+                c.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the buffer under its limit: clean chunks go first, least
+    /// recently used first; dirty ones are uploaded when nothing clean is
+    /// left to drop.
+    fn shrink(&self, s: &mut State) -> io::Result<()> {
+        while s.bytes > s.limit {
+            let victim = s
+                .cache
+                .iter()
+                .filter(|(_, c)| !c.dirty)
+                .min_by_key(|(_, c)| c.used)
+                .map(|(i, _)| *i);
+            match victim {
+                Some(i) => {
+                    if let Some(c) = s.cache.remove(&i) {
+                        s.bytes -= c.data.len();
+                    }
+                }
+                None => self.upload(s)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk `index` in the buffer (read from the store if absent).
+    fn chunk_mut<'s>(&self, s: &'s mut State, index: u64) -> io::Result<&'s mut Cached> {
+        s.clock += 1;
+        let now = s.clock;
+        if !s.cache.contains_key(&index) {
+            let data = self
+                .rt
+                .block_on(s.store.read_chunk(index))
+                .map_err(RemoteError::into_io)?;
+            s.bytes += data.len();
+            s.cache.insert(
+                index,
+                Cached {
+                    data,
+                    dirty: false,
+                    used: now,
+                },
+            );
+        }
+        let c = s
+            .cache
+            .get_mut(&index)
+            .ok_or_else(|| io::Error::other("chunk vanished from the buffer"))?;
+        c.used = now;
+        Ok(c)
+    }
+}
+
+impl BlockDevice for RemoteDevice {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.range_check(offset, buf.len())?;
+        let mut s = lock(&self.state);
+        // Room first (the read may add what it reads: one request's worth).
+        self.shrink(&mut s)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / self.chunk;
+            let within = usize::try_from(pos % self.chunk).unwrap_or(0);
+            let c = self.chunk_mut(&mut s, index)?;
+            let n = (c.data.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&c.data[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// All or nothing: room is made and every chunk a partial write needs
+    /// is read before any byte of the buffer changes, so a write that
+    /// fails (the store unreachable) changed nothing.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.range_check(offset, buf.len())?;
+        let mut s = lock(&self.state);
+        self.shrink(&mut s)?;
+        // The pieces: (chunk, offset within it, bytes of buf).
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / self.chunk;
+            let within = usize::try_from(pos % self.chunk).unwrap_or(0);
+            let len = s.store.geometry().chunk_len(index);
+            let n = (len - within).min(buf.len() - done);
+            pieces.push((index, within, done..done + n, len));
+            done += n;
+        }
+        for (index, within, range, len) in &pieces {
+            if !(*within == 0 && range.len() == *len) {
+                self.chunk_mut(&mut s, *index)?;
+            }
+        }
+        for (index, within, range, len) in pieces {
+            s.clock += 1;
+            let used = s.clock;
+            match s.cache.get_mut(&index) {
+                Some(c) => {
+                    c.data[within..within + range.len()].copy_from_slice(&buf[range]);
+                    c.dirty = true;
+                    c.used = used;
+                }
+                None => {
+                    // A whole chunk: nothing to read of what it replaces.
+                    s.bytes += len;
+                    s.cache.insert(
+                        index,
+                        Cached {
+                            data: buf[range].to_vec(),
+                            dirty: true,
+                            used,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        self.upload(&mut s)?;
+        let r = self.rt.block_on(s.store.flush());
+        if let Ok(Some(root)) = r {
+            (self.on_root)(root)?;
+        }
+        // A failed flush may still have settled an earlier manifest.
+        self.keep_new_root(&mut s)?;
+        r.map(|_| ()).map_err(RemoteError::into_io)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
+    }
+}

@@ -1,0 +1,147 @@
+//! The few operations coffre asks of an object store, and their mapping
+//! onto `object_store` (S3, GCS, Azure, local, in memory).
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// A boxed future, so that [`Objects`] can be used as `dyn Objects`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What identifies one version of an object, for a conditional put.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    /// The HTTP entity tag.
+    pub e_tag: Option<String>,
+    /// The store's version id, where it has one.
+    pub version: Option<String>,
+}
+
+/// A put's precondition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Put {
+    /// Whatever is there.
+    Overwrite,
+    /// Only if nothing is there.
+    Create,
+    /// Only if what is there is this version.
+    Update(Tag),
+}
+
+/// What went wrong with a store operation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// `Put::Create` found an object there.
+    #[error("the object already exists")]
+    AlreadyExists,
+    /// `Put::Update` found another version there.
+    #[error("the object changed (conditional put refused)")]
+    Precondition,
+    /// The store does not do this (conditional puts, most often).
+    #[error("the store does not support this: {0}")]
+    Unsupported(String),
+    /// Anything else: network, server errors, permissions.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An object store, as coffre uses it.
+pub trait Objects: Send + Sync {
+    /// The object at `key` and its version; `None` if there is none.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>>;
+    /// Puts `data` at `key` if `mode` allows; the new version.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>>;
+    /// Deletes `key` (absent is fine).
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// [`Objects`] over an `object_store` store.
+#[derive(Clone, Debug)]
+pub struct ObjectStoreObjects {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ObjectStoreObjects {
+    /// Over `store`.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        ObjectStoreObjects { store }
+    }
+}
+
+fn map_err(e: object_store::Error) -> StoreError {
+    match e {
+        object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists,
+        object_store::Error::Precondition { .. } => StoreError::Precondition,
+        object_store::Error::NotImplemented => {
+            StoreError::Unsupported("conditional puts are not implemented".into())
+        }
+        object_store::Error::NotSupported { source } => StoreError::Unsupported(source.to_string()),
+        other => StoreError::Other(other.to_string()),
+    }
+}
+
+impl Objects for ObjectStoreObjects {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            let r = match self.store.get(&Path::from(key)).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(map_err(e)),
+            };
+            let tag = Tag {
+                e_tag: r.meta.e_tag.clone(),
+                version: r.meta.version.clone(),
+            };
+            let bytes = r.bytes().await.map_err(map_err)?;
+            Ok(Some((bytes, tag)))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            let mode = match mode {
+                Put::Overwrite => PutMode::Overwrite,
+                Put::Create => PutMode::Create,
+                Put::Update(t) => PutMode::Update(UpdateVersion {
+                    e_tag: t.e_tag,
+                    version: t.version,
+                }),
+            };
+            let r = self
+                .store
+                .put_opts(
+                    &Path::from(key),
+                    PutPayload::from(data),
+                    PutOptions::from(mode),
+                )
+                .await
+                .map_err(map_err)?;
+            Ok(Tag {
+                e_tag: r.e_tag,
+                version: r.version,
+            })
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.store.delete(&Path::from(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(map_err(e)),
+            }
+        })
+    }
+}

@@ -1,0 +1,741 @@
+//! The chunk store against `object_store`'s in-memory store (a real store
+//! implementation, in process): round trips, tampering, rollbacks of the
+//! whole store and of one chunk, a second writer fenced, a manifest put
+//! whose outcome is lost, garbage collection; and, as a property, random
+//! histories of writes, flushes, crashes and store failures, where what
+//! reads back is always what was last flushed (or an error).
+
+// Offsets and sizes here are small constants (a 512 KiB volume).
+#![allow(clippy::cast_possible_truncation)]
+
+use bytes::Bytes;
+use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
+use coffre_remote::{
+    ChunkStore, Geometry, IntegrityKey, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
+};
+use coffre_storage::BlockDevice;
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const VAULT: [u8; 16] = *b"test-vault-id-01";
+const PREFIX: &str = "team";
+const CHUNK: u32 = 64 * 1024;
+const SIZE: u64 = 8 * 65536;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A sealed integrity key, reopened for each use (as the daemon would
+/// from the control directory).
+struct Keyring {
+    sealed: Vec<u8>,
+}
+
+impl Keyring {
+    fn new() -> Self {
+        let k = IntegrityKey::generate().unwrap();
+        Keyring {
+            sealed: k.seal(b"the volume key", &VAULT).unwrap(),
+        }
+    }
+    fn key(&self) -> IntegrityKey {
+        IntegrityKey::unseal(&self.sealed, b"the volume key", &VAULT).unwrap()
+    }
+}
+
+fn geometry() -> Geometry {
+    Geometry::new(CHUNK, SIZE).unwrap()
+}
+
+fn chunk(fill: u8) -> Vec<u8> {
+    vec![fill; CHUNK as usize]
+}
+
+/// Every object in the store, by name.
+async fn snapshot(mem: &InMemory) -> BTreeMap<String, Bytes> {
+    let mut out = BTreeMap::new();
+    let mut list = mem.list(None);
+    while let Some(meta) = list.next().await {
+        let meta = meta.unwrap();
+        let bytes = mem
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        out.insert(meta.location.to_string(), bytes);
+    }
+    out
+}
+
+/// The store made exactly `snap` again.
+async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
+    let now = snapshot(mem).await;
+    for name in now.keys() {
+        if !snap.contains_key(name) {
+            mem.delete(&Path::from(name.as_str())).await.unwrap();
+        }
+    }
+    for (name, bytes) in snap {
+        mem.put(&Path::from(name.as_str()), PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+}
+
+/// The one object whose name starts with `start` (names end with the
+/// writer's random session).
+async fn named(mem: &InMemory, start: &str) -> Path {
+    let found: Vec<String> = snapshot(mem)
+        .await
+        .into_keys()
+        .filter(|k| k.starts_with(start))
+        .collect();
+    assert_eq!(found.len(), 1, "{start}: {found:?}");
+    Path::from(found[0].as_str())
+}
+
+fn objects(mem: &Arc<InMemory>) -> Arc<dyn Objects> {
+    Arc::new(ObjectStoreObjects::new(mem.clone()))
+}
+
+#[test]
+fn chunks_round_trip_and_never_written_ones_read_as_zeros() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, root0) =
+            ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+                .await
+                .unwrap();
+        assert_eq!(root0.epoch, 0);
+        s.write_chunks(vec![(1, chunk(1)), (5, chunk(5))])
+            .await
+            .unwrap();
+        // Written, not yet durable: visible to this writer.
+        assert_eq!(s.read_chunk(5).await.unwrap(), chunk(5));
+        let root = s.flush().await.unwrap().unwrap();
+        assert_eq!(root.epoch, 1);
+        assert_eq!(s.flush().await.unwrap(), None, "nothing changed since");
+        // A fresh open sees the same, verified.
+        let (s2, opened) =
+            ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false)
+                .await
+                .unwrap();
+        assert_eq!(opened.ahead_by, 0);
+        for i in 0..8 {
+            let want = match i {
+                1 => chunk(1),
+                5 => chunk(5),
+                _ => chunk(0),
+            };
+            assert_eq!(s2.read_chunk(i).await.unwrap(), want, "chunk {i}");
+        }
+        assert!(s2.read_chunk(8).await.is_err());
+        // The store holds the chunks as given (ciphertext in, ciphertext
+        // stored), the pages and the manifest: nothing else.
+        let snap = snapshot(&mem).await;
+        let c1 = named(&mem, "team/c/000000000001/0000000000000001.").await;
+        assert_eq!(snap[c1.as_ref()], Bytes::from(chunk(1)));
+        named(&mem, "team/p/00000000/0000000000000001.").await;
+        assert!(snap.contains_key("team/manifest"));
+        assert_eq!(snap.len(), 4, "{:?}", snap.keys().collect::<Vec<_>>());
+        // Creating again over it is refused.
+        let again = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry()).await;
+        assert!(matches!(again, Err(RemoteError::Config(_))), "{again:?}");
+    });
+}
+
+#[test]
+fn altered_swapped_or_missing_objects_never_read_back() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        let c1 = named(&mem, "team/c/000000000001/0000000000000001.").await;
+        let c2 = named(&mem, "team/c/000000000002/0000000000000001.").await;
+        // One flipped byte.
+        let mut bad = chunk(1);
+        bad[100] ^= 1;
+        mem.put(&c1, PutPayload::from(bad)).await.unwrap();
+        assert!(matches!(
+            s.read_chunk(1).await,
+            Err(RemoteError::Tampered(_))
+        ));
+        // Chunk 2's bytes served as chunk 1.
+        mem.put(&c1, PutPayload::from(chunk(2))).await.unwrap();
+        assert!(matches!(
+            s.read_chunk(1).await,
+            Err(RemoteError::Tampered(_))
+        ));
+        // Missing.
+        mem.delete(&c2).await.unwrap();
+        assert!(matches!(
+            s.read_chunk(2).await,
+            Err(RemoteError::Tampered(_))
+        ));
+        // A page or the manifest altered: the open is refused.
+        let page = named(&mem, "team/p/00000000/0000000000000001.").await;
+        let mut p = mem
+            .get(&page)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        p[30] ^= 1;
+        mem.put(&page, PutPayload::from(p)).await.unwrap();
+        let r = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false).await;
+        assert!(matches!(r, Err(RemoteError::Tampered(_))), "{r:?}");
+        let m = Path::from("team/manifest");
+        let mut b = mem.get(&m).await.unwrap().bytes().await.unwrap().to_vec();
+        b[40] ^= 1;
+        mem.put(&m, PutPayload::from(b)).await.unwrap();
+        let r = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false).await;
+        assert!(matches!(r, Err(RemoteError::Tampered(_))), "{r:?}");
+        // Another vault's key: nothing verifies.
+        let other = IntegrityKey::generate().unwrap();
+        let r = ChunkStore::open(objects(&mem), PREFIX, VAULT, other, None, false).await;
+        assert!(matches!(r, Err(RemoteError::Tampered(_))), "{r:?}");
+    });
+}
+
+#[test]
+fn a_whole_store_rolled_back_is_refused_at_open() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        s.flush().await.unwrap();
+        // Yesterday's bucket: consistent, authentic, older.
+        let yesterday = snapshot(&mem).await;
+        s.write_chunks(vec![(0, chunk(2))]).await.unwrap();
+        let today = s.flush().await.unwrap().unwrap();
+        assert_eq!(today.epoch, 2);
+        restore(&mem, &yesterday).await;
+        let r =
+            ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(today), false).await;
+        assert_eq!(
+            r.as_ref().err(),
+            Some(&RemoteError::Rollback { store: 1, local: 2 })
+        );
+        assert!(r.err().unwrap().to_string().contains("rolled back"));
+        // Without the local root (a lost control directory) it would open:
+        // that is what the root protects. --trust-store-epoch opens it
+        // knowingly.
+        let (s1, opened) =
+            ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(today), true)
+                .await
+                .unwrap();
+        assert_eq!(opened.root.epoch, 1);
+        assert_eq!(s1.read_chunk(0).await.unwrap(), chunk(1));
+        // The same epoch with another manifest: a fork.
+        let forged = Root {
+            epoch: 1,
+            mac: [9; 32],
+        };
+        let r = ChunkStore::open(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(forged),
+            false,
+        )
+        .await;
+        assert_eq!(r.err(), Some(RemoteError::Forked { epoch: 1 }));
+        // An empty bucket where the vault wrote: said so.
+        restore(&mem, &BTreeMap::new()).await;
+        let r =
+            ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(today), false).await;
+        assert_eq!(r.err(), Some(RemoteError::Empty { local: Some(2) }));
+    });
+}
+
+#[test]
+fn one_chunk_rolled_back_is_refused_on_read() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(3, chunk(1))]).await.unwrap();
+        s.flush().await.unwrap();
+        let old = mem
+            .get(&named(&mem, "team/c/000000000003/0000000000000001.").await)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        s.write_chunks(vec![(3, chunk(2))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        // The provider serves the old version under the new name.
+        mem.put(
+            &named(&mem, "team/c/000000000003/0000000000000002.").await,
+            PutPayload::from(old),
+        )
+        .await
+        .unwrap();
+        let (s2, _) = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            s2.read_chunk(3).await,
+            Err(RemoteError::Tampered(_))
+        ));
+        // And an old page under the new page's name fails the open.
+        let p1 = mem
+            .get(&named(&mem, "team/p/00000000/0000000000000001.").await)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        mem.put(
+            &named(&mem, "team/p/00000000/0000000000000002.").await,
+            PutPayload::from(p1),
+        )
+        .await
+        .unwrap();
+        let r = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false).await;
+        assert!(matches!(r, Err(RemoteError::Tampered(_))), "{r:?}");
+    });
+}
+
+#[test]
+fn a_second_writer_is_fenced() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut a, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        a.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        let ra = a.flush().await.unwrap().unwrap();
+        // B opens after A's manifest (another host with the same vault),
+        // writes and flushes first.
+        let (mut b, _) =
+            ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(ra), false)
+                .await
+                .unwrap();
+        b.write_chunks(vec![(1, chunk(2))]).await.unwrap();
+        let rb = b.flush().await.unwrap().unwrap();
+        // A's next flush finds B's manifest: fenced, loudly, for good.
+        a.write_chunks(vec![(2, chunk(3))]).await.unwrap();
+        assert_eq!(a.flush().await, Err(RemoteError::Fenced));
+        assert!(a.is_fenced());
+        assert_eq!(
+            a.write_chunks(vec![(2, chunk(3))]).await,
+            Err(RemoteError::Fenced)
+        );
+        // B's state is what the store holds; A's last chunk never counted.
+        let (s, _) = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(rb), false)
+            .await
+            .unwrap();
+        assert_eq!(s.read_chunk(1).await.unwrap(), chunk(2));
+        assert_eq!(s.read_chunk(2).await.unwrap(), chunk(0));
+    });
+}
+
+/// Faults around a real store: the next `fail_before` operations fail
+/// before reaching it; with `lose_manifest_reply`, the next manifest put
+/// reaches it and its answer is lost.
+struct Faulty {
+    inner: Arc<dyn Objects>,
+    fail_before: AtomicU32,
+    lose_manifest_reply: AtomicU32,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn Objects>) -> Arc<Self> {
+        Arc::new(Faulty {
+            inner,
+            fail_before: AtomicU32::new(0),
+            lose_manifest_reply: AtomicU32::new(0),
+        })
+    }
+    fn failing(&self) -> bool {
+        self.fail_before
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+impl Objects for Faulty {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            if self.failing() {
+                return Err(StoreError::Other("injected: connection reset".into()));
+            }
+            self.inner.get(key).await
+        })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            if self.failing() {
+                return Err(StoreError::Other("injected: 503".into()));
+            }
+            let r = self.inner.put(key, data, mode).await;
+            if key.ends_with("manifest")
+                && self
+                    .lose_manifest_reply
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(StoreError::Other("injected: reply lost".into()));
+            }
+            r
+        })
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if self.failing() {
+                return Err(StoreError::Other("injected: timeout".into()));
+            }
+            self.inner.delete(key).await
+        })
+    }
+}
+
+#[test]
+fn a_manifest_put_whose_answer_is_lost_is_settled_before_anything_else() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let faulty = Faulty::new(objects(&mem));
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(faulty.clone(), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        faulty.lose_manifest_reply.store(1, Ordering::SeqCst);
+        assert!(matches!(s.flush().await, Err(RemoteError::Store(_))));
+        // It did happen: the next write settles that first, and writes
+        // under the next epoch (never over a chunk the store's manifest
+        // names).
+        s.write_chunks(vec![(0, chunk(2))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        assert_eq!(root.epoch, 2);
+        let (s2, _) = ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false)
+            .await
+            .unwrap();
+        assert_eq!(s2.read_chunk(0).await.unwrap(), chunk(2));
+        // A put that failed before reaching the store: retried as is.
+        s.write_chunks(vec![(1, chunk(3))]).await.unwrap();
+        faulty.fail_before.store(1, Ordering::SeqCst);
+        assert!(s.flush().await.is_err());
+        let root = s.flush().await.unwrap().unwrap();
+        assert_eq!(root.epoch, 3);
+    });
+}
+
+#[test]
+fn superseded_versions_are_deleted_after_the_grace_period() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        for fill in 1..=3 {
+            s.write_chunks(vec![(0, chunk(fill))]).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let before = snapshot(&mem).await.len();
+        // Within the grace period nothing goes.
+        assert_eq!(
+            s.collect_garbage(Duration::from_secs(3600)).await.unwrap(),
+            0
+        );
+        assert_eq!(snapshot(&mem).await.len(), before);
+        // Then the two older chunk versions and two older pages go.
+        assert_eq!(s.collect_garbage(Duration::ZERO).await.unwrap(), 4);
+        let names: Vec<String> = snapshot(&mem).await.into_keys().collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        named(&mem, "team/c/000000000000/0000000000000003.").await;
+        named(&mem, "team/p/00000000/0000000000000003.").await;
+        let (s2, _) = ChunkStore::open(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(s.root()),
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s2.read_chunk(0).await.unwrap(), chunk(3));
+    });
+}
+
+/// A store that says yes to everything, conditions included: refused.
+struct Unconditional(Mutex<BTreeMap<String, Bytes>>);
+
+impl Objects for Unconditional {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            Ok(self.0.lock().unwrap().get(key).map(|b| {
+                (
+                    b.clone(),
+                    Tag {
+                        e_tag: Some("x".into()),
+                        version: None,
+                    },
+                )
+            }))
+        })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        _mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            self.0.lock().unwrap().insert(key.to_string(), data);
+            Ok(Tag {
+                e_tag: Some("x".into()),
+                version: None,
+            })
+        })
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.0.lock().unwrap().remove(key);
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_store_without_conditional_writes_is_refused() {
+    let rt = rt();
+    let keys = Keyring::new();
+    let store: Arc<dyn Objects> = Arc::new(Unconditional(Mutex::new(BTreeMap::new())));
+    let r = rt.block_on(ChunkStore::create(
+        store,
+        PREFIX,
+        VAULT,
+        keys.key(),
+        geometry(),
+    ));
+    assert!(
+        matches!(r, Err(RemoteError::NoConditionalWrites(_))),
+        "{r:?}"
+    );
+    // The in-memory store honours them.
+    let mem = Arc::new(InMemory::new());
+    rt.block_on(coffre_remote::store::check_conditional_writes(
+        objects(&mem).as_ref(),
+        &coffre_remote::layout::Keys::new(PREFIX),
+    ))
+    .unwrap();
+    assert!(
+        rt.block_on(snapshot(&mem)).is_empty(),
+        "the probe is cleaned up"
+    );
+}
+
+#[test]
+fn the_device_reads_what_was_written_across_chunks_and_keeps_its_root() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let store = rt()
+        .block_on(ChunkStore::create(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            geometry(),
+        ))
+        .unwrap()
+        .0;
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let kept = roots.clone();
+    // A buffer of two chunks: writes spill to the store before the flush.
+    let dev = RemoteDevice::new(
+        store,
+        2 * CHUNK as usize,
+        Box::new(move |r| {
+            kept.lock().unwrap().push(r);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let writes: [(u64, usize, u8); 5] = [
+        (100, 10, 1),
+        (65530, 20, 2),
+        (3 * 65536, 65536, 3),
+        (5 * 65536 - 4096, 3 * 4096, 4),
+        (SIZE - 512, 512, 5),
+    ];
+    for (off, len, fill) in writes {
+        let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+        dev.write_at(off, &data).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    let mut all = vec![0u8; SIZE as usize];
+    dev.read_at(0, &mut all).unwrap();
+    assert!(all == model);
+    assert!(dev.write_at(SIZE - 1, &[0, 0]).is_err(), "past the end");
+    dev.flush().unwrap();
+    let root = *roots.lock().unwrap().last().unwrap();
+    assert_eq!(root, dev.root());
+    // What the store holds now, opened afresh, is the model.
+    drop(dev);
+    let store = rt()
+        .block_on(ChunkStore::open(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    let dev = RemoteDevice::new(store, 1 << 20, Box::new(|_| Ok(()))).unwrap();
+    let mut all = vec![0u8; SIZE as usize];
+    dev.read_at(0, &mut all).unwrap();
+    assert!(all == model);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { off: u64, len: usize, fill: u8 },
+    Flush,
+    Crash,
+    Fail(u32),
+    LoseManifestReply,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..SIZE, 1..100_000usize, any::<u8>()).prop_map(|(off, len, fill)| {
+            let len = len.min((SIZE - off) as usize);
+            Op::Write { off, len, fill }
+        }),
+        3 => Just(Op::Flush),
+        1 => Just(Op::Crash),
+        2 => (1..4u32).prop_map(Op::Fail),
+        1 => Just(Op::LoseManifestReply),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random histories over a store that fails: after a crash (the
+    /// process gone, its buffer lost) the volume reads back as it was at
+    /// the last flush that returned, or at a flush that failed since
+    /// (its manifest put landed, the answer was lost); before a crash, as
+    /// written by the writes that returned (one that fails changes
+    /// nothing). A read never returns other bytes.
+    #[test]
+    fn reads_are_what_was_flushed_or_an_error(ops in proptest::collection::vec(op(), 1..40)) {
+        let mem = Arc::new(InMemory::new());
+        let keys = Keyring::new();
+        let faulty = Faulty::new(objects(&mem));
+        let store = rt()
+            .block_on(ChunkStore::create(faulty.clone(), PREFIX, VAULT, keys.key(), geometry()))
+            .unwrap()
+            .0;
+        let root = Arc::new(Mutex::new(store.root()));
+        let keep = |root: &Arc<Mutex<Root>>| -> coffre_remote::device::OnRoot {
+            let r = root.clone();
+            Box::new(move |new| {
+                *r.lock().unwrap() = new;
+                Ok(())
+            })
+        };
+        let mut dev = RemoteDevice::new(store, 3 * CHUNK as usize, keep(&root)).unwrap();
+        // What was written (the device's view), what the last returned
+        // flush made durable, and what each flush that failed since may
+        // have made durable (its manifest put reached the store and the
+        // answer was lost).
+        let mut written = vec![0u8; SIZE as usize];
+        let mut durable = written.clone();
+        let mut maybe: Vec<Vec<u8>> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Write { off, len, fill } => {
+                    let data = vec![fill; len];
+                    // A write that fails changes nothing.
+                    if dev.write_at(off, &data).is_ok() {
+                        written[off as usize..off as usize + len].copy_from_slice(&data);
+                    }
+                }
+                Op::Flush => match dev.flush() {
+                    Ok(()) => {
+                        durable = written.clone();
+                        maybe.clear();
+                    }
+                    Err(_) => maybe.push(written.clone()),
+                },
+                Op::Fail(n) => faulty.fail_before.store(n, Ordering::SeqCst),
+                Op::LoseManifestReply => faulty.lose_manifest_reply.store(1, Ordering::SeqCst),
+                Op::Crash => {
+                    faulty.fail_before.store(0, Ordering::SeqCst);
+                    faulty.lose_manifest_reply.store(0, Ordering::SeqCst);
+                    drop(dev);
+                    let local = *root.lock().unwrap();
+                    let (store, opened) = rt()
+                        .block_on(ChunkStore::open(faulty.clone(), PREFIX, VAULT, keys.key(), Some(local), false))
+                        .unwrap();
+                    prop_assert!(opened.ahead_by <= 1);
+                    *root.lock().unwrap() = opened.root;
+                    dev = RemoteDevice::new(store, 3 * CHUNK as usize, keep(&root)).unwrap();
+                    let mut now = vec![0u8; SIZE as usize];
+                    dev.read_at(0, &mut now).unwrap();
+                    let ok = now == durable || maybe.contains(&now);
+                    prop_assert!(ok, "after a crash the volume is neither the last flushed state nor the one whose flush answer was lost");
+                    durable = now.clone();
+                    written = now;
+                    maybe.clear();
+                }
+            }
+            // Whatever happened, a read never returns other bytes than the
+            // device's own view.
+            let mut now = vec![0u8; SIZE as usize];
+            if dev.read_at(0, &mut now).is_ok() {
+                prop_assert!(now == written);
+            }
+        }
+    }
+}
