@@ -30,6 +30,7 @@ pub mod device;
 pub mod integrity;
 pub mod layout;
 pub mod objects;
+pub mod s3;
 pub mod store;
 
 pub use device::RemoteDevice;

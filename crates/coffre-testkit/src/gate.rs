@@ -71,6 +71,9 @@ pub enum Need {
     /// the mdb and ppolicy modules, started by tests on loopback as the
     /// organisation's directory.
     Slapd,
+    /// moto's S3 server (`moto_server`, PyPI `moto[server]`), started by
+    /// tests on loopback as an S3 store; and curl, to create its buckets.
+    Moto,
 }
 
 impl Need {
@@ -93,6 +96,7 @@ impl Need {
         Need::LdapClient,
         Need::Nslcd,
         Need::Slapd,
+        Need::Moto,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -166,6 +170,13 @@ impl Need {
                     )
                 }
             }),
+            Need::Moto => {
+                if Path::new(&moto_server()).exists() || command("moto_server", "").is_ok() {
+                    command("curl", "curl")
+                } else {
+                    Err("moto_server: pip install 'moto[server]' (scripts/install-deps puts it in /opt/coffre-test-venv when the system pip refuses)".into())
+                }
+            }
             Need::Slapd => command("slapd", "slapd")
                 .and_then(|()| command("slapadd", "slapd"))
                 .and_then(|()| {
@@ -289,6 +300,17 @@ fn may_lock_memory() -> bool {
             })
     });
     cap || limit
+}
+
+/// The `moto_server` to run: the one scripts/install-deps put in its
+/// virtualenv, or the one on PATH.
+pub fn moto_server() -> String {
+    let venv = "/opt/coffre-test-venv/bin/moto_server";
+    if Path::new(venv).exists() {
+        venv.into()
+    } else {
+        "moto_server".into()
+    }
 }
 
 #[cfg(test)]

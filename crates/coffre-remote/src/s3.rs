@@ -1,0 +1,223 @@
+//! S3 and S3-compatible stores, through `object_store`.
+//!
+//! `s3://BUCKET/PREFIX`; the endpoint (for a store that is not AWS), the
+//! region and plain HTTP (test servers only) are settings. Credentials come
+//! from the usual AWS environment variables, or from a file of
+//! `KEY=VALUE` lines (`aws_access_key_id`, `aws_secret_access_key`,
+//! optionally `aws_session_token`) that must be mode 0600: never from the
+//! command line.
+
+use crate::RemoteError;
+use crate::objects::{ObjectStoreObjects, Objects};
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Where and how to reach an S3 store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// The endpoint, for a store that is not AWS (`http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    /// The region (default `us-east-1`).
+    pub region: Option<String>,
+    /// Plain HTTP allowed (test servers on loopback only).
+    pub allow_http: bool,
+}
+
+/// The bucket and the prefix of an `s3://` URL.
+pub fn parse_url(url: &str) -> Result<(String, String), RemoteError> {
+    let bad = |why: &str| RemoteError::Config(format!("{url:?} is not an s3:// URL: {why}"));
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| bad("it must start with s3://"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    if !valid {
+        return Err(bad(
+            "the bucket name must be 3 to 63 lower-case letters, digits, dots or dashes",
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix
+        .split('/')
+        .any(|part| part == "." || part == ".." || (part.is_empty() && !prefix.is_empty()))
+        || prefix.chars().any(char::is_control)
+    {
+        return Err(bad(
+            "the prefix has an empty, . or .. part, or a control character",
+        ));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// Credentials read from a file.
+pub struct Credentials {
+    access_key_id: String,
+    secret_access_key: Zeroizing<String>,
+    session_token: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// From `path`: `KEY=VALUE` lines, `#` comments; mode 0600 or refused.
+    pub fn load(path: &Path) -> Result<Self, RemoteError> {
+        let meta = std::fs::metadata(path).map_err(|e| {
+            RemoteError::Config(format!("the credentials file {}: {e}", path.display()))
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(RemoteError::Config(format!(
+                "the credentials file {} must be mode 0600 (chmod 600 it)",
+                path.display()
+            )));
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            RemoteError::Config(format!("the credentials file {}: {e}", path.display()))
+        })?);
+        let (mut id, mut secret, mut token) = (None, None, None);
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(RemoteError::Config(format!(
+                    "the credentials file {}: a line without KEY=VALUE",
+                    path.display()
+                )));
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "aws_access_key_id" => id = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(Zeroizing::new(v.trim().to_string())),
+                "aws_session_token" => token = Some(Zeroizing::new(v.trim().to_string())),
+                other => {
+                    return Err(RemoteError::Config(format!(
+                        "the credentials file {}: unknown key {other:?}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        match (id, secret) {
+            (Some(access_key_id), Some(secret_access_key)) => Ok(Credentials {
+                access_key_id,
+                secret_access_key,
+                session_token: token,
+            }),
+            _ => Err(RemoteError::Config(format!(
+                "the credentials file {} needs aws_access_key_id and aws_secret_access_key",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// The store `settings` name, and the prefix under it. Without
+/// `credentials`, the AWS environment variables are used.
+pub fn open(
+    settings: &S3Settings,
+    credentials: Option<&Credentials>,
+) -> Result<(Arc<dyn Objects>, String), RemoteError> {
+    let (bucket, prefix) = parse_url(&settings.url)?;
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_region(
+            settings
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".into()),
+        )
+        .with_allow_http(settings.allow_http)
+        .with_conditional_put(S3ConditionalPut::ETagMatch);
+    if let Some(e) = &settings.endpoint {
+        if e.starts_with("http://") && !settings.allow_http {
+            return Err(RemoteError::Config(format!(
+                "the endpoint {e} is plain HTTP: use https://, or allow_http for a test server"
+            )));
+        }
+        b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+    }
+    if let Some(c) = credentials {
+        b = b
+            .with_access_key_id(&c.access_key_id)
+            .with_secret_access_key(c.secret_access_key.as_str());
+        if let Some(t) = &c.session_token {
+            b = b.with_token(t.as_str());
+        }
+    }
+    let store = b
+        .build()
+        .map_err(|e| RemoteError::Config(format!("S3 settings: {e}")))?;
+    Ok((Arc::new(ObjectStoreObjects::new(Arc::new(store))), prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("s3://team-bucket/vaults/team/").unwrap(),
+            ("team-bucket".into(), "vaults/team".into())
+        );
+        assert_eq!(
+            parse_url("s3://abc").unwrap(),
+            ("abc".into(), String::new())
+        );
+        for bad in [
+            "http://x/y",
+            "s3://",
+            "s3://ab",
+            "s3://Upper",
+            "s3://-abc",
+            "s3://abc/../x",
+            "s3://abc/a//b",
+            "s3://abc/a/./b",
+            "s3://under_score",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_files() {
+        let d = std::env::temp_dir().join(format!("coffre-remote-cred-{}", std::process::id()));
+        std::fs::write(
+            &d,
+            "# test\naws_access_key_id = AKIA1\naws_secret_access_key=s3cr3t\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            Credentials::load(&d)
+                .unwrap_err()
+                .to_string()
+                .contains("0600")
+        );
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Credentials::load(&d).unwrap();
+        assert_eq!(c.access_key_id, "AKIA1");
+        assert_eq!(c.secret_access_key.as_str(), "s3cr3t");
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        std::fs::write(&d, "aws_access_key_id=x\n").unwrap();
+        assert!(Credentials::load(&d).is_err());
+        std::fs::write(&d, "password=x\n").unwrap();
+        assert!(Credentials::load(&d).is_err());
+        let _ = std::fs::remove_file(&d);
+    }
+}

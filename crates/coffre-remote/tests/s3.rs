@@ -1,0 +1,183 @@
+//! The chunk store on a real S3 server: moto (`moto_server`, from PyPI),
+//! started on loopback by each test, with SigV4-signed requests from
+//! `object_store`. moto honours If-None-Match and If-Match on puts, which
+//! is what the fencing and the probe need.
+
+use coffre_remote::layout::Keys;
+use coffre_remote::s3::{self, Credentials, S3Settings};
+use coffre_remote::{ChunkStore, Geometry, IntegrityKey, RemoteError};
+use coffre_testkit::{Need, require};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VAULT: [u8; 16] = *b"s3-test-vault-01";
+
+struct Moto {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        require(&[Need::Moto]);
+        let port = coffre_testkit::process::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(coffre_testkit::gate::moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("moto.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let creds = dir.path().join("s3.credentials");
+        std::fs::write(
+            &creds,
+            "aws_access_key_id=AKIATESTCOFFRE\naws_secret_access_key=test-secret\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Moto { child, port, dir }
+    }
+
+    fn bucket(&self, name: &str) {
+        // moto creates a bucket from an unsigned PUT.
+        let out = Command::new("curl")
+            .args(["-sf", "-X", "PUT"])
+            .arg(format!("http://127.0.0.1:{}/{name}", self.port))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bucket {name}: {out:?}");
+    }
+
+    fn settings(&self, url: &str) -> S3Settings {
+        S3Settings {
+            url: url.into(),
+            endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+        }
+    }
+
+    fn credentials(&self) -> Credentials {
+        Credentials::load(&self.dir.path().join("s3.credentials")).unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn chunk(fill: u8) -> Vec<u8> {
+    vec![fill; 65536]
+}
+
+#[test]
+#[ignore = "system: moto_server"]
+fn on_s3_round_trip_rollback_and_fencing() {
+    let moto = Moto::start();
+    moto.bucket("coffre-team");
+    let rt = rt();
+    let creds = moto.credentials();
+    let (objects, prefix) =
+        s3::open(&moto.settings("s3://coffre-team/vaults/team"), Some(&creds)).unwrap();
+    assert_eq!(prefix, "vaults/team");
+    let g = Geometry::new(65536, 16 * 65536).unwrap();
+    let sealed = IntegrityKey::generate()
+        .unwrap()
+        .seal(b"vk", &VAULT)
+        .unwrap();
+    let key = || IntegrityKey::unseal(&sealed, b"vk", &VAULT).unwrap();
+    rt.block_on(async {
+        // The probe passes: moto honours conditional puts.
+        coffre_remote::store::check_conditional_writes(objects.as_ref(), &Keys::new(&prefix))
+            .await
+            .unwrap();
+        let (mut a, _) = ChunkStore::create(objects.clone(), &prefix, VAULT, key(), g)
+            .await
+            .unwrap();
+        a.write_chunks(
+            (0..16)
+                .map(|i| (i, chunk(u8::try_from(i).unwrap())))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let r1 = a.flush().await.unwrap().unwrap();
+        let (b, _) = ChunkStore::open(objects.clone(), &prefix, VAULT, key(), Some(r1), false)
+            .await
+            .unwrap();
+        for i in 0..16 {
+            assert_eq!(
+                b.read_chunk(i).await.unwrap(),
+                chunk(u8::try_from(i).unwrap())
+            );
+        }
+        // A second writer (B, opened after A's manifest) flushes first: A
+        // is fenced.
+        let (mut b, _) = ChunkStore::open(objects.clone(), &prefix, VAULT, key(), Some(r1), false)
+            .await
+            .unwrap();
+        b.write_chunks(vec![(3, chunk(33))]).await.unwrap();
+        let r2 = b.flush().await.unwrap().unwrap();
+        a.write_chunks(vec![(4, chunk(44))]).await.unwrap();
+        assert_eq!(a.flush().await, Err(RemoteError::Fenced));
+        let (c, _) = ChunkStore::open(objects.clone(), &prefix, VAULT, key(), Some(r2), false)
+            .await
+            .unwrap();
+        assert_eq!(c.read_chunk(3).await.unwrap(), chunk(33));
+        assert_eq!(c.read_chunk(4).await.unwrap(), chunk(4));
+        // Creating over it is refused; another prefix is another volume.
+        assert!(
+            ChunkStore::create(objects.clone(), &prefix, VAULT, key(), g)
+                .await
+                .is_err()
+        );
+        ChunkStore::create(objects.clone(), "vaults/other", VAULT, key(), g)
+            .await
+            .unwrap();
+        // A manifest older than the local root (yesterday's): refused.
+        let stale = coffre_remote::Root {
+            epoch: r2.epoch + 1,
+            mac: r2.mac,
+        };
+        let r = ChunkStore::open(objects.clone(), &prefix, VAULT, key(), Some(stale), false).await;
+        assert!(matches!(r, Err(RemoteError::Rollback { .. })), "{r:?}");
+    });
+    // Wrong credentials: a clear error, not a hang. (moto accepts any
+    // signature: only a missing bucket is refused.)
+    let (objects, prefix) =
+        s3::open(&moto.settings("s3://no-such-bucket/x"), Some(&creds)).unwrap();
+    let r = rt.block_on(ChunkStore::open(
+        objects,
+        &prefix,
+        VAULT,
+        key(),
+        None,
+        false,
+    ));
+    assert!(
+        matches!(
+            r,
+            Err(RemoteError::Store(_)) | Err(RemoteError::Empty { .. })
+        ),
+        "{r:?}"
+    );
+}
