@@ -32,6 +32,7 @@ pub mod layout;
 pub mod objects;
 pub mod s3;
 pub mod store;
+pub mod transfer;
 
 pub use device::RemoteDevice;
 pub use integrity::IntegrityKey;

@@ -344,6 +344,28 @@ impl ChunkStore {
             .ok_or_else(|| RemoteError::Config(format!("chunk {index} is past the volume's end")))
     }
 
+    /// Whether chunk `index` was never written (it reads as zeros).
+    pub fn is_empty_chunk(&self, index: u64) -> bool {
+        self.check_index(index)
+            .is_ok_and(|i| self.table[i].version == 0)
+    }
+
+    /// Whether the store's chunk `index` is `data` (by its MAC: no
+    /// download).
+    pub fn holds(&self, index: u64, data: &[u8]) -> bool {
+        let Ok(i) = self.check_index(index) else {
+            return false;
+        };
+        let e = self.table[i];
+        e.version != 0
+            && IntegrityKey::verify(
+                &e.mac,
+                &self
+                    .key
+                    .chunk_mac(&self.vault, (index, e.version, e.session), data),
+            )
+    }
+
     /// Chunk `index`'s ciphertext, verified (zeros if never written).
     pub async fn read_chunk(&self, index: u64) -> Result<Vec<u8>, RemoteError> {
         let i = self.check_index(index)?;
