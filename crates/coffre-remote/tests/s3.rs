@@ -284,3 +284,108 @@ fn pseudo_random(b: &mut [u8]) {
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
 }
+
+/// Throughput on moto, same run: raw puts and gets of 1 MiB objects, 16
+/// in flight, against the block device writing then reading the same
+/// amount sequentially in 1 MiB requests (its buffer 16 MiB).
+#[test]
+#[ignore = "bench: moto_server"]
+fn survey_s3_throughput() {
+    let moto = Moto::start();
+    moto.bucket("coffre-bench");
+    let rt = rt();
+    let creds = moto.credentials();
+    let (objects, prefix) = s3::open(&moto.settings("s3://coffre-bench/v"), Some(&creds)).unwrap();
+    let mib = 1usize << 20;
+    let n: u64 = 64;
+    let data: Vec<u8> = (0..mib).map(|i| u8::try_from(i % 251).unwrap()).collect();
+    let t = Instant::now();
+    rt.block_on(async {
+        for batch in (0..n).collect::<Vec<_>>().chunks(16) {
+            let puts = batch.iter().map(|i| {
+                let o = objects.clone();
+                let d = bytes::Bytes::from(data.clone());
+                async move {
+                    o.put(
+                        &format!("raw/{i}"),
+                        d,
+                        coffre_remote::objects::Put::Overwrite,
+                    )
+                    .await
+                }
+            });
+            for r in futures::future::join_all(puts).await {
+                r.unwrap();
+            }
+        }
+    });
+    let raw_put = t.elapsed();
+    let t = Instant::now();
+    rt.block_on(async {
+        for batch in (0..n).collect::<Vec<_>>().chunks(16) {
+            let gets = batch.iter().map(|i| {
+                let o = objects.clone();
+                async move { o.get(&format!("raw/{i}")).await }
+            });
+            for r in futures::future::join_all(gets).await {
+                assert_eq!(r.unwrap().unwrap().0.len(), mib);
+            }
+        }
+    });
+    let raw_get = t.elapsed();
+    let g = Geometry::new(u32::try_from(mib).unwrap(), n * mib as u64).unwrap();
+    let sealed = IntegrityKey::generate()
+        .unwrap()
+        .seal(b"vk", &VAULT)
+        .unwrap();
+    let key = || IntegrityKey::unseal(&sealed, b"vk", &VAULT).unwrap();
+    let store = rt
+        .block_on(ChunkStore::create(
+            objects.clone(),
+            &prefix,
+            VAULT,
+            key(),
+            g,
+        ))
+        .unwrap()
+        .0;
+    use coffre_storage::BlockDevice;
+    let dev = coffre_remote::RemoteDevice::new(store, 16 * mib, Box::new(|_| Ok(()))).unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        dev.write_at(i * mib as u64, &data).unwrap();
+    }
+    dev.flush().unwrap();
+    let dev_write = t.elapsed();
+    let root = dev.root();
+    drop(dev);
+    let store = rt
+        .block_on(ChunkStore::open(
+            objects.clone(),
+            &prefix,
+            VAULT,
+            key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    let dev = coffre_remote::RemoteDevice::new(store, 16 * mib, Box::new(|_| Ok(()))).unwrap();
+    let mut buf = vec![0u8; mib];
+    let t = Instant::now();
+    for i in 0..n {
+        dev.read_at(i * mib as u64, &mut buf).unwrap();
+    }
+    let dev_read = t.elapsed();
+    assert!(buf == data);
+    let mb = |d: Duration| (n as f64) / d.as_secs_f64();
+    println!(
+        "bench: s3 (moto, loopback) {n} MiB: raw put {:.0} MiB/s, device write+flush {:.0} MiB/s (ratio {:.2}); raw get {:.0} MiB/s, device read {:.0} MiB/s (ratio {:.2})",
+        mb(raw_put),
+        mb(dev_write),
+        raw_put.as_secs_f64() / dev_write.as_secs_f64(),
+        mb(raw_get),
+        mb(dev_read),
+        raw_get.as_secs_f64() / dev_read.as_secs_f64(),
+    );
+}
