@@ -108,12 +108,14 @@ impl RemoteDevice {
         Ok(())
     }
 
-    /// Hands a root the store settled as durable to `on_root`.
+    /// Hands a root the store made durable to `on_root`; marked kept only
+    /// once that succeeded (else it is offered again at the next flush).
     fn keep_new_root(&self, s: &mut State) -> io::Result<()> {
-        match s.store.take_new_root() {
-            Some(root) => (self.on_root)(root),
-            None => Ok(()),
+        if let Some(root) = s.store.new_root() {
+            (self.on_root)(root)?;
+            s.store.root_kept(root);
         }
+        Ok(())
     }
 
     /// Uploads every dirty chunk (not yet durable: see `flush`).
@@ -263,10 +265,8 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         self.upload(&mut s)?;
         let r = self.rt.block_on(s.store.flush());
-        if let Ok(Some(root)) = r {
-            (self.on_root)(root)?;
-        }
-        // A failed flush may still have settled an earlier manifest.
+        // Kept before the flush returns (a failed flush may still have
+        // settled an earlier manifest as done).
         self.keep_new_root(&mut s)?;
         r.map(|_| ()).map_err(RemoteError::into_io)
     }

@@ -33,6 +33,9 @@ pub const MIN_CHUNK: u32 = 64 * 1024;
 pub const MAX_CHUNK: u32 = 64 * 1024 * 1024;
 /// The default chunk: 1 MiB.
 pub const DEFAULT_CHUNK: u32 = 1024 * 1024;
+/// The most chunks a volume has (the table is in memory, 48 bytes a
+/// chunk: 768 MiB at most; 16 TiB in 1 MiB chunks, 1 PiB in 64 MiB ones).
+pub const MAX_CHUNKS: u64 = 1 << 24;
 
 const PAGE_MAGIC: &[u8; 8] = b"CFRPAGE1";
 const MANIFEST_MAGIC: &[u8; 8] = b"CFRMANI1";
@@ -60,7 +63,14 @@ impl Geometry {
                 "the volume's size {size} must be a positive multiple of 4096 bytes"
             )));
         }
-        Ok(Geometry { chunk_size, size })
+        let g = Geometry { chunk_size, size };
+        if g.chunks() > MAX_CHUNKS {
+            return Err(RemoteError::Config(format!(
+                "{size} bytes in chunks of {chunk_size} make {} chunks, more than {MAX_CHUNKS}: choose larger chunks",
+                g.chunks()
+            )));
+        }
+        Ok(g)
     }
 
     /// How many chunks.
@@ -75,7 +85,7 @@ impl Geometry {
 
     /// Chunk `index`'s length (the last may be short).
     pub fn chunk_len(&self, index: u64) -> usize {
-        let start = index * u64::from(self.chunk_size);
+        let start = index.saturating_mul(u64::from(self.chunk_size));
         let len = self
             .size
             .saturating_sub(start)
@@ -85,7 +95,7 @@ impl Geometry {
 
     /// How many entries page `page` has (the last may be short).
     pub fn page_len(&self, page: u64) -> usize {
-        let start = page * ENTRIES_PER_PAGE;
+        let start = page.saturating_mul(ENTRIES_PER_PAGE);
         let len = self.chunks().saturating_sub(start).min(ENTRIES_PER_PAGE);
         usize::try_from(len).unwrap_or(0)
     }
@@ -263,6 +273,12 @@ fn tampered(what: String) -> RemoteError {
 }
 
 impl Page {
+    /// The most bytes a page has.
+    pub fn max_len() -> usize {
+        // 4096: ENTRIES_PER_PAGE (checked by a test).
+        8 + 8 + 8 + 8 + 4 + 4096 * ENTRY_LEN + 32
+    }
+
     /// The page's bytes, its MAC last.
     pub fn encode(&self, key: &IntegrityKey, vault: &[u8; 16]) -> (Vec<u8>, Mac) {
         let mut out = Vec::with_capacity(8 + 8 + 8 + 4 + self.entries.len() * ENTRY_LEN + 32);
@@ -586,6 +602,9 @@ mod tests {
     #[test]
     fn pages_verify_against_the_manifests_mac_only() {
         let key = IntegrityKey::generate().unwrap();
+        assert_eq!(ENTRIES_PER_PAGE, 4096, "Page::max_len counts 4096");
+        let full = page(0, 1, 4096).encode(&key, &VAULT).0;
+        assert_eq!(full.len(), Page::max_len());
         let p = page(2, 9, 100);
         let (bytes, mac) = p.encode(&key, &VAULT);
         let l = listed(9, 5, mac);

@@ -50,8 +50,14 @@ pub enum StoreError {
 
 /// An object store, as coffre uses it.
 pub trait Objects: Send + Sync {
-    /// The object at `key` and its version; `None` if there is none.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>>;
+    /// The object at `key` and its version; `None` if there is none. An
+    /// object larger than `max` bytes is refused before its body is read
+    /// (a store cannot make the vault allocate what it likes).
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>>;
     /// Puts `data` at `key` if `mode` allows; the new version.
     fn put<'a>(
         &'a self,
@@ -89,13 +95,23 @@ fn map_err(e: object_store::Error) -> StoreError {
 }
 
 impl Objects for ObjectStoreObjects {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
         Box::pin(async move {
             let r = match self.store.get(&Path::from(key)).await {
                 Ok(r) => r,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(map_err(e)),
             };
+            if usize::try_from(r.meta.size).map_or(true, |n| n > max) {
+                return Err(StoreError::Other(format!(
+                    "{key} is {} bytes, more than the {max} it can be",
+                    r.meta.size
+                )));
+            }
             let tag = Tag {
                 e_tag: r.meta.e_tag.clone(),
                 version: r.meta.version.clone(),

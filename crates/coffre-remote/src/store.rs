@@ -36,12 +36,8 @@ pub struct ChunkStore {
     /// Every page's epoch, session and MAC, as the next manifest will
     /// list them.
     pages: Vec<Entry>,
-    /// This writer's session: in the names of what it writes, so that
-    /// nothing it writes before it could be fenced lands on a name the
-    /// durable manifest uses.
-    session: u64,
-    /// The root the caller was last given.
-    reported: Root,
+    /// The root the caller last said it kept.
+    kept: Root,
     /// Pages changed since the durable manifest.
     dirty_pages: BTreeSet<u64>,
     /// The durable manifest's epoch; what changes since carries epoch + 1.
@@ -77,11 +73,20 @@ fn store_err(what: &str, e: StoreError) -> RemoteError {
     RemoteError::Store(format!("{what}: {e}"))
 }
 
-fn random_u64() -> u64 {
+/// A random number: the probe's name, and each object's nonce (the
+/// "session" part of its name: every put goes to a name never used
+/// before, so no late or retried put can land on a name a manifest
+/// names with other bytes, and a second writer can never write over the
+/// first's names).
+fn random_u64() -> Result<u64, RemoteError> {
     let mut b = [0u8; 8];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    u64::from_be_bytes(b)
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| RemoteError::Crypto("no randomness".into()))?;
+    Ok(u64::from_be_bytes(b))
 }
+
+/// The most a manifest may be (a 16 TiB volume in 1 MiB chunks has a
+/// 192 KiB manifest; MAX_CHUNKS bounds it).
+const MAX_MANIFEST: usize = 16 << 20;
 
 /// Whether the store honours conditional puts: a create over an existing
 /// object and an update of a version that is not the current one must both
@@ -91,7 +96,7 @@ pub async fn check_conditional_writes(
     objects: &dyn Objects,
     keys: &Keys,
 ) -> Result<(), RemoteError> {
-    let probe = keys.probe(random_u64());
+    let probe = keys.probe(random_u64()?);
     let refuse = |why: String| {
         RemoteError::NoConditionalWrites(format!(
             "{why}: coffre needs If-None-Match and If-Match on puts to fence a second writer"
@@ -202,8 +207,7 @@ impl ChunkStore {
                 geometry,
                 table,
                 pages,
-                session: random_u64(),
-                reported: root,
+                kept: root,
                 dirty_pages: BTreeSet::new(),
                 epoch: 0,
                 manifest_tag: tag,
@@ -232,7 +236,7 @@ impl ChunkStore {
     ) -> Result<(Self, Opened), RemoteError> {
         let keys = Keys::new(prefix);
         let Some((bytes, tag)) = objects
-            .get(&keys.manifest())
+            .get(&keys.manifest(), MAX_MANIFEST)
             .await
             .map_err(|e| store_err("reading the manifest", e))?
         else {
@@ -273,7 +277,7 @@ impl ChunkStore {
                 .map(|(p, e)| {
                     let name = keys.page(*p, e.version, e.session);
                     let objects = objects.clone();
-                    async move { objects.get(&name).await }
+                    async move { objects.get(&name, Page::max_len()).await }
                 })
                 .collect(),
         )
@@ -302,8 +306,7 @@ impl ChunkStore {
                 geometry,
                 table,
                 pages: manifest.pages,
-                session: random_u64(),
-                reported: root,
+                kept: root,
                 dirty_pages: BTreeSet::new(),
                 epoch,
                 manifest_tag: tag,
@@ -377,7 +380,7 @@ impl ChunkStore {
         let name = self.keys.chunk(index, entry.version, entry.session);
         let Some((bytes, _)) = self
             .objects
-            .get(&name)
+            .get(&name, len)
             .await
             .map_err(|e| store_err("reading a chunk", e))?
         else {
@@ -404,12 +407,16 @@ impl ChunkStore {
         let Some(attempt) = self.uncertain.take() else {
             return Ok(());
         };
-        let got = self.objects.get(&self.keys.manifest()).await.map_err(|e| {
-            store_err(
-                "reading the manifest after a put whose outcome is unknown",
-                e,
-            )
-        });
+        let got = self
+            .objects
+            .get(&self.keys.manifest(), MAX_MANIFEST)
+            .await
+            .map_err(|e| {
+                store_err(
+                    "reading the manifest after a put whose outcome is unknown",
+                    e,
+                )
+            });
         let got = match got {
             Ok(g) => g,
             Err(e) => {
@@ -423,7 +430,9 @@ impl ChunkStore {
                 self.durable(m.epoch, tag, root);
                 Ok(())
             }
-            Some((_, tag)) if tag == self.manifest_tag => Ok(()),
+            // Still the version this writer last saw (compared by ETag,
+            // the conditional puts' own test): the put did not happen.
+            Some((_, tag)) if tag.e_tag.is_some() && tag.e_tag == self.manifest_tag.e_tag => Ok(()),
             _ => {
                 self.fenced = true;
                 Err(RemoteError::Fenced)
@@ -448,6 +457,12 @@ impl ChunkStore {
         let version = self.epoch + 1;
         let mut jobs = Vec::with_capacity(chunks.len());
         let mut done = Vec::with_capacity(chunks.len());
+        let mut seen = BTreeSet::new();
+        if let Some((index, _)) = chunks.iter().find(|(i, _)| !seen.insert(*i)) {
+            return Err(RemoteError::Config(format!(
+                "chunk {index} is twice in one write"
+            )));
+        }
         for (index, data) in chunks {
             let i = self.check_index(index)?;
             if data.len() != self.geometry.chunk_len(index) {
@@ -457,7 +472,7 @@ impl ChunkStore {
                     self.geometry.chunk_len(index)
                 )));
             }
-            let session = self.session;
+            let session = random_u64()?;
             let mac = self
                 .key
                 .chunk_mac(&self.vault, (index, version, session), &data);
@@ -523,7 +538,7 @@ impl ChunkStore {
         if self.dirty_pages.is_empty() {
             // A manifest whose put was settled as done since the caller
             // last heard: its root is news.
-            return Ok(self.report());
+            return Ok(self.new_root());
         }
         let epoch = self.epoch + 1;
         let mut jobs = Vec::new();
@@ -531,15 +546,16 @@ impl ChunkStore {
         for p in &self.dirty_pages {
             let start = usize::try_from(p * ENTRIES_PER_PAGE).unwrap_or(usize::MAX);
             let n = self.geometry.page_len(*p);
+            let session = random_u64()?;
             let page = Page {
                 index: *p,
                 epoch,
-                session: self.session,
+                session,
                 entries: self.table[start..start + n].to_vec(),
             };
             let (bytes, mac) = page.encode(&self.key, &self.vault);
-            written.push((*p, mac));
-            let name = self.keys.page(*p, epoch, self.session);
+            written.push((*p, session, mac));
+            let name = self.keys.page(*p, epoch, session);
             let objects = self.objects.clone();
             jobs.push(async move { objects.put(&name, Bytes::from(bytes), Put::Overwrite).await });
         }
@@ -547,16 +563,19 @@ impl ChunkStore {
             r.map_err(|e| store_err("writing a page", e))?;
         }
         let mut pages = self.pages.clone();
-        for (p, mac) in &written {
+        for (p, session, mac) in &written {
             let i = usize::try_from(*p).unwrap_or(usize::MAX);
             let old = pages[i];
-            if old.version != 0 && (old.version, old.session) != (epoch, self.session) {
+            // The durable manifest's page goes once this one is durable (a
+            // page of an earlier attempt at this epoch was never durable:
+            // an orphan, left behind).
+            if old.version != 0 && old.version != epoch {
                 self.superseded
                     .push((self.keys.page(*p, old.version, old.session), epoch));
             }
             pages[i] = Entry {
                 version: epoch,
-                session: self.session,
+                session: *session,
                 mac: *mac,
             };
         }
@@ -578,11 +597,21 @@ impl ChunkStore {
             Ok(tag) => {
                 self.pages = pages;
                 self.durable(epoch, tag, root);
-                Ok(self.report())
+                Ok(self.new_root())
             }
+            // Refused: another writer's manifest, or our own (the client
+            // library retried a put that had landed): settled by reading
+            // it back.
             Err(StoreError::Precondition | StoreError::AlreadyExists) => {
-                self.fenced = true;
-                Err(RemoteError::Fenced)
+                self.pages = pages;
+                self.uncertain = Some(bytes);
+                self.resolve().await?;
+                if self.epoch == epoch {
+                    Ok(self.new_root())
+                } else {
+                    self.fenced = true;
+                    Err(RemoteError::Fenced)
+                }
             }
             Err(e) => {
                 // It may have happened: find out before writing anything
@@ -594,25 +623,23 @@ impl ChunkStore {
         }
     }
 
-    /// The durable root, if the caller has not had it yet: after a write
-    /// or a failed flush that settled an earlier manifest put as done.
-    /// Keep it as [`flush`](ChunkStore::flush)'s.
-    pub fn take_new_root(&mut self) -> Option<Root> {
-        self.report()
+    /// The durable root, if it is not the one the caller last said it
+    /// kept ([`root_kept`](ChunkStore::root_kept)): after a flush, or a
+    /// write or failed flush that settled an earlier manifest put as done.
+    /// It is offered again until kept.
+    pub fn new_root(&self) -> Option<Root> {
+        (self.root != self.kept).then_some(self.root)
     }
 
-    /// The root, if the caller has not had it yet.
-    fn report(&mut self) -> Option<Root> {
-        if self.root == self.reported {
-            return None;
-        }
-        self.reported = self.root;
-        Some(self.root)
+    /// The caller kept `root` (in the control directory).
+    pub fn root_kept(&mut self, root: Root) {
+        self.kept = root;
     }
 
     /// Deletes what no durable manifest has named for `grace` or longer
     /// (older chunk versions, older pages). Returns how many objects went.
     pub async fn collect_garbage(&mut self, grace: Duration) -> Result<usize, RemoteError> {
+        self.writable()?;
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = self
             .garbage

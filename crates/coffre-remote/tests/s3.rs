@@ -325,7 +325,7 @@ fn survey_s3_throughput() {
         for batch in (0..n).collect::<Vec<_>>().chunks(16) {
             let gets = batch.iter().map(|i| {
                 let o = objects.clone();
-                async move { o.get(&format!("raw/{i}")).await }
+                async move { o.get(&format!("raw/{i}"), mib).await }
             });
             for r in futures::future::join_all(gets).await {
                 assert_eq!(r.unwrap().unwrap().0.len(), mib);

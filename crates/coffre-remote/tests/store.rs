@@ -129,6 +129,9 @@ fn chunks_round_trip_and_never_written_ones_read_as_zeros() {
         assert_eq!(s.read_chunk(5).await.unwrap(), chunk(5));
         let root = s.flush().await.unwrap().unwrap();
         assert_eq!(root.epoch, 1);
+        // Offered until the caller says it kept it.
+        assert_eq!(s.flush().await.unwrap(), Some(root));
+        s.root_kept(root);
         assert_eq!(s.flush().await.unwrap(), None, "nothing changed since");
         // A fresh open sees the same, verified.
         let (s2, opened) =
@@ -188,6 +191,12 @@ fn altered_swapped_or_missing_objects_never_read_back() {
             s.read_chunk(1).await,
             Err(RemoteError::Tampered(_))
         ));
+        // Far too large: refused before its body is read.
+        mem.put(&c1, PutPayload::from(vec![1u8; 10 * CHUNK as usize]))
+            .await
+            .unwrap();
+        let e = s.read_chunk(1).await.unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
         // Missing.
         mem.delete(&c2).await.unwrap();
         assert!(matches!(
@@ -373,6 +382,12 @@ struct Faulty {
     inner: Arc<dyn Objects>,
     fail_before: AtomicU32,
     lose_manifest_reply: AtomicU32,
+    /// The next manifest put lands and answers "precondition failed" (a
+    /// client retry of a put that had landed).
+    refuse_after_landing: AtomicU32,
+    /// Every name put so far, but the manifest's and the probe's: none may
+    /// be put twice.
+    names: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Faulty {
@@ -381,6 +396,8 @@ impl Faulty {
             inner,
             fail_before: AtomicU32::new(0),
             lose_manifest_reply: AtomicU32::new(0),
+            refuse_after_landing: AtomicU32::new(0),
+            names: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
     fn failing(&self) -> bool {
@@ -391,12 +408,16 @@ impl Faulty {
 }
 
 impl Objects for Faulty {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
         Box::pin(async move {
             if self.failing() {
                 return Err(StoreError::Other("injected: connection reset".into()));
             }
-            self.inner.get(key).await
+            self.inner.get(key, max).await
         })
     }
     fn put<'a>(
@@ -409,7 +430,22 @@ impl Objects for Faulty {
             if self.failing() {
                 return Err(StoreError::Other("injected: 503".into()));
             }
+            if !key.ends_with("manifest") && !key.contains("/probe/") {
+                assert!(
+                    self.names.lock().unwrap().insert(key.to_string()),
+                    "{key} put twice: a late or retried put could land on it"
+                );
+            }
             let r = self.inner.put(key, data, mode).await;
+            if key.ends_with("manifest")
+                && r.is_ok()
+                && self
+                    .refuse_after_landing
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(StoreError::Precondition);
+            }
             if key.ends_with("manifest")
                 && self
                     .lose_manifest_reply
@@ -460,6 +496,18 @@ fn a_manifest_put_whose_answer_is_lost_is_settled_before_anything_else() {
         assert!(s.flush().await.is_err());
         let root = s.flush().await.unwrap().unwrap();
         assert_eq!(root.epoch, 3);
+        // A manifest put that landed and was retried by the client, the
+        // retry refused: our own manifest, not another writer's.
+        s.write_chunks(vec![(2, chunk(4))]).await.unwrap();
+        faulty.refuse_after_landing.store(1, Ordering::SeqCst);
+        let root = s.flush().await.unwrap().unwrap();
+        assert_eq!(root.epoch, 4);
+        assert!(!s.is_fenced());
+        // One index twice in one write is refused.
+        assert!(matches!(
+            s.write_chunks(vec![(3, chunk(1)), (3, chunk(2))]).await,
+            Err(RemoteError::Config(_))
+        ));
     });
 }
 
@@ -507,7 +555,11 @@ fn superseded_versions_are_deleted_after_the_grace_period() {
 struct Unconditional(Mutex<BTreeMap<String, Bytes>>);
 
 impl Objects for Unconditional {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        _max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
         Box::pin(async move {
             Ok(self.0.lock().unwrap().get(key).map(|b| {
                 (
@@ -636,6 +688,47 @@ fn the_device_reads_what_was_written_across_chunks_and_keeps_its_root() {
     assert!(all == model);
 }
 
+#[test]
+fn a_root_that_could_not_be_kept_is_offered_again() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let store = rt()
+        .block_on(ChunkStore::create(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            geometry(),
+        ))
+        .unwrap()
+        .0;
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let fail = Arc::new(AtomicU32::new(1));
+    let (k, f) = (kept.clone(), fail.clone());
+    let dev = RemoteDevice::new(
+        store,
+        1 << 20,
+        Box::new(move |r| {
+            if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(std::io::Error::other("disk full"));
+            }
+            k.lock().unwrap().push(r);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    dev.write_at(0, &[1; 4096]).unwrap();
+    // Durable on the store, but not kept locally: the flush fails...
+    assert!(dev.flush().is_err());
+    assert!(kept.lock().unwrap().is_empty());
+    // ...and the next one, with nothing new to write, keeps it.
+    dev.flush().unwrap();
+    assert_eq!(*kept.lock().unwrap(), vec![dev.root()]);
+    assert_eq!(dev.root().epoch, 1);
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Write { off: u64, len: usize, fill: u8 },
@@ -643,6 +736,7 @@ enum Op {
     Crash,
     Fail(u32),
     LoseManifestReply,
+    RefuseAfterLanding,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -655,6 +749,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         2 => (1..4u32).prop_map(Op::Fail),
         1 => Just(Op::LoseManifestReply),
+        1 => Just(Op::RefuseAfterLanding),
     ]
 }
 
@@ -710,9 +805,11 @@ proptest! {
                 },
                 Op::Fail(n) => faulty.fail_before.store(n, Ordering::SeqCst),
                 Op::LoseManifestReply => faulty.lose_manifest_reply.store(1, Ordering::SeqCst),
+                Op::RefuseAfterLanding => faulty.refuse_after_landing.store(1, Ordering::SeqCst),
                 Op::Crash => {
                     faulty.fail_before.store(0, Ordering::SeqCst);
                     faulty.lose_manifest_reply.store(0, Ordering::SeqCst);
+                    faulty.refuse_after_landing.store(0, Ordering::SeqCst);
                     drop(dev);
                     let local = *root.lock().unwrap();
                     let (store, opened) = rt()
