@@ -191,6 +191,19 @@ impl Luks2Container {
         })
     }
 
+    /// Opens the data segment with `key` over `device` rather than a local
+    /// data file: the ciphertext kept elsewhere (a remote store's block
+    /// device), for a detached header whose segment starts at 0. Works on
+    /// a header given alone.
+    pub fn open_volume_over(
+        &self,
+        key: &VolumeKey,
+        device: Arc<dyn BlockDevice>,
+        provider: Provider,
+    ) -> Result<EncryptedVolume> {
+        open_over(self.header(), key, device, provider)
+    }
+
     fn ensure_writable(&self) -> Result<()> {
         if self.loaded.is_consistent() {
             return Ok(());
@@ -543,6 +556,24 @@ impl std::fmt::Debug for KeyslotSnapshot {
     }
 }
 
+fn open_over(
+    header: &Header,
+    key: &VolumeKey,
+    device: Arc<dyn BlockDevice>,
+    provider: Provider,
+) -> Result<EncryptedVolume> {
+    header.verify_volume_key(key)?;
+    let seg = header.segment()?;
+    if seg.offset.0 != 0 {
+        return Err(Error::Refused(format!(
+            "the data segment starts at {} on its device: only a detached header's segment (at 0) can live on another device",
+            seg.offset.0
+        )));
+    }
+    let cipher = select(&seg.encryption, key.expose(), provider)?;
+    EncryptedVolume::new(device, seg, cipher)
+}
+
 /// The data segment, ready to open: see [`Luks2Container::volume_opener`].
 #[derive(Debug)]
 pub struct VolumeOpener {
@@ -554,6 +585,16 @@ impl VolumeOpener {
     /// Opens the data segment with `key` (checked against the digest).
     pub fn open(&self, key: &VolumeKey) -> Result<EncryptedVolume> {
         self.open_with(key, Provider::Auto)
+    }
+
+    /// As [`Luks2Container::open_volume_over`].
+    pub fn open_over(
+        &self,
+        key: &VolumeKey,
+        device: Arc<dyn BlockDevice>,
+        provider: Provider,
+    ) -> Result<EncryptedVolume> {
+        open_over(&self.header, key, device, provider)
     }
 
     /// As [`VolumeOpener::open`], with a chosen cipher provider.
