@@ -74,6 +74,9 @@ pub struct InitOptions {
     pub totp_period_s: u64,
     /// Vault rules.
     pub policy: Policy,
+    /// The volume on a remote store instead of `DIR/volume.img`, and the
+    /// credentials file to copy into the control directory.
+    pub storage: Option<(crate::vaultdir::StorageConfig, Option<PathBuf>)>,
 }
 
 /// What `init` made.
@@ -196,6 +199,24 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let admin_cert = pki::new_member_cert(&name, &ca.key_pem, &o.admin)?;
 
     let volume = o.dir.join("volume.img");
+    // With a remote store: its credentials file is copied into the control
+    // directory (0600), and named from there.
+    let storage = match &o.storage {
+        None => None,
+        Some((sc, creds)) => {
+            let mut sc = sc.clone();
+            if let Some(src) = creds {
+                let bytes = std::fs::read(src).map_err(|source| DirError::Io {
+                    what: "read",
+                    path: src.clone(),
+                    source,
+                })?;
+                write_atomic(&o.dir.join("storage.credentials"), &bytes, 0o600)?;
+                sc.credentials_file = Some(PathBuf::from("storage.credentials"));
+            }
+            Some(sc)
+        }
+    };
     let header = o.dir.join("volume.hdr");
     let req = FormatRequest {
         options: FormatOptions {
@@ -235,14 +256,30 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     // The team's filesystem, written through the same engine the daemon
     // serves it with.
     let volume_file = coffre_data::Layout::under(&o.dir).volume_file;
-    coffre_data::format_ext4(container.open_volume(&key)?, &volume_file)
-        .map_err(|e| InitError::Data(e.to_string()))?;
+    let engine = match &storage {
+        None => container.open_volume(&key)?,
+        // The volume on a remote store: made there (the empty manifest,
+        // the sealed integrity key and the root in the control
+        // directory), the filesystem written through the same engine.
+        Some(sc) => {
+            let uuid = container.header().binary.uuid.clone();
+            let dev = crate::remote::create(sc, &vd, &key, &uuid, o.size)
+                .map_err(|e| InitError::Data(format!("the store: {e}")))?;
+            container.open_volume_over(&key, dev, coffre_luks2::cipher::Provider::Auto)?
+        }
+    };
+    coffre_data::format_ext4(engine, &volume_file).map_err(|e| InitError::Data(e.to_string()))?;
     drop(key);
     container.set_token(
         0,
         serde_json::json!({"type": token_type, "keyslots": ["0"], "member": o.admin}),
     )?;
     drop(container);
+    if storage.is_some() {
+        // The local data file only served the format: the data is on the
+        // store.
+        let _ = std::fs::remove_file(&volume);
+    }
 
     let host_key = HostKey::load_or_create(&vd.host_key())?;
     let audit_public_key = host_key.public_hex();
@@ -304,7 +341,8 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
     let config = Config {
         name: name.clone(),
         listen: o.listen.clone(),
-        volume: PathBuf::from("volume.img"),
+        volume: storage.is_none().then(|| PathBuf::from("volume.img")),
+        storage: storage.clone(),
         header: PathBuf::from("volume.hdr"),
         totp_period_s: o.totp_period_s,
         kdf_memory_cap_kib: 2 * 1024 * 1024,

@@ -9,6 +9,7 @@ pub use coffre_api::{client, tls, totp};
 pub mod gateway;
 pub mod init;
 pub mod pki;
+pub mod remote;
 pub mod server;
 pub mod vaultdir;
 pub mod witness;

@@ -44,6 +44,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
     })
 }
 
+/// `[storage]`: the volume's ciphertext on an S3 store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// The endpoint of a store that is not AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region (default us-east-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Plain HTTP to the endpoint (test servers on loopback only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
+    /// A 0600 file of `aws_access_key_id=`/`aws_secret_access_key=` lines,
+    /// relative to DIR; default: the AWS environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// Bytes per chunk (power of two, 64 KiB to 64 MiB).
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: u32,
+    /// Bytes of chunks kept in memory (written ones until uploaded).
+    #[serde(default = "default_cache_size")]
+    pub cache_size: u64,
+}
+
+fn default_chunk_size() -> u32 {
+    1 << 20
+}
+
+fn default_cache_size() -> u64 {
+    64 << 20
+}
+
 /// `config.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,8 +87,13 @@ pub struct Config {
     pub name: String,
     /// Address the daemon listens on.
     pub listen: String,
-    /// Data file or device (ciphertext only).
-    pub volume: PathBuf,
+    /// Data file or device (ciphertext only); absent when the volume is
+    /// on a remote store (`[storage]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<PathBuf>,
+    /// The volume on a remote store (docs/storage.md), instead of `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageConfig>,
     /// Detached LUKS2 header.
     pub header: PathBuf,
     /// TOTP time step in seconds (30 for authenticator apps).
@@ -478,6 +518,14 @@ impl VaultDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.pem")
     }
+    /// The remote store's integrity key, sealed under the volume key.
+    pub fn storage_key(&self) -> PathBuf {
+        self.root.join("storage.key")
+    }
+    /// The remote store's root (its last manifest's epoch and MAC).
+    pub fn storage_root(&self) -> PathBuf {
+        self.root.join("storage.root")
+    }
     /// CA key.
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca.key")
@@ -558,8 +606,25 @@ impl VaultDir {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        if c.volume.is_relative() {
-            c.volume = self.root.join(&c.volume);
+        match (&c.volume, &c.storage) {
+            (Some(_), Some(_)) => {
+                return Err(DirError::Bad {
+                    path,
+                    msg: "volume and [storage] both name where the data is: keep one".into(),
+                });
+            }
+            (None, None) => {
+                return Err(DirError::Bad {
+                    path,
+                    msg: "no volume and no [storage]: say where the data is".into(),
+                });
+            }
+            _ => {}
+        }
+        if let Some(v) = &c.volume
+            && v.is_relative()
+        {
+            c.volume = Some(self.root.join(v));
         }
         if c.header.is_relative() {
             c.header = self.root.join(&c.header);

@@ -7,73 +7,31 @@ use coffre_remote::layout::Keys;
 use coffre_remote::s3::{self, Credentials, S3Settings};
 use coffre_remote::{ChunkStore, Geometry, IntegrityKey, RemoteError};
 use coffre_testkit::{Need, require};
-use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VAULT: [u8; 16] = *b"s3-test-vault-01";
 
-struct Moto {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
+use coffre_testkit::moto::Moto;
+
+/// What the tests ask of moto beyond the guard.
+trait MotoExt {
+    fn settings(&self, url: &str) -> S3Settings;
+    fn creds(&self) -> Credentials;
 }
 
-impl Moto {
-    fn start() -> Moto {
-        require(&[Need::Moto]);
-        let port = coffre_testkit::process::free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(coffre_testkit::gate::moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("moto.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let creds = dir.path().join("s3.credentials");
-        std::fs::write(
-            &creds,
-            "aws_access_key_id=AKIATESTCOFFRE\naws_secret_access_key=test-secret\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Moto { child, port, dir }
-    }
-
-    fn bucket(&self, name: &str) {
-        // moto creates a bucket from an unsigned PUT.
-        let out = Command::new("curl")
-            .args(["-sf", "-X", "PUT"])
-            .arg(format!("http://127.0.0.1:{}/{name}", self.port))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "bucket {name}: {out:?}");
-    }
-
+impl MotoExt for Moto {
     fn settings(&self, url: &str) -> S3Settings {
         S3Settings {
             url: url.into(),
-            endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+            endpoint: Some(self.endpoint()),
             region: Some("us-east-1".into()),
             allow_http: true,
         }
     }
 
-    fn credentials(&self) -> Credentials {
-        Credentials::load(&self.dir.path().join("s3.credentials")).unwrap()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn creds(&self) -> Credentials {
+        Credentials::load(&self.credentials()).unwrap()
     }
 }
 
@@ -95,7 +53,7 @@ fn on_s3_round_trip_rollback_and_fencing() {
     let moto = Moto::start();
     moto.bucket("coffre-team");
     let rt = rt();
-    let creds = moto.credentials();
+    let creds = moto.creds();
     let (objects, prefix) =
         s3::open(&moto.settings("s3://coffre-team/vaults/team"), Some(&creds)).unwrap();
     assert_eq!(prefix, "vaults/team");
@@ -231,7 +189,7 @@ fn a_luks2_segment_migrated_to_s3_exports_byte_identical_and_cryptsetup_reads_it
     let rt = rt();
     let (objects, prefix) = s3::open(
         &moto.settings("s3://coffre-migrate/team"),
-        Some(&moto.credentials()),
+        Some(&moto.creds()),
     )
     .unwrap();
     let key = IntegrityKey::generate().unwrap();
@@ -294,7 +252,7 @@ fn survey_s3_throughput() {
     let moto = Moto::start();
     moto.bucket("coffre-bench");
     let rt = rt();
-    let creds = moto.credentials();
+    let creds = moto.creds();
     let (objects, prefix) = s3::open(&moto.settings("s3://coffre-bench/v"), Some(&creds)).unwrap();
     let mib = 1usize << 20;
     let n: u64 = 64;

@@ -187,8 +187,18 @@ impl Luks2Container {
         }
         Ok(VolumeOpener {
             header: self.header().clone(),
-            data: self.data.clone(),
+            data: Some(self.data.clone()),
         })
+    }
+
+    /// What opening the data segment over another device needs (see
+    /// [`VolumeOpener::open_over`]): a copy of the header; works on a
+    /// header given alone, whose data lives elsewhere.
+    pub fn segment_opener(&self) -> VolumeOpener {
+        VolumeOpener {
+            header: self.header().clone(),
+            data: (!self.header_only).then(|| self.data.clone()),
+        }
     }
 
     /// Opens the data segment with `key` over `device` rather than a local
@@ -578,7 +588,8 @@ fn open_over(
 #[derive(Debug)]
 pub struct VolumeOpener {
     header: Header,
-    data: Arc<FileDevice>,
+    /// The local data device (none for a header given alone).
+    data: Option<Arc<FileDevice>>,
 }
 
 impl VolumeOpener {
@@ -599,9 +610,15 @@ impl VolumeOpener {
 
     /// As [`VolumeOpener::open`], with a chosen cipher provider.
     pub fn open_with(&self, key: &VolumeKey, provider: Provider) -> Result<EncryptedVolume> {
+        let Some(data) = &self.data else {
+            return Err(Error::Refused(
+                "this detached LUKS2 header's data segment is not a local file: open it over its device"
+                    .into(),
+            ));
+        };
         self.header.verify_volume_key(key)?;
         let seg = self.header.segment()?;
         let cipher = select(&seg.encryption, key.expose(), provider)?;
-        EncryptedVolume::new(self.data.clone() as Arc<dyn BlockDevice>, seg, cipher)
+        EncryptedVolume::new(data.clone() as Arc<dyn BlockDevice>, seg, cipher)
     }
 }

@@ -12,10 +12,11 @@
 //! - [`process`]: running commands and asserting their success, waiting
 //!   for children, signals, free ports, scanning a process's memory.
 //! - [`slapd`]: a real OpenLDAP server on loopback, for the organisation's
-//!   directory.
+//!   directory; [`moto`]: an S3 server on loopback, for remote storage.
 
 pub mod gate;
 pub mod kdf;
+pub mod moto;
 pub mod process;
 pub mod slapd;
 pub mod volume;

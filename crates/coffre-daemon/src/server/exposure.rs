@@ -150,11 +150,14 @@ impl Shell {
             });
             return;
         };
-        let opener = self
-            .container
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .volume_opener();
+        let opener = {
+            let c = self.container.read().unwrap_or_else(|p| p.into_inner());
+            match &self.config.storage {
+                // The data on a remote store: opened over its device.
+                Some(_) => Ok(c.segment_opener()),
+                None => c.volume_opener(),
+            }
+        };
         match opener {
             Ok(opener) => self.open(opener, k),
             Err(e) => queue.push_back(Event::Opened {
@@ -177,6 +180,17 @@ impl Shell {
         let workloads = self.workloads.set.clone();
         let cut = self.data.cut.clone();
         let nfs = self.nfs();
+        let remote = self.config.storage.clone().map(|c| {
+            let uuid = self
+                .container
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .header()
+                .binary
+                .uuid
+                .clone();
+            (c, self.dir.clone(), uuid)
+        });
         opening.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             // Held for the whole open: a shutdown or a close waits for it
@@ -185,8 +199,27 @@ impl Shell {
             let t = std::time::Instant::now();
             let mut lines = Vec::new();
             let mut held = None;
-            let result = match opener.open(&key) {
-                Err(e) => Err(format!("the volume: {e}")),
+            let volume = match &remote {
+                None => opener.open(&key).map_err(|e| format!("the volume: {e}")),
+                Some((c, vd, uuid)) => crate::remote::open(c, vd, &key, uuid)
+                    .map_err(|e| format!("the volume's store: {e}"))
+                    .and_then(|(dev, ahead)| {
+                        if ahead > 0 {
+                            lines.push((
+                                "storage".into(),
+                                "ok".into(),
+                                format!(
+                                    "the store was {ahead} epoch(s) ahead of the local root (a crash between a manifest and its root, or another writer with the vault's keys): its root is kept now"
+                                ),
+                            ));
+                        }
+                        opener
+                            .open_over(&key, dev, coffre_luks2::cipher::Provider::Auto)
+                            .map_err(|e| format!("the volume: {e}"))
+                    }),
+            };
+            let result = match volume {
+                Err(e) => Err(e),
                 Ok(volume) => {
                     let cipher = volume.cipher_slot();
                     match coffre_data::expose(volume, &layout, &own) {

@@ -228,7 +228,11 @@ pub async fn serve(
     let account_notes = accounts::prepare(&config, &mut control, coffre_sys::time::now_ms())
         .map_err(ServeError::Accounts)?;
     // Exclusive locks on the volume and its header for the daemon's life.
-    let container = Luks2Container::open(&config.volume, Some(&config.header))?;
+    // With [storage], the header alone: the data lives on the store.
+    let container = match &config.volume {
+        Some(v) => Luks2Container::open(v, Some(&config.header))?,
+        None => Luks2Container::open(&config.header, None)?,
+    };
     let host_key = HostKey::load_or_create(&vd.host_key())?;
     let audit = AuditLog::open(dir, host_key)?;
     let head_for_replies = HeadForReplies {

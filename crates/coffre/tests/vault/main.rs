@@ -14,5 +14,6 @@ mod network;
 mod nfs;
 mod scan;
 mod source;
+mod storage;
 mod vms;
 mod workloads;

@@ -293,6 +293,26 @@ pub struct InitArgs {
     /// Seconds without heartbeat after which a session is dropped.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Keep the volume's ciphertext on an S3 store (`s3://BUCKET/PREFIX`)
+    /// instead of DIR/volume.img: chunks with a MAC each and a manifest,
+    /// checked against rollback at every open (docs/storage.md). The
+    /// bucket must exist and honour conditional writes.
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// The S3 endpoint of a store that is not AWS (`https://s3.example.org`).
+    #[arg(long, value_name = "URL", requires = "storage")]
+    pub storage_endpoint: Option<String>,
+    /// The S3 region (default us-east-1).
+    #[arg(long, value_name = "REGION", requires = "storage")]
+    pub storage_region: Option<String>,
+    /// Allow plain HTTP to the endpoint (a test server on loopback only).
+    #[arg(long, requires = "storage")]
+    pub storage_allow_http: bool,
+    /// A file of `aws_access_key_id=` and `aws_secret_access_key=` lines
+    /// (mode 0600), copied into DIR; default: the AWS environment
+    /// variables at each start.
+    #[arg(long, value_name = "FILE", requires = "storage")]
+    pub storage_credentials: Option<PathBuf>,
     #[command(flatten)]
     pub pbkdf: PbkdfArgs,
 }

@@ -44,6 +44,20 @@ pub fn init(a: InitArgs) -> Result<u8> {
         )?,
         totp_period_s: a.totp_period,
         policy,
+        storage: a.storage.as_ref().map(|url| {
+            (
+                coffre_daemon::vaultdir::StorageConfig {
+                    url: url.clone(),
+                    endpoint: a.storage_endpoint.clone(),
+                    region: a.storage_region.clone(),
+                    allow_http: a.storage_allow_http,
+                    credentials_file: None,
+                    chunk_size: 1 << 20,
+                    cache_size: 64 << 20,
+                },
+                a.storage_credentials.clone(),
+            )
+        }),
     })?;
     println!("vault created in {}", a.dir.display());
     if a.invite.is_some() {

@@ -1,0 +1,87 @@
+//! An S3 server for a test: moto (`moto_server`, from PyPI) on a free
+//! loopback port, killed by PID when dropped. It accepts any credentials,
+//! honours conditional puts (If-None-Match, If-Match), and makes buckets
+//! from an unsigned PUT.
+
+use crate::gate::{Need, require};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running moto.
+pub struct Moto {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts it; returns once it accepts connections.
+    pub fn start() -> Moto {
+        require(&[Need::Moto]);
+        let port = crate::process::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(crate::gate::moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("moto.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(
+            dir.path().join("s3.credentials"),
+            "aws_access_key_id=AKIATESTCOFFRE\naws_secret_access_key=test-secret\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            dir.path().join("s3.credentials"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        Moto { child, port, dir }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Makes bucket `name`.
+    pub fn bucket(&self, name: &str) {
+        let out = Command::new("curl")
+            .args(["-sf", "-X", "PUT"])
+            .arg(format!("{}/{name}", self.endpoint()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bucket {name}: {out:?}");
+    }
+
+    /// A 0600 credentials file (any keys: moto checks none).
+    pub fn credentials(&self) -> PathBuf {
+        self.dir.path().join("s3.credentials")
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
+    }
+
+    /// Where it keeps its files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

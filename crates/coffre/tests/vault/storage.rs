@@ -1,0 +1,145 @@
+//! The vault on an S3 store (issue 17, first wiring): `coffre init
+//! --storage s3://...` against moto on loopback, the data mounted over the
+//! store at each open and flushed at each close, no plaintext in any
+//! object, and a bucket rolled back to an older, consistent state refused
+//! at open with the vault left closed.
+
+use crate::harness::*;
+use coffre_testkit::moto::Moto;
+use futures::StreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path as ObjPath;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn bucket(moto: &Moto, name: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(name)
+        .with_region("us-east-1")
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_access_key_id("AKIATESTCOFFRE")
+        .with_secret_access_key("test-secret")
+        .build()
+        .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every object of the bucket.
+fn snapshot(s: &object_store::aws::AmazonS3) -> BTreeMap<String, Vec<u8>> {
+    rt().block_on(async {
+        let mut out = BTreeMap::new();
+        let mut list = s.list(None);
+        while let Some(meta) = list.next().await {
+            let meta = meta.unwrap();
+            let b = s.get(&meta.location).await.unwrap().bytes().await.unwrap();
+            out.insert(meta.location.to_string(), b.to_vec());
+        }
+        out
+    })
+}
+
+/// The bucket made exactly `snap` again.
+fn restore(s: &object_store::aws::AmazonS3, snap: &BTreeMap<String, Vec<u8>>) {
+    let now = snapshot(s);
+    rt().block_on(async {
+        for k in now.keys().filter(|k| !snap.contains_key(*k)) {
+            s.delete(&ObjPath::from(k.as_str())).await.unwrap();
+        }
+        for (k, v) in snap {
+            s.put(&ObjPath::from(k.as_str()), v.clone().into())
+                .await
+                .unwrap();
+        }
+    });
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
+    let moto = Moto::start();
+    moto.bucket("team-vault");
+    let endpoint = moto.endpoint();
+    let creds = moto.credentials();
+    let mut v = Vault::init(&[
+        "--storage",
+        "s3://team-vault/v1",
+        "--storage-endpoint",
+        &endpoint,
+        "--storage-allow-http",
+        "--storage-credentials",
+        creds.to_str().unwrap(),
+    ]);
+    // No local data file; the credentials copied into the control
+    // directory, 0600.
+    assert!(!v.dir.join("volume.img").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(v.dir.join("storage.credentials"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let s3 = bucket(&moto, "team-vault");
+    assert!(snapshot(&s3).keys().any(|k| k == "v1/manifest"));
+    v.start();
+
+    // Open over the store, write, close: flushed there.
+    let mut e = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let secret = b"the team's secret formula, 42 and counting";
+    let file = v.layout().mountpoint.join("shared").join("formula.txt");
+    std::fs::write(&file, secret).unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    let yesterday = snapshot(&s3);
+    assert!(yesterday.len() > 3, "{:?}", yesterday.keys());
+    for (k, bytes) in &yesterday {
+        assert!(!contains(bytes, secret), "plaintext in {k}");
+    }
+
+    // Again: the file is there, read through the store; a second write.
+    let mut e = v.enter_bg("alice", &[]);
+    assert_eq!(std::fs::read(&file).unwrap(), secret);
+    std::fs::write(
+        v.layout().mountpoint.join("shared").join("today.txt"),
+        b"today",
+    )
+    .unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+
+    // The provider serves yesterday's bucket: consistent, authentic,
+    // older. The open fails, says why, and the vault stays closed.
+    v.stop();
+    restore(&s3, &yesterday);
+    v.start();
+    let out = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    v.wait_state("closed", Duration::from_secs(30));
+    let records = v.audit();
+    let failed = records.iter().any(|r| {
+        r["record"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rolled back"))
+    });
+    assert!(
+        failed,
+        "no audit record of the rollback: {said}\n{records:#?}"
+    );
+    assert_eq!(v.status("alice")["key_held"], false);
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+}
