@@ -134,3 +134,179 @@ mod tests {
         );
     }
 }
+
+/// The header, locked (the daemon, while it runs, holds the lock: these
+/// commands run with the vault's daemon stopped), and the volume key
+/// `password` opens.
+fn unlock(
+    header: &std::path::Path,
+    data: Option<&std::path::Path>,
+    password: &coffre_luks2::Passphrase,
+) -> Result<(coffre_storage::Luks2Container, VolumeKey), String> {
+    let c = match data {
+        Some(d) => coffre_storage::Luks2Container::open(d, Some(header)),
+        None => coffre_storage::Luks2Container::open(header, None),
+    }
+    .map_err(|e| format!("{e} (stop the vault's daemon first: it holds the volume)"))?;
+    let (_, key) = c
+        .unlock(password, None)
+        .map_err(|e| format!("the password opens no keyslot ({e})"))?;
+    Ok((c, key))
+}
+
+/// `coffre storage export`: the store's volume, every chunk verified, into
+/// `out`: a plain LUKS2 data segment again, for cryptsetup with the
+/// detached header. The daemon must be stopped.
+pub fn export_volume(
+    dir: &std::path::Path,
+    password: &coffre_luks2::Passphrase,
+    out: &std::path::Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<(), String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(sc) = &config.storage else {
+        return Err("this vault's volume is a local file (volume in config.toml): copy it, with the vault closed".into());
+    };
+    let (c, key) = unlock(&config.header, None, password)?;
+    let uuid = c.header().binary.uuid.clone();
+    let (objects, prefix) = objects(sc, &vd).map_err(|e| e.to_string())?;
+    let vault = vault_id(&uuid);
+    let sealed = std::fs::read(vd.storage_key())
+        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
+    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
+    drop(key);
+    let local = std::fs::read_to_string(vd.storage_root())
+        .ok()
+        .map(|t| Root::from_line(&t))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let (store, _) = rt
+        .block_on(ChunkStore::open(
+            objects, &prefix, vault, ikey, local, false,
+        ))
+        .map_err(|e| e.to_string())?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    rt.block_on(coffre_remote::transfer::export(&store, &file, progress))
+        .map_err(|e| e.to_string())
+}
+
+/// What `coffre storage migrate` did.
+#[derive(Clone, Copy, Debug)]
+pub struct Migrated {
+    /// The import's counts.
+    pub imported: coffre_remote::transfer::Imported,
+    /// Chunks read back from the store and compared with the local file.
+    pub verified: u64,
+}
+
+/// `coffre storage migrate`: a vault's local volume onto a store,
+/// resumable (run again after an interruption, it skips what is there),
+/// every chunk then read back and compared; config.toml then names the
+/// store, and the local file is kept as `volume.img.migrated` until the
+/// operator removes it. The daemon must be stopped.
+pub fn migrate_volume(
+    dir: &std::path::Path,
+    password: &coffre_luks2::Passphrase,
+    mut target: StorageConfig,
+    credentials: Option<&std::path::Path>,
+    progress: impl FnMut(u64, u64),
+) -> Result<Migrated, String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(volume) = config.volume.clone() else {
+        return Err("this vault's volume is already on a store ([storage] in config.toml)".into());
+    };
+    let (c, key) = unlock(&config.header, Some(&volume), password)?;
+    let uuid = c.header().binary.uuid.clone();
+    let io = |e: crate::vaultdir::DirError| e.to_string();
+    if let Some(src) = credentials {
+        let bytes = std::fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?;
+        write_atomic(&vd.root.join("storage.credentials"), &bytes, 0o600).map_err(io)?;
+        target.credentials_file = Some(std::path::PathBuf::from("storage.credentials"));
+    }
+    let size = std::fs::metadata(&volume)
+        .map_err(|e| format!("{}: {e}", volume.display()))?
+        .len();
+    let (objects, prefix) = objects(&target, &vd).map_err(|e| e.to_string())?;
+    let vault = vault_id(&uuid);
+    let rt = runtime().map_err(|e| e.to_string())?;
+    // A first run makes the store; a run after an interruption goes on
+    // with it.
+    let resuming = vd.storage_key().exists() && vd.storage_root().exists();
+    let mut store = if resuming {
+        let sealed = std::fs::read(vd.storage_key()).map_err(|e| e.to_string())?;
+        let ikey =
+            IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
+        let local = std::fs::read_to_string(vd.storage_root()).map_err(|e| e.to_string())?;
+        let local = Root::from_line(&local).map_err(|e| e.to_string())?;
+        rt.block_on(ChunkStore::open(
+            objects,
+            &prefix,
+            vault,
+            ikey,
+            Some(local),
+            false,
+        ))
+        .map_err(|e| e.to_string())?
+        .0
+    } else {
+        let ikey = IntegrityKey::generate().map_err(|e| e.to_string())?;
+        let sealed = ikey.seal(key.expose(), &vault).map_err(|e| e.to_string())?;
+        let g = Geometry::new(target.chunk_size, size).map_err(|e| e.to_string())?;
+        let (store, root) = rt
+            .block_on(ChunkStore::create(objects, &prefix, vault, ikey, g))
+            .map_err(|e| e.to_string())?;
+        write_atomic(&vd.storage_key(), &sealed, 0o600).map_err(io)?;
+        write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
+        store
+    };
+    drop(key);
+    let file = std::fs::File::open(&volume).map_err(|e| format!("{}: {e}", volume.display()))?;
+    let result = rt.block_on(coffre_remote::transfer::import(&mut store, &file, progress));
+    // Whatever became durable is the root now (a rerun goes on from it).
+    if let Some(root) = store.new_root() {
+        write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
+        store.root_kept(root);
+    }
+    let imported = result.map_err(|e| format!("{e} (run the same command again: it goes on)"))?;
+    // Every chunk read back, verified, and compared with the file.
+    let g = store.geometry();
+    let mut verified = 0;
+    use std::os::unix::fs::FileExt;
+    for index in 0..g.chunks() {
+        let got = rt
+            .block_on(store.read_chunk(index))
+            .map_err(|e| e.to_string())?;
+        let mut want = vec![0u8; g.chunk_len(index)];
+        file.read_exact_at(&mut want, index * u64::from(g.chunk_size))
+            .map_err(|e| e.to_string())?;
+        if got != want {
+            return Err(format!(
+                "chunk {index} on the store differs from the local volume: not switched"
+            ));
+        }
+        verified += 1;
+    }
+    // config.toml names the store now; the file stays, renamed.
+    let text = std::fs::read_to_string(vd.config()).map_err(|e| e.to_string())?;
+    let mut t: toml::Table = text.parse().map_err(|e| format!("config.toml: {e}"))?;
+    t.remove("volume");
+    let storage = toml::Value::try_from(&target).map_err(|e| e.to_string())?;
+    t.insert("storage".into(), storage);
+    drop(c);
+    let kept = volume.with_extension("img.migrated");
+    std::fs::rename(&volume, &kept).map_err(|e| format!("{}: {e}", volume.display()))?;
+    write_atomic(
+        &vd.config(),
+        toml::to_string(&t).map_err(|e| e.to_string())?.as_bytes(),
+        0o600,
+    )
+    .map_err(io)?;
+    Ok(Migrated { imported, verified })
+}

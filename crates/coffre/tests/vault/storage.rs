@@ -143,3 +143,80 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
+    let moto = Moto::start();
+    moto.bucket("migrated-vault");
+    let mut v = Vault::init(&[]);
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    let file = v.layout().mountpoint.join("shared").join("before.txt");
+    std::fs::write(&file, b"written while the volume was a local file").unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    // While the daemon runs, the volume is its: refused, and said so.
+    let pw = v.member("alice").password.clone();
+    let endpoint = moto.endpoint();
+    let creds = moto.credentials();
+    let migrate = |v: &Vault| {
+        v.bin()
+            .args(["storage", "migrate", v.dir.to_str().unwrap()])
+            .args(["--to", "s3://migrated-vault/team", "--endpoint", &endpoint])
+            .args(["--allow-http", "--credentials", creds.to_str().unwrap()])
+            .args(["--password-file", pw.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&v);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop the vault's daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    v.stop();
+    let out = migrate(&v);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let migrated = v.dir.join("volume.img.migrated");
+    assert!(migrated.exists() && !v.dir.join("volume.img").exists());
+    let cfg = std::fs::read_to_string(v.dir.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("[storage]") && !cfg.contains("volume = "),
+        "{cfg}"
+    );
+    // Exported back, it is the local volume byte for byte.
+    let export = v.tmp.path().join("export.img");
+    let out = v
+        .bin()
+        .args(["storage", "export", v.dir.to_str().unwrap()])
+        .args(["--out", export.to_str().unwrap()])
+        .args(["--password-file", pw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&export).unwrap() == std::fs::read(&migrated).unwrap());
+    // The vault opens on the store, with its data.
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"written while the volume was a local file"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+}

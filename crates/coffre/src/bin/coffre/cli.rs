@@ -238,6 +238,60 @@ pub enum Command {
     /// Work on a LUKS2 volume directly (format, keyslots, data, recovery).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The vault's volume on a remote store (on the vault's host, with its
+    /// daemon stopped): move a local volume there, or export it back.
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+/// `coffre storage ...`.
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Move the vault's local volume onto an S3 store: every chunk
+    /// uploaded (chunks of zeros are not stored), read back and compared;
+    /// then config.toml names the store and the local file is kept as
+    /// volume.img.migrated until you remove it. Interrupted, run it again:
+    /// it goes on where it stopped. Example:
+    /// `coffre storage migrate /var/lib/coffre/team --to s3://bucket/team --password-file -`
+    Migrate {
+        /// The vault directory.
+        dir: PathBuf,
+        /// `s3://BUCKET/PREFIX` (the bucket must exist and honour
+        /// conditional writes).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The S3 endpoint of a store that is not AWS.
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// The S3 region (default us-east-1).
+        #[arg(long)]
+        region: Option<String>,
+        /// Allow plain HTTP to the endpoint (a test server only).
+        #[arg(long)]
+        allow_http: bool,
+        /// A 0600 file of aws_access_key_id= / aws_secret_access_key=
+        /// lines, copied into the vault directory (default: the AWS
+        /// environment variables).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<PathBuf>,
+        /// A member's password (it opens the volume key, which seals the
+        /// store's integrity key); `-` for stdin.
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+    },
+    /// Write the store's volume, every chunk verified, into a file: a plain
+    /// LUKS2 data segment again, which cryptsetup opens with the vault's
+    /// detached header (`cryptsetup open --header DIR/volume.hdr FILE name`).
+    Export {
+        /// The vault directory.
+        dir: PathBuf,
+        /// Where to write it (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// A member's password (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+    },
 }
 
 /// Which identity file to use.

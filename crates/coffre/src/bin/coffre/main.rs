@@ -93,6 +93,7 @@ fn main() -> ExitCode {
         C::Audit(a) => vault::audit(a),
         C::Gateway(g) => vault::gateway(g),
         C::Volume(v) => volume::run(v),
+        C::Storage(s) => vault::storage(s),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -107,3 +107,91 @@ pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
     eprintln!("coffre: stopped; the vault is closed");
     Ok(exit::OK)
 }
+
+/// A progress line on a terminal: done of total chunks.
+fn chunk_progress() -> impl FnMut(u64, u64) {
+    use std::io::IsTerminal;
+    let show = std::io::stderr().is_terminal();
+    let mut last = std::time::Instant::now();
+    move |done, total| {
+        if show && (done == total || last.elapsed() > std::time::Duration::from_millis(200)) {
+            last = std::time::Instant::now();
+            eprint!(
+                "\r{:5.1}%  {done}/{total} chunks ",
+                100.0 * done as f64 / total.max(1) as f64
+            );
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
+    use crate::cli::StorageCommand as S;
+    match c {
+        S::Migrate {
+            dir,
+            to,
+            endpoint,
+            region,
+            allow_http,
+            credentials,
+            password_file,
+        } => {
+            let password = secrets::passphrase(&password_file)?;
+            let target = coffre_daemon::vaultdir::StorageConfig {
+                url: to.clone(),
+                endpoint,
+                region,
+                allow_http,
+                credentials_file: None,
+                chunk_size: 1 << 20,
+                cache_size: 64 << 20,
+            };
+            match coffre_daemon::remote::migrate_volume(
+                &dir,
+                &password,
+                target,
+                credentials.as_deref(),
+                chunk_progress(),
+            ) {
+                Ok(m) => {
+                    println!(
+                        "migrated to {to}: {} chunk(s) uploaded, {} already there, {} of zeros not stored; {} read back and compared",
+                        m.imported.uploaded, m.imported.already, m.imported.zero, m.verified
+                    );
+                    println!(
+                        "config.toml names the store; the local file is kept as volume.img.migrated: remove it once the vault opens"
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("coffre: storage migrate: {e}");
+                    Ok(exit::FAILURE)
+                }
+            }
+        }
+        S::Export {
+            dir,
+            out,
+            password_file,
+        } => {
+            let password = secrets::passphrase(&password_file)?;
+            match coffre_daemon::remote::export_volume(&dir, &password, &out, chunk_progress()) {
+                Ok(()) => {
+                    println!(
+                        "exported to {}: open it with cryptsetup and the detached header {}",
+                        out.display(),
+                        dir.join("volume.hdr").display()
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("coffre: storage export: {e}");
+                    Ok(exit::FAILURE)
+                }
+            }
+        }
+    }
+}

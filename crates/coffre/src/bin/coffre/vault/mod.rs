@@ -12,7 +12,7 @@ mod status;
 
 pub use admin::{approve, gateway, join, lock, member, mode, passwd, proposal, quorum, unlock};
 pub use audit::audit;
-pub use host::{init, serve};
+pub use host::{init, serve, storage};
 pub use session::{enter, enter_detached, leave, task};
 pub use status::{network, status, workload};
 
