@@ -48,6 +48,12 @@ impl Moto {
         Moto { child, port, dir }
     }
 
+    /// Its process id (to stop it answering with SIGSTOP, as a store that
+    /// hangs; SIGCONT to bring it back).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -81,6 +87,7 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        // A stopped server gets SIGKILL all the same.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -220,3 +220,115 @@ fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
+
+/// The volume key, from the header alone (cryptsetup takes the header
+/// file as the device), with alice's password.
+fn volume_key_of(v: &Vault) -> Vec<u8> {
+    let out_file = v.tmp.path().join("vk");
+    let out = std::process::Command::new("cryptsetup")
+        .args(["-q", "--disable-locks", "luksDump", "--dump-volume-key"])
+        .args(["--volume-key-file", out_file.to_str().unwrap()])
+        .args(["--key-file", v.members[0].password.to_str().unwrap()])
+        .arg(v.dir.join("volume.hdr"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read(&out_file).unwrap();
+    std::fs::remove_file(&out_file).unwrap();
+    key
+}
+
+/// A lock over a store that stops answering (moto stopped with SIGSTOP:
+/// connections accepted, nothing answered) finishes in bounded time: past
+/// `[data] close_deadline_s` the engine's cipher is revoked and the key
+/// wiped, while the flush to the store still hangs.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup, moto_server"]
+fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+        Need::Moto,
+    ]);
+    let moto = Moto::start();
+    moto.bucket("hanging-store");
+    let endpoint = moto.endpoint();
+    let creds = moto.credentials();
+    let mut v = Vault::init(&[
+        "--storage",
+        "s3://hanging-store/v",
+        "--storage-endpoint",
+        &endpoint,
+        "--storage-allow-http",
+        "--storage-credentials",
+        creds.to_str().unwrap(),
+    ]);
+    let key = volume_key_of(&v);
+    let cfg = v.dir.join("config.toml");
+    let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+    t.entry("data")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert("close_deadline_s".into(), toml::Value::Integer(3));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    v.start();
+    let pid = v.pid();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    assert!(
+        memory_contains(pid, &key),
+        "the scan cannot see the held key"
+    );
+    // Unflushed changes, then the store stops answering.
+    let data = v.layout().mountpoint.join("shared");
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
+    unsafe_kill(moto.pid(), "STOP");
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            unsafe_kill(self.0, "CONT");
+        }
+    }
+    let resume = Resume(moto.pid());
+    let t0 = std::time::Instant::now();
+    ok(&v.authed("alice", &["lock", "--reason", "store gone"]));
+    while v.status("alice")["key_held"] != false {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the key is still held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(v.state(), "locked");
+    assert!(
+        !memory_contains(pid, &key),
+        "the volume key outlived the deadline"
+    );
+    assert!(
+        v.audit()
+            .iter()
+            .any(|e| e["record"]["action"] == "close" && e["record"]["result"] == "deadline"),
+        "the audit log says the close was abandoned"
+    );
+    // The store answers again: what hung finishes and goes away.
+    drop(resume);
+    wait_exit(&mut enter, Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while !v.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the abandoned close never finished: {:?}",
+            v.leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    v.stop();
+}
