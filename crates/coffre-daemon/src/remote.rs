@@ -310,3 +310,67 @@ pub fn migrate_volume(
     .map_err(io)?;
     Ok(Migrated { imported, verified })
 }
+
+/// `coffre storage status`: where the volume is, the root kept locally,
+/// and what the store says now (its manifest's epoch, unverified: no key
+/// here; the next open verifies it).
+pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(sc) = &config.storage else {
+        return Ok(serde_json::json!({
+            "backend": "file",
+            "volume": config.volume,
+        }));
+    };
+    let local = std::fs::read_to_string(vd.storage_root())
+        .ok()
+        .and_then(|t| Root::from_line(&t).ok())
+        .map(|r| r.epoch);
+    let (store, error) = match objects(sc, &vd) {
+        Err(e) => (None, Some(e.to_string())),
+        Ok((objects, prefix)) => {
+            let name = coffre_remote::layout::Keys::new(&prefix).manifest();
+            let got = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+                rt.block_on(async {
+                    tokio::time::timeout(
+                        std::time::Duration::from_secs(20),
+                        objects.get(&name, 16 << 20),
+                    )
+                    .await
+                })
+                .map_err(|_| "no answer within 20 s".to_string())
+            });
+            match got {
+                Ok(Ok(Some((bytes, _)))) => (
+                    Some(coffre_remote::layout::Manifest::claimed_epoch(&bytes)),
+                    None,
+                ),
+                Ok(Ok(None)) => (None, Some("no manifest at that prefix".to_string())),
+                Ok(Err(e)) => (None, Some(e.to_string())),
+                Err(e) => (None, Some(e)),
+            }
+        }
+    };
+    let claimed = store.flatten();
+    let standing = match (claimed, local) {
+        (Some(s), Some(l)) if s == l => "in step",
+        (Some(s), Some(l)) if s > l => {
+            "ahead of the local root (a crash after a manifest, or another writer): the next open takes it"
+        }
+        (Some(_), Some(_)) => "BEHIND the local root: rolled back? the next open will refuse it",
+        _ => "unknown",
+    };
+    Ok(serde_json::json!({
+        "backend": "s3",
+        "url": sc.url,
+        "endpoint": sc.endpoint,
+        "chunk_size": sc.chunk_size,
+        "cache_size": sc.cache_size,
+        "local_root_epoch": local,
+        "store_epoch_claimed": claimed,
+        "reachable": error.is_none(),
+        "error": error,
+        "standing": standing,
+    }))
+}

@@ -81,6 +81,20 @@ impl Shell {
             }
             Err(_) => v["changing"] = json!(true),
         }
+        // The volume on a remote store: where, and the root kept locally
+        // (its last manifest's epoch).
+        if let Some(sc) = &self.config.storage {
+            let root = std::fs::read_to_string(self.dir.storage_root())
+                .ok()
+                .and_then(|t| coffre_remote::Root::from_line(&t).ok());
+            v["storage"] = json!({
+                "url": sc.url,
+                "endpoint": sc.endpoint,
+                "root_epoch": root.map(|r| r.epoch),
+                "chunk_size": sc.chunk_size,
+                "cache_size": sc.cache_size,
+            });
+        }
         v
     }
 }

@@ -121,10 +121,29 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     wait_exit(&mut e, Duration::from_secs(10));
     v.wait_state("closed", Duration::from_secs(30));
 
+    let text = String::from_utf8(v.cli("alice", &["status"]).stdout).unwrap();
+    assert!(text.contains("storage: s3://team-vault/v1"), "{text}");
+    let storage_status = |v: &Vault| {
+        let out = v
+            .bin()
+            .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
+            .output()
+            .unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (code(&out), j)
+    };
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 0, "{j}");
+    assert_eq!(j["standing"], "in step", "{j}");
+    assert_eq!(j["local_root_epoch"], j["store_epoch_claimed"]);
+
     // The provider serves yesterday's bucket: consistent, authentic,
     // older. The open fails, says why, and the vault stays closed.
     v.stop();
     restore(&s3, &yesterday);
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 1, "{j}");
+    assert!(j["standing"].as_str().unwrap().starts_with("BEHIND"), "{j}");
     v.start();
     let out = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
     let said = String::from_utf8_lossy(&out.stderr).to_string();

@@ -279,6 +279,17 @@ pub enum StorageCommand {
         #[arg(long, value_name = "FILE")]
         password_file: PathBuf,
     },
+    /// Where the volume is, the root kept locally, and what the store says
+    /// now (its manifest's epoch, unverified: no key is needed here; the
+    /// next open verifies it). Exit code 1 if the store cannot be reached
+    /// or is behind the local root.
+    Status {
+        /// The vault directory.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the store's volume, every chunk verified, into a file: a plain
     /// LUKS2 data segment again, which cryptsetup opens with the vault's
     /// detached header (`cryptsetup open --header DIR/volume.hdr FILE name`).

@@ -172,6 +172,46 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                 }
             }
         }
+        S::Status { dir, json } => {
+            let v = match coffre_daemon::remote::status(&dir) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("coffre: storage status: {e}");
+                    return Ok(exit::FAILURE);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v["backend"] == "file" {
+                println!(
+                    "backend: a local file, {}",
+                    v["volume"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "backend: {}{}",
+                    v["url"].as_str().unwrap_or("?"),
+                    v["endpoint"]
+                        .as_str()
+                        .map(|e| format!(" at {e}"))
+                        .unwrap_or_default()
+                );
+                println!("local root epoch: {}", v["local_root_epoch"]);
+                match v["error"].as_str() {
+                    Some(e) => println!("store: cannot be read: {e}"),
+                    None => println!(
+                        "store: manifest epoch {} (as it claims; verified at the next open): {}",
+                        v["store_epoch_claimed"],
+                        v["standing"].as_str().unwrap_or("?")
+                    ),
+                }
+            }
+            let bad = v["reachable"] == false
+                || v["standing"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("BEHIND"));
+            Ok(if bad { exit::FAILURE } else { exit::OK })
+        }
         S::Export {
             dir,
             out,

@@ -97,6 +97,18 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     };
                     println!("nfs:     {server}; {}", shares.join("; "));
                 }
+                let st = &v["data"]["storage"];
+                if let Some(url) = st["url"].as_str() {
+                    println!(
+                        "storage: {url}{}: chunks of {} KiB, root epoch {} kept locally (a store that serves an older one is refused at open)",
+                        st["endpoint"]
+                            .as_str()
+                            .map(|e| format!(" at {e}"))
+                            .unwrap_or_default(),
+                        st["chunk_size"].as_u64().unwrap_or(0) / 1024,
+                        st["root_epoch"],
+                    );
+                }
                 let dir = &v["directory"];
                 if let Some(addr) = dir["ldaps"].as_str() {
                     let st = &dir["stats"];
