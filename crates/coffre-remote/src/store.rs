@@ -198,27 +198,12 @@ impl ChunkStore {
             Err(e) => return Err(store_err("writing the first manifest", e)),
         };
         let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
-        Ok((
-            ChunkStore {
-                objects,
-                keys,
-                vault,
-                key,
-                geometry,
-                table,
-                pages,
-                kept: root,
-                dirty_pages: BTreeSet::new(),
-                epoch: 0,
-                manifest_tag: tag,
-                root,
-                fenced: false,
-                uncertain: None,
-                superseded: Vec::new(),
-                garbage: Vec::new(),
-            },
-            root,
-        ))
+        let store = ChunkStore::assemble(
+            (objects, keys, vault, key),
+            (geometry, table, pages),
+            (0, tag, root),
+        );
+        Ok((store, root))
     }
 
     /// Opens the volume under `prefix`, verifying the manifest and every
@@ -296,28 +281,38 @@ impl ChunkStore {
             let start = usize::try_from(p * ENTRIES_PER_PAGE).unwrap_or(usize::MAX);
             table[start..start + page.entries.len()].copy_from_slice(&page.entries);
         }
-        let epoch = manifest.epoch;
-        Ok((
-            ChunkStore {
-                objects,
-                keys,
-                vault,
-                key,
-                geometry,
-                table,
-                pages: manifest.pages,
-                kept: root,
-                dirty_pages: BTreeSet::new(),
-                epoch,
-                manifest_tag: tag,
-                root,
-                fenced: false,
-                uncertain: None,
-                superseded: Vec::new(),
-                garbage: Vec::new(),
-            },
-            Opened { root, ahead_by },
-        ))
+        let store = ChunkStore::assemble(
+            (objects, keys, vault, key),
+            (geometry, table, manifest.pages),
+            (manifest.epoch, tag, root),
+        );
+        Ok((store, Opened { root, ahead_by }))
+    }
+
+    /// A store as the durable manifest `(epoch, tag, root)` left it.
+    fn assemble(
+        (objects, keys, vault, key): (Arc<dyn Objects>, Keys, [u8; 16], IntegrityKey),
+        (geometry, table, pages): (Geometry, Vec<Entry>, Vec<Entry>),
+        (epoch, manifest_tag, root): (u64, Tag, Root),
+    ) -> Self {
+        ChunkStore {
+            objects,
+            keys,
+            vault,
+            key,
+            geometry,
+            table,
+            pages,
+            kept: root,
+            dirty_pages: BTreeSet::new(),
+            epoch,
+            manifest_tag,
+            root,
+            fenced: false,
+            uncertain: None,
+            superseded: Vec::new(),
+            garbage: Vec::new(),
+        }
     }
 
     /// The volume's shape.

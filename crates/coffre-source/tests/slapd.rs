@@ -24,14 +24,6 @@ const SERVICE_PW: &str = "service secret";
 /// Accounts u00..u31, all in the team, for the re-check of everyone.
 const MANY: usize = 32;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn person(name: &str, number: u32, extra: &str) -> String {
     person_in(name, number, PEOPLE, extra)
 }
@@ -628,7 +620,7 @@ fn unreachable_quickly_and_back_after_a_restart() {
 
     // A port nobody listens on, and one that accepts and never answers.
     let mut c = slapd.ldaps_config();
-    c.url = format!("ldaps://127.0.0.1:{}", free_port());
+    c.url = format!("ldaps://127.0.0.1:{}", coffre_testkit::process::free_port());
     let closed =
         LdapDirectory::with_password(c.clone(), slapd.dir(), Zeroizing::new("x".into()), limits)
             .unwrap();

@@ -7,7 +7,7 @@
 //! answered.
 
 use crate::gate::{Need, require};
-use std::net::TcpListener;
+use crate::process::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,14 +25,6 @@ pub struct Slapd {
     /// Port of ldaps:// on 127.0.0.1.
     pub ldaps: u16,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn module_dir() -> &'static str {
