@@ -8,17 +8,41 @@ use coffre_remote::{ChunkStore, Geometry, IntegrityKey, RemoteDevice, RemoteErro
 use coffre_storage::BlockDevice;
 use std::sync::Arc;
 
-/// The vault's id on the store: its LUKS2 header's UUID.
-pub fn vault_id(uuid: &str) -> [u8; 16] {
-    let hex: String = uuid.chars().filter(char::is_ascii_hexdigit).collect();
+/// The vault's id on the store: its LUKS2 header's UUID (32 hex digits;
+/// the MACs and the sealed integrity key are bound to it, so a header
+/// whose UUID changed no longer opens its store).
+pub fn vault_id(uuid: &str) -> Result<[u8; 16], RemoteError> {
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
     let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = hex
-            .get(2 * i..2 * i + 2)
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .unwrap_or(0);
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(RemoteError::Config(format!(
+            "the header's UUID {uuid:?} is not 32 hex digits"
+        )));
     }
-    id
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| RemoteError::Config("the header's UUID".into()))?;
+    }
+    Ok(id)
+}
+
+/// The longest an open may take to read and verify the store (the
+/// manifest and every page): past it the open fails rather than hold the
+/// key while a lock waits.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The root the control directory keeps: required once the vault is on a
+/// store (without it, any authentic state of the store would open,
+/// yesterday's included).
+fn local_root(vd: &VaultDir) -> Result<Root, RemoteError> {
+    let path = vd.storage_root();
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        RemoteError::Config(format!(
+            "{}: {e}: the rollback check needs it; restore it from the control directory's backup",
+            path.display()
+        ))
+    })?;
+    Root::from_line(&text)
 }
 
 fn objects(
@@ -68,7 +92,7 @@ pub fn create(
     size: u64,
 ) -> Result<Arc<dyn BlockDevice>, RemoteError> {
     let (objects, prefix) = objects(c, vd)?;
-    let vault = vault_id(uuid);
+    let vault = vault_id(uuid)?;
     let ikey = IntegrityKey::generate()?;
     let sealed = ikey.seal(key.expose(), &vault)?;
     let io = |e: crate::vaultdir::DirError| RemoteError::Config(e.to_string());
@@ -95,7 +119,7 @@ pub fn open(
     uuid: &str,
 ) -> Result<(Arc<dyn BlockDevice>, u64), RemoteError> {
     let (objects, prefix) = objects(c, vd)?;
-    let vault = vault_id(uuid);
+    let vault = vault_id(uuid)?;
     let sealed = std::fs::read(vd.storage_key()).map_err(|e| {
         RemoteError::Config(format!(
             "{}: {e} (the sealed integrity key: restore it from the control directory's backup)",
@@ -103,14 +127,28 @@ pub fn open(
         ))
     })?;
     let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault)?;
-    let local = match std::fs::read_to_string(vd.storage_root()) {
-        Ok(text) => Some(Root::from_line(&text)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(RemoteError::Config(format!("the storage root: {e}"))),
-    };
-    let (store, opened) = runtime()?.block_on(ChunkStore::open(
-        objects, &prefix, vault, ikey, local, false,
-    ))?;
+    let local = local_root(vd)?;
+    let (store, opened) = runtime()?
+        .block_on(async {
+            tokio::time::timeout(
+                OPEN_TIMEOUT,
+                ChunkStore::open(objects, &prefix, vault, ikey, Some(local), false),
+            )
+            .await
+        })
+        .map_err(|_| {
+            RemoteError::Store(format!(
+                "the manifest and pages were not read within {} s",
+                OPEN_TIMEOUT.as_secs()
+            ))
+        })??;
+    // One epoch ahead: a crash between a manifest and its root. More: a
+    // writer this vault does not know of, with its keys.
+    if opened.ahead_by > 1 {
+        return Err(RemoteError::Forked {
+            epoch: opened.root.epoch,
+        });
+    }
     let cache = usize::try_from(c.cache_size).unwrap_or(usize::MAX);
     let dev = RemoteDevice::new(store, cache, keep_root(vd))
         .map_err(|e| RemoteError::Config(e.to_string()))?;
@@ -125,8 +163,10 @@ pub fn open(
 mod tests {
     #[test]
     fn vault_ids_come_from_the_uuid() {
+        assert!(super::vault_id("0123").is_err());
+        assert!(super::vault_id("01234567-89ab-cdef-0123-456789abcdeg").is_err());
         assert_eq!(
-            super::vault_id("01234567-89ab-cdef-0123-456789abcdef"),
+            super::vault_id("01234567-89ab-cdef-0123-456789abcdef").unwrap(),
             [
                 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
                 0xcd, 0xef
@@ -171,20 +211,21 @@ pub fn export_volume(
     let (c, key) = unlock(&config.header, None, password)?;
     let uuid = c.header().binary.uuid.clone();
     let (objects, prefix) = objects(sc, &vd).map_err(|e| e.to_string())?;
-    let vault = vault_id(&uuid);
+    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
     let sealed = std::fs::read(vd.storage_key())
         .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
     let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
     drop(key);
-    let local = std::fs::read_to_string(vd.storage_root())
-        .ok()
-        .map(|t| Root::from_line(&t))
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let local = local_root(&vd).map_err(|e| e.to_string())?;
     let rt = runtime().map_err(|e| e.to_string())?;
     let (store, _) = rt
         .block_on(ChunkStore::open(
-            objects, &prefix, vault, ikey, local, false,
+            objects,
+            &prefix,
+            vault,
+            ikey,
+            Some(local),
+            false,
         ))
         .map_err(|e| e.to_string())?;
     let file = std::fs::OpenOptions::new()
@@ -192,8 +233,15 @@ pub fn export_volume(
         .create_new(true)
         .open(out)
         .map_err(|e| format!("{}: {e}", out.display()))?;
-    rt.block_on(coffre_remote::transfer::export(&store, &file, progress))
-        .map_err(|e| e.to_string())
+    let r = rt
+        .block_on(coffre_remote::transfer::export(&store, &file, progress))
+        .map_err(|e| e.to_string());
+    if r.is_err() {
+        // No file that looks complete and is not.
+        drop(file);
+        let _ = std::fs::remove_file(out);
+    }
+    r
 }
 
 /// What `coffre storage migrate` did.
@@ -234,35 +282,44 @@ pub fn migrate_volume(
         .map_err(|e| format!("{}: {e}", volume.display()))?
         .len();
     let (objects, prefix) = objects(&target, &vd).map_err(|e| e.to_string())?;
-    let vault = vault_id(&uuid);
+    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
     let rt = runtime().map_err(|e| e.to_string())?;
-    // A first run makes the store; a run after an interruption goes on
-    // with it.
-    let resuming = vd.storage_key().exists() && vd.storage_root().exists();
-    let mut store = if resuming {
+    // A first run seals the key first, then makes the store; a run after
+    // an interruption (the sealed key is there) goes on with the store,
+    // from its root if one was kept (none: the store was just made, and
+    // nothing uses it yet).
+    let mut store = if vd.storage_key().exists() {
         let sealed = std::fs::read(vd.storage_key()).map_err(|e| e.to_string())?;
-        let ikey =
-            IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
-        let local = std::fs::read_to_string(vd.storage_root()).map_err(|e| e.to_string())?;
-        let local = Root::from_line(&local).map_err(|e| e.to_string())?;
-        rt.block_on(ChunkStore::open(
-            objects,
+        let unseal =
+            || IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string());
+        let local = local_root(&vd).ok();
+        match rt.block_on(ChunkStore::open(
+            objects.clone(),
             &prefix,
             vault,
-            ikey,
-            Some(local),
+            unseal()?,
+            local,
             false,
-        ))
-        .map_err(|e| e.to_string())?
-        .0
+        )) {
+            Ok((store, _)) => store,
+            Err(RemoteError::Empty { .. }) => {
+                let g = Geometry::new(target.chunk_size, size).map_err(|e| e.to_string())?;
+                let (store, root) = rt
+                    .block_on(ChunkStore::create(objects, &prefix, vault, unseal()?, g))
+                    .map_err(|e| e.to_string())?;
+                write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
+                store
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     } else {
         let ikey = IntegrityKey::generate().map_err(|e| e.to_string())?;
         let sealed = ikey.seal(key.expose(), &vault).map_err(|e| e.to_string())?;
+        write_atomic(&vd.storage_key(), &sealed, 0o600).map_err(io)?;
         let g = Geometry::new(target.chunk_size, size).map_err(|e| e.to_string())?;
         let (store, root) = rt
             .block_on(ChunkStore::create(objects, &prefix, vault, ikey, g))
             .map_err(|e| e.to_string())?;
-        write_atomic(&vd.storage_key(), &sealed, 0o600).map_err(io)?;
         write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
         store
     };
@@ -299,15 +356,22 @@ pub fn migrate_volume(
     t.remove("volume");
     let storage = toml::Value::try_from(&target).map_err(|e| e.to_string())?;
     t.insert("storage".into(), storage);
-    drop(c);
-    let kept = volume.with_extension("img.migrated");
-    std::fs::rename(&volume, &kept).map_err(|e| format!("{}: {e}", volume.display()))?;
+    // The config first (a failure here leaves the vault on its file, as
+    // it was), then the file renamed; the header's lock held until done.
     write_atomic(
         &vd.config(),
         toml::to_string(&t).map_err(|e| e.to_string())?.as_bytes(),
         0o600,
     )
     .map_err(io)?;
+    let kept = volume.with_extension("img.migrated");
+    std::fs::rename(&volume, &kept).map_err(|e| {
+        format!(
+            "{}: {e} (config.toml names the store already: move the file away by hand)",
+            volume.display()
+        )
+    })?;
+    drop(c);
     Ok(Migrated { imported, verified })
 }
 
@@ -354,6 +418,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     };
     let claimed = store.flatten();
     let standing = match (claimed, local) {
+        (_, None) => "NO LOCAL ROOT: the next open is refused until DIR/storage.root is restored",
         (Some(s), Some(l)) if s == l => "in step",
         (Some(s), Some(l)) if s > l => {
             "ahead of the local root (a crash after a manifest, or another writer): the next open takes it"

@@ -621,6 +621,18 @@ impl VaultDir {
             }
             _ => {}
         }
+        if let Some(f) = c.storage.as_ref().and_then(|s| s.credentials_file.as_ref())
+            && (f.components().count() != 1
+                || !matches!(f.components().next(), Some(std::path::Component::Normal(_))))
+        {
+            return Err(DirError::Bad {
+                path,
+                msg: format!(
+                    "[storage] credentials_file = {:?} must be a file name in the vault directory (like \"storage.credentials\")",
+                    f.display().to_string()
+                ),
+            });
+        }
         if let Some(v) = &c.volume
             && v.is_relative()
         {

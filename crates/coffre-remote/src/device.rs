@@ -28,7 +28,9 @@ pub type OnRoot = Box<dyn Fn(Root) -> io::Result<()> + Send + Sync>;
 
 /// A block device on an object store.
 pub struct RemoteDevice {
-    rt: tokio::runtime::Runtime,
+    /// Its own runtime (taken at drop, shut down in the background: a
+    /// device may be dropped inside another runtime, the daemon's).
+    rt: Option<tokio::runtime::Runtime>,
     state: Mutex<State>,
     on_root: OnRoot,
     size: u64,
@@ -75,7 +77,7 @@ impl RemoteDevice {
         let chunk = u64::from(g.chunk_size);
         let floor = usize::try_from(2 * chunk).unwrap_or(usize::MAX);
         Ok(RemoteDevice {
-            rt,
+            rt: Some(rt),
             state: Mutex::new(State {
                 store,
                 cache: BTreeMap::new(),
@@ -86,6 +88,28 @@ impl RemoteDevice {
             on_root,
             size: g.size,
             chunk,
+        })
+    }
+
+    /// Runs `f` to its end on the device's runtime. From inside another
+    /// runtime (the daemon closes the data on its own thread at shutdown)
+    /// a runtime cannot be entered: the work then runs on a thread of its
+    /// own, this one waiting.
+    fn block_on<F: std::future::Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        let Some(rt) = &self.rt else {
+            unreachable!("the runtime is only taken at drop")
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return rt.block_on(f);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| rt.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     }
 
@@ -130,7 +154,7 @@ impl RemoteDevice {
             return Ok(());
         }
         let indices: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
-        let r = self.rt.block_on(s.store.write_chunks(dirty));
+        let r = self.block_on(s.store.write_chunks(dirty));
         self.keep_new_root(s)?;
         r.map_err(RemoteError::into_io)?;
         for i in indices {
@@ -170,7 +194,6 @@ impl RemoteDevice {
         let now = s.clock;
         if !s.cache.contains_key(&index) {
             let data = self
-                .rt
                 .block_on(s.store.read_chunk(index))
                 .map_err(RemoteError::into_io)?;
             s.bytes += data.len();
@@ -264,7 +287,7 @@ impl BlockDevice for RemoteDevice {
     fn flush(&self) -> io::Result<()> {
         let mut s = lock(&self.state);
         self.upload(&mut s)?;
-        let r = self.rt.block_on(s.store.flush());
+        let r = self.block_on(s.store.flush());
         // Kept before the flush returns (a failed flush may still have
         // settled an earlier manifest as done).
         self.keep_new_root(&mut s)?;
@@ -273,5 +296,14 @@ impl BlockDevice for RemoteDevice {
 
     fn size(&self) -> io::Result<u64> {
         Ok(self.size)
+    }
+}
+
+impl Drop for RemoteDevice {
+    fn drop(&mut self) {
+        // Allowed anywhere, inside another runtime too.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }

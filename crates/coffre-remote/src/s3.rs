@@ -90,24 +90,28 @@ impl Credentials {
             RemoteError::Config(format!("the credentials file {}: {e}", path.display()))
         })?);
         let (mut id, mut secret, mut token) = (None, None, None);
-        for line in text.lines().map(str::trim) {
+        for (n, line) in text.lines().map(str::trim).enumerate() {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
                 return Err(RemoteError::Config(format!(
-                    "the credentials file {}: a line without KEY=VALUE",
-                    path.display()
+                    "the credentials file {}: line {} is not KEY=VALUE",
+                    path.display(),
+                    n + 1
                 )));
             };
             match k.trim().to_ascii_lowercase().as_str() {
                 "aws_access_key_id" => id = Some(v.trim().to_string()),
                 "aws_secret_access_key" => secret = Some(Zeroizing::new(v.trim().to_string())),
                 "aws_session_token" => token = Some(Zeroizing::new(v.trim().to_string())),
-                other => {
+                // The key is not repeated: a misnamed file could be
+                // anything, secrets included.
+                _ => {
                     return Err(RemoteError::Config(format!(
-                        "the credentials file {}: unknown key {other:?}",
-                        path.display()
+                        "the credentials file {}: line {} has an unknown key (aws_access_key_id, aws_secret_access_key, aws_session_token)",
+                        path.display(),
+                        n + 1
                     )));
                 }
             }

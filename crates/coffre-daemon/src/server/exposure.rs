@@ -191,6 +191,7 @@ impl Shell {
                 .clone();
             (c, self.dir.clone(), uuid)
         });
+        let locked = self.locked_flag.clone();
         opening.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             // Held for the whole open: a shutdown or a close waits for it
@@ -204,6 +205,11 @@ impl Shell {
                 Some((c, vd, uuid)) => crate::remote::open(c, vd, &key, uuid)
                     .map_err(|e| format!("the volume's store: {e}"))
                     .and_then(|(dev, ahead)| {
+                        // A lock while the store was read (a slow store can
+                        // take seconds): nothing opens after it.
+                        if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                            return Err("the vault was locked while its store was read".into());
+                        }
                         if ahead > 0 {
                             lines.push((
                                 "storage".into(),
@@ -492,8 +498,17 @@ impl Shell {
                 grace: Duration::from_secs(self.config.data.close_grace_s),
                 force: true,
             };
-            match e.close(&policy) {
+            let closed = e.close(&policy);
+            if let Err((why, _)) = &closed {
+                // Said, not hidden: what did not close cleanly at a stop
+                // (a flush to the store that failed, say).
+                self.system_audit("close", "failed", format!("at the stop: {why}"));
+            }
+            match closed {
                 Ok(r) | Err((_, r)) => {
+                    for n in &r.notes {
+                        self.system_audit("close", "note", format!("at the stop: {n}"));
+                    }
                     for h in &r.killed {
                         let line = format!("{h}: it kept the data busy at shutdown");
                         let rec = AuditRecord {

@@ -109,14 +109,40 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
         assert!(!contains(bytes, secret), "plaintext in {k}");
     }
 
-    // Again: the file is there, read through the store; a second write.
+    // Again: the file is there, read through the store; a second write,
+    // and the daemon stopped (SIGTERM) while the vault is open: the close
+    // flushes to the store from the daemon's own thread.
     let mut e = v.enter_bg("alice", &[]);
     assert_eq!(std::fs::read(&file).unwrap(), secret);
-    std::fs::write(
-        v.layout().mountpoint.join("shared").join("today.txt"),
-        b"today",
-    )
-    .unwrap();
+    let today = v.layout().mountpoint.join("shared").join("today.txt");
+    std::fs::write(&today, b"today").unwrap();
+    v.stop();
+    wait_exit(&mut e, Duration::from_secs(10));
+    assert!(
+        !v.daemon_stderr().contains("panicked"),
+        "{}",
+        v.daemon_stderr()
+    );
+    v.start();
+    // (The stopped session's file may still be there: wait for the open
+    // itself.)
+    let _ = std::fs::remove_file(session_file(&v.member("alice").identity));
+    let mut e = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    assert!(
+        std::fs::read(&today).is_ok_and(|b| b == b"today"),
+        "lost at the stop: {}\n{:#?}",
+        v.daemon_stderr(),
+        v.audit()
+            .iter()
+            .rev()
+            .take(25)
+            .map(|r| format!(
+                "{} {} {}",
+                r["record"]["action"], r["record"]["result"], r["record"]["detail"]
+            ))
+            .collect::<Vec<_>>()
+    );
     ok(&v.cli("alice", &["leave"]));
     wait_exit(&mut e, Duration::from_secs(10));
     v.wait_state("closed", Duration::from_secs(30));
@@ -161,6 +187,25 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     assert_eq!(v.status("alice")["key_held"], false);
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    // Without the root kept locally, nothing would tell yesterday from
+    // today: its loss is said, and the next open is refused.
+    std::fs::remove_file(v.dir.join("storage.root")).unwrap();
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 1, "{j}");
+    assert!(
+        j["standing"].as_str().unwrap().starts_with("NO LOCAL ROOT"),
+        "{j}"
+    );
+    v.start();
+    let _ = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(
+        v.audit().iter().any(|r| r["record"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("storage.root"))),
+        "the refused open names the missing root"
+    );
+    v.stop();
 }
 
 #[test]

@@ -209,7 +209,7 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             let bad = v["reachable"] == false
                 || v["standing"]
                     .as_str()
-                    .is_some_and(|s| s.starts_with("BEHIND"));
+                    .is_some_and(|s| s.starts_with("BEHIND") || s.starts_with("NO LOCAL ROOT"));
             Ok(if bad { exit::FAILURE } else { exit::OK })
         }
         S::Export {
