@@ -13,26 +13,51 @@
 //!
 //! Every method blocks on the device's own runtime: call it from a
 //! thread, never from inside an async task.
+//!
+//! With mirrors, a thread of the device's own brings stale stores back
+//! between requests ([`ChunkStore::resync`], a bounded step at a time),
+//! and every change of the stores' standing is handed to `on_change`
+//! (for the audit log and status).
 
 use crate::RemoteError;
 use crate::layout::Root;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, ReplicaStatus, StoreEvent};
 use coffre_storage::BlockDevice;
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Called with each new root, before a flush returns: keep it in the
 /// control directory.
 pub type OnRoot = Box<dyn Fn(Root) -> io::Result<()> + Send + Sync>;
+
+/// Called with what happened to the stores (a store stale, back in step,
+/// a chunk repaired; possibly nothing) and every store's standing, after
+/// each request that touched them and each step of a resync.
+pub type OnChange = Box<dyn Fn(&[StoreEvent], &[ReplicaStatus]) + Send + Sync>;
+
+/// How often the resync thread looks for a stale store to bring back.
+const RESYNC_EVERY: Duration = Duration::from_millis(500);
+
+/// Objects copied per resync step (the device waits for a step).
+const RESYNC_BUDGET: usize = 32;
+
+/// The resync thread: its stop signal and its exit.
+struct Resyncer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    exited: Mutex<std::sync::mpsc::Receiver<()>>,
+}
 
 /// A block device on an object store.
 pub struct RemoteDevice {
     /// Its own runtime (taken at drop, shut down in the background: a
     /// device may be dropped inside another runtime, the daemon's).
     rt: Option<tokio::runtime::Runtime>,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     on_root: OnRoot,
+    on_change: Option<Arc<OnChange>>,
+    resyncer: Option<Resyncer>,
     size: u64,
     chunk: u64,
 }
@@ -64,11 +89,33 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Hands what happened to the stores to `on_change`.
+fn report(s: &State, on_change: Option<&OnChange>) {
+    let events = s.store.take_events();
+    if let Some(f) = on_change
+        && (!events.is_empty() || s.store.stores() > 1)
+    {
+        f(&events, &s.store.status());
+    }
+}
+
 impl RemoteDevice {
     /// A device on `store`, keeping at most `cache_limit` bytes of chunks
     /// in memory (at least two chunks).
     pub fn new(store: ChunkStore, cache_limit: usize, on_root: OnRoot) -> io::Result<Self> {
+        Self::with_changes(store, cache_limit, on_root, None)
+    }
+
+    /// [`new`](RemoteDevice::new), telling `on_change` what happens to
+    /// the stores; with mirrors, a thread brings stale stores back.
+    pub fn with_changes(
+        store: ChunkStore,
+        cache_limit: usize,
+        on_root: OnRoot,
+        on_change: Option<OnChange>,
+    ) -> io::Result<Self> {
         let g = store.geometry();
+        let mirrored = store.stores() > 1;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("coffre-remote")
@@ -76,19 +123,72 @@ impl RemoteDevice {
             .build()?;
         let chunk = u64::from(g.chunk_size);
         let floor = usize::try_from(2 * chunk).unwrap_or(usize::MAX);
-        Ok(RemoteDevice {
+        let mut dev = RemoteDevice {
             rt: Some(rt),
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 store,
                 cache: BTreeMap::new(),
                 bytes: 0,
                 limit: cache_limit.max(floor),
                 clock: 0,
-            }),
+            })),
             on_root,
+            on_change: on_change.map(Arc::new),
+            resyncer: None,
             size: g.size,
             chunk,
+        };
+        // What open found (a mirror behind or unreachable) is news.
+        report(&lock(&dev.state), dev.on_change.as_deref());
+        if mirrored {
+            dev.resyncer = Some(dev.start_resync()?);
+        }
+        Ok(dev)
+    }
+
+    /// The thread that brings stale stores back, a step at a time, while
+    /// no request holds the device.
+    fn start_resync(&self) -> io::Result<Resyncer> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (tx, exited) = std::sync::mpsc::channel();
+        let handle = self
+            .rt
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+            .ok_or_else(|| io::Error::other("no runtime"))?;
+        let (state, on_change, stop2) = (self.state.clone(), self.on_change.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("coffre-resync".into())
+            .spawn(move || {
+                loop {
+                    {
+                        let (m, cv) = &*stop2;
+                        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+                        let (g, _) = cv
+                            .wait_timeout_while(g, RESYNC_EVERY, |stop| !*stop)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if *g {
+                            break;
+                        }
+                    }
+                    let mut s = lock(&state);
+                    if s.store.status().iter().all(|r| r.in_step) {
+                        continue;
+                    }
+                    let _ = handle.block_on(s.store.resync(RESYNC_BUDGET));
+                    report(&s, on_change.as_deref());
+                }
+                let _ = tx.send(());
+            })?;
+        Ok(Resyncer {
+            stop,
+            exited: Mutex::new(exited),
         })
+    }
+
+    /// Every store's standing.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        lock(&self.state).store.status()
     }
 
     /// Runs `f` to its end on the device's runtime. From inside another
@@ -155,6 +255,7 @@ impl RemoteDevice {
         }
         let indices: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
         let r = self.block_on(s.store.write_chunks(dirty));
+        report(s, self.on_change.as_deref());
         self.keep_new_root(s)?;
         r.map_err(RemoteError::into_io)?;
         for i in indices {
@@ -193,9 +294,9 @@ impl RemoteDevice {
         s.clock += 1;
         let now = s.clock;
         if !s.cache.contains_key(&index) {
-            let data = self
-                .block_on(s.store.read_chunk(index))
-                .map_err(RemoteError::into_io)?;
+            let data = self.block_on(s.store.read_chunk(index));
+            report(s, self.on_change.as_deref());
+            let data = data.map_err(RemoteError::into_io)?;
             s.bytes += data.len();
             s.cache.insert(
                 index,
@@ -288,6 +389,7 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         self.upload(&mut s)?;
         let r = self.block_on(s.store.flush());
+        report(&s, self.on_change.as_deref());
         // Kept before the flush returns (a failed flush may still have
         // settled an earlier manifest as done).
         self.keep_new_root(&mut s)?;
@@ -301,9 +403,21 @@ impl BlockDevice for RemoteDevice {
 
 impl Drop for RemoteDevice {
     fn drop(&mut self) {
+        // The resync thread first: told to stop, and waited for a moment
+        // (a step in flight ends when the runtime goes).
+        let resyncer = self.resyncer.take();
+        if let Some(r) = &resyncer {
+            let (m, cv) = &*r.stop;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
         // Allowed anywhere, inside another runtime too.
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
+        }
+        if let Some(r) = resyncer {
+            let exited = r.exited.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = exited.recv_timeout(Duration::from_secs(5));
         }
     }
 }

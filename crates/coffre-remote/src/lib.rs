@@ -38,7 +38,7 @@ pub use device::RemoteDevice;
 pub use integrity::IntegrityKey;
 pub use layout::{Geometry, Root};
 pub use objects::{ObjectStoreObjects, Objects};
-pub use store::{ChunkStore, Opened};
+pub use store::{Backend, ChunkStore, MirrorSettings, Opened, ReplicaStatus, StoreEvent};
 
 /// What went wrong with the volume on a store.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

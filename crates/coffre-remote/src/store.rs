@@ -1,5 +1,15 @@
-//! [`ChunkStore`]: the volume's chunks on an object store, each read
-//! verified, each flush a new manifest written last with a conditional put.
+//! [`ChunkStore`]: the volume's chunks on one object store or several
+//! (mirrors), each read verified, each flush a new manifest written last
+//! with a conditional put.
+//!
+//! With mirrors, every write goes to every store in step. A store that
+//! fails, or does not answer within the degrade timeout, is marked stale
+//! and the others go on (degraded mode); a flush is durable once the
+//! stores in step hold it. A stale store is brought back in the
+//! background ([`ChunkStore::resync`]): what changed since the epoch it
+//! last held is copied to it, verified, and it rejoins. Reads come from
+//! the stores in step, the one with the fewest failures first; a chunk
+//! that does not verify on one is read from another and repaired.
 
 use crate::RemoteError;
 use crate::integrity::IntegrityKey;
@@ -8,7 +18,8 @@ use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How many object requests one call keeps in flight.
 pub const IN_FLIGHT: usize = 16;
@@ -24,17 +35,131 @@ pub struct Opened {
     pub ahead_by: u64,
 }
 
-/// The volume on a store.
-pub struct ChunkStore {
+/// One of the stores a volume is written to: the first is the primary,
+/// the others its mirrors.
+#[derive(Clone)]
+pub struct Backend {
+    /// What status shows (its URL).
+    pub name: String,
+    /// The store.
+    pub objects: Arc<dyn Objects>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("name", &self.name).finish()
+    }
+}
+
+/// How mirrors degrade and come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorSettings {
+    /// A store that has not answered within this is marked stale and the
+    /// others go on (only with more than one store in step: a lone store
+    /// is waited for, as a disk is).
+    pub degrade_after: Duration,
+    /// How long a stale store is left alone after a failure before the
+    /// next attempt to bring it back.
+    pub retry_after: Duration,
+}
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        MirrorSettings {
+            degrade_after: Duration::from_secs(30),
+            retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A store's standing, for status.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaStatus {
+    /// Its name (URL).
+    pub name: String,
+    /// Whether it takes every write (else: stale, being brought back).
+    pub in_step: bool,
+    /// The epoch up to which it holds everything (`None`: not known yet).
+    pub synced_epoch: Option<u64>,
+    /// Epochs it lags behind the durable manifest.
+    pub behind: Option<u64>,
+    /// Why it is stale.
+    pub reason: Option<String>,
+    /// Since when it is stale (seconds since the epoch).
+    pub stale_since: Option<u64>,
+    /// Objects still to copy to it (as of the last resync step).
+    pub to_copy: Option<u64>,
+    /// Objects copied to it while bringing it back.
+    pub copied: u64,
+    /// Chunks it served that did not verify and were rewritten from
+    /// another store.
+    pub repaired: u64,
+    /// Reads from it that got no answer (it is read after the others).
+    pub read_errors: u64,
+}
+
+/// What a store's manifest is, as this writer knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Held {
+    /// None there (a new mirror): the next manifest put is a create.
+    Absent,
+    /// This version: the next manifest put is conditional on it.
+    At(Tag),
+    /// Not known (a manifest put whose outcome is unknown, an unreachable
+    /// store at open): read before anything is decided.
+    Unknown,
+}
+
+struct Stale {
+    reason: String,
+    since: SystemTime,
+    retry_at: Instant,
+    to_copy: Option<u64>,
+}
+
+struct Replica {
+    name: String,
     objects: Arc<dyn Objects>,
+    manifest: Held,
+    /// Every object a manifest of this writer's up to this epoch named is
+    /// on this store (meaningless while `manifest` is `Unknown`).
+    synced: u64,
+    stale: Option<Stale>,
+    /// Names copied to it since it went stale.
+    copied: BTreeSet<String>,
+    copied_total: u64,
+    repaired: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+impl Replica {
+    fn new(b: Backend, manifest: Held, synced: u64) -> Self {
+        Replica {
+            name: b.name,
+            objects: b.objects,
+            manifest,
+            synced,
+            stale: None,
+            copied: BTreeSet::new(),
+            copied_total: 0,
+            repaired: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The volume on its stores.
+pub struct ChunkStore {
+    replicas: Vec<Replica>,
+    settings: MirrorSettings,
     keys: Keys,
     vault: [u8; 16],
     key: IntegrityKey,
     geometry: Geometry,
     /// Every chunk's entry: the durable manifest's, with changes since.
     table: Vec<Entry>,
-    /// Every page's epoch, session and MAC, as the next manifest will
-    /// list them.
+    /// Every page's epoch, session and MAC, as the durable manifest lists
+    /// them (or the manifest whose put is uncertain).
     pages: Vec<Entry>,
     /// The root the caller last said it kept.
     kept: Root,
@@ -42,25 +167,57 @@ pub struct ChunkStore {
     dirty_pages: BTreeSet<u64>,
     /// The durable manifest's epoch; what changes since carries epoch + 1.
     epoch: u64,
-    /// The durable manifest's version, for the next conditional put.
-    manifest_tag: Tag,
     root: Root,
     /// Another writer's manifest replaced ours: nothing more is written.
     fenced: bool,
-    /// A manifest put whose outcome is unknown (an error after the
-    /// request left): its bytes, resolved before anything else is written.
+    /// A manifest put whose outcome is unknown on every store in step (an
+    /// error after the request left): its bytes, resolved before anything
+    /// else is written.
     uncertain: Option<Vec<u8>>,
     /// Objects no durable manifest will name once the epoch in the pair is
     /// durable.
     superseded: Vec<(String, u64)>,
     /// Objects no durable manifest names, and since when.
     garbage: Vec<(String, Instant)>,
+    /// Things worth a record (a store gone stale, back in step, a chunk
+    /// repaired), taken by [`ChunkStore::take_events`].
+    events: std::sync::Mutex<Vec<StoreEvent>>,
+}
+
+/// Something about the stores worth an audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A store stopped taking writes: the others go on.
+    Stale {
+        /// The store.
+        name: String,
+        /// Why.
+        reason: String,
+        /// The epoch up to which it holds everything.
+        synced: u64,
+    },
+    /// A stale store was brought back and takes every write again.
+    InStep {
+        /// The store.
+        name: String,
+        /// Objects copied to it.
+        copied: u64,
+    },
+    /// A chunk or page that did not verify on a store was rewritten there
+    /// from another.
+    Repaired {
+        /// The store.
+        name: String,
+        /// The object.
+        object: String,
+    },
 }
 
 impl std::fmt::Debug for ChunkStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkStore")
             .field("keys", &self.keys)
+            .field("stores", &self.replicas.len())
             .field("geometry", &self.geometry)
             .field("epoch", &self.epoch)
             .field("dirty_pages", &self.dirty_pages.len())
@@ -148,20 +305,51 @@ pub async fn check_conditional_writes(
     result
 }
 
-/// Runs `jobs` with at most [`IN_FLIGHT`] at once, in order of results.
-async fn bounded<T, F>(jobs: Vec<F>) -> Vec<T>
+/// Runs `jobs`, at most `n` at once, in order of results.
+async fn bounded<T, F>(jobs: Vec<F>, n: usize) -> Vec<T>
 where
     F: std::future::Future<Output = T>,
 {
     let mut out = Vec::with_capacity(jobs.len());
     let mut jobs = jobs.into_iter();
     loop {
-        let batch: Vec<F> = jobs.by_ref().take(IN_FLIGHT).collect();
+        let batch: Vec<F> = jobs.by_ref().take(n.max(1)).collect();
         if batch.is_empty() {
             return out;
         }
         out.extend(futures::future::join_all(batch).await);
     }
+}
+
+/// `f`, or a store error once `limit` has passed.
+async fn timed<T>(
+    limit: Option<Duration>,
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match limit {
+        None => f.await,
+        Some(d) => tokio::time::timeout(d, f).await.unwrap_or_else(|_| {
+            Err(StoreError::Other(format!(
+                "no answer within {} s",
+                d.as_secs_f64()
+            )))
+        }),
+    }
+}
+
+/// How one store's manifest looked at open.
+enum Seen {
+    Manifest(Box<Manifest>, Root, Tag),
+    Empty,
+    Bad(RemoteError, Tag),
+    Down(StoreError),
+}
+
+/// An object to copy to a stale store, and how to check it.
+#[derive(Clone, Copy)]
+enum Check {
+    Chunk(u64, Entry),
+    Page(u64, Entry),
 }
 
 impl ChunkStore {
@@ -175,8 +363,41 @@ impl ChunkStore {
         key: IntegrityKey,
         geometry: Geometry,
     ) -> Result<(Self, Root), RemoteError> {
+        Self::create_mirrored(
+            vec![Backend {
+                name: "the store".into(),
+                objects,
+            }],
+            MirrorSettings::default(),
+            prefix,
+            (vault, key),
+            geometry,
+        )
+        .await
+    }
+
+    /// [`create`](ChunkStore::create) on every store of `backends` (the
+    /// primary, then its mirrors): each must honour conditional writes and
+    /// hold no volume under `prefix`.
+    pub async fn create_mirrored(
+        backends: Vec<Backend>,
+        settings: MirrorSettings,
+        prefix: &str,
+        (vault, key): ([u8; 16], IntegrityKey),
+        geometry: Geometry,
+    ) -> Result<(Self, Root), RemoteError> {
+        if backends.is_empty() {
+            return Err(RemoteError::Config(
+                "no store to create the volume on".into(),
+            ));
+        }
         let keys = Keys::new(prefix);
-        check_conditional_writes(objects.as_ref(), &keys).await?;
+        let many = backends.len() > 1;
+        for b in &backends {
+            check_conditional_writes(b.objects.as_ref(), &keys)
+                .await
+                .map_err(|e| at(many, &b.name, e))?;
+        }
         let pages = vec![Entry::EMPTY; usize::try_from(geometry.pages()).unwrap_or(0)];
         let manifest = Manifest {
             geometry,
@@ -184,24 +405,40 @@ impl ChunkStore {
             pages: pages.clone(),
         };
         let (bytes, root) = manifest.encode(&key, &vault);
-        let tag = match objects
-            .put(&keys.manifest(), Bytes::from(bytes), Put::Create)
-            .await
-        {
-            Ok(t) => t,
-            Err(StoreError::AlreadyExists | StoreError::Precondition) => {
-                return Err(RemoteError::Config(format!(
-                    "{} already holds a volume: choose another prefix, or open it",
-                    keys.manifest()
-                )));
-            }
-            Err(e) => return Err(store_err("writing the first manifest", e)),
-        };
+        let mut replicas = Vec::with_capacity(backends.len());
+        for b in backends {
+            let tag = match b
+                .objects
+                .put(&keys.manifest(), Bytes::from(bytes.clone()), Put::Create)
+                .await
+            {
+                Ok(t) => t,
+                Err(StoreError::AlreadyExists | StoreError::Precondition) => {
+                    return Err(RemoteError::Config(format!(
+                        "{}{} already holds a volume: choose another prefix, or open it",
+                        if many {
+                            format!("{}: ", b.name)
+                        } else {
+                            String::new()
+                        },
+                        keys.manifest()
+                    )));
+                }
+                Err(e) => {
+                    return Err(at(
+                        many,
+                        &b.name,
+                        store_err("writing the first manifest", e),
+                    ));
+                }
+            };
+            replicas.push(Replica::new(b, Held::At(tag), 0));
+        }
         let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
         let store = ChunkStore::assemble(
-            (objects, keys, vault, key),
+            (replicas, settings, keys, vault, key),
             (geometry, table, pages),
-            (0, tag, root),
+            (0, root),
         );
         Ok((store, root))
     }
@@ -219,17 +456,98 @@ impl ChunkStore {
         local: Option<Root>,
         trust_store_epoch: bool,
     ) -> Result<(Self, Opened), RemoteError> {
+        Self::open_mirrored(
+            vec![Backend {
+                name: "the store".into(),
+                objects,
+            }],
+            MirrorSettings::default(),
+            prefix,
+            (vault, key),
+            (local, trust_store_epoch),
+        )
+        .await
+    }
+
+    /// [`open`](ChunkStore::open) over several stores: the newest
+    /// authentic manifest among them is the volume (checked against
+    /// `local` as a lone store's is); the stores that hold it are in step,
+    /// the others (behind, empty, unreachable, or whose manifest does not
+    /// verify) stale, to be brought back by [`resync`](ChunkStore::resync).
+    /// Two stores with different manifests at the same epoch are two
+    /// histories: refused.
+    pub async fn open_mirrored(
+        backends: Vec<Backend>,
+        settings: MirrorSettings,
+        prefix: &str,
+        (vault, key): ([u8; 16], IntegrityKey),
+        (local, trust_store_epoch): (Option<Root>, bool),
+    ) -> Result<(Self, Opened), RemoteError> {
+        if backends.is_empty() {
+            return Err(RemoteError::Config(
+                "no store to open the volume from".into(),
+            ));
+        }
         let keys = Keys::new(prefix);
-        let Some((bytes, tag)) = objects
-            .get(&keys.manifest(), MAX_MANIFEST)
-            .await
-            .map_err(|e| store_err("reading the manifest", e))?
-        else {
+        let many = backends.len() > 1;
+        let limit = many.then_some(settings.degrade_after);
+        let name = keys.manifest();
+        let got = futures::future::join_all(
+            backends
+                .iter()
+                .map(|b| timed(limit, b.objects.get(&name, MAX_MANIFEST))),
+        )
+        .await;
+        let seen: Vec<Seen> = got
+            .into_iter()
+            .map(|g| match g {
+                Err(e) => Seen::Down(e),
+                Ok(None) => Seen::Empty,
+                Ok(Some((bytes, tag))) => match Manifest::decode(&bytes, &key, &vault) {
+                    Ok((m, root)) => Seen::Manifest(Box::new(m), root, tag),
+                    Err(e) => Seen::Bad(e, tag),
+                },
+            })
+            .collect();
+        let best = seen
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Seen::Manifest(m, root, _) => Some((i, m.epoch, *root)),
+                _ => None,
+            })
+            .fold(None, |acc: Option<(usize, u64, Root)>, x| match acc {
+                Some(a) if a.1 >= x.1 => Some(a),
+                _ => Some(x),
+            });
+        let Some((best_i, _, root)) = best else {
+            // Nothing authentic anywhere: say why, the primary's reason
+            // first.
+            for (b, s) in backends.iter().zip(&seen) {
+                match s {
+                    Seen::Bad(e, _) => return Err(at(many, &b.name, e.clone())),
+                    Seen::Down(e) => {
+                        return Err(at(
+                            many,
+                            &b.name,
+                            store_err("reading the manifest", e.clone()),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             return Err(RemoteError::Empty {
                 local: local.map(|r| r.epoch),
             });
         };
-        let (manifest, root) = Manifest::decode(&bytes, &key, &vault)?;
+        for s in &seen {
+            if let Seen::Manifest(m, r, _) = s
+                && m.epoch == root.epoch
+                && *r != root
+            {
+                return Err(RemoteError::Forked { epoch: root.epoch });
+            }
+        }
         let ahead_by = match local {
             None => 0,
             Some(l) if root.epoch < l.epoch && !trust_store_epoch => {
@@ -247,9 +565,68 @@ impl ChunkStore {
             }
             Some(l) => root.epoch.saturating_sub(l.epoch),
         };
+        let Seen::Manifest(manifest, _, _) = &seen[best_i] else {
+            unreachable!("the best store holds a manifest")
+        };
+        let manifest = (**manifest).clone();
+        let now = Instant::now();
+        let mut replicas = Vec::with_capacity(backends.len());
+        for (b, s) in backends.into_iter().zip(seen) {
+            let (held, synced, reason) = match s {
+                Seen::Manifest(m, r, tag) if r == root => (Held::At(tag), m.epoch, None),
+                Seen::Manifest(m, _, tag) => (
+                    Held::At(tag),
+                    m.epoch,
+                    Some(format!(
+                        "behind: it holds epoch {}, the volume is at {}",
+                        m.epoch, root.epoch
+                    )),
+                ),
+                Seen::Empty => match check_conditional_writes(b.objects.as_ref(), &keys).await {
+                    Ok(()) => (
+                        Held::Absent,
+                        0,
+                        Some("it holds no volume yet (a new mirror)".to_string()),
+                    ),
+                    Err(e) => (Held::Absent, 0, Some(e.to_string())),
+                },
+                Seen::Bad(e, tag) => (Held::At(tag), 0, Some(e.to_string())),
+                Seen::Down(e) => (Held::Unknown, 0, Some(e.to_string())),
+            };
+            let mut r = Replica::new(b, held, synced);
+            if let Some(reason) = reason {
+                r.stale = Some(Stale {
+                    reason,
+                    since: SystemTime::now(),
+                    retry_at: now,
+                    to_copy: None,
+                });
+            }
+            replicas.push(r);
+        }
         let geometry = manifest.geometry;
-        let mut table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
-        let wanted: Vec<(u64, Entry)> = manifest
+        let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
+        let mut store = ChunkStore::assemble(
+            (replicas, settings, keys, vault, key),
+            (geometry, table, manifest.pages.clone()),
+            (manifest.epoch, root),
+        );
+        store.load_pages().await?;
+        for r in &store.replicas {
+            if let Some(s) = &r.stale {
+                store.event(StoreEvent::Stale {
+                    name: r.name.clone(),
+                    reason: s.reason.clone(),
+                    synced: r.synced,
+                });
+            }
+        }
+        Ok((store, Opened { root, ahead_by }))
+    }
+
+    /// Reads and verifies every page the manifest lists into the table.
+    async fn load_pages(&mut self) -> Result<(), RemoteError> {
+        let wanted: Vec<(u64, Entry)> = self
             .pages
             .iter()
             .enumerate()
@@ -259,44 +636,57 @@ impl ChunkStore {
         let fetched = bounded(
             wanted
                 .iter()
-                .map(|(p, e)| {
-                    let name = keys.page(*p, e.version, e.session);
-                    let objects = objects.clone();
-                    async move { objects.get(&name, Page::max_len()).await }
-                })
+                .map(|(p, e)| self.fetch_page(*p, *e))
                 .collect(),
+            IN_FLIGHT,
         )
         .await;
-        for ((p, e), got) in wanted.iter().zip(fetched) {
-            let bytes = match got.map_err(|err| store_err("reading a page", err))? {
-                Some((b, _)) => b,
-                None => {
-                    return Err(RemoteError::Tampered(format!(
-                        "page {p} at epoch {}, which the manifest lists, is missing from the store",
-                        e.version
-                    )));
-                }
-            };
-            let page = Page::decode(&bytes, &key, &vault, (*p, geometry.page_len(*p)), e)?;
+        for ((p, _), page) in wanted.iter().zip(fetched) {
+            let page = page?;
             let start = usize::try_from(p * ENTRIES_PER_PAGE).unwrap_or(usize::MAX);
-            table[start..start + page.entries.len()].copy_from_slice(&page.entries);
+            self.table[start..start + page.entries.len()].copy_from_slice(&page.entries);
         }
-        let store = ChunkStore::assemble(
-            (objects, keys, vault, key),
-            (geometry, table, manifest.pages),
-            (manifest.epoch, tag, root),
-        );
-        Ok((store, Opened { root, ahead_by }))
+        Ok(())
     }
 
-    /// A store as the durable manifest `(epoch, tag, root)` left it.
+    async fn fetch_page(&self, p: u64, e: Entry) -> Result<Page, RemoteError> {
+        let name = self.keys.page(p, e.version, e.session);
+        let order = self.read_order(e.version);
+        self.fetch(
+            &order,
+            &name,
+            Page::max_len(),
+            &format!("page {p} at epoch {}, which the manifest lists,", e.version),
+            |bytes| self.check_page(p, &e, bytes),
+        )
+        .await
+    }
+
+    fn check_page(&self, p: u64, e: &Entry, bytes: &[u8]) -> Result<Page, RemoteError> {
+        Page::decode(
+            bytes,
+            &self.key,
+            &self.vault,
+            (p, self.geometry.page_len(p)),
+            e,
+        )
+    }
+
+    /// A store as the durable manifest `(epoch, root)` left it.
     fn assemble(
-        (objects, keys, vault, key): (Arc<dyn Objects>, Keys, [u8; 16], IntegrityKey),
+        (replicas, settings, keys, vault, key): (
+            Vec<Replica>,
+            MirrorSettings,
+            Keys,
+            [u8; 16],
+            IntegrityKey,
+        ),
         (geometry, table, pages): (Geometry, Vec<Entry>, Vec<Entry>),
-        (epoch, manifest_tag, root): (u64, Tag, Root),
+        (epoch, root): (u64, Root),
     ) -> Self {
         ChunkStore {
-            objects,
+            replicas,
+            settings,
             keys,
             vault,
             key,
@@ -306,12 +696,12 @@ impl ChunkStore {
             kept: root,
             dirty_pages: BTreeSet::new(),
             epoch,
-            manifest_tag,
             root,
             fenced: false,
             uncertain: None,
             superseded: Vec::new(),
             garbage: Vec::new(),
+            events: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -333,6 +723,158 @@ impl ChunkStore {
     /// Whether changes wait for a flush.
     pub fn is_dirty(&self) -> bool {
         !self.dirty_pages.is_empty()
+    }
+
+    /// How many stores the volume is written to.
+    pub fn stores(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Each store's standing.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let known = r.manifest != Held::Unknown;
+                ReplicaStatus {
+                    name: r.name.clone(),
+                    in_step: r.stale.is_none(),
+                    synced_epoch: known.then_some(r.synced),
+                    behind: known.then(|| self.epoch.saturating_sub(r.synced)),
+                    reason: r.stale.as_ref().map(|s| s.reason.clone()),
+                    stale_since: r.stale.as_ref().map(|s| {
+                        s.since
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs())
+                    }),
+                    to_copy: r.stale.as_ref().and_then(|s| s.to_copy),
+                    copied: r.copied_total,
+                    repaired: r.repaired.load(Ordering::Relaxed),
+                    read_errors: r.read_errors.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// What happened to the stores since the last call.
+    pub fn take_events(&self) -> Vec<StoreEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn event(&self, e: StoreEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    /// The stores taking every write.
+    fn in_step(&self) -> Vec<usize> {
+        (0..self.replicas.len())
+            .filter(|i| self.replicas[*i].stale.is_none())
+            .collect()
+    }
+
+    /// A store is waited for at most the degrade timeout when another in
+    /// step can go on without it.
+    fn limit(&self, stores: usize) -> Option<Duration> {
+        (stores > 1).then_some(self.settings.degrade_after)
+    }
+
+    /// Where to read an object written at `version` from: the stores in
+    /// step, fewest failed reads first (the primary first among equals),
+    /// then the stale ones known to hold it.
+    fn read_order(&self, version: u64) -> Vec<usize> {
+        let mut order = self.in_step();
+        order.sort_by_key(|i| self.replicas[*i].read_errors.load(Ordering::Relaxed));
+        order.extend((0..self.replicas.len()).filter(|i| {
+            let r = &self.replicas[*i];
+            r.stale.is_some() && r.manifest != Held::Unknown && r.synced >= version
+        }));
+        order
+    }
+
+    /// Store `i` stops taking writes.
+    fn mark_stale(&mut self, i: usize, reason: String) {
+        let retry_at = Instant::now() + self.settings.retry_after;
+        let r = &mut self.replicas[i];
+        if let Some(s) = &mut r.stale {
+            s.reason = reason;
+            s.retry_at = retry_at;
+            return;
+        }
+        r.stale = Some(Stale {
+            reason: reason.clone(),
+            since: SystemTime::now(),
+            retry_at,
+            to_copy: None,
+        });
+        r.copied.clear();
+        let e = StoreEvent::Stale {
+            name: r.name.clone(),
+            reason,
+            synced: r.synced,
+        };
+        self.event(e);
+    }
+
+    /// Reads `name` from the stores in `order` until one gives bytes that
+    /// `verify` accepts. A store that lacked them or gave bad ones is
+    /// rewritten from the good bytes (the same name, the same bytes).
+    async fn fetch<T>(
+        &self,
+        order: &[usize],
+        name: &str,
+        max: usize,
+        what: &str,
+        verify: impl Fn(&Bytes) -> Result<T, RemoteError>,
+    ) -> Result<T, RemoteError> {
+        let limit = self.limit(order.len());
+        let mut bad = Vec::new();
+        let mut tampered = None;
+        let mut failed = None;
+        for &i in order {
+            let r = &self.replicas[i];
+            let got = timed(limit, r.objects.get(name, max)).await;
+            let miss = match got {
+                Ok(Some((bytes, _))) => match verify(&bytes) {
+                    Ok(t) => {
+                        for j in bad {
+                            self.repair(j, name, bytes.clone(), limit).await;
+                        }
+                        return Ok(t);
+                    }
+                    Err(e) => e,
+                },
+                Ok(None) => RemoteError::Tampered(format!("{what} is missing from the store")),
+                // Only failures to answer put a store behind the others
+                // for reads: bad data is repaired at once.
+                Err(e) => {
+                    r.read_errors.fetch_add(1, Ordering::Relaxed);
+                    failed.get_or_insert_with(|| store_err(&format!("reading {what}"), e));
+                    continue;
+                }
+            };
+            bad.push(i);
+            tampered.get_or_insert(miss);
+        }
+        Err(tampered
+            .or(failed)
+            .unwrap_or_else(|| RemoteError::Store("no store holds it".into())))
+    }
+
+    async fn repair(&self, i: usize, name: &str, bytes: Bytes, limit: Option<Duration>) {
+        let r = &self.replicas[i];
+        if timed(limit, r.objects.put(name, bytes, Put::Overwrite))
+            .await
+            .is_ok()
+        {
+            r.repaired.fetch_add(1, Ordering::Relaxed);
+            self.event(StoreEvent::Repaired {
+                name: r.name.clone(),
+                object: name.to_string(),
+            });
+        }
     }
 
     fn check_index(&self, index: u64) -> Result<usize, RemoteError> {
@@ -364,7 +906,22 @@ impl ChunkStore {
             )
     }
 
-    /// Chunk `index`'s ciphertext, verified (zeros if never written).
+    fn verify_chunk(&self, index: u64, entry: &Entry, bytes: &[u8]) -> Result<(), RemoteError> {
+        let mac = self
+            .key
+            .chunk_mac(&self.vault, (index, entry.version, entry.session), bytes);
+        if bytes.len() != self.geometry.chunk_len(index) || !IntegrityKey::verify(&entry.mac, &mac)
+        {
+            return Err(RemoteError::Tampered(format!(
+                "chunk {index} version {} does not verify (altered, an older version, or another chunk's)",
+                entry.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Chunk `index`'s ciphertext, verified (zeros if never written); from
+    /// another store when one does not verify (and repaired there).
     pub async fn read_chunk(&self, index: u64) -> Result<Vec<u8>, RemoteError> {
         let i = self.check_index(index)?;
         let entry = self.table[i];
@@ -373,66 +930,81 @@ impl ChunkStore {
             return Ok(vec![0; len]);
         }
         let name = self.keys.chunk(index, entry.version, entry.session);
-        let Some((bytes, _)) = self
-            .objects
-            .get(&name, len)
-            .await
-            .map_err(|e| store_err("reading a chunk", e))?
-        else {
-            return Err(RemoteError::Tampered(format!(
-                "chunk {index} version {} is missing from the store",
-                entry.version
-            )));
-        };
-        let mac = self
-            .key
-            .chunk_mac(&self.vault, (index, entry.version, entry.session), &bytes);
-        if bytes.len() != len || !IntegrityKey::verify(&entry.mac, &mac) {
-            return Err(RemoteError::Tampered(format!(
-                "chunk {index} version {} does not verify (altered, an older version, or another chunk's)",
-                entry.version
-            )));
-        }
-        Ok(bytes.to_vec())
+        let order = self.read_order(entry.version);
+        self.fetch(
+            &order,
+            &name,
+            len,
+            &format!("chunk {index} version {}", entry.version),
+            |bytes| {
+                self.verify_chunk(index, &entry, bytes)?;
+                Ok(bytes.to_vec())
+            },
+        )
+        .await
     }
 
-    /// Settles a manifest put whose outcome was unknown: it happened if
-    /// the store now holds exactly those bytes.
+    /// Settles a manifest put whose outcome was unknown on every store in
+    /// step: it happened where a store now holds exactly those bytes.
     async fn resolve(&mut self) -> Result<(), RemoteError> {
         let Some(attempt) = self.uncertain.take() else {
             return Ok(());
         };
-        let got = self
-            .objects
-            .get(&self.keys.manifest(), MAX_MANIFEST)
-            .await
-            .map_err(|e| {
-                store_err(
-                    "reading the manifest after a put whose outcome is unknown",
-                    e,
-                )
-            });
-        let got = match got {
-            Ok(g) => g,
-            Err(e) => {
+        let targets = self.in_step();
+        let limit = self.limit(targets.len());
+        let name = self.keys.manifest();
+        let got = futures::future::join_all(
+            targets
+                .iter()
+                .map(|i| timed(limit, self.replicas[*i].objects.get(&name, MAX_MANIFEST))),
+        )
+        .await;
+        let mut landed = Vec::new();
+        let mut not_landed = Vec::new();
+        let mut unknown = None;
+        for (&i, g) in targets.iter().zip(got) {
+            match g {
+                Ok(Some((bytes, tag))) if bytes.as_ref() == attempt.as_slice() => {
+                    landed.push((i, tag));
+                }
+                // Still the version this writer last saw (compared by
+                // ETag, the conditional puts' own test): not done there.
+                Ok(Some((_, tag)))
+                    if matches!(&self.replicas[i].manifest,
+                        Held::At(t) if t.e_tag.is_some() && t.e_tag == tag.e_tag) =>
+                {
+                    not_landed.push(i);
+                }
+                Ok(None) if self.replicas[i].manifest == Held::Absent => not_landed.push(i),
+                Ok(_) => {
+                    self.fenced = true;
+                    return Err(RemoteError::Fenced);
+                }
+                Err(e) => {
+                    unknown.get_or_insert((
+                        i,
+                        store_err(
+                            "reading the manifest after a put whose outcome is unknown",
+                            e,
+                        ),
+                    ));
+                }
+            }
+        }
+        if landed.is_empty() {
+            if let Some((_, e)) = unknown {
                 self.uncertain = Some(attempt);
                 return Err(e);
             }
-        };
-        match got {
-            Some((bytes, tag)) if bytes.as_ref() == attempt.as_slice() => {
-                let (m, root) = Manifest::decode(&bytes, &self.key, &self.vault)?;
-                self.durable(m.epoch, tag, root);
-                Ok(())
-            }
-            // Still the version this writer last saw (compared by ETag,
-            // the conditional puts' own test): the put did not happen.
-            Some((_, tag)) if tag.e_tag.is_some() && tag.e_tag == self.manifest_tag.e_tag => Ok(()),
-            _ => {
-                self.fenced = true;
-                Err(RemoteError::Fenced)
-            }
+            return Ok(());
         }
+        let (m, root) = Manifest::decode(&attempt, &self.key, &self.vault)?;
+        self.landed(m.epoch, root, landed);
+        for i in not_landed.into_iter().chain(unknown.map(|(i, _)| i)) {
+            self.replicas[i].manifest = Held::Unknown;
+            self.mark_stale(i, "its manifest put did not land".into());
+        }
+        Ok(())
     }
 
     fn writable(&self) -> Result<(), RemoteError> {
@@ -442,16 +1014,70 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Puts each `(name, bytes)` on every store in step: the stores that
+    /// took them all go on; the others are marked stale if at least one
+    /// took them all. Returns which `(name)`s are on every store still in
+    /// step, and the first error when none took them all.
+    async fn put_everywhere(
+        &mut self,
+        objects: Vec<(String, Bytes)>,
+        what: &str,
+    ) -> (Vec<bool>, Option<RemoteError>) {
+        let targets = self.in_step();
+        if targets.is_empty() {
+            return (
+                vec![false; objects.len()],
+                Some(RemoteError::Store("no store is in step".into())),
+            );
+        }
+        let limit = self.limit(targets.len());
+        let mut jobs = Vec::with_capacity(objects.len() * targets.len());
+        for (name, bytes) in &objects {
+            for &i in &targets {
+                let o = self.replicas[i].objects.clone();
+                let (name, bytes) = (name.clone(), bytes.clone());
+                jobs.push(async move { timed(limit, o.put(&name, bytes, Put::Overwrite)).await });
+            }
+        }
+        let results = bounded(jobs, IN_FLIGHT * targets.len()).await;
+        let mut ok = vec![true; objects.len()];
+        let mut errors: Vec<Option<StoreError>> = vec![None; targets.len()];
+        for (k, r) in results.into_iter().enumerate() {
+            if let Err(e) = r {
+                ok[k / targets.len()] = false;
+                errors[k % targets.len()].get_or_insert(e);
+            }
+        }
+        let survivors = errors.iter().filter(|e| e.is_none()).count();
+        if survivors == targets.len() {
+            return (ok, None);
+        }
+        if survivors > 0 {
+            for (t, e) in targets.iter().zip(errors) {
+                if let Some(e) = e {
+                    self.mark_stale(*t, format!("{what}: {e}"));
+                }
+            }
+            return (vec![true; objects.len()], None);
+        }
+        let first = errors.into_iter().flatten().next();
+        (
+            ok,
+            first.map(|e| at(targets.len() > 1, "every store", store_err(what, e))),
+        )
+    }
+
     /// Writes chunks (index, full ciphertext): each under the next epoch's
-    /// version, several in flight. Durable at the next [`flush`].
+    /// version, several in flight, on every store in step. Durable at the
+    /// next [`flush`].
     ///
     /// [`flush`]: ChunkStore::flush
     pub async fn write_chunks(&mut self, chunks: Vec<(u64, Vec<u8>)>) -> Result<(), RemoteError> {
         self.writable()?;
         self.resolve().await?;
         let version = self.epoch + 1;
-        let mut jobs = Vec::with_capacity(chunks.len());
         let mut done = Vec::with_capacity(chunks.len());
+        let mut objects = Vec::with_capacity(chunks.len());
         let mut seen = BTreeSet::new();
         if let Some((index, _)) = chunks.iter().find(|(i, _)| !seen.insert(*i)) {
             return Err(RemoteError::Config(format!(
@@ -471,7 +1097,6 @@ impl ChunkStore {
             let mac = self
                 .key
                 .chunk_mac(&self.vault, (index, version, session), &data);
-            let name = self.keys.chunk(index, version, session);
             done.push((
                 i,
                 index,
@@ -481,38 +1106,34 @@ impl ChunkStore {
                     mac,
                 },
             ));
-            let objects = self.objects.clone();
-            jobs.push(async move { objects.put(&name, Bytes::from(data), Put::Overwrite).await });
+            objects.push((self.keys.chunk(index, version, session), Bytes::from(data)));
         }
-        let results = bounded(jobs).await;
-        let mut first_error = None;
-        for ((i, index, entry), r) in done.into_iter().zip(results) {
-            match r {
-                Ok(_) => {
-                    let old = self.table[i];
-                    if old.version != 0
-                        && (old.version, old.session) != (entry.version, entry.session)
-                    {
-                        self.superseded.push((
-                            self.keys.chunk(index, old.version, old.session),
-                            entry.version,
-                        ));
-                    }
-                    self.table[i] = entry;
-                    self.dirty_pages.insert(index / ENTRIES_PER_PAGE);
-                }
-                Err(e) if first_error.is_none() => {
-                    first_error = Some(store_err("writing a chunk", e))
-                }
-                Err(_) => {}
+        let (ok, error) = self.put_everywhere(objects, "writing a chunk").await;
+        for ((i, index, entry), ok) in done.into_iter().zip(ok) {
+            if !ok {
+                continue;
             }
+            let old = self.table[i];
+            if old.version != 0 && (old.version, old.session) != (entry.version, entry.session) {
+                self.superseded.push((
+                    self.keys.chunk(index, old.version, old.session),
+                    entry.version,
+                ));
+            }
+            self.table[i] = entry;
+            self.dirty_pages.insert(index / ENTRIES_PER_PAGE);
         }
-        first_error.map_or(Ok(()), Err)
+        error.map_or(Ok(()), Err)
     }
 
-    fn durable(&mut self, epoch: u64, tag: Tag, root: Root) {
+    /// The manifest at `epoch` with `root` is durable on the stores
+    /// `landed` (with their new versions).
+    fn landed(&mut self, epoch: u64, root: Root, landed: Vec<(usize, Tag)>) {
+        for (i, tag) in landed {
+            self.replicas[i].manifest = Held::At(tag);
+            self.replicas[i].synced = epoch;
+        }
         self.epoch = epoch;
-        self.manifest_tag = tag;
         self.root = root;
         self.dirty_pages.clear();
         let now = Instant::now();
@@ -523,10 +1144,11 @@ impl ChunkStore {
     }
 
     /// Makes every chunk written so far durable: the changed pages, then
-    /// the manifest, with a conditional put on the version this writer
-    /// last saw. Returns the new root (to keep locally), or `None` when
-    /// nothing changed. Another writer's manifest fences this one off
-    /// ([`RemoteError::Fenced`]): nothing more is written.
+    /// the manifest, on every store in step, each with a conditional put
+    /// on the version this writer last saw there. Returns the new root (to
+    /// keep locally), or `None` when nothing changed. Another writer's
+    /// manifest fences this one off ([`RemoteError::Fenced`]): nothing
+    /// more is written.
     pub async fn flush(&mut self) -> Result<Option<Root>, RemoteError> {
         self.writable()?;
         self.resolve().await?;
@@ -536,7 +1158,7 @@ impl ChunkStore {
             return Ok(self.new_root());
         }
         let epoch = self.epoch + 1;
-        let mut jobs = Vec::new();
+        let mut objects = Vec::new();
         let mut written = Vec::new();
         for p in &self.dirty_pages {
             let start = usize::try_from(p * ENTRIES_PER_PAGE).unwrap_or(usize::MAX);
@@ -550,12 +1172,11 @@ impl ChunkStore {
             };
             let (bytes, mac) = page.encode(&self.key, &self.vault);
             written.push((*p, session, mac));
-            let name = self.keys.page(*p, epoch, session);
-            let objects = self.objects.clone();
-            jobs.push(async move { objects.put(&name, Bytes::from(bytes), Put::Overwrite).await });
+            objects.push((self.keys.page(*p, epoch, session), Bytes::from(bytes)));
         }
-        for r in bounded(jobs).await {
-            r.map_err(|e| store_err("writing a page", e))?;
+        let (_, error) = self.put_everywhere(objects, "writing a page").await;
+        if let Some(e) = error {
+            return Err(e);
         }
         let mut pages = self.pages.clone();
         for (p, session, mac) in &written {
@@ -580,42 +1201,69 @@ impl ChunkStore {
             pages: pages.clone(),
         };
         let (bytes, root) = manifest.encode(&self.key, &self.vault);
-        let put = self
-            .objects
-            .put(
-                &self.keys.manifest(),
-                Bytes::from(bytes.clone()),
-                Put::Update(self.manifest_tag.clone()),
-            )
-            .await;
-        match put {
-            Ok(tag) => {
-                self.pages = pages;
-                self.durable(epoch, tag, root);
-                Ok(self.new_root())
-            }
-            // Refused: another writer's manifest, or our own (the client
-            // library retried a put that had landed): settled by reading
-            // it back.
-            Err(StoreError::Precondition | StoreError::AlreadyExists) => {
-                self.pages = pages;
-                self.uncertain = Some(bytes);
-                self.resolve().await?;
-                if self.epoch == epoch {
-                    Ok(self.new_root())
-                } else {
-                    self.fenced = true;
-                    Err(RemoteError::Fenced)
+        let targets = self.in_step();
+        let limit = self.limit(targets.len());
+        let name = self.keys.manifest();
+        let puts = futures::future::join_all(targets.iter().map(|&i| {
+            let r = &self.replicas[i];
+            let mode = match &r.manifest {
+                Held::At(t) => Put::Update(t.clone()),
+                Held::Absent | Held::Unknown => Put::Create,
+            };
+            let (name, bytes) = (&name, Bytes::from(bytes.clone()));
+            async move {
+                match timed(limit, r.objects.put(name, bytes.clone(), mode)).await {
+                    // Refused: another writer's manifest, or our own (the
+                    // client library retried a put that had landed):
+                    // settled by reading it back.
+                    Err(StoreError::Precondition | StoreError::AlreadyExists) => {
+                        match timed(limit, r.objects.get(name, MAX_MANIFEST)).await {
+                            Ok(Some((b, tag))) if b == bytes => Ok(tag),
+                            Ok(_) => Err(None),
+                            Err(e) => Err(Some(e)),
+                        }
+                    }
+                    Ok(tag) => Ok(tag),
+                    Err(e) => Err(Some(e)),
                 }
             }
-            Err(e) => {
-                // It may have happened: find out before writing anything
-                // under this epoch again.
-                self.pages = pages;
-                self.uncertain = Some(bytes);
-                Err(store_err("writing the manifest", e))
+        }))
+        .await;
+        let mut landed = Vec::new();
+        let mut unknown = Vec::new();
+        for (&i, r) in targets.iter().zip(puts) {
+            match r {
+                Ok(tag) => landed.push((i, tag)),
+                Err(None) => {
+                    self.pages = pages;
+                    self.fenced = true;
+                    return Err(RemoteError::Fenced);
+                }
+                Err(Some(e)) => unknown.push((i, e)),
             }
         }
+        self.pages = pages;
+        if landed.is_empty() {
+            // It may have happened: find out before writing anything under
+            // this epoch again.
+            self.uncertain = Some(bytes);
+            let e = unknown
+                .into_iter()
+                .next()
+                .map(|(_, e)| e)
+                .unwrap_or_else(|| StoreError::Other("no store is in step".into()));
+            return Err(at(
+                targets.len() > 1,
+                "every store",
+                store_err("writing the manifest", e),
+            ));
+        }
+        self.landed(epoch, root, landed);
+        for (i, e) in unknown {
+            self.replicas[i].manifest = Held::Unknown;
+            self.mark_stale(i, format!("writing the manifest: {e}"));
+        }
+        Ok(self.new_root())
     }
 
     /// The durable root, if it is not the one the caller last said it
@@ -632,7 +1280,9 @@ impl ChunkStore {
     }
 
     /// Deletes what no durable manifest has named for `grace` or longer
-    /// (older chunk versions, older pages). Returns how many objects went.
+    /// (older chunk versions, older pages), on every store. Returns how
+    /// many objects went (a deletion that failed on a store in step is
+    /// tried again later; on a stale one, the object is left there).
     pub async fn collect_garbage(&mut self, grace: Duration) -> Result<usize, RemoteError> {
         self.writable()?;
         let now = Instant::now();
@@ -642,24 +1292,229 @@ impl ChunkStore {
             .partition(|(_, since)| now.duration_since(*since) >= grace);
         self.garbage = later;
         let names: Vec<String> = due.into_iter().map(|(k, _)| k).collect();
-        let results = bounded(
-            names
-                .iter()
-                .map(|n| {
-                    let objects = self.objects.clone();
-                    let n = n.clone();
-                    async move { objects.delete(&n).await }
-                })
-                .collect(),
-        )
-        .await;
+        let n = self.replicas.len();
+        let limit = self.limit(n);
+        let mut jobs = Vec::with_capacity(names.len() * n);
+        for name in &names {
+            for r in &self.replicas {
+                let o = r.objects.clone();
+                let name = name.clone();
+                jobs.push(async move { timed(limit, o.delete(&name)).await });
+            }
+        }
+        let results = bounded(jobs, IN_FLIGHT * n).await;
         let mut gone = 0;
-        for (n, r) in names.into_iter().zip(results) {
-            match r {
-                Ok(()) => gone += 1,
-                Err(_) => self.garbage.push((n, now)),
+        for (k, name) in names.into_iter().enumerate() {
+            let failed_in_step =
+                (0..n).any(|i| results[k * n + i].is_err() && self.replicas[i].stale.is_none());
+            if failed_in_step {
+                self.garbage.push((name, now));
+            } else {
+                gone += 1;
             }
         }
         Ok(gone)
+    }
+
+    /// Brings stale stores back, a step at a time: each due store's state
+    /// is read (if unknown), then up to `budget` of the objects it lacks
+    /// (every chunk and page written after the epoch it last held) are
+    /// read from a store in step, verified, and copied to it; once it
+    /// lacks nothing it takes the durable manifest and every write again.
+    /// A failure leaves it stale until its next retry. Returns whether a
+    /// store is still stale. Run it while nothing else uses the store
+    /// (the device runs it on its own thread, between requests).
+    pub async fn resync(&mut self, budget: usize) -> Result<bool, RemoteError> {
+        self.writable()?;
+        self.resolve().await?;
+        let now = Instant::now();
+        for i in 0..self.replicas.len() {
+            let due = matches!(&self.replicas[i].stale, Some(s) if s.retry_at <= now);
+            if !due || self.in_step().is_empty() {
+                continue;
+            }
+            if let Err(reason) = self.resync_one(i, budget.max(1)).await {
+                if self.fenced {
+                    return Err(RemoteError::Fenced);
+                }
+                self.mark_stale(i, reason);
+            }
+        }
+        Ok(self.replicas.iter().any(|r| r.stale.is_some()))
+    }
+
+    async fn resync_one(&mut self, i: usize, budget: usize) -> Result<(), String> {
+        let limit = Some(self.settings.degrade_after);
+        let name = self.keys.manifest();
+        if self.replicas[i].manifest == Held::Unknown {
+            let objects = self.replicas[i].objects.clone();
+            let (held, synced) = match timed(limit, objects.get(&name, MAX_MANIFEST))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                None => {
+                    check_conditional_writes(objects.as_ref(), &self.keys)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    (Held::Absent, 0)
+                }
+                Some((bytes, tag)) => match Manifest::decode(&bytes, &self.key, &self.vault) {
+                    Ok((m, root))
+                        if m.epoch < self.epoch || (m.epoch == self.epoch && root == self.root) =>
+                    {
+                        (Held::At(tag), m.epoch)
+                    }
+                    Ok(_) => {
+                        self.fenced = true;
+                        return Err(
+                            "it holds a manifest this writer did not write (another writer?)"
+                                .into(),
+                        );
+                    }
+                    Err(_) => (Held::At(tag), 0),
+                },
+            };
+            self.replicas[i].manifest = held;
+            self.replicas[i].synced = synced;
+        }
+        let synced = self.replicas[i].synced;
+        let mut needed: Vec<(String, Check)> = Vec::new();
+        for (k, e) in self.table.iter().enumerate() {
+            if e.version > synced {
+                let index = k as u64;
+                needed.push((
+                    self.keys.chunk(index, e.version, e.session),
+                    Check::Chunk(index, *e),
+                ));
+            }
+        }
+        for (p, e) in self.pages.iter().enumerate() {
+            if e.version > synced {
+                let p = p as u64;
+                needed.push((self.keys.page(p, e.version, e.session), Check::Page(p, *e)));
+            }
+        }
+        needed.retain(|(n, _)| !self.replicas[i].copied.contains(n));
+        let left = needed.len();
+        let step: Vec<(String, Check)> = needed.into_iter().take(budget).collect();
+        let sources = self.in_step();
+        let target = self.replicas[i].objects.clone();
+        let this = &*self;
+        let copies = bounded(
+            step.iter()
+                .map(|(n, check)| {
+                    let (sources, target) = (&sources, target.clone());
+                    async move {
+                        let bytes = match *check {
+                            Check::Chunk(index, e) => {
+                                this.fetch(
+                                    sources,
+                                    n,
+                                    this.geometry.chunk_len(index),
+                                    &format!("chunk {index} version {}", e.version),
+                                    |b| {
+                                        this.verify_chunk(index, &e, b)?;
+                                        Ok(b.clone())
+                                    },
+                                )
+                                .await
+                            }
+                            Check::Page(p, e) => {
+                                let name = this.keys.page(p, e.version, e.session);
+                                this.fetch(
+                                    sources,
+                                    &name,
+                                    Page::max_len(),
+                                    &format!("page {p} at epoch {}", e.version),
+                                    |b| {
+                                        this.check_page(p, &e, b)?;
+                                        Ok(b.clone())
+                                    },
+                                )
+                                .await
+                            }
+                        };
+                        let b = bytes.map_err(|e| format!("reading {n} to copy it: {e}"))?;
+                        timed(limit, target.put(n, b, Put::Overwrite))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                })
+                .collect(),
+            IN_FLIGHT,
+        )
+        .await;
+        let mut first = None;
+        for ((n, _), r) in step.iter().zip(copies) {
+            match r {
+                Ok(_) => {
+                    self.replicas[i].copied.insert(n.clone());
+                    self.replicas[i].copied_total += 1;
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        let still = left - step.len();
+        if let Some(s) = &mut self.replicas[i].stale {
+            s.to_copy = Some(still as u64);
+        }
+        if still > 0 {
+            return Ok(());
+        }
+        // It lacks nothing: the durable manifest, then every write.
+        if self.dirty_pages.is_empty() {
+            let (bytes, root) = Manifest {
+                geometry: self.geometry,
+                epoch: self.epoch,
+                pages: self.pages.clone(),
+            }
+            .encode(&self.key, &self.vault);
+            if root != self.root {
+                return Err("the manifest to copy is not the durable one".into());
+            }
+            let mode = match &self.replicas[i].manifest {
+                Held::At(t) => Put::Update(t.clone()),
+                _ => Put::Create,
+            };
+            match timed(limit, target.put(&name, Bytes::from(bytes), mode)).await {
+                Ok(tag) => {
+                    self.replicas[i].manifest = Held::At(tag);
+                }
+                Err(e) => {
+                    self.replicas[i].manifest = Held::Unknown;
+                    return Err(format!("writing its manifest: {e}"));
+                }
+            }
+        }
+        let r = &mut self.replicas[i];
+        r.synced = self.epoch;
+        r.stale = None;
+        r.copied.clear();
+        let e = StoreEvent::InStep {
+            name: r.name.clone(),
+            copied: r.copied_total,
+        };
+        self.event(e);
+        Ok(())
+    }
+}
+
+/// `e`, naming the store it came from when there are several.
+fn at(many: bool, name: &str, e: RemoteError) -> RemoteError {
+    if !many {
+        return e;
+    }
+    match e {
+        RemoteError::Store(s) => RemoteError::Store(format!("{name}: {s}")),
+        RemoteError::Tampered(s) => RemoteError::Tampered(format!("{name}: {s}")),
+        RemoteError::NoConditionalWrites(s) => {
+            RemoteError::NoConditionalWrites(format!("{name}: {s}"))
+        }
+        other => other,
     }
 }

@@ -385,9 +385,10 @@ struct Faulty {
     /// The next manifest put lands and answers "precondition failed" (a
     /// client retry of a put that had landed).
     refuse_after_landing: AtomicU32,
-    /// Every name put so far, but the manifest's and the probe's: none may
-    /// be put twice.
-    names: Mutex<std::collections::BTreeSet<String>>,
+    /// Every name put so far, but the manifest's and the probe's, and its
+    /// bytes: none may be put twice with other bytes (a mirror being
+    /// brought back, or repaired, is given the same bytes again).
+    names: Mutex<BTreeMap<String, Bytes>>,
 }
 
 impl Faulty {
@@ -397,7 +398,7 @@ impl Faulty {
             fail_before: AtomicU32::new(0),
             lose_manifest_reply: AtomicU32::new(0),
             refuse_after_landing: AtomicU32::new(0),
-            names: Mutex::new(std::collections::BTreeSet::new()),
+            names: Mutex::new(BTreeMap::new()),
         })
     }
     fn failing(&self) -> bool {
@@ -431,9 +432,14 @@ impl Objects for Faulty {
                 return Err(StoreError::Other("injected: 503".into()));
             }
             if !key.ends_with("manifest") && !key.contains("/probe/") {
+                let before = self
+                    .names
+                    .lock()
+                    .unwrap()
+                    .insert(key.to_string(), data.clone());
                 assert!(
-                    self.names.lock().unwrap().insert(key.to_string()),
-                    "{key} put twice: a late or retried put could land on it"
+                    before.is_none_or(|b| b == data),
+                    "{key} put twice with other bytes: a late or retried put could land on it"
                 );
             }
             let r = self.inner.put(key, data, mode).await;
@@ -731,10 +737,16 @@ fn a_root_that_could_not_be_kept_is_offered_again() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u64, len: usize, fill: u8 },
+    Write {
+        off: u64,
+        len: usize,
+        fill: u8,
+    },
     Flush,
     Crash,
     Fail(u32),
+    /// With a mirror: it fails the next requests.
+    FailMirror(u32),
     LoseManifestReply,
     RefuseAfterLanding,
 }
@@ -748,6 +760,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Flush),
         1 => Just(Op::Crash),
         2 => (1..4u32).prop_map(Op::Fail),
+        2 => (1..12u32).prop_map(Op::FailMirror),
         1 => Just(Op::LoseManifestReply),
         1 => Just(Op::RefuseAfterLanding),
     ]
@@ -764,11 +777,49 @@ proptest! {
     /// nothing). A read never returns other bytes.
     #[test]
     fn reads_are_what_was_flushed_or_an_error(ops in proptest::collection::vec(op(), 1..40)) {
+        history(ops, false)?;
+    }
+
+    /// The same over a primary and a mirror that both fail at random: the
+    /// mirror goes stale and is brought back by the device's thread, and
+    /// nothing read back is ever other than what was written or flushed.
+    #[test]
+    fn with_a_mirror_reads_are_what_was_flushed_or_an_error(ops in proptest::collection::vec(op(), 1..40)) {
+        history(ops, true)?;
+    }
+}
+
+fn history(ops: Vec<Op>, mirrored: bool) -> Result<(), TestCaseError> {
+    {
         let mem = Arc::new(InMemory::new());
         let keys = Keyring::new();
         let faulty = Faulty::new(objects(&mem));
+        let mirror = Faulty::new(objects(&Arc::new(InMemory::new())));
+        let backends = || {
+            let mut b = vec![coffre_remote::Backend {
+                name: "primary".into(),
+                objects: faulty.clone(),
+            }];
+            if mirrored {
+                b.push(coffre_remote::Backend {
+                    name: "mirror".into(),
+                    objects: mirror.clone(),
+                });
+            }
+            b
+        };
+        let settings = coffre_remote::MirrorSettings {
+            degrade_after: Duration::from_secs(5),
+            retry_after: Duration::ZERO,
+        };
         let store = rt()
-            .block_on(ChunkStore::create(faulty.clone(), PREFIX, VAULT, keys.key(), geometry()))
+            .block_on(ChunkStore::create_mirrored(
+                backends(),
+                settings,
+                PREFIX,
+                (VAULT, keys.key()),
+                geometry(),
+            ))
             .unwrap()
             .0;
         let root = Arc::new(Mutex::new(store.root()));
@@ -804,16 +855,24 @@ proptest! {
                     Err(_) => maybe.push(written.clone()),
                 },
                 Op::Fail(n) => faulty.fail_before.store(n, Ordering::SeqCst),
+                Op::FailMirror(n) => mirror.fail_before.store(n, Ordering::SeqCst),
                 Op::LoseManifestReply => faulty.lose_manifest_reply.store(1, Ordering::SeqCst),
                 Op::RefuseAfterLanding => faulty.refuse_after_landing.store(1, Ordering::SeqCst),
                 Op::Crash => {
                     faulty.fail_before.store(0, Ordering::SeqCst);
                     faulty.lose_manifest_reply.store(0, Ordering::SeqCst);
                     faulty.refuse_after_landing.store(0, Ordering::SeqCst);
+                    mirror.fail_before.store(0, Ordering::SeqCst);
                     drop(dev);
                     let local = *root.lock().unwrap();
                     let (store, opened) = rt()
-                        .block_on(ChunkStore::open(faulty.clone(), PREFIX, VAULT, keys.key(), Some(local), false))
+                        .block_on(ChunkStore::open_mirrored(
+                            backends(),
+                            settings,
+                            PREFIX,
+                            (VAULT, keys.key()),
+                            (Some(local), false),
+                        ))
                         .unwrap();
                     prop_assert!(opened.ahead_by <= 1);
                     *root.lock().unwrap() = opened.root;
@@ -821,7 +880,10 @@ proptest! {
                     let mut now = vec![0u8; SIZE as usize];
                     dev.read_at(0, &mut now).unwrap();
                     let ok = now == durable || maybe.contains(&now);
-                    prop_assert!(ok, "after a crash the volume is neither the last flushed state nor the one whose flush answer was lost");
+                    prop_assert!(
+                        ok,
+                        "after a crash the volume is neither the last flushed state nor the one whose flush answer was lost"
+                    );
                     durable = now.clone();
                     written = now;
                     maybe.clear();
@@ -835,6 +897,7 @@ proptest! {
             }
         }
     }
+    Ok(())
 }
 
 /// A data segment with some chunks of zeros, some of a pattern.

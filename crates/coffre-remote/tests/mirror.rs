@@ -1,0 +1,562 @@
+//! Mirrors, against `object_store`'s in-memory stores (real store
+//! implementations, in process) behind a switch that makes one fail or
+//! hang: every write reaches every store; a store lost mid-write is marked
+//! stale while the other goes on, and is brought back, verified; a chunk
+//! that does not verify on one store is read from the other and repaired
+//! there; the newest authentic store wins at open, a rollback of all of
+//! them is still refused; a new mirror added to a volume is filled; the
+//! device brings a stale mirror back on its own thread.
+
+// Offsets and sizes here are small constants (a 512 KiB volume).
+#![allow(clippy::cast_possible_truncation)]
+
+use bytes::Bytes;
+use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
+use coffre_remote::{
+    Backend, ChunkStore, Geometry, IntegrityKey, MirrorSettings, ObjectStoreObjects, RemoteDevice,
+    RemoteError, Root, StoreEvent,
+};
+use coffre_storage::BlockDevice;
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const VAULT: [u8; 16] = *b"test-vault-id-02";
+const PREFIX: &str = "team";
+const CHUNK: u32 = 64 * 1024;
+const SIZE: u64 = 8 * 65536;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn geometry() -> Geometry {
+    Geometry::new(CHUNK, SIZE).unwrap()
+}
+
+fn chunk(fill: u8) -> Vec<u8> {
+    vec![fill; CHUNK as usize]
+}
+
+struct Keyring {
+    sealed: Vec<u8>,
+}
+
+impl Keyring {
+    fn new() -> Self {
+        let k = IntegrityKey::generate().unwrap();
+        Keyring {
+            sealed: k.seal(b"the volume key", &VAULT).unwrap(),
+        }
+    }
+    fn key(&self) -> IntegrityKey {
+        IntegrityKey::unseal(&self.sealed, b"the volume key", &VAULT).unwrap()
+    }
+}
+
+const UP: u8 = 0;
+const DOWN: u8 = 1;
+const HUNG: u8 = 2;
+
+/// A store that can be made to fail every request, or never answer.
+struct Switch {
+    mem: Arc<InMemory>,
+    inner: ObjectStoreObjects,
+    mode: AtomicU8,
+}
+
+impl Switch {
+    fn new() -> Arc<Self> {
+        let mem = Arc::new(InMemory::new());
+        Arc::new(Switch {
+            inner: ObjectStoreObjects::new(mem.clone()),
+            mem,
+            mode: AtomicU8::new(UP),
+        })
+    }
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+    async fn gate(&self) -> Result<(), StoreError> {
+        match self.mode.load(Ordering::SeqCst) {
+            DOWN => Err(StoreError::Other("injected: connection refused".into())),
+            HUNG => {
+                futures::future::pending::<()>().await;
+                unreachable!()
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Objects for Switch {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.get(key, max).await
+        })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.put(key, data, mode).await
+        })
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            self.inner.delete(key).await
+        })
+    }
+}
+
+async fn snapshot(mem: &InMemory) -> BTreeMap<String, Bytes> {
+    let mut out = BTreeMap::new();
+    let mut list = mem.list(None);
+    while let Some(meta) = list.next().await {
+        let meta = meta.unwrap();
+        let bytes = mem
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        out.insert(meta.location.to_string(), bytes);
+    }
+    out
+}
+
+async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
+    for name in snapshot(mem).await.keys() {
+        if !snap.contains_key(name) {
+            mem.delete(&Path::from(name.as_str())).await.unwrap();
+        }
+    }
+    for (name, bytes) in snap {
+        mem.put(&Path::from(name.as_str()), PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+}
+
+fn backends(stores: &[&Arc<Switch>]) -> Vec<Backend> {
+    stores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Backend {
+            name: format!("store-{i}"),
+            objects: (*s).clone(),
+        })
+        .collect()
+}
+
+fn quick() -> MirrorSettings {
+    MirrorSettings {
+        degrade_after: Duration::from_millis(300),
+        retry_after: Duration::ZERO,
+    }
+}
+
+async fn open_one(store: &Arc<Switch>, keys: &Keyring, local: Root) -> ChunkStore {
+    ChunkStore::open(store.clone(), PREFIX, VAULT, keys.key(), Some(local), false)
+        .await
+        .unwrap()
+        .0
+}
+
+async fn resync_until_in_step(s: &mut ChunkStore) -> usize {
+    for steps in 1..100 {
+        if !s.resync(2).await.unwrap() {
+            return steps;
+        }
+    }
+    panic!("never back in step: {:?}", s.status());
+}
+
+#[test]
+fn every_write_reaches_every_store_and_either_alone_reads_it_back() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        s.write_chunks(vec![(1, chunk(1)), (6, chunk(6))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        assert!(s.status().iter().all(|r| r.in_step && r.behind == Some(0)));
+        // The same objects on both, byte for byte.
+        assert_eq!(snapshot(&a.mem).await, snapshot(&b.mem).await);
+        for store in [&a, &b] {
+            let one = open_one(store, &keys, root).await;
+            assert_eq!(one.read_chunk(1).await.unwrap(), chunk(1));
+            assert_eq!(one.read_chunk(6).await.unwrap(), chunk(6));
+            assert_eq!(one.read_chunk(2).await.unwrap(), chunk(0));
+        }
+        // A create over either is refused, naming it.
+        let again = ChunkStore::create_mirrored(
+            backends(&[&Switch::new(), &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await;
+        assert!(
+            matches!(&again, Err(RemoteError::Config(m)) if m.contains("store-1")),
+            "{again:?}"
+        );
+    });
+}
+
+/// One store lost in the middle of writing (failing, then hanging): the
+/// other takes the flushes alone, the lost one is marked stale with the
+/// epoch it holds, and once it answers again it is brought back, verified,
+/// and holds the volume on its own.
+#[test]
+fn a_store_lost_mid_write_goes_stale_and_is_brought_back() {
+    for lost in [DOWN, HUNG] {
+        let rt = rt();
+        let (a, b) = (Switch::new(), Switch::new());
+        let keys = Keyring::new();
+        rt.block_on(async {
+            let (mut s, _) = ChunkStore::create_mirrored(
+                backends(&[&a, &b]),
+                quick(),
+                PREFIX,
+                (VAULT, keys.key()),
+                geometry(),
+            )
+            .await
+            .unwrap();
+            s.write_chunks(vec![(0, chunk(10))]).await.unwrap();
+            let r1 = s.flush().await.unwrap().unwrap();
+            s.root_kept(r1);
+            let _ = s.take_events();
+            // The mirror goes away between a chunk's write and the flush.
+            s.write_chunks(vec![(1, chunk(11))]).await.unwrap();
+            b.set(lost);
+            s.write_chunks(vec![(2, chunk(12)), (7, chunk(17))])
+                .await
+                .unwrap();
+            let r2 = s.flush().await.unwrap().unwrap();
+            s.root_kept(r2);
+            assert_eq!(r2.epoch, 2);
+            let st = s.status();
+            assert!(st[0].in_step);
+            assert!(!st[1].in_step, "{st:?}");
+            assert_eq!(st[1].synced_epoch, Some(1), "{st:?}");
+            assert_eq!(st[1].behind, Some(1));
+            let ev = s.take_events();
+            assert!(
+                matches!(&ev[..], [StoreEvent::Stale { name, synced: 1, .. }] if name == "store-1"),
+                "{ev:?}"
+            );
+            // Degraded, it goes on: more writes and a flush on one store.
+            s.write_chunks(vec![(0, chunk(20))]).await.unwrap();
+            let r3 = s.flush().await.unwrap().unwrap();
+            s.root_kept(r3);
+            // While it is away, a resync gets nowhere and says why.
+            assert!(s.resync(64).await.unwrap());
+            assert!(s.status()[1].reason.is_some());
+            // Back: brought up to date a few objects at a time.
+            b.set(UP);
+            let steps = resync_until_in_step(&mut s).await;
+            assert!(steps > 1, "a budget of 2 objects takes several steps");
+            let st = s.status();
+            assert!(st[1].in_step && st[1].behind == Some(0), "{st:?}");
+            assert!(st[1].copied >= 5, "{st:?}");
+            let ev = s.take_events();
+            assert!(
+                ev.iter().any(|e| matches!(e, StoreEvent::InStep { .. })),
+                "{ev:?}"
+            );
+            // The mirror alone is the volume now.
+            let one = open_one(&b, &keys, r3).await;
+            for (i, want) in [(0, 20), (1, 11), (2, 12), (7, 17), (3, 0)] {
+                assert_eq!(one.read_chunk(i).await.unwrap(), chunk(want), "chunk {i}");
+            }
+            // And it takes every write again.
+            s.write_chunks(vec![(5, chunk(25))]).await.unwrap();
+            let r4 = s.flush().await.unwrap().unwrap();
+            let one = open_one(&b, &keys, r4).await;
+            assert_eq!(one.read_chunk(5).await.unwrap(), chunk(25));
+        });
+    }
+}
+
+#[test]
+fn a_chunk_that_does_not_verify_on_one_store_is_read_from_the_other_and_repaired() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        s.write_chunks(vec![(3, chunk(3)), (4, chunk(4))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        let snap = snapshot(&a.mem).await;
+        let c3 = snap
+            .keys()
+            .find(|k| k.starts_with("team/c/000000000003/"))
+            .unwrap()
+            .clone();
+        let c4 = snap
+            .keys()
+            .find(|k| k.starts_with("team/c/000000000004/"))
+            .unwrap()
+            .clone();
+        // The primary flips a byte of one chunk and loses another.
+        let mut bad = chunk(3);
+        bad[7] ^= 0x80;
+        a.mem
+            .put(&Path::from(c3.as_str()), PutPayload::from(bad))
+            .await
+            .unwrap();
+        a.mem.delete(&Path::from(c4.as_str())).await.unwrap();
+        let s = open_one(&a, &keys, root).await;
+        assert!(matches!(
+            s.read_chunk(3).await,
+            Err(RemoteError::Tampered(_))
+        ));
+        // Mirrored, both read right, and the primary is repaired.
+        let (s, _) = ChunkStore::open_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.read_chunk(3).await.unwrap(), chunk(3));
+        assert_eq!(s.read_chunk(4).await.unwrap(), chunk(4));
+        assert_eq!(s.status()[0].repaired, 2);
+        let ev = s.take_events();
+        assert_eq!(
+            ev.iter()
+                .filter(|e| matches!(e, StoreEvent::Repaired { name, .. } if name == "store-0"))
+                .count(),
+            2,
+            "{ev:?}"
+        );
+        assert_eq!(snapshot(&a.mem).await, snapshot(&b.mem).await);
+        // Bad on both: an error, never the altered bytes.
+        for m in [&a.mem, &b.mem] {
+            m.put(&Path::from(c3.as_str()), PutPayload::from(chunk(9)))
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            s.read_chunk(3).await,
+            Err(RemoteError::Tampered(_))
+        ));
+    });
+}
+
+#[test]
+fn the_newest_store_wins_at_open_and_a_rollback_of_all_is_refused() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        let (old_a, old_b) = (snapshot(&a.mem).await, snapshot(&b.mem).await);
+        s.write_chunks(vec![(1, chunk(2)), (2, chunk(2))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        drop(s);
+        // The primary's provider serves yesterday's bucket: the mirror
+        // holds the newest authentic state, and the primary is behind.
+        restore(&a.mem, &old_a).await;
+        let open = |local| {
+            ChunkStore::open_mirrored(
+                backends(&[&a, &b]),
+                quick(),
+                PREFIX,
+                (VAULT, keys.key()),
+                (Some(local), false),
+            )
+        };
+        let (mut s, opened) = open(root).await.unwrap();
+        assert_eq!(opened.root, root);
+        assert_eq!(s.read_chunk(1).await.unwrap(), chunk(2));
+        let st = s.status();
+        assert!(!st[0].in_step && st[0].synced_epoch == Some(1), "{st:?}");
+        assert!(
+            st[0].reason.as_deref().unwrap().contains("behind"),
+            "{st:?}"
+        );
+        resync_until_in_step(&mut s).await;
+        drop(s);
+        let one = open_one(&a, &keys, root).await;
+        assert_eq!(one.read_chunk(2).await.unwrap(), chunk(2));
+        // The primary unreachable: the mirror alone opens (after the
+        // degrade timeout), and the primary waits to be brought back.
+        a.set(DOWN);
+        let (s, _) = open(root).await.unwrap();
+        assert_eq!(s.read_chunk(2).await.unwrap(), chunk(2));
+        let st = s.status();
+        assert!(!st[0].in_step && st[0].synced_epoch.is_none(), "{st:?}");
+        assert!(st[1].in_step);
+        drop(s);
+        a.set(UP);
+        // Both rolled back: refused, as a lone store's rollback is.
+        restore(&a.mem, &old_a).await;
+        restore(&b.mem, &old_b).await;
+        let r = open(root).await;
+        assert!(
+            matches!(r, Err(RemoteError::Rollback { store: 1, local: 2 })),
+            "{:?}",
+            r.err()
+        );
+    });
+}
+
+#[test]
+fn a_new_mirror_added_to_a_volume_is_filled_and_then_holds_it_alone() {
+    let rt = rt();
+    let (a, c) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(a.clone(), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks((0..8).map(|i| (i, chunk(i as u8 + 1))).collect())
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        drop(s);
+        let (mut s, _) = ChunkStore::open_mirrored(
+            backends(&[&a, &c]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        let st = s.status();
+        assert!(
+            !st[1].in_step && st[1].reason.as_deref().unwrap().contains("no volume"),
+            "{st:?}"
+        );
+        resync_until_in_step(&mut s).await;
+        assert_eq!(s.status()[1].copied, 9, "8 chunks and a page");
+        let one = open_one(&c, &keys, root).await;
+        for i in 0..8 {
+            assert_eq!(one.read_chunk(i).await.unwrap(), chunk(i as u8 + 1));
+        }
+    });
+}
+
+/// The device: a mirror that hangs mid-write costs one degrade timeout,
+/// then writes and flushes go on; the device's own thread brings it back
+/// once it answers, and says so.
+#[test]
+fn the_device_goes_on_without_a_hung_mirror_and_brings_it_back() {
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    let (s, _) = rt()
+        .block_on(ChunkStore::create_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        ))
+        .unwrap();
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (r2, e2) = (roots.clone(), events.clone());
+    let dev = RemoteDevice::with_changes(
+        s,
+        1 << 20,
+        Box::new(move |r| {
+            r2.lock().unwrap().push(r);
+            Ok(())
+        }),
+        Some(Box::new(move |ev, _st| {
+            e2.lock().unwrap().extend(ev.iter().cloned())
+        })),
+    )
+    .unwrap();
+    dev.write_at(0, &[7u8; 100_000]).unwrap();
+    dev.flush().unwrap();
+    b.set(HUNG);
+    dev.write_at(300_000, &[8u8; 70_000]).unwrap();
+    dev.flush().unwrap();
+    assert!(!dev.status()[1].in_step);
+    b.set(UP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !dev.status()[1].in_step {
+        assert!(std::time::Instant::now() < deadline, "{:?}", dev.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ev = events.lock().unwrap().clone();
+    assert!(
+        matches!(ev.first(), Some(StoreEvent::Stale { .. })),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(ev.last(), Some(StoreEvent::InStep { .. })),
+        "{ev:?}"
+    );
+    let root = *roots.lock().unwrap().last().unwrap();
+    drop(dev);
+    let one = rt().block_on(open_one(&b, &keys, root));
+    // 70,000 bytes at 300,000: the end of chunk 4, the start of chunk 5.
+    let c4 = rt().block_on(one.read_chunk(4)).unwrap();
+    let c5 = rt().block_on(one.read_chunk(5)).unwrap();
+    let within = 300_000 - 4 * 65536;
+    assert!(c4[within..].iter().all(|b| *b == 8));
+    assert!(c5[..70_000 - (65536 - within)].iter().all(|b| *b == 8));
+    let c0 = rt().block_on(one.read_chunk(0)).unwrap();
+    assert_eq!(&c0[..65536], &[7u8; 65536][..]);
+}
