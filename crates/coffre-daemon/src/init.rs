@@ -213,6 +213,11 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
                 })?;
                 write_atomic(&o.dir.join("storage.credentials"), &bytes, 0o600)?;
                 sc.credentials_file = Some(PathBuf::from("storage.credentials"));
+                // The mirrors use the same keys unless config.toml says
+                // otherwise.
+                for m in &mut sc.mirror {
+                    m.credentials_file = Some(PathBuf::from("storage.credentials"));
+                }
             }
             Some(sc)
         }

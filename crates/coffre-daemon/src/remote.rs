@@ -4,7 +4,9 @@
 
 use crate::vaultdir::{StorageConfig, VaultDir, write_atomic};
 use coffre_luks2::VolumeKey;
-use coffre_remote::{ChunkStore, Geometry, IntegrityKey, RemoteDevice, RemoteError, Root};
+use coffre_remote::{
+    Backend, ChunkStore, Geometry, IntegrityKey, MirrorSettings, RemoteDevice, RemoteError, Root,
+};
 use coffre_storage::BlockDevice;
 use std::sync::Arc;
 
@@ -45,24 +47,57 @@ fn local_root(vd: &VaultDir) -> Result<Root, RemoteError> {
     Root::from_line(&text)
 }
 
-fn objects(
-    c: &StorageConfig,
-    vd: &VaultDir,
-) -> Result<(Arc<dyn coffre_remote::Objects>, String), RemoteError> {
-    let creds = c
-        .credentials_file
-        .as_ref()
-        .map(|f| coffre_remote::s3::Credentials::load(&vd.root.join(f)))
-        .transpose()?;
-    coffre_remote::s3::open(
-        &coffre_remote::s3::S3Settings {
-            url: c.url.clone(),
-            endpoint: c.endpoint.clone(),
-            region: c.region.clone(),
-            allow_http: c.allow_http,
-        },
-        creds.as_ref(),
-    )
+/// The stores: the primary, then the mirrors, each under its own prefix
+/// (the chunk store's names are relative to it).
+fn backends(c: &StorageConfig, vd: &VaultDir) -> Result<Vec<Backend>, RemoteError> {
+    let one = |url: &str,
+               endpoint: &Option<String>,
+               region: &Option<String>,
+               allow_http: bool,
+               creds: &Option<std::path::PathBuf>|
+     -> Result<Backend, RemoteError> {
+        let creds = creds
+            .as_ref()
+            .map(|f| coffre_remote::s3::Credentials::load(&vd.root.join(f)))
+            .transpose()?;
+        let (objects, prefix) = coffre_remote::s3::open(
+            &coffre_remote::s3::S3Settings {
+                url: url.to_string(),
+                endpoint: endpoint.clone(),
+                region: region.clone(),
+                allow_http,
+            },
+            creds.as_ref(),
+        )?;
+        Ok(Backend {
+            name: url.to_string(),
+            objects: Arc::new(coffre_remote::objects::Prefixed::new(objects, &prefix)),
+        })
+    };
+    let mut out = vec![one(
+        &c.url,
+        &c.endpoint,
+        &c.region,
+        c.allow_http,
+        &c.credentials_file,
+    )?];
+    for m in &c.mirror {
+        out.push(one(
+            &m.url,
+            &m.endpoint,
+            &m.region,
+            m.allow_http,
+            &m.credentials_file,
+        )?);
+    }
+    Ok(out)
+}
+
+fn settings(c: &StorageConfig) -> MirrorSettings {
+    MirrorSettings {
+        degrade_after: std::time::Duration::from_secs(c.degrade_after_s.max(1)),
+        retry_after: std::time::Duration::from_secs(c.degrade_after_s.clamp(1, 30)),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
@@ -91,15 +126,20 @@ pub fn create(
     uuid: &str,
     size: u64,
 ) -> Result<Arc<dyn BlockDevice>, RemoteError> {
-    let (objects, prefix) = objects(c, vd)?;
+    let backends = backends(c, vd)?;
     let vault = vault_id(uuid)?;
     let ikey = IntegrityKey::generate()?;
     let sealed = ikey.seal(key.expose(), &vault)?;
     let io = |e: crate::vaultdir::DirError| RemoteError::Config(e.to_string());
     write_atomic(&vd.storage_key(), &sealed, 0o600).map_err(io)?;
     let g = Geometry::new(c.chunk_size, size)?;
-    let (store, root) =
-        runtime()?.block_on(ChunkStore::create(objects, &prefix, vault, ikey, g))?;
+    let (store, root) = runtime()?.block_on(ChunkStore::create_mirrored(
+        backends,
+        settings(c),
+        "",
+        (vault, ikey),
+        g,
+    ))?;
     write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
     let cache = usize::try_from(c.cache_size).unwrap_or(usize::MAX);
     let dev = RemoteDevice::new(store, cache, keep_root(vd))
@@ -117,8 +157,9 @@ pub fn open(
     vd: &VaultDir,
     key: &VolumeKey,
     uuid: &str,
+    on_change: Option<coffre_remote::device::OnChange>,
 ) -> Result<(Arc<dyn BlockDevice>, u64), RemoteError> {
-    let (objects, prefix) = objects(c, vd)?;
+    let backends = backends(c, vd)?;
     let vault = vault_id(uuid)?;
     let sealed = std::fs::read(vd.storage_key()).map_err(|e| {
         RemoteError::Config(format!(
@@ -132,7 +173,13 @@ pub fn open(
         .block_on(async {
             tokio::time::timeout(
                 OPEN_TIMEOUT,
-                ChunkStore::open(objects, &prefix, vault, ikey, Some(local), false),
+                ChunkStore::open_mirrored(
+                    backends,
+                    settings(c),
+                    "",
+                    (vault, ikey),
+                    (Some(local), false),
+                ),
             )
             .await
         })
@@ -150,7 +197,7 @@ pub fn open(
         });
     }
     let cache = usize::try_from(c.cache_size).unwrap_or(usize::MAX);
-    let dev = RemoteDevice::new(store, cache, keep_root(vd))
+    let dev = RemoteDevice::with_changes(store, cache, keep_root(vd), on_change)
         .map_err(|e| RemoteError::Config(e.to_string()))?;
     if opened.ahead_by > 0 {
         // The store's newer root becomes the local one now.
@@ -210,7 +257,7 @@ pub fn export_volume(
     };
     let (c, key) = unlock(&config.header, None, password)?;
     let uuid = c.header().binary.uuid.clone();
-    let (objects, prefix) = objects(sc, &vd).map_err(|e| e.to_string())?;
+    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
     let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
     let sealed = std::fs::read(vd.storage_key())
         .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
@@ -219,13 +266,12 @@ pub fn export_volume(
     let local = local_root(&vd).map_err(|e| e.to_string())?;
     let rt = runtime().map_err(|e| e.to_string())?;
     let (store, _) = rt
-        .block_on(ChunkStore::open(
-            objects,
-            &prefix,
-            vault,
-            ikey,
-            Some(local),
-            false,
+        .block_on(ChunkStore::open_mirrored(
+            backends,
+            settings(sc),
+            "",
+            (vault, ikey),
+            (Some(local), false),
         ))
         .map_err(|e| e.to_string())?;
     let file = std::fs::OpenOptions::new()
@@ -281,7 +327,7 @@ pub fn migrate_volume(
     let size = std::fs::metadata(&volume)
         .map_err(|e| format!("{}: {e}", volume.display()))?
         .len();
-    let (objects, prefix) = objects(&target, &vd).map_err(|e| e.to_string())?;
+    let backends = backends(&target, &vd).map_err(|e| e.to_string())?;
     let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
     let rt = runtime().map_err(|e| e.to_string())?;
     // A first run seals the key first, then makes the store; a run after
@@ -293,19 +339,24 @@ pub fn migrate_volume(
         let unseal =
             || IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string());
         let local = local_root(&vd).ok();
-        match rt.block_on(ChunkStore::open(
-            objects.clone(),
-            &prefix,
-            vault,
-            unseal()?,
-            local,
-            false,
+        match rt.block_on(ChunkStore::open_mirrored(
+            backends.clone(),
+            settings(&target),
+            "",
+            (vault, unseal()?),
+            (local, false),
         )) {
             Ok((store, _)) => store,
             Err(RemoteError::Empty { .. }) => {
                 let g = Geometry::new(target.chunk_size, size).map_err(|e| e.to_string())?;
                 let (store, root) = rt
-                    .block_on(ChunkStore::create(objects, &prefix, vault, unseal()?, g))
+                    .block_on(ChunkStore::create_mirrored(
+                        backends,
+                        settings(&target),
+                        "",
+                        (vault, unseal()?),
+                        g,
+                    ))
                     .map_err(|e| e.to_string())?;
                 write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
                 store
@@ -318,7 +369,13 @@ pub fn migrate_volume(
         write_atomic(&vd.storage_key(), &sealed, 0o600).map_err(io)?;
         let g = Geometry::new(target.chunk_size, size).map_err(|e| e.to_string())?;
         let (store, root) = rt
-            .block_on(ChunkStore::create(objects, &prefix, vault, ikey, g))
+            .block_on(ChunkStore::create_mirrored(
+                backends,
+                settings(&target),
+                "",
+                (vault, ikey),
+                g,
+            ))
             .map_err(|e| e.to_string())?;
         write_atomic(&vd.storage_root(), root.to_line().as_bytes(), 0o600).map_err(io)?;
         store
@@ -375,9 +432,83 @@ pub fn migrate_volume(
     Ok(Migrated { imported, verified })
 }
 
+/// What the daemon last knew of each store while the vault was open
+/// (`DIR/storage.health`, written at each change): stale or in step, why,
+/// how much is left to copy.
+pub fn health_path(vd: &VaultDir) -> std::path::PathBuf {
+    vd.root.join("storage.health")
+}
+
+/// The callback that keeps `DIR/storage.health` and hands each event to
+/// `audit` (action, outcome, detail).
+pub fn on_change(
+    vd: &VaultDir,
+    audit: impl Fn(&'static str, &'static str, String) + Send + Sync + 'static,
+) -> coffre_remote::device::OnChange {
+    let path = health_path(vd);
+    Box::new(move |events, status| {
+        for e in events {
+            match e {
+                coffre_remote::StoreEvent::Stale {
+                    name,
+                    reason,
+                    synced,
+                } => audit(
+                    "storage_degraded",
+                    "stale",
+                    format!(
+                        "{name} left behind (it holds epoch {synced}): {reason}; the other stores go on"
+                    ),
+                ),
+                coffre_remote::StoreEvent::InStep { name, copied } => audit(
+                    "storage_resynced",
+                    "ok",
+                    format!("{name} is in step again ({copied} object(s) copied to it)"),
+                ),
+                coffre_remote::StoreEvent::Repaired { name, object } => audit(
+                    "storage_repaired",
+                    "ok",
+                    format!(
+                        "{object} did not verify on {name}: rewritten there from another store"
+                    ),
+                ),
+            }
+        }
+        let doc = serde_json::json!({
+            "at": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            "stores": status,
+        });
+        let _ = write_atomic(&path, doc.to_string().as_bytes(), 0o600);
+    })
+}
+
+/// One store's manifest epoch as it claims it (unverified: no key), or
+/// why it cannot be read.
+fn claimed_epoch(b: &Backend) -> Result<Option<u64>, String> {
+    let name = coffre_remote::layout::Keys::new("").manifest();
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let got = rt
+        .block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                b.objects.get(&name, 16 << 20),
+            )
+            .await
+        })
+        .map_err(|_| "no answer within 20 s".to_string())?;
+    match got {
+        Ok(Some((bytes, _))) => Ok(coffre_remote::layout::Manifest::claimed_epoch(&bytes)),
+        Ok(None) => Err("no manifest at that prefix".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// `coffre storage status`: where the volume is, the root kept locally,
-/// and what the store says now (its manifest's epoch, unverified: no key
-/// here; the next open verifies it).
+/// what each store says now (its manifest's epoch, unverified: no key
+/// here; the next open verifies it), and what the daemon last knew of
+/// each while open.
 pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     let vd = VaultDir::new(dir);
     let config = vd.load_config().map_err(|e| e.to_string())?;
@@ -391,51 +522,60 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
         .ok()
         .and_then(|t| Root::from_line(&t).ok())
         .map(|r| r.epoch);
-    let (store, error) = match objects(sc, &vd) {
-        Err(e) => (None, Some(e.to_string())),
-        Ok((objects, prefix)) => {
-            let name = coffre_remote::layout::Keys::new(&prefix).manifest();
-            let got = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-                rt.block_on(async {
-                    tokio::time::timeout(
-                        std::time::Duration::from_secs(20),
-                        objects.get(&name, 16 << 20),
-                    )
-                    .await
+    let stores: Vec<serde_json::Value> = match backends(sc, &vd) {
+        Err(e) => vec![serde_json::json!({
+            "url": sc.url,
+            "reachable": false,
+            "error": e.to_string(),
+            "standing": "unknown",
+        })],
+        Ok(backends) => backends
+            .iter()
+            .map(|b| {
+                let (claimed, error) = match claimed_epoch(b) {
+                    Ok(c) => (c, None),
+                    Err(e) => (None, Some(e)),
+                };
+                let standing = match (claimed, local) {
+                    (_, None) => {
+                        "NO LOCAL ROOT: the next open is refused until DIR/storage.root is restored"
+                    }
+                    (Some(s), Some(l)) if s == l => "in step",
+                    (Some(s), Some(l)) if s > l => {
+                        "ahead of the local root (a crash after a manifest, or another writer): the next open takes it"
+                    }
+                    (Some(_), Some(_)) => {
+                        "BEHIND the local root: rolled back, or a mirror left behind (brought back at the next open)"
+                    }
+                    _ => "unknown",
+                };
+                serde_json::json!({
+                    "url": b.name,
+                    "store_epoch_claimed": claimed,
+                    "reachable": error.is_none(),
+                    "error": error,
+                    "standing": standing,
                 })
-                .map_err(|_| "no answer within 20 s".to_string())
-            });
-            match got {
-                Ok(Ok(Some((bytes, _)))) => (
-                    Some(coffre_remote::layout::Manifest::claimed_epoch(&bytes)),
-                    None,
-                ),
-                Ok(Ok(None)) => (None, Some("no manifest at that prefix".to_string())),
-                Ok(Err(e)) => (None, Some(e.to_string())),
-                Err(e) => (None, Some(e)),
-            }
-        }
+            })
+            .collect(),
     };
-    let claimed = store.flatten();
-    let standing = match (claimed, local) {
-        (_, None) => "NO LOCAL ROOT: the next open is refused until DIR/storage.root is restored",
-        (Some(s), Some(l)) if s == l => "in step",
-        (Some(s), Some(l)) if s > l => {
-            "ahead of the local root (a crash after a manifest, or another writer): the next open takes it"
-        }
-        (Some(_), Some(_)) => "BEHIND the local root: rolled back? the next open will refuse it",
-        _ => "unknown",
-    };
+    let health = std::fs::read_to_string(health_path(&vd))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let primary = stores[0].clone();
     Ok(serde_json::json!({
         "backend": "s3",
         "url": sc.url,
         "endpoint": sc.endpoint,
         "chunk_size": sc.chunk_size,
         "cache_size": sc.cache_size,
+        "degrade_after_s": sc.degrade_after_s,
         "local_root_epoch": local,
-        "store_epoch_claimed": claimed,
-        "reachable": error.is_none(),
-        "error": error,
-        "standing": standing,
+        "store_epoch_claimed": primary["store_epoch_claimed"],
+        "reachable": primary["reachable"],
+        "error": primary["error"],
+        "standing": primary["standing"],
+        "stores": stores,
+        "last_known_while_open": health,
     }))
 }

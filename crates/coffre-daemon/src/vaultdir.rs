@@ -69,6 +69,66 @@ pub struct StorageConfig {
     /// Bytes of chunks kept in memory (written ones until uploaded).
     #[serde(default = "default_cache_size")]
     pub cache_size: u64,
+    /// Other stores every write also goes to (`[[storage.mirror]]`),
+    /// under the same names: the volume survives the loss of all but one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror: Vec<MirrorConfig>,
+    /// With mirrors: seconds a store may take to answer before it is
+    /// marked stale and the others go on without it (it is brought back
+    /// in the background once it answers).
+    #[serde(default = "default_degrade_after_s")]
+    pub degrade_after_s: u64,
+}
+
+impl StorageConfig {
+    /// A store at `url`, with the defaults.
+    pub fn new(url: String) -> Self {
+        StorageConfig {
+            url,
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            credentials_file: None,
+            chunk_size: default_chunk_size(),
+            cache_size: default_cache_size(),
+            mirror: Vec::new(),
+            degrade_after_s: default_degrade_after_s(),
+        }
+    }
+
+    /// Every credentials file named (the primary's, the mirrors').
+    fn credentials_files(&self) -> impl Iterator<Item = &PathBuf> {
+        self.credentials_file.iter().chain(
+            self.mirror
+                .iter()
+                .filter_map(|m| m.credentials_file.as_ref()),
+        )
+    }
+}
+
+/// `[[storage.mirror]]`: another S3 store the volume is written to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// Its endpoint, when it is not AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Its region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Plain HTTP to its endpoint (test servers on loopback only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
+    /// Its credentials file in DIR (0600); default: the AWS environment
+    /// variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+}
+
+fn default_degrade_after_s() -> u64 {
+    30
 }
 
 fn default_chunk_size() -> u32 {
@@ -621,9 +681,14 @@ impl VaultDir {
             }
             _ => {}
         }
-        if let Some(f) = c.storage.as_ref().and_then(|s| s.credentials_file.as_ref())
-            && (f.components().count() != 1
-                || !matches!(f.components().next(), Some(std::path::Component::Normal(_))))
+        if let Some(f) = c
+            .storage
+            .iter()
+            .flat_map(|s| s.credentials_files())
+            .find(|f| {
+                f.components().count() != 1
+                    || !matches!(f.components().next(), Some(std::path::Component::Normal(_)))
+            })
         {
             return Err(DirError::Bad {
                 path,

@@ -171,8 +171,22 @@ impl RemoteDevice {
                             break;
                         }
                     }
+                    // Asked without the device held: a store that is down
+                    // holds up nothing.
+                    let (probes, name, wait) = lock(&state).store.resync_probes();
+                    if probes.is_empty() {
+                        continue;
+                    }
+                    let answers =
+                        handle.block_on(futures::future::join_all(probes.iter().map(|o| async {
+                            tokio::time::timeout(wait, o.get(&name, 16 << 20))
+                                .await
+                                .is_ok_and(|r| r.is_ok())
+                        })));
                     let mut s = lock(&state);
-                    if s.store.status().iter().all(|r| r.in_step) {
+                    if !answers.into_iter().any(|a| a) {
+                        s.store.postpone_resync("it does not answer");
+                        report(&s, on_change.as_deref());
                         continue;
                     }
                     let _ = handle.block_on(s.store.resync(RESYNC_BUDGET));

@@ -161,3 +161,53 @@ impl Objects for ObjectStoreObjects {
         })
     }
 }
+
+/// [`Objects`] under a prefix: every name is `prefix` + the name (so
+/// that stores with different prefixes take the same names: mirrors).
+pub struct Prefixed {
+    inner: Arc<dyn Objects>,
+    prefix: String,
+}
+
+impl Prefixed {
+    /// `inner`'s objects under `prefix` (a `/` is added if it has none;
+    /// empty: the bucket's root).
+    pub fn new(inner: Arc<dyn Objects>, prefix: &str) -> Self {
+        let p = prefix.trim_matches('/');
+        Prefixed {
+            inner,
+            prefix: if p.is_empty() {
+                String::new()
+            } else {
+                format!("{p}/")
+            },
+        }
+    }
+}
+
+impl Objects for Prefixed {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move { self.inner.get(&format!("{}{key}", self.prefix), max).await })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            self.inner
+                .put(&format!("{}{key}", self.prefix), data, mode)
+                .await
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.inner.delete(&format!("{}{key}", self.prefix)).await })
+    }
+}

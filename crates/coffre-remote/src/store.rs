@@ -1343,6 +1343,36 @@ impl ChunkStore {
         Ok(self.replicas.iter().any(|r| r.stale.is_some()))
     }
 
+    /// The stale stores due for an attempt to bring them back, with the
+    /// name to ask each for (its manifest) and how long to wait: a caller
+    /// asks without holding the device, and runs [`resync`] only if one
+    /// answered (else [`postpone_resync`]), so that a store that is down
+    /// never holds up reads and writes.
+    ///
+    /// [`resync`]: ChunkStore::resync
+    /// [`postpone_resync`]: ChunkStore::postpone_resync
+    pub fn resync_probes(&self) -> (Vec<Arc<dyn Objects>>, String, Duration) {
+        let now = Instant::now();
+        let due = self
+            .replicas
+            .iter()
+            .filter(|r| matches!(&r.stale, Some(s) if s.retry_at <= now))
+            .map(|r| r.objects.clone())
+            .collect();
+        (due, self.keys.manifest(), self.settings.degrade_after)
+    }
+
+    /// The due stale stores did not answer: tried again after the retry
+    /// delay.
+    pub fn postpone_resync(&mut self, reason: &str) {
+        let now = Instant::now();
+        for i in 0..self.replicas.len() {
+            if matches!(&self.replicas[i].stale, Some(s) if s.retry_at <= now) {
+                self.mark_stale(i, reason.to_string());
+            }
+        }
+    }
+
     async fn resync_one(&mut self, i: usize, budget: usize) -> Result<(), String> {
         let limit = Some(self.settings.degrade_after);
         let name = self.keys.manifest();

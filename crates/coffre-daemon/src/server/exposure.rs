@@ -202,7 +202,24 @@ impl Shell {
             let mut held = None;
             let volume = match &remote {
                 None => opener.open(&key).map_err(|e| format!("the volume: {e}")),
-                Some((c, vd, uuid)) => crate::remote::open(c, vd, &key, uuid)
+                Some((c, vd, uuid)) => crate::remote::open(
+                    c,
+                    vd,
+                    &key,
+                    uuid,
+                    Some(crate::remote::on_change(vd, {
+                        // Records from the device's threads reach the
+                        // audit log through the actor.
+                        let tx = tx.clone();
+                        move |action, outcome, detail| {
+                            let _ = tx.send(Msg::SystemAudit {
+                                action,
+                                outcome,
+                                detail,
+                            });
+                        }
+                    })),
+                )
                     .map_err(|e| format!("the volume's store: {e}"))
                     .and_then(|(dev, ahead)| {
                         // A lock while the store was read (a slow store can

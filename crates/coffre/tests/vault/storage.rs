@@ -396,3 +396,146 @@ fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
     }
     v.stop();
 }
+
+/// Mirrors, end to end, against two moto servers (two providers): every
+/// object on both; the mirror stops answering while the vault is open and
+/// a file is fsynced: the fsync returns after the degrade timeout, the
+/// mirror is shown stale and audited; it answers again and is brought back
+/// in the background; then the primary is gone for good and the vault
+/// opens from the mirror alone, with every file.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
+    let primary = Moto::start();
+    let mirror = Moto::start();
+    primary.bucket("provider-a");
+    mirror.bucket("provider-b");
+    let creds = primary.credentials();
+    let mut v = Vault::init(&[
+        "--storage",
+        "s3://provider-a/team",
+        "--storage-endpoint",
+        &primary.endpoint(),
+        "--storage-allow-http",
+        "--storage-credentials",
+        creds.to_str().unwrap(),
+        "--mirror",
+        "s3://provider-b/copy",
+        "--mirror-endpoint",
+        &mirror.endpoint(),
+    ]);
+    let cfg = v.dir.join("config.toml");
+    let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+    let storage = t["storage"].as_table_mut().unwrap();
+    assert_eq!(
+        storage["mirror"].as_array().unwrap().len(),
+        1,
+        "{storage:?}"
+    );
+    storage.insert("degrade_after_s".into(), toml::Value::Integer(2));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    let (a, b) = (
+        bucket(&primary, "provider-a"),
+        bucket(&mirror, "provider-b"),
+    );
+    let relative = |snap: BTreeMap<String, Vec<u8>>, prefix: &str| -> BTreeMap<String, Vec<u8>> {
+        snap.into_iter()
+            .map(|(k, x)| (k.strip_prefix(prefix).unwrap().to_string(), x))
+            .collect()
+    };
+    v.start();
+
+    let mut e = v.enter_bg("alice", &[]);
+    let shared = v.layout().mountpoint.join("shared");
+    let first = b"written while both stores answered";
+    std::fs::write(shared.join("first.txt"), first).unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    let (sa, sb) = (
+        relative(snapshot(&a), "team/"),
+        relative(snapshot(&b), "copy/"),
+    );
+    assert_eq!(sa, sb, "the mirror holds exactly the primary's objects");
+    for (k, bytes) in &sb {
+        assert!(!contains(bytes, first), "plaintext in {k}");
+    }
+
+    // The mirror hangs while a file is written and fsynced.
+    let mut e = v.enter_bg("alice", &[]);
+    unsafe_kill(mirror.pid(), "STOP");
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            unsafe_kill(self.0, "CONT");
+        }
+    }
+    let resume = Resume(mirror.pid());
+    let second = b"written while the mirror hung";
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(shared.join("second.txt")).unwrap();
+        f.write_all(second).unwrap();
+        f.sync_all().unwrap();
+    }
+    let stores = |v: &Vault| v.status("alice")["data"]["storage"]["stores"].clone();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while stores(&v)[1]["in_step"] != false {
+        assert!(std::time::Instant::now() < until, "{}", stores(&v));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(stores(&v)[0]["in_step"], true);
+    assert!(
+        !v.audit_details("storage_degraded", "stale").is_empty(),
+        "the audit log says the mirror was left behind"
+    );
+    let text = String::from_utf8(v.cli("alice", &["status"]).stdout).unwrap();
+    assert!(text.contains("STALE"), "{text}");
+
+    // It answers again: brought back in the background, while open.
+    drop(resume);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while stores(&v)[1]["in_step"] != true {
+        assert!(
+            std::time::Instant::now() < until,
+            "{}\n{}",
+            stores(&v),
+            v.daemon_stderr()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!v.audit_details("storage_resynced", "ok").is_empty());
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    let out = v
+        .bin()
+        .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code(&out), 0, "{j}");
+    for st in j["stores"].as_array().unwrap() {
+        assert_eq!(st["standing"], "in step", "{j}");
+    }
+
+    // The primary's provider is gone for good: the mirror alone opens the
+    // vault, with everything.
+    drop(primary);
+    let mut e = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(60));
+    assert_eq!(std::fs::read(shared.join("first.txt")).unwrap(), first);
+    assert_eq!(std::fs::read(shared.join("second.txt")).unwrap(), second);
+    assert_eq!(stores(&v)[0]["in_step"], false, "{}", stores(&v));
+    std::fs::write(shared.join("third.txt"), b"on the mirror alone").unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(
+        !v.daemon_stderr().contains("panicked"),
+        "{}",
+        v.daemon_stderr()
+    );
+    v.stop();
+}

@@ -378,6 +378,17 @@ pub struct InitArgs {
     /// variables at each start.
     #[arg(long, value_name = "FILE", requires = "storage")]
     pub storage_credentials: Option<PathBuf>,
+    /// Also write every chunk to this store (`s3://BUCKET/PREFIX`, another
+    /// provider): repeat for more. Each flush waits for every store that
+    /// answers; one that does not within [storage] degrade_after_s (30 s)
+    /// is left behind and brought back when it answers. Region, plain
+    /// HTTP and credentials are the primary's (edit `[[storage.mirror]]`
+    /// in config.toml for others).
+    #[arg(long, value_name = "URL", requires = "storage")]
+    pub mirror: Vec<String>,
+    /// The mirrors' endpoint, when it is not the primary's.
+    #[arg(long, value_name = "URL", requires = "mirror")]
+    pub mirror_endpoint: Option<String>,
     #[command(flatten)]
     pub pbkdf: PbkdfArgs,
 }

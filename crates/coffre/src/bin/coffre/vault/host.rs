@@ -47,13 +47,24 @@ pub fn init(a: InitArgs) -> Result<u8> {
         storage: a.storage.as_ref().map(|url| {
             (
                 coffre_daemon::vaultdir::StorageConfig {
-                    url: url.clone(),
                     endpoint: a.storage_endpoint.clone(),
                     region: a.storage_region.clone(),
                     allow_http: a.storage_allow_http,
-                    credentials_file: None,
-                    chunk_size: 1 << 20,
-                    cache_size: 64 << 20,
+                    mirror: a
+                        .mirror
+                        .iter()
+                        .map(|m| coffre_daemon::vaultdir::MirrorConfig {
+                            url: m.clone(),
+                            endpoint: a
+                                .mirror_endpoint
+                                .clone()
+                                .or_else(|| a.storage_endpoint.clone()),
+                            region: a.storage_region.clone(),
+                            allow_http: a.storage_allow_http,
+                            credentials_file: None,
+                        })
+                        .collect(),
+                    ..coffre_daemon::vaultdir::StorageConfig::new(url.clone())
                 },
                 a.storage_credentials.clone(),
             )
@@ -141,13 +152,10 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
         } => {
             let password = secrets::passphrase(&password_file)?;
             let target = coffre_daemon::vaultdir::StorageConfig {
-                url: to.clone(),
                 endpoint,
                 region,
                 allow_http,
-                credentials_file: None,
-                chunk_size: 1 << 20,
-                cache_size: 64 << 20,
+                ..coffre_daemon::vaultdir::StorageConfig::new(to.clone())
             };
             match coffre_daemon::remote::migrate_volume(
                 &dir,
@@ -197,19 +205,53 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                         .unwrap_or_default()
                 );
                 println!("local root epoch: {}", v["local_root_epoch"]);
-                match v["error"].as_str() {
-                    Some(e) => println!("store: cannot be read: {e}"),
-                    None => println!(
-                        "store: manifest epoch {} (as it claims; verified at the next open): {}",
-                        v["store_epoch_claimed"],
-                        v["standing"].as_str().unwrap_or("?")
-                    ),
+                let stores = v["stores"].as_array().cloned().unwrap_or_default();
+                for (i, st) in stores.iter().enumerate() {
+                    let who = if i == 0 {
+                        "store".to_string()
+                    } else {
+                        format!("mirror {}", st["url"].as_str().unwrap_or("?"))
+                    };
+                    match st["error"].as_str() {
+                        Some(e) => println!("{who}: cannot be read: {e}"),
+                        None => println!(
+                            "{who}: manifest epoch {} (as it claims; verified at the next open): {}",
+                            st["store_epoch_claimed"],
+                            st["standing"].as_str().unwrap_or("?")
+                        ),
+                    }
+                }
+                if let Some(h) = v["last_known_while_open"]["stores"].as_array() {
+                    println!("while the vault was last open:");
+                    for st in h {
+                        println!(
+                            "  {}: {}{}",
+                            st["name"].as_str().unwrap_or("?"),
+                            if st["in_step"] == true {
+                                "in step".to_string()
+                            } else {
+                                format!(
+                                    "STALE ({}), {} epoch(s) behind, {} object(s) to copy",
+                                    st["reason"].as_str().unwrap_or("?"),
+                                    st["behind"],
+                                    st["to_copy"]
+                                )
+                            },
+                            match st["repaired"].as_u64() {
+                                Some(n) if n > 0 => format!(", {n} object(s) repaired"),
+                                _ => String::new(),
+                            }
+                        );
+                    }
                 }
             }
-            let bad = v["reachable"] == false
-                || v["standing"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("BEHIND") || s.starts_with("NO LOCAL ROOT"));
+            let stores = v["stores"].as_array().cloned().unwrap_or_default();
+            let bad = stores.iter().any(|st| {
+                st["reachable"] == false
+                    || st["standing"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("BEHIND") || s.starts_with("NO LOCAL ROOT"))
+            });
             Ok(if bad { exit::FAILURE } else { exit::OK })
         }
         S::Export {

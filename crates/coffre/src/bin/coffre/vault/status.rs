@@ -108,6 +108,20 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         st["chunk_size"].as_u64().unwrap_or(0) / 1024,
                         st["root_epoch"],
                     );
+                    for m in st["stores"].as_array().into_iter().flatten() {
+                        if m["in_step"] == true {
+                            println!("  {}: in step", m["name"].as_str().unwrap_or("?"));
+                        } else {
+                            println!(
+                                "  {}: STALE since {} ({}): {} epoch(s) behind, {} object(s) to copy; brought back in the background",
+                                m["name"].as_str().unwrap_or("?"),
+                                m["stale_since"],
+                                m["reason"].as_str().unwrap_or("?"),
+                                m["behind"],
+                                m["to_copy"]
+                            );
+                        }
+                    }
                 }
                 let dir = &v["directory"];
                 if let Some(addr) = dir["ldaps"].as_str() {
