@@ -290,6 +290,45 @@ pub fn export_volume(
     r
 }
 
+/// `coffre storage trust` (`--trust-store-epoch`): the store's manifest
+/// and pages verified with the integrity key, its root then kept as the
+/// local one, whatever the local root said (lost, or older after a
+/// restore from backup). Returns the local epoch before and the store's.
+/// The daemon must be stopped.
+pub fn trust_store(
+    dir: &std::path::Path,
+    password: &coffre_luks2::Passphrase,
+) -> Result<(Option<u64>, u64), String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(sc) = &config.storage else {
+        return Err("this vault's volume is a local file: there is no store to trust".into());
+    };
+    let (c, key) = unlock(&config.header, None, password)?;
+    let uuid = c.header().binary.uuid.clone();
+    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
+    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
+    let sealed = std::fs::read(vd.storage_key())
+        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
+    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
+    drop(key);
+    let was = local_root(&vd).ok();
+    let (_, opened) = runtime()
+        .map_err(|e| e.to_string())?
+        .block_on(ChunkStore::open_mirrored(
+            backends,
+            settings(sc),
+            "",
+            (vault, ikey),
+            (was, true),
+        ))
+        .map_err(|e| e.to_string())?;
+    write_atomic(&vd.storage_root(), opened.root.to_line().as_bytes(), 0o600)
+        .map_err(|e| e.to_string())?;
+    drop(c);
+    Ok((was.map(|r| r.epoch), opened.root.epoch))
+}
+
 /// What `coffre storage migrate` did.
 #[derive(Clone, Copy, Debug)]
 pub struct Migrated {

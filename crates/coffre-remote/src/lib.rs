@@ -54,7 +54,7 @@ pub enum RemoteError {
     Tampered(String),
     /// The store's manifest is older than the one this vault last wrote.
     #[error(
-        "the store serves epoch {store}, older than the epoch {local} this vault last wrote: it was rolled back (or restored from an older copy); the vault stays closed. If the control directory is what is old, see --trust-store-epoch"
+        "the store serves epoch {store}, older than the epoch {local} this vault last wrote: it was rolled back (or restored from an older copy); the vault stays closed. If it is the control directory that is old (restored from a backup), see `coffre storage trust`"
     )]
     Rollback {
         /// The store's epoch.

@@ -206,6 +206,49 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
         "the refused open names the missing root"
     );
     v.stop();
+    // Recovery, when the operator knows the store is current: `coffre
+    // storage trust` verifies it with the integrity key and keeps its
+    // root; the vault opens (at yesterday's state, which is what the
+    // store holds), and the rollback check holds again from there.
+    let pw = v.member("alice").password.clone();
+    let trust = |v: &Vault| {
+        v.bin()
+            .args([
+                "storage",
+                "trust",
+                v.dir.to_str().unwrap(),
+                "--password-file",
+            ])
+            .arg(&pw)
+            .output()
+            .unwrap()
+    };
+    let out = trust(&v);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("was missing"));
+    let (c, j) = storage_status(&v);
+    assert_eq!((c, j["standing"].as_str()), (0, Some("in step")), "{j}");
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    assert_eq!(std::fs::read(&file).unwrap(), secret);
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    v.stop();
+    // A store whose data does not verify is not trusted.
+    let mut bad = snapshot(&s3);
+    let m = bad.get_mut("v1/manifest").unwrap();
+    let last = m.len() - 1;
+    m[last] ^= 1;
+    restore(&s3, &bad);
+    let out = trust(&v);
+    assert_eq!(code(&out), 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not verify"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

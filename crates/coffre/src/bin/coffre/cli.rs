@@ -303,6 +303,21 @@ pub enum StorageCommand {
         #[arg(long, value_name = "FILE")]
         password_file: PathBuf,
     },
+    /// Recovery: take the store's epoch as the local root
+    /// (`--trust-store-epoch`). For a control directory that was lost or
+    /// restored from an older backup, whose root is behind the store's,
+    /// so that every open is refused as a rollback. The store's manifest
+    /// and every page are verified with the integrity key first; the
+    /// rollback check is what this gives up, once: run it only when you
+    /// know the store is current (a provider serving an old bucket would
+    /// be believed). The daemon must be stopped.
+    Trust {
+        /// The vault directory.
+        dir: PathBuf,
+        /// A member's password (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+    },
 }
 
 /// Which identity file to use.

@@ -254,6 +254,22 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             });
             Ok(if bad { exit::FAILURE } else { exit::OK })
         }
+        S::Trust { dir, password_file } => {
+            let password = secrets::passphrase(&password_file)?;
+            match coffre_daemon::remote::trust_store(&dir, &password) {
+                Ok((was, now)) => {
+                    println!(
+                        "the local root was {}; it is the store's now: epoch {now} (manifest and pages verified). The rollback check holds again from here.",
+                        was.map_or("missing".to_string(), |e| format!("epoch {e}"))
+                    );
+                    Ok(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("coffre: storage trust: {e}");
+                    Ok(exit::FAILURE)
+                }
+            }
+        }
         S::Export {
             dir,
             out,
