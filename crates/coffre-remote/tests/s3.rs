@@ -347,3 +347,113 @@ fn survey_s3_throughput() {
         raw_get.as_secs_f64() / dev_read.as_secs_f64(),
     );
 }
+
+/// Cold open of a 100 GiB volume (1 MiB chunks: 102,400 chunks, 25 pages
+/// of the table, every page written): the manifest and every page
+/// fetched and verified, against raw gets of the same objects with the
+/// same concurrency, same run.
+#[test]
+#[ignore = "survey: needs moto_server"]
+fn survey_cold_open_of_100_gib() {
+    let moto = Moto::start();
+    moto.bucket("coffre-cold");
+    let rt = rt();
+    let (objects, prefix) =
+        s3::open(&moto.settings("s3://coffre-cold/v"), Some(&moto.creds())).unwrap();
+    let mib = 1u64 << 20;
+    let g = Geometry::new(1 << 20, 100 << 30).unwrap();
+    let sealed = IntegrityKey::generate()
+        .unwrap()
+        .seal(b"vk", &VAULT)
+        .unwrap();
+    let key = || IntegrityKey::unseal(&sealed, b"vk", &VAULT).unwrap();
+    let (mut store, _) = rt
+        .block_on(ChunkStore::create(
+            objects.clone(),
+            &prefix,
+            VAULT,
+            key(),
+            g,
+        ))
+        .unwrap();
+    // One chunk in each page of the table: every page is written.
+    let per_page = coffre_remote::layout::ENTRIES_PER_PAGE;
+    let chunks: Vec<(u64, Vec<u8>)> = (0..g.pages())
+        .map(|p| (p * per_page, vec![0x5a; usize::try_from(mib).unwrap()]))
+        .collect();
+    rt.block_on(store.write_chunks(chunks)).unwrap();
+    let root = rt.block_on(store.flush()).unwrap().unwrap();
+    drop(store);
+    let mut opens = Vec::new();
+    let mut raws = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (s, _) = rt
+            .block_on(ChunkStore::open(
+                objects.clone(),
+                &prefix,
+                VAULT,
+                key(),
+                Some(root),
+                false,
+            ))
+            .unwrap();
+        opens.push(t.elapsed());
+        assert!(!s.is_empty_chunk(24 * per_page));
+        // The same objects, raw: the manifest, then every page.
+        let names: Vec<String> = {
+            let list = rt.block_on(async {
+                use futures::StreamExt;
+                let store = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name("coffre-cold")
+                    .with_region("us-east-1")
+                    .with_endpoint(moto.endpoint())
+                    .with_allow_http(true)
+                    .with_access_key_id("AKIATESTCOFFRE")
+                    .with_secret_access_key("test-secret")
+                    .build()
+                    .unwrap();
+                let mut out = Vec::new();
+                let mut l = object_store::ObjectStore::list(&store, Some(&"v/p".into()));
+                while let Some(m) = l.next().await {
+                    out.push(m.unwrap().location.to_string());
+                }
+                out
+            });
+            list.into_iter()
+                .map(|k| k.strip_prefix("v/").unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names.len() as u64, g.pages());
+        let t = Instant::now();
+        rt.block_on(async {
+            objects
+                .get(&format!("{prefix}/manifest").replace("//", "/"), 16 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            for batch in names.chunks(16) {
+                let gets = batch.iter().map(|n| {
+                    let o = objects.clone();
+                    let n = format!("{}/{n}", prefix.trim_end_matches('/'));
+                    async move { o.get(&n, 1 << 20).await }
+                });
+                for r in futures::future::join_all(gets).await {
+                    r.unwrap().unwrap();
+                }
+            }
+        });
+        raws.push(t.elapsed());
+    }
+    opens.sort();
+    raws.sort();
+    println!(
+        "bench: cold open of 100 GiB ({} pages; moto, loopback; 5 runs): open median {:.0} ms (min {:.0}, max {:.0}); raw gets of the same objects median {:.0} ms; ratio {:.2}",
+        g.pages(),
+        opens[2].as_secs_f64() * 1e3,
+        opens[0].as_secs_f64() * 1e3,
+        opens[4].as_secs_f64() * 1e3,
+        raws[2].as_secs_f64() * 1e3,
+        raws[2].as_secs_f64() / opens[2].as_secs_f64(),
+    );
+}
