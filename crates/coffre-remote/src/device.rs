@@ -177,19 +177,30 @@ impl RemoteDevice {
                     if probes.is_empty() {
                         continue;
                     }
-                    let answers =
-                        handle.block_on(futures::future::join_all(probes.iter().map(|o| async {
+                    let answers = handle.block_on(futures::future::join_all(probes.iter().map(
+                        |(_, o)| async {
                             tokio::time::timeout(wait, o.get(&name, 16 << 20))
                                 .await
                                 .is_ok_and(|r| r.is_ok())
-                        })));
+                        },
+                    )));
+                    let silent: Vec<usize> = probes
+                        .iter()
+                        .zip(&answers)
+                        .filter(|(_, a)| !**a)
+                        .map(|((i, _), _)| *i)
+                        .collect();
                     let mut s = lock(&state);
-                    if !answers.into_iter().any(|a| a) {
-                        s.store.postpone_resync("it does not answer");
-                        report(&s, on_change.as_deref());
-                        continue;
+                    // Only the stores that answered are worked on.
+                    s.store.postpone_resync(&silent, "it does not answer");
+                    if silent.len() < probes.len()
+                        && let Err(e) = handle.block_on(s.store.resync(RESYNC_BUDGET))
+                    {
+                        // Fenced, or nothing in step to copy from: not
+                        // tried again before the retry delay.
+                        let all: Vec<usize> = probes.iter().map(|(i, _)| *i).collect();
+                        s.store.postpone_resync(&all, &e.to_string());
                     }
-                    let _ = handle.block_on(s.store.resync(RESYNC_BUDGET));
                     report(&s, on_change.as_deref());
                 }
                 let _ = tx.send(());

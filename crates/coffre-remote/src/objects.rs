@@ -67,6 +67,10 @@ pub trait Objects: Send + Sync {
     ) -> BoxFuture<'a, Result<Tag, StoreError>>;
     /// Deletes `key` (absent is fine).
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Whether `key` is there (without its body where the store can).
+    fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.get(key, max).await?.is_some()) })
+    }
 }
 
 /// [`Objects`] over an `object_store` store.
@@ -160,6 +164,16 @@ impl Objects for ObjectStoreObjects {
             }
         })
     }
+
+    fn exists<'a>(&'a self, key: &'a str, _max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            match self.store.head(&Path::from(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(map_err(e)),
+            }
+        })
+    }
 }
 
 /// [`Objects`] under a prefix: every name is `prefix` + the name (so
@@ -209,5 +223,13 @@ impl Objects for Prefixed {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { self.inner.delete(&format!("{}{key}", self.prefix)).await })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.inner
+                .exists(&format!("{}{key}", self.prefix), max)
+                .await
+        })
     }
 }

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// How many object requests one call keeps in flight.
 pub const IN_FLIGHT: usize = 16;
 
+/// A stale store to ask whether it answers: its index and the store.
+pub type Probe = (usize, Arc<dyn Objects>);
+
 /// What [`ChunkStore::open`] found, besides the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
@@ -124,6 +127,10 @@ struct Replica {
     /// Every object a manifest of this writer's up to this epoch named is
     /// on this store (meaningless while `manifest` is `Unknown`).
     synced: u64,
+    /// Whether `synced` is known to be of this writer's history (its
+    /// manifest's root is one this writer made or opened). Else what it
+    /// holds is checked object by object before anything is copied.
+    trusted: bool,
     stale: Option<Stale>,
     /// Names copied to it since it went stale.
     copied: BTreeSet<String>,
@@ -139,6 +146,7 @@ impl Replica {
             objects: b.objects,
             manifest,
             synced,
+            trusted: true,
             stale: None,
             copied: BTreeSet::new(),
             copied_total: 0,
@@ -182,6 +190,11 @@ pub struct ChunkStore {
     /// Things worth a record (a store gone stale, back in step, a chunk
     /// repaired), taken by [`ChunkStore::take_events`].
     events: std::sync::Mutex<Vec<StoreEvent>>,
+    /// Roots of this writer's history: the one opened, the local one, and
+    /// each made durable since. A stale store whose manifest has one of
+    /// them holds everything up to its epoch; another (an older session's,
+    /// or another writer's) is checked object by object.
+    known: Vec<Root>,
 }
 
 /// Something about the stores worth an audit record.
@@ -303,6 +316,25 @@ pub async fn check_conditional_writes(
     .await;
     let _ = objects.delete(&probe).await;
     result
+}
+
+/// [`check_conditional_writes`] within a time limit (four requests).
+async fn conditional_writes(
+    objects: &dyn Objects,
+    keys: &Keys,
+    limit: Option<Duration>,
+) -> Result<(), RemoteError> {
+    match limit {
+        None => check_conditional_writes(objects, keys).await,
+        Some(d) => tokio::time::timeout(4 * d, check_conditional_writes(objects, keys))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RemoteError::Store(format!(
+                    "the conditional-write probe: no answer within {} s",
+                    (4 * d).as_secs_f64()
+                )))
+            }),
+    }
 }
 
 /// Runs `jobs`, at most `n` at once, in order of results.
@@ -574,26 +606,35 @@ impl ChunkStore {
         for (b, s) in backends.into_iter().zip(seen) {
             let (held, synced, reason) = match s {
                 Seen::Manifest(m, r, tag) if r == root => (Held::At(tag), m.epoch, None),
-                Seen::Manifest(m, _, tag) => (
+                Seen::Manifest(m, r, tag) => (
                     Held::At(tag),
-                    m.epoch,
+                    if local.is_some_and(|l| l == r) {
+                        m.epoch
+                    } else {
+                        0
+                    },
                     Some(format!(
                         "behind: it holds epoch {}, the volume is at {}",
                         m.epoch, root.epoch
                     )),
                 ),
-                Seen::Empty => match check_conditional_writes(b.objects.as_ref(), &keys).await {
+                Seen::Empty => match conditional_writes(b.objects.as_ref(), &keys, limit).await {
                     Ok(()) => (
                         Held::Absent,
                         0,
                         Some("it holds no volume yet (a new mirror)".to_string()),
                     ),
-                    Err(e) => (Held::Absent, 0, Some(e.to_string())),
+                    // Checked again (and refused again) before it is used.
+                    Err(e) => (Held::Unknown, 0, Some(e.to_string())),
                 },
                 Seen::Bad(e, tag) => (Held::At(tag), 0, Some(e.to_string())),
                 Seen::Down(e) => (Held::Unknown, 0, Some(e.to_string())),
             };
+            // A store behind at a root not of this history (an older
+            // session's) is checked object by object.
+            let trusted = synced > 0 || reason.is_none() || held == Held::Absent;
             let mut r = Replica::new(b, held, synced);
+            r.trusted = trusted;
             if let Some(reason) = reason {
                 r.stale = Some(Stale {
                     reason,
@@ -611,6 +652,11 @@ impl ChunkStore {
             (geometry, table, manifest.pages.clone()),
             (manifest.epoch, root),
         );
+        if let Some(l) = local
+            && l != root
+        {
+            store.known.push(l);
+        }
         store.load_pages().await?;
         for r in &store.replicas {
             if let Some(s) = &r.stale {
@@ -702,6 +748,7 @@ impl ChunkStore {
             superseded: Vec::new(),
             garbage: Vec::new(),
             events: std::sync::Mutex::new(Vec::new()),
+            known: vec![root],
         }
     }
 
@@ -1135,6 +1182,7 @@ impl ChunkStore {
         }
         self.epoch = epoch;
         self.root = root;
+        self.known.push(root);
         self.dirty_pages.clear();
         let now = Instant::now();
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -1351,23 +1399,23 @@ impl ChunkStore {
     ///
     /// [`resync`]: ChunkStore::resync
     /// [`postpone_resync`]: ChunkStore::postpone_resync
-    pub fn resync_probes(&self) -> (Vec<Arc<dyn Objects>>, String, Duration) {
+    pub fn resync_probes(&self) -> (Vec<Probe>, String, Duration) {
         let now = Instant::now();
         let due = self
             .replicas
             .iter()
-            .filter(|r| matches!(&r.stale, Some(s) if s.retry_at <= now))
-            .map(|r| r.objects.clone())
+            .enumerate()
+            .filter(|(_, r)| matches!(&r.stale, Some(s) if s.retry_at <= now))
+            .map(|(i, r)| (i, r.objects.clone()))
             .collect();
         (due, self.keys.manifest(), self.settings.degrade_after)
     }
 
-    /// The due stale stores did not answer: tried again after the retry
-    /// delay.
-    pub fn postpone_resync(&mut self, reason: &str) {
-        let now = Instant::now();
-        for i in 0..self.replicas.len() {
-            if matches!(&self.replicas[i].stale, Some(s) if s.retry_at <= now) {
+    /// The stale stores `which` did not answer (or could not be brought
+    /// back): tried again after the retry delay.
+    pub fn postpone_resync(&mut self, which: &[usize], reason: &str) {
+        for &i in which {
+            if i < self.replicas.len() && self.replicas[i].stale.is_some() {
                 self.mark_stale(i, reason.to_string());
             }
         }
@@ -1383,17 +1431,18 @@ impl ChunkStore {
                 .map_err(|e| e.to_string())?
             {
                 None => {
-                    check_conditional_writes(objects.as_ref(), &self.keys)
+                    conditional_writes(objects.as_ref(), &self.keys, limit)
                         .await
                         .map_err(|e| e.to_string())?;
                     (Held::Absent, 0)
                 }
                 Some((bytes, tag)) => match Manifest::decode(&bytes, &self.key, &self.vault) {
-                    Ok((m, root))
-                        if m.epoch < self.epoch || (m.epoch == self.epoch && root == self.root) =>
-                    {
-                        (Held::At(tag), m.epoch)
-                    }
+                    // A root of this history: it holds everything up to
+                    // its epoch.
+                    Ok((m, root)) if self.known.contains(&root) => (Held::At(tag), m.epoch),
+                    // Older, of another session or writer: checked object
+                    // by object.
+                    Ok((m, _)) if m.epoch < self.epoch => (Held::At(tag), 0),
                     Ok(_) => {
                         self.fenced = true;
                         return Err(
@@ -1404,8 +1453,12 @@ impl ChunkStore {
                     Err(_) => (Held::At(tag), 0),
                 },
             };
-            self.replicas[i].manifest = held;
-            self.replicas[i].synced = synced;
+            let r = &mut self.replicas[i];
+            r.trusted = synced > 0 || held == Held::Absent;
+            r.manifest = held;
+            r.synced = synced;
+            // What was copied before is not known to be there now.
+            r.copied.clear();
         }
         let synced = self.replicas[i].synced;
         let mut needed: Vec<(String, Check)> = Vec::new();
@@ -1425,6 +1478,36 @@ impl ChunkStore {
             }
         }
         needed.retain(|(n, _)| !self.replicas[i].copied.contains(n));
+        if !self.replicas[i].trusted {
+            // What it holds is not known: a look at each name first (no
+            // body), and only what is missing is copied.
+            let target = self.replicas[i].objects.clone();
+            let look: Vec<String> = needed
+                .iter()
+                .take(budget * 8)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let there = bounded(
+                look.iter()
+                    .map(|n| {
+                        let target = target.clone();
+                        async move { timed(limit, target.exists(n, usize::MAX)).await }
+                    })
+                    .collect(),
+                IN_FLIGHT,
+            )
+            .await;
+            for (n, t) in look.iter().zip(there) {
+                if t.map_err(|e| e.to_string())? {
+                    self.replicas[i].copied.insert(n.clone());
+                }
+            }
+            needed.retain(|(n, _)| !self.replicas[i].copied.contains(n));
+            if needed.is_empty() && look.len() == budget * 8 {
+                // More may be left to look at: the next step goes on.
+                return Ok(());
+            }
+        }
         let left = needed.len();
         let step: Vec<(String, Check)> = needed.into_iter().take(budget).collect();
         let sources = self.in_step();
@@ -1523,6 +1606,7 @@ impl ChunkStore {
         }
         let r = &mut self.replicas[i];
         r.synced = self.epoch;
+        r.trusted = true;
         r.stale = None;
         r.copied.clear();
         let e = StoreEvent::InStep {
