@@ -241,13 +241,26 @@ fn unlock(
     Ok((c, key))
 }
 
+/// How `coffre storage export` reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExportFrom<'a> {
+    /// Only this store (the primary's or a mirror's URL): a replica read
+    /// for disaster recovery. Default: every store, the newest winning.
+    pub store: Option<&'a str>,
+    /// Accept a store older than the local root (a mirror that was left
+    /// behind when the primary was lost): the newest state it has.
+    pub trust_store_epoch: bool,
+}
+
 /// `coffre storage export`: the store's volume, every chunk verified, into
 /// `out`: a plain LUKS2 data segment again, for cryptsetup with the
-/// detached header. The daemon must be stopped.
+/// detached header. Read-only: nothing is written to any store (no
+/// repair). The daemon must be stopped.
 pub fn export_volume(
     dir: &std::path::Path,
     password: &coffre_luks2::Passphrase,
     out: &std::path::Path,
+    from: ExportFrom<'_>,
     progress: impl FnMut(u64, u64),
 ) -> Result<(), String> {
     let vd = VaultDir::new(dir);
@@ -257,23 +270,38 @@ pub fn export_volume(
     };
     let (c, key) = unlock(&config.header, None, password)?;
     let uuid = c.header().binary.uuid.clone();
-    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
+    let mut backends = backends(sc, &vd).map_err(|e| e.to_string())?;
+    if let Some(only) = from.store {
+        backends.retain(|b| b.name == only);
+        if backends.is_empty() {
+            return Err(format!(
+                "{only} is neither the store nor a mirror in config.toml"
+            ));
+        }
+    }
     let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
     let sealed = std::fs::read(vd.storage_key())
         .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
     let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
     drop(key);
-    let local = local_root(&vd).map_err(|e| e.to_string())?;
+    let local = local_root(&vd).ok();
+    if local.is_none() && !from.trust_store_epoch {
+        return Err(format!(
+            "{}: missing: the rollback check needs it (--trust-store-epoch takes what the store has)",
+            vd.storage_root().display()
+        ));
+    }
     let rt = runtime().map_err(|e| e.to_string())?;
-    let (store, _) = rt
+    let (mut store, _) = rt
         .block_on(ChunkStore::open_mirrored(
             backends,
             settings(sc),
             "",
             (vault, ikey),
-            (Some(local), false),
+            (local, from.trust_store_epoch),
         ))
         .map_err(|e| e.to_string())?;
+    store.set_read_only();
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

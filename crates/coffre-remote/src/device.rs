@@ -43,9 +43,18 @@ const RESYNC_EVERY: Duration = Duration::from_millis(500);
 /// Objects copied per resync step (the device waits for a step).
 const RESYNC_BUDGET: usize = 32;
 
+/// How often superseded objects are deleted, and how long after a newer
+/// manifest made them so (a reader that opened the older manifest, a
+/// recovery export, has that long to finish its reads).
+const GC_EVERY: Duration = Duration::from_secs(60);
+const GC_GRACE: Duration = Duration::from_secs(600);
+
 /// The resync thread: its stop signal and its exit.
 struct Resyncer {
     stop: Arc<(Mutex<bool>, Condvar)>,
+    /// Cancels a step in flight (before the runtime goes: a step's timers
+    /// must not outlive it).
+    cancel: Arc<tokio::sync::Notify>,
     exited: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
@@ -89,6 +98,22 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs a step of the device's thread to its end (true), or until the
+/// device is dropped (false: the step is dropped at its next await, before
+/// the runtime goes).
+fn step(
+    handle: &tokio::runtime::Handle,
+    cancel: &tokio::sync::Notify,
+    f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>,
+) -> bool {
+    handle.block_on(async {
+        tokio::select! {
+            () = f => true,
+            () = cancel.notified() => false,
+        }
+    })
+}
+
 /// Hands what happened to the stores to `on_change`.
 fn report(s: &State, on_change: Option<&OnChange>) {
     let events = s.store.take_events();
@@ -115,7 +140,6 @@ impl RemoteDevice {
         on_change: Option<OnChange>,
     ) -> io::Result<Self> {
         let g = store.geometry();
-        let mirrored = store.stores() > 1;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("coffre-remote")
@@ -140,14 +164,13 @@ impl RemoteDevice {
         };
         // What open found (a mirror behind or unreachable) is news.
         report(&lock(&dev.state), dev.on_change.as_deref());
-        if mirrored {
-            dev.resyncer = Some(dev.start_resync()?);
-        }
+        dev.resyncer = Some(dev.start_resync()?);
         Ok(dev)
     }
 
-    /// The thread that brings stale stores back, a step at a time, while
-    /// no request holds the device.
+    /// The device's thread: it brings stale stores back, a step at a
+    /// time, while no request holds the device, and deletes superseded
+    /// objects every [`GC_EVERY`].
     fn start_resync(&self) -> io::Result<Resyncer> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (tx, exited) = std::sync::mpsc::channel();
@@ -157,9 +180,12 @@ impl RemoteDevice {
             .map(|rt| rt.handle().clone())
             .ok_or_else(|| io::Error::other("no runtime"))?;
         let (state, on_change, stop2) = (self.state.clone(), self.on_change.clone(), stop.clone());
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        let cancel2 = cancel.clone();
         std::thread::Builder::new()
             .name("coffre-resync".into())
             .spawn(move || {
+                let mut last_gc = std::time::Instant::now();
                 loop {
                     {
                         let (m, cv) = &*stop2;
@@ -171,19 +197,41 @@ impl RemoteDevice {
                             break;
                         }
                     }
+                    if last_gc.elapsed() >= GC_EVERY {
+                        last_gc = std::time::Instant::now();
+                        let mut s = lock(&state);
+                        if !step(
+                            &handle,
+                            &cancel2,
+                            Box::pin(async {
+                                let _ = s.store.collect_garbage(GC_GRACE).await;
+                            }),
+                        ) {
+                            break;
+                        }
+                    }
                     // Asked without the device held: a store that is down
                     // holds up nothing.
                     let (probes, name, wait) = lock(&state).store.resync_probes();
                     if probes.is_empty() {
                         continue;
                     }
-                    let answers = handle.block_on(futures::future::join_all(probes.iter().map(
-                        |(_, o)| async {
-                            tokio::time::timeout(wait, o.get(&name, 16 << 20))
-                                .await
-                                .is_ok_and(|r| r.is_ok())
-                        },
-                    )));
+                    let mut answers = Vec::new();
+                    if !step(
+                        &handle,
+                        &cancel2,
+                        Box::pin(async {
+                            answers =
+                                futures::future::join_all(probes.iter().map(|(_, o)| async {
+                                    tokio::time::timeout(wait, o.get(&name, 16 << 20))
+                                        .await
+                                        .is_ok_and(|r| r.is_ok())
+                                }))
+                                .await;
+                        }),
+                    ) {
+                        break;
+                    }
                     let silent: Vec<usize> = probes
                         .iter()
                         .zip(&answers)
@@ -193,9 +241,19 @@ impl RemoteDevice {
                     let mut s = lock(&state);
                     // Only the stores that answered are worked on.
                     s.store.postpone_resync(&silent, "it does not answer");
+                    let mut result = Ok(false);
                     if silent.len() < probes.len()
-                        && let Err(e) = handle.block_on(s.store.resync(RESYNC_BUDGET))
+                        && !step(
+                            &handle,
+                            &cancel2,
+                            Box::pin(async {
+                                result = s.store.resync(RESYNC_BUDGET).await;
+                            }),
+                        )
                     {
+                        break;
+                    }
+                    if let Err(e) = result {
                         // Fenced, or nothing in step to copy from: not
                         // tried again before the retry delay.
                         let all: Vec<usize> = probes.iter().map(|(i, _)| *i).collect();
@@ -206,9 +264,18 @@ impl RemoteDevice {
                 let _ = tx.send(());
             })?;
         Ok(Resyncer {
+            cancel,
             stop,
             exited: Mutex::new(exited),
         })
+    }
+
+    /// Deletes what no durable manifest has named for `grace` (the
+    /// device's thread does it every minute with a grace of ten).
+    pub fn collect_garbage(&self, grace: Duration) -> io::Result<usize> {
+        let mut s = lock(&self.state);
+        self.block_on(s.store.collect_garbage(grace))
+            .map_err(RemoteError::into_io)
     }
 
     /// Every store's standing.
@@ -435,14 +502,16 @@ impl Drop for RemoteDevice {
             let (m, cv) = &*r.stop;
             *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
             cv.notify_all();
+            // A step in flight is dropped at its next await (one permit:
+            // kept if no step is waiting yet).
+            r.cancel.notify_one();
+            let exited = r.exited.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = exited.recv_timeout(Duration::from_secs(5));
         }
         // Allowed anywhere, inside another runtime too.
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
-        if let Some(r) = resyncer {
-            let exited = r.exited.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = exited.recv_timeout(Duration::from_secs(5));
-        }
+        drop(resyncer);
     }
 }

@@ -195,6 +195,8 @@ pub struct ChunkStore {
     /// them holds everything up to its epoch; another (an older session's,
     /// or another writer's) is checked object by object.
     known: Vec<Root>,
+    /// Nothing is ever written (a replica opened for recovery).
+    read_only: bool,
 }
 
 /// Something about the stores worth an audit record.
@@ -749,6 +751,7 @@ impl ChunkStore {
             garbage: Vec::new(),
             events: std::sync::Mutex::new(Vec::new()),
             known: vec![root],
+            read_only: false,
         }
     }
 
@@ -770,6 +773,13 @@ impl ChunkStore {
     /// Whether changes wait for a flush.
     pub fn is_dirty(&self) -> bool {
         !self.dirty_pages.is_empty()
+    }
+
+    /// From now on nothing is written to any store: no write, flush,
+    /// repair, resync or garbage collection (a replica opened for
+    /// disaster recovery, an export). Reads still verify everything.
+    pub fn set_read_only(&mut self) {
+        self.read_only = true;
     }
 
     /// How many stores the volume is written to.
@@ -886,8 +896,10 @@ impl ChunkStore {
             let miss = match got {
                 Ok(Some((bytes, _))) => match verify(&bytes) {
                     Ok(t) => {
-                        for j in bad {
-                            self.repair(j, name, bytes.clone(), limit).await;
+                        if !self.read_only {
+                            for j in bad {
+                                self.repair(j, name, bytes.clone(), limit).await;
+                            }
                         }
                         return Ok(t);
                     }
@@ -1057,6 +1069,11 @@ impl ChunkStore {
     fn writable(&self) -> Result<(), RemoteError> {
         if self.fenced {
             return Err(RemoteError::Fenced);
+        }
+        if self.read_only {
+            return Err(RemoteError::Config(
+                "the volume was opened read-only: nothing is written".into(),
+            ));
         }
         Ok(())
     }

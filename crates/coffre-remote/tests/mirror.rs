@@ -550,6 +550,20 @@ fn the_device_goes_on_without_a_hung_mirror_and_brings_it_back() {
         matches!(ev.last(), Some(StoreEvent::InStep { .. })),
         "{ev:?}"
     );
+    // Chunk 0 written again: its older version is garbage once the new
+    // manifest is durable, deleted from both stores.
+    dev.write_at(0, &[9u8; 65536]).unwrap();
+    dev.flush().unwrap();
+    let before = rt().block_on(snapshot(&b.mem)).len();
+    assert!(
+        dev.collect_garbage(Duration::ZERO).unwrap() >= 2,
+        "a chunk and a page"
+    );
+    assert!(rt().block_on(snapshot(&b.mem)).len() < before);
+    assert_eq!(
+        rt().block_on(snapshot(&a.mem)),
+        rt().block_on(snapshot(&b.mem))
+    );
     let root = *roots.lock().unwrap().last().unwrap();
     drop(dev);
     let one = rt().block_on(open_one(&b, &keys, root));
@@ -560,7 +574,9 @@ fn the_device_goes_on_without_a_hung_mirror_and_brings_it_back() {
     assert!(c4[within..].iter().all(|b| *b == 8));
     assert!(c5[..70_000 - (65536 - within)].iter().all(|b| *b == 8));
     let c0 = rt().block_on(one.read_chunk(0)).unwrap();
-    assert_eq!(&c0[..65536], &[7u8; 65536][..]);
+    assert_eq!(&c0[..65536], &[9u8; 65536][..]);
+    let c1 = rt().block_on(one.read_chunk(1)).unwrap();
+    assert_eq!(&c1[..100_000 - 65536], &[7u8; 100_000 - 65536][..]);
 }
 
 /// A store holding a manifest of another history (its epoch 2 landed, the

@@ -581,4 +581,66 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
         v.daemon_stderr()
     );
     v.stop();
+
+    // Disaster recovery from the replica alone, read-only: the export
+    // writes nothing to the mirror, and cryptsetup with the detached
+    // header decrypts it into the team's filesystem, every file there.
+    let before = snapshot(&b);
+    let export = v.tmp.path().join("from-mirror.img");
+    let pw = v.member("alice").password.clone();
+    let out = v
+        .bin()
+        .args(["storage", "export", v.dir.to_str().unwrap()])
+        .args(["--store", "s3://provider-b/copy"])
+        .args(["--out", export.to_str().unwrap()])
+        .args(["--password-file", pw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot(&b), before, "the export wrote to the replica");
+    let hdr = v.tmp.path().join("hdr-copy");
+    std::fs::copy(v.dir.join("volume.hdr"), &hdr).unwrap();
+    let out = std::process::Command::new("cryptsetup")
+        .args(["-q", "reencrypt", "--decrypt", "--force-offline-reencrypt"])
+        .args(["--key-file", pw.to_str().unwrap(), "--header"])
+        .args([&hdr, &export])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, want) in [
+        ("first.txt", &first[..]),
+        ("second.txt", &second[..]),
+        ("third.txt", &b"on the mirror alone"[..]),
+    ] {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat /shared/{name}")])
+            .arg(&export)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.stdout,
+            want,
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A store that is not in config.toml is refused by name.
+    let out = v
+        .bin()
+        .args(["storage", "export", v.dir.to_str().unwrap()])
+        .args(["--store", "s3://elsewhere/x", "--out"])
+        .arg(v.tmp.path().join("nope.img"))
+        .args(["--password-file", pw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither the store nor a mirror"));
 }

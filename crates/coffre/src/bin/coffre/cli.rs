@@ -302,6 +302,17 @@ pub enum StorageCommand {
         /// A member's password (`-` for stdin).
         #[arg(long, value_name = "FILE")]
         password_file: PathBuf,
+        /// Read only this store (the primary's URL or a mirror's, as in
+        /// config.toml): disaster recovery from a replica. Default: every
+        /// store, the newest authentic one winning. Nothing is written to
+        /// any store either way.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// Take the newest state the store has even if it is older than
+        /// the local root (a mirror left behind when the primary was lost,
+        /// or a lost control directory): say so in your records.
+        #[arg(long)]
+        trust_store_epoch: bool,
     },
     /// Recovery: take the store's epoch as the local root
     /// (`--trust-store-epoch`). For a control directory that was lost or

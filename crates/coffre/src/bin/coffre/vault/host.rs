@@ -274,9 +274,21 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             dir,
             out,
             password_file,
+            store,
+            trust_store_epoch,
         } => {
             let password = secrets::passphrase(&password_file)?;
-            match coffre_daemon::remote::export_volume(&dir, &password, &out, chunk_progress()) {
+            let from = coffre_daemon::remote::ExportFrom {
+                store: store.as_deref(),
+                trust_store_epoch,
+            };
+            match coffre_daemon::remote::export_volume(
+                &dir,
+                &password,
+                &out,
+                from,
+                chunk_progress(),
+            ) {
                 Ok(()) => {
                     println!(
                         "exported to {}: open it with cryptsetup and the detached header {}",
