@@ -21,7 +21,7 @@
 
 use crate::RemoteError;
 use crate::layout::Root;
-use crate::store::{ChunkStore, ReplicaStatus, StoreEvent};
+use crate::store::{ChunkStore, Reads, ReplicaStatus, StoreEvent, Upload};
 use coffre_storage::BlockDevice;
 use std::collections::BTreeMap;
 use std::io;
@@ -42,6 +42,10 @@ const RESYNC_EVERY: Duration = Duration::from_millis(500);
 
 /// Objects copied per resync step (the device waits for a step).
 const RESYNC_BUDGET: usize = 32;
+
+/// Chunks fetched together when reads are sequential (at most half the
+/// buffer).
+const READ_AHEAD: u64 = 16;
 
 /// How often superseded objects are deleted, and how long after a newer
 /// manifest made them so (a reader that opened the older manifest, a
@@ -75,6 +79,26 @@ struct Cached {
     data: Vec<u8>,
     dirty: bool,
     used: u64,
+    /// When it was last written (the clock): an upload of an older copy
+    /// leaves it dirty.
+    written: u64,
+}
+
+/// Chunks fetched in the background ahead of sequential reads.
+struct Prefetch {
+    reads: Arc<Reads>,
+    task: tokio::task::JoinHandle<Vec<Option<bytes::Bytes>>>,
+    /// The chunks it covers: `first..end`.
+    first: u64,
+    end: u64,
+}
+
+/// Dirty chunks uploading in the background while writes go on.
+struct InFlight {
+    upload: Arc<Upload>,
+    task: tokio::task::JoinHandle<Vec<Result<crate::objects::Tag, crate::objects::StoreError>>>,
+    /// Each chunk and when the copy uploading was written.
+    copies: Vec<(u64, u64)>,
 }
 
 struct State {
@@ -83,6 +107,13 @@ struct State {
     bytes: usize,
     limit: usize,
     clock: u64,
+    /// An upload in the background.
+    in_flight: Option<InFlight>,
+    /// A read-ahead in the background.
+    prefetch: Option<Prefetch>,
+    /// The chunk the last read ended in: a read that starts a miss at the
+    /// next one is sequential, and the chunks after it are fetched with it.
+    last_read: Option<u64>,
 }
 
 impl std::fmt::Debug for RemoteDevice {
@@ -155,6 +186,9 @@ impl RemoteDevice {
                 bytes: 0,
                 limit: cache_limit.max(floor),
                 clock: 0,
+                last_read: None,
+                in_flight: None,
+                prefetch: None,
             })),
             on_root,
             on_change: on_change.map(Arc::new),
@@ -197,9 +231,14 @@ impl RemoteDevice {
                             break;
                         }
                     }
+                    // Nothing changes the store while an upload runs in
+                    // the background: the next tick.
                     if last_gc.elapsed() >= GC_EVERY {
                         last_gc = std::time::Instant::now();
                         let mut s = lock(&state);
+                        if s.in_flight.is_some() {
+                            continue;
+                        }
                         if !step(
                             &handle,
                             &cancel2,
@@ -239,6 +278,9 @@ impl RemoteDevice {
                         .map(|((i, _), _)| *i)
                         .collect();
                     let mut s = lock(&state);
+                    if s.in_flight.is_some() {
+                        continue;
+                    }
                     // Only the stores that answered are worked on.
                     s.store.postpone_resync(&silent, "it does not answer");
                     let mut result = Ok(false);
@@ -274,6 +316,7 @@ impl RemoteDevice {
     /// device's thread does it every minute with a grace of ten).
     pub fn collect_garbage(&self, grace: Duration) -> io::Result<usize> {
         let mut s = lock(&self.state);
+        self.settle(&mut s)?;
         self.block_on(s.store.collect_garbage(grace))
             .map_err(RemoteError::into_io)
     }
@@ -336,6 +379,7 @@ impl RemoteDevice {
 
     /// Uploads every dirty chunk (not yet durable: see `flush`).
     fn upload(&self, s: &mut State) -> io::Result<()> {
+        self.settle(s)?;
         let dirty: Vec<(u64, Vec<u8>)> = s
             .cache
             .iter()
@@ -358,6 +402,86 @@ impl RemoteDevice {
         Ok(())
     }
 
+    /// Waits for the upload in the background, if any, and records it:
+    /// the chunks not written since are clean. A failed upload leaves
+    /// them dirty (uploaded again; a flush reports what fails then).
+    fn settle(&self, s: &mut State) -> io::Result<()> {
+        let Some(f) = s.in_flight.take() else {
+            return Ok(());
+        };
+        let results = match self.block_on(f.task) {
+            Ok(r) => r,
+            Err(e) => vec![
+                Err(crate::objects::StoreError::Other(format!(
+                    "the upload stopped: {e}"
+                )));
+                f.upload.puts.count()
+            ],
+        };
+        let upload = Arc::try_unwrap(f.upload)
+            .map_err(|_| io::Error::other("an upload is still shared after its task"))?;
+        let r = s.store.finish_chunks(upload, results);
+        report(s, self.on_change.as_deref());
+        self.keep_new_root(s)?;
+        if r.is_ok() {
+            for (i, written) in f.copies {
+                if let Some(c) = s.cache.get_mut(&i)
+                    && c.written == written
+                {
+                    c.dirty = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts uploading the dirty chunks in the background once they are
+    /// a quarter of the buffer (one upload at a time): the writes that
+    /// follow go on meanwhile.
+    fn write_behind(&self, s: &mut State) {
+        if let Some(f) = &s.in_flight {
+            if !f.task.is_finished() {
+                return;
+            }
+            if self.settle(s).is_err() {
+                return;
+            }
+        }
+        let dirty: usize = s
+            .cache
+            .values()
+            .filter(|c| c.dirty)
+            .map(|c| c.data.len())
+            .sum();
+        if dirty < s.limit / 4 {
+            return;
+        }
+        let copies: Vec<(u64, u64)> = s
+            .cache
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(i, c)| (*i, c.written))
+            .collect();
+        let chunks: Vec<(u64, Vec<u8>)> = copies
+            .iter()
+            .filter_map(|(i, _)| s.cache.get(i).map(|c| (*i, c.data.clone())))
+            .collect();
+        let Ok(upload) = self.block_on(s.store.prepare_chunks(chunks)) else {
+            return;
+        };
+        let Some(rt) = &self.rt else { return };
+        let upload = Arc::new(upload);
+        let task = {
+            let upload = upload.clone();
+            rt.spawn(async move { upload.puts.run().await })
+        };
+        s.in_flight = Some(InFlight {
+            upload,
+            task,
+            copies,
+        });
+    }
+
     /// Keeps the buffer under its limit: clean chunks go first, least
     /// recently used first; dirty ones are uploaded when nothing clean is
     /// left to drop.
@@ -375,10 +499,109 @@ impl RemoteDevice {
                         s.bytes -= c.data.len();
                     }
                 }
+                // The upload in the background first, then the rest.
+                None if s.in_flight.is_some() => self.settle(s)?,
                 None => self.upload(s)?,
             }
         }
         Ok(())
+    }
+
+    /// How many chunks a read-ahead covers: [`READ_AHEAD`], at most a
+    /// quarter of the buffer (two may be held: the one read, the next).
+    fn window(&self, s: &State) -> u64 {
+        let room = u64::try_from(s.limit / 4).unwrap_or(u64::MAX) / self.chunk;
+        READ_AHEAD.min(room.max(1))
+    }
+
+    /// Sequential reads at `index`: the window after the chunks already
+    /// in the buffer is fetched in the background (one at a time), so
+    /// that fetching overlaps reading.
+    fn prefetch_after(&self, s: &mut State, index: u64) {
+        if s.prefetch.is_some() {
+            return;
+        }
+        let w = self.window(s);
+        let chunks = self.size.div_ceil(self.chunk);
+        let mut next = index + 1;
+        while next < chunks && next <= index + w && s.cache.contains_key(&next) {
+            next += 1;
+        }
+        if next >= chunks || next > index + w || w < 2 {
+            return;
+        }
+        let end = (next + w).min(chunks);
+        let wanted: Vec<u64> = (next..end).filter(|i| !s.cache.contains_key(i)).collect();
+        let Some(rt) = &self.rt else { return };
+        let reads = Arc::new(s.store.prepare_reads(&wanted));
+        let task = {
+            let reads = reads.clone();
+            rt.spawn(async move { reads.run().await })
+        };
+        s.prefetch = Some(Prefetch {
+            reads,
+            task,
+            first: next,
+            end,
+        });
+    }
+
+    /// Waits for the read-ahead in the background and keeps what
+    /// verifies against the table as it is now (never over a chunk the
+    /// buffer holds: that one is newer or the same).
+    fn settle_prefetch(&self, s: &mut State) -> io::Result<()> {
+        let Some(p) = s.prefetch.take() else {
+            return Ok(());
+        };
+        let got = self.block_on(p.task).unwrap_or_default();
+        for (i, data) in s.store.finish_reads(&p.reads, got) {
+            if s.cache.contains_key(&i) {
+                continue;
+            }
+            s.clock += 1;
+            s.bytes += data.len();
+            let used = s.clock;
+            s.cache.insert(
+                i,
+                Cached {
+                    data,
+                    dirty: false,
+                    used,
+                    written: 0,
+                },
+            );
+        }
+        self.shrink(s)
+    }
+
+    /// Sequential reads: chunk `index` and the ones after it that are not
+    /// in the buffer, fetched together (several in flight), as clean
+    /// chunks. A failure is left to the read of each chunk to report.
+    fn read_ahead(&self, s: &mut State, index: u64) -> io::Result<()> {
+        let end = (index + self.window(s)).min(self.size.div_ceil(self.chunk));
+        let wanted: Vec<u64> = (index..end).filter(|i| !s.cache.contains_key(i)).collect();
+        if wanted.len() < 2 {
+            return Ok(());
+        }
+        let got = self.block_on(s.store.read_chunks(&wanted));
+        report(s, self.on_change.as_deref());
+        for (i, data) in wanted.into_iter().zip(got) {
+            let Ok(data) = data else { continue };
+            s.clock += 1;
+            s.bytes += data.len();
+            let used = s.clock;
+            s.cache.insert(
+                i,
+                Cached {
+                    data,
+                    dirty: false,
+                    used,
+                    written: 0,
+                },
+            );
+        }
+        // Room again, the chunks just read being the newest.
+        self.shrink(s)
     }
 
     /// Chunk `index` in the buffer (read from the store if absent).
@@ -396,6 +619,7 @@ impl RemoteDevice {
                     data,
                     dirty: false,
                     used: now,
+                    written: 0,
                 },
             );
         }
@@ -414,15 +638,33 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         // Room first (the read may add what it reads: one request's worth).
         self.shrink(&mut s)?;
+        if s.prefetch.as_ref().is_some_and(|p| p.task.is_finished()) {
+            self.settle_prefetch(&mut s)?;
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let index = pos / self.chunk;
             let within = usize::try_from(pos % self.chunk).unwrap_or(0);
+            let sequential = s.last_read.is_some_and(|l| l + 1 == index || l == index);
+            if !s.cache.contains_key(&index)
+                && s.prefetch
+                    .as_ref()
+                    .is_some_and(|p| (p.first..p.end).contains(&index))
+            {
+                self.settle_prefetch(&mut s)?;
+            }
+            if !s.cache.contains_key(&index) && sequential {
+                self.read_ahead(&mut s, index)?;
+            }
             let c = self.chunk_mut(&mut s, index)?;
             let n = (c.data.len() - within).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&c.data[within..within + n]);
             done += n;
+            s.last_read = Some(index);
+            if sequential {
+                self.prefetch_after(&mut s, index);
+            }
         }
         Ok(())
     }
@@ -459,6 +701,7 @@ impl BlockDevice for RemoteDevice {
                     c.data[within..within + range.len()].copy_from_slice(&buf[range]);
                     c.dirty = true;
                     c.used = used;
+                    c.written = used;
                 }
                 None => {
                     // A whole chunk: nothing to read of what it replaces.
@@ -469,11 +712,13 @@ impl BlockDevice for RemoteDevice {
                             data: buf[range].to_vec(),
                             dirty: true,
                             used,
+                            written: used,
                         },
                     );
                 }
             }
         }
+        self.write_behind(&mut s);
         Ok(())
     }
 

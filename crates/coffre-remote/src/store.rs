@@ -379,6 +379,85 @@ enum Seen {
     Down(StoreError),
 }
 
+/// Puts of objects on the stores in step, to run without the store.
+pub struct Puts {
+    stores: Vec<Arc<dyn Objects>>,
+    targets: Vec<usize>,
+    limit: Option<Duration>,
+    objects: Vec<(String, Bytes)>,
+    what: &'static str,
+}
+
+impl Puts {
+    /// Runs every put ([`IN_FLIGHT`] per store at once); a result per
+    /// object and store, in that order.
+    pub async fn run(&self) -> Vec<Result<Tag, StoreError>> {
+        let mut jobs = Vec::with_capacity(self.objects.len() * self.stores.len());
+        for (name, bytes) in &self.objects {
+            for o in &self.stores {
+                let (name, bytes, limit) = (name.clone(), bytes.clone(), self.limit);
+                jobs.push(async move { timed(limit, o.put(&name, bytes, Put::Overwrite)).await });
+            }
+        }
+        bounded(jobs, IN_FLIGHT * self.stores.len().max(1)).await
+    }
+
+    /// How many puts: one per object and store.
+    pub fn count(&self) -> usize {
+        self.objects.len() * self.stores.len()
+    }
+}
+
+/// Chunks named and MACed by [`ChunkStore::prepare_chunks`], to put
+/// ([`Upload::puts`]) and record ([`ChunkStore::finish_chunks`]).
+pub struct Upload {
+    epoch: u64,
+    done: Vec<(usize, u64, Entry)>,
+    /// The puts.
+    pub puts: Puts,
+}
+
+impl Upload {
+    /// The chunks' indices.
+    pub fn indices(&self) -> impl Iterator<Item = u64> + '_ {
+        self.done.iter().map(|(_, index, _)| *index)
+    }
+}
+
+/// Chunks to fetch without the store ([`ChunkStore::prepare_reads`]):
+/// read-ahead in the background.
+pub struct Reads {
+    items: Vec<(u64, Entry, String, usize)>,
+    stores: Vec<Arc<dyn Objects>>,
+    limit: Option<Duration>,
+}
+
+impl Reads {
+    /// Fetches each chunk from the first store that has it, unverified
+    /// ([`ChunkStore::finish_reads`] verifies); `None` where none did (the
+    /// read then goes the usual way, with its fallbacks and repairs).
+    pub async fn run(&self) -> Vec<Option<Bytes>> {
+        bounded(
+            self.items
+                .iter()
+                .map(|(_, entry, name, len)| async move {
+                    if entry.version == 0 {
+                        return Some(Bytes::from(vec![0u8; *len]));
+                    }
+                    for o in &self.stores {
+                        if let Ok(Some((b, _))) = timed(self.limit, o.get(name, *len)).await {
+                            return Some(b);
+                        }
+                    }
+                    None
+                })
+                .collect(),
+            IN_FLIGHT,
+        )
+        .await
+    }
+}
+
 /// An object to copy to a stale store, and how to check it.
 #[derive(Clone, Copy)]
 enum Check {
@@ -1003,6 +1082,66 @@ impl ChunkStore {
         .await
     }
 
+    /// Chunks to fetch in the background ([`Reads::run`]), from the
+    /// stores in step.
+    pub fn prepare_reads(&self, indices: &[u64]) -> Reads {
+        let order = self.read_order(u64::MAX);
+        Reads {
+            items: indices
+                .iter()
+                .filter_map(|i| {
+                    let k = self.check_index(*i).ok()?;
+                    let e = self.table[k];
+                    Some((
+                        *i,
+                        e,
+                        self.keys.chunk(*i, e.version, e.session),
+                        self.geometry.chunk_len(*i),
+                    ))
+                })
+                .collect(),
+            limit: self.limit(order.len()),
+            stores: order
+                .iter()
+                .map(|i| self.replicas[*i].objects.clone())
+                .collect(),
+        }
+    }
+
+    /// What [`Reads::run`] fetched, verified against the table as it is
+    /// now: a chunk written since, or bytes that do not verify, are left
+    /// out (read again the usual way if wanted).
+    pub fn finish_reads(&self, reads: &Reads, got: Vec<Option<Bytes>>) -> Vec<(u64, Vec<u8>)> {
+        reads
+            .items
+            .iter()
+            .zip(got)
+            .filter_map(|((index, entry, _, _), bytes)| {
+                let bytes = bytes?;
+                let k = self.check_index(*index).ok()?;
+                let now = self.table[k];
+                if now != *entry {
+                    return None;
+                }
+                if now.version == 0 {
+                    return Some((*index, bytes.to_vec()));
+                }
+                self.verify_chunk(*index, &now, &bytes).ok()?;
+                Some((*index, bytes.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Several chunks, as [`read_chunk`](ChunkStore::read_chunk) reads
+    /// each, [`IN_FLIGHT`] at once.
+    pub async fn read_chunks(&self, indices: &[u64]) -> Vec<Result<Vec<u8>, RemoteError>> {
+        bounded(
+            indices.iter().map(|i| self.read_chunk(*i)).collect(),
+            IN_FLIGHT,
+        )
+        .await
+    }
+
     /// Settles a manifest put whose outcome was unknown on every store in
     /// step: it happened where a store now holds exactly those bytes.
     async fn resolve(&mut self) -> Result<(), RemoteError> {
@@ -1085,26 +1224,43 @@ impl ChunkStore {
     async fn put_everywhere(
         &mut self,
         objects: Vec<(String, Bytes)>,
-        what: &str,
+        what: &'static str,
     ) -> (Vec<bool>, Option<RemoteError>) {
+        let puts = self.puts(objects, what);
+        let results = puts.run().await;
+        self.settle_puts(&puts, results)
+    }
+
+    /// The puts of `objects` on every store in step, to run without the
+    /// store (see [`Puts::run`]).
+    fn puts(&self, objects: Vec<(String, Bytes)>, what: &'static str) -> Puts {
         let targets = self.in_step();
+        Puts {
+            stores: targets
+                .iter()
+                .map(|i| self.replicas[*i].objects.clone())
+                .collect(),
+            limit: self.limit(targets.len()),
+            targets,
+            objects,
+            what,
+        }
+    }
+
+    /// What the puts did: see [`put_everywhere`](ChunkStore::put_everywhere).
+    fn settle_puts(
+        &mut self,
+        puts: &Puts,
+        results: Vec<Result<Tag, StoreError>>,
+    ) -> (Vec<bool>, Option<RemoteError>) {
+        let (targets, what) = (&puts.targets, puts.what);
         if targets.is_empty() {
             return (
-                vec![false; objects.len()],
+                vec![false; puts.objects.len()],
                 Some(RemoteError::Store("no store is in step".into())),
             );
         }
-        let limit = self.limit(targets.len());
-        let mut jobs = Vec::with_capacity(objects.len() * targets.len());
-        for (name, bytes) in &objects {
-            for &i in &targets {
-                let o = self.replicas[i].objects.clone();
-                let (name, bytes) = (name.clone(), bytes.clone());
-                jobs.push(async move { timed(limit, o.put(&name, bytes, Put::Overwrite)).await });
-            }
-        }
-        let results = bounded(jobs, IN_FLIGHT * targets.len()).await;
-        let mut ok = vec![true; objects.len()];
+        let mut ok = vec![true; puts.objects.len()];
         let mut errors: Vec<Option<StoreError>> = vec![None; targets.len()];
         for (k, r) in results.into_iter().enumerate() {
             if let Err(e) = r {
@@ -1122,7 +1278,7 @@ impl ChunkStore {
                     self.mark_stale(*t, format!("{what}: {e}"));
                 }
             }
-            return (vec![true; objects.len()], None);
+            return (vec![true; puts.objects.len()], None);
         }
         let first = errors.into_iter().flatten().next();
         (
@@ -1137,6 +1293,24 @@ impl ChunkStore {
     ///
     /// [`flush`]: ChunkStore::flush
     pub async fn write_chunks(&mut self, chunks: Vec<(u64, Vec<u8>)>) -> Result<(), RemoteError> {
+        let upload = self.prepare_chunks(chunks).await?;
+        let results = upload.puts.run().await;
+        self.finish_chunks(upload, results)
+    }
+
+    /// [`write_chunks`](ChunkStore::write_chunks) in three steps, so that
+    /// the puts run without the store (the device uploads in the
+    /// background while writes go on): this one names and MACs the
+    /// chunks; [`Upload::puts`] then puts them; [`finish_chunks`] records
+    /// what landed. Nothing else may change the store in between: no
+    /// write, flush, resync or collection (the device settles an upload
+    /// before any of them).
+    ///
+    /// [`finish_chunks`]: ChunkStore::finish_chunks
+    pub async fn prepare_chunks(
+        &mut self,
+        chunks: Vec<(u64, Vec<u8>)>,
+    ) -> Result<Upload, RemoteError> {
         self.writable()?;
         self.resolve().await?;
         let version = self.epoch + 1;
@@ -1172,8 +1346,27 @@ impl ChunkStore {
             ));
             objects.push((self.keys.chunk(index, version, session), Bytes::from(data)));
         }
-        let (ok, error) = self.put_everywhere(objects, "writing a chunk").await;
-        for ((i, index, entry), ok) in done.into_iter().zip(ok) {
+        Ok(Upload {
+            epoch: self.epoch,
+            done,
+            puts: self.puts(objects, "writing a chunk"),
+        })
+    }
+
+    /// Records what an [`Upload`] put: the chunks on every store in step
+    /// are in the table (durable at the next flush).
+    pub fn finish_chunks(
+        &mut self,
+        upload: Upload,
+        results: Vec<Result<Tag, StoreError>>,
+    ) -> Result<(), RemoteError> {
+        if upload.epoch != self.epoch {
+            return Err(RemoteError::Config(
+                "an upload was finished after a flush: its chunks are written again".into(),
+            ));
+        }
+        let (ok, error) = self.settle_puts(&upload.puts, results);
+        for ((i, index, entry), ok) in upload.done.into_iter().zip(ok) {
             if !ok {
                 continue;
             }

@@ -65,6 +65,7 @@ impl Keyring {
 const UP: u8 = 0;
 const DOWN: u8 = 1;
 const HUNG: u8 = 2;
+const SLOW: u8 = 3;
 
 /// A store that can be made to fail every request, or never answer.
 struct Switch {
@@ -91,6 +92,10 @@ impl Switch {
             HUNG => {
                 futures::future::pending::<()>().await;
                 unreachable!()
+            }
+            SLOW => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -632,4 +637,59 @@ fn a_store_from_another_history_is_checked_object_by_object() {
             assert_eq!(one.read_chunk(i).await.unwrap(), chunk(want), "chunk {i}");
         }
     });
+}
+
+/// Writes go on while dirty chunks upload in the background; a chunk
+/// written again during its upload stays dirty and is uploaded again, so
+/// the newest bytes are what the flush makes durable.
+#[test]
+fn a_chunk_written_again_during_its_background_upload_is_not_lost() {
+    let a = Switch::new();
+    let keys = Keyring::new();
+    let (s, _) = rt()
+        .block_on(ChunkStore::create(
+            a.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            geometry(),
+        ))
+        .unwrap();
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let r2 = roots.clone();
+    let dev = RemoteDevice::new(
+        s,
+        8 * CHUNK as usize,
+        Box::new(move |r| {
+            r2.lock().unwrap().push(r);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    a.set(SLOW);
+    // Four chunks: half the buffer, past the quarter that starts an
+    // upload in the background.
+    for i in 0..4u64 {
+        dev.write_at(i * u64::from(CHUNK), &chunk(i as u8 + 1))
+            .unwrap();
+    }
+    // Written again while it uploads (partly: the rest of the chunk is
+    // the first write's).
+    dev.write_at(100, &[0xee; 1000]).unwrap();
+    dev.write_at(5 * u64::from(CHUNK), &chunk(6)).unwrap();
+    a.set(UP);
+    dev.flush().unwrap();
+    let root = *roots.lock().unwrap().last().unwrap();
+    drop(dev);
+    let one = rt().block_on(open_one(&a, &keys, root));
+    let mut want0 = chunk(1);
+    want0[100..1100].fill(0xee);
+    assert_eq!(rt().block_on(one.read_chunk(0)).unwrap(), want0);
+    for (i, fill) in [(1, 2), (2, 3), (3, 4), (5, 6), (4, 0)] {
+        assert_eq!(
+            rt().block_on(one.read_chunk(i)).unwrap(),
+            chunk(fill),
+            "chunk {i}"
+        );
+    }
 }

@@ -644,3 +644,160 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither the store nor a mirror"));
 }
+
+/// The mounted vault on S3 (moto on loopback), against raw `object_store`
+/// puts and gets of 1 MiB objects with 16 in flight on the same server,
+/// same run: sequential writes (fio, 1 MiB, direct, fsync at the end) and
+/// reads (after a reopen: nothing cached), and random 4 KiB writes each
+/// followed by an fsync (every journal commit uploads chunks, pages and
+/// the manifest) against raw conditional puts one after another.
+/// `scripts/bench-remote` runs it.
+#[test]
+#[ignore = "survey: needs root, FUSE, loop, mkfs.ext4, moto_server, fio"]
+fn survey_the_mounted_vault_on_s3() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
+    for chunk in ["1M", "256K", "64K"] {
+        mounted_vault_on_s3(chunk);
+    }
+}
+
+fn mounted_vault_on_s3(chunk: &str) {
+    let moto = Moto::start();
+    moto.bucket("bench-vault");
+    moto.bucket("bench-raw");
+    let creds = moto.credentials();
+    let mut v = Vault::init(&[
+        "--size",
+        "512M",
+        "--storage",
+        "s3://bench-vault/v",
+        "--storage-endpoint",
+        &moto.endpoint(),
+        "--storage-allow-http",
+        "--storage-credentials",
+        creds.to_str().unwrap(),
+        "--storage-chunk-size",
+        chunk,
+    ]);
+    v.start();
+    let mib = 128usize;
+    // Raw: the same bytes as objects of the chunk size, 16 in flight.
+    let raw = bucket(&moto, "bench-raw");
+    let object = usize::try_from(coffre::size::parse_size(chunk).unwrap()).unwrap();
+    let objects = (mib << 20) / object;
+    let data = vec![0x5au8; object];
+    let t = std::time::Instant::now();
+    rt().block_on(async {
+        for batch in (0..objects).collect::<Vec<_>>().chunks(16) {
+            let puts = batch.iter().map(|i| {
+                let (raw, d) = (&raw, data.clone());
+                async move { raw.put(&ObjPath::from(format!("raw/{i}")), d.into()).await }
+            });
+            for r in futures::future::join_all(puts).await {
+                r.unwrap();
+            }
+        }
+    });
+    let raw_put = t.elapsed();
+    let t = std::time::Instant::now();
+    rt().block_on(async {
+        for batch in (0..objects).collect::<Vec<_>>().chunks(16) {
+            let gets = batch.iter().map(|i| {
+                let raw = &raw;
+                async move {
+                    raw.get(&ObjPath::from(format!("raw/{i}")))
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap()
+                }
+            });
+            for b in futures::future::join_all(gets).await {
+                assert_eq!(b.len(), object);
+            }
+        }
+    });
+    let raw_get = t.elapsed();
+    // Raw conditional puts, one after another, for 5 s.
+    let t = std::time::Instant::now();
+    let mut cond = 0u32;
+    rt().block_on(async {
+        let p = ObjPath::from("raw/manifest");
+        let mut tag = raw.put(&p, vec![1u8; 4096].into()).await.unwrap();
+        while t.elapsed() < Duration::from_secs(5) {
+            tag = raw
+                .put_opts(
+                    &p,
+                    vec![2u8; 4096].into(),
+                    object_store::PutMode::Update(object_store::UpdateVersion {
+                        e_tag: tag.e_tag.clone(),
+                        version: tag.version.clone(),
+                    })
+                    .into(),
+                )
+                .await
+                .unwrap();
+            cond += 1;
+        }
+    });
+    let cond_per_s = f64::from(cond) / t.elapsed().as_secs_f64();
+
+    let fio = |dir: &std::path::Path, args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("fio")
+            .args([
+                "--name=bench",
+                "--direct=1",
+                "--ioengine=psync",
+                "--output-format=json",
+            ])
+            .arg(format!("--directory={}", dir.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap()
+    };
+    let mut e = v.enter_bg("alice", &[]);
+    let dir = v.layout().mountpoint.join("shared");
+    let size = format!("--size={mib}M");
+    let w = fio(&dir, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"]);
+    let write_mbs = w["jobs"][0]["write"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
+    // Reopened: the device's buffer is empty, every chunk comes from the
+    // store.
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(60));
+    let mut e = v.enter_bg("alice", &[]);
+    let r = fio(&dir, &["--rw=read", "--bs=1M", &size]);
+    let read_mbs = r["jobs"][0]["read"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
+    let f = fio(
+        &dir,
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64M",
+            "--fsync=1",
+            "--time_based",
+            "--runtime=8",
+        ],
+    );
+    let fsync_iops = f["jobs"][0]["write"]["iops"].as_f64().unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(60));
+    v.stop();
+    let raw_put_mbs = mib as f64 / raw_put.as_secs_f64();
+    let raw_get_mbs = mib as f64 / raw_get.as_secs_f64();
+    println!(
+        "bench: mounted vault on s3 (moto, loopback), chunks of {chunk}, {mib} MiB: seq write {write_mbs:.0} MiB/s against raw puts of {chunk} objects x16 {raw_put_mbs:.0} MiB/s (ratio {:.2}); seq read {read_mbs:.0} MiB/s against raw gets x16 {raw_get_mbs:.0} MiB/s (ratio {:.2}); random 4 KiB writes with fsync {fsync_iops:.1}/s against raw conditional puts {cond_per_s:.1}/s (ratio {:.2})",
+        write_mbs / raw_put_mbs,
+        read_mbs / raw_get_mbs,
+        fsync_iops / cond_per_s,
+    );
+}

@@ -404,6 +404,13 @@ pub struct InitArgs {
     /// variables at each start.
     #[arg(long, value_name = "FILE", requires = "storage")]
     pub storage_credentials: Option<PathBuf>,
+    /// Bytes per chunk on the store (a power of two, 64K to 64M; fixed at
+    /// init). Smaller chunks upload less for each small synchronous write
+    /// (a database, a mail spool); larger ones suit big sequential files.
+    /// docs/storage.md has the measurements.
+    /// Default: 1M.
+    #[arg(long, value_name = "SIZE", requires = "storage", value_parser = coffre::size::parse_size)]
+    pub storage_chunk_size: Option<u64>,
     /// Also write every chunk to this store (`s3://BUCKET/PREFIX`, another
     /// provider): repeat for more. Each flush waits for every store that
     /// answers; one that does not within [storage] degrade_after_s (30 s)

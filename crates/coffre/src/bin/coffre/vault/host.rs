@@ -64,6 +64,9 @@ pub fn init(a: InitArgs) -> Result<u8> {
                             credentials_file: None,
                         })
                         .collect(),
+                    chunk_size: a
+                        .storage_chunk_size
+                        .map_or(1 << 20, |c| u32::try_from(c).unwrap_or(u32::MAX)),
                     ..coffre_daemon::vaultdir::StorageConfig::new(url.clone())
                 },
                 a.storage_credentials.clone(),
