@@ -43,8 +43,12 @@ const RESYNC_EVERY: Duration = Duration::from_millis(500);
 /// Objects copied per resync step (the device waits for a step).
 const RESYNC_BUDGET: usize = 32;
 
-/// Chunks fetched together when reads are sequential (at most half the
-/// buffer).
+/// How long after a background upload failed the next one starts (the
+/// dirty chunks wait in the buffer; a flush uploads them at once).
+const UPLOAD_RETRY: Duration = Duration::from_secs(1);
+
+/// Chunks fetched together when reads are sequential (at most a quarter
+/// of the buffer).
 const READ_AHEAD: u64 = 16;
 
 /// How often superseded objects are deleted, and how long after a newer
@@ -111,6 +115,8 @@ struct State {
     in_flight: Option<InFlight>,
     /// A read-ahead in the background.
     prefetch: Option<Prefetch>,
+    /// No background upload starts before this (one failed).
+    upload_after: Option<std::time::Instant>,
     /// The chunk the last read ended in: a read that starts a miss at the
     /// next one is sequential, and the chunks after it are fetched with it.
     last_read: Option<u64>,
@@ -127,6 +133,43 @@ impl std::fmt::Debug for RemoteDevice {
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a background upload's task gave back.
+type UploadResults =
+    Result<Vec<Result<crate::objects::Tag, crate::objects::StoreError>>, tokio::task::JoinError>;
+
+/// Records an upload that ran in the background: the chunks not written
+/// since are clean. A failed upload leaves them dirty, and the next one
+/// waits [`UPLOAD_RETRY`].
+fn finish_upload(
+    s: &mut State,
+    upload: Arc<Upload>,
+    copies: Vec<(u64, u64)>,
+    results: UploadResults,
+) -> io::Result<()> {
+    let results = results.unwrap_or_else(|e| {
+        vec![
+            Err(crate::objects::StoreError::Other(format!(
+                "the upload stopped: {e}"
+            )));
+            upload.puts.count()
+        ]
+    });
+    let upload = Arc::try_unwrap(upload)
+        .map_err(|_| io::Error::other("an upload is still shared after its task"))?;
+    if s.store.finish_chunks(upload, results).is_ok() {
+        for (i, written) in copies {
+            if let Some(c) = s.cache.get_mut(&i)
+                && c.written == written
+            {
+                c.dirty = false;
+            }
+        }
+    } else {
+        s.upload_after = Some(std::time::Instant::now() + UPLOAD_RETRY);
+    }
+    Ok(())
 }
 
 /// Runs a step of the device's thread to its end (true), or until the
@@ -189,6 +232,7 @@ impl RemoteDevice {
                 last_read: None,
                 in_flight: None,
                 prefetch: None,
+                upload_after: None,
             })),
             on_root,
             on_change: on_change.map(Arc::new),
@@ -233,12 +277,25 @@ impl RemoteDevice {
                     }
                     // Nothing changes the store while an upload runs in
                     // the background: the next tick.
+                    // An upload that ended in the background is recorded
+                    // here too (writes may have stopped); one still running
+                    // keeps the store as it is: the next tick.
+                    {
+                        let mut s = lock(&state);
+                        if s.in_flight.as_ref().is_some_and(|f| f.task.is_finished())
+                            && let Some(f) = s.in_flight.take()
+                        {
+                            let results = handle.block_on(f.task);
+                            let _ = finish_upload(&mut s, f.upload, f.copies, results);
+                            report(&s, on_change.as_deref());
+                        }
+                    }
                     if last_gc.elapsed() >= GC_EVERY {
-                        last_gc = std::time::Instant::now();
                         let mut s = lock(&state);
                         if s.in_flight.is_some() {
                             continue;
                         }
+                        last_gc = std::time::Instant::now();
                         if !step(
                             &handle,
                             &cancel2,
@@ -409,30 +466,10 @@ impl RemoteDevice {
         let Some(f) = s.in_flight.take() else {
             return Ok(());
         };
-        let results = match self.block_on(f.task) {
-            Ok(r) => r,
-            Err(e) => vec![
-                Err(crate::objects::StoreError::Other(format!(
-                    "the upload stopped: {e}"
-                )));
-                f.upload.puts.count()
-            ],
-        };
-        let upload = Arc::try_unwrap(f.upload)
-            .map_err(|_| io::Error::other("an upload is still shared after its task"))?;
-        let r = s.store.finish_chunks(upload, results);
+        let results = self.block_on(f.task);
+        finish_upload(s, f.upload, f.copies, results)?;
         report(s, self.on_change.as_deref());
-        self.keep_new_root(s)?;
-        if r.is_ok() {
-            for (i, written) in f.copies {
-                if let Some(c) = s.cache.get_mut(&i)
-                    && c.written == written
-                {
-                    c.dirty = false;
-                }
-            }
-        }
-        Ok(())
+        self.keep_new_root(s)
     }
 
     /// Starts uploading the dirty chunks in the background once they are
@@ -446,6 +483,12 @@ impl RemoteDevice {
             if self.settle(s).is_err() {
                 return;
             }
+        }
+        if s.bytes < s.limit / 4
+            || s.upload_after
+                .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return;
         }
         let dirty: usize = s
             .cache
