@@ -135,6 +135,22 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Chunk `i`, as the store has it, into the buffer: the newest used.
+fn insert_clean(s: &mut State, i: u64, data: Vec<u8>) {
+    s.clock += 1;
+    s.bytes += data.len();
+    let used = s.clock;
+    s.cache.insert(
+        i,
+        Cached {
+            data,
+            dirty: false,
+            used,
+            written: 0,
+        },
+    );
+}
+
 /// What a background upload's task gave back.
 type UploadResults =
     Result<Vec<Result<crate::objects::Tag, crate::objects::StoreError>>, tokio::task::JoinError>;
@@ -598,21 +614,9 @@ impl RemoteDevice {
         };
         let got = self.block_on(p.task).unwrap_or_default();
         for (i, data) in s.store.finish_reads(&p.reads, got) {
-            if s.cache.contains_key(&i) {
-                continue;
+            if !s.cache.contains_key(&i) {
+                insert_clean(s, i, data);
             }
-            s.clock += 1;
-            s.bytes += data.len();
-            let used = s.clock;
-            s.cache.insert(
-                i,
-                Cached {
-                    data,
-                    dirty: false,
-                    used,
-                    written: 0,
-                },
-            );
         }
         self.shrink(s)
     }
@@ -629,19 +633,9 @@ impl RemoteDevice {
         let got = self.block_on(s.store.read_chunks(&wanted));
         report(s, self.on_change.as_deref());
         for (i, data) in wanted.into_iter().zip(got) {
-            let Ok(data) = data else { continue };
-            s.clock += 1;
-            s.bytes += data.len();
-            let used = s.clock;
-            s.cache.insert(
-                i,
-                Cached {
-                    data,
-                    dirty: false,
-                    used,
-                    written: 0,
-                },
-            );
+            if let Ok(data) = data {
+                insert_clean(s, i, data);
+            }
         }
         // Room again, the chunks just read being the newest.
         self.shrink(s)

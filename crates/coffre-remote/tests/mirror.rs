@@ -13,54 +13,19 @@
 use bytes::Bytes;
 use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
 use coffre_remote::{
-    Backend, ChunkStore, Geometry, IntegrityKey, MirrorSettings, ObjectStoreObjects, RemoteDevice,
-    RemoteError, Root, StoreEvent,
+    Backend, ChunkStore, MirrorSettings, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
+    StoreEvent,
 };
 use coffre_storage::BlockDevice;
-use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const VAULT: [u8; 16] = *b"test-vault-id-02";
-const PREFIX: &str = "team";
-const CHUNK: u32 = 64 * 1024;
-const SIZE: u64 = 8 * 65536;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn geometry() -> Geometry {
-    Geometry::new(CHUNK, SIZE).unwrap()
-}
-
-fn chunk(fill: u8) -> Vec<u8> {
-    vec![fill; CHUNK as usize]
-}
-
-struct Keyring {
-    sealed: Vec<u8>,
-}
-
-impl Keyring {
-    fn new() -> Self {
-        let k = IntegrityKey::generate().unwrap();
-        Keyring {
-            sealed: k.seal(b"the volume key", &VAULT).unwrap(),
-        }
-    }
-    fn key(&self) -> IntegrityKey {
-        IntegrityKey::unseal(&self.sealed, b"the volume key", &VAULT).unwrap()
-    }
-}
+mod common;
+use common::*;
 
 const UP: u8 = 0;
 const DOWN: u8 = 1;
@@ -132,36 +97,6 @@ impl Objects for Switch {
     }
 }
 
-async fn snapshot(mem: &InMemory) -> BTreeMap<String, Bytes> {
-    let mut out = BTreeMap::new();
-    let mut list = mem.list(None);
-    while let Some(meta) = list.next().await {
-        let meta = meta.unwrap();
-        let bytes = mem
-            .get(&meta.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        out.insert(meta.location.to_string(), bytes);
-    }
-    out
-}
-
-async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
-    for name in snapshot(mem).await.keys() {
-        if !snap.contains_key(name) {
-            mem.delete(&Path::from(name.as_str())).await.unwrap();
-        }
-    }
-    for (name, bytes) in snap {
-        mem.put(&Path::from(name.as_str()), PutPayload::from(bytes.clone()))
-            .await
-            .unwrap();
-    }
-}
-
 fn backends(stores: &[&Arc<Switch>]) -> Vec<Backend> {
     stores
         .iter()
@@ -171,6 +106,19 @@ fn backends(stores: &[&Arc<Switch>]) -> Vec<Backend> {
             objects: (*s).clone(),
         })
         .collect()
+}
+
+/// A new volume on `stores`, with [`quick`] settings.
+async fn mirrored(stores: &[&Arc<Switch>], keys: &Keyring) -> (ChunkStore, Root) {
+    ChunkStore::create_mirrored(
+        backends(stores),
+        quick(),
+        PREFIX,
+        (VAULT, keys.key()),
+        geometry(),
+    )
+    .await
+    .unwrap()
 }
 
 fn quick() -> MirrorSettings {
@@ -202,15 +150,7 @@ fn every_write_reaches_every_store_and_either_alone_reads_it_back() {
     let (a, b) = (Switch::new(), Switch::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create_mirrored(
-            backends(&[&a, &b]),
-            quick(),
-            PREFIX,
-            (VAULT, keys.key()),
-            geometry(),
-        )
-        .await
-        .unwrap();
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
         s.write_chunks(vec![(1, chunk(1)), (6, chunk(6))])
             .await
             .unwrap();
@@ -251,15 +191,7 @@ fn a_store_lost_mid_write_goes_stale_and_is_brought_back() {
         let (a, b) = (Switch::new(), Switch::new());
         let keys = Keyring::new();
         rt.block_on(async {
-            let (mut s, _) = ChunkStore::create_mirrored(
-                backends(&[&a, &b]),
-                quick(),
-                PREFIX,
-                (VAULT, keys.key()),
-                geometry(),
-            )
-            .await
-            .unwrap();
+            let (mut s, _) = mirrored(&[&a, &b], &keys).await;
             s.write_chunks(vec![(0, chunk(10))]).await.unwrap();
             let r1 = s.flush().await.unwrap().unwrap();
             s.root_kept(r1);
@@ -322,15 +254,7 @@ fn a_chunk_that_does_not_verify_on_one_store_is_read_from_the_other_and_repaired
     let (a, b) = (Switch::new(), Switch::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create_mirrored(
-            backends(&[&a, &b]),
-            quick(),
-            PREFIX,
-            (VAULT, keys.key()),
-            geometry(),
-        )
-        .await
-        .unwrap();
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
         s.write_chunks(vec![(3, chunk(3)), (4, chunk(4))])
             .await
             .unwrap();
@@ -400,15 +324,7 @@ fn the_newest_store_wins_at_open_and_a_rollback_of_all_is_refused() {
     let (a, b) = (Switch::new(), Switch::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create_mirrored(
-            backends(&[&a, &b]),
-            quick(),
-            PREFIX,
-            (VAULT, keys.key()),
-            geometry(),
-        )
-        .await
-        .unwrap();
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
         s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
         s.flush().await.unwrap().unwrap();
         let (old_a, old_b) = (snapshot(&a.mem).await, snapshot(&b.mem).await);
@@ -510,15 +426,7 @@ fn a_new_mirror_added_to_a_volume_is_filled_and_then_holds_it_alone() {
 fn the_device_goes_on_without_a_hung_mirror_and_brings_it_back() {
     let (a, b) = (Switch::new(), Switch::new());
     let keys = Keyring::new();
-    let (s, _) = rt()
-        .block_on(ChunkStore::create_mirrored(
-            backends(&[&a, &b]),
-            quick(),
-            PREFIX,
-            (VAULT, keys.key()),
-            geometry(),
-        ))
-        .unwrap();
+    let (s, _) = rt().block_on(mirrored(&[&a, &b], &keys));
     let roots = Arc::new(Mutex::new(Vec::new()));
     let events = Arc::new(Mutex::new(Vec::new()));
     let (r2, e2) = (roots.clone(), events.clone());
@@ -595,15 +503,7 @@ fn a_store_from_another_history_is_checked_object_by_object() {
     let (a, b) = (Switch::new(), Switch::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create_mirrored(
-            backends(&[&a, &b]),
-            quick(),
-            PREFIX,
-            (VAULT, keys.key()),
-            geometry(),
-        )
-        .await
-        .unwrap();
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         let root1 = s.flush().await.unwrap().unwrap();
         // Epoch 2 lands on the primary only; the root is never kept.

@@ -11,10 +11,9 @@
 use bytes::Bytes;
 use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
 use coffre_remote::{
-    ChunkStore, Geometry, IntegrityKey, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
+    ChunkStore, IntegrityKey, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
 };
 use coffre_storage::BlockDevice;
-use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
@@ -24,76 +23,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const VAULT: [u8; 16] = *b"test-vault-id-01";
-const PREFIX: &str = "team";
-const CHUNK: u32 = 64 * 1024;
-const SIZE: u64 = 8 * 65536;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A sealed integrity key, reopened for each use (as the daemon would
-/// from the control directory).
-struct Keyring {
-    sealed: Vec<u8>,
-}
-
-impl Keyring {
-    fn new() -> Self {
-        let k = IntegrityKey::generate().unwrap();
-        Keyring {
-            sealed: k.seal(b"the volume key", &VAULT).unwrap(),
-        }
-    }
-    fn key(&self) -> IntegrityKey {
-        IntegrityKey::unseal(&self.sealed, b"the volume key", &VAULT).unwrap()
-    }
-}
-
-fn geometry() -> Geometry {
-    Geometry::new(CHUNK, SIZE).unwrap()
-}
-
-fn chunk(fill: u8) -> Vec<u8> {
-    vec![fill; CHUNK as usize]
-}
-
-/// Every object in the store, by name.
-async fn snapshot(mem: &InMemory) -> BTreeMap<String, Bytes> {
-    let mut out = BTreeMap::new();
-    let mut list = mem.list(None);
-    while let Some(meta) = list.next().await {
-        let meta = meta.unwrap();
-        let bytes = mem
-            .get(&meta.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        out.insert(meta.location.to_string(), bytes);
-    }
-    out
-}
-
-/// The store made exactly `snap` again.
-async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
-    let now = snapshot(mem).await;
-    for name in now.keys() {
-        if !snap.contains_key(name) {
-            mem.delete(&Path::from(name.as_str())).await.unwrap();
-        }
-    }
-    for (name, bytes) in snap {
-        mem.put(&Path::from(name.as_str()), PutPayload::from(bytes.clone()))
-            .await
-            .unwrap();
-    }
-}
+mod common;
+use common::*;
 
 /// The one object whose name starts with `start` (names end with the
 /// writer's random session).

@@ -1,0 +1,84 @@
+//! What the store and mirror tests share: the volume's shape, a sealed
+//! integrity key, and snapshots of an in-memory store.
+
+// Each test crate uses its part.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use coffre_remote::{Geometry, IntegrityKey};
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+use std::collections::BTreeMap;
+
+pub const VAULT: [u8; 16] = *b"test-vault-id-01";
+pub const PREFIX: &str = "team";
+pub const CHUNK: u32 = 64 * 1024;
+pub const SIZE: u64 = 8 * 65536;
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A sealed integrity key, reopened for each use (as the daemon would
+/// from the control directory).
+pub struct Keyring {
+    sealed: Vec<u8>,
+}
+
+impl Keyring {
+    pub fn new() -> Self {
+        let k = IntegrityKey::generate().unwrap();
+        Keyring {
+            sealed: k.seal(b"the volume key", &VAULT).unwrap(),
+        }
+    }
+    pub fn key(&self) -> IntegrityKey {
+        IntegrityKey::unseal(&self.sealed, b"the volume key", &VAULT).unwrap()
+    }
+}
+
+pub fn geometry() -> Geometry {
+    Geometry::new(CHUNK, SIZE).unwrap()
+}
+
+pub fn chunk(fill: u8) -> Vec<u8> {
+    vec![fill; CHUNK as usize]
+}
+
+/// Every object in the store, by name.
+pub async fn snapshot(mem: &InMemory) -> BTreeMap<String, Bytes> {
+    let mut out = BTreeMap::new();
+    let mut list = mem.list(None);
+    while let Some(meta) = list.next().await {
+        let meta = meta.unwrap();
+        let bytes = mem
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        out.insert(meta.location.to_string(), bytes);
+    }
+    out
+}
+
+/// The store made exactly `snap` again.
+pub async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
+    let now = snapshot(mem).await;
+    for name in now.keys() {
+        if !snap.contains_key(name) {
+            mem.delete(&Path::from(name.as_str())).await.unwrap();
+        }
+    }
+    for (name, bytes) in snap {
+        mem.put(&Path::from(name.as_str()), PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+}
