@@ -586,9 +586,20 @@ impl RemoteDevice {
         while next < chunks && next <= index + w && s.cache.contains_key(&next) {
             next += 1;
         }
-        if next >= chunks || next > index + w || w < 2 {
+        if next > index + w {
             return;
         }
+        self.start_prefetch(s, next);
+    }
+
+    /// Fetches the window from `first` in the background (if none is).
+    fn start_prefetch(&self, s: &mut State, first: u64) {
+        let w = self.window(s);
+        let chunks = self.size.div_ceil(self.chunk);
+        if s.prefetch.is_some() || first >= chunks || w < 2 {
+            return;
+        }
+        let next = first;
         let end = (next + w).min(chunks);
         let wanted: Vec<u64> = (next..end).filter(|i| !s.cache.contains_key(i)).collect();
         let Some(rt) = &self.rt else { return };
@@ -630,6 +641,8 @@ impl RemoteDevice {
         if wanted.len() < 2 {
             return Ok(());
         }
+        // The window after this one is on its way meanwhile.
+        self.start_prefetch(s, end);
         let got = self.block_on(s.store.read_chunks(&wanted));
         report(s, self.on_change.as_deref());
         for (i, data) in wanted.into_iter().zip(got) {

@@ -162,7 +162,7 @@ pub struct ChunkStore {
     settings: MirrorSettings,
     keys: Keys,
     vault: [u8; 16],
-    key: IntegrityKey,
+    key: Arc<IntegrityKey>,
     geometry: Geometry,
     /// Every chunk's entry: the durable manifest's, with changes since.
     table: Vec<Entry>,
@@ -430,22 +430,29 @@ pub struct Reads {
     items: Vec<(u64, Entry, String, usize)>,
     stores: Vec<Arc<dyn Objects>>,
     limit: Option<Duration>,
+    /// To verify each chunk as it arrives (not under the device's lock).
+    key: Arc<IntegrityKey>,
+    vault: [u8; 16],
 }
 
 impl Reads {
-    /// Fetches each chunk from the first store that has it, unverified
-    /// ([`ChunkStore::finish_reads`] verifies); `None` where none did (the
-    /// read then goes the usual way, with its fallbacks and repairs).
+    /// Fetches each chunk from the first store that has bytes that
+    /// verify against the entry the chunk had when the reads were
+    /// prepared ([`ChunkStore::finish_reads`] keeps only those whose entry
+    /// is still the same); `None` where none did (the read then goes the
+    /// usual way, with its fallbacks and repairs).
     pub async fn run(&self) -> Vec<Option<Bytes>> {
         bounded(
             self.items
                 .iter()
-                .map(|(_, entry, name, len)| async move {
+                .map(|(index, entry, name, len)| async move {
                     if entry.version == 0 {
                         return Some(Bytes::from(vec![0u8; *len]));
                     }
                     for o in &self.stores {
-                        if let Ok(Some((b, _))) = timed(self.limit, o.get(name, *len)).await {
+                        if let Ok(Some((b, _))) = timed(self.limit, o.get(name, *len)).await
+                            && chunk_verifies(&self.key, &self.vault, (*index, entry, *len), &b)
+                        {
                             return Some(b);
                         }
                     }
@@ -456,6 +463,21 @@ impl Reads {
         )
         .await
     }
+}
+
+/// Whether `bytes` are chunk `index` as `entry` lists it (`len` bytes,
+/// its MAC over the vault, index, version and session).
+fn chunk_verifies(
+    key: &IntegrityKey,
+    vault: &[u8; 16],
+    (index, entry, len): (u64, &Entry, usize),
+    bytes: &[u8],
+) -> bool {
+    bytes.len() == len
+        && IntegrityKey::verify(
+            &entry.mac,
+            &key.chunk_mac(vault, (index, entry.version, entry.session), bytes),
+        )
 }
 
 /// An object to copy to a stale store, and how to check it.
@@ -816,7 +838,7 @@ impl ChunkStore {
             settings,
             keys,
             vault,
-            key,
+            key: Arc::new(key),
             geometry,
             table,
             pages,
@@ -1045,11 +1067,8 @@ impl ChunkStore {
     }
 
     fn verify_chunk(&self, index: u64, entry: &Entry, bytes: &[u8]) -> Result<(), RemoteError> {
-        let mac = self
-            .key
-            .chunk_mac(&self.vault, (index, entry.version, entry.session), bytes);
-        if bytes.len() != self.geometry.chunk_len(index) || !IntegrityKey::verify(&entry.mac, &mac)
-        {
+        let len = self.geometry.chunk_len(index);
+        if !chunk_verifies(&self.key, &self.vault, (index, entry, len), bytes) {
             return Err(RemoteError::Tampered(format!(
                 "chunk {index} version {} does not verify (altered, an older version, or another chunk's)",
                 entry.version
@@ -1076,10 +1095,12 @@ impl ChunkStore {
             &format!("chunk {index} version {}", entry.version),
             |bytes| {
                 self.verify_chunk(index, &entry, bytes)?;
-                Ok(bytes.to_vec())
+                Ok(bytes.clone())
             },
         )
         .await
+        // Without a copy where the buffer is not shared.
+        .map(Vec::from)
     }
 
     /// Chunks to fetch in the background ([`Reads::run`]), from the
@@ -1101,6 +1122,8 @@ impl ChunkStore {
                 })
                 .collect(),
             limit: self.limit(order.len()),
+            key: self.key.clone(),
+            vault: self.vault,
             stores: order
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
@@ -1108,9 +1131,9 @@ impl ChunkStore {
         }
     }
 
-    /// What [`Reads::run`] fetched, verified against the table as it is
-    /// now: a chunk written since, or bytes that do not verify, are left
-    /// out (read again the usual way if wanted).
+    /// What [`Reads::run`] fetched and verified, kept where the table
+    /// still lists the entry it was verified against: a chunk written
+    /// since is left out (read again the usual way if wanted).
     pub fn finish_reads(&self, reads: &Reads, got: Vec<Option<Bytes>>) -> Vec<(u64, Vec<u8>)> {
         reads
             .items
@@ -1123,11 +1146,9 @@ impl ChunkStore {
                 if now != *entry {
                     return None;
                 }
-                if now.version == 0 {
-                    return Some((*index, bytes.to_vec()));
-                }
-                self.verify_chunk(*index, &now, &bytes).ok()?;
-                Some((*index, bytes.to_vec()))
+                // Verified by `run`, against this same entry; handed over
+                // without a copy where the buffer is not shared.
+                Some((*index, Vec::from(bytes)))
             })
             .collect()
     }

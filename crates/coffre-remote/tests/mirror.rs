@@ -593,3 +593,61 @@ fn a_chunk_written_again_during_its_background_upload_is_not_lost() {
         );
     }
 }
+
+/// Sequential reads through the device go through its read-ahead (the
+/// window fetched and verified in the background): an altered chunk in
+/// the window is an I/O error when it is read, never its bytes, and the
+/// chunks around it read right.
+#[test]
+fn an_altered_chunk_in_the_read_ahead_window_is_an_error_not_bytes() {
+    let a = Switch::new();
+    let keys = Keyring::new();
+    let (s, _) = rt()
+        .block_on(ChunkStore::create(
+            a.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            geometry(),
+        ))
+        .unwrap();
+    let root = Arc::new(Mutex::new(None));
+    let r2 = root.clone();
+    let keep = move |r| {
+        *r2.lock().unwrap() = Some(r);
+        Ok(())
+    };
+    let dev = RemoteDevice::new(s, 8 * CHUNK as usize, Box::new(keep)).unwrap();
+    for i in 0..8u64 {
+        dev.write_at(i * u64::from(CHUNK), &chunk(i as u8 + 1))
+            .unwrap();
+    }
+    dev.flush().unwrap();
+    drop(dev);
+    let snap = rt().block_on(snapshot(&a.mem));
+    let c5 = snap
+        .keys()
+        .find(|k| k.starts_with("team/c/000000000005/"))
+        .unwrap()
+        .clone();
+    let mut bad = chunk(6);
+    bad[10] ^= 1;
+    rt().block_on(a.mem.put(&Path::from(c5.as_str()), PutPayload::from(bad)))
+        .unwrap();
+    let local = root.lock().unwrap().unwrap();
+    let s = rt().block_on(open_one(&a, &keys, local));
+    // A buffer of 8 chunks: windows of 2.
+    let dev = RemoteDevice::new(s, 8 * CHUNK as usize, Box::new(|_| Ok(()))).unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    for off in (0..u64::from(CHUNK) * 8).step_by(buf.len()) {
+        let r = dev.read_at(off, &mut buf);
+        let index = off / u64::from(CHUNK);
+        if index == 5 {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        } else {
+            r.unwrap();
+            assert!(buf.iter().all(|b| *b == index as u8 + 1), "chunk {index}");
+        }
+    }
+}
