@@ -506,6 +506,13 @@ pub fn health_path(vd: &VaultDir) -> std::path::PathBuf {
     vd.root.join("storage.health")
 }
 
+/// `DIR/storage.health` as the device last wrote it, if it is a regular
+/// file of at most 1 MiB holding JSON.
+pub fn read_health(vd: &VaultDir) -> Option<serde_json::Value> {
+    let bytes = coffre_sys::fs::read_small(&health_path(vd), 1 << 20).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The callback that keeps `DIR/storage.health` and hands each event to
 /// `audit` (action, outcome, detail).
 pub fn on_change(
@@ -626,9 +633,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
             })
             .collect(),
     };
-    let health = std::fs::read_to_string(health_path(&vd))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let health = read_health(&vd);
     let primary = stores[0].clone();
     Ok(serde_json::json!({
         "backend": "s3",

@@ -120,6 +120,8 @@ struct State {
     /// The chunk the last read ended in: a read that starts a miss at the
     /// next one is sequential, and the chunks after it are fetched with it.
     last_read: Option<u64>,
+    /// The stores' standing last handed to `on_change`.
+    reported: Vec<ReplicaStatus>,
 }
 
 impl std::fmt::Debug for RemoteDevice {
@@ -204,13 +206,18 @@ fn step(
     })
 }
 
-/// Hands what happened to the stores to `on_change`.
-fn report(s: &State, on_change: Option<&OnChange>) {
+/// Hands what happened to the stores to `on_change`: events, or a change
+/// in their standing (with mirrors). Nothing new, nothing called.
+fn report(s: &mut State, on_change: Option<&OnChange>) {
     let events = s.store.take_events();
-    if let Some(f) = on_change
-        && (!events.is_empty() || s.store.stores() > 1)
-    {
-        f(&events, &s.store.status());
+    let Some(f) = on_change else {
+        return;
+    };
+    let status = s.store.status();
+    let changed = s.store.stores() > 1 && status != s.reported;
+    if !events.is_empty() || changed || s.reported.is_empty() {
+        f(&events, &status);
+        s.reported = status;
     }
 }
 
@@ -249,6 +256,7 @@ impl RemoteDevice {
                 in_flight: None,
                 prefetch: None,
                 upload_after: None,
+                reported: Vec::new(),
             })),
             on_root,
             on_change: on_change.map(Arc::new),
@@ -257,7 +265,7 @@ impl RemoteDevice {
             chunk,
         };
         // What open found (a mirror behind or unreachable) is news.
-        report(&lock(&dev.state), dev.on_change.as_deref());
+        report(&mut lock(&dev.state), dev.on_change.as_deref());
         dev.resyncer = Some(dev.start_resync()?);
         Ok(dev)
     }
@@ -303,23 +311,40 @@ impl RemoteDevice {
                         {
                             let results = handle.block_on(f.task);
                             let _ = finish_upload(&mut s, f.upload, f.copies, results);
-                            report(&s, on_change.as_deref());
+                            report(&mut s, on_change.as_deref());
                         }
                     }
-                    if last_gc.elapsed() >= GC_EVERY {
+                    // A store that served bad data leaves the stores in
+                    // step (no request to a store here).
+                    {
                         let mut s = lock(&state);
-                        if s.in_flight.is_some() {
-                            continue;
+                        if s.store.demote_bad() > 0 {
+                            report(&mut s, on_change.as_deref());
                         }
-                        last_gc = std::time::Instant::now();
-                        if !step(
-                            &handle,
-                            &cancel2,
-                            Box::pin(async {
-                                let _ = s.store.collect_garbage(GC_GRACE).await;
-                            }),
-                        ) {
-                            break;
+                    }
+                    // The deletions run without the device held: a store
+                    // that is slow to delete holds up nothing.
+                    if last_gc.elapsed() >= GC_EVERY {
+                        let garbage = {
+                            let mut s = lock(&state);
+                            if s.in_flight.is_some() {
+                                continue;
+                            }
+                            last_gc = std::time::Instant::now();
+                            s.store.prepare_garbage(GC_GRACE)
+                        };
+                        if let Ok(Some(g)) = garbage {
+                            let mut done = Vec::new();
+                            if !step(
+                                &handle,
+                                &cancel2,
+                                Box::pin(async {
+                                    done = g.run().await;
+                                }),
+                            ) {
+                                break;
+                            }
+                            lock(&state).store.finish_garbage(g, &done);
                         }
                     }
                     // Asked without the device held: a store that is down
@@ -344,37 +369,52 @@ impl RemoteDevice {
                     ) {
                         break;
                     }
-                    let silent: Vec<usize> = probes
-                        .iter()
-                        .zip(&answers)
-                        .filter(|(_, a)| !**a)
-                        .map(|((i, _), _)| *i)
-                        .collect();
-                    let mut s = lock(&state);
-                    if s.in_flight.is_some() {
-                        continue;
-                    }
-                    // Only the stores that answered are worked on.
-                    s.store.postpone_resync(&silent, "it does not answer");
-                    let mut result = Ok(false);
-                    if silent.len() < probes.len()
-                        && !step(
+                    let (answered, silent): (Vec<_>, Vec<_>) =
+                        probes.iter().zip(&answers).partition(|(_, a)| **a);
+                    let silent: Vec<usize> = silent.into_iter().map(|((i, _), _)| *i).collect();
+                    lock(&state)
+                        .store
+                        .postpone_resync(&silent, "it does not answer");
+                    // Only the stores that answered are worked on, a step
+                    // each, without the device held; but for the last
+                    // step (one manifest put, bounded in time), which no
+                    // write may come between.
+                    let mut stopped = false;
+                    for ((i, _), _) in answered {
+                        let mut s = lock(&state);
+                        if s.in_flight.is_some() {
+                            break;
+                        }
+                        let Some(work) = s.store.prepare_resync(*i, RESYNC_BUDGET) else {
+                            continue;
+                        };
+                        let held = if work.is_last() {
+                            Some(s)
+                        } else {
+                            drop(s);
+                            None
+                        };
+                        let mut outcome = None;
+                        if !step(
                             &handle,
                             &cancel2,
                             Box::pin(async {
-                                result = s.store.resync(RESYNC_BUDGET).await;
+                                outcome = Some(work.run().await);
                             }),
-                        )
-                    {
+                        ) {
+                            stopped = true;
+                            break;
+                        }
+                        let mut s = held.unwrap_or_else(|| lock(&state));
+                        if let Some(o) = outcome {
+                            // Fenced: the next write says so.
+                            let _ = s.store.finish_resync(work, o);
+                        }
+                        report(&mut s, on_change.as_deref());
+                    }
+                    if stopped {
                         break;
                     }
-                    if let Err(e) = result {
-                        // Fenced, or nothing in step to copy from: not
-                        // tried again before the retry delay.
-                        let all: Vec<usize> = probes.iter().map(|(i, _)| *i).collect();
-                        s.store.postpone_resync(&all, &e.to_string());
-                    }
-                    report(&s, on_change.as_deref());
                 }
                 let _ = tx.send(());
             })?;
@@ -776,7 +816,7 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         self.upload(&mut s)?;
         let r = self.block_on(s.store.flush());
-        report(&s, self.on_change.as_deref());
+        report(&mut s, self.on_change.as_deref());
         // Kept before the flush returns (a failed flush may still have
         // settled an earlier manifest as done).
         self.keep_new_root(&mut s)?;

@@ -135,6 +135,16 @@ struct Replica {
     /// Names copied to it since it went stale.
     copied: BTreeSet<String>,
     copied_total: u64,
+    /// Every object it should hold is read back and verified before it
+    /// comes back (it served bad data, or a sampled object did not
+    /// verify).
+    suspect: bool,
+    /// Names looked at and found missing or bad since it went stale (to
+    /// copy; not looked at again).
+    looked: BTreeSet<String>,
+    /// It served a chunk or page that did not verify, or lacked one it
+    /// should hold (see [`ChunkStore::demote_bad`]).
+    served_bad: std::sync::atomic::AtomicBool,
     repaired: AtomicU64,
     read_errors: AtomicU64,
 }
@@ -150,6 +160,9 @@ impl Replica {
             stale: None,
             copied: BTreeSet::new(),
             copied_total: 0,
+            suspect: false,
+            looked: BTreeSet::new(),
+            served_bad: std::sync::atomic::AtomicBool::new(false),
             repaired: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
         }
@@ -429,6 +442,10 @@ impl Upload {
 pub struct Reads {
     items: Vec<(u64, Entry, String, usize)>,
     stores: Vec<Arc<dyn Objects>>,
+    /// Which store each of `stores` is.
+    order: Vec<usize>,
+    /// Stores (by index) that served bytes that did not verify.
+    bad: std::sync::Mutex<BTreeSet<usize>>,
     limit: Option<Duration>,
     /// To verify each chunk as it arrives (not under the device's lock).
     key: Arc<IntegrityKey>,
@@ -449,11 +466,27 @@ impl Reads {
                     if entry.version == 0 {
                         return Some(Bytes::from(vec![0u8; *len]));
                     }
-                    for o in &self.stores {
-                        if let Ok(Some((b, _))) = timed(self.limit, o.get(name, *len)).await
-                            && chunk_verifies(&self.key, &self.vault, (*index, entry, *len), &b)
-                        {
-                            return Some(b);
+                    for (o, i) in self.stores.iter().zip(&self.order) {
+                        match timed(self.limit, o.get(name, *len)).await {
+                            Ok(Some((b, _)))
+                                if chunk_verifies(
+                                    &self.key,
+                                    &self.vault,
+                                    (*index, entry, *len),
+                                    &b,
+                                ) =>
+                            {
+                                return Some(b);
+                            }
+                            // Bad bytes (not a missing object: its put may
+                            // still be on its way).
+                            Ok(Some(_)) => {
+                                self.bad
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(*i);
+                            }
+                            Ok(None) | Err(_) => {}
                         }
                     }
                     None
@@ -968,6 +1001,7 @@ impl ChunkStore {
             to_copy: None,
         });
         r.copied.clear();
+        r.looked.clear();
         let e = StoreEvent::Stale {
             name: r.name.clone(),
             reason,
@@ -988,7 +1022,7 @@ impl ChunkStore {
         verify: impl Fn(&Bytes) -> Result<T, RemoteError>,
     ) -> Result<T, RemoteError> {
         let limit = self.limit(order.len());
-        let mut bad = Vec::new();
+        let mut bad: Vec<usize> = Vec::new();
         let mut tampered = None;
         let mut failed = None;
         for &i in order {
@@ -997,6 +1031,9 @@ impl ChunkStore {
             let miss = match got {
                 Ok(Some((bytes, _))) => match verify(&bytes) {
                     Ok(t) => {
+                        for &j in &bad {
+                            self.replicas[j].served_bad.store(true, Ordering::Relaxed);
+                        }
                         if !self.read_only {
                             for j in bad {
                                 self.repair(j, name, bytes.clone(), limit).await;
@@ -1128,6 +1165,8 @@ impl ChunkStore {
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
                 .collect(),
+            order,
+            bad: std::sync::Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -1135,6 +1174,12 @@ impl ChunkStore {
     /// still lists the entry it was verified against: a chunk written
     /// since is left out (read again the usual way if wanted).
     pub fn finish_reads(&self, reads: &Reads, got: Vec<Option<Bytes>>) -> Vec<(u64, Vec<u8>)> {
+        // Bad bytes from a store that the entry still lists are its fault.
+        for i in reads.bad.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if let Some(r) = self.replicas.get(*i) {
+                r.served_bad.store(true, Ordering::Relaxed);
+            }
+        }
         reads
             .items
             .iter()
@@ -1186,15 +1231,11 @@ impl ChunkStore {
                 Ok(Some((bytes, tag))) if bytes.as_ref() == attempt.as_slice() => {
                     landed.push((i, tag));
                 }
-                // Still the version this writer last saw (compared by
-                // ETag, the conditional puts' own test): not done there.
-                Ok(Some((_, tag)))
-                    if matches!(&self.replicas[i].manifest,
-                        Held::At(t) if t.e_tag.is_some() && t.e_tag == tag.e_tag) =>
-                {
+                // Not done there (the version this writer last saw, or the
+                // store's doing): not another writer's.
+                Ok(found) if !self.another_writer(found.as_ref().map(|(b, _)| b.as_ref())) => {
                     not_landed.push(i);
                 }
-                Ok(None) if self.replicas[i].manifest == Held::Absent => not_landed.push(i),
                 Ok(_) => {
                     self.fenced = true;
                     return Err(RemoteError::Fenced);
@@ -1493,35 +1534,45 @@ impl ChunkStore {
             async move {
                 match timed(limit, r.objects.put(name, bytes.clone(), mode)).await {
                     // Refused: another writer's manifest, or our own (the
-                    // client library retried a put that had landed):
-                    // settled by reading it back.
+                    // client library retried a put that had landed), or
+                    // the store's doing: settled by reading it back.
                     Err(StoreError::Precondition | StoreError::AlreadyExists) => {
                         match timed(limit, r.objects.get(name, MAX_MANIFEST)).await {
                             Ok(Some((b, tag))) if b == bytes => Ok(tag),
-                            Ok(_) => Err(None),
-                            Err(e) => Err(Some(e)),
+                            Ok(found) => Err(Err(found.map(|(b, _)| b))),
+                            Err(e) => Err(Ok(e)),
                         }
                     }
                     Ok(tag) => Ok(tag),
-                    Err(e) => Err(Some(e)),
+                    Err(e) => Err(Ok(e)),
                 }
             }
         }))
         .await;
         let mut landed = Vec::new();
         let mut unknown = Vec::new();
+        let mut refused = Vec::new();
         for (&i, r) in targets.iter().zip(puts) {
             match r {
                 Ok(tag) => landed.push((i, tag)),
-                Err(None) => {
-                    self.pages = pages;
-                    self.fenced = true;
-                    return Err(RemoteError::Fenced);
+                Err(Err(found)) => {
+                    if self.another_writer(found.as_deref()) {
+                        self.pages = pages;
+                        self.fenced = true;
+                        return Err(RemoteError::Fenced);
+                    }
+                    refused.push(i);
                 }
-                Err(Some(e)) => unknown.push((i, e)),
+                Err(Ok(e)) => unknown.push((i, e)),
             }
         }
         self.pages = pages;
+        if landed.is_empty() && !refused.is_empty() {
+            // No store took it, and one holds a manifest that is not
+            // ours: nothing more is written.
+            self.fenced = true;
+            return Err(RemoteError::Fenced);
+        }
         if landed.is_empty() {
             // It may have happened: find out before writing anything under
             // this epoch again.
@@ -1542,7 +1593,29 @@ impl ChunkStore {
             self.replicas[i].manifest = Held::Unknown;
             self.mark_stale(i, format!("writing the manifest: {e}"));
         }
+        for i in refused {
+            self.replicas[i].manifest = Held::Unknown;
+            self.mark_stale(
+                i,
+                "its manifest is neither the one this writer left there nor another writer's \
+                 (the store lost, altered or rolled it back)"
+                    .into(),
+            );
+        }
         Ok(self.new_root())
+    }
+
+    /// Whether a manifest found where this writer's was expected is
+    /// another writer's: one that verifies under the integrity key, is of
+    /// no root of this writer's history, and is not older than the
+    /// durable epoch. Anything else (none, altered bytes, an old manifest
+    /// put back) is the store's doing: that store goes stale and the
+    /// others go on, where one that took the manifest remains.
+    fn another_writer(&self, found: Option<&[u8]>) -> bool {
+        match found.map(|b| Manifest::decode(b, &self.key, &self.vault)) {
+            Some(Ok((m, root))) => !self.known.contains(&root) && m.epoch >= self.epoch,
+            _ => false,
+        }
     }
 
     /// The durable root, if it is not the one the caller last said it
@@ -1559,10 +1632,22 @@ impl ChunkStore {
     }
 
     /// Deletes what no durable manifest has named for `grace` or longer
-    /// (older chunk versions, older pages), on every store. Returns how
-    /// many objects went (a deletion that failed on a store in step is
-    /// tried again later; on a stale one, the object is left there).
+    /// (older chunk versions, older pages), on every store in step.
+    /// Returns how many objects went (a deletion that failed on a store in
+    /// step is tried again later; a stale store is left as it is).
     pub async fn collect_garbage(&mut self, grace: Duration) -> Result<usize, RemoteError> {
+        let Some(g) = self.prepare_garbage(grace)? else {
+            return Ok(0);
+        };
+        let results = g.run().await;
+        Ok(self.finish_garbage(g, &results))
+    }
+
+    /// The deletions [`collect_garbage`](ChunkStore::collect_garbage)
+    /// would make, to run without the store ([`Garbage::run`]) and record
+    /// ([`finish_garbage`](ChunkStore::finish_garbage)); `None` when
+    /// nothing is due.
+    pub fn prepare_garbage(&mut self, grace: Duration) -> Result<Option<Garbage>, RemoteError> {
         self.writable()?;
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = self
@@ -1570,53 +1655,55 @@ impl ChunkStore {
             .drain(..)
             .partition(|(_, since)| now.duration_since(*since) >= grace);
         self.garbage = later;
-        let names: Vec<String> = due.into_iter().map(|(k, _)| k).collect();
-        let n = self.replicas.len();
-        let limit = self.limit(n);
-        let mut jobs = Vec::with_capacity(names.len() * n);
-        for name in &names {
-            for r in &self.replicas {
-                let o = r.objects.clone();
-                let name = name.clone();
-                jobs.push(async move { timed(limit, o.delete(&name)).await });
-            }
+        if due.is_empty() {
+            return Ok(None);
         }
-        let results = bounded(jobs, IN_FLIGHT * n).await;
+        let targets = self.in_step();
+        Ok(Some(Garbage {
+            stores: targets
+                .iter()
+                .map(|i| self.replicas[*i].objects.clone())
+                .collect(),
+            limit: self.limit(targets.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
+            targets,
+            names: due,
+        }))
+    }
+
+    /// Records what [`Garbage::run`] did: a name whose deletion failed on
+    /// a store still in step stays due.
+    pub fn finish_garbage(&mut self, g: Garbage, results: &[bool]) -> usize {
+        let n = g.targets.len();
         let mut gone = 0;
-        for (k, name) in names.into_iter().enumerate() {
-            let failed_in_step =
-                (0..n).any(|i| results[k * n + i].is_err() && self.replicas[i].stale.is_none());
+        for (k, (name, since)) in g.names.into_iter().enumerate() {
+            let failed_in_step = (0..n).any(|t| {
+                !results.get(k * n + t).copied().unwrap_or(false)
+                    && self
+                        .replicas
+                        .get(g.targets[t])
+                        .is_some_and(|r| r.stale.is_none())
+            });
             if failed_in_step {
-                self.garbage.push((name, now));
+                self.garbage.push((name, since));
             } else {
                 gone += 1;
             }
         }
-        Ok(gone)
+        gone
     }
 
-    /// Brings stale stores back, a step at a time: each due store's state
-    /// is read (if unknown), then up to `budget` of the objects it lacks
-    /// (every chunk and page written after the epoch it last held) are
-    /// read from a store in step, verified, and copied to it; once it
-    /// lacks nothing it takes the durable manifest and every write again.
-    /// A failure leaves it stale until its next retry. Returns whether a
-    /// store is still stale. Run it while nothing else uses the store
-    /// (the device runs it on its own thread, between requests).
+    /// Brings stale stores back, a step at a time (see
+    /// [`prepare_resync`](ChunkStore::prepare_resync)), each store due
+    /// once. Returns whether a store is still stale. The device runs the
+    /// same steps on its own thread, without holding the store while a
+    /// stale store is asked anything.
     pub async fn resync(&mut self, budget: usize) -> Result<bool, RemoteError> {
         self.writable()?;
         self.resolve().await?;
-        let now = Instant::now();
         for i in 0..self.replicas.len() {
-            let due = matches!(&self.replicas[i].stale, Some(s) if s.retry_at <= now);
-            if !due || self.in_step().is_empty() {
-                continue;
-            }
-            if let Err(reason) = self.resync_one(i, budget.max(1)).await {
-                if self.fenced {
-                    return Err(RemoteError::Fenced);
-                }
-                self.mark_stale(i, reason);
+            if let Some(step) = self.prepare_resync(i, budget) {
+                let outcome = step.run().await;
+                self.finish_resync(step, outcome)?;
             }
         }
         Ok(self.replicas.iter().any(|r| r.stale.is_some()))
@@ -1652,200 +1739,517 @@ impl ChunkStore {
         }
     }
 
-    async fn resync_one(&mut self, i: usize, budget: usize) -> Result<(), String> {
-        let limit = Some(self.settings.degrade_after);
-        let name = self.keys.manifest();
-        if self.replicas[i].manifest == Held::Unknown {
-            let objects = self.replicas[i].objects.clone();
-            let (held, synced) = match timed(limit, objects.get(&name, MAX_MANIFEST))
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                None => {
-                    conditional_writes(objects.as_ref(), &self.keys, limit)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    (Held::Absent, 0)
-                }
-                Some((bytes, tag)) => match Manifest::decode(&bytes, &self.key, &self.vault) {
-                    // A root of this history: it holds everything up to
-                    // its epoch.
-                    Ok((m, root)) if self.known.contains(&root) => (Held::At(tag), m.epoch),
-                    // Older, of another session or writer: checked object
-                    // by object.
-                    Ok((m, _)) if m.epoch < self.epoch => (Held::At(tag), 0),
-                    Ok(_) => {
-                        self.fenced = true;
-                        return Err(
-                            "it holds a manifest this writer did not write (another writer?)"
-                                .into(),
-                        );
-                    }
-                    Err(_) => (Held::At(tag), 0),
-                },
-            };
+    /// Stores in step that served a chunk or page that did not verify (or
+    /// lacked one): repaired at once, and now left out of writes and
+    /// reads until every object they should hold has been read back and
+    /// verified. The last store in step is kept. Returns how many went.
+    pub fn demote_bad(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.replicas.len() {
+            let bad = self.replicas[i].served_bad.swap(false, Ordering::Relaxed);
+            if !bad || self.replicas[i].stale.is_some() || self.in_step().len() < 2 {
+                continue;
+            }
+            self.mark_stale(
+                i,
+                "it served data that did not verify (altered, older or missing): \
+                 everything on it is read back and checked"
+                    .into(),
+            );
             let r = &mut self.replicas[i];
-            r.trusted = synced > 0 || held == Held::Absent;
-            r.manifest = held;
-            r.synced = synced;
-            // What was copied before is not known to be there now.
-            r.copied.clear();
+            r.synced = 0;
+            r.trusted = false;
+            r.suspect = true;
+            n += 1;
         }
-        let synced = self.replicas[i].synced;
-        let mut needed: Vec<(String, Check)> = Vec::new();
-        for (k, e) in self.table.iter().enumerate() {
-            if e.version > synced {
-                let index = k as u64;
-                needed.push((
-                    self.keys.chunk(index, e.version, e.session),
-                    Check::Chunk(index, *e),
-                ));
+        n
+    }
+
+    /// The next step of bringing stale store `i` back, if it is due: read
+    /// its manifest (when its state is not known), look at which of the
+    /// objects it lacks it holds (when what it holds is not known: a HEAD
+    /// each, a sample read back and verified, every one when it served
+    /// bad data), copy up to `budget` of the objects it lacks from the
+    /// stores in step (each verified on the way), and last, once it lacks
+    /// nothing, give it the durable manifest and every write again.
+    ///
+    /// Every step but the last runs without the store
+    /// ([`ResyncStep::run`]) and is recorded by
+    /// [`finish_resync`](ChunkStore::finish_resync); the last must run
+    /// with no write in between ([`ResyncStep::is_last`]: the device holds
+    /// itself for it, one manifest put).
+    pub fn prepare_resync(&mut self, i: usize, budget: usize) -> Option<ResyncStep> {
+        let now = Instant::now();
+        let due = matches!(self.replicas.get(i).and_then(|r| r.stale.as_ref()),
+            Some(s) if s.retry_at <= now);
+        if !due || self.in_step().is_empty() || self.uncertain.is_some() || self.writable().is_err()
+        {
+            return None;
+        }
+        let budget = budget.max(1);
+        let r = &self.replicas[i];
+        let task = if r.manifest == Held::Unknown {
+            Task::Manifest
+        } else {
+            let mut needed: Vec<(String, Check)> = Vec::new();
+            for (k, e) in self.table.iter().enumerate() {
+                if e.version > r.synced {
+                    let index = k as u64;
+                    needed.push((
+                        self.keys.chunk(index, e.version, e.session),
+                        Check::Chunk(index, *e),
+                    ));
+                }
             }
-        }
-        for (p, e) in self.pages.iter().enumerate() {
-            if e.version > synced {
-                let p = p as u64;
-                needed.push((self.keys.page(p, e.version, e.session), Check::Page(p, *e)));
+            for (p, e) in self.pages.iter().enumerate() {
+                if e.version > r.synced {
+                    let p = p as u64;
+                    needed.push((self.keys.page(p, e.version, e.session), Check::Page(p, *e)));
+                }
             }
-        }
-        needed.retain(|(n, _)| !self.replicas[i].copied.contains(n));
-        if !self.replicas[i].trusted {
-            // What it holds is not known: a look at each name first (no
-            // body), and only what is missing is copied.
-            let target = self.replicas[i].objects.clone();
-            let look: Vec<String> = needed
+            needed.retain(|(n, _)| !r.copied.contains(n));
+            if let Some(s) = &mut self.replicas[i].stale {
+                s.to_copy = Some(needed.len() as u64);
+            }
+            let r = &self.replicas[i];
+            let unlooked: Vec<(String, Check)> = if r.trusted {
+                Vec::new()
+            } else {
+                needed
+                    .iter()
+                    .filter(|(n, _)| !r.looked.contains(n))
+                    .take(budget * 8)
+                    .cloned()
+                    .collect()
+            };
+            if !unlooked.is_empty() {
+                Task::Look(unlooked)
+            } else if needed.is_empty() {
+                if !self.dirty_pages.is_empty() {
+                    // Pages not yet durable: after the next flush.
+                    return None;
+                }
+                let (bytes, root) = Manifest {
+                    geometry: self.geometry,
+                    epoch: self.epoch,
+                    pages: self.pages.clone(),
+                }
+                .encode(&self.key, &self.vault);
+                if root != self.root {
+                    return None;
+                }
+                let mode = match &r.manifest {
+                    Held::At(t) => Put::Update(t.clone()),
+                    _ => Put::Create,
+                };
+                Task::Last(Bytes::from(bytes), mode, self.epoch)
+            } else {
+                needed.truncate(budget);
+                Task::Copy(needed)
+            }
+        };
+        let limit = self.settings.degrade_after;
+        Some(ResyncStep {
+            i,
+            target: self.replicas[i].objects.clone(),
+            sources: self
+                .in_step()
                 .iter()
-                .take(budget * 8)
-                .map(|(n, _)| n.clone())
-                .collect();
-            let there = bounded(
-                look.iter()
-                    .map(|n| {
-                        let target = target.clone();
-                        async move { timed(limit, target.exists(n, usize::MAX)).await }
-                    })
-                    .collect(),
-                IN_FLIGHT,
-            )
-            .await;
-            for (n, t) in look.iter().zip(there) {
-                if t.map_err(|e| e.to_string())? {
-                    self.replicas[i].copied.insert(n.clone());
-                }
-            }
-            needed.retain(|(n, _)| !self.replicas[i].copied.contains(n));
-            if needed.is_empty() && look.len() == budget * 8 {
-                // More may be left to look at: the next step goes on.
-                return Ok(());
-            }
-        }
-        let left = needed.len();
-        let step: Vec<(String, Check)> = needed.into_iter().take(budget).collect();
-        let sources = self.in_step();
-        let target = self.replicas[i].objects.clone();
-        let this = &*self;
-        let copies = bounded(
-            step.iter()
-                .map(|(n, check)| {
-                    let (sources, target) = (&sources, target.clone());
-                    async move {
-                        let bytes = match *check {
-                            Check::Chunk(index, e) => {
-                                this.fetch(
-                                    sources,
-                                    n,
-                                    this.geometry.chunk_len(index),
-                                    &format!("chunk {index} version {}", e.version),
-                                    |b| {
-                                        this.verify_chunk(index, &e, b)?;
-                                        Ok(b.clone())
-                                    },
-                                )
-                                .await
-                            }
-                            Check::Page(p, e) => {
-                                let name = this.keys.page(p, e.version, e.session);
-                                this.fetch(
-                                    sources,
-                                    &name,
-                                    Page::max_len(),
-                                    &format!("page {p} at epoch {}", e.version),
-                                    |b| {
-                                        this.check_page(p, &e, b)?;
-                                        Ok(b.clone())
-                                    },
-                                )
-                                .await
-                            }
-                        };
-                        let b = bytes.map_err(|e| format!("reading {n} to copy it: {e}"))?;
-                        timed(limit, target.put(n, b, Put::Overwrite))
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                })
+                .map(|j| self.replicas[*j].objects.clone())
                 .collect(),
-            IN_FLIGHT,
-        )
-        .await;
-        let mut first = None;
-        for ((n, _), r) in step.iter().zip(copies) {
-            match r {
-                Ok(_) => {
-                    self.replicas[i].copied.insert(n.clone());
-                    self.replicas[i].copied_total += 1;
-                }
-                Err(e) => {
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = first {
-            return Err(e);
-        }
-        let still = left - step.len();
-        if let Some(s) = &mut self.replicas[i].stale {
-            s.to_copy = Some(still as u64);
-        }
-        if still > 0 {
+            limit: if matches!(task, Task::Last(..)) {
+                limit.min(LAST_STEP_LIMIT)
+            } else {
+                limit
+            },
+            task,
+            suspect: self.replicas[i].suspect,
+            manifest: self.keys.manifest(),
+            keys: self.keys.clone(),
+            key: self.key.clone(),
+            vault: self.vault,
+            geometry: self.geometry,
+        })
+    }
+
+    /// Records what a resync step did; a failure leaves the store stale
+    /// until its next retry. A manifest there that only another holder of
+    /// the integrity key could have written fences this writer.
+    pub fn finish_resync(
+        &mut self,
+        step: ResyncStep,
+        outcome: ResyncOutcome,
+    ) -> Result<(), RemoteError> {
+        let i = step.i;
+        if self.replicas.get(i).is_none_or(|r| r.stale.is_none()) {
             return Ok(());
         }
-        // It lacks nothing: the durable manifest, then every write.
-        if self.dirty_pages.is_empty() {
-            let (bytes, root) = Manifest {
-                geometry: self.geometry,
-                epoch: self.epoch,
-                pages: self.pages.clone(),
+        let failed = match (step.task, outcome) {
+            (Task::Manifest, ResyncOutcome::Manifest(got)) => match got {
+                Err(e) => Some(e),
+                Ok(got) => {
+                    let (held, synced) = match got {
+                        None => (Held::Absent, 0),
+                        Some((bytes, tag)) => {
+                            match Manifest::decode(&bytes, &self.key, &self.vault) {
+                                // A root of this history: it holds everything
+                                // up to its epoch.
+                                Ok((m, root)) if self.known.contains(&root) => {
+                                    (Held::At(tag), m.epoch)
+                                }
+                                // Older, of another session or writer: checked
+                                // object by object.
+                                Ok((m, _)) if m.epoch < self.epoch => (Held::At(tag), 0),
+                                Ok(_) => {
+                                    self.fenced = true;
+                                    self.mark_stale(
+                                    i,
+                                    "it holds a manifest this writer did not write (another writer?)"
+                                        .into(),
+                                );
+                                    return Err(RemoteError::Fenced);
+                                }
+                                Err(_) => (Held::At(tag), 0),
+                            }
+                        }
+                    };
+                    let r = &mut self.replicas[i];
+                    r.trusted = !r.suspect && (synced > 0 || held == Held::Absent);
+                    r.manifest = held;
+                    r.synced = synced;
+                    // What was copied before is not known to be there now.
+                    r.copied.clear();
+                    r.looked.clear();
+                    None
+                }
+            },
+            (Task::Look(names), ResyncOutcome::Look(results)) => {
+                let mut first = None;
+                let mut bad = false;
+                for ((n, _), r) in names.iter().zip(results) {
+                    match r {
+                        Ok(Looked::There) => {
+                            self.replicas[i].copied.insert(n.clone());
+                        }
+                        Ok(Looked::Missing) => {
+                            self.replicas[i].looked.insert(n.clone());
+                        }
+                        Ok(Looked::Bad) => {
+                            self.replicas[i].looked.insert(n.clone());
+                            bad = true;
+                        }
+                        Err(e) => {
+                            first.get_or_insert(e);
+                        }
+                    }
+                }
+                let r = &mut self.replicas[i];
+                if bad && !r.suspect {
+                    // A sampled object did not verify: what its HEADs
+                    // said is not believed, and every object is read
+                    // back from now on.
+                    r.suspect = true;
+                    r.copied.clear();
+                    r.looked.clear();
+                }
+                first
             }
-            .encode(&self.key, &self.vault);
-            if root != self.root {
-                return Err("the manifest to copy is not the durable one".into());
+            (Task::Copy(names), ResyncOutcome::Copy(results)) => {
+                let mut first = None;
+                for ((n, _), r) in names.iter().zip(results) {
+                    match r {
+                        Ok(()) => {
+                            let r = &mut self.replicas[i];
+                            r.copied.insert(n.clone());
+                            r.copied_total += 1;
+                        }
+                        Err(e) => {
+                            first.get_or_insert(e);
+                        }
+                    }
+                }
+                first
             }
-            let mode = match &self.replicas[i].manifest {
-                Held::At(t) => Put::Update(t.clone()),
-                _ => Put::Create,
-            };
-            match timed(limit, target.put(&name, Bytes::from(bytes), mode)).await {
+            (Task::Last(_, _, epoch), ResyncOutcome::Last(put)) => match put {
+                Ok(tag) if epoch == self.epoch && self.dirty_pages.is_empty() => {
+                    let r = &mut self.replicas[i];
+                    r.manifest = Held::At(tag);
+                    r.synced = self.epoch;
+                    r.trusted = true;
+                    r.suspect = false;
+                    r.stale = None;
+                    r.copied.clear();
+                    r.looked.clear();
+                    let e = StoreEvent::InStep {
+                        name: r.name.clone(),
+                        copied: r.copied_total,
+                    };
+                    self.event(e);
+                    None
+                }
                 Ok(tag) => {
-                    self.replicas[i].manifest = Held::At(tag);
+                    // Written to since: it holds everything up to that
+                    // manifest's epoch, and catches up from there.
+                    let r = &mut self.replicas[i];
+                    r.manifest = Held::At(tag);
+                    r.synced = epoch;
+                    r.trusted = true;
+                    r.suspect = false;
+                    r.copied.clear();
+                    r.looked.clear();
+                    None
                 }
                 Err(e) => {
                     self.replicas[i].manifest = Held::Unknown;
-                    return Err(format!("writing its manifest: {e}"));
+                    Some(format!("writing its manifest: {e}"))
                 }
+            },
+            _ => Some("a resync step's outcome does not match it".into()),
+        };
+        if let Some(reason) = failed {
+            self.mark_stale(i, reason);
+        }
+        Ok(())
+    }
+}
+
+/// How long garbage collection waits for a deletion.
+const GC_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long the last step of a resync (one manifest put, with the device
+/// held) waits.
+const LAST_STEP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Deletions of superseded objects on the stores in step, to run without
+/// the store ([`ChunkStore::prepare_garbage`]).
+pub struct Garbage {
+    stores: Vec<Arc<dyn Objects>>,
+    targets: Vec<usize>,
+    limit: Duration,
+    names: Vec<(String, Instant)>,
+}
+
+impl Garbage {
+    /// Deletes each name on each store ([`IN_FLIGHT`] per store at once);
+    /// whether each deletion was done, per name and store. The first
+    /// deletion that fails or times out stops the rest (left for the
+    /// next collection).
+    pub async fn run(&self) -> Vec<bool> {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut jobs = Vec::with_capacity(self.names.len() * self.stores.len());
+        for (name, _) in &self.names {
+            for o in &self.stores {
+                let stop = &stop;
+                jobs.push(async move {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    let ok = timed(Some(self.limit), o.delete(name)).await.is_ok();
+                    if !ok {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    ok
+                });
             }
         }
-        let r = &mut self.replicas[i];
-        r.synced = self.epoch;
-        r.trusted = true;
-        r.stale = None;
-        r.copied.clear();
-        let e = StoreEvent::InStep {
-            name: r.name.clone(),
-            copied: r.copied_total,
-        };
-        self.event(e);
-        Ok(())
+        bounded(jobs, IN_FLIGHT * self.stores.len().max(1)).await
+    }
+}
+
+/// What a resync step does to a stale store.
+enum Task {
+    /// Read its manifest.
+    Manifest,
+    /// Look at which of these objects it holds.
+    Look(Vec<(String, Check)>),
+    /// Copy these to it.
+    Copy(Vec<(String, Check)>),
+    /// Put the durable manifest (of this epoch) on it.
+    Last(Bytes, Put, u64),
+}
+
+/// Whether a stale store holds an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Looked {
+    /// It does (its HEAD answered, or it was read back and verified).
+    There,
+    /// It does not.
+    Missing,
+    /// It has bytes there that do not verify.
+    Bad,
+}
+
+/// A step of bringing a stale store back
+/// ([`ChunkStore::prepare_resync`]).
+pub struct ResyncStep {
+    i: usize,
+    target: Arc<dyn Objects>,
+    sources: Vec<Arc<dyn Objects>>,
+    limit: Duration,
+    task: Task,
+    suspect: bool,
+    manifest: String,
+    keys: Keys,
+    key: Arc<IntegrityKey>,
+    vault: [u8; 16],
+    geometry: Geometry,
+}
+
+/// What a [`ResyncStep`] did.
+pub enum ResyncOutcome {
+    /// The store's manifest (`None`: none there, and the store honours
+    /// conditional writes).
+    Manifest(Result<Option<(Bytes, Tag)>, String>),
+    /// Whether it holds each object looked at.
+    Look(Vec<Result<Looked, String>>),
+    /// Each copy.
+    Copy(Vec<Result<(), String>>),
+    /// The manifest put.
+    Last(Result<Tag, String>),
+}
+
+impl ResyncStep {
+    /// The store it works on.
+    pub fn store(&self) -> usize {
+        self.i
+    }
+
+    /// Whether this is the last step (the manifest put), which must run
+    /// with no write to the store in between.
+    pub fn is_last(&self) -> bool {
+        matches!(self.task, Task::Last(..))
+    }
+
+    fn verifies(&self, check: &Check, bytes: &[u8]) -> bool {
+        match *check {
+            Check::Chunk(index, e) => chunk_verifies(
+                &self.key,
+                &self.vault,
+                (index, &e, self.geometry.chunk_len(index)),
+                bytes,
+            ),
+            Check::Page(p, e) => Page::decode(
+                bytes,
+                &self.key,
+                &self.vault,
+                (p, self.geometry.page_len(p)),
+                &e,
+            )
+            .is_ok(),
+        }
+    }
+
+    fn max_len(&self, check: &Check) -> usize {
+        match *check {
+            Check::Chunk(index, _) => self.geometry.chunk_len(index),
+            Check::Page(..) => Page::max_len(),
+        }
+    }
+
+    /// Runs the step (not under the store's lock). The first request to
+    /// fail or time out stops the others.
+    pub async fn run(&self) -> ResyncOutcome {
+        let limit = Some(self.limit);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stopped = || "stopped after another request failed".to_string();
+        match &self.task {
+            Task::Manifest => {
+                let got = match timed(limit, self.target.get(&self.manifest, MAX_MANIFEST)).await {
+                    Ok(None) => conditional_writes(self.target.as_ref(), &self.keys, limit)
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.to_string()),
+                    Ok(Some(got)) => Ok(Some(got)),
+                    Err(e) => Err(e.to_string()),
+                };
+                ResyncOutcome::Manifest(got)
+            }
+            Task::Look(names) => {
+                // Which are read back: every one on a store that served
+                // bad data, else one in eight (from a random start).
+                let start = usize::try_from(random_u64().unwrap_or(0) % 8).unwrap_or(0);
+                let stop = &stop;
+                let jobs = names
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (n, check))| async move {
+                        if stop.load(Ordering::Relaxed) {
+                            return Err(stopped());
+                        }
+                        let r = if self.suspect || k % 8 == start {
+                            timed(limit, self.target.get(n, self.max_len(check)))
+                                .await
+                                .map(|got| match got {
+                                    None => Looked::Missing,
+                                    Some((b, _)) if self.verifies(check, &b) => Looked::There,
+                                    Some(_) => Looked::Bad,
+                                })
+                        } else {
+                            timed(limit, self.target.exists(n, self.max_len(check)))
+                                .await
+                                .map(|there| {
+                                    if there {
+                                        Looked::There
+                                    } else {
+                                        Looked::Missing
+                                    }
+                                })
+                        };
+                        r.map_err(|e| {
+                            stop.store(true, Ordering::Relaxed);
+                            e.to_string()
+                        })
+                    })
+                    .collect();
+                ResyncOutcome::Look(bounded(jobs, IN_FLIGHT).await)
+            }
+            Task::Copy(names) => {
+                let stop = &stop;
+                let jobs = names
+                    .iter()
+                    .map(|(n, check)| async move {
+                        if stop.load(Ordering::Relaxed) {
+                            return Err(stopped());
+                        }
+                        let r = self.copy(n, check).await;
+                        if r.is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        r
+                    })
+                    .collect();
+                ResyncOutcome::Copy(bounded(jobs, IN_FLIGHT).await)
+            }
+            Task::Last(bytes, mode, _) => ResyncOutcome::Last(
+                timed(
+                    limit,
+                    self.target.put(&self.manifest, bytes.clone(), mode.clone()),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            ),
+        }
+    }
+
+    /// Reads `name` from the first store in step whose bytes verify, and
+    /// puts them on the stale store.
+    async fn copy(&self, name: &str, check: &Check) -> Result<(), String> {
+        let limit = Some(self.limit);
+        let mut last = format!("reading {name} to copy it: no store in step has it");
+        for o in &self.sources {
+            match timed(limit, o.get(name, self.max_len(check))).await {
+                Ok(Some((b, _))) if self.verifies(check, &b) => {
+                    return timed(limit, self.target.put(name, b, Put::Overwrite))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                }
+                Ok(Some(_)) => last = format!("reading {name} to copy it: it does not verify"),
+                Ok(None) => {}
+                Err(e) => last = format!("reading {name} to copy it: {e}"),
+            }
+        }
+        Err(last)
     }
 }
 

@@ -31,6 +31,8 @@ const UP: u8 = 0;
 const DOWN: u8 = 1;
 const HUNG: u8 = 2;
 const SLOW: u8 = 3;
+/// Reads answer; puts and deletes never do.
+const WRITES_HUNG: u8 = 4;
 
 /// A store that can be made to fail every request, or never answer.
 struct Switch {
@@ -52,7 +54,14 @@ impl Switch {
         self.mode.store(mode, Ordering::SeqCst);
     }
     async fn gate(&self) -> Result<(), StoreError> {
+        self.gate_for(false).await
+    }
+    async fn gate_for(&self, write: bool) -> Result<(), StoreError> {
         match self.mode.load(Ordering::SeqCst) {
+            WRITES_HUNG if write => {
+                futures::future::pending::<()>().await;
+                unreachable!()
+            }
             DOWN => Err(StoreError::Other("injected: connection refused".into())),
             HUNG => {
                 futures::future::pending::<()>().await;
@@ -85,13 +94,13 @@ impl Objects for Switch {
         mode: Put,
     ) -> BoxFuture<'a, Result<Tag, StoreError>> {
         Box::pin(async move {
-            self.gate().await?;
+            self.gate_for(true).await?;
             self.inner.put(key, data, mode).await
         })
     }
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.gate().await?;
+            self.gate_for(true).await?;
             self.inner.delete(key).await
         })
     }
@@ -650,4 +659,167 @@ fn an_altered_chunk_in_the_read_ahead_window_is_an_error_not_bytes() {
             assert!(buf.iter().all(|b| *b == index as u8 + 1), "chunk {index}");
         }
     }
+}
+
+/// A store in step that serves a chunk that does not verify is repaired,
+/// and then left out of writes and reads until every object it should
+/// hold has been read back and verified: another chunk altered there,
+/// never read, is found and rewritten before it takes writes again.
+#[test]
+fn a_store_that_served_bad_data_is_demoted_and_read_back_whole() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
+        s.write_chunks((0..6).map(|i| (i, chunk(i as u8 + 1))).collect())
+            .await
+            .unwrap();
+        s.flush().await.unwrap().unwrap();
+        let snap = snapshot(&a.mem).await;
+        let name = |i: u64| {
+            snap.keys()
+                .find(|k| k.starts_with(&format!("team/c/{i:012}/")))
+                .unwrap()
+                .clone()
+        };
+        for i in [3, 5] {
+            a.mem
+                .put(&Path::from(name(i).as_str()), PutPayload::from(chunk(0xee)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(s.read_chunk(3).await.unwrap(), chunk(4));
+        assert_eq!(s.demote_bad(), 1);
+        let st = s.status();
+        assert!(!st[0].in_step && st[1].in_step, "{st:?}");
+        assert!(st[0].reason.as_deref().unwrap().contains("did not verify"));
+        // Writes go on without it.
+        s.write_chunks(vec![(6, chunk(7))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        resync_until_in_step(&mut s).await;
+        assert_eq!(s.demote_bad(), 0);
+        drop(s);
+        // The primary alone now holds every chunk as written, chunk 5 too.
+        let one = open_one(&a, &keys, root).await;
+        for i in 0..7u64 {
+            assert_eq!(
+                one.read_chunk(i).await.unwrap(),
+                chunk(i as u8 + 1),
+                "chunk {i}"
+            );
+        }
+    });
+}
+
+/// A manifest a store altered, lost or rolled back is the store's fault,
+/// not a second writer: that store goes stale and the others go on (one
+/// provider cannot stop the vault). A manifest only a holder of the
+/// integrity key could have written still fences.
+#[test]
+fn a_store_that_spoils_its_manifest_goes_stale_and_only_another_writer_fences() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        let old = snapshot(&b.mem).await["team/manifest"].clone();
+        s.write_chunks(vec![(1, chunk(2))]).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        // The mirror puts back the first manifest; the primary's is
+        // replaced by garbage.
+        b.mem
+            .put(&Path::from("team/manifest"), PutPayload::from(old))
+            .await
+            .unwrap();
+        s.write_chunks(vec![(2, chunk(3))]).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        let st = s.status();
+        assert!(st[0].in_step && !st[1].in_step, "{st:?}");
+        assert!(
+            st[1].reason.as_deref().unwrap().contains("manifest"),
+            "{st:?}"
+        );
+        resync_until_in_step(&mut s).await;
+        a.mem
+            .put(
+                &Path::from("team/manifest"),
+                PutPayload::from(vec![0x5a; 300]),
+            )
+            .await
+            .unwrap();
+        s.write_chunks(vec![(3, chunk(4))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        assert!(!s.is_fenced());
+        let st = s.status();
+        assert!(!st[0].in_step && st[1].in_step, "{st:?}");
+        resync_until_in_step(&mut s).await;
+        // A second writer (the same key, another host) opens both and
+        // flushes first: the first is fenced.
+        let (mut other, _) = ChunkStore::open_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        other.write_chunks(vec![(4, chunk(5))]).await.unwrap();
+        other.flush().await.unwrap().unwrap();
+        s.write_chunks(vec![(4, chunk(6))]).await.unwrap();
+        assert_eq!(s.flush().await, Err(RemoteError::Fenced));
+    });
+}
+
+/// Bringing a stale mirror back never holds the device: with a mirror
+/// that answers reads but never a write (and a timeout of an hour),
+/// writes and flushes go on while its copies hang.
+#[test]
+fn a_mirror_that_hangs_while_brought_back_holds_up_no_write() {
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    let (s, _) = rt().block_on(async {
+        ChunkStore::create_mirrored(
+            backends(&[&a, &b]),
+            MirrorSettings {
+                degrade_after: Duration::from_secs(3600),
+                retry_after: Duration::ZERO,
+            },
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap()
+    });
+    let dev = Arc::new(RemoteDevice::new(s, 1 << 20, Box::new(|_| Ok(()))).unwrap());
+    dev.write_at(0, &[7u8; 100_000]).unwrap();
+    dev.flush().unwrap();
+    b.set(DOWN);
+    dev.write_at(200_000, &[8u8; 10_000]).unwrap();
+    dev.flush().unwrap();
+    assert!(!dev.status()[1].in_step);
+    // It answers its manifest's read, and its copies hang.
+    b.set(WRITES_HUNG);
+    std::thread::sleep(Duration::from_secs(2));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d2 = dev.clone();
+    std::thread::spawn(move || {
+        for k in 0..5u8 {
+            d2.write_at(u64::from(k) * 65536, &[k; 4096]).unwrap();
+            d2.flush().unwrap();
+        }
+        let mut back = vec![0u8; 4096];
+        d2.read_at(4 * 65536, &mut back).unwrap();
+        let _ = tx.send(back);
+    });
+    let back = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("a write or flush waited on the hung mirror");
+    assert_eq!(back, vec![4u8; 4096]);
+    assert!(!dev.status()[1].in_step);
+    drop(dev);
 }

@@ -1,7 +1,8 @@
-//! Files written so that a crash leaves either the old or the new content.
+//! Files written so that a crash leaves either the old or the new content,
+//! and small files read without following a link or reading without end.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -37,6 +38,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The content of `path` if it is a regular file (not followed if it is
+/// a symbolic link) of at most `max` bytes; an error otherwise.
+pub fn read_small(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    if meta.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {max} bytes", path.display()),
+        ));
+    }
+    let mut out = Vec::new();
+    f.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} grew past {max} bytes", path.display()),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +87,24 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         let e = write_atomic(&dir.join("no/such/dir"), b"", 0o600).unwrap_err();
         assert!(e.to_string().starts_with("create "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_a_small_regular_file_and_refuses_links_fifos_and_big_ones() {
+        let dir = std::env::temp_dir().join(format!("coffre-sys-small-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("h.json");
+        std::fs::write(&p, b"{}").unwrap();
+        assert_eq!(read_small(&p, 2).unwrap(), b"{}");
+        assert!(read_small(&p, 1).is_err());
+        std::os::unix::fs::symlink(&p, dir.join("link")).unwrap();
+        assert!(read_small(&dir.join("link"), 100).is_err());
+        let fifo = std::ffi::CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: `fifo` is a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = read_small(&dir.join("fifo"), 100).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

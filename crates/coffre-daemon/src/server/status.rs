@@ -94,12 +94,11 @@ impl Shell {
                 "chunk_size": sc.chunk_size,
                 "cache_size": sc.cache_size,
             });
-            // With mirrors, each store's standing as the device last
-            // reported it (while open).
+            // With mirrors, each store's standing as the device reports
+            // it, while the data is mounted (else it is not current).
             if !sc.mirror.is_empty()
-                && let Some(h) = std::fs::read_to_string(crate::remote::health_path(&self.dir))
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                && v["mounted"] == json!(true)
+                && let Some(h) = crate::remote::read_health(&self.dir)
             {
                 v["storage"]["stores"] = h["stores"].clone();
                 v["storage"]["stores_at"] = h["at"].clone();
