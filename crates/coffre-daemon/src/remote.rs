@@ -47,50 +47,132 @@ fn local_root(vd: &VaultDir) -> Result<Root, RemoteError> {
     Root::from_line(&text)
 }
 
-/// The stores: the primary, then the mirrors, each under its own prefix
-/// (the chunk store's names are relative to it).
+/// One store's settings: the primary's or a mirror's.
+struct StoreSettings<'a> {
+    url: &'a str,
+    endpoint: &'a Option<String>,
+    region: &'a Option<String>,
+    allow_http: bool,
+    credentials_file: &'a Option<std::path::PathBuf>,
+    ca_file: &'a Option<std::path::PathBuf>,
+    tls_name: &'a Option<String>,
+}
+
+/// Every store of `c`: the primary, then the mirrors.
+fn store_settings(c: &StorageConfig) -> Vec<StoreSettings<'_>> {
+    let mut out = vec![StoreSettings {
+        url: &c.url,
+        endpoint: &c.endpoint,
+        region: &c.region,
+        allow_http: c.allow_http,
+        credentials_file: &c.credentials_file,
+        ca_file: &c.ca_file,
+        tls_name: &c.tls_name,
+    }];
+    out.extend(c.mirror.iter().map(|m| StoreSettings {
+        url: &m.url,
+        endpoint: &m.endpoint,
+        region: &m.region,
+        allow_http: m.allow_http,
+        credentials_file: &m.credentials_file,
+        ca_file: &m.ca_file,
+        tls_name: &m.tls_name,
+    }));
+    out
+}
+
+/// Whether `url` names an NBD export.
+pub fn is_nbd(url: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+}
+
+/// The backend's kind, for status.
+fn backend_kind(url: &str) -> &'static str {
+    if is_nbd(url) { "nbd" } else { "s3" }
+}
+
+/// An NBD export as a store: our client, the slot layout on it, TLS with
+/// the vault's CA (or `ca_file`) for `nbds`.
+fn nbd_backend(
+    s: &StoreSettings<'_>,
+    vd: &VaultDir,
+    timeout: std::time::Duration,
+) -> Result<Arc<dyn coffre_remote::Objects>, RemoteError> {
+    use coffre_remote::nbd::{NbdAddr, NbdClient, NbdSettings};
+    let (addr, export, tls) = coffre_remote::nbd::parse_url(s.url)?;
+    let tls = if tls {
+        let ca = s
+            .ca_file
+            .as_ref()
+            .map_or_else(|| vd.ca_cert(), |f| vd.root.join(f));
+        let pem = std::fs::read_to_string(&ca).map_err(|e| {
+            RemoteError::Config(format!(
+                "{}: {e} (the CA of the storage host)",
+                ca.display()
+            ))
+        })?;
+        // Trusts that CA alone; no client certificate.
+        let config = coffre_api::tls::join_config(&pem)
+            .map_err(|e| RemoteError::Config(format!("{}: {e}", ca.display())))?;
+        let name = match (s.tls_name, &addr) {
+            (Some(n), _) => n.clone(),
+            (None, NbdAddr::Tcp(host, _)) => host.clone(),
+            (None, NbdAddr::Unix(_)) => {
+                return Err(RemoteError::Config(format!(
+                    "{}: over a unix socket, say which name the storage host's certificate carries (tls_name)",
+                    s.url
+                )));
+            }
+        };
+        Some((Arc::new(config), name))
+    } else {
+        None
+    };
+    let client = NbdClient::new(NbdSettings {
+        addr,
+        export,
+        tls,
+        timeout,
+    });
+    Ok(Arc::new(coffre_remote::blocks::BlockObjects::new(
+        Arc::new(client),
+    )))
+}
+
+/// The stores: the primary, then the mirrors; an S3 store under its own
+/// prefix (the chunk store's names are relative to it), an NBD export in
+/// the slot layout.
 fn backends(c: &StorageConfig, vd: &VaultDir) -> Result<Vec<Backend>, RemoteError> {
-    let one = |url: &str,
-               endpoint: &Option<String>,
-               region: &Option<String>,
-               allow_http: bool,
-               creds: &Option<std::path::PathBuf>|
-     -> Result<Backend, RemoteError> {
-        let creds = creds
+    let timeout = std::time::Duration::from_secs(c.degrade_after_s.max(30));
+    let one = |s: &StoreSettings<'_>| -> Result<Backend, RemoteError> {
+        if is_nbd(s.url) {
+            return Ok(Backend {
+                name: s.url.to_string(),
+                objects: nbd_backend(s, vd, timeout)?,
+            });
+        }
+        let creds = s
+            .credentials_file
             .as_ref()
             .map(|f| coffre_remote::s3::Credentials::load(&vd.root.join(f)))
             .transpose()?;
         let (objects, prefix) = coffre_remote::s3::open(
             &coffre_remote::s3::S3Settings {
-                url: url.to_string(),
-                endpoint: endpoint.clone(),
-                region: region.clone(),
-                allow_http,
+                url: s.url.to_string(),
+                endpoint: s.endpoint.clone(),
+                region: s.region.clone(),
+                allow_http: s.allow_http,
             },
             creds.as_ref(),
         )?;
         Ok(Backend {
-            name: url.to_string(),
+            name: s.url.to_string(),
             objects: Arc::new(coffre_remote::objects::Prefixed::new(objects, &prefix)),
         })
     };
-    let mut out = vec![one(
-        &c.url,
-        &c.endpoint,
-        &c.region,
-        c.allow_http,
-        &c.credentials_file,
-    )?];
-    for m in &c.mirror {
-        out.push(one(
-            &m.url,
-            &m.endpoint,
-            &m.region,
-            m.allow_http,
-            &m.credentials_file,
-        )?);
-    }
-    Ok(out)
+    store_settings(c).iter().map(one).collect()
 }
 
 fn settings(c: &StorageConfig) -> MirrorSettings {
@@ -636,7 +718,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     let health = read_health(&vd);
     let primary = stores[0].clone();
     Ok(serde_json::json!({
-        "backend": "s3",
+        "backend": backend_kind(&sc.url),
         "url": sc.url,
         "endpoint": sc.endpoint,
         "chunk_size": sc.chunk_size,

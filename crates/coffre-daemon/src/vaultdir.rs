@@ -44,11 +44,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
     })
 }
 
-/// `[storage]`: the volume's ciphertext on an S3 store.
+/// `[storage]`: the volume's ciphertext on an S3 store or an NBD export.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `s3://BUCKET/PREFIX`.
+    /// `s3://BUCKET/PREFIX`, `nbd://HOST[:PORT]/EXPORT`, `nbds://...`
+    /// (TLS), `nbd+unix:///EXPORT?socket=PATH`.
     pub url: String,
     /// The endpoint of a store that is not AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +79,15 @@ pub struct StorageConfig {
     /// in the background once it answers).
     #[serde(default = "default_degrade_after_s")]
     pub degrade_after_s: u64,
+    /// `nbds`: the PEM file of the CA that signs the storage host's
+    /// certificate (in DIR, or absolute); default: the vault's own CA
+    /// (`DIR/ca.pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `nbds`: the name the storage host's certificate must carry;
+    /// default: the URL's host (required for a unix socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
 }
 
 impl StorageConfig {
@@ -93,6 +103,8 @@ impl StorageConfig {
             cache_size: default_cache_size(),
             mirror: Vec::new(),
             degrade_after_s: default_degrade_after_s(),
+            ca_file: None,
+            tls_name: None,
         }
     }
 
@@ -106,11 +118,12 @@ impl StorageConfig {
     }
 }
 
-/// `[[storage.mirror]]`: another S3 store the volume is written to.
+/// `[[storage.mirror]]`: another store (S3 or NBD) the volume is written
+/// to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorConfig {
-    /// `s3://BUCKET/PREFIX`.
+    /// Its URL, as `[storage] url`.
     pub url: String,
     /// Its endpoint, when it is not AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +138,12 @@ pub struct MirrorConfig {
     /// variables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
+    /// `nbds`: as `[storage] ca_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `nbds`: as `[storage] tls_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
 }
 
 fn default_degrade_after_s() -> u64 {

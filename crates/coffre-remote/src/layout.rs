@@ -143,6 +143,44 @@ impl Keys {
     pub fn probe(&self, nonce: u64) -> String {
         format!("{}probe/{nonce:016x}", self.prefix)
     }
+
+    /// What a name made by these methods names, whatever its prefix;
+    /// `None` for any other name.
+    pub fn parse(name: &str) -> Option<Name> {
+        let hex = |s: &str, digits: usize| {
+            (s.len() == digits && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u64::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let parts: Vec<&str> = name.rsplitn(4, '/').collect();
+        match parts.as_slice() {
+            ["manifest", ..] => Some(Name::Manifest),
+            [nonce, "probe", ..] => Some(Name::Probe(hex(nonce, 16)?)),
+            [vs, index, kind @ ("c" | "p"), ..] => {
+                let (v, s) = vs.split_once('.')?;
+                let (v, s) = (hex(v, 16)?, hex(s, 16)?);
+                if *kind == "c" {
+                    Some(Name::Chunk(hex(index, 12)?, v, s))
+                } else {
+                    Some(Name::Page(hex(index, 8)?, v, s))
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What an object's name says ([`Keys::parse`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Name {
+    /// Chunk (index, version, session).
+    Chunk(u64, u64, u64),
+    /// Page (index, epoch, session).
+    Page(u64, u64, u64),
+    /// The manifest.
+    Manifest,
+    /// A conditional-write probe, by its nonce.
+    Probe(u64),
 }
 
 /// One chunk's entry in the version table (and one page's in the
@@ -352,6 +390,11 @@ impl Page {
 }
 
 impl Manifest {
+    /// How many bytes the manifest of a volume of `pages` pages has.
+    pub fn len_for(pages: u64) -> u64 {
+        (8 + 16 + 4 + 8 + 8 + 4 + 32) + pages * ENTRY_LEN as u64
+    }
+
     /// The manifest's bytes, its MAC last, and the root it makes.
     pub fn encode(&self, key: &IntegrityKey, vault: &[u8; 16]) -> (Vec<u8>, Root) {
         let mut out =

@@ -26,9 +26,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod blocks;
 pub mod device;
 pub mod integrity;
 pub mod layout;
+pub mod nbd;
 pub mod objects;
 pub mod s3;
 pub mod store;

@@ -71,6 +71,15 @@ pub trait Objects: Send + Sync {
     fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { Ok(self.get(key, max).await?.is_some()) })
     }
+    /// Readies the store for a new volume of `geometry` (a block device
+    /// lays out its slots); nothing for an object store.
+    fn prepare<'a>(
+        &'a self,
+        geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
+        let _ = geometry;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// [`Objects`] over an `object_store` store.
@@ -231,5 +240,11 @@ impl Objects for Prefixed {
                 .exists(&format!("{}{key}", self.prefix), max)
                 .await
         })
+    }
+    fn prepare<'a>(
+        &'a self,
+        geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
+        self.inner.prepare(geometry)
     }
 }

@@ -562,6 +562,10 @@ impl ChunkStore {
         let keys = Keys::new(prefix);
         let many = backends.len() > 1;
         for b in &backends {
+            b.objects
+                .prepare(&geometry)
+                .await
+                .map_err(|e| at(many, &b.name, e))?;
             check_conditional_writes(b.objects.as_ref(), &keys)
                 .await
                 .map_err(|e| at(many, &b.name, e))?;

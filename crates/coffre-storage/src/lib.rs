@@ -12,6 +12,7 @@
 mod container;
 mod device;
 mod error;
+pub mod nbd_wire;
 mod volume;
 
 pub use coffre_luks2::header::SealedKeyslot;

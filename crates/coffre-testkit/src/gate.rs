@@ -71,6 +71,10 @@ pub enum Need {
     /// the mdb and ppolicy modules, started by tests on loopback as the
     /// organisation's directory.
     Slapd,
+    /// NBD servers: nbdkit (with its memory and file plugins, error and
+    /// delay filters) and qemu-nbd (qemu-utils), started by tests on unix
+    /// sockets as the storage host.
+    NbdServers,
     /// moto's S3 server (`moto_server`, PyPI `moto[server]`), started by
     /// tests on loopback as an S3 store; and curl, to create its buckets.
     Moto,
@@ -97,6 +101,7 @@ impl Need {
         Need::Nslcd,
         Need::Slapd,
         Need::Moto,
+        Need::NbdServers,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -176,6 +181,9 @@ impl Need {
                 } else {
                     Err("moto_server: pip install 'moto[server]' (scripts/install-deps puts it in /opt/coffre-test-venv when the system pip refuses)".into())
                 }
+            }
+            Need::NbdServers => {
+                command("nbdkit", "nbdkit").and_then(|()| command("qemu-nbd", "qemu-utils"))
             }
             Need::Slapd => command("slapd", "slapd")
                 .and_then(|()| command("slapadd", "slapd"))

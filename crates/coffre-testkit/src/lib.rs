@@ -17,8 +17,10 @@
 pub mod gate;
 pub mod kdf;
 pub mod moto;
+pub mod nbdserver;
 pub mod process;
 pub mod slapd;
+pub mod tls;
 pub mod volume;
 
 pub use gate::{Need, require};

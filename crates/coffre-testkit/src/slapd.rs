@@ -52,22 +52,10 @@ impl Slapd {
         let d = dir.path();
         std::fs::create_dir(d.join("db")).unwrap();
 
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "slapd test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
+        let pki = crate::tls::TestPki::new("slapd test CA", &["127.0.0.1"]);
+        std::fs::write(d.join("ca.pem"), &pki.ca).unwrap();
+        std::fs::write(d.join("cert.pem"), &pki.cert).unwrap();
+        std::fs::write(d.join("key.pem"), &pki.key).unwrap();
         std::fs::write(d.join("extra.schema"), schema).unwrap();
 
         let s = "/etc/ldap/schema";

@@ -801,3 +801,74 @@ fn mounted_vault_on_s3(chunk: &str) {
         fsync_iops / cond_per_s,
     );
 }
+
+/// The vault on an NBD export (the original design's iSCSI, served by
+/// nbdkit on the storage host): `init --storage nbd+unix://...`, the data
+/// mounted over it at each open and flushed at each close, no plaintext
+/// on the export, and the export moved to another server (qemu-nbd, the
+/// same image) and opened there.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, nbdkit, qemu-nbd"]
+fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
+    use coffre_testkit::nbdserver::NbdServer;
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::NbdServers,
+    ]);
+    let scratch = tempfile::tempdir().unwrap();
+    let img = scratch.path().join("export.img");
+    // A 16 MiB volume takes two slots per chunk: 48 MiB is room enough.
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let file = format!("file={}", img.display());
+    let mut kit = NbdServer::nbdkit(&["file", &file]);
+    let url = kit.url("team");
+    let mut v = Vault::init(&["--storage", &url, "--storage-chunk-size", "256K"]);
+    assert!(!v.dir.join("volume.img").exists());
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let secret = b"the partner's drawings, revision 7, on the storage host";
+    let file_in = v.layout().mountpoint.join("shared").join("drawings.txt");
+    std::fs::write(&file_in, secret).unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    let raw = std::fs::read(&img).unwrap();
+    assert!(raw.starts_with(b"coffre-blocks-1\0"));
+    assert!(!contains(&raw, secret), "plaintext on the export");
+    let out = v
+        .bin()
+        .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code(&out), 0, "{j}");
+    assert_eq!(j["backend"], "nbd", "{j}");
+    assert_eq!(j["standing"], "in step", "{j}");
+    v.stop();
+    kit.stop();
+
+    // The storage host now serves the same image with qemu-nbd.
+    let q = NbdServer::qemu_nbd(&img);
+    let cfg = std::fs::read_to_string(v.dir.join("config.toml")).unwrap();
+    assert!(cfg.contains(&url), "{cfg}");
+    std::fs::write(
+        v.dir.join("config.toml"),
+        cfg.replace(&url, &q.url("coffre")),
+    )
+    .unwrap();
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    assert_eq!(std::fs::read(&file_in).unwrap(), secret);
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+}

@@ -247,7 +247,7 @@ pub enum Command {
 /// `coffre storage ...`.
 #[derive(Debug, Subcommand)]
 pub enum StorageCommand {
-    /// Move the vault's local volume onto an S3 store: every chunk
+    /// Move the vault's local volume onto an S3 store or an NBD export: every chunk
     /// uploaded (chunks of zeros are not stored), read back and compared;
     /// then config.toml names the store and the local file is kept as
     /// volume.img.migrated until you remove it. Interrupted, run it again:
@@ -257,7 +257,9 @@ pub enum StorageCommand {
         /// The vault directory.
         dir: PathBuf,
         /// `s3://BUCKET/PREFIX` (the bucket must exist and honour
-        /// conditional writes).
+        /// conditional writes), or an NBD export (`nbd://HOST[:PORT]/EXPORT`,
+        /// `nbds://...` with TLS, `nbd+unix:///EXPORT?socket=PATH`; about
+        /// twice the volume's size: two slots per chunk).
         #[arg(long, value_name = "URL")]
         to: String,
         /// The S3 endpoint of a store that is not AWS.
@@ -385,9 +387,12 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
     /// Keep the volume's ciphertext on an S3 store (`s3://BUCKET/PREFIX`)
-    /// instead of DIR/volume.img: chunks with a MAC each and a manifest,
-    /// checked against rollback at every open (docs/storage.md). The
-    /// bucket must exist and honour conditional writes.
+    /// or an NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbds://...` with TLS
+    /// against the vault's CA, `nbd+unix:///EXPORT?socket=PATH`) instead
+    /// of DIR/volume.img: chunks with a MAC each and a manifest, checked
+    /// against rollback at every open (docs/storage.md). The bucket must
+    /// exist and honour conditional writes; the export must hold about
+    /// twice the volume (two slots per chunk).
     #[arg(long, value_name = "URL")]
     pub storage: Option<String>,
     /// The S3 endpoint of a store that is not AWS (`https://s3.example.org`).
@@ -411,8 +416,8 @@ pub struct InitArgs {
     /// Default: 1M.
     #[arg(long, value_name = "SIZE", requires = "storage", value_parser = coffre::size::parse_size)]
     pub storage_chunk_size: Option<u64>,
-    /// Also write every chunk to this store (`s3://BUCKET/PREFIX`, another
-    /// provider): repeat for more. Each flush waits for every store that
+    /// Also write every chunk to this store (`s3://BUCKET/PREFIX` or an
+    /// NBD URL, another provider): repeat for more. Each flush waits for every store that
     /// answers; one that does not within [storage] degrade_after_s (30 s)
     /// is left behind and brought back when it answers. Region, plain
     /// HTTP and credentials are the primary's (edit `[[storage.mirror]]`

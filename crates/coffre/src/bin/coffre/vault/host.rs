@@ -62,6 +62,8 @@ pub fn init(a: InitArgs) -> Result<u8> {
                             region: a.storage_region.clone(),
                             allow_http: a.storage_allow_http,
                             credentials_file: None,
+                            ca_file: None,
+                            tls_name: None,
                         })
                         .collect(),
                     chunk_size: a

@@ -1,0 +1,854 @@
+//! A client of NBD servers (nbdkit, qemu-nbd, nbd-server): the fixed
+//! newstyle handshake with `NBD_OPT_GO`, TLS by `NBD_OPT_STARTTLS`, and
+//! read, write (with FUA), flush and trim with several requests in flight
+//! on one connection. A connection that fails is replaced at the next
+//! request (the requests it carried fail: the layer above retries).
+//!
+//! Everything the server sends is checked before it is used: magics,
+//! cookies that match a request in flight, read replies of exactly the
+//! length asked, option replies of bounded length. A server cannot make
+//! the client allocate more than the largest request it made.
+//!
+//! URLs: `nbd://HOST[:PORT]/EXPORT`, `nbds://...` (TLS),
+//! `nbd+unix:///EXPORT?socket=PATH`, `nbds+unix:///...` (the NBD URI
+//! standard's forms).
+//!
+//! Protocol: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>
+
+use crate::RemoteError;
+use crate::objects::StoreError;
+use bytes::{Bytes, BytesMut};
+use coffre_storage::nbd_wire::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+/// The NBD port.
+pub const DEFAULT_PORT: u16 = 10809;
+
+/// The most one request carries: larger reads and writes are split.
+const MAX_PAYLOAD: u32 = 16 << 20;
+
+/// The most an option reply may be.
+const MAX_OPTION_REPLY: u32 = 64 << 10;
+
+/// Requests queued to a connection's writer at once.
+const QUEUE: usize = 64;
+
+/// Where an NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// TCP, host and port.
+    Tcp(String, u16),
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+/// An NBD export and how to reach it.
+#[derive(Clone)]
+pub struct NbdSettings {
+    /// The server.
+    pub addr: NbdAddr,
+    /// The export's name.
+    pub export: String,
+    /// TLS (`nbds`): the client's configuration (the roots that sign the
+    /// server's certificate, a client certificate if the server asks) and
+    /// the name the server's certificate must carry.
+    pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    /// How long a request (or the handshake) may take before the
+    /// connection is given up.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for NbdSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdSettings")
+            .field("addr", &self.addr)
+            .field("export", &self.export)
+            .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an `nbd://` URL names: the server, the export, and whether TLS is
+/// asked for.
+pub fn parse_url(url: &str) -> Result<(NbdAddr, String, bool), RemoteError> {
+    let bad = |why: &str| RemoteError::Config(format!("{url:?} is not an NBD URL: {why}"));
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("it must start with nbd://, nbds://, nbd+unix:// or nbds+unix://"))?;
+    let (tls, unix) = match scheme {
+        "nbd" => (false, false),
+        "nbds" => (true, false),
+        "nbd+unix" => (false, true),
+        "nbds+unix" => (true, true),
+        _ => return Err(bad("unknown scheme")),
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (export, query) = path.split_once('?').unwrap_or((path, ""));
+    if export.len() > 4096 || export.contains('\0') {
+        return Err(bad("the export name is too long or has a NUL"));
+    }
+    let export = percent_decode(export).ok_or_else(|| bad("bad %-escape in the export"))?;
+    if unix {
+        if !authority.is_empty() {
+            return Err(bad(
+                "a unix URL has no host (nbd+unix:///EXPORT?socket=PATH)",
+            ));
+        }
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .ok_or_else(|| bad("socket=PATH is missing"))?;
+        let socket = percent_decode(socket).ok_or_else(|| bad("bad %-escape in the socket"))?;
+        if !socket.starts_with('/') {
+            return Err(bad("the socket path must be absolute"));
+        }
+        return Ok((NbdAddr::Unix(PathBuf::from(socket)), export, tls));
+    }
+    if !query.is_empty() {
+        return Err(bad("a TCP URL takes no query"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => {
+            let (h, rest) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            let port = match rest.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None if rest.is_empty() => DEFAULT_PORT,
+                None => return Err(bad("junk after ]")),
+            };
+            (h.to_string(), port)
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+            None => (authority.to_string(), DEFAULT_PORT),
+        },
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((NbdAddr::Tcp(host, port), export, tls))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// What the server said about the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its transmission flags.
+    pub flags: u16,
+    /// The most one request may carry.
+    pub max_payload: u32,
+}
+
+impl ExportInfo {
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.flags & TFLAG_READ_ONLY != 0
+    }
+    /// Whether FUA is supported.
+    pub fn fua(&self) -> bool {
+        self.flags & TFLAG_SEND_FUA != 0
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+struct Request {
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    len: u32,
+    data: Bytes,
+    reply: oneshot::Sender<Result<Bytes, StoreError>>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, (u16, u32, oneshot::Sender<Result<Bytes, StoreError>>)>>>;
+
+/// One connection in transmission: a writer task sends requests, a
+/// reader task hands each reply to its request.
+struct Conn {
+    tx: mpsc::Sender<Request>,
+    info: ExportInfo,
+    dead: Arc<AtomicBool>,
+}
+
+/// A client of one export. Cheap to share; connects at the first request
+/// and again after a failure.
+pub struct NbdClient {
+    settings: NbdSettings,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClient")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Other(format!("NBD {what}: {e}"))
+}
+
+impl NbdClient {
+    /// A client of the export `settings` names (nothing is sent yet).
+    pub fn new(settings: NbdSettings) -> Self {
+        NbdClient {
+            settings,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The export's size and flags (connecting if need be).
+    pub async fn info(&self) -> Result<ExportInfo, StoreError> {
+        Ok(self.conn().await?.info)
+    }
+
+    async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref()
+            && !c.dead.load(Ordering::SeqCst)
+            && !c.tx.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(self.settings.timeout, connect(&self.settings))
+            .await
+            .map_err(|_| {
+                err(
+                    "handshake",
+                    format!("no answer within {} s", self.settings.timeout.as_secs()),
+                )
+            })??;
+        let c = Arc::new(c);
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Bytes,
+    ) -> Result<Bytes, StoreError> {
+        let c = self.conn().await?;
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            cmd,
+            flags,
+            offset,
+            len,
+            data,
+            reply,
+        };
+        if c.tx.send(req).await.is_err() {
+            c.dead.store(true, Ordering::SeqCst);
+            return Err(err("request", "the connection is gone (reconnecting)"));
+        }
+        match tokio::time::timeout(self.settings.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
+                c.dead.store(true, Ordering::SeqCst);
+                Err(err("request", "the connection closed before the reply"))
+            }
+            Err(_) => {
+                // A server that does not answer: a new connection next time.
+                c.dead.store(true, Ordering::SeqCst);
+                Err(err(
+                    "request",
+                    format!("no reply within {} s", self.settings.timeout.as_secs()),
+                ))
+            }
+        }
+    }
+
+    fn check_range(info: &ExportInfo, offset: u64, len: u64) -> Result<(), StoreError> {
+        if offset.checked_add(len).is_none_or(|end| end > info.size) {
+            return Err(err(
+                "request",
+                format!(
+                    "{len} bytes at {offset} are past the export's end ({})",
+                    info.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let info = self.info().await?;
+        Self::check_range(&info, offset, len as u64)?;
+        let step = info.max_payload as usize;
+        if len <= step {
+            let n = u32::try_from(len).map_err(|e| err("read", e))?;
+            return self.request(CMD_READ, 0, offset, n, Bytes::new()).await;
+        }
+        let parts = (0..len).step_by(step).map(|at| {
+            let n = step.min(len - at);
+            async move {
+                let n32 = u32::try_from(n).map_err(|e| err("read", e))?;
+                self.request(CMD_READ, 0, offset + at as u64, n32, Bytes::new())
+                    .await
+            }
+        });
+        let mut out = BytesMut::with_capacity(len);
+        for p in futures::future::join_all(parts).await {
+            out.extend_from_slice(&p?);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at `offset`; with `fua`, durable before it returns.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        let info = self.info().await?;
+        if info.read_only() {
+            return Err(StoreError::Other("the NBD export is read-only".into()));
+        }
+        Self::check_range(&info, offset, data.len() as u64)?;
+        let flags = if fua && info.fua() { CMD_FLAG_FUA } else { 0 };
+        let step = info.max_payload as usize;
+        let parts = (0..data.len().max(1)).step_by(step).map(|at| {
+            let part = data.slice(at..data.len().min(at + step));
+            async move {
+                let n = u32::try_from(part.len()).map_err(|e| err("write", e))?;
+                self.request(CMD_WRITE, flags, offset + at as u64, n, part)
+                    .await
+                    .map(|_| ())
+            }
+        });
+        for p in futures::future::join_all(parts).await {
+            p?;
+        }
+        if fua && !info.fua() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Every write acknowledged before is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.request(CMD_FLUSH, 0, 0, 0, Bytes::new())
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Connects, negotiates and starts the connection's tasks.
+async fn connect(s: &NbdSettings) -> Result<Conn, StoreError> {
+    let stream: Box<dyn Stream> = match &s.addr {
+        NbdAddr::Tcp(host, port) => {
+            let t = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| err("connect", format!("{host}:{port}: {e}")))?;
+            let _ = t.set_nodelay(true);
+            Box::new(t)
+        }
+        NbdAddr::Unix(p) => Box::new(
+            tokio::net::UnixStream::connect(p)
+                .await
+                .map_err(|e| err("connect", format!("{}: {e}", p.display())))?,
+        ),
+    };
+    let (stream, info) = handshake(stream, s).await?;
+    Ok(start(stream, info))
+}
+
+/// Starts a connection's reader and writer tasks.
+fn start(stream: Box<dyn Stream>, info: ExportInfo) -> Conn {
+    let (mut rd, wr) = tokio::io::split(stream);
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let dead = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let reader = {
+        let (pending, dead) = (pending.clone(), dead.clone());
+        tokio::spawn(async move {
+            let e = read_replies(&mut rd, &pending).await;
+            dead.store(true, Ordering::SeqCst);
+            fail_all(&pending, &e);
+        })
+    };
+    {
+        let (pending, dead) = (pending.clone(), dead.clone());
+        tokio::spawn(async move {
+            let e = write_requests(wr, rx, &pending).await;
+            dead.store(true, Ordering::SeqCst);
+            reader.abort();
+            fail_all(&pending, &e);
+        });
+    }
+    Conn { tx, info, dead }
+}
+
+/// For the fuzz target: the handshake against a server that sends
+/// `data`, then, if it gets through, a read, a write and a flush whose
+/// replies are the rest of `data`. Never panics, never allocates more
+/// than the requests asked for.
+#[doc(hidden)]
+pub fn fuzz_server(data: &[u8]) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        if server.write_all(data).await.is_err() {
+            return;
+        }
+        // What the server said is all it says: then end of file.
+        drop(server);
+        let settings = NbdSettings {
+            addr: NbdAddr::Unix(PathBuf::from("/nonexistent/coffre-fuzz.sock")),
+            export: "fuzz".into(),
+            tls: None,
+            timeout: Duration::from_secs(5),
+        };
+        let Ok((stream, info)) = handshake(Box::new(client), &settings).await else {
+            return;
+        };
+        let c = NbdClient {
+            settings,
+            conn: tokio::sync::Mutex::new(Some(Arc::new(start(stream, info)))),
+        };
+        let n = usize::try_from(info.size.min(8192)).unwrap_or(0);
+        let _ = c.read(0, n).await;
+        let _ = c.write(0, Bytes::from(vec![0u8; n]), true).await;
+        let _ = c.flush().await;
+    });
+}
+
+fn fail_all(pending: &Pending, e: &StoreError) {
+    let all: Vec<_> = pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    for (_, (_, _, reply)) in all {
+        let _ = reply.send(Err(e.clone()));
+    }
+}
+
+async fn write_requests(
+    wr: tokio::io::WriteHalf<Box<dyn Stream>>,
+    mut rx: mpsc::Receiver<Request>,
+    pending: &Pending,
+) -> StoreError {
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    let mut cookie = 0u64;
+    loop {
+        let Some(r) = rx.recv().await else {
+            // The client is gone: a clean goodbye.
+            let mut h = [0u8; 28];
+            encode_request(&mut h, CMD_DISC, 0, 0, 0, 0);
+            let _ = w.write_all(&h).await;
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+            return err("connection", "closed");
+        };
+        cookie = cookie.wrapping_add(1);
+        let mut h = [0u8; 28];
+        encode_request(&mut h, r.cmd, r.flags, cookie, r.offset, r.len);
+        let data = r.data;
+        // Known before the request leaves: its reply can come at once.
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cookie, (r.cmd, r.len, r.reply));
+        let sent = async {
+            w.write_all(&h).await?;
+            if !data.is_empty() {
+                w.write_all(&data).await?;
+            }
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            return err("send", e);
+        }
+    }
+}
+
+fn encode_request(h: &mut [u8; 28], cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..28].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Reads replies until the connection fails; returns why.
+async fn read_replies(
+    rd: &mut tokio::io::ReadHalf<Box<dyn Stream>>,
+    pending: &Pending,
+) -> StoreError {
+    loop {
+        let mut h = [0u8; 16];
+        if let Err(e) = rd.read_exact(&mut h).await {
+            return err("receive", e);
+        }
+        let (magic, error, cookie) = match parse_simple_reply(&h) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        let _ = magic;
+        let Some((cmd, len, reply)) = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie)
+        else {
+            return err(
+                "receive",
+                format!("a reply to no request (cookie {cookie})"),
+            );
+        };
+        if error != 0 {
+            let _ = reply.send(Err(err(
+                "request",
+                format!("the server answered error {error} ({})", errno_name(error)),
+            )));
+            continue;
+        }
+        if cmd == CMD_READ {
+            let mut buf = BytesMut::zeroed(len as usize);
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                let e = err("receive", e);
+                let _ = reply.send(Err(e.clone()));
+                return e;
+            }
+            let _ = reply.send(Ok(buf.freeze()));
+        } else {
+            let _ = reply.send(Ok(Bytes::new()));
+        }
+    }
+}
+
+/// A simple reply's header: its magic, error and cookie. Anything else (a
+/// structured reply, which is never asked for) ends the connection.
+fn parse_simple_reply(h: &[u8; 16]) -> Result<(u32, u32, u64), StoreError> {
+    let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(err("receive", format!("bad reply magic {magic:#x}")));
+    }
+    let error = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let cookie = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    Ok((magic, error, cookie))
+}
+
+fn errno_name(e: u32) -> &'static str {
+    match e {
+        1 => "EPERM",
+        EIO => "EIO",
+        12 => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        95 => "ENOTSUP",
+        108 => "ESHUTDOWN",
+        _ => "unknown",
+    }
+}
+
+async fn send_option(
+    w: &mut (impl AsyncWrite + Unpin),
+    opt: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut m = Vec::with_capacity(16 + data.len());
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+    m.extend_from_slice(data);
+    w.write_all(&m).await?;
+    w.flush().await
+}
+
+/// One option reply: its type and data.
+async fn option_reply(
+    r: &mut (impl AsyncRead + Unpin),
+    opt: u32,
+) -> Result<(u32, Vec<u8>), StoreError> {
+    let mut h = [0u8; 20];
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| err("handshake", e))?;
+    let (magic, got, kind, len) = parse_option_reply(&h);
+    if magic != REPLY_MAGIC {
+        return Err(err(
+            "handshake",
+            format!("bad option reply magic {magic:#x}"),
+        ));
+    }
+    if got != opt {
+        return Err(err(
+            "handshake",
+            format!("a reply to option {got}, not {opt}"),
+        ));
+    }
+    if len > MAX_OPTION_REPLY {
+        return Err(err("handshake", format!("an option reply of {len} bytes")));
+    }
+    let mut data = vec![0u8; len as usize];
+    r.read_exact(&mut data)
+        .await
+        .map_err(|e| err("handshake", e))?;
+    Ok((kind, data))
+}
+
+/// An option reply's header: magic, option, type, length.
+pub fn parse_option_reply(h: &[u8; 20]) -> (u64, u32, u32, u32) {
+    let magic = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+    (magic, opt, kind, len)
+}
+
+fn option_error(kind: u32, data: &[u8], what: &str) -> StoreError {
+    let msg = String::from_utf8_lossy(&data[..data.len().min(512)]).into_owned();
+    let why = match kind {
+        REP_ERR_UNSUP => "not supported by the server",
+        REP_ERR_POLICY => "refused by the server's policy",
+        REP_ERR_INVALID => "invalid",
+        REP_ERR_TLS_REQD => "the server requires TLS (use nbds://)",
+        REP_ERR_UNKNOWN => "no such export",
+        _ => "refused",
+    };
+    err(
+        "handshake",
+        format!(
+            "{what}: {why}{}",
+            if msg.is_empty() {
+                String::new()
+            } else {
+                format!(" ({msg})")
+            }
+        ),
+    )
+}
+
+/// Reads what `NBD_OPT_GO`'s `REP_INFO` replies say, until its ACK.
+pub fn parse_info(data: &[u8], info: &mut ExportInfo) -> Result<(), StoreError> {
+    let bad = || err("handshake", "a malformed export information reply");
+    let kind = u16::from_be_bytes(
+        data.get(0..2)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    match kind {
+        INFO_EXPORT => {
+            let d = data.get(2..12).ok_or_else(bad)?;
+            info.size = u64::from_be_bytes(d[0..8].try_into().map_err(|_| bad())?);
+            info.flags = u16::from_be_bytes([d[8], d[9]]);
+        }
+        INFO_BLOCK_SIZE => {
+            let d = data.get(2..14).ok_or_else(bad)?;
+            let max = u32::from_be_bytes(d[8..12].try_into().map_err(|_| bad())?);
+            if max >= 4096 {
+                info.max_payload = info.max_payload.min(max);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn handshake(
+    mut s: Box<dyn Stream>,
+    settings: &NbdSettings,
+) -> Result<(Box<dyn Stream>, ExportInfo), StoreError> {
+    let mut h = [0u8; 18];
+    s.read_exact(&mut h)
+        .await
+        .map_err(|e| err("handshake", e))?;
+    let magic = u64::from_be_bytes(h[0..8].try_into().unwrap_or_default());
+    let newstyle = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
+    if magic != NBDMAGIC {
+        return Err(err("handshake", "not an NBD server"));
+    }
+    if newstyle != IHAVEOPT {
+        return Err(err(
+            "handshake",
+            "the server speaks the old protocol, not newstyle",
+        ));
+    }
+    let flags = u16::from_be_bytes([h[16], h[17]]);
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(err(
+            "handshake",
+            "the server does not speak the fixed newstyle",
+        ));
+    }
+    let mut client = CLIENT_FIXED_NEWSTYLE;
+    if flags & FLAG_NO_ZEROES != 0 {
+        client |= CLIENT_NO_ZEROES;
+    }
+    s.write_all(&client.to_be_bytes())
+        .await
+        .map_err(|e| err("handshake", e))?;
+    if let Some((config, name)) = &settings.tls {
+        send_option(&mut s, OPT_STARTTLS, &[])
+            .await
+            .map_err(|e| err("handshake", e))?;
+        let (kind, data) = option_reply(&mut s, OPT_STARTTLS).await?;
+        if kind != REP_ACK {
+            return Err(option_error(kind, &data, "STARTTLS"));
+        }
+        let server = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| err("TLS", format!("{name:?}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(server, s)
+            .await
+            .map_err(|e| err("TLS", e))?;
+        s = Box::new(tls);
+    }
+    let name = settings.export.as_bytes();
+    let mut go = Vec::with_capacity(8 + name.len());
+    go.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+    go.extend_from_slice(name);
+    go.extend_from_slice(&1u16.to_be_bytes());
+    go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(&mut s, OPT_GO, &go)
+        .await
+        .map_err(|e| err("handshake", e))?;
+    let mut info = ExportInfo {
+        size: 0,
+        flags: 0,
+        max_payload: MAX_PAYLOAD,
+    };
+    let mut got_export = false;
+    loop {
+        let (kind, data) = option_reply(&mut s, OPT_GO).await?;
+        match kind {
+            REP_INFO => {
+                parse_info(&data, &mut info)?;
+                got_export |= data.get(0..2) == Some(&INFO_EXPORT.to_be_bytes()[..]);
+            }
+            REP_ACK => break,
+            k if k & REP_FLAG_ERROR != 0 => {
+                return Err(option_error(
+                    k,
+                    &data,
+                    &format!("export {:?}", settings.export),
+                ));
+            }
+            // Other replies are for other options' information: skipped.
+            _ => {}
+        }
+    }
+    if !got_export {
+        return Err(err(
+            "handshake",
+            "the server did not give the export's size",
+        ));
+    }
+    if info.flags & TFLAG_SEND_FLUSH == 0 && info.flags & TFLAG_READ_ONLY == 0 {
+        return Err(err(
+            "handshake",
+            "the export cannot flush: its writes could never be known durable",
+        ));
+    }
+    Ok((s, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("nbd://store.example:10900/team").unwrap(),
+            (
+                NbdAddr::Tcp("store.example".into(), 10900),
+                "team".into(),
+                false
+            )
+        );
+        assert_eq!(
+            parse_url("nbds://10.0.0.2/a%20b").unwrap(),
+            (
+                NbdAddr::Tcp("10.0.0.2".into(), DEFAULT_PORT),
+                "a b".into(),
+                true
+            )
+        );
+        assert_eq!(
+            parse_url("nbd://[::1]:99/").unwrap(),
+            (NbdAddr::Tcp("::1".into(), 99), String::new(), false)
+        );
+        assert_eq!(
+            parse_url("nbd+unix:///x?socket=/run/nbd.sock").unwrap(),
+            (NbdAddr::Unix("/run/nbd.sock".into()), "x".into(), false)
+        );
+        for bad in [
+            "nbd:/x",
+            "http://x/y",
+            "nbd://",
+            "nbd://h:port/x",
+            "nbd://h/x?socket=/s",
+            "nbd+unix://h/x?socket=/s",
+            "nbd+unix:///x",
+            "nbd+unix:///x?socket=rel",
+            "nbd://h/%zz",
+            "nbd://[::1/x",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_are_checked() {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        h[8..16].copy_from_slice(&7u64.to_be_bytes());
+        assert_eq!(parse_simple_reply(&h).unwrap().2, 7);
+        h[0] ^= 1;
+        assert!(parse_simple_reply(&h).is_err());
+        let mut info = ExportInfo {
+            size: 0,
+            flags: 0,
+            max_payload: MAX_PAYLOAD,
+        };
+        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+        d.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        d.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes());
+        parse_info(&d, &mut info).unwrap();
+        assert_eq!(info.size, 1 << 30);
+        assert!(parse_info(&d[..5], &mut info).is_err());
+        assert!(parse_info(&[], &mut info).is_err());
+    }
+}

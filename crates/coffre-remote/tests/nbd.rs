@@ -1,0 +1,345 @@
+//! The chunk store on real NBD servers, through our client: nbdkit (file
+//! and memory plugins; its error filter injects faults) and qemu-nbd, on
+//! unix sockets started by each test. The same volume written through
+//! nbdkit reads back through qemu-nbd; a server restarted under the
+//! client is reconnected to; a server that fails gives errors, never
+//! bytes, and nothing acknowledged is lost; TLS with the vault's CA.
+
+// Chunk numbers here are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
+use coffre_remote::blocks::{BlockObjects, Layout};
+use coffre_remote::nbd::{NbdClient, NbdSettings, parse_url};
+use coffre_remote::{ChunkStore, Objects, RemoteError};
+use coffre_testkit::nbdserver::NbdServer;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+fn client(url: &str, tls: Option<(Arc<rustls::ClientConfig>, String)>) -> Arc<NbdClient> {
+    let (addr, export, _) = parse_url(url).unwrap();
+    Arc::new(NbdClient::new(NbdSettings {
+        addr,
+        export,
+        tls,
+        timeout: Duration::from_secs(20),
+    }))
+}
+
+fn objects(c: &Arc<NbdClient>) -> Arc<BlockObjects> {
+    Arc::new(BlockObjects::new(c.clone()))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn image(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("volume.nbd");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(Layout::for_geometry(&geometry()).size()).unwrap();
+    p
+}
+
+#[test]
+#[ignore = "system: nbdkit, qemu-nbd"]
+fn on_nbdkit_and_qemu_nbd_the_volume_round_trips_and_a_restarted_server_is_reconnected() {
+    let scratch = tempfile::tempdir().unwrap();
+    let img = image(scratch.path());
+    let file = format!("file={}", img.display());
+    let mut kit = NbdServer::nbdkit(&["file", &file]);
+    let keys = Keyring::new();
+    let rt = rt();
+    let c = client(&kit.url("team"), None);
+    let root = rt.block_on(async {
+        let info = c.info().await.unwrap();
+        assert_eq!(info.size, Layout::for_geometry(&geometry()).size());
+        let o = objects(&c);
+        o.format(&geometry()).await.unwrap();
+        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks((0..8).map(|i| (i, chunk(i as u8 + 1))).collect())
+            .await
+            .unwrap();
+        s.flush().await.unwrap().unwrap();
+        s
+    });
+    // The server killed and started again under the client: the next
+    // requests go over a new connection.
+    kit.restart_nbdkit(&["file", &file]);
+    let mut s = root;
+    let root = rt.block_on(async {
+        let mut last = None;
+        for _ in 0..3 {
+            match s.read_chunk(3).await {
+                Ok(b) => {
+                    last = Some(b);
+                    break;
+                }
+                // The request that found the connection gone.
+                Err(RemoteError::Store(_)) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(last.unwrap(), chunk(4));
+        s.write_chunks(vec![(3, chunk(33))]).await.unwrap();
+        s.flush().await.unwrap().unwrap()
+    });
+    drop(s);
+    kit.stop();
+    // The same image through qemu-nbd.
+    let q = NbdServer::qemu_nbd(&img);
+    rt.block_on(async {
+        let c = client(&q.url("coffre"), None);
+        let o: Arc<dyn Objects> = objects(&c);
+        let (s, _) = ChunkStore::open(o, PREFIX, VAULT, keys.key(), Some(root), false)
+            .await
+            .unwrap();
+        for i in 0..8u64 {
+            let want = if i == 3 {
+                chunk(33)
+            } else {
+                chunk(i as u8 + 1)
+            };
+            assert_eq!(s.read_chunk(i).await.unwrap(), want, "chunk {i}");
+        }
+    });
+    // No plaintext marker needed here: the chunks are what the caller
+    // gives (ciphertext in the vault); what matters is that the bytes on
+    // the export are the slots, not a sparse copy of the volume.
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(on_disk.starts_with(b"coffre-blocks-1\0"));
+}
+
+#[test]
+#[ignore = "system: nbdkit"]
+fn a_failing_server_gives_errors_never_bytes_and_nothing_acknowledged_is_lost() {
+    let size = Layout::for_geometry(&geometry()).size().to_string();
+    let trigger_dir = tempfile::tempdir().unwrap();
+    let trigger = trigger_dir.path().join("fail");
+    let error_file = format!("error-file={}", trigger.display());
+    let kit = NbdServer::nbdkit(&[
+        "--filter=error",
+        "memory",
+        &size,
+        "error=EIO",
+        "error-rate=100%",
+        &error_file,
+    ]);
+    let keys = Keyring::new();
+    rt().block_on(async {
+        let c = client(&kit.url(""), None);
+        let o = objects(&c);
+        o.format(&geometry()).await.unwrap();
+        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        let r1 = s.flush().await.unwrap().unwrap();
+        s.root_kept(r1);
+        std::fs::write(&trigger, b"").unwrap();
+        match s.read_chunk(0).await {
+            Err(RemoteError::Store(e)) => assert!(e.contains("EIO"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // A write refused by the server: not acknowledged, and the
+        // durable state is unchanged.
+        assert!(s.write_chunks(vec![(1, chunk(2))]).await.is_err());
+        let f = s.flush().await;
+        assert!(matches!(f, Ok(None) | Err(_)), "{f:?}");
+        assert_eq!(s.root(), r1);
+        std::fs::remove_file(&trigger).unwrap();
+        s.write_chunks(vec![(1, chunk(2))]).await.unwrap();
+        let r2 = s.flush().await.unwrap().unwrap();
+        assert!(r2.epoch > r1.epoch);
+        drop(s);
+        let o: Arc<dyn Objects> = objects(&c);
+        let (s, _) = ChunkStore::open(o, PREFIX, VAULT, keys.key(), Some(r2), false)
+            .await
+            .unwrap();
+        assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
+        assert_eq!(s.read_chunk(1).await.unwrap(), chunk(2));
+    });
+}
+
+#[test]
+#[ignore = "system: nbdkit"]
+fn tls_with_the_vaults_ca_and_a_server_that_requires_it() {
+    let pki = coffre_testkit::tls::TestPki::new("coffre test vault CA", &["storage.test"]);
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::write(certs.path().join("ca-cert.pem"), &pki.ca).unwrap();
+    std::fs::write(certs.path().join("server-cert.pem"), &pki.cert).unwrap();
+    std::fs::write(certs.path().join("server-key.pem"), &pki.key).unwrap();
+    let size = Layout::for_geometry(&geometry()).size().to_string();
+    let tls_dir = format!("--tls-certificates={}", certs.path().display());
+    let kit = NbdServer::nbdkit(&["--tls=require", &tls_dir, "memory", &size]);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&pki.ca) {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let keys = Keyring::new();
+    rt().block_on(async {
+        // Without TLS: refused, and said why.
+        let plain = client(&kit.url(""), None);
+        let e = plain.info().await.unwrap_err().to_string();
+        assert!(e.contains("requires TLS"), "{e}");
+        // With a name the certificate does not carry: refused.
+        let wrong = client(&kit.url(""), Some((config.clone(), "other.test".into())));
+        assert!(wrong.info().await.is_err());
+        let c = client(&kit.url(""), Some((config.clone(), "storage.test".into())));
+        let o = objects(&c);
+        o.format(&geometry()).await.unwrap();
+        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(2, chunk(7))]).await.unwrap();
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.read_chunk(2).await.unwrap(), chunk(7));
+    });
+}
+
+/// The certificates in a PEM text.
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+/// Survey (not a test): sequential writes and reads of 256 MiB through
+/// the device (chunk store, slot layout, our client) on nbdkit's memory
+/// plugin, against `nbdcopy` writing and reading the same bytes to and
+/// from the same kind of export, in the same run. Ratios are ours over
+/// nbdcopy's throughput (the issue asks at least 0.8).
+#[test]
+#[ignore = "survey: nbdkit, nbdcopy"]
+fn survey_nbd_throughput_against_nbdcopy() {
+    use coffre_storage::BlockDevice;
+    use std::time::Instant;
+    let mib = 1usize << 20;
+    let n: u64 = 256;
+    let g = coffre_remote::Geometry::new(1 << 20, n * mib as u64).unwrap();
+    let export = Layout::for_geometry(&g).size().to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("data.bin");
+    let data: Vec<u8> = (0..n as usize * mib)
+        .map(|i| u8::try_from((i * 7 + i / 4096) % 251).unwrap())
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    // The baseline: nbdcopy into an export of the same kind, then out.
+    let base = NbdServer::nbdkit(&["memory", &export]);
+    let t = Instant::now();
+    let out = std::process::Command::new("nbdcopy")
+        .arg(&file)
+        .arg(base.url(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy_write = t.elapsed();
+    // nbdcopy reads a whole export: the same number of bytes is read by
+    // limiting one to them with the truncate filter.
+    let part = NbdServer::nbdkit(&[
+        "--filter=truncate",
+        "memory",
+        &export,
+        &format!("truncate={}", n as usize * mib),
+    ]);
+    let out = std::process::Command::new("nbdcopy")
+        .arg(&file)
+        .arg(part.url(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = Instant::now();
+    let out = std::process::Command::new("nbdcopy")
+        .arg(part.url(""))
+        .arg("null:")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy_read = t.elapsed();
+    drop((base, part));
+
+    let kit = NbdServer::nbdkit(&["memory", &export]);
+    let keys = Keyring::new();
+    let rt = rt();
+    let c = client(&kit.url(""), None);
+    let store = rt
+        .block_on(ChunkStore::create(
+            objects(&c),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            g,
+        ))
+        .unwrap()
+        .0;
+    let dev = coffre_remote::RemoteDevice::new(store, 64 * mib, Box::new(|_| Ok(()))).unwrap();
+    let t = Instant::now();
+    for (i, block) in data.chunks(mib).enumerate() {
+        dev.write_at(i as u64 * mib as u64, block).unwrap();
+    }
+    dev.flush().unwrap();
+    let ours_write = t.elapsed();
+    let root = dev.root();
+    drop(dev);
+    let o: Arc<dyn Objects> = objects(&c);
+    let store = rt
+        .block_on(ChunkStore::open(
+            o,
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    let dev = coffre_remote::RemoteDevice::new(store, 64 * mib, Box::new(|_| Ok(()))).unwrap();
+    let mut buf = vec![0u8; mib];
+    let t = Instant::now();
+    for i in 0..n as usize {
+        dev.read_at(i as u64 * mib as u64, &mut buf).unwrap();
+        assert_eq!(buf[..], data[i * mib..(i + 1) * mib], "MiB {i}");
+    }
+    let ours_read = t.elapsed();
+    let mbps = |d: Duration| (n as f64) / d.as_secs_f64();
+    println!(
+        "nbd survey, {n} MiB sequential, 1 MiB chunks, nbdkit memory:\n  \
+         write: ours {:.0} MiB/s, nbdcopy {:.0} MiB/s, ratio {:.2}\n  \
+         read:  ours {:.0} MiB/s, nbdcopy {:.0} MiB/s, ratio {:.2}",
+        mbps(ours_write),
+        mbps(copy_write),
+        mbps(ours_write) / mbps(copy_write),
+        mbps(ours_read),
+        mbps(copy_read),
+        mbps(ours_read) / mbps(copy_read),
+    );
+}

@@ -1,0 +1,12 @@
+//! What an NBD server (the storage host, untrusted) could send our client:
+//! the handshake's greeting and option replies, then replies to a read, a
+//! write and a flush; and what a block device could hold for the slot
+//! layout (headers, the superblock, names).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    coffre_remote::nbd::fuzz_server(data);
+    coffre_remote::blocks::fuzz_decode(data);
+});
