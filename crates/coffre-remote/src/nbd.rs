@@ -39,6 +39,10 @@ const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// Requests queued to a connection's writer at once.
 const QUEUE: usize = 64;
 
+/// Connections to a server that allows several (`CAN_MULTI_CONN`: a
+/// flush on one covers the writes answered on all), as nbdcopy opens.
+const CONNECTIONS: usize = 4;
+
 /// Where an NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NbdAddr {
@@ -200,7 +204,10 @@ struct Conn {
 /// and again after a failure.
 pub struct NbdClient {
     settings: NbdSettings,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// One connection, or several when the server says they see one
+    /// another's writes (`CAN_MULTI_CONN`): requests go round them.
+    conns: tokio::sync::Mutex<Vec<Arc<Conn>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -220,7 +227,8 @@ impl NbdClient {
     pub fn new(settings: NbdSettings) -> Self {
         NbdClient {
             settings,
-            conn: tokio::sync::Mutex::new(None),
+            conns: tokio::sync::Mutex::new(Vec::new()),
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -230,24 +238,37 @@ impl NbdClient {
     }
 
     async fn conn(&self) -> Result<Arc<Conn>, StoreError> {
-        let mut g = self.conn.lock().await;
-        if let Some(c) = g.as_ref()
-            && !c.dead.load(Ordering::SeqCst)
-            && !c.tx.is_closed()
-        {
-            return Ok(c.clone());
+        let mut g = self.conns.lock().await;
+        let alive = |c: &Arc<Conn>| !c.dead.load(Ordering::SeqCst) && !c.tx.is_closed();
+        if !g.is_empty() && g.iter().all(alive) {
+            let k = self.next.fetch_add(1, Ordering::Relaxed) % g.len();
+            return Ok(g[k].clone());
         }
-        let c = tokio::time::timeout(self.settings.timeout, connect(&self.settings))
+        // One failed: all are made again (a server restarted drops them
+        // all).
+        g.clear();
+        let first = Arc::new(self.connect_one().await?);
+        g.push(first.clone());
+        if first.info.flags & TFLAG_CAN_MULTI_CONN != 0 {
+            for _ in 1..CONNECTIONS {
+                match self.connect_one().await {
+                    Ok(c) => g.push(Arc::new(c)),
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(first)
+    }
+
+    async fn connect_one(&self) -> Result<Conn, StoreError> {
+        tokio::time::timeout(self.settings.timeout, connect(&self.settings))
             .await
             .map_err(|_| {
                 err(
                     "handshake",
                     format!("no answer within {} s", self.settings.timeout.as_secs()),
                 )
-            })??;
-        let c = Arc::new(c);
-        *g = Some(c.clone());
-        Ok(c)
+            })?
     }
 
     async fn request(
@@ -437,7 +458,8 @@ pub fn fuzz_server(data: &[u8]) {
         };
         let c = NbdClient {
             settings,
-            conn: tokio::sync::Mutex::new(Some(Arc::new(start(stream, info)))),
+            conns: tokio::sync::Mutex::new(vec![Arc::new(start(stream, info))]),
+            next: std::sync::atomic::AtomicUsize::new(0),
         };
         let n = usize::try_from(info.size.min(8192)).unwrap_or(0);
         let _ = c.read(0, n).await;
@@ -542,11 +564,23 @@ async fn read_replies(
             continue;
         }
         if cmd == CMD_READ {
-            let mut buf = BytesMut::zeroed(len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                let e = err("receive", e);
-                let _ = reply.send(Err(e.clone()));
-                return e;
+            // Filled as it comes, never zeroed first.
+            let mut buf = BytesMut::with_capacity(len as usize);
+            while buf.len() < len as usize {
+                let mut part = (&mut *rd).take((len as usize - buf.len()) as u64);
+                match part.read_buf(&mut buf).await {
+                    Ok(0) => {
+                        let e = err("receive", "end of stream in a read reply");
+                        let _ = reply.send(Err(e.clone()));
+                        return e;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let e = err("receive", e);
+                        let _ = reply.send(Err(e.clone()));
+                        return e;
+                    }
+                }
             }
             let _ = reply.send(Ok(buf.freeze()));
         } else {

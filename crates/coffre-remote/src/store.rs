@@ -458,44 +458,67 @@ impl Reads {
     /// prepared ([`ChunkStore::finish_reads`] keeps only those whose entry
     /// is still the same); `None` where none did (the read then goes the
     /// usual way, with its fallbacks and repairs).
-    pub async fn run(&self) -> Vec<Option<Bytes>> {
-        bounded(
-            self.items
-                .iter()
-                .map(|(index, entry, name, len)| async move {
-                    if entry.version == 0 {
-                        return Some(Bytes::from(vec![0u8; *len]));
-                    }
-                    for (o, i) in self.stores.iter().zip(&self.order) {
-                        match timed(self.limit, o.get(name, *len)).await {
-                            Ok(Some((b, _)))
-                                if chunk_verifies(
-                                    &self.key,
-                                    &self.vault,
-                                    (*index, entry, *len),
-                                    &b,
-                                ) =>
-                            {
-                                return Some(b);
-                            }
-                            // Bad bytes (not a missing object: its put may
-                            // still be on its way).
-                            Ok(Some(_)) => {
-                                self.bad
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .insert(*i);
-                            }
-                            Ok(None) | Err(_) => {}
-                        }
-                    }
-                    None
-                })
-                .collect(),
-            IN_FLIGHT,
-        )
-        .await
+    pub async fn run(self: &Arc<Self>) -> Vec<Option<Bytes>> {
+        // A task each: the chunks are verified on every worker thread.
+        let tasks: Vec<_> = (0..self.items.len())
+            .map(|k| {
+                let me = self.clone();
+                tokio::spawn(async move { me.fetch_one(k).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.ok().flatten());
+        }
+        out
     }
+
+    async fn fetch_one(&self, k: usize) -> Option<Bytes> {
+        let (index, entry, name, len) = self.items.get(k)?;
+        if entry.version == 0 {
+            return Some(Bytes::from(vec![0u8; *len]));
+        }
+        for (o, i) in self.stores.iter().zip(&self.order) {
+            match timed(self.limit, o.get(name, *len)).await {
+                Ok(Some((b, _)))
+                    if chunk_verifies(&self.key, &self.vault, (*index, entry, *len), &b) =>
+                {
+                    return Some(b);
+                }
+                // Bad bytes (not a missing object: its put may
+                // still be on its way).
+                Ok(Some(_)) => {
+                    self.bad
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(*i);
+                }
+                Ok(None) | Err(_) => {}
+            }
+        }
+        None
+    }
+}
+
+/// `f` of each item, on up to four threads when there are several (the
+/// MAC is most of the CPU a write of a chunk costs).
+fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if items.len() < 2 || threads < 2 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Whether `bytes` are chunk `index` as `entry` lists it (`len` bytes,
@@ -1388,6 +1411,7 @@ impl ChunkStore {
                 "chunk {index} is twice in one write"
             )));
         }
+        let mut items = Vec::with_capacity(chunks.len());
         for (index, data) in chunks {
             let i = self.check_index(index)?;
             if data.len() != self.geometry.chunk_len(index) {
@@ -1397,10 +1421,13 @@ impl ChunkStore {
                     self.geometry.chunk_len(index)
                 )));
             }
-            let session = random_u64()?;
-            let mac = self
-                .key
-                .chunk_mac(&self.vault, (index, version, session), &data);
+            items.push((i, index, random_u64()?, data));
+        }
+        let macs = spread(&items, |(_, index, session, data)| {
+            self.key
+                .chunk_mac(&self.vault, (*index, version, *session), data)
+        });
+        for ((i, index, session, data), mac) in items.into_iter().zip(macs) {
             done.push((
                 i,
                 index,
