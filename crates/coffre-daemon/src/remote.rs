@@ -189,6 +189,54 @@ fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
         .map_err(|e| RemoteError::Config(format!("a runtime: {e}")))
 }
 
+/// The write journal's file: `[storage] cache_dir` (default `DIR/cache`,
+/// made 0700) / `journal`.
+pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathBuf, RemoteError> {
+    let dir = match &c.cache_dir {
+        Some(d) => vd.root.join(d),
+        None => vd.root.join("cache"),
+    };
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| RemoteError::Config(format!("{}: {e}", dir.display())))?;
+    }
+    Ok(dir.join("journal"))
+}
+
+/// What [`open`] gives: the device, how many epochs the store was ahead
+/// of the local root, and what the write journal's replay did (for the
+/// audit log).
+pub type Opened = (Arc<dyn BlockDevice>, u64, Option<String>);
+
+/// Attaches the write journal to `dev`, replaying what a dead daemon
+/// left there; what happened, for the audit log.
+fn attach_journal(
+    dev: &RemoteDevice,
+    c: &StorageConfig,
+    vd: &VaultDir,
+) -> Result<Option<String>, RemoteError> {
+    let path = journal_path(c, vd)?;
+    let found = dev.attach_journal(&path).map_err(|e| {
+        RemoteError::Store(format!(
+            "the write journal {}: {e} (left as it is for the next open)",
+            path.display()
+        ))
+    })?;
+    let bytes: usize = found.records.iter().map(|r| r.data.len()).sum();
+    Ok((!found.records.is_empty() || found.older > 0 || found.ignored_bytes > 0).then(|| {
+        format!(
+            "the write journal held {} write(s) ({bytes} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} byte(s) at its end did not verify (torn or altered), not replayed",
+            found.records.len(),
+            found.older,
+            found.ignored_bytes
+        )
+    }))
+}
+
 fn keep_root(vd: &VaultDir) -> coffre_remote::device::OnRoot {
     let path = vd.storage_root();
     Box::new(move |root: Root| {
@@ -226,6 +274,7 @@ pub fn create(
     let cache = usize::try_from(c.cache_size).unwrap_or(usize::MAX);
     let dev = RemoteDevice::new(store, cache, keep_root(vd))
         .map_err(|e| RemoteError::Config(e.to_string()))?;
+    attach_journal(&dev, c, vd)?;
     Ok(Arc::new(dev))
 }
 
@@ -240,7 +289,7 @@ pub fn open(
     key: &VolumeKey,
     uuid: &str,
     on_change: Option<coffre_remote::device::OnChange>,
-) -> Result<(Arc<dyn BlockDevice>, u64), RemoteError> {
+) -> Result<Opened, RemoteError> {
     let backends = backends(c, vd)?;
     let vault = vault_id(uuid)?;
     let sealed = std::fs::read(vd.storage_key()).map_err(|e| {
@@ -285,7 +334,8 @@ pub fn open(
         // The store's newer root becomes the local one now.
         keep_root(vd)(opened.root).map_err(|e| RemoteError::Config(e.to_string()))?;
     }
-    Ok((Arc::new(dev), opened.ahead_by))
+    let replayed = attach_journal(&dev, c, vd)?;
+    Ok((Arc::new(dev), opened.ahead_by, replayed))
 }
 
 #[cfg(test)]
@@ -731,5 +781,14 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
         "standing": primary["standing"],
         "stores": stores,
         "last_known_while_open": health,
+        // Writes a stopped daemon took and no flush made durable: they
+        // are replayed at the next open (0 after a clean close).
+        "journal_bytes": std::fs::metadata(
+            sc.cache_dir
+                .as_ref()
+                .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
+                .join("journal")
+        )
+        .map_or(0, |m| m.len()),
     }))
 }

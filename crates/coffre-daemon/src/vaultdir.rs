@@ -67,9 +67,14 @@ pub struct StorageConfig {
     /// Bytes per chunk (power of two, 64 KiB to 64 MiB).
     #[serde(default = "default_chunk_size")]
     pub chunk_size: u32,
-    /// Bytes of chunks kept in memory (written ones until uploaded).
+    /// Bytes of chunks kept in memory (written ones until uploaded), and
+    /// the most the write journal holds before a write flushes it.
     #[serde(default = "default_cache_size")]
     pub cache_size: u64,
+    /// Where the write journal lives (ciphertext only, MACed): relative
+    /// to DIR, or absolute. Default: `DIR/cache`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
     /// Other stores every write also goes to (`[[storage.mirror]]`),
     /// under the same names: the volume survives the loss of all but one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -101,6 +106,7 @@ impl StorageConfig {
             credentials_file: None,
             chunk_size: default_chunk_size(),
             cache_size: default_cache_size(),
+            cache_dir: None,
             mirror: Vec::new(),
             degrade_after_s: default_degrade_after_s(),
             ca_file: None,

@@ -20,6 +20,7 @@
 //! (for the audit log and status).
 
 use crate::RemoteError;
+use crate::journal::{Found, Journal};
 use crate::layout::Root;
 use crate::store::{ChunkStore, Reads, ReplicaStatus, StoreEvent, Upload};
 use coffre_storage::BlockDevice;
@@ -122,6 +123,8 @@ struct State {
     last_read: Option<u64>,
     /// The stores' standing last handed to `on_change`.
     reported: Vec<ReplicaStatus>,
+    /// The write journal on local disk, once attached.
+    journal: Option<Journal>,
 }
 
 impl std::fmt::Debug for RemoteDevice {
@@ -257,6 +260,7 @@ impl RemoteDevice {
                 prefetch: None,
                 upload_after: None,
                 reported: Vec::new(),
+                journal: None,
             })),
             on_root,
             on_change: on_change.map(Arc::new),
@@ -488,6 +492,42 @@ impl RemoteDevice {
             s.store.root_kept(root);
         }
         Ok(())
+    }
+
+    /// Every write so far durable on the store (the journal emptied).
+    fn flush_locked(&self, s: &mut State) -> io::Result<()> {
+        self.upload(s)?;
+        let r = self.block_on(s.store.flush());
+        report(s, self.on_change.as_deref());
+        // Kept before the flush returns (a failed flush may still have
+        // settled an earlier manifest as done).
+        self.keep_new_root(s)?;
+        r.map_err(RemoteError::into_io)?;
+        let epoch = s.store.root().epoch;
+        if let Some(j) = &mut s.journal {
+            j.reset(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the write journal at `path`: what a daemon that died left
+    /// there is replayed first (each record verified; records already
+    /// durable, or that do not verify, are not) and flushed to the store;
+    /// then every write is journaled until the next flush. Call it before
+    /// the device is used. A replay whose flush fails leaves the journal
+    /// as it was (for the next open) and is an error.
+    pub fn attach_journal(&self, path: &std::path::Path) -> io::Result<Found> {
+        let found = Journal::read(path, &lock(&self.state).store)?;
+        for r in &found.records {
+            self.write_at(r.offset, &r.data)?;
+        }
+        if !found.records.is_empty() {
+            self.flush()?;
+        }
+        let mut s = lock(&self.state);
+        let epoch = s.store.root().epoch;
+        s.journal = Some(Journal::create(path, epoch)?);
+        Ok(found)
     }
 
     /// Uploads every dirty chunk (not yet durable: see `flush`).
@@ -765,6 +805,28 @@ impl BlockDevice for RemoteDevice {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.range_check(offset, buf.len())?;
         let mut s = lock(&self.state);
+        // On local disk before it is taken: a dead daemon's writes are
+        // replayed at the next open.
+        let over = {
+            let State {
+                journal,
+                store,
+                limit,
+                ..
+            } = &mut *s;
+            match journal {
+                Some(j) => {
+                    j.append(store, offset, buf)?;
+                    // Bounded by the cache's size.
+                    j.bytes() > *limit as u64
+                }
+                None => false,
+            }
+        };
+        if over {
+            // Bounded: a flush empties it.
+            self.flush_locked(&mut s)?;
+        }
         self.shrink(&mut s)?;
         // The pieces: (chunk, offset within it, bytes of buf).
         let mut pieces = Vec::new();
@@ -814,13 +876,7 @@ impl BlockDevice for RemoteDevice {
 
     fn flush(&self) -> io::Result<()> {
         let mut s = lock(&self.state);
-        self.upload(&mut s)?;
-        let r = self.block_on(s.store.flush());
-        report(&mut s, self.on_change.as_deref());
-        // Kept before the flush returns (a failed flush may still have
-        // settled an earlier manifest as done).
-        self.keep_new_root(&mut s)?;
-        r.map(|_| ()).map_err(RemoteError::into_io)
+        self.flush_locked(&mut s)
     }
 
     fn size(&self) -> io::Result<u64> {

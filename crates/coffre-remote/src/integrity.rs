@@ -37,6 +37,8 @@ pub enum Domain {
     Page,
     /// The manifest.
     Manifest,
+    /// A record of the device's write journal on local disk.
+    Journal,
 }
 
 impl Domain {
@@ -45,6 +47,7 @@ impl Domain {
             Domain::Chunk => b"coffre-remote v1 chunk\0",
             Domain::Page => b"coffre-remote v1 page\0",
             Domain::Manifest => b"coffre-remote v1 manifest\0",
+            Domain::Journal => b"coffre-remote v1 journal\0",
         }
     }
 }

@@ -29,6 +29,7 @@
 pub mod blocks;
 pub mod device;
 pub mod integrity;
+pub mod journal;
 pub mod layout;
 pub mod nbd;
 pub mod objects;

@@ -12,7 +12,7 @@
 //! that does not verify on one is read from another and repaired.
 
 use crate::RemoteError;
-use crate::integrity::IntegrityKey;
+use crate::integrity::{IntegrityKey, Mac};
 use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Page, Root};
 use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
@@ -275,7 +275,8 @@ const MAX_MANIFEST: usize = 16 << 20;
 
 /// Whether the store honours conditional puts: a create over an existing
 /// object and an update of a version that is not the current one must both
-/// be refused. A store that does not cannot fence a second writer, nor
+/// be refused, and of a dozen racing updates of one version only one may
+/// succeed (a store that checks, then writes, lets several through). A store that does not cannot fence a second writer, nor
 /// keep a manifest from being overwritten by an older one: it is refused.
 pub async fn check_conditional_writes(
     objects: &dyn Objects,
@@ -317,23 +318,49 @@ pub async fn check_conditional_writes(
             Err(StoreError::Unsupported(why)) => return Err(refuse(why)),
             Err(e) => return Err(store_err("the conditional-write probe", e)),
         }
-        match objects
+        let current = match objects
             .put(&probe, data.clone(), Put::Update(first.clone()))
             .await
         {
-            Ok(_) => Ok(()),
-            Err(StoreError::Unsupported(why)) => Err(refuse(why)),
-            Err(e) => Err(refuse(format!(
-                "an update of the current version was refused ({e})"
-            ))),
+            Ok(t) => t,
+            Err(StoreError::Unsupported(why)) => return Err(refuse(why)),
+            Err(e) => {
+                return Err(refuse(format!(
+                    "an update of the current version was refused ({e})"
+                )));
+            }
+        };
+        // Atomic: of racing updates of one version, one wins. A store
+        // that checks and then writes lets several through, and a second
+        // writer racing the first would not be fenced.
+        let racing = futures::future::join_all((0..RACERS).map(|k| {
+            let (probe, current) = (&probe, current.clone());
+            async move {
+                let body = format!("coffre conditional-write race {k}");
+                objects
+                    .put(probe, Bytes::from(body), Put::Update(current))
+                    .await
+            }
+        }))
+        .await;
+        let won = racing.iter().filter(|r| r.is_ok()).count();
+        if won > 1 {
+            return Err(refuse(format!(
+                "its conditional puts are not atomic: {won} of {RACERS} racing updates of one version succeeded"
+            )));
         }
+        Ok(())
     }
     .await;
     let _ = objects.delete(&probe).await;
     result
 }
 
-/// [`check_conditional_writes`] within a time limit (four requests).
+/// Racing updates in the conditional-write probe.
+const RACERS: usize = 12;
+
+/// [`check_conditional_writes`] within a time limit (four requests, then
+/// a race of a dozen).
 async fn conditional_writes(
     objects: &dyn Objects,
     keys: &Keys,
@@ -341,12 +368,12 @@ async fn conditional_writes(
 ) -> Result<(), RemoteError> {
     match limit {
         None => check_conditional_writes(objects, keys).await,
-        Some(d) => tokio::time::timeout(4 * d, check_conditional_writes(objects, keys))
+        Some(d) => tokio::time::timeout(6 * d, check_conditional_writes(objects, keys))
             .await
             .unwrap_or_else(|_| {
                 Err(RemoteError::Store(format!(
                     "the conditional-write probe: no answer within {} s",
-                    (4 * d).as_secs_f64()
+                    (6 * d).as_secs_f64()
                 )))
             }),
     }
@@ -1655,6 +1682,27 @@ impl ChunkStore {
     /// It is offered again until kept.
     pub fn new_root(&self) -> Option<Root> {
         (self.root != self.kept).then_some(self.root)
+    }
+
+    /// The MAC of a record of the device's write journal: `data` written
+    /// at `offset`, the `seq`th record since the durable manifest of
+    /// `base` epoch.
+    pub fn journal_mac(&self, (base, seq, offset): (u64, u64, u64), data: &[u8]) -> Mac {
+        self.key.mac(
+            crate::integrity::Domain::Journal,
+            &self.vault,
+            &[
+                &base.to_be_bytes(),
+                &seq.to_be_bytes(),
+                &offset.to_be_bytes(),
+                data,
+            ],
+        )
+    }
+
+    /// Whether `mac` is [`journal_mac`](ChunkStore::journal_mac)'s.
+    pub fn journal_verifies(&self, at: (u64, u64, u64), data: &[u8], mac: &Mac) -> bool {
+        IntegrityKey::verify(mac, &self.journal_mac(at, data))
     }
 
     /// The caller kept `root` (in the control directory).

@@ -457,3 +457,37 @@ fn survey_cold_open_of_100_gib() {
         raws[2].as_secs_f64() / opens[2].as_secs_f64(),
     );
 }
+
+/// s3s-fs, a second S3 server: its conditional puts are honoured one at a
+/// time (a create over an object, an update of an older version: both
+/// refused) but not when they race: several of a dozen racing updates of
+/// one version succeed, so a second writer racing the first would not be
+/// fenced. The probe catches it and the volume is refused, saying why.
+/// (Every other S3 test needs moto, whose conditional puts are atomic.)
+#[test]
+#[ignore = "system: s3s-fs"]
+fn a_store_whose_conditional_puts_are_not_atomic_is_refused() {
+    let server = coffre_testkit::s3sfs::S3sFs::start("coffre-team");
+    let creds = Credentials::load(&server.credentials()).unwrap();
+    let (objects, prefix) = s3::open(
+        &S3Settings {
+            url: "s3://coffre-team/v".into(),
+            endpoint: Some(server.endpoint()),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+        },
+        Some(&creds),
+    )
+    .unwrap();
+    let g = Geometry::new(65536, 16 * 65536).unwrap();
+    let key = IntegrityKey::generate().unwrap();
+    let e = rt()
+        .block_on(ChunkStore::create(objects, &prefix, VAULT, key, g))
+        .unwrap_err();
+    match e {
+        RemoteError::NoConditionalWrites(why) => {
+            assert!(why.contains("not atomic"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

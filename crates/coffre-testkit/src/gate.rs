@@ -75,6 +75,9 @@ pub enum Need {
     /// delay filters) and qemu-nbd (qemu-utils), started by tests on unix
     /// sockets as the storage host.
     NbdServers,
+    /// s3s-fs (crates.io, `cargo install s3s-fs --features binary`), a
+    /// second S3 server, started by tests on loopback.
+    S3sFs,
     /// moto's S3 server (`moto_server`, PyPI `moto[server]`), started by
     /// tests on loopback as an S3 store; and curl, to create its buckets.
     Moto,
@@ -102,6 +105,7 @@ impl Need {
         Need::Slapd,
         Need::Moto,
         Need::NbdServers,
+        Need::S3sFs,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -180,6 +184,13 @@ impl Need {
                     command("curl", "curl")
                 } else {
                     Err("moto_server: pip install 'moto[server]' (scripts/install-deps puts it in /opt/coffre-test-venv when the system pip refuses)".into())
+                }
+            }
+            Need::S3sFs => {
+                if Path::new(&s3s_fs()).exists() || command("s3s-fs", "").is_ok() {
+                    Ok(())
+                } else {
+                    Err("s3s-fs: cargo install s3s-fs --version 0.14.1 --features binary (scripts/install-deps does)".into())
                 }
             }
             Need::NbdServers => {
@@ -308,6 +319,17 @@ fn may_lock_memory() -> bool {
             })
     });
     cap || limit
+}
+
+/// s3s-fs: in cargo's bin directory if it is not on PATH.
+pub fn s3s_fs() -> String {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo = format!("{home}/.cargo/bin/s3s-fs");
+    if Path::new(&cargo).exists() {
+        cargo
+    } else {
+        "s3s-fs".into()
+    }
 }
 
 /// The `moto_server` to run: the one scripts/install-deps put in its

@@ -19,6 +19,7 @@ pub mod kdf;
 pub mod moto;
 pub mod nbdserver;
 pub mod process;
+pub mod s3sfs;
 pub mod slapd;
 pub mod tls;
 pub mod volume;

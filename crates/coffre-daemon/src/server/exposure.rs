@@ -221,11 +221,14 @@ impl Shell {
                     })),
                 )
                     .map_err(|e| format!("the volume's store: {e}"))
-                    .and_then(|(dev, ahead)| {
+                    .and_then(|(dev, ahead, replayed)| {
                         // A lock while the store was read (a slow store can
                         // take seconds): nothing opens after it.
                         if locked.load(std::sync::atomic::Ordering::SeqCst) {
                             return Err("the vault was locked while its store was read".into());
+                        }
+                        if let Some(r) = replayed {
+                            lines.push(("storage".into(), "ok".into(), r));
                         }
                         if ahead > 0 {
                             lines.push((

@@ -872,3 +872,77 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
+
+/// A write the data took and no flush made durable yet (a direct
+/// overwrite of an allocated block: no journal commit, no cache flush)
+/// survives a crash of the daemon (SIGKILL): the device's write journal
+/// on local disk keeps it, and the next open replays it, verified, onto
+/// the store (audited).
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, nbdkit"]
+fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
+    use coffre_testkit::nbdserver::NbdServer;
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::NbdServers,
+    ]);
+    let scratch = tempfile::tempdir().unwrap();
+    let img = scratch.path().join("export.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let kit = NbdServer::nbdkit(&["file", &format!("file={}", img.display())]);
+    let mut v = Vault::init(&["--storage", &kit.url("team"), "--storage-chunk-size", "64K"]);
+    v.start();
+    let mut e = v.enter_bg("alice", &[]);
+    let file = v.layout().mountpoint.join("shared").join("ledger.txt");
+    std::fs::write(&file, vec![b'o'; 4096]).unwrap();
+    ok(&std::process::Command::new("sync")
+        .arg(&file)
+        .output()
+        .unwrap());
+    // Overwritten in place, directly: the block goes down to the device
+    // with no flush after it.
+    let new = v.tmp.path().join("new.bin");
+    std::fs::write(&new, vec![b'n'; 4096]).unwrap();
+    ok(&std::process::Command::new("dd")
+        .arg(format!("if={}", new.display()))
+        .arg(format!("of={}", file.display()))
+        .args(["bs=4096", "count=1", "conv=notrunc", "oflag=direct"])
+        .output()
+        .unwrap());
+    v.crash();
+    let _ = e.kill();
+    let _ = e.wait();
+    let journal = v.dir.join("cache").join("journal");
+    assert!(
+        std::fs::metadata(&journal).unwrap().len() > 4096,
+        "the write is not in the journal"
+    );
+    v.start();
+    let _ = std::fs::remove_file(session_file(&v.member("alice").identity));
+    let mut e = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    let got = std::fs::read(&file).unwrap();
+    assert!(
+        got == vec![b'n'; 4096],
+        "the write was lost: the file starts {:?}",
+        String::from_utf8_lossy(&got[..got.len().min(16)])
+    );
+    let replayed = v.audit_details("storage", "ok");
+    assert!(
+        replayed.iter().any(|d| d.contains("write journal held")),
+        "{replayed:?}"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut e, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    // A clean close leaves it empty.
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    v.stop();
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+}

@@ -210,6 +210,11 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                         .unwrap_or_default()
                 );
                 println!("local root epoch: {}", v["local_root_epoch"]);
+                if let Some(n) = v["journal_bytes"].as_u64().filter(|n| *n > 0) {
+                    println!(
+                        "write journal: {n} bytes a stopped daemon took, not yet on the store (replayed and flushed at the next open)"
+                    );
+                }
                 let stores = v["stores"].as_array().cloned().unwrap_or_default();
                 for (i, st) in stores.iter().enumerate() {
                     let who = if i == 0 {

@@ -1,0 +1,220 @@
+//! The device's write journal on local disk: every write the device takes
+//! is appended here before it is acknowledged, and the file is emptied
+//! once a flush has made those writes durable on the store. A daemon that
+//! dies between the two (killed, crashed) leaves the journal behind; the
+//! next open replays it, each record verified, and flushes it to the
+//! store. Only ciphertext is written (the device is below the encryption
+//! engine), each record MACed under the integrity key: a record altered
+//! or put there while the vault was closed is never replayed.
+//!
+//! A record: `CFJ1`, the epoch of the durable manifest it follows, its
+//! sequence number, the offset, the length, the MAC, the bytes. Records
+//! of an older epoch are covered by a manifest that landed (a crash
+//! between the manifest and the emptying of the journal): they are
+//! dropped, never replayed over newer data.
+
+use crate::integrity::Mac;
+use crate::store::ChunkStore;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"CFJ1";
+const HEAD: usize = 4 + 8 + 8 + 8 + 4 + 32;
+/// The largest record (a write is at most this; larger ones are split).
+pub const MAX_RECORD: usize = 16 << 20;
+
+/// An open journal, appended to.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    /// The durable epoch its records follow.
+    base: u64,
+    seq: u64,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("base", &self.base)
+            .field("seq", &self.seq)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+/// One verified record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Where the bytes go.
+    pub offset: u64,
+    /// The bytes (ciphertext).
+    pub data: Vec<u8>,
+}
+
+/// What a journal held at open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The records to replay, in order.
+    pub records: Vec<Record>,
+    /// Records of an older epoch (already durable): dropped.
+    pub older: usize,
+    /// Bytes at the end that did not verify (a record torn by the crash,
+    /// or altered): not replayed, nor anything after them.
+    pub ignored_bytes: u64,
+}
+
+fn head(base: u64, seq: u64, offset: u64, len: u32, mac: &Mac) -> [u8; HEAD] {
+    let mut h = [0u8; HEAD];
+    h[0..4].copy_from_slice(MAGIC);
+    h[4..12].copy_from_slice(&base.to_be_bytes());
+    h[12..20].copy_from_slice(&seq.to_be_bytes());
+    h[20..28].copy_from_slice(&offset.to_be_bytes());
+    h[28..32].copy_from_slice(&len.to_be_bytes());
+    h[32..64].copy_from_slice(mac);
+    h
+}
+
+/// The records of `bytes` that verify under `store`'s integrity key and
+/// follow its durable epoch, up to the first that does not verify.
+pub fn parse(bytes: &[u8], store: &ChunkStore) -> Found {
+    let epoch = store.root().epoch;
+    let mut found = Found::default();
+    let mut at = 0usize;
+    let mut next_seq = None;
+    while at < bytes.len() {
+        let Some(h) = bytes.get(at..at + HEAD) else {
+            break;
+        };
+        if &h[0..4] != MAGIC {
+            break;
+        }
+        let num = |r: std::ops::Range<usize>| {
+            let mut b = [0u8; 8];
+            b[8 - r.len()..].copy_from_slice(&h[r]);
+            u64::from_be_bytes(b)
+        };
+        let (base, seq, offset) = (num(4..12), num(12..20), num(20..28));
+        let Ok(len) = usize::try_from(num(28..32)) else {
+            break;
+        };
+        if len > MAX_RECORD {
+            break;
+        }
+        let Some(data) = bytes.get(at + HEAD..at + HEAD + len) else {
+            break;
+        };
+        let mut mac = [0u8; 32];
+        mac.copy_from_slice(&h[32..64]);
+        // In sequence, from the first record on: nothing left out, nothing
+        // put in between.
+        if next_seq.is_some_and(|n| n != seq) || (next_seq.is_none() && seq != 0) {
+            break;
+        }
+        if !store.journal_verifies((base, seq, offset), data, &mac) {
+            break;
+        }
+        next_seq = Some(seq + 1);
+        if base == epoch {
+            found.records.push(Record {
+                offset,
+                data: data.to_vec(),
+            });
+        } else {
+            found.older += 1;
+        }
+        at += HEAD + len;
+    }
+    found.ignored_bytes = (bytes.len() - at) as u64;
+    found
+}
+
+impl Journal {
+    /// Reads what the journal at `path` holds (nothing if there is none),
+    /// for replay. A file that is not a regular one is refused.
+    pub fn read(path: &Path, store: &ChunkStore) -> io::Result<Found> {
+        let mut f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::default()),
+            Err(e) => return Err(e),
+        };
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(parse(&bytes, store))
+    }
+
+    /// Opens the journal at `path` empty (mode 0600), its records to
+    /// follow the durable epoch `base`.
+    pub fn create(path: &Path, base: u64) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        file.sync_all()?;
+        Ok(Journal {
+            file,
+            path: path.to_path_buf(),
+            base,
+            seq: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Appends `data` written at `offset` (no sync: a dead daemon's writes
+    /// are in the kernel's cache of the file; a dead host loses them, as
+    /// it loses a disk's cache, and ext4's journal copes).
+    pub fn append(&mut self, store: &ChunkStore, offset: u64, data: &[u8]) -> io::Result<()> {
+        for (k, part) in data.chunks(MAX_RECORD).enumerate() {
+            let at = offset + (k * MAX_RECORD) as u64;
+            let mac = store.journal_mac((self.base, self.seq, at), part);
+            let len = u32::try_from(part.len()).map_err(io::Error::other)?;
+            let h = head(self.base, self.seq, at, len, &mac);
+            self.file.write_all(&h)?;
+            self.file.write_all(part)?;
+            self.seq += 1;
+            self.bytes += (HEAD + part.len()) as u64;
+        }
+        Ok(())
+    }
+
+    /// Empties it: every write so far is durable on the store, whose
+    /// durable epoch is now `base`.
+    pub fn reset(&mut self, base: u64) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.base = base;
+        self.seq = 0;
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,186 @@
+//! The device's write journal on local disk: writes a dead daemon took
+//! (not yet flushed) are replayed at the next open, verified, and made
+//! durable; a torn or altered record is not replayed, nor anything after
+//! it; an old journal (its writes already durable) never rolls newer data
+//! back; the journal stays bounded by flushing.
+
+use coffre_remote::{ChunkStore, ObjectStoreObjects, Objects, RemoteDevice, Root};
+use coffre_storage::BlockDevice;
+use object_store::memory::InMemory;
+use std::sync::{Arc, Mutex};
+
+mod common;
+use common::*;
+
+fn objects(mem: &Arc<InMemory>) -> Arc<dyn Objects> {
+    Arc::new(ObjectStoreObjects::new(mem.clone()))
+}
+
+/// A device on the store at `root` (or a new one), keeping each root it
+/// makes durable in `roots`.
+fn device(
+    mem: &Arc<InMemory>,
+    keys: &Keyring,
+    root: Option<Root>,
+    roots: &Arc<Mutex<Vec<Root>>>,
+) -> RemoteDevice {
+    let rt = rt();
+    let store = match root {
+        None => {
+            rt.block_on(ChunkStore::create(
+                objects(mem),
+                PREFIX,
+                VAULT,
+                keys.key(),
+                geometry(),
+            ))
+            .unwrap()
+            .0
+        }
+        Some(r) => {
+            rt.block_on(ChunkStore::open(
+                objects(mem),
+                PREFIX,
+                VAULT,
+                keys.key(),
+                Some(r),
+                false,
+            ))
+            .unwrap()
+            .0
+        }
+    };
+    let r2 = roots.clone();
+    RemoteDevice::new(
+        store,
+        1 << 20,
+        Box::new(move |r| {
+            r2.lock().unwrap().push(r);
+            Ok(())
+        }),
+    )
+    .unwrap()
+}
+
+#[test]
+fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache").join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    let root0 = dev.root();
+    assert!(dev.attach_journal(&path).unwrap().records.is_empty());
+    dev.write_at(4096, &[7u8; 8192]).unwrap();
+    dev.write_at(3 * 65536 + 100, &[9u8; 50]).unwrap();
+    // The daemon dies: no flush.
+    drop(dev);
+    assert!(std::fs::metadata(&path).unwrap().len() > 8192);
+    let dev = device(&mem, &keys, Some(root0), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.records.len(), 2);
+    assert_eq!(found.ignored_bytes, 0);
+    // Durable on the store now, and the journal empty.
+    let root1 = dev.root();
+    assert!(root1.epoch > root0.epoch);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    drop(dev);
+    let dev = device(&mem, &keys, Some(root1), &roots);
+    let mut b = vec![0u8; 8192];
+    dev.read_at(4096, &mut b).unwrap();
+    assert_eq!(b, vec![7u8; 8192]);
+    let mut b = vec![0u8; 50];
+    dev.read_at(3 * 65536 + 100, &mut b).unwrap();
+    assert_eq!(b, vec![9u8; 50]);
+}
+
+#[test]
+fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    let root0 = dev.root();
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(0, &[1u8; 4096]).unwrap();
+    dev.write_at(65536, &[2u8; 4096]).unwrap();
+    dev.write_at(2 * 65536, &[3u8; 4096]).unwrap();
+    drop(dev);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let record = bytes.len() / 3;
+    // The second record's data altered (as if put there while closed).
+    bytes[record + 64 + 10] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let dev = device(&mem, &keys, Some(root0), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.ignored_bytes, 2 * record as u64);
+    let mut b = vec![0u8; 4096];
+    dev.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![1u8; 4096]);
+    for at in [65536, 2 * 65536] {
+        dev.read_at(at, &mut b).unwrap();
+        assert_eq!(b, vec![0u8; 4096], "offset {at}");
+    }
+    drop(dev);
+    // Torn: cut in the middle of the only record.
+    let dev = device(
+        &mem,
+        &keys,
+        Some(roots.lock().unwrap().last().copied().unwrap()),
+        &roots,
+    );
+    let root = dev.root();
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(0, &[5u8; 4096]).unwrap();
+    drop(dev);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert!(found.records.is_empty());
+    assert_eq!(found.ignored_bytes, bytes.len() as u64 - 1);
+    dev.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![1u8; 4096]);
+}
+
+#[test]
+fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(0, &[1u8; 4096]).unwrap();
+    let old = std::fs::read(&path).unwrap();
+    dev.flush().unwrap();
+    dev.write_at(0, &[2u8; 4096]).unwrap();
+    dev.flush().unwrap();
+    let root = dev.root();
+    drop(dev);
+    // The first journal put back (a crash between a manifest and the
+    // emptying of the journal, or a copy): its writes are durable already.
+    std::fs::write(&path, &old).unwrap();
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert!(found.records.is_empty());
+    assert_eq!(found.older, 1);
+    let mut b = vec![0u8; 4096];
+    dev.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![2u8; 4096]);
+    // Bounded: past the cache's size (1 MiB here), a write flushes.
+    let before = roots.lock().unwrap().len();
+    for i in 0..24u64 {
+        dev.write_at((i % 8) * 65536, &[3u8; 65536]).unwrap();
+    }
+    assert!(
+        roots.lock().unwrap().len() > before,
+        "no flush bounded the journal"
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() <= (1 << 20) + 65536 + 64);
+}
