@@ -196,13 +196,26 @@ pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathB
         Some(d) => vd.root.join(d),
         None => vd.root.join("cache"),
     };
+    let io = |e: std::io::Error| RemoteError::Config(format!("{}: {e}", dir.display()));
     if !dir.exists() {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|e| RemoteError::Config(format!("{}: {e}", dir.display())))?;
+            .map_err(io)?;
+    }
+    // Ciphertext only, but nobody else's business: 0700.
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(&dir).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(RemoteError::Config(format!(
+            "{} (the write journal's directory) is not a directory",
+            dir.display()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(dir.join("journal"))
 }

@@ -52,6 +52,11 @@ pub trait Blocks: Send + Sync {
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Every write acknowledged before is durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// `len` bytes at `offset` are no longer needed (nothing by default).
+    fn trim(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = (offset, len);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl Blocks for NbdClient {
@@ -66,6 +71,9 @@ impl Blocks for NbdClient {
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(NbdClient::flush(self))
+    }
+    fn trim(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(NbdClient::trim(self, offset, len))
     }
 }
 
@@ -251,7 +259,7 @@ impl Layout {
             && l.chunks <= crate::layout::MAX_CHUNKS
             && l.pages <= l.chunks
             && l.page_cap <= 1 << 24
-            && l.manifest_cap <= 1 << 30;
+            && l.manifest_cap <= (16 << 20) + 4096;
         sane.then_some(l)
     }
 }
@@ -324,7 +332,16 @@ pub struct BlockObjects {
     heads: Mutex<Heads>,
     /// One conditional put at a time.
     single: tokio::sync::Mutex<()>,
+    /// Each chunk's and page's version that the durable manifest names
+    /// (version, session), as the chunk store says: its slot is never
+    /// written over.
+    durable: Mutex<HashMap<(Kind, u64), (u64, u64)>>,
+    /// Locks of the slots, by index.
+    slot_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Slot locks (an index maps to one of them).
+const SLOT_LOCKS: usize = 64;
 
 impl std::fmt::Debug for BlockObjects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,6 +363,10 @@ impl BlockObjects {
             layout: tokio::sync::OnceCell::new(),
             heads: Mutex::new(HashMap::new()),
             single: tokio::sync::Mutex::new(()),
+            durable: Mutex::new(HashMap::new()),
+            slot_locks: (0..SLOT_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -418,10 +439,38 @@ impl BlockObjects {
         index: u64,
         k: usize,
     ) -> Result<Option<Head>, StoreError> {
-        let b = self.blocks.read(l.slot(kind, index, k), HEAD_LEN).await?;
+        // Whole 4 KiB blocks, for servers with a minimum block size.
+        let b = self.blocks.read(l.slot(kind, index, k), HEAD_SPACE).await?;
         Ok(Head::decode(&b).filter(|h| {
             h.kind == kind as u8 && h.index == index && (h.len <= l.cap(kind) || h.len == TOMBSTONE)
         }))
+    }
+
+    /// `len` bytes of a body at `at`, read in whole 4 KiB blocks (a
+    /// slot's capacity is a multiple of 4 KiB).
+    async fn read_body(&self, at: u64, len: usize) -> Result<Bytes, StoreError> {
+        let whole = len.div_ceil(HEAD_SPACE) * HEAD_SPACE;
+        let mut b = self.blocks.read(at, whole).await?;
+        b.truncate(len);
+        Ok(b)
+    }
+
+    /// A slot's header and body, padded to whole 4 KiB blocks.
+    fn slot_bytes(head: &Head, data: &[u8]) -> Bytes {
+        let whole = (HEAD_SPACE + data.len()).div_ceil(HEAD_SPACE) * HEAD_SPACE;
+        let mut buf = BytesMut::with_capacity(whole);
+        buf.extend_from_slice(&head.encode());
+        buf.resize(HEAD_SPACE, 0);
+        buf.extend_from_slice(data);
+        buf.resize(whole, 0);
+        buf.freeze()
+    }
+
+    /// The lock of a chunk's or page's two slots: a put and a deletion of
+    /// the same index never interleave.
+    fn slot_lock(&self, kind: Kind, index: u64) -> &tokio::sync::Mutex<()> {
+        let k = usize::try_from((index ^ ((kind as u64) << 40)) % SLOT_LOCKS as u64).unwrap_or(0);
+        &self.slot_locks[k]
     }
 
     /// Both slots' headers of a chunk or page (cached).
@@ -447,6 +496,10 @@ impl BlockObjects {
         self.heads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_durable(&self) -> std::sync::MutexGuard<'_, HashMap<(Kind, u64), (u64, u64)>> {
+        self.durable.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The current single object of `kind` (probe, manifest): the valid
     /// slot of the highest generation, with its body (read afresh).
     async fn current(
@@ -463,7 +516,7 @@ impl BlockObjects {
                 Bytes::new()
             } else {
                 let len = usize::try_from(h.len).map_err(other)?;
-                let b = self.blocks.read(l.slot(kind, 0, k) + HEAD, len).await?;
+                let b = self.read_body(l.slot(kind, 0, k) + HEAD, len).await?;
                 if digest(&b) != h.hash {
                     // Torn: the other slot stands.
                     continue;
@@ -529,7 +582,7 @@ impl BlockObjects {
                 if len > max {
                     return Err(other(format!("{name} is larger than {max} bytes")));
                 }
-                let body = self.blocks.read(l.slot(kind, index, k) + HEAD, len).await?;
+                let body = self.read_body(l.slot(kind, index, k) + HEAD, len).await?;
                 Ok(Some((body, gen_tag(version))))
             }
         }
@@ -555,8 +608,10 @@ impl BlockObjects {
                         "{name}: conditional puts of chunks and pages"
                     )));
                 }
+                let _slots = self.slot_lock(kind, index).lock().await;
                 let heads = self.heads(&l, kind, index).await?;
-                let k = choose(&heads, version, session);
+                let durable = self.lock_durable().get(&(kind, index)).copied();
+                let k = choose(&heads, version, session, durable);
                 let head = Head {
                     kind: kind as u8,
                     index,
@@ -567,12 +622,12 @@ impl BlockObjects {
                 };
                 // Empty while it is written: a failed write leaves it so.
                 self.set_head(kind, index, k, None);
-                let mut buf = BytesMut::with_capacity(HEAD_SPACE + data.len());
-                buf.extend_from_slice(&head.encode());
-                buf.resize(HEAD_SPACE, 0);
-                buf.extend_from_slice(&data);
                 self.blocks
-                    .write(l.slot(kind, index, k), buf.freeze(), false)
+                    .write(
+                        l.slot(kind, index, k),
+                        Self::slot_bytes(&head, &data),
+                        false,
+                    )
                     .await?;
                 self.set_head(kind, index, k, Some(head));
                 Ok(gen_tag(version))
@@ -630,12 +685,8 @@ impl BlockObjects {
         // Everything written before (chunks, pages) is durable before the
         // manifest that names it.
         self.blocks.flush().await?;
-        let mut buf = BytesMut::with_capacity(HEAD_SPACE + data.len());
-        buf.extend_from_slice(&head.encode());
-        buf.resize(HEAD_SPACE, 0);
-        buf.extend_from_slice(&data);
         self.blocks
-            .write(l.slot(kind, 0, k), buf.freeze(), true)
+            .write(l.slot(kind, 0, k), Self::slot_bytes(&head, &data), true)
             .await?;
         Ok(gen_tag(generation))
     }
@@ -661,21 +712,23 @@ impl BlockObjects {
                     ..h
                 };
                 self.blocks
-                    .write(l.slot(kind, 0, 1 - k), Bytes::from(head.encode()), true)
+                    .write(l.slot(kind, 0, 1 - k), Self::slot_bytes(&head, &[]), true)
                     .await
             }
             Kind::Chunk | Kind::Page => {
+                let _slots = self.slot_lock(kind, index).lock().await;
                 let heads = self.heads(&l, kind, index).await?;
                 for (k, h) in heads.iter().enumerate() {
                     if h.is_some_and(|h| h.version == version && h.session == session) {
                         self.set_head(kind, index, k, None);
+                        let at = l.slot(kind, index, k);
+                        // With FUA: durable when answered (a restarted
+                        // server cannot have lost it).
                         self.blocks
-                            .write(
-                                l.slot(kind, index, k),
-                                Bytes::from(vec![0u8; HEAD_LEN]),
-                                false,
-                            )
+                            .write(at, Bytes::from(vec![0u8; HEAD_SPACE]), true)
                             .await?;
+                        // The body's space goes back to the storage host.
+                        self.blocks.trim(at + HEAD, l.cap(kind)).await?;
                     }
                 }
                 Ok(())
@@ -709,15 +762,26 @@ fn gen_tag(generation: u64) -> Tag {
 }
 
 /// The slot a new version goes to: the one holding this very object (a
-/// retry), else one holding the same version (an earlier attempt at this
-/// epoch, never durable), else an empty one, else the older: never the
-/// newest durable version.
-fn choose(heads: &[Option<Head>; 2], version: u64, session: u64) -> usize {
+/// retry); else never the one holding the durable version (`durable`, as
+/// the chunk store says); else one holding the same version (an earlier
+/// attempt at this epoch, never durable), else an empty one, else the
+/// older.
+fn choose(
+    heads: &[Option<Head>; 2],
+    version: u64,
+    session: u64,
+    durable: Option<(u64, u64)>,
+) -> usize {
     let live = |k: usize| heads[k].filter(|h| h.len != TOMBSTONE);
     if let Some(k) =
         (0..2).find(|k| live(*k).is_some_and(|h| h.version == version && h.session == session))
     {
         return k;
+    }
+    if let Some((v, s)) = durable
+        && let Some(k) = (0..2).find(|k| live(*k).is_some_and(|h| h.version == v && h.session == s))
+    {
+        return 1 - k;
     }
     if let Some(k) = (0..2).find(|k| live(*k).is_some_and(|h| h.version == version)) {
         return k;
@@ -750,6 +814,16 @@ impl Objects for BlockObjects {
     }
     fn prepare<'a>(&'a self, geometry: &'a Geometry) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(self.format(geometry))
+    }
+    fn durable(&self, names: &mut dyn Iterator<Item = Name>) {
+        let mut d = self.lock_durable();
+        for n in names {
+            match n {
+                Name::Chunk(i, v, s) => d.insert((Kind::Chunk, i), (v, s)),
+                Name::Page(i, v, s) => d.insert((Kind::Page, i), (v, s)),
+                Name::Manifest | Name::Probe(_) => None,
+            };
+        }
     }
     fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
@@ -787,16 +861,20 @@ mod tests {
     #[test]
     fn a_new_version_never_goes_over_the_newest_durable_one() {
         // Empty: the first slot.
-        assert_eq!(choose(&[None, None], 1, 1), 0);
+        assert_eq!(choose(&[None, None], 1, 1, None), 0);
         // The durable version 3 in slot 0: version 4 goes to slot 1.
-        assert_eq!(choose(&[head(3, 1), None], 4, 2), 1);
-        assert_eq!(choose(&[head(3, 1), head(2, 9)], 4, 2), 1);
-        assert_eq!(choose(&[head(2, 9), head(3, 1)], 4, 2), 0);
+        assert_eq!(choose(&[head(3, 1), None], 4, 2, None), 1);
+        assert_eq!(choose(&[head(3, 1), head(2, 9)], 4, 2, None), 1);
+        assert_eq!(choose(&[head(2, 9), head(3, 1)], 4, 2, None), 0);
         // An earlier attempt at version 4 (never durable) is replaced.
-        assert_eq!(choose(&[head(3, 1), head(4, 7)], 4, 8), 1);
-        assert_eq!(choose(&[head(4, 7), head(3, 1)], 4, 8), 0);
+        assert_eq!(choose(&[head(3, 1), head(4, 7)], 4, 8, None), 1);
+        assert_eq!(choose(&[head(4, 7), head(3, 1)], 4, 8, None), 0);
+        // A leftover of a crashed session (version 5, never durable) and
+        // the durable version 3: version 7 never goes over version 3.
+        assert_eq!(choose(&[head(3, 1), head(5, 9)], 7, 2, Some((3, 1))), 1);
+        assert_eq!(choose(&[head(5, 9), head(3, 1)], 7, 2, Some((3, 1))), 0);
         // A retry of the same object goes where it is.
-        assert_eq!(choose(&[head(3, 1), head(4, 8)], 4, 8), 1);
+        assert_eq!(choose(&[head(3, 1), head(4, 8)], 4, 8, None), 1);
     }
 
     #[test]

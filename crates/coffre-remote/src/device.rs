@@ -322,7 +322,8 @@ impl RemoteDevice {
                     // step (no request to a store here).
                     {
                         let mut s = lock(&state);
-                        if s.store.demote_bad() > 0 {
+                        // Not while an upload runs: it chose its stores.
+                        if s.in_flight.is_none() && s.store.demote_bad() > 0 {
                             report(&mut s, on_change.as_deref());
                         }
                     }
@@ -331,11 +332,14 @@ impl RemoteDevice {
                     if last_gc.elapsed() >= GC_EVERY {
                         let garbage = {
                             let mut s = lock(&state);
+                            // An upload running: collection waits for a
+                            // later tick (resync still gets this one).
                             if s.in_flight.is_some() {
-                                continue;
+                                Ok(None)
+                            } else {
+                                last_gc = std::time::Instant::now();
+                                s.store.prepare_garbage(GC_GRACE)
                             }
-                            last_gc = std::time::Instant::now();
-                            s.store.prepare_garbage(GC_GRACE)
                         };
                         if let Ok(Some(g)) = garbage {
                             let mut done = Vec::new();
@@ -807,25 +811,20 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         // On local disk before it is taken: a dead daemon's writes are
         // replayed at the next open.
-        let over = {
-            let State {
-                journal,
-                store,
-                limit,
-                ..
-            } = &mut *s;
-            match journal {
-                Some(j) => {
-                    j.append(store, offset, buf)?;
-                    // Bounded by the cache's size.
-                    j.bytes() > *limit as u64
-                }
-                None => false,
-            }
-        };
-        if over {
-            // Bounded: a flush empties it.
+        // A flush first when the journal would pass the cache's size, or
+        // when the durable epoch moved without one (an uncertain manifest
+        // settled as done): its records must follow the durable epoch.
+        let flush_first = s.journal.as_ref().is_some_and(|j| {
+            j.bytes() + buf.len() as u64 > s.limit as u64 || j.base() != s.store.root().epoch
+        });
+        if flush_first {
             self.flush_locked(&mut s)?;
+        }
+        {
+            let State { journal, store, .. } = &mut *s;
+            if let Some(j) = journal {
+                j.append(store, offset, buf)?;
+            }
         }
         self.shrink(&mut s)?;
         // The pieces: (chunk, offset within it, bytes of buf).

@@ -24,6 +24,9 @@ const MAGIC: &[u8; 4] = b"CFJ1";
 const HEAD: usize = 4 + 8 + 8 + 8 + 4 + 32;
 /// The largest record (a write is at most this; larger ones are split).
 pub const MAX_RECORD: usize = 16 << 20;
+/// The most a journal file may be read (it is bounded by the cache's size
+/// and one write).
+const MAX_JOURNAL: u64 = 8 << 30;
 
 /// An open journal, appended to.
 pub struct Journal {
@@ -136,23 +139,31 @@ impl Journal {
     /// Reads what the journal at `path` holds (nothing if there is none),
     /// for replay. A file that is not a regular one is refused.
     pub fn read(path: &Path, store: &ChunkStore) -> io::Result<Found> {
-        let mut f = match OpenOptions::new()
+        let f = match OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::default()),
             Err(e) => return Err(e),
         };
-        if !f.metadata()?.is_file() {
+        let meta = f.metadata()?;
+        if !meta.is_file() {
             return Err(io::Error::other(format!(
                 "{} is not a regular file",
                 path.display()
             )));
         }
+        if meta.len() > MAX_JOURNAL {
+            return Err(io::Error::other(format!(
+                "{} is {} bytes, more than a journal ever holds ({MAX_JOURNAL})",
+                path.display(),
+                meta.len()
+            )));
+        }
         let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
+        f.take(MAX_JOURNAL).read_to_end(&mut bytes)?;
         Ok(parse(&bytes, store))
     }
 
@@ -184,17 +195,34 @@ impl Journal {
     /// are in the kernel's cache of the file; a dead host loses them, as
     /// it loses a disk's cache, and ext4's journal copes).
     pub fn append(&mut self, store: &ChunkStore, offset: u64, data: &[u8]) -> io::Result<()> {
-        for (k, part) in data.chunks(MAX_RECORD).enumerate() {
-            let at = offset + (k * MAX_RECORD) as u64;
-            let mac = store.journal_mac((self.base, self.seq, at), part);
-            let len = u32::try_from(part.len()).map_err(io::Error::other)?;
-            let h = head(self.base, self.seq, at, len, &mac);
-            self.file.write_all(&h)?;
-            self.file.write_all(part)?;
-            self.seq += 1;
-            self.bytes += (HEAD + part.len()) as u64;
+        let (seq, bytes) = (self.seq, self.bytes);
+        let r = (|| {
+            for (k, part) in data.chunks(MAX_RECORD).enumerate() {
+                let at = offset + (k * MAX_RECORD) as u64;
+                let mac = store.journal_mac((self.base, self.seq, at), part);
+                let len = u32::try_from(part.len()).map_err(io::Error::other)?;
+                let h = head(self.base, self.seq, at, len, &mac);
+                self.file.write_all(&h)?;
+                self.file.write_all(part)?;
+                self.seq += 1;
+                self.bytes += (HEAD + part.len()) as u64;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            // Nothing half written stays in the middle (a later record
+            // would never be replayed past it).
+            self.seq = seq;
+            self.bytes = bytes;
+            let _ = self.file.set_len(bytes);
+            let _ = self.file.seek(SeekFrom::Start(bytes));
         }
-        Ok(())
+        r
+    }
+
+    /// The durable epoch its records follow.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Empties it: every write so far is durable on the store, whose

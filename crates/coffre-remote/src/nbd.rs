@@ -187,10 +187,17 @@ struct Request {
     offset: u64,
     len: u32,
     data: Bytes,
-    reply: oneshot::Sender<Result<Bytes, StoreError>>,
+    reply: oneshot::Sender<Result<Bytes, Failure>>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, (u16, u32, oneshot::Sender<Result<Bytes, StoreError>>)>>>;
+type Pending = Arc<Mutex<HashMap<u64, (u16, u32, oneshot::Sender<Result<Bytes, Failure>>)>>>;
+
+/// Why a request failed: the server said so (the connection goes on), or
+/// the connection failed (it is given up).
+enum Failure {
+    Server(StoreError),
+    Connection(StoreError),
+}
 
 /// One connection in transmission: a writer task sends requests, a
 /// reader task hands each reply to its request.
@@ -198,6 +205,22 @@ struct Conn {
     tx: mpsc::Sender<Request>,
     info: ExportInfo,
     dead: Arc<AtomicBool>,
+    /// Which set of connections it belongs to (all are made again
+    /// together).
+    generation: u64,
+    /// Its reader and writer tasks, stopped when it is given up (so that
+    /// nothing queued is sent late).
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Conn {
+    /// Given up: nothing more is sent on it, and its socket closes.
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// A client of one export. Cheap to share; connects at the first request
@@ -208,6 +231,16 @@ pub struct NbdClient {
     /// another's writes (`CAN_MULTI_CONN`): requests go round them.
     conns: tokio::sync::Mutex<Vec<Arc<Conn>>>,
     next: std::sync::atomic::AtomicUsize,
+    /// Sets of connections made so far.
+    generation: std::sync::atomic::AtomicU64,
+    /// Writes and trims sent since the last flush that covered them: the
+    /// generation each went on, and its number.
+    unflushed: Mutex<Vec<(u64, u64)>>,
+    sent: std::sync::atomic::AtomicU64,
+    /// Writes went on connections that were lost before a flush covered
+    /// them: the server may have dropped them, or may still apply them
+    /// late, so no flush is ever reported done again.
+    lost: AtomicBool,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -229,6 +262,10 @@ impl NbdClient {
             settings,
             conns: tokio::sync::Mutex::new(Vec::new()),
             next: std::sync::atomic::AtomicUsize::new(0),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            unflushed: Mutex::new(Vec::new()),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            lost: AtomicBool::new(false),
         }
     }
 
@@ -245,13 +282,16 @@ impl NbdClient {
             return Ok(g[k].clone());
         }
         // One failed: all are made again (a server restarted drops them
-        // all).
-        g.clear();
-        let first = Arc::new(self.connect_one().await?);
+        // all), the old ones stopped.
+        for c in g.drain(..) {
+            c.kill();
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let first = Arc::new(self.connect_one(generation).await?);
         g.push(first.clone());
         if first.info.flags & TFLAG_CAN_MULTI_CONN != 0 {
             for _ in 1..CONNECTIONS {
-                match self.connect_one().await {
+                match self.connect_one(generation).await {
                     Ok(c) => g.push(Arc::new(c)),
                     Err(_) => break,
                 }
@@ -260,8 +300,8 @@ impl NbdClient {
         Ok(first)
     }
 
-    async fn connect_one(&self) -> Result<Conn, StoreError> {
-        tokio::time::timeout(self.settings.timeout, connect(&self.settings))
+    async fn connect_one(&self, generation: u64) -> Result<Conn, StoreError> {
+        tokio::time::timeout(self.settings.timeout, connect(&self.settings, generation))
             .await
             .map_err(|_| {
                 err(
@@ -279,7 +319,31 @@ impl NbdClient {
         len: u32,
         data: Bytes,
     ) -> Result<Bytes, StoreError> {
+        self.request_on(cmd, flags, offset, len, data)
+            .await
+            .map(|(b, _)| b)
+    }
+
+    /// A request and its reply, with the generation of the connection it
+    /// went on; the whole of it (queueing included) within the timeout.
+    async fn request_on(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Bytes,
+    ) -> Result<(Bytes, u64), StoreError> {
         let c = self.conn().await?;
+        // Writes a restarted server could lose: not FUA (durable when
+        // answered), not trims (losing one loses nothing).
+        if matches!(cmd, CMD_WRITE | CMD_WRITE_ZEROES) && flags & CMD_FLAG_FUA == 0 {
+            let n = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+            self.unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((c.generation, n));
+        }
         let (reply, rx) = oneshot::channel();
         let req = Request {
             cmd,
@@ -289,19 +353,34 @@ impl NbdClient {
             data,
             reply,
         };
-        if c.tx.send(req).await.is_err() {
-            c.dead.store(true, Ordering::SeqCst);
-            return Err(err("request", "the connection is gone (reconnecting)"));
-        }
-        match tokio::time::timeout(self.settings.timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => {
-                c.dead.store(true, Ordering::SeqCst);
-                Err(err("request", "the connection closed before the reply"))
+        let exchange = async {
+            if c.tx.send(req).await.is_err() {
+                return Err(Failure::Connection(err(
+                    "request",
+                    "the connection is gone (reconnecting)",
+                )));
+            }
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Connection(err(
+                    "request",
+                    "the connection closed before the reply",
+                ))),
+            }
+        };
+        match tokio::time::timeout(self.settings.timeout, exchange).await {
+            Ok(Ok(b)) => Ok((b, c.generation)),
+            // The server refused it: the connection goes on.
+            Ok(Err(Failure::Server(e))) => Err(e),
+            Ok(Err(Failure::Connection(e))) => {
+                c.kill();
+                Err(e)
             }
             Err(_) => {
-                // A server that does not answer: a new connection next time.
-                c.dead.store(true, Ordering::SeqCst);
+                // A server that does not answer: this connection is given
+                // up (nothing queued on it is sent later), a new one next
+                // time.
+                c.kill();
                 Err(err(
                     "request",
                     format!("no reply within {} s", self.settings.timeout.as_secs()),
@@ -374,16 +453,54 @@ impl NbdClient {
         Ok(())
     }
 
-    /// Every write acknowledged before is durable.
+    /// Every write acknowledged before is durable. Refused, for good,
+    /// once writes went on a connection that was lost before a flush
+    /// covered them (a restarted server may have dropped them; a late one
+    /// may still apply them): the device must be opened again, and the
+    /// vault's write journal replays them.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.request(CMD_FLUSH, 0, 0, 0, Bytes::new())
-            .await
-            .map(|_| ())
+        let lost = || {
+            err(
+                "flush",
+                "writes went on a connection that was lost before a flush covered them: they may be lost on the server; reopen the vault (its write journal replays them)",
+            )
+        };
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(lost());
+        }
+        let before = self.sent.load(Ordering::SeqCst);
+        let (_, generation) = self.request_on(CMD_FLUSH, 0, 0, 0, Bytes::new()).await?;
+        let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        if u.iter().any(|(g, _)| *g != generation) {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(lost());
+        }
+        u.retain(|(_, n)| *n > before);
+        Ok(())
+    }
+
+    /// Tells the server `len` bytes at `offset` are no longer needed (they
+    /// may read back as anything); nothing when it does not trim.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let info = self.info().await?;
+        if info.flags & TFLAG_SEND_TRIM == 0 || info.read_only() || len == 0 {
+            return Ok(());
+        }
+        Self::check_range(&info, offset, len)?;
+        let step = u64::from(info.max_payload);
+        let mut at = 0;
+        while at < len {
+            let n = u32::try_from(step.min(len - at)).map_err(|e| err("trim", e))?;
+            self.request(CMD_TRIM, 0, offset + at, n, Bytes::new())
+                .await?;
+            at += u64::from(n);
+        }
+        Ok(())
     }
 }
 
 /// Connects, negotiates and starts the connection's tasks.
-async fn connect(s: &NbdSettings) -> Result<Conn, StoreError> {
+async fn connect(s: &NbdSettings, generation: u64) -> Result<Conn, StoreError> {
     let stream: Box<dyn Stream> = match &s.addr {
         NbdAddr::Tcp(host, port) => {
             let t = tokio::net::TcpStream::connect((host.as_str(), *port))
@@ -399,11 +516,11 @@ async fn connect(s: &NbdSettings) -> Result<Conn, StoreError> {
         ),
     };
     let (stream, info) = handshake(stream, s).await?;
-    Ok(start(stream, info))
+    Ok(start(stream, info, generation))
 }
 
 /// Starts a connection's reader and writer tasks.
-fn start(stream: Box<dyn Stream>, info: ExportInfo) -> Conn {
+fn start(stream: Box<dyn Stream>, info: ExportInfo, generation: u64) -> Conn {
     let (mut rd, wr) = tokio::io::split(stream);
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let dead = Arc::new(AtomicBool::new(false));
@@ -416,16 +533,23 @@ fn start(stream: Box<dyn Stream>, info: ExportInfo) -> Conn {
             fail_all(&pending, &e);
         })
     };
-    {
+    let reader_abort = reader.abort_handle();
+    let writer = {
         let (pending, dead) = (pending.clone(), dead.clone());
         tokio::spawn(async move {
             let e = write_requests(wr, rx, &pending).await;
             dead.store(true, Ordering::SeqCst);
             reader.abort();
             fail_all(&pending, &e);
-        });
+        })
+    };
+    Conn {
+        tx,
+        info,
+        dead,
+        generation,
+        tasks: vec![reader_abort, writer.abort_handle()],
     }
-    Conn { tx, info, dead }
 }
 
 /// For the fuzz target: the handshake against a server that sends
@@ -456,11 +580,8 @@ pub fn fuzz_server(data: &[u8]) {
         let Ok((stream, info)) = handshake(Box::new(client), &settings).await else {
             return;
         };
-        let c = NbdClient {
-            settings,
-            conns: tokio::sync::Mutex::new(vec![Arc::new(start(stream, info))]),
-            next: std::sync::atomic::AtomicUsize::new(0),
-        };
+        let c = NbdClient::new(settings);
+        *c.conns.lock().await = vec![Arc::new(start(stream, info, 0))];
         let n = usize::try_from(info.size.min(8192)).unwrap_or(0);
         let _ = c.read(0, n).await;
         let _ = c.write(0, Bytes::from(vec![0u8; n]), true).await;
@@ -475,7 +596,7 @@ fn fail_all(pending: &Pending, e: &StoreError) {
         .drain()
         .collect();
     for (_, (_, _, reply)) in all {
-        let _ = reply.send(Err(e.clone()));
+        let _ = reply.send(Err(Failure::Connection(e.clone())));
     }
 }
 
@@ -557,10 +678,10 @@ async fn read_replies(
             );
         };
         if error != 0 {
-            let _ = reply.send(Err(err(
+            let _ = reply.send(Err(Failure::Server(err(
                 "request",
                 format!("the server answered error {error} ({})", errno_name(error)),
-            )));
+            ))));
             continue;
         }
         if cmd == CMD_READ {
@@ -571,13 +692,13 @@ async fn read_replies(
                 match part.read_buf(&mut buf).await {
                     Ok(0) => {
                         let e = err("receive", "end of stream in a read reply");
-                        let _ = reply.send(Err(e.clone()));
+                        let _ = reply.send(Err(Failure::Connection(e.clone())));
                         return e;
                     }
                     Ok(_) => {}
                     Err(e) => {
                         let e = err("receive", e);
-                        let _ = reply.send(Err(e.clone()));
+                        let _ = reply.send(Err(Failure::Connection(e.clone())));
                         return e;
                     }
                 }

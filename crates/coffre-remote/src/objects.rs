@@ -71,6 +71,12 @@ pub trait Objects: Send + Sync {
     fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { Ok(self.get(key, max).await?.is_some()) })
     }
+    /// The chunks and pages the durable manifest names (a block device
+    /// never writes over their slots); nothing for an object store, whose
+    /// names are never reused.
+    fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>) {
+        let _ = names;
+    }
     /// Readies the store for a new volume of `geometry` (a block device
     /// lays out its slots); nothing for an object store.
     fn prepare<'a>(
@@ -240,6 +246,9 @@ impl Objects for Prefixed {
                 .exists(&format!("{}{key}", self.prefix), max)
                 .await
         })
+    }
+    fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>) {
+        self.inner.durable(names);
     }
     fn prepare<'a>(
         &'a self,

@@ -13,7 +13,7 @@
 
 use crate::RemoteError;
 use crate::integrity::{IntegrityKey, Mac};
-use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Page, Root};
+use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Name, Page, Root};
 use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
 use std::collections::BTreeSet;
@@ -471,8 +471,9 @@ pub struct Reads {
     stores: Vec<Arc<dyn Objects>>,
     /// Which store each of `stores` is.
     order: Vec<usize>,
-    /// Stores (by index) that served bytes that did not verify.
-    bad: std::sync::Mutex<BTreeSet<usize>>,
+    /// Stores (by index) that served bytes that did not verify, and for
+    /// which item.
+    bad: std::sync::Mutex<BTreeSet<(usize, usize)>>,
     limit: Option<Duration>,
     /// To verify each chunk as it arrives (not under the device's lock).
     key: Arc<IntegrityKey>,
@@ -518,7 +519,7 @@ impl Reads {
                     self.bad
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(*i);
+                        .insert((*i, k));
                 }
                 Ok(None) | Err(_) => {}
             }
@@ -848,6 +849,7 @@ impl ChunkStore {
             store.known.push(l);
         }
         store.load_pages().await?;
+        store.hint_durable(0);
         for r in &store.replicas {
             if let Some(s) = &r.stale {
                 store.event(StoreEvent::Stale {
@@ -858,6 +860,28 @@ impl ChunkStore {
             }
         }
         Ok((store, Opened { root, ahead_by }))
+    }
+
+    /// Tells every store which chunks and pages the durable manifest names
+    /// (those written after epoch `after`): a block device never writes
+    /// over them.
+    fn hint_durable(&self, after: u64) {
+        let epoch = self.epoch;
+        for r in &self.replicas {
+            let chunks = self
+                .table
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.version > after && e.version <= epoch)
+                .map(|(i, e)| Name::Chunk(i as u64, e.version, e.session));
+            let pages = self
+                .pages
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.version > after && e.version <= epoch)
+                .map(|(p, e)| Name::Page(p as u64, e.version, e.session));
+            r.objects.durable(&mut chunks.chain(pages));
+        }
     }
 
     /// Reads and verifies every page the manifest lists into the table.
@@ -1228,9 +1252,14 @@ impl ChunkStore {
     /// still lists the entry it was verified against: a chunk written
     /// since is left out (read again the usual way if wanted).
     pub fn finish_reads(&self, reads: &Reads, got: Vec<Option<Bytes>>) -> Vec<(u64, Vec<u8>)> {
-        // Bad bytes from a store that the entry still lists are its fault.
-        for i in reads.bad.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            if let Some(r) = self.replicas.get(*i) {
+        // Bad bytes for an entry the table still lists are the store's
+        // fault (for one rewritten since, they may be a reused slot's).
+        for (i, k) in reads.bad.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let unchanged = reads.items.get(*k).is_some_and(|(index, entry, _, _)| {
+                self.check_index(*index)
+                    .is_ok_and(|t| self.table[t] == *entry)
+            });
+            if unchanged && let Some(r) = self.replicas.get(*i) {
                 r.served_bad.store(true, Ordering::Relaxed);
             }
         }
@@ -1384,10 +1413,16 @@ impl ChunkStore {
                 errors[k % targets.len()].get_or_insert(e);
             }
         }
-        let survivors = errors.iter().filter(|e| e.is_none()).count();
-        if survivors == targets.len() {
+        if errors.iter().all(Option::is_none) {
             return (ok, None);
         }
+        // Survivors that are still in step (one may have been left behind
+        // while the puts ran).
+        let survivors = targets
+            .iter()
+            .zip(&errors)
+            .filter(|(t, e)| e.is_none() && self.replicas[**t].stale.is_none())
+            .count();
         if survivors > 0 {
             for (t, e) in targets.iter().zip(errors) {
                 if let Some(e) = e {
@@ -1514,6 +1549,7 @@ impl ChunkStore {
         self.root = root;
         self.known.push(root);
         self.dirty_pages.clear();
+        self.hint_durable(epoch - 1);
         let now = Instant::now();
         let (gone, kept): (Vec<_>, Vec<_>) =
             self.superseded.drain(..).partition(|(_, e)| *e <= epoch);

@@ -193,3 +193,34 @@ fn a_device_too_small_or_laid_out_for_another_volume_is_refused() {
         assert!(e.to_string().contains("no coffre layout"), "{e}");
     });
 }
+
+/// A version a crashed session put and never made durable stays in a
+/// slot; the next session's version of that chunk must not go over the
+/// durable one (the chunk store names it to the device), or a crash
+/// before its manifest would leave the chunk missing.
+#[test]
+fn a_leftover_of_a_crashed_session_never_displaces_the_durable_version() {
+    let rt = rt();
+    let dev = device();
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let o = formatted(&dev).await;
+        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        let r1 = s.flush().await.unwrap().unwrap();
+        // Uploaded, never made durable: the session dies.
+        s.write_chunks(vec![(0, chunk(2))]).await.unwrap();
+        drop(s);
+        let mut s = open(&dev, &keys, r1).await.unwrap();
+        s.write_chunks(vec![(5, chunk(5))]).await.unwrap();
+        let r2 = s.flush().await.unwrap().unwrap();
+        // Version 3 of chunk 0, and the session dies again.
+        s.write_chunks(vec![(0, chunk(3))]).await.unwrap();
+        drop(s);
+        let s = open(&dev, &keys, r2).await.unwrap();
+        assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
+        assert_eq!(s.read_chunk(5).await.unwrap(), chunk(5));
+    });
+}

@@ -184,3 +184,36 @@ fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
     );
     assert!(std::fs::metadata(&path).unwrap().len() <= (1 << 20) + 65536 + 64);
 }
+
+/// The write that fills the journal to its bound flushes what came before
+/// and is journaled itself: a crash right after it loses nothing.
+#[test]
+fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    dev.attach_journal(&path).unwrap();
+    let mut last = None;
+    for i in 0..64u64 {
+        let before = roots.lock().unwrap().len();
+        let fill = u8::try_from(i + 1).unwrap();
+        dev.write_at((i % 8) * 65536, &[fill; 65536]).unwrap();
+        if roots.lock().unwrap().len() > before {
+            last = Some((i, fill));
+            break;
+        }
+    }
+    let (i, fill) = last.expect("no write reached the journal's bound");
+    let root = *roots.lock().unwrap().last().unwrap();
+    // The daemon dies right after that write.
+    drop(dev);
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.records.len(), 1);
+    let mut b = vec![0u8; 65536];
+    dev.read_at((i % 8) * 65536, &mut b).unwrap();
+    assert_eq!(b, vec![fill; 65536]);
+}
