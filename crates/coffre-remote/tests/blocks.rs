@@ -28,10 +28,7 @@ async fn formatted(dev: &Arc<MemBlocks>) -> Arc<BlockObjects> {
 }
 
 async fn open(dev: &Arc<MemBlocks>, keys: &Keyring, root: Root) -> Result<ChunkStore, RemoteError> {
-    let o: Arc<dyn Objects> = Arc::new(BlockObjects::new(dev.clone()));
-    ChunkStore::open(o, PREFIX, VAULT, keys.key(), Some(root), false)
-        .await
-        .map(|(s, _)| s)
+    opened(Arc::new(BlockObjects::new(dev.clone())), keys, root).await
 }
 
 /// Where `needle` (a chunk's bytes) sits on the device.
@@ -49,9 +46,7 @@ fn the_chunk_store_round_trips_on_slots_and_never_overwrites_what_is_durable() {
     let keys = Keyring::new();
     rt.block_on(async {
         let o = formatted(&dev).await;
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks(vec![(0, chunk(1)), (5, chunk(2))])
             .await
             .unwrap();
@@ -87,9 +82,7 @@ fn a_torn_manifest_leaves_the_one_before_and_rollbacks_are_refused() {
     let keys = Keyring::new();
     rt.block_on(async {
         let o = formatted(&dev).await;
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks(vec![(2, chunk(1))]).await.unwrap();
         let r1 = s.flush().await.unwrap().unwrap();
         let old = dev.bytes();
@@ -151,9 +144,7 @@ fn a_second_writer_on_the_same_device_is_fenced() {
     let keys = Keyring::new();
     rt.block_on(async {
         let o = formatted(&dev).await;
-        let (mut a, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut a = created(o, &keys).await;
         a.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         let ra = a.flush().await.unwrap().unwrap();
         let mut b = open(&dev, &keys, ra).await.unwrap();
@@ -205,9 +196,7 @@ fn a_leftover_of_a_crashed_session_never_displaces_the_durable_version() {
     let keys = Keyring::new();
     rt.block_on(async {
         let o = formatted(&dev).await;
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         let r1 = s.flush().await.unwrap().unwrap();
         // Uploaded, never made durable: the session dies.

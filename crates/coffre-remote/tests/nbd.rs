@@ -62,9 +62,7 @@ fn on_nbdkit_and_qemu_nbd_the_volume_round_trips_and_a_restarted_server_is_recon
         assert_eq!(info.size, Layout::for_geometry(&geometry()).size());
         let o = objects(&c);
         o.format(&geometry()).await.unwrap();
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks((0..8).map(|i| (i, chunk(i as u8 + 1))).collect())
             .await
             .unwrap();
@@ -99,9 +97,7 @@ fn on_nbdkit_and_qemu_nbd_the_volume_round_trips_and_a_restarted_server_is_recon
     rt.block_on(async {
         let c = client(&q.url("coffre"), None);
         let o: Arc<dyn Objects> = objects(&c);
-        let (s, _) = ChunkStore::open(o, PREFIX, VAULT, keys.key(), Some(root), false)
-            .await
-            .unwrap();
+        let s = opened(o, &keys, root).await.unwrap();
         for i in 0..8u64 {
             let want = if i == 3 {
                 chunk(33)
@@ -138,9 +134,7 @@ fn a_failing_server_gives_errors_never_bytes_and_nothing_acknowledged_is_lost() 
         let c = client(&kit.url(""), None);
         let o = objects(&c);
         o.format(&geometry()).await.unwrap();
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         let r1 = s.flush().await.unwrap().unwrap();
         s.root_kept(r1);
@@ -161,9 +155,7 @@ fn a_failing_server_gives_errors_never_bytes_and_nothing_acknowledged_is_lost() 
         assert!(r2.epoch > r1.epoch);
         drop(s);
         let o: Arc<dyn Objects> = objects(&c);
-        let (s, _) = ChunkStore::open(o, PREFIX, VAULT, keys.key(), Some(r2), false)
-            .await
-            .unwrap();
+        let s = opened(o, &keys, r2).await.unwrap();
         assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
         assert_eq!(s.read_chunk(1).await.unwrap(), chunk(2));
     });
@@ -227,9 +219,7 @@ fn a_deleted_version_is_trimmed_on_the_export() {
             info.flags & coffre_storage::nbd_wire::TFLAG_SEND_TRIM != 0,
             "nbdkit's memory plugin trims"
         );
-        let (mut s, _) = ChunkStore::create(objects(&c), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&c), &keys).await;
         s.write_chunks(vec![(1, chunk(0x11))]).await.unwrap();
         s.flush().await.unwrap().unwrap();
         s.write_chunks(vec![(1, chunk(0x22))]).await.unwrap();
@@ -292,13 +282,25 @@ fn tls_with_the_vaults_ca_and_a_server_that_requires_it() {
         let c = client(&kit.url(""), Some((config.clone(), "storage.test".into())));
         let o = objects(&c);
         o.format(&geometry()).await.unwrap();
-        let (mut s, _) = ChunkStore::create(o, PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(o, &keys).await;
         s.write_chunks(vec![(2, chunk(7))]).await.unwrap();
         s.flush().await.unwrap().unwrap();
         assert_eq!(s.read_chunk(2).await.unwrap(), chunk(7));
     });
+}
+
+/// `nbdcopy FROM TO`, which must succeed.
+fn nbdcopy(from: impl AsRef<std::ffi::OsStr>, to: impl AsRef<std::ffi::OsStr>) {
+    let out = std::process::Command::new("nbdcopy")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The certificates in a PEM text.
@@ -332,16 +334,7 @@ fn survey_nbd_throughput_against_nbdcopy() {
     // The baseline: nbdcopy into an export of the same kind, then out.
     let base = NbdServer::nbdkit(&["memory", &export]);
     let t = Instant::now();
-    let out = std::process::Command::new("nbdcopy")
-        .arg(&file)
-        .arg(base.url(""))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdcopy(&file, base.url(""));
     let copy_write = t.elapsed();
     // nbdcopy reads a whole export: the same number of bytes is read by
     // limiting one to them with the truncate filter.
@@ -351,27 +344,9 @@ fn survey_nbd_throughput_against_nbdcopy() {
         &export,
         &format!("truncate={}", n as usize * mib),
     ]);
-    let out = std::process::Command::new("nbdcopy")
-        .arg(&file)
-        .arg(part.url(""))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdcopy(&file, part.url(""));
     let t = Instant::now();
-    let out = std::process::Command::new("nbdcopy")
-        .arg(part.url(""))
-        .arg("null:")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdcopy(part.url(""), "null:");
     let copy_read = t.elapsed();
     drop((base, part));
 

@@ -5,12 +5,13 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use coffre_remote::{Geometry, IntegrityKey};
+use coffre_remote::{ChunkStore, Geometry, IntegrityKey, Objects, RemoteError, Root};
 use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const VAULT: [u8; 16] = *b"test-vault-id-01";
 pub const PREFIX: &str = "team";
@@ -81,4 +82,23 @@ pub async fn restore(mem: &InMemory, snap: &BTreeMap<String, Bytes>) {
             .await
             .unwrap();
     }
+}
+
+/// A new volume of the test's shape on `objects`, under [`PREFIX`].
+pub async fn created(objects: Arc<dyn Objects>, keys: &Keyring) -> ChunkStore {
+    ChunkStore::create(objects, PREFIX, VAULT, keys.key(), geometry())
+        .await
+        .unwrap()
+        .0
+}
+
+/// The volume on `objects`, checked against `root`.
+pub async fn opened(
+    objects: Arc<dyn Objects>,
+    keys: &Keyring,
+    root: Root,
+) -> Result<ChunkStore, RemoteError> {
+    ChunkStore::open(objects, PREFIX, VAULT, keys.key(), Some(root), false)
+        .await
+        .map(|(s, _)| s)
 }

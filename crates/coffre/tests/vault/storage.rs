@@ -802,15 +802,17 @@ fn mounted_vault_on_s3(chunk: &str) {
     );
 }
 
-/// The vault on an NBD export (the original design's iSCSI, served by
-/// nbdkit on the storage host): `init --storage nbd+unix://...`, the data
-/// mounted over it at each open and flushed at each close, no plaintext
-/// on the export, and the export moved to another server (qemu-nbd, the
-/// same image) and opened there.
-#[test]
-#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, nbdkit, qemu-nbd"]
-fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
-    use coffre_testkit::nbdserver::NbdServer;
+/// A vault made on an NBD export: nbdkit serving a 48 MiB image file (a
+/// 16 MiB volume takes two slots per chunk) as export `team`, chunks of
+/// `chunk`.
+fn nbd_vault(
+    chunk: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    coffre_testkit::nbdserver::NbdServer,
+    Vault,
+) {
     require(&[
         Need::Root,
         Need::Fuse,
@@ -820,15 +822,27 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
     ]);
     let scratch = tempfile::tempdir().unwrap();
     let img = scratch.path().join("export.img");
-    // A 16 MiB volume takes two slots per chunk: 48 MiB is room enough.
     std::fs::File::create(&img)
         .unwrap()
         .set_len(48 << 20)
         .unwrap();
-    let file = format!("file={}", img.display());
-    let mut kit = NbdServer::nbdkit(&["file", &file]);
+    let kit =
+        coffre_testkit::nbdserver::NbdServer::nbdkit(&["file", &format!("file={}", img.display())]);
+    let v = Vault::init(&["--storage", &kit.url("team"), "--storage-chunk-size", chunk]);
+    (scratch, img, kit, v)
+}
+
+/// The vault on an NBD export (the original design's iSCSI, served by
+/// nbdkit on the storage host): `init --storage nbd+unix://...`, the data
+/// mounted over it at each open and flushed at each close, no plaintext
+/// on the export, and the export moved to another server (qemu-nbd, the
+/// same image) and opened there.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, nbdkit, qemu-nbd"]
+fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
+    use coffre_testkit::nbdserver::NbdServer;
+    let (_scratch, img, mut kit, mut v) = nbd_vault("256K");
     let url = kit.url("team");
-    let mut v = Vault::init(&["--storage", &url, "--storage-chunk-size", "256K"]);
     assert!(!v.dir.join("volume.img").exists());
     v.start();
     let mut e = v.enter_bg("alice", &[]);
@@ -881,22 +895,7 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, nbdkit"]
 fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
-    use coffre_testkit::nbdserver::NbdServer;
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::NbdServers,
-    ]);
-    let scratch = tempfile::tempdir().unwrap();
-    let img = scratch.path().join("export.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(48 << 20)
-        .unwrap();
-    let kit = NbdServer::nbdkit(&["file", &format!("file={}", img.display())]);
-    let mut v = Vault::init(&["--storage", &kit.url("team"), "--storage-chunk-size", "64K"]);
+    let (_scratch, _img, _kit, mut v) = nbd_vault("64K");
     v.start();
     let mut e = v.enter_bg("alice", &[]);
     let file = v.layout().mountpoint.join("shared").join("ledger.txt");
