@@ -1,7 +1,8 @@
 //! What an NBD server (the storage host, untrusted) could send our client:
 //! the handshake's greeting and option replies, then replies to a read, a
-//! write and a flush; and what a block device could hold for the slot
-//! layout (headers, the superblock, names).
+//! write and a flush; what a block device could hold for the slot layout
+//! (headers, the superblock, names); and a write journal as the host's
+//! disk could hold it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,4 +10,5 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     coffre_remote::nbd::fuzz_server(data);
     coffre_remote::blocks::fuzz_decode(data);
+    coffre_remote::journal::fuzz_journal(data);
 });
