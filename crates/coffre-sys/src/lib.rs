@@ -137,7 +137,91 @@ pub fn private_mount_namespace() -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    detach_other_vaults();
     Ok(())
+}
+
+/// In a private mount namespace: detaches the copies of other vaults'
+/// data it was born with (their FUSE volume files, `fuse.coffre`, and the
+/// file systems on loop devices backed by them). Holding them would keep
+/// those vaults' data busy at their close, which kills the holder. Only
+/// this namespace changes; failures are ignored.
+fn detach_other_vaults() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // (mount point, file system type, source)
+    let mounts: Vec<(String, String, String)> = info
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let (fstype, source) = (r.next()?, r.next()?);
+            Some((unescape(point), fstype.to_string(), unescape(source)))
+        })
+        .collect();
+    let fuse: Vec<&String> = mounts
+        .iter()
+        .filter(|(_, t, _)| t == "fuse.coffre")
+        .map(|(p, _, _)| p)
+        .collect();
+    if fuse.is_empty() {
+        return;
+    }
+    let on_fuse = |path: &str| {
+        fuse.iter()
+            .any(|f| path == f.as_str() || path.starts_with(&format!("{f}/")))
+    };
+    let mut doomed: Vec<&String> = mounts
+        .iter()
+        .filter(|(point, fstype, source)| {
+            if fstype == "fuse.coffre" {
+                return true;
+            }
+            // A loop device whose file is on a coffre FUSE mount.
+            let Some(dev) = source.strip_prefix("/dev/") else {
+                return false;
+            };
+            dev.starts_with("loop")
+                && std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+                    .is_ok_and(|b| on_fuse(b.trim()))
+                && !point.is_empty()
+        })
+        .map(|(p, _, _)| p)
+        .collect();
+    // Deepest first.
+    doomed.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in doomed {
+        if let Ok(c) = std::ffi::CString::new(p.as_str()) {
+            // SAFETY: a NUL-terminated path and a flag word.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// A mountinfo field with its `\ooo` escapes decoded.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(v) = b
+                .get(i + 1..i + 4)
+                .and_then(|o| std::str::from_utf8(o).ok())
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether this process is dumpable (`PR_GET_DUMPABLE` is not 0).
@@ -202,6 +286,14 @@ pub fn core_dumps_disabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape("/x\\134y"), "/x\\y");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/bad\\9"), "/bad\\9");
+    }
 
     #[test]
     fn mlock_roundtrip_does_not_crash() {
