@@ -142,8 +142,8 @@ pub fn private_mount_namespace() -> io::Result<()> {
 }
 
 /// In a private mount namespace: detaches the copies of other vaults'
-/// data it was born with (their FUSE volume files, `fuse.coffre`, and the
-/// file systems on loop devices backed by them). Holding them would keep
+/// data it was born with (our FUSE mounts, named `coffre` and
+/// `coffre-view`, and the file systems on loop devices backed by them). Holding them would keep
 /// those vaults' data busy at their close, which kills the holder. Only
 /// this namespace changes; failures are ignored.
 fn detach_other_vaults() {
@@ -161,9 +161,15 @@ fn detach_other_vaults() {
             Some((unescape(point), fstype.to_string(), unescape(source)))
         })
         .collect();
+    // Our FUSE mounts: named `coffre` (volume files) or `coffre-view`
+    // (the workloads' views).
+    let ours = |fstype: &str, source: &str| {
+        (fstype == "fuse" || fstype.starts_with("fuse."))
+            && matches!(source, "coffre" | "coffre-view")
+    };
     let fuse: Vec<&String> = mounts
         .iter()
-        .filter(|(_, t, _)| t == "fuse.coffre")
+        .filter(|(_, t, src)| ours(t, src))
         .map(|(p, _, _)| p)
         .collect();
     if fuse.is_empty() {
@@ -176,7 +182,7 @@ fn detach_other_vaults() {
     let mut doomed: Vec<&String> = mounts
         .iter()
         .filter(|(point, fstype, source)| {
-            if fstype == "fuse.coffre" {
+            if ours(fstype, source) {
                 return true;
             }
             // A loop device whose file is on a coffre FUSE mount.

@@ -468,6 +468,56 @@ fn a_daemon_killed_while_writing_leaves_nothing_behind_after_restart() {
         .unwrap());
 }
 
+/// `coffre init` formats in a mount namespace of its own, born with a
+/// copy of every mount: another vault's open data among them, which that
+/// vault's close would find busy (and kill the init). The init detaches
+/// those copies first: sampled while it runs in its own namespace, it
+/// never holds the open vault's data.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn an_init_never_holds_another_open_vaults_data() {
+    let mut a = Vault::init(&[]);
+    a.start();
+    let mut enter = a.enter_bg("alice", &[]);
+    let data = a.layout().mountpoint.display().to_string();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    // A larger volume: its format runs long enough to be sampled.
+    let init = std::thread::spawn(|| Vault::init(&["--size", "2G"]));
+    let (mut sampled, mut held) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !init.is_finished() && Instant::now() < deadline {
+        for d in std::fs::read_dir("/proc").unwrap().flatten() {
+            let p = d.path();
+            let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let is_init = args.len() > 1 && args[0].ends_with(b"coffre") && args[1] == b"init";
+            // Only once it is in its own namespace (not in its first
+            // instants, before it made one).
+            let own_ns = std::fs::read_link(p.join("ns/mnt")).is_ok_and(|n| n != ours);
+            if is_init && own_ns {
+                let mi = std::fs::read_to_string(p.join("mountinfo")).unwrap_or_default();
+                if mi.is_empty() {
+                    continue;
+                }
+                sampled += 1;
+                held.extend(mi.lines().filter(|l| l.contains(&data)).map(String::from));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _b = init.join().unwrap();
+    assert!(sampled > 0, "the init was never seen in its namespace");
+    assert!(
+        held.is_empty(),
+        "the init held the open vault's data: {held:?}"
+    );
+    leave(&a, "alice", &mut enter);
+    a.wait_state("closed", Duration::from_secs(30));
+    assert!(a.audit_details("close", "killed").is_empty());
+    a.stop();
+    assert!(a.leftovers().is_empty(), "{:?}", a.leftovers());
+}
+
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, network namespaces"]
 fn a_copy_of_the_mount_in_another_namespace_does_not_keep_the_vault_open() {
