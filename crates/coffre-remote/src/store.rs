@@ -276,8 +276,11 @@ const MAX_MANIFEST: usize = 16 << 20;
 /// Whether the store honours conditional puts: a create over an existing
 /// object and an update of a version that is not the current one must both
 /// be refused, and of a dozen racing updates of one version only one may
-/// succeed (a store that checks, then writes, lets several through). A store that does not cannot fence a second writer, nor
-/// keep a manifest from being overwritten by an older one: it is refused.
+/// succeed, in each of three rounds (a store that checks, then writes,
+/// lets several through). A store that does not cannot fence a second
+/// writer, nor keep a manifest from being overwritten by an older one: it
+/// is refused. The race is a probe, not a proof: a store that is not
+/// atomic can come out of three rounds with one winner each, by chance.
 pub async fn check_conditional_writes(
     objects: &dyn Objects,
     keys: &Keys,
@@ -332,22 +335,48 @@ pub async fn check_conditional_writes(
         };
         // Atomic: of racing updates of one version, one wins. A store
         // that checks and then writes lets several through, and a second
-        // writer racing the first would not be fenced.
-        let racing = futures::future::join_all((0..RACERS).map(|k| {
-            let (probe, current) = (&probe, current.clone());
-            async move {
-                let body = format!("coffre conditional-write race {k}");
-                objects
-                    .put(probe, Bytes::from(body), Put::Update(current))
-                    .await
+        // writer racing the first would not be fenced. A race can come out
+        // serialized by chance (a loaded host, a small pool), so it is run
+        // a few times, each on the version the last one left.
+        // Each update's body is its own (an ETag is often the body's hash,
+        // and an update that leaves the ETag as it was would let the next
+        // one through on a store that is atomic).
+        let mut current = current;
+        for round in 0..RACE_ROUNDS {
+            let racing = futures::future::join_all((0..RACERS).map(|k| {
+                let (probe, current) = (&probe, current.clone());
+                async move {
+                    let body = format!("coffre conditional-write race {round}.{k}");
+                    objects
+                        .put(probe, Bytes::from(body), Put::Update(current))
+                        .await
+                }
+            }))
+            .await;
+            // A racer loses only by the store's refusal; any other error
+            // ends the probe (a store that fails is not one that fences).
+            let mut won: Vec<Tag> = Vec::new();
+            for r in racing {
+                match r {
+                    Ok(tag) => won.push(tag),
+                    Err(StoreError::Precondition | StoreError::AlreadyExists) => {}
+                    Err(StoreError::Unsupported(why)) => return Err(refuse(why)),
+                    Err(e) => return Err(store_err("the conditional-write probe", e)),
+                }
             }
-        }))
-        .await;
-        let won = racing.iter().filter(|r| r.is_ok()).count();
-        if won > 1 {
-            return Err(refuse(format!(
-                "its conditional puts are not atomic: {won} of {RACERS} racing updates of one version succeeded"
-            )));
+            match won.len() {
+                0 => {
+                    return Err(refuse(format!(
+                        "none of {RACERS} racing updates of the current version succeeded"
+                    )));
+                }
+                1 => current = won.into_iter().next().unwrap_or(current),
+                n => {
+                    return Err(refuse(format!(
+                        "its conditional puts are not atomic: {n} of {RACERS} racing updates of one version succeeded"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -356,11 +385,14 @@ pub async fn check_conditional_writes(
     result
 }
 
-/// Racing updates in the conditional-write probe.
+/// Racing updates in each round of the conditional-write probe.
 const RACERS: usize = 12;
 
+/// Rounds of racing updates in the conditional-write probe.
+const RACE_ROUNDS: usize = 3;
+
 /// [`check_conditional_writes`] within a time limit (four requests, then
-/// a race of a dozen).
+/// three races of a dozen).
 async fn conditional_writes(
     objects: &dyn Objects,
     keys: &Keys,
@@ -368,12 +400,12 @@ async fn conditional_writes(
 ) -> Result<(), RemoteError> {
     match limit {
         None => check_conditional_writes(objects, keys).await,
-        Some(d) => tokio::time::timeout(6 * d, check_conditional_writes(objects, keys))
+        Some(d) => tokio::time::timeout(10 * d, check_conditional_writes(objects, keys))
             .await
             .unwrap_or_else(|_| {
                 Err(RemoteError::Store(format!(
                     "the conditional-write probe: no answer within {} s",
-                    (6 * d).as_secs_f64()
+                    (10 * d).as_secs_f64()
                 )))
             }),
     }
@@ -2380,5 +2412,131 @@ fn at(many: bool, name: &str, e: RemoteError) -> RemoteError {
             RemoteError::NoConditionalWrites(format!("{name}: {s}"))
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    //! The conditional-write probe against stores made to behave well or
+    //! badly, deterministically: a put that checks, yields, then writes
+    //! lets racers through in the window, as a store that checks then
+    //! writes does under load.
+    use super::*;
+    use crate::objects::{BoxFuture, Objects, Put, StoreError, Tag};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    /// In memory; versions are numbers. `racy_after`: puts from this one
+    /// on check, yield, then write; `fail_after`: puts from this one fail.
+    #[derive(Default)]
+    struct Fake {
+        objects: Mutex<HashMap<String, u64>>,
+        next: AtomicUsize,
+        puts: AtomicUsize,
+        racy_after: Option<usize>,
+        fail_after: Option<usize>,
+    }
+
+    fn tag(v: u64) -> Tag {
+        Tag {
+            e_tag: Some(format!("\"{v}\"")),
+            version: None,
+        }
+    }
+
+    impl Objects for Fake {
+        fn get<'a>(
+            &'a self,
+            key: &'a str,
+            _max: usize,
+        ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+            let v = self.objects.lock().unwrap().get(key).copied();
+            Box::pin(async move { Ok(v.map(|v| (Bytes::new(), tag(v)))) })
+        }
+        fn put<'a>(
+            &'a self,
+            key: &'a str,
+            _data: Bytes,
+            mode: Put,
+        ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+            Box::pin(async move {
+                let n = self.puts.fetch_add(1, Ordering::SeqCst);
+                if self.fail_after.is_some_and(|f| n >= f) {
+                    return Err(StoreError::Other("503 Slow Down".into()));
+                }
+                let check = |objects: &HashMap<String, u64>| match (&mode, objects.get(key)) {
+                    (Put::Create, Some(_)) => Err(StoreError::AlreadyExists),
+                    (Put::Update(t), Some(v)) if *t != tag(*v) => Err(StoreError::Precondition),
+                    (Put::Update(_), None) => Err(StoreError::Precondition),
+                    _ => Ok(()),
+                };
+                check(&self.objects.lock().unwrap())?;
+                if self.racy_after.is_some_and(|r| n >= r) {
+                    tokio::task::yield_now().await;
+                } else {
+                    // Atomic: checked again with the write, under one lock.
+                    check(&self.objects.lock().unwrap())?;
+                }
+                let v = u64::try_from(self.next.fetch_add(1, Ordering::SeqCst)).unwrap() + 1;
+                self.objects.lock().unwrap().insert(key.to_owned(), v);
+                Ok(tag(v))
+            })
+        }
+        fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.objects.lock().unwrap().remove(key);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn probe(f: &Fake) -> Result<(), RemoteError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(check_conditional_writes(f, &Keys::new("v")))
+    }
+
+    #[test]
+    fn an_atomic_store_passes_and_the_probe_is_removed() {
+        let f = Fake::default();
+        probe(&f).unwrap();
+        // Four single puts, then three rounds of racers.
+        assert_eq!(f.puts.load(Ordering::SeqCst), 4 + 3 * RACERS);
+        assert!(f.objects.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_store_that_checks_then_writes_is_refused() {
+        let f = Fake {
+            racy_after: Some(0),
+            ..Fake::default()
+        };
+        let e = probe(&f).unwrap_err().to_string();
+        assert!(e.contains("not atomic"), "{e}");
+    }
+
+    /// The first round came out serialized (as a loaded host can make
+    /// it); a later one shows the store for what it is.
+    #[test]
+    fn a_race_serialized_once_is_caught_in_a_later_round() {
+        let f = Fake {
+            racy_after: Some(4 + RACERS),
+            ..Fake::default()
+        };
+        let e = probe(&f).unwrap_err().to_string();
+        assert!(e.contains("not atomic"), "{e}");
+    }
+
+    /// Racers that fail for another reason than the store's refusal do
+    /// not count as losers: the probe fails, it does not pass.
+    #[test]
+    fn a_store_that_fails_the_race_does_not_pass() {
+        let f = Fake {
+            fail_after: Some(4),
+            ..Fake::default()
+        };
+        let e = probe(&f).unwrap_err();
+        assert!(!matches!(e, RemoteError::NoConditionalWrites(_)), "{e}");
+        assert!(e.to_string().contains("503"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
-//! The chunk store on a real S3 server: moto (`moto_server`, from PyPI),
-//! started on loopback by each test, with SigV4-signed requests from
-//! `object_store`. moto honours If-None-Match and If-Match on puts, which
-//! is what the fencing and the probe need.
+//! The chunk store on a real S3 server: moto (from PyPI), started on
+//! loopback by each test, with SigV4-signed requests from `object_store`.
+//! moto honours If-None-Match and If-Match on puts, which is what the
+//! fencing and the probe need; it checks then writes, so the tests run it
+//! behind a lock that makes those puts atomic (`coffre_testkit::moto`).
 
 use coffre_remote::layout::Keys;
 use coffre_remote::s3::{self, Credentials, S3Settings};
@@ -48,7 +49,7 @@ fn chunk(fill: u8) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "system: moto_server"]
+#[ignore = "system: moto (PyPI moto[server])"]
 fn on_s3_round_trip_rollback_and_fencing() {
     let moto = Moto::start();
     moto.bucket("coffre-team");
@@ -153,7 +154,7 @@ fn cryptsetup(args: &[&str]) {
 /// S3 and exported back is byte for byte the original, and cryptsetup
 /// decrypts the export with the header as it decrypts the original.
 #[test]
-#[ignore = "system: moto_server, root (cryptsetup reencrypt's lock), cryptsetup"]
+#[ignore = "system: moto (PyPI moto[server]), root (cryptsetup reencrypt's lock), cryptsetup"]
 fn a_luks2_segment_migrated_to_s3_exports_byte_identical_and_cryptsetup_reads_it() {
     require(&[Need::Moto, Need::Root, Need::Cryptsetup]);
     let moto = Moto::start();
@@ -247,7 +248,7 @@ fn pseudo_random(b: &mut [u8]) {
 /// in flight, against the block device writing then reading the same
 /// amount sequentially in 1 MiB requests (its buffer 16 MiB).
 #[test]
-#[ignore = "bench: moto_server"]
+#[ignore = "bench: moto (PyPI moto[server])"]
 fn survey_s3_throughput() {
     let moto = Moto::start();
     moto.bucket("coffre-bench");
@@ -353,7 +354,7 @@ fn survey_s3_throughput() {
 /// fetched and verified, against raw gets of the same objects with the
 /// same concurrency, same run.
 #[test]
-#[ignore = "survey: needs moto_server"]
+#[ignore = "survey: needs moto (PyPI moto[server])"]
 fn survey_cold_open_of_100_gib() {
     let moto = Moto::start();
     moto.bucket("coffre-cold");

@@ -78,8 +78,8 @@ pub enum Need {
     /// s3s-fs (crates.io, `cargo install s3s-fs --features binary`), a
     /// second S3 server, started by tests on loopback.
     S3sFs,
-    /// moto's S3 server (`moto_server`, PyPI `moto[server]`), started by
-    /// tests on loopback as an S3 store; and curl, to create its buckets.
+    /// moto's S3 application (PyPI `moto[server]`), started by tests on
+    /// loopback as an S3 store; and curl, to create its buckets.
     Moto,
 }
 
@@ -180,10 +180,16 @@ impl Need {
                 }
             }),
             Need::Moto => {
-                if Path::new(&moto_server()).exists() || command("moto_server", "").is_ok() {
+                let found = std::process::Command::new(moto_python())
+                    .args(["-c", "import moto.moto_server.werkzeug_app, werkzeug"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if found {
                     command("curl", "curl")
                 } else {
-                    Err("moto_server: pip install 'moto[server]' (scripts/install-deps puts it in /opt/coffre-test-venv when the system pip refuses)".into())
+                    Err(format!("moto: `{} -c 'import moto.moto_server.werkzeug_app'` fails: pip install 'moto[server]' (scripts/install-deps puts it in /opt/coffre-test-venv when the system pip refuses)", moto_python()))
                 }
             }
             Need::S3sFs => {
@@ -332,14 +338,14 @@ pub fn s3s_fs() -> String {
     }
 }
 
-/// The `moto_server` to run: the one scripts/install-deps put in its
-/// virtualenv, or the one on PATH.
-pub fn moto_server() -> String {
-    let venv = "/opt/coffre-test-venv/bin/moto_server";
+/// The Python that has moto: the virtualenv scripts/install-deps made, or
+/// the `python3` on PATH.
+pub fn moto_python() -> String {
+    let venv = "/opt/coffre-test-venv/bin/python3";
     if Path::new(venv).exists() {
         venv.into()
     } else {
-        "moto_server".into()
+        "python3".into()
     }
 }
 

@@ -65,7 +65,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 #[test]
-#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto (PyPI moto[server])"]
 fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
     let moto = Moto::start();
@@ -252,7 +252,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
 }
 
 #[test]
-#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto (PyPI moto[server])"]
 fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
     let moto = Moto::start();
@@ -354,7 +354,7 @@ fn volume_key_of(v: &Vault) -> Vec<u8> {
 /// `[data] close_deadline_s` the engine's cipher is revoked and the key
 /// wiped, while the flush to the store still hangs.
 #[test]
-#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup, moto_server"]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup, moto (PyPI moto[server])"]
 fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
     require(&[
         Need::Root,
@@ -447,7 +447,7 @@ fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
 /// in the background; then the primary is gone for good and the vault
 /// opens from the mirror alone, with every file.
 #[test]
-#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto_server"]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, moto (PyPI moto[server])"]
 fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
     let primary = Moto::start();
@@ -653,7 +653,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
 /// the manifest) against raw conditional puts one after another.
 /// `scripts/bench-remote` runs it.
 #[test]
-#[ignore = "survey: needs root, FUSE, loop, mkfs.ext4, moto_server, fio"]
+#[ignore = "survey: needs root, FUSE, loop, mkfs.ext4, moto (PyPI moto[server]), fio"]
 fn survey_the_mounted_vault_on_s3() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4, Need::Moto]);
     for chunk in ["1M", "256K", "64K"] {
