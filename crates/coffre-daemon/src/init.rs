@@ -359,6 +359,8 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         gateway: None,
         network: None,
         directory: None,
+        metrics: None,
+        log: None,
         workloads: Default::default(),
         workload: Vec::new(),
     };

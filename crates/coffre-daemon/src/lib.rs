@@ -6,10 +6,13 @@
 
 pub use coffre_api::command as api;
 pub use coffre_api::{client, tls, totp};
+pub mod doctor;
 pub mod gateway;
 pub mod init;
+pub mod log;
 pub mod pki;
 pub mod remote;
+pub mod sd_notify;
 pub mod server;
 pub mod vaultdir;
 pub mod witness;
@@ -17,3 +20,4 @@ pub mod witness;
 /// The OpenVPN management codec, credentials and configuration files (the
 /// `coffre-openvpn` crate), kept at its old path `coffre_daemon::openvpn`.
 pub use coffre_openvpn as openvpn;
+pub use coffre_workload as workload;

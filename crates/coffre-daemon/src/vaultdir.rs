@@ -4,6 +4,7 @@
 use coffre_vault::{Persistent, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Errors about the vault directory.
@@ -216,12 +217,92 @@ pub struct Config {
     /// list is the only source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<coffre_source::SourceConfig>,
+    /// `[log]`: the daemon's log level (default `info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
+    /// `[metrics]`: the Prometheus endpoint, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     /// `[workloads]`: settings for the team's workloads.
     #[serde(default)]
     pub workloads: coffre_workload::config::Settings,
     /// `[[workload]]`: the team's workloads.
     #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
     pub workload: Vec<coffre_workload::config::WorkloadConfig>,
+}
+
+/// `[log]` in config.toml: the daemon's own log on stderr (the journal
+/// under systemd). `COFFRE_LOG` overrides the level.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info` (the default) or `debug`, or a filter
+    /// such as `warn,coffre_daemon=info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// `[metrics]` in config.toml: the Prometheus endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address (`127.0.0.1:9477`) or `unix:/path`.
+    pub listen: String,
+    /// Whether members' names may appear in labels (who is inside).
+    #[serde(default)]
+    pub member_names: bool,
+}
+
+impl MetricsConfig {
+    /// Where to listen, checked. Members' names only on a unix socket:
+    /// a loopback port is open to every local user.
+    pub fn addr(&self) -> Result<MetricsAddr, String> {
+        let a = parse_listen(&self.listen)?;
+        if self.member_names && matches!(a, MetricsAddr::Tcp(_)) {
+            return Err(format!(
+                "[metrics] member_names = true needs a unix socket (listen = \"unix:/run/coffre/NAME/metrics.sock\"): {} is open to every local user",
+                self.listen
+            ));
+        }
+        Ok(a)
+    }
+}
+
+/// Where `[metrics] listen` says to listen: a loopback address, or a
+/// unix socket (`unix:/path`). Anything else is refused: the endpoint has
+/// no authentication.
+#[derive(Debug, PartialEq)]
+pub enum MetricsAddr {
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket's path.
+    Unix(std::path::PathBuf),
+}
+
+/// Parses and checks `[metrics] listen`.
+pub fn parse_listen(listen: &str) -> Result<MetricsAddr, String> {
+    if let Some(path) = listen.strip_prefix("unix:") {
+        let p = std::path::PathBuf::from(path);
+        if !p.is_absolute() {
+            return Err(format!(
+                "[metrics] listen: {listen:?}: a unix socket needs an absolute path"
+            ));
+        }
+        return Ok(MetricsAddr::Unix(p));
+    }
+    let addr: SocketAddr = listen.parse().map_err(|e| {
+        format!("[metrics] listen: {listen:?}: {e} (a loopback address such as 127.0.0.1:9477, or unix:/path)")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "[metrics] listen: {listen:?} is not a loopback address: the endpoint has no authentication (scrape it through a unix socket or a local agent)"
+        ));
+    }
+    Ok(MetricsAddr::Tcp(addr))
 }
 
 /// `[network]` in config.toml.
@@ -691,6 +772,12 @@ impl VaultDir {
             path: path.clone(),
             msg: e.to_string(),
         })?;
+        if let Some(m) = &c.metrics {
+            m.addr().map_err(|msg| DirError::Bad {
+                path: path.clone(),
+                msg,
+            })?;
+        }
         match (&c.volume, &c.storage) {
             (Some(_), Some(_)) => {
                 return Err(DirError::Bad {
@@ -891,6 +978,59 @@ vm_user = "coffre-vm"
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("config.toml"), text).unwrap();
         VaultDir::new(tmp.path()).load_config()
+    }
+
+    /// The example the Debian package ships loads as it is, and with its
+    /// commented sections switched on.
+    #[test]
+    fn the_packaged_example_config_loads() {
+        let text = include_str!("../../../dist/examples/config.toml");
+        let c = load(text).unwrap();
+        assert_eq!(c.name, "team");
+        assert!(c.network.is_none() && c.workload.is_empty());
+        let on: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.starts_with('[') || r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load(&on).unwrap();
+        assert!(c.network.is_some());
+        assert_eq!(c.workload.len(), 1);
+    }
+
+    #[test]
+    fn only_loopback_or_a_unix_socket_is_accepted() {
+        assert_eq!(
+            parse_listen("127.0.0.1:9477"),
+            Ok(MetricsAddr::Tcp("127.0.0.1:9477".parse().unwrap()))
+        );
+        assert!(parse_listen("[::1]:9477").is_ok());
+        assert_eq!(
+            parse_listen("unix:/run/coffre/team.metrics"),
+            Ok(MetricsAddr::Unix("/run/coffre/team.metrics".into()))
+        );
+        assert!(
+            parse_listen("0.0.0.0:9477")
+                .unwrap_err()
+                .contains("loopback")
+        );
+        assert!(parse_listen("unix:relative").is_err());
+        assert!(parse_listen("localhost").is_err());
+        let names_on = |listen: &str| MetricsConfig {
+            listen: listen.into(),
+            member_names: true,
+        };
+        assert!(
+            names_on("127.0.0.1:9477")
+                .addr()
+                .unwrap_err()
+                .contains("unix socket")
+        );
+        assert!(names_on("unix:/run/coffre/t/metrics.sock").addr().is_ok());
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! Benchmark helper: formats a throw-away LUKS2 volume in DIR, exposes it
-//! (FUSE file, loop, ext4 mount at DIR/data), prints the times, waits for a
-//! line on stdin, then closes it and prints the close time.
+//! (FUSE file, loop, ext4 mount at DIR/data, the NBD server for VM disks),
+//! prints the times and where the NBD socket and the disks are, waits for
+//! a line on stdin, then closes it and prints the close time.
 //!
 //! `cargo run --release -p coffre-data --example expose -- DIR SIZE_MIB`
 
 use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4};
+
+// As the daemon: every freed block is wiped (its cost is part of the
+// figures).
+#[global_allocator]
+static ALLOC: coffre_sys::alloc::WipeOnFree = coffre_sys::alloc::WipeOnFree;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,9 +30,19 @@ fn main() {
     let t = Instant::now();
     let mut e = expose(c.open_volume(&key).unwrap(), &l, &Ownership::default()).unwrap();
     println!("open_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    // The process workloads' view of the data (the cut layer), as the
+    // daemon mounts it, over the data.
+    let view = dir.join("view");
+    let cut = coffre_data::cut::CutLayer::mount(&view).unwrap();
+    cut.restore(&l.mountpoint).unwrap();
+    println!("view {}", view.display());
+    println!("nbd_socket {}", l.nbd_socket.display());
+    println!("disks {}", l.disks().display());
     println!("ready {}", l.mountpoint.display());
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
+    cut.cut();
+    drop(cut);
     let t = Instant::now();
     e.close(&ClosePolicy {
         grace: Duration::from_secs(1),

@@ -202,15 +202,21 @@ impl Filesystem for VolumeFile {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let start = std::time::Instant::now();
         let mut reply = Some(reply);
+        let mut served = None;
         if let Err(e) = self.read_range(offset, size as usize, |d| {
+            served = Some(d.len());
             if let Some(r) = reply.take() {
                 r.data(d);
             }
-        }) && let Some(r) = reply.take()
-        {
-            r.error(e);
+        }) {
+            served = None;
+            if let Some(r) = reply.take() {
+                r.error(e);
+            }
         }
+        crate::iostats::DATA_IO.read.done(served, start.elapsed());
     }
 
     fn write(
@@ -225,9 +231,16 @@ impl Filesystem for VolumeFile {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let start = std::time::Instant::now();
         match self.write_range(offset, data) {
-            Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
-            Err(e) => reply.error(e),
+            Ok(n) => {
+                reply.written(u32::try_from(n).unwrap_or(u32::MAX));
+                crate::iostats::DATA_IO.write.done(Some(n), start.elapsed());
+            }
+            Err(e) => {
+                reply.error(e);
+                crate::iostats::DATA_IO.write.done(None, start.elapsed());
+            }
         }
     }
 

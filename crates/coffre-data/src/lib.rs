@@ -11,6 +11,7 @@
 
 pub mod cut;
 mod fusefile;
+pub mod iostats;
 pub mod nbd;
 pub mod system;
 
@@ -146,6 +147,8 @@ pub struct Exposure {
     nbd: Option<nbd::NbdServer>,
     /// The VMs' own NBD servers.
     vm_nbd: Vec<nbd::NbdServer>,
+    /// How long each step of the open took.
+    phases: Vec<(&'static str, Duration)>,
 }
 
 impl std::fmt::Debug for Exposure {
@@ -228,6 +231,7 @@ pub fn expose(
         ext4_dev: None,
         nbd: None,
         vm_nbd: Vec::new(),
+        phases: Vec::new(),
     };
     match e.build(own) {
         Ok(()) => Ok(e),
@@ -249,13 +253,20 @@ impl Exposure {
         }
         let volume = self.volume.clone().expect("volume present while building");
         let ss = volume.sector_size();
+        let mut t = Instant::now();
+        let mut phase = |name: &'static str, phases: &mut Vec<_>| {
+            phases.push((name, t.elapsed()));
+            t = Instant::now();
+        };
         self.fuse = Some(
             fusefile::FuseFile::mount(volume, &l.volume_file)
                 .map_err(step("mount the volume file"))?,
         );
         self.fuse_slot = self.fuse.as_ref().map(fusefile::FuseFile::slot);
+        phase("FUSE file", &mut self.phases);
         self.loopdev =
             Some(LoopDevice::attach(&l.volume_file, ss).map_err(step("attach a loop device"))?);
+        phase("loop device", &mut self.phases);
         std::fs::create_dir_all(&l.mountpoint).map_err(step("create the mount point"))?;
         let dev = self
             .loopdev
@@ -282,7 +293,9 @@ impl Exposure {
             )),
         })?);
         self.ext4_dev = self.mounted.clone();
+        phase("ext4 mount", &mut self.phases);
         apply_ownership(&l, own).map_err(step("set owners and modes"))?;
+        phase("owners", &mut self.phases);
         self.nbd = Some(
             nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
                 .map_err(step("start the NBD server"))?,
@@ -301,7 +314,18 @@ impl Exposure {
             self.vm_nbd.push(server);
             r.map_err(step("hand a VM its NBD socket"))?;
         }
+        phase("NBD servers", &mut self.phases);
         Ok(())
+    }
+
+    /// How long each step of the open took, for the audit log: e.g.
+    /// `FUSE file 1.1 ms, loop device 3.0 ms, ext4 mount 2.2 ms, ...`.
+    pub fn phases(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The layout in use.

@@ -109,17 +109,31 @@ pub fn fill_random(buf: &mut [u8]) {
 
 /// The key that encrypts the data segment. It exists only while a volume is
 /// open; dropping it wipes it.
+///
+/// A key that came out of a keyslot remembers the digest it was checked
+/// against (public data: salt, iterations, expected output), so opening
+/// the volume with it does not run the same 125 ms derivation a second
+/// time. Only this crate sets it, after a check that passed.
 #[derive(Debug)]
-pub struct VolumeKey(SecretBytes);
+pub struct VolumeKey(SecretBytes, Option<Box<crate::digest::Pbkdf2Digest>>);
 
 impl VolumeKey {
     /// Wraps raw key bytes.
     pub fn new(bytes: SecretBytes) -> Self {
-        Self(bytes)
+        Self(bytes, None)
     }
     /// A fresh random key of `len` bytes.
     pub fn generate(len: usize) -> Self {
-        Self(SecretBytes::random(len))
+        Self(SecretBytes::random(len), None)
+    }
+    /// Records that `digest` was computed over this key and matched.
+    pub(crate) fn verified_by(mut self, digest: crate::digest::Pbkdf2Digest) -> Self {
+        self.1 = Some(Box::new(digest));
+        self
+    }
+    /// Whether this key already matched `digest`.
+    pub(crate) fn was_verified_by(&self, digest: &crate::digest::Pbkdf2Digest) -> bool {
+        self.1.as_deref() == Some(digest)
     }
     /// The key bytes.
     pub fn expose(&self) -> &[u8] {
@@ -135,7 +149,7 @@ impl VolumeKey {
     }
     /// An explicit copy, for handing to a second owner.
     pub fn duplicate(&self) -> Self {
-        Self(self.0.duplicate())
+        Self(self.0.duplicate(), self.1.clone())
     }
 }
 

@@ -12,8 +12,11 @@ thread_local! {
         std::cell::RefCell::new(zeroize::Zeroizing::new(Vec::new()));
 }
 
-/// Requests larger than this are split across all cores.
-const PARALLEL_THRESHOLD: usize = 256 * 1024;
+/// Requests larger than this are split across all cores. Below it, one
+/// core does the request: measured through the mount (fio, 1 MiB writes,
+/// one in flight), handing 1 MiB to two cores lost about 10% to the
+/// wake-ups against encrypting it on the FUSE thread (29 GiB/s, ~35 µs).
+const PARALLEL_THRESHOLD: usize = 4 << 20;
 /// Size of each parallel piece.
 const PARALLEL_CHUNK: usize = 64 * 1024;
 
@@ -161,8 +164,9 @@ impl EncryptedVolume {
     }
 
     /// Encrypts or decrypts a buffer in memory, holding the cipher only
-    /// for that.
-    fn crypt(&self, first_iv: u64, buf: &mut [u8], encrypt: bool) -> Result<()> {
+    /// for that; `split` lets a large buffer be shared out among the cores
+    /// (callers that run their own threads say no).
+    fn crypt_split(&self, first_iv: u64, buf: &mut [u8], encrypt: bool, split: bool) -> Result<()> {
         let ss = self.sector_size;
         let guard = self.cipher.0.read().unwrap_or_else(|p| p.into_inner());
         let cipher = guard.as_ref().ok_or(Error::Revoked)?;
@@ -173,7 +177,7 @@ impl EncryptedVolume {
                 cipher.decrypt(iv, ss, b)
             }
         };
-        if buf.len() < PARALLEL_THRESHOLD {
+        if !split || buf.len() < PARALLEL_THRESHOLD {
             return Ok(run(first_iv, buf)?);
         }
         let chunk = PARALLEL_CHUNK.max(ss);
@@ -184,8 +188,39 @@ impl EncryptedVolume {
         Ok(())
     }
 
+    /// Encrypts `src` into `dst` (out of place: one pass where the cipher
+    /// can), holding the cipher only for that; large buffers are shared
+    /// out among the cores.
+    fn encrypt_into(&self, first_iv: u64, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let ss = self.sector_size;
+        let guard = self.cipher.0.read().unwrap_or_else(|p| p.into_inner());
+        let cipher = guard.as_ref().ok_or(Error::Revoked)?;
+        if src.len() < PARALLEL_THRESHOLD {
+            return Ok(cipher.encrypt_to(first_iv, ss, src, dst)?);
+        }
+        let chunk = PARALLEL_CHUNK.max(ss);
+        let ivs_per_chunk = (chunk / 512) as u64;
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .enumerate()
+            .try_for_each(|(i, (d, s))| {
+                cipher.encrypt_to(first_iv.wrapping_add(i as u64 * ivs_per_chunk), ss, s, d)
+            })?;
+        Ok(())
+    }
+
     /// Reads and decrypts `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_split(offset, buf, true)
+    }
+
+    /// As [`Self::read_at`], decrypting on the calling thread only: for
+    /// callers that run one request per core themselves.
+    pub fn read_at_here(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_split(offset, buf, false)
+    }
+
+    fn read_split(&self, offset: u64, buf: &mut [u8], split: bool) -> Result<()> {
         let iv = self.check(offset, buf.len())?;
         self.device
             .read_at(self.offset + offset, buf)
@@ -193,7 +228,27 @@ impl EncryptedVolume {
                 op: "reading",
                 source,
             })?;
-        self.crypt(iv, buf, false)
+        self.crypt_split(iv, buf, false, split)
+    }
+
+    /// Encrypts `buf` in place, on the calling thread, for writing at
+    /// `offset` with [`Self::write_sealed`]: no copy, for callers that own
+    /// their buffers and run their own threads (one encrypts while another
+    /// writes). `buf` holds ciphertext afterwards.
+    pub fn seal(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let iv = self.check(offset, buf.len())?;
+        self.crypt_split(iv, buf, true, false)
+    }
+
+    /// Writes at `offset` what [`Self::seal`] encrypted for that offset.
+    pub fn write_sealed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check(offset, buf.len())?;
+        self.device
+            .write_at(self.offset + offset, buf)
+            .map_err(|source| Error::Device {
+                op: "writing",
+                source,
+            })
     }
 
     /// Encrypts and writes `buf` at `offset`.
@@ -209,9 +264,9 @@ impl EncryptedVolume {
                 // wiped as it drops instead of lingering in freed memory.
                 *tmp = zeroize::Zeroizing::new(Vec::with_capacity(buf.len()));
             }
-            tmp.clear();
-            tmp.extend_from_slice(buf);
-            self.crypt(iv, tmp, true)?;
+            // Ciphertext only: never worth wiping byte by byte first.
+            tmp.resize(buf.len(), 0);
+            self.encrypt_into(iv, buf, tmp)?;
             self.device
                 .write_at(self.offset + offset, tmp)
                 .map_err(|source| Error::Device {

@@ -21,6 +21,7 @@ pub mod locked;
 pub mod proc;
 pub mod time;
 pub mod tun;
+pub mod xts;
 
 use std::io;
 

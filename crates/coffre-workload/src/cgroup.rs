@@ -45,14 +45,91 @@ pub struct Hierarchy {
     pub memory_v1: Option<PathBuf>,
 }
 
+/// Where the workloads' v2 groups go when a service manager delegated this
+/// process's cgroup to it: set once, by [`enter_delegated_leaf`].
+static DELEGATED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The unified (v2) hierarchy's mount point, if the host has one.
+fn v2_mount(all: &[coffre_sys::proc::MountEntry]) -> Option<PathBuf> {
+    all.iter()
+        .find(|m| m.fstype == "cgroup2" && m.mountpoint.join("cgroup.procs").exists())
+        .map(|m| m.mountpoint.clone())
+}
+
+/// This process's v2 cgroup (`/system.slice/coffre@team.service`), from
+/// the `0::` line of `/proc/self/cgroup`.
+fn own_v2_cgroup() -> Option<String> {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Whether a service manager delegated the cgroup `dir` to the processes
+/// in it: systemd marks a `Delegate=yes` unit's cgroup with the extended
+/// attribute `trusted.delegate` set to `1`. Only `trusted.` counts (only
+/// root can set it): `user.delegate` is what a user's own manager sets on
+/// groups that user owns, and a root daemon does not put its workloads
+/// where a user could freeze or starve them.
+fn is_delegated(dir: &Path) -> bool {
+    let mut buf = [0u8; 8];
+    rustix::fs::getxattr(dir, "trusted.delegate", &mut buf)
+        .is_ok_and(|n| buf.get(..n) == Some(&b"1"[..]))
+}
+
+/// Under a service manager that delegated this process's v2 cgroup
+/// (systemd's `Delegate=yes`): moves the whole process into a leaf
+/// `daemon` of it, makes `workloads` beside the leaf with the memory
+/// controller handed down (where the unit has it), and from then on
+/// [`Hierarchy::detect`] puts the workloads' groups under `workloads`:
+/// they stay inside the unit, are counted and stopped with it, and no
+/// group is made at the hierarchy's root. A cgroup with processes of its
+/// own cannot hand controllers down (cgroup v2's rule), hence the leaf.
+///
+/// Returns the workloads' root, or `None` where nothing was delegated (run
+/// by hand, or a v1-only host): the groups then stay at the root, as
+/// before. Call it before starting any child process.
+pub fn enter_delegated_leaf() -> io::Result<Option<PathBuf>> {
+    if let Some(w) = DELEGATED.get() {
+        return Ok(Some(w.clone()));
+    }
+    let Some(root) = v2_mount(&coffre_sys::proc::mountinfo()) else {
+        return Ok(None);
+    };
+    let Some(own) = own_v2_cgroup() else {
+        return Ok(None);
+    };
+    let rel = own.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+        return Ok(None);
+    }
+    let unit = root.join(rel);
+    if !is_delegated(&unit) {
+        return Ok(None);
+    }
+    let leaf = unit.join("daemon");
+    fs::create_dir_all(&leaf)?;
+    write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+    let workloads = unit.join("workloads");
+    fs::create_dir_all(&workloads)?;
+    let workloads = DELEGATED.get_or_init(|| workloads).clone();
+    // Best effort, as for the groups themselves: without it, a memory
+    // limit is refused when its workload starts, saying why.
+    let offered = fs::read_to_string(unit.join("cgroup.controllers")).unwrap_or_default();
+    if offered.split_whitespace().any(|c| c == "memory") {
+        let _ = write(&unit.join("cgroup.subtree_control"), "+memory");
+    }
+    Ok(Some(workloads))
+}
+
 impl Hierarchy {
     /// Finds the freezer `choice` asks for, or says why there is none.
+    /// The v2 groups go under the delegated cgroup once
+    /// [`enter_delegated_leaf`] found one, else at the hierarchy's root.
     pub fn detect(choice: FreezerChoice) -> Result<Self, WorkloadError> {
         let all = coffre_sys::proc::mountinfo();
-        let v2 = all
-            .iter()
-            .find(|m| m.fstype == "cgroup2" && m.mountpoint.join("cgroup.procs").exists())
-            .map(|m| m.mountpoint.clone());
+        let v2 = v2_mount(&all).map(|root| DELEGATED.get().cloned().unwrap_or(root));
         let v1 = |ctrl: &str| {
             all.iter()
                 .find(|m| m.fstype == "cgroup" && m.has_option(ctrl))

@@ -63,6 +63,11 @@ pub const NO_SESSION: u8 = 12;
 /// it, or a head signed by another key.
 pub const AUDIT_ROLLED_BACK: u8 = 13;
 
+/// `coffre doctor`: the worst finding is a warning.
+pub const DOCTOR_WARN: u8 = 14;
+/// `coffre doctor`: a check failed.
+pub const DOCTOR_FAIL: u8 = 15;
+
 /// Maps a daemon error name (`"wrong_password"`...) to an exit code. The
 /// match is over every [`ErrorCode`]: a code added to the API does not
 /// compile until it is given its exit code here.

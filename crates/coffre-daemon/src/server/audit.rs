@@ -24,10 +24,32 @@ impl AuditSink {
     }
 }
 
+/// An audit record in the daemon's log, at the level its result says.
+/// Every field is one line: control characters are escaped (`\n`), since
+/// some come from outside (a join's name, a lock's reason) and a newline
+/// would start a forged journal entry with a priority of its choosing.
+fn log_record(rec: &AuditRecord) {
+    use crate::log::one_line;
+    use tracing::Level;
+    let (action, result, actor, detail) = (
+        one_line(&rec.action),
+        one_line(&rec.result),
+        one_line(&rec.actor),
+        one_line(&rec.detail),
+    );
+    match crate::log::level_of(&result) {
+        Level::ERROR => tracing::error!(%action, %result, %actor, "{detail}"),
+        Level::WARN => tracing::warn!(%action, %result, %actor, "{detail}"),
+        _ => tracing::info!(%action, %result, %actor, "{detail}"),
+    }
+}
+
 impl Shell {
     /// Appends a record, after any that wait. A failure keeps it (and the
     /// ones after it) for the next try, at every tick.
     pub(super) fn record(&mut self, rec: AuditRecord) {
+        self.metrics.on_record(&rec);
+        log_record(&rec);
         self.audit.backlog.push_back(rec);
         self.flush_audit();
     }
@@ -46,7 +68,7 @@ impl Shell {
                         self.audit.backlog.pop_front();
                     }
                     if self.audit.error.is_none() {
-                        eprintln!("coffre: cannot append to the audit log: {e}");
+                        tracing::error!("cannot append to the audit log: {e}");
                     }
                     self.audit.error = Some(e.to_string());
                     return;
@@ -54,7 +76,7 @@ impl Shell {
             }
         }
         if self.audit.error.take().is_some() {
-            eprintln!("coffre: the audit log can be written again");
+            tracing::info!("the audit log can be written again");
         }
     }
 

@@ -166,6 +166,7 @@ impl Shell {
         }
         let memory = self.keyslot_memory_kib(keyslot);
         let container = self.container.clone();
+        let times = self.metrics.key_checks.clone();
         self.kdf_job(
             memory,
             move || {
@@ -175,10 +176,16 @@ impl Shell {
                     .unwrap_or_else(|p| p.into_inner())
                     .keyslots_snapshot(Some(keyslot))
                     .map_err(|e| e.to_string())?;
-                snapshot
+                let start = std::time::Instant::now();
+                let r = snapshot
                     .unlock(&pass)
                     .map(|(_, k)| k)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                times
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe(start.elapsed().as_secs_f64());
+                r
             },
             move |result| {
                 let key = result.ok();

@@ -589,7 +589,7 @@ impl Shell {
         self.reconcile_accounts();
         self.control.vault = self.vault.persistent().clone();
         if let Err(e) = self.dir.save_control(&self.control) {
-            eprintln!("coffre: cannot save control data: {e}");
+            tracing::error!("cannot save control data: {e}");
         }
     }
 }

@@ -244,23 +244,29 @@ impl Shell {
                             .map_err(|e| format!("the volume: {e}"))
                     }),
             };
+            let opened = t.elapsed();
             let result = match volume {
                 Err(e) => Err(e),
                 Ok(volume) => {
                     let cipher = volume.cipher_slot();
                     match coffre_data::expose(volume, &layout, &own) {
                         Ok(e) => {
+                            let mounted = t.elapsed();
+                            let phases = e.phases();
                             *g = Some(e);
-                            let detail = format!(
-                                "data mounted at {} in {} ms",
-                                layout.mountpoint.display(),
-                                t.elapsed().as_millis()
-                            );
                             // Key, data, the VMs' shares, then workloads.
                             if let Some(nfs) = &nfs {
                                 lines.push(nfs_open(nfs, &key));
                             }
                             lines.extend(resume_workloads(&workloads, cut.as_deref(), &layout));
+                            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                            let detail = format!(
+                                "data mounted at {} in {:.0} ms (volume {:.1} ms, {phases}); open in {:.0} ms with the shares and workloads",
+                                layout.mountpoint.display(),
+                                ms(mounted),
+                                ms(opened),
+                                ms(t.elapsed()),
+                            );
                             held = Some((key, cipher));
                             Ok(detail)
                         }

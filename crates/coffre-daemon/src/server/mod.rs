@@ -37,6 +37,7 @@ mod helper;
 mod http;
 mod invitations;
 mod members;
+mod metrics;
 mod network;
 mod nfs;
 mod source;
@@ -101,6 +102,8 @@ enum Msg {
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
     },
+    /// A scrape of the metrics endpoint: the exposition text, now.
+    Metrics(oneshot::Sender<String>),
     /// A keyslot check ended; `key` only when the core asked to keep it.
     KeyChecked {
         req: ReqId,
@@ -194,6 +197,8 @@ struct Shell {
     /// The organisation's directory, when config.toml has a
     /// `[directory]`.
     source: Option<source::SourceState>,
+    /// What the metrics endpoint shows that the shell counts.
+    metrics: metrics::Metrics,
 }
 
 /// A failure's answer (500).
@@ -224,6 +229,7 @@ pub async fn serve(
     })?;
     let vd = VaultDir::new(dir);
     let config = vd.load_config()?;
+    crate::log::init(config.log.as_ref().map_or("info", |l| l.level.as_str()));
     let mut control = vd.load_control()?;
     let account_notes = accounts::prepare(&config, &mut control, coffre_sys::time::now_ms())
         .map_err(ServeError::Accounts)?;
@@ -340,6 +346,7 @@ pub async fn serve(
         lock_epoch: 0,
         net,
         source: None,
+        metrics: metrics::Metrics::default(),
     };
     shell.source_start().map_err(ServeError::Source)?;
     for n in net_notes {
@@ -400,6 +407,25 @@ pub async fn serve(
         .start_services();
     shell.workload_audit(lines);
     shell.run(Event::Boot { unclean });
+
+    if let Some(m) = shell.config.metrics.clone() {
+        let addr = m.addr().map_err(|e| ServeError::Listen {
+            addr: m.listen.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        // Not fatal: a local user who took the port first must not keep
+        // the vault from starting (its members' door is what matters).
+        if let Err(e) = metrics::serve(addr, tx.clone()).await {
+            shell.system_audit(
+                "metrics",
+                "failed",
+                format!(
+                    "the metrics endpoint on {}: {e}; the vault runs without it",
+                    m.listen
+                ),
+            );
+        }
+    }
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let accept_tx = tx.clone();
@@ -464,6 +490,14 @@ pub async fn serve(
         let _ = sig_tx.send(Msg::Shutdown(done));
     });
     on_ready(local);
+    // Under systemd (Type=notify): accepting connections now.
+    if let Err(e) = crate::sd_notify::notify(&format!("READY=1\nSTATUS=listening on {local}")) {
+        shell.system_audit(
+            "service",
+            "failed",
+            format!("could not tell the service manager the daemon is ready: {e}"),
+        );
+    }
 
     while let Some(msg) = rx.recv().await {
         match msg {
@@ -473,6 +507,9 @@ pub async fn serve(
                 cmd,
                 reply,
             } => shell.api(fingerprint, addr, cmd, reply),
+            Msg::Metrics(reply) => {
+                let _ = reply.send(shell.metrics_text());
+            }
             Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
             Msg::Sealed(job) => {
                 let (purpose, result) = *job;
@@ -515,6 +552,9 @@ pub async fn serve(
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {
+                // The close may take a while (workloads suspended into the
+                // volume): the service manager knows it has begun.
+                let _ = crate::sd_notify::notify("STOPPING=1\nSTATUS=closing the vault");
                 shell.shutdown();
                 shell.net_stop();
                 let _ = done.send(());

@@ -18,12 +18,36 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+thread_local! {
+    /// Each worker's buffer for reads and direct writes (plaintext: the
+    /// bytes a request used are wiped as soon as it is answered).
+    static VIEW_BUF: std::cell::RefCell<zeroize::Zeroizing<Vec<u8>>> =
+        std::cell::RefCell::new(zeroize::Zeroizing::new(Vec::new()));
+}
+
+/// Alignment of direct I/O buffers (a page: more than any sector size).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Makes room in `buf` for `n` bytes starting at a page boundary; returns
+/// where they start.
+fn aligned(buf: &mut zeroize::Zeroizing<Vec<u8>>, n: usize) -> usize {
+    crate::fusefile::fit(buf, n + DIRECT_ALIGN);
+    if buf.len() < n + DIRECT_ALIGN {
+        buf.resize(n + DIRECT_ALIGN, 0);
+    }
+    buf.as_ptr().align_offset(DIRECT_ALIGN)
+}
+
 impl Filesystem for Layer {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Shared mappings of direct-I/O files (kernel 6.6+): programs that
         // mmap their files work; those pages are dropped at every cut.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         let _ = config.set_max_write(1 << 20);
+        // A workload's asynchronous direct I/O (several requests in
+        // flight) reaches the workers in parallel.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.set_max_background(64);
         Ok(())
     }
 
@@ -292,8 +316,15 @@ impl Filesystem for Layer {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let keep =
-            libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
+        // O_DIRECT too: a workload's direct I/O stays direct below (same
+        // path, same alignment rules as on the mount, and none of its
+        // data in the page cache of the data's files).
+        let keep = libc::O_ACCMODE
+            | libc::O_APPEND
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_NOATIME
+            | libc::O_DIRECT;
         let flags = flags.0 & keep;
         match self.with_live(|live| {
             let handle = if ino.0 == 1 {
@@ -333,24 +364,36 @@ impl Filesystem for Layer {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.with_live(|_| {
-            let f = self.file(fh.0)?;
-            let mut buf = vec![0u8; size as usize];
-            let mut got = 0;
-            while got < buf.len() {
-                match f.read_at(&mut buf[got..], offset + got as u64) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(errno(e)),
+        // Each worker reads into its own buffer, reused (an allocation per
+        // request cost more than the copy: zeroed, then wiped when freed),
+        // and wiped when the worker ends.
+        VIEW_BUF.with_borrow_mut(|buf| {
+            let size = size as usize;
+            match self.with_live(|_| {
+                let f = self.file(fh.0)?;
+                let at = aligned(buf, size);
+                let buf = &mut buf[at..at + size];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(errno(e)),
+                    }
                 }
+                Ok((at, got))
+            }) {
+                Ok((at, n)) => {
+                    reply.data(&buf[at..at + n]);
+                    // The layer's workers live as long as the daemon: no
+                    // plaintext may wait in their buffers for the next
+                    // request (or past a close).
+                    zeroize::Zeroize::zeroize(&mut buf[at..at + n]);
+                }
+                Err(e) => reply.error(e),
             }
-            buf.truncate(got);
-            Ok(buf)
-        }) {
-            Ok(b) => reply.data(&b),
-            Err(e) => reply.error(e),
-        }
+        });
     }
 
     fn write(
@@ -366,8 +409,23 @@ impl Filesystem for Layer {
         reply: ReplyWrite,
     ) {
         match self.with_live(|_| {
-            let f = self.file(fh.0)?;
-            f.write_all_at(data, offset).map_err(errno)?;
+            let (f, flags) = self.file_and_flags(fh.0)?;
+            if flags & libc::O_DIRECT != 0 {
+                // Direct I/O wants an aligned buffer; the request's data
+                // sits after its headers in the library's buffer.
+                VIEW_BUF
+                    .with_borrow_mut(|buf| {
+                        let at = aligned(buf, data.len());
+                        buf[at..at + data.len()].copy_from_slice(data);
+                        let r = f.write_all_at(&buf[at..at + data.len()], offset);
+                        // As for reads: nothing left behind.
+                        zeroize::Zeroize::zeroize(&mut buf[at..at + data.len()]);
+                        r
+                    })
+                    .map_err(errno)?;
+            } else {
+                f.write_all_at(data, offset).map_err(errno)?;
+            }
             u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
         }) {
             Ok(n) => reply.written(n),
@@ -520,7 +578,13 @@ impl Filesystem for Layer {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_TRUNC;
+        // O_DIRECT kept, as in open.
+        let keep = libc::O_ACCMODE
+            | libc::O_APPEND
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_TRUNC
+            | libc::O_DIRECT;
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
             let want = mode & !umask & 0o7777;
@@ -577,7 +641,11 @@ impl Filesystem for Layer {
                 Open {
                     handle,
                     flags: flags
-                        & (libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC),
+                        & (libc::O_ACCMODE
+                            | libc::O_APPEND
+                            | libc::O_SYNC
+                            | libc::O_DSYNC
+                            | libc::O_DIRECT),
                     file: Some(Arc::new(File::from(fd))),
                     lost: false,
                 },

@@ -70,7 +70,7 @@ impl CutLayer {
             MountOption::NoSuid,
         ];
         config.acl = SessionACL::All;
-        config.n_threads = Some(2);
+        config.n_threads = Some(4);
         let at = at.canonicalize()?;
         let session = fuser::Session::new(Layer(layer.clone()), &at, &config)?.spawn()?;
         Ok(Self {

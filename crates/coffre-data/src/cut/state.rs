@@ -203,9 +203,15 @@ impl Layer {
     }
 
     pub(super) fn file(&self, fh: u64) -> Result<Arc<File>, Errno> {
+        self.file_and_flags(fh).map(|(f, _)| f)
+    }
+
+    /// The open file and the flags it was opened with (`O_DIRECT` among
+    /// them when the workload asked for it).
+    pub(super) fn file_and_flags(&self, fh: u64) -> Result<(Arc<File>, i32), Errno> {
         let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let open = maps.files.get(&fh).ok_or(Errno::EBADF)?;
-        open.file.clone().ok_or(Errno::EIO)
+        Ok((open.file.clone().ok_or(Errno::EIO)?, open.flags))
     }
 
     /// This thread acts as the requesting process on the filesystem until

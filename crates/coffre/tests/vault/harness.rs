@@ -39,6 +39,9 @@ pub struct Vault {
     /// vault's host: the daemon and every command run in it (their
     /// mounts stay the host's).
     pub netns: Option<String>,
+    /// A cgroup (v2 directory) the daemon starts in, as a service
+    /// manager would start it in its unit's.
+    pub daemon_cgroup: Option<PathBuf>,
 }
 
 impl Vault {
@@ -113,6 +116,7 @@ impl Vault {
             period,
             daemon_env: Vec::new(),
             netns: None,
+            daemon_cgroup: None,
         }
     }
 
@@ -257,8 +261,18 @@ impl Vault {
         if self.dir.join("control.json").exists() {
             self.forget_imported_data();
         }
-        let mut child = self
-            .bin()
+        let mut cmd = match &self.daemon_cgroup {
+            None => self.bin(),
+            Some(cg) => {
+                // Joins the cgroup, then becomes the daemon.
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(cg)
+                    .arg(BIN);
+                c
+            }
+        };
+        let mut child = cmd
             .args(["serve", self.dir.to_str().unwrap()])
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())

@@ -406,6 +406,7 @@ fn first_superuser_can_join_from_their_own_machine() {
         period: 1,
         daemon_env: Vec::new(),
         netns: None,
+        daemon_cgroup: None,
     };
     v.start();
     let out = v.join("ruth", &inv);

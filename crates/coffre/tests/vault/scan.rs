@@ -144,3 +144,68 @@ fn password_over_the_vpn_not_in_daemon_memory_after_leave() {
         while_open.join("\n")
     );
 }
+
+/// The data's plaintext does not outlive a close in the daemon's memory:
+/// the buffers that held it (the FUSE library's request buffers, each
+/// worker's decrypted reads, the volume commands') are wiped when they go,
+/// and they go at close. A unique marker written through the mount and
+/// read back with direct I/O (so it crosses the daemon both ways) is seen
+/// by the scan while the vault is open (positive control) and found
+/// nowhere once it is closed.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn plaintext_not_in_daemon_memory_after_close() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    let pid = v.pid();
+    let marker = unique_password()
+        .replace("scan-", "plaintext-")
+        .into_bytes();
+    assert!(!memory_contains(pid, &marker));
+    let mut enter = v.enter_bg("alice", &[]);
+    let file = v.layout().mountpoint.join("shared/marked.bin");
+    // 2 MiB of the marker, each copy at its own offset so any request's
+    // buffer holds whole copies.
+    let data = marker.repeat((2 << 20) / marker.len());
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &data).unwrap();
+    let dd = |args: &[&str]| {
+        let out = std::process::Command::new("dd")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (src, dst) = (
+        format!("if={}", tmp.path().display()),
+        format!("of={}", file.display()),
+    );
+    dd(&[&src, &dst, "bs=1M", "oflag=direct", "conv=fsync"]);
+    dd(&[
+        &format!("if={}", file.display()),
+        "of=/dev/null",
+        "bs=1M",
+        "iflag=direct",
+    ]);
+    let while_open = memory_hits(pid, &marker);
+    assert!(
+        !while_open.is_empty(),
+        "positive control: the scan never saw the plaintext while the vault was open"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut enter, Duration::from_secs(10));
+    v.wait_state("closed", Duration::from_secs(30));
+    let hits = memory_hits(pid, &marker);
+    assert!(
+        hits.is_empty(),
+        "the plaintext survived the close at {} place(s):\n{}\n(while open: {} place(s))",
+        hits.len(),
+        hits.join("\n"),
+        while_open.len()
+    );
+}

@@ -4,7 +4,7 @@
 use crate::secrets;
 use anyhow::{Context, Result};
 use coffre::exit;
-use coffre_luks2::cipher::{AwsLcXts, RustXts, SectorCipher};
+use coffre_luks2::cipher::{AwsLcXts, RustXts, SectorCipher, VaesXts};
 use coffre_storage::Luks2Container;
 use rayon::prelude::*;
 use serde_json::json;
@@ -62,11 +62,16 @@ pub fn run(
     let mut key = [0u8; 64];
     coffre_luks2::secret::fill_random(&mut key);
     let mut rows = Vec::new();
-    let candidates: Vec<(&str, Box<dyn SectorCipher>)> = vec![
+    let mut candidates: Vec<(&str, Box<dyn SectorCipher>)> = vec![
         ("aes-xts 512b", Box::new(AwsLcXts::new(&key)?)),
         ("aes-xts 512b", Box::new(RustXts::new(&key)?)),
         ("aes-xts 256b", Box::new(RustXts::new(&key[..32])?)),
     ];
+    // Our VAES-512 kernel, where the CPU has it.
+    if let (Ok(a), Ok(b)) = (VaesXts::new(&key), VaesXts::new(&key[..32])) {
+        candidates.insert(1, ("aes-xts 512b", Box::new(a)));
+        candidates.push(("aes-xts 256b", Box::new(b)));
+    }
     for (label, c) in &candidates {
         let one = one_core(c.as_ref(), size)?;
         let all = all_cores(c.as_ref(), size)?;

@@ -21,6 +21,8 @@ EXIT CODES:
     12  the session is gone (lock, removal, or no heartbeat)
     13  the vault's audit log was rolled back or rewritten: it shows an older
         head than this machine saw, another history, or another signing key
+    14  coffre doctor: the worst finding is a warning
+    15  coffre doctor: a check failed
     64  the command line is wrong
 
 SECRETS:
@@ -50,12 +52,58 @@ pub enum Command {
     Init(InitArgs),
     /// Run the vault daemon (mutual-TLS JSON API) until SIGTERM or SIGINT;
     /// a clean stop closes the vault first.
+    ///
+    /// It runs as root (opening the vault mounts its data). Under systemd
+    /// the Debian package's unit coffre@NAME runs it for
+    /// /var/lib/coffre/NAME; check the host first with coffre doctor.
+    ///
+    /// Example: coffre serve /var/lib/coffre/team
     Serve {
         /// The vault directory.
         dir: PathBuf,
         /// Listen address (default: from config.toml).
         #[arg(long)]
         listen: Option<String>,
+    },
+    /// Shell completions for coffre, on standard output.
+    ///
+    /// Example (bash): coffre completions bash >
+    /// /etc/bash_completion.d/coffre; zsh: into a directory on $fpath as
+    /// _coffre; fish: ~/.config/fish/completions/coffre.fish. The Debian
+    /// package installs all three.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Man pages for coffre and each of its commands (coffre.1,
+    /// coffre-volume-format.1...), written into DIR. For packaging.
+    #[command(hide = true)]
+    Manpages {
+        /// Where to write them (made if missing).
+        dir: PathBuf,
+    },
+    /// Check this host (and a vault directory) for what the vault needs.
+    ///
+    /// Each finding is OK, WARN (works, but less well or less safely) or
+    /// FAIL (the vault cannot work, or is unsafe), with the fix. The host:
+    /// root, /dev/fuse, loop devices, ext4 tools, the cgroup freezer,
+    /// nftables, QEMU and KVM, OpenVPN 2.6, fs.suid_dumpable, swap, clock
+    /// synchronization. With DIR, also the vault directory: its modes and
+    /// those of its secret files, config.toml, control.json, both copies of
+    /// the LUKS2 header, room for the volume, and every certificate's end
+    /// (WARN within 30 days). What DIR's config uses (a gateway, a network,
+    /// VMs) turns a missing tool from WARN into FAIL. Reads only; works
+    /// with the daemon running.
+    ///
+    /// Exit code: 0 all OK, 14 the worst is a WARN, 15 something FAILs.
+    ///
+    /// Example: coffre doctor /var/lib/coffre/team
+    Doctor {
+        /// The vault directory (without it, the host only).
+        dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// The vault network's DHCP server, as the daemon starts it: reads
     /// its specification (JSON) on stdin and serves on the sockets it
@@ -99,6 +147,13 @@ pub enum Command {
     },
     /// Enter the vault (password and TOTP code) and stay inside, sending
     /// heartbeats, until Ctrl-C or `coffre leave`.
+    ///
+    /// The first member in opens the vault; the last one out closes it.
+    /// Your identity file (from coffre join) is --identity FILE or
+    /// COFFRE_IDENTITY.
+    ///
+    /// Example: COFFRE_IDENTITY=~/alice.identity coffre enter
+    /// --password-file ~/.alice.pw --totp 123456
     Enter {
         #[command(flatten)]
         id: IdentityArg,
@@ -118,6 +173,11 @@ pub enum Command {
         id: IdentityArg,
     },
     /// The vault's state, who is inside, tasks, lock.
+    ///
+    /// Any member may ask, without a password (the identity file's
+    /// certificate is enough).
+    ///
+    /// Example: coffre status --json
     Status {
         #[command(flatten)]
         id: IdentityArg,
@@ -206,6 +266,12 @@ pub enum Command {
     Member(MemberCommand),
     /// Join a vault with an invitation: your key pair is made here and
     /// never leaves this machine; you choose your password and enroll TOTP.
+    ///
+    /// It prints the TOTP enrollment (an otpauth URI, and a QR code on a
+    /// terminal) for your authenticator app, and writes your identity
+    /// file.
+    ///
+    /// Example: coffre join bob.invitation --password-file ~/.bob.pw
     Join {
         /// The invitation file a superuser gave you.
         invitation: PathBuf,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod doctor;
 mod secrets;
 mod vault;
 mod volume;
@@ -47,6 +48,18 @@ fn main() -> ExitCode {
             vault::init(a)
         }
         C::Serve { dir, listen } => vault::serve(dir, listen),
+        C::Doctor { dir, json } => doctor::run(dir.as_deref(), json),
+        C::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut cli::Cli::command(),
+                "coffre",
+                &mut std::io::stdout(),
+            );
+            Ok(coffre::exit::OK)
+        }
+        C::Manpages { dir } => manpages(&dir),
         C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
         C::NfsServer { sockets, workers } => nfs_server(sockets, workers),
         C::LdapServer { uid, gid } => ldap_server(uid, gid),
@@ -113,6 +126,33 @@ fn main() -> ExitCode {
             ExitCode::from(coffre::exit::code_for(&e))
         }
     }
+}
+
+/// `coffre manpages DIR`: a page per visible command, named by its path
+/// (`coffre-volume-format.1`), from the same definition as `--help`.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    fn write(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.to_owned()))
+            .title(name.to_uppercase())
+            .render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            write(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    let mut cmd = cli::Cli::command();
+    cmd.build();
+    write(&cmd, "coffre", dir)?;
+    Ok(coffre::exit::OK)
 }
 
 /// `coffre nfs-server`: what the daemon runs for the VMs' shares. It

@@ -299,7 +299,22 @@ fn repair(target: &Target, batch: bool) -> Result<u8> {
     Ok(exit::OK)
 }
 
-const IO_CHUNK: usize = 4 << 20;
+/// What each worker reads and decrypts (or encrypts and writes) at a time:
+/// large enough that system calls cost nothing, small enough that the
+/// bytes are still in the core's cache when the cipher runs over them.
+const IO_CHUNK: usize = 1 << 20;
+
+/// One worker per core (two at least, so reading and writing overlap with
+/// the cipher even on one core; four at most).
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// Standard output or input as a plain file: no line buffering, and
+/// usable from several threads.
+fn std_file(fd: std::os::fd::BorrowedFd<'_>) -> Result<std::fs::File> {
+    Ok(std::fs::File::from(fd.try_clone_to_owned()?))
+}
 
 struct Progress {
     total: u64,
@@ -338,7 +353,19 @@ impl Progress {
     }
 }
 
+/// The output side of `volume read`: chunk k goes out after chunk k - 1.
+struct Output {
+    out: std::fs::File,
+    next: u64,
+    stop: bool,
+    error: Option<anyhow::Error>,
+    progress: Progress,
+}
+
+/// `volume read`: every core reads and decrypts its own chunks; the
+/// chunks go to standard output in order as they are ready.
 fn read_out(v: &EncryptedVolume, offset: u64, length: Option<u64>) -> Result<u8> {
+    use std::os::fd::AsFd;
     let size = v.size();
     if offset > size {
         bail!("--offset {offset} is past the end of the volume ({size} bytes)");
@@ -353,29 +380,99 @@ fn read_out(v: &EncryptedVolume, offset: u64, length: Option<u64>) -> Result<u8>
         None => size,
     };
     let ss = v.sector_size() as u64;
-    let mut out = std::io::stdout().lock();
-    let mut buf = vec![0u8; IO_CHUNK];
-    let mut pos = offset / ss * ss;
-    let mut progress = Progress::new(end - offset);
-    while pos < end {
-        let aligned_end = (end.div_ceil(ss) * ss).min(size);
-        let n =
-            usize::try_from((aligned_end - pos).min(IO_CHUNK as u64)).expect("bounded by chunk");
-        v.read_at(pos, &mut buf[..n])?;
-        let from = usize::try_from(offset.saturating_sub(pos)).expect("within chunk");
-        let to = usize::try_from((end - pos).min(n as u64)).expect("within chunk");
-        if let Err(e) = out.write_all(&buf[from..to]) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(exit::OK);
+    let first = offset / ss * ss;
+    let last = (end.div_ceil(ss) * ss).min(size);
+    let chunk = IO_CHUNK as u64;
+    let chunks = (last - first).div_ceil(chunk);
+    let shared = std::sync::Mutex::new(Output {
+        out: std_file(std::io::stdout().as_fd())?,
+        next: 0,
+        stop: false,
+        error: None,
+        progress: Progress::new(end - offset),
+    });
+    let turn = std::sync::Condvar::new();
+    let taken = std::sync::atomic::AtomicU64::new(0);
+    let work = || {
+        // A worker that panics stops the others (they would wait for its
+        // chunk forever); the scope then passes the panic on.
+        let _stop = StopOnPanic {
+            shared: &shared,
+            turn: &turn,
+        };
+        // Plaintext: wiped when the worker ends.
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; IO_CHUNK]);
+        loop {
+            let k = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k >= chunks {
+                return;
             }
-            return Err(e.into());
+            let pos = first + k * chunk;
+            let n = usize::try_from((last - pos).min(chunk)).expect("bounded by the chunk");
+            let read = v.read_at_here(pos, &mut buf[..n]);
+            let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+            while g.next != k && !g.stop {
+                g = turn.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.stop {
+                return;
+            }
+            let from = usize::try_from(offset.saturating_sub(pos)).expect("within the chunk");
+            let to = usize::try_from((end - pos).min(n as u64)).expect("within the chunk");
+            let written = read
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(g.out.write_all(&buf[from..to])?));
+            match written {
+                Ok(()) => {
+                    g.progress.add((to - from) as u64);
+                    g.next += 1;
+                }
+                Err(e) => {
+                    g.stop = true;
+                    // A reader that went away (`| head`) is not an error.
+                    let gone = e
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+                    if !gone {
+                        g.error = Some(e);
+                    }
+                }
+            }
+            turn.notify_all();
         }
-        progress.add((to - from) as u64);
-        pos += n as u64;
+    };
+    run_workers(work);
+    let g = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.error {
+        return Err(e);
     }
-    out.flush()?;
-    progress.finish();
+    g.progress.finish();
     Ok(exit::OK)
+}
+
+/// Sets `stop` and wakes every waiting worker when a worker of
+/// `volume read` unwinds.
+struct StopOnPanic<'a> {
+    shared: &'a std::sync::Mutex<Output>,
+    turn: &'a std::sync::Condvar,
+}
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+            self.turn.notify_all();
+        }
+    }
+}
+
+/// Runs `work` on every worker thread and waits for them all.
+fn run_workers(work: impl Fn() + Sync) {
+    std::thread::scope(|s| {
+        for _ in 0..workers() {
+            s.spawn(&work);
+        }
+    });
 }
 
 fn fill(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -391,17 +488,32 @@ fn fill(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
+/// The input side of `volume write`: whoever holds it reads the next chunk.
+struct Input {
+    input: std::fs::File,
+    pos: u64,
+    done: bool,
+    error: Option<anyhow::Error>,
+    progress: Progress,
+}
+
+/// `volume write`: each core takes its turn reading the next chunk of
+/// standard input into its own buffer, then encrypts it in place and
+/// writes it while another core reads. (Measured: one writer fed by the
+/// other cores lost to this, its buffers crossing between cores' caches;
+/// one thread alone leaves the cipher's time uncovered.)
 fn write_in(v: &EncryptedVolume, offset: u64) -> Result<u8> {
+    use std::os::fd::AsFd;
     let size = v.size();
     let ss = v.sector_size();
     let ss64 = ss as u64;
-    let mut input = std::io::stdin().lock();
+    let mut input = std_file(std::io::stdin().as_fd())?;
     let mut pos = offset;
-    let mut buf = vec![0u8; IO_CHUNK];
-    let mut sector = vec![0u8; ss];
     let mut progress = Progress::new(size.saturating_sub(offset));
     // Unaligned head: read-modify-write the first sector.
     if !pos.is_multiple_of(ss64) {
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; ss]);
+        let mut sector = zeroize::Zeroizing::new(vec![0u8; ss]);
         let base = pos / ss64 * ss64;
         let skip = usize::try_from(pos - base).expect("below sector size");
         let want = ss - skip;
@@ -418,36 +530,79 @@ fn write_in(v: &EncryptedVolume, offset: u64) -> Result<u8> {
             return Ok(exit::OK);
         }
     }
-    loop {
-        let n = fill(&mut input, &mut buf)?;
-        if n == 0 {
-            break;
+    let shared = std::sync::Mutex::new(Input {
+        input,
+        pos,
+        done: false,
+        error: None,
+        progress,
+    });
+    let fail = |e: anyhow::Error| {
+        let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+        g.done = true;
+        g.error.get_or_insert(e);
+    };
+    let work = || {
+        // Plaintext, then ciphertext: wiped when the worker ends.
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; IO_CHUNK]);
+        let mut sector = zeroize::Zeroizing::new(vec![0u8; ss]);
+        loop {
+            let (pos, n) = {
+                let mut g = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if g.done {
+                    return;
+                }
+                let n = match fill(&mut g.input, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        g.done = true;
+                        g.error.get_or_insert(e.into());
+                        return;
+                    }
+                };
+                g.done = n < buf.len();
+                if n == 0 {
+                    return;
+                }
+                if g.pos + n as u64 > size {
+                    g.done = true;
+                    let e = anyhow::anyhow!(
+                        "the input runs past the end of the volume ({size} bytes): nothing from the chunk that crosses it on was written; the {} bytes before that chunk were (unless another error follows)",
+                        g.pos - offset
+                    );
+                    g.error.get_or_insert(e);
+                    return;
+                }
+                let at = g.pos;
+                g.pos += n as u64;
+                g.progress.add(n as u64);
+                (at, n)
+            };
+            let whole = n / ss * ss;
+            let mut done = v
+                .seal(pos, &mut buf[..whole])
+                .and_then(|()| v.write_sealed(pos, &buf[..whole]));
+            if done.is_ok() && whole < n {
+                // Unaligned tail: read-modify-write the last sector.
+                let tail = pos + whole as u64;
+                done = v.read_at_here(tail, &mut sector).and_then(|()| {
+                    sector[..n - whole].copy_from_slice(&buf[whole..n]);
+                    v.seal(tail, &mut sector)?;
+                    v.write_sealed(tail, &sector)
+                });
+            }
+            if let Err(e) = done {
+                return fail(e.into());
+            }
         }
-        if pos + n as u64 > size {
-            bail!(
-                "the input runs past the end of the volume ({size} bytes); {} bytes were written",
-                pos - offset
-            );
-        }
-        let whole = n / ss * ss;
-        if whole > 0 {
-            v.write_at(pos, &buf[..whole])?;
-        }
-        if whole < n {
-            // Unaligned tail: read-modify-write the last sector.
-            let tail = pos + whole as u64;
-            v.read_at(tail, &mut sector)?;
-            sector[..n - whole].copy_from_slice(&buf[whole..n]);
-            v.write_at(tail, &sector)?;
-        }
-        pos += n as u64;
-        progress.add(n as u64);
-        if n < buf.len() {
-            break;
-        }
+    };
+    run_workers(work);
+    let g = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.error {
+        return Err(e);
     }
     v.flush()?;
-    progress.finish();
+    g.progress.finish();
     Ok(exit::OK)
 }
 

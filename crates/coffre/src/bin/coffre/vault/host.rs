@@ -114,6 +114,18 @@ pub fn init(a: InitArgs) -> Result<u8> {
 }
 
 pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
+    // Before any thread or child: under systemd (Delegate=yes) the
+    // workloads' cgroups go under the unit's own.
+    match coffre_daemon::workload::cgroup::enter_delegated_leaf() {
+        Ok(Some(w)) => eprintln!(
+            "coffre: in a delegated cgroup: the daemon moved into a leaf, workloads go under {}",
+            w.display()
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!(
+            "coffre: warning: a delegated cgroup, but the daemon could not move into a leaf of it ({e}); workloads' cgroups stay at the hierarchy's root"
+        ),
+    }
     let rt = runtime()?;
     rt.block_on(coffre_daemon::server::serve(&dir, listen, |addr| {
         println!("coffre: vault {} listening on {addr}", dir.display());

@@ -1,0 +1,859 @@
+//! `coffre doctor`: what this host and a vault directory lack, each
+//! finding OK, WARN or FAIL with the fix. It reads; it changes nothing
+//! (the cgroup probe makes and removes one empty group) and needs no key.
+
+use crate::vaultdir::{Config, VaultDir};
+use serde::Serialize;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How bad a finding is. Ordered: the worst of several is their maximum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Level {
+    /// What the vault needs is there.
+    Ok,
+    /// It works, but less well or less safely than it could.
+    Warn,
+    /// Something the vault needs is missing or unsafe.
+    Fail,
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Level::Ok => "OK",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        })
+    }
+}
+
+/// One check's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// What was checked (`fuse`, `control-file`...): stable, for scripts.
+    pub check: String,
+    /// How it went.
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (WARN and FAIL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(check: &str, detail: impl Into<String>) -> Self {
+        Self {
+            check: check.into(),
+            level: Level::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+    fn warn(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            check: check.into(),
+            level: Level::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn fail(check: &str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            check: check.into(),
+            level: Level::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    /// FAIL where the vault's config needs the thing, WARN otherwise.
+    fn missing(check: &str, needed: bool, detail: String, fix: &str) -> Self {
+        if needed {
+            Self::fail(check, detail, fix)
+        } else {
+            Self::warn(check, detail, fix)
+        }
+    }
+}
+
+/// The worst level of `findings` (OK for none).
+pub fn worst(findings: &[Finding]) -> Level {
+    findings.iter().map(|f| f.level).max().unwrap_or(Level::Ok)
+}
+
+/// What a vault's config asks of the host (all false without a vault).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Needs {
+    /// `[gateway]`: OpenVPN 2.6.
+    pub openvpn: bool,
+    /// `[network]`: nftables.
+    pub nftables: bool,
+    /// A `kind = "qemu"` workload: QEMU.
+    pub qemu: bool,
+}
+
+impl Needs {
+    /// What `config` needs.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            openvpn: config.gateway.is_some(),
+            nftables: config.network.is_some(),
+            qemu: config
+                .workload
+                .iter()
+                .any(|w| w.kind == coffre_workload::config::Kind::Qemu),
+        }
+    }
+}
+
+/// Days before a certificate's end from which it is reported.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// The host's checks. `qemu` is the QEMU binary the config names, if any.
+pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
+    vec![
+        root(),
+        char_device(
+            "fuse",
+            Path::new("/dev/fuse"),
+            (10, 229),
+            "the mounted data and the workloads' view are FUSE filesystems",
+            "modprobe fuse (and, in a container, pass /dev/fuse through)",
+        ),
+        char_device(
+            "loop",
+            Path::new("/dev/loop-control"),
+            (10, 237),
+            "the data's ext4 and the VMs' disks are mounted through loop devices",
+            "modprobe loop (and, in a container, pass /dev/loop-control and /dev/loop* through)",
+        ),
+        ext4_tools(),
+        cgroups(),
+        nftables(needs.nftables),
+        qemu_binary(needs.qemu, qemu),
+        kvm(),
+        openvpn(needs.openvpn),
+        suid_dumpable(),
+        swap(),
+        clock(),
+    ]
+}
+
+fn root() -> Finding {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|u| u.parse::<u32>().ok());
+    match euid {
+        Some(0) => Finding::ok("root", "running as root"),
+        Some(u) => Finding::fail(
+            "root",
+            format!(
+                "running as uid {u}: coffre serve mounts, attaches loop devices and makes cgroups"
+            ),
+            "run coffre serve (and this check) as root, e.g. from its systemd unit",
+        ),
+        None => Finding::fail(
+            "root",
+            "cannot read the effective uid from /proc/self/status",
+            "mount /proc",
+        ),
+    }
+}
+
+/// A character device with the expected numbers, which opens read-write.
+fn char_device(check: &str, path: &Path, numbers: (u64, u64), why: &str, fix: &str) -> Finding {
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return Finding::fail(check, format!("{}: {e} ({why})", path.display()), fix);
+        }
+    };
+    let rdev = m.rdev();
+    let (major, minor) = (
+        ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff),
+        ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff),
+    );
+    if !m.file_type().is_char_device() || (major, minor) != numbers {
+        return Finding::fail(
+            check,
+            format!(
+                "{} is not the kernel's device (expected character device {}:{}) ({why})",
+                path.display(),
+                numbers.0,
+                numbers.1
+            ),
+            fix,
+        );
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => Finding::ok(check, format!("{} opens", path.display())),
+        Err(e) => Finding::fail(check, format!("{}: {e} ({why})", path.display()), fix),
+    }
+}
+
+/// The system's program directories. `doctor` runs as root: it looks
+/// for programs here only, never on the caller's PATH (an empty entry, `.`
+/// or a user's directory there would have root run what that user put).
+const SYSTEM_DIRS: [&str; 6] = [
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// `name` in the system's program directories.
+fn find_program(name: &str) -> Option<PathBuf> {
+    SYSTEM_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Whether `path` and every directory above it are root's and writable
+/// by nobody else: only such a program is run (as root) to ask its
+/// version. Why not, otherwise.
+fn trusted_program(path: &Path) -> Result<(), String> {
+    let path = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for p in path.ancestors() {
+        let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if m.uid() != 0 || m.permissions().mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} is not root's alone (owner uid {}, mode {:04o}): not run",
+                p.display(),
+                m.uid(),
+                m.permissions().mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ext4_tools() -> Finding {
+    let missing: Vec<&str> = ["mkfs.ext4", "e2fsck"]
+        .into_iter()
+        .filter(|p| find_program(p).is_none())
+        .collect();
+    if missing.is_empty() {
+        Finding::ok("ext4-tools", "mkfs.ext4 and e2fsck found")
+    } else {
+        Finding::fail(
+            "ext4-tools",
+            format!(
+                "{} not found (a new vault's data is formatted ext4, and checked at open)",
+                missing.join(" and ")
+            ),
+            "apt-get install e2fsprogs",
+        )
+    }
+}
+
+fn cgroups() -> Finding {
+    use coffre_workload::cgroup::{FreezerChoice, FreezerKind, Hierarchy};
+    match Hierarchy::detect(FreezerChoice::Auto) {
+        Ok(h) => Finding::ok(
+            "cgroups",
+            format!(
+                "{} freezer at {}",
+                match h.kind {
+                    FreezerKind::V2 => "cgroup v2",
+                    FreezerKind::V1 => "cgroup v1",
+                },
+                h.root.display()
+            ),
+        ),
+        Err(e) => Finding::fail(
+            "cgroups",
+            format!("{e} (workloads are paused with it when the vault closes)"),
+            "mount the unified hierarchy (mount -t cgroup2 none /sys/fs/cgroup), or the v1 freezer controller",
+        ),
+    }
+}
+
+fn nftables(needed: bool) -> Finding {
+    match find_program("nft") {
+        Some(p) => Finding::ok("nftables", format!("{}", p.display())),
+        None => Finding::missing(
+            "nftables",
+            needed,
+            "nft not found (the vault's network and its firewall need it)".into(),
+            "apt-get install nftables",
+        ),
+    }
+}
+
+/// The first line a trusted program prints for `--version` (with an
+/// empty environment, within 10 s), or why there is none.
+fn version_line(program: &Path) -> Result<String, String> {
+    use std::io::Read;
+    trusted_program(program)?;
+    let mut child = Command::new(program)
+        .arg("--version")
+        .env_clear()
+        .env("PATH", SYSTEM_DIRS.join(":"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} --version did not answer within 10 s",
+                program.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    if let Some(o) = child.stdout.take() {
+        let _ = o.take(64 * 1024).read_to_string(&mut out);
+    }
+    out.lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("{} --version printed nothing", program.display()))
+}
+
+fn qemu_binary(needed: bool, configured: Option<&Path>) -> Finding {
+    let program = configured
+        .map(Path::to_path_buf)
+        .or_else(|| find_program("qemu-system-x86_64"));
+    match program.as_deref().map(version_line) {
+        Some(Ok(v)) => Finding::ok("qemu", v),
+        Some(Err(why)) => Finding::missing(
+            "qemu",
+            needed,
+            format!("{why} (VM workloads need QEMU)"),
+            "apt-get install qemu-system-x86; a configured [workloads] qemu must be root's alone",
+        ),
+        None => Finding::missing(
+            "qemu",
+            needed,
+            "qemu-system-x86_64 not found (VM workloads need it)".into(),
+            "apt-get install qemu-system-x86",
+        ),
+    }
+}
+
+fn kvm() -> Finding {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) if Path::new("/sys/module/kvm_pvm").exists() => Finding::warn(
+            "kvm",
+            "/dev/kvm is PVM (kvm_pvm, a nested hypervisor): stock guest kernels hang under it and -cpu host aborts",
+            "accel = \"tcg\" on each VM workload in config.toml (slower, but it boots)",
+        ),
+        Ok(_) => Finding::ok(
+            "kvm",
+            "/dev/kvm opens (whether it boots a guest is not tried)",
+        ),
+        Err(e) => Finding::warn(
+            "kvm",
+            format!("/dev/kvm: {e}: VMs run under TCG emulation, many times slower"),
+            "enable virtualization in the firmware (or nested virtualization), modprobe kvm_intel or kvm_amd",
+        ),
+    }
+}
+
+/// `(major, minor)` of "OpenVPN 2.6.14 x86_64-pc-linux-gnu ...".
+pub fn openvpn_version(line: &str) -> Option<(u32, u32)> {
+    let v = line.strip_prefix("OpenVPN ")?.split_whitespace().next()?;
+    let mut parts = v.split(['.', '_', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn openvpn(needed: bool) -> Finding {
+    let line = find_program("openvpn").and_then(|p| version_line(&p).ok());
+    match line.as_deref().map(|l| (l, openvpn_version(l))) {
+        Some((l, Some(v))) if v >= (2, 6) => Finding::ok(
+            "openvpn",
+            l.split_whitespace().take(2).collect::<Vec<_>>().join(" "),
+        ),
+        Some((l, _)) => Finding::missing(
+            "openvpn",
+            needed,
+            format!("{l}: the gateway needs OpenVPN 2.6 or later"),
+            "install OpenVPN 2.6 (Debian 12: apt-get install openvpn)",
+        ),
+        None => Finding::missing(
+            "openvpn",
+            needed,
+            "openvpn not found (the VPN gateway needs it)".into(),
+            "apt-get install openvpn",
+        ),
+    }
+}
+
+fn suid_dumpable() -> Finding {
+    let v = std::fs::read_to_string("/proc/sys/fs/suid_dumpable").unwrap_or_default();
+    match v.trim() {
+        "0" => Finding::ok("suid-dumpable", "fs.suid_dumpable = 0"),
+        "2" => Finding::warn(
+            "suid-dumpable",
+            "fs.suid_dumpable = 2: the daemon makes itself undumpable, but a core of a process that changed identity is still written (root-only) where core_pattern says",
+            "sysctl -w fs.suid_dumpable=0 (and in /etc/sysctl.d/)",
+        ),
+        "1" => Finding::fail(
+            "suid-dumpable",
+            "fs.suid_dumpable = 1 (debug): every process may dump core, the daemon with the volume key included",
+            "sysctl -w fs.suid_dumpable=0 (and in /etc/sysctl.d/)",
+        ),
+        other => Finding::warn(
+            "suid-dumpable",
+            format!("fs.suid_dumpable reads {other:?}"),
+            "mount /proc; set fs.suid_dumpable to 0",
+        ),
+    }
+}
+
+fn swap() -> Finding {
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    let active: Vec<&str> = swaps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    if active.is_empty() {
+        Finding::ok("swap", "no swap")
+    } else {
+        Finding::warn(
+            "swap",
+            format!(
+                "swap is on ({}): while the vault is open, plaintext pages of the data can be written to it (the keys are locked in memory)",
+                active.join(", ")
+            ),
+            "swapoff -a, or encrypt swap with a random key at each boot (crypttab: swap,cipher=aes-xts-plain64,size=512)",
+        )
+    }
+}
+
+fn clock() -> Finding {
+    match coffre_sys::time::clock_synchronized() {
+        Ok(true) => Finding::ok("clock", "synchronized"),
+        Ok(false) => Finding::warn(
+            "clock",
+            "the kernel says the clock is not synchronized: TOTP codes are checked against it, and a drift of one time step refuses good codes",
+            "run an NTP client (chrony, systemd-timesyncd)",
+        ),
+        Err(e) => Finding::warn("clock", format!("adjtimex: {e}"), "check the host's clock"),
+    }
+}
+
+/// The vault directory's checks; also what its config needs of the host
+/// and the QEMU it names (for [`host`]).
+pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
+    let d = VaultDir::new(dir);
+    let mut out = Vec::new();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => out.push(modes_of_dir(dir, &m)),
+        Ok(_) => {
+            out.push(Finding::fail(
+                "vault-dir",
+                format!("{} is not a directory", dir.display()),
+                "give the directory coffre init made",
+            ));
+            return (out, Needs::default(), None);
+        }
+        Err(e) => {
+            out.push(Finding::fail(
+                "vault-dir",
+                format!("{}: {e}", dir.display()),
+                "give the directory coffre init made",
+            ));
+            return (out, Needs::default(), None);
+        }
+    }
+    let config = match d.load_config() {
+        Ok(c) => {
+            out.push(Finding::ok(
+                "config",
+                format!("{} is valid", d.config().display()),
+            ));
+            Some(c)
+        }
+        Err(e) => {
+            out.push(Finding::fail(
+                "config",
+                e.to_string(),
+                "correct config.toml (docs/operations.md lists its settings)",
+            ));
+            None
+        }
+    };
+    // The header's keyslots are what a password is guessed against.
+    let header_file: Vec<PathBuf> = config.iter().map(|c| c.header.clone()).collect();
+    out.insert(1, secret_files(&d, &header_file));
+    out.push(match d.load_control() {
+        Ok(_) => Finding::ok("control", format!("{} reads", d.control().display())),
+        Err(e) => Finding::fail(
+            "control",
+            e.to_string(),
+            "restore control.json from a backup of the vault directory",
+        ),
+    });
+    if let Some(c) = &config {
+        out.push(header(&c.header));
+        if let Some(v) = &c.volume {
+            out.push(volume_space(v));
+        }
+    }
+    out.extend(certificates(dir, now_unix()));
+    let needs = config.as_ref().map(Needs::of).unwrap_or_default();
+    let qemu = config.and_then(|c| c.workloads.qemu);
+    (out, needs, qemu)
+}
+
+fn now_unix() -> i64 {
+    i64::try_from(coffre_sys::time::now_ms() / 1000).unwrap_or(i64::MAX)
+}
+
+fn modes_of_dir(dir: &Path, m: &std::fs::Metadata) -> Finding {
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Finding::fail(
+            "vault-dir",
+            format!(
+                "{} has mode {mode:04o}: others can list the vault's files",
+                dir.display()
+            ),
+            format!("chmod 700 {}", dir.display()),
+        );
+    }
+    if m.uid() != 0 {
+        return Finding::warn(
+            "vault-dir",
+            format!(
+                "{} belongs to uid {}, not root: that user can replace the vault's files",
+                dir.display(),
+                m.uid()
+            ),
+            format!("chown root: {}", dir.display()),
+        );
+    }
+    Finding::ok(
+        "vault-dir",
+        format!("{} is root's, mode {mode:04o}", dir.display()),
+    )
+}
+
+/// Files whose bytes are secrets, or whose change would let someone in:
+/// none may be readable or writable by group or others.
+fn secret_files(d: &VaultDir, extra: &[PathBuf]) -> Finding {
+    let mut files = vec![
+        d.control(),
+        d.config(),
+        d.ca_key(),
+        d.server_key(),
+        d.host_key(),
+        d.storage_key(),
+        d.storage_root(),
+        d.root.join("storage.credentials"),
+    ];
+    files.extend(extra.iter().cloned());
+    if let Ok(entries) = std::fs::read_dir(d.gateway_dir()) {
+        files.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "key")),
+        );
+    }
+    let mut open = Vec::new();
+    for f in files {
+        if let Ok(m) = std::fs::symlink_metadata(&f)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            open.push(format!(
+                "{} ({:04o})",
+                f.display(),
+                m.permissions().mode() & 0o7777
+            ));
+        }
+    }
+    if open.is_empty() {
+        Finding::ok(
+            "control-file",
+            "control.json, config.toml, the keys and the LUKS2 header are root's alone",
+        )
+    } else {
+        Finding::fail(
+            "control-file",
+            format!(
+                "readable or writable by others: {} (the control file holds the TOTP secrets)",
+                open.join(", ")
+            ),
+            "chmod 600 on each, then check who may have read them: rotate what leaked",
+        )
+    }
+}
+
+/// Both copies of the LUKS2 header, read without taking its lock (a
+/// running daemon holds it).
+fn header(path: &Path) -> Finding {
+    use std::os::unix::fs::FileExt;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            return Finding::fail(
+                "header",
+                format!("{}: {e}", path.display()),
+                "restore the header file from its backup: without it the data is lost",
+            );
+        }
+    };
+    let mut read = |at: u64, len: usize| -> std::io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; len];
+        match file.read_exact_at(&mut buf, at) {
+            Ok(()) => Ok(Some(buf)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    match coffre_luks2::header::load(&mut read) {
+        Err(e) => Finding::fail(
+            "header",
+            format!("{}: {e}", path.display()),
+            "check the disk; restore the header from its backup",
+        ),
+        Ok(Err(e)) => Finding::fail(
+            "header",
+            format!("{}: {e}", path.display()),
+            "restore the header from its backup (cryptsetup luksHeaderRestore reads the same format)",
+        ),
+        Ok(Ok(l)) if l.is_consistent() => Finding::ok(
+            "header",
+            format!(
+                "{}: LUKS2, both copies valid (seqid {}), {} keyslot(s)",
+                path.display(),
+                l.header.binary.seqid,
+                l.header.metadata.keyslots.len()
+            ),
+        ),
+        Ok(Ok(l)) => Finding::warn(
+            "header",
+            format!(
+                "{}: one copy is not current (primary: {:?}; secondary: {:?}); nothing writes to it until it is repaired",
+                path.display(),
+                l.primary,
+                l.secondary
+            ),
+            format!(
+                "with the daemon stopped: coffre volume repair --header {} VOLUME",
+                path.display()
+            ),
+        ),
+    }
+}
+
+/// A sparse volume file still to be filled: the filesystem holds what it
+/// lacks, or writes fail once it is full.
+fn volume_space(path: &Path) -> Finding {
+    let m = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return Finding::fail(
+                "volume",
+                format!("{}: {e}", path.display()),
+                "restore the volume file, or correct `volume` in config.toml",
+            );
+        }
+    };
+    if !m.is_file() {
+        return Finding::ok("volume", format!("{} (a device)", path.display()));
+    }
+    let unallocated = m.len().saturating_sub(m.blocks().saturating_mul(512));
+    let free = path
+        .parent()
+        .and_then(|p| coffre_sys::fs::available_bytes(p).ok());
+    match free {
+        Some(free) if free < unallocated => Finding::warn(
+            "volume",
+            format!(
+                "{}: {} MiB of the volume are not allocated yet and the filesystem has {} MiB free: writes fail once it is full",
+                path.display(),
+                unallocated >> 20,
+                free >> 20
+            ),
+            "free space on that filesystem, or move the volume (coffre storage migrate)",
+        ),
+        Some(free) => Finding::ok(
+            "volume",
+            format!(
+                "{}: {} MiB, {} MiB free beside it",
+                path.display(),
+                m.len() >> 20,
+                free >> 20
+            ),
+        ),
+        None => Finding::ok(
+            "volume",
+            format!("{}: {} MiB", path.display(), m.len() >> 20),
+        ),
+    }
+}
+
+/// Every certificate in the vault directory and its gateway directory:
+/// expired, expiring within [`EXPIRY_WARNING_DAYS`], or fine.
+pub fn certificates(dir: &Path, now: i64) -> Vec<Finding> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for d in [dir.to_path_buf(), dir.join("gateway")] {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            let mut here: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pem" || x == "crt"))
+                .collect();
+            here.sort();
+            files.extend(here);
+        }
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(bytes) = coffre_sys::fs::read_small(&f, 1 << 20) else {
+            continue;
+        };
+        for pem in x509_parser::pem::Pem::iter_from_buffer(&bytes).flatten() {
+            if pem.label != "CERTIFICATE" {
+                continue;
+            }
+            let Ok(cert) = pem.parse_x509() else {
+                out.push(Finding::fail(
+                    "certificate",
+                    format!("{}: a certificate that does not parse", f.display()),
+                    "replace the file",
+                ));
+                continue;
+            };
+            let subject = cert.subject().to_string();
+            let end = cert.validity().not_after.timestamp();
+            let days = (end - now).div_euclid(86_400);
+            let what = format!(
+                "{} ({subject}) ends {}",
+                f.display(),
+                cert.validity().not_after
+            );
+            out.push(if end <= now {
+                Finding::fail(
+                    "certificate",
+                    format!("{what}: expired"),
+                    "renew it (the vault's certificates are made by coffre init and coffre gateway openvpn-config)",
+                )
+            } else if days < EXPIRY_WARNING_DAYS {
+                Finding::warn(
+                    "certificate",
+                    format!("{what}: in {days} day(s)"),
+                    "renew it before then",
+                )
+            } else {
+                Finding::ok("certificate", format!("{what}: in {days} days"))
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openvpn_versions_parse() {
+        assert_eq!(
+            openvpn_version("OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)]"),
+            Some((2, 6))
+        );
+        assert_eq!(openvpn_version("OpenVPN 2.5_git x86_64"), Some((2, 5)));
+        assert_eq!(openvpn_version("OpenVPN 3.0.1"), Some((3, 0)));
+        assert_eq!(openvpn_version("openvpn: not found"), None);
+        assert_eq!(openvpn_version("OpenVPN x.y"), None);
+    }
+
+    /// Only programs root alone can change are run: not one in a
+    /// directory others may write, wherever the config points.
+    #[test]
+    fn a_program_others_can_change_is_not_run() {
+        assert!(trusted_program(Path::new("/bin/sh")).is_ok());
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("qemu");
+        std::fs::write(&p, "#!/bin/sh\necho owned > /tmp/coffre-doctor-ran\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = version_line(&p).unwrap_err();
+        assert!(e.contains("not root's alone"), "{e}");
+        assert!(!Path::new("/tmp/coffre-doctor-ran").exists());
+        assert!(find_program("sh").is_some_and(|p| p.starts_with("/usr") || p.starts_with("/bin")));
+    }
+
+    #[test]
+    fn the_worst_level_wins() {
+        let f = |level| Finding {
+            check: "x".into(),
+            level,
+            detail: String::new(),
+            fix: None,
+        };
+        assert_eq!(worst(&[]), Level::Ok);
+        assert_eq!(worst(&[f(Level::Ok), f(Level::Warn)]), Level::Warn);
+        assert_eq!(
+            worst(&[f(Level::Fail), f(Level::Warn), f(Level::Ok)]),
+            Level::Fail
+        );
+    }
+
+    /// A certificate is OK, WARN within 30 days of its end, FAIL after.
+    #[test]
+    fn certificates_are_judged_by_their_end() {
+        let t = tempfile::tempdir().unwrap();
+        let ca = crate::pki::new_ca("doctor").unwrap();
+        std::fs::write(t.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        let der = x509_parser::pem::Pem::iter_from_buffer(ca.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let end = der.parse_x509().unwrap().validity().not_after.timestamp();
+        let at = |now: i64| {
+            let f = certificates(t.path(), now);
+            assert_eq!(f.len(), 1, "{f:?}");
+            f[0].level
+        };
+        assert_eq!(at(end - 365 * 86_400), Level::Ok);
+        assert_eq!(at(end - 10 * 86_400), Level::Warn);
+        assert_eq!(at(end + 1), Level::Fail);
+        std::fs::write(
+            t.path().join("bad.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let f = certificates(t.path(), end - 365 * 86_400);
+        assert!(
+            f.iter()
+                .any(|f| f.level == Level::Fail && f.detail.contains("bad.pem")),
+            "{f:?}"
+        );
+    }
+}
