@@ -161,6 +161,8 @@ impl RustXts {
         })
     }
 
+    /// Not inlined: [`scrubbed`] wipes its frame and everything below.
+    #[inline(never)]
     fn process(&self, first_iv: u64, sector_size: usize, data: &mut [u8], enc: bool) -> Result<()> {
         check_layout(sector_size, data)?;
         let mut tweaks = [0u128; BATCH_BLOCKS];
@@ -226,11 +228,21 @@ impl SectorCipher for RustXts {
         format!("rust aes-{}-xts ({})", self.bits, rust_aes_backend())
     }
     fn encrypt(&self, first_iv: u64, sector_size: usize, data: &mut [u8]) -> Result<()> {
-        self.process(first_iv, sector_size, data, true)
+        scrubbed(|| self.process(first_iv, sector_size, data, true))
     }
     fn decrypt(&self, first_iv: u64, sector_size: usize, data: &mut [u8]) -> Result<()> {
-        self.process(first_iv, sector_size, data, false)
+        scrubbed(|| self.process(first_iv, sector_size, data, false))
     }
+}
+
+/// Runs a cipher call, then wipes the stack below this frame: the blocks
+/// and round keys the call spilled there (see `coffre_sys::stack`). The
+/// VAES kernel does the same inside `coffre_sys::xts`.
+#[inline(always)]
+fn scrubbed(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let r = f();
+    coffre_sys::stack::scrub::<{ coffre_sys::stack::AFTER_CIPHER }>();
+    r
 }
 
 /// aws-lc's AES-256-XTS (512-bit LUKS keys only).
@@ -254,6 +266,8 @@ impl AwsLcXts {
         })
     }
 
+    /// Not inlined: [`scrubbed`] wipes its frame and everything below.
+    #[inline(never)]
     fn process(&self, first_iv: u64, sector_size: usize, data: &mut [u8], enc: bool) -> Result<()> {
         check_layout(sector_size, data)?;
         let pool = if enc { &self.enc } else { &self.dec };
@@ -281,10 +295,10 @@ impl SectorCipher for AwsLcXts {
         "aws-lc aes-256-xts".to_string()
     }
     fn encrypt(&self, first_iv: u64, sector_size: usize, data: &mut [u8]) -> Result<()> {
-        self.process(first_iv, sector_size, data, true)
+        scrubbed(|| self.process(first_iv, sector_size, data, true))
     }
     fn decrypt(&self, first_iv: u64, sector_size: usize, data: &mut [u8]) -> Result<()> {
-        self.process(first_iv, sector_size, data, false)
+        scrubbed(|| self.process(first_iv, sector_size, data, false))
     }
 }
 

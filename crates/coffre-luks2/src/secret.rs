@@ -94,11 +94,9 @@ impl fmt::Debug for SecretBytes {
 /// is an HMAC keyed with the volume key). Calling this right after such
 /// work, from the frame that started it, wipes what the finished calls
 /// left below it.
-#[inline(never)]
+#[inline(always)]
 pub fn scrub_stack() {
-    let mut area = [0u8; 64 * 1024];
-    area.zeroize();
-    std::hint::black_box(&area);
+    coffre_sys::stack::scrub::<{ 64 * 1024 }>();
 }
 
 /// Fills `buf` from the OS CSPRNG. Panics only if the kernel has no

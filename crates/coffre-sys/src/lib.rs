@@ -19,6 +19,7 @@ pub mod handle;
 pub mod lines;
 pub mod locked;
 pub mod proc;
+pub mod stack;
 pub mod time;
 pub mod tun;
 pub mod xts;
