@@ -110,7 +110,7 @@ impl Needs {
 }
 
 /// Days before a certificate's end from which it is reported.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
+pub use crate::pki::EXPIRY_WARNING_DAYS;
 
 /// The host's checks. `qemu` is the QEMU binary the config names, if any.
 pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
@@ -523,6 +523,7 @@ pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
         }
     }
     out.extend(certificates(dir, now_unix()));
+    out.extend(key_pairs(&d));
     let needs = config.as_ref().map(Needs::of).unwrap_or_default();
     let qemu = config.and_then(|c| c.workloads.qemu);
     (out, needs, qemu)
@@ -717,6 +718,50 @@ fn volume_space(path: &Path) -> Finding {
     }
 }
 
+/// Whether the door's and the gateway's certificates are for the keys
+/// beside them (a renewal cut between its two writes leaves a pair that
+/// is not).
+fn key_pairs(d: &VaultDir) -> Vec<Finding> {
+    let gw = d.gateway_dir();
+    [
+        (d.server_cert(), d.server_key(), "--server"),
+        (gw.join("server.pem"), gw.join("server.key"), "--gateway"),
+    ]
+    .into_iter()
+    .filter_map(|(cert, key, flag)| {
+        let c = std::fs::read_to_string(&cert).ok()?;
+        let k = zeroize::Zeroizing::new(std::fs::read_to_string(&key).ok()?);
+        Some(if crate::pki::cert_matches_key(&c, &k) {
+            Finding::ok(
+                "key pair",
+                format!("{} is for {}", cert.display(), key.display()),
+            )
+        } else {
+            Finding::fail(
+                "key pair",
+                format!("{} is not for {}", cert.display(), key.display()),
+                format!("coffre renew {flag} {}", d.root.display()),
+            )
+        })
+    })
+    .collect()
+}
+
+/// How to renew the certificate in `file`.
+fn renewal(dir: &Path, file: &Path) -> String {
+    let d = dir.display();
+    match file.strip_prefix(dir).ok().and_then(Path::to_str) {
+        Some("server.pem") => format!("renew it: coffre renew --server {d}"),
+        Some("gateway/server.pem") => {
+            format!("renew it: coffre renew --gateway {d}, then restart OpenVPN")
+        }
+        Some("ca.pem" | "gateway/ca.pem") => {
+            "the CA cannot be renewed in place yet: see docs/operations.md, \"Certificates\"".into()
+        }
+        _ => "renew it (members: coffre renew, from their machine)".into(),
+    }
+}
+
 /// Every certificate in the vault directory and its gateway directory:
 /// expired, expiring within [`EXPIRY_WARNING_DAYS`], or fine.
 pub fn certificates(dir: &Path, now: i64) -> Vec<Finding> {
@@ -758,16 +803,12 @@ pub fn certificates(dir: &Path, now: i64) -> Vec<Finding> {
                 cert.validity().not_after
             );
             out.push(if end <= now {
-                Finding::fail(
-                    "certificate",
-                    format!("{what}: expired"),
-                    "renew it (the vault's certificates are made by coffre init and coffre gateway openvpn-config)",
-                )
+                Finding::fail("certificate", format!("{what}: expired"), renewal(dir, &f))
             } else if days < EXPIRY_WARNING_DAYS {
                 Finding::warn(
                     "certificate",
                     format!("{what}: in {days} day(s)"),
-                    "renew it before then",
+                    renewal(dir, &f),
                 )
             } else {
                 Finding::ok("certificate", format!("{what}: in {days} days"))

@@ -12,6 +12,7 @@ pub mod init;
 pub mod log;
 pub mod pki;
 pub mod remote;
+pub mod renew;
 pub mod sd_notify;
 pub mod server;
 pub mod vaultdir;

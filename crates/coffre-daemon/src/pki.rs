@@ -1,6 +1,13 @@
 //! The vault's own PKI: a CA that signs the server's certificate and each
 //! member's. Members are recognised by their certificate's SHA-256
 //! fingerprint, bound to their name in the control data.
+//!
+//! Every certificate has a finite life ([`Lifetime`]): long enough that
+//! renewing is a yearly chore, short enough that a lost key stops working
+//! by itself. `coffre doctor` and `coffre status` warn
+//! [`EXPIRY_WARNING_DAYS`] days ahead; `coffre renew` renews (a member's
+//! own certificate from their machine; the server's and the gateway's on
+//! the host).
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -35,6 +42,69 @@ pub fn fingerprint(der: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(der))
 }
 
+/// How long a certificate the vault issues is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// The CA: ten years (renewing it means reissuing everything it
+    /// signed, see docs/operations.md).
+    Ca,
+    /// The door's and the VPN gateway's server certificates: two years.
+    Server,
+    /// A member's client certificate: one year.
+    Member,
+    /// The vault directory's LDAP certificate, made anew at each start:
+    /// one year.
+    Directory,
+}
+
+impl Lifetime {
+    /// In days.
+    pub fn days(self) -> i64 {
+        match self {
+            Lifetime::Ca => 3650,
+            Lifetime::Server => 730,
+            Lifetime::Member | Lifetime::Directory => 365,
+        }
+    }
+}
+
+/// How many days before a certificate ends doctor and status warn.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Valid from an hour ago (clocks that lag a little still accept it) for
+/// `life`.
+fn valid_for(p: &mut CertificateParams, life: Lifetime) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(life.days());
+}
+
+/// When the first certificate in `pem` ends (Unix seconds), and its
+/// subject.
+pub fn pem_not_after(pem: &str) -> Option<(i64, String)> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = block.parse_x509().ok()?;
+    Some((
+        cert.validity().not_after.timestamp(),
+        cert.subject().to_string(),
+    ))
+}
+
+/// Whether the certificate in `cert_pem` is for the private key in
+/// `key_pem` (the same public key).
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> bool {
+    let Ok(key) = KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = block.parse_x509() else {
+        return false;
+    };
+    cert.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+}
+
 fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
     p.distinguished_name
@@ -51,7 +121,9 @@ fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
 /// Creates a CA for vault `vault`.
 pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
-    let cert = ca_params(vault)?.self_signed(&key).map_err(e)?;
+    let mut p = ca_params(vault)?;
+    valid_for(&mut p, Lifetime::Ca);
+    let cert = p.self_signed(&key).map_err(e)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
@@ -91,6 +163,7 @@ pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError
     p.distinguished_name
         .push(DnType::CommonName, format!("coffre server {vault}"));
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    valid_for(&mut p, Lifetime::Server);
     signed(&p, key, vault, ca_key_pem)
 }
 
@@ -107,6 +180,7 @@ pub fn new_gateway_cert(vault: &str, ca_key_pem: &str, cn: &str) -> Result<Issue
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyAgreement,
     ];
+    valid_for(&mut p, Lifetime::Server);
     signed(&p, key, vault, ca_key_pem)
 }
 
@@ -127,6 +201,7 @@ pub fn new_directory_cert(
         format!("coffre directory {vault} {addr}"),
     );
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    valid_for(&mut p, Lifetime::Directory);
     signed(&p, key, vault, ca_key_pem)
 }
 
@@ -144,6 +219,7 @@ pub fn sign_csr(
     p.distinguished_name
         .push(DnType::CommonName, member.to_string());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    valid_for(&mut p, Lifetime::Member);
     csr.params = p;
     let cert = csr.signed_by(&issuer(vault, ca_key_pem)?).map_err(e)?;
     Ok(Issued {
@@ -151,6 +227,14 @@ pub fn sign_csr(
         cert_pem: cert.pem(),
         key_pem: String::new(),
     })
+}
+
+/// Checks that `csr_pem` is a certificate request whose signature holds
+/// (bad input is refused before any password check).
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(drop)
+        .map_err(|x| PkiError(format!("bad certificate request: {x}")))
 }
 
 /// A key pair and a certificate request for `member`, made on the
@@ -173,6 +257,7 @@ pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Is
     p.distinguished_name
         .push(DnType::CommonName, member.to_string());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    valid_for(&mut p, Lifetime::Member);
     signed(&p, key, vault, ca_key_pem)
 }
 
@@ -183,4 +268,71 @@ pub fn pem_fingerprint(pem: &str) -> Option<String> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .ok()
         .map(|d| fingerprint(d.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn days_left(pem: &str) -> i64 {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        (pem_not_after(pem).unwrap().0 - now) / 86_400
+    }
+
+    /// Every certificate the vault issues ends: the CA in ten years,
+    /// servers in two, members in one.
+    #[test]
+    fn certificates_have_finite_lives() {
+        let ca = new_ca("life").unwrap();
+        assert!((3649..=3650).contains(&days_left(&ca.cert_pem)));
+        let server = new_server_cert("life", &ca.key_pem).unwrap();
+        assert!((729..=730).contains(&days_left(&server.cert_pem)));
+        let gw = new_gateway_cert("life", &ca.key_pem, "gw").unwrap();
+        assert!((729..=730).contains(&days_left(&gw.cert_pem)));
+        let member = new_member_cert("life", &ca.key_pem, "alice").unwrap();
+        assert!((364..=365).contains(&days_left(&member.cert_pem)));
+        let (csr, _) = new_request("bob").unwrap();
+        let signed = sign_csr("life", &ca.key_pem, &csr, "bob").unwrap();
+        assert!((364..=365).contains(&days_left(&signed.cert_pem)));
+        assert!(pem_not_after(&signed.cert_pem).unwrap().1.contains("bob"));
+    }
+
+    #[test]
+    fn a_certificate_matches_its_own_key_only() {
+        let ca = new_ca("pair").unwrap();
+        let a = new_server_cert("pair", &ca.key_pem).unwrap();
+        let b = new_server_cert("pair", &ca.key_pem).unwrap();
+        assert!(cert_matches_key(&a.cert_pem, &a.key_pem));
+        assert!(!cert_matches_key(&a.cert_pem, &b.key_pem));
+        assert!(!cert_matches_key("not a certificate", &a.key_pem));
+        let (csr, key) = new_request("carol").unwrap();
+        let signed = sign_csr("pair", &ca.key_pem, &csr, "carol").unwrap();
+        assert!(cert_matches_key(&signed.cert_pem, &key));
+    }
+
+    #[test]
+    fn requests_are_checked_before_anything_else() {
+        let (csr, _) = new_request("dave").unwrap();
+        assert!(check_csr(&csr).is_ok());
+        assert!(
+            check_csr(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            )
+            .is_err()
+        );
+        // A request whose signature does not hold: one byte of the
+        // signature flipped.
+        let der = x509_parser::pem::parse_x509_pem(csr.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let mut bad = der.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 1;
+        let pem = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            data_encoding::BASE64.encode(&bad)
+        );
+        assert!(check_csr(&pem).is_err());
+    }
 }

@@ -286,6 +286,12 @@ pub enum AccountChange {
     },
     /// Remove the workload password (password binds then fail).
     WorkloadPasswordClear,
+    /// Renew one's own client certificate: a certificate request (PEM)
+    /// for a key made on the member's machine. The keyslot is untouched.
+    Certificate {
+        /// The request.
+        csr: String,
+    },
 }
 
 impl AccountChange {
@@ -297,6 +303,7 @@ impl AccountChange {
             AccountChange::SshKeyList => "ssh keys listed".into(),
             AccountChange::WorkloadPassword { .. } => "workload password set".into(),
             AccountChange::WorkloadPasswordClear => "workload password removed".into(),
+            AccountChange::Certificate { .. } => "certificate renewed".into(),
         }
     }
 }

@@ -597,6 +597,11 @@ impl Shell {
                 acc.workload_password = None;
                 Ok((json!({"ok": true}), "workload password removed".into()))
             }
+            C::Certificate { csr } => {
+                let kept = self.renewing.remove(&req);
+                self.renew_certificate(req, member, csr, kept);
+                return;
+            }
         };
         match result {
             Ok((answer, detail)) => {
@@ -623,6 +628,72 @@ impl Shell {
                 self.answer(req, (400, error_json(ErrorCode::Invalid, e)));
             }
         }
+    }
+
+    /// A member's new client certificate, for a key made on their machine,
+    /// once their password and TOTP code were checked. The certificate the
+    /// request came with stays valid beside the new one (a reply lost on
+    /// the way can be asked again) until it ends or the next renewal; any
+    /// other of theirs is revoked now. Their keyslot is untouched.
+    fn renew_certificate(&mut self, req: ReqId, member: String, csr: &str, kept: Option<String>) {
+        let issued = self
+            .dir
+            .read(&self.dir.ca_key())
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| e.to_string())
+            .and_then(|ca_key| {
+                crate::pki::sign_csr(&self.config.name, &ca_key, csr, &member)
+                    .map_err(|e| e.to_string())
+            });
+        let issued = match issued {
+            Ok(i) => i,
+            Err(e) => {
+                self.record(AuditRecord {
+                    at: now_ms(),
+                    actor: member,
+                    source: None,
+                    action: "certificate_renew".into(),
+                    result: "failed".into(),
+                    detail: e.clone(),
+                });
+                self.answer(req, (500, error_json(ErrorCode::Failure, e)));
+                return;
+            }
+        };
+        let older: Vec<String> = self
+            .control
+            .certs
+            .iter()
+            .filter(|(f, m)| **m == member && Some(*f) != kept.as_ref())
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in &older {
+            self.control.certs.remove(f);
+            self.control.revoked.push(f.clone());
+        }
+        self.control
+            .certs
+            .insert(issued.fingerprint.clone(), member.clone());
+        let not_after = crate::pki::pem_not_after(&issued.cert_pem).map_or(0, |(t, _)| t);
+        self.persist();
+        self.record(AuditRecord {
+            at: now_ms(),
+            actor: member,
+            source: None,
+            action: "certificate_renew".into(),
+            result: "ok".into(),
+            detail: format!(
+                "new certificate {} valid until {} (Unix s); {} older one(s) revoked; the one used kept until it ends",
+                &issued.fingerprint[..16],
+                not_after,
+                older.len()
+            ),
+        });
+        let _ = self.replies_answer(
+            req,
+            json!({"ok": true, "cert_pem": issued.cert_pem, "fingerprint": issued.fingerprint,
+                   "not_after": not_after, "revoked": older.len()}),
+        );
     }
 
     fn replies_answer(&mut self, req: ReqId, v: Value) -> bool {

@@ -144,11 +144,17 @@ impl Shell {
                     coffre_vault::AccountChange::WorkloadPassword { verifier } => {
                         super::accounts::check_verifier(&verifier.0).map(drop)
                     }
+                    coffre_vault::AccountChange::Certificate { csr } => {
+                        crate::pki::check_csr(csr).map_err(|e| e.to_string())
+                    }
                     _ => Ok(()),
                 };
                 if let Err(msg) = checked {
                     let _ = reply.send((400, error_json(ErrorCode::Invalid, msg)));
                     return;
+                }
+                if matches!(change, coffre_vault::AccountChange::Certificate { .. }) {
+                    self.renewing.insert(ReqId(self.next_req), fp.clone());
                 }
                 (Command::Account { change }, Some((p, totp)))
             }
@@ -404,6 +410,7 @@ impl Shell {
         if !self.vault_waits_for(req) {
             self.custody.passwords.remove(&req);
             self.custody.new_passwords.remove(&req);
+            self.renewing.remove(&req);
         }
     }
 
@@ -548,6 +555,7 @@ impl Shell {
 
     /// Sends `answer` to the member waiting on `req`, if still there.
     pub(super) fn answer(&mut self, req: ReqId, answer: Answer) {
+        self.renewing.remove(&req);
         if let Some(tx) = self.replies.remove(&req) {
             let _ = tx.send(answer);
         }

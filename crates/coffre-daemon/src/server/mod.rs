@@ -179,6 +179,9 @@ struct Shell {
     container: Arc<RwLock<Luks2Container>>,
     /// Members waiting for the core's answer.
     replies: HashMap<ReqId, oneshot::Sender<Answer>>,
+    /// The certificate (fingerprint) each pending renewal came with: the
+    /// one it keeps valid beside the new one.
+    renewing: HashMap<ReqId, String>,
     tx: mpsc::UnboundedSender<Msg>,
     next_req: u64,
     /// OpenVPN's clients and the sessions they hold.
@@ -338,6 +341,7 @@ pub async fn serve(
         workloads: WorkloadState::new(workloads),
         container: Arc::new(RwLock::new(container)),
         replies: HashMap::new(),
+        renewing: HashMap::new(),
         tx: tx.clone(),
         next_req: 1,
         vpn: gateway::VpnState::default(),

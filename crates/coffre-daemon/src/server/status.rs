@@ -50,7 +50,33 @@ impl Shell {
             "nfs": self.nfs_json(),
             "directory": self.directory_json(),
             "source": self.source.as_ref().map(|s| s.json(now_ms().0)),
+            "certificates": self.certificates_json(),
         })
+    }
+
+    /// The vault's own certificates (CA, door, gateway) as their files on
+    /// the host hold them: what each is, when it ends, and whether that is
+    /// within [`crate::pki::EXPIRY_WARNING_DAYS`].
+    pub(super) fn certificates_json(&self) -> Value {
+        let now = i64::try_from(now_ms().0 / 1000).unwrap_or(i64::MAX);
+        let files = [
+            ("ca", self.dir.ca_cert()),
+            ("server", self.dir.server_cert()),
+            ("gateway", self.dir.gateway_dir().join("server.pem")),
+        ];
+        let rows: Vec<Value> = files
+            .iter()
+            .filter_map(|(what, path)| {
+                let pem = self.dir.read(path).ok()?;
+                let (end, subject) = crate::pki::pem_not_after(&pem)?;
+                let days = (end - now).div_euclid(86_400);
+                Some(json!({
+                    "what": what, "subject": subject, "not_after": end, "days_left": days,
+                    "expiring": days < crate::pki::EXPIRY_WARNING_DAYS,
+                }))
+            })
+            .collect();
+        Value::Array(rows)
     }
 
     pub(super) fn workloads_json(&self) -> Value {

@@ -295,6 +295,59 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         new_password_file: PathBuf,
     },
+    /// Renew a certificate before it ends (doctor and status warn 30 days
+    /// ahead).
+    ///
+    /// Without --server or --gateway: your own member certificate, from
+    /// your machine, with your password and TOTP code. A new key is made
+    /// here and never leaves it; the vault signs it for a year and your
+    /// identity file is rewritten in place. The certificate you renewed
+    /// with keeps working until it ends or until your next renewal; your
+    /// keyslot and password do not change.
+    ///
+    /// With --server DIR or --gateway DIR (on the vault's host, as root):
+    /// the door's or the VPN gateway's certificate, a new key signed by
+    /// the vault's CA for two years. The daemon serves the new one from
+    /// its next start, OpenVPN from its own; clients check the CA and the
+    /// name, never the certificate itself, so nothing changes for them.
+    ///
+    /// Example: coffre renew --password-file ~/.alice.pw --totp 123456
+    ///
+    /// Example: coffre renew --server /var/lib/coffre/team
+    Renew {
+        /// Renew the door's certificate of the vault in DIR (on its host).
+        #[arg(long, value_name = "DIR", conflicts_with = "gateway")]
+        server: Option<PathBuf>,
+        /// Renew the VPN gateway's certificate of the vault in DIR.
+        #[arg(long, value_name = "DIR")]
+        gateway: Option<PathBuf>,
+        /// Your identity file (member certificate, key, daemon address,
+        /// vault CA): rewritten with the new certificate and key.
+        #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Daemon address, overriding the identity file's (--server names
+        /// the door's certificate here).
+        #[arg(long, env = "COFFRE_SERVER", value_name = "ADDR")]
+        address: Option<String>,
+        /// File holding your password (- for stdin): for your own
+        /// certificate.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present_any = ["server", "gateway"],
+            conflicts_with_all = ["server", "gateway"]
+        )]
+        password_file: Option<PathBuf>,
+        /// The current code of your authenticator app (single use): for
+        /// your own certificate.
+        #[arg(
+            long,
+            value_name = "CODE",
+            required_unless_present_any = ["server", "gateway"],
+            conflicts_with_all = ["server", "gateway"]
+        )]
+        totp: Option<String>,
+    },
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),

@@ -103,6 +103,23 @@ fn main() -> ExitCode {
             auth,
             new_password_file,
         } => vault::passwd(id, auth, &new_password_file),
+        C::Renew {
+            server,
+            gateway,
+            identity,
+            address,
+            password_file,
+            totp,
+        } => vault::renew(
+            server,
+            gateway,
+            cli::IdentityArg {
+                identity,
+                server: address,
+            },
+            password_file,
+            totp,
+        ),
         C::Audit(a) => vault::audit(a),
         C::Gateway(g) => vault::gateway(g),
         C::Volume(v) => volume::run(v),

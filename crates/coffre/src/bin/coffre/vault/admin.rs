@@ -607,6 +607,77 @@ pub fn join(
     Ok(exit::OK)
 }
 
+/// `coffre renew`: a member's own certificate through the door, or the
+/// door's or the gateway's on the host.
+pub fn renew(
+    server: Option<PathBuf>,
+    gateway: Option<PathBuf>,
+    ida: IdentityArg,
+    password_file: Option<PathBuf>,
+    totp: Option<String>,
+) -> Result<u8> {
+    use coffre_daemon::renew::{self, Which};
+    let host = server
+        .map(|d| (d, Which::Server))
+        .or(gateway.map(|d| (d, Which::Gateway)));
+    if let Some((dir, which)) = host {
+        let r = renew::renew(&VaultDir::new(&dir), which)?;
+        println!(
+            "renewed {}: valid until {}, fingerprint {}",
+            r.cert.display(),
+            iso(u64::try_from(r.not_after).unwrap_or(0) * 1000),
+            r.fingerprint
+        );
+        println!(
+            "{}",
+            match which {
+                Which::Server =>
+                    "the daemon serves it from its next start (under systemd: systemctl restart coffre@NAME once the vault is closed)",
+                Which::Gateway =>
+                    "OpenVPN serves it from its next start (restart it once nobody is connected)",
+            }
+        );
+        return Ok(exit::OK);
+    }
+    let auth = AuthArgs {
+        password_file: password_file.context("--password-file is needed")?,
+        totp: totp.context("--totp is needed")?,
+    };
+    let (path, id) = load_identity(&ida)?;
+    let (csr, key_pem) = coffre_daemon::pki::new_request(&id.member)?;
+    let key_pem = zeroize::Zeroizing::new(key_pem);
+    match account(
+        &ida,
+        &auth,
+        coffre_vault::AccountChange::Certificate { csr },
+    )? {
+        Ok(v) => {
+            let cert = v["cert_pem"]
+                .as_str()
+                .context("no certificate in the vault's reply")?;
+            if !coffre_daemon::pki::cert_matches_key(cert, &key_pem) {
+                bail!(
+                    "the vault's reply holds a certificate for another key; {} is left as it was",
+                    path.display()
+                );
+            }
+            let renewed = Identity {
+                cert_pem: cert.to_string(),
+                key_pem: key_pem.to_string(),
+                ..id
+            };
+            renewed.save(&path)?;
+            eprintln!(
+                "coffre: certificate renewed, valid until {}; {} rewritten (the certificate you renewed with works until it ends or your next renewal)",
+                iso(v["not_after"].as_u64().unwrap_or(0) * 1000),
+                path.display()
+            );
+            Ok(exit::OK)
+        }
+        Err((code, msg)) => Ok(fail(code, &msg)),
+    }
+}
+
 pub fn passwd(ida: IdentityArg, auth: AuthArgs, new_password_file: &Path) -> Result<u8> {
     secrets::one_stdin(&[&auth.password_file, new_password_file])?;
     let new_password = read_password(new_password_file)?;

@@ -10,7 +10,9 @@ mod host;
 mod session;
 mod status;
 
-pub use admin::{approve, gateway, join, lock, member, mode, passwd, proposal, quorum, unlock};
+pub use admin::{
+    approve, gateway, join, lock, member, mode, passwd, proposal, quorum, renew, unlock,
+};
 pub use audit::audit;
 pub use host::{init, serve, storage};
 pub use session::{enter, enter_detached, leave, task};

@@ -10,11 +10,47 @@ use coffre_daemon::api::ApiCommand;
 
 pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
     match simple(&ida, ApiCommand::Status)? {
-        Ok(v) => {
+        Ok(mut v) => {
+            // The caller's own certificate, from their identity file.
+            if let Ok((_, id)) = load_identity(&ida)
+                && let Some((end, subject)) = coffre_daemon::pki::pem_not_after(&id.cert_pem)
+                && let Some(rows) = v["certificates"].as_array_mut()
+            {
+                let now = i64::try_from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                )
+                .unwrap_or(i64::MAX);
+                let days = (end - now).div_euclid(86_400);
+                rows.push(serde_json::json!({
+                    "what": "yours", "subject": subject, "not_after": end, "days_left": days,
+                    "expiring": days < coffre_daemon::pki::EXPIRY_WARNING_DAYS,
+                }));
+            }
             if json {
                 print_json(&v)?;
             } else {
                 println!("state:   {}", v["state"].as_str().unwrap_or("?"));
+                for c in v["certificates"].as_array().into_iter().flatten() {
+                    if c["expiring"] != true {
+                        continue;
+                    }
+                    let days = c["days_left"].as_i64().unwrap_or(0);
+                    let fix = match c["what"].as_str() {
+                        Some("yours") => "coffre renew",
+                        Some("server") => "on the host: coffre renew --server DIR",
+                        Some("gateway") => "on the host: coffre renew --gateway DIR",
+                        _ => "see docs/operations.md, \"Certificates\"",
+                    };
+                    println!(
+                        "WARNING: the {} certificate ({}) {} {}; {fix}",
+                        c["what"].as_str().unwrap_or("?"),
+                        c["subject"].as_str().unwrap_or("?"),
+                        if days < 0 { "ended on" } else { "ends on" },
+                        iso(c["not_after"].as_u64().unwrap_or(0) * 1000),
+                    );
+                }
                 if v["audit"]["writable"] == false {
                     println!(
                         "audit:   CANNOT BE WRITTEN ({}); {} record(s) waiting; only lock and leave are accepted",

@@ -1,0 +1,182 @@
+//! Certificates that end: a member renews their own from their machine,
+//! the host renews the door's; status says when each ends.
+
+use crate::harness::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn status_with(v: &Vault, identity: &std::path::Path) -> std::process::Output {
+    v.bin()
+        .args(["status", "--json"])
+        .env("COFFRE_IDENTITY", identity)
+        .env("HOME", v.home("alice"))
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap()
+}
+
+fn row<'a>(status: &'a serde_json::Value, what: &str) -> &'a serde_json::Value {
+    status["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["what"] == what)
+        .unwrap_or_else(|| panic!("no {what} certificate in {status}"))
+}
+
+/// A member renews with password and TOTP: a new key and a year's
+/// certificate in their identity file, the keyslot untouched; the
+/// certificate used to renew keeps working until the next renewal, which
+/// revokes it. A wrong password renews nothing.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_member_renews_their_certificate_and_the_old_one_ends_at_the_next_renewal() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    let identity = v.member("alice").identity.clone();
+    let first = v.tmp.path().join("alice.first.identity");
+    std::fs::copy(&identity, &first).unwrap();
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+
+    // Status says when every certificate ends, the caller's own included.
+    let s = v.status("alice");
+    for (what, days) in [
+        ("ca", 3649..=3650),
+        ("server", 729..=730),
+        ("yours", 364..=365),
+    ] {
+        let left = row(&s, what)["days_left"].as_i64().unwrap();
+        assert!(days.contains(&left), "{what}: {left} days left");
+        assert_eq!(row(&s, what)["expiring"], false);
+    }
+
+    // A wrong password renews nothing and leaves the identity file alone.
+    let wrong = v.tmp.path().join("wrong.pw");
+    std::fs::write(&wrong, "not alice's password").unwrap();
+    let totp = v.totp("alice");
+    let out = v.cli(
+        "alice",
+        &[
+            "renew",
+            "--password-file",
+            wrong.to_str().unwrap(),
+            "--totp",
+            &totp,
+        ],
+    );
+    assert_eq!(code(&out), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(&identity), read(&first));
+    // The failed attempt is throttled (1 s, the default base).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    let out = v.authed("alice", &["renew"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = v.tmp.path().join("alice.second.identity");
+    std::fs::copy(&identity, &second).unwrap();
+    let (a, b) = (read(&first), read(&second));
+    assert_ne!(a["cert_pem"], b["cert_pem"]);
+    assert_ne!(a["key_pem"], b["key_pem"], "a new key, made on her machine");
+    assert_eq!(a["member"], b["member"]);
+    assert_eq!(
+        std::fs::metadata(&identity).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Both certificates open the door; the keyslot is the same one.
+    ok(&status_with(&v, &second));
+    ok(&status_with(&v, &first));
+    let mut s = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut s, std::time::Duration::from_secs(10));
+    let renewals = v.audit_details("certificate_renew", "ok");
+    assert_eq!(renewals.len(), 1, "{renewals:?}");
+    assert!(
+        renewals[0].contains("0 older one(s) revoked"),
+        "{renewals:?}"
+    );
+
+    // The next renewal (from the second certificate) revokes the first.
+    let out = v.authed("alice", &["renew"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status_with(&v, &first);
+    assert_eq!(code(&out), 8, "the first certificate is revoked");
+    ok(&status_with(&v, &second));
+    ok(&status_with(&v, &identity));
+    let renewals = v.audit_details("certificate_renew", "ok");
+    assert!(
+        renewals[1].contains("1 older one(s) revoked"),
+        "{renewals:?}"
+    );
+    // Nothing secret in the audit log.
+    let key = read(&identity)["key_pem"].as_str().unwrap().to_string();
+    let log = serde_json::to_string(&v.audit()).unwrap();
+    assert!(!log.contains(&key[40..80]));
+}
+
+/// The host renews the door's certificate: a new key and two years; the
+/// daemon serves it from its next start and members notice nothing. A
+/// vault without a gateway says so to --gateway.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn the_host_renews_the_doors_certificate_and_members_notice_nothing() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    let dir = v.dir.to_str().unwrap().to_string();
+    let before = std::fs::read_to_string(v.dir.join("server.pem")).unwrap();
+    let key_before = std::fs::read_to_string(v.dir.join("server.key")).unwrap();
+    let out = v.bin().args(["renew", "--server", &dir]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("next start"), "{said}");
+    let after = std::fs::read_to_string(v.dir.join("server.pem")).unwrap();
+    assert_ne!(before, after);
+    assert_ne!(
+        key_before,
+        std::fs::read_to_string(v.dir.join("server.key")).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(v.dir.join("server.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Served from the next start; the member's client trusts it as before.
+    v.stop();
+    v.start();
+    assert_eq!(v.state(), "closed");
+    let out = v.bin().args(["doctor", &dir, "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pairs: Vec<_> = report["vault"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["check"] == "key pair")
+        .collect();
+    assert_eq!(pairs.len(), 1, "{report}");
+    assert_eq!(pairs[0]["level"], "OK", "{report}");
+
+    let out = v.bin().args(["renew", "--gateway", &dir]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no VPN gateway"), "{err}");
+    // Renewing one's own certificate needs the password and the code.
+    let out = v.cli("alice", &["renew"]);
+    assert_eq!(code(&out), 64, "a usage error");
+}
