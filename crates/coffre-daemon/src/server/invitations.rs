@@ -39,6 +39,9 @@ pub(super) fn ca_fingerprint(ca_pem: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The actor of a refused join whose name no invitation can carry.
+const INVALID_NAME: &str = "(invalid name)";
+
 impl Shell {
     /// The join door's tick: one record per address for the refused
     /// joins that were only counted since the last tick (quiet addresses
@@ -370,9 +373,16 @@ impl Shell {
                         self.drop_invitation(name, "expired");
                     }
                     if record {
+                        // A name no invitation can carry came from anyone
+                        // on the network, any bytes and any length: it is
+                        // not written as it came.
+                        let actor = match crate::init::check_member_name(name) {
+                            Ok(()) => name.to_string(),
+                            Err(_) => INVALID_NAME.to_string(),
+                        };
                         let rec = AuditRecord {
                             at: now_ms(),
-                            actor: name.to_string(),
+                            actor,
                             source: source.clone(),
                             action: "member_join".into(),
                             result: "refused".into(),

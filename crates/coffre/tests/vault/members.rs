@@ -921,3 +921,55 @@ fn a_flood_of_bad_joins_is_throttled_and_counted_not_logged() {
     // The real invitation is not held back by the flood.
     ok(&v.join("carol", &inv));
 }
+
+/// A join under a name no invitation can carry (control characters,
+/// capitals, too long) is refused, and its record does not carry the name
+/// as it came: anyone on the network can send one.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_join_under_an_impossible_name_is_logged_without_it() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    let inv = v.tmp.path().join("carol.invitation");
+    ok(&v.authed(
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    ));
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&inv).unwrap()).unwrap();
+    let evil = format!("Mallory\u{1b}[2J{}", "x".repeat(200));
+    forged["name"] = evil.clone().into();
+    let fpath = v.tmp.path().join("evil.invitation");
+    std::fs::write(&fpath, forged.to_string()).unwrap();
+    let pw = v.member("alice").password.clone();
+    let out = v
+        .bin()
+        .args(["join", fpath.to_str().unwrap()])
+        .args(["--password-file", pw.to_str().unwrap()])
+        .args([
+            "--identity-out",
+            v.tmp.path().join("evil.identity").to_str().unwrap(),
+        ])
+        .env("HOME", v.home("mallory"))
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let refused: Vec<serde_json::Value> = v
+        .audit()
+        .into_iter()
+        .filter(|e| e["record"]["action"] == "member_join")
+        .collect();
+    assert!(!refused.is_empty(), "the refusal was recorded");
+    let text = serde_json::to_string(&refused).unwrap();
+    assert!(!text.contains("Mallory"), "{text}");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["record"]["actor"] == "(invalid name)"),
+        "{text}"
+    );
+    // The real invitation still works.
+    ok(&v.join("carol", &inv));
+}
