@@ -667,6 +667,7 @@ impl Shell {
             .filter(|(f, m)| **m == member && Some(*f) != kept.as_ref())
             .map(|(f, _)| f.clone())
             .collect();
+        let before = (self.control.certs.clone(), self.control.revoked.clone());
         for f in &older {
             self.control.certs.remove(f);
             self.control.revoked.push(f.clone());
@@ -675,7 +676,22 @@ impl Shell {
             .certs
             .insert(issued.fingerprint.clone(), member.clone());
         let not_after = crate::pki::pem_not_after(&issued.cert_pem).map_or(0, |(t, _)| t);
-        self.persist();
+        if let Err(e) = self.try_persist() {
+            // Not on disk: a restart would forget the new certificate
+            // while the member's file held only it. Nothing changes.
+            (self.control.certs, self.control.revoked) = before;
+            let msg = format!("cannot save the control data ({e}): nothing was renewed");
+            self.record(AuditRecord {
+                at: now_ms(),
+                actor: member,
+                source: None,
+                action: "certificate_renew".into(),
+                result: "failed".into(),
+                detail: msg.clone(),
+            });
+            self.answer(req, (500, error_json(ErrorCode::Failure, msg)));
+            return;
+        }
         self.record(AuditRecord {
             at: now_ms(),
             actor: member,
@@ -683,10 +699,23 @@ impl Shell {
             action: "certificate_renew".into(),
             result: "ok".into(),
             detail: format!(
-                "new certificate {} valid until {} (Unix s); {} older one(s) revoked; the one used kept until it ends",
+                "new certificate {} valid until {} (Unix s); renewed with {}, kept until it ends; {} older one(s) revoked{}",
                 &issued.fingerprint[..16],
                 not_after,
-                older.len()
+                kept.as_deref().map_or("?", |k| &k[..k.len().min(16)]),
+                older.len(),
+                if older.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        older
+                            .iter()
+                            .map(|f| &f[..f.len().min(16)])
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
             ),
         });
         let _ = self.replies_answer(

@@ -514,6 +514,7 @@ impl Shell {
         // A passwd answered now (refused after its check) leaves no new
         // password behind.
         self.custody.new_passwords.remove(&req);
+        self.renewing.remove(&req);
         if let Some(tx) = self.replies.remove(&req) {
             let answer = match outcome {
                 Outcome::Ok(Reply::Entered { session }) => {
@@ -594,10 +595,17 @@ impl Shell {
     }
 
     pub(super) fn persist(&mut self) {
+        let _ = self.try_persist();
+    }
+
+    /// [`Shell::persist`], saying whether the control data reached the
+    /// disk (for changes that must not be answered OK otherwise).
+    pub(super) fn try_persist(&mut self) -> Result<(), String> {
         self.reconcile_accounts();
         self.control.vault = self.vault.persistent().clone();
-        if let Err(e) = self.dir.save_control(&self.control) {
+        self.dir.save_control(&self.control).map_err(|e| {
             tracing::error!("cannot save control data: {e}");
-        }
+            e.to_string()
+        })
     }
 }

@@ -325,8 +325,8 @@ pub enum Command {
         /// vault CA): rewritten with the new certificate and key.
         #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]
         identity: Option<PathBuf>,
-        /// Daemon address, overriding the identity file's (--server names
-        /// the door's certificate here).
+        /// Daemon address, overriding the identity file's (what other
+        /// commands call --server).
         #[arg(long, env = "COFFRE_SERVER", value_name = "ADDR")]
         address: Option<String>,
         /// File holding your password (- for stdin): for your own

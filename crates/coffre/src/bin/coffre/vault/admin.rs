@@ -661,16 +661,20 @@ pub fn renew(
                     path.display()
                 );
             }
-            let renewed = Identity {
-                cert_pem: cert.to_string(),
-                key_pem: key_pem.to_string(),
-                ..id
-            };
+            // The file as it is on disk (not with an --address given for
+            // this run), with the new certificate and key.
+            drop(id);
+            let mut renewed = Identity::load(&path)?;
+            renewed.cert_pem = cert.to_string();
+            renewed.key_pem = key_pem.to_string();
             renewed.save(&path)?;
             eprintln!(
                 "coffre: certificate renewed, valid until {}; {} rewritten (the certificate you renewed with works until it ends or your next renewal)",
                 iso(v["not_after"].as_u64().unwrap_or(0) * 1000),
                 path.display()
+            );
+            eprintln!(
+                "coffre: a VPN profile holds a copy of your certificate: make it anew (coffre member profile NAME) before your next renewal revokes the old one"
             );
             Ok(exit::OK)
         }
