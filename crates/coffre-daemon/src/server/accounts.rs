@@ -630,6 +630,19 @@ impl Shell {
         }
     }
 
+    /// A renewal that could not be done: recorded, and answered 500.
+    fn renewal_failed(&mut self, req: ReqId, member: String, why: String) {
+        self.record(AuditRecord {
+            at: now_ms(),
+            actor: member,
+            source: None,
+            action: "certificate_renew".into(),
+            result: "failed".into(),
+            detail: why.clone(),
+        });
+        self.answer(req, (500, error_json(ErrorCode::Failure, why)));
+    }
+
     /// A member's new client certificate, for a key made on their machine,
     /// once their password and TOTP code were checked. The certificate the
     /// request came with stays valid beside the new one (a reply lost on
@@ -647,18 +660,7 @@ impl Shell {
             });
         let issued = match issued {
             Ok(i) => i,
-            Err(e) => {
-                self.record(AuditRecord {
-                    at: now_ms(),
-                    actor: member,
-                    source: None,
-                    action: "certificate_renew".into(),
-                    result: "failed".into(),
-                    detail: e.clone(),
-                });
-                self.answer(req, (500, error_json(ErrorCode::Failure, e)));
-                return;
-            }
+            Err(e) => return self.renewal_failed(req, member, e),
         };
         let older: Vec<String> = self
             .control
@@ -681,16 +683,7 @@ impl Shell {
             // while the member's file held only it. Nothing changes.
             (self.control.certs, self.control.revoked) = before;
             let msg = format!("cannot save the control data ({e}): nothing was renewed");
-            self.record(AuditRecord {
-                at: now_ms(),
-                actor: member,
-                source: None,
-                action: "certificate_renew".into(),
-                result: "failed".into(),
-                detail: msg.clone(),
-            });
-            self.answer(req, (500, error_json(ErrorCode::Failure, msg)));
-            return;
+            return self.renewal_failed(req, member, msg);
         }
         self.record(AuditRecord {
             at: now_ms(),
