@@ -1,0 +1,15 @@
+//! The PEM a member sends to renew (a certificate request) and the PEM the
+//! client reads back (a certificate): an error or a value, never a panic.
+#![no_main]
+
+use coffre_daemon::pki;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = pki::check_csr(text);
+    let _ = pki::pem_not_after(text);
+    let _ = pki::cert_matches_key(text, text);
+});
