@@ -1,0 +1,158 @@
+//! Our connector: lapin over rustls with the vault's CA as the only root,
+//! TLS 1.3, the component's certificate presented, RabbitMQ's EXTERNAL
+//! login (the certificate's common name is the user). Reconnection is the
+//! caller's (lapin's own recovery is off): see the daemon's publisher and
+//! the witness.
+
+use crate::{BusError, Identity};
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
+use lapin::{AsyncTcpStream, Connection, ConnectionProperties};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The broker's virtual host for the vault: every name below lives in it.
+pub const VHOST: &str = "coffre";
+/// The topic exchange the vault publishes its events to.
+pub const EVENTS: &str = "coffre.events";
+/// Seconds between AMQP heartbeats: a dead peer is noticed within two.
+const HEARTBEAT_S: u16 = 10;
+/// How long a connection attempt (TCP, TLS and the AMQP handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tls(x: impl std::fmt::Display) -> BusError {
+    BusError::Tls(x.to_string())
+}
+
+/// The TLS client configuration for `id`: the vault's CA alone as root.
+pub fn client_config(id: &Identity) -> Result<ClientConfig, BusError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(id.ca_pem.as_bytes()) {
+        roots.add(c.map_err(tls)?).map_err(tls)?;
+    }
+    if roots.is_empty() {
+        return Err(BusError::Tls("no CA certificate in the identity".into()));
+    }
+    let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(tls)?;
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+        .map_err(|_| BusError::Tls("the identity's private key does not parse".into()))?;
+    ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(tls)
+}
+
+/// Parses `url` (`amqps://HOST:PORT`): TLS is required, the virtual host
+/// is always [`VHOST`], the login is EXTERNAL.
+pub fn parse_url(url: &str) -> Result<AMQPUri, BusError> {
+    let bad = |why: &str| BusError::Url {
+        url: shown(url),
+        why: why.to_string(),
+    };
+    let mut uri: AMQPUri = url.parse().map_err(|e: String| bad(&e))?;
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Err(bad(
+            "the bus runs over TLS only: use amqps://HOST:PORT (5671 by default)",
+        ));
+    }
+    if !uri.authority.userinfo.username.is_empty() && uri.authority.userinfo.username != "guest" {
+        return Err(bad(
+            "no user in the address: components log in with their certificate",
+        ));
+    }
+    uri.vhost = VHOST.to_string();
+    uri.query.auth_mechanism = Some(SASLMechanism::External);
+    uri.query.heartbeat = Some(HEARTBEAT_S);
+    uri.query.connection_timeout = Some(CONNECT_TIMEOUT.as_millis().try_into().unwrap_or(10_000));
+    Ok(uri)
+}
+
+/// `url` as errors may show it: without any user or password.
+pub fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Connects `id` to the broker at `url`. Fails (never retries) if the
+/// broker is unreachable, its certificate is not the vault CA's for that
+/// address, or it refuses the login.
+pub async fn connect(url: &str, id: &Identity) -> Result<Connection, BusError> {
+    let uri = parse_url(url)?;
+    let config = Arc::new(client_config(id)?);
+    let host = uri.authority.host.clone();
+    let port = uri.authority.port;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| BusError::Broker {
+        url: shown(url),
+        why: e.to_string(),
+    })?;
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("coffre {} {}", id.role.as_str(), id.name).into());
+    let attempt = Connection::connector(
+        uri,
+        runtime,
+        async move |_uri, runtime| {
+            let addrs = runtime.to_socket_addrs((host.clone(), port));
+            let tcp = AsyncTcpStream::connect(&runtime, addrs)
+                .await
+                .map_err(lapin::Error::from)?;
+            let connector = lapin::tcp::RustlsConnector::from(config.clone());
+            tcp.into_rustls(&connector, &host)
+                .await
+                .map_err(lapin::Error::from)
+        },
+        props,
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(BusError::Broker {
+            url: shown(url),
+            why: describe(&e),
+        }),
+        Err(_) => Err(BusError::Broker {
+            url: shown(url),
+            why: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// lapin's error, said for an operator.
+pub fn describe(e: &lapin::Error) -> String {
+    let s = e.to_string();
+    if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
+        format!(
+            "{s} (the broker does not know this component: is it in the broker's definitions? re-run `coffre bus broker-config`)"
+        )
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tls_addresses_without_users_are_accepted() {
+        let u = parse_url("amqps://127.0.0.1:5671").unwrap();
+        assert_eq!(u.vhost, VHOST);
+        assert_eq!(u.query.auth_mechanism, Some(SASLMechanism::External));
+        assert_eq!(u.authority.port, 5671);
+        let e = parse_url("amqp://127.0.0.1:5672").unwrap_err().to_string();
+        assert!(e.contains("TLS only"), "{e}");
+        let e = parse_url("amqps://bob:pw@127.0.0.1:5671")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+        assert!(parse_url("not a url").is_err());
+    }
+}
