@@ -360,6 +360,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         network: None,
         directory: None,
         metrics: None,
+        bus: None,
         log: None,
         workloads: Default::default(),
         workload: Vec::new(),

@@ -205,6 +205,42 @@ pub fn new_directory_cert(
     signed(&p, key, vault, ca_key_pem)
 }
 
+/// Issues the bus broker's certificate (RabbitMQ's server side): its only
+/// name is the address components connect to (`host`, an IP address or a
+/// DNS name), never the door's name, so it cannot stand in for the door.
+pub fn new_broker_cert(vault: &str, ca_key_pem: &str, host: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => p.subject_alt_names.push(SanType::IpAddress(ip)),
+        Err(_) => {
+            if host == SERVER_NAME {
+                return Err(PkiError(format!(
+                    "{host:?} is the door's name: give the broker's own address"
+                )));
+            }
+            p = CertificateParams::new(vec![host.to_string()]).map_err(e)?;
+        }
+    }
+    p.distinguished_name
+        .push(DnType::CommonName, format!("coffre broker {vault} {host}"));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    valid_for(&mut p, Lifetime::Server);
+    signed(&p, key, vault, ca_key_pem)
+}
+
+/// Issues a bus component's client certificate: common name `cn`
+/// (`coffre-bus:NAME`, which no member's name can be).
+pub fn new_component_cert(vault: &str, ca_key_pem: &str, cn: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    p.distinguished_name
+        .push(DnType::CommonName, cn.to_string());
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    valid_for(&mut p, Lifetime::Member);
+    signed(&p, key, vault, ca_key_pem)
+}
+
 /// Signs a joining member's certificate request: their key pair was made
 /// on their machine and never leaves it. The subject is set to `member`
 /// whatever the request says.

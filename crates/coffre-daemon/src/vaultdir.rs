@@ -217,6 +217,10 @@ pub struct Config {
     /// list is the only source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<coffre_source::SourceConfig>,
+    /// `[bus]`: the broker the daemon publishes its events to
+    /// (docs/bus.md); `coffre bus broker-config` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<crate::bus::BusConfig>,
     /// `[log]`: the daemon's log level (default `info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<LogConfig>,

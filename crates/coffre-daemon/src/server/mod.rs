@@ -431,6 +431,35 @@ pub async fn serve(
         }
     }
 
+    if let Some(b) = shell.config.bus.clone() {
+        // Not fatal either: the vault works on its own door; the bus only
+        // carries copies of what the audit log holds.
+        match crate::bus::daemon_identity(&shell.dir, &b.url) {
+            Ok(id) => {
+                let report_tx = tx.clone();
+                let report: crate::bus::Report = Box::new(move |outcome, detail| {
+                    let _ = report_tx.send(Msg::SystemAudit {
+                        action: "bus",
+                        outcome,
+                        detail,
+                    });
+                });
+                tokio::spawn(crate::bus::publish(
+                    dir.to_path_buf(),
+                    id,
+                    b.url,
+                    head_for_replies.watch.clone(),
+                    report,
+                ));
+            }
+            Err(e) => shell.system_audit(
+                "bus",
+                "failed",
+                format!("{e}; the vault runs without its bus"),
+            ),
+        }
+    }
+
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let accept_tx = tx.clone();
     tokio::spawn(async move {
