@@ -63,6 +63,12 @@ pub const NO_SESSION: u8 = 12;
 /// it, or a head signed by another key.
 pub const AUDIT_ROLLED_BACK: u8 = 13;
 
+/// `coffre audit witness`: records never reached the witness (a gap in
+/// what it holds; see docs/bus.md).
+pub const WITNESS_GAP: u8 = 16;
+/// `coffre audit witness`: a record whose hash or signature does not hold.
+pub const WITNESS_FORGED: u8 = 17;
+
 /// `coffre doctor`: the worst finding is a warning.
 pub const DOCTOR_WARN: u8 = 14;
 /// `coffre doctor`: a check failed.

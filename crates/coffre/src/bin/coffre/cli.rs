@@ -354,6 +354,12 @@ pub enum Command {
     /// The OpenVPN gateway in front of the vault (on the vault's host).
     #[command(subcommand)]
     Gateway(GatewayCommand),
+    /// The vault's message bus (RabbitMQ over mutual TLS): the broker's
+    /// configuration and the identities of the components on other hosts
+    /// (docs/bus.md). Members never log in to the broker; they keep using
+    /// the door.
+    #[command(subcommand)]
+    Bus(BusCommand),
     /// Work on a LUKS2 volume directly (format, keyslots, data, recovery).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -838,6 +844,74 @@ pub enum SshKeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BusCommand {
+    /// Write a RabbitMQ configuration for this vault into OUT, as root on
+    /// the vault's host: TLS 1.3 only, the broker's certificate from the
+    /// vault's CA for the --listen address, client certificates required
+    /// and the only way to log in (EXTERNAL: one user per component, no
+    /// passwords), each component's rights, the events exchange and one
+    /// durable queue per monitor. Also issues the daemon's own bus
+    /// certificate (kept if it exists) and sets `[bus] url` in config.toml:
+    /// restart `coffre serve` to use it.
+    ///
+    /// Then run OUT/run on the broker's host (it starts rabbitmq-server in
+    /// the foreground from OUT alone). Run this again after adding or
+    /// forgetting a component, and restart the broker.
+    BrokerConfig {
+        /// The vault directory.
+        dir: PathBuf,
+        /// Address the broker listens on and components connect to
+        /// (HOST:PORT; the broker's certificate names HOST).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// Where to write the broker's files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Issue a component's identity (a new key and a certificate from the
+    /// vault's CA, the vault's audit key, the broker's address) into a file
+    /// readable by its owner only, and record the component for the
+    /// broker's next configuration. Carry the file to the component's host.
+    Identity {
+        /// The vault directory.
+        dir: PathBuf,
+        /// The component's name (1 to 32 of a-z 0-9 - _ .).
+        name: String,
+        /// What it may do: monitor (reads events, keeps a witness copy of
+        /// the audit chain).
+        #[arg(long, value_enum)]
+        role: BusRoleChoice,
+        /// The broker's address (default: the vault's `[bus] url`).
+        #[arg(long, value_name = "URL")]
+        bus: Option<String>,
+        /// The identity file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Forget a component: the broker refuses it once its configuration is
+    /// written again (`coffre bus broker-config`) and the broker restarted.
+    Forget {
+        /// The vault directory.
+        dir: PathBuf,
+        /// The component's name.
+        name: String,
+    },
+    /// List the components the broker is configured for.
+    List {
+        /// The vault directory.
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BusRoleChoice {
+    Monitor,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Print the audit records.
     Show {
@@ -857,6 +931,42 @@ pub enum AuditCommand {
         /// Verify offline, in a vault directory, instead of asking the daemon.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+    /// Keep a copy of the vault's audit chain off its host, from the bus,
+    /// and raise the alarm when the vault's log is cut back, rewritten or
+    /// forged, or when records never arrive. Runs until an alarm (or a
+    /// signal); reconnects to the broker with backoff.
+    ///
+    /// Each record must carry the vault's audit signature and follow the
+    /// last one held; the copy is STORE/witness.log (the format of the
+    /// vault's audit.log). A new store trusts the first record it gets.
+    /// On an alarm it publishes a `witness` event, prints why, and exits:
+    /// 13 the log was rolled back or rewritten, 16 records were missed,
+    /// 17 a forged record. 11: the broker refused this identity.
+    Witness {
+        /// The component identity (`coffre bus identity … --role monitor`).
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// The broker's address (default: the one in the identity).
+        #[arg(long, value_name = "URL")]
+        bus: Option<String>,
+        /// The directory the witness keeps its copy in.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+    },
+    /// Print the vault's events as they come, from the bus: audit records
+    /// (each checked against the vault's audit key) and witnesses' alarms.
+    /// Runs until interrupted.
+    Follow {
+        /// The component identity (`coffre bus identity … --role monitor`).
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// The broker's address (default: the one in the identity).
+        #[arg(long, value_name = "URL")]
+        bus: Option<String>,
+        /// One JSON event per line (for a SIEM), with `"verified"`.
+        #[arg(long)]
+        json: bool,
     },
     /// Write the records after SEQ and the signed head, for an off-host
     /// archive (the head and key let a later export be checked against it).

@@ -122,6 +122,7 @@ fn main() -> ExitCode {
         ),
         C::Audit(a) => vault::audit(a),
         C::Gateway(g) => vault::gateway(g),
+        C::Bus(b) => vault::bus(b),
         C::Volume(v) => volume::run(v),
         C::Storage(s) => vault::storage(s),
     };

@@ -123,6 +123,16 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
                 }
             }
         }
+        AuditCommand::Witness {
+            identity,
+            bus,
+            store,
+        } => super::bus::witness(identity, bus, store),
+        AuditCommand::Follow {
+            identity,
+            bus,
+            json,
+        } => super::bus::follow(identity, bus, json),
         AuditCommand::Export { id, since, json } => {
             let (_, ident) = load_identity(&id)?;
             let v = match runtime()?

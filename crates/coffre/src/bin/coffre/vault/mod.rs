@@ -5,6 +5,7 @@
 
 mod admin;
 mod audit;
+mod bus;
 mod client;
 mod host;
 mod session;
@@ -14,6 +15,7 @@ pub use admin::{
     approve, gateway, join, lock, member, mode, passwd, proposal, quorum, renew, unlock,
 };
 pub use audit::audit;
+pub use bus::bus;
 pub use host::{init, serve, storage};
 pub use session::{enter, enter_detached, leave, task};
 pub use status::{network, status, workload};

@@ -1,0 +1,456 @@
+//! `coffre bus …` (on the vault's host) and the bus's readers on other
+//! hosts: `coffre audit witness` and `coffre audit follow`.
+
+use super::audit::print_entries;
+use super::client::runtime;
+use super::*;
+use crate::cli::{BusCommand, BusRoleChoice};
+use anyhow::{Context, Result};
+use coffre::exit;
+use coffre_bus::chain::{Alarm, Seen, Witness, check_entry};
+use coffre_bus::{EVENTS, Event, Identity, Role, common_name, witness_queue};
+use coffre_daemon::bus as hostbus;
+use coffre_daemon::vaultdir::VaultDir;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `coffre bus …`
+pub fn bus(cmd: BusCommand) -> Result<u8> {
+    match cmd {
+        BusCommand::BrokerConfig { dir, listen, out } => {
+            let vd = VaultDir::new(&dir);
+            let r = hostbus::write_broker_config(&vd, &listen, &out)?;
+            println!("wrote the broker's configuration in {}", r.out.display());
+            println!("components connect to {}", r.url);
+            println!("users the broker knows: {}", r.users.join(", "));
+            println!(
+                "next: run {} on the broker's host (as root or rabbitmq), then restart `coffre serve {}`",
+                r.run.display(),
+                dir.display()
+            );
+            Ok(exit::OK)
+        }
+        BusCommand::Identity {
+            dir,
+            name,
+            role,
+            bus,
+            out,
+        } => {
+            let vd = VaultDir::new(&dir);
+            let role = match role {
+                BusRoleChoice::Monitor => Role::Monitor,
+            };
+            let broker = match bus {
+                Some(b) => Some(b),
+                None => vd.load_config()?.bus.map(|b| b.url),
+            };
+            let id = hostbus::issue_identity(&vd, &name, role, broker)?;
+            write_private(&out, &id.to_bytes())?;
+            println!(
+                "wrote {}'s identity ({}) to {} (keep it private: it holds its key)",
+                name,
+                role.as_str(),
+                out.display()
+            );
+            println!(
+                "next: `coffre bus broker-config {}` again and restart the broker, so that it knows {}",
+                dir.display(),
+                common_name(&name)
+            );
+            Ok(exit::OK)
+        }
+        BusCommand::Forget { dir, name } => {
+            let vd = VaultDir::new(&dir);
+            if hostbus::forget_component(&vd, &name)? {
+                println!(
+                    "forgot {name}: write the broker's configuration again (`coffre bus broker-config`) and restart it"
+                );
+                Ok(exit::OK)
+            } else {
+                Ok(fail(exit::FAILURE, &format!("no component named {name}")))
+            }
+        }
+        BusCommand::List { dir, json } => {
+            let vd = VaultDir::new(&dir);
+            let comps = hostbus::components(&vd)?;
+            if json {
+                print_json(&serde_json::to_value(&comps)?)?;
+            } else if comps.is_empty() {
+                println!("no components (the daemon itself is always `vault`)");
+            } else {
+                for c in comps {
+                    println!("{:<24} {:<8} {}", c.name, c.role.as_str(), c.fingerprint);
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+fn load(identity: &Path, bus: Option<String>) -> Result<(Identity, String)> {
+    let id = Identity::load(identity)?;
+    if id.role != Role::Monitor {
+        anyhow::bail!(
+            "{}: this is a {} identity; reading events needs a monitor's",
+            identity.display(),
+            id.role.as_str()
+        );
+    }
+    let url = id.broker_url(bus.as_deref())?;
+    coffre_bus::conn::parse_url(&url)?;
+    Ok((id, url))
+}
+
+fn witness_code(a: &Alarm) -> u8 {
+    match a {
+        Alarm::Rollback { .. } | Alarm::Fork { .. } => exit::AUDIT_ROLLED_BACK,
+        Alarm::Gap { .. } => exit::WITNESS_GAP,
+        Alarm::Forged { .. } => exit::WITNESS_FORGED,
+    }
+}
+
+/// Why a session with the broker ended.
+enum Ended {
+    /// An alarm: stop.
+    Alarm(Alarm),
+    /// The broker refused this identity: stop.
+    Refused(String),
+    /// The link went: try again.
+    Lost(String),
+}
+
+fn lost(e: impl std::fmt::Display) -> Ended {
+    Ended::Lost(e.to_string())
+}
+
+/// `coffre audit witness`
+pub fn witness(identity: PathBuf, bus: Option<String>, store: PathBuf) -> Result<u8> {
+    let (id, url) = load(&identity, bus)?;
+    let mut w = Witness::open(&store, &id.audit_key)?;
+    match w.last() {
+        Some((seq, _)) => eprintln!(
+            "coffre: witness {} of vault {}: holding {} records up to {seq} in {}",
+            id.name,
+            id.vault,
+            w.len(),
+            store.display()
+        ),
+        None => eprintln!(
+            "coffre: witness {} of vault {}: a new store in {}; the first record received starts the chain",
+            id.name,
+            id.vault,
+            store.display()
+        ),
+    }
+    runtime()?.block_on(async {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let mut up = false;
+            match witness_session(&id, &url, &mut w, &mut up).await {
+                Ended::Alarm(a) => {
+                    eprintln!("coffre: ALARM: vault {}: {a}", id.vault);
+                    return Ok(witness_code(&a));
+                }
+                Ended::Refused(why) => {
+                    eprintln!("coffre: {why}");
+                    return Ok(exit::UNREACHABLE);
+                }
+                Ended::Lost(why) => {
+                    if up {
+                        delay = Duration::from_secs(1);
+                    }
+                    eprintln!(
+                        "coffre: the broker: {why}; trying again in {} s",
+                        delay.as_secs()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    })
+}
+
+async fn witness_session(id: &Identity, url: &str, w: &mut Witness, up: &mut bool) -> Ended {
+    let conn = match coffre_bus::connect(url, id).await {
+        Ok(c) => c,
+        Err(e) => {
+            let s = e.to_string();
+            return if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
+                Ended::Refused(s)
+            } else {
+                Ended::Lost(s)
+            };
+        }
+    };
+    let ch = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => return lost(coffre_bus::conn::describe(&e)),
+    };
+    if let Err(e) = ch.basic_qos(256, BasicQosOptions::default()).await {
+        return lost(e);
+    }
+    let queue = witness_queue(&id.name);
+    let mut consumer = match ch
+        .basic_consume(
+            queue.as_str().into(),
+            format!("witness {}", id.name).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return Ended::Refused(coffre_bus::conn::describe(&e)),
+    };
+    *up = true;
+    eprintln!(
+        "coffre: witness {}: reading {queue} at {}",
+        id.name,
+        coffre_bus::conn::shown(url)
+    );
+    let vault_user = common_name(hostbus::VAULT_COMPONENT);
+    while let Some(d) = consumer.next().await {
+        let d = match d {
+            Ok(d) => d,
+            Err(e) => return lost(e),
+        };
+        let from_vault = d
+            .properties
+            .user_id()
+            .as_ref()
+            .is_some_and(|u| u.as_str() == vault_user);
+        let entry = match Event::parse(&d.data) {
+            Ok(Event::Audit { vault, entry, .. }) if from_vault && vault == id.vault => entry,
+            Ok(_) | Err(_) => {
+                // Not the vault's, or not an audit record: not ours to
+                // judge; dropped, said once per message.
+                eprintln!(
+                    "coffre: witness {}: dropped a message that is not one of vault {}'s audit records",
+                    id.name, id.vault
+                );
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                continue;
+            }
+        };
+        match w.accept(&entry) {
+            Ok(Seen::Appended | Seen::Known) => {
+                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                    return lost(e);
+                }
+            }
+            Err(alarm) => {
+                // The record stays in the queue for whoever looks next.
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                let ev = Event::Witness {
+                    v: 1,
+                    vault: id.vault.clone(),
+                    by: id.name.clone(),
+                    alarm: alarm.kind().to_string(),
+                    seq: alarm.seq(),
+                    detail: alarm.to_string(),
+                };
+                let props = lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_user_id(common_name(&id.name).into());
+                if let Ok(c) = ch
+                    .basic_publish(
+                        EVENTS.into(),
+                        ev.routing_key().into(),
+                        BasicPublishOptions::default(),
+                        &ev.to_bytes(),
+                        props,
+                    )
+                    .await
+                {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+                }
+                let _ = conn.close(200, "alarm".into()).await;
+                return Ended::Alarm(alarm);
+            }
+        }
+    }
+    lost("the broker ended the subscription")
+}
+
+/// `coffre audit follow`
+pub fn follow(identity: PathBuf, bus: Option<String>, json: bool) -> Result<u8> {
+    let (id, url) = load(&identity, bus)?;
+    runtime()?.block_on(async {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let mut up = false;
+            match follow_session(&id, &url, json, &mut up).await {
+                Ended::Refused(why) => {
+                    eprintln!("coffre: {why}");
+                    return Ok(exit::UNREACHABLE);
+                }
+                Ended::Alarm(_) => return Ok(exit::FAILURE),
+                Ended::Lost(why) => {
+                    if up {
+                        delay = Duration::from_secs(1);
+                    }
+                    eprintln!(
+                        "coffre: the broker: {why}; trying again in {} s (events meanwhile are not shown: `coffre audit witness` keeps every one)",
+                        delay.as_secs()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    })
+}
+
+async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> Ended {
+    use std::io::Write;
+    let conn = match coffre_bus::connect(url, id).await {
+        Ok(c) => c,
+        Err(e) => {
+            let s = e.to_string();
+            return if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
+                Ended::Refused(s)
+            } else {
+                Ended::Lost(s)
+            };
+        }
+    };
+    let ch = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => return lost(coffre_bus::conn::describe(&e)),
+    };
+    // A queue of our own, gone when we are.
+    let q = match ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(q) => q,
+        Err(e) => return Ended::Refused(coffre_bus::conn::describe(&e)),
+    };
+    if let Err(e) = ch
+        .queue_bind(
+            q.name().clone(),
+            EVENTS.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        return Ended::Refused(coffre_bus::conn::describe(&e));
+    }
+    let mut consumer = match ch
+        .basic_consume(
+            q.name().clone(),
+            "follow".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return Ended::Refused(coffre_bus::conn::describe(&e)),
+    };
+    *up = true;
+    while let Some(d) = consumer.next().await {
+        let d = match d {
+            Ok(d) => d,
+            Err(e) => return lost(e),
+        };
+        let sender = d
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str().to_string())
+            .unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        match Event::parse(&d.data) {
+            Ok(ev) => {
+                let verified = match &ev {
+                    Event::Audit { vault, entry, .. } => {
+                        *vault == id.vault && check_entry(entry, &id.audit_key).is_ok()
+                    }
+                    _ => false,
+                };
+                if json {
+                    let mut v = serde_json::to_value(&ev).unwrap_or_default();
+                    v["verified"] = verified.into();
+                    v["sender"] = sender.into();
+                    let _ = writeln!(out, "{v}");
+                } else {
+                    match &ev {
+                        Event::Audit { entry, .. } => {
+                            let v = serde_json::to_value(entry).unwrap_or_default();
+                            drop(out);
+                            if !verified {
+                                println!("UNVERIFIED (not signed by the vault's audit key):");
+                            }
+                            print_entries(&[v]);
+                            continue;
+                        }
+                        Event::Witness {
+                            by,
+                            alarm,
+                            seq,
+                            detail,
+                            ..
+                        } => {
+                            let _ = writeln!(
+                                out,
+                                "ALARM from witness {by}: {alarm} at record {seq}: {detail}"
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "(a message from {sender:?} that is not an event: {e})");
+            }
+        }
+        let _ = out.flush();
+    }
+    lost("the broker ended the subscription")
+}
