@@ -81,6 +81,10 @@ pub enum Need {
     /// moto's S3 application (PyPI `moto[server]`), started by tests on
     /// loopback as an S3 store; and curl, to create its buckets.
     Moto,
+    /// RabbitMQ's server (rabbitmq-server, with its auth_mechanism_ssl
+    /// plugin) and the `rabbitmq` user, started by tests from the
+    /// configuration `coffre bus broker-config` writes.
+    RabbitMq,
 }
 
 impl Need {
@@ -106,6 +110,7 @@ impl Need {
         Need::Moto,
         Need::NbdServers,
         Need::S3sFs,
+        Need::RabbitMq,
     ];
 
     /// Whether the machine has it; if not, what is missing and how to get
@@ -197,6 +202,16 @@ impl Need {
                     Ok(())
                 } else {
                     Err("s3s-fs: cargo install s3s-fs --version 0.14.1 --features binary (scripts/install-deps does)".into())
+                }
+            }
+            Need::RabbitMq => {
+                if Path::new(crate::rabbitmq::SERVER).exists() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "RabbitMQ: no {} (apt-get install rabbitmq-server; scripts/install-deps does)",
+                        crate::rabbitmq::SERVER
+                    ))
                 }
             }
             Need::NbdServers => {

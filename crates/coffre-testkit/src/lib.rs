@@ -12,13 +12,15 @@
 //! - [`process`]: running commands and asserting their success, waiting
 //!   for children, signals, free ports, scanning a process's memory.
 //! - [`slapd`]: a real OpenLDAP server on loopback, for the organisation's
-//!   directory; [`moto`]: an S3 server on loopback, for remote storage.
+//!   directory; [`moto`]: an S3 server on loopback, for remote storage;
+//!   [`rabbitmq`]: a RabbitMQ broker on loopback, for the bus.
 
 pub mod gate;
 pub mod kdf;
 pub mod moto;
 pub mod nbdserver;
 pub mod process;
+pub mod rabbitmq;
 pub mod s3sfs;
 pub mod slapd;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! driven by the real CLI over mutual TLS.
 
 mod audit_rollback;
+mod bus;
 mod certificates;
 mod custody;
 mod data;

@@ -1,0 +1,333 @@
+//! The bus (issue 20, its first part): a real RabbitMQ started from the
+//! configuration `coffre bus broker-config` writes; the daemon publishes
+//! its audit records; a monitor's witness keeps the chain off the host and
+//! catches a log cut back; `coffre audit follow` shows events; only the
+//! vault's components can log in.
+
+use crate::harness::*;
+use coffre_testkit::process::free_port;
+use coffre_testkit::rabbitmq::Broker;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROLLED_BACK: i32 = 13;
+const UNREACHABLE: i32 = 11;
+
+fn head_seq(dir: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("audit.head")).unwrap()).unwrap();
+    v["seq"].as_u64().unwrap()
+}
+
+/// The last record number the witness holds.
+fn witness_seq(store: &Path) -> u64 {
+    std::fs::read_to_string(store.join("witness.log"))
+        .unwrap_or_default()
+        .lines()
+        .last()
+        .map_or(0, |l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+}
+
+fn wait_witness(store: &Path, seq: u64, within: Duration, log: &Path) {
+    let deadline = Instant::now() + within;
+    while witness_seq(store) < seq {
+        assert!(
+            Instant::now() < deadline,
+            "the witness holds {} records, the vault's head is {seq}; witness said:\n{}",
+            witness_seq(store),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Some audited activity: an enter and a leave.
+fn activity(v: &mut Vault) {
+    let mut enter = v.enter_bg("alice", &[]);
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut enter, Duration::from_secs(20));
+    v.wait_state("closed", Duration::from_secs(30));
+}
+
+fn spawn_logged(args: &[&str], out: &Path, err: &Path) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Connects with openssl, with or without a client certificate, sends the
+/// AMQP protocol header and returns what came back (the broker's
+/// `connection.start` frame when the handshake went through).
+fn amqp_hello(port: u16, ca: &Path, cert_key: Option<(&Path, &Path)>) -> Vec<u8> {
+    let mut c = Command::new("openssl");
+    c.args([
+        "s_client",
+        "-quiet",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .arg("-CAfile")
+    .arg(ca);
+    if let Some((cert, key)) = cert_key {
+        c.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"AMQP\x00\x00\x09\x01").unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    reader.join().unwrap()
+}
+
+fn field(identity: &Path, name: &str) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(identity).unwrap()).unwrap();
+    v[name].as_str().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, RabbitMQ, openssl"]
+fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
+    require(&[Need::RabbitMq]);
+    let mut v = Vault::init(&[]);
+    let port = free_port();
+    // The broker's directory must be reachable by the rabbitmq user.
+    let broker_home = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(broker_home.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let out = broker_home.path().join("broker");
+    let url = format!("amqps://127.0.0.1:{port}");
+    let tmp = v.tmp.path().to_path_buf();
+    let mon = tmp.join("mon1.identity");
+    let dir = v.dir.to_str().unwrap().to_string();
+
+    // A monitor's identity: private, with the broker's address.
+    ok(&v
+        .bin()
+        .args([
+            "bus", "identity", &dir, "mon1", "--role", "monitor", "--bus", &url,
+        ])
+        .arg("--out")
+        .arg(&mon)
+        .output()
+        .unwrap());
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&mon).unwrap().mode() & 0o777, 0o600);
+    }
+    let listen = format!("127.0.0.1:{port}");
+    ok(&v
+        .bin()
+        .args(["bus", "broker-config", &dir, "--listen", &listen])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let config = std::fs::read_to_string(v.dir.join("config.toml")).unwrap();
+    assert!(config.contains(&format!("url = \"{url}\"")), "{config}");
+    let mut broker = Broker::start(&out.join("run"), port);
+
+    v.start();
+    let store = tmp.join("witness");
+    let (w_out, w_err) = (tmp.join("witness.out"), tmp.join("witness.err"));
+    let mut witness = spawn_logged(
+        &[
+            "audit",
+            "witness",
+            "--identity",
+            mon.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ],
+        &w_out,
+        &w_err,
+    );
+    let (f_out, f_err) = (tmp.join("follow.out"), tmp.join("follow.err"));
+    let mut follow = spawn_logged(
+        &[
+            "audit",
+            "follow",
+            "--json",
+            "--identity",
+            mon.to_str().unwrap(),
+        ],
+        &f_out,
+        &f_err,
+    );
+    // Follow sees what is published after it subscribed.
+    std::thread::sleep(Duration::from_secs(2));
+    activity(&mut v);
+
+    // The witness holds the vault's chain, record for record.
+    wait_witness(&store, head_seq(&v.dir), Duration::from_secs(30), &w_err);
+    let vault_log = std::fs::read_to_string(v.dir.join("audit.log")).unwrap();
+    let held = std::fs::read_to_string(store.join("witness.log")).unwrap();
+    let vault_lines: Vec<serde_json::Value> = vault_log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let held_lines: Vec<serde_json::Value> = held
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        held_lines, vault_lines,
+        "the witness's copy is the vault's log"
+    );
+    let actions: Vec<&str> = held_lines
+        .iter()
+        .map(|e| e["record"]["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"enter") && actions.contains(&"bus"),
+        "{actions:?}"
+    );
+
+    // Follow printed the enter, checked and from the vault's own login.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let followed = loop {
+        let text = std::fs::read_to_string(&f_out).unwrap_or_default();
+        if text.contains("\"action\":\"leave\"") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let enter = followed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["entry"]["record"]["action"] == "enter")
+        .unwrap_or_else(|| {
+            panic!(
+                "follow printed no enter:\n{followed}\n{}",
+                std::fs::read_to_string(&f_err).unwrap()
+            )
+        });
+    assert_eq!(enter["verified"], true);
+    assert_eq!(enter["sender"], "coffre-bus:vault");
+
+    // Only the vault's components log in: a member's certificate (same
+    // CA) is refused by the broker, and without a certificate the TLS
+    // handshake itself fails.
+    let fake = tmp.join("fake.identity");
+    let mut id: serde_json::Value = serde_json::from_slice(&std::fs::read(&mon).unwrap()).unwrap();
+    let alice = v.members[0].identity.clone();
+    id["cert_pem"] = field(&alice, "cert_pem").into();
+    id["key_pem"] = field(&alice, "key_pem").into();
+    std::fs::write(&fake, id.to_string()).unwrap();
+    let refused = v
+        .bin()
+        .args(["audit", "follow", "--identity", fake.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&refused), UNREACHABLE, "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("ACCESS_REFUSED"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let (cert, key) = (tmp.join("mon.pem"), tmp.join("mon.key"));
+    std::fs::write(&cert, field(&mon, "cert_pem")).unwrap();
+    std::fs::write(&key, field(&mon, "key_pem")).unwrap();
+    let ca = out.join("ca.pem");
+    let with = amqp_hello(port, &ca, Some((&cert, &key)));
+    assert!(
+        with.windows(b"capabilities".len())
+            .any(|w| w == b"capabilities"),
+        "a component gets the broker's connection.start: {with:?}"
+    );
+    let without = amqp_hello(port, &ca, None);
+    assert!(
+        !without
+            .windows(b"capabilities".len())
+            .any(|w| w == b"capabilities"),
+        "no certificate, no AMQP: {without:?}"
+    );
+
+    // The broker down: the vault works on; what it audits meanwhile
+    // reaches the witness when the broker is back, without a gap.
+    broker.stop();
+    activity(&mut v);
+    let while_down = head_seq(&v.dir);
+    broker.restart();
+    wait_witness(&store, while_down, Duration::from_secs(90), &w_err);
+    assert!(
+        witness.try_wait().unwrap().is_none(),
+        "the witness runs on: {}",
+        std::fs::read_to_string(&w_err).unwrap()
+    );
+
+    // The host's log cut back to an earlier head while the daemon is
+    // stopped, then written again: the witness raises the alarm.
+    let head = std::fs::read(v.dir.join("audit.head")).unwrap();
+    let len = std::fs::metadata(v.dir.join("audit.log")).unwrap().len();
+    activity(&mut v);
+    wait_witness(&store, head_seq(&v.dir), Duration::from_secs(30), &w_err);
+    v.stop();
+    std::fs::write(v.dir.join("audit.head"), &head).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(v.dir.join("audit.log"))
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    v.start();
+    let status = wait_exit(&mut witness, Duration::from_secs(60));
+    let said = std::fs::read_to_string(&w_err).unwrap();
+    assert_eq!(status, Some(ROLLED_BACK), "{said}");
+    assert!(said.contains("rollback") || said.contains("fork"), "{said}");
+    // Its alarm went out on the bus too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&f_out).unwrap_or_default();
+        if text.contains("\"kind\":\"witness\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no witness event:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Started again, the witness refuses to go on from its own copy.
+    let again = v
+        .bin()
+        .args([
+            "audit",
+            "witness",
+            "--identity",
+            mon.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&again), ROLLED_BACK, "{again:?}");
+
+    let _ = follow.kill();
+    let _ = follow.wait();
+    v.stop();
+    drop(broker);
+}
