@@ -23,6 +23,7 @@ use crate::BusError;
 use coffre_audit::{Entry, Head, entry_hash, verify_head};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The witness's file in its store directory.
@@ -77,6 +78,15 @@ pub enum Alarm {
         /// What does not hold.
         why: String,
     },
+    /// The witness cannot keep a record (its own disk): nothing about the
+    /// vault, but it cannot go on.
+    #[error("cannot keep record {seq}: {why}")]
+    Store {
+        /// The record.
+        seq: u64,
+        /// The error.
+        why: String,
+    },
 }
 
 impl Alarm {
@@ -87,6 +97,7 @@ impl Alarm {
             Alarm::Rollback { .. } => "rollback",
             Alarm::Fork { .. } => "fork",
             Alarm::Forged { .. } => "forged",
+            Alarm::Store { .. } => "store",
         }
     }
 
@@ -96,7 +107,8 @@ impl Alarm {
             Alarm::Gap { got: seq, .. }
             | Alarm::Rollback { seq }
             | Alarm::Fork { seq }
-            | Alarm::Forged { seq, .. } => *seq,
+            | Alarm::Forged { seq, .. }
+            | Alarm::Store { seq, .. } => *seq,
         }
     }
 }
@@ -148,10 +160,24 @@ impl Witness {
             move |source| BusError::Io { what, path, source }
         };
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        // What it holds says what the vault did: as private as the log.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("protect", dir))?;
         let path = dir.join(STORE_FILE);
         let mut w = Witness::in_memory(key_hex);
         match std::fs::read(&path) {
-            Ok(bytes) => {
+            Ok(mut bytes) => {
+                // A line cut short by a crash or a full disk: it was never
+                // accepted (accept returns after the write); drop it.
+                let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                if whole < bytes.len() {
+                    bytes.truncate(whole);
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(whole as u64))
+                        .map_err(io("repair", &path))?;
+                }
                 let entries = coffre_audit::parse_entries(&bytes).map_err(|e| BusError::Io {
                     what: "read",
                     path: path.display().to_string(),
@@ -221,6 +247,7 @@ impl Witness {
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(path)
                 .and_then(|mut f| {
                     f.write_all(&line)?;
@@ -229,9 +256,9 @@ impl Witness {
             if let Err(err) = written {
                 // Not an alarm about the vault, but the witness cannot
                 // go on without keeping what it saw.
-                return Err(Alarm::Forged {
+                return Err(Alarm::Store {
                     seq: e.seq,
-                    why: format!("cannot keep it in {}: {err}", path.display()),
+                    why: format!("{}: {err}", path.display()),
                 });
             }
         }
@@ -333,6 +360,32 @@ mod tests {
         assert_eq!(e.kind(), "forged");
         // Nothing refused was taken in.
         assert_eq!(w.accept(&entries[2]), Ok(Seen::Appended));
+    }
+
+    #[test]
+    fn a_line_cut_short_in_the_store_is_dropped_and_the_chain_goes_on() {
+        let (_d, key, entries) = log(3);
+        let store = tempfile::tempdir().unwrap();
+        let mut w = Witness::open(store.path(), &key).unwrap();
+        w.accept(&entries[0]).unwrap();
+        w.accept(&entries[1]).unwrap();
+        drop(w);
+        let p = store.path().join(STORE_FILE);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.truncate(bytes.len() - 10);
+        std::fs::write(&p, bytes).unwrap();
+        let mut w = Witness::open(store.path(), &key).unwrap();
+        assert_eq!(w.last().unwrap().0, 1);
+        assert_eq!(w.accept(&entries[1]), Ok(Seen::Appended));
+        assert_eq!(w.accept(&entries[2]), Ok(Seen::Appended));
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(store.path()).unwrap().mode() & 0o777,
+                0o700
+            );
+        }
     }
 
     #[test]

@@ -113,10 +113,22 @@ pub async fn connect(url: &str, id: &Identity) -> Result<Connection, BusError> {
     );
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(BusError::Broker {
-            url: shown(url),
-            why: describe(&e),
-        }),
+        Ok(Err(e)) => {
+            let why = describe(&e);
+            let why = if is_refusal(&why) {
+                // At login: the broker does not know this certificate's name.
+                format!(
+                    "{why} (the broker does not know {}: is it in the broker's definitions? run `coffre bus broker-config` again and restart the broker)",
+                    crate::common_name(&id.name)
+                )
+            } else {
+                why
+            };
+            Err(BusError::Broker {
+                url: shown(url),
+                why,
+            })
+        }
         Err(_) => Err(BusError::Broker {
             url: shown(url),
             why: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
@@ -126,14 +138,12 @@ pub async fn connect(url: &str, id: &Identity) -> Result<Connection, BusError> {
 
 /// lapin's error, said for an operator.
 pub fn describe(e: &lapin::Error) -> String {
-    let s = e.to_string();
-    if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
-        format!(
-            "{s} (the broker does not know this component: is it in the broker's definitions? re-run `coffre bus broker-config`)"
-        )
-    } else {
-        s
-    }
+    e.to_string()
+}
+
+/// Whether an error is the broker refusing (a login, or a right).
+pub fn is_refusal(why: &str) -> bool {
+    why.contains("ACCESS_REFUSED") || why.contains("access refused")
 }
 
 #[cfg(test)]

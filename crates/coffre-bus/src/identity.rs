@@ -134,8 +134,8 @@ impl Identity {
             .map(str::to_string)
             .or_else(|| self.broker.clone())
             .ok_or_else(|| BusError::Url {
-                url: String::new(),
-                why: "no broker address: give --bus amqps://HOST:PORT".into(),
+                url: "(none)".into(),
+                why: "the identity names no broker: give --bus amqps://HOST:PORT".into(),
             })
     }
 }

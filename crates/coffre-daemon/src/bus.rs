@@ -175,7 +175,7 @@ pub fn daemon_identity(vd: &VaultDir, broker: &str) -> Result<Identity, BusSetup
     let cert = dir.join("vault.pem");
     if !cert.exists() {
         return Err(BusSetupError::Invalid(format!(
-            "{} is missing: run `coffre bus broker-config {}`",
+            "{} is missing: run `coffre bus broker-config {} --listen HOST:PORT --out DIR`",
             cert.display(),
             vd.root.display()
         )));
@@ -207,7 +207,7 @@ pub struct BrokerReport {
     pub users: Vec<String>,
 }
 
-/// Splits `HOST:PORT` (or `[V6]:PORT`).
+/// Splits `HOST:PORT` (an IPv4 address or a name).
 fn split_listen(listen: &str) -> Result<(String, u16), BusSetupError> {
     let bad = || {
         BusSetupError::Invalid(format!(
@@ -215,6 +215,12 @@ fn split_listen(listen: &str) -> Result<(String, u16), BusSetupError> {
         ))
     };
     if let Ok(sa) = listen.parse::<std::net::SocketAddr>() {
+        if sa.is_ipv6() {
+            // The AMQP address parser turns an IPv6 host into "localhost".
+            return Err(BusSetupError::Invalid(format!(
+                "--listen {listen:?}: IPv6 addresses are not supported yet; use an IPv4 address or a host name"
+            )));
+        }
         return Ok((sa.ip().to_string(), sa.port()));
     }
     let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
@@ -252,14 +258,28 @@ pub fn write_broker_config(
     let dir = bus_dir(vd);
     make_private_dir(&dir)?;
     let vault_cert = dir.join("vault.pem");
-    if !vault_cert.exists() {
+    let near_end = std::fs::read_to_string(&vault_cert)
+        .ok()
+        .and_then(|pem| pki::pem_not_after(&pem))
+        .is_none_or(|(end, _)| {
+            end - time::OffsetDateTime::now_utc().unix_timestamp()
+                < pki::EXPIRY_WARNING_DAYS * 86_400
+        });
+    if near_end {
         let issued = pki::new_component_cert(&config.name, &ca_key, &common_name(VAULT_COMPONENT))?;
         write_atomic(&dir.join("vault.key"), issued.key_pem.as_bytes(), 0o600)?;
         write_atomic(&vault_cert, issued.cert_pem.as_bytes(), 0o600)?;
     }
     let broker = pki::new_broker_cert(&config.name, &ca_key, &host)?;
 
-    make_private_dir(out)?;
+    // The broker's user must reach the directory; its key is the only
+    // secret in it (0600, or 0640 to the broker's group once `run` ran).
+    if !out.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(out)
+            .and_then(|()| std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| BusSetupError::Invalid(format!("{}: {e}", out.display())))?;
+    }
     let out = std::fs::canonicalize(out)
         .map_err(|e| BusSetupError::Invalid(format!("{}: {e}", out.display())))?;
     write_atomic(&out.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
@@ -337,6 +357,9 @@ fn run_script(vault: &str) -> String {
 # As root, it runs the broker as the rabbitmq user.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
+umask 022
+# Made anew, never through a link someone left in its place.
+rm -f "$here/rabbitmq.conf"
 sed -e "s|@DIR@|$here|g" "$here/rabbitmq.conf.in" > "$here/rabbitmq.conf"
 mkdir -p "$here/mnesia" "$here/log" "$here/home"
 export RABBITMQ_CONFIG_FILE="$here/rabbitmq.conf"
@@ -347,10 +370,20 @@ export RABBITMQ_NODENAME="${{RABBITMQ_NODENAME:-coffre@localhost}}"
 export RABBITMQ_PID_FILE="$here/rabbitmq.pid"
 export HOME="$here/home"
 server="${{RABBITMQ_SERVER:-/usr/lib/rabbitmq/bin/rabbitmq-server}}"
-[ -x "$server" ] || server=$(command -v rabbitmq-server)
-if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1; then
-    # The directory is the broker's alone (its key, its data).
-    chown -R rabbitmq:rabbitmq "$here"
+if [ ! -x "$server" ]; then
+    server=$(command -v rabbitmq-server || true)
+    [ -n "$server" ] || {{ echo "run: rabbitmq-server is not installed" >&2; exit 1; }}
+fi
+if [ "$(id -u)" = 0 ]; then
+    if ! id rabbitmq >/dev/null 2>&1; then
+        echo "run: no rabbitmq user to run the broker as (install rabbitmq-server); not running it as root" >&2
+        exit 1
+    fi
+    # Root keeps this directory and its files (this script among them);
+    # the broker's user gets its data, and reads its key through its group.
+    chown -R rabbitmq:rabbitmq "$here/mnesia" "$here/log" "$here/home"
+    chown root:rabbitmq "$here/broker.key"
+    chmod 0640 "$here/broker.key"
     exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups -- "$server"
 fi
 exec "$server"
@@ -433,6 +466,9 @@ fn set_bus_section(vd: &VaultDir, url: &str) -> Result<(), BusSetupError> {
     Ok(())
 }
 
+/// How much of the log the publisher reads at once.
+const READ_CHUNK: u64 = 1 << 20;
+
 /// Where the publisher is in the audit log.
 struct Cursor {
     /// The last record the broker confirmed.
@@ -503,8 +539,20 @@ impl Cursor {
             return Ok(Vec::new());
         }
         f.seek(SeekFrom::Start(self.offset))?;
+        // A bounded piece at a time: after a long outage the log's tail
+        // may be large, and the log is the only buffer.
         let mut bytes = Vec::new();
-        f.take(len - self.offset).read_to_end(&mut bytes)?;
+        let want = (len - self.offset).min(READ_CHUNK);
+        f.take(want).read_to_end(&mut bytes)?;
+        if want == READ_CHUNK && !bytes.contains(&b'\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "audit.log after record {}: a line longer than {READ_CHUNK} bytes",
+                    self.seq
+                ),
+            ));
+        }
         let mut out = Vec::new();
         let mut off = self.offset;
         for line in bytes.split_inclusive(|b| *b == b'\n') {
@@ -538,7 +586,8 @@ pub async fn publish(dir: PathBuf, id: Identity, url: String, head: HeadWatch, r
         let mut up = false;
         let why = match session(&dir, &id, &url, &head, &mut cursor, &report, &mut up).await {
             Ok(never) => match never {},
-            Err(why) => why,
+            Err(why) if why.starts_with("the broker at") => why,
+            Err(why) => format!("the broker at {}: {why}", coffre_bus::conn::shown(&url)),
         };
         if up {
             // It was connected: this is a new outage.
@@ -549,8 +598,7 @@ pub async fn publish(dir: PathBuf, id: Identity, url: String, head: HeadWatch, r
             report(
                 "failed",
                 format!(
-                    "the broker at {}: {why}; events wait in the audit log from record {} and follow when it is back",
-                    coffre_bus::conn::shown(&url),
+                    "{why}; events wait in the audit log from record {} and follow when it is back",
                     cursor.seq + 1
                 ),
             );
@@ -582,17 +630,28 @@ async fn session(
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| coffre_bus::conn::describe(&e))?;
-    *up = true;
-    report(
-        "ok",
-        format!(
-            "connected to the broker at {}; publishing from record {}",
-            coffre_bus::conn::shown(url),
-            cursor.seq + 1
-        ),
-    );
+    // The link counts as up (and is audited as such) once a record was
+    // confirmed or it held for a while: a broker that accepts the login
+    // and then refuses every message must not fill the log with records.
+    let since = std::time::Instant::now();
+    let first = cursor.seq + 1;
+    let announce = |up: &mut bool| {
+        if !*up {
+            *up = true;
+            report(
+                "ok",
+                format!(
+                    "connected to the broker at {}; publishing from record {first}",
+                    coffre_bus::conn::shown(url)
+                ),
+            );
+        }
+    };
     let user = common_name(VAULT_COMPONENT);
     loop {
+        if since.elapsed() > Duration::from_secs(30) {
+            announce(up);
+        }
         let top = head.current().map_or(0, |h| h.seq);
         if top < cursor.seq {
             // The log was cut back under a running daemon: start again
@@ -638,6 +697,7 @@ async fn session(
             cursor
                 .save(dir)
                 .map_err(|e| format!("{}: {e}", published_file(dir).display()))?;
+            announce(up);
         }
         if !conn.status().connected() {
             return Err("the connection closed".into());
@@ -660,8 +720,15 @@ mod tests {
             split_listen("Broker.example.org:5671").unwrap(),
             ("broker.example.org".into(), 5671)
         );
-        assert_eq!(split_listen("[::1]:5671").unwrap(), ("::1".into(), 5671));
-        for bad in ["5671", "host:", "host:0", "a b:5671", ":5671", "h:99999"] {
+        for bad in [
+            "5671",
+            "host:",
+            "host:0",
+            "a b:5671",
+            ":5671",
+            "h:99999",
+            "[::1]:5671",
+        ] {
             assert!(split_listen(bad).is_err(), "{bad}");
         }
     }

@@ -153,6 +153,24 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
     assert!(config.contains(&format!("url = \"{url}\"")), "{config}");
     let mut broker = Broker::start(&out.join("run"), port);
 
+    // Root keeps the broker's directory (its script, its definitions);
+    // the broker's user only reads its key through its group.
+    {
+        use std::os::unix::fs::MetadataExt;
+        for f in [
+            "run",
+            "definitions.json",
+            "rabbitmq.conf.in",
+            "rabbitmq.conf",
+        ] {
+            let m = std::fs::metadata(out.join(f)).unwrap();
+            assert_eq!(m.uid(), 0, "{f} stays root's");
+        }
+        assert_eq!(std::fs::metadata(&out).unwrap().uid(), 0);
+        let key = std::fs::metadata(out.join("broker.key")).unwrap();
+        assert_eq!((key.uid(), key.mode() & 0o777), (0, 0o640));
+    }
+
     v.start();
     let store = tmp.join("witness");
     let (w_out, w_err) = (tmp.join("witness.out"), tmp.join("witness.err"));
@@ -230,6 +248,27 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
         });
     assert_eq!(enter["verified"], true);
     assert_eq!(enter["sender"], "coffre-bus:vault");
+
+    // One witness per queue: a second one (another store, same
+    // identity) is refused instead of sharing the records and seeing gaps.
+    let second = v
+        .bin()
+        .args([
+            "audit",
+            "witness",
+            "--identity",
+            mon.to_str().unwrap(),
+            "--store",
+        ])
+        .arg(tmp.join("witness2"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&second), UNREACHABLE, "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("exclusive"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
 
     // Only the vault's components log in: a member's certificate (same
     // CA) is refused by the broker, and without a certificate the TLS

@@ -70,7 +70,14 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
             let vd = VaultDir::new(&dir);
             if hostbus::forget_component(&vd, &name)? {
                 println!(
-                    "forgot {name}: write the broker's configuration again (`coffre bus broker-config`) and restart it"
+                    "forgot {name}: write the broker's configuration again (`coffre bus broker-config`) and restart the broker"
+                );
+                // Definitions loaded at boot add and update, never delete:
+                // a user the broker already stored stays until deleted.
+                println!(
+                    "and on the broker's host, once, delete the user it already knows: \
+                     HOME=BROKER_DIR/home rabbitmqctl -n NODE delete_user {}",
+                    common_name(&name)
                 );
                 Ok(exit::OK)
             } else {
@@ -97,11 +104,12 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A file left there (of any mode) is never reused for a key.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("write {}", tmp.display()))?;
@@ -122,6 +130,18 @@ fn load(identity: &Path, bus: Option<String>) -> Result<(Identity, String)> {
     }
     let url = id.broker_url(bus.as_deref())?;
     coffre_bus::conn::parse_url(&url)?;
+    // An ended certificate fails in the TLS handshake, which looks like a
+    // broker away: say it here instead of retrying for ever.
+    if let Some((end, _)) = coffre_daemon::pki::pem_not_after(&id.cert_pem)
+        && end < i64::try_from(coffre_sys::time::now_ms() / 1000).unwrap_or(i64::MAX)
+    {
+        anyhow::bail!(
+            "{}: its certificate ended; issue it again on the vault's host (`coffre bus identity DIR {} --role {} --out FILE`)",
+            identity.display(),
+            id.name,
+            id.role.as_str()
+        );
+    }
     Ok((id, url))
 }
 
@@ -130,6 +150,7 @@ fn witness_code(a: &Alarm) -> u8 {
         Alarm::Rollback { .. } | Alarm::Fork { .. } => exit::AUDIT_ROLLED_BACK,
         Alarm::Gap { .. } => exit::WITNESS_GAP,
         Alarm::Forged { .. } => exit::WITNESS_FORGED,
+        Alarm::Store { .. } => exit::FAILURE,
     }
 }
 
@@ -200,7 +221,7 @@ async fn witness_session(id: &Identity, url: &str, w: &mut Witness, up: &mut boo
         Ok(c) => c,
         Err(e) => {
             let s = e.to_string();
-            return if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
+            return if coffre_bus::conn::is_refusal(&s) {
                 Ended::Refused(s)
             } else {
                 Ended::Lost(s)
@@ -219,7 +240,12 @@ async fn witness_session(id: &Identity, url: &str, w: &mut Witness, up: &mut boo
         .basic_consume(
             queue.as_str().into(),
             format!("witness {}", id.name).into(),
-            BasicConsumeOptions::default(),
+            // One witness per queue: a second would get every other
+            // record and see gaps.
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -263,6 +289,18 @@ async fn witness_session(id: &Identity, url: &str, w: &mut Witness, up: &mut boo
                     return lost(e);
                 }
             }
+            Err(alarm @ Alarm::Store { .. }) => {
+                // Our own disk, not the vault: the record stays queued.
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = conn.close(200, "store".into()).await;
+                return Ended::Alarm(alarm);
+            }
             Err(alarm) => {
                 // The record stays in the queue for whoever looks next.
                 let _ = d
@@ -304,6 +342,13 @@ async fn witness_session(id: &Identity, url: &str, w: &mut Witness, up: &mut boo
     lost("the broker ended the subscription")
 }
 
+/// `s` without control characters (what a terminal would act on).
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// `coffre audit follow`
 pub fn follow(identity: PathBuf, bus: Option<String>, json: bool) -> Result<u8> {
     let (id, url) = load(&identity, bus)?;
@@ -339,7 +384,7 @@ async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> 
         Ok(c) => c,
         Err(e) => {
             let s = e.to_string();
-            return if s.contains("ACCESS_REFUSED") || s.contains("access refused") {
+            return if coffre_bus::conn::is_refusal(&s) {
                 Ended::Refused(s)
             } else {
                 Ended::Lost(s)
@@ -437,9 +482,19 @@ async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> 
                             detail,
                             ..
                         } => {
+                            // The name the broker vouched for, not the one
+                            // the message claims.
+                            let claimed = if sender == common_name(by) {
+                                String::new()
+                            } else {
+                                format!(" (claiming to be {})", printable(by))
+                            };
                             let _ = writeln!(
                                 out,
-                                "ALARM from witness {by}: {alarm} at record {seq}: {detail}"
+                                "ALARM from {}{claimed}: {} at record {seq}: {}",
+                                printable(&sender),
+                                printable(alarm),
+                                printable(detail)
                             );
                         }
                         _ => {}
