@@ -755,6 +755,9 @@ fn renewal(dir: &Path, file: &Path) -> String {
         Some("gateway/server.pem") => {
             format!("renew it: coffre renew --gateway {d}, then restart OpenVPN")
         }
+        Some("bus/vault.pem") => format!(
+            "renew it: coffre bus broker-config {d} --listen HOST:PORT --out BROKER_DIR (it reissues the daemon's bus certificate within 30 days of its end), then restart the daemon"
+        ),
         Some("ca.pem" | "gateway/ca.pem") => {
             "the CA cannot be renewed in place yet: see docs/operations.md, \"Certificates\"".into()
         }
@@ -762,11 +765,12 @@ fn renewal(dir: &Path, file: &Path) -> String {
     }
 }
 
-/// Every certificate in the vault directory and its gateway directory:
+/// Every certificate in the vault directory, its gateway directory and its
+/// bus directory (the daemon's own bus certificate):
 /// expired, expiring within [`EXPIRY_WARNING_DAYS`], or fine.
 pub fn certificates(dir: &Path, now: i64) -> Vec<Finding> {
     let mut files: Vec<PathBuf> = Vec::new();
-    for d in [dir.to_path_buf(), dir.join("gateway")] {
+    for d in [dir.to_path_buf(), dir.join("gateway"), dir.join("bus")] {
         if let Ok(entries) = std::fs::read_dir(&d) {
             let mut here: Vec<PathBuf> = entries
                 .flatten()
@@ -895,6 +899,26 @@ mod tests {
             f.iter()
                 .any(|f| f.level == Level::Fail && f.detail.contains("bad.pem")),
             "{f:?}"
+        );
+        // The daemon's bus certificate is looked at too, with its own way
+        // to renew it.
+        std::fs::remove_file(t.path().join("bad.pem")).unwrap();
+        std::fs::create_dir(t.path().join("bus")).unwrap();
+        let comp =
+            crate::pki::new_component_cert("doctor", &ca.key_pem, "coffre-bus:vault").unwrap();
+        std::fs::write(t.path().join("bus").join("vault.pem"), &comp.cert_pem).unwrap();
+        let f = certificates(t.path(), end + 1);
+        let bus = f
+            .iter()
+            .find(|f| f.detail.contains("vault.pem"))
+            .unwrap_or_else(|| panic!("{f:?}"));
+        assert_eq!(bus.level, Level::Fail);
+        assert!(
+            bus.fix
+                .as_deref()
+                .unwrap_or("")
+                .contains("coffre bus broker-config"),
+            "{bus:?}"
         );
     }
 }
