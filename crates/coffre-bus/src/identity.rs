@@ -18,6 +18,9 @@ pub enum Role {
     /// Reads events (`coffre audit witness`, `coffre audit follow`) and
     /// may publish its own alarms (`witness.*`).
     Monitor,
+    /// Relays OpenVPN's management interface on the VPN host
+    /// (`coffre gateway relay`).
+    Gateway,
 }
 
 impl Role {
@@ -26,6 +29,7 @@ impl Role {
         match self {
             Role::Vault => "vault",
             Role::Monitor => "monitor",
+            Role::Gateway => "gateway",
         }
     }
 }
@@ -54,6 +58,14 @@ pub struct Identity {
     /// The host's audit key (Ed25519 public key, hex): what signs the
     /// vault's records and heads.
     pub audit_key: String,
+    /// The vault's bus signing key (ECDSA P-256 public point, hex): what
+    /// signs the vault's envelopes to components.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vault_sign_key: String,
+    /// The vault's sealing key (X25519, hex): what components seal secrets
+    /// to (the relay, members' passwords).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vault_seal_key: String,
     /// The broker's address (`amqps://HOST:PORT`), if known when written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
@@ -101,6 +113,18 @@ impl Identity {
         }
         if !id.key_pem.contains("PRIVATE KEY") {
             return Err(bad("no private key in it".into()));
+        }
+        let hex_of =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !id.vault_sign_key.is_empty() && !hex_of(&id.vault_sign_key, 130) {
+            return Err(bad(
+                "the vault's signing key is not a P-256 public key in hex".into(),
+            ));
+        }
+        if !id.vault_seal_key.is_empty() && !hex_of(&id.vault_seal_key, 64) {
+            return Err(bad(
+                "the vault's sealing key is not an X25519 public key in hex".into(),
+            ));
         }
         if id.audit_key.len() != 64 || !id.audit_key.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("the audit key is not a 32-byte hex key".into()));
@@ -154,6 +178,8 @@ mod tests {
             cert_pem: "-----BEGIN CERTIFICATE-----\ny\n".into(),
             key_pem: "-----BEGIN PRIVATE KEY-----\nsecret-key-bytes\n".into(),
             audit_key: "ab".repeat(32),
+            vault_sign_key: String::new(),
+            vault_seal_key: String::new(),
             broker: Some("amqps://127.0.0.1:5671".into()),
         }
     }

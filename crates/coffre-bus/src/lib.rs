@@ -18,8 +18,10 @@
 
 pub mod chain;
 pub mod conn;
+pub mod envelope;
 pub mod event;
 pub mod identity;
+pub mod relay;
 
 pub use conn::{EVENTS, VHOST, connect};
 pub use event::Event;

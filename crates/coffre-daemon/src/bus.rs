@@ -12,7 +12,9 @@
 use crate::pki::{self, PkiError};
 use crate::vaultdir::{DirError, VaultDir, write_atomic};
 use coffre_audit::{Entry, HeadWatch, LOG_FILE};
-use coffre_bus::{BusError, EVENTS, Event, Identity, Role, VHOST, common_name, witness_queue};
+use coffre_bus::{
+    BusError, EVENTS, Event, Identity, Role, VHOST, common_name, relay, witness_queue,
+};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -60,6 +62,10 @@ pub struct Component {
     pub role: Role,
     /// Its certificate's SHA-256 fingerprint.
     pub fingerprint: String,
+    /// Its certificate's public key (P-256 point, hex): what its signed
+    /// envelopes verify with.
+    #[serde(default)]
+    pub public_key: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -128,12 +134,15 @@ pub fn issue_identity(
     let config = vd.load_config()?;
     let ca_key = zeroize::Zeroizing::new(vd.read(&vd.ca_key())?);
     let issued = pki::new_component_cert(&config.name, &ca_key, &common_name(name))?;
+    let public_key = coffre_bus::envelope::Signer::from_pem(&issued.key_pem)?.public_hex();
+    let keys = VaultKeys::load_or_create(vd)?;
     let mut all = load_components(vd)?;
     all.components.retain(|c| c.name != name);
     all.components.push(Component {
         name: name.to_string(),
         role,
         fingerprint: issued.fingerprint.clone(),
+        public_key,
     });
     save_components(vd, &all)?;
     Ok(Identity {
@@ -145,8 +154,44 @@ pub fn issue_identity(
         cert_pem: issued.cert_pem.clone(),
         key_pem: issued.key_pem.clone(),
         audit_key: audit_key(vd)?,
+        vault_sign_key: keys.signer.public_hex(),
+        vault_seal_key: keys.opener.public_hex(),
         broker,
     })
+}
+
+/// The vault's own keys on the bus: what signs its envelopes
+/// (`DIR/bus/sign.key`, ECDSA P-256) and what components seal secrets to
+/// (`DIR/bus/seal.key`, X25519). Both root's alone (0600), made on first
+/// need, kept across certificate renewals (identity files carry their
+/// public halves).
+#[derive(Debug)]
+pub struct VaultKeys {
+    /// Signs the vault's envelopes.
+    pub signer: coffre_bus::envelope::Signer,
+    /// Opens what components sealed to the vault.
+    pub opener: coffre_bus::envelope::Opener,
+}
+
+impl VaultKeys {
+    /// Reads the keys, making any that is missing.
+    pub fn load_or_create(vd: &VaultDir) -> Result<Self, BusSetupError> {
+        use coffre_bus::envelope::{Opener, Signer};
+        let dir = bus_dir(vd);
+        make_private_dir(&dir)?;
+        let (sign, seal) = (dir.join("sign.key"), dir.join("seal.key"));
+        if !sign.exists() {
+            write_atomic(&sign, Signer::generate_pem().as_bytes(), 0o600)?;
+        }
+        if !seal.exists() {
+            write_atomic(&seal, Opener::generate_hex().as_bytes(), 0o600)?;
+        }
+        let text = zeroize::Zeroizing::new(vd.read(&sign)?);
+        let signer = Signer::from_pem(&text)?;
+        let text = zeroize::Zeroizing::new(vd.read(&seal)?);
+        let opener = Opener::from_hex(&text)?;
+        Ok(Self { signer, opener })
+    }
 }
 
 /// Forgets component `name`: the broker refuses it from its next
@@ -190,6 +235,8 @@ pub fn daemon_identity(vd: &VaultDir, broker: &str) -> Result<Identity, BusSetup
         cert_pem: vd.read(&cert)?,
         key_pem: vd.read(&dir.join("vault.key"))?,
         audit_key: audit_key(vd)?,
+        vault_sign_key: String::new(),
+        vault_seal_key: String::new(),
         broker: Some(broker.to_string()),
     })
 }
@@ -399,20 +446,47 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
     let esc = |s: &str| s.replace('.', "\\.");
     let vault = common_name(VAULT_COMPONENT);
     let mut users = vec![json!({"name": vault, "password_hash": "", "tags": []})];
+    let gw_q = esc(relay::VAULT_QUEUE);
+    let gw_x = esc(relay::GATEWAY);
+    // The vault publishes events and relay commands, and reads relays'
+    // messages from a queue it declares for its connection's life.
     let mut permissions = vec![json!({
         "user": vault, "vhost": VHOST,
-        "configure": "^$", "write": format!("^{}$", esc(EVENTS)), "read": "^$"
+        "configure": format!("^{gw_q}$"),
+        "write": format!("^({}|{gw_x}|{gw_q})$", esc(EVENTS)),
+        "read": format!("^({gw_x}|{gw_q})$"),
     })];
-    let mut topic_permissions = vec![json!({
-        "user": vault, "vhost": VHOST, "exchange": EVENTS,
-        "write": "^audit\\.", "read": "^$"
-    })];
+    let mut topic_permissions = vec![
+        json!({
+            "user": vault, "vhost": VHOST, "exchange": EVENTS,
+            "write": "^audit\\.", "read": "^$"
+        }),
+        json!({
+            "user": vault, "vhost": VHOST, "exchange": relay::GATEWAY,
+            "write": "^relay\\.", "read": format!("^{}$", relay::TO_VAULT)
+        }),
+    ];
     let mut queues = Vec::new();
     let mut bindings = Vec::new();
     for c in comps {
         let user = common_name(&c.name);
         users.push(json!({"name": user, "password_hash": "", "tags": []}));
-        // Only monitors today; later roles get their rights when they exist.
+        if c.role == Role::Gateway {
+            // Its own queue (for its connection's life), messages to the
+            // vault only.
+            let q = esc(&relay::relay_queue(&c.name));
+            permissions.push(json!({
+                "user": user, "vhost": VHOST,
+                "configure": format!("^{q}$"),
+                "write": format!("^({gw_x}|{q})$"),
+                "read": format!("^({gw_x}|{q})$"),
+            }));
+            topic_permissions.push(json!({
+                "user": user, "vhost": VHOST, "exchange": relay::GATEWAY,
+                "write": format!("^{}$", relay::TO_VAULT),
+                "read": format!("^{}$", esc(&relay::to_relay(&c.name))),
+            }));
+        }
         if c.role == Role::Monitor {
             let q = witness_queue(&c.name);
             permissions.push(json!({
@@ -440,10 +514,16 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
         "vhosts": [{"name": VHOST}],
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "exchanges": [{
-            "name": EVENTS, "vhost": VHOST, "type": "topic",
-            "durable": true, "auto_delete": false, "internal": false, "arguments": {}
-        }],
+        "exchanges": [
+            {
+                "name": EVENTS, "vhost": VHOST, "type": "topic",
+                "durable": true, "auto_delete": false, "internal": false, "arguments": {}
+            },
+            {
+                "name": relay::GATEWAY, "vhost": VHOST, "type": "topic",
+                "durable": true, "auto_delete": false, "internal": false, "arguments": {}
+            }
+        ],
         "queues": queues,
         "bindings": bindings,
     })
@@ -735,11 +815,20 @@ mod tests {
 
     #[test]
     fn each_component_gets_only_its_rights() {
-        let comps = vec![Component {
-            name: "mon1".into(),
-            role: Role::Monitor,
-            fingerprint: "ab".into(),
-        }];
+        let comps = vec![
+            Component {
+                name: "mon1".into(),
+                role: Role::Monitor,
+                fingerprint: "ab".into(),
+                public_key: String::new(),
+            },
+            Component {
+                name: "gw1".into(),
+                role: Role::Gateway,
+                fingerprint: "cd".into(),
+                public_key: String::new(),
+            },
+        ];
         let d = definitions(&comps);
         let users: Vec<&str> = d["users"]
             .as_array()
@@ -747,7 +836,10 @@ mod tests {
             .iter()
             .map(|u| u["name"].as_str().unwrap())
             .collect();
-        assert_eq!(users, ["coffre-bus:vault", "coffre-bus:mon1"]);
+        assert_eq!(
+            users,
+            ["coffre-bus:vault", "coffre-bus:mon1", "coffre-bus:gw1"]
+        );
         assert!(
             d["users"]
                 .as_array()
@@ -764,9 +856,12 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        // The vault writes events and reads nothing; the monitor reads its
-        // own queue, never another's.
-        assert_eq!(perm("coffre-bus:vault")["read"], "^$");
+        // The vault writes events and reads only relays' messages; the
+        // monitor reads its own queue, never another's.
+        assert_eq!(
+            perm("coffre-bus:vault")["read"],
+            "^(coffre\\.gateway|coffre\\.gateway\\.vault)$"
+        );
         let re = perm("coffre-bus:mon1")["read"]
             .as_str()
             .unwrap()
@@ -775,5 +870,19 @@ mod tests {
         assert!(!re.contains(".*|coffre\\.witness\\.") && !re.contains("witness\\..*"));
         assert_eq!(d["queues"][0]["name"], "coffre.witness.mon1");
         assert_eq!(d["bindings"][0]["routing_key"], "audit.#");
+        // The relay reads its own queue and writes to the vault alone.
+        let gw = perm("coffre-bus:gw1");
+        assert_eq!(
+            gw["read"],
+            "^(coffre\\.gateway|coffre\\.gateway\\.relay\\.gw1)$"
+        );
+        let topic = d["topic_permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["user"] == "coffre-bus:gw1")
+            .unwrap();
+        assert_eq!(topic["write"], "^vault$");
+        assert_eq!(topic["read"], "^relay\\.gw1$");
     }
 }

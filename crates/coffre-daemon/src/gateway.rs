@@ -115,10 +115,27 @@ enum Expect {
 /// Client notices held until the view is rebuilt, at most.
 const MAX_EARLY: usize = 1024;
 
+/// Where the management interface is.
+#[derive(Debug)]
+pub enum Via {
+    /// OpenVPN's socket on this host.
+    Socket(PathBuf),
+    /// The relay on the VPN host, over the bus.
+    Relay(Box<crate::relay::RelayConfig>),
+}
+
+/// One connection to the management interface: lines in, commands out.
+pub(crate) trait Transport {
+    /// The next line, `\r\n` removed. Cancel-safe (it runs in `select!`).
+    async fn line(&mut self) -> Result<Zeroizing<String>, String>;
+    /// Writes whole command lines.
+    async fn send(&mut self, text: &str) -> Result<(), String>;
+}
+
 /// Runs the management link forever: connects (retrying every second),
 /// reports [`LinkEvent`]s, and writes the commands it receives.
 pub async fn run(
-    sock: PathBuf,
+    via: Via,
     events: mpsc::UnboundedSender<LinkEvent>,
     mut commands: mpsc::UnboundedReceiver<LinkCommand>,
 ) {
@@ -127,7 +144,17 @@ pub async fn run(
     loop {
         generation += 1;
         let mut was_up = false;
-        let why = match link(&sock, &events, &mut commands, generation, &mut was_up).await {
+        let r = match &via {
+            Via::Socket(sock) => match connect_socket(sock).await {
+                Ok(t) => link(t, &events, &mut commands, generation, &mut was_up).await,
+                Err(e) => Err(e),
+            },
+            Via::Relay(cfg) => match crate::relay::RelayLink::open(cfg).await {
+                Ok(t) => link(t, &events, &mut commands, generation, &mut was_up).await,
+                Err(e) => Err(e),
+            },
+        };
+        let why = match r {
             Ok(why) | Err(why) => why,
         };
         if events.is_closed() {
@@ -143,13 +170,34 @@ pub async fn run(
     }
 }
 
-async fn link(
-    sock: &Path,
-    events: &mpsc::UnboundedSender<LinkEvent>,
-    commands: &mut mpsc::UnboundedReceiver<LinkCommand>,
-    generation: u64,
-    up: &mut bool,
-) -> Result<String, String> {
+/// OpenVPN's socket on this host.
+pub(crate) struct SocketLink {
+    rd: LineReader<tokio::net::unix::OwnedReadHalf>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl SocketLink {
+    /// A line already read in full, if any (never waits).
+    pub(crate) fn ready_line(&mut self) -> Option<Zeroizing<String>> {
+        self.rd.ready_line()
+    }
+}
+
+impl Transport for SocketLink {
+    async fn line(&mut self) -> Result<Zeroizing<String>, String> {
+        self.rd.line().await
+    }
+    async fn send(&mut self, text: &str) -> Result<(), String> {
+        self.wr
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|e| format!("writing to OpenVPN: {e}"))
+    }
+}
+
+/// Connects to OpenVPN's management socket `sock`, if only root can reach
+/// it and root is behind it.
+pub(crate) async fn connect_socket(sock: &Path) -> Result<SocketLink, String> {
     check_socket_dir(sock)?;
     let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
         format!(
@@ -165,15 +213,25 @@ async fn link(
             cred.uid()
         ));
     }
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = LineReader::new(rd);
+    let (rd, wr) = stream.into_split();
+    Ok(SocketLink {
+        rd: LineReader::new(rd),
+        wr,
+    })
+}
+
+async fn link<T: Transport>(
+    mut t: T,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+    commands: &mut mpsc::UnboundedReceiver<LinkCommand>,
+    generation: u64,
+    up: &mut bool,
+) -> Result<String, String> {
     let mut reader = Reader::new();
     // `state on`: OpenVPN says when it restarts in place or exits.
     let mut expect: VecDeque<Expect> =
         VecDeque::from([Expect::Ack, Expect::Pid, Expect::Status(Vec::new())]);
-    wr.write_all(b"state on\npid\nstatus 3\n")
-        .await
-        .map_err(|e| e.to_string())?;
+    t.send("state on\npid\nstatus 3\n").await?;
     let mut pid: Option<u32> = None;
     // Client notices that come before our view is rebuilt wait for it.
     let mut early: Vec<LinkEvent> = Vec::new();
@@ -184,10 +242,10 @@ async fn link(
                 if gen_of != generation || !*up {
                     continue;
                 }
-                wr.write_all(cmd.as_bytes()).await.map_err(|e| format!("writing to OpenVPN: {e}"))?;
+                t.send(&cmd).await?;
                 expect.push_back(Expect::Ack);
             }
-            n = rd.line() => {
+            n = t.line() => {
                 let line = n?;
                 let Some(notice) = reader.line(&line).map_err(|e| e.to_string())? else { continue };
                 match notice {
@@ -257,14 +315,14 @@ async fn link(
 ///
 /// Cancel-safe: [`LineReader::line`] runs inside `select!`; a line that
 /// arrived in part stays here until the rest comes.
-struct LineReader<R> {
+pub(crate) struct LineReader<R> {
     rd: R,
     buf: Zeroizing<Vec<u8>>,
     end: usize,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> LineReader<R> {
-    fn new(rd: R) -> Self {
+    pub(crate) fn new(rd: R) -> Self {
         Self {
             rd,
             // At most MAX_LINE bytes, then `\r\n`.
@@ -274,20 +332,9 @@ impl<R: tokio::io::AsyncRead + Unpin> LineReader<R> {
     }
 
     /// The next line, `\r\n` removed.
-    async fn line(&mut self) -> Result<Zeroizing<String>, String> {
+    pub(crate) async fn line(&mut self) -> Result<Zeroizing<String>, String> {
         loop {
-            if let Some(nl) = self.buf[..self.end].iter().position(|&b| b == b'\n') {
-                let mut raw = &self.buf[..nl];
-                while let [rest @ .., b'\r'] = raw {
-                    raw = rest;
-                }
-                // The protocol is text; anything else is replaced, not
-                // trusted.
-                let line = Zeroizing::new(String::from_utf8_lossy(raw).into_owned());
-                let left = self.end - (nl + 1);
-                self.buf.copy_within(nl + 1..self.end, 0);
-                self.buf[left..self.end].zeroize();
-                self.end = left;
+            if let Some(line) = self.ready_line() {
                 return Ok(line);
             }
             if self.end == self.buf.len() {
@@ -304,6 +351,22 @@ impl<R: tokio::io::AsyncRead + Unpin> LineReader<R> {
             self.end += n;
         }
     }
+
+    /// A line already here in full, if any (never waits).
+    pub(crate) fn ready_line(&mut self) -> Option<Zeroizing<String>> {
+        let nl = self.buf[..self.end].iter().position(|&b| b == b'\n')?;
+        let mut raw = &self.buf[..nl];
+        while let [rest @ .., b'\r'] = raw {
+            raw = rest;
+        }
+        // The protocol is text; anything else is replaced, not trusted.
+        let line = Zeroizing::new(String::from_utf8_lossy(raw).into_owned());
+        let left = self.end - (nl + 1);
+        self.buf.copy_within(nl + 1..self.end, 0);
+        self.buf[left..self.end].zeroize();
+        self.end = left;
+        Some(line)
+    }
 }
 
 /// What `coffre gateway openvpn-config` did.
@@ -316,6 +379,10 @@ pub struct ConfigReport {
     /// Whether the tls-crypt key was made now (false: the existing one was
     /// kept, so members' profiles stay valid).
     pub new_tls_crypt: bool,
+    /// The relay's component name, with `via = "bus"`.
+    pub relay: Option<String>,
+    /// The VPN host's directory, if written.
+    pub vpn_host: Option<PathBuf>,
 }
 
 /// Errors of `coffre gateway openvpn-config`.
@@ -364,12 +431,32 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), GatewayError> {
 /// Writes the gateway's certificate, keys and OpenVPN configuration under
 /// `DIR/gateway/`, and the `[gateway]` section of config.toml. Existing
 /// `tls-crypt` and token keys are kept; the certificate is issued anew.
+///
+/// `vpn_host` (`--out DIR`, `--management PATH`): also writes what OpenVPN
+/// needs on another host into `DIR`, with paths relative to it (run
+/// `openvpn --cd DIR --config server.conf`), its management socket at
+/// `PATH` there.
 pub fn write_openvpn_config(
     dir: &VaultDir,
     settings: GatewayConfig,
+    vpn_host: Option<&(PathBuf, PathBuf)>,
 ) -> Result<ConfigReport, GatewayError> {
     let config = dir.load_config()?;
     let net = settings.check().map_err(GatewayError::Invalid)?;
+    if settings.via == crate::vaultdir::GatewayVia::Bus && config.bus.is_none() {
+        return Err(GatewayError::Invalid(format!(
+            "a relay talks to the vault over the bus, which this vault has not: run `coffre bus broker-config {} --listen HOST:PORT --out DIR` first",
+            dir.root.display()
+        )));
+    }
+    if let Some((_, m)) = vpn_host
+        && !m.is_absolute()
+    {
+        return Err(GatewayError::Invalid(format!(
+            "--management {}: an absolute path on the VPN host",
+            m.display()
+        )));
+    }
     let gw = dir.gateway_dir();
     private_dir(&gw)?;
     let mgmt = dir.root.join(&settings.management);
@@ -426,11 +513,52 @@ pub fn write_openvpn_config(
     };
     let conf = gw.join("server.conf");
     write_file(&conf, &openvpn::server_config(&s), 0o600)?;
+    let mut management = mgmt;
+    if let Some((out, remote_mgmt)) = vpn_host {
+        private_dir(out)?;
+        for p in [&ca, &crt, &key, &tc, &tok] {
+            let name = p.file_name().expect("a file name");
+            let text = dir.read(p)?;
+            let mode = if name == "ca.pem" || name == "server.pem" {
+                0o644
+            } else {
+                0o600
+            };
+            write_file(&out.join(name), &text, mode)?;
+        }
+        openvpn::config_path(remote_mgmt).map_err(GatewayError::Invalid)?;
+        let name = |p: &Path| {
+            p.file_name()
+                .expect("a file name")
+                .to_string_lossy()
+                .into_owned()
+        };
+        let there = openvpn::ServerSettings {
+            ca: name(&ca),
+            cert: name(&crt),
+            key: name(&key),
+            tls_crypt: name(&tc),
+            token_secret: name(&tok),
+            management: remote_mgmt.display().to_string(),
+            // The tun device is the VPN host's: no name the vault's
+            // firewall knows.
+            dev: None,
+            ..s
+        };
+        write_file(
+            &out.join("server.conf"),
+            &openvpn::server_config(&there),
+            0o600,
+        )?;
+        management = remote_mgmt.clone();
+    }
     set_gateway_section(dir, &settings)?;
     Ok(ConfigReport {
         server_conf: conf,
-        management: mgmt,
+        management,
         new_tls_crypt,
+        relay: settings.relay.clone(),
+        vpn_host: vpn_host.map(|(o, _)| o.clone()),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod init;
 pub mod log;
 pub mod pki;
+pub mod relay;
 pub mod remote;
 pub mod renew;
 pub mod sd_notify;

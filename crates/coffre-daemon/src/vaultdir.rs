@@ -361,6 +361,31 @@ pub struct GatewayConfig {
     /// Fixed VPN addresses, by member.
     #[serde(default)]
     pub addresses: BTreeMap<String, std::net::Ipv4Addr>,
+    /// How the daemon reaches OpenVPN's management interface: `local` (the
+    /// socket on this host) or `bus` (through the relay on the VPN host,
+    /// over `[bus]`).
+    #[serde(default, skip_serializing_if = "GatewayVia::is_local")]
+    pub via: GatewayVia,
+    /// With `via = "bus"`: the relay's component name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+/// Where OpenVPN's management interface is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayVia {
+    /// The socket on this host.
+    #[default]
+    Local,
+    /// Through the relay on the VPN host, over the bus.
+    Bus,
+}
+
+impl GatewayVia {
+    fn is_local(&self) -> bool {
+        *self == GatewayVia::Local
+    }
 }
 
 fn default_management() -> PathBuf {
@@ -400,6 +425,8 @@ impl GatewayConfig {
             static_challenge: true,
             drop_privileges: true,
             addresses: BTreeMap::new(),
+            via: GatewayVia::Local,
+            relay: None,
         }
     }
 
@@ -415,6 +442,12 @@ impl GatewayConfig {
         }
         if self.reneg_s < 10 {
             return Err("reneg_s: at least 10 seconds".into());
+        }
+        if self.via == GatewayVia::Bus && self.relay.is_none() {
+            return Err("via = \"bus\" needs relay = NAME (the relay's component name)".into());
+        }
+        if let Some(r) = &self.relay {
+            coffre_bus::check_component_name(r)?;
         }
         if self.token_lifetime_s == 0 {
             // OpenVPN reads 0 as "never expires".
@@ -871,6 +904,23 @@ impl VaultDir {
                 msg: e.to_string(),
             });
         }
+        if let Some(g) = &c.gateway
+            && g.via == GatewayVia::Bus
+        {
+            let why = if c.bus.is_none() {
+                Some(
+                    "[gateway] via = \"bus\" needs [bus] url (`coffre bus broker-config`)"
+                        .to_string(),
+                )
+            } else if g.relay.is_none() {
+                Some("[gateway] via = \"bus\" needs relay = NAME".to_string())
+            } else {
+                None
+            };
+            if let Some(msg) = why {
+                return Err(DirError::Bad { path, msg });
+            }
+        }
         Ok(c)
     }
 
@@ -1065,6 +1115,22 @@ vm_user = "coffre-vm"
                 "\n[accounts]\nfirst_id = 65536\nlast_id = 99999\nhome = \"/home\"\nshell = \"/bin/sh\"\n\n[gateway]",
             );
         assert_eq!(toml::to_string_pretty(&again).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_relayed_gateway_needs_the_bus_and_a_relay_name() {
+        let relayed = WRITTEN_BY_INIT.replace("\n[gateway]\n", "\n[gateway]\nvia = \"bus\"\n");
+        let e = load(&relayed).unwrap_err().to_string();
+        assert!(e.contains("[bus]"), "{e}");
+        let bus = "\n[bus]\nurl = \"amqps://10.0.0.5:5671\"\n";
+        let e = load(&format!("{relayed}{bus}")).unwrap_err().to_string();
+        assert!(e.contains("relay = NAME"), "{e}");
+        let named = relayed.replace("via = \"bus\"\n", "via = \"bus\"\nrelay = \"gw1\"\n");
+        let with_bus = format!("{named}{bus}");
+        let g = load(&with_bus).unwrap().gateway.unwrap();
+        assert_eq!((g.via, g.relay.as_deref()), (GatewayVia::Bus, Some("gw1")));
+        let odd = with_bus.replace("via = \"bus\"", "via = \"carrier-pigeon\"");
+        assert!(load(&odd).is_err());
     }
 
     #[test]

@@ -16,7 +16,9 @@ pub const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 pub struct Broker {
     child: Option<Child>,
     run: PathBuf,
-    /// The TLS port it listens on (127.0.0.1).
+    /// The address it listens on.
+    pub host: String,
+    /// The TLS port it listens on.
     pub port: u16,
     node: String,
     epmd: u16,
@@ -29,6 +31,12 @@ impl Broker {
     /// 127.0.0.1:`port` as configured, and waits until it accepts
     /// connections (at most 120 s).
     pub fn start(run: &Path, port: u16) -> Broker {
+        Broker::start_at(run, "127.0.0.1", port)
+    }
+
+    /// As [`Broker::start`], listening on `host` (an address of this
+    /// network namespace) as configured.
+    pub fn start_at(run: &Path, host: &str, port: u16) -> Broker {
         let epmd = crate::process::free_port();
         let dist = crate::process::free_port();
         let node = format!("coffre{}p{port}@localhost", std::process::id());
@@ -36,6 +44,7 @@ impl Broker {
         let mut b = Broker {
             child: None,
             run: run.to_path_buf(),
+            host: host.to_string(),
             port,
             node,
             epmd,
@@ -65,7 +74,7 @@ impl Broker {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
                 return;
             }
             if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -110,7 +119,9 @@ impl Broker {
         }
         // Its listener gone before the next start reuses the port.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+        while TcpStream::connect((self.host.as_str(), self.port)).is_ok()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(100));
         }
     }

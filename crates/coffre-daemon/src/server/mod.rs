@@ -364,16 +364,46 @@ pub async fn serve(
     shell.nfs_start();
     shell.directory_start();
 
-    if let Some(sock) = shell.dir.management_socket(&shell.config) {
-        // The socket's directory protects the passwords it carries (the
-        // link refuses a socket others could reach, and says why).
-        if let Some(parent) = sock.parent() {
-            let _ = crate::gateway::private_dir(parent);
+    let via = match shell.config.gateway.as_ref().map(|g| g.via) {
+        None => None,
+        Some(crate::vaultdir::GatewayVia::Local) => {
+            shell.dir.management_socket(&shell.config).map(|sock| {
+                // The socket's directory protects the passwords it carries
+                // (the link refuses a socket others could reach, and says
+                // why).
+                if let Some(parent) = sock.parent() {
+                    let _ = crate::gateway::private_dir(parent);
+                }
+                crate::gateway::Via::Socket(sock)
+            })
         }
+        Some(crate::vaultdir::GatewayVia::Bus) => {
+            let report_tx = tx.clone();
+            let refused = Box::new(move |detail: String| {
+                let _ = report_tx.send(Msg::SystemAudit {
+                    action: "gateway",
+                    outcome: "refused",
+                    detail,
+                });
+            });
+            match relay_config(&shell.dir, &shell.config, refused) {
+                Ok(cfg) => Some(crate::gateway::Via::Relay(Box::new(cfg))),
+                Err(e) => {
+                    shell.system_audit(
+                        "gateway",
+                        "failed",
+                        format!("{e}; the vault runs without its VPN gateway"),
+                    );
+                    None
+                }
+            }
+        }
+    };
+    if let Some(via) = via {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         shell.gw_tx = Some(cmd_tx);
-        tokio::spawn(crate::gateway::run(sock, ev_tx, cmd_rx));
+        tokio::spawn(crate::gateway::run(via, ev_tx, cmd_rx));
         let link_tx = tx.clone();
         tokio::spawn(async move {
             while let Some(ev) = ev_rx.recv().await {
@@ -599,4 +629,42 @@ pub async fn serve(
         shell.directory_sync();
     }
     Ok(())
+}
+
+/// What the daemon needs to reach OpenVPN through the relay named in
+/// `[gateway] relay`.
+fn relay_config(
+    dir: &VaultDir,
+    config: &Config,
+    refused: Box<dyn Fn(String) + Send + Sync>,
+) -> Result<crate::relay::RelayConfig, String> {
+    let bus = config
+        .bus
+        .as_ref()
+        .ok_or("[gateway] via = \"bus\" without [bus]")?;
+    let relay = config
+        .gateway
+        .as_ref()
+        .and_then(|g| g.relay.clone())
+        .ok_or("[gateway] via = \"bus\" without relay = NAME")?;
+    let comps = crate::bus::components(dir).map_err(|e| e.to_string())?;
+    let c = comps
+        .iter()
+        .find(|c| c.name == relay && c.role == coffre_bus::Role::Gateway)
+        .ok_or_else(|| {
+            format!("the relay {relay:?} is not a gateway component (`coffre bus identity DIR {relay} --role gateway`)")
+        })?;
+    if c.public_key.is_empty() {
+        return Err(format!(
+            "the relay {relay:?} was issued by an older version: issue its identity again"
+        ));
+    }
+    Ok(crate::relay::RelayConfig {
+        id: crate::bus::daemon_identity(dir, &bus.url).map_err(|e| e.to_string())?,
+        url: bus.url.clone(),
+        relay,
+        relay_key: c.public_key.clone(),
+        keys: Arc::new(crate::bus::VaultKeys::load_or_create(dir).map_err(|e| e.to_string())?),
+        refused,
+    })
 }

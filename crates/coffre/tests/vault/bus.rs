@@ -370,3 +370,208 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
     v.stop();
     drop(broker);
 }
+
+/// Links the vault's host (this namespace) to the "VPN host" (namespace
+/// `ns`) over a veth pair with a /30 of its own; returns the vault side's
+/// address (the broker listens there).
+fn link_hosts(ns: &str, k: u16) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let base = 4 * (k % 63);
+    let (here, there) = (
+        format!("198.51.100.{}", base + 1),
+        format!("198.51.100.{}", base + 2),
+    );
+    let (a, b) = (format!("cbv{k}"), format!("cbp{k}"));
+    run(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    run(&["link", "set", &b, "netns", ns]);
+    run(&["addr", "add", &format!("{here}/30"), "dev", &a]);
+    run(&["link", "set", &a, "up"]);
+    run(&["-n", ns, "addr", "add", &format!("{there}/30"), "dev", &b]);
+    run(&["-n", ns, "link", "set", &b, "up"]);
+    here
+}
+
+/// Issue 20's relay, three hosts: the vault daemon here, OpenVPN and its
+/// relay in their own namespace (the VPN host, which has no vault
+/// directory, only what `openvpn-config --out` wrote), a member's client
+/// in a third. The broker sees sealed lines and signed commands only.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, RabbitMQ, OpenVPN, network namespaces"]
+fn members_enter_through_the_relay_on_the_vpn_host_and_a_lock_reaches_them_through_it() {
+    use crate::gateway::{Gw, Net, Relay, UP};
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+        Need::RabbitMq,
+    ]);
+    let v = Vault::init(&["--totp-period", "3"]);
+    let net = Net::new(2);
+    let port = free_port();
+    let host = link_hosts(&net.server, port);
+    let url = format!("amqps://{host}:{port}");
+    let tmp = v.tmp.path().to_path_buf();
+    let dir = v.dir.to_str().unwrap().to_string();
+    let gw_id = tmp.join("gw1.identity");
+    ok(&v
+        .bin()
+        .args([
+            "bus", "identity", &dir, "gw1", "--role", "gateway", "--bus", &url,
+        ])
+        .arg("--out")
+        .arg(&gw_id)
+        .output()
+        .unwrap());
+    let id: serde_json::Value = serde_json::from_slice(&std::fs::read(&gw_id).unwrap()).unwrap();
+    assert_eq!(id["role"], "gateway");
+    assert_eq!(id["vault_seal_key"].as_str().unwrap().len(), 64);
+    let broker_home = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(broker_home.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let out = broker_home.path().join("broker");
+    ok(&v
+        .bin()
+        .args([
+            "bus",
+            "broker-config",
+            &dir,
+            "--listen",
+            &format!("{host}:{port}"),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let mut broker = Broker::start_at(&out.join("run"), &host, port);
+
+    // The VPN host's files, and its management socket's private directory.
+    let vpnhost = tmp.join("vpnhost");
+    let mgmt_dir = tmp.join("vpnrun");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir(&mgmt_dir).unwrap();
+        std::fs::set_permissions(&mgmt_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let management = mgmt_dir.join("management.sock");
+    let relay = Relay {
+        vpnhost: vpnhost.clone(),
+        identity: gw_id.clone(),
+        management: management.clone(),
+        child: None,
+        log: tmp.join("relay.log"),
+    };
+    let mut gw = Gw::around_relayed(
+        v,
+        net,
+        &["bob"],
+        &[
+            "--relay",
+            "gw1",
+            "--out",
+            vpnhost.to_str().unwrap(),
+            "--management",
+            management.to_str().unwrap(),
+        ],
+        Some(relay),
+    );
+    let config = std::fs::read_to_string(gw.vault.dir.join("config.toml")).unwrap();
+    assert!(config.contains("via = \"bus\""), "{config}");
+    // OpenVPN on the VPN host reads nothing from the vault's directory.
+    let conf = std::fs::read_to_string(vpnhost.join("server.conf")).unwrap();
+    assert!(!conf.contains(gw.vault.dir.to_str().unwrap()), "{conf}");
+
+    // Alice enters through the relay: the vault opens, and knows where
+    // she comes from.
+    let mut alice = gw.connect("alice", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    let s = gw.sessions();
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(
+        (s[0]["member"].as_str(), s[0]["door"].as_str()),
+        (Some("alice"), Some("vpn"))
+    );
+    assert_eq!(s[0]["from"], Net::client_ip(0));
+
+    // A wrong password is refused, with the vault's reason, through it.
+    let auth = gw.auth_file("bob", Some("not-his-password"), false);
+    let mut wrong = gw.client("bob", 1, &auth, &[]);
+    assert!(
+        wrong.exited_within(Duration::from_secs(30)),
+        "{}",
+        wrong.text()
+    );
+    let failed = wrong
+        .text()
+        .lines()
+        .find(|l| l.contains("AUTH_FAILED"))
+        .unwrap_or("")
+        .to_string();
+    assert!(failed.contains("password"), "{}", wrong.text());
+
+    // The broker restarts while she is inside: the vault stays open, her
+    // client stays connected, and the link comes back.
+    broker.restart();
+    gw.wait_gateway(true);
+    assert_eq!(gw.vault.state(), "open");
+    assert!(
+        alice.child.try_wait().unwrap().is_none(),
+        "{}",
+        alice.text()
+    );
+    let s = gw.sessions();
+    assert_eq!(s.len(), 1, "her session survives the broker: {s:?}");
+    let audit = gw.vault.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "gateway" && e["record"]["result"] == "down"),
+        "the link's loss is audited"
+    );
+
+    // Bob gets in too, after the restart.
+    let mut bob = gw.connect("bob", 1);
+
+    // A lock reaches both through the relay: told to go, and refused.
+    ok(&gw.vault.authed("alice", &["lock", "--reason", "incident"]));
+    gw.vault.wait_state("locked", Duration::from_secs(20));
+    assert!(
+        alice.exited_within(Duration::from_secs(20)),
+        "{}",
+        alice.text()
+    );
+    assert!(bob.exited_within(Duration::from_secs(20)), "{}", bob.text());
+    let auth = gw.auth_file("bob", None, false);
+    let mut again = gw.client("bob", 1, &auth, &[]);
+    assert!(again.exited_within(Duration::from_secs(30)));
+    assert!(
+        again.text().contains("locked") && !again.text().contains(UP),
+        "{}",
+        again.text()
+    );
+    // Nothing was refused on the vault's relay queue.
+    assert!(
+        !gw.vault
+            .audit()
+            .iter()
+            .any(|e| e["record"]["action"] == "gateway" && e["record"]["result"] == "refused"),
+        "{:?}",
+        gw.vault.audit()
+    );
+    ok(&gw.vault.authed("alice", &["unlock"]));
+    gw.vault.stop();
+    drop(gw);
+    drop(broker);
+}

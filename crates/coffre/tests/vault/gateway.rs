@@ -161,6 +161,60 @@ pub struct Gw {
     pub net: Net,
     pub server: Option<Ovpn>,
     pub dir: PathBuf,
+    /// OpenVPN on the "VPN host" with its relay (`coffre gateway relay`).
+    pub relay: Option<Relay>,
+}
+
+/// The VPN host's side when the gateway is relayed over the bus: the
+/// directory `openvpn-config --out` wrote, the relay's identity, the
+/// management socket there, and the relay's process.
+pub struct Relay {
+    pub vpnhost: PathBuf,
+    pub identity: PathBuf,
+    pub management: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// Starts `coffre gateway relay` in namespace `ns`.
+    pub fn spawn(&mut self, ns: &str) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(crate::harness::BIN)
+            .args(["gateway", "relay", "--identity"])
+            .arg(&self.identity)
+            .arg("--management")
+            .arg(&self.management)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Gw {
@@ -182,7 +236,20 @@ impl Gw {
 
     /// The gateway of `vault` (not started; its daemon runs wherever
     /// `vault.netns` says) with OpenVPN in `net`'s server namespace.
-    pub fn around(mut vault: Vault, net: Net, members: &[&str], gateway: &[&str]) -> Gw {
+    pub fn around(vault: Vault, net: Net, members: &[&str], gateway: &[&str]) -> Gw {
+        Gw::around_relayed(vault, net, members, gateway, None)
+    }
+
+    /// As [`Gw::around`]; with `relay`, OpenVPN runs from the VPN host's
+    /// directory and the daemon reaches it through the relay (`gateway`
+    /// must then hold `--relay NAME --out DIR --management PATH`).
+    pub fn around_relayed(
+        mut vault: Vault,
+        net: Net,
+        members: &[&str],
+        gateway: &[&str],
+        relay: Option<Relay>,
+    ) -> Gw {
         // Refusals are part of the tests: keep the throttle short.
         vault.set_policy("throttle_base_ms", 10);
         let dir = vault.tmp.path().to_path_buf();
@@ -215,6 +282,7 @@ impl Gw {
             net,
             server: None,
             dir,
+            relay,
         };
         gw.start_server();
         for name in std::iter::once(&"alice").chain(members) {
@@ -238,19 +306,39 @@ impl Gw {
 
     /// Starts OpenVPN and waits until the daemon is connected to it.
     pub fn start_server(&mut self) {
-        let conf = self.vault.dir.join("gateway/server.conf");
         let log = self.dir.join("server.log");
-        let mut s = Ovpn::spawn(
-            &self.net.server,
-            &log,
-            &["--config", conf.to_str().unwrap()],
-        );
+        let mut s = match &self.relay {
+            None => {
+                let conf = self.vault.dir.join("gateway/server.conf");
+                Ovpn::spawn(
+                    &self.net.server,
+                    &log,
+                    &["--config", conf.to_str().unwrap()],
+                )
+            }
+            Some(r) => Ovpn::spawn(
+                &self.net.server,
+                &log,
+                &[
+                    "--cd",
+                    r.vpnhost.to_str().unwrap(),
+                    "--config",
+                    "server.conf",
+                ],
+            ),
+        };
         assert!(
             s.wait_for(UP, &["Exiting due to fatal error"], Duration::from_secs(20)),
             "OpenVPN server did not start:\n{}",
             s.text()
         );
         self.server = Some(s);
+        let ns = self.net.server.clone();
+        if let Some(r) = self.relay.as_mut()
+            && r.child.is_none()
+        {
+            r.spawn(&ns);
+        }
         self.wait_gateway(true);
     }
 
@@ -261,7 +349,17 @@ impl Gw {
             if s["gateway"]["openvpn_connected"].as_bool() == Some(up) {
                 return;
             }
-            assert!(Instant::now() < deadline, "gateway never {up}: {s}");
+            assert!(
+                Instant::now() < deadline,
+                "gateway never {up}: {s}\nrelay:\n{}\naudit: {:?}",
+                self.relay.as_ref().map(Relay::text).unwrap_or_default(),
+                self.vault
+                    .audit()
+                    .iter()
+                    .filter(|e| e["record"]["action"] == "gateway" || e["record"]["action"] == "bus")
+                    .map(|e| e["record"].clone())
+                    .collect::<Vec<_>>()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

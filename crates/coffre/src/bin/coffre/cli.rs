@@ -671,6 +671,29 @@ pub enum GatewayCommand {
     /// keyslot, the TOTP code must be fresh. The first connection opens the
     /// vault, the last departure closes it.
     OpenvpnConfig(OpenvpnConfigArgs),
+    /// On the VPN host (no vault directory there): carry OpenVPN's
+    /// management interface to the vault over the bus.
+    ///
+    /// The relay connects to the broker with a gateway identity (`coffre
+    /// bus identity DIR NAME --role gateway`), opens OpenVPN's management
+    /// socket whenever the vault asks, seals every line OpenVPN writes
+    /// (passwords, names, addresses) to the vault's key so the broker never
+    /// reads them, and writes the vault's signed commands back. Every
+    /// decision stays in the vault, whose `[gateway]` says `via = "bus"`
+    /// (`coffre gateway openvpn-config DIR --relay NAME`). Runs in the
+    /// foreground, for ever; reconnects with backoff; logs to stderr.
+    Relay {
+        /// The gateway's identity file.
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// The broker (default: the one in the identity).
+        #[arg(long, value_name = "URL")]
+        bus: Option<String>,
+        /// OpenVPN's management socket on this host (in a directory only
+        /// root can reach).
+        #[arg(long, value_name = "PATH")]
+        management: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -713,6 +736,26 @@ pub struct OpenvpnConfigArgs {
     /// Keep OpenVPN running as root (default: it drops to nobody/nogroup).
     #[arg(long)]
     pub keep_root: bool,
+    /// OpenVPN runs on another host, and its relay (this gateway component,
+    /// `coffre gateway relay`) carries the management interface over the
+    /// bus: sets `via = "bus"`. Needs `[bus]` (`coffre bus broker-config`).
+    #[arg(long, value_name = "NAME")]
+    pub relay: Option<String>,
+    /// With --relay: also write what the VPN host needs (server.conf, its
+    /// certificate and key, tls-crypt and token keys) into this directory,
+    /// with paths relative to it: run `openvpn --cd DIR --config
+    /// server.conf` there.
+    #[arg(long, value_name = "DIR", requires = "relay")]
+    pub out: Option<PathBuf>,
+    /// With --out: OpenVPN's management socket on the VPN host (give the
+    /// relay the same path).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "out",
+        default_value = "/run/coffre-vpn/management.sock"
+    )]
+    pub management: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -878,7 +921,8 @@ pub enum BusCommand {
         /// The component's name (1 to 32 of a-z 0-9 - _ .).
         name: String,
         /// What it may do: monitor (reads events, keeps a witness copy of
-        /// the audit chain).
+        /// the audit chain), gateway (relays OpenVPN's management interface
+        /// from the VPN host: `coffre gateway relay`).
         #[arg(long, value_enum)]
         role: BusRoleChoice,
         /// The broker's address (default: the vault's `[bus] url`).
@@ -909,6 +953,7 @@ pub enum BusCommand {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum BusRoleChoice {
     Monitor,
+    Gateway,
 }
 
 #[derive(Debug, Subcommand)]

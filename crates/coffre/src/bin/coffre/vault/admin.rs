@@ -199,6 +199,11 @@ pub fn proposal(cmd: ProposalCommand) -> Result<u8> {
 /// `coffre gateway …`
 pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
     match cmd {
+        GatewayCommand::Relay {
+            identity,
+            bus,
+            management,
+        } => super::bus::relay(identity, bus, management),
         GatewayCommand::OpenvpnConfig(a) => {
             let mut g = coffre_daemon::vaultdir::GatewayConfig::new(a.remote);
             g.port = a.port;
@@ -212,6 +217,10 @@ pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
             g.token_lifetime_s = a.token_lifetime;
             g.static_challenge = !a.totp_suffix;
             g.drop_privileges = !a.keep_root;
+            if let Some(r) = a.relay {
+                g.relay = Some(r);
+                g.via = coffre_daemon::vaultdir::GatewayVia::Bus;
+            }
             for pair in &a.addresses {
                 let (name, ip) = pair
                     .split_once('=')
@@ -222,7 +231,8 @@ pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
                 g.addresses.insert(name.to_string(), ip);
             }
             let vd = VaultDir::new(&a.dir);
-            let r = coffre_daemon::gateway::write_openvpn_config(&vd, g)?;
+            let vpn_host = a.out.map(|o| (o, a.management));
+            let r = coffre_daemon::gateway::write_openvpn_config(&vd, g, vpn_host.as_ref())?;
             println!("wrote {}", r.server_conf.display());
             if r.new_tls_crypt {
                 println!(
@@ -231,15 +241,37 @@ pub fn gateway(cmd: GatewayCommand) -> Result<u8> {
             } else {
                 println!("kept the existing tls-crypt key: members' profiles stay valid");
             }
-            println!(
-                "next: restart `coffre serve {}`, then run: openvpn --config {}",
-                a.dir.display(),
-                r.server_conf.display()
-            );
-            println!(
-                "the daemon talks to OpenVPN through {} (root only)",
-                r.management.display()
-            );
+            match (&r.vpn_host, &r.relay) {
+                (Some(out), Some(relay)) => {
+                    println!(
+                        "wrote what the VPN host needs to {} (keep it private: it holds keys)",
+                        out.display()
+                    );
+                    println!(
+                        "next: restart `coffre serve {}`; on the VPN host run `openvpn --cd {} --config server.conf` and `coffre gateway relay --identity {relay}.identity --management {}`",
+                        a.dir.display(),
+                        out.display(),
+                        r.management.display()
+                    );
+                }
+                (None, Some(relay)) => println!(
+                    "next: restart `coffre serve {}`, run `openvpn --config {}`, and `coffre gateway relay --identity {relay}.identity --management {}`",
+                    a.dir.display(),
+                    r.server_conf.display(),
+                    r.management.display()
+                ),
+                _ => {
+                    println!(
+                        "next: restart `coffre serve {}`, then run: openvpn --config {}",
+                        a.dir.display(),
+                        r.server_conf.display()
+                    );
+                    println!(
+                        "the daemon talks to OpenVPN through {} (root only)",
+                        r.management.display()
+                    );
+                }
+            }
             Ok(exit::OK)
         }
     }

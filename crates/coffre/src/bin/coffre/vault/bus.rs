@@ -46,6 +46,7 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
             let vd = VaultDir::new(&dir);
             let role = match role {
                 BusRoleChoice::Monitor => Role::Monitor,
+                BusRoleChoice::Gateway => Role::Gateway,
             };
             let broker = match bus {
                 Some(b) => Some(b),
@@ -508,4 +509,27 @@ async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> 
         let _ = out.flush();
     }
     lost("the broker ended the subscription")
+}
+
+/// `coffre gateway relay`
+pub fn relay(identity: PathBuf, bus: Option<String>, management: PathBuf) -> Result<u8> {
+    let id = Identity::load(&identity)?;
+    let url = id.broker_url(bus.as_deref())?;
+    coffre_bus::conn::parse_url(&url)?;
+    if let Some((end, _)) = coffre_daemon::pki::pem_not_after(&id.cert_pem)
+        && end < i64::try_from(coffre_sys::time::now_ms() / 1000).unwrap_or(i64::MAX)
+    {
+        anyhow::bail!(
+            "{}: its certificate ended; issue it again on the vault's host (`coffre bus identity DIR {} --role gateway --out FILE`)",
+            identity.display(),
+            id.name
+        );
+    }
+    runtime()?.block_on(async {
+        let say = |m: String| eprintln!("coffre relay: {}", m.replace(char::is_control, " "));
+        match coffre_daemon::relay::relay(id, url, management, say).await {
+            Ok(never) => match never {},
+            Err(e) => Err(anyhow::anyhow!(e)),
+        }
+    })
 }

@@ -1,0 +1,148 @@
+//! The gateway relay's protocol: OpenVPN's management interface carried
+//! between the VPN host and the vault over the bus.
+//!
+//! The vault opens a *link* (a random name) by sending [`RelayMsg::Open`];
+//! the relay connects to OpenVPN's management socket afresh for it and
+//! answers [`RelayMsg::Opened`] (or [`RelayMsg::Closed`] with why). From
+//! then on the relay sends OpenVPN's lines as they come, sealed to the
+//! vault's X25519 key ([`RelayMsg::Lines`]: the broker never reads a
+//! password, a name or an address), and writes the vault's commands
+//! ([`RelayMsg::Cmd`]) to the socket. Both directions are numbered from 1
+//! per link: a lost or replayed message ends the link, and the vault opens
+//! a new one and rebuilds its view from OpenVPN's `status`, as it does
+//! after any reconnection. Every message is a signed envelope
+//! ([`crate::envelope`]) of kind [`KIND`], non-persistent, with a short
+//! TTL, on the exchange [`GATEWAY`], in queues that live as long as their
+//! consumer's connection.
+
+use serde::{Deserialize, Serialize};
+
+/// The topic exchange the relay and the vault talk through.
+pub const GATEWAY: &str = "coffre.gateway";
+/// The envelope kind of every relay message.
+pub const KIND: &str = "gateway";
+/// The routing key of messages to the vault.
+pub const TO_VAULT: &str = "vault";
+/// The vault's queue of relay messages.
+pub const VAULT_QUEUE: &str = "coffre.gateway.vault";
+/// How long a relay message may wait in a queue, milliseconds (and its
+/// envelope's life, in seconds, is the same).
+pub const TTL_MS: u32 = 30_000;
+/// How often each side says it is alive when there is nothing else.
+pub const ALIVE_EVERY_S: u64 = 5;
+/// Silence after which a side counts the other gone.
+pub const SILENT_S: u64 = 20;
+
+/// The routing key of messages to relay `name`.
+pub fn to_relay(name: &str) -> String {
+    format!("relay.{name}")
+}
+
+/// Relay `name`'s queue.
+pub fn relay_queue(name: &str) -> String {
+    format!("coffre.gateway.relay.{name}")
+}
+
+/// The associated data a sealed batch is bound to: the link and the
+/// message's number (a batch moved to another place does not open).
+pub fn sealed_aad(link: &str, seq: u64) -> Vec<u8> {
+    format!("coffre-relay lines {link} {seq}").into_bytes()
+}
+
+/// One relay message (the body of an envelope of kind [`KIND`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum RelayMsg {
+    /// Vault to relay: (re)connect to OpenVPN for this link.
+    Open {
+        /// The new link's name.
+        link: String,
+    },
+    /// Relay to vault: connected to OpenVPN for this link.
+    Opened {
+        /// The link.
+        link: String,
+    },
+    /// Relay to vault: management lines, sealed (base64).
+    Lines {
+        /// The link.
+        link: String,
+        /// This message's number on the link, from 1.
+        seq: u64,
+        /// The lines, each ended by `\n`, sealed to the vault.
+        sealed: String,
+    },
+    /// Vault to relay: a command for OpenVPN (whole lines).
+    Cmd {
+        /// The link.
+        link: String,
+        /// This message's number on the link, from 1.
+        seq: u64,
+        /// What to write to the socket.
+        text: String,
+    },
+    /// Either way: still here (`link` is the current one, if any).
+    Alive {
+        /// The link the sender holds, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link: Option<String>,
+    },
+    /// Relay to vault: the link is over (OpenVPN went away, a message was
+    /// lost, another link replaced it).
+    Closed {
+        /// The link.
+        link: String,
+        /// Why, for the audit log.
+        why: String,
+    },
+}
+
+impl RelayMsg {
+    /// The message as an envelope's body.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("relay messages serialise")
+    }
+
+    /// Reads an envelope's body.
+    pub fn from_value(v: serde_json::Value) -> Result<Self, String> {
+        let m: RelayMsg = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        let link = match &m {
+            RelayMsg::Open { link }
+            | RelayMsg::Opened { link }
+            | RelayMsg::Lines { link, .. }
+            | RelayMsg::Cmd { link, .. }
+            | RelayMsg::Closed { link, .. } => Some(link),
+            RelayMsg::Alive { link } => link.as_ref(),
+        };
+        if let Some(l) = link
+            && (l.is_empty() || l.len() > 64 || !l.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            return Err("a link name is 1 to 64 letters or digits".into());
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_odd_links_are_refused() {
+        let m = RelayMsg::Cmd {
+            link: "ab12".into(),
+            seq: 3,
+            text: "client-deny 1 2 \"no\"\n".into(),
+        };
+        assert_eq!(RelayMsg::from_value(m.to_value()).unwrap(), m);
+        let a = RelayMsg::Alive { link: None };
+        assert_eq!(RelayMsg::from_value(a.to_value()).unwrap(), a);
+        let bad = serde_json::json!({"op": "open", "link": "a b"});
+        assert!(RelayMsg::from_value(bad).is_err());
+        let bad = serde_json::json!({"op": "open", "link": "ab", "more": 1});
+        assert!(RelayMsg::from_value(bad).is_err());
+        let bad = serde_json::json!({"op": "launch"});
+        assert!(RelayMsg::from_value(bad).is_err());
+    }
+}
