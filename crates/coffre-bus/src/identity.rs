@@ -21,6 +21,9 @@ pub enum Role {
     /// Relays OpenVPN's management interface on the VPN host
     /// (`coffre gateway relay`).
     Gateway,
+    /// Sends commands (`task_add`, `task_cancel`) for the members its
+    /// record allows (`coffre bus send`).
+    Scheduler,
 }
 
 impl Role {
@@ -30,6 +33,7 @@ impl Role {
             Role::Vault => "vault",
             Role::Monitor => "monitor",
             Role::Gateway => "gateway",
+            Role::Scheduler => "scheduler",
         }
     }
 }

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod command;
 pub mod conn;
 pub mod envelope;
 pub mod event;

@@ -13,7 +13,7 @@ use crate::pki::{self, PkiError};
 use crate::vaultdir::{DirError, VaultDir, write_atomic};
 use coffre_audit::{Entry, HeadWatch, LOG_FILE};
 use coffre_bus::{
-    BusError, EVENTS, Event, Identity, Role, VHOST, common_name, relay, witness_queue,
+    BusError, EVENTS, Event, Identity, Role, VHOST, command, common_name, relay, witness_queue,
 };
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, SeekFrom};
@@ -52,6 +52,11 @@ pub const VAULT_COMPONENT: &str = "vault";
 /// (beyond, the oldest go and the witness reports a gap).
 pub const WITNESS_QUEUE_MAX: u64 = 1_000_000;
 
+/// Commands (and dead letters) the broker keeps at most.
+pub const COMMAND_QUEUE_MAX: u64 = 10_000;
+/// How long a reply waits for its scheduler, milliseconds.
+pub const REPLY_TTL_MS: u64 = 3_600_000;
+
 /// One component the broker knows.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +71,25 @@ pub struct Component {
     /// envelopes verify with.
     #[serde(default)]
     pub public_key: String,
+    /// A scheduler: the members it may add tasks for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// A scheduler: the longest task it may add, seconds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub longest_s: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a scheduler may do: add tasks for these members, this long at most.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rights {
+    /// The members it acts for.
+    pub members: Vec<String>,
+    /// The longest task, seconds.
+    pub longest_s: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -115,8 +139,31 @@ pub fn issue_identity(
     vd: &VaultDir,
     name: &str,
     role: Role,
+    rights: Rights,
     broker: Option<String>,
 ) -> Result<Identity, BusSetupError> {
+    match (role, rights.members.is_empty()) {
+        (Role::Scheduler, true) => {
+            return Err(BusSetupError::Invalid(
+                "a scheduler acts for members: name them (--for alice,bob)".into(),
+            ));
+        }
+        (Role::Scheduler, false) if rights.longest_s == 0 => {
+            return Err(BusSetupError::Invalid(
+                "a scheduler's tasks need a longest duration (--longest)".into(),
+            ));
+        }
+        (Role::Scheduler, false) => {}
+        (_, false) => {
+            return Err(BusSetupError::Invalid(
+                "only a scheduler acts for members".into(),
+            ));
+        }
+        (_, true) => {}
+    }
+    for m in &rights.members {
+        crate::init::check_member_name(m).map_err(BusSetupError::Invalid)?;
+    }
     coffre_bus::check_component_name(name).map_err(BusSetupError::Invalid)?;
     if name == VAULT_COMPONENT {
         return Err(BusSetupError::Invalid(format!(
@@ -143,6 +190,8 @@ pub fn issue_identity(
         role,
         fingerprint: issued.fingerprint.clone(),
         public_key,
+        members: rights.members,
+        longest_s: rights.longest_s,
     });
     save_components(vd, &all)?;
     Ok(Identity {
@@ -450,11 +499,13 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
     let gw_x = esc(relay::GATEWAY);
     // The vault publishes events and relay commands, and reads relays'
     // messages from a queue it declares for its connection's life.
+    let cmd_x = esc(command::COMMANDS);
+    let cmd_q = esc(command::VAULT_QUEUE);
     let mut permissions = vec![json!({
         "user": vault, "vhost": VHOST,
         "configure": format!("^{gw_q}$"),
-        "write": format!("^({}|{gw_x}|{gw_q})$", esc(EVENTS)),
-        "read": format!("^({gw_x}|{gw_q})$"),
+        "write": format!("^({}|{gw_x}|{gw_q}|{cmd_x})$", esc(EVENTS)),
+        "read": format!("^({gw_x}|{gw_q}|{cmd_q})$"),
     })];
     let mut topic_permissions = vec![
         json!({
@@ -465,9 +516,36 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
             "user": vault, "vhost": VHOST, "exchange": relay::GATEWAY,
             "write": "^relay\\.", "read": format!("^{}$", relay::TO_VAULT)
         }),
+        json!({
+            "user": vault, "vhost": VHOST, "exchange": command::COMMANDS,
+            "write": "^reply\\.", "read": "^$"
+        }),
     ];
-    let mut queues = Vec::new();
-    let mut bindings = Vec::new();
+    // Commands wait in a durable queue until the vault applied them;
+    // what it refuses goes to the dead letters.
+    let mut queues = vec![
+        json!({
+            "name": command::VAULT_QUEUE, "vhost": VHOST, "durable": true, "auto_delete": false,
+            "arguments": {
+                "x-dead-letter-exchange": command::DEAD,
+                "x-max-length": COMMAND_QUEUE_MAX, "x-overflow": "reject-publish"
+            }
+        }),
+        json!({
+            "name": command::DEAD_QUEUE, "vhost": VHOST, "durable": true, "auto_delete": false,
+            "arguments": {"x-max-length": COMMAND_QUEUE_MAX, "x-overflow": "drop-head"}
+        }),
+    ];
+    let mut bindings = vec![
+        json!({
+            "source": command::COMMANDS, "vhost": VHOST, "destination": command::VAULT_QUEUE,
+            "destination_type": "queue", "routing_key": command::TO_VAULT, "arguments": {}
+        }),
+        json!({
+            "source": command::DEAD, "vhost": VHOST, "destination": command::DEAD_QUEUE,
+            "destination_type": "queue", "routing_key": "", "arguments": {}
+        }),
+    ];
     for c in comps {
         let user = common_name(&c.name);
         users.push(json!({"name": user, "password_hash": "", "tags": []}));
@@ -485,6 +563,28 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
                 "user": user, "vhost": VHOST, "exchange": relay::GATEWAY,
                 "write": format!("^{}$", relay::TO_VAULT),
                 "read": format!("^{}$", esc(&relay::to_relay(&c.name))),
+            }));
+        }
+        if c.role == Role::Scheduler {
+            // Commands to the vault; its own replies, nothing else.
+            let q = command::reply_queue(&c.name);
+            permissions.push(json!({
+                "user": user, "vhost": VHOST,
+                "configure": "^$",
+                "write": format!("^{cmd_x}$"),
+                "read": format!("^{}$", esc(&q)),
+            }));
+            topic_permissions.push(json!({
+                "user": user, "vhost": VHOST, "exchange": command::COMMANDS,
+                "write": format!("^{}$", command::TO_VAULT), "read": "^$"
+            }));
+            queues.push(json!({
+                "name": q, "vhost": VHOST, "durable": true, "auto_delete": false,
+                "arguments": {"x-message-ttl": REPLY_TTL_MS, "x-max-length": 1000, "x-overflow": "drop-head"}
+            }));
+            bindings.push(json!({
+                "source": command::COMMANDS, "vhost": VHOST, "destination": q,
+                "destination_type": "queue", "routing_key": command::to_reply(&c.name), "arguments": {}
             }));
         }
         if c.role == Role::Monitor {
@@ -522,6 +622,14 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
             {
                 "name": relay::GATEWAY, "vhost": VHOST, "type": "topic",
                 "durable": true, "auto_delete": false, "internal": false, "arguments": {}
+            },
+            {
+                "name": command::COMMANDS, "vhost": VHOST, "type": "topic",
+                "durable": true, "auto_delete": false, "internal": false, "arguments": {}
+            },
+            {
+                "name": command::DEAD, "vhost": VHOST, "type": "fanout",
+                "durable": true, "auto_delete": false, "internal": true, "arguments": {}
             }
         ],
         "queues": queues,
@@ -821,12 +929,16 @@ mod tests {
                 role: Role::Monitor,
                 fingerprint: "ab".into(),
                 public_key: String::new(),
+                members: vec![],
+                longest_s: 0,
             },
             Component {
                 name: "gw1".into(),
                 role: Role::Gateway,
                 fingerprint: "cd".into(),
                 public_key: String::new(),
+                members: vec![],
+                longest_s: 0,
             },
         ];
         let d = definitions(&comps);
@@ -856,11 +968,11 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        // The vault writes events and reads only relays' messages; the
-        // monitor reads its own queue, never another's.
+        // The vault writes events and reads only relays' messages and
+        // commands; the monitor reads its own queue, never another's.
         assert_eq!(
             perm("coffre-bus:vault")["read"],
-            "^(coffre\\.gateway|coffre\\.gateway\\.vault)$"
+            "^(coffre\\.gateway|coffre\\.gateway\\.vault|coffre\\.cmd\\.vault)$"
         );
         let re = perm("coffre-bus:mon1")["read"]
             .as_str()
@@ -868,8 +980,25 @@ mod tests {
             .to_string();
         assert!(re.contains("coffre\\.witness\\.mon1"), "{re}");
         assert!(!re.contains(".*|coffre\\.witness\\.") && !re.contains("witness\\..*"));
-        assert_eq!(d["queues"][0]["name"], "coffre.witness.mon1");
-        assert_eq!(d["bindings"][0]["routing_key"], "audit.#");
+        let q = d["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|q| q["name"] == "coffre.witness.mon1")
+            .expect("the witness's queue");
+        let b = d["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["destination"] == "coffre.witness.mon1")
+            .unwrap();
+        assert_eq!(b["routing_key"], "audit.#");
+        assert!(q > 0, "after the commands' queues");
+        // Refused commands go to the dead letters.
+        assert_eq!(
+            d["queues"][0]["arguments"]["x-dead-letter-exchange"],
+            "coffre.dead"
+        );
         // The relay reads its own queue and writes to the vault alone.
         let gw = perm("coffre-bus:gw1");
         assert_eq!(

@@ -7,6 +7,7 @@
 pub use coffre_api::command as api;
 pub use coffre_api::{client, tls, totp};
 pub mod bus;
+pub mod buscmd;
 pub mod doctor;
 pub mod gateway;
 pub mod init;

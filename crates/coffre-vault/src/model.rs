@@ -59,6 +59,8 @@ pub enum Door {
     Vpn,
     /// The join door (no member certificate yet).
     Join,
+    /// A component over the bus (a scheduler), acting for a member.
+    Bus,
 }
 
 impl Door {
@@ -68,6 +70,7 @@ impl Door {
             Door::Cli => "cli",
             Door::Vpn => "vpn",
             Door::Join => "join",
+            Door::Bus => "bus",
         }
     }
 }
@@ -210,6 +213,23 @@ pub enum Command {
         /// The task.
         task: TaskId,
     },
+    /// A scheduler on the bus keeps the open vault open for the request's
+    /// member (the daemon checked its envelope and its rights).
+    ScheduledTaskAdd {
+        /// The component.
+        by: String,
+        /// Free text.
+        name: String,
+        /// How long, in milliseconds.
+        duration_ms: u64,
+    },
+    /// A scheduler cancels a task it added.
+    ScheduledTaskCancel {
+        /// The component.
+        by: String,
+        /// The task.
+        task: TaskId,
+    },
     /// Lock (superuser, password and TOTP).
     Lock {
         /// The reason given, kept in the lock and the audit log.
@@ -327,7 +347,8 @@ impl Command {
             Command::Enter => "enter",
             Command::Leave { .. } => "leave",
             Command::Heartbeat { .. } => "heartbeat",
-            Command::TaskAdd { .. } => "task_add",
+            Command::TaskAdd { .. } | Command::ScheduledTaskAdd { .. } => "task_add",
+            Command::ScheduledTaskCancel { .. } => "task_cancel",
             Command::TaskCancel { .. } => "task_cancel",
             Command::Lock { .. } => "lock",
             Command::Unlock => "unlock",
@@ -376,9 +397,35 @@ impl Command {
 pub enum Needs {
     /// A command on the member's live session `SessionId` (no password).
     Session(SessionId, SessionOp),
+    /// A command a bus component (a scheduler) sends for the member: its
+    /// signed envelope and its rights were checked by the daemon; the
+    /// vault must be open already (a scheduler keeps it open, never opens
+    /// it: only a member's password can).
+    Scheduled(ScheduledOp),
     /// A command that needs the password (its keyslot must open) and a
     /// TOTP code.
     Password(PasswordOp),
+}
+
+/// What a scheduler's command does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScheduledOp {
+    /// Keep the vault open for a while, for the member.
+    TaskAdd {
+        /// The component.
+        by: String,
+        /// Free text.
+        name: String,
+        /// How long, in milliseconds.
+        duration_ms: u64,
+    },
+    /// Cancel a task this component added.
+    TaskCancel {
+        /// The component.
+        by: String,
+        /// Which.
+        task: TaskId,
+    },
 }
 
 /// What a command does on a live session.
@@ -482,6 +529,18 @@ impl Command {
             ),
             Command::TaskCancel { session, task } => {
                 Needs::Session(session, SessionOp::TaskCancel { task })
+            }
+            Command::ScheduledTaskAdd {
+                by,
+                name,
+                duration_ms,
+            } => Needs::Scheduled(ScheduledOp::TaskAdd {
+                by,
+                name,
+                duration_ms,
+            }),
+            Command::ScheduledTaskCancel { by, task } => {
+                Needs::Scheduled(ScheduledOp::TaskCancel { by, task })
             }
             Command::Enter => Needs::Password(PasswordOp::Enter),
             Command::Lock { reason } => Needs::Password(PasswordOp::Lock { reason }),
@@ -929,6 +988,9 @@ pub struct Task {
     /// The workload whose job it waits for, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// The bus component (a scheduler) that added it for its owner, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// What survives a restart.

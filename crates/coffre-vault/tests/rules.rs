@@ -1278,3 +1278,66 @@ proptest! {
         s.check_open_rule();
     }
 }
+
+/// Issue 20: a scheduler on the bus keeps an open vault open for a
+/// member, never opens a closed or locked one, and cancels only its own
+/// tasks.
+#[test]
+fn a_schedulers_task_keeps_the_open_vault_open_but_never_opens_it() {
+    let mut s = Sim::new(members(2, 1));
+    let add = |by: &str, ms: u64| Command::ScheduledTaskAdd {
+        by: by.into(),
+        name: "nightly build".into(),
+        duration_ms: ms,
+    };
+    // Closed: refused, and still closed.
+    let o = s.session_cmd("m0", add("sched1", 60_000));
+    assert_eq!(refused(&o), Some(Refusal::Busy));
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+    // Open: accepted, and it outlives the member's departure.
+    let a = s.enter("m0");
+    assert_eq!(
+        refused(&s.session_cmd("m0", add("sched1", 0))),
+        Some(Refusal::Invalid)
+    );
+    let task = match s.session_cmd("m0", add("sched1", 60_000)) {
+        Outcome::Ok(Reply::TaskAdded { task, .. }) => task,
+        other => panic!("{other:?}"),
+    };
+    let t = s.vault.status().tasks;
+    assert_eq!(
+        (t[0].owner.as_str(), t[0].by.as_deref()),
+        ("m0", Some("sched1"))
+    );
+    s.session_cmd("m0", Command::Leave { session: a });
+    assert_eq!(
+        s.vault.phase(),
+        Phase::Open,
+        "the scheduler's task keeps it open"
+    );
+    // Another scheduler cannot cancel it; its own can.
+    let cancel = |by: &str| Command::ScheduledTaskCancel {
+        by: by.into(),
+        task,
+    };
+    assert_eq!(
+        refused(&s.session_cmd("m0", cancel("sched2"))),
+        Some(Refusal::NoTask)
+    );
+    assert_eq!(
+        s.session_cmd("m0", cancel("sched1")),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(s.audit.iter().any(|r| r.action == "task_add"
+        && r.result == "ok"
+        && r.detail.contains("added by sched1 for m0")));
+    // Locked: refused.
+    s.run("su0", Command::Lock { reason: "x".into() });
+    assert_eq!(
+        refused(&s.session_cmd("m0", add("sched1", 60_000))),
+        Some(Refusal::Locked)
+    );
+    assert!(s.vault.is_locked());
+}

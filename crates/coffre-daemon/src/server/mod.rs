@@ -141,6 +141,14 @@ enum Msg {
     },
     /// An answer from the organisation's directory.
     Source(Box<source::SourceMsg>),
+    /// A scheduler's command from the bus, checked: for `member`, by the
+    /// component `by`.
+    Scheduled {
+        member: String,
+        by: String,
+        command: coffre_vault::Command,
+        reply: oneshot::Sender<Answer>,
+    },
     /// A record from work done off the actor.
     SystemAudit {
         action: &'static str,
@@ -474,6 +482,41 @@ pub async fn serve(
                         detail,
                     });
                 });
+                match crate::bus::VaultKeys::load_or_create(&shell.dir) {
+                    Ok(keys) => {
+                        let submit_tx = tx.clone();
+                        let submit: crate::buscmd::Submit = Box::new(move |member, by, command| {
+                            let (reply, rx) = oneshot::channel();
+                            let _ = submit_tx.send(Msg::Scheduled {
+                                member,
+                                by,
+                                command,
+                                reply,
+                            });
+                            rx
+                        });
+                        let report_tx = tx.clone();
+                        let report: crate::buscmd::Report = Box::new(move |outcome, detail| {
+                            let _ = report_tx.send(Msg::SystemAudit {
+                                action: "bus_command",
+                                outcome,
+                                detail,
+                            });
+                        });
+                        let cfg = crate::buscmd::CommandsConfig {
+                            id: id.clone(),
+                            url: b.url.clone(),
+                            keys: Arc::new(keys),
+                            dir: dir.to_path_buf(),
+                        };
+                        tokio::spawn(crate::buscmd::serve(cfg, submit, report));
+                    }
+                    Err(e) => shell.system_audit(
+                        "bus_command",
+                        "failed",
+                        format!("{e}: commands over the bus are not served"),
+                    ),
+                }
                 tokio::spawn(crate::bus::publish(
                     dir.to_path_buf(),
                     id,
@@ -573,6 +616,22 @@ pub async fn serve(
             Msg::Metrics(reply) => {
                 let _ = reply.send(shell.metrics_text());
             }
+            Msg::Scheduled {
+                member,
+                by,
+                command,
+                reply,
+            } => shell.submit(
+                member,
+                Source {
+                    door: coffre_vault::Door::Bus,
+                    addr: by,
+                },
+                command,
+                None,
+                None,
+                reply,
+            ),
             Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
             Msg::Sealed(job) => {
                 let (purpose, result) = *job;

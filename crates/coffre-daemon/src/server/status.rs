@@ -32,7 +32,7 @@ impl Shell {
             })).collect::<Vec<_>>(),
             "tasks": s.tasks.iter().map(|t| json!({
                 "task_id": t.id.0, "task_name": t.name, "task_user": t.owner,
-                "created_ms": t.created.0, "expires_ms": t.expires.0,
+                "created_ms": t.created.0, "expires_ms": t.expires.0, "by": t.by,
             })).collect::<Vec<_>>(),
             "unlock_approvals": s.unlock_approvals,
             "unlock_quorum": s.unlock_quorum,

@@ -189,6 +189,10 @@ impl Vault {
                 self.session_command(out, &r, &member, session, op);
                 return;
             }
+            Needs::Scheduled(op) => {
+                self.scheduled_command(out, &r, op);
+                return;
+            }
             Needs::Password(op) => op,
         };
         // Checks that come before any key derivation.

@@ -1,7 +1,7 @@
 //! Sessions and tasks: entering (and who provides the key that opens),
 //! heartbeats, leaving, scheduled tasks, and dropping or cancelling them.
 
-use super::{Out, SYSTEM, Stage, Vault};
+use super::{Out, Phase, SYSTEM, Stage, Vault};
 use crate::model::*;
 
 impl Vault {
@@ -61,23 +61,8 @@ impl Vault {
                     );
                     return;
                 }
-                let max = self.p.policy.task_max_ms;
-                if *duration_ms == 0 || *duration_ms > max {
-                    out.refuse(
-                        r,
-                        Refusal::Invalid,
-                        &format!("task duration must be between 1 ms and {} s", max / 1000),
-                        format!("duration {duration_ms} ms"),
-                    );
-                    return;
-                }
-                if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                    out.refuse(
-                        r,
-                        Refusal::Invalid,
-                        "task names are 1 to 128 printable characters",
-                        "bad task name",
-                    );
+                if let Err((message, detail)) = self.check_task(name, *duration_ms) {
+                    out.refuse(r, Refusal::Invalid, &message, detail);
                     return;
                 }
                 let id = TaskId(self.next_task);
@@ -92,6 +77,7 @@ impl Vault {
                         created: out.now,
                         expires,
                         workload: workload.clone(),
+                        by: None,
                     },
                 );
                 let bound = workload
@@ -133,6 +119,108 @@ impl Vault {
                     "task_cancel",
                     "ok",
                     format!("task {}", task.0),
+                );
+                out.reply(r.req, Outcome::Ok(Reply::Done));
+            }
+        }
+    }
+
+    /// A task's name and duration, as every door checks them.
+    fn check_task(&self, name: &str, duration_ms: u64) -> Result<(), (String, String)> {
+        let max = self.p.policy.task_max_ms;
+        if duration_ms == 0 || duration_ms > max {
+            return Err((
+                format!("task duration must be between 1 ms and {} s", max / 1000),
+                format!("duration {duration_ms} ms"),
+            ));
+        }
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err((
+                "task names are 1 to 128 printable characters".into(),
+                "bad task name".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A scheduler's command (over the bus, for `r.member`).
+    pub(super) fn scheduled_command(&mut self, out: &mut Out, r: &Request, op: ScheduledOp) {
+        match op {
+            ScheduledOp::TaskAdd {
+                by,
+                name,
+                duration_ms,
+            } => {
+                if self.is_locked() {
+                    out.refuse(
+                        r,
+                        Refusal::Locked,
+                        "the vault is locked",
+                        format!("by {by}"),
+                    );
+                    return;
+                }
+                if self.phase() != Phase::Open {
+                    out.refuse(
+                        r,
+                        Refusal::Busy,
+                        "the vault is not open: a scheduler keeps it open while it is, it never opens it (only a member's password can)",
+                        format!("by {by}: the vault is {:?}", self.phase()),
+                    );
+                    return;
+                }
+                if let Err((message, detail)) = self.check_task(&name, duration_ms) {
+                    out.refuse(r, Refusal::Invalid, &message, format!("by {by}: {detail}"));
+                    return;
+                }
+                let id = TaskId(self.next_task);
+                self.next_task += 1;
+                let expires = out.now.plus(duration_ms);
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "task_add",
+                    "ok",
+                    format!(
+                        "task {} {name:?} until {}, added by {by} for {}",
+                        id.0, expires.0, r.member
+                    ),
+                );
+                self.tasks.insert(
+                    id,
+                    Task {
+                        id,
+                        name,
+                        owner: r.member.clone(),
+                        created: out.now,
+                        expires,
+                        workload: None,
+                        by: Some(by),
+                    },
+                );
+                out.reply(r.req, Outcome::Ok(Reply::TaskAdded { task: id, expires }));
+            }
+            ScheduledOp::TaskCancel { by, task } => {
+                if self
+                    .tasks
+                    .get(&task)
+                    .is_none_or(|t| t.by.as_deref() != Some(by.as_str()))
+                {
+                    out.refuse(
+                        r,
+                        Refusal::NoTask,
+                        "no such task of this scheduler",
+                        format!("task {} by {by}", task.0),
+                    );
+                    return;
+                }
+                self.tasks.remove(&task);
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "task_cancel",
+                    "ok",
+                    format!("task {}, by {by}", task.0),
                 );
                 out.reply(r.req, Outcome::Ok(Reply::Done));
             }

@@ -575,3 +575,319 @@ fn members_enter_through_the_relay_on_the_vpn_host_and_a_lock_reaches_them_throu
     drop(gw);
     drop(broker);
 }
+
+/// Publishes `bytes` to the vault's command queue as `identity`, with the
+/// broker user `user_id` (the broker checks it against the login).
+fn publish_raw(
+    url: &str,
+    identity: &Path,
+    bytes: &[u8],
+    user_id: Option<&str>,
+) -> Result<(), String> {
+    let id = coffre_bus::Identity::load(identity).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let d = |e: lapin::Error| coffre_bus::conn::describe(&e);
+        let conn = coffre_bus::connect(url, &id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ch = conn.create_channel().await.map_err(d)?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(d)?;
+        let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+        if let Some(u) = user_id {
+            props = props.with_user_id(u.into());
+        }
+        let c = ch
+            .basic_publish(
+                coffre_bus::command::COMMANDS.into(),
+                coffre_bus::command::TO_VAULT.into(),
+                lapin::options::BasicPublishOptions::default(),
+                bytes,
+                props,
+            )
+            .await
+            .map_err(d)?
+            .await
+            .map_err(d)?;
+        if c.is_nack() {
+            return Err("nacked".into());
+        }
+        // The broker closes the channel for a forged user id just after.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !ch.status().connected() {
+            return Err("the broker closed the channel".into());
+        }
+        Ok(())
+    })
+}
+
+/// A command signed with `identity`'s key, from its header fields.
+fn signed_command(identity: &Path, vault: &str, iat: u64, exp: u64) -> Vec<u8> {
+    let id = coffre_bus::Identity::load(identity).unwrap();
+    let signer = coffre_bus::envelope::Signer::from_pem(&id.key_pem).unwrap();
+    let mut h = coffre_bus::envelope::header(
+        vault,
+        &id.name,
+        "vault",
+        coffre_bus::command::KIND,
+        300,
+        serde_json::json!({"command": "task_add", "task_name": "raw", "task_user": "alice", "task_expire": 60}),
+    );
+    (h.iat, h.exp) = (iat, exp);
+    signer.seal_envelope(&h)
+}
+
+fn refusals(v: &Vault) -> Vec<String> {
+    v.audit()
+        .iter()
+        .filter(|e| e["record"]["action"] == "bus_command" && e["record"]["result"] == "refused")
+        .map(|e| e["record"]["detail"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn wait_refusals(v: &Vault, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = refusals(v);
+        if r.len() >= n {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} refusals expected, got {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 20's commands: a scheduler on another host keeps the open vault
+/// open for a member; it never opens it; what it may not do, and every
+/// message that is not its own, fresh, signed and addressed to this vault,
+/// is refused, dead-lettered and audited, also across a daemon restart.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, RabbitMQ"]
+fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command_in() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::RabbitMq,
+    ]);
+    let mut v = Vault::init(&[]);
+    let port = free_port();
+    let url = format!("amqps://127.0.0.1:{port}");
+    let tmp = v.tmp.path().to_path_buf();
+    let dir = v.dir.to_str().unwrap().to_string();
+    let (s1, s2) = (tmp.join("sched1.identity"), tmp.join("sched2.identity"));
+    for (name, path) in [("sched1", &s1), ("sched2", &s2)] {
+        ok(&v
+            .bin()
+            .args([
+                "bus",
+                "identity",
+                &dir,
+                name,
+                "--role",
+                "scheduler",
+                "--for",
+                "alice",
+                "--longest",
+                "1h",
+                "--bus",
+                &url,
+            ])
+            .arg("--out")
+            .arg(path)
+            .output()
+            .unwrap());
+    }
+    // A scheduler without members is refused at issue.
+    let none = v
+        .bin()
+        .args([
+            "bus",
+            "identity",
+            &dir,
+            "sched3",
+            "--role",
+            "scheduler",
+            "--longest",
+            "1h",
+        ])
+        .arg("--out")
+        .arg(tmp.join("s3"))
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    let broker_home = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(broker_home.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let out = broker_home.path().join("broker");
+    ok(&v
+        .bin()
+        .args([
+            "bus",
+            "broker-config",
+            &dir,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let broker = Broker::start(&out.join("run"), port);
+    v.start();
+    let send = |v: &Vault, id: &Path, cmd: &str| {
+        v.bin()
+            .args(["bus", "send", "--wait", "20", "--identity"])
+            .arg(id)
+            .arg(cmd)
+            .output()
+            .unwrap()
+    };
+    let add = |user: &str, secs: u64| {
+        format!(
+            r#"{{"command": "task_add", "task_name": "nightly build", "task_user": "{user}", "task_expire": {secs}}}"#
+        )
+    };
+
+    // Closed: a scheduler never opens the vault.
+    let o = send(&v, &s1, &add("alice", 600));
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("never opens it"),
+        "{o:?}"
+    );
+    assert_eq!(v.state(), "closed");
+
+    // Open: its task keeps the vault open after alice leaves.
+    let mut enter = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    let o = send(&v, &s1, &add("alice", 600));
+    ok(&o);
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let task = answer["task_id"].as_u64().unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut enter, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2));
+    let st = v.status("alice");
+    assert_eq!(
+        st["state"], "open",
+        "the scheduler's task keeps it open: {st}"
+    );
+    assert_eq!(st["tasks"][0]["by"], "sched1", "{st}");
+    assert_eq!(st["tasks"][0]["task_user"], "alice", "{st}");
+    let added = v
+        .audit()
+        .into_iter()
+        .find(|e| e["record"]["action"] == "task_add" && e["record"]["result"] == "ok")
+        .unwrap();
+    assert_eq!(added["record"]["source"]["door"], "bus", "{added}");
+    assert_eq!(added["record"]["source"]["addr"], "sched1", "{added}");
+
+    // What it may not do: another member, a longer task.
+    let o = send(&v, &s1, &add("bob", 60));
+    assert_eq!(code(&o), 10, "{o:?}");
+    let o = send(&v, &s1, &add("alice", 7200));
+    assert_eq!(code(&o), 10, "{o:?}");
+    let base = refusals(&v).len();
+    assert_eq!(base, 2);
+
+    // Replayed (the same bytes twice): applied once.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cn = "coffre-bus:sched1";
+    let fresh = signed_command(&s1, "vault", now, now + 300);
+    publish_raw(&url, &s1, &fresh, Some(cn)).unwrap();
+    publish_raw(&url, &s1, &fresh, Some(cn)).unwrap();
+    let r = wait_refusals(&v, base + 1);
+    assert!(r.last().unwrap().contains("replay"), "{r:?}");
+    // Expired, for another vault, unsigned, without a user id.
+    publish_raw(
+        &url,
+        &s1,
+        &signed_command(&s1, "vault", now - 900, now - 600),
+        Some(cn),
+    )
+    .unwrap();
+    publish_raw(
+        &url,
+        &s1,
+        &signed_command(&s1, "elsewhere", now, now + 300),
+        Some(cn),
+    )
+    .unwrap();
+    publish_raw(&url, &s1, add("alice", 60).as_bytes(), Some(cn)).unwrap();
+    publish_raw(
+        &url,
+        &s1,
+        &signed_command(&s1, "vault", now, now + 300),
+        None,
+    )
+    .unwrap();
+    let r = wait_refusals(&v, base + 5);
+    let tail = r[base + 1..].join("\n");
+    for want in [
+        "expired",
+        "not to us",
+        "not a signed envelope",
+        "broker user",
+    ] {
+        assert!(tail.contains(want), "{want}: {tail}");
+    }
+    // A user id that is not the sender's login: the broker itself refuses.
+    let forged = publish_raw(&url, &s1, &fresh, Some("coffre-bus:sched2"));
+    assert!(forged.is_err(), "the broker took a forged user id");
+    // A forgotten (revoked) component: refused at once, no answer.
+    ok(&v
+        .bin()
+        .args(["bus", "forget", &dir, "sched2"])
+        .output()
+        .unwrap());
+    let o = v
+        .bin()
+        .args(["bus", "send", "--wait", "5", "--identity"])
+        .arg(&s2)
+        .arg(add("alice", 60))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), UNREACHABLE, "{o:?}");
+    let r = wait_refusals(&v, base + 6);
+    assert!(r.last().unwrap().contains("sched2"), "{r:?}");
+    // No record holds a command's signature or a key.
+    for e in v.audit() {
+        let d = e["record"]["detail"].as_str().unwrap_or("");
+        assert!(!d.contains("BEGIN") && d.len() < 600, "{d}");
+    }
+
+    // The daemon restarts: the replay is still known.
+    v.stop();
+    v.start();
+    let before = refusals(&v).len();
+    publish_raw(&url, &s1, &fresh, Some(cn)).unwrap();
+    let r = wait_refusals(&v, before + 1);
+    assert!(r.last().unwrap().contains("replay"), "{r:?}");
+    // (The restart closed the vault and ended its tasks; a cancel of the
+    // old one is refused by the core, answered, not dead-lettered.)
+    let o = send(
+        &v,
+        &s1,
+        &format!(r#"{{"command": "task_cancel", "task_id": {task}, "task_user": "alice"}}"#),
+    );
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("no_task"),
+        "{o:?}"
+    );
+    v.stop();
+    drop(broker);
+}

@@ -922,9 +922,16 @@ pub enum BusCommand {
         name: String,
         /// What it may do: monitor (reads events, keeps a witness copy of
         /// the audit chain), gateway (relays OpenVPN's management interface
-        /// from the VPN host: `coffre gateway relay`).
+        /// from the VPN host: `coffre gateway relay`), scheduler (adds and
+        /// cancels tasks for the members named by --for: `coffre bus send`).
         #[arg(long, value_enum)]
         role: BusRoleChoice,
+        /// A scheduler: the members it may add tasks for (comma-separated).
+        #[arg(long = "for", value_name = "MEMBERS", value_delimiter = ',')]
+        for_members: Vec<String>,
+        /// A scheduler: the longest task it may add (90, 30m, 8h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        longest: Option<u64>,
         /// The broker's address (default: the vault's `[bus] url`).
         #[arg(long, value_name = "URL")]
         bus: Option<String>,
@@ -948,12 +955,36 @@ pub enum BusCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Send the vault a command as a scheduler component, and print its
+    /// answer (JSON). The command is the original design's JSON, given as
+    /// an argument or on stdin:
+    /// `{"command": "task_add", "task_name": "nightly build", "task_user":
+    /// "alice", "task_expire": 3600}` keeps the open vault open for alice
+    /// for an hour (never opens a closed one); `{"command": "task_cancel",
+    /// "task_id": 3, "task_user": "alice"}` ends it. The command travels
+    /// signed by the identity's key; the answer comes back signed by the
+    /// vault. Exit status: 0 done, as the door's for a refusal (6 locked,
+    /// 10 not permitted...), 11 broker unreachable or no answer in time.
+    Send {
+        /// The scheduler's identity file.
+        #[arg(long, value_name = "FILE")]
+        identity: PathBuf,
+        /// The broker (default: the one in the identity).
+        #[arg(long, value_name = "URL")]
+        bus: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30")]
+        wait: u64,
+        /// The command (JSON); `-` or nothing: read it from stdin.
+        command: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum BusRoleChoice {
     Monitor,
     Gateway,
+    Scheduler,
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,8 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
             dir,
             name,
             role,
+            for_members,
+            longest,
             bus,
             out,
         } => {
@@ -47,12 +49,17 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
             let role = match role {
                 BusRoleChoice::Monitor => Role::Monitor,
                 BusRoleChoice::Gateway => Role::Gateway,
+                BusRoleChoice::Scheduler => Role::Scheduler,
+            };
+            let rights = hostbus::Rights {
+                members: for_members,
+                longest_s: longest.unwrap_or(0),
             };
             let broker = match bus {
                 Some(b) => Some(b),
                 None => vd.load_config()?.bus.map(|b| b.url),
             };
-            let id = hostbus::issue_identity(&vd, &name, role, broker)?;
+            let id = hostbus::issue_identity(&vd, &name, role, rights, broker)?;
             write_private(&out, &id.to_bytes())?;
             println!(
                 "wrote {}'s identity ({}) to {} (keep it private: it holds its key)",
@@ -85,6 +92,12 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
                 Ok(fail(exit::FAILURE, &format!("no component named {name}")))
             }
         }
+        BusCommand::Send {
+            identity,
+            bus,
+            wait,
+            command,
+        } => send(identity, bus, wait, command),
         BusCommand::List { dir, json } => {
             let vd = VaultDir::new(&dir);
             let comps = hostbus::components(&vd)?;
@@ -530,6 +543,137 @@ pub fn relay(identity: PathBuf, bus: Option<String>, management: PathBuf) -> Res
         match coffre_daemon::relay::relay(id, url, management, say).await {
             Ok(never) => match never {},
             Err(e) => Err(anyhow::anyhow!(e)),
+        }
+    })
+}
+
+/// `coffre bus send`
+fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<String>) -> Result<u8> {
+    use coffre_bus::command::{self as bc, BusCommand as Cmd, Reply};
+    use coffre_bus::envelope::{self, Expect, Signer};
+    use std::io::Read;
+    let id = Identity::load(&identity)?;
+    if id.role != Role::Scheduler {
+        anyhow::bail!(
+            "{}: this is a {} identity; commands need a scheduler's (`coffre bus identity DIR NAME --role scheduler --for MEMBERS --longest 8h`)",
+            identity.display(),
+            id.role.as_str()
+        );
+    }
+    if id.vault_sign_key.is_empty() {
+        anyhow::bail!(
+            "{}: it carries no vault signing key (issued by an older version): issue it again",
+            identity.display()
+        );
+    }
+    let text = match command.as_deref() {
+        Some(c) if c != "-" => c.to_string(),
+        _ => {
+            let mut t = String::new();
+            std::io::stdin()
+                .take(64 << 10)
+                .read_to_string(&mut t)
+                .context("reading the command from stdin")?;
+            t
+        }
+    };
+    let cmd: Cmd = serde_json::from_str(&text).with_context(|| {
+        "not a command: expected {\"command\": \"task_add\", \"task_name\": ..., \"task_user\": ..., \"task_expire\": SECONDS} or {\"command\": \"task_cancel\", \"task_id\": N, \"task_user\": ...}"
+    })?;
+    let url = id.broker_url(bus.as_deref())?;
+    coffre_bus::conn::parse_url(&url)?;
+    let signer = Signer::from_pem(&id.key_pem)?;
+    runtime()?.block_on(async {
+        let describe = |e: lapin::Error| coffre_bus::conn::describe(&e);
+        let conn = match coffre_bus::connect(&url, &id).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("coffre: error: {e}");
+                return Ok(exit::UNREACHABLE);
+            }
+        };
+        let ch = conn.create_channel().await.map_err(|e| anyhow::anyhow!(describe(e)))?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| anyhow::anyhow!(describe(e)))?;
+        let mut replies = ch
+            .basic_consume(
+                bc::reply_queue(&id.name).as_str().into(),
+                "send".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(describe(e)))?;
+        let h = envelope::header(
+            &id.vault,
+            &id.name,
+            hostbus::VAULT_COMPONENT,
+            bc::KIND,
+            bc::LIFE_S,
+            serde_json::to_value(&cmd).expect("commands serialise"),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_user_id(common_name(&id.name).into());
+        let confirm = ch
+            .basic_publish(
+                bc::COMMANDS.into(),
+                bc::TO_VAULT.into(),
+                BasicPublishOptions::default(),
+                &signer.seal_envelope(&h),
+                props,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(describe(e)))?
+            .await
+            .map_err(|e| anyhow::anyhow!(describe(e)))?;
+        if confirm.is_nack() {
+            anyhow::bail!("the broker did not take the command");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+        loop {
+            let d = match tokio::time::timeout_at(deadline, replies.next()).await {
+                Err(_) => {
+                    eprintln!(
+                        "coffre: error: no answer within {wait} s (the command waits in the vault's queue; it is applied when the vault reads it, if it is still fresh)"
+                    );
+                    return Ok(exit::UNREACHABLE);
+                }
+                Ok(None) => anyhow::bail!("the broker closed the connection"),
+                Ok(Some(d)) => d.map_err(|e| anyhow::anyhow!(describe(e)))?,
+            };
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
+            let expect = Expect {
+                vault: &id.vault,
+                to: &id.name,
+                now: envelope::now(),
+            };
+            let got = match envelope::open(&d.data, user.as_deref(), &expect, |from| {
+                (from == hostbus::VAULT_COMPONENT).then(|| id.vault_sign_key.clone())
+            }) {
+                Ok(g) if g.kind == bc::REPLY_KIND => g,
+                Ok(_) => continue,
+                Err(e) => {
+                    eprintln!("coffre: ignored a message on the reply queue: {e}");
+                    continue;
+                }
+            };
+            let Ok(r) = serde_json::from_value::<Reply>(got.body) else {
+                continue;
+            };
+            if r.in_reply_to != h.nonce {
+                // An earlier command's answer, late.
+                continue;
+            }
+            println!("{}", r.answer);
+            return Ok(if r.ok {
+                exit::OK
+            } else {
+                exit::code_for_refusal(r.answer["error"].as_str().unwrap_or(""))
+            });
         }
     })
 }

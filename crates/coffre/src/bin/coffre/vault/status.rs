@@ -241,8 +241,12 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     println!("workload: {}", workload_line(w));
                 }
                 for t in v["tasks"].as_array().into_iter().flatten() {
+                    let via = t["by"]
+                        .as_str()
+                        .map(|b| format!(" (scheduler {b})"))
+                        .unwrap_or_default();
                     println!(
-                        "task:    {} {:?} by {} until {} ms",
+                        "task:    {} {:?} by {}{via} until {} ms",
                         t["task_id"],
                         t["task_name"].as_str().unwrap_or(""),
                         t["task_user"].as_str().unwrap_or("?"),

@@ -1,0 +1,351 @@
+//! Commands over the bus, the vault's end (docs/bus.md, "Commands"):
+//! schedulers' signed commands from the durable queue
+//! [`coffre_bus::command::VAULT_QUEUE`], checked, handed to the core, and
+//! answered.
+//!
+//! Order of checks: the envelope (signature by a scheduler's key as
+//! `DIR/bus/components.json` holds it now, so a forgotten component is
+//! refused at once; the broker's `user_id`; this vault; freshness), then
+//! its nonce (never seen, seen ones kept on disk until they expire, so a
+//! restart reopens no window), then the component's rights (the member,
+//! the duration). Anything refused there is rejected into the dead letters
+//! and audited (`bus_command`, `refused`); an authentic sender also gets
+//! the reason. What passes goes to the core like a member's command, from
+//! the door `bus`; its nonce is written to disk and only then is the
+//! message acknowledged to the broker, and the answer published.
+
+use crate::bus::{Component, VAULT_COMPONENT, VaultKeys};
+use coffre_bus::command::{BusCommand, COMMANDS, KIND, REPLY_KIND, Reply, VAULT_QUEUE, to_reply};
+use coffre_bus::envelope::{self, Expect, Header, Refusal};
+use coffre_bus::{Identity, Role, common_name};
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Nonces kept at most (each for at most an envelope's life): beyond,
+/// commands are refused until old ones expire.
+const MAX_NONCES: usize = 100_000;
+
+/// What the command consumer needs.
+pub struct CommandsConfig {
+    /// The daemon's identity on the bus.
+    pub id: Identity,
+    /// The broker.
+    pub url: String,
+    /// The vault's signing key (replies).
+    pub keys: Arc<VaultKeys>,
+    /// The vault directory (components, nonces).
+    pub dir: PathBuf,
+}
+
+/// Hands a command to the core: (member, component, command) → the
+/// door's answer.
+pub type Submit = Box<
+    dyn Fn(String, String, coffre_vault::Command) -> oneshot::Receiver<(u16, Value)> + Send + Sync,
+>;
+
+/// Says something for the audit log (`bus_command`: outcome, detail).
+pub type Report = Box<dyn Fn(&'static str, String) + Send + Sync>;
+
+/// The nonces of applied commands, until they expire
+/// (`DIR/bus/nonces.json`, 0600, rewritten atomically).
+#[derive(Debug)]
+pub struct Nonces {
+    path: PathBuf,
+    seen: BTreeMap<String, u64>,
+}
+
+impl Nonces {
+    /// Loads the file (none yet: empty). A file that does not parse is an
+    /// error: commands are not served rather than replays let in.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("bus").join("nonces.json");
+        let seen = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(Self { path, seen })
+    }
+
+    /// Whether `nonce` was applied.
+    pub fn seen(&self, nonce: &str) -> bool {
+        self.seen.contains_key(nonce)
+    }
+
+    /// Whether there is room for one more.
+    pub fn full(&self) -> bool {
+        self.seen.len() >= MAX_NONCES
+    }
+
+    /// Records `nonce` (valid until `exp`), forgets expired ones, and
+    /// writes the file before returning.
+    pub fn record(&mut self, nonce: &str, exp: u64, now: u64) -> Result<(), String> {
+        self.seen.retain(|_, e| *e + envelope::SKEW_S >= now);
+        self.seen.insert(nonce.to_string(), exp);
+        let bytes = serde_json::to_vec(&self.seen).expect("nonces serialise");
+        crate::vaultdir::write_atomic(&self.path, &bytes, 0o600).map_err(|e| e.to_string())
+    }
+}
+
+/// What a delivery turned out to be.
+enum Verdict {
+    /// Refused before the core: why, and whom to tell (an authentic
+    /// sender).
+    Refused(String, Option<Header>),
+    /// To apply.
+    Apply(Header, BusCommand, Component),
+}
+
+fn schedulers(dir: &Path) -> Vec<Component> {
+    crate::bus::components(&crate::vaultdir::VaultDir::new(dir))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.role == Role::Scheduler && !c.public_key.is_empty())
+        .collect()
+}
+
+fn judge(cfg: &CommandsConfig, nonces: &Nonces, data: &[u8], user: Option<&str>) -> Verdict {
+    let comps = schedulers(&cfg.dir);
+    let now = envelope::now();
+    let expect = Expect {
+        vault: &cfg.id.vault,
+        to: VAULT_COMPONENT,
+        now,
+    };
+    let h = match envelope::open(data, user, &expect, |from| {
+        comps
+            .iter()
+            .find(|c| c.name == from)
+            .map(|c| c.public_key.clone())
+    }) {
+        Ok(h) => h,
+        Err(r) => {
+            // Only a signature that verified makes the sender worth an
+            // answer.
+            let authentic = matches!(
+                r,
+                Refusal::Misaddressed { .. } | Refusal::Stale(_) | Refusal::Replay(_)
+            );
+            let who = envelope::peek(data).ok().filter(|_| authentic);
+            return Verdict::Refused(r.to_string(), who);
+        }
+    };
+    let from = h.from.clone();
+    if h.kind != KIND {
+        return Verdict::Refused(
+            format!("from {from}: a {:?} message is not a command", h.kind),
+            Some(h),
+        );
+    }
+    if nonces.seen(&h.nonce) {
+        return Verdict::Refused(Refusal::Replay(h.nonce.clone()).to_string(), Some(h));
+    }
+    if nonces.full() {
+        return Verdict::Refused("too many recent commands: try again later".into(), Some(h));
+    }
+    let cmd: BusCommand = match serde_json::from_value(h.body.clone()) {
+        Ok(c) => c,
+        Err(e) => return Verdict::Refused(format!("from {from}: not a command ({e})"), Some(h)),
+    };
+    let comp = comps
+        .into_iter()
+        .find(|c| c.name == from)
+        .expect("the key came from this component");
+    if !comp.members.iter().any(|m| m == cmd.member()) {
+        return Verdict::Refused(
+            format!("from {from}: may not act for {:?}", cmd.member()),
+            Some(h),
+        );
+    }
+    if let BusCommand::TaskAdd { task_expire, .. } = &cmd
+        && *task_expire > comp.longest_s
+    {
+        return Verdict::Refused(
+            format!(
+                "from {from}: a task of {task_expire} s is longer than its {} s",
+                comp.longest_s
+            ),
+            Some(h),
+        );
+    }
+    Verdict::Apply(h, cmd, comp)
+}
+
+/// Serves commands for ever: reconnects with backoff (1 s doubling to
+/// 30 s), reports each change of link once.
+pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
+    let mut nonces = match Nonces::load(&cfg.dir) {
+        Ok(n) => n,
+        Err(e) => {
+            report(
+                "failed",
+                format!("{e}: commands over the bus are not served"),
+            );
+            return;
+        }
+    };
+    let mut delay = Duration::from_secs(1);
+    let mut down_reported = false;
+    loop {
+        let mut up = false;
+        let Err(why) = session(&cfg, &mut nonces, &submit, &report, &mut up).await;
+        if up {
+            delay = Duration::from_secs(1);
+            down_reported = false;
+        }
+        if !down_reported {
+            report(
+                "failed",
+                format!(
+                    "the broker at {}: {why}; commands wait in its queue",
+                    coffre_bus::conn::shown(&cfg.url)
+                ),
+            );
+            down_reported = true;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, ok: bool, answer: Value) {
+    let body = Reply {
+        in_reply_to: to.nonce.clone(),
+        ok,
+        answer,
+    };
+    let h = envelope::header(
+        &cfg.id.vault,
+        VAULT_COMPONENT,
+        &to.from,
+        REPLY_KIND,
+        envelope::MAX_LIFE_S,
+        serde_json::to_value(&body).expect("replies serialise"),
+    );
+    let bytes = cfg.keys.signer.seal_envelope(&h);
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_user_id(common_name(VAULT_COMPONENT).into());
+    // A lost answer is the sender's timeout; the command stands.
+    let _ = ch
+        .basic_publish(
+            COMMANDS.into(),
+            to_reply(&to.from).into(),
+            BasicPublishOptions::default(),
+            &bytes,
+            props,
+        )
+        .await;
+}
+
+async fn session(
+    cfg: &CommandsConfig,
+    nonces: &mut Nonces,
+    submit: &Submit,
+    report: &Report,
+    up: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    let describe = |e: lapin::Error| coffre_bus::conn::describe(&e);
+    let conn = coffre_bus::connect(&cfg.url, &cfg.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await.map_err(describe)?;
+    // One at a time: each is applied, recorded and acknowledged in order.
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(describe)?;
+    let mut consumer = ch
+        .basic_consume(
+            VAULT_QUEUE.into(),
+            "vault".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(describe)?;
+    *up = true;
+    report(
+        "ok",
+        format!(
+            "serving commands from {} at {}",
+            VAULT_QUEUE,
+            coffre_bus::conn::shown(&cfg.url)
+        ),
+    );
+    while let Some(d) = consumer.next().await {
+        let d = d.map_err(describe)?;
+        let user = d
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str().to_string());
+        match judge(cfg, nonces, &d.data, user.as_deref()) {
+            Verdict::Refused(why, who) => {
+                report("refused", why.clone());
+                d.acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map_err(describe)?;
+                if let Some(h) = who {
+                    let code = if why.contains("may not act") || why.contains("longer than") {
+                        "not_permitted"
+                    } else {
+                        "invalid"
+                    };
+                    reply(
+                        &ch,
+                        cfg,
+                        &h,
+                        false,
+                        json!({"ok": false, "error": code, "message": why}),
+                    )
+                    .await;
+                }
+            }
+            Verdict::Apply(h, cmd, comp) => {
+                let core = match &cmd {
+                    BusCommand::TaskAdd {
+                        task_name,
+                        task_expire,
+                        ..
+                    } => coffre_vault::Command::ScheduledTaskAdd {
+                        by: comp.name.clone(),
+                        name: task_name.clone(),
+                        duration_ms: task_expire.saturating_mul(1000),
+                    },
+                    BusCommand::TaskCancel { task_id, .. } => {
+                        coffre_vault::Command::ScheduledTaskCancel {
+                            by: comp.name.clone(),
+                            task: coffre_vault::TaskId(*task_id),
+                        }
+                    }
+                };
+                let rx = submit(cmd.member().to_string(), comp.name.clone(), core);
+                // The daemon stopping: the command stays in the queue.
+                let (_, answer) = rx.await.map_err(|_| "the daemon stops".to_string())?;
+                nonces.record(&h.nonce, h.exp, envelope::now())?;
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(describe)?;
+                let ok = answer["ok"] == true;
+                reply(&ch, cfg, &h, ok, answer).await;
+            }
+        }
+    }
+    Err("the broker closed the connection".into())
+}
