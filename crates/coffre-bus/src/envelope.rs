@@ -251,6 +251,12 @@ pub fn open(
     key_of: impl Fn(&str) -> Option<String>,
 ) -> Result<Header, Refusal> {
     let (wire, h) = split(bytes)?;
+    if h.from != "vault" && crate::check_component_name(&h.from).is_err() {
+        // Never echoed: it is whatever the sender wrote.
+        return Err(Refusal::Malformed(
+            "the sender is not a component name".into(),
+        ));
+    }
     let key = key_of(&h.from).ok_or_else(|| Refusal::UnknownSender(h.from.clone()))?;
     let key = unhex(&key).ok_or_else(|| Refusal::UnknownSender(h.from.clone()))?;
     let sig = unhex(&wire.sig).ok_or_else(|| Refusal::BadSignature(h.from.clone()))?;
@@ -300,6 +306,34 @@ pub fn open(
         ));
     }
     Ok(h)
+}
+
+/// The nonces of envelopes already taken, until they expire (in memory:
+/// for links that end with the process; commands keep theirs on disk).
+#[derive(Debug, Default)]
+pub struct Replays {
+    seen: std::collections::HashMap<String, u64>,
+}
+
+/// Nonces a [`Replays`] keeps at most.
+const MAX_REPLAYS: usize = 100_000;
+
+impl Replays {
+    /// Takes `h` once: a nonce seen before is a replay; a full cache refuses
+    /// (an envelope lives [`MAX_LIFE_S`] at most, so room comes back).
+    pub fn take(&mut self, h: &Header, now: u64) -> Result<(), Refusal> {
+        if self.seen.len() >= MAX_REPLAYS {
+            self.seen.retain(|_, exp| *exp + SKEW_S >= now);
+        }
+        if self.seen.contains_key(&h.nonce) {
+            return Err(Refusal::Replay(h.nonce.clone()));
+        }
+        if self.seen.len() >= MAX_REPLAYS {
+            return Err(Refusal::Stale("too many recent messages".into()));
+        }
+        self.seen.insert(h.nonce.clone(), h.exp);
+        Ok(())
+    }
 }
 
 /// A header from `from` to `to` about `kind`, valid for `life_s` seconds.

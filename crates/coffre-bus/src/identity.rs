@@ -70,6 +70,10 @@ pub struct Identity {
     /// to (the relay, members' passwords).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub vault_seal_key: String,
+    /// A gateway's own X25519 key (hex), what the vault seals commands
+    /// to. Secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub seal_key: String,
     /// The broker's address (`amqps://HOST:PORT`), if known when written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
@@ -89,6 +93,7 @@ impl std::fmt::Debug for Identity {
 impl Drop for Identity {
     fn drop(&mut self) {
         self.key_pem.zeroize();
+        self.seal_key.zeroize();
     }
 }
 
@@ -129,6 +134,9 @@ impl Identity {
             return Err(bad(
                 "the vault's sealing key is not an X25519 public key in hex".into(),
             ));
+        }
+        if !id.seal_key.is_empty() && !hex_of(&id.seal_key, 64) {
+            return Err(bad("its sealing key is not 32 bytes of hex".into()));
         }
         if id.audit_key.len() != 64 || !id.audit_key.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("the audit key is not a 32-byte hex key".into()));
@@ -184,6 +192,7 @@ mod tests {
             audit_key: "ab".repeat(32),
             vault_sign_key: String::new(),
             vault_seal_key: String::new(),
+            seal_key: String::new(),
             broker: Some("amqps://127.0.0.1:5671".into()),
         }
     }

@@ -21,17 +21,24 @@ use serde::{Deserialize, Serialize};
 pub const GATEWAY: &str = "coffre.gateway";
 /// The envelope kind of every relay message.
 pub const KIND: &str = "gateway";
-/// The routing key of messages to the vault.
-pub const TO_VAULT: &str = "vault";
+/// The routing key of messages to the vault from relay `name` (each
+/// relay may use its own only).
+pub fn to_vault(name: &str) -> String {
+    format!("vault.{name}")
+}
 /// The vault's queue of relay messages.
 pub const VAULT_QUEUE: &str = "coffre.gateway.vault";
 /// How long a relay message may wait in a queue, milliseconds (and its
 /// envelope's life, in seconds, is the same).
 pub const TTL_MS: u32 = 30_000;
-/// How often each side says it is alive when there is nothing else.
+/// How often the relay says it is alive.
 pub const ALIVE_EVERY_S: u64 = 5;
-/// Silence after which a side counts the other gone.
+/// Silence after which the vault counts the relay gone (and a message
+/// unaccounted for, lost).
 pub const SILENT_S: u64 = 20;
+/// The most relay messages the vault's queue holds (beyond, the broker
+/// refuses more: a flood cannot grow the vault's memory).
+pub const VAULT_QUEUE_MAX: u32 = 10_000;
 
 /// The routing key of messages to relay `name`.
 pub fn to_relay(name: &str) -> String {
@@ -43,10 +50,15 @@ pub fn relay_queue(name: &str) -> String {
     format!("coffre.gateway.relay.{name}")
 }
 
-/// The associated data a sealed batch is bound to: the link and the
-/// message's number (a batch moved to another place does not open).
+/// The associated data a sealed batch of lines is bound to: the link and
+/// the message's number (a batch moved to another place does not open).
 pub fn sealed_aad(link: &str, seq: u64) -> Vec<u8> {
     format!("coffre-relay lines {link} {seq}").into_bytes()
+}
+
+/// The associated data a sealed command is bound to.
+pub fn cmd_aad(link: &str, seq: u64) -> Vec<u8> {
+    format!("coffre-relay cmd {link} {seq}").into_bytes()
 }
 
 /// One relay message (the body of an envelope of kind [`KIND`]).
@@ -73,20 +85,30 @@ pub enum RelayMsg {
         /// The lines, each ended by `\n`, sealed to the vault.
         sealed: String,
     },
-    /// Vault to relay: a command for OpenVPN (whole lines).
+    /// Vault to relay: a command for OpenVPN (whole lines), sealed to the
+    /// relay's X25519 key (base64): client ids, pushed addresses and
+    /// refusal reasons are not the broker's to read.
     Cmd {
         /// The link.
         link: String,
         /// This message's number on the link, from 1.
         seq: u64,
-        /// What to write to the socket.
-        text: String,
+        /// What to write to the socket, sealed.
+        sealed: String,
     },
-    /// Either way: still here (`link` is the current one, if any).
+    /// Relay to vault: still here (`link` is the one it holds, if any,
+    /// with the number of the last lines message it sent and of the last
+    /// command it wrote: the vault tells a lost message from silence).
     Alive {
-        /// The link the sender holds, if any.
+        /// The link the relay holds, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         link: Option<String>,
+        /// The last lines message sent on it.
+        #[serde(default)]
+        lines: u64,
+        /// The last command written from it.
+        #[serde(default)]
+        cmds: u64,
     },
     /// Relay to vault: the link is over (OpenVPN went away, a message was
     /// lost, another link replaced it).
@@ -113,7 +135,7 @@ impl RelayMsg {
             | RelayMsg::Lines { link, .. }
             | RelayMsg::Cmd { link, .. }
             | RelayMsg::Closed { link, .. } => Some(link),
-            RelayMsg::Alive { link } => link.as_ref(),
+            RelayMsg::Alive { link, .. } => link.as_ref(),
         };
         if let Some(l) = link
             && (l.is_empty() || l.len() > 64 || !l.bytes().all(|b| b.is_ascii_alphanumeric()))
@@ -133,10 +155,14 @@ mod tests {
         let m = RelayMsg::Cmd {
             link: "ab12".into(),
             seq: 3,
-            text: "client-deny 1 2 \"no\"\n".into(),
+            sealed: "AAAA".into(),
         };
         assert_eq!(RelayMsg::from_value(m.to_value()).unwrap(), m);
-        let a = RelayMsg::Alive { link: None };
+        let a = RelayMsg::Alive {
+            link: None,
+            lines: 0,
+            cmds: 0,
+        };
         assert_eq!(RelayMsg::from_value(a.to_value()).unwrap(), a);
         let bad = serde_json::json!({"op": "open", "link": "a b"});
         assert!(RelayMsg::from_value(bad).is_err());

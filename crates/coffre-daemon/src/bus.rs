@@ -71,6 +71,10 @@ pub struct Component {
     /// envelopes verify with.
     #[serde(default)]
     pub public_key: String,
+    /// A gateway: its X25519 public key (hex), what the vault seals
+    /// commands to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub seal_public: String,
     /// A scheduler: the members it may add tasks for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
@@ -183,6 +187,15 @@ pub fn issue_identity(
     let issued = pki::new_component_cert(&config.name, &ca_key, &common_name(name))?;
     let public_key = coffre_bus::envelope::Signer::from_pem(&issued.key_pem)?.public_hex();
     let keys = VaultKeys::load_or_create(vd)?;
+    // A gateway gets a sealing key of its own: the vault's commands to it
+    // are for it alone.
+    let (seal_key, seal_public) = if role == Role::Gateway {
+        let private = coffre_bus::envelope::Opener::generate_hex();
+        let public = coffre_bus::envelope::Opener::from_hex(&private)?.public_hex();
+        (private.to_string(), public)
+    } else {
+        (String::new(), String::new())
+    };
     let mut all = load_components(vd)?;
     all.components.retain(|c| c.name != name);
     all.components.push(Component {
@@ -190,6 +203,7 @@ pub fn issue_identity(
         role,
         fingerprint: issued.fingerprint.clone(),
         public_key,
+        seal_public,
         members: rights.members,
         longest_s: rights.longest_s,
     });
@@ -205,6 +219,7 @@ pub fn issue_identity(
         audit_key: audit_key(vd)?,
         vault_sign_key: keys.signer.public_hex(),
         vault_seal_key: keys.opener.public_hex(),
+        seal_key,
         broker,
     })
 }
@@ -223,17 +238,30 @@ pub struct VaultKeys {
 }
 
 impl VaultKeys {
-    /// Reads the keys, making any that is missing.
+    /// Reads the keys, making any that is missing (when an identity is
+    /// issued, or the broker configured).
     pub fn load_or_create(vd: &VaultDir) -> Result<Self, BusSetupError> {
         use coffre_bus::envelope::{Opener, Signer};
         let dir = bus_dir(vd);
         make_private_dir(&dir)?;
+        create_new_key(&dir.join("sign.key"), Signer::generate_pem().as_bytes())?;
+        create_new_key(&dir.join("seal.key"), Opener::generate_hex().as_bytes())?;
+        Self::load(vd)
+    }
+
+    /// Reads the keys; never makes them (the daemon: new keys would
+    /// orphan every identity already issued).
+    pub fn load(vd: &VaultDir) -> Result<Self, BusSetupError> {
+        use coffre_bus::envelope::{Opener, Signer};
+        let dir = bus_dir(vd);
         let (sign, seal) = (dir.join("sign.key"), dir.join("seal.key"));
-        if !sign.exists() {
-            write_atomic(&sign, Signer::generate_pem().as_bytes(), 0o600)?;
-        }
-        if !seal.exists() {
-            write_atomic(&seal, Opener::generate_hex().as_bytes(), 0o600)?;
+        for p in [&sign, &seal] {
+            if !p.exists() {
+                return Err(BusSetupError::Invalid(format!(
+                    "{} is missing: the vault's bus keys are made by `coffre bus broker-config` or `coffre bus identity` (restored from a backup without it? the identities issued before need it)",
+                    p.display()
+                )));
+            }
         }
         let text = zeroize::Zeroizing::new(vd.read(&sign)?);
         let signer = Signer::from_pem(&text)?;
@@ -241,6 +269,25 @@ impl VaultKeys {
         let opener = Opener::from_hex(&text)?;
         Ok(Self { signer, opener })
     }
+}
+
+/// Writes a key file that does not exist yet (0600, created exclusively:
+/// two runs at once never leave one's key under the other's identities).
+fn create_new_key(path: &Path, bytes: &[u8]) -> Result<(), BusSetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |e: std::io::Error| BusSetupError::Invalid(format!("{}: {e}", path.display()));
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(bad(e)),
+    };
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(bad)
 }
 
 /// Forgets component `name`: the broker refuses it from its next
@@ -286,6 +333,7 @@ pub fn daemon_identity(vd: &VaultDir, broker: &str) -> Result<Identity, BusSetup
         audit_key: audit_key(vd)?,
         vault_sign_key: String::new(),
         vault_seal_key: String::new(),
+        seal_key: String::new(),
         broker: Some(broker.to_string()),
     })
 }
@@ -366,6 +414,8 @@ pub fn write_broker_config(
         write_atomic(&dir.join("vault.key"), issued.key_pem.as_bytes(), 0o600)?;
         write_atomic(&vault_cert, issued.cert_pem.as_bytes(), 0o600)?;
     }
+    // The daemon signs and opens with these (made once, kept).
+    VaultKeys::load_or_create(vd)?;
     let broker = pki::new_broker_cert(&config.name, &ca_key, &host)?;
 
     // The broker's user must reach the directory; its key is the only
@@ -514,7 +564,7 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
         }),
         json!({
             "user": vault, "vhost": VHOST, "exchange": relay::GATEWAY,
-            "write": "^relay\\.", "read": format!("^{}$", relay::TO_VAULT)
+            "write": "^relay\\.", "read": "^vault\\."
         }),
         json!({
             "user": vault, "vhost": VHOST, "exchange": command::COMMANDS,
@@ -561,7 +611,7 @@ fn definitions(comps: &[Component]) -> serde_json::Value {
             }));
             topic_permissions.push(json!({
                 "user": user, "vhost": VHOST, "exchange": relay::GATEWAY,
-                "write": format!("^{}$", relay::TO_VAULT),
+                "write": format!("^{}$", esc(&relay::to_vault(&c.name))),
                 "read": format!("^{}$", esc(&relay::to_relay(&c.name))),
             }));
         }
@@ -929,6 +979,7 @@ mod tests {
                 role: Role::Monitor,
                 fingerprint: "ab".into(),
                 public_key: String::new(),
+                seal_public: String::new(),
                 members: vec![],
                 longest_s: 0,
             },
@@ -937,6 +988,7 @@ mod tests {
                 role: Role::Gateway,
                 fingerprint: "cd".into(),
                 public_key: String::new(),
+                seal_public: String::new(),
                 members: vec![],
                 longest_s: 0,
             },
@@ -1011,7 +1063,7 @@ mod tests {
             .iter()
             .find(|p| p["user"] == "coffre-bus:gw1")
             .unwrap();
-        assert_eq!(topic["write"], "^vault$");
+        assert_eq!(topic["write"], "^vault\\.gw1$");
         assert_eq!(topic["read"], "^relay\\.gw1$");
     }
 }

@@ -13,17 +13,18 @@
 use crate::bus::{VAULT_COMPONENT, VaultKeys};
 use crate::gateway::{SocketLink, Transport};
 use base64::Engine as _;
-use coffre_bus::envelope::{self, Expect, Signer};
+use coffre_bus::envelope::{self, Expect, Opener, Replays, Signer};
 use coffre_bus::relay::{
-    ALIVE_EVERY_S, GATEWAY, KIND, RelayMsg, SILENT_S, TO_VAULT, TTL_MS, VAULT_QUEUE, relay_queue,
-    sealed_aad, to_relay,
+    ALIVE_EVERY_S, GATEWAY, KIND, RelayMsg, SILENT_S, TTL_MS, VAULT_QUEUE, VAULT_QUEUE_MAX,
+    cmd_aad, relay_queue, sealed_aad, to_relay, to_vault,
 };
 use coffre_bus::{Identity, Role, common_name};
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,13 @@ use zeroize::Zeroizing;
 const MAX_BATCH: usize = 60 << 10;
 /// How long the relay has to answer an `Open`, seconds.
 const OPEN_WITHIN_S: u64 = 15;
+/// How long a publish or a write to OpenVPN may take: a broker that
+/// blocks its publishers (a memory or disk alarm) ends the link instead of
+/// freezing it.
+const WRITE_WITHIN: Duration = Duration::from_secs(10);
+/// Refusals on the relay's queue are audited at most this often (with a
+/// count of those not said).
+const REFUSAL_EVERY: Duration = Duration::from_secs(10);
 /// Lines waiting to be read by the link, at most.
 const MAX_PENDING: usize = 10_000;
 
@@ -47,8 +55,10 @@ pub struct RelayConfig {
     pub url: String,
     /// The relay's component name.
     pub relay: String,
-    /// The relay's public key (from `DIR/bus/components.json`).
-    pub relay_key: String,
+    /// The vault directory: the relay's keys are read from
+    /// `DIR/bus/components.json` at each new link (a reissued or forgotten
+    /// relay counts without a restart).
+    pub dir: PathBuf,
     /// The vault's signing and sealing keys.
     pub keys: Arc<VaultKeys>,
     /// Says a refused message (audited as `gateway` `refused`).
@@ -78,8 +88,41 @@ fn props(sender: &str) -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
-/// A queue of our own, for this connection's life, bound to `key`.
+/// Publishes within [`WRITE_WITHIN`].
+async fn publish(ch: &Channel, key: &str, bytes: &[u8], sender: &str) -> Result<(), String> {
+    let sent = ch.basic_publish(
+        GATEWAY.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        bytes,
+        props(sender),
+    );
+    tokio::time::timeout(WRITE_WITHIN, sent)
+        .await
+        .map_err(|_| {
+            format!(
+                "the broker took no message for {} s",
+                WRITE_WITHIN.as_secs()
+            )
+        })?
+        .map_err(lapin_err)?;
+    Ok(())
+}
+
+/// A queue of our own, for this connection's life, bound to `key`,
+/// bounded (the broker refuses beyond), consumed with acknowledgements a
+/// window at a time (so lapin never holds more than that in memory).
 async fn own_queue(ch: &Channel, queue: &str, key: &str, tag: &str) -> Result<Consumer, String> {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongUInt(VAULT_QUEUE_MAX));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert("x-message-ttl".into(), AMQPValue::LongUInt(TTL_MS));
+    ch.basic_qos(64, BasicQosOptions::default())
+        .await
+        .map_err(lapin_err)?;
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -87,7 +130,7 @@ async fn own_queue(ch: &Channel, queue: &str, key: &str, tag: &str) -> Result<Co
             auto_delete: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        args,
     )
     .await
     .map_err(lapin_err)?;
@@ -103,14 +146,45 @@ async fn own_queue(ch: &Channel, queue: &str, key: &str, tag: &str) -> Result<Co
     ch.basic_consume(
         queue.into(),
         tag.into(),
-        BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        },
+        BasicConsumeOptions::default(),
         FieldTable::default(),
     )
     .await
     .map_err(lapin_err)
+}
+
+/// The next delivery, acknowledged at once (what it holds is judged
+/// after; a link lost meanwhile rebuilds from OpenVPN's status anyway).
+async fn next_delivery(consumer: &mut Consumer) -> Result<lapin::message::Delivery, String> {
+    let d = consumer
+        .next()
+        .await
+        .ok_or("the broker closed the connection")?
+        .map_err(lapin_err)?;
+    d.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(lapin_err)?;
+    Ok(d)
+}
+
+/// A relay's keys as `DIR/bus/components.json` holds them now.
+fn relay_keys(dir: &Path, relay: &str) -> Result<(String, Vec<u8>), String> {
+    let comps =
+        crate::bus::components(&crate::vaultdir::VaultDir::new(dir)).map_err(|e| e.to_string())?;
+    let c = comps
+        .iter()
+        .find(|c| c.name == relay && c.role == Role::Gateway)
+        .ok_or_else(|| {
+            format!("the relay {relay:?} is not a gateway component (`coffre bus identity DIR {relay} --role gateway`)")
+        })?;
+    let seal = envelope::unhex(&c.seal_public).filter(|k| k.len() == 32);
+    match (c.public_key.is_empty(), seal) {
+        (false, Some(seal)) => Ok((c.public_key.clone(), seal)),
+        _ => Err(format!(
+            "the relay {relay:?} was issued by an older version: issue its identity again"
+        )),
+    }
 }
 
 /// The daemon's end of one link through the relay.
@@ -125,17 +199,26 @@ pub(crate) struct RelayLink<'a> {
     seq_out: u64,
     pending: VecDeque<Zeroizing<String>>,
     heard: Instant,
+    /// The relay's signing key (hex) and sealing key.
+    relay_key: String,
+    relay_seal: Vec<u8>,
+    replays: Replays,
+    /// Commands sent and not yet reported written by the relay.
+    unacked: VecDeque<(u64, Instant)>,
+    /// Refusals not audited yet, and when the last one was.
+    refusals: (u64, Option<Instant>),
 }
 
 impl<'a> RelayLink<'a> {
     /// Connects to the broker, asks the relay for a new link to OpenVPN and
     /// waits until it has one.
     pub(crate) async fn open(cfg: &'a RelayConfig) -> Result<RelayLink<'a>, String> {
+        let (relay_key, relay_seal) = relay_keys(&cfg.dir, &cfg.relay)?;
         let conn = coffre_bus::connect(&cfg.url, &cfg.id)
             .await
             .map_err(|e| e.to_string())?;
         let ch = conn.create_channel().await.map_err(lapin_err)?;
-        let consumer = own_queue(&ch, VAULT_QUEUE, TO_VAULT, "vault")
+        let consumer = own_queue(&ch, VAULT_QUEUE, &to_vault(&cfg.relay), "vault")
             .await
             .map_err(|e| format!("the vault's relay queue: {e}"))?;
         let mut l = RelayLink {
@@ -148,6 +231,11 @@ impl<'a> RelayLink<'a> {
             seq_out: 0,
             pending: VecDeque::new(),
             heard: Instant::now(),
+            relay_key,
+            relay_seal,
+            replays: Replays::default(),
+            unacked: VecDeque::new(),
+            refusals: (0, None),
         };
         let link = l.link.clone();
         l.publish(RelayMsg::Open { link: link.clone() }).await?;
@@ -170,7 +258,7 @@ impl<'a> RelayLink<'a> {
                 RelayMsg::Closed { link: got, why } if got == link => {
                     return Err(format!("the relay {}: {why}", cfg.relay));
                 }
-                RelayMsg::Alive { link: held } if held.as_deref() != Some(&link) => {
+                RelayMsg::Alive { link: held, .. } if held.as_deref() != Some(&link) => {
                     l.publish(RelayMsg::Open { link: link.clone() }).await?;
                 }
                 _ => {}
@@ -189,17 +277,23 @@ impl<'a> RelayLink<'a> {
             msg.to_value(),
         );
         let bytes = c.keys.signer.seal_envelope(&h);
-        self.ch
-            .basic_publish(
-                GATEWAY.into(),
-                to_relay(&c.relay).into(),
-                BasicPublishOptions::default(),
-                &bytes,
-                props(VAULT_COMPONENT),
-            )
-            .await
-            .map_err(lapin_err)?;
-        Ok(())
+        publish(&self.ch, &to_relay(&c.relay), &bytes, VAULT_COMPONENT).await
+    }
+
+    /// Audits a refused message, at most once per [`REFUSAL_EVERY`].
+    fn refused(&mut self, why: String) {
+        let (n, last) = &mut self.refusals;
+        *n += 1;
+        if last.is_none_or(|t| t.elapsed() >= REFUSAL_EVERY) {
+            let more = if *n > 1 {
+                format!(" ({} more refused since the last record)", *n - 1)
+            } else {
+                String::new()
+            };
+            (self.cfg.refused)(format!("{why}{more}"));
+            *n = 0;
+            *last = Some(Instant::now());
+        }
     }
 
     /// The next message from the relay that checks out; refused ones are
@@ -209,35 +303,37 @@ impl<'a> RelayLink<'a> {
         loop {
             let d = tokio::time::timeout_at(
                 self.heard + Duration::from_secs(SILENT_S),
-                self.consumer.next(),
+                next_delivery(&mut self.consumer),
             )
             .await
-            .map_err(|_| format!("the relay {} said nothing for {SILENT_S} s", c.relay))?
-            .ok_or("the broker closed the connection")?
-            .map_err(lapin_err)?;
+            .map_err(|_| format!("the relay {} said nothing for {SILENT_S} s", c.relay))??;
             let user = d
                 .properties
                 .user_id()
                 .as_ref()
                 .map(|u| u.as_str().to_string());
+            let now = envelope::now();
             let expect = Expect {
                 vault: &c.id.vault,
                 to: VAULT_COMPONENT,
-                now: envelope::now(),
+                now,
             };
+            let key = self.relay_key.clone();
             let h = match envelope::open(&d.data, user.as_deref(), &expect, |from| {
-                (from == c.relay).then(|| c.relay_key.clone())
-            }) {
+                (from == c.relay).then(|| key.clone())
+            })
+            .and_then(|h| self.replays.take(&h, now).map(|()| h))
+            {
                 Ok(h) if h.kind == KIND => h,
                 Ok(h) => {
-                    (c.refused)(format!(
+                    self.refused(format!(
                         "a {:?} message from {} on the relay's queue",
                         h.kind, h.from
                     ));
                     continue;
                 }
                 Err(r) => {
-                    (c.refused)(format!("a message on the relay's queue: {r}"));
+                    self.refused(format!("a message on the relay's queue: {r}"));
                     continue;
                 }
             };
@@ -246,7 +342,7 @@ impl<'a> RelayLink<'a> {
                     self.heard = Instant::now();
                     return Ok(m);
                 }
-                Err(e) => (c.refused)(format!("a message from the relay {}: {e}", c.relay)),
+                Err(e) => self.refused(format!("a message from the relay {}: {e}", c.relay)),
             }
         }
     }
@@ -298,11 +394,36 @@ impl Transport for RelayLink<'_> {
                 RelayMsg::Closed { link, why } if link == self.link => {
                     return Err(format!("the relay {}: {why}", self.cfg.relay));
                 }
-                RelayMsg::Alive { link } if link.as_deref() != Some(&self.link) => {
+                RelayMsg::Alive { link, .. } if link.as_deref() != Some(&self.link) => {
                     return Err(format!(
                         "the relay {} no longer holds this link (it restarted?)",
                         self.cfg.relay
                     ));
+                }
+                RelayMsg::Alive { lines, cmds, .. } => {
+                    // Messages from one sender arrive in order: lines it
+                    // says it sent and that never came are lost.
+                    if lines > self.seq_in {
+                        return Err(format!(
+                            "lines {}..{lines} from the relay {} never came: the link starts again",
+                            self.seq_in + 1,
+                            self.cfg.relay
+                        ));
+                    }
+                    while self.unacked.front().is_some_and(|(seq, _)| *seq <= cmds) {
+                        self.unacked.pop_front();
+                    }
+                    if self
+                        .unacked
+                        .front()
+                        .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(SILENT_S))
+                    {
+                        return Err(format!(
+                            "command {} never reached the relay {}: the link starts again",
+                            cmds + 1,
+                            self.cfg.relay
+                        ));
+                    }
                 }
                 _ => {}
             }
@@ -311,10 +432,17 @@ impl Transport for RelayLink<'_> {
 
     async fn send(&mut self, text: &str) -> Result<(), String> {
         self.seq_out += 1;
+        let sealed = envelope::seal(
+            &self.relay_seal,
+            &cmd_aad(&self.link, self.seq_out),
+            text.as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.unacked.push_back((self.seq_out, Instant::now()));
         self.publish(RelayMsg::Cmd {
             link: self.link.clone(),
             seq: self.seq_out,
-            text: text.to_string(),
+            sealed: base64::engine::general_purpose::STANDARD.encode(sealed),
         })
         .await
     }
@@ -343,10 +471,22 @@ pub async fn relay(
     }
     let signer = Signer::from_pem(&id.key_pem).map_err(|e| e.to_string())?;
     let seal_to = envelope::unhex(&id.vault_seal_key).ok_or("bad vault sealing key")?;
+    if id.seal_key.is_empty() {
+        return Err(
+            "the identity carries no sealing key of its own: issue it again with this version"
+                .into(),
+        );
+    }
+    let opener = Opener::from_hex(&id.seal_key).map_err(|e| e.to_string())?;
     let mut delay = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let Err(why) = relay_session(&id, &url, &sock, &signer, &seal_to, &say).await;
+        let keys = RelayKeys {
+            signer: &signer,
+            seal_to: &seal_to,
+            opener: &opener,
+        };
+        let Err(why) = relay_session(&id, &url, &sock, &keys, &say).await;
         if started.elapsed() > Duration::from_secs(60) {
             delay = Duration::from_secs(1);
         }
@@ -368,6 +508,14 @@ struct Held {
     seq_out: u64,
 }
 
+/// The relay's keys: its own (signing, opening commands) and the vault's
+/// (sealing lines).
+struct RelayKeys<'a> {
+    signer: &'a Signer,
+    seal_to: &'a [u8],
+    opener: &'a Opener,
+}
+
 struct RelaySide<'a> {
     id: &'a Identity,
     signer: &'a Signer,
@@ -385,17 +533,7 @@ impl RelaySide<'_> {
             msg.to_value(),
         );
         let bytes = self.signer.seal_envelope(&h);
-        self.ch
-            .basic_publish(
-                GATEWAY.into(),
-                TO_VAULT.into(),
-                BasicPublishOptions::default(),
-                &bytes,
-                props(&self.id.name),
-            )
-            .await
-            .map_err(lapin_err)?;
-        Ok(())
+        publish(&self.ch, &to_vault(&self.id.name), &bytes, &self.id.name).await
     }
 }
 
@@ -403,10 +541,10 @@ async fn relay_session(
     id: &Identity,
     url: &str,
     sock: &Path,
-    signer: &Signer,
-    seal_to: &[u8],
+    keys: &RelayKeys<'_>,
     say: &impl Fn(String),
 ) -> Result<std::convert::Infallible, String> {
+    let (signer, seal_to) = (keys.signer, keys.seal_to);
     let conn = coffre_bus::connect(url, id)
         .await
         .map_err(|e| e.to_string())?;
@@ -418,16 +556,20 @@ async fn relay_session(
         coffre_bus::conn::shown(url)
     ));
     let mut held: Option<Held> = None;
+    let mut replays = Replays::default();
     let mut tick = tokio::time::interval(Duration::from_secs(ALIVE_EVERY_S));
     loop {
         tokio::select! {
-            d = consumer.next() => {
-                let d = d.ok_or("the broker closed the connection")?.map_err(lapin_err)?;
+            d = next_delivery(&mut consumer) => {
+                let d = d?;
                 let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
-                let expect = Expect { vault: &id.vault, to: &id.name, now: envelope::now() };
+                let now = envelope::now();
+                let expect = Expect { vault: &id.vault, to: &id.name, now };
                 let h = match envelope::open(&d.data, user.as_deref(), &expect, |from| {
                     (from == VAULT_COMPONENT).then(|| id.vault_sign_key.clone())
-                }) {
+                })
+                .and_then(|h| replays.take(&h, now).map(|()| h))
+                {
                     Ok(h) if h.kind == KIND => h,
                     Ok(h) => { say(format!("ignored a {:?} message", h.kind)); continue; }
                     Err(r) => { say(format!("refused a message: {r}")); continue; }
@@ -437,6 +579,11 @@ async fn relay_session(
                     Err(e) => { say(format!("refused a message from the vault: {e}")); continue; }
                 };
                 match msg {
+                    RelayMsg::Open { link } if held.as_ref().is_some_and(|h| h.link == link) => {
+                        // Asked again (our `Opened` crossed its resend):
+                        // the link stands.
+                        side.send(RelayMsg::Opened { link }).await?;
+                    }
                     RelayMsg::Open { link } => {
                         // A new link replaces the old one: OpenVPN sees a
                         // new management connection.
@@ -453,11 +600,21 @@ async fn relay_session(
                             }
                         }
                     }
-                    RelayMsg::Cmd { link, seq, text } => {
+                    RelayMsg::Cmd { link, seq, sealed } => {
                         let Some(h) = held.as_mut().filter(|h| h.link == link) else { continue };
                         let r = if seq == h.seq_in + 1 {
                             h.seq_in = seq;
-                            h.sock.send(&text).await
+                            match base64::engine::general_purpose::STANDARD
+                                .decode(sealed.as_bytes())
+                                .map_err(|_| "a command that is not base64".to_string())
+                                .and_then(|b| keys.opener.open(&cmd_aad(&link, seq), &b).map_err(|e| e.to_string()))
+                                .and_then(|t| String::from_utf8(t.to_vec()).map(Zeroizing::new).map_err(|_| "a command that is not text".to_string()))
+                            {
+                                Ok(text) => tokio::time::timeout(WRITE_WITHIN, h.sock.send(&text))
+                                    .await
+                                    .unwrap_or_else(|_| Err("OpenVPN took no command for 10 s".into())),
+                                Err(e) => Err(e),
+                            }
                         } else {
                             Err(format!("command {} from the vault never came (got {seq})", h.seq_in + 1))
                         };
@@ -504,7 +661,10 @@ async fn relay_session(
                 }
             }
             _ = tick.tick() => {
-                side.send(RelayMsg::Alive { link: held.as_ref().map(|h| h.link.clone()) }).await?;
+                let (link, lines, cmds) = held
+                    .as_ref()
+                    .map_or((None, 0, 0), |h| (Some(h.link.clone()), h.seq_out, h.seq_in));
+                side.send(RelayMsg::Alive { link, lines, cmds }).await?;
             }
         }
     }

@@ -482,7 +482,7 @@ pub async fn serve(
                         detail,
                     });
                 });
-                match crate::bus::VaultKeys::load_or_create(&shell.dir) {
+                match crate::bus::VaultKeys::load(&shell.dir) {
                     Ok(keys) => {
                         let submit_tx = tx.clone();
                         let submit: crate::buscmd::Submit = Box::new(move |member, by, command| {
@@ -706,24 +706,12 @@ fn relay_config(
         .as_ref()
         .and_then(|g| g.relay.clone())
         .ok_or("[gateway] via = \"bus\" without relay = NAME")?;
-    let comps = crate::bus::components(dir).map_err(|e| e.to_string())?;
-    let c = comps
-        .iter()
-        .find(|c| c.name == relay && c.role == coffre_bus::Role::Gateway)
-        .ok_or_else(|| {
-            format!("the relay {relay:?} is not a gateway component (`coffre bus identity DIR {relay} --role gateway`)")
-        })?;
-    if c.public_key.is_empty() {
-        return Err(format!(
-            "the relay {relay:?} was issued by an older version: issue its identity again"
-        ));
-    }
     Ok(crate::relay::RelayConfig {
         id: crate::bus::daemon_identity(dir, &bus.url).map_err(|e| e.to_string())?,
         url: bus.url.clone(),
         relay,
-        relay_key: c.public_key.clone(),
-        keys: Arc::new(crate::bus::VaultKeys::load_or_create(dir).map_err(|e| e.to_string())?),
+        dir: dir.root.clone(),
+        keys: Arc::new(crate::bus::VaultKeys::load(dir).map_err(|e| e.to_string())?),
         refused,
     })
 }
