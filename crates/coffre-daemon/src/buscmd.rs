@@ -15,7 +15,9 @@
 //! message acknowledged to the broker, and the answer published.
 
 use crate::bus::{Component, VAULT_COMPONENT, VaultKeys};
-use coffre_bus::command::{BusCommand, COMMANDS, KIND, REPLY_KIND, Reply, VAULT_QUEUE, to_reply};
+use coffre_bus::command::{
+    self, BusCommand, COMMANDS, KIND, REPLY_KIND, Reply, VAULT_QUEUE, to_reply,
+};
 use coffre_bus::envelope::{self, Expect, Header, Refusal};
 use coffre_bus::{Identity, Role, common_name};
 use futures::StreamExt;
@@ -56,12 +58,20 @@ pub type Submit = Box<
 /// Says something for the audit log (`bus_command`: outcome, detail).
 pub type Report = Box<dyn Fn(&'static str, String) + Send + Sync>;
 
-/// The nonces of applied commands, until they expire
+/// One applied command: until when its nonce counts, and the answer it
+/// got (sent again if the broker delivers it again).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Applied {
+    exp: u64,
+    answer: Value,
+}
+
+/// The nonces of applied commands, with their answers, until they expire
 /// (`DIR/bus/nonces.json`, 0600, rewritten atomically).
 #[derive(Debug)]
 pub struct Nonces {
     path: PathBuf,
-    seen: BTreeMap<String, u64>,
+    seen: BTreeMap<String, Applied>,
 }
 
 impl Nonces {
@@ -74,24 +84,33 @@ impl Nonces {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        Ok(Self { path, seen })
+        let mut n = Self { path, seen };
+        n.prune(envelope::now());
+        Ok(n)
     }
 
-    /// Whether `nonce` was applied.
-    pub fn seen(&self, nonce: &str) -> bool {
-        self.seen.contains_key(nonce)
+    fn prune(&mut self, now: u64) {
+        self.seen.retain(|_, a| a.exp + envelope::SKEW_S >= now);
     }
 
-    /// Whether there is room for one more.
-    pub fn full(&self) -> bool {
+    /// The answer `nonce` got, if it was applied.
+    fn answer(&self, nonce: &str) -> Option<&Value> {
+        self.seen.get(nonce).map(|a| &a.answer)
+    }
+
+    /// Whether there is room for one more (after forgetting expired ones).
+    fn full(&mut self, now: u64) -> bool {
+        if self.seen.len() >= MAX_NONCES {
+            self.prune(now);
+        }
         self.seen.len() >= MAX_NONCES
     }
 
-    /// Records `nonce` (valid until `exp`), forgets expired ones, and
-    /// writes the file before returning.
-    pub fn record(&mut self, nonce: &str, exp: u64, now: u64) -> Result<(), String> {
-        self.seen.retain(|_, e| *e + envelope::SKEW_S >= now);
-        self.seen.insert(nonce.to_string(), exp);
+    /// Records `nonce` (valid until `exp`) with its answer, forgets
+    /// expired ones, and writes the file before returning.
+    fn record(&mut self, nonce: &str, exp: u64, answer: Value, now: u64) -> Result<(), String> {
+        self.prune(now);
+        self.seen.insert(nonce.to_string(), Applied { exp, answer });
         let bytes = serde_json::to_vec(&self.seen).expect("nonces serialise");
         crate::vaultdir::write_atomic(&self.path, &bytes, 0o600).map_err(|e| e.to_string())
     }
@@ -104,6 +123,9 @@ enum Verdict {
     Refused(String, Option<Header>),
     /// To apply.
     Apply(Header, BusCommand, Component),
+    /// Applied already, and delivered again by the broker (our
+    /// acknowledgement was lost): its answer again, nothing applied.
+    Again(Header, Value),
 }
 
 fn schedulers(dir: &Path) -> Vec<Component> {
@@ -114,7 +136,13 @@ fn schedulers(dir: &Path) -> Vec<Component> {
         .collect()
 }
 
-fn judge(cfg: &CommandsConfig, nonces: &Nonces, data: &[u8], user: Option<&str>) -> Verdict {
+fn judge(
+    cfg: &CommandsConfig,
+    nonces: &mut Nonces,
+    data: &[u8],
+    user: Option<&str>,
+    redelivered: bool,
+) -> Verdict {
     let comps = schedulers(&cfg.dir);
     let now = envelope::now();
     let expect = Expect {
@@ -147,10 +175,20 @@ fn judge(cfg: &CommandsConfig, nonces: &Nonces, data: &[u8], user: Option<&str>)
             Some(h),
         );
     }
-    if nonces.seen(&h.nonce) {
+    if h.exp.saturating_sub(h.iat) > command::LIFE_S {
+        return Verdict::Refused(
+            format!("from {from}: a command lives {} s at most", command::LIFE_S),
+            Some(h),
+        );
+    }
+    if let Some(answer) = nonces.answer(&h.nonce) {
+        if redelivered {
+            let answer = answer.clone();
+            return Verdict::Again(h, answer);
+        }
         return Verdict::Refused(Refusal::Replay(h.nonce.clone()).to_string(), Some(h));
     }
-    if nonces.full() {
+    if nonces.full(now) {
         return Verdict::Refused("too many recent commands: try again later".into(), Some(h));
     }
     let cmd: BusCommand = match serde_json::from_value(h.body.clone()) {
@@ -196,9 +234,23 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
     };
     let mut delay = Duration::from_secs(1);
     let mut down_reported = false;
+    let mut refusals = Refusals::default();
     loop {
         let mut up = false;
-        let Err(why) = session(&cfg, &mut nonces, &submit, &report, &mut up).await;
+        let why = match session(&cfg, &mut nonces, &submit, &report, &mut refusals, &mut up).await {
+            Err(Ended::Lost(why)) => why,
+            Err(Ended::Stop(why)) => {
+                // Applied but not recorded: serving on could apply it
+                // again at each redelivery.
+                report(
+                    "failed",
+                    format!(
+                        "{why}: commands over the bus are no longer served (restart the daemon once the disk is fixed)"
+                    ),
+                );
+                return;
+            }
+        };
         if up {
             delay = Duration::from_secs(1);
             down_reported = false;
@@ -249,13 +301,64 @@ async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, ok: bool,
         .await;
 }
 
+/// Why a session ended.
+enum Ended {
+    /// The broker went: connect again.
+    Lost(String),
+    /// A command was applied and its nonce could not be written: stop.
+    Stop(String),
+}
+
+impl From<String> for Ended {
+    fn from(s: String) -> Self {
+        Ended::Lost(s)
+    }
+}
+
+/// Refusals are audited one by one up to [`REFUSALS_PER_MINUTE`] a
+/// minute; beyond, they are counted and the count goes with the next
+/// record (a flood cannot fill the audit log).
+#[derive(Default)]
+struct Refusals {
+    unsaid: u64,
+    said: std::collections::VecDeque<std::time::Instant>,
+}
+
+/// Refusal records a minute, at most.
+const REFUSALS_PER_MINUTE: usize = 20;
+
+impl Refusals {
+    fn say(&mut self, report: &Report, why: String) {
+        let minute = Duration::from_secs(60);
+        while self.said.front().is_some_and(|t| t.elapsed() >= minute) {
+            self.said.pop_front();
+        }
+        if self.said.len() >= REFUSALS_PER_MINUTE {
+            self.unsaid += 1;
+            return;
+        }
+        let more = if self.unsaid > 0 {
+            format!(
+                " ({} more refused and not recorded one by one before this)",
+                self.unsaid
+            )
+        } else {
+            String::new()
+        };
+        report("refused", format!("{why}{more}"));
+        self.unsaid = 0;
+        self.said.push_back(std::time::Instant::now());
+    }
+}
+
 async fn session(
     cfg: &CommandsConfig,
     nonces: &mut Nonces,
     submit: &Submit,
     report: &Report,
+    refusals: &mut Refusals,
     up: &mut bool,
-) -> Result<std::convert::Infallible, String> {
+) -> Result<std::convert::Infallible, Ended> {
     let describe = |e: lapin::Error| coffre_bus::conn::describe(&e);
     let conn = coffre_bus::connect(&cfg.url, &cfg.id)
         .await
@@ -293,9 +396,17 @@ async fn session(
             .user_id()
             .as_ref()
             .map(|u| u.as_str().to_string());
-        match judge(cfg, nonces, &d.data, user.as_deref()) {
+        match judge(cfg, nonces, &d.data, user.as_deref(), d.redelivered) {
+            Verdict::Again(h, answer) => {
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(describe)?;
+                let ok = answer["ok"] == true;
+                reply(&ch, cfg, &h, ok, answer).await;
+            }
             Verdict::Refused(why, who) => {
-                report("refused", why.clone());
+                refusals.say(report, why.clone());
                 d.acker
                     .reject(BasicRejectOptions { requeue: false })
                     .await
@@ -337,7 +448,9 @@ async fn session(
                 let rx = submit(cmd.member().to_string(), comp.name.clone(), core);
                 // The daemon stopping: the command stays in the queue.
                 let (_, answer) = rx.await.map_err(|_| "the daemon stops".to_string())?;
-                nonces.record(&h.nonce, h.exp, envelope::now())?;
+                nonces
+                    .record(&h.nonce, h.exp, answer.clone(), envelope::now())
+                    .map_err(Ended::Stop)?;
                 d.acker
                     .ack(BasicAckOptions::default())
                     .await
@@ -347,5 +460,5 @@ async fn session(
             }
         }
     }
-    Err("the broker closed the connection".into())
+    Err(Ended::Lost("the broker closed the connection".into()))
 }

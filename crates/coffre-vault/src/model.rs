@@ -407,6 +407,9 @@ pub enum Needs {
     Password(PasswordOp),
 }
 
+/// Tasks one scheduler may hold at once.
+pub const MAX_TASKS_PER_SCHEDULER: usize = 16;
+
 /// What a scheduler's command does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScheduledOp {

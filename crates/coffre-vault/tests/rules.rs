@@ -1333,6 +1333,28 @@ fn a_schedulers_task_keeps_the_open_vault_open_but_never_opens_it() {
     assert!(s.audit.iter().any(|r| r.action == "task_add"
         && r.result == "ok"
         && r.detail.contains("added by sched1 for m0")));
+    // A scheduler naming someone who is not a member is refused, and
+    // never counts towards the auto-lock however often it happens.
+    let a = s.enter("m0");
+    for _ in 0..40 {
+        assert_eq!(
+            refused(&s.session_cmd("ghost", add("sched1", 60_000))),
+            Some(Refusal::UnknownMember)
+        );
+    }
+    assert!(!s.vault.is_locked());
+    // At most MAX_TASKS_PER_SCHEDULER tasks each.
+    for _ in 0..coffre_vault::MAX_TASKS_PER_SCHEDULER {
+        assert!(matches!(
+            s.session_cmd("m0", add("sched1", 60_000)),
+            Outcome::Ok(Reply::TaskAdded { .. })
+        ));
+    }
+    assert_eq!(
+        refused(&s.session_cmd("m0", add("sched1", 60_000))),
+        Some(Refusal::Busy)
+    );
+    s.session_cmd("m0", Command::Leave { session: a });
     // Locked: refused.
     s.run("su0", Command::Lock { reason: "x".into() });
     assert_eq!(

@@ -90,6 +90,7 @@ impl Shell {
                 | Command::Leave { .. }
                 | Command::Heartbeat { .. }
                 | Command::TaskCancel { .. }
+                | Command::ScheduledTaskCancel { .. }
         ) {
             return None;
         }

@@ -144,6 +144,8 @@ impl Vault {
     }
 
     /// A scheduler's command (over the bus, for `r.member`).
+    ///
+    /// A scheduler holds at most [`MAX_TASKS_PER_SCHEDULER`] tasks.
     pub(super) fn scheduled_command(&mut self, out: &mut Out, r: &Request, op: ScheduledOp) {
         match op {
             ScheduledOp::TaskAdd {
@@ -171,6 +173,20 @@ impl Vault {
                 }
                 if let Err((message, detail)) = self.check_task(&name, duration_ms) {
                     out.refuse(r, Refusal::Invalid, &message, format!("by {by}: {detail}"));
+                    return;
+                }
+                let held = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.by.as_deref() == Some(by.as_str()))
+                    .count();
+                if held >= MAX_TASKS_PER_SCHEDULER {
+                    out.refuse(
+                        r,
+                        Refusal::Busy,
+                        &format!("a scheduler holds {MAX_TASKS_PER_SCHEDULER} tasks at most"),
+                        format!("by {by}: {held} tasks"),
+                    );
                     return;
                 }
                 let id = TaskId(self.next_task);
@@ -204,7 +220,7 @@ impl Vault {
                 if self
                     .tasks
                     .get(&task)
-                    .is_none_or(|t| t.by.as_deref() != Some(by.as_str()))
+                    .is_none_or(|t| t.by.as_deref() != Some(by.as_str()) || t.owner != r.member)
                 {
                     out.refuse(
                         r,

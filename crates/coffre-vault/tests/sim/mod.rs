@@ -234,10 +234,20 @@ impl Sim {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         self.passwords.insert(req, password_ok);
+        // A scheduler's command comes through the bus door, named by it.
+        let from = match &command {
+            Command::ScheduledTaskAdd { by, .. } | Command::ScheduledTaskCancel { by, .. } => {
+                Source {
+                    door: Door::Bus,
+                    addr: by.clone(),
+                }
+            }
+            _ => source(&format!("198.51.100.{}", member.len())),
+        };
         self.handle(Event::Request(Request {
             req,
             member: member.into(),
-            source: source(&format!("198.51.100.{}", member.len())),
+            source: from,
             password: true,
             totp,
             command,

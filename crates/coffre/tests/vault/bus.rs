@@ -862,6 +862,19 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
     publish_raw(&url, &s1, &fresh, Some(cn)).unwrap();
     let r = wait_refusals(&v, base + 1);
     assert!(r.last().unwrap().contains("replay"), "{r:?}");
+    let raw_tasks = v
+        .audit()
+        .iter()
+        .filter(|e| {
+            e["record"]["action"] == "task_add"
+                && e["record"]["result"] == "ok"
+                && e["record"]["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("\"raw\"")
+        })
+        .count();
+    assert_eq!(raw_tasks, 1, "the replayed command was applied once");
     // Expired, for another vault, unsigned, without a user id.
     publish_raw(
         &url,
