@@ -107,7 +107,17 @@ pub fn bus(cmd: BusCommand) -> Result<u8> {
                 println!("no components (the daemon itself is always `vault`)");
             } else {
                 for c in comps {
-                    println!("{:<24} {:<8} {}", c.name, c.role.as_str(), c.fingerprint);
+                    let rights = if c.members.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" for {} up to {} s", c.members.join(","), c.longest_s)
+                    };
+                    println!(
+                        "{:<24} {:<9} {}{rights}",
+                        c.name,
+                        c.role.as_str(),
+                        c.fingerprint
+                    );
                 }
             }
             Ok(exit::OK)
