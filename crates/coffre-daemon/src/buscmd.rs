@@ -270,10 +270,12 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
     }
 }
 
-async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, ok: bool, answer: Value) {
+/// Sends `answer` (the door's JSON: its `ok` says done or refused) to the
+/// sender of `to`, signed.
+async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, answer: Value) {
     let body = Reply {
         in_reply_to: to.nonce.clone(),
-        ok,
+        ok: answer["ok"] == true,
         answer,
     };
     let h = envelope::header(
@@ -402,8 +404,7 @@ async fn session(
                     .ack(BasicAckOptions::default())
                     .await
                     .map_err(describe)?;
-                let ok = answer["ok"] == true;
-                reply(&ch, cfg, &h, ok, answer).await;
+                reply(&ch, cfg, &h, answer).await;
             }
             Verdict::Refused(why, who) => {
                 refusals.say(report, why.clone());
@@ -421,7 +422,6 @@ async fn session(
                         &ch,
                         cfg,
                         &h,
-                        false,
                         json!({"ok": false, "error": code, "message": why}),
                     )
                     .await;
@@ -455,8 +455,7 @@ async fn session(
                     .ack(BasicAckOptions::default())
                     .await
                     .map_err(describe)?;
-                let ok = answer["ok"] == true;
-                reply(&ch, cfg, &h, ok, answer).await;
+                reply(&ch, cfg, &h, answer).await;
             }
         }
     }

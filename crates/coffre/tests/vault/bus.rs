@@ -371,6 +371,32 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
     drop(broker);
 }
 
+/// Writes the broker's directory (`coffre bus broker-config`, listening
+/// on `listen`) into a temporary directory the broker's user can reach;
+/// returns it (to keep) and the broker's directory.
+fn broker_config(v: &Vault, listen: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let home = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = home.path().join("broker");
+    ok(&v
+        .bin()
+        .args([
+            "bus",
+            "broker-config",
+            v.dir.to_str().unwrap(),
+            "--listen",
+            listen,
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    (home, out)
+}
+
 /// Links the vault's host (this namespace) to the "VPN host" (namespace
 /// `ns`) over a veth pair with a /30 of its own; returns the vault side's
 /// address (the broker listens there).
@@ -441,26 +467,7 @@ fn members_enter_through_the_relay_on_the_vpn_host_and_a_lock_reaches_them_throu
     assert_eq!(id["role"], "gateway");
     assert_eq!(id["vault_seal_key"].as_str().unwrap().len(), 64);
     assert_eq!(id["seal_key"].as_str().unwrap().len(), 64);
-    let broker_home = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(broker_home.path(), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-    }
-    let out = broker_home.path().join("broker");
-    ok(&v
-        .bin()
-        .args([
-            "bus",
-            "broker-config",
-            &dir,
-            "--listen",
-            &format!("{host}:{port}"),
-        ])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap());
+    let (_broker_home, out) = broker_config(&v, &format!("{host}:{port}"));
     let mut broker = Broker::start_at(&out.join("run"), &host, port);
 
     // The VPN host's files, and its management socket's private directory.
@@ -773,26 +780,7 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
         .output()
         .unwrap();
     assert!(!none.status.success());
-    let broker_home = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(broker_home.path(), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-    }
-    let out = broker_home.path().join("broker");
-    ok(&v
-        .bin()
-        .args([
-            "bus",
-            "broker-config",
-            &dir,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap());
+    let (_broker_home, out) = broker_config(&v, &format!("127.0.0.1:{port}"));
     let broker = Broker::start(&out.join("run"), port);
     v.start();
     let send = |v: &Vault, id: &Path, cmd: &str| {
