@@ -136,6 +136,44 @@ pub async fn connect(url: &str, id: &Identity) -> Result<Connection, BusError> {
     }
 }
 
+/// The wait between two connection attempts: 1 s, doubling up to 30 s,
+/// back to 1 s once a link held (every component reconnects alike).
+#[derive(Debug)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { delay: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MOST: Duration = Duration::from_secs(30);
+
+    /// The link that just ended had been up: the next wait is the first.
+    pub fn reset(&mut self) {
+        self.delay = Self::FIRST;
+    }
+
+    /// The wait the next [`Backoff::wait`] takes.
+    pub fn next_wait(&self) -> Duration {
+        self.delay
+    }
+
+    /// Sleeps, then makes the next wait twice as long (at most 30 s).
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.delay).await;
+        self.grow();
+    }
+
+    fn grow(&mut self) {
+        self.delay = (self.delay * 2).min(Self::MOST);
+    }
+}
+
 /// lapin's error, said for an operator.
 pub fn describe(e: &lapin::Error) -> String {
     e.to_string()
@@ -164,5 +202,18 @@ mod tests {
         assert!(e.contains("certificate"), "{e}");
         assert!(!e.contains("pw"), "{e}");
         assert!(parse_url("not a url").is_err());
+    }
+
+    #[test]
+    fn the_wait_doubles_to_thirty_seconds_and_starts_again_after_a_link() {
+        let mut b = Backoff::default();
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            seen.push(b.next_wait().as_secs());
+            b.grow();
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 30, 30]);
+        b.reset();
+        assert_eq!(b.next_wait(), Duration::from_secs(1));
     }
 }

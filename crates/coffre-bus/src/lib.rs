@@ -85,19 +85,7 @@ pub fn common_name(name: &str) -> String {
 /// Component names: as members' (1 to 32 of a-z 0-9 - _ . starting with a
 /// letter or digit); `vault` is the daemon's own.
 pub fn check_component_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "component name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"
-        ))
-    }
+    coffre_vault::check_name("component", name)
 }
 
 /// The durable queue a monitor's witness reads (declared by the broker's

@@ -818,7 +818,7 @@ pub type Report = Box<dyn Fn(&'static str, String) + Send + Sync>;
 /// link once.
 pub async fn publish(dir: PathBuf, id: Identity, url: String, head: HeadWatch, report: Report) {
     let mut cursor = Cursor::load(&dir, head.current().map_or(0, |h| h.seq));
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = coffre_bus::conn::Backoff::default();
     let mut down_reported = false;
     loop {
         let mut up = false;
@@ -829,7 +829,7 @@ pub async fn publish(dir: PathBuf, id: Identity, url: String, head: HeadWatch, r
         };
         if up {
             // It was connected: this is a new outage.
-            delay = Duration::from_secs(1);
+            backoff.reset();
             down_reported = false;
         }
         if !down_reported {
@@ -842,8 +842,7 @@ pub async fn publish(dir: PathBuf, id: Identity, url: String, head: HeadWatch, r
             );
             down_reported = true;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
+        backoff.wait().await;
     }
 }
 

@@ -232,7 +232,7 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
             return;
         }
     };
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = coffre_bus::conn::Backoff::default();
     let mut down_reported = false;
     let mut refusals = Refusals::default();
     loop {
@@ -252,7 +252,7 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
             }
         };
         if up {
-            delay = Duration::from_secs(1);
+            backoff.reset();
             down_reported = false;
         }
         if !down_reported {
@@ -265,8 +265,7 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
             );
             down_reported = true;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
+        backoff.wait().await;
     }
 }
 

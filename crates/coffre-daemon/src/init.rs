@@ -136,19 +136,7 @@ pub fn ensure_vm_user(name: &str) -> Result<String, String> {
 
 /// Member names: what certificates, tokens and audit records can carry.
 pub fn check_member_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "member name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"
-        ))
-    }
+    coffre_vault::check_name("member", name)
 }
 
 /// Creates a vault.

@@ -478,7 +478,7 @@ pub async fn relay(
         );
     }
     let opener = Opener::from_hex(&id.seal_key).map_err(|e| e.to_string())?;
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = coffre_bus::conn::Backoff::default();
     loop {
         let started = Instant::now();
         let keys = RelayKeys {
@@ -488,15 +488,14 @@ pub async fn relay(
         };
         let Err(why) = relay_session(&id, &url, &sock, &keys, &say).await;
         if started.elapsed() > Duration::from_secs(60) {
-            delay = Duration::from_secs(1);
+            backoff.reset();
         }
         say(format!(
             "the broker at {}: {why}; trying again in {} s",
             coffre_bus::conn::shown(&url),
-            delay.as_secs()
+            backoff.next_wait().as_secs()
         ));
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
+        backoff.wait().await;
     }
 }
 

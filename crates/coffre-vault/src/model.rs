@@ -90,6 +90,26 @@ pub struct Source {
     pub addr: String,
 }
 
+/// Checks a name given to a member or a component (`what` says which, for
+/// the error): 1 to 32 of a-z 0-9 - _ . starting with a letter or digit.
+/// Both kinds end up in certificates' common names, broker users, queue
+/// names, file names and directory entries: one alphabet safe everywhere.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?}: use 1 to 32 of a-z 0-9 - _ . starting with a letter or digit"
+        ))
+    }
+}
+
 /// A member of the vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {

@@ -621,17 +621,7 @@ pub async fn serve(
                 by,
                 command,
                 reply,
-            } => shell.submit(
-                member,
-                Source {
-                    door: coffre_vault::Door::Bus,
-                    addr: by,
-                },
-                command,
-                None,
-                None,
-                reply,
-            ),
+            } => shell.scheduled(member, by, command, reply),
             Msg::KeyChecked { req, ok, key } => shell.key_checked(req, ok, key),
             Msg::Sealed(job) => {
                 let (purpose, result) = *job;

@@ -571,6 +571,41 @@ impl Shell {
             .collect()
     }
 
+    /// A scheduler's command (the bus checked its envelope and rights).
+    /// A task for a member the organisation's directory refuses is
+    /// refused here, from the cached verdict, and a check is asked for at
+    /// the next tick: a member it stopped qualifying since the last check
+    /// is then disqualified, their tasks with them, as a session would be.
+    pub(super) fn scheduled(
+        &mut self,
+        member: String,
+        by: String,
+        command: Command,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        let source = Source {
+            door: coffre_vault::Door::Bus,
+            addr: by,
+        };
+        if let (Some(src), Command::ScheduledTaskAdd { .. }) = (self.source.as_mut(), &command) {
+            src.check_soon = true;
+            if let Some(Verdict::Refused(why)) = src.verdicts.get(&member) {
+                let why = format!("the organisation's directory refuses {member}: {why}");
+                self.record(AuditRecord {
+                    at: now_ms(),
+                    actor: member,
+                    source: Some(source),
+                    action: "task_add".into(),
+                    result: "refused:not_permitted".into(),
+                    detail: why.clone(),
+                });
+                let _ = reply.send((403, error_json(ErrorCode::NotPermitted, why)));
+                return;
+            }
+        }
+        self.submit(member, source, command, None, None, reply);
+    }
+
     /// A VPN client renegotiated: the members inside are checked again
     /// at the next tick (the cached verdict answers until then).
     pub(super) fn source_reauth(&mut self, member: &str) -> Option<String> {

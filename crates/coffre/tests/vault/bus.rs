@@ -198,6 +198,21 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
         &f_out,
         &f_err,
     );
+    // Another that asks only for state changes and departures.
+    let (o_out, o_err) = (tmp.join("only.out"), tmp.join("only.err"));
+    let mut only = spawn_logged(
+        &[
+            "audit",
+            "follow",
+            "--json",
+            "--only",
+            "state,leave",
+            "--identity",
+            mon.to_str().unwrap(),
+        ],
+        &o_out,
+        &o_err,
+    );
     // Follow sees what is published after it subscribed.
     std::thread::sleep(Duration::from_secs(2));
     activity(&mut v);
@@ -248,6 +263,28 @@ fn the_bus_carries_the_audit_chain_to_a_witness_that_catches_a_log_cut_back() {
         });
     assert_eq!(enter["verified"], true);
     assert_eq!(enter["sender"], "coffre-bus:vault");
+    // The one with --only got the leave and the states, and nothing else.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let filtered = loop {
+        let text = std::fs::read_to_string(&o_out).unwrap_or_default();
+        if text.contains("\"action\":\"leave\"") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let got: Vec<String> = filtered
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| e["entry"]["record"]["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        got.contains(&"leave".to_string()) && got.contains(&"state".to_string()),
+        "{got:?}\n{}",
+        std::fs::read_to_string(&o_err).unwrap()
+    );
+    assert!(got.iter().all(|a| a == "leave" || a == "state"), "{got:?}");
+    let _ = only.kill();
+    let _ = only.wait();
 
     // One witness per queue: a second one (another store, same
     // identity) is refused instead of sharing the records and seeing gaps.
@@ -831,6 +868,35 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
     assert_eq!(added["record"]["source"]["door"], "bus", "{added}");
     assert_eq!(added["record"]["source"]["addr"], "sched1", "{added}");
 
+    // Two commands at once from the same identity (one reply queue): each
+    // process gets its own answer.
+    let both: Vec<_> = ["first", "second"]
+        .iter()
+        .map(|name| {
+            v.bin()
+                .args(["bus", "send", "--wait", "20", "--identity"])
+                .arg(&s1)
+                .arg(format!(
+                    r#"{{"command": "task_add", "task_name": "{name}", "task_user": "alice", "task_expire": 600}}"#
+                ))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<u64> = both
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            ok(&o);
+            let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            a["task_id"].as_u64().unwrap()
+        })
+        .collect();
+    assert_ne!(ids[0], ids[1], "each got its own answer: {ids:?}");
+    assert!(!ids.contains(&task), "{ids:?}");
+
     // What it may not do: another member, a longer task.
     let o = send(&v, &s1, &add("bob", 60));
     assert_eq!(code(&o), 10, "{o:?}");
@@ -942,4 +1008,92 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
     );
     v.stop();
     drop(broker);
+}
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, RabbitMQ, slapd, ldap-utils"]
+fn a_scheduler_cannot_keep_a_member_the_directory_refuses_inside() {
+    use crate::source::{BASE, configure, ldif, set_locked, wait_audit};
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::RabbitMq,
+        Need::Slapd,
+        Need::LdapClient,
+    ]);
+    let slapd = coffre_testkit::slapd::Slapd::start(BASE, &ldif());
+    let mut v = Vault::init(&[]);
+    configure(&v, &slapd, "");
+    let port = free_port();
+    let url = format!("amqps://127.0.0.1:{port}");
+    let dir = v.dir.to_str().unwrap().to_string();
+    let ci = v.tmp.path().join("ci.identity");
+    ok(&v
+        .bin()
+        .args([
+            "bus", "identity", &dir, "ci", "--role", "scheduler", "--for", "alice,bob", "--longest",
+            "1h", "--bus", &url,
+        ])
+        .arg("--out")
+        .arg(&ci)
+        .output()
+        .unwrap());
+    let (_broker_home, out) = broker_config(&v, &format!("127.0.0.1:{port}"));
+    let broker = Broker::start(&out.join("run"), port);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let mut alice = v.enter_bg("alice", &[]);
+    v.wait_state("open", Duration::from_secs(30));
+    let add = |user: &str| {
+        v.bin()
+            .args(["bus", "send", "--wait", "20", "--identity"])
+            .arg(&ci)
+            .arg(format!(
+                r#"{{"command": "task_add", "task_name": "nightly", "task_user": "{user}", "task_expire": 600}}"#
+            ))
+            .output()
+            .unwrap()
+    };
+    ok(&add("bob"));
+    // bob's account is locked in the directory: his task ends at the next
+    // check, and a scheduler cannot give him another.
+    set_locked(&slapd, "bob", true);
+    wait_audit(
+        &v,
+        "member_disqualified",
+        "ok",
+        "bob",
+        Duration::from_secs(20),
+    );
+    let st = v.status("alice");
+    assert!(
+        st["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["task_user"] != "bob"),
+        "{st}"
+    );
+    let o = add("bob");
+    assert_eq!(code(&o), 10, "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("directory"),
+        "{o:?}"
+    );
+    wait_audit(
+        &v,
+        "task_add",
+        "refused:not_permitted",
+        "directory refuses bob",
+        Duration::from_secs(5),
+    );
+    // alice still qualifies: her scheduled task is taken.
+    ok(&add("alice"));
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut alice, Duration::from_secs(20));
+    v.stop();
+    drop(broker);
+    drop(slapd);
 }

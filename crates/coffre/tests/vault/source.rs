@@ -7,7 +7,7 @@
 use crate::harness::*;
 use std::time::{Duration, Instant};
 
-const BASE: &str = "dc=example,dc=org";
+pub(crate) const BASE: &str = "dc=example,dc=org";
 const PEOPLE: &str = "ou=people,dc=example,dc=org";
 const TEAM: &str = "cn=team,ou=groups,dc=example,dc=org";
 const ADMINS: &str = "cn=admins,ou=groups,dc=example,dc=org";
@@ -21,7 +21,7 @@ fn dn(name: &str) -> String {
 /// passwords are the vault's test passwords, "NAME's password", except
 /// frank's); carol outside it; alice alone in admins. Numbers from 70001
 /// (inside the vault's default range), gina's from 120001 (outside).
-fn ldif() -> String {
+pub(crate) fn ldif() -> String {
     let mut l = format!(
         "dn: {BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
          dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n\
@@ -62,7 +62,7 @@ fn ldif() -> String {
 
 /// Adds `[directory]` to the vault's config.toml, with the service
 /// account's password in DIR/ldap.pw (0600).
-fn configure(v: &Vault, slapd: &coffre_testkit::slapd::Slapd, extra: &str) {
+pub(crate) fn configure(v: &Vault, slapd: &coffre_testkit::slapd::Slapd, extra: &str) {
     use std::os::unix::fs::PermissionsExt;
     let pw = v.dir.join("ldap.pw");
     std::fs::write(&pw, "service secret\n").unwrap();
@@ -93,7 +93,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 /// An audit record with this action whose result starts with `result`
 /// and whose detail has `needle`, waited for.
-fn wait_audit(v: &Vault, action: &str, result: &str, needle: &str, within: Duration) {
+pub(crate) fn wait_audit(v: &Vault, action: &str, result: &str, needle: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let hit = v.audit().iter().any(|e| {
@@ -119,7 +119,7 @@ fn wait_audit(v: &Vault, action: &str, result: &str, needle: &str, within: Durat
     }
 }
 
-fn set_locked(slapd: &coffre_testkit::slapd::Slapd, name: &str, locked: bool) {
+pub(crate) fn set_locked(slapd: &coffre_testkit::slapd::Slapd, name: &str, locked: bool) {
     let change = if locked {
         "add: pwdAccountLockedTime\npwdAccountLockedTime: 000001010000Z"
     } else {

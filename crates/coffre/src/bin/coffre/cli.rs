@@ -1033,6 +1033,9 @@ pub enum AuditCommand {
     /// Print the vault's events as they come, from the bus: audit records
     /// (each checked against the vault's audit key) and witnesses' alarms.
     /// Runs until interrupted.
+    ///
+    /// Example, the vault's state changes and who enters and leaves:
+    ///   coffre audit follow --identity mon1.identity --only state,enter,leave
     Follow {
         /// The component identity (`coffre bus identity … --role monitor`).
         #[arg(long, value_name = "FILE")]
@@ -1043,6 +1046,12 @@ pub enum AuditCommand {
         /// One JSON event per line (for a SIEM), with `"verified"`.
         #[arg(long)]
         json: bool,
+        /// Only the audit records with these actions (comma-separated:
+        /// state, enter, leave, task_add, task_cancel, task_end, workload,
+        /// lock, unlock, bus, gateway...); the broker filters them by
+        /// routing key. Witnesses' alarms are always shown.
+        #[arg(long, value_name = "ACTIONS", value_delimiter = ',', value_parser = parse_action)]
+        only: Vec<String>,
     },
     /// Write the records after SEQ and the signed head, for an off-host
     /// archive (the head and key let a later export be checked against it).
@@ -1056,6 +1065,21 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// An audit action, as a routing key's word.
+fn parse_action(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: an action is a-z 0-9 _ - (as in `coffre audit show`)"
+        ))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {

@@ -132,7 +132,8 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             identity,
             bus,
             json,
-        } => super::bus::follow(identity, bus, json),
+            only,
+        } => super::bus::follow(identity, bus, json, &only),
         AuditCommand::Export { id, since, json } => {
             let (_, ident) = load_identity(&id)?;
             let v = match runtime()?

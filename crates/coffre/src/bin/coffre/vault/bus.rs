@@ -212,7 +212,7 @@ pub fn witness(identity: PathBuf, bus: Option<String>, store: PathBuf) -> Result
         ),
     }
     runtime()?.block_on(async {
-        let mut delay = Duration::from_secs(1);
+        let mut backoff = coffre_bus::conn::Backoff::default();
         loop {
             let mut up = false;
             match witness_session(&id, &url, &mut w, &mut up).await {
@@ -226,14 +226,13 @@ pub fn witness(identity: PathBuf, bus: Option<String>, store: PathBuf) -> Result
                 }
                 Ended::Lost(why) => {
                     if up {
-                        delay = Duration::from_secs(1);
+                        backoff.reset();
                     }
                     eprintln!(
                         "coffre: the broker: {why}; trying again in {} s",
-                        delay.as_secs()
+                        backoff.next_wait().as_secs()
                     );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    backoff.wait().await;
                 }
             }
         }
@@ -374,13 +373,23 @@ fn printable(s: &str) -> String {
 }
 
 /// `coffre audit follow`
-pub fn follow(identity: PathBuf, bus: Option<String>, json: bool) -> Result<u8> {
+pub fn follow(identity: PathBuf, bus: Option<String>, json: bool, only: &[String]) -> Result<u8> {
+    // The keys the queue is bound with: every event, or the actions asked
+    // for and every alarm.
+    let keys: Vec<String> = if only.is_empty() {
+        vec!["#".into()]
+    } else {
+        only.iter()
+            .map(|a| format!("audit.{a}"))
+            .chain(std::iter::once("witness.#".to_string()))
+            .collect()
+    };
     let (id, url) = load(&identity, bus)?;
     runtime()?.block_on(async {
-        let mut delay = Duration::from_secs(1);
+        let mut backoff = coffre_bus::conn::Backoff::default();
         loop {
             let mut up = false;
-            match follow_session(&id, &url, json, &mut up).await {
+            match follow_session(&id, &url, json, &keys, &mut up).await {
                 Ended::Refused(why) => {
                     eprintln!("coffre: {why}");
                     return Ok(exit::UNREACHABLE);
@@ -388,21 +397,26 @@ pub fn follow(identity: PathBuf, bus: Option<String>, json: bool) -> Result<u8> 
                 Ended::Alarm(_) => return Ok(exit::FAILURE),
                 Ended::Lost(why) => {
                     if up {
-                        delay = Duration::from_secs(1);
+                        backoff.reset();
                     }
                     eprintln!(
                         "coffre: the broker: {why}; trying again in {} s (events meanwhile are not shown: `coffre audit witness` keeps every one)",
-                        delay.as_secs()
+                        backoff.next_wait().as_secs()
                     );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    backoff.wait().await;
                 }
             }
         }
     })
 }
 
-async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> Ended {
+async fn follow_session(
+    id: &Identity,
+    url: &str,
+    json: bool,
+    keys: &[String],
+    up: &mut bool,
+) -> Ended {
     use std::io::Write;
     let conn = match coffre_bus::connect(url, id).await {
         Ok(c) => c,
@@ -435,17 +449,19 @@ async fn follow_session(id: &Identity, url: &str, json: bool, up: &mut bool) -> 
         Ok(q) => q,
         Err(e) => return Ended::Refused(coffre_bus::conn::describe(&e)),
     };
-    if let Err(e) = ch
-        .queue_bind(
-            q.name().clone(),
-            EVENTS.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    {
-        return Ended::Refused(coffre_bus::conn::describe(&e));
+    for key in keys {
+        if let Err(e) = ch
+            .queue_bind(
+                q.name().clone(),
+                EVENTS.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            return Ended::Refused(coffre_bus::conn::describe(&e));
+        }
     }
     let mut consumer = match ch
         .basic_consume(
@@ -643,6 +659,7 @@ fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<Strin
             anyhow::bail!("the broker did not take the command");
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+        let mut passed = std::collections::HashMap::new();
         loop {
             let d = match tokio::time::timeout_at(deadline, replies.next()).await {
                 Err(_) => {
@@ -654,7 +671,6 @@ fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<Strin
                 Ok(None) => anyhow::bail!("the broker closed the connection"),
                 Ok(Some(d)) => d.map_err(|e| anyhow::anyhow!(describe(e)))?,
             };
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
             let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
             let expect = Expect {
                 vault: &id.vault,
@@ -665,19 +681,41 @@ fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<Strin
                 (from == hostbus::VAULT_COMPONENT).then(|| id.vault_sign_key.clone())
             }) {
                 Ok(g) if g.kind == bc::REPLY_KIND => g,
-                Ok(_) => continue,
+                Ok(_) => {
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                    continue;
+                }
                 Err(e) => {
+                    // Expired answers end here too: nobody waits for them.
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
                     eprintln!("coffre: ignored a message on the reply queue: {e}");
                     continue;
                 }
             };
             let Ok(r) = serde_json::from_value::<Reply>(got.body) else {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
                 continue;
             };
             if r.in_reply_to != h.nonce {
-                // An earlier command's answer, late.
+                // Another `bus send` with this identity waits for it (the
+                // reply queue is the component's, shared by its processes):
+                // put it back, slower each time it comes round again, until
+                // its sender takes it or it expires.
+                let seen = passed.entry(r.in_reply_to).or_insert(0u32);
+                *seen += 1;
+                if *seen > 1 {
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from((*seen).min(20)))).await;
+                }
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
                 continue;
             }
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
             println!("{}", r.answer);
             return Ok(if r.ok {
                 exit::OK
