@@ -572,10 +572,11 @@ impl Shell {
     }
 
     /// A scheduler's command (the bus checked its envelope and rights).
-    /// A task for a member the organisation's directory refuses is
-    /// refused here, from the cached verdict, and a check is asked for at
-    /// the next tick: a member it stopped qualifying since the last check
-    /// is then disqualified, their tasks with them, as a session would be.
+    /// A task for a member the organisation's directory refuses (its
+    /// verdict at the last periodic check) is refused here, and so is any
+    /// task while the directory does not answer (as an enter would be); a
+    /// member who stops qualifying later is disqualified at the next
+    /// check, their tasks with them.
     pub(super) fn scheduled(
         &mut self,
         member: String,
@@ -587,10 +588,22 @@ impl Shell {
             door: coffre_vault::Door::Bus,
             addr: by,
         };
-        if let (Some(src), Command::ScheduledTaskAdd { .. }) = (self.source.as_mut(), &command) {
-            src.check_soon = true;
-            if let Some(Verdict::Refused(why)) = src.verdicts.get(&member) {
-                let why = format!("the organisation's directory refuses {member}: {why}");
+        if let Some(answer) = self.refused_for_audit(&command) {
+            let _ = reply.send(answer);
+            return;
+        }
+        if let (Some(src), Command::ScheduledTaskAdd { .. }) = (self.source.as_ref(), &command) {
+            let refusal = match (src.verdicts.get(&member), &src.failing) {
+                (Some(Verdict::Refused(why)), _) => Some(format!(
+                    "the organisation's directory refuses {member}: {why}"
+                )),
+                (_, Some((_, error))) => Some(format!(
+                    "the organisation's directory does not answer ({error}): no scheduled task until it does"
+                )),
+                _ => None,
+            };
+            if let Some(why) = refusal {
+                let why = format!("{why} (scheduled by {})", source.addr);
                 self.record(AuditRecord {
                     at: now_ms(),
                     actor: member,

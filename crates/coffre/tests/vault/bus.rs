@@ -1033,8 +1033,18 @@ fn a_scheduler_cannot_keep_a_member_the_directory_refuses_inside() {
     ok(&v
         .bin()
         .args([
-            "bus", "identity", &dir, "ci", "--role", "scheduler", "--for", "alice,bob", "--longest",
-            "1h", "--bus", &url,
+            "bus",
+            "identity",
+            &dir,
+            "ci",
+            "--role",
+            "scheduler",
+            "--for",
+            "alice,bob",
+            "--longest",
+            "1h",
+            "--bus",
+            &url,
         ])
         .arg("--out")
         .arg(&ci)

@@ -661,8 +661,18 @@ fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<Strin
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
         let mut passed = std::collections::HashMap::new();
         loop {
-            let d = match tokio::time::timeout_at(deadline, replies.next()).await {
-                Err(_) => {
+            // Checked here too: `timeout_at` takes a message already
+            // waiting even after the deadline, and other senders' answers
+            // put back may keep one waiting.
+            let next = if tokio::time::Instant::now() >= deadline {
+                Err(())
+            } else {
+                tokio::time::timeout_at(deadline, replies.next())
+                    .await
+                    .map_err(|_| ())
+            };
+            let d = match next {
+                Err(()) => {
                     eprintln!(
                         "coffre: error: no answer within {wait} s (the command waits in the vault's queue; it is applied when the vault reads it, if it is still fresh)"
                     );
@@ -704,7 +714,8 @@ fn send(identity: PathBuf, bus: Option<String>, wait: u64, command: Option<Strin
                 let seen = passed.entry(r.in_reply_to).or_insert(0u32);
                 *seen += 1;
                 if *seen > 1 {
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from((*seen).min(20)))).await;
+                    let pause = Duration::from_millis(50 * u64::from((*seen).min(10)));
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
                 }
                 let _ = d
                     .acker
