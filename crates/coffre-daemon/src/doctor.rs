@@ -758,9 +758,9 @@ fn renewal(dir: &Path, file: &Path) -> String {
         Some("bus/vault.pem") => format!(
             "renew it: coffre bus broker-config {d} --listen HOST:PORT --out BROKER_DIR (it reissues the daemon's bus certificate within 30 days of its end), then restart the daemon"
         ),
-        Some("ca.pem" | "gateway/ca.pem") => {
-            "the CA cannot be renewed in place yet: see docs/operations.md, \"Certificates\"".into()
-        }
+        Some("ca.pem" | "gateway/ca.pem") => format!(
+            "renew it: coffre renew --ca {d} (same key; it says what to give the new one to)"
+        ),
         _ => "renew it (members: coffre renew, from their machine)".into(),
     }
 }

@@ -6,8 +6,8 @@
 //! renewing is a yearly chore, short enough that a lost key stops working
 //! by itself. `coffre doctor` and `coffre status` warn
 //! [`EXPIRY_WARNING_DAYS`] days ahead; `coffre renew` renews (a member's
-//! own certificate from their machine; the server's and the gateway's on
-//! the host).
+//! own certificate from their machine; the server's, the gateway's and
+//! the CA's on the host).
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -45,8 +45,8 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// How long a certificate the vault issues is valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifetime {
-    /// The CA: ten years (renewing it means reissuing everything it
-    /// signed, see docs/operations.md).
+    /// The CA: ten years (`coffre renew --ca` makes it anew for the same
+    /// key, see docs/operations.md).
     Ca,
     /// The door's and the VPN gateway's server certificates: two years.
     Server,
@@ -128,6 +128,41 @@ pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
+    })
+}
+
+/// The CA certificate made anew for the CA's own key (`ca_key_pem`) and
+/// name, valid for another [`Lifetime::Ca`]: what `coffre renew --ca`
+/// writes. Everything the old one signed chains to it (same name, same
+/// key), and everything signed from now on chains to the old one, so
+/// nobody has to move at once. Refused when `old_ca_pem` is not this
+/// key's certificate or not for this vault's name (the config's `name`
+/// was changed since the CA was made): the new certificate would not be
+/// the issuer of what exists.
+pub fn renew_ca(vault: &str, ca_key_pem: &str, old_ca_pem: &str) -> Result<Issued, PkiError> {
+    let key = KeyPair::from_pem(ca_key_pem).map_err(e)?;
+    if !cert_matches_key(old_ca_pem, ca_key_pem) {
+        return Err(PkiError(
+            "ca.pem is not the certificate of ca.key: nothing renewed".into(),
+        ));
+    }
+    let mut p = ca_params(vault)?;
+    valid_for(&mut p, Lifetime::Ca);
+    let cert = p.self_signed(&key).map_err(e)?;
+    let subject = |der: &[u8]| -> Option<Vec<u8>> {
+        let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(c.subject().as_raw().to_vec())
+    };
+    let (_, old) = x509_parser::pem::parse_x509_pem(old_ca_pem.as_bytes()).map_err(e)?;
+    if subject(&old.contents).is_none() || subject(&old.contents) != subject(cert.der()) {
+        return Err(PkiError(format!(
+            "ca.pem's name is not \"coffre CA {vault}\" (was the config's name changed?): a CA under another name would not be the issuer of the vault's certificates; nothing renewed"
+        )));
+    }
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: String::new(),
     })
 }
 
@@ -331,6 +366,79 @@ mod tests {
         let signed = sign_csr("life", &ca.key_pem, &csr, "bob").unwrap();
         assert!((364..=365).contains(&days_left(&signed.cert_pem)));
         assert!(pem_not_after(&signed.cert_pem).unwrap().1.contains("bob"));
+    }
+
+    /// Verifies `leaf` as the door's certificate against `ca_pem` alone,
+    /// with rustls' own verifier (what members' clients run).
+    fn door_trusts(ca_pem: &str, leaf_pem: &str) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let leaf = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).unwrap();
+        verifier
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &ServerName::try_from(SERVER_NAME).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    /// A renewed CA has the same key and name and ten more years: what the
+    /// old one signed is trusted through the new one and the other way
+    /// round; another vault's CA trusts neither. A CA whose name or key do
+    /// not match is refused.
+    #[test]
+    fn a_renewed_ca_trusts_what_the_old_one_signed_and_back() {
+        let ca1 = new_ca("renewal").unwrap();
+        let before = new_server_cert("renewal", &ca1.key_pem).unwrap();
+        let ca2 = renew_ca("renewal", &ca1.key_pem, &ca1.cert_pem).unwrap();
+        assert_ne!(ca1.fingerprint, ca2.fingerprint);
+        assert!(ca2.key_pem.is_empty(), "the key stays where it is");
+        assert!(cert_matches_key(&ca2.cert_pem, &ca1.key_pem));
+        assert!((3649..=3650).contains(&days_left(&ca2.cert_pem)));
+        let after = new_server_cert("renewal", &ca1.key_pem).unwrap();
+        for ca in [&ca1.cert_pem, &ca2.cert_pem] {
+            assert!(door_trusts(ca, &before.cert_pem));
+            assert!(door_trusts(ca, &after.cert_pem));
+        }
+        let other = new_ca("renewal").unwrap();
+        assert!(!door_trusts(&other.cert_pem, &before.cert_pem));
+        // rustls does not read a trust anchor's dates: a member's identity
+        // that pins a CA certificate which has ended still trusts the door
+        // (OpenSSL does read them: the system test checks that side).
+        let key = KeyPair::from_pem(&ca1.key_pem).unwrap();
+        let mut p = ca_params("renewal").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(3650);
+        p.not_after = now - time::Duration::days(1);
+        let ended = p.self_signed(&key).unwrap().pem();
+        assert!(door_trusts(&ended, &after.cert_pem));
+        let ca3 = renew_ca("renewal", &ca1.key_pem, &ended).unwrap();
+        assert!(door_trusts(&ca3.cert_pem, &before.cert_pem));
+        // Another key, another name: refused, with what to look at.
+        let err = renew_ca("renewal", &other.key_pem, &ca1.cert_pem)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not the certificate of ca.key"), "{err}");
+        let err = renew_ca("renamed", &ca1.key_pem, &ca1.cert_pem)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("config's name"), "{err}");
     }
 
     #[test]

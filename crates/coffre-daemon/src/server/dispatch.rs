@@ -367,6 +367,11 @@ impl Shell {
         reply: oneshot::Sender<Answer>,
     ) {
         if let Some(answer) = self.refused_for_audit(&command) {
+            // What the door staged under this request's number (a new
+            // password, the certificate a renewal keeps) goes with it.
+            let req = ReqId(self.next_req);
+            self.custody.new_passwords.remove(&req);
+            self.renewing.remove(&req);
             let _ = reply.send(answer);
             return;
         }

@@ -593,26 +593,33 @@ impl Shell {
             return;
         }
         if let (Some(src), Command::ScheduledTaskAdd { .. }) = (self.source.as_ref(), &command) {
+            // (what the audit log says, what the scheduler is told): the
+            // directory's own error (its URL, the service account, the
+            // server's message) is for the log only.
             let refusal = match (src.verdicts.get(&member), &src.failing) {
-                (Some(Verdict::Refused(why)), _) => Some(format!(
-                    "the organisation's directory refuses {member}: {why}"
-                )),
-                (_, Some((_, error))) => Some(format!(
-                    "the organisation's directory does not answer ({error}): no scheduled task until it does"
+                (Some(Verdict::Refused(why)), _) => {
+                    let why = format!("the organisation's directory refuses {member}: {why}");
+                    Some((why.clone(), why))
+                }
+                (_, Some((_, error))) => Some((
+                    format!(
+                        "the organisation's directory does not answer ({error}): no scheduled task until it does"
+                    ),
+                    "the organisation's directory does not answer: no scheduled task until it does"
+                        .to_string(),
                 )),
                 _ => None,
             };
-            if let Some(why) = refusal {
-                let why = format!("{why} (scheduled by {})", source.addr);
+            if let Some((logged, told)) = refusal {
                 self.record(AuditRecord {
                     at: now_ms(),
                     actor: member,
+                    detail: format!("{logged} (scheduled by {})", source.addr),
                     source: Some(source),
                     action: "task_add".into(),
                     result: "refused:not_permitted".into(),
-                    detail: why.clone(),
                 });
-                let _ = reply.send((403, error_json(ErrorCode::NotPermitted, why)));
+                let _ = reply.send((403, error_json(ErrorCode::NotPermitted, told)));
                 return;
             }
         }

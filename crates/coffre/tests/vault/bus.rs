@@ -1103,7 +1103,37 @@ fn a_scheduler_cannot_keep_a_member_the_directory_refuses_inside() {
     ok(&add("alice"));
     ok(&v.cli("alice", &["leave"]));
     wait_exit(&mut alice, Duration::from_secs(20));
+    // The directory stops answering: no scheduled task until it does, and
+    // the scheduler is not told the directory's address or error (the
+    // audit log is).
+    let url = slapd.ldaps_url();
+    drop(slapd);
+    wait_audit(
+        &v,
+        "directory_source",
+        "failed",
+        "does not answer",
+        Duration::from_secs(20),
+    );
+    let o = add("alice");
+    assert_eq!(code(&o), 10, "{o:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        said.contains("does not answer: no scheduled task"),
+        "{said}"
+    );
+    assert!(!said.contains(&url), "{said}");
+    wait_audit(
+        &v,
+        "task_add",
+        "refused:not_permitted",
+        "does not answer (",
+        Duration::from_secs(5),
+    );
     v.stop();
     drop(broker);
-    drop(slapd);
 }

@@ -1,5 +1,5 @@
 //! Certificates that end: a member renews their own from their machine,
-//! the host renews the door's; status says when each ends.
+//! the host renews the door's and the CA's; status says when each ends.
 
 use crate::harness::*;
 use std::os::unix::fs::PermissionsExt;
@@ -127,11 +127,13 @@ fn a_member_renews_their_certificate_and_the_old_one_ends_at_the_next_renewal() 
 }
 
 /// The host renews the door's certificate: a new key and two years; the
-/// daemon serves it from its next start and members notice nothing. A
-/// vault without a gateway says so to --gateway.
+/// daemon serves it from its next start and members notice nothing. Then
+/// the CA's: the same key, ten years; identities made before keep working
+/// and OpenSSL chains old and new both ways. A vault without a gateway
+/// says so to --gateway.
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
-fn the_host_renews_the_doors_certificate_and_members_notice_nothing() {
+fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
@@ -160,10 +162,66 @@ fn the_host_renews_the_doors_certificate_and_members_notice_nothing() {
             & 0o777,
         0o600
     );
+    // The CA: the same key and name, ten more years; OpenSSL (what
+    // OpenVPN runs) trusts what the old one signed through the new one,
+    // and the door's new certificate through the old one.
+    let alice_identity = v.member("alice").identity.clone();
+    let scratch = v.tmp.path().to_path_buf();
+    let openssl_verifies = |ca: &str, leaf: &str| -> bool {
+        let (c, l) = (
+            scratch.join("verify-ca.pem"),
+            scratch.join("verify-leaf.pem"),
+        );
+        std::fs::write(&c, ca).unwrap();
+        std::fs::write(&l, leaf).unwrap();
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&c)
+            .arg(&l)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let ca_before = std::fs::read_to_string(v.dir.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(v.dir.join("ca.key")).unwrap();
+    let identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&alice_identity).unwrap()).unwrap();
+    let alice_cert = identity["cert_pem"].as_str().unwrap().to_string();
+    let out = v.bin().args(["renew", "--ca", &dir]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("member profile"), "{said}");
+    let ca_after = std::fs::read_to_string(v.dir.join("ca.pem")).unwrap();
+    assert_ne!(ca_before, ca_after);
+    assert_eq!(
+        ca_key,
+        std::fs::read_to_string(v.dir.join("ca.key")).unwrap()
+    );
+    assert!(openssl_verifies(&ca_after, &alice_cert));
+    assert!(openssl_verifies(&ca_after, &before));
+    assert!(openssl_verifies(&ca_after, &after));
+    // A door certificate issued after the CA's renewal, under the old CA.
+    ok(&v.bin().args(["renew", "--server", &dir]).output().unwrap());
+    let third = std::fs::read_to_string(v.dir.join("server.pem")).unwrap();
+    assert!(openssl_verifies(&ca_before, &third));
+
     // Served from the next start; the member's client trusts it as before.
     v.stop();
     v.start();
     assert_eq!(v.state(), "closed");
+    // Alice's identity still pins the old CA certificate: she enters and
+    // leaves as before, and status shows the new CA's ten years.
+    let mut s = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut s, std::time::Duration::from_secs(10));
+    let left = row(&v.status("alice"), "ca")["days_left"].as_i64().unwrap();
+    assert!((3649..=3650).contains(&left), "{left}");
     let out = v.bin().args(["doctor", &dir, "--json"]).output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pairs: Vec<_> = report["vault"]["findings"]

@@ -311,16 +311,28 @@ pub enum Command {
     /// its next start, OpenVPN from its own; clients check the CA and the
     /// name, never the certificate itself, so nothing changes for them.
     ///
+    /// With --ca DIR (on the vault's host, as root): the CA's certificate,
+    /// made anew for the same key and name, for ten years. Everything the
+    /// vault issued chains to it as to the old one, so identities keep
+    /// working and nothing is reissued; what checks the CA's own dates
+    /// (OpenVPN and members' VPN profiles, the bus broker) needs the new
+    /// one before the old one ends: the command says what to redo.
+    ///
     /// Example: coffre renew --password-file ~/.alice.pw --totp 123456
     ///
     /// Example: coffre renew --server /var/lib/coffre/team
+    ///
+    /// Example: coffre renew --ca /var/lib/coffre/team
     Renew {
         /// Renew the door's certificate of the vault in DIR (on its host).
-        #[arg(long, value_name = "DIR", conflicts_with = "gateway")]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["gateway", "ca"])]
         server: Option<PathBuf>,
         /// Renew the VPN gateway's certificate of the vault in DIR.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "ca")]
         gateway: Option<PathBuf>,
+        /// Renew the CA's certificate of the vault in DIR (same key).
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
         /// Your identity file (member certificate, key, daemon address,
         /// vault CA): rewritten with the new certificate and key.
         #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]
@@ -334,8 +346,8 @@ pub enum Command {
         #[arg(
             long,
             value_name = "FILE",
-            required_unless_present_any = ["server", "gateway"],
-            conflicts_with_all = ["server", "gateway"]
+            required_unless_present_any = ["server", "gateway", "ca"],
+            conflicts_with_all = ["server", "gateway", "ca"]
         )]
         password_file: Option<PathBuf>,
         /// The current code of your authenticator app (single use): for
@@ -343,8 +355,8 @@ pub enum Command {
         #[arg(
             long,
             value_name = "CODE",
-            required_unless_present_any = ["server", "gateway"],
-            conflicts_with_all = ["server", "gateway"]
+            required_unless_present_any = ["server", "gateway", "ca"],
+            conflicts_with_all = ["server", "gateway", "ca"]
         )]
         totp: Option<String>,
     },

@@ -106,6 +106,7 @@ fn main() -> ExitCode {
         C::Renew {
             server,
             gateway,
+            ca,
             identity,
             address,
             password_file,
@@ -113,6 +114,7 @@ fn main() -> ExitCode {
         } => vault::renew(
             server,
             gateway,
+            ca,
             cli::IdentityArg {
                 identity,
                 server: address,

@@ -644,6 +644,7 @@ pub fn join(
 pub fn renew(
     server: Option<PathBuf>,
     gateway: Option<PathBuf>,
+    ca: Option<PathBuf>,
     ida: IdentityArg,
     password_file: Option<PathBuf>,
     totp: Option<String>,
@@ -651,7 +652,8 @@ pub fn renew(
     use coffre_daemon::renew::{self, Which};
     let host = server
         .map(|d| (d, Which::Server))
-        .or(gateway.map(|d| (d, Which::Gateway)));
+        .or(gateway.map(|d| (d, Which::Gateway)))
+        .or(ca.map(|d| (d, Which::Ca)));
     if let Some((dir, which)) = host {
         let r = renew::renew(&VaultDir::new(&dir), which)?;
         println!(
@@ -667,6 +669,12 @@ pub fn renew(
                     "the daemon serves it from its next start (under systemd: systemctl restart coffre@NAME once the vault is closed)",
                 Which::Gateway =>
                     "OpenVPN serves it from its next start (restart it once nobody is connected)",
+                Which::Ca =>
+                    "same key and name: every certificate the vault issued chains to it, nothing is reissued and members' identity files need nothing.\n\
+                     Before the old one ends, give it to what checks a CA's own dates (OpenSSL):\n\
+                     - OpenVPN: restart it (it reads gateway/ca.pem, rewritten);\n\
+                     - members' VPN profiles: make them anew (coffre member profile NAME);\n\
+                     - the bus broker: coffre bus broker-config again, then restart it.",
             }
         );
         return Ok(exit::OK);
