@@ -302,27 +302,41 @@ impl SectorCipher for AwsLcXts {
     }
 }
 
-/// AES-XTS with VAES-512 (both key sizes; see `coffre_sys::xts`).
+/// AES-XTS with VAES (both key sizes; see `coffre_sys::xts`): the
+/// 512-bit kernel with AVX-512, the 256-bit one with AVX2 only.
 pub struct VaesXts(Box<coffre_sys::xts::Xts>);
 
 impl VaesXts {
-    /// `key` is data key || tweak key (32 or 64 bytes). Fails on a CPU
-    /// without AVX-512F, VAES and VPCLMULQDQ.
+    /// `key` is data key || tweak key (32 or 64 bytes), with the widest
+    /// kernel this CPU runs. Fails on a CPU without VAES, VPCLMULQDQ and
+    /// AVX2.
     pub fn new(key: &[u8]) -> Result<Self> {
+        let width = coffre_sys::xts::Width::best()
+            .ok_or_else(|| Error::unsupported("VAES XTS on this CPU"))?;
+        Self::with_width(key, width)
+    }
+
+    /// As [`VaesXts::new`] with the kernel `width` (benchmarks and tests
+    /// of the narrower one on a CPU that runs both).
+    pub fn with_width(key: &[u8], width: coffre_sys::xts::Width) -> Result<Self> {
         if key.len() != 32 && key.len() != 64 {
             return Err(Error::invalid("XTS keys are 256 or 512 bits"));
         }
-        let x = coffre_sys::xts::Xts::new(key);
+        let x = coffre_sys::xts::Xts::with_width(key, width);
         // The expansion's spills.
         crate::secret::scrub_stack();
         x.map(Self)
-            .ok_or_else(|| Error::unsupported("VAES-512 XTS on this CPU"))
+            .ok_or_else(|| Error::unsupported(format!("VAES-{} XTS on this CPU", width.bits())))
     }
 }
 
 impl SectorCipher for VaesXts {
     fn name(&self) -> String {
-        format!("coffre aes-{}-xts (vaes-512)", self.0.bits())
+        format!(
+            "coffre aes-{}-xts (vaes-{})",
+            self.0.bits(),
+            self.0.width().bits()
+        )
     }
     fn encrypt(&self, first_iv: u64, sector_size: usize, data: &mut [u8]) -> Result<()> {
         check_layout(sector_size, data)?;
@@ -362,14 +376,15 @@ pub enum Provider {
     Rust,
     /// aws-lc (512-bit keys only).
     AwsLc,
-    /// Our VAES-512 kernel (CPUs with AVX-512 and VAES only).
+    /// Our VAES kernel, the widest this CPU runs (CPUs with VAES and
+    /// AVX2 or AVX-512).
     Vaes,
 }
 
 /// Builds the sector cipher for `encryption` and `key`.
 ///
-/// With [`Provider::Auto`], a CPU with VAES-512 gets our kernel for both
-/// key sizes (faster than aws-lc's AES-256-XTS here, and aws-lc has no
+/// With [`Provider::Auto`], a CPU with VAES gets our kernel for both key
+/// sizes (faster than aws-lc's AES-256-XTS here, and aws-lc has no
 /// AES-128-XTS); elsewhere 512-bit keys go to aws-lc and 256-bit keys to
 /// the Rust path, which also takes any key aws-lc refuses (equal halves).
 /// All give identical results (tested against each other and IEEE 1619).
@@ -475,8 +490,10 @@ mod tests {
         if let Ok(c) = AwsLcXts::new(key) {
             all.push(Box::new(c));
         }
-        if let Ok(c) = VaesXts::new(key) {
-            all.push(Box::new(c));
+        for w in [coffre_sys::xts::Width::Zmm, coffre_sys::xts::Width::Ymm] {
+            if let Ok(c) = VaesXts::with_width(key, w) {
+                all.push(Box::new(c));
+            }
         }
         all
     }

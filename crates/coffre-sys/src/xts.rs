@@ -1,6 +1,8 @@
-//! AES-XTS over whole disk sectors with VAES-512 and VPCLMULQDQ: four AES
-//! blocks per instruction, sixteen blocks in flight, the tweaks of four
-//! blocks computed at once.
+//! AES-XTS over whole disk sectors with VAES and VPCLMULQDQ: sixteen AES
+//! blocks in flight, the tweaks of several blocks computed at once. Two
+//! kernels: four blocks per instruction on CPUs with AVX-512
+//! ([`Width::Zmm`]), two on those with only AVX2 ([`Width::Ymm`]: Intel
+//! from Alder Lake, AMD Zen 3).
 //!
 //! This exists because the fast providers we can link stop short: aws-lc
 //! has AES-256-XTS only (no AES-128-XTS, which a 256-bit LUKS key means),
@@ -9,26 +11,59 @@
 //! the callers cross-check it against the other providers and the IEEE 1619
 //! vectors.
 //!
-//! Only on x86-64 CPUs with AVX-512F, VAES, VPCLMULQDQ and AES-NI, checked
-//! at run time ([`Xts::new`] returns `None` elsewhere). The key schedules
-//! are wiped when the value drops.
+//! Only on x86-64 CPUs with VAES, VPCLMULQDQ, AES-NI and AVX-512F or AVX2,
+//! checked at run time ([`Xts::new`] returns `None` elsewhere). The key
+//! schedules are wiped when the value drops.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Whether this CPU can run [`Xts`].
+/// Which kernel: the vector registers it works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    /// 512-bit registers, four blocks each (AVX-512F).
+    Zmm,
+    /// 256-bit registers, two blocks each (AVX2).
+    Ymm,
+}
+
+impl Width {
+    /// Whether this CPU can run this kernel.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = std::arch::is_x86_feature_detected!("vaes")
+                && std::arch::is_x86_feature_detected!("vpclmulqdq")
+                && std::arch::is_x86_feature_detected!("aes");
+            base && match self {
+                Width::Zmm => std::arch::is_x86_feature_detected!("avx512f"),
+                Width::Ymm => std::arch::is_x86_feature_detected!("avx2"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// The widest kernel this CPU runs, if any.
+    pub fn best() -> Option<Width> {
+        [Width::Zmm, Width::Ymm].into_iter().find(|w| w.runs_here())
+    }
+
+    /// Its register width in bits.
+    pub fn bits(self) -> usize {
+        match self {
+            Width::Zmm => 512,
+            Width::Ymm => 256,
+        }
+    }
+}
+
+/// Whether this CPU can run [`Xts`] (either kernel).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("vaes")
-            && std::arch::is_x86_feature_detected!("vpclmulqdq")
-            && std::arch::is_x86_feature_detected!("aes")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Width::best().is_some()
 }
 
 /// Round keys: at most 15 (AES-256), 16 bytes each. Neither Copy nor
@@ -43,6 +78,7 @@ pub struct Xts {
     dec: Schedule,
     tweak: Schedule,
     rounds: usize,
+    width: Width,
 }
 
 impl Drop for Xts {
@@ -60,7 +96,13 @@ impl Xts {
     /// expansion used). `None` if the CPU lacks the instructions or the
     /// key has another length.
     pub fn new(key: &[u8]) -> Option<Box<Self>> {
-        if !available() || (key.len() != 32 && key.len() != 64) {
+        Self::with_width(key, Width::best()?)
+    }
+
+    /// As [`Xts::new`] with the kernel `width` (for tests and benchmarks
+    /// of the narrower one); `None` if this CPU cannot run it.
+    pub fn with_width(key: &[u8], width: Width) -> Option<Box<Self>> {
+        if !width.runs_here() || (key.len() != 32 && key.len() != 64) {
             return None;
         }
         #[cfg(target_arch = "x86_64")]
@@ -71,8 +113,9 @@ impl Xts {
                 dec: Schedule([[0; 16]; 15]),
                 tweak: Schedule([[0; 16]; 15]),
                 rounds: if half == 16 { 10 } else { 14 },
+                width,
             });
-            // SAFETY: available() checked AES-NI, the only feature the key
+            // SAFETY: runs_here() checked AES-NI, the only feature the key
             // expansion needs.
             unsafe {
                 expand(&key[..half], &mut x.enc);
@@ -88,6 +131,11 @@ impl Xts {
     /// AES key size in bits (half the XTS key).
     pub fn bits(&self) -> usize {
         if self.rounds == 10 { 128 } else { 256 }
+    }
+
+    /// The kernel it runs.
+    pub fn width(&self) -> Width {
+        self.width
     }
 
     /// Encrypts `data` in place: whole sectors of `sector_size` bytes (a
@@ -173,8 +221,9 @@ impl Xts {
             "XTS needs whole sectors of a multiple of 256 bytes"
         );
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: a value exists only if available() held (see new), so
-        // the CPU has every feature the kernels are compiled for; the
+        // SAFETY: a value exists only if its width runs here (see
+        // with_width), so the CPU has every feature that kernel is
+        // compiled for; the
         // sizes were checked just above; src and dst come from slices of
         // len bytes that are either the same or disjoint (Rust's borrow
         // rules for the two public forms).
@@ -187,11 +236,15 @@ impl Xts {
                 dst,
                 len,
             };
-            match (self.rounds, enc) {
-                (10, true) => sectors::<10, true>(self, &k),
-                (10, false) => sectors::<10, false>(self, &k),
-                (_, true) => sectors::<14, true>(self, &k),
-                (_, false) => sectors::<14, false>(self, &k),
+            match (self.width, self.rounds, enc) {
+                (Width::Zmm, 10, true) => sectors::<10, true>(self, &k),
+                (Width::Zmm, 10, false) => sectors::<10, false>(self, &k),
+                (Width::Zmm, _, true) => sectors::<14, true>(self, &k),
+                (Width::Zmm, _, false) => sectors::<14, false>(self, &k),
+                (Width::Ymm, 10, true) => sectors_ymm::<10, true>(self, &k),
+                (Width::Ymm, 10, false) => sectors_ymm::<10, false>(self, &k),
+                (Width::Ymm, _, true) => sectors_ymm::<14, true>(self, &k),
+                (Width::Ymm, _, false) => sectors_ymm::<14, false>(self, &k),
             }
         }
         // The kernel's spills (round keys, blocks in flight) below this
@@ -339,6 +392,99 @@ unsafe fn encrypt_block(keys: &Schedule, rounds: usize, block: [u8; 16]) -> __m1
     }
 }
 
+/// Sector `i`'s first two tweaks, T (its IV encrypted with the tweak key)
+/// and T·x, in the low and high lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,aes,sse2")]
+unsafe fn first_tweaks<const NR: usize>(x: &Xts, k: &Kernel, i: usize) -> __m256i {
+    let mut iv = [0u8; 16];
+    iv[..8].copy_from_slice(&k.first_iv.wrapping_add(i as u64 * k.iv_step).to_le_bytes());
+    // SAFETY: the tweak schedule has NR + 1 keys.
+    let t = unsafe { encrypt_block(&x.tweak, NR, iv) };
+    let hi = _mm_srli_epi64::<63>(t);
+    let up = _mm_slli_si128::<8>(hi);
+    let red = _mm_and_si128(
+        _mm_shuffle_epi32::<0x4e>(_mm_sub_epi64(_mm_setzero_si128(), hi)),
+        _mm_set_epi64x(0, 0x87),
+    );
+    let t1 = _mm_xor_si128(_mm_xor_si128(_mm_slli_epi64::<1>(t), up), red);
+    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(t), t1)
+}
+
+/// [`mul_xk`] on two lanes, without AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,vpclmulqdq")]
+fn mul_xk_ymm<const K: i32, const R: i32>(t: __m256i) -> __m256i {
+    debug_assert_eq!(K + R, 64);
+    let shifted = _mm256_slli_epi64::<K>(t);
+    // Each quadword's top K bits, in place.
+    let carries = _mm256_srli_epi64::<R>(t);
+    // The high quadword of each lane takes the low one's carry...
+    let up = _mm256_bslli_epi128::<8>(carries);
+    // ...and the low quadword the high one's, reduced (0x01: the high
+    // quadword of `carries` times the low one of the constant).
+    let reduced = _mm256_clmulepi64_epi128::<0x01>(carries, _mm256_set1_epi64x(0x87));
+    _mm256_xor_si256(_mm256_xor_si256(shifted, up), reduced)
+}
+
+/// The XTS kernel on 256-bit registers (AVX2 and VAES, no AVX-512): as
+/// [`sectors`], sixteen blocks in flight in eight registers of two.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,sse2")]
+unsafe fn sectors_ymm<const NR: usize, const ENC: bool>(x: &Xts, k: &Kernel) {
+    let schedule = if ENC { &x.enc } else { &x.dec };
+    let mut rk = [_mm256_setzero_si256(); 15];
+    for (r, k) in rk.iter_mut().zip(schedule.0.iter()).take(NR + 1) {
+        // SAFETY: 16-byte array, unaligned load.
+        *r = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(k.as_ptr().cast()) });
+    }
+    for (i, at) in (0..k.len).step_by(k.sector_size).enumerate() {
+        // SAFETY: the tweak schedule has NR + 1 keys.
+        let mut tw = unsafe { first_tweaks::<NR>(x, k, i) };
+        for off in (at..at + k.sector_size).step_by(256) {
+            let t = [
+                tw,
+                mul_xk_ymm::<2, 62>(tw),
+                mul_xk_ymm::<4, 60>(tw),
+                mul_xk_ymm::<6, 58>(tw),
+                mul_xk_ymm::<8, 56>(tw),
+                mul_xk_ymm::<10, 54>(tw),
+                mul_xk_ymm::<12, 52>(tw),
+                mul_xk_ymm::<14, 50>(tw),
+            ];
+            tw = mul_xk_ymm::<16, 48>(tw);
+            let mut b = [_mm256_setzero_si256(); 8];
+            for (j, v) in b.iter_mut().enumerate() {
+                // SAFETY: off + 256 <= len: eight unaligned 32-byte loads.
+                let l = unsafe { _mm256_loadu_si256(k.src.add(off + 32 * j).cast()) };
+                *v = _mm256_xor_si256(_mm256_xor_si256(l, t[j]), rk[0]);
+            }
+            for key in &rk[1..NR] {
+                for v in &mut b {
+                    *v = if ENC {
+                        _mm256_aesenc_epi128(*v, *key)
+                    } else {
+                        _mm256_aesdec_epi128(*v, *key)
+                    };
+                }
+            }
+            for (j, v) in b.iter_mut().enumerate() {
+                // The last round key and the tweak in one, as in sectors.
+                let last = _mm256_xor_si256(rk[NR], t[j]);
+                *v = if ENC {
+                    _mm256_aesenclast_epi128(*v, last)
+                } else {
+                    _mm256_aesdeclast_epi128(*v, last)
+                };
+                // SAFETY: as for the loads, into dst.
+                unsafe { _mm256_storeu_si256(k.dst.add(off + 32 * j).cast(), *v) };
+            }
+        }
+    }
+    rk.fill(_mm256_setzero_si256());
+    std::hint::black_box(&rk);
+}
+
 /// The XTS kernel: every sector from `k.src` to `k.dst`, sixteen blocks
 /// at a time (each group of sixteen is loaded before it is stored, so the
 /// same buffer in and out is fine).
@@ -352,21 +498,9 @@ unsafe fn sectors<const NR: usize, const ENC: bool>(x: &Xts, k: &Kernel) {
         *r = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(k.as_ptr().cast()) });
     }
     for (i, at) in (0..k.len).step_by(k.sector_size).enumerate() {
-        let mut iv = [0u8; 16];
-        iv[..8].copy_from_slice(&k.first_iv.wrapping_add(i as u64 * k.iv_step).to_le_bytes());
         // SAFETY: the tweak schedule has NR + 1 keys.
-        let t = unsafe { encrypt_block(&x.tweak, NR, iv) };
+        let pair = unsafe { first_tweaks::<NR>(x, k, i) };
         // The first four tweaks T, Tx, Tx^2, Tx^3, one per lane.
-        let t1 = {
-            let hi = _mm_srli_epi64::<63>(t);
-            let up = _mm_slli_si128::<8>(hi);
-            let red = _mm_and_si128(
-                _mm_shuffle_epi32::<0x4e>(_mm_sub_epi64(_mm_setzero_si128(), hi)),
-                _mm_set_epi64x(0, 0x87),
-            );
-            _mm_xor_si128(_mm_xor_si128(_mm_slli_epi64::<1>(t), up), red)
-        };
-        let pair = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(t), t1);
         let pair2 = {
             // x^2 on both lanes of the pair.
             let p = _mm512_castsi256_si512(pair);
@@ -450,10 +584,16 @@ mod tests {
     /// bytes first, so this can miss a leftover there, never invent one.
     #[test]
     fn the_stack_keeps_no_key_or_plaintext_after_a_call() {
-        let t = std::thread::spawn(|| {
+        for width in [Width::Zmm, Width::Ymm] {
+            stack_after_a_call(width);
+        }
+    }
+
+    fn stack_after_a_call(width: Width) {
+        let t = std::thread::spawn(move || {
             let key: Vec<u8> = (0..64u8).map(|i| i ^ 0xa7).collect();
-            let Some(x) = Xts::new(&key) else {
-                eprintln!("no VAES-512 on this CPU: nothing to test");
+            let Some(x) = Xts::with_width(&key, width) else {
+                eprintln!("no {width:?} kernel on this CPU: nothing to test");
                 return;
             };
             let block: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(29) ^ 0xc3).collect();
@@ -481,6 +621,51 @@ mod tests {
             );
         });
         t.join().unwrap();
+    }
+
+    /// The two kernels give the same bytes, both ways, in place and out
+    /// of place, for both key sizes, every sector size and IVs whose
+    /// tweaks carry (the wide one is checked against IEEE 1619 and the
+    /// other providers by coffre-luks2).
+    #[test]
+    fn both_widths_agree() {
+        if !(Width::Zmm.runs_here() && Width::Ymm.runs_here()) {
+            eprintln!("this CPU runs one kernel at most: nothing to compare");
+            return;
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..200 {
+            let len = if round % 2 == 0 { 32 } else { 64 };
+            let key: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+            let wide = Xts::with_width(&key, Width::Zmm).unwrap();
+            let narrow = Xts::with_width(&key, Width::Ymm).unwrap();
+            assert_eq!(narrow.width(), Width::Ymm);
+            let sector = [256usize, 512, 4096][round % 3];
+            let data: Vec<u8> = (0..sector * (1 + round % 4))
+                .map(|_| next().to_le_bytes()[0])
+                .collect();
+            let iv = if round % 5 == 0 { u64::MAX - 2 } else { next() };
+            let step = (sector / 512).max(1) as u64;
+            let mut a = data.clone();
+            let mut b = data.clone();
+            wide.encrypt(iv, step, sector, &mut a);
+            narrow.encrypt(iv, step, sector, &mut b);
+            assert_eq!(a, b, "round {round}: encryption");
+            let mut out = vec![0u8; data.len()];
+            narrow.encrypt_to(iv, step, sector, &data, &mut out);
+            assert_eq!(out, a, "round {round}: out of place");
+            narrow.decrypt(iv, step, sector, &mut b);
+            assert_eq!(b, data, "round {round}: decryption");
+            let mut back = vec![0u8; data.len()];
+            narrow.decrypt_to(iv, step, sector, &a, &mut back);
+            assert_eq!(back, data, "round {round}: decryption out of place");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use coffre::exit;
 use coffre_luks2::cipher::{AwsLcXts, RustXts, SectorCipher, VaesXts};
 use coffre_storage::Luks2Container;
+use coffre_sys::xts::Width;
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::PathBuf;
@@ -67,10 +68,16 @@ pub fn run(
         ("aes-xts 512b", Box::new(RustXts::new(&key)?)),
         ("aes-xts 256b", Box::new(RustXts::new(&key[..32])?)),
     ];
-    // Our VAES-512 kernel, where the CPU has it.
-    if let (Ok(a), Ok(b)) = (VaesXts::new(&key), VaesXts::new(&key[..32])) {
-        candidates.insert(1, ("aes-xts 512b", Box::new(a)));
-        candidates.push(("aes-xts 256b", Box::new(b)));
+    // Our VAES kernels, where the CPU has them: the 512-bit one (what
+    // such a CPU uses) and the 256-bit one (what CPUs with AVX2 only use).
+    for w in [Width::Ymm, Width::Zmm] {
+        if let (Ok(a), Ok(b)) = (
+            VaesXts::with_width(&key, w),
+            VaesXts::with_width(&key[..32], w),
+        ) {
+            candidates.insert(1, ("aes-xts 512b", Box::new(a)));
+            candidates.push(("aes-xts 256b", Box::new(b)));
+        }
     }
     for (label, c) in &candidates {
         let one = one_core(c.as_ref(), size)?;
