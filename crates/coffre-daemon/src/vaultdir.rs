@@ -693,6 +693,12 @@ pub struct Control {
     /// The members' numbers, SSH keys and workload password verifiers.
     #[serde(default)]
     pub accounts: coffre_vault::accounts::Accounts,
+    /// The vault's own certificates as the daemon last saw them on the
+    /// host (`ca.pem`, `server.pem`, `gateway/server.pem`): file to
+    /// fingerprint. `coffre renew --ca|--server|--gateway` runs beside
+    /// the daemon; the daemon audits the change when it sees it.
+    #[serde(default)]
+    pub host_certificates: BTreeMap<String, String>,
 }
 
 /// Paths inside a vault directory.

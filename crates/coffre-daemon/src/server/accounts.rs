@@ -268,6 +268,54 @@ pub(crate) fn member_groups(
 }
 
 impl Shell {
+    /// Every 10 s (and at the first tick): the vault's own certificates
+    /// on the host, against what the control data remembers. A renewal
+    /// made beside the daemon (`coffre renew --ca|--server|--gateway`) is
+    /// audited here, as `certificate_renew` by `coffre`; the first sight
+    /// of a file (a new vault, a gateway just made) only records it.
+    pub(super) fn host_certificates_tick(&mut self) {
+        let now = now_ms().0;
+        if now < self.host_certs_next_ms {
+            return;
+        }
+        self.host_certs_next_ms = now + 10_000;
+        let mut changed = false;
+        for (file, what) in [
+            ("ca.pem", "the CA's"),
+            ("server.pem", "the door's"),
+            ("gateway/server.pem", "the VPN gateway's"),
+        ] {
+            let Ok(bytes) = coffre_sys::fs::read_small(&self.dir.root.join(file), 1 << 20) else {
+                continue;
+            };
+            let pem = String::from_utf8_lossy(&bytes);
+            let Some(fp) = crate::pki::pem_fingerprint(&pem) else {
+                continue;
+            };
+            let seen = self.control.host_certificates.get(file).cloned();
+            if seen.as_deref() == Some(fp.as_str()) {
+                continue;
+            }
+            if let Some(old) = seen {
+                let not_after = crate::pki::pem_not_after(&pem).map_or(0, |(t, _)| t);
+                self.system_audit(
+                    "certificate_renew",
+                    "ok",
+                    format!(
+                        "{what} certificate ({file}) was renewed on the host: now {} valid until {not_after} (Unix s), was {}",
+                        &fp[..16],
+                        &old[..old.len().min(16)]
+                    ),
+                );
+            }
+            self.control.host_certificates.insert(file.to_string(), fp);
+            changed = true;
+        }
+        if changed {
+            self.persist();
+        }
+    }
+
     /// Every current member's numbers, for workloads' `user` and the
     /// NFS server's `share_user`.
     pub(super) fn member_ids(&self) -> BTreeMap<String, Ids> {

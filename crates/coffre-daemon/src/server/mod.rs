@@ -210,6 +210,8 @@ struct Shell {
     source: Option<source::SourceState>,
     /// What the metrics endpoint shows that the shell counts.
     metrics: metrics::Metrics,
+    /// When the host's certificate files are looked at next (ms).
+    host_certs_next_ms: u64,
 }
 
 /// A failure's answer (500).
@@ -359,6 +361,7 @@ pub async fn serve(
         net,
         source: None,
         metrics: metrics::Metrics::default(),
+        host_certs_next_ms: 0,
     };
     shell.source_start().map_err(ServeError::Source)?;
     for n in net_notes {
@@ -661,6 +664,7 @@ pub async fn serve(
                 shell.nfs_tick();
                 shell.directory_tick();
                 shell.source_tick();
+                shell.host_certificates_tick();
                 shell.run(Event::Tick);
             }
             Msg::Shutdown(done) => {

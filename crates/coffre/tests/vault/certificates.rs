@@ -222,6 +222,34 @@ fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing
     wait_exit(&mut s, std::time::Duration::from_secs(10));
     let left = row(&v.status("alice"), "ca")["days_left"].as_i64().unwrap();
     assert!((3649..=3650).contains(&left), "{left}");
+    // The renewals ran beside the daemon; it audits what it finds changed
+    // (within 10 s, or at its next start), the files' new fingerprints.
+    let fp = |pem: &str| coffre_daemon::pki::pem_fingerprint(pem).unwrap()[..16].to_string();
+    for needle in [
+        format!(
+            "the CA's certificate (ca.pem) was renewed on the host: now {}",
+            fp(&ca_after)
+        ),
+        format!(
+            "the door's certificate (server.pem) was renewed on the host: now {}",
+            fp(&third)
+        ),
+    ] {
+        crate::source::wait_audit(
+            &v,
+            "certificate_renew",
+            "ok",
+            &needle,
+            std::time::Duration::from_secs(15),
+        );
+    }
+    // Seeing the files first (at the vault's first start) audits nothing.
+    let renewals = v.audit_details("certificate_renew", "ok");
+    assert_eq!(
+        renewals.iter().filter(|d| d.contains("the CA's")).count(),
+        1,
+        "{renewals:?}"
+    );
     let out = v.bin().args(["doctor", &dir, "--json"]).output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pairs: Vec<_> = report["vault"]["findings"]
