@@ -2,7 +2,7 @@
 //! error or a command, and a command survives a round trip.
 #![no_main]
 
-use coffre_daemon::api::ApiCommand;
+use coffre_api::command::ApiCommand;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! client reads back (a certificate): an error or a value, never a panic.
 #![no_main]
 
-use coffre_daemon::pki;
+use coffre_pki as pki;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -12,7 +12,6 @@ pub mod doctor;
 pub mod gateway;
 pub mod init;
 pub mod log;
-pub mod pki;
 pub mod relay;
 pub mod remote;
 pub mod renew;
@@ -24,4 +23,5 @@ pub mod witness;
 /// The OpenVPN management codec, credentials and configuration files (the
 /// `coffre-openvpn` crate), kept at its old path `coffre_daemon::openvpn`.
 pub use coffre_openvpn as openvpn;
+pub use coffre_pki as pki;
 pub use coffre_workload as workload;
