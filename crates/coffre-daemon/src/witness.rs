@@ -87,10 +87,31 @@ impl ShownHead {
     }
 }
 
+/// How this machine names a vault in its [`HeadStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultId {
+    /// SHA-256 of the vault's CA public key: the same across `coffre
+    /// renew --ca`, which makes the CA's certificate anew for its key.
+    pub key: String,
+    /// SHA-256 of the CA certificate: what heads were filed under before.
+    pub legacy: String,
+}
+
+impl VaultId {
+    /// The vault whose CA certificate is `ca_pem`; `None` if it is not one.
+    pub fn of_ca(ca_pem: &str) -> Option<Self> {
+        Some(Self {
+            key: crate::pki::pem_key_fingerprint(ca_pem)?,
+            legacy: crate::pki::pem_fingerprint(ca_pem)?,
+        })
+    }
+}
+
 /// What this machine remembers of one vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeenHead {
-    /// The vault: SHA-256 fingerprint of its CA certificate.
+    /// The vault: [`VaultId::key`] (SHA-256 of its CA's public key), or
+    /// for heads remembered before that, of its CA certificate.
     pub vault: String,
     /// The audit verification key (hex).
     pub key: String,
@@ -224,6 +245,16 @@ impl HeadStore {
         // The fingerprint is hex: nothing in it can leave the directory.
         let safe: String = vault.chars().filter(char::is_ascii_hexdigit).collect();
         self.dir.join(format!("audit-head-{safe}.json"))
+    }
+
+    /// What was remembered for the vault `id`: under its CA's key, or
+    /// else under its CA certificate's fingerprint (how heads were filed
+    /// before a CA's certificate could be renewed).
+    pub fn load_id(&self, id: &VaultId) -> Result<Option<SeenHead>, WitnessError> {
+        match self.load(&id.key)? {
+            Some(h) => Ok(Some(h)),
+            None => self.load(&id.legacy),
+        }
     }
 
     /// What was remembered for `vault` (CA fingerprint), if anything.
@@ -396,6 +427,44 @@ mod tests {
         std::fs::write(store.path("aa"), b"{").unwrap();
         assert!(store.load("aa").is_err());
         assert!(store.remember(&a).is_err());
+    }
+
+    /// A vault is filed under its CA's key, which `renew --ca` keeps; a
+    /// head filed before under the CA certificate's fingerprint is still
+    /// found, and the key's own entry wins once there is one.
+    #[test]
+    fn a_vault_is_found_by_its_cas_key_then_its_old_name() {
+        let home = tempfile::tempdir().unwrap();
+        let store = HeadStore::from_vars(None, Some(home.path())).unwrap();
+        let ca = crate::pki::new_ca("named").unwrap();
+        let key = ca.key_pem.clone();
+        let renewed = crate::pki::renew_ca("named", &key, &ca.cert_pem).unwrap();
+        let (old, new) = (
+            VaultId::of_ca(&ca.cert_pem).unwrap(),
+            VaultId::of_ca(&renewed.cert_pem).unwrap(),
+        );
+        assert_eq!(old.key, new.key);
+        assert_ne!(old.legacy, new.legacy);
+        assert_eq!(store.load_id(&old).unwrap(), None);
+        let head = |vault: &str, seq| SeenHead {
+            vault: vault.to_string(),
+            key: "k".into(),
+            seq,
+            hash: String::new(),
+            signature: String::new(),
+        };
+        // Remembered by an older client, under the certificate.
+        store.remember(&head(&old.legacy, 7)).unwrap();
+        assert_eq!(store.load_id(&old).unwrap().unwrap().seq, 7);
+        // Found through the renewed CA too: same key.
+        let legacy_only = VaultId {
+            key: new.key.clone(),
+            legacy: old.legacy.clone(),
+        };
+        assert_eq!(store.load_id(&legacy_only).unwrap().unwrap().seq, 7);
+        store.remember(&head(&new.key, 9)).unwrap();
+        assert_eq!(store.load_id(&new).unwrap().unwrap().seq, 9);
+        assert_eq!(store.load_id(&old).unwrap().unwrap().seq, 9);
     }
 
     #[test]

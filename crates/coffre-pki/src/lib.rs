@@ -118,11 +118,24 @@ fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
     Ok(p)
 }
 
+/// A random serial number (RFC 5280 4.1.2.2: unique per issuer). rcgen's
+/// default derives it from the key, which a CA renewed for its own key
+/// would repeat.
+fn random_serial(p: &mut CertificateParams) -> Result<(), PkiError> {
+    let mut serial = [0u8; 16];
+    getrandom::fill(&mut serial).map_err(e)?;
+    // Positive and without a leading zero byte, as DER wants.
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    Ok(())
+}
+
 /// Creates a CA for vault `vault`.
 pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
     let mut p = ca_params(vault)?;
     valid_for(&mut p, Lifetime::Ca);
+    random_serial(&mut p)?;
     let cert = p.self_signed(&key).map_err(e)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
@@ -148,6 +161,7 @@ pub fn renew_ca(vault: &str, ca_key_pem: &str, old_ca_pem: &str) -> Result<Issue
     }
     let mut p = ca_params(vault)?;
     valid_for(&mut p, Lifetime::Ca);
+    random_serial(&mut p)?;
     let cert = p.self_signed(&key).map_err(e)?;
     let subject = |der: &[u8]| -> Option<Vec<u8>> {
         let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -332,6 +346,15 @@ pub fn new_member_cert(vault: &str, ca_key_pem: &str, member: &str) -> Result<Is
     signed(&p, key, vault, ca_key_pem)
 }
 
+/// SHA-256 of the public key (SubjectPublicKeyInfo DER) of the first
+/// certificate in `pem`, hex: what stays when a certificate is made anew
+/// for the same key (`renew_ca`).
+pub fn pem_key_fingerprint(pem: &str) -> Option<String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = block.parse_x509().ok()?;
+    Some(fingerprint(cert.public_key().raw))
+}
+
 /// The SHA-256 fingerprint of the first certificate in `pem`.
 pub fn pem_fingerprint(pem: &str) -> Option<String> {
     use rustls::pki_types::CertificateDer;
@@ -408,6 +431,21 @@ mod tests {
         assert_ne!(ca1.fingerprint, ca2.fingerprint);
         assert!(ca2.key_pem.is_empty(), "the key stays where it is");
         assert!(cert_matches_key(&ca2.cert_pem, &ca1.key_pem));
+        // One issuer, two certificates: two serial numbers (RFC 5280).
+        let serial = |pem: &str| {
+            let (_, b) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            b.parse_x509().unwrap().raw_serial().to_vec()
+        };
+        assert_ne!(serial(&ca1.cert_pem), serial(&ca2.cert_pem));
+        // What names the vault on members' machines stays.
+        assert_eq!(
+            pem_key_fingerprint(&ca1.cert_pem),
+            pem_key_fingerprint(&ca2.cert_pem)
+        );
+        assert_ne!(
+            pem_key_fingerprint(&ca1.cert_pem),
+            pem_key_fingerprint(&new_ca("renewal").unwrap().cert_pem)
+        );
         assert!((3649..=3650).contains(&days_left(&ca2.cert_pem)));
         let after = new_server_cert("renewal", &ca1.key_pem).unwrap();
         for ca in [&ca1.cert_pem, &ca2.cert_pem] {

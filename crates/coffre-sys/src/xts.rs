@@ -483,6 +483,9 @@ unsafe fn sectors_ymm<const NR: usize, const ENC: bool>(x: &Xts, k: &Kernel) {
     }
     rk.fill(_mm256_setzero_si256());
     std::hint::black_box(&rk);
+    // The round keys, tweaks and blocks left in the vector registers
+    // (a return clears only their upper halves).
+    _mm256_zeroall();
 }
 
 /// The XTS kernel: every sector from `k.src` to `k.dst`, sixteen blocks
@@ -571,6 +574,28 @@ unsafe fn sectors<const NR: usize, const ENC: bool>(x: &Xts, k: &Kernel) {
     }
     rk.fill(_mm512_setzero_si512());
     std::hint::black_box(&rk);
+    // The round keys, tweaks and blocks left in the vector registers:
+    // zmm0-15 by VZEROALL, zmm16-31 (which it leaves) one by one.
+    _mm256_zeroall();
+    // SAFETY: only zeroes registers it declares as clobbered; no memory,
+    // no stack, no flags. AVX-512F is enabled for this function.
+    unsafe {
+        std::arch::asm!(
+            "vpxord zmm16, zmm16, zmm16", "vpxord zmm17, zmm17, zmm17",
+            "vpxord zmm18, zmm18, zmm18", "vpxord zmm19, zmm19, zmm19",
+            "vpxord zmm20, zmm20, zmm20", "vpxord zmm21, zmm21, zmm21",
+            "vpxord zmm22, zmm22, zmm22", "vpxord zmm23, zmm23, zmm23",
+            "vpxord zmm24, zmm24, zmm24", "vpxord zmm25, zmm25, zmm25",
+            "vpxord zmm26, zmm26, zmm26", "vpxord zmm27, zmm27, zmm27",
+            "vpxord zmm28, zmm28, zmm28", "vpxord zmm29, zmm29, zmm29",
+            "vpxord zmm30, zmm30, zmm30", "vpxord zmm31, zmm31, zmm31",
+            out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+            out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+            out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+            out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -612,8 +612,8 @@ pub fn join(
     if let Some(shown) = ShownHead::from_reply(&v) {
         let store = HeadStore::from_env()?;
         let vault = vault_key(&ca_pem).map_err(|(_, m)| anyhow::anyhow!(m))?;
-        witness::assess(store.load(&vault)?.as_ref(), &shown)?;
-        store.remember(&SeenHead::from_shown(&vault, &shown))?;
+        witness::assess(store.load_id(&vault)?.as_ref(), &shown)?;
+        store.remember(&SeenHead::from_shown(&vault.key, &shown))?;
     }
     let identity = Identity {
         member: name.clone(),
@@ -672,9 +672,13 @@ pub fn renew(
                 Which::Ca =>
                     "same key and name: every certificate the vault issued chains to it, nothing is reissued and members' identity files need nothing.\n\
                      Before the old one ends, give it to what checks a CA's own dates (OpenSSL):\n\
-                     - OpenVPN: restart it (it reads gateway/ca.pem, rewritten);\n\
-                     - members' VPN profiles: make them anew (coffre member profile NAME);\n\
-                     - the bus broker: coffre bus broker-config again, then restart it.",
+                     - OpenVPN on this host: restart it (it reads gateway/ca.pem, rewritten);\n\
+                     - OpenVPN on a VPN host behind a relay: copy the new ca.pem there, restart it;\n\
+                     - members' VPN profiles: each member makes theirs anew (coffre member profile NAME);\n\
+                     - the bus broker: coffre bus broker-config again, then restart it;\n\
+                     - the vault directory (LDAP) sends the CA read at the daemon's start: restart the daemon once closed;\n\
+                     - an NBD storage host over TLS that keeps the CA: give it the new file.\n\
+                     See docs/operations.md, \"Certificates\".",
             }
         );
         return Ok(exit::OK);

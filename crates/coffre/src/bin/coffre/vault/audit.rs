@@ -25,7 +25,7 @@ pub(super) fn check_dir_against_seen(
         Err((_, m)) => bail!(m),
     };
     let store = HeadStore::from_env()?;
-    let Some(seen) = store.load(&vault)? else {
+    let Some(seen) = store.load_id(&vault)? else {
         return Ok(Ok(()));
     };
     let control = vd.load_control()?;
@@ -148,7 +148,7 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             let mut out = std::io::stdout().lock();
             if json {
                 let doc = serde_json::json!({
-                    "vault": vault, "since": since, "head": head, "entries": entries,
+                    "vault": vault.key, "since": since, "head": head, "entries": entries,
                 });
                 writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
             } else {
@@ -159,7 +159,7 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
                 writeln!(
                     out,
                     "{}",
-                    serde_json::json!({"vault": vault, "audit_head": head})
+                    serde_json::json!({"vault": vault.key, "audit_head": head})
                 )?;
             }
             Ok(exit::OK)

@@ -9,7 +9,9 @@ use coffre::exit;
 use coffre_daemon::api::{ApiCommand, ApiSecret};
 use coffre_daemon::client;
 use coffre_daemon::vaultdir::Identity;
-use coffre_daemon::witness::{self, Assessment, HeadStore, SeenHead, ShownHead, WitnessError};
+use coffre_daemon::witness::{
+    self, Assessment, HeadStore, SeenHead, ShownHead, VaultId, WitnessError,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -96,10 +98,10 @@ pub(super) async fn call(
     }
 }
 
-/// This vault's name on this machine: its CA's fingerprint.
-pub(super) fn vault_key(ca_pem: &str) -> std::result::Result<String, (u8, String)> {
-    coffre_daemon::pki::pem_fingerprint(ca_pem)
-        .ok_or_else(|| (exit::FAILURE, "the vault's CA is not PEM".to_string()))
+/// This vault's name on this machine: its CA's key (and, for what was
+/// remembered before, its CA certificate's fingerprint).
+pub(super) fn vault_key(ca_pem: &str) -> std::result::Result<VaultId, (u8, String)> {
+    VaultId::of_ca(ca_pem).ok_or_else(|| (exit::FAILURE, "the vault's CA is not PEM".to_string()))
 }
 
 pub(super) fn witness_refusal(e: WitnessError) -> (u8, String) {
@@ -119,7 +121,7 @@ pub(super) async fn check_audit_head(
 ) -> std::result::Result<(), (u8, String)> {
     let vault = vault_key(&id.ca_pem)?;
     let store = HeadStore::from_env().map_err(witness_refusal)?;
-    let seen = store.load(&vault).map_err(witness_refusal)?;
+    let seen = store.load_id(&vault).map_err(witness_refusal)?;
     let Some(shown) = ShownHead::from_reply(reply) else {
         // Only a daemon from before this check answers a member without
         // its head; once one was seen, a success without it is refused.
@@ -141,7 +143,7 @@ pub(super) async fn check_audit_head(
                 store.dir().display()
             );
             store
-                .remember(&SeenHead::from_shown(&vault, &shown))
+                .remember(&SeenHead::from_shown(&vault.key, &shown))
                 .map_err(witness_refusal)
         }
         Assessment::Ahead { since } => {
@@ -155,7 +157,7 @@ pub(super) async fn check_audit_head(
                         })?;
                     witness::check_chain(&seen, &shown, &entries).map_err(witness_refusal)?;
                     store
-                        .remember(&SeenHead::from_shown(&vault, &shown))
+                        .remember(&SeenHead::from_shown(&vault.key, &shown))
                         .map_err(witness_refusal)
                 }
                 // A member who may not read the log (while locked only
