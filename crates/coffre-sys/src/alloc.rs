@@ -13,11 +13,70 @@
 //! The cost is one `memset` per freed byte. Reallocation goes through
 //! allocate, copy, free, so the old block is wiped too (glibc's in-place
 //! growth is given up).
+//!
+//! It also aligns every block of [`ALIGN_FROM`] bytes and more on a cache
+//! line: the I/O buffers of the data path. glibc gives a large block 16
+//! bytes past a page boundary, and on some CPUs (measured on an AMD EPYC
+//! Zen 3) the kernel copies into such a buffer at a quarter of its speed:
+//! `pread` of a file in the page cache into a 1 MiB buffer took 440 ms per
+//! GiB 16 bytes past a cache line and 95 ms on one. Copies out of a buffer
+//! (`pwrite`) do not care.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
 /// The system allocator, wiping each block before it goes back.
 pub struct WipeOnFree;
+
+/// Blocks of at least this size are aligned on [`IO_ALIGN`] bytes.
+pub const ALIGN_FROM: usize = 4096;
+
+/// A cache line: what the kernel's copies into a buffer need to run at
+/// full speed.
+pub const IO_ALIGN: usize = 64;
+
+/// Whether a block of `layout` is one we align ourselves: taken from the
+/// system [`IO_ALIGN`] bytes larger, handed out from the first cache line
+/// boundary past its start, the distance kept in the byte just before.
+/// Not through the system's aligned allocation: glibc has no aligned
+/// `calloc`, and zeroing a large block by hand faults in every page of it
+/// (the FUSE library's 16 MiB buffers, of which a request uses a page).
+/// It depends only on `layout`, so `dealloc` undoes what `alloc` did.
+fn realigned(layout: Layout) -> Option<Layout> {
+    if layout.size() >= ALIGN_FROM && layout.align() < IO_ALIGN {
+        Layout::from_size_align(layout.size().checked_add(IO_ALIGN)?, layout.align()).ok()
+    } else {
+        None
+    }
+}
+
+/// The cache-line-aligned block inside `raw`, a block of `size +
+/// IO_ALIGN` bytes, with its distance from `raw` written just before it.
+///
+/// # Safety
+/// `raw` must be null or valid for writes of `size + IO_ALIGN` bytes.
+unsafe fn hand_out(raw: *mut u8) -> *mut u8 {
+    if raw.is_null() {
+        return raw;
+    }
+    // From 1 to IO_ALIGN bytes in: at least one byte for the distance.
+    let shift = IO_ALIGN - (raw as usize % IO_ALIGN);
+    // SAFETY: shift <= IO_ALIGN, within the block; the byte before the
+    // aligned start is at raw + shift - 1 >= raw.
+    unsafe {
+        let p = raw.add(shift);
+        *p.sub(1) = shift.to_le_bytes()[0];
+        p
+    }
+}
+
+/// The start of the system's block for a block `hand_out` gave.
+///
+/// # Safety
+/// `p` must come from [`hand_out`].
+unsafe fn taken_back(p: *mut u8) -> *mut u8 {
+    // SAFETY: hand_out wrote the distance, 1 to IO_ALIGN, just before p.
+    unsafe { p.sub(usize::from(*p.sub(1))) }
+}
 
 /// Zeroes `len` bytes at `ptr` in a way the compiler may not drop as a
 /// dead store before a free.
@@ -97,27 +156,47 @@ unsafe fn wipe_resident(ptr: *mut u8, len: usize) {
     }
 }
 
-// SAFETY: every method delegates to `System` with the same arguments, so
-// System's guarantees (alignment, size, validity) hold. `dealloc` first
-// writes zeros over the block, which the GlobalAlloc contract says was
-// allocated by us with this `layout` and is no longer used by anyone.
-// `realloc` is the trait's default (alloc, copy, dealloc), so it is built
-// from these three.
+// SAFETY: every method delegates to `System`, so System's guarantees
+// (alignment, size, validity) hold; blocks `realigned` are taken IO_ALIGN
+// bytes larger and handed out from inside (at least IO_ALIGN-aligned, so
+// any alignment below it holds too, with `size` bytes after), and
+// `dealloc` finds the system's block again by the same rule, which depends
+// only on the layout the GlobalAlloc contract says is the block's.
+// `dealloc` first writes zeros over the block, which the contract says is
+// no longer used by anyone. `realloc` is the trait's default (alloc, copy,
+// dealloc), so it is built from these three.
 unsafe impl GlobalAlloc for WipeOnFree {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's guarantees on `layout` are System's.
-        unsafe { System.alloc(layout) }
+        // SAFETY: the caller's guarantees on `layout` are System's, and a
+        // larger size with the same alignment keeps them.
+        unsafe {
+            match realigned(layout) {
+                Some(raw) => hand_out(System.alloc(raw)),
+                None => System.alloc(layout),
+            }
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for alloc.
-        unsafe { System.alloc_zeroed(layout) }
+        // SAFETY: as for alloc; the whole system block is zeroed (lazily,
+        // for blocks glibc maps), so what is handed out is too.
+        unsafe {
+            match realigned(layout) {
+                Some(raw) => hand_out(System.alloc_zeroed(raw)),
+                None => System.alloc_zeroed(layout),
+            }
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` is a live block of `layout.size()` bytes that we
-        // allocated; the caller no longer uses it.
+        // SAFETY: `ptr` is a live block of `layout` that we allocated; the
+        // caller no longer uses it. A realigned one is the system block
+        // `raw` found back by taken_back, `raw_layout.size()` bytes long.
         unsafe {
+            let (ptr, layout) = match realigned(layout) {
+                Some(raw_layout) => (taken_back(ptr), raw_layout),
+                None => (ptr, layout),
+            };
             if layout.size() >= SPARSE_FROM {
                 wipe_resident(ptr, layout.size());
             } else {
@@ -149,6 +228,62 @@ mod tests {
             let z = a.alloc_zeroed(layout);
             assert!(std::slice::from_raw_parts(z, 100).iter().all(|&b| b == 0));
             a.dealloc(z, layout);
+        }
+    }
+
+    #[test]
+    fn io_buffers_are_aligned_on_a_cache_line() {
+        // What a Vec<u8> asks for (alignment 1): large blocks come back on
+        // a cache line, whatever glibc would have given; small ones as
+        // glibc does. Several sizes, each from both alloc and
+        // alloc_zeroed, and across a reallocation.
+        let a = WipeOnFree;
+        // SAFETY: fresh blocks of each layout, grown once and freed once.
+        unsafe {
+            for size in [ALIGN_FROM, 65536, 128 << 10, 1 << 20, (1 << 20) + 3] {
+                let layout = Layout::from_size_align(size, 1).unwrap();
+                for zeroed in [false, true] {
+                    let p = if zeroed {
+                        a.alloc_zeroed(layout)
+                    } else {
+                        a.alloc(layout)
+                    };
+                    assert!(!p.is_null());
+                    assert_eq!(p as usize % IO_ALIGN, 0, "{size} bytes");
+                    let all = std::slice::from_raw_parts_mut(p, size);
+                    if zeroed {
+                        assert!(all.iter().all(|&b| b == 0));
+                    }
+                    all.fill(0xa5);
+                    let q = a.realloc(p, layout, size * 2);
+                    assert_eq!(q as usize % IO_ALIGN, 0, "{size} bytes grown");
+                    assert!(
+                        std::slice::from_raw_parts(q, size)
+                            .iter()
+                            .all(|&b| b == 0xa5)
+                    );
+                    a.dealloc(q, Layout::from_size_align(size * 2, 1).unwrap());
+                }
+            }
+            // A large zeroed block is still zero without being touched
+            // (calloc's fresh pages): 256 MiB asked, far less resident.
+            let rss = || {
+                let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+                statm.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * crate::page_size()
+            };
+            let big = Layout::from_size_align(256 << 20, 1).unwrap();
+            let before = rss();
+            let p = a.alloc_zeroed(big);
+            assert!(!p.is_null());
+            assert!(
+                rss() < before + (64 << 20),
+                "a zeroed block was faulted in whole"
+            );
+            a.dealloc(p, big);
+            // Small blocks and those already aligned go to the system as
+            // they are.
+            assert!(realigned(Layout::from_size_align(100, 1).unwrap()).is_none());
+            assert!(realigned(Layout::from_size_align(8192, 4096).unwrap()).is_none());
         }
     }
 
