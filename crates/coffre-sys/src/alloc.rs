@@ -49,11 +49,13 @@ fn realigned(layout: Layout) -> Option<Layout> {
     }
 }
 
-/// The cache-line-aligned block inside `raw`, a block of `size +
-/// IO_ALIGN` bytes, with its distance from `raw` written just before it.
+/// The first cache line boundary past `raw`, with its distance from `raw`
+/// (1 to IO_ALIGN) written just before it. The caller takes `raw` from the
+/// system IO_ALIGN bytes larger than the block it hands out, so the block
+/// fits after the boundary.
 ///
 /// # Safety
-/// `raw` must be null or valid for writes of `size + IO_ALIGN` bytes.
+/// `raw` must be null or valid for writes of IO_ALIGN bytes.
 unsafe fn hand_out(raw: *mut u8) -> *mut u8 {
     if raw.is_null() {
         return raw;
@@ -243,6 +245,15 @@ mod tests {
             for size in [ALIGN_FROM, 65536, 128 << 10, 1 << 20, (1 << 20) + 3] {
                 let layout = Layout::from_size_align(size, 1).unwrap();
                 for zeroed in [false, true] {
+                    if zeroed {
+                        // Leave bytes that are not zero where glibc is
+                        // likely to hand out the next block (freed
+                        // without our wipe).
+                        let raw = realigned(layout).unwrap();
+                        let dirty = System.alloc(raw);
+                        std::ptr::write_bytes(dirty, 0xff, raw.size());
+                        System.dealloc(dirty, raw);
+                    }
                     let p = if zeroed {
                         a.alloc_zeroed(layout)
                     } else {
@@ -280,6 +291,18 @@ mod tests {
                 "a zeroed block was faulted in whole"
             );
             a.dealloc(p, big);
+            // An alignment between glibc's and a cache line holds too, and
+            // a block shrunk across the threshold is freed by the small
+            // rule, grown back by the large one.
+            let l32 = Layout::from_size_align(ALIGN_FROM, 32).unwrap();
+            let p = a.alloc(l32);
+            assert_eq!(p as usize % IO_ALIGN, 0);
+            *p = 1;
+            let q = a.realloc(p, l32, 100);
+            assert_eq!(*q, 1);
+            let r = a.realloc(q, Layout::from_size_align(100, 32).unwrap(), ALIGN_FROM);
+            assert_eq!((*r, r as usize % IO_ALIGN), (1, 0));
+            a.dealloc(r, l32);
             // Small blocks and those already aligned go to the system as
             // they are.
             assert!(realigned(Layout::from_size_align(100, 1).unwrap()).is_none());
