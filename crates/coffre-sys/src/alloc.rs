@@ -77,7 +77,28 @@ unsafe fn hand_out(raw: *mut u8) -> *mut u8 {
 /// `p` must come from [`hand_out`].
 unsafe fn taken_back(p: *mut u8) -> *mut u8 {
     // SAFETY: hand_out wrote the distance, 1 to IO_ALIGN, just before p.
-    unsafe { p.sub(usize::from(*p.sub(1))) }
+    let shift = usize::from(unsafe { *p.sub(1) });
+    // The distance byte sits where glibc keeps (and checks) a block's size
+    // for its own blocks: a stray write there, from some other bug, would
+    // have free() and the wipe take a wrong address. What hand_out can
+    // have written is checked, and anything else stops the process (no
+    // panic: unwinding allocates).
+    if !shift_is_sound(p as usize, shift) {
+        std::process::abort();
+    }
+    // SAFETY: within the block hand_out was given, shift bytes before p.
+    unsafe { p.sub(shift) }
+}
+
+/// Whether `shift` can be what [`hand_out`] wrote before the block at
+/// address `p`: `p` on a cache line, the distance 1 to IO_ALIGN, and the
+/// system's block it leads back to aligned as the system aligns every
+/// block (two words).
+fn shift_is_sound(p: usize, shift: usize) -> bool {
+    const SYSTEM_ALIGN: usize = 2 * size_of::<usize>();
+    p.is_multiple_of(IO_ALIGN)
+        && (1..=IO_ALIGN).contains(&shift)
+        && p.wrapping_sub(shift).is_multiple_of(SYSTEM_ALIGN)
 }
 
 /// Zeroes `len` bytes at `ptr` in a way the compiler may not drop as a
@@ -212,6 +233,39 @@ unsafe impl GlobalAlloc for WipeOnFree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_blocks_distance_byte_is_checked_before_it_is_trusted() {
+        // What hand_out writes is found back, from every start the system
+        // can give (two-word aligned) within a cache line.
+        let mut buf = vec![0u64; 3 * IO_ALIGN / 8];
+        let base = buf.as_mut_ptr().cast::<u8>();
+        let first = IO_ALIGN - base as usize % IO_ALIGN;
+        for offset in (0..IO_ALIGN).step_by(2 * size_of::<usize>()) {
+            // SAFETY: raw + IO_ALIGN stays within buf (3 cache lines).
+            unsafe {
+                let raw = base.add(first % IO_ALIGN + offset);
+                let p = hand_out(raw);
+                assert_eq!(p as usize % IO_ALIGN, 0);
+                assert_eq!(taken_back(p), raw, "offset {offset}");
+            }
+        }
+        // What it cannot have written is refused (taken_back aborts).
+        let line = 64 * IO_ALIGN;
+        assert!(shift_is_sound(line, 16));
+        assert!(shift_is_sound(line, IO_ALIGN));
+        assert!(!shift_is_sound(line, 0), "no distance");
+        assert!(!shift_is_sound(line, IO_ALIGN + 16), "past a cache line");
+        assert!(!shift_is_sound(line, 200), "past a cache line");
+        assert!(
+            !shift_is_sound(line, 5),
+            "to a block the system never gives"
+        );
+        assert!(
+            !shift_is_sound(line + 16, 16),
+            "a block not handed out on a cache line"
+        );
+    }
 
     #[test]
     fn blocks_are_allocated_reallocated_and_freed() {
