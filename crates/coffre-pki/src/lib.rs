@@ -10,8 +10,8 @@
 //! the CA's on the host).
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
 };
 use sha2::{Digest, Sha256};
 
@@ -110,6 +110,11 @@ fn ca_params(vault: &str) -> Result<CertificateParams, PkiError> {
     p.distinguished_name
         .push(DnType::CommonName, format!("coffre CA {vault}"));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // The CA's key identifier, and so what every certificate it signs
+    // names as its authority's (see `signed`): rcgen 0.14's default, with
+    // which every vault's CA was made, written out so a new default cannot
+    // part the two.
+    p.key_identifier_method = KeyIdMethod::Sha256;
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -154,29 +159,116 @@ pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
 /// the issuer of what exists.
 pub fn renew_ca(vault: &str, ca_key_pem: &str, old_ca_pem: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::from_pem(ca_key_pem).map_err(e)?;
-    if !cert_matches_key(old_ca_pem, ca_key_pem) {
-        return Err(PkiError(
-            "ca.pem is not the certificate of ca.key: nothing renewed".into(),
-        ));
-    }
+    check_vaults_ca(vault, ca_key_pem, old_ca_pem, "nothing renewed")?;
     let mut p = ca_params(vault)?;
     valid_for(&mut p, Lifetime::Ca);
     random_serial(&mut p)?;
     let cert = p.self_signed(&key).map_err(e)?;
-    let subject = |der: &[u8]| -> Option<Vec<u8>> {
-        let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
-        Some(c.subject().as_raw().to_vec())
-    };
-    let (_, old) = x509_parser::pem::parse_x509_pem(old_ca_pem.as_bytes()).map_err(e)?;
-    if subject(&old.contents).is_none() || subject(&old.contents) != subject(cert.der()) {
-        return Err(PkiError(format!(
-            "ca.pem's name is not \"coffre CA {vault}\" (was the config's name changed?): a CA under another name would not be the issuer of the vault's certificates; nothing renewed"
-        )));
-    }
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
         key_pem: String::new(),
+    })
+}
+
+/// The subject (DER) of the first certificate in `pem`.
+fn pem_subject(pem: &str) -> Option<Vec<u8>> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = block.parse_x509().ok()?;
+    Some(cert.subject().as_raw().to_vec())
+}
+
+/// Checks that `ca_pem` is the certificate of `ca_key_pem` and carries
+/// the name this vault's CA has: what renewing it, or giving it a new
+/// key, starts from.
+/// `nothing` says what was not done, for the error.
+fn check_vaults_ca(
+    vault: &str,
+    ca_key_pem: &str,
+    ca_pem: &str,
+    nothing: &str,
+) -> Result<(), PkiError> {
+    if !cert_matches_key(ca_pem, ca_key_pem) {
+        return Err(PkiError(format!(
+            "ca.pem is not the certificate of ca.key: {nothing}"
+        )));
+    }
+    // The name as the vault's CA certificate is written, made with a
+    // throw-away key.
+    let probe = ca_params(vault)?
+        .self_signed(&KeyPair::generate().map_err(e)?)
+        .map_err(e)?;
+    let ours = pem_subject(&probe.pem());
+    if ours.is_none() || pem_subject(ca_pem) != ours {
+        return Err(PkiError(format!(
+            "ca.pem's name is not \"coffre CA {vault}\" (was the config's name changed?): a CA under another name would not be the issuer of the vault's certificates; {nothing}"
+        )));
+    }
+    Ok(())
+}
+
+/// A new key for the vault's CA, and the certificate that carries the
+/// trust placed in the old one over to it. See docs/operations.md, "A new
+/// CA key", for the transition these make.
+pub struct NewCaKey {
+    /// The new CA: a new key, the old one's name, self-signed, valid for
+    /// [`Lifetime::Ca`]. What members renewed from now on pin.
+    pub ca: Issued,
+    /// The cross certificate: the new CA's name and key, signed by the old
+    /// CA, ending when the old CA does. Sent after every certificate the
+    /// new CA signs, it lets whoever still trusts the old CA alone (a
+    /// member's machine not yet renewed, OpenVPN's `ca`) build the path
+    /// leaf -> cross -> old CA. Under the same name, so OpenSSL takes it
+    /// as self-issued and the old CA's path length of 0 still holds.
+    pub cross_pem: String,
+}
+
+/// Makes a new key for the vault's CA, whose certificate is `old_ca_pem`
+/// and key `old_ca_key_pem` (the key lost its secrecy, or is too weak):
+/// the new CA and the cross certificate, see [`NewCaKey`]. Refused on a CA
+/// that is not this vault's (as [`renew_ca`]), and on one ending within
+/// [`EXPIRY_WARNING_DAYS`]: the cross certificate ends with it, which
+/// would leave members no time to move (renew it first, same key).
+pub fn new_ca_key(
+    vault: &str,
+    old_ca_pem: &str,
+    old_ca_key_pem: &str,
+) -> Result<NewCaKey, PkiError> {
+    check_vaults_ca(vault, old_ca_key_pem, old_ca_pem, "nothing changed")?;
+    let old_key = KeyPair::from_pem(old_ca_key_pem).map_err(e)?;
+    let (old_end, _) =
+        pem_not_after(old_ca_pem).ok_or_else(|| PkiError("ca.pem: not a certificate".into()))?;
+    let old_end = time::OffsetDateTime::from_unix_timestamp(old_end).map_err(e)?;
+    let now = time::OffsetDateTime::now_utc();
+    if old_end < now + time::Duration::days(EXPIRY_WARNING_DAYS) {
+        return Err(PkiError(format!(
+            "the CA's certificate ends in less than {EXPIRY_WARNING_DAYS} days, and the certificate that carries trust over to a new key would end with it: renew the CA's certificate for its own key first (`coffre renew --ca`); nothing changed"
+        )));
+    }
+    let key = KeyPair::generate().map_err(e)?;
+    let mut p = ca_params(vault)?;
+    valid_for(&mut p, Lifetime::Ca);
+    random_serial(&mut p)?;
+    let ca = p.self_signed(&key).map_err(e)?;
+    // The cross certificate: the new key under the same name, issued by
+    // the old CA, with an authority key identifier (without one OpenSSL
+    // would take it, subject and issuer alike, for self-signed and stop
+    // there), no extended key usage, ending with the old CA.
+    let mut x = ca_params(vault)?;
+    valid_for(&mut x, Lifetime::Ca);
+    x.not_after = x.not_after.min(old_end);
+    random_serial(&mut x)?;
+    x.use_authority_key_identifier_extension = true;
+    let cross = x
+        .signed_by(&key, &Issuer::new(ca_params(vault)?, old_key))
+        .map_err(e)?;
+    Ok(NewCaKey {
+        ca: Issued {
+            fingerprint: fingerprint(ca.der()),
+            cert_pem: ca.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        cross_pem: cross.pem(),
     })
 }
 
@@ -185,13 +277,18 @@ fn issuer(vault: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, Pki
     Ok(Issuer::new(ca_params(vault)?, key))
 }
 
-/// `p` with a new key `key`, signed by the vault's CA.
+/// `p` with a new key `key`, signed by the vault's CA. Every certificate
+/// the CA signs names its key (an authority key identifier): when two CA
+/// certificates share the vault's name, during a move to a new CA key,
+/// that is how OpenSSL picks the right one.
 fn signed(
     p: &CertificateParams,
     key: KeyPair,
     vault: &str,
     ca_key_pem: &str,
 ) -> Result<Issued, PkiError> {
+    let mut p = p.clone();
+    p.use_authority_key_identifier_extension = true;
     let cert = p.signed_by(&key, &issuer(vault, ca_key_pem)?).map_err(e)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
@@ -305,6 +402,8 @@ pub fn sign_csr(
         .push(DnType::CommonName, member.to_string());
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     valid_for(&mut p, Lifetime::Member);
+    // As every certificate the CA signs (see `signed`).
+    p.use_authority_key_identifier_extension = true;
     csr.params = p;
     let cert = csr.signed_by(&issuer(vault, ca_key_pem)?).map_err(e)?;
     Ok(Issued {
@@ -477,6 +576,242 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("config's name"), "{err}");
+    }
+
+    /// Whether rustls' verifier (the door's for members, members'
+    /// clients' for the door) trusts `leaf`, sent with `intermediates`,
+    /// given the roots `roots`.
+    fn trusted(roots: &[&str], leaf: &str, intermediates: &[&str], member: bool) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        for r in roots {
+            store.add(der(r)).unwrap();
+        }
+        let store = std::sync::Arc::new(store);
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let chain: Vec<_> = intermediates.iter().map(|p| der(p)).collect();
+        if member {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(store, provider)
+                .build()
+                .unwrap()
+                .verify_client_cert(&der(leaf), &chain, UnixTime::now())
+                .is_ok()
+        } else {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider)
+                .build()
+                .unwrap()
+                .verify_server_cert(
+                    &der(leaf),
+                    &chain,
+                    &ServerName::try_from(SERVER_NAME).unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .is_ok()
+        }
+    }
+
+    /// Whether `openssl verify` (OpenVPN's side) trusts `leaf` for
+    /// `purpose` (sslclient, sslserver), given the trusted `ca` and the
+    /// untrusted `extra` certificates a peer sends with it.
+    fn openssl_verifies(ca: &str, extra: &[&str], leaf: &str, purpose: &str) -> bool {
+        let d = tempfile::tempdir().unwrap();
+        let file = |name: &str, pem: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.arg("verify").arg("-purpose").arg(purpose);
+        cmd.arg("-CAfile").arg(file("ca.pem", ca));
+        if !extra.is_empty() {
+            cmd.arg("-untrusted")
+                .arg(file("extra.pem", &extra.concat()));
+        }
+        let out = cmd.arg(file("leaf.pem", leaf)).output().expect("openssl");
+        out.status.success()
+    }
+
+    /// A certificate the CA signed before certificates named its key (no
+    /// authority key identifier): what vaults made before hold.
+    fn legacy_cert(vault: &str, ca_key_pem: &str, server: bool) -> String {
+        let key = KeyPair::generate().unwrap();
+        let (names, eku) = if server {
+            (
+                vec![SERVER_NAME.to_string()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            )
+        } else {
+            (Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
+        };
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "old");
+        p.extended_key_usages = vec![eku];
+        valid_for(&mut p, Lifetime::Member);
+        p.signed_by(&key, &issuer(vault, ca_key_pem).unwrap())
+            .unwrap()
+            .pem()
+    }
+
+    /// The key identifiers of the first certificate in `pem`: (subject's,
+    /// authority's).
+    fn key_ids(pem: &str) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        use x509_parser::extensions::ParsedExtension;
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = block.parse_x509().unwrap();
+        let (mut ski, mut aki) = (None, None);
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => ski = Some(k.0.to_vec()),
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    aki = a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => {}
+            }
+        }
+        (ski, aki)
+    }
+
+    /// Every certificate the CA signs names the CA's key, as the CA's own
+    /// certificate does: through a renewal for the same key too.
+    #[test]
+    fn issued_certificates_name_the_cas_key() {
+        let ca = new_ca("aki").unwrap();
+        let (ca_ski, _) = key_ids(&ca.cert_pem);
+        assert!(ca_ski.is_some(), "the CA names its own key");
+        let (csr, _) = new_request("bob").unwrap();
+        let renewed = renew_ca("aki", &ca.key_pem, &ca.cert_pem).unwrap();
+        for pem in [
+            new_server_cert("aki", &ca.key_pem).unwrap().cert_pem,
+            new_gateway_cert("aki", &ca.key_pem, "gw").unwrap().cert_pem,
+            new_member_cert("aki", &ca.key_pem, "alice")
+                .unwrap()
+                .cert_pem,
+            new_component_cert("aki", &ca.key_pem, "coffre-bus:relay")
+                .unwrap()
+                .cert_pem,
+            new_directory_cert("aki", &ca.key_pem, std::net::Ipv4Addr::new(10, 9, 0, 1))
+                .unwrap()
+                .cert_pem,
+            new_broker_cert("aki", &ca.key_pem, "127.0.0.1")
+                .unwrap()
+                .cert_pem,
+            sign_csr("aki", &ca.key_pem, &csr, "bob").unwrap().cert_pem,
+        ] {
+            assert_eq!(key_ids(&pem).1, ca_ski);
+            assert!(openssl_verifies(&ca.cert_pem, &[], &pem, "any"));
+            assert!(openssl_verifies(&renewed.cert_pem, &[], &pem, "any"));
+        }
+        assert_eq!(key_ids(&renewed.cert_pem).0, ca_ski);
+    }
+
+    /// After a new CA key: what the new CA signs is trusted by whoever
+    /// trusts the old CA when the cross certificate comes with it (rustls
+    /// and OpenSSL, as a member and as a server), and by whoever trusts the
+    /// new CA, with it or without; what the old CA signed before (no key
+    /// identifier) is trusted by a door that trusts both.
+    #[test]
+    fn a_new_ca_key_is_trusted_through_the_cross_certificate() {
+        let v = "rekey";
+        let ca1 = new_ca(v).unwrap();
+        let old_member = legacy_cert(v, &ca1.key_pem, false);
+        let old_server = legacy_cert(v, &ca1.key_pem, true);
+        let n = new_ca_key(v, &ca1.cert_pem, &ca1.key_pem).unwrap();
+        let (ca2, x) = (&n.ca, n.cross_pem.as_str());
+        assert_ne!(
+            pem_key_fingerprint(&ca1.cert_pem),
+            pem_key_fingerprint(&ca2.cert_pem)
+        );
+        assert_eq!(pem_subject(&ca1.cert_pem), pem_subject(&ca2.cert_pem));
+        assert_eq!(pem_subject(x), pem_subject(&ca2.cert_pem));
+        assert!(cert_matches_key(&ca2.cert_pem, &ca2.key_pem));
+        assert!(cert_matches_key(x, &ca2.key_pem));
+        assert!(pem_not_after(x).unwrap().0 <= pem_not_after(&ca1.cert_pem).unwrap().0);
+        assert!((3649..=3650).contains(&days_left(&ca2.cert_pem)));
+        assert_eq!(key_ids(x).1, key_ids(&ca1.cert_pem).0, "X names CA1's key");
+        assert_eq!(key_ids(x).0, key_ids(&ca2.cert_pem).0, "X is CA2's key");
+        {
+            use x509_parser::extensions::ParsedExtension;
+            let (_, block) = x509_parser::pem::parse_x509_pem(x.as_bytes()).unwrap();
+            let cert = block.parse_x509().unwrap();
+            let bc = cert.basic_constraints().unwrap().unwrap().value;
+            assert!(bc.ca && bc.path_len_constraint == Some(0), "{bc:?}");
+            assert!(cert.key_usage().unwrap().unwrap().value.key_cert_sign());
+            assert!(
+                !cert
+                    .extensions()
+                    .iter()
+                    .any(|e| matches!(e.parsed_extension(), ParsedExtension::ExtendedKeyUsage(_))),
+                "no extended key usage"
+            );
+        }
+
+        let (ca1p, ca2p) = (ca1.cert_pem.as_str(), ca2.cert_pem.as_str());
+        let server = new_server_cert(v, &ca2.key_pem).unwrap().cert_pem;
+        let member = new_member_cert(v, &ca2.key_pem, "alice").unwrap().cert_pem;
+        let (csr, _) = new_request("bob").unwrap();
+        let bob = sign_csr(v, &ca2.key_pem, &csr, "bob").unwrap().cert_pem;
+        for (leaf, m) in [(&server, false), (&member, true), (&bob, true)] {
+            assert!(trusted(&[ca1p], leaf, &[x], m), "old CA, through X");
+            assert!(!trusted(&[ca1p], leaf, &[], m), "old CA, without X");
+            assert!(trusted(&[ca2p], leaf, &[x], m), "new CA, X sent anyway");
+            assert!(trusted(&[ca2p], leaf, &[], m), "new CA");
+            assert!(trusted(&[ca1p, ca2p], leaf, &[x], m), "both");
+            let purpose = if m { "sslclient" } else { "sslserver" };
+            assert!(
+                openssl_verifies(ca1p, &[x], leaf, purpose),
+                "OpenSSL, old CA, through X"
+            );
+            assert!(
+                !openssl_verifies(ca1p, &[], leaf, purpose),
+                "OpenSSL, old CA, no X"
+            );
+            assert!(
+                openssl_verifies(ca2p, &[x], leaf, purpose),
+                "OpenSSL, new CA, X sent"
+            );
+            assert!(
+                openssl_verifies(ca2p, &[], leaf, purpose),
+                "OpenSSL, new CA"
+            );
+        }
+        // What the old CA signed before: trusted where the old CA is.
+        assert!(trusted(&[ca1p, ca2p], &old_member, &[], true));
+        assert!(trusted(&[ca2p, ca1p], &old_server, &[], false));
+        assert!(!trusted(&[ca2p], &old_member, &[], true));
+        assert!(openssl_verifies(ca1p, &[x], &old_member, "sslclient"));
+        // The cross certificate is a CA under the old one, not an anchor:
+        // OpenSSL does not stop at it (webpki would, given it as a root,
+        // but nothing gives it as one).
+        assert!(!openssl_verifies(x, &[], &member, "sslclient"));
+        // Another vault's CA trusts none of it.
+        let other = new_ca(v).unwrap();
+        assert!(!trusted(&[&other.cert_pem], &member, &[x], true));
+    }
+
+    #[test]
+    fn a_new_ca_key_starts_from_this_vaults_ca_and_not_at_its_end() {
+        let ca = new_ca("move").unwrap();
+        let other = new_ca("move").unwrap();
+        let err = |r: Result<NewCaKey, PkiError>| r.err().unwrap().to_string();
+        let m = err(new_ca_key("move", &ca.cert_pem, &other.key_pem));
+        assert!(m.contains("not the certificate of ca.key"), "{m}");
+        let m = err(new_ca_key("renamed", &ca.cert_pem, &ca.key_pem));
+        assert!(m.contains("config's name"), "{m}");
+        // A CA certificate that ends in ten days: renew it first.
+        let key = KeyPair::from_pem(&ca.key_pem).unwrap();
+        let mut p = ca_params("move").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(3640);
+        p.not_after = now + time::Duration::days(10);
+        let ending = p.self_signed(&key).unwrap().pem();
+        let m = err(new_ca_key("move", &ending, &ca.key_pem));
+        assert!(m.contains("coffre renew --ca"), "{m}");
+        let renewed = renew_ca("move", &ca.key_pem, &ending).unwrap();
+        assert!(new_ca_key("move", &renewed.cert_pem, &ca.key_pem).is_ok());
     }
 
     #[test]
