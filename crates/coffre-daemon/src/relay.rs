@@ -241,9 +241,15 @@ impl<'a> RelayLink<'a> {
         l.publish(RelayMsg::Open { link: link.clone() }).await?;
         // The relay answers once connected to OpenVPN. An `Open` sent
         // while the relay was away is lost: its next sign of life without
-        // our link brings it again. Anything else (another link's lines)
-        // is dropped.
-        let deadline = Instant::now() + Duration::from_secs(OPEN_WITHIN_S);
+        // our link brings it again, and the relay then has the whole
+        // OPEN_WITHIN_S to answer that one (counted from the first, a
+        // relay that came up late, under load, was given too little and
+        // the vault started over with a new link, again and again). A
+        // relay alive that never takes the link is given up on after four
+        // such waits. Anything else (another link's lines) is dropped.
+        let within = Duration::from_secs(OPEN_WITHIN_S);
+        let give_up = Instant::now() + 4 * within;
+        let mut deadline = Instant::now() + within;
         loop {
             let m = tokio::time::timeout_at(deadline, l.next_msg())
                 .await
@@ -260,6 +266,7 @@ impl<'a> RelayLink<'a> {
                 }
                 RelayMsg::Alive { link: held, .. } if held.as_deref() != Some(&link) => {
                     l.publish(RelayMsg::Open { link: link.clone() }).await?;
+                    deadline = (Instant::now() + within).min(give_up);
                 }
                 _ => {}
             }
