@@ -82,6 +82,10 @@ pub enum ServeError {
     /// password file, its CA file.
     #[error("the organisation's directory: {0}")]
     Source(String),
+    /// SIGTERM and SIGINT could not be taken (a stop would kill the daemon
+    /// without a close).
+    #[error("cannot handle SIGTERM and SIGINT: {0}")]
+    Signals(#[source] std::io::Error),
     /// Listening socket.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -231,6 +235,23 @@ pub async fn serve(
     listen: Option<String>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    // SIGTERM and SIGINT are taken first, before anything is set up: one
+    // that comes during the start is then acted on once the daemon runs
+    // (a close, as any stop). They used to be taken by a task spawned
+    // just before READY=1 went out, and a service manager that stopped the
+    // unit as soon as it read READY could come first and kill the daemon
+    // with the signal's default action (seen in CI: the package test does
+    // just that).
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), _) | (_, Err(e)) => return Err(ServeError::Signals(e)),
+        }
+    };
     coffre_sys::return_large_allocations();
     coffre_sys::raise_open_files_limit();
     // Absolute and resolved: the mount table and sysfs speak in such paths,
@@ -587,13 +608,6 @@ pub async fn serve(
     });
     let sig_tx = tx.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         let (done, _wait) = oneshot::channel();
         let _ = sig_tx.send(Msg::Shutdown(done));
