@@ -248,15 +248,17 @@ impl<'a> RelayLink<'a> {
         // relay alive that never takes the link is given up on after four
         // such waits. Anything else (another link's lines) is dropped.
         let within = Duration::from_secs(OPEN_WITHIN_S);
-        let give_up = Instant::now() + 4 * within;
+        let asked = Instant::now();
+        let give_up = asked + 4 * within;
         let mut deadline = Instant::now() + within;
         loop {
             let m = tokio::time::timeout_at(deadline, l.next_msg())
                 .await
                 .map_err(|_| {
                     format!(
-                        "the relay {} did not answer within {OPEN_WITHIN_S} s (is `coffre gateway relay` running on the VPN host?)",
-                        cfg.relay
+                        "the relay {} did not open a link in {} s (is `coffre gateway relay` running on the VPN host?)",
+                        cfg.relay,
+                        asked.elapsed().as_secs()
                     )
                 })??;
             match m {
