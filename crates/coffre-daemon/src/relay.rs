@@ -250,7 +250,7 @@ impl<'a> RelayLink<'a> {
         let within = Duration::from_secs(OPEN_WITHIN_S);
         let asked = Instant::now();
         let give_up = asked + 4 * within;
-        let mut deadline = Instant::now() + within;
+        let mut deadline = asked + within;
         loop {
             let m = tokio::time::timeout_at(deadline, l.next_msg())
                 .await
