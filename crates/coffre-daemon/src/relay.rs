@@ -46,6 +46,8 @@ const WRITE_WITHIN: Duration = Duration::from_secs(10);
 const REFUSAL_EVERY: Duration = Duration::from_secs(10);
 /// Lines waiting to be read by the link, at most.
 const MAX_PENDING: usize = 10_000;
+/// The relay's longest wait between two tries at the broker.
+const RECONNECT_AT_MOST: Duration = Duration::from_secs(4);
 
 /// What the daemon needs to reach OpenVPN through a relay.
 pub struct RelayConfig {
@@ -487,7 +489,10 @@ pub async fn relay(
         );
     }
     let opener = Opener::from_hex(&id.seal_key).map_err(|e| e.to_string())?;
-    let mut backoff = coffre_bus::conn::Backoff::default();
+    // Members' sessions ride on this link, and the vault keeps them only
+    // for its grace period without news: after a broker restart the relay
+    // must be back within seconds of it, not after a 16 s wait.
+    let mut backoff = coffre_bus::conn::Backoff::up_to(RECONNECT_AT_MOST);
     loop {
         let started = Instant::now();
         let keys = RelayKeys {
