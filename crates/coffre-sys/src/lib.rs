@@ -260,6 +260,23 @@ pub fn return_large_allocations() -> bool {
     }
 }
 
+/// The signals a daemon stops on, for [`die_of`].
+pub use libc::{SIGINT, SIGTERM};
+
+/// Ends the process as the default action of signal `sig` would, its
+/// handler reset first: the parent sees it killed by that signal (which a
+/// service manager takes as a clean stop for SIGTERM and SIGINT), not an
+/// exit status. Falls back to exiting with 128 + `sig`.
+pub fn die_of(sig: i32) -> ! {
+    // SAFETY: signal(2) with SIG_DFL and raise(3) take no pointers; resetting
+    // a disposition cannot break Rust's invariants.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+    std::process::exit(128 + sig)
+}
+
 /// Raises the soft limit on open files to the hard one (a daemon serving
 /// FUSE, NBD and TLS clients needs more than the usual 1024). Best effort.
 pub fn raise_open_files_limit() {

@@ -242,6 +242,11 @@ pub async fn serve(
     // unit as soon as it read READY could come first and kill the daemon
     // with the signal's default action (seen in CI: the package test does
     // just that).
+    //
+    // A stop during the start itself (a step that hangs: a stale mount, the
+    // network) ends the process there, as the signal's default action did:
+    // nothing is open yet, and the next start cleans up after it as after
+    // a crash. From just before READY=1, a stop is a close.
     let (mut term, mut int) = {
         use tokio::signal::unix::{SignalKind, signal};
         match (
@@ -252,6 +257,23 @@ pub async fn serve(
             (Err(e), _) | (_, Err(e)) => return Err(ServeError::Signals(e)),
         }
     };
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    tokio::spawn({
+        let running = running.clone();
+        async move {
+            let sig = tokio::select! {
+                _ = term.recv() => coffre_sys::SIGTERM,
+                _ = int.recv() => coffre_sys::SIGINT,
+            };
+            if running.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = stop_tx.send(());
+            } else {
+                eprintln!("coffre serve: stopped during its start, before the vault was served");
+                coffre_sys::die_of(sig);
+            }
+        }
+    });
     coffre_sys::return_large_allocations();
     coffre_sys::raise_open_files_limit();
     // Absolute and resolved: the mount table and sysfs speak in such paths,
@@ -608,10 +630,12 @@ pub async fn serve(
     });
     let sig_tx = tx.clone();
     tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        let (done, _wait) = oneshot::channel();
-        let _ = sig_tx.send(Msg::Shutdown(done));
+        if stop_rx.await.is_ok() {
+            let (done, _wait) = oneshot::channel();
+            let _ = sig_tx.send(Msg::Shutdown(done));
+        }
     });
+    running.store(true, std::sync::atomic::Ordering::SeqCst);
     on_ready(local);
     // Under systemd (Type=notify): accepting connections now.
     if let Err(e) = crate::sd_notify::notify(&format!("READY=1\nSTATUS=listening on {local}")) {

@@ -379,3 +379,47 @@ fn the_log_goes_to_the_journal_with_priorities_and_its_level() {
         "{log}"
     );
 }
+
+/// A start that hangs (here config.toml is a FIFO nobody writes to, so
+/// reading it never ends) still ends on SIGTERM, at once and saying so:
+/// the daemon takes the signal before anything else, and until it serves,
+/// a stop ends the start.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_stop_during_a_start_that_hangs_ends_it() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let v = Vault::init(&[]);
+    let config = v.dir.join("config.toml");
+    std::fs::rename(&config, v.tmp.path().join("config.toml.kept")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&config)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stderr = v.tmp.path().join("serve.stderr");
+    let mut child = v
+        .bin()
+        .args(["serve", v.dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the start did not hang, so this proves nothing: {}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    unsafe_kill(child.id(), "TERM");
+    let Some(status) = wait_child(&mut child, Duration::from_secs(10)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("SIGTERM did not end a start that hangs");
+    };
+    // Killed by the signal, as its default action does: what a service
+    // manager takes for a clean stop.
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(15), "{status:?}");
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(said.contains("stopped during its start"), "{said}");
+}
