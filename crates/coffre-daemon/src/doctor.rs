@@ -569,7 +569,9 @@ fn secret_files(d: &VaultDir, extra: &[PathBuf]) -> Finding {
         d.control(),
         d.config(),
         d.ca_key(),
+        d.ca_next_key(),
         d.server_key(),
+        d.server_next_key(),
         d.host_key(),
         d.storage_key(),
         d.storage_root(),
@@ -758,6 +760,9 @@ fn renewal(dir: &Path, file: &Path) -> String {
         Some("bus/vault.pem") => format!(
             "renew it: coffre bus broker-config {d} --listen HOST:PORT --out BROKER_DIR (it reissues the daemon's bus certificate within 30 days of its end), then restart the daemon"
         ),
+        Some("ca.cross.pem" | "ca.previous.pem") => {
+            "it ends with the CA before its key was changed: machines that still pin that CA stop trusting the door then (docs/operations.md, \"A new CA key\")".into()
+        }
         Some("ca.pem" | "gateway/ca.pem") => format!(
             "renew it: coffre renew --ca {d} (same key; it says what to give the new one to)"
         ),

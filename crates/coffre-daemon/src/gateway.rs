@@ -443,6 +443,13 @@ pub fn write_openvpn_config(
 ) -> Result<ConfigReport, GatewayError> {
     let config = dir.load_config()?;
     let net = settings.check().map_err(GatewayError::Invalid)?;
+    if crate::renew::key_changed(dir)?.is_some() {
+        // OpenVPN's `ca` would be the new CA alone, and refuse every member
+        // whose certificate the previous one signed.
+        return Err(GatewayError::Invalid(
+            "the CA's key was changed (ca.previous.pem) and the change is not finished: a gateway now would refuse every member not yet renewed (docs/operations.md, \"A new CA key\")".into(),
+        ));
+    }
     if settings.via == crate::vaultdir::GatewayVia::Bus && config.bus.is_none() {
         return Err(GatewayError::Invalid(format!(
             "a relay talks to the vault over the bus, which this vault has not: run `coffre bus broker-config {} --listen HOST:PORT --out DIR` first",

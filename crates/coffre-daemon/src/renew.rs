@@ -41,6 +41,16 @@ pub enum RenewError {
     /// Signing.
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// `--ca --new-key` where something holds the CA that cannot take a
+    /// cross certificate, or on a vault in the wrong state for it.
+    #[error("the CA's key: {0}")]
+    NewKeyRefused(String),
+    /// `--ca --new-key` while the daemon runs (it holds the header's
+    /// lock).
+    #[error(
+        "the CA's key is not changed: the daemon runs; stop it first, once the vault is closed (systemctl stop coffre@NAME)"
+    )]
+    DaemonRuns(#[source] coffre_storage::Error),
     /// `--gateway` on a vault without one.
     #[error(
         "{0} does not exist: this vault has no VPN gateway (coffre gateway openvpn-config makes one)"
@@ -66,6 +76,12 @@ pub struct Renewed {
 /// doctor` says so; renew again). The CA's: see [`Which::Ca`].
 pub fn renew(dir: &VaultDir, which: Which) -> Result<Renewed, RenewError> {
     let config = dir.load_config()?;
+    if dir.ca_next_cert().exists() {
+        return Err(RenewError::NewKeyRefused(format!(
+            "{} is there: a change of the CA's key was interrupted; run coffre renew --ca DIR --new-key to finish it first",
+            dir.ca_next_cert().display()
+        )));
+    }
     let (cert, key) = match which {
         Which::Ca => return renew_ca(dir, &config.name),
         Which::Server => (dir.server_cert(), dir.server_key()),
@@ -121,4 +137,198 @@ fn renew_ca(dir: &VaultDir, vault: &str) -> Result<Renewed, RenewError> {
         fingerprint: issued.fingerprint,
         not_after,
     })
+}
+
+/// What [`new_ca_key`] did.
+#[derive(Debug)]
+pub struct NewKeyDone {
+    /// The new CA's certificate.
+    pub ca_pem: String,
+    /// The CA's certificate before the change.
+    pub previous_pem: String,
+    /// The new CA certificate's SHA-256 fingerprint.
+    pub fingerprint: String,
+    /// When the new CA ends (Unix seconds).
+    pub not_after: i64,
+    /// When the cross certificate ends, with the previous CA (Unix
+    /// seconds).
+    pub cross_not_after: i64,
+    /// A change interrupted earlier was finished, not a new one made.
+    pub resumed: bool,
+}
+
+/// Whether the vault's CA key was changed (`ca.previous.pem` holds a CA of
+/// another key than `ca.pem`'s), and the change is not finished.
+pub fn key_changed(dir: &VaultDir) -> Result<Option<String>, DirError> {
+    let Some(previous) = dir.read_if_present(&dir.ca_previous_cert())? else {
+        return Ok(None);
+    };
+    let now = dir.read(&dir.ca_cert())?;
+    Ok((pki::pem_key_fingerprint(&previous) != pki::pem_key_fingerprint(&now)).then_some(previous))
+}
+
+/// The files of a change of the CA's key: where each is written first
+/// (beside the final one, `.next` before the extension) and where it goes.
+/// `ca.next.pem` comes last both ways: it marks a change under way.
+fn staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 5] {
+    [
+        (
+            dir.root.join("ca.previous.next.pem"),
+            dir.ca_previous_cert(),
+        ),
+        (dir.root.join("ca.cross.next.pem"), dir.ca_cross_cert()),
+        (dir.server_next_key(), dir.server_key()),
+        (dir.server_next_cert(), dir.server_cert()),
+        (dir.ca_next_key(), dir.ca_key()),
+    ]
+}
+
+/// `coffre renew --ca DIR --new-key`: a new key for the vault's CA (the old
+/// one lost its secrecy, or is too weak), with a transition that keeps
+/// every identity working ([`pki::new_ca_key`], docs/operations.md):
+///
+/// - the previous CA's certificate is kept (`ca.previous.pem`) and the door
+///   keeps trusting the member certificates it signed; its key is gone
+///   (replaced by the new one: nothing needs it, the cross certificate is
+///   signed already);
+/// - the cross certificate (`ca.cross.pem`) goes after the door's own
+///   certificate, reissued under the new key, so that members' machines,
+///   which pin the previous CA, trust the door;
+/// - what the vault signs from now on (joins, renewals) is signed by the
+///   new key, and invitations carry the new CA.
+///
+/// Refused while the daemon runs (its header lock is held for the whole
+/// change, so none starts meanwhile), and where something holds the CA that
+/// does not take a cross certificate yet: `[gateway]` (OpenVPN), `[bus]`
+/// (the broker and components), NBD storage over TLS checked against the
+/// vault's CA. Crash-safe: every file is written under a `.next` name
+/// first, `ca.next.pem` last, then renamed into place, `ca.next.pem` last;
+/// a run that finds `ca.next.pem` checks what goes with it and finishes
+/// that change, and the daemon does not start while it is there.
+pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
+    let config = dir.load_config()?;
+    let refused = |why: &str| Err(RenewError::NewKeyRefused(why.to_string()));
+    if config.gateway.is_some() {
+        return refused(
+            "the vault has a VPN gateway ([gateway]), and changing the key under OpenVPN is not done yet (docs/operations.md, \"A new CA key\")",
+        );
+    }
+    if config.bus.is_some() {
+        return refused(
+            "the vault uses the message bus ([bus]), and changing the key under the broker and its components is not done yet (docs/operations.md, \"A new CA key\")",
+        );
+    }
+    if let Some(st) = &config.storage {
+        let urls = std::iter::once((&st.url, &st.ca_file))
+            .chain(st.mirror.iter().map(|m| (&m.url, &m.ca_file)));
+        for (url, ca_file) in urls {
+            if url.starts_with("nbds") && ca_file.is_none() {
+                return refused(&format!(
+                    "the storage host at {url} is checked against the vault's CA; give [storage] ca_file a copy of ca.pem first, so that it keeps trusting that host"
+                ));
+            }
+        }
+    }
+    // The daemon holds this lock for its life: taken, no daemon runs, and
+    // none starts until the change is made.
+    let _held = match coffre_storage::FileDevice::open_locked(&config.header, false) {
+        Ok(h) => h,
+        Err(e @ coffre_storage::Error::Busy(_)) => return Err(RenewError::DaemonRuns(e)),
+        Err(e) => return refused(&format!("cannot lock the vault's header: {e}")),
+    };
+    let resumed = dir.ca_next_cert().exists();
+    if resumed {
+        // What an interrupted run left must be whole before anything more
+        // moves: the new CA for the key it will have, the previous CA and X
+        // (each under its final name or its staged one).
+        let next_pem = dir.read(&dir.ca_next_cert())?;
+        let at = |(staged, done): &(std::path::PathBuf, std::path::PathBuf)| {
+            if staged.exists() {
+                staged.clone()
+            } else {
+                done.clone()
+            }
+        };
+        let [previous, cross, _, _, key] = staged(dir);
+        let key = zeroize::Zeroizing::new(dir.read(&at(&key))?);
+        let whole = pki::cert_matches_key(&next_pem, &key)
+            && at(&previous).exists()
+            && dir.read_if_present(&at(&cross))?.is_some_and(|x| {
+                pki::pem_key_fingerprint(&x) == pki::pem_key_fingerprint(&next_pem)
+            });
+        if !whole {
+            return refused(&format!(
+                "{} is there but what goes with it is not (the new key, the previous CA, the cross certificate); restore the directory from its backup",
+                dir.ca_next_cert().display()
+            ));
+        }
+    } else {
+        if key_changed(dir)?.is_some() {
+            return refused(
+                "the key was changed already (ca.previous.pem), and finishing that change is not done yet",
+            );
+        }
+        let old_pem = dir.read(&dir.ca_cert())?;
+        let old_key = zeroize::Zeroizing::new(dir.read(&dir.ca_key())?);
+        let made = pki::new_ca_key(&config.name, &old_pem, &old_key)?;
+        drop(old_key);
+        let new_key = zeroize::Zeroizing::new(made.ca.key_pem);
+        let door = pki::new_server_cert(&config.name, &new_key)?;
+        let door_key = zeroize::Zeroizing::new(door.key_pem);
+        let [previous, cross, skey, scert, key] = staged(dir);
+        write_atomic(&previous.0, old_pem.as_bytes(), 0o644)?;
+        write_atomic(&cross.0, made.cross_pem.as_bytes(), 0o644)?;
+        write_atomic(&skey.0, door_key.as_bytes(), 0o600)?;
+        write_atomic(&scert.0, door.cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&key.0, new_key.as_bytes(), 0o600)?;
+        write_atomic(&dir.ca_next_cert(), made.ca.cert_pem.as_bytes(), 0o644)?;
+    }
+    // Into place, ca.next.pem last. Each step is a rename, done again after
+    // a crash if its source is still there.
+    for (from, to) in staged(dir) {
+        if from.exists() {
+            rename_synced(&from, &to)?;
+        }
+    }
+    let door_ok = pki::cert_matches_key(
+        &dir.read(&dir.server_cert())?,
+        &zeroize::Zeroizing::new(dir.read(&dir.server_key())?),
+    );
+    if !door_ok {
+        // Not what this command left (something else wrote one of them in
+        // the middle): the door's certificate made again, under the new key.
+        let key = zeroize::Zeroizing::new(dir.read(&dir.ca_key())?);
+        let door = pki::new_server_cert(&config.name, &key)?;
+        let door_key = zeroize::Zeroizing::new(door.key_pem);
+        write_atomic(&dir.server_key(), door_key.as_bytes(), 0o600)?;
+        write_atomic(&dir.server_cert(), door.cert_pem.as_bytes(), 0o644)?;
+    }
+    rename_synced(&dir.ca_next_cert(), &dir.ca_cert())?;
+    let ca_pem = dir.read(&dir.ca_cert())?;
+    let previous_pem = dir.read(&dir.ca_previous_cert())?;
+    let cross = dir.read(&dir.ca_cross_cert())?;
+    Ok(NewKeyDone {
+        fingerprint: pki::pem_fingerprint(&ca_pem).unwrap_or_default(),
+        not_after: pki::pem_not_after(&ca_pem).map_or(0, |(t, _)| t),
+        cross_not_after: pki::pem_not_after(&cross).map_or(0, |(t, _)| t),
+        ca_pem,
+        previous_pem,
+        resumed,
+    })
+}
+
+/// Renames `from` to `to` and makes it durable (the directory synced).
+fn rename_synced(from: &std::path::Path, to: &std::path::Path) -> Result<(), RenewError> {
+    let io = |source| DirError::Io {
+        what: "rename",
+        path: from.to_path_buf(),
+        source,
+    };
+    std::fs::rename(from, to).map_err(io)?;
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }

@@ -739,6 +739,37 @@ impl VaultDir {
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("ca.key")
     }
+    /// After a change of the CA's key (`coffre renew --ca --new-key`):
+    /// the CA before it, which the door keeps trusting for the
+    /// certificates it signed (its key is gone).
+    pub fn ca_previous_cert(&self) -> PathBuf {
+        self.root.join("ca.previous.pem")
+    }
+    /// The cross certificate: the new CA's key, signed by the previous
+    /// CA. The door sends it after its own certificate, so that machines
+    /// that still pin the previous CA trust the door.
+    pub fn ca_cross_cert(&self) -> PathBuf {
+        self.root.join("ca.cross.pem")
+    }
+    /// The new CA's certificate while its key is being changed: present
+    /// only until the change is complete, it marks one that was
+    /// interrupted (the daemon does not start; the command finishes it).
+    pub fn ca_next_cert(&self) -> PathBuf {
+        self.root.join("ca.next.pem")
+    }
+    /// The new CA's key while the change is under way.
+    pub fn ca_next_key(&self) -> PathBuf {
+        self.root.join("ca.next.key")
+    }
+    /// The door's certificate under the new CA, while the change is under
+    /// way.
+    pub fn server_next_cert(&self) -> PathBuf {
+        self.root.join("server.next.pem")
+    }
+    /// Its key.
+    pub fn server_next_key(&self) -> PathBuf {
+        self.root.join("server.next.key")
+    }
     /// Server certificate.
     pub fn server_cert(&self) -> PathBuf {
         self.root.join("server.pem")
@@ -956,6 +987,43 @@ impl VaultDir {
         let bytes = serde_json::to_vec_pretty(c).expect("control data serialises");
         write_atomic(&self.control(), &bytes, 0o600)?;
         Ok(())
+    }
+
+    /// The CAs whose certificates the door accepts, as one PEM text:
+    /// `ca.pem`, and after a change of the CA's key the previous CA, which
+    /// signed the certificates members hold until they renew them.
+    pub fn door_roots(&self) -> Result<String, DirError> {
+        let mut pem = self.read(&self.ca_cert())?;
+        if let Some(previous) = self.read_if_present(&self.ca_previous_cert())?
+            && previous != pem
+        {
+            pem = format!("{}\n{previous}", pem.trim_end());
+        }
+        Ok(pem)
+    }
+
+    /// What the door sends: its certificate, and after a change of the
+    /// CA's key the cross certificate, through which machines that pin
+    /// the previous CA trust it.
+    pub fn door_chain(&self) -> Result<String, DirError> {
+        let mut pem = self.read(&self.server_cert())?;
+        if let Some(cross) = self.read_if_present(&self.ca_cross_cert())? {
+            pem = format!("{}\n{cross}", pem.trim_end());
+        }
+        Ok(pem)
+    }
+
+    /// Reads a file as text; `None` if it does not exist.
+    pub fn read_if_present(&self, path: &Path) -> Result<Option<String>, DirError> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(DirError::Io {
+                what: "read",
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
     }
 
     /// Reads a file as text.

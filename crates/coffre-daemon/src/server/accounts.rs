@@ -298,11 +298,26 @@ impl Shell {
             }
             if let Some(old) = seen {
                 let not_after = crate::pki::pem_not_after(&pem).map_or(0, |(t, _)| t);
+                // The CA's certificate it replaced kept as the previous
+                // CA: a change of key, not a renewal for the same one.
+                let new_key = file == "ca.pem"
+                    && self
+                        .dir
+                        .read_if_present(&self.dir.ca_previous_cert())
+                        .ok()
+                        .flatten()
+                        .and_then(|p| crate::pki::pem_fingerprint(&p))
+                        .is_some_and(|p| p == old);
+                let how = if new_key {
+                    "was given a new key on the host (coffre renew --ca --new-key)"
+                } else {
+                    "was renewed on the host"
+                };
                 self.system_audit(
                     "certificate_renew",
                     "ok",
                     format!(
-                        "{what} certificate ({file}) was renewed on the host: now {} valid until {not_after} (Unix s), was {}",
+                        "{what} certificate ({file}) {how}: now {} valid until {not_after} (Unix s), was {}",
                         &fp[..16],
                         &old[..old.len().min(16)]
                     ),

@@ -82,6 +82,12 @@ pub enum ServeError {
     /// password file, its CA file.
     #[error("the organisation's directory: {0}")]
     Source(String),
+    /// A change of the CA's key was interrupted.
+    #[error(
+        "{} is there: a change of the CA's key was interrupted; run `coffre renew --ca DIR --new-key` again to finish it",
+        .0.display()
+    )]
+    CaKeyChange(std::path::PathBuf),
     /// SIGTERM and SIGINT could not be taken (a stop would kill the daemon
     /// without a close).
     #[error("cannot handle SIGTERM and SIGINT: {0}")]
@@ -295,6 +301,11 @@ pub async fn serve(
         Some(v) => Luks2Container::open(v, Some(&config.header))?,
         None => Luks2Container::open(&config.header, None)?,
     };
+    // Checked under the header's lock, which `coffre renew --ca --new-key`
+    // holds while it changes the files.
+    if vd.ca_next_cert().exists() {
+        return Err(ServeError::CaKeyChange(vd.ca_next_cert()));
+    }
     let host_key = HostKey::load_or_create(&vd.host_key())?;
     let audit = AuditLog::open(dir, host_key)?;
     let head_for_replies = HeadForReplies {
@@ -308,9 +319,11 @@ pub async fn serve(
         0o600,
     )?;
 
+    // During a change of the CA's key, the door trusts both CAs and sends
+    // the cross certificate after its own (docs/operations.md).
     let tls = server_config(
-        &vd.read(&vd.ca_cert())?,
-        &vd.read(&vd.server_cert())?,
+        &vd.door_roots()?,
+        &vd.door_chain()?,
         &vd.read(&vd.server_key())?,
     )?;
     let addr = listen.unwrap_or_else(|| config.listen.clone());

@@ -63,6 +63,9 @@ impl Shell {
             ("ca", self.dir.ca_cert()),
             ("server", self.dir.server_cert()),
             ("gateway", self.dir.gateway_dir().join("server.pem")),
+            // After a change of the CA's key: machines that pin the
+            // previous CA trust the door through it until it ends.
+            ("cross", self.dir.ca_cross_cert()),
         ];
         let rows: Vec<Value> = files
             .iter()

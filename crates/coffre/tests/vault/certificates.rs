@@ -269,3 +269,178 @@ fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing
     let out = v.cli("alice", &["renew"]);
     assert_eq!(code(&out), 64, "a usage error");
 }
+
+/// `renew --ca --new-key`: refused while the daemon runs; then the CA has a
+/// new key, the door trusts both CAs and sends the cross certificate, so
+/// identity files that pin the previous CA keep working unchanged, and
+/// what is signed afterwards (a renewal, a join) is the new key's. The
+/// host's remembered audit head follows the vault's new identity. An
+/// interrupted change stops the daemon from starting until the command is
+/// run again, which finishes it without making another key.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let dir = v.dir.to_str().unwrap().to_string();
+    let vdir = v.dir.clone();
+    let file = |name: &str| std::fs::read_to_string(vdir.join(name)).unwrap();
+    let (ca1, key1) = (file("ca.pem"), file("ca.key"));
+    // Alice's machine has seen the audit log: its head is filed under the
+    // vault's CA key.
+    ok(&v.cli("alice", &["status"]));
+    let alice_home = v.home("alice");
+    let new_key = |v: &Vault| {
+        v.bin()
+            .args(["renew", "--ca", &dir, "--new-key"])
+            .env("HOME", &alice_home)
+            .env_remove("XDG_STATE_HOME")
+            .output()
+            .unwrap()
+    };
+
+    let out = new_key(&v);
+    assert_eq!(code(&out), 3, "refused while the daemon runs: busy");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("daemon runs"), "{said}");
+    assert_eq!(file("ca.pem"), ca1);
+    assert!(!v.dir.join("ca.previous.pem").exists());
+
+    v.stop();
+    let out = new_key(&v);
+    ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("new key"), "{said}");
+    let ca2 = file("ca.pem");
+    assert_ne!(ca2, ca1);
+    assert_ne!(file("ca.key"), key1);
+    assert_eq!(file("ca.previous.pem"), ca1);
+    let key2 = file("ca.key");
+    for name in ["ca.key", "server.key"] {
+        let m = std::fs::metadata(v.dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, 0o600, "{name}");
+    }
+    // Nothing staged is left, and the previous key is nowhere.
+    let key_line = key1.lines().nth(1).unwrap().as_bytes().to_vec();
+    for entry in std::fs::read_dir(&v.dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.contains(".next."), "{name} left behind");
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(key_line.len()).any(|w| w == key_line),
+                "the previous key in {name}"
+            );
+        }
+    }
+    let fp = |pem: &str| coffre_daemon::pki::pem_key_fingerprint(pem).unwrap();
+    assert_ne!(fp(&ca1), fp(&ca2));
+    // OpenSSL builds door -> cross -> previous CA.
+    let openssl = |ca: &str, untrusted: Option<&str>, leaf: &str| -> bool {
+        let mut c = std::process::Command::new("openssl");
+        c.args(["verify", "-CAfile"]).arg(vdir.join(ca));
+        if let Some(u) = untrusted {
+            c.arg("-untrusted").arg(vdir.join(u));
+        }
+        c.arg(vdir.join(leaf)).output().unwrap().status.success()
+    };
+    assert!(openssl("ca.pem", None, "server.pem"));
+    assert!(openssl(
+        "ca.previous.pem",
+        Some("ca.cross.pem"),
+        "server.pem"
+    ));
+    assert!(!openssl("ca.previous.pem", None, "server.pem"));
+    // The host's remembered head, under the new key too.
+    let heads = alice_home.join(".local/state/coffre");
+    let store = coffre_daemon::witness::HeadStore::new(&heads);
+    let old = store.load(&fp(&ca1)).unwrap().expect("the head alice saw");
+    let carried = store.load(&fp(&ca2)).unwrap().expect("carried over");
+    assert_eq!((carried.seq, &carried.hash), (old.seq, &old.hash));
+    // Once is enough until the change is finished; and no gateway now,
+    // whose OpenVPN would trust the new CA alone.
+    let out = new_key(&v);
+    assert_eq!(code(&out), 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed already"));
+    let out = v
+        .bin()
+        .args(["gateway", "openvpn-config", &dir, "--remote", "192.0.2.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not finished"), "{said}");
+    assert!(!v.dir.join("gateway").exists());
+
+    v.start();
+    crate::source::wait_audit(
+        &v,
+        "certificate_renew",
+        "ok",
+        "was given a new key on the host",
+        std::time::Duration::from_secs(15),
+    );
+    // Alice and Bob pin the previous CA and hold its certificates: both
+    // get in, unchanged.
+    let identity = v.member("alice").identity.clone();
+    let pinned: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&identity).unwrap()).unwrap();
+    assert_eq!(pinned["ca_pem"].as_str().unwrap(), ca1);
+    let mut s = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    ok(&v.cli("bob", &["status"]));
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut s, std::time::Duration::from_secs(10));
+    // A renewal is signed by the new key; her file still pins the previous
+    // CA, and she still gets in.
+    ok(&v.authed("alice", &["renew"]));
+    let renewed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&identity).unwrap()).unwrap();
+    let leaf = v.tmp.path().join("alice.renewed.pem");
+    std::fs::write(&leaf, renewed["cert_pem"].as_str().unwrap()).unwrap();
+    let by = |ca: &str| {
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(vdir.join(ca))
+            .arg(&leaf)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(by("ca.pem") && !by("ca.previous.pem"));
+    assert_eq!(renewed["ca_pem"].as_str().unwrap(), ca1);
+    ok(&v.cli("alice", &["status"]));
+    // Carol, invited now, pins the new CA.
+    v.add_member("alice", "carol", false);
+    let carol: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&v.member("carol").identity).unwrap()).unwrap();
+    assert_eq!(carol["ca_pem"].as_str().unwrap(), ca2);
+    ok(&v.cli("carol", &["status"]));
+
+    // A change interrupted between its renames (the key in place, not yet
+    // the certificate): the daemon does not start; the command finishes
+    // it, with the same key.
+    v.stop();
+    std::fs::write(v.dir.join("ca.next.pem"), &ca2).unwrap();
+    std::fs::write(v.dir.join("ca.pem"), &ca1).unwrap();
+    let out = v.bin().args(["serve", &dir]).output().unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("interrupted"), "{said}");
+    let out = new_key(&v);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted change"));
+    assert_eq!(file("ca.pem"), ca2);
+    assert_eq!(file("ca.key"), key2, "no other key made");
+    assert!(!v.dir.join("ca.next.pem").exists());
+    v.start();
+    ok(&v.cli("bob", &["status"]));
+    ok(&v.cli("carol", &["status"]));
+}

@@ -404,7 +404,26 @@ fn a_stop_during_a_start_that_hangs_ends_it() {
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once it has taken SIGTERM (its handler is set: bit 15 of SigCgt),
+    // and still starting.
+    let caught = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("SigCgt:"))?;
+                u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+            })
+            .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !caught(child.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never took SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the start did not hang, so this proves nothing: {}",

@@ -322,7 +322,21 @@ pub enum Command {
     ///
     /// Example: coffre renew --server /var/lib/coffre/team
     ///
+    /// With --ca DIR --new-key (on the vault's host, as root, the daemon
+    /// stopped): a new key for the CA, when the old one lost its secrecy
+    /// or is too weak. The door keeps trusting the certificates the old CA
+    /// signed, and sends with its own a cross certificate (the new key
+    /// signed by the old CA), so identity files that pin the old CA keep
+    /// working unchanged; what the vault signs from now on is signed by the
+    /// new key. Members' machines keep pinning the old CA until finishing
+    /// the change exists (not yet): until then whoever holds the old key
+    /// can still pose as the door to them. Refused while the vault has a
+    /// VPN gateway, the bus, or an NBD store over TLS checked against its
+    /// CA (not done yet).
+    ///
     /// Example: coffre renew --ca /var/lib/coffre/team
+    ///
+    /// Example: coffre renew --ca /var/lib/coffre/team --new-key
     Renew {
         /// Renew the door's certificate of the vault in DIR (on its host).
         #[arg(long, value_name = "DIR", conflicts_with_all = ["gateway", "ca"])]
@@ -333,6 +347,10 @@ pub enum Command {
         /// Renew the CA's certificate of the vault in DIR (same key).
         #[arg(long, value_name = "DIR")]
         ca: Option<PathBuf>,
+        /// With --ca: a new key for the CA, with a cross-signed transition
+        /// (see above).
+        #[arg(long, requires = "ca")]
+        new_key: bool,
         /// Your identity file (member certificate, key, daemon address,
         /// vault CA): rewritten with the new certificate and key.
         #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]

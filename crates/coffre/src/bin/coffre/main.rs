@@ -107,6 +107,7 @@ fn main() -> ExitCode {
             server,
             gateway,
             ca,
+            new_key,
             identity,
             address,
             password_file,
@@ -115,6 +116,7 @@ fn main() -> ExitCode {
             server,
             gateway,
             ca,
+            new_key,
             cli::IdentityArg {
                 identity,
                 server: address,

@@ -645,11 +645,15 @@ pub fn renew(
     server: Option<PathBuf>,
     gateway: Option<PathBuf>,
     ca: Option<PathBuf>,
+    new_key: bool,
     ida: IdentityArg,
     password_file: Option<PathBuf>,
     totp: Option<String>,
 ) -> Result<u8> {
     use coffre_daemon::renew::{self, Which};
+    if let Some(dir) = ca.as_ref().filter(|_| new_key) {
+        return new_ca_key(dir);
+    }
     let host = server
         .map(|d| (d, Which::Server))
         .or(gateway.map(|d| (d, Which::Gateway)))
@@ -724,6 +728,63 @@ pub fn renew(
         }
         Err((code, msg)) => Ok(fail(code, &msg)),
     }
+}
+
+/// `coffre renew --ca DIR --new-key`.
+fn new_ca_key(dir: &Path) -> Result<u8> {
+    let vd = VaultDir::new(dir);
+    let r = coffre_daemon::renew::new_ca_key(&vd);
+    // What this machine remembers of the vault's audit log is filed under
+    // its CA's key (`coffre audit verify --dir`): carried over to the new
+    // one, or the next check would be a first contact and take any log.
+    // After any run that finds the key changed (a refused re-run too),
+    // and at worst with a warning: the change itself is made.
+    if let Err(e) = carry_seen_head(&vd) {
+        eprintln!(
+            "coffre: warning: the audit head this machine remembers was not carried over to the new CA key ({e}); the next `coffre audit verify --dir` will trust the log as at first contact"
+        );
+    }
+    let done = r?;
+    if done.resumed {
+        println!("an interrupted change of the CA's key was finished");
+    }
+    println!(
+        "the CA has a new key: {} (fingerprint {}), valid until {}",
+        dir.join("ca.pem").display(),
+        done.fingerprint,
+        iso(u64::try_from(done.not_after).unwrap_or(0) * 1000)
+    );
+    println!(
+        "the door keeps trusting what the previous CA signed, and sends the cross certificate with its own (new) certificate, until {}:\n\
+         - start the daemon again (systemctl start coffre@NAME);\n\
+         - members' identity files pin the previous CA and keep working unchanged; certificates signed from now on (renewals, joins) are the new key's, and invitations carry the new CA;\n\
+         - workloads that keep a copy of the CA (LDAP clients of the vault's directory) need the new ca.pem;\n\
+         - until members' machines move to the new CA (not done yet: it comes with finishing the change), whoever holds the previous key can still pose as the door to them; it cannot make a member certificate the door accepts.\n\
+         See docs/operations.md, \"A new CA key\".",
+        iso(u64::try_from(done.cross_not_after).unwrap_or(0) * 1000)
+    );
+    Ok(exit::OK)
+}
+
+/// Files the audit head remembered under the previous CA's key under the
+/// new one too, if the vault's key was changed.
+fn carry_seen_head(vd: &VaultDir) -> Result<()> {
+    let Some(previous) = coffre_daemon::renew::key_changed(vd)? else {
+        return Ok(());
+    };
+    let now = vd.read(&vd.ca_cert())?;
+    let (Some(old), Some(new)) = (
+        witness::VaultId::of_ca(&previous),
+        witness::VaultId::of_ca(&now),
+    ) else {
+        return Ok(());
+    };
+    let store = HeadStore::from_env()?;
+    if let Some(mut seen) = store.load_id(&old)? {
+        seen.vault = new.key;
+        store.remember(&seen)?;
+    }
+    Ok(())
 }
 
 pub fn passwd(ida: IdentityArg, auth: AuthArgs, new_password_file: &Path) -> Result<u8> {
