@@ -297,6 +297,68 @@ fn signed(
     })
 }
 
+/// Whether a member's machine that pins the CA `pinned_pem` may pin
+/// `new_ca_pem` in its place, as the vault tells it with the member's
+/// renewed certificate `leaf_pem` and the cross certificate `cross_pem`
+/// (empty if none): the same key under the same name (a renewal, see
+/// [`renew_ca`]), or a new key that the pinned CA certified. For the
+/// second: the cross certificate carries the new CA's key and name, the
+/// new CA's name is the pinned one's, and rustls' verifier trusts the leaf
+/// as a member's both through leaf -> cross -> pinned CA and from the new
+/// CA alone (so the new key signed it, and the pinned key the cross
+/// certificate).
+pub fn ca_succeeds(pinned_pem: &str, new_ca_pem: &str, cross_pem: &str, leaf_pem: &str) -> bool {
+    let key_and_name = |pem: &str| -> Option<(Vec<u8>, String)> {
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+        let c = block.parse_x509().ok()?;
+        Some((c.public_key().raw.to_vec(), c.subject().to_string()))
+    };
+    let (Some(pinned), Some(new)) = (key_and_name(pinned_pem), key_and_name(new_ca_pem)) else {
+        return false;
+    };
+    if pinned == new {
+        return true;
+    }
+    let Some(cross) = key_and_name(cross_pem) else {
+        return false;
+    };
+    cross == new
+        && new.1 == pinned.1
+        && trusted_as_member(&[pinned_pem], leaf_pem, &[cross_pem])
+        && trusted_as_member(&[new_ca_pem], leaf_pem, &[])
+}
+
+/// Whether rustls' verifier (the door's) trusts `leaf` as a member's
+/// certificate, sent with `intermediates`, given the roots `roots`.
+fn trusted_as_member(roots: &[&str], leaf: &str, intermediates: &[&str]) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).ok();
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        if der(r).is_none_or(|d| store.add(d).is_err()) {
+            return false;
+        }
+    }
+    let Some(leaf) = der(leaf) else {
+        return false;
+    };
+    let Some(chain) = intermediates
+        .iter()
+        .map(|p| der(p))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(store),
+        provider,
+    )
+    .build()
+    .is_ok_and(|v| v.verify_client_cert(&leaf, &chain, UnixTime::now()).is_ok())
+}
+
 /// Issues the server certificate (DNS name [`SERVER_NAME`] and `localhost`).
 pub fn new_server_cert(vault: &str, ca_key_pem: &str) -> Result<Issued, PkiError> {
     let key = KeyPair::generate().map_err(e)?;
@@ -713,6 +775,67 @@ mod tests {
     /// and OpenSSL, as a member and as a server), and by whoever trusts the
     /// new CA, with it or without; what the old CA signed before (no key
     /// identifier) is trusted by a door that trusts both.
+    #[test]
+    fn a_member_machine_moves_to_a_ca_its_pinned_one_certified_and_no_other() {
+        let v = "succession";
+        let ca1 = new_ca(v).unwrap();
+        // The same key, made anew: always.
+        let renewed = renew_ca(v, &ca1.key_pem, &ca1.cert_pem).unwrap();
+        let leaf1 = new_member_cert(v, &ca1.key_pem, "alice").unwrap();
+        assert!(ca_succeeds(
+            &ca1.cert_pem,
+            &renewed.cert_pem,
+            "",
+            &leaf1.cert_pem
+        ));
+        // A new key, with the cross certificate and a leaf it signed.
+        let n = new_ca_key(v, &ca1.cert_pem, &ca1.key_pem).unwrap();
+        let leaf2 = new_member_cert(v, &n.ca.key_pem, "alice").unwrap();
+        assert!(ca_succeeds(
+            &ca1.cert_pem,
+            &n.ca.cert_pem,
+            &n.cross_pem,
+            &leaf2.cert_pem
+        ));
+        // Without the cross certificate, or with one from another CA: no.
+        assert!(!ca_succeeds(
+            &ca1.cert_pem,
+            &n.ca.cert_pem,
+            "",
+            &leaf2.cert_pem
+        ));
+        let stranger = new_ca(v).unwrap();
+        let m = new_ca_key(v, &stranger.cert_pem, &stranger.key_pem).unwrap();
+        let leaf3 = new_member_cert(v, &m.ca.key_pem, "alice").unwrap();
+        assert!(!ca_succeeds(
+            &ca1.cert_pem,
+            &m.ca.cert_pem,
+            &m.cross_pem,
+            &leaf3.cert_pem
+        ));
+        // The cross certificate for one key, another CA offered with it.
+        assert!(!ca_succeeds(
+            &ca1.cert_pem,
+            &m.ca.cert_pem,
+            &n.cross_pem,
+            &leaf3.cert_pem
+        ));
+        // A leaf the offered CA did not sign.
+        assert!(!ca_succeeds(
+            &ca1.cert_pem,
+            &n.ca.cert_pem,
+            &n.cross_pem,
+            &leaf1.cert_pem
+        ));
+        // Garbage.
+        assert!(!ca_succeeds(
+            &ca1.cert_pem,
+            "not a certificate",
+            &n.cross_pem,
+            &leaf2.cert_pem
+        ));
+    }
+
     #[test]
     fn a_new_ca_key_is_trusted_through_the_cross_certificate() {
         let v = "rekey";

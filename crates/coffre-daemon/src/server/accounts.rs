@@ -774,10 +774,20 @@ impl Shell {
                 }
             ),
         });
+        // The CA that signed it, and after a change of the CA's key the
+        // cross certificate: the member's machine moves to the new CA if
+        // the one it pins certified it (`pki::ca_succeeds`).
+        let ca_pem = self.dir.read(&self.dir.ca_cert()).ok();
+        let cross_pem = self
+            .dir
+            .read_if_present(&self.dir.ca_cross_cert())
+            .ok()
+            .flatten();
         let _ = self.replies_answer(
             req,
             json!({"ok": true, "cert_pem": issued.cert_pem, "fingerprint": issued.fingerprint,
-                   "not_after": not_after, "revoked": older.len()}),
+                   "not_after": not_after, "revoked": older.len(),
+                   "ca_pem": ca_pem, "cross_pem": cross_pem}),
         );
     }
 

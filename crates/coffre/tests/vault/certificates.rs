@@ -397,9 +397,13 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
     ok(&v.cli("bob", &["status"]));
     ok(&v.cli("alice", &["leave"]));
     wait_exit(&mut s, std::time::Duration::from_secs(10));
-    // A renewal is signed by the new key; her file still pins the previous
-    // CA, and she still gets in.
-    ok(&v.authed("alice", &["renew"]));
+    // A renewal is signed by the new key, and her machine moves to the new
+    // CA, which the one it pinned certified; she still gets in, and her
+    // machine's remembered audit head follows.
+    let out = v.authed("alice", &["renew"]);
+    ok(&out);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("pins it from now on"), "{said}");
     let renewed: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&identity).unwrap()).unwrap();
     let leaf = v.tmp.path().join("alice.renewed.pem");
@@ -415,8 +419,18 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
             .success()
     };
     assert!(by("ca.pem") && !by("ca.previous.pem"));
-    assert_eq!(renewed["ca_pem"].as_str().unwrap(), ca1);
+    assert_eq!(renewed["ca_pem"].as_str().unwrap(), ca2);
     ok(&v.cli("alice", &["status"]));
+    let seen = store
+        .load(&fp(&ca2))
+        .unwrap()
+        .expect("her head, under the new key");
+    assert!(seen.seq > carried.seq, "{} {}", seen.seq, carried.seq);
+    // Bob has not renewed: he still pins the previous CA, and gets in.
+    let bob: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&v.member("bob").identity).unwrap()).unwrap();
+    assert_eq!(bob["ca_pem"].as_str().unwrap(), ca1);
+    ok(&v.cli("bob", &["status"]));
     // Carol, invited now, pins the new CA.
     v.add_member("alice", "carol", false);
     let carol: serde_json::Value =

@@ -303,7 +303,9 @@ pub enum Command {
     /// here and never leaves it; the vault signs it for a year and your
     /// identity file is rewritten in place. The certificate you renewed
     /// with keeps working until it ends or until your next renewal; your
-    /// keyslot and password do not change.
+    /// keyslot and password do not change. If the vault's CA was renewed or
+    /// given a new key, your identity file pins the new one from now on,
+    /// provided the one it pinned certified it.
     ///
     /// With --server DIR or --gateway DIR (on the vault's host, as root):
     /// the door's or the VPN gateway's certificate, a new key signed by
@@ -328,9 +330,9 @@ pub enum Command {
     /// signed, and sends with its own a cross certificate (the new key
     /// signed by the old CA), so identity files that pin the old CA keep
     /// working unchanged; what the vault signs from now on is signed by the
-    /// new key. Members' machines keep pinning the old CA until finishing
-    /// the change exists (not yet): until then whoever holds the old key
-    /// can still pose as the door to them. Refused while the vault has a
+    /// new key. A member's machine moves to the new CA at their next
+    /// renewal; until then whoever holds the old key can still pose as the
+    /// door to it, so ask every member to renew. Refused while the vault has a
     /// VPN gateway, the bus, or an NBD store over TLS checked against its
     /// CA (not done yet).
     ///

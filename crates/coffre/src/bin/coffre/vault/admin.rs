@@ -715,6 +715,7 @@ pub fn renew(
             let mut renewed = Identity::load(&path)?;
             renewed.cert_pem = cert.to_string();
             renewed.key_pem = key_pem.to_string();
+            adopt_new_ca(&mut renewed, &v, cert);
             renewed.save(&path)?;
             eprintln!(
                 "coffre: certificate renewed, valid until {}; {} rewritten (the certificate you renewed with works until it ends or your next renewal)",
@@ -728,6 +729,53 @@ pub fn renew(
         }
         Err((code, msg)) => Ok(fail(code, &msg)),
     }
+}
+
+/// After a renewal: the CA the vault names in its reply, pinned in place
+/// of `id`'s if that one certified it (the same key, or a new key through
+/// the cross certificate: `pki::ca_succeeds`), with the audit head this
+/// machine remembers carried over to it. Anything else keeps the CA pinned
+/// here, with a warning.
+fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str) {
+    let Some(offered) = reply["ca_pem"].as_str().filter(|c| *c != id.ca_pem) else {
+        return;
+    };
+    let cross = reply["cross_pem"].as_str().unwrap_or("");
+    let fp = |pem: &str| {
+        coffre_daemon::pki::pem_key_fingerprint(pem)
+            .map_or_else(|| "?".into(), |f| f[..16.min(f.len())].to_string())
+    };
+    if !coffre_daemon::pki::ca_succeeds(&id.ca_pem, offered, cross, cert) {
+        eprintln!(
+            "coffre: warning: the vault names another CA ({}…) than the one pinned here ({}…), which did not certify it: this machine keeps the one it pins",
+            fp(offered),
+            fp(&id.ca_pem)
+        );
+        return;
+    }
+    if let (Some(old), Some(new)) = (
+        witness::VaultId::of_ca(&id.ca_pem),
+        witness::VaultId::of_ca(offered),
+    ) && old.key != new.key
+    {
+        let carried = HeadStore::from_env().and_then(|store| match store.load_id(&old)? {
+            Some(mut seen) => {
+                seen.vault = new.key;
+                store.remember(&seen)
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = carried {
+            eprintln!(
+                "coffre: warning: the audit head this machine remembers was not carried over to the vault's new CA ({e}): the next command will trust its log as at first contact"
+            );
+        }
+        eprintln!(
+            "coffre: the vault's CA has a new key ({}…, certified by the one pinned here): this machine pins it from now on",
+            fp(offered)
+        );
+    }
+    id.ca_pem = offered.to_string();
 }
 
 /// `coffre renew --ca DIR --new-key`.
@@ -758,8 +806,8 @@ fn new_ca_key(dir: &Path) -> Result<u8> {
         "the door keeps trusting what the previous CA signed, and sends the cross certificate with its own (new) certificate, until {}:\n\
          - start the daemon again (systemctl start coffre@NAME);\n\
          - members' identity files pin the previous CA and keep working unchanged; certificates signed from now on (renewals, joins) are the new key's, and invitations carry the new CA;\n\
-         - workloads that keep a copy of the CA (LDAP clients of the vault's directory) need the new ca.pem;\n\
-         - until members' machines move to the new CA (not done yet: it comes with finishing the change), whoever holds the previous key can still pose as the door to them; it cannot make a member certificate the door accepts.\n\
+         - ask every member to renew (coffre renew): their machine then moves to the new CA; until it does, whoever holds the previous key can still pose as the door to it (not as a member);\n\
+         - workloads that keep a copy of the CA (LDAP clients of the vault's directory) need the new ca.pem.\n\
          See docs/operations.md, \"A new CA key\".",
         iso(u64::try_from(done.cross_not_after).unwrap_or(0) * 1000)
     );
