@@ -12,4 +12,14 @@ fuzz_target!(|data: &[u8]| {
     let _ = pki::check_csr(text);
     let _ = pki::pem_not_after(text);
     let _ = pki::cert_matches_key(text, text);
+    // A renewal's reply: the CA the vault names, its cross certificate and
+    // the new certificate, against the CA pinned here.
+    let mut parts = text.splitn(4, '\0');
+    let (a, b, c, d) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let _ = pki::ca_succeeds(a, b, c, d);
 });

@@ -170,11 +170,15 @@ pub fn key_changed(dir: &VaultDir) -> Result<Option<String>, DirError> {
 /// The files of a change of the CA's key: where each is written first
 /// (beside the final one, `.next` before the extension) and where it goes.
 /// `ca.next.pem` comes last both ways: it marks a change under way.
-fn staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 5] {
+fn staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 6] {
     [
         (
             dir.root.join("ca.previous.next.pem"),
             dir.ca_previous_cert(),
+        ),
+        (
+            dir.root.join("ca.previous.certs.next.json"),
+            dir.ca_previous_certs(),
         ),
         (dir.root.join("ca.cross.next.pem"), dir.ca_cross_cert()),
         (dir.server_next_key(), dir.server_key()),
@@ -249,10 +253,11 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
                 done.clone()
             }
         };
-        let [previous, cross, _, _, key] = staged(dir);
+        let [previous, certs, cross, _, _, key] = staged(dir);
         let key = zeroize::Zeroizing::new(dir.read(&at(&key))?);
         let whole = pki::cert_matches_key(&next_pem, &key)
             && at(&previous).exists()
+            && at(&certs).exists()
             && dir.read_if_present(&at(&cross))?.is_some_and(|x| {
                 pki::pem_key_fingerprint(&x) == pki::pem_key_fingerprint(&next_pem)
             });
@@ -265,7 +270,7 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
     } else {
         if key_changed(dir)?.is_some() {
             return refused(
-                "the key was changed already (ca.previous.pem), and finishing that change is not done yet",
+                "the key was changed already (ca.previous.pem), and that change is not finished: coffre renew --ca DIR --finish once every member has renewed",
             );
         }
         let old_pem = dir.read(&dir.ca_cert())?;
@@ -275,7 +280,12 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         let new_key = zeroize::Zeroizing::new(made.ca.key_pem);
         let door = pki::new_server_cert(&config.name, &new_key)?;
         let door_key = zeroize::Zeroizing::new(door.key_pem);
-        let [previous, cross, skey, scert, key] = staged(dir);
+        // Every member certificate there is was signed by the previous CA:
+        // what finishing the change revokes.
+        let signed: Vec<String> = dir.load_control()?.certs.into_keys().collect();
+        let signed = serde_json::to_vec_pretty(&signed).expect("strings serialise");
+        let [previous, certs, cross, skey, scert, key] = staged(dir);
+        write_atomic(&certs.0, &signed, 0o644)?;
         write_atomic(&previous.0, old_pem.as_bytes(), 0o644)?;
         write_atomic(&cross.0, made.cross_pem.as_bytes(), 0o644)?;
         write_atomic(&skey.0, door_key.as_bytes(), 0o600)?;
@@ -331,4 +341,111 @@ fn rename_synced(from: &std::path::Path, to: &std::path::Path) -> Result<(), Ren
             .map_err(io)?;
     }
     Ok(())
+}
+
+/// What [`finish_ca_key`] did.
+#[derive(Debug)]
+pub struct Finished {
+    /// The previous CA's member certificates revoked: (fingerprint,
+    /// member).
+    pub revoked: Vec<(String, String)>,
+    /// Members who held no certificate of the new CA, shut out (with
+    /// `force` only).
+    pub shut_out: Vec<String>,
+}
+
+/// `coffre renew --ca DIR --finish`: ends a change of the CA's key once
+/// every member has renewed (their machines then pin the new CA): the
+/// previous CA's member certificates are revoked, and the door trusts the
+/// new CA alone and sends the cross certificate no more (`ca.previous.pem`,
+/// `ca.cross.pem` removed). Refused while a member holds no certificate of
+/// the new CA, naming them, unless `force` (they are then shut out: a
+/// superuser removes them and invites them again). Daemon stopped (its
+/// header lock is held); the daemon audits it at its next start.
+pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError> {
+    let config = dir.load_config()?;
+    let refused = |why: String| Err(RenewError::NewKeyRefused(why));
+    let _held = match coffre_storage::FileDevice::open_locked(&config.header, false) {
+        Ok(h) => h,
+        Err(e @ coffre_storage::Error::Busy(_)) => return Err(RenewError::DaemonRuns(e)),
+        Err(e) => return refused(format!("cannot lock the vault's header: {e}")),
+    };
+    if dir.ca_next_cert().exists() {
+        return refused(
+            "a change of the CA's key was interrupted: run coffre renew --ca DIR --new-key to complete it first".into(),
+        );
+    }
+    if key_changed(dir)?.is_none() {
+        return refused("there is no change of the CA's key to finish".into());
+    }
+    let listed = dir.read(&dir.ca_previous_certs())?;
+    let previous: std::collections::BTreeSet<String> =
+        serde_json::from_str(&listed).map_err(|e| {
+            RenewError::NewKeyRefused(format!("{}: {e}", dir.ca_previous_certs().display()))
+        })?;
+    let mut control = dir.load_control()?;
+    let renewed: std::collections::BTreeSet<&String> = control
+        .certs
+        .iter()
+        .filter(|(f, _)| !previous.contains(*f))
+        .map(|(_, m)| m)
+        .collect();
+    let shut_out: std::collections::BTreeSet<String> = control
+        .certs
+        .iter()
+        .filter(|(f, m)| previous.contains(*f) && !renewed.contains(m))
+        .map(|(_, m)| m.clone())
+        .collect();
+    let shut_out: Vec<String> = shut_out.into_iter().collect();
+    if !shut_out.is_empty() && !force {
+        return refused(format!(
+            "{} hold(s) no certificate of the new CA yet: ask them to renew (coffre renew), or finish with --force to shut them out",
+            shut_out.join(", ")
+        ));
+    }
+    let revoked: Vec<(String, String)> = control
+        .certs
+        .iter()
+        .filter(|(f, _)| previous.contains(*f))
+        .map(|(f, m)| (f.clone(), m.clone()))
+        .collect();
+    for (f, _) in &revoked {
+        control.certs.remove(f);
+        control.revoked.push(f.clone());
+    }
+    control.host_notes.push(crate::vaultdir::HostNote {
+        at: coffre_sys::time::now_ms(),
+        action: "certificate_renew".into(),
+        detail: format!(
+            "the change of the CA's key was finished on the host (coffre renew --ca --finish): the door trusts the new CA alone; {} certificate(s) of the previous CA revoked{}",
+            revoked.len(),
+            if shut_out.is_empty() {
+                String::new()
+            } else {
+                format!(", shutting out {}", shut_out.join(", "))
+            }
+        ),
+    });
+    dir.save_control(&control)?;
+    // ca.previous.pem before the list: while it is there, a run finds the
+    // change unfinished and does the rest (nothing more to revoke).
+    for f in [
+        dir.ca_cross_cert(),
+        dir.ca_previous_cert(),
+        dir.ca_previous_certs(),
+    ] {
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DirError::Io {
+                    what: "remove",
+                    path: f,
+                    source,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(Finished { revoked, shut_out })
 }

@@ -699,6 +699,22 @@ pub struct Control {
     /// the daemon; the daemon audits the change when it sees it.
     #[serde(default)]
     pub host_certificates: BTreeMap<String, String>,
+    /// What a command did on the host while the daemon was stopped (`coffre
+    /// renew --ca --finish`): audited at the daemon's next start, then
+    /// cleared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_notes: Vec<HostNote>,
+}
+
+/// A change made on the host with the daemon stopped, for the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNote {
+    /// When (Unix ms).
+    pub at: u64,
+    /// The audit record's action.
+    pub action: String,
+    /// Its detail.
+    pub detail: String,
 }
 
 /// Paths inside a vault directory.
@@ -760,6 +776,12 @@ impl VaultDir {
     /// The new CA's key while the change is under way.
     pub fn ca_next_key(&self) -> PathBuf {
         self.root.join("ca.next.key")
+    }
+    /// The fingerprints of the member certificates the previous CA signed
+    /// (every one there was at the change of key): what finishing the
+    /// change revokes.
+    pub fn ca_previous_certs(&self) -> PathBuf {
+        self.root.join("ca.previous.certs.json")
     }
     /// The door's certificate under the new CA, while the change is under
     /// way.

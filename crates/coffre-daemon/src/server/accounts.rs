@@ -280,6 +280,11 @@ impl Shell {
         }
         self.host_certs_next_ms = now + 10_000;
         let mut changed = false;
+        // What a command did on the host while the daemon was stopped.
+        for note in std::mem::take(&mut self.control.host_notes) {
+            self.system_audit(&note.action, "ok", note.detail);
+            changed = true;
+        }
         for (file, what) in [
             ("ca.pem", "the CA's"),
             ("server.pem", "the door's"),

@@ -457,4 +457,50 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
     v.start();
     ok(&v.cli("bob", &["status"]));
     ok(&v.cli("carol", &["status"]));
+
+    // Finishing: refused while the daemon runs, then while Bob holds no
+    // certificate of the new CA (naming him); once he has renewed, the
+    // previous CA's certificates are revoked and the door trusts the new
+    // CA alone, without the cross certificate.
+    let bob_before = v.tmp.path().join("bob.before.identity");
+    std::fs::copy(&v.member("bob").identity, &bob_before).unwrap();
+    let finish = |v: &Vault| {
+        v.bin()
+            .args(["renew", "--ca", &dir, "--finish"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(code(&finish(&v)), 3, "the daemon runs");
+    v.stop();
+    let out = finish(&v);
+    assert_eq!(code(&out), 1);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("bob") && !said.contains("alice"), "{said}");
+    assert!(v.dir.join("ca.previous.pem").exists());
+    v.start();
+    ok(&v.authed("bob", &["renew"]));
+    v.stop();
+    let out = finish(&v);
+    ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    // Alice's and Bob's first certificates (each kept after their renewal
+    // until the next one).
+    assert!(said.contains("2 certificate(s)"), "{said}");
+    for name in ["ca.previous.pem", "ca.cross.pem", "ca.previous.certs.json"] {
+        assert!(!v.dir.join(name).exists(), "{name}");
+    }
+    v.start();
+    crate::source::wait_audit(
+        &v,
+        "certificate_renew",
+        "ok",
+        "was finished on the host",
+        std::time::Duration::from_secs(15),
+    );
+    for m in ["alice", "bob", "carol"] {
+        ok(&v.cli(m, &["status"]));
+    }
+    // Bob's file from before his renewal pins the previous CA and holds
+    // its certificate: nothing of it works any more.
+    assert!(!status_with(&v, &bob_before).status.success());
 }

@@ -338,7 +338,15 @@ pub enum Command {
     ///
     /// Example: coffre renew --ca /var/lib/coffre/team
     ///
+    /// With --ca DIR --finish (the daemon stopped), once every member has
+    /// renewed: the old CA's member certificates are revoked, and the door
+    /// trusts the new CA alone and stops sending the cross certificate.
+    /// Refused, naming them, while members have not renewed (--force shuts
+    /// them out).
+    ///
     /// Example: coffre renew --ca /var/lib/coffre/team --new-key
+    ///
+    /// Example: coffre renew --ca /var/lib/coffre/team --finish
     Renew {
         /// Renew the door's certificate of the vault in DIR (on its host).
         #[arg(long, value_name = "DIR", conflicts_with_all = ["gateway", "ca"])]
@@ -353,6 +361,14 @@ pub enum Command {
         /// (see above).
         #[arg(long, requires = "ca")]
         new_key: bool,
+        /// With --ca: finish a change of the CA's key once every member has
+        /// renewed (see above).
+        #[arg(long, requires = "ca", conflicts_with = "new_key")]
+        finish: bool,
+        /// With --finish: finish even though some members have not renewed
+        /// (they are shut out, and must be removed and invited again).
+        #[arg(long, requires = "finish")]
+        force: bool,
         /// Your identity file (member certificate, key, daemon address,
         /// vault CA): rewritten with the new certificate and key.
         #[arg(long, env = "COFFRE_IDENTITY", value_name = "FILE")]

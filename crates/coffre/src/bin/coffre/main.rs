@@ -108,6 +108,8 @@ fn main() -> ExitCode {
             gateway,
             ca,
             new_key,
+            finish,
+            force,
             identity,
             address,
             password_file,
@@ -116,7 +118,7 @@ fn main() -> ExitCode {
             server,
             gateway,
             ca,
-            new_key,
+            (new_key, finish, force),
             cli::IdentityArg {
                 identity,
                 server: address,

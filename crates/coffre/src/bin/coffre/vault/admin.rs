@@ -645,7 +645,7 @@ pub fn renew(
     server: Option<PathBuf>,
     gateway: Option<PathBuf>,
     ca: Option<PathBuf>,
-    new_key: bool,
+    (new_key, finish, force): (bool, bool, bool),
     ida: IdentityArg,
     password_file: Option<PathBuf>,
     totp: Option<String>,
@@ -653,6 +653,20 @@ pub fn renew(
     use coffre_daemon::renew::{self, Which};
     if let Some(dir) = ca.as_ref().filter(|_| new_key) {
         return new_ca_key(dir);
+    }
+    if let Some(dir) = ca.as_ref().filter(|_| finish) {
+        let done = renew::finish_ca_key(&VaultDir::new(dir), force)?;
+        println!(
+            "the change of the CA's key is finished: the door trusts the new CA alone from the daemon's next start; {} certificate(s) of the previous CA revoked",
+            done.revoked.len()
+        );
+        if !done.shut_out.is_empty() {
+            println!(
+                "shut out, as asked: {} (remove them and invite them again: coffre member remove NAME, coffre member invite NAME)",
+                done.shut_out.join(", ")
+            );
+        }
+        return Ok(exit::OK);
     }
     let host = server
         .map(|d| (d, Which::Server))
