@@ -408,8 +408,11 @@ impl FuseFile {
     }
 
     fn abort_by_id(&mut self) -> bool {
+        let ours = crate::system::device_of(&self.at)
+            .and_then(|d| d.split_once(':').and_then(|(_, m)| m.parse::<u32>().ok()));
         self.conn.take().is_some_and(|c| {
-            std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
+            ours == Some(c)
+                && std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
         })
     }
 
@@ -448,7 +451,15 @@ impl FuseFile {
             .is_some_and(|s| !s.guard.is_finished())
         {
             if Instant::now() > until {
-                self.abort_by_id();
+                // Only while our mount still holds the connection's id: once
+                // unmounted, the kernel may give that id to another FUSE
+                // mount, and aborting it by id would end someone else's
+                // connection (seen in CI: a forced close beside another
+                // test's `coffre init` aborted its fresh connection, and
+                // mkfs's unmount failed with ECONNABORTED).
+                if self.mounted {
+                    self.abort_by_id();
+                }
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
