@@ -524,6 +524,7 @@ pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
     }
     out.extend(certificates(dir, now_unix()));
     out.extend(key_pairs(&d));
+    out.extend(ca_key_change(&d));
     let needs = config.as_ref().map(Needs::of).unwrap_or_default();
     let qemu = config.and_then(|c| c.workloads.qemu);
     (out, needs, qemu)
@@ -723,6 +724,30 @@ fn volume_space(path: &Path) -> Finding {
 /// Whether the door's and the gateway's certificates are for the keys
 /// beside them (a renewal cut between its two writes leaves a pair that
 /// is not).
+/// A change of the CA's key (`coffre renew --ca --new-key`): interrupted
+/// (the daemon does not start), or under way (finished by `--finish`).
+fn ca_key_change(d: &VaultDir) -> Option<Finding> {
+    let dir = d.root.display();
+    if d.ca_next_cert().exists() {
+        return Some(Finding::fail(
+            "ca key change",
+            format!(
+                "{} is there: a change of the CA's key was interrupted, and the daemon does not start",
+                d.ca_next_cert().display()
+            ),
+            format!("coffre renew --ca {dir} --new-key (it finishes that change)"),
+        ));
+    }
+    match crate::renew::key_changed(d) {
+        Ok(Some(_)) => Some(Finding::warn(
+            "ca key change",
+            "the CA's key was changed and the change is not finished: the door still trusts the previous CA, and members' machines that have not renewed pin it",
+            format!("members renew (coffre renew), then: coffre renew --ca {dir} --finish"),
+        )),
+        Ok(None) | Err(_) => None,
+    }
+}
+
 fn key_pairs(d: &VaultDir) -> Vec<Finding> {
     let gw = d.gateway_dir();
     [

@@ -301,6 +301,19 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
             .unwrap()
     };
 
+    // What `coffre doctor` says of a change of the CA's key.
+    let doctor_says = |v: &Vault| -> Option<String> {
+        let out = v.bin().args(["doctor", &dir, "--json"]).output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["vault"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "ca key change")
+            .map(|f| f["level"].as_str().unwrap().to_string())
+    };
+    assert_eq!(doctor_says(&v), None);
+
     let out = new_key(&v);
     assert_eq!(code(&out), 3, "refused while the daemon runs: busy");
     let said = String::from_utf8_lossy(&out.stderr);
@@ -317,6 +330,7 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
     assert_ne!(ca2, ca1);
     assert_ne!(file("ca.key"), key1);
     assert_eq!(file("ca.previous.pem"), ca1);
+    assert_eq!(doctor_says(&v).as_deref(), Some("WARN"));
     let key2 = file("ca.key");
     for name in ["ca.key", "server.key"] {
         let m = std::fs::metadata(v.dir.join(name))
@@ -448,6 +462,7 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("interrupted"), "{said}");
+    assert_eq!(doctor_says(&v).as_deref(), Some("FAIL"));
     let out = new_key(&v);
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted change"));
@@ -489,6 +504,7 @@ fn a_new_ca_key_keeps_every_identity_working_through_the_cross_certificate() {
     for name in ["ca.previous.pem", "ca.cross.pem", "ca.previous.certs.json"] {
         assert!(!v.dir.join(name).exists(), "{name}");
     }
+    assert_eq!(doctor_says(&v), None);
     v.start();
     crate::source::wait_audit(
         &v,
