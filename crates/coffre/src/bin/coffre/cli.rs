@@ -395,6 +395,13 @@ pub enum Command {
             conflicts_with_all = ["server", "gateway", "ca"]
         )]
         totp: Option<String>,
+        /// After the CA's key was changed: the new CA's key fingerprint, as
+        /// your superuser gave it to you by another channel than the vault
+        /// (`renew --ca --new-key` prints it). Without it, or if it differs,
+        /// your machine keeps the CA it pins: the proof the vault sends is
+        /// signed by the previous key, which may be the one that leaked.
+        #[arg(long, value_name = "FINGERPRINT", conflicts_with_all = ["server", "gateway", "ca"])]
+        trust_ca: Option<String>,
     },
     /// The tamper-evident audit log.
     #[command(subcommand)]

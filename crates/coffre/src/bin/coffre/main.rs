@@ -114,6 +114,7 @@ fn main() -> ExitCode {
             address,
             password_file,
             totp,
+            trust_ca,
         } => vault::renew(
             server,
             gateway,
@@ -123,8 +124,7 @@ fn main() -> ExitCode {
                 identity,
                 server: address,
             },
-            password_file,
-            totp,
+            (password_file, totp, trust_ca),
         ),
         C::Audit(a) => vault::audit(a),
         C::Gateway(g) => vault::gateway(g),

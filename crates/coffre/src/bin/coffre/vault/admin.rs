@@ -647,8 +647,7 @@ pub fn renew(
     ca: Option<PathBuf>,
     (new_key, finish, force): (bool, bool, bool),
     ida: IdentityArg,
-    password_file: Option<PathBuf>,
-    totp: Option<String>,
+    (password_file, totp, trust_ca): (Option<PathBuf>, Option<String>, Option<String>),
 ) -> Result<u8> {
     use coffre_daemon::renew::{self, Which};
     if let Some(dir) = ca.as_ref().filter(|_| new_key) {
@@ -729,7 +728,7 @@ pub fn renew(
             let mut renewed = Identity::load(&path)?;
             renewed.cert_pem = cert.to_string();
             renewed.key_pem = key_pem.to_string();
-            adopt_new_ca(&mut renewed, &v, cert);
+            adopt_new_ca(&mut renewed, &v, cert, trust_ca.as_deref());
             renewed.save(&path)?;
             eprintln!(
                 "coffre: certificate renewed, valid until {}; {} rewritten (the certificate you renewed with works until it ends or your next renewal)",
@@ -750,7 +749,7 @@ pub fn renew(
 /// the cross certificate: `pki::ca_succeeds`), with the audit head this
 /// machine remembers carried over to it. Anything else keeps the CA pinned
 /// here, with a warning.
-fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str) {
+fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str>) {
     let Some(offered) = reply["ca_pem"].as_str().filter(|c| *c != id.ca_pem) else {
         return;
     };
@@ -772,6 +771,19 @@ fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str) {
         witness::VaultId::of_ca(offered),
     ) && old.key != new.key
     {
+        // A new key: the cross certificate proves only that the previous
+        // key signed it, and the previous key may be the one that leaked
+        // (whoever holds it could sit between this machine and the door).
+        // So the member confirms the new key's fingerprint, given to them
+        // by another channel.
+        let given = trust.map(|t| t.replace(':', "").to_ascii_lowercase());
+        if given.as_deref() != Some(new.key.as_str()) {
+            eprintln!(
+                "coffre: warning: the vault's CA has a new key ({}); this machine keeps the CA it pins until you confirm it: ask your superuser for the new CA's key fingerprint by another channel than the vault, then renew again with --trust-ca FINGERPRINT",
+                new.key
+            );
+            return;
+        }
         let carried = HeadStore::from_env().and_then(|store| match store.load_id(&old)? {
             Some(mut seen) => {
                 seen.vault = new.key;
@@ -780,9 +792,12 @@ fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str) {
             None => Ok(()),
         });
         if let Err(e) = carried {
+            // Without it, the next command would take any log as at first
+            // contact: keep the CA pinned here instead.
             eprintln!(
-                "coffre: warning: the audit head this machine remembers was not carried over to the vault's new CA ({e}): the next command will trust its log as at first contact"
+                "coffre: warning: the audit head this machine remembers could not be carried over to the vault's new CA ({e}): this machine keeps the CA it pins"
             );
+            return;
         }
         eprintln!(
             "coffre: the vault's CA has a new key ({}…, certified by the one pinned here): this machine pins it from now on",
@@ -811,16 +826,20 @@ fn new_ca_key(dir: &Path) -> Result<u8> {
         println!("an interrupted change of the CA's key was finished");
     }
     println!(
-        "the CA has a new key: {} (fingerprint {}), valid until {}",
+        "the CA has a new key: {} (certificate fingerprint {}), valid until {}",
         dir.join("ca.pem").display(),
         done.fingerprint,
         iso(u64::try_from(done.not_after).unwrap_or(0) * 1000)
     );
     println!(
+        "the new CA's key fingerprint, for members to confirm when they renew (coffre renew ... --trust-ca FINGERPRINT); give it to them by another channel than the vault:\n  {}",
+        coffre_daemon::pki::pem_key_fingerprint(&done.ca_pem).unwrap_or_default()
+    );
+    println!(
         "the door keeps trusting what the previous CA signed, and sends the cross certificate with its own (new) certificate, until {}:\n\
          - start the daemon again (systemctl start coffre@NAME);\n\
          - members' identity files pin the previous CA and keep working unchanged; certificates signed from now on (renewals, joins) are the new key's, and invitations carry the new CA;\n\
-         - ask every member to renew (coffre renew): their machine then moves to the new CA; until it does, whoever holds the previous key can still pose as the door to it (not as a member);\n\
+         - ask every member to renew with the fingerprint above (coffre renew ... --trust-ca FINGERPRINT): their machine then moves to the new CA; until it does, whoever holds the previous key can still pose as the door to it (not as a member);\n\
          - workloads that keep a copy of the CA (LDAP clients of the vault's directory) need the new ca.pem.\n\
          See docs/operations.md, \"A new CA key\".",
         iso(u64::try_from(done.cross_not_after).unwrap_or(0) * 1000)
