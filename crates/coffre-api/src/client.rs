@@ -38,13 +38,32 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// Sends one command; returns the JSON reply (`{"ok": ...}`).
-pub async fn call(id: &Identity, cmd: &ApiCommand) -> Result<serde_json::Value, ClientError> {
+/// The request header in which a member's machine names the CA key it
+/// pins (hex SHA-256 of the CA's public key): after a change of the CA's
+/// key, the daemon learns from it whose machines have moved to the new one
+/// (`coffre renew --ca DIR --finish` waits for all of them). Not a
+/// credential: a machine that lies only strands itself.
+pub const PINNED_CA_KEY_HEADER: &str = "coffre-pinned-ca-key";
+
+/// Whether `v` has the form of a [`PINNED_CA_KEY_HEADER`] value (64
+/// lowercase hex digits).
+pub fn is_key_fingerprint(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Sends one command; returns the JSON reply (`{"ok": ...}`). `pinned_key`
+/// is the key fingerprint of the CA `id` pins, reported to the daemon
+/// ([`PINNED_CA_KEY_HEADER`]).
+pub async fn call(
+    id: &Identity,
+    cmd: &ApiCommand,
+    pinned_key: Option<&str>,
+) -> Result<serde_json::Value, ClientError> {
     let config = client_config(id).map_err(|e| ClientError::Unreachable {
         addr: id.server.clone(),
         msg: e.to_string(),
     })?;
-    call_with(Arc::new(config), &id.server, cmd).await
+    call_with(Arc::new(config), &id.server, cmd, pinned_key).await
 }
 
 /// Sends `join` without a client certificate, trusting only `ca_pem`.
@@ -57,13 +76,14 @@ pub async fn call_join(
         addr: server.to_string(),
         msg: e.to_string(),
     })?;
-    call_with(Arc::new(config), server, cmd).await
+    call_with(Arc::new(config), server, cmd, None).await
 }
 
 async fn call_with(
     config: Arc<rustls::ClientConfig>,
     server: &str,
     cmd: &ApiCommand,
+    pinned_key: Option<&str>,
 ) -> Result<serde_json::Value, ClientError> {
     let addr = server.to_string();
     let unreachable = |m: String| ClientError::Unreachable {
@@ -93,9 +113,13 @@ async fn call_with(
         let _ = conn.await;
     });
     let body = serde_json::to_vec(cmd).expect("commands serialise");
-    let req = hyper::Request::post("/v1/command")
+    let mut req = hyper::Request::post("/v1/command")
         .header("host", SERVER_NAME)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(k) = pinned_key.filter(|k| is_key_fingerprint(k)) {
+        req = req.header(PINNED_CA_KEY_HEADER, k);
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .expect("valid request");
     let resp = sender.send_request(req).await.map_err(|e| {
@@ -112,4 +136,19 @@ async fn call_with(
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_key_fingerprint_is_reported() {
+        let fp = "0123456789abcdef".repeat(4);
+        assert!(is_key_fingerprint(&fp));
+        assert!(!is_key_fingerprint(&fp.to_ascii_uppercase()));
+        assert!(!is_key_fingerprint(&fp[1..]));
+        assert!(!is_key_fingerprint(&format!("{}g", &fp[1..])));
+        assert!(!is_key_fingerprint(&format!("{fp}\r\nx: y")));
+    }
 }

@@ -777,7 +777,13 @@ fn key_pairs(d: &VaultDir) -> Vec<Finding> {
 /// How to renew the certificate in `file`.
 fn renewal(dir: &Path, file: &Path) -> String {
     let d = dir.display();
+    let changing = dir.join("ca.previous.pem").exists();
     match file.strip_prefix(dir).ok().and_then(Path::to_str) {
+        // During a change of the CA's key OpenVPN's files hold the previous
+        // CA and the cross certificate, which no renewal makes anew.
+        Some("gateway/ca.pem" | "gateway/server.pem") if changing => format!(
+            "it holds the previous CA or the cross certificate until the change of the CA's key is finished: coffre renew --ca {d} --finish before it ends (docs/operations.md, \"A new CA key\")"
+        ),
         Some("server.pem") => format!("renew it: coffre renew --server {d}"),
         Some("gateway/server.pem") => {
             format!("renew it: coffre renew --gateway {d}, then restart OpenVPN")

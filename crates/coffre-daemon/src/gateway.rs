@@ -443,12 +443,12 @@ pub fn write_openvpn_config(
 ) -> Result<ConfigReport, GatewayError> {
     let config = dir.load_config()?;
     let net = settings.check().map_err(GatewayError::Invalid)?;
-    if crate::renew::key_changed(dir)?.is_some() {
-        // OpenVPN's `ca` would be the new CA alone, and refuse every member
-        // whose certificate the previous one signed.
-        return Err(GatewayError::Invalid(
-            "the CA's key was changed (ca.previous.pem) and the change is not finished: a gateway now would refuse every member not yet renewed (docs/operations.md, \"A new CA key\")".into(),
-        ));
+    if dir.ca_next_cert().exists() {
+        // `ca.key` may be the new key already, `ca.pem` not yet.
+        return Err(GatewayError::Invalid(format!(
+            "{} is there: a change of the CA's key was interrupted; run coffre renew --ca DIR --new-key to finish it first",
+            dir.ca_next_cert().display()
+        )));
     }
     if settings.via == crate::vaultdir::GatewayVia::Bus && config.bus.is_none() {
         return Err(GatewayError::Invalid(format!(
@@ -480,8 +480,9 @@ pub fn write_openvpn_config(
         gw.join("tls-crypt.key"),
         gw.join("auth-token.key"),
     );
-    write_file(&ca, &dir.read(&dir.ca_cert())?, 0o644)?;
-    write_file(&crt, &cert.cert_pem, 0o644)?;
+    let (trusted, chain) = openvpn_trust(dir)?;
+    write_file(&ca, &trusted, 0o644)?;
+    write_file(&crt, &openvpn::with_chain(&cert.cert_pem, &chain), 0o644)?;
     write_file(&key, &cert.key_pem, 0o600)?;
     let new_tls_crypt = !tc.exists();
     if new_tls_crypt {
@@ -569,6 +570,35 @@ pub fn write_openvpn_config(
     })
 }
 
+/// What OpenVPN trusts (`gateway/ca.pem`) and sends after its own
+/// certificate (in `gateway/server.pem`, after it): the vault's CA and
+/// nothing; while a change of the CA's key is not finished, the previous
+/// CA alone and the cross certificate. OpenSSL picks an issuer by name
+/// and key identifier without checking its signature, so two CAs of one
+/// name in one `ca` would break leaves without a key identifier; with the
+/// previous CA alone, a leaf the new one signed chains through the cross
+/// certificate its holder sends (members' profiles: `cert` is leaf and
+/// cross), and machines that pin the previous CA trust the gateway's
+/// certificate, signed by the new one, through the one it sends.
+///
+/// Without the cross certificate (`--finish` cut short after removing it,
+/// and after writing OpenVPN's files for the new CA alone): the new CA.
+pub fn openvpn_trust(dir: &VaultDir) -> Result<(String, String), DirError> {
+    if let Some(previous) = crate::renew::key_changed(dir)?
+        && let Some(cross) = dir.read_if_present(&dir.ca_cross_cert())?
+    {
+        return Ok((previous, cross));
+    }
+    Ok((dir.read(&dir.ca_cert())?, String::new()))
+}
+
+/// The first PEM certificate of `pem` (a gateway's own, without the chain
+/// after it).
+pub fn first_certificate(pem: &str) -> &str {
+    const END: &str = "-----END CERTIFICATE-----";
+    pem.find(END).map_or(pem, |i| &pem[..i + END.len()])
+}
+
 /// Replaces `[gateway]` in config.toml, leaving the rest as written.
 fn set_gateway_section(dir: &VaultDir, settings: &GatewayConfig) -> Result<(), GatewayError> {
     let path = dir.config();
@@ -603,6 +633,7 @@ pub fn profile_settings(
         proto: g.proto,
         static_challenge: g.static_challenge,
         ca_pem: read(dir.ca_cert())?,
+        chain_pem: openvpn_trust(dir).map_err(|e| e.to_string())?.1,
         tls_crypt: read(dir.gateway_dir().join("tls-crypt.key"))?,
     })
 }

@@ -106,9 +106,17 @@ pub fn renew(dir: &VaultDir, which: Which) -> Result<Renewed, RenewError> {
     };
     drop(ca_key);
     let key_pem = zeroize::Zeroizing::new(issued.key_pem);
-    write_atomic(&key, key_pem.as_bytes(), 0o600)?;
-    write_atomic(&cert, issued.cert_pem.as_bytes(), 0o644)?;
     let not_after = pki::pem_not_after(&issued.cert_pem).map_or(0, |(t, _)| t);
+    // OpenVPN's: with the cross certificate after it while a change of the
+    // CA's key is not finished (`gateway::openvpn_trust`).
+    let cert_pem = if which == Which::Gateway {
+        let chain = crate::gateway::openvpn_trust(dir)?.1;
+        crate::openvpn::with_chain(&issued.cert_pem, &chain)
+    } else {
+        issued.cert_pem
+    };
+    write_atomic(&key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&cert, cert_pem.as_bytes(), 0o644)?;
     Ok(Renewed {
         cert,
         fingerprint: issued.fingerprint,
@@ -119,7 +127,9 @@ pub fn renew(dir: &VaultDir, which: Which) -> Result<Renewed, RenewError> {
 /// `ca.pem` made anew for `ca.key`, then its copy for OpenVPN when the
 /// vault has a gateway, each atomically. A crash between the two leaves
 /// OpenVPN's copy the old certificate of the same key: it keeps working
-/// until the old one ends, and renewing again rewrites both.
+/// until the old one ends, and renewing again rewrites both. While a
+/// change of the CA's key is not finished, OpenVPN's copy is the previous
+/// CA, and stays so.
 fn renew_ca(dir: &VaultDir, vault: &str) -> Result<Renewed, RenewError> {
     let ca_key = zeroize::Zeroizing::new(dir.read(&dir.ca_key())?);
     let old = dir.read(&dir.ca_cert())?;
@@ -128,7 +138,7 @@ fn renew_ca(dir: &VaultDir, vault: &str) -> Result<Renewed, RenewError> {
     let cert = dir.ca_cert();
     write_atomic(&cert, issued.cert_pem.as_bytes(), 0o644)?;
     let copy = dir.gateway_dir().join("ca.pem");
-    if copy.exists() {
+    if copy.exists() && key_changed(dir)?.is_none() {
         write_atomic(&copy, issued.cert_pem.as_bytes(), 0o644)?;
     }
     let not_after = pki::pem_not_after(&issued.cert_pem).map_or(0, |(t, _)| t);
@@ -155,6 +165,9 @@ pub struct NewKeyDone {
     pub cross_not_after: i64,
     /// A change interrupted earlier was finished, not a new one made.
     pub resumed: bool,
+    /// The vault has an OpenVPN gateway, whose files were made for the
+    /// change (OpenVPN must be restarted).
+    pub gateway: bool,
 }
 
 /// Whether the vault's CA key was changed (`ca.previous.pem` holds a CA of
@@ -187,6 +200,19 @@ fn staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 6] {
     ]
 }
 
+/// The gateway's files in a change of the CA's key, staged as [`staged`]'s
+/// (written before `ca.next.pem`, renamed before it): its certificate
+/// signed by the new key, followed by the cross certificate, for a key of
+/// its own. `gateway/ca.pem` stays the previous CA until the finish
+/// (`gateway::openvpn_trust`).
+fn gateway_staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 2] {
+    let gw = dir.gateway_dir();
+    [
+        (gw.join("server.next.key"), gw.join("server.key")),
+        (gw.join("server.next.pem"), gw.join("server.pem")),
+    ]
+}
+
 /// `coffre renew --ca DIR --new-key`: a new key for the vault's CA (the old
 /// one lost its secrecy, or is too weak), with a transition that keeps
 /// every identity working ([`pki::new_ca_key`], docs/operations.md):
@@ -199,24 +225,21 @@ fn staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 6] {
 ///   certificate, reissued under the new key, so that members' machines,
 ///   which pin the previous CA, trust the door;
 /// - what the vault signs from now on (joins, renewals) is signed by the
-///   new key, and invitations carry the new CA.
+///   new key, and invitations carry the new CA;
+/// - OpenVPN (`[gateway]`) gets a certificate of the new key followed by
+///   the cross certificate, and keeps trusting the previous CA alone
+///   (`gateway::openvpn_trust`) until the finish.
 ///
 /// Refused while the daemon runs (its header lock is held for the whole
 /// change, so none starts meanwhile), and where something holds the CA that
-/// does not take a cross certificate yet: `[gateway]` (OpenVPN), `[bus]`
-/// (the broker and components), NBD storage over TLS checked against the
-/// vault's CA. Crash-safe: every file is written under a `.next` name
+/// does not take a cross certificate yet: `[bus]` (the broker and
+/// components), NBD storage over TLS checked against the vault's CA. Crash-safe: every file is written under a `.next` name
 /// first, `ca.next.pem` last, then renamed into place, `ca.next.pem` last;
 /// a run that finds `ca.next.pem` checks what goes with it and finishes
 /// that change, and the daemon does not start while it is there.
 pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
     let config = dir.load_config()?;
     let refused = |why: &str| Err(RenewError::NewKeyRefused(why.to_string()));
-    if config.gateway.is_some() {
-        return refused(
-            "the vault has a VPN gateway ([gateway]), and changing the key under OpenVPN is not done yet (docs/operations.md, \"A new CA key\")",
-        );
-    }
     if config.bus.is_some() {
         return refused(
             "the vault uses the message bus ([bus]), and changing the key under the broker and its components is not done yet (docs/operations.md, \"A new CA key\")",
@@ -290,12 +313,27 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         write_atomic(&cross.0, made.cross_pem.as_bytes(), 0o644)?;
         write_atomic(&skey.0, door_key.as_bytes(), 0o600)?;
         write_atomic(&scert.0, door.cert_pem.as_bytes(), 0o644)?;
+        if config.gateway.is_some() {
+            let gw = pki::new_gateway_cert(
+                &config.name,
+                &new_key,
+                &crate::openvpn::gateway_cn(&config.name),
+            )?;
+            let gw_key = zeroize::Zeroizing::new(gw.key_pem);
+            let [gkey, gcert] = gateway_staged(dir);
+            write_atomic(&gkey.0, gw_key.as_bytes(), 0o600)?;
+            let chained = crate::openvpn::with_chain(&gw.cert_pem, &made.cross_pem);
+            write_atomic(&gcert.0, chained.as_bytes(), 0o644)?;
+        }
         write_atomic(&key.0, new_key.as_bytes(), 0o600)?;
         write_atomic(&dir.ca_next_cert(), made.ca.cert_pem.as_bytes(), 0o644)?;
     }
     // Into place, ca.next.pem last. Each step is a rename, done again after
     // a crash if its source is still there.
-    for (from, to) in staged(dir) {
+    // OpenVPN's only for a vault with a gateway (a stray pair from a run
+    // on this directory before `[gateway]` went is left alone).
+    let gateway = config.gateway.is_some().then(|| gateway_staged(dir));
+    for (from, to) in staged(dir).into_iter().chain(gateway.into_iter().flatten()) {
         if from.exists() {
             rename_synced(&from, &to)?;
         }
@@ -313,6 +351,29 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         write_atomic(&dir.server_key(), door_key.as_bytes(), 0o600)?;
         write_atomic(&dir.server_cert(), door.cert_pem.as_bytes(), 0o644)?;
     }
+    if config.gateway.is_some() {
+        // The same for OpenVPN's pair, its certificate followed by X.
+        let [(_, gkey), (_, gcert)] = gateway_staged(dir);
+        let whole = dir.read_if_present(&gcert)?.is_some_and(|c| {
+            pki::cert_matches_key(
+                &c,
+                &zeroize::Zeroizing::new(dir.read(&gkey).unwrap_or_default()),
+            )
+        });
+        if !whole {
+            let key = zeroize::Zeroizing::new(dir.read(&dir.ca_key())?);
+            let gw = pki::new_gateway_cert(
+                &config.name,
+                &key,
+                &crate::openvpn::gateway_cn(&config.name),
+            )?;
+            let gw_key = zeroize::Zeroizing::new(gw.key_pem);
+            let cross = dir.read(&dir.ca_cross_cert())?;
+            write_atomic(&gkey, gw_key.as_bytes(), 0o600)?;
+            let chained = crate::openvpn::with_chain(&gw.cert_pem, &cross);
+            write_atomic(&gcert, chained.as_bytes(), 0o644)?;
+        }
+    }
     rename_synced(&dir.ca_next_cert(), &dir.ca_cert())?;
     let ca_pem = dir.read(&dir.ca_cert())?;
     let previous_pem = dir.read(&dir.ca_previous_cert())?;
@@ -324,6 +385,7 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         ca_pem,
         previous_pem,
         resumed,
+        gateway: config.gateway.is_some(),
     })
 }
 
@@ -352,16 +414,22 @@ pub struct Finished {
     /// Members who held no certificate of the new CA, shut out (with
     /// `force` only).
     pub shut_out: Vec<String>,
+    /// Members holding a certificate of the new CA whose machine had not
+    /// shown it pins the new CA, stranded (with `force` only): their
+    /// machine trusts the door no more.
+    pub stranded: Vec<String>,
 }
 
 /// `coffre renew --ca DIR --finish`: ends a change of the CA's key once
 /// every member has renewed (their machines then pin the new CA): the
 /// previous CA's member certificates are revoked, and the door trusts the
 /// new CA alone and sends the cross certificate no more (`ca.previous.pem`,
-/// `ca.cross.pem` removed). Refused while a member holds no certificate of
-/// the new CA, naming them, unless `force` (they are then shut out: a
-/// superuser removes them and invites them again). Daemon stopped (its
-/// header lock is held); the daemon audits it at its next start.
+/// `ca.cross.pem` removed). Refused, naming them, while a member holds no
+/// certificate of the new CA, or their machine has not shown (with a
+/// command since it renewed: `Control::pinned`) that it pins the new CA,
+/// unless `force` (they are then shut out: a superuser removes them and
+/// invites them again). Daemon stopped (its header lock is held); the
+/// daemon audits it at its next start.
 pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError> {
     let config = dir.load_config()?;
     let refused = |why: String| Err(RenewError::NewKeyRefused(why));
@@ -397,10 +465,41 @@ pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError
         .map(|(_, m)| m.clone())
         .collect();
     let shut_out: Vec<String> = shut_out.into_iter().collect();
-    if !shut_out.is_empty() && !force {
+    // A certificate of the new CA is not enough: the machine must pin the
+    // new CA too, or it trusts the door no more once the cross certificate
+    // goes (a member who renewed without --trust-ca, or joined with an
+    // invitation made before the change).
+    let new_key = crate::pki::pem_key_fingerprint(&dir.read(&dir.ca_cert())?)
+        .ok_or_else(|| RenewError::NewKeyRefused("ca.pem is not a certificate".into()))?;
+    let stranded: Vec<String> = renewed
+        .iter()
+        .filter(|m| control.pinned.get(m.as_str()) != Some(&new_key))
+        .map(|m| m.to_string())
+        .collect();
+    // A run cut short after saving its revocations left its note: what it
+    // was asked to do (with --force or not) is done, the rest follows.
+    const FINISHED: &str = "the change of the CA's key was finished on the host";
+    let noted = control
+        .host_notes
+        .iter()
+        .any(|n| n.detail.starts_with(FINISHED));
+    if (!shut_out.is_empty() || !stranded.is_empty()) && !force && !noted {
+        let mut why = Vec::new();
+        if !shut_out.is_empty() {
+            why.push(format!(
+                "{} hold(s) no certificate of the new CA yet: ask them to renew (coffre renew ... --trust-ca FINGERPRINT)",
+                shut_out.join(", ")
+            ));
+        }
+        if !stranded.is_empty() {
+            why.push(format!(
+                "the machine of {} has not shown it pins the new CA: ask them to renew with --trust-ca FINGERPRINT (given by another channel), which reports it; a machine that already pins it reports it with any command (coffre status)",
+                stranded.join(", ")
+            ));
+        }
         return refused(format!(
-            "{} hold(s) no certificate of the new CA yet: ask them to renew (coffre renew), or finish with --force to shut them out",
-            shut_out.join(", ")
+            "{}; or finish with --force to shut them out",
+            why.join("; ")
         ));
     }
     let revoked: Vec<(String, String)> = control
@@ -413,20 +512,44 @@ pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError
         control.certs.remove(f);
         control.revoked.push(f.clone());
     }
-    control.host_notes.push(crate::vaultdir::HostNote {
+    let note = crate::vaultdir::HostNote {
         at: coffre_sys::time::now_ms(),
         action: "certificate_renew".into(),
         detail: format!(
-            "the change of the CA's key was finished on the host (coffre renew --ca --finish): the door trusts the new CA alone; {} certificate(s) of the previous CA revoked{}",
+            "the change of the CA's key was finished on the host (coffre renew --ca --finish): the door trusts the new CA alone; {} certificate(s) of the previous CA revoked{}{}",
             revoked.len(),
             if shut_out.is_empty() {
                 String::new()
             } else {
                 format!(", shutting out {}", shut_out.join(", "))
+            },
+            if stranded.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the machine of {} did not pin the new CA (stranded)",
+                    stranded.join(", ")
+                )
             }
         ),
-    });
+    };
+    debug_assert!(note.detail.starts_with(FINISHED));
+    if !noted {
+        control.host_notes.push(note);
+    }
     dir.save_control(&control)?;
+    // OpenVPN: the new CA alone, and its own certificate without X (read
+    // at its next start). Before the removals: a run cut short does it
+    // again.
+    let gw = dir.gateway_dir();
+    let (gca, gcert) = (gw.join("ca.pem"), gw.join("server.pem"));
+    if config.gateway.is_some()
+        && let Some(own) = dir.read_if_present(&gcert)?
+    {
+        let own = format!("{}\n", crate::gateway::first_certificate(&own));
+        write_atomic(&gcert, own.as_bytes(), 0o644)?;
+        write_atomic(&gca, dir.read(&dir.ca_cert())?.as_bytes(), 0o644)?;
+    }
     // ca.previous.pem before the list: while it is there, a run finds the
     // change unfinished and does the rest (nothing more to revoke).
     for f in [
@@ -447,5 +570,9 @@ pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError
             }
         }
     }
-    Ok(Finished { revoked, shut_out })
+    Ok(Finished {
+        revoked,
+        shut_out,
+        stranded,
+    })
 }

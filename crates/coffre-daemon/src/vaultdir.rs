@@ -704,6 +704,11 @@ pub struct Control {
     /// cleared.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_notes: Vec<HostNote>,
+    /// Member name to the CA key (hex SHA-256 of its public key) their
+    /// machine said it pins, with its last command: after a change of the
+    /// CA's key, which machines have moved to the new one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pinned: BTreeMap<String, String>,
 }
 
 /// A change made on the host with the daemon stopped, for the audit log.

@@ -809,8 +809,25 @@ pub struct ProfileSettings {
     pub static_challenge: bool,
     /// The vault CA (PEM).
     pub ca_pem: String,
+    /// Certificates sent after the member's own (PEM, empty for none):
+    /// the cross certificate while a change of the CA's key is not
+    /// finished, so that a gateway trusting the previous CA alone takes a
+    /// certificate the new one signed.
+    pub chain_pem: String,
     /// The `tls-crypt` key.
     pub tls_crypt: String,
+}
+
+/// `cert_pem` followed by `chain` (PEM certificates; empty for none): what
+/// a `cert` file or `<cert>` block holds when the peer must be sent more
+/// than its own certificate. OpenVPN reads the first certificate as its
+/// own and sends the ones after it to complete the chain.
+pub fn with_chain(cert_pem: &str, chain: &str) -> String {
+    if chain.trim().is_empty() {
+        cert_pem.to_string()
+    } else {
+        format!("{}\n{}\n", cert_pem.trim_end(), chain.trim_end())
+    }
 }
 
 /// A member's `.ovpn` profile with their certificate and key inline.
@@ -853,9 +870,10 @@ pub fn profile(p: &ProfileSettings, member: &str, cert_pem: &str, key_pem: &str)
     if p.proto != Proto::Tcp {
         c.push_str("explicit-exit-notify 2\n");
     }
+    let cert = with_chain(cert_pem, &p.chain_pem);
     for (tag, body) in [
         ("ca", p.ca_pem.as_str()),
-        ("cert", cert_pem),
+        ("cert", cert.as_str()),
         ("key", key_pem),
         ("tls-crypt", p.tls_crypt.as_str()),
     ] {

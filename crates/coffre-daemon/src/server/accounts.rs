@@ -281,8 +281,13 @@ impl Shell {
         self.host_certs_next_ms = now + 10_000;
         let mut changed = false;
         // What a command did on the host while the daemon was stopped.
+        // The record is dated now; when it was done is in its detail.
         for note in std::mem::take(&mut self.control.host_notes) {
-            self.system_audit(&note.action, "ok", note.detail);
+            let detail = format!(
+                "{} (done on the host at {} Unix ms, the daemon stopped)",
+                note.detail, note.at
+            );
+            self.system_audit(&note.action, "ok", detail);
             changed = true;
         }
         for (file, what) in [

@@ -8,6 +8,7 @@ impl Shell {
     pub(super) fn api(
         &mut self,
         fp: Option<String>,
+        pinned: Option<String>,
         addr: SocketAddr,
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
@@ -68,6 +69,9 @@ impl Shell {
             ));
             return;
         };
+        if let Some(key) = pinned {
+            self.note_pinned(&member, key);
+        }
         // The IP only: throttling is per source host, not per connection.
         let source = Source {
             door: coffre_vault::Door::Cli,
@@ -222,7 +226,8 @@ impl Shell {
                         200,
                         json!({"ok": true, "vault": p.vault, "remote": p.remote, "port": p.port,
                                "proto": p.proto, "static_challenge": p.static_challenge,
-                               "ca_pem": p.ca_pem, "tls_crypt": p.tls_crypt}),
+                               "ca_pem": p.ca_pem, "chain_pem": p.chain_pem,
+                               "tls_crypt": p.tls_crypt}),
                     ),
                     Err(msg) => (404, error_json(ErrorCode::NoGateway, msg)),
                 };
@@ -443,6 +448,55 @@ impl Shell {
             }
         }
         self.flush_parked();
+    }
+
+    /// Remembers the CA key `member`'s machine says it pins, saved when it
+    /// changes: after a change of the CA's key, `coffre renew --ca DIR
+    /// --finish` waits until every member's machine pins the new one. Only
+    /// the key of `ca.pem` or of `ca.previous.pem` is taken (a machine that
+    /// pins another reaches no door), and a move to the first is audited.
+    pub(super) fn note_pinned(&mut self, member: &str, key: String) {
+        let before = self.control.pinned.get(member).cloned();
+        if before.as_deref() == Some(key.as_str()) {
+            return;
+        }
+        let key_of = |p: &std::path::Path| {
+            self.dir
+                .read_if_present(p)
+                .ok()
+                .flatten()
+                .and_then(|pem| crate::pki::pem_key_fingerprint(&pem))
+        };
+        let current = key_of(&self.dir.ca_cert());
+        if current.as_deref() != Some(key.as_str())
+            && key_of(&self.dir.ca_previous_cert()).as_deref() != Some(key.as_str())
+        {
+            return;
+        }
+        self.control.pinned.insert(member.to_string(), key.clone());
+        if let Err(e) = self.try_persist() {
+            // Told again with the member's next command.
+            tracing::warn!("the CA key {member}'s machine pins is not saved: {e}");
+            match &before {
+                Some(b) => self.control.pinned.insert(member.to_string(), b.clone()),
+                None => self.control.pinned.remove(member),
+            };
+            return;
+        }
+        if let Some(b) = before.filter(|_| current.as_deref() == Some(key.as_str())) {
+            self.record(AuditRecord {
+                at: now_ms(),
+                actor: member.to_string(),
+                source: None,
+                action: "ca_pinned".into(),
+                result: "ok".into(),
+                detail: format!(
+                    "this member's machine pins the CA key {}… (before: {}…)",
+                    &key[..16],
+                    &b[..b.len().min(16)]
+                ),
+            });
+        }
     }
 
     pub(super) fn member_of(&self, fp: &str) -> Option<String> {

@@ -90,6 +90,13 @@ pub(super) async fn handle_http(
             error_json(ErrorCode::NotFound, "POST /v1/command"),
         ));
     }
+    // What the member's machine says it pins (ignored unless well formed).
+    let pinned = req
+        .headers()
+        .get(crate::client::PINNED_CA_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::client::is_key_fingerprint(v))
+        .map(str::to_string);
     let raw = match read_body(req.into_body(), MAX_REQUEST_BODY).await {
         Ok(raw) => raw,
         Err(BodyError::TooLarge) => {
@@ -118,6 +125,7 @@ pub(super) async fn handle_http(
     if tx
         .send(Msg::Api {
             fingerprint: fp,
+            pinned,
             addr,
             cmd,
             reply: rtx,

@@ -37,6 +37,7 @@ impl Shell {
             self.control.revoked.push(fp);
         }
         self.control.totp.remove(&name);
+        self.control.pinned.remove(&name);
         self.lock_removed_home(&name);
         self.nfs_update();
         match result {

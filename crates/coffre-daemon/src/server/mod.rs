@@ -108,6 +108,8 @@ type Answer = (u16, Value);
 enum Msg {
     Api {
         fingerprint: Option<String>,
+        /// The CA key the member's machine says it pins (hex).
+        pinned: Option<String>,
         addr: SocketAddr,
         cmd: ApiCommand,
         reply: oneshot::Sender<Answer>,
@@ -663,10 +665,11 @@ pub async fn serve(
         match msg {
             Msg::Api {
                 fingerprint,
+                pinned,
                 addr,
                 cmd,
                 reply,
-            } => shell.api(fingerprint, addr, cmd, reply),
+            } => shell.api(fingerprint, pinned, addr, cmd, reply),
             Msg::Metrics(reply) => {
                 let _ = reply.send(shell.metrics_text());
             }

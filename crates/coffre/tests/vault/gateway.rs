@@ -1001,3 +1001,159 @@ fn a_daemon_crash_neither_lets_old_clients_in_nor_opens_the_vault() {
     alice.stop();
     gw.vault.wait_state("closed", Duration::from_secs(20));
 }
+
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, OpenVPN, network namespaces"]
+fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
+    let mut gw = Gw::new(&["bob"], 1, &[]);
+    let dir = gw.vault.dir.to_str().unwrap().to_string();
+    let vdir = gw.vault.dir.clone();
+    let file = |name: &str| std::fs::read_to_string(vdir.join(name)).unwrap();
+    let certs_in = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
+    let ca1 = file("ca.pem");
+    let gw_cert1 = file("gateway/server.pem");
+    assert_eq!(certs_in(&gw_cert1), 1);
+
+    // The change, with the daemon and OpenVPN stopped.
+    gw.server.take().unwrap().stop();
+    gw.vault.stop();
+    let out = gw
+        .vault
+        .bin()
+        .args(["renew", "--ca", &dir, "--new-key"])
+        .env("HOME", gw.vault.home("alice"))
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OpenVPN: restart it"));
+    let ca2 = file("ca.pem");
+    let cross = file("ca.cross.pem");
+    assert_ne!(ca1, ca2);
+    // OpenVPN trusts the previous CA alone, and sends X after its own
+    // certificate, which the new key signed; OpenSSL chains it both ways.
+    assert_eq!(file("gateway/ca.pem"), ca1);
+    let gw_cert2 = file("gateway/server.pem");
+    assert_eq!(certs_in(&gw_cert2), 2);
+    assert!(gw_cert2.trim_end().ends_with(cross.trim_end()));
+    let own = gw.dir.join("gateway-own.pem");
+    std::fs::write(
+        &own,
+        gw_cert2
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let verify = |ca: &str, untrusted: Option<&str>| {
+        let mut c = Command::new("openssl");
+        c.args(["verify", "-CAfile"]).arg(vdir.join(ca));
+        if let Some(u) = untrusted {
+            c.arg("-untrusted").arg(vdir.join(u));
+        }
+        c.arg(&own).output().unwrap().status.success()
+    };
+    assert!(verify("ca.previous.pem", Some("ca.cross.pem")));
+    assert!(verify("ca.pem", None));
+    assert!(!verify("ca.previous.pem", None));
+    assert!(
+        coffre_daemon::pki::cert_matches_key(&gw_cert2, &file("gateway/server.key")),
+        "the gateway's certificate is for its key"
+    );
+
+    gw.vault.start();
+    gw.start_server();
+    // Bob's profile, made before the change (his certificate signed by the
+    // previous CA, which his profile pins), gets in: the gateway's
+    // certificate reaches that CA through X.
+    let mut bob = gw.connect("bob", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    bob.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+
+    // Alice renews, confirming the new key's fingerprint: her machine pins
+    // the new CA, and her new profile trusts it, with her certificate
+    // (the new key's) followed by X for a gateway that trusts the previous
+    // CA alone.
+    let ca2_key = coffre_daemon::pki::pem_key_fingerprint(&ca2).unwrap();
+    ok(&gw.vault.authed("alice", &["renew", "--trust-ca", &ca2_key]));
+    let profile = |gw: &Gw, name: &str| {
+        let p = gw.profile_path(name);
+        ok(&gw.vault.cli(
+            name,
+            &["member", "profile", name, "--out", p.to_str().unwrap()],
+        ));
+        std::fs::read_to_string(p).unwrap()
+    };
+    let section = |text: &str, tag: &str| {
+        let open = format!("<{tag}>\n");
+        let start = text.find(&open).unwrap() + open.len();
+        let end = text.find(&format!("</{tag}>")).unwrap();
+        text[start..end].to_string()
+    };
+    let alice_profile = profile(&gw, "alice");
+    assert_eq!(section(&alice_profile, "ca").trim_end(), ca2.trim_end());
+    let alice_cert = section(&alice_profile, "cert");
+    assert_eq!(certs_in(&alice_cert), 2);
+    assert!(alice_cert.trim_end().ends_with(cross.trim_end()));
+    let mut alice = gw.connect("alice", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    alice.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+    // Bob has not renewed: a profile he makes now trusts the CA his machine
+    // pins (the previous one), not the one the vault serves; he gets in.
+    let bob_profile = profile(&gw, "bob");
+    assert_eq!(section(&bob_profile, "ca").trim_end(), ca1.trim_end());
+    let mut bob = gw.connect("bob", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    bob.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+
+    // The finish (Bob shut out, as asked): OpenVPN trusts the new CA alone
+    // and sends its own certificate alone. Alice's profile still gets in;
+    // Bob's does not.
+    gw.server.take().unwrap().stop();
+    gw.vault.stop();
+    let out = gw
+        .vault
+        .bin()
+        .args(["renew", "--ca", &dir, "--finish", "--force"])
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(file("gateway/ca.pem"), ca2);
+    let gw_cert3 = file("gateway/server.pem");
+    assert_eq!(certs_in(&gw_cert3), 1);
+    assert!(gw_cert2.starts_with(&gw_cert3));
+    gw.vault.start();
+    gw.start_server();
+    let mut alice = gw.connect("alice", 0);
+    gw.vault.wait_state("open", Duration::from_secs(10));
+    alice.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(20));
+    let auth = gw.auth_file("bob", None, false);
+    let mut bob = gw.client("bob", 0, &auth, &[]);
+    assert!(
+        !bob.wait_for(
+            UP,
+            &["VERIFY ERROR", "AUTH_FAILED"],
+            Duration::from_secs(20)
+        ),
+        "bob got in:\n{}",
+        bob.text()
+    );
+    bob.stop();
+    assert_eq!(
+        code(&gw.vault.cli("bob", &["status"])),
+        8,
+        "bob is no member now"
+    );
+}

@@ -331,18 +331,22 @@ pub enum Command {
     /// signed by the old CA), so identity files that pin the old CA keep
     /// working unchanged; what the vault signs from now on is signed by the
     /// new key. A member's machine moves to the new CA at their next
-    /// renewal; until then whoever holds the old key can still pose as the
-    /// door to it, so ask every member to renew. Refused while the vault has a
-    /// VPN gateway, the bus, or an NBD store over TLS checked against its
-    /// CA (not done yet).
+    /// renewal with --trust-ca FINGERPRINT (the new key's, which the
+    /// command prints: give it to members by another channel); until then
+    /// whoever holds the old key can still pose as the door to it, so ask
+    /// every member to renew. OpenVPN gets a certificate of the new key
+    /// followed by the cross certificate and keeps trusting the old CA
+    /// until the finish (restart it). Refused while the vault has the bus,
+    /// or an NBD store over TLS checked against its CA (not done yet).
     ///
     /// Example: coffre renew --ca /var/lib/coffre/team
     ///
     /// With --ca DIR --finish (the daemon stopped), once every member has
     /// renewed: the old CA's member certificates are revoked, and the door
     /// trusts the new CA alone and stops sending the cross certificate.
-    /// Refused, naming them, while members have not renewed (--force shuts
-    /// them out).
+    /// Refused, naming them, while members have not renewed, or their
+    /// machines have not shown they pin the new CA (--force shuts them
+    /// out).
     ///
     /// Example: coffre renew --ca /var/lib/coffre/team --new-key
     ///

@@ -308,7 +308,8 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                         proto: s("proto").parse().unwrap_or_default(),
                         static_challenge: v["static_challenge"].as_bool().unwrap_or(true)
                             && !totp_suffix,
-                        ca_pem: s("ca_pem"),
+                        ca_pem: profile_ca(&ident.ca_pem, &s("ca_pem")),
+                        chain_pem: s("chain_pem"),
                         tls_crypt: s("tls_crypt"),
                     };
                     let text = zeroize::Zeroizing::new(coffre_daemon::openvpn::profile(
@@ -656,13 +657,19 @@ pub fn renew(
     if let Some(dir) = ca.as_ref().filter(|_| finish) {
         let done = renew::finish_ca_key(&VaultDir::new(dir), force)?;
         println!(
-            "the change of the CA's key is finished: the door trusts the new CA alone from the daemon's next start; {} certificate(s) of the previous CA revoked",
+            "the change of the CA's key is finished: the door trusts the new CA alone from the daemon's next start, OpenVPN (if the vault has a gateway) from its next start; {} certificate(s) of the previous CA revoked",
             done.revoked.len()
         );
         if !done.shut_out.is_empty() {
             println!(
                 "shut out, as asked: {} (remove them and invite them again: coffre member remove NAME, coffre member invite NAME)",
                 done.shut_out.join(", ")
+            );
+        }
+        if !done.stranded.is_empty() {
+            println!(
+                "stranded, as asked: the machine of {} pins the previous CA and trusts the door no more (remove them and invite them again)",
+                done.stranded.join(", ")
             );
         }
         return Ok(exit::OK);
@@ -728,8 +735,11 @@ pub fn renew(
             let mut renewed = Identity::load(&path)?;
             renewed.cert_pem = cert.to_string();
             renewed.key_pem = key_pem.to_string();
-            adopt_new_ca(&mut renewed, &v, cert, trust_ca.as_deref());
+            let moved = adopt_new_ca(&mut renewed, &v, cert, trust_ca.as_deref());
             renewed.save(&path)?;
+            if moved {
+                report_new_pin(&renewed, &ida);
+            }
             eprintln!(
                 "coffre: certificate renewed, valid until {}; {} rewritten (the certificate you renewed with works until it ends or your next renewal)",
                 iso(v["not_after"].as_u64().unwrap_or(0) * 1000),
@@ -744,14 +754,28 @@ pub fn renew(
     }
 }
 
+/// The CA a VPN profile trusts: the one the vault serves if it has the key
+/// of the one this identity pins (its newest dates), else the pinned one. A
+/// CA of another key is trusted only once this machine pins it (`coffre
+/// renew --trust-ca`): the gateway's certificate, signed by a new key,
+/// reaches the pinned CA through the cross certificate it sends.
+fn profile_ca(pinned: &str, served: &str) -> String {
+    let key = coffre_daemon::pki::pem_key_fingerprint;
+    if key(served).is_some_and(|k| key(pinned) == Some(k)) {
+        served.to_string()
+    } else {
+        pinned.to_string()
+    }
+}
+
 /// After a renewal: the CA the vault names in its reply, pinned in place
 /// of `id`'s if that one certified it (the same key, or a new key through
 /// the cross certificate: `pki::ca_succeeds`), with the audit head this
 /// machine remembers carried over to it. Anything else keeps the CA pinned
-/// here, with a warning.
-fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str>) {
+/// here, with a warning. True if it moved to a CA with another key.
+fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str>) -> bool {
     let Some(offered) = reply["ca_pem"].as_str().filter(|c| *c != id.ca_pem) else {
-        return;
+        return false;
     };
     let cross = reply["cross_pem"].as_str().unwrap_or("");
     let fp = |pem: &str| {
@@ -764,7 +788,7 @@ fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str
             fp(offered),
             fp(&id.ca_pem)
         );
-        return;
+        return false;
     }
     if let (Some(old), Some(new)) = (
         witness::VaultId::of_ca(&id.ca_pem),
@@ -782,7 +806,7 @@ fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str
                 "coffre: warning: the vault's CA has a new key ({}); this machine keeps the CA it pins until you confirm it: ask your superuser for the new CA's key fingerprint by another channel than the vault, then renew again with --trust-ca FINGERPRINT",
                 new.key
             );
-            return;
+            return false;
         }
         let carried = HeadStore::from_env().and_then(|store| match store.load_id(&old)? {
             Some(mut seen) => {
@@ -797,14 +821,42 @@ fn adopt_new_ca(id: &mut Identity, reply: &Value, cert: &str, trust: Option<&str
             eprintln!(
                 "coffre: warning: the audit head this machine remembers could not be carried over to the vault's new CA ({e}): this machine keeps the CA it pins"
             );
-            return;
+            return false;
         }
         eprintln!(
             "coffre: the vault's CA has a new key ({}…, certified by the one pinned here): this machine pins it from now on",
             fp(offered)
         );
+        id.ca_pem = offered.to_string();
+        return true;
     }
     id.ca_pem = offered.to_string();
+    false
+}
+
+/// After a move to the CA's new key: one command through it, which checks
+/// that this machine reaches the door with it, and tells the vault that
+/// this machine pins it (`coffre renew --ca DIR --finish` waits for that).
+/// A refusal after the door took the request (a locked vault refuses a
+/// member's `status`) still told it.
+fn report_new_pin(id: &Identity, ida: &IdentityArg) {
+    let mut id = id.clone();
+    if let Some(s) = &ida.server {
+        id.server = s.clone();
+    }
+    let told = runtime()
+        .and_then(|rt| rt.block_on(call(&id, &ApiCommand::Status)))
+        .map_err(|e| e.to_string())
+        .and_then(|r| match r {
+            Err((exit::UNREACHABLE | exit::NOT_A_MEMBER, msg)) => Err(msg),
+            _ => Ok(()),
+        });
+    match told {
+        Ok(()) => eprintln!("coffre: the vault knows this machine pins its new CA"),
+        Err(msg) => eprintln!(
+            "coffre: warning: the vault could not be told this machine pins its new CA ({msg}): run coffre status once it can be reached, before your superuser finishes the change"
+        ),
+    }
 }
 
 /// `coffre renew --ca DIR --new-key`.
@@ -835,6 +887,11 @@ fn new_ca_key(dir: &Path) -> Result<u8> {
         "the new CA's key fingerprint, for members to confirm when they renew (coffre renew ... --trust-ca FINGERPRINT); give it to them by another channel than the vault:\n  {}",
         coffre_daemon::pki::pem_key_fingerprint(&done.ca_pem).unwrap_or_default()
     );
+    if done.gateway {
+        println!(
+            "OpenVPN: restart it (it keeps trusting the previous CA alone, gateway/ca.pem, and sends the cross certificate after its new certificate); members who renewed make their VPN profile anew (coffre member profile NAME), whose certificate is followed by the cross certificate"
+        );
+    }
     println!(
         "the door keeps trusting what the previous CA signed, and sends the cross certificate with its own (new) certificate, until {}:\n\
          - start the daemon again (systemctl start coffre@NAME);\n\

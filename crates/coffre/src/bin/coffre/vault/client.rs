@@ -61,12 +61,14 @@ pub(super) fn read_password(path: &Path) -> Result<ApiSecret> {
 
 /// Sends a command; maps refusals to exit codes with the daemon's message.
 /// Every reply carries the vault's signed audit head, checked against the
-/// highest one this machine has seen (`check_audit_head`).
+/// highest one this machine has seen (`check_audit_head`). Every request
+/// names the CA key this machine pins (`client::PINNED_CA_KEY_HEADER`).
 pub(super) async fn call(
     id: &Identity,
     cmd: &ApiCommand,
 ) -> Result<std::result::Result<Value, (u8, String)>> {
-    match client::call(id, cmd).await {
+    let pinned = VaultId::of_ca(&id.ca_pem).map(|v| v.key);
+    match client::call(id, cmd, pinned.as_deref()).await {
         Ok(v) => {
             if let Err(refusal) = check_audit_head(id, &v).await {
                 // Do not stay inside a vault whose log was cut back.
@@ -76,7 +78,8 @@ pub(super) async fn call(
                     _ => None,
                 };
                 if let Some(session) = session {
-                    let _ = client::call(id, &ApiCommand::Leave { session }).await;
+                    let _ =
+                        client::call(id, &ApiCommand::Leave { session }, pinned.as_deref()).await;
                 }
                 return Ok(Err(refusal));
             }
@@ -149,7 +152,7 @@ pub(super) async fn check_audit_head(
         Assessment::Ahead { since } => {
             let seen = seen.expect("ahead of a seen head");
             let cmd = ApiCommand::AuditShow { since: Some(since) };
-            match client::call(id, &cmd).await {
+            match client::call(id, &cmd, Some(&vault.key)).await {
                 Ok(r) if r["ok"] == true => {
                     let entries: Vec<coffre_audit::Entry> =
                         serde_json::from_value(r["entries"].clone()).map_err(|e| {
