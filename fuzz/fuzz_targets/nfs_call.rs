@@ -46,11 +46,23 @@ fn handles<'a>(c: &proto::Nfs<'a>) -> Vec<&'a [u8]> {
     use proto::Nfs::*;
     match *c {
         Null => vec![],
-        Getattr(f) | Setattr(f, ..) | Access(f, _) | Readlink(f) | Read(f, ..) | Fsstat(f)
-        | Fsinfo(f) | Pathconf(f) | Commit(f) => vec![f],
+        Getattr(f)
+        | Setattr(f, ..)
+        | Access(f, _)
+        | Readlink(f)
+        | Read(f, ..)
+        | Fsstat(f)
+        | Fsinfo(f)
+        | Pathconf(f)
+        | Commit(f) => vec![f],
         Write { fh, .. } => vec![fh],
-        Lookup(d, _) | Create(d, ..) | Mkdir(d, ..) | Symlink(d, ..) | Mknod(d, _)
-        | Remove(d, _) | Rmdir(d, _) => vec![d],
+        Lookup(d, _)
+        | Create(d, ..)
+        | Mkdir(d, ..)
+        | Symlink(d, ..)
+        | Mknod(d, _)
+        | Remove(d, _)
+        | Rmdir(d, _) => vec![d],
         Readdir { dir, .. } | Readdirplus { dir, .. } => vec![dir],
         Rename(a, _, b, _) | Link(a, b, _) => vec![a, b],
     }

@@ -31,7 +31,8 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Ok(Message::Error { class, desc }) => {
-                let again = serde_json::json!({"error": {"class": class, "desc": desc}}).to_string();
+                let again =
+                    serde_json::json!({"error": {"class": class, "desc": desc}}).to_string();
                 assert_eq!(
                     parse(again.as_bytes()).unwrap(),
                     Message::Error { class, desc }
