@@ -751,11 +751,16 @@ fn ca_key_change(d: &VaultDir) -> Option<Finding> {
 fn key_pairs(d: &VaultDir) -> Vec<Finding> {
     let gw = d.gateway_dir();
     [
+        (d.ca_cert(), d.ca_key(), ""),
         (d.server_cert(), d.server_key(), "--server"),
         (gw.join("server.pem"), gw.join("server.key"), "--gateway"),
     ]
     .into_iter()
     .filter_map(|(cert, key, flag)| {
+        if flag.is_empty() && d.ca_next_cert().exists() {
+            // A change of the CA's key cut short: `ca_key_change` says it.
+            return None;
+        }
         let c = std::fs::read_to_string(&cert).ok()?;
         let k = zeroize::Zeroizing::new(std::fs::read_to_string(&key).ok()?);
         Some(if crate::pki::cert_matches_key(&c, &k) {
@@ -767,7 +772,14 @@ fn key_pairs(d: &VaultDir) -> Vec<Finding> {
             Finding::fail(
                 "key pair",
                 format!("{} is not for {}", cert.display(), key.display()),
-                format!("coffre renew {flag} {}", d.root.display()),
+                if flag.is_empty() {
+                    // The CA's: what it signs would chain to nothing, and
+                    // no renewal makes either anew.
+                    "restore ca.pem and ca.key together from the vault directory's backup"
+                        .to_string()
+                } else {
+                    format!("coffre renew {flag} {}", d.root.display())
+                },
             )
         })
     })

@@ -179,6 +179,24 @@ fn doctor_fails_on_what_a_test_takes_away() {
         f["fix"].as_str().unwrap().contains("coffre volume repair"),
         "{f}"
     );
+
+    // A CA key that is not the CA certificate's: what it would sign
+    // chains to nothing.
+    let ca_key = v.dir.join("ca.key");
+    let kept = std::fs::read(&ca_key).unwrap();
+    std::fs::copy(v.dir.join("server.key"), &ca_key).unwrap();
+    let mut cmd = v.bin();
+    cmd.arg("doctor").arg(&v.dir).arg("--json");
+    let (code, by, _) = doctor(cmd);
+    std::fs::write(&ca_key, kept).unwrap();
+    let f = by["key pair"]
+        .iter()
+        .find(|f| f["detail"].as_str().unwrap().contains("ca.pem"))
+        .unwrap()
+        .clone();
+    assert_eq!(f["level"], "FAIL", "{f}");
+    assert!(f["fix"].as_str().unwrap().contains("backup"), "{f}");
+    assert_eq!(code, 15);
 }
 
 /// Without a directory: the host alone, and a directory that is not a
