@@ -418,6 +418,9 @@ pub struct Finished {
     /// shown it pins the new CA, stranded (with `force` only): their
     /// machine trusts the door no more.
     pub stranded: Vec<String>,
+    /// `ca.previous.certs.json` was missing: no certificate was revoked by
+    /// its fingerprint (the door's trust in the new CA alone keeps them out).
+    pub list_missing: bool,
 }
 
 /// `coffre renew --ca DIR --finish`: ends a change of the CA's key once
@@ -446,11 +449,21 @@ pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError
     if key_changed(dir)?.is_none() {
         return refused("there is no change of the CA's key to finish".into());
     }
-    let listed = dir.read(&dir.ca_previous_certs())?;
-    let previous: std::collections::BTreeSet<String> =
-        serde_json::from_str(&listed).map_err(|e| {
+    // Without the list (lost with a restore from an older backup), no
+    // certificate is known as the previous CA's: none is revoked by its
+    // fingerprint, and every member counts as renewed. What the finish
+    // checks still holds: a member who has not renewed has a machine that
+    // pins the previous CA, and is named below; and from the daemon's next
+    // start the door trusts the new CA alone, so the previous CA's
+    // certificates get in nowhere.
+    let listed = dir.read_if_present(&dir.ca_previous_certs())?;
+    let list_missing = listed.is_none();
+    let previous: std::collections::BTreeSet<String> = match listed {
+        Some(l) => serde_json::from_str(&l).map_err(|e| {
             RenewError::NewKeyRefused(format!("{}: {e}", dir.ca_previous_certs().display()))
-        })?;
+        })?,
+        None => Default::default(),
+    };
     let mut control = dir.load_control()?;
     let renewed: std::collections::BTreeSet<&String> = control
         .certs
@@ -574,5 +587,6 @@ pub fn finish_ca_key(dir: &VaultDir, force: bool) -> Result<Finished, RenewError
         revoked,
         shut_out,
         stranded,
+        list_missing,
     })
 }

@@ -1119,16 +1119,38 @@ fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
 
     // The finish (Bob shut out, as asked): OpenVPN trusts the new CA alone
     // and sends its own certificate alone. Alice's profile still gets in;
-    // Bob's does not.
+    // Bob's does not. Here the list of the previous CA's certificates was
+    // lost (a restore from an older backup): nothing is revoked by its
+    // fingerprint, and Bob is still named, by what his machine pins.
     gw.server.take().unwrap().stop();
     gw.vault.stop();
-    let out = gw
-        .vault
-        .bin()
-        .args(["renew", "--ca", &dir, "--finish", "--force"])
-        .output()
-        .unwrap();
+    std::fs::remove_file(vdir.join("ca.previous.certs.json")).unwrap();
+    let finish = |force: bool| {
+        let mut c = gw.vault.bin();
+        c.args(["renew", "--ca", &dir, "--finish"]);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let out = finish(false);
+    assert_eq!(code(&out), 1);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("machine of bob") && !said.contains("alice"),
+        "{said}"
+    );
+    let out = finish(true);
     ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("ca.previous.certs.json was missing"),
+        "{said}"
+    );
+    assert!(
+        said.contains("stranded, as asked: the machine of bob"),
+        "{said}"
+    );
     assert_eq!(file("gateway/ca.pem"), ca2);
     let gw_cert3 = file("gateway/server.pem");
     assert_eq!(certs_in(&gw_cert3), 1);

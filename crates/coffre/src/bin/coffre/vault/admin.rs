@@ -666,6 +666,11 @@ pub fn renew(
                 done.shut_out.join(", ")
             );
         }
+        if done.list_missing {
+            println!(
+                "ca.previous.certs.json was missing: no certificate was revoked by its fingerprint; the previous CA's certificates get in nowhere once the door trusts the new CA alone"
+            );
+        }
         if !done.stranded.is_empty() {
             println!(
                 "stranded, as asked: the machine of {} pins the previous CA and trusts the door no more (remove them and invite them again)",
