@@ -213,6 +213,23 @@ fn gateway_staged(dir: &VaultDir) -> [(std::path::PathBuf, std::path::PathBuf); 
     ]
 }
 
+/// OpenVPN's certificate signed by `ca_key_pem`, for a new key, written
+/// with `cross_pem` after it (`gateway::openvpn_trust`): the key at
+/// `at.0`, then the certificate at `at.1`, each atomically.
+fn write_gateway_pair(
+    vault: &str,
+    ca_key_pem: &str,
+    cross_pem: &str,
+    at: (&std::path::Path, &std::path::Path),
+) -> Result<(), RenewError> {
+    let gw = pki::new_gateway_cert(vault, ca_key_pem, &crate::openvpn::gateway_cn(vault))?;
+    let key = zeroize::Zeroizing::new(gw.key_pem);
+    write_atomic(at.0, key.as_bytes(), 0o600)?;
+    let chained = crate::openvpn::with_chain(&gw.cert_pem, cross_pem);
+    write_atomic(at.1, chained.as_bytes(), 0o644)?;
+    Ok(())
+}
+
 /// `coffre renew --ca DIR --new-key`: a new key for the vault's CA (the old
 /// one lost its secrecy, or is too weak), with a transition that keeps
 /// every identity working ([`pki::new_ca_key`], docs/operations.md):
@@ -314,16 +331,9 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         write_atomic(&skey.0, door_key.as_bytes(), 0o600)?;
         write_atomic(&scert.0, door.cert_pem.as_bytes(), 0o644)?;
         if config.gateway.is_some() {
-            let gw = pki::new_gateway_cert(
-                &config.name,
-                &new_key,
-                &crate::openvpn::gateway_cn(&config.name),
-            )?;
-            let gw_key = zeroize::Zeroizing::new(gw.key_pem);
             let [gkey, gcert] = gateway_staged(dir);
-            write_atomic(&gkey.0, gw_key.as_bytes(), 0o600)?;
-            let chained = crate::openvpn::with_chain(&gw.cert_pem, &made.cross_pem);
-            write_atomic(&gcert.0, chained.as_bytes(), 0o644)?;
+            let at = (gkey.0.as_path(), gcert.0.as_path());
+            write_gateway_pair(&config.name, &new_key, &made.cross_pem, at)?;
         }
         write_atomic(&key.0, new_key.as_bytes(), 0o600)?;
         write_atomic(&dir.ca_next_cert(), made.ca.cert_pem.as_bytes(), 0o644)?;
@@ -362,16 +372,13 @@ pub fn new_ca_key(dir: &VaultDir) -> Result<NewKeyDone, RenewError> {
         });
         if !whole {
             let key = zeroize::Zeroizing::new(dir.read(&dir.ca_key())?);
-            let gw = pki::new_gateway_cert(
+            let cross = dir.read(&dir.ca_cross_cert())?;
+            write_gateway_pair(
                 &config.name,
                 &key,
-                &crate::openvpn::gateway_cn(&config.name),
+                &cross,
+                (gkey.as_path(), gcert.as_path()),
             )?;
-            let gw_key = zeroize::Zeroizing::new(gw.key_pem);
-            let cross = dir.read(&dir.ca_cross_cert())?;
-            write_atomic(&gkey, gw_key.as_bytes(), 0o600)?;
-            let chained = crate::openvpn::with_chain(&gw.cert_pem, &cross);
-            write_atomic(&gcert, chained.as_bytes(), 0o644)?;
         }
     }
     rename_synced(&dir.ca_next_cert(), &dir.ca_cert())?;

@@ -1019,6 +1019,13 @@ fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
     let file = |name: &str| std::fs::read_to_string(vdir.join(name)).unwrap();
     let certs_in = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
     let ca1 = file("ca.pem");
+    // A member's profile gets in (opening the vault), and out (closing it).
+    let gets_in = |gw: &mut Gw, name: &str| {
+        let mut c = gw.connect(name, 0);
+        gw.vault.wait_state("open", Duration::from_secs(10));
+        c.stop();
+        gw.vault.wait_state("closed", Duration::from_secs(20));
+    };
     let gw_cert1 = file("gateway/server.pem");
     assert_eq!(certs_in(&gw_cert1), 1);
 
@@ -1074,10 +1081,7 @@ fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
     // Bob's profile, made before the change (his certificate signed by the
     // previous CA, which his profile pins), gets in: the gateway's
     // certificate reaches that CA through X.
-    let mut bob = gw.connect("bob", 0);
-    gw.vault.wait_state("open", Duration::from_secs(10));
-    bob.stop();
-    gw.vault.wait_state("closed", Duration::from_secs(20));
+    gets_in(&mut gw, "bob");
 
     // Alice renews, confirming the new key's fingerprint: her machine pins
     // the new CA, and her new profile trusts it, with her certificate
@@ -1104,18 +1108,12 @@ fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
     let alice_cert = section(&alice_profile, "cert");
     assert_eq!(certs_in(&alice_cert), 2);
     assert!(alice_cert.trim_end().ends_with(cross.trim_end()));
-    let mut alice = gw.connect("alice", 0);
-    gw.vault.wait_state("open", Duration::from_secs(10));
-    alice.stop();
-    gw.vault.wait_state("closed", Duration::from_secs(20));
+    gets_in(&mut gw, "alice");
     // Bob has not renewed: a profile he makes now trusts the CA his machine
     // pins (the previous one), not the one the vault serves; he gets in.
     let bob_profile = profile(&gw, "bob");
     assert_eq!(section(&bob_profile, "ca").trim_end(), ca1.trim_end());
-    let mut bob = gw.connect("bob", 0);
-    gw.vault.wait_state("open", Duration::from_secs(10));
-    bob.stop();
-    gw.vault.wait_state("closed", Duration::from_secs(20));
+    gets_in(&mut gw, "bob");
 
     // The finish (Bob shut out, as asked): OpenVPN trusts the new CA alone
     // and sends its own certificate alone. Alice's profile still gets in;
@@ -1157,10 +1155,7 @@ fn a_new_ca_key_keeps_vpn_profiles_working_through_the_cross_certificate() {
     assert!(gw_cert2.starts_with(&gw_cert3));
     gw.vault.start();
     gw.start_server();
-    let mut alice = gw.connect("alice", 0);
-    gw.vault.wait_state("open", Duration::from_secs(10));
-    alice.stop();
-    gw.vault.wait_state("closed", Duration::from_secs(20));
+    gets_in(&mut gw, "alice");
     let auth = gw.auth_file("bob", None, false);
     let mut bob = gw.client("bob", 0, &auth, &[]);
     assert!(
