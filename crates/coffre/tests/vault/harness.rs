@@ -42,6 +42,9 @@ pub struct Vault {
     /// A cgroup (v2 directory) the daemon starts in, as a service
     /// manager would start it in its unit's.
     pub daemon_cgroup: Option<PathBuf>,
+    /// The daemon was crashed (`crash`) and not started since: its
+    /// workloads may still run.
+    pub crashed: bool,
 }
 
 impl Vault {
@@ -117,6 +120,7 @@ impl Vault {
             daemon_env: Vec::new(),
             netns: None,
             daemon_cgroup: None,
+            crashed: false,
         }
     }
 
@@ -381,6 +385,7 @@ impl Vault {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.crashed = true;
         }
     }
 
@@ -552,7 +557,53 @@ impl Drop for Vault {
             }
         }
         coffre_data::cleanup_stale(&self.layout(), Duration::from_secs(1));
+        if self.crashed && self.daemon_cgroup.is_none() {
+            kill_left_workloads(&self.dir);
+        }
     }
+}
+
+/// What a crashed daemon's workloads left (a test that failed between a
+/// crash and the next start): killed through cgroup v2's `cgroup.kill`,
+/// and the vault's cgroups removed, so that a spinning workload does not
+/// take a core from the tests after it.
+fn kill_left_workloads(dir: &Path) {
+    let scope = coffre_daemon::workload::scope_of(dir);
+    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .map(|r| Path::new(r).join(&scope))
+        .into_iter()
+        .find(|p| p.join("cgroup.kill").exists());
+    let Some(top) = unified else {
+        return;
+    };
+    let _ = std::fs::write(top.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(top.join("cgroup.events"))
+        .is_ok_and(|e| e.contains("populated 1"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = hierarchies.flatten().map(|e| e.path()).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        remove_tree(&root.join(&scope));
+    }
+}
+
+/// `rmdir` of a cgroup and the ones under it, deepest first.
+fn remove_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(p);
 }
 
 pub fn session_file(identity: &Path) -> PathBuf {

@@ -407,6 +407,7 @@ fn first_superuser_can_join_from_their_own_machine() {
         daemon_env: Vec::new(),
         netns: None,
         daemon_cgroup: None,
+        crashed: false,
     };
     v.start();
     let out = v.join("ruth", &inv);
