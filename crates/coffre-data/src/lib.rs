@@ -9,6 +9,12 @@
 //! The kernel never sees a key: decryption stays in our userspace engine
 //! (`coffre-storage`), so this works on hosts without device-mapper.
 
+/// The unit tests run with the daemon's allocator: where it places the
+/// FUSE library's buffers decides the workloads' view's direct-write path.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: coffre_sys::alloc::WipeOnFree = coffre_sys::alloc::WipeOnFree;
+
 pub mod cut;
 mod fusefile;
 pub mod iostats;

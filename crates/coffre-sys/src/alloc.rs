@@ -21,6 +21,14 @@
 //! `pread` of a file in the page cache into a 1 MiB buffer took 440 ms per
 //! GiB 16 bytes past a cache line and 95 ms on one. Copies out of a buffer
 //! (`pwrite`) do not care.
+//!
+//! One block is placed further: the FUSE library's request buffer
+//! ([`FUSE_REQUEST_BUFFER`] bytes) starts [`FUSE_WRITE_PAYLOAD`] bytes
+//! before a page boundary, so that a write request's data, which follows
+//! its headers, lands on a page. The kernel then copies written data into
+//! it at full speed, and the workloads' view can hand it to a file opened
+//! for direct I/O (which wants the loop device's 512-byte alignment)
+//! without copying it first.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
@@ -34,6 +42,42 @@ pub const ALIGN_FROM: usize = 4096;
 /// full speed.
 pub const IO_ALIGN: usize = 64;
 
+/// The size of the buffer the FUSE library (`fuser` 0.18) reads each
+/// request into: its largest write (16 MiB) and a page for the headers.
+/// A test in `coffre-data` fails if a write's data no longer lands on a
+/// page, e.g. after an upgrade of the library that changes this size.
+pub const FUSE_REQUEST_BUFFER: usize = (16 << 20) + 4096;
+
+/// Where a write request's data starts in that buffer: after the kernel's
+/// `fuse_in_header` (40 bytes) and `fuse_write_in` (40 bytes).
+pub const FUSE_WRITE_PAYLOAD: usize = 80;
+
+/// Where a block we place ourselves starts: `residue` bytes past a
+/// multiple of `modulus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Placement {
+    modulus: usize,
+    residue: usize,
+}
+
+/// Large blocks: on a cache line.
+const LINE: Placement = Placement {
+    modulus: IO_ALIGN,
+    residue: 0,
+};
+
+/// The FUSE library's request buffer: a write's data on a page.
+const FUSE_REQUEST: Placement = Placement {
+    modulus: 4096,
+    residue: 4096 - FUSE_WRITE_PAYLOAD,
+};
+
+/// The system's alignment of every block (glibc: two words). Every
+/// placement's residue is a multiple of it, so the distance from the
+/// system's block to ours is too: at least 16 bytes, room for the two
+/// bytes that record it.
+const SYSTEM_ALIGN: usize = 2 * size_of::<usize>();
+
 /// Whether a block of `layout` is one we align ourselves: taken from the
 /// system [`IO_ALIGN`] bytes larger, handed out from the first cache line
 /// boundary past its start, the distance kept in the byte just before.
@@ -41,32 +85,44 @@ pub const IO_ALIGN: usize = 64;
 /// `calloc`, and zeroing a large block by hand faults in every page of it
 /// (the FUSE library's 16 MiB buffers, of which a request uses a page).
 /// It depends only on `layout`, so `dealloc` undoes what `alloc` did.
-fn realigned(layout: Layout) -> Option<Layout> {
-    if layout.size() >= ALIGN_FROM && layout.align() < IO_ALIGN {
-        Layout::from_size_align(layout.size().checked_add(IO_ALIGN)?, layout.align()).ok()
+fn realigned(layout: Layout) -> Option<(Layout, Placement)> {
+    let place = if layout.size() == FUSE_REQUEST_BUFFER && layout.align() <= SYSTEM_ALIGN {
+        FUSE_REQUEST
+    } else if layout.size() >= ALIGN_FROM && layout.align() < IO_ALIGN {
+        LINE
     } else {
-        None
-    }
+        return None;
+    };
+    let raw = Layout::from_size_align(layout.size().checked_add(place.modulus)?, layout.align());
+    raw.ok().map(|raw| (raw, place))
 }
 
-/// The first cache line boundary past `raw`, with its distance from `raw`
-/// (1 to IO_ALIGN) written just before it. The caller takes `raw` from the
-/// system IO_ALIGN bytes larger than the block it hands out, so the block
-/// fits after the boundary.
+/// The first address past `raw` where `place` puts a block, with its
+/// distance from `raw` (1 to `place.modulus`) written in the two bytes
+/// just before it. The caller takes `raw` from the system `place.modulus`
+/// bytes larger than the block it hands out, so the block fits after it.
 ///
 /// # Safety
-/// `raw` must be null or valid for writes of IO_ALIGN bytes.
-unsafe fn hand_out(raw: *mut u8) -> *mut u8 {
+/// `raw` must be null, or valid for writes of `place.modulus` bytes and
+/// aligned as the system aligns every block ([`SYSTEM_ALIGN`]).
+unsafe fn hand_out(raw: *mut u8, place: Placement) -> *mut u8 {
     if raw.is_null() {
         return raw;
     }
-    // From 1 to IO_ALIGN bytes in: at least one byte for the distance.
-    let shift = IO_ALIGN - (raw as usize % IO_ALIGN);
-    // SAFETY: shift <= IO_ALIGN, within the block; the byte before the
-    // aligned start is at raw + shift - 1 >= raw.
+    // From 1 to modulus bytes in; with raw and the residue both on
+    // SYSTEM_ALIGN, a multiple of it, so at least 16: room for the
+    // distance.
+    let shift = match (place.residue + place.modulus - raw as usize % place.modulus) % place.modulus
+    {
+        0 => place.modulus,
+        n => n,
+    };
+    let distance = u16::try_from(shift).expect("placements are within 64 KiB");
+    // SAFETY: shift <= modulus, within the block; the two bytes before
+    // the block are at raw + shift - 2 >= raw (shift >= SYSTEM_ALIGN).
     unsafe {
         let p = raw.add(shift);
-        *p.sub(1) = shift.to_le_bytes()[0];
+        p.sub(2).cast::<[u8; 2]>().write(distance.to_le_bytes());
         p
     }
 }
@@ -74,16 +130,18 @@ unsafe fn hand_out(raw: *mut u8) -> *mut u8 {
 /// The start of the system's block for a block `hand_out` gave.
 ///
 /// # Safety
-/// `p` must come from [`hand_out`].
-unsafe fn taken_back(p: *mut u8) -> *mut u8 {
-    // SAFETY: hand_out wrote the distance, 1 to IO_ALIGN, just before p.
-    let shift = usize::from(unsafe { *p.sub(1) });
+/// `p` must come from [`hand_out`] with the same `place`.
+unsafe fn taken_back(p: *mut u8, place: Placement) -> *mut u8 {
+    // SAFETY: hand_out wrote the distance in the two bytes before p.
+    let shift = usize::from(u16::from_le_bytes(unsafe {
+        p.sub(2).cast::<[u8; 2]>().read()
+    }));
     // The distance byte sits where glibc keeps (and checks) a block's size
     // for its own blocks: a stray write there, from some other bug, would
     // have free() and the wipe take a wrong address. What hand_out can
     // have written is checked, and anything else stops the process (no
     // panic: unwinding allocates).
-    if !shift_is_sound(p as usize, shift) {
+    if !shift_is_sound(p as usize, shift, place) {
         std::process::abort();
     }
     // SAFETY: within the block hand_out was given, shift bytes before p.
@@ -91,13 +149,12 @@ unsafe fn taken_back(p: *mut u8) -> *mut u8 {
 }
 
 /// Whether `shift` can be what [`hand_out`] wrote before the block at
-/// address `p`: `p` on a cache line, the distance 1 to IO_ALIGN, and the
-/// system's block it leads back to aligned as the system aligns every
-/// block (two words).
-fn shift_is_sound(p: usize, shift: usize) -> bool {
-    const SYSTEM_ALIGN: usize = 2 * size_of::<usize>();
-    p.is_multiple_of(IO_ALIGN)
-        && (1..=IO_ALIGN).contains(&shift)
+/// address `p`: `p` where `place` puts blocks, the distance 1 to its
+/// modulus, and the system's block it leads back to aligned as the system
+/// aligns every block (two words).
+fn shift_is_sound(p: usize, shift: usize, place: Placement) -> bool {
+    p % place.modulus == place.residue
+        && (1..=place.modulus).contains(&shift)
         && p.wrapping_sub(shift).is_multiple_of(SYSTEM_ALIGN)
 }
 
@@ -194,7 +251,7 @@ unsafe impl GlobalAlloc for WipeOnFree {
         // larger size with the same alignment keeps them.
         unsafe {
             match realigned(layout) {
-                Some(raw) => hand_out(System.alloc(raw)),
+                Some((raw, place)) => hand_out(System.alloc(raw), place),
                 None => System.alloc(layout),
             }
         }
@@ -205,7 +262,7 @@ unsafe impl GlobalAlloc for WipeOnFree {
         // for blocks glibc maps), so what is handed out is too.
         unsafe {
             match realigned(layout) {
-                Some(raw) => hand_out(System.alloc_zeroed(raw)),
+                Some((raw, place)) => hand_out(System.alloc_zeroed(raw), place),
                 None => System.alloc_zeroed(layout),
             }
         }
@@ -217,7 +274,7 @@ unsafe impl GlobalAlloc for WipeOnFree {
         // `raw` found back by taken_back, `raw_layout.size()` bytes long.
         unsafe {
             let (ptr, layout) = match realigned(layout) {
-                Some(raw_layout) => (taken_back(ptr), raw_layout),
+                Some((raw_layout, place)) => (taken_back(ptr, place), raw_layout),
                 None => (ptr, layout),
             };
             if layout.size() >= SPARSE_FROM {
@@ -237,33 +294,47 @@ mod tests {
     #[test]
     fn a_large_blocks_distance_byte_is_checked_before_it_is_trusted() {
         // What hand_out writes is found back, from every start the system
-        // can give (two-word aligned) within a cache line.
-        let mut buf = vec![0u64; 3 * IO_ALIGN / 8];
-        let base = buf.as_mut_ptr().cast::<u8>();
-        let first = IO_ALIGN - base as usize % IO_ALIGN;
-        for offset in (0..IO_ALIGN).step_by(2 * size_of::<usize>()) {
-            // SAFETY: raw + IO_ALIGN stays within buf (3 cache lines).
-            unsafe {
-                let raw = base.add(first % IO_ALIGN + offset);
-                let p = hand_out(raw);
-                assert_eq!(p as usize % IO_ALIGN, 0);
-                assert_eq!(taken_back(p), raw, "offset {offset}");
+        // can give (two-word aligned) within a modulus, for both
+        // placements.
+        for place in [LINE, FUSE_REQUEST] {
+            let m = place.modulus;
+            let mut buf = vec![0u64; 3 * m / 8];
+            let base = buf.as_mut_ptr().cast::<u8>();
+            let first = m - base as usize % m;
+            for offset in (0..m).step_by(SYSTEM_ALIGN) {
+                // SAFETY: raw + m stays within buf (3 moduli).
+                unsafe {
+                    let raw = base.add(first % m + offset);
+                    let p = hand_out(raw, place);
+                    assert_eq!(p as usize % m, place.residue);
+                    assert_eq!(taken_back(p, place), raw, "offset {offset}");
+                }
             }
         }
         // What it cannot have written is refused (taken_back aborts).
         let line = 64 * IO_ALIGN;
-        assert!(shift_is_sound(line, 16));
-        assert!(shift_is_sound(line, IO_ALIGN));
-        assert!(!shift_is_sound(line, 0), "no distance");
-        assert!(!shift_is_sound(line, IO_ALIGN + 16), "past a cache line");
-        assert!(!shift_is_sound(line, 200), "past a cache line");
+        assert!(shift_is_sound(line, 16, LINE));
+        assert!(shift_is_sound(line, IO_ALIGN, LINE));
+        assert!(!shift_is_sound(line, 0, LINE), "no distance");
         assert!(
-            !shift_is_sound(line, 5),
+            !shift_is_sound(line, IO_ALIGN + 16, LINE),
+            "past a cache line"
+        );
+        assert!(!shift_is_sound(line, 200, LINE), "past a cache line");
+        assert!(
+            !shift_is_sound(line, 5, LINE),
             "to a block the system never gives"
         );
         assert!(
-            !shift_is_sound(line + 16, 16),
+            !shift_is_sound(line + 16, 16, LINE),
             "a block not handed out on a cache line"
+        );
+        let fuse = 16 * 4096 + FUSE_REQUEST.residue;
+        assert!(shift_is_sound(fuse, 4096, FUSE_REQUEST));
+        assert!(!shift_is_sound(fuse, 4112, FUSE_REQUEST), "past a page");
+        assert!(
+            !shift_is_sound(line, 16, FUSE_REQUEST),
+            "not where it puts them"
         );
     }
 
@@ -303,7 +374,7 @@ mod tests {
                         // Leave bytes that are not zero where glibc is
                         // likely to hand out the next block (freed
                         // without our wipe).
-                        let raw = realigned(layout).unwrap();
+                        let (raw, _) = realigned(layout).unwrap();
                         let dirty = System.alloc(raw);
                         std::ptr::write_bytes(dirty, 0xff, raw.size());
                         System.dealloc(dirty, raw);
@@ -361,6 +432,20 @@ mod tests {
             // they are.
             assert!(realigned(Layout::from_size_align(100, 1).unwrap()).is_none());
             assert!(realigned(Layout::from_size_align(8192, 4096).unwrap()).is_none());
+            // The FUSE library's request buffer: a write's data on a page,
+            // from alloc and alloc_zeroed.
+            let fuse = Layout::from_size_align(FUSE_REQUEST_BUFFER, 1).unwrap();
+            for zeroed in [false, true] {
+                let p = if zeroed {
+                    a.alloc_zeroed(fuse)
+                } else {
+                    a.alloc(fuse)
+                };
+                assert_eq!((p as usize + FUSE_WRITE_PAYLOAD) % 4096, 0);
+                *p = 1;
+                *p.add(FUSE_REQUEST_BUFFER - 1) = 1;
+                a.dealloc(p, fuse);
+            }
         }
     }
 

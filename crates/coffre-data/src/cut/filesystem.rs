@@ -28,6 +28,12 @@ thread_local! {
 /// Alignment of direct I/O buffers (a page: more than any sector size).
 const DIRECT_ALIGN: usize = 4096;
 
+/// Direct writes that had to be copied into an aligned buffer first (their
+/// data was not on a page in the FUSE library's buffer): none with our
+/// allocator, which the tests check.
+pub(crate) static COPIED_DIRECT_WRITES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// Makes room in `buf` for `n` bytes starting at a page boundary; returns
 /// where they start.
 fn aligned(buf: &mut zeroize::Zeroizing<Vec<u8>>, n: usize) -> usize {
@@ -410,9 +416,13 @@ impl Filesystem for Layer {
     ) {
         match self.with_live(|_| {
             let (f, flags) = self.file_and_flags(fh.0)?;
-            if flags & libc::O_DIRECT != 0 {
+            if flags & libc::O_DIRECT != 0 && !data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
                 // Direct I/O wants an aligned buffer; the request's data
-                // sits after its headers in the library's buffer.
+                // sits after its headers in the library's buffer, which
+                // our allocator places so that it lands on a page
+                // (`coffre_sys::alloc::FUSE_REQUEST_BUFFER`). Where it does
+                // not (another allocator), through an aligned copy.
+                COPIED_DIRECT_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 VIEW_BUF
                     .with_borrow_mut(|buf| {
                         let at = aligned(buf, data.len());

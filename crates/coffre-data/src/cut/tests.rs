@@ -299,8 +299,8 @@ fn a_member_operation_leaves_the_process_undumpable() {
 /// A workload's direct I/O stays direct through the layer: aligned O_DIRECT
 /// writes and reads through the view reach the ext4 file (and come back)
 /// across a cut and a restore (the file is reopened O_DIRECT), none of it
-/// left in the page cache of the file below; an unaligned direct write is
-/// refused as ext4 refuses it.
+/// left in the page cache of the file below, and handed to ext4 without a
+/// copy; an unaligned direct write is refused as ext4 refuses it.
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn direct_io_stays_direct_through_the_layer() {
@@ -320,6 +320,13 @@ fn direct_io_stays_direct_through_the_layer() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Straight from the FUSE library's buffer, where our allocator puts
+    // a write's data on a page: no copy first.
+    assert_eq!(
+        super::filesystem::COPIED_DIRECT_WRITES.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "aligned direct writes through the view were copied first"
     );
     let cached = Command::new("fincore")
         .args(["--noheadings", "--output", "PAGES"])
