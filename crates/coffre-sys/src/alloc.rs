@@ -15,7 +15,7 @@
 //! growth is given up).
 //!
 //! It also aligns every block of [`ALIGN_FROM`] bytes and more on a cache
-//! line: the I/O buffers of the data path. glibc gives a large block 16
+//! line (but one size, below): the I/O buffers of the data path. glibc gives a large block 16
 //! bytes past a page boundary, and on some CPUs (measured on an AMD EPYC
 //! Zen 3) the kernel copies into such a buffer at a quarter of its speed:
 //! `pread` of a file in the page cache into a 1 MiB buffer took 440 ms per
@@ -78,10 +78,26 @@ const FUSE_REQUEST: Placement = Placement {
 /// bytes that record it.
 const SYSTEM_ALIGN: usize = 2 * size_of::<usize>();
 
-/// Whether a block of `layout` is one we align ourselves: taken from the
-/// system [`IO_ALIGN`] bytes larger, handed out from the first cache line
-/// boundary past its start, the distance kept in the byte just before.
-/// Not through the system's aligned allocation: glibc has no aligned
+// What hand_out and taken_back rely on, checked when this compiles: every
+// distance is a multiple of SYSTEM_ALIGN, at most 256 of them (it is
+// recorded as one byte), and the FUSE buffer is a large block.
+const _: () = assert!(
+    FUSE_REQUEST.residue.is_multiple_of(SYSTEM_ALIGN)
+        && LINE.residue.is_multiple_of(SYSTEM_ALIGN)
+        && FUSE_REQUEST.modulus.is_multiple_of(SYSTEM_ALIGN)
+        && LINE.modulus.is_multiple_of(SYSTEM_ALIGN)
+        && FUSE_REQUEST.modulus / SYSTEM_ALIGN <= 256
+        && LINE.modulus / SYSTEM_ALIGN <= 256
+        && FUSE_REQUEST_BUFFER >= ALIGN_FROM
+);
+
+/// Whether a block of `layout` is one we place ourselves, and where: taken
+/// from the system a placement's modulus larger, handed out from the first
+/// address past its start where the placement puts blocks (a cache line;
+/// for the FUSE library's buffer, 80 bytes before a page), the distance
+/// kept in the two bytes just before. Only for alignments the placement
+/// meets (at most 16 bytes for the FUSE buffer, below a cache line for the
+/// others). Not through the system's aligned allocation: glibc has no aligned
 /// `calloc`, and zeroing a large block by hand faults in every page of it
 /// (the FUSE library's 16 MiB buffers, of which a request uses a page).
 /// It depends only on `layout`, so `dealloc` undoes what `alloc` did.
@@ -98,9 +114,10 @@ fn realigned(layout: Layout) -> Option<(Layout, Placement)> {
 }
 
 /// The first address past `raw` where `place` puts a block, with its
-/// distance from `raw` (1 to `place.modulus`) written in the two bytes
-/// just before it. The caller takes `raw` from the system `place.modulus`
-/// bytes larger than the block it hands out, so the block fits after it.
+/// distance from `raw` (16 to `place.modulus`) recorded in the two bytes
+/// just before it ([`record`]). The caller takes `raw` from the system
+/// `place.modulus` bytes larger than the block it hands out, so the block
+/// fits after it.
 ///
 /// # Safety
 /// `raw` must be null, or valid for writes of `place.modulus` bytes and
@@ -109,22 +126,39 @@ unsafe fn hand_out(raw: *mut u8, place: Placement) -> *mut u8 {
     if raw.is_null() {
         return raw;
     }
+    if !(raw as usize).is_multiple_of(SYSTEM_ALIGN) {
+        // Not what glibc gives; nothing below would hold (no panic here:
+        // unwinding allocates).
+        std::process::abort();
+    }
     // From 1 to modulus bytes in; with raw and the residue both on
     // SYSTEM_ALIGN, a multiple of it, so at least 16: room for the
-    // distance.
+    // record.
     let shift = match (place.residue + place.modulus - raw as usize % place.modulus) % place.modulus
     {
         0 => place.modulus,
         n => n,
     };
-    let distance = u16::try_from(shift).expect("placements are within 64 KiB");
     // SAFETY: shift <= modulus, within the block; the two bytes before
     // the block are at raw + shift - 2 >= raw (shift >= SYSTEM_ALIGN).
     unsafe {
         let p = raw.add(shift);
-        p.sub(2).cast::<[u8; 2]>().write(distance.to_le_bytes());
+        p.sub(2).cast::<[u8; 2]>().write(record(shift));
         p
     }
+}
+
+/// How a distance (a multiple of [`SYSTEM_ALIGN`], 16 to 4096) is kept:
+/// its count of SYSTEM_ALIGN units less one, and that byte's complement,
+/// so that a stray write over them is caught ([`recorded`]).
+fn record(shift: usize) -> [u8; 2] {
+    let units = (shift / SYSTEM_ALIGN).wrapping_sub(1).to_le_bytes()[0];
+    [units, !units]
+}
+
+/// The distance [`record`] kept, or `None` if the two bytes disagree.
+fn recorded(bytes: [u8; 2]) -> Option<usize> {
+    (bytes[1] == !bytes[0]).then(|| (usize::from(bytes[0]) + 1) * SYSTEM_ALIGN)
 }
 
 /// The start of the system's block for a block `hand_out` gave.
@@ -132,18 +166,16 @@ unsafe fn hand_out(raw: *mut u8, place: Placement) -> *mut u8 {
 /// # Safety
 /// `p` must come from [`hand_out`] with the same `place`.
 unsafe fn taken_back(p: *mut u8, place: Placement) -> *mut u8 {
-    // SAFETY: hand_out wrote the distance in the two bytes before p.
-    let shift = usize::from(u16::from_le_bytes(unsafe {
-        p.sub(2).cast::<[u8; 2]>().read()
-    }));
-    // The distance byte sits where glibc keeps (and checks) a block's size
-    // for its own blocks: a stray write there, from some other bug, would
-    // have free() and the wipe take a wrong address. What hand_out can
-    // have written is checked, and anything else stops the process (no
-    // panic: unwinding allocates).
-    if !shift_is_sound(p as usize, shift, place) {
+    // SAFETY: hand_out recorded the distance in the two bytes before p.
+    let kept = unsafe { p.sub(2).cast::<[u8; 2]>().read() };
+    // The record sits where glibc keeps (and checks) a block's size for
+    // its own blocks: a stray write there, from some other bug, would have
+    // free() and the wipe take a wrong address. What hand_out can have
+    // written is checked, and anything else stops the process (no panic:
+    // unwinding allocates).
+    let Some(shift) = recorded(kept).filter(|&s| shift_is_sound(p as usize, s, place)) else {
         std::process::abort();
-    }
+    };
     // SAFETY: within the block hand_out was given, shift bytes before p.
     unsafe { p.sub(shift) }
 }
@@ -237,9 +269,11 @@ unsafe fn wipe_resident(ptr: *mut u8, len: usize) {
 }
 
 // SAFETY: every method delegates to `System`, so System's guarantees
-// (alignment, size, validity) hold; blocks `realigned` are taken IO_ALIGN
-// bytes larger and handed out from inside (at least IO_ALIGN-aligned, so
-// any alignment below it holds too, with `size` bytes after), and
+// (alignment, size, validity) hold; blocks `realigned` are taken their
+// placement's modulus larger and handed out from inside, where the
+// placement puts them (on a cache line, or for the FUSE buffer 16-byte
+// aligned: `realigned` takes only alignments the placement meets), with
+// `size` bytes after, and
 // `dealloc` finds the system's block again by the same rule, which depends
 // only on the layout the GlobalAlloc contract says is the block's.
 // `dealloc` first writes zeros over the block, which the contract says is
@@ -329,6 +363,13 @@ mod tests {
             !shift_is_sound(line + 16, 16, LINE),
             "a block not handed out on a cache line"
         );
+        // The record of every distance reads back; a byte changed does not.
+        for shift in (SYSTEM_ALIGN..=4096).step_by(SYSTEM_ALIGN) {
+            let r = record(shift);
+            assert_eq!(recorded(r), Some(shift));
+            assert_eq!(recorded([r[0], r[1] ^ 1]), None);
+            assert_eq!(recorded([r[0] ^ 0x80, r[1]]), None);
+        }
         let fuse = 16 * 4096 + FUSE_REQUEST.residue;
         assert!(shift_is_sound(fuse, 4096, FUSE_REQUEST));
         assert!(!shift_is_sound(fuse, 4112, FUSE_REQUEST), "past a page");

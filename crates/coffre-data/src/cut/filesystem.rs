@@ -385,7 +385,12 @@ impl Filesystem for Layer {
                         Ok(0) => break,
                         Ok(n) => got += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(errno(e)),
+                        Err(e) => {
+                            // What was read before the error is plaintext
+                            // too.
+                            zeroize::Zeroize::zeroize(&mut buf[..got]);
+                            return Err(errno(e));
+                        }
                     }
                 }
                 Ok((at, got))
