@@ -50,4 +50,17 @@ fn main() {
     })
     .unwrap();
     println!("close_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);
+    // What the volume file served: requests, bytes and the time spent in
+    // them, by direction.
+    for (name, d) in [
+        ("read", &coffre_data::iostats::DATA_IO.read),
+        ("write", &coffre_data::iostats::DATA_IO.write),
+    ] {
+        let (counts, busy) = d.latency.snapshot();
+        println!(
+            "{name}_served {} {} {busy:.3}",
+            counts.last().copied().unwrap_or(0),
+            d.bytes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
 }
