@@ -97,6 +97,19 @@ pub fn unix_secs() -> u64 {
 /// line per hit, with the mapping (as /proc/PID/maps shows it) and the
 /// offset in it.
 pub fn memory_hits(pid: u32, needle: &[u8]) -> Vec<String> {
+    hits_where(pid, needle.len(), |w| w == needle)
+}
+
+/// Where the bytes whose complements are `inverted` appear in the
+/// readable mappings of process `pid`, as [`memory_hits`]: a process can
+/// scan itself for a secret it keeps only inverted.
+pub fn memory_hits_inverted(pid: u32, inverted: &[u8]) -> Vec<String> {
+    hits_where(pid, inverted.len(), |w| {
+        w.iter().zip(inverted).all(|(a, b)| *a == !*b)
+    })
+}
+
+fn hits_where(pid: u32, len: usize, found: impl Fn(&[u8]) -> bool) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
@@ -117,13 +130,9 @@ pub fn memory_hits(pid: u32, needle: &[u8]) -> Vec<String> {
         if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut buf).is_err() {
             continue;
         }
-        for (at, _) in buf
-            .windows(needle.len())
-            .enumerate()
-            .filter(|(_, w)| *w == needle)
-        {
+        for (at, _) in buf.windows(len).enumerate().filter(|(_, w)| found(w)) {
             // What surrounds it tells which buffer holds it.
-            let around = &buf[at.saturating_sub(96)..(at + needle.len() + 96).min(buf.len())];
+            let around = &buf[at.saturating_sub(96)..(at + len + 96).min(buf.len())];
             let text: String = around
                 .iter()
                 .map(|&b| {

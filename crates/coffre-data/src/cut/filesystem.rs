@@ -49,7 +49,7 @@ impl Filesystem for Layer {
         // Shared mappings of direct-I/O files (kernel 6.6+): programs that
         // mmap their files work; those pages are dropped at every cut.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
-        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_write(super::MAX_WRITE);
         // A workload's asynchronous direct I/O (several requests in
         // flight) reaches the workers in parallel.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
@@ -57,7 +57,11 @@ impl Filesystem for Layer {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == 1 && name == WIPE_NAME && from_us(req.pid()) {
+            reply.entry(&TTL, &wipe_attr(), Generation(0));
+            return;
+        }
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
             self.entry(live, &p, name)
@@ -79,11 +83,28 @@ impl Filesystem for Layer {
 
     fn getattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
+        if ino.0 == WIPE_INO {
+            reply.attr(&TTL, &wipe_attr());
+            return;
+        }
+        if ino.0 == 1
+            && self
+                .live
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            && from_us(req.pid())
+        {
+            // The daemon's way to the wipe file while cut: the kernel
+            // checks the root's permissions first.
+            reply.attr(&TTL, &cut_root_attr());
+            return;
+        }
         let r = self.with_live(|live| {
             let st = match fh.map(|f| self.file(f.0)) {
                 Some(Ok(f)) => rustix::fs::fstat(&*f),
@@ -321,7 +342,19 @@ impl Filesystem for Layer {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == WIPE_INO {
+            if from_us(req.pid()) {
+                // Parallel: the workers hold the writes until all have one.
+                reply.opened(
+                    fuser::FileHandle(WIPE_FH),
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+                );
+            } else {
+                reply.error(Errno::EACCES);
+            }
+            return;
+        }
         // O_DIRECT too: a workload's direct I/O stays direct below (same
         // path, same alignment rules as on the mount, and none of its
         // data in the page cache of the data's files).
@@ -366,7 +399,7 @@ impl Filesystem for Layer {
         fh: fuser::FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
@@ -375,8 +408,8 @@ impl Filesystem for Layer {
         // and wiped when the worker ends.
         VIEW_BUF.with_borrow_mut(|buf| {
             let size = size as usize;
-            match self.with_live(|_| {
-                let f = self.file(fh.0)?;
+            match self.with_live(|live| {
+                let (f, _) = self.file_now(live, fh.0, flags.0)?;
                 let at = aligned(buf, size);
                 let buf = &mut buf[at..at + size];
                 let mut got = 0;
@@ -415,12 +448,23 @@ impl Filesystem for Layer {
         offset: u64,
         data: &[u8],
         _write_flags: fuser::WriteFlags,
-        _flags: OpenFlags,
+        now: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.with_live(|_| {
-            let (f, flags) = self.file_and_flags(fh.0)?;
+        if fh.0 == WIPE_FH {
+            // The kernel copied this write's zeroes over what earlier
+            // requests left in this worker's buffer; holding the worker
+            // until all have one makes each take exactly one.
+            if self.wipe.meet() {
+                reply.written(u32::try_from(data.len()).unwrap_or(0));
+            } else {
+                reply.error(Errno::ETIMEDOUT);
+            }
+            return;
+        }
+        match self.with_live(|live| {
+            let (f, flags) = self.file_now(live, fh.0, now.0)?;
             if flags & libc::O_DIRECT != 0 && !data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
                 // Direct I/O wants an aligned buffer; the request's data
                 // sits after its headers in the library's buffer, which

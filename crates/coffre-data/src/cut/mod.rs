@@ -25,12 +25,15 @@ mod state;
 mod tests;
 
 use fuser::{Config, INodeNo, MountOption, SessionACL};
-use state::{Layer, Live, State};
+use state::{Layer, Live, State, WIPE_NAME, WORKERS};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+/// The largest write request the layer accepts (its `max_write`).
+pub(crate) const MAX_WRITE: u32 = 1 << 20;
 
 /// What a restore found.
 #[derive(Debug, Default, Clone)]
@@ -60,6 +63,7 @@ impl CutLayer {
         let layer = Arc::new(State {
             live: RwLock::new(None),
             maps: Mutex::default(),
+            wipe: state::Wipe::default(),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -70,7 +74,7 @@ impl CutLayer {
             MountOption::NoSuid,
         ];
         config.acl = SessionACL::All;
-        config.n_threads = Some(4);
+        config.n_threads = Some(WORKERS);
         let at = at.canonicalize()?;
         let session = fuser::Session::new(Layer(layer.clone()), &at, &config)?.spawn()?;
         Ok(Self {
@@ -121,8 +125,78 @@ impl CutLayer {
     }
 
     /// Closes everything the layer holds on the data (after requests in
-    /// flight finish). Returns how many open files it let go of.
+    /// flight finish), then overwrites what workloads' requests left in
+    /// the FUSE workers' buffers (see [`CutLayer::wipe_request_buffers`]).
+    /// Returns how many open files it let go of.
     pub fn cut(&self) -> usize {
+        let n = self.cut_only();
+        if let Err(e) = self.wipe_request_buffers() {
+            eprintln!("coffre: the workloads' view: {e}");
+        }
+        n
+    }
+
+    /// Overwrites the FUSE workers' request buffers with zeroes.
+    ///
+    /// The FUSE library reads each request into its worker's buffer and
+    /// keeps that buffer for the worker's life, which is the layer's (it
+    /// stays mounted while the vault is closed): a request overwrites only
+    /// as many bytes as it is long, so the data of a worker's largest
+    /// recent write would stay there, plaintext, after a close. Here one
+    /// write per worker, of the largest size a request can have, from the
+    /// daemon's own threads to a file only they can open: the kernel
+    /// copies its zeroes over everything earlier requests wrote, and the
+    /// workers hold each write until every worker has one (so each takes
+    /// exactly one). Bounded: an error after a few seconds if a worker
+    /// does not come (busy elsewhere, or the connection is gone).
+    pub fn wipe_request_buffers(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.at.join(WIPE_NAME);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..WORKERS {
+            let path = path.clone();
+            let tx = tx.clone();
+            // Detached: a write stuck on a dead connection must not hold
+            // the close.
+            std::thread::Builder::new()
+                .name("coffre-view-wipe".into())
+                .spawn(move || {
+                    // On a page, so that the kernel sends the whole write
+                    // as one request of MAX_WRITE bytes.
+                    let zeros = vec![0u8; MAX_WRITE as usize + 4096];
+                    let at = zeros.as_ptr().align_offset(4096);
+                    let r = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.write_all_at(&zeros[at..at + MAX_WRITE as usize], 0));
+                    let _ = tx.send(r);
+                })?;
+        }
+        drop(tx);
+        let until = std::time::Instant::now() + state::WIPE_WAIT * 2;
+        for _ in 0..WORKERS {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("its request buffers may keep data: {e}"),
+                    ));
+                }
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "its request buffers may keep data: a wipe write did not finish",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`CutLayer::cut`] without the wipe.
+    fn cut_only(&self) -> usize {
         // Direct I/O keeps reads and writes out of the page cache, but not
         // executables and private mappings: drop whatever the kernel
         // cached of every file we know (dirty shared pages are written
@@ -149,7 +223,7 @@ impl CutLayer {
 
 impl Drop for CutLayer {
     fn drop(&mut self) {
-        self.cut();
+        self.cut_only();
         if let Some(s) = self.session.take() {
             // Lazily: workloads' namespaces may still have it bound.
             let _ = rustix::mount::unmount(&self.at, rustix::mount::UnmountFlags::DETACH);

@@ -49,6 +49,104 @@ pub(super) struct State {
     /// they wait for requests in flight.
     pub(super) live: RwLock<Option<Live>>,
     pub(super) maps: Mutex<Maps>,
+    /// Where the workers meet to have their request buffers overwritten.
+    pub(super) wipe: Wipe,
+}
+
+/// The layer's FUSE workers (each has its own request buffer).
+pub(super) const WORKERS: usize = 4;
+
+/// The name, in the layer's root, of the file whose writes overwrite the
+/// workers' request buffers. Only the daemon's own threads see it; for
+/// anyone else the name passes through like any other.
+pub(super) const WIPE_NAME: &str = ".coffre-wipe-request-buffers";
+
+/// Its inode number (ext4's fit in 32 bits; 1 is the root).
+pub(super) const WIPE_INO: u64 = u64::MAX - 1;
+
+/// Its file handle (ours count up from 1).
+pub(super) const WIPE_FH: u64 = u64::MAX;
+
+/// How long a worker holding a wipe write waits for the others.
+pub(super) const WIPE_WAIT: Duration = Duration::from_secs(2);
+
+/// The meeting point of the wipe writes: a worker that holds one waits
+/// until every worker holds one, so each takes exactly one (a worker
+/// cannot take a second request while it waits on the first).
+#[derive(Default)]
+pub(super) struct Wipe {
+    /// Workers waiting, and how many meetings have completed.
+    met: Mutex<(usize, u64)>,
+    all_here: std::sync::Condvar,
+}
+
+impl Wipe {
+    /// Waits for the other workers; false if they did not all come within
+    /// [`WIPE_WAIT`] (one is busy elsewhere, or gone).
+    pub(super) fn meet(&self) -> bool {
+        let mut g = self.met.lock().unwrap_or_else(|p| p.into_inner());
+        let round = g.1;
+        g.0 += 1;
+        if g.0 == WORKERS {
+            *g = (0, round.wrapping_add(1));
+            self.all_here.notify_all();
+            return true;
+        }
+        let until = std::time::Instant::now() + WIPE_WAIT;
+        while g.1 == round {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                g.0 -= 1;
+                return false;
+            }
+            g = self
+                .all_here
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Whether a request comes from one of this process's threads (the FUSE
+/// header carries the thread's id, in the daemon's pid namespace).
+pub(super) fn from_us(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/self/task/{pid}")).exists()
+}
+
+/// The root's attributes while cut, for the daemon's own threads.
+pub(super) fn cut_root_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(1),
+        size: 0,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        ..wipe_attr()
+    }
+}
+
+/// The wipe file's attributes: write-only, root's, as long as a write
+/// (the kernel serialises writes that would extend a file).
+pub(super) fn wipe_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(WIPE_INO),
+        size: super::MAX_WRITE.into(),
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0o200,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
 }
 
 /// The filesystem fuser owns; the daemon keeps the same state to cut it.
@@ -212,6 +310,32 @@ impl Layer {
         let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let open = maps.files.get(&fh).ok_or(Errno::EBADF)?;
         Ok((open.file.clone().ok_or(Errno::EIO)?, open.flags))
+    }
+
+    /// The file to serve a read or write of `fh` with, and its flags,
+    /// given the flags the request carries (the file's flags now): a
+    /// process may have turned `O_DIRECT` off with `fcntl` since its open
+    /// (GNU dd does, for a last partial block), which the kernel does not
+    /// tell the layer; then a descriptor opened again without it, for this
+    /// request (the same file, by handle), or the write would fail with
+    /// `EINVAL` where the mount accepts it.
+    pub(super) fn file_now(
+        &self,
+        live: &Live,
+        fh: u64,
+        now: i32,
+    ) -> Result<(Arc<File>, i32), Errno> {
+        let (f, flags) = self.file_and_flags(fh)?;
+        if flags & libc::O_DIRECT == 0 || now & libc::O_DIRECT != 0 {
+            return Ok((f, flags));
+        }
+        let handle = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.files.get(&fh).ok_or(Errno::EBADF)?.handle.clone()
+        };
+        let buffered = flags & !libc::O_DIRECT;
+        let fd = handle.open(live.root.as_fd(), buffered).map_err(errno)?;
+        Ok((Arc::new(File::from(fd)), buffered))
     }
 
     /// This thread acts as the requesting process on the filesystem until

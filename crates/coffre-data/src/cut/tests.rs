@@ -89,6 +89,52 @@ fn viewed_ext4() -> (
     (t, img, mnt, view, layer)
 }
 
+/// What workloads write through the view does not stay in the FUSE
+/// workers' request buffers after a cut (the view stays mounted while the
+/// vault is closed, and so do its workers): data written through it is
+/// found in this process's memory before the cut, nowhere after. Also:
+/// the wipe file is the daemon's alone; for anyone else its name is an
+/// ordinary one.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_cut_leaves_no_written_data_in_the_request_buffers() {
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    // Kept inverted: only the bytes written carry the marker itself.
+    let mut inverted = [0u8; 48];
+    File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut inverted)
+        .unwrap();
+    let mut data = zeroize::Zeroizing::new(vec![0u8; 256 << 10]);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = !inverted[i % inverted.len()];
+    }
+    let f = File::create(view.join("secret")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+    drop(f);
+    zeroize::Zeroize::zeroize(&mut *data);
+    let me = std::process::id();
+    assert!(
+        !coffre_testkit::process::memory_hits_inverted(me, &inverted).is_empty(),
+        "the scan finds what a worker's request buffer holds (else it proves nothing)"
+    );
+
+    // Another process: the name is an ordinary file's, in the data.
+    let other = view.join(super::WIPE_NAME);
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo x > '{}'", other.display())));
+    assert_eq!(std::fs::read(mnt.join(super::WIPE_NAME)).unwrap(), b"x\n");
+
+    layer.cut();
+    let hits = coffre_testkit::process::memory_hits_inverted(me, &inverted);
+    assert!(hits.is_empty(), "after the cut: {hits:#?}");
+    // And again, while cut (the daemon's way to the file needs no data).
+    layer.wipe_request_buffers().unwrap();
+    drop(layer);
+}
+
 /// A file held open through the layer survives the ext4 mount going
 /// away (which it no longer keeps busy) and coming back.
 #[test]
@@ -365,6 +411,32 @@ fn direct_io_stays_direct_through_the_layer() {
         f.write_all(&data[..100]).is_err(),
         "an unaligned O_DIRECT write went through"
     );
+    // Unless the process turned O_DIRECT off since (GNU dd does for a
+    // last partial block): then it goes through, as on ext4 itself.
+    let fl = rustix::fs::fcntl_getfl(&f).unwrap();
+    rustix::fs::fcntl_setfl(&f, fl - rustix::fs::OFlags::DIRECT).unwrap();
+    f.seek(SeekFrom::Start(1)).unwrap();
+    f.write_all(&data[..100]).unwrap();
+    let mut back = [0u8; 100];
+    f.seek(SeekFrom::Start(1)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    assert_eq!(back, data[..100]);
+    // A file whose length is no multiple of a block, with dd's
+    // oflag=direct, as on the mount.
+    let odd = t.path().join("odd.bin");
+    std::fs::write(&odd, &data[..(1 << 20) + 1000]).unwrap();
+    let out = dd(&[
+        &format!("if={}", odd.display()),
+        &format!("of={}", view.join("odd.bin").display()),
+        "bs=1M",
+        "oflag=direct",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(mnt.join("odd.bin")).unwrap() == data[..(1 << 20) + 1000]);
     drop(f);
     drop(layer);
     umount(&mnt);

@@ -158,13 +158,46 @@ fn plaintext_not_in_daemon_memory_after_close() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let mut v = Vault::init(&[]);
     v.start();
+    let file = v.layout().mountpoint.join("shared/marked.bin");
+    marker_gone_after_close(&mut v, &file);
+}
+
+/// The same through the process workloads' view (the cut layer), which
+/// stays mounted while the vault is closed, and its FUSE workers with it:
+/// what a workload wrote must not wait in their request buffers.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn plaintext_written_through_the_view_not_in_daemon_memory_after_close() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    // A project workload: the daemon mounts the view for it.
+    v.set_workloads(
+        "auto",
+        r#"
+[[workload]]
+name = "idle"
+kind = "process"
+user = "root"
+command = ["/bin/sleep", "1000"]
+"#,
+    );
+    v.start();
+    let file = v.dir.join("run/view/shared/marked.bin");
+    marker_gone_after_close(&mut v, &file);
+}
+
+/// Writes 2 MiB of a unique marker to `file` (on the open vault's data)
+/// and reads it back with direct I/O, checks that the daemon's memory
+/// holds it (positive control), closes the vault and checks that it
+/// holds it nowhere.
+fn marker_gone_after_close(v: &mut Vault, file: &std::path::Path) {
     let pid = v.pid();
     let marker = unique_password()
         .replace("scan-", "plaintext-")
         .into_bytes();
     assert!(!memory_contains(pid, &marker));
     let mut enter = v.enter_bg("alice", &[]);
-    let file = v.layout().mountpoint.join("shared/marked.bin");
+    v.wait_state("open", Duration::from_secs(30));
     // 2 MiB of the marker, each copy at its own offset so any request's
     // buffer holds whole copies.
     let data = marker.repeat((2 << 20) / marker.len());
