@@ -58,8 +58,11 @@ impl Filesystem for Layer {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 == 1 && name == WIPE_NAME && from_us(req.pid()) {
-            reply.entry(&TTL, &wipe_attr(), Generation(0));
+        if parent.0 == 1
+            && let Some(i) = wipe_of_name(name)
+            && from_us(req.pid())
+        {
+            reply.entry(&TTL, &wipe_attr(i), Generation(0));
             return;
         }
         match self.with_live(|live| {
@@ -88,8 +91,8 @@ impl Filesystem for Layer {
         fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
-        if ino.0 == WIPE_INO {
-            reply.attr(&TTL, &wipe_attr());
+        if let Some(i) = wipe_of_ino(ino.0) {
+            reply.attr(&TTL, &wipe_attr(i));
             return;
         }
         if ino.0 == 1
@@ -343,7 +346,7 @@ impl Filesystem for Layer {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino.0 == WIPE_INO {
+        if wipe_of_ino(ino.0).is_some() {
             if from_us(req.pid()) {
                 // Parallel: the workers hold the writes until all have one.
                 reply.opened(
@@ -447,7 +450,7 @@ impl Filesystem for Layer {
         fh: fuser::FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: fuser::WriteFlags,
+        write_flags: fuser::WriteFlags,
         now: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
@@ -464,7 +467,13 @@ impl Filesystem for Layer {
             return;
         }
         match self.with_live(|live| {
-            let (f, flags) = self.file_now(live, fh.0, now.0)?;
+            // A writeback of a shared mapping's pages carries no file
+            // flags (page-sized and aligned: the descriptor as opened).
+            let (f, flags) = if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_CACHE) {
+                self.file_and_flags(fh.0)?
+            } else {
+                self.file_now(live, fh.0, now.0)?
+            };
             if flags & libc::O_DIRECT != 0 && !data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
                 // Direct I/O wants an aligned buffer; the request's data
                 // sits after its headers in the library's buffer, which

@@ -13,7 +13,10 @@
 //! (direct I/O, zero entry and attribute lifetimes), so no plaintext stays
 //! in the page cache while the vault is closed.
 //!
-//! While cut, every request fails with `EIO` (frozen workloads send none).
+//! While cut, every request fails with `EIO` (frozen workloads send none),
+//! except the daemon's own: the wipe of the workers' request buffers
+//! ([`CutLayer::wipe_request_buffers`]) and the root's attributes it needs
+//! to reach the wipe files.
 //!
 //! Here: the public API ([`CutLayer`], [`Restored`]): mount, cut, restore.
 //! The layer's state is in `state`, the filesystem requests in
@@ -25,7 +28,7 @@ mod state;
 mod tests;
 
 use fuser::{Config, INodeNo, MountOption, SessionACL};
-use state::{Layer, Live, State, WIPE_NAME, WORKERS};
+use state::{Layer, Live, State, WORKERS};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,6 +51,8 @@ pub struct Restored {
 /// The layer, mounted.
 pub struct CutLayer {
     layer: Arc<State>,
+    /// Wipe writes not answered yet.
+    stuck_wipes: Arc<std::sync::atomic::AtomicUsize>,
     session: Option<fuser::BackgroundSession>,
     notifier: fuser::Notifier,
     at: PathBuf,
@@ -79,6 +84,7 @@ impl CutLayer {
         let session = fuser::Session::new(Layer(layer.clone()), &at, &config)?.spawn()?;
         Ok(Self {
             layer,
+            stuck_wipes: Arc::default(),
             notifier: session.notifier(),
             session: Some(session),
             at,
@@ -151,26 +157,43 @@ impl CutLayer {
     /// does not come (busy elsewhere, or the connection is gone).
     pub fn wipe_request_buffers(&self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let path = self.at.join(WIPE_NAME);
+        use std::sync::atomic::Ordering;
+        // Writes of an earlier wipe still waiting (the workers are gone
+        // and the connection with them): more would only pile up.
+        if self.stuck_wipes.load(Ordering::SeqCst) > 0 {
+            return Err(std::io::Error::other(
+                "its request buffers may keep data: an earlier wipe never finished",
+            ));
+        }
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..WORKERS {
-            let path = path.clone();
+        for i in 0..WORKERS {
+            let path = self.at.join(state::wipe_name(i));
             let tx = tx.clone();
+            let stuck = self.stuck_wipes.clone();
+            stuck.fetch_add(1, Ordering::SeqCst);
             // Detached: a write stuck on a dead connection must not hold
             // the close.
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("coffre-view-wipe".into())
                 .spawn(move || {
                     // On a page, so that the kernel sends the whole write
                     // as one request of MAX_WRITE bytes.
                     let zeros = vec![0u8; MAX_WRITE as usize + 4096];
                     let at = zeros.as_ptr().align_offset(4096);
+                    // Not following a link: were the view not mounted, the
+                    // name would be looked up in the directory below.
                     let r = std::fs::OpenOptions::new()
                         .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
                         .open(&path)
                         .and_then(|f| f.write_all_at(&zeros[at..at + MAX_WRITE as usize], 0));
+                    stuck.fetch_sub(1, Ordering::SeqCst);
                     let _ = tx.send(r);
-                })?;
+                });
+            if let Err(e) = spawned {
+                self.stuck_wipes.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         drop(tx);
         let until = std::time::Instant::now() + state::WIPE_WAIT * 2;

@@ -56,18 +56,41 @@ pub(super) struct State {
 /// The layer's FUSE workers (each has its own request buffer).
 pub(super) const WORKERS: usize = 4;
 
-/// The name, in the layer's root, of the file whose writes overwrite the
-/// workers' request buffers. Only the daemon's own threads see it; for
-/// anyone else the name passes through like any other.
-pub(super) const WIPE_NAME: &str = ".coffre-wipe-request-buffers";
+/// The names, in the layer's root, of the files whose writes overwrite
+/// the workers' request buffers (one per worker, followed by its number:
+/// a file each, so that no two writes wait on one inode's lock). Only the
+/// daemon's own threads see them; for anyone else they pass through like
+/// any other name.
+pub(super) const WIPE_PREFIX: &str = ".coffre-wipe-request-buffers-";
 
-/// Its inode number (ext4's fit in 32 bits; 1 is the root).
-pub(super) const WIPE_INO: u64 = u64::MAX - 1;
+/// The inode number of wipe file `i` (ext4's fit in 32 bits; 1 is the
+/// root).
+pub(super) fn wipe_ino(i: usize) -> u64 {
+    u64::MAX - 1 - i as u64
+}
+
+/// Which wipe file `ino` is, if one.
+pub(super) fn wipe_of_ino(ino: u64) -> Option<usize> {
+    let i = usize::try_from((u64::MAX - 1).checked_sub(ino)?).ok()?;
+    (i < WORKERS).then_some(i)
+}
+
+/// The name of wipe file `i`.
+pub(super) fn wipe_name(i: usize) -> String {
+    format!("{WIPE_PREFIX}{i}")
+}
+
+/// Which wipe file `name` names, if one.
+pub(super) fn wipe_of_name(name: &OsStr) -> Option<usize> {
+    let i: usize = name.to_str()?.strip_prefix(WIPE_PREFIX)?.parse().ok()?;
+    (i < WORKERS && name.to_str() == Some(&wipe_name(i))).then_some(i)
+}
 
 /// Its file handle (ours count up from 1).
 pub(super) const WIPE_FH: u64 = u64::MAX;
 
-/// How long a worker holding a wipe write waits for the others.
+/// How long a worker holding a wipe write waits for the others (the
+/// daemon waits twice as long for its writes).
 pub(super) const WIPE_WAIT: Duration = Duration::from_secs(2);
 
 /// The meeting point of the wipe writes: a worker that holds one waits
@@ -123,15 +146,16 @@ pub(super) fn cut_root_attr() -> FileAttr {
         kind: FileType::Directory,
         perm: 0o755,
         nlink: 2,
-        ..wipe_attr()
+        ..wipe_attr(0)
     }
 }
 
-/// The wipe file's attributes: write-only, root's, as long as a write
-/// (the kernel serialises writes that would extend a file).
-pub(super) fn wipe_attr() -> FileAttr {
+/// Wipe file `i`'s attributes: write-only, root's, as long as a write
+/// (the kernel takes the inode's lock exclusively for a write that would
+/// extend a file).
+pub(super) fn wipe_attr(i: usize) -> FileAttr {
     FileAttr {
-        ino: INodeNo(WIPE_INO),
+        ino: INodeNo(wipe_ino(i)),
         size: super::MAX_WRITE.into(),
         blocks: 0,
         atime: UNIX_EPOCH,
@@ -386,4 +410,29 @@ pub(super) fn caller_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
             })
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod wipe_names {
+    use super::*;
+
+    #[test]
+    fn names_and_inodes_map_both_ways_and_nothing_else_matches() {
+        for i in 0..WORKERS {
+            assert_eq!(wipe_of_name(OsStr::new(&wipe_name(i))), Some(i));
+            assert_eq!(wipe_of_ino(wipe_ino(i)), Some(i));
+        }
+        for other in [
+            WIPE_PREFIX.to_string(),
+            format!("{WIPE_PREFIX}{WORKERS}"),
+            format!("{WIPE_PREFIX}01"),
+            format!("{WIPE_PREFIX}+1"),
+            format!("x{WIPE_PREFIX}0"),
+        ] {
+            assert_eq!(wipe_of_name(OsStr::new(&other)), None, "{other}");
+        }
+        for ino in [0, 1, u64::from(u32::MAX), u64::MAX, wipe_ino(WORKERS)] {
+            assert_eq!(wipe_of_ino(ino), None, "{ino}");
+        }
+    }
 }

@@ -106,7 +106,8 @@ fn a_cut_leaves_no_written_data_in_the_request_buffers() {
         .unwrap()
         .read_exact(&mut inverted)
         .unwrap();
-    let mut data = zeroize::Zeroizing::new(vec![0u8; 256 << 10]);
+    // As long as a request can be: the end of the largest is checked too.
+    let mut data = zeroize::Zeroizing::new(vec![0u8; super::MAX_WRITE as usize]);
     for (i, b) in data.iter_mut().enumerate() {
         *b = !inverted[i % inverted.len()];
     }
@@ -121,15 +122,26 @@ fn a_cut_leaves_no_written_data_in_the_request_buffers() {
     );
 
     // Another process: the name is an ordinary file's, in the data.
-    let other = view.join(super::WIPE_NAME);
+    let name = super::state::wipe_name(0);
+    let other = view.join(&name);
     run(Command::new("sh")
         .arg("-c")
         .arg(format!("echo x > '{}'", other.display())));
-    assert_eq!(std::fs::read(mnt.join(super::WIPE_NAME)).unwrap(), b"x\n");
+    assert_eq!(std::fs::read(mnt.join(&name)).unwrap(), b"x\n");
 
     layer.cut();
     let hits = coffre_testkit::process::memory_hits_inverted(me, &inverted);
     assert!(hits.is_empty(), "after the cut: {hits:#?}");
+    // While cut, the name is nobody else's way in either.
+    assert!(
+        !Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo y > '{}'", other.display()))
+            .status()
+            .unwrap()
+            .success(),
+        "another process wrote through the view while cut"
+    );
     // And again, while cut (the daemon's way to the file needs no data).
     layer.wipe_request_buffers().unwrap();
     drop(layer);
