@@ -365,23 +365,27 @@ fn direct_io_stays_direct_through_the_layer() {
     require(NEEDS);
     let (t, _img, mnt, view, layer) = viewed_ext4();
     let dd = |args: &[&str]| Command::new("dd").args(args).output().unwrap();
+    // `dd bs=1M oflag=direct` from `from` to `to`, which must succeed.
+    let dd_direct = |from: &std::path::Path, to: &std::path::Path| {
+        let out = dd(&[
+            &format!("if={}", from.display()),
+            &format!("of={}", to.display()),
+            "bs=1M",
+            "oflag=direct",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let data = coffre_testkit::volume::pattern(2 << 20, 5);
     let src = t.path().join("src.bin");
     std::fs::write(&src, &data).unwrap();
     let copied =
         || super::filesystem::COPIED_DIRECT_WRITES.load(std::sync::atomic::Ordering::Relaxed);
     let copied_before = copied();
-    let out = dd(&[
-        &format!("if={}", src.display()),
-        &format!("of={}", view.join("direct.bin").display()),
-        "bs=1M",
-        "oflag=direct",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dd_direct(&src, &view.join("direct.bin"));
     // Straight from the FUSE library's buffer, where our allocator puts
     // a write's data on a page: no copy first.
     assert_eq!(
@@ -437,17 +441,7 @@ fn direct_io_stays_direct_through_the_layer() {
     // oflag=direct, as on the mount.
     let odd = t.path().join("odd.bin");
     std::fs::write(&odd, &data[..(1 << 20) + 1000]).unwrap();
-    let out = dd(&[
-        &format!("if={}", odd.display()),
-        &format!("of={}", view.join("odd.bin").display()),
-        "bs=1M",
-        "oflag=direct",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dd_direct(&odd, &view.join("odd.bin"));
     assert!(std::fs::read(mnt.join("odd.bin")).unwrap() == data[..(1 << 20) + 1000]);
     drop(f);
     drop(layer);
