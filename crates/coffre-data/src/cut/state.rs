@@ -101,12 +101,21 @@ pub(super) struct Wipe {
     /// Workers waiting, and how many meetings have completed.
     met: Mutex<(usize, u64)>,
     all_here: std::sync::Condvar,
+    /// The threads that took a wipe write, in order (tests check that
+    /// every worker takes one).
+    #[cfg(test)]
+    pub(super) takers: Mutex<Vec<std::thread::ThreadId>>,
 }
 
 impl Wipe {
     /// Waits for the other workers; false if they did not all come within
     /// [`WIPE_WAIT`] (one is busy elsewhere, or gone).
     pub(super) fn meet(&self) -> bool {
+        #[cfg(test)]
+        self.takers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::thread::current().id());
         let mut g = self.met.lock().unwrap_or_else(|p| p.into_inner());
         let round = g.1;
         g.0 += 1;

@@ -132,6 +132,15 @@ fn a_cut_leaves_no_written_data_in_the_request_buffers() {
     layer.cut();
     let hits = coffre_testkit::process::memory_hits_inverted(me, &inverted);
     assert!(hits.is_empty(), "after the cut: {hits:#?}");
+    // Each worker took one wipe write: every request buffer was
+    // overwritten, whichever worker the data went through.
+    let takers = std::mem::take(&mut *layer.layer.wipe.takers.lock().unwrap());
+    let distinct: std::collections::HashSet<_> = takers.iter().collect();
+    assert_eq!(
+        (takers.len(), distinct.len()),
+        (super::state::WORKERS, super::state::WORKERS),
+        "the wipe writes' takers: {takers:?}"
+    );
     // While cut, the name is nobody else's way in either.
     assert!(
         !Command::new("sh")
@@ -142,8 +151,12 @@ fn a_cut_leaves_no_written_data_in_the_request_buffers() {
             .success(),
         "another process wrote through the view while cut"
     );
-    // And again, while cut (the daemon's way to the file needs no data).
+    // And again, while cut (the daemon's way to the file needs no data),
+    // again by every worker.
     layer.wipe_request_buffers().unwrap();
+    let takers = std::mem::take(&mut *layer.layer.wipe.takers.lock().unwrap());
+    let distinct: std::collections::HashSet<_> = takers.iter().collect();
+    assert_eq!(distinct.len(), super::state::WORKERS, "{takers:?}");
     drop(layer);
 }
 
