@@ -449,7 +449,9 @@ fn mul_x16_ymm(t: __m256i) -> __m256i {
 macro_rules! round8 {
     ($op:literal, $b:ident, $key:expr) => {
         // SAFETY: register-only AES instructions (no memory, no stack, no
-        // flags) that the enclosing function's VAES feature enables.
+        // flags). The enclosing kernel enables AVX2 (the ymm registers) and
+        // VAES; that the CPU has them is its callers' contract (checked at
+        // run time in Xts::with_width).
         unsafe {
             std::arch::asm!(
                 concat!($op, " {0}, {0}, {k}"),
@@ -706,10 +708,8 @@ mod tests {
         t.join().unwrap();
     }
 
-    /// The two kernels give the same bytes, both ways, in place and out
-    /// of place, for both key sizes, every sector size and IVs whose
-    /// tweaks carry (the wide one is checked against IEEE 1619 and the
-    /// other providers by coffre-luks2).
+    /// The AVX2 kernel's multiplication by x^16 with whole-byte shifts
+    /// gives what the bit shifts give, on both lanes.
     #[test]
     fn the_byte_shift_multiplies_as_the_bit_shift() {
         if !Width::Ymm.runs_here() {
@@ -724,7 +724,8 @@ mod tests {
             state
         };
         for round in 0..10_000 {
-            // Every top-bit pattern shows up: the reduction's inputs.
+            // A few fixed top quadwords (the bits the reduction folds
+            // back), then random ones.
             let q = if round < 4 {
                 [u64::MAX, 1 << 63, 0, 1u64 << 48][round]
             } else {
@@ -744,6 +745,10 @@ mod tests {
         }
     }
 
+    /// The two kernels give the same bytes, both ways, in place and out
+    /// of place, for both key sizes, every sector size and IVs whose
+    /// tweaks carry (the wide one is checked against IEEE 1619 and the
+    /// other providers by coffre-luks2).
     #[test]
     fn both_widths_agree() {
         if !(Width::Zmm.runs_here() && Width::Ymm.runs_here()) {
