@@ -267,7 +267,37 @@ fn who_may_enter_be_invited_and_join() {
         "members_group",
         Duration::from_secs(5),
     );
+    // Nor renew his certificate (a command with a password like any
+    // other): refused as a wrong password, his identity file untouched.
+    let identity = v.member("bob").identity.clone();
+    let before = std::fs::read(&identity).unwrap();
+    let refusals = |v: &Vault| {
+        v.audit()
+            .iter()
+            .filter(|e| {
+                e["record"]["result"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("refused"))
+                    && e["record"]["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("members_group"))
+            })
+            .count()
+    };
+    let refused_before = refusals(&v);
+    let out = v.authed("bob", &["renew"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(std::fs::read(&identity).unwrap(), before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refusals(&v) == refused_before {
+        assert!(Instant::now() < deadline, "no audit record of the refusal");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     set_in_team(&slapd, "bob", true);
+    // Back in the team, he renews.
+    let out = v.authed("bob", &["renew"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(std::fs::read(&identity).unwrap(), before);
     // No account any more.
     slapd.modify(&format!("dn: {}\nchangetype: delete\n", dn("erin")));
     let (c, e) = enter_once(&mut v, "erin");
