@@ -460,3 +460,78 @@ fn direct_io_stays_direct_through_the_layer() {
     drop(layer);
     umount(&mnt);
 }
+
+/// Preallocation, hole punching and `SEEK_DATA`/`SEEK_HOLE` through the
+/// view reach the ext4 below (they failed with `EOPNOTSUPP`, and seeking
+/// a hole found none); while cut, they fail like every other request.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn preallocation_and_holes_pass_through() {
+    use rustix::fs::{FallocateFlags, SeekFrom as At, fallocate, seek};
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    const MIB: u64 = 1 << 20;
+    let mib = 1usize << 20;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(view.join("pre"))
+        .unwrap();
+    let below = || std::fs::metadata(mnt.join("pre")).unwrap();
+
+    // Allocated and sized, as seen below and through the view.
+    fallocate(&f, FallocateFlags::empty(), 0, 8 * MIB).unwrap();
+    assert_eq!(below().len(), 8 * MIB);
+    assert!(
+        below().blocks() * 512 >= 8 * MIB,
+        "{} blocks",
+        below().blocks()
+    );
+    assert_eq!(f.metadata().unwrap().len(), 8 * MIB);
+    // Beyond the end, keeping the size.
+    fallocate(&f, FallocateFlags::KEEP_SIZE, 8 * MIB, 4 * MIB).unwrap();
+    assert_eq!(below().len(), 8 * MIB);
+    assert!(
+        below().blocks() * 512 >= 12 * MIB,
+        "{} blocks",
+        below().blocks()
+    );
+
+    // Data over all of it, then a hole punched in the middle: the data
+    // around it stays, the hole reads as zeroes, its blocks are freed.
+    f.write_all_at(&vec![0xAB; 8 * mib], 0).unwrap();
+    f.sync_all().unwrap();
+    let before = below().blocks();
+    fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        2 * MIB,
+        2 * MIB,
+    )
+    .unwrap();
+    assert!(
+        below().blocks() * 512 <= before * 512 - 2 * MIB,
+        "{before} -> {} blocks",
+        below().blocks()
+    );
+    let mut back = vec![0u8; 8 * mib];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back[..2 * mib].iter().all(|b| *b == 0xAB));
+    assert!(back[2 * mib..4 * mib].iter().all(|b| *b == 0));
+    assert!(back[4 * mib..].iter().all(|b| *b == 0xAB));
+    // The hole is where it is below.
+    assert_eq!(seek(&f, At::Hole(0)).unwrap(), 2 * MIB);
+    assert_eq!(seek(&f, At::Data(2 * MIB)).unwrap(), 4 * MIB);
+
+    // While cut: refused, nothing changed below.
+    layer.cut();
+    assert!(fallocate(&f, FallocateFlags::empty(), 0, 16 * MIB).is_err());
+    assert!(seek(&f, At::Hole(0)).is_err());
+    assert_eq!(below().len(), 8 * MIB);
+    drop(f);
+    drop(layer);
+    umount(&mnt);
+}
