@@ -662,6 +662,16 @@ unsafe fn sectors<const NR: usize, const ENC: bool>(x: &Xts, k: &Kernel) {
 mod tests {
     use super::*;
 
+    /// A reproducible stream of test values (xorshift64).
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// After a call returns, the stack below the caller's frame holds
     /// neither the data key (round key 0 is the key itself) nor a block
     /// of the plaintext: the kernel's spills were wiped. Read through
@@ -716,13 +726,7 @@ mod tests {
             eprintln!("no AVX2 kernel on this CPU");
             return;
         }
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for round in 0..10_000 {
             // A few fixed top quadwords (the bits the reduction folds
             // back), then random ones.
@@ -755,13 +759,7 @@ mod tests {
             eprintln!("this CPU runs one kernel at most: nothing to compare");
             return;
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for round in 0..200 {
             let len = if round % 2 == 0 { 32 } else { 64 };
             let key: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
