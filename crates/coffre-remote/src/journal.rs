@@ -7,20 +7,32 @@
 //! engine), each record MACed under the integrity key: a record altered
 //! or put there while the vault was closed is never replayed.
 //!
-//! A record: `CFJ1`, the epoch of the durable manifest it follows, its
-//! sequence number, the offset, the length, the MAC, the bytes. Records
+//! A record: `CFJ2` (its MAC keyed BLAKE3, for a store whose chunks are
+//! MACed so) or `CFJ1` (HMAC-SHA256, for a store made before), the epoch
+//! of the durable manifest it follows, its sequence number, the offset,
+//! the length, the MAC, the bytes. Both are replayed. Records
 //! of an older epoch are covered by a manifest that landed (a crash
 //! between the manifest and the emptying of the journal): they are
 //! dropped, never replayed over newer data.
 
-use crate::integrity::Mac;
+use crate::integrity::{ChunkMac, Mac};
 use crate::store::ChunkStore;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// A record MACed with HMAC-SHA256.
 const MAGIC: &[u8; 4] = b"CFJ1";
+/// A record MACed with keyed BLAKE3.
+const MAGIC_BLAKE3: &[u8; 4] = b"CFJ2";
+
+fn magic(how: ChunkMac) -> &'static [u8; 4] {
+    match how {
+        ChunkMac::HmacSha256 => MAGIC,
+        ChunkMac::Blake3 => MAGIC_BLAKE3,
+    }
+}
 const HEAD: usize = 4 + 8 + 8 + 8 + 4 + 32;
 /// The largest record (a write is at most this; larger ones are split).
 pub const MAX_RECORD: usize = 16 << 20;
@@ -70,9 +82,9 @@ pub struct Found {
     pub ignored_bytes: u64,
 }
 
-fn head(base: u64, seq: u64, offset: u64, len: u32, mac: &Mac) -> [u8; HEAD] {
+fn head(how: ChunkMac, (base, seq, offset): (u64, u64, u64), len: u32, mac: &Mac) -> [u8; HEAD] {
     let mut h = [0u8; HEAD];
-    h[0..4].copy_from_slice(MAGIC);
+    h[0..4].copy_from_slice(magic(how));
     h[4..12].copy_from_slice(&base.to_be_bytes());
     h[12..20].copy_from_slice(&seq.to_be_bytes());
     h[20..28].copy_from_slice(&offset.to_be_bytes());
@@ -84,8 +96,8 @@ fn head(base: u64, seq: u64, offset: u64, len: u32, mac: &Mac) -> [u8; HEAD] {
 /// The records of `bytes` that verify under `store`'s integrity key and
 /// follow its durable epoch, up to the first that does not verify.
 pub fn parse(bytes: &[u8], store: &ChunkStore) -> Found {
-    parse_with(bytes, store.root().epoch, |at, data, mac| {
-        store.journal_verifies(at, data, mac)
+    parse_with(bytes, store.root().epoch, |how, at, data, mac| {
+        store.journal_verifies(how, at, data, mac)
     })
 }
 
@@ -93,7 +105,7 @@ pub fn parse(bytes: &[u8], store: &ChunkStore) -> Found {
 fn parse_with(
     bytes: &[u8],
     epoch: u64,
-    verify: impl Fn((u64, u64, u64), &[u8], &Mac) -> bool,
+    verify: impl Fn(ChunkMac, (u64, u64, u64), &[u8], &Mac) -> bool,
 ) -> Found {
     let mut found = Found::default();
     let mut at = 0usize;
@@ -102,9 +114,12 @@ fn parse_with(
         let Some(h) = bytes.get(at..at + HEAD) else {
             break;
         };
-        if &h[0..4] != MAGIC {
+        let Some(how) = [ChunkMac::HmacSha256, ChunkMac::Blake3]
+            .into_iter()
+            .find(|how| h[0..4] == magic(*how)[..])
+        else {
             break;
-        }
+        };
         let num = |r: std::ops::Range<usize>| {
             let mut b = [0u8; 8];
             b[8 - r.len()..].copy_from_slice(&h[r]);
@@ -127,7 +142,7 @@ fn parse_with(
         if next_seq.is_some_and(|n| n != seq) || (next_seq.is_none() && seq != 0) {
             break;
         }
-        if !verify((base, seq, offset), data, &mac) {
+        if !verify(how, (base, seq, offset), data, &mac) {
             break;
         }
         next_seq = Some(seq + 1);
@@ -209,9 +224,11 @@ impl Journal {
         let r = (|| {
             for (k, part) in data.chunks(MAX_RECORD).enumerate() {
                 let at = offset + (k * MAX_RECORD) as u64;
-                let mac = store.journal_mac((self.base, self.seq, at), part);
+                // The store's kind of MAC.
+                let how = store.chunk_mac();
+                let mac = store.journal_mac(how, (self.base, self.seq, at), part);
                 let len = u32::try_from(part.len()).map_err(io::Error::other)?;
-                let h = head(self.base, self.seq, at, len, &mac);
+                let h = head(how, (self.base, self.seq, at), len, &mac);
                 self.file.write_all(&h)?;
                 self.file.write_all(part)?;
                 self.seq += 1;
@@ -263,12 +280,12 @@ impl Journal {
 #[doc(hidden)]
 pub fn fuzz_journal(data: &[u8]) {
     let epoch = data.first().map_or(0, |b| u64::from(*b % 4));
-    let all = parse_with(data, epoch, |_, _, _| true);
+    let all = parse_with(data, epoch, |_, _, _, _| true);
     let used: usize = all.records.iter().map(|r| HEAD + r.data.len()).sum();
     // What was applied and what was ignored never add up to more than
     // the file (records of an older epoch are the rest).
     assert!(used + usize::try_from(all.ignored_bytes).unwrap_or(usize::MAX) <= data.len());
-    let none = parse_with(data, epoch, |_, _, _| false);
+    let none = parse_with(data, epoch, |_, _, _, _| false);
     assert!(none.records.is_empty() && none.older == 0);
     assert_eq!(none.ignored_bytes, data.len() as u64);
 }

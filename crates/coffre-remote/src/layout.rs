@@ -23,7 +23,7 @@
 //! manifest, or the page, names the version and MAC it must have.
 
 use crate::RemoteError;
-use crate::integrity::{Domain, IntegrityKey, Mac};
+use crate::integrity::{ChunkMac, Domain, IntegrityKey, Mac};
 
 /// Chunks per page of the version table (48 bytes each: 192 KiB a page).
 pub const ENTRIES_PER_PAGE: u64 = 4096;
@@ -38,7 +38,24 @@ pub const DEFAULT_CHUNK: u32 = 1024 * 1024;
 pub const MAX_CHUNKS: u64 = 1 << 24;
 
 const PAGE_MAGIC: &[u8; 8] = b"CFRPAGE1";
+/// The manifest of a store whose chunks carry HMAC-SHA256 MACs.
 const MANIFEST_MAGIC: &[u8; 8] = b"CFRMANI1";
+/// The manifest of a store whose chunks carry keyed-BLAKE3 MACs (the rest
+/// is the same).
+const MANIFEST_MAGIC_BLAKE3: &[u8; 8] = b"CFRMANI2";
+
+fn manifest_magic(how: ChunkMac) -> &'static [u8; 8] {
+    match how {
+        ChunkMac::HmacSha256 => MANIFEST_MAGIC,
+        ChunkMac::Blake3 => MANIFEST_MAGIC_BLAKE3,
+    }
+}
+
+fn chunk_mac_of_magic(magic: &[u8]) -> Option<ChunkMac> {
+    [ChunkMac::HmacSha256, ChunkMac::Blake3]
+        .into_iter()
+        .find(|h| magic == &manifest_magic(*h)[..])
+}
 const ENTRY_LEN: usize = 8 + 8 + 32;
 
 /// The volume's shape on the store.
@@ -227,6 +244,8 @@ pub struct Manifest {
     /// Each page's epoch (as `version`), session and MAC (epoch 0: never
     /// written, all chunks empty).
     pub pages: Vec<Entry>,
+    /// How the store's chunks are authenticated (its magic says which).
+    pub chunk_mac: ChunkMac,
 }
 
 /// What the control directory keeps to catch a store that rolls back:
@@ -399,7 +418,7 @@ impl Manifest {
     pub fn encode(&self, key: &IntegrityKey, vault: &[u8; 16]) -> (Vec<u8>, Root) {
         let mut out =
             Vec::with_capacity(8 + 16 + 4 + 8 + 8 + 4 + self.pages.len() * ENTRY_LEN + 32);
-        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(manifest_magic(self.chunk_mac));
         out.extend_from_slice(vault);
         out.extend_from_slice(&self.geometry.chunk_size.to_be_bytes());
         out.extend_from_slice(&self.geometry.size.to_be_bytes());
@@ -438,7 +457,8 @@ impl Manifest {
         }
         let bad = || tampered("the manifest: malformed".into());
         let mut r = Reader { bytes: body };
-        if r.take(8) != Some(&MANIFEST_MAGIC[..]) || r.take(16) != Some(&vault[..]) {
+        let chunk_mac = r.take(8).and_then(chunk_mac_of_magic).ok_or_else(bad)?;
+        if r.take(16) != Some(&vault[..]) {
             return Err(bad());
         }
         let chunk_size = r.u32().ok_or_else(bad)?;
@@ -462,6 +482,7 @@ impl Manifest {
                 geometry,
                 epoch,
                 pages,
+                chunk_mac,
             },
             Root { epoch, mac },
         ))
@@ -473,7 +494,7 @@ impl Manifest {
     /// holds no key: the open verifies it).
     pub fn claimed_epoch(bytes: &[u8]) -> Option<u64> {
         let mut r = Reader { bytes };
-        (r.take(8)? == &MANIFEST_MAGIC[..]).then_some(())?;
+        chunk_mac_of_magic(r.take(8)?)?;
         r.take(16 + 4 + 8)?;
         r.u64()
     }
@@ -515,12 +536,16 @@ pub fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
         session: 2,
         mac: page_mac,
     };
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         geometry,
         epoch: 1,
         pages: vec![listed],
+        chunk_mac: ChunkMac::HmacSha256,
     };
     let (manifest_bytes, root) = manifest.encode(&key, &vault);
+    manifest.chunk_mac = ChunkMac::Blake3;
+    let mut m2 = vec![0u8];
+    m2.extend_from_slice(&manifest.encode(&key, &vault).0);
     let mut page_seed = vec![1u8];
     let mut l = Vec::new();
     push_entry(&mut l, &listed);
@@ -530,7 +555,12 @@ pub fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
     m.extend_from_slice(&manifest_bytes);
     let mut r = vec![2u8];
     r.extend_from_slice(root.to_line().as_bytes());
-    vec![("manifest", m), ("page", page_seed), ("root", r)]
+    vec![
+        ("manifest", m),
+        ("page", page_seed),
+        ("root", r),
+        ("manifest-blake3", m2),
+    ]
 }
 
 /// For the fuzz target `remote_object`: the first byte chooses: 0, the
@@ -686,14 +716,43 @@ mod tests {
     fn manifests_verify_with_the_key_and_the_vault() {
         let key = IntegrityKey::generate().unwrap();
         let g = Geometry::new(MIN_CHUNK, 10 * 4096 * 65536).unwrap();
-        let m = Manifest {
+        let mut m = Manifest {
             geometry: g,
             epoch: 12,
             pages: (0..g.pages())
                 .map(|i| listed(i, 3, [u8::try_from(i % 256).unwrap(); 32]))
                 .collect(),
+            chunk_mac: ChunkMac::HmacSha256,
         };
+        // Both kinds of store round-trip, and say which they are (in the
+        // bytes the manifest's MAC covers: a store cannot switch one for
+        // the other).
+        let (old, _) = m.encode(&key, &VAULT);
+        assert_eq!(&old[..8], b"CFRMANI1");
+        m.chunk_mac = ChunkMac::Blake3;
         let (bytes, root) = m.encode(&key, &VAULT);
+        assert_eq!(&bytes[..8], b"CFRMANI2");
+        assert_eq!(old[8..old.len() - 32], bytes[8..bytes.len() - 32]);
+        for b in [&old, &bytes] {
+            let (back, _) = Manifest::decode(b, &key, &VAULT).unwrap();
+            assert_eq!(
+                back.chunk_mac,
+                if b[7] == b'1' {
+                    ChunkMac::HmacSha256
+                } else {
+                    ChunkMac::Blake3
+                }
+            );
+            let mut switched = b.clone();
+            switched[7] ^= b'1' ^ b'2';
+            assert!(matches!(
+                Manifest::decode(&switched, &key, &VAULT),
+                Err(RemoteError::Tampered(_))
+            ));
+            let mut unknown = b.clone();
+            unknown[7] = b'3';
+            assert!(Manifest::decode(&unknown, &key, &VAULT).is_err());
+        }
         let (back, r2) = Manifest::decode(&bytes, &key, &VAULT).unwrap();
         assert_eq!((back, r2), (m.clone(), root));
         assert!(Manifest::decode(&bytes, &key, b"another-vault-id").is_err());

@@ -12,7 +12,7 @@
 //! that does not verify on one is read from another and repaired.
 
 use crate::RemoteError;
-use crate::integrity::{IntegrityKey, Mac};
+use crate::integrity::{ChunkMac, IntegrityKey, Mac};
 use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Name, Page, Root};
 use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
@@ -176,6 +176,8 @@ pub struct ChunkStore {
     keys: Keys,
     vault: [u8; 16],
     key: Arc<IntegrityKey>,
+    /// How chunks are authenticated (the manifest says).
+    chunk_mac: ChunkMac,
     geometry: Geometry,
     /// Every chunk's entry: the durable manifest's, with changes since.
     table: Vec<Entry>,
@@ -509,6 +511,7 @@ pub struct Reads {
     limit: Option<Duration>,
     /// To verify each chunk as it arrives (not under the device's lock).
     key: Arc<IntegrityKey>,
+    chunk_mac: ChunkMac,
     vault: [u8; 16],
 }
 
@@ -541,7 +544,11 @@ impl Reads {
         for (o, i) in self.stores.iter().zip(&self.order) {
             match timed(self.limit, o.get(name, *len)).await {
                 Ok(Some((b, _)))
-                    if chunk_verifies(&self.key, &self.vault, (*index, entry, *len), &b) =>
+                    if chunk_verifies(
+                        (&self.key, self.chunk_mac, &self.vault),
+                        (*index, entry, *len),
+                        &b,
+                    ) =>
                 {
                     return Some(b);
                 }
@@ -584,15 +591,14 @@ fn spread<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
 /// Whether `bytes` are chunk `index` as `entry` lists it (`len` bytes,
 /// its MAC over the vault, index, version and session).
 fn chunk_verifies(
-    key: &IntegrityKey,
-    vault: &[u8; 16],
+    (key, how, vault): (&IntegrityKey, ChunkMac, &[u8; 16]),
     (index, entry, len): (u64, &Entry, usize),
     bytes: &[u8],
 ) -> bool {
     bytes.len() == len
         && IntegrityKey::verify(
             &entry.mac,
-            &key.chunk_mac(vault, (index, entry.version, entry.session), bytes),
+            &key.chunk_mac(how, vault, (index, entry.version, entry.session), bytes),
         )
 }
 
@@ -634,8 +640,29 @@ impl ChunkStore {
         backends: Vec<Backend>,
         settings: MirrorSettings,
         prefix: &str,
-        (vault, key): ([u8; 16], IntegrityKey),
+        vault_key: ([u8; 16], IntegrityKey),
         geometry: Geometry,
+    ) -> Result<(Self, Root), RemoteError> {
+        Self::create_with_chunk_mac(
+            backends,
+            settings,
+            prefix,
+            vault_key,
+            (geometry, ChunkMac::NEW),
+        )
+        .await
+    }
+
+    /// [`create_mirrored`](ChunkStore::create_mirrored) with chunks
+    /// authenticated `chunk_mac`'s way: for the tests, a store as made
+    /// before keyed BLAKE3 ([`ChunkMac::HmacSha256`]).
+    #[doc(hidden)]
+    pub async fn create_with_chunk_mac(
+        backends: Vec<Backend>,
+        settings: MirrorSettings,
+        prefix: &str,
+        (vault, key): ([u8; 16], IntegrityKey),
+        (geometry, chunk_mac): (Geometry, ChunkMac),
     ) -> Result<(Self, Root), RemoteError> {
         if backends.is_empty() {
             return Err(RemoteError::Config(
@@ -658,6 +685,7 @@ impl ChunkStore {
             geometry,
             epoch: 0,
             pages: pages.clone(),
+            chunk_mac,
         };
         let (bytes, root) = manifest.encode(&key, &vault);
         let mut replicas = Vec::with_capacity(backends.len());
@@ -692,7 +720,7 @@ impl ChunkStore {
         let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
         let store = ChunkStore::assemble(
             (replicas, settings, keys, vault, key),
-            (geometry, table, pages),
+            (geometry, chunk_mac, table, pages),
             (0, root),
         );
         Ok((store, root))
@@ -872,7 +900,7 @@ impl ChunkStore {
         let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
         let mut store = ChunkStore::assemble(
             (replicas, settings, keys, vault, key),
-            (geometry, table, manifest.pages.clone()),
+            (geometry, manifest.chunk_mac, table, manifest.pages.clone()),
             (manifest.epoch, root),
         );
         if let Some(l) = local
@@ -973,7 +1001,7 @@ impl ChunkStore {
             [u8; 16],
             IntegrityKey,
         ),
-        (geometry, table, pages): (Geometry, Vec<Entry>, Vec<Entry>),
+        (geometry, chunk_mac, table, pages): (Geometry, ChunkMac, Vec<Entry>, Vec<Entry>),
         (epoch, root): (u64, Root),
     ) -> Self {
         ChunkStore {
@@ -982,6 +1010,7 @@ impl ChunkStore {
             keys,
             vault,
             key: Arc::new(key),
+            chunk_mac,
             geometry,
             table,
             pages,
@@ -1002,6 +1031,11 @@ impl ChunkStore {
     /// The volume's shape.
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// How the store's chunks are authenticated.
+    pub fn chunk_mac(&self) -> ChunkMac {
+        self.chunk_mac
     }
 
     /// The durable manifest's root.
@@ -1207,15 +1241,22 @@ impl ChunkStore {
         e.version != 0
             && IntegrityKey::verify(
                 &e.mac,
-                &self
-                    .key
-                    .chunk_mac(&self.vault, (index, e.version, e.session), data),
+                &self.key.chunk_mac(
+                    self.chunk_mac,
+                    &self.vault,
+                    (index, e.version, e.session),
+                    data,
+                ),
             )
     }
 
     fn verify_chunk(&self, index: u64, entry: &Entry, bytes: &[u8]) -> Result<(), RemoteError> {
         let len = self.geometry.chunk_len(index);
-        if !chunk_verifies(&self.key, &self.vault, (index, entry, len), bytes) {
+        if !chunk_verifies(
+            (&self.key, self.chunk_mac, &self.vault),
+            (index, entry, len),
+            bytes,
+        ) {
             return Err(RemoteError::Tampered(format!(
                 "chunk {index} version {} does not verify (altered, an older version, or another chunk's)",
                 entry.version
@@ -1270,6 +1311,7 @@ impl ChunkStore {
                 .collect(),
             limit: self.limit(order.len()),
             key: self.key.clone(),
+            chunk_mac: self.chunk_mac,
             vault: self.vault,
             stores: order
                 .iter()
@@ -1518,8 +1560,12 @@ impl ChunkStore {
             items.push((i, index, random_u64()?, data));
         }
         let macs = spread(&items, |(_, index, session, data)| {
-            self.key
-                .chunk_mac(&self.vault, (*index, version, *session), data)
+            self.key.chunk_mac(
+                self.chunk_mac,
+                &self.vault,
+                (*index, version, *session),
+                data,
+            )
         });
         for ((i, index, session, data), mac) in items.into_iter().zip(macs) {
             done.push((
@@ -1645,6 +1691,7 @@ impl ChunkStore {
             geometry: self.geometry,
             epoch,
             pages: pages.clone(),
+            chunk_mac: self.chunk_mac,
         };
         let (bytes, root) = manifest.encode(&self.key, &self.vault);
         let targets = self.in_step();
@@ -1755,22 +1802,25 @@ impl ChunkStore {
     /// The MAC of a record of the device's write journal: `data` written
     /// at `offset`, the `seq`th record since the durable manifest of
     /// `base` epoch.
-    pub fn journal_mac(&self, (base, seq, offset): (u64, u64, u64), data: &[u8]) -> Mac {
-        self.key.mac(
+    pub fn journal_mac(&self, how: ChunkMac, at: (u64, u64, u64), data: &[u8]) -> Mac {
+        self.key.placed_mac(
+            how,
             crate::integrity::Domain::Journal,
             &self.vault,
-            &[
-                &base.to_be_bytes(),
-                &seq.to_be_bytes(),
-                &offset.to_be_bytes(),
-                data,
-            ],
+            at,
+            data,
         )
     }
 
     /// Whether `mac` is [`journal_mac`](ChunkStore::journal_mac)'s.
-    pub fn journal_verifies(&self, at: (u64, u64, u64), data: &[u8], mac: &Mac) -> bool {
-        IntegrityKey::verify(mac, &self.journal_mac(at, data))
+    pub fn journal_verifies(
+        &self,
+        how: ChunkMac,
+        at: (u64, u64, u64),
+        data: &[u8],
+        mac: &Mac,
+    ) -> bool {
+        IntegrityKey::verify(mac, &self.journal_mac(how, at, data))
     }
 
     /// The caller kept `root` (in the control directory).
@@ -1980,6 +2030,7 @@ impl ChunkStore {
                     geometry: self.geometry,
                     epoch: self.epoch,
                     pages: self.pages.clone(),
+                    chunk_mac: self.chunk_mac,
                 }
                 .encode(&self.key, &self.vault);
                 if root != self.root {
@@ -2014,6 +2065,7 @@ impl ChunkStore {
             manifest: self.keys.manifest(),
             keys: self.keys.clone(),
             key: self.key.clone(),
+            chunk_mac: self.chunk_mac,
             vault: self.vault,
             geometry: self.geometry,
         })
@@ -2238,6 +2290,7 @@ pub struct ResyncStep {
     manifest: String,
     keys: Keys,
     key: Arc<IntegrityKey>,
+    chunk_mac: ChunkMac,
     vault: [u8; 16],
     geometry: Geometry,
 }
@@ -2270,8 +2323,7 @@ impl ResyncStep {
     fn verifies(&self, check: &Check, bytes: &[u8]) -> bool {
         match *check {
             Check::Chunk(index, e) => chunk_verifies(
-                &self.key,
-                &self.vault,
+                (&self.key, self.chunk_mac, &self.vault),
                 (index, &e, self.geometry.chunk_len(index)),
                 bytes,
             ),

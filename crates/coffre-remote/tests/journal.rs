@@ -217,3 +217,65 @@ fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
     dev.read_at((i % 8) * 65536, &mut b).unwrap();
     assert_eq!(b, vec![fill; 65536]);
 }
+
+/// A store made before keyed-BLAKE3 MACs journals `CFJ1` records
+/// (HMAC-SHA256), a new one `CFJ2` (keyed BLAKE3); both are replayed,
+/// each verified its own way: a record whose magic is switched to the
+/// other kind is not replayed.
+#[test]
+fn journal_records_carry_the_stores_kind_of_mac_and_both_kinds_replay() {
+    use coffre_remote::integrity::ChunkMac;
+    use coffre_remote::{Backend, MirrorSettings};
+    for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ1"), (ChunkMac::Blake3, b"CFJ2")] {
+        let mem = Arc::new(InMemory::new());
+        let keys = Keyring::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let roots = Arc::new(Mutex::new(Vec::new()));
+        let (store, root0) = rt()
+            .block_on(ChunkStore::create_with_chunk_mac(
+                vec![Backend {
+                    name: "the store".into(),
+                    objects: objects(&mem),
+                }],
+                MirrorSettings::default(),
+                PREFIX,
+                (VAULT, keys.key()),
+                (geometry(), how),
+            ))
+            .unwrap();
+        let dev = RemoteDevice::new(store, 1 << 20, Box::new(|_| Ok(()))).unwrap();
+        dev.attach_journal(&path).unwrap();
+        dev.write_at(0, &[1u8; 4096]).unwrap();
+        dev.write_at(65536, &[2u8; 4096]).unwrap();
+        drop(dev);
+        let bytes = std::fs::read(&path).unwrap();
+        let record = bytes.len() / 2;
+        assert_eq!(&bytes[..4], magic, "{how:?}");
+        assert_eq!(&bytes[record..record + 4], magic, "{how:?}");
+        // The second record claimed to be of the other kind: it and what
+        // follows are not replayed.
+        let (s0, _) = rt()
+            .block_on(ChunkStore::open(
+                objects(&mem),
+                PREFIX,
+                VAULT,
+                keys.key(),
+                Some(root0),
+                false,
+            ))
+            .unwrap();
+        let mut switched = bytes.clone();
+        switched[record + 3] ^= b'1' ^ b'2';
+        let found = coffre_remote::journal::parse(&switched, &s0);
+        assert_eq!(found.records.len(), 1, "{how:?}");
+        assert_eq!(found.ignored_bytes, record as u64);
+        // As written: both replayed, through the device.
+        let dev = device(&mem, &keys, Some(root0), &roots);
+        let found = dev.attach_journal(&path).unwrap();
+        assert_eq!(found.records.len(), 2, "{how:?}");
+        let mut b = vec![0u8; 4096];
+        dev.read_at(65536, &mut b).unwrap();
+        assert_eq!(b, vec![2u8; 4096]);
+    }
+}
