@@ -89,13 +89,11 @@ struct Cached {
     written: u64,
 }
 
-/// Chunks fetched in the background ahead of sequential reads.
+/// A chunk fetched (and verified) in the background ahead of sequential
+/// reads.
 struct Prefetch {
     reads: Arc<Reads>,
     task: tokio::task::JoinHandle<Vec<Option<bytes::Bytes>>>,
-    /// The chunks it covers: `first..end`.
-    first: u64,
-    end: u64,
 }
 
 /// Dirty chunks uploading in the background while writes go on.
@@ -114,8 +112,9 @@ struct State {
     clock: u64,
     /// An upload in the background.
     in_flight: Option<InFlight>,
-    /// A read-ahead in the background.
-    prefetch: Option<Prefetch>,
+    /// Chunks on their way ahead of sequential reads, by index: as many
+    /// as the window holds, one more started as each is read.
+    prefetch: BTreeMap<u64, Prefetch>,
     /// No background upload starts before this (one failed).
     upload_after: Option<std::time::Instant>,
     /// The chunk the last read ended in: a read that starts a miss at the
@@ -257,7 +256,7 @@ impl RemoteDevice {
                 clock: 0,
                 last_read: None,
                 in_flight: None,
-                prefetch: None,
+                prefetch: BTreeMap::new(),
                 upload_after: None,
                 reported: Vec::new(),
                 journal: None,
@@ -650,61 +649,49 @@ impl RemoteDevice {
         Ok(())
     }
 
-    /// How many chunks a read-ahead covers: [`READ_AHEAD`], at most a
-    /// quarter of the buffer (two may be held: the one read, the next).
+    /// How many chunks a read-ahead keeps on their way: [`READ_AHEAD`], at
+    /// most a quarter of the buffer (so that what arrives never pushes out
+    /// much of it).
     fn window(&self, s: &State) -> u64 {
         let room = u64::try_from(s.limit / 4).unwrap_or(u64::MAX) / self.chunk;
         READ_AHEAD.min(room.max(1))
     }
 
-    /// Sequential reads at `index`: the window after the chunks already
-    /// in the buffer is fetched in the background (one at a time), so
-    /// that fetching overlaps reading.
+    /// Sequential reads at `index`: each chunk of the window after it that
+    /// is neither in the buffer nor on its way is fetched in the
+    /// background, on its own. As the reads move on by a chunk, one more
+    /// starts: the window stays full, where fetching it whole, then the
+    /// next, left the cores idle while each window's last chunks came in.
     fn prefetch_after(&self, s: &mut State, index: u64) {
-        if s.prefetch.is_some() {
-            return;
-        }
         let w = self.window(s);
         let chunks = self.size.div_ceil(self.chunk);
-        let mut next = index + 1;
-        while next < chunks && next <= index + w && s.cache.contains_key(&next) {
-            next += 1;
-        }
-        if next > index + w {
+        if w < 2 {
             return;
         }
-        self.start_prefetch(s, next);
-    }
-
-    /// Fetches the window from `first` in the background (if none is).
-    fn start_prefetch(&self, s: &mut State, first: u64) {
-        let w = self.window(s);
-        let chunks = self.size.div_ceil(self.chunk);
-        if s.prefetch.is_some() || first >= chunks || w < 2 {
-            return;
-        }
-        let next = first;
-        let end = (next + w).min(chunks);
-        let wanted: Vec<u64> = (next..end).filter(|i| !s.cache.contains_key(i)).collect();
         let Some(rt) = &self.rt else { return };
-        let reads = Arc::new(s.store.prepare_reads(&wanted));
-        let task = {
-            let reads = reads.clone();
-            rt.spawn(async move { reads.run().await })
-        };
-        s.prefetch = Some(Prefetch {
-            reads,
-            task,
-            first: next,
-            end,
-        });
+        for next in index + 1..(index + 1 + w).min(chunks) {
+            // Never more than a window on its way (reads that jump from one
+            // sequential run to another leave the first run's to land).
+            if u64::try_from(s.prefetch.len()).unwrap_or(u64::MAX) >= w {
+                return;
+            }
+            if s.cache.contains_key(&next) || s.prefetch.contains_key(&next) {
+                continue;
+            }
+            let reads = Arc::new(s.store.prepare_reads(&[next]));
+            let task = {
+                let reads = reads.clone();
+                rt.spawn(async move { reads.run().await })
+            };
+            s.prefetch.insert(next, Prefetch { reads, task });
+        }
     }
 
-    /// Waits for the read-ahead in the background and keeps what
-    /// verifies against the table as it is now (never over a chunk the
-    /// buffer holds: that one is newer or the same).
-    fn settle_prefetch(&self, s: &mut State) -> io::Result<()> {
-        let Some(p) = s.prefetch.take() else {
+    /// Waits for chunk `index`'s read-ahead, if it is on its way, and
+    /// keeps it if it verified against the table as it is now (never
+    /// over a chunk the buffer holds: that one is newer or the same).
+    fn settle_prefetch(&self, s: &mut State, index: u64) -> io::Result<()> {
+        let Some(p) = s.prefetch.remove(&index) else {
             return Ok(());
         };
         let got = self.block_on(p.task).unwrap_or_default();
@@ -716,26 +703,18 @@ impl RemoteDevice {
         self.shrink(s)
     }
 
-    /// Sequential reads: chunk `index` and the ones after it that are not
-    /// in the buffer, fetched together (several in flight), as clean
-    /// chunks. A failure is left to the read of each chunk to report.
-    fn read_ahead(&self, s: &mut State, index: u64) -> io::Result<()> {
-        let end = (index + self.window(s)).min(self.size.div_ceil(self.chunk));
-        let wanted: Vec<u64> = (index..end).filter(|i| !s.cache.contains_key(i)).collect();
-        if wanted.len() < 2 {
-            return Ok(());
+    /// Keeps the read-aheads that have landed (without waiting).
+    fn settle_landed(&self, s: &mut State) -> io::Result<()> {
+        let landed: Vec<u64> = s
+            .prefetch
+            .iter()
+            .filter(|(_, p)| p.task.is_finished())
+            .map(|(i, _)| *i)
+            .collect();
+        for i in landed {
+            self.settle_prefetch(s, i)?;
         }
-        // The window after this one is on its way meanwhile.
-        self.start_prefetch(s, end);
-        let got = self.block_on(s.store.read_chunks(&wanted));
-        report(s, self.on_change.as_deref());
-        for (i, data) in wanted.into_iter().zip(got) {
-            if let Ok(data) = data {
-                insert_clean(s, i, data);
-            }
-        }
-        // Room again, the chunks just read being the newest.
-        self.shrink(s)
+        Ok(())
     }
 
     /// Chunk `index` in the buffer (read from the store if absent).
@@ -772,24 +751,21 @@ impl BlockDevice for RemoteDevice {
         let mut s = lock(&self.state);
         // Room first (the read may add what it reads: one request's worth).
         self.shrink(&mut s)?;
-        if s.prefetch.as_ref().is_some_and(|p| p.task.is_finished()) {
-            self.settle_prefetch(&mut s)?;
-        }
+        self.settle_landed(&mut s)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let index = pos / self.chunk;
             let within = usize::try_from(pos % self.chunk).unwrap_or(0);
             let sequential = s.last_read.is_some_and(|l| l + 1 == index || l == index);
-            if !s.cache.contains_key(&index)
-                && s.prefetch
-                    .as_ref()
-                    .is_some_and(|p| (p.first..p.end).contains(&index))
-            {
-                self.settle_prefetch(&mut s)?;
+            if !s.cache.contains_key(&index) {
+                self.settle_prefetch(&mut s, index)?;
             }
+            // A sequential miss: the window after it goes on its way
+            // before this chunk is read (a failure is left to the read of
+            // each chunk to report, with its fallbacks and repairs).
             if !s.cache.contains_key(&index) && sequential {
-                self.read_ahead(&mut s, index)?;
+                self.prefetch_after(&mut s, index);
             }
             let c = self.chunk_mut(&mut s, index)?;
             let n = (c.data.len() - within).min(buf.len() - done);

@@ -161,6 +161,77 @@ fn altered_swapped_or_missing_objects_never_read_back() {
     });
 }
 
+/// Stores made before keyed-BLAKE3 chunk MACs (HMAC-SHA256, manifest
+/// `CFRMANI1`) open, read, take writes and stay what they are; new ones
+/// are made with keyed BLAKE3 (`CFRMANI2`). Each verifies its chunks its
+/// own way: a flipped byte is caught in both.
+#[test]
+fn stores_made_with_hmac_chunk_macs_keep_them_and_new_ones_use_blake3() {
+    use coffre_remote::MirrorSettings;
+    use coffre_remote::integrity::ChunkMac;
+    let rt = rt();
+    let keys = Keyring::new();
+    rt.block_on(async {
+        for (how, magic) in [
+            (ChunkMac::HmacSha256, b"CFRMANI1"),
+            (ChunkMac::Blake3, b"CFRMANI2"),
+        ] {
+            let mem = Arc::new(InMemory::new());
+            let manifest = async |mem: &InMemory| {
+                let m = Path::from("team/manifest");
+                mem.get(&m).await.unwrap().bytes().await.unwrap().to_vec()
+            };
+            let (mut s, _) = if how == ChunkMac::NEW {
+                ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry()).await
+            } else {
+                ChunkStore::create_with_chunk_mac(
+                    vec![coffre_remote::Backend {
+                        name: "the store".into(),
+                        objects: objects(&mem),
+                    }],
+                    MirrorSettings::default(),
+                    PREFIX,
+                    (VAULT, keys.key()),
+                    (geometry(), how),
+                )
+                .await
+            }
+            .unwrap();
+            assert_eq!(s.chunk_mac(), how);
+            s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
+                .await
+                .unwrap();
+            let root = s.flush().await.unwrap().unwrap();
+            assert_eq!(&manifest(&mem).await[..8], magic);
+            // Opened again: the same kind, the chunks verify, and what it
+            // writes next keeps it.
+            let (mut s, _) =
+                ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false)
+                    .await
+                    .unwrap();
+            assert_eq!(s.chunk_mac(), how);
+            assert_eq!(s.read_chunk(1).await.unwrap(), chunk(1));
+            s.write_chunks(vec![(3, chunk(3))]).await.unwrap();
+            let root = s.flush().await.unwrap().unwrap();
+            assert_eq!(&manifest(&mem).await[..8], magic);
+            let (s, _) =
+                ChunkStore::open(objects(&mem), PREFIX, VAULT, keys.key(), Some(root), false)
+                    .await
+                    .unwrap();
+            assert_eq!(s.read_chunk(3).await.unwrap(), chunk(3));
+            assert_eq!(s.read_chunk(2).await.unwrap(), chunk(2));
+            let c2 = named(&mem, "team/c/000000000002/0000000000000001.").await;
+            let mut bad = chunk(2);
+            bad[CHUNK as usize - 1] ^= 0x80;
+            mem.put(&c2, PutPayload::from(bad)).await.unwrap();
+            assert!(
+                matches!(s.read_chunk(2).await, Err(RemoteError::Tampered(_))),
+                "{how:?}"
+            );
+        }
+    });
+}
+
 #[test]
 fn a_whole_store_rolled_back_is_refused_at_open() {
     let rt = rt();
@@ -918,4 +989,115 @@ fn migrate_then_export_is_byte_identical_and_a_resumed_migration_skips_what_is_t
             Err(RemoteError::Tampered(_))
         ));
     });
+}
+
+/// Counts the gets of chunks: how many were asked for, and the most at
+/// once (each held a little, as a remote store would).
+struct Counting {
+    inner: Arc<dyn Objects>,
+    asked: std::sync::atomic::AtomicUsize,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl Objects for Counting {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            if !key.contains("/c/") {
+                return self.inner.get(key, max).await;
+            }
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let r = self.inner.get(key, max).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        self.inner.put(key, data, mode)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
+    }
+}
+
+/// Sequential reads keep the read-ahead window (16 chunks here) on its
+/// way, one more chunk leaving as each is read: never more than the window
+/// ahead of the reader, never more than the window at once, and each chunk
+/// fetched once. (Fetched a window at a time, as before 2026-12-04, the
+/// reader at a window's first chunk had two windows asked for.)
+#[test]
+fn sequential_reads_keep_the_read_ahead_window_full_and_no_more() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let chunks = 64u64;
+    let g = coffre_remote::Geometry::new(CHUNK, chunks * u64::from(CHUNK)).unwrap();
+    let root = rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), g)
+            .await
+            .unwrap();
+        s.write_chunks(
+            (0..chunks)
+                .map(|i| (i, chunk(u8::try_from(i).unwrap())))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        s.flush().await.unwrap().unwrap()
+    });
+    let counting = Arc::new(Counting {
+        inner: objects(&mem),
+        asked: 0.into(),
+        now: 0.into(),
+        most: 0.into(),
+    });
+    let store = rt
+        .block_on(ChunkStore::open(
+            counting.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    // A buffer that holds every chunk (nothing is fetched twice for want
+    // of room); the window is 16 chunks.
+    let dev = RemoteDevice::new(
+        store,
+        (chunks * u64::from(CHUNK)) as usize,
+        Box::new(|_| Ok(())),
+    )
+    .unwrap();
+    let window = 16;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for k in 0..chunks {
+        dev.read_at(k * u64::from(CHUNK), &mut buf).unwrap();
+        assert_eq!(buf, chunk(u8::try_from(k).unwrap()), "chunk {k}");
+        let asked = counting.asked.load(Ordering::SeqCst) as u64;
+        assert!(
+            asked <= k + 1 + window,
+            "after chunk {k}: {asked} chunks asked for, more than the window ahead"
+        );
+    }
+    drop(dev);
+    assert_eq!(counting.asked.load(Ordering::SeqCst) as u64, chunks);
+    let most = counting.most.load(Ordering::SeqCst) as u64;
+    assert!(
+        (window / 2..=window + 1).contains(&most),
+        "{most} chunks asked for at once"
+    );
 }
