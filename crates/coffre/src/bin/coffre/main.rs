@@ -17,6 +17,10 @@ use std::process::ExitCode;
 static ALLOCATOR: coffre_sys::alloc::WipeOnFree = coffre_sys::alloc::WipeOnFree;
 
 fn main() -> ExitCode {
+    // Before any thread, for every command (`storage migrate` and `export`
+    // move chunks as the daemon does): glibc's large blocks go back to the
+    // kernel, smaller freed ones are kept for reuse.
+    coffre_sys::return_large_allocations();
     // Before anything can hold a secret: no core dumps, not ptrace-able.
     if let Err(e) = coffre_sys::disable_core_dumps() {
         eprintln!("coffre: warning: could not disable core dumps: {e}");
