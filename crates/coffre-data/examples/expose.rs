@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 fn main() {
     // As the daemon does: allocations of 4 MiB and more are never kept in
-    // the heap; up to 32 MiB of freed smaller ones are.
+    // the heap; up to 4 MiB of freed smaller ones are, per arena.
     coffre_sys::return_large_allocations();
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(&args[1]);

@@ -76,16 +76,18 @@ impl ChunkMac {
     pub const NEW: ChunkMac = ChunkMac::Blake3;
 }
 
-/// BLAKE3's context string for the chunk MAC key (it must never serve
-/// another purpose).
-const CHUNK_KEY_CONTEXT: &str = "coffre-remote 2026-12 chunk MAC key";
+/// BLAKE3's context string for the key of keyed-BLAKE3 MACs (chunks and
+/// journal records, told apart by their domain labels; it must never
+/// serve another purpose).
+const CHUNK_KEY_CONTEXT: &str = "coffre-remote 2026-12 chunk and journal MAC key";
 
 /// The integrity key. Its bytes are wiped when it is dropped and never
 /// shown by `Debug`.
 pub struct IntegrityKey {
     bytes: Zeroizing<[u8; 32]>,
     key: hmac::Key,
-    /// The key of keyed-BLAKE3 chunk MACs, derived from `bytes`.
+    /// The key of keyed-BLAKE3 MACs (chunks, journal records), derived
+    /// from `bytes`.
     chunk_key: Zeroizing<[u8; 32]>,
 }
 
@@ -117,7 +119,13 @@ impl IntegrityKey {
     /// [`unseal`](Self::unseal)).
     pub fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> Self {
         let key = hmac::Key::new(hmac::HMAC_SHA256, bytes.as_ref());
-        let chunk_key = Zeroizing::new(blake3::derive_key(CHUNK_KEY_CONTEXT, bytes.as_ref()));
+        // Derived in place (`derive_key` would return it by value, and
+        // leave copies on the stack); the hasher's state is wiped after.
+        let mut chunk_key = Zeroizing::new([0u8; 32]);
+        let mut h = blake3::Hasher::new_derive_key(CHUNK_KEY_CONTEXT);
+        h.update(bytes.as_ref());
+        h.finalize_xof().fill(chunk_key.as_mut());
+        zeroize::Zeroize::zeroize(&mut h);
         IntegrityKey {
             bytes,
             key,
@@ -222,7 +230,7 @@ impl IntegrityKey {
     /// The MAC of bytes that three numbers place (a chunk's index, version
     /// and session; a journal record's epoch, sequence and offset), made
     /// `how`'s way.
-    pub fn placed_mac(
+    pub(crate) fn placed_mac(
         &self,
         how: ChunkMac,
         domain: Domain,
@@ -379,7 +387,10 @@ mod tests {
             .map(|i| u8::try_from(i % 253).unwrap())
             .collect();
         for data in [&data[..], &[][..]] {
-            let key = blake3::derive_key("coffre-remote 2026-12 chunk MAC key", &[0x42; 32]);
+            let key = blake3::derive_key(
+                "coffre-remote 2026-12 chunk and journal MAC key",
+                &[0x42; 32],
+            );
             let mut input = b"coffre-remote v1 chunk\0".to_vec();
             input.extend_from_slice(&VAULT);
             for n in [5u64, 6, 7, data.len() as u64] {

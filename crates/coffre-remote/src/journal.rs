@@ -10,7 +10,8 @@
 //! A record: `CFJ2` (its MAC keyed BLAKE3, for a store whose chunks are
 //! MACed so) or `CFJ1` (HMAC-SHA256, for a store made before), the epoch
 //! of the durable manifest it follows, its sequence number, the offset,
-//! the length, the MAC, the bytes. Both are replayed. Records
+//! the length, the MAC, the bytes. A store takes only records of its own
+//! kind (nothing writes the other). Records
 //! of an older epoch are covered by a manifest that landed (a crash
 //! between the manifest and the emptying of the journal): they are
 //! dropped, never replayed over newer data.
@@ -97,7 +98,7 @@ fn head(how: ChunkMac, (base, seq, offset): (u64, u64, u64), len: u32, mac: &Mac
 /// follow its durable epoch, up to the first that does not verify.
 pub fn parse(bytes: &[u8], store: &ChunkStore) -> Found {
     parse_with(bytes, store.root().epoch, |how, at, data, mac| {
-        store.journal_verifies(how, at, data, mac)
+        how == store.chunk_mac() && store.journal_verifies(how, at, data, mac)
     })
 }
 

@@ -219,11 +219,11 @@ fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
 }
 
 /// A store made before keyed-BLAKE3 MACs journals `CFJ1` records
-/// (HMAC-SHA256), a new one `CFJ2` (keyed BLAKE3); both are replayed,
-/// each verified its own way: a record whose magic is switched to the
-/// other kind is not replayed.
+/// (HMAC-SHA256), a new one `CFJ2` (keyed BLAKE3); each replays its own.
+/// A record of the other kind is not replayed (nor what follows), even
+/// with a MAC of that kind that verifies: nothing legitimate writes one.
 #[test]
-fn journal_records_carry_the_stores_kind_of_mac_and_both_kinds_replay() {
+fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own() {
     use coffre_remote::integrity::ChunkMac;
     use coffre_remote::{Backend, MirrorSettings};
     for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ1"), (ChunkMac::Blake3, b"CFJ2")] {
@@ -265,11 +265,25 @@ fn journal_records_carry_the_stores_kind_of_mac_and_both_kinds_replay() {
                 false,
             ))
             .unwrap();
+        let other = match how {
+            ChunkMac::HmacSha256 => ChunkMac::Blake3,
+            ChunkMac::Blake3 => ChunkMac::HmacSha256,
+        };
+        let field = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+        let (base, seq, offset) = (field(record + 4), field(record + 12), field(record + 20));
+        let data = &bytes[record + 64..];
+        assert_eq!((seq, offset, data.len()), (1, 65536, 4096));
         let mut switched = bytes.clone();
         switched[record + 3] ^= b'1' ^ b'2';
-        let found = coffre_remote::journal::parse(&switched, &s0);
-        assert_eq!(found.records.len(), 1, "{how:?}");
-        assert_eq!(found.ignored_bytes, record as u64);
+        for forged in [false, true] {
+            if forged {
+                let mac = s0.journal_mac(other, (base, seq, offset), data);
+                switched[record + 32..record + 64].copy_from_slice(&mac);
+            }
+            let found = coffre_remote::journal::parse(&switched, &s0);
+            assert_eq!(found.records.len(), 1, "{how:?}, forged {forged}");
+            assert_eq!(found.ignored_bytes, record as u64);
+        }
         // As written: both replayed, through the device.
         let dev = device(&mem, &keys, Some(root0), &roots);
         let found = dev.attach_journal(&path).unwrap();

@@ -211,8 +211,16 @@ unsafe fn wipe(ptr: *mut u8, len: usize) {
 }
 
 /// Blocks of at least this size are wiped page by page, and only the
-/// pages that are in memory.
-const SPARSE_FROM: usize = 1 << 20;
+/// pages that are in memory. Only blocks glibc maps on their own qualify
+/// (when [`crate::return_large_allocations`] set it so): unmapping one
+/// drops its pages that were not in memory (never touched, or swapped
+/// out), where a heap block's swapped-out page would come back unwiped
+/// with the block's next owner.
+const SPARSE_FROM: usize = crate::MAP_FROM;
+
+// The FUSE library's buffer is a mapping of its own: zeroed lazily by the
+// kernel as its pages are touched, and wiped sparsely.
+const _: () = assert!(FUSE_REQUEST_BUFFER >= crate::MAP_FROM && SPARSE_FROM >= crate::MAP_FROM);
 
 /// Wipes a large block's pages that are in RAM, skipping those never
 /// touched (or swapped out): a 16 MiB buffer of which a request used one

@@ -244,11 +244,11 @@ pub const MAP_FROM: usize = 4 << 20;
 
 /// How much free memory glibc keeps at the top of a heap before it hands
 /// it back to the kernel ([`return_large_allocations`]).
-pub const KEEP_FREE: usize = 32 << 20;
+pub const KEEP_FREE: usize = 4 << 20;
 
 /// Makes glibc serve every allocation of [`MAP_FROM`] (4 MiB) or more with
 /// its own mapping, returned to the kernel on free, and keep up to
-/// [`KEEP_FREE`] (32 MiB) of freed memory at the top of each heap for the
+/// [`KEEP_FREE`] (4 MiB) of freed memory at the top of each heap for the
 /// next smaller blocks.
 ///
 /// Large blocks: glibc otherwise raises its mmap threshold after the first
@@ -257,6 +257,9 @@ pub const KEEP_FREE: usize = 32 << 20;
 /// would grow with the number of threads that ever derived a key, not with
 /// the derivations running now, and the daemon's KDF memory cap would mean
 /// nothing. Fixing the threshold also turns off that dynamic adjustment.
+/// An argon2 keyslot of less than 4 MiB (the format allows 32 KiB; ours
+/// use 64 MiB and more) has its buffer kept in an arena like any smaller
+/// block.
 ///
 /// Smaller blocks: the remote store's 1 MiB chunks are allocated and freed
 /// at the rate of the data. With the threshold at 1 MiB (until 2026-12-04)
@@ -267,8 +270,11 @@ pub const KEEP_FREE: usize = 32 << 20;
 /// 1031-1399 MiB/s against 700-815, writes 513-718 against 257-322. The
 /// trim threshold keeps heap tops from going back to the kernel (and
 /// faulting in again) at each free (glibc's default once the threshold
-/// is fixed is 128 KiB). Nothing secret stays in what is kept: every
-/// freed block is wiped (`alloc::WipeOnFree`).
+/// is fixed is 128 KiB); 4 MiB did as well as 32 (reads 1165-1534 against
+/// 1151-1173 MiB/s, 2 x 3 rounds). Each arena (glibc makes up to eight per core)
+/// may keep that much. Nothing secret stays in what is kept: every freed
+/// block is wiped whole (`alloc::WipeOnFree`; only blocks mapped on
+/// their own are wiped sparsely).
 pub fn return_large_allocations() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
