@@ -1154,3 +1154,70 @@ fn read_ahead_shape(how: coffre_remote::integrity::ChunkMac) {
         "{how:?}: {most} chunks asked for at once"
     );
 }
+
+/// A chunk written (and made durable, then pushed out of the buffer) while
+/// its read-ahead was on its way is read as written: the bytes fetched
+/// ahead were of the version before, and are dropped when they land.
+#[test]
+fn a_chunk_rewritten_while_its_read_ahead_is_on_its_way_reads_as_rewritten() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let chunks = 64u64;
+    let c = u64::from(CHUNK);
+    let g = coffre_remote::Geometry::new(CHUNK, chunks * c).unwrap();
+    let root = rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), g)
+            .await
+            .unwrap();
+        s.write_chunks((0..4).map(|i| (i, chunk(0x10 + i as u8))).collect())
+            .await
+            .unwrap();
+        s.flush().await.unwrap().unwrap()
+    });
+    let counting = Arc::new(Counting {
+        inner: objects(&mem),
+        asked: 0.into(),
+        now: 0.into(),
+        most: 0.into(),
+    });
+    let store = rt
+        .block_on(ChunkStore::open(
+            counting.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    // A buffer of 8 chunks: a read-ahead window of 2.
+    let dev = RemoteDevice::new(store, 8 * CHUNK as usize, Box::new(|_| Ok(()))).unwrap();
+    let mut buf = vec![0u8; CHUNK as usize];
+    dev.read_at(0, &mut buf).unwrap();
+    dev.read_at(c, &mut buf).unwrap();
+    assert_eq!(buf, chunk(0x11));
+    // Chunks 2 and 3 are on their way (20 ms each). Chunk 2 is rewritten
+    // and made durable, then pushed out of the buffer by other chunks.
+    dev.write_at(2 * c, &chunk(0xee)).unwrap();
+    dev.flush().unwrap();
+    for i in 40..56u64 {
+        dev.write_at(i * c, &chunk(i as u8)).unwrap();
+        dev.flush().unwrap();
+    }
+    let asked = counting.asked.load(Ordering::SeqCst);
+    dev.read_at(2 * c, &mut buf).unwrap();
+    assert!(
+        buf == chunk(0xee),
+        "the version fetched ahead was served (bytes {:#x})",
+        buf[0]
+    );
+    assert_eq!(
+        counting.asked.load(Ordering::SeqCst),
+        asked + 1,
+        "chunk 2 was read from the store again (it had left the buffer)"
+    );
+    dev.read_at(3 * c, &mut buf).unwrap();
+    assert_eq!(buf, chunk(0x13));
+}
