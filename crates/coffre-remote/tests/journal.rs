@@ -225,25 +225,13 @@ fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
 #[test]
 fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own() {
     use coffre_remote::integrity::ChunkMac;
-    use coffre_remote::{Backend, MirrorSettings};
     for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ1"), (ChunkMac::Blake3, b"CFJ2")] {
         let mem = Arc::new(InMemory::new());
         let keys = Keyring::new();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
         let roots = Arc::new(Mutex::new(Vec::new()));
-        let (store, root0) = rt()
-            .block_on(ChunkStore::create_with_chunk_mac(
-                vec![Backend {
-                    name: "the store".into(),
-                    objects: objects(&mem),
-                }],
-                MirrorSettings::default(),
-                PREFIX,
-                (VAULT, keys.key()),
-                (geometry(), how),
-            ))
-            .unwrap();
+        let (store, root0) = rt().block_on(created_with(objects(&mem), &keys, geometry(), how));
         let dev = RemoteDevice::new(store, 1 << 20, Box::new(|_| Ok(()))).unwrap();
         dev.attach_journal(&path).unwrap();
         dev.write_at(0, &[1u8; 4096]).unwrap();

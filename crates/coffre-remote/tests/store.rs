@@ -167,7 +167,6 @@ fn altered_swapped_or_missing_objects_never_read_back() {
 /// own way: a flipped byte is caught in both.
 #[test]
 fn stores_made_with_hmac_chunk_macs_keep_them_and_new_ones_use_blake3() {
-    use coffre_remote::MirrorSettings;
     use coffre_remote::integrity::ChunkMac;
     let rt = rt();
     let keys = Keyring::new();
@@ -182,21 +181,12 @@ fn stores_made_with_hmac_chunk_macs_keep_them_and_new_ones_use_blake3() {
                 mem.get(&m).await.unwrap().bytes().await.unwrap().to_vec()
             };
             let (mut s, _) = if how == ChunkMac::NEW {
-                ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry()).await
+                ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+                    .await
+                    .unwrap()
             } else {
-                ChunkStore::create_with_chunk_mac(
-                    vec![coffre_remote::Backend {
-                        name: "the store".into(),
-                        objects: objects(&mem),
-                    }],
-                    MirrorSettings::default(),
-                    PREFIX,
-                    (VAULT, keys.key()),
-                    (geometry(), how),
-                )
-                .await
-            }
-            .unwrap();
+                created_with(objects(&mem), &keys, geometry(), how).await
+            };
             assert_eq!(s.chunk_mac(), how);
             s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
                 .await
@@ -1083,18 +1073,7 @@ fn read_ahead_shape(how: coffre_remote::integrity::ChunkMac) {
     let chunks = 64u64;
     let g = coffre_remote::Geometry::new(CHUNK, chunks * u64::from(CHUNK)).unwrap();
     let root = rt.block_on(async {
-        let (mut s, _) = ChunkStore::create_with_chunk_mac(
-            vec![coffre_remote::Backend {
-                name: "the store".into(),
-                objects: objects(&mem),
-            }],
-            coffre_remote::MirrorSettings::default(),
-            PREFIX,
-            (VAULT, keys.key()),
-            (g, how),
-        )
-        .await
-        .unwrap();
+        let (mut s, _) = created_with(objects(&mem), &keys, g, how).await;
         s.write_chunks(
             (0..chunks)
                 .map(|i| (i, chunk(u8::try_from(i).unwrap())))
@@ -1104,23 +1083,7 @@ fn read_ahead_shape(how: coffre_remote::integrity::ChunkMac) {
         .unwrap();
         s.flush().await.unwrap().unwrap()
     });
-    let counting = Arc::new(Counting {
-        inner: objects(&mem),
-        asked: 0.into(),
-        now: 0.into(),
-        most: 0.into(),
-    });
-    let store = rt
-        .block_on(ChunkStore::open(
-            counting.clone(),
-            PREFIX,
-            VAULT,
-            keys.key(),
-            Some(root),
-            false,
-        ))
-        .unwrap()
-        .0;
+    let (counting, store) = counting_store(&rt, &mem, &keys, root);
     // A buffer that holds every chunk (nothing is fetched twice for want
     // of room); the window is 16 chunks.
     let dev = RemoteDevice::new(
@@ -1175,23 +1138,7 @@ fn a_chunk_rewritten_while_its_read_ahead_is_on_its_way_reads_as_rewritten() {
             .unwrap();
         s.flush().await.unwrap().unwrap()
     });
-    let counting = Arc::new(Counting {
-        inner: objects(&mem),
-        asked: 0.into(),
-        now: 0.into(),
-        most: 0.into(),
-    });
-    let store = rt
-        .block_on(ChunkStore::open(
-            counting.clone(),
-            PREFIX,
-            VAULT,
-            keys.key(),
-            Some(root),
-            false,
-        ))
-        .unwrap()
-        .0;
+    let (counting, store) = counting_store(&rt, &mem, &keys, root);
     // A buffer of 8 chunks: a read-ahead window of 2.
     let dev = RemoteDevice::new(store, 8 * CHUNK as usize, Box::new(|_| Ok(()))).unwrap();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -1220,4 +1167,31 @@ fn a_chunk_rewritten_while_its_read_ahead_is_on_its_way_reads_as_rewritten() {
     );
     dev.read_at(3 * c, &mut buf).unwrap();
     assert_eq!(buf, chunk(0x13));
+}
+
+/// The store at `root` opened through a [`Counting`] wrapper.
+fn counting_store(
+    rt: &tokio::runtime::Runtime,
+    mem: &Arc<InMemory>,
+    keys: &Keyring,
+    root: Root,
+) -> (Arc<Counting>, ChunkStore) {
+    let counting = Arc::new(Counting {
+        inner: objects(mem),
+        asked: 0.into(),
+        now: 0.into(),
+        most: 0.into(),
+    });
+    let store = rt
+        .block_on(ChunkStore::open(
+            counting.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap()
+        .0;
+    (counting, store)
 }

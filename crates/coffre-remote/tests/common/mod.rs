@@ -43,6 +43,28 @@ impl Keyring {
     }
 }
 
+/// A new store on `objects` whose chunks are MACed `how`'s way, and its
+/// first root.
+pub async fn created_with(
+    objects: Arc<dyn Objects>,
+    keys: &Keyring,
+    g: Geometry,
+    how: coffre_remote::integrity::ChunkMac,
+) -> (ChunkStore, Root) {
+    ChunkStore::create_with_chunk_mac(
+        vec![coffre_remote::Backend {
+            name: "the store".into(),
+            objects,
+        }],
+        coffre_remote::MirrorSettings::default(),
+        PREFIX,
+        (VAULT, keys.key()),
+        (g, how),
+    )
+    .await
+    .unwrap()
+}
+
 pub fn geometry() -> Geometry {
     Geometry::new(CHUNK, SIZE).unwrap()
 }
