@@ -50,6 +50,23 @@ pub trait Blocks: Send + Sync {
     /// Writes `data` at `offset` (durable at the next flush, or at once
     /// with `fua`).
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Writes `parts`, one after the other, at `offset`: as [`write`]
+    /// of their concatenation, which this default makes (a client that
+    /// can send them as they are does so, without that copy).
+    ///
+    /// [`write`]: Blocks::write
+    fn write_parts(
+        &self,
+        offset: u64,
+        parts: Vec<Bytes>,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut whole = bytes::BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+        for p in &parts {
+            whole.extend_from_slice(p);
+        }
+        self.write(offset, whole.freeze(), fua)
+    }
     /// Every write acknowledged before is durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// `len` bytes at `offset` are no longer needed (nothing by default).
@@ -68,6 +85,14 @@ impl Blocks for NbdClient {
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(NbdClient::write(self, offset, data, fua))
+    }
+    fn write_parts(
+        &self,
+        offset: u64,
+        parts: Vec<Bytes>,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(NbdClient::write_parts(self, offset, parts, fua))
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(NbdClient::flush(self))
@@ -466,6 +491,25 @@ impl BlockObjects {
         buf.freeze()
     }
 
+    /// What [`slot_bytes`](Self::slot_bytes) gives, as parts: the header
+    /// space, `data` itself (not copied), the zeros that end its last
+    /// `HEAD_SPACE`.
+    fn slot_parts(head: &Head, data: Bytes) -> Vec<Bytes> {
+        let whole = (HEAD_SPACE + data.len()).div_ceil(HEAD_SPACE) * HEAD_SPACE;
+        let mut first = BytesMut::with_capacity(HEAD_SPACE);
+        first.extend_from_slice(&head.encode());
+        first.resize(HEAD_SPACE, 0);
+        let pad = whole - HEAD_SPACE - data.len();
+        let mut parts = vec![first.freeze()];
+        if !data.is_empty() {
+            parts.push(data);
+        }
+        if pad > 0 {
+            parts.push(Bytes::from(vec![0u8; pad]));
+        }
+        parts
+    }
+
     /// The lock of a chunk's or page's two slots: a put and a deletion of
     /// the same index never interleave.
     fn slot_lock(&self, kind: Kind, index: u64) -> &tokio::sync::Mutex<()> {
@@ -623,11 +667,7 @@ impl BlockObjects {
                 // Empty while it is written: a failed write leaves it so.
                 self.set_head(kind, index, k, None);
                 self.blocks
-                    .write(
-                        l.slot(kind, index, k),
-                        Self::slot_bytes(&head, &data),
-                        false,
-                    )
+                    .write_parts(l.slot(kind, index, k), Self::slot_parts(&head, data), false)
                     .await?;
                 self.set_head(kind, index, k, Some(head));
                 Ok(gen_tag(version))
@@ -846,6 +886,31 @@ impl Objects for BlockObjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parts a chunk's slot is written in are, end to end, the bytes
+    /// of the slot in one buffer, whatever the data's length.
+    #[test]
+    fn slot_parts_are_the_slot_bytes() {
+        let head = Head {
+            kind: Kind::Chunk as u8,
+            index: 7,
+            version: 3,
+            session: 0x1234,
+            len: 0,
+            hash: [9; 16],
+        };
+        for n in [0, 1, HEAD_SPACE - 1, HEAD_SPACE, 1 << 20, (1 << 20) + 13] {
+            let data: Vec<u8> = (0..n).map(|i| u8::try_from(i % 253).unwrap()).collect();
+            let one = BlockObjects::slot_bytes(&head, &data);
+            let parts = BlockObjects::slot_parts(&head, Bytes::from(data));
+            let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(joined, one.to_vec(), "{n} bytes");
+            assert!(
+                parts.iter().all(|p| !p.is_empty()),
+                "{n} bytes: an empty part"
+            );
+        }
+    }
 
     fn head(version: u64, session: u64) -> Option<Head> {
         Some(Head {

@@ -186,7 +186,8 @@ struct Request {
     flags: u16,
     offset: u64,
     len: u32,
-    data: Bytes,
+    /// A write's bytes: its parts, sent one after the other.
+    data: Vec<Bytes>,
     reply: oneshot::Sender<Result<Bytes, Failure>>,
 }
 
@@ -317,7 +318,7 @@ impl NbdClient {
         flags: u16,
         offset: u64,
         len: u32,
-        data: Bytes,
+        data: Vec<Bytes>,
     ) -> Result<Bytes, StoreError> {
         self.request_on(cmd, flags, offset, len, data)
             .await
@@ -332,7 +333,7 @@ impl NbdClient {
         flags: u16,
         offset: u64,
         len: u32,
-        data: Bytes,
+        data: Vec<Bytes>,
     ) -> Result<(Bytes, u64), StoreError> {
         let c = self.conn().await?;
         // Writes a restarted server could lose: not FUA (durable when
@@ -409,13 +410,13 @@ impl NbdClient {
         let step = info.max_payload as usize;
         if len <= step {
             let n = u32::try_from(len).map_err(|e| err("read", e))?;
-            return self.request(CMD_READ, 0, offset, n, Bytes::new()).await;
+            return self.request(CMD_READ, 0, offset, n, Vec::new()).await;
         }
         let parts = (0..len).step_by(step).map(|at| {
             let n = step.min(len - at);
             async move {
                 let n32 = u32::try_from(n).map_err(|e| err("read", e))?;
-                self.request(CMD_READ, 0, offset + at as u64, n32, Bytes::new())
+                self.request(CMD_READ, 0, offset + at as u64, n32, Vec::new())
                     .await
             }
         });
@@ -439,7 +440,7 @@ impl NbdClient {
             let part = data.slice(at..data.len().min(at + step));
             async move {
                 let n = u32::try_from(part.len()).map_err(|e| err("write", e))?;
-                self.request(CMD_WRITE, flags, offset + at as u64, n, part)
+                self.request(CMD_WRITE, flags, offset + at as u64, n, vec![part])
                     .await
                     .map(|_| ())
             }
@@ -447,6 +448,34 @@ impl NbdClient {
         for p in futures::future::join_all(parts).await {
             p?;
         }
+        if fua && !info.fua() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `parts`, one after the other, at `offset`, as
+    /// [`write`](Self::write) does their concatenation: in one request
+    /// that carries them as they are (no copy into one buffer) when they
+    /// fit in one.
+    pub async fn write_parts(
+        &self,
+        offset: u64,
+        parts: Vec<Bytes>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let info = self.info().await?;
+        if parts.len() < 2 || len > info.max_payload as usize {
+            return self.write(offset, concat(&parts), fua).await;
+        }
+        if info.read_only() {
+            return Err(StoreError::Other("the NBD export is read-only".into()));
+        }
+        Self::check_range(&info, offset, len as u64)?;
+        let flags = if fua && info.fua() { CMD_FLAG_FUA } else { 0 };
+        let n = u32::try_from(len).map_err(|e| err("write", e))?;
+        self.request(CMD_WRITE, flags, offset, n, parts).await?;
         if fua && !info.fua() {
             self.flush().await?;
         }
@@ -469,7 +498,7 @@ impl NbdClient {
             return Err(lost());
         }
         let before = self.sent.load(Ordering::SeqCst);
-        let (_, generation) = self.request_on(CMD_FLUSH, 0, 0, 0, Bytes::new()).await?;
+        let (_, generation) = self.request_on(CMD_FLUSH, 0, 0, 0, Vec::new()).await?;
         let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
         if u.iter().any(|(g, _)| *g != generation) {
             self.lost.store(true, Ordering::SeqCst);
@@ -491,7 +520,7 @@ impl NbdClient {
         let mut at = 0;
         while at < len {
             let n = u32::try_from(step.min(len - at)).map_err(|e| err("trim", e))?;
-            self.request(CMD_TRIM, 0, offset + at, n, Bytes::new())
+            self.request(CMD_TRIM, 0, offset + at, n, Vec::new())
                 .await?;
             at += u64::from(n);
         }
@@ -585,8 +614,31 @@ pub fn fuzz_server(data: &[u8]) {
         let n = usize::try_from(info.size.min(8192)).unwrap_or(0);
         let _ = c.read(0, n).await;
         let _ = c.write(0, Bytes::from(vec![0u8; n]), true).await;
+        let half = n / 2;
+        let _ = c
+            .write_parts(
+                0,
+                vec![
+                    Bytes::from(vec![1u8; half]),
+                    Bytes::from(vec![2u8; n - half]),
+                ],
+                false,
+            )
+            .await;
         let _ = c.flush().await;
     });
+}
+
+/// `parts` in one buffer (one part: itself, no copy).
+fn concat(parts: &[Bytes]) -> Bytes {
+    if let [one] = parts {
+        return one.clone();
+    }
+    let mut whole = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in parts {
+        whole.extend_from_slice(p);
+    }
+    whole.freeze()
 }
 
 fn fail_all(pending: &Pending, e: &StoreError) {
@@ -620,7 +672,7 @@ async fn write_requests(
         cookie = cookie.wrapping_add(1);
         let mut h = [0u8; 28];
         encode_request(&mut h, r.cmd, r.flags, cookie, r.offset, r.len);
-        let data = r.data;
+        let parts = r.data;
         // Known before the request leaves: its reply can come at once.
         pending
             .lock()
@@ -628,8 +680,8 @@ async fn write_requests(
             .insert(cookie, (r.cmd, r.len, r.reply));
         let sent = async {
             w.write_all(&h).await?;
-            if !data.is_empty() {
-                w.write_all(&data).await?;
+            for p in &parts {
+                w.write_all(p).await?;
             }
             if rx.is_empty() {
                 w.flush().await?;
