@@ -81,7 +81,9 @@ pub struct RemoteDevice {
 }
 
 struct Cached {
-    data: Vec<u8>,
+    /// Shared with an upload on its way, if any (copied on the next write
+    /// to it then: the upload keeps the bytes it MACed).
+    data: Arc<Vec<u8>>,
     dirty: bool,
     used: u64,
     /// When it was last written (the clock): an upload of an older copy
@@ -139,6 +141,18 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A chunk's bytes in the buffer, for an upload: shared, not copied.
+fn shared(data: &Arc<Vec<u8>>) -> bytes::Bytes {
+    /// The owner `Bytes` keeps: the buffer's `Arc`.
+    struct Owner(Arc<Vec<u8>>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    bytes::Bytes::from_owner(Owner(data.clone()))
+}
+
 /// Chunk `i`, as the store has it, into the buffer: the newest used.
 fn insert_clean(s: &mut State, i: u64, data: Vec<u8>) {
     s.clock += 1;
@@ -147,7 +161,7 @@ fn insert_clean(s: &mut State, i: u64, data: Vec<u8>) {
     s.cache.insert(
         i,
         Cached {
-            data,
+            data: Arc::new(data),
             dirty: false,
             used,
             written: 0,
@@ -536,11 +550,11 @@ impl RemoteDevice {
     /// Uploads every dirty chunk (not yet durable: see `flush`).
     fn upload(&self, s: &mut State) -> io::Result<()> {
         self.settle(s)?;
-        let dirty: Vec<(u64, Vec<u8>)> = s
+        let dirty: Vec<(u64, bytes::Bytes)> = s
             .cache
             .iter()
             .filter(|(_, c)| c.dirty)
-            .map(|(i, c)| (*i, c.data.clone()))
+            .map(|(i, c)| (*i, shared(&c.data)))
             .collect();
         if dirty.is_empty() {
             return Ok(());
@@ -604,9 +618,9 @@ impl RemoteDevice {
             .filter(|(_, c)| c.dirty)
             .map(|(i, c)| (*i, c.written))
             .collect();
-        let chunks: Vec<(u64, Vec<u8>)> = copies
+        let chunks: Vec<(u64, bytes::Bytes)> = copies
             .iter()
-            .filter_map(|(i, _)| s.cache.get(i).map(|c| (*i, c.data.clone())))
+            .filter_map(|(i, _)| s.cache.get(i).map(|c| (*i, shared(&c.data))))
             .collect();
         let Ok(upload) = self.block_on(s.store.prepare_chunks(chunks)) else {
             return;
@@ -729,7 +743,7 @@ impl RemoteDevice {
             s.cache.insert(
                 index,
                 Cached {
-                    data,
+                    data: Arc::new(data),
                     dirty: false,
                     used: now,
                     written: 0,
@@ -825,7 +839,10 @@ impl BlockDevice for RemoteDevice {
             let used = s.clock;
             match s.cache.get_mut(&index) {
                 Some(c) => {
-                    c.data[within..within + range.len()].copy_from_slice(&buf[range]);
+                    // A copy first only if an upload still holds these
+                    // bytes.
+                    Arc::make_mut(&mut c.data)[within..within + range.len()]
+                        .copy_from_slice(&buf[range]);
                     c.dirty = true;
                     c.used = used;
                     c.written = used;
@@ -836,7 +853,7 @@ impl BlockDevice for RemoteDevice {
                     s.cache.insert(
                         index,
                         Cached {
-                            data: buf[range].to_vec(),
+                            data: Arc::new(buf[range].to_vec()),
                             dirty: true,
                             used,
                             written: used,

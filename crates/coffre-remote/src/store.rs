@@ -413,20 +413,28 @@ async fn conditional_writes(
     }
 }
 
-/// Runs `jobs`, at most `n` at once, in order of results.
+/// Runs `jobs`, at most `n` at once, their results in the jobs' order.
+/// A sliding window: the next job starts as soon as any one ends (where
+/// batches of `n` each waited for their slowest before the next began).
 async fn bounded<T, F>(jobs: Vec<F>, n: usize) -> Vec<T>
 where
     F: std::future::Future<Output = T>,
 {
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut jobs = jobs.into_iter();
-    loop {
-        let batch: Vec<F> = jobs.by_ref().take(n.max(1)).collect();
-        if batch.is_empty() {
-            return out;
-        }
-        out.extend(futures::future::join_all(batch).await);
-    }
+    use futures::StreamExt;
+    let count = jobs.len();
+    // Unordered (an ordered buffer counts the jobs done behind a slow
+    // first one as still running), put back in order after.
+    let mut done: Vec<(usize, T)> = futures::stream::iter(
+        jobs.into_iter()
+            .enumerate()
+            .map(|(i, f)| async move { (i, f.await) }),
+    )
+    .buffer_unordered(n.max(1))
+    .collect()
+    .await;
+    done.sort_unstable_by_key(|(i, _)| *i);
+    debug_assert_eq!(done.len(), count);
+    done.into_iter().map(|(_, t)| t).collect()
 }
 
 /// `f`, or a store error once `limit` has passed.
@@ -1517,7 +1525,10 @@ impl ChunkStore {
     /// next [`flush`].
     ///
     /// [`flush`]: ChunkStore::flush
-    pub async fn write_chunks(&mut self, chunks: Vec<(u64, Vec<u8>)>) -> Result<(), RemoteError> {
+    pub async fn write_chunks<D: Into<Bytes>>(
+        &mut self,
+        chunks: Vec<(u64, D)>,
+    ) -> Result<(), RemoteError> {
         let upload = self.prepare_chunks(chunks).await?;
         let results = upload.puts.run().await;
         self.finish_chunks(upload, results)
@@ -1532,9 +1543,9 @@ impl ChunkStore {
     /// before any of them).
     ///
     /// [`finish_chunks`]: ChunkStore::finish_chunks
-    pub async fn prepare_chunks(
+    pub async fn prepare_chunks<D: Into<Bytes>>(
         &mut self,
-        chunks: Vec<(u64, Vec<u8>)>,
+        chunks: Vec<(u64, D)>,
     ) -> Result<Upload, RemoteError> {
         self.writable()?;
         self.resolve().await?;
@@ -1549,6 +1560,9 @@ impl ChunkStore {
         }
         let mut items = Vec::with_capacity(chunks.len());
         for (index, data) in chunks {
+            // Bytes shared with the caller (the device's buffer), not
+            // copied.
+            let data: Bytes = data.into();
             let i = self.check_index(index)?;
             if data.len() != self.geometry.chunk_len(index) {
                 return Err(RemoteError::Config(format!(
@@ -1577,7 +1591,7 @@ impl ChunkStore {
                     mac,
                 },
             ));
-            objects.push((self.keys.chunk(index, version, session), Bytes::from(data)));
+            objects.push((self.keys.chunk(index, version, session), data));
         }
         Ok(Upload {
             epoch: self.epoch,
@@ -2590,5 +2604,57 @@ mod probe_tests {
         let e = probe(&f).unwrap_err();
         assert!(!matches!(e, RemoteError::NoConditionalWrites(_)), "{e}");
         assert!(e.to_string().contains("503"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::bounded;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// At most `n` jobs at once, and the next starts as soon as any one
+    /// ends: here the first job ends only once the last has started,
+    /// which batches of `n` (each waiting for its slowest) never reach.
+    /// The results come in the jobs' order.
+    #[test]
+    fn keeps_its_window_full_and_the_results_in_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let (release, wait) = (Mutex::new(Some(release)), Mutex::new(Some(wait)));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..7usize)
+            .map(|i| {
+                let (running, most) = (running.clone(), most.clone());
+                let (release, wait) = (&release, &wait);
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    if i == 0 {
+                        let w = wait.lock().unwrap().take().unwrap();
+                        w.await.unwrap();
+                    } else {
+                        tokio::task::yield_now().await;
+                        if i == 6 {
+                            let r = release.lock().unwrap().take().unwrap();
+                            r.send(()).unwrap();
+                        }
+                    }
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    i * 10
+                }
+            })
+            .collect();
+        let out = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), bounded(jobs, 3)).await
+            })
+            .expect("the window waited for its slowest job");
+        assert_eq!(out, vec![0, 10, 20, 30, 40, 50, 60]);
+        assert_eq!(most.load(Ordering::SeqCst), 3, "at most 3 at once");
     }
 }
