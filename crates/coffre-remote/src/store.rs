@@ -437,6 +437,35 @@ where
     done.into_iter().map(|(_, t)| t).collect()
 }
 
+/// Runs `jobs`, laid out object by object and, within each, store by
+/// store (`stores` of them), at most [`IN_FLIGHT`] at once on each store
+/// (a slow store's jobs never take a fast one's places, nor wait past
+/// their limit behind more than that); results in the jobs' order.
+async fn bounded_per_store<T, F>(jobs: Vec<F>, stores: usize) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let stores = stores.max(1);
+    let count = jobs.len();
+    let mut lanes: Vec<Vec<F>> = (0..stores).map(|_| Vec::new()).collect();
+    for (k, job) in jobs.into_iter().enumerate() {
+        lanes[k % stores].push(job);
+    }
+    let mut done: Vec<std::vec::IntoIter<T>> =
+        futures::future::join_all(lanes.into_iter().map(|l| bounded(l, IN_FLIGHT)))
+            .await
+            .into_iter()
+            .map(Vec::into_iter)
+            .collect();
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count.div_ceil(stores) {
+        for lane in &mut done {
+            out.extend(lane.next());
+        }
+    }
+    out
+}
+
 /// `f`, or a store error once `limit` has passed.
 async fn timed<T>(
     limit: Option<Duration>,
@@ -481,7 +510,7 @@ impl Puts {
                 jobs.push(async move { timed(limit, o.put(&name, bytes, Put::Overwrite)).await });
             }
         }
-        bounded(jobs, IN_FLIGHT * self.stores.len().max(1)).await
+        bounded_per_store(jobs, self.stores.len()).await
     }
 
     /// How many puts: one per object and store.
@@ -2265,7 +2294,7 @@ impl Garbage {
                 });
             }
         }
-        bounded(jobs, IN_FLIGHT * self.stores.len().max(1)).await
+        bounded_per_store(jobs, self.stores.len()).await
     }
 }
 
@@ -2656,5 +2685,51 @@ mod bounded_tests {
             .expect("the window waited for its slowest job");
         assert_eq!(out, vec![0, 10, 20, 30, 40, 50, 60]);
         assert_eq!(most.load(Ordering::SeqCst), 3, "at most 3 at once");
+    }
+
+    /// Per store: at most IN_FLIGHT at once on each, and a store whose
+    /// requests hang does not hold back the other's (here the first
+    /// store's end only once the second's are all done, which one window
+    /// shared by both never reaches: the hanging ones fill it).
+    #[test]
+    fn each_store_has_its_own_window() {
+        use super::{IN_FLIGHT, bounded_per_store};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let per_store = IN_FLIGHT + 5;
+        let fast_done = Arc::new(tokio::sync::Semaphore::new(0));
+        let running = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+        let most = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+        let jobs: Vec<_> = (0..2 * per_store)
+            .map(|k| {
+                let store = k % 2;
+                let (running, most) = (running[store].clone(), most[store].clone());
+                let fast_done = fast_done.clone();
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    if store == 0 {
+                        let all = u32::try_from(per_store).unwrap();
+                        drop(fast_done.acquire_many(all).await.unwrap());
+                    } else {
+                        tokio::task::yield_now().await;
+                        fast_done.add_permits(1);
+                    }
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    k
+                }
+            })
+            .collect();
+        let out = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), bounded_per_store(jobs, 2)).await
+            })
+            .expect("a hanging store held back the other");
+        assert_eq!(out, (0..2 * per_store).collect::<Vec<_>>());
+        for (store, m) in most.iter().enumerate() {
+            assert_eq!(m.load(Ordering::SeqCst), IN_FLIGHT, "store {store}");
+        }
     }
 }
