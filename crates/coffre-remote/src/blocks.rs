@@ -61,11 +61,7 @@ pub trait Blocks: Send + Sync {
         parts: Vec<Bytes>,
         fua: bool,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut whole = bytes::BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-        for p in &parts {
-            whole.extend_from_slice(p);
-        }
-        self.write(offset, whole.freeze(), fua)
+        self.write(offset, crate::nbd::concat(&parts), fua)
     }
     /// Every write acknowledged before is durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -630,7 +630,7 @@ pub fn fuzz_server(data: &[u8]) {
 }
 
 /// `parts` in one buffer (one part: itself, no copy).
-fn concat(parts: &[Bytes]) -> Bytes {
+pub(crate) fn concat(parts: &[Bytes]) -> Bytes {
     if let [one] = parts {
         return one.clone();
     }
