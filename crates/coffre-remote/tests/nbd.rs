@@ -496,17 +496,7 @@ fn survey_nbd_throughput_against_nbdcopy() {
         .unwrap()
         .1;
     let device = |root: coffre_remote::Root| {
-        let store = rt
-            .block_on(ChunkStore::open(
-                objects(&c),
-                PREFIX,
-                VAULT,
-                keys.key(),
-                Some(root),
-                false,
-            ))
-            .unwrap()
-            .0;
+        let store = rt.block_on(opened(objects(&c), &keys, root)).unwrap();
         coffre_remote::RemoteDevice::new(store, 64 * mib, Box::new(|_| Ok(()))).unwrap()
     };
     println!(

@@ -698,17 +698,7 @@ fn the_device_reads_what_was_written_across_chunks_and_keeps_its_root() {
     assert_eq!(root, dev.root());
     // What the store holds now, opened afresh, is the model.
     drop(dev);
-    let store = rt()
-        .block_on(ChunkStore::open(
-            objects(&mem),
-            PREFIX,
-            VAULT,
-            keys.key(),
-            Some(root),
-            false,
-        ))
-        .unwrap()
-        .0;
+    let store = rt().block_on(opened(objects(&mem), &keys, root)).unwrap();
     let dev = RemoteDevice::new(store, 1 << 20, Box::new(|_| Ok(()))).unwrap();
     let mut all = vec![0u8; SIZE as usize];
     dev.read_at(0, &mut all).unwrap();
@@ -1182,16 +1172,6 @@ fn counting_store(
         now: 0.into(),
         most: 0.into(),
     });
-    let store = rt
-        .block_on(ChunkStore::open(
-            counting.clone(),
-            PREFIX,
-            VAULT,
-            keys.key(),
-            Some(root),
-            false,
-        ))
-        .unwrap()
-        .0;
+    let store = rt.block_on(opened(counting.clone(), keys, root)).unwrap();
     (counting, store)
 }
