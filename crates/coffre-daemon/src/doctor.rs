@@ -139,6 +139,7 @@ pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
         suid_dumpable(),
         swap(),
         clock(),
+        halt_polling(),
     ]
 }
 
@@ -461,6 +462,49 @@ fn clock() -> Finding {
             "run an NTP client (chrony, systemd-timesyncd)",
         ),
         Err(e) => Finding::warn("clock", format!("adjtimex: {e}"), "check the host's clock"),
+    }
+}
+
+/// Where a VM guest's cpuidle driver and its halt-polling window are.
+const CPUIDLE_DRIVER: &str = "/sys/devices/system/cpu/cpuidle/current_driver";
+const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+fn halt_polling() -> Finding {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    judge_halt_polling(
+        read(CPUIDLE_DRIVER).as_deref(),
+        read(HALT_POLL_NS).as_deref(),
+    )
+}
+
+/// On a VM guest whose cpuidle driver is `haltpoll`, an idle vCPU polls
+/// for up to `guest_halt_poll_ns` before it halts. With no polling every
+/// wake-up of an idle vCPU goes through the hypervisor, and a request
+/// through the vault's FUSE layers waits on several (docs/performance.md,
+/// "Tried"). A trade the host's owner makes (polling burns host CPU while
+/// idle), so a warning, with the figures.
+fn judge_halt_polling(driver: Option<&str>, poll_ns: Option<&str>) -> Finding {
+    const CHECK: &str = "cpu-idle";
+    let driver = driver.map(str::trim).unwrap_or("none");
+    if driver != "haltpoll" {
+        return Finding::ok(CHECK, format!("cpuidle driver: {driver}"));
+    }
+    match poll_ns.map(str::trim).map(str::parse::<u64>) {
+        Some(Ok(0)) => Finding::warn(
+            CHECK,
+            "this VM guest's vCPUs halt at once when idle (haltpoll, guest_halt_poll_ns = 0): each request through the vault's mount or the workloads' view waits for halted vCPUs to be woken through the hypervisor (measured on such a host: random 4 KiB reads through the mount 33-36 us, 20 us with 200 us of polling; through the workloads' view 47-50 us and 31-40 us)",
+            format!(
+                "echo 200000 > {HALT_POLL_NS} (the kernel's default; haltpoll.guest_halt_poll_ns=200000 on the kernel command line to keep it): idle vCPUs then poll up to 200 us before halting, which costs the host CPU time"
+            ),
+        ),
+        Some(Ok(ns)) => Finding::ok(
+            CHECK,
+            format!(
+                "haltpoll: idle vCPUs poll up to {} us before halting",
+                ns / 1000
+            ),
+        ),
+        _ => Finding::ok(CHECK, "haltpoll (its polling window unreadable)"),
     }
 }
 
@@ -900,6 +944,25 @@ mod tests {
         assert!(e.contains("not root's alone"), "{e}");
         assert!(!Path::new("/tmp/coffre-doctor-ran").exists());
         assert!(find_program("sh").is_some_and(|p| p.starts_with("/usr") || p.starts_with("/bin")));
+    }
+
+    #[test]
+    fn halt_polling_off_on_a_vm_guest_is_a_warning() {
+        let j = judge_halt_polling;
+        let off = j(Some("haltpoll\n"), Some("0\n"));
+        assert_eq!(off.level, Level::Warn, "{off:?}");
+        assert!(off.fix.as_deref().unwrap().contains("guest_halt_poll_ns"));
+        let on = j(Some("haltpoll\n"), Some("200000\n"));
+        assert_eq!(on.level, Level::Ok);
+        assert!(on.detail.contains("200 us"), "{on:?}");
+        // Not a haltpoll guest (bare metal, another driver, no cpuidle):
+        // nothing to say, whatever the module's parameter reads.
+        for driver in [Some("intel_idle\n"), Some("acpi_idle"), None] {
+            assert_eq!(j(driver, Some("0")).level, Level::Ok, "{driver:?}");
+        }
+        assert_eq!(j(Some("haltpoll"), Some("garbage")).level, Level::Ok);
+        assert_eq!(j(Some("haltpoll"), None).level, Level::Ok);
+        assert!(off.check == "cpu-idle" && on.check == "cpu-idle");
     }
 
     #[test]
