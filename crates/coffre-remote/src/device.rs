@@ -653,6 +653,11 @@ impl RemoteDevice {
                 Some(i) => {
                     if let Some(c) = s.cache.remove(&i) {
                         s.bytes -= c.data.len();
+                        // For the next chunk (unless an upload still
+                        // holds it).
+                        if let Ok(v) = Arc::try_unwrap(c.data) {
+                            crate::bufpool::give(v);
+                        }
                     }
                 }
                 // The upload in the background first, then the rest.
@@ -853,7 +858,7 @@ impl BlockDevice for RemoteDevice {
                     s.cache.insert(
                         index,
                         Cached {
-                            data: Arc::new(buf[range].to_vec()),
+                            data: Arc::new(crate::bufpool::copy_of(&buf[range])),
                             dirty: true,
                             used,
                             written: used,
@@ -896,5 +901,8 @@ impl Drop for RemoteDevice {
             rt.shutdown_background();
         }
         drop(resyncer);
+        // The chunks kept for reuse go with the device (another device's
+        // next chunks are then allocated anew).
+        crate::bufpool::clear();
     }
 }

@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod blocks;
+pub mod bufpool;
 pub mod device;
 pub mod integrity;
 pub mod journal;

@@ -420,11 +420,11 @@ impl NbdClient {
                     .await
             }
         });
-        let mut out = BytesMut::with_capacity(len);
+        let mut out = crate::bufpool::take(len);
         for p in futures::future::join_all(parts).await {
             out.extend_from_slice(&p?);
         }
-        Ok(out.freeze())
+        Ok(Bytes::from(out))
     }
 
     /// Writes `data` at `offset`; with `fua`, durable before it returns.
@@ -737,8 +737,9 @@ async fn read_replies(
             continue;
         }
         if cmd == CMD_READ {
-            // Filled as it comes, never zeroed first.
-            let mut buf = BytesMut::with_capacity(len as usize);
+            // Filled as it comes, never zeroed first, in a kept block
+            // (`bufpool`: no page faults).
+            let mut buf = crate::bufpool::take(len as usize);
             while buf.len() < len as usize {
                 let mut part = (&mut *rd).take((len as usize - buf.len()) as u64);
                 match part.read_buf(&mut buf).await {
@@ -755,7 +756,7 @@ async fn read_replies(
                     }
                 }
             }
-            let _ = reply.send(Ok(buf.freeze()));
+            let _ = reply.send(Ok(Bytes::from(buf)));
         } else {
             let _ = reply.send(Ok(Bytes::new()));
         }

@@ -576,7 +576,7 @@ impl Reads {
     async fn fetch_one(&self, k: usize) -> Option<Bytes> {
         let (index, entry, name, len) = self.items.get(k)?;
         if entry.version == 0 {
-            return Some(Bytes::from(vec![0u8; *len]));
+            return Some(Bytes::from(crate::bufpool::zeroed(*len)));
         }
         for (o, i) in self.stores.iter().zip(&self.order) {
             match timed(self.limit, o.get(name, *len)).await {
@@ -1309,7 +1309,7 @@ impl ChunkStore {
         let entry = self.table[i];
         let len = self.geometry.chunk_len(index);
         if entry.version == 0 {
-            return Ok(vec![0; len]);
+            return Ok(crate::bufpool::zeroed(len));
         }
         let name = self.keys.chunk(index, entry.version, entry.session);
         let order = self.read_order(entry.version);

@@ -18,6 +18,29 @@ pub const PREFIX: &str = "team";
 pub const CHUNK: u32 = 64 * 1024;
 pub const SIZE: u64 = 8 * 65536;
 
+/// A client of the NBD export at `url` (20 s time limit).
+pub fn nbd_client(
+    url: &str,
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
+) -> Arc<coffre_remote::nbd::NbdClient> {
+    let (addr, export, _) = coffre_remote::nbd::parse_url(url).unwrap();
+    Arc::new(coffre_remote::nbd::NbdClient::new(
+        coffre_remote::nbd::NbdSettings {
+            addr,
+            export,
+            tls,
+            timeout: std::time::Duration::from_secs(20),
+        },
+    ))
+}
+
+/// The chunk store's objects on that client's export.
+pub fn nbd_objects(
+    c: &Arc<coffre_remote::nbd::NbdClient>,
+) -> Arc<coffre_remote::blocks::BlockObjects> {
+    Arc::new(coffre_remote::blocks::BlockObjects::new(c.clone()))
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
