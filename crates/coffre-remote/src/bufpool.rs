@@ -15,13 +15,13 @@
 //! It keeps at most [`KEEP_BYTES`] in all; what does not fit is freed.
 //!
 //! What a kept buffer still holds is a chunk of the volume as the stores
-//! hold it: only the remote device gives buffers back, and the device sits
-//! below the volume's encryption (its chunks are the LUKS2 volume's bytes:
-//! ciphertext, and the header's keyslots, which are on the stores too).
-//! A kept buffer is never read before it is written (a taken one is
-//! empty: its length is zero). [`clear`] frees them all (the device does
-//! when it is dropped), each wiped by the daemon's allocator as any freed
-//! block.
+//! hold it: only the remote device gives buffers back (the functions that
+//! give and take are the crate's own), and the device sits below the
+//! volume's encryption: its chunks are the data segment's ciphertext (the
+//! LUKS2 header is detached, in the control directory). A kept buffer is
+//! never read before it is written (a taken one is empty: its length is
+//! zero). [`clear`] frees them all (the device does when it is dropped),
+//! each wiped by the daemon's allocator as any freed block.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -36,7 +36,7 @@ pub const SMALLEST: usize = 64 << 10;
 
 /// A pool of buffers; the process has one ([`take`], [`give`]...).
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     bufs: Mutex<Vec<Vec<u8>>>,
     keep: usize,
     reused: AtomicU64,
@@ -47,7 +47,7 @@ static POOL: Pool = Pool::new(KEEP_BYTES);
 
 impl Pool {
     /// An empty pool that keeps at most `keep` bytes.
-    pub const fn new(keep: usize) -> Self {
+    pub(crate) const fn new(keep: usize) -> Self {
         Self {
             bufs: Mutex::new(Vec::new()),
             keep,
@@ -60,82 +60,91 @@ impl Pool {
         self.bufs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An empty buffer with room for `len` bytes: a kept one that fits (at
-    /// most twice as large), or a new one.
-    pub fn take(&self, len: usize) -> Vec<u8> {
+    /// An empty buffer with room for `len` bytes: the last kept one that
+    /// fits (at most twice as large; the last, the likeliest still in the
+    /// CPU's caches), or a new one.
+    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
         if len >= SMALLEST {
             let mut p = self.bufs();
             if let Some(i) = p
                 .iter()
-                .position(|v| v.capacity() >= len && v.capacity() / 2 <= len)
+                .rposition(|v| v.capacity() >= len && v.capacity() / 2 <= len)
             {
                 self.reused.fetch_add(1, Relaxed);
-                return p.swap_remove(i);
+                return p.remove(i);
             }
             self.fresh.fetch_add(1, Relaxed);
         }
         Vec::with_capacity(len)
     }
 
-    /// Keeps `v` for a later [`take`](Self::take) if it is chunk-sized and
-    /// there is room; frees it otherwise.
-    pub fn give(&self, mut v: Vec<u8>) {
-        if v.capacity() < SMALLEST {
+    /// Keeps `v` for a later [`take`](Self::take) if it is chunk-sized
+    /// and no larger than the pool; to make room, the buffers kept longest
+    /// are freed (so that what is kept follows the sizes in use now).
+    pub(crate) fn give(&self, mut v: Vec<u8>) {
+        if v.capacity() < SMALLEST || v.capacity() > self.keep {
             return;
         }
+        v.clear();
         let mut p = self.bufs();
-        let kept: usize = p.iter().map(Vec::capacity).sum();
-        if kept + v.capacity() <= self.keep {
-            v.clear();
-            p.push(v);
+        let mut kept: usize = p.iter().map(Vec::capacity).sum();
+        let mut freed = Vec::new();
+        while kept + v.capacity() > self.keep && !p.is_empty() {
+            let old = p.remove(0);
+            kept -= old.capacity();
+            freed.push(old);
         }
+        p.push(v);
+        drop(p);
+        // Freed (and wiped) outside the lock.
+        drop(freed);
     }
 
     /// Frees every kept buffer.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let all = std::mem::take(&mut *self.bufs());
         drop(all);
     }
 
     /// How many buffers and bytes are kept now.
-    pub fn kept(&self) -> (usize, usize) {
+    pub(crate) fn kept(&self) -> (usize, usize) {
         let p = self.bufs();
         (p.len(), p.iter().map(Vec::capacity).sum())
     }
 
     /// How many chunk-sized takes so far were served by a kept buffer, and
     /// how many by a new one.
-    pub fn takes(&self) -> (u64, u64) {
+    pub(crate) fn takes(&self) -> (u64, u64) {
         (self.reused.load(Relaxed), self.fresh.load(Relaxed))
     }
 }
 
 /// [`Pool::take`] from the process's pool.
-pub fn take(len: usize) -> Vec<u8> {
+pub(crate) fn take(len: usize) -> Vec<u8> {
     POOL.take(len)
 }
 
 /// A copy of `data` in a buffer from [`take`].
-pub fn copy_of(data: &[u8]) -> Vec<u8> {
+pub(crate) fn copy_of(data: &[u8]) -> Vec<u8> {
     let mut v = take(data.len());
     v.extend_from_slice(data);
     v
 }
 
 /// `len` zeroes in a buffer from [`take`].
-pub fn zeroed(len: usize) -> Vec<u8> {
+pub(crate) fn zeroed(len: usize) -> Vec<u8> {
     let mut v = take(len);
     v.resize(len, 0);
     v
 }
 
 /// [`Pool::give`] to the process's pool.
-pub fn give(v: Vec<u8>) {
+pub(crate) fn give(v: Vec<u8>) {
     POOL.give(v)
 }
 
 /// Frees every buffer the process's pool keeps.
-pub fn clear() {
+pub(crate) fn clear() {
     POOL.clear()
 }
 
@@ -176,15 +185,24 @@ mod tests {
         pool.give(b);
         assert_eq!(pool.take(mib / 4).capacity(), mib / 4);
         assert_eq!(pool.kept().0, 1);
-        // At most its bytes in all.
+        // At most its bytes in all; the newest kept, the oldest freed.
+        let mut newest = Vec::new();
         for _ in 0..(KEEP_BYTES / mib) + 8 {
-            pool.give(Vec::with_capacity(mib));
+            let v = Vec::with_capacity(mib);
+            newest.push(v.as_ptr());
+            pool.give(v);
         }
         let (n, bytes) = pool.kept();
         assert!(
             bytes <= KEEP_BYTES && n >= KEEP_BYTES / mib - 2,
             "{n} {bytes}"
         );
+        let last = pool.take(mib);
+        assert_eq!(Some(&last.as_ptr()), newest.last(), "the newest is kept");
+        // Larger than the whole pool: not kept.
+        pool.clear();
+        pool.give(Vec::with_capacity(KEEP_BYTES + 1));
+        assert_eq!(pool.kept(), (0, 0));
         pool.clear();
         assert_eq!(pool.kept(), (0, 0));
     }

@@ -39,7 +39,10 @@ fn chunks_dropped_from_the_buffer_serve_the_next_reads_and_writes() {
             g,
         ))
         .unwrap();
-    // A buffer of 8 chunks: most of the 48 go through it and out.
+    // A buffer of 8 chunks: most of the 48 go through it and out. Every
+    // chunk after the buffer's first 8, the one being written and the
+    // read-ahead's 2 (a quarter of the buffer) should reuse a kept buffer:
+    // 39 and 38 of 48 here; a few fewer allowed.
     let device = |root| {
         let store = rt.block_on(opened(nbd_objects(&c), &keys, root)).unwrap();
         coffre_remote::RemoteDevice::new(store, 8 * mib, Box::new(|_| Ok(()))).unwrap()
@@ -58,8 +61,9 @@ fn chunks_dropped_from_the_buffer_serve_the_next_reads_and_writes() {
     dev.flush().unwrap();
     let (r, f) = bufpool::takes();
     let (written_reused, written_fresh) = (r - reused, f - fresh);
+    println!("writes: {written_reused} buffers reused, {written_fresh} new");
     assert!(
-        written_reused >= (chunks / 2) as u64,
+        written_reused >= (chunks - 12) as u64,
         "writes: {written_reused} buffers reused, {written_fresh} new"
     );
     assert!(bufpool::kept().1 <= bufpool::KEEP_BYTES);
@@ -78,8 +82,9 @@ fn chunks_dropped_from_the_buffer_serve_the_next_reads_and_writes() {
     }
     let (r, f) = bufpool::takes();
     let (read_reused, read_fresh) = (r - reused, f - fresh);
+    println!("reads: {read_reused} buffers reused, {read_fresh} new");
     assert!(
-        read_reused >= (chunks / 2) as u64,
+        read_reused >= (chunks - 12) as u64,
         "reads: {read_reused} buffers reused, {read_fresh} new"
     );
     assert!(bufpool::kept().1 <= bufpool::KEEP_BYTES);
