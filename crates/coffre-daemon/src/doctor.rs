@@ -477,7 +477,7 @@ fn halt_polling() -> Finding {
     )
 }
 
-/// On a VM guest whose cpuidle driver is `haltpoll`, an idle vCPU polls
+/// On a KVM guest whose cpuidle driver is `haltpoll`, an idle vCPU polls
 /// for up to `guest_halt_poll_ns` before it halts. With no polling every
 /// wake-up of an idle vCPU goes through the hypervisor, and a request
 /// through the vault's FUSE layers waits on several (docs/performance.md,
@@ -492,17 +492,14 @@ fn judge_halt_polling(driver: Option<&str>, poll_ns: Option<&str>) -> Finding {
     match poll_ns.map(str::trim).map(str::parse::<u64>) {
         Some(Ok(0)) => Finding::warn(
             CHECK,
-            "this VM guest's vCPUs halt at once when idle (haltpoll, guest_halt_poll_ns = 0): each request through the vault's mount or the workloads' view waits for halted vCPUs to be woken through the hypervisor (measured on such a host: random 4 KiB reads through the mount 33-36 us, 20 us with 200 us of polling; through the workloads' view 47-50 us and 31-40 us)",
+            "this VM guest's vCPUs halt at once when idle (haltpoll, guest_halt_poll_ns = 0): each request through the vault's mount or the workloads' view waits for halted vCPUs to be woken through the hypervisor (measured on such a host, medians: random 4 KiB reads through the mount 34 us, 25 us with 200 us of polling; through the workloads' view 48 us and 39 us)",
             format!(
                 "echo 200000 > {HALT_POLL_NS} (the kernel's default; haltpoll.guest_halt_poll_ns=200000 on the kernel command line to keep it): idle vCPUs then poll up to 200 us before halting, which costs the host CPU time"
             ),
         ),
         Some(Ok(ns)) => Finding::ok(
             CHECK,
-            format!(
-                "haltpoll: idle vCPUs poll up to {} us before halting",
-                ns / 1000
-            ),
+            format!("haltpoll: idle vCPUs poll up to {ns} ns before halting"),
         ),
         _ => Finding::ok(CHECK, "haltpoll (its polling window unreadable)"),
     }
@@ -954,7 +951,7 @@ mod tests {
         assert!(off.fix.as_deref().unwrap().contains("guest_halt_poll_ns"));
         let on = j(Some("haltpoll\n"), Some("200000\n"));
         assert_eq!(on.level, Level::Ok);
-        assert!(on.detail.contains("200 us"), "{on:?}");
+        assert!(on.detail.contains("200000 ns"), "{on:?}");
         // Not a haltpoll guest (bare metal, another driver, no cpuidle):
         // nothing to say, whatever the module's parameter reads.
         for driver in [Some("intel_idle\n"), Some("acpi_idle"), None] {

@@ -88,9 +88,10 @@ pub enum Command {
     /// FAIL (the vault cannot work, or is unsafe), with the fix. The host:
     /// root, /dev/fuse, loop devices, ext4 tools, the cgroup freezer,
     /// nftables, QEMU and KVM, OpenVPN 2.6, fs.suid_dumpable, swap, clock
-    /// synchronization, and on a VM guest whether idle vCPUs poll before
-    /// halting (off, every request through FUSE waits on wake-ups through
-    /// the hypervisor: a WARN with the figures). With DIR, also the vault directory: its modes and
+    /// synchronization, and on a KVM guest with the haltpoll cpuidle
+    /// driver whether idle vCPUs poll before halting (off, every request
+    /// through FUSE waits on wake-ups through the hypervisor: a WARN with
+    /// the figures). With DIR, also the vault directory: its modes and
     /// those of its secret files, config.toml, control.json, both copies of
     /// the LUKS2 header, room for the volume, and every certificate's end
     /// (WARN within 30 days). What DIR's config uses (a gateway, a network,
