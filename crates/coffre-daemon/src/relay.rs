@@ -20,6 +20,7 @@ use coffre_bus::relay::{
 };
 use coffre_bus::{Identity, Role, common_name};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -155,19 +156,76 @@ async fn own_queue(ch: &Channel, queue: &str, key: &str, tag: &str) -> Result<Co
     .map_err(lapin_err)
 }
 
-/// The next delivery, acknowledged at once (what it holds is judged
-/// after; a link lost meanwhile rebuilds from OpenVPN's status anyway).
-async fn next_delivery(consumer: &mut Consumer) -> Result<lapin::message::Delivery, String> {
-    let d = consumer
-        .next()
-        .await
-        .ok_or("the broker closed the connection")?
-        .map_err(lapin_err)?;
-    d.acker
-        .ack(BasicAckOptions::default())
-        .await
-        .map_err(lapin_err)?;
-    Ok(d)
+/// An [`Inbox`]'s source (`Sync`: a link is shared across its awaits).
+type Deliveries<D> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<D, String>> + Send + Sync>>;
+
+/// What an [`Inbox`] needs of a delivery: its acknowledgement.
+trait Ack {
+    /// Acknowledges it. An acknowledgement is under way from the first
+    /// poll, and asked again after that it answers at once (lapin's acker
+    /// acknowledges once: later calls give `Ok(false)`).
+    fn ack(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+impl Ack for lapin::message::Delivery {
+    fn ack(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(lapin_err)
+        })
+    }
+}
+
+/// A queue's deliveries, with a wait for the next one that is
+/// cancel-safe: both ends wait on it inside `select!` (the daemon's link
+/// against the vault's commands, the relay against OpenVPN's lines and
+/// its tick), and a wait that is dropped must lose nothing. A delivery
+/// taken from the broker stays here until it is handed over: dropping the
+/// wait while its acknowledgement was on its way (a command for OpenVPN
+/// taken, and gone when OpenVPN's answer to the previous command won the
+/// `select!`) lost a lock's `client-kill` until the link timed out.
+struct Inbox<D = lapin::message::Delivery> {
+    deliveries: Deliveries<D>,
+    taken: Option<D>,
+}
+
+impl Inbox {
+    fn of(consumer: Consumer) -> Self {
+        Inbox::new(Box::pin(consumer.map(|d| d.map_err(lapin_err))))
+    }
+}
+
+impl<D: Ack> Inbox<D> {
+    fn new(deliveries: Deliveries<D>) -> Self {
+        Self {
+            deliveries,
+            taken: None,
+        }
+    }
+
+    /// The next delivery, acknowledged at once (what it holds is judged
+    /// after; a link lost meanwhile rebuilds from OpenVPN's status
+    /// anyway).
+    async fn next(&mut self) -> Result<D, String> {
+        if self.taken.is_none() {
+            let d = self
+                .deliveries
+                .next()
+                .await
+                .ok_or("the broker closed the connection")??;
+            self.taken = Some(d);
+        }
+        if let Some(d) = &self.taken {
+            d.ack().await?;
+        }
+        self.taken
+            .take()
+            .ok_or_else(|| "a delivery handed over twice".to_string())
+    }
 }
 
 /// A relay's keys as `DIR/bus/components.json` holds them now.
@@ -195,7 +253,7 @@ pub(crate) struct RelayLink<'a> {
     // Held: the channel and consumer live on it.
     _conn: Connection,
     ch: Channel,
-    consumer: Consumer,
+    inbox: Inbox,
     link: String,
     seq_in: u64,
     seq_out: u64,
@@ -227,7 +285,7 @@ impl<'a> RelayLink<'a> {
             cfg,
             _conn: conn,
             ch,
-            consumer,
+            inbox: Inbox::of(consumer),
             link: envelope::new_nonce(),
             seq_in: 0,
             seq_out: 0,
@@ -308,13 +366,13 @@ impl<'a> RelayLink<'a> {
     }
 
     /// The next message from the relay that checks out; refused ones are
-    /// reported and skipped. Cancel-safe: it only waits on the consumer.
+    /// reported and skipped. Cancel-safe: it only waits on the inbox.
     async fn next_msg(&mut self) -> Result<RelayMsg, String> {
         let c = self.cfg;
         loop {
             let d = tokio::time::timeout_at(
                 self.heard + Duration::from_secs(SILENT_S),
-                next_delivery(&mut self.consumer),
+                self.inbox.next(),
             )
             .await
             .map_err(|_| format!("the relay {} said nothing for {SILENT_S} s", c.relay))??;
@@ -562,7 +620,8 @@ async fn relay_session(
         .await
         .map_err(|e| e.to_string())?;
     let ch = conn.create_channel().await.map_err(lapin_err)?;
-    let mut consumer = own_queue(&ch, &relay_queue(&id.name), &to_relay(&id.name), "relay").await?;
+    let mut inbox =
+        Inbox::of(own_queue(&ch, &relay_queue(&id.name), &to_relay(&id.name), "relay").await?);
     let side = RelaySide { id, signer, ch };
     say(format!(
         "connected to the broker at {}; waiting for the vault",
@@ -573,7 +632,7 @@ async fn relay_session(
     let mut tick = tokio::time::interval(Duration::from_secs(ALIVE_EVERY_S));
     loop {
         tokio::select! {
-            d = next_delivery(&mut consumer) => {
+            d = inbox.next() => {
                 let d = d?;
                 let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
                 let now = envelope::now();
@@ -680,5 +739,57 @@ async fn relay_session(
                 side.send(RelayMsg::Alive { link, lines, cmds }).await?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Ack, Inbox};
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// A delivery whose acknowledgement takes a while the first time, and
+    /// answers at once when asked again (as lapin's acker).
+    struct Slow(u32, AtomicBool);
+
+    impl Ack for Slow {
+        fn ack(&self) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                if !self.1.swap(true, Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// Every delivery comes out, in order, although each wait is dropped
+    /// while its acknowledgement is on its way (another branch of the
+    /// `select!` is ready first every time): taking a delivery and
+    /// awaiting its ack in one future lost them all.
+    #[test]
+    fn a_wait_dropped_during_an_acknowledgement_loses_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let n = 50;
+            let mut inbox = Inbox::new(Box::pin(futures::stream::iter(
+                (0..n).map(|i| Ok(Slow(i, AtomicBool::new(false)))),
+            )));
+            let mut got = Vec::new();
+            let mut waits = 0;
+            while got.len() < n as usize && waits < 10 * n {
+                waits += 1;
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                    d = inbox.next() => got.push(d.unwrap().0),
+                }
+            }
+            assert_eq!(got, (0..n).collect::<Vec<_>>());
+        });
     }
 }

@@ -415,6 +415,32 @@ impl Gw {
         c
     }
 
+    /// What a failed assertion about clients shows: the ends of
+    /// OpenVPN's and the relay's logs, and the vault's gateway, bus, lock
+    /// and session records.
+    pub fn story(&self) -> String {
+        let tail = |t: String| {
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        let audit: Vec<serde_json::Value> = self
+            .vault
+            .audit()
+            .iter()
+            .map(|e| e["record"].clone())
+            .filter(|r| {
+                ["gateway", "bus", "lock", "enter", "leave", "open", "close"]
+                    .iter()
+                    .any(|a| r["action"] == *a)
+            })
+            .collect();
+        format!(
+            "server:\n{}\nrelay:\n{}\naudit: {audit:#?}",
+            tail(self.server.as_ref().map(Ovpn::text).unwrap_or_default()),
+            tail(self.relay.as_ref().map(Relay::text).unwrap_or_default()),
+        )
+    }
+
     pub fn sessions(&self) -> Vec<serde_json::Value> {
         self.vault.status("alice")["sessions"]
             .as_array()
