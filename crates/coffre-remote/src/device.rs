@@ -22,7 +22,7 @@
 use crate::RemoteError;
 use crate::journal::{Found, Journal};
 use crate::layout::Root;
-use crate::store::{ChunkStore, Reads, ReplicaStatus, StoreEvent, Upload};
+use crate::store::{ChunkStore, Landed, Reads, ReplicaStatus, StoreEvent, Upload};
 use coffre_storage::BlockDevice;
 use std::collections::BTreeMap;
 use std::io;
@@ -101,7 +101,7 @@ struct Prefetch {
 /// Dirty chunks uploading in the background while writes go on.
 struct InFlight {
     upload: Arc<Upload>,
-    task: tokio::task::JoinHandle<Vec<Result<crate::objects::Tag, crate::objects::StoreError>>>,
+    task: tokio::task::JoinHandle<Landed>,
     /// Each chunk and when the copy uploading was written.
     copies: Vec<(u64, u64)>,
 }
@@ -170,8 +170,7 @@ fn insert_clean(s: &mut State, i: u64, data: Vec<u8>) {
 }
 
 /// What a background upload's task gave back.
-type UploadResults =
-    Result<Vec<Result<crate::objects::Tag, crate::objects::StoreError>>, tokio::task::JoinError>;
+type UploadResults = Result<Landed, tokio::task::JoinError>;
 
 /// Records an upload that ran in the background: the chunks not written
 /// since are clean. A failed upload leaves them dirty, and the next one
@@ -182,14 +181,7 @@ fn finish_upload(
     copies: Vec<(u64, u64)>,
     results: UploadResults,
 ) -> io::Result<()> {
-    let results = results.unwrap_or_else(|e| {
-        vec![
-            Err(crate::objects::StoreError::Other(format!(
-                "the upload stopped: {e}"
-            )));
-            upload.puts.count()
-        ]
-    });
+    let results = results.unwrap_or_else(|e| upload.failed(&format!("the upload stopped: {e}")));
     let upload = Arc::try_unwrap(upload)
         .map_err(|_| io::Error::other("an upload is still shared after its task"))?;
     if s.store.finish_chunks(upload, results).is_ok() {
@@ -629,7 +621,7 @@ impl RemoteDevice {
         let upload = Arc::new(upload);
         let task = {
             let upload = upload.clone();
-            rt.spawn(async move { upload.puts.run().await })
+            rt.spawn(async move { upload.run().await })
         };
         s.in_flight = Some(InFlight {
             upload,

@@ -519,19 +519,64 @@ impl Puts {
     }
 }
 
-/// Chunks named and MACed by [`ChunkStore::prepare_chunks`], to put
-/// ([`Upload::puts`]) and record ([`ChunkStore::finish_chunks`]).
+/// Chunks named by [`ChunkStore::prepare_chunks`], to put and MAC
+/// ([`Upload::run`]) and record ([`ChunkStore::finish_chunks`]).
 pub struct Upload {
     epoch: u64,
+    /// Each chunk's place in the table, index and entry (its MAC made by
+    /// [`Upload::run`]), in the order of the puts' objects.
     done: Vec<(usize, u64, Entry)>,
-    /// The puts.
-    pub puts: Puts,
+    puts: Puts,
+    /// To MAC the chunks while they are put.
+    key: Arc<IntegrityKey>,
+    chunk_mac: ChunkMac,
+    vault: [u8; 16],
+}
+
+/// What [`Upload::run`] did: a result per put, as [`Puts::run`] gives
+/// them, and each chunk's MAC (`None` if they could not be made).
+pub struct Landed {
+    results: Vec<Result<Tag, StoreError>>,
+    macs: Option<Vec<Mac>>,
 }
 
 impl Upload {
     /// The chunks' indices.
     pub fn indices(&self) -> impl Iterator<Item = u64> + '_ {
         self.done.iter().map(|(_, index, _)| *index)
+    }
+
+    /// Puts the chunks, and makes their MACs meanwhile on threads of their
+    /// own: the puts do not need them (the MACs go to the table, at
+    /// [`ChunkStore::finish_chunks`]), so the stores are not left idle
+    /// while they are made. The MACs cover the very bytes put: both are
+    /// the same shared, immutable `Bytes`.
+    pub async fn run(&self) -> Landed {
+        let items: Vec<((u64, u64, u64), Bytes)> = self
+            .done
+            .iter()
+            .zip(&self.puts.objects)
+            .map(|((_, index, e), (_, data))| ((*index, e.version, e.session), data.clone()))
+            .collect();
+        let (key, how, vault) = (self.key.clone(), self.chunk_mac, self.vault);
+        let macs = tokio::task::spawn_blocking(move || {
+            spread(&items, |(place, data)| {
+                key.chunk_mac(how, &vault, *place, data)
+            })
+        });
+        let results = self.puts.run().await;
+        Landed {
+            results,
+            macs: macs.await.ok(),
+        }
+    }
+
+    /// What a run that did not end gives: every put failed with `why`.
+    pub fn failed(&self, why: &str) -> Landed {
+        Landed {
+            results: vec![Err(StoreError::Other(why.to_owned())); self.puts.count()],
+            macs: None,
+        }
     }
 }
 
@@ -1559,15 +1604,15 @@ impl ChunkStore {
         chunks: Vec<(u64, D)>,
     ) -> Result<(), RemoteError> {
         let upload = self.prepare_chunks(chunks).await?;
-        let results = upload.puts.run().await;
-        self.finish_chunks(upload, results)
+        let landed = upload.run().await;
+        self.finish_chunks(upload, landed)
     }
 
     /// [`write_chunks`](ChunkStore::write_chunks) in three steps, so that
     /// the puts run without the store (the device uploads in the
-    /// background while writes go on): this one names and MACs the
-    /// chunks; [`Upload::puts`] then puts them; [`finish_chunks`] records
-    /// what landed. Nothing else may change the store in between: no
+    /// background while writes go on): this one names the chunks;
+    /// [`Upload::run`] then puts them and makes their MACs; [`finish_chunks`]
+    /// records what landed. Nothing else may change the store in between: no
     /// write, flush, resync or collection (the device settles an upload
     /// before any of them).
     ///
@@ -1587,7 +1632,6 @@ impl ChunkStore {
                 "chunk {index} is twice in one write"
             )));
         }
-        let mut items = Vec::with_capacity(chunks.len());
         for (index, data) in chunks {
             // Bytes shared with the caller (the device's buffer), not
             // copied.
@@ -1600,24 +1644,15 @@ impl ChunkStore {
                     self.geometry.chunk_len(index)
                 )));
             }
-            items.push((i, index, random_u64()?, data));
-        }
-        let macs = spread(&items, |(_, index, session, data)| {
-            self.key.chunk_mac(
-                self.chunk_mac,
-                &self.vault,
-                (*index, version, *session),
-                data,
-            )
-        });
-        for ((i, index, session, data), mac) in items.into_iter().zip(macs) {
+            let session = random_u64()?;
             done.push((
                 i,
                 index,
                 Entry {
                     version,
                     session,
-                    mac,
+                    // Made by `Upload::run`, while the chunk is put.
+                    mac: [0; 32],
                 },
             ));
             objects.push((self.keys.chunk(index, version, session), data));
@@ -1626,26 +1661,33 @@ impl ChunkStore {
             epoch: self.epoch,
             done,
             puts: self.puts(objects, "writing a chunk"),
+            key: self.key.clone(),
+            chunk_mac: self.chunk_mac,
+            vault: self.vault,
         })
     }
 
     /// Records what an [`Upload`] put: the chunks on every store in step
     /// are in the table (durable at the next flush).
-    pub fn finish_chunks(
-        &mut self,
-        upload: Upload,
-        results: Vec<Result<Tag, StoreError>>,
-    ) -> Result<(), RemoteError> {
+    pub fn finish_chunks(&mut self, upload: Upload, landed: Landed) -> Result<(), RemoteError> {
         if upload.epoch != self.epoch {
             return Err(RemoteError::Config(
                 "an upload was finished after a flush: its chunks are written again".into(),
             ));
         }
-        let (ok, error) = self.settle_puts(&upload.puts, results);
-        for ((i, index, entry), ok) in upload.done.into_iter().zip(ok) {
+        let (ok, error) = self.settle_puts(&upload.puts, landed.results);
+        // Without their MACs the chunks put are not recorded: they stay
+        // dirty in the caller's buffer, to be written again.
+        let Some(macs) = landed.macs.filter(|m| m.len() == upload.done.len()) else {
+            return Err(error.unwrap_or_else(|| {
+                RemoteError::Crypto("the chunks' MACs could not be made".into())
+            }));
+        };
+        for (((i, index, mut entry), mac), ok) in upload.done.into_iter().zip(macs).zip(ok) {
             if !ok {
                 continue;
             }
+            entry.mac = mac;
             let old = self.table[i];
             if old.version != 0 && (old.version, old.session) != (entry.version, entry.session) {
                 self.superseded.push((

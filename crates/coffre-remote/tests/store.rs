@@ -93,6 +93,42 @@ fn chunks_round_trip_and_never_written_ones_read_as_zeros() {
     });
 }
 
+/// An upload's MACs are made while its chunks are put (`Upload::run`):
+/// what it records verifies on a fresh open, and an upload whose run did
+/// not end records nothing (the chunk reads as before, and can be written
+/// again).
+#[test]
+fn an_upload_records_what_it_put_with_macs_that_verify_or_nothing() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
+            .await
+            .unwrap();
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let up = s.prepare_chunks(vec![(1, chunk(2))]).await.unwrap();
+        let stopped = up.failed("stopped by the test");
+        let e = s.finish_chunks(up, stopped).unwrap_err();
+        assert!(e.to_string().contains("stopped by the test"), "{e}");
+        assert_eq!(s.read_chunk(1).await.unwrap(), chunk(1), "nothing recorded");
+        let chunks: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, chunk(i as u8 + 10))).collect();
+        let up = s.prepare_chunks(chunks).await.unwrap();
+        assert_eq!(up.indices().collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+        let landed = up.run().await;
+        s.finish_chunks(up, landed).unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        let fresh = opened(objects(&mem), &keys, root).await.unwrap();
+        for i in 0..8u64 {
+            assert_eq!(
+                fresh.read_chunk(i).await.unwrap(),
+                chunk(i as u8 + 10),
+                "chunk {i}"
+            );
+        }
+    });
+}
+
 #[test]
 fn altered_swapped_or_missing_objects_never_read_back() {
     let rt = rt();
