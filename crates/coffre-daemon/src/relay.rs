@@ -219,8 +219,13 @@ impl<D: Ack> Inbox<D> {
                 .ok_or("the broker closed the connection")??;
             self.taken = Some(d);
         }
-        if let Some(d) = &self.taken {
-            d.ack().await?;
+        if let Some(d) = &self.taken
+            && let Err(e) = d.ack().await
+        {
+            // Not handed over unacknowledged by a later call: the broker
+            // redelivers what was not acknowledged.
+            self.taken = None;
+            return Err(e);
         }
         self.taken
             .take()
@@ -682,9 +687,12 @@ async fn relay_session(
                                 .and_then(|b| keys.opener.open(&cmd_aad(&link, seq), &b).map_err(|e| e.to_string()))
                                 .and_then(|t| String::from_utf8(t.to_vec()).map(Zeroizing::new).map_err(|_| "a command that is not text".to_string()))
                             {
-                                Ok(text) => tokio::time::timeout(WRITE_WITHIN, h.sock.send(&text))
+                                Ok(text) => {
+                                    tracing::debug!(seq, "command to OpenVPN: {}", crate::openvpn::summary(&text));
+                                    tokio::time::timeout(WRITE_WITHIN, h.sock.send(&text))
                                     .await
-                                    .unwrap_or_else(|_| Err("OpenVPN took no command for 10 s".into())),
+                                    .unwrap_or_else(|_| Err("OpenVPN took no command for 10 s".into()))
+                                }
                                 Err(e) => Err(e),
                             }
                         } else {
@@ -750,7 +758,11 @@ mod tests {
     use std::time::Duration;
 
     /// A delivery whose acknowledgement takes a while the first time, and
-    /// answers at once when asked again (as lapin's acker).
+    /// answers at once when asked again. This stands for lapin's acker
+    /// (4.12): its `ack` sends at the first poll and marks itself used, and
+    /// a second call returns `Ok(false)` at once without sending. If a
+    /// lapin upgrade changes that, [`Ack`]'s impl for `Delivery` must keep
+    /// it (a second ack of one delivery closes the channel).
     struct Slow(u32, AtomicBool);
 
     impl Ack for Slow {
@@ -790,6 +802,39 @@ mod tests {
                 }
             }
             assert_eq!(got, (0..n).collect::<Vec<_>>());
+            // Each delivery's first wait was dropped mid-ack, and its
+            // second handed it over: the case under test really happened.
+            assert_eq!(waits, 2 * n);
+        });
+    }
+
+    /// A failed acknowledgement is an error, and the delivery is not
+    /// handed over unacknowledged by the next call (the broker redelivers
+    /// it): the next call takes the next delivery.
+    #[test]
+    fn a_failed_acknowledgement_hands_nothing_over() {
+        struct Fails(u32);
+        impl Ack for Fails {
+            fn ack(&self) -> BoxFuture<'_, Result<(), String>> {
+                let fails = self.0 == 0;
+                Box::pin(async move {
+                    if fails {
+                        Err("channel closed".to_string())
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut inbox = Inbox::new(Box::pin(futures::stream::iter(
+                (0..2).map(|i| Ok(Fails(i))),
+            )));
+            assert_eq!(inbox.next().await.err().as_deref(), Some("channel closed"));
+            assert_eq!(inbox.next().await.map(|d| d.0), Ok(1));
         });
     }
 }

@@ -505,6 +505,18 @@ pub fn client_kill(cid: u64, halt: bool) -> String {
     }
 }
 
+/// What a trace may say of a management command: its verb and the
+/// client's id (`client-kill 4`), never the rest (a refusal's reason, or
+/// the directives of a `client-auth`, which may grow).
+pub fn summary(cmd: &str) -> String {
+    let mut words = cmd.lines().next().unwrap_or("").split_whitespace();
+    let verb = words.next().unwrap_or("");
+    match words.next() {
+        Some(cid) if cid.bytes().all(|b| b.is_ascii_digit()) => format!("{verb} {cid}"),
+        _ => verb.to_string(),
+    }
+}
+
 /// An IPv4 network for the VPN (`10.8.0.0/24`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Network {
@@ -1302,6 +1314,20 @@ mod tests {
         );
         assert_eq!(client_kill(4, true), "client-kill 4 HALT\n");
         assert_eq!(client_auth(3, 1, &[]), "client-auth-nt 3 1\n");
+    }
+
+    #[test]
+    fn a_command_summary_names_the_verb_and_the_client_only() {
+        assert_eq!(summary(&client_kill(4, true)), "client-kill 4");
+        assert_eq!(
+            summary(&client_deny(2, 0, "a reason", "secret")),
+            "client-deny 2"
+        );
+        let auth = client_auth(1, 0, &["ifconfig-push 10.8.0.9 255.255.255.0".into()]);
+        assert_eq!(summary(&auth), "client-auth 1");
+        assert_eq!(summary("status 3\n"), "status 3");
+        assert_eq!(summary("password \"x\""), "password");
+        assert_eq!(summary(""), "");
     }
 
     #[test]

@@ -80,6 +80,11 @@ fn client_reason(answer: &Answer) -> String {
 
 impl Shell {
     fn vpn_send(&self, cmd: String) {
+        tracing::debug!(
+            generation = self.vpn.generation,
+            "to OpenVPN: {}",
+            openvpn::summary(&cmd)
+        );
         if let Some(tx) = &self.gw_tx {
             let _ = tx.send((self.vpn.generation, cmd));
         }
