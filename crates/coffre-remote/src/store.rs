@@ -534,10 +534,10 @@ pub struct Upload {
 }
 
 /// What [`Upload::run`] did: a result per put, as [`Puts::run`] gives
-/// them, and each chunk's MAC (`None` if they could not be made).
+/// them, and each chunk's MAC (or why they could not be made).
 pub struct Landed {
     results: Vec<Result<Tag, StoreError>>,
-    macs: Option<Vec<Mac>>,
+    macs: Result<Vec<Mac>, String>,
 }
 
 impl Upload {
@@ -567,7 +567,8 @@ impl Upload {
         let results = self.puts.run().await;
         Landed {
             results,
-            macs: macs.await.ok(),
+            // A panic while making them keeps its message.
+            macs: macs.await.map_err(|e| e.to_string()),
         }
     }
 
@@ -575,7 +576,7 @@ impl Upload {
     pub fn failed(&self, why: &str) -> Landed {
         Landed {
             results: vec![Err(StoreError::Other(why.to_owned())); self.puts.count()],
-            macs: None,
+            macs: Err(why.to_owned()),
         }
     }
 }
@@ -1669,22 +1670,40 @@ impl ChunkStore {
 
     /// Records what an [`Upload`] put: the chunks on every store in step
     /// are in the table (durable at the next flush).
+    ///
+    /// A chunk not recorded stays dirty in the caller's buffer, to be
+    /// written again under a new name; whatever of it landed is an orphan
+    /// that no manifest can name (each put's name has a fresh random
+    /// session), due for the next garbage collection.
     pub fn finish_chunks(&mut self, upload: Upload, landed: Landed) -> Result<(), RemoteError> {
         if upload.epoch != self.epoch {
+            self.orphaned(upload.puts.objects.iter().map(|(name, _)| name));
             return Err(RemoteError::Config(
                 "an upload was finished after a flush: its chunks are written again".into(),
             ));
         }
         let (ok, error) = self.settle_puts(&upload.puts, landed.results);
-        // Without their MACs the chunks put are not recorded: they stay
-        // dirty in the caller's buffer, to be written again.
-        let Some(macs) = landed.macs.filter(|m| m.len() == upload.done.len()) else {
-            return Err(error.unwrap_or_else(|| {
-                RemoteError::Crypto("the chunks' MACs could not be made".into())
-            }));
+        // Without their MACs the chunks put are not recorded.
+        let macs = match landed.macs {
+            Ok(m) if m.len() == upload.done.len() => m,
+            other => {
+                let why = match other {
+                    Ok(m) => format!("{} for {} chunks", m.len(), upload.done.len()),
+                    Err(why) => why,
+                };
+                self.orphaned(upload.puts.objects.iter().map(|(name, _)| name));
+                return Err(macs_missing(error, &why));
+            }
         };
-        for (((i, index, mut entry), mac), ok) in upload.done.into_iter().zip(macs).zip(ok) {
+        for ((((i, index, mut entry), mac), ok), (name, _)) in upload
+            .done
+            .into_iter()
+            .zip(macs)
+            .zip(ok)
+            .zip(&upload.puts.objects)
+        {
             if !ok {
+                self.orphaned(std::iter::once(name));
                 continue;
             }
             entry.mac = mac;
@@ -1699,6 +1718,14 @@ impl ChunkStore {
             self.dirty_pages.insert(index / ENTRIES_PER_PAGE);
         }
         error.map_or(Ok(()), Err)
+    }
+
+    /// Objects put that no manifest will name: collected as superseded
+    /// ones are, after the grace (deleting one that never landed is
+    /// harmless).
+    fn orphaned<'a>(&mut self, names: impl Iterator<Item = &'a String>) {
+        let now = Instant::now();
+        self.garbage.extend(names.map(|n| (n.clone(), now)));
     }
 
     /// The manifest at `epoch` with `root` is durable on the stores
@@ -2552,6 +2579,14 @@ fn at(many: bool, name: &str, e: RemoteError) -> RemoteError {
     }
 }
 
+/// Why an upload's chunks were not recorded when their MACs were missing:
+/// the puts' own error if any failed, else why the MACs are missing.
+fn macs_missing(puts: Option<RemoteError>, why: &str) -> RemoteError {
+    puts.unwrap_or_else(|| {
+        RemoteError::Crypto(format!("the chunks' MACs could not be made: {why}"))
+    })
+}
+
 #[cfg(test)]
 mod probe_tests {
     //! The conditional-write probe against stores made to behave well or
@@ -2773,5 +2808,55 @@ mod bounded_tests {
         for (store, m) in most.iter().enumerate() {
             assert_eq!(m.load(Ordering::SeqCst), IN_FLIGHT, "store {store}");
         }
+    }
+}
+
+#[cfg(test)]
+mod upload_tests {
+    use super::{ChunkStore, RemoteError};
+    use crate::layout::Geometry;
+    use crate::{IntegrityKey, ObjectStoreObjects, Objects};
+    use futures::StreamExt;
+    use object_store::memory::InMemory;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Puts that landed but whose MACs could not be made (a panic on the
+    /// blocking pool) record nothing, and the error says why: the chunk
+    /// reads as before, what landed is collected, and writing it again
+    /// works.
+    #[test]
+    fn puts_that_landed_without_their_macs_record_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let inner = Arc::new(InMemory::new());
+            let mem: Arc<dyn Objects> = Arc::new(ObjectStoreObjects::new(inner.clone()));
+            let count = || async { object_store::ObjectStore::list(&*inner, None).count().await };
+            let g = Geometry::new(64 * 1024, 4 * 64 * 1024).unwrap();
+            let key = IntegrityKey::generate().unwrap();
+            let (mut s, _) = ChunkStore::create(mem, "team", [7; 16], key, g)
+                .await
+                .unwrap();
+            let chunk = |fill: u8| vec![fill; 64 * 1024];
+            s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+            let before = count().await;
+            let up = s.prepare_chunks(vec![(1, chunk(2))]).await.unwrap();
+            let mut landed = up.run().await;
+            assert_eq!(count().await, before + 1, "the put landed");
+            assert!(landed.results.iter().all(Result::is_ok), "the puts landed");
+            landed.macs = Err("task panicked: the test's".into());
+            let e = s.finish_chunks(up, landed).unwrap_err();
+            assert!(matches!(e, RemoteError::Crypto(_)), "{e:?}");
+            assert!(e.to_string().contains("the test's"), "{e}");
+            assert_eq!(s.read_chunk(1).await.unwrap(), chunk(1), "nothing recorded");
+            // The orphan goes at the next collection.
+            assert_eq!(s.collect_garbage(Duration::ZERO).await.unwrap(), 1);
+            assert_eq!(count().await, before);
+            s.write_chunks(vec![(1, chunk(3))]).await.unwrap();
+            assert_eq!(s.read_chunk(1).await.unwrap(), chunk(3));
+        });
     }
 }

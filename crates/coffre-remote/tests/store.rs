@@ -103,9 +103,7 @@ fn an_upload_records_what_it_put_with_macs_that_verify_or_nothing() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&mem), &keys).await;
         s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
         let up = s.prepare_chunks(vec![(1, chunk(2))]).await.unwrap();
         let stopped = up.failed("stopped by the test");
@@ -135,9 +133,7 @@ fn altered_swapped_or_missing_objects_never_read_back() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&mem), &keys).await;
         s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
             .await
             .unwrap();
@@ -293,9 +289,7 @@ fn a_whole_store_rolled_back_is_refused_at_open() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&mem), &keys).await;
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         s.flush().await.unwrap();
         // Yesterday's bucket: consistent, authentic, older.
@@ -349,9 +343,7 @@ fn one_chunk_rolled_back_is_refused_on_read() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&mem), &keys).await;
         s.write_chunks(vec![(3, chunk(1))]).await.unwrap();
         s.flush().await.unwrap();
         let old = mem
@@ -402,9 +394,7 @@ fn a_second_writer_is_fenced() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut a, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut a = created(objects(&mem), &keys).await;
         a.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         let ra = a.flush().await.unwrap().unwrap();
         // B opens after A's manifest (another host with the same vault),
@@ -537,9 +527,7 @@ fn a_manifest_put_whose_answer_is_lost_is_settled_before_anything_else() {
     let keys = Keyring::new();
     let faulty = Faulty::new(objects(&mem));
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(faulty.clone(), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(faulty.clone(), &keys).await;
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         faulty.lose_manifest_reply.store(1, Ordering::SeqCst);
         assert!(matches!(s.flush().await, Err(RemoteError::Store(_))));
@@ -580,9 +568,7 @@ fn superseded_versions_are_deleted_after_the_grace_period() {
     let mem = Arc::new(InMemory::new());
     let keys = Keyring::new();
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(objects(&mem), &keys).await;
         for fill in 1..=3 {
             s.write_chunks(vec![(0, chunk(fill))]).await.unwrap();
             s.flush().await.unwrap();
@@ -974,9 +960,7 @@ fn migrate_then_export_is_byte_identical_and_a_resumed_migration_skips_what_is_t
     let keys = Keyring::new();
     let faulty = Faulty::new(objects(&mem));
     rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(faulty.clone(), PREFIX, VAULT, keys.key(), geometry())
-            .await
-            .unwrap();
+        let mut s = created(faulty.clone(), &keys).await;
         let file = std::fs::File::open(&src).unwrap();
         // Interrupted: the store fails after the first few puts.
         let mut seen = Vec::new();
