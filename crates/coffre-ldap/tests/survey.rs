@@ -7,6 +7,7 @@
 
 use coffre_ldap::Server;
 use coffre_ldap::spec::{Client, DirectorySpec, Group, Live, User};
+use coffre_testkit::process::free_port;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -102,14 +103,6 @@ impl Drop for Slapd {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_slapd(dir: &Path, cert: &Path, key: &Path) -> (Slapd, u16) {

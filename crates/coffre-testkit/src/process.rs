@@ -76,13 +76,49 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
     }
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral
+/// range: a port from that range (what binding port 0 gives) can be taken
+/// by any outgoing connection's source port between this call and the
+/// server's own bind (CI saw RabbitMQ's distribution port go that way).
+/// Each process walks the range from a random start, so that the test
+/// binaries running side by side, and the tests of one binary, are not
+/// handed the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().min(u32::from(u16::MAX));
+    if high <= LOW + 1_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = high - LOW;
+    let start = *START.get_or_init(|| {
+        let r = RandomState::new().hash_one(std::process::id());
+        u32::try_from(r % u64::from(span)).unwrap_or(0)
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % span).unwrap_or(0);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port between {LOW} and {high}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 by default).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Seconds since the epoch.
@@ -152,4 +188,24 @@ fn hits_where(pid: u32, len: usize, found: impl Fn(&[u8]) -> bool) -> Vec<String
 /// Whether `needle` appears in any readable mapping of process `pid`.
 pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
     !memory_hits(pid, needle).is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ephemeral_low, free_port};
+
+    /// Ports handed out are distinct, bindable, and below the ephemeral
+    /// range that outgoing connections take their source ports from.
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut sorted = ports.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ports.len(), "{ports:?}");
+        for p in &ports {
+            assert!(u32::from(*p) < ephemeral_low(), "{p}");
+            std::net::TcpListener::bind(("127.0.0.1", *p)).unwrap();
+        }
+    }
 }

@@ -353,11 +353,7 @@ fn first_superuser_can_join_from_their_own_machine() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vault");
     let inv = tmp.path().join("ruth.invitation");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = coffre_testkit::process::free_port();
     // A name guests' systems have is refused (the first superuser is
     // served to workloads under it, like any member).
     let out = std::process::Command::new(BIN)
