@@ -502,6 +502,66 @@ pub fn trust_store(
     Ok((was.map(|r| r.epoch), opened.root.epoch))
 }
 
+/// `coffre storage sweep`: the orphans on the stores in step (objects of
+/// the volume's layout that nothing names, last written `min_age` or
+/// longer ago: left by a crash, a fenced writer, a failed flush or an
+/// interrupted import), deleted unless `dry_run`. Returns their names
+/// (as each store names them under its folder) and how many went. The
+/// store is opened with the rollback check; nothing else is written. The
+/// daemon must be stopped (a running daemon's unflushed chunks are named
+/// only in its memory: its own thread sweeps daily).
+pub fn sweep_store(
+    dir: &std::path::Path,
+    password: &coffre_luks2::Passphrase,
+    min_age: std::time::Duration,
+    dry_run: bool,
+) -> Result<(Vec<String>, usize), String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(sc) = &config.storage else {
+        return Err("this vault's volume is a local file: there is no store to sweep".into());
+    };
+    let (c, key) = unlock(&config.header, None, password)?;
+    let uuid = c.header().binary.uuid.clone();
+    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
+    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
+    let sealed = std::fs::read(vd.storage_key())
+        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
+    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
+    drop(key);
+    let local = local_root(&vd).map_err(|e| e.to_string())?;
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let r = rt.block_on(async {
+        let (mut store, _) = ChunkStore::open_mirrored(
+            backends,
+            settings(sc),
+            "",
+            (vault, ikey),
+            (Some(local), false),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some(g) = store.orphans(min_age).await.map_err(|e| e.to_string())? else {
+            return Ok((Vec::new(), 0));
+        };
+        let names: Vec<String> = g.names().map(str::to_string).collect();
+        if dry_run {
+            return Ok((names, 0));
+        }
+        let done = g.run().await;
+        let gone = store.finish_orphans(g, &done);
+        if gone < names.len() {
+            return Err(format!(
+                "{gone} of {} orphaned object(s) deleted: a store failed (run it again)",
+                names.len()
+            ));
+        }
+        Ok((names, gone))
+    });
+    drop(c);
+    r
+}
+
 /// What `coffre storage migrate` did.
 #[derive(Clone, Copy, Debug)]
 pub struct Migrated {
@@ -689,6 +749,13 @@ pub fn on_change(
                     "ok",
                     format!(
                         "{object} did not verify on {name}: rewritten there from another store"
+                    ),
+                ),
+                coffre_remote::StoreEvent::Swept { orphans } => audit(
+                    "storage_swept",
+                    "ok",
+                    format!(
+                        "{orphans} orphaned object(s) deleted (named by no manifest: left by a crash, a fenced writer, a failed flush or an interrupted import)"
                     ),
                 ),
             }

@@ -57,6 +57,15 @@ const READ_AHEAD: u64 = 16;
 /// recovery export, has that long to finish its reads).
 const GC_EVERY: Duration = Duration::from_secs(60);
 const GC_GRACE: Duration = Duration::from_secs(600);
+/// The device's thread sweeps for orphans this long after the device
+/// starts, then every [`SWEEP_EVERY`].
+const SWEEP_FIRST: Duration = Duration::from_secs(600);
+const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// Only objects last written this long ago (by the store's clock) are
+/// judged: an object of a writer that took over the store while the
+/// listing ran is younger; the judgement itself, made after the listing
+/// against what the device names, is what keeps live objects safe.
+pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// The resync thread: its stop signal and its exit.
 struct Resyncer {
@@ -297,6 +306,7 @@ impl RemoteDevice {
             .name("coffre-resync".into())
             .spawn(move || {
                 let mut last_gc = std::time::Instant::now();
+                let mut next_sweep = std::time::Instant::now() + SWEEP_FIRST;
                 loop {
                     {
                         let (m, cv) = &*stop2;
@@ -358,6 +368,51 @@ impl RemoteDevice {
                                 break;
                             }
                             lock(&state).store.finish_garbage(g, &done);
+                        }
+                    }
+                    // Orphans: the listings and the deletions run without
+                    // the device held; what is an orphan is judged with it
+                    // held, after the listings, against what the device
+                    // names then (an upload on its way included).
+                    if std::time::Instant::now() >= next_sweep {
+                        next_sweep = std::time::Instant::now() + SWEEP_EVERY;
+                        let prepared = lock(&state).store.prepare_sweep();
+                        if let Ok(sweep) = prepared {
+                            let mut listed = Vec::new();
+                            if !step(
+                                &handle,
+                                &cancel2,
+                                Box::pin(async {
+                                    listed = sweep.run().await;
+                                }),
+                            ) {
+                                break;
+                            }
+                            let orphans = {
+                                let mut s = lock(&state);
+                                let uploading: Vec<String> = s
+                                    .in_flight
+                                    .as_ref()
+                                    .map(|f| f.upload.names().cloned().collect())
+                                    .unwrap_or_default();
+                                s.store
+                                    .finish_sweep(&sweep, listed, SWEEP_MIN_AGE, &uploading)
+                            };
+                            if let Ok(Some(g)) = orphans {
+                                let mut done = Vec::new();
+                                if !step(
+                                    &handle,
+                                    &cancel2,
+                                    Box::pin(async {
+                                        done = g.run().await;
+                                    }),
+                                ) {
+                                    break;
+                                }
+                                let mut s = lock(&state);
+                                s.store.finish_orphans(g, &done);
+                                report(&mut s, on_change.as_deref());
+                            }
                         }
                     }
                     // Asked without the device held: a store that is down
@@ -445,6 +500,19 @@ impl RemoteDevice {
         self.settle(&mut s)?;
         self.block_on(s.store.collect_garbage(grace))
             .map_err(RemoteError::into_io)
+    }
+
+    /// Deletes the orphans on the stores in step: objects of the volume's
+    /// layout that nothing names and that were last written `min_age` or
+    /// longer ago ([`ChunkStore::sweep`]). The device's thread does it
+    /// [`SWEEP_FIRST`] after the start and then daily, with
+    /// [`SWEEP_MIN_AGE`]. Returns how many went.
+    pub fn sweep(&self, min_age: Duration) -> io::Result<usize> {
+        let mut s = lock(&self.state);
+        self.settle(&mut s)?;
+        let r = self.block_on(s.store.sweep(min_age));
+        report(&mut s, self.on_change.as_deref());
+        r.map_err(RemoteError::into_io)
     }
 
     /// Every store's standing.

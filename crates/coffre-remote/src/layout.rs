@@ -138,6 +138,11 @@ impl Keys {
         }
     }
 
+    /// The folder every name is under (`team/`; empty: the bucket's root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Chunk `index` at `version`, by `session`.
     pub fn chunk(&self, index: u64, version: u64, session: u64) -> String {
         format!(

@@ -86,7 +86,19 @@ pub trait Objects: Send + Sync {
         let _ = geometry;
         Box::pin(async { Ok(()) })
     }
+    /// The objects under the folder `prefix` (`team/`; empty: all), each
+    /// with when it was last written, as the store says; `None` where the
+    /// store cannot list (a block device, whose slots are reused rather
+    /// than left behind). More than `max` objects is an error, before
+    /// more are kept (a store cannot make the vault hold what it likes).
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        let _ = (prefix, max);
+        Box::pin(async { Ok(None) })
+    }
 }
+
+/// What [`Objects::list`] gives: names and when each was last written.
+pub type Listing = Result<Option<Vec<(String, std::time::SystemTime)>>, StoreError>;
 
 /// [`Objects`] over an `object_store` store.
 #[derive(Clone, Debug)]
@@ -180,6 +192,29 @@ impl Objects for ObjectStoreObjects {
         })
     }
 
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        Box::pin(async move {
+            use futures::StreamExt;
+            let folder = prefix.trim_matches('/');
+            let at = (!folder.is_empty()).then(|| Path::from(folder));
+            let mut stream = self.store.list(at.as_ref());
+            let mut out = Vec::new();
+            while let Some(meta) = stream.next().await {
+                let meta = meta.map_err(map_err)?;
+                if out.len() == max {
+                    return Err(StoreError::Other(format!(
+                        "more than {max} objects under {prefix:?}"
+                    )));
+                }
+                out.push((
+                    meta.location.to_string(),
+                    std::time::SystemTime::from(meta.last_modified),
+                ));
+            }
+            Ok(Some(out))
+        })
+    }
+
     fn exists<'a>(&'a self, key: &'a str, _max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             match self.store.head(&Path::from(key)).await {
@@ -249,6 +284,20 @@ impl Objects for Prefixed {
     }
     fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>) {
         self.inner.durable(names);
+    }
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        Box::pin(async move {
+            let listed = self
+                .inner
+                .list(&format!("{}{prefix}", self.prefix), max)
+                .await?;
+            Ok(listed.map(|names| {
+                names
+                    .into_iter()
+                    .filter_map(|(n, t)| Some((n.strip_prefix(&self.prefix)?.to_string(), t)))
+                    .collect()
+            }))
+        })
     }
     fn prepare<'a>(
         &'a self,

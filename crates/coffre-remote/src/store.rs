@@ -14,7 +14,7 @@
 use crate::RemoteError;
 use crate::integrity::{ChunkMac, IntegrityKey, Mac};
 use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Name, Page, Root};
-use crate::objects::{Objects, Put, StoreError, Tag};
+use crate::objects::{Listing, Objects, Put, StoreError, Tag};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -240,6 +240,12 @@ pub enum StoreEvent {
         name: String,
         /// The object.
         object: String,
+    },
+    /// A sweep deleted objects that nothing named (left by a crash, a
+    /// fenced writer, a failed flush or an interrupted import).
+    Swept {
+        /// How many.
+        orphans: usize,
     },
 }
 
@@ -544,6 +550,11 @@ impl Upload {
     /// The chunks' indices.
     pub fn indices(&self) -> impl Iterator<Item = u64> + '_ {
         self.done.iter().map(|(_, index, _)| *index)
+    }
+
+    /// The objects' names (for a sweep while it runs).
+    pub fn names(&self) -> impl Iterator<Item = &String> + '_ {
+        self.puts.objects.iter().map(|(name, _)| name)
     }
 
     /// Puts the chunks, and makes their MACs meanwhile on threads of their
@@ -1979,6 +1990,142 @@ impl ChunkStore {
         }))
     }
 
+    /// Finds and deletes orphans: objects under the volume's prefix, of
+    /// its layout, that nothing names (not the table, the pages, nor what
+    /// waits for collection) and that were last written `min_age` or
+    /// longer ago, on every store in step that can list. Orphans are what
+    /// a crashed or fenced writer, a failed flush or an interrupted import
+    /// left; no manifest names them. Returns how many went. Objects of
+    /// another layout or prefix, the manifest, and anything younger are
+    /// never touched.
+    pub async fn sweep(&mut self, min_age: Duration) -> Result<usize, RemoteError> {
+        let Some(g) = self.orphans(min_age).await? else {
+            return Ok(0);
+        };
+        let done = g.run().await;
+        Ok(self.finish_orphans(g, &done))
+    }
+
+    /// What [`sweep`](ChunkStore::sweep) would delete, deleting nothing
+    /// (its [`Garbage::names`]); `None` when there is nothing.
+    pub async fn orphans(&mut self, min_age: Duration) -> Result<Option<Garbage>, RemoteError> {
+        self.resolve().await?;
+        let sweep = self.prepare_sweep()?;
+        let listed = sweep.run().await;
+        self.finish_sweep(&sweep, listed, min_age, &[])
+    }
+
+    /// [`finish_garbage`](ChunkStore::finish_garbage) for a sweep's
+    /// orphans, with a [`StoreEvent::Swept`] if any went (one whose
+    /// deletion failed is tried again at the next collection).
+    pub fn finish_orphans(&mut self, g: Garbage, results: &[bool]) -> usize {
+        let gone = self.finish_garbage(g, results);
+        if gone > 0 {
+            self.event(StoreEvent::Swept { orphans: gone });
+        }
+        gone
+    }
+
+    /// The listings [`sweep`](ChunkStore::sweep) needs, to run without the
+    /// store ([`Sweep::run`]).
+    pub fn prepare_sweep(&self) -> Result<Sweep, RemoteError> {
+        self.writable()?;
+        let targets = self.in_step();
+        Ok(Sweep {
+            stores: targets
+                .iter()
+                .map(|i| self.replicas[*i].objects.clone())
+                .collect(),
+            prefix: self.keys.prefix().to_string(),
+            // Every chunk and page four times over, and room for probes
+            // and whatever else shares the folder.
+            max: 4 * (self.table.len() + self.pages.len()) + 10_000,
+            targets,
+        })
+    }
+
+    /// Judges what [`Sweep::run`] listed against what the store names now
+    /// (and `also_kept`: an upload on its way), and gives the orphans'
+    /// deletions to run ([`Garbage::run`], then
+    /// [`finish_garbage`](ChunkStore::finish_garbage)); `None` when there
+    /// is none. The judgement is made after the listings on purpose: an
+    /// object listed was put before, so whatever names it names it by now.
+    /// A store that could not list is left as it is.
+    pub fn finish_sweep(
+        &mut self,
+        sweep: &Sweep,
+        listed: Vec<Listing>,
+        min_age: Duration,
+        also_kept: &[String],
+    ) -> Result<Option<Garbage>, RemoteError> {
+        self.writable()?;
+        if self.uncertain.is_some() {
+            // Its pages may be durable: nothing is judged until it is
+            // settled.
+            return Ok(None);
+        }
+        let mut kept: BTreeSet<&str> = also_kept.iter().map(String::as_str).collect();
+        let chunks: Vec<String> = self
+            .table
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.version != 0)
+            .map(|(i, e)| self.keys.chunk(i as u64, e.version, e.session))
+            .collect();
+        let pages: Vec<String> = self
+            .pages
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.version != 0)
+            .map(|(i, e)| self.keys.page(i as u64, e.version, e.session))
+            .collect();
+        kept.extend(chunks.iter().map(String::as_str));
+        kept.extend(pages.iter().map(String::as_str));
+        kept.extend(self.superseded.iter().map(|(n, _)| n.as_str()));
+        kept.extend(self.garbage.iter().map(|(n, _)| n.as_str()));
+        let now = SystemTime::now();
+        let mut orphans = BTreeSet::new();
+        for (t, listing) in sweep.targets.iter().zip(listed) {
+            // A store that left the stores in step meanwhile, or could not
+            // list: nothing of it is judged.
+            let Ok(Some(names)) = listing else { continue };
+            if self.replicas[*t].stale.is_some() {
+                continue;
+            }
+            for (name, written) in names {
+                let old = now.duration_since(written).is_ok_and(|age| age >= min_age);
+                if old && !kept.contains(name.as_str()) && self.is_ours(&name) {
+                    orphans.insert(name);
+                }
+            }
+        }
+        if orphans.is_empty() {
+            return Ok(None);
+        }
+        let targets = self.in_step();
+        let at = Instant::now();
+        Ok(Some(Garbage {
+            stores: targets
+                .iter()
+                .map(|i| self.replicas[*i].objects.clone())
+                .collect(),
+            limit: self.limit(targets.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
+            targets,
+            names: orphans.into_iter().map(|n| (n, at)).collect(),
+        }))
+    }
+
+    /// Whether `name` is a chunk, page or probe of this volume's layout,
+    /// exactly as it would name one (never the manifest).
+    fn is_ours(&self, name: &str) -> bool {
+        match Keys::parse(name) {
+            Some(Name::Chunk(i, v, s)) => self.keys.chunk(i, v, s) == name,
+            Some(Name::Page(i, v, s)) => self.keys.page(i, v, s) == name,
+            Some(Name::Probe(n)) => self.keys.probe(n) == name,
+            Some(Name::Manifest) | None => false,
+        }
+    }
+
     /// Records what [`Garbage::run`] did: a name whose deletion failed on
     /// a store still in step stays due.
     pub fn finish_garbage(&mut self, g: Garbage, results: &[bool]) -> usize {
@@ -2327,9 +2474,32 @@ impl ChunkStore {
 /// How long garbage collection waits for a deletion.
 const GC_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a sweep's listing of one store may take.
+pub const SWEEP_LIMIT: Duration = Duration::from_secs(300);
+
 /// How long the last step of a resync (one manifest put, with the device
 /// held) waits.
 const LAST_STEP_LIMIT: Duration = Duration::from_secs(5);
+
+/// The listings of a [`ChunkStore::sweep`], to run without the store.
+pub struct Sweep {
+    stores: Vec<Arc<dyn Objects>>,
+    targets: Vec<usize>,
+    prefix: String,
+    max: usize,
+}
+
+impl Sweep {
+    /// Lists the volume's folder on each store, within [`SWEEP_LIMIT`].
+    pub async fn run(&self) -> Vec<Listing> {
+        futures::future::join_all(self.stores.iter().map(|o| async {
+            tokio::time::timeout(SWEEP_LIMIT, o.list(&self.prefix, self.max))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Other("the listing took too long".into())))
+        }))
+        .await
+    }
+}
 
 /// Deletions of superseded objects on the stores in step, to run without
 /// the store ([`ChunkStore::prepare_garbage`]).
@@ -2341,6 +2511,11 @@ pub struct Garbage {
 }
 
 impl Garbage {
+    /// The names it deletes.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.names.iter().map(|(n, _)| n.as_str())
+    }
+
     /// Deletes each name on each store ([`IN_FLIGHT`] per store at once);
     /// whether each deletion was done, per name and store. The first
     /// deletion that fails or times out stops the rest (left for the

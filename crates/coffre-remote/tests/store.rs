@@ -9,7 +9,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use bytes::Bytes;
-use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
+use coffre_remote::objects::{BoxFuture, Listing, Objects, Put, StoreError, Tag};
 use coffre_remote::{
     ChunkStore, IntegrityKey, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
 };
@@ -124,6 +124,138 @@ fn an_upload_records_what_it_put_with_macs_that_verify_or_nothing() {
                 "chunk {i}"
             );
         }
+    });
+}
+
+/// A sweep deletes orphans: objects of the volume's layout that nothing
+/// names (here an upload that a crash cut short and a stray probe). What
+/// the table names (flushed or not), a superseded version waiting out its
+/// grace, the manifest, other prefixes' and layouts' objects, and anything
+/// younger than the age asked are never touched.
+#[test]
+fn a_sweep_deletes_orphans_and_nothing_else() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let mut s = created(objects(&mem), &keys).await;
+        s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let superseded = named(&mem, "team/c/000000000002/0000000000000001.").await;
+        s.write_chunks(vec![(2, chunk(3))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        // Put, never recorded: the writer crashed before.
+        let cut = s.prepare_chunks(vec![(3, chunk(4))]).await.unwrap();
+        let orphan = cut.names().next().unwrap().clone();
+        drop(cut.run().await);
+        drop(cut);
+        // Written, not flushed: only the table names it.
+        s.write_chunks(vec![(4, chunk(5))]).await.unwrap();
+        let put = |name: &str| {
+            let mem = mem.clone();
+            let name = name.to_string();
+            async move {
+                mem.put(&Path::from(name), PutPayload::from(vec![9u8; 10]))
+                    .await
+                    .unwrap();
+            }
+        };
+        put("team/probe/00000000000000aa").await;
+        put("team/notes.txt").await;
+        put("team/c/1/0000000000000001.0000000000000001").await;
+        put("other/c/000000000001/0000000000000001.0000000000000001").await;
+        let before = snapshot(&mem).await;
+        assert!(before.contains_key(&orphan));
+        assert_eq!(s.sweep(Duration::from_secs(3600)).await.unwrap(), 0);
+        assert_eq!(snapshot(&mem).await, before, "nothing is an hour old");
+        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 2);
+        let after = snapshot(&mem).await;
+        let gone: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        assert_eq!(
+            gone,
+            vec![&orphan, &"team/probe/00000000000000aa".to_string()]
+        );
+        assert!(after.contains_key(superseded.as_ref()), "its grace runs");
+        assert!(
+            s.take_events()
+                .contains(&coffre_remote::StoreEvent::Swept { orphans: 2 })
+        );
+        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 0, "nothing left");
+        // An upload on its way while the device's thread sweeps: its
+        // objects landed before the listing, and are named only by the
+        // upload, which the thread passes as kept.
+        let live = s.prepare_chunks(vec![(5, chunk(6))]).await.unwrap();
+        let landed = live.run().await;
+        let names: Vec<String> = live.names().cloned().collect();
+        let sweep = s.prepare_sweep().unwrap();
+        let listed = sweep.run().await;
+        let judged = |g: Option<coffre_remote::store::Garbage>| -> Vec<String> {
+            g.map(|g| g.names().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let kept = s
+            .finish_sweep(&sweep, listed, Duration::ZERO, &names)
+            .unwrap();
+        assert_eq!(judged(kept), Vec::<String>::new());
+        let listed = sweep.run().await;
+        let unkept = s.finish_sweep(&sweep, listed, Duration::ZERO, &[]).unwrap();
+        assert_eq!(judged(unkept), names, "without it, an orphan");
+        s.finish_chunks(live, landed).unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        let fresh = opened(objects(&mem), &keys, root).await.unwrap();
+        assert_eq!(fresh.read_chunk(5).await.unwrap(), chunk(6));
+        for (i, want) in [(1, chunk(1)), (2, chunk(3)), (3, chunk(0)), (4, chunk(5))] {
+            assert_eq!(fresh.read_chunk(i).await.unwrap(), want, "chunk {i}");
+        }
+    });
+}
+
+/// The same through a store under a folder of a bucket (as mirrors in one
+/// bucket are): what it lists is under its folder only, named as it names
+/// them.
+#[test]
+fn a_sweep_through_a_prefixed_store_sees_its_folder_only() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let inner = objects(&mem);
+        let folder: Arc<dyn Objects> = Arc::new(coffre_remote::objects::Prefixed::new(
+            inner.clone(),
+            "site-a",
+        ));
+        let mut s = created(folder.clone(), &keys).await;
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let cut = s.prepare_chunks(vec![(2, chunk(2))]).await.unwrap();
+        let orphan = format!("site-a/{}", cut.names().next().unwrap());
+        drop(cut.run().await);
+        drop(cut);
+        // The same name in the bucket's root: another volume's.
+        let elsewhere = orphan.strip_prefix("site-a/").unwrap().to_string();
+        mem.put(
+            &Path::from(elsewhere.as_str()),
+            PutPayload::from(vec![1u8; 4]),
+        )
+        .await
+        .unwrap();
+        let listed = folder.list("team/", 1000).await.unwrap().unwrap();
+        assert!(
+            listed.iter().all(|(n, _)| n.starts_with("team/")),
+            "{listed:?}"
+        );
+        assert!(folder.list("team/", 2).await.is_err(), "more than asked");
+        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 1);
+        let after = snapshot(&mem).await;
+        assert!(!after.contains_key(&orphan));
+        assert!(after.contains_key(&elsewhere));
+        let fresh = opened(folder, &keys, root).await.unwrap();
+        assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(1));
     });
 }
 
@@ -518,6 +650,14 @@ impl Objects for Faulty {
             self.inner.delete(key).await
         })
     }
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        Box::pin(async move {
+            if self.failing() {
+                return Err(StoreError::Other("injected: 500".into()));
+            }
+            self.inner.list(prefix, max).await
+        })
+    }
 }
 
 #[test]
@@ -782,6 +922,8 @@ enum Op {
     FailMirror(u32),
     LoseManifestReply,
     RefuseAfterLanding,
+    /// Orphans swept at once (no age asked).
+    Sweep,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -796,6 +938,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1..12u32).prop_map(Op::FailMirror),
         1 => Just(Op::LoseManifestReply),
         1 => Just(Op::RefuseAfterLanding),
+        2 => Just(Op::Sweep),
     ]
 }
 
@@ -871,7 +1014,9 @@ fn history(ops: Vec<Op>, mirrored: bool) -> Result<(), TestCaseError> {
         let mut written = vec![0u8; SIZE as usize];
         let mut durable = written.clone();
         let mut maybe: Vec<Vec<u8>> = Vec::new();
-        for op in ops {
+        // Each history ends with a crash: what a fresh open reads is
+        // checked (an object deleted that the store needed shows there).
+        for op in ops.into_iter().chain([Op::Crash]) {
             match op {
                 Op::Write { off, len, fill } => {
                     let data = vec![fill; len];
@@ -891,6 +1036,12 @@ fn history(ops: Vec<Op>, mirrored: bool) -> Result<(), TestCaseError> {
                 Op::FailMirror(n) => mirror.fail_before.store(n, Ordering::SeqCst),
                 Op::LoseManifestReply => faulty.lose_manifest_reply.store(1, Ordering::SeqCst),
                 Op::RefuseAfterLanding => faulty.refuse_after_landing.store(1, Ordering::SeqCst),
+                // It may fail (the stores fail at random); whatever it
+                // deleted, every read after, and the state after the
+                // crash that ends each history, must be as before.
+                Op::Sweep => {
+                    let _ = dev.sweep(Duration::ZERO);
+                }
                 Op::Crash => {
                     faulty.fail_before.store(0, Ordering::SeqCst);
                     faulty.lose_manifest_reply.store(0, Ordering::SeqCst);

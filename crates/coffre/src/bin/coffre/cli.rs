@@ -503,6 +503,35 @@ pub enum StorageCommand {
         #[arg(long)]
         trust_store_epoch: bool,
     },
+    /// Delete orphans from the store and its mirrors: objects of the
+    /// volume's layout that no manifest names and nothing will (chunks of
+    /// an upload a crash cut short, pages of a flush that failed, objects
+    /// of a writer that was fenced or of an interrupted migration). The
+    /// store is verified against the local root first; only objects last
+    /// written --min-age ago or earlier are judged; the manifest, and
+    /// anything else in the store's folder, is never touched. The running
+    /// daemon sweeps on its own, 10 minutes after it opens the store and
+    /// daily after that; this command is for a vault whose daemon is
+    /// stopped (it must be). Exit code 1 if a store could not be listed or
+    /// a deletion failed (run it again). Example:
+    /// `coffre storage sweep /var/lib/coffre/team --dry-run --password-file -`
+    Sweep {
+        /// The vault directory.
+        dir: PathBuf,
+        /// A member's password (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: PathBuf,
+        /// Only objects last written this long ago or earlier, by the
+        /// store's clock (90, 30m, 2h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1d")]
+        min_age: u64,
+        /// List the orphans; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Recovery: take the store's epoch as the local root
     /// (`--trust-store-epoch`). For a control directory that was lost or
     /// restored from an older backup, whose root is behind the store's,

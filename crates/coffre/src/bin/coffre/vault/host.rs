@@ -276,6 +276,48 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             });
             Ok(if bad { exit::FAILURE } else { exit::OK })
         }
+        S::Sweep {
+            dir,
+            password_file,
+            min_age,
+            dry_run,
+            json,
+        } => {
+            let password = secrets::passphrase(&password_file)?;
+            let age = std::time::Duration::from_secs(min_age);
+            match coffre_daemon::remote::sweep_store(&dir, &password, age, dry_run) {
+                Ok((names, gone)) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "orphans": names,
+                                "deleted": gone,
+                                "dry_run": dry_run,
+                                "min_age_s": min_age,
+                            })
+                        );
+                    } else if dry_run {
+                        for n in &names {
+                            println!("{n}");
+                        }
+                        println!(
+                            "{} orphaned object(s) would go (named by no manifest, last written {min_age} s ago or earlier); nothing deleted",
+                            names.len()
+                        );
+                    } else {
+                        println!(
+                            "{gone} orphaned object(s) deleted (named by no manifest, last written {min_age} s ago or earlier)"
+                        );
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("coffre: storage sweep: {e}");
+                    Ok(exit::FAILURE)
+                }
+            }
+        }
         S::Trust { dir, password_file } => {
             let password = secrets::passphrase(&password_file)?;
             match coffre_daemon::remote::trust_store(&dir, &password) {
