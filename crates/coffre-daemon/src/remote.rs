@@ -386,6 +386,50 @@ fn unlock(
     Ok((c, key))
 }
 
+/// What the storage commands that run with the daemon stopped work with:
+/// the vault's store, its backends, and the integrity key (unsealed with
+/// the volume key a member's password opens, which is dropped at once).
+struct Offline {
+    vd: VaultDir,
+    sc: StorageConfig,
+    backends: Vec<Backend>,
+    vault: [u8; 16],
+    ikey: IntegrityKey,
+    /// The volume's header, held until the command ends (its lock keeps
+    /// a daemon from starting meanwhile).
+    _header: coffre_storage::Luks2Container,
+}
+
+/// [`Offline`] for the vault at `dir`; `local` is the error when its
+/// volume is a local file.
+fn offline(
+    dir: &std::path::Path,
+    password: &coffre_luks2::Passphrase,
+    local: &str,
+) -> Result<Offline, String> {
+    let vd = VaultDir::new(dir);
+    let config = vd.load_config().map_err(|e| e.to_string())?;
+    let Some(sc) = config.storage.clone() else {
+        return Err(local.to_string());
+    };
+    let (c, key) = unlock(&config.header, None, password)?;
+    let uuid = c.header().binary.uuid.clone();
+    let backends = backends(&sc, &vd).map_err(|e| e.to_string())?;
+    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
+    let sealed = std::fs::read(vd.storage_key())
+        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
+    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
+    drop(key);
+    Ok(Offline {
+        vd,
+        sc,
+        backends,
+        vault,
+        ikey,
+        _header: c,
+    })
+}
+
 /// How `coffre storage export` reads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExportFrom<'a> {
@@ -408,14 +452,18 @@ pub fn export_volume(
     from: ExportFrom<'_>,
     progress: impl FnMut(u64, u64),
 ) -> Result<(), String> {
-    let vd = VaultDir::new(dir);
-    let config = vd.load_config().map_err(|e| e.to_string())?;
-    let Some(sc) = &config.storage else {
-        return Err("this vault's volume is a local file (volume in config.toml): copy it, with the vault closed".into());
-    };
-    let (c, key) = unlock(&config.header, None, password)?;
-    let uuid = c.header().binary.uuid.clone();
-    let mut backends = backends(sc, &vd).map_err(|e| e.to_string())?;
+    let Offline {
+        vd,
+        sc,
+        mut backends,
+        vault,
+        ikey,
+        _header,
+    } = offline(
+        dir,
+        password,
+        "this vault's volume is a local file (volume in config.toml): copy it, with the vault closed",
+    )?;
     if let Some(only) = from.store {
         backends.retain(|b| b.name == only);
         if backends.is_empty() {
@@ -424,11 +472,6 @@ pub fn export_volume(
             ));
         }
     }
-    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
-    let sealed = std::fs::read(vd.storage_key())
-        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
-    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
-    drop(key);
     let local = local_root(&vd).ok();
     if local.is_none() && !from.trust_store_epoch {
         return Err(format!(
@@ -440,7 +483,7 @@ pub fn export_volume(
     let (mut store, _) = rt
         .block_on(ChunkStore::open_mirrored(
             backends,
-            settings(sc),
+            settings(&sc),
             "",
             (vault, ikey),
             (local, from.trust_store_epoch),
@@ -472,94 +515,79 @@ pub fn trust_store(
     dir: &std::path::Path,
     password: &coffre_luks2::Passphrase,
 ) -> Result<(Option<u64>, u64), String> {
-    let vd = VaultDir::new(dir);
-    let config = vd.load_config().map_err(|e| e.to_string())?;
-    let Some(sc) = &config.storage else {
-        return Err("this vault's volume is a local file: there is no store to trust".into());
-    };
-    let (c, key) = unlock(&config.header, None, password)?;
-    let uuid = c.header().binary.uuid.clone();
-    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
-    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
-    let sealed = std::fs::read(vd.storage_key())
-        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
-    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
-    drop(key);
-    let was = local_root(&vd).ok();
+    let o = offline(
+        dir,
+        password,
+        "this vault's volume is a local file: there is no store to trust",
+    )?;
+    let was = local_root(&o.vd).ok();
     let (_, opened) = runtime()
         .map_err(|e| e.to_string())?
         .block_on(ChunkStore::open_mirrored(
-            backends,
-            settings(sc),
+            o.backends,
+            settings(&o.sc),
             "",
-            (vault, ikey),
+            (o.vault, o.ikey),
             (was, true),
         ))
         .map_err(|e| e.to_string())?;
-    write_atomic(&vd.storage_root(), opened.root.to_line().as_bytes(), 0o600)
-        .map_err(|e| e.to_string())?;
-    drop(c);
+    write_atomic(
+        &o.vd.storage_root(),
+        opened.root.to_line().as_bytes(),
+        0o600,
+    )
+    .map_err(|e| e.to_string())?;
     Ok((was.map(|r| r.epoch), opened.root.epoch))
 }
 
 /// `coffre storage sweep`: the orphans on the stores in step (objects of
 /// the volume's layout that nothing names, last written `min_age` or
 /// longer ago: left by a crash, a fenced writer, a failed flush or an
-/// interrupted import), deleted unless `dry_run`. Returns their names
-/// (as each store names them under its folder) and how many went. The
-/// store is opened with the rollback check; nothing else is written. The
-/// daemon must be stopped (a running daemon's unflushed chunks are named
-/// only in its memory: its own thread sweeps daily).
+/// interrupted import), deleted unless `dry_run`. Returns them (names as
+/// each store names them under its folder), how many went, and the
+/// stores that could not be judged. The store is opened with the rollback
+/// check, and refused more than one epoch ahead of the local root (a
+/// writer this vault does not know of: its sweep would judge this vault's
+/// last state by the other's). Nothing else is written. The daemon must
+/// be stopped (a running daemon's unflushed chunks are named only in its
+/// memory: its own thread sweeps daily).
 pub fn sweep_store(
     dir: &std::path::Path,
     password: &coffre_luks2::Passphrase,
     min_age: std::time::Duration,
     dry_run: bool,
-) -> Result<(Vec<String>, usize), String> {
-    let vd = VaultDir::new(dir);
-    let config = vd.load_config().map_err(|e| e.to_string())?;
-    let Some(sc) = &config.storage else {
-        return Err("this vault's volume is a local file: there is no store to sweep".into());
-    };
-    let (c, key) = unlock(&config.header, None, password)?;
-    let uuid = c.header().binary.uuid.clone();
-    let backends = backends(sc, &vd).map_err(|e| e.to_string())?;
-    let vault = vault_id(&uuid).map_err(|e| e.to_string())?;
-    let sealed = std::fs::read(vd.storage_key())
-        .map_err(|e| format!("{}: {e}", vd.storage_key().display()))?;
-    let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault).map_err(|e| e.to_string())?;
-    drop(key);
-    let local = local_root(&vd).map_err(|e| e.to_string())?;
+) -> Result<coffre_remote::store::Swept, String> {
+    let o = offline(
+        dir,
+        password,
+        "this vault's volume is a local file: there is no store to sweep",
+    )?;
+    let local = local_root(&o.vd).map_err(|e| e.to_string())?;
     let rt = runtime().map_err(|e| e.to_string())?;
-    let r = rt.block_on(async {
-        let (mut store, _) = ChunkStore::open_mirrored(
-            backends,
-            settings(sc),
+    rt.block_on(async {
+        let (mut store, opened) = ChunkStore::open_mirrored(
+            o.backends,
+            settings(&o.sc),
             "",
-            (vault, ikey),
+            (o.vault, o.ikey),
             (Some(local), false),
         )
         .await
         .map_err(|e| e.to_string())?;
-        let Some(g) = store.orphans(min_age).await.map_err(|e| e.to_string())? else {
-            return Ok((Vec::new(), 0));
-        };
-        let names: Vec<String> = g.names().map(str::to_string).collect();
+        if opened.ahead_by > 1 {
+            return Err(RemoteError::Forked {
+                epoch: opened.root.epoch,
+            }
+            .to_string());
+        }
         if dry_run {
-            return Ok((names, 0));
+            let mut swept = store.orphans(min_age).await.map_err(|e| e.to_string())?;
+            swept.garbage = None;
+            Ok(swept)
+        } else {
+            store.sweep(min_age).await.map_err(|e| e.to_string())
         }
-        let done = g.run().await;
-        let gone = store.finish_orphans(g, &done);
-        if gone < names.len() {
-            return Err(format!(
-                "{gone} of {} orphaned object(s) deleted: a store failed (run it again)",
-                names.len()
-            ));
-        }
-        Ok((names, gone))
-    });
-    drop(c);
-    r
+    })
 }
 
 /// What `coffre storage migrate` did.
@@ -750,6 +778,11 @@ pub fn on_change(
                     format!(
                         "{object} did not verify on {name}: rewritten there from another store"
                     ),
+                ),
+                coffre_remote::StoreEvent::Unswept { name, reason } => audit(
+                    "storage_swept",
+                    "skipped",
+                    format!("{name} not swept for orphans: {reason}"),
                 ),
                 coffre_remote::StoreEvent::Swept { orphans } => audit(
                     "storage_swept",

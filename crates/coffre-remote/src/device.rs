@@ -22,7 +22,9 @@
 use crate::RemoteError;
 use crate::journal::{Found, Journal};
 use crate::layout::Root;
-use crate::store::{ChunkStore, Landed, Reads, ReplicaStatus, StoreEvent, Upload};
+use crate::store::{
+    ChunkStore, Garbage, Landed, Listed, Reads, ReplicaStatus, StoreEvent, Sweep, Swept, Upload,
+};
 use coffre_storage::BlockDevice;
 use std::collections::BTreeMap;
 use std::io;
@@ -61,6 +63,8 @@ const GC_GRACE: Duration = Duration::from_secs(600);
 /// starts, then every [`SWEEP_EVERY`].
 const SWEEP_FIRST: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// After a sweep that could not judge every store (or failed).
+const SWEEP_RETRY: Duration = Duration::from_secs(3600);
 /// Only objects last written this long ago (by the store's clock) are
 /// judged: an object of a writer that took over the store while the
 /// listing ran is younger; the judgement itself, made after the listing
@@ -207,20 +211,62 @@ fn finish_upload(
     Ok(())
 }
 
-/// Runs a step of the device's thread to its end (true), or until the
-/// device is dropped (false: the step is dropped at its next await, before
-/// the runtime goes).
-fn step(
+/// Runs a step of the device's thread to its end (its output), or until
+/// the device is dropped (`None`: the step is dropped at its next await,
+/// before the runtime goes).
+fn step<T>(
     handle: &tokio::runtime::Handle,
     cancel: &tokio::sync::Notify,
-    f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>,
-) -> bool {
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
     handle.block_on(async {
         tokio::select! {
-            () = f => true,
-            () = cancel.notified() => false,
+            v = f => Some(v),
+            () = cancel.notified() => None,
         }
     })
+}
+
+/// One sweep for orphans ([`ChunkStore::sweep`]) while the device is in
+/// use: the listings (`list`) and the deletions (`delete`) run without the
+/// device held, so that reads and writes go on; what is an orphan is
+/// judged with it held, after the listings, against what the device names
+/// then, an upload on its way included. `None`: the device's thread was
+/// stopped.
+fn sweep_device(
+    state: &Mutex<State>,
+    on_change: Option<&OnChange>,
+    min_age: Duration,
+    list: impl FnOnce(&Sweep) -> Option<Vec<Result<Listed, String>>>,
+    delete: impl FnOnce(&Garbage) -> Option<Vec<bool>>,
+) -> Option<Result<Swept, RemoteError>> {
+    let sweep = match lock(state).store.prepare_sweep(min_age) {
+        Ok(sweep) => sweep,
+        Err(e) => return Some(Err(e)),
+    };
+    let listed = list(&sweep)?;
+    let judged = {
+        let mut s = lock(state);
+        let uploading: Vec<String> = s
+            .in_flight
+            .as_ref()
+            .map(|f| f.upload.names().cloned().collect())
+            .unwrap_or_default();
+        let r = s.store.finish_sweep(&sweep, listed, &uploading);
+        report(&mut s, on_change);
+        r
+    };
+    let mut swept = match judged {
+        Ok(swept) => swept,
+        Err(e) => return Some(Err(e)),
+    };
+    if let Some(g) = swept.garbage.take() {
+        let done = delete(&g)?;
+        let mut s = lock(state);
+        swept.deleted = s.store.finish_orphans(g, &done);
+        report(&mut s, on_change);
+    }
+    Some(Ok(swept))
 }
 
 /// Hands what happened to the stores to `on_change`: events, or a change
@@ -357,63 +403,26 @@ impl RemoteDevice {
                             }
                         };
                         if let Ok(Some(g)) = garbage {
-                            let mut done = Vec::new();
-                            if !step(
-                                &handle,
-                                &cancel2,
-                                Box::pin(async {
-                                    done = g.run().await;
-                                }),
-                            ) {
+                            let Some(done) = step(&handle, &cancel2, g.run()) else {
                                 break;
-                            }
+                            };
                             lock(&state).store.finish_garbage(g, &done);
                         }
                     }
-                    // Orphans: the listings and the deletions run without
-                    // the device held; what is an orphan is judged with it
-                    // held, after the listings, against what the device
-                    // names then (an upload on its way included).
+                    // Orphans: see `sweep_device`. A sweep that could not
+                    // judge every store is tried again sooner.
                     if std::time::Instant::now() >= next_sweep {
-                        next_sweep = std::time::Instant::now() + SWEEP_EVERY;
-                        let prepared = lock(&state).store.prepare_sweep();
-                        if let Ok(sweep) = prepared {
-                            let mut listed = Vec::new();
-                            if !step(
-                                &handle,
-                                &cancel2,
-                                Box::pin(async {
-                                    listed = sweep.run().await;
-                                }),
-                            ) {
-                                break;
-                            }
-                            let orphans = {
-                                let mut s = lock(&state);
-                                let uploading: Vec<String> = s
-                                    .in_flight
-                                    .as_ref()
-                                    .map(|f| f.upload.names().cloned().collect())
-                                    .unwrap_or_default();
-                                s.store
-                                    .finish_sweep(&sweep, listed, SWEEP_MIN_AGE, &uploading)
-                            };
-                            if let Ok(Some(g)) = orphans {
-                                let mut done = Vec::new();
-                                if !step(
-                                    &handle,
-                                    &cancel2,
-                                    Box::pin(async {
-                                        done = g.run().await;
-                                    }),
-                                ) {
-                                    break;
-                                }
-                                let mut s = lock(&state);
-                                s.store.finish_orphans(g, &done);
-                                report(&mut s, on_change.as_deref());
-                            }
-                        }
+                        let r = sweep_device(
+                            &state,
+                            on_change.as_deref(),
+                            SWEEP_MIN_AGE,
+                            |sw| step(&handle, &cancel2, sw.run()),
+                            |g| step(&handle, &cancel2, g.run()),
+                        );
+                        let Some(r) = r else { break };
+                        let whole = r.is_ok_and(|s| s.unjudged.is_empty());
+                        next_sweep = std::time::Instant::now()
+                            + if whole { SWEEP_EVERY } else { SWEEP_RETRY };
                     }
                     // Asked without the device held: a store that is down
                     // holds up nothing.
@@ -421,22 +430,14 @@ impl RemoteDevice {
                     if probes.is_empty() {
                         continue;
                     }
-                    let mut answers = Vec::new();
-                    if !step(
-                        &handle,
-                        &cancel2,
-                        Box::pin(async {
-                            answers =
-                                futures::future::join_all(probes.iter().map(|(_, o)| async {
-                                    tokio::time::timeout(wait, o.get(&name, 16 << 20))
-                                        .await
-                                        .is_ok_and(|r| r.is_ok())
-                                }))
-                                .await;
-                        }),
-                    ) {
+                    let asked = futures::future::join_all(probes.iter().map(|(_, o)| async {
+                        tokio::time::timeout(wait, o.get(&name, 16 << 20))
+                            .await
+                            .is_ok_and(|r| r.is_ok())
+                    }));
+                    let Some(answers) = step(&handle, &cancel2, asked) else {
                         break;
-                    }
+                    };
                     let (answered, silent): (Vec<_>, Vec<_>) =
                         probes.iter().zip(&answers).partition(|(_, a)| **a);
                     let silent: Vec<usize> = silent.into_iter().map(|((i, _), _)| *i).collect();
@@ -462,22 +463,13 @@ impl RemoteDevice {
                             drop(s);
                             None
                         };
-                        let mut outcome = None;
-                        if !step(
-                            &handle,
-                            &cancel2,
-                            Box::pin(async {
-                                outcome = Some(work.run().await);
-                            }),
-                        ) {
+                        let Some(outcome) = step(&handle, &cancel2, work.run()) else {
                             stopped = true;
                             break;
-                        }
+                        };
                         let mut s = held.unwrap_or_else(|| lock(&state));
-                        if let Some(o) = outcome {
-                            // Fenced: the next write says so.
-                            let _ = s.store.finish_resync(work, o);
-                        }
+                        // Fenced: the next write says so.
+                        let _ = s.store.finish_resync(work, outcome);
                         report(&mut s, on_change.as_deref());
                     }
                     if stopped {
@@ -507,12 +499,16 @@ impl RemoteDevice {
     /// longer ago ([`ChunkStore::sweep`]). The device's thread does it
     /// [`SWEEP_FIRST`] after the start and then daily, with
     /// [`SWEEP_MIN_AGE`]. Returns how many went.
-    pub fn sweep(&self, min_age: Duration) -> io::Result<usize> {
-        let mut s = lock(&self.state);
-        self.settle(&mut s)?;
-        let r = self.block_on(s.store.sweep(min_age));
-        report(&mut s, self.on_change.as_deref());
-        r.map_err(RemoteError::into_io)
+    pub fn sweep(&self, min_age: Duration) -> io::Result<Swept> {
+        sweep_device(
+            &self.state,
+            self.on_change.as_deref(),
+            min_age,
+            |sw| Some(self.block_on(sw.run())),
+            |g| Some(self.block_on(g.run())),
+        )
+        .unwrap_or_else(|| Err(RemoteError::Store("the sweep was stopped".into())))
+        .map_err(RemoteError::into_io)
     }
 
     /// Every store's standing.

@@ -199,7 +199,12 @@ impl Objects for ObjectStoreObjects {
             let at = (!folder.is_empty()).then(|| Path::from(folder));
             let mut stream = self.store.list(at.as_ref());
             let mut out = Vec::new();
-            while let Some(meta) = stream.next().await {
+            // However long the whole takes, a store that stops answering
+            // fails the listing.
+            while let Some(meta) = tokio::time::timeout(crate::store::LIST_STALL, stream.next())
+                .await
+                .map_err(|_| StoreError::Other(format!("the listing of {prefix:?} stalled")))?
+            {
                 let meta = meta.map_err(map_err)?;
                 if out.len() == max {
                     return Err(StoreError::Other(format!(

@@ -14,7 +14,7 @@
 use crate::RemoteError;
 use crate::integrity::{ChunkMac, IntegrityKey, Mac};
 use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Name, Page, Root};
-use crate::objects::{Listing, Objects, Put, StoreError, Tag};
+use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -246,6 +246,13 @@ pub enum StoreEvent {
     Swept {
         /// How many.
         orphans: usize,
+    },
+    /// A sweep could not judge a store.
+    Unswept {
+        /// The store.
+        name: String,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -1990,29 +1997,30 @@ impl ChunkStore {
         }))
     }
 
-    /// Finds and deletes orphans: objects under the volume's prefix, of
-    /// its layout, that nothing names (not the table, the pages, nor what
-    /// waits for collection) and that were last written `min_age` or
-    /// longer ago, on every store in step that can list. Orphans are what
-    /// a crashed or fenced writer, a failed flush or an interrupted import
-    /// left; no manifest names them. Returns how many went. Objects of
-    /// another layout or prefix, the manifest, and anything younger are
-    /// never touched.
-    pub async fn sweep(&mut self, min_age: Duration) -> Result<usize, RemoteError> {
-        let Some(g) = self.orphans(min_age).await? else {
-            return Ok(0);
-        };
-        let done = g.run().await;
-        Ok(self.finish_orphans(g, &done))
+    /// Finds and deletes orphans: objects of the volume's layout that
+    /// nothing names (not the table, the pages, nor what waits for
+    /// collection), last written `min_age` or longer ago, on every store in
+    /// step that can list and whose manifest is this writer's. Orphans are
+    /// what a crashed or fenced writer, a failed flush or an interrupted
+    /// import left; no manifest names them. The manifest, anything outside
+    /// the layout's folders, and anything younger are never touched. A
+    /// store that could not be judged is said in [`Swept::unjudged`].
+    pub async fn sweep(&mut self, min_age: Duration) -> Result<Swept, RemoteError> {
+        let mut swept = self.orphans(min_age).await?;
+        if let Some(g) = swept.garbage.take() {
+            let done = g.run().await;
+            swept.deleted = self.finish_orphans(g, &done);
+        }
+        Ok(swept)
     }
 
     /// What [`sweep`](ChunkStore::sweep) would delete, deleting nothing
-    /// (its [`Garbage::names`]); `None` when there is nothing.
-    pub async fn orphans(&mut self, min_age: Duration) -> Result<Option<Garbage>, RemoteError> {
+    /// (in [`Swept::orphans`]).
+    pub async fn orphans(&mut self, min_age: Duration) -> Result<Swept, RemoteError> {
         self.resolve().await?;
-        let sweep = self.prepare_sweep()?;
+        let sweep = self.prepare_sweep(min_age)?;
         let listed = sweep.run().await;
-        self.finish_sweep(&sweep, listed, min_age, &[])
+        self.finish_sweep(&sweep, listed, &[])
     }
 
     /// [`finish_garbage`](ChunkStore::finish_garbage) for a sweep's
@@ -2028,83 +2036,114 @@ impl ChunkStore {
 
     /// The listings [`sweep`](ChunkStore::sweep) needs, to run without the
     /// store ([`Sweep::run`]).
-    pub fn prepare_sweep(&self) -> Result<Sweep, RemoteError> {
+    pub fn prepare_sweep(&self, min_age: Duration) -> Result<Sweep, RemoteError> {
         self.writable()?;
         let targets = self.in_step();
+        let written = self.table.iter().filter(|e| e.version != 0).count();
         Ok(Sweep {
             stores: targets
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
                 .collect(),
-            prefix: self.keys.prefix().to_string(),
-            // Every chunk and page four times over, and room for probes
-            // and whatever else shares the folder.
-            max: 4 * (self.table.len() + self.pages.len()) + 10_000,
+            names: targets
+                .iter()
+                .map(|i| self.replicas[*i].name.clone())
+                .collect(),
             targets,
+            keys: self.keys.clone(),
+            key: self.key.clone(),
+            vault: self.vault,
+            // Every version a chunk or page written could have left, four
+            // times over, and room for probes.
+            max: 4 * (written + self.pages.len() + self.superseded.len() + self.garbage.len())
+                + 10_000,
+            min_age,
+            chunks: self.table.len() as u64,
+            pages: self.pages.len() as u64,
+            // No writer of this history has written a later version yet.
+            newest: self.epoch + 1,
         })
     }
 
-    /// Judges what [`Sweep::run`] listed against what the store names now
+    /// Judges what [`Sweep::run`] found against what the store names now
     /// (and `also_kept`: an upload on its way), and gives the orphans'
     /// deletions to run ([`Garbage::run`], then
-    /// [`finish_garbage`](ChunkStore::finish_garbage)); `None` when there
-    /// is none. The judgement is made after the listings on purpose: an
-    /// object listed was put before, so whatever names it names it by now.
-    /// A store that could not list is left as it is.
+    /// [`finish_orphans`](ChunkStore::finish_orphans)) in
+    /// [`Swept::garbage`]. The judgement is made after the listings on
+    /// purpose: an object listed was put before, so whatever names it
+    /// names it by now. A store is judged only if the manifest it held
+    /// after its listing is of this writer's history: an idle writer that
+    /// another has taken the volume from (it learns so at its next flush)
+    /// must not judge the other's objects by its own table. Each store not
+    /// judged is an [`StoreEvent::Unswept`].
     pub fn finish_sweep(
         &mut self,
         sweep: &Sweep,
-        listed: Vec<Listing>,
-        min_age: Duration,
+        listed: Vec<Result<Listed, String>>,
         also_kept: &[String],
-    ) -> Result<Option<Garbage>, RemoteError> {
+    ) -> Result<Swept, RemoteError> {
         self.writable()?;
-        if self.uncertain.is_some() {
-            // Its pages may be durable: nothing is judged until it is
-            // settled.
-            return Ok(None);
-        }
-        let mut kept: BTreeSet<&str> = also_kept.iter().map(String::as_str).collect();
-        let chunks: Vec<String> = self
-            .table
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.version != 0)
-            .map(|(i, e)| self.keys.chunk(i as u64, e.version, e.session))
-            .collect();
-        let pages: Vec<String> = self
-            .pages
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.version != 0)
-            .map(|(i, e)| self.keys.page(i as u64, e.version, e.session))
-            .collect();
-        kept.extend(chunks.iter().map(String::as_str));
-        kept.extend(pages.iter().map(String::as_str));
-        kept.extend(self.superseded.iter().map(|(n, _)| n.as_str()));
-        kept.extend(self.garbage.iter().map(|(n, _)| n.as_str()));
-        let now = SystemTime::now();
+        let mut swept = Swept::default();
         let mut orphans = BTreeSet::new();
-        for (t, listing) in sweep.targets.iter().zip(listed) {
-            // A store that left the stores in step meanwhile, or could not
-            // list: nothing of it is judged.
-            let Ok(Some(names)) = listing else { continue };
-            if self.replicas[*t].stale.is_some() {
-                continue;
-            }
-            for (name, written) in names {
-                let old = now.duration_since(written).is_ok_and(|age| age >= min_age);
-                if old && !kept.contains(name.as_str()) && self.is_ours(&name) {
-                    orphans.insert(name);
+        let kept: BTreeSet<&str> = also_kept
+            .iter()
+            .chain(self.superseded.iter().map(|(n, _)| n))
+            .chain(self.garbage.iter().map(|(n, _)| n))
+            .map(String::as_str)
+            .collect();
+        for ((t, name), found) in sweep.targets.iter().zip(&sweep.names).zip(listed) {
+            let why = match found {
+                Err(why) => Err(why),
+                // Its pages may be durable: nothing is judged until it is
+                // settled.
+                Ok(_) if self.uncertain.is_some() => {
+                    Err("a manifest put's outcome is unknown".to_string())
+                }
+                Ok(_) if self.replicas[*t].stale.is_some() => {
+                    Err("it left the stores in step".to_string())
+                }
+                Ok(f) if f.root != self.root && !self.known.contains(&f.root) => Err(
+                    "its manifest is not of this writer's history (another writer may have taken the volume over)"
+                        .to_string(),
+                ),
+                Ok(f) => Ok(f.names),
+            };
+            let names = match why {
+                Ok(names) => names,
+                Err(why) => {
+                    self.event(StoreEvent::Unswept {
+                        name: name.clone(),
+                        reason: why.clone(),
+                    });
+                    swept.unjudged.push((name.clone(), why));
+                    continue;
+                }
+            };
+            for (n, parsed) in names {
+                let named = match parsed {
+                    Name::Chunk(i, v, s) => usize::try_from(i)
+                        .ok()
+                        .and_then(|i| self.table.get(i))
+                        .is_some_and(|e| (e.version, e.session) == (v, s)),
+                    Name::Page(i, v, s) => usize::try_from(i)
+                        .ok()
+                        .and_then(|i| self.pages.get(i))
+                        .is_some_and(|e| (e.version, e.session) == (v, s)),
+                    Name::Probe(_) => false,
+                    Name::Manifest => true,
+                };
+                if !named && !kept.contains(n.as_str()) {
+                    orphans.insert(n);
                 }
             }
         }
+        swept.orphans = orphans.iter().cloned().collect();
         if orphans.is_empty() {
-            return Ok(None);
+            return Ok(swept);
         }
         let targets = self.in_step();
         let at = Instant::now();
-        Ok(Some(Garbage {
+        swept.garbage = Some(Garbage {
             stores: targets
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
@@ -2112,18 +2151,8 @@ impl ChunkStore {
             limit: self.limit(targets.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
             targets,
             names: orphans.into_iter().map(|n| (n, at)).collect(),
-        }))
-    }
-
-    /// Whether `name` is a chunk, page or probe of this volume's layout,
-    /// exactly as it would name one (never the manifest).
-    fn is_ours(&self, name: &str) -> bool {
-        match Keys::parse(name) {
-            Some(Name::Chunk(i, v, s)) => self.keys.chunk(i, v, s) == name,
-            Some(Name::Page(i, v, s)) => self.keys.page(i, v, s) == name,
-            Some(Name::Probe(n)) => self.keys.probe(n) == name,
-            Some(Name::Manifest) | None => false,
-        }
+        });
+        Ok(swept)
     }
 
     /// Records what [`Garbage::run`] did: a name whose deletion failed on
@@ -2474,30 +2503,109 @@ impl ChunkStore {
 /// How long garbage collection waits for a deletion.
 const GC_LIMIT: Duration = Duration::from_secs(10);
 
-/// How long a sweep's listing of one store may take.
-pub const SWEEP_LIMIT: Duration = Duration::from_secs(300);
-
 /// How long the last step of a resync (one manifest put, with the device
 /// held) waits.
 const LAST_STEP_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long a store may stall while it lists (between two of its
+/// answers).
+pub const LIST_STALL: Duration = Duration::from_secs(60);
 
 /// The listings of a [`ChunkStore::sweep`], to run without the store.
 pub struct Sweep {
     stores: Vec<Arc<dyn Objects>>,
     targets: Vec<usize>,
-    prefix: String,
+    names: Vec<String>,
+    keys: Keys,
+    key: Arc<IntegrityKey>,
+    vault: [u8; 16],
     max: usize,
+    min_age: Duration,
+    /// Bounds no name of this writer's history is beyond: the chunks, the
+    /// pages, the newest version.
+    chunks: u64,
+    pages: u64,
+    newest: u64,
+}
+
+/// What [`Sweep::run`] found on one store: the root of the manifest it held
+/// after its listing, and its candidates (exact names of the layout, in
+/// its bounds, old enough), to judge.
+pub struct Listed {
+    root: Root,
+    names: Vec<(String, Name)>,
+}
+
+/// What a sweep found and did.
+#[derive(Default)]
+pub struct Swept {
+    /// The orphans (as each store names them).
+    pub orphans: Vec<String>,
+    /// How many went.
+    pub deleted: usize,
+    /// Stores not judged, and why.
+    pub unjudged: Vec<(String, String)>,
+    /// The deletions to run ([`ChunkStore::finish_sweep`]'s).
+    pub garbage: Option<Garbage>,
 }
 
 impl Sweep {
-    /// Lists the volume's folder on each store, within [`SWEEP_LIMIT`].
-    pub async fn run(&self) -> Vec<Listing> {
-        futures::future::join_all(self.stores.iter().map(|o| async {
-            tokio::time::timeout(SWEEP_LIMIT, o.list(&self.prefix, self.max))
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Other("the listing took too long".into())))
-        }))
-        .await
+    /// On each store: the layout's folders listed (chunks, pages,
+    /// probes: nothing else in the store's folder), and then its manifest
+    /// read and verified. The names are sorted out here, without the
+    /// store held.
+    pub async fn run(&self) -> Vec<Result<Listed, String>> {
+        futures::future::join_all(self.stores.iter().map(|o| self.one(o.as_ref()))).await
+    }
+
+    async fn one(&self, o: &dyn Objects) -> Result<Listed, String> {
+        let now = SystemTime::now();
+        let mut names = Vec::new();
+        let mut left = self.max;
+        for folder in ["c/", "p/", "probe/"] {
+            let at = format!("{}{folder}", self.keys.prefix());
+            let Some(listed) = o.list(&at, left).await.map_err(|e| e.to_string())? else {
+                return Err("it cannot list".into());
+            };
+            left = left.saturating_sub(listed.len());
+            for (n, written) in listed {
+                // Young, or written in the store's future: not judged.
+                if now
+                    .duration_since(written)
+                    .map_or(true, |age| age < self.min_age)
+                {
+                    continue;
+                }
+                if let Some(parsed) = self.candidate(&n) {
+                    names.push((n, parsed));
+                }
+            }
+        }
+        let manifest = tokio::time::timeout(LIST_STALL, o.get(&self.keys.manifest(), MAX_MANIFEST))
+            .await
+            .map_err(|_| "its manifest did not come".to_string())?
+            .map_err(|e| format!("its manifest: {e}"))?
+            .ok_or("it holds no manifest")?;
+        let (_, root) = Manifest::decode(&manifest.0, &self.key, &self.vault)
+            .map_err(|e| format!("its manifest: {e}"))?;
+        Ok(Listed { root, names })
+    }
+
+    /// Whether `name` is a chunk, page or probe exactly as this volume's
+    /// layout names one, within the bounds of its history.
+    fn candidate(&self, name: &str) -> Option<Name> {
+        let parsed = Keys::parse(name)?;
+        let exact = match parsed {
+            Name::Chunk(i, v, s) => {
+                i < self.chunks && v <= self.newest && self.keys.chunk(i, v, s) == name
+            }
+            Name::Page(i, v, s) => {
+                i < self.pages && v <= self.newest && self.keys.page(i, v, s) == name
+            }
+            Name::Probe(n) => self.keys.probe(n) == name,
+            Name::Manifest => false,
+        };
+        exact.then_some(parsed)
     }
 }
 

@@ -168,11 +168,18 @@ fn a_sweep_deletes_orphans_and_nothing_else() {
         put("team/notes.txt").await;
         put("team/c/1/0000000000000001.0000000000000001").await;
         put("other/c/000000000001/0000000000000001.0000000000000001").await;
+        // Names of the layout no writer of this history can have made: a
+        // chunk past the volume's end, a version past the next epoch.
+        put("team/c/0000000000ff/0000000000000001.0000000000000001").await;
+        put("team/c/000000000001/00000000000000ff.0000000000000001").await;
         let before = snapshot(&mem).await;
         assert!(before.contains_key(&orphan));
-        assert_eq!(s.sweep(Duration::from_secs(3600)).await.unwrap(), 0);
+        let young = s.sweep(Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((young.orphans.len(), young.deleted), (0, 0));
         assert_eq!(snapshot(&mem).await, before, "nothing is an hour old");
-        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 2);
+        let swept = s.sweep(Duration::ZERO).await.unwrap();
+        assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
+        assert_eq!(swept.deleted, 2);
         let after = snapshot(&mem).await;
         let gone: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
         assert_eq!(
@@ -184,26 +191,24 @@ fn a_sweep_deletes_orphans_and_nothing_else() {
             s.take_events()
                 .contains(&coffre_remote::StoreEvent::Swept { orphans: 2 })
         );
-        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 0, "nothing left");
+        assert_eq!(
+            s.sweep(Duration::ZERO).await.unwrap().deleted,
+            0,
+            "nothing left"
+        );
         // An upload on its way while the device's thread sweeps: its
         // objects landed before the listing, and are named only by the
         // upload, which the thread passes as kept.
         let live = s.prepare_chunks(vec![(5, chunk(6))]).await.unwrap();
         let landed = live.run().await;
         let names: Vec<String> = live.names().cloned().collect();
-        let sweep = s.prepare_sweep().unwrap();
+        let sweep = s.prepare_sweep(Duration::ZERO).unwrap();
         let listed = sweep.run().await;
-        let judged = |g: Option<coffre_remote::store::Garbage>| -> Vec<String> {
-            g.map(|g| g.names().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
-        let kept = s
-            .finish_sweep(&sweep, listed, Duration::ZERO, &names)
-            .unwrap();
-        assert_eq!(judged(kept), Vec::<String>::new());
+        let kept = s.finish_sweep(&sweep, listed, &names).unwrap();
+        assert_eq!(kept.orphans, Vec::<String>::new());
         let listed = sweep.run().await;
-        let unkept = s.finish_sweep(&sweep, listed, Duration::ZERO, &[]).unwrap();
-        assert_eq!(judged(unkept), names, "without it, an orphan");
+        let unkept = s.finish_sweep(&sweep, listed, &[]).unwrap();
+        assert_eq!(unkept.orphans, names, "without it, an orphan");
         s.finish_chunks(live, landed).unwrap();
         let root = s.flush().await.unwrap().unwrap();
         let fresh = opened(objects(&mem), &keys, root).await.unwrap();
@@ -250,12 +255,74 @@ fn a_sweep_through_a_prefixed_store_sees_its_folder_only() {
             "{listed:?}"
         );
         assert!(folder.list("team/", 2).await.is_err(), "more than asked");
-        assert_eq!(s.sweep(Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(s.sweep(Duration::ZERO).await.unwrap().deleted, 1);
         let after = snapshot(&mem).await;
         assert!(!after.contains_key(&orphan));
         assert!(after.contains_key(&elsewhere));
         let fresh = opened(folder, &keys, root).await.unwrap();
         assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(1));
+    });
+}
+
+/// A writer that another has taken the volume from, and that does not
+/// know it yet (idle: it learns so at its next flush), judges nothing: the
+/// other's chunks and pages are not in its table, and would all look like
+/// orphans. A store that fails while it lists is not judged either, and
+/// says so.
+#[test]
+fn a_sweep_judges_no_store_whose_manifest_is_another_writers() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let mut idle = created(objects(&mem), &keys).await;
+        idle.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = idle.flush().await.unwrap().unwrap();
+        idle.root_kept(root);
+        let mut other = opened(objects(&mem), &keys, root).await.unwrap();
+        other
+            .write_chunks(vec![(2, chunk(2)), (1, chunk(3))])
+            .await
+            .unwrap();
+        let theirs = other.flush().await.unwrap().unwrap();
+        let before = snapshot(&mem).await;
+        let swept = idle.sweep(Duration::ZERO).await.unwrap();
+        assert_eq!((swept.orphans.len(), swept.deleted), (0, 0));
+        assert_eq!(swept.unjudged.len(), 1);
+        assert!(
+            swept.unjudged[0].1.contains("another writer"),
+            "{:?}",
+            swept.unjudged
+        );
+        assert!(
+            idle.take_events()
+                .iter()
+                .any(|e| matches!(e, coffre_remote::StoreEvent::Unswept { .. }))
+        );
+        assert_eq!(snapshot(&mem).await, before);
+        let fresh = opened(objects(&mem), &keys, theirs).await.unwrap();
+        assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(3));
+        assert_eq!(fresh.read_chunk(2).await.unwrap(), chunk(2));
+        // Its next flush finds the other writer.
+        idle.write_chunks(vec![(3, chunk(4))]).await.unwrap();
+        assert!(matches!(idle.flush().await, Err(RemoteError::Fenced)));
+    });
+    let mem = Arc::new(InMemory::new());
+    let faulty = Faulty::new(objects(&mem));
+    rt.block_on(async {
+        let mut s = created(faulty.clone(), &keys).await;
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        faulty.fail_before.store(1, Ordering::SeqCst);
+        let swept = s.sweep(Duration::ZERO).await.unwrap();
+        assert_eq!(swept.deleted, 0);
+        assert_eq!(swept.unjudged.len(), 1, "{:?}", swept.unjudged);
+        assert!(
+            swept.unjudged[0].1.contains("injected"),
+            "{:?}",
+            swept.unjudged
+        );
     });
 }
 

@@ -258,7 +258,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
         let out = v
             .bin()
             .args(["storage", "sweep", v.dir.to_str().unwrap(), "--json"])
-            .args(["--min-age", "2s", "--password-file"])
+            .args(["--min-age", "2s", "--force", "--password-file"])
             .arg(&pw)
             .args(more)
             .output()
@@ -294,6 +294,23 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
             .all(|k| after.contains_key(k) || listed.contains(k))
     );
     assert_eq!(sweep(&v, &[])["deleted"], 0, "nothing left");
+    assert_eq!(j["unjudged"].as_array().map(Vec::len), Some(0), "{j}");
+    // Without --force, an age under an hour is refused (only the age keeps
+    // a sweep off another host's unflushed objects).
+    let out = v
+        .bin()
+        .args([
+            "storage",
+            "sweep",
+            v.dir.to_str().unwrap(),
+            "--min-age",
+            "2s",
+        ])
+        .args(["--password-file"])
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 64, "{}", String::from_utf8_lossy(&out.stderr));
     v.start();
     let mut e = v.enter_bg("alice", &[]);
     v.wait_state("open", Duration::from_secs(30));

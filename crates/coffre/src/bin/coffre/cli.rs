@@ -512,8 +512,11 @@ pub enum StorageCommand {
     /// anything else in the store's folder, is never touched. The running
     /// daemon sweeps on its own, 10 minutes after it opens the store and
     /// daily after that; this command is for a vault whose daemon is
-    /// stopped (it must be). Exit code 1 if a store could not be listed or
-    /// a deletion failed (run it again). Example:
+    /// stopped (it must be). A store is judged only if its manifest is the
+    /// vault's own (not another writer's). Exit code 1 if a store could not
+    /// be judged or a deletion failed (run it again); 64 for a --min-age
+    /// under an hour without --force.
+    /// Example:
     /// `coffre storage sweep /var/lib/coffre/team --dry-run --password-file -`
     Sweep {
         /// The vault directory.
@@ -525,6 +528,10 @@ pub enum StorageCommand {
         /// store's clock (90, 30m, 2h, 1d).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1d")]
         min_age: u64,
+        /// Accept a --min-age under an hour: only when no writer on another
+        /// host may have put objects it has not flushed yet.
+        #[arg(long)]
+        force: bool,
         /// List the orphans; delete nothing.
         #[arg(long)]
         dry_run: bool,

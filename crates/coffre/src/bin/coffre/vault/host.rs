@@ -280,37 +280,59 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             dir,
             password_file,
             min_age,
+            force,
             dry_run,
             json,
         } => {
+            if min_age < 3600 && !force {
+                eprintln!(
+                    "coffre: storage sweep: --min-age under 1h needs --force: only the age keeps a sweep off the objects of a writer on another host that has not flushed yet"
+                );
+                return Ok(exit::USAGE);
+            }
             let password = secrets::passphrase(&password_file)?;
             let age = std::time::Duration::from_secs(min_age);
             match coffre_daemon::remote::sweep_store(&dir, &password, age, dry_run) {
-                Ok((names, gone)) => {
+                Ok(swept) => {
+                    let whole = swept.unjudged.is_empty()
+                        && (dry_run || swept.deleted == swept.orphans.len());
                     if json {
+                        let unjudged: Vec<serde_json::Value> = swept
+                            .unjudged
+                            .iter()
+                            .map(|(store, why)| serde_json::json!({"store": store, "why": why}))
+                            .collect();
                         println!(
                             "{}",
                             serde_json::json!({
-                                "orphans": names,
-                                "deleted": gone,
+                                "orphans": swept.orphans,
+                                "deleted": swept.deleted,
+                                "unjudged": unjudged,
                                 "dry_run": dry_run,
                                 "min_age_s": min_age,
                             })
                         );
-                    } else if dry_run {
-                        for n in &names {
-                            println!("{n}");
-                        }
-                        println!(
-                            "{} orphaned object(s) would go (named by no manifest, last written {min_age} s ago or earlier); nothing deleted",
-                            names.len()
-                        );
                     } else {
-                        println!(
-                            "{gone} orphaned object(s) deleted (named by no manifest, last written {min_age} s ago or earlier)"
-                        );
+                        if dry_run {
+                            for n in &swept.orphans {
+                                println!("{n}");
+                            }
+                            println!(
+                                "{} orphaned object(s) would go (named by no manifest, last written {min_age} s ago or earlier); nothing deleted",
+                                swept.orphans.len()
+                            );
+                        } else {
+                            println!(
+                                "{} of {} orphaned object(s) deleted (named by no manifest, last written {min_age} s ago or earlier)",
+                                swept.deleted,
+                                swept.orphans.len()
+                            );
+                        }
+                        for (store, why) in &swept.unjudged {
+                            eprintln!("coffre: storage sweep: {store} not swept: {why}");
+                        }
                     }
-                    Ok(exit::OK)
+                    Ok(if whole { exit::OK } else { exit::FAILURE })
                 }
                 Err(e) => {
                     eprintln!("coffre: storage sweep: {e}");
