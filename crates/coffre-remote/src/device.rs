@@ -237,7 +237,7 @@ fn sweep_device(
     state: &Mutex<State>,
     on_change: Option<&OnChange>,
     min_age: Duration,
-    list: impl FnOnce(&Sweep) -> Option<Vec<Result<Listed, String>>>,
+    list: impl FnOnce(&Sweep) -> Option<Vec<Result<Option<Listed>, String>>>,
     delete: impl FnOnce(&Garbage) -> Option<Vec<bool>>,
 ) -> Option<Result<Swept, RemoteError>> {
     let sweep = match lock(state).store.prepare_sweep(min_age) {

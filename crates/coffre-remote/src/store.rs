@@ -2023,11 +2023,17 @@ impl ChunkStore {
         self.finish_sweep(&sweep, listed, &[])
     }
 
-    /// [`finish_garbage`](ChunkStore::finish_garbage) for a sweep's
-    /// orphans, with a [`StoreEvent::Swept`] if any went (one whose
-    /// deletion failed is tried again at the next collection).
+    /// Records what a sweep's deletions ([`Garbage::run`] of
+    /// [`Swept::garbage`]) did: how many names went from every store they
+    /// were judged on, with a [`StoreEvent::Swept`] if any. One whose
+    /// deletion failed is not queued for collection (which deletes on
+    /// every store in step, judged or not): the next sweep judges it
+    /// again.
     pub fn finish_orphans(&mut self, g: Garbage, results: &[bool]) -> usize {
-        let gone = self.finish_garbage(g, results);
+        let n = g.targets.len();
+        let gone = (0..g.names.len())
+            .filter(|k| (0..n).all(|t| results.get(k * n + t).copied().unwrap_or(false)))
+            .count();
         if gone > 0 {
             self.event(StoreEvent::Swept { orphans: gone });
         }
@@ -2062,6 +2068,8 @@ impl ChunkStore {
             pages: self.pages.len() as u64,
             // No writer of this history has written a later version yet.
             newest: self.epoch + 1,
+            root: self.root,
+            known_from: self.known.len(),
         })
     }
 
@@ -2079,37 +2087,55 @@ impl ChunkStore {
     pub fn finish_sweep(
         &mut self,
         sweep: &Sweep,
-        listed: Vec<Result<Listed, String>>,
+        listed: Vec<Result<Option<Listed>, String>>,
         also_kept: &[String],
     ) -> Result<Swept, RemoteError> {
         self.writable()?;
         let mut swept = Swept::default();
         let mut orphans = BTreeSet::new();
+        let mut judged = Vec::new();
         let kept: BTreeSet<&str> = also_kept
             .iter()
             .chain(self.superseded.iter().map(|(n, _)| n))
             .chain(self.garbage.iter().map(|(n, _)| n))
             .map(String::as_str)
             .collect();
+        // The durable root when the sweep was prepared, and those made
+        // durable since (a flush between a store's manifest read and now):
+        // what they named and this writer no longer does waits in
+        // `superseded` or `garbage`. An older root of this writer's history
+        // (a store serving an old manifest back) is not judged by: what it
+        // named was superseded in a session whose lists are gone.
+        let ours = |r: &Root| {
+            *r == self.root
+                || *r == sweep.root
+                || self
+                    .known
+                    .get(sweep.known_from..)
+                    .is_some_and(|k| k.contains(r))
+        };
         for ((t, name), found) in sweep.targets.iter().zip(&sweep.names).zip(listed) {
             let why = match found {
+                // It cannot list (an NBD export: its slots are reused,
+                // nothing is left behind): nothing to judge.
+                Ok(None) => continue,
                 Err(why) => Err(why),
                 // Its pages may be durable: nothing is judged until it is
                 // settled.
-                Ok(_) if self.uncertain.is_some() => {
+                Ok(Some(_)) if self.uncertain.is_some() => {
                     Err("a manifest put's outcome is unknown".to_string())
                 }
-                Ok(_) if self.replicas[*t].stale.is_some() => {
+                Ok(Some(_)) if self.replicas[*t].stale.is_some() => {
                     Err("it left the stores in step".to_string())
                 }
-                Ok(f) if f.root != self.root && !self.known.contains(&f.root) => Err(
-                    "its manifest is not of this writer's history (another writer may have taken the volume over)"
+                Ok(Some(f)) if !ours(&f.root) => Err(
+                    "its manifest is not this writer's durable one (another writer may have taken the volume over, or the store serves an older one)"
                         .to_string(),
                 ),
-                Ok(f) => Ok(f.names),
+                Ok(Some(f)) => Ok(f),
             };
-            let names = match why {
-                Ok(names) => names,
+            let found = match why {
+                Ok(f) => f,
                 Err(why) => {
                     self.event(StoreEvent::Unswept {
                         name: name.clone(),
@@ -2119,7 +2145,11 @@ impl ChunkStore {
                     continue;
                 }
             };
-            for (n, parsed) in names {
+            if found.partial {
+                swept.partial.push(name.clone());
+            }
+            judged.push(*t);
+            for (n, parsed) in found.names {
                 let named = match parsed {
                     Name::Chunk(i, v, s) => usize::try_from(i)
                         .ok()
@@ -2141,15 +2171,16 @@ impl ChunkStore {
         if orphans.is_empty() {
             return Ok(swept);
         }
-        let targets = self.in_step();
+        // Deleted only on the stores judged: a name that is an orphan here
+        // may be another writer's on a store not judged.
         let at = Instant::now();
         swept.garbage = Some(Garbage {
-            stores: targets
+            stores: judged
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
                 .collect(),
-            limit: self.limit(targets.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
-            targets,
+            limit: self.limit(judged.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
+            targets: judged,
             names: orphans.into_iter().map(|n| (n, at)).collect(),
         });
         Ok(swept)
@@ -2526,6 +2557,10 @@ pub struct Sweep {
     chunks: u64,
     pages: u64,
     newest: u64,
+    /// The durable root when prepared, and how many roots this writer
+    /// knew then.
+    root: Root,
+    known_from: usize,
 }
 
 /// What [`Sweep::run`] found on one store: the root of the manifest it held
@@ -2534,6 +2569,9 @@ pub struct Sweep {
 pub struct Listed {
     root: Root,
     names: Vec<(String, Name)>,
+    /// It had more than the bound: what was listed is judged, the rest
+    /// at a later sweep (each deletion makes room).
+    partial: bool,
 }
 
 /// What a sweep found and did.
@@ -2545,6 +2583,9 @@ pub struct Swept {
     pub deleted: usize,
     /// Stores not judged, and why.
     pub unjudged: Vec<(String, String)>,
+    /// Stores judged on part of what they hold (more objects than the
+    /// listing's bound).
+    pub partial: Vec<String>,
     /// The deletions to run ([`ChunkStore::finish_sweep`]'s).
     pub garbage: Option<Garbage>,
 }
@@ -2554,19 +2595,21 @@ impl Sweep {
     /// probes: nothing else in the store's folder), and then its manifest
     /// read and verified. The names are sorted out here, without the
     /// store held.
-    pub async fn run(&self) -> Vec<Result<Listed, String>> {
+    pub async fn run(&self) -> Vec<Result<Option<Listed>, String>> {
         futures::future::join_all(self.stores.iter().map(|o| self.one(o.as_ref()))).await
     }
 
-    async fn one(&self, o: &dyn Objects) -> Result<Listed, String> {
+    async fn one(&self, o: &dyn Objects) -> Result<Option<Listed>, String> {
         let now = SystemTime::now();
         let mut names = Vec::new();
         let mut left = self.max;
+        let mut partial = false;
         for folder in ["c/", "p/", "probe/"] {
             let at = format!("{}{folder}", self.keys.prefix());
             let Some(listed) = o.list(&at, left).await.map_err(|e| e.to_string())? else {
-                return Err("it cannot list".into());
+                return Ok(None);
             };
+            partial |= listed.len() >= left;
             left = left.saturating_sub(listed.len());
             for (n, written) in listed {
                 // Young, or written in the store's future: not judged.
@@ -2588,7 +2631,11 @@ impl Sweep {
             .ok_or("it holds no manifest")?;
         let (_, root) = Manifest::decode(&manifest.0, &self.key, &self.vault)
             .map_err(|e| format!("its manifest: {e}"))?;
-        Ok(Listed { root, names })
+        Ok(Some(Listed {
+            root,
+            names,
+            partial,
+        }))
     }
 
     /// Whether `name` is a chunk, page or probe exactly as this volume's

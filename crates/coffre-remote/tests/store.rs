@@ -254,7 +254,8 @@ fn a_sweep_through_a_prefixed_store_sees_its_folder_only() {
             listed.iter().all(|(n, _)| n.starts_with("team/")),
             "{listed:?}"
         );
-        assert!(folder.list("team/", 2).await.is_err(), "more than asked");
+        let bounded = folder.list("team/", 2).await.unwrap().unwrap();
+        assert_eq!(bounded.len(), 2, "no more than asked");
         assert_eq!(s.sweep(Duration::ZERO).await.unwrap().deleted, 1);
         let after = snapshot(&mem).await;
         assert!(!after.contains_key(&orphan));
@@ -323,6 +324,110 @@ fn a_sweep_judges_no_store_whose_manifest_is_another_writers() {
             "{:?}",
             swept.unjudged
         );
+    });
+}
+
+/// With mirrors, a name judged an orphan is deleted only on the stores
+/// judged: a store left unjudged (here one whose manifest is another
+/// writer's, who took the volume over on it alone) keeps it.
+#[test]
+fn a_sweep_deletes_only_on_the_stores_it_judged() {
+    let rt = rt();
+    let (m1, m2) = (Arc::new(InMemory::new()), Arc::new(InMemory::new()));
+    let keys = Keyring::new();
+    let settings = coffre_remote::MirrorSettings {
+        degrade_after: Duration::from_secs(5),
+        retry_after: Duration::ZERO,
+    };
+    let backends = vec![
+        coffre_remote::Backend {
+            name: "s1".into(),
+            objects: objects(&m1),
+        },
+        coffre_remote::Backend {
+            name: "s2".into(),
+            objects: objects(&m2),
+        },
+    ];
+    rt.block_on(async {
+        let (mut a, _) = ChunkStore::create_mirrored(
+            backends,
+            settings,
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        a.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = a.flush().await.unwrap().unwrap();
+        a.root_kept(root);
+        // The other writer's chunk landed on both stores, its manifest on
+        // s2 only.
+        let mut b = opened(objects(&m2), &keys, root).await.unwrap();
+        b.write_chunks(vec![(2, chunk(2))]).await.unwrap();
+        let theirs = b.flush().await.unwrap().unwrap();
+        let name = named(&m2, "team/c/000000000002/").await;
+        let bytes = snapshot(&m2).await[name.as_ref()].clone();
+        m1.put(&name, PutPayload::from(bytes)).await.unwrap();
+        let swept = a.sweep(Duration::ZERO).await.unwrap();
+        let unjudged: Vec<&str> = swept.unjudged.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(unjudged, vec!["s2"]);
+        assert_eq!(swept.orphans, vec![name.to_string()]);
+        assert_eq!(swept.deleted, 1);
+        assert!(
+            !snapshot(&m1).await.contains_key(name.as_ref()),
+            "gone from s1"
+        );
+        let fresh = opened(objects(&m2), &keys, theirs).await.unwrap();
+        assert_eq!(fresh.read_chunk(2).await.unwrap(), chunk(2), "kept on s2");
+    });
+}
+
+/// A store is judged by the durable root when the sweep was prepared, or
+/// one made durable since (this writer flushed between the listing and the
+/// judgement: what the flush wrote is kept); not by an older root of this
+/// writer's history that the store serves back.
+#[test]
+fn a_sweep_judges_by_the_durable_root_only() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let mut s = created(objects(&mem), &keys).await;
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let old = snapshot(&mem).await["team/manifest"].clone();
+        // A flush between the listing and the judgement.
+        let sweep = s.prepare_sweep(Duration::ZERO).unwrap();
+        let listed = sweep.run().await;
+        s.write_chunks(vec![(1, chunk(2)), (2, chunk(3))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let mut swept = s.finish_sweep(&sweep, listed, &[]).unwrap();
+        assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
+        if let Some(g) = swept.garbage.take() {
+            let done = g.run().await;
+            s.finish_orphans(g, &done);
+        }
+        let fresh = opened(objects(&mem), &keys, root).await.unwrap();
+        assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(2));
+        assert_eq!(fresh.read_chunk(2).await.unwrap(), chunk(3));
+        // The store serves the older manifest back: not judged by it.
+        mem.put(&Path::from("team/manifest"), PutPayload::from(old))
+            .await
+            .unwrap();
+        let swept = s.sweep(Duration::ZERO).await.unwrap();
+        assert_eq!(swept.unjudged.len(), 1, "{:?}", swept.orphans);
+        assert!(
+            swept.unjudged[0].1.contains("older one"),
+            "{:?}",
+            swept.unjudged
+        );
+        assert_eq!(swept.deleted, 0);
     });
 }
 
@@ -1107,7 +1212,19 @@ fn history(ops: Vec<Op>, mirrored: bool) -> Result<(), TestCaseError> {
                 // deleted, every read after, and the state after the
                 // crash that ends each history, must be as before.
                 Op::Sweep => {
-                    let _ = dev.sweep(Duration::ZERO);
+                    // Judged everywhere unless a store failed (or a
+                    // manifest put's outcome is unknown): never another
+                    // reason.
+                    if let Ok(swept) = dev.sweep(Duration::ZERO) {
+                        for (store, why) in &swept.unjudged {
+                            prop_assert!(
+                                why.contains("injected")
+                                    || why.contains("unknown")
+                                    || why.contains("in step"),
+                                "{store} not judged: {why}"
+                            );
+                        }
+                    }
                 }
                 Op::Crash => {
                     faulty.fail_before.store(0, Ordering::SeqCst);

@@ -300,7 +300,7 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                         let unjudged: Vec<serde_json::Value> = swept
                             .unjudged
                             .iter()
-                            .map(|(store, why)| serde_json::json!({"store": store, "why": why}))
+                            .map(|(store, why)| serde_json::json!({"store": store, "reason": why}))
                             .collect();
                         println!(
                             "{}",
@@ -308,6 +308,7 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                                 "orphans": swept.orphans,
                                 "deleted": swept.deleted,
                                 "unjudged": unjudged,
+                                "partial": swept.partial,
                                 "dry_run": dry_run,
                                 "min_age_s": min_age,
                             })
@@ -331,10 +332,18 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                         for (store, why) in &swept.unjudged {
                             eprintln!("coffre: storage sweep: {store} not swept: {why}");
                         }
+                        for store in &swept.partial {
+                            println!(
+                                "{store}: more objects than one sweep lists: the rest at the next"
+                            );
+                        }
                     }
                     Ok(if whole { exit::OK } else { exit::FAILURE })
                 }
                 Err(e) => {
+                    if json {
+                        println!("{}", serde_json::json!({ "error": e }));
+                    }
                     eprintln!("coffre: storage sweep: {e}");
                     Ok(exit::FAILURE)
                 }
