@@ -63,7 +63,8 @@ const GC_GRACE: Duration = Duration::from_secs(600);
 /// starts, then every [`SWEEP_EVERY`].
 const SWEEP_FIRST: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
-/// After a sweep that could not judge every store (or failed).
+/// After a sweep that could not judge every store, judged one on part of
+/// its objects, failed a deletion, or failed.
 const SWEEP_RETRY: Duration = Duration::from_secs(3600);
 /// Only objects last written this long ago (by the store's clock) are
 /// judged: an object of a writer that took over the store while the
@@ -420,7 +421,11 @@ impl RemoteDevice {
                             |g| step(&handle, &cancel2, g.run()),
                         );
                         let Some(r) = r else { break };
-                        let whole = r.is_ok_and(|s| s.unjudged.is_empty());
+                        let whole = r.is_ok_and(|s| {
+                            s.unjudged.is_empty()
+                                && s.partial.is_empty()
+                                && s.deleted == s.orphans.len()
+                        });
                         next_sweep = std::time::Instant::now()
                             + if whole { SWEEP_EVERY } else { SWEEP_RETRY };
                     }
@@ -494,11 +499,12 @@ impl RemoteDevice {
             .map_err(RemoteError::into_io)
     }
 
-    /// Deletes the orphans on the stores in step: objects of the volume's
-    /// layout that nothing names and that were last written `min_age` or
-    /// longer ago ([`ChunkStore::sweep`]). The device's thread does it
-    /// [`SWEEP_FIRST`] after the start and then daily, with
-    /// [`SWEEP_MIN_AGE`]. Returns how many went.
+    /// Deletes the orphans: objects of the volume's layout that nothing
+    /// names and that were last written `min_age` or longer ago, on the
+    /// stores it could judge ([`ChunkStore::sweep`], [`Swept`]). The
+    /// device's thread does it [`SWEEP_FIRST`] after the start and then
+    /// daily (hourly after a sweep left something undone), with
+    /// [`SWEEP_MIN_AGE`].
     pub fn sweep(&self, min_age: Duration) -> io::Result<Swept> {
         sweep_device(
             &self.state,

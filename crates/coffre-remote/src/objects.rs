@@ -201,14 +201,14 @@ impl Objects for ObjectStoreObjects {
             let mut out = Vec::new();
             // However long the whole takes, a store that stops answering
             // fails the listing.
-            while let Some(meta) = tokio::time::timeout(crate::store::LIST_STALL, stream.next())
-                .await
-                .map_err(|_| StoreError::Other(format!("the listing of {prefix:?} stalled")))?
-            {
-                let meta = meta.map_err(map_err)?;
-                if out.len() == max {
+            while out.len() < max {
+                let Some(meta) = tokio::time::timeout(crate::store::LIST_STALL, stream.next())
+                    .await
+                    .map_err(|_| StoreError::Other(format!("the listing of {prefix:?} stalled")))?
+                else {
                     break;
-                }
+                };
+                let meta = meta.map_err(map_err)?;
                 out.push((
                     meta.location.to_string(),
                     std::time::SystemTime::from(meta.last_modified),

@@ -1999,8 +1999,9 @@ impl ChunkStore {
 
     /// Finds and deletes orphans: objects of the volume's layout that
     /// nothing names (not the table, the pages, nor what waits for
-    /// collection), last written `min_age` or longer ago, on every store in
-    /// step that can list and whose manifest is this writer's. Orphans are
+    /// collection), last written `min_age` or longer ago, on the stores in
+    /// step that can list and whose manifest is this writer's durable one
+    /// (see [`finish_sweep`](ChunkStore::finish_sweep)). Orphans are
     /// what a crashed or fenced writer, a failed flush or an interrupted
     /// import left; no manifest names them. The manifest, anything outside
     /// the layout's folders, and anything younger are never touched. A
@@ -2031,6 +2032,9 @@ impl ChunkStore {
     /// again.
     pub fn finish_orphans(&mut self, g: Garbage, results: &[bool]) -> usize {
         let n = g.targets.len();
+        if n == 0 {
+            return 0;
+        }
         let gone = (0..g.names.len())
             .filter(|k| (0..n).all(|t| results.get(k * n + t).copied().unwrap_or(false)))
             .count();
@@ -2080,10 +2084,13 @@ impl ChunkStore {
     /// [`Swept::garbage`]. The judgement is made after the listings on
     /// purpose: an object listed was put before, so whatever names it
     /// names it by now. A store is judged only if the manifest it held
-    /// after its listing is of this writer's history: an idle writer that
-    /// another has taken the volume from (it learns so at its next flush)
-    /// must not judge the other's objects by its own table. Each store not
-    /// judged is an [`StoreEvent::Unswept`].
+    /// after its listing is this writer's durable root when the sweep was
+    /// prepared, or one it made durable since: an idle writer that another
+    /// has taken the volume from (it learns so at its next flush) must not
+    /// judge the other's objects by its own table, nor an old manifest
+    /// served back judge by superseded versions nobody tracks. Orphans are
+    /// deleted on the stores judged only. Each store not judged is an
+    /// [`StoreEvent::Unswept`].
     pub fn finish_sweep(
         &mut self,
         sweep: &Sweep,
@@ -2604,7 +2611,13 @@ impl Sweep {
         let mut names = Vec::new();
         let mut left = self.max;
         let mut partial = false;
-        for folder in ["c/", "p/", "probe/"] {
+        // The small folders first: a chunk folder over the bound leaves
+        // the pages and probes judged.
+        for folder in ["probe/", "p/", "c/"] {
+            if left == 0 {
+                partial = true;
+                break;
+            }
             let at = format!("{}{folder}", self.keys.prefix());
             let Some(listed) = o.list(&at, left).await.map_err(|e| e.to_string())? else {
                 return Ok(None);
@@ -2656,8 +2669,9 @@ impl Sweep {
     }
 }
 
-/// Deletions of superseded objects on the stores in step, to run without
-/// the store ([`ChunkStore::prepare_garbage`]).
+/// Deletions: of superseded objects on the stores in step
+/// ([`ChunkStore::prepare_garbage`]), or of a sweep's orphans on the stores
+/// it judged ([`ChunkStore::finish_sweep`]); to run without the store.
 pub struct Garbage {
     stores: Vec<Arc<dyn Objects>>,
     targets: Vec<usize>,

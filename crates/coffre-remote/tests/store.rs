@@ -416,7 +416,19 @@ fn a_sweep_judges_by_the_durable_root_only() {
         let fresh = opened(objects(&mem), &keys, root).await.unwrap();
         assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(2));
         assert_eq!(fresh.read_chunk(2).await.unwrap(), chunk(3));
-        // The store serves the older manifest back: not judged by it.
+        // Two flushes between the preparation and the judgement, the
+        // store's manifest read between them: judged by the first.
+        let sweep = s.prepare_sweep(Duration::ZERO).unwrap();
+        s.write_chunks(vec![(3, chunk(4))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let listed = sweep.run().await;
+        s.write_chunks(vec![(3, chunk(5))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        let swept = s.finish_sweep(&sweep, listed, &[]).unwrap();
+        assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
+        // The store serves an older manifest back: not judged by it.
         mem.put(&Path::from("team/manifest"), PutPayload::from(old))
             .await
             .unwrap();

@@ -515,7 +515,9 @@ pub enum StorageCommand {
     /// stopped (it must be). A store is judged only if its manifest is the
     /// vault's own (not another writer's). Exit code 1 if a store could not
     /// be judged or a deletion failed (run it again); 64 for a --min-age
-    /// under an hour without --force.
+    /// under an hour without --force; 0 otherwise, also when a store held
+    /// more objects than one sweep lists (said on stderr: the rest go at
+    /// the next).
     /// Example:
     /// `coffre storage sweep /var/lib/coffre/team --dry-run --password-file -`
     Sweep {

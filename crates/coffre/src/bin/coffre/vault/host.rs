@@ -285,6 +285,12 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             json,
         } => {
             if min_age < 3600 && !force {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "error": "--min-age under 1h needs --force" })
+                    );
+                }
                 eprintln!(
                     "coffre: storage sweep: --min-age under 1h needs --force: only the age keeps a sweep off the objects of a writer on another host that has not flushed yet"
                 );
@@ -333,8 +339,8 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                             eprintln!("coffre: storage sweep: {store} not swept: {why}");
                         }
                         for store in &swept.partial {
-                            println!(
-                                "{store}: more objects than one sweep lists: the rest at the next"
+                            eprintln!(
+                                "coffre: storage sweep: {store} holds more objects than one sweep lists: the rest at the next"
                             );
                         }
                     }
