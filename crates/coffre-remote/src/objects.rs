@@ -71,30 +71,26 @@ pub trait Objects: Send + Sync {
     fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { Ok(self.get(key, max).await?.is_some()) })
     }
+    // The three below have no default on purpose: a wrapper that forgot
+    // to pass one on would fail quietly (a block device's durable slots
+    // written over, its layout not made, a store never swept).
+
     /// The chunks and pages the durable manifest names (a block device
     /// never writes over their slots); nothing for an object store, whose
     /// names are never reused.
-    fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>) {
-        let _ = names;
-    }
+    fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>);
     /// Readies the store for a new volume of `geometry` (a block device
     /// lays out its slots); nothing for an object store.
     fn prepare<'a>(
         &'a self,
         geometry: &'a crate::layout::Geometry,
-    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
-        let _ = geometry;
-        Box::pin(async { Ok(()) })
-    }
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>>;
     /// The objects under the folder `prefix` (`team/`; empty: all), each
     /// with when it was last written, as the store says; `None` where the
     /// store cannot list (a block device, whose slots are reused rather
     /// than left behind). At most `max` of them (a store cannot make the
     /// vault hold what it likes): `max` returned may mean more.
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
-        let _ = (prefix, max);
-        Box::pin(async { Ok(None) })
-    }
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing>;
 }
 
 /// What [`Objects::list`] gives: names and when each was last written.
@@ -190,6 +186,15 @@ impl Objects for ObjectStoreObjects {
                 Err(e) => Err(map_err(e)),
             }
         })
+    }
+
+    fn durable(&self, _names: &mut dyn Iterator<Item = crate::layout::Name>) {}
+
+    fn prepare<'a>(
+        &'a self,
+        _geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {

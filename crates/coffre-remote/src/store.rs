@@ -16,7 +16,7 @@ use crate::integrity::{ChunkMac, IntegrityKey, Mac};
 use crate::layout::{ENTRIES_PER_PAGE, Entry, Geometry, Keys, Manifest, Name, Page, Root};
 use crate::objects::{Objects, Put, StoreError, Tag};
 use bytes::Bytes;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -1994,6 +1994,7 @@ impl ChunkStore {
             limit: self.limit(targets.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
             targets,
             names: due,
+            skip: Vec::new(),
         }))
     }
 
@@ -2099,7 +2100,9 @@ impl ChunkStore {
     ) -> Result<Swept, RemoteError> {
         self.writable()?;
         let mut swept = Swept::default();
-        let mut orphans = BTreeSet::new();
+        // Each orphan, and the stores judged (by their place in `judged`)
+        // that listed it old enough.
+        let mut orphans: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut judged = Vec::new();
         let kept: BTreeSet<&str> = also_kept
             .iter()
@@ -2170,25 +2173,35 @@ impl ChunkStore {
                     Name::Manifest => true,
                 };
                 if !named && !kept.contains(n.as_str()) {
-                    orphans.insert(n);
+                    orphans.entry(n).or_default().push(judged.len() - 1);
                 }
             }
         }
-        swept.orphans = orphans.iter().cloned().collect();
+        swept.orphans = orphans.keys().cloned().collect();
         if orphans.is_empty() {
             return Ok(swept);
         }
-        // Deleted only on the stores judged: a name that is an orphan here
-        // may be another writer's on a store not judged.
+        // Deleted only on the stores judged (a name that is an orphan here
+        // may be another writer's on a store not judged), and on each only
+        // if it listed the name old enough: a copy a resync made an hour
+        // ago, or one beyond a partial listing, waits for a later sweep.
         let at = Instant::now();
+        let n = judged.len();
+        let mut skip = vec![true; orphans.len() * n];
+        for (k, on) in orphans.values().enumerate() {
+            for &j in on {
+                skip[k * n + j] = false;
+            }
+        }
         swept.garbage = Some(Garbage {
             stores: judged
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
                 .collect(),
-            limit: self.limit(judged.len()).unwrap_or(GC_LIMIT).min(GC_LIMIT),
+            limit: self.limit(n).unwrap_or(GC_LIMIT).min(GC_LIMIT),
             targets: judged,
-            names: orphans.into_iter().map(|n| (n, at)).collect(),
+            names: orphans.into_keys().map(|n| (n, at)).collect(),
+            skip,
         });
         Ok(swept)
     }
@@ -2677,6 +2690,9 @@ pub struct Garbage {
     targets: Vec<usize>,
     limit: Duration,
     names: Vec<(String, Instant)>,
+    /// Per name and store (`names.len() * stores.len()`, or empty: none):
+    /// a deletion not to make there.
+    skip: Vec<bool>,
 }
 
 impl Garbage {
@@ -2685,17 +2701,26 @@ impl Garbage {
         self.names.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Deletes each name on each store ([`IN_FLIGHT`] per store at once);
-    /// whether each deletion was done, per name and store. The first
+    /// Deletes each name on each store (but where a sweep did not judge
+    /// it there) ([`IN_FLIGHT`] per store at once); whether each deletion
+    /// was done (or not to be made), per name and store. The first
     /// deletion that fails or times out stops the rest (left for the
     /// next collection).
     pub async fn run(&self) -> Vec<bool> {
         let stop = std::sync::atomic::AtomicBool::new(false);
         let mut jobs = Vec::with_capacity(self.names.len() * self.stores.len());
-        for (name, _) in &self.names {
-            for o in &self.stores {
+        for (k, (name, _)) in self.names.iter().enumerate() {
+            for (t, o) in self.stores.iter().enumerate() {
                 let stop = &stop;
+                let skip = self
+                    .skip
+                    .get(k * self.stores.len() + t)
+                    .copied()
+                    .unwrap_or(false);
                 jobs.push(async move {
+                    if skip {
+                        return true;
+                    }
                     if stop.load(Ordering::Relaxed) {
                         return false;
                     }
@@ -3002,6 +3027,21 @@ mod probe_tests {
         fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
             self.objects.lock().unwrap().remove(key);
             Box::pin(async { Ok(()) })
+        }
+
+        fn durable(&self, _names: &mut dyn Iterator<Item = crate::layout::Name>) {}
+        fn prepare<'a>(
+            &'a self,
+            _geometry: &'a crate::layout::Geometry,
+        ) -> BoxFuture<'a, Result<(), RemoteError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn list<'a>(
+            &'a self,
+            _prefix: &'a str,
+            _max: usize,
+        ) -> BoxFuture<'a, crate::objects::Listing> {
+            Box::pin(async { Ok(None) })
         }
     }
 

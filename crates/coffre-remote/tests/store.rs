@@ -384,6 +384,106 @@ fn a_sweep_deletes_only_on_the_stores_it_judged() {
     });
 }
 
+/// A store whose listings say every object was written `older` earlier
+/// than its inner store says.
+struct Aged {
+    inner: Arc<dyn Objects>,
+    older: Duration,
+}
+
+impl Objects for Aged {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        self.inner.get(key, max)
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        self.inner.put(key, data, mode)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
+    }
+    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
+        self.inner.durable(names);
+    }
+    fn prepare<'a>(
+        &'a self,
+        geometry: &'a coffre_remote::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        self.inner.prepare(geometry)
+    }
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        Box::pin(async move {
+            let listed = self.inner.list(prefix, max).await?;
+            Ok(listed.map(|l| l.into_iter().map(|(n, t)| (n, t - self.older)).collect()))
+        })
+    }
+}
+
+/// With mirrors, an orphan is deleted on each store judged only where
+/// that store listed it old enough: a copy that is young there (a resync
+/// brought it over a moment ago) stays until a later sweep finds it old.
+#[test]
+fn a_sweep_deletes_an_orphan_only_where_it_is_old_enough() {
+    let rt = rt();
+    let (m1, m2) = (Arc::new(InMemory::new()), Arc::new(InMemory::new()));
+    let keys = Keyring::new();
+    let old: Arc<dyn Objects> = Arc::new(Aged {
+        inner: objects(&m1),
+        older: Duration::from_secs(7200),
+    });
+    let backends = vec![
+        coffre_remote::Backend {
+            name: "old".into(),
+            objects: old,
+        },
+        coffre_remote::Backend {
+            name: "young".into(),
+            objects: objects(&m2),
+        },
+    ];
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create_mirrored(
+            backends,
+            coffre_remote::MirrorSettings::default(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        s.root_kept(root);
+        // Put on both stores, never recorded.
+        let cut = s.prepare_chunks(vec![(2, chunk(2))]).await.unwrap();
+        let orphan = cut.names().next().unwrap().clone();
+        drop(cut.run().await);
+        drop(cut);
+        assert!(snapshot(&m1).await.contains_key(&orphan));
+        assert!(snapshot(&m2).await.contains_key(&orphan));
+        let swept = s.sweep(Duration::from_secs(3600)).await.unwrap();
+        assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
+        assert_eq!(swept.orphans, vec![orphan.clone()]);
+        assert_eq!(swept.deleted, 1, "gone from where it was judged");
+        assert!(!snapshot(&m1).await.contains_key(&orphan), "old there");
+        assert!(snapshot(&m2).await.contains_key(&orphan), "young there");
+        // Once old everywhere, it goes everywhere.
+        let swept = s.sweep(Duration::ZERO).await.unwrap();
+        assert_eq!((swept.orphans.len(), swept.deleted), (1, 1));
+        assert!(!snapshot(&m2).await.contains_key(&orphan));
+        let fresh = opened(objects(&m2), &keys, root).await.unwrap();
+        assert_eq!(fresh.read_chunk(1).await.unwrap(), chunk(1));
+    });
+}
+
 /// A store is judged by the durable root when the sweep was prepared, or
 /// one made durable since (this writer flushed between the listing and the
 /// judgement: what the flush wrote is kept); not by an older root of this
@@ -842,6 +942,15 @@ impl Objects for Faulty {
             self.inner.list(prefix, max).await
         })
     }
+    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
+        self.inner.durable(names);
+    }
+    fn prepare<'a>(
+        &'a self,
+        geometry: &'a coffre_remote::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        self.inner.prepare(geometry)
+    }
 }
 
 #[test]
@@ -964,6 +1073,16 @@ impl Objects for Unconditional {
             self.0.lock().unwrap().remove(key);
             Ok(())
         })
+    }
+    fn durable(&self, _names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {}
+    fn prepare<'a>(
+        &'a self,
+        _geometry: &'a coffre_remote::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn list<'a>(&'a self, _prefix: &'a str, _max: usize) -> BoxFuture<'a, Listing> {
+        Box::pin(async { Ok(None) })
     }
 }
 
@@ -1405,6 +1524,18 @@ impl Objects for Counting {
     }
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.delete(key)
+    }
+    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
+        self.inner.durable(names);
+    }
+    fn prepare<'a>(
+        &'a self,
+        geometry: &'a coffre_remote::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        self.inner.prepare(geometry)
+    }
+    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+        self.inner.list(prefix, max)
     }
 }
 
