@@ -196,8 +196,16 @@ fn finish_upload(
     results: UploadResults,
 ) -> io::Result<()> {
     let results = results.unwrap_or_else(|e| upload.failed(&format!("the upload stopped: {e}")));
-    let upload = Arc::try_unwrap(upload)
-        .map_err(|_| io::Error::other("an upload is still shared after its task"))?;
+    let upload = match Arc::try_unwrap(upload) {
+        Ok(u) => u,
+        Err(shared) => {
+            // Its chunks stay dirty (written again under new names); what
+            // it put is collected.
+            s.store.abandon_chunks(&shared);
+            s.upload_after = Some(std::time::Instant::now() + UPLOAD_RETRY);
+            return Err(io::Error::other("an upload is still shared after its task"));
+        }
+    };
     if s.store.finish_chunks(upload, results).is_ok() {
         for (i, written) in copies {
             if let Some(c) = s.cache.get_mut(&i)

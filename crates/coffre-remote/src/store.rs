@@ -1738,6 +1738,13 @@ impl ChunkStore {
         error.map_or(Ok(()), Err)
     }
 
+    /// Gives up an [`Upload`] that cannot be finished (its task still
+    /// shares it): nothing of it is recorded, and whatever of it landed,
+    /// or lands later, is collected (or swept) as an orphan.
+    pub fn abandon_chunks(&mut self, upload: &Upload) {
+        self.orphaned(upload.puts.objects.iter().map(|(name, _)| name));
+    }
+
     /// Objects put that no manifest will name: collected as superseded
     /// ones are, after the grace (deleting one that never landed is
     /// harmless).
@@ -1976,6 +1983,11 @@ impl ChunkStore {
     /// nothing is due.
     pub fn prepare_garbage(&mut self, grace: Duration) -> Result<Option<Garbage>, RemoteError> {
         self.writable()?;
+        let targets = self.in_step();
+        if targets.is_empty() {
+            // No store to delete on: it all waits.
+            return Ok(None);
+        }
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = self
             .garbage
@@ -1985,7 +1997,6 @@ impl ChunkStore {
         if due.is_empty() {
             return Ok(None);
         }
-        let targets = self.in_step();
         Ok(Some(Garbage {
             stores: targets
                 .iter()
@@ -2210,6 +2221,11 @@ impl ChunkStore {
     /// a store still in step stays due.
     pub fn finish_garbage(&mut self, g: Garbage, results: &[bool]) -> usize {
         let n = g.targets.len();
+        if n == 0 {
+            // Deleted nowhere: still due.
+            self.garbage.extend(g.names);
+            return 0;
+        }
         let mut gone = 0;
         for (k, (name, since)) in g.names.into_iter().enumerate() {
             let failed_in_step = (0..n).any(|t| {
@@ -3241,6 +3257,41 @@ mod upload_tests {
             assert_eq!(count().await, before);
             s.write_chunks(vec![(1, chunk(3))]).await.unwrap();
             assert_eq!(s.read_chunk(1).await.unwrap(), chunk(3));
+        });
+    }
+    /// An upload given up (its task still shares it, so it cannot be
+    /// finished) records nothing, and what it put is collected.
+    #[test]
+    fn an_abandoned_upload_records_nothing_and_is_collected() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let inner = Arc::new(InMemory::new());
+            let mem: Arc<dyn Objects> = Arc::new(ObjectStoreObjects::new(inner.clone()));
+            let count = || async { object_store::ObjectStore::list(&*inner, None).count().await };
+            let g = Geometry::new(64 * 1024, 4 * 64 * 1024).unwrap();
+            let key = IntegrityKey::generate().unwrap();
+            let (mut s, _) = ChunkStore::create(mem, "team", [7; 16], key, g)
+                .await
+                .unwrap();
+            let chunk = |fill: u8| vec![fill; 64 * 1024];
+            s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+            let before = count().await;
+            let up = Arc::new(
+                s.prepare_chunks(vec![(1, chunk(2)), (2, chunk(2))])
+                    .await
+                    .unwrap(),
+            );
+            let still = up.clone();
+            drop(up.run().await);
+            assert_eq!(count().await, before + 2, "the puts landed");
+            s.abandon_chunks(&still);
+            assert_eq!(s.read_chunk(1).await.unwrap(), chunk(1), "nothing recorded");
+            assert_eq!(s.read_chunk(2).await.unwrap(), chunk(0));
+            assert_eq!(s.collect_garbage(Duration::ZERO).await.unwrap(), 2);
+            assert_eq!(count().await, before);
         });
     }
 }
