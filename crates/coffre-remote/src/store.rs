@@ -3221,27 +3221,44 @@ mod upload_tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn chunk(fill: u8) -> Vec<u8> {
+        vec![fill; 64 * 1024]
+    }
+
+    /// A store in memory of four 64 KiB chunks, chunk 1 written.
+    async fn store() -> (ChunkStore, Arc<InMemory>) {
+        let inner = Arc::new(InMemory::new());
+        let mem: Arc<dyn Objects> = Arc::new(ObjectStoreObjects::new(inner.clone()));
+        let g = Geometry::new(64 * 1024, 4 * 64 * 1024).unwrap();
+        let key = IntegrityKey::generate().unwrap();
+        let (mut s, _) = ChunkStore::create(mem, "team", [7; 16], key, g)
+            .await
+            .unwrap();
+        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        (s, inner)
+    }
+
+    /// How many objects it holds.
+    async fn count(inner: &InMemory) -> usize {
+        object_store::ObjectStore::list(inner, None).count().await
+    }
+
     /// Puts that landed but whose MACs could not be made (a panic on the
     /// blocking pool) record nothing, and the error says why: the chunk
     /// reads as before, what landed is collected, and writing it again
     /// works.
     #[test]
     fn puts_that_landed_without_their_macs_record_nothing() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let inner = Arc::new(InMemory::new());
-            let mem: Arc<dyn Objects> = Arc::new(ObjectStoreObjects::new(inner.clone()));
-            let count = || async { object_store::ObjectStore::list(&*inner, None).count().await };
-            let g = Geometry::new(64 * 1024, 4 * 64 * 1024).unwrap();
-            let key = IntegrityKey::generate().unwrap();
-            let (mut s, _) = ChunkStore::create(mem, "team", [7; 16], key, g)
-                .await
-                .unwrap();
-            let chunk = |fill: u8| vec![fill; 64 * 1024];
-            s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        rt().block_on(async {
+            let (mut s, inner) = store().await;
+            let count = || count(&inner);
             let before = count().await;
             let up = s.prepare_chunks(vec![(1, chunk(2))]).await.unwrap();
             let mut landed = up.run().await;
@@ -3263,21 +3280,9 @@ mod upload_tests {
     /// finished) records nothing, and what it put is collected.
     #[test]
     fn an_abandoned_upload_records_nothing_and_is_collected() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let inner = Arc::new(InMemory::new());
-            let mem: Arc<dyn Objects> = Arc::new(ObjectStoreObjects::new(inner.clone()));
-            let count = || async { object_store::ObjectStore::list(&*inner, None).count().await };
-            let g = Geometry::new(64 * 1024, 4 * 64 * 1024).unwrap();
-            let key = IntegrityKey::generate().unwrap();
-            let (mut s, _) = ChunkStore::create(mem, "team", [7; 16], key, g)
-                .await
-                .unwrap();
-            let chunk = |fill: u8| vec![fill; 64 * 1024];
-            s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
+        rt().block_on(async {
+            let (mut s, inner) = store().await;
+            let count = || count(&inner);
             let before = count().await;
             let up = Arc::new(
                 s.prepare_chunks(vec![(1, chunk(2)), (2, chunk(2))])

@@ -213,18 +213,12 @@ fn a_store_lost_mid_write_goes_stale_and_is_brought_back() {
         let keys = Keyring::new();
         rt.block_on(async {
             let (mut s, _) = mirrored(&[&a, &b], &keys).await;
-            s.write_chunks(vec![(0, chunk(10))]).await.unwrap();
-            let r1 = s.flush().await.unwrap().unwrap();
-            s.root_kept(r1);
+            kept(&mut s, vec![(0, chunk(10))]).await;
             let _ = s.take_events();
             // The mirror goes away between a chunk's write and the flush.
             s.write_chunks(vec![(1, chunk(11))]).await.unwrap();
             b.set(lost);
-            s.write_chunks(vec![(2, chunk(12)), (7, chunk(17))])
-                .await
-                .unwrap();
-            let r2 = s.flush().await.unwrap().unwrap();
-            s.root_kept(r2);
+            let r2 = kept(&mut s, vec![(2, chunk(12)), (7, chunk(17))]).await;
             assert_eq!(r2.epoch, 2);
             let st = s.status();
             assert!(st[0].in_step);
@@ -237,9 +231,7 @@ fn a_store_lost_mid_write_goes_stale_and_is_brought_back() {
                 "{ev:?}"
             );
             // Degraded, it goes on: more writes and a flush on one store.
-            s.write_chunks(vec![(0, chunk(20))]).await.unwrap();
-            let r3 = s.flush().await.unwrap().unwrap();
-            s.root_kept(r3);
+            let r3 = kept(&mut s, vec![(0, chunk(20))]).await;
             // While it is away, a resync gets nowhere and says why.
             assert!(s.resync(64).await.unwrap());
             assert!(s.status()[1].reason.is_some());

@@ -126,9 +126,7 @@ fn a_failing_server_gives_errors_never_bytes_and_nothing_acknowledged_is_lost() 
         let o = nbd_objects(&c);
         o.format(&geometry()).await.unwrap();
         let mut s = created(o, &keys).await;
-        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
-        let r1 = s.flush().await.unwrap().unwrap();
-        s.root_kept(r1);
+        let r1 = kept(&mut s, vec![(0, chunk(1))]).await;
         std::fs::write(&trigger, b"").unwrap();
         match s.read_chunk(0).await {
             Err(RemoteError::Store(e)) => assert!(e.contains("EIO"), "{e}"),

@@ -139,15 +139,9 @@ fn a_sweep_deletes_orphans_and_nothing_else() {
     let keys = Keyring::new();
     rt.block_on(async {
         let mut s = created(objects(&mem), &keys).await;
-        s.write_chunks(vec![(1, chunk(1)), (2, chunk(2))])
-            .await
-            .unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(1, chunk(1)), (2, chunk(2))]).await;
         let superseded = named(&mem, "team/c/000000000002/0000000000000001.").await;
-        s.write_chunks(vec![(2, chunk(3))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(2, chunk(3))]).await;
         // Put, never recorded: the writer crashed before.
         let cut = s.prepare_chunks(vec![(3, chunk(4))]).await.unwrap();
         let orphan = cut.names().next().unwrap().clone();
@@ -234,9 +228,7 @@ fn a_sweep_through_a_prefixed_store_sees_its_folder_only() {
             "site-a",
         ));
         let mut s = created(folder.clone(), &keys).await;
-        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        let root = kept(&mut s, vec![(1, chunk(1))]).await;
         let cut = s.prepare_chunks(vec![(2, chunk(2))]).await.unwrap();
         let orphan = format!("site-a/{}", cut.names().next().unwrap());
         drop(cut.run().await);
@@ -277,9 +269,7 @@ fn a_sweep_judges_no_store_whose_manifest_is_another_writers() {
     let keys = Keyring::new();
     rt.block_on(async {
         let mut idle = created(objects(&mem), &keys).await;
-        idle.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = idle.flush().await.unwrap().unwrap();
-        idle.root_kept(root);
+        let root = kept(&mut idle, vec![(1, chunk(1))]).await;
         let mut other = opened(objects(&mem), &keys, root).await.unwrap();
         other
             .write_chunks(vec![(2, chunk(2)), (1, chunk(3))])
@@ -312,9 +302,7 @@ fn a_sweep_judges_no_store_whose_manifest_is_another_writers() {
     let faulty = Faulty::new(objects(&mem));
     rt.block_on(async {
         let mut s = created(faulty.clone(), &keys).await;
-        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(1, chunk(1))]).await;
         faulty.fail_before.store(1, Ordering::SeqCst);
         let swept = s.sweep(Duration::ZERO).await.unwrap();
         assert_eq!(swept.deleted, 0);
@@ -359,9 +347,7 @@ fn a_sweep_deletes_only_on_the_stores_it_judged() {
         )
         .await
         .unwrap();
-        a.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = a.flush().await.unwrap().unwrap();
-        a.root_kept(root);
+        let root = kept(&mut a, vec![(1, chunk(1))]).await;
         // The other writer's chunk landed on both stores, its manifest on
         // s2 only.
         let mut b = opened(objects(&m2), &keys, root).await.unwrap();
@@ -459,9 +445,7 @@ fn a_sweep_deletes_an_orphan_only_where_it_is_old_enough() {
         )
         .await
         .unwrap();
-        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        let root = kept(&mut s, vec![(1, chunk(1))]).await;
         // Put on both stores, never recorded.
         let cut = s.prepare_chunks(vec![(2, chunk(2))]).await.unwrap();
         let orphan = cut.names().next().unwrap().clone();
@@ -495,18 +479,12 @@ fn a_sweep_judges_by_the_durable_root_only() {
     let keys = Keyring::new();
     rt.block_on(async {
         let mut s = created(objects(&mem), &keys).await;
-        s.write_chunks(vec![(1, chunk(1))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(1, chunk(1))]).await;
         let old = snapshot(&mem).await["team/manifest"].clone();
         // A flush between the listing and the judgement.
         let sweep = s.prepare_sweep(Duration::ZERO).unwrap();
         let listed = sweep.run().await;
-        s.write_chunks(vec![(1, chunk(2)), (2, chunk(3))])
-            .await
-            .unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        let root = kept(&mut s, vec![(1, chunk(2)), (2, chunk(3))]).await;
         let mut swept = s.finish_sweep(&sweep, listed, &[]).unwrap();
         assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
         if let Some(g) = swept.garbage.take() {
@@ -519,13 +497,9 @@ fn a_sweep_judges_by_the_durable_root_only() {
         // Two flushes between the preparation and the judgement, the
         // store's manifest read between them: judged by the first.
         let sweep = s.prepare_sweep(Duration::ZERO).unwrap();
-        s.write_chunks(vec![(3, chunk(4))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(3, chunk(4))]).await;
         let listed = sweep.run().await;
-        s.write_chunks(vec![(3, chunk(5))]).await.unwrap();
-        let root = s.flush().await.unwrap().unwrap();
-        s.root_kept(root);
+        kept(&mut s, vec![(3, chunk(5))]).await;
         let swept = s.finish_sweep(&sweep, listed, &[]).unwrap();
         assert!(swept.unjudged.is_empty(), "{:?}", swept.unjudged);
         // The store serves an older manifest back: not judged by it.

@@ -138,6 +138,15 @@ pub async fn created(objects: Arc<dyn Objects>, keys: &Keyring) -> ChunkStore {
 }
 
 /// The volume on `objects`, checked against `root`.
+/// `chunks` written and flushed, the root kept (as the daemon keeps it
+/// locally).
+pub async fn kept(s: &mut ChunkStore, chunks: Vec<(u64, Vec<u8>)>) -> Root {
+    s.write_chunks(chunks).await.unwrap();
+    let root = s.flush().await.unwrap().unwrap();
+    s.root_kept(root);
+    root
+}
+
 pub async fn opened(
     objects: Arc<dyn Objects>,
     keys: &Keyring,
