@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    coffre_remote::nbd::fuzz_server(data);
-    coffre_remote::blocks::fuzz_decode(data);
+    let _ = coffre_remote::nbd::fuzz_server(data);
+    let _ = coffre_remote::blocks::fuzz_decode(data);
     coffre_remote::journal::fuzz_journal(data);
 });

@@ -581,25 +581,32 @@ fn start(stream: Box<dyn Stream>, info: ExportInfo, generation: u64) -> Conn {
     }
 }
 
-/// For the fuzz target: the handshake against a server that sends
+/// For the fuzz target: the handshake against a server whose words are
 /// `data`, then, if it gets through, a read, a write and a flush whose
 /// replies are the rest of `data`. Never panics, never allocates more
-/// than the requests asked for.
+/// than the requests asked for. How far it got: `None`, the handshake
+/// failed; else whether the read was answered (a test holds the harness
+/// to reaching it).
+///
+/// The server speaks when spoken to, as a real one does (a reply sent
+/// before its request is a different, and uninteresting, failure): the
+/// greeting at once; after the client's option, option replies (each a
+/// 20-byte header from `data` and as much of its announced length) until
+/// an acknowledgement or an error; after each request, a 16-byte reply
+/// header and, for a read, the length asked. What `data` lacks ends the
+/// connection there.
 #[doc(hidden)]
-pub fn fuzz_server(data: &[u8]) {
+pub fn fuzz_server(data: &[u8]) -> Option<bool> {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        return;
+        return None;
     };
     rt.block_on(async {
-        let (client, mut server) = tokio::io::duplex(1 << 20);
-        if server.write_all(data).await.is_err() {
-            return;
-        }
-        // What the server said is all it says: then end of file.
-        drop(server);
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let script = data.to_vec();
+        let server = tokio::spawn(fuzz_serve(server, script));
         let settings = NbdSettings {
             addr: NbdAddr::Unix(PathBuf::from("/nonexistent/coffre-fuzz.sock")),
             export: "fuzz".into(),
@@ -607,12 +614,13 @@ pub fn fuzz_server(data: &[u8]) {
             timeout: Duration::from_secs(5),
         };
         let Ok((stream, info)) = handshake(Box::new(client), &settings).await else {
-            return;
+            server.abort();
+            return None;
         };
         let c = NbdClient::new(settings);
         *c.conns.lock().await = vec![Arc::new(start(stream, info, 0))];
         let n = usize::try_from(info.size.min(8192)).unwrap_or(0);
-        let _ = c.read(0, n).await;
+        let read = c.read(0, n).await.is_ok();
         let _ = c.write(0, Bytes::from(vec![0u8; n]), true).await;
         let half = n / 2;
         let _ = c
@@ -626,7 +634,74 @@ pub fn fuzz_server(data: &[u8]) {
             )
             .await;
         let _ = c.flush().await;
-    });
+        server.abort();
+        Some(read)
+    })
+}
+
+/// The fuzz harness's server (see [`fuzz_server`]): `script` said in
+/// turn, paced by the client's words.
+async fn fuzz_serve(mut s: tokio::io::DuplexStream, script: Vec<u8>) {
+    /// Says the script's next `n` bytes; `Err` once it has run out (the
+    /// connection ends there).
+    async fn say(
+        s: &mut tokio::io::DuplexStream,
+        rest: &mut &[u8],
+        n: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let (part, after) = rest.split_at(n.min(rest.len()));
+        *rest = after;
+        s.write_all(part).await?;
+        if part.len() < n || rest.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(part.to_vec())
+    }
+    let mut rest: &[u8] = &script;
+    let said = async {
+        say(&mut s, &mut rest, 18).await?;
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).await?;
+        let mut option = [0u8; 16];
+        s.read_exact(&mut option).await?;
+        let len = u32::from_be_bytes([option[12], option[13], option[14], option[15]]);
+        let mut body = vec![0u8; usize::try_from(len.min(4096)).unwrap_or(0)];
+        s.read_exact(&mut body).await?;
+        loop {
+            let head = say(&mut s, &mut rest, 20).await?;
+            let kind = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+            let len = u32::from_be_bytes([head[16], head[17], head[18], head[19]]);
+            if len > 0 {
+                say(
+                    &mut s,
+                    &mut rest,
+                    usize::try_from(len).unwrap_or(usize::MAX),
+                )
+                .await?;
+            }
+            if kind == REP_ACK || kind & REP_FLAG_ERROR != 0 {
+                break;
+            }
+        }
+        loop {
+            let mut h = [0u8; 28];
+            s.read_exact(&mut h).await?;
+            let cmd = u16::from_be_bytes([h[6], h[7]]);
+            let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if cmd == CMD_WRITE {
+                let mut payload = vec![0u8; len.min(1 << 20)];
+                s.read_exact(&mut payload).await?;
+            }
+            say(&mut s, &mut rest, 16).await?;
+            if cmd == CMD_READ && len > 0 {
+                say(&mut s, &mut rest, len).await?;
+            }
+        }
+    };
+    let _: std::io::Result<()> = said.await;
+    // The script is said: end of file.
+    let _ = s.shutdown().await;
 }
 
 /// `parts` in one buffer (one part: itself, no copy).
@@ -995,6 +1070,17 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz target's harness reaches past the handshake: the seed
+    /// transcript (a greeting, option replies, then a read's reply) gets
+    /// its read answered; cut anywhere in the handshake, it fails cleanly.
+    #[test]
+    fn the_fuzz_harness_reaches_the_replies() {
+        let seed = include_bytes!("../../../fuzz/seeds/nbd_client/transcript");
+        assert_eq!(fuzz_server(seed), Some(true));
+        assert_eq!(fuzz_server(&seed[..17]), None);
+        assert_eq!(fuzz_server(&seed[..60]), None);
+    }
 
     #[test]
     fn urls() {
