@@ -81,7 +81,12 @@ impl std::fmt::Debug for NbdSettings {
 /// What an `nbd://` URL names: the server, the export, and whether TLS is
 /// asked for.
 pub fn parse_url(url: &str) -> Result<(NbdAddr, String, bool), RemoteError> {
-    let bad = |why: &str| RemoteError::Config(format!("{url:?} is not an NBD URL: {why}"));
+    let bad = |why: &str| {
+        RemoteError::Config(format!(
+            "{:?} is not an NBD URL: {why}",
+            coffre_sys::shown::url(url)
+        ))
+    };
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("it must start with nbd://, nbds://, nbd+unix:// or nbds+unix://"))?;
@@ -1084,6 +1089,8 @@ mod tests {
 
     #[test]
     fn urls() {
+        let e = parse_url("nbd://user:hunter2@host/x").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!(
             parse_url("nbd://store.example:10900/team").unwrap(),
             (

@@ -30,7 +30,12 @@ pub struct S3Settings {
 
 /// The bucket and the prefix of an `s3://` URL.
 pub fn parse_url(url: &str) -> Result<(String, String), RemoteError> {
-    let bad = |why: &str| RemoteError::Config(format!("{url:?} is not an s3:// URL: {why}"));
+    let bad = |why: &str| {
+        RemoteError::Config(format!(
+            "{:?} is not an s3:// URL: {why}",
+            coffre_sys::shown::url(url)
+        ))
+    };
     let rest = url
         .strip_prefix("s3://")
         .ok_or_else(|| bad("it must start with s3://"))?;
@@ -196,6 +201,8 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+        let e = parse_url("s3://AKIAX:wJal/rXU@team-bucket/x").unwrap_err();
+        assert!(!e.to_string().contains("wJal"), "{e}");
     }
 
     #[test]

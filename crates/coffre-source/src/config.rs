@@ -199,7 +199,7 @@ impl SourceConfig {
         let url = url::Url::parse(&self.url).map_err(|e| {
             cfg(format!(
                 "url = {:?} is not a URL ({e}): give ldaps://HOST, ldap://HOST with starttls = true, or ldapi://SOCKET",
-                self.url
+                coffre_sys::shown::url(&self.url)
             ))
         })?;
         if !url.username().is_empty()
@@ -210,7 +210,7 @@ impl SourceConfig {
         {
             return Err(cfg(format!(
                 "url = {:?} has more than a scheme, host and port: the DNs go in people and members_group, the account in bind_dn",
-                self.url
+                coffre_sys::shown::url(&self.url)
             )));
         }
         let host = url.host_str().unwrap_or("");
@@ -460,7 +460,14 @@ flavour = "openldap"
                 .unwrap_err()
                 .contains("more than")
         );
-        assert!(url("ldaps://user:pw@ldap.example.org", "").is_err());
+        // A login in the URL is refused, and never shown back.
+        for login in [
+            "ldaps://svc:Secr3t@ldap.example.org",
+            "ldaps://svc:Sec ret@h",
+        ] {
+            let e = url(login, "").unwrap_err();
+            assert!(!e.contains("Secr3t") && !e.contains("Sec ret"), "{e}");
+        }
         assert!(
             url("ldap.example.org", "")
                 .unwrap_err()

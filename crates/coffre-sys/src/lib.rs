@@ -6,7 +6,8 @@
 //! saying why its preconditions hold. The rest of the workspace denies
 //! unsafe code. The safe helpers have one home each: [`fs::write_atomic`]
 //! (crash-safe file writes), [`time::now_ms`] (the wall clock) and
-//! [`proc`] (the parsers of `/proc` files).
+//! [`proc`] (the parsers of `/proc` files) and [`shown::url`] (a URL in
+//! an error, without its login).
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod handle;
 pub mod lines;
 pub mod locked;
 pub mod proc;
+pub mod shown;
 pub mod stack;
 pub mod time;
 pub mod tun;
