@@ -57,9 +57,13 @@ pub fn base32(data: &[u8]) -> String {
 
 /// Decodes [`base32`]: either case, padding or not (authenticator apps
 /// and people write both); `None` for anything else.
-pub fn unbase32(s: &str) -> Option<Vec<u8>> {
+/// The decoded secret is wiped when dropped.
+pub fn unbase32(s: &str) -> Option<zeroize::Zeroizing<Vec<u8>>> {
     let upper = zeroize::Zeroizing::new(s.trim_end_matches('=').to_ascii_uppercase());
-    data_encoding::BASE32_NOPAD.decode(upper.as_bytes()).ok()
+    data_encoding::BASE32_NOPAD
+        .decode(upper.as_bytes())
+        .ok()
+        .map(zeroize::Zeroizing::new)
 }
 
 /// Decodes lowercase or uppercase hex.
@@ -122,7 +126,9 @@ mod tests {
             "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
         );
         assert_eq!(
-            unbase32("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").unwrap(),
+            unbase32("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+                .unwrap()
+                .as_slice(),
             b"12345678901234567890"
         );
     }

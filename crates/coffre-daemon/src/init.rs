@@ -106,7 +106,7 @@ pub fn ensure_vm_user(name: &str) -> Result<String, String> {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("kvm:"));
-    let mut cmd = std::process::Command::new("useradd");
+    let mut cmd = coffre_sys::child::system_tool("useradd");
     cmd.args([
         "--system",
         "--user-group",
@@ -289,8 +289,8 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         ),
     })?;
 
-    let mut secret = [0u8; totp::SECRET_LEN];
-    coffre_luks2::secret::fill_random(&mut secret);
+    let mut secret = zeroize::Zeroizing::new([0u8; totp::SECRET_LEN]);
+    coffre_luks2::secret::fill_random(&mut *secret);
     let mut persistent = Persistent {
         policy: o.policy.clone(),
         ..Persistent::default()
@@ -312,7 +312,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
                 last_totp_step: None,
             },
         );
-        control.totp.insert(o.admin.clone(), totp::base32(&secret));
+        control.totp.insert(o.admin.clone(), totp::base32(&*secret));
         control
             .certs
             .insert(admin_cert.fingerprint.clone(), o.admin.clone());
@@ -387,7 +387,7 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
         otpauth: totp::otpauth_uri(
             &format!("coffre {name}"),
             &o.admin,
-            &secret,
+            &*secret,
             o.totp_period_s,
         ),
         identity: o.identity_out,

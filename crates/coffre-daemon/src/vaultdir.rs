@@ -668,7 +668,8 @@ fn default_kdf_cap() -> u64 {
 }
 
 /// `control.json` (mode 0600): what survives restarts besides the audit log.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Its `Debug` leaves the secrets out.
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Control {
     /// Format version.
     pub version: u32,
@@ -709,6 +710,23 @@ pub struct Control {
     /// CA's key, which machines have moved to the new one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pinned: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The TOTP secrets, the invitation secret, pending invitations and
+        // accounts' verifiers stay out; who has what is enough to debug.
+        f.debug_struct("Control")
+            .field("version", &self.version)
+            .field("vault", &self.vault)
+            .field("totp", &self.totp.keys().collect::<Vec<_>>())
+            .field("certs", &self.certs)
+            .field("revoked", &self.revoked)
+            .field("invitations", &self.invitations.keys().collect::<Vec<_>>())
+            .field("host_certificates", &self.host_certificates)
+            .field("pinned", &self.pinned)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A change made on the host with the daemon stopped, for the audit log.
@@ -988,14 +1006,16 @@ impl VaultDir {
         Ok(c)
     }
 
-    /// Reads `control.json`.
+    /// Reads `control.json` (its bytes, secrets included, wiped after).
     pub fn load_control(&self) -> Result<Control, DirError> {
         let path = self.control();
-        let bytes = std::fs::read(&path).map_err(|source| DirError::Io {
-            what: "read",
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(&path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|source| DirError::Io {
+                what: "read",
+                path: path.clone(),
+                source,
+            })?;
         let c: Control = serde_json::from_slice(&bytes).map_err(|e| DirError::Bad {
             path: path.clone(),
             msg: e.to_string(),
@@ -1011,7 +1031,8 @@ impl VaultDir {
 
     /// Writes `control.json` crash-safely, mode 0600.
     pub fn save_control(&self, c: &Control) -> Result<(), DirError> {
-        let bytes = serde_json::to_vec_pretty(c).expect("control data serialises");
+        let bytes =
+            zeroize::Zeroizing::new(serde_json::to_vec_pretty(c).expect("control data serialises"));
         write_atomic(&self.control(), &bytes, 0o600)?;
         Ok(())
     }

@@ -4,12 +4,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Runs a system tool, turning a failure into an error that names it.
 pub(crate) fn run(tool: &str, args: &[&std::ffi::OsStr]) -> io::Result<String> {
-    let out = Command::new(tool)
+    let out = coffre_sys::child::system_tool(tool)
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()

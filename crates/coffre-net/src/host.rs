@@ -32,9 +32,9 @@ impl Host {
 
     fn command(&self, program: &str) -> Command {
         match &self.netns {
-            None => Command::new(program),
+            None => coffre_sys::child::system_tool(program),
             Some(ns) => {
-                let mut c = Command::new("nsenter");
+                let mut c = coffre_sys::child::system_tool("nsenter");
                 c.arg(format!("--net={}", ns.display()))
                     .arg("--")
                     .arg(program);

@@ -13,6 +13,20 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Where [`system_tool`] looks for programs.
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The command for a system tool the daemon runs as root (`ip`, `nft`,
+/// `losetup`, `mkfs.ext4`, `nsenter`, `useradd`...), with an environment
+/// of its own: [`SYSTEM_PATH`] and the C locale, nothing inherited. The
+/// daemon's environment may hold secrets (an S3 secret key, by design);
+/// no tool needs them, and a tool's output is parsed in the C locale.
+pub fn system_tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    c.env_clear().env("PATH", SYSTEM_PATH).env("LC_ALL", "C");
+    c
+}
+
 /// A mount the child's private mount namespace gets instead of the host's.
 #[derive(Debug, Clone)]
 pub struct Bind {
@@ -412,6 +426,28 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// A system tool sees its own environment only, whatever the
+    /// daemon's holds (this test process has HOME, and more).
+    #[test]
+    fn system_tools_inherit_no_environment() {
+        assert!(std::env::vars_os().count() > 0);
+        let out = super::system_tool("env").output().unwrap();
+        assert!(out.status.success());
+        let mut seen: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                "LC_ALL=C".to_string(),
+                format!("PATH={}", super::SYSTEM_PATH)
+            ]
+        );
+    }
+
     #[test]
     fn proc_paths_are_written_without_allocating() {
         for (fd, want) in [

@@ -183,7 +183,7 @@ pub(crate) fn sweep_copies(pid: u32, hide: fn() -> Vec<PathBuf>) {
     for m in mine.iter().rev() {
         let key = (m.mountpoint.clone(), m.fstype.clone(), m.source.clone());
         if host.contains(&key) {
-            let _ = Command::new("nsenter")
+            let _ = coffre_sys::child::system_tool("nsenter")
                 .args(["-t", &pid.to_string(), "-m", "--", "umount", "-l"])
                 .arg(&m.mountpoint)
                 .stdin(Stdio::null())

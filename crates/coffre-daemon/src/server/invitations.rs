@@ -507,7 +507,7 @@ impl Shell {
             return Some(failure("no invitation secret in control data".into()));
         };
         let ca_key = match self.dir.read(&self.dir.ca_key()) {
-            Ok(k) => k,
+            Ok(k) => zeroize::Zeroizing::new(k),
             Err(e) => {
                 return Some((500, error_json(ErrorCode::Failure, e.to_string())));
             }
@@ -660,11 +660,11 @@ impl Shell {
                 .remove_keyslot(slot, false);
             return failure("cannot bind your keyslot".into());
         }
-        let mut secret = [0u8; totp::SECRET_LEN];
-        coffre_luks2::secret::fill_random(&mut secret);
+        let mut secret = zeroize::Zeroizing::new([0u8; totp::SECRET_LEN]);
+        coffre_luks2::secret::fill_random(&mut *secret);
         self.control
             .totp
-            .insert(name.to_string(), totp::base32(&secret));
+            .insert(name.to_string(), totp::base32(&*secret));
         self.control
             .certs
             .insert(j.fingerprint.clone(), name.to_string());
@@ -680,7 +680,7 @@ impl Shell {
         (
             200,
             json!({"ok": true, "cert_pem": j.cert_pem, "keyslot": slot,
-            "otpauth": totp::otpauth_uri(&format!("coffre {}", self.config.name), name, &secret, self.config.totp_period_s)}),
+            "otpauth": totp::otpauth_uri(&format!("coffre {}", self.config.name), name, &*secret, self.config.totp_period_s)}),
         )
     }
 }

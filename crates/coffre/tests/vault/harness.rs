@@ -624,7 +624,7 @@ pub fn secret_from(init_stdout: &str) -> Vec<u8> {
         .split('&')
         .next()
         .unwrap();
-    coffre_daemon::totp::unbase32(s).unwrap()
+    coffre_daemon::totp::unbase32(s).unwrap().to_vec()
 }
 
 impl Vault {
