@@ -5,7 +5,8 @@
 //! Nothing may panic, every answer must encode, and in clear no entry
 //! is ever sent. Seeds: requests as ldapsearch and ldapwhoami send them
 //! (a paged search with a filter, a simple bind and WhoAmI, StartTLS,
-//! the root DSE).
+//! the root DSE). Also the member's SSH key lines and verifiers the
+//! directory serves (`check_ssh_key`, `verifier_costs`).
 #![no_main]
 
 use coffre_ldap::ldap3_proto::proto::LdapOp;
@@ -61,6 +62,21 @@ fn server() -> &'static Server {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // What a member sends for the directory to serve (through the API):
+    // an SSH key line and a workload password verifier. What is kept
+    // is one line, and kept again as it is.
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok((kept, fp)) = coffre_ldap::spec::check_ssh_key(text) {
+            assert!(!kept.contains(['\n', '\r', '\0']));
+            assert_eq!(
+                coffre_ldap::spec::check_ssh_key(&kept),
+                Ok((kept.clone(), fp))
+            );
+        }
+        if let Ok((m, t, p)) = coffre_ldap::spec::verifier_costs(text) {
+            assert!(m > 0 && t > 0 && p > 0);
+        }
+    }
     let Some((&first, stream)) = data.split_first() else {
         return;
     };

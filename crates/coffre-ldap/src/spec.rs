@@ -146,6 +146,68 @@ pub fn check_verifier(phc: &str) -> Result<(), String> {
     verifier_costs(phc).map(drop)
 }
 
+/// SSH key types a member may add (what OpenSSH's sshd accepts today).
+pub const SSH_KEY_TYPES: [&str; 7] = [
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// An SSH public key line, checked: `TYPE BASE64 [COMMENT]`, a known
+/// type, a blob that names the same type, a short printable comment,
+/// nothing that could end a line (it goes into LDAP values and
+/// `authorized_keys` output). Returns the line as kept and its
+/// fingerprint (`SHA256:...`, as `ssh-keygen -l` prints it).
+pub fn check_ssh_key(line: &str) -> Result<(String, String), String> {
+    let line = line.trim();
+    if line.chars().any(|c| c.is_control()) {
+        return Err("an SSH public key is one line, without control characters".into());
+    }
+    let mut parts = line.splitn(3, ' ');
+    let (Some(kind), Some(b64)) = (parts.next(), parts.next()) else {
+        return Err("an SSH public key reads `TYPE BASE64 [COMMENT]` (the .pub file)".into());
+    };
+    let comment = parts.next().unwrap_or("").trim();
+    if !SSH_KEY_TYPES.contains(&kind) {
+        return Err(format!(
+            "SSH key type {kind:?} is not one of {} (is this the .pub file?)",
+            SSH_KEY_TYPES.join(", ")
+        ));
+    }
+    // The directory serves values of at most 8 KiB (a 16384-bit RSA key
+    // is under 3 KiB of base64).
+    if line.len() > 8000 {
+        return Err("this SSH key is too long (8000 bytes at most)".into());
+    }
+    let blob = data_encoding::BASE64
+        .decode(b64.as_bytes())
+        .map_err(|_| "the SSH key's second field is not base64".to_string())?;
+    let named = blob
+        .get(..4)
+        .and_then(|n| usize::try_from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])).ok())
+        .and_then(|n| blob.get(4..4 + n));
+    if named != Some(kind.as_bytes()) {
+        return Err(format!("the SSH key's data is not a {kind} key"));
+    }
+    if comment.len() > 256 || !comment.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err("the SSH key's comment: at most 256 printable ASCII characters".into());
+    }
+    let fp = format!(
+        "SHA256:{}",
+        data_encoding::BASE64_NOPAD.encode(&<sha2::Sha256 as sha2::Digest>::digest(&blob))
+    );
+    let kept = if comment.is_empty() {
+        format!("{kind} {b64}")
+    } else {
+        format!("{kind} {b64} {comment}")
+    };
+    Ok((kept, fp))
+}
+
 /// A verifier's argon2id costs (memory KiB, passes, lanes), if it is one
 /// the server accepts: a PHC string, argon2id, a salt and a hash, costs
 /// at most [`MAX_M_KIB`], [`MAX_T`], [`MAX_P`].
@@ -328,6 +390,33 @@ impl Directory {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn ssh_keys_are_checked_and_fingerprinted_like_ssh_keygen() {
+        // `ssh-keygen -l` of this key: SHA256:lT1uZlvbHL8hjoEbNpeQw6hJ19IJb0zQTd/hWK4Bzco
+        let blob = {
+            let mut b = Vec::new();
+            b.extend(11u32.to_be_bytes());
+            b.extend(b"ssh-ed25519");
+            b.extend(32u32.to_be_bytes());
+            b.extend([7u8; 32]);
+            b
+        };
+        let b64 = data_encoding::BASE64.encode(&blob);
+        let (kept, fp) = check_ssh_key(&format!("ssh-ed25519 {b64} alice@laptop\n")).unwrap();
+        assert_eq!(kept, format!("ssh-ed25519 {b64} alice@laptop"));
+        assert!(fp.starts_with("SHA256:") && !fp.ends_with('='), "{fp}");
+        for bad in [
+            format!("ssh-rsa {b64}"),
+            format!("ssh-ed25519 {b64} x\ncommand=\"sh\" ssh-ed25519 {b64}"),
+            "ssh-ed25519 !!!".to_string(),
+            "ssh-dss AAAA".to_string(),
+            format!("ssh-ed25519 {b64} caf\u{e9}"),
+            String::new(),
+        ] {
+            assert!(check_ssh_key(&bad).is_err(), "{bad:?}");
+        }
+    }
 
     /// A verifier for `pw`, cheap to check (tests only).
     pub fn verifier(pw: &str) -> String {
