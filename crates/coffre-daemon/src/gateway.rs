@@ -670,6 +670,96 @@ mod tests {
         });
     }
 
+    /// Gives `chunks` one read at a time (as a socket may cut them).
+    struct Chunks(std::collections::VecDeque<Vec<u8>>);
+
+    impl tokio::io::AsyncRead for Chunks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some(mut c) = self.0.pop_front() {
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.0.push_front(c.split_off(n));
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever OpenVPN sends, cut anywhere: each whole line comes out
+        /// as sent (its `\r`s at the end removed, bytes that are not UTF-8
+        /// replaced), a line longer than the bound is refused there, and
+        /// the end of the stream is said.
+        #[test]
+        fn management_lines_come_out_whole_however_they_are_cut(
+            lines in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+                 proptest::prop_oneof![proptest::strategy::Just(0usize), proptest::strategy::Just(openvpn::MAX_LINE - 1), proptest::strategy::Just(openvpn::MAX_LINE + 2)],
+                 proptest::bool::ANY),
+                0..6,
+            ),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..30),
+            cuts in proptest::collection::vec(1usize..5000, 1..20),
+        ) {
+            let mut input = Vec::new();
+            let mut want: Vec<Result<String, String>> = Vec::new();
+            for (bytes, pad, cr) in &lines {
+                let mut l: Vec<u8> = bytes.iter().copied().filter(|&b| b != b'\n').collect();
+                l.extend(std::iter::repeat_n(b'x', *pad));
+                if *cr {
+                    l.push(b'\r');
+                }
+                l.push(b'\n');
+                if want.last().is_some_and(Result::is_err) {
+                    continue;
+                }
+                if l.len() > openvpn::MAX_LINE + 2 {
+                    want.push(Err("OpenVPN sent an overlong line".into()));
+                } else {
+                    let mut raw = &l[..l.len() - 1];
+                    while let [rest @ .., b'\r'] = raw {
+                        raw = rest;
+                    }
+                    want.push(Ok(String::from_utf8_lossy(raw).into_owned()));
+                }
+                input.extend(l);
+            }
+            let tail: Vec<u8> = tail.into_iter().filter(|&b| b != b'\n').collect();
+            input.extend(&tail);
+            if !want.last().is_some_and(Result::is_err) {
+                want.push(Err("OpenVPN closed its management socket".into()));
+            }
+            let mut chunks = std::collections::VecDeque::new();
+            let mut at = 0;
+            for c in cuts.iter().cycle() {
+                if at >= input.len() {
+                    break;
+                }
+                let end = (at + c).min(input.len());
+                chunks.push_back(input[at..end].to_vec());
+                at = end;
+            }
+            let got = block_on(async {
+                let mut r = LineReader::new(Chunks(chunks));
+                let mut got = Vec::new();
+                loop {
+                    let l = r.line().await.map(|l| (*l).clone());
+                    let end = l.is_err();
+                    got.push(l);
+                    if end {
+                        break got;
+                    }
+                }
+            });
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
     #[test]
     fn overlong_management_lines_are_refused() {
         block_on(async {
