@@ -41,8 +41,8 @@ pub struct Identity {
     pub ca_pem: String,
     /// The member's certificate.
     pub cert_pem: String,
-    /// The member's private key. Secret.
-    pub key_pem: String,
+    /// The member's private key. Secret: wiped when dropped.
+    pub key_pem: zeroize::Zeroizing<String>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -57,11 +57,14 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Reads an identity file.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let bytes = std::fs::read(path).map_err(|source| IdentityError::Io {
-            what: "read",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // The file's bytes hold the key too: wiped once parsed.
+        let bytes = std::fs::read(path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|source| IdentityError::Io {
+                what: "read",
+                path: path.to_path_buf(),
+                source,
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| IdentityError::Bad {
             path: path.to_path_buf(),
             msg: e.to_string(),

@@ -215,7 +215,7 @@ pub fn issue_identity(
         role,
         ca_pem: vd.read(&vd.ca_cert())?,
         cert_pem: issued.cert_pem.clone(),
-        key_pem: issued.key_pem.clone(),
+        key_pem: (*issued.key_pem).clone(),
         audit_key: audit_key(vd)?,
         vault_sign_key: keys.signer.public_hex(),
         vault_seal_key: keys.opener.public_hex(),

@@ -28,8 +28,8 @@ fn e(x: impl std::fmt::Display) -> PkiError {
 pub struct Issued {
     /// The certificate (public).
     pub cert_pem: String,
-    /// Private key (PKCS#8). Secret.
-    pub key_pem: String,
+    /// Private key (PKCS#8). Secret: wiped when dropped.
+    pub key_pem: zeroize::Zeroizing<String>,
     /// SHA-256 of the certificate's DER, hex.
     pub fingerprint: String,
 }
@@ -145,7 +145,7 @@ pub fn new_ca(vault: &str) -> Result<Issued, PkiError> {
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
     })
 }
 
@@ -167,7 +167,7 @@ pub fn renew_ca(vault: &str, ca_key_pem: &str, old_ca_pem: &str) -> Result<Issue
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
-        key_pem: String::new(),
+        key_pem: zeroize::Zeroizing::new(String::new()),
     })
 }
 
@@ -266,7 +266,7 @@ pub fn new_ca_key(
         ca: Issued {
             fingerprint: fingerprint(ca.der()),
             cert_pem: ca.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
         },
         cross_pem: cross.pem(),
     })
@@ -293,7 +293,7 @@ fn signed(
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
     })
 }
 
@@ -471,7 +471,7 @@ pub fn sign_csr(
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
-        key_pem: String::new(),
+        key_pem: zeroize::Zeroizing::new(String::new()),
     })
 }
 

@@ -87,7 +87,7 @@ impl LdapChild {
         ];
         Ok(Self {
             helper: Helper::new("the LDAP server", args, sockets, log),
-            tls: (chain, zeroize::Zeroizing::new(issued.key_pem)),
+            tls: (chain, issued.key_pem),
             spec: None,
             live: None,
             addr,

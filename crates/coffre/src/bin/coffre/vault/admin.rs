@@ -624,7 +624,7 @@ pub fn join(
             .as_str()
             .context("no certificate in the reply")?
             .to_string(),
-        key_pem,
+        key_pem: zeroize::Zeroizing::new(key_pem),
     };
     identity.save(&out)?;
     println!("joined as {name} (keyslot {})", v["keyslot"]);
@@ -739,7 +739,7 @@ pub fn renew(
             drop(id);
             let mut renewed = Identity::load(&path)?;
             renewed.cert_pem = cert.to_string();
-            renewed.key_pem = key_pem.to_string();
+            renewed.key_pem = key_pem.clone();
             let moved = adopt_new_ca(&mut renewed, &v, cert, trust_ca.as_deref());
             renewed.save(&path)?;
             if moved {
