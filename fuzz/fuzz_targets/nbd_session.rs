@@ -9,7 +9,7 @@
 
 use coffre_data::nbd::{Disk, ImageDir, MemCatalog, MemDisk, serve_connection};
 use libfuzzer_sys::fuzz_target;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 const SIZE: u64 = 64 * 1024;
@@ -20,16 +20,7 @@ const OUTSIDE: &[u8] = b"not a guest's disk";
 fn images() -> &'static (PathBuf, PathBuf) {
     static DIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     DIR.get_or_init(|| {
-        // Those of fuzzers gone (libFuzzer ends with exit()) go first.
-        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("coffre-fuzz-nbd-")
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-        let top = std::env::temp_dir().join(format!("coffre-fuzz-nbd-{}", std::process::id()));
+        let top = coffre_sys::fs::fuzz_workdir("nbd");
         let dir = top.join("images");
         std::fs::create_dir_all(&dir).unwrap();
         let outside = top.join("outside.img");

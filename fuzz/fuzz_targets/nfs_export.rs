@@ -31,17 +31,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static S: OnceLock<Setup> = OnceLock::new();
     S.get_or_init(|| {
-        // Those of fuzzers gone (libFuzzer ends with exit(): nothing of
-        // ours runs then) go first.
-        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("coffre-fuzz-nfs-")
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-        let jail = std::env::temp_dir().join(format!("coffre-fuzz-nfs-{}", std::process::id()));
+        let jail = coffre_sys::fs::fuzz_workdir("nfs");
         let export = jail.join("shared");
         std::fs::create_dir_all(&export).unwrap();
         // Beside the export: what must never change.

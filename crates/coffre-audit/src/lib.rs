@@ -279,21 +279,7 @@ fn recover(dir: &Path, key: &HostKey) -> Result<(u64, String, u64, Vec<String>),
 pub fn fuzz_recover(data: &[u8]) -> usize {
     static DIR: std::sync::OnceLock<(PathBuf, HostKey)> = std::sync::OnceLock::new();
     let (dir, key) = DIR.get_or_init(|| {
-        // Those of processes gone (libFuzzer ends with exit()) go first.
-        for e in std::fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("coffre-fuzz-audit-")
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-        let dir = std::env::temp_dir().join(format!("coffre-fuzz-audit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a directory for the fuzz target");
+        let dir = coffre_sys::fs::fuzz_workdir("audit");
         let path = dir.join("host.key");
         write_test_key(&path);
         let key = HostKey::load_or_create(&path).expect("the test key");

@@ -85,6 +85,30 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// For fuzz targets that work on real files: the directory
+/// `$TMPDIR/coffre-fuzz-KIND-PID`, made empty, after removing those of
+/// processes gone (libFuzzer ends with `exit()`: nothing of theirs runs
+/// then to clean up).
+#[doc(hidden)]
+pub fn fuzz_workdir(kind: &str) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    let prefix = format!("coffre-fuzz-{kind}-");
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(&prefix)
+            && !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a directory for the fuzz target");
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
