@@ -6,7 +6,6 @@
 
 use crate::harness::*;
 use std::path::Path;
-use std::time::Duration;
 
 const ROLLED_BACK: i32 = 13;
 
@@ -54,9 +53,7 @@ fn put_back(dir: &Path, c: &Copy) {
 /// Some audited activity: an enter and a leave.
 fn activity(v: &mut Vault) {
     let mut enter = v.enter_bg("alice", &[]);
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut enter, Duration::from_secs(20));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut enter);
 }
 
 fn stderr(o: &std::process::Output) -> String {

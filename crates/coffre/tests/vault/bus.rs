@@ -49,9 +49,7 @@ fn wait_witness(store: &Path, seq: u64, within: Duration, log: &Path) {
 /// Some audited activity: an enter and a leave.
 fn activity(v: &mut Vault) {
     let mut enter = v.enter_bg("alice", &[]);
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut enter, Duration::from_secs(20));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut enter);
 }
 
 fn spawn_logged(args: &[&str], out: &Path, err: &Path) -> Child {

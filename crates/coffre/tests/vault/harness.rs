@@ -488,6 +488,14 @@ impl Vault {
         child
     }
 
+    /// `name` leaves, its `enter` (from [`enter_bg`](Self::enter_bg))
+    /// ends, and the vault closes (it was the last one in).
+    pub fn leave_closed(&mut self, name: &str, enter: &mut Child) {
+        ok(&self.cli(name, &["leave"]));
+        wait_exit(enter, Duration::from_secs(20));
+        self.wait_state("closed", Duration::from_secs(60));
+    }
+
     /// `coffre enter` started in the background; it has entered once
     /// `session_file` of the member's identity exists.
     pub fn enter_start(&mut self, name: &str, extra: &[&str]) -> Child {

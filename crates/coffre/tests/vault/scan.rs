@@ -62,9 +62,7 @@ fn password_not_in_daemon_memory_after_leave() {
         while_open.join("\n")
     );
 
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut enter, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut enter);
     // The client's connections are gone; give the daemon a moment to see
     // them close and drop their buffers.
     std::thread::sleep(Duration::from_millis(500));
@@ -230,9 +228,7 @@ fn marker_gone_after_close(v: &mut Vault, file: &std::path::Path) {
         !while_open.is_empty(),
         "positive control: the scan never saw the plaintext while the vault was open"
     );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut enter, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut enter);
     let hits = memory_hits(pid, &marker);
     assert!(
         hits.is_empty(),

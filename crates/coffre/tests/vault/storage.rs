@@ -100,9 +100,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     let secret = b"the team's secret formula, 42 and counting";
     let file = v.layout().mountpoint.join("shared").join("formula.txt");
     std::fs::write(&file, secret).unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     let yesterday = snapshot(&s3);
     assert!(yesterday.len() > 3, "{:?}", yesterday.keys());
     for (k, bytes) in &yesterday {
@@ -143,9 +141,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
             ))
             .collect::<Vec<_>>()
     );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
 
     let text = String::from_utf8(v.cli("alice", &["status"]).stdout).unwrap();
     assert!(text.contains("storage: s3://team-vault/v1"), "{text}");
@@ -232,9 +228,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     let mut e = v.enter_bg("alice", &[]);
     v.wait_state("open", Duration::from_secs(30));
     assert_eq!(std::fs::read(&file).unwrap(), secret);
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     v.stop();
     // Orphans: a chunk of the volume's layout that no manifest names (as
     // an upload a crash cut short leaves one), beside an object of another
@@ -315,9 +309,7 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     let mut e = v.enter_bg("alice", &[]);
     v.wait_state("open", Duration::from_secs(30));
     assert_eq!(std::fs::read(&file).unwrap(), secret);
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     v.stop();
     // A store whose data does not verify is not trusted.
     let mut bad = snapshot(&s3);
@@ -345,9 +337,7 @@ fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
     let mut e = v.enter_bg("alice", &[]);
     let file = v.layout().mountpoint.join("shared").join("before.txt");
     std::fs::write(&file, b"written while the volume was a local file").unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     // While the daemon runs, the volume is its: refused, and said so.
     let pw = v.member("alice").password.clone();
     let endpoint = moto.endpoint();
@@ -404,9 +394,7 @@ fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
         std::fs::read(&file).unwrap(),
         b"written while the volume was a local file"
     );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
@@ -576,9 +564,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
     let shared = v.layout().mountpoint.join("shared");
     let first = b"written while both stores answered";
     std::fs::write(shared.join("first.txt"), first).unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     let (sa, sb) = (
         relative(snapshot(&a), "team/"),
         relative(snapshot(&b), "copy/"),
@@ -632,9 +618,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(!v.audit_details("storage_resynced", "ok").is_empty());
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     let out = v
         .bin()
         .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
@@ -655,9 +639,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
     assert_eq!(std::fs::read(shared.join("second.txt")).unwrap(), second);
     assert_eq!(stores(&v)[0]["in_step"], false, "{}", stores(&v));
     std::fs::write(shared.join("third.txt"), b"on the mirror alone").unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     assert!(
         !v.daemon_stderr().contains("panicked"),
         "{}",
@@ -853,9 +835,7 @@ fn mounted_vault_on_s3(chunk: &str) {
     let write_mbs = w["jobs"][0]["write"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
     // Reopened: the device's buffer is empty, every chunk comes from the
     // store.
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(60));
+    v.leave_closed("alice", &mut e);
     let mut e = v.enter_bg("alice", &[]);
     let r = fio(&dir, &["--rw=read", "--bs=1M", &size]);
     let read_mbs = r["jobs"][0]["read"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
@@ -871,9 +851,7 @@ fn mounted_vault_on_s3(chunk: &str) {
         ],
     );
     let fsync_iops = f["jobs"][0]["write"]["iops"].as_f64().unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(60));
+    v.leave_closed("alice", &mut e);
     v.stop();
     let raw_put_mbs = mib as f64 / raw_put.as_secs_f64();
     let raw_get_mbs = mib as f64 / raw_get.as_secs_f64();
@@ -933,9 +911,7 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
     let secret = b"the partner's drawings, revision 7, on the storage host";
     let file_in = v.layout().mountpoint.join("shared").join("drawings.txt");
     std::fs::write(&file_in, secret).unwrap();
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     let raw = std::fs::read(&img).unwrap();
     assert!(raw.starts_with(b"coffre-blocks-1\0"));
     assert!(!contains(&raw, secret), "plaintext on the export");
@@ -963,9 +939,7 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
     v.start();
     let mut e = v.enter_bg("alice", &[]);
     assert_eq!(std::fs::read(&file_in).unwrap(), secret);
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
@@ -1020,9 +994,7 @@ fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
         replayed.iter().any(|d| d.contains("write journal held")),
         "{replayed:?}"
     );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut e, Duration::from_secs(10));
-    v.wait_state("closed", Duration::from_secs(30));
+    v.leave_closed("alice", &mut e);
     // A clean close leaves it empty.
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
     v.stop();
