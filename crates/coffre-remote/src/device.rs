@@ -54,23 +54,44 @@ const UPLOAD_RETRY: Duration = Duration::from_secs(1);
 /// of the buffer).
 const READ_AHEAD: u64 = 16;
 
-/// How often superseded objects are deleted, and how long after a newer
-/// manifest made them so (a reader that opened the older manifest, a
-/// recovery export, has that long to finish its reads).
-const GC_EVERY: Duration = Duration::from_secs(60);
-const GC_GRACE: Duration = Duration::from_secs(600);
-/// The device's thread sweeps for orphans this long after the device
-/// starts, then every [`SWEEP_EVERY`].
-const SWEEP_FIRST: Duration = Duration::from_secs(600);
-const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
-/// After a sweep that could not judge every store, judged one on part of
-/// its objects, failed a deletion, or failed.
-const SWEEP_RETRY: Duration = Duration::from_secs(3600);
-/// Only objects last written this long ago (by the store's clock) are
-/// judged: an object of a writer that took over the store while the
-/// listing ran is younger; the judgement itself, made after the listing
-/// against what the device names, is what keeps live objects safe.
-pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
+/// When the device's thread collects and sweeps ([`Housekeeping::default`]
+/// is what the daemon uses; tests shorten it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// How often superseded objects are deleted (60 s)...
+    pub gc_every: Duration,
+    /// ...and how long after a newer manifest made them so (10 min: a
+    /// reader that opened the older manifest, a recovery export, has that
+    /// long to finish its reads).
+    pub gc_grace: Duration,
+    /// The first sweep for orphans, after the device starts (10 min)...
+    pub sweep_first: Duration,
+    /// ...then one a day...
+    pub sweep_every: Duration,
+    /// ...or within the hour after a sweep that could not judge every
+    /// store, judged one on part of its objects, failed a deletion, or
+    /// failed.
+    pub sweep_retry: Duration,
+    /// Only objects last written this long ago (by the store's clock) are
+    /// judged (a day): an object of a writer that took over the store
+    /// while the listing ran is younger; the judgement itself, made after
+    /// the listing against what the device names, is what keeps live
+    /// objects safe.
+    pub sweep_min_age: Duration,
+}
+
+impl Default for Housekeeping {
+    fn default() -> Self {
+        Self {
+            gc_every: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(600),
+            sweep_first: Duration::from_secs(600),
+            sweep_every: Duration::from_secs(24 * 3600),
+            sweep_retry: Duration::from_secs(3600),
+            sweep_min_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 
 /// The resync thread: its stop signal and its exit.
 struct Resyncer {
@@ -308,6 +329,24 @@ impl RemoteDevice {
         on_root: OnRoot,
         on_change: Option<OnChange>,
     ) -> io::Result<Self> {
+        Self::with_housekeeping(
+            store,
+            cache_limit,
+            on_root,
+            on_change,
+            Housekeeping::default(),
+        )
+    }
+
+    /// [`with_changes`](RemoteDevice::with_changes), its thread collecting
+    /// and sweeping on `housekeeping`'s times.
+    pub fn with_housekeeping(
+        store: ChunkStore,
+        cache_limit: usize,
+        on_root: OnRoot,
+        on_change: Option<OnChange>,
+        housekeeping: Housekeeping,
+    ) -> io::Result<Self> {
         let g = store.geometry();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -339,14 +378,14 @@ impl RemoteDevice {
         };
         // What open found (a mirror behind or unreachable) is news.
         report(&mut lock(&dev.state), dev.on_change.as_deref());
-        dev.resyncer = Some(dev.start_resync()?);
+        dev.resyncer = Some(dev.start_resync(housekeeping)?);
         Ok(dev)
     }
 
     /// The device's thread: it brings stale stores back, a step at a
     /// time, while no request holds the device, and deletes superseded
-    /// objects every [`GC_EVERY`].
-    fn start_resync(&self) -> io::Result<Resyncer> {
+    /// objects and sweeps for orphans on `hk`'s times.
+    fn start_resync(&self, hk: Housekeeping) -> io::Result<Resyncer> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (tx, exited) = std::sync::mpsc::channel();
         let handle = self
@@ -361,7 +400,7 @@ impl RemoteDevice {
             .name("coffre-resync".into())
             .spawn(move || {
                 let mut last_gc = std::time::Instant::now();
-                let mut next_sweep = std::time::Instant::now() + SWEEP_FIRST;
+                let mut next_sweep = std::time::Instant::now() + hk.sweep_first;
                 loop {
                     {
                         let (m, cv) = &*stop2;
@@ -399,7 +438,7 @@ impl RemoteDevice {
                     }
                     // The deletions run without the device held: a store
                     // that is slow to delete holds up nothing.
-                    if last_gc.elapsed() >= GC_EVERY {
+                    if last_gc.elapsed() >= hk.gc_every {
                         let garbage = {
                             let mut s = lock(&state);
                             // An upload running: collection waits for a
@@ -408,7 +447,7 @@ impl RemoteDevice {
                                 Ok(None)
                             } else {
                                 last_gc = std::time::Instant::now();
-                                s.store.prepare_garbage(GC_GRACE)
+                                s.store.prepare_garbage(hk.gc_grace)
                             }
                         };
                         if let Ok(Some(g)) = garbage {
@@ -424,7 +463,7 @@ impl RemoteDevice {
                         let r = sweep_device(
                             &state,
                             on_change.as_deref(),
-                            SWEEP_MIN_AGE,
+                            hk.sweep_min_age,
                             |sw| step(&handle, &cancel2, sw.run()),
                             |g| step(&handle, &cancel2, g.run()),
                         );
@@ -435,7 +474,11 @@ impl RemoteDevice {
                                 && s.deleted == s.orphans.len()
                         });
                         next_sweep = std::time::Instant::now()
-                            + if whole { SWEEP_EVERY } else { SWEEP_RETRY };
+                            + if whole {
+                                hk.sweep_every
+                            } else {
+                                hk.sweep_retry
+                            };
                     }
                     // Asked without the device held: a store that is down
                     // holds up nothing.
@@ -510,9 +553,9 @@ impl RemoteDevice {
     /// Deletes the orphans: objects of the volume's layout that nothing
     /// names and that were last written `min_age` or longer ago, on the
     /// stores it could judge ([`ChunkStore::sweep`], [`Swept`]). The
-    /// device's thread does it [`SWEEP_FIRST`] after the start and then
-    /// daily (hourly after a sweep left something undone), with
-    /// [`SWEEP_MIN_AGE`].
+    /// device's thread does it on its [`Housekeeping`] times (10 minutes
+    /// after the start, then daily, hourly after a sweep left something
+    /// undone, objects a day old).
     pub fn sweep(&self, min_age: Duration) -> io::Result<Swept> {
         sweep_device(
             &self.state,

@@ -38,7 +38,7 @@ pub mod s3;
 pub mod store;
 pub mod transfer;
 
-pub use device::RemoteDevice;
+pub use device::{Housekeeping, RemoteDevice};
 pub use integrity::IntegrityKey;
 pub use layout::{Geometry, Root};
 pub use objects::{ObjectStoreObjects, Objects};

@@ -1144,6 +1144,60 @@ fn the_device_reads_what_was_written_across_chunks_and_keeps_its_root() {
     assert!(all == model);
 }
 
+/// The device's thread sweeps on its own (here at once, objects of any
+/// age, where the daemon waits 10 minutes and a day): an upload a crash
+/// cut short goes, the sweep is reported, the volume reads whole.
+#[test]
+fn the_device_thread_sweeps_orphans_on_its_own() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let (store, orphan) = rt.block_on(async {
+        let mut s = created(objects(&mem), &keys).await;
+        kept(&mut s, vec![(1, chunk(1))]).await;
+        let cut = s.prepare_chunks(vec![(2, chunk(2))]).await.unwrap();
+        let orphan = cut.names().next().unwrap().clone();
+        drop(cut.run().await);
+        drop(cut);
+        (s, orphan)
+    });
+    assert!(rt.block_on(snapshot(&mem)).contains_key(&orphan));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let hk = coffre_remote::Housekeeping {
+        sweep_first: Duration::ZERO,
+        sweep_min_age: Duration::ZERO,
+        ..coffre_remote::Housekeeping::default()
+    };
+    let dev = RemoteDevice::with_housekeeping(
+        store,
+        1 << 20,
+        Box::new(|_| Ok(())),
+        Some(Box::new(move |ev, _| {
+            seen.lock().unwrap().extend(ev.iter().cloned());
+        })),
+        hk,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !events
+        .lock()
+        .unwrap()
+        .contains(&coffre_remote::StoreEvent::Swept { orphans: 1 })
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sweep: {:?}",
+            events.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!rt.block_on(snapshot(&mem)).contains_key(&orphan));
+    let mut all = vec![0u8; 3 * CHUNK as usize];
+    dev.read_at(0, &mut all).unwrap();
+    assert_eq!(all, [chunk(0), chunk(1), chunk(0)].concat());
+}
+
 #[test]
 fn a_root_that_could_not_be_kept_is_offered_again() {
     let mem = Arc::new(InMemory::new());
