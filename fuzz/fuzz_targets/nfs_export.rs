@@ -96,17 +96,30 @@ fn with_root(rec: &[u8], root: &[u8]) -> Vec<u8> {
     out
 }
 
-fn beside(jail: &Path) -> Vec<(String, u64, u64)> {
+/// What is beside the export, as it must stay: each entry's name and
+/// inode; the export's own size and times change with what the guest
+/// does in it, the rest's mode, times, size and bytes must not.
+fn beside(jail: &Path) -> Vec<(String, u64, Option<(u32, i64, i64, Vec<u8>)>)> {
     let mut v: Vec<_> = std::fs::read_dir(jail)
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
             let m = std::fs::symlink_metadata(e.path()).unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                m.ino(),
-                m.len(),
-            )
+            let rest = (name != "shared").then(|| {
+                let bytes = if m.is_file() {
+                    std::fs::read(e.path()).unwrap()
+                } else {
+                    Vec::new()
+                };
+                (
+                    m.mode(),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                    m.ctime(),
+                    bytes,
+                )
+            });
+            (name, m.ino(), rest)
         })
         .collect();
     v.sort();

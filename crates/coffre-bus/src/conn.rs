@@ -56,6 +56,13 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, BusError> {
         url: shown(url),
         why: why.to_string(),
     };
+    // Any login, `guest` included (lapin's default when there is none):
+    // the address is shown in status, errors and Debug output.
+    if url.contains('@') {
+        return Err(bad(
+            "no user in the address: components log in with their certificate",
+        ));
+    }
     let mut uri: AMQPUri = url.parse().map_err(|e: String| bad(&e))?;
     if uri.scheme != AMQPScheme::AMQPS {
         return Err(bad(
@@ -74,12 +81,10 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, BusError> {
     Ok(uri)
 }
 
-/// `url` as errors may show it: without any user or password.
+/// `url` as errors may show it: without any user or password
+/// ([`coffre_sys::shown::url`]).
 pub fn shown(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+    coffre_sys::shown::url(url)
 }
 
 /// Connects `id` to the broker at `url`. Fails (never retries) if the
@@ -215,6 +220,10 @@ mod tests {
             .to_string();
         assert!(e.contains("certificate"), "{e}");
         assert!(!e.contains("pw"), "{e}");
+        let e = parse_url("amqps://guest:s3cret@127.0.0.1:5671")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate") && !e.contains("s3cret"), "{e}");
         assert!(parse_url("not a url").is_err());
     }
 

@@ -98,6 +98,11 @@ pub fn parse_url(url: &str) -> Result<(NbdAddr, String, bool), RemoteError> {
         _ => return Err(bad("unknown scheme")),
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.contains('@') {
+        return Err(bad(
+            "a login in the URL: NBD takes none (nbds:// authenticates the storage host by its certificate)",
+        ));
+    }
     let (export, query) = path.split_once('?').unwrap_or((path, ""));
     if export.len() > 4096 || export.contains('\0') {
         return Err(bad("the export name is too long or has a NUL"));
@@ -140,6 +145,12 @@ pub fn parse_url(url: &str) -> Result<(NbdAddr, String, bool), RemoteError> {
     };
     if host.is_empty() {
         return Err(bad("no host"));
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
+    {
+        return Err(bad("the host is not a name or an address"));
     }
     Ok((NbdAddr::Tcp(host, port), export, tls))
 }
@@ -698,8 +709,9 @@ async fn fuzz_serve(mut s: tokio::io::DuplexStream, script: Vec<u8>) {
                 let mut payload = vec![0u8; len.min(1 << 20)];
                 s.read_exact(&mut payload).await?;
             }
-            say(&mut s, &mut rest, 16).await?;
-            if cmd == CMD_READ && len > 0 {
+            let reply = say(&mut s, &mut rest, 16).await?;
+            // An error's reply carries no data.
+            if cmd == CMD_READ && len > 0 && reply[4..8] == [0; 4] {
                 say(&mut s, &mut rest, len).await?;
             }
         }
@@ -1089,8 +1101,15 @@ mod tests {
 
     #[test]
     fn urls() {
-        let e = parse_url("nbd://user:hunter2@host/x").unwrap_err();
-        assert!(!e.to_string().contains("hunter2"), "{e}");
+        for login in [
+            "nbd://user:hunter2@host/x",
+            "nbd://user:hunter2@host:10809/x",
+            "nbds://user:hunter2@[::1]:10809/x",
+        ] {
+            let e = parse_url(login).unwrap_err();
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        assert!(parse_url("nbd://ho st/x").is_err());
         assert_eq!(
             parse_url("nbd://store.example:10900/team").unwrap(),
             (

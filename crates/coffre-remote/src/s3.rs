@@ -28,6 +28,20 @@ pub struct S3Settings {
     pub allow_http: bool,
 }
 
+/// An endpoint carries no login (the keys go in `credentials_file`): it is
+/// shown in status and errors.
+pub fn check_endpoint(endpoint: &str) -> Result<(), RemoteError> {
+    // Any `@`: a secret may hold `/`, so the authority cannot be told
+    // from the path before it.
+    if endpoint.contains('@') {
+        return Err(RemoteError::Config(format!(
+            "the endpoint {:?} carries a login (or an @): put the keys in credentials_file",
+            coffre_sys::shown::url(endpoint)
+        )));
+    }
+    Ok(())
+}
+
 /// The bucket and the prefix of an `s3://` URL.
 pub fn parse_url(url: &str) -> Result<(String, String), RemoteError> {
     let bad = |why: &str| {
@@ -153,6 +167,7 @@ pub fn open(
         .with_allow_http(settings.allow_http)
         .with_conditional_put(S3ConditionalPut::ETagMatch);
     if let Some(e) = &settings.endpoint {
+        check_endpoint(e)?;
         if e.starts_with("http://") && !settings.allow_http {
             return Err(RemoteError::Config(format!(
                 "the endpoint {e} is plain HTTP: use https://, or allow_http for a test server"
@@ -203,6 +218,17 @@ mod tests {
         }
         let e = parse_url("s3://AKIAX:wJal/rXU@team-bucket/x").unwrap_err();
         assert!(!e.to_string().contains("wJal"), "{e}");
+        for e in [
+            "https://AKIAX:wJal/rXU@s3.example",
+            "https://k:s@s3.example:9000/",
+        ] {
+            let e = check_endpoint(e).unwrap_err();
+            assert!(
+                !e.to_string().contains("wJal") && !e.to_string().contains(":s@"),
+                "{e}"
+            );
+        }
+        assert!(check_endpoint("https://s3.example:9000").is_ok());
     }
 
     #[test]
