@@ -883,7 +883,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     Ok(serde_json::json!({
         "backend": backend_kind(&sc.url),
         "url": sc.url,
-        "endpoint": sc.endpoint.as_deref().map(coffre_sys::shown::url),
+        "endpoint": sc.endpoint,
         "chunk_size": sc.chunk_size,
         "cache_size": sc.cache_size,
         "degrade_after_s": sc.degrade_after_s,

@@ -116,6 +116,17 @@ impl StorageConfig {
     }
 
     /// Every credentials file named (the primary's, the mirrors').
+    /// Every store's URL and endpoint (the primary's, then the mirrors').
+    fn addresses(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str())
+            .chain(self.endpoint.as_deref())
+            .chain(
+                self.mirror
+                    .iter()
+                    .flat_map(|m| std::iter::once(m.url.as_str()).chain(m.endpoint.as_deref())),
+            )
+    }
+
     fn credentials_files(&self) -> impl Iterator<Item = &PathBuf> {
         self.credentials_file.iter().chain(
             self.mirror
@@ -929,6 +940,23 @@ impl VaultDir {
                 ),
             });
         }
+        // A login in a store's address would be shown in status, errors
+        // and audit records; the keys go in credentials_file. Any `@`: a
+        // secret may hold a `/`, so the authority cannot be told apart.
+        if let Some(a) = c
+            .storage
+            .iter()
+            .flat_map(|s| s.addresses())
+            .find(|a| a.contains('@'))
+        {
+            return Err(DirError::Bad {
+                path,
+                msg: format!(
+                    "[storage] {:?} carries a login (or an @): addresses take none; S3 keys go in credentials_file, an NBD storage host is authenticated by its certificate",
+                    coffre_sys::shown::url(a)
+                ),
+            });
+        }
         if let Some(v) = &c.volume
             && v.is_relative()
         {
@@ -1176,6 +1204,29 @@ vm_user = "coffre-vm"
         let c = load(&on).unwrap();
         assert!(c.network.is_some());
         assert_eq!(c.workload.len(), 1);
+    }
+
+    /// A store's URL or endpoint with a login is refused, and the
+    /// refusal does not show it.
+    #[test]
+    fn store_addresses_take_no_login() {
+        let base = WRITTEN_BY_INIT.replace("volume = \"volume.img\"\n", "");
+        let with = |storage: &str| load(&format!("{base}\n[storage]\n{storage}\n"));
+        with("url = \"s3://team-bucket/v1\"\nendpoint = \"https://s3.example:9000\"").unwrap();
+        for (storage, secret) in [
+            ("url = \"nbd://svc:1234/pw@host/team\"", "pw"),
+            (
+                "url = \"s3://team-bucket/v1\"\nendpoint = \"https://K:s/e@s3.example\"",
+                "s/e",
+            ),
+            (
+                "url = \"s3://team-bucket/v1\"\n[[storage.mirror]]\nurl = \"nbds://u:hunter2@h/x\"",
+                "hunter2",
+            ),
+        ] {
+            let e = with(storage).unwrap_err().to_string();
+            assert!(e.contains("carries a login") && !e.contains(secret), "{e}");
+        }
     }
 
     #[test]

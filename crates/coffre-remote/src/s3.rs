@@ -30,7 +30,7 @@ pub struct S3Settings {
 
 /// An endpoint carries no login (the keys go in `credentials_file`): it is
 /// shown in status and errors.
-pub fn check_endpoint(endpoint: &str) -> Result<(), RemoteError> {
+fn check_endpoint(endpoint: &str) -> Result<(), RemoteError> {
     // Any `@`: a secret may hold `/`, so the authority cannot be told
     // from the path before it.
     if endpoint.contains('@') {
