@@ -11,7 +11,11 @@ use libfuzzer_sys::fuzz_target;
 const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 
 fuzz_target!(|data: &[u8]| {
-    coffre_audit::fuzz_recover(data);
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    coffre_audit::fuzz_recover(
+        DIR.get_or_init(|| coffre_sys::fs::fuzz_workdir("audit")),
+        data,
+    );
     // The first line, if any, plays audit.head; the rest the log.
     let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
     let (head, log) = data.split_at(split);
@@ -19,8 +23,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(to) = serde_json::from_slice::<coffre_audit::Head>(head) {
-        const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-        if coffre_audit::verify_extension(0, GENESIS, &entries, &to).is_ok() {
+        if coffre_audit::verify_extension(0, coffre_audit::GENESIS, &entries, &to).is_ok() {
             let n = usize::try_from(to.seq).unwrap();
             assert!(n <= entries.len());
             if n > 0 {

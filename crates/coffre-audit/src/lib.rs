@@ -79,7 +79,8 @@ pub struct Head {
     pub signature: String,
 }
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// What the first record's `prev` is: no record before it.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn hex(b: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(b)
@@ -269,22 +270,19 @@ fn recover(dir: &Path, key: &HostKey) -> Result<(u64, String, u64, Vec<String>),
 
 /// For the fuzz target: a crash's leftovers as the disk could hold them
 /// (the first line of `data` plays `audit.head`, absent if empty; the rest
-/// the log), recovered as [`AuditLog::open`] does, in a directory of this
-/// process with a host key of its own. A head that parses is also tried
-/// signed by that key (the daemon's own head over a log it did not finish
-/// writing), else only an empty log would get past its signature. What
-/// recovery accepts must then verify as it stands on disk. Returns how
-/// many times it recovered a log (a test holds the harness to reaching it).
+/// the log), written in `dir` and recovered as [`AuditLog::open`] does,
+/// with RFC 8032's first test key as the host key (the seeds were signed
+/// with it). A head that parses is also tried signed by that key (the
+/// daemon's own head over a log it did not finish writing), else only an
+/// empty log would get past its signature. What recovery accepts must
+/// then verify as it stands on disk. Returns how many times it recovered
+/// a log (a test holds the harness to reaching it). Only in fuzz and test
+/// builds.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
-pub fn fuzz_recover(data: &[u8]) -> usize {
-    static DIR: std::sync::OnceLock<(PathBuf, HostKey)> = std::sync::OnceLock::new();
-    let (dir, key) = DIR.get_or_init(|| {
-        let dir = coffre_sys::fs::fuzz_workdir("audit");
-        let path = dir.join("host.key");
-        write_test_key(&path);
-        let key = HostKey::load_or_create(&path).expect("the test key");
-        (dir, key)
-    });
+pub fn fuzz_recover(dir: &Path, data: &[u8]) -> usize {
+    static KEY: std::sync::OnceLock<HostKey> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(test_key);
     let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
     let (head, log) = data.split_at(split);
     let log = log.get(1..).unwrap_or_default();
@@ -315,17 +313,20 @@ pub fn fuzz_recover(data: &[u8]) -> usize {
     recovered
 }
 
-/// RFC 8032's first test key (PKCS#8 v1) at `path`: the fuzz target's
-/// host key, whose public half the seeds were signed for.
-#[doc(hidden)]
-pub fn write_test_key(path: &Path) {
+/// RFC 8032's first test key: a well-known key, only in fuzz and test
+/// builds, and private.
+#[cfg(any(test, fuzzing))]
+fn test_key() -> HostKey {
+    // PKCS#8 v1: the Ed25519 algorithm, then the 32-byte seed.
     let mut pkcs8 = b"\x30\x2e\x02\x01\x00\x30\x05\x06\x03\x2b\x65\x70\x04\x22\x04\x20".to_vec();
     pkcs8.extend_from_slice(&[
         0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec, 0x2c,
         0xc4, 0x44, 0x49, 0xc5, 0x69, 0x7b, 0x32, 0x69, 0x19, 0x70, 0x3b, 0xac, 0x03, 0x1c, 0xae,
         0x7f, 0x60,
     ]);
-    write_atomic(path, &pkcs8, 0o600).expect("the test key written");
+    HostKey {
+        pair: Ed25519KeyPair::from_pkcs8(&pkcs8).expect("the test key"),
+    }
 }
 
 /// File names inside the control directory.
@@ -692,8 +693,7 @@ mod tests {
     #[test]
     fn the_fuzz_harness_reaches_recovery() {
         let d = tempfile::tempdir().unwrap();
-        write_test_key(&d.path().join("host.key"));
-        let key = HostKey::load_or_create(&d.path().join("host.key")).unwrap();
+        let key = test_key();
         assert_eq!(
             key.public_hex(),
             "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
@@ -704,22 +704,27 @@ mod tests {
         let two = std::fs::read(d.path().join(HEAD_FILE)).unwrap();
         log.append(rec(3)).unwrap();
         drop(log);
+        let scratch = tempfile::tempdir().unwrap();
         let mut input = std::fs::read(d.path().join(HEAD_FILE)).unwrap();
         input.push(b'\n');
         input.extend(std::fs::read(d.path().join(LOG_FILE)).unwrap());
         if let Some(out) = std::env::var_os("COFFRE_FUZZ_SEED_OUT") {
             std::fs::write(out, &input).unwrap();
         }
-        assert_eq!(fuzz_recover(&input), 2, "as it is, and signed again");
+        assert_eq!(
+            fuzz_recover(scratch.path(), &input),
+            2,
+            "as it is, and signed again"
+        );
         // The third record's line torn by a crash, before its head.
         let mut torn = two;
         torn.extend_from_slice(&input[input.iter().position(|&b| b == b'\n').unwrap()..]);
         torn.truncate(torn.len() - 20);
-        assert!(fuzz_recover(&torn) >= 1, "torn");
+        assert!(fuzz_recover(scratch.path(), &torn) >= 1, "torn");
         let text = String::from_utf8(input).unwrap();
         let edited = text.replace("\"n2\"", "\"n9\"");
         assert_ne!(edited, text);
-        assert_eq!(fuzz_recover(edited.as_bytes()), 0, "edited");
+        assert_eq!(fuzz_recover(scratch.path(), edited.as_bytes()), 0, "edited");
     }
 
     fn rec(i: u64) -> AuditRecord {

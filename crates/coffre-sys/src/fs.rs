@@ -88,7 +88,8 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
 /// For fuzz targets that work on real files: the directory
 /// `$TMPDIR/coffre-fuzz-KIND-PID`, made empty, after removing those of
 /// processes gone (libFuzzer ends with `exit()`: nothing of theirs runs
-/// then to clean up).
+/// then to clean up). Only in fuzz and test builds.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub fn fuzz_workdir(kind: &str) -> std::path::PathBuf {
     let tmp = std::env::temp_dir();
