@@ -6,7 +6,6 @@ use crate::vaultdir::{Config, VaultDir};
 use serde::Serialize;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// How bad a finding is. Ordered: the worst of several is their maximum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -207,14 +206,7 @@ fn char_device(check: &str, path: &Path, numbers: (u64, u64), why: &str, fix: &s
 /// The system's program directories. `doctor` runs as root: it looks
 /// for programs here only, never on the caller's PATH (an empty entry, `.`
 /// or a user's directory there would have root run what that user put).
-const SYSTEM_DIRS: [&str; 6] = [
-    "/usr/local/sbin",
-    "/usr/local/bin",
-    "/usr/sbin",
-    "/usr/bin",
-    "/sbin",
-    "/bin",
-];
+use coffre_sys::child::SYSTEM_DIRS;
 
 /// `name` in the system's program directories.
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -303,10 +295,8 @@ fn nftables(needed: bool) -> Finding {
 fn version_line(program: &Path) -> Result<String, String> {
     use std::io::Read;
     trusted_program(program)?;
-    let mut child = Command::new(program)
+    let mut child = coffre_sys::child::system_tool(program)
         .arg("--version")
-        .env_clear()
-        .env("PATH", SYSTEM_DIRS.join(":"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

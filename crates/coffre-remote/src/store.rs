@@ -1695,7 +1695,7 @@ impl ChunkStore {
     /// session), due for the next garbage collection.
     pub fn finish_chunks(&mut self, upload: Upload, landed: Landed) -> Result<(), RemoteError> {
         if upload.epoch != self.epoch {
-            self.orphaned(upload.puts.objects.iter().map(|(name, _)| name));
+            self.abandon_chunks(&upload);
             return Err(RemoteError::Config(
                 "an upload was finished after a flush: its chunks are written again".into(),
             ));
@@ -1709,7 +1709,7 @@ impl ChunkStore {
                     Ok(m) => format!("{} for {} chunks", m.len(), upload.done.len()),
                     Err(why) => why,
                 };
-                self.orphaned(upload.puts.objects.iter().map(|(name, _)| name));
+                self.abandon_chunks(&upload);
                 return Err(macs_missing(error, &why));
             }
         };
@@ -2221,11 +2221,6 @@ impl ChunkStore {
     /// a store still in step stays due.
     pub fn finish_garbage(&mut self, g: Garbage, results: &[bool]) -> usize {
         let n = g.targets.len();
-        if n == 0 {
-            // Deleted nowhere: still due.
-            self.garbage.extend(g.names);
-            return 0;
-        }
         let mut gone = 0;
         for (k, (name, since)) in g.names.into_iter().enumerate() {
             let failed_in_step = (0..n).any(|t| {

@@ -13,7 +13,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where [`system_tool`] looks for programs.
+/// The system's program directories, in the order [`SYSTEM_PATH`] has
+/// them.
+pub const SYSTEM_DIRS: [&str; 6] = [
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// Where [`system_tool`] looks for programs: [`SYSTEM_DIRS`].
 pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The command for a system tool the daemon runs as root (`ip`, `nft`,
@@ -446,6 +457,7 @@ mod tests {
                 format!("PATH={}", super::SYSTEM_PATH)
             ]
         );
+        assert_eq!(super::SYSTEM_PATH, super::SYSTEM_DIRS.join(":"));
     }
 
     #[test]

@@ -137,7 +137,6 @@ pub async fn created(objects: Arc<dyn Objects>, keys: &Keyring) -> ChunkStore {
         .0
 }
 
-/// The volume on `objects`, checked against `root`.
 /// `chunks` written and flushed, the root kept (as the daemon keeps it
 /// locally).
 pub async fn kept(s: &mut ChunkStore, chunks: Vec<(u64, Vec<u8>)>) -> Root {
@@ -147,6 +146,7 @@ pub async fn kept(s: &mut ChunkStore, chunks: Vec<(u64, Vec<u8>)>) -> Root {
     root
 }
 
+/// The volume on `objects`, checked against `root`.
 pub async fn opened(
     objects: Arc<dyn Objects>,
     keys: &Keyring,
