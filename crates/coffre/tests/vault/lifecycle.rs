@@ -364,8 +364,18 @@ fn enter_detach_hands_the_session_to_an_agent() {
     let mut v = Vault::init(&[]);
     v.start();
     let out = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
-    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 0, "{said}");
     assert_eq!(v.state(), "open");
+    // The agent's argv, anyone's to read, carries no code.
+    let pid = said
+        .split("agent pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the agent's pid is said");
+    let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv = String::from_utf8_lossy(&argv);
+    assert!(argv.contains("enter") && !argv.contains("--totp"), "{argv}");
     // The agent keeps heartbeating past the grace period of the client.
     let out = v.cli("alice", &["leave"]);
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));

@@ -575,8 +575,9 @@ pub struct AuthArgs {
     /// File holding your password (- for stdin).
     #[arg(long, value_name = "FILE")]
     pub password_file: PathBuf,
-    /// The current code of your authenticator app (single use).
-    #[arg(long, value_name = "CODE")]
+    /// The current code of your authenticator app (single use). From the
+    /// environment, it stays out of other users' `ps`.
+    #[arg(long, value_name = "CODE", env = "COFFRE_TOTP", hide_env_values = true)]
     pub totp: String,
 }
 

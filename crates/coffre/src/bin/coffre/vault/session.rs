@@ -27,15 +27,16 @@ pub fn enter_detached(ida: IdentityArg, auth: AuthArgs, heartbeat: u64) -> Resul
     };
     let logf = std::fs::File::create(&log)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    // The code by the environment, not argv: the agent lives on, and its
+    // argv is anyone's to read in `ps` (its environment is its user's).
     cmd.args([
         "enter",
         "--password-file",
         "-",
-        "--totp",
-        &auth.totp,
         "--heartbeat",
         &heartbeat.to_string(),
     ])
+    .env("COFFRE_TOTP", &auth.totp)
     .arg("--identity")
     .arg(&path)
     .stdin(std::process::Stdio::piped())
