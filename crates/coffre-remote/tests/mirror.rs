@@ -11,7 +11,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use bytes::Bytes;
-use coffre_remote::objects::{BoxFuture, Listing, Objects, Put, StoreError, Tag};
+use coffre_remote::objects::{BoxFuture, Objects, Put, StoreError, Tag};
 use coffre_remote::{
     Backend, ChunkStore, MirrorSettings, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
     StoreEvent,
@@ -104,18 +104,7 @@ impl Objects for Switch {
             self.inner.delete(key).await
         })
     }
-    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
-        self.inner.durable(names);
-    }
-    fn prepare<'a>(
-        &'a self,
-        geometry: &'a coffre_remote::layout::Geometry,
-    ) -> BoxFuture<'a, Result<(), RemoteError>> {
-        self.inner.prepare(geometry)
-    }
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
-        self.inner.list(prefix, max)
-    }
+    common::forward_layout!(durable, prepare, list);
 }
 
 fn backends(stores: &[&Arc<Switch>]) -> Vec<Backend> {

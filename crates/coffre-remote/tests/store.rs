@@ -396,15 +396,7 @@ impl Objects for Aged {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.delete(key)
     }
-    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
-        self.inner.durable(names);
-    }
-    fn prepare<'a>(
-        &'a self,
-        geometry: &'a coffre_remote::layout::Geometry,
-    ) -> BoxFuture<'a, Result<(), RemoteError>> {
-        self.inner.prepare(geometry)
-    }
+    common::forward_layout!(durable, prepare);
     fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             let listed = self.inner.list(prefix, max).await?;
@@ -916,15 +908,7 @@ impl Objects for Faulty {
             self.inner.list(prefix, max).await
         })
     }
-    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
-        self.inner.durable(names);
-    }
-    fn prepare<'a>(
-        &'a self,
-        geometry: &'a coffre_remote::layout::Geometry,
-    ) -> BoxFuture<'a, Result<(), RemoteError>> {
-        self.inner.prepare(geometry)
-    }
+    common::forward_layout!(durable, prepare);
 }
 
 #[test]
@@ -1553,18 +1537,7 @@ impl Objects for Counting {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.delete(key)
     }
-    fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
-        self.inner.durable(names);
-    }
-    fn prepare<'a>(
-        &'a self,
-        geometry: &'a coffre_remote::layout::Geometry,
-    ) -> BoxFuture<'a, Result<(), RemoteError>> {
-        self.inner.prepare(geometry)
-    }
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
-        self.inner.list(prefix, max)
-    }
+    common::forward_layout!(durable, prepare, list);
 }
 
 /// Sequential reads keep the read-ahead window (16 chunks here) on its

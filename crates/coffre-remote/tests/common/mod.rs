@@ -156,3 +156,35 @@ pub async fn opened(
         .await
         .map(|(s, _)| s)
 }
+
+/// In an `impl Objects` for a wrapper with an `inner` store: the methods
+/// named (`durable`, `prepare`, `list`) passed on to it as they are.
+// Each test crate uses its part.
+#[allow(unused_macros)]
+macro_rules! forward_layout {
+    ($($m:ident),*) => { $(common::forward_layout!(@ $m);)* };
+    (@ durable) => {
+        fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
+            self.inner.durable(names);
+        }
+    };
+    (@ prepare) => {
+        fn prepare<'a>(
+            &'a self,
+            geometry: &'a coffre_remote::layout::Geometry,
+        ) -> coffre_remote::objects::BoxFuture<'a, Result<(), coffre_remote::RemoteError>> {
+            self.inner.prepare(geometry)
+        }
+    };
+    (@ list) => {
+        fn list<'a>(
+            &'a self,
+            prefix: &'a str,
+            max: usize,
+        ) -> coffre_remote::objects::BoxFuture<'a, coffre_remote::objects::Listing> {
+            self.inner.list(prefix, max)
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use forward_layout;
