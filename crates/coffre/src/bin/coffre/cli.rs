@@ -394,12 +394,15 @@ pub enum Command {
         )]
         password_file: Option<PathBuf>,
         /// The current code of your authenticator app (single use): for
-        /// your own certificate.
+        /// your own certificate. From the environment, it stays out of
+        /// other users' `ps` (and is ignored with --server, --gateway and
+        /// --ca).
         #[arg(
             long,
             value_name = "CODE",
-            required_unless_present_any = ["server", "gateway", "ca"],
-            conflicts_with_all = ["server", "gateway", "ca"]
+            env = "COFFRE_TOTP",
+            hide_env_values = true,
+            required_unless_present_any = ["server", "gateway", "ca"]
         )]
         totp: Option<String>,
         /// After the CA's key was changed: the new CA's key fingerprint, as
