@@ -65,7 +65,31 @@ pub enum BusCommand {
     },
 }
 
+/// What a command's envelope must be beyond [`crate::envelope::open`]'s
+/// checks: of kind [`KIND`], living [`LIFE_S`] at most. Says why not
+/// (without the body).
+pub fn check_header(h: &crate::envelope::Header) -> Result<(), String> {
+    if h.kind != KIND {
+        return Err(format!(
+            "from {}: a {:?} message is not a command",
+            h.from, h.kind
+        ));
+    }
+    if h.exp.saturating_sub(h.iat) > LIFE_S {
+        return Err(format!(
+            "from {}: a command lives {LIFE_S} s at most",
+            h.from
+        ));
+    }
+    Ok(())
+}
+
 impl BusCommand {
+    /// Reads a command from an authentic envelope's body.
+    pub fn from_body(body: &serde_json::Value) -> Result<Self, String> {
+        Self::deserialize(body).map_err(|e| format!("not a command ({e})"))
+    }
+
     /// Its name in audit records.
     pub fn name(&self) -> &'static str {
         match self {
@@ -117,5 +141,21 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<BusCommand>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_a_command_that_lives_briefly_is_read() {
+        let body = serde_json::json!({"command": "task_cancel", "task_id": 3, "task_user": "bob"});
+        let mut h = crate::envelope::header("team", "ci", "vault", KIND, LIFE_S, body);
+        assert_eq!(check_header(&h), Ok(()));
+        let c = BusCommand::from_body(&h.body).unwrap();
+        assert_eq!((c.name(), c.member()), ("task_cancel", "bob"));
+        h.exp = h.iat + LIFE_S + 1;
+        assert!(check_header(&h).unwrap_err().contains("300 s at most"));
+        h.exp = h.iat;
+        h.kind = "gateway".into();
+        assert!(check_header(&h).unwrap_err().contains("not a command"));
+        h.body = serde_json::json!({"command": "task_cancel", "task_id": "3", "task_user": "bob"});
+        assert!(BusCommand::from_body(&h.body).is_err());
     }
 }

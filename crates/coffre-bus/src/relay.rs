@@ -16,6 +16,7 @@
 //! consumer's connection.
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 /// The topic exchange the relay and the vault talk through.
 pub const GATEWAY: &str = "coffre.gateway";
@@ -146,6 +147,28 @@ impl RelayMsg {
     }
 }
 
+/// The lines of a batch the relay sealed, once opened: each ended by
+/// `\n` (a `\r` before it, or several, is dropped; empty lines are
+/// skipped), as text (bytes that are not UTF-8 are replaced). A line
+/// longer than `max_line` refuses the whole batch: it is not what OpenVPN
+/// writes, and the vault must not keep it.
+pub fn batch_lines(plain: &[u8], max_line: usize) -> Result<Vec<Zeroizing<String>>, String> {
+    let mut out = Vec::new();
+    for mut l in plain.split(|&b| b == b'\n') {
+        while let [rest @ .., b'\r'] = l {
+            l = rest;
+        }
+        if l.is_empty() {
+            continue;
+        }
+        if l.len() > max_line {
+            return Err("the relay sent an overlong line".into());
+        }
+        out.push(Zeroizing::new(String::from_utf8_lossy(l).into_owned()));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +193,16 @@ mod tests {
         assert!(RelayMsg::from_value(bad).is_err());
         let bad = serde_json::json!({"op": "launch"});
         assert!(RelayMsg::from_value(bad).is_err());
+    }
+
+    #[test]
+    fn a_batch_splits_into_its_lines_and_an_overlong_one_refuses_it() {
+        let got = batch_lines(b">INFO:hello\r\n\r\n\nSUCCESS: x\r\r\n\xfftail", 16).unwrap();
+        let got: Vec<&str> = got.iter().map(|l| l.as_str()).collect();
+        assert_eq!(got, [">INFO:hello", "SUCCESS: x", "\u{fffd}tail"]);
+        assert!(batch_lines(b"", 16).unwrap().is_empty());
+        assert_eq!(batch_lines(&[b'x'; 16], 16).unwrap().len(), 1);
+        let long = [&[b'x'; 17][..], b"\r\n"].concat();
+        assert!(batch_lines(&long, 16).is_err());
     }
 }

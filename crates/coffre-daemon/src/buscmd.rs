@@ -15,9 +15,7 @@
 //! message acknowledged to the broker, and the answer published.
 
 use crate::bus::{Component, VAULT_COMPONENT, VaultKeys};
-use coffre_bus::command::{
-    self, BusCommand, COMMANDS, KIND, REPLY_KIND, Reply, VAULT_QUEUE, to_reply,
-};
+use coffre_bus::command::{self, BusCommand, COMMANDS, REPLY_KIND, Reply, VAULT_QUEUE, to_reply};
 use coffre_bus::envelope::{self, Expect, Header, Refusal};
 use coffre_bus::{Identity, Role, common_name};
 use futures::StreamExt;
@@ -169,17 +167,8 @@ fn judge(
         }
     };
     let from = h.from.clone();
-    if h.kind != KIND {
-        return Verdict::Refused(
-            format!("from {from}: a {:?} message is not a command", h.kind),
-            Some(h),
-        );
-    }
-    if h.exp.saturating_sub(h.iat) > command::LIFE_S {
-        return Verdict::Refused(
-            format!("from {from}: a command lives {} s at most", command::LIFE_S),
-            Some(h),
-        );
+    if let Err(why) = command::check_header(&h) {
+        return Verdict::Refused(why, Some(h));
     }
     if let Some(answer) = nonces.answer(&h.nonce) {
         if redelivered {
@@ -191,9 +180,9 @@ fn judge(
     if nonces.full(now) {
         return Verdict::Refused("too many recent commands: try again later".into(), Some(h));
     }
-    let cmd: BusCommand = match serde_json::from_value(h.body.clone()) {
+    let cmd = match BusCommand::from_body(&h.body) {
         Ok(c) => c,
-        Err(e) => return Verdict::Refused(format!("from {from}: not a command ({e})"), Some(h)),
+        Err(e) => return Verdict::Refused(format!("from {from}: {e}"), Some(h)),
     };
     let comp = comps
         .into_iter()

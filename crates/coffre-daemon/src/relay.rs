@@ -16,7 +16,7 @@ use base64::Engine as _;
 use coffre_bus::envelope::{self, Expect, Opener, Replays, Signer};
 use coffre_bus::relay::{
     ALIVE_EVERY_S, GATEWAY, KIND, RelayMsg, SILENT_S, TTL_MS, VAULT_QUEUE, VAULT_QUEUE_MAX,
-    cmd_aad, relay_queue, sealed_aad, to_relay, to_vault,
+    batch_lines, cmd_aad, relay_queue, sealed_aad, to_relay, to_vault,
 };
 use coffre_bus::{Identity, Role, common_name};
 use futures::StreamExt;
@@ -447,20 +447,8 @@ impl Transport for RelayLink<'_> {
                         .opener
                         .open(&sealed_aad(&link, seq), &raw)
                         .map_err(|e| e.to_string())?;
-                    for l in plain.split(|&b| b == b'\n') {
-                        let mut l = l;
-                        while let [rest @ .., b'\r'] = l {
-                            l = rest;
-                        }
-                        if l.is_empty() {
-                            continue;
-                        }
-                        if l.len() > crate::openvpn::MAX_LINE {
-                            return Err("the relay sent an overlong line".into());
-                        }
-                        self.pending
-                            .push_back(Zeroizing::new(String::from_utf8_lossy(l).into_owned()));
-                    }
+                    self.pending
+                        .extend(batch_lines(&plain, crate::openvpn::MAX_LINE)?);
                     if self.pending.len() > MAX_PENDING {
                         return Err("the relay sent more lines than the vault keeps waiting".into());
                     }
