@@ -6,8 +6,10 @@
 //! saying why its preconditions hold. The rest of the workspace denies
 //! unsafe code. The safe helpers have one home each: [`fs::write_atomic`]
 //! (crash-safe file writes), [`time::now_ms`] (the wall clock) and
-//! [`proc`] (the parsers of `/proc` files) and [`shown::url`] (a URL in
-//! an error, without its login).
+//! [`proc`] (the parsers of `/proc` files), [`shown::url`] (a URL in
+//! an error, without its login), [`shown::told`] (what a less trusted
+//! process said, as it may be shown) and [`helper`] (the daemon's
+//! reading of its helpers' answers).
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,6 +19,7 @@ pub mod caller;
 pub mod child;
 pub mod fs;
 pub mod handle;
+pub mod helper;
 pub mod lines;
 pub mod locked;
 pub mod proc;

@@ -14,9 +14,46 @@ pub fn url(url: &str) -> String {
     }
 }
 
+/// Whether `c` is kept out of told text: control characters (a
+/// terminal's escapes, new lines that would forge a log line), the line
+/// and paragraph separators, and the marks that reorder text on screen.
+pub fn unshown(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text a less trusted process told us (a helper's error, a name it
+/// reports), as it may be shown: each [`unshown`] character escaped
+/// (`\n`, `\r`, `\t`, `\u{1b}`), and at most `max` characters, the last
+/// one `…` if it was cut (`max` is at least 1).
+pub fn told(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut n = 0;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let piece = match c {
+            '\n' => "\\n".to_string(),
+            '\r' => "\\r".to_string(),
+            '\t' => "\\t".to_string(),
+            c if unshown(c) => format!("\\u{{{:x}}}", u32::from(c)),
+            c => c.to_string(),
+        };
+        let len = piece.chars().count();
+        // Room for this piece, and for `…` after it unless it is the last.
+        let room = if chars.peek().is_some() { max - 1 } else { max };
+        if n + len > room {
+            out.push('…');
+            return out;
+        }
+        n += len;
+        out.push_str(&piece);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::url;
+    use super::{told, url};
 
     #[test]
     fn logins_are_never_shown() {
@@ -29,6 +66,24 @@ mod tests {
         for secret in ["pw", "p/w", "p@w", "p?w#", "é@"] {
             let shown = url(&format!("ldap://u:{secret}@h/"));
             assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn told_text_is_cut_and_shows_no_control() {
+        assert_eq!(told("plain é text", 40), "plain é text");
+        assert_eq!(told("abcde", 5), "abcde");
+        assert_eq!(told("abcdef", 5), "abcd…");
+        assert_eq!(told("abcd\n", 5), "abcd…");
+        assert_eq!(
+            told("a\nb\x1b[2J\u{202e}c\t", 40),
+            "a\\nb\\u{1b}[2J\\u{202e}c\\t"
+        );
+        assert_eq!(told("", 1), "");
+        assert_eq!(told("ab", 1), "…");
+        for s in ["\u{85}x", "\u{2028}", "\u{7f}", "x\u{2066}y"] {
+            let t = told(s, 20);
+            assert!(!t.chars().any(super::unshown), "{t:?}");
         }
     }
 }

@@ -337,7 +337,10 @@ impl Shell {
         else {
             return;
         };
-        l.stats = v["stats"].clone();
+        l.stats = helper::counters(
+            &v["stats"],
+            &["connections", "refused_addresses", "searches", "binds"],
+        );
         let now = now_ms().0;
         // What the server says is checked before it is written: it parses
         // guests' bytes, so it may lie. A workload that is configured, an
@@ -388,7 +391,10 @@ impl Shell {
                 entry.1 += 1;
             }
         }
-        l.dropped += v["dropped"].as_u64().unwrap_or(0) + ignored;
+        l.dropped = l
+            .dropped
+            .saturating_add(v["dropped"].as_u64().unwrap_or(0))
+            .saturating_add(ignored);
         let mut stale = Vec::new();
         for ((workload, outcome), (last, counted)) in &mut l.binds {
             if now >= *last + BIND_AUDIT_EVERY_MS {

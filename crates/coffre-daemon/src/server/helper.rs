@@ -2,7 +2,11 @@
 //! command per line, one JSON answer per line): the NFS server and the
 //! directory's LDAP server. The daemon binds their sockets and keeps
 //! them, so a helper that dies is started again on the same ones; an
-//! answer that does not come in time gets the helper killed.
+//! answer that does not come in time gets the helper killed. A helper
+//! parses guests' bytes: its answers are read through
+//! [`coffre_sys::helper`], which believes no more of them than it must.
+
+pub(super) use coffre_sys::helper::{counters, failures};
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -121,15 +125,8 @@ impl Helper {
             return Err(format!("{what} ended"));
         }
         match answers.recv_timeout(within) {
-            Ok(answer) => {
-                let v: Value =
-                    serde_json::from_str(&answer).map_err(|e| format!("{what}'s answer: {e}"))?;
-                if v["ok"] == true {
-                    Ok(v)
-                } else {
-                    Err(format!("{what}: {}", v["error"]))
-                }
-            }
+            // It may lie: what it says is bounded and escaped there.
+            Ok(answer) => coffre_sys::helper::answer(what, &answer),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.stop();
                 Err(format!(
@@ -189,22 +186,4 @@ fn read_answers(mut out: BufReader<ChildStdout>, tx: &mpsc::SyncSender<String>) 
             _ => return,
         }
     }
-}
-
-/// A helper's `"failed": [[what, why]...]`, as lines `what: why`.
-pub(super) fn failures(v: &Value) -> Vec<String> {
-    v["failed"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|f| {
-                    format!(
-                        "{}: {}",
-                        f[0].as_str().unwrap_or("?"),
-                        f[1].as_str().unwrap_or("?")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }

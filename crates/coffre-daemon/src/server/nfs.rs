@@ -11,7 +11,7 @@
 //! vault is open, the key again.
 
 use super::Shell;
-use super::helper::{Helper, failures};
+use super::helper::{Helper, counters, failures};
 use coffre_nfs::{ExportSpec, HandleKey};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -151,7 +151,11 @@ impl NfsChild {
 
     /// Counters, for status.
     pub(super) fn stats(&mut self) -> Option<Value> {
-        self.helper.command(&json!({"cmd": "stats"})).ok()
+        let v = self.helper.command(&json!({"cmd": "stats"})).ok()?;
+        Some(counters(
+            &v,
+            &["open", "calls", "jukebox", "replayed", "refused"],
+        ))
     }
 
     pub(super) fn stop(&mut self) {
