@@ -9,6 +9,7 @@ use coffre::exit;
 use coffre_daemon::api::ApiCommand;
 use coffre_daemon::vaultdir::VaultDir;
 use coffre_daemon::witness::{self, Assessment, HeadStore, ShownHead};
+use coffre_sys::shown::told;
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -52,21 +53,31 @@ pub(super) fn check_dir_against_seen(
 
 pub(super) fn print_entries(entries: &[Value]) {
     for e in entries {
-        let r = &e["record"];
-        println!(
-            "{:>5} {} {:<8} {:<14} {:<24} {}{}",
-            e["seq"],
-            iso(r["at"].as_u64().unwrap_or(0)),
-            r["actor"].as_str().unwrap_or(""),
-            r["action"].as_str().unwrap_or(""),
-            r["result"].as_str().unwrap_or(""),
-            r["detail"].as_str().unwrap_or(""),
-            r["source"]["addr"]
-                .as_str()
-                .map(|a| format!(" [{a}]"))
-                .unwrap_or_default()
-        );
+        println!("{}", entry_line(e));
     }
+}
+
+/// One record as a line. A record's texts may carry what outsiders said
+/// (a name a VPN client gave, a storage host's error): each is shown with
+/// its control characters escaped, so that no record can forge another
+/// line or send a terminal its escapes.
+fn entry_line(e: &Value) -> String {
+    let r = &e["record"];
+    let text = |v: &Value| told(v.as_str().unwrap_or(""), usize::MAX);
+    format!(
+        "{:>5} {} {:<8} {:<14} {:<24} {}{}",
+        // A number, so that the column is padded (a JSON value is not).
+        e["seq"].as_u64().unwrap_or(0),
+        iso(r["at"].as_u64().unwrap_or(0)),
+        text(&r["actor"]),
+        text(&r["action"]),
+        text(&r["result"]),
+        text(&r["detail"]),
+        r["source"]["addr"]
+            .as_str()
+            .map(|a| format!(" [{}]", told(a, usize::MAX)))
+            .unwrap_or_default()
+    )
 }
 
 pub fn audit(cmd: AuditCommand) -> Result<u8> {
@@ -164,5 +175,28 @@ pub fn audit(cmd: AuditCommand) -> Result<u8> {
             }
             Ok(exit::OK)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_one_line_without_a_terminals_escapes() {
+        let e = serde_json::json!({"seq": 7, "record": {
+            "at": 0, "actor": "gateway", "action": "vpn_login", "result": "failed",
+            "detail": "user \"x\u{1b}[2J\nforged\" refused", "source": {"addr": "10.0.0.2\r"},
+        }});
+        let line = entry_line(&e);
+        assert!(!line.chars().any(coffre_sys::shown::unshown), "{line:?}");
+        assert!(
+            line.ends_with("user \"x\\u{1b}[2J\\nforged\" refused [10.0.0.2\\r]"),
+            "{line}"
+        );
+        assert!(
+            line.starts_with("    7 1970-01-01T00:00:00.000Z gateway "),
+            "{line}"
+        );
     }
 }
