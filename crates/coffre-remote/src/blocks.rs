@@ -36,7 +36,7 @@
 use crate::RemoteError;
 use crate::layout::{Geometry, Keys, Manifest, Name, Page};
 use crate::nbd::NbdClient;
-use crate::objects::{BoxFuture, Listing, Objects, Put, StoreError, Tag};
+use crate::objects::{BoxFuture, Keep, Listing, Objects, Put, StoreError, Tag};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -871,7 +871,12 @@ impl Objects for BlockObjects {
         Box::pin(self.delete_named(key))
     }
     /// Never: its slots are reused, nothing is left behind to sweep.
-    fn list<'a>(&'a self, _prefix: &'a str, _max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(
+        &'a self,
+        _prefix: &'a str,
+        _max: usize,
+        _keep: Keep<'a>,
+    ) -> BoxFuture<'a, Listing> {
         Box::pin(async { Ok(None) })
     }
     fn prepare<'a>(&'a self, geometry: &'a Geometry) -> BoxFuture<'a, Result<(), RemoteError>> {

@@ -85,16 +85,36 @@ pub trait Objects: Send + Sync {
         &'a self,
         geometry: &'a crate::layout::Geometry,
     ) -> BoxFuture<'a, Result<(), crate::RemoteError>>;
-    /// The objects under the folder `prefix` (`team/`; empty: all), each
-    /// with when it was last written, as the store says; `None` where the
-    /// store cannot list (a block device, whose slots are reused rather
-    /// than left behind). At most `max` of them (a store cannot make the
-    /// vault hold what it likes): `max` returned may mean more.
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing>;
+    /// The objects under the folder `prefix` (`team/`; empty: all) that
+    /// `keep` keeps, each with when it was last written, as the store
+    /// says; `None` where the store cannot list (a block device, whose
+    /// slots are reused rather than left behind). At most `max` listed
+    /// (a store cannot make the vault hold or look at what it likes):
+    /// [`Found::listed`] at `max` may mean more. Only what `keep` keeps is
+    /// held: a sweep keeps its candidates, never every live chunk.
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing>;
 }
 
-/// What [`Objects::list`] gives: names and when each was last written.
-pub type Listing = Result<Option<Vec<(String, std::time::SystemTime)>>, StoreError>;
+/// What [`Objects::list`] keeps of a name listed, given the name and when
+/// it was last written.
+pub type Keep<'a> = &'a (dyn Fn(&str, std::time::SystemTime) -> bool + Send + Sync);
+
+/// Keeps every name (for tests and tools that want the whole listing).
+pub fn keep_all(_: &str, _: std::time::SystemTime) -> bool {
+    true
+}
+
+/// What [`Objects::list`] gives.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The names kept, and when each was last written.
+    pub names: Vec<(String, std::time::SystemTime)>,
+    /// How many were listed, kept or not.
+    pub listed: usize,
+}
+
+/// What [`Objects::list`] returns.
+pub type Listing = Result<Option<Found>, StoreError>;
 
 /// [`Objects`] over an `object_store` store.
 #[derive(Clone, Debug)]
@@ -197,16 +217,16 @@ impl Objects for ObjectStoreObjects {
         Box::pin(async { Ok(()) })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             use futures::StreamExt;
             let folder = prefix.trim_matches('/');
             let at = (!folder.is_empty()).then(|| Path::from(folder));
             let mut stream = self.store.list(at.as_ref());
-            let mut out = Vec::new();
+            let mut out = Found::default();
             // However long the whole takes, a store that stops answering
             // fails the listing.
-            while out.len() < max {
+            while out.listed < max {
                 let Some(meta) = tokio::time::timeout(crate::store::LIST_STALL, stream.next())
                     .await
                     .map_err(|_| StoreError::Other(format!("the listing of {prefix:?} stalled")))?
@@ -214,10 +234,14 @@ impl Objects for ObjectStoreObjects {
                     break;
                 };
                 let meta = meta.map_err(map_err)?;
-                out.push((
-                    meta.location.to_string(),
+                out.listed += 1;
+                let (name, written) = (
+                    meta.location.as_ref(),
                     std::time::SystemTime::from(meta.last_modified),
-                ));
+                );
+                if keep(name, written) {
+                    out.names.push((name.to_string(), written));
+                }
             }
             Ok(Some(out))
         })
@@ -293,17 +317,18 @@ impl Objects for Prefixed {
     fn durable(&self, names: &mut dyn Iterator<Item = crate::layout::Name>) {
         self.inner.durable(names);
     }
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
+            let ours = |n: &str, t| n.strip_prefix(&self.prefix).is_some_and(|n| keep(n, t));
             let listed = self
                 .inner
-                .list(&format!("{}{prefix}", self.prefix), max)
+                .list(&format!("{}{prefix}", self.prefix), max, &ours)
                 .await?;
-            Ok(listed.map(|names| {
-                names
-                    .into_iter()
-                    .filter_map(|(n, t)| Some((n.strip_prefix(&self.prefix)?.to_string(), t)))
-                    .collect()
+            Ok(listed.map(|mut found| {
+                for (n, _) in &mut found.names {
+                    n.drain(..self.prefix.len());
+                }
+                found
             }))
         })
     }

@@ -2086,6 +2086,10 @@ impl ChunkStore {
             newest: self.epoch + 1,
             root: self.root,
             known_from: self.known.len(),
+            named: Arc::new(Named {
+                chunks: self.table.iter().map(Named::print).collect(),
+                pages: self.pages.iter().map(Named::print).collect(),
+            }),
         })
     }
 
@@ -2592,6 +2596,39 @@ pub struct Sweep {
     /// knew then.
     root: Root,
     known_from: usize,
+    /// What the table named when the sweep was prepared.
+    named: Arc<Named>,
+}
+
+/// The version and session of each chunk and page a table named, as a
+/// fingerprint (8 bytes each, a sixth of the table): what a listing need
+/// not keep. A name named then is no orphan now (or it waits in the
+/// superseded or garbage lists), so a listing holds only what may be
+/// one, not every live chunk. Two fingerprints that collide keep an
+/// orphan for later; they never delete a live object.
+struct Named {
+    chunks: Vec<u64>,
+    pages: Vec<u64>,
+}
+
+impl Named {
+    fn print(e: &Entry) -> u64 {
+        Self::of(e.version, e.session)
+    }
+
+    fn of(version: u64, session: u64) -> u64 {
+        version.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(31) ^ session
+    }
+
+    /// Whether `name` was named then.
+    fn names(&self, name: &Name) -> bool {
+        let at = |v: &[u64], i: u64| usize::try_from(i).ok().and_then(|i| v.get(i).copied());
+        match *name {
+            Name::Chunk(i, v, s) => at(&self.chunks, i) == Some(Self::of(v, s)),
+            Name::Page(i, v, s) => at(&self.pages, i) == Some(Self::of(v, s)),
+            Name::Probe(_) | Name::Manifest => false,
+        }
+    }
 }
 
 /// What [`Sweep::run`] found on one store: the root of the manifest it held
@@ -2635,6 +2672,14 @@ impl Sweep {
         let mut names = Vec::new();
         let mut left = self.max;
         let mut partial = false;
+        // Kept: old enough (young, or written in the store's future: not
+        // judged), exactly a name of the layout, and not named when the
+        // sweep was prepared.
+        let keep = |n: &str, written: SystemTime| {
+            now.duration_since(written)
+                .is_ok_and(|age| age >= self.min_age)
+                && self.candidate(n).is_some_and(|p| !self.named.names(&p))
+        };
         // The small folders first: a chunk folder over the bound leaves
         // the pages and probes judged.
         for folder in ["probe/", "p/", "c/"] {
@@ -2643,23 +2688,18 @@ impl Sweep {
                 break;
             }
             let at = format!("{}{folder}", self.keys.prefix());
-            let Some(listed) = o.list(&at, left).await.map_err(|e| e.to_string())? else {
+            let Some(found) = o.list(&at, left, &keep).await.map_err(|e| e.to_string())? else {
                 return Ok(None);
             };
-            partial |= listed.len() >= left;
-            left = left.saturating_sub(listed.len());
-            for (n, written) in listed {
-                // Young, or written in the store's future: not judged.
-                if now
-                    .duration_since(written)
-                    .map_or(true, |age| age < self.min_age)
-                {
-                    continue;
-                }
-                if let Some(parsed) = self.candidate(&n) {
-                    names.push((n, parsed));
-                }
-            }
+            partial |= found.listed >= left;
+            left = left.saturating_sub(found.listed);
+            names.extend(
+                found
+                    .names
+                    .into_iter()
+                    .filter_map(|(n, _)| Some((self.candidate(&n)?, n)))
+                    .map(|(p, n)| (n, p)),
+            );
         }
         let manifest = tokio::time::timeout(LIST_STALL, o.get(&self.keys.manifest(), MAX_MANIFEST))
             .await
@@ -3051,6 +3091,7 @@ mod probe_tests {
             &'a self,
             _prefix: &'a str,
             _max: usize,
+            _keep: crate::objects::Keep<'a>,
         ) -> BoxFuture<'a, crate::objects::Listing> {
             Box::pin(async { Ok(None) })
         }

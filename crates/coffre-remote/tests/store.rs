@@ -9,7 +9,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use bytes::Bytes;
-use coffre_remote::objects::{BoxFuture, Listing, Objects, Put, StoreError, Tag};
+use coffre_remote::objects::{BoxFuture, Keep, Listing, Objects, Put, StoreError, Tag, keep_all};
 use coffre_remote::{
     ChunkStore, IntegrityKey, ObjectStoreObjects, RemoteDevice, RemoteError, Root,
 };
@@ -19,7 +19,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -213,6 +213,88 @@ fn a_sweep_deletes_orphans_and_nothing_else() {
     });
 }
 
+/// A store that counts what its listings saw and what they held.
+struct Counted {
+    inner: Arc<dyn Objects>,
+    listed: AtomicUsize,
+    held: AtomicUsize,
+}
+
+impl Objects for Counted {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
+        self.inner.get(key, max)
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        self.inner.put(key, data, mode)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
+    }
+    common::forward_layout!(durable, prepare);
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
+        Box::pin(async move {
+            let found = self.inner.list(prefix, max, keep).await?;
+            if let Some(f) = &found {
+                self.listed.fetch_add(f.listed, Ordering::Relaxed);
+                self.held.fetch_add(f.names.len(), Ordering::Relaxed);
+            }
+            Ok(found)
+        })
+    }
+}
+
+/// A sweep holds what may be an orphan, never every live chunk: the
+/// listing sees them all and keeps none of them (a store of ten million
+/// chunks would have held a gigabyte of names).
+#[test]
+fn a_sweep_holds_its_candidates_and_not_the_live_chunks() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let counted = Arc::new(Counted {
+            inner: objects(&mem),
+            listed: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+        });
+        let g = coffre_remote::layout::Geometry::new(CHUNK, 96 * u64::from(CHUNK)).unwrap();
+        let (mut s, _) = created_with(
+            counted.clone(),
+            &keys,
+            g,
+            coffre_remote::integrity::ChunkMac::Blake3,
+        )
+        .await;
+        kept(&mut s, (0..80).map(|i| (i, chunk(i as u8))).collect()).await;
+        let cut = s.prepare_chunks(vec![(90, chunk(1))]).await.unwrap();
+        let orphan = cut.names().next().unwrap().clone();
+        drop(cut.run().await);
+        drop(cut);
+        let swept = s.sweep(Duration::ZERO).await.unwrap();
+        assert_eq!(swept.orphans, std::slice::from_ref(&orphan));
+        assert_eq!(swept.deleted, 1);
+        assert!(!snapshot(&mem).await.contains_key(&orphan));
+        assert!(counted.listed.load(Ordering::Relaxed) >= 81, "all seen");
+        assert_eq!(
+            counted.held.load(Ordering::Relaxed),
+            1,
+            "the orphan alone held"
+        );
+        for i in [0, 41, 79] {
+            assert_eq!(s.read_chunk(i).await.unwrap(), chunk(i as u8));
+        }
+    });
+}
+
 /// The same through a store under a folder of a bucket (as mirrors in one
 /// bucket are): what it lists is under its folder only, named as it names
 /// them.
@@ -241,13 +323,25 @@ fn a_sweep_through_a_prefixed_store_sees_its_folder_only() {
         )
         .await
         .unwrap();
-        let listed = folder.list("team/", 1000).await.unwrap().unwrap();
+        let listed = folder
+            .list("team/", 1000, &keep_all)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
-            listed.iter().all(|(n, _)| n.starts_with("team/")),
+            listed.names.iter().all(|(n, _)| n.starts_with("team/")),
             "{listed:?}"
         );
-        let bounded = folder.list("team/", 2).await.unwrap().unwrap();
-        assert_eq!(bounded.len(), 2, "no more than asked");
+        assert_eq!(listed.listed, listed.names.len());
+        let bounded = folder.list("team/", 2, &keep_all).await.unwrap().unwrap();
+        assert_eq!(bounded.names.len(), 2, "no more than asked");
+        // Only what is kept is held; everything listed is counted.
+        let one = listed.names[0].0.clone();
+        let only = |n: &str, _| n == one;
+        let kept = folder.list("team/", 1000, &only).await.unwrap().unwrap();
+        assert_eq!(kept.names.len(), 1);
+        assert_eq!(kept.names[0].0, listed.names[0].0);
+        assert_eq!(kept.listed, listed.listed);
         assert_eq!(s.sweep(Duration::ZERO).await.unwrap().deleted, 1);
         let after = snapshot(&mem).await;
         assert!(!after.contains_key(&orphan));
@@ -397,10 +491,16 @@ impl Objects for Aged {
         self.inner.delete(key)
     }
     common::forward_layout!(durable, prepare);
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
-            let listed = self.inner.list(prefix, max).await?;
-            Ok(listed.map(|l| l.into_iter().map(|(n, t)| (n, t - self.older)).collect()))
+            let aged = |n: &str, t| keep(n, t - self.older);
+            let listed = self.inner.list(prefix, max, &aged).await?;
+            Ok(listed.map(|mut found| {
+                for (_, t) in &mut found.names {
+                    *t -= self.older;
+                }
+                found
+            }))
         })
     }
 }
@@ -900,12 +1000,12 @@ impl Objects for Faulty {
             self.inner.delete(key).await
         })
     }
-    fn list<'a>(&'a self, prefix: &'a str, max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             if self.failing() {
                 return Err(StoreError::Other("injected: 500".into()));
             }
-            self.inner.list(prefix, max).await
+            self.inner.list(prefix, max, keep).await
         })
     }
     common::forward_layout!(durable, prepare);
@@ -1039,7 +1139,12 @@ impl Objects for Unconditional {
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async { Ok(()) })
     }
-    fn list<'a>(&'a self, _prefix: &'a str, _max: usize) -> BoxFuture<'a, Listing> {
+    fn list<'a>(
+        &'a self,
+        _prefix: &'a str,
+        _max: usize,
+        _keep: Keep<'a>,
+    ) -> BoxFuture<'a, Listing> {
         Box::pin(async { Ok(None) })
     }
 }

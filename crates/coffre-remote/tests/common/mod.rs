@@ -181,8 +181,9 @@ macro_rules! forward_layout {
             &'a self,
             prefix: &'a str,
             max: usize,
+            keep: coffre_remote::objects::Keep<'a>,
         ) -> coffre_remote::objects::BoxFuture<'a, coffre_remote::objects::Listing> {
-            self.inner.list(prefix, max)
+            self.inner.list(prefix, max, keep)
         }
     };
 }
