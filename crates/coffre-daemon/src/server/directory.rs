@@ -101,14 +101,30 @@ impl LdapChild {
     /// Starts the process and tells it everything it was told before.
     fn start(&mut self) -> Result<u32, String> {
         let pid = self.helper.spawn()?;
-        let mut line = serde_json::to_vec(&json!({
-            "cmd": "tls", "chain_pem": self.tls.0, "key_pem": self.tls.1.as_str(),
-        }))
+        // The key goes from its own buffer into the line's, sized so that
+        // it never grows (JSON at most doubles a PEM's bytes: `\n`), and
+        // no copy of it is made on the way (a `json!` value would be one).
+        #[derive(serde::Serialize)]
+        struct Tls<'a> {
+            cmd: &'static str,
+            chain_pem: &'a str,
+            key_pem: &'a str,
+        }
+        let (chain, key) = (&self.tls.0, self.tls.1.as_str());
+        let room = 64 + 2 * (chain.len() + key.len());
+        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(room));
+        serde_json::to_writer(
+            &mut *line,
+            &Tls {
+                cmd: "tls",
+                chain_pem: chain,
+                key_pem: key,
+            },
+        )
         .map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let r = self.helper.command_line(&line);
-        zeroize::Zeroize::zeroize(&mut line);
-        r?;
+        debug_assert!(line.capacity() == room, "the key's line grew");
+        self.helper.command_line(&line)?;
         if let Some(spec) = self.spec.clone() {
             self.helper
                 .command(&json!({"cmd": "directory", "spec": spec}))?;
