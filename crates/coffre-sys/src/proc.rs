@@ -56,17 +56,20 @@ pub fn unescape(s: &str) -> String {
 }
 
 /// Parses a mountinfo table; lines that do not have its shape are skipped.
+/// Fields go by position (proc(5)): six, then optional fields up to a
+/// lone `-`, then three; a path that reads ` - ` (a mount point named
+/// `-`, escaped as the kernel escapes spaces) moves nothing.
 pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = 6 + f.get(6..)?.iter().position(|x| *x == "-")?;
+            let r = &f[dash + 1..];
             Some(MountEntry {
-                id: f.first()?.parse().ok()?,
-                dev: (*f.get(2)?).to_string(),
-                mountpoint: PathBuf::from(unescape(f.get(4)?)),
-                options: f.get(5).copied().unwrap_or_default().to_string(),
+                id: f[0].parse().ok()?,
+                dev: f[2].to_string(),
+                mountpoint: PathBuf::from(unescape(f[4])),
+                options: f[5].to_string(),
                 fstype: (*r.first()?).to_string(),
                 source: unescape(r.get(1)?),
                 super_options: r.get(2).copied().unwrap_or_default().to_string(),
@@ -163,6 +166,11 @@ mod tests {
         assert_eq!(m[1].fstype, "fuse.coffre");
         assert!(m[2].has_option("freezer") && m[2].has_option("nosuid"));
         assert!(!m[2].has_option("memory"));
+        // Fields go by position: a path field that reads `-` is a path.
+        let m = parse_mountinfo("39 35 0:56 - - rw shared:3 - tmpfs - rw\n");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].mountpoint, Path::new("-"));
+        assert_eq!((m[0].fstype.as_str(), m[0].source.as_str()), ("tmpfs", "-"));
     }
 
     #[test]
