@@ -147,11 +147,12 @@ impl RelayMsg {
     }
 }
 
-/// The lines of a batch the relay sealed, once opened: each ended by
-/// `\n` (a `\r` before it, or several, is dropped; empty lines are
-/// skipped), as text (bytes that are not UTF-8 are replaced). A line
-/// longer than `max_line` refuses the whole batch: it is not what OpenVPN
-/// writes, and the vault must not keep it.
+/// The lines of a batch the relay sealed, once opened: split at each
+/// `\n` (the relay ends every line with one; what follows the last is a
+/// line too), any `\r` at a line's end dropped, empty lines skipped, as
+/// text (bytes that are not UTF-8 are replaced). A line longer than
+/// `max_line` refuses the whole batch, the lines before it included: it
+/// is not what OpenVPN writes, and the link starts again.
 pub fn batch_lines(plain: &[u8], max_line: usize) -> Result<Vec<Zeroizing<String>>, String> {
     let mut out = Vec::new();
     for mut l in plain.split(|&b| b == b'\n') {

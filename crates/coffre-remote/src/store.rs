@@ -2086,10 +2086,10 @@ impl ChunkStore {
             newest: self.epoch + 1,
             root: self.root,
             known_from: self.known.len(),
-            named: Arc::new(Named {
+            named: Named {
                 chunks: self.table.iter().map(Named::print).collect(),
                 pages: self.pages.iter().map(Named::print).collect(),
-            }),
+            },
         })
     }
 
@@ -2597,15 +2597,17 @@ pub struct Sweep {
     root: Root,
     known_from: usize,
     /// What the table named when the sweep was prepared.
-    named: Arc<Named>,
+    named: Named,
 }
 
 /// The version and session of each chunk and page a table named, as a
-/// fingerprint (8 bytes each, a sixth of the table): what a listing need
-/// not keep. A name named then is no orphan now (or it waits in the
+/// fingerprint (8 bytes each, a sixth of the table's entry; made with
+/// the device held, one pass over the table): what a listing need not
+/// keep. A name named then is no orphan now (or it waits in the
 /// superseded or garbage lists), so a listing holds only what may be
-/// one, not every live chunk. Two fingerprints that collide keep an
-/// orphan for later; they never delete a live object.
+/// one, not every live chunk. Two fingerprints that collide (sessions
+/// are random: about one chance in 2^64 for a name) keep an orphan until
+/// that chunk is written again; they never delete a live object.
 struct Named {
     chunks: Vec<u64>,
     pages: Vec<u64>,
@@ -2697,8 +2699,7 @@ impl Sweep {
                 found
                     .names
                     .into_iter()
-                    .filter_map(|(n, _)| Some((self.candidate(&n)?, n)))
-                    .map(|(p, n)| (n, p)),
+                    .filter_map(|(n, _)| self.candidate(&n).map(|p| (n, p))),
             );
         }
         let manifest = tokio::time::timeout(LIST_STALL, o.get(&self.keys.manifest(), MAX_MANIFEST))

@@ -1,4 +1,5 @@
 //! How outside text is shown in errors and logs.
+#![deny(unsafe_code)]
 
 /// `url` without its login: everything between the scheme's `://` (or the
 /// start, if it has none) and the last `@` goes, so that a password typed
@@ -19,13 +20,13 @@ pub fn url(url: &str) -> String {
 /// and paragraph separators, and the marks that reorder text on screen.
 pub fn unshown(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Text a less trusted process told us (a helper's error, a name it
 /// reports), as it may be shown: each [`unshown`] character escaped
 /// (`\n`, `\r`, `\t`, `\u{1b}`), and at most `max` characters, the last
-/// one `…` if it was cut (`max` is at least 1).
+/// one `…` if it was cut (`max` 0 shows just that `…`).
 pub fn told(text: &str, max: usize) -> String {
     let mut out = String::new();
     let mut n = 0;
@@ -40,7 +41,11 @@ pub fn told(text: &str, max: usize) -> String {
         };
         let len = piece.chars().count();
         // Room for this piece, and for `…` after it unless it is the last.
-        let room = if chars.peek().is_some() { max - 1 } else { max };
+        let room = if chars.peek().is_some() {
+            max.saturating_sub(1)
+        } else {
+            max
+        };
         if n + len > room {
             out.push('…');
             return out;
@@ -49,6 +54,27 @@ pub fn told(text: &str, max: usize) -> String {
         out.push_str(&piece);
     }
     out
+}
+
+/// Every string in `v` made [`told`] text, uncut (for a command's human
+/// output of what the daemon said, which carries what outsiders said: a
+/// storage host's error, a directory's entry).
+pub fn told_all(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.chars().any(unshown) => *s = told(s, usize::MAX),
+        Value::Array(a) => a.iter_mut().for_each(told_all),
+        Value::Object(o) => o.values_mut().for_each(told_all),
+        _ => {}
+    }
+}
+
+/// A message of several lines as [`told`] text, each line uncut.
+pub fn told_lines(text: &str) -> String {
+    text.split('\n')
+        .map(|l| told(l, usize::MAX))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -70,6 +96,22 @@ mod tests {
     }
 
     #[test]
+    fn whole_answers_and_messages_are_told_too() {
+        let mut v = serde_json::json!({"state": "open", "mirrors": [
+            {"reason": "HTTP 500: \u{1b}[31mboom", "behind": 3}], "n": null});
+        super::told_all(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"state": "open", "mirrors": [
+                {"reason": "HTTP 500: \\u{1b}[31mboom", "behind": 3}], "n": null})
+        );
+        assert_eq!(
+            super::told_lines("first\nsecond \u{7}\r"),
+            "first\nsecond \\u{7}\\r"
+        );
+    }
+
+    #[test]
     fn told_text_is_cut_and_shows_no_control() {
         assert_eq!(told("plain é text", 40), "plain é text");
         assert_eq!(told("abcde", 5), "abcde");
@@ -81,7 +123,8 @@ mod tests {
         );
         assert_eq!(told("", 1), "");
         assert_eq!(told("ab", 1), "…");
-        for s in ["\u{85}x", "\u{2028}", "\u{7f}", "x\u{2066}y"] {
+        assert_eq!(told("ab", 0), "…");
+        for s in ["\u{85}x", "\u{2028}", "\u{7f}", "x\u{2066}y", "\u{61c}"] {
             let t = told(s, 20);
             assert!(!t.chars().any(super::unshown), "{t:?}");
         }

@@ -101,29 +101,41 @@ impl LdapChild {
     /// Starts the process and tells it everything it was told before.
     fn start(&mut self) -> Result<u32, String> {
         let pid = self.helper.spawn()?;
-        // The key goes from its own buffer into the line's, sized so that
-        // it never grows (JSON at most doubles a PEM's bytes: `\n`), and
-        // no copy of it is made on the way (a `json!` value would be one).
+        // The key goes from its own buffer into the line's, measured first
+        // so that the line never grows (a grown buffer leaves a copy
+        // behind), and no copy of it is made on the way (a `json!` value
+        // would be one).
         #[derive(serde::Serialize)]
         struct Tls<'a> {
             cmd: &'static str,
             chain_pem: &'a str,
             key_pem: &'a str,
         }
-        let (chain, key) = (&self.tls.0, self.tls.1.as_str());
-        let room = 64 + 2 * (chain.len() + key.len());
-        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(room));
-        serde_json::to_writer(
-            &mut *line,
-            &Tls {
-                cmd: "tls",
-                chain_pem: chain,
-                key_pem: key,
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        /// Counts what is written to it.
+        struct Measure(usize);
+        impl std::io::Write for Measure {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let tls = Tls {
+            cmd: "tls",
+            chain_pem: &self.tls.0,
+            key_pem: self.tls.1.as_str(),
+        };
+        let mut size = Measure(0);
+        serde_json::to_writer(&mut size, &tls).map_err(|e| e.to_string())?;
+        let mut line = zeroize::Zeroizing::new(Vec::with_capacity(size.0 + 1));
+        let room = line.capacity();
+        serde_json::to_writer(&mut *line, &tls).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        debug_assert!(line.capacity() == room, "the key's line grew");
+        if line.capacity() != room {
+            return Err("the TLS key's line grew (a copy may be left)".into());
+        }
         self.helper.command_line(&line)?;
         if let Some(spec) = self.spec.clone() {
             self.helper

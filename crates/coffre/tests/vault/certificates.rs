@@ -102,7 +102,7 @@ fn a_member_renews_their_certificate_and_the_old_one_ends_at_the_next_renewal() 
     );
 
     // The next renewal (from the second certificate) revokes the first.
-    // Its code comes from the environment, as `enter --detach` hands it on.
+    // Its code comes from the environment (COFFRE_TOTP), out of `ps`.
     let totp = v.totp("alice");
     let pw = v.member("alice").password.clone();
     let m = v.member("alice").identity.clone();
@@ -153,7 +153,19 @@ fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing
     let dir = v.dir.to_str().unwrap().to_string();
     let before = std::fs::read_to_string(v.dir.join("server.pem")).unwrap();
     let key_before = std::fs::read_to_string(v.dir.join("server.key")).unwrap();
-    // A code left in the environment is no conflict for the host's renewals.
+    // A code typed for the host's renewal is a mistake, said so; one left
+    // in the environment is no conflict.
+    let typed = v
+        .bin()
+        .args(["renew", "--server", &dir, "--totp", "123456"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&typed),
+        64,
+        "{}",
+        String::from_utf8_lossy(&typed.stderr)
+    );
     let out = v
         .bin()
         .args(["renew", "--server", &dir])

@@ -394,16 +394,10 @@ pub enum Command {
         )]
         password_file: Option<PathBuf>,
         /// The current code of your authenticator app (single use): for
-        /// your own certificate. From the environment, it stays out of
-        /// other users' `ps` (and is ignored with --server, --gateway and
-        /// --ca).
-        #[arg(
-            long,
-            value_name = "CODE",
-            env = "COFFRE_TOTP",
-            hide_env_values = true,
-            required_unless_present_any = ["server", "gateway", "ca"]
-        )]
+        /// your own certificate. Without it, the code is read from the
+        /// environment variable COFFRE_TOTP, where it stays out of other
+        /// users' `ps` (and which --server, --gateway and --ca ignore).
+        #[arg(long, value_name = "CODE", conflicts_with_all = ["server", "gateway", "ca"])]
         totp: Option<String>,
         /// After the CA's key was changed: the new CA's key fingerprint, as
         /// your superuser gave it to you by another channel than the vault

@@ -714,7 +714,9 @@ pub fn renew(
     }
     let auth = AuthArgs {
         password_file: password_file.context("--password-file is needed")?,
-        totp: totp.context("--totp is needed")?,
+        totp: totp
+            .or_else(|| std::env::var("COFFRE_TOTP").ok())
+            .context("--totp (or COFFRE_TOTP in the environment) is needed")?,
     };
     let (path, id) = load_identity(&ida)?;
     let (csr, key_pem) = coffre_daemon::pki::new_request(&id.member)?;

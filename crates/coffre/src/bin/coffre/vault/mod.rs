@@ -24,7 +24,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 fn fail(code: u8, msg: &str) -> u8 {
-    eprintln!("coffre: {msg}");
+    // What the daemon says may carry what an outsider said.
+    eprintln!("coffre: {}", coffre_sys::shown::told_lines(msg));
     code
 }
 

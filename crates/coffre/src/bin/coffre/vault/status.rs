@@ -31,6 +31,9 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
             if json {
                 print_json(&v)?;
             } else {
+                // Storage hosts' errors, directory entries: shown with
+                // their control characters escaped.
+                coffre_sys::shown::told_all(&mut v);
                 println!("state:   {}", v["state"].as_str().unwrap_or("?"));
                 for c in v["certificates"].as_array().into_iter().flatten() {
                     if c["expiring"] != true {
@@ -281,10 +284,11 @@ pub(super) fn workload_line(w: &serde_json::Value) -> String {
 pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
     match cmd {
         WorkloadCommand::List { id, json } => match simple(&id, ApiCommand::Status)? {
-            Ok(v) => {
+            Ok(mut v) => {
                 if json {
                     print_json(&v["workloads"])?;
                 } else {
+                    coffre_sys::shown::told_all(&mut v);
                     match v["mode_pending"].as_str() {
                         Some(p) => println!(
                             "mode: {} in force; {p} from the next close",
@@ -327,12 +331,13 @@ pub fn workload(cmd: WorkloadCommand) -> Result<u8> {
 pub fn network(cmd: NetworkCommand) -> Result<u8> {
     let NetworkCommand::Show { id, json } = cmd;
     match simple(&id, ApiCommand::Status)? {
-        Ok(v) => {
-            let n = &v["network"];
+        Ok(mut v) => {
             if json {
-                print_json(n)?;
+                print_json(&v["network"])?;
                 return Ok(exit::OK);
             }
+            coffre_sys::shown::told_all(&mut v);
+            let n = &v["network"];
             if n["configured"] != true {
                 println!("no vault network (config.toml has no [network] section)");
                 return Ok(exit::OK);
