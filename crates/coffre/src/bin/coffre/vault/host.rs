@@ -7,6 +7,7 @@ use crate::cli::InitArgs;
 use crate::secrets;
 use anyhow::{Context, Result, bail};
 use coffre::exit;
+use coffre_sys::shown::{told_all, told_lines};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
@@ -198,13 +199,18 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
             }
         }
         S::Status { dir, json } => {
-            let v = match coffre_daemon::remote::status(&dir) {
+            let mut v = match coffre_daemon::remote::status(&dir) {
                 Ok(v) => v,
                 Err(e) => {
-                    eprintln!("coffre: storage status: {e}");
+                    eprintln!("coffre: storage status: {}", told_lines(&e.to_string()));
                     return Ok(exit::FAILURE);
                 }
             };
+            if !json {
+                // What storage hosts said, with its control characters
+                // escaped.
+                told_all(&mut v);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if v["backend"] == "file" {
@@ -336,7 +342,10 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                             );
                         }
                         for (store, why) in &swept.unjudged {
-                            eprintln!("coffre: storage sweep: {store} not swept: {why}");
+                            eprintln!(
+                                "coffre: storage sweep: {store} not swept: {}",
+                                told_lines(why)
+                            );
                         }
                         for store in &swept.partial {
                             eprintln!(
