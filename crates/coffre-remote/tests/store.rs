@@ -221,25 +221,7 @@ struct Counted {
 }
 
 impl Objects for Counted {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        max: usize,
-    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
-        self.inner.get(key, max)
-    }
-    fn put<'a>(
-        &'a self,
-        key: &'a str,
-        data: Bytes,
-        mode: Put,
-    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
-        self.inner.put(key, data, mode)
-    }
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.delete(key)
-    }
-    common::forward_layout!(durable, prepare);
+    common::forward!(get, put, delete, durable, prepare);
     fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             let found = self.inner.list(prefix, max, keep).await?;
@@ -472,25 +454,7 @@ struct Aged {
 }
 
 impl Objects for Aged {
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        max: usize,
-    ) -> BoxFuture<'a, Result<Option<(Bytes, Tag)>, StoreError>> {
-        self.inner.get(key, max)
-    }
-    fn put<'a>(
-        &'a self,
-        key: &'a str,
-        data: Bytes,
-        mode: Put,
-    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
-        self.inner.put(key, data, mode)
-    }
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.delete(key)
-    }
-    common::forward_layout!(durable, prepare);
+    common::forward!(get, put, delete, durable, prepare);
     fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             let aged = |n: &str, t| keep(n, t - self.older);
@@ -1008,7 +972,7 @@ impl Objects for Faulty {
             self.inner.list(prefix, max, keep).await
         })
     }
-    common::forward_layout!(durable, prepare);
+    common::forward!(durable, prepare);
 }
 
 #[test]
@@ -1631,18 +1595,7 @@ impl Objects for Counting {
             r
         })
     }
-    fn put<'a>(
-        &'a self,
-        key: &'a str,
-        data: Bytes,
-        mode: Put,
-    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
-        self.inner.put(key, data, mode)
-    }
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.delete(key)
-    }
-    common::forward_layout!(durable, prepare, list);
+    common::forward!(put, delete, durable, prepare, list);
 }
 
 /// Sequential reads keep the read-ahead window (16 chunks here) on its

@@ -158,11 +158,45 @@ pub async fn opened(
 }
 
 /// In an `impl Objects` for a wrapper with an `inner` store: the methods
-/// named (`durable`, `prepare`, `list`) passed on to it as they are.
+/// named (`get`, `put`, `delete`, `durable`, `prepare`, `list`) passed on
+/// to it as they are.
 // Each test crate uses its part.
 #[allow(unused_macros)]
-macro_rules! forward_layout {
-    ($($m:ident),*) => { $(common::forward_layout!(@ $m);)* };
+macro_rules! forward {
+    ($($m:ident),*) => { $(common::forward!(@ $m);)* };
+    (@ get) => {
+        fn get<'a>(
+            &'a self,
+            key: &'a str,
+            max: usize,
+        ) -> coffre_remote::objects::BoxFuture<
+            'a,
+            Result<Option<(bytes::Bytes, coffre_remote::objects::Tag)>, coffre_remote::objects::StoreError>,
+        > {
+            self.inner.get(key, max)
+        }
+    };
+    (@ put) => {
+        fn put<'a>(
+            &'a self,
+            key: &'a str,
+            data: bytes::Bytes,
+            mode: coffre_remote::objects::Put,
+        ) -> coffre_remote::objects::BoxFuture<
+            'a,
+            Result<coffre_remote::objects::Tag, coffre_remote::objects::StoreError>,
+        > {
+            self.inner.put(key, data, mode)
+        }
+    };
+    (@ delete) => {
+        fn delete<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> coffre_remote::objects::BoxFuture<'a, Result<(), coffre_remote::objects::StoreError>> {
+            self.inner.delete(key)
+        }
+    };
     (@ durable) => {
         fn durable(&self, names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {
             self.inner.durable(names);
@@ -188,4 +222,4 @@ macro_rules! forward_layout {
     };
 }
 #[allow(unused_imports)]
-pub(crate) use forward_layout;
+pub(crate) use forward;
