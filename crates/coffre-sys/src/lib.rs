@@ -17,6 +17,7 @@ pub mod alloc;
 pub mod aws_lc;
 pub mod caller;
 pub mod child;
+pub mod confine;
 pub mod fs;
 pub mod handle;
 pub mod helper;

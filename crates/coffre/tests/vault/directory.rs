@@ -371,6 +371,12 @@ fn workloads_find_their_members_in_the_vaults_directory() {
     assert_eq!(values(team_entry, "memberUid"), ["alice"]);
     assert!(!format!("{groups:?}").contains("bob"), "{groups:?}");
     // `coffre status` says where it is and what it served.
+    // The LDAP server that answered opens no file (Landlock).
+    let ldap_log = std::fs::read_to_string(v.dir.join("run/ldap.log")).unwrap();
+    assert!(
+        ldap_log.contains("confined to no file (fully by Landlock)"),
+        "{ldap_log}"
+    );
     let text = v.cli("alice", &["status"]);
     ok(&text);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();

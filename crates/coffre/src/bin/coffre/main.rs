@@ -214,11 +214,31 @@ fn ldap_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("the LDAP server's plain socket (fd 3): {e}"))?;
     let ldaps = coffre_sys::child::inherited_fd(4)
         .map_err(|e| anyhow::anyhow!("the LDAP server's LDAPS socket (fd 4): {e}"))?;
+    confine_to_nothing("ldap-server")?;
     coffre_ldap::control::run([
         std::net::TcpListener::from(plain),
         std::net::TcpListener::from(ldaps),
     ])?;
     Ok(coffre::exit::OK)
+}
+
+/// Confines a helper that has what it needs (its sockets, its standard
+/// streams) to no file at all, before it starts a thread or reads a byte
+/// from a guest (`coffre_sys::confine`): taken over, it cannot read what
+/// its user could (the host's world-readable files, `/proc`). Said in its
+/// log, as is a kernel without Landlock.
+fn confine_to_nothing(what: &str) -> anyhow::Result<()> {
+    let c = coffre_sys::confine::to_beneath(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match c {
+        coffre_sys::confine::Confined::Not => {
+            eprintln!("coffre {what}: NOT confined (this kernel has no Landlock)");
+        }
+        c => eprintln!(
+            "coffre {what}: confined to no file ({} by Landlock)",
+            c.as_str()
+        ),
+    }
+    Ok(())
 }
 
 /// `coffre dhcp-server`: what the daemon runs for the vault network.
@@ -240,6 +260,7 @@ fn dhcp_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
         .map(|i| coffre_sys::child::inherited_fd(i.fd))
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| anyhow::anyhow!("the DHCP server's sockets: {e}"))?;
+    confine_to_nothing("dhcp-server")?;
     coffre_dhcp::serve(spec, sockets)?;
     Ok(coffre::exit::OK)
 }

@@ -1,0 +1,185 @@
+//! Landlock for the helpers that parse guests' bytes: what a helper may
+//! reach on the filesystem once it has what it needs, whatever its
+//! uid and capabilities say.
+//!
+//! The NFS server keeps `CAP_DAC_READ_SEARCH` (to open files by handle)
+//! and `CAP_SETUID`: without Landlock, one a guest took over could read
+//! any file on the host, the vault directory's CA key among them. Confined
+//! to the data's mount point, it reaches the shares and nothing else (the
+//! rule holds on the directory, so whatever is mounted there later is
+//! covered). The LDAP and DHCP servers need no file at all after their
+//! start: they are confined to nothing. A confined process also cannot
+//! make TCP connections or bind TCP ports (its sockets were bound before),
+//! signal a process outside its domain or reach an abstract UNIX socket.
+//!
+//! Landlock restricts the calling thread and the threads and processes it
+//! starts afterwards: confine before starting any thread. On a kernel
+//! without Landlock (before 5.13, or not enabled at boot) nothing is
+//! enforced and [`Confined::Not`] says so; the caller reports it.
+#![deny(unsafe_code)]
+
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
+};
+use std::path::Path;
+
+/// The newest Landlock ABI these rules were written and tested for
+/// (Linux 6.12: scopes). A newer kernel enforces these rights; rights it
+/// adds later are not asked for until this is raised and tested.
+const TESTED: ABI = ABI::V6;
+
+/// What the kernel enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confined {
+    /// Every right asked for.
+    Fully,
+    /// Some (an older kernel: the filesystem rights it knows).
+    Partly,
+    /// Nothing: the kernel has no Landlock.
+    Not,
+}
+
+impl Confined {
+    /// As `status` and logs say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confined::Fully => "fully",
+            Confined::Partly => "partly",
+            Confined::Not => "not",
+        }
+    }
+}
+
+/// Confines the calling thread (and what it starts later) to `dirs`:
+/// every filesystem right beneath each of them, none anywhere else; no
+/// TCP bind or connect; no signal or abstract UNIX socket outside.
+/// `dirs` empty: no file may be opened at all (what is already open
+/// stays usable).
+pub fn to_beneath(dirs: &[&Path]) -> Result<Confined, String> {
+    let fs = AccessFs::from_all(TESTED);
+    let mut created = Ruleset::default()
+        .handle_access(fs)
+        .and_then(|r| r.handle_access(AccessNet::from_all(TESTED)))
+        .and_then(|r| r.scope(Scope::from_all(TESTED)))
+        .and_then(|r| r.create())
+        .map_err(|e| format!("Landlock: {e}"))?;
+    for d in dirs {
+        let at = PathFd::new(d).map_err(|e| format!("Landlock: {}: {e}", d.display()))?;
+        created = created
+            .add_rule(PathBeneath::new(at, fs))
+            .map_err(|e| format!("Landlock: {}: {e}", d.display()))?;
+    }
+    let status = created
+        .restrict_self()
+        .map_err(|e| format!("Landlock: {e}"))?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => Confined::Fully,
+        RulesetStatus::PartiallyEnforced => Confined::Partly,
+        RulesetStatus::NotEnforced => Confined::Not,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs this test binary's `name` again in a child process with
+    /// `COFFRE_CONFINE_CHILD` set to `arg`: Landlock cannot be undone, so
+    /// the confined part runs where it ends.
+    fn in_child(name: &str, arg: &Path) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("COFFRE_CONFINE_CHILD", arg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("confined child ran"),
+            "the child did not run its part: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Confined beneath a directory: what is inside opens, is made,
+    /// renamed and removed; what is beside it does not open, even a file
+    /// anyone may read, and a directory mounted there later is inside.
+    #[test]
+    fn a_confined_process_reaches_beneath_its_directory_only() {
+        match std::env::var_os("COFFRE_CONFINE_CHILD") {
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                let (inside, beside) = (tmp.path().join("data"), tmp.path().join("beside"));
+                std::fs::create_dir_all(inside.join("share")).unwrap();
+                std::fs::write(inside.join("share/a"), "in").unwrap();
+                std::fs::write(&beside, "out").unwrap();
+                in_child(
+                    "confine::tests::a_confined_process_reaches_beneath_its_directory_only",
+                    tmp.path(),
+                );
+                assert!(tmp.path().join("data/share/c").exists(), "made inside");
+            }
+            Some(at) => {
+                let at = Path::new(&at);
+                let inside = at.join("data");
+                let got = to_beneath(&[&inside]).unwrap();
+                if got == Confined::Not {
+                    println!("confined child ran: no Landlock here");
+                    std::fs::write(inside.join("share/c"), "").unwrap();
+                    return;
+                }
+                assert_eq!(
+                    std::fs::read_to_string(inside.join("share/a")).unwrap(),
+                    "in"
+                );
+                std::fs::write(inside.join("share/b"), "new").unwrap();
+                std::fs::rename(inside.join("share/b"), inside.join("share/c")).unwrap();
+                std::fs::create_dir(inside.join("share/d")).unwrap();
+                std::fs::remove_dir(inside.join("share/d")).unwrap();
+                let denied = |r: std::io::Result<String>| {
+                    r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+                };
+                assert!(denied(std::fs::read_to_string(at.join("beside"))));
+                assert!(denied(std::fs::read_to_string("/etc/hostname")));
+                assert!(std::fs::write(at.join("made"), "x").is_err());
+                // TCP: no bind.
+                assert!(std::net::TcpListener::bind("127.0.0.1:0").is_err());
+                println!("confined child ran: {}", got.as_str());
+            }
+        }
+    }
+
+    /// Confined to nothing: no file opens, what was open stays usable.
+    #[test]
+    fn a_process_confined_to_nothing_opens_no_file() {
+        match std::env::var_os("COFFRE_CONFINE_CHILD") {
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                std::fs::write(tmp.path().join("f"), "x").unwrap();
+                in_child(
+                    "confine::tests::a_process_confined_to_nothing_opens_no_file",
+                    tmp.path(),
+                );
+            }
+            Some(at) => {
+                let at = Path::new(&at);
+                let mut open = std::fs::File::open(at.join("f")).unwrap();
+                if to_beneath(&[]).unwrap() == Confined::Not {
+                    println!("confined child ran: no Landlock here");
+                    return;
+                }
+                assert!(std::fs::File::open(at.join("f")).is_err());
+                assert!(std::fs::read_dir(at).is_err());
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut open, &mut s).unwrap();
+                assert_eq!(s, "x");
+                println!("confined child ran: fully");
+            }
+        }
+    }
+}
