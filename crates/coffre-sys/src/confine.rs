@@ -2,15 +2,16 @@
 //! reach on the filesystem once it has what it needs, whatever its
 //! uid and capabilities say.
 //!
-//! The NFS server keeps `CAP_DAC_READ_SEARCH` (to open files by handle)
-//! and `CAP_SETUID`: without Landlock, one a guest took over could read
-//! any file on the host, the vault directory's CA key among them. Confined
-//! to the data's mount point, it reaches the shares and nothing else (the
-//! rule holds on the directory, so whatever is mounted there later is
-//! covered). The LDAP and DHCP servers need no file at all after their
-//! start: they are confined to nothing. A confined process also cannot
-//! make TCP connections or bind TCP ports (its sockets were bound before),
+//! The LDAP and DHCP servers need no file at all after their start: they
+//! are confined to nothing, so that one a guest took over cannot read
+//! even what its user (`nobody`) may. A confined process also cannot make
+//! TCP connections or bind TCP ports (its sockets were bound before),
 //! signal a process outside its domain or reach an abstract UNIX socket.
+//!
+//! Not the NFS server, yet: a rule on a directory does not cover a
+//! filesystem mounted over it later (Landlock's walk up a path skips a
+//! covered mount point), and the data is mounted and unmounted under a
+//! running server (docs/security.md, "The VMs' shares").
 //!
 //! Landlock restricts the calling thread and the threads and processes it
 //! starts afterwards: confine before starting any thread. On a kernel
