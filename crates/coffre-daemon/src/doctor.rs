@@ -136,6 +136,7 @@ pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
         kvm(),
         openvpn(needs.openvpn),
         suid_dumpable(),
+        landlock(needs.nftables),
         swap(),
         clock(),
         halt_polling(),
@@ -396,6 +397,33 @@ fn openvpn(needed: bool) -> Finding {
             needed,
             "openvpn not found (the VPN gateway needs it)".into(),
             "apt-get install openvpn",
+        ),
+    }
+}
+
+/// Landlock, with which the vault network's helpers (the DHCP and LDAP
+/// servers, which parse guests' bytes) confine themselves to no file.
+fn landlock(network: bool) -> Finding {
+    match coffre_sys::confine::abi() {
+        Some(v) if v >= 6 => Finding::ok(
+            "landlock",
+            format!("Landlock ABI {v}: the DHCP and LDAP servers confine themselves to no file"),
+        ),
+        Some(v) => Finding::warn(
+            "landlock",
+            format!(
+                "Landlock ABI {v} (before Linux 6.12): the DHCP and LDAP servers open no file, but may signal processes of their user"
+            ),
+            "a kernel of 6.12 or later",
+        ),
+        None if network => Finding::warn(
+            "landlock",
+            "no Landlock in this kernel: the DHCP and LDAP servers, which parse guests' bytes, reach what their user (nobody) may read",
+            "boot a kernel with CONFIG_SECURITY_LANDLOCK=y and landlock in its lsm= list",
+        ),
+        None => Finding::ok(
+            "landlock",
+            "no Landlock in this kernel (only the vault network's helpers use it; this vault has none)",
         ),
     }
 }

@@ -52,6 +52,25 @@ impl Confined {
     }
 }
 
+/// The Landlock ABI this kernel has (1 for Linux 5.13, 6 for 6.12...),
+/// or `None` without Landlock (not built, or not enabled at boot).
+#[allow(unsafe_code)]
+pub fn abi() -> Option<u32> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
+    // SAFETY: with a null attribute, size 0 and the VERSION flag, the
+    // system call only returns the ABI version (or an error); it reads
+    // and writes no memory of ours.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(v).ok().filter(|v| *v > 0)
+}
+
 /// Confines the calling thread (and what it starts later) to `dirs`:
 /// every filesystem right beneath each of them, none anywhere else; no
 /// TCP bind or connect; no signal or abstract UNIX socket outside.

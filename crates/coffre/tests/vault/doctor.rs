@@ -65,6 +65,7 @@ fn doctor_finds_this_host_and_a_fresh_vault_sound() {
         "ext4-tools",
         "cgroups",
         "suid-dumpable",
+        "landlock",
         "vault-dir",
         "control-file",
         "config",
