@@ -409,21 +409,32 @@ fn landlock(network: bool) -> Finding {
             "landlock",
             format!("Landlock ABI {v}: the DHCP and LDAP servers confine themselves to no file"),
         ),
-        Some(v) => Finding::warn(
+        Some(v) if network => Finding::warn(
             "landlock",
             format!(
-                "Landlock ABI {v} (before Linux 6.12): the DHCP and LDAP servers open no file, but may signal processes of their user"
+                "Landlock ABI {v} (before Linux 6.12): the DHCP and LDAP servers open no file, but may signal processes of their user{}",
+                if v < 4 {
+                    ", bind and connect TCP sockets"
+                } else {
+                    ""
+                }
             ),
             "a kernel of 6.12 or later",
         ),
         None if network => Finding::warn(
             "landlock",
-            "no Landlock in this kernel: the DHCP and LDAP servers, which parse guests' bytes, reach what their user (nobody) may read",
+            "no Landlock (not in this kernel, or refused by a seccomp filter): the DHCP and LDAP servers, which parse guests' bytes, reach what their user (nobody) may",
             "boot a kernel with CONFIG_SECURITY_LANDLOCK=y and landlock in its lsm= list",
+        ),
+        Some(v) => Finding::ok(
+            "landlock",
+            format!(
+                "Landlock ABI {v} (only the vault network's helpers use it; none is configured)"
+            ),
         ),
         None => Finding::ok(
             "landlock",
-            "no Landlock in this kernel (only the vault network's helpers use it; this vault has none)",
+            "no Landlock (only the vault network's helpers use it; none is configured)",
         ),
     }
 }

@@ -3,10 +3,15 @@
 //! uid and capabilities say.
 //!
 //! The LDAP and DHCP servers need no file at all after their start: they
-//! are confined to nothing, so that one a guest took over cannot read
-//! even what its user (`nobody`) may. A confined process also cannot make
-//! TCP connections or bind TCP ports (its sockets were bound before),
-//! signal a process outside its domain or reach an abstract UNIX socket.
+//! are confined to nothing, so that one a guest took over cannot open
+//! even what its user (`nobody`) may read or write. A confined process
+//! also cannot make TCP connections or bind TCP ports (its sockets were
+//! bound before), signal a process outside its domain or reach an
+//! abstract UNIX socket. What Landlock does not cover (with the rights
+//! asked for here, ABI 6): calls on a path's metadata (stat, readlink,
+//! chmod, chown, utimes, xattrs) and connecting to a UNIX socket by its
+//! path (ABI 9 can refuse that; not asked for until tested on such a
+//! kernel).
 //!
 //! Not the NFS server, yet: a rule on a directory does not cover a
 //! filesystem mounted over it later (Landlock's walk up a path skips a
@@ -119,16 +124,21 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let said = String::from_utf8_lossy(&out.stdout);
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("confined child ran"),
-            "the child did not run its part: {}",
-            String::from_utf8_lossy(&out.stdout)
+            said.contains("confined child ran"),
+            "the child did not run its part: {said}"
         );
+        // Only a kernel without Landlock excuses a child that was not
+        // confined (not a filter that hid it).
+        if said.contains("no Landlock here") {
+            assert_eq!(abi(), None, "Landlock is there, yet nothing was enforced");
+        }
     }
 
     /// Confined beneath a directory: what is inside opens, is made,
     /// renamed and removed; what is beside it does not open, even a file
-    /// anyone may read, and a directory mounted there later is inside.
+    /// anyone may read.
     #[test]
     fn a_confined_process_reaches_beneath_its_directory_only() {
         match std::env::var_os("COFFRE_CONFINE_CHILD") {
@@ -165,10 +175,12 @@ mod tests {
                     r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
                 };
                 assert!(denied(std::fs::read_to_string(at.join("beside"))));
-                assert!(denied(std::fs::read_to_string("/etc/hostname")));
+                assert!(denied(std::fs::read_to_string("/proc/self/status")));
                 assert!(std::fs::write(at.join("made"), "x").is_err());
-                // TCP: no bind.
-                assert!(std::net::TcpListener::bind("127.0.0.1:0").is_err());
+                // TCP (ABI 4 and later): no bind.
+                if abi() >= Some(4) {
+                    assert!(std::net::TcpListener::bind("127.0.0.1:0").is_err());
+                }
                 println!("confined child ran: {}", got.as_str());
             }
         }
@@ -189,7 +201,8 @@ mod tests {
             Some(at) => {
                 let at = Path::new(&at);
                 let mut open = std::fs::File::open(at.join("f")).unwrap();
-                if to_beneath(&[]).unwrap() == Confined::Not {
+                let got = to_beneath(&[]).unwrap();
+                if got == Confined::Not {
                     println!("confined child ran: no Landlock here");
                     return;
                 }
@@ -198,7 +211,7 @@ mod tests {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut open, &mut s).unwrap();
                 assert_eq!(s, "x");
-                println!("confined child ran: fully");
+                println!("confined child ran: {}", got.as_str());
             }
         }
     }
