@@ -272,6 +272,18 @@ pub struct MetricsConfig {
     pub member_names: bool,
 }
 
+impl Config {
+    /// Whether VMs have shares: the vault then runs an NFS server (on its
+    /// network) and mounts the data a second time for it.
+    pub fn has_shares(&self) -> bool {
+        self.network.is_some()
+            && self
+                .workload
+                .iter()
+                .any(|w| w.share.is_some() && w.address.is_some())
+    }
+}
+
 impl MetricsConfig {
     /// Where to listen, checked. Members' names only on a unix socket:
     /// a loopback port is open to every local user.
@@ -861,9 +873,17 @@ impl VaultDir {
         };
         coffre_data::Layout {
             mountpoint: self.root.join(&config.data.mountpoint),
+            nfs_view: config.has_shares().then(|| self.nfs_dir().join("data")),
             vm_exports,
             ..coffre_data::Layout::under(&self.root)
         }
+    }
+
+    /// The NFS server's directory: it holds the server's own mount of the
+    /// data (`data`) and nothing else, and the server is confined beneath
+    /// it (root's alone).
+    pub fn nfs_dir(&self) -> PathBuf {
+        self.root.join("run").join("nfs")
     }
 
     /// Where each VM's run directory goes (root's alone).

@@ -61,6 +61,13 @@ pub struct Layout {
     pub volume_file: PathBuf,
     /// Where the team's ext4 filesystem is mounted.
     pub mountpoint: PathBuf,
+    /// A second mount of the data (a bind mount, made after it and
+    /// taken down before it) for the NFS server alone, when VMs have
+    /// shares: `DIR/run/nfs/data`. Its parent holds it and nothing else,
+    /// so the server can confine itself (Landlock) to that parent before
+    /// the vault first opens: a rule on the mount point itself would not
+    /// cover what is mounted over it later. Made `nosuid,nodev,noexec`.
+    pub nfs_view: Option<PathBuf>,
     /// The NBD unix socket (its directory is made 0700).
     pub nbd_socket: PathBuf,
     /// One NBD socket per VM, serving its own disks only, owned by the
@@ -89,6 +96,7 @@ impl Layout {
         Self {
             volume_file: run.join("volume"),
             mountpoint: dir.join("data"),
+            nfs_view: None,
             nbd_socket: run.join("nbd").join("nbd.sock"),
             vm_exports: Vec::new(),
         }
@@ -147,6 +155,8 @@ pub struct Exposure {
     fuse_slot: Option<fusefile::Slot>,
     loopdev: Option<LoopDevice>,
     mounted: Option<String>,
+    /// The NFS server's view is mounted.
+    view_mounted: bool,
     /// The ext4's device, kept after our unmount: a copy of the mount in
     /// another namespace keeps it (and the loop device) alive.
     ext4_dev: Option<String>,
@@ -234,6 +244,7 @@ pub fn expose(
         fuse_slot: None,
         loopdev: None,
         mounted: None,
+        view_mounted: false,
         ext4_dev: None,
         nbd: None,
         vm_nbd: Vec::new(),
@@ -302,6 +313,19 @@ impl Exposure {
         phase("ext4 mount", &mut self.phases);
         apply_ownership(&l, own).map_err(step("set owners and modes"))?;
         phase("owners", &mut self.phases);
+        if let Some(view) = &l.nfs_view {
+            view_dir(view).map_err(step("create the NFS server's mount point"))?;
+            rustix::mount::mount_bind(&l.mountpoint, view)
+                .map_err(|e| step("mount the NFS server's view")(e.into()))?;
+            self.view_mounted = true;
+            rustix::mount::mount_remount(
+                view,
+                MountFlags::BIND | MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC,
+                "",
+            )
+            .map_err(|e| step("make the NFS server's view nosuid,nodev,noexec")(e.into()))?;
+            phase("NFS view", &mut self.phases);
+        }
         self.nbd = Some(
             nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
                 .map_err(step("start the NBD server"))?,
@@ -398,6 +422,25 @@ impl Exposure {
         }
         for mut n in self.vm_nbd.drain(..) {
             report.nbd_clients += n.stop();
+        }
+        // The NFS server's view before the data: it is another mount of
+        // the same filesystem, which would keep it (and the loop device)
+        // alive.
+        if self.view_mounted
+            && let (Some(view), Some(dev)) = (self.layout.nfs_view.clone(), self.ext4_dev.clone())
+        {
+            match unmount_busy(&view, &dev, policy.grace, report) {
+                Ok(()) => self.view_mounted = false,
+                Err(e) if !policy.force => return Err(e),
+                Err(e) => {
+                    report.notes.push(format!("forced past: {e}"));
+                    let _ = rustix::mount::unmount(&view, rustix::mount::UnmountFlags::DETACH);
+                    report
+                        .notes
+                        .push(format!("{} detached lazily", view.display()));
+                    self.view_mounted = false;
+                }
+            }
         }
         if let Some(dev) = self.mounted.clone() {
             let mp = self.layout.mountpoint.clone();
@@ -628,6 +671,36 @@ fn unmount_busy(
     })
 }
 
+/// Makes the NFS server's mount point and its parent, root's alone
+/// (0700), refusing anything but a directory at either place (both are
+/// in the vault's own run directory). The daemon makes them before it
+/// starts the server (which confines itself beneath the parent), the open
+/// again before it mounts.
+pub fn view_dir(view: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = view
+        .parent()
+        .ok_or_else(|| std::io::Error::other("the NFS view has no parent"))?;
+    for d in [parent, view] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let m = std::fs::symlink_metadata(d)?;
+        if !m.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory",
+                d.display()
+            )));
+        }
+        if m.permissions().mode() & 0o7777 != 0o700 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
 /// Owners and modes, set through directory descriptors opened without
 /// following symlinks: a member who replaced `shared` with a link to
 /// `/etc` gets an error at the next open, not root.
@@ -701,6 +774,25 @@ pub fn cleanup_stale(layout: &Layout, grace: Duration) -> Vec<String> {
         && m.source.starts_with("/dev/loop")
     {
         let mut report = CloseReport::default();
+        // The NFS server's view (or any bind mount of the data here)
+        // first: it would keep the filesystem alive.
+        for other in system::mounts()
+            .into_iter()
+            .rev()
+            .filter(|o| o.dev == m.dev && o.mountpoint != layout.mountpoint)
+        {
+            let r = unmount(&other.mountpoint, UnmountFlags::empty())
+                .or_else(|_| unmount(&other.mountpoint, UnmountFlags::DETACH));
+            done.push(format!(
+                "{} {} left by a previous daemon",
+                if r.is_ok() {
+                    "unmounted"
+                } else {
+                    "could not unmount"
+                },
+                other.mountpoint.display()
+            ));
+        }
         match unmount_busy(&layout.mountpoint, &m.dev, grace, &mut report) {
             Ok(()) => done.push(format!(
                 "unmounted {} left by a previous daemon",

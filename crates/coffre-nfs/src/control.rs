@@ -15,7 +15,12 @@
 //! It parses bytes from guests, so it keeps only what it needs: uid 0
 //! with `CAP_DAC_READ_SEARCH` (to open handles), `CAP_SETUID` and
 //! `CAP_SETGID` (to act as an export's user on a thread), nothing else
-//! in any set or the bounding set, `no_new_privs`, not dumpable.
+//! in any set or the bounding set, `no_new_privs`, not dumpable; and,
+//! given a directory (`DIR/run/nfs`, where the daemon mounts the data for
+//! it and nothing else), confined beneath it by Landlock before it starts
+//! a thread: taken over, it cannot open the vault's keys or anything else
+//! on the host, whatever `CAP_DAC_READ_SEARCH` allows, and files reached
+//! by handle are checked by their path just the same.
 
 use crate::fs::ExportSpec;
 use crate::handle::HandleKey;
@@ -23,6 +28,7 @@ use crate::server::{Server, Sockets};
 use serde::Deserialize;
 use serde_json::json;
 use std::io::{self, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroize;
@@ -83,10 +89,33 @@ fn parse_key(hex: &str) -> Option<HandleKey> {
     Some(key)
 }
 
-/// Runs the server's process: drops privileges, serves on `sockets`,
-/// obeys the daemon on standard input until it ends.
-pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
+/// Runs the server's process: drops privileges, confines itself beneath
+/// `confine` (when given), serves on `sockets`, obeys the daemon on
+/// standard input until it ends.
+pub fn run(sockets: Sockets, workers: usize, confine: Option<&Path>) -> io::Result<()> {
     drop_privileges()?;
+    // What it reads outside the data, read before the confinement.
+    crate::fs::prime();
+    let confined = match confine {
+        None => {
+            eprintln!("coffre nfs-server: NOT confined (no directory given)");
+            false
+        }
+        Some(dir) => match coffre_sys::confine::to_beneath(&[dir]).map_err(io::Error::other)? {
+            coffre_sys::confine::Confined::Not => {
+                eprintln!("coffre nfs-server: NOT confined (this kernel has no Landlock)");
+                false
+            }
+            c => {
+                eprintln!(
+                    "coffre nfs-server: confined beneath {} ({} by Landlock)",
+                    dir.display(),
+                    c.as_str()
+                );
+                c == coffre_sys::confine::Confined::Fully
+            }
+        },
+    };
     let server = Arc::new(Server::new());
     {
         let s = Arc::clone(&server);
@@ -135,6 +164,7 @@ pub fn run(sockets: Sockets, workers: usize) -> io::Result<()> {
                 json!({
                     "ok": true,
                     "open": server.is_open(),
+                    "confined": confined,
                     "calls": s.calls.load(Ordering::Relaxed),
                     "jukebox": s.jukebox.load(Ordering::Relaxed),
                     "replayed": s.replayed.load(Ordering::Relaxed),

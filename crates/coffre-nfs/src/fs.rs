@@ -998,6 +998,12 @@ fn verifier_time(v: [u8; 8]) -> Time {
     }
 }
 
+/// Reads, once, what the server needs from outside the data (the boot's
+/// id, for the WRITE verifier): a confined server can no longer read it.
+pub fn prime() {
+    write_verifier_cached();
+}
+
 fn write_verifier_cached() -> [u8; 8] {
     static V: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
     *V.get_or_init(write_verifier)

@@ -13,10 +13,12 @@
 //! path (ABI 9 can refuse that; not asked for until tested on such a
 //! kernel).
 //!
-//! Not the NFS server, yet: a rule on a directory does not cover a
-//! filesystem mounted over it later (Landlock's walk up a path skips a
-//! covered mount point), and the data is mounted and unmounted under a
-//! running server (docs/security.md, "The VMs' shares").
+//! The NFS server needs the team's data, which is mounted and unmounted
+//! under it at each open and close. A rule on a mount point does not
+//! cover a filesystem mounted over it later (Landlock's walk up a path
+//! skips a covered mount point), so the server is confined beneath the
+//! mount point's parent, `DIR/run/nfs`, which holds that mount point and
+//! nothing else (the daemon bind-mounts the data there for it).
 //!
 //! Landlock restricts the calling thread and the threads and processes it
 //! starts afterwards: confine before starting any thread. On a kernel
@@ -184,6 +186,114 @@ mod tests {
                 println!("confined child ran: {}", got.as_str());
             }
         }
+    }
+
+    /// The NFS server's case: confined beneath a directory that holds a
+    /// mount point, it reaches what is mounted there after it confined
+    /// itself (by path and by handle), and nothing beside, not even by
+    /// handle (`CAP_DAC_READ_SEARCH` is no way out).
+    #[test]
+    #[ignore = "system: needs root"]
+    fn a_mount_made_after_the_confinement_is_reachable_beneath_its_parent() {
+        use std::io::{BufRead, Write};
+        let Some(at) = std::env::var_os("COFFRE_CONFINE_CHILD") else {
+            coffre_testkit::require(&[coffre_testkit::Need::Root]);
+            let tmp = tempfile::tempdir().unwrap();
+            let (view, src) = (tmp.path().join("nfs/data"), tmp.path().join("src"));
+            std::fs::create_dir_all(&view).unwrap();
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::write(src.join("f"), "in").unwrap();
+            std::fs::write(tmp.path().join("secret"), "out").unwrap();
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "confine::tests::a_mount_made_after_the_confinement_is_reachable_beneath_its_parent",
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("COFFRE_CONFINE_CHILD", tmp.path())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut said = String::new();
+            while !said.contains("confined, mount now") {
+                let mut line = String::new();
+                if out.read_line(&mut line).unwrap() == 0 {
+                    break;
+                }
+                said.push_str(&line);
+            }
+            // Mounted by the parent: a confined process may not mount.
+            let mounted = said.contains("confined, mount now");
+            let run = |args: &[&std::ffi::OsStr]| {
+                let st = std::process::Command::new(args[0])
+                    .args(&args[1..])
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "{args:?}");
+            };
+            if mounted {
+                run(&[
+                    "mount".as_ref(),
+                    "--bind".as_ref(),
+                    src.as_os_str(),
+                    view.as_os_str(),
+                ]);
+            }
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(b"go\n");
+            drop(stdin);
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            let status = child.wait().unwrap();
+            if mounted {
+                run(&["umount".as_ref(), "-l".as_ref(), view.as_os_str()]);
+            }
+            said.push_str(&rest);
+            assert!(status.success(), "{said}");
+            assert!(said.contains("confined child ran"), "{said}");
+            if said.contains("no Landlock here") {
+                assert_eq!(abi(), None, "Landlock is there, yet nothing was enforced");
+            }
+            return;
+        };
+        let at = Path::new(&at);
+        let view = at.join("nfs/data");
+        // Opened before, as the server holds its sockets and logs.
+        let top = std::fs::File::open(at).unwrap();
+        let secret =
+            crate::handle::FileHandle::of(std::os::fd::AsFd::as_fd(&top), Path::new("secret"))
+                .unwrap();
+        let got = to_beneath(&[&at.join("nfs")]).unwrap();
+        if got == Confined::Not {
+            println!("confined child ran: no Landlock here");
+            return;
+        }
+        println!("confined, mount now");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        assert_eq!(go.trim(), "go");
+        // By path, and by handle on the new mount.
+        assert_eq!(std::fs::read_to_string(view.join("f")).unwrap(), "in");
+        let root = std::fs::File::open(&view).unwrap();
+        let h =
+            crate::handle::FileHandle::of(std::os::fd::AsFd::as_fd(&root), Path::new("f")).unwrap();
+        h.open(std::os::fd::AsFd::as_fd(&root), libc::O_RDONLY)
+            .expect("a handle beneath the directory opens");
+        // Nothing beside: by path, nor by handle, nor through /proc.
+        let denied = |r: std::io::Result<String>| {
+            r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        };
+        assert!(denied(std::fs::read_to_string(at.join("secret"))));
+        assert!(denied(std::fs::read_to_string("/etc/hostname")));
+        let e = secret
+            .open(std::os::fd::AsFd::as_fd(&top), libc::O_RDONLY)
+            .expect_err("a handle to a file beside opened");
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        println!("confined child ran: {}", got.as_str());
     }
 
     /// Confined to nothing: no file opens, what was open stays usable.

@@ -385,16 +385,12 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         ));
         dhcp = Some(d);
     }
-    let nfs = if config
-        .workload
-        .iter()
-        .any(|w| w.share.is_some() && w.address.is_some())
-    {
+    let nfs = if config.has_shares() {
         let log = dir.join("run").join("nfs.log");
         let _ = std::fs::create_dir_all(dir.join("run"));
         // Without NFS the vault still works (the VMs' mounts wait): a port
         // taken is said loudly, not a reason to refuse to start.
-        match super::nfs::NfsChild::bind(gw, log) {
+        match super::nfs::NfsChild::bind(gw, log, &crate::vaultdir::VaultDir::new(dir).nfs_dir()) {
             Ok((n, warning)) => {
                 match warning {
                     None => notes.push(format!(

@@ -22,6 +22,9 @@ pub(super) struct NfsChild {
     exports: Vec<ExportSpec>,
     /// The handle key while the vault is open (to restart a server).
     key: Option<HandleKey>,
+    /// Where it is confined (`DIR/run/nfs`), holding its own mount of
+    /// the data (`data`) and nothing else.
+    dir: PathBuf,
 }
 
 impl NfsChild {
@@ -30,9 +33,11 @@ impl NfsChild {
     /// When port 111 is taken (the host runs its own rpcbind on every
     /// address), NFS is served without a portmapper and the note says so:
     /// clients then need `port=2049,mountport=2049`.
+    /// `dir` is where it is confined (made at each start).
     pub(super) fn bind(
         addr: std::net::Ipv4Addr,
         log: PathBuf,
+        dir: &Path,
     ) -> Result<(Self, Option<String>), String> {
         let listen = |portmap_port| coffre_nfs::Listen {
             addr,
@@ -54,18 +59,22 @@ impl NfsChild {
         };
         let sockets = sockets.into_fds();
         // It stays uid 0 and drops every capability but the three it
-        // needs itself, before serving anything; it must see the data
-        // mount as the host has it.
+        // needs itself, then confines itself beneath `dir` (Landlock),
+        // before serving anything; it must see the data's mounts as the
+        // host has them (the open mounts its view in `dir`).
         let args = vec![
             "nfs-server".to_string(),
             "--sockets".to_string(),
             sockets.len().to_string(),
+            "--confine".to_string(),
+            dir.to_string_lossy().into_owned(),
         ];
         Ok((
             Self {
                 helper: Helper::new("the NFS server", args, sockets, log),
                 exports: Vec::new(),
                 key: None,
+                dir: dir.to_path_buf(),
             },
             note,
         ))
@@ -74,6 +83,8 @@ impl NfsChild {
     /// Starts the process, then tells it the exports and (while open)
     /// the key.
     pub(super) fn start(&mut self) -> Result<u32, String> {
+        coffre_data::view_dir(&self.dir.join("data"))
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let pid = self.helper.spawn()?;
         let exports = self.exports.clone();
         self.send_exports(exports)?;
@@ -154,7 +165,9 @@ impl NfsChild {
         let v = self.helper.command(&json!({"cmd": "stats"})).ok()?;
         Some(counters(
             &v,
-            &["open", "calls", "jukebox", "replayed", "refused"],
+            &[
+                "open", "confined", "calls", "jukebox", "replayed", "refused",
+            ],
         ))
     }
 
@@ -164,13 +177,14 @@ impl NfsChild {
 }
 
 /// The exports of `config`: one per workload with a `share` and an
-/// address. Its user is a member's numbers and groups when `share_user`
-/// names a current member (`members`); a removed member (`retired`)
+/// address, beneath `view` (the NFS server's mount of the data). Its
+/// user is a member's numbers and groups when `share_user` names a
+/// current member (`members`); a removed member (`retired`)
 /// gets an export that refuses everything; any other name is a host
 /// account.
 pub(super) fn exports(
     config: &crate::vaultdir::Config,
-    mountpoint: &Path,
+    view: &Path,
     members: &std::collections::BTreeMap<String, super::accounts::Ids>,
     retired: &dyn Fn(&str) -> bool,
 ) -> (Vec<ExportSpec>, Vec<String>) {
@@ -199,7 +213,7 @@ pub(super) fn exports(
         out.push(ExportSpec {
             workload: w.name.clone(),
             client,
-            path: mountpoint.join(share),
+            path: view.join(share),
             share: share_text,
             uid,
             gid,
@@ -223,12 +237,13 @@ impl Shell {
 
     fn nfs_exports(&self) -> (Vec<ExportSpec>, Vec<String>) {
         let retired = |n: &str| self.control.accounts.retired.iter().any(|(r, _)| r == n);
-        exports(
-            &self.config,
-            &self.data.layout.mountpoint,
-            &self.member_ids(),
-            &retired,
-        )
+        let view = self
+            .data
+            .layout
+            .nfs_view
+            .clone()
+            .unwrap_or_else(|| self.dir.nfs_dir().join("data"));
+        exports(&self.config, &view, &self.member_ids(), &retired)
     }
 
     /// At start: the exports, then the process.
@@ -249,7 +264,8 @@ impl Shell {
                 "nfs",
                 "up",
                 format!(
-                    "NFS server (pid {pid}, uid 0 with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own) for {n} share(s); closed until the vault opens"
+                    "NFS server (pid {pid}, uid 0 with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own, confining itself beneath {}) for {n} share(s); closed until the vault opens",
+                    self.dir.nfs_dir().display()
                 ),
             ),
             Err(e) => self.system_audit(

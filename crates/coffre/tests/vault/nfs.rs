@@ -140,7 +140,33 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001"),
         "{text}"
     );
+    assert!(text.contains(", confined (Landlock); "), "{text}");
     let server = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
+    // The server serves the data through its own mount of it, the only
+    // thing in the directory it is confined beneath (Landlock: fully on
+    // a kernel of 6.12 or later, as here and in CI).
+    let nfs_dir = lab.gw.vault.dir.join("run/nfs");
+    let view = nfs_dir.join("data");
+    assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
+    let nfs_log = std::fs::read_to_string(lab.gw.vault.dir.join("run/nfs.log")).unwrap();
+    assert!(
+        nfs_log.contains(&format!(
+            "confined beneath {} (fully by Landlock)",
+            nfs_dir.display()
+        )),
+        "{nfs_log}"
+    );
+    let mounted = coffre_data::system::mount_at(&view).expect("the server's view is mounted");
+    assert!(mounted.source.starts_with("/dev/loop"), "{mounted:?}");
+    let entries: Vec<_> = std::fs::read_dir(&nfs_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        entries,
+        ["data"],
+        "the server's directory holds its view alone"
+    );
 
     // Fast close: the VMs pause, the server lets go, the key goes, from
     // the NFS server's memory too.
@@ -155,6 +181,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     );
     alice.stop();
     lab.gw.vault.wait_state("closed", Duration::from_secs(60));
+    assert!(
+        coffre_data::system::mount_at(&view).is_none(),
+        "the server's view outlived the close"
+    );
     assert!(
         !memory_contains(server, &raw_handle_key),
         "handle key kept while closed"

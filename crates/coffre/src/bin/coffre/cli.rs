@@ -135,6 +135,10 @@ pub enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 16)]
         workers: usize,
+        /// The directory it confines itself beneath (Landlock) before
+        /// serving: the daemon mounts the data there for it.
+        #[arg(long)]
+        confine: Option<std::path::PathBuf>,
     },
     /// The LDAP server for the VMs' directory, as the daemon starts it:
     /// serves on the sockets it inherited (descriptor 3: plain with

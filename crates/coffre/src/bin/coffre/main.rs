@@ -65,7 +65,11 @@ fn main() -> ExitCode {
         }
         C::Manpages { dir } => manpages(&dir),
         C::DhcpServer { uid, gid } => dhcp_server(uid, gid),
-        C::NfsServer { sockets, workers } => nfs_server(sockets, workers),
+        C::NfsServer {
+            sockets,
+            workers,
+            confine,
+        } => nfs_server(sockets, workers, confine.as_deref()),
         C::LdapServer { uid, gid } => ldap_server(uid, gid),
         C::Enter {
             id,
@@ -185,8 +189,13 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<u8> {
 
 /// `coffre nfs-server`: what the daemon runs for the VMs' shares. It
 /// keeps uid 0 with only CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID
-/// (dropped in `coffre_nfs::control::run` before it serves a byte).
-fn nfs_server(sockets: u32, workers: usize) -> anyhow::Result<u8> {
+/// (dropped in `coffre_nfs::control::run` before it serves a byte), and
+/// confines itself (Landlock) beneath `confine` there too.
+fn nfs_server(
+    sockets: u32,
+    workers: usize,
+    confine: Option<&std::path::Path>,
+) -> anyhow::Result<u8> {
     coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
     coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
     let fds = (0..sockets.min(3))
@@ -194,7 +203,7 @@ fn nfs_server(sockets: u32, workers: usize) -> anyhow::Result<u8> {
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| anyhow::anyhow!("the NFS server's sockets: {e}"))?;
     let sockets = coffre_nfs::Sockets::from_fds(fds)?;
-    coffre_nfs::control::run(sockets, workers.clamp(1, 64))?;
+    coffre_nfs::control::run(sockets, workers.clamp(1, 64), confine)?;
     Ok(coffre::exit::OK)
 }
 

@@ -130,9 +130,15 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                             )
                         })
                         .collect();
-                    let server = match nfs["pid"].as_u64() {
-                        Some(pid) => format!("server pid {pid}"),
-                        None => "server not running".into(),
+                    let server = match (nfs["pid"].as_u64(), &nfs["stats"]["confined"]) {
+                        (Some(pid), serde_json::Value::Bool(true)) => {
+                            format!("server pid {pid}, confined (Landlock)")
+                        }
+                        (Some(pid), serde_json::Value::Bool(false)) => {
+                            format!("server pid {pid}, NOT confined (see its log)")
+                        }
+                        (Some(pid), _) => format!("server pid {pid}"),
+                        (None, _) => "server not running".into(),
                     };
                     println!("nfs:     {server}; {}", shares.join("; "));
                 }
