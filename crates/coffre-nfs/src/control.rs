@@ -20,7 +20,9 @@
 //! it and nothing else), confined beneath it by Landlock before it starts
 //! a thread: taken over, it cannot open the vault's keys or anything else
 //! on the host, whatever `CAP_DAC_READ_SEARCH` allows, and files reached
-//! by handle are checked by their path just the same.
+//! by handle are checked by their path just the same. A seccomp filter
+//! then refuses it the system calls that lead out of its sandbox or into
+//! the kernel's widest surfaces (`coffre_sys::seccomp`).
 
 use crate::fs::ExportSpec;
 use crate::handle::HandleKey;
@@ -116,6 +118,9 @@ pub fn run(sockets: Sockets, workers: usize, confine: Option<&Path>) -> io::Resu
             }
         },
     };
+    let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs);
+    eprintln!("coffre nfs-server: {}", coffre_sys::seccomp::said(&filter));
+    let filtered = filter.is_ok();
     let server = Arc::new(Server::new());
     {
         let s = Arc::clone(&server);
@@ -165,6 +170,7 @@ pub fn run(sockets: Sockets, workers: usize, confine: Option<&Path>) -> io::Resu
                     "ok": true,
                     "open": server.is_open(),
                     "confined": confined,
+                    "filtered": filtered,
                     "calls": s.calls.load(Ordering::Relaxed),
                     "jukebox": s.jukebox.load(Ordering::Relaxed),
                     "replayed": s.replayed.load(Ordering::Relaxed),

@@ -166,7 +166,7 @@ impl NfsChild {
         Some(counters(
             &v,
             &[
-                "open", "confined", "calls", "jukebox", "replayed", "refused",
+                "open", "confined", "filtered", "calls", "jukebox", "replayed", "refused",
             ],
         ))
     }

@@ -377,6 +377,7 @@ fn workloads_find_their_members_in_the_vaults_directory() {
         ldap_log.contains("confined to no file (fully by Landlock)"),
         "{ldap_log}"
     );
+    assert!(ldap_log.contains("seccomp filter on ("), "{ldap_log}");
     // `coffre status` says where it is and what it served.
     let text = v.cli("alice", &["status"]);
     ok(&text);

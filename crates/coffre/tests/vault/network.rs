@@ -640,6 +640,7 @@ fn vms_get_their_address_by_dhcp_and_keep_it_across_fast_and_safe_closes() {
         dhcp_log.contains("confined to no file (fully by Landlock)"),
         "{dhcp_log}"
     );
+    assert!(dhcp_log.contains("seccomp filter on ("), "{dhcp_log}");
     lab.wait_console("vm-a", "httpd up", Duration::from_secs(30));
     eventually_http(
         &a0,

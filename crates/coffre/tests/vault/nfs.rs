@@ -140,7 +140,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001"),
         "{text}"
     );
-    assert!(text.contains(", confined (Landlock); "), "{text}");
+    assert!(
+        text.contains(", confined (Landlock), seccomp filter; "),
+        "{text}"
+    );
     let server = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
     // The server serves the data through its own mount of it, the only
     // thing in the directory it is confined beneath (Landlock: fully on
@@ -148,6 +151,7 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     let nfs_dir = lab.gw.vault.dir.join("run/nfs");
     let view = nfs_dir.join("data");
     assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
+    assert_eq!(st["nfs"]["stats"]["filtered"], true, "{st}");
     let nfs_log = std::fs::read_to_string(lab.gw.vault.dir.join("run/nfs.log")).unwrap();
     assert!(
         nfs_log.contains(&format!(
@@ -156,6 +160,7 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         )),
         "{nfs_log}"
     );
+    assert!(nfs_log.contains("seccomp filter on ("), "{nfs_log}");
     let mounted = coffre_data::system::mount_at(&view).expect("the server's view is mounted");
     assert!(mounted.source.starts_with("/dev/loop"), "{mounted:?}");
     let entries: Vec<_> = std::fs::read_dir(&nfs_dir)

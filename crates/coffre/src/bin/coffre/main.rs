@@ -236,6 +236,9 @@ fn ldap_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
 /// from a guest (`coffre_sys::confine`): taken over, it cannot read what
 /// its user could (the host's world-readable files, `/proc`). Said in its
 /// log, as is a kernel without Landlock.
+/// Then a seccomp filter refuses it the system calls that lead out of
+/// its sandbox or into the kernel's widest surfaces
+/// (`coffre_sys::seccomp`), and no file by handle.
 fn confine_to_nothing(what: &str) -> anyhow::Result<()> {
     let c = coffre_sys::confine::to_beneath(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     match c {
@@ -247,6 +250,12 @@ fn confine_to_nothing(what: &str) -> anyhow::Result<()> {
             c.as_str()
         ),
     }
+    eprintln!(
+        "coffre {what}: {}",
+        coffre_sys::seccomp::said(&coffre_sys::seccomp::refuse(
+            coffre_sys::seccomp::Profile::NoHandles
+        ))
+    );
     Ok(())
 }
 

@@ -130,15 +130,26 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                             )
                         })
                         .collect();
-                    let server = match (nfs["pid"].as_u64(), &nfs["stats"]["confined"]) {
-                        (Some(pid), serde_json::Value::Bool(true)) => {
-                            format!("server pid {pid}, confined (Landlock)")
-                        }
-                        (Some(pid), serde_json::Value::Bool(false)) => {
-                            format!("server pid {pid}, NOT confined (see its log)")
-                        }
-                        (Some(pid), _) => format!("server pid {pid}"),
-                        (None, _) => "server not running".into(),
+                    let said = |key: &str, yes: &str, no: &str| match &nfs["stats"][key] {
+                        serde_json::Value::Bool(true) => format!(", {yes}"),
+                        serde_json::Value::Bool(false) => format!(", {no}"),
+                        _ => String::new(),
+                    };
+                    let server = match nfs["pid"].as_u64() {
+                        Some(pid) => format!(
+                            "server pid {pid}{}{}",
+                            said(
+                                "confined",
+                                "confined (Landlock)",
+                                "NOT confined (see its log)"
+                            ),
+                            said(
+                                "filtered",
+                                "seccomp filter",
+                                "NO seccomp filter (see its log)"
+                            ),
+                        ),
+                        None => "server not running".into(),
                     };
                     println!("nfs:     {server}; {}", shares.join("; "));
                 }
