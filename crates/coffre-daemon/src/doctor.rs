@@ -137,6 +137,7 @@ pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
         openvpn(needs.openvpn),
         suid_dumpable(),
         landlock(needs.nftables),
+        seccomp(needs.nftables),
         swap(),
         clock(),
         halt_polling(),
@@ -401,18 +402,21 @@ fn openvpn(needed: bool) -> Finding {
     }
 }
 
-/// Landlock, with which the vault network's helpers (the DHCP and LDAP
-/// servers, which parse guests' bytes) confine themselves to no file.
+/// Landlock, with which the vault network's helpers (the DHCP, LDAP and
+/// NFS servers, which parse guests' bytes) confine themselves: to no
+/// file, or (NFS) beneath the data's mount of their own.
 fn landlock(network: bool) -> Finding {
     match coffre_sys::confine::abi() {
         Some(v) if v >= 6 => Finding::ok(
             "landlock",
-            format!("Landlock ABI {v}: the DHCP and LDAP servers confine themselves to no file"),
+            format!(
+                "Landlock ABI {v}: the DHCP and LDAP servers confine themselves to no file, the NFS server to its mount of the data"
+            ),
         ),
         Some(v) if network => Finding::warn(
             "landlock",
             format!(
-                "Landlock ABI {v} (before Linux 6.12): the DHCP and LDAP servers open no file, but may signal processes of their user{}",
+                "Landlock ABI {v} (before Linux 6.12): the DHCP and LDAP servers open no file and the NFS server only the data, but they may signal processes of their user{}",
                 if v < 4 {
                     ", bind and connect TCP sockets"
                 } else {
@@ -423,7 +427,7 @@ fn landlock(network: bool) -> Finding {
         ),
         None if network => Finding::warn(
             "landlock",
-            "no Landlock (not in this kernel, or refused by a seccomp filter): the DHCP and LDAP servers, which parse guests' bytes, reach what their user (nobody) may",
+            "no Landlock (not in this kernel, or refused by a seccomp filter): the DHCP and LDAP servers, which parse guests' bytes, reach what their user (nobody) may, and the NFS server every file on the host (CAP_DAC_READ_SEARCH)",
             "boot a kernel with CONFIG_SECURITY_LANDLOCK=y and landlock in its lsm= list",
         ),
         Some(v) => Finding::ok(
@@ -435,6 +439,41 @@ fn landlock(network: bool) -> Finding {
         None => Finding::ok(
             "landlock",
             "no Landlock (only the vault network's helpers use it; none is configured)",
+        ),
+    }
+}
+
+/// seccomp filters, with which the same helpers refuse themselves new
+/// namespaces, mounts, bpf, io_uring, execve and the like
+/// (`coffre_sys::seccomp`): the kernel must have filters and the two
+/// actions the filter returns.
+fn seccomp(network: bool) -> Finding {
+    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail");
+    let usable = avail.as_ref().is_ok_and(|a| {
+        let a: Vec<&str> = a.split_whitespace().collect();
+        a.contains(&"errno") && a.contains(&"kill_process")
+    });
+    match (usable, network) {
+        (true, _) => Finding::ok(
+            "seccomp",
+            "seccomp filters: the DHCP, LDAP and NFS servers refuse themselves new namespaces, mounts, bpf, io_uring, execve and the like",
+        ),
+        (false, true) => Finding::warn(
+            "seccomp",
+            match &avail {
+                Ok(a) => format!(
+                    "seccomp lacks the actions the helpers' filter returns (errno, kill_process; this kernel has: {}): the DHCP, LDAP and NFS servers run unfiltered",
+                    a.trim()
+                ),
+                Err(e) => format!(
+                    "no seccomp filters here (/proc/sys/kernel/seccomp/actions_avail: {e}): the DHCP, LDAP and NFS servers run unfiltered"
+                ),
+            },
+            "a kernel of 4.14 or later with CONFIG_SECCOMP_FILTER=y",
+        ),
+        (false, false) => Finding::ok(
+            "seccomp",
+            "no usable seccomp filters (only the vault network's helpers use them; none is configured)",
         ),
     }
 }

@@ -66,6 +66,7 @@ fn doctor_finds_this_host_and_a_fresh_vault_sound() {
         "cgroups",
         "suid-dumpable",
         "landlock",
+        "seccomp",
         "vault-dir",
         "control-file",
         "config",

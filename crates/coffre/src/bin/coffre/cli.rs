@@ -88,7 +88,8 @@ pub enum Command {
     /// FAIL (the vault cannot work, or is unsafe), with the fix. The host:
     /// root, /dev/fuse, loop devices, ext4 tools, the cgroup freezer,
     /// nftables, QEMU and KVM, OpenVPN 2.6, fs.suid_dumpable, Landlock
-    /// (with which the vault network's helpers confine themselves), swap, clock
+    /// and seccomp filters (with which the vault network's helpers
+    /// confine themselves), swap, clock
     /// synchronization, and on a KVM guest with the haltpoll cpuidle
     /// driver whether idle vCPUs poll before halting (off, every request
     /// through FUSE waits on wake-ups through the hypervisor: a WARN with
