@@ -323,7 +323,7 @@ impl Replays {
     /// (an envelope lives [`MAX_LIFE_S`] at most, so room comes back).
     pub fn take(&mut self, h: &Header, now: u64) -> Result<(), Refusal> {
         if self.seen.len() >= MAX_REPLAYS {
-            self.seen.retain(|_, exp| *exp + SKEW_S >= now);
+            self.seen.retain(|_, exp| exp.saturating_add(SKEW_S) >= now);
         }
         if self.seen.contains_key(&h.nonce) {
             return Err(Refusal::Replay(h.nonce.clone()));

@@ -88,7 +88,8 @@ impl Nonces {
     }
 
     fn prune(&mut self, now: u64) {
-        self.seen.retain(|_, a| a.exp + envelope::SKEW_S >= now);
+        self.seen
+            .retain(|_, a| a.exp.saturating_add(envelope::SKEW_S) >= now);
     }
 
     /// The answer `nonce` got, if it was applied.
