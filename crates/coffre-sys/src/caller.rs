@@ -7,6 +7,13 @@
 //! for that process, atomically, with no window where a root-owned object
 //! exists under a name someone else can swap.
 //!
+//! The kernel drops the file-system capabilities (`CAP_DAC_READ_SEARCH`
+//! and the like) from the effective set when the fsuid leaves 0, and
+//! raises them again when it comes back. A process that is not root (the
+//! NFS server, `nobody` with `CAP_DAC_READ_SEARCH` kept) never crosses 0,
+//! so the switch lowers them itself on this thread, and raises them back
+//! on drop: the caller's rights are the kernel's only check either way.
+//!
 //! Every switch, there and back, re-asserts `PR_SET_DUMPABLE` 0: the kernel
 //! resets that flag (process-wide) to `fs.suid_dumpable` at each fsuid
 //! change. Between the switch and the re-assertion (two system calls) the
@@ -22,6 +29,9 @@ pub struct AsCaller {
     groups: Vec<libc::gid_t>,
     fsuid: u32,
     fsgid: u32,
+    /// File-system capabilities this switch took out of the thread's
+    /// effective set itself (a process that is not root), to put back.
+    lowered: u64,
     _thread: PhantomData<*const ()>,
 }
 
@@ -64,31 +74,58 @@ fn set_fs(uid: u32, gid: u32) -> io::Result<(u32, u32)> {
 }
 
 /// The calling thread's effective capabilities (low 64 bits).
-fn effective_caps() -> io::Result<u64> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header {
-        // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
-        version: 0x2008_0522,
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_V3: u32 = 0x2008_0522;
+
+/// The calling thread's capability sets.
+fn thread_caps() -> io::Result<[CapData; 2]> {
+    let mut header = CapHeader {
+        version: CAP_V3,
         pid: 0,
     };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget writes two `Data` records (version 3) for the calling
-    // thread (pid 0) into memory we own.
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget with a v3 header fills two CapData structs.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(data)
+}
+
+/// Sets the calling thread's effective set to `effective` (within its
+/// permitted set), the rest unchanged.
+fn set_effective(effective: u64) -> io::Result<()> {
+    let mut data = thread_caps()?;
+    data[0].effective = u32::try_from(effective & 0xffff_ffff).unwrap_or(0);
+    data[1].effective = u32::try_from(effective >> 32).unwrap_or(0);
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    // SAFETY: capset with a v3 header reads two CapData structs; pid 0
+    // is the calling thread alone.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn effective_caps() -> io::Result<u64> {
+    let data = thread_caps()?;
     Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
 }
 
@@ -120,11 +157,18 @@ impl AsCaller {
             groups: saved,
             fsuid: 0,
             fsgid: 0,
+            lowered: 0,
             _thread: PhantomData,
         };
         set_groups(groups)?;
         let (fsuid, fsgid) = set_fs(uid, gid)?;
         (guard.fsuid, guard.fsgid) = (fsuid, fsgid);
+        // From a fsuid other than 0 the kernel left them: lower them here.
+        let held = effective_caps()? & FS_CAPS;
+        if uid != 0 && fsuid != 0 && held != 0 {
+            set_effective(effective_caps()? & !held)?;
+            guard.lowered = held;
+        }
         // Leaving fsuid 0 drops those capabilities from the effective set,
         // unless securebits say otherwise: then acting "as the caller"
         // would check nothing.
@@ -143,6 +187,12 @@ impl Drop for AsCaller {
         // next request with someone else's identity: that must not happen.
         if set_fs(self.fsuid, self.fsgid).is_err() || set_groups(&self.groups).is_err() {
             std::process::abort();
+        }
+        if self.lowered != 0 {
+            let back = effective_caps().and_then(|e| set_effective(e | self.lowered));
+            if back.is_err() {
+                std::process::abort();
+            }
         }
     }
 }
@@ -184,5 +234,79 @@ mod tests {
         assert!(std::fs::read(&secret).is_ok(), "root again");
         assert!(!crate::is_dumpable(), "undumpable after the switch back");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// As the NFS server is: not root, with CAP_DAC_READ_SEARCH kept.
+    /// Acting as uid 5001 takes the capability away on this thread (a
+    /// root-only file does not open), and gives it back after (it opens
+    /// again).
+    #[test]
+    #[ignore = "system: needs root"]
+    fn a_process_that_is_not_root_acts_as_the_caller_without_its_capabilities() {
+        let Some(secret) = std::env::var_os("COFFRE_CALLER_CHILD") else {
+            coffre_testkit::require(&[coffre_testkit::Need::Root]);
+            let dir = std::env::temp_dir().join(format!("coffre-caller-nr-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let secret = dir.join("secret");
+            std::fs::write(&secret, b"x").unwrap();
+            std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "caller::tests::a_process_that_is_not_root_acts_as_the_caller_without_its_capabilities",
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("COFFRE_CALLER_CHILD", &secret)
+                .output()
+                .unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(said.contains("not-root child ran"), "{said}");
+            return;
+        };
+        const DAC_READ_SEARCH: u32 = 1 << 2;
+        const SETUID_SETGID: u32 = (1 << 6) | (1 << 7);
+        let keep = DAC_READ_SEARCH | SETUID_SETGID;
+        // SAFETY: prctl and set*id with plain integers.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0), 0);
+            assert_eq!(libc::setresgid(65534, 65534, 65534), 0);
+            assert_eq!(libc::setresuid(65534, 65534, 65534), 0);
+        }
+        let data = [
+            CapData {
+                effective: keep,
+                permitted: keep,
+                inheritable: 0,
+            },
+            CapData::default(),
+        ];
+        let mut header = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        // SAFETY: capset v3 with two CapData structs.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        assert!(
+            std::fs::read(&secret).is_ok(),
+            "CAP_DAC_READ_SEARCH reads it"
+        );
+        {
+            let _as = AsCaller::new(5001, 5001, &[5001]).unwrap();
+            assert_eq!(effective_caps().unwrap() & FS_CAPS, 0);
+            assert!(std::fs::read(&secret).is_err(), "uid 5001 read root's file");
+        }
+        assert_eq!(effective_caps().unwrap(), u64::from(keep));
+        assert!(std::fs::read(&secret).is_ok(), "the capability is back");
+        println!("not-root child ran");
     }
 }

@@ -13,12 +13,15 @@
 //! path (ABI 9 can refuse that; not asked for until tested on such a
 //! kernel).
 //!
-//! The NFS server needs the team's data, which is mounted and unmounted
+//! The NFS server needs the shares, which are mounted and unmounted
 //! under it at each open and close. A rule on a mount point does not
 //! cover a filesystem mounted over it later (Landlock's walk up a path
 //! skips a covered mount point), so the server is confined beneath the
-//! mount point's parent, `DIR/run/nfs`, which holds that mount point and
-//! nothing else (the daemon bind-mounts the data there for it).
+//! mount points' parent, `DIR/run/nfs`, which holds them and nothing else
+//! (the daemon mounts each share there for it), with a file server's
+//! rights ([`to_files_beneath`]). A file it reaches by handle through a
+//! share's mount but outside that share is checked, by this kernel's
+//! Landlock (6.18), as if it were at the mount's root: it opens.
 //!
 //! Landlock restricts the calling thread and the threads and processes it
 //! starts afterwards: confine before starting any thread. On a kernel
@@ -84,6 +87,24 @@ pub fn abi() -> Option<u32> {
 /// `dirs` empty: no file may be opened at all (what is already open
 /// stays usable).
 pub fn to_beneath(dirs: &[&Path]) -> Result<Confined, String> {
+    confine(dirs, AccessFs::from_all(TESTED))
+}
+
+/// As [`to_beneath`], but beneath `dirs` only what a file server does:
+/// read, write, make, link, rename and remove directories, regular files
+/// and symbolic links. Not execute, nor make devices, FIFOs or sockets,
+/// nor device ioctls (refused everywhere).
+pub fn to_files_beneath(dirs: &[&Path]) -> Result<Confined, String> {
+    let not = AccessFs::Execute
+        | AccessFs::MakeChar
+        | AccessFs::MakeBlock
+        | AccessFs::MakeFifo
+        | AccessFs::MakeSock
+        | AccessFs::IoctlDev;
+    confine(dirs, AccessFs::from_all(TESTED) & !not)
+}
+
+fn confine(dirs: &[&Path], beneath: landlock::BitFlags<AccessFs>) -> Result<Confined, String> {
     let fs = AccessFs::from_all(TESTED);
     let mut created = Ruleset::default()
         .handle_access(fs)
@@ -94,7 +115,7 @@ pub fn to_beneath(dirs: &[&Path]) -> Result<Confined, String> {
     for d in dirs {
         let at = PathFd::new(d).map_err(|e| format!("Landlock: {}: {e}", d.display()))?;
         created = created
-            .add_rule(PathBeneath::new(at, fs))
+            .add_rule(PathBeneath::new(at, beneath))
             .map_err(|e| format!("Landlock: {}: {e}", d.display()))?;
     }
     let status = created
@@ -191,7 +212,8 @@ mod tests {
     /// The NFS server's case: confined beneath a directory that holds a
     /// mount point, it reaches what is mounted there after it confined
     /// itself (by path and by handle), and nothing beside, not even by
-    /// handle (`CAP_DAC_READ_SEARCH` is no way out).
+    /// handle (`CAP_DAC_READ_SEARCH` is no way out); nor, by path, the
+    /// rest of the filesystem the share is a directory of.
     #[test]
     #[ignore = "system: needs root"]
     fn a_mount_made_after_the_confinement_is_reachable_beneath_its_parent() {
@@ -199,10 +221,16 @@ mod tests {
         let Some(at) = std::env::var_os("COFFRE_CONFINE_CHILD") else {
             coffre_testkit::require(&[coffre_testkit::Need::Root]);
             let tmp = tempfile::tempdir().unwrap();
-            let (view, src) = (tmp.path().join("nfs/data"), tmp.path().join("src"));
+            // src/shared is mounted at nfs/share-0, as the daemon mounts
+            // a share; src/other is the rest of the data.
+            let (view, src) = (
+                tmp.path().join("nfs/share-0"),
+                tmp.path().join("src/shared"),
+            );
             std::fs::create_dir_all(&view).unwrap();
             std::fs::create_dir_all(&src).unwrap();
             std::fs::write(src.join("f"), "in").unwrap();
+            std::fs::write(tmp.path().join("src/other"), "not shared").unwrap();
             std::fs::write(tmp.path().join("secret"), "out").unwrap();
             let mut child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -261,13 +289,15 @@ mod tests {
             return;
         };
         let at = Path::new(&at);
-        let view = at.join("nfs/data");
+        let view = at.join("nfs/share-0");
         // Opened before, as the server holds its sockets and logs.
         let top = std::fs::File::open(at).unwrap();
-        let secret =
-            crate::handle::FileHandle::of(std::os::fd::AsFd::as_fd(&top), Path::new("secret"))
-                .unwrap();
-        let got = to_beneath(&[&at.join("nfs")]).unwrap();
+        let of = |dir: &std::fs::File, name: &str| {
+            crate::handle::FileHandle::of(std::os::fd::AsFd::as_fd(dir), Path::new(name)).unwrap()
+        };
+        let secret = of(&top, "secret");
+        let other = of(&std::fs::File::open(at.join("src")).unwrap(), "other");
+        let got = to_files_beneath(&[&at.join("nfs")]).unwrap();
         if got == Confined::Not {
             println!("confined child ran: no Landlock here");
             return;
@@ -288,11 +318,23 @@ mod tests {
             r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
         };
         assert!(denied(std::fs::read_to_string(at.join("secret"))));
-        assert!(denied(std::fs::read_to_string("/etc/hostname")));
+        assert!(denied(std::fs::read_to_string("/proc/self/status")));
+        // A file server's rights only: no socket (nor FIFO, device) made
+        // beneath.
+        assert!(std::os::unix::net::UnixListener::bind(view.join("sock")).is_err());
+        std::fs::write(view.join("made"), "ok").unwrap();
+        std::fs::remove_file(view.join("made")).unwrap();
         let e = secret
             .open(std::os::fd::AsFd::as_fd(&top), libc::O_RDONLY)
             .expect_err("a handle to a file beside opened");
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        // Nor, by path, the rest of the filesystem the share is a
+        // directory of. (By handle it is another matter: a handle to it,
+        // decoded through the share's mount, is a "disconnected" file,
+        // which Landlock (since Linux 6.18) checks as if it were at the
+        // mount's root: it opens. docs/security.md says so.)
+        assert!(denied(std::fs::read_to_string(at.join("src/other"))));
+        drop(other);
         println!("confined child ran: {}", got.as_str());
     }
 

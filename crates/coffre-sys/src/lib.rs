@@ -23,6 +23,7 @@ pub mod handle;
 pub mod helper;
 pub mod lines;
 pub mod locked;
+pub mod mount;
 pub mod proc;
 pub mod seccomp;
 pub mod shown;

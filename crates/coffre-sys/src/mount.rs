@@ -1,0 +1,37 @@
+//! What `rustix` does not wrap of the new mount API: setting a detached
+//! mount's flags (`mount_setattr`) before it is attached, so that it is
+//! never visible without them.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Makes the mount `tree` (a descriptor from `open_tree`) `nosuid`,
+/// `nodev` and `noexec`, and, when `read_only`, read-only.
+pub fn restrict(tree: BorrowedFd<'_>, read_only: bool) -> io::Result<()> {
+    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
+    if read_only {
+        set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `attr` is a valid mount_attr of the size given; the path is
+    // an empty C string with AT_EMPTY_PATH, so the call acts on `tree`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &raw const attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
