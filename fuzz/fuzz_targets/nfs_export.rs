@@ -54,6 +54,7 @@ fn setup() -> &'static Setup {
             groups: vec![],
             readonly: false,
             denied: false,
+            mounted: false,
         };
         let server = Server::new();
         server.set_exports(vec![spec]);

@@ -873,17 +873,41 @@ impl VaultDir {
         };
         coffre_data::Layout {
             mountpoint: self.root.join(&config.data.mountpoint),
-            nfs_view: config.has_shares().then(|| self.nfs_dir().join("data")),
+            nfs_shares: self.nfs_shares(config),
             vm_exports,
             ..coffre_data::Layout::under(&self.root)
         }
     }
 
-    /// The NFS server's directory: it holds the server's own mount of the
-    /// data (`data`) and nothing else, and the server is confined beneath
-    /// it (root's alone).
+    /// The NFS server's directory: it holds the server's own mounts of
+    /// the shares (`share-N`) and nothing else, and the server is
+    /// confined beneath it (root's alone).
     pub fn nfs_dir(&self) -> PathBuf {
         self.root.join("run").join("nfs")
+    }
+
+    /// The VMs' shares (each directory once, in order) and where each is
+    /// mounted for the NFS server; none without a network.
+    pub fn nfs_shares(&self, config: &Config) -> Vec<coffre_data::ShareView> {
+        if !config.has_shares() {
+            return Vec::new();
+        }
+        let mut shares: Vec<&PathBuf> = config
+            .workload
+            .iter()
+            .filter(|w| w.address.is_some())
+            .filter_map(|w| w.share.as_ref())
+            .collect();
+        shares.sort();
+        shares.dedup();
+        shares
+            .into_iter()
+            .enumerate()
+            .map(|(i, share)| coffre_data::ShareView {
+                share: share.clone(),
+                at: self.nfs_dir().join(format!("share-{i}")),
+            })
+            .collect()
     }
 
     /// Where each VM's run directory goes (root's alone).

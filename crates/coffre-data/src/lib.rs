@@ -61,18 +61,32 @@ pub struct Layout {
     pub volume_file: PathBuf,
     /// Where the team's ext4 filesystem is mounted.
     pub mountpoint: PathBuf,
-    /// A second mount of the data (a bind mount, made after it and
-    /// taken down before it) for the NFS server alone, when VMs have
-    /// shares: `DIR/run/nfs/data`. Its parent holds it and nothing else,
-    /// so the server can confine itself (Landlock) to that parent before
-    /// the vault first opens: a rule on the mount point itself would not
-    /// cover what is mounted over it later. Made `nosuid,nodev,noexec`.
-    pub nfs_view: Option<PathBuf>,
+    /// The VMs' shares, each mounted again (a bind mount of its
+    /// directory, made after the data and taken down before it) for the
+    /// NFS server alone: `DIR/run/nfs/share-N`. Their parent holds them
+    /// and nothing else, so the server confines itself (Landlock) to that
+    /// parent before the vault first opens, and sees the shares and
+    /// nothing else of the data (a rule on a mount point would not cover
+    /// what is mounted over it later). Made `nosuid,nodev,noexec`.
+    pub nfs_shares: Vec<ShareView>,
+    /// The NFS server's directory (`DIR/run/nfs`): the shares' mount
+    /// points, read-only to the server (see [`nfs_dir`]).
+    pub nfs_dir: PathBuf,
     /// The NBD unix socket (its directory is made 0700).
     pub nbd_socket: PathBuf,
     /// One NBD socket per VM, serving its own disks only, owned by the
     /// user it runs as.
     pub vm_exports: Vec<VmExport>,
+}
+
+/// A share's own mount for the NFS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareView {
+    /// The share, relative to the data's root (`shared`); reached
+    /// without following a symbolic link, on the data's filesystem.
+    pub share: PathBuf,
+    /// Where it is mounted for the server.
+    pub at: PathBuf,
 }
 
 /// A VM's own NBD socket.
@@ -96,7 +110,8 @@ impl Layout {
         Self {
             volume_file: run.join("volume"),
             mountpoint: dir.join("data"),
-            nfs_view: None,
+            nfs_shares: Vec::new(),
+            nfs_dir: run.join("nfs"),
             nbd_socket: run.join("nbd").join("nbd.sock"),
             vm_exports: Vec::new(),
         }
@@ -155,8 +170,11 @@ pub struct Exposure {
     fuse_slot: Option<fusefile::Slot>,
     loopdev: Option<LoopDevice>,
     mounted: Option<String>,
-    /// The NFS server's view is mounted.
-    view_mounted: bool,
+    /// The shares' views that are mounted.
+    views: Vec<PathBuf>,
+    /// The shares that could not be mounted for the NFS server, and why
+    /// (their exports then refuse to open).
+    share_failures: Vec<(PathBuf, String)>,
     /// The ext4's device, kept after our unmount: a copy of the mount in
     /// another namespace keeps it (and the loop device) alive.
     ext4_dev: Option<String>,
@@ -244,7 +262,8 @@ pub fn expose(
         fuse_slot: None,
         loopdev: None,
         mounted: None,
-        view_mounted: false,
+        views: Vec::new(),
+        share_failures: Vec::new(),
         ext4_dev: None,
         nbd: None,
         vm_nbd: Vec::new(),
@@ -313,18 +332,15 @@ impl Exposure {
         phase("ext4 mount", &mut self.phases);
         apply_ownership(&l, own).map_err(step("set owners and modes"))?;
         phase("owners", &mut self.phases);
-        if let Some(view) = &l.nfs_view {
-            view_dir(view).map_err(step("create the NFS server's mount point"))?;
-            rustix::mount::mount_bind(&l.mountpoint, view)
-                .map_err(|e| step("mount the NFS server's view")(e.into()))?;
-            self.view_mounted = true;
-            rustix::mount::mount_remount(
-                view,
-                MountFlags::BIND | MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC,
-                "",
-            )
-            .map_err(|e| step("make the NFS server's view nosuid,nodev,noexec")(e.into()))?;
-            phase("NFS view", &mut self.phases);
+        if !l.nfs_shares.is_empty() {
+            // A share that cannot be mounted fails its export, not the open.
+            for v in &l.nfs_shares {
+                match self.mount_share(v) {
+                    Ok(()) => {}
+                    Err(e) => self.share_failures.push((v.share.clone(), e.to_string())),
+                }
+            }
+            phase("NFS shares", &mut self.phases);
         }
         self.nbd = Some(
             nbd::NbdServer::start(&l.nbd_socket, Arc::new(nbd::ImageDir::new(l.disks())))
@@ -356,6 +372,67 @@ impl Exposure {
             .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1000.0))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Mounts one share for the NFS server, by descriptors only: its
+    /// directory opened beneath the data's root without following a
+    /// symbolic link or leaving the data's filesystem (a member who
+    /// replaced `shared` with a link to `/etc` gets a failed share, not
+    /// `/etc` served), cloned as a detached mount, made `nosuid,nodev,
+    /// noexec` before it is attached anywhere, then attached on the mount
+    /// point opened the same way inside the server's directory (made by
+    /// [`nfs_dir`]).
+    fn mount_share(&mut self, v: &ShareView) -> std::io::Result<()> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+        let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let strict = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+        let beneath =
+            |top: &Path, rel: &Path, what: &str| -> std::io::Result<std::os::fd::OwnedFd> {
+                let top = rustix::fs::open(top, dir | OFlags::NOFOLLOW, Mode::empty())?;
+                rustix::fs::openat2(&top, rel, dir, Mode::empty(), strict).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::Error::from(e).kind(),
+                        format!(
+                            "{}: {e} ({what}, without a symbolic link on the way)",
+                            rel.display()
+                        ),
+                    )
+                })
+            };
+        let (parent, name) = match (v.at.parent(), v.at.file_name()) {
+            (Some(p), Some(n)) => (p, Path::new(n)),
+            _ => return Err(std::io::Error::other("a share's mount point has no parent")),
+        };
+        let target = beneath(
+            parent,
+            name,
+            "the NFS server's mount point, not mounted yet",
+        )?;
+        let source = beneath(&self.layout.mountpoint, &v.share, "a directory of the data")?;
+        let tree = rustix::mount::open_tree(
+            &source,
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_EMPTY_PATH,
+        )?;
+        coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&tree), false)?;
+        rustix::mount::move_mount(
+            &tree,
+            "",
+            &target,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )?;
+        self.views.push(v.at.clone());
+        Ok(())
+    }
+
+    /// The shares that could not be mounted for the NFS server at this
+    /// open, and why.
+    pub fn share_failures(&self) -> &[(PathBuf, String)] {
+        &self.share_failures
     }
 
     /// The layout in use.
@@ -423,23 +500,23 @@ impl Exposure {
         for mut n in self.vm_nbd.drain(..) {
             report.nbd_clients += n.stop();
         }
-        // The NFS server's view before the data: it is another mount of
+        // The shares' views before the data: each is another mount of
         // the same filesystem, which would keep it (and the loop device)
         // alive.
-        if self.view_mounted
-            && let (Some(view), Some(dev)) = (self.layout.nfs_view.clone(), self.ext4_dev.clone())
-        {
-            match unmount_busy(&view, &dev, policy.grace, report) {
-                Ok(()) => self.view_mounted = false,
-                Err(e) if !policy.force => return Err(e),
-                Err(e) => {
-                    report.notes.push(format!("forced past: {e}"));
-                    let _ = rustix::mount::unmount(&view, rustix::mount::UnmountFlags::DETACH);
-                    report
-                        .notes
-                        .push(format!("{} detached lazily", view.display()));
-                    self.view_mounted = false;
+        if let Some(dev) = self.ext4_dev.clone() {
+            while let Some(view) = self.views.last().cloned() {
+                match unmount_busy(&view, &dev, policy.grace, report) {
+                    Ok(()) => {}
+                    Err(e) if !policy.force => return Err(e),
+                    Err(e) => {
+                        report.notes.push(format!("forced past: {e}"));
+                        let _ = rustix::mount::unmount(&view, rustix::mount::UnmountFlags::DETACH);
+                        report
+                            .notes
+                            .push(format!("{} detached lazily", view.display()));
+                    }
                 }
+                self.views.pop();
             }
         }
         if let Some(dev) = self.mounted.clone() {
@@ -654,7 +731,7 @@ fn unmount_busy(
     report: &mut CloseReport,
 ) -> Result<(), Error> {
     use rustix::mount::{UnmountFlags, unmount};
-    let try_unmount = || match unmount(mp, UnmountFlags::empty()) {
+    let try_unmount = || match unmount(mp, UnmountFlags::NOFOLLOW) {
         Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(true),
         Err(rustix::io::Errno::BUSY) => Ok(false),
         Err(e) => Err(Error::Step {
@@ -671,32 +748,103 @@ fn unmount_busy(
     })
 }
 
-/// Makes the NFS server's mount point and its parent, root's alone
-/// (0700), refusing anything but a directory at either place (both are
-/// in the vault's own run directory). The daemon makes them before it
-/// starts the server (which confines itself beneath the parent), the open
-/// again before it mounts.
-pub fn view_dir(view: &Path) -> std::io::Result<()> {
+/// Makes the NFS server's directory (root's alone, 0700) hold the mount
+/// points of `shares` and nothing else, then mounts it over itself
+/// read-only (and private): the server, confined beneath it, can then
+/// change nothing in it (no link where a share is mounted at the next
+/// open), and only the shares mounted on it are writable. Removes what
+/// an older configuration left (empty directories; anything else stays
+/// and is named, and the server is not started). Done once: while the
+/// read-only mount is there (a server started again), it is kept as is.
+/// [`release_nfs_dir`] takes it down.
+pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+    if system::mount_at(dir).is_some() {
+        return Ok(Vec::new());
+    }
+    private_dir(dir)?;
+    let mut left = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if shares.iter().any(|v| v.at == p) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir(&p) {
+            left.push(format!("{}: {e}", p.display()));
+        }
+    }
+    for v in shares {
+        if v.at.parent() == Some(dir) {
+            private_dir(&v.at)?;
+        } else {
+            left.push(format!("{}: not in {}", v.at.display(), dir.display()));
+        }
+    }
+    if !left.is_empty() {
+        return Ok(left);
+    }
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let tree = rustix::mount::open_tree(
+        &fd,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )?;
+    coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&tree), true)?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        &fd,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
+    Ok(left)
+}
+
+/// Takes down the read-only mount [`nfs_dir`] made (and any share still
+/// mounted in it: there should be none), once the server is gone.
+pub fn release_nfs_dir(dir: &Path) -> Vec<String> {
+    use rustix::mount::{UnmountFlags, unmount};
+    let mut done = Vec::new();
+    for m in system::mounts()
+        .into_iter()
+        .rev()
+        .filter(|m| m.mountpoint.starts_with(dir))
+    {
+        let r = unmount(&m.mountpoint, UnmountFlags::NOFOLLOW)
+            .or_else(|_| unmount(&m.mountpoint, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH));
+        if let Err(e) = r {
+            done.push(format!("{}: {e}", m.mountpoint.display()));
+        }
+    }
+    done
+}
+
+/// `d`, a directory of root's alone (0700): made if missing, anything
+/// else there than a directory refused (it is in the vault's own run
+/// directory).
+fn private_dir(d: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let parent = view
-        .parent()
-        .ok_or_else(|| std::io::Error::other("the NFS view has no parent"))?;
-    for d in [parent, view] {
-        match std::fs::DirBuilder::new().mode(0o700).create(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let m = std::fs::symlink_metadata(d)?;
-        if !m.is_dir() {
-            return Err(std::io::Error::other(format!(
-                "{} is not a directory",
-                d.display()
-            )));
-        }
-        if m.permissions().mode() & 0o7777 != 0o700 {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
-        }
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(d)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            d.display()
+        )));
+    }
+    if m.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
 }
@@ -770,6 +918,25 @@ fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
 pub fn cleanup_stale(layout: &Layout, grace: Duration) -> Vec<String> {
     use rustix::mount::{UnmountFlags, unmount};
     let mut done = Vec::new();
+    // The NFS server's directory first: the shares' mounts in it hold the
+    // data's filesystem (its server died with the daemon).
+    let nfs: Vec<_> = system::mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint.starts_with(&layout.nfs_dir))
+        .collect();
+    if !nfs.is_empty() {
+        let failed = release_nfs_dir(&layout.nfs_dir);
+        done.push(format!(
+            "unmounted {} mount(s) in {} left by a previous daemon{}",
+            nfs.len(),
+            layout.nfs_dir.display(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" (not: {})", failed.join("; "))
+            }
+        ));
+    }
     if let Some(m) = system::mount_at(&layout.mountpoint)
         && m.source.starts_with("/dev/loop")
     {

@@ -89,47 +89,90 @@ fn format_mount_write_close_reopen() {
     assert!(system::mount_at(&l.mountpoint).is_none());
 }
 
-/// The NFS server's view: a second mount of the data, `nosuid,nodev,
-/// noexec`, made after the data and taken down before it (a process
-/// holding a file there is stopped as on the data); one a dead daemon
-/// left goes with the rest.
+/// The shares' mounts for the NFS server: each share's directory mounted
+/// again, `nosuid,nodev,noexec`, after the data and taken down before it
+/// (a process holding a file there is stopped as on the data); a share
+/// that is missing, or reached through a symbolic link, is not mounted
+/// (and said), without failing the open; what a dead daemon left goes
+/// with the rest.
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
-fn the_nfs_view_comes_and_goes_with_the_data() {
+fn the_shares_mounts_come_and_go_with_the_data() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let t = tempfile::tempdir().unwrap();
     let (c, key) = support::scratch_volume(t.path(), 64 << 20);
-    let view = t.path().join("run/nfs/data");
+    let nfs = t.path().join("run/nfs");
+    let view = |share: &str, n: u32| coffre_data::ShareView {
+        share: share.into(),
+        at: nfs.join(format!("share-{n}")),
+    };
     let l = Layout {
-        nfs_view: Some(view.clone()),
+        nfs_shares: vec![view("shared", 0), view("missing", 1), view("shared/etc", 2)],
         ..Layout::under(t.path())
     };
     format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
     let own = Ownership::default();
+    // The server's directory: its mount points, read-only (even to root).
+    assert!(
+        coffre_data::nfs_dir(&nfs, &l.nfs_shares)
+            .unwrap()
+            .is_empty()
+    );
+    let ro = system::mount_at(&nfs).expect("the server's directory is mounted");
+    assert!(ro.has_option("ro"), "{ro:?}");
+    let e = std::os::unix::fs::symlink("/etc", nfs.join("x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
+    // A member puts a link where a share is expected.
+    std::os::unix::fs::symlink("/etc", l.mountpoint.join("shared/etc")).unwrap();
+    drop(e);
     let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     let data = system::mount_at(&l.mountpoint).unwrap();
-    let m = system::mount_at(&view).expect("the view is mounted");
-    assert_eq!(m.dev, data.dev, "the view is the data's filesystem");
+    let m = system::mount_at(&nfs.join("share-0")).expect("the share is mounted");
+    assert_eq!(
+        m.dev, data.dev,
+        "the share's mount is the data's filesystem"
+    );
     for o in ["nosuid", "nodev", "noexec"] {
         assert!(m.has_option(o), "{o}: {m:?}");
     }
+    let failed: Vec<String> = e
+        .share_failures()
+        .iter()
+        .map(|(s, _)| s.display().to_string())
+        .collect();
+    assert_eq!(
+        failed,
+        ["missing", "shared/etc"],
+        "{:?}",
+        e.share_failures()
+    );
+    for n in [1, 2] {
+        assert!(system::mount_at(&nfs.join(format!("share-{n}"))).is_none());
+    }
+    assert!(
+        std::fs::read_dir(nfs.join("share-2"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the link was followed"
+    );
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(t.path().join("run/nfs"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&nfs).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o700);
     }
     std::fs::write(l.mountpoint.join("shared/a"), "through the data").unwrap();
     assert_eq!(
-        std::fs::read_to_string(view.join("shared/a")).unwrap(),
+        std::fs::read_to_string(nfs.join("share-0/a")).unwrap(),
         "through the data"
     );
-    // A process holding the view does not keep the data open.
+    // The rest of the data is not in the share's mount.
+    assert!(!nfs.join("share-0/disks").exists());
+    // A process holding the share's mount does not keep the data open.
     let mut child = std::process::Command::new("sleep")
         .arg("1000")
-        .current_dir(view.join("shared"))
+        .current_dir(nfs.join("share-0"))
         .spawn()
         .unwrap();
     let report = e
@@ -146,21 +189,46 @@ fn the_nfs_view_comes_and_goes_with_the_data() {
         "{report:?}"
     );
     assert!(!child.wait().unwrap().success());
-    assert!(system::mount_at(&view).is_none());
+    assert!(system::mount_at(&nfs.join("share-0")).is_none());
     assert!(system::mount_at(&l.mountpoint).is_none());
     assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
+    // The server's directory keeps the mount points it is given and
+    // loses what an older configuration left.
+    assert!(coffre_data::release_nfs_dir(&nfs).is_empty());
+    assert!(system::mount_at(&nfs).is_none());
+    assert!(
+        coffre_data::nfs_dir(&nfs, &l.nfs_shares[..1])
+            .unwrap()
+            .is_empty()
+    );
+    let left: Vec<_> = std::fs::read_dir(&nfs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["share-0"]);
 
     // Left behind (as by a daemon killed while open): the cleanup takes
-    // the view down first, then the rest.
+    // the server's directory down first (the share's mount in it holds
+    // the data), then the rest.
+    let l = Layout {
+        nfs_shares: l.nfs_shares[..1].to_vec(),
+        ..l
+    };
     let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
-    assert!(system::mount_at(&view).is_some());
+    assert!(e.share_failures().is_empty(), "{:?}", e.share_failures());
+    let share0 = nfs.join("share-0");
+    assert!(system::mount_at(&share0).is_some());
     let done = coffre_data::cleanup_stale(&Layout::under(t.path()), Duration::from_secs(1));
     assert!(
-        done.iter()
-            .any(|d| d == &format!("unmounted {} left by a previous daemon", view.display())),
+        done.iter().any(|d| d
+            == &format!(
+                "unmounted 2 mount(s) in {} left by a previous daemon",
+                nfs.display()
+            )),
         "{done:?}"
     );
-    assert!(system::mount_at(&view).is_none(), "{done:?}");
+    assert!(system::mount_at(&share0).is_none(), "{done:?}");
+    assert!(system::mount_at(&nfs).is_none(), "{done:?}");
     assert!(system::mount_at(&l.mountpoint).is_none(), "{done:?}");
     assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
     drop(e);

@@ -12,10 +12,11 @@
 //!
 //! The end of standard input (the daemon gone) ends the process.
 //!
-//! It parses bytes from guests, so it keeps only what it needs: uid 0
-//! with `CAP_DAC_READ_SEARCH` (to open handles), `CAP_SETUID` and
-//! `CAP_SETGID` (to act as an export's user on a thread), nothing else
-//! in any set or the bounding set, `no_new_privs`, not dumpable; and,
+//! It parses bytes from guests, so it keeps only what it needs: the
+//! daemon's choice of user (`nobody`), not root, with
+//! `CAP_DAC_READ_SEARCH` (to open handles), `CAP_SETUID` and `CAP_SETGID`
+//! (to act as an export's user on a thread), nothing else in any set or
+//! the bounding set, `no_new_privs`, not dumpable; and,
 //! given a directory (`DIR/run/nfs`, where the daemon mounts the data for
 //! it and nothing else), confined beneath it by Landlock before it starts
 //! a thread: taken over, it cannot open the vault's keys or anything else
@@ -47,9 +48,12 @@ enum Command {
 
 /// Keeps `CAP_DAC_READ_SEARCH`, `CAP_SETUID` and `CAP_SETGID` and drops
 /// every other capability from every set, the bounding set included;
-/// sets `no_new_privs` and a zero umask (modes are exactly what clients
-/// ask).
-pub fn drop_privileges() -> io::Result<()> {
+/// becomes `user` (uid, gid; no supplementary group) with those three
+/// kept, so that it owns no file of root's (by `setfsuid(0)` a root
+/// process would act as the owner of every root file: the seccomp filter
+/// refuses that call to it); sets `no_new_privs` and a zero umask (modes
+/// are exactly what clients ask).
+pub fn drop_privileges(user: Option<(u32, u32)>) -> io::Result<()> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
     let keep = CapabilitySet::DAC_READ_SEARCH | CapabilitySet::SETUID | CapabilitySet::SETGID;
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -64,6 +68,26 @@ pub fn drop_privileges() -> io::Result<()> {
         }
     }
     rustix::thread::clear_ambient_capability_set()?;
+    if let Some((uid, gid)) = user {
+        if uid == 0 || gid == 0 {
+            return Err(io::Error::other("the NFS server's user must not be root's"));
+        }
+        // The permitted set survives the change of uid; the effective set
+        // is set again below.
+        rustix::thread::set_keep_capabilities(true)?;
+        rustix::thread::set_thread_groups(&[])?;
+        rustix::thread::set_thread_res_gid(
+            rustix::process::Gid::from_raw(gid),
+            rustix::process::Gid::from_raw(gid),
+            rustix::process::Gid::from_raw(gid),
+        )?;
+        rustix::thread::set_thread_res_uid(
+            rustix::process::Uid::from_raw(uid),
+            rustix::process::Uid::from_raw(uid),
+            rustix::process::Uid::from_raw(uid),
+        )?;
+        rustix::thread::set_keep_capabilities(false)?;
+    }
     rustix::thread::set_capabilities(
         None,
         CapabilitySets {
@@ -94,8 +118,13 @@ fn parse_key(hex: &str) -> Option<HandleKey> {
 /// Runs the server's process: drops privileges, confines itself beneath
 /// `confine` (when given), serves on `sockets`, obeys the daemon on
 /// standard input until it ends.
-pub fn run(sockets: Sockets, workers: usize, confine: Option<&Path>) -> io::Result<()> {
-    drop_privileges()?;
+pub fn run(
+    sockets: Sockets,
+    workers: usize,
+    confine: Option<&Path>,
+    user: Option<(u32, u32)>,
+) -> io::Result<()> {
+    drop_privileges(user)?;
     // What it reads outside the data, read before the confinement.
     crate::fs::prime();
     let confined = match confine {
@@ -103,20 +132,22 @@ pub fn run(sockets: Sockets, workers: usize, confine: Option<&Path>) -> io::Resu
             eprintln!("coffre nfs-server: NOT confined (no directory given)");
             false
         }
-        Some(dir) => match coffre_sys::confine::to_beneath(&[dir]).map_err(io::Error::other)? {
-            coffre_sys::confine::Confined::Not => {
-                eprintln!("coffre nfs-server: NOT confined (this kernel has no Landlock)");
-                false
+        Some(dir) => {
+            match coffre_sys::confine::to_files_beneath(&[dir]).map_err(io::Error::other)? {
+                coffre_sys::confine::Confined::Not => {
+                    eprintln!("coffre nfs-server: NOT confined (this kernel has no Landlock)");
+                    false
+                }
+                c => {
+                    eprintln!(
+                        "coffre nfs-server: confined beneath {} ({} by Landlock)",
+                        dir.display(),
+                        c.as_str()
+                    );
+                    c == coffre_sys::confine::Confined::Fully
+                }
             }
-            c => {
-                eprintln!(
-                    "coffre nfs-server: confined beneath {} ({} by Landlock)",
-                    dir.display(),
-                    c.as_str()
-                );
-                c == coffre_sys::confine::Confined::Fully
-            }
-        },
+        }
     };
     let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs);
     eprintln!("coffre nfs-server: {}", coffre_sys::seccomp::said(&filter));

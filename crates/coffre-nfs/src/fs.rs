@@ -53,6 +53,11 @@ pub struct ExportSpec {
     /// Every call is refused (its user is no longer a member).
     #[serde(default)]
     pub denied: bool,
+    /// `path` must be the root of a mount (the daemon's own mount of the
+    /// share for this server): an empty directory where that mount
+    /// failed is never served.
+    #[serde(default)]
+    pub mounted: bool,
 }
 
 /// One export, open: its root directory held open.
@@ -207,6 +212,15 @@ pub fn write_verifier() -> [u8; 8] {
     v
 }
 
+/// Whether `dir` is the root of a mount (`STATX_ATTR_MOUNT_ROOT`, Linux
+/// 5.8; an older kernel that cannot say is taken for "no").
+fn is_mount_root(dir: &OwnedFd) -> io::Result<bool> {
+    use rustix::fs::{StatxAttributes, StatxFlags};
+    let r = rustix::fs::statx(dir, "", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
+    Ok(r.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+        && r.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
+}
+
 impl Export {
     /// Opens the export's directory (no symbolic link anywhere on its
     /// path is followed: the vault's layout has none on the way to a
@@ -221,6 +235,12 @@ impl Export {
             Mode::empty(),
             ResolveFlags::NO_SYMLINKS,
         )?;
+        if spec.mounted && !is_mount_root(&root)? {
+            return Err(io::Error::other(format!(
+                "{} is not mounted (the share's directory could not be mounted at this open: see the audit log)",
+                spec.share
+            )));
+        }
         let st = rustix::fs::fstat(&root)?;
         Ok(Self {
             tag: handle::export_tag(&spec.workload, &spec.share),

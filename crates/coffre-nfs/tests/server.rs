@@ -72,6 +72,7 @@ impl Lab {
                 groups,
                 readonly: false,
                 denied: false,
+                mounted: false,
             };
         server.set_exports(vec![
             spec(
@@ -308,6 +309,7 @@ fn handles_stay_in_their_export_and_survive_close_and_restart() {
         groups: vec![],
         readonly: false,
         denied: false,
+        mounted: false,
     }]);
     again.open(HandleKey::new(lab.key));
     let rec = {
@@ -438,6 +440,7 @@ fn root_in_the_guest_acts_only_as_the_share_user() {
         groups: vec![ALICE, TEAM],
         readonly: false,
         denied: true,
+        mounted: false,
     }];
     lab.server.set_exports(specs.clone());
     assert_eq!(c.getattr(&mine), status::ACCES);
@@ -543,4 +546,55 @@ fn a_guest_cannot_take_every_connection_or_worker() {
     // An address no export has is refused outright.
     let mut stranger = lab.client(Ipv4Addr::new(127, 0, 0, 3));
     assert_eq!(std::io::Read::read(&mut stranger.s, &mut b).unwrap_or(0), 0);
+}
+
+/// An export the daemon mounted for the server (`mounted`) opens only
+/// while something is mounted there: the empty mount point a failed
+/// mount leaves, on the host's own disk, is never served.
+#[test]
+#[ignore = "system: needs root"]
+fn an_export_that_must_be_mounted_is_not_served_from_an_empty_mount_point() {
+    coffre_testkit::require(&[Need::Root]);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("nfs-mounted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (share, at) = (dir.join("shared"), dir.join("share-0"));
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&at).unwrap();
+    std::fs::write(share.join("a"), "x").unwrap();
+    let spec = ExportSpec {
+        workload: "vm".into(),
+        client: Ipv4Addr::LOCALHOST,
+        share: "shared".into(),
+        path: at.clone(),
+        uid: ALICE,
+        gid: ALICE,
+        groups: Vec::new(),
+        readonly: false,
+        denied: false,
+        mounted: true,
+    };
+    let e = coffre_nfs::fs::Export::open(spec.clone())
+        .err()
+        .expect("an empty mount point was opened as the share");
+    assert!(e.to_string().contains("shared is not mounted"), "{e}");
+    let mount = |args: &[&std::ffi::OsStr]| {
+        assert!(
+            Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    mount(&[
+        "mount".as_ref(),
+        "--bind".as_ref(),
+        share.as_os_str(),
+        at.as_os_str(),
+    ]);
+    let opened = coffre_nfs::fs::Export::open(spec).map(drop);
+    mount(&["umount".as_ref(), at.as_os_str()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    opened.expect("the mounted share opens");
 }

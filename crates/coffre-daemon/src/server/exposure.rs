@@ -253,6 +253,19 @@ impl Shell {
                         Ok(e) => {
                             let mounted = t.elapsed();
                             let phases = e.phases();
+                            // A share that could not be mounted for the
+                            // NFS server: its export is not served.
+                            for (share, why) in e.share_failures() {
+                                lines.push((
+                                    "nfs".into(),
+                                    "failed".into(),
+                                    format!(
+                                        "share {} not mounted for the NFS server: {}",
+                                        share.display(),
+                                        coffre_sys::shown::told(why, 300)
+                                    ),
+                                ));
+                            }
                             *g = Some(e);
                             // Key, data, the VMs' shares, then workloads.
                             if let Some(nfs) = &nfs {

@@ -390,7 +390,19 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         let _ = std::fs::create_dir_all(dir.join("run"));
         // Without NFS the vault still works (the VMs' mounts wait): a port
         // taken is said loudly, not a reason to refuse to start.
-        match super::nfs::NfsChild::bind(gw, log, &crate::vaultdir::VaultDir::new(dir).nfs_dir()) {
+        let vd = crate::vaultdir::VaultDir::new(dir);
+        let nobody = coffre_sys::child::user("nobody")
+            .ok()
+            .flatten()
+            .map(|(uid, gid, _)| (uid, gid))
+            .filter(|(uid, gid)| *uid != 0 && *gid != 0);
+        let bound = match nobody {
+            None => Err("the NFS server runs as user nobody, who does not exist here".to_string()),
+            Some(user) => {
+                super::nfs::NfsChild::bind(gw, log, &vd.nfs_dir(), vd.nfs_shares(config), user)
+            }
+        };
+        match bound {
             Ok((n, warning)) => {
                 match warning {
                     None => notes.push(format!(

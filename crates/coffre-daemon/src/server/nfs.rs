@@ -22,9 +22,11 @@ pub(super) struct NfsChild {
     exports: Vec<ExportSpec>,
     /// The handle key while the vault is open (to restart a server).
     key: Option<HandleKey>,
-    /// Where it is confined (`DIR/run/nfs`), holding its own mount of
-    /// the data (`data`) and nothing else.
+    /// Where it is confined (`DIR/run/nfs`), holding its own mounts of
+    /// the shares and nothing else.
     dir: PathBuf,
+    /// Those mounts.
+    shares: Vec<coffre_data::ShareView>,
 }
 
 impl NfsChild {
@@ -33,11 +35,14 @@ impl NfsChild {
     /// When port 111 is taken (the host runs its own rpcbind on every
     /// address), NFS is served without a portmapper and the note says so:
     /// clients then need `port=2049,mountport=2049`.
-    /// `dir` is where it is confined (made at each start).
+    /// `dir` is where it is confined (made at each start), holding the
+    /// mounts of `shares` (made at each open).
     pub(super) fn bind(
         addr: std::net::Ipv4Addr,
         log: PathBuf,
         dir: &Path,
+        shares: Vec<coffre_data::ShareView>,
+        user: (u32, u32),
     ) -> Result<(Self, Option<String>), String> {
         let listen = |portmap_port| coffre_nfs::Listen {
             addr,
@@ -58,16 +63,21 @@ impl NfsChild {
             }
         };
         let sockets = sockets.into_fds();
-        // It stays uid 0 and drops every capability but the three it
-        // needs itself, then confines itself beneath `dir` (Landlock),
-        // before serving anything; it must see the data's mounts as the
-        // host has them (the open mounts its view in `dir`).
+        // It becomes `user` keeping only the three capabilities it needs,
+        // then confines itself beneath `dir` (Landlock) and filters its
+        // system calls (seccomp),
+        // before serving anything; it must see the host's mounts as they
+        // are (the open mounts the shares in `dir`).
         let args = vec![
             "nfs-server".to_string(),
             "--sockets".to_string(),
             sockets.len().to_string(),
             "--confine".to_string(),
             dir.to_string_lossy().into_owned(),
+            "--uid".to_string(),
+            user.0.to_string(),
+            "--gid".to_string(),
+            user.1.to_string(),
         ];
         Ok((
             Self {
@@ -75,6 +85,7 @@ impl NfsChild {
                 exports: Vec::new(),
                 key: None,
                 dir: dir.to_path_buf(),
+                shares,
             },
             note,
         ))
@@ -83,8 +94,17 @@ impl NfsChild {
     /// Starts the process, then tells it the exports and (while open)
     /// the key.
     pub(super) fn start(&mut self) -> Result<u32, String> {
-        coffre_data::view_dir(&self.dir.join("data"))
+        // What an older configuration's shares left goes (empty mount
+        // points only).
+        let left = coffre_data::nfs_dir(&self.dir, &self.shares)
             .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        if !left.is_empty() {
+            return Err(format!(
+                "{} holds more than the shares' mount points: {}",
+                self.dir.display(),
+                left.join("; ")
+            ));
+        }
         let pid = self.helper.spawn()?;
         let exports = self.exports.clone();
         self.send_exports(exports)?;
@@ -176,15 +196,25 @@ impl NfsChild {
     }
 }
 
+impl Drop for NfsChild {
+    /// The daemon ends: the server with it, then its directory's
+    /// read-only mount (a share still mounted there goes too; the data's
+    /// own close has taken them down before).
+    fn drop(&mut self) {
+        self.helper.stop();
+        let _ = coffre_data::release_nfs_dir(&self.dir);
+    }
+}
+
 /// The exports of `config`: one per workload with a `share` and an
-/// address, beneath `view` (the NFS server's mount of the data). Its
+/// address, at the share's own mount for the server (`views`). Its
 /// user is a member's numbers and groups when `share_user` names a
 /// current member (`members`); a removed member (`retired`)
 /// gets an export that refuses everything; any other name is a host
 /// account.
 pub(super) fn exports(
     config: &crate::vaultdir::Config,
-    view: &Path,
+    views: &[coffre_data::ShareView],
     members: &std::collections::BTreeMap<String, super::accounts::Ids>,
     retired: &dyn Fn(&str) -> bool,
 ) -> (Vec<ExportSpec>, Vec<String>) {
@@ -209,11 +239,16 @@ pub(super) fn exports(
                 }
             }
         };
+        let Some(view) = views.iter().find(|v| &v.share == share) else {
+            problems.push(format!("workload {}: no mount for its share", w.name));
+            continue;
+        };
         let share_text = share.to_string_lossy().into_owned();
         out.push(ExportSpec {
             workload: w.name.clone(),
             client,
-            path: view.join(share),
+            path: view.at.clone(),
+            mounted: true,
             share: share_text,
             uid,
             gid,
@@ -237,13 +272,12 @@ impl Shell {
 
     fn nfs_exports(&self) -> (Vec<ExportSpec>, Vec<String>) {
         let retired = |n: &str| self.control.accounts.retired.iter().any(|(r, _)| r == n);
-        let view = self
-            .data
-            .layout
-            .nfs_view
-            .clone()
-            .unwrap_or_else(|| self.dir.nfs_dir().join("data"));
-        exports(&self.config, &view, &self.member_ids(), &retired)
+        exports(
+            &self.config,
+            &self.data.layout.nfs_shares,
+            &self.member_ids(),
+            &retired,
+        )
     }
 
     /// At start: the exports, then the process.
@@ -264,7 +298,7 @@ impl Shell {
                 "nfs",
                 "up",
                 format!(
-                    "NFS server (pid {pid}, uid 0 with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own, confining itself beneath {}) for {n} share(s); closed until the vault opens",
+                    "NFS server (pid {pid}, user nobody with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own, confining itself beneath {}) for {n} share(s); closed until the vault opens",
                     self.dir.nfs_dir().display()
                 ),
             ),

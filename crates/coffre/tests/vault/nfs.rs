@@ -144,12 +144,13 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         text.contains(", confined (Landlock), seccomp filter; "),
         "{text}"
     );
-    let server = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
-    // The server serves the data through its own mount of it, the only
+    let first = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
+    // The server serves the share through its own mount of it, the only
     // thing in the directory it is confined beneath (Landlock: fully on
-    // a kernel of 6.12 or later, as here and in CI).
+    // a kernel of 6.12 or later, as here and in CI), which is read-only;
+    // it is nobody (not root), with its three capabilities.
     let nfs_dir = lab.gw.vault.dir.join("run/nfs");
-    let view = nfs_dir.join("data");
+    let view = nfs_dir.join("share-0");
     assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
     assert_eq!(st["nfs"]["stats"]["filtered"], true, "{st}");
     let nfs_log = std::fs::read_to_string(lab.gw.vault.dir.join("run/nfs.log")).unwrap();
@@ -161,17 +162,65 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         "{nfs_log}"
     );
     assert!(nfs_log.contains("seccomp filter on ("), "{nfs_log}");
-    let mounted = coffre_data::system::mount_at(&view).expect("the server's view is mounted");
+    let proc_status = std::fs::read_to_string(format!("/proc/{first}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), ["65534"; 4], "{proc_status}");
+    // CAP_DAC_READ_SEARCH, CAP_SETUID, CAP_SETGID.
+    assert_eq!(field("CapEff:"), ["00000000000000c4"], "{proc_status}");
+    let mounted = coffre_data::system::mount_at(&view).expect("the share is mounted for it");
     assert!(mounted.source.starts_with("/dev/loop"), "{mounted:?}");
+    let dir_mount = coffre_data::system::mount_at(&nfs_dir).expect("its directory is mounted");
+    assert!(dir_mount.has_option("ro"), "{dir_mount:?}");
     let entries: Vec<_> = std::fs::read_dir(&nfs_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(
         entries,
-        ["data"],
-        "the server's directory holds its view alone"
+        ["share-0"],
+        "the server's directory holds the share's mount alone"
     );
+    // Killed while open, it is started again and serves on, and the
+    // team's data keeps its modes.
+    let before = (lab.wrote("nfs-a"), lab.wrote("nfs-b"));
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let until = Instant::now() + Duration::from_secs(30);
+    let server = loop {
+        let st = lab.gw.vault.status("alice");
+        if let Some(pid) = st["nfs"]["pid"].as_u64().filter(|p| *p != u64::from(first))
+            && st["nfs"]["stats"]["open"] == true
+        {
+            break u32::try_from(pid).unwrap();
+        }
+        assert!(
+            Instant::now() < until,
+            "the NFS server was not started again: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    lab.wait_wrote("nfs-a", before.0 + 3, Duration::from_secs(60));
+    lab.wait_wrote("nfs-b", before.1 + 3, Duration::from_secs(60));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let data = std::fs::metadata(lab.gw.vault.dir.join("data")).unwrap();
+        assert_eq!(
+            data.mode() & 0o7777,
+            0o3770,
+            "the data's modes after a restart"
+        );
+    }
+    assert!(coffre_data::system::mount_at(&view).is_some());
 
     // Fast close: the VMs pause, the server lets go, the key goes, from
     // the NFS server's memory too.
@@ -384,6 +433,7 @@ fn survey_nfs_throughput_against_the_mount() {
         groups: vec![5001, 4242],
         readonly: false,
         denied: false,
+        mounted: false,
     }]);
     assert!(server.open(coffre_nfs::HandleKey::new([1; 32])).is_empty());
     let url = |p: &str| {

@@ -137,9 +137,16 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         workers: usize,
         /// The directory it confines itself beneath (Landlock) before
-        /// serving: the daemon mounts the data there for it.
+        /// serving: the daemon mounts the shares there for it.
         #[arg(long)]
         confine: Option<std::path::PathBuf>,
+        /// The user it becomes (keeping CAP_DAC_READ_SEARCH, CAP_SETUID
+        /// and CAP_SETGID), never root.
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        /// Its group.
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
     },
     /// The LDAP server for the VMs' directory, as the daemon starts it:
     /// serves on the sockets it inherited (descriptor 3: plain with

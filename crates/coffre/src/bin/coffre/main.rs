@@ -69,7 +69,9 @@ fn main() -> ExitCode {
             sockets,
             workers,
             confine,
-        } => nfs_server(sockets, workers, confine.as_deref()),
+            uid,
+            gid,
+        } => nfs_server(sockets, workers, confine.as_deref(), uid.zip(gid)),
         C::LdapServer { uid, gid } => ldap_server(uid, gid),
         C::Enter {
             id,
@@ -188,13 +190,15 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<u8> {
 }
 
 /// `coffre nfs-server`: what the daemon runs for the VMs' shares. It
-/// keeps uid 0 with only CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID
-/// (dropped in `coffre_nfs::control::run` before it serves a byte), and
-/// confines itself (Landlock) beneath `confine` there too.
+/// becomes `user` with only CAP_DAC_READ_SEARCH, CAP_SETUID and
+/// CAP_SETGID (in `coffre_nfs::control::run`, before it serves a byte),
+/// confines itself (Landlock) beneath `confine` and applies its seccomp
+/// filter there too.
 fn nfs_server(
     sockets: u32,
     workers: usize,
     confine: Option<&std::path::Path>,
+    user: Option<(u32, u32)>,
 ) -> anyhow::Result<u8> {
     coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
     coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
@@ -203,7 +207,7 @@ fn nfs_server(
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| anyhow::anyhow!("the NFS server's sockets: {e}"))?;
     let sockets = coffre_nfs::Sockets::from_fds(fds)?;
-    coffre_nfs::control::run(sockets, workers.clamp(1, 64), confine)?;
+    coffre_nfs::control::run(sockets, workers.clamp(1, 64), confine, user)?;
     Ok(coffre::exit::OK)
 }
 
