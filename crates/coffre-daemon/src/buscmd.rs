@@ -83,7 +83,12 @@ impl Nonces {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         let mut n = Self { path, seen };
-        n.prune(envelope::now());
+        let now = envelope::now();
+        n.prune(now);
+        // No command lives longer than this: an expiry beyond it is a
+        // damaged file's, and would hold its place forever.
+        let latest = now.saturating_add(envelope::MAX_LIFE_S + envelope::SKEW_S);
+        n.seen.retain(|_, a| a.exp <= latest);
         Ok(n)
     }
 

@@ -65,12 +65,13 @@ pub struct Layout {
     /// directory, made after the data and taken down before it) for the
     /// NFS server alone: `DIR/run/nfs/share-N`. Their parent holds them
     /// and nothing else, so the server confines itself (Landlock) to that
-    /// parent before the vault first opens, and sees the shares and
-    /// nothing else of the data (a rule on a mount point would not cover
-    /// what is mounted over it later). Made `nosuid,nodev,noexec`.
+    /// parent before the vault first opens, and reaches by path the
+    /// shares and nothing else of the data (a rule on a mount point would
+    /// not cover what is mounted over it later; by handle, see
+    /// docs/security.md). Made `nosuid,nodev,noexec`, private.
     pub nfs_shares: Vec<ShareView>,
-    /// The NFS server's directory (`DIR/run/nfs`): the shares' mount
-    /// points, read-only to the server (see [`nfs_dir`]).
+    /// The NFS server's directory (`DIR/run/nfs`): a read-only tmpfs of
+    /// the shares' mount points (see [`nfs_dir`]).
     pub nfs_dir: PathBuf,
     /// The NBD unix socket (its directory is made 0700).
     pub nbd_socket: PathBuf,
@@ -404,6 +405,14 @@ impl Exposure {
             (Some(p), Some(n)) => (p, Path::new(n)),
             _ => return Err(std::io::Error::other("a share's mount point has no parent")),
         };
+        let top = rustix::fs::open(parent, dir | OFlags::NOFOLLOW, Mode::empty())?;
+        if !on_nfs_dir(&top)? {
+            return Err(std::io::Error::other(format!(
+                "{} is not the NFS server's own directory (a read-only tmpfs): not mounting the share there",
+                parent.display()
+            )));
+        }
+        drop(top);
         let target = beneath(
             parent,
             name,
@@ -748,67 +757,105 @@ fn unmount_busy(
     })
 }
 
-/// Makes the NFS server's directory (root's alone, 0700) hold the mount
-/// points of `shares` and nothing else, then mounts it over itself
-/// read-only (and private): the server, confined beneath it, can then
-/// change nothing in it (no link where a share is mounted at the next
-/// open), and only the shares mounted on it are writable. Removes what
-/// an older configuration left (empty directories; anything else stays
-/// and is named, and the server is not started). Done once: while the
-/// read-only mount is there (a server started again), it is kept as is.
-/// [`release_nfs_dir`] takes it down.
+/// Mounts the NFS server's directory: a small tmpfs of its own (root's,
+/// 0700, `nosuid,nodev,noexec`, private), holding one empty mount point
+/// per share and nothing else, made read-only before it is attached.
+/// The server confines itself beneath it; being a filesystem of its own,
+/// nothing of the host's filesystem lies behind it (a bind of a host
+/// directory would let a file of that filesystem, opened by handle
+/// through it, count as beneath it), and the server can change nothing in
+/// it (no link swapped in where the next open mounts a share). Done once:
+/// while it is mounted (a server started again), it is kept as is. Says
+/// what stands in the way (something else mounted there or beneath)
+/// instead of mounting. [`release_nfs_dir`] takes it down.
 pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>> {
     use rustix::fs::{Mode, OFlags};
-    use rustix::mount::{MoveMountFlags, OpenTreeFlags};
-    if system::mount_at(dir).is_some() {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let here: Vec<_> = system::mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint.starts_with(dir))
+        .collect();
+    // Ours already (a server started again), shares mounted in it or not.
+    let at_dir = here.iter().filter(|m| m.mountpoint == dir).count();
+    if at_dir == 1
+        && here
+            .iter()
+            .any(|m| m.mountpoint == dir && m.fstype == "tmpfs")
+        && here
+            .iter()
+            .all(|m| m.mountpoint == dir || m.mountpoint.parent() == Some(dir))
+    {
         return Ok(Vec::new());
     }
-    private_dir(dir)?;
-    let mut left = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if shares.iter().any(|v| v.at == p) {
-            continue;
-        }
-        if let Err(e) = std::fs::remove_dir(&p) {
-            left.push(format!("{}: {e}", p.display()));
-        }
+    if !here.is_empty() {
+        return Ok(here
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} is mounted ({}), not by coffre",
+                    m.mountpoint.display(),
+                    m.fstype
+                )
+            })
+            .collect());
     }
+    let mut names = Vec::new();
     for v in shares {
-        if v.at.parent() == Some(dir) {
-            private_dir(&v.at)?;
-        } else {
-            left.push(format!("{}: not in {}", v.at.display(), dir.display()));
+        match (v.at.parent(), v.at.file_name()) {
+            (Some(p), Some(n)) if p == dir => names.push(n.to_os_string()),
+            _ => {
+                return Ok(vec![format!(
+                    "{}: not in {}",
+                    v.at.display(),
+                    dir.display()
+                )]);
+            }
         }
     }
-    if !left.is_empty() {
-        return Ok(left);
+    private_dir(dir)?;
+    let fs = rustix::mount::fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    rustix::mount::fsconfig_set_string(&fs, "mode", "0700")?;
+    rustix::mount::fsconfig_set_string(&fs, "size", "64k")?;
+    rustix::mount::fsconfig_set_string(&fs, "nr_inodes", (names.len() + 8).to_string())?;
+    rustix::mount::fsconfig_create(&fs)?;
+    let root = rustix::mount::fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    )?;
+    for n in &names {
+        rustix::fs::mkdirat(&root, n.as_os_str(), Mode::from_raw_mode(0o700))?;
     }
-    let fd = rustix::fs::open(
+    coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&root), true)?;
+    let at = rustix::fs::open(
         dir,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let tree = rustix::mount::open_tree(
-        &fd,
-        "",
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_EMPTY_PATH,
-    )?;
-    coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&tree), true)?;
     rustix::mount::move_mount(
-        &tree,
+        &root,
         "",
-        &fd,
+        &at,
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )?;
-    Ok(left)
+    Ok(Vec::new())
 }
 
-/// Takes down the read-only mount [`nfs_dir`] made (and any share still
-/// mounted in it: there should be none), once the server is gone.
+/// Whether `fd` (a directory) is on the NFS server's own directory: a
+/// read-only tmpfs ([`nfs_dir`]).
+fn on_nfs_dir(fd: &std::os::fd::OwnedFd) -> std::io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let st = rustix::fs::fstatfs(fd)?;
+    let vfs = rustix::fs::fstatvfs(fd)?;
+    Ok(st.f_type == TMPFS_MAGIC && vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// Takes down the NFS server's directory [`nfs_dir`] mounted (and any
+/// share still mounted in it: there should be none), once the server is
+/// gone.
 pub fn release_nfs_dir(dir: &Path) -> Vec<String> {
     use rustix::mount::{UnmountFlags, unmount};
     let mut done = Vec::new();

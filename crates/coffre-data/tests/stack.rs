@@ -119,7 +119,20 @@ fn the_shares_mounts_come_and_go_with_the_data() {
             .is_empty()
     );
     let ro = system::mount_at(&nfs).expect("the server's directory is mounted");
-    assert!(ro.has_option("ro"), "{ro:?}");
+    assert!(ro.has_option("ro") && ro.fstype == "tmpfs", "{ro:?}");
+    // Again (a server started again): kept as it is.
+    assert!(
+        coffre_data::nfs_dir(&nfs, &l.nfs_shares)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        system::mounts()
+            .iter()
+            .filter(|m| m.mountpoint == nfs)
+            .count(),
+        1
+    );
     let e = std::os::unix::fs::symlink("/etc", nfs.join("x")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
@@ -147,6 +160,9 @@ fn the_shares_mounts_come_and_go_with_the_data() {
         "{:?}",
         e.share_failures()
     );
+    let why = |n: usize| e.share_failures()[n].1.clone();
+    assert!(why(0).contains("No such file"), "{}", why(0));
+    assert!(why(1).contains("symbolic links"), "{}", why(1));
     for n in [1, 2] {
         assert!(system::mount_at(&nfs.join(format!("share-{n}"))).is_none());
     }
@@ -196,6 +212,18 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     // loses what an older configuration left.
     assert!(coffre_data::release_nfs_dir(&nfs).is_empty());
     assert!(system::mount_at(&nfs).is_none());
+    // Without it, no share is mounted (not on the host's own directory).
+    let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
+    assert_eq!(e.share_failures().len(), 3, "{:?}", e.share_failures());
+    assert!(
+        e.share_failures()[0]
+            .1
+            .contains("not the NFS server's own directory"),
+        "{:?}",
+        e.share_failures()
+    );
+    assert!(system::mount_at(&nfs.join("share-0")).is_none());
+    drop(e);
     assert!(
         coffre_data::nfs_dir(&nfs, &l.nfs_shares[..1])
             .unwrap()

@@ -68,7 +68,13 @@ pub fn drop_privileges(user: Option<(u32, u32)>) -> io::Result<()> {
         }
     }
     rustix::thread::clear_ambient_capability_set()?;
-    if let Some((uid, gid)) = user {
+    let Some((uid, gid)) = user else {
+        // As root it would need setfsuid(0), which its filter refuses.
+        return Err(io::Error::other(
+            "the NFS server needs its user (--uid, --gid)",
+        ));
+    };
+    {
         if uid == 0 || gid == 0 {
             return Err(io::Error::other("the NFS server's user must not be root's"));
         }
@@ -123,6 +129,7 @@ pub fn run(
     workers: usize,
     confine: Option<&Path>,
     user: Option<(u32, u32)>,
+    acts: coffre_sys::seccomp::Acts,
 ) -> io::Result<()> {
     drop_privileges(user)?;
     // What it reads outside the data, read before the confinement.
@@ -149,7 +156,7 @@ pub fn run(
             }
         }
     };
-    let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs);
+    let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs, Some(&acts));
     eprintln!("coffre nfs-server: {}", coffre_sys::seccomp::said(&filter));
     let filtered = filter.is_ok();
     let server = Arc::new(Server::new());

@@ -55,7 +55,9 @@ fn set_fs(uid: u32, gid: u32) -> io::Result<(u32, u32)> {
         let old_g = libc::setfsgid(gid);
         let old_u = libc::setfsuid(uid);
         let (g, u) = (libc::setfsgid(gid), libc::setfsuid(uid));
-        if u32::try_from(g).ok() != Some(gid) || u32::try_from(u).ok() != Some(uid) {
+        // uid_t and gid_t come back as C ints: 2^31 and above read
+        // negative.
+        if g.cast_unsigned() != gid || u.cast_unsigned() != uid {
             // The identity may have moved anyway: the dumpable flag too.
             let _ = crate::forbid_dumps();
             return Err(io::Error::other("setfsuid/setfsgid did not take"));
@@ -66,10 +68,7 @@ fn set_fs(uid: u32, gid: u32) -> io::Result<(u32, u32)> {
         // /proc/PID/mem for root's other processes, would work again. This
         // process holds keys; it stays undumpable, whatever it was before.
         crate::forbid_dumps()?;
-        Ok((
-            u32::try_from(old_u).unwrap_or(0),
-            u32::try_from(old_g).unwrap_or(0),
-        ))
+        Ok((old_u.cast_unsigned(), old_g.cast_unsigned()))
     }
 }
 
@@ -153,10 +152,14 @@ impl AsCaller {
             return Err(io::Error::last_os_error());
         }
         saved.truncate(usize::try_from(n).unwrap_or(0));
+        // What to go back to, even if the switch fails half-way: an
+        // invalid id changes nothing and answers the current one.
+        // SAFETY: plain integers.
+        let (fsuid, fsgid) = unsafe { (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX)) };
         let mut guard = Self {
             groups: saved,
-            fsuid: 0,
-            fsgid: 0,
+            fsuid: fsuid.cast_unsigned(),
+            fsgid: fsgid.cast_unsigned(),
             lowered: 0,
             _thread: PhantomData,
         };

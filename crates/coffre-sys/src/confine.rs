@@ -229,9 +229,44 @@ mod tests {
             );
             std::fs::create_dir_all(&view).unwrap();
             std::fs::create_dir_all(&src).unwrap();
+            std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
             std::fs::write(src.join("f"), "in").unwrap();
             std::fs::write(tmp.path().join("src/other"), "not shared").unwrap();
             std::fs::write(tmp.path().join("secret"), "out").unwrap();
+            let run = |args: &[&std::ffi::OsStr]| {
+                let st = std::process::Command::new(args[0])
+                    .args(&args[1..])
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "{args:?}");
+            };
+            // As the daemon makes it: nfs, a tmpfs of its own holding the
+            // share's mount point, read-only. And a bind of a directory of
+            // this filesystem elsewhere, as a host may have.
+            let nfs = tmp.path().join("nfs");
+            run(&[
+                "mount".as_ref(),
+                "-t".as_ref(),
+                "tmpfs".as_ref(),
+                "-o".as_ref(),
+                "mode=0700,size=64k".as_ref(),
+                "tmpfs".as_ref(),
+                nfs.as_os_str(),
+            ]);
+            std::fs::create_dir(&view).unwrap();
+            run(&[
+                "mount".as_ref(),
+                "-o".as_ref(),
+                "remount,ro".as_ref(),
+                nfs.as_os_str(),
+            ]);
+            let elsewhere = tmp.path().join("elsewhere");
+            run(&[
+                "mount".as_ref(),
+                "--bind".as_ref(),
+                tmp.path().join("src").as_os_str(),
+                elsewhere.as_os_str(),
+            ]);
             let mut child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
@@ -256,13 +291,6 @@ mod tests {
             }
             // Mounted by the parent: a confined process may not mount.
             let mounted = said.contains("confined, mount now");
-            let run = |args: &[&std::ffi::OsStr]| {
-                let st = std::process::Command::new(args[0])
-                    .args(&args[1..])
-                    .status()
-                    .unwrap();
-                assert!(st.success(), "{args:?}");
-            };
             if mounted {
                 run(&[
                     "mount".as_ref(),
@@ -280,6 +308,8 @@ mod tests {
             if mounted {
                 run(&["umount".as_ref(), "-l".as_ref(), view.as_os_str()]);
             }
+            run(&["umount".as_ref(), "-l".as_ref(), nfs.as_os_str()]);
+            run(&["umount".as_ref(), "-l".as_ref(), elsewhere.as_os_str()]);
             said.push_str(&rest);
             assert!(status.success(), "{said}");
             assert!(said.contains("confined child ran"), "{said}");
@@ -297,6 +327,8 @@ mod tests {
         };
         let secret = of(&top, "secret");
         let other = of(&std::fs::File::open(at.join("src")).unwrap(), "other");
+        let nfs = std::fs::File::open(at.join("nfs")).unwrap();
+        let elsewhere = std::fs::File::open(at.join("elsewhere")).unwrap();
         let got = to_files_beneath(&[&at.join("nfs")]).unwrap();
         if got == Confined::Not {
             println!("confined child ran: no Landlock here");
@@ -334,7 +366,26 @@ mod tests {
         // which Landlock (since Linux 6.18) checks as if it were at the
         // mount's root: it opens. docs/security.md says so.)
         assert!(denied(std::fs::read_to_string(at.join("src/other"))));
-        drop(other);
+        // The directory is a filesystem of its own: nothing of this one
+        // is behind it, and a handle of this one does not decode there.
+        assert!(
+            secret
+                .open(std::os::fd::AsFd::as_fd(&nfs), libc::O_RDONLY)
+                .is_err()
+        );
+        // Through a bind of a directory of this filesystem elsewhere, a
+        // file outside that directory is "disconnected": Landlock checks
+        // it as at that mount's root, which is not beneath the rule.
+        let e = secret
+            .open(std::os::fd::AsFd::as_fd(&elsewhere), libc::O_RDONLY)
+            .expect_err("a handle opened through a bind elsewhere");
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        // Through the share's own mount it is beneath the rule: the rest
+        // of the share's filesystem opens by handle (6.18 here; if this
+        // fails, the kernel now refuses it: docs/security.md must say so).
+        other
+            .open(std::os::fd::AsFd::as_fd(&root), libc::O_RDONLY)
+            .expect("this kernel's Landlock checks a disconnected file at its mount's root");
         println!("confined child ran: {}", got.as_str());
     }
 

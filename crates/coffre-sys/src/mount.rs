@@ -5,8 +5,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// Makes the mount `tree` (a descriptor from `open_tree`) `nosuid`,
-/// `nodev` and `noexec`, and, when `read_only`, read-only.
+/// Makes the mount `tree` (a descriptor from `open_tree` or `fsmount`)
+/// `nosuid`, `nodev`, `noexec` and private (nothing mounted on it
+/// propagates elsewhere), and, when `read_only`, read-only.
 pub fn restrict(tree: BorrowedFd<'_>, read_only: bool) -> io::Result<()> {
     let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
     if read_only {
@@ -15,7 +16,7 @@ pub fn restrict(tree: BorrowedFd<'_>, read_only: bool) -> io::Result<()> {
     let attr = libc::mount_attr {
         attr_set: set,
         attr_clr: 0,
-        propagation: 0,
+        propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
     // SAFETY: `attr` is a valid mount_attr of the size given; the path is

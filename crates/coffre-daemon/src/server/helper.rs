@@ -54,6 +54,11 @@ impl Helper {
         }
     }
 
+    /// Its arguments from the next start on.
+    pub(super) fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
     /// Starts the process (nothing told yet).
     pub(super) fn spawn(&mut self) -> Result<u32, String> {
         let mut pass_fds = Vec::new();

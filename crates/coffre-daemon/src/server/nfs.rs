@@ -27,6 +27,12 @@ pub(super) struct NfsChild {
     dir: PathBuf,
     /// Those mounts.
     shares: Vec<coffre_data::ShareView>,
+    /// The user it becomes.
+    user: (u32, u32),
+    /// How many sockets it is given.
+    sockets: usize,
+    /// Whom it was started to act as (its filter's).
+    acts: Option<coffre_sys::seccomp::Acts>,
 }
 
 impl NfsChild {
@@ -63,29 +69,17 @@ impl NfsChild {
             }
         };
         let sockets = sockets.into_fds();
-        // It becomes `user` keeping only the three capabilities it needs,
-        // then confines itself beneath `dir` (Landlock) and filters its
-        // system calls (seccomp),
-        // before serving anything; it must see the host's mounts as they
-        // are (the open mounts the shares in `dir`).
-        let args = vec![
-            "nfs-server".to_string(),
-            "--sockets".to_string(),
-            sockets.len().to_string(),
-            "--confine".to_string(),
-            dir.to_string_lossy().into_owned(),
-            "--uid".to_string(),
-            user.0.to_string(),
-            "--gid".to_string(),
-            user.1.to_string(),
-        ];
+        let n = sockets.len();
         Ok((
             Self {
-                helper: Helper::new("the NFS server", args, sockets, log),
+                helper: Helper::new("the NFS server", Vec::new(), sockets, log),
                 exports: Vec::new(),
                 key: None,
                 dir: dir.to_path_buf(),
                 shares,
+                user,
+                sockets: n,
+                acts: None,
             },
             note,
         ))
@@ -93,7 +87,29 @@ impl NfsChild {
 
     /// Starts the process, then tells it the exports and (while open)
     /// the key.
-    pub(super) fn start(&mut self) -> Result<u32, String> {
+    /// `acts`: whom it may act as on files, fixed for its life.
+    pub(super) fn start(&mut self, acts: &coffre_sys::seccomp::Acts) -> Result<u32, String> {
+        // It becomes `user` keeping only the three capabilities it needs,
+        // then confines itself beneath `dir` (Landlock) and filters its
+        // system calls (seccomp), before serving anything; it must see
+        // the host's mounts as they are (the open mounts the shares in
+        // `dir`).
+        self.helper.set_args(vec![
+            "nfs-server".to_string(),
+            "--sockets".to_string(),
+            self.sockets.to_string(),
+            "--confine".to_string(),
+            self.dir.to_string_lossy().into_owned(),
+            "--uid".to_string(),
+            self.user.0.to_string(),
+            "--gid".to_string(),
+            self.user.1.to_string(),
+            "--acts-uids".to_string(),
+            coffre_sys::seccomp::Acts::ranges_text(&acts.uids),
+            "--acts-gids".to_string(),
+            coffre_sys::seccomp::Acts::ranges_text(&acts.gids),
+        ]);
+        self.acts = Some(acts.clone());
         // What an older configuration's shares left goes (empty mount
         // points only).
         let left = coffre_data::nfs_dir(&self.dir, &self.shares)
@@ -206,6 +222,40 @@ impl Drop for NfsChild {
     }
 }
 
+/// Whom the NFS server may act as on files (its seccomp filter refuses
+/// any other `setfsuid` or `setfsgid`, and root always): itself (`user`),
+/// the vault's accounts (its range, and the members' own numbers), and
+/// the host users the shares name.
+/// A host user's own files on the host are what a server taken over
+/// could still change the modes of; the members' accounts own none
+/// (made without a home).
+pub(super) fn acts(
+    config: &crate::vaultdir::Config,
+    user: (u32, u32),
+    members: &std::collections::BTreeMap<String, super::accounts::Ids>,
+) -> coffre_sys::seccomp::Acts {
+    let range = config.accounts.range();
+    let mut uids = vec![(user.0, user.0), (range.first, range.last)];
+    let mut gids = vec![(user.1, user.1), (range.first, range.last)];
+    // Members' numbers imported from an older vault may lie outside.
+    for (uid, gid, _) in members.values() {
+        uids.push((*uid, *uid));
+        gids.push((*gid, *gid));
+    }
+    for w in &config.workload {
+        let Some(name) = &w.share_user else { continue };
+        if let Ok(id) = coffre_workload::config::share_identity(name, w.share_groups.as_deref()) {
+            uids.push((id.uid, id.uid));
+            gids.push((id.gid, id.gid));
+        }
+    }
+    uids.sort_unstable();
+    uids.dedup();
+    gids.sort_unstable();
+    gids.dedup();
+    coffre_sys::seccomp::Acts { uids, gids }
+}
+
 /// The exports of `config`: one per workload with a `share` and an
 /// address, at the share's own mount for the server (`views`). Its
 /// user is a member's numbers and groups when `share_user` names a
@@ -290,7 +340,8 @@ impl Shell {
         let n = exports.len();
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
         let _ = g.set_exports(exports);
-        let r = g.start();
+        let who = acts(&self.config, g.user, &self.member_ids());
+        let r = g.start(&who);
         let log = g.log().to_path_buf();
         drop(g);
         match r {
@@ -322,6 +373,26 @@ impl Shell {
             }
             return;
         };
+        // A member with numbers its filter does not allow (imported from
+        // an older vault): the server starts again, allowed them.
+        let who = acts(&self.config, g.user, &self.member_ids());
+        if g.pid().is_some() && g.acts.as_ref() != Some(&who) {
+            g.stop();
+            let _ = g.set_exports(exports);
+            let r = g.start(&who);
+            drop(g);
+            match r {
+                Ok(pid) => self.system_audit(
+                    "nfs",
+                    "ok",
+                    format!(
+                        "NFS server started again (pid {pid}) to act as a new member's numbers"
+                    ),
+                ),
+                Err(e) => self.system_audit("nfs", "failed", format!("the NFS server: {e}")),
+            }
+            return;
+        }
         if g.exports == exports {
             return;
         }
@@ -369,7 +440,8 @@ impl Shell {
             ));
         }
         if g.pid().is_none() && g.due() {
-            match g.start() {
+            let who = acts(&self.config, g.user, &self.member_ids());
+            match g.start(&who) {
                 Ok(pid) => notes.push(("ok", format!("NFS server started again (pid {pid})"))),
                 Err(e) => notes.push(("failed", format!("the NFS server: {e}"))),
             }

@@ -149,6 +149,17 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     // thing in the directory it is confined beneath (Landlock: fully on
     // a kernel of 6.12 or later, as here and in CI), which is read-only;
     // it is nobody (not root), with its three capabilities.
+    // Bob joined with numbers from an older vault, outside the accounts'
+    // range the server was allowed to act as: it was started again.
+    assert!(
+        lab.gw
+            .vault
+            .audit_details("nfs", "ok")
+            .iter()
+            .any(|d| d.contains("to act as a new member's numbers")),
+        "{:?}",
+        lab.gw.vault.audit_details("nfs", "ok")
+    );
     let nfs_dir = lab.gw.vault.dir.join("run/nfs");
     let view = nfs_dir.join("share-0");
     assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
@@ -177,7 +188,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     let mounted = coffre_data::system::mount_at(&view).expect("the share is mounted for it");
     assert!(mounted.source.starts_with("/dev/loop"), "{mounted:?}");
     let dir_mount = coffre_data::system::mount_at(&nfs_dir).expect("its directory is mounted");
-    assert!(dir_mount.has_option("ro"), "{dir_mount:?}");
+    assert!(
+        dir_mount.has_option("ro") && dir_mount.fstype == "tmpfs",
+        "{dir_mount:?}"
+    );
     let entries: Vec<_> = std::fs::read_dir(&nfs_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -218,6 +232,12 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
             data.mode() & 0o7777,
             0o3770,
             "the data's modes after a restart"
+        );
+        let shared = std::fs::metadata(lab.gw.vault.dir.join("data/shared")).unwrap();
+        assert_eq!(
+            shared.mode() & 0o7777,
+            0o2770,
+            "the share's modes after a restart"
         );
     }
     assert!(coffre_data::system::mount_at(&view).is_some());

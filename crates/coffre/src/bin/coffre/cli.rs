@@ -142,11 +142,17 @@ pub enum Command {
         confine: Option<std::path::PathBuf>,
         /// The user it becomes (keeping CAP_DAC_READ_SEARCH, CAP_SETUID
         /// and CAP_SETGID), never root.
-        #[arg(long, requires = "gid")]
-        uid: Option<u32>,
+        #[arg(long)]
+        uid: u32,
         /// Its group.
-        #[arg(long, requires = "uid")]
-        gid: Option<u32>,
+        #[arg(long)]
+        gid: u32,
+        /// The uids it may act as on files (`5000-5999,1001`): never root.
+        #[arg(long)]
+        acts_uids: String,
+        /// The gids it may act with.
+        #[arg(long)]
+        acts_gids: String,
     },
     /// The LDAP server for the VMs' directory, as the daemon starts it:
     /// serves on the sockets it inherited (descriptor 3: plain with

@@ -71,7 +71,16 @@ fn main() -> ExitCode {
             confine,
             uid,
             gid,
-        } => nfs_server(sockets, workers, confine.as_deref(), uid.zip(gid)),
+            acts_uids,
+            acts_gids,
+        } => nfs_server(
+            sockets,
+            workers,
+            confine.as_deref(),
+            Some((uid, gid)),
+            &acts_uids,
+            &acts_gids,
+        ),
         C::LdapServer { uid, gid } => ldap_server(uid, gid),
         C::Enter {
             id,
@@ -199,7 +208,15 @@ fn nfs_server(
     workers: usize,
     confine: Option<&std::path::Path>,
     user: Option<(u32, u32)>,
+    acts_uids: &str,
+    acts_gids: &str,
 ) -> anyhow::Result<u8> {
+    let acts = coffre_sys::seccomp::Acts {
+        uids: coffre_sys::seccomp::Acts::parse_ranges(acts_uids)
+            .map_err(|e| anyhow::anyhow!("--acts-uids: {e}"))?,
+        gids: coffre_sys::seccomp::Acts::parse_ranges(acts_gids)
+            .map_err(|e| anyhow::anyhow!("--acts-gids: {e}"))?,
+    };
     coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
     coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
     let fds = (0..sockets.min(3))
@@ -207,7 +224,7 @@ fn nfs_server(
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| anyhow::anyhow!("the NFS server's sockets: {e}"))?;
     let sockets = coffre_nfs::Sockets::from_fds(fds)?;
-    coffre_nfs::control::run(sockets, workers.clamp(1, 64), confine, user)?;
+    coffre_nfs::control::run(sockets, workers.clamp(1, 64), confine, user, acts)?;
     Ok(coffre::exit::OK)
 }
 
@@ -257,7 +274,8 @@ fn confine_to_nothing(what: &str) -> anyhow::Result<()> {
     eprintln!(
         "coffre {what}: {}",
         coffre_sys::seccomp::said(&coffre_sys::seccomp::refuse(
-            coffre_sys::seccomp::Profile::NoHandles
+            coffre_sys::seccomp::Profile::NoHandles,
+            None
         ))
     );
     Ok(())
