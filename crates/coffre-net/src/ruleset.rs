@@ -467,6 +467,19 @@ impl Policy {
         cmds.push(self.chain("output", Some(("filter", "output", 0))));
         cmds.push(self.chain("output_to_workload", None));
         cmds.push(self.chain("output_to_vpn", None));
+        // The NFS server's portmapper answers over a UDP socket bound in
+        // the host's namespace: it may send to the workloads' links only
+        // (taken over, it would reach the host's own UDP services).
+        cmds.push(self.rule(
+            "output",
+            vec![
+                mtch(payload("ip", "saddr"), "==", gw.clone()),
+                mtch(payload("udp", "sport"), "==", json!(111)),
+                mtch(meta("oifname"), "!=", set("workload_links")),
+                counter(),
+                drop_(),
+            ],
+        ));
         cmds.push(self.rule(
             "output",
             vec![
@@ -790,6 +803,26 @@ mod tests {
                 .rfind(|r| r.starts_with(&format!("\"{chain}\":")))
                 .unwrap_or_else(|| panic!("no rule in {chain}"));
             assert!(last.ends_with(r#"{"drop":null}]"#), "{chain}: {last}");
+        }
+    }
+
+    /// The portmapper's UDP answers leave by the workloads' links only.
+    #[test]
+    fn the_portmappers_udp_socket_reaches_the_workloads_only() {
+        let rs = rules(&sample().ruleset());
+        let first = rs
+            .iter()
+            .find(|r| r.starts_with("\"output\":"))
+            .expect("an output rule");
+        for part in [
+            r#""field":"saddr""#,
+            r#""field":"sport""#,
+            r#""right":111"#,
+            r#""op":"!=""#,
+            r#""right":"@workload_links""#,
+            r#"{"drop":null}"#,
+        ] {
+            assert!(first.contains(part), "{part}: {first}");
         }
     }
 
