@@ -435,6 +435,8 @@ impl Exposure {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )?;
         self.views.push(v.at.clone());
+        // Attached under a shared parent it would have become shared.
+        coffre_sys::mount::make_private(std::os::fd::AsFd::as_fd(&tree))?;
         Ok(())
     }
 
@@ -841,6 +843,9 @@ pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>>
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )?;
+    // Attached under a shared parent it would have become shared: the
+    // shares mounted on it later would propagate elsewhere.
+    coffre_sys::mount::make_private(std::os::fd::AsFd::as_fd(&root))?;
     Ok(Vec::new())
 }
 

@@ -100,6 +100,25 @@ fn format_mount_write_close_reopen() {
 fn the_shares_mounts_come_and_go_with_the_data() {
     require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
     let t = tempfile::tempdir().unwrap();
+    // Under a shared mount, as a systemd host's `/` is: the server's
+    // mounts must not propagate from it.
+    let sh = |args: &[&str]| {
+        let st = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    };
+    let top = t.path().to_str().unwrap().to_string();
+    sh(&["mount", "--bind", &top, &top]);
+    sh(&["mount", "--make-shared", &top]);
+    let shared_tag = |at: &std::path::Path| {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let at = at.to_str().unwrap().to_string();
+        mi.lines()
+            .filter(|l| l.split(' ').nth(4) == Some(at.as_str()))
+            .any(|l| l.split(" - ").next().unwrap_or("").contains(" shared:"))
+    };
     let (c, key) = support::scratch_volume(t.path(), 64 << 20);
     let nfs = t.path().join("run/nfs");
     let view = |share: &str, n: u32| coffre_data::ShareView {
@@ -142,6 +161,12 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     let data = system::mount_at(&l.mountpoint).unwrap();
     let m = system::mount_at(&nfs.join("share-0")).expect("the share is mounted");
+    assert!(shared_tag(&l.mountpoint), "the test's parent is not shared");
+    assert!(!shared_tag(&nfs), "the server's directory propagates");
+    assert!(
+        !shared_tag(&nfs.join("share-0")),
+        "the share's mount propagates"
+    );
     assert_eq!(
         m.dev, data.dev,
         "the share's mount is the data's filesystem"
@@ -260,4 +285,5 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     assert!(system::mount_at(&l.mountpoint).is_none(), "{done:?}");
     assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
     drop(e);
+    sh(&["umount", "-l", &top]);
 }

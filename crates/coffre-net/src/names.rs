@@ -27,6 +27,16 @@ pub fn table(vault_id: &str) -> String {
     format!("coffre_{}", hex(&digest(&["table", vault_id])[..6]))
 }
 
+/// The packet mark (SO_MARK) on the NFS portmapper's UDP socket of the
+/// vault whose table is `table`: the vault's output rule knows that
+/// socket's packets by it, whatever source address they were given. Not
+/// zero; the daemon sets it (the server, without `CAP_NET_ADMIN`, cannot
+/// change it).
+pub fn nfs_mark(table: &str) -> u32 {
+    let d = digest(&["nfs-mark", table]);
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]]) | 1
+}
+
 /// The host side of a workload's link (its tap or veth): `cw` and 10 hex
 /// digits, 12 bytes.
 pub fn link(vault_id: &str, workload: &str) -> String {

@@ -469,12 +469,17 @@ impl Policy {
         cmds.push(self.chain("output_to_vpn", None));
         // The NFS server's portmapper answers over a UDP socket bound in
         // the host's namespace: it may send to the workloads' links only
-        // (taken over, it would reach the host's own UDP services).
+        // (taken over, it would reach the host's own UDP services). Known
+        // by the mark the daemon set on it, not by its address or port,
+        // which a sender may choose (IP_PKTINFO).
         cmds.push(self.rule(
             "output",
             vec![
-                mtch(payload("ip", "saddr"), "==", gw.clone()),
-                mtch(payload("udp", "sport"), "==", json!(111)),
+                mtch(
+                    meta("mark"),
+                    "==",
+                    json!(crate::names::nfs_mark(&self.table)),
+                ),
                 mtch(meta("oifname"), "!=", set("workload_links")),
                 counter(),
                 drop_(),
@@ -814,10 +819,10 @@ mod tests {
             .iter()
             .find(|r| r.starts_with("\"output\":"))
             .expect("an output rule");
+        let mark = format!(r#""right":{}"#, crate::names::nfs_mark("coffre_test"));
         for part in [
-            r#""field":"saddr""#,
-            r#""field":"sport""#,
-            r#""right":111"#,
+            r#""key":"mark""#,
+            mark.as_str(),
             r#""op":"!=""#,
             r#""right":"@workload_links""#,
             r#"{"drop":null}"#,

@@ -158,7 +158,9 @@ pub fn run(
     };
     let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs, Some(&acts));
     eprintln!("coffre nfs-server: {}", coffre_sys::seccomp::said(&filter));
-    let filtered = filter.is_ok();
+    // It keeps CAP_SETUID: without its filter it does not serve.
+    filter.map_err(|e| io::Error::other(format!("no seccomp filter, not serving: {e}")))?;
+    let filtered = true;
     let server = Arc::new(Server::new());
     {
         let s = Arc::clone(&server);

@@ -49,6 +49,9 @@ pub struct Listen {
     pub nfs_port: u16,
     /// The portmapper (TCP and UDP), normally 111; `None`: none.
     pub portmap_port: Option<u16>,
+    /// The mark (SO_MARK) on the portmapper's UDP socket, by which the
+    /// vault's firewall keeps its packets to the workloads' links.
+    pub udp_mark: Option<u32>,
 }
 
 /// The listening sockets, bound (before privileges are dropped).
@@ -78,6 +81,9 @@ impl Sockets {
                 let t = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), p))?;
                 let u = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
                 u.set_freebind_v4(true)?;
+                if let Some(m) = l.udp_mark {
+                    u.set_mark(m)?;
+                }
                 u.bind(&t.local_addr()?.into())?;
                 Some((t, u.into()))
             }

@@ -56,6 +56,7 @@ impl Lab {
             addr: Ipv4Addr::LOCALHOST,
             nfs_port: 0,
             portmap_port: None,
+            udp_mark: None,
         })
         .unwrap();
         let port = sockets.nfs_port();
@@ -597,4 +598,24 @@ fn an_export_that_must_be_mounted_is_not_served_from_an_empty_mount_point() {
     mount(&["umount".as_ref(), at.as_os_str()]);
     let _ = std::fs::remove_dir_all(&dir);
     opened.expect("the mounted share opens");
+}
+
+/// The portmapper's UDP socket carries the mark the vault's firewall
+/// knows it by (set as root; the server could not change it).
+#[test]
+#[ignore = "system: needs root"]
+fn the_portmappers_udp_socket_is_marked() {
+    coffre_testkit::require(&[Need::Root]);
+    let sockets = Sockets::bind(&Listen {
+        addr: Ipv4Addr::LOCALHOST,
+        nfs_port: 0,
+        portmap_port: Some(0),
+        udp_mark: Some(0x00c0_ffee),
+    })
+    .unwrap();
+    let fds = sockets.into_fds();
+    assert_eq!(fds.len(), 3, "NFS, portmapper TCP and UDP");
+    let udp = socket2::Socket::from(fds.into_iter().nth(2).unwrap());
+    assert_eq!(udp.r#type().unwrap(), socket2::Type::DGRAM);
+    assert_eq!(udp.mark().unwrap(), 0x00c0_ffee);
 }

@@ -36,3 +36,30 @@ pub fn restrict(tree: BorrowedFd<'_>, read_only: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Makes the attached mount `mount` private: what is mounted on it later
+/// propagates to no other mount namespace, whatever its parent's
+/// propagation made it when it was attached.
+pub fn make_private(mount: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: 0,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: as in `restrict`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &raw const attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

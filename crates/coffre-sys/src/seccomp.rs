@@ -63,6 +63,8 @@ pub enum Profile {
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARG0_LOW: u32 = 16;
+#[cfg(not(target_endian = "little"))]
+compile_error!("coffre_sys::seccomp reads the arguments' low halves at little-endian offsets");
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 62 | 0x8000_0000 | 0x4000_0000;
@@ -177,6 +179,9 @@ pub fn denied(profile: Profile) -> Vec<(&'static str, i64)> {
         SYS_process_madvise,
         // Signals go through kill and tgkill, to itself only (checked).
         SYS_tkill,
+        // Priorities of a process group or a user's processes: none used.
+        SYS_setpriority,
+        SYS_ioprio_set,
         SYS_pidfd_open,
         SYS_pidfd_send_signal,
     ];
@@ -252,46 +257,11 @@ fn stmt(code: u16, k: u32) -> Insn {
     }
 }
 
-/// Where a jump of the program goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum To {
-    /// The next instruction.
-    Next,
-    /// Over this many instructions.
-    Over(u8),
-    /// One of the returns at the end.
-    Allow,
-    Refuse,
-    Enosys,
-    Kill,
-}
-
-/// One instruction before its jumps are resolved.
-struct Op {
-    code: u16,
-    k: u32,
-    jt: To,
-    jf: To,
-}
-
-fn op(code: u16, k: u32) -> Op {
-    Op {
-        code,
-        k,
-        jt: To::Next,
-        jf: To::Next,
-    }
-}
-
-fn branch(code: u16, k: u32, jt: To, jf: To) -> Op {
-    Op { code, k, jt, jf }
-}
-
 /// Whom the NFS server may act as on files (`setfsuid`, `setfsgid`):
 /// inclusive ranges. Root (0) never, even when a range includes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acts {
-    /// The uids: its own, the vault's accounts, the shares' host users.
+    /// The uids: its own, the vault's accounts, the shares' users.
     pub uids: Vec<(u32, u32)>,
     /// The gids, likewise.
     pub gids: Vec<(u32, u32)>,
@@ -327,10 +297,35 @@ impl Acts {
             .collect::<Vec<_>>()
             .join(",")
     }
+
+    /// Sorted, with overlapping and adjacent ranges merged.
+    pub fn merged(r: &[(u32, u32)]) -> Vec<(u32, u32)> {
+        let mut v = r.to_vec();
+        v.sort_unstable();
+        let mut out: Vec<(u32, u32)> = Vec::with_capacity(v.len());
+        for (a, b) in v {
+            match out.last_mut() {
+                Some((_, hi)) if a <= hi.saturating_add(1) => *hi = (*hi).max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
+    /// Whether every id `other` allows, this allows too.
+    pub fn covers(&self, other: &Acts) -> bool {
+        let within = |mine: &[(u32, u32)], theirs: &[(u32, u32)]| {
+            let mine = Acts::merged(mine);
+            theirs
+                .iter()
+                .all(|(a, b)| mine.iter().any(|(lo, hi)| lo <= a && b <= hi))
+        };
+        within(&self.uids, &other.uids) && within(&self.gids, &other.gids)
+    }
 }
 
 /// A call allowed or refused by the value of one argument (its low 32
-/// bits: every argument checked here is an int, a pid or an id).
+/// bits: every argument checked here is an int, a pid, an id or flags).
 struct Check {
     nr: i64,
     /// Which argument (0 to 5).
@@ -341,29 +336,49 @@ struct Check {
 enum Rule {
     /// Refused when any of these bits is set.
     RefuseAnyBit(u32),
-    /// Refused when equal.
-    RefuseEq(u32),
+    /// Refused when equal to any of these.
+    RefuseEq(Vec<u32>),
     /// Allowed only within these inclusive ranges.
     AllowOnly(Vec<(u32, u32)>),
 }
 
+/// The most ranges one check may carry (its jumps stay within a block).
+const MAX_RANGES: usize = 100;
+
 /// The calls checked by argument:
-/// - `clone` with a `CLONE_NEW*` flag is refused;
+/// - `clone` with a `CLONE_NEW*` flag or `CLONE_PARENT` is refused;
 /// - signals (`kill`, `tgkill`, `rt_sigqueueinfo`, `rt_tgsigqueueinfo`)
-///   only to this process; its own limits, scheduling and I/O priority
-///   (`prlimit64`, `sched_set*`, `setpriority`, `ioprio_set`) only (the
-///   three servers share a user: neither may touch another, whatever
-///   Landlock's signal scope covers);
+///   only to this process, and no signal owner set on a descriptor
+///   (`fcntl` `F_SETOWN`, `F_SETOWN_EX`, `F_SETSIG`; `ioctl` `FIOSETOWN`,
+///   `SIOCSPGRP`); limits and scheduling (`prlimit64`, `sched_set*`)
+///   only its own (the servers share a user: neither may touch another,
+///   whatever Landlock's signal scope covers);
 /// - for the NFS server, `setfsuid` and `setfsgid` only to `acts` (and
 ///   the "which is it now" query), never 0; without `acts`, all but 0.
-fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Vec<Check> {
+fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Result<Vec<Check>, String> {
     let me = vec![(pid, pid)];
     let me_or_0 = vec![(0, 0), (pid, pid)];
-    let mut v = vec![Check {
-        nr: libc::SYS_clone,
-        arg: 0,
-        rule: Rule::RefuseAnyBit(CLONE_NEW_ANY),
-    }];
+    let mut v = vec![
+        Check {
+            nr: libc::SYS_clone,
+            arg: 0,
+            rule: Rule::RefuseAnyBit(CLONE_NEW_ANY | libc::CLONE_PARENT.cast_unsigned()),
+        },
+        Check {
+            nr: libc::SYS_fcntl,
+            arg: 1,
+            rule: Rule::RefuseEq(vec![
+                libc::F_SETOWN.cast_unsigned(),
+                15, // F_SETOWN_EX
+                10, // F_SETSIG
+            ]),
+        },
+        Check {
+            nr: libc::SYS_ioctl,
+            arg: 1,
+            rule: Rule::RefuseEq(vec![0x8901, 0x8902]), // FIOSETOWN, SIOCSPGRP
+        },
+    ];
     for nr in [
         libc::SYS_kill,
         libc::SYS_tgkill,
@@ -376,34 +391,39 @@ fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Vec<Check> {
             rule: Rule::AllowOnly(me.clone()),
         });
     }
-    for (nr, arg) in [
-        (libc::SYS_prlimit64, 0),
-        (libc::SYS_sched_setaffinity, 0),
-        (libc::SYS_sched_setscheduler, 0),
-        (libc::SYS_sched_setparam, 0),
-        (libc::SYS_sched_setattr, 0),
-        (libc::SYS_setpriority, 1),
-        (libc::SYS_ioprio_set, 1),
+    for nr in [
+        libc::SYS_prlimit64,
+        libc::SYS_sched_setaffinity,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_setparam,
+        libc::SYS_sched_setattr,
     ] {
         v.push(Check {
             nr,
-            arg,
+            arg: 0,
             rule: Rule::AllowOnly(me_or_0.clone()),
         });
     }
     if profile == Profile::Nfs {
-        let only = |r: &[(u32, u32)]| {
+        let only = |r: &[(u32, u32)]| -> Result<Rule, String> {
             let mut r: Vec<(u32, u32)> = r
                 .iter()
                 .filter(|(_, b)| *b > 0)
                 .map(|(a, b)| ((*a).max(1), *b))
                 .collect();
             r.push((u32::MAX, u32::MAX));
-            Rule::AllowOnly(r)
+            let r = Acts::merged(&r);
+            if r.len() > MAX_RANGES {
+                return Err(format!(
+                    "{} id ranges to allow (at most {MAX_RANGES})",
+                    r.len()
+                ));
+            }
+            Ok(Rule::AllowOnly(r))
         };
         let (u, g) = match acts {
-            Some(a) => (only(&a.uids), only(&a.gids)),
-            None => (Rule::RefuseEq(0), Rule::RefuseEq(0)),
+            Some(a) => (only(&a.uids)?, only(&a.gids)?),
+            None => (Rule::RefuseEq(vec![0]), Rule::RefuseEq(vec![0])),
         };
         v.push(Check {
             nr: libc::SYS_setfsuid,
@@ -416,75 +436,85 @@ fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Vec<Check> {
             rule: g,
         });
     }
-    v
+    Ok(v)
 }
 
-/// The filter's program for `profile`, refusing with `errno`.
+/// One instruction.
+fn insn(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
+    Insn { code, jt, jf, k }
+}
+
+/// The filter's program for `profile`, refusing with `errno`. Every jump
+/// lands within a few instructions: each test has its own returns right
+/// after it, so the program may grow (to the kernel's 4096 instructions)
+/// without a jump running out of its 8 bits.
 fn program(profile: Profile, acts: Option<&Acts>, errno: i32) -> Result<Vec<Insn>, String> {
     let nr = |n: i64| u32::try_from(n).map_err(|_| format!("system call {n}"));
-    let mut ops = vec![
-        op(LD_W_ABS, OFF_ARCH),
-        branch(JEQ_K, AUDIT_ARCH, To::Next, To::Kill),
-        op(LD_W_ABS, OFF_NR),
-    ];
-    #[cfg(target_arch = "x86_64")]
-    ops.push(branch(JGE_K, X32_SYSCALL_BIT, To::Enosys, To::Next));
-    ops.push(branch(JEQ_K, nr(libc::SYS_clone3)?, To::Enosys, To::Next));
-    for (_, n) in denied(profile) {
-        ops.push(branch(JEQ_K, nr(n)?, To::Refuse, To::Next));
-    }
-    // Each checked call: when it is not this one, the accumulator still
-    // holds the number for the next (the jump skips the load).
-    for c in checked(profile, acts, std::process::id()) {
-        let load = op(LD_W_ABS, OFF_ARG0_LOW + 8 * c.arg);
-        let body: Vec<Op> = match c.rule {
-            Rule::RefuseAnyBit(m) => vec![load, branch(JSET_K, m, To::Refuse, To::Allow)],
-            Rule::RefuseEq(v) => vec![load, branch(JEQ_K, v, To::Refuse, To::Allow)],
-            Rule::AllowOnly(ranges) => {
-                let mut b = vec![load];
-                for (lo, hi) in ranges {
-                    // Below: on to the next range; above: likewise.
-                    b.push(branch(JGE_K, lo, To::Next, To::Over(1)));
-                    b.push(branch(JGT_K, hi, To::Next, To::Allow));
-                }
-                b.push(branch(JEQ_K, 0, To::Refuse, To::Refuse));
-                b
-            }
-        };
-        let skip = u8::try_from(body.len()).map_err(|_| "too many ranges".to_string())?;
-        ops.push(branch(JEQ_K, nr(c.nr)?, To::Next, To::Over(skip)));
-        ops.extend(body);
-    }
-    ops.push(op(RET_K, RET_ALLOW));
-    // Only reached through jumps from here on.
-    let end = ops.len();
-    let at = |t: To| match t {
-        To::Allow => end - 1,
-        To::Refuse => end,
-        To::Enosys => end + 1,
-        To::Kill => end + 2,
-        To::Next | To::Over(_) => unreachable!(),
-    };
-    let mut p = Vec::with_capacity(end + 3);
-    for (i, o) in ops.iter().enumerate() {
-        let off = |t: To| -> Result<u8, String> {
-            match t {
-                To::Next => Ok(0),
-                To::Over(n) => Ok(n),
-                t => u8::try_from(at(t) - i - 1).map_err(|_| "the program is too long".to_string()),
-            }
-        };
-        p.push(Insn {
-            code: o.code,
-            jt: off(o.jt)?,
-            jf: off(o.jf)?,
-            k: o.k,
-        });
-    }
     let errno = u32::try_from(errno).map_err(|e| e.to_string())?;
-    p.push(stmt(RET_K, RET_ERRNO | errno));
-    p.push(stmt(RET_K, RET_ERRNO | libc::ENOSYS as u32));
-    p.push(stmt(RET_K, RET_KILL_PROCESS));
+    let refuse = stmt(RET_K, RET_ERRNO | errno);
+    let enosys = stmt(RET_K, RET_ERRNO | libc::ENOSYS as u32);
+    let allow = stmt(RET_K, RET_ALLOW);
+    let mut p = vec![
+        stmt(LD_W_ABS, OFF_ARCH),
+        insn(JEQ_K, AUDIT_ARCH, 1, 0),
+        stmt(RET_K, RET_KILL_PROCESS),
+        stmt(LD_W_ABS, OFF_NR),
+    ];
+    // "If A matches, return `ret`; else go on."
+    let unless = |p: &mut Vec<Insn>, code: u16, k: u32, ret: Insn| {
+        p.push(insn(code, k, 0, 1));
+        p.push(ret);
+    };
+    #[cfg(target_arch = "x86_64")]
+    unless(&mut p, JGE_K, X32_SYSCALL_BIT, enosys);
+    unless(&mut p, JEQ_K, nr(libc::SYS_clone3)?, enosys);
+    for (_, n) in denied(profile) {
+        unless(&mut p, JEQ_K, nr(n)?, refuse);
+    }
+    // Each checked call: a block that ends in its own two returns; when
+    // the call is another, the jump goes over the block with the
+    // accumulator still holding its number.
+    for c in checked(profile, acts, std::process::id())? {
+        let load = stmt(LD_W_ABS, OFF_ARG0_LOW + 8 * c.arg);
+        // Tests, then [RET ALLOW, RET refuse]; `to_allow(i)` and
+        // `to_refuse(i)` are the offsets from test `i` of `n`.
+        let mut body = vec![load];
+        match c.rule {
+            Rule::RefuseAnyBit(m) => {
+                body.push(insn(JSET_K, m, 1, 0));
+            }
+            Rule::RefuseEq(values) => {
+                let n = values.len();
+                for (i, v) in values.into_iter().enumerate() {
+                    // Equal: to the refusal, over the tests left and ALLOW.
+                    let to_refuse = u8::try_from(n - i).map_err(|e| e.to_string())?;
+                    body.push(insn(JEQ_K, v, to_refuse, 0));
+                }
+            }
+            Rule::AllowOnly(ranges) => {
+                let n = ranges.len();
+                for (i, (lo, hi)) in ranges.into_iter().enumerate() {
+                    // Below lo: over this range's second test; within:
+                    // to ALLOW, over the tests left (2 per range) and the
+                    // closing one.
+                    let left = u8::try_from(2 * (n - i - 1) + 1).map_err(|e| e.to_string())?;
+                    body.push(insn(JGE_K, lo, 0, 1));
+                    body.push(insn(JGT_K, hi, 0, left));
+                }
+                // Within no range: over ALLOW to the refusal.
+                body.push(insn(JEQ_K, 0, 1, 1));
+            }
+        }
+        body.push(allow);
+        body.push(refuse);
+        let over = u8::try_from(body.len()).map_err(|_| "a check too long".to_string())?;
+        p.push(insn(JEQ_K, nr(c.nr)?, 0, over));
+        p.extend(body);
+    }
+    p.push(allow);
+    if p.len() > 4096 {
+        return Err(format!("{} instructions (the kernel takes 4096)", p.len()));
+    }
     Ok(p)
 }
 
@@ -545,11 +575,29 @@ mod tests {
     /// see can come from anything but the filter.
     const MARK: i32 = libc::ENOTRECOVERABLE;
 
-    /// The program's jumps all land inside it, and it ends on a return.
+    /// The program's jumps all land inside it, and it ends on a return,
+    /// with or without the ids to act as, up to the most ranges it takes;
+    /// more is an error (never a program that jumps wrong).
     #[test]
     fn every_jump_lands_in_the_program() {
-        for profile in [Profile::Nfs, Profile::NoHandles] {
-            let p = program(profile, None, libc::EPERM).unwrap();
+        let spaced = |n: u32| Acts {
+            uids: (0..n).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect(),
+            gids: (0..n).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect(),
+        };
+        let near = Acts {
+            uids: (0..500).map(|i| (7000 + i, 7000 + i)).collect(),
+            gids: vec![(7000, 7499)],
+        };
+        let most = spaced(u32::try_from(MAX_RANGES).unwrap() - 1);
+        let programs = [
+            (Profile::Nfs, None),
+            (Profile::NoHandles, None),
+            (Profile::Nfs, Some(&most)),
+            (Profile::Nfs, Some(&near)),
+        ]
+        .map(|(profile, acts)| program(profile, acts, libc::EPERM).unwrap());
+        assert!(program(Profile::Nfs, Some(&spaced(500)), libc::EPERM).is_err());
+        for p in programs {
             assert_eq!(p.last().unwrap().code, RET_K);
             for (i, insn) in p.iter().enumerate() {
                 if insn.code & 0x07 == 0x05 {
@@ -624,15 +672,36 @@ mod tests {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), me), RET_ALLOW);
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), me + 1), refused);
             }
+            // PRIO_USER with who 0 would be every process of its user.
             let prio = nr(libc::SYS_setpriority);
+            assert_eq!(run_args(&p, AUDIT_ARCH, prio, [2, 0, 5, 0, 0, 0]), refused);
+            let fcntl = nr(libc::SYS_fcntl);
+            for (cmd, want) in [
+                (libc::F_GETFL, RET_ALLOW),
+                (libc::F_SETFL, RET_ALLOW),
+                (libc::F_DUPFD_CLOEXEC, RET_ALLOW),
+                (libc::F_SETOWN, refused),
+                (15, refused),
+                (10, refused),
+            ] {
+                let args = [3, u64::from(cmd.cast_unsigned()), 0, 0, 0, 0];
+                assert_eq!(run_args(&p, AUDIT_ARCH, fcntl, args), want, "fcntl {cmd}");
+            }
+            let ioctl = nr(libc::SYS_ioctl);
             assert_eq!(
-                run_args(&p, AUDIT_ARCH, prio, [0, 0, 5, 0, 0, 0]),
+                run_args(&p, AUDIT_ARCH, ioctl, [3, 0x5421, 0, 0, 0, 0]),
                 RET_ALLOW
             );
             assert_eq!(
-                run_args(&p, AUDIT_ARCH, prio, [0, me + 1, 5, 0, 0, 0]),
+                run_args(&p, AUDIT_ARCH, ioctl, [3, 0x8901, 0, 0, 0, 0]),
                 refused
             );
+            assert_eq!(
+                run_args(&p, AUDIT_ARCH, ioctl, [3, 0x8902, 0, 0, 0, 0]),
+                refused
+            );
+            let parent = u64::from(libc::CLONE_PARENT.cast_unsigned());
+            assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_clone), parent), refused);
             for tkill in [libc::SYS_tkill, libc::SYS_pidfd_send_signal] {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(tkill), me), refused);
             }

@@ -398,9 +398,14 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             .filter(|(uid, gid)| *uid != 0 && *gid != 0);
         let bound = match nobody {
             None => Err("the NFS server runs as user nobody, who does not exist here".to_string()),
-            Some(user) => {
-                super::nfs::NfsChild::bind(gw, log, &vd.nfs_dir(), vd.nfs_shares(config), user)
-            }
+            Some(user) => super::nfs::NfsChild::bind(
+                gw,
+                log,
+                &vd.nfs_dir(),
+                vd.nfs_shares(config),
+                user,
+                names::nfs_mark(&names::table(&vault_id(dir))),
+            ),
         };
         match bound {
             Ok((n, warning)) => {

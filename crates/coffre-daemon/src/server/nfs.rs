@@ -42,18 +42,21 @@ impl NfsChild {
     /// address), NFS is served without a portmapper and the note says so:
     /// clients then need `port=2049,mountport=2049`.
     /// `dir` is where it is confined (made at each start), holding the
-    /// mounts of `shares` (made at each open).
+    /// mounts of `shares` (made at each open). `udp_mark` marks the
+    /// portmapper's UDP socket for the vault's output rule.
     pub(super) fn bind(
         addr: std::net::Ipv4Addr,
         log: PathBuf,
         dir: &Path,
         shares: Vec<coffre_data::ShareView>,
         user: (u32, u32),
+        udp_mark: u32,
     ) -> Result<(Self, Option<String>), String> {
         let listen = |portmap_port| coffre_nfs::Listen {
             addr,
             nfs_port: 2049,
             portmap_port,
+            udp_mark: Some(udp_mark),
         };
         let (sockets, note) = match coffre_nfs::Sockets::bind(&listen(Some(111))) {
             Ok(s) => (s, None),
@@ -224,36 +227,34 @@ impl Drop for NfsChild {
 
 /// Whom the NFS server may act as on files (its seccomp filter refuses
 /// any other `setfsuid` or `setfsgid`, and root always): itself (`user`),
-/// the vault's accounts (its range, and the members' own numbers), and
-/// the host users the shares name.
+/// the vault's accounts' range, and the users of the exports (members'
+/// imported numbers, the host users the shares name) outside it.
 /// A host user's own files on the host are what a server taken over
 /// could still change the modes of; the members' accounts own none
 /// (made without a home).
 pub(super) fn acts(
     config: &crate::vaultdir::Config,
     user: (u32, u32),
-    members: &std::collections::BTreeMap<String, super::accounts::Ids>,
+    exports: &[ExportSpec],
 ) -> coffre_sys::seccomp::Acts {
     let range = config.accounts.range();
+    let outside = |id: u32| id < range.first || id > range.last;
     let mut uids = vec![(user.0, user.0), (range.first, range.last)];
     let mut gids = vec![(user.1, user.1), (range.first, range.last)];
-    // Members' numbers imported from an older vault may lie outside.
-    for (uid, gid, _) in members.values() {
-        uids.push((*uid, *uid));
-        gids.push((*gid, *gid));
-    }
-    for w in &config.workload {
-        let Some(name) = &w.share_user else { continue };
-        if let Ok(id) = coffre_workload::config::share_identity(name, w.share_groups.as_deref()) {
-            uids.push((id.uid, id.uid));
-            gids.push((id.gid, id.gid));
+    // The exports' users, as resolved (members' numbers imported from an
+    // older vault may lie outside the range; host accounts do).
+    for e in exports.iter().filter(|e| !e.denied) {
+        if outside(e.uid) {
+            uids.push((e.uid, e.uid));
+        }
+        if outside(e.gid) {
+            gids.push((e.gid, e.gid));
         }
     }
-    uids.sort_unstable();
-    uids.dedup();
-    gids.sort_unstable();
-    gids.dedup();
-    coffre_sys::seccomp::Acts { uids, gids }
+    coffre_sys::seccomp::Acts {
+        uids: coffre_sys::seccomp::Acts::merged(&uids),
+        gids: coffre_sys::seccomp::Acts::merged(&gids),
+    }
 }
 
 /// The exports of `config`: one per workload with a `share` and an
@@ -339,8 +340,8 @@ impl Shell {
         }
         let n = exports.len();
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
+        let who = acts(&self.config, g.user, &exports);
         let _ = g.set_exports(exports);
-        let who = acts(&self.config, g.user, &self.member_ids());
         let r = g.start(&who);
         let log = g.log().to_path_buf();
         drop(g);
@@ -373,10 +374,19 @@ impl Shell {
             }
             return;
         };
-        // A member with numbers its filter does not allow (imported from
-        // an older vault): the server starts again, allowed them.
-        let who = acts(&self.config, g.user, &self.member_ids());
-        if g.pid().is_some() && g.acts.as_ref() != Some(&who) {
+        if let Some(n) = self.net.as_mut() {
+            n.nfs_dirty = false;
+        }
+        let denied: Vec<String> = exports
+            .iter()
+            .filter(|e| e.denied)
+            .map(|e| e.workload.clone())
+            .collect();
+        // A share's user whom its filter does not allow (a member with
+        // numbers imported from an older vault): the server starts again,
+        // allowed them. Never for fewer users.
+        let who = acts(&self.config, g.user, &exports);
+        if g.pid().is_some() && !g.acts.as_ref().is_some_and(|a| a.covers(&who)) {
             g.stop();
             let _ = g.set_exports(exports);
             let r = g.start(&who);
@@ -386,41 +396,39 @@ impl Shell {
                     "nfs",
                     "ok",
                     format!(
-                        "NFS server started again (pid {pid}) to act as a new member's numbers"
+                        "NFS server started again (pid {pid}) to act as a share's user it could not (a member's imported numbers)"
                     ),
                 ),
                 Err(e) => self.system_audit("nfs", "failed", format!("the NFS server: {e}")),
             }
+            self.nfs_audit_denied(&denied);
             return;
         }
         if g.exports == exports {
             return;
         }
-        let denied: Vec<String> = exports
-            .iter()
-            .filter(|e| e.denied)
-            .map(|e| e.workload.clone())
-            .collect();
         let r = g.set_exports(exports);
         drop(g);
         if let Some(n) = self.net.as_mut() {
             n.nfs_dirty = r.is_err();
         }
         match r {
-            Ok(failed) if failed.is_empty() => {
-                if !denied.is_empty() {
-                    self.system_audit(
-                        "nfs",
-                        "ok",
-                        format!(
-                            "shares refused from now on (their user is no longer a member): {}",
-                            denied.join(", ")
-                        ),
-                    );
-                }
-            }
+            Ok(failed) if failed.is_empty() => self.nfs_audit_denied(&denied),
             Ok(failed) => self.system_audit("nfs", "failed", failed.join("; ")),
             Err(e) => self.system_audit("nfs", "failed", e),
+        }
+    }
+
+    fn nfs_audit_denied(&mut self, denied: &[String]) {
+        if !denied.is_empty() {
+            self.system_audit(
+                "nfs",
+                "ok",
+                format!(
+                    "shares refused from now on (their user is no longer a member): {}",
+                    denied.join(", ")
+                ),
+            );
         }
     }
 
@@ -440,7 +448,7 @@ impl Shell {
             ));
         }
         if g.pid().is_none() && g.due() {
-            let who = acts(&self.config, g.user, &self.member_ids());
+            let who = acts(&self.config, g.user, &g.exports);
             match g.start(&who) {
                 Ok(pid) => notes.push(("ok", format!("NFS server started again (pid {pid})"))),
                 Err(e) => notes.push(("failed", format!("the NFS server: {e}"))),

@@ -156,7 +156,7 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
             .vault
             .audit_details("nfs", "ok")
             .iter()
-            .any(|d| d.contains("to act as a new member's numbers")),
+            .any(|d| d.contains("to act as a share's user it could not")),
         "{:?}",
         lab.gw.vault.audit_details("nfs", "ok")
     );
@@ -436,6 +436,7 @@ fn survey_nfs_throughput_against_the_mount() {
         addr: std::net::Ipv4Addr::LOCALHOST,
         nfs_port: 0,
         portmap_port: None,
+        udp_mark: None,
     })
     .unwrap();
     let port = sockets.nfs_port();
