@@ -8,6 +8,24 @@ use coffre_data::{ClosePolicy, Layout, Ownership, expose, format_ext4, system};
 use std::io::Write;
 use std::time::Duration;
 
+/// Closes `e`, which `child` (a `sleep`) holds: it is named, signalled,
+/// and the close goes on.
+fn closing_stops(e: &mut coffre_data::Exposure, child: &std::process::Child) {
+    let report = e
+        .close(&ClosePolicy {
+            grace: Duration::from_millis(300),
+            force: false,
+        })
+        .unwrap();
+    assert!(
+        report
+            .killed
+            .iter()
+            .any(|h| h.pid == child.id().cast_signed() && h.comm == "sleep"),
+        "{report:?}"
+    );
+}
+
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn format_mount_write_close_reopen() {
@@ -65,19 +83,7 @@ fn format_mount_write_close_reopen() {
     f.write_all(b"acknowledged line\n").unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let report = e
-        .close(&ClosePolicy {
-            grace: Duration::from_millis(300),
-            force: false,
-        })
-        .unwrap();
-    assert!(
-        report
-            .killed
-            .iter()
-            .any(|h| h.pid == child.id().cast_signed() && h.comm == "sleep"),
-        "{report:?}"
-    );
+    closing_stops(&mut e, &child);
     assert!(!child.wait().unwrap().success());
     let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     assert!(
@@ -216,19 +222,7 @@ fn the_shares_mounts_come_and_go_with_the_data() {
         .current_dir(nfs.join("share-0"))
         .spawn()
         .unwrap();
-    let report = e
-        .close(&ClosePolicy {
-            grace: Duration::from_millis(300),
-            force: false,
-        })
-        .unwrap();
-    assert!(
-        report
-            .killed
-            .iter()
-            .any(|h| h.pid == child.id().cast_signed()),
-        "{report:?}"
-    );
+    closing_stops(&mut e, &child);
     assert!(!child.wait().unwrap().success());
     assert!(system::mount_at(&nfs.join("share-0")).is_none());
     assert!(system::mount_at(&l.mountpoint).is_none());
