@@ -385,40 +385,36 @@ impl Exposure {
     /// [`nfs_dir`]).
     fn mount_share(&mut self, v: &ShareView) -> std::io::Result<()> {
         use rustix::fs::{Mode, OFlags, ResolveFlags};
-        use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+        use rustix::mount::OpenTreeFlags;
+        use std::os::fd::OwnedFd;
         let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let strict = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
-        let beneath =
-            |top: &Path, rel: &Path, what: &str| -> std::io::Result<std::os::fd::OwnedFd> {
-                let top = rustix::fs::open(top, dir | OFlags::NOFOLLOW, Mode::empty())?;
-                rustix::fs::openat2(&top, rel, dir, Mode::empty(), strict).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::Error::from(e).kind(),
-                        format!(
-                            "{}: {e} ({what}, without a symbolic link on the way)",
-                            rel.display()
-                        ),
-                    )
-                })
-            };
+        let open = |p: &Path| rustix::fs::open(p, dir | OFlags::NOFOLLOW, Mode::empty());
+        let beneath = |top: &OwnedFd, rel: &Path, what: &str| -> std::io::Result<OwnedFd> {
+            let strict = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+            rustix::fs::openat2(top, rel, dir, Mode::empty(), strict).map_err(|e| {
+                std::io::Error::new(
+                    std::io::Error::from(e).kind(),
+                    format!(
+                        "{}: {e} ({what}, without a symbolic link on the way)",
+                        rel.display()
+                    ),
+                )
+            })
+        };
         let (parent, name) = match (v.at.parent(), v.at.file_name()) {
             (Some(p), Some(n)) => (p, Path::new(n)),
             _ => return Err(std::io::Error::other("a share's mount point has no parent")),
         };
-        let top = rustix::fs::open(parent, dir | OFlags::NOFOLLOW, Mode::empty())?;
+        let top = open(parent)?;
         if !on_nfs_dir(&top)? {
             return Err(std::io::Error::other(format!(
                 "{} is not the NFS server's own directory (a read-only tmpfs): not mounting the share there",
                 parent.display()
             )));
         }
-        drop(top);
-        let target = beneath(
-            parent,
-            name,
-            "the NFS server's mount point, not mounted yet",
-        )?;
-        let source = beneath(&self.layout.mountpoint, &v.share, "a directory of the data")?;
+        let target = beneath(&top, name, "the NFS server's mount point, not mounted yet")?;
+        let data = open(&self.layout.mountpoint)?;
+        let source = beneath(&data, &v.share, "a directory of the data")?;
         let tree = rustix::mount::open_tree(
             &source,
             "",
@@ -426,18 +422,10 @@ impl Exposure {
                 | OpenTreeFlags::OPEN_TREE_CLOEXEC
                 | OpenTreeFlags::AT_EMPTY_PATH,
         )?;
-        coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&tree), false)?;
-        rustix::mount::move_mount(
-            &tree,
-            "",
-            &target,
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )?;
+        // Recorded first: the close takes down what is mounted there (and
+        // finds nothing to do if the attach failed).
         self.views.push(v.at.clone());
-        // Attached under a shared parent it would have become shared.
-        coffre_sys::mount::make_private(std::os::fd::AsFd::as_fd(&tree))?;
-        Ok(())
+        attach(&tree, &target, false)
     }
 
     /// The shares that could not be mounted for the NFS server at this
@@ -772,7 +760,7 @@ fn unmount_busy(
 /// instead of mounting. [`release_nfs_dir`] takes it down.
 pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>> {
     use rustix::fs::{Mode, OFlags};
-    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
     let here: Vec<_> = system::mounts()
         .into_iter()
         .filter(|m| m.mountpoint.starts_with(dir))
@@ -830,23 +818,35 @@ pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>>
     for n in &names {
         rustix::fs::mkdirat(&root, n.as_os_str(), Mode::from_raw_mode(0o700))?;
     }
-    coffre_sys::mount::restrict(std::os::fd::AsFd::as_fd(&root), true)?;
     let at = rustix::fs::open(
         dir,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    attach(&root, &at, true)?;
+    Ok(Vec::new())
+}
+
+/// Attaches the detached mount `mount` on the directory `at`: made
+/// `nosuid,nodev,noexec` (and read-only when asked) before, private
+/// after (attached under a shared parent it would have become shared, and
+/// what is mounted on it later would propagate elsewhere).
+fn attach(
+    mount: &std::os::fd::OwnedFd,
+    at: &std::os::fd::OwnedFd,
+    read_only: bool,
+) -> std::io::Result<()> {
+    use rustix::mount::MoveMountFlags;
+    use std::os::fd::AsFd;
+    coffre_sys::mount::restrict(mount.as_fd(), read_only)?;
     rustix::mount::move_mount(
-        &root,
+        mount,
         "",
-        &at,
+        at,
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )?;
-    // Attached under a shared parent it would have become shared: the
-    // shares mounted on it later would propagate elsewhere.
-    coffre_sys::mount::make_private(std::os::fd::AsFd::as_fd(&root))?;
-    Ok(Vec::new())
+    coffre_sys::mount::make_private(mount.as_fd())
 }
 
 /// Whether `fd` (a directory) is on the NFS server's own directory: a
