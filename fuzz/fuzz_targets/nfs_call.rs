@@ -60,7 +60,7 @@ fn handles<'a>(c: &proto::Nfs<'a>) -> Vec<&'a [u8]> {
         | Create(d, ..)
         | Mkdir(d, ..)
         | Symlink(d, ..)
-        | Mknod(d, _)
+        | Mknod(d, ..)
         | Remove(d, _)
         | Rmdir(d, _) => vec![d],
         Readdir { dir, .. } | Readdirplus { dir, .. } => vec![dir],

@@ -13,7 +13,7 @@
 //! the client resolves them. `..` at the export's root is the root.
 
 use crate::handle::{self, HandleError, HandleKey};
-use crate::proto::{self, Attr, CreateHow, Nfs, Sattr, SetTime, Time, status};
+use crate::proto::{self, Attr, CreateHow, MknodWhat, Nfs, Sattr, SetTime, Time, status};
 use crate::xdr::Writer;
 use coffre_sys::caller::AsCaller;
 use coffre_sys::handle::FileHandle;
@@ -413,7 +413,19 @@ impl Export {
                     rustix::fs::symlinkat(target.as_c_str(), dir, name.as_c_str())
                 })
             }
-            Nfs::Mknod(..) => Err(status::NOTSUPP),
+            // FIFOs and sockets' names (a guest's program binds its socket
+            // on the share: an agent in a home); never a device.
+            Nfs::Mknod(d, n, what) => {
+                let (ftype, s) = match what {
+                    MknodWhat::Fifo(s) => (rustix::fs::FileType::Fifo, s),
+                    MknodWhat::Socket(s) => (rustix::fs::FileType::Socket, s),
+                    MknodWhat::Device | MknodWhat::Other => return Err(status::BADTYPE),
+                };
+                let mode = Mode::from_raw_mode(s.mode.unwrap_or(0o644) & 0o7777);
+                self.make(key, d, n, w, |dir, name| {
+                    rustix::fs::mknodat(dir, name.as_c_str(), ftype, mode, 0)
+                })
+            }
             Nfs::Remove(d, n) => self.unlink(key, d, n, AtFlags::empty(), w),
             Nfs::Rmdir(d, n) => self.unlink(key, d, n, AtFlags::REMOVEDIR, w),
             Nfs::Rename(fd, fname, td, tname) => {
@@ -747,8 +759,8 @@ impl Export {
         Ok(())
     }
 
-    /// MKDIR and SYMLINK: `make` creates the name as the user, then the
-    /// new object's handle is returned.
+    /// MKDIR, SYMLINK and MKNOD: `make` creates the name as the user,
+    /// then the new object's handle is returned.
     fn make(
         &self,
         key: &HandleKey,

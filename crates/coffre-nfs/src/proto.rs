@@ -33,6 +33,7 @@ pub mod status {
     pub const NOTSUPP: u32 = 10004;
     pub const TOOSMALL: u32 = 10005;
     pub const SERVERFAULT: u32 = 10006;
+    pub const BADTYPE: u32 = 10007;
     pub const JUKEBOX: u32 = 10008;
 }
 
@@ -129,6 +130,21 @@ pub enum CreateHow {
     Exclusive([u8; 8]),
 }
 
+/// What MKNOD makes (`mknoddata3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MknodWhat {
+    /// A FIFO (`NF3FIFO`), with its attributes.
+    Fifo(Sattr),
+    /// A UNIX socket's name (`NF3SOCK`), with its attributes: what a
+    /// guest's program binds on an NFS mount (an agent's socket in a
+    /// home).
+    Socket(Sattr),
+    /// A character or block device (`NF3CHR`, `NF3BLK`): never made.
+    Device,
+    /// A type MKNOD does not make (`NF3REG`, `NF3DIR`, `NF3LNK`).
+    Other,
+}
+
 /// One NFSv3 call, decoded. Handles are borrowed from the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -149,7 +165,7 @@ pub enum Nfs<'a> {
     Create(&'a [u8], &'a [u8], CreateHow),
     Mkdir(&'a [u8], &'a [u8], Sattr),
     Symlink(&'a [u8], &'a [u8], Sattr, &'a [u8]),
-    Mknod(&'a [u8], &'a [u8]),
+    Mknod(&'a [u8], &'a [u8], MknodWhat),
     Remove(&'a [u8], &'a [u8]),
     Rmdir(&'a [u8], &'a [u8]),
     Rename(&'a [u8], &'a [u8], &'a [u8], &'a [u8]),
@@ -289,7 +305,22 @@ pub fn decode_nfs(proc_: u32, args: &[u8]) -> Result<Option<Nfs<'_>>, XdrError> 
             let s = sattr(r)?;
             Nfs::Symlink(d, n, s, r.opaque(PATH_MAX)?)
         }
-        11 => Nfs::Mknod(fh(r)?, name(r)?),
+        11 => {
+            let d = fh(r)?;
+            let n = name(r)?;
+            let what = match r.u32()? {
+                3 | 4 => {
+                    sattr(r)?;
+                    r.fixed(8)?; // specdata3: major, minor
+                    MknodWhat::Device
+                }
+                6 => MknodWhat::Socket(sattr(r)?),
+                7 => MknodWhat::Fifo(sattr(r)?),
+                1 | 2 | 5 => MknodWhat::Other,
+                v => return Err(XdrError::BadValue(v)),
+            };
+            Nfs::Mknod(d, n, what)
+        }
         12 => Nfs::Remove(fh(r)?, name(r)?),
         13 => Nfs::Rmdir(fh(r)?, name(r)?),
         14 => Nfs::Rename(fh(r)?, name(r)?, fh(r)?, name(r)?),
@@ -497,5 +528,55 @@ mod tests {
             decode_nfs(1, &[0, 0, 0, 65]).is_err(),
             "handle over 64 bytes"
         );
+    }
+
+    #[test]
+    fn decodes_mknod_by_its_type() {
+        let args = |ftype: u32, tail: &dyn Fn(&mut Writer)| {
+            let mut w = Writer::default();
+            w.opaque(&[1; 20]).opaque(b"p").u32(ftype);
+            tail(&mut w);
+            w.buf
+        };
+        let mode = |w: &mut Writer| {
+            w.bool(true)
+                .u32(0o600)
+                .bool(false)
+                .bool(false)
+                .bool(false)
+                .u32(0)
+                .u32(0);
+        };
+        let s = Sattr {
+            mode: Some(0o600),
+            ..Sattr::NONE
+        };
+        let fifo = args(7, &mode);
+        let c = decode_nfs(11, &fifo).unwrap().unwrap();
+        assert_eq!(c, Nfs::Mknod(&[1; 20], b"p", MknodWhat::Fifo(s)));
+        assert!(!c.is_idempotent());
+        let sock = args(6, &mode);
+        assert_eq!(
+            decode_nfs(11, &sock).unwrap().unwrap(),
+            Nfs::Mknod(&[1; 20], b"p", MknodWhat::Socket(s))
+        );
+        // A device's numbers are read (and it is never made); without
+        // them the message is short.
+        let chr = args(4, &|w| {
+            mode(w);
+            w.u32(1).u32(3);
+        });
+        assert_eq!(
+            decode_nfs(11, &chr).unwrap().unwrap(),
+            Nfs::Mknod(&[1; 20], b"p", MknodWhat::Device)
+        );
+        assert!(decode_nfs(11, &args(3, &mode)).is_err());
+        let reg = args(1, &|_| {});
+        assert_eq!(
+            decode_nfs(11, &reg).unwrap().unwrap(),
+            Nfs::Mknod(&[1; 20], b"p", MknodWhat::Other)
+        );
+        assert!(decode_nfs(11, &args(8, &|_| {})).is_err(), "no type 8");
+        assert!(decode_nfs(11, &args(7, &|_| {})).is_err(), "no attributes");
     }
 }

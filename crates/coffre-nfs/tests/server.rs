@@ -497,6 +497,90 @@ fn a_fifo_in_the_share_does_not_hang_a_create() {
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// MKNOD's arguments: where, then a FIFO's or socket's type and
+/// attributes (mode only), or a device's with its numbers.
+fn mknod_args(dir: &[u8], name: &str, ftype: u32) -> Writer {
+    let mut a = Writer::default();
+    a.opaque(dir).opaque(name.as_bytes()).u32(ftype);
+    if matches!(ftype, 3 | 4 | 6 | 7) {
+        a.bool(true)
+            .u32(0o640)
+            .bool(false)
+            .bool(false)
+            .bool(false)
+            .u32(0)
+            .u32(0);
+    }
+    if matches!(ftype, 3 | 4) {
+        a.u32(1).u32(3);
+    }
+    a
+}
+
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn a_guest_makes_renames_and_links_fifos_and_sockets_but_no_device() {
+    use std::os::unix::fs::FileTypeExt;
+    let lab = Lab::new("mknod");
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    for (name, ftype) in [("fifo", 7), ("sock", 6)] {
+        let (st, _) = c.nfs(11, &mknod_args(&root, name, ftype));
+        assert_eq!(st, status::OK, "MKNOD {name}");
+        let m = std::fs::symlink_metadata(lab.data(&format!("shared/{name}"))).unwrap();
+        let kind = m.file_type();
+        assert!(
+            if ftype == 7 {
+                kind.is_fifo()
+            } else {
+                kind.is_socket()
+            },
+            "{name}: {kind:?}"
+        );
+        // The share's user's, in the share's group (setgid directory),
+        // with the mode asked for.
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (ALICE, TEAM, 0o640));
+        // Renamed and linked as any file (what `mv` and `ln` do).
+        let mut rename = Writer::default();
+        rename
+            .opaque(&root)
+            .opaque(name.as_bytes())
+            .opaque(&root)
+            .opaque(format!("{name}-moved").as_bytes());
+        assert_eq!(c.nfs(14, &rename).0, status::OK, "RENAME {name}");
+        let moved = c.lookup(&root, &format!("{name}-moved")).unwrap();
+        let mut link = Writer::default();
+        link.opaque(&moved).opaque(&root).opaque(name.as_bytes());
+        assert_eq!(c.nfs(15, &link).0, status::OK, "LINK {name}");
+        let m = std::fs::symlink_metadata(lab.data(&format!("shared/{name}-moved"))).unwrap();
+        assert_eq!(m.nlink(), 2, "{name}");
+    }
+    // Never a device, nor a regular file or directory through MKNOD.
+    for ftype in [3, 4, 1, 2, 5] {
+        let name = format!("dev{ftype}");
+        let (st, _) = c.nfs(11, &mknod_args(&root, &name, ftype));
+        assert_eq!(st, status::BADTYPE, "MKNOD type {ftype}");
+        assert!(!lab.data(&format!("shared/{name}")).exists());
+    }
+    // A name taken, and a directory she may not write in.
+    assert_eq!(c.nfs(11, &mknod_args(&root, "fifo", 7)).0, status::EXIST);
+    let mut c2 = lab.client(Ipv4Addr::new(127, 0, 0, 2));
+    let home = c2.mount();
+    assert_eq!(c2.nfs(11, &mknod_args(&home, "fifo", 7)).0, status::OK);
+    assert!(
+        std::fs::symlink_metadata(lab.data("home/alice/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    std::fs::set_permissions(
+        lab.data("home/alice"),
+        std::fs::Permissions::from_mode(0o500),
+    )
+    .unwrap();
+    assert_eq!(c2.nfs(11, &mknod_args(&home, "fifo2", 7)).0, status::ACCES);
+}
+
 #[test]
 #[ignore = "system: needs root and libnfs-utils"]
 fn a_guest_cannot_take_every_connection_or_worker() {

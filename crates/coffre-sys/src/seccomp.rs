@@ -21,7 +21,7 @@
 //!   processes' memory and descriptors;
 //! - `execve`, `execveat`: no program replaces a server;
 //! - modules, `kexec`, `reboot`, swap, `acct`, `syslog`, `quotactl`,
-//!   clocks, host and domain names, `personality`, `mknod`, x86's
+//!   clocks, host and domain names, `personality`, the old `mknod`, x86's
 //!   `iopl`/`ioperm`/`modify_ldt`, and obsolete calls (`uselib`,
 //!   `nfsservctl`, `lookup_dcookie`);
 //! - any new socket (`socket`, `socketpair`): each server is given its
@@ -32,10 +32,11 @@
 //! - by argument: signals but to itself, limits, scheduling and I/O
 //!   priority but its own (the servers share a user), `clone` with a
 //!   namespace flag, and for the NFS server `setfsuid`/`setfsgid` to
-//!   anyone but the ids it is given ([`Acts`]), root never;
+//!   anyone but the ids it is given ([`Acts`]), root never, and
+//!   `mknodat` of anything but a FIFO or a socket's name (no device);
 //! - for the servers that do not open files by handle (LDAP, DHCP):
-//!   `open_by_handle_at`, `name_to_handle_at`, `setfsuid`, `setfsgid` and
-//!   every mode, owner and time change.
+//!   `open_by_handle_at`, `name_to_handle_at`, `setfsuid`, `setfsgid`,
+//!   `mknodat` and every mode, owner and time change.
 //!
 //! A call made through another ABI is no way around it: a system call of
 //! another architecture (i386's `int 0x80` on x86-64) kills the process,
@@ -148,7 +149,6 @@ pub fn denied(profile: Profile) -> Vec<(&'static str, i64)> {
         SYS_sethostname,
         SYS_setdomainname,
         SYS_personality,
-        SYS_mknodat,
         SYS_vhangup,
         SYS_lookup_dcookie,
         // No socket of its own: each server is given its sockets, and a
@@ -215,6 +215,7 @@ pub fn denied(profile: Profile) -> Vec<(&'static str, i64)> {
     if profile == Profile::NoHandles {
         // Nothing to open by handle, no file to change.
         v.extend(calls![
+            SYS_mknodat,
             SYS_open_by_handle_at,
             SYS_name_to_handle_at,
             SYS_fchmod,
@@ -355,6 +356,7 @@ const MAX_RANGES: usize = 100;
 ///   whatever Landlock's signal scope covers);
 /// - for the NFS server, `setfsuid` and `setfsgid` only to `acts` (and
 ///   the "which is it now" query), never 0; without `acts`, all but 0.
+/// - for the NFS server, `mknodat` of a FIFO or a socket's name only.
 fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Result<Vec<Check>, String> {
     let me = vec![(pid, pid)];
     let me_or_0 = vec![(0, 0), (pid, pid)];
@@ -434,6 +436,17 @@ fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Result<Vec<Check>
             nr: libc::SYS_setfsgid,
             arg: 0,
             rule: g,
+        });
+        // FIFOs and sockets' names only (MKNOD), whatever their mode
+        // bits; never a device (the kernel reads the mode's low 16 bits:
+        // nothing above them is allowed either).
+        v.push(Check {
+            nr: libc::SYS_mknodat,
+            arg: 2,
+            rule: Rule::AllowOnly(vec![
+                (libc::S_IFIFO, libc::S_IFIFO | 0o7777),
+                (libc::S_IFSOCK, libc::S_IFSOCK | 0o7777),
+            ]),
         });
     }
     Ok(v)
@@ -727,6 +740,35 @@ mod tests {
         assert_eq!(run(&p, AUDIT_ARCH, fsgid, 4242), RET_ALLOW);
         assert_eq!(run(&p, AUDIT_ARCH, fsgid, 4243), refused);
         assert_eq!(run(&p, AUDIT_ARCH, fsgid, 0), refused);
+        // MKNOD: a FIFO or a socket's name, never a device, nor a mode
+        // whose bits above the kernel's 16 would hide one.
+        let mknodat = nr(libc::SYS_mknodat);
+        let with_mode = |mode: u64| [3, 0x1000, mode, 0, 0, 0];
+        let (fifo, sock) = (u64::from(libc::S_IFIFO), u64::from(libc::S_IFSOCK));
+        for (mode, want) in [
+            (fifo | 0o644, RET_ALLOW),
+            (fifo | 0o7777, RET_ALLOW),
+            (sock | 0o755, RET_ALLOW),
+            (sock, RET_ALLOW),
+            (u64::from(libc::S_IFCHR) | 0o666, refused),
+            (u64::from(libc::S_IFBLK) | 0o600, refused),
+            (u64::from(libc::S_IFREG) | 0o600, refused),
+            (0o600, refused),
+            ((1 << 16) | u64::from(libc::S_IFCHR), refused),
+            ((1 << 16) | fifo, refused),
+        ] {
+            assert_eq!(
+                run_args(&p, AUDIT_ARCH, mknodat, with_mode(mode)),
+                want,
+                "mknodat mode {mode:#o}"
+            );
+        }
+        let p = program(Profile::NoHandles, None, libc::EPERM).unwrap();
+        assert_eq!(
+            run_args(&p, AUDIT_ARCH, mknodat, with_mode(fifo | 0o644)),
+            refused,
+            "LDAP and DHCP make no FIFO"
+        );
     }
 
     fn nr(n: libc::c_long) -> u32 {
@@ -985,6 +1027,37 @@ mod tests {
                 Profile::Nfs => assert!(by_handle.is_some() && by_handle != marked),
                 Profile::NoHandles => assert_eq!(by_handle, marked),
             }
+        }
+        // MKNOD: a FIFO for the NFS server, never a device (as root here,
+        // the filter alone refuses it); nothing for the others.
+        let at = |name: &str| {
+            std::ffi::CString::new(tmp.path().join(name).into_os_string().into_encoded_bytes())
+                .unwrap()
+        };
+        let (fifo, dev) = (at("fifo"), at("null"));
+        // SAFETY: NUL-terminated paths that outlive the calls.
+        let (made_fifo, made_dev) = unsafe {
+            (
+                errno(libc::syscall(
+                    libc::SYS_mknodat,
+                    libc::AT_FDCWD,
+                    fifo.as_ptr(),
+                    libc::S_IFIFO | 0o600,
+                    0,
+                )),
+                errno(libc::syscall(
+                    libc::SYS_mknodat,
+                    libc::AT_FDCWD,
+                    dev.as_ptr(),
+                    libc::S_IFCHR | 0o600,
+                    libc::makedev(1, 3),
+                )),
+            )
+        };
+        assert_eq!(made_dev, marked, "a device made");
+        match profile {
+            Profile::Nfs => assert_eq!(made_fifo, None, "a FIFO refused"),
+            Profile::NoHandles => assert_eq!(made_fifo, marked),
         }
         // Signals to itself only.
         // SAFETY: kill with signal 0 (a check, nothing sent).

@@ -105,6 +105,16 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((a.uid(), a.gid()), (5001, 4242));
     assert_eq!((b.uid(), b.gid()), (5002, 4242));
+    // FIFOs too (MKNOD, RENAME, LINK through the confined, filtered
+    // server): the share's user's, linked twice.
+    for (name, uid) in [("nfs-a", 5001), ("nfs-b", 5002)] {
+        lab.wait_console(name, "nfs fifo ok", Duration::from_secs(30));
+        let f = std::fs::symlink_metadata(lab.shared(&format!("{name}.fifo-linked"))).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(f.file_type().is_fifo(), "{name}: {:?}", f.file_type());
+        assert_eq!((f.uid(), f.gid(), f.nlink()), (uid, 4242, 2), "{name}");
+        assert!(!lab.shared(&format!("{name}.fifo")).exists(), "{name}");
+    }
     // The process workload reads what the VMs write.
     let until = Instant::now() + Duration::from_secs(30);
     loop {
