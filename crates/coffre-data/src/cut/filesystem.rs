@@ -249,6 +249,57 @@ impl Filesystem for Layer {
         }
     }
 
+    /// FIFOs and sockets' names (a workload's `mkfifo`, a program
+    /// binding its UNIX socket in the data); once made, the kernel serves
+    /// them itself. No device (a workload has no business making one, and
+    /// the data is mounted `nodev`); regular files come through `create`.
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        let ftype = match kind {
+            libc::S_IFIFO => rustix::fs::FileType::Fifo,
+            libc::S_IFSOCK => rustix::fs::FileType::Socket,
+            _ => return reply.error(Errno::EPERM),
+        };
+        match self.with_live(|live| {
+            let p = self.fd(live, parent.0)?;
+            let want = mode & !umask & 0o7777;
+            {
+                let _me = Layer::as_caller(req)?;
+                rustix::fs::mknodat(&*p, name, ftype, Mode::from_raw_mode(want), 0)
+                    .map_err(rerr)?;
+                // The daemon's own umask applied too: the mode asked is set
+                // again, on what is at the name now if it is still of the
+                // kind made (reached without following a link, as the
+                // caller).
+                let made = rustix::fs::openat(
+                    &*p,
+                    name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(rerr)?;
+                let st = rustix::fs::fstat(&made).map_err(rerr)?;
+                if st.st_mode & libc::S_IFMT == kind && st.st_mode & 0o7777 != want {
+                    rustix::fs::chmod(Layer::proc_path(&made), Mode::from_raw_mode(want))
+                        .map_err(rerr)?;
+                }
+            }
+            self.entry(live, &p, name)
+        }) {
+            Ok((a, g)) => reply.entry(&TTL, &a, Generation(g)),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;

@@ -535,3 +535,85 @@ fn preallocation_and_holes_pass_through() {
     drop(layer);
     umount(&mnt);
 }
+
+/// FIFOs and UNIX sockets made through the view (a workload's `mkfifo`,
+/// a program binding its socket in the data) are made below, with the
+/// mode asked, and work: bytes pass through the FIFO and the socket. They
+/// can be renamed and linked; a device cannot be made; while cut, nothing
+/// can.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn fifos_and_sockets_are_made_and_work_through_the_view() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    let mknod = |p: &std::path::Path, kind: rustix::fs::FileType, mode: u32| {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p,
+            kind,
+            rustix::fs::Mode::from_raw_mode(mode),
+            0,
+        )
+    };
+    // A FIFO: made below with its mode, bytes pass through it.
+    mknod(&view.join("fifo"), rustix::fs::FileType::Fifo, 0o640).unwrap();
+    let below = std::fs::symlink_metadata(mnt.join("fifo")).unwrap();
+    assert!(below.file_type().is_fifo(), "{:?}", below.file_type());
+    assert_eq!(below.mode() & 0o7777, 0o640 & !current_umask());
+    let reader = {
+        let at = view.join("fifo");
+        std::thread::spawn(move || std::fs::read_to_string(at).unwrap())
+    };
+    std::fs::write(view.join("fifo"), "through the fifo").unwrap();
+    assert_eq!(reader.join().unwrap(), "through the fifo");
+    // Renamed and linked like any file.
+    std::fs::rename(view.join("fifo"), view.join("fifo-moved")).unwrap();
+    std::fs::hard_link(view.join("fifo-moved"), view.join("fifo")).unwrap();
+    assert_eq!(std::fs::metadata(mnt.join("fifo")).unwrap().nlink(), 2);
+    // A socket bound in the view: a socket below, and a connection works.
+    let listener = UnixListener::bind(view.join("sock")).unwrap();
+    assert!(
+        std::fs::symlink_metadata(mnt.join("sock"))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    let mut client = UnixStream::connect(view.join("sock")).unwrap();
+    client.write_all(b"through the socket").unwrap();
+    drop(client);
+    let (mut server, _) = listener.accept().unwrap();
+    let mut got = String::new();
+    server.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "through the socket");
+    // Never a device.
+    let dev = rustix::fs::mknodat(
+        rustix::fs::CWD,
+        view.join("null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(1, 3),
+    );
+    assert_eq!(dev, Err(rustix::io::Errno::PERM));
+    assert!(!mnt.join("null").exists());
+    // While cut: nothing is made.
+    layer.cut();
+    assert!(mknod(&view.join("later"), rustix::fs::FileType::Fifo, 0o600).is_err());
+    drop(listener);
+    drop(server);
+    drop(layer);
+    assert!(!mnt.join("later").exists());
+    umount(&mnt);
+}
+
+/// This process's umask (from /proc: setting it to read it would race
+/// the other tests' files).
+fn current_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .unwrap();
+    u32::from_str_radix(field.trim(), 8).unwrap()
+}
