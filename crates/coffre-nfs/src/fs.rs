@@ -139,6 +139,49 @@ fn reopen(fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, u32> {
     rustix::fs::open(proc_path(fd), flags | OFlags::CLOEXEC, Mode::empty()).map_err(errno)
 }
 
+/// Held while a mode is changed for a moment (owner override) or for
+/// good (SETATTR), so that one never puts back a mode the other set.
+static MODES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Reopens a regular file for reading or writing as the calling thread's
+/// identity, `uid`; when its mode refuses and `uid` owns it, opens it
+/// anyway, as knfsd does: on NFS the mode is checked when the client
+/// opens, not at each call, so the owner may go on reading and writing a
+/// file whose mode says otherwise (`git` writes the object it made 0444,
+/// `tar` the read-only file it unpacks, a program the file it
+/// `fchmod`ed). With no right beyond the owner's: its own bit is added
+/// for the open only, then the mode is put back (the owner may change it
+/// anyway). Anyone else is refused as before.
+fn reopen_owner(fd: &OwnedFd, flags: OFlags, uid: u32) -> Result<OwnedFd, u32> {
+    let refused = match reopen(fd, flags) {
+        Err(e) if e == status::ACCES => e,
+        other => return other,
+    };
+    let need = match flags.bits() & libc::O_ACCMODE.cast_unsigned() {
+        b if b == OFlags::WRONLY.bits() => 0o200,
+        b if b == OFlags::RDWR.bits() => 0o600,
+        _ => 0o400,
+    };
+    let _m = MODES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let st = fstat(fd)?;
+    let mode = st.st_mode & 0o7777;
+    if st.st_uid != uid || !is_reg(&st) {
+        return Err(refused);
+    }
+    if mode & need == need {
+        // Changed since (or refused for another reason): as it is now.
+        return reopen(fd, flags);
+    }
+    rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode | need)).map_err(errno)?;
+    let opened = reopen(fd, flags);
+    let back = rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode)).map_err(errno);
+    let f = opened?;
+    back?;
+    Ok(f)
+}
+
 fn is_dir(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
@@ -517,8 +560,9 @@ impl Export {
                     // As the user, who wrote it: for reading, or for
                     // writing when the file is write-only to them.
                     let _u = self.as_user()?;
-                    let file =
-                        reopen(&fd, OFlags::RDONLY).or_else(|_| reopen(&fd, OFlags::WRONLY))?;
+                    let file = reopen(&fd, OFlags::RDONLY)
+                        .or_else(|_| reopen(&fd, OFlags::WRONLY))
+                        .or_else(|_| reopen_owner(&fd, OFlags::RDONLY, self.spec.uid))?;
                     rustix::fs::fsync(&file).map_err(errno)?;
                 }
                 w.u32(status::OK);
@@ -618,7 +662,7 @@ impl Export {
         let fd = self.regular(key, f)?;
         let file = {
             let _u = self.as_user()?;
-            std::fs::File::from(reopen(&fd, OFlags::RDONLY)?)
+            std::fs::File::from(reopen_owner(&fd, OFlags::RDONLY, self.spec.uid)?)
         };
         let count = count.min(IO_MAX) as usize;
         // Read straight into the reply, after room for its header.
@@ -669,7 +713,7 @@ impl Export {
         let fd = self.regular(key, f)?;
         let file = {
             let _u = self.as_user()?;
-            std::fs::File::from(reopen(&fd, OFlags::WRONLY)?)
+            std::fs::File::from(reopen_owner(&fd, OFlags::WRONLY, self.spec.uid)?)
         };
         file.write_all_at(data, offset).map_err(nfs_err)?;
         if stable != 0 {
@@ -726,7 +770,7 @@ impl Export {
                     };
                     let rest = Sattr { mode: None, ..s };
                     if rest != Sattr::NONE {
-                        apply(&f, &rest)?;
+                        apply(&f, &rest, self.spec.uid)?;
                     }
                     f
                 }
@@ -840,7 +884,7 @@ impl Export {
                 // left alone; their owner may change.
                 chown(&fd, s.uid, s.gid)?;
             } else {
-                apply(&fd, s)?;
+                apply(&fd, s, self.spec.uid)?;
             }
         }
         w.u32(status::OK);
@@ -982,15 +1026,20 @@ fn chown(fd: &OwnedFd, uid: Option<u32>, gid: Option<u32>) -> Res {
     .map_err(errno)
 }
 
-/// Applies `s` to a non-link object, as the calling thread's identity.
-fn apply(fd: &OwnedFd, s: &Sattr) -> Res {
+/// Applies `s` to a non-link object, as the calling thread's identity,
+/// `uid`.
+fn apply(fd: &OwnedFd, s: &Sattr, uid: u32) -> Res {
     chown(fd, s.uid, s.gid)?;
     if let Some(mode) = s.mode {
+        let _m = MODES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
     }
     if let Some(size) = s.size {
-        // Opening for writing checks the user's right to change it.
-        let f = reopen(fd, OFlags::WRONLY)?;
+        // Opening for writing checks the user's right to change it (the
+        // owner's always, as knfsd).
+        let f = reopen_owner(fd, OFlags::WRONLY, uid)?;
         rustix::fs::ftruncate(&f, size).map_err(errno)?;
     }
     set_times(fd, s.atime, s.mtime)

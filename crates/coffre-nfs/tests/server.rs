@@ -581,6 +581,103 @@ fn a_guest_makes_renames_and_links_fifos_and_sockets_but_no_device() {
     assert_eq!(c2.nfs(11, &mknod_args(&home, "fifo2", 7)).0, status::ACCES);
 }
 
+/// A sattr3 with only a mode (or nothing) and the rest left alone.
+fn sattr(w: &mut Writer, mode: Option<u32>, size: Option<u64>) {
+    match mode {
+        Some(m) => w.bool(true).u32(m),
+        None => w.bool(false),
+    };
+    w.bool(false).bool(false);
+    match size {
+        Some(n) => w.bool(true).u64(n),
+        None => w.bool(false),
+    };
+    w.u32(0).u32(0);
+}
+
+impl Client {
+    fn write(&mut self, fh: &[u8], offset: u64, data: &[u8]) -> u32 {
+        let mut a = Writer::default();
+        a.opaque(fh)
+            .u64(offset)
+            .u32(u32::try_from(data.len()).unwrap())
+            .u32(0)
+            .opaque(data);
+        self.nfs(7, &a).0
+    }
+
+    fn read(&mut self, fh: &[u8]) -> Result<Vec<u8>, u32> {
+        let mut a = Writer::default();
+        a.opaque(fh).u64(0).u32(4096);
+        let (st, rest) = self.nfs(6, &a);
+        if st != status::OK {
+            return Err(st);
+        }
+        let mut r = Reader::new(&rest);
+        if r.bool().unwrap() {
+            r.fixed(84).unwrap();
+        }
+        r.u32().unwrap();
+        r.bool().unwrap();
+        Ok(r.opaque(4096).unwrap().to_vec())
+    }
+
+    fn setattr(&mut self, fh: &[u8], mode: Option<u32>, size: Option<u64>) -> u32 {
+        let mut a = Writer::default();
+        a.opaque(fh);
+        sattr(&mut a, mode, size);
+        a.bool(false);
+        self.nfs(2, &a).0
+    }
+}
+
+/// As knfsd: the owner reads and writes a file whatever its mode says
+/// (the client checked it at open): `git` writes the object it made
+/// 0444 (CREATE, then WRITE), `tar` the read-only file it unpacks, a
+/// program the file it `fchmod`ed to 0. The mode is left as it was.
+/// Nobody else gets past the mode.
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn the_owner_reads_and_writes_whatever_the_mode_as_knfsd_lets_it() {
+    let lab = Lab::new("owner");
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    let mode = |rel: &str| std::fs::metadata(lab.data(rel)).unwrap().mode() & 0o7777;
+    // UNCHECKED create with mode 0444, then writes: as git and tar do.
+    let mut create = Writer::default();
+    create.opaque(&root).opaque(b"object").u32(0);
+    sattr(&mut create, Some(0o444), None);
+    assert_eq!(c.nfs(8, &create).0, status::OK);
+    assert_eq!(mode("shared/object"), 0o444);
+    let fh = c.lookup(&root, "object").unwrap();
+    assert_eq!(c.write(&fh, 0, b"blob 5\0hello"), status::OK);
+    assert_eq!(c.read(&fh).unwrap(), b"blob 5\0hello");
+    assert_eq!(mode("shared/object"), 0o444, "the mode is put back");
+    // Mode 0: read, written, truncated, committed by its owner.
+    assert_eq!(c.setattr(&fh, Some(0), None), status::OK);
+    assert_eq!(c.write(&fh, 0, b"HELLO"), status::OK);
+    assert_eq!(c.read(&fh).unwrap(), b"HELLO5\0hello");
+    assert_eq!(c.setattr(&fh, None, Some(5)), status::OK);
+    assert_eq!(c.read(&fh).unwrap(), b"HELLO");
+    let mut commit = Writer::default();
+    commit.opaque(&fh).u64(0).u32(0);
+    assert_eq!(c.nfs(21, &commit).0, status::OK);
+    assert_eq!(mode("shared/object"), 0, "the mode is put back");
+    assert_eq!(std::fs::read(lab.data("shared/object")).unwrap(), b"HELLO");
+    // Another's file: the mode decides, as before (her group may read
+    // it, nobody write it), and it is left alone.
+    std::fs::write(lab.data("shared/bobs"), b"bob's").unwrap();
+    chown(&lab.data("shared/bobs"), BOB, TEAM, 0o440);
+    let bobs = c.lookup(&root, "bobs").unwrap();
+    assert_eq!(c.read(&bobs).unwrap(), b"bob's");
+    assert_eq!(c.write(&bobs, 0, b"alice"), status::ACCES);
+    assert_eq!(c.setattr(&bobs, None, Some(0)), status::ACCES);
+    chown(&lab.data("shared/bobs"), BOB, TEAM, 0o400);
+    assert_eq!(c.read(&bobs), Err(status::ACCES));
+    assert_eq!(mode("shared/bobs"), 0o400);
+    assert_eq!(std::fs::read(lab.data("shared/bobs")).unwrap(), b"bob's");
+}
+
 #[test]
 #[ignore = "system: needs root and libnfs-utils"]
 fn a_guest_cannot_take_every_connection_or_worker() {

@@ -114,6 +114,13 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         assert!(f.file_type().is_fifo(), "{name}: {:?}", f.file_type());
         assert_eq!((f.uid(), f.gid(), f.nlink()), (uid, 4242, 2), "{name}");
         assert!(!lab.shared(&format!("{name}.fifo")).exists(), "{name}");
+        // A file made 0444 and written through the descriptor that made
+        // it (git's objects): written, and still 0444.
+        lab.wait_console(name, "nfs ro ok", Duration::from_secs(30));
+        let ro = lab.shared(&format!("{name}.ro"));
+        assert_eq!(std::fs::read_to_string(&ro).unwrap(), "ro written\n");
+        let m = std::fs::metadata(&ro).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (uid, 0o444), "{name}");
     }
     // The process workload reads what the VMs write.
     let until = Instant::now() + Duration::from_secs(30);
