@@ -669,10 +669,17 @@ impl Filesystem for Layer {
             ];
             for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
                 let e = e.map_err(errno)?;
-                use std::os::unix::fs::DirEntryExt;
+                use std::os::unix::fs::{DirEntryExt, FileTypeExt};
+                // Each entry's own type: a program that trusts it (`find
+                // -type f`, Python's `scandir`) must not open a FIFO or a
+                // socket as a file.
                 let kind = match e.file_type() {
                     Ok(t) if t.is_dir() => FileType::Directory,
                     Ok(t) if t.is_symlink() => FileType::Symlink,
+                    Ok(t) if t.is_fifo() => FileType::NamedPipe,
+                    Ok(t) if t.is_socket() => FileType::Socket,
+                    Ok(t) if t.is_char_device() => FileType::CharDevice,
+                    Ok(t) if t.is_block_device() => FileType::BlockDevice,
                     _ => FileType::RegularFile,
                 };
                 list.push((self.ino(live, e.ino()), kind, e.file_name()));

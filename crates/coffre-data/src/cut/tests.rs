@@ -587,6 +587,18 @@ fn fifos_and_sockets_are_made_and_work_through_the_view() {
     let mut got = String::new();
     server.read_to_string(&mut got).unwrap();
     assert_eq!(got, "through the socket");
+    // A listing says what each entry is (readdir's own types, not a
+    // stat): `find -type f` and `scandir` must not take them for files.
+    let kinds: std::collections::BTreeMap<String, std::fs::FileType> = std::fs::read_dir(&view)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), e.file_type().unwrap())
+        })
+        .collect();
+    assert!(kinds["fifo"].is_fifo(), "{kinds:?}");
+    assert!(kinds["fifo-moved"].is_fifo(), "{kinds:?}");
+    assert!(kinds["sock"].is_socket(), "{kinds:?}");
     // Never a device.
     let dev = rustix::fs::mknodat(
         rustix::fs::CWD,
