@@ -658,6 +658,38 @@ impl Filesystem for Layer {
         }
     }
 
+    /// A directory's `fsync` reaches the ext4 below (the names made,
+    /// renamed or removed in it made durable, as databases and `rename`
+    /// dances expect); without it, FUSE answers success and syncs
+    /// nothing.
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: fuser::FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.with_live(|live| {
+            let fd = self.fd(live, ino.0)?;
+            let dir = rustix::fs::open(
+                Layer::proc_path(&fd),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(rerr)?;
+            if datasync {
+                rustix::fs::fdatasync(&dir)
+            } else {
+                rustix::fs::fsync(&dir)
+            }
+            .map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // The listing is read at once: no directory stays open on the
         // mount between calls.

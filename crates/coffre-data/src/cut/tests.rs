@@ -629,3 +629,45 @@ fn current_umask() -> u32 {
         .unwrap();
     u32::from_str_radix(field.trim(), 8).unwrap()
 }
+
+/// A directory's fsync through the view commits the ext4 below (a
+/// journal transaction), where FUSE alone would answer success and sync
+/// nothing. The ext4's periodic commit is pushed out of the way.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_directorys_fsync_reaches_the_ext4_below() {
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    run(Command::new("mount")
+        .args(["-o", "remount,commit=600"])
+        .arg(&mnt));
+    let dev = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == mnt.to_str())
+        .and_then(|l| l.split(" - ").nth(1)?.split(' ').nth(1).map(str::to_owned))
+        .unwrap();
+    let info = format!("/proc/fs/jbd2/{}-8/info", dev.trim_start_matches("/dev/"));
+    let transactions = || -> u64 {
+        let text = std::fs::read_to_string(&info).unwrap();
+        text.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    std::fs::create_dir(view.join("d")).unwrap();
+    std::fs::File::open(view.join("d"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let before = transactions();
+    std::fs::write(view.join("d/new"), b"x").unwrap();
+    std::fs::rename(view.join("d/new"), view.join("d/renamed")).unwrap();
+    std::fs::File::open(view.join("d"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert!(
+        transactions() > before,
+        "no journal commit for the directory's fsync ({info})"
+    );
+    drop(layer);
+    umount(&mnt);
+}
