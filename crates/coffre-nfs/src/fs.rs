@@ -244,14 +244,27 @@ pub fn failure_body(call: &Nfs<'_>, w: &mut Writer) {
     }
 }
 
-/// The WRITE verifier: changes only when the host reboots (what the
-/// page cache held unwritten is lost only then), so clients resend
-/// uncommitted data exactly when they must.
+/// The WRITE verifier: one per server process (the boot, this process
+/// and the moment it started). What it acknowledged unstable sits in the
+/// page cache of an ext4 whose blocks go through the daemon's engine: a
+/// reboot loses it, and so does a daemon that dies while open (the loop
+/// device's requests fail), and the server dies with the daemon. A new
+/// verifier at each start makes clients send again what they had not
+/// seen committed (a server restarted alone only costs them that resend).
 pub fn write_verifier() -> [u8; 8] {
+    use sha2::Digest;
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let d = <sha2::Sha256 as sha2::Digest>::digest(boot.trim().as_bytes());
+    let now = |c| {
+        let t = rustix::time::clock_gettime(c);
+        (t.tv_sec.cast_unsigned() << 30) ^ t.tv_nsec.cast_unsigned()
+    };
+    let mut h = sha2::Sha256::new();
+    h.update(boot.trim().as_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(now(rustix::time::ClockId::Monotonic).to_le_bytes());
+    h.update(now(rustix::time::ClockId::Realtime).to_le_bytes());
     let mut v = [0; 8];
-    v.copy_from_slice(&d[..8]);
+    v.copy_from_slice(&h.finalize()[..8]);
     v
 }
 
@@ -1088,4 +1101,20 @@ pub fn prime() {
 fn write_verifier_cached() -> [u8; 8] {
     static V: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
     *V.get_or_init(write_verifier)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A verifier is the server process's own, not the boot's: a server
+    /// started again (with the daemon, whose death loses what the page
+    /// cache held unwritten) makes clients send their uncommitted data
+    /// again. Two computed one after the other already differ.
+    #[test]
+    fn each_start_has_its_own_write_verifier() {
+        let a = super::write_verifier();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let b = super::write_verifier();
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 8]);
+    }
 }
