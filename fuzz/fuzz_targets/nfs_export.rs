@@ -55,6 +55,7 @@ fn setup() -> &'static Setup {
             readonly: false,
             denied: false,
             mounted: false,
+            async_metadata: false,
         };
         let server = Server::new();
         server.set_exports(vec![spec]);

@@ -58,6 +58,10 @@ pub struct ExportSpec {
     /// failed is never served.
     #[serde(default)]
     pub mounted: bool,
+    /// A call that changes a name or an attribute is answered before it
+    /// is on stable storage (knfsd's `async`; by default it is synced).
+    #[serde(default)]
+    pub async_metadata: bool,
 }
 
 /// One export, open: its root directory held open.
@@ -180,6 +184,28 @@ fn reopen_owner(fd: &OwnedFd, flags: OFlags, uid: u32) -> Result<OwnedFd, u32> {
     let f = opened?;
     back?;
     Ok(f)
+}
+
+/// Commits a change of names or attributes to stable storage before the
+/// reply, as RFC 1813 asks of CREATE, MKDIR, SYMLINK, MKNOD, REMOVE,
+/// RMDIR, RENAME, LINK and SETATTR, and as knfsd's default (`sync`)
+/// exports do: the Linux client's `fsync` of a directory sends nothing
+/// and counts on it (a database in a VM removing its journal, a `rename`
+/// over a file). `fd` is the directory changed (for SETATTR, the object),
+/// opened by the server itself after it stops acting as the user (who
+/// may write in a directory it cannot read); a FIFO, socket or link is
+/// never opened (SETATTR on one is not synced).
+fn sync_metadata(fd: &OwnedFd) -> Res {
+    let st = fstat(fd)?;
+    let flags = if is_dir(&st) {
+        OFlags::RDONLY | OFlags::DIRECTORY
+    } else if is_reg(&st) {
+        OFlags::RDONLY | OFlags::NONBLOCK
+    } else {
+        return Ok(());
+    };
+    let f = reopen(fd, flags)?;
+    rustix::fs::fsync(&f).map_err(errno)
 }
 
 fn is_dir(st: &Stat) -> bool {
@@ -349,6 +375,15 @@ impl Export {
             .map_err(|_| status::SERVERFAULT)
     }
 
+    /// [`sync_metadata`], unless the export is `async_metadata`.
+    fn durable(&self, fd: &OwnedFd) -> Res {
+        if self.spec.async_metadata {
+            Ok(())
+        } else {
+            sync_metadata(fd)
+        }
+    }
+
     fn writable(&self) -> Res {
         if self.spec.readonly {
             Err(status::ROFS)
@@ -494,6 +529,10 @@ impl Export {
                     let _u = self.as_user()?;
                     rustix::fs::renameat(&from, a.as_c_str(), &to, b.as_c_str()).map_err(errno)?;
                 }
+                self.durable(&to)?;
+                if fstat(&from)?.st_ino != fstat(&to)?.st_ino {
+                    self.durable(&from)?;
+                }
                 w.u32(status::OK);
                 proto::wcc(w, Self::attrs(&from).as_ref());
                 proto::wcc(w, Self::attrs(&to).as_ref());
@@ -519,6 +558,7 @@ impl Export {
                     )
                     .map_err(errno)?;
                 }
+                self.durable(&dir)?;
                 w.u32(status::OK);
                 proto::post_op(w, Self::attrs(&file).as_ref());
                 proto::wcc(w, Self::attrs(&dir).as_ref());
@@ -808,6 +848,7 @@ impl Export {
                 }
             }
         };
+        self.durable(&dir)?;
         let h = self.nfs_handle(key, &file)?;
         w.u32(status::OK);
         w.bool(true).opaque(&h);
@@ -837,6 +878,7 @@ impl Export {
             make(&dir, &name).map_err(errno)?;
             open_path(&dir, &name)?
         };
+        self.durable(&dir)?;
         let h = self.nfs_handle(key, &obj)?;
         w.u32(status::OK);
         w.bool(true).opaque(&h);
@@ -863,6 +905,7 @@ impl Export {
             let _u = self.as_user()?;
             rustix::fs::unlinkat(&dir, name.as_c_str(), flags).map_err(errno)?;
         }
+        self.durable(&dir)?;
         w.u32(status::OK);
         proto::wcc(w, Self::attrs(&dir).as_ref());
         Ok(())
@@ -900,6 +943,7 @@ impl Export {
                 apply(&fd, s, self.spec.uid)?;
             }
         }
+        self.durable(&fd)?;
         w.u32(status::OK);
         proto::wcc(w, Self::attrs(&fd).as_ref());
         Ok(())

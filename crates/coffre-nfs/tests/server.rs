@@ -35,11 +35,33 @@ fn chown(p: &Path, uid: u32, gid: u32, mode: u32) {
 
 impl Lab {
     fn new(name: &str) -> Self {
+        Self::on(name, false)
+    }
+
+    /// With `own_ext4`, the data is an ext4 of its own (an image on a
+    /// loop device, unmounted with the lab) whose periodic journal commit
+    /// is pushed out of the way: what commits it is the server.
+    fn on(name: &str, own_ext4: bool) -> Self {
         coffre_testkit::require(NEEDS);
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("nfs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let data = dir.join("data");
+        if own_ext4 {
+            std::fs::create_dir_all(&data).unwrap();
+            let img = dir.join("data.img");
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(32 << 20)
+                .unwrap();
+            coffre_testkit::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+            coffre_testkit::run_ok(
+                Command::new("mount")
+                    .args(["-o", "loop,commit=600"])
+                    .arg(&img)
+                    .arg(&data),
+            );
+        }
         for d in ["shared", "home/alice", "home/bob", "disks"] {
             std::fs::create_dir_all(data.join(d)).unwrap();
         }
@@ -74,6 +96,7 @@ impl Lab {
                 readonly: false,
                 denied: false,
                 mounted: false,
+                async_metadata: false,
             };
         server.set_exports(vec![
             spec(
@@ -131,7 +154,36 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.server.close();
+        let data = self.dir.join("data");
+        if self.journal().is_some() {
+            let _ = Command::new("umount").arg(&data).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    /// The journal's statistics of the data's own ext4, if it has one
+    /// (`/proc/fs/jbd2/DEV-8/info`).
+    fn journal(&self) -> Option<PathBuf> {
+        let data = self.dir.join("data");
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let dev = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == data.to_str())?
+            .split(" - ")
+            .nth(1)?
+            .split(' ')
+            .nth(1)?
+            .trim_start_matches("/dev/")
+            .to_owned();
+        Some(PathBuf::from(format!("/proc/fs/jbd2/{dev}-8/info")))
+    }
+
+    /// How many transactions the data's journal has committed.
+    fn commits(&self) -> u64 {
+        let info = std::fs::read_to_string(self.journal().expect("an ext4 of its own")).unwrap();
+        info.split_whitespace().next().unwrap().parse().unwrap()
     }
 }
 
@@ -311,6 +363,7 @@ fn handles_stay_in_their_export_and_survive_close_and_restart() {
         readonly: false,
         denied: false,
         mounted: false,
+        async_metadata: false,
     }]);
     again.open(HandleKey::new(lab.key));
     let rec = {
@@ -442,6 +495,7 @@ fn root_in_the_guest_acts_only_as_the_share_user() {
         readonly: false,
         denied: true,
         mounted: false,
+        async_metadata: false,
     }];
     lab.server.set_exports(specs.clone());
     assert_eq!(c.getattr(&mine), status::ACCES);
@@ -678,6 +732,83 @@ fn the_owner_reads_and_writes_whatever_the_mode_as_knfsd_lets_it() {
     assert_eq!(std::fs::read(lab.data("shared/bobs")).unwrap(), b"bob's");
 }
 
+/// Every call that changes a name or an attribute is on stable storage
+/// before its reply, as RFC 1813 asks and knfsd's default exports do (the
+/// Linux client's fsync of a directory sends nothing): each commits the
+/// data's journal, whose own periodic commit is out of the way.
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn names_and_attributes_are_durable_before_the_reply() {
+    let lab = Lab::on("durable", true);
+    let mut c = lab.client(Ipv4Addr::LOCALHOST);
+    let root = c.mount();
+    let step = |what: &str, c: &mut Client, proc_: u32, args: Writer| {
+        let before = lab.commits();
+        assert_eq!(c.nfs(proc_, &args).0, status::OK, "{what}");
+        assert!(lab.commits() > before, "{what} replied before a commit");
+    };
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"f").u32(0);
+    sattr(&mut a, Some(0o640), None);
+    step("CREATE", &mut c, 8, a);
+    let f = c.lookup(&root, "f").unwrap();
+    let mut a = Writer::default();
+    a.opaque(&f);
+    sattr(&mut a, Some(0o600), None);
+    a.bool(false);
+    step("SETATTR", &mut c, 2, a);
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"d");
+    sattr(&mut a, Some(0o750), None);
+    step("MKDIR", &mut c, 9, a);
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"l");
+    sattr(&mut a, None, None);
+    a.opaque(b"f");
+    step("SYMLINK", &mut c, 10, a);
+    step("MKNOD", &mut c, 11, mknod_args(&root, "p", 7));
+    let d = c.lookup(&root, "d").unwrap();
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"f").opaque(&d).opaque(b"g");
+    step("RENAME", &mut c, 14, a);
+    let g = c.lookup(&d, "g").unwrap();
+    let mut a = Writer::default();
+    a.opaque(&g).opaque(&root).opaque(b"h");
+    step("LINK", &mut c, 15, a);
+    let mut a = Writer::default();
+    a.opaque(&d).opaque(b"g");
+    step("REMOVE", &mut c, 12, a);
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"h");
+    step("REMOVE", &mut c, 12, a);
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"d");
+    step("RMDIR", &mut c, 13, a);
+    // `share_async`: answered before any commit.
+    lab.server.set_exports(vec![ExportSpec {
+        workload: "vm-127.0.0.1".into(),
+        client: Ipv4Addr::LOCALHOST,
+        share: "shared".into(),
+        path: lab.data("shared"),
+        uid: ALICE,
+        gid: ALICE,
+        groups: vec![ALICE, TEAM],
+        readonly: false,
+        denied: false,
+        mounted: false,
+        async_metadata: true,
+    }]);
+    let before = lab.commits();
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"quick").u32(0);
+    sattr(&mut a, Some(0o640), None);
+    assert_eq!(c.nfs(8, &a).0, status::OK);
+    let mut a = Writer::default();
+    a.opaque(&root).opaque(b"quick");
+    assert_eq!(c.nfs(12, &a).0, status::OK);
+    assert_eq!(lab.commits(), before, "an async export committed");
+}
+
 #[test]
 #[ignore = "system: needs root and libnfs-utils"]
 fn a_guest_cannot_take_every_connection_or_worker() {
@@ -755,6 +886,7 @@ fn an_export_that_must_be_mounted_is_not_served_from_an_empty_mount_point() {
         readonly: false,
         denied: false,
         mounted: true,
+        async_metadata: false,
     };
     let e = coffre_nfs::fs::Export::open(spec.clone())
         .err()

@@ -305,6 +305,7 @@ pub(super) fn exports(
             gid,
             groups,
             readonly: w.share_readonly,
+            async_metadata: w.share_async,
             denied,
         });
     }
@@ -485,5 +486,61 @@ impl Shell {
                 "refused": e.denied,
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Each VM's export says what its workload asks: the share's user and
+    /// groups, read-only, and whether names and attributes are synced
+    /// before each reply (`share_async`).
+    #[test]
+    fn a_vms_export_follows_its_workloads_share_settings() {
+        let config: crate::vaultdir::Config = toml::from_str(
+            r#"name = "team"
+listen = "127.0.0.1:7443"
+volume = "volume.img"
+header = "volume.hdr"
+
+[keyslot_kdf]
+pbkdf = "argon2id"
+iterations = 4
+memory_kib = 65536
+lanes = 4
+
+[[workload]]
+name = "safe"
+kind = "qemu"
+address = "10.9.0.10"
+share = "shared"
+share_user = "alice"
+
+[[workload]]
+name = "quick"
+kind = "qemu"
+address = "10.9.0.11"
+share = "shared"
+share_user = "alice"
+share_readonly = true
+share_async = true
+"#,
+        )
+        .unwrap();
+        let views = [coffre_data::ShareView {
+            share: "shared".into(),
+            at: "/v/run/nfs/share-0".into(),
+        }];
+        let members = [("alice".to_string(), (5001, 5001, vec![5001, 4242]))].into();
+        let (exports, problems) = super::exports(&config, &views, &members, &|_| false);
+        assert!(problems.is_empty(), "{problems:?}");
+        let by = |n: &str| exports.iter().find(|e| e.workload == n).unwrap();
+        let (safe, quick) = (by("safe"), by("quick"));
+        assert_eq!(
+            (safe.uid, safe.gid, &safe.groups[..]),
+            (5001, 5001, &[5001, 4242][..])
+        );
+        assert!(safe.mounted && !safe.readonly && !safe.async_metadata);
+        assert!(quick.readonly && quick.async_metadata);
+        assert_eq!(quick.path, std::path::Path::new("/v/run/nfs/share-0"));
     }
 }

@@ -461,7 +461,7 @@ fn survey_nfs_throughput_against_the_mount() {
         let s = std::sync::Arc::clone(&server);
         std::thread::spawn(move || s.serve(sockets, 8));
     }
-    server.set_exports(vec![coffre_nfs::ExportSpec {
+    let spec = |async_metadata: bool| coffre_nfs::ExportSpec {
         workload: "bench".into(),
         client: std::net::Ipv4Addr::LOCALHOST,
         share: "shared".into(),
@@ -472,7 +472,9 @@ fn survey_nfs_throughput_against_the_mount() {
         readonly: false,
         denied: false,
         mounted: false,
-    }]);
+        async_metadata,
+    };
+    server.set_exports(vec![spec(false)]);
     assert!(server.open(coffre_nfs::HandleKey::new([1; 32])).is_empty());
     let url = |p: &str| {
         format!(
@@ -569,6 +571,10 @@ fn survey_nfs_throughput_against_the_mount() {
     let t = Instant::now();
     run(std::process::Command::new("sync").arg("-f").arg(&dest));
     let tar_nfs_nocommit = tar_nfs_nocommit + secs(t);
+    // The same as the first, `share_async`: names and attributes not
+    // synced before each reply.
+    server.set_exports(vec![spec(true)]);
+    let tar_nfs_async = nfs_tree(&mut c, &root, "nfs-tree-3", true);
 
     // The server's part of a close while a client reads.
     let reader = std::process::Command::new("nfs-cat")
@@ -607,6 +613,10 @@ fn survey_nfs_throughput_against_the_mount() {
     println!(
         "  the same without a COMMIT per file (one sync at the end): {tar_nfs_nocommit:.2} s (x{:.2})",
         tar_nfs_nocommit / tar_local
+    );
+    println!(
+        "  the same with share_async (names and attributes not synced before each reply): {tar_nfs_async:.2} s (x{:.2})",
+        tar_nfs_async / tar_local
     );
     println!("  close with a client reading: the server's part {close_ms:.2} ms");
     let _ = enter.kill();
