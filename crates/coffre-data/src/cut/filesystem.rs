@@ -44,6 +44,25 @@ fn aligned(buf: &mut zeroize::Zeroizing<Vec<u8>>, n: usize) -> usize {
     buf.as_ptr().align_offset(DIRECT_ALIGN)
 }
 
+/// What a write by anyone without `CAP_FSETID` does on any Linux
+/// filesystem, before the data changes: the setuid bit goes, and the
+/// setgid bit where it means execution (group-executable). The view's
+/// writes are the daemon's own, which keeps them: without this, a member
+/// of a file's group could change another's setuid program and keep the
+/// bit (a VM mounting the share without `nosuid` runs it as its owner).
+/// Anyone but root is taken to lack `CAP_FSETID`.
+fn kill_suid_sgid(f: &File) -> Result<(), Errno> {
+    let m = rustix::fs::fstat(f).map_err(rerr)?.st_mode;
+    let mut kill = m & libc::S_ISUID;
+    if m & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    if kill != 0 {
+        rustix::fs::fchmod(f, Mode::from_raw_mode(m & 0o7777 & !kill)).map_err(rerr)?;
+    }
+    Ok(())
+}
+
 impl Filesystem for Layer {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         // Shared mappings of direct-I/O files (kernel 6.6+): programs that
@@ -496,7 +515,7 @@ impl Filesystem for Layer {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
@@ -523,7 +542,13 @@ impl Filesystem for Layer {
             let (f, flags) = if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_CACHE) {
                 self.file_and_flags(fh.0)?
             } else {
-                self.file_now(live, fh.0, now.0)?
+                let (f, flags) = self.file_now(live, fh.0, now.0)?;
+                // The file is written by the daemon, which keeps the bits
+                // a write by its caller would have cleared.
+                if req.uid() != 0 {
+                    kill_suid_sgid(&f)?;
+                }
+                (f, flags)
             };
             if flags & libc::O_DIRECT != 0 && !data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
                 // Direct I/O wants an aligned buffer; the request's data

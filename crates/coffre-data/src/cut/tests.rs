@@ -671,3 +671,54 @@ fn a_directorys_fsync_reaches_the_ext4_below() {
     drop(layer);
     umount(&mnt);
 }
+
+/// A write through the view by someone other than the file's owner
+/// (a member of its group) clears its setuid bit, and setgid where it
+/// means execution, as any Linux filesystem does: a member must not be
+/// able to change another's setuid program and keep the bit (a VM
+/// mounting the share without `nosuid` would run it as the owner).
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_write_by_another_clears_setuid_and_setgid() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    // The view's parent must be reachable by the writer.
+    let mut p = view.clone();
+    while let Some(up) = p.parent() {
+        let m = std::fs::metadata(up).unwrap().permissions().mode();
+        if m & 0o001 == 0 {
+            std::fs::set_permissions(up, std::fs::Permissions::from_mode(m | 0o001)).unwrap();
+        }
+        p = up.to_path_buf();
+    }
+    for (name, mode, left) in [
+        ("suid", 0o4775, 0o775),
+        ("sgid", 0o2775, 0o775),
+        ("sgid-noexec", 0o2764, 0o2764),
+    ] {
+        let f = mnt.join(name);
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&f, Some(6001), Some(6000)).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        let st = Command::new("dd")
+            .arg(format!("of={}", view.join(name).display()))
+            .args(["conv=notrunc", "oflag=append", "status=none"])
+            .stdin(std::process::Stdio::piped())
+            .uid(6002)
+            .gid(6000)
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(b"echo changed\n")?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(st.success(), "{name}: the group member could not write");
+        let got = std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(got, left, "{name}: {got:o}");
+    }
+    drop(layer);
+    umount(&mnt);
+}
