@@ -91,6 +91,14 @@ fn t(sec: i64, nsec: u64) -> Time {
     }
 }
 
+/// The filesystem id every export reports. Not the device's number: the
+/// data is mounted on whichever loop device is free at each open, and a
+/// client that sees a directory's fsid change takes it for another
+/// filesystem mounted there (an automounted submount: `EXDEV` on rename,
+/// `find -xdev` stopping). An export is one share of one filesystem, so
+/// one constant does (knfsd's `fsid=` option, the same idea).
+pub const FSID: u64 = u64::from_be_bytes(*b"coffre\0\x01");
+
 /// NFS attributes of a `stat`.
 pub fn attr(st: &Stat) -> Attr {
     let fmt = st.st_mode & libc::S_IFMT;
@@ -111,7 +119,7 @@ pub fn attr(st: &Stat) -> Attr {
         size: u64::try_from(st.st_size).unwrap_or(0),
         used: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
         rdev: (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)),
-        fsid: st.st_dev,
+        fsid: FSID,
         fileid: st.st_ino,
         atime: t(st.st_atime, st.st_atime_nsec),
         mtime: t(st.st_mtime, st.st_mtime_nsec),
@@ -1149,6 +1157,17 @@ fn write_verifier_cached() -> [u8; 8] {
 
 #[cfg(test)]
 mod tests {
+    /// The fsid a client sees does not follow the loop device the data
+    /// happens to be on at this open.
+    #[test]
+    fn the_fsid_is_the_same_on_any_device() {
+        let here = rustix::fs::stat(".").unwrap();
+        let root = rustix::fs::stat("/proc").unwrap();
+        assert_ne!(here.st_dev, root.st_dev);
+        assert_eq!(super::attr(&here).fsid, super::FSID);
+        assert_eq!(super::attr(&root).fsid, super::FSID);
+    }
+
     /// A verifier is the server process's own, not the boot's: a server
     /// started again (with the daemon, whose death loses what the page
     /// cache held unwritten) makes clients send their uncommitted data
