@@ -141,7 +141,46 @@ pub fn host(needs: Needs, qemu: Option<&Path>) -> Vec<Finding> {
         swap(),
         clock(),
         halt_polling(),
+        shared_mappings(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()),
     ]
+}
+
+/// A kernel release's first two numbers (`6.18.44-cloud-amd64`: 6, 18).
+fn release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The workloads' view serves files without the page cache (direct
+/// I/O, so no plaintext stays cached through a close); a program may map
+/// such a file shared only from Linux 6.6 (`FUSE_DIRECT_IO_ALLOW_MMAP`).
+/// Before, `mmap(MAP_SHARED)` of a file in the data fails (`ENODEV`) for
+/// process workloads: sqlite's WAL, LMDB, Python's `mmap`.
+fn shared_mappings(osrelease: &str) -> Finding {
+    match release(osrelease) {
+        Some(v) if v >= (6, 6) => Finding::ok(
+            "shared-mappings",
+            format!(
+                "Linux {}.{}: process workloads may map files of the data shared (6.6 or later)",
+                v.0, v.1
+            ),
+        ),
+        Some(v) => Finding::warn(
+            "shared-mappings",
+            format!(
+                "Linux {}.{}: process workloads cannot map files of the data shared (mmap MAP_SHARED fails with ENODEV before 6.6): sqlite in WAL mode, LMDB and the like fail there",
+                v.0, v.1
+            ),
+            "a kernel of 6.6 or later",
+        ),
+        None => Finding::warn(
+            "shared-mappings",
+            format!("cannot read the kernel's release ({:?})", osrelease.trim()),
+            "mount /proc",
+        ),
+    }
 }
 
 fn root() -> Finding {
@@ -1028,6 +1067,18 @@ mod tests {
         assert_eq!(j(Some("haltpoll"), Some("garbage")).level, Level::Ok);
         assert_eq!(j(Some("haltpoll"), None).level, Level::Ok);
         assert!(off.check == "cpu-idle" && on.check == "cpu-idle");
+    }
+
+    #[test]
+    fn shared_mappings_need_linux_6_6() {
+        assert_eq!(release("6.18.44-cloud-amd64\n"), Some((6, 18)));
+        assert_eq!(release("5.15.0"), Some((5, 15)));
+        assert_eq!(release("garbage"), None);
+        assert_eq!(shared_mappings("6.6.0").level, Level::Ok);
+        assert_eq!(shared_mappings("6.18.44-cloud-amd64").level, Level::Ok);
+        assert_eq!(shared_mappings("6.1.0-28-amd64").level, Level::Warn);
+        assert_eq!(shared_mappings("5.10.0").level, Level::Warn);
+        assert_eq!(shared_mappings("").level, Level::Warn);
     }
 
     #[test]

@@ -67,6 +67,7 @@ fn doctor_finds_this_host_and_a_fresh_vault_sound() {
         "suid-dumpable",
         "landlock",
         "seccomp",
+        "shared-mappings",
         "vault-dir",
         "control-file",
         "config",
