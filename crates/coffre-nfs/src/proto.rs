@@ -61,6 +61,9 @@ pub fn from_errno(e: &std::io::Error) -> u32 {
         libc::EDQUOT => DQUOT,
         libc::ESTALE => STALE,
         libc::ELOOP => INVAL,
+        // The filesystem does not do it (a guest's program falls back):
+        // not a fault of the server's.
+        libc::EOPNOTSUPP => NOTSUPP,
         _ => SERVERFAULT,
     }
 }
@@ -528,6 +531,16 @@ mod tests {
             decode_nfs(1, &[0, 0, 0, 65]).is_err(),
             "handle over 64 bytes"
         );
+    }
+
+    #[test]
+    fn filesystem_errors_get_their_status() {
+        let st = |e: i32| from_errno(&std::io::Error::from_raw_os_error(e));
+        assert_eq!(st(libc::EACCES), status::ACCES);
+        assert_eq!(st(libc::EOPNOTSUPP), status::NOTSUPP);
+        assert_eq!(st(libc::ENOTSUP), status::NOTSUPP);
+        assert_eq!(st(libc::ELOOP), status::INVAL);
+        assert_eq!(st(libc::ENOMEM), status::SERVERFAULT);
     }
 
     #[test]
