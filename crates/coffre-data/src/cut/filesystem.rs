@@ -7,14 +7,14 @@ use coffre_sys::handle::FileHandle;
 use fuser::{
     Errno, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request,
 };
 use rustix::fs::{AtFlags, Mode, OFlags};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -61,6 +61,55 @@ fn kill_suid_sgid(f: &File) -> Result<(), Errno> {
         rustix::fs::fchmod(f, Mode::from_raw_mode(m & 0o7777 & !kill)).map_err(rerr)?;
     }
     Ok(())
+}
+
+/// The kernel's largest extended attribute value.
+const XATTR_SIZE_MAX: usize = 1 << 16;
+
+/// Whether `name` is in the `user.` namespace, the only one the view
+/// serves.
+fn user_xattr(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().starts_with(b"user.")
+}
+
+/// A `getxattr` answer: the size asked for, or the value.
+enum XattrAnswer {
+    Size(usize),
+    Data(Vec<u8>),
+}
+
+impl XattrAnswer {
+    fn send(self, reply: ReplyXattr) {
+        match self {
+            XattrAnswer::Size(n) => reply.size(u32::try_from(n).unwrap_or(u32::MAX)),
+            XattrAnswer::Data(v) => reply.data(&v),
+        }
+    }
+}
+
+impl Layer {
+    /// The path that names inode `ino` for an extended attribute call:
+    /// its descriptor's `/proc` link, followed to the inode itself. Only
+    /// for a regular file or a directory (the only ones `user.` takes):
+    /// a symbolic link would be followed further, in the daemon's view of
+    /// the host, so anything else gets `otherwise`.
+    /// The descriptor comes back with the path: the path is good only
+    /// while it is open.
+    fn xattr_target(
+        &self,
+        live: &Live,
+        ino: u64,
+        otherwise: Errno,
+    ) -> Result<(Arc<std::os::fd::OwnedFd>, PathBuf), Errno> {
+        let fd = self.fd(live, ino)?;
+        let kind = rustix::fs::fstat(&*fd).map_err(rerr)?.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            return Err(otherwise);
+        }
+        let at = Layer::proc_path(&fd);
+        Ok((fd, at))
+    }
 }
 
 impl Filesystem for Layer {
@@ -709,6 +758,102 @@ impl Filesystem for Layer {
                 rustix::fs::fsync(&dir)
             }
             .map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Extended attributes of the `user.` namespace, read as the caller
+    /// (ext4 checks its right to read the file). Other namespaces read as
+    /// absent: `trusted.` needs a privilege the daemon has and the caller
+    /// has not, `security.` and POSIX ACLs (`system.`) are not served
+    /// through the view (its permission checks are the mode's, and the
+    /// ext4 below enforces an ACL anyway).
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !user_xattr(name) {
+            return reply.error(Errno::NO_XATTR);
+        }
+        match self.with_live(|live| {
+            let (_fd, at) = self.xattr_target(live, ino.0, Errno::NO_XATTR)?;
+            let _me = Layer::as_caller(req)?;
+            if size == 0 {
+                return rustix::fs::getxattr_query(&at, name)
+                    .map(XattrAnswer::Size)
+                    .map_err(rerr);
+            }
+            let mut value = vec![0u8; (size as usize).min(XATTR_SIZE_MAX)];
+            let n = rustix::fs::getxattr(&at, name, &mut value[..]).map_err(rerr)?;
+            value.truncate(n);
+            Ok(XattrAnswer::Data(value))
+        }) {
+            Ok(a) => a.send(reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// The names of the `user.` extended attributes (the others are not
+    /// served, see `getxattr`).
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.with_live(|live| {
+            let Ok((_fd, at)) = self.xattr_target(live, ino.0, Errno::NO_XATTR) else {
+                return Ok(Vec::new());
+            };
+            let _me = Layer::as_caller(req)?;
+            let mut all = vec![0u8; rustix::fs::listxattr_query(&at).map_err(rerr)?];
+            let n = rustix::fs::listxattr(&at, &mut all[..]).map_err(rerr)?;
+            all.truncate(n);
+            Ok(all
+                .split_inclusive(|b| *b == 0)
+                .filter(|n| n.starts_with(b"user."))
+                .flatten()
+                .copied()
+                .collect::<Vec<u8>>())
+        }) {
+            Ok(list) if size == 0 => reply.size(u32::try_from(list.len()).unwrap_or(u32::MAX)),
+            Ok(list) if list.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(list) => reply.data(&list),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Sets a `user.` extended attribute as the caller (ext4 checks its
+    /// right to write the file, and the sticky directory rule); any
+    /// other namespace is refused (`EOPNOTSUPP`).
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if !user_xattr(name) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        match self.with_live(|live| {
+            let (_fd, at) = self.xattr_target(live, ino.0, Errno::EPERM)?;
+            let flags =
+                rustix::fs::XattrFlags::from_bits(flags.cast_unsigned()).ok_or(Errno::EINVAL)?;
+            let _me = Layer::as_caller(req)?;
+            rustix::fs::setxattr(&at, name, value, flags).map_err(rerr)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Removes a `user.` extended attribute as the caller.
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !user_xattr(name) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        match self.with_live(|live| {
+            let (_fd, at) = self.xattr_target(live, ino.0, Errno::EPERM)?;
+            let _me = Layer::as_caller(req)?;
+            rustix::fs::removexattr(&at, name).map_err(rerr)
         }) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

@@ -722,3 +722,110 @@ fn a_write_by_another_clears_setuid_and_setgid() {
     drop(layer);
     umount(&mnt);
 }
+
+/// Extended attributes of the `user.` namespace pass through the view,
+/// as the caller: set, read, listed and removed, seen below; a user who
+/// may not write the file may not set one. The other namespaces are not
+/// served: `trusted.` (which the daemon could set and read, not the
+/// caller), `security.` and ACLs are refused to set, and read as absent.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn user_extended_attributes_pass_through_the_view_as_the_caller() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    let f = view.join("f");
+    std::fs::write(&f, b"x").unwrap();
+    rustix::fs::setxattr(&f, "user.origin", b"forge", rustix::fs::XattrFlags::empty()).unwrap();
+    let mut v = [0u8; 64];
+    let n = rustix::fs::getxattr(mnt.join("f"), "user.origin", &mut v[..]).unwrap();
+    assert_eq!(&v[..n], b"forge", "set below");
+    assert_eq!(rustix::fs::getxattr_query(&f, "user.origin").unwrap(), 5);
+    let n = rustix::fs::getxattr(&f, "user.origin", &mut v[..]).unwrap();
+    assert_eq!(&v[..n], b"forge");
+    assert_eq!(
+        rustix::fs::getxattr(&f, "user.origin", &mut v[..2]),
+        Err(rustix::io::Errno::RANGE)
+    );
+    // Below, a trusted. attribute: never listed nor read through the view.
+    rustix::fs::setxattr(
+        mnt.join("f"),
+        "trusted.secret",
+        b"host",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let mut list = [0u8; 256];
+    let n = rustix::fs::listxattr(&f, &mut list[..]).unwrap();
+    assert_eq!(&list[..n], b"user.origin\0");
+    assert_eq!(
+        rustix::fs::getxattr(&f, "trusted.secret", &mut v[..]),
+        Err(rustix::io::Errno::NODATA)
+    );
+    for name in [
+        "trusted.x",
+        "security.capability",
+        "system.posix_acl_access",
+        "security.x",
+    ] {
+        // Refused by the view (EOPNOTSUPP), or by the kernel before it
+        // for a value it checks itself (EINVAL); never set below.
+        let set = rustix::fs::setxattr(&f, name, b"\x02\0\0\0", rustix::fs::XattrFlags::empty());
+        assert!(
+            matches!(
+                set,
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL)
+            ),
+            "{name}: {set:?}"
+        );
+        assert_eq!(
+            rustix::fs::getxattr(mnt.join("f"), name, &mut v[..]),
+            Err(rustix::io::Errno::NODATA),
+            "{name} set below"
+        );
+    }
+    // Another user, who may read the file and not write it.
+    let mut p = view.clone();
+    while let Some(up) = p.parent() {
+        let m = std::fs::metadata(up).unwrap().permissions().mode();
+        if m & 0o001 == 0 {
+            std::fs::set_permissions(up, std::fs::Permissions::from_mode(m | 0o001)).unwrap();
+        }
+        p = up.to_path_buf();
+    }
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let other = |code: &str| {
+        Command::new("/usr/bin/python3")
+            .args(["-c", code, f.to_str().unwrap()])
+            .uid(6002)
+            .gid(6002)
+            .output()
+            .unwrap()
+    };
+    let read = other("import os,sys; print(os.getxattr(sys.argv[1], 'user.origin').decode())");
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout).trim(),
+        "forge",
+        "{read:?}"
+    );
+    let write = other("import os,sys; os.setxattr(sys.argv[1], 'user.other', b'no')");
+    assert!(
+        String::from_utf8_lossy(&write.stderr).contains("Permission denied"),
+        "{write:?}"
+    );
+    // Removed, and nothing is served while cut.
+    rustix::fs::removexattr(&f, "user.origin").unwrap();
+    assert_eq!(
+        rustix::fs::getxattr(mnt.join("f"), "user.origin", &mut v[..]),
+        Err(rustix::io::Errno::NODATA)
+    );
+    layer.cut();
+    assert!(rustix::fs::setxattr(&f, "user.later", b"1", rustix::fs::XattrFlags::empty()).is_err());
+    drop(layer);
+    assert_eq!(
+        rustix::fs::getxattr(mnt.join("f"), "user.later", &mut v[..]),
+        Err(rustix::io::Errno::NODATA)
+    );
+    umount(&mnt);
+}
