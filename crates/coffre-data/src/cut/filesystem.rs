@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 thread_local! {
     /// Each worker's buffer for reads and direct writes (plaintext: the
@@ -244,13 +244,8 @@ impl Filesystem for Layer {
                         tv_sec: 0,
                         tv_nsec: rustix::fs::UTIME_NOW,
                     },
-                    Some(fuser::TimeOrNow::SpecificTime(t)) => {
-                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                        rustix::fs::Timespec {
-                            tv_sec: i64::try_from(d.as_secs()).unwrap_or(0),
-                            tv_nsec: i64::from(d.subsec_nanos()),
-                        }
-                    }
+                    // Before 1970 too (an archive's old files).
+                    Some(fuser::TimeOrNow::SpecificTime(t)) => setattr_timespec(t),
                 };
                 let times = rustix::fs::Timestamps {
                     last_access: ts(atime),

@@ -212,11 +212,40 @@ pub(super) fn kind_of(mode: u32) -> FileType {
     }
 }
 
+/// A `stat` time (seconds, possibly before 1970, and nanoseconds).
 pub(super) fn time(s: i64, ns: u64) -> SystemTime {
-    let ns = u32::try_from(ns.min(999_999_999)).unwrap_or(0);
-    match u64::try_from(s) {
-        Ok(s) => UNIX_EPOCH + Duration::new(s, ns),
-        Err(_) => UNIX_EPOCH,
+    let ns = Duration::from_nanos(ns.min(999_999_999));
+    let at = match u64::try_from(s) {
+        Ok(s) => UNIX_EPOCH.checked_add(Duration::from_secs(s)),
+        Err(_) => UNIX_EPOCH.checked_sub(Duration::from_secs(s.unsigned_abs())),
+    };
+    at.and_then(|t| t.checked_add(ns)).unwrap_or(UNIX_EPOCH)
+}
+
+/// The `timespec` the kernel sent in a SETATTR, from the time fuser made
+/// of it. Before 1970 fuser 0.18 makes `(sec, nsec)` into the epoch
+/// minus `|sec|` minus `nsec` (its own "TODO") where it is `sec` plus
+/// `nsec`: since `nsec` is below a second, the whole seconds and the
+/// fraction of that distance are `|sec|` and `nsec`, which this takes
+/// back (`times_before_1970_pass_through_the_view` pins it, and fails if
+/// fuser changes).
+pub(super) fn setattr_timespec(t: SystemTime) -> rustix::fs::Timespec {
+    let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            i64::from(d.subsec_nanos()),
+        ),
+        Err(before) => {
+            let d = before.duration();
+            (
+                -i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                i64::from(d.subsec_nanos()),
+            )
+        }
+    };
+    rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
     }
 }
 

@@ -829,3 +829,38 @@ fn user_extended_attributes_pass_through_the_view_as_the_caller() {
     );
     umount(&mnt);
 }
+
+/// Times before 1970 (an archive's old files, `touch -d 1960-01-01`)
+/// are kept through the view, both ways, to the nanosecond.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn times_before_1970_pass_through_the_view() {
+    use std::os::unix::fs::MetadataExt;
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    let f = view.join("old");
+    std::fs::write(&f, b"x").unwrap();
+    let at = |sec: i64, nsec: i64| rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    // 1960-01-01 plus a quarter second; and a time after 1970.
+    let times = rustix::fs::Timestamps {
+        last_access: at(1_000_000, 5),
+        last_modification: at(-315_619_200, 250_000_000),
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, &f, &times, rustix::fs::AtFlags::empty()).unwrap();
+    let below = std::fs::metadata(mnt.join("old")).unwrap();
+    assert_eq!(
+        (below.mtime(), below.mtime_nsec()),
+        (-315_619_200, 250_000_000)
+    );
+    assert_eq!((below.atime(), below.atime_nsec()), (1_000_000, 5));
+    let through = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        (through.mtime(), through.mtime_nsec()),
+        (-315_619_200, 250_000_000)
+    );
+    drop(layer);
+    umount(&mnt);
+}
