@@ -155,45 +155,6 @@ fn reopen(fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, u32> {
 /// good (SETATTR), so that one never puts back a mode the other set.
 static MODES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Reopens a regular file for reading or writing as the calling thread's
-/// identity, `uid`; when its mode refuses and `uid` owns it, opens it
-/// anyway, as knfsd does: on NFS the mode is checked when the client
-/// opens, not at each call, so the owner may go on reading and writing a
-/// file whose mode says otherwise (`git` writes the object it made 0444,
-/// `tar` the read-only file it unpacks, a program the file it
-/// `fchmod`ed). With no right beyond the owner's: its own bit is added
-/// for the open only, then the mode is put back (the owner may change it
-/// anyway). Anyone else is refused as before.
-fn reopen_owner(fd: &OwnedFd, flags: OFlags, uid: u32) -> Result<OwnedFd, u32> {
-    let refused = match reopen(fd, flags) {
-        Err(e) if e == status::ACCES => e,
-        other => return other,
-    };
-    let need = match flags.bits() & libc::O_ACCMODE.cast_unsigned() {
-        b if b == OFlags::WRONLY.bits() => 0o200,
-        b if b == OFlags::RDWR.bits() => 0o600,
-        _ => 0o400,
-    };
-    let _m = MODES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let st = fstat(fd)?;
-    let mode = st.st_mode & 0o7777;
-    if st.st_uid != uid || !is_reg(&st) {
-        return Err(refused);
-    }
-    if mode & need == need {
-        // Changed since (or refused for another reason): as it is now.
-        return reopen(fd, flags);
-    }
-    rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode | need)).map_err(errno)?;
-    let opened = reopen(fd, flags);
-    let back = rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode)).map_err(errno);
-    let f = opened?;
-    back?;
-    Ok(f)
-}
-
 /// Commits a change of names or attributes to stable storage before the
 /// reply, as RFC 1813 asks of CREATE, MKDIR, SYMLINK, MKNOD, REMOVE,
 /// RMDIR, RENAME, LINK and SETATTR, and as knfsd's default (`sync`)
@@ -278,28 +239,41 @@ pub fn failure_body(call: &Nfs<'_>, w: &mut Writer) {
     }
 }
 
-/// The WRITE verifier: one per server process (the boot, this process
-/// and the moment it started). What it acknowledged unstable sits in the
-/// page cache of an ext4 whose blocks go through the daemon's engine: a
-/// reboot loses it, and so does a daemon that dies while open (the loop
-/// device's requests fail), and the server dies with the daemon. A new
-/// verifier at each start makes clients send again what they had not
-/// seen committed (a server restarted alone only costs them that resend).
+/// A WRITE verifier, made at each open of the vault (from the boot, this
+/// process and the moment). What the server acknowledged unstable sits
+/// in the page cache of an ext4 whose blocks go through the daemon's
+/// engine: a reboot loses it, so does a daemon that dies while open (the
+/// server dies with it), and so does a close whose flush failed (the
+/// engine was stopped anyway). The server's process lives across closes:
+/// a verifier per open makes clients send again, after each open, what
+/// they had not seen committed (and costs them only that resend when
+/// nothing was lost).
 pub fn write_verifier() -> [u8; 8] {
     use sha2::Digest;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let now = |c| {
         let t = rustix::time::clock_gettime(c);
         (t.tv_sec.cast_unsigned() << 30) ^ t.tv_nsec.cast_unsigned()
     };
     let mut h = sha2::Sha256::new();
-    h.update(boot.trim().as_bytes());
+    h.update(boot_id());
     h.update(std::process::id().to_le_bytes());
     h.update(now(rustix::time::ClockId::Monotonic).to_le_bytes());
     h.update(now(rustix::time::ClockId::Realtime).to_le_bytes());
     let mut v = [0; 8];
     v.copy_from_slice(&h.finalize()[..8]);
     v
+}
+
+/// The boot's id, read once (a confined server cannot read it later).
+fn boot_id() -> &'static [u8] {
+    static B: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    B.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .as_bytes()
+            .to_vec()
+    })
 }
 
 /// Whether `dir` is the root of a mount (`STATX_ATTR_MOUNT_ROOT`, Linux
@@ -383,12 +357,92 @@ impl Export {
             .map_err(|_| status::SERVERFAULT)
     }
 
+    /// As knfsd: the owner of a regular file may always read and write
+    /// it, whatever its mode. On NFS the mode is checked when the client
+    /// opens, not at each call, so a program goes on using a file whose
+    /// mode says otherwise (`git` writes the object it made 0444, `tar`
+    /// the read-only file it unpacks, a program the file it `fchmod`ed).
+    /// Whether `fd` (pinned by its descriptor) is such a file of the
+    /// export's user.
+    fn owned(&self, fd: &OwnedFd) -> Result<Stat, u32> {
+        let st = fstat(fd)?;
+        if st.st_uid != self.spec.uid || !is_reg(&st) {
+            return Err(status::ACCES);
+        }
+        Ok(st)
+    }
+
+    /// Reading for the owner the mode refused: opened by the server
+    /// itself (it may read any file), nothing changed. Called outside
+    /// the user's identity.
+    fn owner_reads(&self, fd: &OwnedFd) -> Result<OwnedFd, u32> {
+        self.owned(fd)?;
+        reopen(fd, OFlags::RDONLY)
+    }
+
+    /// Writing for the owner the mode refused: the owner's own write bit
+    /// is added for the open, as the owner (no right beyond what the
+    /// owner has: it could change the mode itself), then taken off the
+    /// mode as it is then (a change made meanwhile stays). Refused where
+    /// the owner's `chmod` would drop the setgid bit (a group it is not
+    /// in). Called as the user.
+    fn owner_writes(&self, fd: &OwnedFd) -> Result<OwnedFd, u32> {
+        let _m = MODES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.owned(fd)?;
+        let mode = st.st_mode & 0o7777;
+        if mode & 0o200 != 0 {
+            // Changed since, or refused for another reason: as it is now.
+            return reopen(fd, OFlags::WRONLY);
+        }
+        if mode & libc::S_ISGID != 0
+            && st.st_gid != self.spec.gid
+            && !self.spec.groups.contains(&st.st_gid)
+        {
+            return Err(status::ACCES);
+        }
+        rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode | 0o200)).map_err(errno)?;
+        let opened = reopen(fd, OFlags::WRONLY);
+        let now = fstat(fd).map(|st| st.st_mode & 0o7777 & !0o200);
+        let back = now
+            .and_then(|m| rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(m)).map_err(errno));
+        let f = opened?;
+        back?;
+        Ok(f)
+    }
+
+    /// Applies `s` to a non-link object, as the calling thread's identity
+    /// (the export's user).
+    fn apply(&self, fd: &OwnedFd, s: &Sattr) -> Res {
+        chown(fd, s.uid, s.gid)?;
+        if let Some(mode) = s.mode {
+            let _m = MODES
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+        }
+        if let Some(size) = s.size {
+            // Opening for writing checks the user's right to change it
+            // (the owner's always, as knfsd).
+            let f = match reopen(fd, OFlags::WRONLY) {
+                Err(status::ACCES) => self.owner_writes(fd)?,
+                r => r?,
+            };
+            rustix::fs::ftruncate(&f, size).map_err(errno)?;
+        }
+        set_times(fd, s.atime, s.mtime)
+    }
+
     /// [`sync_metadata`], unless the export is `async_metadata`.
     fn durable(&self, fd: &OwnedFd) -> Res {
         if self.spec.async_metadata {
             Ok(())
         } else {
-            sync_metadata(fd)
+            // The change is made: whatever failed, the answer is IO, which
+            // the duplicate-request cache keeps (a SERVERFAULT would make
+            // a retransmission run the change again).
+            sync_metadata(fd).map_err(|_| status::IO)
         }
     }
 
@@ -468,7 +522,9 @@ impl Export {
     /// Runs one NFSv3 call. Writes the status and the results on
     /// success; on failure returns the status (the caller writes the
     /// failure body after it).
-    pub fn call(&self, key: &HandleKey, c: &Nfs<'_>, w: &mut Writer) -> Res {
+    /// Answers one call, under the handle `key` and the WRITE verifier
+    /// `verf` of this open.
+    pub fn call(&self, key: &HandleKey, verf: [u8; 8], c: &Nfs<'_>, w: &mut Writer) -> Res {
         if self.spec.denied && !matches!(c, Nfs::Null) {
             return Err(status::ACCES);
         }
@@ -500,7 +556,11 @@ impl Export {
                 offset,
                 stable,
                 data,
-            } => self.write(key, fh, offset, stable, data, w),
+            } => {
+                self.write(key, fh, offset, stable, data, w)?;
+                w.fixed(&verf);
+                Ok(())
+            }
             Nfs::Create(d, n, how) => self.create(key, d, n, how, w),
             Nfs::Mkdir(d, n, ref s) => self.make(key, d, n, w, |dir, name| {
                 let mode = Mode::from_raw_mode(s.mode.unwrap_or(0o755) & 0o7777);
@@ -518,7 +578,10 @@ impl Export {
                 let (ftype, s) = match what {
                     MknodWhat::Fifo(s) => (rustix::fs::FileType::Fifo, s),
                     MknodWhat::Socket(s) => (rustix::fs::FileType::Socket, s),
-                    MknodWhat::Device | MknodWhat::Other => return Err(status::BADTYPE),
+                    // A device: not made here (EPERM in the guest, where
+                    // BADTYPE would read "Unknown error 527").
+                    MknodWhat::Device => return Err(status::PERM),
+                    MknodWhat::Other => return Err(status::BADTYPE),
                 };
                 let mode = Mode::from_raw_mode(s.mode.unwrap_or(0o644) & 0o7777);
                 self.make(key, d, n, w, |dir, name| {
@@ -620,15 +683,19 @@ impl Export {
                 if is_reg(&st) {
                     // As the user, who wrote it: for reading, or for
                     // writing when the file is write-only to them.
-                    let _u = self.as_user()?;
-                    let file = reopen(&fd, OFlags::RDONLY)
-                        .or_else(|_| reopen(&fd, OFlags::WRONLY))
-                        .or_else(|_| reopen_owner(&fd, OFlags::RDONLY, self.spec.uid))?;
+                    let file = {
+                        let _u = self.as_user()?;
+                        reopen(&fd, OFlags::RDONLY).or_else(|_| reopen(&fd, OFlags::WRONLY))
+                    };
+                    let file = match file {
+                        Err(status::ACCES) => self.owner_reads(&fd)?,
+                        r => r?,
+                    };
                     rustix::fs::fsync(&file).map_err(errno)?;
                 }
                 w.u32(status::OK);
                 proto::wcc(w, Self::attrs(&fd).as_ref());
-                w.fixed(&write_verifier_cached());
+                w.fixed(&verf);
                 Ok(())
             }
         }
@@ -722,8 +789,14 @@ impl Export {
     fn read(&self, key: &HandleKey, f: &[u8], offset: u64, count: u32, w: &mut Writer) -> Res {
         let fd = self.regular(key, f)?;
         let file = {
-            let _u = self.as_user()?;
-            std::fs::File::from(reopen_owner(&fd, OFlags::RDONLY, self.spec.uid)?)
+            let opened = {
+                let _u = self.as_user()?;
+                reopen(&fd, OFlags::RDONLY)
+            };
+            std::fs::File::from(match opened {
+                Err(status::ACCES) => self.owner_reads(&fd)?,
+                r => r?,
+            })
         };
         let count = count.min(IO_MAX) as usize;
         // Read straight into the reply, after room for its header.
@@ -774,7 +847,10 @@ impl Export {
         let fd = self.regular(key, f)?;
         let file = {
             let _u = self.as_user()?;
-            std::fs::File::from(reopen_owner(&fd, OFlags::WRONLY, self.spec.uid)?)
+            std::fs::File::from(match reopen(&fd, OFlags::WRONLY) {
+                Err(status::ACCES) => self.owner_writes(&fd)?,
+                r => r?,
+            })
         };
         file.write_all_at(data, offset).map_err(nfs_err)?;
         if stable != 0 {
@@ -784,7 +860,7 @@ impl Export {
         proto::wcc(w, Self::attrs(&fd).as_ref());
         w.u32(u32::try_from(data.len()).unwrap_or(0))
             .u32(if stable == 0 { 0 } else { 2 });
-        w.fixed(&write_verifier_cached());
+        // (The verifier follows: the caller's.)
         Ok(())
     }
 
@@ -831,7 +907,7 @@ impl Export {
                     };
                     let rest = Sattr { mode: None, ..s };
                     if rest != Sattr::NONE {
-                        apply(&f, &rest, self.spec.uid)?;
+                        self.apply(&f, &rest)?;
                     }
                     f
                 }
@@ -948,7 +1024,7 @@ impl Export {
                 // left alone; their owner may change.
                 chown(&fd, s.uid, s.gid)?;
             } else {
-                apply(&fd, s, self.spec.uid)?;
+                self.apply(&fd, s)?;
             }
         }
         self.durable(&fd)?;
@@ -1091,25 +1167,6 @@ fn chown(fd: &OwnedFd, uid: Option<u32>, gid: Option<u32>) -> Res {
     .map_err(errno)
 }
 
-/// Applies `s` to a non-link object, as the calling thread's identity,
-/// `uid`.
-fn apply(fd: &OwnedFd, s: &Sattr, uid: u32) -> Res {
-    chown(fd, s.uid, s.gid)?;
-    if let Some(mode) = s.mode {
-        let _m = MODES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
-    }
-    if let Some(size) = s.size {
-        // Opening for writing checks the user's right to change it (the
-        // owner's always, as knfsd).
-        let f = reopen_owner(fd, OFlags::WRONLY, uid)?;
-        rustix::fs::ftruncate(&f, size).map_err(errno)?;
-    }
-    set_times(fd, s.atime, s.mtime)
-}
-
 fn set_times(fd: &OwnedFd, atime: SetTime, mtime: SetTime) -> Res {
     if atime == SetTime::Keep && mtime == SetTime::Keep {
         return Ok(());
@@ -1145,14 +1202,9 @@ fn verifier_time(v: [u8; 8]) -> Time {
 }
 
 /// Reads, once, what the server needs from outside the data (the boot's
-/// id, for the WRITE verifier): a confined server can no longer read it.
+/// id, for the WRITE verifiers): a confined server can no longer read it.
 pub fn prime() {
-    write_verifier_cached();
-}
-
-fn write_verifier_cached() -> [u8; 8] {
-    static V: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
-    *V.get_or_init(write_verifier)
+    boot_id();
 }
 
 #[cfg(test)]
@@ -1168,12 +1220,11 @@ mod tests {
         assert_eq!(super::attr(&root).fsid, super::FSID);
     }
 
-    /// A verifier is the server process's own, not the boot's: a server
-    /// started again (with the daemon, whose death loses what the page
-    /// cache held unwritten) makes clients send their uncommitted data
-    /// again. Two computed one after the other already differ.
+    /// A verifier is made for each open, not once per boot: two made one
+    /// after the other differ (that one open keeps its own is tested with
+    /// the server, `the_write_verifier_changes_at_each_open`).
     #[test]
-    fn each_start_has_its_own_write_verifier() {
+    fn each_open_has_its_own_write_verifier() {
         let a = super::write_verifier();
         std::thread::sleep(std::time::Duration::from_millis(1));
         let b = super::write_verifier();

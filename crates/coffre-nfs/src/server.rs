@@ -132,6 +132,8 @@ impl Sockets {
 /// The open vault, as the server sees it.
 struct Live {
     key: HandleKey,
+    /// This open's WRITE verifier ([`crate::fs::write_verifier`]).
+    verifier: [u8; 8],
     exports: HashMap<Ipv4Addr, Export>,
 }
 
@@ -214,7 +216,11 @@ impl Server {
             .cloned()
             .collect();
         let (exports, failed) = open_all(&specs);
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Live { key, exports });
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Live {
+            key,
+            verifier: crate::fs::write_verifier(),
+            exports,
+        });
         let (m, cv) = &self.opened;
         *m.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cv.notify_all();
@@ -495,7 +501,7 @@ impl Server {
                     }
                     Some(e) => {
                         let mark = w.len();
-                        match e.call(&l.key, &call, &mut w) {
+                        match e.call(&l.key, l.verifier, &call, &mut w) {
                             Ok(()) => true,
                             Err(s) => {
                                 w.buf.truncate(mark);

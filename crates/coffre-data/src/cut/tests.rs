@@ -79,7 +79,10 @@ fn viewed_ext4() -> (
     let view = t.path().join("view");
     std::fs::create_dir(&mnt).unwrap();
     File::create(&img).unwrap().set_len(32 << 20).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    // No fast commits: an fsync then always commits a transaction.
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^fast_commit"])
+        .arg(&img));
     run(Command::new("mount")
         .args(["-o", "loop"])
         .arg(&img)
@@ -329,7 +332,10 @@ fn a_member_operation_leaves_the_process_undumpable() {
     let view = t.path().join("view");
     std::fs::create_dir(&mnt).unwrap();
     File::create(&img).unwrap().set_len(16 << 20).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    // No fast commits: an fsync then always commits a transaction.
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^fast_commit"])
+        .arg(&img));
     run(Command::new("mount")
         .args(["-o", "loop"])
         .arg(&img)
@@ -685,14 +691,7 @@ fn a_write_by_another_clears_setuid_and_setgid() {
     require(NEEDS);
     let (_t, _img, mnt, view, layer) = viewed_ext4();
     // The view's parent must be reachable by the writer.
-    let mut p = view.clone();
-    while let Some(up) = p.parent() {
-        let m = std::fs::metadata(up).unwrap().permissions().mode();
-        if m & 0o001 == 0 {
-            std::fs::set_permissions(up, std::fs::Permissions::from_mode(m | 0o001)).unwrap();
-        }
-        p = up.to_path_buf();
-    }
+    open_to_others(&view);
     for (name, mode, left) in [
         ("suid", 0o4775, 0o775),
         ("sgid", 0o2775, 0o775),
@@ -786,14 +785,7 @@ fn user_extended_attributes_pass_through_the_view_as_the_caller() {
         );
     }
     // Another user, who may read the file and not write it.
-    let mut p = view.clone();
-    while let Some(up) = p.parent() {
-        let m = std::fs::metadata(up).unwrap().permissions().mode();
-        if m & 0o001 == 0 {
-            std::fs::set_permissions(up, std::fs::Permissions::from_mode(m | 0o001)).unwrap();
-        }
-        p = up.to_path_buf();
-    }
+    open_to_others(&view);
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
     let other = |code: &str| {
         Command::new("/usr/bin/python3")
@@ -863,4 +855,20 @@ fn times_before_1970_pass_through_the_view() {
     );
     drop(layer);
     umount(&mnt);
+}
+
+/// Lets other users through the directories from the test's own
+/// temporary directory down to `dir` (o+x), and no higher.
+fn open_to_others(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let top = std::env::temp_dir();
+    let mut p = dir.to_path_buf();
+    while let Some(up) = p.parent() {
+        if !up.starts_with(&top) || up == top {
+            break;
+        }
+        let m = std::fs::metadata(up).unwrap().permissions().mode();
+        std::fs::set_permissions(up, std::fs::Permissions::from_mode(m | 0o001)).unwrap();
+        p = up.to_path_buf();
+    }
 }
