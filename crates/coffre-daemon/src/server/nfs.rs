@@ -483,6 +483,7 @@ impl Shell {
                 "uid": e.uid,
                 "gid": e.gid,
                 "readonly": e.readonly,
+                "async": e.async_metadata,
                 "refused": e.denied,
             })).collect::<Vec<_>>(),
         })

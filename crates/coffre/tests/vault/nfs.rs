@@ -61,13 +61,13 @@ impl Lab {
 /// A VM of `member` that mounts `shared` over NFS as `member`, appends
 /// numbered lines to `shared/NAME.log` and reads what the process
 /// workload wrote.
-fn share_vm(name: &str, member: &str, last: u8) -> String {
+fn share_vm(name: &str, member: &str, last: u8, extra: &str) -> String {
     vm(
         name,
         member,
         last,
         &format!("coffre.nfs=10.9.0.1 coffre.nfsappend={name} coffre.nfsread=from-reader.txt"),
-        &format!("share = \"shared\"\nshare_user = \"{member}\""),
+        &format!("share = \"shared\"\nshare_user = \"{member}\"{extra}"),
     )
 }
 
@@ -88,8 +88,9 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     require(&[Need::Qemu]);
     let workloads = format!(
         "{}{}{READER}",
-        share_vm("nfs-a", "alice", 10),
-        share_vm("nfs-b", "bob", 20)
+        share_vm("nfs-a", "alice", 10, ""),
+        // Bob's VM does without the sync of each change (share_async).
+        share_vm("nfs-b", "bob", 20, "\nshare_async = true")
     );
     let mut lab = Lab::with_setup(r#"subnet = "10.9.0.0/24""#, &workloads, "640M", |v| {
         v.set_data(4242, 2, &[("alice", 5001, 5001), ("bob", 5002, 5002)]);
@@ -156,6 +157,21 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert!(
         text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001"),
         "{text}"
+    );
+    assert!(
+        !text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001, async"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nfs-b (10.9.0.20) mounts shared as uid 5002, async"),
+        "{text}"
+    );
+    let exports = st["nfs"]["exports"].as_array().unwrap();
+    let async_of = |w: &str| exports.iter().find(|e| e["workload"] == w).unwrap()["async"].clone();
+    assert_eq!(
+        (async_of("nfs-a"), async_of("nfs-b")),
+        (false.into(), true.into()),
+        "{st}"
     );
     assert!(
         text.contains(", confined (Landlock), seccomp filter; "),

@@ -112,13 +112,18 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         .flatten()
                         .map(|e| {
                             format!(
-                                "{} ({}) mounts {} as uid {}{}{}",
+                                "{} ({}) mounts {} as uid {}{}{}{}",
                                 e["workload"].as_str().unwrap_or("?"),
                                 e["client"].as_str().unwrap_or("?"),
                                 e["share"].as_str().unwrap_or("?"),
                                 e["uid"],
                                 if e["readonly"] == true {
                                     ", read-only"
+                                } else {
+                                    ""
+                                },
+                                if e["async"] == true {
+                                    ", async (changes not synced before each reply)"
                                 } else {
                                     ""
                                 },
