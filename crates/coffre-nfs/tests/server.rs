@@ -706,6 +706,21 @@ impl Client {
         Ok(r.opaque(4096).unwrap().to_vec())
     }
 
+    /// CREATE UNCHECKED with a mode: its status.
+    fn create(&mut self, dir: &[u8], name: &str, mode: u32) -> u32 {
+        let mut a = Writer::default();
+        a.opaque(dir).opaque(name.as_bytes()).u32(0);
+        sattr(&mut a, Some(mode), None);
+        self.nfs(8, &a).0
+    }
+
+    /// REMOVE: its status.
+    fn remove(&mut self, dir: &[u8], name: &str) -> u32 {
+        let mut a = Writer::default();
+        a.opaque(dir).opaque(name.as_bytes());
+        self.nfs(12, &a).0
+    }
+
     fn setattr(&mut self, fh: &[u8], mode: Option<u32>, size: Option<u64>) -> u32 {
         let mut a = Writer::default();
         a.opaque(fh);
@@ -728,10 +743,7 @@ fn the_owner_reads_and_writes_whatever_the_mode_as_knfsd_lets_it() {
     let root = c.mount();
     let mode = |rel: &str| std::fs::metadata(lab.data(rel)).unwrap().mode() & 0o7777;
     // UNCHECKED create with mode 0444, then writes: as git and tar do.
-    let mut create = Writer::default();
-    create.opaque(&root).opaque(b"object").u32(0);
-    sattr(&mut create, Some(0o444), None);
-    assert_eq!(c.nfs(8, &create).0, status::OK);
+    assert_eq!(c.create(&root, "object", 0o444), status::OK);
     assert_eq!(mode("shared/object"), 0o444);
     let fh = c.lookup(&root, "object").unwrap();
     assert_eq!(c.write(&fh, 0, b"blob 5\0hello"), status::OK);
@@ -786,10 +798,7 @@ fn the_write_verifier_changes_at_each_open() {
     let lab = Lab::new("verifier");
     let mut c = lab.client(Ipv4Addr::LOCALHOST);
     let root = c.mount();
-    let mut create = Writer::default();
-    create.opaque(&root).opaque(b"v").u32(0);
-    sattr(&mut create, Some(0o640), None);
-    assert_eq!(c.nfs(8, &create).0, status::OK);
+    assert_eq!(c.create(&root, "v", 0o640), status::OK);
     let fh = c.lookup(&root, "v").unwrap();
     let (st, first) = c.write_verf(&fh, 0, b"one");
     assert_eq!(st, status::OK);
@@ -871,13 +880,8 @@ fn names_and_attributes_are_durable_before_the_reply() {
     // too.)
     let committed = (0..3).all(|_| {
         let before = lab.commits();
-        let mut a = Writer::default();
-        a.opaque(&root).opaque(b"quick").u32(0);
-        sattr(&mut a, Some(0o640), None);
-        assert_eq!(c.nfs(8, &a).0, status::OK);
-        let mut a = Writer::default();
-        a.opaque(&root).opaque(b"quick");
-        assert_eq!(c.nfs(12, &a).0, status::OK);
+        assert_eq!(c.create(&root, "quick", 0o640), status::OK);
+        assert_eq!(c.remove(&root, "quick"), status::OK);
         lab.commits() != before
     });
     assert!(!committed, "an async export committed, three times");

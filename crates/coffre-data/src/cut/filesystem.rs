@@ -63,6 +63,33 @@ fn kill_suid_sgid(f: &File) -> Result<(), Errno> {
     Ok(())
 }
 
+/// After a `mkdir` or `mknod` as the caller: the mode asked (`want`) set
+/// again, since the daemon's own umask applied too, keeping the `keep`
+/// bits the object got (setgid from the parent), on what is at `name`
+/// now if it is still of the `kind` made (reached without following a
+/// link: someone may swap the name), as the caller.
+fn set_made_mode(
+    dir: &std::os::fd::OwnedFd,
+    name: &OsStr,
+    kind: u32,
+    want: u32,
+    keep: u32,
+) -> Result<(), Errno> {
+    let made = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(rerr)?;
+    let st = rustix::fs::fstat(&made).map_err(rerr)?;
+    let mode = want | (st.st_mode & keep);
+    if st.st_mode & libc::S_IFMT == kind && st.st_mode & 0o7777 != mode {
+        rustix::fs::chmod(Layer::proc_path(&made), Mode::from_raw_mode(mode)).map_err(rerr)?;
+    }
+    Ok(())
+}
+
 /// The kernel's largest extended attribute value.
 const XATTR_SIZE_MAX: usize = 1 << 16;
 
@@ -288,22 +315,8 @@ impl Filesystem for Layer {
             {
                 let _me = Layer::as_caller(req)?;
                 rustix::fs::mkdirat(&*p, name, Mode::from_raw_mode(want)).map_err(rerr)?;
-                // The daemon's own umask applied too; setgid comes from the
-                // parent. The directory is reached without following a
-                // symlink (someone may swap the name), and as the caller.
-                let d = rustix::fs::openat(
-                    &*p,
-                    name,
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(rerr)?;
-                let st = rustix::fs::fstat(&d).map_err(rerr)?;
-                let keep = st.st_mode & libc::S_ISGID;
-                if st.st_mode & 0o7777 != want | keep {
-                    rustix::fs::chmod(Layer::proc_path(&d), Mode::from_raw_mode(want | keep))
-                        .map_err(rerr)?;
-                }
+                // Setgid comes from the parent.
+                set_made_mode(&p, name, libc::S_IFDIR, want, libc::S_ISGID)?;
             }
             self.entry(live, &p, name)
         }) {
@@ -339,22 +352,7 @@ impl Filesystem for Layer {
                 let _me = Layer::as_caller(req)?;
                 rustix::fs::mknodat(&*p, name, ftype, Mode::from_raw_mode(want), 0)
                     .map_err(rerr)?;
-                // The daemon's own umask applied too: the mode asked is set
-                // again, on what is at the name now if it is still of the
-                // kind made (reached without following a link, as the
-                // caller).
-                let made = rustix::fs::openat(
-                    &*p,
-                    name,
-                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(rerr)?;
-                let st = rustix::fs::fstat(&made).map_err(rerr)?;
-                if st.st_mode & libc::S_IFMT == kind && st.st_mode & 0o7777 != want {
-                    rustix::fs::chmod(Layer::proc_path(&made), Mode::from_raw_mode(want))
-                        .map_err(rerr)?;
-                }
+                set_made_mode(&p, name, kind, want, 0)?;
             }
             self.entry(live, &p, name)
         }) {
