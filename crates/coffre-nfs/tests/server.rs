@@ -185,6 +185,23 @@ impl Lab {
         Some(PathBuf::from(format!("/proc/fs/jbd2/{dev}-8/info")))
     }
 
+    /// The export of `shared` to 127.0.0.1 as alice, as the lab makes it.
+    fn alice_shared(&self) -> ExportSpec {
+        ExportSpec {
+            workload: "vm-127.0.0.1".into(),
+            client: Ipv4Addr::LOCALHOST,
+            share: "shared".into(),
+            path: self.data("shared"),
+            uid: ALICE,
+            gid: ALICE,
+            groups: vec![ALICE, TEAM],
+            readonly: false,
+            denied: false,
+            mounted: false,
+            async_metadata: false,
+        }
+    }
+
     /// How many transactions the data's journal has committed.
     fn commits(&self) -> u64 {
         let info = std::fs::read_to_string(self.journal().expect("an ext4 of its own")).unwrap();
@@ -490,17 +507,8 @@ fn root_in_the_guest_acts_only_as_the_share_user() {
     assert_eq!(r.u32().unwrap(), 0, "no right at all on root's 0600 file");
     // A member removed: her export refuses everything.
     let mut specs = vec![ExportSpec {
-        workload: "vm-127.0.0.1".into(),
-        client: Ipv4Addr::LOCALHOST,
-        share: "shared".into(),
-        path: lab.data("shared"),
-        uid: ALICE,
-        gid: ALICE,
-        groups: vec![ALICE, TEAM],
-        readonly: false,
         denied: true,
-        mounted: false,
-        async_metadata: false,
+        ..lab.alice_shared()
     }];
     lab.server.set_exports(specs.clone());
     assert_eq!(c.getattr(&mine), status::ACCES);
@@ -864,17 +872,8 @@ fn names_and_attributes_are_durable_before_the_reply() {
     step("RMDIR", &mut c, 13, a);
     // `share_async`: answered before any commit.
     lab.server.set_exports(vec![ExportSpec {
-        workload: "vm-127.0.0.1".into(),
-        client: Ipv4Addr::LOCALHOST,
-        share: "shared".into(),
-        path: lab.data("shared"),
-        uid: ALICE,
-        gid: ALICE,
-        groups: vec![ALICE, TEAM],
-        readonly: false,
-        denied: false,
-        mounted: false,
         async_metadata: true,
+        ..lab.alice_shared()
     }]);
     // (Up to three tries: a `sync` run by anyone else meanwhile commits
     // too.)
