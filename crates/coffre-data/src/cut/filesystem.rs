@@ -121,6 +121,32 @@ impl Layer {
     /// for a regular file or a directory (the only ones `user.` takes):
     /// a symbolic link would be followed further, in the daemon's view of
     /// the host, so anything else gets `otherwise`.
+    /// Directory `ino`'s entries, `.` and `..` first, each with its own
+    /// type: a program that trusts it (`find -type f`, Python's
+    /// `scandir`) must not open a FIFO or a socket as a file.
+    fn listing(&self, live: &Live, ino: u64) -> Result<Listing, Errno> {
+        use std::os::unix::fs::{DirEntryExt, FileTypeExt};
+        let fd = self.fd(live, ino)?;
+        let mut list = vec![
+            (ino, FileType::Directory, ".".into()),
+            (1, FileType::Directory, "..".into()),
+        ];
+        for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
+            let e = e.map_err(errno)?;
+            let kind = match e.file_type() {
+                Ok(t) if t.is_dir() => FileType::Directory,
+                Ok(t) if t.is_symlink() => FileType::Symlink,
+                Ok(t) if t.is_fifo() => FileType::NamedPipe,
+                Ok(t) if t.is_socket() => FileType::Socket,
+                Ok(t) if t.is_char_device() => FileType::CharDevice,
+                Ok(t) if t.is_block_device() => FileType::BlockDevice,
+                _ => FileType::RegularFile,
+            };
+            list.push((self.ino(live, e.ino()), kind, e.file_name()));
+        }
+        Ok(list)
+    }
+
     /// The descriptor comes back with the path: the path is good only
     /// while it is open.
     fn xattr_target(
@@ -857,32 +883,11 @@ impl Filesystem for Layer {
         // The listing is read at once: no directory stays open on the
         // mount between calls.
         match self.with_live(|live| {
-            let fd = self.fd(live, ino.0)?;
-            let mut list = vec![
-                (ino.0, FileType::Directory, ".".into()),
-                (1, FileType::Directory, "..".into()),
-            ];
-            for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
-                let e = e.map_err(errno)?;
-                use std::os::unix::fs::{DirEntryExt, FileTypeExt};
-                // Each entry's own type: a program that trusts it (`find
-                // -type f`, Python's `scandir`) must not open a FIFO or a
-                // socket as a file.
-                let kind = match e.file_type() {
-                    Ok(t) if t.is_dir() => FileType::Directory,
-                    Ok(t) if t.is_symlink() => FileType::Symlink,
-                    Ok(t) if t.is_fifo() => FileType::NamedPipe,
-                    Ok(t) if t.is_socket() => FileType::Socket,
-                    Ok(t) if t.is_char_device() => FileType::CharDevice,
-                    Ok(t) if t.is_block_device() => FileType::BlockDevice,
-                    _ => FileType::RegularFile,
-                };
-                list.push((self.ino(live, e.ino()), kind, e.file_name()));
-            }
+            let list = self.listing(live, ino.0)?;
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             maps.next_fh += 1;
             let fh = maps.next_fh;
-            maps.dirs.insert(fh, list);
+            maps.dirs.insert(fh, (list, false));
             Ok(fh)
         }) {
             Ok(fh) => reply.opened(fuser::FileHandle(fh), FopenFlags::empty()),
@@ -893,16 +898,39 @@ impl Filesystem for Layer {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = maps.dirs.get(&fh.0) else {
+        // From the start again (`rewinddir`): the directory as it is now.
+        let again = offset == 0
+            && self
+                .maps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dirs
+                .get(&fh.0)
+                .is_some_and(|(_, served)| *served);
+        if again {
+            match self.with_live(|live| self.listing(live, ino.0)) {
+                Ok(list) => {
+                    let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(d) = maps.dirs.get_mut(&fh.0) {
+                        d.0 = list;
+                    }
+                }
+                Err(e) => return reply.error(e),
+            }
+        }
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((list, served)) = maps.dirs.get_mut(&fh.0) else {
             reply.error(Errno::EBADF);
             return;
         };
+        if offset == 0 {
+            *served = true;
+        }
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(start) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {

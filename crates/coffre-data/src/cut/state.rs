@@ -28,11 +28,17 @@ pub(super) struct Open {
     pub(super) lost: bool,
 }
 
+/// A directory's entries: inode, type, name.
+pub(super) type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
+
 #[derive(Default)]
 pub(super) struct Maps {
     pub(super) nodes: HashMap<u64, Node>,
     pub(super) files: HashMap<u64, Open>,
-    pub(super) dirs: HashMap<u64, Vec<(u64, FileType, std::ffi::OsString)>>,
+    /// Each open directory's listing, and whether it was served from its
+    /// start already (a read from the start again, after `rewinddir`,
+    /// reads the directory again).
+    pub(super) dirs: HashMap<u64, (Listing, bool)>,
     pub(super) next_fh: u64,
 }
 

@@ -872,3 +872,36 @@ fn open_to_others(dir: &std::path::Path) {
         p = up.to_path_buf();
     }
 }
+
+/// A directory read again from its start (`rewinddir`) through the same
+/// descriptor shows it as it is now, not as it was when opened.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_rewound_directory_is_read_again() {
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    std::fs::write(view.join("first"), b"1").unwrap();
+    let fd = rustix::fs::open(
+        &view,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let mut dir = rustix::fs::Dir::read_from(&fd).unwrap();
+    let names = |dir: &mut rustix::fs::Dir| {
+        let mut v: Vec<String> = std::iter::from_fn(|| dir.read())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "." && n != ".." && n != "lost+found")
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&mut dir), ["first"]);
+    std::fs::write(view.join("second"), b"2").unwrap();
+    dir.rewind();
+    assert_eq!(names(&mut dir), ["first", "second"]);
+    drop(dir);
+    drop(fd);
+    drop(layer);
+    umount(&mnt);
+}
