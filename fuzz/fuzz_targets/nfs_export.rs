@@ -60,7 +60,7 @@ fn setup() -> &'static Setup {
         let server = Server::new();
         server.set_exports(vec![spec]);
         let key = [3u8; 32];
-        assert!(server.open(HandleKey::new(key)).is_empty());
+        assert!(server.open_in_process(HandleKey::new(key)).is_empty());
         let dir = std::fs::File::open(&export).unwrap();
         let fh = coffre_sys::handle::FileHandle::of(std::os::fd::AsFd::as_fd(&dir), Path::new(""))
             .unwrap();

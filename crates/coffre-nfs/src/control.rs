@@ -12,25 +12,32 @@
 //!
 //! The end of standard input (the daemon gone) ends the process.
 //!
-//! It parses bytes from guests, so it keeps only what it needs: the
-//! daemon's choice of user (`nobody`), not root, with
-//! `CAP_DAC_READ_SEARCH` (to open handles), `CAP_SETUID` and `CAP_SETGID`
-//! (to act as an export's user on a thread), nothing else in any set or
-//! the bounding set, `no_new_privs`, not dumpable; and,
-//! given a directory (`DIR/run/nfs`, where the daemon mounts the data for
-//! it and nothing else), confined beneath it by Landlock before it starts
-//! a thread: taken over, it cannot open the vault's keys or anything else
-//! on the host, whatever `CAP_DAC_READ_SEARCH` allows, and files reached
-//! by handle are checked by their path just the same. A seccomp filter
-//! then refuses it the system calls that lead out of its sandbox or into
-//! the kernel's widest surfaces (`coffre_sys::seccomp`).
+//! Two processes (see [`crate::broker`]): the one the daemon starts is
+//! the **broker**, which reads the daemon's commands, keeps the handle
+//! key and alone opens files by handle; it forks the **server**, which
+//! parses guests' bytes and gets the commands from the broker (never the
+//! key). Each keeps only what it needs: the daemon's choice of user
+//! (`nobody`), not root; the broker `CAP_DAC_READ_SEARCH` (to open
+//! handles), the server `CAP_SETUID` and `CAP_SETGID` (to act as an
+//! export's user on a thread); nothing else in any set or the bounding
+//! set, `no_new_privs`, not dumpable. Given a directory (`DIR/run/nfs`,
+//! where the daemon mounts the data for it and nothing else), each
+//! confines itself beneath it by Landlock before it starts a thread: the
+//! server, taken over, reaches the shares by path and nothing else; it
+//! cannot open a file by handle, so no team file outside the shares.
+//! A seccomp filter then refuses each the system calls that lead out of
+//! its sandbox or into the kernel's widest surfaces
+//! (`coffre_sys::seccomp`: `Nfs` for the server, `NfsBroker` for the
+//! broker).
 
+use crate::broker::{self, Client, Keeper};
 use crate::fs::ExportSpec;
 use crate::handle::HandleKey;
-use crate::server::{Server, Sockets};
+use crate::server::{Server, Sockets, merge};
 use serde::Deserialize;
-use serde_json::json;
-use std::io::{self, Write};
+use serde_json::{Value, json};
+use std::io::{self, BufRead, Write};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,16 +53,43 @@ enum Command {
     Stats,
 }
 
-/// Keeps `CAP_DAC_READ_SEARCH`, `CAP_SETUID` and `CAP_SETGID` and drops
-/// every other capability from every set, the bounding set included;
-/// becomes `user` (uid, gid; no supplementary group) with those three
-/// kept, so that it owns no file of root's (by `setfsuid(0)` a root
-/// process would act as the owner of every root file: the seccomp filter
-/// refuses that call to it); sets `no_new_privs` and a zero umask (modes
-/// are exactly what clients ask).
-pub fn drop_privileges(user: Option<(u32, u32)>) -> io::Result<()> {
+/// A command from the broker to the server (the daemon's, without the
+/// key).
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+enum ServerCommand {
+    Exports { exports: Vec<ExportSpec> },
+    Open,
+    Close,
+    Stats,
+}
+
+/// What a process of the service keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `CAP_DAC_READ_SEARCH`: opens files by handle.
+    Broker,
+    /// `CAP_SETUID` and `CAP_SETGID`: acts as an export's user.
+    Server,
+}
+
+/// Keeps what `role` needs (the broker `CAP_DAC_READ_SEARCH`, the server
+/// `CAP_SETUID` and `CAP_SETGID`) and drops every other capability from
+/// every set, the bounding set included; becomes `user` (uid, gid; no
+/// supplementary group) with those kept, so that it owns no file of
+/// root's (by `setfsuid(0)` a root process would act as the owner of
+/// every root file: the seccomp filter refuses that call to it); sets
+/// `no_new_privs` and a zero umask (modes are exactly what clients ask).
+/// The server keeps `CAP_DAC_READ_SEARCH` in its effective and permitted
+/// sets (not the bounding set) until [`shed_search`], once its Landlock
+/// rules have opened the directory it is confined beneath (whose parents
+/// are root's own).
+pub fn drop_privileges(user: Option<(u32, u32)>, role: Role) -> io::Result<()> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
-    let keep = CapabilitySet::DAC_READ_SEARCH | CapabilitySet::SETUID | CapabilitySet::SETGID;
+    let keep = match role {
+        Role::Broker => CapabilitySet::DAC_READ_SEARCH,
+        Role::Server => CapabilitySet::SETUID | CapabilitySet::SETGID,
+    };
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -94,6 +128,30 @@ pub fn drop_privileges(user: Option<(u32, u32)>) -> io::Result<()> {
         )?;
         rustix::thread::set_keep_capabilities(false)?;
     }
+    let now = match role {
+        Role::Broker => keep,
+        Role::Server => keep | CapabilitySet::DAC_READ_SEARCH,
+    };
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: now,
+            permitted: now,
+            inheritable: CapabilitySet::empty(),
+        },
+    )?;
+    rustix::thread::set_no_new_privs(true)?;
+    coffre_sys::forbid_dumps()?;
+    rustix::process::umask(rustix::fs::Mode::empty());
+    Ok(())
+}
+
+/// The server gives up `CAP_DAC_READ_SEARCH` for good (before it starts
+/// a thread or reads a guest's byte): from here it opens nothing by
+/// handle and searches only where the share's user may.
+pub fn shed_search() -> io::Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let keep = CapabilitySet::SETUID | CapabilitySet::SETGID;
     rustix::thread::set_capabilities(
         None,
         CapabilitySets {
@@ -102,9 +160,6 @@ pub fn drop_privileges(user: Option<(u32, u32)>) -> io::Result<()> {
             inheritable: CapabilitySet::empty(),
         },
     )?;
-    rustix::thread::set_no_new_privs(true)?;
-    coffre_sys::forbid_dumps()?;
-    rustix::process::umask(rustix::fs::Mode::empty());
     Ok(())
 }
 
@@ -121,9 +176,48 @@ fn parse_key(hex: &str) -> Option<HandleKey> {
     Some(key)
 }
 
-/// Runs the server's process: drops privileges, confines itself beneath
-/// `confine` (when given), serves on `sockets`, obeys the daemon on
-/// standard input until it ends.
+/// Landlock beneath `confine` (when given), said on standard error;
+/// whether it is full.
+fn confine_to(who: &str, confine: Option<&Path>) -> io::Result<bool> {
+    let Some(dir) = confine else {
+        eprintln!("coffre {who}: NOT confined (no directory given)");
+        return Ok(false);
+    };
+    match coffre_sys::confine::to_files_beneath(&[dir]).map_err(io::Error::other)? {
+        coffre_sys::confine::Confined::Not => {
+            eprintln!("coffre {who}: NOT confined (this kernel has no Landlock)");
+            Ok(false)
+        }
+        c => {
+            eprintln!(
+                "coffre {who}: confined beneath {} ({} by Landlock)",
+                dir.display(),
+                c.as_str()
+            );
+            Ok(c == coffre_sys::confine::Confined::Fully)
+        }
+    }
+}
+
+/// The seccomp filter for `profile`, said on standard error; serving
+/// without it is refused (the server keeps `CAP_SETUID`, the broker
+/// `CAP_DAC_READ_SEARCH`).
+fn filter(
+    who: &str,
+    profile: coffre_sys::seccomp::Profile,
+    acts: &coffre_sys::seccomp::Acts,
+) -> io::Result<()> {
+    let filter = coffre_sys::seccomp::refuse(profile, Some(acts));
+    eprintln!("coffre {who}: {}", coffre_sys::seccomp::said(&filter));
+    filter
+        .map(drop)
+        .map_err(|e| io::Error::other(format!("no seccomp filter, not serving: {e}")))
+}
+
+/// Runs the service: this process becomes the broker, and forks the
+/// server (which serves on `sockets`). The broker obeys the daemon on
+/// standard input until it ends, passing the commands on to the server.
+/// Must be called while the process runs one thread.
 pub fn run(
     sockets: Sockets,
     workers: usize,
@@ -131,36 +225,175 @@ pub fn run(
     user: Option<(u32, u32)>,
     acts: coffre_sys::seccomp::Acts,
 ) -> io::Result<()> {
-    drop_privileges(user)?;
-    // What it reads outside the data, read before the confinement.
-    crate::fs::prime();
-    let confined = match confine {
-        None => {
-            eprintln!("coffre nfs-server: NOT confined (no directory given)");
-            false
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+    let (broker_end, server_end) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let (cmd_r, cmd_w) = io::pipe()?;
+    let (ans_r, ans_w) = io::pipe()?;
+    match coffre_sys::child::fork()? {
+        coffre_sys::child::Forked::Child => {
+            drop((broker_end, cmd_w, ans_r));
+            // Its standard input and output become the broker's pipes:
+            // the daemon's (which carry the key) are closed here.
+            coffre_sys::child::replace_stdio(&cmd_r, &ans_w)?;
+            drop((cmd_r, ans_w));
+            let r = serve_as_server(sockets, workers, confine, user, &acts, server_end);
+            if let Err(e) = &r {
+                eprintln!("coffre nfs-server: {e}");
+            }
+            std::process::exit(i32::from(r.is_err()));
         }
-        Some(dir) => {
-            match coffre_sys::confine::to_files_beneath(&[dir]).map_err(io::Error::other)? {
-                coffre_sys::confine::Confined::Not => {
-                    eprintln!("coffre nfs-server: NOT confined (this kernel has no Landlock)");
-                    false
+        coffre_sys::child::Forked::Parent(server) => {
+            drop((server_end, cmd_r, ans_w, sockets));
+            let r = serve_as_broker(confine, user, &acts, broker_end, &cmd_w, ans_r);
+            // The server ends with its standard input.
+            drop(cmd_w);
+            let _ = rustix::process::waitpid(
+                rustix::process::Pid::from_raw(i32::try_from(server).unwrap_or(0)),
+                rustix::process::WaitOptions::empty(),
+            );
+            r
+        }
+    }
+}
+
+/// The broker: the daemon's commands (the key kept, the rest passed on
+/// to the server), and the server's requests on `sock`, on a thread.
+fn serve_as_broker(
+    confine: Option<&Path>,
+    user: Option<(u32, u32)>,
+    acts: &coffre_sys::seccomp::Acts,
+    sock: OwnedFd,
+    to_server: &io::PipeWriter,
+    from_server: io::PipeReader,
+) -> io::Result<()> {
+    const WHO: &str = "nfs-broker";
+    drop_privileges(user, Role::Broker)?;
+    confine_to(WHO, confine)?;
+    filter(WHO, coffre_sys::seccomp::Profile::NfsBroker, acts)?;
+    let state: Arc<broker::State> = Arc::new(std::sync::RwLock::new(None));
+    {
+        let state = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("nfs-broker".into())
+            .spawn(move || {
+                // The server is gone (or spoke out of turn): so is the
+                // service; the daemon starts both again.
+                match broker::serve(&sock, &state) {
+                    Ok(()) => eprintln!("coffre nfs-broker: the server hung up"),
+                    Err(e) => eprintln!("coffre nfs-broker: {e}"),
                 }
-                c => {
-                    eprintln!(
-                        "coffre nfs-server: confined beneath {} ({} by Landlock)",
-                        dir.display(),
-                        c.as_str()
-                    );
-                    c == coffre_sys::confine::Confined::Fully
+                std::process::exit(1);
+            })?;
+    }
+    let mut specs: Vec<ExportSpec> = Vec::new();
+    let mut answers = io::BufReader::new(from_server);
+    let mut to_server = to_server;
+    // Standard input read by hand, not through std's buffered Stdin: its
+    // buffer would keep the key's line after the close.
+    let mut stdin =
+        std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stdin()).try_clone_to_owned()?);
+    let mut out = io::stdout().lock();
+    let mut pending = zeroize::Zeroizing::new(Vec::<u8>::new());
+    let mut ask = |cmd: &Value| -> io::Result<Value> {
+        writeln!(to_server, "{cmd}")?;
+        let mut line = String::new();
+        if answers.read_line(&mut line)? == 0 {
+            return Err(io::Error::other("the server is gone"));
+        }
+        serde_json::from_str(&line).map_err(io::Error::other)
+    };
+    let failed_of = |v: &Value| -> Vec<(String, String)> {
+        serde_json::from_value(v["failed"].clone()).unwrap_or_default()
+    };
+    loop {
+        let Some(line) = coffre_sys::lines::next_secret_line(&mut stdin, &mut pending, 1 << 20)?
+        else {
+            return Ok(());
+        };
+        let answer = match serde_json::from_slice::<Command>(&line) {
+            Err(e) => json!({"ok": false, "error": format!("bad command: {e}")}),
+            Ok(Command::Exports { exports }) => {
+                // The broker's roots first: the server asks for them.
+                let mut failed = match state.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    Some(k) => broker::Handles::exports(k, &exports),
+                    None => Vec::new(),
+                };
+                specs = exports.clone();
+                let v = ask(&json!({"cmd": "exports", "exports": exports}))?;
+                merge(&mut failed, failed_of(&v));
+                json!({"ok": true, "failed": failed})
+            }
+            Ok(Command::Open { mut key }) => {
+                let opened = keep(&state, &mut key, &specs);
+                // What HMAC and the moves left of the key below this
+                // frame (all of it: `keep` holds every copy).
+                coffre_luks2::secret::scrub_stack();
+                match opened {
+                    Some(mut failed) => {
+                        let v = ask(&json!({"cmd": "open"}))?;
+                        merge(&mut failed, failed_of(&v));
+                        json!({"ok": true, "failed": failed})
+                    }
+                    None => json!({"ok": false, "error": "the key must be 64 hex digits"}),
                 }
             }
-        }
-    };
-    let filter = coffre_sys::seccomp::refuse(coffre_sys::seccomp::Profile::Nfs, Some(&acts));
-    eprintln!("coffre nfs-server: {}", coffre_sys::seccomp::said(&filter));
-    // It keeps CAP_SETUID: without its filter it does not serve.
-    filter.map_err(|e| io::Error::other(format!("no seccomp filter, not serving: {e}")))?;
+            Ok(Command::Close) => {
+                // The server first: once it answers, no call touches the
+                // data; then the key and the roots go.
+                let v = ask(&json!({"cmd": "close"}))?;
+                *state.write().unwrap_or_else(|p| p.into_inner()) = None;
+                coffre_luks2::secret::scrub_stack();
+                v
+            }
+            Ok(Command::Stats) => ask(&json!({"cmd": "stats"}))?,
+        };
+        drop(line);
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+}
+
+/// The vault opened: the keeper made from the key's hex digits (wiped),
+/// in `state`; what could not be opened. Never inlined, so that every
+/// copy of the key that moves make stays in frames below the caller,
+/// which scrubs them.
+#[inline(never)]
+fn keep(
+    state: &broker::State,
+    hex: &mut String,
+    specs: &[ExportSpec],
+) -> Option<Vec<(String, String)>> {
+    let k = parse_key(hex);
+    hex.zeroize();
+    let (keeper, failed) = Keeper::open(k?, specs);
+    *state.write().unwrap_or_else(|p| p.into_inner()) = Some(keeper);
+    Some(failed)
+}
+
+/// The server: serves on `sockets`, asks the broker on `sock`, obeys the
+/// broker's commands on standard input until it ends.
+fn serve_as_server(
+    sockets: Sockets,
+    workers: usize,
+    confine: Option<&Path>,
+    user: Option<(u32, u32)>,
+    acts: &coffre_sys::seccomp::Acts,
+    sock: OwnedFd,
+) -> io::Result<()> {
+    const WHO: &str = "nfs-server";
+    drop_privileges(user, Role::Server)?;
+    // What it reads outside the data, read before the confinement.
+    crate::fs::prime();
+    let confined = confine_to(WHO, confine)?;
+    shed_search()?;
+    filter(WHO, coffre_sys::seccomp::Profile::Nfs, acts)?;
     let filtered = true;
+    let handles: Arc<Client> = Arc::new(Client::new(sock));
     let server = Arc::new(Server::new());
     {
         let s = Arc::clone(&server);
@@ -173,38 +406,24 @@ pub fn run(
                 }
             })?;
     }
-    // Standard input read by hand, not through std's buffered Stdin: its
-    // buffer would keep the key's line after the close.
-    let mut stdin =
-        std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stdin()).try_clone_to_owned()?);
+    let stdin = io::stdin();
     let mut out = io::stdout().lock();
-    let mut pending = zeroize::Zeroizing::new(Vec::<u8>::new());
-    loop {
-        let Some(line) = coffre_sys::lines::next_secret_line(&mut stdin, &mut pending, 1 << 20)?
-        else {
-            return Ok(());
-        };
-        let answer = match serde_json::from_slice::<Command>(&line) {
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let answer = match serde_json::from_str::<ServerCommand>(&line) {
             Err(e) => json!({"ok": false, "error": format!("bad command: {e}")}),
-            Ok(Command::Exports { exports }) => {
+            Ok(ServerCommand::Exports { exports }) => {
                 json!({"ok": true, "failed": server.set_exports(exports)})
             }
-            Ok(Command::Open { mut key }) => {
-                let k = parse_key(&key);
-                key.zeroize();
-                let answer = match k {
-                    Some(k) => json!({"ok": true, "failed": server.open(k)}),
-                    None => json!({"ok": false, "error": "the key must be 64 hex digits"}),
-                };
-                // What HMAC and the moves left of the key on this stack.
-                coffre_luks2::secret::scrub_stack();
-                answer
+            Ok(ServerCommand::Open) => {
+                let h: Arc<dyn broker::Handles> = handles.clone();
+                json!({"ok": true, "failed": server.open(h)})
             }
-            Ok(Command::Close) => {
+            Ok(ServerCommand::Close) => {
                 server.close();
                 json!({"ok": true})
             }
-            Ok(Command::Stats) => {
+            Ok(ServerCommand::Stats) => {
                 let s = &server.stats;
                 json!({
                     "ok": true,
@@ -218,10 +437,10 @@ pub fn run(
                 })
             }
         };
-        drop(line);
         writeln!(out, "{answer}")?;
         out.flush()?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,28 +3,31 @@
 //! export's user.
 //!
 //! There is no kernel permission check in front of this server, so the
-//! kernel's own checks are brought in: a handle is opened as root with
-//! `O_PATH` (`open_by_handle_at` needs `CAP_DAC_READ_SEARCH`), which
-//! grants nothing by itself, and everything that reads, writes or
+//! kernel's own checks are brought in: a handle is opened `O_PATH` by the
+//! broker ([`crate::broker`]: `open_by_handle_at` needs
+//! `CAP_DAC_READ_SEARCH`, which the server does not hold), which grants
+//! nothing by itself, and everything that reads, writes or
 //! changes a name or an attribute runs on this thread as the export's
 //! user and groups (`setfsuid`, `setfsgid`, the thread's own groups), so
 //! ext4 decides and owns new files to that user (the directory's group
 //! when it is setgid). Symbolic links are never followed on the server:
 //! the client resolves them. `..` at the export's root is the root.
 
-use crate::handle::{self, HandleError, HandleKey};
+use crate::broker::Handles;
+use crate::handle;
 use crate::proto::{self, Attr, CreateHow, MknodWhat, Nfs, Sattr, SetTime, Time, status};
 use crate::xdr::Writer;
 use coffre_sys::caller::AsCaller;
-use coffre_sys::handle::FileHandle;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// Largest READ and WRITE (also told to clients by FSINFO).
 pub const IO_MAX: u32 = 1 << 20;
@@ -64,7 +67,8 @@ pub struct ExportSpec {
     pub async_metadata: bool,
 }
 
-/// One export, open: its root directory held open.
+/// One export, open: its root directory held (`O_PATH`, from the
+/// broker).
 pub struct Export {
     /// What it is.
     pub spec: ExportSpec,
@@ -72,9 +76,58 @@ pub struct Export {
     root: OwnedFd,
     root_dev: u64,
     root_ino: u64,
+    files: Mutex<Files>,
 }
 
 type Res = Result<(), u32>;
+
+/// Regular files whose handles this export opened or made lately, so
+/// that the calls that follow (a WRITE after a CREATE, the READs of one
+/// file) do not each ask the broker again. Only regular files: a
+/// directory is asked of the broker each time, which checks that it
+/// still lies under the export's root. A file unlinked since is not
+/// served from here (the broker then answers STALE); REMOVE, RMDIR and
+/// RENAME empty it, so that it pins no removed file's blocks; it is
+/// dropped with the export (at each close).
+#[derive(Default)]
+struct Files {
+    by_handle: HashMap<Vec<u8>, OwnedFd>,
+    order: VecDeque<Vec<u8>>,
+}
+
+/// How many files [`Files`] keeps open (`O_PATH`).
+const FILES_KEPT: usize = 256;
+
+impl Files {
+    fn get(&self, nfs: &[u8]) -> Option<OwnedFd> {
+        self.by_handle.get(nfs).and_then(|f| f.try_clone().ok())
+    }
+
+    fn put(&mut self, nfs: &[u8], fd: &OwnedFd) {
+        if self.by_handle.contains_key(nfs) {
+            return;
+        }
+        let Ok(f) = fd.try_clone() else { return };
+        if self.order.len() >= FILES_KEPT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.by_handle.remove(&old);
+        }
+        self.order.push_back(nfs.to_vec());
+        self.by_handle.insert(nfs.to_vec(), f);
+    }
+
+    fn forget(&mut self, nfs: &[u8]) {
+        if self.by_handle.remove(nfs).is_some() {
+            self.order.retain(|h| h != nfs);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_handle.clear();
+        self.order.clear();
+    }
+}
 
 fn errno(e: rustix::io::Errno) -> u32 {
     proto::from_errno(&io::Error::from(e))
@@ -154,28 +207,6 @@ fn reopen(fd: &OwnedFd, flags: OFlags) -> Result<OwnedFd, u32> {
 /// Held while a mode is changed for a moment (owner override) or for
 /// good (SETATTR), so that one never puts back a mode the other set.
 static MODES: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Commits a change of names or attributes to stable storage before the
-/// reply, as RFC 1813 asks of CREATE, MKDIR, SYMLINK, MKNOD, REMOVE,
-/// RMDIR, RENAME, LINK and SETATTR, and as knfsd's default (`sync`)
-/// exports do: the Linux client's `fsync` of a directory sends nothing
-/// and counts on it (a database in a VM removing its journal, a `rename`
-/// over a file). `fd` is the directory changed (for SETATTR, the object),
-/// opened by the server itself after it stops acting as the user (who
-/// may write in a directory it cannot read); a FIFO, socket or link is
-/// never opened (SETATTR on one is not synced).
-fn sync_metadata(fd: &OwnedFd) -> Res {
-    let st = fstat(fd)?;
-    let flags = if is_dir(&st) {
-        OFlags::RDONLY | OFlags::DIRECTORY
-    } else if is_reg(&st) {
-        OFlags::RDONLY | OFlags::NONBLOCK
-    } else {
-        return Ok(());
-    };
-    let f = reopen(fd, flags)?;
-    rustix::fs::fsync(&f).map_err(errno)
-}
 
 fn is_dir(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
@@ -285,46 +316,58 @@ fn is_mount_root(dir: &OwnedFd) -> io::Result<bool> {
         && r.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
 }
 
+/// Opens an export's directory, for the broker (no symbolic link
+/// anywhere on its path is followed: the vault's layout has none on the
+/// way to a share). Not `O_PATH`: `open_by_handle_at` needs a real
+/// descriptor on the filesystem.
+pub fn open_root(spec: &ExportSpec) -> io::Result<OwnedFd> {
+    let root = rustix::fs::openat2(
+        rustix::fs::CWD,
+        &spec.path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )?;
+    if spec.mounted && !is_mount_root(&root)? {
+        return Err(io::Error::other(format!(
+            "{} is not mounted (the share's directory could not be mounted at this open: see the audit log)",
+            spec.share
+        )));
+    }
+    Ok(root)
+}
+
 impl Export {
-    /// Opens the export's directory (no symbolic link anywhere on its
-    /// path is followed: the vault's layout has none on the way to a
-    /// share).
-    pub fn open(spec: ExportSpec) -> io::Result<Self> {
-        let root = rustix::fs::openat2(
-            rustix::fs::CWD,
-            &spec.path,
-            // Not O_PATH: open_by_handle_at needs a real descriptor on
-            // the filesystem.
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::NO_SYMLINKS,
-        )?;
-        if spec.mounted && !is_mount_root(&root)? {
-            return Err(io::Error::other(format!(
-                "{} is not mounted (the share's directory could not be mounted at this open: see the audit log)",
+    /// The export, its root from the broker.
+    pub fn open(spec: ExportSpec, hs: &dyn Handles) -> io::Result<Self> {
+        let tag = handle::export_tag(&spec.workload, &spec.share);
+        let root = hs.root(tag).map_err(|st| {
+            io::Error::other(format!(
+                "{}: its directory is not open (NFS status {st})",
                 spec.share
-            )));
-        }
+            ))
+        })?;
         let st = rustix::fs::fstat(&root)?;
         Ok(Self {
-            tag: handle::export_tag(&spec.workload, &spec.share),
+            tag,
             spec,
             root,
             root_dev: st.st_dev,
             root_ino: st.st_ino,
+            files: Mutex::new(Files::default()),
         })
     }
 
     /// The export root's NFS handle.
-    pub fn root_handle(&self, key: &HandleKey) -> io::Result<Vec<u8>> {
-        self.handle_of(key, &self.root)
+    pub fn root_handle(&self, hs: &dyn Handles) -> Result<Vec<u8>, u32> {
+        hs.mint(self.tag, self.root.as_fd())
     }
 
     /// The handle MOUNT gives for `path`: `/` (or empty) is the export's
     /// root, `/SHARE` too (the share's own name, as `showmount` would
     /// suggest it); a deeper path is looked up below it, as the user,
     /// one name at a time (no `..`, no link followed).
-    pub fn mount_handle(&self, key: &HandleKey, path: &[u8]) -> Result<Vec<u8>, u32> {
+    pub fn mount_handle(&self, hs: &dyn Handles, path: &[u8]) -> Result<Vec<u8>, u32> {
         let share = format!("/{}", self.spec.share);
         let rest = path.strip_prefix(share.as_bytes()).unwrap_or(path);
         let mut cur = self.root.try_clone().map_err(nfs_err)?;
@@ -340,16 +383,21 @@ impl Export {
             }
             cur = next;
         }
-        self.nfs_handle(key, &cur)
+        self.nfs_handle(hs, &cur)
     }
 
-    fn handle_of(&self, key: &HandleKey, fd: &OwnedFd) -> io::Result<Vec<u8>> {
-        let fh = FileHandle::of(fd.as_fd(), std::path::Path::new(""))?;
-        handle::encode(key, self.tag, &fh).ok_or_else(|| io::Error::other("file handle too long"))
+    fn nfs_handle(&self, hs: &dyn Handles, fd: &OwnedFd) -> Result<Vec<u8>, u32> {
+        let h = hs.mint(self.tag, fd.as_fd())?;
+        if rustix::fs::fstat(fd).is_ok_and(|st| is_reg(&st)) {
+            self.files().put(&h, fd);
+        }
+        Ok(h)
     }
 
-    fn nfs_handle(&self, key: &HandleKey, fd: &OwnedFd) -> Result<Vec<u8>, u32> {
-        self.handle_of(key, fd).map_err(|_| status::SERVERFAULT)
+    fn files(&self) -> std::sync::MutexGuard<'_, Files> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn as_user(&self) -> Result<AsCaller, u32> {
@@ -372,12 +420,12 @@ impl Export {
         Ok(st)
     }
 
-    /// Reading for the owner the mode refused: opened by the server
-    /// itself (it may read any file), nothing changed. Called outside
-    /// the user's identity.
-    fn owner_reads(&self, fd: &OwnedFd) -> Result<OwnedFd, u32> {
+    /// Reading for the owner the mode refused: opened by the broker
+    /// (it may read any file, and checks the owner again), nothing
+    /// changed. Called outside the user's identity.
+    fn owner_reads(&self, hs: &dyn Handles, fd: &OwnedFd) -> Result<OwnedFd, u32> {
         self.owned(fd)?;
-        reopen(fd, OFlags::RDONLY)
+        hs.read_as_owner(self.tag, fd.as_fd())
     }
 
     /// Writing for the owner the mode refused: the owner's own write bit
@@ -434,15 +482,24 @@ impl Export {
         set_times(fd, s.atime, s.mtime)
     }
 
-    /// [`sync_metadata`], unless the export is `async_metadata`.
-    fn durable(&self, fd: &OwnedFd) -> Res {
+    /// Commits a change of names or attributes to stable storage before
+    /// the reply, as RFC 1813 asks of CREATE, MKDIR, SYMLINK, MKNOD,
+    /// REMOVE, RMDIR, RENAME, LINK and SETATTR, and as knfsd's default
+    /// (`sync`) exports do: the Linux client's `fsync` of a directory
+    /// sends nothing and counts on it (a database in a VM removing its
+    /// journal, a `rename` over a file). `fd` is the directory changed
+    /// (for SETATTR, the object), synced by the broker (the user may write
+    /// in a directory it cannot read); a FIFO, socket or link is never
+    /// opened (SETATTR on one is not synced). Unless the export is
+    /// `async_metadata`.
+    fn durable(&self, hs: &dyn Handles, fd: &OwnedFd) -> Res {
         if self.spec.async_metadata {
             Ok(())
         } else {
             // The change is made: whatever failed, the answer is IO, which
             // the duplicate-request cache keeps (a SERVERFAULT would make
             // a retransmission run the change again).
-            sync_metadata(fd).map_err(|_| status::IO)
+            hs.sync(self.tag, fd.as_fd()).map_err(|_| status::IO)
         }
     }
 
@@ -454,65 +511,31 @@ impl Export {
         }
     }
 
-    /// The object behind an NFS handle, opened `O_PATH`, with its
-    /// attributes. A directory must lie under the export's root.
-    fn resolve(&self, key: &HandleKey, nfs: &[u8]) -> Result<(OwnedFd, Stat), u32> {
-        let fh = handle::decode(key, self.tag, nfs).map_err(|e| match e {
-            HandleError::Bad => status::BADHANDLE,
-            HandleError::OtherExport => status::STALE,
-        })?;
-        let fd = fh
-            .open(self.root.as_fd(), libc::O_PATH | libc::O_NOFOLLOW)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ESTALE | libc::ENOENT) => status::STALE,
-                _ => nfs_err(e),
-            })?;
+    /// The object behind an NFS handle, opened `O_PATH` by the broker
+    /// (which checks the MAC, the filesystem, and that a directory lies
+    /// under the export's root), with its attributes.
+    fn resolve(&self, hs: &dyn Handles, nfs: &[u8]) -> Result<(OwnedFd, Stat), u32> {
+        let kept = self.files().get(nfs);
+        if let Some(fd) = kept {
+            let st = fstat(&fd)?;
+            if st.st_nlink > 0 {
+                return Ok((fd, st));
+            }
+            self.files().forget(nfs);
+        }
+        let fd = hs.open(self.tag, nfs)?;
         let st = fstat(&fd)?;
         if st.st_dev != self.root_dev {
             return Err(status::STALE);
         }
-        if is_dir(&st) && !self.under_root(&fd, &st) {
-            return Err(status::STALE);
+        if is_reg(&st) {
+            self.files().put(nfs, &fd);
         }
         Ok((fd, st))
     }
 
     fn is_root(&self, st: &Stat) -> bool {
         st.st_dev == self.root_dev && st.st_ino == self.root_ino
-    }
-
-    /// Whether a directory lies under the export's root (a directory
-    /// moved out of the share by someone else is no longer served).
-    fn under_root(&self, dir: &OwnedFd, st: &Stat) -> bool {
-        if self.is_root(st) {
-            return true;
-        }
-        let up = |d: &OwnedFd| {
-            rustix::fs::openat(
-                d,
-                c"..",
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-        };
-        let Ok(mut cur) = up(dir) else { return false };
-        for _ in 0..4096 {
-            let Ok(st) = rustix::fs::fstat(&cur) else {
-                return false;
-            };
-            if self.is_root(&st) {
-                return true;
-            }
-            let Ok(next) = up(&cur) else { return false };
-            let Ok(nst) = rustix::fs::fstat(&next) else {
-                return false;
-            };
-            if nst.st_ino == st.st_ino && nst.st_dev == st.st_dev {
-                return false; // the filesystem's root, and not ours
-            }
-            cur = next;
-        }
-        false
     }
 
     fn attrs(fd: &OwnedFd) -> Option<Attr> {
@@ -524,23 +547,23 @@ impl Export {
     /// failure body after it).
     /// Answers one call, under the handle `key` and the WRITE verifier
     /// `verf` of this open.
-    pub fn call(&self, key: &HandleKey, verf: [u8; 8], c: &Nfs<'_>, w: &mut Writer) -> Res {
+    pub fn call(&self, hs: &dyn Handles, verf: [u8; 8], c: &Nfs<'_>, w: &mut Writer) -> Res {
         if self.spec.denied && !matches!(c, Nfs::Null) {
             return Err(status::ACCES);
         }
         match *c {
             Nfs::Null => Ok(()),
             Nfs::Getattr(f) => {
-                let (_, st) = self.resolve(key, f)?;
+                let (_, st) = self.resolve(hs, f)?;
                 w.u32(status::OK);
                 proto::fattr(w, &attr(&st));
                 Ok(())
             }
-            Nfs::Setattr(f, ref s, guard) => self.setattr(key, f, s, guard, w),
-            Nfs::Lookup(d, n) => self.lookup(key, d, n, w),
-            Nfs::Access(f, want) => self.access(key, f, want, w),
+            Nfs::Setattr(f, ref s, guard) => self.setattr(hs, f, s, guard, w),
+            Nfs::Lookup(d, n) => self.lookup(hs, d, n, w),
+            Nfs::Access(f, want) => self.access(hs, f, want, w),
             Nfs::Readlink(f) => {
-                let (fd, st) = self.resolve(key, f)?;
+                let (fd, st) = self.resolve(hs, f)?;
                 if !is_link(&st) {
                     return Err(status::INVAL);
                 }
@@ -550,25 +573,25 @@ impl Export {
                 w.opaque(target.as_bytes());
                 Ok(())
             }
-            Nfs::Read(f, offset, count) => self.read(key, f, offset, count, w),
+            Nfs::Read(f, offset, count) => self.read(hs, f, offset, count, w),
             Nfs::Write {
                 fh,
                 offset,
                 stable,
                 data,
             } => {
-                self.write(key, fh, offset, stable, data, w)?;
+                self.write(hs, fh, offset, stable, data, w)?;
                 w.fixed(&verf);
                 Ok(())
             }
-            Nfs::Create(d, n, how) => self.create(key, d, n, how, w),
-            Nfs::Mkdir(d, n, ref s) => self.make(key, d, n, w, |dir, name| {
+            Nfs::Create(d, n, how) => self.create(hs, d, n, how, w),
+            Nfs::Mkdir(d, n, ref s) => self.make(hs, d, n, w, |dir, name| {
                 let mode = Mode::from_raw_mode(s.mode.unwrap_or(0o755) & 0o7777);
                 rustix::fs::mkdirat(dir, name.as_c_str(), mode)
             }),
             Nfs::Symlink(d, n, _, target) => {
                 let target = CString::new(target).map_err(|_| status::INVAL)?;
-                self.make(key, d, n, w, |dir, name| {
+                self.make(hs, d, n, w, |dir, name| {
                     rustix::fs::symlinkat(target.as_c_str(), dir, name.as_c_str())
                 })
             }
@@ -584,25 +607,32 @@ impl Export {
                     MknodWhat::Other => return Err(status::BADTYPE),
                 };
                 let mode = Mode::from_raw_mode(s.mode.unwrap_or(0o644) & 0o7777);
-                self.make(key, d, n, w, |dir, name| {
+                self.make(hs, d, n, w, |dir, name| {
                     rustix::fs::mknodat(dir, name.as_c_str(), ftype, mode, 0)
                 })
             }
-            Nfs::Remove(d, n) => self.unlink(key, d, n, AtFlags::empty(), w),
-            Nfs::Rmdir(d, n) => self.unlink(key, d, n, AtFlags::REMOVEDIR, w),
+            Nfs::Remove(d, n) => {
+                self.files().clear();
+                self.unlink(hs, d, n, AtFlags::empty(), w)
+            }
+            Nfs::Rmdir(d, n) => {
+                self.files().clear();
+                self.unlink(hs, d, n, AtFlags::REMOVEDIR, w)
+            }
             Nfs::Rename(fd, fname, td, tname) => {
+                self.files().clear();
                 self.writable()?;
-                let (from, _) = self.resolve(key, fd)?;
-                let (to, _) = self.resolve(key, td)?;
+                let (from, _) = self.resolve(hs, fd)?;
+                let (to, _) = self.resolve(hs, td)?;
                 let a = new_name(fname)?;
                 let b = new_name(tname)?;
                 {
                     let _u = self.as_user()?;
                     rustix::fs::renameat(&from, a.as_c_str(), &to, b.as_c_str()).map_err(errno)?;
                 }
-                self.durable(&to)?;
+                self.durable(hs, &to)?;
                 if fstat(&from)?.st_ino != fstat(&to)?.st_ino {
-                    self.durable(&from)?;
+                    self.durable(hs, &from)?;
                 }
                 w.u32(status::OK);
                 proto::wcc(w, Self::attrs(&from).as_ref());
@@ -611,8 +641,8 @@ impl Export {
             }
             Nfs::Link(f, d, n) => {
                 self.writable()?;
-                let (file, _) = self.resolve(key, f)?;
-                let (dir, _) = self.resolve(key, d)?;
+                let (file, _) = self.resolve(hs, f)?;
+                let (dir, _) = self.resolve(hs, d)?;
                 let name = new_name(n)?;
                 {
                     let _u = self.as_user()?;
@@ -629,23 +659,23 @@ impl Export {
                     )
                     .map_err(errno)?;
                 }
-                self.durable(&dir)?;
+                self.durable(hs, &dir)?;
                 w.u32(status::OK);
                 proto::post_op(w, Self::attrs(&file).as_ref());
                 proto::wcc(w, Self::attrs(&dir).as_ref());
                 Ok(())
             }
             Nfs::Readdir { dir, cookie, count } => {
-                self.readdir(key, dir, cookie, (count, count), false, w)
+                self.readdir(hs, dir, cookie, (count, count), false, w)
             }
             Nfs::Readdirplus {
                 dir,
                 cookie,
                 dircount,
                 maxcount,
-            } => self.readdir(key, dir, cookie, (dircount, maxcount), true, w),
+            } => self.readdir(hs, dir, cookie, (dircount, maxcount), true, w),
             Nfs::Fsstat(f) => {
-                let (fd, st) = self.resolve(key, f)?;
+                let (fd, st) = self.resolve(hs, f)?;
                 let s = rustix::fs::fstatvfs(&fd).map_err(errno)?;
                 let frs = s.f_frsize;
                 w.u32(status::OK);
@@ -660,7 +690,7 @@ impl Export {
                 Ok(())
             }
             Nfs::Fsinfo(f) => {
-                let (_, st) = self.resolve(key, f)?;
+                let (_, st) = self.resolve(hs, f)?;
                 w.u32(status::OK);
                 proto::post_op(w, Some(&attr(&st)));
                 w.u32(IO_MAX).u32(IO_MAX).u32(4096);
@@ -671,7 +701,7 @@ impl Export {
                 Ok(())
             }
             Nfs::Pathconf(f) => {
-                let (_, st) = self.resolve(key, f)?;
+                let (_, st) = self.resolve(hs, f)?;
                 w.u32(status::OK);
                 proto::post_op(w, Some(&attr(&st)));
                 w.u32(65000).u32(255);
@@ -679,7 +709,7 @@ impl Export {
                 Ok(())
             }
             Nfs::Commit(f) => {
-                let (fd, st) = self.resolve(key, f)?;
+                let (fd, st) = self.resolve(hs, f)?;
                 if is_reg(&st) {
                     // As the user, who wrote it: for reading, or for
                     // writing when the file is write-only to them.
@@ -688,7 +718,7 @@ impl Export {
                         reopen(&fd, OFlags::RDONLY).or_else(|_| reopen(&fd, OFlags::WRONLY))
                     };
                     let file = match file {
-                        Err(status::ACCES) => self.owner_reads(&fd)?,
+                        Err(status::ACCES) => self.owner_reads(hs, &fd)?,
                         r => r?,
                     };
                     rustix::fs::fsync(&file).map_err(errno)?;
@@ -701,8 +731,8 @@ impl Export {
         }
     }
 
-    fn lookup(&self, key: &HandleKey, d: &[u8], n: &[u8], w: &mut Writer) -> Res {
-        let (dir, dst) = self.resolve(key, d)?;
+    fn lookup(&self, hs: &dyn Handles, d: &[u8], n: &[u8], w: &mut Writer) -> Res {
+        let (dir, dst) = self.resolve(hs, d)?;
         if !is_dir(&dst) {
             return Err(status::NOTDIR);
         }
@@ -720,7 +750,7 @@ impl Export {
             }
         };
         let st = fstat(&obj)?;
-        let h = self.nfs_handle(key, &obj)?;
+        let h = self.nfs_handle(hs, &obj)?;
         w.u32(status::OK);
         w.opaque(&h);
         proto::post_op(w, Some(&attr(&st)));
@@ -728,7 +758,7 @@ impl Export {
         Ok(())
     }
 
-    fn access(&self, key: &HandleKey, f: &[u8], want: u32, w: &mut Writer) -> Res {
+    fn access(&self, hs: &dyn Handles, f: &[u8], want: u32, w: &mut Writer) -> Res {
         const READ: u32 = 1;
         const LOOKUP: u32 = 2;
         const MODIFY: u32 = 4;
@@ -736,7 +766,7 @@ impl Export {
         const DELETE: u32 = 0x10;
         const EXECUTE: u32 = 0x20;
         use rustix::fs::Access;
-        let (fd, st) = self.resolve(key, f)?;
+        let (fd, st) = self.resolve(hs, f)?;
         let mut granted = 0;
         if is_link(&st) {
             granted = want & READ;
@@ -775,8 +805,8 @@ impl Export {
         Ok(())
     }
 
-    fn regular(&self, key: &HandleKey, f: &[u8]) -> Result<OwnedFd, u32> {
-        let (fd, st) = self.resolve(key, f)?;
+    fn regular(&self, hs: &dyn Handles, f: &[u8]) -> Result<OwnedFd, u32> {
+        let (fd, st) = self.resolve(hs, f)?;
         if is_dir(&st) {
             return Err(status::ISDIR);
         }
@@ -786,15 +816,15 @@ impl Export {
         Ok(fd)
     }
 
-    fn read(&self, key: &HandleKey, f: &[u8], offset: u64, count: u32, w: &mut Writer) -> Res {
-        let fd = self.regular(key, f)?;
+    fn read(&self, hs: &dyn Handles, f: &[u8], offset: u64, count: u32, w: &mut Writer) -> Res {
+        let fd = self.regular(hs, f)?;
         let file = {
             let opened = {
                 let _u = self.as_user()?;
                 reopen(&fd, OFlags::RDONLY)
             };
             std::fs::File::from(match opened {
-                Err(status::ACCES) => self.owner_reads(&fd)?,
+                Err(status::ACCES) => self.owner_reads(hs, &fd)?,
                 r => r?,
             })
         };
@@ -836,7 +866,7 @@ impl Export {
 
     fn write(
         &self,
-        key: &HandleKey,
+        hs: &dyn Handles,
         f: &[u8],
         offset: u64,
         stable: u32,
@@ -844,7 +874,7 @@ impl Export {
         w: &mut Writer,
     ) -> Res {
         self.writable()?;
-        let fd = self.regular(key, f)?;
+        let fd = self.regular(hs, f)?;
         let file = {
             let _u = self.as_user()?;
             std::fs::File::from(match reopen(&fd, OFlags::WRONLY) {
@@ -864,9 +894,9 @@ impl Export {
         Ok(())
     }
 
-    fn create(&self, key: &HandleKey, d: &[u8], n: &[u8], how: CreateHow, w: &mut Writer) -> Res {
+    fn create(&self, hs: &dyn Handles, d: &[u8], n: &[u8], how: CreateHow, w: &mut Writer) -> Res {
         self.writable()?;
-        let (dir, dst) = self.resolve(key, d)?;
+        let (dir, dst) = self.resolve(hs, d)?;
         if !is_dir(&dst) {
             return Err(status::NOTDIR);
         }
@@ -932,8 +962,8 @@ impl Export {
                 }
             }
         };
-        self.durable(&dir)?;
-        let h = self.nfs_handle(key, &file)?;
+        self.durable(hs, &dir)?;
+        let h = self.nfs_handle(hs, &file)?;
         w.u32(status::OK);
         w.bool(true).opaque(&h);
         proto::post_op(w, Self::attrs(&file).as_ref());
@@ -945,14 +975,14 @@ impl Export {
     /// then the new object's handle is returned.
     fn make(
         &self,
-        key: &HandleKey,
+        hs: &dyn Handles,
         d: &[u8],
         n: &[u8],
         w: &mut Writer,
         make: impl FnOnce(&OwnedFd, &CString) -> rustix::io::Result<()>,
     ) -> Res {
         self.writable()?;
-        let (dir, dst) = self.resolve(key, d)?;
+        let (dir, dst) = self.resolve(hs, d)?;
         if !is_dir(&dst) {
             return Err(status::NOTDIR);
         }
@@ -962,8 +992,8 @@ impl Export {
             make(&dir, &name).map_err(errno)?;
             open_path(&dir, &name)?
         };
-        self.durable(&dir)?;
-        let h = self.nfs_handle(key, &obj)?;
+        self.durable(hs, &dir)?;
+        let h = self.nfs_handle(hs, &obj)?;
         w.u32(status::OK);
         w.bool(true).opaque(&h);
         proto::post_op(w, Self::attrs(&obj).as_ref());
@@ -971,9 +1001,9 @@ impl Export {
         Ok(())
     }
 
-    fn unlink(&self, key: &HandleKey, d: &[u8], n: &[u8], flags: AtFlags, w: &mut Writer) -> Res {
+    fn unlink(&self, hs: &dyn Handles, d: &[u8], n: &[u8], flags: AtFlags, w: &mut Writer) -> Res {
         self.writable()?;
-        let (dir, dst) = self.resolve(key, d)?;
+        let (dir, dst) = self.resolve(hs, d)?;
         if !is_dir(&dst) {
             return Err(status::NOTDIR);
         }
@@ -989,7 +1019,7 @@ impl Export {
             let _u = self.as_user()?;
             rustix::fs::unlinkat(&dir, name.as_c_str(), flags).map_err(errno)?;
         }
-        self.durable(&dir)?;
+        self.durable(hs, &dir)?;
         w.u32(status::OK);
         proto::wcc(w, Self::attrs(&dir).as_ref());
         Ok(())
@@ -997,14 +1027,14 @@ impl Export {
 
     fn setattr(
         &self,
-        key: &HandleKey,
+        hs: &dyn Handles,
         f: &[u8],
         s: &Sattr,
         guard: Option<Time>,
         w: &mut Writer,
     ) -> Res {
         self.writable()?;
-        let (fd, st) = self.resolve(key, f)?;
+        let (fd, st) = self.resolve(hs, f)?;
         if let Some(g) = guard
             && attr(&st).ctime != g
         {
@@ -1027,7 +1057,7 @@ impl Export {
                 self.apply(&fd, s)?;
             }
         }
-        self.durable(&fd)?;
+        self.durable(hs, &fd)?;
         w.u32(status::OK);
         proto::wcc(w, Self::attrs(&fd).as_ref());
         Ok(())
@@ -1038,14 +1068,14 @@ impl Export {
     /// the verifier is always zero.
     fn readdir(
         &self,
-        key: &HandleKey,
+        hs: &dyn Handles,
         d: &[u8],
         cookie: u64,
         (dircount, maxcount): (u32, u32),
         plus: bool,
         w: &mut Writer,
     ) -> Res {
-        let (dirp, dst) = self.resolve(key, d)?;
+        let (dirp, dst) = self.resolve(hs, d)?;
         if !is_dir(&dst) {
             return Err(status::NOTDIR);
         }
@@ -1080,7 +1110,7 @@ impl Export {
                 .u64(ent.next_entry_cookie());
             let dir_part = e.len();
             if plus {
-                self.entry_plus(key, &dirp, &dir, name, at_root, &mut e);
+                self.entry_plus(hs, &dirp, &dir, name, at_root, &mut e);
             }
             if used_dir + dir_part > dircount || fixed + body.len() + e.len() > maxcount {
                 if !any {
@@ -1105,7 +1135,7 @@ impl Export {
     /// user may not look it up).
     fn entry_plus(
         &self,
-        key: &HandleKey,
+        hs: &dyn Handles,
         dirp: &OwnedFd,
         dir: &OwnedFd,
         name: &[u8],
@@ -1123,7 +1153,8 @@ impl Export {
         };
         let st = obj.as_ref().and_then(Self::attrs);
         proto::post_op(e, st.as_ref());
-        match obj.and_then(|o| self.handle_of(key, &o).ok()) {
+        // Not kept in `files`: a listing would push out the files in use.
+        match obj.and_then(|o| hs.mint(self.tag, o.as_fd()).ok()) {
             Some(h) => {
                 e.bool(true).opaque(&h);
             }

@@ -11,10 +11,13 @@
 //! - [`handle`]: file handles bound to an export and authenticated, that
 //!   survive closes and restarts.
 //! - [`fs`]: the operations, as the export's user.
+//! - [`broker`]: the only part that opens files by handle, in a process
+//!   of its own that holds the handle key; the server asks it.
 //! - [`server`]: listeners, workers, the duplicate-request cache, the
 //!   open/closed state (JUKEBOX while closed).
 //! - [`control`]: the process the daemon starts and drives.
 
+pub mod broker;
 pub mod control;
 pub mod fs;
 pub mod handle;
@@ -23,6 +26,7 @@ pub mod rpc;
 pub mod server;
 pub mod xdr;
 
+pub use broker::{Client, Handles, Keeper};
 pub use fs::ExportSpec;
 pub use handle::HandleKey;
 pub use server::{Listen, Server, Sockets};

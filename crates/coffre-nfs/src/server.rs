@@ -8,6 +8,7 @@
 //! waits and retries; applications see nothing) and MOUNT calls are held
 //! until the vault opens.
 
+use crate::broker::{Handles, Keeper};
 use crate::fs::{Export, ExportSpec, failure_body};
 use crate::handle::HandleKey;
 use crate::proto::{self, Mount, Nfs, status};
@@ -131,7 +132,8 @@ impl Sockets {
 
 /// The open vault, as the server sees it.
 struct Live {
-    key: HandleKey,
+    /// The handle broker (the key lies behind it).
+    handles: Arc<dyn Handles>,
     /// This open's WRITE verifier ([`crate::fs::write_verifier`]).
     verifier: [u8; 8],
     exports: HashMap<Ipv4Addr, Export>,
@@ -197,17 +199,22 @@ impl Server {
             specs.iter().map(|s| (s.client, s.clone())).collect();
         match live.as_mut() {
             Some(l) => {
-                let (exports, failed) = open_all(&specs);
+                // The broker first (a Keeper in this process; the
+                // broker's process has done it before telling us).
+                let mut failed = l.handles.exports(&specs);
+                let (exports, more) = open_all(&specs, &*l.handles);
                 l.exports = exports;
+                merge(&mut failed, more);
                 failed
             }
             None => Vec::new(),
         }
     }
 
-    /// The vault opened: serve with this key. Returns the exports whose
-    /// directory could not be opened (their calls get STALE).
-    pub fn open(&self, key: HandleKey) -> Vec<(String, String)> {
+    /// The vault opened: serve through this broker (which holds the key).
+    /// Returns the exports whose directory could not be opened (their
+    /// calls get STALE).
+    pub fn open(&self, handles: Arc<dyn Handles>) -> Vec<(String, String)> {
         let specs: Vec<ExportSpec> = self
             .specs
             .read()
@@ -215,15 +222,30 @@ impl Server {
             .values()
             .cloned()
             .collect();
-        let (exports, failed) = open_all(&specs);
+        let (exports, failed) = open_all(&specs, &*handles);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Live {
-            key,
+            handles,
             verifier: crate::fs::write_verifier(),
             exports,
         });
         let (m, cv) = &self.opened;
         *m.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cv.notify_all();
+        failed
+    }
+
+    /// The vault opened, its handles kept in this process (a [`Keeper`]
+    /// of its own: tests, and a server with no broker process).
+    pub fn open_in_process(&self, key: HandleKey) -> Vec<(String, String)> {
+        let specs: Vec<ExportSpec> = self
+            .specs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let (keeper, mut failed) = Keeper::open(key, &specs);
+        merge(&mut failed, self.open(Arc::new(keeper)));
         failed
     }
 
@@ -501,7 +523,7 @@ impl Server {
                     }
                     Some(e) => {
                         let mark = w.len();
-                        match e.call(&l.key, l.verifier, &call, &mut w) {
+                        match e.call(&*l.handles, l.verifier, &call, &mut w) {
                             Ok(()) => true,
                             Err(s) => {
                                 w.buf.truncate(mark);
@@ -579,9 +601,11 @@ impl Server {
                 if live.is_none() {
                     return None;
                 }
-                let root = live
-                    .as_ref()
-                    .and_then(|l| l.exports.get(&ip).map(|e| e.mount_handle(&l.key, path)));
+                let root = live.as_ref().and_then(|l| {
+                    l.exports
+                        .get(&ip)
+                        .map(|e| e.mount_handle(&*l.handles, path))
+                });
                 match root {
                     _ if spec.denied => {
                         w.u32(13); // MNT3ERR_ACCES
@@ -683,11 +707,14 @@ impl Server {
     }
 }
 
-fn open_all(specs: &[ExportSpec]) -> (HashMap<Ipv4Addr, Export>, Vec<(String, String)>) {
+fn open_all(
+    specs: &[ExportSpec],
+    handles: &dyn Handles,
+) -> (HashMap<Ipv4Addr, Export>, Vec<(String, String)>) {
     let mut exports = HashMap::new();
     let mut failed = Vec::new();
     for s in specs {
-        match Export::open(s.clone()) {
+        match Export::open(s.clone(), handles) {
             Ok(e) => {
                 exports.insert(s.client, e);
             }
@@ -695,6 +722,16 @@ fn open_all(specs: &[ExportSpec]) -> (HashMap<Ipv4Addr, Export>, Vec<(String, St
         }
     }
     (exports, failed)
+}
+
+/// Adds to `failed` what `more` says of other workloads (the first word
+/// on a workload is the broker's, which says why).
+pub fn merge(failed: &mut Vec<(String, String)>, more: Vec<(String, String)>) {
+    for (w, why) in more {
+        if !failed.iter().any(|(f, _)| *f == w) {
+            failed.push((w, why));
+        }
+    }
 }
 
 struct Job {

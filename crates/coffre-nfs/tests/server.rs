@@ -7,7 +7,7 @@
 
 use coffre_nfs::proto::status;
 use coffre_nfs::xdr::{Reader, Writer};
-use coffre_nfs::{ExportSpec, HandleKey, Listen, Server, Sockets};
+use coffre_nfs::{ExportSpec, HandleKey, Keeper, Listen, Server, Sockets};
 use coffre_testkit::Need;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -26,6 +26,7 @@ struct Lab {
     server: Arc<Server>,
     port: u16,
     key: [u8; 32],
+    specs: Vec<ExportSpec>,
 }
 
 fn chown(p: &Path, uid: u32, gid: u32, mode: u32) {
@@ -103,7 +104,7 @@ impl Lab {
                 mounted: false,
                 async_metadata: false,
             };
-        server.set_exports(vec![
+        let specs = vec![
             spec(
                 Ipv4Addr::new(127, 0, 0, 1),
                 "shared",
@@ -118,15 +119,27 @@ impl Lab {
                 ALICE,
                 vec![ALICE, TEAM],
             ),
-        ]);
+        ];
+        server.set_exports(specs.clone());
         let key = [7u8; 32];
-        assert!(server.open(HandleKey::new(key)).is_empty());
-        Self {
+        let lab = Self {
             dir,
             server,
             port,
             key,
-        }
+            specs,
+        };
+        assert!(lab.open().is_empty());
+        lab
+    }
+
+    /// Opens the server as its process does: its handles from a broker
+    /// holding the key, over the broker's protocol (on a thread here).
+    fn open(&self) -> Vec<(String, String)> {
+        let (keeper, mut failed) = Keeper::open(HandleKey::new(self.key), &self.specs);
+        let client = coffre_nfs::broker::on_a_thread(keeper).unwrap();
+        coffre_nfs::server::merge(&mut failed, self.server.open(Arc::new(client)));
+        failed
     }
 
     /// libnfs takes the URL's directory as the export to mount: `""`
@@ -363,7 +376,7 @@ fn handles_stay_in_their_export_and_survive_close_and_restart() {
         (h, t.elapsed())
     });
     std::thread::sleep(std::time::Duration::from_millis(700));
-    lab.server.open(HandleKey::new(lab.key));
+    lab.open();
     let (h, waited) = held.join().unwrap();
     assert_eq!(h, root, "the same root handle after the open");
     assert!(
@@ -387,7 +400,7 @@ fn handles_stay_in_their_export_and_survive_close_and_restart() {
         mounted: false,
         async_metadata: false,
     }]);
-    again.open(HandleKey::new(lab.key));
+    again.open_in_process(HandleKey::new(lab.key));
     let rec = {
         let mut w = Writer::default();
         w.u32(99).u32(0).u32(2).u32(100_003).u32(3).u32(1);
@@ -426,7 +439,7 @@ fn retransmitted_remove_and_rename_get_their_first_answer_across_a_close() {
     // The reply was "lost": the client reconnects (another port) after a
     // close and an open, and resends both with the same xids.
     lab.server.close();
-    lab.server.open(HandleKey::new(lab.key));
+    lab.open();
     let mut c2 = lab.client(Ipv4Addr::LOCALHOST);
     let again = c2.call_xid(5000, 100_003, 12, &remove.buf);
     assert_eq!(again, first, "the same answer, not NOENT");
@@ -812,7 +825,7 @@ fn the_write_verifier_changes_at_each_open() {
     assert_eq!(st, status::OK);
     assert_eq!(c.write_verf(&fh, 3, b"two"), (status::OK, first));
     lab.server.close();
-    assert!(lab.server.open(HandleKey::new(lab.key)).is_empty());
+    assert!(lab.open().is_empty());
     let (st, second) = c.write_verf(&fh, 6, b"three");
     assert_eq!(st, status::OK);
     assert_ne!(second, first);
@@ -965,9 +978,8 @@ fn an_export_that_must_be_mounted_is_not_served_from_an_empty_mount_point() {
         mounted: true,
         async_metadata: false,
     };
-    let e = coffre_nfs::fs::Export::open(spec.clone())
-        .err()
-        .expect("an empty mount point was opened as the share");
+    let e =
+        coffre_nfs::fs::open_root(&spec).expect_err("an empty mount point was opened as the share");
     assert!(e.to_string().contains("shared is not mounted"), "{e}");
     let mount = |args: &[&std::ffi::OsStr]| {
         assert!(
@@ -984,7 +996,7 @@ fn an_export_that_must_be_mounted_is_not_served_from_an_empty_mount_point() {
         share.as_os_str(),
         at.as_os_str(),
     ]);
-    let opened = coffre_nfs::fs::Export::open(spec).map(drop);
+    let opened = coffre_nfs::fs::open_root(&spec).map(drop);
     mount(&["umount".as_ref(), at.as_os_str()]);
     let _ = std::fs::remove_dir_all(&dir);
     opened.expect("the mounted share opens");
@@ -1008,4 +1020,72 @@ fn the_portmappers_udp_socket_is_marked() {
     let udp = socket2::Socket::from(fds.into_iter().nth(2).unwrap());
     assert_eq!(udp.r#type().unwrap(), socket2::Type::DGRAM);
     assert_eq!(udp.mark().unwrap(), 0x00c0_ffee);
+}
+
+/// The handle broker opens only handles it made, under its key, for the
+/// export they were made for, of files on the data's filesystem; a
+/// directory only while it lies under the export; reads for an owner
+/// only what the export's user owns.
+#[test]
+#[ignore = "system: needs root and libnfs-utils"]
+fn the_broker_opens_only_its_own_handles_of_the_exports_files() {
+    use coffre_nfs::broker::Handles;
+    use coffre_nfs::handle;
+    use std::os::fd::AsFd;
+    let lab = Lab::new("broker");
+    let (keeper, failed) = Keeper::open(HandleKey::new(lab.key), &lab.specs);
+    assert!(failed.is_empty(), "{failed:?}");
+    let tag = |s: &ExportSpec| handle::export_tag(&s.workload, &s.share);
+    let (shared, home) = (tag(&lab.specs[0]), tag(&lab.specs[1]));
+    let path = |p: &Path| {
+        rustix::fs::open(p, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap()
+    };
+    let ino = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+    std::fs::write(lab.data("shared/f"), b"alice's").unwrap();
+    chown(&lab.data("shared/f"), ALICE, TEAM, 0o200);
+    let f = path(&lab.data("shared/f"));
+    // Made and opened again.
+    let h = keeper.mint(shared, f.as_fd()).unwrap();
+    assert_eq!(ino(&keeper.open(shared, &h).unwrap()), ino(&f));
+    // Not in another export, not altered, not under another key.
+    assert_eq!(keeper.open(home, &h).err(), Some(status::STALE));
+    let mut forged = h.clone();
+    forged[20] ^= 1;
+    assert_eq!(keeper.open(shared, &forged).err(), Some(status::BADHANDLE));
+    let fh = coffre_sys::handle::FileHandle::of(
+        path(&lab.data("home/bob/secret")).as_fd(),
+        Path::new(""),
+    )
+    .unwrap();
+    let theirs = handle::encode(&HandleKey::new([1; 32]), shared, &fh).unwrap();
+    assert_eq!(keeper.open(shared, &theirs).err(), Some(status::BADHANDLE));
+    // Nothing off the data's filesystem gets a handle.
+    let elsewhere = path(Path::new("/proc/self/status"));
+    assert_eq!(
+        keeper.mint(shared, elsewhere.as_fd()).err(),
+        Some(status::SERVERFAULT)
+    );
+    // A directory moved out of the share is no longer opened.
+    std::fs::create_dir(lab.data("shared/d")).unwrap();
+    let d = keeper
+        .mint(shared, path(&lab.data("shared/d")).as_fd())
+        .unwrap();
+    assert!(keeper.open(shared, &d).is_ok());
+    std::fs::rename(lab.data("shared/d"), lab.data("home/bob/d")).unwrap();
+    assert_eq!(keeper.open(shared, &d).err(), Some(status::STALE));
+    // The owner's read: alice's write-only file, not root's.
+    let mut read = String::new();
+    std::io::Read::read_to_string(
+        &mut std::fs::File::from(keeper.read_as_owner(shared, f.as_fd()).unwrap()),
+        &mut read,
+    )
+    .unwrap();
+    assert_eq!(read, "alice's");
+    let roots = path(&lab.data("shared/root-only"));
+    assert_eq!(
+        keeper.read_as_owner(shared, roots.as_fd()).err(),
+        Some(status::ACCES)
+    );
+    // An export it does not know.
+    assert_eq!(keeper.open([0; 8], &h).err(), Some(status::STALE));
 }

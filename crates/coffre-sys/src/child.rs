@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -369,6 +369,54 @@ fn account(
     }
 }
 
+/// Which side of a [`fork`] this is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forked {
+    /// The parent, with the child's process id.
+    Parent(u32),
+    /// The child.
+    Child,
+}
+
+/// `fork(2)`, only while this process runs one thread (checked: after a
+/// fork the child has only the calling thread, and a lock another
+/// thread held, the allocator's among them, would never be released).
+pub fn fork() -> io::Result<Forked> {
+    let threads = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().to_string()))
+        .ok_or_else(|| io::Error::other("no thread count in /proc/self/status"))?;
+    if threads != "1" {
+        return Err(io::Error::other(format!(
+            "fork with {threads} threads running (one only)"
+        )));
+    }
+    // SAFETY: one thread runs (checked above), so the child's memory is
+    // consistent: no lock is held by a thread that does not exist there.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(u32::try_from(pid).unwrap_or(0))),
+    }
+}
+
+/// Puts `input` and `output` in place of standard input and output (the
+/// descriptors they replace are closed; the close-on-exec flag is not
+/// set on the new ones).
+pub fn replace_stdio(input: impl AsFd, output: impl AsFd) -> io::Result<()> {
+    for (from, to) in [
+        (input.as_fd().as_raw_fd(), 0),
+        (output.as_fd().as_raw_fd(), 1),
+    ] {
+        // SAFETY: dup2 with two descriptor numbers; `to` is 0 or 1, which
+        // nothing else in this process owns as an OwnedFd.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Asks for SIGKILL when the parent (the daemon) dies, and exits at once
 /// if it is already gone. Call it after [`become_user`]: a change of
 /// credentials clears the setting.
@@ -437,6 +485,16 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// A fork while other threads run is refused (this test binary runs
+    /// its tests on threads of their own).
+    #[test]
+    fn fork_refuses_a_process_with_threads() {
+        let keep = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(2)));
+        let e = super::fork().unwrap_err();
+        assert!(e.to_string().contains("threads running"), "{e}");
+        keep.join().unwrap();
+    }
+
     /// A system tool sees its own environment only, whatever the
     /// daemon's holds (this test process has HOME, and more).
     #[test]

@@ -34,9 +34,10 @@
 //!   namespace flag, and for the NFS server `setfsuid`/`setfsgid` to
 //!   anyone but the ids it is given ([`Acts`]), root never, and
 //!   `mknodat` of anything but a FIFO or a socket's name (no device);
-//! - for the servers that do not open files by handle (LDAP, DHCP):
-//!   `open_by_handle_at`, `name_to_handle_at`, `setfsuid`, `setfsgid`,
-//!   `mknodat` and every mode, owner and time change.
+//! - `open_by_handle_at` and `name_to_handle_at` for all but the NFS
+//!   server's handle broker (the only process that opens by handle);
+//! - for all but the NFS server (LDAP, DHCP, the broker): `setfsuid`,
+//!   `setfsgid`, `mknodat` and every mode, owner and time change.
 //!
 //! A call made through another ABI is no way around it: a system call of
 //! another architecture (i386's `int 0x80` on x86-64) kills the process,
@@ -52,8 +53,12 @@ use std::io;
 /// Which helper the filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// The NFS server: opens the team's files by handle.
+    /// The NFS server: acts on the team's files as their users, by path;
+    /// opens nothing by handle (its broker does).
     Nfs,
+    /// The NFS server's handle broker: opens files by handle, changes
+    /// none and acts as nobody else.
+    NfsBroker,
     /// A helper with no file to open by handle (LDAP, DHCP).
     NoHandles,
 }
@@ -212,12 +217,14 @@ pub fn denied(profile: Profile) -> Vec<(&'static str, i64)> {
         SYS_utimes,
         SYS_futimesat
     ]);
-    if profile == Profile::NoHandles {
-        // Nothing to open by handle, no file to change.
+    if profile != Profile::NfsBroker {
+        // Only the broker opens files by handle.
+        v.extend(calls![SYS_open_by_handle_at, SYS_name_to_handle_at]);
+    }
+    if profile != Profile::Nfs {
+        // No file to change, no one else to act as.
         v.extend(calls![
             SYS_mknodat,
-            SYS_open_by_handle_at,
-            SYS_name_to_handle_at,
             SYS_fchmod,
             SYS_fchmodat,
             SYS_fchown,
@@ -605,6 +612,7 @@ mod tests {
         let programs = [
             (Profile::Nfs, None),
             (Profile::NoHandles, None),
+            (Profile::NfsBroker, None),
             (Profile::Nfs, Some(&most)),
             (Profile::Nfs, Some(&near)),
         ]
@@ -669,7 +677,7 @@ mod tests {
         };
         assert_eq!(Acts::ranges_text(&acts.uids), "0-10,5000-5999,65534");
         assert!(Acts::parse_ranges("9-3").is_err() && Acts::parse_ranges("x").is_err());
-        for profile in [Profile::Nfs, Profile::NoHandles] {
+        for profile in [Profile::Nfs, Profile::NfsBroker, Profile::NoHandles] {
             let p = program(profile, Some(&acts), libc::EPERM).unwrap();
             for n in [libc::SYS_kill, libc::SYS_tgkill, libc::SYS_rt_sigqueueinfo] {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), me), RET_ALLOW, "{n} to itself");
@@ -806,7 +814,7 @@ mod tests {
     fn the_program_answers_as_the_list_says() {
         let refused = RET_ERRNO | libc::EPERM as u32;
         let enosys = RET_ERRNO | libc::ENOSYS as u32;
-        for profile in [Profile::Nfs, Profile::NoHandles] {
+        for profile in [Profile::Nfs, Profile::NfsBroker, Profile::NoHandles] {
             let p = program(profile, None, libc::EPERM).unwrap();
             for (name, n) in denied(profile) {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), refused, "{name}");
@@ -829,25 +837,27 @@ mod tests {
             ] {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), RET_ALLOW, "{n}");
             }
-            // The NFS server's own work: by handle, as a share's user.
-            for n in [
-                libc::SYS_open_by_handle_at,
-                libc::SYS_name_to_handle_at,
-                libc::SYS_renameat2,
-                libc::SYS_fchownat,
-                libc::SYS_fchmodat,
-                libc::SYS_utimensat,
-            ] {
+            // By handle: the broker only. Changes as a share's user: the
+            // NFS server only.
+            for n in [libc::SYS_open_by_handle_at, libc::SYS_name_to_handle_at] {
+                let want = match profile {
+                    Profile::NfsBroker => RET_ALLOW,
+                    Profile::Nfs | Profile::NoHandles => refused,
+                };
+                assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), want, "{n}");
+            }
+            for n in [libc::SYS_fchownat, libc::SYS_fchmodat, libc::SYS_utimensat] {
                 let want = match profile {
                     Profile::Nfs => RET_ALLOW,
-                    Profile::NoHandles => refused,
+                    Profile::NfsBroker | Profile::NoHandles => refused,
                 };
-                if n == libc::SYS_renameat2 {
-                    assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), RET_ALLOW, "renameat2");
-                } else {
-                    assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), want, "{n}");
-                }
+                assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), want, "{n}");
             }
+            assert_eq!(
+                run(&p, AUDIT_ARCH, nr(libc::SYS_renameat2), 0),
+                RET_ALLOW,
+                "renameat2"
+            );
             for (n, call) in [
                 (libc::SYS_setfsuid, "setfsuid"),
                 (libc::SYS_setfsgid, "setfsgid"),
@@ -861,7 +871,9 @@ mod tests {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), 1 << 32), refused, "{call}");
                 match profile {
                     Profile::Nfs => assert_eq!(to_user, RET_ALLOW, "{call}(5001)"),
-                    Profile::NoHandles => assert_eq!(to_user, refused, "{call}(5001)"),
+                    Profile::NfsBroker | Profile::NoHandles => {
+                        assert_eq!(to_user, refused, "{call}(5001)");
+                    }
                 }
             }
             let clone = nr(libc::SYS_clone);
@@ -928,12 +940,12 @@ mod tests {
     /// Under the filter: no namespace, mount, io_uring, bpf, exec, ptrace
     /// or new socket, not through clone, clone3 or x32's numbers either;
     /// no way back to root's credentials; threads, files and the sockets
-    /// it had work as before; only the NFS server's profile opens by
-    /// handle and acts as a share's user.
+    /// it had work as before; only the NFS broker opens by handle, only
+    /// the NFS server acts as a share's user.
     #[test]
     fn a_filtered_process_keeps_its_work_and_loses_the_way_out() {
         let Some(profile) = std::env::var_os("COFFRE_SECCOMP_CHILD") else {
-            for p in ["nfs", "nohandles"] {
+            for p in ["nfs", "broker", "nohandles"] {
                 let out = in_child(
                     "seccomp::tests::a_filtered_process_keeps_its_work_and_loses_the_way_out",
                     p,
@@ -948,10 +960,10 @@ mod tests {
             }
             return;
         };
-        let profile = if profile == "nfs" {
-            Profile::Nfs
-        } else {
-            Profile::NoHandles
+        let profile = match profile.to_str() {
+            Some("nfs") => Profile::Nfs,
+            Some("broker") => Profile::NfsBroker,
+            _ => Profile::NoHandles,
         };
         let tmp = tempfile::tempdir().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1024,8 +1036,8 @@ mod tests {
             ));
             match profile {
                 // EFAULT or EBADF: the kernel's answer, not the filter's.
-                Profile::Nfs => assert!(by_handle.is_some() && by_handle != marked),
-                Profile::NoHandles => assert_eq!(by_handle, marked),
+                Profile::NfsBroker => assert!(by_handle.is_some() && by_handle != marked),
+                Profile::Nfs | Profile::NoHandles => assert_eq!(by_handle, marked),
             }
         }
         // MKNOD: a FIFO for the NFS server, never a device (as root here,
@@ -1057,7 +1069,7 @@ mod tests {
         assert_eq!(made_dev, marked, "a device made");
         match profile {
             Profile::Nfs => assert_eq!(made_fifo, None, "a FIFO refused"),
-            Profile::NoHandles => assert_eq!(made_fifo, marked),
+            Profile::NfsBroker | Profile::NoHandles => assert_eq!(made_fifo, marked),
         }
         // Signals to itself only.
         // SAFETY: kill with signal 0 (a check, nothing sent).
@@ -1116,7 +1128,7 @@ mod tests {
         assert_eq!((old, at2), (marked, marked));
         match profile {
             Profile::Nfs => assert_eq!(at, None),
-            Profile::NoHandles => assert_eq!(at, marked),
+            Profile::NfsBroker | Profile::NoHandles => assert_eq!(at, marked),
         }
         // Last (there is no way back to root): a share's user, then
         // another, never root again.
@@ -1132,7 +1144,7 @@ mod tests {
                     assert_eq!(errno(libc::syscall(libc::SYS_setfsuid, 4000)), marked);
                     assert_ne!(errno(libc::syscall(libc::SYS_setfsuid, 5002)), marked);
                 }
-                Profile::NoHandles => assert_eq!(errno(as_user), marked),
+                Profile::NfsBroker | Profile::NoHandles => assert_eq!(errno(as_user), marked),
             }
         }
         println!("filtered child ran");

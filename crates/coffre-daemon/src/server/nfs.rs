@@ -92,7 +92,8 @@ impl NfsChild {
     /// the key.
     /// `acts`: whom it may act as on files, fixed for its life.
     pub(super) fn start(&mut self, acts: &coffre_sys::seccomp::Acts) -> Result<u32, String> {
-        // It becomes `user` keeping only the three capabilities it needs,
+        // It becomes `user` (the broker keeping CAP_DAC_READ_SEARCH, the
+        // server it forks CAP_SETUID and CAP_SETGID),
         // then confines itself beneath `dir` (Landlock) and filters its
         // system calls (seccomp), before serving anything; it must see
         // the host's mounts as they are (the open mounts the shares in
@@ -351,7 +352,7 @@ impl Shell {
                 "nfs",
                 "up",
                 format!(
-                    "NFS server (pid {pid}, user nobody with CAP_DAC_READ_SEARCH, CAP_SETUID and CAP_SETGID only, no network of its own, confining itself beneath {}) for {n} share(s); closed until the vault opens",
+                    "NFS server (pid {pid}: its handle broker, user nobody with CAP_DAC_READ_SEARCH only, and the server it forks, nobody with CAP_SETUID and CAP_SETGID only; no network of their own, each confining itself beneath {}) for {n} share(s); closed until the vault opens",
                     self.dir.nfs_dir().display()
                 ),
             ),

@@ -61,6 +61,28 @@ impl Lab {
 /// A VM of `member` that mounts `shared` over NFS as `member`, appends
 /// numbered lines to `shared/NAME.log` and reads what the process
 /// workload wrote.
+/// The NFS server: the one child of the broker (the process the daemon
+/// started), once it has forked it.
+fn nfs_server_of(broker: u32) -> u32 {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{broker}/task/{broker}/children"))
+            .unwrap_or_default();
+        let pids: Vec<u32> = children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if let [one] = pids[..] {
+            return one;
+        }
+        assert!(
+            Instant::now() < until,
+            "the broker {broker} has children {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn share_vm(name: &str, member: &str, last: u8, extra: &str) -> String {
     vm(
         name,
@@ -181,7 +203,7 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     // The server serves the share through its own mount of it, the only
     // thing in the directory it is confined beneath (Landlock: fully on
     // a kernel of 6.12 or later, as here and in CI), which is read-only;
-    // it is nobody (not root), with its three capabilities.
+    // it is nobody (not root), as its handle broker is (below).
     // Bob joined with numbers from an older vault, outside the accounts'
     // range the server was allowed to act as: it was started again.
     assert!(
@@ -206,18 +228,31 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         "{nfs_log}"
     );
     assert!(nfs_log.contains("seccomp filter on ("), "{nfs_log}");
-    let proc_status = std::fs::read_to_string(format!("/proc/{first}/status")).unwrap();
-    let field = |name: &str| {
-        proc_status
+    assert!(
+        nfs_log.contains("coffre nfs-broker: seccomp filter on ("),
+        "{nfs_log}"
+    );
+    // Two processes: the broker (the daemon's child, which alone opens
+    // files by handle) and the server it forks (which parses guests'
+    // bytes and acts as the shares' users).
+    let field = |pid: u32, name: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
             .lines()
-            .find_map(|l| l.strip_prefix(name))
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
             .unwrap_or_default()
-            .split_whitespace()
-            .collect::<Vec<_>>()
     };
-    assert_eq!(field("Uid:"), ["65534"; 4], "{proc_status}");
-    // CAP_DAC_READ_SEARCH, CAP_SETUID, CAP_SETGID.
-    assert_eq!(field("CapEff:"), ["00000000000000c4"], "{proc_status}");
+    let nfs_server = nfs_server_of(first);
+    for pid in [first, nfs_server] {
+        assert_eq!(field(pid, "Uid:"), "65534\t65534\t65534\t65534", "{pid}");
+        assert_eq!(field(pid, "Seccomp:"), "2", "{pid}");
+        assert_eq!(field(pid, "NoNewPrivs:"), "1", "{pid}");
+    }
+    // The broker: CAP_DAC_READ_SEARCH alone; the server: CAP_SETUID and
+    // CAP_SETGID, and no way to open by handle.
+    assert_eq!(field(first, "CapEff:"), "0000000000000004");
+    assert_eq!(field(nfs_server, "CapEff:"), "00000000000000c0");
+    assert_eq!(field(nfs_server, "CapBnd:"), "00000000000000c0");
     let mounted = coffre_data::system::mount_at(&view).expect("the share is mounted for it");
     assert!(mounted.source.starts_with("/dev/loop"), "{mounted:?}");
     let dir_mount = coffre_data::system::mount_at(&nfs_dir).expect("its directory is mounted");
@@ -285,6 +320,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert!(
         memory_contains(server, &raw_handle_key),
         "the scan must find the handle key while open, or it proves nothing"
+    );
+    assert!(
+        !memory_contains(nfs_server_of(server), &raw_handle_key),
+        "the NFS server (not the broker) holds the handle key"
     );
     alice.stop();
     lab.gw.vault.wait_state("closed", Duration::from_secs(60));
@@ -491,7 +530,13 @@ fn survey_nfs_throughput_against_the_mount() {
         async_metadata,
     };
     server.set_exports(vec![spec(false)]);
-    assert!(server.open(coffre_nfs::HandleKey::new([1; 32])).is_empty());
+    // Its handles from a broker, over the broker's protocol, as in the
+    // service (on a thread here).
+    let (keeper, failed) =
+        coffre_nfs::Keeper::open(coffre_nfs::HandleKey::new([1; 32]), &[spec(false)]);
+    assert!(failed.is_empty(), "{failed:?}");
+    let broker = std::sync::Arc::new(coffre_nfs::broker::on_a_thread(keeper).unwrap());
+    assert!(server.open(broker).is_empty());
     let url = |p: &str| {
         format!(
             "nfs://127.0.0.1/{p}?version=3&nfsport={port}&mountport={port}&auto-traverse-mounts=0"
@@ -591,6 +636,21 @@ fn survey_nfs_throughput_against_the_mount() {
     // synced before each reply.
     server.set_exports(vec![spec(true)]);
     let tar_nfs_async = nfs_tree(&mut c, &root, "nfs-tree-3", true);
+    // What the broker costs: the same again with the handles opened in
+    // the server's own process (as before the broker), interleaved.
+    let key = || coffre_nfs::HandleKey::new([1; 32]);
+    let mut local = Vec::new();
+    let mut brokered = vec![tar_nfs_async];
+    for round in 0..2 {
+        server.close();
+        assert!(server.open_in_process(key()).is_empty());
+        local.push(nfs_tree(&mut c, &root, &format!("nfs-tree-l{round}"), true));
+        server.close();
+        let (keeper, _) = coffre_nfs::Keeper::open(key(), &[spec(true)]);
+        let broker = std::sync::Arc::new(coffre_nfs::broker::on_a_thread(keeper).unwrap());
+        assert!(server.open(broker).is_empty());
+        brokered.push(nfs_tree(&mut c, &root, &format!("nfs-tree-b{round}"), true));
+    }
 
     // The server's part of a close while a client reads.
     let reader = std::process::Command::new("nfs-cat")
@@ -607,6 +667,10 @@ fn survey_nfs_throughput_against_the_mount() {
         let _ = r.wait();
     }
     let mb = mib as f64;
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!(
         "nfs benchmark ({mib} MiB file, 5000 files of 1 KiB; nfs-cp and a raw client on loopback)"
     );
@@ -635,6 +699,14 @@ fn survey_nfs_throughput_against_the_mount() {
         tar_nfs_async / tar_local
     );
     println!("  close with a client reading: the server's part {close_ms:.2} ms");
+    let (b, l) = (med(&mut brokered), med(&mut local));
+    let span = |v: &[f64]| format!("{:.2}-{:.2}", v[0], v[v.len() - 1]);
+    println!(
+        "  share_async through the handle broker {b:.2} s ({}) against handles opened in the server's process {l:.2} s ({}): x{:.2} the time",
+        span(&brokered),
+        span(&local),
+        b / l
+    );
     let _ = enter.kill();
     let _ = enter.wait();
     v.stop();

@@ -140,8 +140,9 @@ pub enum Command {
         /// serving: the daemon mounts the shares there for it.
         #[arg(long)]
         confine: Option<std::path::PathBuf>,
-        /// The user it becomes (keeping CAP_DAC_READ_SEARCH, CAP_SETUID
-        /// and CAP_SETGID), never root.
+        /// The user it becomes, never root: the handle broker keeping
+        /// CAP_DAC_READ_SEARCH, the server it forks CAP_SETUID and
+        /// CAP_SETGID.
         #[arg(long)]
         uid: u32,
         /// Its group.

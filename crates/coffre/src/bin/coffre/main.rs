@@ -198,11 +198,12 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<u8> {
     Ok(coffre::exit::OK)
 }
 
-/// `coffre nfs-server`: what the daemon runs for the VMs' shares. It
-/// becomes `user` with only CAP_DAC_READ_SEARCH, CAP_SETUID and
-/// CAP_SETGID (in `coffre_nfs::control::run`, before it serves a byte),
-/// confines itself (Landlock) beneath `confine` and applies its seccomp
-/// filter there too.
+/// `coffre nfs-server`: what the daemon runs for the VMs' shares: the
+/// handle broker (this process, `user` with only CAP_DAC_READ_SEARCH,
+/// holding the handle key) and the server it forks (`user` with only
+/// CAP_SETUID and CAP_SETGID, parsing guests' bytes), both in
+/// `coffre_nfs::control::run`, before a byte is served; each confines
+/// itself (Landlock) beneath `confine` and applies its seccomp filter.
 fn nfs_server(
     sockets: u32,
     workers: usize,
