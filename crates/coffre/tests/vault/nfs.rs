@@ -277,20 +277,35 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let until = Instant::now() + Duration::from_secs(30);
-    let server = loop {
-        let st = lab.gw.vault.status("alice");
-        if let Some(pid) = st["nfs"]["pid"].as_u64().filter(|p| *p != u64::from(first))
-            && st["nfs"]["stats"]["open"] == true
-        {
-            break u32::try_from(pid).unwrap();
+    let restarted = |before: u32| {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = lab.gw.vault.status("alice");
+            if let Some(pid) = st["nfs"]["pid"]
+                .as_u64()
+                .filter(|p| *p != u64::from(before))
+                && st["nfs"]["stats"]["open"] == true
+            {
+                break u32::try_from(pid).unwrap();
+            }
+            assert!(
+                Instant::now() < until,
+                "the NFS server was not started again: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            Instant::now() < until,
-            "the NFS server was not started again: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     };
+    let again = restarted(first);
+    // The server (the broker's child) killed: the broker goes with it,
+    // and the daemon starts both again.
+    let child = nfs_server_of(again);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &child.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let server = restarted(again);
+    assert_ne!(nfs_server_of(server), child);
     lab.wait_wrote("nfs-a", before.0 + 3, Duration::from_secs(60));
     lab.wait_wrote("nfs-b", before.1 + 3, Duration::from_secs(60));
     {
