@@ -14,9 +14,10 @@
 //!
 //! - **root**: the export's root directory, `O_PATH`;
 //! - **mint**: the NFS handle of a descriptor the server passes, which
-//!   must lie on the data's filesystem. The server reaches files only by
-//!   path beneath the shares' mounts (Landlock, no capability to get
-//!   around it), so only such files ever get a handle;
+//!   must lie beneath that export's root when it is asked (its path, and
+//!   that path looked up again from the root). The server reaches files
+//!   only by path beneath the shares' mounts (Landlock, no capability to
+//!   get around it), and only a file of the export gets its handle;
 //! - **open**: a handle's object, `O_PATH`, once its MAC checks out
 //!   under the key and the export, on the data's filesystem, a directory
 //!   only while it lies under the export's root;
@@ -222,6 +223,8 @@ fn recv(sock: BorrowedFd<'_>, buf: &mut [u8; MAX_MSG + 1]) -> io::Result<(usize,
 struct Root {
     /// Open for reading (`open_by_handle_at` needs a real descriptor).
     fd: OwnedFd,
+    /// Its path, as the kernel names it (`/proc/self/fd`).
+    path: Vec<u8>,
     dev: u64,
     ino: u64,
     /// The export's user.
@@ -273,6 +276,51 @@ fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd, u32> {
 
 fn is_type(st: &Stat, t: u32) -> bool {
     st.st_mode & libc::S_IFMT == t
+}
+
+/// The path the kernel gives a descriptor (`/proc/self/fd/N`).
+fn fd_path(fd: BorrowedFd<'_>) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()
+        .map(|p| p.as_os_str().as_bytes().to_vec())
+}
+
+/// Whether `fd` lies beneath the root now: its path starts with the
+/// root's, and that path, looked up again from the root (never leaving
+/// it, no link, no other mount), is the same inode.
+fn beneath(root: &Root, fd: BorrowedFd<'_>) -> Result<bool, u32> {
+    let st = fstat(fd)?;
+    if st.st_dev != root.dev {
+        return Ok(false);
+    }
+    if st.st_ino == root.ino {
+        return Ok(true);
+    }
+    let Some(p) = fd_path(fd) else {
+        return Ok(false);
+    };
+    let Some(rel) = p
+        .strip_prefix(root.path.as_slice())
+        .and_then(|r| r.strip_prefix(b"/"))
+        .filter(|r| !r.is_empty() && !root.path.is_empty())
+    else {
+        return Ok(false);
+    };
+    let Ok(again) = rustix::fs::openat2(
+        &root.fd,
+        rel,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        rustix::fs::ResolveFlags::BENEATH
+            | rustix::fs::ResolveFlags::NO_SYMLINKS
+            | rustix::fs::ResolveFlags::NO_XDEV,
+    ) else {
+        return Ok(false);
+    };
+    let a = fstat(again.as_fd())?;
+    Ok(a.st_dev == st.st_dev && a.st_ino == st.st_ino)
 }
 
 /// Whether a directory lies under the root (a directory moved out of
@@ -328,9 +376,10 @@ impl Handles for Keeper {
 
     fn mint(&self, tag: [u8; 8], fd: BorrowedFd<'_>) -> Result<Vec<u8>, u32> {
         self.with_root(tag, |r| {
-            // Only what lies on the data's filesystem: the server's other
-            // descriptors (its log, its sockets) get no handle.
-            if fstat(fd)?.st_dev != r.dev {
+            // Only what lies beneath that export's root now: the server's
+            // other descriptors (its log, its sockets) and files of
+            // another export, or moved out of this one, get no handle.
+            if !beneath(r, fd)? {
                 return Err(status::SERVERFAULT);
             }
             let fh =
@@ -365,7 +414,18 @@ impl Handles for Keeper {
             if st.st_dev != r.dev || st.st_uid != r.uid || !is_type(&st, libc::S_IFREG) {
                 return Err(status::ACCES);
             }
-            reopen(fd, OFlags::RDONLY)
+            // Never waits (a lease the server took as the owner would
+            // hold the broker, and a close behind it): JUKEBOX, retried.
+            use std::os::fd::AsRawFd;
+            rustix::fs::open(
+                format!("/proc/self/fd/{}", fd.as_raw_fd()),
+                OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| match e {
+                rustix::io::Errno::AGAIN => status::JUKEBOX,
+                e => crate::proto::from_errno(&io::Error::from(e)),
+            })
         })
     }
 
@@ -397,6 +457,7 @@ impl Handles for Keeper {
                         roots.insert(
                             handle::export_tag(&s.workload, &s.share),
                             Root {
+                                path: fd_path(fd.as_fd()).unwrap_or_default(),
                                 fd,
                                 dev: st.st_dev,
                                 ino: st.st_ino,
@@ -522,12 +583,20 @@ fn answer(
 /// does), ends the service: the server is not speaking the protocol.
 ///
 /// What the MAC's keyed state left on this thread's stack is scrubbed
-/// within a second of a close (the thread wakes every second to look).
+/// after the first answer, or the first idle second, after a close (the
+/// thread wakes every second to look). A server that does not read its
+/// answers for 5 s ends the service too.
 pub fn serve(sock: &OwnedFd, state: &State) -> io::Result<()> {
     rustix::net::sockopt::set_socket_timeout(
         sock,
         rustix::net::sockopt::Timeout::Recv,
         Some(std::time::Duration::from_secs(1)),
+    )?;
+    // A server that stops reading ends the service, not holds it.
+    rustix::net::sockopt::set_socket_timeout(
+        sock,
+        rustix::net::sockopt::Timeout::Send,
+        Some(std::time::Duration::from_secs(5)),
     )?;
     let mut buf = [0u8; MAX_MSG + 1];
     let mut keyed = false;
@@ -557,6 +626,10 @@ pub fn serve(sock: &OwnedFd, state: &State) -> io::Result<()> {
             answer(st.as_ref(), &req, fd)
         };
         send(sock.as_fd(), &msg, out.as_ref().map(AsFd::as_fd))?;
+        if keyed && state.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            coffre_luks2::secret::scrub_stack();
+            keyed = false;
+        }
     }
 }
 

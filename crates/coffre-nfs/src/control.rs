@@ -247,16 +247,17 @@ pub fn run(
             }
             std::process::exit(i32::from(r.is_err()));
         }
-        coffre_sys::child::Forked::Parent(server) => {
+        coffre_sys::child::Forked::Parent(_server) => {
             drop((server_end, cmd_r, ans_w, sockets));
             let r = serve_as_broker(confine, user, &acts, broker_end, &cmd_w, ans_r);
-            // The server ends with its standard input.
-            drop(cmd_w);
-            let _ = rustix::process::waitpid(
-                rustix::process::Pid::from_raw(i32::try_from(server).unwrap_or(0)),
-                rustix::process::WaitOptions::empty(),
-            );
-            r
+            if let Err(e) = &r {
+                eprintln!("coffre nfs-broker: {e}");
+            }
+            // The daemon is gone, or the server: the service ends, the
+            // server with it whatever it does (a server taken over would
+            // not end with its standard input). The key went with the
+            // keeper's drop below `serve_as_broker`.
+            coffre_sys::child::end_own_group()
         }
     }
 }
@@ -273,7 +274,9 @@ fn serve_as_broker(
 ) -> io::Result<()> {
     const WHO: &str = "nfs-broker";
     drop_privileges(user, Role::Broker)?;
-    confine_to(WHO, confine)?;
+    // Set again: the change of user cleared it.
+    coffre_sys::child::die_with_parent()?;
+    let broker_confined = confine_to(WHO, confine)?;
     filter(WHO, coffre_sys::seccomp::Profile::NfsBroker, acts)?;
     let state: Arc<broker::State> = Arc::new(std::sync::RwLock::new(None));
     {
@@ -281,15 +284,35 @@ fn serve_as_broker(
         std::thread::Builder::new()
             .name("nfs-broker".into())
             .spawn(move || {
-                // The server is gone (or spoke out of turn): so is the
-                // service; the daemon starts both again.
-                match broker::serve(&sock, &state) {
-                    Ok(()) => eprintln!("coffre nfs-broker: the server hung up"),
-                    Err(e) => eprintln!("coffre nfs-broker: {e}"),
+                // The server is gone (or spoke out of turn, or this
+                // thread panicked): so is the service, both processes;
+                // the daemon starts them again.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    broker::serve(&sock, &state)
+                }));
+                match r {
+                    Ok(Ok(())) => eprintln!("coffre nfs-broker: the server hung up"),
+                    Ok(Err(e)) => eprintln!("coffre nfs-broker: {e}"),
+                    Err(_) => eprintln!("coffre nfs-broker: its thread panicked"),
                 }
-                std::process::exit(1);
+                coffre_sys::child::end_own_group();
             })?;
     }
+    let r = relay(&state, broker_confined, to_server, from_server);
+    // The key goes before the process does.
+    *state.write().unwrap_or_else(|p| p.into_inner()) = None;
+    coffre_luks2::secret::scrub_stack();
+    r
+}
+
+/// The daemon's commands on standard input, until it ends: the key kept
+/// (in `state`), the rest passed on to the server and its answers back.
+fn relay(
+    state: &broker::State,
+    broker_confined: bool,
+    to_server: &io::PipeWriter,
+    from_server: io::PipeReader,
+) -> io::Result<()> {
     let mut specs: Vec<ExportSpec> = Vec::new();
     let mut answers = io::BufReader::new(from_server);
     let mut to_server = to_server;
@@ -302,7 +325,9 @@ fn serve_as_broker(
     let mut ask = |cmd: &Value| -> io::Result<Value> {
         writeln!(to_server, "{cmd}")?;
         let mut line = String::new();
-        if answers.read_line(&mut line)? == 0 {
+        // One line of at most 1 MiB (the server may lie, not flood).
+        if io::Read::take(&mut answers, 1 << 20).read_line(&mut line)? == 0 || !line.ends_with('\n')
+        {
             return Err(io::Error::other("the server is gone"));
         }
         serde_json::from_str(&line).map_err(io::Error::other)
@@ -329,7 +354,7 @@ fn serve_as_broker(
                 json!({"ok": true, "failed": failed})
             }
             Ok(Command::Open { mut key }) => {
-                let opened = keep(&state, &mut key, &specs);
+                let opened = keep(state, &mut key, &specs);
                 // What HMAC and the moves left of the key below this
                 // frame (all of it: `keep` holds every copy).
                 coffre_luks2::secret::scrub_stack();
@@ -350,7 +375,13 @@ fn serve_as_broker(
                 coffre_luks2::secret::scrub_stack();
                 v
             }
-            Ok(Command::Stats) => ask(&json!({"cmd": "stats"}))?,
+            Ok(Command::Stats) => {
+                // Confined and filtered: both processes.
+                let mut v = ask(&json!({"cmd": "stats"}))?;
+                let c = v["confined"].as_bool() == Some(true) && broker_confined;
+                v["confined"] = json!(c);
+                v
+            }
         };
         drop(line);
         writeln!(out, "{answer}")?;
@@ -391,6 +422,12 @@ fn serve_as_server(
     crate::fs::prime();
     let confined = confine_to(WHO, confine)?;
     shed_search()?;
+    // After the last change of its credentials on this thread (which
+    // would clear it): gone with the broker. A server taken over could
+    // clear it (a setfsuid on this thread); the daemon's kill of the
+    // process group, which it cannot leave, and the broker's own end
+    // (`end_own_group`) do not depend on it.
+    coffre_sys::child::die_with_parent()?;
     filter(WHO, coffre_sys::seccomp::Profile::Nfs, acts)?;
     let filtered = true;
     let handles: Arc<Client> = Arc::new(Client::new(sock));

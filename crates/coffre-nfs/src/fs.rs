@@ -611,13 +611,19 @@ impl Export {
                     rustix::fs::mknodat(dir, name.as_c_str(), ftype, mode, 0)
                 })
             }
+            // Emptied before (what it holds is not served meanwhile) and
+            // after (what a call running beside it put back).
             Nfs::Remove(d, n) => {
                 self.files().clear();
-                self.unlink(hs, d, n, AtFlags::empty(), w)
+                let r = self.unlink(hs, d, n, AtFlags::empty(), w);
+                self.files().clear();
+                r
             }
             Nfs::Rmdir(d, n) => {
                 self.files().clear();
-                self.unlink(hs, d, n, AtFlags::REMOVEDIR, w)
+                let r = self.unlink(hs, d, n, AtFlags::REMOVEDIR, w);
+                self.files().clear();
+                r
             }
             Nfs::Rename(fd, fname, td, tname) => {
                 self.files().clear();
@@ -628,7 +634,9 @@ impl Export {
                 let b = new_name(tname)?;
                 {
                     let _u = self.as_user()?;
-                    rustix::fs::renameat(&from, a.as_c_str(), &to, b.as_c_str()).map_err(errno)?;
+                    let r = rustix::fs::renameat(&from, a.as_c_str(), &to, b.as_c_str());
+                    self.files().clear();
+                    r.map_err(errno)?;
                 }
                 self.durable(hs, &to)?;
                 if fstat(&from)?.st_ino != fstat(&to)?.st_ino {

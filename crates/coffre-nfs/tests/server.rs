@@ -1059,11 +1059,25 @@ fn the_broker_opens_only_its_own_handles_of_the_exports_files() {
     .unwrap();
     let theirs = handle::encode(&HandleKey::new([1; 32]), shared, &fh).unwrap();
     assert_eq!(keeper.open(shared, &theirs).err(), Some(status::BADHANDLE));
-    // Nothing off the data's filesystem gets a handle.
+    // Nothing off the data's filesystem gets a handle, nor a file of
+    // another export, nor one moved out of its export.
     let elsewhere = path(Path::new("/proc/self/status"));
     assert_eq!(
         keeper.mint(shared, elsewhere.as_fd()).err(),
         Some(status::SERVERFAULT)
+    );
+    assert_eq!(
+        keeper.mint(home, f.as_fd()).err(),
+        Some(status::SERVERFAULT),
+        "a file of the shared directory under alice's home's export"
+    );
+    std::fs::write(lab.data("shared/leaving"), b"x").unwrap();
+    let leaving = path(&lab.data("shared/leaving"));
+    std::fs::rename(lab.data("shared/leaving"), lab.data("home/bob/left")).unwrap();
+    assert_eq!(
+        keeper.mint(shared, leaving.as_fd()).err(),
+        Some(status::SERVERFAULT),
+        "a file no longer in the share"
     );
     // A directory moved out of the share is no longer opened.
     std::fs::create_dir(lab.data("shared/d")).unwrap();

@@ -400,6 +400,36 @@ pub fn fork() -> io::Result<Forked> {
     }
 }
 
+/// Kills (SIGKILL) every process of the process group `pgid`: a helper
+/// started with its own session (see [`prepare`]) and whatever it forked
+/// that did not leave the group (the helpers' seccomp filter refuses
+/// `setsid` and `setpgid`). `ESRCH` (none left) is not an error.
+pub fn kill_group(pgid: u32) -> io::Result<()> {
+    let g = libc::pid_t::try_from(pgid)
+        .ok()
+        .filter(|g| *g > 1)
+        .ok_or_else(|| io::Error::other(format!("no process group {pgid}")))?;
+    // SAFETY: kill(2) with a negative pid (a group) and a signal number.
+    if unsafe { libc::kill(-g, libc::SIGKILL) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Ends this process's group: SIGKILL to every process in it, this one
+/// included (a helper and what it forked). Returns only if the signal
+/// could not be sent, and then exits.
+pub fn end_own_group() -> ! {
+    // SAFETY: kill(2) with pid 0 (this process's group) and a signal.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+    }
+    std::process::exit(1)
+}
+
 /// Puts `input` and `output` in place of standard input and output (the
 /// descriptors they replace are closed; the close-on-exec flag is not
 /// set on the new ones).

@@ -29,7 +29,10 @@
 //!   network namespace;
 //! - a change of its own credentials (`set*uid`, `set*gid`), extended
 //!   attributes, `fchmodat2` and the old path calls (`chmod`, `chown`...);
-//! - by argument: signals but to itself, limits, scheduling and I/O
+//! - `setsid` and `setpgid`: a helper stays in the process group the
+//!   daemon kills it by (with whatever it forked);
+//! - by argument: signals but to itself (the NFS broker: to its own
+//!   process group too, `kill(0, ..)`), limits, scheduling and I/O
 //!   priority but its own (the servers share a user), `clone` with a
 //!   namespace flag, and for the NFS server `setfsuid`/`setfsgid` to
 //!   anyone but the ids it is given ([`Acts`]), root never, and
@@ -107,6 +110,8 @@ pub fn denied(profile: Profile) -> Vec<(&'static str, i64)> {
     let mut v = calls![
         SYS_unshare,
         SYS_setns,
+        SYS_setsid,
+        SYS_setpgid,
         SYS_mount,
         SYS_umount2,
         SYS_pivot_root,
@@ -394,11 +399,14 @@ fn checked(profile: Profile, acts: Option<&Acts>, pid: u32) -> Result<Vec<Check>
         libc::SYS_rt_sigqueueinfo,
         libc::SYS_rt_tgsigqueueinfo,
     ] {
-        v.push(Check {
-            nr,
-            arg: 0,
-            rule: Rule::AllowOnly(me.clone()),
-        });
+        // The NFS broker may also kill its own process group (`kill(0,
+        // ..)`): itself and the server it forked, which cannot leave it.
+        let rule = if nr == libc::SYS_kill && profile == Profile::NfsBroker {
+            Rule::AllowOnly(me_or_0.clone())
+        } else {
+            Rule::AllowOnly(me.clone())
+        };
+        v.push(Check { nr, arg: 0, rule });
     }
     for nr in [
         libc::SYS_prlimit64,
@@ -679,6 +687,16 @@ mod tests {
         assert!(Acts::parse_ranges("9-3").is_err() && Acts::parse_ranges("x").is_err());
         for profile in [Profile::Nfs, Profile::NfsBroker, Profile::NoHandles] {
             let p = program(profile, Some(&acts), libc::EPERM).unwrap();
+            // kill(0, ..): its own process group, the broker's only.
+            let group = run(&p, AUDIT_ARCH, nr(libc::SYS_kill), 0);
+            match profile {
+                Profile::NfsBroker => assert_eq!(group, RET_ALLOW),
+                Profile::Nfs | Profile::NoHandles => assert_eq!(group, refused),
+            }
+            assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_tgkill), 0), refused);
+            for n in [libc::SYS_setsid, libc::SYS_setpgid] {
+                assert_eq!(run(&p, AUDIT_ARCH, nr(n), 0), refused, "{n}");
+            }
             for n in [libc::SYS_kill, libc::SYS_tgkill, libc::SYS_rt_sigqueueinfo] {
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), me), RET_ALLOW, "{n} to itself");
                 assert_eq!(run(&p, AUDIT_ARCH, nr(n), 1), refused, "{n} to init");

@@ -146,11 +146,13 @@ impl Helper {
         }
     }
 
-    /// Whether it died (and why), reaping it.
+    /// Whether it died (and why), reaping it; whatever it forked goes
+    /// too (its process group).
     pub(super) fn died(&mut self) -> Option<String> {
         let (c, _, _) = self.proc_.as_mut()?;
         match c.try_wait() {
             Ok(Some(st)) => {
+                let _ = coffre_sys::child::kill_group(c.id());
                 self.proc_ = None;
                 Some(st.to_string())
             }
@@ -168,10 +170,14 @@ impl Helper {
         self.proc_.as_ref().map(|(c, _, _)| c.id())
     }
 
-    /// Kills it.
+    /// Kills it, with whatever it forked: its process group (it was
+    /// started in a session of its own, and the helpers' seccomp filter
+    /// keeps them from leaving the group; the NFS server is the broker's
+    /// child).
     pub(super) fn stop(&mut self) {
         if let Some((mut c, stdin, _)) = self.proc_.take() {
             drop(stdin);
+            let _ = coffre_sys::child::kill_group(c.id());
             let _ = c.kill();
             let _ = c.wait();
         }
