@@ -234,6 +234,12 @@ pub fn run(
     )?;
     let (cmd_r, cmd_w) = io::pipe()?;
     let (ans_r, ans_w) = io::pipe()?;
+    // The service ends by killing its process group (the broker and the
+    // server): it must be a group of its own (the daemon starts it in a
+    // session of its own; by hand, it makes one).
+    if rustix::process::getpgrp() != rustix::process::getpid() {
+        rustix::process::setsid()?;
+    }
     match coffre_sys::child::fork()? {
         coffre_sys::child::Forked::Child => {
             drop((broker_end, cmd_w, ans_r));
@@ -249,6 +255,12 @@ pub fn run(
         }
         coffre_sys::child::Forked::Parent(_server) => {
             drop((server_end, cmd_r, ans_w, sockets));
+            // A panic on any thread ends the group too (never a broker
+            // left serving nothing, nor a server without its broker).
+            std::panic::set_hook(Box::new(|info| {
+                let _ = writeln!(io::stderr(), "coffre nfs-broker: {info}");
+                coffre_sys::child::end_own_group();
+            }));
             let r = serve_as_broker(confine, user, &acts, broker_end, &cmd_w, ans_r);
             if let Err(e) = &r {
                 eprintln!("coffre nfs-broker: {e}");
@@ -274,8 +286,10 @@ fn serve_as_broker(
 ) -> io::Result<()> {
     const WHO: &str = "nfs-broker";
     drop_privileges(user, Role::Broker)?;
-    // Set again: the change of user cleared it.
-    coffre_sys::child::die_with_parent()?;
+    // No parent-death signal here (the change of user cleared the one
+    // set at the start): the daemon's end closes standard input, and the
+    // broker then ends its group, the server with it, which a SIGKILL at
+    // the daemon's death would not give it the time to do.
     let broker_confined = confine_to(WHO, confine)?;
     filter(WHO, coffre_sys::seccomp::Profile::NfsBroker, acts)?;
     let state: Arc<broker::State> = Arc::new(std::sync::RwLock::new(None));
@@ -378,8 +392,11 @@ fn relay(
             Ok(Command::Stats) => {
                 // Confined and filtered: both processes.
                 let mut v = ask(&json!({"cmd": "stats"}))?;
-                let c = v["confined"].as_bool() == Some(true) && broker_confined;
-                v["confined"] = json!(c);
+                let Some(o) = v.as_object_mut() else {
+                    return Err(io::Error::other("the server's stats are not an object"));
+                };
+                let c = o.get("confined").and_then(Value::as_bool) == Some(true) && broker_confined;
+                o.insert("confined".into(), json!(c));
                 v
             }
         };

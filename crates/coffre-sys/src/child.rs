@@ -419,6 +419,37 @@ pub fn kill_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether helper `c` (a group leader: see [`prepare`]) has ended; if it
+/// has, its process group is killed (what it forked) before it is
+/// reaped: until then its number, the group's, cannot be reused.
+pub fn reap_group(c: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: siginfo_t is plain data; waitid writes it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let pid = libc::id_t::from(c.id());
+    // SAFETY: waitid on one pid, not reaping it (WNOWAIT), into `info`.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &raw mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is set by waitid (0 when nothing has ended).
+    if r != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    let _ = kill_group(c.id());
+    c.try_wait().ok().flatten()
+}
+
+/// Kills helper `c` and its process group, and reaps it.
+pub fn stop_group(c: &mut std::process::Child) {
+    let _ = kill_group(c.id());
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 /// Ends this process's group: SIGKILL to every process in it, this one
 /// included (a helper and what it forked). Returns only if the signal
 /// could not be sent, and then exits.
@@ -515,6 +546,50 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// A helper that died leaves nothing it forked behind: its group is
+    /// killed before it is reaped.
+    #[test]
+    fn a_dead_helpers_group_goes_with_it() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        assert_eq!(super::reap_group(&mut c), None, "still running");
+        // SAFETY: kill(2) of our own child with SIGKILL.
+        unsafe { libc::kill(c.id().cast_signed(), libc::SIGKILL) };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let st = loop {
+            if let Some(st) = super::reap_group(&mut c) {
+                break st;
+            }
+            assert!(std::time::Instant::now() < until);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(!st.success());
+        // The sleep was killed: gone, or a zombie waiting for its reaper.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .map(|s| s.rsplit(')').next().unwrap_or("").trim().chars().next())
+                .ok()
+                .flatten();
+            if matches!(state, None | Some('Z' | 'X')) {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "{grandchild}: {state:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// A fork while other threads run is refused (this test binary runs
     /// its tests on threads of their own).
     #[test]

@@ -150,14 +150,9 @@ impl Helper {
     /// too (its process group).
     pub(super) fn died(&mut self) -> Option<String> {
         let (c, _, _) = self.proc_.as_mut()?;
-        match c.try_wait() {
-            Ok(Some(st)) => {
-                let _ = coffre_sys::child::kill_group(c.id());
-                self.proc_ = None;
-                Some(st.to_string())
-            }
-            _ => None,
-        }
+        let st = coffre_sys::child::reap_group(c)?;
+        self.proc_ = None;
+        Some(st.to_string())
     }
 
     /// Whether it should be started (again) now.
@@ -177,9 +172,7 @@ impl Helper {
     pub(super) fn stop(&mut self) {
         if let Some((mut c, stdin, _)) = self.proc_.take() {
             drop(stdin);
-            let _ = coffre_sys::child::kill_group(c.id());
-            let _ = c.kill();
-            let _ = c.wait();
+            coffre_sys::child::stop_group(&mut c);
         }
     }
 }

@@ -147,22 +147,18 @@ impl Dhcp {
         Ok(pid)
     }
 
-    /// Whether it died (and why), reaping it.
+    /// Whether it died (and why), reaping it (and killing whatever it
+    /// forked: its process group).
     fn died(&mut self) -> Option<String> {
         let c = self.child.as_mut()?;
-        match c.try_wait() {
-            Ok(Some(st)) => {
-                self.child = None;
-                Some(st.to_string())
-            }
-            _ => None,
-        }
+        let st = coffre_sys::child::reap_group(c)?;
+        self.child = None;
+        Some(st.to_string())
     }
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            coffre_sys::child::stop_group(&mut c);
         }
     }
 }
