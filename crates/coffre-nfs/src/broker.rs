@@ -10,7 +10,7 @@
 //! holds neither the capability nor the handle key. A second process,
 //! the broker, holds both, parses nothing of a guest's but a handle's
 //! fixed layout, and does five things for the server over a
-//! `SOCK_SEQPACKET` pair ([`Handles`]):
+//! `SOCK_SEQPACKET` pairs, each served by a thread of its own ([`Handles`]):
 //!
 //! - **root**: the export's root directory, `O_PATH`;
 //! - **mint**: the NFS handle of a descriptor the server passes, which
@@ -477,16 +477,39 @@ impl Handles for Keeper {
 
 /// The server's side: asks the broker over its socket, one request at a
 /// time.
+/// Several connections, each served by a thread of the broker, so that
+/// one slow request (an `fsync` of a directory) does not hold the
+/// others' calls.
 pub struct Client {
-    sock: Mutex<OwnedFd>,
+    socks: Vec<Mutex<OwnedFd>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
+/// How many connections the server has to its broker.
+pub const CONNECTIONS: usize = 4;
+
 impl Client {
-    /// The server's end of the pair.
-    pub fn new(sock: OwnedFd) -> Self {
+    /// The server's ends of the pairs (at least one).
+    pub fn new(socks: Vec<OwnedFd>) -> Self {
         Self {
-            sock: Mutex::new(sock),
+            socks: socks.into_iter().map(Mutex::new).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// A connection no other call is using, or (all busy) the next one
+    /// in turn.
+    fn connection(&self) -> Option<std::sync::MutexGuard<'_, OwnedFd>> {
+        let n = self.socks.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(g) = self.socks[(start + i) % n].try_lock() {
+                return Some(g);
+            }
+        }
+        self.socks
+            .get(start % n.max(1))
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn ask(
@@ -496,7 +519,7 @@ impl Client {
         bytes: &[u8],
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<(Vec<u8>, Option<OwnedFd>), u32> {
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let sock = self.connection().ok_or(status::SERVERFAULT)?;
         send(sock.as_fd(), &encode_request(op, tag, bytes), fd).map_err(|_| status::SERVERFAULT)?;
         let mut buf = [0u8; MAX_MSG + 1];
         let (n, got) = recv(sock.as_fd(), &mut buf).map_err(|_| status::SERVERFAULT)?;
@@ -633,24 +656,30 @@ pub fn serve(sock: &OwnedFd, state: &State) -> io::Result<()> {
     }
 }
 
-/// A broker serving `keeper` on a thread of this process, and the client
-/// that asks it: the same protocol as between the two processes, for
-/// tests. The thread ends when the client is dropped (its keeper with
-/// it); it does not follow a change of exports.
+/// A broker serving `keeper` on threads of this process (one per
+/// connection, as in the broker's process), and the client that asks
+/// it: the same protocol as between the two processes, for tests. The
+/// threads end when the client is dropped (its keeper with them); it
+/// does not follow a change of exports.
 pub fn on_a_thread(keeper: Keeper) -> io::Result<Client> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-    let (ours, theirs) = socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    let state: State = RwLock::new(Some(keeper));
-    std::thread::Builder::new()
-        .name("nfs-broker".into())
-        .spawn(move || {
-            let _ = serve(&ours, &state);
-        })?;
+    let state = std::sync::Arc::new(RwLock::new(Some(keeper)));
+    let mut theirs = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (ours, t) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        let state = std::sync::Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("nfs-broker".into())
+            .spawn(move || {
+                let _ = serve(&ours, &state);
+            })?;
+        theirs.push(t);
+    }
     Ok(Client::new(theirs))
 }
 
@@ -711,7 +740,7 @@ mod tests {
         };
         let (ours, theirs) = pair();
         let t = serving(ours);
-        let c = Client::new(theirs);
+        let c = Client::new(vec![theirs]);
         assert_eq!(c.open([1; 8], &[1, 2, 3]).err(), Some(status::JUKEBOX));
         let dir = std::fs::File::open("/").unwrap();
         assert_eq!(c.sync([1; 8], dir.as_fd()).err(), Some(status::JUKEBOX));

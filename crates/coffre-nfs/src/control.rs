@@ -226,12 +226,18 @@ pub fn run(
     acts: coffre_sys::seccomp::Acts,
 ) -> io::Result<()> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-    let (broker_end, server_end) = socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let (broker_ends, server_ends): (Vec<OwnedFd>, Vec<OwnedFd>) = (0..broker::CONNECTIONS)
+        .map(|_| {
+            socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let (cmd_r, cmd_w) = io::pipe()?;
     let (ans_r, ans_w) = io::pipe()?;
     // The service ends by killing its process group (the broker and the
@@ -242,26 +248,26 @@ pub fn run(
     }
     match coffre_sys::child::fork()? {
         coffre_sys::child::Forked::Child => {
-            drop((broker_end, cmd_w, ans_r));
+            drop((broker_ends, cmd_w, ans_r));
             // Its standard input and output become the broker's pipes:
             // the daemon's (which carry the key) are closed here.
             coffre_sys::child::replace_stdio(&cmd_r, &ans_w)?;
             drop((cmd_r, ans_w));
-            let r = serve_as_server(sockets, workers, confine, user, &acts, server_end);
+            let r = serve_as_server(sockets, workers, confine, user, &acts, server_ends);
             if let Err(e) = &r {
                 eprintln!("coffre nfs-server: {e}");
             }
             std::process::exit(i32::from(r.is_err()));
         }
         coffre_sys::child::Forked::Parent(_server) => {
-            drop((server_end, cmd_r, ans_w, sockets));
+            drop((server_ends, cmd_r, ans_w, sockets));
             // A panic on any thread ends the group too (never a broker
             // left serving nothing, nor a server without its broker).
             std::panic::set_hook(Box::new(|info| {
                 let _ = writeln!(io::stderr(), "coffre nfs-broker: {info}");
                 coffre_sys::child::end_own_group();
             }));
-            let r = serve_as_broker(confine, user, &acts, broker_end, &cmd_w, ans_r);
+            let r = serve_as_broker(confine, user, &acts, broker_ends, &cmd_w, ans_r);
             if let Err(e) = &r {
                 eprintln!("coffre nfs-broker: {e}");
             }
@@ -280,7 +286,7 @@ fn serve_as_broker(
     confine: Option<&Path>,
     user: Option<(u32, u32)>,
     acts: &coffre_sys::seccomp::Acts,
-    sock: OwnedFd,
+    socks: Vec<OwnedFd>,
     to_server: &io::PipeWriter,
     from_server: io::PipeReader,
 ) -> io::Result<()> {
@@ -293,7 +299,7 @@ fn serve_as_broker(
     let broker_confined = confine_to(WHO, confine)?;
     filter(WHO, coffre_sys::seccomp::Profile::NfsBroker, acts)?;
     let state: Arc<broker::State> = Arc::new(std::sync::RwLock::new(None));
-    {
+    for sock in socks {
         let state = Arc::clone(&state);
         std::thread::Builder::new()
             .name("nfs-broker".into())
@@ -431,7 +437,7 @@ fn serve_as_server(
     confine: Option<&Path>,
     user: Option<(u32, u32)>,
     acts: &coffre_sys::seccomp::Acts,
-    sock: OwnedFd,
+    socks: Vec<OwnedFd>,
 ) -> io::Result<()> {
     const WHO: &str = "nfs-server";
     drop_privileges(user, Role::Server)?;
@@ -447,7 +453,7 @@ fn serve_as_server(
     coffre_sys::child::die_with_parent()?;
     filter(WHO, coffre_sys::seccomp::Profile::Nfs, acts)?;
     let filtered = true;
-    let handles: Arc<Client> = Arc::new(Client::new(sock));
+    let handles: Arc<Client> = Arc::new(Client::new(socks));
     let server = Arc::new(Server::new());
     {
         let s = Arc::clone(&server);
