@@ -9,7 +9,7 @@
 //! it were at the mount's root). So the server that parses guests' bytes
 //! holds neither the capability nor the handle key. A second process,
 //! the broker, holds both, parses nothing of a guest's but a handle's
-//! fixed layout, and does five things for the server over a
+//! fixed layout, and does five things for the server over
 //! `SOCK_SEQPACKET` pairs, each served by a thread of its own ([`Handles`]):
 //!
 //! - **root**: the export's root directory, `O_PATH`;
