@@ -942,7 +942,15 @@ impl VaultDir {
             path: path.clone(),
             source,
         })?;
-        let mut c: Config = toml::from_str(&text).map_err(|e| DirError::Bad {
+        self.parse_config(&text)
+    }
+
+    /// Parses and checks the text of `config.toml` (an operator's typo
+    /// gets an error naming the file, never a panic: fuzzed,
+    /// `vault_config`), resolving relative paths against the directory.
+    pub fn parse_config(&self, text: &str) -> Result<Config, DirError> {
+        let path = self.config();
+        let mut c: Config = toml::from_str(text).map_err(|e| DirError::Bad {
             path: path.clone(),
             msg: e.to_string(),
         })?;
