@@ -102,6 +102,19 @@ pub(crate) struct Events {
     dropped: u64,
 }
 
+/// A connection's place in the per-address count, given back when it is
+/// dropped (the connection ended, or its thread panicked).
+struct Slot<'a> {
+    server: &'a Server,
+    ip: IpAddr,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.server.disconnected(self.ip);
+    }
+}
+
 /// The server's shared state.
 pub struct Server {
     directory: RwLock<Arc<Directory>>,
@@ -246,8 +259,10 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name("ldap-conn".into())
                 .spawn(move || {
+                    // Given back however the connection ends, a panic
+                    // included.
+                    let _slot = Slot { server: &s, ip };
                     let _ = s.connection(conn, ip, ldaps, config);
-                    s.disconnected(ip);
                 });
             if spawned.is_err() {
                 self.disconnected(ip);
@@ -255,6 +270,7 @@ impl Server {
         }
     }
 
+    /// Gives back a connection's slot in the per-address count.
     fn disconnected(&self, ip: IpAddr) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = conns.get_mut(&ip) {
@@ -580,6 +596,26 @@ pub fn frame_len(b: &[u8]) -> Result<Option<usize>, Malformed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection whose thread panics gives its slot back (else an
+    /// address would lose one of its few connections for good).
+    #[test]
+    fn a_panicking_connection_gives_its_slot_back() {
+        let server = Server::new().unwrap();
+        let ip = IpAddr::from([10, 9, 0, 10]);
+        server.conns.lock().unwrap().insert(ip, 2);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| {
+                let _slot = Slot {
+                    server: &server,
+                    ip,
+                };
+                panic!("a bug in a connection");
+            });
+            assert!(t.join().is_err());
+        });
+        assert_eq!(server.conns.lock().unwrap().get(&ip), Some(&1));
+    }
 
     #[test]
     fn frames() {

@@ -333,8 +333,10 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name("nfs-conn".into())
                 .spawn(move || {
+                    // Given back however the connection ends, a panic
+                    // included.
+                    let _slot = Slot { server: &s, ip };
                     s.connection(conn, ip, &tx);
-                    s.disconnected(ip);
                 });
             if spawned.is_err() {
                 self.disconnected(ip);
@@ -342,6 +344,7 @@ impl Server {
         }
     }
 
+    /// Gives back a connection's slot in the per-address count.
     fn disconnected(&self, ip: Ipv4Addr) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = conns.get_mut(&ip) {
@@ -724,6 +727,19 @@ fn open_all(
     (exports, failed)
 }
 
+/// A connection's place in the per-address count, given back when it is
+/// dropped (the connection ended, or its thread panicked).
+struct Slot<'a> {
+    server: &'a Server,
+    ip: Ipv4Addr,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.server.disconnected(self.ip);
+    }
+}
+
 /// Adds to `failed` what `more` says of other workloads (the first word
 /// on a workload is the broker's, which says why).
 pub fn merge(failed: &mut Vec<(String, String)>, more: Vec<(String, String)>) {
@@ -807,6 +823,26 @@ impl Drc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection whose thread panics gives its slot back (else an
+    /// address would lose one of its few connections for good).
+    #[test]
+    fn a_panicking_connection_gives_its_slot_back() {
+        let server = Server::new();
+        let ip = Ipv4Addr::new(10, 9, 0, 10);
+        server.conns.lock().unwrap().insert(ip, 2);
+        std::thread::scope(|sc| {
+            let t = sc.spawn(|| {
+                let _slot = Slot {
+                    server: &server,
+                    ip,
+                };
+                panic!("a bug in a connection");
+            });
+            assert!(t.join().is_err());
+        });
+        assert_eq!(server.conns.lock().unwrap().get(&ip), Some(&1));
+    }
 
     fn call(prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
         let mut w = Writer::default();
