@@ -211,17 +211,21 @@ impl Server {
         }
     }
 
-    /// The vault opened: serve through this broker (which holds the key).
-    /// Returns the exports whose directory could not be opened (their
-    /// calls get STALE).
-    pub fn open(&self, handles: Arc<dyn Handles>) -> Vec<(String, String)> {
-        let specs: Vec<ExportSpec> = self
-            .specs
+    /// The exports, as last set.
+    fn specs(&self) -> Vec<ExportSpec> {
+        self.specs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// The vault opened: serve through this broker (which holds the key).
+    /// Returns the exports whose directory could not be opened (their
+    /// calls get STALE).
+    pub fn open(&self, handles: Arc<dyn Handles>) -> Vec<(String, String)> {
+        let specs = self.specs();
         let (exports, failed) = open_all(&specs, &*handles);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Live {
             handles,
@@ -237,13 +241,7 @@ impl Server {
     /// The vault opened, its handles kept in this process (a [`Keeper`]
     /// of its own: tests, and a server with no broker process).
     pub fn open_in_process(&self, key: HandleKey) -> Vec<(String, String)> {
-        let specs: Vec<ExportSpec> = self
-            .specs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let specs = self.specs();
         let (keeper, mut failed) = Keeper::open(key, &specs);
         merge(&mut failed, self.open(Arc::new(keeper)));
         failed
