@@ -142,7 +142,7 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                     };
                     let server = match nfs["pid"].as_u64() {
                         Some(pid) => format!(
-                            "server pid {pid}{}{}",
+                            "server and its handle broker, pid {pid}{}{}",
                             said(
                                 "confined",
                                 "confined (Landlock)",
