@@ -758,6 +758,53 @@ mod tests {
         assert!(t.join().unwrap().is_err());
     }
 
+    /// A call waiting on one connection (a slow fsync) does not hold
+    /// another: the next call takes a free connection.
+    #[test]
+    fn a_slow_request_holds_only_its_own_connection() {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        use std::sync::mpsc;
+        let pair = || {
+            socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .unwrap()
+        };
+        let ((slow, c0), (fast, c1)) = (pair(), pair());
+        let (got, got_rx) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        // The slow connection: answers once told to.
+        let slow_t = std::thread::spawn(move || {
+            let mut buf = [0u8; MAX_MSG + 1];
+            let (n, _) = recv(slow.as_fd(), &mut buf).unwrap();
+            assert!(n > 0);
+            got.send(()).unwrap();
+            go_rx.recv().unwrap();
+            send(slow.as_fd(), &encode_reply(0, &[]), None).unwrap();
+        });
+        let fast_t = std::thread::spawn(move || {
+            let state: State = RwLock::new(None);
+            serve(&fast, &state)
+        });
+        let c = std::sync::Arc::new(Client::new(vec![c0, c1]));
+        let dir = std::fs::File::open("/").unwrap();
+        let waiting = {
+            let (c, dir) = (std::sync::Arc::clone(&c), dir.try_clone().unwrap());
+            std::thread::spawn(move || c.sync([1; 8], dir.as_fd()))
+        };
+        got_rx.recv().unwrap();
+        // Connection 0 is taken and unanswered: this call goes to 1.
+        assert_eq!(c.sync([1; 8], dir.as_fd()).err(), Some(status::JUKEBOX));
+        go.send(()).unwrap();
+        assert_eq!(waiting.join().unwrap(), Ok(()));
+        slow_t.join().unwrap();
+        drop(c);
+        assert!(fast_t.join().unwrap().is_ok());
+    }
+
     #[test]
     fn replies_parse() {
         assert_eq!(
