@@ -380,7 +380,14 @@ impl Handles for Keeper {
             // other descriptors (its log, its sockets) and files of
             // another export, or moved out of this one, get no handle.
             if !beneath(r, fd)? {
-                return Err(status::SERVERFAULT);
+                // On the data but not beneath the root now (renamed away
+                // since the server found it): STALE, which a client
+                // looks up again; anything else is no file of ours.
+                return Err(if fstat(fd)?.st_dev == r.dev {
+                    status::STALE
+                } else {
+                    status::SERVERFAULT
+                });
             }
             let fh =
                 FileHandle::of(fd, std::path::Path::new("")).map_err(|_| status::SERVERFAULT)?;

@@ -1068,7 +1068,7 @@ fn the_broker_opens_only_its_own_handles_of_the_exports_files() {
     );
     assert_eq!(
         keeper.mint(home, f.as_fd()).err(),
-        Some(status::SERVERFAULT),
+        Some(status::STALE),
         "a file of the shared directory under alice's home's export"
     );
     std::fs::write(lab.data("shared/leaving"), b"x").unwrap();
@@ -1076,7 +1076,7 @@ fn the_broker_opens_only_its_own_handles_of_the_exports_files() {
     std::fs::rename(lab.data("shared/leaving"), lab.data("home/bob/left")).unwrap();
     assert_eq!(
         keeper.mint(shared, leaving.as_fd()).err(),
-        Some(status::SERVERFAULT),
+        Some(status::STALE),
         "a file no longer in the share"
     );
     // A directory moved out of the share is no longer opened.
