@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let said = e.to_string();
             assert!(said.contains("config.toml"), "{said}");
-            assert!(said.len() > "/var/lib/coffre/fuzz/config.toml".len() + 2, "{said}");
+            assert!(
+                said.len() > "/var/lib/coffre/fuzz/config.toml".len() + 2,
+                "{said}"
+            );
         }
         Ok(c) => {
             if let Ok(again) = toml::to_string(&c) {
