@@ -490,6 +490,21 @@ impl Handles for Keeper {
 pub struct Client {
     socks: Vec<Mutex<OwnedFd>>,
     next: std::sync::atomic::AtomicUsize,
+    /// The broker's threads, when they are in this process
+    /// ([`on_a_thread`]): joined when the client is dropped.
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Client {
+    /// Hangs up, then waits for the broker's threads of this process, if
+    /// any: once dropped, no descriptor of theirs (the exports' roots)
+    /// is left on the data, which may then be unmounted at once.
+    fn drop(&mut self) {
+        self.socks.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How many connections the server has to its broker.
@@ -501,6 +516,7 @@ impl Client {
         Self {
             socks: socks.into_iter().map(Mutex::new).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
+            threads: Vec::new(),
         }
     }
 
@@ -672,6 +688,7 @@ pub fn on_a_thread(keeper: Keeper) -> io::Result<Client> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
     let state = std::sync::Arc::new(RwLock::new(Some(keeper)));
     let mut theirs = Vec::new();
+    let mut threads = Vec::new();
     for _ in 0..CONNECTIONS {
         let (ours, t) = socketpair(
             AddressFamily::UNIX,
@@ -680,14 +697,20 @@ pub fn on_a_thread(keeper: Keeper) -> io::Result<Client> {
             None,
         )?;
         let state = std::sync::Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("nfs-broker".into())
-            .spawn(move || {
-                let _ = serve(&ours, &state);
-            })?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("nfs-broker".into())
+                .spawn(move || {
+                    let _ = serve(&ours, &state);
+                })?,
+        );
         theirs.push(t);
     }
-    Ok(Client::new(theirs))
+    // The last reference to the keeper is the threads'.
+    drop(state);
+    let mut c = Client::new(theirs);
+    c.threads = threads;
+    Ok(c)
 }
 
 #[cfg(test)]
