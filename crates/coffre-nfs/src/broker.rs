@@ -679,23 +679,29 @@ pub fn serve(sock: &OwnedFd, state: &State) -> io::Result<()> {
     }
 }
 
+/// One connection between the server and the broker: a `SOCK_SEQPACKET`
+/// pair (message boundaries kept, a descriptor carried with a message).
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+    Ok(socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// A broker serving `keeper` on threads of this process (one per
 /// connection, as in the broker's process), and the client that asks
 /// it: the same protocol as between the two processes, for tests. The
 /// threads end when the client is dropped (its keeper with them); it
 /// does not follow a change of exports.
 pub fn on_a_thread(keeper: Keeper) -> io::Result<Client> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
     let state = std::sync::Arc::new(RwLock::new(Some(keeper)));
     let mut theirs = Vec::new();
     let mut threads = Vec::new();
     for _ in 0..CONNECTIONS {
-        let (ours, t) = socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let (ours, t) = pair()?;
         let state = std::sync::Arc::clone(&state);
         threads.push(
             std::thread::Builder::new()
@@ -752,16 +758,7 @@ mod tests {
     /// end the service.
     #[test]
     fn the_service_answers_jukebox_while_closed_and_ends_on_nonsense() {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
-        let pair = || {
-            socketpair(
-                AddressFamily::UNIX,
-                SocketType::SEQPACKET,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-            .unwrap()
-        };
+        let pair = || pair().unwrap();
         let serving = |ours: OwnedFd| {
             std::thread::spawn(move || {
                 let state: State = RwLock::new(None);
@@ -792,17 +789,8 @@ mod tests {
     /// another: the next call takes a free connection.
     #[test]
     fn a_slow_request_holds_only_its_own_connection() {
-        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
         use std::sync::mpsc;
-        let pair = || {
-            socketpair(
-                AddressFamily::UNIX,
-                SocketType::SEQPACKET,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-            .unwrap()
-        };
+        let pair = || pair().unwrap();
         let ((slow, c0), (fast, c1)) = (pair(), pair());
         let (got, got_rx) = mpsc::channel();
         let (go, go_rx) = mpsc::channel::<()>();

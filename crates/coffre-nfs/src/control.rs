@@ -225,17 +225,9 @@ pub fn run(
     user: Option<(u32, u32)>,
     acts: coffre_sys::seccomp::Acts,
 ) -> io::Result<()> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
     let (broker_ends, server_ends): (Vec<OwnedFd>, Vec<OwnedFd>) = (0..broker::CONNECTIONS)
-        .map(|_| {
-            socketpair(
-                AddressFamily::UNIX,
-                SocketType::SEQPACKET,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?
+        .map(|_| broker::pair())
+        .collect::<io::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
     let (cmd_r, cmd_w) = io::pipe()?;
