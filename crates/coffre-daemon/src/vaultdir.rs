@@ -879,33 +879,41 @@ impl VaultDir {
         }
     }
 
-    /// The NFS server's directory: it holds the server's own mounts of
-    /// the shares (`share-N`) and nothing else, and the server is
-    /// confined beneath it (root's alone).
+    /// The NFS servers' directory: it holds a directory per VM with a
+    /// share, each holding that VM's server's own mount of its share
+    /// (`NAME/share`) and nothing else (root's alone).
     pub fn nfs_dir(&self) -> PathBuf {
         self.root.join("run").join("nfs")
     }
 
-    /// The VMs' shares (each directory once, in order) and where each is
-    /// mounted for the NFS server; none without a network.
+    /// VM `name`'s NFS server's log (`run/nfs-NAME.log`).
+    pub fn nfs_log(&self, name: &str) -> PathBuf {
+        self.root.join("run").join(format!("nfs-{name}.log"))
+    }
+
+    /// The directory VM `name`'s NFS server is confined beneath: its
+    /// share's mount point and nothing else.
+    pub fn nfs_vm_dir(&self, name: &str) -> PathBuf {
+        self.nfs_dir().join(name)
+    }
+
+    /// Each VM's share and where it is mounted for that VM's NFS server
+    /// (`DIR/run/nfs/NAME/share`: a share two VMs use is mounted twice,
+    /// so that neither server reaches the other's mount); none without a
+    /// network.
     pub fn nfs_shares(&self, config: &Config) -> Vec<coffre_data::ShareView> {
         if !config.has_shares() {
             return Vec::new();
         }
-        let mut shares: Vec<&PathBuf> = config
+        config
             .workload
             .iter()
             .filter(|w| w.address.is_some())
-            .filter_map(|w| w.share.as_ref())
-            .collect();
-        shares.sort();
-        shares.dedup();
-        shares
-            .into_iter()
-            .enumerate()
-            .map(|(i, share)| coffre_data::ShareView {
-                share: share.clone(),
-                at: self.nfs_dir().join(format!("share-{i}")),
+            .filter_map(|w| {
+                Some(coffre_data::ShareView {
+                    share: w.share.clone()?,
+                    at: self.nfs_vm_dir(&w.name).join("share"),
+                })
             })
             .collect()
     }

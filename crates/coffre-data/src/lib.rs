@@ -62,11 +62,11 @@ pub struct Layout {
     /// Where the team's ext4 filesystem is mounted.
     pub mountpoint: PathBuf,
     /// The VMs' shares, each mounted again (a bind mount of its
-    /// directory, made after the data and taken down before it) for the
-    /// NFS server alone: `DIR/run/nfs/share-N`. Their parent holds them
-    /// and nothing else, so the server confines itself (Landlock) to that
-    /// parent before the vault first opens, and reaches by path the
-    /// shares and nothing else of the data (a rule on a mount point would
+    /// directory, made after the data and taken down before it) for its
+    /// VM's NFS server alone: `DIR/run/nfs/NAME/share`. Its parent holds
+    /// it and nothing else, so that VM's server confines itself
+    /// (Landlock) to that parent before the vault first opens, and reaches
+    /// by path its share and nothing else of the data (a rule on a mount point would
     /// not cover what is mounted over it later; by handle, see
     /// docs/security.md). Made `nosuid,nodev,noexec`, private.
     pub nfs_shares: Vec<ShareView>,
@@ -405,7 +405,15 @@ impl Exposure {
             (Some(p), Some(n)) => (p, Path::new(n)),
             _ => return Err(std::io::Error::other("a share's mount point has no parent")),
         };
-        let top = open(parent)?;
+        let top = open(parent).map_err(|e| {
+            std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!(
+                    "{}: {e}: not the NFS server's own directory (a read-only tmpfs): not mounting the share there",
+                    parent.display()
+                ),
+            )
+        })?;
         if !on_nfs_dir(&top)? {
             return Err(std::io::Error::other(format!(
                 "{} is not the NFS server's own directory (a read-only tmpfs): not mounting the share there",
@@ -747,10 +755,11 @@ fn unmount_busy(
     })
 }
 
-/// Mounts the NFS server's directory: a small tmpfs of its own (root's,
-/// 0700, `nosuid,nodev,noexec`, private), holding one empty mount point
-/// per share and nothing else, made read-only before it is attached.
-/// The server confines itself beneath it; being a filesystem of its own,
+/// Mounts the NFS servers' directory: a small tmpfs of its own (root's,
+/// 0700, `nosuid,nodev,noexec`, private), holding the shares' empty mount
+/// points (one or two names below it: `NAME/share`, a directory per VM)
+/// and nothing else, made read-only before it is attached.
+/// Each server confines itself beneath its VM's directory in it; being a filesystem of its own,
 /// nothing of the host's filesystem lies behind it (a bind of a host
 /// directory would let a file of that filesystem, opened by handle
 /// through it, count as beneath it), and the server can change nothing in
@@ -773,7 +782,7 @@ pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>>
             .any(|m| m.mountpoint == dir && m.fstype == "tmpfs")
         && here
             .iter()
-            .all(|m| m.mountpoint == dir || m.mountpoint.parent() == Some(dir))
+            .all(|m| m.mountpoint == dir || shares.iter().any(|v| v.at == m.mountpoint))
     {
         return Ok(Vec::new());
     }
@@ -789,18 +798,29 @@ pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>>
             })
             .collect());
     }
-    let mut names = Vec::new();
+    // Each mount point one or two plain names below (`VM/share`: a
+    // directory of each VM's own, which its server is confined beneath).
+    let mut names: Vec<PathBuf> = Vec::new();
     for v in shares {
-        match (v.at.parent(), v.at.file_name()) {
-            (Some(p), Some(n)) if p == dir => names.push(n.to_os_string()),
-            _ => {
-                return Ok(vec![format!(
-                    "{}: not in {}",
-                    v.at.display(),
-                    dir.display()
-                )]);
-            }
+        let rel = v.at.strip_prefix(dir).ok().filter(|r| {
+            let n = r.components().count();
+            (1..=2).contains(&n)
+                && r.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        });
+        let Some(rel) = rel else {
+            return Ok(vec![format!(
+                "{}: not one or two names in {}",
+                v.at.display(),
+                dir.display()
+            )]);
+        };
+        if let Some(p) = rel.parent().filter(|p| !p.as_os_str().is_empty())
+            && !names.iter().any(|n| n == p)
+        {
+            names.push(p.to_path_buf());
         }
+        names.push(rel.to_path_buf());
     }
     private_dir(dir)?;
     let fs = rustix::mount::fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
@@ -815,8 +835,12 @@ pub fn nfs_dir(dir: &Path, shares: &[ShareView]) -> std::io::Result<Vec<String>>
             | MountAttrFlags::MOUNT_ATTR_NODEV
             | MountAttrFlags::MOUNT_ATTR_NOEXEC,
     )?;
+    // Parents first (each listed before what it holds).
     for n in &names {
-        rustix::fs::mkdirat(&root, n.as_os_str(), Mode::from_raw_mode(0o700))?;
+        match rustix::fs::mkdirat(&root, n.as_path(), Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let at = rustix::fs::open(
         dir,

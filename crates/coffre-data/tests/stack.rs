@@ -127,12 +127,19 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     };
     let (c, key) = support::scratch_volume(t.path(), 64 << 20);
     let nfs = t.path().join("run/nfs");
+    // Each VM's own mount point in a directory of its own (`vmN/share`);
+    // two VMs that share a directory get a mount each.
     let view = |share: &str, n: u32| coffre_data::ShareView {
         share: share.into(),
-        at: nfs.join(format!("share-{n}")),
+        at: nfs.join(format!("vm{n}/share")),
     };
     let l = Layout {
-        nfs_shares: vec![view("shared", 0), view("missing", 1), view("shared/etc", 2)],
+        nfs_shares: vec![
+            view("shared", 0),
+            view("missing", 1),
+            view("shared/etc", 2),
+            view("shared", 3),
+        ],
         ..Layout::under(t.path())
     };
     format_ext4(c.open_volume(&key).unwrap(), &l.volume_file).unwrap();
@@ -166,11 +173,11 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     drop(e);
     let mut e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     let data = system::mount_at(&l.mountpoint).unwrap();
-    let m = system::mount_at(&nfs.join("share-0")).expect("the share is mounted");
+    let m = system::mount_at(&nfs.join("vm0/share")).expect("the share is mounted");
     assert!(shared_tag(&l.mountpoint), "the test's parent is not shared");
     assert!(!shared_tag(&nfs), "the server's directory propagates");
     assert!(
-        !shared_tag(&nfs.join("share-0")),
+        !shared_tag(&nfs.join("vm0/share")),
         "the share's mount propagates"
     );
     assert_eq!(
@@ -195,10 +202,10 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     assert!(why(0).contains("No such file"), "{}", why(0));
     assert!(why(1).contains("symbolic links"), "{}", why(1));
     for n in [1, 2] {
-        assert!(system::mount_at(&nfs.join(format!("share-{n}"))).is_none());
+        assert!(system::mount_at(&nfs.join(format!("vm{n}/share"))).is_none());
     }
     assert!(
-        std::fs::read_dir(nfs.join("share-2"))
+        std::fs::read_dir(nfs.join("vm2/share"))
             .unwrap()
             .next()
             .is_none(),
@@ -210,21 +217,25 @@ fn the_shares_mounts_come_and_go_with_the_data() {
         assert_eq!(mode & 0o7777, 0o700);
     }
     std::fs::write(l.mountpoint.join("shared/a"), "through the data").unwrap();
-    assert_eq!(
-        std::fs::read_to_string(nfs.join("share-0/a")).unwrap(),
-        "through the data"
-    );
+    for vm in ["vm0", "vm3"] {
+        assert_eq!(
+            std::fs::read_to_string(nfs.join(vm).join("share/a")).unwrap(),
+            "through the data",
+            "{vm}"
+        );
+    }
     // The rest of the data is not in the share's mount.
-    assert!(!nfs.join("share-0/disks").exists());
+    assert!(!nfs.join("vm0/share/disks").exists());
     // A process holding the share's mount does not keep the data open.
     let mut child = std::process::Command::new("sleep")
         .arg("1000")
-        .current_dir(nfs.join("share-0"))
+        .current_dir(nfs.join("vm0/share"))
         .spawn()
         .unwrap();
     closing_stops(&mut e, &child);
     assert!(!child.wait().unwrap().success());
-    assert!(system::mount_at(&nfs.join("share-0")).is_none());
+    assert!(system::mount_at(&nfs.join("vm0/share")).is_none());
+    assert!(system::mount_at(&nfs.join("vm3/share")).is_none());
     assert!(system::mount_at(&l.mountpoint).is_none());
     assert!(system::LoopDevice::backed_by(&l.volume_file).is_empty());
     // The server's directory keeps the mount points it is given and
@@ -233,7 +244,7 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     assert!(system::mount_at(&nfs).is_none());
     // Without it, no share is mounted (not on the host's own directory).
     let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
-    assert_eq!(e.share_failures().len(), 3, "{:?}", e.share_failures());
+    assert_eq!(e.share_failures().len(), 4, "{:?}", e.share_failures());
     assert!(
         e.share_failures()[0]
             .1
@@ -241,7 +252,7 @@ fn the_shares_mounts_come_and_go_with_the_data() {
         "{:?}",
         e.share_failures()
     );
-    assert!(system::mount_at(&nfs.join("share-0")).is_none());
+    assert!(system::mount_at(&nfs.join("vm0/share")).is_none());
     drop(e);
     assert!(
         coffre_data::nfs_dir(&nfs, &l.nfs_shares[..1])
@@ -252,7 +263,12 @@ fn the_shares_mounts_come_and_go_with_the_data() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left, ["share-0"]);
+    assert_eq!(left, ["vm0"]);
+    let inside: Vec<_> = std::fs::read_dir(nfs.join("vm0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(inside, ["share"]);
 
     // Left behind (as by a daemon killed while open): the cleanup takes
     // the server's directory down first (the share's mount in it holds
@@ -263,7 +279,7 @@ fn the_shares_mounts_come_and_go_with_the_data() {
     };
     let e = expose(c.open_volume(&key).unwrap(), &l, &own).unwrap();
     assert!(e.share_failures().is_empty(), "{:?}", e.share_failures());
-    let share0 = nfs.join("share-0");
+    let share0 = nfs.join("vm0/share");
     assert!(system::mount_at(&share0).is_some());
     let done = coffre_data::cleanup_stale(&Layout::under(t.path()), Duration::from_secs(1));
     assert!(

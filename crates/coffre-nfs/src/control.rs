@@ -20,10 +20,10 @@
 //! (`nobody`), not root; the broker `CAP_DAC_READ_SEARCH` (to open
 //! handles), the server `CAP_SETUID` and `CAP_SETGID` (to act as an
 //! export's user on a thread); nothing else in any set or the bounding
-//! set, `no_new_privs`, not dumpable. Given a directory (`DIR/run/nfs`,
-//! where the daemon mounts the data for it and nothing else), each
+//! set, `no_new_privs`, not dumpable. Given a directory (`DIR/run/nfs/NAME`,
+//! where the daemon mounts its VM's share for it and nothing else), each
 //! confines itself beneath it by Landlock before it starts a thread: the
-//! server, taken over, reaches the shares by path and nothing else; it
+//! server, taken over, reaches that share by path and nothing else; it
 //! cannot open a file by handle, so no team file outside the shares.
 //! A seccomp filter then refuses each the system calls that lead out of
 //! its sandbox or into the kernel's widest surfaces

@@ -53,6 +53,11 @@ pub struct Listen {
     /// The mark (SO_MARK) on the portmapper's UDP socket, by which the
     /// vault's firewall keeps its packets to the workloads' links.
     pub udp_mark: Option<u32>,
+    /// The one link whose connections these sockets take
+    /// (`SO_BINDTODEVICE`): each VM's server listens on its VM's tap
+    /// alone, so that the same address and ports serve every VM, each by
+    /// a server of its own. `None`: any link.
+    pub device: Option<String>,
 }
 
 /// The listening sockets, bound (before privileges are dropped).
@@ -62,9 +67,10 @@ pub struct Sockets {
     nfs_port: u16,
 }
 
-fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_tcp(addr: SocketAddr, device: Option<&str>) -> io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
+    s.bind_device(device.map(str::as_bytes))?;
     // The address is on the workloads' links, which may come later.
     s.set_freebind_v4(true)?;
     s.bind(&addr.into())?;
@@ -75,13 +81,15 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
 impl Sockets {
     /// Binds every listener.
     pub fn bind(l: &Listen) -> io::Result<Self> {
-        let nfs = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), l.nfs_port))?;
+        let device = l.device.as_deref();
+        let nfs = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), l.nfs_port), device)?;
         let nfs_port = nfs.local_addr()?.port();
         let portmap = match l.portmap_port {
             Some(p) => {
-                let t = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), p))?;
+                let t = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), p), device)?;
                 let u = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
                 u.set_freebind_v4(true)?;
+                u.bind_device(device.map(str::as_bytes))?;
                 if let Some(m) = l.udp_mark {
                     u.set_mark(m)?;
                 }

@@ -85,6 +85,7 @@ impl Lab {
             nfs_port: 0,
             portmap_port: None,
             udp_mark: None,
+            device: None,
         })
         .unwrap();
         let port = sockets.nfs_port();
@@ -1013,6 +1014,7 @@ fn the_portmappers_udp_socket_is_marked() {
         nfs_port: 0,
         portmap_port: Some(0),
         udp_mark: Some(0x00c0_ffee),
+        device: None,
     })
     .unwrap();
     let fds = sockets.into_fds();
@@ -1020,6 +1022,144 @@ fn the_portmappers_udp_socket_is_marked() {
     let udp = socket2::Socket::from(fds.into_iter().nth(2).unwrap());
     assert_eq!(udp.r#type().unwrap(), socket2::Type::DGRAM);
     assert_eq!(udp.mark().unwrap(), 0x00c0_ffee);
+}
+
+/// Each VM's server's sockets take that VM's link's connections alone:
+/// two sets bound to the same address and ports, each on a link of its
+/// own (`SO_BINDTODEVICE`), and a connection (TCP, and a portmapper's
+/// datagram) through each link reaches the set bound to it, never the
+/// other.
+#[test]
+#[ignore = "system: needs root and network namespaces"]
+fn sockets_bound_to_a_link_take_that_links_connections_alone() {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::process::Command;
+    coffre_testkit::require(&[Need::Root, Need::NetNs]);
+    let tag = format!("{:04x}", std::process::id() & 0xffff);
+    let srv = format!("cnfs-s{tag}");
+    let cli = |i: u32| format!("cnfs-c{i}{tag}");
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    struct Gone(Vec<String>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+    let _gone = Gone(vec![srv.clone(), cli(1), cli(2)]);
+    ip(&["netns", "add", &srv]);
+    for i in 1..=2 {
+        let (s, c, me) = (
+            format!("s{i}{tag}"),
+            format!("c{i}{tag}"),
+            format!("10.77.0.{i}0"),
+        );
+        ip(&["netns", "add", &cli(i)]);
+        ip(&[
+            "link",
+            "add",
+            &s,
+            "netns",
+            &srv,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &c,
+            "netns",
+            &cli(i),
+        ]);
+        ip(&["-n", &srv, "addr", "add", "10.77.0.1/32", "dev", &s]);
+        ip(&["-n", &srv, "link", "set", &s, "up"]);
+        ip(&["-n", &srv, "route", "add", &format!("{me}/32"), "dev", &s]);
+        ip(&["-n", &cli(i), "addr", "add", &format!("{me}/32"), "dev", &c]);
+        ip(&["-n", &cli(i), "link", "set", &c, "up"]);
+        ip(&["-n", &cli(i), "route", "add", "10.77.0.1/32", "dev", &c]);
+    }
+    // Bound inside the server's namespace, by a thread that joined it.
+    let ns = std::fs::File::open(format!("/run/netns/{srv}")).unwrap();
+    let links = [format!("s1{tag}"), format!("s2{tag}")];
+    let sets: Vec<Vec<OwnedFd>> = std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        links
+            .iter()
+            .map(|l| {
+                Sockets::bind(&Listen {
+                    addr: Ipv4Addr::new(10, 77, 0, 1),
+                    nfs_port: 2049,
+                    portmap_port: Some(111),
+                    udp_mark: None,
+                    device: Some(l.clone()),
+                })
+                .unwrap_or_else(|e| panic!("binding on {l}: {e}"))
+                .into_fds()
+            })
+            .collect()
+    })
+    .join()
+    .unwrap();
+    let sets: Vec<(std::net::TcpListener, std::net::UdpSocket)> = sets
+        .into_iter()
+        .map(|fds| {
+            let mut it = fds.into_iter();
+            let tcp = std::net::TcpListener::from(it.next().unwrap());
+            let _portmap_tcp = it.next().unwrap();
+            let udp = std::net::UdpSocket::from(it.next().unwrap());
+            tcp.set_nonblocking(true).unwrap();
+            udp.set_nonblocking(true).unwrap();
+            (tcp, udp)
+        })
+        .collect();
+    for i in 1..=2u32 {
+        let probe = "import socket\n\
+            s = socket.create_connection(('10.77.0.1', 2049), timeout=5)\n\
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+            u.sendto(b'probe', ('10.77.0.1', 111))\n";
+        let st = Command::new("ip")
+            .args(["netns", "exec", &cli(i), "python3", "-c", probe])
+            .status()
+            .unwrap();
+        assert!(st.success(), "client {i} could not connect");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for (j, (tcp, udp)) in sets.iter().enumerate() {
+            let mine = j + 1 == i as usize;
+            let accepted = tcp.accept().map(|(_, from)| from.ip());
+            let mut buf = [0u8; 16];
+            let got = udp
+                .recv_from(&mut buf)
+                .map(|(n, from)| (buf[..n].to_vec(), from.ip()));
+            let me: std::net::IpAddr =
+                Ipv4Addr::new(10, 77, 0, u8::try_from(i * 10).unwrap()).into();
+            if mine {
+                assert_eq!(
+                    accepted.ok(),
+                    Some(me),
+                    "link {i}'s connection, set {}",
+                    j + 1
+                );
+                assert_eq!(
+                    got.ok(),
+                    Some((b"probe".to_vec(), me)),
+                    "link {i}'s datagram"
+                );
+            } else {
+                assert!(
+                    accepted.is_err(),
+                    "link {i}'s connection reached set {}",
+                    j + 1
+                );
+                assert!(got.is_err(), "link {i}'s datagram reached set {}", j + 1);
+            }
+        }
+    }
 }
 
 /// The handle broker opens only handles it made, under its key, for the

@@ -16,9 +16,9 @@
 //! The NFS server needs the shares, which are mounted and unmounted
 //! under it at each open and close. A rule on a mount point does not
 //! cover a filesystem mounted over it later (Landlock's walk up a path
-//! skips a covered mount point), so the server is confined beneath the
-//! mount points' parent, `DIR/run/nfs`, which holds them and nothing else
-//! (the daemon mounts each share there for it), with a file server's
+//! skips a covered mount point), so each VM's server is confined beneath
+//! its mount point's parent, `DIR/run/nfs/NAME`, which holds it and
+//! nothing else (the daemon mounts the VM's share there for it), with a file server's
 //! rights ([`to_files_beneath`]). A file it reaches by handle through a
 //! share's mount but outside that share is checked, by this kernel's
 //! Landlock (6.18), as if it were at the mount's root: it opens.

@@ -382,7 +382,6 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         dhcp = Some(d);
     }
     let nfs = if config.has_shares() {
-        let log = dir.join("run").join("nfs.log");
         let _ = std::fs::create_dir_all(dir.join("run"));
         // Without NFS the vault still works (the VMs' mounts wait): a port
         // taken is said loudly, not a reason to refuse to start.
@@ -392,11 +391,25 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             .flatten()
             .map(|(uid, gid, _)| (uid, gid))
             .filter(|(uid, gid)| *uid != 0 && *gid != 0);
+        // A server per VM with a share, on its own link.
+        let vms: Vec<super::nfs::VmLink> = config
+            .workload
+            .iter()
+            .filter(|w| w.share.is_some() && w.address.is_some())
+            .filter_map(|w| match links.get(&w.name)? {
+                Link::Tap { name, .. } => Some(super::nfs::VmLink {
+                    workload: w.name.clone(),
+                    link: name.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
         let bound = match nobody {
             None => Err("the NFS server runs as user nobody, who does not exist here".to_string()),
             Some(user) => super::nfs::NfsChild::bind(
                 gw,
-                log,
+                &vms,
+                &dir.join("run"),
                 &vd.nfs_dir(),
                 vd.nfs_shares(config),
                 user,
@@ -404,15 +417,12 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             ),
         };
         match bound {
-            Ok((n, warning)) => {
-                match warning {
-                    None => notes.push(format!(
-                        "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, for the workloads with a share only"
-                    )),
-                    Some(w) => notes.push(format!(
-                        "NFS (tcp/2049) on {gw}, for the workloads with a share only; {w}"
-                    )),
-                }
+            Ok((n, warnings)) => {
+                notes.push(format!(
+                    "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, a server per VM with a share ({}), each taking connections from its VM's link alone",
+                    vms.iter().map(|v| v.workload.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+                notes.extend(warnings);
                 Some(std::sync::Arc::new(std::sync::Mutex::new(n)))
             }
             Err(e) => {

@@ -1,135 +1,100 @@
-//! The VMs' shares over NFS: the server's process (`coffre nfs-server`,
-//! in `coffre-nfs`), which the daemon starts when a workload has a
-//! `share`, feeds with the exports, and drives through the vault's
-//! transitions: at open, after the data is mounted and before the VMs
-//! resume, it gets the handle key (derived from the volume key: one way)
-//! and opens the shares; at close, after the VMs are paused or
-//! suspended and before the data is unmounted, it lets go of every
-//! descriptor and of the key. The daemon binds its sockets (on the vault
-//! network's host address) and keeps them, so it can start it again
-//! should it die; a restarted server is given the exports and, while the
-//! vault is open, the key again.
+//! The VMs' shares over NFS: a server per VM with a share (`coffre
+//! nfs-server`, in `coffre-nfs`: a handle broker and the server it
+//! forks), which the daemon starts, feeds with that VM's export, and
+//! drives through the vault's transitions: at open, after the data is
+//! mounted and before the VMs resume, each gets the handle key (derived
+//! from the volume key: one way) and opens its share; at close, after
+//! the VMs are paused or suspended and before the data is unmounted,
+//! each lets go of every descriptor and of the key. The daemon binds
+//! each server's sockets (on the vault network's host address, taking
+//! connections from that VM's link alone) and keeps them, so it can start
+//! one again should it die; a restarted server is given its export and,
+//! while the vault is open, the key again.
+//!
+//! A server per VM, not one for all: a server taken over by its guest
+//! reaches that VM's share alone (its own mount of it, the only thing in
+//! the directory it is confined beneath), acts as that VM's share user
+//! alone (its seccomp filter), and answers no other VM (its sockets take
+//! nothing from another link).
 
 use super::Shell;
 use super::helper::{Helper, counters, failures};
 use coffre_nfs::{ExportSpec, HandleKey};
+use coffre_sys::seccomp::Acts;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
-/// The server's process and what it must be told.
-pub(super) struct NfsChild {
+/// One VM's server: its process, its sockets, what it is told.
+struct VmServer {
+    /// The workload it serves.
+    workload: String,
     helper: Helper,
+    /// How many sockets it is given.
+    sockets: usize,
+    /// Where it is confined (`DIR/run/nfs/NAME`): the VM's own directory,
+    /// holding the server's mount of the share and nothing else.
+    confine: PathBuf,
+    /// Its VM's export.
     exports: Vec<ExportSpec>,
+    /// Whom it was started to act as (its filter's).
+    acts: Option<Acts>,
+}
+
+/// The VMs' NFS servers and what they must be told.
+pub(super) struct NfsChild {
+    servers: Vec<VmServer>,
     /// The handle key while the vault is open (to restart a server).
     key: Option<HandleKey>,
-    /// Where it is confined (`DIR/run/nfs`), holding its own mounts of
-    /// the shares and nothing else.
+    /// The servers' directory (`DIR/run/nfs`), holding a directory per
+    /// VM with its mount of the share, and nothing else.
     dir: PathBuf,
     /// Those mounts.
     shares: Vec<coffre_data::ShareView>,
-    /// The user it becomes.
+    /// The user they become.
     user: (u32, u32),
-    /// How many sockets it is given.
-    sockets: usize,
-    /// Whom it was started to act as (its filter's).
-    acts: Option<coffre_sys::seccomp::Acts>,
 }
 
-impl NfsChild {
-    /// Binds the server's sockets on `addr` (NFS and MOUNT on 2049, the
-    /// portmapper on 111, TCP and UDP).
-    /// When port 111 is taken (the host runs its own rpcbind on every
-    /// address), NFS is served without a portmapper and the note says so:
-    /// clients then need `port=2049,mountport=2049`.
-    /// `dir` is where it is confined (made at each start), holding the
-    /// mounts of `shares` (made at each open). `udp_mark` marks the
-    /// portmapper's UDP socket for the vault's output rule.
-    pub(super) fn bind(
-        addr: std::net::Ipv4Addr,
-        log: PathBuf,
-        dir: &Path,
-        shares: Vec<coffre_data::ShareView>,
-        user: (u32, u32),
-        udp_mark: u32,
-    ) -> Result<(Self, Option<String>), String> {
-        let listen = |portmap_port| coffre_nfs::Listen {
-            addr,
-            nfs_port: 2049,
-            portmap_port,
-            udp_mark: Some(udp_mark),
-        };
-        let (sockets, note) = match coffre_nfs::Sockets::bind(&listen(Some(111))) {
-            Ok(s) => (s, None),
-            Err(e) => {
-                let s = coffre_nfs::Sockets::bind(&listen(None))
-                    .map_err(|e| format!("binding NFS on {addr}:2049: {e}"))?;
-                (
-                    s,
-                    Some(format!(
-                        "no portmapper on {addr}:111 ({e}: is the host's rpcbind listening on every address?); VMs must mount with port=2049,mountport=2049"
-                    )),
-                )
-            }
-        };
-        let sockets = sockets.into_fds();
-        let n = sockets.len();
-        Ok((
-            Self {
-                helper: Helper::new("the NFS server", Vec::new(), sockets, log),
-                exports: Vec::new(),
-                key: None,
-                dir: dir.to_path_buf(),
-                shares,
-                user,
-                sockets: n,
-                acts: None,
-            },
-            note,
-        ))
-    }
+/// A VM with a share: its workload's name and its link (the tap).
+pub(super) struct VmLink {
+    pub(super) workload: String,
+    pub(super) link: String,
+}
 
-    /// Starts the process, then tells it the exports and (while open)
-    /// the key.
-    /// `acts`: whom it may act as on files, fixed for its life.
-    pub(super) fn start(&mut self, acts: &coffre_sys::seccomp::Acts) -> Result<u32, String> {
+impl VmServer {
+    /// Starts the process, then tells it the export and (while open) the
+    /// key. `acts`: whom it may act as on files, fixed for its life.
+    fn start(
+        &mut self,
+        user: (u32, u32),
+        acts: &Acts,
+        key: Option<&HandleKey>,
+    ) -> Result<u32, String> {
         // It becomes `user` (the broker keeping CAP_DAC_READ_SEARCH, the
-        // server it forks CAP_SETUID and CAP_SETGID),
-        // then confines itself beneath `dir` (Landlock) and filters its
-        // system calls (seccomp), before serving anything; it must see
-        // the host's mounts as they are (the open mounts the shares in
-        // `dir`).
+        // server it forks CAP_SETUID and CAP_SETGID), then confines itself
+        // beneath its VM's directory (Landlock) and filters its system
+        // calls (seccomp), before serving anything; it must see the host's
+        // mounts as they are (the open mounts the share in its directory).
         self.helper.set_args(vec![
             "nfs-server".to_string(),
             "--sockets".to_string(),
             self.sockets.to_string(),
             "--confine".to_string(),
-            self.dir.to_string_lossy().into_owned(),
+            self.confine.to_string_lossy().into_owned(),
             "--uid".to_string(),
-            self.user.0.to_string(),
+            user.0.to_string(),
             "--gid".to_string(),
-            self.user.1.to_string(),
+            user.1.to_string(),
             "--acts-uids".to_string(),
-            coffre_sys::seccomp::Acts::ranges_text(&acts.uids),
+            Acts::ranges_text(&acts.uids),
             "--acts-gids".to_string(),
-            coffre_sys::seccomp::Acts::ranges_text(&acts.gids),
+            Acts::ranges_text(&acts.gids),
         ]);
         self.acts = Some(acts.clone());
-        // What an older configuration's shares left goes (empty mount
-        // points only).
-        let left = coffre_data::nfs_dir(&self.dir, &self.shares)
-            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        if !left.is_empty() {
-            return Err(format!(
-                "{} holds more than the shares' mount points: {}",
-                self.dir.display(),
-                left.join("; ")
-            ));
-        }
         let pid = self.helper.spawn()?;
         let exports = self.exports.clone();
         self.send_exports(exports)?;
-        if let Some(k) = self.key.clone() {
-            self.send_open(&k)?;
+        if let Some(k) = key {
+            self.send_open(k)?;
         }
         Ok(pid)
     }
@@ -151,57 +116,8 @@ impl NfsChild {
         Ok(failures(&v))
     }
 
-    /// New exports (a member removed, the daemon started): the server
-    /// serves them at once. Returns the shares it could not open.
-    pub(super) fn set_exports(&mut self, exports: Vec<ExportSpec>) -> Result<Vec<String>, String> {
-        if exports == self.exports && self.helper.running() {
-            return Ok(Vec::new());
-        }
-        self.exports = exports.clone();
-        if !self.helper.running() {
-            return Ok(Vec::new());
-        }
-        self.send_exports(exports)
-    }
-
-    /// The vault is open: serve the shares with this key.
-    pub(super) fn open(&mut self, key: HandleKey) -> Result<Vec<String>, String> {
-        self.key = Some(key.clone());
-        self.send_open(&key)
-    }
-
-    /// The vault closes: the server drops every descriptor on the data
-    /// and its key, after the calls in flight.
-    pub(super) fn close(&mut self) -> Result<(), String> {
-        self.key = None;
-        if !self.helper.running() {
-            return Ok(());
-        }
-        self.helper.command(&json!({"cmd": "close"})).map(drop)
-    }
-
-    /// Whether it died (and why), reaping it.
-    pub(super) fn died(&mut self) -> Option<String> {
-        self.helper.died()
-    }
-
-    /// Whether it should be started (again) now.
-    pub(super) fn due(&self) -> bool {
-        self.helper.due()
-    }
-
-    /// Its process id, while it runs.
-    pub(super) fn pid(&self) -> Option<u32> {
-        self.helper.pid()
-    }
-
-    /// Its log file.
-    pub(super) fn log(&self) -> &Path {
-        &self.helper.log
-    }
-
-    /// Counters, for status.
-    pub(super) fn stats(&mut self) -> Option<Value> {
+    /// Its counters, for status.
+    fn stats(&mut self) -> Option<Value> {
         let v = self.helper.command(&json!({"cmd": "stats"})).ok()?;
         Some(counters(
             &v,
@@ -210,56 +126,283 @@ impl NfsChild {
             ],
         ))
     }
+}
+
+impl NfsChild {
+    /// Binds each VM's server's sockets on `addr` (NFS and MOUNT on
+    /// 2049, the portmapper on 111, TCP and UDP), each set bound to its
+    /// VM's link alone (`SO_BINDTODEVICE`): the same address and ports,
+    /// a server per VM. When port 111 is taken (the host runs its own
+    /// rpcbind on every address), NFS is served without a portmapper and
+    /// the notes say so: clients then need `port=2049,mountport=2049`.
+    /// A VM whose sockets cannot be bound is not served (said in the
+    /// notes); none at all is an error.
+    /// `dir` is where they are confined (a directory per VM, made at the
+    /// first start), holding the mounts of `shares` (made at each open).
+    /// `udp_mark` marks the portmapper's UDP sockets for the vault's
+    /// output rule. Each server's log is `run/nfs-NAME.log`.
+    pub(super) fn bind(
+        addr: std::net::Ipv4Addr,
+        vms: &[VmLink],
+        run: &Path,
+        dir: &Path,
+        shares: Vec<coffre_data::ShareView>,
+        user: (u32, u32),
+        udp_mark: u32,
+    ) -> Result<(Self, Vec<String>), String> {
+        let mut servers = Vec::new();
+        let mut notes = Vec::new();
+        for vm in vms {
+            let listen = |portmap_port| coffre_nfs::Listen {
+                addr,
+                nfs_port: 2049,
+                portmap_port,
+                udp_mark: Some(udp_mark),
+                device: Some(vm.link.clone()),
+            };
+            let sockets = match coffre_nfs::Sockets::bind(&listen(Some(111))) {
+                Ok(s) => s,
+                Err(e) => match coffre_nfs::Sockets::bind(&listen(None)) {
+                    Ok(s) => {
+                        notes.push(format!(
+                            "{}: no portmapper on {addr}:111 ({e}: is the host's rpcbind listening on every address?); it must mount with port=2049,mountport=2049",
+                            vm.workload
+                        ));
+                        s
+                    }
+                    Err(e) => {
+                        notes.push(format!(
+                            "{}: NFS NOT SERVED: binding {addr}:2049 on {}: {e}",
+                            vm.workload, vm.link
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let sockets = sockets.into_fds();
+            let n = sockets.len();
+            servers.push(VmServer {
+                workload: vm.workload.clone(),
+                helper: Helper::new(
+                    "the NFS server",
+                    Vec::new(),
+                    sockets,
+                    run.join(format!("nfs-{}.log", vm.workload)),
+                ),
+                sockets: n,
+                confine: dir.join(&vm.workload),
+                exports: Vec::new(),
+                acts: None,
+            });
+        }
+        if servers.is_empty() {
+            return Err(notes.join("; "));
+        }
+        Ok((
+            Self {
+                servers,
+                key: None,
+                dir: dir.to_path_buf(),
+                shares,
+                user,
+            },
+            notes,
+        ))
+    }
+
+    /// The servers' directory, mounted (once; kept while mounted).
+    fn ready_dir(&self) -> Result<(), String> {
+        // What an older configuration's shares left goes (empty mount
+        // points only).
+        let left = coffre_data::nfs_dir(&self.dir, &self.shares)
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        if !left.is_empty() {
+            return Err(format!(
+                "{} holds more than the shares' mount points: {}",
+                self.dir.display(),
+                left.join("; ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts the servers that are not running, or (`due_only`) those
+    /// whose restart delay has passed; each allowed to act as
+    /// `acts(its exports)`. Says what each start gave: the VM, then its
+    /// broker's pid or why not.
+    pub(super) fn start(
+        &mut self,
+        due_only: bool,
+        acts: &dyn Fn(&[ExportSpec]) -> Acts,
+    ) -> Vec<(String, Result<u32, String>)> {
+        let mut out = Vec::new();
+        let (user, key) = (self.user, self.key.clone());
+        let ready = self.ready_dir();
+        for s in &mut self.servers {
+            if s.helper.pid().is_some() || (due_only && !s.helper.due()) {
+                continue;
+            }
+            let r = match &ready {
+                Ok(()) => s.start(user, &acts(&s.exports), key.as_ref()),
+                Err(e) => Err(e.clone()),
+            };
+            out.push((s.workload.clone(), r));
+        }
+        out
+    }
+
+    /// New exports (a member removed, the daemon started): each server
+    /// serves its VM's at once. A server whose filter does not let it act
+    /// as its new export's user (a member with numbers imported from an
+    /// older vault) is stopped, to be started again (never for fewer
+    /// users). Returns the shares that could not be opened, and the VMs
+    /// whose servers were stopped for a start.
+    pub(super) fn set_exports(
+        &mut self,
+        exports: &[ExportSpec],
+        acts: &dyn Fn(&[ExportSpec]) -> Acts,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        let mut failed = Vec::new();
+        let mut stopped = Vec::new();
+        let mut errors = Vec::new();
+        for s in &mut self.servers {
+            let mine: Vec<ExportSpec> = exports
+                .iter()
+                .filter(|e| e.workload == s.workload)
+                .cloned()
+                .collect();
+            if mine == s.exports && s.helper.running() {
+                continue;
+            }
+            s.exports = mine.clone();
+            if !s.helper.running() {
+                continue;
+            }
+            if !s.acts.as_ref().is_some_and(|a| a.covers(&acts(&mine))) {
+                s.helper.stop();
+                stopped.push(s.workload.clone());
+                continue;
+            }
+            match s.send_exports(mine) {
+                Ok(f) => failed.extend(f),
+                Err(e) => errors.push(format!("{}: {e}", s.workload)),
+            }
+        }
+        if errors.is_empty() {
+            Ok((failed, stopped))
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Whether the exports differ from what the servers were told.
+    pub(super) fn exports_differ(&self, exports: &[ExportSpec]) -> bool {
+        self.servers.iter().any(|s| {
+            let mine = exports.iter().filter(|e| e.workload == s.workload);
+            !mine.eq(s.exports.iter())
+        })
+    }
+
+    /// The vault is open: each server serves its share with this key.
+    pub(super) fn open(&mut self, key: HandleKey) -> Result<Vec<String>, String> {
+        self.key = Some(key.clone());
+        let mut failed = Vec::new();
+        let mut errors = Vec::new();
+        for s in self.servers.iter_mut().filter(|s| s.helper.running()) {
+            match s.send_open(&key) {
+                Ok(f) => failed.extend(f),
+                Err(e) => errors.push(format!("{}: {e}", s.workload)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(failed)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The vault closes: each server drops every descriptor on the data
+    /// and its key, after the calls in flight (one that does not answer
+    /// in time is killed, and its descriptors go with it).
+    pub(super) fn close(&mut self) -> Result<(), String> {
+        self.key = None;
+        let mut errors = Vec::new();
+        for s in self.servers.iter_mut().filter(|s| s.helper.running()) {
+            if let Err(e) = s.helper.command(&json!({"cmd": "close"})) {
+                errors.push(format!("{}: {e}", s.workload));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The servers that died (and why), reaped: the VM, the reason, its
+    /// log.
+    pub(super) fn died(&mut self) -> Vec<(String, String, PathBuf)> {
+        self.servers
+            .iter_mut()
+            .filter_map(|s| {
+                let why = s.helper.died()?;
+                Some((s.workload.clone(), why, s.helper.log.clone()))
+            })
+            .collect()
+    }
+
+    /// Each server's VM, broker pid (while it runs) and counters.
+    pub(super) fn servers(&mut self) -> Vec<(String, Option<u32>, Option<Value>)> {
+        self.servers
+            .iter_mut()
+            .map(|s| {
+                let pid = s.helper.pid();
+                let stats = pid.and_then(|_| s.stats());
+                (s.workload.clone(), pid, stats)
+            })
+            .collect()
+    }
 
     pub(super) fn stop(&mut self) {
-        self.helper.stop();
+        for s in &mut self.servers {
+            s.helper.stop();
+        }
     }
 }
 
 impl Drop for NfsChild {
-    /// The daemon ends: the server with it, then its directory's
+    /// The daemon ends: the servers with it, then their directory's
     /// read-only mount (a share still mounted there goes too; the data's
     /// own close has taken them down before).
     fn drop(&mut self) {
-        self.helper.stop();
+        self.stop();
         let _ = coffre_data::release_nfs_dir(&self.dir);
     }
 }
 
-/// Whom the NFS server may act as on files (its seccomp filter refuses
-/// any other `setfsuid` or `setfsgid`, and root always): itself (`user`),
-/// the vault's accounts' range, and the users of the exports (members'
-/// imported numbers, the host users the shares name) outside it.
-/// A host user's own files on the host are what a server taken over
-/// could still change the modes of; the members' accounts own none
-/// (made without a home).
-pub(super) fn acts(
-    config: &crate::vaultdir::Config,
-    user: (u32, u32),
-    exports: &[ExportSpec],
-) -> coffre_sys::seccomp::Acts {
-    let range = config.accounts.range();
-    let outside = |id: u32| id < range.first || id > range.last;
-    let mut uids = vec![(user.0, user.0), (range.first, range.last)];
-    let mut gids = vec![(user.1, user.1), (range.first, range.last)];
-    // The exports' users, as resolved (members' numbers imported from an
-    // older vault may lie outside the range; host accounts do).
+/// Whom a VM's NFS server may act as on files (its seccomp filter
+/// refuses any other `setfsuid` or `setfsgid`, and root always): itself
+/// (`user`) and its VM's share user (a member's numbers, or the host user
+/// the share names), nobody else. A share whose user has no numbers yet
+/// (a member not joined) adds none: when they come, the server is
+/// started again allowed them. A host user's own files on the host are
+/// what a server taken over could still change the modes of; the
+/// members' accounts own none (made without a home).
+pub(super) fn acts(user: (u32, u32), exports: &[ExportSpec]) -> Acts {
+    let mut uids = vec![(user.0, user.0)];
+    let mut gids = vec![(user.1, user.1)];
     for e in exports.iter().filter(|e| !e.denied) {
-        if outside(e.uid) {
-            uids.push((e.uid, e.uid));
-        }
-        if outside(e.gid) {
-            gids.push((e.gid, e.gid));
-        }
+        uids.push((e.uid, e.uid));
+        gids.push((e.gid, e.gid));
     }
-    coffre_sys::seccomp::Acts {
-        uids: coffre_sys::seccomp::Acts::merged(&uids),
-        gids: coffre_sys::seccomp::Acts::merged(&gids),
+    Acts {
+        uids: Acts::merged(&uids),
+        gids: Acts::merged(&gids),
     }
 }
 
 /// The exports of `config`: one per workload with a `share` and an
-/// address, at the share's own mount for the server (`views`). Its
+/// address, at its VM's own mount of the share (`views`). Its
 /// user is a member's numbers and groups when `share_user` names a
 /// current member (`members`); a removed member (`retired`)
 /// gets an export that refuses everything; any other name is a host
@@ -291,7 +434,12 @@ pub(super) fn exports(
                 }
             }
         };
-        let Some(view) = views.iter().find(|v| &v.share == share) else {
+        // Its VM's own mount of the share (`NAME/share`).
+        let own = Path::new(&w.name).join("share");
+        let Some(view) = views
+            .iter()
+            .find(|v| &v.share == share && v.at.ends_with(&own))
+        else {
             problems.push(format!("workload {}: no mount for its share", w.name));
             continue;
         };
@@ -333,40 +481,44 @@ impl Shell {
         )
     }
 
-    /// At start: the exports, then the process.
+    /// At start: the exports, then the servers.
     pub(super) fn nfs_start(&mut self) {
         let Some(nfs) = self.nfs() else { return };
         let (exports, problems) = self.nfs_exports();
         for p in problems {
             self.system_audit("nfs", "failed", p);
         }
-        let n = exports.len();
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
-        let who = acts(&self.config, g.user, &exports);
-        let _ = g.set_exports(exports);
-        let r = g.start(&who);
-        let log = g.log().to_path_buf();
+        let user = g.user;
+        let who = move |e: &[ExportSpec]| acts(user, e);
+        let _ = g.set_exports(&exports, &who);
+        let started = g.start(false, &who);
         drop(g);
-        match r {
-            Ok(pid) => self.system_audit(
-                "nfs",
-                "up",
-                format!(
-                    "NFS server (pid {pid}: its handle broker, user nobody with CAP_DAC_READ_SEARCH only, and the server it forks, nobody with CAP_SETUID and CAP_SETGID only; no network of their own, each confining itself beneath {}) for {n} share(s); closed until the vault opens",
-                    self.dir.nfs_dir().display()
+        for (vm, r) in started {
+            match r {
+                Ok(pid) => self.system_audit(
+                    "nfs",
+                    "up",
+                    format!(
+                        "NFS server for {vm} (pid {pid}: its handle broker, user nobody with CAP_DAC_READ_SEARCH only, and the server it forks, nobody with CAP_SETUID and CAP_SETGID only; no network of their own, taking connections from {vm}'s link alone, each confining itself beneath {}); closed until the vault opens",
+                        self.dir.nfs_vm_dir(&vm).display()
+                    ),
                 ),
-            ),
-            Err(e) => self.system_audit(
-                "nfs",
-                "failed",
-                format!("the NFS server: {e}; see {}", log.display()),
-            ),
+                Err(e) => self.system_audit(
+                    "nfs",
+                    "failed",
+                    format!(
+                        "the NFS server for {vm}: {e}; see {}",
+                        self.dir.nfs_log(&vm).display()
+                    ),
+                ),
+            }
         }
     }
 
     /// Membership changed: the exports again (a removed member's shares
     /// refuse everything at once). On the actor: if an open or a close
-    /// holds the server just now, the next tick does it.
+    /// holds the servers just now, the next tick does it.
     pub(super) fn nfs_update(&mut self) {
         let Some(nfs) = self.nfs() else { return };
         let (exports, _) = self.nfs_exports();
@@ -379,44 +531,45 @@ impl Shell {
         if let Some(n) = self.net.as_mut() {
             n.nfs_dirty = false;
         }
+        if !g.exports_differ(&exports) {
+            return;
+        }
         let denied: Vec<String> = exports
             .iter()
             .filter(|e| e.denied)
             .map(|e| e.workload.clone())
             .collect();
-        // A share's user whom its filter does not allow (a member with
-        // numbers imported from an older vault): the server starts again,
-        // allowed them. Never for fewer users.
-        let who = acts(&self.config, g.user, &exports);
-        if g.pid().is_some() && !g.acts.as_ref().is_some_and(|a| a.covers(&who)) {
-            g.stop();
-            let _ = g.set_exports(exports);
-            let r = g.start(&who);
-            drop(g);
+        let user = g.user;
+        let who = move |e: &[ExportSpec]| acts(user, e);
+        // A server whose filter does not allow its share's new user (a
+        // member who joined since it started) is stopped and started again
+        // at once, allowed them.
+        let r = g.set_exports(&exports, &who);
+        let started = match &r {
+            Ok((_, stopped)) if !stopped.is_empty() => g.start(false, &who),
+            _ => Vec::new(),
+        };
+        drop(g);
+        if let Some(n) = self.net.as_mut() {
+            n.nfs_dirty = r.is_err();
+        }
+        for (vm, r) in started {
             match r {
                 Ok(pid) => self.system_audit(
                     "nfs",
                     "ok",
                     format!(
-                        "NFS server started again (pid {pid}) to act as a share's user it could not (a member's imported numbers)"
+                        "NFS server for {vm} started again (pid {pid}) to act as its share's user, whom it could not (a member who joined since)"
                     ),
                 ),
-                Err(e) => self.system_audit("nfs", "failed", format!("the NFS server: {e}")),
+                Err(e) => {
+                    self.system_audit("nfs", "failed", format!("the NFS server for {vm}: {e}"));
+                }
             }
-            self.nfs_audit_denied(&denied);
-            return;
-        }
-        if g.exports == exports {
-            return;
-        }
-        let r = g.set_exports(exports);
-        drop(g);
-        if let Some(n) = self.net.as_mut() {
-            n.nfs_dirty = r.is_err();
         }
         match r {
-            Ok(failed) if failed.is_empty() => self.nfs_audit_denied(&denied),
-            Ok(failed) => self.system_audit("nfs", "failed", failed.join("; ")),
+            Ok((failed, _)) if failed.is_empty() => self.nfs_audit_denied(&denied),
+            Ok((failed, _)) => self.system_audit("nfs", "failed", failed.join("; ")),
             Err(e) => self.system_audit("nfs", "failed", e),
         }
     }
@@ -434,26 +587,32 @@ impl Shell {
         }
     }
 
-    /// The server died: say so, and start it again.
+    /// A server died: say so, and start it again.
     pub(super) fn nfs_tick(&mut self) {
         let Some(nfs) = self.nfs() else { return };
         if self.net.as_ref().is_some_and(|n| n.nfs_dirty) {
             self.nfs_update();
         }
-        // An open or a close holds it: never wait for them on the actor.
+        // An open or a close holds them: never wait for them on the actor.
         let Ok(mut g) = nfs.try_lock() else { return };
         let mut notes = Vec::new();
-        if let Some(why) = g.died() {
+        for (vm, why, log) in g.died() {
             notes.push((
                 "failed",
-                format!("the NFS server ended ({why}); see {}", g.log().display()),
+                format!(
+                    "the NFS server for {vm} ended ({why}); see {}",
+                    log.display()
+                ),
             ));
         }
-        if g.pid().is_none() && g.due() {
-            let who = acts(&self.config, g.user, &g.exports);
-            match g.start(&who) {
-                Ok(pid) => notes.push(("ok", format!("NFS server started again (pid {pid})"))),
-                Err(e) => notes.push(("failed", format!("the NFS server: {e}"))),
+        let user = g.user;
+        for (vm, r) in g.start(true, &move |e: &[ExportSpec]| acts(user, e)) {
+            match r {
+                Ok(pid) => notes.push((
+                    "ok",
+                    format!("NFS server for {vm} started again (pid {pid})"),
+                )),
+                Err(e) => notes.push(("failed", format!("the NFS server for {vm}: {e}"))),
             }
         }
         drop(g);
@@ -462,33 +621,78 @@ impl Shell {
         }
     }
 
-    /// `status`'s `nfs` object.
+    /// `status`'s `nfs` object: each export with its VM's server (`pid`,
+    /// its broker's, whose child is the server; `stats`), and `stats`
+    /// over them all (counters summed; `open`, `confined` and `filtered`
+    /// only when every running server is).
     pub(super) fn nfs_json(&self) -> Value {
         let Some(nfs) = self.nfs() else {
             return json!({"configured": false});
         };
         let (exports, _) = self.nfs_exports();
-        let (pid, stats) = match nfs.try_lock() {
-            Ok(mut g) => (g.pid(), g.stats()),
-            // An open or a close is talking to it.
-            Err(_) => (None, Some(json!({"busy": true}))),
+        let servers = match nfs.try_lock() {
+            Ok(mut g) => Some(g.servers()),
+            // An open or a close is talking to them.
+            Err(_) => None,
+        };
+        let stats = match &servers {
+            Some(all) => total(all.iter().filter_map(|(_, _, s)| s.as_ref())),
+            None => json!({"busy": true}),
+        };
+        let of = |vm: &str| {
+            servers
+                .iter()
+                .flatten()
+                .find(|(w, _, _)| w == vm)
+                .map(|(_, pid, st)| (*pid, st.clone()))
         };
         json!({
             "configured": true,
-            "pid": pid,
             "stats": stats,
-            "exports": exports.iter().map(|e| json!({
-                "workload": e.workload,
-                "client": e.client.to_string(),
-                "share": e.share,
-                "uid": e.uid,
-                "gid": e.gid,
-                "readonly": e.readonly,
-                "async": e.async_metadata,
-                "refused": e.denied,
-            })).collect::<Vec<_>>(),
+            "exports": exports.iter().map(|e| {
+                let (pid, st) = of(&e.workload).unwrap_or((None, None));
+                json!({
+                    "workload": e.workload,
+                    "client": e.client.to_string(),
+                    "share": e.share,
+                    "uid": e.uid,
+                    "gid": e.gid,
+                    "readonly": e.readonly,
+                    "async": e.async_metadata,
+                    "refused": e.denied,
+                    "pid": pid,
+                    "stats": st,
+                })
+            }).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The servers' counters together: numbers summed; a flag true only when
+/// it is in every one (and there is one).
+fn total<'a>(each: impl Iterator<Item = &'a Value>) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut any = false;
+    for s in each {
+        any = true;
+        let Some(o) = s.as_object() else { continue };
+        for (k, v) in o {
+            let merged = match (out.get(k), v) {
+                (None, v) => v.clone(),
+                (Some(Value::Bool(a)), Value::Bool(b)) => Value::Bool(*a && *b),
+                (Some(Value::Number(a)), Value::Number(b)) => {
+                    json!(
+                        a.as_u64()
+                            .unwrap_or(0)
+                            .saturating_add(b.as_u64().unwrap_or(0))
+                    )
+                }
+                (Some(a), _) => a.clone(),
+            };
+            out.insert(k.clone(), merged);
+        }
+    }
+    if any { Value::Object(out) } else { Value::Null }
 }
 
 #[cfg(test)]
@@ -528,10 +732,11 @@ share_async = true
 "#,
         )
         .unwrap();
-        let views = [coffre_data::ShareView {
+        // Each VM's own mount of the share.
+        let views = ["safe", "quick"].map(|vm| coffre_data::ShareView {
             share: "shared".into(),
-            at: "/v/run/nfs/share-0".into(),
-        }];
+            at: format!("/v/run/nfs/{vm}/share").into(),
+        });
         let members = [("alice".to_string(), (5001, 5001, vec![5001, 4242]))].into();
         let (exports, problems) = super::exports(&config, &views, &members, &|_| false);
         assert!(problems.is_empty(), "{problems:?}");
@@ -543,6 +748,42 @@ share_async = true
         );
         assert!(safe.mounted && !safe.readonly && !safe.async_metadata);
         assert!(quick.readonly && quick.async_metadata);
-        assert_eq!(quick.path, std::path::Path::new("/v/run/nfs/share-0"));
+        assert_eq!(quick.path, std::path::Path::new("/v/run/nfs/quick/share"));
+        assert_eq!(safe.path, std::path::Path::new("/v/run/nfs/safe/share"));
+        // Each VM's server may act as itself and its share's user alone:
+        // not as any other member of the vault's accounts.
+        let nobody = (65534, 65534);
+        let a = super::acts(nobody, std::slice::from_ref(safe));
+        let allowed =
+            |ids: &[(u32, u32)], id: u32| ids.iter().any(|(lo, hi)| (*lo..=*hi).contains(&id));
+        for (id, yes) in [
+            (65534, true),
+            (5001, true),
+            (5002, false),
+            (5000, false),
+            (0, false),
+        ] {
+            assert_eq!(allowed(&a.uids, id), yes, "uid {id}");
+            assert_eq!(allowed(&a.gids, id), yes, "gid {id}");
+        }
+        // A refused share's user (a removed member) adds no one.
+        let mut gone = safe.clone();
+        gone.denied = true;
+        assert_eq!(super::acts(nobody, &[gone]).uids, vec![(65534, 65534)]);
+    }
+
+    /// `status` sums the servers' counters and says confined or filtered
+    /// only when every server is.
+    #[test]
+    fn the_servers_counters_add_up_and_flags_need_every_server() {
+        use serde_json::json;
+        let a = json!({"open": true, "confined": true, "filtered": true, "calls": 3});
+        let b = json!({"open": true, "confined": false, "filtered": true, "calls": 4});
+        let t = super::total([&a, &b].into_iter());
+        assert_eq!(
+            t,
+            json!({"open": true, "confined": false, "filtered": true, "calls": 7})
+        );
+        assert_eq!(super::total(std::iter::empty()), serde_json::Value::Null);
     }
 }

@@ -195,43 +195,77 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         (false.into(), true.into()),
         "{st}"
     );
+    assert_eq!(
+        text.matches(", confined (Landlock), seccomp filter)")
+            .count(),
+        2,
+        "a server per VM, each confined and filtered: {text}"
+    );
     assert!(
-        text.contains(", confined (Landlock), seccomp filter; "),
+        text.contains("nfs-a (10.9.0.10) mounts shared as uid 5001 (its server: pid "),
         "{text}"
     );
-    let first = u32::try_from(st["nfs"]["pid"].as_u64().expect("the NFS server runs")).unwrap();
-    // The server serves the share through its own mount of it, the only
-    // thing in the directory it is confined beneath (Landlock: fully on
-    // a kernel of 6.12 or later, as here and in CI), which is read-only;
-    // it is nobody (not root), as its handle broker is (below).
-    // Bob joined with numbers from an older vault, outside the accounts'
-    // range the server was allowed to act as: it was started again.
+    // A server per VM (each export says its own broker's pid).
+    let pid_of = |st: &serde_json::Value, vm: &str| {
+        st["nfs"]["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["workload"] == vm)
+            .and_then(|e| e["pid"].as_u64())
+            .map(|p| u32::try_from(p).unwrap())
+    };
+    let first = pid_of(&st, "nfs-a").expect("nfs-a's NFS server runs");
+    let bobs = pid_of(&st, "nfs-b").expect("nfs-b's NFS server runs");
+    assert_ne!(first, bobs, "one server for both VMs");
+    // Each server serves its VM's share through its own mount of it, the
+    // only thing in the directory it is confined beneath (Landlock: fully
+    // on a kernel of 6.12 or later, as here and in CI), which is
+    // read-only; it is nobody (not root), as its handle broker is (below).
+    // The members joined after the servers started: each was started
+    // again, allowed its share's user.
     assert!(
         lab.gw
             .vault
             .audit_details("nfs", "ok")
             .iter()
-            .any(|d| d.contains("to act as a share's user it could not")),
+            .any(|d| d.contains("to act as its share's user")),
         "{:?}",
         lab.gw.vault.audit_details("nfs", "ok")
     );
     let nfs_dir = lab.gw.vault.dir.join("run/nfs");
-    let view = nfs_dir.join("share-0");
+    let view = nfs_dir.join("nfs-a/share");
     assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
     assert_eq!(st["nfs"]["stats"]["filtered"], true, "{st}");
-    let nfs_log = std::fs::read_to_string(lab.gw.vault.dir.join("run/nfs.log")).unwrap();
-    assert!(
-        nfs_log.contains(&format!(
-            "confined beneath {} (fully by Landlock)",
-            nfs_dir.display()
-        )),
-        "{nfs_log}"
-    );
-    assert!(nfs_log.contains("seccomp filter on ("), "{nfs_log}");
-    assert!(
-        nfs_log.contains("coffre nfs-broker: seccomp filter on ("),
-        "{nfs_log}"
-    );
+    for (vm, uid, other) in [("nfs-a", 5001, 5002), ("nfs-b", 5002, 5001)] {
+        let log =
+            std::fs::read_to_string(lab.gw.vault.dir.join(format!("run/nfs-{vm}.log"))).unwrap();
+        assert!(
+            log.contains(&format!(
+                "confined beneath {} (fully by Landlock)",
+                nfs_dir.join(vm).display()
+            )),
+            "{log}"
+        );
+        assert!(log.contains("seccomp filter on ("), "{log}");
+        assert!(
+            log.contains("coffre nfs-broker: seccomp filter on ("),
+            "{log}"
+        );
+        // Its filter lets it act as its own share's user, not the other
+        // VM's (nor any other member's).
+        let pid = pid_of(&st, vm).unwrap();
+        let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let uids = &args[args.iter().position(|a| a == "--acts-uids").unwrap() + 1];
+        let ids: Vec<&str> = uids.split(',').collect();
+        assert!(ids.contains(&uid.to_string().as_str()), "{vm}: {uids}");
+        assert!(!uids.contains(&other.to_string()), "{vm}: {uids}");
+        assert!(!uids.contains('-'), "{vm} may act as a range: {uids}");
+    }
     // Two processes: the broker (the daemon's child, which alone opens
     // files by handle) and the server it forks (which parses guests'
     // bytes and acts as the shares' users).
@@ -264,11 +298,21 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(
-        entries,
-        ["share-0"],
-        "the server's directory holds the share's mount alone"
-    );
+    let mut entries = entries;
+    entries.sort();
+    assert_eq!(entries, ["nfs-a", "nfs-b"], "a directory per VM");
+    for vm in ["nfs-a", "nfs-b"] {
+        let inside: Vec<_> = std::fs::read_dir(nfs_dir.join(vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            inside,
+            ["share"],
+            "{vm}'s directory holds its share's mount alone"
+        );
+        assert!(coffre_data::system::mount_at(&nfs_dir.join(vm).join("share")).is_some());
+    }
     // Killed while open, it is started again and serves on, and the
     // team's data keeps its modes.
     let before = (lab.wrote("nfs-a"), lab.wrote("nfs-b"));
@@ -281,12 +325,15 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let st = lab.gw.vault.status("alice");
-            if let Some(pid) = st["nfs"]["pid"]
-                .as_u64()
-                .filter(|p| *p != u64::from(before))
-                && st["nfs"]["stats"]["open"] == true
+            let open = st["nfs"]["exports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["workload"] == "nfs-a" && e["stats"]["open"] == true);
+            if let Some(pid) = pid_of(&st, "nfs-a").filter(|p| *p != before)
+                && open
             {
-                break u32::try_from(pid).unwrap();
+                break pid;
             }
             assert!(
                 Instant::now() < until,
@@ -308,6 +355,13 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert_ne!(nfs_server_of(server), child);
     lab.wait_wrote("nfs-a", before.0 + 3, Duration::from_secs(60));
     lab.wait_wrote("nfs-b", before.1 + 3, Duration::from_secs(60));
+    // Bob's VM's server lived through all that: nothing of alice's VM's
+    // server is his.
+    assert_eq!(
+        pid_of(&lab.gw.vault.status("alice"), "nfs-b"),
+        Some(bobs),
+        "nfs-b's server restarted with nfs-a's"
+    );
     {
         use std::os::unix::fs::MetadataExt;
         let data = std::fs::metadata(lab.gw.vault.dir.join("data")).unwrap();
@@ -337,6 +391,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         "the scan must find the handle key while open, or it proves nothing"
     );
     assert!(
+        memory_contains(bobs, &raw_handle_key),
+        "nfs-b's server has no handle key while open"
+    );
+    assert!(
         !memory_contains(nfs_server_of(server), &raw_handle_key),
         "the NFS server (not the broker) holds the handle key"
     );
@@ -349,6 +407,10 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert!(
         !memory_contains(server, &raw_handle_key),
         "handle key kept while closed"
+    );
+    assert!(
+        !memory_contains(bobs, &raw_handle_key),
+        "handle key kept by nfs-b's server while closed"
     );
     assert!(
         !memory_contains(server, &key),
@@ -524,6 +586,7 @@ fn survey_nfs_throughput_against_the_mount() {
         nfs_port: 0,
         portmap_port: None,
         udp_mark: None,
+        device: None,
     })
     .unwrap();
     let port = sockets.nfs_port();

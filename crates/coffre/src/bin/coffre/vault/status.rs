@@ -106,13 +106,19 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                 }
                 let nfs = &v["nfs"];
                 if nfs["configured"] == true {
+                    let said =
+                        |st: &serde_json::Value, key: &str, yes: &str, no: &str| match &st[key] {
+                            serde_json::Value::Bool(true) => format!(", {yes}"),
+                            serde_json::Value::Bool(false) => format!(", {no}"),
+                            _ => String::new(),
+                        };
                     let shares: Vec<String> = nfs["exports"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .map(|e| {
                             format!(
-                                "{} ({}) mounts {} as uid {}{}{}{}",
+                                "{} ({}) mounts {} as uid {}{}{}{} ({})",
                                 e["workload"].as_str().unwrap_or("?"),
                                 e["client"].as_str().unwrap_or("?"),
                                 e["share"].as_str().unwrap_or("?"),
@@ -132,31 +138,31 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                                 } else {
                                     ""
                                 },
+                                match e["pid"].as_u64() {
+                                    Some(pid) => format!(
+                                        "its server: pid {pid}{}{}",
+                                        said(
+                                            &e["stats"],
+                                            "confined",
+                                            "confined (Landlock)",
+                                            "NOT confined (see its log)"
+                                        ),
+                                        said(
+                                            &e["stats"],
+                                            "filtered",
+                                            "seccomp filter",
+                                            "NO seccomp filter (see its log)"
+                                        ),
+                                    ),
+                                    None => "its server is not running".into(),
+                                },
                             )
                         })
                         .collect();
-                    let said = |key: &str, yes: &str, no: &str| match &nfs["stats"][key] {
-                        serde_json::Value::Bool(true) => format!(", {yes}"),
-                        serde_json::Value::Bool(false) => format!(", {no}"),
-                        _ => String::new(),
-                    };
-                    let server = match nfs["pid"].as_u64() {
-                        Some(pid) => format!(
-                            "server and its handle broker, pid {pid}{}{}",
-                            said(
-                                "confined",
-                                "confined (Landlock)",
-                                "NOT confined (see its log)"
-                            ),
-                            said(
-                                "filtered",
-                                "seccomp filter",
-                                "NO seccomp filter (see its log)"
-                            ),
-                        ),
-                        None => "server not running".into(),
-                    };
-                    println!("nfs:     {server}; {}", shares.join("; "));
+                    println!(
+                        "nfs:     a server and its handle broker per VM; {}",
+                        shares.join("; ")
+                    );
                 }
                 let st = &v["data"]["storage"];
                 if let Some(url) = st["url"].as_str() {
