@@ -70,7 +70,9 @@ pub struct Sockets {
 fn bind_tcp(addr: SocketAddr, device: Option<&str>) -> io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
-    s.bind_device(device.map(str::as_bytes))?;
+    if let Some(d) = device {
+        s.bind_device(Some(d.as_bytes()))?;
+    }
     // The address is on the workloads' links, which may come later.
     s.set_freebind_v4(true)?;
     s.bind(&addr.into())?;
@@ -89,7 +91,9 @@ impl Sockets {
                 let t = bind_tcp(SocketAddr::new(IpAddr::V4(l.addr), p), device)?;
                 let u = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
                 u.set_freebind_v4(true)?;
-                u.bind_device(device.map(str::as_bytes))?;
+                if let Some(d) = device {
+                    u.bind_device(Some(d.as_bytes()))?;
+                }
                 if let Some(m) = l.udp_mark {
                     u.set_mark(m)?;
                 }

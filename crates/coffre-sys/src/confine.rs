@@ -206,11 +206,12 @@ mod tests {
         }
     }
 
-    /// The NFS server's case: confined beneath a directory that holds a
-    /// mount point, it reaches what is mounted there after it confined
-    /// itself (by path and by handle), and nothing beside, not even by
-    /// handle (`CAP_DAC_READ_SEARCH` is no way out); nor, by path, the
-    /// rest of the filesystem the share is a directory of.
+    /// The NFS server's case: confined beneath its VM's directory, which
+    /// holds a mount point, it reaches what is mounted there after it
+    /// confined itself (by path and by handle), and nothing beside, not
+    /// even by handle (`CAP_DAC_READ_SEARCH` is no way out): not another
+    /// VM's share mounted beside its own, nor, by path, the rest of the
+    /// filesystem the share is a directory of.
     #[test]
     #[ignore = "system: needs root"]
     fn a_mount_made_after_the_confinement_is_reachable_beneath_its_parent() {
@@ -218,14 +219,18 @@ mod tests {
         let Some(at) = std::env::var_os("COFFRE_CONFINE_CHILD") else {
             coffre_testkit::require(&[coffre_testkit::Need::Root]);
             let tmp = tempfile::tempdir().unwrap();
-            // src/shared is mounted at nfs/share-0, as the daemon mounts
-            // a share; src/other is the rest of the data.
+            // src/shared is mounted at nfs/a/share, as the daemon mounts VM
+            // a's share; src/b at nfs/b/share, VM b's; src/other is the
+            // rest of the data.
             let (view, src) = (
-                tmp.path().join("nfs/share-0"),
+                tmp.path().join("nfs/a/share"),
                 tmp.path().join("src/shared"),
             );
+            let (sibling, src_b) = (tmp.path().join("nfs/b/share"), tmp.path().join("src/b"));
             std::fs::create_dir_all(&view).unwrap();
             std::fs::create_dir_all(&src).unwrap();
+            std::fs::create_dir_all(&src_b).unwrap();
+            std::fs::write(src_b.join("g"), "b's").unwrap();
             std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
             std::fs::write(src.join("f"), "in").unwrap();
             std::fs::write(tmp.path().join("src/other"), "not shared").unwrap();
@@ -250,7 +255,8 @@ mod tests {
                 "tmpfs".as_ref(),
                 nfs.as_os_str(),
             ]);
-            std::fs::create_dir(&view).unwrap();
+            std::fs::create_dir_all(&view).unwrap();
+            std::fs::create_dir_all(&sibling).unwrap();
             run(&[
                 "mount".as_ref(),
                 "-o".as_ref(),
@@ -289,12 +295,14 @@ mod tests {
             // Mounted by the parent: a confined process may not mount.
             let mounted = said.contains("confined, mount now");
             if mounted {
-                run(&[
-                    "mount".as_ref(),
-                    "--bind".as_ref(),
-                    src.as_os_str(),
-                    view.as_os_str(),
-                ]);
+                for (from, to) in [(&src, &view), (&src_b, &sibling)] {
+                    run(&[
+                        "mount".as_ref(),
+                        "--bind".as_ref(),
+                        from.as_os_str(),
+                        to.as_os_str(),
+                    ]);
+                }
             }
             let mut stdin = child.stdin.take().unwrap();
             let _ = stdin.write_all(b"go\n");
@@ -304,6 +312,7 @@ mod tests {
             let status = child.wait().unwrap();
             if mounted {
                 run(&["umount".as_ref(), "-l".as_ref(), view.as_os_str()]);
+                run(&["umount".as_ref(), "-l".as_ref(), sibling.as_os_str()]);
             }
             run(&["umount".as_ref(), "-l".as_ref(), nfs.as_os_str()]);
             run(&["umount".as_ref(), "-l".as_ref(), elsewhere.as_os_str()]);
@@ -316,7 +325,7 @@ mod tests {
             return;
         };
         let at = Path::new(&at);
-        let view = at.join("nfs/share-0");
+        let view = at.join("nfs/a/share");
         // Opened before, as the server holds its sockets and logs.
         let top = std::fs::File::open(at).unwrap();
         let of = |dir: &std::fs::File, name: &str| {
@@ -324,9 +333,10 @@ mod tests {
         };
         let secret = of(&top, "secret");
         let other = of(&std::fs::File::open(at.join("src")).unwrap(), "other");
+        let bs = of(&std::fs::File::open(at.join("src/b")).unwrap(), "g");
         let nfs = std::fs::File::open(at.join("nfs")).unwrap();
         let elsewhere = std::fs::File::open(at.join("elsewhere")).unwrap();
-        let got = to_files_beneath(&[&at.join("nfs")]).unwrap();
+        let got = to_files_beneath(&[&at.join("nfs/a")]).unwrap();
         if got == Confined::Not {
             println!("confined child ran: no Landlock here");
             return;
@@ -348,6 +358,27 @@ mod tests {
         };
         assert!(denied(std::fs::read_to_string(at.join("secret"))));
         assert!(denied(std::fs::read_to_string("/proc/self/status")));
+        // Not the other VM's share beside its own: by path, nor by handle
+        // through that share's mount, which it cannot open (an O_PATH
+        // descriptor, which Landlock lets anyone take, is no mount
+        // descriptor for a handle).
+        assert!(denied(std::fs::read_to_string(at.join("nfs/b/share/g"))));
+        let e = std::fs::File::open(at.join("nfs/b/share"))
+            .expect_err("the other VM's share's mount opened");
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        let sibling = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(at.join("nfs/b/share"))
+                .unwrap()
+        };
+        assert!(
+            bs.open(std::os::fd::AsFd::as_fd(&sibling), libc::O_RDONLY)
+                .is_err(),
+            "the other VM's share opened by handle"
+        );
         // A file server's rights only: FIFOs and sockets' names are made,
         // renamed and linked beneath (a guest's agent binds its socket in
         // a home), never a device (this child is root: Landlock alone

@@ -274,7 +274,7 @@ fn stmt(code: u16, k: u32) -> Insn {
 /// inclusive ranges. Root (0) never, even when a range includes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acts {
-    /// The uids: its own, the vault's accounts, the shares' users.
+    /// The uids: its own and its VM's share user's.
     pub uids: Vec<(u32, u32)>,
     /// The gids, likewise.
     pub gids: Vec<(u32, u32)>,

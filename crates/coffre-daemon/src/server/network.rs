@@ -396,12 +396,18 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             .workload
             .iter()
             .filter(|w| w.share.is_some() && w.address.is_some())
-            .filter_map(|w| match links.get(&w.name)? {
-                Link::Tap { name, .. } => Some(super::nfs::VmLink {
+            .filter_map(|w| match links.get(&w.name) {
+                Some(Link::Tap { name, .. }) => Some(super::nfs::VmLink {
                     workload: w.name.clone(),
                     link: name.clone(),
                 }),
-                _ => None,
+                _ => {
+                    notes.push(format!(
+                        "{}: NFS NOT SERVED: it has a share but no tap of its own",
+                        w.name
+                    ));
+                    None
+                }
             })
             .collect();
         let bound = match nobody {
@@ -419,8 +425,8 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         match bound {
             Ok((n, warnings)) => {
                 notes.push(format!(
-                    "NFS (tcp/2049) and its portmapper (tcp/111, udp/111) on {gw}, a server per VM with a share ({}), each taking connections from its VM's link alone",
-                    vms.iter().map(|v| v.workload.as_str()).collect::<Vec<_>>().join(", ")
+                    "NFS (tcp/2049, and its portmapper on 111 unless said below) on {gw}, a server per VM with a share ({}), each taking connections from its VM's link alone",
+                    n.workloads().join(", ")
                 ));
                 notes.extend(warnings);
                 Some(std::sync::Arc::new(std::sync::Mutex::new(n)))

@@ -54,6 +54,17 @@ pub(super) struct NfsChild {
     user: (u32, u32),
 }
 
+/// Which servers [`NfsChild::start`] starts (of those not running).
+#[derive(Clone, Copy)]
+pub(super) enum Start<'a> {
+    /// Every one (the daemon's start).
+    All,
+    /// Those whose restart delay has passed (the tick).
+    Due,
+    /// These VMs' (stopped for a start with another filter).
+    These(&'a [String]),
+}
+
 /// A VM with a share: its workload's name and its link (the tap).
 pub(super) struct VmLink {
     pub(super) workload: String,
@@ -196,6 +207,7 @@ impl NfsChild {
             });
         }
         if servers.is_empty() {
+            notes.insert(0, "no VM's sockets could be bound".into());
             return Err(notes.join("; "));
         }
         Ok((
@@ -208,6 +220,11 @@ impl NfsChild {
             },
             notes,
         ))
+    }
+
+    /// The VMs served (whose sockets are bound).
+    pub(super) fn workloads(&self) -> Vec<&str> {
+        self.servers.iter().map(|s| s.workload.as_str()).collect()
     }
 
     /// The servers' directory, mounted (once; kept while mounted).
@@ -226,20 +243,31 @@ impl NfsChild {
         Ok(())
     }
 
-    /// Starts the servers that are not running, or (`due_only`) those
-    /// whose restart delay has passed; each allowed to act as
-    /// `acts(its exports)`. Says what each start gave: the VM, then its
-    /// broker's pid or why not.
+    /// Starts the servers that are not running: those of `which`, or all
+    /// whose restart delay has passed; each allowed to act as `acts(its
+    /// exports)`. Says what each start gave: the VM, then its broker's
+    /// pid or why not.
     pub(super) fn start(
         &mut self,
-        due_only: bool,
+        which: Start<'_>,
         acts: &dyn Fn(&[ExportSpec]) -> Acts,
     ) -> Vec<(String, Result<u32, String>)> {
         let mut out = Vec::new();
         let (user, key) = (self.user, self.key.clone());
+        let wanted = |s: &VmServer| {
+            s.helper.pid().is_none()
+                && match which {
+                    Start::All => true,
+                    Start::Due => s.helper.due(),
+                    Start::These(names) => names.contains(&s.workload),
+                }
+        };
+        if !self.servers.iter().any(wanted) {
+            return out;
+        }
         let ready = self.ready_dir();
         for s in &mut self.servers {
-            if s.helper.pid().is_some() || (due_only && !s.helper.due()) {
+            if !wanted(s) {
                 continue;
             }
             let r = match &ready {
@@ -252,11 +280,12 @@ impl NfsChild {
     }
 
     /// New exports (a member removed, the daemon started): each server
-    /// serves its VM's at once. A server whose filter does not let it act
-    /// as its new export's user (a member with numbers imported from an
-    /// older vault) is stopped, to be started again (never for fewer
-    /// users). Returns the shares that could not be opened, and the VMs
-    /// whose servers were stopped for a start.
+    /// serves its VM's at once. A server whose filter is not exactly the
+    /// one its new export asks for is stopped, to be started again with
+    /// it: a member who joined since (it could not act as them), or a
+    /// member removed (it must no longer be able to). Returns the shares
+    /// that could not be opened, and the VMs whose servers were stopped
+    /// for a start.
     pub(super) fn set_exports(
         &mut self,
         exports: &[ExportSpec],
@@ -278,7 +307,7 @@ impl NfsChild {
             if !s.helper.running() {
                 continue;
             }
-            if !s.acts.as_ref().is_some_and(|a| a.covers(&acts(&mine))) {
+            if s.acts.as_ref() != Some(&acts(&mine)) {
                 s.helper.stop();
                 stopped.push(s.workload.clone());
                 continue;
@@ -303,15 +332,37 @@ impl NfsChild {
         })
     }
 
+    /// `f` on every running server at once, each on a thread of its own:
+    /// one that does not answer holds the others no longer than its own
+    /// command's deadline (a close stuck on storage, for each VM, must not
+    /// add up past the close's own deadline).
+    fn each<T: Send>(&mut self, f: &(dyn Fn(&mut VmServer) -> T + Sync)) -> Vec<(String, T)> {
+        let mut running: Vec<&mut VmServer> = self
+            .servers
+            .iter_mut()
+            .filter(|s| s.helper.running())
+            .collect();
+        if let [one] = &mut running[..] {
+            return vec![(one.workload.clone(), f(one))];
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = running
+                .into_iter()
+                .map(|s| scope.spawn(move || (s.workload.clone(), f(s))))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+
     /// The vault is open: each server serves its share with this key.
     pub(super) fn open(&mut self, key: HandleKey) -> Result<Vec<String>, String> {
         self.key = Some(key.clone());
         let mut failed = Vec::new();
         let mut errors = Vec::new();
-        for s in self.servers.iter_mut().filter(|s| s.helper.running()) {
-            match s.send_open(&key) {
+        for (vm, r) in self.each(&|s: &mut VmServer| s.send_open(&key)) {
+            match r {
                 Ok(f) => failed.extend(f),
-                Err(e) => errors.push(format!("{}: {e}", s.workload)),
+                Err(e) => errors.push(format!("{vm}: {e}")),
             }
         }
         if errors.is_empty() {
@@ -327,9 +378,10 @@ impl NfsChild {
     pub(super) fn close(&mut self) -> Result<(), String> {
         self.key = None;
         let mut errors = Vec::new();
-        for s in self.servers.iter_mut().filter(|s| s.helper.running()) {
-            if let Err(e) = s.helper.command(&json!({"cmd": "close"})) {
-                errors.push(format!("{}: {e}", s.workload));
+        let closed = self.each(&|s: &mut VmServer| s.helper.command(&json!({"cmd": "close"})));
+        for (vm, r) in closed {
+            if let Err(e) = r {
+                errors.push(format!("{vm}: {e}"));
             }
         }
         if errors.is_empty() {
@@ -351,14 +403,20 @@ impl NfsChild {
             .collect()
     }
 
-    /// Each server's VM, broker pid (while it runs) and counters.
+    /// Each server's VM, broker pid (while it runs) and counters (none
+    /// from one that did not answer).
     pub(super) fn servers(&mut self) -> Vec<(String, Option<u32>, Option<Value>)> {
+        let mut stats = self.each(&|s: &mut VmServer| s.stats());
         self.servers
-            .iter_mut()
+            .iter()
             .map(|s| {
                 let pid = s.helper.pid();
-                let stats = pid.and_then(|_| s.stats());
-                (s.workload.clone(), pid, stats)
+                let st = stats
+                    .iter_mut()
+                    .find(|(vm, _)| *vm == s.workload)
+                    .and_then(|(_, st)| st.take())
+                    .filter(|_| pid.is_some());
+                (s.workload.clone(), pid, st)
             })
             .collect()
     }
@@ -492,7 +550,7 @@ impl Shell {
         let user = g.user;
         let who = move |e: &[ExportSpec]| acts(user, e);
         let _ = g.set_exports(&exports, &who);
-        let started = g.start(false, &who);
+        let started = g.start(Start::All, &who);
         drop(g);
         for (vm, r) in started {
             match r {
@@ -541,12 +599,12 @@ impl Shell {
             .collect();
         let user = g.user;
         let who = move |e: &[ExportSpec]| acts(user, e);
-        // A server whose filter does not allow its share's new user (a
-        // member who joined since it started) is stopped and started again
-        // at once, allowed them.
+        // A server whose filter is not its share user's now (a member
+        // who joined since it started, or one removed) is stopped and
+        // started again at once, with the filter its export asks for.
         let r = g.set_exports(&exports, &who);
         let started = match &r {
-            Ok((_, stopped)) if !stopped.is_empty() => g.start(false, &who),
+            Ok((_, stopped)) if !stopped.is_empty() => g.start(Start::These(stopped), &who),
             _ => Vec::new(),
         };
         drop(g);
@@ -559,7 +617,7 @@ impl Shell {
                     "nfs",
                     "ok",
                     format!(
-                        "NFS server for {vm} started again (pid {pid}) to act as its share's user, whom it could not (a member who joined since)"
+                        "NFS server for {vm} started again (pid {pid}) to act as its share's user now (a member who joined or was removed since)"
                     ),
                 ),
                 Err(e) => {
@@ -606,7 +664,7 @@ impl Shell {
             ));
         }
         let user = g.user;
-        for (vm, r) in g.start(true, &move |e: &[ExportSpec]| acts(user, e)) {
+        for (vm, r) in g.start(Start::Due, &move |e: &[ExportSpec]| acts(user, e)) {
             match r {
                 Ok(pid) => notes.push((
                     "ok",
@@ -636,21 +694,26 @@ impl Shell {
             Err(_) => None,
         };
         let stats = match &servers {
-            Some(all) => total(all.iter().filter_map(|(_, _, s)| s.as_ref())),
+            // A server that runs and did not say: the flags are unknown.
+            Some(all) => total(
+                all.iter()
+                    .filter(|(_, pid, _)| pid.is_some())
+                    .map(|(_, _, s)| s.as_ref()),
+            ),
             None => json!({"busy": true}),
         };
-        let of = |vm: &str| {
-            servers
+        let of = |vm: &str| match &servers {
+            Some(all) => all
                 .iter()
-                .flatten()
                 .find(|(w, _, _)| w == vm)
-                .map(|(_, pid, st)| (*pid, st.clone()))
+                .map_or((None, None), |(_, pid, st)| (*pid, st.clone())),
+            None => (None, Some(json!({"busy": true}))),
         };
         json!({
             "configured": true,
             "stats": stats,
             "exports": exports.iter().map(|e| {
-                let (pid, st) = of(&e.workload).unwrap_or((None, None));
+                let (pid, st) = of(&e.workload);
                 json!({
                     "workload": e.workload,
                     "client": e.client.to_string(),
@@ -668,14 +731,19 @@ impl Shell {
     }
 }
 
-/// The servers' counters together: numbers summed; a flag true only when
-/// it is in every one (and there is one).
-fn total<'a>(each: impl Iterator<Item = &'a Value>) -> Value {
+/// The running servers' counters together: numbers summed; a flag true
+/// only when it is in every one (and there is one). A server that did not
+/// answer (`None`) leaves the flags unknown: left out.
+fn total<'a>(each: impl Iterator<Item = Option<&'a Value>>) -> Value {
     let mut out = serde_json::Map::new();
     let mut any = false;
+    let mut unknown = false;
     for s in each {
         any = true;
-        let Some(o) = s.as_object() else { continue };
+        let Some(o) = s.and_then(Value::as_object) else {
+            unknown = true;
+            continue;
+        };
         for (k, v) in o {
             let merged = match (out.get(k), v) {
                 (None, v) => v.clone(),
@@ -691,6 +759,9 @@ fn total<'a>(each: impl Iterator<Item = &'a Value>) -> Value {
             };
             out.insert(k.clone(), merged);
         }
+    }
+    if unknown {
+        out.retain(|_, v| !v.is_boolean());
     }
     if any { Value::Object(out) } else { Value::Null }
 }
@@ -779,11 +850,14 @@ share_async = true
         use serde_json::json;
         let a = json!({"open": true, "confined": true, "filtered": true, "calls": 3});
         let b = json!({"open": true, "confined": false, "filtered": true, "calls": 4});
-        let t = super::total([&a, &b].into_iter());
+        let t = super::total([Some(&a), Some(&b)].into_iter());
         assert_eq!(
             t,
             json!({"open": true, "confined": false, "filtered": true, "calls": 7})
         );
+        // One that did not answer: no flag can be said for all.
+        let t = super::total([Some(&a), None].into_iter());
+        assert_eq!(t, json!({"calls": 3}));
         assert_eq!(super::total(std::iter::empty()), serde_json::Value::Null);
     }
 }

@@ -222,17 +222,34 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     // only thing in the directory it is confined beneath (Landlock: fully
     // on a kernel of 6.12 or later, as here and in CI), which is
     // read-only; it is nobody (not root), as its handle broker is (below).
-    // The members joined after the servers started: each was started
-    // again, allowed its share's user.
-    assert!(
+    // Bob joined with numbers from an older vault after the servers
+    // started: his VM's server (alone) was started again, allowed them.
+    let restarts = |vm: &str| {
         lab.gw
             .vault
             .audit_details("nfs", "ok")
             .iter()
-            .any(|d| d.contains("to act as its share's user")),
+            .filter(|d| {
+                d.contains(&format!("NFS server for {vm} started again"))
+                    && d.contains("to act as its share's user")
+            })
+            .count()
+    };
+    assert_eq!(
+        (restarts("nfs-a"), restarts("nfs-b")),
+        (0, 1),
         "{:?}",
         lab.gw.vault.audit_details("nfs", "ok")
     );
+    // Whom a server's filter lets it act as (the daemon's arguments to it).
+    let acts_uids = |pid: u32| {
+        let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        args[args.iter().position(|a| a == "--acts-uids").unwrap() + 1].clone()
+    };
     let nfs_dir = lab.gw.vault.dir.join("run/nfs");
     let view = nfs_dir.join("nfs-a/share");
     assert_eq!(st["nfs"]["stats"]["confined"], true, "{st}");
@@ -254,13 +271,7 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         );
         // Its filter lets it act as its own share's user, not the other
         // VM's (nor any other member's).
-        let pid = pid_of(&st, vm).unwrap();
-        let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .unwrap()
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let uids = &args[args.iter().position(|a| a == "--acts-uids").unwrap() + 1];
+        let uids = acts_uids(pid_of(&st, vm).unwrap());
         let ids: Vec<&str> = uids.split(',').collect();
         assert!(ids.contains(&uid.to_string().as_str()), "{vm}: {uids}");
         assert!(!uids.contains(&other.to_string()), "{vm}: {uids}");
@@ -447,6 +458,8 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
 
     // Bob is removed: his VM's share refuses everything at once; his
     // guest's appends fail (it sees errors, never data).
+    let bobs = pid_of(&lab.gw.vault.status("alice"), "nfs-b").expect("nfs-b's server runs");
+    assert!(acts_uids(bobs).contains("5002"), "{}", acts_uids(bobs));
     ok(&lab.gw.vault.authed("alice", &["member", "remove", "bob"]));
     let last = lab.wrote("nfs-b");
     lab.wait_console(
@@ -456,6 +469,14 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(lab.wrote("nfs-b"), last, "bob's VM wrote after his removal");
+    // Its server was started again, no longer allowed to act as bob.
+    let now = pid_of(&lab.gw.vault.status("alice"), "nfs-b").expect("nfs-b's server runs");
+    assert_ne!(now, bobs, "nfs-b's server kept the filter that allows bob");
+    assert_eq!(
+        acts_uids(now),
+        "65534",
+        "nfs-b's server may still act as bob"
+    );
     assert_contiguous(&lab.shared("nfs-b.log"), "nfs-b");
     // A daemon stopped while open: the NFS server lets go of the data
     // first, and is not killed as one of its holders.

@@ -139,6 +139,9 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                                     ""
                                 },
                                 match e["pid"].as_u64() {
+                                    _ if e["stats"]["busy"] == true => {
+                                        "its server: busy with an open or a close".into()
+                                    }
                                     Some(pid) => format!(
                                         "its server: pid {pid}{}{}",
                                         said(
