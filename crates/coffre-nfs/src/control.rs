@@ -433,6 +433,16 @@ fn serve_as_server(
 ) -> io::Result<()> {
     const WHO: &str = "nfs-server";
     drop_privileges(user, Role::Server)?;
+    // Groups fixed for its life (a server per VM acts as one user): set
+    // now, on its only thread (the others inherit them); its filter then
+    // refuses any change.
+    if let Some(g) = &acts.groups {
+        let g: Vec<rustix::process::Gid> = g
+            .iter()
+            .map(|&id| rustix::process::Gid::from_raw(id))
+            .collect();
+        rustix::thread::set_thread_groups(&g)?;
+    }
     // What it reads outside the data, read before the confinement.
     crate::fs::prime();
     let confined = confine_to(WHO, confine)?;

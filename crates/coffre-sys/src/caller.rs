@@ -26,7 +26,10 @@ use std::marker::PhantomData;
 /// must be dropped on the thread that made it.
 #[must_use = "the identity goes back when this is dropped"]
 pub struct AsCaller {
-    groups: Vec<libc::gid_t>,
+    /// The thread's groups before, to go back to; `None`: they were the
+    /// caller's already, and were not changed (a server whose groups are
+    /// fixed for its life may not call `setgroups` at all).
+    groups: Option<Vec<libc::gid_t>>,
     fsuid: u32,
     fsgid: u32,
     /// File-system capabilities this switch took out of the thread's
@@ -156,14 +159,21 @@ impl AsCaller {
         // invalid id changes nothing and answers the current one.
         // SAFETY: plain integers.
         let (fsuid, fsgid) = unsafe { (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX)) };
+        // The kernel keeps a thread's groups sorted, without repeats.
+        let mut wanted: Vec<libc::gid_t> = groups.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let same = saved == wanted;
         let mut guard = Self {
-            groups: saved,
+            groups: (!same).then_some(saved),
             fsuid: fsuid.cast_unsigned(),
             fsgid: fsgid.cast_unsigned(),
             lowered: 0,
             _thread: PhantomData,
         };
-        set_groups(groups)?;
+        if !same {
+            set_groups(groups)?;
+        }
         let (fsuid, fsgid) = set_fs(uid, gid)?;
         (guard.fsuid, guard.fsgid) = (fsuid, fsgid);
         // From a fsuid other than 0 the kernel left them: lower them here.
@@ -188,7 +198,9 @@ impl Drop for AsCaller {
     fn drop(&mut self) {
         // Back to what it was; if that failed the thread would serve the
         // next request with someone else's identity: that must not happen.
-        if set_fs(self.fsuid, self.fsgid).is_err() || set_groups(&self.groups).is_err() {
+        if set_fs(self.fsuid, self.fsgid).is_err()
+            || self.groups.as_ref().is_some_and(|g| set_groups(g).is_err())
+        {
             std::process::abort();
         }
         if self.lowered != 0 {

@@ -40,7 +40,10 @@
 //! - `open_by_handle_at` and `name_to_handle_at` for all but the NFS
 //!   server's handle broker (the only process that opens by handle);
 //! - for all but the NFS server (LDAP, DHCP, the broker): `setfsuid`,
-//!   `setfsgid`, `mknodat` and every mode, owner and time change.
+//!   `setfsgid`, `mknodat` and every mode, owner and time change;
+//! - `setgroups` for an NFS server whose groups are fixed for its life
+//!   ([`Acts::groups`]: a server per VM, acting as one user), set before
+//!   the filter.
 //!
 //! A call made through another ABI is no way around it: a system call of
 //! another architecture (i386's `int 0x80` on x86-64) kills the process,
@@ -278,6 +281,12 @@ pub struct Acts {
     pub uids: Vec<(u32, u32)>,
     /// The gids, likewise.
     pub gids: Vec<(u32, u32)>,
+    /// The supplementary groups it keeps for its life, set before the
+    /// filter (a server that acts as one user): `setgroups` is then
+    /// refused, so a server taken over cannot take on any other group
+    /// (the filter cannot read a list of groups, only refuse the call).
+    /// `None`: `setgroups` allowed (a server acting as several users).
+    pub groups: Option<Vec<u32>>,
 }
 
 impl Acts {
@@ -294,6 +303,14 @@ impl Acts {
                 }
                 Ok((a, b))
             })
+            .collect()
+    }
+
+    /// Reads `"4242,5001"` (single ids; empty: none).
+    pub fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
+        s.split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.trim().parse::<u32>().map_err(|e| format!("{p:?}: {e}")))
             .collect()
     }
 
@@ -323,17 +340,6 @@ impl Acts {
             }
         }
         out
-    }
-
-    /// Whether every id `other` allows, this allows too.
-    pub fn covers(&self, other: &Acts) -> bool {
-        let within = |mine: &[(u32, u32)], theirs: &[(u32, u32)]| {
-            let mine = Acts::merged(mine);
-            theirs
-                .iter()
-                .all(|(a, b)| mine.iter().any(|(lo, hi)| lo <= a && b <= hi))
-        };
-        within(&self.uids, &other.uids) && within(&self.gids, &other.gids)
     }
 }
 
@@ -499,6 +505,10 @@ fn program(profile: Profile, acts: Option<&Acts>, errno: i32) -> Result<Vec<Insn
     for (_, n) in denied(profile) {
         unless(&mut p, JEQ_K, nr(n)?, refuse);
     }
+    // Groups fixed for its life: no other.
+    if acts.is_some_and(|a| a.groups.is_some()) {
+        unless(&mut p, JEQ_K, nr(libc::SYS_setgroups)?, refuse);
+    }
     // Each checked call: a block that ends in its own two returns; when
     // the call is another, the jump goes over the block with the
     // accumulator still holding its number.
@@ -611,10 +621,12 @@ mod tests {
         let spaced = |n: u32| Acts {
             uids: (0..n).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect(),
             gids: (0..n).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect(),
+            groups: None,
         };
         let near = Acts {
             uids: (0..500).map(|i| (7000 + i, 7000 + i)).collect(),
             gids: vec![(7000, 7499)],
+            groups: Some(vec![4242, 7000]),
         };
         let most = spaced(u32::try_from(MAX_RANGES).unwrap() - 1);
         let programs = [
@@ -682,6 +694,7 @@ mod tests {
         let acts = Acts {
             uids: Acts::parse_ranges("0-10,5000-5999,65534").unwrap(),
             gids: Acts::parse_ranges("4242,65534").unwrap(),
+            groups: None,
         };
         assert_eq!(Acts::ranges_text(&acts.uids), "0-10,5000-5999,65534");
         assert!(Acts::parse_ranges("9-3").is_err() && Acts::parse_ranges("x").is_err());
@@ -762,6 +775,21 @@ mod tests {
         ] {
             assert_eq!(run(&p, AUDIT_ARCH, fsuid, id), want, "setfsuid({id})");
         }
+        // Groups: changed at will unless fixed for its life (a server per
+        // VM, acting as one user), then never, not even cleared.
+        let setgroups = nr(libc::SYS_setgroups);
+        assert_eq!(run(&p, AUDIT_ARCH, setgroups, 2), RET_ALLOW);
+        let fixed = Acts {
+            groups: Some(vec![4242, 5001]),
+            ..acts.clone()
+        };
+        let q = program(Profile::Nfs, Some(&fixed), libc::EPERM).unwrap();
+        for n in [0, 1, 2, 65536] {
+            assert_eq!(run(&q, AUDIT_ARCH, setgroups, n), refused, "setgroups({n})");
+        }
+        assert_eq!(run(&q, AUDIT_ARCH, nr(libc::SYS_setfsgid), 4242), RET_ALLOW);
+        assert_eq!(Acts::parse_ids("4242,5001").unwrap(), [4242, 5001]);
+        assert!(Acts::parse_ids("").unwrap().is_empty() && Acts::parse_ids("4-5").is_err());
         let fsgid = nr(libc::SYS_setfsgid);
         assert_eq!(run(&p, AUDIT_ARCH, fsgid, 4242), RET_ALLOW);
         assert_eq!(run(&p, AUDIT_ARCH, fsgid, 4243), refused);
@@ -988,6 +1016,7 @@ mod tests {
         let acts = Acts {
             uids: vec![(5001, 5002)],
             gids: vec![(5001, 5002)],
+            groups: None,
         };
         let n = apply(profile, Some(&acts), MARK).unwrap();
         assert!(n > 60, "{n}");

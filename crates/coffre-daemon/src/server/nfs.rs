@@ -85,7 +85,7 @@ impl VmServer {
         // beneath its VM's directory (Landlock) and filters its system
         // calls (seccomp), before serving anything; it must see the host's
         // mounts as they are (the open mounts the share in its directory).
-        self.helper.set_args(vec![
+        let mut args = vec![
             "nfs-server".to_string(),
             "--sockets".to_string(),
             self.sockets.to_string(),
@@ -99,7 +99,12 @@ impl VmServer {
             Acts::ranges_text(&acts.uids),
             "--acts-gids".to_string(),
             Acts::ranges_text(&acts.gids),
-        ]);
+        ];
+        if let Some(g) = &acts.groups {
+            args.push("--groups".to_string());
+            args.push(g.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        }
+        self.helper.set_args(args);
         self.acts = Some(acts.clone());
         let pid = self.helper.spawn()?;
         let exports = self.exports.clone();
@@ -446,16 +451,33 @@ impl Drop for NfsChild {
 /// started again allowed them. A host user's own files on the host are
 /// what a server taken over could still change the modes of; the
 /// members' accounts own none (made without a home).
+/// Its groups too are fixed for its life, its share user's (none while
+/// it has no user): set before its filter, which refuses any change (a
+/// server taken over cannot take on another member's group). When they
+/// change (a member given `_superusers`, say), it is started again.
 pub(super) fn acts(user: (u32, u32), exports: &[ExportSpec]) -> Acts {
     let mut uids = vec![(user.0, user.0)];
     let mut gids = vec![(user.1, user.1)];
+    let mut lists = Vec::new();
     for e in exports.iter().filter(|e| !e.denied) {
         uids.push((e.uid, e.uid));
         gids.push((e.gid, e.gid));
+        let mut g = e.groups.clone();
+        g.sort_unstable();
+        g.dedup();
+        lists.push(g);
     }
+    lists.dedup();
     Acts {
         uids: Acts::merged(&uids),
         gids: Acts::merged(&gids),
+        // Several users' groups (never, one export per VM): changed per
+        // call, as the users' are.
+        groups: match &lists[..] {
+            [] => Some(Vec::new()),
+            [one] => Some(one.clone()),
+            _ => None,
+        },
     }
 }
 

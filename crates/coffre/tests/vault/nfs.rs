@@ -276,6 +276,24 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         assert!(ids.contains(&uid.to_string().as_str()), "{vm}: {uids}");
         assert!(!uids.contains(&other.to_string()), "{vm}: {uids}");
         assert!(!uids.contains('-'), "{vm} may act as a range: {uids}");
+        // Its groups are its share user's, for its life (its filter
+        // refuses setgroups): the team's and the member's own, not the
+        // other member's.
+        let server = nfs_server_of(pid_of(&st, vm).unwrap());
+        let groups = std::fs::read_to_string(format!("/proc/{server}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:").map(|g| g.trim().to_string()))
+            .unwrap();
+        let groups: Vec<&str> = groups.split_whitespace().collect();
+        assert!(
+            groups.contains(&"4242") && groups.contains(&uid.to_string().as_str()),
+            "{vm}: {groups:?}"
+        );
+        assert!(
+            !groups.contains(&other.to_string().as_str()),
+            "{vm}: {groups:?}"
+        );
     }
     // Two processes: the broker (the daemon's child, which alone opens
     // files by handle) and the server it forks (which parses guests'
@@ -476,6 +494,11 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         acts_uids(now),
         "65534",
         "nfs-b's server may still act as bob"
+    );
+    let groups = std::fs::read_to_string(format!("/proc/{}/status", nfs_server_of(now))).unwrap();
+    assert!(
+        groups.lines().any(|l| l.trim_end() == "Groups:"),
+        "nfs-b's server kept bob's groups: {groups}"
     );
     assert_contiguous(&lab.shared("nfs-b.log"), "nfs-b");
     // A daemon stopped while open: the NFS server lets go of the data

@@ -154,6 +154,11 @@ pub enum Command {
         /// The gids it may act with.
         #[arg(long)]
         acts_gids: String,
+        /// The supplementary groups it keeps for its life (`4242,5001`;
+        /// empty: none), when it acts as one user: set before its filter,
+        /// which then refuses any change of groups.
+        #[arg(long)]
+        groups: Option<String>,
     },
     /// The LDAP server for the VMs' directory, as the daemon starts it:
     /// serves on the sockets it inherited (descriptor 3: plain with

@@ -73,6 +73,7 @@ fn main() -> ExitCode {
             gid,
             acts_uids,
             acts_gids,
+            groups,
         } => nfs_server(
             sockets,
             workers,
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
             Some((uid, gid)),
             &acts_uids,
             &acts_gids,
+            groups.as_deref(),
         ),
         C::LdapServer { uid, gid } => ldap_server(uid, gid),
         C::Enter {
@@ -211,12 +213,17 @@ fn nfs_server(
     user: Option<(u32, u32)>,
     acts_uids: &str,
     acts_gids: &str,
+    groups: Option<&str>,
 ) -> anyhow::Result<u8> {
     let acts = coffre_sys::seccomp::Acts {
         uids: coffre_sys::seccomp::Acts::parse_ranges(acts_uids)
             .map_err(|e| anyhow::anyhow!("--acts-uids: {e}"))?,
         gids: coffre_sys::seccomp::Acts::parse_ranges(acts_gids)
             .map_err(|e| anyhow::anyhow!("--acts-gids: {e}"))?,
+        groups: groups
+            .map(coffre_sys::seccomp::Acts::parse_ids)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--groups: {e}"))?,
     };
     coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
     coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
