@@ -437,10 +437,12 @@ fn serve_as_server(
     // now, on its only thread (the others inherit them); its filter then
     // refuses any change.
     if let Some(g) = &acts.groups {
-        let g: Vec<rustix::process::Gid> = g
+        let mut g: Vec<rustix::process::Gid> = g
             .iter()
             .map(|&id| rustix::process::Gid::from_raw(id))
             .collect();
+        g.sort_unstable_by_key(|g| g.as_raw());
+        g.dedup();
         rustix::thread::set_thread_groups(&g)?;
     }
     // What it reads outside the data, read before the confinement.

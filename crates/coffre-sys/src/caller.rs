@@ -159,20 +159,28 @@ impl AsCaller {
         // invalid id changes nothing and answers the current one.
         // SAFETY: plain integers.
         let (fsuid, fsgid) = unsafe { (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX)) };
-        // The kernel keeps a thread's groups sorted, without repeats.
+        // Compared as sets: the kernel sorts a thread's groups (it keeps
+        // repeats).
         let mut wanted: Vec<libc::gid_t> = groups.to_vec();
         wanted.sort_unstable();
         wanted.dedup();
-        let same = saved == wanted;
+        let mut now = saved.clone();
+        now.sort_unstable();
+        now.dedup();
+        let same = now == wanted;
         let mut guard = Self {
-            groups: (!same).then_some(saved),
+            groups: None,
             fsuid: fsuid.cast_unsigned(),
             fsgid: fsgid.cast_unsigned(),
             lowered: 0,
             _thread: PhantomData,
         };
         if !same {
+            // A refused change changes nothing: only a change made is to
+            // be undone (a server whose filter refuses it fails the call,
+            // and serves on).
             set_groups(groups)?;
+            guard.groups = Some(saved);
         }
         let (fsuid, fsgid) = set_fs(uid, gid)?;
         (guard.fsuid, guard.fsgid) = (fsuid, fsgid);

@@ -43,7 +43,8 @@
 //!   `setfsgid`, `mknodat` and every mode, owner and time change;
 //! - `setgroups` for an NFS server whose groups are fixed for its life
 //!   ([`Acts::groups`]: a server per VM, acting as one user), set before
-//!   the filter.
+//!   the filter, and for its broker (given the same `Acts`), which never
+//!   changes its groups.
 //!
 //! A call made through another ABI is no way around it: a system call of
 //! another architecture (i386's `int 0x80` on x86-64) kills the process,
@@ -567,6 +568,7 @@ pub fn refuse(profile: Profile, acts: Option<&Acts>) -> io::Result<usize> {
 
 fn apply(profile: Profile, acts: Option<&Acts>, errno: i32) -> io::Result<usize> {
     let prog = program(profile, acts, errno).map_err(io::Error::other)?;
+    let fixed_groups = usize::from(acts.is_some_and(|a| a.groups.is_some()));
     let fprog = libc::sock_fprog {
         len: u16::try_from(prog.len()).map_err(|_| io::Error::other("filter too long"))?,
         filter: prog.as_ptr().cast_mut().cast::<libc::sock_filter>(),
@@ -588,7 +590,7 @@ fn apply(profile: Profile, acts: Option<&Acts>, errno: i32) -> io::Result<usize>
         )
     };
     match r {
-        0 => Ok(denied(profile).len()),
+        0 => Ok(denied(profile).len() + fixed_groups),
         // TSYNC names the thread that could not take the filter.
         tid if tid > 0 => Err(io::Error::other(format!(
             "thread {tid} has another filter; none applied"

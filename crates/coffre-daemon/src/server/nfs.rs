@@ -639,7 +639,7 @@ impl Shell {
                     "nfs",
                     "ok",
                     format!(
-                        "NFS server for {vm} started again (pid {pid}) to act as its share's user now (a member who joined or was removed since)"
+                        "NFS server for {vm} started again (pid {pid}) to act as its share's user now, with their groups (a member who joined, was removed, or whose groups changed since)"
                     ),
                 ),
                 Err(e) => {
@@ -859,10 +859,15 @@ share_async = true
             assert_eq!(allowed(&a.uids, id), yes, "uid {id}");
             assert_eq!(allowed(&a.gids, id), yes, "gid {id}");
         }
-        // A refused share's user (a removed member) adds no one.
+        // Its groups, fixed for its life: the share user's, sorted.
+        assert_eq!(a.groups, Some(vec![4242, 5001]));
+        // A refused share's user (a removed member) adds no one, and no
+        // group.
         let mut gone = safe.clone();
         gone.denied = true;
-        assert_eq!(super::acts(nobody, &[gone]).uids, vec![(65534, 65534)]);
+        let g = super::acts(nobody, &[gone]);
+        assert_eq!(g.uids, vec![(65534, 65534)]);
+        assert_eq!(g.groups, Some(Vec::new()));
     }
 
     /// `status` sums the servers' counters and says confined or filtered

@@ -280,12 +280,15 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         // refuses setgroups): the team's and the member's own, not the
         // other member's.
         let server = nfs_server_of(pid_of(&st, vm).unwrap());
-        let groups = std::fs::read_to_string(format!("/proc/{server}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:").map(|g| g.trim().to_string()))
-            .unwrap();
-        let groups: Vec<&str> = groups.split_whitespace().collect();
+        let groups_of = |status: &std::path::Path| {
+            std::fs::read_to_string(status)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:").map(|g| g.trim().to_string()))
+                .unwrap()
+        };
+        let main = groups_of(std::path::Path::new(&format!("/proc/{server}/status")));
+        let groups: Vec<&str> = main.split_whitespace().collect();
         assert!(
             groups.contains(&"4242") && groups.contains(&uid.to_string().as_str()),
             "{vm}: {groups:?}"
@@ -294,6 +297,24 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
             !groups.contains(&other.to_string().as_str()),
             "{vm}: {groups:?}"
         );
+        // As the daemon gave them (`--groups`), and on every thread of it,
+        // its workers too.
+        let args = std::fs::read(format!("/proc/{}/cmdline", pid_of(&st, vm).unwrap())).unwrap();
+        let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+        let given = args[args
+            .iter()
+            .position(|a| *a == b"--groups")
+            .expect("--groups")
+            + 1];
+        assert_eq!(String::from_utf8_lossy(given), groups.join(","), "{vm}");
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{server}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(tasks.len() > 2, "{vm}: {tasks:?}");
+        for t in tasks {
+            assert_eq!(groups_of(&t.join("status")), main, "{vm}: {t:?}");
+        }
     }
     // Two processes: the broker (the daemon's child, which alone opens
     // files by handle) and the server it forks (which parses guests'
