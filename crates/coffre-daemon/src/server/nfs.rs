@@ -252,11 +252,7 @@ impl NfsChild {
     /// whose restart delay has passed; each allowed to act as `acts(its
     /// exports)`. Says what each start gave: the VM, then its broker's
     /// pid or why not.
-    pub(super) fn start(
-        &mut self,
-        which: Start<'_>,
-        acts: &dyn Fn(&[ExportSpec]) -> Acts,
-    ) -> Vec<(String, Result<u32, String>)> {
+    pub(super) fn start(&mut self, which: Start<'_>) -> Vec<(String, Result<u32, String>)> {
         let mut out = Vec::new();
         let (user, key) = (self.user, self.key.clone());
         let wanted = |s: &VmServer| {
@@ -276,7 +272,7 @@ impl NfsChild {
                 continue;
             }
             let r = match &ready {
-                Ok(()) => s.start(user, &acts(&s.exports), key.as_ref()),
+                Ok(()) => s.start(user, &acts(user, &s.exports), key.as_ref()),
                 Err(e) => Err(e.clone()),
             };
             out.push((s.workload.clone(), r));
@@ -294,7 +290,6 @@ impl NfsChild {
     pub(super) fn set_exports(
         &mut self,
         exports: &[ExportSpec],
-        acts: &dyn Fn(&[ExportSpec]) -> Acts,
     ) -> Result<(Vec<String>, Vec<String>), String> {
         let mut failed = Vec::new();
         let mut stopped = Vec::new();
@@ -312,7 +307,7 @@ impl NfsChild {
             if !s.helper.running() {
                 continue;
             }
-            if s.acts.as_ref() != Some(&acts(&mine)) {
+            if s.acts.as_ref() != Some(&acts(self.user, &mine)) {
                 s.helper.stop();
                 stopped.push(s.workload.clone());
                 continue;
@@ -569,10 +564,8 @@ impl Shell {
             self.system_audit("nfs", "failed", p);
         }
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
-        let user = g.user;
-        let who = move |e: &[ExportSpec]| acts(user, e);
-        let _ = g.set_exports(&exports, &who);
-        let started = g.start(Start::All, &who);
+        let _ = g.set_exports(&exports);
+        let started = g.start(Start::All);
         drop(g);
         for (vm, r) in started {
             match r {
@@ -619,14 +612,12 @@ impl Shell {
             .filter(|e| e.denied)
             .map(|e| e.workload.clone())
             .collect();
-        let user = g.user;
-        let who = move |e: &[ExportSpec]| acts(user, e);
         // A server whose filter is not its share user's now (a member
         // who joined since it started, or one removed) is stopped and
         // started again at once, with the filter its export asks for.
-        let r = g.set_exports(&exports, &who);
+        let r = g.set_exports(&exports);
         let started = match &r {
-            Ok((_, stopped)) if !stopped.is_empty() => g.start(Start::These(stopped), &who),
+            Ok((_, stopped)) if !stopped.is_empty() => g.start(Start::These(stopped)),
             _ => Vec::new(),
         };
         drop(g);
@@ -685,8 +676,7 @@ impl Shell {
                 ),
             ));
         }
-        let user = g.user;
-        for (vm, r) in g.start(Start::Due, &move |e: &[ExportSpec]| acts(user, e)) {
+        for (vm, r) in g.start(Start::Due) {
             match r {
                 Ok(pid) => notes.push((
                     "ok",
