@@ -419,6 +419,10 @@ fn a_user_removed_disappears_on_an_open_connection() {
     let fifo = lab.dir.join("filters");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
+    // Counted before the client starts: once the FIFO opens it may
+    // connect at any moment.
+    let connections = lab.server.stats.connections.load(Ordering::Relaxed);
+    let searches = lab.server.stats.searches.load(Ordering::Relaxed);
     let child = lab
         .tool(
             "ldapsearch",
@@ -440,8 +444,6 @@ fn a_user_removed_disappears_on_an_open_connection() {
         .spawn()
         .unwrap();
     let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-    let connections = lab.server.stats.connections.load(Ordering::Relaxed);
-    let searches = lab.server.stats.searches.load(Ordering::Relaxed);
     writeln!(w, "bob").unwrap();
     w.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
