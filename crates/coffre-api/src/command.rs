@@ -116,6 +116,18 @@ pub enum ApiCommand {
         /// The caller's current TOTP code (6 digits; each step is accepted once).
         totp: String,
     },
+    /// Make a member a superuser, or a superuser a member (superuser; with
+    /// an unlock quorum above 1, a proposal the quorum approves).
+    MemberRole {
+        /// The member.
+        name: String,
+        /// Their new role.
+        role: coffre_vault::Role,
+        /// The caller's vault password: it must open their keyslot.
+        password: ApiSecret,
+        /// The caller's current TOTP code (6 digits; each step is accepted once).
+        totp: String,
+    },
     /// Invite a member (superuser).
     Invite {
         /// New member's name.

@@ -272,6 +272,15 @@ pub enum Command {
         /// The member to remove.
         name: String,
     },
+    /// Make a member a superuser, or a superuser a member (superuser,
+    /// password and TOTP). Their keyslot, certificate and numbers stay:
+    /// only what the role grants changes.
+    SetRole {
+        /// The member.
+        name: String,
+        /// Their new role.
+        role: Role,
+    },
     /// Invite a new member (superuser, password and TOTP). The superuser's
     /// keyslot check provides the volume key for the temporary keyslot.
     Invite {
@@ -375,6 +384,7 @@ impl Command {
             Command::SetMode { .. } => "mode",
             Command::SetQuorum { .. } => "quorum",
             Command::MemberRemove { .. } => "member_remove",
+            Command::SetRole { .. } => "member_role",
             Command::Invite { .. } => "member_invite",
             Command::Passwd => "passwd",
             Command::Approve { .. } => "approve",
@@ -403,6 +413,7 @@ impl Command {
                 | Command::SetMode { .. }
                 | Command::SetQuorum { .. }
                 | Command::MemberRemove { .. }
+                | Command::SetRole { .. }
                 | Command::Invite { .. }
                 | Command::Approve { .. }
                 | Command::InviteCancel { .. }
@@ -503,6 +514,13 @@ pub enum PasswordOp {
         /// Who.
         name: String,
     },
+    /// Change a member's role.
+    SetRole {
+        /// Who.
+        name: String,
+        /// Their new role.
+        role: Role,
+    },
     /// Invite a new member.
     Invite {
         /// The new member's name.
@@ -571,6 +589,7 @@ impl Command {
             Command::SetMode { mode } => Needs::Password(PasswordOp::SetMode { mode }),
             Command::SetQuorum { quorum } => Needs::Password(PasswordOp::SetQuorum { quorum }),
             Command::MemberRemove { name } => Needs::Password(PasswordOp::MemberRemove { name }),
+            Command::SetRole { name, role } => Needs::Password(PasswordOp::SetRole { name, role }),
             Command::Invite { name, role } => Needs::Password(PasswordOp::Invite { name, role }),
             Command::Passwd => Needs::Password(PasswordOp::Passwd),
             Command::Approve { id } => Needs::Password(PasswordOp::Approve { id }),
@@ -591,13 +610,23 @@ pub enum Change {
         /// The new quorum.
         quorum: u32,
     },
-    /// Invite a new superuser (the only promotion).
+    /// Invite a new superuser.
     InviteSuperuser {
         /// Their name.
         name: String,
     },
     /// Remove a superuser.
     RemoveSuperuser {
+        /// Their name.
+        name: String,
+    },
+    /// Make a member a superuser.
+    Promote {
+        /// Their name.
+        name: String,
+    },
+    /// Make a superuser a member.
+    Demote {
         /// Their name.
         name: String,
     },
@@ -610,6 +639,8 @@ impl Change {
             Change::Quorum { .. } => "quorum",
             Change::InviteSuperuser { .. } => "invite_superuser",
             Change::RemoveSuperuser { .. } => "remove_superuser",
+            Change::Promote { .. } => "promote",
+            Change::Demote { .. } => "demote",
         }
     }
 
@@ -619,6 +650,8 @@ impl Change {
             Change::Quorum { quorum } => format!("set the unlock quorum to {quorum}"),
             Change::InviteSuperuser { name } => format!("invite {name} as a superuser"),
             Change::RemoveSuperuser { name } => format!("remove superuser {name}"),
+            Change::Promote { name } => format!("make member {name} a superuser"),
+            Change::Demote { name } => format!("make superuser {name} a member"),
         }
     }
 }

@@ -640,6 +640,197 @@ fn proposals_are_superseded_expire_and_die_with_a_lock() {
 }
 
 /// With quorum 1 a lone admin's commands take effect at once.
+/// A member becomes a superuser and back without leaving (their keyslot
+/// and numbers stay): a superuser's command, with password and TOTP, at
+/// once under a quorum of 1; never the last superuser, never below the
+/// quorum, never while locked; each change audited.
+#[test]
+fn roles_change_in_place_within_the_quorums_rules() {
+    let mut s = Sim::new(members(2, 1));
+    let role = |name: &str, role| Command::SetRole {
+        name: name.into(),
+        role,
+    };
+    // A plain member cannot promote anyone, themselves included.
+    assert_eq!(
+        refused(&s.run("m0", role("m0", Role::Superuser))),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(
+        refused(&s.run("su0", role("nobody", Role::Superuser))),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(
+        refused(&s.run("su0", role("m1", Role::Member))),
+        Some(Refusal::Invalid),
+        "m1 is no superuser"
+    );
+    assert_eq!(
+        refused(&s.run("su0", role("su0", Role::Superuser))),
+        Some(Refusal::Invalid)
+    );
+    // The last superuser stays one.
+    assert_eq!(
+        refused(&s.run("su0", role("su0", Role::Member))),
+        Some(Refusal::Invalid)
+    );
+    let keyslot = s.vault.members()["m0"].keyslot;
+    assert_eq!(
+        s.run("su0", role("m0", Role::Superuser)),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.members()["m0"].role, Role::Superuser);
+    assert_eq!(s.vault.members()["m0"].keyslot, keyslot);
+    assert!(s.removed.is_empty());
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "member_role" && a.result == "ok" && a.detail == "m0: superuser")
+    );
+    // The new superuser acts as one: they make the first one a member.
+    assert_eq!(
+        s.run("m0", role("su0", Role::Member)),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.members()["su0"].role, Role::Member);
+    assert_eq!(
+        refused(&s.run("su0", Command::Lock { reason: "x".into() })),
+        Some(Refusal::NotPermitted),
+        "a former superuser locks no more"
+    );
+    // Locked: no role changes, either way.
+    assert!(matches!(
+        s.run(
+            "m0",
+            Command::Lock {
+                reason: "drill".into()
+            }
+        ),
+        Outcome::Ok(Reply::Done)
+    ));
+    let t = s.fresh();
+    let req = s.request("m0", role("m1", Role::Superuser), true, t);
+    assert_eq!(
+        s.vault.pending_checks(),
+        0,
+        "refused before any key derivation"
+    );
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::Locked));
+    assert_eq!(s.vault.members()["m1"].role, Role::Member);
+}
+
+/// Under a quorum above 1, a promotion and a demotion are proposals the
+/// quorum approves; a superuser made a member loses the approvals they
+/// gave, and the quorum never outnumbers the superusers left.
+#[test]
+fn promotions_and_demotions_need_the_quorum() {
+    let mut p = members(1, 4);
+    p.policy.unlock_quorum = 3;
+    let mut s = Sim::new(p);
+    let role = |name: &str, role| Command::SetRole {
+        name: name.into(),
+        role,
+    };
+    let (promote, remaining) = proposal(s.run("su0", role("m0", Role::Superuser)));
+    assert_eq!(remaining, 2);
+    assert_eq!(s.vault.members()["m0"].role, Role::Member);
+    assert_eq!(
+        s.vault.status().proposals[0].description,
+        "make member m0 a superuser"
+    );
+    assert_eq!(
+        proposal(s.run(
+            "su3",
+            Command::Approve {
+                id: promote.clone()
+            }
+        )),
+        (promote.clone(), 1)
+    );
+    // su3 is made a member by the quorum (one proposal per kind: the
+    // promotion waits beside it).
+    let (demote, _) = proposal(s.run("su0", role("su3", Role::Member)));
+    assert_eq!(s.vault.status().proposals.len(), 2);
+    proposal(s.run("su1", Command::Approve { id: demote.clone() }));
+    assert_eq!(s.vault.members()["su3"].role, Role::Superuser);
+    assert_eq!(
+        s.run("su2", Command::Approve { id: demote }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.members()["su3"].role, Role::Member);
+    assert!(
+        s.audit
+            .iter()
+            .any(|a| a.action == "approvals_withdrawn" && a.detail.contains("su3"))
+    );
+    // su3's approval of the promotion no longer counts; nor can they give
+    // another.
+    assert_eq!(
+        refused(&s.run(
+            "su3",
+            Command::Approve {
+                id: promote.clone()
+            }
+        )),
+        Some(Refusal::NotPermitted)
+    );
+    assert_eq!(
+        proposal(s.run(
+            "su1",
+            Command::Approve {
+                id: promote.clone()
+            }
+        )),
+        (promote.clone(), 1)
+    );
+    assert_eq!(s.vault.members()["m0"].role, Role::Member);
+    assert_eq!(
+        s.run("su2", Command::Approve { id: promote }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(s.vault.members()["m0"].role, Role::Superuser);
+    assert!(s.audit.iter().any(|a| a.action == "proposal"
+        && a.result == "approved"
+        && a.detail.contains("make member m0 a superuser")));
+    // Four superusers (su0, su1, su2, m0), quorum 3: one may become a
+    // member, not two.
+    let (id, _) = proposal(s.run("su0", role("su1", Role::Member)));
+    proposal(s.run("su2", Command::Approve { id: id.clone() }));
+    assert_eq!(
+        s.run("m0", Command::Approve { id }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        refused(&s.run("su0", role("su2", Role::Member))),
+        Some(Refusal::Invalid)
+    );
+}
+
+/// A proposal checked when made is checked again when carried out.
+#[test]
+fn a_demotion_approved_after_the_superusers_changed_is_refused() {
+    let mut p = members(0, 3);
+    p.policy.unlock_quorum = 2;
+    let mut s = Sim::new(p);
+    let demote = |name: &str| Command::SetRole {
+        name: name.into(),
+        role: Role::Member,
+    };
+    let (id, _) = proposal(s.run("su0", demote("su2")));
+    // Meanwhile su1 leaves the team: two superusers left, quorum 2.
+    let (rm, _) = proposal(s.run("su0", Command::MemberRemove { name: "su1".into() }));
+    assert_eq!(
+        s.run("su2", Command::Approve { id: rm }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(s.vault.members()["su2"].role, Role::Superuser);
+}
+
 #[test]
 fn a_lone_admin_needs_no_proposal() {
     let mut s = Sim::new(members(0, 1));
@@ -1108,6 +1299,7 @@ enum Op {
     Restart,
     Quorum(usize, u32),
     Remove(usize, usize),
+    Role(usize, usize, bool),
     Invite(usize, bool),
     Passwd(usize),
     Mode(usize, bool),
@@ -1136,6 +1328,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         1 => (0..4usize, 0..4u32).prop_map(|(m, q)| Op::Quorum(m, q)),
         1 => (0..4usize, 0..4usize).prop_map(|(m, t)| Op::Remove(m, t)),
+        1 => (0..4usize, 0..4usize, any::<bool>()).prop_map(|(m, t, su)| Op::Role(m, t, su)),
         1 => (0..4usize, any::<bool>()).prop_map(|(m, su)| Op::Invite(m, su)),
         1 => (0..4usize).prop_map(Op::Passwd),
         1 => (0..4usize, any::<bool>()).prop_map(|(m, f)| Op::Mode(m, f)),
@@ -1210,6 +1403,11 @@ proptest! {
                 Op::CloseFails(f) => s.close_fails = f,
                 Op::Quorum(m, q) => { let t = s.fresh(); s.request(&name(m), Command::SetQuorum { quorum: q }, true, t); }
                 Op::Remove(m, target) => { let t = s.fresh(); s.request(&name(m), Command::MemberRemove { name: name(target) }, true, t); }
+                Op::Role(m, target, su) => {
+                    let t = s.fresh();
+                    let role = if su { Role::Superuser } else { Role::Member };
+                    s.request(&name(m), Command::SetRole { name: name(target), role }, true, t);
+                }
                 Op::Invite(m, su) => {
                     let t = s.fresh();
                     let role = if su { Role::Superuser } else { Role::Member };
@@ -1254,10 +1452,15 @@ proptest! {
             }
             // Outside a lock too, with a quorum above 1 the quorum and the
             // superusers (but for joins) change only by the quorum's approval.
+            // Never fewer superusers than the quorum, nor none.
+            let supers_now = s.vault.members().values().filter(|m| m.role == Role::Superuser).count();
+            prop_assert!(supers_now >= 1 && supers_now >= s.vault.persistent().policy.unlock_quorum as usize, "{supers_now} superusers, quorum {}", s.vault.persistent().policy.unlock_quorum);
             if quorum_before > 1 {
                 let supers_after: Vec<String> = s.vault.members().values().filter(|m| m.role == Role::Superuser).map(|m| m.name.clone()).collect();
                 let lost = supers_before.iter().any(|x| !supers_after.contains(x));
-                if lost || s.vault.persistent().policy.unlock_quorum != quorum_before {
+                // A promotion: a member before, a superuser after.
+                let promoted = supers_after.iter().any(|x| !supers_before.contains(x) && members_before.contains(x));
+                if lost || promoted || s.vault.persistent().policy.unlock_quorum != quorum_before {
                     let approved = s.audit[audited.min(s.audit.len())..].iter().find(|a| a.action == "proposal" && a.result == "approved");
                     prop_assert!(approved.is_some(), "quorum or superusers changed without a proposal");
                     let names: std::collections::BTreeSet<&str> = approved.unwrap().detail.rsplit("approved by ").next().unwrap().split(", ").collect();

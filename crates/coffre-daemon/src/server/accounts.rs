@@ -386,21 +386,27 @@ impl Shell {
                 .retain(|n, _| !self.control.accounts.users.contains_key(n));
         }
         match result {
-            Ok(done) if done.is_empty() => {}
             Ok(done) => {
                 for d in done {
                     self.system_audit("accounts", "ok", d);
                 }
-                self.accounts_changed();
             }
             Err(e) => self.system_audit("accounts", "failed", e.to_string()),
         }
+        // Numbers given or retired, or a role changed (a superuser's
+        // groups are not a member's).
+        self.accounts_changed();
     }
 
-    /// What follows a change of accounts: workloads resolve members'
-    /// names with the new numbers.
+    /// What follows a change of accounts or roles: workloads resolve
+    /// members' names with the new numbers and groups (told only when
+    /// they changed).
     pub(super) fn accounts_changed(&mut self) {
         let ids = self.member_ids();
+        if self.workloads.members.as_ref() == Some(&ids) {
+            return;
+        }
+        self.workloads.members = Some(ids.clone());
         self.workloads
             .set
             .lock()

@@ -299,6 +299,20 @@ impl Shell {
                 password: p,
                 totp,
             } => (Command::MemberRemove { name }, Some((p, totp))),
+            ApiCommand::MemberRole {
+                name,
+                role,
+                password: p,
+                totp,
+            } => {
+                if role == Role::Superuser
+                    && let Some(why) = self.source_refuses_superuser(&name)
+                {
+                    let _ = reply.send((403, error_json(ErrorCode::NotPermitted, why)));
+                    return;
+                }
+                (Command::SetRole { name, role }, Some((p, totp)))
+            }
             ApiCommand::Invite {
                 name,
                 role,

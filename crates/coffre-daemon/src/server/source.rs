@@ -704,6 +704,28 @@ impl Shell {
         }
     }
 
+    /// Before a promotion: with an organisation's directory, `name` must
+    /// qualify as a superuser at its last check (the periodic one; a
+    /// superuser it no longer qualifies loses their approvals there, and
+    /// each of their superuser's commands is looked up again). Why not,
+    /// if not.
+    pub(super) fn source_refuses_superuser(&self, name: &str) -> Option<String> {
+        let src = self.source.as_ref()?;
+        match src.verdicts.get(name) {
+            Some(Verdict::Qualifies { superuser: true }) => None,
+            Some(Verdict::Qualifies { superuser: false }) => Some(format!(
+                "{name} is not in the organisation's superusers group ({}): not made a superuser",
+                src.config.superusers_group.as_deref().unwrap_or("none set")
+            )),
+            Some(Verdict::Refused(why)) => Some(format!(
+                "{name} does not qualify in the organisation's directory ({why}): not made a superuser"
+            )),
+            None => Some(format!(
+                "the organisation's directory has not been checked for {name} yet: try again in a moment"
+            )),
+        }
+    }
+
     /// Before an invitation's keyslot is made: the invitee must qualify.
     pub(super) fn source_invite(&mut self, req: ReqId, name: String, role: Role) -> bool {
         let Some(src) = &self.source else {

@@ -11,6 +11,8 @@ pub(super) struct WorkloadState {
     pub(super) rows: Arc<RwLock<Vec<coffre_workload::Row>>>,
     /// Set while a reap runs off the actor.
     pub(super) reaping: Arc<std::sync::atomic::AtomicBool>,
+    /// The members' numbers and groups they were last given.
+    pub(super) members: Option<std::collections::BTreeMap<String, super::accounts::Ids>>,
 }
 
 impl WorkloadState {
@@ -19,6 +21,7 @@ impl WorkloadState {
             rows: workloads.view(),
             set: Arc::new(std::sync::Mutex::new(workloads)),
             reaping: Arc::default(),
+            members: None,
         }
     }
 }

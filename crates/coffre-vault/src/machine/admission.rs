@@ -38,6 +38,9 @@ impl Vault {
             Command::Approve { .. } => Some(
                 "the vault is locked: proposals were cancelled by the lock; propose again once it is unlocked",
             ),
+            Command::SetRole { .. } => {
+                Some("the vault is locked: roles cannot change until it is unlocked")
+            }
             Command::MemberRemove { name }
                 if self
                     .p
@@ -437,6 +440,21 @@ impl Vault {
                 self.propose(out, &r, Change::RemoveSuperuser { name });
             }
             PasswordOp::MemberRemove { name } => self.remove_member(out, &r, &member, &name),
+            PasswordOp::SetRole { name, role } => {
+                if let Err(why) = self.check_role(&name, role) {
+                    out.refuse(&r, Refusal::Invalid, &why, format!("role of {name}"));
+                    return;
+                }
+                if self.quorum() > 1 {
+                    let change = match role {
+                        Role::Superuser => Change::Promote { name },
+                        Role::Member => Change::Demote { name },
+                    };
+                    self.propose(out, &r, change);
+                } else {
+                    self.set_role(out, &r, &name, role);
+                }
+            }
             PasswordOp::Invite {
                 name,
                 role: Role::Superuser,

@@ -1,5 +1,6 @@
-//! Members: who counts as a superuser, removing a member (and what the
-//! quorum forbids), and a member joining after an invitation.
+//! Members: who counts as a superuser, removing a member and changing a
+//! role (and what the quorum forbids), and a member joining after an
+//! invitation.
 
 use super::{Out, SYSTEM, Vault};
 use crate::model::*;
@@ -27,6 +28,62 @@ impl Vault {
             }
         }
         Ok(())
+    }
+
+    /// Whether `name` may be given `role` now: a member who has another
+    /// role, and a superuser made a member only if enough remain for the
+    /// unlock quorum (as for a removal).
+    pub(super) fn check_role(&self, name: &str, role: Role) -> Result<(), String> {
+        let Some(target) = self.p.members.get(name) else {
+            return Err(format!("{name} is not a member"));
+        };
+        if target.role == role {
+            return Err(match role {
+                Role::Superuser => format!("{name} is already a superuser"),
+                Role::Member => format!("{name} is not a superuser"),
+            });
+        }
+        if role == Role::Member {
+            let after = self.superusers() - 1;
+            if after == 0 || (after as u64) < u64::from(self.p.policy.unlock_quorum) {
+                return Err(format!(
+                    "making {name} a member would leave {after} superuser(s), fewer than the unlock quorum ({}); lower the quorum first",
+                    self.p.policy.unlock_quorum
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `name` `role` (checked again: a proposal's approval may come
+    /// after the members changed). A superuser made a member keeps their
+    /// sessions and tasks; their approvals (an unlock's, a proposal's) no
+    /// longer count.
+    pub(super) fn set_role(&mut self, out: &mut Out, r: &Request, name: &str, role: Role) {
+        if let Err(why) = self.check_role(name, role) {
+            out.refuse(r, Refusal::Invalid, &why, format!("role of {name}"));
+            return;
+        }
+        let Some(m) = self.p.members.get_mut(name) else {
+            return;
+        };
+        m.role = role;
+        out.effects.push(Effect::Persist);
+        let word = match role {
+            Role::Superuser => "superuser",
+            Role::Member => "member",
+        };
+        out.audit(
+            &r.member,
+            Some(&r.source),
+            "member_role",
+            "ok",
+            format!("{name}: {word}"),
+        );
+        if role == Role::Member {
+            self.withdraw_approvals(out, name, "no longer a superuser");
+        }
+        out.reply(r.req, Outcome::Ok(Reply::Done));
     }
 
     pub(super) fn remove_member(&mut self, out: &mut Out, r: &Request, _by: &Member, name: &str) {

@@ -1,6 +1,7 @@
 //! Lock and quorum: locking, unlock approvals, and the proposals that only
 //! enough distinct superusers may carry out (quorum changes, superuser
-//! invitations and removals) within the approval window.
+//! invitations, removals, promotions and demotions) within the approval
+//! window.
 
 use super::{Out, SYSTEM, Stage, Vault};
 use crate::model::*;
@@ -316,6 +317,14 @@ impl Vault {
                 if let Some(by) = by {
                     self.remove_member(out, r, &by, &name);
                 }
+            }
+            Change::Promote { name } => {
+                discard(out);
+                self.set_role(out, r, &name, Role::Superuser);
+            }
+            Change::Demote { name } => {
+                discard(out);
+                self.set_role(out, r, &name, Role::Member);
             }
             Change::InviteSuperuser { name } => {
                 if !keep_key || self.p.members.contains_key(&name) {

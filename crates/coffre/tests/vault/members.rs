@@ -716,6 +716,74 @@ fn quorum_changes_need_the_quorum() {
     v.wait_state("closed", Duration::from_secs(30));
 }
 
+/// Roles change in place: bob is made a superuser and back without a new
+/// invitation (same keyslot, same password, same uid); the quorum guards
+/// a demotion that would leave fewer superusers than it; a locked vault
+/// changes no role.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_member_is_made_a_superuser_and_back_in_place() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let role_of = |v: &Vault, name: &str| {
+        let out = v.cli("alice", &["member", "list", "--json"]);
+        ok(&out);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| (m["role"].clone(), m["keyslot"].clone()))
+            .unwrap()
+    };
+    let (role, keyslot) = role_of(&v, "bob");
+    assert_eq!(role, "member");
+    assert_eq!(code(&v.authed("bob", &["mode", "safe"])), 10);
+    let out = v.authed("bob", &["member", "role", "bob", "superuser"]);
+    assert_eq!(code(&out), 10, "a member promotes nobody");
+    let out = v.authed("alice", &["member", "role", "carol", "superuser"]);
+    assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"));
+
+    let out = v.authed("alice", &["member", "role", "bob", "superuser"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bob is now a superuser"));
+    assert_eq!(role_of(&v, "bob"), ("superuser".into(), keyslot.clone()));
+    ok(&v.authed("bob", &["mode", "safe"]));
+    // Two superusers now: a quorum of 2 is allowed, and then neither may
+    // become a member.
+    ok(&v.authed("bob", &["quorum", "2"]));
+    let out = v.authed("alice", &["member", "role", "bob", "member"]);
+    assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than the unlock quorum"));
+    ok(&v.authed("alice", &["quorum", "1"]));
+    let id = only_proposal(&v, "bob")["id"].as_str().unwrap().to_string();
+    ok(&v.authed("bob", &["approve", &id]));
+    let out = v.authed("alice", &["member", "role", "bob", "member"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bob is now a member"));
+    assert_eq!(role_of(&v, "bob"), ("member".into(), keyslot));
+    assert_eq!(code(&v.authed("bob", &["mode", "fast"])), 10);
+    // His password still opens his keyslot: he enters as before.
+    let mut b = v.enter_bg("bob", &[]);
+    assert_eq!(v.state(), "open");
+    v.cli("bob", &["leave"]);
+    wait_exit(&mut b, Duration::from_secs(10));
+    assert_eq!(
+        v.audit_details("member_role", "ok"),
+        vec!["bob: superuser".to_string(), "bob: member".to_string()]
+    );
+    // Locked: no role changes.
+    ok(&v.authed("alice", &["lock", "--reason", "drill"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    let out = v.authed("alice", &["member", "role", "bob", "superuser"]);
+    assert_eq!(code(&out), 6, "{}", String::from_utf8_lossy(&out.stderr));
+    ok(&v.authed("alice", &["unlock"]));
+    assert_eq!(role_of(&v, "bob").0, "member");
+}
+
 /// A lock that lands while a join makes its keyslot (here an auto-lock,
 /// which needs no keyslot check of its own): the new keyslot is wiped and
 /// nobody joins.

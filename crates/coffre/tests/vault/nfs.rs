@@ -495,6 +495,58 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         );
     }
 
+    // Bob is made a superuser: his groups gain the superusers', so nfs-b's
+    // server starts again with them (its filter refuses setgroups: a
+    // change of groups alone needs a new server), allowed the same users;
+    // nfs-a's keeps its pid, and bob's guest carries on.
+    let groups_given = |broker: u32| {
+        let args = std::fs::read(format!("/proc/{broker}/cmdline")).unwrap();
+        let args: Vec<String> = args
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at = args.iter().position(|a| a == "--groups").expect("--groups");
+        let mut g: Vec<String> = args[at + 1].split(',').map(str::to_string).collect();
+        g.sort();
+        g
+    };
+    let st = lab.gw.vault.status("alice");
+    let (alices, bobs) = (pid_of(&st, "nfs-a").unwrap(), pid_of(&st, "nfs-b").unwrap());
+    let (bobs_groups, bobs_acts) = (groups_given(bobs), acts_uids(bobs));
+    ok(&lab
+        .gw
+        .vault
+        .authed("alice", &["member", "role", "bob", "superuser"]));
+    let until = Instant::now() + Duration::from_secs(30);
+    let promoted = loop {
+        let now = pid_of(&lab.gw.vault.status("alice"), "nfs-b");
+        if let Some(p) = now.filter(|p| *p != bobs) {
+            break p;
+        }
+        assert!(
+            Instant::now() < until,
+            "nfs-b's server kept bob's old groups"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // `_superusers`, and nfs-a's workload group (every workload admits
+    // the superusers): two more, none lost.
+    let more = groups_given(promoted);
+    assert_eq!(
+        more.len(),
+        bobs_groups.len() + 2,
+        "{bobs_groups:?} -> {more:?}"
+    );
+    assert!(bobs_groups.iter().all(|g| more.contains(g)), "{more:?}");
+    assert_eq!(acts_uids(promoted), bobs_acts, "the same users");
+    assert_eq!(
+        pid_of(&lab.gw.vault.status("alice"), "nfs-a"),
+        Some(alices),
+        "nfs-a's server was started again for bob's role"
+    );
+    let w = lab.wrote("nfs-b");
+    lab.wait_wrote("nfs-b", w + 3, Duration::from_secs(60));
+
     // Bob is removed: his VM's share refuses everything at once; his
     // guest's appends fail (it sees errors, never data).
     let bobs = pid_of(&lab.gw.vault.status("alice"), "nfs-b").expect("nfs-b's server runs");

@@ -942,6 +942,29 @@ pub enum MemberCommand {
         #[command(flatten)]
         auth: AuthArgs,
     },
+    /// Make a member a superuser, or a superuser a member (superuser).
+    ///
+    /// They keep their keyslot, certificate, password, numbers and files;
+    /// only what the role grants changes, at once: the `_superusers` group
+    /// and every workload's group in the vault's directory, their NFS
+    /// server's groups, the commands they may run. A superuser made a
+    /// member keeps their sessions and tasks; the approvals they gave no
+    /// longer count. With an unlock quorum above 1 this makes a proposal
+    /// the quorum approves (`coffre approve ID`). Refused while locked, for
+    /// the last superuser, and when fewer superusers than the quorum would
+    /// remain; with an organisation's directory, a new superuser must be in
+    /// its superusers group.
+    Role {
+        /// The member.
+        name: String,
+        /// Their new role: member or superuser.
+        #[arg(value_enum)]
+        role: RoleChoice,
+        #[command(flatten)]
+        id: IdentityArg,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
     /// Remove a member: sessions dropped, keyslot wiped, certificate
     /// revoked (superuser).
     Remove {

@@ -421,6 +421,33 @@ pub fn member(cmd: MemberCommand) -> Result<u8> {
                 Err((code, msg)) => Ok(fail(code, &msg)),
             }
         }
+        MemberCommand::Role {
+            name,
+            role,
+            id,
+            auth,
+        } => {
+            let (role, word) = match role {
+                RoleChoice::Member => (coffre_vault::Role::Member, "a member"),
+                RoleChoice::Superuser => (coffre_vault::Role::Superuser, "a superuser"),
+            };
+            match authed(&id, &auth, |password, totp| ApiCommand::MemberRole {
+                name: name.clone(),
+                role,
+                password,
+                totp,
+            })? {
+                Ok(v) if v["proposal"].is_object() => {
+                    say_proposal(&v);
+                    Ok(exit::OK)
+                }
+                Ok(_) => {
+                    eprintln!("coffre: {name} is now {word}");
+                    Ok(exit::OK)
+                }
+                Err((code, msg)) => Ok(fail(code, &msg)),
+            }
+        }
         MemberCommand::Remove { name, id, auth } => {
             match authed(&id, &auth, |password, totp| ApiCommand::MemberRemove {
                 name,
