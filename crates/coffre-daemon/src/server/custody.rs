@@ -18,17 +18,54 @@ pub(super) struct Custody {
     pub(super) open_key: Option<VolumeKey>,
     /// The open volume's cipher, revocable while its close hangs.
     pub(super) cipher_slot: Option<Arc<coffre_storage::CipherSlot>>,
+    /// Keys handed to work waiting for the KDF pool (a password change,
+    /// an invitation): emptied by a lock.
+    pub(super) jobs: Vec<KeyForJob>,
     /// The KDF pool's memory budget (KiB permits), and its size.
     pub(super) pool: Arc<Semaphore>,
     pub(super) cap: u32,
 }
 
+/// A key handed to a job that may wait for the KDF pool behind other
+/// derivations (seconds each, for as long as members keep trying): the
+/// job takes it out only once it runs, and a lock empties it before
+/// that, so a queued job never keeps a key past a lock. A derivation
+/// already under way when the lock lands keeps its key until it ends.
+#[derive(Clone)]
+pub(super) struct KeyForJob(Arc<std::sync::Mutex<Option<VolumeKey>>>);
+
+impl KeyForJob {
+    /// The key, if no lock took it first.
+    pub(super) fn take(&self) -> Option<VolumeKey> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl Custody {
+    /// Hands `key` to a job through a holder a lock can empty.
+    pub(super) fn for_job(&mut self, key: VolumeKey) -> KeyForJob {
+        // Holders their jobs took (or dropped) are forgotten.
+        self.jobs.retain(|j| Arc::strong_count(&j.0) > 1);
+        let job = KeyForJob(Arc::new(std::sync::Mutex::new(Some(key))));
+        self.jobs.push(job.clone());
+        job
+    }
+
+    /// A lock (or a close's deadline): every key kept for an effect to
+    /// come, or waiting in the pool for its job, is wiped now.
+    pub(super) fn wipe_waiting(&mut self) {
+        self.kept.clear();
+        for j in self.jobs.drain(..) {
+            drop(j.take());
+        }
+    }
+
     pub(super) fn new(cap: u32) -> Self {
         Self {
             passwords: HashMap::new(),
             new_passwords: HashMap::new(),
             kept: HashMap::new(),
+            jobs: Vec::new(),
             open_key: None,
             cipher_slot: None,
             pool: Arc::new(Semaphore::new(cap as usize)),
@@ -200,7 +237,10 @@ impl Shell {
     }
 
     pub(super) fn key_checked(&mut self, req: ReqId, ok: bool, key: Option<VolumeKey>) {
-        if let Some(k) = key {
+        // A check that ends after a lock keeps no key (the core refuses
+        // what it was for): wiped here, not kept while the directory is
+        // asked.
+        if let Some(k) = key.filter(|_| !self.vault.is_locked()) {
             self.custody.kept.insert(req, k);
         }
         // With check_password, an opened keyslot waits for the bind.
@@ -228,13 +268,17 @@ impl Shell {
         };
         let epoch = self.lock_epoch;
         let locked = self.locked_flag.clone();
+        let key = self.custody.for_job(key);
         self.kdf_job(
             kdf_memory_kib(kdf),
             move || {
-                // A lock while this waited for the pool: no derivation.
-                if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                // A lock while this waited for the pool took the key: no
+                // derivation.
+                let key = key.take();
+                let Some(key) = key.filter(|_| !locked.load(std::sync::atomic::Ordering::SeqCst))
+                else {
                     return Err("the vault was locked".into());
-                }
+                };
                 header
                     .seal_keyslot(&key, &new, kdf, None)
                     .map_err(|e| e.to_string())
@@ -308,15 +352,9 @@ impl Shell {
         epoch: u64,
         result: Result<coffre_storage::SealedKeyslot, String>,
     ) -> Answer {
-        let sealed = match result {
-            Ok(s) => s,
-            Err(e) => {
-                self.system_audit("passwd", "failed", format!("{member}: {e}"));
-                return failure(format!("password not changed: {e}"));
-            }
-        };
+        // A lock meanwhile first (its job may have failed for it).
         if self.vault.is_locked() || epoch != self.lock_epoch {
-            drop(sealed);
+            drop(result);
             self.system_audit(
                 "passwd",
                 "refused:locked",
@@ -330,6 +368,13 @@ impl Shell {
                 ),
             );
         }
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.system_audit("passwd", "failed", format!("{member}: {e}"));
+                return failure(format!("password not changed: {e}"));
+            }
+        };
         let still = self
             .vault
             .members()
@@ -386,5 +431,33 @@ impl Shell {
         // Dropping a VolumeKey zeroizes it.
         self.custody.open_key = None;
         self.custody.cipher_slot.take().is_some_and(|s| s.revoke())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key handed to a job waiting for the pool is gone once a lock
+    /// wipes what waits; a job that already took its key is not reached
+    /// (nor needed: it ends on its own), and holders whose job took the
+    /// key are forgotten.
+    #[test]
+    fn a_lock_empties_the_keys_waiting_for_the_pool() {
+        let mut c = Custody::new(1024);
+        let key = || VolumeKey::generate(64);
+        let waiting = c.for_job(key());
+        let running = c.for_job(key());
+        let taken = running.take().expect("the job's key");
+        drop(running);
+        c.kept.insert(ReqId(1), key());
+        let third = c.for_job(key());
+        assert_eq!(c.jobs.len(), 2, "the holder its job took is forgotten");
+        c.wipe_waiting();
+        assert!(waiting.take().is_none(), "a waiting job kept its key");
+        assert!(third.take().is_none());
+        assert!(c.kept.is_empty());
+        assert!(c.jobs.is_empty());
+        assert_eq!(taken.len(), 64);
     }
 }

@@ -451,9 +451,9 @@ impl Shell {
                 self.lock_epoch += 1;
                 // Keys kept for an effect still to come (an open, an
                 // invitation, a password change waiting for the
-                // organisation's directory) go now: nothing uses a key
-                // while locked.
-                self.custody.kept.clear();
+                // organisation's directory, or for the KDF pool) go now:
+                // nothing uses a key while locked.
+                self.custody.wipe_waiting();
             }
             self.locked_flag
                 .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);

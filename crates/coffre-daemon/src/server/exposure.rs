@@ -396,7 +396,7 @@ impl Shell {
             return;
         }
         let revoked = self.wipe_key();
-        self.custody.kept.clear();
+        self.custody.wipe_waiting();
         // The NFS server too: killed if the hung close holds it (its
         // descriptors on the data and its key go with it).
         if let Some(nfs) = self.nfs()

@@ -146,9 +146,18 @@ impl Shell {
         let kdf = crate::init::invitation_kdf();
         let header = self.header_snapshot();
         let epoch = self.lock_epoch;
+        let locked = self.locked_flag.clone();
+        let key = self.custody.for_job(key);
         self.kdf_job(
             kdf_memory_kib(kdf),
             move || {
+                // A lock while this waited for the pool took the key: no
+                // derivation.
+                let key = key.take();
+                let Some(key) = key.filter(|_| !locked.load(std::sync::atomic::Ordering::SeqCst))
+                else {
+                    return Err("the vault was locked while the invitation waited".into());
+                };
                 header
                     // Priority 0 ("ignore"): only asked for by number,
                     // never tried for a member's password.
@@ -181,12 +190,9 @@ impl Shell {
         epoch: u64,
         result: Result<coffre_storage::SealedKeyslot, String>,
     ) -> Answer {
-        let sealed = match result {
-            Ok(s) => s,
-            Err(e) => return failure(e),
-        };
+        // A lock meanwhile first (its job may have failed for it).
         if self.vault.is_locked() || epoch != self.lock_epoch {
-            drop(sealed);
+            drop(result);
             self.system_audit(
                 "member_invite",
                 "refused:locked",
@@ -202,6 +208,10 @@ impl Shell {
                 ),
             );
         }
+        let sealed = match result {
+            Ok(s) => s,
+            Err(e) => return failure(e),
+        };
         if let Some(refusal) = self.invitation_pending(name) {
             self.system_audit(
                 "member_invite",

@@ -47,6 +47,131 @@ fn no_copy_of_the_volume_key_after_close() {
     );
 }
 
+/// `name`'s password command, in the background.
+fn spawn_authed(v: &mut Vault, name: &str, args: &[&str]) -> std::process::Child {
+    let code = v.totp(name);
+    let pw = v.member(name).password.clone();
+    let identity = v.member(name).identity.clone();
+    v.bin()
+        .args(args)
+        .args(["--password-file", pw.to_str().unwrap(), "--totp", &code])
+        .env("COFFRE_IDENTITY", identity)
+        .env("HOME", v.home(name))
+        .env_remove("XDG_STATE_HOME")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A key waiting in the KDF pool for its job (here an invitation's, queued
+/// behind other members' slow keyslot checks) is wiped by a lock, not
+/// kept until the job's turn comes: while locked the volume key is
+/// nowhere, even with the vault closed and a queue of derivations.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_lock_wipes_a_key_waiting_in_the_kdf_pool() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    v.set_policy("auto_lock_failures", 1);
+    // New members' keyslots take seconds to check (64 MiB, many passes),
+    // and the pool holds one such derivation at a time.
+    let cfg = v.dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "iterations = 4\nmemory_kib = 8192",
+            "iterations = 100\nmemory_kib = 65536",
+        )
+        .replace("kdf_memory_cap_kib = 2097152", "kdf_memory_cap_kib = 65536");
+    assert!(
+        text.contains("iterations = 100") && text.contains("kdf_memory_cap_kib = 65536"),
+        "{text}"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    v.start();
+    v.add_member("alice", "bob", false);
+    v.add_member("alice", "dave", false);
+    let pid = v.pid();
+    assert!(!memory_contains(pid, &key), "key in memory while CLOSED");
+    // Bob's check holds the whole pool; alice's invitation check waits
+    // behind it, then dave's check; alice's invitation keyslot, sealed
+    // with the volume key her check gave, waits behind dave's. The vault
+    // stays closed: an account change keeps no key.
+    let clear = ["member", "workload-password", "--clear"];
+    let mut bob = spawn_authed(&mut v, "bob", &clear);
+    std::thread::sleep(Duration::from_millis(300));
+    let inv = v.tmp.path().join("carol.invitation");
+    let alice = spawn_authed(
+        &mut v,
+        "alice",
+        &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut dave = spawn_authed(&mut v, "dave", &clear);
+    // Positive control: once bob's check is done (its key went with it)
+    // and alice's (a fast keyslot) after it, her key waits for the pool
+    // in the daemon's memory, and stays there while dave's check runs:
+    // the vault is closed, no other copy.
+    wait_exit(&mut bob, Duration::from_secs(60));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !memory_contains(pid, &key) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the invitation's key never showed: the test proves nothing"
+        );
+        assert!(
+            dave.try_wait().unwrap().is_none(),
+            "dave's check ended before the key was seen waiting: too fast a host for this test"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(v.state(), "closed");
+    // The auto-lock (a wrong code: no keyslot check, no wait for the pool).
+    let pw = v.member("alice").password.clone();
+    let out = v.cli(
+        "alice",
+        &[
+            "lock",
+            "--reason",
+            "x",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--totp",
+            "000000",
+        ],
+    );
+    assert_eq!(code(&out), 7);
+    assert_eq!(v.state(), "locked");
+    assert!(
+        !memory_contains(pid, &key),
+        "the invitation's key outlived the lock while it waited for the pool"
+    );
+    assert!(
+        dave.try_wait().unwrap().is_none(),
+        "dave's check ended before the scan: the key might have gone with its job"
+    );
+    let alice = alice.wait_with_output().unwrap();
+    assert_eq!(
+        alice.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&alice.stderr)
+    );
+    assert!(!inv.exists(), "an invitation made across the lock");
+    wait_exit(&mut dave, Duration::from_secs(60));
+    assert!(!memory_contains(pid, &key));
+    v.stop();
+}
+
 /// A file served over FUSE from a backing file, whose writes and syncs
 /// block while `hang` is set: storage that stops answering.
 mod hangfs {
