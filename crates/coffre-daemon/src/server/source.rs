@@ -266,8 +266,18 @@ impl Shell {
         let safety = is_safety(command);
         let as_superuser = command.is_some_and(Command::superuser_only);
         // What never waits does not wait for a directory already known not
-        // to answer: straight to the keyslot.
+        // to answer: straight to the keyslot, unless its last answer
+        // already refused the member.
         if safety && src.failing.is_some() {
+            if let Some(why) = self.last_refusal(&member, as_superuser) {
+                self.custody.passwords.remove(&req);
+                self.run(Event::SourceRefused {
+                    req,
+                    unreachable: false,
+                    detail: why,
+                });
+                return;
+            }
             let mut queue = VecDeque::new();
             self.check_password(req, member, keyslot, keep_key, &mut queue);
             for e in queue {
@@ -469,7 +479,10 @@ impl Shell {
                 }
             },
             Err(e) if !is_down(&e) => refused(self, false, e.to_string()),
-            Err(_) if safety => go_on(self, None),
+            Err(_) if safety => match self.last_refusal(&member, as_superuser) {
+                Some(why) => refused(self, false, why),
+                None => go_on(self, None),
+            },
             Err(e) => refused(self, true, e.to_string()),
         }
     }
@@ -701,6 +714,24 @@ impl Shell {
             } else {
                 Event::ApprovalsWithdrawn { member, reason }
             });
+        }
+    }
+
+    /// What the directory's last answer said against `member` (for a
+    /// superuser's command: also out of `superusers_group`), for the
+    /// commands that go on when it does not answer: a superuser it
+    /// disabled is not let through by its outage.
+    fn last_refusal(&self, member: &str, as_superuser: bool) -> Option<String> {
+        let src = self.source.as_ref()?;
+        match src.verdicts.get(member)? {
+            Verdict::Refused(why) => Some(format!(
+                "{why} (the directory's last answer; it does not answer now)"
+            )),
+            Verdict::Qualifies { superuser: false } if as_superuser => Some(
+                "not in superusers_group (the directory's last answer; it does not answer now)"
+                    .into(),
+            ),
+            Verdict::Qualifies { .. } => None,
         }
     }
 

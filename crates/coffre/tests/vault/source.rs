@@ -421,10 +421,65 @@ fn who_may_enter_be_invited_and_join() {
         "the new password opens and binds"
     );
 
+    // A promotion needs superusers_group at the last check: refused for
+    // bob, then allowed once the check has him in admins.
+    let out = v.authed("alice", &["member", "role", "bob", "superuser"]);
+    assert_eq!(code(&out), 10, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("superusers group"),
+        "{}",
+        stderr(&out)
+    );
+    let set_admin = |slapd: &coffre_testkit::slapd::Slapd, admin: bool| {
+        let op = if admin { "add" } else { "delete" };
+        slapd.modify(&format!(
+            "dn: {ADMINS}\nchangetype: modify\n{op}: member\nmember: {}\n",
+            dn("bob")
+        ));
+    };
+    let wait_standing = |v: &Vault, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = v.cli("alice", &["member", "list", "--json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let bob = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == "bob")
+                .cloned()
+                .unwrap();
+            if bob["source"] == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "bob: {bob}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    set_admin(&slapd, true);
+    wait_standing(&v, "qualifies (superuser)");
+    let out = v.authed("alice", &["member", "role", "bob", "superuser"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Out of admins again (a superuser the organisation demoted), then
+    // the directory stops answering: its last word still holds, and the
+    // commands that never wait for it do not let him through.
+    set_admin(&slapd, false);
+    wait_standing(&v, "qualifies");
+
     // Unreachable: nobody enters, with a message that says why; a lock
     // and the unlock go on.
     let mut slapd = slapd;
     slapd.stop();
+    let out = v.authed("bob", &["lock", "--reason", "not his to lock"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(v.state(), "closed");
+    wait_audit(
+        &v,
+        "lock",
+        "refused",
+        "not in superusers_group (the directory's last answer",
+        Duration::from_secs(5),
+    );
     let (c, e) = enter_once(&mut v, "bob");
     assert_eq!(c, 1, "{e}");
     assert!(e.contains("cannot be reached"), "{e}");
