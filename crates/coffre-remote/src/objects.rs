@@ -129,6 +129,39 @@ impl ObjectStoreObjects {
     }
 }
 
+/// An object's body, refused as soon as more than `max` bytes came: the
+/// size the server declared (`Content-Length`) is no bound, a chunked or
+/// unframed body can run on regardless of it (a store that streams
+/// gigabytes is refused after `max`, not read into memory).
+async fn read_at_most(
+    mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    key: &str,
+    max: usize,
+) -> Result<Bytes, StoreError> {
+    use futures::StreamExt;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    while let Some(part) = body.next().await {
+        let part = part.map_err(map_err)?;
+        len = len.saturating_add(part.len());
+        if len > max {
+            return Err(StoreError::Other(format!(
+                "{key} sent more than the {max} bytes it can be"
+            )));
+        }
+        parts.push(part);
+    }
+    // One part (the usual case): no copy.
+    if parts.len() == 1 {
+        return Ok(parts.pop().unwrap_or_default());
+    }
+    let mut all = Vec::with_capacity(len);
+    for p in &parts {
+        all.extend_from_slice(p);
+    }
+    Ok(Bytes::from(all))
+}
+
 fn map_err(e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists,
@@ -163,7 +196,7 @@ impl Objects for ObjectStoreObjects {
                 e_tag: r.meta.e_tag.clone(),
                 version: r.meta.version.clone(),
             };
-            let bytes = r.bytes().await.map_err(map_err)?;
+            let bytes = read_at_most(r.into_stream(), key, max).await?;
             Ok(Some((bytes, tag)))
         })
     }

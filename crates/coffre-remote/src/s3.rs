@@ -231,6 +231,76 @@ mod tests {
         assert!(check_endpoint("https://s3.example:9000").is_ok());
     }
 
+    /// A store that declares a small object and streams far more (a
+    /// chunked body, whose framing overrides `Content-Length`): the read
+    /// is refused once past its bound, never collected whole.
+    #[test]
+    fn a_body_longer_than_it_can_be_is_refused_while_it_streams() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut req = [0u8; 8192];
+                    let _ = c.read(&mut req);
+                    let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\
+                                ETag: \"e1\"\r\nLast-Modified: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n";
+                    if c.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    let part = vec![b'x'; 1 << 20];
+                    for _ in 0..256 {
+                        if c.write_all(b"100000\r\n").is_err()
+                            || c.write_all(&part).is_err()
+                            || c.write_all(b"\r\n").is_err()
+                        {
+                            return;
+                        }
+                        counter.fetch_add(part.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let _ = c.write_all(b"0\r\n\r\n");
+                });
+            }
+        });
+        let settings = S3Settings {
+            url: "s3://team-bucket/v".into(),
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            region: None,
+            allow_http: true,
+        };
+        let creds = Credentials {
+            access_key_id: "AKIATEST".into(),
+            secret_access_key: Zeroizing::new("not a secret".into()),
+            session_token: None,
+        };
+        let (objects, _) = open(&settings, Some(&creds)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(objects.get("v/manifest", 4096));
+        let e = match r {
+            Err(e) => e,
+            // (Never the bytes themselves in the message: 256 MiB.)
+            Ok(got) => panic!(
+                "{} bytes read as a 4 KiB object",
+                got.map_or(0, |(b, _)| b.len())
+            ),
+        };
+        assert!(e.to_string().contains("more than the 4096 bytes"), "{e}");
+        // Refused while it streamed: far from all of it was sent.
+        assert!(
+            sent.load(std::sync::atomic::Ordering::SeqCst) < 64 << 20,
+            "{} bytes sent",
+            sent.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+
     #[test]
     fn credentials_files() {
         let d = std::env::temp_dir().join(format!("coffre-remote-cred-{}", std::process::id()));
