@@ -267,11 +267,25 @@ impl Shell {
                                 ));
                             }
                             *g = Some(e);
-                            // Key, data, the VMs' shares, then workloads.
-                            if let Some(nfs) = &nfs {
-                                lines.push(nfs_open(nfs, &key));
+                            // A lock while the data was mounted: nothing
+                            // more starts (no NFS server, no workload
+                            // resumed); the open is reported, and the core
+                            // closes it at once as for a lock while open
+                            // (forced, with its deadline and the cipher's
+                            // revocation).
+                            if locked.load(std::sync::atomic::Ordering::SeqCst) {
+                                lines.push((
+                                    "open".into(),
+                                    "note".into(),
+                                    "the vault was locked while it opened: no NFS server, no workload resumed; it closes now".into(),
+                                ));
+                            } else {
+                                // Key, data, the VMs' shares, then workloads.
+                                if let Some(nfs) = &nfs {
+                                    lines.push(nfs_open(nfs, &key));
+                                }
+                                lines.extend(resume_workloads(&workloads, cut.as_deref(), &layout));
                             }
-                            lines.extend(resume_workloads(&workloads, cut.as_deref(), &layout));
                             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                             let detail = format!(
                                 "data mounted at {} in {:.0} ms (volume {:.1} ms, {phases}); open in {:.0} ms with the shares and workloads",

@@ -412,3 +412,96 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     }
     v.stop();
 }
+
+/// A lock that lands while the vault opens (here the data's mount waits
+/// on storage that stopped answering): once the mount is up, no workload
+/// starts and no NFS server opens; the vault closes at once and the key
+/// goes.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_lock_during_the_open_starts_no_workload() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _session;
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    v.set_workloads(
+        "auto",
+        r#"
+[[workload]]
+name = "marker"
+kind = "process"
+user = "root"
+command = ["/bin/sleep", "1000"]
+"#,
+    );
+    let img = v.dir.join("volume.img");
+    let backing = v.tmp.path().join("backing.img");
+    std::fs::rename(&img, &backing).unwrap();
+    std::fs::write(&img, b"").unwrap();
+    let hang = Arc::new(AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    _session = hangfs::mount(&img, file, hang.clone());
+    struct Unhang(Arc<AtomicBool>);
+    impl Drop for Unhang {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _unhang = Unhang(hang.clone());
+    v.start();
+    let pid = v.pid();
+    // The storage stops answering writes; alice enters: the open mounts
+    // the data, whose superblock write waits.
+    hang.store(true, Ordering::SeqCst);
+    let mut enter = v.enter_start("alice", &[]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.state() != "opening" {
+        assert!(std::time::Instant::now() < until, "never opening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        v.state(),
+        "opening",
+        "the open did not wait on the storage: the test proves nothing"
+    );
+    ok(&v.authed("alice", &["lock", "--reason", "during the open"]));
+    hang.store(false, Ordering::SeqCst);
+    v.wait_state("locked", Duration::from_secs(60));
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.status("alice")["key_held"] != false {
+        assert!(std::time::Instant::now() < until, "the key is still held");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_exit(&mut enter, Duration::from_secs(30));
+    let audit = v.audit();
+    let records: Vec<&serde_json::Value> = audit.iter().map(|e| &e["record"]).collect();
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["action"] == "workload" && r["result"] == "started"),
+        "a workload started after the lock: {records:#?}"
+    );
+    assert!(
+        records.iter().any(|r| r["action"] == "open"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("locked while it opened"))),
+        "{records:#?}"
+    );
+    assert!(!memory_contains(pid, &key), "key kept after the lock");
+    assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    v.stop();
+}
