@@ -510,10 +510,13 @@ pub fn export_volume(
 /// and pages verified with the integrity key, its root then kept as the
 /// local one, whatever the local root said (lost, or older after a
 /// restore from backup). Returns the local epoch before and the store's.
-/// The daemon must be stopped.
+/// A store behind the local root (or at its epoch with another manifest)
+/// is what a rollback looks like: refused unless `older` says the
+/// operator means it. The daemon must be stopped.
 pub fn trust_store(
     dir: &std::path::Path,
     password: &coffre_luks2::Passphrase,
+    older: bool,
 ) -> Result<(Option<u64>, u64), String> {
     let o = offline(
         dir,
@@ -531,6 +534,23 @@ pub fn trust_store(
             (was, true),
         ))
         .map_err(|e| e.to_string())?;
+    if let Some(w) = was
+        && !older
+    {
+        let now = &opened.root;
+        if now.epoch < w.epoch {
+            return Err(format!(
+                "the store is at epoch {}, behind the local root's {}: that is what a rollback by the provider looks like, and trusting it would lose every write since. Nothing changed. If you restored the store itself from an older backup on purpose, run again with --older",
+                now.epoch, w.epoch
+            ));
+        }
+        if now.epoch == w.epoch && !coffre_remote::IntegrityKey::verify(&w.mac, &now.mac) {
+            return Err(format!(
+                "the store's epoch {} has another manifest than the local root's: two histories (a fork). Nothing changed. Run again with --older only if the store's is the one to keep",
+                now.epoch
+            ));
+        }
+    }
     write_atomic(
         &o.vd.storage_root(),
         opened.root.to_line().as_bytes(),

@@ -183,6 +183,25 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
     assert_eq!(v.status("alice")["key_held"], false);
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    // `coffre storage trust` of a store behind the local root is what a
+    // rollback looks like: refused without --older, the root unchanged.
+    let root = v.dir.join("storage.root");
+    let kept = std::fs::read(&root).unwrap();
+    let out = v
+        .bin()
+        .args([
+            "storage",
+            "trust",
+            v.dir.to_str().unwrap(),
+            "--password-file",
+        ])
+        .arg(&v.member("alice").password)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 1, "{said}");
+    assert!(said.contains("behind the local root"), "{said}");
+    assert_eq!(std::fs::read(&root).unwrap(), kept, "the root moved");
     // Without the root kept locally, nothing would tell yesterday from
     // today: its loss is said, and the next open is refused.
     std::fs::remove_file(v.dir.join("storage.root")).unwrap();

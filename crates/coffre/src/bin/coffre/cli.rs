@@ -570,13 +570,20 @@ pub enum StorageCommand {
     /// and every page are verified with the integrity key first; the
     /// rollback check is what this gives up, once: run it only when you
     /// know the store is current (a provider serving an old bucket would
-    /// be believed). The daemon must be stopped.
+    /// be believed). A store behind the local root, or at its epoch with
+    /// another manifest, is refused unless --older. The daemon must be
+    /// stopped.
     Trust {
         /// The vault directory.
         dir: PathBuf,
         /// A member's password (`-` for stdin).
         #[arg(long, value_name = "FILE")]
         password_file: PathBuf,
+        /// Trust a store behind the local root (or forked from it): only
+        /// after restoring the store itself from an older backup, on
+        /// purpose; every write since that backup is lost.
+        #[arg(long)]
+        older: bool,
     },
 }
 

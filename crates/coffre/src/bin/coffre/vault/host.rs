@@ -364,9 +364,13 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                 }
             }
         }
-        S::Trust { dir, password_file } => {
+        S::Trust {
+            dir,
+            password_file,
+            older,
+        } => {
             let password = secrets::passphrase(&password_file)?;
-            match coffre_daemon::remote::trust_store(&dir, &password) {
+            match coffre_daemon::remote::trust_store(&dir, &password, older) {
                 Ok((was, now)) => {
                     println!(
                         "the local root was {}; it is the store's now: epoch {now} (manifest and pages verified). The rollback check holds again from here.",
