@@ -101,10 +101,15 @@ fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line 
     let handle_key = coffre_nfs::HandleKey::derive(key.expose());
     // HMAC copied the volume key into a block on this stack.
     coffre_luks2::secret::scrub_stack();
+    // Lent, not moved: the key is wiped where it lies when it goes (a
+    // move leaves its bytes behind in this frame), and what the call left
+    // deeper on this stack is scrubbed.
     let r = nfs
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .open(handle_key);
+        .open(&handle_key);
+    drop(handle_key);
+    coffre_luks2::secret::scrub_stack();
     let (result, detail) = match r {
         Ok(failed) if failed.is_empty() => (
             "ok",

@@ -117,7 +117,13 @@ impl Shell {
                 Some(refusal)
             }
             (None, None) => Some(failure("no key for the invitation".into())),
-            (None, Some(k)) => self.seal_invitation(req, k, name, role).err(),
+            (None, Some(k)) => {
+                let r = self.seal_invitation(req, k, name, role).err();
+                // The invitation code was made and moved in that frame,
+                // on this (the actor's) stack: scrubbed.
+                coffre_luks2::secret::scrub_stack();
+                r
+            }
         };
         if let Some(answer) = refusal {
             self.answer(req, answer);

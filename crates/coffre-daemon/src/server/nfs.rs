@@ -342,24 +342,35 @@ impl NfsChild {
             .iter_mut()
             .filter(|s| s.helper.running())
             .collect();
+        // What `f` left on a stack (the handle key's hex, its MAC state)
+        // is scrubbed once it returns: a thread's stack is kept by glibc
+        // for the next thread, unwiped.
         if let [one] = &mut running[..] {
-            return vec![(one.workload.clone(), f(one))];
+            let r = f(one);
+            coffre_luks2::secret::scrub_stack();
+            return vec![(one.workload.clone(), r)];
         }
         std::thread::scope(|scope| {
             let handles: Vec<_> = running
                 .into_iter()
-                .map(|s| scope.spawn(move || (s.workload.clone(), f(s))))
+                .map(|s| {
+                    scope.spawn(move || {
+                        let r = f(s);
+                        coffre_luks2::secret::scrub_stack();
+                        (s.workload.clone(), r)
+                    })
+                })
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         })
     }
 
     /// The vault is open: each server serves its share with this key.
-    pub(super) fn open(&mut self, key: HandleKey) -> Result<Vec<String>, String> {
+    pub(super) fn open(&mut self, key: &HandleKey) -> Result<Vec<String>, String> {
         self.key = Some(key.clone());
         let mut failed = Vec::new();
         let mut errors = Vec::new();
-        for (vm, r) in self.each(&|s: &mut VmServer| s.send_open(&key)) {
+        for (vm, r) in self.each(&|s: &mut VmServer| s.send_open(key)) {
             match r {
                 Ok(f) => failed.extend(f),
                 Err(e) => errors.push(format!("{vm}: {e}")),

@@ -466,6 +466,12 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
         !memory_contains(server, &key),
         "volume key in the NFS server"
     );
+    // Nor the daemon, which derived it and handed it to each broker (on
+    // threads whose stacks glibc keeps for the next ones).
+    assert!(
+        !memory_contains(lab.gw.vault.pid(), &raw_handle_key),
+        "handle key kept by the daemon while closed"
+    );
     let before = (lab.wrote("nfs-a"), lab.wrote("nfs-b"));
     std::thread::sleep(Duration::from_secs(3));
     let mut alice = lab.gw.connect("alice", 0);
