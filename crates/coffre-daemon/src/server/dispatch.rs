@@ -667,8 +667,33 @@ impl Shell {
         }
     }
 
+    /// Saves the control data; a failure is audited once, said in status,
+    /// and tried again at every tick (what changed holds in memory
+    /// meanwhile, but a restart before it is saved would not know it).
     pub(super) fn persist(&mut self) {
-        let _ = self.try_persist();
+        match self.try_persist() {
+            Ok(()) => {
+                if let Some(why) = self.unsaved.take() {
+                    self.system_audit(
+                        "control",
+                        "ok",
+                        format!("the control data is saved again (it could not be: {why})"),
+                    );
+                }
+            }
+            Err(e) => {
+                if self.unsaved.is_none() {
+                    self.system_audit(
+                        "control",
+                        "failed",
+                        format!(
+                            "the control data cannot be saved ({e}): what changed (a lock, a used TOTP code, a member removed) holds while the daemon runs, and is saved as soon as it can be (tried again twice a second)"
+                        ),
+                    );
+                }
+                self.unsaved = Some(e);
+            }
+        }
     }
 
     /// [`Shell::persist`], saying whether the control data reached the

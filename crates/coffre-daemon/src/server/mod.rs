@@ -215,6 +215,10 @@ struct Shell {
     /// work begun before a lock is not committed after it, even once
     /// unlocked.
     lock_epoch: u64,
+    /// Why the control data could not be saved at the last try (a lock,
+    /// a used TOTP step, a member's removal held in memory only): tried
+    /// again at every tick until it is.
+    unsaved: Option<String>,
     /// The vault network, when config.toml has a `[network]`.
     net: Option<network::NetState>,
     /// The organisation's directory, when config.toml has a
@@ -416,6 +420,7 @@ pub async fn serve(
         gw_tx: None,
         locked_flag: Arc::default(),
         lock_epoch: 0,
+        unsaved: None,
         net,
         source: None,
         metrics: metrics::Metrics::default(),
@@ -718,6 +723,9 @@ pub async fn serve(
                 shell.nfs_tick();
                 shell.directory_tick();
                 shell.source_tick();
+                if shell.unsaved.is_some() {
+                    shell.persist();
+                }
                 shell.host_certificates_tick();
                 shell.run(Event::Tick);
             }

@@ -39,6 +39,10 @@ impl Shell {
             "proposals": proposals_json(&s.proposals),
             "members": s.members,
             "key_held": self.custody.open_key.is_some(),
+            "control": {
+                "saved": self.unsaved.is_none(),
+                "error": self.unsaved,
+            },
             "audit": {
                 "writable": self.audit.error.is_none(),
                 "error": self.audit.error,

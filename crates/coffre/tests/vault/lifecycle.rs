@@ -468,3 +468,36 @@ fn no_audit_no_action_but_a_lock_goes_through_and_is_recorded_later() {
         &["audit", "verify", "--dir", v.dir.to_str().unwrap()],
     ));
 }
+
+/// A lock whose control data cannot be saved (here a directory where the
+/// daemon writes its temporary file) holds in memory, is said in status
+/// and the audit log, and is saved as soon as it can be: a restart after
+/// that is still locked.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_lock_that_cannot_be_saved_is_saved_once_it_can() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    let blocker = v.dir.join(format!("control.tmp{}", v.pid()));
+    std::fs::create_dir(&blocker).unwrap();
+    ok(&v.authed("alice", &["lock", "--reason", "disk trouble"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    let st = v.status("alice");
+    assert_eq!(st["control"]["saved"], false, "{}", st["control"]);
+    let text = String::from_utf8(v.cli("alice", &["status"]).stdout).unwrap();
+    assert!(text.contains("control: NOT SAVED"), "{text}");
+    assert!(!v.audit_details("control", "failed").is_empty());
+    // The disk answers again: saved at a tick, without anything else
+    // happening.
+    std::fs::remove_dir(&blocker).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while v.status("alice")["control"]["saved"] != true {
+        assert!(std::time::Instant::now() < until, "never saved");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!v.audit_details("control", "ok").is_empty());
+    v.stop();
+    v.start();
+    assert_eq!(v.state(), "locked", "the lock was forgotten");
+}

@@ -54,6 +54,12 @@ pub fn status(ida: IdentityArg, json: bool) -> Result<u8> {
                         iso(c["not_after"].as_u64().unwrap_or(0) * 1000),
                     );
                 }
+                if v["control"]["saved"] == false {
+                    println!(
+                        "control: NOT SAVED ({}); a restart now would forget the latest changes (a lock among them); tried again twice a second",
+                        v["control"]["error"].as_str().unwrap_or("?"),
+                    );
+                }
                 if v["audit"]["writable"] == false {
                     println!(
                         "audit:   CANNOT BE WRITTEN ({}); {} record(s) waiting; only lock and leave are accepted",
