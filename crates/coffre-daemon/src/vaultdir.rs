@@ -733,6 +733,11 @@ pub struct Control {
     /// CA's key, which machines have moved to the new one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pinned: BTreeMap<String, String>,
+    /// Keyslots of removed members whose wipe failed (the header could
+    /// not be written): keyslot number to the member it was bound to,
+    /// wiped again at every tick until it is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wipe_pending: BTreeMap<u32, String>,
 }
 
 impl std::fmt::Debug for Control {

@@ -723,6 +723,7 @@ pub async fn serve(
                 shell.nfs_tick();
                 shell.directory_tick();
                 shell.source_tick();
+                shell.wipe_tick();
                 if shell.unsaved.is_some() {
                     shell.persist();
                 }

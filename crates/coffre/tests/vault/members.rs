@@ -228,6 +228,77 @@ fn removed_member_is_kicked_and_refused() {
     assert_eq!(code(&out), 2, "bob's keyslot was wiped");
 }
 
+/// A removal whose keyslot cannot be wiped at once (the header cannot be
+/// written: made immutable) is finished as soon as it can be, by the
+/// daemon on its own: bob's password opens nothing afterwards.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, chattr on ext4"]
+fn a_removed_members_keyslot_is_wiped_once_the_header_takes_writes() {
+    require(&[Need::Root, Need::Fuse, Need::Loop, Need::Ext4]);
+    let mut v = Vault::init(&[]);
+    v.start();
+    v.add_member("alice", "bob", false);
+    let header = v.dir.join("volume.hdr");
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&header)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chattr {flag}: {out:?}");
+    };
+    struct Mutable(std::path::PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _mutable = Mutable(header.clone());
+    chattr("+i");
+    ok(&v.authed("alice", &["member", "remove", "bob"]));
+    let failed = v.audit_details("member_remove", "failed");
+    assert!(
+        failed.iter().any(|d| d.contains("tried again")),
+        "{failed:?}"
+    );
+    let control: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v.dir.join("control.json")).unwrap()).unwrap();
+    assert_eq!(
+        control["wipe_pending"].as_object().map(|m| m.len()),
+        Some(1)
+    );
+    chattr("-i");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !v
+        .audit_details("member_remove", "ok")
+        .iter()
+        .any(|d| d.contains("after a failed try"))
+    {
+        assert!(std::time::Instant::now() < until, "never wiped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    v.stop();
+    let control: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v.dir.join("control.json")).unwrap()).unwrap();
+    assert!(control.get("wipe_pending").is_none(), "{control}");
+    let bob_pw = v.member("bob").password.clone();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "volume",
+            "check-key",
+            v.dir.join("volume.img").to_str().unwrap(),
+            "--header",
+            header.to_str().unwrap(),
+        ])
+        .args(["--key-file", bob_pw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "bob's keyslot was wiped");
+}
+
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
 fn passwd_replaces_the_keyslot() {
