@@ -133,13 +133,17 @@ impl ObjectStoreObjects {
 /// size the server declared (`Content-Length`) is no bound, a chunked or
 /// unframed body can run on regardless of it (a store that streams
 /// gigabytes is refused after `max`, not read into memory).
-async fn read_at_most(
+pub(crate) async fn read_at_most(
     mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
     key: &str,
     max: usize,
 ) -> Result<Bytes, StoreError> {
     use futures::StreamExt;
-    let mut parts: Vec<Bytes> = Vec::new();
+    // The first part kept as it came (one part, the usual case: no
+    // copy); from the second on, one buffer, never more than `max` (a
+    // body in many tiny parts costs no more than one in a few).
+    let mut first: Option<Bytes> = None;
+    let mut all: Vec<u8> = Vec::new();
     let mut len = 0usize;
     while let Some(part) = body.next().await {
         let part = part.map_err(map_err)?;
@@ -149,17 +153,20 @@ async fn read_at_most(
                 "{key} sent more than the {max} bytes it can be"
             )));
         }
-        parts.push(part);
+        match first.take() {
+            None if all.is_empty() => first = Some(part),
+            None => all.extend_from_slice(&part),
+            Some(f) => {
+                all.reserve_exact(f.len() + part.len());
+                all.extend_from_slice(&f);
+                all.extend_from_slice(&part);
+            }
+        }
     }
-    // One part (the usual case): no copy.
-    if parts.len() == 1 {
-        return Ok(parts.pop().unwrap_or_default());
-    }
-    let mut all = Vec::with_capacity(len);
-    for p in &parts {
-        all.extend_from_slice(p);
-    }
-    Ok(Bytes::from(all))
+    Ok(match first {
+        Some(f) => f,
+        None => Bytes::from(all),
+    })
 }
 
 fn map_err(e: object_store::Error) -> StoreError {

@@ -301,6 +301,35 @@ mod tests {
         );
     }
 
+    /// Bodies in one part, in several, in tiny ones: the same bytes.
+    #[test]
+    fn a_body_is_read_whole_in_any_parts() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        for cut in [5000usize, 1000, 7, 1] {
+            let parts: Vec<object_store::Result<bytes::Bytes>> = data
+                .chunks(cut)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            let body = futures::StreamExt::boxed(futures::stream::iter(parts));
+            let got = rt
+                .block_on(crate::objects::read_at_most(body, "k", 5000))
+                .unwrap();
+            assert_eq!(&got[..], &data[..], "parts of {cut}");
+            let parts: Vec<object_store::Result<bytes::Bytes>> = data
+                .chunks(cut)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            let body = futures::StreamExt::boxed(futures::stream::iter(parts));
+            assert!(
+                rt.block_on(crate::objects::read_at_most(body, "k", 4999))
+                    .is_err()
+            );
+        }
+    }
+
     #[test]
     fn credentials_files() {
         let d = std::env::temp_dir().join(format!("coffre-remote-cred-{}", std::process::id()));

@@ -644,6 +644,18 @@ impl Change {
         }
     }
 
+    /// The member it is about, if it is about one already in the vault
+    /// (a promotion, a demotion, a removal): a proposal names a member,
+    /// and dies with them.
+    pub fn member(&self) -> Option<&str> {
+        match self {
+            Change::Promote { name }
+            | Change::Demote { name }
+            | Change::RemoveSuperuser { name } => Some(name),
+            Change::Quorum { .. } | Change::InviteSuperuser { .. } => None,
+        }
+    }
+
     /// The change in words, exact arguments included.
     pub fn describe(&self) -> String {
         match self {

@@ -807,6 +807,96 @@ fn promotions_and_demotions_need_the_quorum() {
     );
 }
 
+/// A superuser's command waiting for its password check when its author
+/// is made a member ends refused: it cannot, say, make them a superuser
+/// again.
+#[test]
+fn a_command_checked_after_its_author_was_demoted_is_refused() {
+    let mut s = Sim::new(members(0, 2));
+    let t = s.fresh();
+    let req = s.request(
+        "su1",
+        Command::SetRole {
+            name: "su1".into(),
+            role: Role::Superuser,
+        },
+        true,
+        t,
+    );
+    // (Refused at once for now: su1 is a superuser already; what matters
+    // is the next one, sent as a lock.)
+    s.settle();
+    assert_eq!(refused(&s.replies[&req]), Some(Refusal::Invalid));
+    let t = s.fresh();
+    let lock = s.request("su1", Command::Lock { reason: "x".into() }, true, t);
+    assert_eq!(
+        s.vault.pending_checks(),
+        1,
+        "su1's lock waits for its check"
+    );
+    let t = s.fresh();
+    let demote = s.request(
+        "su0",
+        Command::SetRole {
+            name: "su1".into(),
+            role: Role::Member,
+        },
+        true,
+        t,
+    );
+    // su0's check ends first.
+    let at = s
+        .inbox
+        .iter()
+        .position(|e| matches!(e, Event::PasswordChecked { req, .. } if *req == demote))
+        .expect("su0's check");
+    let e = s.inbox.remove(at).unwrap();
+    s.handle(e);
+    assert_eq!(s.replies[&demote], Outcome::Ok(Reply::Done));
+    s.settle();
+    assert_eq!(refused(&s.replies[&lock]), Some(Refusal::NotPermitted));
+    assert!(!s.vault.is_locked());
+}
+
+/// A proposal about a member dies with their removal: it never carries
+/// over to a newcomer given the same name.
+#[test]
+fn a_promotion_dies_with_its_member() {
+    let mut p = members(1, 3);
+    p.policy.unlock_quorum = 3;
+    let mut s = Sim::new(p);
+    let (id, _) = proposal(s.run(
+        "su0",
+        Command::SetRole {
+            name: "m0".into(),
+            role: Role::Superuser,
+        },
+    ));
+    proposal(s.run("su1", Command::Approve { id: id.clone() }));
+    assert_eq!(
+        s.run("su0", Command::MemberRemove { name: "m0".into() }),
+        Outcome::Ok(Reply::Done)
+    );
+    assert!(s.vault.status().proposals.is_empty());
+    assert!(s.audit.iter().any(|a| a.action == "proposal"
+        && a.result == "cancelled"
+        && a.detail.contains("m0 was removed")));
+    // A new m0 joins: su2's approval finds no proposal.
+    s.handle(Event::MemberJoined {
+        member: Member {
+            name: "m0".into(),
+            role: Role::Member,
+            keyslot: 9,
+            last_totp_step: None,
+        },
+    });
+    assert_eq!(
+        refused(&s.run("su2", Command::Approve { id })),
+        Some(Refusal::Invalid)
+    );
+    assert_eq!(s.vault.members()["m0"].role, Role::Member);
+}
+
 /// A proposal checked when made is checked again when carried out.
 #[test]
 fn a_demotion_approved_after_the_superusers_changed_is_refused() {

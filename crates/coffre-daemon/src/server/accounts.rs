@@ -406,12 +406,17 @@ impl Shell {
         if self.workloads.members.as_ref() == Some(&ids) {
             return;
         }
-        self.workloads.members = Some(ids.clone());
-        self.workloads
-            .set
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_members(ids);
+        // Never waited for on the actor: a close holds the workloads for
+        // as long as it takes (a lock and its deadline must not wait
+        // behind it). Tried again at the next tick.
+        let mut g = match self.workloads.set.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        g.set_members(ids.clone());
+        drop(g);
+        self.workloads.members = Some(ids);
     }
 }
 

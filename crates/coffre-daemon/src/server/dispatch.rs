@@ -117,7 +117,31 @@ impl Shell {
                 id,
                 password: p,
                 totp,
-            } => (Command::Approve { id }, Some((p, totp))),
+            } => {
+                // A promotion is checked against the directory at every
+                // approval, the one that carries it out included.
+                let promotes = self
+                    .vault
+                    .status()
+                    .proposals
+                    .into_iter()
+                    .find_map(|p| match p {
+                        coffre_vault::Proposal {
+                            id: pid,
+                            change: coffre_vault::Change::Promote { name },
+                            ..
+                        } if pid == id => Some(name),
+                        _ => None,
+                    });
+                if let Some(name) = promotes
+                    && self.may_ask_directory(&member)
+                    && let Some(why) = self.source_refuses_superuser(&name)
+                {
+                    let _ = reply.send((403, error_json(ErrorCode::NotPermitted, why)));
+                    return;
+                }
+                (Command::Approve { id }, Some((p, totp)))
+            }
             ApiCommand::InviteCancel {
                 name,
                 password: p,
@@ -306,6 +330,7 @@ impl Shell {
                 totp,
             } => {
                 if role == Role::Superuser
+                    && self.may_ask_directory(&member)
                     && let Some(why) = self.source_refuses_superuser(&name)
                 {
                     let _ = reply.send((403, error_json(ErrorCode::NotPermitted, why)));

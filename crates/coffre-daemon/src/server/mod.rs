@@ -724,6 +724,8 @@ pub async fn serve(
                 shell.directory_tick();
                 shell.source_tick();
                 shell.wipe_tick();
+                // Numbers or groups a busy close kept from the workloads.
+                shell.accounts_changed();
                 if shell.unsaved.is_some() {
                     shell.persist();
                 }

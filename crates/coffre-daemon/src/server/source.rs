@@ -735,6 +735,19 @@ impl Shell {
         }
     }
 
+    /// Whether `member`'s command may be answered with what the directory
+    /// said of someone before any password check: only a superuser's, on
+    /// an unlocked vault (anyone else is refused by the core anyway, and
+    /// learns nothing here).
+    pub(super) fn may_ask_directory(&self, member: &str) -> bool {
+        !self.vault.is_locked()
+            && self
+                .vault
+                .members()
+                .get(member)
+                .is_some_and(|m| m.role == Role::Superuser)
+    }
+
     /// Before a promotion: with an organisation's directory, `name` must
     /// qualify as a superuser at its last check (the periodic one; a
     /// superuser it no longer qualifies loses their approvals there, and

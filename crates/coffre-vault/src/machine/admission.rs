@@ -373,6 +373,20 @@ impl Vault {
             );
             return;
         };
+        // Made a member while the key was derived: a superuser's command
+        // is no longer theirs to give.
+        if r.command.superuser_only() && member.role != Role::Superuser {
+            if keep_key {
+                out.effects.push(Effect::DiscardKey { req });
+            }
+            out.refuse(
+                &r,
+                Refusal::NotPermitted,
+                "this needs a superuser",
+                "no longer a superuser when the password was checked",
+            );
+            return;
+        }
         // A lock may have landed while the key was derived: the check
         // ends in a refusal and its key is wiped at once.
         if self.is_locked()

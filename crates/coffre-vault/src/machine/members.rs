@@ -102,6 +102,29 @@ impl Vault {
         }
         self.p.members.remove(name);
         self.approvals.remove(name);
+        // A proposal about them is about nobody now (and must not become
+        // about a newcomer given the same name).
+        let about: Vec<&'static str> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.change.member() == Some(name))
+            .map(|(k, _)| *k)
+            .collect();
+        for kind in about {
+            if let Some(p) = self.proposals.remove(kind) {
+                out.audit(
+                    &r.member,
+                    Some(&r.source),
+                    "proposal",
+                    "cancelled",
+                    format!(
+                        "{}: {}: cancelled, {name} was removed",
+                        p.id,
+                        p.change.describe()
+                    ),
+                );
+            }
+        }
         out.effects.push(Effect::RemoveMember {
             name: name.to_string(),
             keyslot: target.keyslot,

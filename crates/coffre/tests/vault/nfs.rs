@@ -552,6 +552,27 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     );
     let w = lab.wrote("nfs-b");
     lab.wait_wrote("nfs-b", w + 3, Duration::from_secs(60));
+    // And back: made a member again, his server starts again with his
+    // groups as they were (none kept of the superusers').
+    ok(&lab
+        .gw
+        .vault
+        .authed("alice", &["member", "role", "bob", "member"]));
+    let until = Instant::now() + Duration::from_secs(30);
+    let demoted = loop {
+        let now = pid_of(&lab.gw.vault.status("alice"), "nfs-b");
+        if let Some(p) = now.filter(|p| *p != promoted) {
+            break p;
+        }
+        assert!(
+            Instant::now() < until,
+            "nfs-b's server kept the superusers' groups"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(groups_given(demoted), bobs_groups);
+    let w = lab.wrote("nfs-b");
+    lab.wait_wrote("nfs-b", w + 3, Duration::from_secs(60));
 
     // Bob is removed: his VM's share refuses everything at once; his
     // guest's appends fail (it sees errors, never data).
