@@ -738,6 +738,27 @@ pub struct Control {
     /// wiped again at every tick until it is.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub wipe_pending: BTreeMap<u32, String>,
+    /// Each member's standing in the organisation's directory at its last
+    /// answer: kept so that a restart while it does not answer still
+    /// knows whom it refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_standing: BTreeMap<String, Standing>,
+}
+
+/// A member's standing in the organisation's directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// May be a member; `superuser`: a superuser too.
+    Qualifies {
+        /// In `superusers_group` (or none is set).
+        superuser: bool,
+    },
+    /// May not, and why.
+    Refused {
+        /// Why, in words.
+        why: String,
+    },
 }
 
 impl std::fmt::Debug for Control {

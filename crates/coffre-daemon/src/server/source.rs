@@ -239,7 +239,23 @@ impl Shell {
     /// Sets up the directory, when config.toml has a `[directory]`.
     pub(super) fn source_start(&mut self) -> Result<(), String> {
         if let Some(c) = &self.config.directory {
-            self.source = Some(SourceState::new(c, &self.dir.root)?);
+            let mut src = SourceState::new(c, &self.dir.root)?;
+            // Its last word before the restart, until it answers again.
+            src.verdicts = self
+                .control
+                .source_standing
+                .iter()
+                .map(|(n, s)| {
+                    let v = match s {
+                        crate::vaultdir::Standing::Qualifies { superuser } => Verdict::Qualifies {
+                            superuser: *superuser,
+                        },
+                        crate::vaultdir::Standing::Refused { why } => Verdict::Refused(why.clone()),
+                    };
+                    (n.clone(), v)
+                })
+                .collect();
+            self.source = Some(src);
             self.system_audit(
                 "directory_source",
                 "ok",
@@ -704,6 +720,26 @@ impl Shell {
         }
         let members = self.vault.members().clone();
         src.verdicts.retain(|n, _| members.contains_key(n));
+        let standing: BTreeMap<String, crate::vaultdir::Standing> = src
+            .verdicts
+            .iter()
+            .map(|(n, v)| {
+                let s = match v {
+                    Verdict::Qualifies { superuser } => crate::vaultdir::Standing::Qualifies {
+                        superuser: *superuser,
+                    },
+                    Verdict::Refused(why) => {
+                        crate::vaultdir::Standing::Refused { why: why.clone() }
+                    }
+                };
+                (n.clone(), s)
+            })
+            .collect();
+        let save = standing != self.control.source_standing;
+        self.control.source_standing = standing;
+        if save {
+            self.persist();
+        }
         if !changes.is_empty() {
             self.system_audit("directory_source", "ok", changes.join("; "));
         }

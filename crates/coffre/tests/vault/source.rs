@@ -480,6 +480,12 @@ fn who_may_enter_be_invited_and_join() {
         "not in superusers_group (the directory's last answer",
         Duration::from_secs(5),
     );
+    // Its last word outlives a restart of the daemon during the outage.
+    v.stop();
+    v.start();
+    let out = v.authed("bob", &["lock", "--reason", "after a restart"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(v.state(), "closed");
     let (c, e) = enter_once(&mut v, "bob");
     assert_eq!(c, 1, "{e}");
     assert!(e.contains("cannot be reached"), "{e}");
