@@ -297,6 +297,38 @@ mod hangfs {
     }
 
     /// Mounts it over the regular file `at`.
+    /// The vault's volume file moved behind a FUSE file whose writes
+    /// hang while `hang` is set. Dropped: unhung first (so the session
+    /// can end), then unmounted. Declare it before the vault, so that it
+    /// outlives the daemon.
+    pub struct Hanging {
+        pub hang: Arc<AtomicBool>,
+        _session: fuser::BackgroundSession,
+    }
+
+    impl Drop for Hanging {
+        fn drop(&mut self) {
+            self.hang.store(false, Ordering::SeqCst);
+        }
+    }
+
+    pub fn behind(v: &crate::harness::Vault) -> Hanging {
+        let img = v.dir.join("volume.img");
+        let backing = v.tmp.path().join("backing.img");
+        std::fs::rename(&img, &backing).unwrap();
+        std::fs::write(&img, b"").unwrap();
+        let hang = Arc::new(AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&backing)
+            .unwrap();
+        Hanging {
+            _session: mount(&img, file, hang.clone()),
+            hang,
+        }
+    }
+
     pub fn mount(
         at: &std::path::Path,
         backing: std::fs::File,
@@ -327,11 +359,10 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
         Need::Ext4,
         Need::Cryptsetup,
     ]);
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     // Declared before the vault, so dropped after it (once the daemon is
     // gone, the FUSE file can be unmounted).
-    let _session;
+    let storage;
     let mut v = Vault::init(&[]);
     let key = volume_key(&v);
     let cfg = v.dir.join("config.toml");
@@ -343,26 +374,8 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
         .insert("close_deadline_s".into(), toml::Value::Integer(3));
     std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
     // The ciphertext moves behind a FUSE file whose writes can hang.
-    let img = v.dir.join("volume.img");
-    let backing = v.tmp.path().join("backing.img");
-    std::fs::rename(&img, &backing).unwrap();
-    std::fs::write(&img, b"").unwrap();
-    let hang = Arc::new(AtomicBool::new(false));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&backing)
-        .unwrap();
-    _session = hangfs::mount(&img, file, hang.clone());
-    // Dropped first, even when the test fails: the FUSE workers stop
-    // hanging, so the session can end.
-    struct Unhang(Arc<AtomicBool>);
-    impl Drop for Unhang {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::SeqCst);
-        }
-    }
-    let _unhang = Unhang(hang.clone());
+    storage = hangfs::behind(&v);
+    let hang = storage.hang.clone();
     v.start();
     let pid = v.pid();
     let mut enter = v.enter_bg("alice", &[]);
@@ -427,9 +440,8 @@ fn a_lock_during_the_open_starts_no_workload() {
         Need::Ext4,
         Need::Cryptsetup,
     ]);
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let _session;
+    use std::sync::atomic::Ordering;
+    let storage;
     let mut v = Vault::init(&[]);
     let key = volume_key(&v);
     v.set_workloads(
@@ -442,24 +454,8 @@ user = "root"
 command = ["/bin/sleep", "1000"]
 "#,
     );
-    let img = v.dir.join("volume.img");
-    let backing = v.tmp.path().join("backing.img");
-    std::fs::rename(&img, &backing).unwrap();
-    std::fs::write(&img, b"").unwrap();
-    let hang = Arc::new(AtomicBool::new(false));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&backing)
-        .unwrap();
-    _session = hangfs::mount(&img, file, hang.clone());
-    struct Unhang(Arc<AtomicBool>);
-    impl Drop for Unhang {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::SeqCst);
-        }
-    }
-    let _unhang = Unhang(hang.clone());
+    storage = hangfs::behind(&v);
+    let hang = storage.hang.clone();
     v.start();
     let pid = v.pid();
     // The storage stops answering writes; alice enters: the open mounts
