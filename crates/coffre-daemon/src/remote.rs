@@ -179,6 +179,7 @@ fn settings(c: &StorageConfig) -> MirrorSettings {
     MirrorSettings {
         degrade_after: std::time::Duration::from_secs(c.degrade_after_s.max(1)),
         retry_after: std::time::Duration::from_secs(c.degrade_after_s.clamp(1, 30)),
+        read_only: false,
     }
 }
 
@@ -483,7 +484,10 @@ pub fn export_volume(
     let (mut store, _) = rt
         .block_on(ChunkStore::open_mirrored(
             backends,
-            settings(&sc),
+            MirrorSettings {
+                read_only: true,
+                ..settings(&sc)
+            },
             "",
             (vault, ikey),
             (local, from.trust_store_epoch),
@@ -587,7 +591,10 @@ pub fn sweep_store(
     rt.block_on(async {
         let (mut store, opened) = ChunkStore::open_mirrored(
             o.backends,
-            settings(&o.sc),
+            MirrorSettings {
+                read_only: dry_run,
+                ..settings(&o.sc)
+            },
             "",
             (o.vault, o.ikey),
             (Some(local), false),

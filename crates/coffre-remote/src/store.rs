@@ -64,6 +64,9 @@ pub struct MirrorSettings {
     /// How long a stale store is left alone after a failure before the
     /// next attempt to bring it back.
     pub retry_after: Duration,
+    /// Only read the stores, from the open on (an export, a sweep's dry
+    /// run): nothing repaired, no mirror probed for conditional writes.
+    pub read_only: bool,
 }
 
 impl Default for MirrorSettings {
@@ -71,6 +74,7 @@ impl Default for MirrorSettings {
         MirrorSettings {
             degrade_after: Duration::from_secs(30),
             retry_after: Duration::from_secs(30),
+            read_only: false,
         }
     }
 }
@@ -970,6 +974,12 @@ impl ChunkStore {
                         m.epoch, root.epoch
                     )),
                 ),
+                // Not probed when only reading: the probe writes.
+                Seen::Empty if settings.read_only => (
+                    Held::Unknown,
+                    0,
+                    Some("it holds no volume (not probed: opened read-only)".to_string()),
+                ),
                 Seen::Empty => match conditional_writes(b.objects.as_ref(), &keys, limit).await {
                     Ok(()) => (
                         Held::Absent,
@@ -999,6 +1009,7 @@ impl ChunkStore {
         }
         let geometry = manifest.geometry;
         let table = vec![Entry::EMPTY; usize::try_from(geometry.chunks()).unwrap_or(0)];
+        let read_only = settings.read_only;
         let mut store = ChunkStore::assemble(
             (replicas, settings, keys, vault, key),
             (geometry, manifest.chunk_mac, table, manifest.pages.clone()),
@@ -1009,6 +1020,9 @@ impl ChunkStore {
         {
             store.known.push(l);
         }
+        // From the first page read on: a page bad on one store is not
+        // put back there.
+        store.read_only = read_only;
         store.load_pages().await?;
         store.hint_durable(0);
         for r in &store.replicas {
@@ -2030,8 +2044,10 @@ impl ChunkStore {
     /// What [`sweep`](ChunkStore::sweep) would delete, deleting nothing
     /// (in [`Swept::orphans`]).
     pub async fn orphans(&mut self, min_age: Duration) -> Result<Swept, RemoteError> {
-        self.resolve().await?;
-        let sweep = self.prepare_sweep(min_age)?;
+        if !self.read_only {
+            self.resolve().await?;
+        }
+        let sweep = self.sweep_plan(min_age);
         let listed = sweep.run().await;
         self.finish_sweep(&sweep, listed, &[])
     }
@@ -2060,9 +2076,15 @@ impl ChunkStore {
     /// store ([`Sweep::run`]).
     pub fn prepare_sweep(&self, min_age: Duration) -> Result<Sweep, RemoteError> {
         self.writable()?;
+        Ok(self.sweep_plan(min_age))
+    }
+
+    /// What a sweep would judge (the listing alone writes nothing: a dry
+    /// run's store may be opened read-only).
+    fn sweep_plan(&self, min_age: Duration) -> Sweep {
         let targets = self.in_step();
         let written = self.table.iter().filter(|e| e.version != 0).count();
-        Ok(Sweep {
+        Sweep {
             stores: targets
                 .iter()
                 .map(|i| self.replicas[*i].objects.clone())
@@ -2090,7 +2112,7 @@ impl ChunkStore {
                 chunks: self.table.iter().map(Named::print).collect(),
                 pages: self.pages.iter().map(Named::print).collect(),
             },
-        })
+        }
     }
 
     /// Judges what [`Sweep::run`] found against what the store names now
@@ -2113,7 +2135,11 @@ impl ChunkStore {
         listed: Vec<Result<Option<Listed>, String>>,
         also_kept: &[String],
     ) -> Result<Swept, RemoteError> {
-        self.writable()?;
+        // Judging writes nothing (the deletions are handed back to run):
+        // a dry run's store, opened read-only, may judge.
+        if self.fenced || !self.read_only {
+            self.writable()?;
+        }
         let mut swept = Swept::default();
         // Each orphan, and the stores judged (by their place in `judged`)
         // that listed it old enough.

@@ -135,6 +135,7 @@ fn quick() -> MirrorSettings {
     MirrorSettings {
         degrade_after: Duration::from_millis(300),
         retry_after: Duration::ZERO,
+        read_only: false,
     }
 }
 
@@ -317,6 +318,71 @@ fn a_chunk_that_does_not_verify_on_one_store_is_read_from_the_other_and_repaired
             s.read_chunk(3).await,
             Err(RemoteError::Tampered(_))
         ));
+    });
+}
+
+/// Opened read-only (an export, a sweep's dry run), the stores are only
+/// read: a page missing from one is read from the other and not put back
+/// there, a new mirror is not probed (the probe writes); opened to write,
+/// the same page is repaired.
+#[test]
+fn opened_read_only_the_stores_are_only_read() {
+    let rt = rt();
+    let (a, b, c) = (Switch::new(), Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
+        s.write_chunks(vec![(3, chunk(3)), (4, chunk(4))])
+            .await
+            .unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        drop(s);
+        let snap = snapshot(&a.mem).await;
+        let page = snap
+            .keys()
+            .find(|k| k.starts_with("team/p/"))
+            .unwrap()
+            .clone();
+        a.mem.delete(&Path::from(page.as_str())).await.unwrap();
+        let (a_before, c_before) = (snapshot(&a.mem).await, snapshot(&c.mem).await);
+        let (s, _) = ChunkStore::open_mirrored(
+            backends(&[&a, &b, &c]),
+            MirrorSettings {
+                read_only: true,
+                ..quick()
+            },
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.read_chunk(3).await.unwrap(), chunk(3));
+        assert_eq!(s.read_chunk(4).await.unwrap(), chunk(4));
+        let st = s.status();
+        assert!(
+            st[2].reason.as_deref().unwrap().contains("not probed"),
+            "{st:?}"
+        );
+        drop(s);
+        assert_eq!(snapshot(&a.mem).await, a_before, "a store was written");
+        assert_eq!(
+            snapshot(&c.mem).await,
+            c_before,
+            "the new mirror was probed"
+        );
+        // Opened to write: the page is put back.
+        let (s, _) = ChunkStore::open_mirrored(
+            backends(&[&a, &b]),
+            quick(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        drop(s);
+        assert!(snapshot(&a.mem).await.contains_key(&page), "not repaired");
     });
 }
 
@@ -780,6 +846,7 @@ fn a_mirror_that_hangs_while_brought_back_holds_up_no_write() {
             MirrorSettings {
                 degrade_after: Duration::from_secs(3600),
                 retry_after: Duration::ZERO,
+                read_only: false,
             },
             PREFIX,
             (VAULT, keys.key()),

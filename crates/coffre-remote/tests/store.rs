@@ -402,6 +402,7 @@ fn a_sweep_deletes_only_on_the_stores_it_judged() {
     let settings = coffre_remote::MirrorSettings {
         degrade_after: Duration::from_secs(5),
         retry_after: Duration::ZERO,
+        read_only: false,
     };
     let backends = vec![
         coffre_remote::Backend {
@@ -1371,6 +1372,7 @@ fn history(ops: Vec<Op>, mirrored: bool) -> Result<(), TestCaseError> {
         let settings = coffre_remote::MirrorSettings {
             degrade_after: Duration::from_secs(5),
             retry_after: Duration::ZERO,
+            read_only: false,
         };
         let store = rt()
             .block_on(ChunkStore::create_mirrored(
