@@ -241,11 +241,13 @@ fn attach_journal(
         ))
     })?;
     let bytes: usize = found.records.iter().map(|r| r.data.len()).sum();
-    Ok((!found.records.is_empty() || found.older > 0 || found.ignored_bytes > 0).then(|| {
+    let held = !found.records.is_empty() || found.older > 0 || found.ahead > 0;
+    Ok((held || found.ignored_bytes > 0).then(|| {
         format!(
-            "the write journal held {} write(s) ({bytes} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} byte(s) at its end did not verify (torn or altered), not replayed",
+            "the write journal held {} write(s) ({bytes} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} written after a newer manifest than the store's (a store rolled back), dropped; {} byte(s) at its end did not verify (torn or altered), not replayed",
             found.records.len(),
             found.older,
+            found.ahead,
             found.ignored_bytes
         )
     }))

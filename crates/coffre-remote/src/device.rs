@@ -921,7 +921,10 @@ impl BlockDevice for RemoteDevice {
         // replayed at the next open.
         // A flush first when the journal would pass the cache's size, or
         // when the durable epoch moved without one (an uncertain manifest
-        // settled as done): its records must follow the durable epoch.
+        // settled as done): its records must follow the durable epoch. A
+        // record written while a manifest put is unsettled is marked so
+        // (`journal::AFTER_UNCERTAIN`), and replayed whichever way it is
+        // settled, even by this very write's upload.
         let flush_first = s.journal.as_ref().is_some_and(|j| {
             j.bytes() + buf.len() as u64 > s.limit as u64 || j.base() != s.store.root().epoch
         });

@@ -11,10 +11,19 @@
 //! MACed so) or `CFJ1` (HMAC-SHA256, for a store made before), the epoch
 //! of the durable manifest it follows, its sequence number, the offset,
 //! the length, the MAC, the bytes. A store takes only records of its own
-//! kind (nothing writes the other). Records
-//! of an older epoch are covered by a manifest that landed (a crash
-//! between the manifest and the emptying of the journal): they are
-//! dropped, never replayed over newer data.
+//! kind (nothing writes the other).
+//!
+//! A record written while a manifest put's outcome was unknown (a flush
+//! whose answer was lost: the next epoch's manifest may have landed, or
+//! not) carries [`AFTER_UNCERTAIN`] in the top bit of its epoch: it is
+//! replayed whether the store's manifest turns out to be that epoch's or
+//! the next one's. Records of an older epoch are covered by a manifest
+//! that landed (a crash between the manifest and the emptying of the
+//! journal): they are dropped, never replayed over newer data. Coverage is
+//! a prefix of the journal (a manifest covers every write before it was
+//! made), so from the first record that may not be covered on, every
+//! record is replayed, in order: replaying a write the manifest already
+//! holds is harmless when everything written after it is replayed too.
 
 use crate::integrity::{ChunkMac, Mac};
 use crate::store::ChunkStore;
@@ -34,6 +43,9 @@ fn magic(how: ChunkMac) -> &'static [u8; 4] {
         ChunkMac::Blake3 => MAGIC_BLAKE3,
     }
 }
+/// In a record's epoch: written while the manifest of the epoch after it
+/// was put with an unknown outcome (it may be durable).
+pub const AFTER_UNCERTAIN: u64 = 1 << 63;
 const HEAD: usize = 4 + 8 + 8 + 8 + 4 + 32;
 /// The largest record (a write is at most this; larger ones are split).
 pub const MAX_RECORD: usize = 16 << 20;
@@ -78,6 +90,9 @@ pub struct Found {
     pub records: Vec<Record>,
     /// Records of an older epoch (already durable): dropped.
     pub older: usize,
+    /// Records of a newer epoch than the store's manifest (a store rolled
+    /// back, its older state trusted): not of this history, dropped.
+    pub ahead: usize,
     /// Bytes at the end that did not verify (a record torn by the crash,
     /// or altered): not replayed, nor anything after them.
     pub ignored_bytes: u64,
@@ -111,6 +126,7 @@ fn parse_with(
     let mut found = Found::default();
     let mut at = 0usize;
     let mut next_seq = None;
+    let mut replaying = false;
     while at < bytes.len() {
         let Some(h) = bytes.get(at..at + HEAD) else {
             break;
@@ -147,7 +163,12 @@ fn parse_with(
             break;
         }
         next_seq = Some(seq + 1);
-        if base == epoch {
+        let (of, uncertain) = (base & !AFTER_UNCERTAIN, base & AFTER_UNCERTAIN != 0);
+        if of > epoch {
+            found.ahead += 1;
+        } else if replaying || of == epoch || (uncertain && of + 1 == epoch) {
+            // From here on, everything (see the module's documentation).
+            replaying = true;
             found.records.push(Record {
                 offset,
                 data: data.to_vec(),
@@ -219,17 +240,23 @@ impl Journal {
 
     /// Appends `data` written at `offset` (no sync: a dead daemon's writes
     /// are in the kernel's cache of the file; a dead host loses them, as
-    /// it loses a disk's cache, and ext4's journal copes).
+    /// it loses a disk's cache, and ext4's journal copes). Marked
+    /// [`AFTER_UNCERTAIN`] while `store` has a manifest put to settle.
     pub fn append(&mut self, store: &ChunkStore, offset: u64, data: &[u8]) -> io::Result<()> {
         let (seq, bytes) = (self.seq, self.bytes);
+        let base = if store.manifest_uncertain() {
+            self.base | AFTER_UNCERTAIN
+        } else {
+            self.base
+        };
         let r = (|| {
             for (k, part) in data.chunks(MAX_RECORD).enumerate() {
                 let at = offset + (k * MAX_RECORD) as u64;
                 // The store's kind of MAC.
                 let how = store.chunk_mac();
-                let mac = store.journal_mac(how, (self.base, self.seq, at), part);
+                let mac = store.journal_mac(how, (base, self.seq, at), part);
                 let len = u32::try_from(part.len()).map_err(io::Error::other)?;
-                let h = head(how, (self.base, self.seq, at), len, &mac);
+                let h = head(how, (base, self.seq, at), len, &mac);
                 self.file.write_all(&h)?;
                 self.file.write_all(part)?;
                 self.seq += 1;
@@ -287,6 +314,6 @@ pub fn fuzz_journal(data: &[u8]) {
     // the file (records of an older epoch are the rest).
     assert!(used + usize::try_from(all.ignored_bytes).unwrap_or(usize::MAX) <= data.len());
     let none = parse_with(data, epoch, |_, _, _, _| false);
-    assert!(none.records.is_empty() && none.older == 0);
+    assert!(none.records.is_empty() && none.older == 0 && none.ahead == 0);
     assert_eq!(none.ignored_bytes, data.len() as u64);
 }

@@ -1158,6 +1158,12 @@ impl ChunkStore {
         self.root
     }
 
+    /// Whether a manifest put whose outcome is unknown is still to be
+    /// settled: the next epoch's manifest may be durable already.
+    pub fn manifest_uncertain(&self) -> bool {
+        self.uncertain.is_some()
+    }
+
     /// Whether another writer fenced this one off.
     pub fn is_fenced(&self) -> bool {
         self.fenced

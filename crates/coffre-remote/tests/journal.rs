@@ -4,9 +4,11 @@
 //! it; an old journal (its writes already durable) never rolls newer data
 //! back; the journal stays bounded by flushing.
 
+use coffre_remote::objects::{BoxFuture, Put, StoreError, Tag};
 use coffre_remote::{ChunkStore, ObjectStoreObjects, Objects, RemoteDevice, Root};
 use coffre_storage::BlockDevice;
 use object_store::memory::InMemory;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod common;
@@ -24,11 +26,21 @@ fn device(
     root: Option<Root>,
     roots: &Arc<Mutex<Vec<Root>>>,
 ) -> RemoteDevice {
+    device_on(objects(mem), keys, root, roots)
+}
+
+/// [`device`] on any objects.
+fn device_on(
+    objects: Arc<dyn Objects>,
+    keys: &Keyring,
+    root: Option<Root>,
+    roots: &Arc<Mutex<Vec<Root>>>,
+) -> RemoteDevice {
     let rt = rt();
     let store = match root {
         None => {
             rt.block_on(ChunkStore::create(
-                objects(mem),
+                objects,
                 PREFIX,
                 VAULT,
                 keys.key(),
@@ -39,7 +51,7 @@ fn device(
         }
         Some(r) => {
             rt.block_on(ChunkStore::open(
-                objects(mem),
+                objects,
                 PREFIX,
                 VAULT,
                 keys.key(),
@@ -280,4 +292,128 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
         dev.read_at(65536, &mut b).unwrap();
         assert_eq!(b, vec![2u8; 4096]);
     }
+}
+
+/// The next manifest put's answer lost ([`LOSE`]: it landed) or an error
+/// before it reached the store ([`FAIL`]): the writer cannot tell which.
+struct Unanswered {
+    inner: Arc<dyn Objects>,
+    next: AtomicU8,
+}
+const LOSE: u8 = 1;
+const FAIL: u8 = 2;
+
+impl Objects for Unanswered {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            let what = if key.ends_with("manifest") {
+                self.next.swap(0, Ordering::SeqCst)
+            } else {
+                0
+            };
+            if what == FAIL {
+                return Err(StoreError::Other("injected: reset before the store".into()));
+            }
+            let r = self.inner.put(key, data, mode).await;
+            if what == LOSE {
+                return Err(StoreError::Other("injected: reply lost".into()));
+            }
+            r
+        })
+    }
+    common::forward!(get, delete, list, durable, prepare);
+}
+
+fn read(dev: &RemoteDevice, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    dev.read_at(offset, &mut b).unwrap();
+    b
+}
+
+/// A flush whose manifest put's answer is lost, then a write large enough
+/// to start an upload, which settles that put first (it landed, or not),
+/// and the daemon dies before the next flush: the write is replayed at the
+/// next open either way. Before, its record carried the epoch before the
+/// settled manifest, and was dropped as already durable when it had
+/// landed.
+#[test]
+fn a_write_taken_while_a_manifest_put_is_unsettled_is_replayed_whichever_way_it_went() {
+    for (what, landed) in [(LOSE, true), (FAIL, false)] {
+        let mem = Arc::new(InMemory::new());
+        let keys = Keyring::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let roots = Arc::new(Mutex::new(Vec::new()));
+        let faulty = Arc::new(Unanswered {
+            inner: objects(&mem),
+            next: AtomicU8::new(0),
+        });
+        let dev = device_on(faulty.clone(), &keys, None, &roots);
+        let root0 = dev.root();
+        dev.attach_journal(&path).unwrap();
+        dev.write_at(0, &[1u8; 4096]).unwrap();
+        faulty.next.store(what, Ordering::SeqCst);
+        assert!(dev.flush().is_err(), "landed {landed}");
+        // A quarter of the 1 MiB buffer: this very write starts an upload.
+        dev.write_at(65536, &[2u8; 256 << 10]).unwrap();
+        drop(dev);
+        let dev = device(&mem, &keys, Some(root0), &roots);
+        assert_eq!(dev.root().epoch, root0.epoch + u64::from(landed));
+        let found = dev.attach_journal(&path).unwrap();
+        assert_eq!(
+            (found.records.len(), found.older),
+            if landed { (1, 1) } else { (2, 0) },
+            "landed {landed}"
+        );
+        assert_eq!(read(&dev, 0, 4096), vec![1u8; 4096], "landed {landed}");
+        assert_eq!(
+            read(&dev, 65536, 256 << 10),
+            vec![2u8; 256 << 10],
+            "landed {landed}: the write taken after the unanswered flush"
+        );
+    }
+}
+
+/// Once a record may not be covered by the store's manifest, it and every
+/// record after it are replayed, in order, even those the manifest covers:
+/// a write replayed alone would undo the later ones over the same bytes.
+/// Here the unanswered put did not land, so a write after it is marked,
+/// the writes after the settling are not, and the next flush lands with
+/// all of them; the daemon dies before the journal is emptied.
+#[test]
+fn from_the_first_record_to_replay_on_every_record_is_replayed_in_order() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let faulty = Arc::new(Unanswered {
+        inner: objects(&mem),
+        next: AtomicU8::new(0),
+    });
+    let dev = device_on(faulty.clone(), &keys, None, &roots);
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(0, &[1u8; 4096]).unwrap();
+    faulty.next.store(FAIL, Ordering::SeqCst);
+    assert!(dev.flush().is_err());
+    // Marked, and settles the put (it did not land).
+    dev.write_at(65536, &[2u8; 256 << 10]).unwrap();
+    // Not marked: the same bytes again.
+    dev.write_at(65536, &[3u8; 4096]).unwrap();
+    let journal = std::fs::read(&path).unwrap();
+    dev.flush().unwrap();
+    let root = dev.root();
+    drop(dev);
+    // The daemon died between the manifest and the emptying.
+    std::fs::write(&path, &journal).unwrap();
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!((found.records.len(), found.older), (2, 1));
+    assert_eq!(read(&dev, 65536, 4096), vec![3u8; 4096]);
+    assert_eq!(read(&dev, 65536 + 4096, 4096), vec![2u8; 4096]);
 }
