@@ -433,6 +433,28 @@ impl BlockObjects {
         Ok(())
     }
 
+    /// Whether the export is laid out for a volume of `geometry` (the
+    /// manifest's, at open). Its superblock is only checksummed: one the
+    /// store altered, or another volume's copied over it, would put every
+    /// slot elsewhere, and every read would then fail its MAC; refused at
+    /// once with what it says instead.
+    pub async fn check_layout(&self, geometry: &Geometry) -> Result<(), RemoteError> {
+        let l = self
+            .layout()
+            .await
+            .map_err(|e| RemoteError::Store(format!("reading its layout: {e}")))?;
+        let want = Layout::for_geometry(geometry);
+        if l != want {
+            return Err(RemoteError::Tampered(format!(
+                "the export's superblock lays it out for chunks of {} bytes, {} chunks and {} pages, \
+                 where the volume's manifest says chunks of {} bytes, {} chunks and {} pages: \
+                 altered, or another volume's",
+                l.chunk_cap, l.chunks, l.pages, want.chunk_cap, want.chunks, want.pages
+            )));
+        }
+        Ok(())
+    }
+
     async fn layout(&self) -> Result<Layout, StoreError> {
         self.layout
             .get_or_try_init(|| async {
@@ -881,6 +903,9 @@ impl Objects for BlockObjects {
     }
     fn prepare<'a>(&'a self, geometry: &'a Geometry) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(self.format(geometry))
+    }
+    fn opened<'a>(&'a self, geometry: &'a Geometry) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(self.check_layout(geometry))
     }
     fn durable(&self, names: &mut dyn Iterator<Item = Name>) {
         let mut d = self.lock_durable();

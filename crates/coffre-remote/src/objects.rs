@@ -71,9 +71,10 @@ pub trait Objects: Send + Sync {
     fn exists<'a>(&'a self, key: &'a str, max: usize) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { Ok(self.get(key, max).await?.is_some()) })
     }
-    // The three below have no default on purpose: a wrapper that forgot
+    // The four below have no default on purpose: a wrapper that forgot
     // to pass one on would fail quietly (a block device's durable slots
-    // written over, its layout not made, a store never swept).
+    // written over, its layout not made or not checked, a store never
+    // swept).
 
     /// The chunks and pages the durable manifest names (a block device
     /// never writes over their slots); nothing for an object store, whose
@@ -82,6 +83,13 @@ pub trait Objects: Send + Sync {
     /// Readies the store for a new volume of `geometry` (a block device
     /// lays out its slots); nothing for an object store.
     fn prepare<'a>(
+        &'a self,
+        geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>>;
+    /// A volume of `geometry` was found on it at open: a block device
+    /// checks that its layout (its superblock, which nothing
+    /// authenticates) is that geometry's; nothing for an object store.
+    fn opened<'a>(
         &'a self,
         geometry: &'a crate::layout::Geometry,
     ) -> BoxFuture<'a, Result<(), crate::RemoteError>>;
@@ -257,6 +265,13 @@ impl Objects for ObjectStoreObjects {
         Box::pin(async { Ok(()) })
     }
 
+    fn opened<'a>(
+        &'a self,
+        _geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             use futures::StreamExt;
@@ -377,5 +392,12 @@ impl Objects for Prefixed {
         geometry: &'a crate::layout::Geometry,
     ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
         self.inner.prepare(geometry)
+    }
+
+    fn opened<'a>(
+        &'a self,
+        geometry: &'a crate::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), crate::RemoteError>> {
+        self.inner.opened(geometry)
     }
 }

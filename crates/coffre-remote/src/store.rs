@@ -897,6 +897,30 @@ impl ChunkStore {
                 },
             })
             .collect();
+        // A block device's layout is its volume's: else every read of it
+        // would fail its MAC. A store whose layout is not its manifest's
+        // geometry is as one whose manifest does not verify (a mirror is
+        // stale, the volume opened from another; alone, refused).
+        let layouts =
+            futures::future::join_all(backends.iter().zip(&seen).map(|(b, s)| async move {
+                match s {
+                    Seen::Manifest(m, ..) => {
+                        timed(limit, async { Ok(b.objects.opened(&m.geometry).await) })
+                            .await
+                            .unwrap_or_else(|e| Err(store_err("reading its layout", e)))
+                    }
+                    _ => Ok(()),
+                }
+            }))
+            .await;
+        let seen: Vec<Seen> = seen
+            .into_iter()
+            .zip(layouts)
+            .map(|(s, layout)| match (s, layout) {
+                (Seen::Manifest(_, _, tag), Err(e)) => Seen::Bad(e, tag),
+                (s, _) => s,
+            })
+            .collect();
         let best = seen
             .iter()
             .enumerate()
@@ -3115,6 +3139,12 @@ mod probe_tests {
 
         fn durable(&self, _names: &mut dyn Iterator<Item = crate::layout::Name>) {}
         fn prepare<'a>(
+            &'a self,
+            _geometry: &'a crate::layout::Geometry,
+        ) -> BoxFuture<'a, Result<(), RemoteError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn opened<'a>(
             &'a self,
             _geometry: &'a crate::layout::Geometry,
         ) -> BoxFuture<'a, Result<(), RemoteError>> {

@@ -10,6 +10,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use coffre_remote::blocks::{BlockObjects, MemBlocks};
+use coffre_remote::store::{Backend, MirrorSettings};
 use coffre_remote::{ChunkStore, Objects, RemoteError, Root};
 use std::sync::Arc;
 
@@ -211,5 +212,83 @@ fn a_leftover_of_a_crashed_session_never_displaces_the_durable_version() {
         let s = open(&dev, &keys, r2).await.unwrap();
         assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
         assert_eq!(s.read_chunk(5).await.unwrap(), chunk(5));
+    });
+}
+
+/// A superblock for another geometry on the export (altered by the store,
+/// or another volume's copied over it; it is only checksummed) is refused
+/// at open with what it says, where before the open went through and every
+/// read failed its MAC; on a mirror it makes that store stale, and the
+/// volume opens from the other.
+#[test]
+fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
+    let rt = rt();
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (a, b) = (device(), device());
+        let backend = |name: &str, dev: &Arc<MemBlocks>| Backend {
+            name: name.into(),
+            objects: Arc::new(BlockObjects::new(dev.clone())),
+        };
+        let (mut s, _) = ChunkStore::create_mirrored(
+            vec![backend("a", &a), backend("b", &b)],
+            MirrorSettings::default(),
+            PREFIX,
+            (VAULT, keys.key()),
+            geometry(),
+        )
+        .await
+        .unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        let root = s.flush().await.unwrap().unwrap();
+        drop(s);
+        assert_eq!(
+            open(&a, &keys, root)
+                .await
+                .unwrap()
+                .read_chunk(0)
+                .await
+                .unwrap(),
+            chunk(1)
+        );
+        // Another volume's layout: twice the chunk size.
+        let other = device();
+        BlockObjects::new(other.clone())
+            .format(&coffre_remote::Geometry::new(CHUNK * 2, SIZE).unwrap())
+            .await
+            .unwrap();
+        a.poke(0, &other.bytes()[..4096]);
+        let e = open(&a, &keys, root).await.unwrap_err();
+        assert!(matches!(e, RemoteError::Tampered(_)), "{e}");
+        assert!(e.to_string().contains("superblock"), "{e}");
+        // Mirrored: the volume opens from b, a is stale with the reason.
+        let (s, _) = ChunkStore::open_mirrored(
+            vec![backend("a", &a), backend("b", &b)],
+            MirrorSettings::default(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        let st = s.status();
+        assert!(!st[0].in_step && st[1].in_step, "{st:?}");
+        assert!(
+            st[0].reason.as_deref().unwrap_or("").contains("superblock"),
+            "{st:?}"
+        );
+        assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
+        // Both altered: refused, the primary's reason first.
+        b.poke(0, &other.bytes()[..4096]);
+        let e = ChunkStore::open_mirrored(
+            vec![backend("a", &a), backend("b", &b)],
+            MirrorSettings::default(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("superblock"), "{e}");
     });
 }

@@ -326,7 +326,7 @@ impl Objects for Unanswered {
             r
         })
     }
-    common::forward!(get, delete, list, durable, prepare);
+    common::forward!(get, delete, list, durable, prepare, opened);
 }
 
 fn read(dev: &RemoteDevice, offset: u64, len: usize) -> Vec<u8> {

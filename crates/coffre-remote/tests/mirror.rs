@@ -104,7 +104,7 @@ impl Objects for Switch {
             self.inner.delete(key).await
         })
     }
-    common::forward!(durable, prepare, list);
+    common::forward!(durable, prepare, opened, list);
 }
 
 fn backends(stores: &[&Arc<Switch>]) -> Vec<Backend> {

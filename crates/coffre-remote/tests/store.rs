@@ -221,7 +221,7 @@ struct Counted {
 }
 
 impl Objects for Counted {
-    common::forward!(get, put, delete, durable, prepare);
+    common::forward!(get, put, delete, durable, prepare, opened);
     fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             let found = self.inner.list(prefix, max, keep).await?;
@@ -455,7 +455,7 @@ struct Aged {
 }
 
 impl Objects for Aged {
-    common::forward!(get, put, delete, durable, prepare);
+    common::forward!(get, put, delete, durable, prepare, opened);
     fn list<'a>(&'a self, prefix: &'a str, max: usize, keep: Keep<'a>) -> BoxFuture<'a, Listing> {
         Box::pin(async move {
             let aged = |n: &str, t| keep(n, t - self.older);
@@ -973,7 +973,7 @@ impl Objects for Faulty {
             self.inner.list(prefix, max, keep).await
         })
     }
-    common::forward!(durable, prepare);
+    common::forward!(durable, prepare, opened);
 }
 
 #[test]
@@ -1099,6 +1099,12 @@ impl Objects for Unconditional {
     }
     fn durable(&self, _names: &mut dyn Iterator<Item = coffre_remote::layout::Name>) {}
     fn prepare<'a>(
+        &'a self,
+        _geometry: &'a coffre_remote::layout::Geometry,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn opened<'a>(
         &'a self,
         _geometry: &'a coffre_remote::layout::Geometry,
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
@@ -1597,7 +1603,7 @@ impl Objects for Counting {
             r
         })
     }
-    common::forward!(put, delete, durable, prepare, list);
+    common::forward!(put, delete, durable, prepare, opened, list);
 }
 
 /// Sequential reads keep the read-ahead window (16 chunks here) on its

@@ -158,7 +158,7 @@ pub async fn opened(
 }
 
 /// In an `impl Objects` for a wrapper with an `inner` store: the methods
-/// named (`get`, `put`, `delete`, `durable`, `prepare`, `list`) passed on
+/// named (`get`, `put`, `delete`, `durable`, `prepare`, `opened`, `list`) passed on
 /// to it as they are.
 // Each test crate uses its part.
 #[allow(unused_macros)]
@@ -208,6 +208,14 @@ macro_rules! forward {
             geometry: &'a coffre_remote::layout::Geometry,
         ) -> coffre_remote::objects::BoxFuture<'a, Result<(), coffre_remote::RemoteError>> {
             self.inner.prepare(geometry)
+        }
+    };
+    (@ opened) => {
+        fn opened<'a>(
+            &'a self,
+            geometry: &'a coffre_remote::layout::Geometry,
+        ) -> coffre_remote::objects::BoxFuture<'a, Result<(), coffre_remote::RemoteError>> {
+            self.inner.opened(geometry)
         }
     };
     (@ list) => {
