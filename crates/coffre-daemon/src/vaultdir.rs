@@ -549,6 +549,11 @@ pub struct AccountsConfig {
     /// Members' login shell in workloads.
     #[serde(default = "default_shell")]
     pub shell: String,
+    /// The first of the 1024 ids the vault's helpers run as (DHCP, LDAP,
+    /// each VM's NFS server: one each, of no account). Default: a block
+    /// from 2 000 000 000 on that the vault's directory picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_first_id: Option<u32>,
 }
 
 fn default_first_id() -> u32 {
@@ -571,6 +576,7 @@ impl Default for AccountsConfig {
             last_id: default_last_id(),
             home: default_home(),
             shell: default_shell(),
+            service_first_id: None,
         }
     }
 }

@@ -33,6 +33,15 @@ enum Command {
     Events,
 }
 
+/// What `coffre ldap-server` may use: a thread per connection (at most
+/// [`crate::server::MAX_CONNECTIONS`]) and its request buffer, with room
+/// to spare.
+pub const LIMITS: coffre_sys::Limits = coffre_sys::Limits {
+    processes: 320,
+    data_bytes: 1 << 30,
+    open_files: 1024,
+};
+
 /// Runs the server's process on `sockets` (plain, then LDAPS), obeying
 /// the daemon on standard input until it ends. The caller has already
 /// dropped to its unprivileged user.

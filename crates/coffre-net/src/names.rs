@@ -37,6 +37,26 @@ pub fn nfs_mark(table: &str) -> u32 {
     u32::from_le_bytes([d[0], d[1], d[2], d[3]]) | 1
 }
 
+/// How many ids the vault's helpers may take, one each: the DHCP server,
+/// the LDAP server, and each VM's NFS server.
+pub const SERVICE_IDS: u32 = 1024;
+
+/// Where the block of [`SERVICE_IDS`] ids the vault's helpers run as
+/// starts (unless `[accounts] service_first_id` says): one of 100 000
+/// blocks from 2 000 000 000 on, by the vault's directory, so that the
+/// vaults on a host take different ones (but for a chance of 1 in
+/// 100 000, which the daemon's start does not detect). Above systemd's
+/// container range (524288 to 1879048191), below 2^31 (some tools take
+/// ids as signed), far from the members' default range and from any
+/// account or subordinate id a host hands out by default. No account has
+/// them: they own no file, and no helper shares its processes, its
+/// limits or its signals with another.
+pub fn service_ids(vault_id: &str) -> u32 {
+    let d = digest(&["service-ids", vault_id]);
+    let block = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) % 100_000;
+    2_000_000_000 + block * SERVICE_IDS
+}
+
 /// The host side of a workload's link (its tap or veth): `cw` and 10 hex
 /// digits, 12 bytes.
 pub fn link(vault_id: &str, workload: &str) -> String {
@@ -87,6 +107,20 @@ mod tests {
         assert!(vpn_link("/srv/vault-a").len() <= 15);
         assert_ne!(link("a", "bc"), link("ab", "c"));
         assert!(table("/srv/vault-a").starts_with("coffre_"));
+    }
+
+    #[test]
+    fn service_ids_are_a_block_of_their_own_per_vault() {
+        let a = service_ids("/srv/vault-a");
+        assert_eq!(a, service_ids("/srv/vault-a"));
+        assert_ne!(a, service_ids("/srv/vault-b"));
+        for v in ["/srv/vault-a", "/srv/vault-b", "", "x"] {
+            let first = service_ids(v);
+            assert_eq!((first - 2_000_000_000) % SERVICE_IDS, 0);
+            // Above systemd's container range, below 2^31.
+            assert!(first > 1_879_048_191);
+            assert!(u64::from(first) + u64::from(SERVICE_IDS) <= 1 << 31);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! key and alone opens files by handle; it forks the **server**, which
 //! parses guests' bytes and gets the commands from the broker (never the
 //! key). Each keeps only what it needs: the daemon's choice of user
-//! (`nobody`), not root; the broker `CAP_DAC_READ_SEARCH` (to open
+//! (one of its own per VM's server, of no account), not root; the broker `CAP_DAC_READ_SEARCH` (to open
 //! handles), the server `CAP_SETUID` and `CAP_SETGID` (to act as an
 //! export's user on a thread); nothing else in any set or the bounding
 //! set, `no_new_privs`, not dumpable. Given a directory (`DIR/run/nfs/NAME`,
@@ -42,6 +42,27 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zeroize::Zeroize;
+
+/// One line on standard error, in one write: the broker and the server
+/// share their log (appended to), and `eprintln!` writes a formatted line
+/// in pieces, between which the other process's line could land.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($t)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
+/// What `coffre nfs-server` may use (set before the broker forks the
+/// server, so each process has these; the processes count is its user's,
+/// the broker's and the server's threads together): its workers, a
+/// thread per connection, and a record buffer each with room to spare.
+pub const LIMITS: coffre_sys::Limits = coffre_sys::Limits {
+    processes: 256,
+    data_bytes: 1 << 30,
+    open_files: 4096,
+};
 
 /// A command from the daemon.
 #[derive(Deserialize)]
@@ -180,16 +201,16 @@ fn parse_key(hex: &str) -> Option<HandleKey> {
 /// whether it is full.
 fn confine_to(who: &str, confine: Option<&Path>) -> io::Result<bool> {
     let Some(dir) = confine else {
-        eprintln!("coffre {who}: NOT confined (no directory given)");
+        say!("coffre {who}: NOT confined (no directory given)");
         return Ok(false);
     };
     match coffre_sys::confine::to_files_beneath(&[dir]).map_err(io::Error::other)? {
         coffre_sys::confine::Confined::Not => {
-            eprintln!("coffre {who}: NOT confined (this kernel has no Landlock)");
+            say!("coffre {who}: NOT confined (this kernel has no Landlock)");
             Ok(false)
         }
         c => {
-            eprintln!(
+            say!(
                 "coffre {who}: confined beneath {} ({} by Landlock)",
                 dir.display(),
                 c.as_str()
@@ -208,7 +229,7 @@ fn filter(
     acts: &coffre_sys::seccomp::Acts,
 ) -> io::Result<()> {
     let filter = coffre_sys::seccomp::refuse(profile, Some(acts));
-    eprintln!("coffre {who}: {}", coffre_sys::seccomp::said(&filter));
+    say!("coffre {who}: {}", coffre_sys::seccomp::said(&filter));
     filter
         .map(drop)
         .map_err(|e| io::Error::other(format!("no seccomp filter, not serving: {e}")))
@@ -247,7 +268,7 @@ pub fn run(
             drop((cmd_r, ans_w));
             let r = serve_as_server(sockets, workers, confine, user, &acts, server_ends);
             if let Err(e) = &r {
-                eprintln!("coffre nfs-server: {e}");
+                say!("coffre nfs-server: {e}");
             }
             std::process::exit(i32::from(r.is_err()));
         }
@@ -261,7 +282,7 @@ pub fn run(
             }));
             let r = serve_as_broker(confine, user, &acts, broker_ends, &cmd_w, ans_r);
             if let Err(e) = &r {
-                eprintln!("coffre nfs-broker: {e}");
+                say!("coffre nfs-broker: {e}");
             }
             // The daemon is gone, or the server: the service ends, the
             // server with it whatever it does (a server taken over would
@@ -303,9 +324,9 @@ fn serve_as_broker(
                     broker::serve(&sock, &state)
                 }));
                 match r {
-                    Ok(Ok(())) => eprintln!("coffre nfs-broker: the server hung up"),
-                    Ok(Err(e)) => eprintln!("coffre nfs-broker: {e}"),
-                    Err(_) => eprintln!("coffre nfs-broker: its thread panicked"),
+                    Ok(Ok(())) => say!("coffre nfs-broker: the server hung up"),
+                    Ok(Err(e)) => say!("coffre nfs-broker: {e}"),
+                    Err(_) => say!("coffre nfs-broker: its thread panicked"),
                 }
                 coffre_sys::child::end_own_group();
             })?;
@@ -465,7 +486,7 @@ fn serve_as_server(
             .name("nfs-accept".into())
             .spawn(move || {
                 if let Err(e) = s.serve(sockets, workers) {
-                    eprintln!("coffre nfs-server: {e}");
+                    say!("coffre nfs-server: {e}");
                     std::process::exit(1);
                 }
             })?;

@@ -112,6 +112,42 @@ pub fn disable_core_dumps() -> io::Result<()> {
     forbid_dumps()
 }
 
+/// What a helper that parses guests' bytes may use, each a hard limit
+/// (`setrlimit`, soft and hard alike: an unprivileged process can lower
+/// its limits, never raise them again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Processes and threads of its user (`RLIMIT_NPROC`: counted per
+    /// user, so each helper has a user of its own).
+    pub processes: u64,
+    /// Its writable private memory: heap, thread stacks, anonymous
+    /// mappings (`RLIMIT_DATA`).
+    pub data_bytes: u64,
+    /// Open descriptors (`RLIMIT_NOFILE`).
+    pub open_files: u64,
+}
+
+/// Sets `l` on this process, soft and hard, before it drops to its user:
+/// inherited by what it forks, never raised again without
+/// `CAP_SYS_RESOURCE`.
+pub fn limit(l: &Limits) -> io::Result<()> {
+    for (resource, v) in [
+        (libc::RLIMIT_NPROC, l.processes),
+        (libc::RLIMIT_DATA, l.data_bytes),
+        (libc::RLIMIT_NOFILE, l.open_files),
+    ] {
+        let lim = libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Sets `PR_SET_DUMPABLE` 0 again: after any change of the process's
 /// (or a thread's file-system) identity the kernel resets the flag to
 /// `fs.suid_dumpable`.

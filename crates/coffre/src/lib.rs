@@ -5,3 +5,11 @@
 
 pub mod exit;
 pub mod size;
+
+/// What `coffre dhcp-server` may use: a thread per VM link (a vault's
+/// helpers have 1024 ids, so no more VMs than that), little memory.
+pub const DHCP_LIMITS: coffre_sys::Limits = coffre_sys::Limits {
+    processes: 1040,
+    data_bytes: 256 << 20,
+    open_files: 1100,
+};

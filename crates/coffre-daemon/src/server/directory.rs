@@ -4,7 +4,8 @@
 //! keeps current: the members' accounts and groups, which workload (by
 //! its address) sees whom, who has a live session and whether the vault
 //! is locked. It runs whether the vault is open or closed (nothing in it
-//! decrypts anything), as `nobody`, with no volume key and no CA key:
+//! decrypts anything), as a user of its own (`services`: of no account,
+//! its own limits), with no volume key and no CA key:
 //! only the key of its own certificate, issued by the daemon from the
 //! vault's CA for the host address (never the door's name).
 //!
@@ -47,6 +48,8 @@ pub(super) struct LdapChild {
     live: Option<Live>,
     /// The address it serves on.
     pub(super) addr: Ipv4Addr,
+    /// The uid it runs as.
+    pub(super) uid: u32,
     /// Bind records waiting: (workload, outcome) → (last written,
     /// counted since).
     binds: BTreeMap<(String, String), (u64, u64)>,
@@ -91,6 +94,7 @@ impl LdapChild {
             spec: None,
             live: None,
             addr,
+            uid: user.0,
             binds: BTreeMap::new(),
             dropped: 0,
             dropped_written: 0,
@@ -302,14 +306,17 @@ impl Shell {
         let Some(l) = self.ldap() else { return };
         let _ = l.set_spec(spec);
         let _ = l.set_live(live);
-        let addr = l.addr;
+        let (addr, uid) = (l.addr, l.uid);
         let r = l.start();
         match r {
             Ok(pid) => self.system_audit(
                 "directory",
                 "started",
                 format!(
-                    "LDAP server (pid {pid}, as nobody, no volume key, no CA key) serves the vault's directory on {addr}:389 (StartTLS) and {addr}:636 (LDAPS) to the workloads"
+                    "LDAP server (pid {pid}, uid {uid}: its own, of no account; limited to {} processes, {} MiB of data and {} files; no volume key, no CA key) serves the vault's directory on {addr}:389 (StartTLS) and {addr}:636 (LDAPS) to the workloads",
+                    coffre_ldap::control::LIMITS.processes,
+                    coffre_ldap::control::LIMITS.data_bytes >> 20,
+                    coffre_ldap::control::LIMITS.open_files
                 ),
             ),
             Err(e) => self.system_audit("directory", "failed", e),

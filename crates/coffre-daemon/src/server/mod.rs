@@ -40,6 +40,7 @@ mod members;
 mod metrics;
 mod network;
 mod nfs;
+mod services;
 mod source;
 mod status;
 mod workloads;

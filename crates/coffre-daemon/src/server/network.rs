@@ -125,9 +125,9 @@ impl Dhcp {
         for (s, i) in self.sockets.iter().zip(&self.spec.interfaces) {
             pass_fds.push((s.try_clone().map_err(|e| e.to_string())?, i.fd));
         }
-        // It drops to `nobody` itself (its binary may be where that user
-        // cannot reach), before reading anything; as `nobody` it cannot
-        // pass the vault directory, so it needs no mount namespace.
+        // It drops to its own user itself (its binary may be where that
+        // user cannot reach), before reading anything; as that user it
+        // cannot pass the vault directory, so it needs no mount namespace.
         let uid = self.user.0.to_string();
         let gid = self.user.1.to_string();
         let mut child = spawn_helper(
@@ -350,12 +350,13 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
             }
         ),
     );
+    // The helpers' own ids (one each, of no account).
+    let ids = super::services::ServiceIds::new(&config.accounts, &id);
+    let id_of = |s| ids.as_ref().map_err(Clone::clone).and_then(|ids| ids.of(s));
     let mut dhcp = None;
     if !interfaces.is_empty() {
-        let (uid, gid, _) = coffre_sys::child::user("nobody")
-            .ok()
-            .flatten()
-            .ok_or("the DHCP server runs as user nobody, who does not exist here")?;
+        let (uid, gid) = id_of(super::services::Service::Dhcp)
+            .map_err(|e| format!("the DHCP server's user: {e}"))?;
         let mut d = Dhcp {
             spec: coffre_dhcp::Spec {
                 config: coffre_dhcp::ServerConfig {
@@ -376,7 +377,7 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         let _ = std::fs::create_dir_all(dir.join("run"));
         let pid = d.start().map_err(|e| format!("the DHCP server: {e}"))?;
         notes.push(format!(
-            "DHCP server (pid {pid}, uid {uid}, no network of its own) serves {} VM link(s)",
+            "DHCP server (pid {pid}, uid {uid}: its own, of no account; no network of its own) serves {} VM link(s)",
             d.spec.interfaces.len()
         ));
         dhcp = Some(d);
@@ -386,11 +387,6 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
         // Without NFS the vault still works (the VMs' mounts wait): a port
         // taken is said loudly, not a reason to refuse to start.
         let vd = crate::vaultdir::VaultDir::new(dir);
-        let nobody = coffre_sys::child::user("nobody")
-            .ok()
-            .flatten()
-            .map(|(uid, gid, _)| (uid, gid))
-            .filter(|(uid, gid)| *uid != 0 && *gid != 0);
         // A server per VM with a share, on its own link.
         let vms: Vec<super::nfs::VmLink> = config
             .workload
@@ -410,15 +406,20 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
                 }
             })
             .collect();
-        let bound = match nobody {
-            None => Err("the NFS server runs as user nobody, who does not exist here".to_string()),
-            Some(user) => super::nfs::NfsChild::bind(
+        // Each VM's server its own user (its number among them: the
+        // configuration's order).
+        let users: Result<Vec<(u32, u32)>, String> = (0..vms.len())
+            .map(|k| id_of(super::services::Service::Nfs(k)))
+            .collect();
+        let bound = match users {
+            Err(e) => Err(format!("the NFS servers' users: {e}")),
+            Ok(users) => super::nfs::NfsChild::bind(
                 gw,
                 &vms,
                 &dir.join("run"),
                 &vd.nfs_dir(),
                 vd.nfs_shares(config),
-                user,
+                &users,
                 names::nfs_mark(&names::table(&vault_id(dir))),
             ),
         };
@@ -444,17 +445,13 @@ pub(super) fn bring_up(config: &Config, dir: &Path) -> Result<Up, String> {
     let ldap = {
         let vd = crate::vaultdir::VaultDir::new(dir);
         let log = dir.join("run").join("ldap.log");
-        let nobody = coffre_sys::child::user("nobody")
-            .ok()
-            .flatten()
-            .map_or((65534, 65534), |(u, g, _)| (u, g));
-        let r = vd
-            .read(&vd.ca_key())
-            .map_err(|e| e.to_string())
-            .and_then(|ca_key| {
+        let r = id_of(super::services::Service::Ldap)
+            .map_err(|e| format!("its user: {e}"))
+            .and_then(|user| {
+                let ca_key =
+                    zeroize::Zeroizing::new(vd.read(&vd.ca_key()).map_err(|e| e.to_string())?);
                 let ca = vd.read(&vd.ca_cert()).map_err(|e| e.to_string())?;
-                let ca_key = zeroize::Zeroizing::new(ca_key);
-                super::directory::LdapChild::bind(gw, &config.name, &ca_key, &ca, log, nobody)
+                super::directory::LdapChild::bind(gw, &config.name, &ca_key, &ca, log, user)
             });
         match r {
             Ok(l) => {

@@ -38,6 +38,8 @@ struct VmServer {
     exports: Vec<ExportSpec>,
     /// Whom it was started to act as (its filter's).
     acts: Option<Acts>,
+    /// The user it runs as: its own (`services`), no other server's.
+    user: (u32, u32),
 }
 
 /// The VMs' NFS servers and what they must be told.
@@ -50,8 +52,6 @@ pub(super) struct NfsChild {
     dir: PathBuf,
     /// Those mounts.
     shares: Vec<coffre_data::ShareView>,
-    /// The user they become.
-    user: (u32, u32),
 }
 
 /// Which servers [`NfsChild::start`] starts (of those not running).
@@ -74,13 +74,8 @@ pub(super) struct VmLink {
 impl VmServer {
     /// Starts the process, then tells it the export and (while open) the
     /// key. `acts`: whom it may act as on files, fixed for its life.
-    fn start(
-        &mut self,
-        user: (u32, u32),
-        acts: &Acts,
-        key: Option<&HandleKey>,
-    ) -> Result<u32, String> {
-        // It becomes `user` (the broker keeping CAP_DAC_READ_SEARCH, the
+    fn start(&mut self, acts: &Acts, key: Option<&HandleKey>) -> Result<u32, String> {
+        // It becomes its user (the broker keeping CAP_DAC_READ_SEARCH, the
         // server it forks CAP_SETUID and CAP_SETGID), then confines itself
         // beneath its VM's directory (Landlock) and filters its system
         // calls (seccomp), before serving anything; it must see the host's
@@ -92,9 +87,9 @@ impl VmServer {
             "--confine".to_string(),
             self.confine.to_string_lossy().into_owned(),
             "--uid".to_string(),
-            user.0.to_string(),
+            self.user.0.to_string(),
             "--gid".to_string(),
-            user.1.to_string(),
+            self.user.1.to_string(),
             "--acts-uids".to_string(),
             Acts::ranges_text(&acts.uids),
             "--acts-gids".to_string(),
@@ -163,12 +158,12 @@ impl NfsChild {
         run: &Path,
         dir: &Path,
         shares: Vec<coffre_data::ShareView>,
-        user: (u32, u32),
+        users: &[(u32, u32)],
         udp_mark: u32,
     ) -> Result<(Self, Vec<String>), String> {
         let mut servers = Vec::new();
         let mut notes = Vec::new();
-        for vm in vms {
+        for (vm, user) in vms.iter().zip(users) {
             let listen = |portmap_port| coffre_nfs::Listen {
                 addr,
                 nfs_port: 2049,
@@ -209,6 +204,7 @@ impl NfsChild {
                 confine: dir.join(&vm.workload),
                 exports: Vec::new(),
                 acts: None,
+                user: *user,
             });
         }
         if servers.is_empty() {
@@ -221,10 +217,17 @@ impl NfsChild {
                 key: None,
                 dir: dir.to_path_buf(),
                 shares,
-                user,
             },
             notes,
         ))
+    }
+
+    /// Each VM's server's uid.
+    pub(super) fn users(&self) -> std::collections::BTreeMap<String, u32> {
+        self.servers
+            .iter()
+            .map(|s| (s.workload.clone(), s.user.0))
+            .collect()
     }
 
     /// The VMs served (whose sockets are bound).
@@ -254,7 +257,7 @@ impl NfsChild {
     /// pid or why not.
     pub(super) fn start(&mut self, which: Start<'_>) -> Vec<(String, Result<u32, String>)> {
         let mut out = Vec::new();
-        let (user, key) = (self.user, self.key.clone());
+        let key = self.key.clone();
         let wanted = |s: &VmServer| {
             s.helper.pid().is_none()
                 && match which {
@@ -272,7 +275,7 @@ impl NfsChild {
                 continue;
             }
             let r = match &ready {
-                Ok(()) => s.start(user, &acts(user, &s.exports), key.as_ref()),
+                Ok(()) => s.start(&acts(s.user, &s.exports), key.as_ref()),
                 Err(e) => Err(e.clone()),
             };
             out.push((s.workload.clone(), r));
@@ -307,7 +310,7 @@ impl NfsChild {
             if !s.helper.running() {
                 continue;
             }
-            if s.acts.as_ref() != Some(&acts(self.user, &mine)) {
+            if s.acts.as_ref() != Some(&acts(s.user, &mine)) {
                 s.helper.stop();
                 stopped.push(s.workload.clone());
                 continue;
@@ -577,14 +580,19 @@ impl Shell {
         let mut g = nfs.lock().unwrap_or_else(|p| p.into_inner());
         let _ = g.set_exports(&exports);
         let started = g.start(Start::All);
+        let users = g.users();
         drop(g);
         for (vm, r) in started {
+            let uid = users.get(&vm).copied().unwrap_or_default();
             match r {
                 Ok(pid) => self.system_audit(
                     "nfs",
                     "up",
                     format!(
-                        "NFS server for {vm} (pid {pid}: its handle broker, user nobody with CAP_DAC_READ_SEARCH only, and the server it forks, nobody with CAP_SETUID and CAP_SETGID only; no network of their own, taking connections from {vm}'s link alone, each confining itself beneath {}); closed until the vault opens",
+                        "NFS server for {vm} (pid {pid}: its handle broker, uid {uid} (its own, of no account) with CAP_DAC_READ_SEARCH only, and the server it forks, the same uid with CAP_SETUID and CAP_SETGID only; limited to {} processes, {} MiB of data and {} files; no network of their own, taking connections from {vm}'s link alone, each confining itself beneath {}); closed until the vault opens",
+                        coffre_nfs::control::LIMITS.processes,
+                        coffre_nfs::control::LIMITS.data_bytes >> 20,
+                        coffre_nfs::control::LIMITS.open_files,
                         self.dir.nfs_vm_dir(&vm).display()
                     ),
                 ),

@@ -378,6 +378,14 @@ fn workloads_find_their_members_in_the_vaults_directory() {
         "{ldap_log}"
     );
     assert!(ldap_log.contains("seccomp filter on ("), "{ldap_log}");
+    // As a user of its own, within its limits.
+    let ldap_pid = v.status("alice")["directory"]["pid"]
+        .as_u64()
+        .expect("the LDAP server's pid in status");
+    own_user_and_limits(
+        u32::try_from(ldap_pid).unwrap(),
+        &coffre_ldap::control::LIMITS,
+    );
     // `coffre status` says where it is and what it served.
     let text = v.cli("alice", &["status"]);
     ok(&text);

@@ -679,3 +679,45 @@ pub fn volume_key(v: &Vault) -> Vec<u8> {
     );
     std::fs::read(out_file).unwrap()
 }
+
+/// A helper that parses guests' bytes (DHCP, LDAP, a VM's NFS server)
+/// runs as a user of its own: one uid in every slot, not root, not
+/// `nobody`, of no account here; and with `limits` as its hard (and soft)
+/// limits. Returns that uid.
+pub fn own_user_and_limits(pid: u32, limits: &coffre_sys::Limits) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap_or_else(|| panic!("{pid}: no Uid in {status}"))
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids.len(), 4, "{pid}: {uids:?}");
+    let uid = uids[0];
+    assert!(uids.iter().all(|u| *u == uid), "{pid}: {uids:?}");
+    assert!(uid != 0 && uid != 65534, "{pid}: uid {uid}");
+    assert!(
+        coffre_sys::child::user_by_uid(uid).unwrap().is_none(),
+        "{pid}: uid {uid} is an account here"
+    );
+    let table = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{pid}: no {name} in {table}"))
+            .split_whitespace()
+            .take(2)
+            .map(str::to_string)
+            .collect()
+    };
+    for (name, v) in [
+        ("Max processes", limits.processes),
+        ("Max data size", limits.data_bytes),
+        ("Max open files", limits.open_files),
+    ] {
+        assert_eq!(limit(name), vec![v.to_string(); 2], "{pid}: {name}");
+    }
+    uid
+}

@@ -641,6 +641,28 @@ fn vms_get_their_address_by_dhcp_and_keep_it_across_fast_and_safe_closes() {
         "{dhcp_log}"
     );
     assert!(dhcp_log.contains("seccomp filter on ("), "{dhcp_log}");
+    // As a user of its own (not the LDAP server's), within its limits.
+    let started = lab
+        .gw
+        .vault
+        .audit()
+        .iter()
+        .filter_map(|e| e["record"]["detail"].as_str().map(str::to_string))
+        .find_map(|d| {
+            let pid = d.split("DHCP server (pid ").nth(1)?.split(',').next()?;
+            pid.parse::<u32>().ok()
+        })
+        .expect("the DHCP server's start in the audit log");
+    let dhcp_uid = own_user_and_limits(started, &coffre::DHCP_LIMITS);
+    let ldap_pid = lab.gw.vault.status("alice")["directory"]["pid"]
+        .as_u64()
+        .map(|p| u32::try_from(p).unwrap())
+        .expect("the LDAP server runs");
+    assert_ne!(
+        dhcp_uid,
+        own_user_and_limits(ldap_pid, &coffre_ldap::control::LIMITS),
+        "the DHCP and LDAP servers share a user"
+    );
     lab.wait_console("vm-a", "httpd up", Duration::from_secs(30));
     eventually_http(
         &a0,

@@ -221,7 +221,8 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     // Each server serves its VM's share through its own mount of it, the
     // only thing in the directory it is confined beneath (Landlock: fully
     // on a kernel of 6.12 or later, as here and in CI), which is
-    // read-only; it is nobody (not root), as its handle broker is (below).
+    // read-only; it runs as a user of its own (not root, not nobody, not
+    // the other VM's server's), as its handle broker does (below).
     // Bob joined with numbers from an older vault after the servers
     // started: his VM's server (alone) was started again, allowed them.
     let restarts = |vm: &str| {
@@ -327,11 +328,20 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
             .unwrap_or_default()
     };
     let nfs_server = nfs_server_of(first);
-    for pid in [first, nfs_server] {
-        assert_eq!(field(pid, "Uid:"), "65534\t65534\t65534\t65534", "{pid}");
+    let own_uid = |pid: u32| own_user_and_limits(pid, &coffre_nfs::control::LIMITS);
+    let a_uid = own_uid(first);
+    let b_uid = own_uid(bobs);
+    assert_ne!(a_uid, b_uid, "two VMs' servers share a user");
+    for pid in [first, nfs_server, bobs, nfs_server_of(bobs)] {
+        let uid = own_uid(pid);
+        assert!(uid == a_uid || uid == b_uid, "{pid}: {uid}");
         assert_eq!(field(pid, "Seccomp:"), "2", "{pid}");
         assert_eq!(field(pid, "NoNewPrivs:"), "1", "{pid}");
     }
+    // The server's own user is in what it may act as, besides its share
+    // user: never the other server's.
+    assert!(acts_uids(first).split(',').any(|u| u == a_uid.to_string()));
+    assert!(!acts_uids(first).contains(&b_uid.to_string()));
     // The broker: CAP_DAC_READ_SEARCH alone; the server: CAP_SETUID and
     // CAP_SETGID, and no way to open by handle.
     assert_eq!(field(first, "CapEff:"), "0000000000000004");
@@ -592,8 +602,8 @@ fn vms_share_files_over_nfs_across_fast_and_safe_closes_and_a_restart() {
     assert_ne!(now, bobs, "nfs-b's server kept the filter that allows bob");
     assert_eq!(
         acts_uids(now),
-        "65534",
-        "nfs-b's server may still act as bob"
+        b_uid.to_string(),
+        "nfs-b's server may still act as bob (or lost its own user)"
     );
     let groups = std::fs::read_to_string(format!("/proc/{}/status", nfs_server_of(now))).unwrap();
     assert!(

@@ -225,6 +225,8 @@ fn nfs_server(
             .transpose()
             .map_err(|e| anyhow::anyhow!("--groups: {e}"))?,
     };
+    coffre_sys::limit(&coffre_nfs::control::LIMITS)
+        .map_err(|e| anyhow::anyhow!("setting its limits: {e}"))?;
     coffre_sys::forbid_dumps().map_err(|e| anyhow::anyhow!("PR_SET_DUMPABLE: {e}"))?;
     coffre_sys::child::die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
     let fds = (0..sockets.min(3))
@@ -242,6 +244,8 @@ fn nfs_server(
 /// no CA key: only the directory, the workload passwords' verifiers and
 /// its own TLS key.
 fn ldap_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
+    coffre_sys::limit(&coffre_ldap::control::LIMITS)
+        .map_err(|e| anyhow::anyhow!("setting its limits: {e}"))?;
     coffre_sys::child::become_user(uid, gid)
         .map_err(|e| anyhow::anyhow!("dropping to uid {uid}: {e}"))?;
     // Not debuggable by other processes of that user (its memory has the
@@ -294,6 +298,8 @@ fn confine_to_nothing(what: &str) -> anyhow::Result<()> {
 /// drops to `uid` before it reads a byte of its specification or of a
 /// guest's packets.
 fn dhcp_server(uid: u32, gid: u32) -> anyhow::Result<u8> {
+    coffre_sys::limit(&coffre::DHCP_LIMITS)
+        .map_err(|e| anyhow::anyhow!("setting its limits: {e}"))?;
     coffre_sys::child::become_user(uid, gid)
         .map_err(|e| anyhow::anyhow!("dropping to uid {uid}: {e}"))?;
     // Not debuggable by other processes of that user; gone with the
