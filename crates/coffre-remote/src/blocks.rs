@@ -285,6 +285,16 @@ impl Layout {
     }
 }
 
+/// What a layout that is not the volume's says, against what it needs.
+fn mismatch(l: &Layout, want: &Layout) -> String {
+    format!(
+        "the export's superblock lays it out for chunks of {} bytes, {} chunks and {} pages, \
+         where the volume's manifest says chunks of {} bytes, {} chunks and {} pages: \
+         altered, or another volume's",
+        l.chunk_cap, l.chunks, l.pages, want.chunk_cap, want.chunks, want.pages
+    )
+}
+
 /// The first 16 bytes of SHA-256.
 fn digest(b: &[u8]) -> [u8; 16] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
@@ -348,6 +358,8 @@ type Heads = HashMap<(Kind, u64), [Option<Head>; 2]>;
 pub struct BlockObjects {
     blocks: Arc<dyn Blocks>,
     layout: tokio::sync::OnceCell<Layout>,
+    /// The layout its volume needs, once opened ([`Self::check_layout`]).
+    expected: std::sync::OnceLock<Layout>,
     /// What each chunk's and page's two slots hold, as last read or
     /// written (`None`: empty, or being written).
     heads: Mutex<Heads>,
@@ -382,6 +394,7 @@ impl BlockObjects {
         BlockObjects {
             blocks,
             layout: tokio::sync::OnceCell::new(),
+            expected: std::sync::OnceLock::new(),
             heads: Mutex::new(HashMap::new()),
             single: tokio::sync::Mutex::new(()),
             durable: Mutex::new(HashMap::new()),
@@ -433,30 +446,34 @@ impl BlockObjects {
         Ok(())
     }
 
-    /// Whether the export is laid out for a volume of `geometry` (the
-    /// manifest's, at open). Its superblock is only checksummed: one the
-    /// store altered, or another volume's copied over it, would put every
-    /// slot elsewhere, and every read would then fail its MAC; refused at
-    /// once with what it says instead.
-    pub async fn check_layout(&self, geometry: &Geometry) -> Result<(), RemoteError> {
-        let l = self
-            .layout()
-            .await
-            .map_err(|e| RemoteError::Store(format!("reading its layout: {e}")))?;
+    /// The export is to hold a volume of `geometry` (the manifest's, at
+    /// open): from now on every use of it checks that its layout is that
+    /// geometry's, and refuses it otherwise (never a slot written through
+    /// the wrong layout: a mirror so laid out stays stale). Its superblock
+    /// is only checksummed: one the store altered, or another volume's
+    /// copied over it, would put every slot elsewhere, and every read
+    /// would then fail its MAC. Checked at once when the superblock was
+    /// read already (its manifest was read through it), with no I/O
+    /// otherwise (a store down at open is checked at its first use).
+    pub fn check_layout(&self, geometry: &Geometry) -> Result<(), RemoteError> {
         let want = Layout::for_geometry(geometry);
-        if l != want {
-            return Err(RemoteError::Tampered(format!(
-                "the export's superblock lays it out for chunks of {} bytes, {} chunks and {} pages, \
-                 where the volume's manifest says chunks of {} bytes, {} chunks and {} pages: \
-                 altered, or another volume's",
-                l.chunk_cap, l.chunks, l.pages, want.chunk_cap, want.chunks, want.pages
-            )));
+        if self.expected.get().is_some_and(|e| *e != want) {
+            return Err(RemoteError::Config(
+                "this export was opened for two volumes of different geometries".into(),
+            ));
         }
-        Ok(())
+        let _ = self.expected.set(want);
+        match self.layout.get() {
+            Some(l) if *l != want => Err(RemoteError::Tampered(mismatch(l, &want))),
+            _ => Ok(()),
+        }
     }
 
+    /// The export's layout: read once, then checked at every use against
+    /// the one its volume needs, once known.
     async fn layout(&self) -> Result<Layout, StoreError> {
-        self.layout
+        let l = self
+            .layout
             .get_or_try_init(|| async {
                 let sb = self.blocks.read(0, 4096).await?;
                 let l = Layout::decode(&sb).ok_or_else(|| {
@@ -472,7 +489,11 @@ impl BlockObjects {
                 Ok(l)
             })
             .await
-            .copied()
+            .copied()?;
+        match self.expected.get() {
+            Some(want) if *want != l => Err(other(mismatch(&l, want))),
+            _ => Ok(l),
+        }
     }
 
     async fn read_head(
@@ -905,7 +926,8 @@ impl Objects for BlockObjects {
         Box::pin(self.format(geometry))
     }
     fn opened<'a>(&'a self, geometry: &'a Geometry) -> BoxFuture<'a, Result<(), RemoteError>> {
-        Box::pin(self.check_layout(geometry))
+        let r = self.check_layout(geometry);
+        Box::pin(async move { r })
     }
     fn durable(&self, names: &mut dyn Iterator<Item = Name>) {
         let mut d = self.lock_durable();

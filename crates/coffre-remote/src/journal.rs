@@ -13,11 +13,13 @@
 //! the length, the MAC, the bytes. A store takes only records of its own
 //! kind (nothing writes the other).
 //!
-//! A record written while a manifest put's outcome was unknown (a flush
-//! whose answer was lost: the next epoch's manifest may have landed, or
-//! not) carries [`AFTER_UNCERTAIN`] in the top bit of its epoch: it is
-//! replayed whether the store's manifest turns out to be that epoch's or
-//! the next one's. Records of an older epoch are covered by a manifest
+//! A record written after a manifest put went unanswered (a flush whose
+//! answer was lost: the next epoch's manifest may have landed, or not),
+//! until the next flush that succeeds, carries [`AFTER_UNCERTAIN`] in the
+//! top bit of its epoch, even once that put was settled (a settle may be
+//! wrong: a store demoted meanwhile was not asked, a put the client gave
+//! up on may land after the settle's read): it is replayed whether the
+//! store's manifest turns out to be that epoch's or the next one's. Records of an older epoch are covered by a manifest
 //! that landed (a crash between the manifest and the emptying of the
 //! journal): they are dropped, never replayed over newer data. Coverage is
 //! a prefix of the journal (a manifest covers every write before it was
@@ -241,10 +243,11 @@ impl Journal {
     /// Appends `data` written at `offset` (no sync: a dead daemon's writes
     /// are in the kernel's cache of the file; a dead host loses them, as
     /// it loses a disk's cache, and ext4's journal copes). Marked
-    /// [`AFTER_UNCERTAIN`] while `store` has a manifest put to settle.
+    /// [`AFTER_UNCERTAIN`] once a manifest put went unanswered, until a
+    /// flush succeeds.
     pub fn append(&mut self, store: &ChunkStore, offset: u64, data: &[u8]) -> io::Result<()> {
         let (seq, bytes) = (self.seq, self.bytes);
-        let base = if store.manifest_uncertain() {
+        let base = if store.unanswered_since_flush() {
             self.base | AFTER_UNCERTAIN
         } else {
             self.base

@@ -201,6 +201,9 @@ pub struct ChunkStore {
     /// error after the request left): its bytes, resolved before anything
     /// else is written.
     uncertain: Option<Vec<u8>>,
+    /// A manifest put went unanswered since the last flush that succeeded
+    /// (set with `uncertain`, cleared only by a flush's success).
+    unanswered: bool,
     /// Objects no durable manifest will name once the epoch in the pair is
     /// durable.
     superseded: Vec<(String, u64)>,
@@ -981,6 +984,17 @@ impl ChunkStore {
             unreachable!("the best store holds a manifest")
         };
         let manifest = (**manifest).clone();
+        // The others are to hold this volume too: a block device down now,
+        // or empty, is held to its geometry from its first use on (never
+        // written through another layout). Nothing to say yet.
+        for (b, s) in backends.iter().zip(&seen) {
+            if !matches!(s, Seen::Manifest(..)) {
+                let _ = timed(limit, async {
+                    Ok(b.objects.opened(&manifest.geometry).await)
+                })
+                .await;
+            }
+        }
         let now = Instant::now();
         let mut replicas = Vec::with_capacity(backends.len());
         for (b, s) in backends.into_iter().zip(seen) {
@@ -1159,6 +1173,7 @@ impl ChunkStore {
             root,
             fenced: false,
             uncertain: None,
+            unanswered: false,
             superseded: Vec::new(),
             garbage: Vec::new(),
             events: std::sync::Mutex::new(Vec::new()),
@@ -1182,10 +1197,12 @@ impl ChunkStore {
         self.root
     }
 
-    /// Whether a manifest put whose outcome is unknown is still to be
-    /// settled: the next epoch's manifest may be durable already.
-    pub fn manifest_uncertain(&self) -> bool {
-        self.uncertain.is_some()
+    /// Whether a manifest put went unanswered since the last flush that
+    /// succeeded: the next epoch's manifest may be durable, whatever its
+    /// settling said (a store demoted meanwhile was not asked; a put the
+    /// client gave up on may land after the settle's read).
+    pub fn unanswered_since_flush(&self) -> bool {
+        self.unanswered
     }
 
     /// Whether another writer fenced this one off.
@@ -1826,8 +1843,10 @@ impl ChunkStore {
         self.writable()?;
         self.resolve().await?;
         if self.dirty_pages.is_empty() {
-            // A manifest whose put was settled as done since the caller
-            // last heard: its root is news.
+            // Everything written is durable (a manifest whose put was
+            // settled as done since the caller last heard: its root is
+            // news).
+            self.unanswered = false;
             return Ok(self.new_root());
         }
         let epoch = self.epoch + 1;
@@ -1931,6 +1950,7 @@ impl ChunkStore {
             // It may have happened: find out before writing anything under
             // this epoch again.
             self.uncertain = Some(bytes);
+            self.unanswered = true;
             let e = unknown
                 .into_iter()
                 .next()
@@ -1943,6 +1963,7 @@ impl ChunkStore {
             ));
         }
         self.landed(epoch, root, landed);
+        self.unanswered = false;
         for (i, e) in unknown {
             self.replicas[i].manifest = Held::Unknown;
             self.mark_stale(i, format!("writing the manifest: {e}"));
@@ -2351,6 +2372,11 @@ impl ChunkStore {
     /// reads until every object they should hold has been read back and
     /// verified. The last store in step is kept. Returns how many went.
     pub fn demote_bad(&mut self) -> usize {
+        // Not while a manifest put is to be settled: the settle asks the
+        // stores in step, and one taken out of step now might hold it.
+        if self.uncertain.is_some() {
+            return 0;
+        }
         let mut n = 0;
         for i in 0..self.replicas.len() {
             let bad = self.replicas[i].served_bad.swap(false, Ordering::Relaxed);

@@ -215,6 +215,77 @@ fn a_leftover_of_a_crashed_session_never_displaces_the_durable_version() {
     });
 }
 
+/// Blocks that can be made unreachable.
+struct Switchable {
+    inner: Arc<MemBlocks>,
+    up: std::sync::atomic::AtomicBool,
+}
+
+impl Switchable {
+    fn new(inner: &Arc<MemBlocks>) -> Arc<Self> {
+        Arc::new(Switchable {
+            inner: inner.clone(),
+            up: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+    fn up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn check(&self) -> Result<(), coffre_remote::objects::StoreError> {
+        if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(coffre_remote::objects::StoreError::Other(
+                "injected: connection refused".into(),
+            ))
+        }
+    }
+}
+
+impl coffre_remote::blocks::Blocks for Switchable {
+    fn size(
+        &self,
+    ) -> coffre_remote::objects::BoxFuture<'_, Result<u64, coffre_remote::objects::StoreError>>
+    {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.size().await
+        })
+    }
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> coffre_remote::objects::BoxFuture<
+        '_,
+        Result<bytes::Bytes, coffre_remote::objects::StoreError>,
+    > {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.read(offset, len).await
+        })
+    }
+    fn write(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> coffre_remote::objects::BoxFuture<'_, Result<(), coffre_remote::objects::StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.write(offset, data, fua).await
+        })
+    }
+    fn flush(
+        &self,
+    ) -> coffre_remote::objects::BoxFuture<'_, Result<(), coffre_remote::objects::StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.flush().await
+        })
+    }
+}
+
 /// A superblock for another geometry on the export (altered by the store,
 /// or another volume's copied over it; it is only checksummed) is refused
 /// at open with what it says, where before the open went through and every
@@ -278,6 +349,55 @@ fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
             "{st:?}"
         );
         assert_eq!(s.read_chunk(0).await.unwrap(), chunk(1));
+        // Never written through the wrong layout: writes, flushes and the
+        // steps that would bring it back leave it as it is, stale.
+        let mut s = s;
+        let before = a.bytes();
+        s.write_chunks(vec![(1, chunk(2))]).await.unwrap();
+        s.flush().await.unwrap();
+        for _ in 0..3 {
+            let _ = s.resync(64).await;
+        }
+        assert!(
+            a.bytes() == before,
+            "a slot written through the wrong layout"
+        );
+        let st = s.status();
+        assert!(!st[0].in_step, "{st:?}");
+        let root = s.root();
+        drop(s);
+        // Down at open (its superblock not read then): held to the
+        // volume's geometry at its first use.
+        let down = Switchable::new(&a);
+        down.up(false);
+        let (mut s, _) = ChunkStore::open_mirrored(
+            vec![
+                Backend {
+                    name: "a".into(),
+                    objects: Arc::new(BlockObjects::new(down.clone())),
+                },
+                backend("b", &b),
+            ],
+            MirrorSettings::default(),
+            PREFIX,
+            (VAULT, keys.key()),
+            (Some(root), false),
+        )
+        .await
+        .unwrap();
+        down.up(true);
+        let before = a.bytes();
+        for _ in 0..3 {
+            let _ = s.resync(64).await;
+        }
+        s.write_chunks(vec![(2, chunk(3))]).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(
+            a.bytes() == before,
+            "a slot written through the wrong layout"
+        );
+        assert!(!s.status()[0].in_step, "{:?}", s.status());
+        drop(s);
         // Both altered: refused, the primary's reason first.
         b.poke(0, &other.bytes()[..4096]);
         let e = ChunkStore::open_mirrored(

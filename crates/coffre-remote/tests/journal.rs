@@ -296,12 +296,27 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
 
 /// The next manifest put's answer lost ([`LOSE`]: it landed) or an error
 /// before it reached the store ([`FAIL`]): the writer cannot tell which.
+/// [`LOSE_HIDDEN`]: it landed, and the next read of the manifest still
+/// gives the one before (a store answering from a stale replica), so that
+/// its settling says it did not land.
 struct Unanswered {
     inner: Arc<dyn Objects>,
     next: AtomicU8,
+    hidden: Mutex<Option<(bytes::Bytes, Tag)>>,
 }
 const LOSE: u8 = 1;
 const FAIL: u8 = 2;
+const LOSE_HIDDEN: u8 = 3;
+
+impl Unanswered {
+    fn new(inner: Arc<dyn Objects>) -> Arc<Self> {
+        Arc::new(Unanswered {
+            inner,
+            next: AtomicU8::new(0),
+            hidden: Mutex::new(None),
+        })
+    }
+}
 
 impl Objects for Unanswered {
     fn put<'a>(
@@ -319,14 +334,31 @@ impl Objects for Unanswered {
             if what == FAIL {
                 return Err(StoreError::Other("injected: reset before the store".into()));
             }
+            if what == LOSE_HIDDEN {
+                *self.hidden.lock().unwrap() = self.inner.get(key, 16 << 20).await?;
+            }
             let r = self.inner.put(key, data, mode).await;
-            if what == LOSE {
+            if what == LOSE || what == LOSE_HIDDEN {
                 return Err(StoreError::Other("injected: reply lost".into()));
             }
             r
         })
     }
-    common::forward!(get, delete, list, durable, prepare, opened);
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(bytes::Bytes, Tag)>, StoreError>> {
+        Box::pin(async move {
+            if key.ends_with("manifest")
+                && let Some(old) = self.hidden.lock().unwrap().take()
+            {
+                return Ok(Some(old));
+            }
+            self.inner.get(key, max).await
+        })
+    }
+    common::forward!(delete, list, durable, prepare, opened);
 }
 
 fn read(dev: &RemoteDevice, offset: u64, len: usize) -> Vec<u8> {
@@ -349,10 +381,7 @@ fn a_write_taken_while_a_manifest_put_is_unsettled_is_replayed_whichever_way_it_
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
         let roots = Arc::new(Mutex::new(Vec::new()));
-        let faulty = Arc::new(Unanswered {
-            inner: objects(&mem),
-            next: AtomicU8::new(0),
-        });
+        let faulty = Unanswered::new(objects(&mem));
         let dev = device_on(faulty.clone(), &keys, None, &roots);
         let root0 = dev.root();
         dev.attach_journal(&path).unwrap();
@@ -392,10 +421,7 @@ fn from_the_first_record_to_replay_on_every_record_is_replayed_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
     let roots = Arc::new(Mutex::new(Vec::new()));
-    let faulty = Arc::new(Unanswered {
-        inner: objects(&mem),
-        next: AtomicU8::new(0),
-    });
+    let faulty = Unanswered::new(objects(&mem));
     let dev = device_on(faulty.clone(), &keys, None, &roots);
     dev.attach_journal(&path).unwrap();
     dev.write_at(0, &[1u8; 4096]).unwrap();
@@ -416,4 +442,45 @@ fn from_the_first_record_to_replay_on_every_record_is_replayed_in_order() {
     assert_eq!((found.records.len(), found.older), (2, 1));
     assert_eq!(read(&dev, 65536, 4096), vec![3u8; 4096]);
     assert_eq!(read(&dev, 65536 + 4096, 4096), vec![2u8; 4096]);
+}
+
+/// A settle can be wrong (here the store answers its read with the
+/// manifest before the put, which had landed): a write journaled after it
+/// is still marked, until a flush succeeds, and so replayed over the
+/// manifest that landed. Before, it was journaled unmarked, under the
+/// epoch before that manifest, and dropped at replay as durable.
+#[test]
+fn a_write_journaled_after_a_wrong_settle_is_still_replayed() {
+    use coffre_remote::journal::Journal;
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let faulty = Unanswered::new(objects(&mem));
+    rt.block_on(async {
+        let mut s = created(faulty.clone(), &keys).await;
+        let root0 = s.root();
+        let mut j = Journal::create(&path, root0.epoch).unwrap();
+        s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
+        faulty.next.store(LOSE_HIDDEN, Ordering::SeqCst);
+        assert!(s.flush().await.is_err());
+        // Settled (wrongly) as not landed by the next upload.
+        s.write_chunks(vec![(1, chunk(2))]).await.unwrap();
+        assert_eq!(s.root(), root0);
+        assert!(s.unanswered_since_flush());
+        j.append(&s, 3 * 65536, &[3u8; 4096]).unwrap();
+        drop(j);
+        // The daemon dies; at the next open the store holds the manifest
+        // that landed.
+        let s2 = opened(objects(&mem), &keys, root0).await.unwrap();
+        assert_eq!(s2.root().epoch, root0.epoch + 1);
+        let found = Journal::read(&path, &s2).unwrap();
+        assert_eq!(
+            (found.records.len(), found.older),
+            (1, 0),
+            "the write after the settle"
+        );
+        assert_eq!(found.records[0].data, vec![3u8; 4096]);
+    });
 }
