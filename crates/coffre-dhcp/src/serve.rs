@@ -133,10 +133,15 @@ pub fn serve(spec: Spec, sockets: Vec<OwnedFd>) -> Result<(), DhcpError> {
         let tx = tx.clone();
         let config = spec.config.clone();
         let name = format!("dhcp-{}", iface.ifname);
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let err = serve_one(&config, &iface, &socket);
-            let _ = tx.send(err);
-        });
+        // A small stack: thread stacks count in the server's memory limit
+        // (RLIMIT_DATA), and a thread only parses one packet at a time.
+        let spawned = std::thread::Builder::new()
+            .name(name)
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let err = serve_one(&config, &iface, &socket);
+                let _ = tx.send(err);
+            });
         if let Err(source) = spawned {
             return Err(DhcpError::Io {
                 ifname: "(thread)".into(),

@@ -10,7 +10,7 @@
 //! The kernel drops the file-system capabilities (`CAP_DAC_READ_SEARCH`
 //! and the like) from the effective set when the fsuid leaves 0, and
 //! raises them again when it comes back. A process that is not root (the
-//! NFS server, `nobody` with `CAP_DAC_READ_SEARCH` kept) never crosses 0,
+//! NFS server, its own user with `CAP_DAC_READ_SEARCH` kept) never crosses 0,
 //! so the switch lowers them itself on this thread, and raises them back
 //! on drop: the caller's rights are the kernel's only check either way.
 //!

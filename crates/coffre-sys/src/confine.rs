@@ -4,7 +4,7 @@
 //!
 //! The LDAP and DHCP servers need no file at all after their start: they
 //! are confined to nothing, so that one a guest took over cannot open
-//! even what its user (`nobody`) may read or write. A confined process
+//! even what its user (one of its own, of no account) may read or write. A confined process
 //! also cannot make TCP connections or bind TCP ports (its sockets were
 //! bound before), signal a process outside its domain or reach an
 //! abstract UNIX socket. What Landlock does not cover (with the rights

@@ -7,9 +7,10 @@ pub mod exit;
 pub mod size;
 
 /// What `coffre dhcp-server` may use: a thread per VM link (a vault's
-/// helpers have 1024 ids, so no more VMs than that), little memory.
+/// helpers have 1024 ids, so no more VMs than that), each with a stack of
+/// 256 KiB (thread stacks count in `RLIMIT_DATA`), and little else.
 pub const DHCP_LIMITS: coffre_sys::Limits = coffre_sys::Limits {
     processes: 1040,
-    data_bytes: 256 << 20,
+    data_bytes: 512 << 20,
     open_files: 1100,
 };

@@ -49,8 +49,27 @@ impl ServiceIds {
             &read("/etc/subuid"),
             &read("/etc/subgid"),
         );
-        for (what, r) in
-            std::iter::once(("the members' ids ([accounts])".to_string(), members)).chain(host)
+        // systemd's dynamic users and its containers' ranges, which a
+        // host may hand out at any time.
+        let systemd = [
+            (
+                "systemd's dynamic users".to_string(),
+                Range {
+                    first: 61184,
+                    last: 65519,
+                },
+            ),
+            (
+                "systemd's containers' ids".to_string(),
+                Range {
+                    first: 524_288,
+                    last: 1_879_048_191,
+                },
+            ),
+        ];
+        for (what, r) in std::iter::once(("the members' ids ([accounts])".to_string(), members))
+            .chain(systemd)
+            .chain(host)
         {
             if block.overlaps(&r) {
                 return Err(format!(
@@ -113,6 +132,9 @@ mod tests {
         assert!(ServiceIds::new(&c, "x").is_err());
         c.service_first_id = Some(u32::MAX - 10);
         assert!(ServiceIds::new(&c, "x").is_err());
+        c.service_first_id = Some(1_000_000);
+        let e = ServiceIds::new(&c, "x").unwrap_err();
+        assert!(e.contains("systemd"), "{e}");
         // A host account's number: refused for that helper.
         c.service_first_id = Some(65534 - 2);
         let ids = ServiceIds { first: 65534 - 2 };
