@@ -362,11 +362,9 @@ impl Vault {
         }
         // The member may have been removed while their key was derived.
         let Some(member) = self.p.members.get(&r.member).cloned() else {
-            if keep_key {
-                out.effects.push(Effect::DiscardKey { req });
-            }
-            out.refuse(
-                &r,
+            refuse_checked(
+                out,
+                (&r, keep_key),
                 Refusal::UnknownMember,
                 "this certificate belongs to no member of the vault",
                 "member removed during the check",
@@ -376,11 +374,9 @@ impl Vault {
         // Made a member while the key was derived: a superuser's command
         // is no longer theirs to give.
         if r.command.superuser_only() && member.role != Role::Superuser {
-            if keep_key {
-                out.effects.push(Effect::DiscardKey { req });
-            }
-            out.refuse(
-                &r,
+            refuse_checked(
+                out,
+                (&r, keep_key),
                 Refusal::NotPermitted,
                 "this needs a superuser",
                 "no longer a superuser when the password was checked",
@@ -392,11 +388,9 @@ impl Vault {
         if self.is_locked()
             && let Some(why) = self.refused_while_locked(&r.command)
         {
-            if keep_key {
-                out.effects.push(Effect::DiscardKey { req });
-            }
-            out.refuse(
-                &r,
+            refuse_checked(
+                out,
+                (&r, keep_key),
                 Refusal::Locked,
                 why,
                 "locked while the password was checked",
@@ -540,4 +534,20 @@ impl Vault {
             }
         }
     }
+}
+
+/// A password check that ends refused after all (the member removed, made
+/// a member, or the vault locked while the key was derived): the key it
+/// gave, if kept for the command, is wiped at once.
+fn refuse_checked(
+    out: &mut Out,
+    (r, keep_key): (&Request, bool),
+    refusal: Refusal,
+    message: &str,
+    detail: &str,
+) {
+    if keep_key {
+        out.effects.push(Effect::DiscardKey { req: r.req });
+    }
+    out.refuse(r, refusal, message, detail);
 }
