@@ -430,41 +430,98 @@ fn who_may_enter_be_invited_and_join() {
         "{}",
         stderr(&out)
     );
-    let set_admin = |slapd: &coffre_testkit::slapd::Slapd, admin: bool| {
+    let set_admin = |slapd: &coffre_testkit::slapd::Slapd, name: &str, admin: bool| {
         let op = if admin { "add" } else { "delete" };
         slapd.modify(&format!(
             "dn: {ADMINS}\nchangetype: modify\n{op}: member\nmember: {}\n",
-            dn("bob")
+            dn(name)
         ));
     };
-    let wait_standing = |v: &Vault, want: &str| {
+    let member_field = |v: &Vault, name: &str, field: &str| {
+        let out = v.cli("alice", &["member", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m[field].clone())
+            .unwrap_or_else(|| panic!("{name} is not in {list}"))
+    };
+    let wait_standing = |v: &Vault, name: &str, want: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = v.cli("alice", &["member", "list", "--json"]);
-            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let bob = list
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["name"] == "bob")
-                .cloned()
-                .unwrap();
-            if bob["source"] == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "bob: {bob}");
+        while member_field(v, name, "source") != want {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: {}",
+                member_field(v, name, "source")
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     };
-    set_admin(&slapd, true);
-    wait_standing(&v, "qualifies (superuser)");
+    set_admin(&slapd, "bob", true);
+    wait_standing(&v, "bob", "qualifies (superuser)");
     let out = v.authed("alice", &["member", "role", "bob", "superuser"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Under a quorum of 2 the approval that carries a promotion out is
+    // checked too: frank is in admins when alice proposes it, out of it
+    // when bob approves (refused, he stays a member), back in it when
+    // bob approves again (carried out).
+    ok(&v.authed("alice", &["quorum", "2"]));
+    set_admin(&slapd, "frank", true);
+    wait_standing(&v, "frank", "qualifies (superuser)");
+    ok(&v.authed("alice", &["member", "role", "frank", "superuser"]));
+    let proposals = v.status("alice")["proposals"].clone();
+    let id = proposals[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no proposal: {proposals}"))
+        .to_string();
+    assert_eq!(member_field(&v, "frank", "role"), "member");
+    set_admin(&slapd, "frank", false);
+    wait_standing(&v, "frank", "qualifies");
+    let out = v.authed("bob", &["approve", &id]);
+    assert_eq!(code(&out), 10, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("superusers group"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(member_field(&v, "frank", "role"), "member");
+    set_admin(&slapd, "frank", true);
+    wait_standing(&v, "frank", "qualifies (superuser)");
+    ok(&v.authed("bob", &["approve", &id]));
+    assert_eq!(member_field(&v, "frank", "role"), "superuser");
+    // As before: frank a member again, the quorum 1 (each a proposal
+    // carried out by bob's approval).
+    for cmd in [&["member", "role", "frank", "member"][..], &["quorum", "1"]] {
+        ok(&v.authed("alice", cmd));
+        let id = v.status("alice")["proposals"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        ok(&v.authed("bob", &["approve", &id]));
+    }
+    assert_eq!(member_field(&v, "frank", "role"), "member");
+    assert_eq!(v.status("alice")["unlock_quorum"], 1);
+    set_admin(&slapd, "frank", false);
+    // A member asking for a promotion learns nothing from the directory:
+    // the core's refusal (not a superuser) comes first.
+    let out = v.authed("frank", &["member", "role", "frank", "superuser"]);
+    assert_eq!(code(&out), 10, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs a superuser"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("superusers group"),
+        "{}",
+        stderr(&out)
+    );
     // Out of admins again (a superuser the organisation demoted), then
     // the directory stops answering: its last word still holds, and the
     // commands that never wait for it do not let him through.
-    set_admin(&slapd, false);
-    wait_standing(&v, "qualifies");
+    set_admin(&slapd, "bob", false);
+    wait_standing(&v, "bob", "qualifies");
 
     // Unreachable: nobody enters, with a message that says why; a lock
     // and the unlock go on.
@@ -494,6 +551,16 @@ fn who_may_enter_be_invited_and_join() {
     let out = v.authed("alice", &["lock", "--reason", "drill"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     v.wait_state("locked", Duration::from_secs(30));
+    // Locked, what the directory said of a name is told to nobody: a
+    // superuser's promotion gets the core's refusal (locked), not the
+    // directory's word on frank; and a member's never gets it either.
+    let out = v.authed("alice", &["member", "role", "frank", "superuser"]);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("superusers group"),
+        "{}",
+        stderr(&out)
+    );
     let out = v.authed("alice", &["unlock"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     v.wait_state("closed", Duration::from_secs(30));
