@@ -297,6 +297,15 @@ fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
     let keys = Keyring::new();
     rt.block_on(async {
         let (a, b) = (device(), device());
+        let open_mirrored = |backends, root| {
+            ChunkStore::open_mirrored(
+                backends,
+                MirrorSettings::default(),
+                PREFIX,
+                (VAULT, keys.key()),
+                (Some(root), false),
+            )
+        };
         let backend = |name: &str, dev: &Arc<MemBlocks>| Backend {
             name: name.into(),
             objects: Arc::new(BlockObjects::new(dev.clone())),
@@ -333,15 +342,9 @@ fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
         assert!(matches!(e, RemoteError::Tampered(_)), "{e}");
         assert!(e.to_string().contains("superblock"), "{e}");
         // Mirrored: the volume opens from b, a is stale with the reason.
-        let (s, _) = ChunkStore::open_mirrored(
-            vec![backend("a", &a), backend("b", &b)],
-            MirrorSettings::default(),
-            PREFIX,
-            (VAULT, keys.key()),
-            (Some(root), false),
-        )
-        .await
-        .unwrap();
+        let (s, _) = open_mirrored(vec![backend("a", &a), backend("b", &b)], root)
+            .await
+            .unwrap();
         let st = s.status();
         assert!(!st[0].in_step && st[1].in_step, "{st:?}");
         assert!(
@@ -370,21 +373,13 @@ fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
         // volume's geometry at its first use.
         let down = Switchable::new(&a);
         down.up(false);
-        let (mut s, _) = ChunkStore::open_mirrored(
-            vec![
-                Backend {
-                    name: "a".into(),
-                    objects: Arc::new(BlockObjects::new(down.clone())),
-                },
-                backend("b", &b),
-            ],
-            MirrorSettings::default(),
-            PREFIX,
-            (VAULT, keys.key()),
-            (Some(root), false),
-        )
-        .await
-        .unwrap();
+        let down_a = Backend {
+            name: "a".into(),
+            objects: Arc::new(BlockObjects::new(down.clone())),
+        };
+        let (mut s, _) = open_mirrored(vec![down_a, backend("b", &b)], root)
+            .await
+            .unwrap();
         down.up(true);
         let before = a.bytes();
         for _ in 0..3 {
@@ -400,15 +395,9 @@ fn a_superblock_that_is_not_the_volumes_is_refused_at_open() {
         drop(s);
         // Both altered: refused, the primary's reason first.
         b.poke(0, &other.bytes()[..4096]);
-        let e = ChunkStore::open_mirrored(
-            vec![backend("a", &a), backend("b", &b)],
-            MirrorSettings::default(),
-            PREFIX,
-            (VAULT, keys.key()),
-            (Some(root), false),
-        )
-        .await
-        .unwrap_err();
+        let e = open_mirrored(vec![backend("a", &a), backend("b", &b)], root)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("superblock"), "{e}");
     });
 }

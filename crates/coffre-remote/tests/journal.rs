@@ -367,6 +367,42 @@ fn read(dev: &RemoteDevice, offset: u64, len: usize) -> Vec<u8> {
     b
 }
 
+/// A device with its journal, one write taken, then a flush whose
+/// manifest put goes unanswered (`what`).
+struct AfterUnanswered {
+    mem: Arc<InMemory>,
+    keys: Keyring,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    roots: Arc<Mutex<Vec<Root>>>,
+    dev: RemoteDevice,
+    root0: Root,
+}
+
+fn unanswered_flush(what: u8) -> AfterUnanswered {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let faulty = Unanswered::new(objects(&mem));
+    let dev = device_on(faulty.clone(), &keys, None, &roots);
+    let root0 = dev.root();
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(0, &[1u8; 4096]).unwrap();
+    faulty.next.store(what, Ordering::SeqCst);
+    assert!(dev.flush().is_err(), "an unanswered flush ({what})");
+    AfterUnanswered {
+        mem,
+        keys,
+        _dir: dir,
+        path,
+        roots,
+        dev,
+        root0,
+    }
+}
+
 /// A flush whose manifest put's answer is lost, then a write large enough
 /// to start an upload, which settles that put first (it landed, or not),
 /// and the daemon dies before the next flush: the write is replayed at the
@@ -376,18 +412,15 @@ fn read(dev: &RemoteDevice, offset: u64, len: usize) -> Vec<u8> {
 #[test]
 fn a_write_taken_while_a_manifest_put_is_unsettled_is_replayed_whichever_way_it_went() {
     for (what, landed) in [(LOSE, true), (FAIL, false)] {
-        let mem = Arc::new(InMemory::new());
-        let keys = Keyring::new();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal");
-        let roots = Arc::new(Mutex::new(Vec::new()));
-        let faulty = Unanswered::new(objects(&mem));
-        let dev = device_on(faulty.clone(), &keys, None, &roots);
-        let root0 = dev.root();
-        dev.attach_journal(&path).unwrap();
-        dev.write_at(0, &[1u8; 4096]).unwrap();
-        faulty.next.store(what, Ordering::SeqCst);
-        assert!(dev.flush().is_err(), "landed {landed}");
+        let AfterUnanswered {
+            mem,
+            keys,
+            _dir,
+            path,
+            roots,
+            dev,
+            root0,
+        } = unanswered_flush(what);
         // A quarter of the 1 MiB buffer: this very write starts an upload.
         dev.write_at(65536, &[2u8; 256 << 10]).unwrap();
         drop(dev);
@@ -416,17 +449,15 @@ fn a_write_taken_while_a_manifest_put_is_unsettled_is_replayed_whichever_way_it_
 /// all of them; the daemon dies before the journal is emptied.
 #[test]
 fn from_the_first_record_to_replay_on_every_record_is_replayed_in_order() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
-    let faulty = Unanswered::new(objects(&mem));
-    let dev = device_on(faulty.clone(), &keys, None, &roots);
-    dev.attach_journal(&path).unwrap();
-    dev.write_at(0, &[1u8; 4096]).unwrap();
-    faulty.next.store(FAIL, Ordering::SeqCst);
-    assert!(dev.flush().is_err());
+    let AfterUnanswered {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+        dev,
+        ..
+    } = unanswered_flush(FAIL);
     // Marked, and settles the put (it did not land).
     dev.write_at(65536, &[2u8; 256 << 10]).unwrap();
     // Not marked: the same bytes again.
