@@ -450,12 +450,18 @@ pub fn invitation_kdf() -> KdfParams {
 
 /// Whether `token` binds `member` to `keyslot`.
 pub fn token_binds(token: &serde_json::Value, member: &str, keyslot: u32) -> bool {
-    token.get("type").and_then(|t| t.as_str()) == Some(MEMBER_TOKEN)
-        && token.get("member").and_then(|m| m.as_str()) == Some(member)
+    token_of(token, MEMBER_TOKEN, member)
         && token
             .get("keyslots")
             .and_then(|k| k.as_array())
             .is_some_and(|k| k.len() == 1 && k[0].as_str() == Some(keyslot.to_string().as_str()))
+}
+
+/// Whether `token` is of `kind` ([`MEMBER_TOKEN`], [`INVITE_TOKEN`]) and
+/// names `member`.
+pub fn token_of(token: &serde_json::Value, kind: &str, member: &str) -> bool {
+    token.get("type").and_then(|t| t.as_str()) == Some(kind)
+        && token.get("member").and_then(|m| m.as_str()) == Some(member)
 }
 
 #[cfg(test)]

@@ -313,10 +313,7 @@ impl Shell {
                 .metadata
                 .tokens
                 .iter()
-                .filter(|(_, t)| {
-                    t.get("type").and_then(|x| x.as_str()) == Some(crate::init::INVITE_TOKEN)
-                        && t.get("member").and_then(|x| x.as_str()) == Some(name)
-                })
+                .filter(|(_, t)| crate::init::token_of(t, crate::init::INVITE_TOKEN, name))
                 .map(|(id, _)| id.0)
                 .collect();
             let mut r = c.remove_keyslot(inv.keyslot, false);
