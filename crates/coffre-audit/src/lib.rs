@@ -391,7 +391,13 @@ impl AuditLog {
     /// if syncing it or writing the head fails (the error says so; the
     /// next append's head covers it). A line that could not be written
     /// whole is cut off before anything else is appended.
-    pub fn append(&mut self, record: AuditRecord) -> Result<Entry, Error> {
+    pub fn append(&mut self, mut record: AuditRecord) -> Result<Entry, Error> {
+        // Bounded, whatever a caller passes on (a sender's bytes in a
+        // refusal's reason): a record stays well within what readers and
+        // the bus's publisher take.
+        for text in [&mut record.detail, &mut record.result] {
+            cut(text, MAX_DETAIL);
+        }
         if self.torn {
             self.file
                 .set_len(self.complete_len)
@@ -454,6 +460,26 @@ impl AuditLog {
     pub fn public_hex(&self) -> String {
         self.key.public_hex()
     }
+}
+
+/// The most of a record's detail (and result) kept, in bytes; more is
+/// cut, and the cut said. Escaped in JSON, a detail of control characters
+/// grows sixfold: a line stays under 128 KiB.
+pub const MAX_DETAIL: usize = 16 << 10;
+
+/// `text` cut to `max` bytes at most (on a character's boundary), with
+/// how much went.
+fn cut(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut at = max.saturating_sub(64);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let gone = text.len() - at;
+    text.truncate(at);
+    text.push_str(&format!(" [{gone} more bytes cut]"));
 }
 
 /// What a successful verification found.
@@ -725,6 +751,34 @@ mod tests {
         let edited = text.replace("\"n2\"", "\"n9\"");
         assert_ne!(edited, text);
         assert_eq!(fuzz_recover(scratch.path(), edited.as_bytes()), 0, "edited");
+    }
+
+    /// A record's detail of any size (a sender's bytes in a refusal's
+    /// reason) is cut: the line stays bounded, the log verifies, and the
+    /// cut is said.
+    #[test]
+    fn a_detail_of_any_size_is_cut_to_a_bounded_line() {
+        let d = tempfile::tempdir().unwrap();
+        let key = test_key();
+        let public = key.public_hex();
+        let mut log = AuditLog::open(d.path(), key).unwrap();
+        let mut r = rec(1);
+        r.detail = format!("é{}", "\u{7f}".repeat(1 << 20));
+        let e = log.append(r).unwrap();
+        assert!(
+            e.record.detail.len() <= MAX_DETAIL,
+            "{}",
+            e.record.detail.len()
+        );
+        assert!(e.record.detail.ends_with("more bytes cut]"));
+        let mut small = rec(2);
+        small.detail = "é".repeat(100);
+        assert_eq!(log.append(small.clone()).unwrap().record, small);
+        drop(log);
+        let text = std::fs::read_to_string(d.path().join(LOG_FILE)).unwrap();
+        let longest = text.lines().map(str::len).max().unwrap();
+        assert!(longest < 128 << 10, "a line of {longest} bytes");
+        assert_eq!(verify(d.path(), &public).unwrap().records, 2);
     }
 
     fn rec(i: u64) -> AuditRecord {

@@ -72,9 +72,16 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, BusError> {
     uri.vhost = VHOST.to_string();
     uri.query.auth_mechanism = Some(SASLMechanism::External);
     uri.query.heartbeat = Some(HEARTBEAT_S);
+    // Ours, whatever the broker tunes: a broker saying 0 ("no limit")
+    // would have the client size its buffers for 4 GiB frames.
+    uri.query.frame_max = Some(FRAME_MAX);
     uri.query.connection_timeout = Some(CONNECT_TIMEOUT.as_millis().try_into().unwrap_or(10_000));
     Ok(uri)
 }
+
+/// The largest AMQP frame taken (an envelope is at most
+/// [`crate::envelope::MAX_ENVELOPE`], in several frames if need be).
+pub const FRAME_MAX: u32 = 128 << 10;
 
 /// `url` as errors may show it: without any user or password.
 pub use coffre_sys::shown::url as shown;
@@ -197,6 +204,15 @@ pub fn is_refusal(why: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// Whatever the broker tunes, frames are ours at most: a broker
+    /// saying 0 ("no limit") would have lapin size buffers for 4 GiB.
+    #[test]
+    fn the_frame_size_is_ours() {
+        let uri = super::parse_url("amqps://10.9.0.1:5671").unwrap();
+        assert_eq!(uri.query.frame_max, Some(super::FRAME_MAX));
+        assert!(super::FRAME_MAX as usize <= crate::envelope::MAX_ENVELOPE);
+    }
+
     use super::*;
 
     #[test]

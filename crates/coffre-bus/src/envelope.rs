@@ -222,12 +222,26 @@ fn split(bytes: &[u8]) -> Result<(Wire, Header), Refusal> {
             bytes.len()
         )));
     }
-    let wire: Wire =
-        serde_json::from_slice(bytes).map_err(|e| Refusal::Malformed(e.to_string()))?;
-    let header: Header =
-        serde_json::from_str(&wire.signed).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    let wire: Wire = serde_json::from_slice(bytes).map_err(malformed)?;
+    let header: Header = serde_json::from_str(&wire.signed).map_err(malformed)?;
     Ok((wire, header))
 }
+
+/// Why bytes did not parse, short and printable: serde's message quotes
+/// the value it did not expect, which is the sender's, of any size and
+/// any bytes (it goes into the audit log and, from there, to the bus).
+fn malformed(e: serde_json::Error) -> Refusal {
+    let text: String = e
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(MALFORMED_SAID)
+        .collect();
+    Refusal::Malformed(format!("{text} (line {}, column {})", e.line(), e.column()))
+}
+
+/// The most of a parse error's message a refusal repeats (characters).
+const MALFORMED_SAID: usize = 160;
 
 /// What the receiver expects of an envelope.
 #[derive(Debug, Clone)]
@@ -478,6 +492,29 @@ mod tests {
 
     fn user(name: &str) -> String {
         crate::common_name(name)
+    }
+
+    /// A refusal never repeats the sender's bytes at length: serde's
+    /// message quotes the value it did not expect, and a header of 200 KiB
+    /// of control characters, said in the audit log, once made a record of
+    /// about 1.4 MiB (each escaped), too long for the bus's publisher.
+    #[test]
+    fn a_malformed_envelope_is_refused_in_a_few_printable_words() {
+        let junk = "\u{7f}".repeat(200 << 10);
+        let signed = serde_json::json!({ "v": junk }).to_string();
+        let wire = serde_json::json!({ "signed": signed, "sig": "" }).to_string();
+        assert!(wire.len() < MAX_ENVELOPE);
+        let Err(Refusal::Malformed(why)) = split(wire.as_bytes()) else {
+            panic!("a header whose v is a string parsed");
+        };
+        assert!(why.len() <= 300, "{} bytes: {}", why.len(), &why[..300]);
+        assert!(!why.chars().any(char::is_control), "{why:?}");
+        assert!(why.contains("line 1"), "{why}");
+        let wire = serde_json::json!({ "signed": "{}", "sig": junk }).to_string();
+        let e = split(wire.as_bytes())
+            .err()
+            .expect("an empty header parsed");
+        assert!(e.to_string().len() <= 300, "{} bytes", e.to_string().len());
     }
 
     #[test]

@@ -544,6 +544,10 @@ pub async fn relay(
     // for its grace period without news: after a broker restart the relay
     // must be back within seconds of it, not after a 16 s wait.
     let mut backoff = coffre_bus::conn::Backoff::up_to(RECONNECT_AT_MOST);
+    // Kept across the broker's sessions: a broker that cuts the relay's
+    // connection must not get the vault's messages taken again on the
+    // next one.
+    let mut replays = Replays::default();
     loop {
         let started = Instant::now();
         let keys = RelayKeys {
@@ -551,7 +555,7 @@ pub async fn relay(
             seal_to: &seal_to,
             opener: &opener,
         };
-        let Err(why) = relay_session(&id, &url, &sock, &keys, &say).await;
+        let Err(why) = relay_session(&id, &url, &sock, (&keys, &mut replays), &say).await;
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
         }
@@ -605,7 +609,7 @@ async fn relay_session(
     id: &Identity,
     url: &str,
     sock: &Path,
-    keys: &RelayKeys<'_>,
+    (keys, replays): (&RelayKeys<'_>, &mut Replays),
     say: &impl Fn(String),
 ) -> Result<std::convert::Infallible, String> {
     let (signer, seal_to) = (keys.signer, keys.seal_to);
@@ -621,7 +625,6 @@ async fn relay_session(
         coffre_bus::conn::shown(url)
     ));
     let mut held: Option<Held> = None;
-    let mut replays = Replays::default();
     let mut tick = tokio::time::interval(Duration::from_secs(ALIVE_EVERY_S));
     loop {
         tokio::select! {
