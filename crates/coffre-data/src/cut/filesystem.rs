@@ -550,7 +550,7 @@ impl Filesystem for Layer {
         VIEW_BUF.with_borrow_mut(|buf| {
             let size = size as usize;
             match self.with_live(|live| {
-                let (f, _) = self.file_now(live, fh.0, flags.0)?;
+                let (f, _) = self.file_now(live, fh.0, (flags.0, libc::O_DIRECT))?;
                 let at = aligned(buf, size);
                 let buf = &mut buf[at..at + size];
                 let mut got = 0;
@@ -608,9 +608,12 @@ impl Filesystem for Layer {
             // A writeback of a shared mapping's pages carries no file
             // flags (page-sized and aligned: the descriptor as opened).
             let (f, flags) = if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_CACHE) {
-                self.file_and_flags(fh.0)?
+                // At its page's offset, never at the end.
+                let (_, opened) = self.file_and_flags(fh.0)?;
+                self.file_now(live, fh.0, (opened & !libc::O_APPEND, libc::O_APPEND))?
             } else {
-                let (f, flags) = self.file_now(live, fh.0, now.0)?;
+                let (f, flags) =
+                    self.file_now(live, fh.0, (now.0, libc::O_DIRECT | libc::O_APPEND))?;
                 // The file is written by the daemon, which keeps the bits
                 // a write by its caller would have cleared.
                 if req.uid() != 0 {
@@ -922,6 +925,13 @@ impl Filesystem for Layer {
                 }
                 Err(e) => return reply.error(e),
             }
+        }
+        // Only while live: a listing read before a cut is not served
+        // after it (its names are the data's).
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        if live.is_none() {
+            reply.error(Errno::EIO);
+            return;
         }
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let Some((list, served)) = maps.dirs.get_mut(&fh.0) else {

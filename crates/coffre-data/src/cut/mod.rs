@@ -239,6 +239,12 @@ impl CutLayer {
                 n += 1;
             }
         }
+        // Listings read before the cut: their names go (a read from the
+        // start after a restore reads the directory again).
+        for (list, served) in maps.dirs.values_mut() {
+            *list = Vec::new();
+            *served = true;
+        }
         *live = None;
         n
     }

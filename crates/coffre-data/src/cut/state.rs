@@ -386,24 +386,28 @@ impl Layer {
     /// (GNU dd does, for a last partial block), which the kernel does not
     /// tell the layer; then a descriptor opened again without it, for this
     /// request (the same file, by handle), or the write would fail with
-    /// `EINVAL` where the mount accepts it.
+    /// `EINVAL` where the mount accepts it. For writes `O_APPEND` too
+    /// (`matters`): turned off since the open, or a writeback of a shared
+    /// mapping's pages, must write where asked, and `pwrite` on a
+    /// descriptor opened with it writes at the end whatever the offset.
     pub(super) fn file_now(
         &self,
         live: &Live,
         fh: u64,
-        now: i32,
+        (now, matters): (i32, i32),
     ) -> Result<(Arc<File>, i32), Errno> {
         let (f, flags) = self.file_and_flags(fh)?;
-        if flags & libc::O_DIRECT == 0 || now & libc::O_DIRECT != 0 {
+        let off = flags & !now & matters;
+        if off == 0 {
             return Ok((f, flags));
         }
         let handle = {
             let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             maps.files.get(&fh).ok_or(Errno::EBADF)?.handle.clone()
         };
-        let buffered = flags & !libc::O_DIRECT;
-        let fd = handle.open(live.root.as_fd(), buffered).map_err(errno)?;
-        Ok((Arc::new(File::from(fd)), buffered))
+        let now = flags & !off;
+        let fd = handle.open(live.root.as_fd(), now).map_err(errno)?;
+        Ok((Arc::new(File::from(fd)), now))
     }
 
     /// This thread acts as the requesting process on the filesystem until

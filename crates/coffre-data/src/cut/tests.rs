@@ -905,3 +905,78 @@ fn a_rewound_directory_is_read_again() {
     drop(layer);
     umount(&mnt);
 }
+
+/// A file opened with `O_APPEND` through the view is written where asked
+/// once appending no longer applies: a shared mapping's pages (written
+/// back at their offset) and a `pwrite` after `fcntl` turned `O_APPEND`
+/// off. Before, the daemon's descriptor, opened with `O_APPEND`, put those
+/// bytes at the end of the file. An append still appends.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, python3"]
+fn writes_land_where_asked_once_appending_no_longer_applies() {
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    std::fs::write(mnt.join("f"), vec![b'a'; 8192]).unwrap();
+    let script = r#"
+import fcntl, mmap, os, sys
+p = sys.argv[1]
+fd = os.open(p, os.O_RDWR | os.O_APPEND)
+m = mmap.mmap(fd, 4096)
+m[0:5] = b"MAPPD"
+m.flush()
+m.close()
+fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_APPEND)
+os.pwrite(fd, b"PWRT", 4096)
+os.close(fd)
+fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+os.write(fd, b"END")
+os.close(fd)
+"#;
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(view.join("f")));
+    let below = std::fs::read(mnt.join("f")).unwrap();
+    assert_eq!(
+        below.len(),
+        8192 + 3,
+        "past the end: {:?}",
+        String::from_utf8_lossy(&below[8192.min(below.len())..])
+            .chars()
+            .take(48)
+            .collect::<String>()
+    );
+    assert_eq!(&below[..5], b"MAPPD", "the mapping's page");
+    assert_eq!(&below[4096..4100], b"PWRT", "the pwrite");
+    assert_eq!(&below[8192..], b"END", "the append");
+    drop(layer);
+    umount(&mnt);
+}
+
+/// A directory listing read before a cut is not served after it (its
+/// names are the data's): reading on gets an error. After the restore, a
+/// new listing is the directory as it is.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn a_listing_read_before_a_cut_is_not_served_after_it() {
+    require(NEEDS);
+    let (_t, _img, mnt, view, layer) = viewed_ext4();
+    for n in ["secret-a", "secret-b"] {
+        std::fs::write(mnt.join(n), b"x").unwrap();
+    }
+    // Opened: the layer reads the whole listing now.
+    let mut rd = std::fs::read_dir(&view).unwrap();
+    layer.cut();
+    let got = rd.next();
+    assert!(matches!(got, Some(Err(_))), "served after the cut: {got:?}");
+    drop(rd);
+    layer.restore(&mnt).unwrap();
+    let names: Vec<std::ffi::OsString> = std::fs::read_dir(&view)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.iter().any(|n| n == "secret-a"), "{names:?}");
+    drop(layer);
+    umount(&mnt);
+}
