@@ -43,8 +43,10 @@ pub(crate) const MAX_WRITE: u32 = 1 << 20;
 pub struct Restored {
     /// Files reopened by handle.
     pub reopened: usize,
-    /// Open files that no longer exist (deleted, or unlinked while open
-    /// before the close); their descriptors now fail with `EIO`.
+    /// Open files not reopened; their descriptors fail with `EIO`. For
+    /// good when the file no longer exists (deleted, or unlinked while
+    /// open before the close); tried again at the next restore when the
+    /// reopen failed otherwise (out of descriptors).
     pub lost: usize,
 }
 
@@ -120,8 +122,14 @@ impl CutLayer {
                     open.file = Some(Arc::new(File::from(fd)));
                     out.reopened += 1;
                 }
-                Err(_) => {
-                    open.lost = true;
+                Err(e) => {
+                    // Gone for good only when the file is (its handle no
+                    // longer resolves); anything else (out of descriptors,
+                    // of memory) is tried again at the next restore, and
+                    // the file answers EIO meanwhile.
+                    if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) {
+                        open.lost = true;
+                    }
                     out.lost += 1;
                 }
             }
