@@ -97,9 +97,18 @@ impl Nonces {
             .retain(|_, a| a.exp.saturating_add(envelope::SKEW_S) >= now);
     }
 
-    /// The answer `nonce` got, if it was applied.
-    fn answer(&self, nonce: &str) -> Option<&Value> {
-        self.seen.get(nonce).map(|a| &a.answer)
+    /// The answer `from`'s command `nonce` got, if it was applied: one
+    /// sender never gets another's (a file written before answers were
+    /// kept by sender holds bare nonces, for their short life).
+    fn answer(&self, from: &str, nonce: &str) -> Option<&Value> {
+        self.seen
+            .get(&Self::key(from, nonce))
+            .or_else(|| self.seen.get(nonce))
+            .map(|a| &a.answer)
+    }
+
+    fn key(from: &str, nonce: &str) -> String {
+        format!("{from} {nonce}")
     }
 
     /// Whether there is room for one more (after forgetting expired ones).
@@ -112,9 +121,16 @@ impl Nonces {
 
     /// Records `nonce` (valid until `exp`) with its answer, forgets
     /// expired ones, and writes the file before returning.
-    fn record(&mut self, nonce: &str, exp: u64, answer: Value, now: u64) -> Result<(), String> {
+    fn record(
+        &mut self,
+        (from, nonce): (&str, &str),
+        exp: u64,
+        answer: Value,
+        now: u64,
+    ) -> Result<(), String> {
         self.prune(now);
-        self.seen.insert(nonce.to_string(), Applied { exp, answer });
+        self.seen
+            .insert(Self::key(from, nonce), Applied { exp, answer });
         let bytes = serde_json::to_vec(&self.seen).expect("nonces serialise");
         crate::vaultdir::write_atomic(&self.path, &bytes, 0o600).map_err(|e| e.to_string())
     }
@@ -127,9 +143,11 @@ enum Verdict {
     Refused(String, Option<Header>),
     /// To apply.
     Apply(Header, BusCommand, Component),
-    /// Applied already, and delivered again by the broker (our
-    /// acknowledgement was lost): its answer again, nothing applied.
-    Again(Header, Value),
+    /// Applied already, and delivered again: its answer again, nothing
+    /// applied. `true` when the broker did not say it was a redelivery (a
+    /// replay, or a broker that dropped the answer: said in the audit
+    /// log either way).
+    Again(Header, Value, bool),
 }
 
 fn schedulers(dir: &Path) -> Vec<Component> {
@@ -176,12 +194,12 @@ fn judge(
     if let Err(why) = command::check_header(&h) {
         return Verdict::Refused(why, Some(h));
     }
-    if let Some(answer) = nonces.answer(&h.nonce) {
-        if redelivered {
-            let answer = answer.clone();
-            return Verdict::Again(h, answer);
-        }
-        return Verdict::Refused(Refusal::Replay(h.nonce.clone()).to_string(), Some(h));
+    // However it came back (the broker sets `redelivered`, and could drop
+    // the first answer and hand back a copy): answered as the first time,
+    // never applied again, never a refusal of what was applied.
+    if let Some(answer) = nonces.answer(&h.from, &h.nonce) {
+        let answer = answer.clone();
+        return Verdict::Again(h, answer, !redelivered);
     }
     if nonces.full(now) {
         return Verdict::Refused("too many recent commands: try again later".into(), Some(h));
@@ -393,7 +411,17 @@ async fn session(
             .as_ref()
             .map(|u| u.as_str().to_string());
         match judge(cfg, nonces, &d.data, user.as_deref(), d.redelivered) {
-            Verdict::Again(h, answer) => {
+            Verdict::Again(h, answer, replayed) => {
+                if replayed {
+                    refusals.say(
+                        report,
+                        format!(
+                            "{} from {}: not applied again, answered as the first time",
+                            Refusal::Replay(h.nonce.clone()),
+                            h.from
+                        ),
+                    );
+                }
                 d.acker
                     .ack(BasicAckOptions::default())
                     .await
@@ -443,7 +471,7 @@ async fn session(
                 // The daemon stopping: the command stays in the queue.
                 let (_, answer) = rx.await.map_err(|_| "the daemon stops".to_string())?;
                 nonces
-                    .record(&h.nonce, h.exp, answer.clone(), envelope::now())
+                    .record((&h.from, &h.nonce), h.exp, answer.clone(), envelope::now())
                     .map_err(Ended::Stop)?;
                 d.acker
                     .ack(BasicAckOptions::default())
@@ -454,4 +482,27 @@ async fn session(
         }
     }
     Err(Ended::Lost("the broker closed the connection".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An applied command's answer is kept by sender and nonce, through a
+    /// restart: the same nonce from another sender gets nothing of it.
+    #[test]
+    fn answers_are_kept_by_sender_and_nonce() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("bus")).unwrap();
+        let now = envelope::now();
+        let mut n = Nonces::load(d.path()).unwrap();
+        let answer = serde_json::json!({"ok": true, "task_id": 7});
+        n.record(("sched1", "abc"), now + 30, answer.clone(), now)
+            .unwrap();
+        assert_eq!(n.answer("sched1", "abc"), Some(&answer));
+        assert_eq!(n.answer("sched2", "abc"), None, "another sender's");
+        let n = Nonces::load(d.path()).unwrap();
+        assert_eq!(n.answer("sched1", "abc"), Some(&answer), "after a restart");
+        assert_eq!(n.answer("sched2", "abc"), None);
+    }
 }
