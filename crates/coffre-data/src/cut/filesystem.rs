@@ -513,7 +513,7 @@ impl Filesystem for Layer {
                 let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
                 maps.nodes.get(&ino.0).ok_or(Errno::ESTALE)?.handle.clone()
             };
-            let file = File::from(handle.open(live.root.as_fd(), flags).map_err(errno)?);
+            let file = File::from(open_served(&handle, live.root.as_fd(), flags).map_err(errno)?);
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             maps.next_fh += 1;
             let fh = maps.next_fh;

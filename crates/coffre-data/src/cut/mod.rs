@@ -117,7 +117,7 @@ impl CutLayer {
             if open.lost {
                 continue;
             }
-            match open.handle.open(root.as_fd(), open.flags) {
+            match state::open_served(&open.handle, root.as_fd(), open.flags) {
                 Ok(fd) => {
                     open.file = Some(Arc::new(File::from(fd)));
                     out.reopened += 1;

@@ -198,6 +198,30 @@ impl std::ops::Deref for Layer {
     }
 }
 
+/// Opens the file behind `handle` (beneath `root`) to serve a workload's
+/// open with `flags`: without ever blocking (opened non-blocking, the flag
+/// taken off again unless asked), and only a regular file or a directory.
+/// The kernel opens FIFOs itself, never through the layer: an inode
+/// number a FIFO took over between a lookup and this open is refused, not
+/// opened as root to wait for a writer while holding the layer (a cut
+/// would wait on it for ever).
+pub(super) fn open_served(
+    handle: &FileHandle,
+    root: std::os::fd::BorrowedFd<'_>,
+    flags: i32,
+) -> std::io::Result<OwnedFd> {
+    let fd = handle.open(root, flags | libc::O_NONBLOCK)?;
+    let kind = rustix::fs::fstat(&fd)?.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+        return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        let now = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, now - OFlags::NONBLOCK)?;
+    }
+    Ok(fd)
+}
+
 pub(super) fn errno(e: impl Into<std::io::Error>) -> Errno {
     Errno::from(e.into())
 }
@@ -406,7 +430,7 @@ impl Layer {
             maps.files.get(&fh).ok_or(Errno::EBADF)?.handle.clone()
         };
         let now = flags & !off;
-        let fd = handle.open(live.root.as_fd(), now).map_err(errno)?;
+        let fd = open_served(&handle, live.root.as_fd(), now).map_err(errno)?;
         Ok((Arc::new(File::from(fd)), now))
     }
 

@@ -980,3 +980,36 @@ fn a_listing_read_before_a_cut_is_not_served_after_it() {
     drop(layer);
     umount(&mnt);
 }
+
+/// The layer's own opens never block and never open a FIFO: the kernel
+/// opens FIFOs itself, so a FIFO behind a handle the layer is asked to
+/// open is an inode number reused since the lookup, refused at once
+/// (opened as root, it would wait for a writer with the layer held, and a
+/// cut would wait on it). A regular file opens, blocking as asked.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4"]
+fn the_layer_never_opens_a_fifo_nor_blocks() {
+    use std::os::fd::AsFd;
+    require(NEEDS);
+    let (_t, _img, mnt, _view, layer) = viewed_ext4();
+    run(Command::new("mkfifo").arg(mnt.join("fifo")));
+    std::fs::write(mnt.join("f"), b"x").unwrap();
+    let root = File::open(&mnt).unwrap();
+    let fifo = coffre_sys::handle::FileHandle::of(root.as_fd(), Path::new("fifo")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = root.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = tx.send(super::state::open_served(&fifo, dir.as_fd(), libc::O_RDONLY).is_err());
+    });
+    let refused = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the open of a FIFO blocked");
+    assert!(refused, "a FIFO was opened");
+    let f = coffre_sys::handle::FileHandle::of(root.as_fd(), Path::new("f")).unwrap();
+    let fd = super::state::open_served(&f, root.as_fd(), libc::O_RDWR).unwrap();
+    let fl = rustix::fs::fcntl_getfl(&fd).unwrap();
+    assert!(!fl.contains(rustix::fs::OFlags::NONBLOCK), "{fl:?}");
+    drop((fd, root));
+    drop(layer);
+    umount(&mnt);
+}
