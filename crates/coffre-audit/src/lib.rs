@@ -395,9 +395,8 @@ impl AuditLog {
         // Bounded, whatever a caller passes on (a sender's bytes in a
         // refusal's reason): a record stays well within what readers and
         // the bus's publisher take.
-        for text in [&mut record.detail, &mut record.result] {
-            cut(text, MAX_DETAIL);
-        }
+        cut(&mut record.detail, MAX_DETAIL);
+        cut(&mut record.result, MAX_RESULT);
         if self.torn {
             self.file
                 .set_len(self.complete_len)
@@ -462,10 +461,13 @@ impl AuditLog {
     }
 }
 
-/// The most of a record's detail (and result) kept, in bytes; more is
-/// cut, and the cut said. Escaped in JSON, a detail of control characters
-/// grows sixfold: a line stays under 128 KiB.
+/// The most of a record's detail kept, in bytes; more is cut, and the cut
+/// said. Escaped in JSON, control characters grow sixfold: with the
+/// result's bound, a line stays under 128 KiB.
 pub const MAX_DETAIL: usize = 16 << 10;
+
+/// The most of a record's result kept (`ok`, `refused:CODE`, a state).
+pub const MAX_RESULT: usize = 1 << 10;
 
 /// `text` cut to `max` bytes at most (on a character's boundary), with
 /// how much went.
@@ -763,7 +765,8 @@ mod tests {
         let public = key.public_hex();
         let mut log = AuditLog::open(d.path(), key).unwrap();
         let mut r = rec(1);
-        r.detail = format!("é{}", "\u{7f}".repeat(1 << 20));
+        r.detail = format!("é{}", "\u{1}".repeat(1 << 20));
+        r.result = "\u{1}".repeat(1 << 20);
         let e = log.append(r).unwrap();
         assert!(
             e.record.detail.len() <= MAX_DETAIL,
@@ -771,6 +774,11 @@ mod tests {
             e.record.detail.len()
         );
         assert!(e.record.detail.ends_with("more bytes cut]"));
+        assert!(
+            e.record.result.len() <= MAX_RESULT,
+            "{}",
+            e.record.result.len()
+        );
         let mut small = rec(2);
         small.detail = "é".repeat(100);
         assert_eq!(log.append(small.clone()).unwrap().record, small);

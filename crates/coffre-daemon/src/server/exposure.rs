@@ -57,7 +57,7 @@ pub(super) fn resume_workloads(
                 "workload".to_string(),
                 "note".to_string(),
                 format!(
-                    "{} file(s) workloads kept open were reopened; {} no longer exist (their descriptors fail)",
+                    "{} file(s) workloads kept open were reopened; {} were not (gone, or not reopened this time and tried again at the next open; their descriptors fail meanwhile)",
                     r.reopened, r.lost
                 ),
             )),

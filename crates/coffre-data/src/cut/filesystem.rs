@@ -906,32 +906,40 @@ impl Filesystem for Layer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        // From the start again (`rewinddir`): the directory as it is now.
-        let again = offset == 0
-            && self
-                .maps
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .dirs
-                .get(&fh.0)
-                .is_some_and(|(_, served)| *served);
+        // One look at the layer for the whole call: a cut cannot land
+        // between a listing's refresh and its serving. Only while live: a
+        // listing read before a cut is not served after it (its names are
+        // the data's).
+        let guard = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let Some(live) = guard.as_ref() else {
+            reply.error(Errno::EIO);
+            return;
+        };
+        let (again, stale) = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                // From the start again (`rewinddir`): the directory as it
+                // is now.
+                offset == 0 && maps.dirs.get(&fh.0).is_some_and(|(_, served)| *served),
+                maps.stale_dirs.contains(&fh.0),
+            )
+        };
+        if stale && offset > 0 {
+            // Cut while it was read: what is left would seem the end.
+            reply.error(Errno::EIO);
+            return;
+        }
         if again {
-            match self.with_live(|live| self.listing(live, ino.0)) {
+            match self.listing(live, ino.0) {
                 Ok(list) => {
                     let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(d) = maps.dirs.get_mut(&fh.0) {
                         d.0 = list;
                     }
+                    maps.stale_dirs.remove(&fh.0);
                 }
                 Err(e) => return reply.error(e),
             }
-        }
-        // Only while live: a listing read before a cut is not served
-        // after it (its names are the data's).
-        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-        if live.is_none() {
-            reply.error(Errno::EIO);
-            return;
         }
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let Some((list, served)) = maps.dirs.get_mut(&fh.0) else {
@@ -962,6 +970,11 @@ impl Filesystem for Layer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .dirs
+            .remove(&fh.0);
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale_dirs
             .remove(&fh.0);
         reply.ok();
     }

@@ -253,6 +253,8 @@ impl CutLayer {
             *list = Vec::new();
             *served = true;
         }
+        let stale: Vec<u64> = maps.dirs.keys().copied().collect();
+        maps.stale_dirs.extend(stale);
         *live = None;
         n
     }

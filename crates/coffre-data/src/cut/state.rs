@@ -39,6 +39,9 @@ pub(super) struct Maps {
     /// start already (a read from the start again, after `rewinddir`,
     /// reads the directory again).
     pub(super) dirs: HashMap<u64, (Listing, bool)>,
+    /// Open directories whose listing a cut emptied: only a read from the
+    /// start reads them again (read on, they would seem to end early).
+    pub(super) stale_dirs: std::collections::HashSet<u64>,
     pub(super) next_fh: u64,
 }
 

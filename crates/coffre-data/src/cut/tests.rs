@@ -977,6 +977,22 @@ fn a_listing_read_before_a_cut_is_not_served_after_it() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(names.iter().any(|n| n == "secret-a"), "{names:?}");
+    // Half read when the cut came: reading on after the restore is an
+    // error, never an early end that would look like the whole directory
+    // (an `ls` or a backup resumed after a close would skip names).
+    for i in 0..1500 {
+        std::fs::write(mnt.join(format!("{i:04}-{}", "n".repeat(40))), b"").unwrap();
+    }
+    let mut rd = std::fs::read_dir(&view).unwrap();
+    assert!(rd.next().unwrap().is_ok());
+    layer.cut();
+    layer.restore(&mnt).unwrap();
+    let rest: Vec<std::io::Result<std::fs::DirEntry>> = rd.collect();
+    assert!(
+        rest.iter().any(Result::is_err) || rest.len() >= 1500,
+        "the listing ended early after {} names, without an error",
+        rest.len() + 1
+    );
     drop(layer);
     umount(&mnt);
 }
