@@ -124,15 +124,23 @@ impl Layer {
     /// Directory `ino`'s entries, `.` and `..` first, each with its own
     /// type: a program that trusts it (`find -type f`, Python's
     /// `scandir`) must not open a FIFO or a socket as a file.
-    fn listing(&self, live: &Live, ino: u64) -> Result<Listing, Errno> {
+    ///
+    /// With what it takes of the daemon's memory ([`DIR_BYTES`] and its
+    /// entries): `ENOMEM` as soon as that passes `room`.
+    fn listing(&self, live: &Live, ino: u64, room: usize) -> Result<(Listing, usize), Errno> {
         use std::os::unix::fs::{DirEntryExt, FileTypeExt};
         let fd = self.fd(live, ino)?;
-        let mut list = vec![
+        let mut list: Listing = vec![
             (ino, FileType::Directory, ".".into()),
             (1, FileType::Directory, "..".into()),
         ];
+        let mut bytes = DIR_BYTES + entry_bytes(".".as_ref()) + entry_bytes("..".as_ref());
         for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
             let e = e.map_err(errno)?;
+            bytes += entry_bytes(&e.file_name());
+            if bytes > room {
+                return Err(Errno::ENOMEM);
+            }
             let kind = match e.file_type() {
                 Ok(t) if t.is_dir() => FileType::Directory,
                 Ok(t) if t.is_symlink() => FileType::Symlink,
@@ -144,7 +152,7 @@ impl Layer {
             };
             list.push((self.ino(live, e.ino()), kind, e.file_name()));
         }
-        Ok(list)
+        Ok((list, bytes))
     }
 
     /// The descriptor comes back with the path: the path is good only
@@ -506,6 +514,12 @@ impl Filesystem for Layer {
             | libc::O_NOATIME
             | libc::O_DIRECT;
         let flags = flags.0 & keep;
+        // Counted before the open, given back if it fails.
+        let uid = req.uid();
+        if let Err(e) = self.lock_maps().take_file(&self.caps, uid) {
+            reply.error(e);
+            return;
+        }
         match self.with_live(|live| {
             let handle = if ino.0 == 1 {
                 FileHandle::of(live.root.as_fd(), Path::new("")).map_err(errno)?
@@ -521,6 +535,7 @@ impl Filesystem for Layer {
                 fh,
                 Open {
                     handle,
+                    uid,
                     flags,
                     file: Some(Arc::new(file)),
                     lost: false,
@@ -529,7 +544,10 @@ impl Filesystem for Layer {
             Ok(fh)
         }) {
             Ok(fh) => reply.opened(fuser::FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                self.lock_maps().give_file(uid);
+                reply.error(e);
+            }
         }
     }
 
@@ -724,11 +742,11 @@ impl Filesystem for Layer {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .files
-            .remove(&fh.0);
+        let mut maps = self.lock_maps();
+        if let Some(open) = maps.files.remove(&fh.0) {
+            maps.give_file(open.uid);
+        }
+        drop(maps);
         reply.ok();
     }
 
@@ -882,15 +900,26 @@ impl Filesystem for Layer {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // The listing is read at once: no directory stays open on the
-        // mount between calls.
+        // mount between calls. Within the caller's room for listings.
+        let uid = req.uid();
         match self.with_live(|live| {
-            let list = self.listing(live, ino.0)?;
-            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let room = self.lock_maps().listing_room(&self.caps, uid, 0);
+            let (list, bytes) = self.listing(live, ino.0, room)?;
+            let mut maps = self.lock_maps();
+            maps.charge_listing(&self.caps, uid, 0, bytes)?;
             maps.next_fh += 1;
             let fh = maps.next_fh;
-            maps.dirs.insert(fh, (list, false));
+            maps.dirs.insert(
+                fh,
+                Dir {
+                    list,
+                    served: false,
+                    uid,
+                    bytes,
+                },
+            );
             Ok(fh)
         }) {
             Ok(fh) => reply.opened(fuser::FileHandle(fh), FopenFlags::empty()),
@@ -916,11 +945,17 @@ impl Filesystem for Layer {
             return;
         };
         let (again, stale) = {
-            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let maps = self.lock_maps();
             (
                 // From the start again (`rewinddir`): the directory as it
-                // is now.
-                offset == 0 && maps.dirs.get(&fh.0).is_some_and(|(_, served)| *served),
+                // is now, within its owner's room (giving back what it
+                // takes now).
+                match maps.dirs.get(&fh.0) {
+                    Some(d) if offset == 0 && d.served => {
+                        Some(maps.listing_room(&self.caps, d.uid, d.bytes))
+                    }
+                    _ => None,
+                },
                 maps.stale_dirs.contains(&fh.0),
             )
         };
@@ -929,28 +964,33 @@ impl Filesystem for Layer {
             reply.error(Errno::EIO);
             return;
         }
-        if again {
-            match self.listing(live, ino.0) {
-                Ok(list) => {
-                    let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(d) = maps.dirs.get_mut(&fh.0) {
-                        d.0 = list;
+        if let Some(room) = again {
+            match self.listing(live, ino.0, room) {
+                Ok((list, bytes)) => {
+                    let mut maps = self.lock_maps();
+                    if let Some((uid, had)) = maps.dirs.get(&fh.0).map(|d| (d.uid, d.bytes)) {
+                        if let Err(e) = maps.charge_listing(&self.caps, uid, had, bytes) {
+                            return reply.error(e);
+                        }
+                        if let Some(d) = maps.dirs.get_mut(&fh.0) {
+                            (d.list, d.bytes) = (list, bytes);
+                        }
                     }
                     maps.stale_dirs.remove(&fh.0);
                 }
                 Err(e) => return reply.error(e),
             }
         }
-        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((list, served)) = maps.dirs.get_mut(&fh.0) else {
+        let mut maps = self.lock_maps();
+        let Some(d) = maps.dirs.get_mut(&fh.0) else {
             reply.error(Errno::EBADF);
             return;
         };
         if offset == 0 {
-            *served = true;
+            d.served = true;
         }
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, (ino, kind, name)) in list.iter().enumerate().skip(start) {
+        for (i, (ino, kind, name)) in d.list.iter().enumerate().skip(start) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
                 break;
             }
@@ -966,16 +1006,12 @@ impl Filesystem for Layer {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dirs
-            .remove(&fh.0);
-        self.maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stale_dirs
-            .remove(&fh.0);
+        let mut maps = self.lock_maps();
+        if let Some(d) = maps.dirs.remove(&fh.0) {
+            let _ = maps.charge_listing(&self.caps, d.uid, d.bytes, 0);
+        }
+        maps.stale_dirs.remove(&fh.0);
+        drop(maps);
         reply.ok();
     }
 
@@ -1012,6 +1048,12 @@ impl Filesystem for Layer {
             | libc::O_DSYNC
             | libc::O_TRUNC
             | libc::O_DIRECT;
+        // Counted before the file is made, given back if this fails.
+        let uid = req.uid();
+        if let Err(e) = self.lock_maps().take_file(&self.caps, uid) {
+            reply.error(e);
+            return;
+        }
         match self.with_live(|live| {
             let p = self.fd(live, parent.0)?;
             let want = mode & !umask & 0o7777;
@@ -1067,6 +1109,7 @@ impl Filesystem for Layer {
                 fh,
                 Open {
                     handle,
+                    uid,
                     flags: flags
                         & (libc::O_ACCMODE
                             | libc::O_APPEND
@@ -1086,7 +1129,10 @@ impl Filesystem for Layer {
                 fuser::FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO,
             ),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                self.lock_maps().give_file(uid);
+                reply.error(e);
+            }
         }
     }
 }

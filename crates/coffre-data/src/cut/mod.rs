@@ -28,6 +28,7 @@ mod state;
 mod tests;
 
 use fuser::{Config, INodeNo, MountOption, SessionACL};
+pub use state::Caps;
 use state::{Layer, Live, State, WORKERS};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -62,14 +63,21 @@ pub struct CutLayer {
 
 impl CutLayer {
     /// Mounts the layer at `at` (created if missing), cut: it passes
-    /// nothing through until [`restore`](Self::restore).
+    /// nothing through until [`restore`](Self::restore). Its clients may
+    /// take what [`Caps::for_this_process`] allows.
     pub fn mount(at: &Path) -> std::io::Result<Self> {
+        Self::mount_with(at, Caps::for_this_process())
+    }
+
+    /// [`CutLayer::mount`] with the given caps.
+    pub fn mount_with(at: &Path, caps: Caps) -> std::io::Result<Self> {
         // A crashed daemon's layer is still mounted there, dead.
         let _ = rustix::mount::unmount(at, rustix::mount::UnmountFlags::DETACH);
         std::fs::create_dir_all(at)?;
         let layer = Arc::new(State {
             live: RwLock::new(None),
             maps: Mutex::default(),
+            caps,
             wipe: state::Wipe::default(),
         });
         let mut config = Config::default();
@@ -249,9 +257,16 @@ impl CutLayer {
         }
         // Listings read before the cut: their names go (a read from the
         // start after a restore reads the directory again).
-        for (list, served) in maps.dirs.values_mut() {
-            *list = Vec::new();
-            *served = true;
+        let emptied: Vec<(u32, usize)> = maps
+            .dirs
+            .values_mut()
+            .map(|d| {
+                (d.list, d.served) = (Vec::new(), true);
+                (d.uid, std::mem::replace(&mut d.bytes, state::DIR_BYTES))
+            })
+            .collect();
+        for (uid, had) in emptied {
+            let _ = maps.charge_listing(&self.layer.caps, uid, had, state::DIR_BYTES);
         }
         let stale: Vec<u64> = maps.dirs.keys().copied().collect();
         maps.stale_dirs.extend(stale);

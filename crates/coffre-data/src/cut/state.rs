@@ -22,6 +22,8 @@ pub(super) struct Node {
 
 pub(super) struct Open {
     pub(super) handle: FileHandle,
+    /// Whose it is (counted in their [`Held`]).
+    pub(super) uid: u32,
     pub(super) flags: i32,
     /// `None` while cut, or when it could not be reopened (`lost`).
     pub(super) file: Option<Arc<File>>,
@@ -31,6 +33,75 @@ pub(super) struct Open {
 /// A directory's entries: inode, type, name.
 pub(super) type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
 
+/// What one entry of a [`Listing`] takes of the daemon's memory, about:
+/// the tuple, the name, the allocator's rounding.
+pub(super) fn entry_bytes(name: &OsStr) -> usize {
+    std::mem::size_of::<(u64, FileType, std::ffi::OsString)>() + name.len() + 16
+}
+
+/// What an open directory takes besides its entries (its place in the map).
+pub(super) const DIR_BYTES: usize = 128;
+
+/// An open directory: its listing, read at the open.
+pub(super) struct Dir {
+    pub(super) list: Listing,
+    /// Served from its start already (a read from the start again, after
+    /// `rewinddir`, reads the directory again).
+    pub(super) served: bool,
+    /// Whose it is, and what it is charged to them (entries and
+    /// [`DIR_BYTES`]).
+    pub(super) uid: u32,
+    pub(super) bytes: usize,
+}
+
+/// How much of the daemon the layer lets its clients take. The layer runs
+/// in the daemon, so every file a workload opens through it is one of the
+/// daemon's descriptors, and every open directory's listing is in the
+/// daemon's memory (charged to no workload's cgroup): without caps one
+/// workload user could leave the daemon no descriptor to answer a member,
+/// write the audit log or close the vault. Each user (the uid a request
+/// carries) is capped, and so are all of them together; past a cap an open
+/// fails with `EMFILE` (the user's cap) or `ENFILE` (everyone's), an
+/// `opendir` with `ENOMEM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Files one user may hold open through the layer.
+    pub files_per_user: usize,
+    /// Files all users together may hold open.
+    pub files: usize,
+    /// Bytes of directory listings one user's open directories may take.
+    pub listing_bytes_per_user: usize,
+    /// Bytes of listings all open directories together may take.
+    pub listing_bytes: usize,
+}
+
+impl Caps {
+    /// Caps for this process: half its descriptors (`RLIMIT_NOFILE`, the
+    /// soft limit) for workloads' files, a quarter of that for one user
+    /// (at most 16384); 512 MiB of listings, 128 MiB for one user (about
+    /// two million names: a larger directory cannot be listed through the
+    /// view).
+    pub fn for_this_process() -> Caps {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let files = usize::try_from(soft / 2).unwrap_or(usize::MAX).max(64);
+        Caps {
+            files_per_user: (files / 4).clamp(16, 16384),
+            files,
+            listing_bytes_per_user: 128 << 20,
+            listing_bytes: 512 << 20,
+        }
+    }
+}
+
+/// What one user holds in the layer, or all of them together.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Held {
+    pub(super) files: usize,
+    pub(super) listing_bytes: usize,
+}
+
 #[derive(Default)]
 pub(super) struct Maps {
     pub(super) nodes: HashMap<u64, Node>,
@@ -38,11 +109,80 @@ pub(super) struct Maps {
     /// Each open directory's listing, and whether it was served from its
     /// start already (a read from the start again, after `rewinddir`,
     /// reads the directory again).
-    pub(super) dirs: HashMap<u64, (Listing, bool)>,
+    pub(super) dirs: HashMap<u64, Dir>,
     /// Open directories whose listing a cut emptied: only a read from the
     /// start reads them again (read on, they would seem to end early).
     pub(super) stale_dirs: std::collections::HashSet<u64>,
     pub(super) next_fh: u64,
+    /// What each user holds (no entry for one who holds nothing), and all
+    /// of them together.
+    pub(super) held: HashMap<u32, Held>,
+    pub(super) total: Held,
+}
+
+impl Maps {
+    /// Counts one more open file for `uid`, if the caps allow it.
+    pub(super) fn take_file(&mut self, caps: &Caps, uid: u32) -> Result<(), Errno> {
+        let mine = self.held.get(&uid).copied().unwrap_or_default();
+        if mine.files >= caps.files_per_user {
+            return Err(Errno::EMFILE);
+        }
+        if self.total.files >= caps.files {
+            return Err(Errno::ENFILE);
+        }
+        self.held.entry(uid).or_default().files += 1;
+        self.total.files += 1;
+        Ok(())
+    }
+
+    /// Counts one open file of `uid`'s less.
+    pub(super) fn give_file(&mut self, uid: u32) {
+        self.total.files = self.total.files.saturating_sub(1);
+        self.give(uid, |h| h.files = h.files.saturating_sub(1));
+    }
+
+    /// How many bytes a listing of `uid`'s may take, giving back the
+    /// `had` it takes now.
+    pub(super) fn listing_room(&self, caps: &Caps, uid: u32, had: usize) -> usize {
+        let mine = self.held.get(&uid).map_or(0, |h| h.listing_bytes);
+        let user = caps
+            .listing_bytes_per_user
+            .saturating_sub(mine.saturating_sub(had));
+        let all = caps
+            .listing_bytes
+            .saturating_sub(self.total.listing_bytes.saturating_sub(had));
+        user.min(all)
+    }
+
+    /// Charges `uid` with `now` bytes of listings where it had `had`.
+    /// Within the room [`Maps::listing_room`] gave, checked again: another
+    /// open may have taken some since.
+    pub(super) fn charge_listing(
+        &mut self,
+        caps: &Caps,
+        uid: u32,
+        had: usize,
+        now: usize,
+    ) -> Result<(), Errno> {
+        if now > had && now > self.listing_room(caps, uid, had) {
+            return Err(Errno::ENOMEM);
+        }
+        self.total.listing_bytes = (self.total.listing_bytes + now).saturating_sub(had);
+        self.held.entry(uid).or_default();
+        self.give(uid, |h| {
+            h.listing_bytes = (h.listing_bytes + now).saturating_sub(had)
+        });
+        Ok(())
+    }
+
+    fn give(&mut self, uid: u32, f: impl FnOnce(&mut Held)) {
+        if let Some(h) = self.held.get_mut(&uid) {
+            f(h);
+            if *h == Held::default() {
+                self.held.remove(&uid);
+            }
+        }
+    }
 }
 
 /// The mount the layer passes through to, while live.
@@ -58,8 +198,15 @@ pub(super) struct State {
     /// they wait for requests in flight.
     pub(super) live: RwLock<Option<Live>>,
     pub(super) maps: Mutex<Maps>,
+    pub(super) caps: Caps,
     /// Where the workers meet to have their request buffers overwritten.
     pub(super) wipe: Wipe,
+}
+
+impl State {
+    pub(super) fn lock_maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The layer's FUSE workers (each has its own request buffer).

@@ -1029,3 +1029,145 @@ fn the_layer_never_opens_a_fifo_nor_blocks() {
     drop(layer);
     umount(&mnt);
 }
+
+/// Runs `python3` as `uid` in `dir`: it opens each argument (a file to
+/// read; `+name` made anew; `d:name` a directory listed), prints `ok` or
+/// the error's name for each, and keeps its files open until its stdin
+/// closes. Returns the process and what it printed.
+fn holder(uid: u32, dir: &Path, args: &[&str]) -> (std::process::Child, Vec<String>) {
+    use std::io::BufRead;
+    let script = r#"
+import errno, os, sys
+held = []
+for a in sys.argv[1:]:
+    try:
+        if a.startswith("+"):
+            held.append(os.open(a[1:], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        elif a.startswith("d:"):
+            os.listdir(a[2:])
+        else:
+            held.append(os.open(a, os.O_RDONLY))
+        print("ok", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+sys.stdin.readline()
+"#;
+    let mut child = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "/usr/bin/python3", "-c", script])
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let said = (0..args.len())
+        .map(|_| {
+            let mut l = String::new();
+            out.read_line(&mut l).unwrap();
+            l.trim().to_string()
+        })
+        .collect();
+    (child, said)
+}
+
+/// Lets `holder`'s process go, and waits for it.
+fn release(mut child: std::process::Child) {
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+/// One workload user cannot take the daemon's descriptors or memory
+/// through the view (the layer runs in the daemon): past their cap of
+/// open files an open or a create fails with `EMFILE` (and makes no
+/// file), past everyone's with `ENFILE`, a listing larger than their room
+/// with `ENOMEM`; what they close is theirs to open again, and nothing
+/// stays counted once everything is closed, across a cut.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, python3, setpriv"]
+fn a_user_cannot_take_the_daemons_descriptors_or_memory() {
+    use std::os::unix::fs::PermissionsExt;
+    require(NEEDS);
+    let t = Scratch::new();
+    let img = t.path().join("fs.img");
+    let mnt = t.mnt.clone();
+    let view = t.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let caps = Caps {
+        files_per_user: 4,
+        files: 6,
+        listing_bytes_per_user: 8 << 10,
+        listing_bytes: 12 << 10,
+    };
+    let layer = CutLayer::mount_with(&view, caps).unwrap();
+    layer.restore(&mnt).unwrap();
+    open_to_others(&view);
+    for i in 0..10 {
+        std::fs::write(mnt.join(format!("f{i}")), b"x").unwrap();
+    }
+    std::fs::create_dir(mnt.join("w")).unwrap();
+    std::fs::set_permissions(mnt.join("w"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::create_dir(mnt.join("small")).unwrap();
+    std::fs::create_dir(mnt.join("big")).unwrap();
+    for i in 0..200 {
+        std::fs::write(
+            mnt.join("big").join(format!("{i:03}-{}", "n".repeat(40))),
+            b"",
+        )
+        .unwrap();
+    }
+
+    // Their cap: the fifth open and a create fail, and the create made
+    // nothing; the small directory lists, the big one does not.
+    let (a, said) = holder(
+        5001,
+        &view,
+        &["f0", "f1", "f2", "f3", "f4", "+w/new", "d:small", "d:big"],
+    );
+    assert_eq!(
+        said,
+        ["ok", "ok", "ok", "ok", "EMFILE", "EMFILE", "ok", "ENOMEM"]
+    );
+    assert!(
+        !mnt.join("w/new").exists(),
+        "a refused create made its file"
+    );
+    // Everyone's cap: another user gets two of the six.
+    let (b, said) = holder(5002, &view, &["f5", "f6", "f7"]);
+    assert_eq!(said, ["ok", "ok", "ENFILE"]);
+    release(b);
+    // What the first closes is theirs again; a cut and a restore while
+    // they hold files count nothing twice.
+    layer.cut();
+    layer.restore(&mnt).unwrap();
+    release(a);
+    let (a, said) = holder(5001, &view, &["f0", "f1", "f2", "+w/new", "d:small"]);
+    assert_eq!(said, ["ok", "ok", "ok", "ok", "ok"]);
+    release(a);
+    // The kernel sends RELEASE after close returns: wait for it.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (held, total) = {
+            let maps = layer.layer.lock_maps();
+            (maps.held.len(), maps.total)
+        };
+        if held == 0 && total == state::Held::default() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "still counted once everything is closed: {held} users, {total:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(layer);
+    umount(&mnt);
+}
