@@ -33,6 +33,8 @@ const HUNG: u8 = 2;
 const SLOW: u8 = 3;
 /// Reads answer; puts and deletes never do.
 const WRITES_HUNG: u8 = 4;
+/// Puts of the manifest land, and their answer is lost.
+const MANIFEST_ANSWER_LOST: u8 = 5;
 
 /// A store that can be made to fail every request, or never answer.
 struct Switch {
@@ -95,7 +97,12 @@ impl Objects for Switch {
     ) -> BoxFuture<'a, Result<Tag, StoreError>> {
         Box::pin(async move {
             self.gate_for(true).await?;
-            self.inner.put(key, data, mode).await
+            let r = self.inner.put(key, data, mode).await;
+            if key.ends_with("manifest") && self.mode.load(Ordering::SeqCst) == MANIFEST_ANSWER_LOST
+            {
+                return Err(StoreError::Other("injected: reply lost".into()));
+            }
+            r
         })
     }
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -768,6 +775,47 @@ fn a_store_that_served_bad_data_is_demoted_and_read_back_whole() {
                 "chunk {i}"
             );
         }
+    });
+}
+
+/// While a manifest put is to be settled, a store that served bad data is
+/// repaired but stays in step: the settle asks the stores in step, and the
+/// one taken out might be the one holding the put. The next flush settles
+/// it, and the store goes then.
+#[test]
+fn a_store_that_served_bad_data_stays_in_step_until_an_unanswered_put_is_settled() {
+    let rt = rt();
+    let (a, b) = (Switch::new(), Switch::new());
+    let keys = Keyring::new();
+    rt.block_on(async {
+        let (mut s, _) = mirrored(&[&a, &b], &keys).await;
+        s.write_chunks((0..4).map(|i| (i, chunk(i as u8 + 1))).collect())
+            .await
+            .unwrap();
+        s.flush().await.unwrap().unwrap();
+        let snap = snapshot(&a.mem).await;
+        let three = snap
+            .keys()
+            .find(|k| k.starts_with("team/c/000000000003/"))
+            .unwrap()
+            .clone();
+        a.mem
+            .put(&Path::from(three.as_str()), PutPayload::from(chunk(0xee)))
+            .await
+            .unwrap();
+        a.set(MANIFEST_ANSWER_LOST);
+        b.set(MANIFEST_ANSWER_LOST);
+        s.write_chunks(vec![(4, chunk(5))]).await.unwrap();
+        assert!(s.flush().await.is_err(), "the manifest put went unanswered");
+        a.set(UP);
+        b.set(UP);
+        assert_eq!(s.read_chunk(3).await.unwrap(), chunk(4));
+        assert_eq!(s.demote_bad(), 0, "taken out while the put is unsettled");
+        assert!(s.status().iter().all(|r| r.in_step), "{:?}", s.status());
+        s.flush().await.unwrap().unwrap();
+        assert_eq!(s.demote_bad(), 1, "once settled");
+        let st = s.status();
+        assert!(!st[0].in_step && st[1].in_step, "{st:?}");
     });
 }
 
