@@ -159,9 +159,10 @@ pub struct Policy {
     pub throttle_max_ms: u64,
     /// Delay before retrying a close that failed.
     pub close_retry_ms: u64,
-    /// A close that has kept failing this long (since its first failure)
-    /// is forced: nobody is inside, so the key must go even if something
-    /// still holds the data.
+    /// A close that has kept failing this long (since its first failure),
+    /// or that has run this long without an answer (hung on storage that
+    /// stopped answering), is forced: nobody is inside, so the key must go
+    /// even if something still holds the data.
     pub close_force_after_ms: u64,
 }
 

@@ -416,6 +416,33 @@ fn a_close_that_keeps_failing_is_forced_in_the_end() {
     );
 }
 
+/// A close that hangs (storage that stopped answering) never reports a
+/// failure: it is forced all the same once it has run for as long as a
+/// failing one is forced after, so the key goes with nobody inside.
+#[test]
+fn a_close_that_hangs_is_forced_in_the_end() {
+    let mut s = Sim::new(members(1, 0));
+    let a = s.enter("m0");
+    s.close_hangs = true;
+    s.session_cmd("m0", Command::Leave { session: a });
+    let limit = s.vault.persistent().policy.close_force_after_ms;
+    let mut waited = 0;
+    while s.vault.phase() == Phase::Closing && waited <= limit + 10_000 {
+        assert!(s.key_held, "the key stays while the close runs");
+        s.advance(2_000);
+        s.settle();
+        waited += 2_000;
+    }
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    assert!(!s.key_held);
+    assert!(waited >= limit, "forced after {waited} ms, before {limit}");
+    assert!(
+        s.audit
+            .iter()
+            .any(|r| r.action == "state" && r.result == "close_forced")
+    );
+}
+
 #[test]
 fn two_person_unlock_within_window() {
     let mut p = members(0, 3);

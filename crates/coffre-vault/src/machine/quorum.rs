@@ -55,7 +55,7 @@ impl Vault {
         }
         match &mut self.phase {
             Stage::Open => {
-                self.phase = Stage::closing(true);
+                self.phase = Stage::closing(true, out.now);
                 out.audit(SYSTEM, None, "state", "closing", "locked");
                 self.close(out, true);
             }

@@ -24,18 +24,23 @@ pub(super) enum Stage {
         failed_at: Option<Millis>,
         /// When this close first failed, to force it in the end.
         first_failed: Option<Millis>,
+        /// When this close started: one that has not answered for as long
+        /// as a failing one is forced after is forced too (a close hung on
+        /// storage that stopped answering never reports a failure).
+        started: Millis,
         /// A key kept from an enter during the close, to reopen with.
         reopen: Option<ReqId>,
     },
 }
 
 impl Stage {
-    /// A close starting now.
-    pub(super) fn closing(forced: bool) -> Self {
+    /// A close starting `now`.
+    pub(super) fn closing(forced: bool, now: Millis) -> Self {
         Stage::Closing {
             forced,
             failed_at: None,
             first_failed: None,
+            started: now,
             reopen: None,
         }
     }
@@ -117,7 +122,7 @@ impl Vault {
             );
             self.drop_sessions(out, "ended: the vault failed to open", |_| true);
             self.cancel_tasks(out, "cancelled: the vault failed to open", |_| true);
-            self.phase = Stage::closing(true);
+            self.phase = Stage::closing(true, out.now);
             self.close(out, true);
         }
     }
@@ -208,6 +213,30 @@ impl Vault {
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
         self.expire_proposals(out);
         if let Stage::Closing {
+            forced: forced @ false,
+            failed_at: None,
+            started,
+            ..
+        } = &mut self.phase
+            && now.0.saturating_sub(started.0) >= self.p.policy.close_force_after_ms
+        {
+            // Still running, unanswered: hung (storage that stopped
+            // answering). A forced close follows, with the shell's
+            // deadline, so the key goes in bounded time with nobody inside.
+            *forced = true;
+            out.audit(
+                SYSTEM,
+                None,
+                "state",
+                "close_forced",
+                format!(
+                    "the close has not finished in {} s: forcing it",
+                    self.p.policy.close_force_after_ms / 1000
+                ),
+            );
+            self.close(out, true);
+        }
+        if let Stage::Closing {
             forced,
             failed_at,
             first_failed,
@@ -244,7 +273,7 @@ impl Vault {
         let should_be_open = self.has_presence() && !self.is_locked();
         if self.phase() == Phase::Open && !should_be_open {
             let force = self.is_locked();
-            self.phase = Stage::closing(force);
+            self.phase = Stage::closing(force, out.now);
             out.audit(
                 SYSTEM,
                 None,

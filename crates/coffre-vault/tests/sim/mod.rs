@@ -18,6 +18,9 @@ pub struct Sim {
     pub dropped: Vec<SessionId>,
     pub removed: Vec<String>,
     pub close_fails: bool,
+    /// Closes that are not forced never answer (storage that stopped
+    /// answering); forced ones do (the shell's deadline answers for them).
+    pub close_hangs: bool,
     /// The mode of each close, in order.
     pub close_modes: Vec<Mode>,
     /// How many times pending invitations were cancelled.
@@ -80,6 +83,7 @@ impl Sim {
             dropped: Vec::new(),
             removed: Vec::new(),
             close_fails: false,
+            close_hangs: false,
             close_modes: Vec::new(),
             invitations_cancelled: 0,
             accounts_changed: Vec::new(),
@@ -141,7 +145,9 @@ impl Sim {
                 }
                 Effect::Close { force, mode } => {
                     self.close_modes.push(mode);
-                    if self.close_fails && !force {
+                    if self.close_hangs && !force {
+                        // No answer.
+                    } else if self.close_fails && !force {
                         self.inbox.push_back(Event::Closed {
                             ok: false,
                             detail: "busy".into(),
@@ -208,10 +214,16 @@ impl Sim {
     /// Delivers everything, retrying failed closes, until nothing moves.
     pub fn settle(&mut self) {
         let mut rounds = 0;
-        while self.deliver() || (self.vault.phase() == Phase::Closing && !self.close_fails) {
+        while self.deliver()
+            || (self.vault.phase() == Phase::Closing && !self.close_fails && !self.close_hangs)
+        {
             rounds += 1;
             assert!(rounds < 10_000, "no quiescence");
-            if self.inbox.is_empty() && self.vault.phase() == Phase::Closing && !self.close_fails {
+            if self.inbox.is_empty()
+                && self.vault.phase() == Phase::Closing
+                && !self.close_fails
+                && !self.close_hangs
+            {
                 self.advance(60_000);
             }
         }
