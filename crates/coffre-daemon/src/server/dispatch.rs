@@ -479,6 +479,11 @@ impl Shell {
                 // organisation's directory, or for the KDF pool) go now:
                 // nothing uses a key while locked.
                 self.custody.wipe_waiting();
+                // An open under way: its key and engine go at the close
+                // deadline if it has not finished by then.
+                if self.data.open_hold.is_some() {
+                    self.data.open_locked_at = Some(std::time::Instant::now());
+                }
             }
             self.locked_flag
                 .store(self.vault.is_locked(), std::sync::atomic::Ordering::SeqCst);

@@ -19,6 +19,18 @@ pub(super) struct DataState {
     pub(super) closes_in_flight: u32,
     /// Set while an open runs off the actor (a shutdown waits for it).
     pub(super) opening: Arc<std::sync::atomic::AtomicBool>,
+    /// The key and the engine of the open running off the actor, where a
+    /// lock's deadline can reach them; and when a lock landed during it.
+    pub(super) open_hold: Option<OpenHold>,
+    pub(super) open_locked_at: Option<std::time::Instant>,
+    /// Opens started so far; those given up at a lock's deadline (their
+    /// late report is ignored), and whether one of those still runs.
+    pub(super) opens_started: u64,
+    pub(super) opens_abandoned: std::collections::HashSet<u64>,
+    /// How many opens have taken the data stack so far: a close that was
+    /// given up at its deadline and takes the stack after a later open did
+    /// nothing (the stack is that open's).
+    pub(super) opens_taken: Arc<std::sync::atomic::AtomicU64>,
     /// `enter` replies held until the vault has finished opening.
     pub(super) parked: Vec<(oneshot::Sender<Answer>, Value)>,
     pub(super) last_open_error: Option<String>,
@@ -36,10 +48,83 @@ impl DataState {
             closes_abandoned: std::collections::HashSet::new(),
             closes_in_flight: 0,
             opening: Arc::default(),
+            open_hold: None,
+            open_locked_at: None,
+            opens_started: 0,
+            opens_abandoned: std::collections::HashSet::new(),
+            opens_taken: Arc::default(),
             parked: Vec::new(),
             last_open_error: None,
             cut: None,
         }
+    }
+}
+
+/// The key and the engine of an open running off the actor. The open
+/// borrows the key only for the steps that need it (its check, the
+/// engine's key schedule, the NFS handle key: computations, and reads of a
+/// remote store, which have their own timeouts), never across the mount,
+/// which waits on the storage. So a lock that lands while the open hangs
+/// on storage that stopped answering reaches both at its deadline: the key
+/// is wiped here and the engine's cipher revoked, as for a close.
+#[derive(Clone)]
+pub(super) struct OpenHold {
+    pub(super) n: u64,
+    key: Arc<std::sync::Mutex<Option<VolumeKey>>>,
+    cipher: Arc<std::sync::Mutex<Option<Arc<coffre_storage::CipherSlot>>>>,
+}
+
+impl OpenHold {
+    fn new(n: u64, key: VolumeKey) -> Self {
+        OpenHold {
+            n,
+            key: Arc::new(std::sync::Mutex::new(Some(key))),
+            cipher: Arc::default(),
+        }
+    }
+
+    /// `f` with the key, if it was not wiped.
+    fn with_key<R>(&self, f: impl FnOnce(&VolumeKey) -> R) -> Option<R> {
+        self.key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(f)
+    }
+
+    /// The key, out of reach of the deadline, if it was not wiped.
+    fn take_key(&self) -> Option<VolumeKey> {
+        self.key.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The engine's cipher, where the deadline can revoke it.
+    fn publish(&self, cipher: Arc<coffre_storage::CipherSlot>) {
+        *self.cipher.lock().unwrap_or_else(|p| p.into_inner()) = Some(cipher);
+    }
+
+    /// Whether the key is still here (or in use by the open now).
+    pub(super) fn holds_key(&self) -> bool {
+        match self.key.try_lock() {
+            Ok(g) => g.is_some(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        }
+    }
+
+    /// Wipes the key and revokes the engine's cipher; `None` when the open
+    /// is using the key this instant (a computation, or a remote read with
+    /// its timeout): try again a moment later.
+    pub(super) fn give_up(&self) -> Option<bool> {
+        let mut k = match self.key.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        // Dropping a VolumeKey zeroizes it.
+        *k = None;
+        drop(k);
+        let c = self.cipher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Some(c.is_some_and(|c| c.revoke()))
     }
 }
 
@@ -145,6 +230,184 @@ fn nfs_close(nfs: &super::nfs::Shared) -> coffre_workload::Line {
     ("nfs".into(), result.into(), detail)
 }
 
+/// What an open sends back: its result, its audit lines, and the key and
+/// engine to hold while open.
+type Opened = (
+    Result<String, String>,
+    Vec<coffre_workload::Line>,
+    Option<(VolumeKey, Arc<coffre_storage::CipherSlot>)>,
+);
+
+/// The open, off the actor: the volume (its key checked, its engine),
+/// the mount, then the VMs' shares and the workloads, unless a lock came
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn open_data(
+    hold: &OpenHold,
+    opener: &coffre_storage::VolumeOpener,
+    remote: Option<&(crate::vaultdir::StorageConfig, VaultDir, String)>,
+    tx: &mpsc::UnboundedSender<Msg>,
+    slot: &std::sync::Mutex<Option<coffre_data::Exposure>>,
+    taken: &std::sync::atomic::AtomicU64,
+    layout: &coffre_data::Layout,
+    own: &coffre_data::Ownership,
+    is_locked: &dyn Fn() -> bool,
+    nfs: Option<&super::nfs::Shared>,
+    workloads: &std::sync::Mutex<coffre_workload::Workloads>,
+    cut: Option<&coffre_data::cut::CutLayer>,
+) -> Opened {
+    // Held for the whole open: a shutdown or a close waits for it
+    // instead of missing it.
+    let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut lines = Vec::new();
+    if let Some(mut left) = g.take() {
+        // A stack an abandoned close did not take down: it goes first (a
+        // new stack over its mounts would be unmounted with it).
+        let policy = coffre_data::ClosePolicy {
+            grace: Duration::from_secs(5),
+            force: true,
+        };
+        if let Err((e, _)) = left.close(&policy) {
+            lines.push((
+                "close".into(),
+                "note".into(),
+                format!("the data stack an earlier close left: {e}"),
+            ));
+        }
+    }
+    let gone = || "the vault was locked while it opened: its key is gone".to_string();
+    let t = std::time::Instant::now();
+    let volume = match remote {
+        None => hold
+            .with_key(|key| opener.open(key).map_err(|e| format!("the volume: {e}")))
+            .unwrap_or_else(|| Err(gone())),
+        Some((c, vd, uuid)) => hold
+            .with_key(|key| {
+                crate::remote::open(
+                    c,
+                    vd,
+                    key,
+                    uuid,
+                    Some(crate::remote::on_change(vd, {
+                        // Records from the device's threads reach the
+                        // audit log through the actor.
+                        let tx = tx.clone();
+                        move |action, outcome, detail| {
+                            let _ = tx.send(Msg::SystemAudit {
+                                action,
+                                outcome,
+                                detail,
+                            });
+                        }
+                    })),
+                )
+                .map_err(|e| format!("the volume's store: {e}"))
+                .and_then(|(dev, ahead, replayed)| {
+                    // A lock while the store was read (a slow store can
+                    // take seconds): nothing opens after it.
+                    if is_locked() {
+                        return Err("the vault was locked while its store was read".into());
+                    }
+                    if let Some(r) = replayed {
+                        lines.push(("storage".into(), "ok".into(), r));
+                    }
+                    if ahead > 0 {
+                        lines.push((
+                            "storage".into(),
+                            "ok".into(),
+                            format!(
+                                "the store was {ahead} epoch(s) ahead of the local root (a crash between a manifest and its root, or another writer with the vault's keys): its root is kept now"
+                            ),
+                        ));
+                    }
+                    opener
+                        .open_over(key, dev, coffre_luks2::cipher::Provider::Auto)
+                        .map_err(|e| format!("the volume: {e}"))
+                })
+            })
+            .unwrap_or_else(|| Err(gone())),
+    };
+    // The key's check and the key schedule left copies on this stack,
+    // below the mount's frames that may wait on storage for long.
+    coffre_luks2::secret::scrub_stack();
+    let opened = t.elapsed();
+    let volume = match volume {
+        Err(e) => return (Err(e), lines, None),
+        Ok(v) => v,
+    };
+    let cipher = volume.cipher_slot();
+    hold.publish(cipher.clone());
+    let e = match coffre_data::expose(volume, layout, own) {
+        Ok(e) => e,
+        Err(e) => {
+            // Nothing keeps the engine: its key schedule goes with the key.
+            cipher.revoke();
+            return (Err(e.to_string()), lines, None);
+        }
+    };
+    let mounted = t.elapsed();
+    let phases = e.phases();
+    // A share that could not be mounted for the NFS server: its export
+    // is not served.
+    for (share, why) in e.share_failures() {
+        lines.push((
+            "nfs".into(),
+            "failed".into(),
+            format!(
+                "share {} not mounted for the NFS server: {}",
+                share.display(),
+                coffre_sys::shown::told(why, 300)
+            ),
+        ));
+    }
+    *g = Some(e);
+    // A lock while the data was mounted: nothing more starts (no NFS
+    // server, no workload resumed); the open is reported, and the core
+    // closes it at once as for a lock while open (forced, with its
+    // deadline and the cipher's revocation). Asked again before each
+    // step: the shares' and the workloads' starts take seconds.
+    let stopped = || {
+        (
+            "open".to_string(),
+            "note".to_string(),
+            "the vault was locked while it opened: no NFS server, no workload resumed; it closes now"
+                .to_string(),
+        )
+    };
+    if is_locked() || !hold.holds_key() {
+        lines.push(stopped());
+    } else {
+        // Key, data, the VMs' shares, then workloads.
+        if let Some(nfs) = nfs
+            && let Some(line) = hold.with_key(|key| nfs_open(nfs, key))
+        {
+            lines.push(line);
+        }
+        if is_locked() {
+            lines.push(stopped());
+        } else {
+            lines.extend(resume_workloads(workloads, cut, layout));
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let detail = format!(
+        "data mounted at {} in {:.0} ms (volume {:.1} ms, {phases}); open in {:.0} ms with the shares and workloads",
+        layout.mountpoint.display(),
+        ms(mounted),
+        ms(opened),
+        ms(t.elapsed()),
+    );
+    match hold.take_key() {
+        Some(key) => (Ok(detail), lines, Some((key, cipher))),
+        None => {
+            // Given up at a lock's deadline: the engine was revoked.
+            cipher.revoke();
+            (Err(gone()), lines, None)
+        }
+    }
+}
+
 impl Shell {
     /// Opens the vault with the key kept for `req`.
     pub(super) fn open_kept(&mut self, req: ReqId, queue: &mut VecDeque<Event>) {
@@ -177,6 +440,11 @@ impl Shell {
     /// comes back with the result, to be held while the vault is open.
     pub(super) fn open(&mut self, opener: coffre_storage::VolumeOpener, key: VolumeKey) {
         self.data.last_open_error = None;
+        self.data.opens_started += 1;
+        let hold = OpenHold::new(self.data.opens_started, key);
+        self.data.open_hold = Some(hold.clone());
+        self.data.open_locked_at = None;
+        let taken = self.data.opens_taken.clone();
         let slot = self.data.exposure.clone();
         let layout = self.data.layout.clone();
         let own = self.ownership();
@@ -197,127 +465,101 @@ impl Shell {
             (c, self.dir.clone(), uuid)
         });
         let locked = self.locked_flag.clone();
+        let is_locked = move || locked.load(std::sync::atomic::Ordering::SeqCst);
         opening.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
-            // Held for the whole open: a shutdown or a close waits for it
-            // instead of missing it.
-            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
-            let t = std::time::Instant::now();
-            let mut lines = Vec::new();
-            let mut held = None;
-            let volume = match &remote {
-                None => opener.open(&key).map_err(|e| format!("the volume: {e}")),
-                Some((c, vd, uuid)) => crate::remote::open(
-                    c,
-                    vd,
-                    &key,
-                    uuid,
-                    Some(crate::remote::on_change(vd, {
-                        // Records from the device's threads reach the
-                        // audit log through the actor.
-                        let tx = tx.clone();
-                        move |action, outcome, detail| {
-                            let _ = tx.send(Msg::SystemAudit {
-                                action,
-                                outcome,
-                                detail,
-                            });
-                        }
-                    })),
+            // A panic anywhere in the open is reported as a failed open
+            // (the core would wait in OPENING for ever, and a lock could
+            // not close it): the actor then wipes the key and revokes the
+            // engine through the hold.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                open_data(
+                    &hold,
+                    &opener,
+                    remote.as_ref(),
+                    &tx,
+                    &slot,
+                    &taken,
+                    &layout,
+                    &own,
+                    &is_locked,
+                    nfs.as_ref(),
+                    &workloads,
+                    cut.as_deref(),
                 )
-                    .map_err(|e| format!("the volume's store: {e}"))
-                    .and_then(|(dev, ahead, replayed)| {
-                        // A lock while the store was read (a slow store can
-                        // take seconds): nothing opens after it.
-                        if locked.load(std::sync::atomic::Ordering::SeqCst) {
-                            return Err("the vault was locked while its store was read".into());
-                        }
-                        if let Some(r) = replayed {
-                            lines.push(("storage".into(), "ok".into(), r));
-                        }
-                        if ahead > 0 {
-                            lines.push((
-                                "storage".into(),
-                                "ok".into(),
-                                format!(
-                                    "the store was {ahead} epoch(s) ahead of the local root (a crash between a manifest and its root, or another writer with the vault's keys): its root is kept now"
-                                ),
-                            ));
-                        }
-                        opener
-                            .open_over(&key, dev, coffre_luks2::cipher::Provider::Auto)
-                            .map_err(|e| format!("the volume: {e}"))
-                    }),
-            };
-            let opened = t.elapsed();
-            let result = match volume {
-                Err(e) => Err(e),
-                Ok(volume) => {
-                    let cipher = volume.cipher_slot();
-                    match coffre_data::expose(volume, &layout, &own) {
-                        Ok(e) => {
-                            let mounted = t.elapsed();
-                            let phases = e.phases();
-                            // A share that could not be mounted for the
-                            // NFS server: its export is not served.
-                            for (share, why) in e.share_failures() {
-                                lines.push((
-                                    "nfs".into(),
-                                    "failed".into(),
-                                    format!(
-                                        "share {} not mounted for the NFS server: {}",
-                                        share.display(),
-                                        coffre_sys::shown::told(why, 300)
-                                    ),
-                                ));
-                            }
-                            *g = Some(e);
-                            // A lock while the data was mounted: nothing
-                            // more starts (no NFS server, no workload
-                            // resumed); the open is reported, and the core
-                            // closes it at once as for a lock while open
-                            // (forced, with its deadline and the cipher's
-                            // revocation).
-                            if locked.load(std::sync::atomic::Ordering::SeqCst) {
-                                lines.push((
-                                    "open".into(),
-                                    "note".into(),
-                                    "the vault was locked while it opened: no NFS server, no workload resumed; it closes now".into(),
-                                ));
-                            } else {
-                                // Key, data, the VMs' shares, then workloads.
-                                if let Some(nfs) = &nfs {
-                                    lines.push(nfs_open(nfs, &key));
-                                }
-                                lines.extend(resume_workloads(&workloads, cut.as_deref(), &layout));
-                            }
-                            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-                            let detail = format!(
-                                "data mounted at {} in {:.0} ms (volume {:.1} ms, {phases}); open in {:.0} ms with the shares and workloads",
-                                layout.mountpoint.display(),
-                                ms(mounted),
-                                ms(opened),
-                                ms(t.elapsed()),
-                            );
-                            held = Some((key, cipher));
-                            Ok(detail)
-                        }
-                        Err(e) => {
-                            // Nothing keeps the engine: its key schedule
-                            // goes with the key.
-                            cipher.revoke();
-                            Err(e.to_string())
-                        }
-                    }
-                }
-            };
-            drop(g);
+            }));
+            let (result, lines, held) = opened.unwrap_or_else(|_| {
+                (
+                    Err(
+                        "the open failed: an internal error (a panic); see the daemon's log"
+                            .to_string(),
+                    ),
+                    Vec::new(),
+                    None,
+                )
+            });
             opening.store(false, std::sync::atomic::Ordering::SeqCst);
             let _ = tx.send(Msg::Exposed {
+                open: hold.n,
                 result,
                 lines,
                 held: held.map(Box::new),
             });
+        });
+    }
+
+    /// Whether the volume key is in this process: held while open, or by
+    /// an open under way.
+    pub(super) fn key_held(&self) -> bool {
+        self.custody.open_key.is_some()
+            || self
+                .data
+                .open_hold
+                .as_ref()
+                .is_some_and(OpenHold::holds_key)
+    }
+
+    /// A lock landed while an open runs: past `[data] close_deadline_s`
+    /// (checked every tick), the open's key is wiped and its engine's
+    /// cipher revoked, as at a close's deadline, and the core learns the
+    /// open failed (it closes, forced; nothing is up to close but what the
+    /// hung open may still mount, which the close takes down when it can).
+    pub(super) fn open_deadline_tick(&mut self) {
+        let (Some(hold), Some(at)) = (&self.data.open_hold, self.data.open_locked_at) else {
+            return;
+        };
+        if at.elapsed() < Duration::from_secs(self.config.data.close_deadline_s) {
+            return;
+        }
+        // The open is using the key this instant: at the next tick.
+        let Some(revoked) = hold.give_up() else {
+            return;
+        };
+        let n = hold.n;
+        self.data.open_hold = None;
+        self.data.open_locked_at = None;
+        self.data.opens_abandoned.insert(n);
+        self.system_audit(
+            "open",
+            "deadline",
+            format!(
+                "locked while it opened, and the open did not finish within {} s (storage not answering?): the key wiped{}; \
+                 left behind: what it mounts, taken down once the storage answers (or at the next daemon start)",
+                self.config.data.close_deadline_s,
+                if revoked {
+                    ", the engine's cipher revoked"
+                } else {
+                    ""
+                }
+            ),
+        );
+        self.data.last_open_error = Some("locked while it opened".into());
+        self.run(Event::Opened {
+            ok: false,
+            detail: format!(
+                "locked while it opened; given up after {} s",
+                self.config.data.close_deadline_s
+            ),
         });
     }
 
@@ -348,9 +590,15 @@ impl Shell {
         let tx = self.tx.clone();
         if force {
             // A lock finishes in bounded time, even on storage
-            // that stopped answering.
+            // that stopped answering. An open given up at its deadline
+            // holds the stack while it hangs: its key and engine are gone
+            // already, so nothing is waited for.
             let tx = tx.clone();
-            let deadline = Duration::from_secs(self.config.data.close_deadline_s);
+            let deadline = if self.data.opens_abandoned.is_empty() {
+                Duration::from_secs(self.config.data.close_deadline_s)
+            } else {
+                Duration::ZERO
+            };
             tokio::spawn(async move {
                 tokio::time::sleep(deadline).await;
                 let _ = tx.send(Msg::CloseDeadline(close));
@@ -359,23 +607,51 @@ impl Shell {
         let workloads = self.workloads.set.clone();
         let cut = self.data.cut.clone();
         let nfs = self.nfs();
+        let taken = self.data.opens_taken.clone();
+        let opens_before = taken.load(std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
-            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
-            // Workloads, the VMs' shares, then data, then key.
-            let mut lines = pause_workloads(&workloads, cut.as_deref(), mode);
-            if let Some(nfs) = &nfs {
-                lines.push(nfs_close(nfs));
-            }
-            let result = match g.as_mut() {
-                Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
-                None => Ok(coffre_data::CloseReport::default()),
-            };
-            // A forced close never leaves a stack behind for a later
-            // open to trip over (dropping it finishes the job).
-            if result.is_ok() || policy.force {
-                *g = None;
-            }
-            drop(g);
+            let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+                if taken.load(std::sync::atomic::Ordering::SeqCst) != opens_before {
+                    // An open took the stack since this close started: it
+                    // was given up at its deadline, and what is up now is
+                    // that open's (its workloads, its mount).
+                    return (
+                        Ok(coffre_data::CloseReport::default()),
+                        vec![(
+                            "close".to_string(),
+                            "note".to_string(),
+                            "a close given up at its deadline ended without effect: the vault opened again since".to_string(),
+                        )],
+                    );
+                }
+                // Workloads, the VMs' shares, then data, then key.
+                let mut lines = pause_workloads(&workloads, cut.as_deref(), mode);
+                if let Some(nfs) = &nfs {
+                    lines.push(nfs_close(nfs));
+                }
+                let result = match g.as_mut() {
+                    Some(e) => e.close(&policy).map_err(|(e, r)| (e.to_string(), r)),
+                    None => Ok(coffre_data::CloseReport::default()),
+                };
+                // A forced close never leaves a stack behind for a later
+                // open to trip over (dropping it finishes the job).
+                if result.is_ok() || policy.force {
+                    *g = None;
+                }
+                (result, lines)
+            }));
+            // A panic is a failed close (the core retries it, then forces
+            // it), never one that never ends.
+            let (result, lines) = closed.unwrap_or_else(|_| {
+                (
+                    Err((
+                        "an internal error (a panic); see the daemon's log".to_string(),
+                        coffre_data::CloseReport::default(),
+                    )),
+                    Vec::new(),
+                )
+            });
             let _ = tx.send(Msg::Unexposed {
                 close,
                 result,
@@ -386,10 +662,42 @@ impl Shell {
 
     pub(super) fn exposed(
         &mut self,
+        open: u64,
         r: Result<String, String>,
         lines: Vec<coffre_workload::Line>,
         held: Option<(VolumeKey, Arc<coffre_storage::CipherSlot>)>,
     ) {
+        if self.data.opens_abandoned.remove(&open) {
+            // Given up at a lock's deadline, and reported then: what it
+            // kept goes (the hold wiped its key; the close the core asked
+            // for takes down what it mounted).
+            if let Some((key, cipher)) = held {
+                drop(key);
+                cipher.revoke();
+            }
+            self.workload_audit(lines);
+            self.system_audit(
+                "open",
+                "late",
+                format!(
+                    "an open given up at a lock's deadline ended: {}",
+                    match &r {
+                        Ok(_) => "it had mounted the data".to_string(),
+                        Err(e) => e.clone(),
+                    }
+                ),
+            );
+            return;
+        }
+        // Its key is in custody now (or gone): the hold goes.
+        let hold = self.data.open_hold.take_if(|h| h.n == open);
+        self.data.open_locked_at = None;
+        if held.is_none()
+            && let Some(h) = hold
+        {
+            // A panicked open: the key and the engine it published.
+            let _ = h.give_up();
+        }
         if let Some((key, cipher)) = held {
             self.custody.open_key = Some(key);
             self.custody.cipher_slot = Some(cipher);

@@ -199,13 +199,9 @@ impl Shell {
         t.family(
             "coffre_key_held",
             "gauge",
-            "1 while the daemon holds the volume key (the vault is open).",
+            "1 while the daemon holds the volume key (the vault is open, or opening).",
         );
-        t.sample(
-            "coffre_key_held",
-            &[],
-            f64::from(u8::from(self.custody.open_key.is_some())),
-        );
+        t.sample("coffre_key_held", &[], f64::from(u8::from(self.key_held())));
 
         t.family("coffre_members", "gauge", "Members of the vault.");
         t.sample("coffre_members", &[], s.members as f64);

@@ -128,6 +128,8 @@ enum Msg {
     /// The data stack is up (or failed to come up), and what the
     /// workloads did.
     Exposed {
+        /// Which open.
+        open: u64,
         result: Result<String, String>,
         lines: Vec<coffre_workload::Line>,
         /// The key and the engine's cipher, while the vault is open.
@@ -691,10 +693,11 @@ pub async fn serve(
                 shell.sealed(purpose, result)
             }
             Msg::Exposed {
+                open,
                 result,
                 lines,
                 held,
-            } => shell.exposed(result, lines, held.map(|h| *h)),
+            } => shell.exposed(open, result, lines, held.map(|h| *h)),
             Msg::Unexposed {
                 close,
                 result,
@@ -725,6 +728,7 @@ pub async fn serve(
                 shell.directory_tick();
                 shell.source_tick();
                 shell.wipe_tick();
+                shell.open_deadline_tick();
                 // Numbers or groups a busy close kept from the workloads.
                 shell.accounts_changed();
                 if shell.unsaved.is_some() {

@@ -38,7 +38,7 @@ impl Shell {
             "unlock_quorum": s.unlock_quorum,
             "proposals": proposals_json(&s.proposals),
             "members": s.members,
-            "key_held": self.custody.open_key.is_some(),
+            "key_held": self.key_held(),
             "control": {
                 "saved": self.unsaved.is_none(),
                 "error": self.unsaved,

@@ -312,6 +312,17 @@ mod hangfs {
         }
     }
 
+    /// Unhangs the storage when dropped. Declared after the vault, it is
+    /// dropped before it: a test that fails while the storage hangs
+    /// stops its daemon instead of waiting on it for ever.
+    pub struct Unhang(pub Arc<AtomicBool>);
+
+    impl Drop for Unhang {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+
     pub fn behind(v: &crate::harness::Vault) -> Hanging {
         let img = v.dir.join("volume.img");
         let backing = v.tmp.path().join("backing.img");
@@ -344,6 +355,37 @@ mod hangfs {
     }
 }
 
+/// Sets `[table] key` in the vault's configuration.
+fn set_config(v: &Vault, table: &str, key: &str, value: i64) {
+    let cfg = v.dir.join("config.toml");
+    let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
+    t.entry(table)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), toml::Value::Integer(value));
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+}
+
+/// Sets `[data] close_deadline_s`.
+fn set_close_deadline(v: &Vault, seconds: i64) {
+    set_config(v, "data", "close_deadline_s", seconds);
+}
+
+/// No copy of `key`, nor of either half, in process `pid`'s memory.
+fn assert_key_gone(pid: u32, key: &[u8], when: &str) {
+    for (what, needle) in [
+        ("key", key),
+        ("first half", &key[..32]),
+        ("second half", &key[32..]),
+    ] {
+        assert!(
+            !memory_contains(pid, needle),
+            "the volume key's {what} is in the daemon's memory {when}"
+        );
+    }
+}
+
 /// Finding 8 of issue 12: a lock finishes in bounded time even when the
 /// storage stops answering writes. Past `[data] close_deadline_s` the
 /// engine's cipher is revoked and the key wiped: `key_held` is false and
@@ -365,17 +407,11 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     let storage;
     let mut v = Vault::init(&[]);
     let key = volume_key(&v);
-    let cfg = v.dir.join("config.toml");
-    let mut t: toml::Table = std::fs::read_to_string(&cfg).unwrap().parse().unwrap();
-    t.entry("data")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .unwrap()
-        .insert("close_deadline_s".into(), toml::Value::Integer(3));
-    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    set_close_deadline(&v, 3);
     // The ciphertext moves behind a FUSE file whose writes can hang.
     storage = hangfs::behind(&v);
     let hang = storage.hang.clone();
+    let _unhang = hangfs::Unhang(hang.clone());
     v.start();
     let pid = v.pid();
     let mut enter = v.enter_bg("alice", &[]);
@@ -396,16 +432,7 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(v.state(), "locked");
-    for (what, needle) in [
-        ("key", &key[..]),
-        ("first half", &key[..32]),
-        ("second half", &key[32..]),
-    ] {
-        assert!(
-            !memory_contains(pid, needle),
-            "the volume key's {what} is in the daemon's memory after the deadline"
-        );
-    }
+    assert_key_gone(pid, &key, "after the deadline");
     assert!(
         v.audit()
             .iter()
@@ -456,6 +483,7 @@ command = ["/bin/sleep", "1000"]
     );
     storage = hangfs::behind(&v);
     let hang = storage.hang.clone();
+    let _unhang = hangfs::Unhang(hang.clone());
     v.start();
     let pid = v.pid();
     // The storage stops answering writes; alice enters: the open mounts
@@ -499,5 +527,140 @@ command = ["/bin/sleep", "1000"]
     );
     assert!(!memory_contains(pid, &key), "key kept after the lock");
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
+    v.stop();
+}
+
+/// A lock that lands while the open hangs on storage that stopped
+/// answering, and the storage does not come back: past `[data]
+/// close_deadline_s` the open's key is wiped and its engine's cipher
+/// revoked, and the vault is locked, while the mount still hangs. Before,
+/// the close waited for the open to finish, and the key stayed for as long
+/// as the storage hung. Once the storage answers, what the open mounted
+/// is taken down, and nothing starts.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_lock_during_a_hung_open_wipes_the_key_at_its_deadline() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    use std::sync::atomic::Ordering;
+    let storage;
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    set_close_deadline(&v, 3);
+    storage = hangfs::behind(&v);
+    let hang = storage.hang.clone();
+    let _unhang = hangfs::Unhang(hang.clone());
+    v.start();
+    let pid = v.pid();
+    hang.store(true, Ordering::SeqCst);
+    let mut enter = v.enter_start("alice", &[]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.state() != "opening" {
+        assert!(std::time::Instant::now() < until, "never opening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        v.state(),
+        "opening",
+        "the open did not wait on the storage: the test proves nothing"
+    );
+    assert_eq!(
+        v.status("alice")["key_held"],
+        true,
+        "an open under way holds the key"
+    );
+    ok(&v.authed("alice", &["lock", "--reason", "during a hung open"]));
+    v.wait_state("locked", Duration::from_secs(30));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert_eq!(
+        v.state(),
+        "locked",
+        "the storage still hangs: the open never finished"
+    );
+    assert_key_gone(pid, &key, "while the open still hangs");
+    let audit = v.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "open" && e["record"]["result"] == "deadline"),
+        "the audit log says the open was given up"
+    );
+    // The storage answers again: the open ends, what it mounted goes,
+    // and nothing started.
+    hang.store(false, Ordering::SeqCst);
+    wait_exit(&mut enter, Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !v.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "what the open mounted stayed: {:?}",
+            v.leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(v.state(), "locked");
+    assert_eq!(v.status("alice")["key_held"], false);
+    v.stop();
+}
+
+/// The last member leaves while the storage hangs: the close never
+/// reports a failure, and is forced all the same after `[policy]
+/// close_force_after_ms`, then given up at `[data] close_deadline_s`: the
+/// key goes with nobody inside. Before, only a close that reported a
+/// failure was forced, and a hung one kept the key until someone locked.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_close_that_hangs_is_forced_and_the_key_goes() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    use std::sync::atomic::Ordering;
+    let storage;
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    set_close_deadline(&v, 3);
+    set_config(&v, "policy", "close_force_after_ms", 2000);
+    storage = hangfs::behind(&v);
+    let hang = storage.hang.clone();
+    let _unhang = hangfs::Unhang(hang.clone());
+    v.start();
+    let pid = v.pid();
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    // The storage stops answering; the team's data has unwritten changes.
+    hang.store(true, Ordering::SeqCst);
+    let data = v.layout().mountpoint.join("shared");
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    v.wait_state("closed", Duration::from_secs(60));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert_key_gone(pid, &key, "once the hung close was forced");
+    let audit = v.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["record"]["action"] == "state" && e["record"]["result"] == "close_forced"),
+        "the audit log says the close was forced"
+    );
+    hang.store(false, Ordering::SeqCst);
+    wait_exit(&mut enter, Duration::from_secs(30));
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !v.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the abandoned close never finished"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     v.stop();
 }
