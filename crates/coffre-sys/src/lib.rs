@@ -24,6 +24,7 @@ pub mod helper;
 pub mod lines;
 pub mod locked;
 pub mod mount;
+pub mod pipe;
 pub mod proc;
 pub mod seccomp;
 pub mod shown;

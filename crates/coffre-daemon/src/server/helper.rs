@@ -9,7 +9,7 @@
 pub(super) use coffre_sys::helper::{counters, failures};
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
@@ -75,6 +75,14 @@ impl Helper {
             let _ = child.wait();
             return Err(format!("no pipes to {}", self.what));
         };
+        // Commands are written without blocking, within their deadline: a
+        // helper that stops reading (taken over, or stuck) must not hold
+        // the daemon's actor, and the lock and the close with it.
+        if let Err(e) = coffre_sys::pipe::set_nonblocking(&stdin) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("the pipe to {}: {e}", self.what));
+        }
         // Its answers come through a thread, so that waiting for one has a
         // deadline; a few at most wait (a helper that writes what nobody
         // asked for blocks itself, not the daemon's memory).
@@ -125,11 +133,19 @@ impl Helper {
         };
         // An answer left over from a command that timed out is not ours.
         while answers.try_recv().is_ok() {}
-        if stdin.write_all(line).and_then(|()| stdin.flush()).is_err() {
+        let deadline = Instant::now() + within;
+        if let Err(e) = coffre_sys::pipe::write_within(stdin, line, deadline) {
             self.stop();
-            return Err(format!("{what} ended"));
+            return Err(if e.kind() == std::io::ErrorKind::TimedOut {
+                format!(
+                    "{what} did not take its command within {} ms: killed",
+                    within.as_millis()
+                )
+            } else {
+                format!("{what} ended")
+            });
         }
-        match answers.recv_timeout(within) {
+        match answers.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             // It may lie: what it says is bounded and escaped there.
             Ok(answer) => coffre_sys::helper::answer(what, &answer),
             Err(mpsc::RecvTimeoutError::Timeout) => {
