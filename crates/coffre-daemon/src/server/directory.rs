@@ -50,9 +50,11 @@ pub(super) struct LdapChild {
     pub(super) addr: Ipv4Addr,
     /// The uid it runs as.
     pub(super) uid: u32,
-    /// Bind records waiting: (workload, outcome) → (last written,
-    /// counted since).
-    binds: BTreeMap<(String, String), (u64, u64)>,
+    /// Bind records waiting: (workload, outcome, member named or "")
+    /// → (last written, counted since). By member: a bind as one member
+    /// must not hide the next minute's binds as another (a guess at a
+    /// password behind a decoy). Bounded: the members each workload sees.
+    binds: BTreeMap<(String, String, String), (u64, u64)>,
     /// Events lost or not believed since the last record of them, and
     /// when that record was written.
     dropped: u64,
@@ -414,10 +416,11 @@ impl Shell {
                 ignored += 1;
                 continue;
             }
-            // One record a minute per (workload, outcome); the rest counted.
+            // One record a minute per (workload, outcome, member); the rest
+            // counted.
             let entry = l
                 .binds
-                .entry((workload.clone(), outcome.clone()))
+                .entry((workload.clone(), outcome.clone(), user.clone()))
                 .or_insert((0, 0));
             if entry.0 == 0 || now >= entry.0 + BIND_AUDIT_EVERY_MS {
                 entry.0 = now;
@@ -431,14 +434,14 @@ impl Shell {
             .saturating_add(v["dropped"].as_u64().unwrap_or(0))
             .saturating_add(ignored);
         let mut stale = Vec::new();
-        for ((workload, outcome), (last, counted)) in &mut l.binds {
+        for ((workload, outcome, user), (last, counted)) in &mut l.binds {
             if now >= *last + BIND_AUDIT_EVERY_MS {
                 if *counted > 0 {
-                    records.push((workload.clone(), outcome.clone(), String::new(), *counted));
+                    records.push((workload.clone(), outcome.clone(), user.clone(), *counted));
                     *counted = 0;
                     *last = now;
                 } else {
-                    stale.push((workload.clone(), outcome.clone()));
+                    stale.push((workload.clone(), outcome.clone(), user.clone()));
                 }
             }
         }
@@ -452,16 +455,16 @@ impl Shell {
             0
         };
         for (workload, outcome, user, n) in records {
+            let who = if user.is_empty() {
+                "an entry this workload does not see".to_string()
+            } else {
+                user
+            };
             let detail = if n == 1 {
-                let who = if user.is_empty() {
-                    "an entry this workload does not see".to_string()
-                } else {
-                    user
-                };
                 format!("workload password bind as {who} from workload {workload}: {outcome}")
             } else {
                 format!(
-                    "{n} more workload password bind(s) from workload {workload}: {outcome}, counted rather than logged one by one"
+                    "{n} more workload password bind(s) as {who} from workload {workload}: {outcome}, counted rather than logged one by one"
                 )
             };
             self.record(AuditRecord {
