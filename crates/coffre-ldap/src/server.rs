@@ -373,18 +373,63 @@ fn tls_config(chain_pem: &str, key_pem: &str) -> Result<ServerConfig, TlsError> 
 /// A TLS server connection on `sock`, handshaken within
 /// [`HANDSHAKE_TIMEOUT`].
 fn handshake(
-    mut sock: TcpStream,
+    sock: TcpStream,
     config: Arc<ServerConfig>,
 ) -> io::Result<StreamOwned<ServerConnection, TcpStream>> {
-    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    while conn.is_handshaking() {
-        let left = deadline
+    handshake_within(sock, config, HANDSHAKE_TIMEOUT)
+}
+
+/// A socket whose every read and write must end by `deadline`: rustls's
+/// `complete_io` reads on in its own loop while the handshake lasts, so a
+/// timeout set once per call let a client trickling one byte at a time
+/// keep a handshake (and its connection slot) for hours.
+struct Deadlined<'a> {
+    sock: &'a mut TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        self.deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))?;
-        sock.set_read_timeout(Some(left))?;
-        let (r, w) = conn.complete_io(&mut sock)?;
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_write_timeout(Some(left))?;
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+fn handshake_within(
+    mut sock: TcpStream,
+    config: Arc<ServerConfig>,
+    within: Duration,
+) -> io::Result<StreamOwned<ServerConnection, TcpStream>> {
+    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    let deadline = Instant::now() + within;
+    while conn.is_handshaking() {
+        let mut io = Deadlined {
+            sock: &mut sock,
+            deadline,
+        };
+        io.left()?;
+        let (r, w) = conn.complete_io(&mut io)?;
         if r == 0 && w == 0 && conn.is_handshaking() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -393,6 +438,7 @@ fn handshake(
         }
     }
     sock.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
     Ok(StreamOwned::new(conn, sock))
 }
 
@@ -615,6 +661,40 @@ mod tests {
             assert!(t.join().is_err());
         });
         assert_eq!(server.conns.lock().unwrap().get(&ip), Some(&1));
+    }
+
+    /// A client that trickles its ClientHello a byte at a time loses its
+    /// connection at the handshake's deadline (before, each byte gave it
+    /// a new read timeout).
+    #[test]
+    fn a_trickled_handshake_ends_at_its_deadline() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = Arc::new(tls_config(&cert.pem(), &key.serialize_pem()).unwrap());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = l.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(at).unwrap();
+            // A handshake record of 512 bytes, sent one byte at a time.
+            let _ = c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(100));
+                if c.write_all(&[0]).is_err() {
+                    return;
+                }
+            }
+        });
+        let (sock, _) = l.accept().unwrap();
+        let t = Instant::now();
+        let Err(e) = handshake_within(sock, config, Duration::from_millis(800)) else {
+            panic!("a handshake that never completes completed");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        client.join().unwrap();
     }
 
     #[test]
