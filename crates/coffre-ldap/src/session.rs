@@ -523,11 +523,19 @@ impl Server {
 
         let mut found = match tree.search(&base, &req.scope, &req.filter) {
             Ok(f) => f,
-            Err(e) => {
+            Err(crate::tree::Refused::NoBase(e)) => {
                 return vec![done(
                     LdapResultCode::NoSuchObject,
                     &e.matched,
                     "",
+                    Vec::new(),
+                )];
+            }
+            Err(crate::tree::Refused::TooCostly) => {
+                return vec![done(
+                    LdapResultCode::AdminLimitExceeded,
+                    "",
+                    "the filter is too large for this search",
                     Vec::new(),
                 )];
             }

@@ -38,6 +38,41 @@ pub struct NoSuchObject {
     pub matched: String,
 }
 
+/// Why a search is not run.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Its base is not in the tree.
+    NoBase(NoSuchObject),
+    /// Its filter over the entries in its scope is more work than
+    /// [`MAX_SEARCH_WORK`].
+    TooCostly,
+}
+
+/// The most work one search may take: the entries in its scope times its
+/// filter's size ([`filter_cost`]). A workload's searches run on the
+/// server's threads, which every workload shares: a filter of thousands
+/// of substring items over every entry, pipelined on a few connections,
+/// would keep the host's cores busy. What directory clients send (a few
+/// items) over a team's entries is far below.
+pub const MAX_SEARCH_WORK: usize = 200_000;
+
+/// A filter's size: its items, a substring item counting each of its
+/// parts.
+pub fn filter_cost(f: &LdapFilter) -> usize {
+    match f {
+        LdapFilter::And(fs) | LdapFilter::Or(fs) => {
+            fs.iter().map(filter_cost).fold(1, usize::saturating_add)
+        }
+        LdapFilter::Not(f) => filter_cost(f).saturating_add(1),
+        LdapFilter::Substring(_, sub) => {
+            1 + usize::from(sub.initial.is_some())
+                + usize::from(sub.final_.is_some())
+                + sub.any.len()
+        }
+        _ => 1,
+    }
+}
+
 fn s(v: &str) -> Vec<String> {
     vec![v.to_string()]
 }
@@ -187,7 +222,7 @@ impl Tree {
         base: &Dn,
         scope: &LdapSearchScope,
         filter: &LdapFilter,
-    ) -> Result<Vec<&Entry>, NoSuchObject> {
+    ) -> Result<Vec<&Entry>, Refused> {
         if self.get(base).is_none() {
             let matched = self
                 .entries
@@ -196,21 +231,26 @@ impl Tree {
                 .max_by_key(|(d, _)| d.0.len())
                 .map(|(d, _)| d.to_string())
                 .unwrap_or_default();
-            return Err(NoSuchObject { matched });
+            return Err(Refused::NoBase(NoSuchObject { matched }));
         }
         let depth = base.0.len();
+        let in_scope = |d: &Dn| {
+            d.is_within(base)
+                && match scope {
+                    LdapSearchScope::Base => d.0.len() == depth,
+                    LdapSearchScope::OneLevel => d.0.len() == depth + 1,
+                    LdapSearchScope::Subtree => true,
+                    LdapSearchScope::Children => d.0.len() > depth,
+                }
+        };
+        let n = self.entries.iter().filter(|(d, _)| in_scope(d)).count();
+        if n.saturating_mul(filter_cost(filter)) > MAX_SEARCH_WORK {
+            return Err(Refused::TooCostly);
+        }
         Ok(self
             .entries
             .iter()
-            .filter(|(d, _)| {
-                d.is_within(base)
-                    && match scope {
-                        LdapSearchScope::Base => d.0.len() == depth,
-                        LdapSearchScope::OneLevel => d.0.len() == depth + 1,
-                        LdapSearchScope::Subtree => true,
-                        LdapSearchScope::Children => d.0.len() > depth,
-                    }
-            })
+            .filter(|(d, _)| in_scope(d))
             .filter(|(_, e)| eval::eval(filter, e) == Tri::True)
             .map(|(_, e)| e)
             .collect())
@@ -339,19 +379,35 @@ pub(crate) mod tests {
         );
         let f = parse_ldap_filter_str(all).unwrap();
         let missing = Dn::parse("uid=zed,ou=people,dc=team,dc=coffre").unwrap();
-        assert_eq!(
-            t.search(&missing, &LdapSearchScope::Base, &f)
-                .unwrap_err()
-                .matched,
-            "ou=people,dc=team,dc=coffre"
-        );
+        let matched = |dn: &Dn| match t.search(dn, &LdapSearchScope::Base, &f) {
+            Err(Refused::NoBase(n)) => n.matched,
+            other => panic!("{:?}", other.map(|v| v.len())),
+        };
+        assert_eq!(matched(&missing), "ou=people,dc=team,dc=coffre");
         let outside = Dn::parse("dc=other").unwrap();
+        assert_eq!(matched(&outside), "");
+    }
+
+    /// A filter whose work over the entries in scope passes the bound is
+    /// refused before any is evaluated; the same over one entry, or a
+    /// usual filter over all, runs.
+    #[test]
+    fn a_search_too_costly_is_refused() {
+        let d = directory();
+        let t = d.tree("10.9.0.10".parse().unwrap()).unwrap();
+        let big = format!("(|{})", "(cn=*x*y*)".repeat(MAX_SEARCH_WORK / 4));
+        let f = parse_ldap_filter_str(&big).unwrap();
+        assert!(filter_cost(&f) > MAX_SEARCH_WORK / 2);
+        let base = Dn::parse("dc=team,dc=coffre").unwrap();
         assert_eq!(
-            t.search(&outside, &LdapSearchScope::Base, &f)
-                .unwrap_err()
-                .matched,
-            ""
+            t.search(&base, &LdapSearchScope::Subtree, &f)
+                .map(|v| v.len()),
+            Err(Refused::TooCostly)
         );
+        assert!(t.search(&base, &LdapSearchScope::Base, &f).is_ok());
+        let usual = parse_ldap_filter_str("(&(objectClass=posixAccount)(uid=alice))").unwrap();
+        assert_eq!(filter_cost(&usual), 3);
+        assert!(t.search(&base, &LdapSearchScope::Subtree, &usual).is_ok());
     }
 
     #[test]
