@@ -1,7 +1,7 @@
 //! A LUKS2 volume on its devices, before and around unlocking: header
 //! loading, keyslot changes in a crash-safe order, repair, and format.
 
-use crate::{BlockDevice, EncryptedVolume, Error, FileDevice, Result};
+use crate::{BlockDevice, EncryptedVolume, Engine, Error, FileDevice, Result};
 use coffre_luks2::binary::Copy;
 use coffre_luks2::cipher::{Provider, select};
 use coffre_luks2::header::{self, FormatOptions, SealedKeyslot};
@@ -584,6 +584,17 @@ fn open_over(
     EncryptedVolume::new(device, seg, cipher)
 }
 
+/// The segment's engine for `key`, checked against the digest: no I/O.
+fn engine(header: &Header, key: &VolumeKey, provider: Provider) -> Result<Engine> {
+    header.verify_volume_key(key)?;
+    let seg = header.segment()?;
+    Ok(Engine::new(select(
+        &seg.encryption,
+        key.expose(),
+        provider,
+    )?))
+}
+
 /// The data segment, ready to open: see [`Luks2Container::volume_opener`].
 #[derive(Debug)]
 pub struct VolumeOpener {
@@ -606,6 +617,47 @@ impl VolumeOpener {
         provider: Provider,
     ) -> Result<EncryptedVolume> {
         open_over(&self.header, key, device, provider)
+    }
+
+    /// The engine for `key` (checked against the digest, its key
+    /// schedule made): computations only, no I/O. Then
+    /// [`VolumeOpener::open_engine`] or [`VolumeOpener::open_engine_over`],
+    /// which may wait on the storage with the engine already revocable and
+    /// the key no longer needed.
+    pub fn engine(&self, key: &VolumeKey, provider: Provider) -> Result<Engine> {
+        engine(&self.header, key, provider)
+    }
+
+    /// Opens the local data segment with `engine`.
+    pub fn open_engine(&self, engine: Engine) -> Result<EncryptedVolume> {
+        let Some(data) = &self.data else {
+            return Err(Error::Refused(
+                "this detached LUKS2 header's data segment is not a local file: open it over its device"
+                    .into(),
+            ));
+        };
+        EncryptedVolume::with_engine(
+            data.clone() as Arc<dyn BlockDevice>,
+            self.header.segment()?,
+            engine,
+        )
+    }
+
+    /// Opens the data segment on `device` with `engine` (as
+    /// [`VolumeOpener::open_over`]).
+    pub fn open_engine_over(
+        &self,
+        engine: Engine,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<EncryptedVolume> {
+        let seg = self.header.segment()?;
+        if seg.offset.0 != 0 {
+            return Err(Error::Refused(format!(
+                "the data segment starts at {} on its device: only a detached header's segment (at 0) can live on another device",
+                seg.offset.0
+            )));
+        }
+        EncryptedVolume::with_engine(device, seg, engine)
     }
 
     /// As [`VolumeOpener::open`], with a chosen cipher provider.

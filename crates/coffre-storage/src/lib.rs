@@ -19,7 +19,7 @@ pub use coffre_luks2::header::SealedKeyslot;
 pub use container::{FormatRequest, KeyslotSnapshot, Luks2Container, RepairAction, VolumeOpener};
 pub use device::{BlockDevice, FileDevice};
 pub use error::Error;
-pub use volume::{CipherSlot, EncryptedVolume};
+pub use volume::{CipherSlot, EncryptedVolume, Engine};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -29,19 +29,75 @@ const PARALLEL_CHUNK: usize = 64 * 1024;
 /// waits at most for one buffer's worth of CPU work, even while a write to
 /// storage that stopped answering blocks forever: the key schedule is
 /// dropped (wiped) then, and every request after fails.
-pub struct CipherSlot(std::sync::RwLock<Option<Box<dyn SectorCipher>>>);
+pub struct CipherSlot {
+    cipher: std::sync::RwLock<Option<Box<dyn SectorCipher>>>,
+    name: String,
+    /// Buffers encrypted or decrypted so far.
+    uses: std::sync::atomic::AtomicU64,
+}
 
 impl CipherSlot {
+    fn new(cipher: Box<dyn SectorCipher>) -> Arc<Self> {
+        Arc::new(CipherSlot {
+            name: cipher.name(),
+            cipher: std::sync::RwLock::new(Some(cipher)),
+            uses: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
     /// Drops the cipher and its key schedule now. Returns whether it was
     /// still there.
     pub fn revoke(&self) -> bool {
-        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.cipher.write().unwrap_or_else(|p| p.into_inner());
         g.take().is_some()
     }
 
     /// Whether the cipher was revoked.
     pub fn is_revoked(&self) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.cipher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    /// How many buffers the engine has encrypted or decrypted with it: it
+    /// grows while data moves (a close that writes is making progress; one
+    /// whose storage stopped answering is not).
+    pub fn uses(&self) -> u64 {
+        self.uses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn hold(&self) -> std::sync::RwLockReadGuard<'_, Option<Box<dyn SectorCipher>>> {
+        self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cipher.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A volume's engine before its volume: the key checked against the
+/// digest and the cipher's key schedule made (computations only, no I/O),
+/// revocable from then on. See [`crate::VolumeOpener::engine`].
+pub struct Engine {
+    pub(crate) slot: Arc<CipherSlot>,
+}
+
+impl Engine {
+    pub(crate) fn new(cipher: Box<dyn SectorCipher>) -> Self {
+        Engine {
+            slot: CipherSlot::new(cipher),
+        }
+    }
+
+    /// The handle that revokes it.
+    pub fn slot(&self) -> Arc<CipherSlot> {
+        self.slot.clone()
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cipher", &self.slot.name)
+            .finish()
     }
 }
 
@@ -87,6 +143,17 @@ impl EncryptedVolume {
         segment: &Segment,
         cipher: Box<dyn SectorCipher>,
     ) -> Result<Self> {
+        Self::with_engine(device, segment, Engine::new(cipher))
+    }
+
+    /// Builds the view of `segment` on `device` with `engine` (the
+    /// device is sized: I/O, which may wait on the storage while the
+    /// engine is already revocable).
+    pub fn with_engine(
+        device: Arc<dyn BlockDevice>,
+        segment: &Segment,
+        engine: Engine,
+    ) -> Result<Self> {
         let ss = u64::from(segment.sector_size);
         let dev_size = device.size().map_err(|source| Error::Device {
             op: "sizing",
@@ -114,8 +181,8 @@ impl EncryptedVolume {
         let iv_base = segment.iv_tweak.0;
         Ok(Self {
             device,
-            cipher_name: cipher.name(),
-            cipher: Arc::new(CipherSlot(std::sync::RwLock::new(Some(cipher)))),
+            cipher_name: engine.slot.name.clone(),
+            cipher: engine.slot,
             offset,
             size,
             sector_size: usize::try_from(segment.sector_size).expect("sector size fits"),
@@ -168,7 +235,7 @@ impl EncryptedVolume {
     /// (callers that run their own threads say no).
     fn crypt_split(&self, first_iv: u64, buf: &mut [u8], encrypt: bool, split: bool) -> Result<()> {
         let ss = self.sector_size;
-        let guard = self.cipher.0.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.cipher.hold();
         let cipher = guard.as_ref().ok_or(Error::Revoked)?;
         let run = |iv: u64, b: &mut [u8]| {
             if encrypt {
@@ -193,7 +260,7 @@ impl EncryptedVolume {
     /// out among the cores.
     fn encrypt_into(&self, first_iv: u64, src: &[u8], dst: &mut [u8]) -> Result<()> {
         let ss = self.sector_size;
-        let guard = self.cipher.0.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.cipher.hold();
         let cipher = guard.as_ref().ok_or(Error::Revoked)?;
         if src.len() < PARALLEL_THRESHOLD {
             return Ok(cipher.encrypt_to(first_iv, ss, src, dst)?);

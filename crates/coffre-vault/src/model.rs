@@ -160,9 +160,10 @@ pub struct Policy {
     /// Delay before retrying a close that failed.
     pub close_retry_ms: u64,
     /// A close that has kept failing this long (since its first failure),
-    /// or that has run this long without an answer (hung on storage that
-    /// stopped answering), is forced: nobody is inside, so the key must go
-    /// even if something still holds the data.
+    /// or that has run this long without an answer and without moving
+    /// data ([`Event::CloseProgress`]: hung on storage that stopped
+    /// answering), is forced: nobody is inside, so the key must go even if
+    /// something still holds the data.
     pub close_force_after_ms: u64,
 }
 
@@ -749,6 +750,10 @@ pub enum Event {
     },
     /// Time passes (expiries, grace periods, retries).
     Tick,
+    /// The close running now moved data since the last one of these (the
+    /// shell sees its engine at work): it is slow, not hung, and is not
+    /// forced for running long.
+    CloseProgress,
     /// A workload is not running (any more): tasks bound to it end.
     WorkloadEnded {
         /// Its name.

@@ -443,6 +443,43 @@ fn a_close_that_hangs_is_forced_in_the_end() {
     );
 }
 
+/// A close that runs long but moves data (large VMs suspended into the
+/// volume) is slow, not hung: it is not forced while it moves data, and
+/// is once it stops.
+#[test]
+fn a_slow_close_that_moves_data_is_not_forced() {
+    let mut s = Sim::new(members(1, 0));
+    let a = s.enter("m0");
+    s.close_hangs = true;
+    s.session_cmd("m0", Command::Leave { session: a });
+    let limit = s.vault.persistent().policy.close_force_after_ms;
+    for _ in 0..(limit * 3 / 2_000) {
+        s.handle(Event::CloseProgress);
+        s.advance(2_000);
+        s.settle();
+        assert_eq!(s.vault.phase(), Phase::Closing, "forced while moving data");
+        assert!(s.key_held);
+    }
+    let mut waited = 0;
+    while s.vault.phase() == Phase::Closing && waited <= limit + 10_000 {
+        s.advance(2_000);
+        s.settle();
+        waited += 2_000;
+    }
+    assert_eq!(s.vault.phase(), Phase::Closed);
+    // The last progress came 2 s before the wait began.
+    assert!(
+        waited + 2_000 >= limit,
+        "forced {waited} ms after the last progress"
+    );
+    assert!(!s.key_held);
+    assert!(
+        s.audit
+            .iter()
+            .any(|r| r.action == "state" && r.result == "close_forced")
+    );
+}
+
 #[test]
 fn two_person_unlock_within_window() {
     let mut p = members(0, 3);

@@ -17,12 +17,19 @@ pub(super) struct DataState {
     pub(super) closes_running: std::collections::HashSet<u64>,
     pub(super) closes_abandoned: std::collections::HashSet<u64>,
     pub(super) closes_in_flight: u32,
-    /// Set while an open runs off the actor (a shutdown waits for it).
-    pub(super) opening: Arc<std::sync::atomic::AtomicBool>,
+    /// Opens running off the actor (a shutdown waits for them): one given
+    /// up at a lock's deadline may still run beside a later one.
+    pub(super) opening: Arc<std::sync::atomic::AtomicUsize>,
     /// The key and the engine of the open running off the actor, where a
     /// lock's deadline can reach them; and when a lock landed during it.
     pub(super) open_hold: Option<OpenHold>,
     pub(super) open_locked_at: Option<std::time::Instant>,
+    /// Since when an open has run with nobody inside (everyone left, or
+    /// their sessions ended, while it waits on the storage).
+    pub(super) open_unattended_since: Option<std::time::Instant>,
+    /// The engine's uses last seen while a close runs (a close whose
+    /// engine moves data is slow, not hung).
+    pub(super) close_uses_seen: Option<u64>,
     /// Opens started so far; those given up at a lock's deadline (their
     /// late report is ignored), and whether one of those still runs.
     pub(super) opens_started: u64,
@@ -50,6 +57,8 @@ impl DataState {
             opening: Arc::default(),
             open_hold: None,
             open_locked_at: None,
+            open_unattended_since: None,
+            close_uses_seen: None,
             opens_started: 0,
             opens_abandoned: std::collections::HashSet::new(),
             opens_taken: Arc::default(),
@@ -97,9 +106,17 @@ impl OpenHold {
         self.key.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// The engine's cipher, where the deadline can revoke it.
-    fn publish(&self, cipher: Arc<coffre_storage::CipherSlot>) {
+    /// The engine's cipher, where the deadline can revoke it; false (and
+    /// nothing kept) if the key was wiped already. Under the key's lock, as
+    /// [`OpenHold::give_up`] takes them: the deadline never misses a
+    /// cipher published.
+    fn publish(&self, cipher: Arc<coffre_storage::CipherSlot>) -> bool {
+        let k = self.key.lock().unwrap_or_else(|p| p.into_inner());
+        if k.is_none() {
+            return false;
+        }
         *self.cipher.lock().unwrap_or_else(|p| p.into_inner()) = Some(cipher);
+        true
     }
 
     /// Whether the key is still here (or in use by the open now).
@@ -122,8 +139,8 @@ impl OpenHold {
         };
         // Dropping a VolumeKey zeroizes it.
         *k = None;
-        drop(k);
         let c = self.cipher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(k);
         Some(c.is_some_and(|c| c.revoke()))
     }
 }
@@ -181,9 +198,12 @@ pub(super) fn pause_workloads(
 
 /// The NFS server serves the shares with the handle key (derived from
 /// the volume key, one way).
-fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line {
+/// The key is borrowed for the derivation only, not across the servers'
+/// commands (up to [`super::helper::COMMAND_TIMEOUT`] each); `None` when
+/// it was wiped (a lock's deadline).
+fn nfs_open(nfs: &super::nfs::Shared, hold: &OpenHold) -> Option<coffre_workload::Line> {
     let t = std::time::Instant::now();
-    let handle_key = coffre_nfs::HandleKey::derive(key.expose());
+    let handle_key = hold.with_key(|key| coffre_nfs::HandleKey::derive(key.expose()))?;
     // HMAC copied the volume key into a block on this stack.
     coffre_luks2::secret::scrub_stack();
     // Lent, not moved: the key is wiped where it lies when it goes (a
@@ -209,7 +229,7 @@ fn nfs_open(nfs: &super::nfs::Shared, key: &VolumeKey) -> coffre_workload::Line 
         ),
         Err(e) => ("failed", format!("NFS: {e}")),
     };
-    ("nfs".into(), result.into(), detail)
+    Some(("nfs".into(), result.into(), detail))
 }
 
 /// The NFS server lets go of the data and the key (calls in flight
@@ -259,6 +279,15 @@ fn open_data(
     // Held for the whole open: a shutdown or a close waits for it
     // instead of missing it.
     let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    // Given up while it waited for the stack (behind a close that hung):
+    // it touches nothing (what is up now may be a later open's).
+    if hold.with_key(|_| ()).is_none() {
+        return (
+            Err("the vault was locked while it opened: its key is gone".into()),
+            Vec::new(),
+            None,
+        );
+    }
     taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut lines = Vec::new();
     if let Some(mut left) = g.take() {
@@ -278,10 +307,35 @@ fn open_data(
     }
     let gone = || "the vault was locked while it opened: its key is gone".to_string();
     let t = std::time::Instant::now();
+    // The engine first, under the key: the key's check against the digest
+    // and the key schedule, computations only. Published at once, so a
+    // lock's deadline can revoke it whatever waits on the storage next.
+    let engine = hold
+        .with_key(|key| {
+            opener
+                .engine(key, coffre_luks2::cipher::Provider::Auto)
+                .map_err(|e| format!("the volume: {e}"))
+        })
+        .unwrap_or_else(|| Err(gone()));
+    // The key's check and the key schedule left copies on this stack,
+    // below the frames that may wait on storage for long.
+    coffre_luks2::secret::scrub_stack();
+    let engine = match engine {
+        Ok(e) => e,
+        Err(e) => return (Err(e), lines, None),
+    };
+    let cipher = engine.slot();
+    if !hold.publish(cipher.clone()) {
+        cipher.revoke();
+        return (Err(gone()), lines, None);
+    }
     let volume = match remote {
-        None => hold
-            .with_key(|key| opener.open(key).map_err(|e| format!("the volume: {e}")))
-            .unwrap_or_else(|| Err(gone())),
+        None => opener
+            .open_engine(engine)
+            .map_err(|e| format!("the volume: {e}")),
+        // A remote store's reads need the key (its integrity keys come
+        // from it): each has its own timeout, so the deadline waits for
+        // one at most.
         Some((c, vd, uuid)) => hold
             .with_key(|key| {
                 crate::remote::open(
@@ -303,41 +357,40 @@ fn open_data(
                     })),
                 )
                 .map_err(|e| format!("the volume's store: {e}"))
-                .and_then(|(dev, ahead, replayed)| {
-                    // A lock while the store was read (a slow store can
-                    // take seconds): nothing opens after it.
-                    if is_locked() {
-                        return Err("the vault was locked while its store was read".into());
-                    }
-                    if let Some(r) = replayed {
-                        lines.push(("storage".into(), "ok".into(), r));
-                    }
-                    if ahead > 0 {
-                        lines.push((
-                            "storage".into(),
-                            "ok".into(),
-                            format!(
-                                "the store was {ahead} epoch(s) ahead of the local root (a crash between a manifest and its root, or another writer with the vault's keys): its root is kept now"
-                            ),
-                        ));
-                    }
-                    opener
-                        .open_over(key, dev, coffre_luks2::cipher::Provider::Auto)
-                        .map_err(|e| format!("the volume: {e}"))
-                })
             })
-            .unwrap_or_else(|| Err(gone())),
+            .unwrap_or_else(|| Err(gone()))
+            .and_then(|(dev, ahead, replayed)| {
+                // A lock while the store was read (a slow store can take
+                // seconds): nothing opens after it.
+                if is_locked() {
+                    return Err("the vault was locked while its store was read".into());
+                }
+                if let Some(r) = replayed {
+                    lines.push(("storage".into(), "ok".into(), r));
+                }
+                if ahead > 0 {
+                    lines.push((
+                        "storage".into(),
+                        "ok".into(),
+                        format!(
+                            "the store was {ahead} epoch(s) ahead of the local root (a crash between a manifest and its root, or another writer with the vault's keys): its root is kept now"
+                        ),
+                    ));
+                }
+                opener
+                    .open_engine_over(engine, dev)
+                    .map_err(|e| format!("the volume: {e}"))
+            }),
     };
-    // The key's check and the key schedule left copies on this stack,
-    // below the mount's frames that may wait on storage for long.
     coffre_luks2::secret::scrub_stack();
     let opened = t.elapsed();
     let volume = match volume {
-        Err(e) => return (Err(e), lines, None),
+        Err(e) => {
+            cipher.revoke();
+            return (Err(e), lines, None);
+        }
         Ok(v) => v,
     };
-    let cipher = volume.cipher_slot();
-    hold.publish(cipher.clone());
     let e = match coffre_data::expose(volume, layout, own) {
         Ok(e) => e,
         Err(e) => {
@@ -380,7 +433,7 @@ fn open_data(
     } else {
         // Key, data, the VMs' shares, then workloads.
         if let Some(nfs) = nfs
-            && let Some(line) = hold.with_key(|key| nfs_open(nfs, key))
+            && let Some(line) = nfs_open(nfs, hold)
         {
             lines.push(line);
         }
@@ -466,7 +519,7 @@ impl Shell {
         });
         let locked = self.locked_flag.clone();
         let is_locked = move || locked.load(std::sync::atomic::Ordering::SeqCst);
-        opening.store(true, std::sync::atomic::Ordering::SeqCst);
+        opening.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             // A panic anywhere in the open is reported as a failed open
             // (the core would wait in OPENING for ever, and a lock could
@@ -498,7 +551,10 @@ impl Shell {
                     None,
                 )
             });
-            opening.store(false, std::sync::atomic::Ordering::SeqCst);
+            // A panic poisoned the stack's lock: what it guards is
+            // checked by whoever takes it next (the close).
+            slot.clear_poison();
+            opening.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let _ = tx.send(Msg::Exposed {
                 open: hold.n,
                 result,
@@ -524,11 +580,35 @@ impl Shell {
     /// cipher revoked, as at a close's deadline, and the core learns the
     /// open failed (it closes, forced; nothing is up to close but what the
     /// hung open may still mount, which the close takes down when it can).
+    ///
+    /// An open that runs with nobody inside (everyone left while it waits
+    /// on the storage) is given up the same way once that has lasted as
+    /// long as a hung close is forced after (`[policy]
+    /// close_force_after_ms`) plus the deadline: the key does not stay
+    /// with nobody inside.
     pub(super) fn open_deadline_tick(&mut self) {
-        let (Some(hold), Some(at)) = (&self.data.open_hold, self.data.open_locked_at) else {
+        let Some(hold) = &self.data.open_hold else {
+            self.data.open_unattended_since = None;
             return;
         };
-        if at.elapsed() < Duration::from_secs(self.config.data.close_deadline_s) {
+        let deadline = Duration::from_secs(self.config.data.close_deadline_s);
+        if self.vault.has_presence() {
+            self.data.open_unattended_since = None;
+        } else {
+            self.data
+                .open_unattended_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+        let locked_out = self
+            .data
+            .open_locked_at
+            .is_some_and(|at| at.elapsed() >= deadline);
+        let unattended = self.data.open_unattended_since.is_some_and(|at| {
+            at.elapsed()
+                >= deadline
+                    + Duration::from_millis(self.vault.persistent().policy.close_force_after_ms)
+        });
+        if !locked_out && !unattended {
             return;
         }
         // The open is using the key this instant: at the next tick.
@@ -538,14 +618,19 @@ impl Shell {
         let n = hold.n;
         self.data.open_hold = None;
         self.data.open_locked_at = None;
+        self.data.open_unattended_since = None;
         self.data.opens_abandoned.insert(n);
         self.system_audit(
             "open",
             "deadline",
             format!(
-                "locked while it opened, and the open did not finish within {} s (storage not answering?): the key wiped{}; \
+                "{}, and the open did not finish (storage not answering?): the key wiped{}; \
                  left behind: what it mounts, taken down once the storage answers (or at the next daemon start)",
-                self.config.data.close_deadline_s,
+                if locked_out {
+                    format!("locked while it opened, {} s ago", deadline.as_secs())
+                } else {
+                    "nobody inside while it opened".to_string()
+                },
                 if revoked {
                     ", the engine's cipher revoked"
                 } else {
@@ -553,14 +638,34 @@ impl Shell {
                 }
             ),
         );
-        self.data.last_open_error = Some("locked while it opened".into());
+        let why = if locked_out {
+            "locked while it opened"
+        } else {
+            "nobody inside while it opened"
+        };
+        self.data.last_open_error = Some(why.into());
         self.run(Event::Opened {
             ok: false,
-            detail: format!(
-                "locked while it opened; given up after {} s",
-                self.config.data.close_deadline_s
-            ),
+            detail: format!("{why}; given up"),
         });
+    }
+
+    /// While a close runs, whether its engine moved data since the last
+    /// tick: the core forces only a close that neither answers nor moves
+    /// data (hung), never a slow one.
+    pub(super) fn close_progress_tick(&mut self) {
+        if self.vault.phase() != Phase::Closing {
+            self.data.close_uses_seen = None;
+            return;
+        }
+        let Some(uses) = self.custody.cipher_slot.as_ref().map(|s| s.uses()) else {
+            return;
+        };
+        let moved = self.data.close_uses_seen.is_some_and(|seen| seen != uses);
+        self.data.close_uses_seen = Some(uses);
+        if moved {
+            self.run(Event::CloseProgress);
+        }
     }
 
     /// Closes the data stack off the actor: workloads, then data, then key (a forced close has a deadline).
@@ -641,6 +746,7 @@ impl Shell {
                 }
                 (result, lines)
             }));
+            slot.clear_poison();
             // A panic is a failed close (the core retries it, then forces
             // it), never one that never ends.
             let (result, lines) = closed.unwrap_or_else(|_| {
@@ -819,7 +925,13 @@ impl Shell {
                 self.run(Event::Closed {
                     ok: false,
                     detail: e,
-                })
+                });
+                // A forced close that failed (a step, or a panic) ends the
+                // core's close all the same: the key goes with it (it
+                // stayed, with the vault said closed or locked).
+                if self.vault.phase() != Phase::Closing {
+                    self.wipe_key();
+                }
             }
         }
     }
@@ -828,10 +940,14 @@ impl Shell {
         let was = self.vault.status().state;
         // An open still on its way would mount after we looked: wait for it.
         let until = std::time::Instant::now() + Duration::from_secs(120);
-        while self.data.opening.load(std::sync::atomic::Ordering::SeqCst)
+        while self.data.opening.load(std::sync::atomic::Ordering::SeqCst) > 0
             && std::time::Instant::now() < until
         {
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // One that still waits on the storage: its key and engine go now.
+        if let Some(h) = self.data.open_hold.take() {
+            let _ = h.give_up();
         }
         let how = match self.vault.mode() {
             Mode::Fast => coffre_workload::Pause::Fast,

@@ -729,6 +729,7 @@ pub async fn serve(
                 shell.source_tick();
                 shell.wipe_tick();
                 shell.open_deadline_tick();
+                shell.close_progress_tick();
                 // Numbers or groups a busy close kept from the workloads.
                 shell.accounts_changed();
                 if shell.unsaved.is_some() {

@@ -236,6 +236,7 @@ impl Vault {
             Event::Closed { ok, detail } => self.closed(&mut out, ok, &detail),
             Event::MemberJoined { member } => self.member_joined(&mut out, member),
             Event::Tick => self.tick(&mut out),
+            Event::CloseProgress => self.close_progress(&mut out),
             Event::WorkloadEnded { name } => self.workload_ended(&mut out, &name),
             Event::SourceRefused {
                 req,

@@ -24,9 +24,11 @@ pub(super) enum Stage {
         failed_at: Option<Millis>,
         /// When this close first failed, to force it in the end.
         first_failed: Option<Millis>,
-        /// When this close started: one that has not answered for as long
-        /// as a failing one is forced after is forced too (a close hung on
-        /// storage that stopped answering never reports a failure).
+        /// When this close started, or last moved data: one that has not
+        /// answered nor moved data for as long as a failing one is forced
+        /// after is forced too (a close hung on storage that stopped
+        /// answering never reports a failure; a slow one, suspending large
+        /// VMs into the volume, moves data).
         started: Millis,
         /// A key kept from an enter during the close, to reopen with.
         reopen: Option<ReqId>,
@@ -185,6 +187,13 @@ impl Vault {
         }
     }
 
+    /// The close running moved data: it is not hung.
+    pub(super) fn close_progress(&mut self, out: &mut Out) {
+        if let Stage::Closing { started, .. } = &mut self.phase {
+            *started = out.now;
+        }
+    }
+
     pub(super) fn tick(&mut self, out: &mut Out) {
         let now = out.now;
         let grace = self.p.policy.grace_ms;
@@ -220,8 +229,8 @@ impl Vault {
         } = &mut self.phase
             && now.0.saturating_sub(started.0) >= self.p.policy.close_force_after_ms
         {
-            // Still running, unanswered: hung (storage that stopped
-            // answering). A forced close follows, with the shell's
+            // Still running, unanswered, no data moved: hung (storage that
+            // stopped answering). A forced close follows, with the shell's
             // deadline, so the key goes in bounded time with nobody inside.
             *forced = true;
             out.audit(
@@ -230,7 +239,7 @@ impl Vault {
                 "state",
                 "close_forced",
                 format!(
-                    "the close has not finished in {} s: forcing it",
+                    "the close has neither finished nor moved data for {} s: forcing it",
                     self.p.policy.close_force_after_ms / 1000
                 ),
             );

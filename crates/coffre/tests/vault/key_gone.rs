@@ -188,6 +188,8 @@ mod hangfs {
     pub struct HangFile {
         pub backing: std::fs::File,
         pub hang: Arc<AtomicBool>,
+        /// Attribute requests (the file's size) hang too.
+        pub hang_attr: Arc<AtomicBool>,
     }
 
     impl HangFile {
@@ -203,6 +205,9 @@ mod hangfs {
             if ino != INodeNo::ROOT {
                 reply.error(Errno::ENOENT);
                 return;
+            }
+            if self.hang_attr.load(Ordering::SeqCst) {
+                self.wait();
             }
             let size = self.backing.metadata().map(|m| m.len()).unwrap_or(0);
             let t = SystemTime::UNIX_EPOCH;
@@ -303,6 +308,7 @@ mod hangfs {
     /// outlives the daemon.
     pub struct Hanging {
         pub hang: Arc<AtomicBool>,
+        pub hang_attr: Arc<AtomicBool>,
         _session: fuser::BackgroundSession,
     }
 
@@ -329,26 +335,31 @@ mod hangfs {
         std::fs::rename(&img, &backing).unwrap();
         std::fs::write(&img, b"").unwrap();
         let hang = Arc::new(AtomicBool::new(false));
+        let hang_attr = Arc::new(AtomicBool::new(false));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&backing)
             .unwrap();
         Hanging {
-            _session: mount(&img, file, hang.clone()),
+            _session: mount(
+                &img,
+                HangFile {
+                    backing: file,
+                    hang: hang.clone(),
+                    hang_attr: hang_attr.clone(),
+                },
+            ),
             hang,
+            hang_attr,
         }
     }
 
-    pub fn mount(
-        at: &std::path::Path,
-        backing: std::fs::File,
-        hang: Arc<AtomicBool>,
-    ) -> fuser::BackgroundSession {
+    pub fn mount(at: &std::path::Path, file: HangFile) -> fuser::BackgroundSession {
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("hangfs".into())];
         config.n_threads = Some(4);
-        fuser::Session::new(HangFile { backing, hang }, at, &config)
+        fuser::Session::new(file, at, &config)
             .unwrap()
             .spawn()
             .unwrap()
@@ -557,6 +568,10 @@ fn a_lock_during_a_hung_open_wipes_the_key_at_its_deadline() {
     let _unhang = hangfs::Unhang(hang.clone());
     v.start();
     let pid = v.pid();
+    // The storage stops answering writes and questions about the file's
+    // size: the open waits when it sizes the volume (its key no longer
+    // needed by then), or later when it mounts.
+    storage.hang_attr.store(true, Ordering::SeqCst);
     hang.store(true, Ordering::SeqCst);
     let mut enter = v.enter_start("alice", &[]);
     let until = std::time::Instant::now() + Duration::from_secs(30);
