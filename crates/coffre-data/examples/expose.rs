@@ -42,7 +42,7 @@ fn main() {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     let t = Instant::now();
-    cut.cut();
+    let _ = cut.cut();
     // The view's cut: closing what it holds, and wiping its workers'
     // request buffers.
     println!("cut_ms {:.1}", t.elapsed().as_secs_f64() * 1e3);

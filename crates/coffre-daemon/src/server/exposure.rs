@@ -186,12 +186,20 @@ pub(super) fn pause_workloads(
         Mode::Fast => coffre_workload::Pause::Fast,
         Mode::Safe => coffre_workload::Pause::Safe,
     };
-    let lines = workloads
+    let mut lines = workloads
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .pause(how);
-    if let Some(cut) = cut {
-        cut.cut();
+    if let Some(cut) = cut
+        && let (_, Err(e)) = cut.cut()
+    {
+        // Audited: what workloads wrote last may stay in the daemon's
+        // memory while closed.
+        lines.push((
+            "workload".to_string(),
+            "failed".to_string(),
+            format!("the workloads' view: {e}"),
+        ));
     }
     lines
 }
@@ -960,8 +968,10 @@ impl Shell {
             .unwrap_or_else(|p| p.into_inner())
             .shutdown(how);
         self.workload_audit(lines);
-        if let Some(cut) = &self.data.cut {
-            cut.cut();
+        if let Some(cut) = &self.data.cut
+            && let (_, Err(e)) = cut.cut()
+        {
+            eprintln!("coffre: the workloads' view: {e}");
         }
         let exposure = self
             .data

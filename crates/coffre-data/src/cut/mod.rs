@@ -149,13 +149,11 @@ impl CutLayer {
     /// Closes everything the layer holds on the data (after requests in
     /// flight finish), then overwrites what workloads' requests left in
     /// the FUSE workers' buffers (see [`CutLayer::wipe_request_buffers`]).
-    /// Returns how many open files it let go of.
-    pub fn cut(&self) -> usize {
+    /// Returns how many open files it let go of, and whether the wipe
+    /// failed (the cut itself always happens).
+    pub fn cut(&self) -> (usize, std::io::Result<()>) {
         let n = self.cut_only();
-        if let Err(e) = self.wipe_request_buffers() {
-            eprintln!("coffre: the workloads' view: {e}");
-        }
-        n
+        (n, self.wipe_request_buffers())
     }
 
     /// Overwrites the FUSE workers' request buffers with zeroes.

@@ -132,7 +132,7 @@ fn a_cut_leaves_no_written_data_in_the_request_buffers() {
         .arg(format!("echo x > '{}'", other.display())));
     assert_eq!(std::fs::read(mnt.join(&name)).unwrap(), b"x\n");
 
-    layer.cut();
+    layer.cut().1.unwrap();
     let hits = coffre_testkit::process::memory_hits_inverted(me, &inverted);
     assert!(hits.is_empty(), "after the cut: {hits:#?}");
     // Each worker took one wipe write: every request buffer was
@@ -184,7 +184,7 @@ fn open_files_survive_a_cut_and_an_unmount() {
     let mut g = File::open(view.join("gone")).unwrap();
     assert_eq!(std::fs::read(mnt.join("dir/count")).unwrap(), b"before ");
 
-    assert_eq!(layer.cut(), 2);
+    assert_eq!(layer.cut().0, 2);
     // The layer holds nothing on the mount: it unmounts.
     // Strict: after a cut the layer holds nothing on the data, at once.
     run(Command::new("umount").arg(&mnt));
@@ -430,7 +430,7 @@ fn direct_io_stays_direct_through_the_layer() {
         .custom_flags(libc::O_DIRECT)
         .open(view.join("direct.bin"))
         .unwrap();
-    assert_eq!(layer.cut(), 1);
+    assert_eq!(layer.cut().0, 1);
     let r = layer.restore(&mnt).unwrap();
     assert_eq!((r.reopened, r.lost), (1, 0));
     let back = dd(&[
@@ -533,7 +533,7 @@ fn preallocation_and_holes_pass_through() {
     assert_eq!(seek(&f, At::Data(2 * MIB)).unwrap(), 4 * MIB);
 
     // While cut: refused, nothing changed below.
-    layer.cut();
+    layer.cut().1.unwrap();
     assert!(fallocate(&f, FallocateFlags::empty(), 0, 16 * MIB).is_err());
     assert!(seek(&f, At::Hole(0)).is_err());
     assert_eq!(below().len(), 8 * MIB);
@@ -616,7 +616,7 @@ fn fifos_and_sockets_are_made_and_work_through_the_view() {
     assert_eq!(dev, Err(rustix::io::Errno::PERM));
     assert!(!mnt.join("null").exists());
     // While cut: nothing is made.
-    layer.cut();
+    layer.cut().1.unwrap();
     assert!(mknod(&view.join("later"), rustix::fs::FileType::Fifo, 0o600).is_err());
     drop(listener);
     drop(server);
@@ -812,7 +812,7 @@ fn user_extended_attributes_pass_through_the_view_as_the_caller() {
         rustix::fs::getxattr(mnt.join("f"), "user.origin", &mut v[..]),
         Err(rustix::io::Errno::NODATA)
     );
-    layer.cut();
+    layer.cut().1.unwrap();
     assert!(rustix::fs::setxattr(&f, "user.later", b"1", rustix::fs::XattrFlags::empty()).is_err());
     drop(layer);
     assert_eq!(
@@ -967,7 +967,7 @@ fn a_listing_read_before_a_cut_is_not_served_after_it() {
     }
     // Opened: the layer reads the whole listing now.
     let mut rd = std::fs::read_dir(&view).unwrap();
-    layer.cut();
+    layer.cut().1.unwrap();
     let got = rd.next();
     assert!(matches!(got, Some(Err(_))), "served after the cut: {got:?}");
     drop(rd);
@@ -985,7 +985,7 @@ fn a_listing_read_before_a_cut_is_not_served_after_it() {
     }
     let mut rd = std::fs::read_dir(&view).unwrap();
     assert!(rd.next().unwrap().is_ok());
-    layer.cut();
+    layer.cut().1.unwrap();
     layer.restore(&mnt).unwrap();
     let rest: Vec<std::io::Result<std::fs::DirEntry>> = rd.collect();
     assert!(
@@ -1146,7 +1146,7 @@ fn a_user_cannot_take_the_daemons_descriptors_or_memory() {
     release(b);
     // What the first closes is theirs again; a cut and a restore while
     // they hold files count nothing twice.
-    layer.cut();
+    layer.cut().1.unwrap();
     layer.restore(&mnt).unwrap();
     release(a);
     let (a, said) = holder(5001, &view, &["f0", "f1", "f2", "+w/new", "d:small"]);
