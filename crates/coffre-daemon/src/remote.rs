@@ -294,19 +294,13 @@ pub fn create(
     Ok(Arc::new(dev))
 }
 
-/// Opens the store at an open of the vault: the manifest and every page
-/// verified, its epoch checked against the root the control directory
-/// keeps (an older one is a rollback: the open fails). Returns the device
-/// and how many epochs the store was ahead (1 after a crash between a
-/// manifest and its root; more: another writer with the vault's keys).
-pub fn open(
-    c: &StorageConfig,
+/// The vault's id and the store's integrity key, unsealed with the volume
+/// key (a local file read and a computation: no storage I/O).
+pub fn store_keys(
     vd: &VaultDir,
     key: &VolumeKey,
     uuid: &str,
-    on_change: Option<coffre_remote::device::OnChange>,
-) -> Result<Opened, RemoteError> {
-    let backends = backends(c, vd)?;
+) -> Result<([u8; 16], IntegrityKey), RemoteError> {
     let vault = vault_id(uuid)?;
     let sealed = std::fs::read(vd.storage_key()).map_err(|e| {
         RemoteError::Config(format!(
@@ -315,6 +309,25 @@ pub fn open(
         ))
     })?;
     let ikey = IntegrityKey::unseal(&sealed, key.expose(), &vault)?;
+    Ok((vault, ikey))
+}
+
+/// Opens the store at an open of the vault: the manifest and every page
+/// verified, its epoch checked against the root the control directory
+/// keeps (an older one is a rollback: the open fails). Returns the device
+/// and how many epochs the store was ahead (1 after a crash between a
+/// manifest and its root; more: another writer with the vault's keys).
+///
+/// `keys` from [`store_keys`]: the volume key is not needed past them (a
+/// lock's deadline can wipe it while the store's reads wait).
+pub fn open(
+    c: &StorageConfig,
+    vd: &VaultDir,
+    keys: ([u8; 16], IntegrityKey),
+    on_change: Option<coffre_remote::device::OnChange>,
+) -> Result<Opened, RemoteError> {
+    let backends = backends(c, vd)?;
+    let (vault, ikey) = keys;
     let local = local_root(vd)?;
     let (store, opened) = runtime()?
         .block_on(async {

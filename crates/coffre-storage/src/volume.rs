@@ -32,8 +32,8 @@ const PARALLEL_CHUNK: usize = 64 * 1024;
 pub struct CipherSlot {
     cipher: std::sync::RwLock<Option<Box<dyn SectorCipher>>>,
     name: String,
-    /// Buffers encrypted or decrypted so far.
-    uses: std::sync::atomic::AtomicU64,
+    /// Writes and flushes the storage has completed so far.
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl CipherSlot {
@@ -41,7 +41,7 @@ impl CipherSlot {
         Arc::new(CipherSlot {
             name: cipher.name(),
             cipher: std::sync::RwLock::new(Some(cipher)),
-            uses: std::sync::atomic::AtomicU64::new(0),
+            written: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -60,15 +60,15 @@ impl CipherSlot {
             .is_none()
     }
 
-    /// How many buffers the engine has encrypted or decrypted with it: it
-    /// grows while data moves (a close that writes is making progress; one
-    /// whose storage stopped answering is not).
-    pub fn uses(&self) -> u64 {
-        self.uses.load(std::sync::atomic::Ordering::Relaxed)
+    /// How many writes and flushes through it the storage has completed:
+    /// it grows while a close's data reaches the storage (a slow close is
+    /// making progress); not while the storage does not take writes, and
+    /// never for reads (which may still work when writes hang).
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn hold(&self) -> std::sync::RwLockReadGuard<'_, Option<Box<dyn SectorCipher>>> {
-        self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.cipher.read().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -315,7 +315,16 @@ impl EncryptedVolume {
             .map_err(|source| Error::Device {
                 op: "writing",
                 source,
-            })
+            })?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Counts a write or flush the storage completed.
+    fn wrote(&self) {
+        self.cipher
+            .written
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Encrypts and writes `buf` at `offset`.
@@ -340,7 +349,9 @@ impl EncryptedVolume {
                     op: "writing",
                     source,
                 })
-        })
+        })?;
+        self.wrote();
+        Ok(())
     }
 
     /// Makes every write so far durable.
@@ -348,7 +359,9 @@ impl EncryptedVolume {
         self.device.flush().map_err(|source| Error::Device {
             op: "flushing",
             source,
-        })
+        })?;
+        self.wrote();
+        Ok(())
     }
 }
 
@@ -426,5 +439,49 @@ mod tests {
         // The hung write had encrypted before it blocked: it completes.
         writer.join().unwrap().unwrap();
         assert!(matches!(vol.write_at(0, &[1u8; 512]), Err(Error::Revoked)));
+    }
+
+    /// The engine counts the writes and flushes the storage completed
+    /// (how the daemon tells a slow close from a hung one), never reads,
+    /// nor a write still hanging.
+    #[test]
+    fn only_completed_writes_count_as_progress() {
+        let hang = Arc::new(AtomicBool::new(false));
+        let dev = Arc::new(Stuck {
+            data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
+            hang: hang.clone(),
+        });
+        let seg: Segment = serde_json::from_value(serde_json::json!({
+            "type": "crypt", "offset": "0", "size": "dynamic", "iv_tweak": "0",
+            "encryption": "aes-xts-plain64", "sector_size": 512
+        }))
+        .unwrap();
+        let cipher = coffre_luks2::cipher::select(
+            "aes-xts-plain64",
+            &[7u8; 64],
+            coffre_luks2::cipher::Provider::Auto,
+        )
+        .unwrap();
+        let vol = Arc::new(EncryptedVolume::new(dev, &seg, cipher).unwrap());
+        let slot = vol.cipher_slot();
+        let mut buf = [0u8; 4096];
+        for _ in 0..10 {
+            vol.read_at(0, &mut buf).unwrap();
+        }
+        assert_eq!(slot.written(), 0, "reads");
+        vol.write_at(0, &buf).unwrap();
+        vol.flush().unwrap();
+        assert_eq!(slot.written(), 2);
+        hang.store(true, Ordering::SeqCst);
+        let writer = {
+            let vol = vol.clone();
+            std::thread::spawn(move || vol.write_at(4096, &[1u8; 4096]))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        vol.read_at(0, &mut buf).unwrap();
+        assert_eq!(slot.written(), 2, "a write that hangs");
+        hang.store(false, Ordering::SeqCst);
+        writer.join().unwrap().unwrap();
+        assert_eq!(slot.written(), 3);
     }
 }

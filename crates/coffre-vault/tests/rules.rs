@@ -443,6 +443,40 @@ fn a_close_that_hangs_is_forced_in_the_end() {
     );
 }
 
+/// An open that takes longer than the heartbeat grace (large VMs resumed)
+/// keeps whoever entered: they learn their session only when it ends, so
+/// they could not send heartbeats. Before, their session was dropped and
+/// the vault closed as soon as it opened.
+#[test]
+fn an_open_longer_than_the_grace_keeps_who_entered() {
+    let mut s = Sim::new(members(1, 0));
+    s.hold_opens = true;
+    let t = s.fresh();
+    let req = s.request("m0", Command::Enter, true, t);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Opening);
+    let grace = s.vault.persistent().policy.grace_ms;
+    s.advance(grace + 5_000);
+    s.advance(2_000);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Opening);
+    s.handle(Event::Opened {
+        ok: true,
+        detail: String::new(),
+    });
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open);
+    assert!(s.vault.has_presence(), "the session went while it opened");
+    assert!(matches!(
+        s.replies.get(&req),
+        Some(Outcome::Ok(Reply::Entered { .. }))
+    ));
+    // And it lasts the grace from then on, as any session.
+    s.advance(grace / 2);
+    s.settle();
+    assert_eq!(s.vault.phase(), Phase::Open);
+}
+
 /// A close that runs long but moves data (large VMs suspended into the
 /// volume) is slow, not hung: it is not forced while it moves data, and
 /// is once it stops.

@@ -341,16 +341,19 @@ fn open_data(
         None => opener
             .open_engine(engine)
             .map_err(|e| format!("the volume: {e}")),
-        // A remote store's reads need the key (its integrity keys come
-        // from it): each has its own timeout, so the deadline waits for
-        // one at most.
+        // A remote store: its integrity key is unsealed under the volume
+        // key (a computation), its reads run without it.
         Some((c, vd, uuid)) => hold
             .with_key(|key| {
+                crate::remote::store_keys(vd, key, uuid)
+                    .map_err(|e| format!("the volume's store: {e}"))
+            })
+            .unwrap_or_else(|| Err(gone()))
+            .and_then(|keys| {
                 crate::remote::open(
                     c,
                     vd,
-                    key,
-                    uuid,
+                    keys,
                     Some(crate::remote::on_change(vd, {
                         // Records from the device's threads reach the
                         // audit log through the actor.
@@ -366,7 +369,6 @@ fn open_data(
                 )
                 .map_err(|e| format!("the volume's store: {e}"))
             })
-            .unwrap_or_else(|| Err(gone()))
             .and_then(|(dev, ahead, replayed)| {
                 // A lock while the store was read (a slow store can take
                 // seconds): nothing opens after it.
@@ -445,7 +447,8 @@ fn open_data(
         {
             lines.push(line);
         }
-        if is_locked() {
+        // Locked, or given up (nobody inside) while the shares were told.
+        if is_locked() || !hold.holds_key() {
             lines.push(stopped());
         } else {
             lines.extend(resume_workloads(workloads, cut, layout));
@@ -666,7 +669,7 @@ impl Shell {
             self.data.close_uses_seen = None;
             return;
         }
-        let Some(uses) = self.custody.cipher_slot.as_ref().map(|s| s.uses()) else {
+        let Some(uses) = self.custody.cipher_slot.as_ref().map(|s| s.written()) else {
             return;
         };
         let moved = self.data.close_uses_seen.is_some_and(|seen| seen != uses);
@@ -953,10 +956,20 @@ impl Shell {
         {
             std::thread::sleep(Duration::from_millis(10));
         }
-        // One that still waits on the storage: its key and engine go now.
+        // One that still waits on the storage: its key and engine go now
+        // (it may be using the key this instant: a moment later).
         if let Some(h) = self.data.open_hold.take() {
-            let _ = h.give_up();
+            for _ in 0..100 {
+                if h.give_up().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
+        // Keys waiting for an effect, passwords: nothing uses them now.
+        self.custody.wipe_waiting();
+        self.custody.passwords.clear();
+        self.custody.new_passwords.clear();
         let how = match self.vault.mode() {
             Mode::Fast => coffre_workload::Pause::Fast,
             Mode::Safe => coffre_workload::Pause::Safe,
@@ -973,12 +986,28 @@ impl Shell {
         {
             eprintln!("coffre: the workloads' view: {e}");
         }
-        let exposure = self
-            .data
-            .exposure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        // The stack, unless an open or a close hung on the storage holds
+        // it: then it is left (its key and engine are revoked below, as at
+        // a close's deadline), and the daemon still stops.
+        let deadline =
+            std::time::Instant::now() + Duration::from_secs(self.config.data.close_deadline_s);
+        let slot = self.data.exposure.clone();
+        let exposure = loop {
+            match slot.try_lock() {
+                Ok(mut g) => break g.take(),
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                self.system_audit(
+                    "close",
+                    "deadline",
+                    "at the stop: the data stack is held by an open or a close hung on the storage; left behind (the next start cleans it), the key wiped".into(),
+                );
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         // The VMs' NFS server lets go of the data before the unmount (or
         // it would be killed as a holder).
         if let (Some(nfs), Some(_)) = (self.nfs(), &exposure) {

@@ -30,10 +30,19 @@ pub(super) enum Stage {
         /// answering never reports a failure; a slow one, suspending large
         /// VMs into the volume, moves data).
         started: Millis,
+        /// When this close started, never moved: past
+        /// [`CLOSE_CEILING`] times `close_force_after_ms` it is forced
+        /// whatever data it moves.
+        began: Millis,
         /// A key kept from an enter during the close, to reopen with.
         reopen: Option<ReqId>,
     },
 }
+
+/// A close running this many times `close_force_after_ms` is forced even
+/// if it still moves data (something that writes for ever must not keep
+/// the key with nobody inside).
+pub const CLOSE_CEILING: u64 = 6;
 
 impl Stage {
     /// A close starting `now`.
@@ -43,6 +52,7 @@ impl Stage {
             failed_at: None,
             first_failed: None,
             started: now,
+            began: now,
             reopen: None,
         }
     }
@@ -113,6 +123,9 @@ impl Vault {
         }
         if ok {
             self.phase = Stage::Open;
+            for s in self.sessions.values_mut() {
+                s.last_seen = out.now;
+            }
             out.audit(SYSTEM, None, "state", "open", detail.to_string());
         } else {
             out.audit(
@@ -197,9 +210,17 @@ impl Vault {
     pub(super) fn tick(&mut self, out: &mut Out) {
         let now = out.now;
         let grace = self.p.policy.grace_ms;
-        self.drop_sessions(out, &format!("no heartbeat for {} s", grace / 1000), |s| {
-            now.0.saturating_sub(s.last_seen.0) > grace
-        });
+        // Not while opening: whoever entered learns their session only
+        // when the open ends (their reply waits for it), so they cannot
+        // send heartbeats before; an open longer than the grace (large VMs
+        // resumed, a remote journal replayed) dropped them, and the vault
+        // closed as soon as it opened. Their time starts again at the open's
+        // end.
+        if self.phase() != Phase::Opening {
+            self.drop_sessions(out, &format!("no heartbeat for {} s", grace / 1000), |s| {
+                now.0.saturating_sub(s.last_seen.0) > grace
+            });
+        }
         let expired: Vec<TaskId> = self
             .tasks
             .values()
@@ -221,13 +242,16 @@ impl Vault {
         self.approvals
             .retain(|_, t| now.0.saturating_sub(t.0) < window);
         self.expire_proposals(out);
+        let force_after = self.p.policy.close_force_after_ms;
         if let Stage::Closing {
             forced: forced @ false,
             failed_at: None,
             started,
+            began,
             ..
         } = &mut self.phase
-            && now.0.saturating_sub(started.0) >= self.p.policy.close_force_after_ms
+            && (now.0.saturating_sub(started.0) >= force_after
+                || now.0.saturating_sub(began.0) >= force_after.saturating_mul(CLOSE_CEILING))
         {
             // Still running, unanswered, no data moved: hung (storage that
             // stopped answering). A forced close follows, with the shell's

@@ -21,6 +21,8 @@ pub struct Sim {
     /// Closes that are not forced never answer (storage that stopped
     /// answering); forced ones do (the shell's deadline answers for them).
     pub close_hangs: bool,
+    /// Opens do not answer (the test sends `Opened` itself).
+    pub hold_opens: bool,
     /// The mode of each close, in order.
     pub close_modes: Vec<Mode>,
     /// How many times pending invitations were cancelled.
@@ -84,6 +86,7 @@ impl Sim {
             removed: Vec::new(),
             close_fails: false,
             close_hangs: false,
+            hold_opens: false,
             close_modes: Vec::new(),
             invitations_cancelled: 0,
             accounts_changed: Vec::new(),
@@ -135,6 +138,9 @@ impl Sim {
                     assert!(self.kept.remove(&req), "open with a key nobody kept");
                     assert!(!self.key_held, "opened twice");
                     self.key_held = true;
+                    if self.hold_opens {
+                        continue;
+                    }
                     self.inbox.push_back(Event::Opened {
                         ok: true,
                         detail: String::new(),
