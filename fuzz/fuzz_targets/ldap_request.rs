@@ -2,8 +2,10 @@
 //! codec (ldap3_proto) and the server's request handling against a fixed
 //! directory, with no network. The first byte says whether TLS is on
 //! (LDAPS) or not (the plain port, where only StartTLS is answered).
-//! Nothing may panic, every answer must encode, and in clear no entry
-//! is ever sent. Seeds: requests as ldapsearch and ldapwhoami send them
+//! Nothing may panic, every answer must encode, in clear no entry is
+//! ever sent, and nothing of carol (whom this client does not see: her
+//! name, her number) is ever in an answer unless the request itself
+//! carried it. Seeds: requests as ldapsearch and ldapwhoami send them
 //! (a paged search with a filter, a simple bind and WhoAmI, StartTLS,
 //! the root DSE). Also the member's SSH key lines and verifiers the
 //! directory serves (`check_ssh_key`, `verifier_costs`).
@@ -86,6 +88,15 @@ fuzz_target!(|data: &[u8]| {
     if input.push(stream).is_err() {
         return;
     }
+    let sent = |needle: &[u8]| {
+        stream
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    let hidden: Vec<&[u8]> = [&b"carol"[..], b"5303"]
+        .into_iter()
+        .filter(|n| !sent(n))
+        .collect();
     while let Ok(Some(m)) = input.decode() {
         let clear = !session.tls;
         let (out, after) = server.handle(&mut session, m, !input.is_empty());
@@ -96,7 +107,13 @@ fuzz_target!(|data: &[u8]| {
                     "an entry sent in clear"
                 );
             }
-            encode(r).expect("every answer encodes");
+            let bytes = encode(r).expect("every answer encodes");
+            for n in &hidden {
+                assert!(
+                    !bytes.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)),
+                    "an answer shows what this client does not see"
+                );
+            }
         }
         match after {
             After::Continue => {}

@@ -6,7 +6,10 @@
 //!
 //! While a check for a pair is queued or running, another bind for the
 //! same pair is refused too: parallel connections cannot multiply the
-//! guesses.
+//! guesses. And one address has at most [`CHECKS_PER_ADDRESS`] checks
+//! queued or running: the KDF's queue is every workload's, and a guest
+//! that sees many members could otherwise keep it full, so that other
+//! workloads' right passwords got `busy`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +19,9 @@ use std::time::{Duration, Instant};
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest wait.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Checks one address may have queued or running at once.
+pub const CHECKS_PER_ADDRESS: usize = 2;
+
 /// Pairs remembered at most (there are only clients × visible users of
 /// them; this bounds a bug, not an attacker).
 pub const MAX_PAIRS: usize = 16_384;
@@ -37,6 +43,14 @@ impl Throttle {
     /// Whether a bind for `(ip, user)` may run the KDF now; if so the pair
     /// is marked as being checked until [`Throttle::record`].
     pub fn begin(&mut self, ip: IpAddr, user: &str, now: Instant) -> bool {
+        let running = self
+            .pairs
+            .iter()
+            .filter(|((i, _), s)| *i == ip && s.checking)
+            .count();
+        if running >= CHECKS_PER_ADDRESS {
+            return false;
+        }
         let key = (ip, user.to_string());
         match self.pairs.get_mut(&key) {
             Some(s) if s.checking || now < s.until => false,
@@ -138,6 +152,21 @@ mod tests {
             t.begin(A, "alice", t3),
             "a check that did not run leaves no wait"
         );
+    }
+
+    /// One address cannot keep the KDF's shared queue full: past its
+    /// checks at once, its binds are refused, another address's are not;
+    /// a check that ends makes room.
+    #[test]
+    fn one_address_has_a_few_checks_at_once() {
+        let mut t = Throttle::default();
+        let now = Instant::now();
+        assert!(t.begin(A, "m1", now));
+        assert!(t.begin(A, "m2", now));
+        assert!(!t.begin(A, "m3", now), "a third check from one address");
+        assert!(t.begin(B, "m3", now), "another address's");
+        t.record(A, "m1", Some(true), now);
+        assert!(t.begin(A, "m3", now));
     }
 
     #[test]

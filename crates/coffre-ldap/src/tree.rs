@@ -57,18 +57,24 @@ pub enum Refused {
 pub const MAX_SEARCH_WORK: usize = 200_000;
 
 /// A filter's size: its items, a substring item counting each of its
-/// parts.
+/// parts, and every item its assertion's bytes too (one more per 64: a
+/// value is folded and compared against every value of every entry, so a
+/// 30 KB substring costs what hundreds of small items do).
 pub fn filter_cost(f: &LdapFilter) -> usize {
+    let bytes = |n: usize| n / 64;
     match f {
         LdapFilter::And(fs) | LdapFilter::Or(fs) => {
             fs.iter().map(filter_cost).fold(1, usize::saturating_add)
         }
         LdapFilter::Not(f) => filter_cost(f).saturating_add(1),
         LdapFilter::Substring(_, sub) => {
-            1 + usize::from(sub.initial.is_some())
-                + usize::from(sub.final_.is_some())
-                + sub.any.len()
+            let parts = sub.initial.iter().chain(&sub.any).chain(&sub.final_);
+            parts.fold(1, |c, p| c.saturating_add(1 + bytes(p.len())))
         }
+        LdapFilter::Equality(_, v)
+        | LdapFilter::Approx(_, v)
+        | LdapFilter::GreaterOrEqual(_, v)
+        | LdapFilter::LessOrEqual(_, v) => 1 + bytes(v.len()),
         _ => 1,
     }
 }
@@ -408,6 +414,11 @@ pub(crate) mod tests {
         let usual = parse_ldap_filter_str("(&(objectClass=posixAccount)(uid=alice))").unwrap();
         assert_eq!(filter_cost(&usual), 3);
         assert!(t.search(&base, &LdapSearchScope::Subtree, &usual).is_ok());
+        // A few items, each carrying a long value, cost what many small
+        // ones do.
+        let long = "x".repeat(30_000);
+        let f = parse_ldap_filter_str(&format!("(|(cn=*{long}*)(gecos=*{long}*))")).unwrap();
+        assert!(filter_cost(&f) > 900, "{}", filter_cost(&f));
     }
 
     #[test]
