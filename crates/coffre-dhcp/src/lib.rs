@@ -32,8 +32,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 mod serve;
 
 pub use serve::{
-    LOG_BURST, LOG_PER_SEC, MAX_DATAGRAM, PACKET_BURST, PACKETS_PER_SEC, RECV_BUFFER, bind_socket,
-    serve,
+    LOG_BURST, LOG_PER_MINUTE, MAX_DATAGRAM, PACKET_BURST, PACKETS_PER_SEC, RECV_BUFFER,
+    bind_socket, serve,
 };
 
 /// The DHCP server's port (RFC 2131 §4.1).

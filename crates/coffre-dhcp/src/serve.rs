@@ -30,12 +30,15 @@ pub const PACKETS_PER_SEC: u32 = 50;
 /// Datagrams served back to back before the rate applies.
 pub const PACKET_BURST: u32 = 50;
 
-/// Log lines per second per interface (leases handed out or refused,
+/// Log lines per minute per interface (leases handed out or refused,
 /// dropped packets); past it, lines are counted and the count is logged
-/// with the next line that passes.
-pub const LOG_PER_SEC: u32 = 2;
+/// with the next line that passes. A guest that keeps sending what gets
+/// logged must not fill the host's disk: at this rate a flood for a day
+/// writes a few hundred KiB (at 2 a second, as before 2026-12-06, about
+/// 17 MB).
+pub const LOG_PER_MINUTE: u32 = 2;
 
-/// Log lines back to back before [`LOG_PER_SEC`] applies.
+/// Log lines back to back before [`LOG_PER_MINUTE`] applies.
 pub const LOG_BURST: u32 = 10;
 
 /// The receive buffer asked for on each socket (the kernel doubles it for
@@ -77,7 +80,7 @@ pub fn bind_socket(ifname: &str) -> io::Result<OwnedFd> {
 /// interface; rate limited per interface (a flood from one guest costs
 /// bounded CPU and does not starve other interfaces); returns only on a
 /// fatal error. Logs one line per lease handed out or refused on stderr
-/// (no more than [`LOG_PER_SEC`] lines per second per interface, after a
+/// (no more than [`LOG_PER_MINUTE`] lines per minute per interface, after a
 /// burst of [`LOG_BURST`]).
 ///
 /// Before serving, every socket is checked against its [`Interface`]: same
@@ -246,7 +249,7 @@ fn transient(e: &io::Error) -> bool {
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 struct Bucket {
-    rate: u32,
+    rate: f64,
     burst: u32,
     tokens: f64,
     last: Instant,
@@ -254,8 +257,16 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u32, burst: u32) -> Bucket {
+        Bucket::per_second(f64::from(rate.max(1)), burst)
+    }
+
+    fn per_minute(rate: u32, burst: u32) -> Bucket {
+        Bucket::per_second(f64::from(rate.max(1)) / 60.0, burst)
+    }
+
+    fn per_second(rate: f64, burst: u32) -> Bucket {
         Bucket {
-            rate: rate.max(1),
+            rate,
             burst: burst.max(1),
             tokens: f64::from(burst.max(1)),
             last: Instant::now(),
@@ -266,14 +277,12 @@ impl Bucket {
     fn take(&mut self, now: Instant) -> Option<Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.burst));
+        self.tokens = (self.tokens + elapsed * self.rate).min(f64::from(self.burst));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             None
         } else {
-            Some(Duration::from_secs_f64(
-                (1.0 - self.tokens) / f64::from(self.rate),
-            ))
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
 }
@@ -289,7 +298,7 @@ impl Log {
     fn new(ifname: &str) -> Log {
         Log {
             prefix: format!("coffre-dhcp {ifname}"),
-            bucket: Bucket::new(LOG_PER_SEC, LOG_BURST),
+            bucket: Bucket::per_minute(LOG_PER_MINUTE, LOG_BURST),
             suppressed: 0,
         }
     }
@@ -317,6 +326,25 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log's bucket: after its burst, a line every 30 s whatever a
+    /// guest sends (two a second filled the host's disk over weeks).
+    #[test]
+    fn the_log_passes_its_burst_then_two_lines_a_minute() {
+        let start = Instant::now();
+        let mut b = Bucket::per_minute(LOG_PER_MINUTE, LOG_BURST);
+        let mut passed = 0;
+        // A line tried every 100 ms for ten minutes.
+        for i in 0..6000u64 {
+            if b.take(start + Duration::from_millis(100 * i)).is_none() {
+                passed += 1;
+            }
+        }
+        assert!(
+            (LOG_BURST as usize + 19..=LOG_BURST as usize + 21).contains(&passed),
+            "{passed}"
+        );
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
