@@ -373,7 +373,8 @@ impl FuseFile {
                 self.revoke();
                 self.session = None;
                 return Err(std::io::Error::other(
-                    "the FUSE connection outlives its mount (a copy elsewhere?): the volume was taken away from its workers",
+                    "the FUSE connection outlives its mount (a copy elsewhere?): the volume and its key were taken away from its workers, \
+                     but their last requests' data stays in their buffers until the copy goes",
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));

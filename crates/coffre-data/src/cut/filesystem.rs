@@ -152,6 +152,8 @@ impl Layer {
             };
             list.push((self.ino(live, e.ino()), kind, e.file_name()));
         }
+        // What is charged is what is kept: not the vector's spare room.
+        list.shrink_to_fit();
         Ok((list, bytes))
     }
 
