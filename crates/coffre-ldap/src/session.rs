@@ -319,17 +319,43 @@ impl Server {
         }
         drop(dir);
         let lock = || self.throttle.lock().unwrap_or_else(|p| p.into_inner());
-        if !lock().begin(ip, &name, Instant::now()) {
-            return (Outcome::Throttled, name);
+        {
+            let mut t = lock();
+            if t.address_busy(ip) {
+                return (Outcome::Busy, name);
+            }
+            if !t.begin(ip, &name, Instant::now()) {
+                return (Outcome::Throttled, name);
+            }
         }
+        // Recorded whatever happens (a panic included): a pair left
+        // "checking" would hold its address's few checks for good.
+        struct Checking<'a, F: Fn() -> std::sync::MutexGuard<'a, crate::throttle::Throttle>> {
+            lock: F,
+            ip: std::net::IpAddr,
+            name: &'a str,
+            right: Option<bool>,
+        }
+        impl<'a, F: Fn() -> std::sync::MutexGuard<'a, crate::throttle::Throttle>> Drop for Checking<'a, F> {
+            fn drop(&mut self) {
+                (self.lock)().record(self.ip, self.name, self.right, Instant::now());
+            }
+        }
+        let mut checking = Checking {
+            lock,
+            ip,
+            name: &name,
+            right: None,
+        };
         let right = match self.kdf.verify(&verifier, password) {
             Ok(r) => r,
             Err(crate::kdf::Busy) => {
-                lock().record(ip, &name, None, Instant::now());
+                drop(checking);
                 return (Outcome::Busy, name);
             }
         };
-        lock().record(ip, &name, Some(right), Instant::now());
+        checking.right = Some(right);
+        drop(checking);
         if !right {
             return (Outcome::WrongPassword, name);
         }

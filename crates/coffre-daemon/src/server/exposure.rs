@@ -101,9 +101,16 @@ impl OpenHold {
             .map(f)
     }
 
-    /// The key, out of reach of the deadline, if it was not wiped.
+    /// The key, out of reach of the deadline, if it was not wiped; the
+    /// engine leaves the hold with it (the open hands both to the actor:
+    /// a later give-up must not revoke an engine the vault now runs on).
     fn take_key(&self) -> Option<VolumeKey> {
-        self.key.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let mut k = self.key.lock().unwrap_or_else(|p| p.into_inner());
+        let key = k.take();
+        if key.is_some() {
+            self.cipher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        key
     }
 
     /// The engine's cipher, where the deadline can revoke it; false (and
@@ -350,6 +357,9 @@ fn open_data(
             })
             .unwrap_or_else(|| Err(gone()))
             .and_then(|keys| {
+                // The unsealing's HMAC left copies of the volume key on
+                // this stack, below the store's reads that may wait long.
+                coffre_luks2::secret::scrub_stack();
                 crate::remote::open(
                     c,
                     vd,
@@ -372,8 +382,8 @@ fn open_data(
             .and_then(|(dev, ahead, replayed)| {
                 // A lock while the store was read (a slow store can take
                 // seconds): nothing opens after it.
-                if is_locked() {
-                    return Err("the vault was locked while its store was read".into());
+                if is_locked() || !hold.holds_key() {
+                    return Err("the vault was locked (or the open given up) while its store was read".into());
                 }
                 if let Some(r) = replayed {
                     lines.push(("storage".into(), "ok".into(), r));
@@ -603,7 +613,16 @@ impl Shell {
             return;
         };
         let deadline = Duration::from_secs(self.config.data.close_deadline_s);
-        if self.vault.has_presence() {
+        // Those inside while it opens are those whose `enter` waits for
+        // it (their sessions cannot expire meanwhile: they learn them only
+        // at the end), unless a task keeps the vault open: once every one
+        // of those clients went away, nobody is inside.
+        let parked = &self.data.parked;
+        let all_gone = !parked.is_empty()
+            && parked.iter().all(|(tx, _)| tx.is_closed())
+            && self.vault.sessions().count() <= parked.len()
+            && !self.vault.has_tasks();
+        if self.vault.has_presence() && !all_gone {
             self.data.open_unattended_since = None;
         } else {
             self.data
@@ -974,12 +993,29 @@ impl Shell {
             Mode::Fast => coffre_workload::Pause::Fast,
             Mode::Safe => coffre_workload::Pause::Safe,
         };
-        let lines = self
-            .workloads
-            .set
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown(how);
+        // What an open or a close hung on the storage holds (the
+        // workloads, the data stack) is waited for until the close
+        // deadline, then left: the daemon still stops, its keys wiped.
+        let deadline =
+            std::time::Instant::now() + Duration::from_secs(self.config.data.close_deadline_s);
+        let mut left_behind = false;
+        let set = self.workloads.set.clone();
+        let lines = loop {
+            match set.try_lock() {
+                Ok(mut w) => break w.shutdown(how),
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().shutdown(how),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                left_behind = true;
+                break vec![(
+                    "workload".to_string(),
+                    "failed".to_string(),
+                    "at the stop: the workloads are held by a close hung on the storage; left as they are".to_string(),
+                )];
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         self.workload_audit(lines);
         if let Some(cut) = &self.data.cut
             && let (_, Err(e)) = cut.cut()
@@ -989,8 +1025,6 @@ impl Shell {
         // The stack, unless an open or a close hung on the storage holds
         // it: then it is left (its key and engine are revoked below, as at
         // a close's deadline), and the daemon still stops.
-        let deadline =
-            std::time::Instant::now() + Duration::from_secs(self.config.data.close_deadline_s);
         let slot = self.data.exposure.clone();
         let exposure = loop {
             match slot.try_lock() {
@@ -1004,6 +1038,7 @@ impl Shell {
                     "deadline",
                     "at the stop: the data stack is held by an open or a close hung on the storage; left behind (the next start cleans it), the key wiped".into(),
                 );
+                left_behind = true;
                 break None;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -1050,11 +1085,22 @@ impl Shell {
         self.custody.passwords.clear();
         self.custody.new_passwords.clear();
         self.data.cut = None;
-        self.system_audit(
-            "stop",
-            "closed",
-            format!("daemon stopped cleanly (was {was}); key wiped"),
-        );
-        let _ = std::fs::remove_file(self.dir.running_marker());
+        if left_behind {
+            // Kept: the next start sees an unclean stop and cleans up.
+            self.system_audit(
+                "stop",
+                "closed",
+                format!(
+                    "daemon stopped (was {was}); key wiped; what hung on the storage was left behind"
+                ),
+            );
+        } else {
+            self.system_audit(
+                "stop",
+                "closed",
+                format!("daemon stopped cleanly (was {was}); key wiped"),
+            );
+            let _ = std::fs::remove_file(self.dir.running_marker());
+        }
     }
 }

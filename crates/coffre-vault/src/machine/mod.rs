@@ -150,6 +150,11 @@ impl Vault {
         !self.sessions.is_empty() || !self.tasks.is_empty()
     }
 
+    /// Whether a task keeps the vault open.
+    pub fn has_tasks(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
     /// Live sessions.
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
         self.sessions.values()

@@ -210,13 +210,15 @@ impl Vault {
     pub(super) fn tick(&mut self, out: &mut Out) {
         let now = out.now;
         let grace = self.p.policy.grace_ms;
-        // Not while opening: whoever entered learns their session only
-        // when the open ends (their reply waits for it), so they cannot
-        // send heartbeats before; an open longer than the grace (large VMs
-        // resumed, a remote journal replayed) dropped them, and the vault
-        // closed as soon as it opened. Their time starts again at the open's
-        // end.
-        if self.phase() != Phase::Opening {
+        // Not while opening or closing: whoever entered then learns their
+        // session only when the open ends (their reply waits for it), so
+        // they cannot send heartbeats before; an open longer than the grace
+        // (large VMs resumed, a remote journal replayed) dropped them, and
+        // the vault closed as soon as it opened (a close, likewise, lost
+        // the reopen of someone who entered during it). Their time starts
+        // again at the open's end; the shell gives up an open whose every
+        // waiting client went away.
+        if !matches!(self.phase(), Phase::Opening | Phase::Closing) {
             self.drop_sessions(out, &format!("no heartbeat for {} s", grace / 1000), |s| {
                 now.0.saturating_sub(s.last_seen.0) > grace
             });
@@ -253,6 +255,7 @@ impl Vault {
             && (now.0.saturating_sub(started.0) >= force_after
                 || now.0.saturating_sub(began.0) >= force_after.saturating_mul(CLOSE_CEILING))
         {
+            let ceiling = now.0.saturating_sub(started.0) < force_after;
             // Still running, unanswered, no data moved: hung (storage that
             // stopped answering). A forced close follows, with the shell's
             // deadline, so the key goes in bounded time with nobody inside.
@@ -262,10 +265,17 @@ impl Vault {
                 None,
                 "state",
                 "close_forced",
-                format!(
-                    "the close has neither finished nor moved data for {} s: forcing it",
-                    self.p.policy.close_force_after_ms / 1000
-                ),
+                if ceiling {
+                    format!(
+                        "the close has run for {} s, still writing: forcing it",
+                        force_after.saturating_mul(CLOSE_CEILING) / 1000
+                    )
+                } else {
+                    format!(
+                        "the close has neither finished nor written to the storage for {} s: forcing it",
+                        force_after / 1000
+                    )
+                },
             );
             self.close(out, true);
         }

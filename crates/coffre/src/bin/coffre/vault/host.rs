@@ -128,11 +128,17 @@ pub fn serve(dir: PathBuf, listen: Option<String>) -> Result<u8> {
         ),
     }
     let rt = runtime()?;
-    rt.block_on(coffre_daemon::server::serve(&dir, listen, |addr| {
+    let served = rt.block_on(coffre_daemon::server::serve(&dir, listen, |addr| {
         println!("coffre: vault {} listening on {addr}", dir.display());
         let _ = std::io::stdout().flush();
-    }))
-    .with_context(|| format!("serving {}", dir.display()))?;
+    }));
+    // Work still running off the actor is an open or a close hung on the
+    // storage (the stop left it, its key wiped): dropping the runtime
+    // would wait for it without end, and the service manager would have
+    // to kill the daemon. The process ends, and its mounts go at the next
+    // start.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    served.with_context(|| format!("serving {}", dir.display()))?;
     eprintln!("coffre: stopped; the vault is closed");
     Ok(exit::OK)
 }
