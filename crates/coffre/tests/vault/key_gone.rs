@@ -679,3 +679,65 @@ fn a_close_that_hangs_is_forced_and_the_key_goes() {
     }
     v.stop();
 }
+
+/// An open that hangs on storage that stopped answering while the member
+/// who entered goes away (their `coffre enter` killed): nobody is inside,
+/// so past `[policy] close_force_after_ms` plus `[data] close_deadline_s`
+/// the open is given up and its key wiped, without a lock. Before, the
+/// member's session could not expire while the vault opened, and the key
+/// stayed for as long as the storage hung.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_hung_open_whose_member_went_away_lets_the_key_go() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    use std::sync::atomic::Ordering;
+    let storage;
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    set_close_deadline(&v, 3);
+    set_config(&v, "policy", "close_force_after_ms", 2000);
+    storage = hangfs::behind(&v);
+    let hang = storage.hang.clone();
+    let _unhang = hangfs::Unhang(hang.clone());
+    v.start();
+    let pid = v.pid();
+    storage.hang_attr.store(true, Ordering::SeqCst);
+    hang.store(true, Ordering::SeqCst);
+    let mut enter = v.enter_start("alice", &[]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.state() != "opening" {
+        assert!(std::time::Instant::now() < until, "never opening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(v.status("alice")["key_held"], true);
+    let _ = enter.kill();
+    let _ = enter.wait();
+    v.wait_state("closed", Duration::from_secs(60));
+    assert_eq!(v.status("alice")["key_held"], false);
+    assert_key_gone(pid, &key, "while the open still hangs");
+    assert!(
+        v.audit().iter().any(|e| e["record"]["action"] == "open"
+            && e["record"]["result"] == "deadline"
+            && e["record"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("nobody inside"))),
+        "the audit log says the open was given up with nobody inside"
+    );
+    hang.store(false, Ordering::SeqCst);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !v.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "what the open mounted stayed: {:?}",
+            v.leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    v.stop();
+}
