@@ -397,6 +397,60 @@ fn assert_key_gone(pid: u32, key: &[u8], when: &str) {
     }
 }
 
+/// A vault whose volume file is behind [`hangfs`], configured by
+/// `configure`, started. Its fields drop in this order: the storage is
+/// unhung (a test that fails while it hangs stops its daemon instead of
+/// waiting on it for ever), the daemon stopped, then the FUSE file
+/// unmounted.
+struct HungLab {
+    _unhang: hangfs::Unhang,
+    v: Vault,
+    storage: hangfs::Hanging,
+    /// The volume key, to scan the daemon's memory for.
+    key: Vec<u8>,
+    pid: u32,
+}
+
+fn hung_lab(configure: impl FnOnce(&mut Vault)) -> HungLab {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    let key = volume_key(&v);
+    configure(&mut v);
+    let storage = hangfs::behind(&v);
+    let unhang = hangfs::Unhang(storage.hang.clone());
+    v.start();
+    let pid = v.pid();
+    HungLab {
+        _unhang: unhang,
+        v,
+        storage,
+        key,
+        pid,
+    }
+}
+
+/// Waits until the vault is opening, and still is a moment later (the
+/// open waits on the storage, or the test proves nothing).
+fn wait_opening(v: &Vault) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.state() != "opening" {
+        assert!(std::time::Instant::now() < until, "never opening");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        v.state(),
+        "opening",
+        "the open did not wait on the storage: the test proves nothing"
+    );
+}
+
 /// Finding 8 of issue 12: a lock finishes in bounded time even when the
 /// storage stops answering writes. Past `[data] close_deadline_s` the
 /// engine's cipher is revoked and the key wiped: `key_held` is false and
@@ -405,26 +459,12 @@ fn assert_key_gone(pid: u32, key: &[u8], when: &str) {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
     use std::sync::atomic::Ordering;
-    // Declared before the vault, so dropped after it (once the daemon is
-    // gone, the FUSE file can be unmounted).
-    let storage;
-    let mut v = Vault::init(&[]);
-    let key = volume_key(&v);
-    set_close_deadline(&v, 3);
-    // The ciphertext moves behind a FUSE file whose writes can hang.
-    storage = hangfs::behind(&v);
-    let hang = storage.hang.clone();
-    let _unhang = hangfs::Unhang(hang.clone());
-    v.start();
-    let pid = v.pid();
+    let mut lab = hung_lab(|v| {
+        set_close_deadline(v, 3);
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
     let mut enter = v.enter_bg("alice", &[]);
     assert_eq!(v.state(), "open");
     assert!(
@@ -471,47 +511,26 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_during_the_open_starts_no_workload() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
     use std::sync::atomic::Ordering;
-    let storage;
-    let mut v = Vault::init(&[]);
-    let key = volume_key(&v);
-    v.set_workloads(
-        "auto",
-        r#"
+    let mut lab = hung_lab(|v| {
+        v.set_workloads(
+            "auto",
+            r#"
 [[workload]]
 name = "marker"
 kind = "process"
 user = "root"
 command = ["/bin/sleep", "1000"]
 "#,
-    );
-    storage = hangfs::behind(&v);
-    let hang = storage.hang.clone();
-    let _unhang = hangfs::Unhang(hang.clone());
-    v.start();
-    let pid = v.pid();
+        );
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
     // The storage stops answering writes; alice enters: the open mounts
     // the data, whose superblock write waits.
     hang.store(true, Ordering::SeqCst);
     let mut enter = v.enter_start("alice", &[]);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while v.state() != "opening" {
-        assert!(std::time::Instant::now() < until, "never opening");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        v.state(),
-        "opening",
-        "the open did not wait on the storage: the test proves nothing"
-    );
+    wait_opening(v);
     ok(&v.authed("alice", &["lock", "--reason", "during the open"]));
     hang.store(false, Ordering::SeqCst);
     v.wait_state("locked", Duration::from_secs(60));
@@ -551,40 +570,19 @@ command = ["/bin/sleep", "1000"]
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_lock_during_a_hung_open_wipes_the_key_at_its_deadline() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
     use std::sync::atomic::Ordering;
-    let storage;
-    let mut v = Vault::init(&[]);
-    let key = volume_key(&v);
-    set_close_deadline(&v, 3);
-    storage = hangfs::behind(&v);
-    let hang = storage.hang.clone();
-    let _unhang = hangfs::Unhang(hang.clone());
-    v.start();
-    let pid = v.pid();
+    let mut lab = hung_lab(|v| {
+        set_close_deadline(v, 3);
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
     // The storage stops answering writes and questions about the file's
     // size: the open waits when it sizes the volume (its key no longer
     // needed by then), or later when it mounts.
-    storage.hang_attr.store(true, Ordering::SeqCst);
+    lab.storage.hang_attr.store(true, Ordering::SeqCst);
     hang.store(true, Ordering::SeqCst);
     let mut enter = v.enter_start("alice", &[]);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while v.state() != "opening" {
-        assert!(std::time::Instant::now() < until, "never opening");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        v.state(),
-        "opening",
-        "the open did not wait on the storage: the test proves nothing"
-    );
+    wait_opening(v);
     assert_eq!(
         v.status("alice")["key_held"],
         true,
@@ -632,24 +630,13 @@ fn a_lock_during_a_hung_open_wipes_the_key_at_its_deadline() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_close_that_hangs_is_forced_and_the_key_goes() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
     use std::sync::atomic::Ordering;
-    let storage;
-    let mut v = Vault::init(&[]);
-    let key = volume_key(&v);
-    set_close_deadline(&v, 3);
-    set_config(&v, "policy", "close_force_after_ms", 2000);
-    storage = hangfs::behind(&v);
-    let hang = storage.hang.clone();
-    let _unhang = hangfs::Unhang(hang.clone());
-    v.start();
-    let pid = v.pid();
+    let mut lab = hung_lab(|v| {
+        set_close_deadline(v, 3);
+        set_config(v, "policy", "close_force_after_ms", 2000);
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
     let mut enter = v.enter_bg("alice", &[]);
     assert_eq!(v.state(), "open");
     // The storage stops answering; the team's data has unwritten changes.
@@ -689,32 +676,17 @@ fn a_close_that_hangs_is_forced_and_the_key_goes() {
 #[test]
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_hung_open_whose_member_went_away_lets_the_key_go() {
-    require(&[
-        Need::Root,
-        Need::Fuse,
-        Need::Loop,
-        Need::Ext4,
-        Need::Cryptsetup,
-    ]);
     use std::sync::atomic::Ordering;
-    let storage;
-    let mut v = Vault::init(&[]);
-    let key = volume_key(&v);
-    set_close_deadline(&v, 3);
-    set_config(&v, "policy", "close_force_after_ms", 2000);
-    storage = hangfs::behind(&v);
-    let hang = storage.hang.clone();
-    let _unhang = hangfs::Unhang(hang.clone());
-    v.start();
-    let pid = v.pid();
-    storage.hang_attr.store(true, Ordering::SeqCst);
+    let mut lab = hung_lab(|v| {
+        set_close_deadline(v, 3);
+        set_config(v, "policy", "close_force_after_ms", 2000);
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
+    lab.storage.hang_attr.store(true, Ordering::SeqCst);
     hang.store(true, Ordering::SeqCst);
     let mut enter = v.enter_start("alice", &[]);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while v.state() != "opening" {
-        assert!(std::time::Instant::now() < until, "never opening");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_opening(v);
     assert_eq!(v.status("alice")["key_held"], true);
     let _ = enter.kill();
     let _ = enter.wait();
