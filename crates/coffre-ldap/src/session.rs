@@ -321,7 +321,7 @@ impl Server {
         let lock = || self.throttle.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut t = lock();
-            if t.address_busy(ip) {
+            if t.address_busy(ip) || t.checking(ip, &name) {
                 return (Outcome::Busy, name);
             }
             if !t.begin(ip, &name, Instant::now()) {

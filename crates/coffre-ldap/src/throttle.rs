@@ -70,6 +70,14 @@ impl Throttle {
         }
     }
 
+    /// Whether a check for `(ip, user)` is queued or running now (a bind
+    /// beside it is answered `busy`: its password may well be right).
+    pub fn checking(&self, ip: IpAddr, user: &str) -> bool {
+        self.pairs
+            .get(&(ip, user.to_string()))
+            .is_some_and(|s| s.checking)
+    }
+
     /// Whether `ip` has [`CHECKS_PER_ADDRESS`] checks queued or running
     /// (its next bind is answered `busy`, as when the queue is full: not
     /// a wrong password).
@@ -166,6 +174,7 @@ mod tests {
         let now = Instant::now();
         assert!(!t.address_busy(A));
         assert!(t.begin(A, "m1", now));
+        assert!(t.checking(A, "m1") && !t.checking(A, "m2") && !t.checking(B, "m1"));
         assert!(t.begin(A, "m2", now));
         assert!(t.address_busy(A), "a third check from one address");
         assert!(!t.address_busy(B), "another address's");

@@ -34,6 +34,8 @@ pub struct CipherSlot {
     name: String,
     /// Writes and flushes the storage has completed so far.
     written: std::sync::atomic::AtomicU64,
+    /// Reads the storage has completed so far.
+    read: std::sync::atomic::AtomicU64,
 }
 
 impl CipherSlot {
@@ -42,6 +44,7 @@ impl CipherSlot {
             name: cipher.name(),
             cipher: std::sync::RwLock::new(Some(cipher)),
             written: std::sync::atomic::AtomicU64::new(0),
+            read: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -66,6 +69,14 @@ impl CipherSlot {
     /// never for reads (which may still work when writes hang).
     pub fn written(&self) -> u64 {
         self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many reads, writes and flushes the storage has completed
+    /// through it (an open that reads, resuming large VMs, is slow, not
+    /// hung).
+    pub fn completed(&self) -> u64 {
+        self.written()
+            .wrapping_add(self.read.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn hold(&self) -> std::sync::RwLockReadGuard<'_, Option<Box<dyn SectorCipher>>> {
@@ -295,6 +306,9 @@ impl EncryptedVolume {
                 op: "reading",
                 source,
             })?;
+        self.cipher
+            .read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.crypt_split(iv, buf, false, split)
     }
 
@@ -403,9 +417,10 @@ mod tests {
     /// The cipher can be revoked while a write hangs on the device: the
     /// revocation does not wait for the write, and every request after it
     /// fails without the key.
-    #[test]
-    fn the_cipher_is_revoked_while_a_write_hangs() {
-        let hang = Arc::new(AtomicBool::new(true));
+    /// A 1 MiB volume on a [`Stuck`] device, whose writes hang while the
+    /// flag returned is set (`hang` at first).
+    fn stuck_volume(hang: bool) -> (Arc<EncryptedVolume>, Arc<AtomicBool>) {
+        let hang = Arc::new(AtomicBool::new(hang));
         let dev = Arc::new(Stuck {
             data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
             hang: hang.clone(),
@@ -415,14 +430,21 @@ mod tests {
             "encryption": "aes-xts-plain64", "sector_size": 512
         }))
         .unwrap();
-        let key = [7u8; 64];
         let cipher = coffre_luks2::cipher::select(
             "aes-xts-plain64",
-            &key,
+            &[7u8; 64],
             coffre_luks2::cipher::Provider::Auto,
         )
         .unwrap();
-        let vol = Arc::new(EncryptedVolume::new(dev, &seg, cipher).unwrap());
+        (
+            Arc::new(EncryptedVolume::new(dev, &seg, cipher).unwrap()),
+            hang,
+        )
+    }
+
+    #[test]
+    fn the_cipher_is_revoked_while_a_write_hangs() {
+        let (vol, hang) = stuck_volume(true);
         let slot = vol.cipher_slot();
         let writer = {
             let vol = vol.clone();
@@ -446,29 +468,14 @@ mod tests {
     /// nor a write still hanging.
     #[test]
     fn only_completed_writes_count_as_progress() {
-        let hang = Arc::new(AtomicBool::new(false));
-        let dev = Arc::new(Stuck {
-            data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
-            hang: hang.clone(),
-        });
-        let seg: Segment = serde_json::from_value(serde_json::json!({
-            "type": "crypt", "offset": "0", "size": "dynamic", "iv_tweak": "0",
-            "encryption": "aes-xts-plain64", "sector_size": 512
-        }))
-        .unwrap();
-        let cipher = coffre_luks2::cipher::select(
-            "aes-xts-plain64",
-            &[7u8; 64],
-            coffre_luks2::cipher::Provider::Auto,
-        )
-        .unwrap();
-        let vol = Arc::new(EncryptedVolume::new(dev, &seg, cipher).unwrap());
+        let (vol, hang) = stuck_volume(false);
         let slot = vol.cipher_slot();
         let mut buf = [0u8; 4096];
         for _ in 0..10 {
             vol.read_at(0, &mut buf).unwrap();
         }
         assert_eq!(slot.written(), 0, "reads");
+        assert_eq!(slot.completed(), 10, "reads are I/O completed");
         vol.write_at(0, &buf).unwrap();
         vol.flush().unwrap();
         assert_eq!(slot.written(), 2);

@@ -30,6 +30,8 @@ pub(super) struct DataState {
     /// The engine's uses last seen while a close runs (a close whose
     /// engine moves data is slow, not hung).
     pub(super) close_uses_seen: Option<u64>,
+    /// The I/O the open's engine had completed at the last tick.
+    pub(super) open_io_seen: u64,
     /// Opens started so far; those given up at a lock's deadline (their
     /// late report is ignored), and whether one of those still runs.
     pub(super) opens_started: u64,
@@ -59,6 +61,7 @@ impl DataState {
             open_locked_at: None,
             open_unattended_since: None,
             close_uses_seen: None,
+            open_io_seen: 0,
             opens_started: 0,
             opens_abandoned: std::collections::HashSet::new(),
             opens_taken: Arc::default(),
@@ -111,6 +114,16 @@ impl OpenHold {
             self.cipher.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         key
+    }
+
+    /// The storage I/O its engine has completed so far (0 before it has
+    /// one).
+    fn completed(&self) -> u64 {
+        self.cipher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |c| c.completed())
     }
 
     /// The engine's cipher, where the deadline can revoke it; false (and
@@ -615,14 +628,21 @@ impl Shell {
         let deadline = Duration::from_secs(self.config.data.close_deadline_s);
         // Those inside while it opens are those whose `enter` waits for
         // it (their sessions cannot expire meanwhile: they learn them only
-        // at the end), unless a task keeps the vault open: once every one
-        // of those clients went away, nobody is inside.
+        // at the end): once the client of every live session went away
+        // (the door's; a VPN client's wait is the gateway's), and no task
+        // keeps the vault open, nobody is inside. An open that still moves
+        // data (large VMs resumed) is slow, not hung: its time restarts.
         let parked = &self.data.parked;
-        let all_gone = !parked.is_empty()
-            && parked.iter().all(|(tx, _)| tx.is_closed())
-            && self.vault.sessions().count() <= parked.len()
-            && !self.vault.has_tasks();
-        if self.vault.has_presence() && !all_gone {
+        let all_gone = !self.vault.has_tasks()
+            && self.vault.sessions().all(|s| {
+                parked
+                    .iter()
+                    .any(|(tx, v)| v["session"] == s.id.0 && tx.is_closed())
+            });
+        let io = hold.completed();
+        let moved = io != self.data.open_io_seen;
+        self.data.open_io_seen = io;
+        if (self.vault.has_presence() && !all_gone) || moved {
             self.data.open_unattended_since = None;
         } else {
             self.data
