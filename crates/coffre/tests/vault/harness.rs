@@ -462,6 +462,26 @@ impl Vault {
         self.status("alice")["state"].as_str().unwrap().to_string()
     }
 
+    /// Waits until the daemon says it holds no key (`key_held`, asked as
+    /// alice).
+    pub fn wait_key_gone(&self, within: Duration) {
+        let until = Instant::now() + within;
+        while self.status("alice")["key_held"] != false {
+            assert!(Instant::now() < until, "the key is still held");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until nothing the vault mounted or attached is left
+    /// ([`Vault::leftovers`]); `what` says what would have left it.
+    pub fn wait_no_leftovers(&self, within: Duration, what: &str) {
+        let until = Instant::now() + within;
+        while !self.leftovers().is_empty() {
+            assert!(Instant::now() < until, "{what}: {:?}", self.leftovers());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until the vault reaches `state`.
     pub fn wait_state(&self, state: &str, within: Duration) {
         let deadline = Instant::now() + within;

@@ -475,13 +475,8 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     hang.store(true, Ordering::SeqCst);
     let data = v.layout().mountpoint.join("shared");
     std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
-    let t0 = std::time::Instant::now();
     ok(&v.authed("alice", &["lock", "--reason", "storage gone"]));
-    let until = t0 + Duration::from_secs(30);
-    while v.status("alice")["key_held"] != false {
-        assert!(std::time::Instant::now() < until, "the key is still held");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_key_gone(Duration::from_secs(30));
     assert_eq!(v.state(), "locked");
     assert_key_gone(pid, &key, "after the deadline");
     assert!(
@@ -493,14 +488,10 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     // The storage answers again: what hung finishes and goes away.
     hang.store(false, Ordering::SeqCst);
     wait_exit(&mut enter, Duration::from_secs(30));
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !v.leftovers().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the abandoned close never finished"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_no_leftovers(
+        Duration::from_secs(60),
+        "the abandoned close never finished",
+    );
     v.stop();
 }
 
@@ -534,11 +525,7 @@ command = ["/bin/sleep", "1000"]
     ok(&v.authed("alice", &["lock", "--reason", "during the open"]));
     hang.store(false, Ordering::SeqCst);
     v.wait_state("locked", Duration::from_secs(60));
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while v.status("alice")["key_held"] != false {
-        assert!(std::time::Instant::now() < until, "the key is still held");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_key_gone(Duration::from_secs(30));
     wait_exit(&mut enter, Duration::from_secs(30));
     let audit = v.audit();
     let records: Vec<&serde_json::Value> = audit.iter().map(|e| &e["record"]).collect();
@@ -608,15 +595,7 @@ fn a_lock_during_a_hung_open_wipes_the_key_at_its_deadline() {
     // and nothing started.
     hang.store(false, Ordering::SeqCst);
     wait_exit(&mut enter, Duration::from_secs(30));
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !v.leftovers().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "what the open mounted stayed: {:?}",
-            v.leftovers()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
     assert_eq!(v.state(), "locked");
     assert_eq!(v.status("alice")["key_held"], false);
     v.stop();
@@ -656,14 +635,10 @@ fn a_close_that_hangs_is_forced_and_the_key_goes() {
     );
     hang.store(false, Ordering::SeqCst);
     wait_exit(&mut enter, Duration::from_secs(30));
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !v.leftovers().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the abandoned close never finished"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_no_leftovers(
+        Duration::from_secs(60),
+        "the abandoned close never finished",
+    );
     v.stop();
 }
 
@@ -702,14 +677,6 @@ fn a_hung_open_whose_member_went_away_lets_the_key_go() {
         "the audit log says the open was given up with nobody inside"
     );
     hang.store(false, Ordering::SeqCst);
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !v.leftovers().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "what the open mounted stayed: {:?}",
-            v.leftovers()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
     v.stop();
 }

@@ -495,15 +495,8 @@ fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
         }
     }
     let resume = Resume(moto.pid());
-    let t0 = std::time::Instant::now();
     ok(&v.authed("alice", &["lock", "--reason", "store gone"]));
-    while v.status("alice")["key_held"] != false {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the key is still held"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    v.wait_key_gone(Duration::from_secs(30));
     assert_eq!(v.state(), "locked");
     assert!(
         !memory_contains(pid, &key),
@@ -518,15 +511,10 @@ fn a_lock_over_a_store_that_stops_answering_wipes_the_key_in_bounded_time() {
     // The store answers again: what hung finishes and goes away.
     drop(resume);
     wait_exit(&mut enter, Duration::from_secs(30));
-    let until = std::time::Instant::now() + Duration::from_secs(120);
-    while !v.leftovers().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the abandoned close never finished: {:?}",
-            v.leftovers()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    v.wait_no_leftovers(
+        Duration::from_secs(120),
+        "the abandoned close never finished",
+    );
     v.stop();
 }
 
