@@ -27,9 +27,9 @@ pub(super) struct DataState {
     /// Since when an open has run with nobody inside (everyone left, or
     /// their sessions ended, while it waits on the storage).
     pub(super) open_unattended_since: Option<std::time::Instant>,
-    /// The engine's uses last seen while a close runs (a close whose
-    /// engine moves data is slow, not hung).
-    pub(super) close_uses_seen: Option<u64>,
+    /// The storage writes the engine had completed at the last tick of a
+    /// close (a close whose writes complete is slow, not hung).
+    pub(super) close_written_seen: Option<u64>,
     /// The I/O the open's engine had completed at the last tick.
     pub(super) open_io_seen: u64,
     /// Opens started so far; those given up at a lock's deadline (their
@@ -60,7 +60,7 @@ impl DataState {
             open_hold: None,
             open_locked_at: None,
             open_unattended_since: None,
-            close_uses_seen: None,
+            close_written_seen: None,
             open_io_seen: 0,
             opens_started: 0,
             opens_abandoned: std::collections::HashSet::new(),
@@ -705,14 +705,17 @@ impl Shell {
     /// data (hung), never a slow one.
     pub(super) fn close_progress_tick(&mut self) {
         if self.vault.phase() != Phase::Closing {
-            self.data.close_uses_seen = None;
+            self.data.close_written_seen = None;
             return;
         }
-        let Some(uses) = self.custody.cipher_slot.as_ref().map(|s| s.written()) else {
+        let Some(written) = self.custody.cipher_slot.as_ref().map(|s| s.written()) else {
             return;
         };
-        let moved = self.data.close_uses_seen.is_some_and(|seen| seen != uses);
-        self.data.close_uses_seen = Some(uses);
+        let moved = self
+            .data
+            .close_written_seen
+            .is_some_and(|seen| seen != written);
+        self.data.close_written_seen = Some(written);
         if moved {
             self.run(Event::CloseProgress);
         }
