@@ -987,6 +987,52 @@ fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Cuts a data stack that hangs on its storage off from its paths, from
+/// outside the thread that holds it (a forced close, or an open, past its
+/// deadline; a stop). The volume file's FUSE connection is aborted: the
+/// I/O waiting on the engine fails at once (writes the storage had not
+/// taken are lost, as they would be anyway: the engine's cipher is
+/// revoked by then), so a close stuck syncing the filesystem or an open
+/// stuck mounting it goes on. Then the team's filesystem is detached
+/// lazily from every path it has here (its mount and the shares' own
+/// mounts): nobody reaches its page cache's plaintext by path while the
+/// storage hangs, and what still holds a file of it (a paused workload)
+/// gets I/O errors for whatever is not cached. Never waits on the
+/// storage itself (the workers stuck in it stay until it answers).
+/// Returns what was done, one line each, for the audit log.
+pub fn sever(layout: &Layout) -> Vec<String> {
+    use rustix::mount::{UnmountFlags, unmount};
+    let mut done = Vec::new();
+    if let Some(m) = system::mount_at(&layout.volume_file)
+        && m.fstype.starts_with("fuse")
+        && m.source == "coffre"
+    {
+        // FORCE aborts a FUSE connection even when the unmount itself is
+        // refused (the loop device still holds the file).
+        done.push(match unmount(&layout.volume_file, UnmountFlags::FORCE) {
+            Ok(()) | Err(rustix::io::Errno::BUSY) => {
+                "the volume file's FUSE connection aborted: the I/O waiting on the engine failed"
+                    .into()
+            }
+            Err(e) => format!("the volume file's FUSE connection: {e}"),
+        });
+    }
+    if let Some(m) = system::mount_at(&layout.mountpoint)
+        && m.source.starts_with("/dev/loop")
+    {
+        let all = system::mounts();
+        let ours = all.iter().rev().filter(|o| o.dev == m.dev);
+        for o in ours {
+            let r = unmount(&o.mountpoint, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+            done.push(match r {
+                Ok(()) => format!("{} detached", o.mountpoint.display()),
+                Err(e) => format!("{} not detached: {e}", o.mountpoint.display()),
+            });
+        }
+    }
+    done
+}
+
 /// Removes what a daemon killed while open left behind: the team's mount
 /// (after naming and stopping the processes holding it), loop devices on
 /// the volume file, the dead FUSE mount, the NBD socket. Returns what was

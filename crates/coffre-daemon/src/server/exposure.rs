@@ -262,6 +262,25 @@ fn nfs_open(nfs: &super::nfs::Shared, hold: &OpenHold) -> Option<coffre_workload
 
 /// The NFS server lets go of the data and the key (calls in flight
 /// finish first; calls then wait, JUKEBOX, until the next open).
+/// [`coffre_data::sever`] from a thread of its own, waited for a moment
+/// only: it never waits on the storage, but its unmounts take the mount
+/// table's lock, which something else could hold. Lines for the audit log.
+fn sever(layout: &coffre_data::Layout) -> Vec<String> {
+    let layout = layout.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("sever".into())
+        .spawn(move || {
+            let _ = tx.send(coffre_data::sever(&layout));
+        });
+    if spawned.is_err() {
+        return vec!["could not start a thread to cut the data off from its paths".into()];
+    }
+    rx.recv_timeout(Duration::from_secs(2)).unwrap_or_else(|_| {
+        vec!["cutting the data off from its paths did not finish within 2 s".into()]
+    })
+}
+
 fn nfs_close(nfs: &super::nfs::Shared) -> coffre_workload::Line {
     let t = std::time::Instant::now();
     let r = nfs.lock().unwrap_or_else(|p| p.into_inner()).close();
@@ -670,6 +689,11 @@ impl Shell {
         self.data.open_locked_at = None;
         self.data.open_unattended_since = None;
         self.data.opens_abandoned.insert(n);
+        // What it mounted so far is cut off from its paths, and the I/O
+        // it waits on through the engine fails.
+        for line in sever(&self.data.layout) {
+            self.system_audit("open", "note", line);
+        }
         self.system_audit(
             "open",
             "deadline",
@@ -890,6 +914,12 @@ impl Shell {
         {
             let _ = g.close();
         }
+        // What hangs is cut off from its paths: the plaintext in the
+        // filesystem's page cache is no longer reachable at the mount
+        // while the storage hangs, and the close goes on.
+        for line in sever(&self.data.layout) {
+            self.system_audit("close", "note", line);
+        }
         // Every close still running is left behind (an earlier one may
         // be the one that hangs, holding the data stack).
         self.data
@@ -1061,6 +1091,10 @@ impl Shell {
                     "deadline",
                     "at the stop: the data stack is held by an open or a close hung on the storage; left behind (the next start cleans it), the key wiped".into(),
                 );
+                self.wipe_key();
+                for line in sever(&self.data.layout) {
+                    self.system_audit("close", "note", format!("at the stop: {line}"));
+                }
                 left_behind = true;
                 break None;
             }
@@ -1077,7 +1111,53 @@ impl Shell {
                 grace: Duration::from_secs(self.config.data.close_grace_s),
                 force: true,
             };
-            let closed = e.close(&policy);
+            // On a thread of its own, with the close's deadline: storage
+            // that stops answering at the stop does not keep the key.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let closing = std::thread::Builder::new()
+                .name("close".into())
+                .spawn(move || {
+                    let r = e.close(&policy);
+                    let _ = tx.send(r);
+                    // The stack goes here, not on the actor: if the
+                    // close hung, dropping it could too.
+                    drop(e);
+                });
+            let wait = Duration::from_secs(self.config.data.close_deadline_s);
+            let closed = match closing {
+                Err(e) => Err((
+                    format!("could not start a thread for the close: {e}"),
+                    coffre_data::CloseReport::default(),
+                )),
+                Ok(_) => match rx.recv_timeout(wait) {
+                    Ok(r) => r.map_err(|(e, r)| (e.to_string(), r)),
+                    Err(_) => {
+                        let revoked = self.wipe_key();
+                        self.system_audit(
+                            "close",
+                            "deadline",
+                            format!(
+                                "at the stop: the close did not finish within {} s (storage not answering?): the key wiped{}; \
+                                 left behind: the data stack and its hung I/O (the next start cleans it)",
+                                wait.as_secs(),
+                                if revoked {
+                                    ", the engine's cipher revoked"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        );
+                        for line in sever(&self.data.layout) {
+                            self.system_audit("close", "note", format!("at the stop: {line}"));
+                        }
+                        left_behind = true;
+                        // Cut off, the close may end now: its report if so.
+                        rx.recv_timeout(Duration::from_secs(2))
+                            .map(|r| r.map_err(|(e, r)| (e.to_string(), r)))
+                            .unwrap_or_else(|_| Ok(coffre_data::CloseReport::default()))
+                    }
+                },
+            };
             if let Err((why, _)) = &closed {
                 // Said, not hidden: what did not close cleanly at a stop
                 // (a flush to the store that failed, say).

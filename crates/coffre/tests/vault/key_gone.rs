@@ -473,12 +473,25 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     );
     // The storage stops answering; the team's data has unwritten changes.
     hang.store(true, Ordering::SeqCst);
-    let data = v.layout().mountpoint.join("shared");
+    let mountpoint = v.layout().mountpoint;
+    let data = mountpoint.join("shared");
     std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
     ok(&v.authed("alice", &["lock", "--reason", "storage gone"]));
     v.wait_key_gone(Duration::from_secs(30));
     assert_eq!(v.state(), "locked");
     assert_key_gone(pid, &key, "after the deadline");
+    // While the storage still hangs, the filesystem's page cache (the
+    // plaintext of what was written) is no longer reachable by path.
+    let at = coffre_data::system::mount_at(&mountpoint);
+    assert!(
+        at.as_ref()
+            .is_none_or(|m| !m.source.starts_with("/dev/loop")),
+        "the data stays mounted after the deadline: {at:?}"
+    );
+    assert!(
+        std::fs::read(data.join("unsaved.bin")).is_err(),
+        "the plaintext written before the lock is still readable at its path"
+    );
     assert!(
         v.audit()
             .iter()
@@ -678,5 +691,79 @@ fn a_hung_open_whose_member_went_away_lets_the_key_go() {
     );
     hang.store(false, Ordering::SeqCst);
     v.wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
+    v.stop();
+}
+
+/// A stop while the vault is open and the storage hangs: the stop's own
+/// close has the close's deadline. Past it the key is wiped and the data
+/// cut off from its paths, and the daemon's stop goes on instead of
+/// waiting on the storage for ever (before, it never ended). What was
+/// synced before the storage hung is there at the next start, which
+/// cleans what the stop left.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
+    use std::sync::atomic::Ordering;
+    let mut lab = hung_lab(|v| {
+        set_close_deadline(v, 3);
+    });
+    let (key, pid, hang) = (lab.key.clone(), lab.pid, lab.storage.hang.clone());
+    let v = &mut lab.v;
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let mountpoint = v.layout().mountpoint;
+    let data = mountpoint.join("shared");
+    let kept = data.join("kept.bin");
+    let mut f = std::fs::File::create(&kept).unwrap();
+    std::io::Write::write_all(&mut f, &[0x3c; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    hang.store(true, Ordering::SeqCst);
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
+    unsafe_kill(pid, "TERM");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while v.audit_details("stop", "closed").is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stop never ended while the storage hung"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stopped = v.audit_details("stop", "closed");
+    assert!(
+        stopped.iter().any(|d| d.contains("left behind")),
+        "{stopped:?}"
+    );
+    assert!(
+        v.audit_details("close", "deadline")
+            .iter()
+            .any(|d| d.contains("at the stop")),
+        "the audit log says the stop's close was given up"
+    );
+    // Its threads stuck on the storage may keep the process a moment.
+    if std::fs::File::open(format!("/proc/{pid}/mem")).is_ok() {
+        assert_key_gone(pid, &key, "after the stop's deadline");
+    }
+    let at = coffre_data::system::mount_at(&mountpoint);
+    assert!(
+        at.as_ref()
+            .is_none_or(|m| !m.source.starts_with("/dev/loop")),
+        "the data stays mounted after the stop: {at:?}"
+    );
+    // The storage answers again: the daemon's last threads end with it.
+    hang.store(false, Ordering::SeqCst);
+    v.stop();
+    wait_exit(&mut enter, Duration::from_secs(30));
+    v.start();
+    v.wait_no_leftovers(Duration::from_secs(30), "the next start did not clean up");
+    let mut again = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        vec![0x3c; 1 << 20],
+        "data synced before the storage hung was lost"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut again, Duration::from_secs(30));
     v.stop();
 }
