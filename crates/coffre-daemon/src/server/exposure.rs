@@ -260,8 +260,6 @@ fn nfs_open(nfs: &super::nfs::Shared, hold: &OpenHold) -> Option<coffre_workload
     Some(("nfs".into(), result.into(), detail))
 }
 
-/// The NFS server lets go of the data and the key (calls in flight
-/// finish first; calls then wait, JUKEBOX, until the next open).
 /// [`coffre_data::sever`] from a thread of its own, waited for a moment
 /// only: it never waits on the storage, but its unmounts take the mount
 /// table's lock, which something else could hold. Lines for the audit log.
@@ -281,6 +279,8 @@ fn sever(layout: &coffre_data::Layout) -> Vec<String> {
     })
 }
 
+/// The NFS server lets go of the data and the key (calls in flight
+/// finish first; calls then wait, JUKEBOX, until the next open).
 fn nfs_close(nfs: &super::nfs::Shared) -> coffre_workload::Line {
     let t = std::time::Instant::now();
     let r = nfs.lock().unwrap_or_else(|p| p.into_inner()).close();
@@ -907,18 +907,38 @@ impl Shell {
         }
         let revoked = self.wipe_key();
         self.custody.wipe_waiting();
-        // The NFS server too: killed if the hung close holds it (its
-        // descriptors on the data and its key go with it).
-        if let Some(nfs) = self.nfs()
-            && let Ok(mut g) = nfs.try_lock()
-        {
-            let _ = g.close();
-        }
         // What hangs is cut off from its paths: the plaintext in the
         // filesystem's page cache is no longer reachable at the mount
-        // while the storage hangs, and the close goes on.
+        // while the storage hangs, and the close goes on, as does
+        // whatever waited on the data (an NFS server too).
         for line in sever(&self.data.layout) {
             self.system_audit("close", "note", line);
+        }
+        // The NFS server lets go of the data and its key, or is killed,
+        // unless the hung close holds it. Off the actor: one stuck on the
+        // storage dies only once its I/O ends, and the actor never waits
+        // for that.
+        // The thread takes the servers (or finds them held) before the
+        // core hears of the close: a later open waits for it.
+        if let Some(nfs) = self.nfs() {
+            let (took, taken) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("nfs-close".into())
+                .spawn(move || {
+                    let g = nfs.try_lock();
+                    let _ = took.send(());
+                    if let Ok(mut g) = g {
+                        let _ = g.close();
+                    }
+                });
+            match spawned {
+                Ok(_) => {
+                    let _ = taken.recv_timeout(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    self.system_audit("close", "note", format!("the NFS server not closed: {e}"));
+                }
+            }
         }
         // Every close still running is left behind (an earlier one may
         // be the one that hangs, holding the data stack).
@@ -1100,13 +1120,12 @@ impl Shell {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        // The VMs' NFS server lets go of the data before the unmount (or
-        // it would be killed as a holder).
-        if let (Some(nfs), Some(_)) = (self.nfs(), &exposure) {
-            let line = nfs_close(&nfs);
-            self.workload_audit(vec![line]);
-        }
         if let Some(mut e) = exposure {
+            // The VMs' NFS server lets go of the data before the unmount
+            // (or it would be killed as a holder): on the close's thread,
+            // within its deadline (a server stuck on the storage dies only
+            // once its I/O ends).
+            let nfs = self.nfs();
             let policy = coffre_data::ClosePolicy {
                 grace: Duration::from_secs(self.config.data.close_grace_s),
                 force: true,
@@ -1117,8 +1136,9 @@ impl Shell {
             let closing = std::thread::Builder::new()
                 .name("close".into())
                 .spawn(move || {
+                    let line = nfs.as_ref().map(nfs_close);
                     let r = e.close(&policy);
-                    let _ = tx.send(r);
+                    let _ = tx.send((line, r));
                     // The stack goes here, not on the actor: if the
                     // close hung, dropping it could too.
                     drop(e);
@@ -1130,7 +1150,10 @@ impl Shell {
                     coffre_data::CloseReport::default(),
                 )),
                 Ok(_) => match rx.recv_timeout(wait) {
-                    Ok(r) => r.map_err(|(e, r)| (e.to_string(), r)),
+                    Ok((line, r)) => {
+                        self.workload_audit(line.into_iter().collect());
+                        r.map_err(|(e, r)| (e.to_string(), r))
+                    }
                     Err(_) => {
                         let revoked = self.wipe_key();
                         self.system_audit(
@@ -1152,9 +1175,13 @@ impl Shell {
                         }
                         left_behind = true;
                         // Cut off, the close may end now: its report if so.
-                        rx.recv_timeout(Duration::from_secs(2))
-                            .map(|r| r.map_err(|(e, r)| (e.to_string(), r)))
-                            .unwrap_or_else(|_| Ok(coffre_data::CloseReport::default()))
+                        match rx.recv_timeout(Duration::from_secs(2)) {
+                            Ok((line, r)) => {
+                                self.workload_audit(line.into_iter().collect());
+                                r.map_err(|(e, r)| (e.to_string(), r))
+                            }
+                            Err(_) => Ok(coffre_data::CloseReport::default()),
+                        }
                     }
                 },
             };
