@@ -625,27 +625,33 @@ impl Exposure {
                 report.notes.push(format!("flush: {e}"));
             }
             // The last reference: the cipher's key schedule is wiped here.
-            // A request still in flight holds one for a moment.
+            // A request still in flight holds one for a moment; one stuck
+            // on the storage (its connection aborted under it) for as long
+            // as the storage hangs, and the stack is held until it ends: a
+            // write that lands late must not land after a later open's.
             let mut v = v;
-            let until = Instant::now() + Duration::from_secs(2);
+            let started = Instant::now();
             loop {
                 match Arc::try_unwrap(v) {
                     Ok(last) => {
                         drop(last);
                         break;
                     }
-                    Err(again) if Instant::now() < until => {
-                        v = again;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
                     Err(again) => {
-                        report.notes.push(
-                            "a FUSE request still holds the volume after 2 s; its key goes when it ends".into(),
-                        );
-                        drop(again);
-                        break;
+                        v = again;
+                        std::thread::sleep(if started.elapsed() < Duration::from_secs(2) {
+                            Duration::from_millis(5)
+                        } else {
+                            Duration::from_millis(50)
+                        });
                     }
                 }
+            }
+            if started.elapsed() >= Duration::from_secs(2) {
+                report.notes.push(format!(
+                    "a FUSE request held the volume for {} s after its connection ended (its I/O on the storage)",
+                    started.elapsed().as_secs()
+                ));
             }
         }
         Ok(())
@@ -994,18 +1000,27 @@ fn apply_ownership(l: &Layout, own: &Ownership) -> std::io::Result<()> {
 /// taken are lost, as they would be anyway: the engine's cipher is
 /// revoked by then), so a close stuck syncing the filesystem or an open
 /// stuck mounting it goes on. Then the team's filesystem is detached
-/// lazily from every path it has here (its mount and the shares' own
-/// mounts): nobody reaches its page cache's plaintext by path while the
-/// storage hangs, and what still holds a file of it (a paused workload)
-/// gets I/O errors for whatever is not cached. Never waits on the
-/// storage itself (the workers stuck in it stay until it answers).
+/// lazily from every path it has in this mount namespace (its mount and
+/// the shares' own mounts): nobody reaches its page cache's plaintext by
+/// those paths while the storage hangs, and what still holds a file of it
+/// (a paused workload) gets I/O errors for whatever is not cached. A copy
+/// of the mount in another namespace is not reached (workloads' own
+/// namespaces drop the vault's mounts; the workloads' view is cut by the
+/// daemon beside this). Each path is unmounted only while it still holds
+/// the mount first seen there. Never waits on the storage itself (the
+/// workers stuck in it stay until it answers).
 /// Returns what was done, one line each, for the audit log.
 pub fn sever(layout: &Layout) -> Vec<String> {
     use rustix::mount::{UnmountFlags, unmount};
     let mut done = Vec::new();
+    // Each unmount by path only while that path still holds the mount
+    // seen at first (never one a later open made there).
+    let still =
+        |m: &system::MountEntry| system::mount_at(&m.mountpoint).is_some_and(|n| n.id == m.id);
     if let Some(m) = system::mount_at(&layout.volume_file)
         && m.fstype.starts_with("fuse")
         && m.source == "coffre"
+        && still(&m)
     {
         // FORCE aborts a FUSE connection even when the unmount itself is
         // refused (the loop device still holds the file).
@@ -1023,6 +1038,9 @@ pub fn sever(layout: &Layout) -> Vec<String> {
         let all = system::mounts();
         let ours = all.iter().rev().filter(|o| o.dev == m.dev);
         for o in ours {
+            if !still(o) {
+                continue;
+            }
             let r = unmount(&o.mountpoint, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
             done.push(match r {
                 Ok(()) => format!("{} detached", o.mountpoint.display()),

@@ -263,13 +263,24 @@ fn nfs_open(nfs: &super::nfs::Shared, hold: &OpenHold) -> Option<coffre_workload
 /// [`coffre_data::sever`] from a thread of its own, waited for a moment
 /// only: it never waits on the storage, but its unmounts take the mount
 /// table's lock, which something else could hold. Lines for the audit log.
-fn sever(layout: &coffre_data::Layout) -> Vec<String> {
+///
+/// The workloads' view is cut on the same thread afterwards (not waited
+/// for: its requests in flight end once the data is cut off): a close
+/// that hung before it reached the cut would leave the view passing
+/// workloads through to the detached filesystem.
+fn sever(
+    layout: &coffre_data::Layout,
+    cut: Option<Arc<coffre_data::cut::CutLayer>>,
+) -> Vec<String> {
     let layout = layout.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("sever".into())
         .spawn(move || {
             let _ = tx.send(coffre_data::sever(&layout));
+            if let Some(cut) = cut {
+                let _ = cut.cut();
+            }
         });
     if spawned.is_err() {
         return vec!["could not start a thread to cut the data off from its paths".into()];
@@ -691,7 +702,7 @@ impl Shell {
         self.data.opens_abandoned.insert(n);
         // What it mounted so far is cut off from its paths, and the I/O
         // it waits on through the engine fails.
-        for line in sever(&self.data.layout) {
+        for line in sever(&self.data.layout, self.data.cut.clone()) {
             self.system_audit("open", "note", line);
         }
         self.system_audit(
@@ -911,7 +922,7 @@ impl Shell {
         // filesystem's page cache is no longer reachable at the mount
         // while the storage hangs, and the close goes on, as does
         // whatever waited on the data (an NFS server too).
-        for line in sever(&self.data.layout) {
+        for line in sever(&self.data.layout, self.data.cut.clone()) {
             self.system_audit("close", "note", line);
         }
         // The NFS server lets go of the data and its key, or is killed,
@@ -967,16 +978,15 @@ impl Shell {
         });
     }
 
-    pub(super) fn unexposed(
+    /// What a close did to the workloads and to the processes that held
+    /// the data, for the audit log.
+    fn close_report_audit(
         &mut self,
-        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        result: &Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
         lines: Vec<coffre_workload::Line>,
     ) {
         self.workload_audit(lines);
-        self.data.closes_in_flight = self.data.closes_in_flight.saturating_sub(1);
-        let report = match &result {
-            Ok(r) | Err((_, r)) => r.clone(),
-        };
+        let (Ok(report) | Err((_, report))) = result;
         for h in &report.killed {
             self.system_audit(
                 "close",
@@ -990,6 +1000,35 @@ impl Shell {
         for n in &report.notes {
             self.system_audit("close", "note", n.clone());
         }
+    }
+
+    /// A close given up at its deadline ended (its storage answered, or
+    /// the data was cut off from it): what it did is said all the same
+    /// (the processes it stopped above all); the core heard of the close
+    /// at the deadline.
+    pub(super) fn late_close(
+        &mut self,
+        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        lines: Vec<coffre_workload::Line>,
+    ) {
+        self.close_report_audit(&result, lines);
+        self.system_audit(
+            "close",
+            "late",
+            match &result {
+                Ok(_) => "a close given up at its deadline ended".into(),
+                Err((e, _)) => format!("a close given up at its deadline ended: {e}"),
+            },
+        );
+    }
+
+    pub(super) fn unexposed(
+        &mut self,
+        result: Result<coffre_data::CloseReport, (String, coffre_data::CloseReport)>,
+        lines: Vec<coffre_workload::Line>,
+    ) {
+        self.data.closes_in_flight = self.data.closes_in_flight.saturating_sub(1);
+        self.close_report_audit(&result, lines);
         if self.data.closes_in_flight > 0 {
             // A forced close queued behind this one decides.
             return;
@@ -1112,7 +1151,7 @@ impl Shell {
                     "at the stop: the data stack is held by an open or a close hung on the storage; left behind (the next start cleans it), the key wiped".into(),
                 );
                 self.wipe_key();
-                for line in sever(&self.data.layout) {
+                for line in sever(&self.data.layout, self.data.cut.clone()) {
                     self.system_audit("close", "note", format!("at the stop: {line}"));
                 }
                 left_behind = true;
@@ -1120,7 +1159,7 @@ impl Shell {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        if let Some(mut e) = exposure {
+        if let Some(e) = exposure {
             // The VMs' NFS server lets go of the data before the unmount
             // (or it would be killed as a holder): on the close's thread,
             // within its deadline (a server stuck on the storage dies only
@@ -1130,12 +1169,18 @@ impl Shell {
                 grace: Duration::from_secs(self.config.data.close_grace_s),
                 force: true,
             };
-            // On a thread of its own, with the close's deadline: storage
-            // that stops answering at the stop does not keep the key.
+            // On a thread of its own, with the close's deadline counted
+            // from its last completed storage write (a stop that still
+            // moves data, dirty pages synced to a slow store, is left to
+            // finish): storage that stops answering at the stop does not
+            // keep the key. If no thread can start, the stack is left as
+            // it is (never closed on the actor, where it could hang).
             let (tx, rx) = std::sync::mpsc::channel();
+            let e = std::mem::ManuallyDrop::new(e);
             let closing = std::thread::Builder::new()
                 .name("close".into())
                 .spawn(move || {
+                    let mut e = std::mem::ManuallyDrop::into_inner(e);
                     let line = nfs.as_ref().map(nfs_close);
                     let r = e.close(&policy);
                     let _ = tx.send((line, r));
@@ -1144,46 +1189,70 @@ impl Shell {
                     drop(e);
                 });
             let wait = Duration::from_secs(self.config.data.close_deadline_s);
-            let closed = match closing {
-                Err(e) => Err((
-                    format!("could not start a thread for the close: {e}"),
-                    coffre_data::CloseReport::default(),
-                )),
-                Ok(_) => match rx.recv_timeout(wait) {
-                    Ok((line, r)) => {
-                        self.workload_audit(line.into_iter().collect());
-                        r.map_err(|(e, r)| (e.to_string(), r))
-                    }
-                    Err(_) => {
-                        let revoked = self.wipe_key();
-                        self.system_audit(
-                            "close",
-                            "deadline",
-                            format!(
-                                "at the stop: the close did not finish within {} s (storage not answering?): the key wiped{}; \
-                                 left behind: the data stack and its hung I/O (the next start cleans it)",
-                                wait.as_secs(),
-                                if revoked {
-                                    ", the engine's cipher revoked"
-                                } else {
-                                    ""
-                                }
-                            ),
-                        );
-                        for line in sever(&self.data.layout) {
-                            self.system_audit("close", "note", format!("at the stop: {line}"));
+            let written = |c: &Custody| c.cipher_slot.as_ref().map(|s| s.written());
+            let mut ended = None;
+            if closing.is_ok() {
+                let mut seen = written(&self.custody);
+                let mut quiet_since = std::time::Instant::now();
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(500)) {
+                        Ok(r) => {
+                            ended = Some(r);
+                            break;
                         }
-                        left_behind = true;
-                        // Cut off, the close may end now: its report if so.
-                        match rx.recv_timeout(Duration::from_secs(2)) {
-                            Ok((line, r)) => {
-                                self.workload_audit(line.into_iter().collect());
-                                r.map_err(|(e, r)| (e.to_string(), r))
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                    let now = written(&self.custody);
+                    if now != seen {
+                        seen = now;
+                        quiet_since = std::time::Instant::now();
+                    }
+                    if quiet_since.elapsed() >= wait {
+                        break;
+                    }
+                }
+            }
+            type Ended = (
+                Option<coffre_workload::Line>,
+                Result<coffre_data::CloseReport, (coffre_data::Error, coffre_data::CloseReport)>,
+            );
+            let report = |me: &mut Self, (line, r): Ended| {
+                me.workload_audit(line.into_iter().collect());
+                r.map_err(|(e, r)| (e.to_string(), r))
+            };
+            let closed = if let Some(r) = ended {
+                report(self, r)
+            } else {
+                let revoked = self.wipe_key();
+                self.system_audit(
+                    "close",
+                    "deadline",
+                    match &closing {
+                        Ok(_) => format!(
+                            "at the stop: the close completed no storage write for {} s (storage not answering?): the key wiped{}; \
+                             left behind: the data stack and its hung I/O (the next start cleans it)",
+                            wait.as_secs(),
+                            if revoked {
+                                ", the engine's cipher revoked"
+                            } else {
+                                ""
                             }
-                            Err(_) => Ok(coffre_data::CloseReport::default()),
-                        }
-                    }
-                },
+                        ),
+                        Err(e) => format!(
+                            "at the stop: no thread for the close ({e}): the key wiped; left behind: the data stack (the next start cleans it)"
+                        ),
+                    },
+                );
+                for line in sever(&self.data.layout, self.data.cut.clone()) {
+                    self.system_audit("close", "note", format!("at the stop: {line}"));
+                }
+                left_behind = true;
+                // Cut off, the close may end now: its report if so.
+                match rx.recv_timeout(Duration::from_secs(2)) {
+                    Ok(r) => report(self, r),
+                    Err(_) => Ok(coffre_data::CloseReport::default()),
+                }
             };
             if let Err((why, _)) = &closed {
                 // Said, not hidden: what did not close cleanly at a stop

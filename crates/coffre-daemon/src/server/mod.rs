@@ -704,7 +704,9 @@ pub async fn serve(
                 lines,
             } => {
                 shell.data.closes_running.remove(&close);
-                if !shell.data.closes_abandoned.remove(&close) {
+                if shell.data.closes_abandoned.remove(&close) {
+                    shell.late_close(result, lines);
+                } else {
                     shell.unexposed(result, lines);
                 }
             }
