@@ -492,6 +492,38 @@ impl Shell {
             }
         }
         self.flush_parked();
+        self.leave_unclaimed();
+    }
+
+    /// Sessions whose `enter` could not be answered (its client went away
+    /// before it learned its session: a `coffre enter` interrupted, a VPN
+    /// client gone while the vault opened) are left at once, as their
+    /// clients would have, instead of keeping the vault open until their
+    /// heartbeats are missed. Run once the core's events settle (a leave
+    /// in the middle of an enter's effects would come before its open).
+    fn leave_unclaimed(&mut self) {
+        while let Some(session) = self.unclaimed.pop() {
+            let Some(s) = self.vault.sessions().find(|s| s.id == session).cloned() else {
+                continue;
+            };
+            self.system_audit(
+                "leave",
+                "note",
+                format!(
+                    "{}: session {} left, its client gone before it was answered",
+                    s.member, session.0
+                ),
+            );
+            let (tx, _rx) = oneshot::channel();
+            self.submit(
+                s.member,
+                s.source,
+                Command::Leave { session },
+                None,
+                None,
+                tx,
+            );
+        }
     }
 
     /// Remembers the CA key `member`'s machine says it pins, saved when it
@@ -619,6 +651,10 @@ impl Shell {
         self.custody.new_passwords.remove(&req);
         self.renewing.remove(&req);
         if let Some(tx) = self.replies.remove(&req) {
+            let entered = match &outcome {
+                Outcome::Ok(Reply::Entered { session }) => Some(*session),
+                _ => None,
+            };
             let answer = match outcome {
                 Outcome::Ok(Reply::Entered { session }) => {
                     let v = json!({"ok": true, "session": session.0});
@@ -653,7 +689,11 @@ impl Shell {
                     error_json(ErrorCode::from(code), message),
                 ),
             };
-            let _ = tx.send(answer);
+            if tx.send(answer).is_err()
+                && let Some(session) = entered
+            {
+                self.unclaimed.push(session);
+            }
         }
     }
 
@@ -677,7 +717,8 @@ impl Shell {
         }
         let mountpoint = self.data.layout.mountpoint.clone();
         let err = self.data.last_open_error.clone();
-        for (tx, mut v) in self.data.parked.drain(..) {
+        for (tx, mut v) in std::mem::take(&mut self.data.parked) {
+            let session = v["session"].as_u64().map(SessionId);
             let answer = if state == "open" {
                 v["data"] = json!(mountpoint);
                 (200, v)
@@ -693,7 +734,11 @@ impl Shell {
                     ),
                 )
             };
-            let _ = tx.send(answer);
+            if tx.send(answer).is_err()
+                && let Some(session) = session
+            {
+                self.unclaimed.push(session);
+            }
         }
     }
 

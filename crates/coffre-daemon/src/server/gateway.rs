@@ -30,6 +30,12 @@ use tokio::sync::oneshot;
 pub(super) struct VpnState {
     bindings: VpnBindings,
     generation: u64,
+    /// Each client's `enter` waiting for the core's answer (its ticket,
+    /// and what ends the wait when dropped): dropped when the client goes,
+    /// so that the core sees nobody waits (an open with nobody inside is
+    /// given up; an answer nobody takes leaves its session). A later
+    /// connection with the same id replaces (and so ends) an earlier wait.
+    waiting: std::collections::BTreeMap<u64, (u64, oneshot::Sender<()>)>,
 }
 
 impl VpnState {
@@ -167,12 +173,14 @@ impl Shell {
                 if let Some(net) = self.net.as_mut() {
                     net.vpn_addrs.clear();
                 }
+                self.vpn_stop_waiting(None);
                 self.vpn_event(VpnEvent::Restarting { state })
             }
             LinkEvent::Down { why } => {
                 if let Some(net) = self.net.as_mut() {
                     net.vpn_addrs.clear();
                 }
+                self.vpn_stop_waiting(None);
                 self.vpn_event(VpnEvent::LinkDown { why })
             }
             LinkEvent::Address { cid, addr } => {
@@ -197,6 +205,7 @@ impl Shell {
                     if let Some(net) = self.net.as_mut() {
                         net.vpn_addrs.remove(&cid);
                     }
+                    self.vpn_stop_waiting(Some(cid));
                     self.vpn_event(VpnEvent::Disconnect { cid })
                 }
             },
@@ -303,10 +312,15 @@ impl Shell {
         );
         let back = self.tx.clone();
         let token = env.session_id.clone();
+        // Dropped when the client goes: the wait for the core's answer
+        // ends (an answer already there is still passed on).
+        let (gone_tx, gone) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            let answer = rx
-                .await
-                .unwrap_or((503, error_json(ErrorCode::Busy, "the vault stopped")));
+            let answer = tokio::select! {
+                biased;
+                a = rx => a.unwrap_or((503, error_json(ErrorCode::Busy, "the vault stopped"))),
+                _ = gone => return,
+            };
             if let Some(d) = test_answer_delay() {
                 tokio::time::sleep(d).await;
             }
@@ -320,9 +334,29 @@ impl Shell {
                 answer,
             }));
         });
+        self.vpn.waiting.insert(cid, (ticket, gone_tx));
+    }
+
+    /// The client's `enter` no longer waits: its client left, or OpenVPN
+    /// went away with every client.
+    fn vpn_stop_waiting(&mut self, cid: Option<u64>) {
+        match cid {
+            Some(cid) => {
+                self.vpn.waiting.remove(&cid);
+            }
+            None => self.vpn.waiting.clear(),
+        }
     }
 
     pub(super) fn vpn_answer(&mut self, a: VpnAnswer) {
+        if self
+            .vpn
+            .waiting
+            .get(&a.cid)
+            .is_some_and(|(t, _)| *t == a.ticket)
+        {
+            self.vpn.waiting.remove(&a.cid);
+        }
         let session = a.answer.1["session"].as_u64().map(SessionId);
         let outcome = match session.filter(|_| a.answer.0 == 200) {
             Some(s) => Ok(s),

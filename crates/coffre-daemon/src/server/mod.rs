@@ -205,6 +205,9 @@ struct Shell {
     /// The certificate (fingerprint) each pending renewal came with: the
     /// one it keeps valid beside the new one.
     renewing: HashMap<ReqId, String>,
+    /// Sessions whose `enter` answer found its client gone: left once the
+    /// core's events settle ([`Server::leave_unclaimed`]).
+    unclaimed: Vec<coffre_vault::SessionId>,
     tx: mpsc::UnboundedSender<Msg>,
     next_req: u64,
     /// OpenVPN's clients and the sessions they hold.
@@ -417,6 +420,7 @@ pub async fn serve(
         container: Arc::new(RwLock::new(container)),
         replies: HashMap::new(),
         renewing: HashMap::new(),
+        unclaimed: Vec::new(),
         tx: tx.clone(),
         next_req: 1,
         vpn: gateway::VpnState::default(),

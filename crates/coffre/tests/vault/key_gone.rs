@@ -772,3 +772,85 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
     wait_exit(&mut again, Duration::from_secs(30));
     v.stop();
 }
+
+/// A member whose `enter` went away while the vault opened (here the
+/// open waits on the storage a moment) never learns their session: once
+/// the open ends, that session is left at once, as the client would have,
+/// and the vault closes again. Before, it stayed open until the session's
+/// missing heartbeats were noticed (`heartbeat_grace_ms`, 30 s).
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_member_gone_before_the_open_ended_is_left_at_once() {
+    use std::sync::atomic::Ordering;
+    let mut lab = hung_lab(|_| {});
+    let hang = lab.storage.hang.clone();
+    let v = &mut lab.v;
+    hang.store(true, Ordering::SeqCst);
+    let mut enter = v.enter_start("alice", &[]);
+    wait_opening(v);
+    enter.kill().unwrap();
+    enter.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    hang.store(false, Ordering::SeqCst);
+    let opened = std::time::Instant::now();
+    v.wait_state("closed", Duration::from_secs(20));
+    assert!(
+        v.audit_details("state", "open").len() == 1,
+        "the open did not complete: the test proves nothing"
+    );
+    let left = v.audit_details("leave", "note");
+    assert!(
+        left.iter()
+            .any(|d| d.contains("alice") && d.contains("client gone")),
+        "{left:?}"
+    );
+    eprintln!("closed {:?} after the storage answered", opened.elapsed());
+    v.stop();
+}
+
+/// As above for a member who came in over the VPN: OpenVPN says the
+/// client disconnected while the open hangs, the gateway stops waiting
+/// for the core's answer, and the open, with nobody inside, is given up.
+/// Before, the gateway's wait counted as someone inside until a lock.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup, OpenVPN, network namespaces"]
+fn a_vpn_member_gone_during_a_hung_open_lets_the_key_go() {
+    use std::sync::atomic::Ordering;
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+        Need::OpenVpn,
+        Need::NetNs,
+    ]);
+    let v = Vault::init(&["--totp-period", "3"]);
+    let key = volume_key(&v);
+    set_close_deadline(&v, 3);
+    set_config(&v, "policy", "close_force_after_ms", 2000);
+    let storage = hangfs::behind(&v);
+    let mut gw = crate::gateway::Gw::with_vault(v, &[], 1, &[]);
+    let _unhang = hangfs::Unhang(storage.hang.clone());
+    let pid = gw.vault.pid();
+    storage.hang_attr.store(true, Ordering::SeqCst);
+    storage.hang.store(true, Ordering::SeqCst);
+    let auth = gw.auth_file("alice", None, false);
+    let mut alice = gw.client("alice", 0, &auth, &[]);
+    wait_opening(&gw.vault);
+    assert_eq!(gw.vault.status("alice")["key_held"], true);
+    alice.stop();
+    gw.vault.wait_state("closed", Duration::from_secs(90));
+    assert_eq!(gw.vault.status("alice")["key_held"], false);
+    assert_key_gone(pid, &key, "while the open still hangs");
+    let given_up = gw.vault.audit_details("open", "deadline");
+    assert!(
+        given_up.iter().any(|d| d.contains("nobody inside")),
+        "{given_up:?}\n{}",
+        gw.story()
+    );
+    storage.hang.store(false, Ordering::SeqCst);
+    storage.hang_attr.store(false, Ordering::SeqCst);
+    gw.vault
+        .wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
+}
