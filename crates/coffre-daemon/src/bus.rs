@@ -485,10 +485,14 @@ fn rabbitmq_conf(listener: &str) -> String {
          auth_mechanisms.1 = EXTERNAL\n\
          ssl_cert_login_from = common_name\n\
          load_definitions = @DIR@/definitions.json\n\
+         # Nothing larger than an envelope: a component cannot make the\n\
+         # vault's AMQP client (which reads a message whole) hold more.\n\
+         max_message_size = {max}\n\
          management_agent.disable_metrics_collector = true\n\
          log.console = true\n\
          log.console.level = info\n\
-         log.file = false\n"
+         log.file = false\n",
+        max = coffre_bus::envelope::MAX_ENVELOPE
     )
 }
 

@@ -986,6 +986,19 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
     // A user id that is not the sender's login: the broker itself refuses.
     let forged = publish_raw(&url, &s1, &fresh, Some("coffre-bus:sched2"));
     assert!(forged.is_err(), "the broker took a forged user id");
+    // Larger than any envelope: the broker refuses it, so the daemon's
+    // AMQP client never holds more than an envelope per delivery.
+    let big = vec![b'{'; coffre_bus::envelope::MAX_ENVELOPE + 1];
+    let huge = publish_raw(&url, &s1, &big, Some(cn));
+    assert!(
+        huge.is_err(),
+        "the broker took a message larger than an envelope"
+    );
+    assert_eq!(
+        refusals(&v).len(),
+        base + 5,
+        "the oversized message reached the daemon"
+    );
     // A forgotten (revoked) component: refused at once, no answer.
     ok(&v
         .bin()
