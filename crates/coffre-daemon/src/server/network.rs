@@ -137,9 +137,20 @@ impl Dhcp {
             Stdio::null(),
         )?;
         let spec = serde_json::to_vec(&self.spec).map_err(|e| e.to_string())?;
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            let _ = stdin.write_all(&spec);
+        // Within a deadline, as every command to a helper (this runs on
+        // the daemon's actor): one that does not read is stopped.
+        let written = child.stdin.take().map(|mut stdin| {
+            coffre_sys::pipe::set_nonblocking(&stdin).and_then(|()| {
+                coffre_sys::pipe::write_within(
+                    &mut stdin,
+                    &spec,
+                    Instant::now() + super::helper::COMMAND_TIMEOUT,
+                )
+            })
+        });
+        if let Some(Err(e)) = written {
+            coffre_sys::child::stop_group(&mut child);
+            return Err(format!("handing it its interfaces: {e}"));
         }
         let pid = child.id();
         self.child = Some(child);
