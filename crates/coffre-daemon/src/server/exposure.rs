@@ -167,6 +167,57 @@ impl OpenHold {
 
 /// After the data is exposed: the workloads' view passes through to it
 /// again, then the workloads start or thaw.
+/// How long the engine has completed no storage write: what bounds each
+/// wait of a stop (one that still moves data, dirty pages synced to a
+/// slow store or VMs suspended into the volume, is left to finish).
+struct Quiet {
+    seen: Option<u64>,
+    since: std::time::Instant,
+    limit: Duration,
+}
+
+impl Quiet {
+    fn new(seen: Option<u64>, limit: Duration) -> Self {
+        Self {
+            seen,
+            since: std::time::Instant::now(),
+            limit,
+        }
+    }
+
+    /// Whether no write completed for the limit, given the count now.
+    fn over(&mut self, now: Option<u64>) -> bool {
+        if now != self.seen {
+            self.seen = now;
+            self.since = std::time::Instant::now();
+        }
+        self.since.elapsed() >= self.limit
+    }
+}
+
+/// Why a step of the stop was not waited for.
+#[derive(Debug, Clone)]
+enum StopWait {
+    /// No storage write completed for the deadline.
+    Quiet,
+    /// Its thread panicked.
+    Panicked,
+    /// No thread could start.
+    NoThread(String),
+}
+
+impl std::fmt::Display for StopWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopWait::Quiet => f.write_str(
+                "no storage write completed within the close deadline: storage not answering?",
+            ),
+            StopWait::Panicked => f.write_str("an internal error (a panic)"),
+            StopWait::NoThread(e) => write!(f, "no thread for it: {e}"),
+        }
+    }
+}
+
 pub(super) fn resume_workloads(
     workloads: &std::sync::Mutex<coffre_workload::Workloads>,
     cut: Option<&coffre_data::cut::CutLayer>,
@@ -944,7 +995,9 @@ impl Shell {
                 });
             match spawned {
                 Ok(_) => {
-                    let _ = taken.recv_timeout(Duration::from_secs(2));
+                    // A try_lock: never long. Waited for whatever it takes,
+                    // or a late one could close a later open's server.
+                    let _ = taken.recv();
                 }
                 Err(e) => {
                     self.system_audit("close", "note", format!("the NFS server not closed: {e}"));
@@ -1078,6 +1131,66 @@ impl Shell {
         }
     }
 
+    /// The storage writes (and flushes) the open engine has completed.
+    fn storage_writes(&self) -> Option<u64> {
+        self.custody.cipher_slot.as_ref().map(|s| s.written())
+    }
+
+    /// Runs `f` on a thread of its own and waits for it while the storage
+    /// moves data (see [`Quiet`]).
+    fn off_actor<T: Send + 'static>(
+        &self,
+        name: &str,
+        quiet: &mut Quiet,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StopWait> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _ = tx.send(f());
+            })
+            .map_err(|e| StopWait::NoThread(e.to_string()))?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(v) => return Ok(v),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(StopWait::Panicked);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if quiet.over(self.storage_writes()) {
+                return Err(StopWait::Quiet);
+            }
+        }
+    }
+
+    /// A step of the stop waited on the storage past the deadline (or
+    /// could not run): the key goes and the data is cut off from its
+    /// paths, once, and what hung is left behind.
+    fn give_up_at_stop(&mut self, what: &str, why: StopWait, left_behind: &mut bool) {
+        if *left_behind {
+            return;
+        }
+        *left_behind = true;
+        let revoked = self.wipe_key();
+        self.system_audit(
+            "close",
+            "deadline",
+            format!(
+                "at the stop: {what} ({why}): the key wiped{}; left behind: what hung on the storage (the next start cleans it)",
+                if revoked {
+                    ", the engine's cipher revoked"
+                } else {
+                    ""
+                }
+            ),
+        );
+        for line in sever(&self.data.layout, self.data.cut.clone()) {
+            self.system_audit("close", "note", format!("at the stop: {line}"));
+        }
+    }
+
     pub(super) fn shutdown(&mut self) {
         let was = self.vault.status().state;
         // An open still on its way would mount after we looked: wait for it.
@@ -1105,38 +1218,47 @@ impl Shell {
             Mode::Fast => coffre_workload::Pause::Fast,
             Mode::Safe => coffre_workload::Pause::Safe,
         };
-        // What an open or a close hung on the storage holds (the
-        // workloads, the data stack) is waited for until the close
-        // deadline, then left: the daemon still stops, its keys wiped.
-        let deadline =
-            std::time::Instant::now() + Duration::from_secs(self.config.data.close_deadline_s);
+        // Each step that may wait on the storage (the workloads' stop, the
+        // view's cut, a close hung on the storage holding the stack, the
+        // stack's own close) runs off the actor and is waited for while
+        // the engine completes storage writes, until it has completed none
+        // for `close_deadline_s`: then the key is wiped, the data cut off
+        // (what waited on the storage fails), and the daemon still stops,
+        // what hung left behind for the next start to clean.
+        let mut quiet = Quiet::new(
+            self.storage_writes(),
+            Duration::from_secs(self.config.data.close_deadline_s),
+        );
         let mut left_behind = false;
         let set = self.workloads.set.clone();
-        let lines = loop {
-            match set.try_lock() {
-                Ok(mut w) => break w.shutdown(how),
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().shutdown(how),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if std::time::Instant::now() > deadline {
-                left_behind = true;
-                break vec![(
+        let lines = match self.off_actor("stop-workloads", &mut quiet, move || {
+            set.lock().unwrap_or_else(|p| p.into_inner()).shutdown(how)
+        }) {
+            Ok(lines) => lines,
+            Err(why) => {
+                self.give_up_at_stop("the workloads did not stop", why.clone(), &mut left_behind);
+                vec![(
                     "workload".to_string(),
                     "failed".to_string(),
-                    "at the stop: the workloads are held by a close hung on the storage; left as they are".to_string(),
-                )];
+                    format!("at the stop: the workloads did not stop ({why}); left as they are"),
+                )]
             }
-            std::thread::sleep(Duration::from_millis(20));
         };
         self.workload_audit(lines);
-        if let Some(cut) = &self.data.cut
-            && let (_, Err(e)) = cut.cut()
-        {
-            eprintln!("coffre: the workloads' view: {e}");
+        if let Some(cut) = self.data.cut.clone() {
+            match self.off_actor("stop-cut", &mut quiet, move || cut.cut()) {
+                Ok((_, Ok(()))) => {}
+                Ok((_, Err(e))) => eprintln!("coffre: the workloads' view: {e}"),
+                Err(why) => self.give_up_at_stop(
+                    "the workloads' view did not let go of the data",
+                    why,
+                    &mut left_behind,
+                ),
+            }
         }
         // The stack, unless an open or a close hung on the storage holds
-        // it: then it is left (its key and engine are revoked below, as at
-        // a close's deadline), and the daemon still stops.
+        // it: then it is left (its key and engine are revoked, as at a
+        // close's deadline), and the daemon still stops.
         let slot = self.data.exposure.clone();
         let exposure = loop {
             match slot.try_lock() {
@@ -1144,114 +1266,48 @@ impl Shell {
                 Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
-            if std::time::Instant::now() > deadline {
-                self.system_audit(
-                    "close",
-                    "deadline",
-                    "at the stop: the data stack is held by an open or a close hung on the storage; left behind (the next start cleans it), the key wiped".into(),
+            if quiet.over(self.storage_writes()) {
+                self.give_up_at_stop(
+                    "the data stack is held by an open or a close hung on the storage",
+                    StopWait::Quiet,
+                    &mut left_behind,
                 );
-                self.wipe_key();
-                for line in sever(&self.data.layout, self.data.cut.clone()) {
-                    self.system_audit("close", "note", format!("at the stop: {line}"));
-                }
-                left_behind = true;
                 break None;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         if let Some(e) = exposure {
             // The VMs' NFS server lets go of the data before the unmount
-            // (or it would be killed as a holder): on the close's thread,
-            // within its deadline (a server stuck on the storage dies only
-            // once its I/O ends).
+            // (or it would be killed as a holder), on the close's thread.
             let nfs = self.nfs();
             let policy = coffre_data::ClosePolicy {
                 grace: Duration::from_secs(self.config.data.close_grace_s),
                 force: true,
             };
-            // On a thread of its own, with the close's deadline counted
-            // from its last completed storage write (a stop that still
-            // moves data, dirty pages synced to a slow store, is left to
-            // finish): storage that stops answering at the stop does not
-            // keep the key. If no thread can start, the stack is left as
-            // it is (never closed on the actor, where it could hang).
-            let (tx, rx) = std::sync::mpsc::channel();
+            // If no thread can start, the stack is left as it is (never
+            // closed on the actor, where it could hang).
             let e = std::mem::ManuallyDrop::new(e);
-            let closing = std::thread::Builder::new()
-                .name("close".into())
-                .spawn(move || {
-                    let mut e = std::mem::ManuallyDrop::into_inner(e);
-                    let line = nfs.as_ref().map(nfs_close);
-                    let r = e.close(&policy);
-                    let _ = tx.send((line, r));
-                    // The stack goes here, not on the actor: if the
-                    // close hung, dropping it could too.
-                    drop(e);
-                });
-            let wait = Duration::from_secs(self.config.data.close_deadline_s);
-            let written = |c: &Custody| c.cipher_slot.as_ref().map(|s| s.written());
-            let mut ended = None;
-            if closing.is_ok() {
-                let mut seen = written(&self.custody);
-                let mut quiet_since = std::time::Instant::now();
-                loop {
-                    match rx.recv_timeout(Duration::from_millis(500)) {
-                        Ok(r) => {
-                            ended = Some(r);
-                            break;
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    }
-                    let now = written(&self.custody);
-                    if now != seen {
-                        seen = now;
-                        quiet_since = std::time::Instant::now();
-                    }
-                    if quiet_since.elapsed() >= wait {
-                        break;
-                    }
+            let closing = self.off_actor("stop-close", &mut quiet, move || {
+                let mut e = std::mem::ManuallyDrop::into_inner(e);
+                let line = nfs.as_ref().map(nfs_close);
+                let r = e.close(&policy);
+                // The stack goes here, not on the actor: if the close
+                // hung, dropping it could too.
+                drop(e);
+                (line, r.map_err(|(e, r)| (e.to_string(), r)))
+            });
+            let closed = match closing {
+                Ok((line, r)) => {
+                    self.workload_audit(line.into_iter().collect());
+                    r
                 }
-            }
-            type Ended = (
-                Option<coffre_workload::Line>,
-                Result<coffre_data::CloseReport, (coffre_data::Error, coffre_data::CloseReport)>,
-            );
-            let report = |me: &mut Self, (line, r): Ended| {
-                me.workload_audit(line.into_iter().collect());
-                r.map_err(|(e, r)| (e.to_string(), r))
-            };
-            let closed = if let Some(r) = ended {
-                report(self, r)
-            } else {
-                let revoked = self.wipe_key();
-                self.system_audit(
-                    "close",
-                    "deadline",
-                    match &closing {
-                        Ok(_) => format!(
-                            "at the stop: the close completed no storage write for {} s (storage not answering?): the key wiped{}; \
-                             left behind: the data stack and its hung I/O (the next start cleans it)",
-                            wait.as_secs(),
-                            if revoked {
-                                ", the engine's cipher revoked"
-                            } else {
-                                ""
-                            }
-                        ),
-                        Err(e) => format!(
-                            "at the stop: no thread for the close ({e}): the key wiped; left behind: the data stack (the next start cleans it)"
-                        ),
-                    },
-                );
-                for line in sever(&self.data.layout, self.data.cut.clone()) {
-                    self.system_audit("close", "note", format!("at the stop: {line}"));
-                }
-                left_behind = true;
-                // Cut off, the close may end now: its report if so.
-                match rx.recv_timeout(Duration::from_secs(2)) {
-                    Ok(r) => report(self, r),
-                    Err(_) => Ok(coffre_data::CloseReport::default()),
+                Err(StopWait::Panicked) => Err((
+                    "an internal error (a panic); see the daemon's log".to_string(),
+                    coffre_data::CloseReport::default(),
+                )),
+                Err(why) => {
+                    self.give_up_at_stop("the close did not finish", why, &mut left_behind);
+                    Ok(coffre_data::CloseReport::default())
                 }
             };
             if let Err((why, _)) = &closed {

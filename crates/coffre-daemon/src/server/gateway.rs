@@ -315,11 +315,22 @@ impl Shell {
         // Dropped when the client goes: the wait for the core's answer
         // ends (an answer already there is still passed on).
         let (gone_tx, gone) = oneshot::channel::<()>();
+        let mut rx = rx;
         tokio::spawn(async move {
+            let stopped = || (503, error_json(ErrorCode::Busy, "the vault stopped"));
             let answer = tokio::select! {
                 biased;
-                a = rx => a.unwrap_or((503, error_json(ErrorCode::Busy, "the vault stopped"))),
-                _ = gone => return,
+                a = &mut rx => a.unwrap_or_else(|_| stopped()),
+                _ = gone => {
+                    // Closed, then looked at once more: an answer that
+                    // came in between is passed on (the bindings leave
+                    // its session), never lost in a dropped receiver.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(a) => a,
+                        Err(_) => return,
+                    }
+                }
             };
             if let Some(d) = test_answer_delay() {
                 tokio::time::sleep(d).await;
