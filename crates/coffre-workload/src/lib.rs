@@ -563,6 +563,16 @@ impl Workloads {
             .any(|e| e.cfg.name == name && e.state == State::Running)
     }
 
+    /// How long [`Workloads::shutdown`] may take when nothing hangs:
+    /// each workload's own stop (its `stop_timeout_s`, then SIGKILL), one
+    /// after the other.
+    pub fn stop_budget(&self) -> Duration {
+        self.entries
+            .iter()
+            .map(|e| Duration::from_secs(e.cfg.stop_timeout_s) + KILL_WITHIN)
+            .sum()
+    }
+
     /// Stops everything (daemon shutdown, data still exposed). In safe
     /// mode running VMs are suspended into the vault first, as at a close.
     /// Frozen workloads are killed: their memory would not survive the

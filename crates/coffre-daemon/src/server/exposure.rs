@@ -165,28 +165,31 @@ impl OpenHold {
     }
 }
 
-/// After the data is exposed: the workloads' view passes through to it
-/// again, then the workloads start or thaw.
 /// How long the engine has completed no storage write: what bounds each
 /// wait of a stop (one that still moves data, dirty pages synced to a
 /// slow store or VMs suspended into the volume, is left to finish).
 struct Quiet {
+    /// The engine the stop began with (kept: a wipe of the key takes the
+    /// custody's, and a revoked engine completes no more writes).
+    slot: Option<Arc<coffre_storage::CipherSlot>>,
     seen: Option<u64>,
     since: std::time::Instant,
     limit: Duration,
 }
 
 impl Quiet {
-    fn new(seen: Option<u64>, limit: Duration) -> Self {
+    fn new(slot: Option<Arc<coffre_storage::CipherSlot>>, limit: Duration) -> Self {
         Self {
-            seen,
+            seen: slot.as_ref().map(|s| s.written()),
+            slot,
             since: std::time::Instant::now(),
             limit,
         }
     }
 
-    /// Whether no write completed for the limit, given the count now.
-    fn over(&mut self, now: Option<u64>) -> bool {
+    /// Whether no write completed for the limit.
+    fn over(&mut self) -> bool {
+        let now = self.slot.as_ref().map(|s| s.written());
         if now != self.seen {
             self.seen = now;
             self.since = std::time::Instant::now();
@@ -218,6 +221,8 @@ impl std::fmt::Display for StopWait {
     }
 }
 
+/// After the data is exposed: the workloads' view passes through to it
+/// again, then the workloads start or thaw.
 pub(super) fn resume_workloads(
     workloads: &std::sync::Mutex<coffre_workload::Workloads>,
     cut: Option<&coffre_data::cut::CutLayer>,
@@ -1131,36 +1136,35 @@ impl Shell {
         }
     }
 
-    /// The storage writes (and flushes) the open engine has completed.
-    fn storage_writes(&self) -> Option<u64> {
-        self.custody.cipher_slot.as_ref().map(|s| s.written())
-    }
-
     /// Runs `f` on a thread of its own and waits for it while the storage
-    /// moves data (see [`Quiet`]).
+    /// moves data (see [`Quiet`]); given up, the wait's receiver comes
+    /// back (a late result can still be had from it).
     fn off_actor<T: Send + 'static>(
-        &self,
         name: &str,
-        quiet: &mut Quiet,
+        mut quiet: Quiet,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, StopWait> {
+    ) -> Result<T, (StopWait, Option<std::sync::mpsc::Receiver<T>>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 let _ = tx.send(f());
             })
-            .map_err(|e| StopWait::NoThread(e.to_string()))?;
+            .map_err(|e| (StopWait::NoThread(e.to_string()), None))?;
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(v) => return Ok(v),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(StopWait::Panicked);
+                    return Err((StopWait::Panicked, None));
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if quiet.over(self.storage_writes()) {
-                return Err(StopWait::Quiet);
+            if quiet.over() {
+                // Done just now: not given up.
+                return match rx.try_recv() {
+                    Ok(v) => Ok(v),
+                    Err(_) => Err((StopWait::Quiet, Some(rx))),
+                };
             }
         }
     }
@@ -1168,7 +1172,7 @@ impl Shell {
     /// A step of the stop waited on the storage past the deadline (or
     /// could not run): the key goes and the data is cut off from its
     /// paths, once, and what hung is left behind.
-    fn give_up_at_stop(&mut self, what: &str, why: StopWait, left_behind: &mut bool) {
+    fn give_up_at_stop(&mut self, what: &str, why: &StopWait, left_behind: &mut bool) {
         if *left_behind {
             return;
         }
@@ -1220,23 +1224,29 @@ impl Shell {
         };
         // Each step that may wait on the storage (the workloads' stop, the
         // view's cut, a close hung on the storage holding the stack, the
-        // stack's own close) runs off the actor and is waited for while
-        // the engine completes storage writes, until it has completed none
-        // for `close_deadline_s`: then the key is wiped, the data cut off
-        // (what waited on the storage fails), and the daemon still stops,
-        // what hung left behind for the next start to clean.
-        let mut quiet = Quiet::new(
-            self.storage_writes(),
-            Duration::from_secs(self.config.data.close_deadline_s),
-        );
+        // stack's own close) runs off the actor and is waited for, each
+        // afresh, while the engine completes storage writes, until it has
+        // completed none for `close_deadline_s` (the workloads' stop has
+        // their own stop timeouts on top): then the key is wiped, the data
+        // cut off (what waited on the storage fails), and the daemon still
+        // stops, what hung left behind for the next start to clean.
+        let slot = self.custody.cipher_slot.clone();
+        let deadline = Duration::from_secs(self.config.data.close_deadline_s);
+        let quiet = |limit| Quiet::new(slot.clone(), limit);
         let mut left_behind = false;
         let set = self.workloads.set.clone();
-        let lines = match self.off_actor("stop-workloads", &mut quiet, move || {
+        let budget = set.try_lock().map(|w| w.stop_budget()).unwrap_or_default();
+        let lines = match Self::off_actor("stop-workloads", quiet(deadline + budget), move || {
             set.lock().unwrap_or_else(|p| p.into_inner()).shutdown(how)
         }) {
             Ok(lines) => lines,
-            Err(why) => {
-                self.give_up_at_stop("the workloads did not stop", why.clone(), &mut left_behind);
+            Err((StopWait::Panicked, _)) => vec![(
+                "workload".to_string(),
+                "failed".to_string(),
+                "at the stop: an internal error (a panic) while the workloads stopped; see the daemon's log".to_string(),
+            )],
+            Err((why, _)) => {
+                self.give_up_at_stop("the workloads did not stop", &why, &mut left_behind);
                 vec![(
                     "workload".to_string(),
                     "failed".to_string(),
@@ -1246,12 +1256,15 @@ impl Shell {
         };
         self.workload_audit(lines);
         if let Some(cut) = self.data.cut.clone() {
-            match self.off_actor("stop-cut", &mut quiet, move || cut.cut()) {
+            match Self::off_actor("stop-cut", quiet(deadline), move || cut.cut()) {
                 Ok((_, Ok(()))) => {}
                 Ok((_, Err(e))) => eprintln!("coffre: the workloads' view: {e}"),
-                Err(why) => self.give_up_at_stop(
+                Err((StopWait::Panicked, _)) => {
+                    eprintln!("coffre: the workloads' view: a panic at the stop's cut");
+                }
+                Err((why, _)) => self.give_up_at_stop(
                     "the workloads' view did not let go of the data",
-                    why,
+                    &why,
                     &mut left_behind,
                 ),
             }
@@ -1259,17 +1272,18 @@ impl Shell {
         // The stack, unless an open or a close hung on the storage holds
         // it: then it is left (its key and engine are revoked, as at a
         // close's deadline), and the daemon still stops.
-        let slot = self.data.exposure.clone();
+        let stack = self.data.exposure.clone();
+        let mut waiting = quiet(deadline);
         let exposure = loop {
-            match slot.try_lock() {
+            match stack.try_lock() {
                 Ok(mut g) => break g.take(),
                 Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
-            if quiet.over(self.storage_writes()) {
+            if waiting.over() {
                 self.give_up_at_stop(
                     "the data stack is held by an open or a close hung on the storage",
-                    StopWait::Quiet,
+                    &StopWait::Quiet,
                     &mut left_behind,
                 );
                 break None;
@@ -1287,7 +1301,7 @@ impl Shell {
             // If no thread can start, the stack is left as it is (never
             // closed on the actor, where it could hang).
             let e = std::mem::ManuallyDrop::new(e);
-            let closing = self.off_actor("stop-close", &mut quiet, move || {
+            let closing = Self::off_actor("stop-close", quiet(deadline), move || {
                 let mut e = std::mem::ManuallyDrop::into_inner(e);
                 let line = nfs.as_ref().map(nfs_close);
                 let r = e.close(&policy);
@@ -1301,13 +1315,24 @@ impl Shell {
                     self.workload_audit(line.into_iter().collect());
                     r
                 }
-                Err(StopWait::Panicked) => Err((
-                    "an internal error (a panic); see the daemon's log".to_string(),
-                    coffre_data::CloseReport::default(),
-                )),
-                Err(why) => {
-                    self.give_up_at_stop("the close did not finish", why, &mut left_behind);
-                    Ok(coffre_data::CloseReport::default())
+                Err((StopWait::Panicked, _)) => {
+                    left_behind = true;
+                    Err((
+                        "an internal error (a panic); see the daemon's log".to_string(),
+                        coffre_data::CloseReport::default(),
+                    ))
+                }
+                Err((why, late)) => {
+                    self.give_up_at_stop("the close did not finish", &why, &mut left_behind);
+                    // Cut off, the close may end now: its report (the
+                    // processes it stopped) if so.
+                    match late.and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok()) {
+                        Some((line, r)) => {
+                            self.workload_audit(line.into_iter().collect());
+                            r
+                        }
+                        None => Ok(coffre_data::CloseReport::default()),
+                    }
                 }
             };
             if let Err((why, _)) = &closed {

@@ -854,3 +854,50 @@ fn a_vpn_member_gone_during_a_hung_open_lets_the_key_go() {
     gw.vault
         .wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
 }
+
+/// With storage that answers, a stop waits for the workloads' own stop
+/// timeouts, however much longer than the close deadline (which is for
+/// storage that stopped answering), and stops cleanly: no key wiped early,
+/// no data cut off.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_stop_waits_for_a_slow_workload_when_the_storage_answers() {
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::Cryptsetup,
+    ]);
+    let mut v = Vault::init(&[]);
+    set_close_deadline(&v, 2);
+    v.set_workloads(
+        "auto",
+        r#"
+[[workload]]
+name = "stubborn"
+kind = "process"
+user = "root"
+stop_timeout_s = 5
+command = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]
+"#,
+    );
+    v.start();
+    let mut alice = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let started = std::time::Instant::now();
+    v.stop();
+    let took = started.elapsed();
+    let stopped = v.audit_details("stop", "closed");
+    assert!(
+        stopped.iter().any(|d| d.contains("stopped cleanly")),
+        "{stopped:?} (after {took:?})"
+    );
+    assert!(
+        v.audit_details("close", "deadline").is_empty(),
+        "the stop gave up on healthy storage: {:?}",
+        v.audit_details("close", "deadline")
+    );
+    let _ = alice.kill();
+    let _ = alice.wait();
+}
