@@ -501,7 +501,7 @@ impl Shell {
     /// clients would have, instead of keeping the vault open until their
     /// heartbeats are missed. Run once the core's events settle (a leave
     /// in the middle of an enter's effects would come before its open).
-    fn leave_unclaimed(&mut self) {
+    pub(super) fn leave_unclaimed(&mut self) {
         while let Some(session) = self.unclaimed.pop() {
             let Some(s) = self.vault.sessions().find(|s| s.id == session).cloned() else {
                 continue;
@@ -703,6 +703,29 @@ impl Shell {
         if let Some(tx) = self.replies.remove(&req) {
             let _ = tx.send(answer);
         }
+    }
+
+    /// An `enter` that waits for an open or a close to end, and whose
+    /// client went away, is left now rather than when the wait ends:
+    /// after a close, the vault does not open again for nobody (it
+    /// reopened, then closed at once; before that, it stayed open for the
+    /// heartbeat grace).
+    pub(super) fn parked_gone_tick(&mut self) {
+        let mut gone = Vec::new();
+        self.data.parked.retain(|(tx, v)| {
+            if !tx.is_closed() {
+                return true;
+            }
+            if let Some(s) = v["session"].as_u64() {
+                gone.push(SessionId(s));
+            }
+            false
+        });
+        if gone.is_empty() {
+            return;
+        }
+        self.unclaimed.extend(gone);
+        self.leave_unclaimed();
     }
 
     /// Sends the `enter` replies that waited for the open, once it is

@@ -734,6 +734,7 @@ pub async fn serve(
                 shell.directory_tick();
                 shell.source_tick();
                 shell.wipe_tick();
+                shell.parked_gone_tick();
                 shell.open_deadline_tick();
                 shell.close_progress_tick();
                 // Numbers or groups a busy close kept from the workloads.

@@ -855,6 +855,65 @@ fn a_vpn_member_gone_during_a_hung_open_lets_the_key_go() {
         .wait_no_leftovers(Duration::from_secs(60), "what the open mounted stayed");
 }
 
+/// A member who enters while the vault closes (here the close waits on
+/// the storage) and whose `enter` goes away before the close ends is left
+/// then: once the close ends, the vault does not open again for nobody.
+/// Before, it reopened (data mounted, workloads resumed, the key back)
+/// and closed again.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_member_gone_during_a_slow_close_gets_no_reopen() {
+    use std::sync::atomic::Ordering;
+    let mut lab = hung_lab(|_| {});
+    let hang = lab.storage.hang.clone();
+    let v = &mut lab.v;
+    let mut first = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    hang.store(true, Ordering::SeqCst);
+    let data = v.layout().mountpoint.join("shared");
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut first, Duration::from_secs(30));
+    v.wait_state("closing", Duration::from_secs(10));
+    let mut again = v.enter_start("alice", &[]);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while v.status("alice")["sessions"]
+        .as_array()
+        .is_none_or(|s| s.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the second enter never got in"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        v.state(),
+        "closing",
+        "the close did not wait on the storage"
+    );
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while v.audit_details("leave", "note").is_empty() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the gone member was not left during the close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hang.store(false, Ordering::SeqCst);
+    v.wait_state("closed", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(v.state(), "closed");
+    assert_eq!(
+        v.audit_details("state", "open").len(),
+        1,
+        "the vault opened again for nobody"
+    );
+    v.stop();
+}
+
 /// With storage that answers, a stop waits for the workloads' own stop
 /// timeouts, however much longer than the close deadline (which is for
 /// storage that stopped answering), and stops cleanly: no key wiped early,
