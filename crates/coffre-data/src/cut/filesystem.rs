@@ -126,21 +126,54 @@ impl Layer {
     /// `scandir`) must not open a FIFO or a socket as a file.
     ///
     /// With what it takes of the daemon's memory ([`DIR_BYTES`] and its
-    /// entries): `ENOMEM` as soon as that passes `room`.
-    fn listing(&self, live: &Live, ino: u64, room: usize) -> Result<(Listing, usize), Errno> {
+    /// entries), charged to `uid` as it grows (ahead of the entries, a
+    /// step at a time): `ENOMEM` as soon as that passes the user's (or
+    /// everyone's) room, counting the listings other workers are reading
+    /// at the same time. On success the charge is exactly what it
+    /// returns; on an error nothing stays charged.
+    fn listing(&self, live: &Live, ino: u64, uid: u32) -> Result<(Listing, usize), Errno> {
+        let mut charged = 0;
+        let r = self.read_listing(live, ino, uid, &mut charged);
+        let mut maps = self.lock_maps();
+        let settled = r.as_ref().map_or(0, |(_, bytes)| *bytes);
+        // Down to what is kept (or nothing): never refused.
+        let _ = maps.charge_listing(&self.caps, uid, charged, settled);
+        r
+    }
+
+    fn read_listing(
+        &self,
+        live: &Live,
+        ino: u64,
+        uid: u32,
+        charged: &mut usize,
+    ) -> Result<(Listing, usize), Errno> {
         use std::os::unix::fs::{DirEntryExt, FileTypeExt};
+        let charge = |bytes: usize, charged: &mut usize| -> Result<(), Errno> {
+            if bytes <= *charged {
+                return Ok(());
+            }
+            let mut maps = self.lock_maps();
+            let room = maps.listing_room(&self.caps, uid, *charged);
+            if bytes > room {
+                return Err(Errno::ENOMEM);
+            }
+            let ahead = bytes.next_multiple_of(LISTING_STEP).min(room);
+            maps.charge_listing(&self.caps, uid, *charged, ahead)?;
+            *charged = ahead;
+            Ok(())
+        };
         let fd = self.fd(live, ino)?;
         let mut list: Listing = vec![
             (ino, FileType::Directory, ".".into()),
             (1, FileType::Directory, "..".into()),
         ];
         let mut bytes = DIR_BYTES + entry_bytes(".".as_ref()) + entry_bytes("..".as_ref());
+        charge(bytes, charged)?;
         for e in std::fs::read_dir(Layer::proc_path(&fd)).map_err(errno)? {
             let e = e.map_err(errno)?;
             bytes += entry_bytes(&e.file_name());
-            if bytes > room {
-                return Err(Errno::ENOMEM);
-            }
+            charge(bytes, charged)?;
             let kind = match e.file_type() {
                 Ok(t) if t.is_dir() => FileType::Directory,
                 Ok(t) if t.is_symlink() => FileType::Symlink,
@@ -907,10 +940,8 @@ impl Filesystem for Layer {
         // mount between calls. Within the caller's room for listings.
         let uid = req.uid();
         match self.with_live(|live| {
-            let room = self.lock_maps().listing_room(&self.caps, uid, 0);
-            let (list, bytes) = self.listing(live, ino.0, room)?;
+            let (list, bytes) = self.listing(live, ino.0, uid)?;
             let mut maps = self.lock_maps();
-            maps.charge_listing(&self.caps, uid, 0, bytes)?;
             maps.next_fh += 1;
             let fh = maps.next_fh;
             maps.dirs.insert(
@@ -953,9 +984,7 @@ impl Filesystem for Layer {
                 // is now, within its owner's room (giving back what it
                 // takes now).
                 match maps.dirs.get(&fh.0) {
-                    Some(d) if offset == 0 && d.served => {
-                        Some(maps.listing_room(&self.caps, d.uid, d.bytes))
-                    }
+                    Some(d) if offset == 0 && d.served => Some(d.uid),
                     _ => None,
                 },
                 maps.stale_dirs.contains(&fh.0),
@@ -966,18 +995,22 @@ impl Filesystem for Layer {
             reply.error(Errno::EIO);
             return;
         }
-        if let Some(room) = again {
-            match self.listing(live, ino.0, room) {
+        if let Some(uid) = again {
+            // Read (and charged) beside the listing it replaces: both are
+            // in memory until the new one takes its place.
+            match self.listing(live, ino.0, uid) {
                 Ok((list, bytes)) => {
                     let mut maps = self.lock_maps();
-                    if let Some((uid, had)) = maps.dirs.get(&fh.0).map(|d| (d.uid, d.bytes)) {
-                        if let Err(e) = maps.charge_listing(&self.caps, uid, had, bytes) {
-                            return reply.error(e);
-                        }
-                        if let Some(d) = maps.dirs.get_mut(&fh.0) {
+                    let had = match maps.dirs.get_mut(&fh.0) {
+                        Some(d) => {
+                            let had = d.bytes;
                             (d.list, d.bytes) = (list, bytes);
+                            had
                         }
-                    }
+                        // Released meanwhile: the new one goes.
+                        None => bytes,
+                    };
+                    let _ = maps.charge_listing(&self.caps, uid, had, 0);
                     maps.stale_dirs.remove(&fh.0);
                 }
                 Err(e) => return reply.error(e),

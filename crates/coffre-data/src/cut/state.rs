@@ -42,6 +42,11 @@ pub(super) fn entry_bytes(name: &OsStr) -> usize {
 /// What an open directory takes besides its entries (its place in the map).
 pub(super) const DIR_BYTES: usize = 128;
 
+/// What a listing being read is charged ahead of its entries, a step at
+/// a time (so that listings read at once by several workers count
+/// against the caps as they grow, not once each is whole).
+pub(super) const LISTING_STEP: usize = 64 << 10;
+
 /// An open directory: its listing, read at the open.
 pub(super) struct Dir {
     pub(super) list: Listing,
