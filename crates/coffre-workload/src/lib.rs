@@ -31,6 +31,17 @@ use std::time::{Duration, Instant};
 /// How long a kill may take.
 pub(crate) const KILL_WITHIN: Duration = Duration::from_secs(5);
 
+/// The longest one of `workloads` may take to stop when nothing hangs:
+/// its `stop_timeout_s`, then SIGKILL.
+pub fn stop_within(workloads: &[config::WorkloadConfig]) -> Duration {
+    workloads
+        .iter()
+        .map(|w| Duration::from_secs(w.stop_timeout_s))
+        .max()
+        .unwrap_or_default()
+        + KILL_WITHIN
+}
+
 /// How the vault closes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pause {
@@ -563,23 +574,16 @@ impl Workloads {
             .any(|e| e.cfg.name == name && e.state == State::Running)
     }
 
-    /// How long [`Workloads::shutdown`] may take when nothing hangs:
-    /// each workload's own stop (its `stop_timeout_s`, then SIGKILL), one
-    /// after the other.
-    pub fn stop_budget(&self) -> Duration {
-        self.entries
-            .iter()
-            .map(|e| Duration::from_secs(e.cfg.stop_timeout_s) + KILL_WITHIN)
-            .sum()
-    }
-
     /// Stops everything (daemon shutdown, data still exposed). In safe
     /// mode running VMs are suspended into the vault first, as at a close.
     /// Frozen workloads are killed: their memory would not survive the
     /// daemon anyway. Running processes are stopped.
-    pub fn shutdown(&mut self, mode: Pause) -> Vec<Line> {
+    /// `done` counts the workloads handled so far (whoever waits for the
+    /// stop sees it move).
+    pub fn shutdown(&mut self, mode: Pause, done: &std::sync::atomic::AtomicU64) -> Vec<Line> {
         let mut out = Vec::new();
         for i in (0..self.entries.len()).rev() {
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let vm = self.entries[i].cfg.kind == Kind::Qemu;
             let project = self.entries[i].cfg.role == Role::Project;
             match self.entries[i].state {

@@ -172,7 +172,9 @@ struct Quiet {
     /// The engine the stop began with (kept: a wipe of the key takes the
     /// custody's, and a revoked engine completes no more writes).
     slot: Option<Arc<coffre_storage::CipherSlot>>,
-    seen: Option<u64>,
+    /// Another count of progress (workloads stopped), if any.
+    also: Option<Arc<std::sync::atomic::AtomicU64>>,
+    seen: (Option<u64>, u64),
     since: std::time::Instant,
     limit: Duration,
 }
@@ -180,16 +182,23 @@ struct Quiet {
 impl Quiet {
     fn new(slot: Option<Arc<coffre_storage::CipherSlot>>, limit: Duration) -> Self {
         Self {
-            seen: slot.as_ref().map(|s| s.written()),
+            seen: (slot.as_ref().map(|s| s.written()), 0),
             slot,
+            also: None,
             since: std::time::Instant::now(),
             limit,
         }
     }
 
-    /// Whether no write completed for the limit.
+    /// Whether no write completed (nor other progress was made) for the
+    /// limit.
     fn over(&mut self) -> bool {
-        let now = self.slot.as_ref().map(|s| s.written());
+        let now = (
+            self.slot.as_ref().map(|s| s.written()),
+            self.also
+                .as_ref()
+                .map_or(0, |a| a.load(std::sync::atomic::Ordering::Relaxed)),
+        );
         if now != self.seen {
             self.seen = now;
             self.since = std::time::Instant::now();
@@ -1235,16 +1244,27 @@ impl Shell {
         let quiet = |limit| Quiet::new(slot.clone(), limit);
         let mut left_behind = false;
         let set = self.workloads.set.clone();
-        let budget = set.try_lock().map(|w| w.stop_budget()).unwrap_or_default();
-        let lines = match Self::off_actor("stop-workloads", quiet(deadline + budget), move || {
-            set.lock().unwrap_or_else(|p| p.into_inner()).shutdown(how)
+        // Each workload stopped counts as progress too, and one may take
+        // its stop timeout on top of the deadline (storage untouched).
+        let within = coffre_workload::stop_within(&self.config.workload);
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut waiting = quiet(deadline + within);
+        waiting.also = Some(done.clone());
+        let lines = match Self::off_actor("stop-workloads", waiting, move || {
+            set.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shutdown(how, &done)
         }) {
             Ok(lines) => lines,
-            Err((StopWait::Panicked, _)) => vec![(
-                "workload".to_string(),
-                "failed".to_string(),
-                "at the stop: an internal error (a panic) while the workloads stopped; see the daemon's log".to_string(),
-            )],
+            Err((StopWait::Panicked, _)) => {
+                // Some may still run: the next start cleans up.
+                left_behind = true;
+                vec![(
+                    "workload".to_string(),
+                    "failed".to_string(),
+                    "at the stop: an internal error (a panic) while the workloads stopped; see the daemon's log".to_string(),
+                )]
+            }
             Err((why, _)) => {
                 self.give_up_at_stop("the workloads did not stop", &why, &mut left_behind);
                 vec![(

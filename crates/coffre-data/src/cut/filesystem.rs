@@ -996,18 +996,29 @@ impl Filesystem for Layer {
             return;
         }
         if let Some(uid) = again {
-            // Read (and charged) beside the listing it replaces: both are
-            // in memory until the new one takes its place.
+            // The old listing goes first (as at a cut: the handle is stale
+            // until the new one is in), so that a large directory can be
+            // read again within its owner's room.
+            {
+                let mut maps = self.lock_maps();
+                if let Some(d) = maps.dirs.get_mut(&fh.0) {
+                    d.list = Vec::new();
+                    let had = std::mem::replace(&mut d.bytes, DIR_BYTES);
+                    let _ = maps.charge_listing(&self.caps, uid, had, DIR_BYTES);
+                    maps.stale_dirs.insert(fh.0);
+                }
+            }
             match self.listing(live, ino.0, uid) {
                 Ok((list, bytes)) => {
                     let mut maps = self.lock_maps();
+                    // Charged apart: what the handle held (or, released
+                    // meanwhile, the new listing) goes.
                     let had = match maps.dirs.get_mut(&fh.0) {
                         Some(d) => {
                             let had = d.bytes;
                             (d.list, d.bytes) = (list, bytes);
                             had
                         }
-                        // Released meanwhile: the new one goes.
                         None => bytes,
                     };
                     let _ = maps.charge_listing(&self.caps, uid, had, 0);
