@@ -31,15 +31,21 @@ use std::time::{Duration, Instant};
 /// How long a kill may take.
 pub(crate) const KILL_WITHIN: Duration = Duration::from_secs(5);
 
-/// The longest one of `workloads` may take to stop when nothing hangs:
-/// its `stop_timeout_s`, then SIGKILL.
+/// The longest one of `workloads` may take to stop or suspend when
+/// nothing hangs: a process its `stop_timeout_s`, then SIGKILL; a VM its
+/// monitor's answers (suspended into the vault, then told to quit) on top.
 pub fn stop_within(workloads: &[config::WorkloadConfig]) -> Duration {
     workloads
         .iter()
-        .map(|w| Duration::from_secs(w.stop_timeout_s))
+        .map(|w| {
+            let own = Duration::from_secs(w.stop_timeout_s) + KILL_WITHIN;
+            match w.kind {
+                Kind::Qemu => own + qmp::ANSWER_WITHIN + vm::QUIT_WITHIN,
+                Kind::Process => own,
+            }
+        })
         .max()
         .unwrap_or_default()
-        + KILL_WITHIN
 }
 
 /// How the vault closes.
@@ -283,6 +289,9 @@ pub struct Workloads {
     hierarchy: Result<Hierarchy, WorkloadError>,
     entries: Vec<Entry>,
     published: Arc<RwLock<Vec<Row>>>,
+    /// Workloads handled by a pause or a stop so far: whoever waits for
+    /// one (the daemon's stop) sees it move without taking the lock.
+    handled: Arc<std::sync::atomic::AtomicU64>,
     /// The vault's members' numbers (uid, gid, groups) by name: a
     /// workload's `user` that names a member runs with them.
     members: std::collections::BTreeMap<String, (u32, u32, Vec<u32>)>,
@@ -334,10 +343,22 @@ impl Workloads {
             hierarchy,
             entries,
             published: Arc::default(),
+            handled: Arc::default(),
             members: Default::default(),
         };
         w.publish();
         w
+    }
+
+    /// How many workloads a pause or a stop has handled so far (each is
+    /// counted as it begins, once the one before has ended).
+    pub fn handled(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.handled.clone()
+    }
+
+    fn count_handled(&self) {
+        self.handled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Puts the workloads on the vault network: `links` by workload name
@@ -517,6 +538,7 @@ impl Workloads {
             if self.entries[i].cfg.role != Role::Project {
                 continue;
             }
+            self.count_handled();
             self.reap_one(i, &mut out);
             let state = self.entries[i].state.clone();
             // A close that failed before may have frozen some already; if
@@ -578,12 +600,10 @@ impl Workloads {
     /// mode running VMs are suspended into the vault first, as at a close.
     /// Frozen workloads are killed: their memory would not survive the
     /// daemon anyway. Running processes are stopped.
-    /// `done` counts the workloads handled so far (whoever waits for the
-    /// stop sees it move).
-    pub fn shutdown(&mut self, mode: Pause, done: &std::sync::atomic::AtomicU64) -> Vec<Line> {
+    pub fn shutdown(&mut self, mode: Pause) -> Vec<Line> {
         let mut out = Vec::new();
         for i in (0..self.entries.len()).rev() {
-            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.count_handled();
             let vm = self.entries[i].cfg.kind == Kind::Qemu;
             let project = self.entries[i].cfg.role == Role::Project;
             match self.entries[i].state {

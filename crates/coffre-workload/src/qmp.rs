@@ -10,6 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// How long a command's answer is waited for.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
 /// A QMP line longer than this is refused (QEMU's replies to what we ask
 /// are a few hundred bytes).
 pub const MAX_LINE: usize = 1 << 20;
@@ -105,7 +108,7 @@ impl Qmp {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
-        sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+        sock.set_read_timeout(Some(ANSWER_WITHIN))?;
         let mut q = Self {
             sock,
             buf: Vec::new(),

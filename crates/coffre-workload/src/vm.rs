@@ -21,6 +21,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long QEMU has to exit by itself after `quit`.
+pub(crate) const QUIT_WITHIN: Duration = Duration::from_secs(10);
 /// How long QEMU may take to create its QMP socket.
 const QMP_WITHIN: Duration = Duration::from_secs(30);
 /// How long a migration into (or out of) the vault may take.
@@ -365,7 +367,7 @@ impl Workloads {
                     let _ = q.execute("quit", None);
                 }
                 // QEMU exits by itself after `quit`; anything left goes.
-                let until = Instant::now() + Duration::from_secs(10);
+                let until = Instant::now() + QUIT_WITHIN;
                 while Instant::now() < until && !matches!(p.child.try_wait(), Ok(Some(_))) {
                     std::thread::sleep(Duration::from_millis(5));
                 }

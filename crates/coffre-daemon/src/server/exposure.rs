@@ -1181,11 +1181,11 @@ impl Shell {
     /// A step of the stop waited on the storage past the deadline (or
     /// could not run): the key goes and the data is cut off from its
     /// paths, once, and what hung is left behind.
-    fn give_up_at_stop(&mut self, what: &str, why: &StopWait, left_behind: &mut bool) {
-        if *left_behind {
+    fn give_up_at_stop(&mut self, what: &str, why: &StopWait, gave_up: &mut bool) {
+        if *gave_up {
             return;
         }
-        *left_behind = true;
+        *gave_up = true;
         let revoked = self.wipe_key();
         self.system_audit(
             "close",
@@ -1242,18 +1242,19 @@ impl Shell {
         let slot = self.custody.cipher_slot.clone();
         let deadline = Duration::from_secs(self.config.data.close_deadline_s);
         let quiet = |limit| Quiet::new(slot.clone(), limit);
+        // Whether a step was given up (the key wiped and the data cut off
+        // then, once), and whether anything was left behind.
+        let mut gave_up = false;
         let mut left_behind = false;
         let set = self.workloads.set.clone();
-        // Each workload stopped counts as progress too, and one may take
-        // its stop timeout on top of the deadline (storage untouched).
+        // Each workload paused or stopped (by this stop, or by a close
+        // that holds them) counts as progress too, and one may take its
+        // own stop time on top of the deadline (storage untouched).
         let within = coffre_workload::stop_within(&self.config.workload);
-        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut waiting = quiet(deadline + within);
-        waiting.also = Some(done.clone());
+        waiting.also = Some(self.workloads.handled.clone());
         let lines = match Self::off_actor("stop-workloads", waiting, move || {
-            set.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .shutdown(how, &done)
+            set.lock().unwrap_or_else(|p| p.into_inner()).shutdown(how)
         }) {
             Ok(lines) => lines,
             Err((StopWait::Panicked, _)) => {
@@ -1266,7 +1267,7 @@ impl Shell {
                 )]
             }
             Err((why, _)) => {
-                self.give_up_at_stop("the workloads did not stop", &why, &mut left_behind);
+                self.give_up_at_stop("the workloads did not stop", &why, &mut gave_up);
                 vec![(
                     "workload".to_string(),
                     "failed".to_string(),
@@ -1285,7 +1286,7 @@ impl Shell {
                 Err((why, _)) => self.give_up_at_stop(
                     "the workloads' view did not let go of the data",
                     &why,
-                    &mut left_behind,
+                    &mut gave_up,
                 ),
             }
         }
@@ -1304,7 +1305,7 @@ impl Shell {
                 self.give_up_at_stop(
                     "the data stack is held by an open or a close hung on the storage",
                     &StopWait::Quiet,
-                    &mut left_behind,
+                    &mut gave_up,
                 );
                 break None;
             }
@@ -1343,7 +1344,7 @@ impl Shell {
                     ))
                 }
                 Err((why, late)) => {
-                    self.give_up_at_stop("the close did not finish", &why, &mut left_behind);
+                    self.give_up_at_stop("the close did not finish", &why, &mut gave_up);
                     // Cut off, the close may end now: its report (the
                     // processes it stopped) if so.
                     match late.and_then(|rx| rx.recv_timeout(Duration::from_secs(2)).ok()) {
@@ -1385,7 +1386,7 @@ impl Shell {
         self.custody.passwords.clear();
         self.custody.new_passwords.clear();
         self.data.cut = None;
-        if left_behind {
+        if left_behind || gave_up {
             // Kept: the next start sees an unclean stop and cleans up.
             self.system_audit(
                 "stop",

@@ -9,6 +9,9 @@ pub(super) struct WorkloadState {
     pub(super) set: Arc<std::sync::Mutex<coffre_workload::Workloads>>,
     /// What status shows of them, readable at any time.
     pub(super) rows: Arc<RwLock<Vec<coffre_workload::Row>>>,
+    /// Workloads a pause or a stop has handled so far (read without the
+    /// lock: the daemon's stop counts them as progress).
+    pub(super) handled: Arc<std::sync::atomic::AtomicU64>,
     /// Set while a reap runs off the actor.
     pub(super) reaping: Arc<std::sync::atomic::AtomicBool>,
     /// The members' numbers and groups they were last given.
@@ -18,6 +21,7 @@ pub(super) struct WorkloadState {
 impl WorkloadState {
     pub(super) fn new(workloads: coffre_workload::Workloads) -> Self {
         Self {
+            handled: workloads.handled(),
             rows: workloads.view(),
             set: Arc::new(std::sync::Mutex::new(workloads)),
             reaping: Arc::default(),

@@ -999,15 +999,20 @@ impl Filesystem for Layer {
             // The old listing goes first (as at a cut: the handle is stale
             // until the new one is in), so that a large directory can be
             // read again within its owner's room.
-            {
+            let old = {
                 let mut maps = self.lock_maps();
-                if let Some(d) = maps.dirs.get_mut(&fh.0) {
-                    d.list = Vec::new();
+                let old = maps.dirs.get_mut(&fh.0).map(|d| {
                     let had = std::mem::replace(&mut d.bytes, DIR_BYTES);
-                    let _ = maps.charge_listing(&self.caps, uid, had, DIR_BYTES);
+                    (std::mem::take(&mut d.list), had)
+                });
+                if let Some((_, had)) = &old {
+                    let _ = maps.charge_listing(&self.caps, uid, *had, DIR_BYTES);
                     maps.stale_dirs.insert(fh.0);
                 }
-            }
+                old
+            };
+            // Freed outside the lock (it may be large).
+            drop(old);
             match self.listing(live, ino.0, uid) {
                 Ok((list, bytes)) => {
                     let mut maps = self.lock_maps();
@@ -1028,6 +1033,11 @@ impl Filesystem for Layer {
             }
         }
         let mut maps = self.lock_maps();
+        if offset > 0 && maps.stale_dirs.contains(&fh.0) {
+            // Emptied since the look above (a rewind beside this read).
+            reply.error(Errno::EIO);
+            return;
+        }
         let Some(d) = maps.dirs.get_mut(&fh.0) else {
             reply.error(Errno::EBADF);
             return;
