@@ -397,6 +397,27 @@ fn assert_key_gone(pid: u32, key: &[u8], when: &str) {
     }
 }
 
+/// Nothing of the data is mounted at `mountpoint` (`when`: for the
+/// message).
+fn assert_data_detached(mountpoint: &std::path::Path, when: &str) {
+    let at = coffre_data::system::mount_at(mountpoint);
+    assert!(
+        at.as_ref()
+            .is_none_or(|m| !m.source.starts_with("/dev/loop")),
+        "the data stays mounted {when}: {at:?}"
+    );
+}
+
+/// Waits until the audit log has an `action`/`result` record; `never`
+/// says what it means if none comes `within`.
+fn wait_audit(v: &Vault, action: &str, result: &str, within: Duration, never: &str) {
+    let until = std::time::Instant::now() + within;
+    while v.audit_details(action, result).is_empty() {
+        assert!(std::time::Instant::now() < until, "{never}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A vault whose volume file is behind [`hangfs`], configured by
 /// `configure`, started. Its fields drop in this order: the storage is
 /// unhung (a test that fails while it hangs stops its daemon instead of
@@ -482,12 +503,7 @@ fn a_lock_wipes_the_key_when_the_storage_stops_answering() {
     assert_key_gone(pid, &key, "after the deadline");
     // While the storage still hangs, the filesystem's page cache (the
     // plaintext of what was written) is no longer reachable by path.
-    let at = coffre_data::system::mount_at(&mountpoint);
-    assert!(
-        at.as_ref()
-            .is_none_or(|m| !m.source.starts_with("/dev/loop")),
-        "the data stays mounted after the deadline: {at:?}"
-    );
+    assert_data_detached(&mountpoint, "after the deadline");
     assert!(
         std::fs::read(data.join("unsaved.bin")).is_err(),
         "the plaintext written before the lock is still readable at its path"
@@ -721,14 +737,13 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
     hang.store(true, Ordering::SeqCst);
     std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
     unsafe_kill(pid, "TERM");
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while v.audit_details("stop", "closed").is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stop never ended while the storage hung"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_audit(
+        v,
+        "stop",
+        "closed",
+        Duration::from_secs(60),
+        "the stop never ended while the storage hung",
+    );
     let stopped = v.audit_details("stop", "closed");
     assert!(
         stopped.iter().any(|d| d.contains("left behind")),
@@ -749,12 +764,7 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
             .any(|d| d.contains("at the stop") && d.contains("the key wiped")),
         "the stop's deadline did not wipe the key"
     );
-    let at = coffre_data::system::mount_at(&mountpoint);
-    assert!(
-        at.as_ref()
-            .is_none_or(|m| !m.source.starts_with("/dev/loop")),
-        "the data stays mounted after the stop: {at:?}"
-    );
+    assert_data_detached(&mountpoint, "after the stop");
     // The storage answers again: the daemon's last threads end with it.
     hang.store(false, Ordering::SeqCst);
     v.stop();
@@ -894,14 +904,13 @@ fn a_member_gone_during_a_slow_close_gets_no_reopen() {
     );
     again.kill().unwrap();
     again.wait().unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while v.audit_details("leave", "note").is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the gone member was not left during the close"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_audit(
+        v,
+        "leave",
+        "note",
+        Duration::from_secs(10),
+        "the gone member was not left during the close",
+    );
     hang.store(false, Ordering::SeqCst);
     v.wait_state("closed", Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
