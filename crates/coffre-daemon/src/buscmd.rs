@@ -214,7 +214,7 @@ fn judge(
         .expect("the key came from this component");
     if !comp.members.iter().any(|m| m == cmd.member()) {
         return Verdict::Refused(
-            format!("from {from}: may not act for {:?}", cmd.member()),
+            format!("from {from}: may not act for {}", quoted_name(cmd.member())),
             Some(h),
         );
     }
@@ -285,20 +285,35 @@ pub async fn serve(cfg: CommandsConfig, submit: Submit, report: Report) {
 /// Sends `answer` (the door's JSON: its `ok` says done or refused) to the
 /// sender of `to`, signed.
 async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, answer: Value) {
-    let body = Reply {
-        in_reply_to: to.nonce.clone(),
-        ok: answer["ok"] == true,
-        answer,
+    let seal = |answer: Value| {
+        let body = Reply {
+            in_reply_to: to.nonce.clone(),
+            ok: answer["ok"] == true,
+            answer,
+        };
+        let h = envelope::header(
+            &cfg.id.vault,
+            VAULT_COMPONENT,
+            &to.from,
+            REPLY_KIND,
+            envelope::MAX_LIFE_S,
+            serde_json::to_value(&body).expect("replies serialise"),
+        );
+        cfg.keys.signer.seal_envelope(&h)
     };
-    let h = envelope::header(
-        &cfg.id.vault,
-        VAULT_COMPONENT,
-        &to.from,
-        REPLY_KIND,
-        envelope::MAX_LIFE_S,
-        serde_json::to_value(&body).expect("replies serialise"),
-    );
-    let bytes = cfg.keys.signer.seal_envelope(&h);
+    let ok = answer["ok"] == true;
+    let error = answer["error"].clone();
+    let mut bytes = seal(answer);
+    if bytes.len() > envelope::MAX_ENVELOPE {
+        // An answer that quotes a sender's long field (a refusal naming
+        // it): the broker would refuse it whole and close the channel, so
+        // the sender gets its verdict without the quote.
+        bytes = seal(json!({
+            "ok": ok,
+            "error": error,
+            "message": "the answer was too long to send (it quoted the command)",
+        }));
+    }
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -313,6 +328,18 @@ async fn reply(ch: &lapin::Channel, cfg: &CommandsConfig, to: &Header, answer: V
             props,
         )
         .await;
+}
+
+/// A name a command gave, quoted for a refusal (the audit log and the
+/// answer): its first 64 characters, and its length when longer (a
+/// sender may put anything there).
+fn quoted_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    if name.chars().count() <= SHOWN {
+        return format!("{name:?}");
+    }
+    let head: String = name.chars().take(SHOWN).collect();
+    format!("{head:?}... ({} bytes)", name.len())
 }
 
 /// Why a session ended.

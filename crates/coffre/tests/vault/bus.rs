@@ -999,6 +999,49 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
         base + 5,
         "the oversized message reached the daemon"
     );
+    // A command whose refusal would quote a long field back (a user it
+    // may not act for): the answer is cut short, not refused whole by the
+    // broker, which would close the vault's channel and bounce its link.
+    let serving = || {
+        v.audit_details("bus_command", "ok")
+            .iter()
+            .filter(|d| d.contains("serving commands"))
+            .count()
+    };
+    let links = serving();
+    // As long as an envelope allows: its refusal, quoting it, would not be.
+    let long = {
+        let id = coffre_bus::Identity::load(&s1).unwrap();
+        let signer = coffre_bus::envelope::Signer::from_pem(&id.key_pem).unwrap();
+        let seal = |n: usize| {
+            let mut h = coffre_bus::envelope::header(
+                "vault",
+                &id.name,
+                "vault",
+                coffre_bus::command::KIND,
+                300,
+                serde_json::json!({"command": "task_add", "task_name": "long", "task_user": "\"".repeat(n), "task_expire": 60}),
+            );
+            (h.iat, h.exp) = (now, now + 300);
+            signer.seal_envelope(&h)
+        };
+        let mut n = 200_000;
+        while seal(n).len() >= coffre_bus::envelope::MAX_ENVELOPE {
+            n -= n / 8;
+        }
+        seal(n)
+    };
+    assert!(long.len() > coffre_bus::envelope::MAX_ENVELOPE / 2);
+    assert!(long.len() < coffre_bus::envelope::MAX_ENVELOPE);
+    publish_raw(&url, &s1, &long, Some(cn)).unwrap();
+    let r = wait_refusals(&v, base + 6);
+    assert!(r.last().unwrap().contains("may not act"), "{r:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        serving(),
+        links,
+        "the vault's command link was bounced by its own answer"
+    );
     // A forgotten (revoked) component: refused at once, no answer.
     ok(&v
         .bin()
@@ -1013,7 +1056,7 @@ fn a_scheduler_keeps_the_vault_open_over_the_bus_and_nothing_else_gets_a_command
         .output()
         .unwrap();
     assert_eq!(code(&o), UNREACHABLE, "{o:?}");
-    let r = wait_refusals(&v, base + 6);
+    let r = wait_refusals(&v, base + 7);
     assert!(r.last().unwrap().contains("sched2"), "{r:?}");
     // No record holds a command's signature or a key.
     for e in v.audit() {
