@@ -20,6 +20,9 @@ pub(super) struct DataState {
     /// Opens running off the actor (a shutdown waits for them): one given
     /// up at a lock's deadline may still run beside a later one.
     pub(super) opening: Arc<std::sync::atomic::AtomicUsize>,
+    /// Cut-offs still running off the actor (see [`sever`]): an open
+    /// waits for them, or a late one could take down its mounts.
+    pub(super) severing: Arc<std::sync::atomic::AtomicUsize>,
     /// The key and the engine of the open running off the actor, where a
     /// lock's deadline can reach them; and when a lock landed during it.
     pub(super) open_hold: Option<OpenHold>,
@@ -57,6 +60,7 @@ impl DataState {
             closes_abandoned: std::collections::HashSet::new(),
             closes_in_flight: 0,
             opening: Arc::default(),
+            severing: Arc::default(),
             open_hold: None,
             open_locked_at: None,
             open_unattended_since: None,
@@ -336,9 +340,13 @@ fn nfs_open(nfs: &super::nfs::Shared, hold: &OpenHold) -> Option<coffre_workload
 fn sever(
     layout: &coffre_data::Layout,
     cut: Option<Arc<coffre_data::cut::CutLayer>>,
+    severing: &Arc<std::sync::atomic::AtomicUsize>,
 ) -> Vec<String> {
+    use std::sync::atomic::Ordering;
     let layout = layout.clone();
     let (tx, rx) = std::sync::mpsc::channel();
+    severing.fetch_add(1, Ordering::SeqCst);
+    let running = severing.clone();
     let spawned = std::thread::Builder::new()
         .name("sever".into())
         .spawn(move || {
@@ -346,8 +354,10 @@ fn sever(
             if let Some(cut) = cut {
                 let _ = cut.cut();
             }
+            running.fetch_sub(1, Ordering::SeqCst);
         });
     if spawned.is_err() {
+        severing.fetch_sub(1, Ordering::SeqCst);
         return vec!["could not start a thread to cut the data off from its paths".into()];
     }
     rx.recv_timeout(Duration::from_secs(2)).unwrap_or_else(|_| {
@@ -398,10 +408,18 @@ fn open_data(
     nfs: Option<&super::nfs::Shared>,
     workloads: &std::sync::Mutex<coffre_workload::Workloads>,
     cut: Option<&coffre_data::cut::CutLayer>,
+    severing: &std::sync::atomic::AtomicUsize,
 ) -> Opened {
     // Held for the whole open: a shutdown or a close waits for it
     // instead of missing it.
     let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+    // A cut-off of an earlier stack still running works by path and cuts
+    // the view: it ends before this open mounts anything there (it never
+    // waits on the storage; its view's cut waits for requests the cut-off
+    // made fail).
+    while severing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Given up while it waited for the stack (behind a close that hung):
     // it touches nothing (what is up now may be a later open's).
     if hold.with_key(|_| ()).is_none() {
@@ -632,6 +650,7 @@ impl Shell {
         let own = self.ownership();
         let tx = self.tx.clone();
         let opening = self.data.opening.clone();
+        let severing = self.data.severing.clone();
         let workloads = self.workloads.set.clone();
         let cut = self.data.cut.clone();
         let nfs = self.nfs();
@@ -668,6 +687,7 @@ impl Shell {
                     nfs.as_ref(),
                     &workloads,
                     cut.as_deref(),
+                    &severing,
                 )
             }));
             let (result, lines, held) = opened.unwrap_or_else(|_| {
@@ -767,7 +787,11 @@ impl Shell {
         self.data.opens_abandoned.insert(n);
         // What it mounted so far is cut off from its paths, and the I/O
         // it waits on through the engine fails.
-        for line in sever(&self.data.layout, self.data.cut.clone()) {
+        for line in sever(
+            &self.data.layout,
+            self.data.cut.clone(),
+            &self.data.severing,
+        ) {
             self.system_audit("open", "note", line);
         }
         self.system_audit(
@@ -987,7 +1011,11 @@ impl Shell {
         // filesystem's page cache is no longer reachable at the mount
         // while the storage hangs, and the close goes on, as does
         // whatever waited on the data (an NFS server too).
-        for line in sever(&self.data.layout, self.data.cut.clone()) {
+        for line in sever(
+            &self.data.layout,
+            self.data.cut.clone(),
+            &self.data.severing,
+        ) {
             self.system_audit("close", "note", line);
         }
         // The NFS server lets go of the data and its key, or is killed,
@@ -1199,7 +1227,11 @@ impl Shell {
                 }
             ),
         );
-        for line in sever(&self.data.layout, self.data.cut.clone()) {
+        for line in sever(
+            &self.data.layout,
+            self.data.cut.clone(),
+            &self.data.severing,
+        ) {
             self.system_audit("close", "note", format!("at the stop: {line}"));
         }
     }
