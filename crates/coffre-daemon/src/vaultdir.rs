@@ -510,6 +510,15 @@ pub struct DataConfig {
     /// engine's cipher is revoked and the key wiped, whatever still hangs.
     #[serde(default = "default_close_deadline")]
     pub close_deadline_s: u64,
+    /// A stop (SIGTERM) still waiting on the storage after this many
+    /// seconds, however it moves (a provider that answers one write now
+    /// and then keeps each of the stop's waits going), is given up: the
+    /// key is wiped and the data cut off from its paths. Below the
+    /// service manager's own stop timeout (the packaged unit's
+    /// `TimeoutStopSec` is 10 min), which kills the daemon without
+    /// either.
+    #[serde(default = "default_stop_deadline")]
+    pub stop_deadline_s: u64,
     /// Before the vault had its own numbers: each member's uid and gid
     /// on the host. Imported once into the vault's accounts, then
     /// refused.
@@ -595,6 +604,10 @@ fn default_close_deadline() -> u64 {
     30
 }
 
+fn default_stop_deadline() -> u64 {
+    540
+}
+
 fn default_mountpoint() -> PathBuf {
     PathBuf::from("data")
 }
@@ -610,6 +623,7 @@ impl Default for DataConfig {
             team_gid: 0,
             close_grace_s: default_close_grace(),
             close_deadline_s: default_close_deadline(),
+            stop_deadline_s: default_stop_deadline(),
             members: BTreeMap::new(),
         }
     }
@@ -1244,6 +1258,7 @@ mountpoint = "data"
 team_gid = 0
 close_grace_s = 10
 close_deadline_s = 30
+stop_deadline_s = 540
 
 [data.members]
 

@@ -181,22 +181,33 @@ struct Quiet {
     seen: (Option<u64>, u64),
     since: std::time::Instant,
     limit: Duration,
+    /// The stop's own end (`[data] stop_deadline_s`), however the storage
+    /// moves.
+    until: std::time::Instant,
 }
 
 impl Quiet {
-    fn new(slot: Option<Arc<coffre_storage::CipherSlot>>, limit: Duration) -> Self {
+    fn new(
+        slot: Option<Arc<coffre_storage::CipherSlot>>,
+        limit: Duration,
+        until: std::time::Instant,
+    ) -> Self {
         Self {
             seen: (slot.as_ref().map(|s| s.written()), 0),
             slot,
             also: None,
             since: std::time::Instant::now(),
             limit,
+            until,
         }
     }
 
-    /// Whether no write completed (nor other progress was made) for the
-    /// limit.
-    fn over(&mut self) -> bool {
+    /// Why the wait is over, if it is: no write completed (nor other
+    /// progress was made) for the limit, or the stop's deadline passed.
+    fn over(&mut self) -> Option<StopWait> {
+        if std::time::Instant::now() >= self.until {
+            return Some(StopWait::Deadline);
+        }
         let now = (
             self.slot.as_ref().map(|s| s.written()),
             self.also
@@ -207,7 +218,7 @@ impl Quiet {
             self.seen = now;
             self.since = std::time::Instant::now();
         }
-        self.since.elapsed() >= self.limit
+        (self.since.elapsed() >= self.limit).then_some(StopWait::Quiet)
     }
 }
 
@@ -216,6 +227,8 @@ impl Quiet {
 enum StopWait {
     /// No storage write completed for the deadline.
     Quiet,
+    /// The stop's own deadline passed (storage that still moved, slowly).
+    Deadline,
     /// Its thread panicked.
     Panicked,
     /// No thread could start.
@@ -227,6 +240,9 @@ impl std::fmt::Display for StopWait {
         match self {
             StopWait::Quiet => f.write_str(
                 "no storage write completed within the close deadline: storage not answering?",
+            ),
+            StopWait::Deadline => f.write_str(
+                "the stop's deadline (stop_deadline_s) passed while it waited on the storage",
             ),
             StopWait::Panicked => f.write_str("an internal error (a panic)"),
             StopWait::NoThread(e) => write!(f, "no thread for it: {e}"),
@@ -1196,11 +1212,11 @@ impl Shell {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if quiet.over() {
+            if let Some(why) = quiet.over() {
                 // Done just now: not given up.
                 return match rx.try_recv() {
                     Ok(v) => Ok(v),
-                    Err(_) => Err((StopWait::Quiet, Some(rx))),
+                    Err(_) => Err((why, Some(rx))),
                 };
             }
         }
@@ -1238,8 +1254,11 @@ impl Shell {
 
     pub(super) fn shutdown(&mut self) {
         let was = self.vault.status().state;
+        // However the storage moves, the stop ends by then (see below).
+        let stop_by =
+            std::time::Instant::now() + Duration::from_secs(self.config.data.stop_deadline_s);
         // An open still on its way would mount after we looked: wait for it.
-        let until = std::time::Instant::now() + Duration::from_secs(120);
+        let until = (std::time::Instant::now() + Duration::from_secs(120)).min(stop_by);
         while self.data.opening.load(std::sync::atomic::Ordering::SeqCst) > 0
             && std::time::Instant::now() < until
         {
@@ -1268,12 +1287,19 @@ impl Shell {
         // stack's own close) runs off the actor and is waited for, each
         // afresh, while the engine completes storage writes, until it has
         // completed none for `close_deadline_s` (the workloads' stop has
-        // their own stop timeouts on top): then the key is wiped, the data
-        // cut off (what waited on the storage fails), and the daemon still
-        // stops, what hung left behind for the next start to clean.
+        // their own stop timeouts on top), or until the stop's own
+        // deadline, `stop_deadline_s` (a provider that completes a write
+        // now and then keeps every wait going): then the key is wiped, the
+        // data cut off (what waited on the storage fails), and the daemon
+        // still stops, what hung left behind for the next start to clean.
+        // Past that deadline, each later step still has 2 s (cut off, what
+        // waited on the storage ends at once).
         let slot = self.custody.cipher_slot.clone();
         let deadline = Duration::from_secs(self.config.data.close_deadline_s);
-        let quiet = |limit| Quiet::new(slot.clone(), limit);
+        let quiet = |limit| {
+            let until = stop_by.max(std::time::Instant::now() + Duration::from_secs(2));
+            Quiet::new(slot.clone(), limit, until)
+        };
         // Whether a step was given up (the key wiped and the data cut off
         // then, once), and whether anything was left behind.
         let mut gave_up = false;
@@ -1333,10 +1359,10 @@ impl Shell {
                 Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
-            if waiting.over() {
+            if let Some(why) = waiting.over() {
                 self.give_up_at_stop(
                     "the data stack is held by an open or a close hung on the storage",
-                    &StopWait::Quiet,
+                    &why,
                     &mut gave_up,
                 );
                 break None;

@@ -173,7 +173,8 @@ fn a_lock_wipes_a_key_waiting_in_the_kdf_pool() {
 }
 
 /// A file served over FUSE from a backing file, whose writes and syncs
-/// block while `hang` is set: storage that stops answering.
+/// block while `hang` is set: storage that stops answering; or that
+/// answer one at a time, each after `trickle_ms`: storage that trickles.
 mod hangfs {
     use fuser::{
         Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner,
@@ -182,7 +183,8 @@ mod hangfs {
     };
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::{Duration, SystemTime};
 
     pub struct HangFile {
@@ -190,6 +192,9 @@ mod hangfs {
         pub hang: Arc<AtomicBool>,
         /// Attribute requests (the file's size) hang too.
         pub hang_attr: Arc<AtomicBool>,
+        /// Milliseconds before each write or sync, one at a time (0: none).
+        pub trickle_ms: Arc<AtomicU64>,
+        pub one_at_a_time: Mutex<()>,
     }
 
     impl HangFile {
@@ -197,6 +202,17 @@ mod hangfs {
             while self.hang.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+
+        /// [`HangFile::wait`], then the trickle, if any.
+        fn paced(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+            self.wait();
+            let every = self.trickle_ms.load(Ordering::SeqCst);
+            (every > 0).then(|| {
+                let one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+                std::thread::sleep(Duration::from_millis(every));
+                one
+            })
         }
     }
 
@@ -267,7 +283,7 @@ mod hangfs {
             _lock_owner: Option<LockOwner>,
             reply: ReplyWrite,
         ) {
-            self.wait();
+            let _one = self.paced();
             match self.backing.write_all_at(data, offset) {
                 Ok(()) => reply.written(u32::try_from(data.len()).unwrap()),
                 Err(_) => reply.error(Errno::EIO),
@@ -293,7 +309,7 @@ mod hangfs {
             _datasync: bool,
             reply: ReplyEmpty,
         ) {
-            self.wait();
+            let _one = self.paced();
             match self.backing.sync_data() {
                 Ok(()) => reply.ok(),
                 Err(_) => reply.error(Errno::EIO),
@@ -309,22 +325,32 @@ mod hangfs {
     pub struct Hanging {
         pub hang: Arc<AtomicBool>,
         pub hang_attr: Arc<AtomicBool>,
+        pub trickle_ms: Arc<AtomicU64>,
         _session: fuser::BackgroundSession,
     }
 
     impl Drop for Hanging {
         fn drop(&mut self) {
+            self.trickle_ms.store(0, Ordering::SeqCst);
             self.hang.store(false, Ordering::SeqCst);
         }
     }
 
-    /// Unhangs the storage when dropped. Declared after the vault, it is
-    /// dropped before it: a test that fails while the storage hangs
-    /// stops its daemon instead of waiting on it for ever.
-    pub struct Unhang(pub Arc<AtomicBool>);
+    /// Unhangs the storage (and ends its trickle) when dropped. Declared
+    /// after the vault, it is dropped before it: a test that fails while
+    /// the storage hangs stops its daemon instead of waiting on it for
+    /// ever.
+    pub struct Unhang(Arc<AtomicBool>, Arc<AtomicU64>);
+
+    impl Unhang {
+        pub fn of(storage: &Hanging) -> Self {
+            Self(storage.hang.clone(), storage.trickle_ms.clone())
+        }
+    }
 
     impl Drop for Unhang {
         fn drop(&mut self) {
+            self.1.store(0, Ordering::SeqCst);
             self.0.store(false, Ordering::SeqCst);
         }
     }
@@ -336,6 +362,7 @@ mod hangfs {
         std::fs::write(&img, b"").unwrap();
         let hang = Arc::new(AtomicBool::new(false));
         let hang_attr = Arc::new(AtomicBool::new(false));
+        let trickle_ms = Arc::new(AtomicU64::new(0));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -348,10 +375,13 @@ mod hangfs {
                     backing: file,
                     hang: hang.clone(),
                     hang_attr: hang_attr.clone(),
+                    trickle_ms: trickle_ms.clone(),
+                    one_at_a_time: Mutex::new(()),
                 },
             ),
             hang,
             hang_attr,
+            trickle_ms,
         }
     }
 
@@ -433,6 +463,11 @@ struct HungLab {
 }
 
 fn hung_lab(configure: impl FnOnce(&mut Vault)) -> HungLab {
+    hung_lab_with(&[], configure)
+}
+
+/// [`hung_lab`], the vault made with `init` (`coffre init`'s options).
+fn hung_lab_with(init: &[&str], configure: impl FnOnce(&mut Vault)) -> HungLab {
     require(&[
         Need::Root,
         Need::Fuse,
@@ -440,11 +475,11 @@ fn hung_lab(configure: impl FnOnce(&mut Vault)) -> HungLab {
         Need::Ext4,
         Need::Cryptsetup,
     ]);
-    let mut v = Vault::init(&[]);
+    let mut v = Vault::init(init);
     let key = volume_key(&v);
     configure(&mut v);
     let storage = hangfs::behind(&v);
-    let unhang = hangfs::Unhang(storage.hang.clone());
+    let unhang = hangfs::Unhang::of(&storage);
     v.start();
     let pid = v.pid();
     HungLab {
@@ -783,6 +818,68 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
     v.stop();
 }
 
+/// A provider that completes a write now and then (here one a second,
+/// under the close deadline of 3 s) keeps each of the stop's waits going;
+/// the stop's own deadline (`[data] stop_deadline_s`) still ends it: the
+/// key is wiped and the data cut off, as on storage that stopped
+/// answering. Before, the stop lasted as long as the provider pleased,
+/// until the service manager killed the daemon and left the mount, with
+/// its cache, behind.
+#[test]
+#[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
+fn a_stop_on_a_trickling_storage_ends_at_its_deadline() {
+    use std::sync::atomic::Ordering;
+    let mut lab = hung_lab_with(&["--size", "64M"], |v| {
+        set_close_deadline(v, 3);
+        set_config(v, "data", "stop_deadline_s", 10);
+    });
+    let (pid, trickle) = (lab.pid, lab.storage.trickle_ms.clone());
+    let v = &mut lab.v;
+    let mut enter = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    let mountpoint = v.layout().mountpoint;
+    let data = mountpoint.join("shared");
+    let kept = data.join("kept.bin");
+    let mut f = std::fs::File::create(&kept).unwrap();
+    std::io::Write::write_all(&mut f, &[0x3c; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    trickle.store(1000, Ordering::SeqCst);
+    // At one write a second, far more than the stop's deadline allows.
+    std::fs::write(data.join("unsaved.bin"), vec![0x5a; 40 << 20]).unwrap();
+    unsafe_kill(pid, "TERM");
+    wait_audit(
+        v,
+        "stop",
+        "closed",
+        Duration::from_secs(30),
+        "the stop did not end at its deadline while the storage trickled",
+    );
+    let given_up = v.audit_details("close", "deadline");
+    assert!(
+        given_up.iter().any(|d| d.contains("at the stop")
+            && d.contains("stop_deadline_s")
+            && d.contains("the key wiped")),
+        "the stop's deadline did not wipe the key: {given_up:?}"
+    );
+    assert_data_detached(&mountpoint, "after the stop");
+    trickle.store(0, Ordering::SeqCst);
+    v.stop();
+    wait_exit(&mut enter, Duration::from_secs(30));
+    v.start();
+    v.wait_no_leftovers(Duration::from_secs(30), "the next start did not clean up");
+    let mut again = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        vec![0x3c; 1 << 20],
+        "data synced before the storage trickled was lost"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut again, Duration::from_secs(30));
+    v.stop();
+}
+
 /// A member whose `enter` went away while the vault opened (here the
 /// open waits on the storage a moment) never learns their session: once
 /// the open ends, that session is left at once, as the client would have,
@@ -841,7 +938,7 @@ fn a_vpn_member_gone_during_a_hung_open_lets_the_key_go() {
     set_config(&v, "policy", "close_force_after_ms", 2000);
     let storage = hangfs::behind(&v);
     let mut gw = crate::gateway::Gw::with_vault(v, &[], 1, &[]);
-    let _unhang = hangfs::Unhang(storage.hang.clone());
+    let _unhang = hangfs::Unhang::of(&storage);
     let pid = gw.vault.pid();
     storage.hang_attr.store(true, Ordering::SeqCst);
     storage.hang.store(true, Ordering::SeqCst);
