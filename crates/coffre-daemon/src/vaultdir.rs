@@ -1071,6 +1071,19 @@ impl VaultDir {
         if c.header.is_relative() {
             c.header = self.root.join(&c.header);
         }
+        // Deadlines are added to the clock: a day (a week for a stop) at
+        // most, and never 0 (that would give up at once).
+        for (name, v, max) in [
+            ("[data] close_deadline_s", c.data.close_deadline_s, 86_400),
+            ("[data] stop_deadline_s", c.data.stop_deadline_s, 7 * 86_400),
+        ] {
+            if !(1..=max).contains(&v) {
+                return Err(DirError::Bad {
+                    path,
+                    msg: format!("{name} must be between 1 and {max} seconds"),
+                });
+            }
+        }
         if c.totp_period_s == 0 {
             return Err(DirError::Bad {
                 path,
@@ -1311,6 +1324,32 @@ vm_user = "coffre-vm"
         let c = load(&on).unwrap();
         assert!(c.network.is_some());
         assert_eq!(c.workload.len(), 1);
+    }
+
+    /// Deadlines of 0 (giving up at once) or past what the clock can add
+    /// are refused at load, naming the setting.
+    #[test]
+    fn deadlines_are_bounded() {
+        let with = |k: &str, v: &str| {
+            load(&WRITTEN_BY_INIT.replace(
+                &format!("{k} = {}\n", if k == "stop_deadline_s" { 540 } else { 30 }),
+                &format!("{k} = {v}\n"),
+            ))
+        };
+        with("stop_deadline_s", "600").unwrap();
+        for (k, v) in [
+            ("stop_deadline_s", "0"),
+            ("stop_deadline_s", "9223372036854775807"),
+            ("close_deadline_s", "0"),
+            ("close_deadline_s", "100000"),
+        ] {
+            let e = with(k, v).unwrap_err().to_string();
+            assert!(e.contains(k), "{k} = {v}: {e}");
+        }
+        assert_eq!(
+            with("close_deadline_s", "5").unwrap().data.close_deadline_s,
+            5
+        );
     }
 
     /// A store's URL or endpoint with a login is refused, and the

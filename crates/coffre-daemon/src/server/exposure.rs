@@ -241,9 +241,9 @@ impl std::fmt::Display for StopWait {
             StopWait::Quiet => f.write_str(
                 "no storage write completed within the close deadline: storage not answering?",
             ),
-            StopWait::Deadline => f.write_str(
-                "the stop's deadline (stop_deadline_s) passed while it waited on the storage",
-            ),
+            StopWait::Deadline => {
+                f.write_str("the stop's deadline (stop_deadline_s) passed while it still ran")
+            }
             StopWait::Panicked => f.write_str("an internal error (a panic)"),
             StopWait::NoThread(e) => write!(f, "no thread for it: {e}"),
         }
@@ -1255,8 +1255,9 @@ impl Shell {
     pub(super) fn shutdown(&mut self) {
         let was = self.vault.status().state;
         // However the storage moves, the stop ends by then (see below).
-        let stop_by =
-            std::time::Instant::now() + Duration::from_secs(self.config.data.stop_deadline_s);
+        let stop_by = std::time::Instant::now()
+            .checked_add(Duration::from_secs(self.config.data.stop_deadline_s))
+            .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(540));
         // An open still on its way would mount after we looked: wait for it.
         let until = (std::time::Instant::now() + Duration::from_secs(120)).min(stop_by);
         while self.data.opening.load(std::sync::atomic::Ordering::SeqCst) > 0

@@ -639,7 +639,22 @@ impl Shell {
             d.stop();
         }
         if let Some(n) = &net.nfs {
-            n.lock().unwrap_or_else(|p| p.into_inner()).stop();
+            // A close given up on hung storage may still hold the servers
+            // in their own close: they are left then (they hold no key;
+            // the next start cleans up), not waited for without bound.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                match n.try_lock() {
+                    Ok(mut g) => break g.stop(),
+                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().stop(),
+                    Err(std::sync::TryLockError::WouldBlock) => {}
+                }
+                if std::time::Instant::now() >= until {
+                    eprintln!("coffre: the NFS servers are still held by a close: left");
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         if let Some(l) = net.ldap.as_mut() {
             l.stop();

@@ -819,7 +819,7 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
 }
 
 /// A provider that completes a write now and then (here one a second,
-/// under the close deadline of 3 s) keeps each of the stop's waits going;
+/// well under the close deadline) keeps each of the stop's waits going;
 /// the stop's own deadline (`[data] stop_deadline_s`) still ends it: the
 /// key is wiped and the data cut off, as on storage that stopped
 /// answering. Before, the stop lasted as long as the provider pleased,
@@ -829,8 +829,9 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
 #[ignore = "system: needs root, FUSE, loop, mkfs.ext4, cryptsetup"]
 fn a_stop_on_a_trickling_storage_ends_at_its_deadline() {
     use std::sync::atomic::Ordering;
+    // The close deadline above the stop's: only the stop's can end it.
     let mut lab = hung_lab_with(&["--size", "64M"], |v| {
-        set_close_deadline(v, 3);
+        set_close_deadline(v, 30);
         set_config(v, "data", "stop_deadline_s", 10);
     });
     let (pid, trickle) = (lab.pid, lab.storage.trickle_ms.clone());
