@@ -427,6 +427,41 @@ fn assert_key_gone(pid: u32, key: &[u8], when: &str) {
     }
 }
 
+/// A 1 MiB file of 0x3c bytes in `data`, synced: what a stop that gives
+/// up must not lose.
+fn kept_synced(data: &std::path::Path) -> std::path::PathBuf {
+    let kept = data.join("kept.bin");
+    let mut f = std::fs::File::create(&kept).unwrap();
+    std::io::Write::write_all(&mut f, &[0x3c; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    kept
+}
+
+/// After a stop left things behind (`enter`: the member's client): the
+/// daemon stopped for good, started again, cleans up, opens, and `kept`
+/// ([`kept_synced`] before the storage `went` wrong) is intact.
+fn kept_after_the_next_start(
+    v: &mut Vault,
+    enter: &mut std::process::Child,
+    kept: &std::path::Path,
+    went: &str,
+) {
+    v.stop();
+    wait_exit(enter, Duration::from_secs(30));
+    v.start();
+    v.wait_no_leftovers(Duration::from_secs(30), "the next start did not clean up");
+    let mut again = v.enter_bg("alice", &[]);
+    assert_eq!(v.state(), "open");
+    assert_eq!(
+        std::fs::read(kept).unwrap(),
+        vec![0x3c; 1 << 20],
+        "data synced before the storage {went} was lost"
+    );
+    ok(&v.cli("alice", &["leave"]));
+    wait_exit(&mut again, Duration::from_secs(30));
+    v.stop();
+}
+
 /// Nothing of the data is mounted at `mountpoint` (`when`: for the
 /// message).
 fn assert_data_detached(mountpoint: &std::path::Path, when: &str) {
@@ -764,11 +799,7 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
     assert_eq!(v.state(), "open");
     let mountpoint = v.layout().mountpoint;
     let data = mountpoint.join("shared");
-    let kept = data.join("kept.bin");
-    let mut f = std::fs::File::create(&kept).unwrap();
-    std::io::Write::write_all(&mut f, &[0x3c; 1 << 20]).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    let kept = kept_synced(&data);
     hang.store(true, Ordering::SeqCst);
     std::fs::write(data.join("unsaved.bin"), vec![0x5a; 4 << 20]).unwrap();
     unsafe_kill(pid, "TERM");
@@ -802,20 +833,7 @@ fn a_stop_while_the_storage_hangs_wipes_the_key_and_ends() {
     assert_data_detached(&mountpoint, "after the stop");
     // The storage answers again: the daemon's last threads end with it.
     hang.store(false, Ordering::SeqCst);
-    v.stop();
-    wait_exit(&mut enter, Duration::from_secs(30));
-    v.start();
-    v.wait_no_leftovers(Duration::from_secs(30), "the next start did not clean up");
-    let mut again = v.enter_bg("alice", &[]);
-    assert_eq!(v.state(), "open");
-    assert_eq!(
-        std::fs::read(&kept).unwrap(),
-        vec![0x3c; 1 << 20],
-        "data synced before the storage hung was lost"
-    );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut again, Duration::from_secs(30));
-    v.stop();
+    kept_after_the_next_start(v, &mut enter, &kept, "hung");
 }
 
 /// A provider that completes a write now and then (here one a second,
@@ -840,11 +858,7 @@ fn a_stop_on_a_trickling_storage_ends_at_its_deadline() {
     assert_eq!(v.state(), "open");
     let mountpoint = v.layout().mountpoint;
     let data = mountpoint.join("shared");
-    let kept = data.join("kept.bin");
-    let mut f = std::fs::File::create(&kept).unwrap();
-    std::io::Write::write_all(&mut f, &[0x3c; 1 << 20]).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    let kept = kept_synced(&data);
     trickle.store(1000, Ordering::SeqCst);
     // At one write a second, far more than the stop's deadline allows.
     std::fs::write(data.join("unsaved.bin"), vec![0x5a; 40 << 20]).unwrap();
@@ -865,20 +879,7 @@ fn a_stop_on_a_trickling_storage_ends_at_its_deadline() {
     );
     assert_data_detached(&mountpoint, "after the stop");
     trickle.store(0, Ordering::SeqCst);
-    v.stop();
-    wait_exit(&mut enter, Duration::from_secs(30));
-    v.start();
-    v.wait_no_leftovers(Duration::from_secs(30), "the next start did not clean up");
-    let mut again = v.enter_bg("alice", &[]);
-    assert_eq!(v.state(), "open");
-    assert_eq!(
-        std::fs::read(&kept).unwrap(),
-        vec![0x3c; 1 << 20],
-        "data synced before the storage trickled was lost"
-    );
-    ok(&v.cli("alice", &["leave"]));
-    wait_exit(&mut again, Duration::from_secs(30));
-    v.stop();
+    kept_after_the_next_start(v, &mut enter, &kept, "trickled");
 }
 
 /// A member whose `enter` went away while the vault opened (here the
