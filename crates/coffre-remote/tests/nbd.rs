@@ -488,6 +488,13 @@ fn survey_nbd_throughput_against_nbdcopy() {
         let store = rt.block_on(opened(nbd_objects(&c), &keys, root)).unwrap();
         coffre_remote::RemoteDevice::new(store, 64 * mib, Box::new(|_| Ok(()))).unwrap()
     };
+    // The whole volume in 1 MiB writes, then a flush.
+    let write_all = |dev: &coffre_remote::RemoteDevice| {
+        for (i, block) in data.chunks(mib).enumerate() {
+            dev.write_at(i as u64 * mib as u64, block).unwrap();
+        }
+        dev.flush().unwrap();
+    };
     println!(
         "nbd survey, {n} MiB sequential, 1 MiB requests and chunks, nbdkit memory, every timed write an overwrite on both sides, {rounds} rounds (MiB/s):"
     );
@@ -512,10 +519,7 @@ fn survey_nbd_throughput_against_nbdcopy() {
     nbdcopy(&file, base.url(""));
     for _ in 0..2 {
         let dev = device(root);
-        for (i, block) in data.chunks(mib).enumerate() {
-            dev.write_at(i as u64 * mib as u64, block).unwrap();
-        }
-        dev.flush().unwrap();
+        write_all(&dev);
         root = dev.root();
     }
     for _ in 0..rounds {
@@ -525,10 +529,7 @@ fn survey_nbd_throughput_against_nbdcopy() {
         let dev = device(root);
         let c0 = cpu();
         let t = Instant::now();
-        for (i, block) in data.chunks(mib).enumerate() {
-            dev.write_at(i as u64 * mib as u64, block).unwrap();
-        }
-        dev.flush().unwrap();
+        write_all(&dev);
         let ours_write = t.elapsed();
         let cpu_write = cpu() - c0;
         root = dev.root();
@@ -538,10 +539,7 @@ fn survey_nbd_throughput_against_nbdcopy() {
         let dev = device(root);
         dev.attach_journal(&journal).unwrap();
         let t = Instant::now();
-        for (i, block) in data.chunks(mib).enumerate() {
-            dev.write_at(i as u64 * mib as u64, block).unwrap();
-        }
-        dev.flush().unwrap();
+        write_all(&dev);
         let ours_journal = t.elapsed();
         root = dev.root();
         drop(dev);
