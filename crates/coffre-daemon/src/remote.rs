@@ -242,6 +242,7 @@ fn attach_journal(
     })?;
     let bytes: usize = found.records.iter().map(|r| r.data.len()).sum();
     let held = !found.records.is_empty() || found.older > 0 || found.ahead > 0;
+    // The bytes earlier cycles left after the end mark are no news.
     Ok((held || found.ignored_bytes > 0).then(|| {
         format!(
             "the write journal held {} write(s) ({bytes} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} written after a newer manifest than the store's (a store rolled back), dropped; {} byte(s) at its end did not verify (torn or altered), not replayed",
@@ -937,13 +938,15 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
         "stores": stores,
         "last_known_while_open": health,
         // Writes a stopped daemon took and no flush made durable: they
-        // are replayed at the next open (0 after a clean close).
-        "journal_bytes": std::fs::metadata(
-            sc.cache_dir
+        // are replayed at the next open (0 after a clean close). What
+        // the journal's records claim, read without the key: the next
+        // open verifies them.
+        "journal_bytes": coffre_remote::journal::held(
+            &sc.cache_dir
                 .as_ref()
                 .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
                 .join("journal")
         )
-        .map_or(0, |m| m.len()),
+        .unwrap_or(0),
     }))
 }

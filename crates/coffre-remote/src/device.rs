@@ -633,9 +633,9 @@ impl RemoteDevice {
         // settled an earlier manifest as done).
         self.keep_new_root(s)?;
         r.map_err(RemoteError::into_io)?;
-        let epoch = s.store.root().epoch;
-        if let Some(j) = &mut s.journal {
-            j.reset(epoch)?;
+        let State { journal, store, .. } = &mut *s;
+        if let Some(j) = journal {
+            j.reset(store)?;
         }
         Ok(())
     }
@@ -655,8 +655,7 @@ impl RemoteDevice {
             self.flush()?;
         }
         let mut s = lock(&self.state);
-        let epoch = s.store.root().epoch;
-        s.journal = Some(Journal::create(path, epoch)?);
+        s.journal = Some(Journal::create(path, &s.store)?);
         Ok(found)
     }
 

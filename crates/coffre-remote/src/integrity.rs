@@ -44,8 +44,12 @@ pub enum Domain {
     Page,
     /// The manifest.
     Manifest,
-    /// A record of the device's write journal on local disk.
+    /// A record of the device's write journal on local disk, of the first
+    /// format (no cycle; still replayed, no longer written).
     Journal,
+    /// A record of the write journal, bound to its cycle (the file is
+    /// written over in place from one flush to the next).
+    JournalCycle,
 }
 
 impl Domain {
@@ -55,6 +59,7 @@ impl Domain {
             Domain::Page => b"coffre-remote v1 page\0",
             Domain::Manifest => b"coffre-remote v1 manifest\0",
             Domain::Journal => b"coffre-remote v1 journal\0",
+            Domain::JournalCycle => b"coffre-remote v1 journal cycle\0",
         }
     }
 }
@@ -224,18 +229,24 @@ impl IntegrityKey {
         place: (u64, u64, u64),
         data: &[u8],
     ) -> Mac {
-        self.placed_mac(how, Domain::Chunk, vault, place, data)
+        self.placed_mac(
+            how,
+            Domain::Chunk,
+            vault,
+            &[place.0, place.1, place.2],
+            data,
+        )
     }
 
-    /// The MAC of bytes that three numbers place (a chunk's index, version
-    /// and session; a journal record's epoch, sequence and offset), made
-    /// `how`'s way.
+    /// The MAC of bytes that numbers place (a chunk's index, version and
+    /// session; a journal record's cycle, epoch, sequence and offset),
+    /// made `how`'s way. A domain always gives as many numbers.
     pub(crate) fn placed_mac(
         &self,
         how: ChunkMac,
         domain: Domain,
         vault: &[u8; 16],
-        (a, b, c): (u64, u64, u64),
+        numbers: &[u64],
         data: &[u8],
     ) -> Mac {
         if how == ChunkMac::Blake3 {
@@ -244,9 +255,9 @@ impl IntegrityKey {
             let mut h = blake3::Hasher::new_keyed(&self.chunk_key);
             h.update(domain.label());
             h.update(vault);
-            h.update(&a.to_be_bytes());
-            h.update(&b.to_be_bytes());
-            h.update(&c.to_be_bytes());
+            for n in numbers {
+                h.update(&n.to_be_bytes());
+            }
             h.update(&(data.len() as u64).to_be_bytes());
             h.update(data);
             let mac = *h.finalize().as_bytes();
@@ -254,11 +265,10 @@ impl IntegrityKey {
             zeroize::Zeroize::zeroize(&mut h);
             return mac;
         }
-        self.mac(
-            domain,
-            vault,
-            &[&a.to_be_bytes(), &b.to_be_bytes(), &c.to_be_bytes(), data],
-        )
+        let numbers: Vec<[u8; 8]> = numbers.iter().map(|n| n.to_be_bytes()).collect();
+        let mut parts: Vec<&[u8]> = numbers.iter().map(|n| &n[..]).collect();
+        parts.push(data);
+        self.mac(domain, vault, &parts)
     }
 
     /// Whether `mac` is `expected`, in constant time.

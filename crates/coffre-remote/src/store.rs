@@ -2003,26 +2003,44 @@ impl ChunkStore {
 
     /// The MAC of a record of the device's write journal: `data` written
     /// at `offset`, the `seq`th record since the durable manifest of
-    /// `base` epoch.
-    pub fn journal_mac(&self, how: ChunkMac, at: (u64, u64, u64), data: &[u8]) -> Mac {
-        self.key.placed_mac(
-            how,
-            crate::integrity::Domain::Journal,
-            &self.vault,
-            at,
-            data,
-        )
+    /// `base` epoch, in the journal's `cycle` (`None`: a record of the
+    /// first format, which had none).
+    pub fn journal_mac(
+        &self,
+        how: ChunkMac,
+        cycle: Option<u64>,
+        (base, seq, offset): (u64, u64, u64),
+        data: &[u8],
+    ) -> Mac {
+        use crate::integrity::Domain;
+        match cycle {
+            Some(c) => self.key.placed_mac(
+                how,
+                Domain::JournalCycle,
+                &self.vault,
+                &[c, base, seq, offset],
+                data,
+            ),
+            None => self.key.placed_mac(
+                how,
+                Domain::Journal,
+                &self.vault,
+                &[base, seq, offset],
+                data,
+            ),
+        }
     }
 
     /// Whether `mac` is [`journal_mac`](ChunkStore::journal_mac)'s.
     pub fn journal_verifies(
         &self,
         how: ChunkMac,
+        cycle: Option<u64>,
         at: (u64, u64, u64),
         data: &[u8],
         mac: &Mac,
     ) -> bool {
-        IntegrityKey::verify(mac, &self.journal_mac(how, at, data))
+        IntegrityKey::verify(mac, &self.journal_mac(how, cycle, at, data))
     }
 
     /// The caller kept `root` (in the control directory).

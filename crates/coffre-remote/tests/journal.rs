@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 mod common;
 use common::*;
 
+/// A record's head: magic, cycle, epoch, sequence, offset, length, MAC.
+const HEAD: usize = 72;
+
 fn objects(mem: &Arc<InMemory>) -> Arc<dyn Objects> {
     Arc::new(ObjectStoreObjects::new(mem.clone()))
 }
@@ -93,11 +96,14 @@ fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
     let found = dev.attach_journal(&path).unwrap();
     assert_eq!(found.records.len(), 2);
     assert_eq!(found.ignored_bytes, 0);
-    // Durable on the store now, and the journal empty.
+    // Durable on the store now, and the journal empty (its end mark
+    // only), and emptied as the device closes.
     let root1 = dev.root();
     assert!(root1.epoch > root0.epoch);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(coffre_remote::journal::held(&path).unwrap(), 0);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), HEAD as u64);
     drop(dev);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     let dev = device(&mem, &keys, Some(root1), &roots);
     let mut b = vec![0u8; 8192];
     dev.read_at(4096, &mut b).unwrap();
@@ -122,14 +128,17 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
     dev.write_at(2 * 65536, &[3u8; 4096]).unwrap();
     drop(dev);
     let mut bytes = std::fs::read(&path).unwrap();
-    let record = bytes.len() / 3;
+    let record = HEAD + 4096;
+    // Three records and the end mark.
+    assert_eq!(bytes.len(), 3 * record + HEAD);
     // The second record's data altered (as if put there while closed).
-    bytes[record + 64 + 10] ^= 1;
+    bytes[record + HEAD + 10] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let dev = device(&mem, &keys, Some(root0), &roots);
     let found = dev.attach_journal(&path).unwrap();
     assert_eq!(found.records.len(), 1);
-    assert_eq!(found.ignored_bytes, 2 * record as u64);
+    assert_eq!(found.ignored_bytes, (2 * record + HEAD) as u64);
+    assert_eq!(found.stale_bytes, 0);
     let mut b = vec![0u8; 4096];
     dev.read_at(0, &mut b).unwrap();
     assert_eq!(b, vec![1u8; 4096]);
@@ -150,11 +159,13 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
     dev.write_at(0, &[5u8; 4096]).unwrap();
     drop(dev);
     let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    // Its last byte (the end mark after it gone too).
+    let torn = bytes.len() - HEAD - 1;
+    std::fs::write(&path, &bytes[..torn]).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
     assert!(found.records.is_empty());
-    assert_eq!(found.ignored_bytes, bytes.len() as u64 - 1);
+    assert_eq!(found.ignored_bytes, torn as u64);
     dev.read_at(0, &mut b).unwrap();
     assert_eq!(b, vec![1u8; 4096]);
 }
@@ -194,7 +205,9 @@ fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
         roots.lock().unwrap().len() > before,
         "no flush bounded the journal"
     );
-    assert!(std::fs::metadata(&path).unwrap().len() <= (1 << 20) + 65536 + 64);
+    // Written over in place from each flush on: never longer than one
+    // cycle's records (the last of them past the bound) and an end mark.
+    assert!(std::fs::metadata(&path).unwrap().len() <= (1 << 20) + 2 * HEAD as u64);
 }
 
 /// The write that fills the journal to its bound flushes what came before
@@ -230,14 +243,14 @@ fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
     assert_eq!(b, vec![fill; 65536]);
 }
 
-/// A store made before keyed-BLAKE3 MACs journals `CFJ1` records
-/// (HMAC-SHA256), a new one `CFJ2` (keyed BLAKE3); each replays its own.
+/// A store made before keyed-BLAKE3 MACs journals `CFJ3` records
+/// (HMAC-SHA256), a new one `CFJ4` (keyed BLAKE3); each replays its own.
 /// A record of the other kind is not replayed (nor what follows), even
 /// with a MAC of that kind that verifies: nothing legitimate writes one.
 #[test]
 fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own() {
     use coffre_remote::integrity::ChunkMac;
-    for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ1"), (ChunkMac::Blake3, b"CFJ2")] {
+    for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ3"), (ChunkMac::Blake3, b"CFJ4")] {
         let mem = Arc::new(InMemory::new());
         let keys = Keyring::new();
         let dir = tempfile::tempdir().unwrap();
@@ -250,9 +263,11 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
         dev.write_at(65536, &[2u8; 4096]).unwrap();
         drop(dev);
         let bytes = std::fs::read(&path).unwrap();
-        let record = bytes.len() / 2;
-        assert_eq!(&bytes[..4], magic, "{how:?}");
-        assert_eq!(&bytes[record..record + 4], magic, "{how:?}");
+        let record = HEAD + 4096;
+        assert_eq!(bytes.len(), 2 * record + HEAD);
+        for at in [0, record, 2 * record] {
+            assert_eq!(&bytes[at..at + 4], magic, "{how:?} at {at}");
+        }
         // The second record claimed to be of the other kind: it and what
         // follows are not replayed.
         let (s0, _) = rt()
@@ -270,28 +285,188 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
             ChunkMac::Blake3 => ChunkMac::HmacSha256,
         };
         let field = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
-        let (base, seq, offset) = (field(record + 4), field(record + 12), field(record + 20));
-        let data = &bytes[record + 64..];
+        let (cycle, base, seq, offset) = (
+            field(record + 4),
+            field(record + 12),
+            field(record + 20),
+            field(record + 28),
+        );
+        let data = &bytes[record + HEAD..2 * record];
         assert_eq!((seq, offset, data.len()), (1, 65536, 4096));
+        assert_eq!(cycle, field(4), "one cycle");
         let mut switched = bytes.clone();
-        switched[record + 3] ^= b'1' ^ b'2';
+        switched[record + 3] ^= b'3' ^ b'4';
         for forged in [false, true] {
             if forged {
-                let mac = s0.journal_mac(other, (base, seq, offset), data);
-                switched[record + 32..record + 64].copy_from_slice(&mac);
+                let mac = s0.journal_mac(other, Some(cycle), (base, seq, offset), data);
+                switched[record + 40..record + 72].copy_from_slice(&mac);
             }
             let found = coffre_remote::journal::parse(&switched, &s0);
             assert_eq!(found.records.len(), 1, "{how:?}, forged {forged}");
-            assert_eq!(found.ignored_bytes, record as u64);
+            assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
         }
         // As written: both replayed, through the device.
         let dev = device(&mem, &keys, Some(root0), &roots);
         let found = dev.attach_journal(&path).unwrap();
         assert_eq!(found.records.len(), 2, "{how:?}");
+        assert_eq!((found.ignored_bytes, found.stale_bytes), (0, HEAD as u64));
         let mut b = vec![0u8; 4096];
         dev.read_at(65536, &mut b).unwrap();
         assert_eq!(b, vec![2u8; 4096]);
     }
+}
+
+/// A journal of the first format (`CFJ1`, `CFJ2`: records without a
+/// cycle, no end mark), as a daemon before cycles left it, is replayed by
+/// this one, and its next journal is of the new format.
+#[test]
+fn a_journal_of_the_first_format_is_still_replayed() {
+    use coffre_remote::integrity::ChunkMac;
+    for (how, magic) in [(ChunkMac::HmacSha256, b"CFJ1"), (ChunkMac::Blake3, b"CFJ2")] {
+        let mem = Arc::new(InMemory::new());
+        let keys = Keyring::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let roots = Arc::new(Mutex::new(Vec::new()));
+        let (store, root0) = rt().block_on(created_with(objects(&mem), &keys, geometry(), how));
+        // The first format: magic, epoch, sequence, offset, length, MAC
+        // (over the first three and the bytes), the bytes.
+        let mut old = Vec::new();
+        for (seq, (offset, fill)) in [(0u64, 1u8), (65536, 2u8)].into_iter().enumerate() {
+            let (seq, data) = (seq as u64, vec![fill; 4096]);
+            let mac = store.journal_mac(how, None, (root0.epoch, seq, offset), &data);
+            old.extend_from_slice(magic);
+            for n in [root0.epoch, seq, offset] {
+                old.extend_from_slice(&n.to_be_bytes());
+            }
+            old.extend_from_slice(&4096u32.to_be_bytes());
+            old.extend_from_slice(&mac);
+            old.extend_from_slice(&data);
+        }
+        drop(store);
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(
+            coffre_remote::journal::held(&path).unwrap(),
+            old.len() as u64
+        );
+        let dev = device(&mem, &keys, Some(root0), &roots);
+        let found = dev.attach_journal(&path).unwrap();
+        assert_eq!(found.records.len(), 2, "{how:?}");
+        assert_eq!((found.ignored_bytes, found.stale_bytes), (0, 0));
+        assert_eq!(read(&dev, 0, 4096), vec![1u8; 4096]);
+        assert_eq!(read(&dev, 65536, 4096), vec![2u8; 4096]);
+        dev.write_at(0, &[3u8; 4096]).unwrap();
+        let new = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &new[..4],
+            if how == ChunkMac::Blake3 {
+                b"CFJ4"
+            } else {
+                b"CFJ3"
+            }
+        );
+    }
+}
+
+/// The journal is written over in place from one flush to the next (not
+/// truncated), and a record an earlier cycle left is never replayed, even
+/// where the next record of this cycle would go, with the sequence number
+/// it would have and a MAC that verifies: here the first cycle wrote 1 at
+/// 0 then 2 at 64 KiB, the second 3 at 64 KiB, the third 4 at 0, and the
+/// daemon dies with the first cycle's second record put back after the
+/// third cycle's first (as the host's disk could hold them had the end
+/// mark not been written). Replayed, it would roll 3 back to 2.
+#[test]
+fn a_record_an_earlier_cycle_left_is_never_replayed() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    dev.attach_journal(&path).unwrap();
+    let record = HEAD + 4096;
+    dev.write_at(0, &[1u8; 4096]).unwrap();
+    dev.write_at(65536, &[2u8; 4096]).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    assert_eq!(first.len(), 2 * record + HEAD);
+    dev.flush().unwrap();
+    // Not truncated: the next cycle's end mark at the beginning, the last
+    // cycle's records after it.
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), first.len());
+    assert_eq!(after[HEAD..], first[HEAD..]);
+    assert_eq!(coffre_remote::journal::held(&path).unwrap(), 0);
+    dev.write_at(65536, &[3u8; 4096]).unwrap();
+    dev.flush().unwrap();
+    dev.write_at(0, &[4u8; 4096]).unwrap();
+    let third = std::fs::read(&path).unwrap();
+    let root = dev.root();
+    drop(dev);
+    // As the daemon left it (a dead one does not empty it): the third
+    // cycle's record, its end mark, the first cycle's second record.
+    assert_eq!(third.len(), first.len());
+    assert_eq!(&third[record..record + 4], b"CFJ4");
+    assert_eq!(third[2 * record..], first[2 * record..]);
+    // The first cycle's second record where the third cycle's end mark
+    // was: the sequence number the next record would have, and its MAC
+    // verifies (under its own cycle). Not replayed, nor taken as this
+    // cycle's: the record before it is, so that the epoch would not keep
+    // it out.
+    let (store, _) = rt()
+        .block_on(ChunkStore::open(
+            objects(&mem),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            Some(root),
+            false,
+        ))
+        .unwrap();
+    let mut spliced = third.clone();
+    spliced[record..2 * record].copy_from_slice(&first[record..2 * record]);
+    let found = coffre_remote::journal::parse(&spliced, &store);
+    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.records[0].data, vec![4u8; 4096]);
+    assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
+    drop(store);
+    // As the daemon left it, replayed.
+    std::fs::write(&path, &third).unwrap();
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.records.len(), 1);
+    assert_eq!(
+        (found.ignored_bytes, found.stale_bytes),
+        (0, (record + HEAD) as u64)
+    );
+    assert_eq!(read(&dev, 0, 4096), vec![4u8; 4096]);
+    assert_eq!(read(&dev, 65536, 4096), vec![3u8; 4096]);
+}
+
+/// A cycle with a record written while a manifest put went unanswered is
+/// cut off at the flush that ends it (the file emptied, then its end
+/// mark): those records are replayed over the next manifest, and a part
+/// of them a dead host kept without the end mark before them would roll
+/// the later ones back. A cycle without one is written over in place.
+#[test]
+fn a_cycle_with_a_record_after_an_unanswered_put_is_cut_off_at_its_end() {
+    let AfterUnanswered {
+        path, dev, _dir, ..
+    } = unanswered_flush(FAIL);
+    let before = std::fs::metadata(&path).unwrap().len();
+    dev.write_at(65536, &[2u8; 4096]).unwrap();
+    dev.flush().unwrap();
+    assert!(before > HEAD as u64);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), HEAD as u64);
+    dev.write_at(65536, &[3u8; 8192]).unwrap();
+    dev.flush().unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        (2 * HEAD + 8192) as u64,
+        "written over in place"
+    );
+    drop(dev);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
 }
 
 /// The next manifest put's answer lost ([`LOSE`]: it landed) or an error
@@ -492,7 +667,7 @@ fn a_write_journaled_after_a_wrong_settle_is_still_replayed() {
     rt.block_on(async {
         let mut s = created(faulty.clone(), &keys).await;
         let root0 = s.root();
-        let mut j = Journal::create(&path, root0.epoch).unwrap();
+        let mut j = Journal::create(&path, &s).unwrap();
         s.write_chunks(vec![(0, chunk(1))]).await.unwrap();
         faulty.next.store(LOSE_HIDDEN, Ordering::SeqCst);
         assert!(s.flush().await.is_err());

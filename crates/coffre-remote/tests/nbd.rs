@@ -382,8 +382,8 @@ fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'sta
 /// daemon always keeps). Our reads are timed in the device's `read_at`
 /// alone (the check of the bytes read is not), on a device opened afresh
 /// each round.
-/// A line `nbd-cpu: write read` per round gives this process's CPU time
-/// (all its threads) per GiB in each.
+/// A line `nbd-cpu: write read journal_write` per round gives this
+/// process's CPU time (all its threads) per GiB in each.
 #[test]
 #[ignore = "survey: nbdkit, nbdcopy"]
 fn survey_nbd_throughput_against_nbdcopy() {
@@ -538,9 +538,11 @@ fn survey_nbd_throughput_against_nbdcopy() {
         // journal on local disk first (attached as at an open, untimed).
         let dev = device(root);
         dev.attach_journal(&journal).unwrap();
+        let c0 = cpu();
         let t = Instant::now();
         write_all(&dev);
         let ours_journal = t.elapsed();
+        let cpu_journal = cpu() - c0;
         root = dev.root();
         drop(dev);
         let t = Instant::now();
@@ -564,12 +566,14 @@ fn survey_nbd_throughput_against_nbdcopy() {
         }
         let cpu_read = (cpu() - c0).saturating_sub(checks);
         drop(dev);
-        // CPU milliseconds per GiB, ours, writing and reading.
+        // CPU milliseconds per GiB, ours, writing, reading, and writing
+        // with the journal.
         let per_gib = |d: Duration| d.as_secs_f64() * 1e3 * 1024.0 / n as f64;
         println!(
-            "nbd-cpu: {:.0} {:.0}",
+            "nbd-cpu: {:.0} {:.0} {:.0}",
             per_gib(cpu_write),
-            per_gib(cpu_read)
+            per_gib(cpu_read),
+            per_gib(cpu_journal)
         );
         println!(
             "nbd-round: {:.0} {:.0} {:.0} {:.0} {:.0}",
