@@ -1,6 +1,6 @@
 //! The device's write journal on local disk: every write the device takes
-//! is appended here before it is acknowledged, and the file is emptied
-//! once a flush has made those writes durable on the store. A daemon that
+//! is appended here before it is acknowledged, and the journal is
+//! emptied once a flush has made those writes durable on the store. A daemon that
 //! dies between the two (killed, crashed) leaves the journal behind; the
 //! next open replays it, each record verified, and flushes it to the
 //! store. Only ciphertext is written (the device is below the encryption
@@ -17,10 +17,11 @@
 //! them is still replayed.
 //!
 //! A cycle runs from one emptying to the next (a flush that succeeded),
-//! and its number is drawn at random. The file is not truncated at each
-//! emptying: the new cycle is written over the last one from the file's
-//! beginning, into pages the kernel already holds (filling fresh ones
-//! after a truncation cost as much again). After the cycle's last record
+//! and its number is drawn at random; an open starts one too. The file
+//! is not truncated at an emptying, nor at an open: the new cycle is
+//! written over the last one from the file's beginning, into pages the
+//! kernel already holds (filling fresh ones after a truncation made the
+//! daemon's path on NBD 1.6x slower on a virtual machine). After the cycle's last record
 //! comes its end mark (a record of no bytes, offset `u64::MAX`, MACed
 //! like the others), and what earlier cycles left after it is not read.
 //! The first record fixes the cycle: a record of another one, or out of
@@ -29,7 +30,9 @@
 //! number it would have, is never replayed over newer data. A record goes
 //! over the end mark before it, its bytes and its own end mark first, its
 //! head last: a daemon that dies in the middle leaves the last end mark
-//! in place. A clean close empties the file.
+//! in place. A clean close leaves the file as it is, its end mark at the
+//! beginning ([`held`] reads 0): ciphertext the store holds too, as a
+//! truncated file's blocks would have stayed on the disk.
 //!
 //! A record written after a manifest put went unanswered (a flush whose
 //! answer was lost: the next epoch's manifest may have landed, or not),
@@ -370,7 +373,13 @@ impl Journal {
     }
 
     /// Opens the journal at `path` empty (mode 0600), its records to
-    /// follow `store`'s durable epoch.
+    /// follow `store`'s durable epoch: a new cycle, its end mark at the
+    /// beginning (synced), written over what the file held (what
+    /// [`read`](Journal::read) gave must have been replayed and flushed
+    /// first). The file is not truncated: its pages, if the kernel still
+    /// holds them, are written over as a flush's new cycle writes over
+    /// the last one (after a truncation, fresh pages made the daemon's
+    /// path on NBD 1.6x slower: docs/storage.md, "On NBD").
     pub fn create(path: &Path, store: &ChunkStore) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -379,7 +388,7 @@ impl Journal {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
@@ -397,7 +406,8 @@ impl Journal {
         Ok(j)
     }
 
-    /// Writes the cycle's end mark at `at`, as the `seq`th record.
+    /// Writes the cycle's end mark where its next record goes, with the
+    /// next record's sequence number.
     fn mark_end(&self, store: &ChunkStore, base: u64) -> io::Result<()> {
         let how = store.chunk_mac();
         let at = (base, self.seq, END);
@@ -491,19 +501,6 @@ impl Journal {
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-}
-
-impl Drop for Journal {
-    /// What earlier cycles left after the end mark goes; the file is
-    /// emptied if no write waits in it (a clean close).
-    fn drop(&mut self) {
-        let keep = if self.bytes == 0 {
-            0
-        } else {
-            self.bytes + HEAD as u64
-        };
-        let _ = self.file.set_len(keep);
     }
 }
 
