@@ -940,13 +940,14 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
         // Writes a stopped daemon took and no flush made durable: they
         // are replayed at the next open (0 after a clean close). What
         // the journal's records claim, read without the key: the next
-        // open verifies them.
+        // open verifies them. Null if the file cannot be read (the next
+        // open says why).
         "journal_bytes": coffre_remote::journal::held(
             &sc.cache_dir
                 .as_ref()
                 .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
                 .join("journal")
         )
-        .unwrap_or(0),
+        .ok(),
     }))
 }

@@ -6,10 +6,12 @@
 //! uploaded when it fills or at [`flush`](BlockDevice::flush), which then
 //! writes the manifest and keeps its root (through `on_root`) before it
 //! returns: a flush that returned is durable on the store and recorded
-//! locally. What was written and not flushed is lost if the process dies,
-//! as a disk's cache is (ext4 flushes at each journal commit and fsync).
-//! A write-back cache on local disk that survives a crash is the next
-//! step (issue 17).
+//! locally. What was written and not flushed is in the write journal on
+//! local disk once one is attached ([`RemoteDevice::attach_journal`], as
+//! the daemon always does): a daemon that dies leaves it, and the next
+//! open replays it. Without it, such writes are lost if the process
+//! dies, as a disk's cache is (ext4 flushes at each journal commit and
+//! fsync).
 //!
 //! Every method blocks on the device's own runtime: call it from a
 //! thread, never from inside an async task.
@@ -925,7 +927,8 @@ impl BlockDevice for RemoteDevice {
         // (`journal::AFTER_UNCERTAIN`), and replayed whichever way it is
         // settled, even by this very write's upload.
         let flush_first = s.journal.as_ref().is_some_and(|j| {
-            j.bytes() + buf.len() as u64 > s.limit as u64 || j.base() != s.store.root().epoch
+            j.bytes() + buf.len() as u64 > (s.limit as u64).min(crate::journal::MAX_CYCLE)
+                || j.base() != s.store.root().epoch
         });
         if flush_first {
             self.flush_locked(&mut s)?;

@@ -240,7 +240,9 @@ impl IntegrityKey {
 
     /// The MAC of bytes that numbers place (a chunk's index, version and
     /// session; a journal record's cycle, epoch, sequence and offset),
-    /// made `how`'s way. A domain always gives as many numbers.
+    /// made `how`'s way. Each caller gives a domain's fixed count of
+    /// numbers (three for chunks and the journal's first format, four for
+    /// its records with a cycle), so that the input stays unambiguous.
     pub(crate) fn placed_mac(
         &self,
         how: ChunkMac,

@@ -17,11 +17,10 @@
 //! them is still replayed.
 //!
 //! A cycle runs from one emptying to the next (a flush that succeeded),
-//! and its number is drawn at random; an open starts one too. The file
-//! is not truncated at an emptying, nor at an open: the new cycle is
-//! written over the last one from the file's beginning, into pages the
-//! kernel already holds (filling fresh ones after a truncation made the
-//! daemon's path on NBD 1.6x slower on a virtual machine). After the cycle's last record
+//! and its number is drawn at random. The file is not truncated at an
+//! emptying: the new cycle is written over the last one from the file's
+//! beginning, into pages the kernel already holds (the truncation freed
+//! them and the next cycle took fresh ones). After the cycle's last record
 //! comes its end mark (a record of no bytes, offset `u64::MAX`, MACed
 //! like the others), and what earlier cycles left after it is not read.
 //! The first record fixes the cycle: a record of another one, or out of
@@ -30,9 +29,12 @@
 //! number it would have, is never replayed over newer data. A record goes
 //! over the end mark before it, its bytes and its own end mark first, its
 //! head last: a daemon that dies in the middle leaves the last end mark
-//! in place. A clean close leaves the file as it is, its end mark at the
-//! beginning ([`held`] reads 0): ciphertext the store holds too, as a
-//! truncated file's blocks would have stayed on the disk.
+//! in place (the head's write is not torn by a signal unless it crosses
+//! a page: then its MAC fails, and the write it was for was not yet
+//! acknowledged). An open and a clean close empty the file: the last
+//! cycle's records (each write's offset and ciphertext, several versions
+//! of a sector among them) do not stay readable in it while the vault is
+//! closed.
 //!
 //! A record written after a manifest put went unanswered (a flush whose
 //! answer was lost: the next epoch's manifest may have landed, or not),
@@ -86,9 +88,13 @@ const HEAD: usize = 4 + 8 + HEAD_V1 - 4;
 const END: u64 = u64::MAX;
 /// The largest record (a write is at most this; larger ones are split).
 pub const MAX_RECORD: usize = 16 << 20;
-/// The most a journal file may be read (it is bounded by the cache's size
-/// and one write).
+/// The most a journal file may be read.
 const MAX_JOURNAL: u64 = 8 << 30;
+/// The most a cycle holds before a flush (with a cache larger than this,
+/// the device flushes sooner): a cycle and one write stay well within
+/// [`MAX_JOURNAL`], so that a journal a daemon left is never too large
+/// to replay.
+pub const MAX_CYCLE: u64 = 4 << 30;
 
 /// An open journal, appended to.
 pub struct Journal {
@@ -236,9 +242,10 @@ fn parse_with(
 ) -> Found {
     let mut found = Found::default();
     let mut at = 0usize;
-    // The first record's kind and cycle: every record after it is of
-    // that kind and cycle, in sequence (nothing left out, nothing put in
-    // between, nothing of another cycle).
+    // The first record's cycle (`None`: the first format): every record
+    // after it is of that format and cycle, in sequence (nothing left
+    // out, nothing put in between, nothing of another cycle). The kind of
+    // MAC is `verify`'s to check.
     let mut first: Option<Option<u64>> = None;
     let mut next_seq = 0u64;
     let mut replaying = false;
@@ -374,12 +381,8 @@ impl Journal {
 
     /// Opens the journal at `path` empty (mode 0600), its records to
     /// follow `store`'s durable epoch: a new cycle, its end mark at the
-    /// beginning (synced), written over what the file held (what
-    /// [`read`](Journal::read) gave must have been replayed and flushed
-    /// first). The file is not truncated: its pages, if the kernel still
-    /// holds them, are written over as a flush's new cycle writes over
-    /// the last one (after a truncation, fresh pages made the daemon's
-    /// path on NBD 1.6x slower: docs/storage.md, "On NBD").
+    /// beginning, synced (what [`read`](Journal::read) gave must have
+    /// been replayed and flushed first).
     pub fn create(path: &Path, store: &ChunkStore) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -388,7 +391,7 @@ impl Journal {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
@@ -401,7 +404,7 @@ impl Journal {
             bytes: 0,
             uncertain: false,
         };
-        j.mark_end(store, 0)?;
+        j.mark_end(store, j.base)?;
         j.file.sync_all()?;
         Ok(j)
     }
@@ -470,23 +473,25 @@ impl Journal {
     }
 
     /// Empties it: every write so far is durable on the store, whose
-    /// durable epoch is now `base`. A new cycle starts at the file's
+    /// durable epoch is now `store`'s. A new cycle starts at the file's
     /// beginning, written over what the last one left (pages the kernel
-    /// already holds: writing them again costs half of filling fresh
-    /// ones), its end mark first.
+    /// already holds), its end mark first.
     ///
     /// A cycle with a record marked [`AFTER_UNCERTAIN`] is cut off
     /// instead (the file emptied): such records are replayed over the
     /// manifest after their epoch, and a host that died could keep a part
     /// of them without the end mark before them (the kernel writes a
     /// file's pages back in any order), which replayed would roll the
-    /// later ones back.
+    /// later ones back. The truncation is synced before anything of the
+    /// next cycle is written.
     pub fn reset(&mut self, store: &ChunkStore) -> io::Result<()> {
+        let cycle = new_cycle()?;
         if self.uncertain {
             self.file.set_len(0)?;
+            self.file.sync_all()?;
         }
         self.base = store.root().epoch;
-        self.cycle = new_cycle()?;
+        self.cycle = cycle;
         self.seq = 0;
         self.bytes = 0;
         self.uncertain = false;
@@ -501,6 +506,19 @@ impl Journal {
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for Journal {
+    /// A clean close (no write waits in it) empties the file; otherwise
+    /// what earlier cycles left after the end mark goes.
+    fn drop(&mut self) {
+        let keep = if self.bytes == 0 {
+            0
+        } else {
+            self.bytes + HEAD as u64
+        };
+        let _ = self.file.set_len(keep);
     }
 }
 

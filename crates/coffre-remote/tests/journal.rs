@@ -96,16 +96,14 @@ fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
     let found = dev.attach_journal(&path).unwrap();
     assert_eq!(found.records.len(), 2);
     assert_eq!(found.ignored_bytes, 0);
-    // Durable on the store now, and the journal empty: a new cycle's end
-    // mark at the beginning, written over the records replayed (the file
-    // not truncated), and so after the device closes.
+    // Durable on the store now, and the journal empty (its end mark
+    // only), and emptied as the device closes.
     let root1 = dev.root();
     assert!(root1.epoch > root0.epoch);
-    let len = std::fs::metadata(&path).unwrap().len();
     assert_eq!(coffre_remote::journal::held(&path).unwrap(), 0);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), HEAD as u64);
     drop(dev);
-    assert_eq!(coffre_remote::journal::held(&path).unwrap(), 0);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     let dev = device(&mem, &keys, Some(root1), &roots);
     let mut b = vec![0u8; 8192];
     dev.read_at(4096, &mut b).unwrap();
@@ -161,8 +159,8 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
     dev.write_at(0, &[5u8; 4096]).unwrap();
     drop(dev);
     let bytes = std::fs::read(&path).unwrap();
-    // Its last byte, and all after it.
-    let torn = record - 1;
+    // Its last byte (the end mark after it gone too).
+    let torn = bytes.len() - HEAD - 1;
     std::fs::write(&path, &bytes[..torn]).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
@@ -431,6 +429,13 @@ fn a_record_an_earlier_cycle_left_is_never_replayed() {
     assert_eq!(found.records.len(), 1);
     assert_eq!(found.records[0].data, vec![4u8; 4096]);
     assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
+    // The same record made to name this cycle: its MAC binds the cycle
+    // it was written in, so it does not verify.
+    let mut renamed = spliced.clone();
+    renamed[record + 4..record + 12].copy_from_slice(&third[4..12]);
+    let found = coffre_remote::journal::parse(&renamed, &store);
+    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
     drop(store);
     // As the daemon left it, replayed.
     std::fs::write(&path, &third).unwrap();
@@ -449,8 +454,7 @@ fn a_record_an_earlier_cycle_left_is_never_replayed() {
 /// cut off at the flush that ends it (the file emptied, then its end
 /// mark): those records are replayed over the next manifest, and a part
 /// of them a dead host kept without the end mark before them would roll
-/// the later ones back. A cycle without one is written over in place, and
-/// a clean close leaves the file as it is (no write in it).
+/// the later ones back. A cycle without one is written over in place.
 #[test]
 fn a_cycle_with_a_record_after_an_unanswered_put_is_cut_off_at_its_end() {
     let AfterUnanswered {
@@ -469,7 +473,7 @@ fn a_cycle_with_a_record_after_an_unanswered_put_is_cut_off_at_its_end() {
         "written over in place"
     );
     drop(dev);
-    assert_eq!(coffre_remote::journal::held(&path).unwrap(), 0);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
 }
 
 /// The next manifest put's answer lost ([`LOSE`]: it landed) or an error
