@@ -1019,6 +1019,16 @@ impl Drop for RemoteDevice {
             rt.shutdown_background();
         }
         drop(resyncer);
+        // The journal goes now, not with the last reference to the state
+        // (a resync thread that did not stop in time holds one): a clean
+        // close empties its file before the device is gone. Not waited
+        // for if that thread still holds the lock (it goes with it then).
+        let journal = match self.state.try_lock() {
+            Ok(mut s) => s.journal.take(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().journal.take(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        drop(journal);
         // The chunks kept for reuse go with the device (another device's
         // next chunks are then allocated anew).
         crate::bufpool::clear();

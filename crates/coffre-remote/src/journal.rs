@@ -16,11 +16,13 @@
 //! without the cycle, as written before there were cycles: a journal of
 //! them is still replayed.
 //!
-//! A cycle runs from one emptying to the next (a flush that succeeded),
-//! and its number is drawn at random. The file is not truncated at an
-//! emptying: the new cycle is written over the last one from the file's
-//! beginning, into pages the kernel already holds (the truncation freed
-//! them and the next cycle took fresh ones). After the cycle's last record
+//! A cycle runs from an open or an emptying (a flush that succeeded) to
+//! the next emptying, and its number is drawn at random. The file is not
+//! truncated at an emptying (but for a cycle with a record marked
+//! [`AFTER_UNCERTAIN`]: see [`Journal::reset`]): the new cycle is written
+//! over the last one from the file's beginning, into pages the kernel
+//! already holds (the truncation freed them and the next cycle took
+//! fresh ones). After the cycle's last record
 //! comes its end mark (a record of no bytes, offset `u64::MAX`, MACed
 //! like the others), and what earlier cycles left after it is not read.
 //! The first record fixes the cycle: a record of another one, or out of
@@ -142,8 +144,10 @@ pub struct Found {
     /// Records of a newer epoch than the store's manifest (a store rolled
     /// back, its older state trusted): not of this history, dropped.
     pub ahead: usize,
-    /// Bytes at the end that did not verify (a record torn by the crash,
-    /// or altered): not replayed, nor anything after them.
+    /// Bytes at the end that did not verify, or not as the next record
+    /// of the cycle (a record torn by the crash, altered, or left by an
+    /// earlier cycle where no end mark came before it): not replayed,
+    /// nor anything after them.
     pub ignored_bytes: u64,
     /// The cycle's end mark and what earlier cycles left after it (the
     /// file is written over in place): not read.
@@ -293,8 +297,10 @@ fn parse_with(
     found
 }
 
-/// How many bytes of the journal at `path` its cycle's records claim, read head by head, nothing verified (without the vault's
-/// key: for a status while it is closed). 0 if there is none.
+/// How many bytes of the journal at `path` its cycle's records claim,
+/// read head by head, nothing verified (without the vault's key: for a
+/// status while it is closed; records already durable count too, which
+/// the next open drops). 0 if there is none.
 pub fn held(path: &Path) -> io::Result<u64> {
     let f = match open_existing(path) {
         Ok(f) => f,
@@ -382,16 +388,21 @@ impl Journal {
     /// Opens the journal at `path` empty (mode 0600), its records to
     /// follow `store`'s durable epoch: a new cycle, its end mark at the
     /// beginning, synced (what [`read`](Journal::read) gave must have
-    /// been replayed and flushed first).
+    /// been replayed and flushed first). A file of its own (the one
+    /// there is unlinked first), so that nothing an earlier journal at
+    /// `path` still does reaches this one.
     pub fn create(path: &Path, store: &ChunkStore) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
@@ -488,6 +499,11 @@ impl Journal {
         let cycle = new_cycle()?;
         if self.uncertain {
             self.file.set_len(0)?;
+            // Empty now, whatever fails next: the next record goes at
+            // its beginning (a failed sync leaves the epoch behind, and
+            // the device flushes again before the next write).
+            self.seq = 0;
+            self.bytes = 0;
             self.file.sync_all()?;
         }
         self.base = store.root().epoch;

@@ -697,3 +697,27 @@ fn a_write_journaled_after_a_wrong_settle_is_still_replayed() {
         assert_eq!(found.records[0].data, vec![3u8; 4096]);
     });
 }
+
+/// A journal opened at a path where an earlier one still lives (a device
+/// not yet gone) has a file of its own: what the earlier one does as it
+/// goes (it empties its file) never reaches the new one's records.
+#[test]
+fn an_earlier_journal_at_the_same_path_never_touches_the_new_one() {
+    use coffre_remote::journal::Journal;
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    rt.block_on(async {
+        let s = created(objects(&mem), &keys).await;
+        let old = Journal::create(&path, &s).unwrap();
+        let mut new = Journal::create(&path, &s).unwrap();
+        new.append(&s, 65536, &[7u8; 4096]).unwrap();
+        drop(old);
+        let found = Journal::read(&path, &s).unwrap();
+        assert_eq!(found.records.len(), 1);
+        assert_eq!(found.records[0].data, vec![7u8; 4096]);
+        drop(new);
+    });
+}
