@@ -380,6 +380,13 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::default()),
             Err(e) => return Err(e),
         };
+        // On the disk as read before anything is replayed from it: a host
+        // that dies after the replay's flush, before the next journal
+        // replaced this one, then finds all of it again (replayed again
+        // whole, which is harmless), never a part the kernel had not
+        // written back (a part of a cycle marked after an unanswered put,
+        // replayed alone, would roll later writes back).
+        f.sync_all()?;
         let mut bytes = Vec::new();
         f.take(MAX_JOURNAL).read_to_end(&mut bytes)?;
         Ok(parse(&bytes, store))
