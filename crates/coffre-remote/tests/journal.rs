@@ -52,18 +52,7 @@ fn device_on(
             .unwrap()
             .0
         }
-        Some(r) => {
-            rt.block_on(ChunkStore::open(
-                objects,
-                PREFIX,
-                VAULT,
-                keys.key(),
-                Some(r),
-                false,
-            ))
-            .unwrap()
-            .0
-        }
+        Some(r) => rt.block_on(opened(objects, keys, r)).unwrap(),
     };
     let r2 = roots.clone();
     RemoteDevice::new(
@@ -270,16 +259,7 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
         }
         // The second record claimed to be of the other kind: it and what
         // follows are not replayed.
-        let (s0, _) = rt()
-            .block_on(ChunkStore::open(
-                objects(&mem),
-                PREFIX,
-                VAULT,
-                keys.key(),
-                Some(root0),
-                false,
-            ))
-            .unwrap();
+        let s0 = rt().block_on(opened(objects(&mem), &keys, root0)).unwrap();
         let other = match how {
             ChunkMac::HmacSha256 => ChunkMac::Blake3,
             ChunkMac::Blake3 => ChunkMac::HmacSha256,
@@ -413,16 +393,7 @@ fn a_record_an_earlier_cycle_left_is_never_replayed() {
     // verifies (under its own cycle). Not replayed, nor taken as this
     // cycle's: the record before it is, so that the epoch would not keep
     // it out.
-    let (store, _) = rt()
-        .block_on(ChunkStore::open(
-            objects(&mem),
-            PREFIX,
-            VAULT,
-            keys.key(),
-            Some(root),
-            false,
-        ))
-        .unwrap();
+    let store = rt().block_on(opened(objects(&mem), &keys, root)).unwrap();
     let mut spliced = third.clone();
     spliced[record..2 * record].copy_from_slice(&first[record..2 * record]);
     let found = coffre_remote::journal::parse(&spliced, &store);

@@ -12,6 +12,17 @@ use object_store::path::Path as ObjPath;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// `coffre storage status DIR --json`: its exit code and what it printed.
+fn storage_status(v: &Vault) -> (i32, serde_json::Value) {
+    let out = v
+        .bin()
+        .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (code(&out), j)
+}
+
 fn bucket(moto: &Moto, name: &str) -> object_store::aws::AmazonS3 {
     object_store::aws::AmazonS3Builder::new()
         .with_bucket_name(name)
@@ -145,15 +156,6 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
 
     let text = String::from_utf8(v.cli("alice", &["status"]).stdout).unwrap();
     assert!(text.contains("storage: s3://team-vault/v1"), "{text}");
-    let storage_status = |v: &Vault| {
-        let out = v
-            .bin()
-            .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
-            .output()
-            .unwrap();
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        (code(&out), j)
-    };
     let (c, j) = storage_status(&v);
     assert_eq!(c, 0, "{j}");
     assert_eq!(j["standing"], "in step", "{j}");
@@ -626,13 +628,8 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
     }
     assert!(!v.audit_details("storage_resynced", "ok").is_empty());
     v.leave_closed("alice", &mut e);
-    let out = v
-        .bin()
-        .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(code(&out), 0, "{j}");
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 0, "{j}");
     for st in j["stores"].as_array().unwrap() {
         assert_eq!(st["standing"], "in step", "{j}");
     }
@@ -922,13 +919,8 @@ fn a_vault_on_an_nbd_export_keeps_its_data_there_and_moves_to_another_server() {
     let raw = std::fs::read(&img).unwrap();
     assert!(raw.starts_with(b"coffre-blocks-1\0"));
     assert!(!contains(&raw, secret), "plaintext on the export");
-    let out = v
-        .bin()
-        .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(code(&out), 0, "{j}");
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 0, "{j}");
     assert_eq!(j["backend"], "nbd", "{j}");
     assert_eq!(j["standing"], "in step", "{j}");
     v.stop();
@@ -983,13 +975,8 @@ fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
     let _ = e.wait();
     let journal = v.dir.join("cache").join("journal");
     let held = |v: &Vault| {
-        let out = v
-            .bin()
-            .args(["storage", "status", v.dir.to_str().unwrap(), "--json"])
-            .output()
-            .unwrap();
-        assert_eq!(code(&out), 0);
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (c, j) = storage_status(v);
+        assert_eq!(c, 0, "{j}");
         j["journal_bytes"].as_u64().unwrap()
     };
     // What its records claim (the file is written over in place: its
