@@ -33,10 +33,12 @@
 //! head last: a daemon that dies in the middle leaves the last end mark
 //! in place (the head's write is not torn by a signal unless it crosses
 //! a page: then its MAC fails, and the write it was for was not yet
-//! acknowledged). An open and a clean close empty the file: the last
-//! cycle's records (each write's offset and ciphertext, several versions
-//! of a sector among them) do not stay readable in it while the vault is
-//! closed.
+//! acknowledged). An open and a clean close empty the file: after
+//! either, no record (each write's offset and ciphertext, several
+//! versions of a sector among them) stays readable in it while the vault
+//! is closed. A daemon that dies leaves the file as it was, earlier
+//! cycles after the end mark included (up to the largest cycle's
+//! extent), until the next open.
 //!
 //! A record written after a manifest put went unanswered (a flush whose
 //! answer was lost: the next epoch's manifest may have landed, or not),
