@@ -240,13 +240,13 @@ fn attach_journal(
             path.display()
         ))
     })?;
-    let bytes: usize = found.records.iter().map(|r| r.data.len()).sum();
-    let held = !found.records.is_empty() || found.older > 0 || found.ahead > 0;
+    let held = found.replayed > 0 || found.older > 0 || found.ahead > 0;
     // The bytes earlier cycles left after the end mark are no news.
     Ok((held || found.ignored_bytes > 0).then(|| {
         format!(
-            "the write journal held {} write(s) ({bytes} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} written after a newer manifest than the store's (a store rolled back), dropped; {} byte(s) at its end did not verify (torn or altered), not replayed",
-            found.records.len(),
+            "the write journal held {} write(s) ({} bytes) a stopped daemon had taken: replayed, verified, and flushed to the store; {} already durable, dropped; {} written after a newer manifest than the store's (a store rolled back), dropped; {} byte(s) at its end did not verify (a record torn by the crash or by a failed write, or altered), not replayed",
+            found.replayed,
+            found.replayed_bytes,
             found.older,
             found.ahead,
             found.ignored_bytes
@@ -923,6 +923,17 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     };
     let health = read_health(&vd);
     let primary = stores[0].clone();
+    // Writes a stopped daemon took and no flush made durable: they are
+    // replayed at the next open (0 after a clean close). What the
+    // journal's records claim, read without the key: the next open
+    // verifies them. Null, with the error beside it, if the file cannot
+    // be read (the next open refuses it too).
+    let journal = coffre_remote::journal::held(
+        &sc.cache_dir
+            .as_ref()
+            .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
+            .join("journal"),
+    );
     Ok(serde_json::json!({
         "backend": backend_kind(&sc.url),
         "url": sc.url,
@@ -937,17 +948,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
         "standing": primary["standing"],
         "stores": stores,
         "last_known_while_open": health,
-        // Writes a stopped daemon took and no flush made durable: they
-        // are replayed at the next open (0 after a clean close). What
-        // the journal's records claim, read without the key: the next
-        // open verifies them. Null if the file cannot be read (the next
-        // open says why).
-        "journal_bytes": coffre_remote::journal::held(
-            &sc.cache_dir
-                .as_ref()
-                .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
-                .join("journal")
-        )
-        .ok(),
+        "journal_bytes": journal.as_ref().ok(),
+        "journal_error": journal.as_ref().err().map(|e| e.to_string()),
     }))
 }

@@ -22,7 +22,7 @@
 //! (for the audit log and status).
 
 use crate::RemoteError;
-use crate::journal::{Found, Journal};
+use crate::journal::{Found, Journal, Replay};
 use crate::layout::Root;
 use crate::store::{
     ChunkStore, Garbage, Landed, Listed, Reads, ReplicaStatus, StoreEvent, Sweep, Swept, Upload,
@@ -643,17 +643,26 @@ impl RemoteDevice {
     }
 
     /// Attaches the write journal at `path`: what a daemon that died left
-    /// there is replayed first (each record verified; records already
-    /// durable, or that do not verify, are not) and flushed to the store;
-    /// then every write is journaled until the next flush. Call it before
-    /// the device is used. A replay whose flush fails leaves the journal
-    /// as it was (for the next open) and is an error.
+    /// there is replayed first, one record at a time (each verified;
+    /// records already durable, or that do not verify, are not) and
+    /// flushed to the store; then every write is journaled until the next
+    /// flush. Call it once, before the device is used. A replay that fails
+    /// (reading the file, or its flush) leaves the journal as it was (for
+    /// the next open) and is an error.
     pub fn attach_journal(&self, path: &std::path::Path) -> io::Result<Found> {
-        let found = Journal::read(path, &lock(&self.state).store)?;
-        for r in &found.records {
-            self.write_at(r.offset, &r.data)?;
+        if lock(&self.state).journal.is_some() {
+            // A second journal would replace the first, whose file holds
+            // writes not yet flushed.
+            return Err(io::Error::other("a write journal is already attached"));
         }
-        if !found.records.is_empty() {
+        let mut replay = Replay::open(path)?;
+        loop {
+            let next = replay.next(&lock(&self.state).store)?;
+            let Some((offset, data)) = next else { break };
+            self.write_at(offset, data)?;
+        }
+        let found = replay.found();
+        if found.replayed > 0 {
             self.flush()?;
         }
         let mut s = lock(&self.state);

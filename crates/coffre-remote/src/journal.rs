@@ -57,7 +57,7 @@
 use crate::integrity::{ChunkMac, Mac};
 use crate::store::ChunkStore;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -136,11 +136,13 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
-/// What a journal held at open.
+/// What a journal held at open, and what its replay did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Found {
-    /// The records to replay, in order.
-    pub records: Vec<Record>,
+    /// The records replayed, in order.
+    pub replayed: usize,
+    /// Their bytes.
+    pub replayed_bytes: u64,
     /// Records of an older epoch (already durable): dropped.
     pub older: usize,
     /// Records of a newer epoch than the store's manifest (a store rolled
@@ -231,72 +233,241 @@ fn head(
     h
 }
 
-/// The records of `bytes` that verify under `store`'s integrity key and
-/// follow its durable epoch, up to the first that does not verify or the
-/// cycle's end mark.
-pub fn parse(bytes: &[u8], store: &ChunkStore) -> Found {
-    parse_with(bytes, store.root().epoch, |how, cycle, at, data, mac| {
-        how == store.chunk_mac() && store.journal_verifies(how, cycle, at, data, mac)
-    })
+/// What can be read at an offset: the journal's file, or its bytes.
+trait ReadAt {
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()>;
 }
 
-/// [`parse`], with `verify` for the MAC of each record.
-fn parse_with(
-    bytes: &[u8],
-    epoch: u64,
-    verify: impl Fn(ChunkMac, Option<u64>, (u64, u64, u64), &[u8], &Mac) -> bool,
-) -> Found {
-    let mut found = Found::default();
-    let mut at = 0usize;
-    // The first record's cycle (`None`: the first format): every record
-    // after it is of that format and cycle, in sequence (nothing left
-    // out, nothing put in between, nothing of another cycle). The kind of
-    // MAC is `verify`'s to check.
-    let mut first: Option<Option<u64>> = None;
-    let mut next_seq = 0u64;
-    let mut replaying = false;
-    let mut ended = false;
-    while at < bytes.len() {
-        let Some(h) = Head::parse(&bytes[at..]) else {
-            break;
-        };
-        let Some(data) = bytes.get(at + h.size..at + h.size + h.len) else {
-            break;
-        };
-        if first.is_some_and(|c| c != h.cycle) || h.seq != next_seq {
-            break;
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, at)
+    }
+}
+
+impl ReadAt for &[u8] {
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        let from = usize::try_from(at).map_err(io::Error::other)?;
+        let b = from
+            .checked_add(buf.len())
+            .and_then(|to| self.get(from..to))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(b);
+        Ok(())
+    }
+}
+
+/// A journal's bytes read through a window: heads and small records come
+/// from one read of up to the window's size, a large record's bytes
+/// straight into the caller's buffer. Never more than the window and one
+/// record in memory, whatever the file's size.
+struct Windowed<R> {
+    inner: R,
+    len: u64,
+    window: Vec<u8>,
+    /// Where the window's bytes begin in the file, and how many it holds.
+    start: u64,
+    filled: usize,
+}
+
+/// The window of a replay (which reads every record's bytes).
+const REPLAY_WINDOW: usize = 256 << 10;
+/// The window of [`held`] (which reads heads only).
+const HEADS_WINDOW: usize = 64 << 10;
+
+impl<R: ReadAt> Windowed<R> {
+    fn new(inner: R, len: u64, size: usize) -> Self {
+        Windowed {
+            inner,
+            len,
+            window: vec![0; size],
+            start: 0,
+            filled: 0,
         }
-        if !verify(h.how, h.cycle, (h.base, h.seq, h.offset), data, &h.mac) {
-            break;
+    }
+
+    /// Reads `buf.len()` bytes at `at`, all within the length given.
+    fn read(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = self.start + self.filled as u64;
+        // What the window holds from `at` on.
+        let have = if (self.start..end).contains(&at) {
+            usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len())
+        } else {
+            0
+        };
+        if have < buf.len() && buf.len() < self.window.len() {
+            let n = usize::try_from(self.len.saturating_sub(at))
+                .unwrap_or(usize::MAX)
+                .min(self.window.len());
+            if n < buf.len() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.filled = 0;
+            self.inner.read_exact_at(&mut self.window[..n], at)?;
+            (self.start, self.filled) = (at, n);
+            buf.copy_from_slice(&self.window[..buf.len()]);
+            return Ok(());
         }
-        first = Some(h.cycle);
+        if have > 0 {
+            let skip = usize::try_from(at - self.start).unwrap_or(0);
+            buf[..have].copy_from_slice(&self.window[skip..skip + have]);
+        }
+        if have < buf.len() {
+            self.inner
+                .read_exact_at(&mut buf[have..], at + have as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a walk checks a record's MAC: `None` reads heads only (every
+/// record taken as it claims to be, its bytes not read).
+type Verify<'a> = Option<&'a dyn Fn(ChunkMac, Option<u64>, (u64, u64, u64), &[u8], &Mac) -> bool>;
+
+/// A walk through a journal's records, one at a time.
+struct Walk<R> {
+    src: Windowed<R>,
+    /// Where the next record's head is.
+    at: u64,
+    /// The first record's cycle (`None` inside: the first format): every
+    /// record after it is of that format and cycle, in sequence (nothing
+    /// left out, nothing put in between, nothing of another cycle). The
+    /// kind of MAC is the verifier's to check.
+    first: Option<Option<u64>>,
+    next_seq: u64,
+    /// From the first record that may not be covered by the store's
+    /// manifest on, every record is replayed.
+    replaying: bool,
+    done: bool,
+    /// The last record's bytes (reused).
+    data: Vec<u8>,
+    found: Found,
+}
+
+impl<R: ReadAt> Walk<R> {
+    fn new(src: Windowed<R>) -> Self {
+        Walk {
+            src,
+            at: 0,
+            first: None,
+            next_seq: 0,
+            replaying: false,
+            done: false,
+            data: Vec::new(),
+            found: Found::default(),
+        }
+    }
+
+    /// The next record to replay (its offset; its bytes in `data`), or
+    /// `None` once the journal's records end (`found` is then whole).
+    /// Records already durable, or of a newer history, are counted and
+    /// passed over. An error reading the file is one (never taken for the
+    /// journal's end).
+    fn next(&mut self, epoch: u64, verify: Verify<'_>) -> io::Result<Option<u64>> {
+        while !self.done {
+            match self.step(epoch, verify)? {
+                Some(offset) => return Ok(Some(offset)),
+                None if self.done => break,
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// One record: `Some(offset)` to replay it; `None` when passed over,
+    /// or at the end (then `done`).
+    fn step(&mut self, epoch: u64, verify: Verify<'_>) -> io::Result<Option<u64>> {
+        let len = self.src.len;
+        let n = usize::try_from(len - self.at)
+            .unwrap_or(usize::MAX)
+            .min(HEAD);
+        let mut buf = [0u8; HEAD];
+        let h = if n < HEAD_V1 {
+            None
+        } else {
+            self.src.read(self.at, &mut buf[..n])?;
+            Head::parse(&buf[..n])
+        };
+        let next = h.as_ref().and_then(|h| {
+            let end = self.at.checked_add((h.size + h.len) as u64)?;
+            (end <= len && self.first.is_none_or(|c| c == h.cycle) && h.seq == self.next_seq)
+                .then_some(end)
+        });
+        let (Some(h), Some(end)) = (h, next) else {
+            return Ok(self.end(false));
+        };
+        if let Some(verify) = verify {
+            self.data.resize(h.len, 0);
+            self.src.read(self.at + h.size as u64, &mut self.data)?;
+            if !verify(
+                h.how,
+                h.cycle,
+                (h.base, h.seq, h.offset),
+                &self.data,
+                &h.mac,
+            ) {
+                return Ok(self.end(false));
+            }
+        }
+        self.first = Some(h.cycle);
         if h.is_end() {
-            ended = true;
-            break;
+            return Ok(self.end(true));
         }
-        at += h.size + h.len;
-        next_seq = h.seq + 1;
+        self.at = end;
+        self.next_seq = h.seq + 1;
         let (of, uncertain) = (h.base & !AFTER_UNCERTAIN, h.base & AFTER_UNCERTAIN != 0);
         if of > epoch {
-            found.ahead += 1;
-        } else if replaying || of == epoch || (uncertain && of + 1 == epoch) {
+            self.found.ahead += 1;
+        } else if self.replaying || of == epoch || (uncertain && of + 1 == epoch) {
             // From here on, everything (see the module's documentation).
-            replaying = true;
-            found.records.push(Record {
-                offset: h.offset,
-                data: data.to_vec(),
-            });
+            self.replaying = true;
+            self.found.replayed += 1;
+            self.found.replayed_bytes += h.len as u64;
+            return Ok(Some(h.offset));
         } else {
-            found.older += 1;
+            self.found.older += 1;
         }
+        Ok(None)
     }
-    let rest = (bytes.len() - at) as u64;
-    if ended {
-        found.stale_bytes = rest;
-    } else {
-        found.ignored_bytes = rest;
+
+    /// The records end here: what follows is stale (after an end mark) or
+    /// ignored.
+    fn end(&mut self, ended: bool) -> Option<u64> {
+        let rest = self.src.len - self.at;
+        if ended {
+            self.found.stale_bytes = rest;
+        } else {
+            self.found.ignored_bytes = rest;
+        }
+        self.done = true;
+        None
     }
-    found
+}
+
+/// The records of `bytes` that verify under `store`'s integrity key and
+/// follow its durable epoch, up to the first that does not verify or the
+/// cycle's end mark (all of them in memory: for journals already read).
+pub fn parse(bytes: &[u8], store: &ChunkStore) -> (Found, Vec<Record>) {
+    let verify = |how, cycle, at, data: &[u8], mac: &Mac| {
+        how == store.chunk_mac() && store.journal_verifies(how, cycle, at, data, mac)
+    };
+    parse_with(bytes, store.root().epoch, Some(&verify), REPLAY_WINDOW)
+}
+
+/// [`parse`], with `verify` for the MAC of each record, through a window
+/// of `window` bytes.
+fn parse_with(bytes: &[u8], epoch: u64, verify: Verify<'_>, window: usize) -> (Found, Vec<Record>) {
+    let mut walk = Walk::new(Windowed::new(bytes, bytes.len() as u64, window));
+    let mut records = Vec::new();
+    // Reading a slice within its length does not fail.
+    while let Ok(Some(offset)) = walk.next(epoch, verify) {
+        records.push(Record {
+            offset,
+            data: walk.data.clone(),
+        });
+    }
+    (walk.found, records)
 }
 
 /// How many bytes of the journal at `path` its cycle's records claim,
@@ -310,36 +481,22 @@ pub fn held(path: &Path) -> io::Result<u64> {
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
-    Ok(held_with(len, |at, buf| f.read_exact_at(buf, at).is_ok()))
+    held_in(Windowed::new(f, len, HEADS_WINDOW))
 }
 
-/// [`held`] over a file of `len` bytes that `read` reads (false: could
-/// not).
-fn held_with(len: u64, read: impl Fn(u64, &mut [u8]) -> bool) -> u64 {
-    let mut at = 0u64;
-    let mut first: Option<Option<u64>> = None;
-    let mut next_seq = 0u64;
-    let mut buf = [0u8; HEAD];
+/// [`held`] through `src`.
+fn held_in<R: ReadAt>(src: Windowed<R>) -> io::Result<u64> {
+    let len = src.len;
+    let mut walk = Walk::new(src);
     loop {
-        let n = usize::try_from(len.saturating_sub(at))
-            .unwrap_or(usize::MAX)
-            .min(HEAD);
-        if n < HEAD_V1 || !read(at, &mut buf[..n]) {
-            return at;
+        match walk.next(0, None) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(len - walk.found.ignored_bytes - walk.found.stale_bytes),
+            // Shorter than it was (an open vault's device emptied it
+            // meanwhile): what was read.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(walk.at),
+            Err(e) => return Err(e),
         }
-        let Some(h) = Head::parse(&buf[..n]) else {
-            return at;
-        };
-        let end = at + (h.size + h.len) as u64;
-        if end > len || first.is_some_and(|c| c != h.cycle) || h.seq != next_seq {
-            return at;
-        }
-        if h.is_end() {
-            return at;
-        }
-        first = Some(h.cycle);
-        next_seq = h.seq + 1;
-        at = end;
     }
 }
 
@@ -373,13 +530,28 @@ fn new_cycle() -> io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
-impl Journal {
-    /// Reads what the journal at `path` holds (nothing if there is none),
-    /// for replay. A file that is not a regular one is refused.
-    pub fn read(path: &Path, store: &ChunkStore) -> io::Result<Found> {
+/// A journal a daemon left, replayed one record at a time: never more
+/// than one record of it in memory, whatever its size.
+pub struct Replay {
+    /// `None`: there is no journal.
+    walk: Option<Walk<File>>,
+    /// The store's durable epoch when the replay began.
+    epoch: Option<u64>,
+}
+
+impl Replay {
+    /// Opens the journal at `path` for replay (an empty one if there is
+    /// none). A file that is not a regular one, or larger than a journal
+    /// ever is, is refused.
+    pub fn open(path: &Path) -> io::Result<Replay> {
         let f = match open_existing(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Replay {
+                    walk: None,
+                    epoch: None,
+                });
+            }
             Err(e) => return Err(e),
         };
         // On the disk as read before anything is replayed from it: a host
@@ -389,11 +561,43 @@ impl Journal {
         // written back (a part of a cycle marked after an unanswered put,
         // replayed alone, would roll later writes back).
         f.sync_all()?;
-        let mut bytes = Vec::new();
-        f.take(MAX_JOURNAL).read_to_end(&mut bytes)?;
-        Ok(parse(&bytes, store))
+        let len = f.metadata()?.len();
+        Ok(Replay {
+            walk: Some(Walk::new(Windowed::new(f, len, REPLAY_WINDOW))),
+            epoch: None,
+        })
     }
 
+    /// The next record to replay (where its bytes go, and the bytes),
+    /// verified under `store`'s integrity key, following the durable
+    /// epoch the store had at the first call; `None` once the records
+    /// end. An error reading the file is one: the replay stops there
+    /// (what it gave so far is a prefix of the journal, which an open
+    /// that fails leaves as it is for the next).
+    pub fn next(&mut self, store: &ChunkStore) -> io::Result<Option<(u64, &[u8])>> {
+        let Some(walk) = &mut self.walk else {
+            return Ok(None);
+        };
+        let epoch = *self.epoch.get_or_insert(store.root().epoch);
+        let verify = |how, cycle, at, data: &[u8], mac: &Mac| {
+            how == store.chunk_mac() && store.journal_verifies(how, cycle, at, data, mac)
+        };
+        Ok(walk
+            .next(epoch, Some(&verify))?
+            .map(|offset| (offset, &walk.data[..])))
+    }
+
+    /// What the journal held, and what was replayed (whole once
+    /// [`next`](Replay::next) gave `None`).
+    pub fn found(&self) -> Found {
+        self.walk
+            .as_ref()
+            .map(|w| w.found.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Journal {
     /// Opens the journal at `path` empty (mode 0600), its records to
     /// follow `store`'s durable epoch: a new cycle, its end mark at the
     /// beginning, synced (what [`read`](Journal::read) gave must have
@@ -549,35 +753,37 @@ impl Drop for Journal {
 
 /// For the fuzz target: a journal file as the host's disk could hold it,
 /// read with every MAC accepted (so that the parsing past it is reached)
-/// and then with none: never more records or bytes than there are; and
-/// read head by head as a status reads it, which claims what the parse
-/// with every MAC accepted took.
+/// and then with none: never more records or bytes than there are; read
+/// through a window of any size (smaller than a head too), the same
+/// records; and read head by head as a status reads it, which claims what
+/// the parse with every MAC accepted took.
 #[doc(hidden)]
 pub fn fuzz_journal(data: &[u8]) {
     let epoch = data.first().map_or(0, |b| u64::from(*b % 4));
-    let all = parse_with(data, epoch, |_, _, _, _, _| true);
+    let small = 1 + data.get(1).map_or(0, |b| usize::from(*b) % 160);
+    let any = |_, _, _, _: &[u8], _: &Mac| true;
+    let (all, records) = parse_with(data, epoch, Some(&any), REPLAY_WINDOW);
     let rest = all.ignored_bytes + all.stale_bytes;
     assert!(all.ignored_bytes == 0 || all.stale_bytes == 0);
     let taken = data.len() as u64 - rest;
-    let used: usize = all.records.iter().map(|r| HEAD_V1 + r.data.len()).sum();
+    let used: usize = records.iter().map(|r| HEAD_V1 + r.data.len()).sum();
     // What was applied and what was left never add up to more than the
     // file (records of an older epoch are the rest).
     assert!(used as u64 + rest <= data.len() as u64);
+    assert_eq!(all.replayed, records.len());
+    assert_eq!(all.replayed_bytes, (used - HEAD_V1 * records.len()) as u64);
+    assert_eq!(
+        parse_with(data, epoch, Some(&any), small),
+        (all, records),
+        "window {small}"
+    );
     let len = data.len() as u64;
-    let read = |at: u64, buf: &mut [u8]| {
-        let Ok(at) = usize::try_from(at) else {
-            return false;
-        };
-        match data.get(at..at + buf.len()) {
-            Some(b) => {
-                buf.copy_from_slice(b);
-                true
-            }
-            None => false,
-        }
-    };
-    assert_eq!(held_with(len, read), taken);
-    let none = parse_with(data, epoch, |_, _, _, _, _| false);
-    assert!(none.records.is_empty() && none.older == 0 && none.ahead == 0);
+    for window in [small, HEADS_WINDOW] {
+        let held = held_in(Windowed::new(data, len, window));
+        assert_eq!(held.ok(), Some(taken), "window {window}");
+    }
+    let refuse = |_, _, _, _: &[u8], _: &Mac| false;
+    let (none, records) = parse_with(data, epoch, Some(&refuse), small);
+    assert!(records.is_empty() && none.older == 0 && none.ahead == 0);
     assert_eq!(none.ignored_bytes, data.len() as u64);
 }

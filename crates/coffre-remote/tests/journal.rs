@@ -75,7 +75,7 @@ fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
     let roots = Arc::new(Mutex::new(Vec::new()));
     let dev = device(&mem, &keys, None, &roots);
     let root0 = dev.root();
-    assert!(dev.attach_journal(&path).unwrap().records.is_empty());
+    assert!(dev.attach_journal(&path).unwrap().replayed == 0);
     dev.write_at(4096, &[7u8; 8192]).unwrap();
     dev.write_at(3 * 65536 + 100, &[9u8; 50]).unwrap();
     // The daemon dies: no flush.
@@ -83,7 +83,7 @@ fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
     assert!(std::fs::metadata(&path).unwrap().len() > 8192);
     let dev = device(&mem, &keys, Some(root0), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert_eq!(found.records.len(), 2);
+    assert_eq!(found.replayed, 2);
     assert_eq!(found.ignored_bytes, 0);
     // Durable on the store now, and the journal empty (its end mark
     // only), and emptied as the device closes.
@@ -125,7 +125,7 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
     std::fs::write(&path, &bytes).unwrap();
     let dev = device(&mem, &keys, Some(root0), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.replayed, 1);
     assert_eq!(found.ignored_bytes, (2 * record + HEAD) as u64);
     assert_eq!(found.stale_bytes, 0);
     let mut b = vec![0u8; 4096];
@@ -153,7 +153,7 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
     std::fs::write(&path, &bytes[..torn]).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert!(found.records.is_empty());
+    assert_eq!(found.replayed, 0);
     assert_eq!(found.ignored_bytes, torn as u64);
     dev.read_at(0, &mut b).unwrap();
     assert_eq!(b, vec![1u8; 4096]);
@@ -180,7 +180,7 @@ fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
     std::fs::write(&path, &old).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert!(found.records.is_empty());
+    assert_eq!(found.replayed, 0);
     assert_eq!(found.older, 1);
     let mut b = vec![0u8; 4096];
     dev.read_at(0, &mut b).unwrap();
@@ -226,7 +226,7 @@ fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
     drop(dev);
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.replayed, 1);
     let mut b = vec![0u8; 65536];
     dev.read_at((i % 8) * 65536, &mut b).unwrap();
     assert_eq!(b, vec![fill; 65536]);
@@ -281,14 +281,14 @@ fn journal_records_carry_the_stores_kind_of_mac_and_each_store_replays_its_own()
                 let mac = s0.journal_mac(other, Some(cycle), (base, seq, offset), data);
                 switched[record + 40..record + 72].copy_from_slice(&mac);
             }
-            let found = coffre_remote::journal::parse(&switched, &s0);
-            assert_eq!(found.records.len(), 1, "{how:?}, forged {forged}");
+            let (found, _) = coffre_remote::journal::parse(&switched, &s0);
+            assert_eq!(found.replayed, 1, "{how:?}, forged {forged}");
             assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
         }
         // As written: both replayed, through the device.
         let dev = device(&mem, &keys, Some(root0), &roots);
         let found = dev.attach_journal(&path).unwrap();
-        assert_eq!(found.records.len(), 2, "{how:?}");
+        assert_eq!(found.replayed, 2, "{how:?}");
         assert_eq!((found.ignored_bytes, found.stale_bytes), (0, HEAD as u64));
         let mut b = vec![0u8; 4096];
         dev.read_at(65536, &mut b).unwrap();
@@ -331,7 +331,7 @@ fn a_journal_of_the_first_format_is_still_replayed() {
         );
         let dev = device(&mem, &keys, Some(root0), &roots);
         let found = dev.attach_journal(&path).unwrap();
-        assert_eq!(found.records.len(), 2, "{how:?}");
+        assert_eq!(found.replayed, 2, "{how:?}");
         assert_eq!((found.ignored_bytes, found.stale_bytes), (0, 0));
         assert_eq!(read(&dev, 0, 4096), vec![1u8; 4096]);
         assert_eq!(read(&dev, 65536, 4096), vec![2u8; 4096]);
@@ -396,23 +396,23 @@ fn a_record_an_earlier_cycle_left_is_never_replayed() {
     let store = rt().block_on(opened(objects(&mem), &keys, root)).unwrap();
     let mut spliced = third.clone();
     spliced[record..2 * record].copy_from_slice(&first[record..2 * record]);
-    let found = coffre_remote::journal::parse(&spliced, &store);
-    assert_eq!(found.records.len(), 1);
-    assert_eq!(found.records[0].data, vec![4u8; 4096]);
+    let (found, records) = coffre_remote::journal::parse(&spliced, &store);
+    assert_eq!(found.replayed, 1);
+    assert_eq!(records[0].data, vec![4u8; 4096]);
     assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
     // The same record made to name this cycle: its MAC binds the cycle
     // it was written in, so it does not verify.
     let mut renamed = spliced.clone();
     renamed[record + 4..record + 12].copy_from_slice(&third[4..12]);
-    let found = coffre_remote::journal::parse(&renamed, &store);
-    assert_eq!(found.records.len(), 1);
+    let (found, _) = coffre_remote::journal::parse(&renamed, &store);
+    assert_eq!(found.replayed, 1);
     assert_eq!(found.ignored_bytes, (record + HEAD) as u64);
     drop(store);
     // As the daemon left it, replayed.
     std::fs::write(&path, &third).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert_eq!(found.records.len(), 1);
+    assert_eq!(found.replayed, 1);
     assert_eq!(
         (found.ignored_bytes, found.stale_bytes),
         (0, (record + HEAD) as u64)
@@ -581,7 +581,7 @@ fn a_write_taken_while_a_manifest_put_is_unsettled_is_replayed_whichever_way_it_
         assert_eq!(dev.root().epoch, root0.epoch + u64::from(landed));
         let found = dev.attach_journal(&path).unwrap();
         assert_eq!(
-            (found.records.len(), found.older),
+            (found.replayed, found.older),
             if landed { (1, 1) } else { (2, 0) },
             "landed {landed}"
         );
@@ -623,7 +623,7 @@ fn from_the_first_record_to_replay_on_every_record_is_replayed_in_order() {
     std::fs::write(&path, &journal).unwrap();
     let dev = device(&mem, &keys, Some(root), &roots);
     let found = dev.attach_journal(&path).unwrap();
-    assert_eq!((found.records.len(), found.older), (2, 1));
+    assert_eq!((found.replayed, found.older), (2, 1));
     assert_eq!(read(&dev, 65536, 4096), vec![3u8; 4096]);
     assert_eq!(read(&dev, 65536 + 4096, 4096), vec![2u8; 4096]);
 }
@@ -659,13 +659,13 @@ fn a_write_journaled_after_a_wrong_settle_is_still_replayed() {
         // that landed.
         let s2 = opened(objects(&mem), &keys, root0).await.unwrap();
         assert_eq!(s2.root().epoch, root0.epoch + 1);
-        let found = Journal::read(&path, &s2).unwrap();
+        let (found, records) = coffre_remote::journal::parse(&std::fs::read(&path).unwrap(), &s2);
         assert_eq!(
-            (found.records.len(), found.older),
+            (found.replayed, found.older),
             (1, 0),
             "the write after the settle"
         );
-        assert_eq!(found.records[0].data, vec![3u8; 4096]);
+        assert_eq!(records[0].data, vec![3u8; 4096]);
     });
 }
 
@@ -686,9 +686,104 @@ fn an_earlier_journal_at_the_same_path_never_touches_the_new_one() {
         let mut new = Journal::create(&path, &s).unwrap();
         new.append(&s, 65536, &[7u8; 4096]).unwrap();
         drop(old);
-        let found = Journal::read(&path, &s).unwrap();
-        assert_eq!(found.records.len(), 1);
-        assert_eq!(found.records[0].data, vec![7u8; 4096]);
+        let (found, records) = coffre_remote::journal::parse(&std::fs::read(&path).unwrap(), &s);
+        assert_eq!(found.replayed, 1);
+        assert_eq!(records[0].data, vec![7u8; 4096]);
         drop(new);
     });
+}
+
+/// The process's peak resident memory so far, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A journal as large as one may be (8 GiB: its records, then what the
+/// host's disk holds after them, here a hole) is replayed a record at a
+/// time, and a status reads its heads a window at a time: neither holds
+/// the file in memory (before, the open read all of it into one buffer,
+/// and a copy of each record besides). A file larger than that is refused
+/// at open, and left as it is.
+#[test]
+fn a_journal_of_any_size_is_replayed_a_record_at_a_time() {
+    const MAX: u64 = 8 << 30;
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    let root0 = dev.root();
+    dev.attach_journal(&path).unwrap();
+    for i in 0..4u8 {
+        dev.write_at(u64::from(i) * 65536, &vec![i + 1; 65536])
+            .unwrap();
+    }
+    drop(dev);
+    let records = 4 * (HEAD as u64 + 65536);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // The end mark gone, and a hole up to the largest journal.
+    f.set_len(records).unwrap();
+    f.set_len(MAX).unwrap();
+    drop(f);
+    let before = peak_rss();
+    assert_eq!(coffre_remote::journal::held(&path).unwrap(), records);
+    let dev = device(&mem, &keys, Some(root0), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    let grew = peak_rss().saturating_sub(before);
+    assert_eq!((found.replayed, found.replayed_bytes), (4, 4 * 65536));
+    assert_eq!(found.ignored_bytes, MAX - records);
+    assert!(
+        grew < 256 << 20,
+        "the replay of an 8 GiB journal took {} MiB more memory",
+        grew >> 20
+    );
+    for i in 0..4u8 {
+        assert_eq!(read(&dev, u64::from(i) * 65536, 65536), vec![i + 1; 65536]);
+    }
+    let root1 = dev.root();
+    drop(dev);
+    // One byte more than a journal ever holds: refused, and the file left.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(MAX + 1).unwrap();
+    drop(f);
+    assert!(coffre_remote::journal::held(&path).is_err());
+    let dev = device(&mem, &keys, Some(root1), &roots);
+    let e = dev.attach_journal(&path).unwrap_err();
+    assert!(
+        e.to_string().contains("more than a journal ever holds"),
+        "{e}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), MAX + 1);
+}
+
+/// A journal is attached once: a second attach is refused, and the
+/// writes the first holds (not yet flushed) stay in its file.
+#[test]
+fn a_second_journal_is_refused_and_the_first_keeps_its_writes() {
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let dev = device(&mem, &keys, None, &roots);
+    let root0 = dev.root();
+    dev.attach_journal(&path).unwrap();
+    dev.write_at(65536, &[6u8; 4096]).unwrap();
+    let e = dev.attach_journal(&path).unwrap_err();
+    assert!(e.to_string().contains("already attached"), "{e}");
+    let other = dir.path().join("other");
+    assert!(dev.attach_journal(&other).is_err());
+    assert!(!other.exists());
+    drop(dev);
+    let dev = device(&mem, &keys, Some(root0), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.replayed, 1);
+    assert_eq!(read(&dev, 65536, 4096), vec![6u8; 4096]);
 }

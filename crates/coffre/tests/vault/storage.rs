@@ -1003,6 +1003,22 @@ fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
     // A clean close leaves it empty.
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
     assert_eq!(held(&v), 0);
+    // A journal that cannot be read is said so, not shown as empty.
+    std::fs::remove_file(&journal).unwrap();
+    std::fs::create_dir(&journal).unwrap();
+    let (c, j) = storage_status(&v);
+    assert_eq!(c, 0, "{j}");
+    assert!(j["journal_bytes"].is_null(), "{j}");
+    let why = j["journal_error"].as_str().unwrap_or_default();
+    assert!(why.contains("not a regular file"), "{j}");
+    let out = v
+        .bin()
+        .args(["storage", "status", v.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("write journal: CANNOT BE READ"), "{text}");
+    std::fs::remove_dir(&journal).unwrap();
     v.stop();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }

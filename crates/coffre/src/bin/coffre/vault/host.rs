@@ -238,6 +238,10 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                     println!(
                         "write journal: {n} bytes a stopped daemon took, not yet on the store (replayed and flushed at the next open)"
                     );
+                } else if let Some(e) = v["journal_error"].as_str() {
+                    println!(
+                        "write journal: CANNOT BE READ: {e} (the next open refuses it until it is repaired or removed)"
+                    );
                 }
                 let stores = v["stores"].as_array().cloned().unwrap_or_default();
                 for (i, st) in stores.iter().enumerate() {
