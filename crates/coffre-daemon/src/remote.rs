@@ -218,7 +218,36 @@ pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathB
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
+    journal_dir_trusted(&dir).map_err(RemoteError::Config)?;
     Ok(dir.join("journal"))
+}
+
+/// Whether the journal's directory and every one above it belong to root
+/// (or to this process's user) and nobody else can write them; a sticky
+/// one above it (such as `/tmp`) is allowed, since others cannot rename
+/// or remove what is not theirs there. Otherwise a `cache_dir` under a
+/// directory others can write could be swapped, between these checks and
+/// the journal's open, for a link to a place of theirs, where each write's
+/// offset and ciphertext would land (and a file of theirs be unlinked
+/// as root). Why not, otherwise.
+fn journal_dir_trusted(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    for (i, p) in real.ancestors().enumerate() {
+        let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let mode = m.mode() & 0o7777;
+        let sticky_above = i > 0 && mode & 0o1000 != 0;
+        if (m.uid() != 0 && m.uid() != me) || (mode & 0o022 != 0 && !sticky_above) {
+            return Err(format!(
+                "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory above it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
+                p.display(),
+                m.uid(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What [`open`] gives: the device, how many epochs the store was ahead
@@ -370,6 +399,45 @@ pub fn open(
 
 #[cfg(test)]
 mod tests {
+    /// A journal's directory under one others can write is refused (it
+    /// could be swapped for a link); under a sticky one, as `/tmp`, not.
+    #[test]
+    fn the_journal_directory_and_those_above_it_are_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let open = t.path().join("open");
+        let dir = open.join("cache");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        super::journal_dir_trusted(&dir).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = super::journal_dir_trusted(&dir).unwrap_err();
+        assert!(
+            e.contains("is not root's alone") && e.contains("open"),
+            "{e}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        super::journal_dir_trusted(&dir).unwrap();
+        // The journal's own directory is never allowed to be writable by
+        // others, sticky or not.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(super::journal_dir_trusted(&dir).is_err());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Through a link: the real directories are checked.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(super::journal_dir_trusted(&link).is_err());
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        super::journal_dir_trusted(&link).unwrap();
+        // Another user's.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&open, Some(65534), None).unwrap();
+            let e = super::journal_dir_trusted(&dir).unwrap_err();
+            assert!(e.contains("owner uid 65534"), "{e}");
+        }
+    }
+
     #[test]
     fn vault_ids_come_from_the_uuid() {
         assert!(super::vault_id("0123").is_err());
@@ -927,7 +995,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     // replayed at the next open (0 after a clean close). What the
     // journal's records claim, read without the key: the next open
     // verifies them. Null, with the error beside it, if the file cannot
-    // be read (the next open refuses it too).
+    // be read here (the next open may not read it either).
     let journal = coffre_remote::journal::held(
         &sc.cache_dir
             .as_ref()

@@ -666,6 +666,11 @@ impl RemoteDevice {
             self.flush()?;
         }
         let mut s = lock(&self.state);
+        if s.journal.is_some() {
+            // Attached meanwhile by another caller: its file is not ours
+            // to replace.
+            return Err(io::Error::other("a write journal is already attached"));
+        }
         s.journal = Some(Journal::create(path, &s.store)?);
         Ok(found)
     }

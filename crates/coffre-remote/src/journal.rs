@@ -271,8 +271,9 @@ struct Windowed<R> {
 
 /// The window of a replay (which reads every record's bytes).
 const REPLAY_WINDOW: usize = 256 << 10;
-/// The window of [`held`] (which reads heads only).
-const HEADS_WINDOW: usize = 64 << 10;
+/// The window of [`held`] (which reads heads only: a head of large records
+/// costs one read of this, small records' heads come several at a time).
+const HEADS_WINDOW: usize = 4 << 10;
 
 impl<R: ReadAt> Windowed<R> {
     fn new(inner: R, len: u64, size: usize) -> Self {
@@ -460,8 +461,12 @@ pub fn parse(bytes: &[u8], store: &ChunkStore) -> (Found, Vec<Record>) {
 fn parse_with(bytes: &[u8], epoch: u64, verify: Verify<'_>, window: usize) -> (Found, Vec<Record>) {
     let mut walk = Walk::new(Windowed::new(bytes, bytes.len() as u64, window));
     let mut records = Vec::new();
-    // Reading a slice within its length does not fail.
-    while let Ok(Some(offset)) = walk.next(epoch, verify) {
+    // Reading a slice within its length does not fail: an error would be
+    // the window's (a bug), not the journal's end.
+    while let Some(offset) = walk
+        .next(epoch, verify)
+        .expect("a slice is read within its length")
+    {
         records.push(Record {
             offset,
             data: walk.data.clone(),
@@ -600,7 +605,7 @@ impl Replay {
 impl Journal {
     /// Opens the journal at `path` empty (mode 0600), its records to
     /// follow `store`'s durable epoch: a new cycle, its end mark at the
-    /// beginning, synced (what [`read`](Journal::read) gave must have
+    /// beginning, synced (what a [`Replay`] of it gave must have
     /// been replayed and flushed first). A file of its own (the one
     /// there is unlinked first), so that nothing an earlier journal at
     /// `path` still does reaches this one.
@@ -751,16 +756,121 @@ impl Drop for Journal {
     }
 }
 
+/// The walk as it was written first, over the whole journal in memory
+/// (before the replay read a record at a time): the reference the fuzz
+/// target holds [`Walk`] to.
+#[cfg(any(test, fuzzing))]
+fn reference_parse(
+    bytes: &[u8],
+    epoch: u64,
+    verify: impl Fn(ChunkMac, Option<u64>, (u64, u64, u64), &[u8], &Mac) -> bool,
+) -> (Found, Vec<Record>) {
+    let mut found = Found::default();
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    // The first record's cycle (`None`: the first format): every record
+    // after it is of that format and cycle, in sequence (nothing left
+    // out, nothing put in between, nothing of another cycle). The kind of
+    // MAC is `verify`'s to check.
+    let mut first: Option<Option<u64>> = None;
+    let mut next_seq = 0u64;
+    let mut replaying = false;
+    let mut ended = false;
+    while at < bytes.len() {
+        let Some(h) = Head::parse(&bytes[at..]) else {
+            break;
+        };
+        let Some(data) = bytes.get(at + h.size..at + h.size + h.len) else {
+            break;
+        };
+        if first.is_some_and(|c| c != h.cycle) || h.seq != next_seq {
+            break;
+        }
+        if !verify(h.how, h.cycle, (h.base, h.seq, h.offset), data, &h.mac) {
+            break;
+        }
+        first = Some(h.cycle);
+        if h.is_end() {
+            ended = true;
+            break;
+        }
+        at += h.size + h.len;
+        next_seq = h.seq + 1;
+        let (of, uncertain) = (h.base & !AFTER_UNCERTAIN, h.base & AFTER_UNCERTAIN != 0);
+        if of > epoch {
+            found.ahead += 1;
+        } else if replaying || of == epoch || (uncertain && of + 1 == epoch) {
+            // From here on, everything (see the module's documentation).
+            replaying = true;
+            found.replayed += 1;
+            found.replayed_bytes += h.len as u64;
+            records.push(Record {
+                offset: h.offset,
+                data: data.to_vec(),
+            });
+        } else {
+            found.older += 1;
+        }
+    }
+    let rest = (bytes.len() - at) as u64;
+    if ended {
+        found.stale_bytes = rest;
+    } else {
+        found.ignored_bytes = rest;
+    }
+    (found, records)
+}
+
+/// [`held`] as it was first written, a `read` per head (false: could
+/// not): the reference for the fuzz target.
+#[cfg(any(test, fuzzing))]
+fn reference_held(len: u64, read: impl Fn(u64, &mut [u8]) -> bool) -> u64 {
+    let mut at = 0u64;
+    let mut first: Option<Option<u64>> = None;
+    let mut next_seq = 0u64;
+    let mut buf = [0u8; HEAD];
+    loop {
+        let n = usize::try_from(len.saturating_sub(at))
+            .unwrap_or(usize::MAX)
+            .min(HEAD);
+        if n < HEAD_V1 || !read(at, &mut buf[..n]) {
+            return at;
+        }
+        let Some(h) = Head::parse(&buf[..n]) else {
+            return at;
+        };
+        let end = at + (h.size + h.len) as u64;
+        if end > len || first.is_some_and(|c| c != h.cycle) || h.seq != next_seq {
+            return at;
+        }
+        if h.is_end() {
+            return at;
+        }
+        first = Some(h.cycle);
+        next_seq = h.seq + 1;
+        at = end;
+    }
+}
+
 /// For the fuzz target: a journal file as the host's disk could hold it,
 /// read with every MAC accepted (so that the parsing past it is reached)
 /// and then with none: never more records or bytes than there are; read
 /// through a window of any size (smaller than a head too), the same
-/// records; and read head by head as a status reads it, which claims what
-/// the parse with every MAC accepted took.
+/// records as the first implementation, which held the whole file in
+/// memory; and read head by head as a status reads it, which claims what
+/// the parse with every MAC accepted took, as the first implementation of
+/// that did.
 #[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub fn fuzz_journal(data: &[u8]) {
     let epoch = data.first().map_or(0, |b| u64::from(*b % 4));
     let small = 1 + data.get(1).map_or(0, |b| usize::from(*b) % 160);
+    check_journal(data, epoch, small);
+}
+
+/// [`fuzz_journal`] with the store's epoch and a small window given.
+#[cfg(any(test, fuzzing))]
+fn check_journal(data: &[u8], epoch: u64, small: usize) {
     let any = |_, _, _, _: &[u8], _: &Mac| true;
     let (all, records) = parse_with(data, epoch, Some(&any), REPLAY_WINDOW);
     let rest = all.ignored_bytes + all.stale_bytes;
@@ -772,12 +882,16 @@ pub fn fuzz_journal(data: &[u8]) {
     assert!(used as u64 + rest <= data.len() as u64);
     assert_eq!(all.replayed, records.len());
     assert_eq!(all.replayed_bytes, (used - HEAD_V1 * records.len()) as u64);
+    let reference = reference_parse(data, epoch, |_, _, _, _, _| true);
+    assert_eq!((&all, &records), (&reference.0, &reference.1));
     assert_eq!(
         parse_with(data, epoch, Some(&any), small),
         (all, records),
         "window {small}"
     );
     let len = data.len() as u64;
+    let read = |at: u64, buf: &mut [u8]| data.read_exact_at(buf, at).is_ok();
+    assert_eq!(reference_held(len, read), taken);
     for window in [small, HEADS_WINDOW] {
         let held = held_in(Windowed::new(data, len, window));
         assert_eq!(held.ok(), Some(taken), "window {window}");
@@ -786,4 +900,95 @@ pub fn fuzz_journal(data: &[u8]) {
     let (none, records) = parse_with(data, epoch, Some(&refuse), small);
     assert!(records.is_empty() && none.older == 0 && none.ahead == 0);
     assert_eq!(none.ignored_bytes, data.len() as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A record as the walk sees it: of this cycle or another, its
+    /// sequence number as expected or off by some, its epoch (with
+    /// [`AFTER_UNCERTAIN`] or not), its length; or an end mark.
+    #[derive(Clone, Debug)]
+    struct Rec {
+        other_cycle: bool,
+        seq_off: u8,
+        base: u64,
+        len: u16,
+        end: bool,
+    }
+
+    fn rec() -> impl Strategy<Value = Rec> {
+        (
+            prop::bool::weighted(0.1),
+            prop_oneof![4 => Just(0u8), 1 => 1u8..3],
+            (0u64..4, prop::bool::weighted(0.3)),
+            0u16..3000,
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(other_cycle, seq_off, (b, u), len, end)| Rec {
+                other_cycle,
+                seq_off,
+                base: if u { b | AFTER_UNCERTAIN } else { b },
+                len,
+                end,
+            })
+    }
+
+    /// The bytes of `recs` as a journal holds them (MACs of zeroes: the
+    /// check accepts every MAC), then `tail`.
+    fn journal(recs: &[Rec], tail: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (seq, r) in (0u64..).zip(recs) {
+            let cycle = if r.other_cycle { 2 } else { 1 };
+            let seq = seq + u64::from(r.seq_off);
+            let (offset, len) = if r.end { (END, 0) } else { (seq * 4096, r.len) };
+            let at = (r.base, seq, offset);
+            out.extend_from_slice(&head(ChunkMac::Blake3, cycle, at, u32::from(len), &[0; 32]));
+            out.extend((0..len).map(|i| (i % 251) as u8));
+        }
+        out.extend_from_slice(tail);
+        out
+    }
+
+    proptest! {
+        /// The walk (through windows of every size, as the replay and the
+        /// status read the file) takes the very records the first
+        /// implementation did, and reads nothing past what it holds.
+        #[test]
+        fn the_walk_takes_what_the_first_implementation_took(
+            recs in prop::collection::vec(rec(), 0..12),
+            tail in prop::collection::vec(any::<u8>(), 0..200),
+            cut in any::<prop::sample::Index>(),
+            epoch in 0u64..4,
+            small in 1usize..200,
+        ) {
+            let bytes = journal(&recs, &tail);
+            check_journal(&bytes, epoch, small);
+            // Cut anywhere (a torn record, a file shorter than it was).
+            let cut = cut.index(bytes.len() + 1);
+            check_journal(&bytes[..cut], epoch, small);
+        }
+    }
+
+    /// A file read through its window comes out as it is, whatever the
+    /// sizes of the reads and of the window.
+    #[test]
+    fn a_window_reads_the_bytes_as_they_are() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        for window in [1, 7, 64, 72, 4096, 1 << 20] {
+            let mut w = Windowed::new(&data[..], data.len() as u64, window);
+            let mut at = 0usize;
+            for n in (0..).map(|k: usize| (k * 37) % 3000).take(40) {
+                let n = n.min(data.len() - at);
+                let mut buf = vec![0u8; n];
+                w.read(at as u64, &mut buf).unwrap();
+                assert_eq!(buf, &data[at..at + n], "window {window} at {at} n {n}");
+                at = (at + n / 2 + 1) % (data.len() - 3000);
+            }
+            let mut past = [0u8; 2];
+            assert!(w.read(data.len() as u64 - 1, &mut past).is_err());
+        }
+    }
 }

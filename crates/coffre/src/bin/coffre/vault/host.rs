@@ -240,7 +240,7 @@ pub fn storage(c: crate::cli::StorageCommand) -> Result<u8> {
                     );
                 } else if let Some(e) = v["journal_error"].as_str() {
                     println!(
-                        "write journal: CANNOT BE READ: {e} (the next open refuses it until it is repaired or removed)"
+                        "write journal: CANNOT BE READ: {e} (if the daemon cannot read it either, the next open is refused until it is repaired or removed)"
                     );
                 }
                 let stores = v["stores"].as_array().cloned().unwrap_or_default();
