@@ -278,6 +278,36 @@ fn trusted_program(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Remote storage's write journal: its directory and every one above it
+/// root's alone (the open refuses it otherwise).
+fn journal_dir(d: &crate::vaultdir::VaultDir, sc: &crate::vaultdir::StorageConfig) -> Finding {
+    const CHECK: &str = "journal-dir";
+    let dir = crate::remote::journal_dir(sc, d);
+    if !dir.exists() {
+        return Finding::ok(
+            CHECK,
+            format!(
+                "{} does not exist yet (made 0700 at the first open)",
+                dir.display()
+            ),
+        );
+    }
+    match crate::remote::journal_dir_trusted(&dir) {
+        Ok(()) => Finding::ok(
+            CHECK,
+            format!(
+                "{} (the write journal's) and every directory above it are root's alone",
+                dir.display()
+            ),
+        ),
+        Err(why) => Finding::fail(
+            CHECK,
+            why,
+            "give [storage] cache_dir a directory whose every directory above is root's and writable by nobody else, or fix their owner and mode",
+        ),
+    }
+}
+
 fn ext4_tools() -> Finding {
     let missing: Vec<&str> = ["mkfs.ext4", "e2fsck"]
         .into_iter()
@@ -668,6 +698,9 @@ pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
         out.push(header(&c.header));
         if let Some(v) = &c.volume {
             out.push(volume_space(v));
+        }
+        if let Some(sc) = &c.storage {
+            out.push(journal_dir(&d, sc));
         }
     }
     out.extend(certificates(dir, now_unix()));

@@ -193,10 +193,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
 /// The write journal's file: `[storage] cache_dir` (default `DIR/cache`,
 /// made 0700) / `journal`.
 pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathBuf, RemoteError> {
-    let dir = match &c.cache_dir {
-        Some(d) => vd.root.join(d),
-        None => vd.root.join("cache"),
-    };
+    let dir = journal_dir(c, vd);
     let io = |e: std::io::Error| RemoteError::Config(format!("{}: {e}", dir.display()));
     if !dir.exists() {
         use std::os::unix::fs::DirBuilderExt;
@@ -222,6 +219,14 @@ pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathB
     Ok(dir.join("journal"))
 }
 
+/// The write journal's directory, as configured (nothing made or checked).
+pub fn journal_dir(c: &StorageConfig, vd: &VaultDir) -> std::path::PathBuf {
+    match &c.cache_dir {
+        Some(d) => vd.root.join(d),
+        None => vd.root.join("cache"),
+    }
+}
+
 /// Whether the journal's directory and every one above it belong to root
 /// (or to this process's user) and nobody else can write them; a sticky
 /// one above it (such as `/tmp`) is allowed, since others cannot rename
@@ -230,7 +235,7 @@ pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathB
 /// the journal's open, for a link to a place of theirs, where each write's
 /// offset and ciphertext would land (and a file of theirs be unlinked
 /// as root). Why not, otherwise.
-fn journal_dir_trusted(dir: &std::path::Path) -> Result<(), String> {
+pub fn journal_dir_trusted(dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let me = rustix::process::geteuid().as_raw();
@@ -996,12 +1001,7 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     // journal's records claim, read without the key: the next open
     // verifies them. Null, with the error beside it, if the file cannot
     // be read here (the next open may not read it either).
-    let journal = coffre_remote::journal::held(
-        &sc.cache_dir
-            .as_ref()
-            .map_or_else(|| vd.root.join("cache"), |d| vd.root.join(d))
-            .join("journal"),
-    );
+    let journal = coffre_remote::journal::held(&journal_dir(sc, &vd).join("journal"));
     Ok(serde_json::json!({
         "backend": backend_kind(&sc.url),
         "url": sc.url,

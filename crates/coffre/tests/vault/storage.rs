@@ -1020,5 +1020,71 @@ fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
     assert!(text.contains("write journal: CANNOT BE READ"), "{text}");
     std::fs::remove_dir(&journal).unwrap();
     v.stop();
+    // A journal's directory under one that others can write: `coffre
+    // doctor` says so, and the open is refused with why (audited).
+    use std::os::unix::fs::PermissionsExt;
+    let shared = v.tmp.path().join("shared-by-all");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg_path = v.dir.join("config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(cfg.contains("[storage]\n"), "{cfg}");
+    let cache = shared.join("cache");
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(
+            "[storage]\n",
+            &format!("[storage]\ncache_dir = {:?}\n", cache.to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let out = v
+        .bin()
+        .args(["doctor", v.dir.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let finding = report["vault"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "journal-dir")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(finding["level"], "OK", "not made yet: {report}");
+    std::fs::create_dir(&cache).unwrap();
+    let out = v
+        .bin()
+        .args(["doctor", v.dir.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["vault"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| {
+                f["check"] == "journal-dir"
+                    && f["level"] == "FAIL"
+                    && f["detail"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("shared-by-all")
+            }),
+        "{report}"
+    );
+    v.start();
+    let _ = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
+    v.wait_state("closed", Duration::from_secs(30));
+    assert!(
+        v.audit().iter().any(|r| r["record"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("is not root's alone") && d.contains("shared-by-all"))),
+        "the refused open says why"
+    );
+    assert!(!cache.join("journal").exists());
+    v.stop();
+    std::fs::write(&cfg_path, &cfg).unwrap();
     assert!(v.leftovers().is_empty(), "{:?}", v.leftovers());
 }
