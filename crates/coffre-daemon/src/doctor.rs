@@ -278,32 +278,30 @@ fn trusted_program(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Remote storage's write journal: its directory and every one above it
-/// root's alone (the open refuses it otherwise).
+/// Remote storage's write journal: its directory and every one on the
+/// way to it root's alone (the open refuses it otherwise).
 fn journal_dir(d: &crate::vaultdir::VaultDir, sc: &crate::vaultdir::StorageConfig) -> Finding {
     const CHECK: &str = "journal-dir";
     let dir = crate::remote::journal_dir(sc, d);
-    if !dir.exists() {
-        return Finding::ok(
+    match crate::remote::journal_dir_secured(&dir, &d.root, false) {
+        Ok(_) if !dir.exists() => Finding::ok(
             CHECK,
             format!(
-                "{} does not exist yet (made 0700 at the first open)",
+                "{} does not exist yet: made 0700 at the first open, under directories that are root's alone",
                 dir.display()
             ),
-        );
-    }
-    match crate::remote::journal_dir_trusted(&dir) {
-        Ok(()) => Finding::ok(
+        ),
+        Ok(real) => Finding::ok(
             CHECK,
             format!(
-                "{} (the write journal's) and every directory above it are root's alone",
-                dir.display()
+                "{} (the write journal's) and every directory on the way to it are root's alone",
+                real.display()
             ),
         ),
         Err(why) => Finding::fail(
             CHECK,
             why,
-            "give [storage] cache_dir a directory whose every directory above is root's and writable by nobody else, or fix their owner and mode",
+            "give [storage] cache_dir a directory whose every directory on the way is root's and writable by nobody else, or fix their owner and mode",
         ),
     }
 }

@@ -191,32 +191,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
 }
 
 /// The write journal's file: `[storage] cache_dir` (default `DIR/cache`,
-/// made 0700) / `journal`.
+/// made 0700) / `journal`, on the directory's real path (see
+/// [`journal_dir_secured`]).
 pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathBuf, RemoteError> {
-    let dir = journal_dir(c, vd);
-    let io = |e: std::io::Error| RemoteError::Config(format!("{}: {e}", dir.display()));
-    if !dir.exists() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io)?;
-    }
-    // Ciphertext only, but nobody else's business: 0700.
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(&dir).map_err(io)?;
-    if !meta.is_dir() {
-        return Err(RemoteError::Config(format!(
-            "{} (the write journal's directory) is not a directory",
-            dir.display()
-        )));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    }
-    journal_dir_trusted(&dir).map_err(RemoteError::Config)?;
-    Ok(dir.join("journal"))
+    let real =
+        journal_dir_secured(&journal_dir(c, vd), &vd.root, true).map_err(RemoteError::Config)?;
+    Ok(real.join("journal"))
 }
 
 /// The write journal's directory, as configured (nothing made or checked).
@@ -227,26 +207,112 @@ pub fn journal_dir(c: &StorageConfig, vd: &VaultDir) -> std::path::PathBuf {
     }
 }
 
-/// Whether the journal's directory and every one above it belong to root
-/// (or to this process's user) and nobody else can write them; a sticky
-/// one above it (such as `/tmp`) is allowed, since others cannot rename
-/// or remove what is not theirs there. Otherwise a `cache_dir` under a
-/// directory others can write could be swapped, between these checks and
-/// the journal's open, for a link to a place of theirs, where each write's
-/// offset and ciphertext would land (and a file of theirs be unlinked
-/// as root). Why not, otherwise.
-pub fn journal_dir_trusted(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+/// The journal's directory `dir`, made if missing (0700, `make`), on its
+/// real path, which the journal is then opened under: every directory on
+/// the way to it, and the directory holding each link on the way, belong
+/// to root (or this process's user) and nobody else can write them (a
+/// sticky one above the journal's directory, as `/tmp`, excepted: nobody
+/// else can rename or remove what is ours there). Else a `cache_dir`
+/// under a directory others can write could be swapped for a link to a
+/// place of theirs (or to a directory of root's of their choosing),
+/// where each write's offset and ciphertext would land, and a file named
+/// `journal` would be unlinked as root. Nothing is made or changed before
+/// the directories above it are found trusted. The vault directory
+/// `vault` and those above it are the vault's own (`coffre doctor`'s
+/// `vault-dir`): not judged here again. Why not, otherwise.
+pub fn journal_dir_secured(
+    dir: &std::path::Path,
+    vault: &std::path::Path,
+    make: bool,
+) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let at = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| format!("{}: {e}", p.display())
+    };
+    let dir = std::path::absolute(dir).map_err(at(dir))?;
+    let vault = std::fs::canonicalize(vault).map_err(at(vault))?;
+    // Every prefix of the path that exists, the way it is written (each
+    // link's directory) and resolved.
+    let mut missing = Vec::new();
+    let mut base = dir.as_path();
+    while std::fs::symlink_metadata(base).is_err() {
+        let name = base
+            .file_name()
+            .ok_or_else(|| format!("{}: not a directory's path", dir.display()))?;
+        missing.push(name.to_owned());
+        base = base.parent().unwrap_or(std::path::Path::new("/"));
+    }
+    // Above the journal's directory first (the directory itself, when it
+    // exists, is judged once made 0700, below).
+    let skip = usize::from(missing.is_empty());
+    for p in base.ancestors().skip(skip) {
+        trusted_chain(p, true, &vault, &dir)?;
+    }
+    if !missing.is_empty() && !make {
+        // Made at the first open, under directories found trusted.
+        return Ok(dir);
+    }
+    let mut real = std::fs::canonicalize(base).map_err(at(base))?;
+    for name in missing.iter().rev() {
+        real.push(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&real) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(at(&real)(e)),
+        }
+    }
+    let m = std::fs::symlink_metadata(&real).map_err(at(&real))?;
+    if !m.is_dir() {
+        return Err(format!(
+            "{} (the write journal's directory) is not a directory",
+            real.display()
+        ));
+    }
+    // Ciphertext only, but nobody else's business: 0700 (its directory is
+    // trusted: nobody else can swap it meanwhile).
     let me = rustix::process::geteuid().as_raw();
-    for (i, p) in real.ancestors().enumerate() {
-        let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let ours = m.uid() == 0 || m.uid() == me;
+    if ours && m.permissions().mode() & 0o077 != 0 {
+        if !make {
+            // The next open makes it 0700: only what is above it counts.
+            if let Some(parent) = real.parent() {
+                trusted_chain(parent, true, &vault, &dir)?;
+            }
+            return Ok(real);
+        }
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700))
+            .map_err(at(&real))?;
+    }
+    trusted_chain(&real, false, &vault, &dir)?;
+    Ok(real)
+}
+
+/// Whether `p`'s real path and every directory above it, up to the vault
+/// directory's own, are root's (or this process's user's) and writable
+/// by nobody else; a sticky one is allowed `above` the journal's
+/// directory. Why not, otherwise (`dir`: the journal's directory).
+fn trusted_chain(
+    p: &std::path::Path,
+    above: bool,
+    vault: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    for (i, q) in real.ancestors().enumerate() {
+        if vault.starts_with(q) {
+            // The vault directory's, or above it: the vault's own trust.
+            break;
+        }
+        let m = std::fs::metadata(q).map_err(|e| format!("{}: {e}", q.display()))?;
         let mode = m.mode() & 0o7777;
-        let sticky_above = i > 0 && mode & 0o1000 != 0;
+        let sticky_above = (i > 0 || above) && mode & 0o1000 != 0;
         if (m.uid() != 0 && m.uid() != me) || (mode & 0o022 != 0 && !sticky_above) {
             return Err(format!(
-                "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory above it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
-                p.display(),
+                "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory on the way to it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
+                q.display(),
                 m.uid(),
                 dir.display()
             ));
@@ -405,40 +471,90 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     /// A journal's directory under one others can write is refused (it
-    /// could be swapped for a link); under a sticky one, as `/tmp`, not.
+    /// could be swapped for a link), nothing made under it; under a sticky
+    /// one, as `/tmp`, not; a link is judged where it is and where it
+    /// leads, and the journal goes to the real path; the vault
+    /// directory's own trust is not judged again.
     #[test]
-    fn the_journal_directory_and_those_above_it_are_roots_alone() {
+    fn the_journal_directory_and_those_on_the_way_are_roots_alone() {
+        use super::journal_dir_secured as secured;
         use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
         let t = tempfile::tempdir().unwrap();
+        let vault = t.path().join("vault");
+        std::fs::create_dir(&vault).unwrap();
+        mode(&vault, 0o700);
         let open = t.path().join("open");
-        let dir = open.join("cache");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        super::journal_dir_trusted(&dir).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = super::journal_dir_trusted(&dir).unwrap_err();
+        std::fs::create_dir(&open).unwrap();
+        mode(&open, 0o755);
+        let dir = open.join("a").join("cache");
+        // Made (0700, both levels) under trusted directories.
+        assert_eq!(
+            secured(&dir, &vault, true).unwrap(),
+            dir.canonicalize().unwrap()
+        );
+        let made = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(made & 0o777, 0o700);
+        // Loose, but ours: made 0700 again by the open; the doctor's look
+        // (make: false) accepts it as the open will leave it.
+        mode(&dir, 0o777);
+        secured(&dir, &vault, false).unwrap();
+        secured(&dir, &vault, true).unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // A directory on the way that all can write: refused, and nothing
+        // made under it.
+        mode(&open, 0o777);
+        let e = secured(&dir, &vault, true).unwrap_err();
         assert!(
-            e.contains("is not root's alone") && e.contains("open"),
+            e.contains("is not root's alone") && e.contains("/open "),
             "{e}"
         );
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        super::journal_dir_trusted(&dir).unwrap();
-        // The journal's own directory is never allowed to be writable by
-        // others, sticky or not.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(super::journal_dir_trusted(&dir).is_err());
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        // Through a link: the real directories are checked.
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let link = t.path().join("link");
+        let fresh = open.join("b").join("cache");
+        assert!(secured(&fresh, &vault, true).is_err());
+        assert!(secured(&fresh, &vault, false).is_err());
+        assert!(
+            !open.join("b").exists(),
+            "made under an untrusted directory"
+        );
+        // Sticky: allowed above.
+        mode(&open, 0o1777);
+        secured(&dir, &vault, true).unwrap();
+        secured(&fresh, &vault, true).unwrap();
+        mode(&open, 0o755);
+        // A link in a directory all can write: refused even though it
+        // leads to a trusted place.
+        let shared = t.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        mode(&shared, 0o777);
+        let link = shared.join("link");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
-        assert!(super::journal_dir_trusted(&link).is_err());
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-        super::journal_dir_trusted(&link).unwrap();
+        let e = secured(&link, &vault, true).unwrap_err();
+        assert!(e.contains("/shared "), "{e}");
+        // A link in a trusted directory: the real path is given back.
+        mode(&shared, 0o755);
+        assert_eq!(
+            secured(&link, &vault, true).unwrap(),
+            dir.canonicalize().unwrap()
+        );
+        // A link to a place all can write: refused.
+        mode(&open, 0o777);
+        assert!(secured(&link, &vault, true).is_err());
+        mode(&open, 0o755);
+        // Inside the vault directory: what is above the vault is its own
+        // (a vault under a directory others can write is doctor's
+        // vault-dir finding), only the journal's directory is judged.
+        mode(t.path(), 0o777);
+        secured(&vault.join("cache"), &vault, true).unwrap();
+        mode(t.path(), 0o700);
         // Another user's.
         if rustix::process::geteuid().is_root() {
             std::os::unix::fs::chown(&open, Some(65534), None).unwrap();
-            let e = super::journal_dir_trusted(&dir).unwrap_err();
+            let e = secured(&dir, &vault, true).unwrap_err();
             assert!(e.contains("owner uid 65534"), "{e}");
         }
     }

@@ -115,6 +115,9 @@ pub struct RemoteDevice {
     resyncer: Option<Resyncer>,
     size: u64,
     chunk: u64,
+    /// Set by the first [`attach_journal`](RemoteDevice::attach_journal),
+    /// before its replay: a second is refused at once.
+    journal_taken: std::sync::atomic::AtomicBool,
 }
 
 struct Cached {
@@ -377,6 +380,7 @@ impl RemoteDevice {
             resyncer: None,
             size: g.size,
             chunk,
+            journal_taken: std::sync::atomic::AtomicBool::new(false),
         };
         // What open found (a mirror behind or unreachable) is news.
         report(&mut lock(&dev.state), dev.on_change.as_deref());
@@ -650,9 +654,13 @@ impl RemoteDevice {
     /// (reading the file, or its flush) leaves the journal as it was (for
     /// the next open) and is an error.
     pub fn attach_journal(&self, path: &std::path::Path) -> io::Result<Found> {
-        if lock(&self.state).journal.is_some() {
+        if self
+            .journal_taken
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             // A second journal would replace the first, whose file holds
-            // writes not yet flushed.
+            // writes not yet flushed (and its replay write old records
+            // over newer data).
             return Err(io::Error::other("a write journal is already attached"));
         }
         let mut replay = Replay::open(path)?;
@@ -666,11 +674,6 @@ impl RemoteDevice {
             self.flush()?;
         }
         let mut s = lock(&self.state);
-        if s.journal.is_some() {
-            // Attached meanwhile by another caller: its file is not ours
-            // to replace.
-            return Err(io::Error::other("a write journal is already attached"));
-        }
         s.journal = Some(Journal::create(path, &s.store)?);
         Ok(found)
     }
