@@ -191,7 +191,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
 }
 
 /// The write journal's file: `[storage] cache_dir` (default `DIR/cache`,
-/// made 0700) / `journal`, on the directory's real path (see
+/// made 0700) / `journal`, its directory judged first (see
 /// [`journal_dir_secured`]).
 pub fn journal_path(c: &StorageConfig, vd: &VaultDir) -> Result<std::path::PathBuf, RemoteError> {
     let real =
@@ -207,116 +207,139 @@ pub fn journal_dir(c: &StorageConfig, vd: &VaultDir) -> std::path::PathBuf {
     }
 }
 
-/// The journal's directory `dir`, made if missing (0700, `make`), on its
-/// real path, which the journal is then opened under: every directory on
-/// the way to it, and the directory holding each link on the way, belong
-/// to root (or this process's user) and nobody else can write them (a
-/// sticky one above the journal's directory, as `/tmp`, excepted: nobody
-/// else can rename or remove what is ours there). Else a `cache_dir`
-/// under a directory others can write could be swapped for a link to a
-/// place of theirs (or to a directory of root's of their choosing),
-/// where each write's offset and ciphertext would land, and a file named
-/// `journal` would be unlinked as root. Nothing is made or changed before
-/// the directories above it are found trusted. The vault directory
-/// `vault` and those above it are the vault's own (`coffre doctor`'s
-/// `vault-dir`): not judged here again. Why not, otherwise.
+/// The journal's directory `dir` (made if missing, 0700, when `make`),
+/// walked from `/` one directory at a time through descriptors: past the
+/// vault directory's own path (`vault` and those above it, which follow
+/// links as the vault does), no link is followed, each directory a
+/// missing one is made in, or the walk goes through, is judged first (root's, or this process's user's,
+/// and writable by nobody else; sticky, as `/tmp`, allowed above the
+/// journal's), and the journal's directory itself must be ours and
+/// writable by nobody else (made 0700 if others may read it). Else a
+/// `cache_dir` under a directory others can write could be swapped for a
+/// link to a place of theirs, or to a directory of root's of their
+/// choosing, where each write's offset and ciphertext would land, and a
+/// file named `journal` would be unlinked as root. Nothing is made or
+/// changed in a directory not yet judged. The vault directory and those
+/// above it are the vault's own exposure (who can write them can replace
+/// its `config.toml`): not judged here. Returns the path (without links
+/// past the vault's own, so that the journal's open resolves it as
+/// judged); when `make` is false and the directory is missing, the path
+/// it will have. Why not, otherwise.
 pub fn journal_dir_secured(
     dir: &std::path::Path,
     vault: &std::path::Path,
     make: bool,
 ) -> Result<std::path::PathBuf, String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let at = |p: &std::path::Path| {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::io::Errno;
+    use std::path::{Component, Path, PathBuf};
+    let at = |p: &Path| {
         let p = p.to_path_buf();
         move |e: std::io::Error| format!("{}: {e}", p.display())
     };
     let dir = std::path::absolute(dir).map_err(at(dir))?;
-    let vault = std::fs::canonicalize(vault).map_err(at(vault))?;
-    // Every prefix of the path that exists, the way it is written (each
-    // link's directory) and resolved.
-    let mut missing = Vec::new();
-    let mut base = dir.as_path();
-    while std::fs::symlink_metadata(base).is_err() {
-        let name = base
-            .file_name()
-            .ok_or_else(|| format!("{}: not a directory's path", dir.display()))?;
-        missing.push(name.to_owned());
-        base = base.parent().unwrap_or(std::path::Path::new("/"));
-    }
-    // Above the journal's directory first (the directory itself, when it
-    // exists, is judged once made 0700, below).
-    let skip = usize::from(missing.is_empty());
-    for p in base.ancestors().skip(skip) {
-        trusted_chain(p, true, &vault, &dir)?;
-    }
-    if !missing.is_empty() && !make {
-        // Made at the first open, under directories found trusted.
-        return Ok(dir);
-    }
-    let mut real = std::fs::canonicalize(base).map_err(at(base))?;
-    for name in missing.iter().rev() {
-        real.push(name);
-        match std::fs::DirBuilder::new().mode(0o700).create(&real) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(at(&real)(e)),
-        }
-    }
-    let m = std::fs::symlink_metadata(&real).map_err(at(&real))?;
-    if !m.is_dir() {
+    let vault = std::path::absolute(vault).map_err(at(vault))?;
+    if vault.starts_with(&dir) {
         return Err(format!(
-            "{} (the write journal's directory) is not a directory",
-            real.display()
+            "{} is the vault directory or one above it: give [storage] cache_dir a directory of its own",
+            dir.display()
         ));
     }
-    // Ciphertext only, but nobody else's business: 0700 (its directory is
-    // trusted: nobody else can swap it meanwhile).
-    let me = rustix::process::geteuid().as_raw();
-    let ours = m.uid() == 0 || m.uid() == me;
-    if ours && m.permissions().mode() & 0o077 != 0 {
-        if !make {
-            // The next open makes it 0700: only what is above it counts.
-            if let Some(parent) = real.parent() {
-                trusted_chain(parent, true, &vault, &dir)?;
+    let mut names = Vec::new();
+    for c in dir.components() {
+        match c {
+            Component::Normal(n) => names.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "{}: give [storage] cache_dir without '..'",
+                    dir.display()
+                ));
             }
-            return Ok(real);
         }
-        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700))
-            .map_err(at(&real))?;
     }
-    trusted_chain(&real, false, &vault, &dir)?;
-    Ok(real)
+    let errno = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: Errno| format!("{}: {}", p.display(), std::io::Error::from(e))
+    };
+    let strict = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut here = PathBuf::from("/");
+    let mut fd = rustix::fs::open("/", strict, Mode::empty()).map_err(errno(&here))?;
+    for name in names {
+        let next = here.join(name);
+        // The vault's own path follows links, as the vault does; past it,
+        // none.
+        let own = vault.starts_with(&next);
+        if !vault.starts_with(&here) {
+            judge(&fd, &here, true, &dir)?;
+        }
+        let flags = if own {
+            strict
+        } else {
+            strict | OFlags::NOFOLLOW
+        };
+        let opened = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
+            Err(Errno::NOENT) if !make => return Ok(dir),
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(errno(&next)(e)),
+                }
+                rustix::fs::openat(&fd, name, flags, Mode::empty())
+            }
+            r => r,
+        };
+        fd = match opened {
+            Ok(f) => f,
+            Err(Errno::LOOP | Errno::NOTDIR) => {
+                return Err(format!(
+                    "{} is a link or not a directory: give [storage] cache_dir as a path without links (the write journal's directory: {})",
+                    next.display(),
+                    dir.display()
+                ));
+            }
+            Err(e) => return Err(errno(&next)(e)),
+        };
+        here = next;
+    }
+    // The journal's own: ours, writable by nobody else; read by nobody
+    // else either (ciphertext only, but nobody's business).
+    let st = rustix::fs::fstat(&fd).map_err(errno(&here))?;
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{} (the write journal's directory, mode {mode:04o}) is writable by others: make it 0700, or give [storage] cache_dir another",
+            here.display()
+        ));
+    }
+    judge(&fd, &here, false, &dir)?;
+    if make && mode & 0o077 != 0 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(errno(&here))?;
+    }
+    Ok(dir)
 }
 
-/// Whether `p`'s real path and every directory above it, up to the vault
-/// directory's own, are root's (or this process's user's) and writable
-/// by nobody else; a sticky one is allowed `above` the journal's
-/// directory. Why not, otherwise (`dir`: the journal's directory).
-fn trusted_chain(
-    p: &std::path::Path,
+/// Whether the directory `fd` (at `path`) is root's (or this process's
+/// user's) and writable by nobody else; sticky is allowed `above` the
+/// journal's directory `dir`. Why not, otherwise.
+fn judge(
+    fd: &std::os::fd::OwnedFd,
+    path: &std::path::Path,
     above: bool,
-    vault: &std::path::Path,
     dir: &std::path::Path,
 ) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let real = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let st = rustix::fs::fstat(fd)
+        .map_err(|e| format!("{}: {}", path.display(), std::io::Error::from(e)))?;
     let me = rustix::process::geteuid().as_raw();
-    for (i, q) in real.ancestors().enumerate() {
-        if vault.starts_with(q) {
-            // The vault directory's, or above it: the vault's own trust.
-            break;
-        }
-        let m = std::fs::metadata(q).map_err(|e| format!("{}: {e}", q.display()))?;
-        let mode = m.mode() & 0o7777;
-        let sticky_above = (i > 0 || above) && mode & 0o1000 != 0;
-        if (m.uid() != 0 && m.uid() != me) || (mode & 0o022 != 0 && !sticky_above) {
-            return Err(format!(
-                "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory on the way to it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
-                q.display(),
-                m.uid(),
-                dir.display()
-            ));
-        }
+    let mode = st.st_mode & 0o7777;
+    let sticky = above && mode & 0o1000 != 0;
+    if (st.st_uid != 0 && st.st_uid != me) || (mode & 0o022 != 0 && !sticky) {
+        return Err(format!(
+            "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory on the way to it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
+            path.display(),
+            st.st_uid,
+            dir.display()
+        ));
     }
     Ok(())
 }
@@ -472,9 +495,8 @@ pub fn open(
 mod tests {
     /// A journal's directory under one others can write is refused (it
     /// could be swapped for a link), nothing made under it; under a sticky
-    /// one, as `/tmp`, not; a link is judged where it is and where it
-    /// leads, and the journal goes to the real path; the vault
-    /// directory's own trust is not judged again.
+    /// one, as `/tmp`, not; no link is followed past the vault's own path;
+    /// the vault directory's own trust is not judged again.
     #[test]
     fn the_journal_directory_and_those_on_the_way_are_roots_alone() {
         use super::journal_dir_secured as secured;
@@ -482,6 +504,8 @@ mod tests {
         let mode = |p: &std::path::Path, m: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
+        let perms =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         let t = tempfile::tempdir().unwrap();
         let vault = t.path().join("vault");
         std::fs::create_dir(&vault).unwrap();
@@ -490,22 +514,24 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         mode(&open, 0o755);
         let dir = open.join("a").join("cache");
+        // Missing: said so by the doctor's look (make: false), nothing made.
+        assert_eq!(secured(&dir, &vault, false).unwrap(), dir);
+        assert!(!open.join("a").exists());
         // Made (0700, both levels) under trusted directories.
-        assert_eq!(
-            secured(&dir, &vault, true).unwrap(),
-            dir.canonicalize().unwrap()
-        );
-        let made = std::fs::metadata(&dir).unwrap().permissions().mode();
-        assert_eq!(made & 0o777, 0o700);
-        // Loose, but ours: made 0700 again by the open; the doctor's look
-        // (make: false) accepts it as the open will leave it.
-        mode(&dir, 0o777);
+        assert_eq!(secured(&dir, &vault, true).unwrap(), dir);
+        assert_eq!((perms(&dir), perms(&open.join("a"))), (0o700, 0o700));
+        // Readable by others, ours: made 0700 by the open; writable by
+        // others: refused, left as it is.
+        mode(&dir, 0o755);
         secured(&dir, &vault, false).unwrap();
+        assert_eq!(perms(&dir), 0o755);
         secured(&dir, &vault, true).unwrap();
-        assert_eq!(
-            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(perms(&dir), 0o700);
+        mode(&dir, 0o777);
+        let e = secured(&dir, &vault, true).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        assert_eq!(perms(&dir), 0o777);
+        mode(&dir, 0o700);
         // A directory on the way that all can write: refused, and nothing
         // made under it.
         mode(&open, 0o777);
@@ -525,33 +551,47 @@ mod tests {
         mode(&open, 0o1777);
         secured(&dir, &vault, true).unwrap();
         secured(&fresh, &vault, true).unwrap();
+        // ... but what another put there is not followed (a link) nor
+        // taken (a directory of theirs).
+        let planted = open.join("planted");
+        std::os::unix::fs::symlink(&vault, &planted).unwrap();
+        let e = secured(&planted.join("cache"), &vault, true).unwrap_err();
+        assert!(e.contains("is a link"), "{e}");
+        assert!(!vault.join("cache").exists());
+        if rustix::process::geteuid().is_root() {
+            let theirs = open.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = secured(&theirs.join("cache"), &vault, true).unwrap_err();
+            assert!(e.contains("owner uid 65534"), "{e}");
+            assert!(!theirs.join("cache").exists());
+        }
         mode(&open, 0o755);
-        // A link in a directory all can write: refused even though it
-        // leads to a trusted place.
-        let shared = t.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        mode(&shared, 0o777);
-        let link = shared.join("link");
-        std::os::unix::fs::symlink(&dir, &link).unwrap();
-        let e = secured(&link, &vault, true).unwrap_err();
-        assert!(e.contains("/shared "), "{e}");
-        // A link in a trusted directory: the real path is given back.
-        mode(&shared, 0o755);
-        assert_eq!(
-            secured(&link, &vault, true).unwrap(),
-            dir.canonicalize().unwrap()
-        );
-        // A link to a place all can write: refused.
-        mode(&open, 0o777);
-        assert!(secured(&link, &vault, true).is_err());
-        mode(&open, 0o755);
-        // Inside the vault directory: what is above the vault is its own
-        // (a vault under a directory others can write is doctor's
-        // vault-dir finding), only the journal's directory is judged.
+        // A link past the vault's own path, even in a trusted directory
+        // and to a trusted place: refused.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        let e = secured(&link.join("a").join("cache"), &vault, true).unwrap_err();
+        assert!(e.contains("is a link"), "{e}");
+        // The vault's own path follows links, as the vault does, and what
+        // is above the vault is its own exposure: only the journal's
+        // directory is judged.
+        let vault_link = t.path().join("vault-link");
+        std::os::unix::fs::symlink(&vault, &vault_link).unwrap();
         mode(t.path(), 0o777);
-        secured(&vault.join("cache"), &vault, true).unwrap();
+        assert_eq!(
+            secured(&vault_link.join("cache"), &vault_link, true).unwrap(),
+            vault_link.join("cache")
+        );
+        assert_eq!(perms(&vault.join("cache")), 0o700);
         mode(t.path(), 0o700);
-        // Another user's.
+        // Never the vault directory or one above it.
+        for d in [vault.clone(), t.path().to_path_buf(), "/".into()] {
+            let e = secured(&d, &vault, true).unwrap_err();
+            assert!(e.contains("the vault directory or one above it"), "{e}");
+        }
+        assert!(secured(&open.join("..").join("x"), &vault, true).is_err());
+        // Another user's directory on the way.
         if rustix::process::geteuid().is_root() {
             std::os::unix::fs::chown(&open, Some(65534), None).unwrap();
             let e = secured(&dir, &vault, true).unwrap_err();
