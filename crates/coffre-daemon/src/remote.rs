@@ -208,23 +208,24 @@ pub fn journal_dir(c: &StorageConfig, vd: &VaultDir) -> std::path::PathBuf {
 }
 
 /// The journal's directory `dir` (made if missing, 0700, when `make`),
-/// walked from `/` one directory at a time through descriptors: past the
-/// vault directory's own path (`vault` and those above it, which follow
-/// links as the vault does), no link is followed, each directory a
-/// missing one is made in, or the walk goes through, is judged first (root's, or this process's user's,
-/// and writable by nobody else; sticky, as `/tmp`, allowed above the
-/// journal's), and the journal's directory itself must be ours and
-/// writable by nobody else (made 0700 if others may read it). Else a
-/// `cache_dir` under a directory others can write could be swapped for a
-/// link to a place of theirs, or to a directory of root's of their
-/// choosing, where each write's offset and ciphertext would land, and a
-/// file named `journal` would be unlinked as root. Nothing is made or
-/// changed in a directory not yet judged. The vault directory and those
-/// above it are the vault's own exposure (who can write them can replace
-/// its `config.toml`): not judged here. Returns the path (without links
-/// past the vault's own, so that the journal's open resolves it as
-/// judged); when `make` is false and the directory is missing, the path
-/// it will have. Why not, otherwise.
+/// walked from `/` one directory at a time through descriptors, no link
+/// followed, the vault taken at its real path (a `dir` under the vault's
+/// path as named is moved under its real one; `..` is taken lexically).
+/// Each directory the walk goes through, or makes one in, is judged
+/// first: root's (or this process's user's) and writable by nobody else,
+/// or sticky (as `/tmp`). The journal's own directory must be ours and
+/// writable by nobody else (made 0700 if others may read it), and never
+/// the vault directory or one above it. Else a `cache_dir` under a
+/// directory others can write could be swapped for a link to a place of
+/// theirs, or to a directory of root's of their choosing, where each
+/// write's offset and ciphertext would land, and a file named `journal`
+/// would be unlinked as root. Nothing is made or changed in a directory
+/// not yet judged. The vault directory and those above it are the
+/// vault's own exposure (who can write them can replace its
+/// `config.toml`): not judged here. Returns the path (without links, so
+/// that the journal's open resolves it as judged; when `make` is false
+/// and the directory is missing, the path it will have). Why not,
+/// otherwise.
 pub fn journal_dir_secured(
     dir: &std::path::Path,
     vault: &std::path::Path,
@@ -237,27 +238,44 @@ pub fn journal_dir_secured(
         let p = p.to_path_buf();
         move |e: std::io::Error| format!("{}: {e}", p.display())
     };
+    // The vault's real path (as the daemon holds it): the same judgement
+    // whichever way the vault was named (`init ../team`, a link).
+    let typed = std::path::absolute(vault).map_err(at(vault))?;
+    let vault = std::fs::canonicalize(&typed).map_err(at(&typed))?;
     let dir = std::path::absolute(dir).map_err(at(dir))?;
-    let vault = std::path::absolute(vault).map_err(at(vault))?;
+    let dir = match dir.strip_prefix(&typed) {
+        Ok(rest) => vault.join(rest),
+        Err(_) => dir,
+    };
+    // `..` taken lexically: on the vault's real path that is where it
+    // leads; elsewhere the walk follows no link, so the path judged is the
+    // path used.
+    let dir = {
+        let mut n = PathBuf::from("/");
+        for c in dir.components() {
+            match c {
+                Component::Normal(x) => n.push(x),
+                Component::ParentDir => {
+                    n.pop();
+                }
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+        n
+    };
     if vault.starts_with(&dir) {
         return Err(format!(
             "{} is the vault directory or one above it: give [storage] cache_dir a directory of its own",
             dir.display()
         ));
     }
-    let mut names = Vec::new();
-    for c in dir.components() {
-        match c {
-            Component::Normal(n) => names.push(n),
-            Component::RootDir | Component::CurDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "{}: give [storage] cache_dir without '..'",
-                    dir.display()
-                ));
-            }
-        }
-    }
+    let names: Vec<&std::ffi::OsStr> = dir
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
     let errno = |p: &Path| {
         let p = p.to_path_buf();
         move |e: Errno| format!("{}: {}", p.display(), std::io::Error::from(e))
@@ -265,19 +283,12 @@ pub fn journal_dir_secured(
     let strict = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let mut here = PathBuf::from("/");
     let mut fd = rustix::fs::open("/", strict, Mode::empty()).map_err(errno(&here))?;
+    let flags = strict | OFlags::NOFOLLOW;
     for name in names {
         let next = here.join(name);
-        // The vault's own path follows links, as the vault does; past it,
-        // none.
-        let own = vault.starts_with(&next);
         if !vault.starts_with(&here) {
-            judge(&fd, &here, true, &dir)?;
+            judge(&fd, &here, &dir)?;
         }
-        let flags = if own {
-            strict
-        } else {
-            strict | OFlags::NOFOLLOW
-        };
         let opened = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
             Err(Errno::NOENT) if !make => return Ok(dir),
             Err(Errno::NOENT) => {
@@ -312,7 +323,7 @@ pub fn journal_dir_secured(
             here.display()
         ));
     }
-    judge(&fd, &here, false, &dir)?;
+    judge(&fd, &here, &dir)?;
     if make && mode & 0o077 != 0 {
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(errno(&here))?;
     }
@@ -320,19 +331,19 @@ pub fn journal_dir_secured(
 }
 
 /// Whether the directory `fd` (at `path`) is root's (or this process's
-/// user's) and writable by nobody else; sticky is allowed `above` the
-/// journal's directory `dir`. Why not, otherwise.
+/// user's) and writable by nobody else, or sticky (the journal's own
+/// directory `dir` is refused writable by others before). Why not,
+/// otherwise.
 fn judge(
     fd: &std::os::fd::OwnedFd,
     path: &std::path::Path,
-    above: bool,
     dir: &std::path::Path,
 ) -> Result<(), String> {
     let st = rustix::fs::fstat(fd)
         .map_err(|e| format!("{}: {}", path.display(), std::io::Error::from(e)))?;
     let me = rustix::process::geteuid().as_raw();
     let mode = st.st_mode & 0o7777;
-    let sticky = above && mode & 0o1000 != 0;
+    let sticky = mode & 0o1000 != 0;
     if (st.st_uid != 0 && st.st_uid != me) || (mode & 0o022 != 0 && !sticky) {
         return Err(format!(
             "{} (owner uid {}, mode {mode:04o}) is not root's alone: the write journal's directory ({}) and every directory on the way to it must be writable by root alone (a sticky one above it, such as /tmp, excepted); choose another [storage] cache_dir",
@@ -397,6 +408,9 @@ pub fn create(
     size: u64,
 ) -> Result<Arc<dyn BlockDevice>, RemoteError> {
     let backends = backends(c, vd)?;
+    // The journal's directory judged before anything is written: a
+    // refusal leaves no half-made vault.
+    journal_path(c, vd)?;
     let vault = vault_id(uuid)?;
     let ikey = IntegrityKey::generate()?;
     let sealed = ikey.seal(key.expose(), &vault)?;
@@ -573,24 +587,35 @@ mod tests {
         std::os::unix::fs::symlink(&open, &link).unwrap();
         let e = secured(&link.join("a").join("cache"), &vault, true).unwrap_err();
         assert!(e.contains("is a link"), "{e}");
-        // The vault's own path follows links, as the vault does, and what
-        // is above the vault is its own exposure: only the journal's
-        // directory is judged.
+        // A vault named through a link, or with `..`: taken at its real
+        // path, and what is above the vault is its own exposure: only the
+        // journal's directory is judged.
         let vault_link = t.path().join("vault-link");
         std::os::unix::fs::symlink(&vault, &vault_link).unwrap();
+        let real = vault.canonicalize().unwrap();
         mode(t.path(), 0o777);
         assert_eq!(
             secured(&vault_link.join("cache"), &vault_link, true).unwrap(),
-            vault_link.join("cache")
+            real.join("cache")
+        );
+        let dotted = open.join("..").join("vault");
+        assert_eq!(
+            secured(&dotted.join("cache"), &dotted, true).unwrap(),
+            real.join("cache")
         );
         assert_eq!(perms(&vault.join("cache")), 0o700);
         mode(t.path(), 0o700);
-        // Never the vault directory or one above it.
-        for d in [vault.clone(), t.path().to_path_buf(), "/".into()] {
+        // `..` in cache_dir, lexically: beside the vault here.
+        assert_eq!(
+            secured(&vault.join("..").join("beside"), &vault, true).unwrap(),
+            real.parent().unwrap().join("beside")
+        );
+        // Never the vault directory or one above it (not `/` here: a
+        // mistake would make it 0700).
+        for d in [vault.clone(), t.path().to_path_buf(), vault.join("..")] {
             let e = secured(&d, &vault, true).unwrap_err();
             assert!(e.contains("the vault directory or one above it"), "{e}");
         }
-        assert!(secured(&open.join("..").join("x"), &vault, true).is_err());
         // Another user's directory on the way.
         if rustix::process::geteuid().is_root() {
             std::os::unix::fs::chown(&open, Some(65534), None).unwrap();
