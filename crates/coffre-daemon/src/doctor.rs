@@ -284,11 +284,11 @@ fn journal_dir(d: &crate::vaultdir::VaultDir, sc: &crate::vaultdir::StorageConfi
     const CHECK: &str = "journal-dir";
     let dir = crate::remote::journal_dir(sc, d);
     match crate::remote::journal_dir_secured(&dir, &d.root, false) {
-        Ok(_) if !dir.exists() => Finding::ok(
+        Ok(real) if !real.exists() => Finding::ok(
             CHECK,
             format!(
                 "{} does not exist yet: made 0700 at the first open, under directories that are root's alone",
-                dir.display()
+                real.display()
             ),
         ),
         Ok(real) => Finding::ok(

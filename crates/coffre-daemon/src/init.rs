@@ -171,6 +171,12 @@ pub fn init(o: InitOptions) -> Result<InitReport, InitError> {
             },
         )?;
     }
+    // The write journal's directory judged before anything is written (a
+    // refusal leaves nothing behind that a second init would trip on).
+    if let Some((sc, _)) = &o.storage {
+        crate::remote::journal_path(sc, &vd)
+            .map_err(|e| InitError::Data(format!("the store: {e}")))?;
+    }
     let name = o
         .dir
         .file_name()

@@ -520,11 +520,13 @@ mod tests {
         };
         let perms =
             |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        let t = tempfile::tempdir().unwrap();
-        let vault = t.path().join("vault");
+        let tmp = tempfile::tempdir().unwrap();
+        // Its real path: the walk follows no link (a TMPDIR through one).
+        let t = tmp.path().canonicalize().unwrap();
+        let vault = t.join("vault");
         std::fs::create_dir(&vault).unwrap();
         mode(&vault, 0o700);
-        let open = t.path().join("open");
+        let open = t.as_path().join("open");
         std::fs::create_dir(&open).unwrap();
         mode(&open, 0o755);
         let dir = open.join("a").join("cache");
@@ -583,17 +585,17 @@ mod tests {
         mode(&open, 0o755);
         // A link past the vault's own path, even in a trusted directory
         // and to a trusted place: refused.
-        let link = t.path().join("link");
+        let link = t.as_path().join("link");
         std::os::unix::fs::symlink(&open, &link).unwrap();
         let e = secured(&link.join("a").join("cache"), &vault, true).unwrap_err();
         assert!(e.contains("is a link"), "{e}");
         // A vault named through a link, or with `..`: taken at its real
         // path, and what is above the vault is its own exposure: only the
         // journal's directory is judged.
-        let vault_link = t.path().join("vault-link");
+        let vault_link = t.as_path().join("vault-link");
         std::os::unix::fs::symlink(&vault, &vault_link).unwrap();
         let real = vault.canonicalize().unwrap();
-        mode(t.path(), 0o777);
+        mode(t.as_path(), 0o777);
         assert_eq!(
             secured(&vault_link.join("cache"), &vault_link, true).unwrap(),
             real.join("cache")
@@ -604,7 +606,7 @@ mod tests {
             real.join("cache")
         );
         assert_eq!(perms(&vault.join("cache")), 0o700);
-        mode(t.path(), 0o700);
+        mode(t.as_path(), 0o700);
         // `..` in cache_dir, lexically: beside the vault here.
         assert_eq!(
             secured(&vault.join("..").join("beside"), &vault, true).unwrap(),
@@ -612,7 +614,7 @@ mod tests {
         );
         // Never the vault directory or one above it (not `/` here: a
         // mistake would make it 0700).
-        for d in [vault.clone(), t.path().to_path_buf(), vault.join("..")] {
+        for d in [vault.clone(), t.clone(), vault.join("..")] {
             let e = secured(&d, &vault, true).unwrap_err();
             assert!(e.contains("the vault directory or one above it"), "{e}");
         }
@@ -1182,7 +1184,11 @@ pub fn status(dir: &std::path::Path) -> Result<serde_json::Value, String> {
     // journal's records claim, read without the key: the next open
     // verifies them. Null, with the error beside it, if the file cannot
     // be read here (the next open may not read it either).
-    let journal = coffre_remote::journal::held(&journal_dir(sc, &vd).join("journal"));
+    // The path the daemon would use, judged as it would (without making
+    // anything): a directory it would refuse is said so.
+    let journal = journal_dir_secured(&journal_dir(sc, &vd), &vd.root, false)
+        .map_err(std::io::Error::other)
+        .and_then(|d| coffre_remote::journal::held(&d.join("journal")));
     Ok(serde_json::json!({
         "backend": backend_kind(&sc.url),
         "url": sc.url,
