@@ -66,6 +66,30 @@ fn device_on(
     .unwrap()
 }
 
+/// What most tests start from: a store in memory, its keys, a journal's
+/// path in a directory of its own, and the roots the devices make
+/// durable.
+struct Fixture {
+    mem: Arc<InMemory>,
+    keys: Keyring,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    roots: Arc<Mutex<Vec<Root>>>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let _dir = tempfile::tempdir().unwrap();
+        Fixture {
+            mem: Arc::new(InMemory::new()),
+            keys: Keyring::new(),
+            path: _dir.path().join("journal"),
+            _dir,
+            roots: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+}
+
 #[test]
 fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
     let mem = Arc::new(InMemory::new());
@@ -104,11 +128,13 @@ fn writes_a_dead_daemon_took_are_replayed_and_made_durable_at_the_next_open() {
 
 #[test]
 fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     let root0 = dev.root();
     dev.attach_journal(&path).unwrap();
@@ -161,11 +187,13 @@ fn a_torn_or_altered_record_is_not_replayed_nor_anything_after_it() {
 
 #[test]
 fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     dev.attach_journal(&path).unwrap();
     dev.write_at(0, &[1u8; 4096]).unwrap();
@@ -203,11 +231,13 @@ fn an_old_journal_never_rolls_newer_data_back_and_the_journal_stays_bounded() {
 /// and is journaled itself: a crash right after it loses nothing.
 #[test]
 fn the_write_that_fills_the_journal_is_journaled_after_the_flush() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     dev.attach_journal(&path).unwrap();
     let mut last = None;
@@ -358,11 +388,13 @@ fn a_journal_of_the_first_format_is_still_replayed() {
 /// mark not been written). Replayed, it would roll 3 back to 2.
 #[test]
 fn a_record_an_earlier_cycle_left_is_never_replayed() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     dev.attach_journal(&path).unwrap();
     let record = HEAD + 4096;
@@ -533,11 +565,13 @@ struct AfterUnanswered {
 }
 
 fn unanswered_flush(what: u8) -> AfterUnanswered {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let faulty = Unanswered::new(objects(&mem));
     let dev = device_on(faulty.clone(), &keys, None, &roots);
     let root0 = dev.root();
@@ -548,7 +582,7 @@ fn unanswered_flush(what: u8) -> AfterUnanswered {
     AfterUnanswered {
         mem,
         keys,
-        _dir: dir,
+        _dir,
         path,
         roots,
         dev,
@@ -713,11 +747,13 @@ fn peak_rss() -> u64 {
 #[test]
 fn a_journal_of_any_size_is_replayed_a_record_at_a_time() {
     const MAX: u64 = 8 << 30;
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     let root0 = dev.root();
     dev.attach_journal(&path).unwrap();
@@ -767,18 +803,20 @@ fn a_journal_of_any_size_is_replayed_a_record_at_a_time() {
 /// writes the first holds (not yet flushed) stay in its file.
 #[test]
 fn a_second_journal_is_refused_and_the_first_keeps_its_writes() {
-    let mem = Arc::new(InMemory::new());
-    let keys = Keyring::new();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("journal");
-    let roots = Arc::new(Mutex::new(Vec::new()));
+    let Fixture {
+        mem,
+        keys,
+        _dir,
+        path,
+        roots,
+    } = Fixture::new();
     let dev = device(&mem, &keys, None, &roots);
     let root0 = dev.root();
     dev.attach_journal(&path).unwrap();
     dev.write_at(65536, &[6u8; 4096]).unwrap();
     let e = dev.attach_journal(&path).unwrap_err();
     assert!(e.to_string().contains("already attached"), "{e}");
-    let other = dir.path().join("other");
+    let other = path.with_file_name("other");
     assert!(dev.attach_journal(&other).is_err());
     assert!(!other.exists());
     drop(dev);

@@ -23,6 +23,18 @@ fn storage_status(v: &Vault) -> (i32, serde_json::Value) {
     (code(&out), j)
 }
 
+/// alice asks the vault to open; it stays closed. Whether an audit
+/// record's detail says every one of `words`.
+fn refused_open_says(v: &mut Vault, words: &[&str]) -> bool {
+    let _ = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
+    v.wait_state("closed", Duration::from_secs(30));
+    v.audit().iter().any(|r| {
+        r["record"]["detail"]
+            .as_str()
+            .is_some_and(|d| words.iter().all(|w| d.contains(w)))
+    })
+}
+
 fn bucket(moto: &Moto, name: &str) -> object_store::aws::AmazonS3 {
     object_store::aws::AmazonS3Builder::new()
         .with_bucket_name(name)
@@ -214,12 +226,8 @@ fn a_vault_on_s3_keeps_its_data_there_and_refuses_a_rolled_back_bucket() {
         "{j}"
     );
     v.start();
-    let _ = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
-    v.wait_state("closed", Duration::from_secs(30));
     assert!(
-        v.audit().iter().any(|r| r["record"]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("storage.root"))),
+        refused_open_says(&mut v, &["storage.root"]),
         "the refused open names the missing root"
     );
     v.stop();
@@ -1067,12 +1075,8 @@ fn a_write_not_yet_flushed_survives_a_daemon_crash_through_the_journal() {
     }
     std::fs::remove_dir(&cache).unwrap();
     v.start();
-    let _ = v.authed("alice", &["enter", "--detach", "--heartbeat", "1"]);
-    v.wait_state("closed", Duration::from_secs(30));
     assert!(
-        v.audit().iter().any(|r| r["record"]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("is not root's alone") && d.contains("shared-by-all"))),
+        refused_open_says(&mut v, &["is not root's alone", "shared-by-all"]),
         "the refused open says why"
     );
     assert!(!cache.exists(), "made under a directory all can write");
