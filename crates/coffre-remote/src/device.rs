@@ -27,6 +27,7 @@ use crate::layout::Root;
 use crate::store::{
     ChunkStore, Garbage, Landed, Listed, Reads, ReplicaStatus, StoreEvent, Sweep, Swept, Upload,
 };
+use crate::written::Written;
 use coffre_storage::BlockDevice;
 use std::collections::BTreeMap;
 use std::io;
@@ -129,6 +130,12 @@ struct Cached {
     /// When it was last written (the clock): an upload of an older copy
     /// leaves it dirty.
     written: u64,
+    /// A chunk a partial write brought into the buffer without reading it
+    /// from the store: which bytes were written. The others are not the
+    /// chunk's (zeros in the buffer) until [`RemoteDevice::complete`]
+    /// fetches it; never read or uploaded before that. `None`: every
+    /// byte is the chunk's.
+    partial: Option<Written>,
 }
 
 /// A chunk fetched (and verified) in the background ahead of sequential
@@ -162,6 +169,9 @@ struct State {
     /// The chunk the last read ended in: a read that starts a miss at the
     /// next one is sequential, and the chunks after it are fetched with it.
     last_read: Option<u64>,
+    /// The chunk the last write ended in: if it is partial, the next write
+    /// likely covers the rest of it, so a background upload leaves it.
+    last_write: Option<u64>,
     /// The stores' standing last handed to `on_change`.
     reported: Vec<ReplicaStatus>,
     /// The write journal on local disk, once attached.
@@ -205,8 +215,36 @@ fn insert_clean(s: &mut State, i: u64, data: Vec<u8>) {
             dirty: false,
             used,
             written: 0,
+            partial: None,
         },
     );
+}
+
+/// Chunk `i` as the store has it (`fetched`), under what was written of
+/// it, if the buffer holds it partial: it is whole then. The fetched
+/// buffer goes back to the pool.
+fn fill(s: &mut State, i: u64, fetched: Vec<u8>) -> io::Result<()> {
+    let r = match s.cache.get_mut(&i) {
+        Some(c) if c.partial.is_some() => {
+            if fetched.len() == c.data.len() {
+                let written = c.partial.take().unwrap_or_default();
+                let data = Arc::make_mut(&mut c.data);
+                for gap in written.gaps(data.len()) {
+                    data[gap.clone()].copy_from_slice(&fetched[gap]);
+                }
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "chunk {i} came back {} bytes long, not {}",
+                    fetched.len(),
+                    c.data.len()
+                )))
+            }
+        }
+        _ => Ok(()),
+    };
+    crate::bufpool::give(fetched);
+    r
 }
 
 /// What a background upload's task gave back.
@@ -369,6 +407,7 @@ impl RemoteDevice {
                 limit: cache_limit.max(floor),
                 clock: 0,
                 last_read: None,
+                last_write: None,
                 in_flight: None,
                 prefetch: BTreeMap::new(),
                 upload_after: None,
@@ -678,9 +717,52 @@ impl RemoteDevice {
         Ok(found)
     }
 
-    /// Uploads every dirty chunk (not yet durable: see `flush`).
+    /// Fetches the partial chunks `indices` (together) and makes each
+    /// whole under what was written of it. One that cannot be fetched
+    /// stays partial (and dirty), and is an error.
+    fn complete(&self, s: &mut State, indices: &[u64]) -> io::Result<()> {
+        // A read-ahead on its way brings what they lack (and a second
+        // fetch would be for nothing).
+        for i in indices {
+            self.land_prefetch(s, *i)?;
+        }
+        let indices: Vec<u64> = indices
+            .iter()
+            .copied()
+            .filter(|i| s.cache.get(i).is_some_and(|c| c.partial.is_some()))
+            .collect();
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let got = self.block_on(s.store.read_chunks(&indices));
+        report(s, self.on_change.as_deref());
+        let mut failed = None;
+        for (i, r) in indices.iter().zip(got) {
+            let r = r
+                .map_err(RemoteError::into_io)
+                .and_then(|data| fill(s, *i, data));
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The partial chunks in the buffer, but `except`.
+    fn partial_chunks(s: &State, except: Option<u64>) -> Vec<u64> {
+        s.cache
+            .iter()
+            .filter(|(i, c)| c.partial.is_some() && Some(**i) != except)
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
+    /// Uploads every dirty chunk (not yet durable: see `flush`), the
+    /// partial ones made whole first.
     fn upload(&self, s: &mut State) -> io::Result<()> {
         self.settle(s)?;
+        let partial = Self::partial_chunks(s, None);
+        self.complete(s, &partial)?;
         let dirty: Vec<(u64, bytes::Bytes)> = s
             .cache
             .iter()
@@ -743,12 +825,22 @@ impl RemoteDevice {
         if dirty < s.limit / 4 {
             return;
         }
+        // Partial chunks made whole first (fetched together), but the one
+        // the last write ended in: the next write likely covers it.
+        let partial = Self::partial_chunks(s, s.last_write);
+        if self.complete(s, &partial).is_err() {
+            s.upload_after = Some(std::time::Instant::now() + UPLOAD_RETRY);
+            return;
+        }
         let copies: Vec<(u64, u64)> = s
             .cache
             .iter()
-            .filter(|(_, c)| c.dirty)
+            .filter(|(_, c)| c.dirty && c.partial.is_none())
             .map(|(i, c)| (*i, c.written))
             .collect();
+        if copies.is_empty() {
+            return;
+        }
         let chunks: Vec<(u64, bytes::Bytes)> = copies
             .iter()
             .filter_map(|(i, _)| s.cache.get(i).map(|c| (*i, shared(&c.data))))
@@ -841,16 +933,26 @@ impl RemoteDevice {
     /// keeps it if it verified against the table as it is now (never
     /// over a chunk the buffer holds: that one is newer or the same).
     fn settle_prefetch(&self, s: &mut State, index: u64) -> io::Result<()> {
+        self.land_prefetch(s, index)?;
+        self.shrink(s)
+    }
+
+    /// [`settle_prefetch`](Self::settle_prefetch) without making room
+    /// after it.
+    fn land_prefetch(&self, s: &mut State, index: u64) -> io::Result<()> {
         let Some(p) = s.prefetch.remove(&index) else {
             return Ok(());
         };
         let got = self.block_on(p.task).unwrap_or_default();
         for (i, data) in s.store.finish_reads(&p.reads, got) {
-            if !s.cache.contains_key(&i) {
-                insert_clean(s, i, data);
+            match s.cache.get(&i) {
+                None => insert_clean(s, i, data),
+                // What a partial chunk lacked.
+                Some(c) if c.partial.is_some() => fill(s, i, data)?,
+                Some(_) => crate::bufpool::give(data),
             }
         }
-        self.shrink(s)
+        Ok(())
     }
 
     /// Keeps the read-aheads that have landed (without waiting).
@@ -883,6 +985,7 @@ impl RemoteDevice {
                     dirty: false,
                     used: now,
                     written: 0,
+                    partial: None,
                 },
             );
         }
@@ -919,6 +1022,14 @@ impl BlockDevice for RemoteDevice {
             }
             let c = self.chunk_mut(&mut s, index)?;
             let n = (c.data.len() - within).min(buf.len() - done);
+            // Bytes of a partial chunk that were not written: fetched now.
+            if c.partial
+                .as_ref()
+                .is_some_and(|w| !w.covers(&(within..within + n)))
+            {
+                self.complete(&mut s, &[index])?;
+            }
+            let c = self.chunk_mut(&mut s, index)?;
             buf[done..done + n].copy_from_slice(&c.data[within..within + n]);
             done += n;
             s.last_read = Some(index);
@@ -929,9 +1040,11 @@ impl BlockDevice for RemoteDevice {
         Ok(())
     }
 
-    /// All or nothing: room is made and every chunk a partial write needs
-    /// is read before any byte of the buffer changes, so a write that
-    /// fails (the store unreachable) changed nothing.
+    /// All or nothing: room is made before any byte of the buffer changes,
+    /// so a write that fails (the store unreachable) changed nothing. A
+    /// partial write to a chunk the buffer does not hold reads nothing:
+    /// the chunk is kept partial (what was written), and fetched only if
+    /// a read or an upload needs the rest before writes cover it.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.range_check(offset, buf.len())?;
         let mut s = lock(&self.state);
@@ -969,39 +1082,68 @@ impl BlockDevice for RemoteDevice {
             pieces.push((index, within, done..done + n, len));
             done += n;
         }
-        for (index, within, range, len) in &pieces {
-            if !(*within == 0 && range.len() == *len) {
+        for (index, _, range, len) in &pieces {
+            // Part of a chunk never written: the rest is zeros, without
+            // the store.
+            let part = range.len() < *len;
+            if part && !s.cache.contains_key(index) && s.store.is_empty_chunk(*index) {
                 self.chunk_mut(&mut s, *index)?;
             }
         }
+        let last = pieces.last().map(|(index, ..)| *index);
         for (index, within, range, len) in pieces {
             s.clock += 1;
             let used = s.clock;
             match s.cache.get_mut(&index) {
                 Some(c) => {
+                    let at = within..within + range.len();
                     // A copy first only if an upload still holds these
                     // bytes.
-                    Arc::make_mut(&mut c.data)[within..within + range.len()]
-                        .copy_from_slice(&buf[range]);
+                    Arc::make_mut(&mut c.data)[at.clone()].copy_from_slice(&buf[range]);
                     c.dirty = true;
                     c.used = used;
                     c.written = used;
+                    if let Some(w) = &mut c.partial {
+                        w.add(at);
+                        if w.covers(&(0..len)) {
+                            c.partial = None;
+                        }
+                    }
                 }
                 None => {
-                    // A whole chunk: nothing to read of what it replaces.
+                    // Nothing to read of what it replaces: a whole chunk,
+                    // or the part written of one (the rest fetched if
+                    // needed before writes cover it).
+                    let whole = range.len() == len;
+                    let data = if whole {
+                        crate::bufpool::copy_of(&buf[range.clone()])
+                    } else {
+                        let mut v = crate::bufpool::take(len);
+                        v.resize(within, 0);
+                        v.extend_from_slice(&buf[range.clone()]);
+                        v.resize(len, 0);
+                        v
+                    };
+                    let partial = (!whole).then(|| {
+                        let mut w = Written::default();
+                        w.add(within..within + range.len());
+                        w
+                    });
                     s.bytes += len;
                     s.cache.insert(
                         index,
                         Cached {
-                            data: Arc::new(crate::bufpool::copy_of(&buf[range])),
+                            data: Arc::new(data),
                             dirty: true,
                             used,
                             written: used,
+                            partial,
                         },
                     );
                 }
             }
         }
+        s.last_write = last;
         self.write_behind(&mut s);
         Ok(())
     }

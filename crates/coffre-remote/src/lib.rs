@@ -37,6 +37,7 @@ pub mod objects;
 pub mod s3;
 pub mod store;
 pub mod transfer;
+mod written;
 
 pub use device::{Housekeeping, RemoteDevice};
 pub use integrity::IntegrityKey;

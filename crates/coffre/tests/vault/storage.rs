@@ -725,10 +725,11 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
 /// The mounted vault on S3 (moto on loopback), against raw `object_store`
 /// puts and gets of 1 MiB objects with 16 in flight on the same server,
 /// same run: sequential writes (fio, 1 MiB, direct, fsync at the end) and
-/// reads (after a reopen: nothing cached), and random 4 KiB writes each
-/// followed by an fsync (every journal commit uploads chunks, pages and
-/// the manifest) against raw conditional puts one after another.
-/// `scripts/bench-remote` runs it.
+/// reads (after a reopen: nothing cached), the same writes again (after
+/// another reopen: over chunks on the store, none in the buffer), and
+/// random 4 KiB writes each followed by an fsync (every journal commit
+/// uploads chunks, pages and the manifest) against raw conditional puts
+/// one after another. `scripts/bench-remote` runs it.
 #[test]
 #[ignore = "survey: needs root, FUSE, loop, mkfs.ext4, moto (PyPI moto[server]), fio"]
 fn survey_the_mounted_vault_on_s3() {
@@ -820,37 +821,28 @@ fn mounted_vault_on_s3(chunk: &str) {
     });
     let cond_per_s = f64::from(cond) / t.elapsed().as_secs_f64();
 
-    let fio = |dir: &std::path::Path, args: &[&str]| -> serde_json::Value {
-        let out = std::process::Command::new("fio")
-            .args([
-                "--name=bench",
-                "--direct=1",
-                "--ioengine=psync",
-                "--output-format=json",
-            ])
-            .arg(format!("--directory={}", dir.display()))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap()
-    };
     let mut e = v.enter_bg("alice", &[]);
     let dir = v.layout().mountpoint.join("shared");
     let size = format!("--size={mib}M");
-    let w = fio(&dir, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"]);
-    let write_mbs = w["jobs"][0]["write"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
+    let write_mbs = fio_mibs(
+        &fio(&dir, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"]),
+        "write",
+    );
     // Reopened: the device's buffer is empty, every chunk comes from the
     // store.
     v.leave_closed("alice", &mut e);
     let mut e = v.enter_bg("alice", &[]);
-    let r = fio(&dir, &["--rw=read", "--bs=1M", &size]);
-    let read_mbs = r["jobs"][0]["read"]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20);
+    let read_mbs = fio_mibs(&fio(&dir, &["--rw=read", "--bs=1M", &size]), "read");
+    // The same file written again, reopened first: every chunk is on the
+    // store and none in the buffer, and the loop device hands the daemon
+    // each 1 MiB in two halves of 512 KiB (a chunk written in parts is
+    // fetched only if the parts do not cover it: not here).
+    v.leave_closed("alice", &mut e);
+    let mut e = v.enter_bg("alice", &[]);
+    let over_mbs = fio_mibs(
+        &fio(&dir, &["--rw=write", "--bs=1M", &size, "--end_fsync=1"]),
+        "write",
+    );
     let f = fio(
         &dir,
         &[
@@ -868,11 +860,123 @@ fn mounted_vault_on_s3(chunk: &str) {
     let raw_put_mbs = mib as f64 / raw_put.as_secs_f64();
     let raw_get_mbs = mib as f64 / raw_get.as_secs_f64();
     println!(
-        "bench: mounted vault on s3 (moto, loopback), chunks of {chunk}, {mib} MiB: seq write {write_mbs:.0} MiB/s against raw puts of {chunk} objects x16 {raw_put_mbs:.0} MiB/s (ratio {:.2}); seq read {read_mbs:.0} MiB/s against raw gets x16 {raw_get_mbs:.0} MiB/s (ratio {:.2}); random 4 KiB writes with fsync {fsync_iops:.1}/s against raw conditional puts {cond_per_s:.1}/s (ratio {:.2})",
+        "bench: mounted vault on s3 (moto, loopback), chunks of {chunk}, {mib} MiB: seq write {write_mbs:.0} MiB/s against raw puts of {chunk} objects x16 {raw_put_mbs:.0} MiB/s (ratio {:.2}); seq read {read_mbs:.0} MiB/s against raw gets x16 {raw_get_mbs:.0} MiB/s (ratio {:.2}); seq overwrite {over_mbs:.0} MiB/s (ratio {:.2} to raw puts); random 4 KiB writes with fsync {fsync_iops:.1}/s against raw conditional puts {cond_per_s:.1}/s (ratio {:.2})",
         write_mbs / raw_put_mbs,
         read_mbs / raw_get_mbs,
+        over_mbs / raw_put_mbs,
         fsync_iops / cond_per_s,
     );
+}
+
+/// fio's JSON report of one job in `dir` (direct I/O, one request in
+/// flight) with `args`.
+fn fio(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=bench",
+            "--direct=1",
+            "--ioengine=psync",
+            "--output-format=json",
+        ])
+        .arg(format!("--directory={}", dir.display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap()
+}
+
+/// MiB/s of fio's report, `rw` "read" or "write".
+fn fio_mibs(report: &serde_json::Value, rw: &str) -> f64 {
+    report["jobs"][0][rw]["bw_bytes"].as_f64().unwrap() / f64::from(1u32 << 20)
+}
+
+/// The mounted vault on an NBD export (nbdkit's memory plugin on a unix
+/// socket, 1 MiB chunks), against `nbdcopy` writing and reading the same
+/// number of bytes to and from an export of the same kind, same run, each
+/// side writing over what it wrote before: fio through the mount,
+/// sequential 1 MiB direct writes (fsync at the end), reads and the same
+/// writes again, each after a reopen (nothing in the device's buffer).
+/// The loop device hands the daemon much of each 1 MiB in two or three
+/// pieces; the overwrite is where a chunk written in parts used to be
+/// fetched first. `scripts/bench-nbd` runs it.
+#[test]
+#[ignore = "survey: needs root, FUSE, loop, mkfs.ext4, nbdkit, nbdcopy, fio"]
+fn survey_the_mounted_vault_on_nbd() {
+    use coffre_testkit::nbdserver::NbdServer;
+    require(&[
+        Need::Root,
+        Need::Fuse,
+        Need::Loop,
+        Need::Ext4,
+        Need::NbdServers,
+    ]);
+    let env = |k: &str, d: usize| std::env::var(k).map_or(d, |v| v.parse().unwrap());
+    let rounds = env("SURVEY_ROUNDS", 3);
+    let mib = env("SURVEY_MIB", 256).min(384);
+    // Two slots a chunk, and room for the layout's tables.
+    let export = format!("{}M", 2 * 512 + 64);
+    let kit = NbdServer::nbdkit(&["memory", &export]);
+    let base = NbdServer::nbdkit(&[
+        "--filter=truncate",
+        "memory",
+        &export,
+        &format!("truncate={mib}M"),
+    ]);
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("data.bin");
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let nbdcopy = |from: &str, to: &str| {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("nbdcopy")
+            .args([from, to])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mib as f64 / t.elapsed().as_secs_f64()
+    };
+    nbdcopy(file.to_str().unwrap(), &base.url(""));
+    let mut v = Vault::init(&[
+        "--size",
+        "512M",
+        "--storage",
+        &kit.url("team"),
+        "--storage-chunk-size",
+        "1M",
+    ]);
+    v.start();
+    let dir = v.layout().mountpoint.join("shared");
+    let size = format!("--size={mib}M");
+    let write = ["--rw=write", "--bs=1M", size.as_str(), "--end_fsync=1"];
+    // Written once untimed: every timed write is an overwrite, as
+    // nbdcopy's are.
+    let mut e = v.enter_bg("alice", &[]);
+    fio(&dir, &write);
+    v.leave_closed("alice", &mut e);
+    for _ in 0..rounds {
+        let copy_write = nbdcopy(file.to_str().unwrap(), &base.url(""));
+        let copy_read = nbdcopy(&base.url(""), "null:");
+        let mut e = v.enter_bg("alice", &[]);
+        let over = fio_mibs(&fio(&dir, &write), "write");
+        v.leave_closed("alice", &mut e);
+        let mut e = v.enter_bg("alice", &[]);
+        let read = fio_mibs(&fio(&dir, &["--rw=read", "--bs=1M", size.as_str()]), "read");
+        v.leave_closed("alice", &mut e);
+        println!("nbd-mount-round: {copy_write:.0} {over:.0} {copy_read:.0} {read:.0}");
+    }
+    v.stop();
 }
 
 /// A vault made on an NBD export: nbdkit serving a 48 MiB image file (a
