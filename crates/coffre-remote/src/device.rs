@@ -57,6 +57,9 @@ const UPLOAD_RETRY: Duration = Duration::from_secs(1);
 /// of the buffer).
 const READ_AHEAD: u64 = 16;
 
+/// Partial chunks fetched together to be made whole.
+const FETCH_TOGETHER: usize = 16;
+
 /// When the device's thread collects and sweeps ([`Housekeeping::default`]
 /// is what the daemon uses; tests shorten it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,8 +136,8 @@ struct Cached {
     /// A chunk a partial write brought into the buffer without reading it
     /// from the store: which bytes were written. The others are not the
     /// chunk's (zeros in the buffer) until [`RemoteDevice::complete`]
-    /// fetches it; never read or uploaded before that. `None`: every
-    /// byte is the chunk's.
+    /// fetches it: never read before that, and the chunk never uploaded.
+    /// `None`: every byte is the chunk's.
     partial: Option<Written>,
 }
 
@@ -731,18 +734,19 @@ impl RemoteDevice {
             .copied()
             .filter(|i| s.cache.get(i).is_some_and(|c| c.partial.is_some()))
             .collect();
-        if indices.is_empty() {
-            return Ok(());
-        }
-        let got = self.block_on(s.store.read_chunks(&indices));
-        report(s, self.on_change.as_deref());
         let mut failed = None;
-        for (i, r) in indices.iter().zip(got) {
-            let r = r
-                .map_err(RemoteError::into_io)
-                .and_then(|data| fill(s, *i, data));
-            if let Err(e) = r {
-                failed.get_or_insert(e);
+        // A batch at a time: what is fetched and not yet put under its
+        // part is memory the buffer's limit does not count.
+        for batch in indices.chunks(FETCH_TOGETHER) {
+            let got = self.block_on(s.store.read_chunks(batch));
+            report(s, self.on_change.as_deref());
+            for (i, r) in batch.iter().zip(got) {
+                let r = r
+                    .map_err(RemoteError::into_io)
+                    .and_then(|data| fill(s, *i, data));
+                if let Err(e) = r {
+                    failed.get_or_insert(e);
+                }
             }
         }
         failed.map_or(Ok(()), Err)
@@ -758,19 +762,22 @@ impl RemoteDevice {
     }
 
     /// Uploads every dirty chunk (not yet durable: see `flush`), the
-    /// partial ones made whole first.
+    /// partial ones made whole first. A partial chunk that cannot be
+    /// fetched stays dirty and is an error, after the others went up (one
+    /// chunk the stores cannot give back does not hold up the rest: the
+    /// buffer can still make room).
     fn upload(&self, s: &mut State) -> io::Result<()> {
         self.settle(s)?;
         let partial = Self::partial_chunks(s, None);
-        self.complete(s, &partial)?;
+        let fetched = self.complete(s, &partial);
         let dirty: Vec<(u64, bytes::Bytes)> = s
             .cache
             .iter()
-            .filter(|(_, c)| c.dirty)
+            .filter(|(_, c)| c.dirty && c.partial.is_none())
             .map(|(i, c)| (*i, shared(&c.data)))
             .collect();
         if dirty.is_empty() {
-            return Ok(());
+            return fetched;
         }
         let indices: Vec<u64> = dirty.iter().map(|(i, _)| *i).collect();
         let r = self.block_on(s.store.write_chunks(dirty));
@@ -782,7 +789,7 @@ impl RemoteDevice {
                 c.dirty = false;
             }
         }
-        Ok(())
+        fetched
     }
 
     /// Waits for the upload in the background, if any, and records it:
@@ -800,7 +807,8 @@ impl RemoteDevice {
 
     /// Starts uploading the dirty chunks in the background once they are
     /// a quarter of the buffer (one upload at a time): the writes that
-    /// follow go on meanwhile.
+    /// follow go on meanwhile. Partial chunks are fetched first, the
+    /// write that called waiting for them.
     fn write_behind(&self, s: &mut State) {
         if let Some(f) = &s.in_flight {
             if !f.task.is_finished() {
@@ -825,13 +833,12 @@ impl RemoteDevice {
         if dirty < s.limit / 4 {
             return;
         }
-        // Partial chunks made whole first (fetched together), but the one
-        // the last write ended in: the next write likely covers it.
+        // Partial chunks made whole first (fetched together, the writer
+        // waiting), but the one the last write ended in: the next write
+        // likely covers it. One that cannot be fetched stays partial, for
+        // the next upload or the flush; the rest go up.
         let partial = Self::partial_chunks(s, s.last_write);
-        if self.complete(s, &partial).is_err() {
-            s.upload_after = Some(std::time::Instant::now() + UPLOAD_RETRY);
-            return;
-        }
+        let fetched = self.complete(s, &partial);
         let copies: Vec<(u64, u64)> = s
             .cache
             .iter()
@@ -839,6 +846,9 @@ impl RemoteDevice {
             .map(|(i, c)| (*i, c.written))
             .collect();
         if copies.is_empty() {
+            if fetched.is_err() {
+                s.upload_after = Some(std::time::Instant::now() + UPLOAD_RETRY);
+            }
             return;
         }
         let chunks: Vec<(u64, bytes::Bytes)> = copies
@@ -863,7 +873,7 @@ impl RemoteDevice {
 
     /// Keeps the buffer under its limit: clean chunks go first, least
     /// recently used first; dirty ones are uploaded when nothing clean is
-    /// left to drop.
+    /// left to drop (partial ones fetched for that).
     fn shrink(&self, s: &mut State) -> io::Result<()> {
         while s.bytes > s.limit {
             let victim = s
@@ -885,7 +895,14 @@ impl RemoteDevice {
                 }
                 // The upload in the background first, then the rest.
                 None if s.in_flight.is_some() => self.settle(s)?,
-                None => self.upload(s)?,
+                None => {
+                    // What went up makes room even if a partial chunk
+                    // could not be fetched.
+                    let r = self.upload(s);
+                    if r.is_err() && s.cache.values().all(|c| c.dirty) {
+                        return r;
+                    }
+                }
             }
         }
         Ok(())
@@ -931,7 +948,8 @@ impl RemoteDevice {
 
     /// Waits for chunk `index`'s read-ahead, if it is on its way, and
     /// keeps it if it verified against the table as it is now (never
-    /// over a chunk the buffer holds: that one is newer or the same).
+    /// over a chunk the buffer holds: that one is newer or the same; a
+    /// partial one takes what it lacks from it), then makes room.
     fn settle_prefetch(&self, s: &mut State, index: u64) -> io::Result<()> {
         self.land_prefetch(s, index)?;
         self.shrink(s)
@@ -969,7 +987,8 @@ impl RemoteDevice {
         Ok(())
     }
 
-    /// Chunk `index` in the buffer (read from the store if absent).
+    /// Chunk `index` in the buffer (read from the store if absent). It
+    /// may be partial: the caller reads only bytes it covers.
     fn chunk_mut<'s>(&self, s: &'s mut State, index: u64) -> io::Result<&'s mut Cached> {
         s.clock += 1;
         let now = s.clock;
