@@ -169,6 +169,9 @@ struct State {
     prefetch: BTreeMap<u64, Prefetch>,
     /// No background upload starts before this (one failed).
     upload_after: Option<std::time::Instant>,
+    /// No background upload fetches partial chunks before this (a fetch
+    /// failed; a flush still tries at once).
+    fetch_after: Option<std::time::Instant>,
     /// The chunk the last read ended in: a read that starts a miss at the
     /// next one is sequential, and the chunks after it are fetched with it.
     last_read: Option<u64>,
@@ -414,6 +417,7 @@ impl RemoteDevice {
                 in_flight: None,
                 prefetch: BTreeMap::new(),
                 upload_after: None,
+                fetch_after: None,
                 reported: Vec::new(),
                 journal: None,
             })),
@@ -720,7 +724,7 @@ impl RemoteDevice {
         Ok(found)
     }
 
-    /// Fetches the partial chunks `indices` (together) and makes each
+    /// Fetches the partial chunks `indices` (16 at a time) and makes each
     /// whole under what was written of it. One that cannot be fetched
     /// stays partial (and dirty), and is an error.
     fn complete(&self, s: &mut State, indices: &[u64]) -> io::Result<()> {
@@ -833,12 +837,20 @@ impl RemoteDevice {
         if dirty < s.limit / 4 {
             return;
         }
-        // Partial chunks made whole first (fetched together, the writer
-        // waiting), but the one the last write ended in: the next write
-        // likely covers it. One that cannot be fetched stays partial, for
-        // the next upload or the flush; the rest go up.
-        let partial = Self::partial_chunks(s, s.last_write);
-        let fetched = self.complete(s, &partial);
+        // Partial chunks made whole first (fetched 16 at a time, the
+        // writer waiting), but the one the last write ended in: the next
+        // write likely covers it. One that cannot be fetched stays
+        // partial, for the flush (no background upload fetches again for
+        // a while); the rest go up.
+        let now = std::time::Instant::now();
+        let fetched = if s.fetch_after.is_some_and(|t| now < t) {
+            Ok(())
+        } else {
+            let partial = Self::partial_chunks(s, s.last_write);
+            let r = self.complete(s, &partial);
+            s.fetch_after = r.is_err().then_some(now + UPLOAD_RETRY);
+            r
+        };
         let copies: Vec<(u64, u64)> = s
             .cache
             .iter()

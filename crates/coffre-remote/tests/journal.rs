@@ -825,3 +825,78 @@ fn a_second_journal_is_refused_and_the_first_keeps_its_writes() {
     assert_eq!(found.replayed, 1);
     assert_eq!(read(&dev, 65536, 4096), vec![6u8; 4096]);
 }
+
+/// With the write journal (as the daemon runs), a part of a chunk the
+/// store can no longer give back (its object gone): writes to other
+/// chunks go on until the journal's cycle is full, then fail (each
+/// changing nothing), since the flush they want first cannot make the
+/// part durable. The daemon dies; an open while the object is still gone
+/// fails its replay and keeps the journal; once it is back, the next open
+/// replays it, and the volume reads as every write that returned.
+#[test]
+fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
+    use object_store::ObjectStore;
+    let Fixture {
+        mem,
+        keys,
+        path,
+        roots,
+        ..
+    } = Fixture::new();
+    let c = u64::from(CHUNK);
+    let cu = CHUNK as usize;
+    let chunks = u8::try_from(SIZE / c).unwrap();
+    let mut model: Vec<u8> = (0..chunks).flat_map(chunk).collect();
+    let dev = device(&mem, &keys, None, &roots);
+    dev.write_at(0, &model).unwrap();
+    dev.flush().unwrap();
+    let root = dev.root();
+    drop(dev);
+    let dev = device(&mem, &keys, Some(root), &roots);
+    dev.attach_journal(&path).unwrap();
+    let (name, bytes) = rt().block_on(async {
+        snapshot(&mem)
+            .await
+            .into_iter()
+            .find(|(k, _)| k.contains("c/000000000002/"))
+            .unwrap()
+    });
+    let object = object_store::path::Path::from(name.as_str());
+    rt().block_on(mem.delete(&object)).unwrap();
+    dev.write_at(2 * c + 10, &[0xaa; 20]).unwrap();
+    model[2 * cu + 10..2 * cu + 30].fill(0xaa);
+    // The buffer (and so the journal's cycle) is 1 MiB: 32 chunks of
+    // 64 KiB pass it.
+    let mut failed = 0;
+    for k in 0..32u8 {
+        let i = 4 + usize::from(k % 4);
+        let data = chunk(0x80 | k);
+        match dev.write_at((i * cu) as u64, &data) {
+            Ok(()) => model[i * cu..(i + 1) * cu].copy_from_slice(&data),
+            Err(e) => {
+                failed += 1;
+                assert!(e.to_string().contains("chunk 2"), "{e}");
+            }
+        }
+    }
+    assert!(failed > 0 && failed < 32, "{failed} of 32 writes failed");
+    // The daemon dies.
+    drop(dev);
+    let root = *roots.lock().unwrap().last().unwrap();
+    assert_eq!(
+        root,
+        roots.lock().unwrap()[0],
+        "a manifest moved past the part"
+    );
+    let dev = device(&mem, &keys, Some(root), &roots);
+    assert!(dev.attach_journal(&path).is_err());
+    drop(dev);
+    assert!(coffre_remote::journal::held(&path).unwrap() > 0);
+    rt().block_on(mem.put(&object, bytes.into())).unwrap();
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert!(found.replayed > 1, "{found:?}");
+    let mut all = vec![0u8; model.len()];
+    dev.read_at(0, &mut all).unwrap();
+    assert!(all == model, "the volume is not every write that returned");
+}

@@ -899,9 +899,10 @@ fn fio_mibs(report: &serde_json::Value, rw: &str) -> f64 {
 /// The mounted vault on an NBD export (nbdkit's memory plugin on a unix
 /// socket, 1 MiB chunks), against `nbdcopy` writing and reading the same
 /// number of bytes to and from an export of the same kind, same run, each
-/// side writing over what it wrote before: fio through the mount,
-/// sequential 1 MiB direct writes (fsync at the end), reads and the same
-/// writes again, each after a reopen (nothing in the device's buffer).
+/// side writing over what it wrote before: fio through the mount writes
+/// the file once, untimed; then each round, sequential 1 MiB direct
+/// writes over it (fsync at the end) and reads, each after a reopen
+/// (nothing in the device's buffer).
 /// The loop device hands the daemon much of each 1 MiB in two or three
 /// pieces; the overwrite is where a chunk written in parts used to be
 /// fetched first. `scripts/bench-nbd` runs it.
@@ -915,6 +916,7 @@ fn survey_the_mounted_vault_on_nbd() {
         Need::Loop,
         Need::Ext4,
         Need::NbdServers,
+        Need::Nbd,
     ]);
     let env = |k: &str, d: usize| std::env::var(k).map_or(d, |v| v.parse().unwrap());
     let rounds = env("SURVEY_ROUNDS", 3);
