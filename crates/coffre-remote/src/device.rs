@@ -1071,14 +1071,20 @@ impl BlockDevice for RemoteDevice {
         Ok(())
     }
 
-    /// All or nothing: room is made before any byte of the buffer changes,
-    /// so a write that fails (the store unreachable) changed nothing. A
-    /// partial write to a chunk the buffer does not hold reads nothing:
-    /// the chunk is kept partial (what was written), and fetched only if
-    /// a read or an upload needs the rest before writes cover it.
+    /// All or nothing: room is made before any byte of the buffer or the
+    /// journal changes, so a write that fails (the store unreachable)
+    /// changed nothing. A partial write to a chunk the buffer does not
+    /// hold reads nothing: the chunk is kept partial (what was written),
+    /// and fetched only if a read or an upload needs the rest before
+    /// writes cover it.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.range_check(offset, buf.len())?;
         let mut s = lock(&self.state);
+        // Room first: a write that fails for want of it leaves no record
+        // in the journal either (a crash would replay a write that
+        // failed). Before the journal's checks: making room may upload,
+        // and an upload may settle an uncertain manifest (below).
+        self.shrink(&mut s)?;
         // On local disk before it is taken: a dead daemon's writes are
         // replayed at the next open.
         // A flush first when the journal would pass the cache's size, or
@@ -1100,7 +1106,6 @@ impl BlockDevice for RemoteDevice {
                 j.append(store, offset, buf)?;
             }
         }
-        self.shrink(&mut s)?;
         // The pieces: (chunk, offset within it, bytes of buf).
         let mut pieces = Vec::new();
         let mut done = 0usize;

@@ -900,3 +900,102 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
     dev.read_at(0, &mut all).unwrap();
     assert!(all == model, "the volume is not every write that returned");
 }
+
+/// Fails every put of a chunk while `on` (a store that takes nothing new
+/// for a while).
+struct ChunkPutsFail {
+    inner: Arc<dyn Objects>,
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl Objects for ChunkPutsFail {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+        mode: Put,
+    ) -> BoxFuture<'a, Result<Tag, StoreError>> {
+        Box::pin(async move {
+            if key.contains("c/") && self.on.load(Ordering::SeqCst) {
+                return Err(StoreError::Other("injected: chunk puts refused".into()));
+            }
+            self.inner.put(key, data, mode).await
+        })
+    }
+    common::forward!(get, delete, list, durable, prepare, opened);
+}
+
+/// A write that fails for want of room (the buffer full of chunks that
+/// cannot be uploaded: small writes to many chunks, each a chunk in the
+/// buffer and a few bytes in the journal) leaves no record in the journal
+/// either: after a crash, the replay gives back the writes that returned
+/// and not the one that failed. (Before 2026-12-07 its record was
+/// appended before room was made, and replayed.)
+#[test]
+fn a_write_that_fails_for_want_of_room_leaves_nothing_to_replay() {
+    let Fixture {
+        mem,
+        keys,
+        path,
+        roots,
+        ..
+    } = Fixture::new();
+    let puts = Arc::new(ChunkPutsFail {
+        inner: objects(&mem),
+        on: false.into(),
+    });
+    let (store, root) = rt()
+        .block_on(ChunkStore::create(
+            puts.clone(),
+            PREFIX,
+            VAULT,
+            keys.key(),
+            geometry(),
+        ))
+        .unwrap();
+    let r2 = roots.clone();
+    // The smallest buffer: two chunks.
+    let dev = RemoteDevice::new(
+        store,
+        0,
+        Box::new(move |r| {
+            r2.lock().unwrap().push(r);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    dev.attach_journal(&path).unwrap();
+    puts.on.store(true, Ordering::SeqCst);
+    let c = u64::from(CHUNK);
+    let mut taken = Vec::new();
+    let mut failed = None;
+    for i in 0..4u8 {
+        let held = coffre_remote::journal::held(&path).unwrap();
+        if dev.write_at(u64::from(i) * c + 8, &[0x70 | i; 16]).is_ok() {
+            taken.push(i);
+        } else {
+            assert_eq!(
+                coffre_remote::journal::held(&path).unwrap(),
+                held,
+                "a write that failed left a record"
+            );
+            failed = Some(i);
+            break;
+        }
+    }
+    let failed = failed.expect("no write failed for want of room");
+    // The daemon dies; the store takes chunks again.
+    drop(dev);
+    puts.on.store(false, Ordering::SeqCst);
+    let dev = device(&mem, &keys, Some(root), &roots);
+    let found = dev.attach_journal(&path).unwrap();
+    assert_eq!(found.replayed, taken.len(), "{found:?}");
+    for i in taken {
+        assert_eq!(read(&dev, u64::from(i) * c + 8, 16), [0x70 | i; 16]);
+    }
+    assert_eq!(
+        read(&dev, u64::from(failed) * c + 8, 16),
+        [0u8; 16],
+        "the failed write was replayed"
+    );
+}
