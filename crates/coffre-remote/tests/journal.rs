@@ -839,9 +839,9 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
     let Fixture {
         mem,
         keys,
+        _dir,
         path,
         roots,
-        ..
     } = Fixture::new();
     let c = u64::from(CHUNK);
     let cu = CHUNK as usize;
@@ -936,9 +936,9 @@ fn a_write_that_fails_for_want_of_room_leaves_nothing_to_replay() {
     let Fixture {
         mem,
         keys,
+        _dir,
         path,
         roots,
-        ..
     } = Fixture::new();
     let puts = Arc::new(ChunkPutsFail {
         inner: objects(&mem),
