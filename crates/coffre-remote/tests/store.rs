@@ -1777,16 +1777,7 @@ fn chunks_written_in_parts_are_fetched_only_when_their_rest_is_needed() {
     let chunks = 16u64;
     let c = u64::from(CHUNK);
     let cu = CHUNK as usize;
-    let g = coffre_remote::Geometry::new(CHUNK, chunks * c).unwrap();
-    let root = rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), g)
-            .await
-            .unwrap();
-        s.write_chunks((0..chunks).map(|i| (i, chunk(i as u8))).collect())
-            .await
-            .unwrap();
-        s.flush().await.unwrap().unwrap()
-    });
+    let root = stored(&rt, &mem, &keys, chunks);
     let root = Arc::new(Mutex::new(root));
     // A device at the last root kept, through a store that counts the
     // chunks fetched; a buffer of 8 chunks (background uploads start at 2
@@ -1879,16 +1870,7 @@ fn a_part_whose_chunk_cannot_be_fetched_fails_the_flush_and_holds_up_nothing_els
     let keys = Keyring::new();
     let chunks = 16u64;
     let cu = CHUNK as usize;
-    let g = coffre_remote::Geometry::new(CHUNK, chunks * u64::from(CHUNK)).unwrap();
-    let root = rt.block_on(async {
-        let (mut s, _) = ChunkStore::create(objects(&mem), PREFIX, VAULT, keys.key(), g)
-            .await
-            .unwrap();
-        s.write_chunks((0..chunks).map(|i| (i, chunk(i as u8))).collect())
-            .await
-            .unwrap();
-        s.flush().await.unwrap().unwrap()
-    });
+    let root = stored(&rt, &mem, &keys, chunks);
     let mut model: Vec<u8> = (0..chunks).flat_map(|i| chunk(i as u8)).collect();
     let store = rt.block_on(opened(objects(&mem), &keys, root)).unwrap();
     let kept = Arc::new(Mutex::new(root));
@@ -1944,4 +1926,19 @@ fn a_part_whose_chunk_cannot_be_fetched_fails_the_flush_and_holds_up_nothing_els
     let mut all = vec![0u8; model.len()];
     dev.read_at(0, &mut all).unwrap();
     assert!(all == model);
+}
+
+/// A store of `chunks` chunks in `mem`, chunk `i` all bytes `i`, flushed:
+/// its root.
+fn stored(rt: &tokio::runtime::Runtime, mem: &Arc<InMemory>, keys: &Keyring, chunks: u64) -> Root {
+    let g = coffre_remote::Geometry::new(CHUNK, chunks * u64::from(CHUNK)).unwrap();
+    rt.block_on(async {
+        let (mut s, _) = ChunkStore::create(objects(mem), PREFIX, VAULT, keys.key(), g)
+            .await
+            .unwrap();
+        s.write_chunks((0..chunks).map(|i| (i, chunk(i as u8))).collect())
+            .await
+            .unwrap();
+        s.flush().await.unwrap().unwrap()
+    })
 }
