@@ -60,6 +60,17 @@ const READ_AHEAD: u64 = 16;
 /// Partial chunks fetched together to be made whole.
 const FETCH_TOGETHER: usize = 16;
 
+/// Whether partial chunks whose fetch failed less than [`UPLOAD_RETRY`]
+/// ago are fetched again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// At once: a flush that was asked for.
+    Now,
+    /// Not before the pause: what writes set off (making room, a
+    /// background upload, the journal's full cycle).
+    Paced,
+}
+
 /// When the device's thread collects and sweeps ([`Housekeeping::default`]
 /// is what the daemon uses; tests shorten it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -677,8 +688,11 @@ impl RemoteDevice {
     }
 
     /// Every write so far durable on the store (the journal emptied).
-    fn flush_locked(&self, s: &mut State) -> io::Result<()> {
-        self.upload(s)?;
+    /// `when` says whether partial chunks whose fetch failed a moment ago
+    /// are tried again at once (a flush asked for) or after the pause
+    /// (one the journal's full cycle forces on a write).
+    fn flush_locked(&self, s: &mut State, when: Fetch) -> io::Result<()> {
+        self.upload(s, when)?;
         let r = self.block_on(s.store.flush());
         report(s, self.on_change.as_deref());
         // Kept before the flush returns (a failed flush may still have
@@ -765,15 +779,48 @@ impl RemoteDevice {
             .collect()
     }
 
+    /// Makes the partial chunks but `except` whole. After a fetch failed,
+    /// a [`Fetch::Paced`] call fetches nothing for [`UPLOAD_RETRY`] and is
+    /// an error if partial chunks wait: a store that refuses chunks
+    /// written in part must not have each write fetch them all again.
+    fn complete_partials(&self, s: &mut State, except: Option<u64>, when: Fetch) -> io::Result<()> {
+        let partial = Self::partial_chunks(s, except);
+        if partial.is_empty() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if when == Fetch::Paced && s.fetch_after.is_some_and(|t| now < t) {
+            let mut named: Vec<String> = partial.iter().take(4).map(u64::to_string).collect();
+            if partial.len() > 4 {
+                named.push(format!("{} more", partial.len() - 4));
+            }
+            let (what, wait, its) = if partial.len() == 1 {
+                ("chunk", "waits", "its")
+            } else {
+                ("chunks", "wait", "their")
+            };
+            return Err(io::Error::other(format!(
+                "{what} {} (written in part) {wait} for the rest of {its} bytes, which the \
+                 store did not give back a moment ago (fetched again within {} s, or at \
+                 the next flush)",
+                named.join(", "),
+                UPLOAD_RETRY.as_secs()
+            )));
+        }
+        let r = self.complete(s, &partial);
+        s.fetch_after = r.is_err().then_some(now + UPLOAD_RETRY);
+        r
+    }
+
     /// Uploads every dirty chunk (not yet durable: see `flush`), the
-    /// partial ones made whole first. A partial chunk that cannot be
-    /// fetched stays dirty and is an error, after the others went up (one
-    /// chunk the stores cannot give back does not hold up the rest: the
-    /// buffer can still make room).
-    fn upload(&self, s: &mut State) -> io::Result<()> {
+    /// partial ones made whole first (`when`: see
+    /// [`complete_partials`](Self::complete_partials)). A partial chunk
+    /// that cannot be fetched stays dirty and is an error, after the others
+    /// went up (one chunk the stores cannot give back does not hold up the
+    /// rest: the buffer can still make room).
+    fn upload(&self, s: &mut State, when: Fetch) -> io::Result<()> {
         self.settle(s)?;
-        let partial = Self::partial_chunks(s, None);
-        let fetched = self.complete(s, &partial);
+        let fetched = self.complete_partials(s, None, when);
         let dirty: Vec<(u64, bytes::Bytes)> = s
             .cache
             .iter()
@@ -842,15 +889,7 @@ impl RemoteDevice {
         // write likely covers it. One that cannot be fetched stays
         // partial, for the flush (no background upload fetches again for
         // a while); the rest go up.
-        let now = std::time::Instant::now();
-        let fetched = if s.fetch_after.is_some_and(|t| now < t) {
-            Ok(())
-        } else {
-            let partial = Self::partial_chunks(s, s.last_write);
-            let r = self.complete(s, &partial);
-            s.fetch_after = r.is_err().then_some(now + UPLOAD_RETRY);
-            r
-        };
+        let fetched = self.complete_partials(s, s.last_write, Fetch::Paced);
         let copies: Vec<(u64, u64)> = s
             .cache
             .iter()
@@ -910,7 +949,7 @@ impl RemoteDevice {
                 None => {
                     // What went up makes room even if a partial chunk
                     // could not be fetched.
-                    let r = self.upload(s);
+                    let r = self.upload(s, Fetch::Paced);
                     if r.is_err() && s.cache.values().all(|c| c.dirty) {
                         return r;
                     }
@@ -1098,7 +1137,7 @@ impl BlockDevice for RemoteDevice {
                 || j.base() != s.store.root().epoch
         });
         if flush_first {
-            self.flush_locked(&mut s)?;
+            self.flush_locked(&mut s, Fetch::Paced)?;
         }
         {
             let State { journal, store, .. } = &mut *s;
@@ -1186,7 +1225,7 @@ impl BlockDevice for RemoteDevice {
 
     fn flush(&self) -> io::Result<()> {
         let mut s = lock(&self.state);
-        self.flush_locked(&mut s)
+        self.flush_locked(&mut s, Fetch::Now)
     }
 
     fn size(&self) -> io::Result<u64> {

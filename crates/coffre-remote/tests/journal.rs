@@ -852,7 +852,13 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
     dev.flush().unwrap();
     let root = dev.root();
     drop(dev);
-    let dev = device(&mem, &keys, Some(root), &roots);
+    // Counting the fetches of chunk 2.
+    let gets = Arc::new(ChunkGets {
+        inner: objects(&mem),
+        chunk: "c/000000000002/",
+        asked: 0.into(),
+    });
+    let dev = device_on(gets.clone(), &keys, Some(root), &roots);
     dev.attach_journal(&path).unwrap();
     let (name, bytes) = rt().block_on(async {
         snapshot(&mem)
@@ -868,6 +874,7 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
     // The buffer (and so the journal's cycle) is 1 MiB: 32 chunks of
     // 64 KiB pass it.
     let mut failed = 0;
+    let start = std::time::Instant::now();
     for k in 0..32u8 {
         let i = 4 + usize::from(k % 4);
         let data = chunk(0x80 | k);
@@ -880,6 +887,14 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
         }
     }
     assert!(failed > 0 && failed < 32, "{failed} of 32 writes failed");
+    // Not fetched again by each write that failed: once per pause at most.
+    let pauses = (start.elapsed().as_millis() / 1000) as usize;
+    let asked = gets.asked.load(Ordering::SeqCst);
+    assert!(
+        asked <= 1 + pauses,
+        "chunk 2 fetched {asked} times by {failed} failed writes in {} ms",
+        start.elapsed().as_millis()
+    );
     // The daemon dies.
     drop(dev);
     let root = *roots.lock().unwrap().last().unwrap();
@@ -899,6 +914,27 @@ fn a_part_whose_chunk_cannot_be_fetched_stays_in_the_journal_until_it_can() {
     let mut all = vec![0u8; model.len()];
     dev.read_at(0, &mut all).unwrap();
     assert!(all == model, "the volume is not every write that returned");
+}
+
+/// Counts the gets of the objects whose names hold `chunk`.
+struct ChunkGets {
+    inner: Arc<dyn Objects>,
+    chunk: &'static str,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+impl Objects for ChunkGets {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Option<(bytes::Bytes, Tag)>, StoreError>> {
+        if key.contains(self.chunk) {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.get(key, max)
+    }
+    common::forward!(put, delete, list, durable, prepare, opened);
 }
 
 /// Fails every put of a chunk while `on` (a store that takes nothing new

@@ -1928,6 +1928,103 @@ fn a_part_whose_chunk_cannot_be_fetched_fails_the_flush_and_holds_up_nothing_els
     assert!(all == model);
 }
 
+/// A buffer full of chunks written in part that the store will not give
+/// back fails the writes that need room, but does not have each of them
+/// fetch every partial chunk again (a store refusing chunks would turn
+/// each write into a buffer's worth of requests): the writes set off one
+/// round of fetches per pause at most, a flush asked for tries at once,
+/// and once the chunks are back everything is made durable.
+#[test]
+fn a_buffer_of_parts_the_store_refuses_is_not_fetched_again_on_every_write() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let chunks = 16u64;
+    let c = u64::from(CHUNK);
+    let cu = CHUNK as usize;
+    let root = stored(&rt, &mem, &keys, chunks);
+    let mut model: Vec<u8> = (0..chunks).flat_map(|i| chunk(i as u8)).collect();
+    let kept = Arc::new(Mutex::new(root));
+    let (counting, store) = counting_store(&rt, &mem, &keys, root);
+    let k = kept.clone();
+    // A buffer of 4 chunks.
+    let dev = RemoteDevice::new(
+        store,
+        4 * cu,
+        Box::new(move |r| {
+            *k.lock().unwrap() = r;
+            Ok(())
+        }),
+    )
+    .unwrap();
+    let gone: Vec<(Path, Bytes)> = rt.block_on(async {
+        let mut gone = Vec::new();
+        for (name, bytes) in snapshot(&mem).await {
+            if (0..6).any(|i| name.contains(&format!("c/{i:012}/"))) {
+                let path = Path::from(name.as_str());
+                mem.delete(&path).await.unwrap();
+                gone.push((path, bytes));
+            }
+        }
+        gone
+    });
+    assert_eq!(gone.len(), 6);
+    let asked = || counting.asked.load(Ordering::SeqCst);
+    // Five parts: the buffer's size and one more chunk.
+    for i in 0..5u64 {
+        dev.write_at(i * c + 10, &[0xa0 | i as u8; 20]).unwrap();
+        model[(i * c) as usize + 10..(i * c) as usize + 30].fill(0xa0 | i as u8);
+    }
+    // A flush asked for tries at once: one round of fetches.
+    let before = asked();
+    assert!(
+        dev.flush().is_err(),
+        "a flush without the parts' rest returned"
+    );
+    let round = asked() - before;
+    assert!(
+        round >= 5,
+        "the flush fetched {round} chunks, not the 5 parts"
+    );
+    // Writes that need room fail, each changing nothing, and fetch at most
+    // one round per pause between them.
+    let before = asked();
+    let start = std::time::Instant::now();
+    let attempts = 20;
+    for _ in 0..attempts {
+        assert!(dev.write_at(5 * c + 10, &[0xee; 20]).is_err());
+    }
+    let pauses = (start.elapsed().as_millis() / 1000) as usize;
+    let fetched = asked() - before;
+    assert!(
+        fetched <= round * (1 + pauses),
+        "{attempts} writes fetched {fetched} chunks in {} ms (one round is {round})",
+        start.elapsed().as_millis()
+    );
+    // Back on the store: a flush makes the parts whole and durable, and
+    // the writes go on.
+    rt.block_on(async {
+        for (path, bytes) in gone {
+            mem.put(&path, PutPayload::from(bytes)).await.unwrap();
+        }
+    });
+    dev.flush().unwrap();
+    dev.write_at(5 * c + 10, &[0xee; 20]).unwrap();
+    model[5 * cu + 10..5 * cu + 30].fill(0xee);
+    dev.flush().unwrap();
+    drop(dev);
+    let store = rt
+        .block_on(opened(objects(&mem), &keys, *kept.lock().unwrap()))
+        .unwrap();
+    let dev = RemoteDevice::new(store, 1 << 20, Box::new(|_| Ok(()))).unwrap();
+    let mut all = vec![0u8; model.len()];
+    dev.read_at(0, &mut all).unwrap();
+    assert!(
+        all == model,
+        "the store does not hold the parts over what was there"
+    );
+}
+
 /// A store of `chunks` chunks in `mem`, chunk `i` all bytes `i`, flushed:
 /// its root.
 fn stored(rt: &tokio::runtime::Runtime, mem: &Arc<InMemory>, keys: &Keyring, chunks: u64) -> Root {
