@@ -259,14 +259,42 @@ fn find_program(name: &str) -> Option<PathBuf> {
         })
 }
 
+/// How a file or directory lets a user other than root change it, or
+/// move what it holds.
+#[derive(Debug, PartialEq, Eq)]
+enum NotRootAlone {
+    /// Another user owns it.
+    Owner(u32),
+    /// Group or others may write it (its mode); in a directory, replace
+    /// what it holds.
+    Writable(u32),
+}
+
+/// The rule every check of "root's alone" applies: owned by root and
+/// writable by nobody else; a sticky directory others may write is
+/// accepted if `sticky_ok` (there only an entry's owner may rename it:
+/// root's stays root's, as in `/tmp`).
+fn root_alone(m: &std::fs::Metadata, sticky_ok: bool) -> Result<(), NotRootAlone> {
+    let mode = m.permissions().mode() & 0o7777;
+    if m.uid() != 0 {
+        return Err(NotRootAlone::Owner(m.uid()));
+    }
+    let sticky = sticky_ok && m.is_dir() && mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(NotRootAlone::Writable(mode));
+    }
+    Ok(())
+}
+
 /// Whether `path` and every directory above it are root's and writable
-/// by nobody else: only such a program is run (as root) to ask its
-/// version. Why not, otherwise.
+/// by nobody else (sticky ones neither: a program is not kept in `/tmp`):
+/// only such a program is run (as root) to ask its version. Why not,
+/// otherwise.
 fn trusted_program(path: &Path) -> Result<(), String> {
     let path = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for p in path.ancestors() {
         let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        if m.uid() != 0 || m.permissions().mode() & 0o022 != 0 {
+        if root_alone(&m, false).is_err() {
             return Err(format!(
                 "{} is not root's alone (owner uid {}, mode {:04o}): not run",
                 p.display(),
@@ -276,6 +304,79 @@ fn trusted_program(path: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The directories above the vault directory: whoever may rename an entry
+/// in one of them can move the vault directory away and put one of their
+/// own in its place (another config, another control file: the daemon
+/// would run what they chose). FAIL if others may write one (and it is
+/// not sticky), WARN if another user owns one.
+fn dirs_above_vault(dir: &Path) -> Finding {
+    const CHECK: &str = "vault-dir-path";
+    let real = match std::fs::canonicalize(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            return Finding::fail(
+                CHECK,
+                format!("{}: {e}", dir.display()),
+                "give the directory coffre init made",
+            );
+        }
+    };
+    let mut owned = None;
+    for p in real.ancestors().skip(1) {
+        let m = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => {
+                return Finding::fail(
+                    CHECK,
+                    format!("{}: {e}", p.display()),
+                    "give the directory coffre init made",
+                );
+            }
+        };
+        match root_alone(&m, true) {
+            Ok(()) => {}
+            Err(NotRootAlone::Writable(mode)) => {
+                return Finding::fail(
+                    CHECK,
+                    format!(
+                        "{} (above the vault directory {}) has mode {mode:04o}: others can move the vault directory away and put another in its place",
+                        p.display(),
+                        real.display()
+                    ),
+                    format!(
+                        "chmod go-w {}, or move the vault under directories only root can write (such as /var/lib/coffre)",
+                        p.display()
+                    ),
+                );
+            }
+            Err(NotRootAlone::Owner(uid)) => {
+                owned.get_or_insert((p.to_path_buf(), uid));
+            }
+        }
+    }
+    match owned {
+        Some((p, uid)) => Finding::warn(
+            CHECK,
+            format!(
+                "{} (above the vault directory {}) belongs to uid {uid}, not root: that user can move the vault directory away and put another in its place",
+                p.display(),
+                real.display()
+            ),
+            format!(
+                "chown root: {}, or move the vault under directories of root's (such as /var/lib/coffre)",
+                p.display()
+            ),
+        ),
+        None => Finding::ok(
+            CHECK,
+            format!(
+                "every directory above {} is root's alone (or sticky)",
+                real.display()
+            ),
+        ),
+    }
 }
 
 /// Remote storage's write journal: its directory and every one on the
@@ -646,7 +747,10 @@ pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
     let d = VaultDir::new(dir);
     let mut out = Vec::new();
     match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => out.push(modes_of_dir(dir, &m)),
+        Ok(m) if m.is_dir() => {
+            out.push(modes_of_dir(dir, &m));
+            out.push(dirs_above_vault(dir));
+        }
         Ok(_) => {
             out.push(Finding::fail(
                 "vault-dir",
@@ -683,7 +787,7 @@ pub fn vault(dir: &Path) -> (Vec<Finding>, Needs, Option<PathBuf>) {
     };
     // The header's keyslots are what a password is guessed against.
     let header_file: Vec<PathBuf> = config.iter().map(|c| c.header.clone()).collect();
-    out.insert(1, secret_files(&d, &header_file));
+    out.insert(2, secret_files(&d, &header_file));
     out.push(match d.load_control() {
         Ok(_) => Finding::ok("control", format!("{} reads", d.control().display())),
         Err(e) => Finding::fail(
@@ -1079,6 +1183,54 @@ mod tests {
         assert!(e.contains("not root's alone"), "{e}");
         assert!(!Path::new("/tmp/coffre-doctor-ran").exists());
         assert!(find_program("sh").is_some_and(|p| p.starts_with("/usr") || p.starts_with("/bin")));
+    }
+
+    /// A directory above the vault's that others may write fails (they
+    /// could put another vault directory in its place), one another user
+    /// owns warns, a sticky one (as `/tmp`) does not count.
+    #[test]
+    fn directories_above_the_vault_are_judged() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let above = t.path().join("above");
+        let vault = above.join("vault");
+        std::fs::create_dir_all(&vault).unwrap();
+        let mode =
+            |m| std::fs::set_permissions(&above, std::fs::Permissions::from_mode(m)).unwrap();
+        let names = |f: &Finding| f.detail.starts_with(&format!("{} (above", above.display()));
+        mode(0o755);
+        let f = dirs_above_vault(&vault);
+        assert!(f.level != Level::Fail && !names(&f), "{f:?}");
+        assert_eq!(f.check, "vault-dir-path");
+        mode(0o777);
+        let f = dirs_above_vault(&vault);
+        assert_eq!(f.level, Level::Fail, "{f:?}");
+        assert!(
+            names(&f) && f.fix.as_deref().unwrap().contains("chmod go-w"),
+            "{f:?}"
+        );
+        mode(0o1777);
+        let f = dirs_above_vault(&vault);
+        assert!(f.level != Level::Fail && !names(&f), "{f:?}");
+        mode(0o755);
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&above, Some(4321), None).unwrap();
+            let f = dirs_above_vault(&vault);
+            assert_eq!(f.level, Level::Warn, "{f:?}");
+            assert!(names(&f) && f.detail.contains("uid 4321"), "{f:?}");
+        }
+        // The same rule as programs', but for sticky directories.
+        let m = |m| {
+            std::fs::set_permissions(&above, std::fs::Permissions::from_mode(m)).unwrap();
+            std::fs::metadata(&above).unwrap()
+        };
+        std::os::unix::fs::chown(&above, Some(0), None).ok();
+        assert_eq!(root_alone(&m(0o1777), true), Ok(()));
+        assert!(root_alone(&m(0o1777), false).is_err());
+        assert_eq!(
+            root_alone(&m(0o775), true),
+            Err(NotRootAlone::Writable(0o775))
+        );
     }
 
     #[test]

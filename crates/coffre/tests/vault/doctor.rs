@@ -69,6 +69,7 @@ fn doctor_finds_this_host_and_a_fresh_vault_sound() {
         "seccomp",
         "shared-mappings",
         "vault-dir",
+        "vault-dir-path",
         "control-file",
         "config",
         "control",
