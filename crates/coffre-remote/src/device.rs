@@ -985,7 +985,10 @@ impl RemoteDevice {
             if u64::try_from(s.prefetch.len()).unwrap_or(u64::MAX) >= w {
                 return;
             }
-            if s.cache.contains_key(&next) || s.prefetch.contains_key(&next) {
+            // A chunk written in part is fetched ahead too (its rest is
+            // put under the part when it lands, or when it is read).
+            let whole = s.cache.get(&next).is_some_and(|c| c.partial.is_none());
+            if whole || s.prefetch.contains_key(&next) {
                 continue;
             }
             let reads = Arc::new(s.store.prepare_reads(&[next]));
@@ -1087,7 +1090,8 @@ impl BlockDevice for RemoteDevice {
             // A sequential miss: the window after it goes on its way
             // before this chunk is read (a failure is left to the read of
             // each chunk to report, with its fallbacks and repairs).
-            if !s.cache.contains_key(&index) && sequential {
+            let whole = s.cache.get(&index).is_some_and(|c| c.partial.is_none());
+            if !whole && sequential {
                 self.prefetch_after(&mut s, index);
             }
             let c = self.chunk_mut(&mut s, index)?;

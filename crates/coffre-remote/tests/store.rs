@@ -1694,6 +1694,48 @@ fn read_ahead_shape(how: coffre_remote::integrity::ChunkMac) {
     );
 }
 
+/// Chunks written in part are fetched ahead of sequential reads as the
+/// others are (before, each was fetched on its own when read): each once,
+/// several at a time, and what reads back is each part over what the
+/// store held.
+#[test]
+fn parts_are_fetched_ahead_of_sequential_reads() {
+    let rt = rt();
+    let mem = Arc::new(InMemory::new());
+    let keys = Keyring::new();
+    let chunks = 16u64;
+    let c = u64::from(CHUNK);
+    let cu = CHUNK as usize;
+    let root = stored(&rt, &mem, &keys, chunks);
+    let (counting, store) = counting_store(&rt, &mem, &keys, root);
+    // A buffer of 64 chunks: a window of 16, and no background upload (it
+    // would fetch the parts) before 16 chunks are dirty. Every chunk but
+    // the last is written in part: what is fetched ahead is parts.
+    let dev = RemoteDevice::new(store, 64 * cu, Box::new(|_| Ok(()))).unwrap();
+    let parts = chunks - 1;
+    let mut model: Vec<u8> = (0..parts).flat_map(|i| chunk(i as u8)).collect();
+    for i in 0..parts {
+        dev.write_at(i * c + 100, &[0xa0 | i as u8; 30]).unwrap();
+        model[(i * c) as usize + 100..(i * c) as usize + 130].fill(0xa0 | i as u8);
+    }
+    assert_eq!(counting.asked.load(Ordering::SeqCst), 0);
+    let mut buf = vec![0u8; cu];
+    for i in 0..parts {
+        dev.read_at(i * c, &mut buf).unwrap();
+        assert!(
+            buf[..] == model[(i * c) as usize..((i + 1) * c) as usize],
+            "chunk {i}"
+        );
+    }
+    let asked = counting.asked.load(Ordering::SeqCst) as u64;
+    assert!(
+        (parts..=parts + 16).contains(&asked),
+        "{asked} chunks asked for to read {parts}"
+    );
+    let most = counting.most.load(Ordering::SeqCst);
+    assert!(most >= 4, "parts fetched {most} at a time");
+}
+
 /// A chunk written (and made durable, then pushed out of the buffer) while
 /// its read-ahead was on its way is read as written: the bytes fetched
 /// ahead were of the version before, and are dropped when they land.
