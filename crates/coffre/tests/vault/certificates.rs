@@ -72,11 +72,7 @@ fn a_member_renews_their_certificate_and_the_old_one_ends_at_the_next_renewal() 
     std::thread::sleep(std::time::Duration::from_millis(1100));
 
     let out = v.authed("alice", &["renew"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let second = v.tmp.path().join("alice.second.identity");
     std::fs::copy(&identity, &second).unwrap();
     let (a, b) = (read(&first), read(&second));
@@ -116,11 +112,7 @@ fn a_member_renews_their_certificate_and_the_old_one_ends_at_the_next_renewal() 
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let out = status_with(&v, &first);
     assert_eq!(code(&out), 8, "the first certificate is revoked");
     ok(&status_with(&v, &second));
@@ -173,11 +165,7 @@ fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(said.contains("next start"), "{said}");
     let after = std::fs::read_to_string(v.dir.join("server.pem")).unwrap();
     assert_ne!(before, after);
@@ -221,11 +209,7 @@ fn the_host_renews_the_doors_and_the_cas_certificates_and_members_notice_nothing
     let alice_cert = identity["cert_pem"].as_str().unwrap().to_string();
     let out = v.bin().args(["renew", "--ca", &dir]).output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(said.contains("member profile"), "{said}");
     let ca_after = std::fs::read_to_string(v.dir.join("ca.pem")).unwrap();
     assert_ne!(ca_before, ca_after);

@@ -78,11 +78,7 @@ fn invitation_is_single_use_and_needs_its_code() {
         "alice",
         &["member", "invite", "carol", "--out", inv.to_str().unwrap()],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     // A forged code is refused.
     let mut forged: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&inv).unwrap()).unwrap();
@@ -94,11 +90,7 @@ fn invitation_is_single_use_and_needs_its_code() {
     let _ = std::fs::remove_file(v.tmp.path().join("carol.identity"));
     // The real one works once.
     let out = v.join("carol", &inv);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let _ = std::fs::remove_file(v.tmp.path().join("carol.identity"));
     let out = v.join("carol", &inv);
     assert!(!out.status.success(), "an invitation works once");
@@ -147,11 +139,7 @@ fn unused_invitation_expires_and_its_keyslot_is_wiped() {
         "alice",
         &["member", "invite", "dave", "--out", inv.to_str().unwrap()],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     std::thread::sleep(Duration::from_millis(2500));
     let out = v.join("dave", &inv);
     assert!(!out.status.success(), "expired invitation accepted");
@@ -166,11 +154,7 @@ fn two_person_unlock() {
     v.start();
     v.add_member("alice", "bob", true);
     let out = v.authed("alice", &["quorum", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     // The quorum can never exceed the superusers.
     let out = v.authed("alice", &["quorum", "3"]);
     assert_eq!(code(&out), 1);
@@ -200,11 +184,7 @@ fn removed_member_is_kicked_and_refused() {
     let mut b = v.enter_bg("bob", &[]);
     assert_eq!(v.state(), "open");
     let out = v.authed("alice", &["member", "remove", "bob"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     v.wait_state("closed", Duration::from_secs(30));
     assert!(wait_exit(&mut b, Duration::from_secs(10)).is_some_and(|c| c != 0));
     // His certificate is refused from now on, and his password opens nothing.
@@ -305,11 +285,7 @@ fn passwd_replaces_the_keyslot() {
         "alice",
         &["passwd", "--new-password-file", newpw.to_str().unwrap()],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let out = v.authed("alice", &["enter"]);
     assert_eq!(code(&out), 2, "the old password no longer opens");
     std::fs::copy(&newpw, v.member("alice").password.clone()).unwrap();
@@ -453,11 +429,7 @@ fn first_superuser_can_join_from_their_own_machine() {
         .args(coffre_testkit::kdf::ARGON2ID_FAST)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let mut v = Vault {
         tmp,
         dir,
@@ -472,11 +444,7 @@ fn first_superuser_can_join_from_their_own_machine() {
     };
     v.start();
     let out = v.join("ruth", &inv);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let secret = secret_from(&String::from_utf8(out.stdout).unwrap());
     let identity = v.tmp.path().join("ruth.identity");
     let password = v.tmp.path().join("ruth.pw");

@@ -389,11 +389,7 @@ fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
     );
     v.stop();
     let out = migrate(&v);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let migrated = v.dir.join("volume.img.migrated");
     assert!(migrated.exists() && !v.dir.join("volume.img").exists());
     let cfg = std::fs::read_to_string(v.dir.join("config.toml")).unwrap();
@@ -410,11 +406,7 @@ fn a_local_vault_migrates_to_s3_and_exports_back_byte_identical() {
         .args(["--password-file", pw.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(std::fs::read(&export).unwrap() == std::fs::read(&migrated).unwrap());
     // The vault opens on the store, with its data.
     v.start();
@@ -439,11 +431,7 @@ fn volume_key_of(v: &Vault) -> Vec<u8> {
         .arg(v.dir.join("volume.hdr"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let key = std::fs::read(&out_file).unwrap();
     std::fs::remove_file(&out_file).unwrap();
     key
@@ -673,11 +661,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
         .args(["--password-file", pw.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert_eq!(snapshot(&b), before, "the export wrote to the replica");
     let hdr = v.tmp.path().join("hdr-copy");
     std::fs::copy(v.dir.join("volume.hdr"), &hdr).unwrap();
@@ -687,11 +671,7 @@ fn a_mirrored_vault_survives_either_store_and_brings_the_lagging_one_back() {
         .args([&hdr, &export])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     for (name, want) in [
         ("first.txt", &first[..]),
         ("second.txt", &second[..]),
@@ -882,11 +862,7 @@ fn fio(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap()
 }
@@ -942,11 +918,7 @@ fn survey_the_mounted_vault_on_nbd() {
             .args([from, to])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&out);
         mib as f64 / t.elapsed().as_secs_f64()
     };
     nbdcopy(file.to_str().unwrap(), &base.url(""));
