@@ -180,9 +180,9 @@ struct State {
     prefetch: BTreeMap<u64, Prefetch>,
     /// No background upload starts before this (one failed).
     upload_after: Option<std::time::Instant>,
-    /// No background upload fetches partial chunks before this (a fetch
-    /// failed; a flush still tries at once).
-    fetch_after: Option<std::time::Instant>,
+    /// Partial chunks whose fetch failed, each with when what writes set
+    /// off may fetch it again (a flush asked for tries at once).
+    refused: BTreeMap<u64, std::time::Instant>,
     /// The chunk the last read ended in: a read that starts a miss at the
     /// next one is sequential, and the chunks after it are fetched with it.
     last_read: Option<u64>,
@@ -428,7 +428,7 @@ impl RemoteDevice {
                 in_flight: None,
                 prefetch: BTreeMap::new(),
                 upload_after: None,
-                fetch_after: None,
+                refused: BTreeMap::new(),
                 reported: Vec::new(),
                 journal: None,
             })),
@@ -779,37 +779,58 @@ impl RemoteDevice {
             .collect()
     }
 
-    /// Makes the partial chunks but `except` whole. After a fetch failed,
-    /// a [`Fetch::Paced`] call fetches nothing for [`UPLOAD_RETRY`] and is
-    /// an error if partial chunks wait: a store that refuses chunks
-    /// written in part must not have each write fetch them all again.
+    /// Makes the partial chunks but `except` whole. A chunk whose fetch
+    /// failed is not fetched again by a [`Fetch::Paced`] call for
+    /// [`UPLOAD_RETRY`] after that failure (the others are): a store that
+    /// refuses chunks written in part must not have each write fetch them
+    /// all again. An error if one could not be fetched, or waits.
     fn complete_partials(&self, s: &mut State, except: Option<u64>, when: Fetch) -> io::Result<()> {
         let partial = Self::partial_chunks(s, except);
+        // Only chunks still partial are remembered.
+        let State { refused, cache, .. } = &mut *s;
+        refused.retain(|i, _| cache.get(i).is_some_and(|c| c.partial.is_some()));
         if partial.is_empty() {
             return Ok(());
         }
         let now = std::time::Instant::now();
-        if when == Fetch::Paced && s.fetch_after.is_some_and(|t| now < t) {
-            let mut named: Vec<String> = partial.iter().take(4).map(u64::to_string).collect();
-            if partial.len() > 4 {
-                named.push(format!("{} more", partial.len() - 4));
-            }
-            let (what, wait, its) = if partial.len() == 1 {
-                ("chunk", "waits", "its")
+        let (waiting, fetch): (Vec<u64>, Vec<u64>) = partial
+            .into_iter()
+            .partition(|i| when == Fetch::Paced && s.refused.get(i).is_some_and(|t| now < *t));
+        let r = if fetch.is_empty() {
+            Ok(())
+        } else {
+            self.complete(s, &fetch)
+        };
+        // Timed from the failure's end: a store slow to refuse still gets
+        // its pause.
+        let again = std::time::Instant::now() + UPLOAD_RETRY;
+        for i in fetch {
+            if s.cache.get(&i).is_some_and(|c| c.partial.is_some()) {
+                s.refused.insert(i, again);
             } else {
-                ("chunks", "wait", "their")
-            };
-            return Err(io::Error::other(format!(
-                "{what} {} (written in part) {wait} for the rest of {its} bytes, which the \
-                 store did not give back a moment ago (fetched again within {} s, or at \
-                 the next flush)",
-                named.join(", "),
-                UPLOAD_RETRY.as_secs()
-            )));
+                s.refused.remove(&i);
+            }
         }
-        let r = self.complete(s, &partial);
-        s.fetch_after = r.is_err().then_some(now + UPLOAD_RETRY);
-        r
+        r?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut named: Vec<String> = waiting.iter().take(4).map(u64::to_string).collect();
+        let (what, wait, its) = if waiting.len() == 1 {
+            ("chunk", "waits", "its")
+        } else {
+            ("chunks", "wait", "their")
+        };
+        if waiting.len() > 4 {
+            named.push(format!("and {} more", waiting.len() - 4));
+        }
+        Err(io::Error::other(format!(
+            "{what} {} (written in part) {wait} for the rest of {its} bytes, which the \
+             store did not give back a moment ago (fetched again within {} s, or at \
+             the next flush)",
+            named.join(", "),
+            UPLOAD_RETRY.as_secs()
+        )))
     }
 
     /// Uploads every dirty chunk (not yet durable: see `flush`), the
@@ -887,8 +908,8 @@ impl RemoteDevice {
         // Partial chunks made whole first (fetched 16 at a time, the
         // writer waiting), but the one the last write ended in: the next
         // write likely covers it. One that cannot be fetched stays
-        // partial, for the flush (no background upload fetches again for
-        // a while); the rest go up.
+        // partial, for the flush (what writes set off does not fetch it
+        // again for a second); the rest go up.
         let fetched = self.complete_partials(s, s.last_write, Fetch::Paced);
         let copies: Vec<(u64, u64)> = s
             .cache
