@@ -274,14 +274,15 @@ enum NotRootAlone {
 /// writable by nobody else; a sticky directory others may write is
 /// accepted if `sticky_ok` (there only an entry's owner may rename it:
 /// root's stays root's, as in `/tmp`).
+/// Writable by others is said first (the worse: anyone may change it).
 fn root_alone(m: &std::fs::Metadata, sticky_ok: bool) -> Result<(), NotRootAlone> {
     let mode = m.permissions().mode() & 0o7777;
-    if m.uid() != 0 {
-        return Err(NotRootAlone::Owner(m.uid()));
-    }
     let sticky = sticky_ok && m.is_dir() && mode & 0o1000 != 0;
     if mode & 0o022 != 0 && !sticky {
         return Err(NotRootAlone::Writable(mode));
+    }
+    if m.uid() != 0 {
+        return Err(NotRootAlone::Owner(m.uid()));
     }
     Ok(())
 }
@@ -306,42 +307,64 @@ fn trusted_program(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The directories above the vault directory: whoever may rename an entry
-/// in one of them can move the vault directory away and put one of their
-/// own in its place (another config, another control file: the daemon
-/// would run what they chose). FAIL if others may write one (and it is
-/// not sticky), WARN if another user owns one.
+/// The directories above the vault directory, and every entry on the
+/// way to it as given (a link there is followed by whoever starts the
+/// daemon with that path): whoever may rename an entry in one of them, or
+/// change such a link, can put a vault directory of their own in its
+/// place (another config, another control file: the daemon would run
+/// what they chose). FAIL if others may write one (and it is not sticky),
+/// WARN if another user owns one.
 fn dirs_above_vault(dir: &Path) -> Finding {
     const CHECK: &str = "vault-dir-path";
+    let unreadable = |p: &Path, e: std::io::Error| {
+        Finding::fail(
+            CHECK,
+            format!("{}: {e}", p.display()),
+            "give the vault directory by a path whose every directory root can reach",
+        )
+    };
     let real = match std::fs::canonicalize(dir) {
         Ok(p) => p,
-        Err(e) => {
-            return Finding::fail(
-                CHECK,
-                format!("{}: {e}", dir.display()),
-                "give the directory coffre init made",
-            );
+        Err(e) => return unreadable(dir, e),
+    };
+    let given = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(dir),
+            Err(e) => return unreadable(dir, e),
         }
     };
+    // The vault directory itself is `vault-dir`'s (but a link to it is
+    // judged here).
+    let mut on_the_way: Vec<&Path> = given.ancestors().collect();
+    on_the_way.extend(real.ancestors().skip(1));
+    let mut seen = std::collections::BTreeSet::new();
     let mut owned = None;
-    for p in real.ancestors().skip(1) {
-        let m = match std::fs::metadata(p) {
+    for (k, p) in on_the_way.into_iter().enumerate() {
+        if !seen.insert(p) {
+            continue;
+        }
+        let m = match std::fs::symlink_metadata(p) {
             Ok(m) => m,
-            Err(e) => {
-                return Finding::fail(
-                    CHECK,
-                    format!("{}: {e}", p.display()),
-                    "give the directory coffre init made",
-                );
-            }
+            Err(e) => return unreadable(p, e),
         };
+        if m.file_type().is_symlink() {
+            if m.uid() != 0 {
+                owned.get_or_insert((p.to_path_buf(), m.uid(), "a link"));
+            }
+            continue;
+        }
+        if k == 0 {
+            continue;
+        }
         match root_alone(&m, true) {
             Ok(()) => {}
             Err(NotRootAlone::Writable(mode)) => {
                 return Finding::fail(
                     CHECK,
                     format!(
-                        "{} (above the vault directory {}) has mode {mode:04o}: others can move the vault directory away and put another in its place",
+                        "{} (on the way to the vault directory {}) has mode {mode:04o}: others can move the vault directory away and put another in its place",
                         p.display(),
                         real.display()
                     ),
@@ -352,27 +375,27 @@ fn dirs_above_vault(dir: &Path) -> Finding {
                 );
             }
             Err(NotRootAlone::Owner(uid)) => {
-                owned.get_or_insert((p.to_path_buf(), uid));
+                owned.get_or_insert((p.to_path_buf(), uid, "a directory"));
             }
         }
     }
     match owned {
-        Some((p, uid)) => Finding::warn(
+        Some((p, uid, what)) => Finding::warn(
             CHECK,
             format!(
-                "{} (above the vault directory {}) belongs to uid {uid}, not root: that user can move the vault directory away and put another in its place",
+                "{} (on the way to the vault directory {}) is {what} of uid {uid}, not root's: that user can put another vault directory in its place",
                 p.display(),
                 real.display()
             ),
             format!(
-                "chown root: {}, or move the vault under directories of root's (such as /var/lib/coffre)",
+                "chown -h root: {}, or give the vault by a path of directories and links of root's (such as /var/lib/coffre)",
                 p.display()
             ),
         ),
         None => Finding::ok(
             CHECK,
             format!(
-                "every directory above {} is root's alone (or sticky)",
+                "every directory above {} and on the way to it is root's alone (or sticky)",
                 real.display()
             ),
         ),
@@ -1187,44 +1210,65 @@ mod tests {
 
     /// A directory above the vault's that others may write fails (they
     /// could put another vault directory in its place), one another user
-    /// owns warns, a sticky one (as `/tmp`) does not count.
+    /// owns warns, a sticky one (as `/tmp`) does not count; a link on the
+    /// way that another user owns warns too. Owners need root to change:
+    /// without it only the modes are judged.
     #[test]
     fn directories_above_the_vault_are_judged() {
         use std::os::unix::fs::PermissionsExt;
+        let root = rustix::process::geteuid().is_root();
         let t = tempfile::tempdir().unwrap();
         let above = t.path().join("above");
         let vault = above.join("vault");
         std::fs::create_dir_all(&vault).unwrap();
         let mode =
             |m| std::fs::set_permissions(&above, std::fs::Permissions::from_mode(m)).unwrap();
-        let names = |f: &Finding| f.detail.starts_with(&format!("{} (above", above.display()));
-        mode(0o755);
-        let f = dirs_above_vault(&vault);
-        assert!(f.level != Level::Fail && !names(&f), "{f:?}");
-        assert_eq!(f.check, "vault-dir-path");
+        let names = |f: &Finding, p: &Path| {
+            f.detail
+                .starts_with(&format!("{} (on the way", p.display()))
+        };
         mode(0o777);
         let f = dirs_above_vault(&vault);
         assert_eq!(f.level, Level::Fail, "{f:?}");
         assert!(
-            names(&f) && f.fix.as_deref().unwrap().contains("chmod go-w"),
+            names(&f, &above) && f.fix.as_deref().unwrap().contains("chmod go-w"),
             "{f:?}"
         );
+        assert_eq!(f.check, "vault-dir-path");
+        if !root {
+            return;
+        }
+        mode(0o755);
+        let f = dirs_above_vault(&vault);
+        assert!(f.level != Level::Fail && !names(&f, &above), "{f:?}");
         mode(0o1777);
         let f = dirs_above_vault(&vault);
-        assert!(f.level != Level::Fail && !names(&f), "{f:?}");
+        assert!(f.level != Level::Fail && !names(&f, &above), "{f:?}");
         mode(0o755);
-        if rustix::process::geteuid().is_root() {
-            std::os::unix::fs::chown(&above, Some(4321), None).unwrap();
-            let f = dirs_above_vault(&vault);
-            assert_eq!(f.level, Level::Warn, "{f:?}");
-            assert!(names(&f) && f.detail.contains("uid 4321"), "{f:?}");
-        }
+        std::os::unix::fs::chown(&above, Some(4321), None).unwrap();
+        let f = dirs_above_vault(&vault);
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        assert!(names(&f, &above) && f.detail.contains("uid 4321"), "{f:?}");
+        // Writable and another user's: the worse is said.
+        mode(0o777);
+        assert_eq!(dirs_above_vault(&vault).level, Level::Fail);
+        mode(0o755);
+        std::os::unix::fs::chown(&above, Some(0), None).unwrap();
+        // A link to the vault that another user owns, judged as given.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&vault, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(4321), None).unwrap();
+        let f = dirs_above_vault(&link);
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        assert!(names(&f, &link) && f.detail.contains("a link"), "{f:?}");
+        std::os::unix::fs::lchown(&link, Some(0), None).unwrap();
+        let f = dirs_above_vault(&link);
+        assert!(f.level != Level::Fail && !names(&f, &link), "{f:?}");
         // The same rule as programs', but for sticky directories.
         let m = |m| {
             std::fs::set_permissions(&above, std::fs::Permissions::from_mode(m)).unwrap();
             std::fs::metadata(&above).unwrap()
         };
-        std::os::unix::fs::chown(&above, Some(0), None).ok();
         assert_eq!(root_alone(&m(0o1777), true), Ok(()));
         assert!(root_alone(&m(0o1777), false).is_err());
         assert_eq!(

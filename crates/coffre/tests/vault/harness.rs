@@ -199,7 +199,12 @@ impl Vault {
             .arg(self.dir.join("volume.img"))
             .output()
             .unwrap();
-        ok(&out);
+        // Not ok(): its stdout is the whole volume.
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::write(to, out.stdout).unwrap();
     }
 
