@@ -307,13 +307,65 @@ fn trusted_program(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The directories above the vault directory, and every entry on the
-/// way to it as given (a link there is followed by whoever starts the
-/// daemon with that path): whoever may rename an entry in one of them, or
-/// change such a link, can put a vault directory of their own in its
-/// place (another config, another control file: the daemon would run
-/// what they chose). FAIL if others may write one (and it is not sticky),
-/// WARN if another user owns one.
+/// Every entry the kernel goes through to reach `dir`, in order: each
+/// component looked at without following it (a link's own metadata),
+/// the links followed one component at a time as the kernel does (their
+/// targets' entries too, `..` taken after the link, as resolved), the
+/// last one the directory itself. At most 40 links.
+fn entries_on_the_way(
+    dir: &Path,
+) -> Result<Vec<(PathBuf, std::fs::Metadata)>, (PathBuf, std::io::Error)> {
+    use std::path::Component;
+    let start = if dir.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().map_err(|e| (dir.to_path_buf(), e))?
+    };
+    let mut todo: std::collections::VecDeque<PathBuf> = dir
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut at = start;
+    let mut out = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.components().next() {
+            Some(Component::RootDir) => at = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                at.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = at.join(name);
+                let m = std::fs::symlink_metadata(&next).map_err(|e| (next.clone(), e))?;
+                if m.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err((next, std::io::Error::other("more than 40 links on the way")));
+                    }
+                    let target = std::fs::read_link(&next).map_err(|e| (next.clone(), e))?;
+                    for t in target.components().rev() {
+                        todo.push_front(PathBuf::from(t.as_os_str()));
+                    }
+                    out.push((next, m));
+                } else {
+                    out.push((next.clone(), m));
+                    at = next;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The directories and links the kernel goes through to reach the vault
+/// directory (from `/`, as given, every link followed: the daemon takes
+/// the same way at each start): whoever may rename an entry in one of
+/// those directories, or replace such a link, can put a vault directory
+/// of their own in its place (another config, another control file: the
+/// daemon would run what they chose). FAIL if others may write one of
+/// the directories (and it is not sticky), WARN if another user owns one
+/// of them or of the links.
 fn dirs_above_vault(dir: &Path) -> Finding {
     const CHECK: &str = "vault-dir-path";
     let unreadable = |p: &Path, e: std::io::Error| {
@@ -327,35 +379,19 @@ fn dirs_above_vault(dir: &Path) -> Finding {
         Ok(p) => p,
         Err(e) => return unreadable(dir, e),
     };
-    let given = if dir.is_absolute() {
-        dir.to_path_buf()
-    } else {
-        match std::env::current_dir() {
-            Ok(cwd) => cwd.join(dir),
-            Err(e) => return unreadable(dir, e),
-        }
+    let mut entries = match entries_on_the_way(dir) {
+        Ok(e) => e,
+        Err((p, e)) => return unreadable(&p, e),
     };
-    // The vault directory itself is `vault-dir`'s (but a link to it is
-    // judged here).
-    let mut on_the_way: Vec<&Path> = given.ancestors().collect();
-    on_the_way.extend(real.ancestors().skip(1));
-    let mut seen = std::collections::BTreeSet::new();
+    // The vault directory itself is `vault-dir`'s.
+    entries.pop();
+    let root = std::fs::metadata("/").map(|m| (PathBuf::from("/"), m));
     let mut owned = None;
-    for (k, p) in on_the_way.into_iter().enumerate() {
-        if !seen.insert(p) {
-            continue;
-        }
-        let m = match std::fs::symlink_metadata(p) {
-            Ok(m) => m,
-            Err(e) => return unreadable(p, e),
-        };
+    for (p, m) in root.into_iter().chain(entries) {
         if m.file_type().is_symlink() {
             if m.uid() != 0 {
-                owned.get_or_insert((p.to_path_buf(), m.uid(), "a link"));
+                owned.get_or_insert((p, m.uid(), "a link"));
             }
-            continue;
-        }
-        if k == 0 {
             continue;
         }
         match root_alone(&m, true) {
@@ -375,7 +411,7 @@ fn dirs_above_vault(dir: &Path) -> Finding {
                 );
             }
             Err(NotRootAlone::Owner(uid)) => {
-                owned.get_or_insert((p.to_path_buf(), uid, "a directory"));
+                owned.get_or_insert((p, uid, "a directory"));
             }
         }
     }
@@ -1261,9 +1297,30 @@ mod tests {
         let f = dirs_above_vault(&link);
         assert_eq!(f.level, Level::Warn, "{f:?}");
         assert!(names(&f, &link) && f.detail.contains("a link"), "{f:?}");
+        // Given with a trailing slash (as shells complete a link to a
+        // directory), and reached through a second link.
+        let f = dirs_above_vault(&PathBuf::from(format!("{}/", link.display())));
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        assert!(names(&f, &link), "{f:?}");
+        let first = t.path().join("first");
+        std::os::unix::fs::symlink("link", &first).unwrap();
+        let f = dirs_above_vault(&first);
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        assert!(names(&f, &link), "{f:?}");
         std::os::unix::fs::lchown(&link, Some(0), None).unwrap();
-        let f = dirs_above_vault(&link);
+        let f = dirs_above_vault(&first);
         assert!(f.level != Level::Fail && !names(&f, &link), "{f:?}");
+        // A directory others may write, reached through the link's
+        // target only: still found.
+        mode(0o777);
+        let f = dirs_above_vault(&first);
+        assert_eq!(f.level, Level::Fail, "{f:?}");
+        assert!(names(&f, &above), "{f:?}");
+        mode(0o755);
+        // `..` as resolved: /above/vault/.. is `above`, judged; nothing
+        // of a path's text that the kernel does not go through.
+        let f = dirs_above_vault(&vault.join("..").join("vault"));
+        assert!(f.level != Level::Fail, "{f:?}");
         // The same rule as programs', but for sticky directories.
         let m = |m| {
             std::fs::set_permissions(&above, std::fs::Permissions::from_mode(m)).unwrap();

@@ -50,7 +50,9 @@ const RESYNC_EVERY: Duration = Duration::from_millis(500);
 const RESYNC_BUDGET: usize = 32;
 
 /// How long after a background upload failed the next one starts (the
-/// dirty chunks wait in the buffer; a flush uploads them at once).
+/// dirty chunks wait in the buffer; a flush uploads them at once); also
+/// how long a partial chunk whose fetch failed waits before what reads
+/// and writes set off fetches it again (a flush tries at once).
 const UPLOAD_RETRY: Duration = Duration::from_secs(1);
 
 /// Chunks fetched together when reads are sequential (at most a quarter
@@ -802,7 +804,9 @@ impl RemoteDevice {
             self.complete(s, &fetch)
         };
         // Timed from the failure's end: a store slow to refuse still gets
-        // its pause.
+        // its pause. (A read-ahead that landed wrong fails `complete`
+        // before it fetched: the chunks not tried wait too, as after a
+        // store's refusal.)
         let again = std::time::Instant::now() + UPLOAD_RETRY;
         for i in fetch {
             if s.cache.get(&i).is_some_and(|c| c.partial.is_some()) {
