@@ -1409,14 +1409,7 @@ fn history(ops: Vec<Op>, mirrored: bool, read_each_step: bool) -> Result<(), Tes
             .unwrap()
             .0;
         let root = Arc::new(Mutex::new(store.root()));
-        let keep = |root: &Arc<Mutex<Root>>| -> coffre_remote::device::OnRoot {
-            let r = root.clone();
-            Box::new(move |new| {
-                *r.lock().unwrap() = new;
-                Ok(())
-            })
-        };
-        let mut dev = RemoteDevice::new(store, 3 * CHUNK as usize, keep(&root)).unwrap();
+        let mut dev = RemoteDevice::new(store, 3 * CHUNK as usize, keeping(&root)).unwrap();
         // What was written (the device's view), what the last returned
         // flush made durable, and what each flush that failed since may
         // have made durable (its manifest put reached the store and the
@@ -1483,7 +1476,7 @@ fn history(ops: Vec<Op>, mirrored: bool, read_each_step: bool) -> Result<(), Tes
                         .unwrap();
                     prop_assert!(opened.ahead_by <= 1);
                     *root.lock().unwrap() = opened.root;
-                    dev = RemoteDevice::new(store, 3 * CHUNK as usize, keep(&root)).unwrap();
+                    dev = RemoteDevice::new(store, 3 * CHUNK as usize, keeping(&root)).unwrap();
                     let mut now = vec![0u8; SIZE as usize];
                     dev.read_at(0, &mut now).unwrap();
                     let ok = now == durable || maybe.contains(&now);
@@ -1824,16 +1817,7 @@ fn chunks_written_in_parts_are_fetched_only_when_their_rest_is_needed() {
     // dirty chunks, and the buffer spills while the halves come in).
     let device = || {
         let (counting, store) = counting_store(&rt, &mem, &keys, *root.lock().unwrap());
-        let r = root.clone();
-        let dev = RemoteDevice::new(
-            store,
-            8 * cu,
-            Box::new(move |new| {
-                *r.lock().unwrap() = new;
-                Ok(())
-            }),
-        )
-        .unwrap();
+        let dev = RemoteDevice::new(store, 8 * cu, keeping(&root)).unwrap();
         (counting, dev)
     };
     let asked = |counting: &Counting| counting.asked.load(Ordering::SeqCst);
@@ -1915,17 +1899,8 @@ fn a_part_whose_chunk_cannot_be_fetched_fails_the_flush_and_holds_up_nothing_els
     let mut model: Vec<u8> = (0..chunks).flat_map(|i| chunk(i as u8)).collect();
     let store = rt.block_on(opened(objects(&mem), &keys, root)).unwrap();
     let kept = Arc::new(Mutex::new(root));
-    let k = kept.clone();
     // A buffer of 4 chunks.
-    let dev = RemoteDevice::new(
-        store,
-        4 * cu,
-        Box::new(move |r| {
-            *k.lock().unwrap() = r;
-            Ok(())
-        }),
-    )
-    .unwrap();
+    let dev = RemoteDevice::new(store, 4 * cu, keeping(&kept)).unwrap();
     let (name, bytes) = rt.block_on(async {
         snapshot(&mem)
             .await
@@ -1994,17 +1969,8 @@ fn a_buffer_of_parts_the_store_refuses_is_not_fetched_again_on_every_write() {
     let mut model: Vec<u8> = (0..chunks).flat_map(|i| chunk(i as u8)).collect();
     let kept = Arc::new(Mutex::new(root));
     let (counting, store) = counting_store(&rt, &mem, &keys, root);
-    let k = kept.clone();
     // A buffer of 4 chunks.
-    let dev = RemoteDevice::new(
-        store,
-        4 * cu,
-        Box::new(move |r| {
-            *k.lock().unwrap() = r;
-            Ok(())
-        }),
-    )
-    .unwrap();
+    let dev = RemoteDevice::new(store, 4 * cu, keeping(&kept)).unwrap();
     let gone: Vec<(Path, Bytes)> = rt.block_on(async {
         let mut gone = Vec::new();
         for (name, bytes) in snapshot(&mem).await {
@@ -2071,6 +2037,15 @@ fn a_buffer_of_parts_the_store_refuses_is_not_fetched_again_on_every_write() {
         all == model,
         "the store does not hold the parts over what was there"
     );
+}
+
+/// A device's `on_root` that keeps each root it makes durable in `root`.
+fn keeping(root: &Arc<Mutex<Root>>) -> coffre_remote::device::OnRoot {
+    let r = root.clone();
+    Box::new(move |new| {
+        *r.lock().unwrap() = new;
+        Ok(())
+    })
 }
 
 /// A store of `chunks` chunks in `mem`, chunk `i` all bytes `i`, flushed:
